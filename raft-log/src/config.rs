@@ -1,0 +1,91 @@
+//! `Config`: where the WAL lives and the bounds it enforces.
+
+use crate::Error;
+use std::path::PathBuf;
+
+/// Smallest accepted `segment_bytes_max`.
+const SEGMENT_BYTES_MAX_MIN: u64 = 4 * 1024;
+
+/// Configuration of a [`crate::Wal`]. Build with [`Config::new`], adjust fields, and `Wal::open`
+/// calls [`Config::validate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Directory holding segments and meta files; created if missing. No default.
+    pub dir: PathBuf,
+    /// Size in bytes at which the active segment is sealed and a new one started.
+    /// Default 64 MiB; at least 4 KiB. A single batch larger than this still goes into one
+    /// segment, so a segment may exceed it by one batch.
+    pub segment_bytes_max: u64,
+    /// Largest payload of one entry, in bytes. Default 16 MiB; at least 1, at most 1 GiB.
+    /// Appends of larger entries fail with `Error::EntryTooLarge`; recovery treats a frame
+    /// claiming a larger length as invalid without allocating for it.
+    pub frame_bytes_max: u32,
+    /// Bound in bytes of the in-memory read cache. Default 8 MiB; 0 is allowed. Reserved: this
+    /// version keeps no payload cache and every read is a `pread` (served by the OS page cache).
+    pub read_cache_bytes_max: usize,
+    /// An fsync slower than this many milliseconds logs a `warn`. Default 50; at least 1.
+    pub fsync_warn_ms: u64,
+}
+
+impl Config {
+    /// A configuration with every default, storing the WAL in `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Config {
+            dir: dir.into(),
+            segment_bytes_max: 64 * 1024 * 1024,
+            frame_bytes_max: 16 * 1024 * 1024,
+            read_cache_bytes_max: 8 * 1024 * 1024,
+            fsync_warn_ms: 50,
+        }
+    }
+
+    /// Checks every bound stated in the field docs.
+    ///
+    /// # Errors
+    ///
+    /// `Error::InvalidConfig` naming the first field out of bounds.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.dir.as_os_str().is_empty() {
+            return Err(Error::InvalidConfig("dir must not be empty".into()));
+        }
+        if self.segment_bytes_max < SEGMENT_BYTES_MAX_MIN {
+            return Err(Error::InvalidConfig(format!(
+                "segment_bytes_max {} is below the minimum {SEGMENT_BYTES_MAX_MIN}",
+                self.segment_bytes_max
+            )));
+        }
+        if self.frame_bytes_max == 0 || self.frame_bytes_max > 1 << 30 {
+            return Err(Error::InvalidConfig(format!(
+                "frame_bytes_max {} is outside 1..=1073741824",
+                self.frame_bytes_max
+            )));
+        }
+        if self.fsync_warn_ms == 0 {
+            return Err(Error::InvalidConfig(
+                "fsync_warn_ms must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use test_case::test_case;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::new("/tmp/x").validate().expect("defaults valid");
+    }
+
+    #[test_case(|c: &mut Config| c.segment_bytes_max = 4095; "segment too small")]
+    #[test_case(|c: &mut Config| c.frame_bytes_max = 0; "zero frame max")]
+    #[test_case(|c: &mut Config| c.fsync_warn_ms = 0; "zero fsync warn")]
+    #[test_case(|c: &mut Config| c.dir = PathBuf::new(); "empty dir")]
+    fn out_of_bounds_is_rejected(edit: fn(&mut Config)) {
+        let mut config = Config::new("/tmp/x");
+        edit(&mut config);
+        assert!(matches!(config.validate(), Err(Error::InvalidConfig(_))));
+    }
+}

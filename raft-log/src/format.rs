@@ -1,0 +1,332 @@
+//! The only file that knows the on-disk byte layout: segment header, frame, meta file, checksum
+//! and version.
+//!
+//! All integers are little-endian. Every checksum is CRC-32/IEEE (polynomial 0x04C11DB7,
+//! reflected, as computed by `crc32fast`). `FORMAT_VERSION` is 1.
+//!
+//! | Where | Field | Width | Contents |
+//! | --- | --- | --- | --- |
+//! | segment header | magic | 8 B | `SEGMENT_MAGIC` = ASCII `CCRLSEG1` |
+//! | segment header | format_version | u32 LE | `FORMAT_VERSION` |
+//! | segment header | first_index | u64 LE | index of the segment's first entry; equals the number in the file name `{first_index:020}.seg` |
+//! | segment header | header_crc | u32 LE | CRC-32/IEEE over the 20 bytes before it (magic, version, first_index) |
+//! | frame (repeated) | payload_len | u32 LE | payload length in bytes, at most `Config::frame_bytes_max` |
+//! | frame | crc | u32 LE | CRC-32/IEEE over `index ‖ payload` (the 8 index bytes, then the payload) |
+//! | frame | index | u64 LE | log index of the entry; frames in a segment are contiguous from first_index |
+//! | frame | payload | payload_len B | opaque entry bytes |
+//! | meta file | magic | 8 B | `META_MAGIC` = ASCII `CCRLMETA` |
+//! | meta file | format_version | u32 LE | `FORMAT_VERSION` |
+//! | meta file | payload_len | u32 LE | payload length in bytes |
+//! | meta file | crc | u32 LE | CRC-32/IEEE over `format_version ‖ payload_len ‖ payload` |
+//! | meta file | payload | payload_len B | opaque vote or committed bytes; for `purged.meta`, a u64 LE index |
+//!
+//! A segment is a header (24 bytes) followed by frames (16 bytes plus payload each) and nothing
+//! else: there is no preallocation, so the file ends at the last frame. An all-zero frame header
+//! never passes its CRC (the CRC of eight zero bytes is not zero), so zero-filled tails read as torn.
+//! Meta files are `vote.meta`, `committed.meta` and `purged.meta`, replaced whole by rename.
+
+/// Version written into every segment header and meta file.
+pub(crate) const FORMAT_VERSION: u32 = 1;
+/// Magic bytes opening every segment.
+pub(crate) const SEGMENT_MAGIC: [u8; 8] = *b"CCRLSEG1";
+/// Magic bytes opening every meta file.
+pub(crate) const META_MAGIC: [u8; 8] = *b"CCRLMETA";
+/// Length of the segment header in bytes.
+pub(crate) const SEGMENT_HEADER_LEN: u64 = 24;
+/// Length of a frame header (payload_len, crc, index) in bytes.
+pub(crate) const FRAME_HEADER_LEN: usize = 16;
+/// Length of the meta file header in bytes.
+pub(crate) const META_HEADER_LEN: usize = 20;
+
+/// Suffix of segment files.
+pub(crate) const SEGMENT_SUFFIX: &str = ".seg";
+/// Suffix of files still being prepared; removed at open.
+pub(crate) const TMP_SUFFIX: &str = ".tmp";
+
+/// File name of the segment whose first entry is `first_index`.
+pub(crate) fn segment_file_name(first_index: u64) -> String {
+    format!("{first_index:020}{SEGMENT_SUFFIX}")
+}
+
+/// Parses a segment file name back into its first index; `None` for anything else.
+pub(crate) fn parse_segment_file_name(name: &str) -> Option<u64> {
+    let digits = name.strip_suffix(SEGMENT_SUFFIX)?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// Encodes a segment header.
+pub(crate) fn encode_segment_header(first_index: u64) -> [u8; SEGMENT_HEADER_LEN as usize] {
+    let mut header = [0u8; SEGMENT_HEADER_LEN as usize];
+    header[0..8].copy_from_slice(&SEGMENT_MAGIC);
+    header[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    header[12..20].copy_from_slice(&first_index.to_le_bytes());
+    let crc = crc32fast::hash(&header[0..20]);
+    header[20..24].copy_from_slice(&crc.to_le_bytes());
+    header
+}
+
+/// Why a segment header was rejected.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum HeaderError {
+    /// Fewer bytes than a header.
+    Short,
+    /// Wrong magic bytes.
+    BadMagic,
+    /// A version this build cannot read.
+    UnsupportedVersion(u32),
+    /// Header CRC mismatch.
+    BadCrc,
+}
+
+/// Decodes a segment header and returns its first index.
+pub(crate) fn decode_segment_header(bytes: &[u8]) -> Result<u64, HeaderError> {
+    if bytes.len() < SEGMENT_HEADER_LEN as usize {
+        return Err(HeaderError::Short);
+    }
+    if bytes[0..8] != SEGMENT_MAGIC {
+        return Err(HeaderError::BadMagic);
+    }
+    let version = read_u32(bytes, 8);
+    if version != FORMAT_VERSION {
+        return Err(HeaderError::UnsupportedVersion(version));
+    }
+    if crc32fast::hash(&bytes[0..20]) != read_u32(bytes, 20) {
+        return Err(HeaderError::BadCrc);
+    }
+    Ok(read_u64(bytes, 12))
+}
+
+/// Length in bytes of the frame holding a payload of `payload_len` bytes.
+pub(crate) fn frame_len(payload_len: usize) -> usize {
+    FRAME_HEADER_LEN + payload_len
+}
+
+/// CRC-32/IEEE of `index ‖ payload`.
+fn frame_crc(index: u64, payload: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&index.to_le_bytes());
+    hasher.update(payload);
+    hasher.finalize()
+}
+
+/// Appends one frame to `buf`. The caller has checked `payload.len()` against `frame_bytes_max`.
+pub(crate) fn encode_frame(buf: &mut Vec<u8>, index: u64, payload: &[u8]) {
+    let payload_len = u32::try_from(payload.len()).expect("caller checked frame_bytes_max");
+    buf.extend_from_slice(&payload_len.to_le_bytes());
+    buf.extend_from_slice(&frame_crc(index, payload).to_le_bytes());
+    buf.extend_from_slice(&index.to_le_bytes());
+    buf.extend_from_slice(payload);
+}
+
+/// Why a frame was rejected.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum FrameError {
+    /// Fewer bytes than a frame header.
+    ShortHeader,
+    /// The length field exceeds `frame_bytes_max`; checked before anything is allocated.
+    TooLong(u32),
+    /// The frame runs past the end of the available bytes.
+    ShortPayload,
+    /// CRC mismatch.
+    BadCrc,
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FrameError::ShortHeader => write!(f, "short frame header"),
+            FrameError::TooLong(len) => write!(f, "frame length {len} exceeds frame_bytes_max"),
+            FrameError::ShortPayload => write!(f, "frame runs past end of file"),
+            FrameError::BadCrc => write!(f, "frame crc mismatch"),
+        }
+    }
+}
+
+/// A frame decoded in place.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Frame<'a> {
+    /// Log index stored in the frame.
+    pub index: u64,
+    /// Payload bytes.
+    pub payload: &'a [u8],
+}
+
+impl Frame<'_> {
+    /// Bytes the frame occupies on disk.
+    pub fn len(&self) -> usize {
+        frame_len(self.payload.len())
+    }
+}
+
+/// Decodes the frame at the start of `bytes`, checking length bound and CRC.
+pub(crate) fn decode_frame(bytes: &[u8], frame_bytes_max: u32) -> Result<Frame<'_>, FrameError> {
+    if bytes.len() < FRAME_HEADER_LEN {
+        return Err(FrameError::ShortHeader);
+    }
+    let payload_len = read_u32(bytes, 0);
+    if payload_len > frame_bytes_max {
+        return Err(FrameError::TooLong(payload_len));
+    }
+    let end = FRAME_HEADER_LEN + payload_len as usize;
+    if bytes.len() < end {
+        return Err(FrameError::ShortPayload);
+    }
+    let index = read_u64(bytes, 8);
+    let payload = &bytes[FRAME_HEADER_LEN..end];
+    if frame_crc(index, payload) != read_u32(bytes, 4) {
+        return Err(FrameError::BadCrc);
+    }
+    Ok(Frame { index, payload })
+}
+
+/// Reads only the index field of the frame header at the start of `bytes`, without checking it.
+pub(crate) fn peek_frame_index(bytes: &[u8]) -> Option<u64> {
+    (bytes.len() >= FRAME_HEADER_LEN).then(|| read_u64(bytes, 8))
+}
+
+/// Encodes a whole meta file.
+pub(crate) fn encode_meta(payload: &[u8]) -> Vec<u8> {
+    let payload_len = u32::try_from(payload.len()).expect("meta payloads are small");
+    let mut buf = Vec::with_capacity(META_HEADER_LEN + payload.len());
+    buf.extend_from_slice(&META_MAGIC);
+    buf.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    buf.extend_from_slice(&payload_len.to_le_bytes());
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&buf[8..16]);
+    hasher.update(payload);
+    buf.extend_from_slice(&hasher.finalize().to_le_bytes());
+    buf.extend_from_slice(payload);
+    buf
+}
+
+/// Why a meta file was rejected.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum MetaError {
+    /// Wrong magic, short file, bad length or CRC mismatch.
+    Corrupt(&'static str),
+    /// A version this build cannot read.
+    UnsupportedVersion(u32),
+}
+
+/// Decodes a whole meta file and returns its payload.
+pub(crate) fn decode_meta(bytes: &[u8]) -> Result<&[u8], MetaError> {
+    if bytes.len() < META_HEADER_LEN {
+        return Err(MetaError::Corrupt("short meta file"));
+    }
+    if bytes[0..8] != META_MAGIC {
+        return Err(MetaError::Corrupt("bad meta magic"));
+    }
+    let version = read_u32(bytes, 8);
+    if version != FORMAT_VERSION {
+        return Err(MetaError::UnsupportedVersion(version));
+    }
+    let payload_len = read_u32(bytes, 12) as usize;
+    if bytes.len() != META_HEADER_LEN + payload_len {
+        return Err(MetaError::Corrupt("meta length mismatch"));
+    }
+    let payload = &bytes[META_HEADER_LEN..];
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&bytes[8..16]);
+    hasher.update(payload);
+    if hasher.finalize() != read_u32(bytes, 16) {
+        return Err(MetaError::Corrupt("meta crc mismatch"));
+    }
+    Ok(payload)
+}
+
+fn read_u32(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(bytes[at..at + 4].try_into().expect("slice of length 4"))
+}
+
+fn read_u64(bytes: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(bytes[at..at + 8].try_into().expect("slice of length 8"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use test_case::test_case;
+
+    #[test_case(0, 16; "empty payload")]
+    #[test_case(1, 17; "one byte")]
+    #[test_case(200, 216; "typical entry")]
+    fn frame_len_adds_header(payload_len: usize, expected: usize) {
+        assert_eq!(frame_len(payload_len), expected);
+    }
+
+    #[test_case(0, "00000000000000000000.seg")]
+    #[test_case(42, "00000000000000000042.seg")]
+    #[test_case(u64::MAX, "18446744073709551615.seg")]
+    fn segment_file_name_round_trips(index: u64, name: &str) {
+        assert_eq!(segment_file_name(index), name);
+        assert_eq!(parse_segment_file_name(name), Some(index));
+    }
+
+    #[test_case("42.seg"; "not padded")]
+    #[test_case("00000000000000000042.seg.tmp"; "tmp")]
+    #[test_case("vote.meta"; "meta")]
+    fn parse_segment_file_name_rejects(name: &str) {
+        assert_eq!(parse_segment_file_name(name), None);
+    }
+
+    #[test]
+    fn frame_round_trips() {
+        let mut buf = Vec::new();
+        encode_frame(&mut buf, 7, b"hello");
+        let frame = decode_frame(&buf, 1024).expect("valid frame");
+        assert_eq!(
+            frame,
+            Frame {
+                index: 7,
+                payload: b"hello"
+            }
+        );
+        assert_eq!(frame.len(), buf.len());
+    }
+
+    #[test]
+    fn zero_filled_frame_is_rejected() {
+        assert_eq!(decode_frame(&[0u8; 64], 1024), Err(FrameError::BadCrc));
+    }
+
+    #[test]
+    fn frame_longer_than_max_is_rejected_before_reading_payload() {
+        let mut buf = Vec::new();
+        encode_frame(&mut buf, 1, &[1u8; 100]);
+        assert_eq!(decode_frame(&buf[..20], 99), Err(FrameError::TooLong(100)));
+    }
+
+    #[test]
+    fn every_bit_flip_in_a_frame_is_caught() {
+        let mut buf = Vec::new();
+        encode_frame(&mut buf, 3, b"payload");
+        for bit in 0..buf.len() * 8 {
+            let mut copy = buf.clone();
+            copy[bit / 8] ^= 1 << (bit % 8);
+            assert!(decode_frame(&copy, 1 << 20).is_err(), "bit {bit}");
+        }
+    }
+
+    #[test]
+    fn header_rejects_unknown_version() {
+        let mut header = encode_segment_header(5);
+        assert_eq!(decode_segment_header(&header), Ok(5));
+        header[8] = 9;
+        assert_eq!(
+            decode_segment_header(&header),
+            Err(HeaderError::UnsupportedVersion(9))
+        );
+    }
+
+    #[test]
+    fn meta_round_trips_and_catches_flips() {
+        let bytes = encode_meta(b"vote");
+        assert_eq!(decode_meta(&bytes), Ok(&b"vote"[..]));
+        let mut flipped = bytes.clone();
+        flipped[21] ^= 1;
+        assert!(decode_meta(&flipped).is_err());
+    }
+}

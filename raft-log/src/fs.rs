@@ -1,0 +1,515 @@
+//! The file layer under the WAL: a `FileSystem` trait, the std implementation used by default,
+//! and (feature `testing`) `FaultyFs`, which models what a power failure leaves on disk.
+//!
+//! Every file the WAL touches goes through this trait, so a test can swap in a file system that
+//! drops unsynced bytes, tears a write, fails a write after N bytes, or fails an fsync.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A file system holding WAL segments and meta files.
+///
+/// # Correctness
+///
+/// - `create` and `rename` are durable only after `sync_dir` on the parent directory returns.
+/// - File contents are durable only up to the length they had when `FsFile::sync_data` last
+///   returned `Ok`.
+/// - Implementations must be usable from several threads at once (`Send + Sync`).
+pub trait FileSystem: Send + Sync + fmt::Debug {
+    /// Creates `dir` and its parents if missing.
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
+    /// Creates `path` (truncating it if it exists) for reading and writing.
+    fn create(&self, path: &Path) -> io::Result<Arc<dyn FsFile>>;
+    /// Opens the existing file `path` for reading and writing.
+    fn open(&self, path: &Path) -> io::Result<Arc<dyn FsFile>>;
+    /// Lists the entries of `dir` (full paths, any order).
+    fn list_dir(&self, dir: &Path) -> io::Result<Vec<PathBuf>>;
+    /// Removes the file `path`.
+    fn remove_file(&self, path: &Path) -> io::Result<()>;
+    /// Atomically renames `from` to `to`, replacing `to`.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Fsyncs the directory `dir`, making creations, renames and removals in it durable.
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+}
+
+/// One open file. All methods take `&self` so that readers can `pread` while a writer appends.
+pub trait FsFile: Send + Sync + fmt::Debug {
+    /// Writes all of `buf` at `offset` (pwrite).
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Fills `buf` from `offset` (pread); fails with `UnexpectedEof` if the file is too short.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Current length in bytes.
+    fn file_len(&self) -> io::Result<u64>;
+    /// Truncates or extends the file to `len` bytes (ftruncate).
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Makes the file's data durable (fdatasync).
+    fn sync_data(&self) -> io::Result<()>;
+}
+
+/// The real file system, through `std::fs`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StdFs;
+
+#[derive(Debug)]
+struct StdFile(File);
+
+impl FsFile for StdFile {
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.0.write_all_at(buf, offset)
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.0.read_exact_at(buf, offset)
+    }
+    fn file_len(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+}
+
+impl FileSystem for StdFs {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(dir)
+    }
+    fn create(&self, path: &Path) -> io::Result<Arc<dyn FsFile>> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        Ok(Arc::new(StdFile(file)))
+    }
+    fn open(&self, path: &Path) -> io::Result<Arc<dyn FsFile>> {
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        Ok(Arc::new(StdFile(file)))
+    }
+    fn list_dir(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
+        std::fs::read_dir(dir)?
+            .map(|entry| entry.map(|e| e.path()))
+            .collect()
+    }
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        File::open(dir)?.sync_all()
+    }
+}
+
+#[cfg(feature = "testing")]
+pub use faulty::{FaultyFs, Tear};
+
+#[cfg(feature = "testing")]
+mod faulty {
+    //! `FaultyFs`: real files on disk plus a model of which bytes and names are durable.
+    //!
+    //! What is modelled:
+    //! - each file's durable length, which advances to the current length on `sync_data`;
+    //! - whether a file's creation (or the rename that produced it) is durable, which becomes
+    //!   true when its parent directory is synced;
+    //! - un-synced renames, which `power_fail` undoes, restoring the replaced file's durable
+    //!   contents (it keeps an in-memory copy, so this is meant for small files such as meta files).
+    //!
+    //! What is not modelled: `set_len` that shrinks a file counts as durable at once (the cut
+    //! bytes are gone from disk, so they cannot come back); removals count as durable at once;
+    //! metadata (mtime) is ignored. Files that existed before the `FaultyFs` was created count as
+    //! fully durable. `FaultyFs` never calls the real fsync: durability is what it models, and
+    //! tests run faster without it.
+
+    use super::{FileSystem, FsFile, StdFs};
+    use parking_lot::Mutex;
+    use std::collections::HashMap;
+    use std::fmt;
+    use std::io;
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+
+    /// How `FaultyFs::power_fail` treats the first unsynced write of each file.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Tear {
+        /// Drop every unsynced byte.
+        None,
+        /// Keep a pseudo-random prefix (chosen from the seed) of each file's first unsynced
+        /// write, as a torn sector write would.
+        Prefix(u64),
+    }
+
+    #[derive(Debug, Clone, Copy)]
+    enum Fault {
+        WriteAfter(u64),
+        Sync,
+    }
+
+    #[derive(Debug, Clone)]
+    struct Track {
+        durable_len: u64,
+        created_durable: bool,
+        /// End offset of the first write past `durable_len` since the last sync.
+        first_unsynced_end: Option<u64>,
+    }
+
+    #[derive(Debug)]
+    struct PendingRename {
+        to: PathBuf,
+        /// Durable contents of `to` before the rename, if it had any.
+        replaced: Option<Vec<u8>>,
+    }
+
+    #[derive(Debug, Default)]
+    struct State {
+        files: HashMap<PathBuf, Track>,
+        renames: Vec<PendingRename>,
+        faults: HashMap<String, Fault>,
+        failed: bool,
+    }
+
+    #[derive(Debug, Default)]
+    struct Shared {
+        state: Mutex<State>,
+    }
+
+    /// A fault-injecting file system over real files (feature `testing`).
+    ///
+    /// Fault points, named `module::op::fault`:
+    /// `segment::append::fault` (write to a segment), `segment::sync::fault`,
+    /// `meta::write::fault`, `meta::sync::fault`, `dir::sync::fault`.
+    #[derive(Debug, Clone, Default)]
+    pub struct FaultyFs {
+        shared: Arc<Shared>,
+    }
+
+    struct FaultyFile {
+        inner: Arc<dyn FsFile>,
+        path: PathBuf,
+        shared: Arc<Shared>,
+    }
+
+    impl fmt::Debug for FaultyFile {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("FaultyFile")
+                .field("path", &self.path)
+                .finish()
+        }
+    }
+
+    fn powered_off() -> io::Error {
+        io::Error::other("faulty fs: power failed; this handle is dead")
+    }
+
+    fn injected(point: &str) -> io::Error {
+        io::Error::other(format!("injected fault: {point}"))
+    }
+
+    fn kind(path: &Path) -> &'static str {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.contains(".seg") {
+            "segment"
+        } else {
+            "meta"
+        }
+    }
+
+    impl State {
+        fn check_alive(&self) -> io::Result<()> {
+            if self.failed {
+                Err(powered_off())
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    impl FaultyFile {
+        fn track_write(&self, offset: u64, written: u64) {
+            let mut state = self.shared.state.lock();
+            if let Some(track) = state.files.get_mut(&self.path) {
+                if track.first_unsynced_end.is_none() && offset + written > track.durable_len {
+                    track.first_unsynced_end = Some(offset + written);
+                }
+            }
+        }
+    }
+
+    impl FsFile for FaultyFile {
+        fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            let point = format!(
+                "{}::{}::fault",
+                kind(&self.path),
+                if kind(&self.path) == "segment" {
+                    "append"
+                } else {
+                    "write"
+                }
+            );
+            let fault = {
+                let state = self.shared.state.lock();
+                state.check_alive()?;
+                state.faults.get(&point).copied()
+            };
+            if let Some(Fault::WriteAfter(bytes)) = fault {
+                let cut = (bytes as usize).min(buf.len());
+                self.inner.write_all_at(&buf[..cut], offset)?;
+                self.track_write(offset, cut as u64);
+                return Err(injected(&point));
+            }
+            self.inner.write_all_at(buf, offset)?;
+            self.track_write(offset, buf.len() as u64);
+            Ok(())
+        }
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.shared.state.lock().check_alive()?;
+            self.inner.read_exact_at(buf, offset)
+        }
+        fn file_len(&self) -> io::Result<u64> {
+            self.shared.state.lock().check_alive()?;
+            self.inner.file_len()
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            let mut state = self.shared.state.lock();
+            state.check_alive()?;
+            self.inner.set_len(len)?;
+            if let Some(track) = state.files.get_mut(&self.path) {
+                track.durable_len = track.durable_len.min(len);
+                if track.first_unsynced_end.is_some_and(|end| end > len) {
+                    track.first_unsynced_end = None;
+                }
+            }
+            Ok(())
+        }
+        fn sync_data(&self) -> io::Result<()> {
+            let point = format!("{}::sync::fault", kind(&self.path));
+            let mut state = self.shared.state.lock();
+            state.check_alive()?;
+            if let Some(Fault::Sync) = state.faults.get(&point) {
+                return Err(injected(&point));
+            }
+            let len = self.inner.file_len()?;
+            if let Some(track) = state.files.get_mut(&self.path) {
+                track.durable_len = len;
+                track.first_unsynced_end = None;
+            }
+            Ok(())
+        }
+    }
+
+    impl FaultyFs {
+        /// A new fault-free `FaultyFs`.
+        pub fn new() -> Self {
+            Self::default()
+        }
+
+        /// From now on, writes through fault point `point` write only the first `bytes` bytes
+        /// and then fail.
+        pub fn fail_write_after(&self, point: &str, bytes: u64) {
+            let mut state = self.shared.state.lock();
+            state
+                .faults
+                .insert(point.to_owned(), Fault::WriteAfter(bytes));
+        }
+
+        /// From now on, fsyncs through fault point `point` fail.
+        pub fn fail_sync(&self, point: &str) {
+            let mut state = self.shared.state.lock();
+            state.faults.insert(point.to_owned(), Fault::Sync);
+        }
+
+        /// Removes every injected fault.
+        pub fn clear_faults(&self) {
+            self.shared.state.lock().faults.clear();
+        }
+
+        /// Puts the files on disk into a state a power failure could leave, then fails every
+        /// later operation through this file system (and its open files).
+        ///
+        /// Order: undo un-synced renames (newest first), remove files whose creation was never
+        /// made durable by a directory sync, truncate every other tracked file to its durable
+        /// length, keeping with `Tear::Prefix` a random prefix of its first unsynced write.
+        /// A server process may call this and then `std::process::abort()`. Afterwards every
+        /// operation fails, fsyncs included, so a `Wal` still using this file system returns
+        /// errors or, on its next fsync, panics; drop it and open a new one.
+        pub fn power_fail(&self, tear: Tear) -> io::Result<()> {
+            let mut state = self.shared.state.lock();
+            state.failed = true;
+            let mut rng = match tear {
+                Tear::None => None,
+                Tear::Prefix(seed) => Some(SplitMix64(seed)),
+            };
+            let renames = std::mem::take(&mut state.renames);
+            for rename in renames.into_iter().rev() {
+                match rename.replaced {
+                    Some(bytes) => {
+                        std::fs::write(&rename.to, &bytes)?;
+                        let track = Track {
+                            durable_len: bytes.len() as u64,
+                            created_durable: true,
+                            first_unsynced_end: None,
+                        };
+                        state.files.insert(rename.to, track);
+                    }
+                    None => {
+                        remove_if_exists(&rename.to)?;
+                        state.files.remove(&rename.to);
+                    }
+                }
+            }
+            let mut paths: Vec<_> = state.files.keys().cloned().collect();
+            paths.sort();
+            for path in paths {
+                let track = state.files[&path].clone();
+                if !track.created_durable {
+                    remove_if_exists(&path)?;
+                    continue;
+                }
+                let Ok(file) = std::fs::OpenOptions::new().write(true).open(&path) else {
+                    continue;
+                };
+                let current = file.metadata()?.len();
+                let mut keep = track.durable_len.min(current);
+                if let (Some(rng), Some(end)) = (rng.as_mut(), track.first_unsynced_end) {
+                    let torn = end.min(current).saturating_sub(keep);
+                    keep += rng.next() % (torn + 1);
+                }
+                file.set_len(keep)?;
+            }
+            Ok(())
+        }
+
+        fn track_created(&self, path: &Path) {
+            let track = Track {
+                durable_len: 0,
+                created_durable: false,
+                first_unsynced_end: None,
+            };
+            self.shared
+                .state
+                .lock()
+                .files
+                .insert(path.to_owned(), track);
+        }
+
+        fn wrap(&self, inner: Arc<dyn FsFile>, path: &Path) -> Arc<dyn FsFile> {
+            Arc::new(FaultyFile {
+                inner,
+                path: path.to_owned(),
+                shared: self.shared.clone(),
+            })
+        }
+    }
+
+    fn remove_if_exists(path: &Path) -> io::Result<()> {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
+
+    impl FileSystem for FaultyFs {
+        fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+            self.shared.state.lock().check_alive()?;
+            StdFs.create_dir_all(dir)
+        }
+        fn create(&self, path: &Path) -> io::Result<Arc<dyn FsFile>> {
+            self.shared.state.lock().check_alive()?;
+            let inner = StdFs.create(path)?;
+            self.track_created(path);
+            Ok(self.wrap(inner, path))
+        }
+        fn open(&self, path: &Path) -> io::Result<Arc<dyn FsFile>> {
+            let mut state = self.shared.state.lock();
+            state.check_alive()?;
+            let inner = StdFs.open(path)?;
+            if !state.files.contains_key(path) {
+                // A file this FaultyFs has not seen was written before it existed: all durable.
+                let len = inner.file_len()?;
+                let track = Track {
+                    durable_len: len,
+                    created_durable: true,
+                    first_unsynced_end: None,
+                };
+                state.files.insert(path.to_owned(), track);
+            }
+            drop(state);
+            Ok(self.wrap(inner, path))
+        }
+        fn list_dir(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
+            self.shared.state.lock().check_alive()?;
+            StdFs.list_dir(dir)
+        }
+        fn remove_file(&self, path: &Path) -> io::Result<()> {
+            let mut state = self.shared.state.lock();
+            state.check_alive()?;
+            StdFs.remove_file(path)?;
+            state.files.remove(path);
+            Ok(())
+        }
+        fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+            let mut state = self.shared.state.lock();
+            state.check_alive()?;
+            let replaced = match state.files.get(to) {
+                Some(track) if track.created_durable => {
+                    let mut bytes = std::fs::read(to)?;
+                    bytes.truncate(track.durable_len as usize);
+                    Some(bytes)
+                }
+                Some(_) => None,
+                None => match std::fs::read(to) {
+                    Ok(bytes) => Some(bytes),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                    Err(e) => return Err(e),
+                },
+            };
+            StdFs.rename(from, to)?;
+            let mut track = state.files.remove(from).unwrap_or(Track {
+                durable_len: 0,
+                created_durable: false,
+                first_unsynced_end: None,
+            });
+            track.created_durable = false;
+            state.files.insert(to.to_owned(), track);
+            state.renames.push(PendingRename {
+                to: to.to_owned(),
+                replaced,
+            });
+            Ok(())
+        }
+        fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+            let mut state = self.shared.state.lock();
+            state.check_alive()?;
+            if let Some(Fault::Sync) = state.faults.get("dir::sync::fault") {
+                return Err(injected("dir::sync::fault"));
+            }
+            for (path, track) in state.files.iter_mut() {
+                if path.parent() == Some(dir) {
+                    track.created_durable = true;
+                }
+            }
+            state.renames.retain(|r| r.to.parent() != Some(dir));
+            Ok(())
+        }
+    }
+
+    /// SplitMix64: a tiny deterministic generator, so the library needs no `rand` dependency.
+    struct SplitMix64(u64);
+
+    impl SplitMix64 {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+    }
+}

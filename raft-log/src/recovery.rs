@@ -1,0 +1,363 @@
+//! Scan at open: rebuild the in-memory index, and tell a torn tail from corruption.
+//!
+//! # Assumption
+//!
+//! Only bytes whose fsync never returned can be torn. Every byte covered by a returned fsync is
+//! assumed to read back exactly as written; damage to such bytes is corruption, which we report
+//! and refuse to open on, never repair. Since appends only ever go to the end of the newest
+//! segment, and a segment is synced before a newer one is created, unsynced bytes can only sit at
+//! the tail of the newest segment.
+//!
+//! # Rule
+//!
+//! At the first invalid frame (short, over `frame_bytes_max`, CRC mismatch, or zero-filled) at
+//! offset X:
+//! - in the newest segment, with no valid frame anywhere after X: a torn tail. Truncate at X,
+//!   fsync, log a `warn`, and continue;
+//! - in an older segment, or with a valid frame after X: `Error::Corrupt` naming file and X.
+//!
+//! A frame with a valid CRC but an unexpected index, or a segment that does not start one past
+//! the previous one, is always `Error::Corrupt`: a torn write cannot produce either.
+//!
+//! A valid frame after a bad one is treated as corruption even though, strictly, the kernel may
+//! write back unsynced pages out of order; that case needs a crash in the middle of writeback of
+//! two unsynced batches, and refusing to open is the safe answer (the node is rebuilt from peers).
+
+use crate::config::Config;
+use crate::format::{self, HeaderError, FRAME_HEADER_LEN, SEGMENT_HEADER_LEN, TMP_SUFFIX};
+use crate::fs::FileSystem;
+use crate::meta::{self, OnCorrupt};
+use crate::segment::{sync_dir_or_panic, sync_or_panic, Segment};
+use crate::Error;
+use std::path::{Path, PathBuf};
+
+/// The state found on disk at open.
+#[derive(Debug)]
+pub(crate) struct Recovered {
+    pub segments: Vec<Segment>,
+    pub purged: Option<u64>,
+    pub vote: Option<Vec<u8>>,
+    pub committed: Option<Vec<u8>>,
+}
+
+#[derive(Debug, Default)]
+struct Summary {
+    records: u64,
+    bytes_truncated: u64,
+}
+
+/// Recovers the WAL in `config.dir`, creating the directory if missing.
+///
+/// # Panics
+///
+/// If an fsync fails while truncating a torn tail or removing leftovers.
+pub(crate) fn recover(fs: &dyn FileSystem, config: &Config) -> Result<Recovered, Error> {
+    let dir = config.dir.as_path();
+    let io = |op: &'static str| crate::error::io_error(op, dir);
+    fs.create_dir_all(dir).map_err(io("create wal dir"))?;
+    let segment_paths = recover_dir_listing(fs, dir)?;
+    let purged = match meta::load(fs, dir, meta::PURGED_FILE, OnCorrupt::Fail)? {
+        Some(payload) => Some(meta::decode_purged(dir, &payload)?),
+        None => None,
+    };
+    let vote = meta::load(fs, dir, meta::VOTE_FILE, OnCorrupt::Fail)?;
+    let committed = meta::load(fs, dir, meta::COMMITTED_FILE, OnCorrupt::Ignore)?;
+
+    let mut summary = Summary::default();
+    let mut segments: Vec<Segment> = Vec::with_capacity(segment_paths.len());
+    let mut buf = Vec::new();
+    for (position, (first_index, path)) in segment_paths.iter().enumerate() {
+        let newest = position + 1 == segment_paths.len();
+        let Some(segment) = recover_segment(
+            fs,
+            config,
+            path,
+            *first_index,
+            newest,
+            &mut buf,
+            &mut summary,
+        )?
+        else {
+            continue;
+        };
+        if let Some(previous) = segments.last() {
+            if segment.first_index != previous.next_index() {
+                return Err(Error::Corrupt {
+                    segment: path.clone(),
+                    offset: 0,
+                    reason: format!(
+                        "non-contiguous index: segment starts at {} but the previous one ends before {}",
+                        segment.first_index,
+                        previous.next_index()
+                    ),
+                });
+            }
+        }
+        summary.records += segment.entry_count();
+        segments.push(segment);
+    }
+    if let Some(purged) = purged {
+        recover_purged_segments(fs, dir, &mut segments, purged)?;
+    }
+    if let Some(newest) = segments.last() {
+        // A previous process may have exited without syncing: its bytes are readable from the
+        // page cache, and Raft will treat every recovered entry as persisted (it may ack or vote
+        // on them), so make them durable before anyone relies on them.
+        sync_or_panic(newest.file.as_ref(), &newest.path, config.fsync_warn_ms);
+    }
+    tracing::info!(
+        dir = %dir.display(),
+        segments = segments.len(),
+        records = summary.records,
+        bytes_truncated = summary.bytes_truncated,
+        "wal recovered"
+    );
+    Ok(Recovered {
+        segments,
+        purged,
+        vote,
+        committed,
+    })
+}
+
+/// Removes leftover `.tmp` files and returns the segment files sorted by first index.
+fn recover_dir_listing(fs: &dyn FileSystem, dir: &Path) -> Result<Vec<(u64, PathBuf)>, Error> {
+    let entries = fs.list_dir(dir).map_err(|source| Error::Io {
+        op: "list wal dir",
+        path: dir.to_owned(),
+        source,
+    })?;
+    let mut segments = Vec::new();
+    let mut removed_tmp = false;
+    for path in entries {
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if name.ends_with(TMP_SUFFIX) {
+            fs.remove_file(&path).map_err(|source| Error::Io {
+                op: "remove tmp file",
+                path: path.clone(),
+                source,
+            })?;
+            removed_tmp = true;
+        } else if let Some(first_index) = format::parse_segment_file_name(name) {
+            segments.push((first_index, path));
+        }
+    }
+    if removed_tmp {
+        // Crash before this sync returns: a `.tmp` may reappear and is removed again next open.
+        sync_dir_or_panic(fs, dir);
+    }
+    segments.sort();
+    Ok(segments)
+}
+
+/// Reads one segment sequentially in a single `pread`, validates its header and frames, and
+/// truncates a torn tail if this is the newest segment. `None` if the newest segment was
+/// removed because even its header was torn.
+fn recover_segment(
+    fs: &dyn FileSystem,
+    config: &Config,
+    path: &Path,
+    first_index: u64,
+    newest: bool,
+    buf: &mut Vec<u8>,
+    summary: &mut Summary,
+) -> Result<Option<Segment>, Error> {
+    let io = |op: &'static str| crate::error::io_error(op, path);
+    let file = fs.open(path).map_err(io("open segment"))?;
+    let len = file.file_len().map_err(io("stat segment"))?;
+    buf.resize(len as usize, 0);
+    file.read_exact_at(buf, 0).map_err(io("read segment"))?;
+    let corrupt = |offset: u64, reason: String| Error::Corrupt {
+        segment: path.to_owned(),
+        offset,
+        reason,
+    };
+    if newest && len < SEGMENT_HEADER_LEN {
+        // `Segment::create` syncs the header before the rename, so this needs a file system that
+        // does not order data before the rename. Such a file holds no entries: drop it.
+        drop(file);
+        fs.remove_file(path).map_err(io("remove torn segment"))?;
+        // Crash before this sync returns: the file may reappear and is removed again.
+        sync_dir_or_panic(fs, path.parent().expect("segment paths have a parent"));
+        tracing::warn!(segment = %path.display(), offset = 0, bytes = len, "removed segment with torn header");
+        summary.bytes_truncated += len;
+        return Ok(None);
+    }
+    match format::decode_segment_header(buf) {
+        Ok(found) if found == first_index => {}
+        Ok(found) => {
+            return Err(corrupt(
+                12,
+                format!("header first index {found} != file name"),
+            ))
+        }
+        Err(HeaderError::UnsupportedVersion(found)) => {
+            return Err(Error::UnsupportedVersion {
+                path: path.to_owned(),
+                found,
+            })
+        }
+        Err(e) => return Err(corrupt(0, format!("bad segment header: {e:?}"))),
+    }
+    let scan = recover_segment_frames(buf, first_index, config.frame_bytes_max);
+    let mut segment = Segment {
+        first_index,
+        path: path.to_owned(),
+        file,
+        offsets: scan.offsets,
+        end_offset: len,
+    };
+    let Some((bad_offset, reason)) = scan.failure else {
+        return Ok(Some(segment));
+    };
+    if !newest {
+        return Err(corrupt(bad_offset, format!("{reason} in a sealed segment")));
+    }
+    if scan.index_mismatch {
+        return Err(corrupt(bad_offset, reason));
+    }
+    let expected = segment.next_index();
+    if let Some(valid_offset) = recover_segment_find_frame(buf, bad_offset, expected, config) {
+        return Err(corrupt(
+            bad_offset,
+            format!("{reason}, followed by a valid frame at offset {valid_offset}"),
+        ));
+    }
+    recover_segment_tail(&mut segment, bad_offset, config, summary)?;
+    Ok(Some(segment))
+}
+
+/// Truncates the torn tail of the newest segment at `bad_offset`, durably.
+fn recover_segment_tail(
+    segment: &mut Segment,
+    bad_offset: u64,
+    config: &Config,
+    summary: &mut Summary,
+) -> Result<(), Error> {
+    let bytes = segment.end_offset - bad_offset;
+    segment
+        .file
+        .set_len(bad_offset)
+        .map_err(|source| Error::Io {
+            op: "truncate torn tail",
+            path: segment.path.clone(),
+            source,
+        })?;
+    // Crash before this sync returns: the torn bytes may still be there; the next open finds
+    // and truncates them again.
+    sync_or_panic(segment.file.as_ref(), &segment.path, config.fsync_warn_ms);
+    segment.end_offset = bad_offset;
+    summary.bytes_truncated += bytes;
+    tracing::warn!(segment = %segment.path.display(), offset = bad_offset, bytes, "truncated torn tail");
+    Ok(())
+}
+
+/// Result of scanning the frames of one segment.
+struct FrameScan {
+    offsets: Vec<u64>,
+    /// Offset and description of the first invalid frame, if any.
+    failure: Option<(u64, String)>,
+    /// The failure is a valid frame carrying the wrong index.
+    index_mismatch: bool,
+}
+
+/// Walks the frames after the header until the end or the first invalid frame.
+fn recover_segment_frames(buf: &[u8], first_index: u64, frame_bytes_max: u32) -> FrameScan {
+    let mut offsets = Vec::new();
+    let mut at = SEGMENT_HEADER_LEN as usize;
+    let mut expected = first_index;
+    while at < buf.len() {
+        match format::decode_frame(&buf[at..], frame_bytes_max) {
+            Ok(frame) if frame.index == expected => {
+                offsets.push(at as u64);
+                at += frame.len();
+                expected += 1;
+            }
+            Ok(frame) => {
+                let reason = format!(
+                    "non-contiguous index: frame has {}, expected {expected}",
+                    frame.index
+                );
+                return FrameScan {
+                    offsets,
+                    failure: Some((at as u64, reason)),
+                    index_mismatch: true,
+                };
+            }
+            Err(e) => {
+                return FrameScan {
+                    offsets,
+                    failure: Some((at as u64, e.to_string())),
+                    index_mismatch: false,
+                }
+            }
+        }
+    }
+    FrameScan {
+        offsets,
+        failure: None,
+        index_mismatch: false,
+    }
+}
+
+/// Looks for any valid frame starting after `bad_offset` whose index could follow `expected`.
+/// The index filter keeps the byte-by-byte scan cheap: a CRC is computed only for candidates.
+fn recover_segment_find_frame(
+    buf: &[u8],
+    bad_offset: u64,
+    expected: u64,
+    config: &Config,
+) -> Option<u64> {
+    let start = bad_offset as usize + 1;
+    let slack = (buf.len() / FRAME_HEADER_LEN) as u64 + 1;
+    (start..buf.len().saturating_sub(FRAME_HEADER_LEN - 1))
+        .filter(|&at| {
+            format::peek_frame_index(&buf[at..])
+                .is_some_and(|index| index >= expected && index - expected <= slack)
+        })
+        .find(|&at| format::decode_frame(&buf[at..], config.frame_bytes_max).is_ok())
+        .map(|at| at as u64)
+}
+
+/// Removes segments whose entries are all at or below the purge point (left behind by a crash
+/// inside `purge_through`), then checks that no entry is missing after the purge point.
+fn recover_purged_segments(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    segments: &mut Vec<Segment>,
+    purged: u64,
+) -> Result<(), Error> {
+    let mut removed = 0;
+    while segments
+        .first()
+        .is_some_and(|s| s.next_index() <= purged.saturating_add(1))
+    {
+        let segment = segments.remove(0);
+        fs.remove_file(&segment.path).map_err(|source| Error::Io {
+            op: "remove purged segment",
+            path: segment.path.clone(),
+            source,
+        })?;
+        removed += 1;
+    }
+    if removed > 0 {
+        // Crash before this sync returns: the purged segments may reappear; they are removed
+        // again next open, and reads never return entries at or below the purge point.
+        sync_dir_or_panic(fs, dir);
+    }
+    if let Some(first) = segments.first() {
+        if first.first_index > purged.saturating_add(1) {
+            return Err(Error::Corrupt {
+                segment: first.path.clone(),
+                offset: 0,
+                reason: format!(
+                    "gap: log purged through {purged} but the first segment starts at {}",
+                    first.first_index
+                ),
+            });
+        }
+    }
+    Ok(())
+}

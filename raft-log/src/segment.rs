@@ -1,0 +1,203 @@
+//! One segment file: create, append, sync, truncate, and read frames back.
+
+use crate::format::{self, SEGMENT_HEADER_LEN, TMP_SUFFIX};
+use crate::fs::{FileSystem, FsFile};
+use crate::{Error, LogIndex};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// One segment: a file of frames with contiguous indexes starting at `first_index`.
+///
+/// Invariants:
+/// - `offsets[i]` is the byte offset of the frame holding index `first_index + i`;
+/// - offsets are strictly increasing, the first is `SEGMENT_HEADER_LEN`, and `end_offset` is
+///   the end of the last frame (where the next frame goes).
+#[derive(Debug)]
+pub(crate) struct Segment {
+    pub first_index: u64,
+    pub path: PathBuf,
+    pub file: Arc<dyn FsFile>,
+    pub offsets: Vec<u64>,
+    pub end_offset: u64,
+}
+
+impl Segment {
+    /// Creates a new, empty segment whose first entry will be `first_index`, durably: the header
+    /// is written to a `.tmp` file, synced, renamed into place, and the directory synced.
+    ///
+    /// # Panics
+    ///
+    /// If an fsync fails.
+    pub fn create(fs: &dyn FileSystem, dir: &Path, first_index: u64) -> Result<Segment, Error> {
+        let name = format::segment_file_name(first_index);
+        let path = dir.join(&name);
+        let tmp = dir.join(format!("{name}{TMP_SUFFIX}"));
+        let io = |op: &'static str| crate::error::io_error(op, &tmp);
+        let file = fs.create(&tmp).map_err(io("create segment"))?;
+        let header = format::encode_segment_header(first_index);
+        file.write_all_at(&header, 0)
+            .map_err(io("write segment header"))?;
+        // Crash before this sync returns: only a `.tmp` file exists, and open removes it.
+        sync_or_panic(file.as_ref(), &tmp, u64::MAX);
+        drop(file);
+        fs.rename(&tmp, &path).map_err(io("rename segment"))?;
+        // Crash before this directory sync returns: the file is either still `.tmp` (removed at
+        // open) or a segment holding a synced header and no entries, which recovery accepts.
+        sync_dir_or_panic(fs, dir);
+        // Reopen under the final name so later syncs are attributed to the right file.
+        let file = fs.open(&path).map_err(|source| Error::Io {
+            op: "open segment",
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Segment {
+            first_index,
+            path,
+            file,
+            offsets: Vec::new(),
+            end_offset: SEGMENT_HEADER_LEN,
+        })
+    }
+
+    /// Number of entries in the segment.
+    pub fn entry_count(&self) -> u64 {
+        self.offsets.len() as u64
+    }
+
+    /// Index one past the last entry (equals `first_index` when empty).
+    pub fn next_index(&self) -> u64 {
+        self.first_index + self.entry_count()
+    }
+
+    /// Byte range `[start, end)` of the frames for entries `[from, to)`, which must be present.
+    pub fn byte_range(&self, from: u64, to: u64) -> (u64, u64) {
+        assert!(self.first_index <= from && from < to && to <= self.next_index());
+        let start = self.offsets[(from - self.first_index) as usize];
+        let end = match self.offsets.get((to - self.first_index) as usize) {
+            Some(&offset) => offset,
+            None => self.end_offset,
+        };
+        (start, end)
+    }
+
+    /// Durably cuts the segment so that `index` and everything after it are gone.
+    ///
+    /// # Panics
+    ///
+    /// If the fsync fails.
+    pub fn truncate_from(&mut self, index: u64) -> Result<(), Error> {
+        assert!(self.first_index <= index && index <= self.next_index());
+        let keep = (index - self.first_index) as usize;
+        let cut_offset = match self.offsets.get(keep) {
+            Some(&offset) => offset,
+            None => self.end_offset,
+        };
+        self.file.set_len(cut_offset).map_err(|source| Error::Io {
+            op: "truncate segment",
+            path: self.path.clone(),
+            source,
+        })?;
+        self.offsets.truncate(keep);
+        self.end_offset = cut_offset;
+        // Crash before this sync returns: the file may still hold the cut frames; the caller has
+        // not returned, so Raft will truncate again after restart.
+        sync_or_panic(self.file.as_ref(), &self.path, u64::MAX);
+        Ok(())
+    }
+}
+
+/// Fdatasyncs `file`, logging a `warn` when slower than `warn_ms`.
+///
+/// # Panics
+///
+/// If the fsync fails. It is never retried: after a failed fsync the kernel may have dropped the
+/// dirty pages and marked them clean, so a retry could "succeed" without the data on disk
+/// (PostgreSQL's "fsyncgate"). The process must restart and recover from what is on disk.
+pub(crate) fn sync_or_panic(file: &dyn FsFile, path: &Path, warn_ms: u64) {
+    if let Err(e) = timed_sync(file, path, warn_ms) {
+        tracing::error!(segment = %path.display(), error = %e, "fsync failed; stopping");
+        panic!("fsync of {} failed: {e}", path.display());
+    }
+}
+
+/// Fdatasyncs `file`, logging a `warn` when slower than `warn_ms`. The caller must not retry
+/// on error (see [`sync_or_panic`]).
+pub(crate) fn timed_sync(file: &dyn FsFile, path: &Path, warn_ms: u64) -> std::io::Result<()> {
+    let started = Instant::now();
+    file.sync_data()?;
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    if elapsed_ms > warn_ms {
+        tracing::warn!(segment = %path.display(), elapsed_ms, "slow fsync");
+    }
+    Ok(())
+}
+
+/// Fsyncs `dir`.
+///
+/// # Panics
+///
+/// If the fsync fails, for the same reason as [`sync_or_panic`].
+pub(crate) fn sync_dir_or_panic(fs: &dyn FileSystem, dir: &Path) {
+    if let Err(e) = fs.sync_dir(dir) {
+        tracing::error!(dir = %dir.display(), error = %e, "directory fsync failed; stopping");
+        panic!("fsync of directory {} failed: {e}", dir.display());
+    }
+}
+
+/// What `read_frames` needs from a segment, copied out so the read runs without the WAL lock.
+#[derive(Debug)]
+pub(crate) struct ReadPlan {
+    pub path: PathBuf,
+    pub file: Arc<dyn FsFile>,
+    pub from: u64,
+    pub to: u64,
+    pub start_offset: u64,
+    pub end_offset: u64,
+}
+
+/// Reads entries `[plan.from, plan.to)` with one `pread`, re-checking every frame's CRC,
+/// length and index, and appends them to `out`.
+pub(crate) fn read_frames(
+    plan: &ReadPlan,
+    frame_bytes_max: u32,
+    out: &mut Vec<(LogIndex, Vec<u8>)>,
+) -> Result<(), Error> {
+    let len = (plan.end_offset - plan.start_offset) as usize;
+    let mut buf = vec![0u8; len];
+    plan.file
+        .read_exact_at(&mut buf, plan.start_offset)
+        .map_err(|source| Error::Io {
+            op: "read segment",
+            path: plan.path.clone(),
+            source,
+        })?;
+    let mut at = 0usize;
+    for index in plan.from..plan.to {
+        let offset = plan.start_offset + at as u64;
+        let corrupt = |reason: String| Error::Corrupt {
+            segment: plan.path.clone(),
+            offset,
+            reason,
+        };
+        let frame = format::decode_frame(&buf[at..], frame_bytes_max)
+            .map_err(|e| corrupt(format!("on read: {e}")))?;
+        if frame.index != index {
+            return Err(corrupt(format!(
+                "on read: frame has index {}, expected {index}",
+                frame.index
+            )));
+        }
+        out.push((LogIndex(index), frame.payload.to_vec()));
+        at += frame.len();
+    }
+    // Paired with the offsets invariant: the frames exactly fill the planned range.
+    if at != len {
+        return Err(Error::Corrupt {
+            segment: plan.path.clone(),
+            offset: plan.start_offset + at as u64,
+            reason: "on read: frames do not fill the indexed byte range".into(),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,766 @@
+//! `Wal`: ordered segments; append with group commit, read, truncate_from, purge_through, and
+//! the vote and committed meta state.
+
+use crate::format;
+use crate::fs::{FileSystem, StdFs};
+use crate::meta::{self, COMMITTED_FILE, PURGED_FILE, VOTE_FILE};
+use crate::recovery;
+use crate::segment::{self, ReadPlan, Segment};
+use crate::{Config, Durability, Error, LogIndex};
+use parking_lot::{Condvar, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Largest byte range one `pread` covers when reading entries back.
+const READ_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
+/// The append encode buffer is released when a batch grew it beyond this.
+const ENCODE_BUF_KEEP_BYTES: usize = 4 * 1024 * 1024;
+
+/// Counters for tests and benchmarks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WalStats {
+    /// Fdatasyncs of segment files issued since open (group commit shares them).
+    pub fsyncs: u64,
+    /// Successful `append` calls with at least one entry.
+    pub appends: u64,
+    /// Frame bytes written by `append`.
+    pub bytes_written: u64,
+}
+
+/// A write-ahead log of opaque entries in segment files under one directory.
+///
+/// Invariants:
+/// - indexes are contiguous: every append starts at `next_index()` (the first append to an
+///   empty, never-purged log may choose its index);
+/// - segment N+1 starts one past the last index of segment N;
+/// - nothing at or below `purged_through()` can be read;
+/// - with `Durability::Sync`, `append` returns only after the bytes are on disk;
+/// - records are never rewritten in place, only cut from the tail.
+///
+/// All methods take `&self`: one mutex orders writes and guards the index of offsets; fsyncs
+/// and `pread`s run outside it. `Wal` is `Send + Sync`.
+#[derive(Debug)]
+pub struct Wal {
+    config: Config,
+    fs: Arc<dyn FileSystem>,
+    state: Mutex<State>,
+    /// Readers hold it shared while they `pread`; `truncate_from` holds it exclusively so a read
+    /// never sees bytes cut and rewritten under it.
+    truncate_gate: RwLock<()>,
+    sync: Mutex<SyncState>,
+    sync_done: Condvar,
+    meta: Mutex<MetaState>,
+    poisoned: AtomicBool,
+    fsyncs: AtomicU64,
+    appends: AtomicU64,
+    bytes_written: AtomicU64,
+}
+
+#[derive(Debug)]
+struct State {
+    /// Ordered by first index; the last one is the active segment, appended to.
+    segments: Vec<Segment>,
+    purged: Option<u64>,
+    /// Number of batches written; a batch is durable once `SyncState::synced_seq` reaches it.
+    written_seq: u64,
+    /// Reused for every batch so the append path allocates nothing per entry.
+    encode_buf: Vec<u8>,
+}
+
+/// Group commit bookkeeping.
+#[derive(Debug, Default)]
+struct SyncState {
+    /// Every batch with a sequence number up to this is durable.
+    synced_seq: u64,
+    /// A thread is running an fsync right now.
+    in_flight: bool,
+    /// An fsync failed; every waiter panics too.
+    failed: bool,
+}
+
+#[derive(Debug)]
+struct MetaState {
+    vote: Option<Vec<u8>>,
+    committed: Option<Vec<u8>>,
+}
+
+impl State {
+    fn last_index(&self) -> Option<u64> {
+        let first = self.segments.first()?.first_index;
+        let next = self.segments.last()?.next_index();
+        // After `truncate_from(purged + 1)` a segment may hold only purged entries.
+        let purged_next = self.purged.map_or(0, |p| p + 1);
+        (next > first && next > purged_next).then(|| next - 1)
+    }
+
+    fn first_readable(&self) -> Option<u64> {
+        let last = self.last_index()?;
+        let first = self.segments[0].first_index;
+        let first = match self.purged {
+            Some(purged) => first.max(purged + 1),
+            None => first,
+        };
+        (first <= last).then_some(first)
+    }
+
+    fn next_index(&self) -> u64 {
+        match (self.last_index(), self.purged) {
+            (Some(last), _) => last + 1,
+            (None, Some(purged)) => purged + 1,
+            (None, None) => 0,
+        }
+    }
+
+    /// Byte ranges to `pread` for entries `[from, to)`, clipped to what is readable.
+    fn read_plans(&self, from: u64, to: u64) -> Vec<ReadPlan> {
+        let (Some(first), Some(last)) = (self.first_readable(), self.last_index()) else {
+            return Vec::new();
+        };
+        let (from, to) = (from.max(first), to.min(last + 1));
+        let mut plans = Vec::new();
+        for segment in &self.segments {
+            let mut lo = from.max(segment.first_index);
+            let hi = to.min(segment.next_index());
+            while lo < hi {
+                let (start, _) = segment.byte_range(lo, lo + 1);
+                // Grow the chunk up to READ_CHUNK_BYTES, but always take at least one entry.
+                let rel = &segment.offsets[(lo - segment.first_index) as usize..];
+                let fit = rel.partition_point(|&o| o < start + READ_CHUNK_BYTES) as u64;
+                let chunk_to = hi.min(lo + fit.max(1));
+                let (start, end) = segment.byte_range(lo, chunk_to);
+                plans.push(ReadPlan {
+                    path: segment.path.clone(),
+                    file: segment.file.clone(),
+                    from: lo,
+                    to: chunk_to,
+                    start_offset: start,
+                    end_offset: end,
+                });
+                lo = chunk_to;
+            }
+        }
+        plans
+    }
+}
+
+impl Wal {
+    /// Opens (or creates) the WAL in `config.dir` on the real file system, recovering it.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidConfig`; `Io`; `Corrupt` or `UnsupportedVersion` when recovery refuses the files
+    /// (see `recovery.rs`).
+    ///
+    /// # Panics
+    ///
+    /// If an fsync fails during recovery.
+    pub fn open(config: Config) -> Result<Wal, Error> {
+        Wal::open_with_fs(config, Arc::new(StdFs))
+    }
+
+    /// Like [`Wal::open`], on the given file system (for example a `FaultyFs`).
+    ///
+    /// # Errors
+    ///
+    /// As [`Wal::open`].
+    ///
+    /// # Panics
+    ///
+    /// If an fsync fails during recovery.
+    pub fn open_with_fs(config: Config, fs: Arc<dyn FileSystem>) -> Result<Wal, Error> {
+        config.validate()?;
+        let recovered = recovery::recover(fs.as_ref(), &config)?;
+        let state = State {
+            segments: recovered.segments,
+            purged: recovered.purged,
+            written_seq: 0,
+            encode_buf: Vec::new(),
+        };
+        Ok(Wal {
+            config,
+            fs,
+            state: Mutex::new(state),
+            truncate_gate: RwLock::new(()),
+            sync: Mutex::new(SyncState::default()),
+            sync_done: Condvar::new(),
+            meta: Mutex::new(MetaState {
+                vote: recovered.vote,
+                committed: recovered.committed,
+            }),
+            poisoned: AtomicBool::new(false),
+            fsyncs: AtomicU64::new(0),
+            appends: AtomicU64::new(0),
+            bytes_written: AtomicU64::new(0),
+        })
+    }
+
+    /// Index of the first readable entry; `None` if the log is empty.
+    pub fn first_index(&self) -> Option<LogIndex> {
+        self.state.lock().first_readable().map(LogIndex)
+    }
+
+    /// Index of the last entry; `None` if the log is empty.
+    pub fn last_index(&self) -> Option<LogIndex> {
+        self.state.lock().last_index().map(LogIndex)
+    }
+
+    /// The purge point: entries at or below it are gone. `None` if never purged.
+    pub fn purged_through(&self) -> Option<LogIndex> {
+        self.state.lock().purged.map(LogIndex)
+    }
+
+    /// The index the next `append` must start at: last + 1, else purged + 1, else 0.
+    pub fn next_index(&self) -> LogIndex {
+        LogIndex(self.state.lock().next_index())
+    }
+
+    /// Counters since open.
+    pub fn stats(&self) -> WalStats {
+        WalStats {
+            fsyncs: self.fsyncs.load(Ordering::Relaxed),
+            appends: self.appends.load(Ordering::Relaxed),
+            bytes_written: self.bytes_written.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Appends `payloads` at indexes `first, first + 1, ...`. The entries are readable when it
+    /// returns; with `Durability::Sync` they are also durable (an fdatasync covering them has
+    /// returned, possibly one issued by another thread). The batch is encoded into one buffer
+    /// and written with one `pwrite`.
+    ///
+    /// # Errors
+    ///
+    /// `NonContiguous` unless `first == next_index()` (any `first` is accepted while the log is
+    /// empty and was never purged); `EntryTooLarge`; `Io` (the `Wal` is then poisoned);
+    /// `Poisoned`.
+    ///
+    /// # Panics
+    ///
+    /// If an fsync fails, here or in the thread whose fsync this call joined.
+    ///
+    /// Step 4 of "Life of a chat message" in `ARCHITECTURE.md`.
+    #[tracing::instrument(skip_all, fields(log_index = first.0, count = payloads.len()))]
+    pub fn append<P: AsRef<[u8]>>(
+        &self,
+        first: LogIndex,
+        payloads: &[P],
+        durability: Durability,
+    ) -> Result<(), Error> {
+        self.check_poisoned()?;
+        let mut batch_len = 0u64;
+        for payload in payloads {
+            let len = payload.as_ref().len();
+            if len > self.config.frame_bytes_max as usize {
+                return Err(Error::EntryTooLarge {
+                    len: len as u64,
+                    max: self.config.frame_bytes_max,
+                });
+            }
+            batch_len += format::frame_len(len) as u64;
+        }
+        if payloads.is_empty() {
+            return Ok(());
+        }
+        let seq = {
+            let mut state = self.state.lock();
+            self.check_poisoned()?;
+            let open_start = state.last_index().is_none() && state.purged.is_none();
+            let expected = state.next_index();
+            if !open_start && first.0 != expected {
+                return Err(Error::NonContiguous {
+                    expected: LogIndex(expected),
+                    found: first,
+                });
+            }
+            self.append_prepare_segment(&mut state, first.0, batch_len)?;
+            self.append_write(&mut state, first.0, payloads, batch_len)?
+        };
+        if durability == Durability::Sync {
+            self.sync_through(seq);
+        }
+        Ok(())
+    }
+
+    /// Makes sure the active segment can take a batch starting at `first`: creates the first
+    /// segment, replaces an empty segment starting elsewhere, or rotates a full one.
+    fn append_prepare_segment(
+        &self,
+        state: &mut State,
+        first: u64,
+        batch_len: u64,
+    ) -> Result<(), Error> {
+        let dir = self.config.dir.as_path();
+        match state.segments.last() {
+            Some(active) if active.entry_count() == 0 && active.first_index != first => {
+                // Only reachable on an empty, never-purged log whose leftover empty segment starts
+                // elsewhere. Crash after the removal: the log is empty either way.
+                let active = state.segments.pop().expect("matched Some");
+                self.fs
+                    .remove_file(&active.path)
+                    .map_err(|source| Error::Io {
+                        op: "remove empty segment",
+                        path: active.path.clone(),
+                        source,
+                    })?;
+                segment::sync_dir_or_panic(self.fs.as_ref(), dir);
+            }
+            Some(active)
+                if active.entry_count() > 0
+                    && active.end_offset + batch_len > self.config.segment_bytes_max =>
+            {
+                // Seal: sync the full segment before the next one exists, so unsynced bytes only
+                // ever sit at the tail of the newest segment (recovery's assumption).
+                segment::sync_or_panic(
+                    active.file.as_ref(),
+                    &active.path,
+                    self.config.fsync_warn_ms,
+                );
+                self.fsyncs.fetch_add(1, Ordering::Relaxed);
+                let written_seq = state.written_seq;
+                let mut sync = self.sync.lock();
+                sync.synced_seq = sync.synced_seq.max(written_seq);
+                drop(sync);
+                tracing::info!(segment = %active.path.display(), "segment sealed");
+            }
+            Some(_) => return Ok(()),
+            None => {}
+        }
+        let segment = Segment::create(self.fs.as_ref(), dir, first)?;
+        state.segments.push(segment);
+        Ok(())
+    }
+
+    /// Encodes the batch into the reused buffer and writes it with one `pwrite`; returns the
+    /// batch's sequence number for group commit.
+    fn append_write<P: AsRef<[u8]>>(
+        &self,
+        state: &mut State,
+        first: u64,
+        payloads: &[P],
+        batch_len: u64,
+    ) -> Result<u64, Error> {
+        let State {
+            segments,
+            encode_buf,
+            written_seq,
+            ..
+        } = state;
+        let segment = segments
+            .last_mut()
+            .expect("append_prepare_segment left an active segment");
+        assert_eq!(
+            segment.next_index(),
+            first,
+            "batch must continue the active segment"
+        );
+        let base = segment.end_offset;
+        let count_before = segment.offsets.len();
+        encode_buf.clear();
+        encode_buf.reserve(batch_len as usize);
+        for (i, payload) in payloads.iter().enumerate() {
+            segment.offsets.push(base + encode_buf.len() as u64);
+            format::encode_frame(encode_buf, first + i as u64, payload.as_ref());
+        }
+        assert_eq!(encode_buf.len() as u64, batch_len);
+        if let Err(source) = segment.file.write_all_at(encode_buf, base) {
+            segment.offsets.truncate(count_before);
+            // A partial batch may now sit past `end_offset`. Poison rather than risk a later,
+            // shorter batch leaving stale whole frames behind it; recovery sorts the file out.
+            self.poisoned.store(true, Ordering::SeqCst);
+            return Err(Error::Io {
+                op: "append",
+                path: segment.path.clone(),
+                source,
+            });
+        }
+        segment.end_offset += batch_len;
+        if encode_buf.capacity() > ENCODE_BUF_KEEP_BYTES {
+            *encode_buf = Vec::new();
+        }
+        *written_seq += 1;
+        self.appends.fetch_add(1, Ordering::Relaxed);
+        self.bytes_written.fetch_add(batch_len, Ordering::Relaxed);
+        Ok(*written_seq)
+    }
+
+    /// Makes everything appended so far durable, joining an in-flight fsync when that covers it.
+    ///
+    /// # Errors
+    ///
+    /// `Poisoned`.
+    ///
+    /// # Panics
+    ///
+    /// If an fsync fails (never retried; see `segment::sync_or_panic`).
+    pub fn sync(&self) -> Result<(), Error> {
+        self.check_poisoned()?;
+        let seq = self.state.lock().written_seq;
+        self.sync_through(seq);
+        Ok(())
+    }
+
+    /// Group commit: returns once batch `seq` is durable. One thread at a time runs the fsync,
+    /// outside the state mutex; it first reads the newest written sequence, so its fsync covers
+    /// every batch written before it started, and callers covered by it return without their own.
+    fn sync_through(&self, seq: u64) {
+        let mut sync = self.sync.lock();
+        loop {
+            assert!(!sync.failed, "an fsync failed in another thread; stopping");
+            if sync.synced_seq >= seq {
+                return;
+            }
+            if !sync.in_flight {
+                break;
+            }
+            self.sync_done.wait(&mut sync);
+        }
+        sync.in_flight = true;
+        drop(sync);
+        let (target, active) = {
+            let state = self.state.lock();
+            let active = state
+                .segments
+                .last()
+                .map(|s| (s.file.clone(), s.path.clone()));
+            (state.written_seq, active)
+        };
+        // Older segments were synced when sealed, so syncing the active one covers `target`.
+        let result = match &active {
+            Some((file, path)) => {
+                segment::timed_sync(file.as_ref(), path, self.config.fsync_warn_ms)
+            }
+            None => Ok(()),
+        };
+        self.fsyncs.fetch_add(1, Ordering::Relaxed);
+        let mut sync = self.sync.lock();
+        sync.in_flight = false;
+        if let Err(e) = result {
+            sync.failed = true;
+            drop(sync);
+            self.sync_done.notify_all();
+            let path = active.map(|(_, p)| p).unwrap_or_default();
+            tracing::error!(segment = %path.display(), error = %e, "fsync failed; stopping");
+            panic!("fsync of {} failed: {e}", path.display());
+        }
+        sync.synced_seq = sync.synced_seq.max(target);
+        drop(sync);
+        self.sync_done.notify_all();
+    }
+
+    /// Entries present in `[from, to_exclusive)`, in order, clipped to what exists; never
+    /// entries at or below the purge point. Payloads are read with `pread` and CRC-checked.
+    ///
+    /// # Errors
+    ///
+    /// `Corrupt` if a frame read back fails its CRC, length or index check; `Io`; `Poisoned`.
+    pub fn read(
+        &self,
+        from: LogIndex,
+        to_exclusive: LogIndex,
+    ) -> Result<Vec<(LogIndex, Vec<u8>)>, Error> {
+        self.check_poisoned()?;
+        let _gate = self.truncate_gate.read();
+        let plans = self.state.lock().read_plans(from.0, to_exclusive.0);
+        let count: u64 = plans.iter().map(|p| p.to - p.from).sum();
+        let mut out = Vec::with_capacity(count as usize);
+        for plan in &plans {
+            segment::read_frames(plan, self.config.frame_bytes_max, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    /// Removes `index` and every entry after it, durably: later segments are removed newest
+    /// first and the directory synced, then the containing segment is cut and synced. A no-op
+    /// if `index` is past the last entry.
+    ///
+    /// # Errors
+    ///
+    /// `OutOfRange` if `index` is at or below the purge point; `Io`; `Poisoned`.
+    ///
+    /// # Panics
+    ///
+    /// If an fsync fails.
+    pub fn truncate_from(&self, index: LogIndex) -> Result<(), Error> {
+        self.check_poisoned()?;
+        let _gate = self.truncate_gate.write();
+        let mut state = self.state.lock();
+        if let Some(purged) = state.purged.filter(|&p| index.0 <= p) {
+            return Err(Error::OutOfRange {
+                index,
+                purged_through: LogIndex(purged),
+            });
+        }
+        if state.last_index().is_none_or(|last| index.0 > last) {
+            return Ok(());
+        }
+        let mut removed = false;
+        while state
+            .segments
+            .last()
+            .is_some_and(|s| s.first_index > index.0)
+        {
+            let segment = state.segments.pop().expect("checked non-empty");
+            if let Err(source) = self.fs.remove_file(&segment.path) {
+                let path = segment.path.clone();
+                state.segments.push(segment);
+                return Err(Error::Io {
+                    op: "remove segment",
+                    path,
+                    source,
+                });
+            }
+            removed = true;
+        }
+        if removed {
+            // Crash before this sync returns: some removed segments may reappear, but only a
+            // newest-first run of them, so the log is still contiguous; the caller has not
+            // returned and Raft repeats the truncation. This sync comes before the cut below so
+            // that a cut never becomes durable while a later segment survives (a gap).
+            segment::sync_dir_or_panic(self.fs.as_ref(), &self.config.dir);
+        }
+        if let Some(segment) = state.segments.last_mut() {
+            segment.truncate_from(index.0)?;
+            self.fsyncs.fetch_add(1, Ordering::Relaxed);
+        }
+        // Sealed segments were synced when sealed and the cut synced the active one.
+        let written_seq = state.written_seq;
+        let mut sync = self.sync.lock();
+        sync.synced_seq = sync.synced_seq.max(written_seq);
+        Ok(())
+    }
+
+    /// Purges every entry at or below `index`: the purge point is made durable first, then whole
+    /// segments holding only purged entries are removed. `index` may lie beyond the last entry
+    /// (after a snapshot install): the log becomes empty and the next append starts at
+    /// `index + 1`. Purging at or below the current purge point is a no-op. On a never-purged
+    /// log whose first entry is above `index + 1`, the purge point recorded is `first - 1`.
+    ///
+    /// # Errors
+    ///
+    /// `Io` (the purge point may or may not be durable; retry); `Poisoned`.
+    ///
+    /// # Panics
+    ///
+    /// If an fsync fails, or if `index` is `u64::MAX` (no next index would remain).
+    pub fn purge_through(&self, index: LogIndex) -> Result<(), Error> {
+        self.check_poisoned()?;
+        let mut state = self.state.lock();
+        if state.purged.is_some_and(|p| index.0 <= p) {
+            return Ok(());
+        }
+        let mut purge_point = index.0;
+        if let (Some(first), Some(_)) = (state.segments.first(), state.last_index()) {
+            // Recovery rejects a gap between the purge point and the first segment.
+            purge_point = purge_point.max(first.first_index.saturating_sub(1));
+        }
+        assert!(
+            purge_point < u64::MAX,
+            "purge point must leave room for a next index"
+        );
+        // Crash during this write: the old purge point stays (rename is atomic), nothing was
+        // removed yet. Crash after it: recovery removes the segments we were about to remove.
+        meta::write_atomic(
+            self.fs.as_ref(),
+            &self.config.dir,
+            PURGED_FILE,
+            &purge_point.to_le_bytes(),
+            Durability::Sync,
+        )?;
+        state.purged = Some(purge_point);
+        let mut doomed = Vec::new();
+        let mut kept = Vec::with_capacity(state.segments.len());
+        for segment in state.segments.drain(..) {
+            if segment.next_index() <= purge_point + 1 || segment.entry_count() == 0 {
+                doomed.push(segment);
+            } else {
+                kept.push(segment);
+            }
+        }
+        state.segments = kept;
+        self.purge_remove_segments(doomed)
+    }
+
+    /// Removes the files of purged segments, oldest first, then syncs the directory.
+    fn purge_remove_segments(&self, doomed: Vec<Segment>) -> Result<(), Error> {
+        if doomed.is_empty() {
+            return Ok(());
+        }
+        let mut first_error = None;
+        for segment in &doomed {
+            if let Err(source) = self.fs.remove_file(&segment.path) {
+                tracing::warn!(segment = %segment.path.display(), error = %source, "remove purged segment failed");
+                first_error.get_or_insert(Error::Io {
+                    op: "remove purged segment",
+                    path: segment.path.clone(),
+                    source,
+                });
+            }
+        }
+        // Crash before this sync returns: some purged segments may reappear; the durable purge
+        // point hides their entries and recovery removes them.
+        segment::sync_dir_or_panic(self.fs.as_ref(), &self.config.dir);
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Stores the vote durably (temp file, fsync, rename, directory fsync).
+    ///
+    /// # Errors
+    ///
+    /// `Io`; `Poisoned`.
+    ///
+    /// # Panics
+    ///
+    /// If an fsync fails.
+    pub fn save_vote(&self, vote: &[u8]) -> Result<(), Error> {
+        self.check_poisoned()?;
+        let mut meta = self.meta.lock();
+        meta::write_atomic(
+            self.fs.as_ref(),
+            &self.config.dir,
+            VOTE_FILE,
+            vote,
+            Durability::Sync,
+        )?;
+        meta.vote = Some(vote.to_vec());
+        Ok(())
+    }
+
+    /// The last saved vote.
+    pub fn vote(&self) -> Option<Vec<u8>> {
+        self.meta.lock().vote.clone()
+    }
+
+    /// Stores the committed marker atomically but without fsync.
+    ///
+    /// openraft calls this very often and uses the value only to re-apply entries sooner after
+    /// a restart, so it skips both fsyncs. After a crash the file holds an older value, or is
+    /// empty or torn (its CRC fails and it reads as `None`, with a `warn`). Either way it is a
+    /// value openraft once handed us, never one that was not committed, and openraft learns the
+    /// current commit index from the leader again.
+    ///
+    /// # Errors
+    ///
+    /// `Io`; `Poisoned`.
+    pub fn save_committed(&self, committed: &[u8]) -> Result<(), Error> {
+        self.check_poisoned()?;
+        let mut meta = self.meta.lock();
+        let dir = &self.config.dir;
+        meta::write_atomic(
+            self.fs.as_ref(),
+            dir,
+            COMMITTED_FILE,
+            committed,
+            Durability::Buffered,
+        )?;
+        meta.committed = Some(committed.to_vec());
+        Ok(())
+    }
+
+    /// The last saved committed marker (after a crash, possibly an older one, or `None`).
+    pub fn committed(&self) -> Option<Vec<u8>> {
+        self.meta.lock().committed.clone()
+    }
+
+    /// Orderly shutdown: makes everything appended durable and releases the files. Dropping a
+    /// `Wal` instead never fsyncs, so buffered appends may be lost on a later power failure.
+    ///
+    /// # Errors
+    ///
+    /// `Poisoned`.
+    ///
+    /// # Panics
+    ///
+    /// If the fsync fails.
+    pub fn close(self) -> Result<(), Error> {
+        self.sync()
+    }
+
+    fn check_poisoned(&self) -> Result<(), Error> {
+        if self.poisoned.load(Ordering::SeqCst) {
+            Err(Error::Poisoned)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &std::path::Path) -> Wal {
+        let mut config = Config::new(dir);
+        config.segment_bytes_max = 4096;
+        Wal::open(config).expect("open")
+    }
+
+    #[test]
+    fn wal_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Wal>();
+    }
+
+    #[test]
+    fn empty_log_starts_anywhere_then_requires_contiguity() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let wal = open(dir.path());
+        assert_eq!(wal.next_index(), LogIndex(0));
+        wal.append(LogIndex(5), &[b"a"], Durability::Sync)
+            .expect("append");
+        let err = wal
+            .append(LogIndex(7), &[b"b"], Durability::Sync)
+            .expect_err("gap");
+        assert!(matches!(
+            err,
+            Error::NonContiguous {
+                expected: LogIndex(6),
+                found: LogIndex(7)
+            }
+        ));
+        assert_eq!(wal.first_index(), Some(LogIndex(5)));
+        assert_eq!(
+            wal.read(LogIndex(0), LogIndex(100)).expect("read"),
+            vec![(LogIndex(5), b"a".to_vec())]
+        );
+    }
+
+    #[test]
+    fn rotation_keeps_entries_readable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let wal = open(dir.path());
+        let payload = [7u8; 1000];
+        for i in 0..20 {
+            wal.append(LogIndex(i), &[payload], Durability::Buffered)
+                .expect("append");
+        }
+        let segments = std::fs::read_dir(dir.path())
+            .expect("read_dir")
+            .filter(|e| {
+                e.as_ref()
+                    .expect("entry")
+                    .path()
+                    .extension()
+                    .is_some_and(|x| x == "seg")
+            })
+            .count();
+        assert!(segments >= 5, "expected rotation, got {segments} segments");
+        let entries = wal.read(LogIndex(3), LogIndex(17)).expect("read");
+        assert_eq!(entries.len(), 14);
+        assert!(entries
+            .iter()
+            .enumerate()
+            .all(|(i, (index, p))| index.0 == 3 + i as u64 && p == &payload));
+    }
+
+    #[test]
+    fn entry_too_large_is_rejected() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = Config::new(dir.path());
+        config.frame_bytes_max = 10;
+        let wal = Wal::open(config).expect("open");
+        let err = wal
+            .append(LogIndex(1), &[[0u8; 11]], Durability::Sync)
+            .expect_err("too large");
+        assert!(matches!(err, Error::EntryTooLarge { len: 11, max: 10 }));
+    }
+}

@@ -1,0 +1,275 @@
+//! Durability under `FaultyFs`: group commit from several threads survives a power failure;
+//! vote and committed round-trip across reopen and crash; purge and truncate survive a crash;
+//! a failed fsync panics (never retried); a failed write poisons the `Wal`.
+#![cfg(feature = "testing")]
+
+use parking_lot::Mutex;
+use raft_log::{Config, Durability, Error, FaultyFs, LogIndex, Tear, Wal};
+use std::path::Path;
+use std::sync::Arc;
+
+fn config(dir: &Path) -> Config {
+    let mut config = Config::new(dir);
+    config.segment_bytes_max = 4096;
+    config
+}
+
+fn open(dir: &Path, fs: &Arc<FaultyFs>) -> Wal {
+    Wal::open_with_fs(config(dir), fs.clone()).expect("open")
+}
+
+fn crash_and_reopen(dir: &Path, fs: &Arc<FaultyFs>, tear: Tear) -> Wal {
+    fs.power_fail(tear).expect("power_fail");
+    open(dir, &Arc::new(FaultyFs::new()))
+}
+
+#[test]
+fn group_commit_entries_survive_power_failure() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fs = Arc::new(FaultyFs::new());
+    let wal = Arc::new(open(dir.path(), &fs));
+    let next = Arc::new(Mutex::new(1u64));
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let (wal, next) = (wal.clone(), next.clone());
+            std::thread::spawn(move || {
+                for i in 0..50u64 {
+                    {
+                        // Contiguity needs one writer at a time to pick the index.
+                        let mut next = next.lock();
+                        let payload = format!("t{t} i{i} at {}", *next);
+                        wal.append(LogIndex(*next), &[payload], Durability::Buffered)
+                            .expect("append");
+                        *next += 1;
+                    }
+                    wal.sync().expect("sync");
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().expect("thread");
+    }
+    let stats = wal.stats();
+    assert_eq!(stats.appends, 200);
+    assert!(stats.fsyncs >= 1 && stats.fsyncs <= 200 + 200, "{stats:?}");
+    let before = wal.read(LogIndex(0), LogIndex(u64::MAX)).expect("read");
+    drop(wal);
+    let wal = crash_and_reopen(dir.path(), &fs, Tear::Prefix(7));
+    assert_eq!(
+        wal.read(LogIndex(0), LogIndex(u64::MAX)).expect("read"),
+        before
+    );
+    assert_eq!(wal.last_index(), Some(LogIndex(200)));
+}
+
+#[test]
+fn concurrent_sync_calls_share_fsyncs_and_are_durable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fs = Arc::new(FaultyFs::new());
+    let wal = Arc::new(open(dir.path(), &fs));
+    let next = Arc::new(Mutex::new(0u64));
+    let threads: Vec<_> = (0..3)
+        .map(|_| {
+            let (wal, next) = (wal.clone(), next.clone());
+            std::thread::spawn(move || {
+                for _ in 0..40 {
+                    let mut guard = next.lock();
+                    let index = *guard;
+                    *guard += 1;
+                    // Write under the index lock; wait for durability outside it, so several
+                    // threads' sync() calls can share one fsync.
+                    wal.append(LogIndex(index), &[[index as u8; 100]], Durability::Buffered)
+                        .expect("append");
+                    drop(guard);
+                    wal.sync().expect("sync");
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().expect("thread");
+    }
+    drop(wal);
+    let wal = crash_and_reopen(dir.path(), &fs, Tear::None);
+    assert_eq!(wal.next_index(), LogIndex(120));
+}
+
+#[test]
+fn unsynced_appends_are_lost_on_power_failure_synced_ones_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fs = Arc::new(FaultyFs::new());
+    let wal = open(dir.path(), &fs);
+    wal.append(LogIndex(1), &[b"one", b"two"], Durability::Sync)
+        .expect("append");
+    wal.append(LogIndex(3), &[b"three"], Durability::Buffered)
+        .expect("append");
+    drop(wal);
+    let wal = crash_and_reopen(dir.path(), &fs, Tear::None);
+    assert_eq!(wal.last_index(), Some(LogIndex(2)));
+    assert_eq!(
+        wal.read(LogIndex(2), LogIndex(3)).expect("read"),
+        vec![(LogIndex(2), b"two".to_vec())]
+    );
+}
+
+#[test]
+fn vote_and_committed_round_trip_across_reopen_and_crash() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fs = Arc::new(FaultyFs::new());
+    let wal = open(dir.path(), &fs);
+    assert_eq!(wal.vote(), None);
+    assert_eq!(wal.committed(), None);
+    wal.save_vote(b"term 3 node 2").expect("vote");
+    wal.save_committed(b"commit 10").expect("committed");
+    wal.close().expect("close");
+    let wal = open(dir.path(), &fs);
+    assert_eq!(wal.vote(), Some(b"term 3 node 2".to_vec()));
+    assert_eq!(wal.committed(), Some(b"commit 10".to_vec()));
+    wal.save_vote(b"term 4 node 1").expect("vote");
+    wal.save_committed(b"commit 12").expect("committed");
+    drop(wal);
+    let wal = crash_and_reopen(dir.path(), &fs, Tear::None);
+    assert_eq!(
+        wal.vote(),
+        Some(b"term 4 node 1".to_vec()),
+        "vote is durable"
+    );
+    // Committed is buffered: after a crash it may be the older value (or None), never newer.
+    let committed = wal.committed();
+    assert!(
+        committed.is_none()
+            || committed == Some(b"commit 10".to_vec())
+            || committed == Some(b"commit 12".to_vec()),
+        "{committed:?}"
+    );
+}
+
+#[test]
+fn corrupt_committed_reads_as_none_and_corrupt_vote_fails() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wal = Wal::open(config(dir.path())).expect("open");
+    wal.save_vote(b"vote").expect("vote");
+    wal.save_committed(b"committed").expect("committed");
+    wal.close().expect("close");
+    let committed = dir.path().join("committed.meta");
+    let mut bytes = std::fs::read(&committed).expect("read");
+    bytes[22] ^= 1;
+    std::fs::write(&committed, &bytes).expect("write");
+    let wal = Wal::open(config(dir.path())).expect("open with bad committed");
+    assert_eq!(wal.committed(), None);
+    assert_eq!(wal.vote(), Some(b"vote".to_vec()));
+    drop(wal);
+    let vote = dir.path().join("vote.meta");
+    let mut bytes = std::fs::read(&vote).expect("read");
+    bytes[21] ^= 1;
+    std::fs::write(&vote, &bytes).expect("write");
+    match Wal::open(config(dir.path())) {
+        Err(Error::Corrupt { segment, .. }) => assert_eq!(segment, vote),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
+
+#[test]
+fn purge_beyond_last_survives_crash_and_next_append_follows_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fs = Arc::new(FaultyFs::new());
+    let wal = open(dir.path(), &fs);
+    wal.append(LogIndex(0), &[b"a", b"b", b"c"], Durability::Sync)
+        .expect("append");
+    wal.purge_through(LogIndex(100)).expect("purge");
+    assert_eq!(wal.first_index(), None);
+    assert_eq!(wal.next_index(), LogIndex(101));
+    wal.purge_through(LogIndex(50))
+        .expect("re-purge below is a no-op");
+    assert_eq!(wal.purged_through(), Some(LogIndex(100)));
+    drop(wal);
+    let wal = crash_and_reopen(dir.path(), &fs, Tear::None);
+    assert_eq!(wal.purged_through(), Some(LogIndex(100)));
+    assert_eq!(wal.next_index(), LogIndex(101));
+    let err = wal
+        .append(LogIndex(0), &[b"x"], Durability::Sync)
+        .expect_err("must follow purge");
+    assert!(matches!(
+        err,
+        Error::NonContiguous {
+            expected: LogIndex(101),
+            ..
+        }
+    ));
+    wal.append(LogIndex(101), &[b"x"], Durability::Sync)
+        .expect("append");
+    assert_eq!(
+        wal.read(LogIndex(0), LogIndex(200)).expect("read"),
+        vec![(LogIndex(101), b"x".to_vec())]
+    );
+}
+
+#[test]
+fn truncate_from_survives_crash() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fs = Arc::new(FaultyFs::new());
+    let wal = open(dir.path(), &fs);
+    let payloads: Vec<Vec<u8>> = (0..60).map(|i| vec![i as u8; 300]).collect();
+    wal.append(LogIndex(1), &payloads[..30], Durability::Sync)
+        .expect("append");
+    wal.append(LogIndex(31), &payloads[30..], Durability::Sync)
+        .expect("append");
+    wal.truncate_from(LogIndex(10)).expect("truncate");
+    wal.append(LogIndex(10), &[b"new"], Durability::Buffered)
+        .expect("append");
+    drop(wal);
+    let wal = crash_and_reopen(dir.path(), &fs, Tear::None);
+    assert_eq!(wal.last_index(), Some(LogIndex(9)));
+    assert_eq!(
+        wal.read(LogIndex(9), LogIndex(10)).expect("read")[0].1,
+        payloads[8]
+    );
+}
+
+#[test]
+#[should_panic(expected = "fsync")]
+fn failed_fsync_panics() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fs = Arc::new(FaultyFs::new());
+    let wal = open(dir.path(), &fs);
+    wal.append(LogIndex(1), &[b"ok"], Durability::Sync)
+        .expect("append");
+    fs.fail_sync("segment::sync::fault");
+    let _never = wal.append(LogIndex(2), &[b"lost"], Durability::Sync);
+}
+
+#[test]
+#[should_panic(expected = "fsync")]
+fn failed_vote_fsync_panics() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fs = Arc::new(FaultyFs::new());
+    let wal = open(dir.path(), &fs);
+    fs.fail_sync("meta::sync::fault");
+    let _never = wal.save_vote(b"vote");
+}
+
+#[test]
+fn failed_write_poisons_and_reopen_recovers_prefix() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fs = Arc::new(FaultyFs::new());
+    let wal = open(dir.path(), &fs);
+    wal.append(LogIndex(1), &[b"one"], Durability::Sync)
+        .expect("append");
+    fs.fail_write_after("segment::append::fault", 10);
+    let err = wal
+        .append(LogIndex(2), &[[2u8; 100], [3u8; 100]], Durability::Sync)
+        .expect_err("fault");
+    assert!(matches!(err, Error::Io { op: "append", .. }), "{err}");
+    assert!(matches!(
+        wal.read(LogIndex(1), LogIndex(2)),
+        Err(Error::Poisoned)
+    ));
+    drop(wal);
+    fs.clear_faults();
+    let wal = open(dir.path(), &fs);
+    assert_eq!(
+        wal.read(LogIndex(0), LogIndex(10)).expect("read"),
+        vec![(LogIndex(1), b"one".to_vec())]
+    );
+}
