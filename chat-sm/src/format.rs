@@ -1,0 +1,349 @@
+//! The only file that knows the byte layout of RocksDB keys and values and of snapshot files.
+//!
+//! # RocksDB keys and values
+//!
+//! Every value starts with [`VALUE_VERSION`]; integers in keys are big-endian so that key order
+//! is numeric order. Channel names never contain byte 0 (see [`crate::ChannelName`]), so the
+//! messages of one channel form one contiguous key range.
+//!
+//! | key                                   | value after the version byte                                    |
+//! | ------------------------------------- | --------------------------------------------------------------- |
+//! | `b'M'` `"applied_index"`              | log index, u64 BE                                               |
+//! | `b'M'` `"last_applied"`               | opaque bytes from the adapter                                   |
+//! | `b'M'` `"membership"`                 | opaque bytes from the adapter                                   |
+//! | `b'd'` client_id(16) client_seq(u64 BE) | seq u64 BE, at_ms u64 BE, channel bytes (rest)                |
+//! | `b'h'` channel                        | head seq u64 BE                                                 |
+//! | `b'm'` channel `0x00` seq(u64 BE)     | at_ms u64 BE, client_id(16), client_seq u64 BE, sender_len u8, sender, body (rest) |
+//! | `b'u'` name                           | public key (32)                                                 |
+//!
+//! # Snapshot file
+//!
+//! All integers little-endian. Checksums are CRC-32/IEEE (`crc32fast`).
+//!
+//! | part    | field        | width | meaning                                                     |
+//! | ------- | ------------ | ----- | ----------------------------------------------------------- |
+//! | header  | magic        | 8     | [`SNAPSHOT_MAGIC`] `"CCSMSNAP"`                              |
+//! | header  | version      | 1     | [`SNAPSHOT_VERSION`]                                        |
+//! | record  | tag          | 1     | [`TAG_RECORD`] `b'R'`                                       |
+//! | record  | key_len      | 4     | at most [`SNAPSHOT_KEY_BYTES_MAX`]                          |
+//! | record  | value_len    | 4     | at most [`SNAPSHOT_VALUE_BYTES_MAX`]                        |
+//! | record  | crc          | 4     | CRC over key_len, value_len, key, value                     |
+//! | record  | key, value   | var   | one RocksDB pair, in key order                              |
+//! | trailer | tag          | 1     | [`TAG_TRAILER`] `b'T'`                                      |
+//! | trailer | record_count | 8     | number of records                                           |
+//! | trailer | file_crc     | 4     | CRC over every byte of the file before this field           |
+//!
+//! The file ends right after `file_crc`; extra bytes make it invalid.
+
+use crate::Error;
+
+/// Version byte in front of every RocksDB value.
+pub(crate) const VALUE_VERSION: u8 = 1;
+
+pub(crate) const PREFIX_META: u8 = b'M';
+pub(crate) const PREFIX_DEDUP: u8 = b'd';
+pub(crate) const PREFIX_HEAD: u8 = b'h';
+pub(crate) const PREFIX_MESSAGE: u8 = b'm';
+pub(crate) const PREFIX_USER: u8 = b'u';
+
+pub(crate) const META_APPLIED_INDEX: &[u8] = b"Mapplied_index";
+pub(crate) const META_LAST_APPLIED: &[u8] = b"Mlast_applied";
+pub(crate) const META_MEMBERSHIP: &[u8] = b"Mmembership";
+
+/// Snapshot file magic number.
+pub(crate) const SNAPSHOT_MAGIC: &[u8; 8] = b"CCSMSNAP";
+/// Snapshot file format version.
+pub(crate) const SNAPSHOT_VERSION: u8 = 1;
+pub(crate) const SNAPSHOT_HEADER_LEN: usize = 9;
+pub(crate) const TAG_RECORD: u8 = b'R';
+pub(crate) const TAG_TRAILER: u8 = b'T';
+/// Record header after the tag: key_len, value_len, crc.
+pub(crate) const RECORD_HEADER_LEN: usize = 12;
+/// Trailer after the tag: record_count, file_crc.
+pub(crate) const TRAILER_LEN: usize = 12;
+/// Largest key a snapshot reader accepts; checked before allocating.
+pub(crate) const SNAPSHOT_KEY_BYTES_MAX: u32 = 1024;
+/// Largest value a snapshot reader accepts; checked before allocating (16 MiB).
+pub(crate) const SNAPSHOT_VALUE_BYTES_MAX: u32 = 16 << 20;
+
+/// Fills `out` with the message key of (`channel`, `seq`).
+pub(crate) fn message_key(out: &mut Vec<u8>, channel: &str, seq: u64) {
+    out.clear();
+    out.push(PREFIX_MESSAGE);
+    out.extend_from_slice(channel.as_bytes());
+    out.push(0);
+    out.extend_from_slice(&seq.to_be_bytes());
+}
+
+/// The first key past every message of `channel`.
+pub(crate) fn message_key_end(channel: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(channel.len() + 2);
+    out.push(PREFIX_MESSAGE);
+    out.extend_from_slice(channel.as_bytes());
+    out.push(1);
+    out
+}
+
+/// Splits a message key into (channel, seq).
+pub(crate) fn parse_message_key(key: &[u8]) -> Result<(&str, u64), Error> {
+    let corrupt = || corrupt_key(key, "bad message key");
+    let rest = key.strip_prefix(&[PREFIX_MESSAGE]).ok_or_else(corrupt)?;
+    if rest.len() < 9 || rest[rest.len() - 9] != 0 {
+        return Err(corrupt());
+    }
+    let (channel, seq) = rest.split_at(rest.len() - 9);
+    let channel = std::str::from_utf8(channel).map_err(|_| corrupt())?;
+    let seq = u64::from_be_bytes(seq[1..].try_into().expect("8 bytes by construction"));
+    Ok((channel, seq))
+}
+
+/// Fills `out` with the head key of `channel`.
+pub(crate) fn head_key(out: &mut Vec<u8>, channel: &str) {
+    out.clear();
+    out.push(PREFIX_HEAD);
+    out.extend_from_slice(channel.as_bytes());
+}
+
+/// Fills `out` with the dedup key of (`client_id`, `client_seq`).
+pub(crate) fn dedup_key(out: &mut Vec<u8>, client_id: &[u8; 16], client_seq: u64) {
+    out.clear();
+    out.push(PREFIX_DEDUP);
+    out.extend_from_slice(client_id);
+    out.extend_from_slice(&client_seq.to_be_bytes());
+}
+
+/// Fills `out` with the user key of `name`.
+pub(crate) fn user_key(out: &mut Vec<u8>, name: &str) {
+    out.clear();
+    out.push(PREFIX_USER);
+    out.extend_from_slice(name.as_bytes());
+}
+
+/// The fields of a message value.
+pub(crate) struct MessageValue<'a> {
+    pub(crate) at_ms: u64,
+    pub(crate) client_id: [u8; 16],
+    pub(crate) client_seq: u64,
+    pub(crate) sender: &'a str,
+    pub(crate) body: &'a [u8],
+}
+
+/// Fills `out` with a message value. The sender is at most 32 bytes, validated before.
+pub(crate) fn encode_message_value(out: &mut Vec<u8>, v: &MessageValue<'_>) {
+    let sender_len = u8::try_from(v.sender.len()).expect("sender validated to <= 32 bytes");
+    out.clear();
+    out.push(VALUE_VERSION);
+    out.extend_from_slice(&v.at_ms.to_be_bytes());
+    out.extend_from_slice(&v.client_id);
+    out.extend_from_slice(&v.client_seq.to_be_bytes());
+    out.push(sender_len);
+    out.extend_from_slice(v.sender.as_bytes());
+    out.extend_from_slice(v.body);
+}
+
+/// Parses a message value.
+pub(crate) fn decode_message_value(value: &[u8]) -> Result<MessageValue<'_>, Error> {
+    let rest = strip_version(value, "message")?;
+    let corrupt = || Error::Corrupt {
+        what: "message",
+        reason: "short value".into(),
+    };
+    if rest.len() < 33 {
+        return Err(corrupt());
+    }
+    let at_ms = be_u64(&rest[0..8]);
+    let client_id: [u8; 16] = rest[8..24].try_into().expect("16 bytes");
+    let client_seq = be_u64(&rest[24..32]);
+    let sender_len = usize::from(rest[32]);
+    let rest = &rest[33..];
+    if rest.len() < sender_len {
+        return Err(corrupt());
+    }
+    let (sender, body) = rest.split_at(sender_len);
+    let sender = std::str::from_utf8(sender).map_err(|_| Error::Corrupt {
+        what: "message",
+        reason: "sender is not utf-8".into(),
+    })?;
+    Ok(MessageValue {
+        at_ms,
+        client_id,
+        client_seq,
+        sender,
+        body,
+    })
+}
+
+/// Fills `out` with a dedup value.
+pub(crate) fn encode_dedup_value(out: &mut Vec<u8>, seq: u64, at_ms: u64, channel: &str) {
+    out.clear();
+    out.push(VALUE_VERSION);
+    out.extend_from_slice(&seq.to_be_bytes());
+    out.extend_from_slice(&at_ms.to_be_bytes());
+    out.extend_from_slice(channel.as_bytes());
+}
+
+/// Parses a dedup value into (seq, at_ms, channel).
+pub(crate) fn decode_dedup_value(value: &[u8]) -> Result<(u64, u64, &str), Error> {
+    let rest = strip_version(value, "dedup")?;
+    if rest.len() < 16 {
+        return Err(Error::Corrupt {
+            what: "dedup",
+            reason: "short value".into(),
+        });
+    }
+    let channel = std::str::from_utf8(&rest[16..]).map_err(|_| Error::Corrupt {
+        what: "dedup",
+        reason: "channel is not utf-8".into(),
+    })?;
+    Ok((be_u64(&rest[0..8]), be_u64(&rest[8..16]), channel))
+}
+
+/// Encodes a u64 value (heads, applied index).
+pub(crate) fn encode_u64_value(v: u64) -> [u8; 9] {
+    let mut out = [0; 9];
+    out[0] = VALUE_VERSION;
+    out[1..].copy_from_slice(&v.to_be_bytes());
+    out
+}
+
+/// Parses a u64 value.
+pub(crate) fn decode_u64_value(value: &[u8], what: &'static str) -> Result<u64, Error> {
+    let rest = strip_version(value, what)?;
+    let bytes: [u8; 8] = rest.try_into().map_err(|_| Error::Corrupt {
+        what,
+        reason: format!("expected 8 bytes, found {}", rest.len()),
+    })?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+/// Encodes opaque bytes (meta, user keys).
+pub(crate) fn encode_bytes_value(v: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(v.len() + 1);
+    out.push(VALUE_VERSION);
+    out.extend_from_slice(v);
+    out
+}
+
+/// Parses opaque bytes.
+pub(crate) fn decode_bytes_value<'a>(
+    value: &'a [u8],
+    what: &'static str,
+) -> Result<&'a [u8], Error> {
+    strip_version(value, what)
+}
+
+/// Parses a user value into its public key.
+pub(crate) fn decode_user_value(value: &[u8]) -> Result<[u8; 32], Error> {
+    let rest = strip_version(value, "user")?;
+    rest.try_into().map_err(|_| Error::Corrupt {
+        what: "user",
+        reason: format!("expected 32 bytes, found {}", rest.len()),
+    })
+}
+
+fn strip_version<'a>(value: &'a [u8], what: &'static str) -> Result<&'a [u8], Error> {
+    match value.split_first() {
+        Some((&VALUE_VERSION, rest)) => Ok(rest),
+        Some((&found, _)) => Err(Error::UnsupportedVersion { what, found }),
+        None => Err(Error::Corrupt {
+            what,
+            reason: "empty value".into(),
+        }),
+    }
+}
+
+fn be_u64(bytes: &[u8]) -> u64 {
+    u64::from_be_bytes(bytes.try_into().expect("caller passes 8 bytes"))
+}
+
+fn corrupt_key(key: &[u8], reason: &str) -> Error {
+    Error::Corrupt {
+        what: "key",
+        reason: format!("{reason}: {}", hex(key)),
+    }
+}
+
+/// Lowercase hex, for dumps and error messages.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        write!(out, "{b:02x}").expect("writing to a String cannot fail");
+    }
+    out
+}
+
+/// Whether `key` is one a snapshot may carry.
+pub(crate) fn is_known_key(key: &[u8]) -> bool {
+    matches!(
+        key.first(),
+        Some(&(PREFIX_META | PREFIX_DEDUP | PREFIX_HEAD | PREFIX_MESSAGE | PREFIX_USER))
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_keys_sort_by_channel_then_seq() {
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        message_key(&mut a, "ab", u64::MAX);
+        message_key(&mut b, "ab-c", 1);
+        assert!(a < b);
+        assert!(b"mab\x01".as_slice() > a.as_slice());
+        assert_eq!(message_key_end("ab"), b"mab\x01");
+        message_key(&mut b, "ab", 2);
+        let mut c = Vec::new();
+        message_key(&mut c, "ab", 256);
+        assert!(b < c);
+        assert_eq!(parse_message_key(&c).expect("valid"), ("ab", 256));
+        assert!(parse_message_key(b"mab").is_err());
+    }
+
+    #[test]
+    fn message_value_round_trip() {
+        let v = MessageValue {
+            at_ms: 17,
+            client_id: [3; 16],
+            client_seq: 9,
+            sender: "Alice",
+            body: b"hello",
+        };
+        let mut out = Vec::new();
+        encode_message_value(&mut out, &v);
+        let back = decode_message_value(&out).expect("valid");
+        assert_eq!(
+            (
+                back.at_ms,
+                back.client_id,
+                back.client_seq,
+                back.sender,
+                back.body
+            ),
+            (17, [3; 16], 9, "Alice", b"hello".as_slice())
+        );
+        for cut in 0..34 {
+            assert!(decode_message_value(&out[..cut]).is_err());
+        }
+        out[0] = 9;
+        assert!(matches!(
+            decode_message_value(&out),
+            Err(Error::UnsupportedVersion { found: 9, .. })
+        ));
+    }
+
+    #[test]
+    fn dedup_and_u64_values_round_trip() {
+        let mut out = Vec::new();
+        encode_dedup_value(&mut out, 5, 6, "general");
+        assert_eq!(decode_dedup_value(&out).expect("valid"), (5, 6, "general"));
+        assert_eq!(
+            decode_u64_value(&encode_u64_value(42), "head").expect("valid"),
+            42
+        );
+        assert!(decode_u64_value(&[VALUE_VERSION, 1], "head").is_err());
+        assert!(decode_user_value(&encode_bytes_value(&[1; 31])).is_err());
+    }
+}

@@ -1,0 +1,127 @@
+//! The deterministic chat state machine of cellchat, persisted in RocksDB.
+//!
+//! Every committed raft entry reaches [`ChatState::apply`] in log order on every replica.
+//! Given the same entries and the same [`RaftMeta`], every replica ends in the same state
+//! (compare with [`ChatState::dump`]) and returns the same [`ChatResponse`]s.
+//!
+//! # Contract
+//! - **Versioned encodings.** A [`Command`] is `[COMMAND_VERSION] ++ postcard`; every RocksDB
+//!   value and the snapshot file start with a version byte. An unknown version decodes to
+//!   [`Error::UnsupportedVersion`]; [`Command::decode`] never panics on any input.
+//! - **Dense per-channel seqs.** A channel exists from its first accepted message; its
+//!   messages are numbered `1..=head` without gaps ([`ChatState`] lists the invariants).
+//! - **Exactly-once effect.** A send repeating an earlier (client_id, client_seq) makes no new
+//!   message and answers the original (channel, seq, at_ms) with `duplicate: true`, whether
+//!   the original was in the same entry, an earlier one, before a restart or inside an
+//!   installed snapshot. Dedup records are never expired.
+//! - **Deterministic rejections.** Invalid channel names ([`ChannelName`]), senders, bodies
+//!   (1..=[`MAX_BODY_BYTES`]) and oversized batches are answered with a [`RejectReason`];
+//!   they change nothing but the applied meta.
+//! - **Trust on first use.** The first [`Command::RegisterUser`] of a name wins; the same key
+//!   again is `Registered`, a different key is `Rejected(NameTaken)`.
+//! - **Atomic batches.** One `apply` call is one RocksDB `WriteBatch`, WAL on, `sync=false`.
+//!   The raft log is the durable record; [`ChatState::build_snapshot`] syncs the WAL before a
+//!   snapshot can let the raft log be purged.
+//! - **Local faults panic inside `apply`.** A RocksDB error seen by one replica must not
+//!   become a response or state the others do not have.
+//! - **Memory.** The newest `ring_len` (default 1000) messages per channel, every channel
+//!   head and every user key live in memory; dedup records and older messages live only in
+//!   RocksDB.
+//! - **Snapshots** are one streamed file with per-record and whole-file CRC-32/IEEE
+//!   (layout in `format.rs`); installing one verifies it fully and swaps RocksDB
+//!   directories through an atomically renamed pointer file (see `store.rs`).
+//!
+//! # Non-goals
+//! - No tokio, no openraft: the adapter in `crates/node` translates log ids and membership
+//!   into the opaque bytes of [`RaftMeta`].
+//! - No authentication: the node verifies who sends; this crate stores the registered keys
+//!   and the sender it is given. Sends are not checked against registered users.
+//! - No dedup expiry and no message deletion: both tables grow with traffic.
+//! - Damage to synced RocksDB files is RocksDB's business; a corrupt record found by this
+//!   crate is an [`Error::Corrupt`] at open or a panic inside `apply`.
+
+#![deny(missing_docs)]
+
+use std::path::PathBuf;
+
+mod command;
+mod format;
+mod snapshot;
+mod state;
+mod store;
+
+pub use command::{
+    valid_user_name, ChannelName, ChannelSeq, ChatResponse, ClientId, Command, LogIndex, Message,
+    RejectReason, SendCmd, Sent, COMMAND_VERSION, MAX_BATCH_SENDS, MAX_BODY_BYTES,
+    MAX_CHANNEL_BYTES, MAX_SENDER_BYTES,
+};
+pub use snapshot::{read_snapshot_info, SnapshotInfo};
+pub use state::{
+    AppliedEvent, ApplyEntry, ApplyPayload, ChatState, Config, RaftMeta, HISTORY_LIMIT_MAX,
+    RING_LEN_DEFAULT, RING_LEN_MAX,
+};
+
+/// Errors of this crate. Deterministic command rejections are not errors; they are
+/// [`RejectReason`] values inside a [`ChatResponse`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A file system operation failed.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        /// What was attempted.
+        op: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A RocksDB operation failed.
+    #[error("rocksdb {op}: {source}")]
+    Rocks {
+        /// What was attempted.
+        op: &'static str,
+        /// RocksDB's error.
+        source: rocksdb::Error,
+    },
+    /// An encoding carries a version byte this build does not know.
+    #[error("unsupported {what} version {found}")]
+    UnsupportedVersion {
+        /// Which encoding.
+        what: &'static str,
+        /// The version byte found.
+        found: u8,
+    },
+    /// Bytes from outside (a command payload) do not decode.
+    #[error("malformed {what}: {reason}")]
+    Malformed {
+        /// Which encoding.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// Stored state breaks an invariant or does not decode.
+    #[error("corrupt {what}: {reason}")]
+    Corrupt {
+        /// Which record or structure.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// A snapshot file is truncated, corrupt or otherwise invalid.
+    #[error("corrupt snapshot {} at offset {offset}: {reason}", path.display())]
+    SnapshotCorrupt {
+        /// The file.
+        path: PathBuf,
+        /// Byte offset where the problem was found.
+        offset: u64,
+        /// Why.
+        reason: String,
+    },
+    /// A [`Config`] field is out of bounds.
+    #[error("invalid config: {reason}")]
+    InvalidConfig {
+        /// Which field and bound.
+        reason: String,
+    },
+}

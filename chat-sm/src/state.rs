@@ -1,0 +1,947 @@
+//! [`ChatState`]: applies committed entries to RocksDB and serves reads from memory first.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock, RwLockReadGuard};
+use rocksdb::{ReadOptions, WriteBatch, WriteOptions, DB};
+use tracing::{debug, info};
+
+use crate::command::{is_valid_sender, validate_send};
+use crate::format::{self, *};
+use crate::snapshot::{self, SnapshotInfo};
+use crate::store::{self, Store};
+use crate::{
+    ChannelSeq, ChatResponse, ClientId, Command, Error, LogIndex, Message, RejectReason, SendCmd,
+    Sent, MAX_BATCH_SENDS,
+};
+
+/// Default number of recent messages kept in memory per channel.
+pub const RING_LEN_DEFAULT: usize = 1000;
+/// Largest accepted [`Config::ring_len`].
+pub const RING_LEN_MAX: usize = 100_000;
+/// Reads return at most this many messages, whatever `limit` the caller asks for.
+pub const HISTORY_LIMIT_MAX: usize = 10_000;
+
+/// Pairs written per `WriteBatch` while installing a snapshot.
+const INSTALL_BATCH_RECORDS: usize = 4096;
+
+/// Configuration of a [`ChatState`].
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Data directory; created if missing. Holds the `ACTIVE` pointer and `db-*` RocksDB
+    /// directories (see the crate docs).
+    pub dir: PathBuf,
+    /// Recent messages kept in memory per channel. Unit: messages. Default
+    /// [`RING_LEN_DEFAULT`] (1000); bounds 1..=[`RING_LEN_MAX`].
+    pub ring_len: usize,
+}
+
+impl Config {
+    /// A configuration with defaults for everything but the directory.
+    pub fn new(dir: impl Into<PathBuf>) -> Config {
+        Config {
+            dir: dir.into(),
+            ring_len: RING_LEN_DEFAULT,
+        }
+    }
+
+    /// Checks the bounds documented on each field.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] naming the field out of bounds.
+    pub fn validate(&self) -> Result<(), Error> {
+        if !(1..=RING_LEN_MAX).contains(&self.ring_len) {
+            return Err(Error::InvalidConfig {
+                reason: format!("ring_len {} is outside 1..={RING_LEN_MAX}", self.ring_len),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The payload of one committed entry, as the adapter decoded it.
+#[derive(Clone, Copy, Debug)]
+pub enum ApplyPayload<'a> {
+    /// A blank (leader no-op) entry.
+    Blank,
+    /// A membership entry; its opaque bytes travel in [`RaftMeta::membership`].
+    Membership,
+    /// An application command.
+    Command(&'a Command),
+    /// An application entry whose bytes did not decode ([`Command::decode`] failed). Applied
+    /// as [`RejectReason::Malformed`] so that every replica answers the same.
+    Malformed,
+}
+
+/// One committed entry to apply.
+#[derive(Clone, Copy, Debug)]
+pub struct ApplyEntry<'a> {
+    /// Its log index; strictly increasing across calls to [`ChatState::apply`].
+    pub index: LogIndex,
+    /// What it carries.
+    pub payload: ApplyPayload<'a>,
+}
+
+/// Raft metadata stored atomically with an applied batch. Opaque to this crate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RaftMeta {
+    /// The adapter's encoding of the last applied log id.
+    pub last_applied: Vec<u8>,
+    /// The adapter's encoding of the latest membership; `None` leaves the stored one as is.
+    pub membership: Option<Vec<u8>>,
+}
+
+/// Passed to the apply listener after each applied batch (and after a snapshot install).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppliedEvent {
+    /// Index of the last entry applied.
+    pub index: LogIndex,
+    /// Every channel whose head changed, with its new head, sorted by channel name.
+    pub heads: Vec<(String, ChannelSeq)>,
+}
+
+type Listener = Box<dyn Fn(&AppliedEvent) + Send + Sync>;
+
+/// An owned RocksDB pair.
+type KeyValue = (Vec<u8>, Vec<u8>);
+
+/// A message in a channel ring; its channel and seq follow from where it sits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct RingEntry {
+    sender: String,
+    body: Vec<u8>,
+    at_ms: u64,
+    client_id: ClientId,
+    client_seq: u64,
+}
+
+impl RingEntry {
+    fn to_message(&self, channel: &str, seq: u64) -> Message {
+        Message {
+            channel: channel.to_owned(),
+            seq: ChannelSeq(seq),
+            sender: self.sender.clone(),
+            body: self.body.clone(),
+            at_ms: self.at_ms,
+            client_id: self.client_id,
+            client_seq: self.client_seq,
+        }
+    }
+}
+
+/// In-memory view of one channel.
+///
+/// Invariants: `ring` holds seqs `head - ring.len() + 1 ..= head`, and
+/// `ring.len() == min(head, ring_len)`.
+#[derive(Debug, PartialEq, Eq)]
+struct ChannelView {
+    head: u64,
+    ring: VecDeque<RingEntry>,
+}
+
+impl ChannelView {
+    fn ring_first(&self) -> u64 {
+        self.head + 1 - self.ring.len() as u64
+    }
+}
+
+/// What readers see; replaced as a whole by a snapshot install.
+struct View {
+    store: Arc<Store>,
+    channels: HashMap<String, ChannelView>,
+    users: HashMap<String, [u8; 32]>,
+    last_applied: Option<Vec<u8>>,
+    membership: Option<Vec<u8>>,
+    applied_index: Option<LogIndex>,
+}
+
+/// State only the applying thread touches; its mutex serializes `apply` and
+/// `install_snapshot`.
+struct Writer {
+    store: Arc<Store>,
+    applied_index: Option<LogIndex>,
+    key: Vec<u8>,
+    value: Vec<u8>,
+}
+
+/// Changes made by one `apply` call, kept until its `WriteBatch` is written.
+struct Batch<'a> {
+    wb: WriteBatch,
+    /// Touched channels: new head and the messages appended in this call.
+    touched: HashMap<&'a str, (u64, Vec<RingEntry>)>,
+    /// Sends accepted earlier in this call: dedup key -> (channel, seq, at_ms).
+    dedup: HashMap<(ClientId, u64), (&'a str, u64, u64)>,
+    /// Registrations accepted earlier in this call.
+    users: HashMap<&'a str, [u8; 32]>,
+}
+
+/// The chat state machine of one replica.
+///
+/// Invariants:
+/// - per channel, seqs are dense: messages `1..=head` exist and nothing above `head`;
+/// - a (client_id, client_seq) pair names at most one message, and its dedup record points
+///   at it;
+/// - messages, heads, dedup records, users, applied index, `last_applied` and membership of
+///   one `apply` call reach RocksDB in one `WriteBatch`, so a crash never splits them;
+/// - the applied index only grows (asserted);
+/// - each channel ring equals the tail of that channel in RocksDB (checked at open and by
+///   [`ChatState::check_consistency`]).
+///
+/// Concurrency: `apply` and `install_snapshot` serialize on one mutex; readers take a
+/// read lock on the in-memory view only for as long as it takes to copy out of it, and read
+/// RocksDB without locks. `build_snapshot` holds no lock while it streams the file.
+pub struct ChatState {
+    config: Config,
+    writer: Mutex<Writer>,
+    view: RwLock<View>,
+    listener: RwLock<Option<Listener>>,
+}
+
+impl ChatState {
+    /// Opens (or creates) the state in `config.dir`, rebuilding heads, users and rings from
+    /// RocksDB.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`], [`Error::Io`], [`Error::Rocks`], or [`Error::Corrupt`] if the
+    /// stored state breaks an invariant.
+    pub fn open(config: Config) -> Result<ChatState, Error> {
+        config.validate()?;
+        let generation = store::open_layout(&config.dir)?;
+        let store = Arc::new(Store::open(&config.dir, generation)?);
+        let view = load_view(store.clone(), config.ring_len)?;
+        info!(
+            dir = %config.dir.display(),
+            generation,
+            channels = view.channels.len(),
+            users = view.users.len(),
+            applied_index = view.applied_index.map(|i| i.0),
+            "chat state opened"
+        );
+        let writer = Writer {
+            store,
+            applied_index: view.applied_index,
+            key: Vec::with_capacity(128),
+            value: Vec::with_capacity(1024),
+        };
+        Ok(ChatState {
+            config,
+            writer: Mutex::new(writer),
+            view: RwLock::new(view),
+            listener: RwLock::new(None),
+        })
+    }
+
+    /// Applies committed entries in order and returns exactly one response per entry.
+    ///
+    /// Everything the call changes, plus `meta`, goes to RocksDB in one `WriteBatch` written
+    /// with the WAL on and `sync=false`: the raft log is the durable record, and a replica
+    /// that loses unsynced batches (power loss only; kill -9 keeps the page cache) restarts
+    /// from an older `last_applied` and re-applies the rest from the raft log. RocksDB's
+    /// point-in-time WAL recovery never splits a batch. [`ChatState::build_snapshot`] syncs
+    /// the WAL before the raft log can be purged.
+    ///
+    /// The apply listener, if set, is called before this returns.
+    ///
+    /// # Panics
+    /// - if an entry's index is not above the previous applied index (broken raft contract);
+    /// - if a RocksDB read or write fails, or a stored record is corrupt: an error that only
+    ///   this replica sees must not turn into a different response or state than the other
+    ///   replicas have, so the process stops and recovers from disk and the raft log.
+    pub fn apply(&self, entries: &[ApplyEntry<'_>], meta: RaftMeta) -> Vec<ChatResponse> {
+        let mut guard = self.writer.lock();
+        let w = &mut *guard;
+        let mut batch = Batch {
+            wb: WriteBatch::default(),
+            touched: HashMap::new(),
+            dedup: HashMap::new(),
+            users: HashMap::new(),
+        };
+        let mut responses = Vec::with_capacity(entries.len());
+        for entry in entries {
+            if let Some(prev) = w.applied_index {
+                assert!(
+                    entry.index > prev,
+                    "apply index went backwards: {} after {}",
+                    entry.index.0,
+                    prev.0
+                );
+            }
+            w.applied_index = Some(entry.index);
+            responses.push(self.apply_entry(w, &mut batch, entry));
+        }
+        if let Some(event) = self.write_batch(w, batch, meta, entries.len()) {
+            self.notify(&event);
+        }
+        responses
+    }
+
+    fn apply_entry<'a>(
+        &self,
+        w: &mut Writer,
+        batch: &mut Batch<'a>,
+        entry: &ApplyEntry<'a>,
+    ) -> ChatResponse {
+        match entry.payload {
+            ApplyPayload::Blank | ApplyPayload::Membership => ChatResponse::None,
+            ApplyPayload::Malformed => ChatResponse::Rejected(RejectReason::Malformed),
+            ApplyPayload::Command(Command::Send(cmd)) => match self.apply_send(w, batch, cmd) {
+                Ok(sent) => ChatResponse::Sent(sent),
+                Err(reason) => ChatResponse::Rejected(reason),
+            },
+            ApplyPayload::Command(Command::SendBatch(cmds)) => {
+                if cmds.len() > MAX_BATCH_SENDS {
+                    return ChatResponse::Rejected(RejectReason::BatchTooLarge {
+                        count: cmds.len() as u64,
+                        max: MAX_BATCH_SENDS as u64,
+                    });
+                }
+                let results = cmds.iter().map(|c| self.apply_send(w, batch, c)).collect();
+                ChatResponse::Batch(results)
+            }
+            ApplyPayload::Command(Command::RegisterUser { name, public_key }) => {
+                self.apply_register(w, batch, name, public_key)
+            }
+        }
+    }
+
+    fn apply_send<'a>(
+        &self,
+        w: &mut Writer,
+        batch: &mut Batch<'a>,
+        cmd: &'a SendCmd,
+    ) -> Result<Sent, RejectReason> {
+        validate_send(cmd)?;
+        let dedup = (cmd.client_id, cmd.client_seq);
+        if let Some(&(channel, seq, at_ms)) = batch.dedup.get(&dedup) {
+            return Ok(duplicate(channel, seq, at_ms));
+        }
+        format::dedup_key(&mut w.key, &cmd.client_id.0, cmd.client_seq);
+        let stored = w.store.db().get_pinned(&w.key);
+        if let Some(value) = stored.unwrap_or_else(|e| panic!("rocksdb get failed in apply: {e}")) {
+            let (seq, at_ms, channel) = decode_dedup_value(&value)
+                .unwrap_or_else(|e| panic!("corrupt dedup record in apply: {e}"));
+            return Ok(duplicate(channel, seq, at_ms));
+        }
+        let channel = cmd.channel.as_str();
+        let touched = batch.touched.entry(channel).or_insert_with(|| {
+            let head = self.view.read().channels.get(channel).map_or(0, |c| c.head);
+            (head, Vec::new())
+        });
+        touched.0 += 1;
+        let seq = touched.0;
+        encode_dedup_value(&mut w.value, seq, cmd.at_ms, channel);
+        batch.wb.put(&w.key, &w.value);
+        format::message_key(&mut w.key, channel, seq);
+        let value = MessageValue {
+            at_ms: cmd.at_ms,
+            client_id: cmd.client_id.0,
+            client_seq: cmd.client_seq,
+            sender: &cmd.sender,
+            body: &cmd.body,
+        };
+        encode_message_value(&mut w.value, &value);
+        batch.wb.put(&w.key, &w.value);
+        if touched.1.len() == self.config.ring_len {
+            // More new messages than the ring holds: only the newest survive the publish.
+            touched.1.remove(0);
+        }
+        touched.1.push(RingEntry {
+            sender: cmd.sender.clone(),
+            body: cmd.body.clone(),
+            at_ms: cmd.at_ms,
+            client_id: cmd.client_id,
+            client_seq: cmd.client_seq,
+        });
+        batch.dedup.insert(dedup, (channel, seq, cmd.at_ms));
+        Ok(Sent {
+            channel: channel.to_owned(),
+            seq: ChannelSeq(seq),
+            at_ms: cmd.at_ms,
+            duplicate: false,
+        })
+    }
+
+    fn apply_register<'a>(
+        &self,
+        w: &mut Writer,
+        batch: &mut Batch<'a>,
+        name: &'a str,
+        public_key: &[u8; 32],
+    ) -> ChatResponse {
+        if !is_valid_sender(name) {
+            return ChatResponse::Rejected(RejectReason::InvalidUserName);
+        }
+        let existing = match batch.users.get(name) {
+            Some(key) => Some(*key),
+            None => self.view.read().users.get(name).copied(),
+        };
+        match existing {
+            Some(key) if key == *public_key => ChatResponse::Registered,
+            Some(_) => ChatResponse::Rejected(RejectReason::NameTaken),
+            None => {
+                format::user_key(&mut w.key, name);
+                batch.wb.put(&w.key, encode_bytes_value(public_key));
+                batch.users.insert(name, *public_key);
+                ChatResponse::Registered
+            }
+        }
+    }
+
+    /// Writes the batch plus meta, then publishes it to readers. Returns the event for the
+    /// listener, or `None` when no entry was applied.
+    fn write_batch(
+        &self,
+        w: &mut Writer,
+        mut batch: Batch<'_>,
+        meta: RaftMeta,
+        entry_count: usize,
+    ) -> Option<AppliedEvent> {
+        for (channel, (head, _)) in &batch.touched {
+            format::head_key(&mut w.key, channel);
+            batch.wb.put(&w.key, encode_u64_value(*head));
+        }
+        batch
+            .wb
+            .put(META_LAST_APPLIED, encode_bytes_value(&meta.last_applied));
+        if let Some(membership) = &meta.membership {
+            batch
+                .wb
+                .put(META_MEMBERSHIP, encode_bytes_value(membership));
+        }
+        if let Some(index) = w.applied_index {
+            batch.wb.put(META_APPLIED_INDEX, encode_u64_value(index.0));
+        }
+        let mut opts = WriteOptions::default();
+        // WAL on, no fsync per batch: see `apply` for why that is enough.
+        opts.set_sync(false);
+        w.store
+            .db()
+            .write_opt(batch.wb, &opts)
+            .unwrap_or_else(|e| panic!("rocksdb write failed in apply: {e}"));
+
+        let mut heads: Vec<(String, ChannelSeq)> = Vec::with_capacity(batch.touched.len());
+        let mut view = self.view.write();
+        for (channel, (head, new)) in batch.touched {
+            publish_channel(&mut view, channel, head, new, self.config.ring_len);
+            heads.push((channel.to_owned(), ChannelSeq(head)));
+        }
+        for (name, key) in batch.users {
+            view.users.insert(name.to_owned(), key);
+        }
+        view.last_applied = Some(meta.last_applied);
+        if meta.membership.is_some() {
+            view.membership = meta.membership;
+        }
+        view.applied_index = w.applied_index;
+        drop(view);
+        if entry_count == 0 {
+            return None;
+        }
+        heads.sort_unstable();
+        debug!(
+            log_index = w.applied_index.map(|i| i.0),
+            entries = entry_count,
+            channels = heads.len(),
+            "applied batch"
+        );
+        Some(AppliedEvent {
+            index: w.applied_index.expect("set by a non-empty batch"),
+            heads,
+        })
+    }
+
+    fn notify(&self, event: &AppliedEvent) {
+        if let Some(listener) = &*self.listener.read() {
+            listener(event);
+        }
+    }
+
+    /// Sets the function called after each applied batch and after each snapshot install.
+    ///
+    /// It runs on the applying thread while `apply` holds its lock, so events arrive in
+    /// order; it must be quick and must not call `apply`, `install_snapshot` or
+    /// `set_apply_listener` (reads are fine).
+    pub fn set_apply_listener(&self, f: Box<dyn Fn(&AppliedEvent) + Send + Sync>) {
+        *self.listener.write() = Some(f);
+    }
+
+    /// The opaque `last_applied` bytes stored by the latest `apply` (or snapshot).
+    pub fn last_applied(&self) -> Option<Vec<u8>> {
+        self.view.read().last_applied.clone()
+    }
+
+    /// The opaque membership bytes last stored, if any.
+    pub fn membership(&self) -> Option<Vec<u8>> {
+        self.view.read().membership.clone()
+    }
+
+    /// The index of the last applied entry, if any.
+    pub fn applied_index(&self) -> Option<LogIndex> {
+        self.view.read().applied_index
+    }
+
+    /// The newest seq of `channel`; 0 if it has no messages (or is not a valid name).
+    pub fn head(&self, channel: &str) -> ChannelSeq {
+        ChannelSeq(self.view.read().channels.get(channel).map_or(0, |c| c.head))
+    }
+
+    /// Every channel with at least one message and its head, sorted by name.
+    pub fn channels(&self) -> Vec<(String, ChannelSeq)> {
+        let view = self.view.read();
+        let mut out: Vec<_> = view
+            .channels
+            .iter()
+            .map(|(name, c)| (name.clone(), ChannelSeq(c.head)))
+            .collect();
+        drop(view);
+        out.sort_unstable();
+        out
+    }
+
+    /// The public key registered for `name`, if any.
+    pub fn user_key(&self, name: &str) -> Option<[u8; 32]> {
+        self.view.read().users.get(name).copied()
+    }
+
+    /// Messages of `channel` with seq `>= from_seq`, ascending, at most
+    /// `min(limit, HISTORY_LIMIT_MAX)`. Served from the ring when it covers the range,
+    /// otherwise from RocksDB. An unknown or invalid channel has no messages.
+    ///
+    /// # Errors
+    /// [`Error::Rocks`] or [`Error::Corrupt`] when RocksDB has to be read and fails.
+    pub fn history(
+        &self,
+        channel: &str,
+        from_seq: ChannelSeq,
+        limit: usize,
+    ) -> Result<Vec<Message>, Error> {
+        let limit = limit.min(HISTORY_LIMIT_MAX) as u64;
+        let view = self.view.read();
+        let Some(c) = view.channels.get(channel) else {
+            return Ok(Vec::new());
+        };
+        let from = from_seq.0.max(1);
+        if limit == 0 || from > c.head {
+            return Ok(Vec::new());
+        }
+        let last = c.head.min(from.saturating_add(limit - 1));
+        read_range(view, channel, from, last)
+    }
+
+    /// The `limit` newest messages of `channel` with seq `< before_seq`, ascending (at most
+    /// [`HISTORY_LIMIT_MAX`]). `before_seq = ChannelSeq(u64::MAX)` gives the latest ones.
+    ///
+    /// # Errors
+    /// As [`ChatState::history`].
+    pub fn history_before(
+        &self,
+        channel: &str,
+        before_seq: ChannelSeq,
+        limit: usize,
+    ) -> Result<Vec<Message>, Error> {
+        let limit = limit.min(HISTORY_LIMIT_MAX) as u64;
+        let view = self.view.read();
+        let Some(c) = view.channels.get(channel) else {
+            return Ok(Vec::new());
+        };
+        let last = c.head.min(before_seq.0.saturating_sub(1));
+        if limit == 0 || last == 0 {
+            return Ok(Vec::new());
+        }
+        let from = last.saturating_sub(limit - 1).max(1);
+        read_range(view, channel, from, last)
+    }
+
+    /// Writes a snapshot file of the current state to `path` (through `path.tmp` and a
+    /// rename) and fsyncs it. Applies and reads go on meanwhile; the file shows the state
+    /// after one whole `apply` call.
+    ///
+    /// Before writing, the RocksDB WAL is synced, so that everything the snapshot holds is
+    /// durable in RocksDB before the adapter purges the raft log up to the snapshot's index.
+    ///
+    /// # Errors
+    /// [`Error::Io`] or [`Error::Rocks`]; `path` is then left as it was.
+    pub fn build_snapshot(&self, path: &Path) -> Result<SnapshotInfo, Error> {
+        let store = self.view.read().store.clone();
+        snapshot::write_snapshot(store.db(), path)
+    }
+
+    /// Replaces the whole state with the snapshot at `path`.
+    ///
+    /// The file is verified completely (checksums, record count, trailer) while it is loaded
+    /// into a fresh RocksDB directory; only then is that directory made current by renaming
+    /// the `ACTIVE` pointer (the commit point; see `store::write_active`). A crash before the
+    /// rename leaves the old state, after it the new one; the other directory is removed at
+    /// the next open. Applies wait for the install; readers see the old state until the swap.
+    ///
+    /// # Errors
+    /// [`Error::SnapshotCorrupt`], [`Error::UnsupportedVersion`], [`Error::Io`],
+    /// [`Error::Rocks`], [`Error::Corrupt`]. On error the state is unchanged.
+    pub fn install_snapshot(&self, path: &Path) -> Result<SnapshotInfo, Error> {
+        let mut w = self.writer.lock();
+        let generation = w.store.generation() + 1;
+        store::remove_generation(&self.config.dir, generation)?;
+        let store = Arc::new(Store::open(&self.config.dir, generation)?);
+        // Until the pointer names it, the new directory is garbage: if anything below fails,
+        // dropping `store` removes it.
+        store.retire();
+        let info = load_snapshot(store.db(), path)?;
+        let view = load_view(store.clone(), self.config.ring_len)?;
+        store::write_active(&self.config.dir, generation)?;
+        store.keep();
+        let old_heads = self.head_map();
+        let old = std::mem::replace(&mut *self.view.write(), view);
+        old.store.retire();
+        w.store = store;
+        w.applied_index = info.applied_index;
+        drop(old);
+        info!(
+            path = %path.display(),
+            generation,
+            applied_index = info.applied_index.map(|i| i.0),
+            "snapshot installed"
+        );
+        if let Some(index) = info.applied_index {
+            let heads = self.changed_heads(&old_heads);
+            self.notify(&AppliedEvent { index, heads });
+        }
+        Ok(info)
+    }
+
+    fn head_map(&self) -> HashMap<String, u64> {
+        let view = self.view.read();
+        view.channels
+            .iter()
+            .map(|(name, c)| (name.clone(), c.head))
+            .collect()
+    }
+
+    fn changed_heads(&self, old: &HashMap<String, u64>) -> Vec<(String, ChannelSeq)> {
+        let mut heads: Vec<_> = self
+            .channels()
+            .into_iter()
+            .filter(|(name, head)| old.get(name) != Some(&head.0))
+            .collect();
+        heads.sort_unstable();
+        heads
+    }
+
+    /// A deterministic, human-readable dump of everything stored in RocksDB (messages, heads,
+    /// dedup records, users, meta), one line per pair in key order. Two replicas that applied
+    /// the same entries with the same meta produce the same dump. Scans everything; for
+    /// tests and debugging.
+    ///
+    /// # Errors
+    /// [`Error::Rocks`] or [`Error::Corrupt`].
+    pub fn dump(&self) -> Result<String, Error> {
+        let store = self.view.read().store.clone();
+        let mut out = String::new();
+        let mut it = store.db().raw_iterator();
+        it.seek_to_first();
+        while let Some((key, value)) = it.item() {
+            dump_pair(&mut out, key, value)?;
+            out.push('\n');
+            it.next();
+        }
+        it.status().map_err(rocks("iterate"))?;
+        Ok(out)
+    }
+
+    /// Checks every invariant against RocksDB: heads, dense seqs, rings, users, meta. Scans
+    /// everything; for tests and health checks.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] naming the first broken invariant; [`Error::Rocks`].
+    pub fn check_consistency(&self) -> Result<(), Error> {
+        let _writer = self.writer.lock();
+        let view = self.view.read();
+        let fresh = load_view(view.store.clone(), self.config.ring_len)?;
+        let broken = |reason: String| Error::Corrupt {
+            what: "chat state",
+            reason,
+        };
+        if fresh.channels != view.channels {
+            return Err(broken("in-memory channels differ from rocksdb".into()));
+        }
+        if fresh.users != view.users {
+            return Err(broken("in-memory users differ from rocksdb".into()));
+        }
+        if (&fresh.last_applied, &fresh.membership, fresh.applied_index)
+            != (&view.last_applied, &view.membership, view.applied_index)
+        {
+            return Err(broken("in-memory meta differs from rocksdb".into()));
+        }
+        check_dense(view.store.db(), &view.channels)
+    }
+}
+
+fn duplicate(channel: &str, seq: u64, at_ms: u64) -> Sent {
+    Sent {
+        channel: channel.to_owned(),
+        seq: ChannelSeq(seq),
+        at_ms,
+        duplicate: true,
+    }
+}
+
+fn rocks(op: &'static str) -> impl Fn(rocksdb::Error) -> Error {
+    move |source| Error::Rocks { op, source }
+}
+
+fn publish_channel(
+    view: &mut View,
+    channel: &str,
+    head: u64,
+    new: Vec<RingEntry>,
+    ring_len: usize,
+) {
+    if !view.channels.contains_key(channel) {
+        let ring = VecDeque::with_capacity(ring_len.min(64));
+        view.channels
+            .insert(channel.to_owned(), ChannelView { head: 0, ring });
+    }
+    let c = view.channels.get_mut(channel).expect("inserted above");
+    assert!(
+        head > c.head,
+        "channel head must grow when messages are added"
+    );
+    c.head = head;
+    c.ring.extend(new);
+    while c.ring.len() > ring_len {
+        c.ring.pop_front();
+    }
+    debug_assert_eq!(c.ring.len() as u64, c.head.min(ring_len as u64));
+}
+
+/// Reads seqs `from..=last` of `channel` (with `1 <= from <= last <= head`).
+fn read_range(
+    view: RwLockReadGuard<'_, View>,
+    channel: &str,
+    from: u64,
+    last: u64,
+) -> Result<Vec<Message>, Error> {
+    let c = view
+        .channels
+        .get(channel)
+        .expect("caller found the channel");
+    let ring_first = c.ring_first();
+    if from >= ring_first {
+        let start = (from - ring_first) as usize;
+        let end = (last - ring_first) as usize;
+        return Ok(c
+            .ring
+            .range(start..=end)
+            .zip(from..)
+            .map(|(entry, seq)| entry.to_message(channel, seq))
+            .collect());
+    }
+    // Messages at or below a published head are in RocksDB and never change, so the read
+    // can go on without the lock; the Arc keeps the store open across an install.
+    let store = view.store.clone();
+    drop(view);
+    read_db_range(store.db(), channel, from, last)
+}
+
+fn read_db_range(db: &DB, channel: &str, from: u64, last: u64) -> Result<Vec<Message>, Error> {
+    let mut start = Vec::new();
+    format::message_key(&mut start, channel, from);
+    let mut opts = ReadOptions::default();
+    opts.set_iterate_upper_bound(format::message_key_end(channel));
+    let mut it = db.raw_iterator_opt(opts);
+    it.seek(&start);
+    let mut out = Vec::with_capacity((last - from + 1) as usize);
+    let mut expected = from;
+    while expected <= last {
+        let Some((key, value)) = it.item() else { break };
+        let (_, seq) = parse_message_key(key)?;
+        if seq != expected {
+            break;
+        }
+        out.push(decode_message(channel, seq, value)?);
+        expected += 1;
+        it.next();
+    }
+    it.status().map_err(rocks("iterate"))?;
+    if expected <= last {
+        return Err(Error::Corrupt {
+            what: "channel",
+            reason: format!("{channel}: message {expected} missing below head"),
+        });
+    }
+    Ok(out)
+}
+
+fn decode_message(channel: &str, seq: u64, value: &[u8]) -> Result<Message, Error> {
+    let v = decode_message_value(value)?;
+    Ok(Message {
+        channel: channel.to_owned(),
+        seq: ChannelSeq(seq),
+        sender: v.sender.to_owned(),
+        body: v.body.to_vec(),
+        at_ms: v.at_ms,
+        client_id: ClientId(v.client_id),
+        client_seq: v.client_seq,
+    })
+}
+
+/// Builds the in-memory view from RocksDB: heads, rings, users, meta.
+fn load_view(store: Arc<Store>, ring_len: usize) -> Result<View, Error> {
+    let db = store.db();
+    let mut channels = HashMap::new();
+    for (key, value) in scan_prefix(db, PREFIX_HEAD)? {
+        let channel = std::str::from_utf8(&key[1..])
+            .ok()
+            .filter(|c| crate::command::is_valid_channel(c))
+            .ok_or_else(|| Error::Corrupt {
+                what: "head",
+                reason: format!("bad channel in key {}", hex(&key)),
+            })?;
+        let head = decode_u64_value(&value, "head")?;
+        let from = head.saturating_sub(ring_len as u64 - 1).max(1);
+        let ring = if head == 0 {
+            VecDeque::new()
+        } else {
+            read_db_range(db, channel, from, head)?
+                .into_iter()
+                .map(|m| RingEntry {
+                    sender: m.sender,
+                    body: m.body,
+                    at_ms: m.at_ms,
+                    client_id: m.client_id,
+                    client_seq: m.client_seq,
+                })
+                .collect()
+        };
+        channels.insert(channel.to_owned(), ChannelView { head, ring });
+    }
+    let mut users = HashMap::new();
+    for (key, value) in scan_prefix(db, PREFIX_USER)? {
+        let name = String::from_utf8(key[1..].to_vec()).map_err(|_| Error::Corrupt {
+            what: "user",
+            reason: format!("bad name in key {}", hex(&key)),
+        })?;
+        users.insert(name, decode_user_value(&value)?);
+    }
+    let get = |key: &[u8]| db.get(key).map_err(rocks("get"));
+    let last_applied = match get(META_LAST_APPLIED)? {
+        Some(v) => Some(decode_bytes_value(&v, "last_applied")?.to_vec()),
+        None => None,
+    };
+    let membership = match get(META_MEMBERSHIP)? {
+        Some(v) => Some(decode_bytes_value(&v, "membership")?.to_vec()),
+        None => None,
+    };
+    let applied_index = match get(META_APPLIED_INDEX)? {
+        Some(v) => Some(LogIndex(decode_u64_value(&v, "applied_index")?)),
+        None => None,
+    };
+    Ok(View {
+        store,
+        channels,
+        users,
+        last_applied,
+        membership,
+        applied_index,
+    })
+}
+
+/// Every pair whose key starts with `prefix`. Only for the small tables (heads, users).
+fn scan_prefix(db: &DB, prefix: u8) -> Result<Vec<KeyValue>, Error> {
+    let mut opts = ReadOptions::default();
+    opts.set_iterate_upper_bound(vec![prefix + 1]);
+    let mut it = db.raw_iterator_opt(opts);
+    it.seek([prefix]);
+    let mut out = Vec::new();
+    while let Some((key, value)) = it.item() {
+        out.push((key.to_vec(), value.to_vec()));
+        it.next();
+    }
+    it.status().map_err(rocks("iterate"))?;
+    Ok(out)
+}
+
+/// Checks that the stored messages are exactly seqs `1..=head` of each known channel.
+fn check_dense(db: &DB, channels: &HashMap<String, ChannelView>) -> Result<(), Error> {
+    let mut counts: HashMap<String, u64> = HashMap::new();
+    let mut opts = ReadOptions::default();
+    opts.set_iterate_upper_bound(vec![PREFIX_MESSAGE + 1]);
+    let mut it = db.raw_iterator_opt(opts);
+    it.seek([PREFIX_MESSAGE]);
+    while let Some((key, _)) = it.item() {
+        let (channel, seq) = parse_message_key(key)?;
+        let count = counts.entry(channel.to_owned()).or_insert(0);
+        *count += 1;
+        if seq != *count {
+            return Err(Error::Corrupt {
+                what: "channel",
+                reason: format!("{channel}: found seq {seq} where {count} belongs"),
+            });
+        }
+        it.next();
+    }
+    it.status().map_err(rocks("iterate"))?;
+    let heads: HashMap<String, u64> = channels.iter().map(|(n, c)| (n.clone(), c.head)).collect();
+    if counts != heads {
+        return Err(Error::Corrupt {
+            what: "channel",
+            reason: "message counts differ from heads".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Loads every pair of the snapshot at `path` into `db` and syncs the WAL.
+fn load_snapshot(db: &DB, path: &Path) -> Result<SnapshotInfo, Error> {
+    let mut wb = WriteBatch::default();
+    let mut opts = WriteOptions::default();
+    // No fsync per batch: one WAL sync below covers them all, before the pointer rename.
+    opts.set_sync(false);
+    let info = snapshot::read_snapshot(path, |key, value| {
+        wb.put(key, value);
+        if wb.len() >= INSTALL_BATCH_RECORDS {
+            db.write_opt(std::mem::take(&mut wb), &opts)
+                .map_err(rocks("write"))?;
+        }
+        Ok(())
+    })?;
+    db.write_opt(wb, &opts).map_err(rocks("write"))?;
+    // Crash before this returns: the pointer still names the old directory.
+    db.flush_wal(true).map_err(rocks("flush_wal"))?;
+    Ok(info)
+}
+
+fn dump_pair(out: &mut String, key: &[u8], value: &[u8]) -> Result<(), Error> {
+    let name = || String::from_utf8_lossy(&key[1..]).into_owned();
+    let line = match key[0] {
+        PREFIX_META => format!(
+            "meta {} {}",
+            name(),
+            hex(decode_bytes_value(value, "meta")?)
+        ),
+        PREFIX_DEDUP if key.len() == 25 => {
+            let (seq, at_ms, channel) = decode_dedup_value(value)?;
+            let client_seq = u64::from_be_bytes(key[17..25].try_into().expect("8 bytes"));
+            let client = hex(&key[1..17]);
+            format!("dedup {client}/{client_seq} -> {channel}/{seq} at={at_ms}")
+        }
+        PREFIX_HEAD => format!("head {} {}", name(), decode_u64_value(value, "head")?),
+        PREFIX_MESSAGE => {
+            let (channel, seq) = parse_message_key(key)?;
+            let v = decode_message_value(value)?;
+            format!(
+                "msg {channel}/{seq} sender={} at={} client={}/{} body={}",
+                v.sender,
+                v.at_ms,
+                hex(&v.client_id),
+                v.client_seq,
+                hex(v.body)
+            )
+        }
+        PREFIX_USER => format!("user {} {}", name(), hex(&decode_user_value(value)?)),
+        _ => format!("unknown {} {}", hex(key), hex(value)),
+    };
+    out.push_str(&line);
+    Ok(())
+}

@@ -1,0 +1,301 @@
+//! Scenario tests: each one builds a small log by hand and checks responses and reads.
+
+use std::sync::{Arc, Mutex};
+
+use chat_sm::{
+    ApplyEntry, ApplyPayload, ChannelSeq, ChatResponse, Command, LogIndex, RaftMeta, RejectReason,
+    Sent, MAX_BATCH_SENDS, MAX_BODY_BYTES,
+};
+
+use crate::common::{apply, apply_log, send, Replica, TestEntry};
+
+fn sent(channel: &str, seq: u64, at_ms: u64, duplicate: bool) -> Sent {
+    Sent {
+        channel: channel.into(),
+        seq: ChannelSeq(seq),
+        at_ms,
+        duplicate,
+    }
+}
+
+#[test]
+fn sends_get_dense_seqs_per_channel() {
+    let r = Replica::new(1000);
+    let log = [
+        TestEntry::Cmd(Command::Send(send("general", "Alice", b"hi", 1, 1))),
+        TestEntry::Cmd(Command::Send(send("random", "Bob", b"yo", 2, 1))),
+        TestEntry::Cmd(Command::Send(send("general", "Bob", b"hey", 2, 2))),
+    ];
+    let responses = apply_log(r.state(), &log, 1, &[2]);
+    assert_eq!(
+        responses,
+        vec![
+            ChatResponse::Sent(sent("general", 1, 1001, false)),
+            ChatResponse::Sent(sent("random", 1, 1001, false)),
+            ChatResponse::Sent(sent("general", 2, 1002, false)),
+        ]
+    );
+    assert_eq!(r.state().head("general"), ChannelSeq(2));
+    assert_eq!(r.state().head("nope"), ChannelSeq(0));
+    assert_eq!(
+        r.state().channels(),
+        vec![
+            ("general".into(), ChannelSeq(2)),
+            ("random".into(), ChannelSeq(1))
+        ]
+    );
+    assert_eq!(r.state().applied_index(), Some(LogIndex(3)));
+    assert_eq!(r.state().last_applied(), Some(3u64.to_be_bytes().to_vec()));
+    r.state().check_consistency().expect("consistent");
+}
+
+#[test]
+fn retry_in_same_batch_and_later_batch_answers_original() {
+    let mut r = Replica::new(1000);
+    let first = send("general", "Alice", b"hi", 1, 7);
+    let mut retry = first.clone();
+    retry.at_ms = 99_999; // a retry proposed later carries a later time
+    let batch = Command::SendBatch(vec![first.clone(), retry.clone()]);
+    let responses = apply_log(r.state(), &[TestEntry::Cmd(batch)], 1, &[1]);
+    assert_eq!(
+        responses,
+        vec![ChatResponse::Batch(vec![
+            Ok(sent("general", 1, 1007, false)),
+            Ok(sent("general", 1, 1007, true)),
+        ])]
+    );
+    let again = apply_log(
+        r.state(),
+        &[TestEntry::Cmd(Command::Send(retry.clone()))],
+        2,
+        &[1],
+    );
+    assert_eq!(
+        again,
+        vec![ChatResponse::Sent(sent("general", 1, 1007, true))]
+    );
+    r.restart();
+    let after = apply_log(r.state(), &[TestEntry::Cmd(Command::Send(retry))], 3, &[1]);
+    assert_eq!(
+        after,
+        vec![ChatResponse::Sent(sent("general", 1, 1007, true))]
+    );
+    assert_eq!(r.state().head("general"), ChannelSeq(1));
+    r.state().check_consistency().expect("consistent");
+}
+
+#[test]
+fn register_user_is_trust_on_first_use() {
+    let mut r = Replica::new(1000);
+    let reg = |name: &str, key: u8| {
+        TestEntry::Cmd(Command::RegisterUser {
+            name: name.into(),
+            public_key: [key; 32],
+        })
+    };
+    let log = [
+        reg("alice", 1),
+        reg("alice", 2),
+        reg("alice", 1),
+        reg("bad name", 1),
+        reg("bob", 3),
+    ];
+    // The first two land in one apply call: the pending registration must be seen.
+    let responses = apply_log(r.state(), &log, 1, &[2, 3]);
+    assert_eq!(
+        responses,
+        vec![
+            ChatResponse::Registered,
+            ChatResponse::Rejected(RejectReason::NameTaken),
+            ChatResponse::Registered,
+            ChatResponse::Rejected(RejectReason::InvalidUserName),
+            ChatResponse::Registered,
+        ]
+    );
+    r.restart();
+    assert_eq!(r.state().user_key("alice"), Some([1; 32]));
+    assert_eq!(r.state().user_key("bob"), Some([3; 32]));
+    assert_eq!(r.state().user_key("carol"), None);
+    let again = apply_log(r.state(), &[reg("alice", 9)], 6, &[1]);
+    assert_eq!(again, vec![ChatResponse::Rejected(RejectReason::NameTaken)]);
+}
+
+#[test]
+fn invalid_sends_are_rejected_in_order_of_checks() {
+    let r = Replica::new(1000);
+    let big = vec![b'x'; MAX_BODY_BYTES + 1];
+    let log = [
+        TestEntry::Cmd(Command::Send(send("Bad", "Alice", b"x", 1, 1))),
+        TestEntry::Cmd(Command::Send(send("ok", "Al ice", b"x", 1, 2))),
+        TestEntry::Cmd(Command::Send(send("ok", "Alice", b"", 1, 3))),
+        TestEntry::Cmd(Command::Send(send("ok", "Alice", &big, 1, 4))),
+        TestEntry::Cmd(Command::SendBatch(vec![
+            send("ok", "Alice", b"x", 1, 5),
+            send("-no", "Alice", b"x", 1, 6),
+        ])),
+        TestEntry::Cmd(Command::SendBatch(vec![
+            send("ok", "Alice", b"x", 1, 7);
+            MAX_BATCH_SENDS + 1
+        ])),
+        TestEntry::Malformed,
+        TestEntry::Blank,
+    ];
+    let responses = apply_log(r.state(), &log, 1, &[8]);
+    assert_eq!(
+        responses,
+        vec![
+            ChatResponse::Rejected(RejectReason::InvalidChannel),
+            ChatResponse::Rejected(RejectReason::InvalidSender),
+            ChatResponse::Rejected(RejectReason::EmptyBody),
+            ChatResponse::Rejected(RejectReason::BodyTooLarge {
+                len: MAX_BODY_BYTES as u64 + 1,
+                max: MAX_BODY_BYTES as u64
+            }),
+            ChatResponse::Batch(vec![
+                Ok(sent("ok", 1, 1005, false)),
+                Err(RejectReason::InvalidChannel)
+            ]),
+            ChatResponse::Rejected(RejectReason::BatchTooLarge {
+                count: MAX_BATCH_SENDS as u64 + 1,
+                max: MAX_BATCH_SENDS as u64
+            }),
+            ChatResponse::Rejected(RejectReason::Malformed),
+            ChatResponse::None,
+        ]
+    );
+    assert_eq!(r.state().channels(), vec![("ok".into(), ChannelSeq(1))]);
+}
+
+#[test]
+fn history_reads_ring_and_rocksdb() {
+    let mut r = Replica::new(4);
+    let log: Vec<_> = (1..=10)
+        .map(|i| TestEntry::Cmd(Command::Send(send("c", "A", &[i as u8], 1, i))))
+        .collect();
+    apply_log(r.state(), &log, 1, &[3]);
+    for restart in [false, true] {
+        if restart {
+            r.restart();
+        }
+        let s = r.state();
+        let seqs = |v: Vec<chat_sm::Message>| v.iter().map(|m| m.seq.0).collect::<Vec<_>>();
+        assert_eq!(
+            seqs(s.history("c", ChannelSeq(0), 100).expect("read")),
+            (1..=10).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            seqs(s.history("c", ChannelSeq(8), 2).expect("read")),
+            vec![8, 9]
+        );
+        assert_eq!(
+            seqs(s.history("c", ChannelSeq(2), 3).expect("read")),
+            vec![2, 3, 4]
+        );
+        assert_eq!(
+            seqs(s.history("c", ChannelSeq(11), 3).expect("read")),
+            Vec::<u64>::new()
+        );
+        assert_eq!(
+            seqs(s.history("c", ChannelSeq(5), 0).expect("read")),
+            Vec::<u64>::new()
+        );
+        assert_eq!(
+            seqs(
+                s.history_before("c", ChannelSeq(u64::MAX), 3)
+                    .expect("read")
+            ),
+            vec![8, 9, 10]
+        );
+        assert_eq!(
+            seqs(s.history_before("c", ChannelSeq(5), 10).expect("read")),
+            vec![1, 2, 3, 4]
+        );
+        assert_eq!(
+            seqs(s.history_before("c", ChannelSeq(1), 10).expect("read")),
+            Vec::<u64>::new()
+        );
+        assert!(s.history("zz", ChannelSeq(1), 10).expect("read").is_empty());
+        let m = &s.history("c", ChannelSeq(3), 1).expect("read")[0];
+        assert_eq!(
+            (
+                m.channel.as_str(),
+                m.sender.as_str(),
+                m.body.as_slice(),
+                m.client_seq
+            ),
+            ("c", "A", [3u8].as_slice(), 3)
+        );
+        s.check_consistency().expect("consistent");
+    }
+}
+
+#[test]
+fn listener_sees_each_batch_with_new_heads() {
+    let r = Replica::new(1000);
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sink = events.clone();
+    r.state().set_apply_listener(Box::new(move |e| {
+        sink.lock().expect("lock").push(e.clone())
+    }));
+    let log = [
+        TestEntry::Cmd(Command::Send(send("b", "A", b"1", 1, 1))),
+        TestEntry::Cmd(Command::Send(send("a", "A", b"2", 1, 2))),
+        TestEntry::Blank,
+        TestEntry::Cmd(Command::Send(send("a", "A", b"2", 1, 2))),
+    ];
+    apply_log(r.state(), &log, 1, &[2, 1, 1]);
+    let events = events.lock().expect("lock").clone();
+    assert_eq!(events.len(), 3);
+    assert_eq!(events[0].index, LogIndex(2));
+    assert_eq!(
+        events[0].heads,
+        vec![("a".into(), ChannelSeq(1)), ("b".into(), ChannelSeq(1))]
+    );
+    assert_eq!((events[1].index, events[1].heads.len()), (LogIndex(3), 0));
+    assert_eq!((events[2].index, events[2].heads.len()), (LogIndex(4), 0));
+}
+
+#[test]
+fn membership_is_kept_until_replaced() {
+    let mut r = Replica::new(1000);
+    apply(
+        r.state(),
+        &[
+            (1, TestEntry::Membership(b"m1".to_vec())),
+            (2, TestEntry::Blank),
+        ],
+    );
+    apply(r.state(), &[(3, TestEntry::Blank)]);
+    assert_eq!(r.state().membership(), Some(b"m1".to_vec()));
+    r.restart();
+    assert_eq!(r.state().membership(), Some(b"m1".to_vec()));
+    assert_eq!(r.state().applied_index(), Some(LogIndex(3)));
+    // An empty call stores meta but applies nothing.
+    r.state().apply(
+        &[],
+        RaftMeta {
+            last_applied: b"x".to_vec(),
+            membership: None,
+        },
+    );
+    assert_eq!(r.state().last_applied(), Some(b"x".to_vec()));
+    assert_eq!(r.state().applied_index(), Some(LogIndex(3)));
+}
+
+#[test]
+#[should_panic(expected = "apply index went backwards")]
+fn apply_index_going_backwards_panics() {
+    let r = Replica::new(1000);
+    apply(r.state(), &[(5, TestEntry::Blank)]);
+    let entry = ApplyEntry {
+        index: LogIndex(5),
+        payload: ApplyPayload::Blank,
+    };
+    r.state().apply(
+        &[entry],
+        RaftMeta {
+            last_applied: vec![],
+            membership: None,
+        },
+    );
+}
