@@ -1,0 +1,661 @@
+//! UDP discovery: the datagram format and the sockets that nodes and clients use to find each
+//! other on one host or LAN, plus RTT probes.
+//!
+//! # Datagram layout
+//!
+//! | field   | width    | encoding                                  |
+//! |---------|----------|-------------------------------------------|
+//! | magic   | 4 bytes  | [`MAGIC`], `b"CCHT"`                      |
+//! | version | 2 bytes  | little-endian u16, [`DISCOVERY_VERSION`]  |
+//! | body    | the rest | postcard-encoded [`Packet`], no trailing bytes |
+//!
+//! A whole datagram is at most [`PACKET_BYTES_MAX`] bytes, which fits one Ethernet frame, so it
+//! is never fragmented. There is no checksum beyond UDP's own: a damaged body fails to decode.
+//!
+//! # Sockets
+//!
+//! Nodes on one host share the well-known [`DEFAULT_DISCOVERY_PORT`] through `SO_REUSEADDR` and
+//! `SO_REUSEPORT` ([`DiscoverySocket::bind`]). On Linux a broadcast reaches every socket bound to
+//! the port, but a unicast datagram reaches only one of them. So whoever wants replies (a client
+//! probing, a node measuring RTT) sends from its own ephemeral socket
+//! ([`DiscoverySocket::ephemeral`]) and the answer goes back unicast to that source address.
+//!
+//! Broadcasts go to a configured directed broadcast address, by default
+//! [`DEFAULT_BROADCAST`] (127.255.255.255, loopback only). The limited broadcast address
+//! 255.255.255.255 is refused.
+
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+};
+
+use serde::{Deserialize, Serialize};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::UdpSocket;
+use tracing::debug;
+
+use crate::types::Role;
+
+/// First four bytes of every discovery datagram.
+pub const MAGIC: [u8; 4] = *b"CCHT";
+/// Version of the discovery format; datagrams with another version are dropped.
+pub const DISCOVERY_VERSION: u16 = 1;
+/// Largest discovery datagram, header included, in bytes.
+pub const PACKET_BYTES_MAX: usize = 1400;
+/// Well-known UDP port that nodes share for discovery.
+pub const DEFAULT_DISCOVERY_PORT: u16 = 7946;
+/// Default broadcast address: loopback only, so discovery stays on this host unless configured.
+pub const DEFAULT_BROADCAST: Ipv4Addr = Ipv4Addr::new(127, 255, 255, 255);
+
+/// Bytes before the postcard body: magic and version.
+const HEADER_LEN: usize = MAGIC.len() + 2;
+
+/// What a node tells others about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAnnounce {
+    /// Cluster name.
+    pub cluster: String,
+    /// The node's id.
+    pub node_id: u64,
+    /// Address of its [`Chat`](crate::Chat) service.
+    pub client_addr: SocketAddr,
+    /// Address of its Raft RPC service.
+    pub raft_addr: SocketAddr,
+    /// Address of its metrics endpoint.
+    pub metrics_addr: SocketAddr,
+    /// Its Raft role.
+    pub role: Role,
+    /// The leader it follows, if any.
+    pub leader: Option<u64>,
+    /// Its current term.
+    pub term: u64,
+    /// Its applied log index.
+    pub applied: u64,
+    /// Whether it is a voter.
+    pub voter: bool,
+    /// When the process started, ms since the Unix epoch; tells a restart from a stale packet.
+    pub started_ms: u64,
+}
+
+/// One discovery datagram's body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Packet {
+    /// A node's self-description; sent periodically by broadcast and in reply to a probe.
+    Announce(NodeAnnounce),
+    /// Asks every node of `cluster` that hears it to reply with an `Announce` to the sender.
+    Probe {
+        /// The cluster asked about.
+        cluster: String,
+        /// Chosen by the sender to match replies.
+        nonce: u64,
+        /// True from a client, false from a node.
+        from_client: bool,
+    },
+    /// RTT probe; the receiver answers `Pong` with the same `nonce` and `sent_ns`.
+    Ping {
+        /// Chosen by the sender to match the reply.
+        nonce: u64,
+        /// The sender's monotonic clock in ns, echoed back so it needs no state.
+        sent_ns: u64,
+    },
+    /// Answer to `Ping`.
+    Pong {
+        /// The ping's nonce.
+        nonce: u64,
+        /// The ping's `sent_ns`.
+        sent_ns: u64,
+        /// The answering node.
+        node_id: u64,
+    },
+}
+
+impl Packet {
+    /// The cluster the packet is about; `None` for `Ping` and `Pong`, which any node answers.
+    pub fn cluster(&self) -> Option<&str> {
+        match self {
+            Packet::Announce(announce) => Some(&announce.cluster),
+            Packet::Probe { cluster, .. } => Some(cluster),
+            Packet::Ping { .. } | Packet::Pong { .. } => None,
+        }
+    }
+}
+
+/// Why a packet could not be encoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    /// The encoded packet exceeds [`PACKET_BYTES_MAX`]; shorten the cluster name.
+    #[error("discovery packet is {len} bytes, over the limit of {max}: shorten the cluster name")]
+    TooLarge {
+        /// Encoded length with header.
+        len: usize,
+        /// [`PACKET_BYTES_MAX`].
+        max: usize,
+    },
+}
+
+/// Why a datagram is not a packet we understand.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Shorter than the header.
+    #[error("discovery datagram of {len} bytes is shorter than the header")]
+    TooShort {
+        /// Datagram length.
+        len: usize,
+    },
+    /// Longer than [`PACKET_BYTES_MAX`].
+    #[error("discovery datagram of {len} bytes is over the limit of {max}")]
+    TooLarge {
+        /// Datagram length (at least `max + 1`).
+        len: usize,
+        /// [`PACKET_BYTES_MAX`].
+        max: usize,
+    },
+    /// Does not start with [`MAGIC`]: not ours.
+    #[error("datagram has magic {found:02x?}, not cellchat discovery")]
+    BadMagic {
+        /// The first four bytes.
+        found: [u8; 4],
+    },
+    /// A discovery version this build does not speak.
+    #[error("discovery version {found} is unsupported (we speak {ours}): upgrade the older node")]
+    UnsupportedVersion {
+        /// The datagram's version.
+        found: u16,
+        /// [`DISCOVERY_VERSION`].
+        ours: u16,
+    },
+    /// The body is not a valid postcard [`Packet`].
+    #[error("malformed discovery body: {reason}")]
+    Malformed {
+        /// The postcard error.
+        reason: String,
+    },
+    /// A valid packet followed by extra bytes.
+    #[error("discovery body has {count} trailing bytes")]
+    TrailingBytes {
+        /// Number of extra bytes.
+        count: usize,
+    },
+}
+
+/// Encodes `packet` as one datagram.
+///
+/// # Errors
+///
+/// [`EncodeError::TooLarge`] when the datagram would exceed [`PACKET_BYTES_MAX`].
+pub fn encode(packet: &Packet) -> Result<Vec<u8>, EncodeError> {
+    let mut bytes = Vec::with_capacity(128);
+    bytes.extend_from_slice(&MAGIC);
+    bytes.extend_from_slice(&DISCOVERY_VERSION.to_le_bytes());
+    let bytes = postcard::to_extend(packet, bytes)
+        .expect("postcard cannot fail on Packet: every field has a known length");
+    if bytes.len() > PACKET_BYTES_MAX {
+        return Err(EncodeError::TooLarge {
+            len: bytes.len(),
+            max: PACKET_BYTES_MAX,
+        });
+    }
+    Ok(bytes)
+}
+
+/// Decodes one datagram. Never panics, whatever the bytes.
+///
+/// # Errors
+///
+/// A [`DecodeError`] naming the first check that failed: size, magic, version, body.
+pub fn decode(bytes: &[u8]) -> Result<Packet, DecodeError> {
+    if bytes.len() > PACKET_BYTES_MAX {
+        return Err(DecodeError::TooLarge {
+            len: bytes.len(),
+            max: PACKET_BYTES_MAX,
+        });
+    }
+    let (Some(magic), Some(version)) = (bytes.get(..4), bytes.get(4..HEADER_LEN)) else {
+        return Err(DecodeError::TooShort { len: bytes.len() });
+    };
+    if magic != MAGIC {
+        let mut found = [0u8; 4];
+        found.copy_from_slice(magic);
+        return Err(DecodeError::BadMagic { found });
+    }
+    let found = u16::from_le_bytes([version[0], version[1]]);
+    if found != DISCOVERY_VERSION {
+        return Err(DecodeError::UnsupportedVersion {
+            found,
+            ours: DISCOVERY_VERSION,
+        });
+    }
+    let (packet, rest) =
+        postcard::take_from_bytes::<Packet>(&bytes[HEADER_LEN..]).map_err(|e| {
+            DecodeError::Malformed {
+                reason: e.to_string(),
+            }
+        })?;
+    if !rest.is_empty() {
+        return Err(DecodeError::TrailingBytes { count: rest.len() });
+    }
+    Ok(packet)
+}
+
+/// A UDP socket for discovery that drops datagrams it cannot decode or that name another
+/// cluster.
+///
+/// Needs a tokio runtime: the constructors panic outside one.
+#[derive(Debug)]
+pub struct DiscoverySocket {
+    socket: UdpSocket,
+    broadcast: SocketAddrV4,
+    cluster: String,
+}
+
+impl DiscoverySocket {
+    /// Binds `0.0.0.0:port`, shared with other processes (`SO_REUSEADDR`, `SO_REUSEPORT`), with
+    /// `SO_BROADCAST` on. Broadcasts go to `broadcast:port`. Port 0 picks a free port, which
+    /// others may then share (tests do this).
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` for `broadcast` 255.255.255.255, else the `io::Error` from the socket calls.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    pub fn bind(port: u16, broadcast: Ipv4Addr, cluster: impl Into<String>) -> io::Result<Self> {
+        check_not_limited_broadcast(broadcast)?;
+        let socket = new_udp_socket()?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        Self::finish(socket, port, broadcast, None, cluster.into())
+    }
+
+    /// Binds a private ephemeral port with `SO_BROADCAST` on, for probes and pings whose replies
+    /// come back by unicast. Broadcasts go to `broadcast:discovery_port`.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` for `broadcast` 255.255.255.255, else the `io::Error` from the socket calls.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    pub fn ephemeral(
+        discovery_port: u16,
+        broadcast: Ipv4Addr,
+        cluster: impl Into<String>,
+    ) -> io::Result<Self> {
+        check_not_limited_broadcast(broadcast)?;
+        let socket = new_udp_socket()?;
+        Self::finish(socket, 0, broadcast, Some(discovery_port), cluster.into())
+    }
+
+    /// Binds, and aims broadcasts at `broadcast_port` (or at the bound port when `None`).
+    fn finish(
+        socket: Socket,
+        port: u16,
+        broadcast: Ipv4Addr,
+        broadcast_port: Option<u16>,
+        cluster: String,
+    ) -> io::Result<Self> {
+        socket.set_broadcast(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
+        let socket = UdpSocket::from_std(socket.into())?;
+        let bound_port = socket.local_addr()?.port();
+        let broadcast = SocketAddrV4::new(broadcast, broadcast_port.unwrap_or(bound_port));
+        Ok(Self {
+            socket,
+            broadcast,
+            cluster,
+        })
+    }
+
+    /// The bound address (`0.0.0.0:port`).
+    ///
+    /// # Errors
+    ///
+    /// The `io::Error` from `getsockname`.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    /// Where [`send_broadcast`](Self::send_broadcast) sends.
+    pub fn broadcast_addr(&self) -> SocketAddr {
+        SocketAddr::V4(self.broadcast)
+    }
+
+    /// The cluster whose packets [`recv`](Self::recv) accepts.
+    pub fn cluster(&self) -> &str {
+        &self.cluster
+    }
+
+    /// Sends `packet` to the broadcast address.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` wrapping an [`EncodeError`], or the `io::Error` from sending.
+    pub async fn send_broadcast(&self, packet: &Packet) -> io::Result<()> {
+        self.send_to(packet, SocketAddr::V4(self.broadcast)).await
+    }
+
+    /// Sends `packet` to `addr` (a reply, or a `--join host:port` seed).
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` for 255.255.255.255 or wrapping an [`EncodeError`], or the `io::Error`
+    /// from sending.
+    pub async fn send_to(&self, packet: &Packet, addr: SocketAddr) -> io::Result<()> {
+        if let IpAddr::V4(ip) = addr.ip() {
+            check_not_limited_broadcast(ip)?;
+        }
+        let bytes = encode(packet).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let sent = self.socket.send_to(&bytes, addr).await?;
+        // UDP sends whole datagrams or fails; a short count would be a kernel contract breach.
+        assert_eq!(sent, bytes.len(), "short UDP send");
+        Ok(())
+    }
+
+    /// Waits for the next packet of our cluster (or a `Ping`/`Pong`) and returns it with its
+    /// source address. Undecodable datagrams and other clusters' packets are dropped with a
+    /// `debug` log.
+    ///
+    /// # Errors
+    ///
+    /// The `io::Error` from receiving, except ICMP-caused refusals, which are skipped.
+    pub async fn recv(&self) -> io::Result<(Packet, SocketAddr)> {
+        // One byte more than the limit, so an oversized datagram shows as too large instead of
+        // being silently truncated to a valid-looking prefix.
+        let mut buf = [0u8; PACKET_BYTES_MAX + 1];
+        loop {
+            let (len, from) = match self.socket.recv_from(&mut buf).await {
+                Ok(received) => received,
+                Err(e) if is_icmp_noise(&e) => {
+                    debug!(error = %e, "discovery recv error from an earlier send, skipped");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let packet = match decode(&buf[..len]) {
+                Ok(packet) => packet,
+                Err(e) => {
+                    debug!(%from, len, error = %e, "dropped undecodable discovery datagram");
+                    continue;
+                }
+            };
+            match packet.cluster() {
+                Some(theirs) if theirs != self.cluster => {
+                    debug!(%from, cluster = theirs, "dropped discovery packet of another cluster");
+                }
+                _ => return Ok((packet, from)),
+            }
+        }
+    }
+}
+
+fn new_udp_socket() -> io::Result<Socket> {
+    Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
+}
+
+fn check_not_limited_broadcast(ip: Ipv4Addr) -> io::Result<()> {
+    if ip == Ipv4Addr::BROADCAST {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "refusing to send to 255.255.255.255: use a directed broadcast such as 127.255.255.255",
+        ));
+    }
+    Ok(())
+}
+
+/// Errors that an earlier datagram's ICMP reply can leave on a UDP socket.
+fn is_icmp_noise(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use test_case::test_case;
+
+    fn announce(cluster: &str) -> NodeAnnounce {
+        NodeAnnounce {
+            cluster: cluster.to_owned(),
+            node_id: 7,
+            client_addr: "127.0.0.1:7000".parse().expect("addr"),
+            raft_addr: "[::1]:7001".parse().expect("addr"),
+            metrics_addr: "10.1.2.3:9100".parse().expect("addr"),
+            role: Role::Follower,
+            leader: Some(3),
+            term: 12,
+            applied: 4_000,
+            voter: true,
+            started_ms: 1_700_000_000_000,
+        }
+    }
+
+    fn with_header(body: &[u8]) -> Vec<u8> {
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&DISCOVERY_VERSION.to_le_bytes());
+        bytes.extend_from_slice(body);
+        bytes
+    }
+
+    #[test]
+    fn every_variant_round_trips() {
+        let packets = [
+            Packet::Announce(announce("c1")),
+            Packet::Probe {
+                cluster: "c1".into(),
+                nonce: u64::MAX,
+                from_client: true,
+            },
+            Packet::Ping {
+                nonce: 1,
+                sent_ns: 2,
+            },
+            Packet::Pong {
+                nonce: 1,
+                sent_ns: 2,
+                node_id: 3,
+            },
+        ];
+        for packet in packets {
+            let bytes = encode(&packet).expect("encode");
+            assert_eq!(&bytes[..4], b"CCHT");
+            assert_eq!(decode(&bytes), Ok(packet));
+        }
+    }
+
+    #[test]
+    fn cluster_of_each_variant() {
+        assert_eq!(Packet::Announce(announce("a")).cluster(), Some("a"));
+        let probe = Packet::Probe {
+            cluster: "b".into(),
+            nonce: 0,
+            from_client: false,
+        };
+        assert_eq!(probe.cluster(), Some("b"));
+        assert_eq!(
+            Packet::Ping {
+                nonce: 0,
+                sent_ns: 0
+            }
+            .cluster(),
+            None
+        );
+        assert_eq!(
+            Packet::Pong {
+                nonce: 0,
+                sent_ns: 0,
+                node_id: 0
+            }
+            .cluster(),
+            None
+        );
+    }
+
+    #[test]
+    fn encode_refuses_oversized_packets() {
+        let packet = Packet::Announce(announce(&"x".repeat(PACKET_BYTES_MAX)));
+        match encode(&packet) {
+            Err(EncodeError::TooLarge { len, max }) => {
+                assert!(len > max);
+                assert_eq!(max, PACKET_BYTES_MAX);
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn decode_refuses_oversized_datagrams() {
+        let mut bytes = encode(&Packet::Ping {
+            nonce: 1,
+            sent_ns: 1,
+        })
+        .expect("encode");
+        bytes.resize(PACKET_BYTES_MAX + 1, 0);
+        assert_eq!(
+            decode(&bytes),
+            Err(DecodeError::TooLarge {
+                len: PACKET_BYTES_MAX + 1,
+                max: PACKET_BYTES_MAX
+            })
+        );
+    }
+
+    #[test_case(&[] => DecodeError::TooShort { len: 0 }; "empty")]
+    #[test_case(b"CCHT\x01" => DecodeError::TooShort { len: 5 }; "header cut")]
+    #[test_case(b"XXXX\x01\x00\x02\x01\x02" => DecodeError::BadMagic { found: *b"XXXX" }; "magic")]
+    #[test_case(b"CCHT\x02\x00\x02\x01\x02" =>
+        DecodeError::UnsupportedVersion { found: 2, ours: 1 }; "version")]
+    #[test_case(b"CCHT\x01\x00\x02\x01\x02\xff" => DecodeError::TrailingBytes { count: 1 };
+        "trailing")]
+    fn decode_errors(bytes: &[u8]) -> DecodeError {
+        decode(bytes).expect_err("must not decode")
+    }
+
+    #[test_case(&[]; "empty body")]
+    #[test_case(&[9]; "unknown variant")]
+    #[test_case(&[0, 200]; "cut string")]
+    #[test_case(&[1, 1, 0xff]; "invalid utf-8")]
+    fn decode_of_a_bad_body_is_malformed(body: &[u8]) {
+        assert!(matches!(
+            decode(&with_header(body)),
+            Err(DecodeError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn decode_of_every_truncation_fails() {
+        let bytes = encode(&Packet::Announce(announce("cluster-one"))).expect("encode");
+        for len in 0..bytes.len() {
+            assert!(
+                decode(&bytes[..len]).is_err(),
+                "prefix of {len} bytes decoded"
+            );
+        }
+    }
+
+    #[test]
+    fn limited_broadcast_is_refused() {
+        let err = check_not_limited_broadcast(Ipv4Addr::BROADCAST).expect_err("must refuse");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert!(check_not_limited_broadcast(DEFAULT_BROADCAST).is_ok());
+    }
+
+    fn role() -> impl Strategy<Value = Role> {
+        prop_oneof![
+            Just(Role::Leader),
+            Just(Role::Follower),
+            Just(Role::Learner),
+            Just(Role::Candidate),
+            Just(Role::Unknown),
+        ]
+    }
+
+    /// Serde carries neither IPv6 scope id nor flow info, so generated addresses have none.
+    fn socket_addr() -> impl Strategy<Value = SocketAddr> {
+        any::<SocketAddr>().prop_map(|addr| match addr {
+            SocketAddr::V6(v6) => SocketAddr::from((*v6.ip(), v6.port())),
+            v4 => v4,
+        })
+    }
+
+    prop_compose! {
+        fn node_announce()(
+            cluster in "[a-z0-9-]{0,64}",
+            node_id: u64,
+            addrs in (socket_addr(), socket_addr(), socket_addr()),
+            role in role(),
+            leader: Option<u64>,
+            numbers: (u64, u64, u64),
+            voter: bool,
+        ) -> NodeAnnounce {
+            let (client_addr, raft_addr, metrics_addr) = addrs;
+            let (term, applied, started_ms) = numbers;
+            NodeAnnounce {
+                cluster, node_id, client_addr, raft_addr, metrics_addr, role, leader, term,
+                applied, voter, started_ms,
+            }
+        }
+    }
+
+    fn packet() -> impl Strategy<Value = Packet> {
+        prop_oneof![
+            node_announce().prop_map(Packet::Announce),
+            ("[a-z0-9-]{0,64}", any::<u64>(), any::<bool>()).prop_map(
+                |(cluster, nonce, from_client)| Packet::Probe {
+                    cluster,
+                    nonce,
+                    from_client
+                }
+            ),
+            (any::<u64>(), any::<u64>())
+                .prop_map(|(nonce, sent_ns)| Packet::Ping { nonce, sent_ns }),
+            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(nonce, sent_ns, node_id)| {
+                Packet::Pong {
+                    nonce,
+                    sent_ns,
+                    node_id,
+                }
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2_000)) {
+            // The result does not matter; returning at all is the property.
+            let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn decode_never_panics_behind_a_valid_header(
+            body in proptest::collection::vec(any::<u8>(), 0..1_500),
+        ) {
+            // Most bodies are rejected; those that decode must re-encode to the same bytes.
+            let bytes = with_header(&body);
+            if let Ok(packet) = decode(&bytes) {
+                prop_assert_eq!(encode(&packet).expect("a decoded packet fits"), bytes);
+            }
+        }
+
+        #[test]
+        fn round_trip(packet in packet()) {
+            let bytes = encode(&packet).expect("small packets fit");
+            prop_assert!(bytes.len() <= PACKET_BYTES_MAX);
+            prop_assert_eq!(decode(&bytes), Ok(packet));
+        }
+
+        #[test]
+        fn flipped_byte_never_panics(packet in packet(), at: prop::sample::Index, bit in 0u8..8) {
+            let mut bytes = encode(&packet).expect("small packets fit");
+            let at = at.index(bytes.len());
+            bytes[at] ^= 1 << bit;
+            // Either an error or some packet; a flip in a u64 can still decode.
+            let _ = decode(&bytes);
+        }
+    }
+}

@@ -1,0 +1,46 @@
+//! The cellchat client protocol: wire types, the tarpc [`Chat`] service, the postcard transport
+//! shared by every tarpc service in the system, and the UDP [`discovery`] format and sockets.
+//!
+//! # Contract
+//!
+//! - Every tarpc frame is a 4-byte big-endian length followed by a postcard body. Both ends refuse
+//!   frames longer than [`FRAME_BYTES_MAX`] before allocating for them ([`connect`], [`listen`]).
+//! - [`Chat::hello`] is the protocol version check: a client calls it first on every connection
+//!   and a server answers every other call except [`Chat::ping`] with
+//!   [`ApiError::Unauthenticated`] until `hello` succeeded on that connection. A wrong
+//!   [`PROTOCOL_VERSION`] or cluster name gets a typed error ([`check_hello`]).
+//! - Errors that cross the wire are [`ApiError`]: small, serializable, and never carrying
+//!   `io::Error` text.
+//! - Every discovery datagram starts with [`discovery::MAGIC`] and [`discovery::DISCOVERY_VERSION`]
+//!   and is at most [`discovery::PACKET_BYTES_MAX`] bytes; decoding garbage returns a typed error
+//!   and never panics.
+//!
+//! # Non-goals
+//!
+//! - No server logic: signature verification, rate limiting and Raft live in `node`.
+//! - No reconnection or leader tracking: that is the `client` crate's job.
+//! - Discovery is IPv4 only, and never sends to the limited broadcast address 255.255.255.255.
+
+#![deny(missing_docs)]
+
+mod codec;
+pub mod discovery;
+mod error;
+mod login;
+mod service;
+mod transport;
+mod types;
+
+pub use codec::Postcard;
+pub use error::{ApiError, RejectReason};
+pub use login::login_message;
+pub use service::{
+    check_hello, connect_chat, deadline_for, wait_budget, Chat, ChatClient, ChatClientTransport,
+    ChatListener, ChatRequest, ChatResponse, ChatServerTransport, ServeChat, DEADLINE_MARGIN,
+    PROTOCOL_VERSION, REPLY_MARGIN, STREAM_WAIT_MS_MAX,
+};
+pub use transport::{connect, listen, Listener, Transport, FRAME_BYTES_MAX};
+pub use types::{
+    ChannelInfo, ClusterInfo, Hello, HistoryRequest, LeaderHint, Login, MessageBatch, NodeInfo,
+    Pong, Role, SendReply, SendRequest, Session, StreamRequest, Welcome, WireMessage,
+};

@@ -1,0 +1,247 @@
+//! Wire types of the [`Chat`](crate::Chat) service.
+//!
+//! These are plain data: the server validates them (channel names, body sizes, signatures) and
+//! answers with [`ApiError`](crate::ApiError). Times are milliseconds since the Unix epoch
+//! (`_ms`). Fields are never reordered or removed within one
+//! [`PROTOCOL_VERSION`](crate::PROTOCOL_VERSION): postcard encodes by position. Socket
+//! addresses travel without IPv6 scope id and flow info (serde's encoding drops them), so
+//! link-local IPv6 addresses do not work across the wire.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// First call on every connection: the protocol version check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The client's [`PROTOCOL_VERSION`](crate::PROTOCOL_VERSION).
+    pub protocol: u16,
+    /// The cluster the client means to talk to.
+    pub cluster: String,
+    /// A name for logs and metrics only; it proves nothing. [`Login`] proves a name.
+    pub client_name: Option<String>,
+}
+
+impl Hello {
+    /// A `Hello` for this crate's [`PROTOCOL_VERSION`](crate::PROTOCOL_VERSION).
+    pub fn new(cluster: impl Into<String>, client_name: Option<String>) -> Self {
+        Self {
+            protocol: crate::PROTOCOL_VERSION,
+            cluster: cluster.into(),
+            client_name,
+        }
+    }
+}
+
+/// The server's answer to a good [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The node that answered.
+    pub node_id: u64,
+    /// The node's cluster name.
+    pub cluster: String,
+    /// The node's [`PROTOCOL_VERSION`](crate::PROTOCOL_VERSION).
+    pub protocol: u16,
+    /// Fresh random bytes for this connection; [`Login::signature`] covers them.
+    pub challenge: [u8; 32],
+    /// The node's wall clock, for showing relative times.
+    pub server_time_ms: u64,
+}
+
+/// Challenge-response login; the name is registered to `public_key` on first use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Login {
+    /// The user name to log in as.
+    pub name: String,
+    /// The user's Ed25519 public key.
+    pub public_key: [u8; 32],
+    /// Ed25519 signature over [`login_message`](crate::login_message)`(challenge, cluster,
+    /// name)`: a domain prefix, [`Welcome::challenge`], then the length-prefixed cluster and user
+    /// names.
+    pub signature: Vec<u8>,
+}
+
+/// A logged-in session; the server stamps `name` as the sender of every send on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    /// The name the session is logged in as.
+    pub name: String,
+}
+
+/// Appends one message to a channel. `(client_id, client_seq)` is the idempotency key: a retry
+/// with the same key is applied once and answers with the original seq.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendRequest {
+    /// Target channel.
+    pub channel: String,
+    /// The message body, opaque to the server (ciphertext for encrypted channels).
+    pub body: Vec<u8>,
+    /// Random per client installation.
+    pub client_id: [u8; 16],
+    /// Increases by one per new message from `client_id`; retries reuse it.
+    pub client_seq: u64,
+}
+
+/// The result of a committed and applied send.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendReply {
+    /// The channel written to.
+    pub channel: String,
+    /// The message's per-channel seq.
+    pub seq: u64,
+    /// The server's timestamp on the message.
+    pub at_ms: u64,
+    /// The applied log index that holds the message; pass it as `read_token` to read it back on
+    /// any node.
+    pub read_token: u64,
+    /// True when this was a retry of an already applied `(client_id, client_seq)`.
+    pub duplicate: bool,
+}
+
+/// Long poll for messages after `after_seq`.
+///
+/// The server answers as soon as at least one message is there, and otherwise before the
+/// request's deadline, with an empty batch: it waits at most
+/// [`wait_budget`](crate::wait_budget)`(ctx, wait_ms)`. Clients set the deadline with
+/// [`deadline_for`](crate::deadline_for).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamRequest {
+    /// Channel to read.
+    pub channel: String,
+    /// Return messages with seq strictly greater than this.
+    pub after_seq: u64,
+    /// Upper bound on messages returned.
+    pub max: u32,
+    /// How long to wait for a first message, in ms; capped at
+    /// [`STREAM_WAIT_MS_MAX`](crate::STREAM_WAIT_MS_MAX).
+    pub wait_ms: u32,
+    /// The node first waits until it has applied this log index (monotonic reads).
+    pub read_token: u64,
+}
+
+/// Pages through a channel's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryRequest {
+    /// Channel to read.
+    pub channel: String,
+    /// Newest page strictly before this seq (paging backwards).
+    pub before_seq: Option<u64>,
+    /// Oldest page starting at this seq (paging forwards).
+    pub from_seq: Option<u64>,
+    /// Upper bound on messages returned.
+    pub limit: u32,
+    /// The node first waits until it has applied this log index.
+    pub read_token: u64,
+}
+
+/// One stored chat message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireMessage {
+    /// The channel it belongs to.
+    pub channel: String,
+    /// Its per-channel seq; seqs of a channel are dense from 1.
+    pub seq: u64,
+    /// The logged-in name the server stamped.
+    pub sender: String,
+    /// The body as sent.
+    pub body: Vec<u8>,
+    /// The server's timestamp.
+    pub at_ms: u64,
+    /// The sender's idempotency key, part one.
+    pub client_id: [u8; 16],
+    /// The sender's idempotency key, part two.
+    pub client_seq: u64,
+}
+
+/// Messages of one channel in ascending seq order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageBatch {
+    /// The channel read.
+    pub channel: String,
+    /// The messages, ascending by seq.
+    pub messages: Vec<WireMessage>,
+    /// The channel's highest seq on the answering node.
+    pub head: u64,
+    /// The answering node's applied log index; use it as the next `read_token`.
+    pub applied: u64,
+}
+
+/// One channel in a listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelInfo {
+    /// Channel name.
+    pub name: String,
+    /// Highest seq in the channel.
+    pub head: u64,
+}
+
+/// A node's Raft role as last seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Role {
+    /// Leads the current term.
+    Leader,
+    /// Voter following a leader.
+    Follower,
+    /// Non-voting read replica.
+    Learner,
+    /// Voter running an election.
+    Candidate,
+    /// Not known (starting, shutting down, or not heard from).
+    Unknown,
+}
+
+/// One cluster member as seen by the answering node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Node id.
+    pub id: u64,
+    /// Its role.
+    pub role: Role,
+    /// Address of its [`Chat`](crate::Chat) service.
+    pub client_addr: SocketAddr,
+    /// Address of its Raft RPC service.
+    pub raft_addr: SocketAddr,
+    /// Address of its metrics endpoint.
+    pub metrics_addr: SocketAddr,
+    /// Its applied log index as last known.
+    pub applied: u64,
+    /// Whether it is a voter (else a learner).
+    pub voter: bool,
+}
+
+/// The cluster as seen by the answering node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    /// Cluster name.
+    pub cluster: String,
+    /// Current leader, if known.
+    pub leader: Option<u64>,
+    /// Current Raft term.
+    pub term: u64,
+    /// Members, voters and learners.
+    pub nodes: Vec<NodeInfo>,
+}
+
+/// Answer to [`Chat::ping`](crate::Chat::ping), for RTT and freshness.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pong {
+    /// The caller's nonce, echoed.
+    pub nonce: u64,
+    /// The answering node.
+    pub node_id: u64,
+    /// Its role.
+    pub role: Role,
+    /// Its applied log index.
+    pub applied: u64,
+    /// Its wall clock.
+    pub server_time_ms: u64,
+}
+
+/// Where the leader is, as far as the answering node knows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderHint {
+    /// Leader node id.
+    pub id: u64,
+    /// Address of the leader's [`Chat`](crate::Chat) service.
+    pub client_addr: SocketAddr,
+}

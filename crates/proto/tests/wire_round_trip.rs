@@ -1,0 +1,219 @@
+//! Every wire type of the Chat service, and every ApiError variant, survives a round trip
+//! through the postcard codec that tarpc frames use.
+
+use std::{fmt::Debug, pin::Pin};
+
+use bytes::BytesMut;
+use proto::{
+    ApiError, ChannelInfo, ChatRequest, ChatResponse, ClusterInfo, Hello, HistoryRequest,
+    LeaderHint, Login, MessageBatch, NodeInfo, Pong, Postcard, RejectReason, Role, SendReply,
+    SendRequest, Session, StreamRequest, Welcome, WireMessage,
+};
+use serde::{de::DeserializeOwned, Serialize};
+use tarpc::tokio_serde::{Deserializer, Serializer};
+
+fn through_codec<T: Serialize + DeserializeOwned>(value: &T) -> T {
+    let mut codec = Postcard::<T, T>::default();
+    let bytes = Pin::new(&mut codec).serialize(value).expect("serialize");
+    Pin::new(&mut codec)
+        .deserialize(&BytesMut::from(&bytes[..]))
+        .expect("deserialize")
+}
+
+fn round_trip<T: Serialize + DeserializeOwned + PartialEq + Debug>(value: T) {
+    assert_eq!(through_codec(&value), value);
+}
+
+/// For tarpc's generated enums, which derive `Debug` but not `PartialEq`.
+fn round_trip_debug<T: Serialize + DeserializeOwned + Debug>(value: T) {
+    assert_eq!(format!("{:?}", through_codec(&value)), format!("{value:?}"));
+}
+
+fn message(seq: u64) -> WireMessage {
+    WireMessage {
+        channel: "general".into(),
+        seq,
+        sender: "alice".into(),
+        body: vec![0, 1, 2, 255],
+        at_ms: 1_700_000_000_000 + seq,
+        client_id: [7; 16],
+        client_seq: seq * 10,
+    }
+}
+
+fn batch() -> MessageBatch {
+    MessageBatch {
+        channel: "general".into(),
+        messages: vec![message(1), message(2)],
+        head: 2,
+        applied: 9,
+    }
+}
+
+fn node(id: u64, role: Role) -> NodeInfo {
+    NodeInfo {
+        id,
+        role,
+        client_addr: "127.0.0.1:7000".parse().expect("addr"),
+        raft_addr: "[::1]:7001".parse().expect("addr"),
+        metrics_addr: "192.168.1.20:9100".parse().expect("addr"),
+        applied: 1_000 + id,
+        voter: role != Role::Learner,
+    }
+}
+
+fn cluster() -> ClusterInfo {
+    ClusterInfo {
+        cluster: "cellchat".into(),
+        leader: Some(1),
+        term: 4,
+        nodes: [
+            Role::Leader,
+            Role::Follower,
+            Role::Learner,
+            Role::Candidate,
+            Role::Unknown,
+        ]
+        .into_iter()
+        .zip(1..)
+        .map(|(role, id)| node(id, role))
+        .collect(),
+    }
+}
+
+fn all_errors() -> Vec<ApiError> {
+    let hint = LeaderHint {
+        id: 2,
+        client_addr: "10.0.0.2:7000".parse().expect("addr"),
+    };
+    vec![
+        ApiError::NotLeader { leader: Some(hint) },
+        ApiError::NotLeader { leader: None },
+        ApiError::unavailable("no leader"),
+        ApiError::Aborted,
+        ApiError::Rejected(RejectReason::InvalidChannel),
+        ApiError::Rejected(RejectReason::EmptyBody),
+        ApiError::Rejected(RejectReason::BodyTooLarge {
+            len: 70_000,
+            max: 65_536,
+        }),
+        ApiError::Rejected(RejectReason::InvalidName),
+        ApiError::Rejected(RejectReason::NameTaken),
+        ApiError::Rejected(RejectReason::Malformed {
+            what: "signature".into(),
+        }),
+        ApiError::RateLimited {
+            retry_after_ms: 1_500,
+        },
+        ApiError::Unauthenticated,
+        ApiError::UnsupportedProtocol { ours: 1, theirs: 2 },
+        ApiError::WrongCluster {
+            ours: "a".into(),
+            theirs: "b".into(),
+        },
+        ApiError::Timeout,
+    ]
+}
+
+#[test]
+fn requests_round_trip() {
+    round_trip(Hello::new("cellchat", Some("alice".into())));
+    round_trip(Hello {
+        protocol: u16::MAX,
+        cluster: String::new(),
+        client_name: None,
+    });
+    round_trip(Login {
+        name: "alice".into(),
+        public_key: [3; 32],
+        signature: vec![9; 64],
+    });
+    round_trip(SendRequest {
+        channel: "general".into(),
+        body: b"hi".to_vec(),
+        client_id: [1; 16],
+        client_seq: u64::MAX,
+    });
+    round_trip(StreamRequest {
+        channel: "general".into(),
+        after_seq: 5,
+        max: 100,
+        wait_ms: 20_000,
+        read_token: 77,
+    });
+    round_trip(HistoryRequest {
+        channel: "general".into(),
+        before_seq: Some(10),
+        from_seq: None,
+        limit: 50,
+        read_token: 0,
+    });
+    round_trip(HistoryRequest {
+        channel: "x".into(),
+        before_seq: None,
+        from_seq: Some(1),
+        limit: 0,
+        read_token: 1,
+    });
+}
+
+#[test]
+fn replies_round_trip() {
+    round_trip(Welcome {
+        node_id: 1,
+        cluster: "cellchat".into(),
+        protocol: 1,
+        challenge: [0xab; 32],
+        server_time_ms: 1_700_000_000_000,
+    });
+    round_trip(Session {
+        name: "alice".into(),
+    });
+    round_trip(SendReply {
+        channel: "general".into(),
+        seq: 3,
+        at_ms: 5,
+        read_token: 8,
+        duplicate: true,
+    });
+    round_trip(message(1));
+    round_trip(batch());
+    round_trip(MessageBatch {
+        channel: "empty".into(),
+        messages: vec![],
+        head: 0,
+        applied: 0,
+    });
+    round_trip(vec![ChannelInfo {
+        name: "general".into(),
+        head: 3,
+    }]);
+    round_trip(cluster());
+    round_trip(Pong {
+        nonce: 1,
+        node_id: 2,
+        role: Role::Learner,
+        applied: 3,
+        server_time_ms: 4,
+    });
+}
+
+#[test]
+fn every_error_round_trips() {
+    for err in all_errors() {
+        round_trip(err.clone());
+        round_trip::<Result<Welcome, ApiError>>(Err(err));
+    }
+}
+
+#[test]
+fn generated_request_and_response_enums_round_trip() {
+    round_trip_debug(ChatRequest::Hello {
+        req: Hello::new("c", None),
+    });
+    round_trip_debug(ChatRequest::Ping { nonce: 9 });
+    round_trip_debug(ChatRequest::Channels {});
+    round_trip_debug(ChatResponse::Stream(Ok(batch())));
+    round_trip_debug(ChatResponse::Cluster(Ok(cluster())));
+    round_trip_debug(ChatResponse::Send(Err(ApiError::Aborted)));
+}
