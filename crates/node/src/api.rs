@@ -1,0 +1,499 @@
+//! The client-facing `proto::Chat` service of one node.
+//!
+//! Each TCP connection gets its own `ChatServer` value (tarpc serves one value per channel),
+//! which holds that connection's state: whether `hello` succeeded, the login challenge, the
+//! logged-in user, and the connection's rate-limit bucket.
+//!
+//! - Reads (`stream`, `history`, `channels`, `cluster`) are served by any node from its own
+//!   applied state, after waiting until it has applied the caller's read token.
+//! - `send` needs a login on this connection; the node stamps the sender and the time, and
+//!   proposes through the [`Proposer`]. A follower answers `NotLeader` with the leader's
+//!   address; the client redials (we do not forward, so a send is never in flight on two nodes
+//!   at once and the client always knows which node to retry).
+//!
+//! Step 2 of "Life of a chat message" in ARCHITECTURE.md.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use chat_sm::{ChatResponse, ChatState, ClientId, Command, SendCmd};
+use ed25519_dalek::{Signature, VerifyingKey};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::Raft;
+use parking_lot::Mutex;
+use proto::{
+    wait_budget, ApiError, ChannelInfo, ClusterInfo, Hello, HistoryRequest, LeaderHint, Login,
+    MessageBatch, NodeInfo, Pong, RejectReason, Role, SendReply, SendRequest, Session,
+    StreamRequest, Welcome, WireMessage,
+};
+use tarpc::context::Context;
+
+use crate::cluster::{role_of, Peers};
+use crate::delivery::Delivery;
+use crate::metrics::Metrics;
+use crate::proposer::{ProposeError, Proposer};
+use crate::types::{Member, NodeId, TypeConfig};
+
+/// Most messages one `stream` or `history` call returns.
+pub const BATCH_MESSAGES_MAX: u32 = 1000;
+
+/// Everything the chat service of one node shares across connections.
+pub struct ApiShared {
+    /// This node.
+    pub id: NodeId,
+    /// Cluster name.
+    pub cluster: String,
+    /// Raft, for leader and membership queries and user registration.
+    pub raft: Raft<TypeConfig>,
+    /// Applied chat state, for reads.
+    pub chat: Arc<ChatState>,
+    /// Apply notifications.
+    pub delivery: Delivery,
+    /// Send coalescing.
+    pub proposer: Proposer,
+    /// Nodes heard by discovery (roles and applied indexes of others).
+    pub peers: Peers,
+    /// Counters and histograms.
+    pub metrics: Arc<Metrics>,
+    /// Per-user send buckets.
+    pub user_buckets: Mutex<HashMap<String, TokenBucket>>,
+    /// Sustained sends per second per user.
+    pub user_rate_per_s: u32,
+    /// Burst per user.
+    pub user_burst: u32,
+    /// Sustained requests per second per connection.
+    pub conn_rate_per_s: u32,
+    /// Burst per connection.
+    pub conn_burst: u32,
+}
+
+/// A token bucket: `burst` tokens, refilled at `rate` per second.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(rate_per_s: u32, burst: u32) -> TokenBucket {
+        TokenBucket {
+            tokens: f64::from(burst),
+            rate: f64::from(rate_per_s),
+            burst: f64::from(burst),
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes one token, or says in how many ms one will be there.
+    pub fn take(&mut self, now: Instant) -> Result<(), u64> {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            let wait_s = (1.0 - self.tokens) / self.rate;
+            // Round up so a client that waits exactly this long finds a token.
+            Err((wait_s * 1000.0).ceil() as u64)
+        }
+    }
+}
+
+struct ConnState {
+    hello: bool,
+    challenge: Option<[u8; 32]>,
+    user: Option<String>,
+    bucket: TokenBucket,
+    /// Decrements `connected_clients` when the connection's last request is done.
+    metrics: Arc<Metrics>,
+}
+
+/// The chat service for one connection.
+#[derive(Clone)]
+pub struct ChatServer {
+    shared: Arc<ApiShared>,
+    conn: Arc<Mutex<ConnState>>,
+}
+
+impl ChatServer {
+    /// A server value for a new connection.
+    pub fn new(shared: Arc<ApiShared>) -> ChatServer {
+        let bucket = TokenBucket::new(shared.conn_rate_per_s, shared.conn_burst);
+        let metrics = shared.metrics.clone();
+        metrics.connected_clients.inc();
+        ChatServer {
+            shared,
+            conn: Arc::new(Mutex::new(ConnState {
+                hello: false,
+                challenge: None,
+                user: None,
+                bucket,
+                metrics,
+            })),
+        }
+    }
+
+    fn require_hello(&self) -> Result<(), ApiError> {
+        let mut conn = self.conn.lock();
+        if !conn.hello {
+            return Err(ApiError::Unauthenticated);
+        }
+        conn.bucket
+            .take(Instant::now())
+            .map_err(|retry_after_ms| ApiError::RateLimited { retry_after_ms })
+    }
+
+    fn leader_hint(&self, leader: Option<(NodeId, Member)>) -> Option<LeaderHint> {
+        let (id, member) = leader?;
+        let client_addr = member.client_addr.parse().ok()?;
+        Some(LeaderHint { id, client_addr })
+    }
+
+    fn current_leader_hint(&self) -> Option<LeaderHint> {
+        let metrics = self.shared.raft.metrics().borrow().clone();
+        let id = metrics.current_leader?;
+        let member = metrics
+            .membership_config
+            .membership()
+            .get_node(&id)?
+            .clone();
+        self.leader_hint(Some((id, member)))
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn map_reject(reason: chat_sm::RejectReason) -> RejectReason {
+    use chat_sm::RejectReason as R;
+    match reason {
+        R::InvalidChannel => RejectReason::InvalidChannel,
+        R::EmptyBody => RejectReason::EmptyBody,
+        R::BodyTooLarge { len, max } => RejectReason::BodyTooLarge { len, max },
+        R::InvalidSender | R::InvalidUserName => RejectReason::InvalidName,
+        R::NameTaken => RejectReason::NameTaken,
+        R::BatchTooLarge { .. } => RejectReason::Malformed {
+            what: "batch too large".into(),
+        },
+        R::Malformed => RejectReason::Malformed {
+            what: "command".into(),
+        },
+    }
+}
+
+fn to_wire(message: chat_sm::Message) -> WireMessage {
+    WireMessage {
+        channel: message.channel,
+        seq: message.seq.0,
+        sender: message.sender,
+        body: message.body,
+        at_ms: message.at_ms,
+        client_id: message.client_id.0,
+        client_seq: message.client_seq,
+    }
+}
+
+fn storage_error(e: &chat_sm::Error) -> ApiError {
+    tracing::error!(error = %e, "chat state read failed");
+    ApiError::unavailable("storage read failed")
+}
+
+impl ChatServer {
+    /// Waits until this node applied `read_token`, within `budget`.
+    async fn wait_token(&self, read_token: u64, budget: Duration) -> Result<(), ApiError> {
+        if self.shared.delivery.wait_applied(read_token, budget).await {
+            Ok(())
+        } else {
+            Err(ApiError::unavailable("node is behind the read token"))
+        }
+    }
+
+    fn batch(&self, channel: &str, messages: Vec<chat_sm::Message>) -> MessageBatch {
+        MessageBatch {
+            channel: channel.to_owned(),
+            head: self.shared.chat.head(channel).0,
+            applied: self.shared.delivery.applied(),
+            messages: messages.into_iter().map(to_wire).collect(),
+        }
+    }
+
+    async fn register(&self, name: &str, public_key: [u8; 32]) -> Result<(), ApiError> {
+        let command = Command::RegisterUser {
+            name: name.to_owned(),
+            public_key,
+        };
+        match self.shared.raft.client_write(command).await {
+            Ok(response) => match response.data {
+                ChatResponse::Registered => Ok(()),
+                ChatResponse::Rejected(reason) => Err(ApiError::Rejected(map_reject(reason))),
+                other => panic!("state machine answered a registration with {other:?}"),
+            },
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(ApiError::NotLeader {
+                    leader: self.leader_hint(f.leader_id.zip(f.leader_node)),
+                })
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "registration failed");
+                Err(ApiError::unavailable("raft unavailable"))
+            }
+        }
+    }
+}
+
+impl proto::Chat for ChatServer {
+    async fn hello(self, _: Context, req: Hello) -> Result<Welcome, ApiError> {
+        proto::check_hello(&req, &self.shared.cluster)?;
+        let challenge: [u8; 32] = rand::random();
+        let mut conn = self.conn.lock();
+        conn.hello = true;
+        conn.challenge = Some(challenge);
+        Ok(Welcome {
+            node_id: self.shared.id,
+            cluster: self.shared.cluster.clone(),
+            protocol: proto::PROTOCOL_VERSION,
+            challenge,
+            server_time_ms: now_ms(),
+        })
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(user = %req.name))]
+    async fn login(self, _: Context, req: Login) -> Result<Session, ApiError> {
+        self.require_hello()?;
+        let challenge = self
+            .conn
+            .lock()
+            .challenge
+            .take()
+            .ok_or(ApiError::Unauthenticated)?;
+        if !chat_sm::valid_user_name(&req.name) {
+            return Err(ApiError::Rejected(RejectReason::InvalidName));
+        }
+        let key =
+            VerifyingKey::from_bytes(&req.public_key).map_err(|_| ApiError::Unauthenticated)?;
+        let signature =
+            Signature::from_slice(&req.signature).map_err(|_| ApiError::Unauthenticated)?;
+        let message = proto::login_message(&challenge, &self.shared.cluster, &req.name);
+        key.verify_strict(&message, &signature)
+            .map_err(|_| ApiError::Unauthenticated)?;
+        match self.shared.chat.user_key(&req.name) {
+            Some(registered) if registered == req.public_key => {}
+            Some(_) => return Err(ApiError::Rejected(RejectReason::NameTaken)),
+            None => self.register(&req.name, req.public_key).await?,
+        }
+        self.conn.lock().user = Some(req.name.clone());
+        Ok(Session { name: req.name })
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(channel = %req.channel, client_seq = req.client_seq))]
+    async fn send(self, _: Context, req: SendRequest) -> Result<SendReply, ApiError> {
+        let started = Instant::now();
+        self.require_hello()?;
+        let user = self
+            .conn
+            .lock()
+            .user
+            .clone()
+            .ok_or(ApiError::Unauthenticated)?;
+        {
+            let mut buckets = self.shared.user_buckets.lock();
+            let bucket = buckets.entry(user.clone()).or_insert_with(|| {
+                TokenBucket::new(self.shared.user_rate_per_s, self.shared.user_burst)
+            });
+            bucket
+                .take(Instant::now())
+                .map_err(|retry_after_ms| ApiError::RateLimited { retry_after_ms })?;
+        }
+        // Cheap checks before the log, so junk never takes log space; apply repeats them
+        // deterministically.
+        if req.body.len() > chat_sm::MAX_BODY_BYTES {
+            return Err(ApiError::Rejected(RejectReason::BodyTooLarge {
+                len: req.body.len() as u64,
+                max: chat_sm::MAX_BODY_BYTES as u64,
+            }));
+        }
+        let send = SendCmd {
+            channel: req.channel,
+            sender: user,
+            body: req.body,
+            client_id: ClientId(req.client_id),
+            client_seq: req.client_seq,
+            at_ms: now_ms(),
+        };
+        let outcome = self.shared.proposer.propose(send).await;
+        self.shared.metrics.observe_rpc("send", started.elapsed());
+        match outcome {
+            Ok(proposed) => {
+                let sent = proposed
+                    .result
+                    .map_err(|r| ApiError::Rejected(map_reject(r)))?;
+                self.shared.metrics.sends_total.inc();
+                Ok(SendReply {
+                    channel: sent.channel,
+                    seq: sent.seq.0,
+                    at_ms: sent.at_ms,
+                    read_token: proposed.log_index,
+                    duplicate: sent.duplicate,
+                })
+            }
+            Err(ProposeError::NotLeader { leader }) => Err(ApiError::NotLeader {
+                leader: self.leader_hint(leader),
+            }),
+            Err(ProposeError::Unavailable(reason)) => Err(ApiError::unavailable(reason)),
+        }
+    }
+
+    async fn stream(self, ctx: Context, req: StreamRequest) -> Result<MessageBatch, ApiError> {
+        let started = Instant::now();
+        self.require_hello()?;
+        chat_sm::ChannelName::new(&req.channel).map_err(|r| ApiError::Rejected(map_reject(r)))?;
+        let budget = wait_budget(&ctx, req.wait_ms);
+        let deadline = Instant::now() + budget;
+        self.wait_token(req.read_token, budget).await?;
+        let max = req.max.clamp(1, BATCH_MESSAGES_MAX) as usize;
+        let chat = self.shared.chat.clone();
+        let from = chat_sm::ChannelSeq(req.after_seq.saturating_add(1));
+        let mut messages = chat
+            .history(&req.channel, from, max)
+            .map_err(|e| storage_error(&e))?;
+        if messages.is_empty() {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            self.shared.metrics.stream_waiters.inc();
+            let channel = req.channel.clone();
+            let woke = self
+                .shared
+                .delivery
+                .wait_head(
+                    &req.channel,
+                    req.after_seq,
+                    || chat.head(&channel).0,
+                    remaining,
+                )
+                .await;
+            self.shared.metrics.stream_waiters.dec();
+            if woke {
+                messages = chat
+                    .history(&req.channel, from, max)
+                    .map_err(|e| storage_error(&e))?;
+            }
+        }
+        self.shared
+            .metrics
+            .deliveries_total
+            .inc_by(messages.len() as u64);
+        self.shared.metrics.observe_rpc("stream", started.elapsed());
+        Ok(self.batch(&req.channel, messages))
+    }
+
+    async fn history(self, ctx: Context, req: HistoryRequest) -> Result<MessageBatch, ApiError> {
+        let started = Instant::now();
+        self.require_hello()?;
+        chat_sm::ChannelName::new(&req.channel).map_err(|r| ApiError::Rejected(map_reject(r)))?;
+        self.wait_token(req.read_token, wait_budget(&ctx, proto::STREAM_WAIT_MS_MAX))
+            .await?;
+        let limit = req.limit.clamp(1, BATCH_MESSAGES_MAX) as usize;
+        let chat = &self.shared.chat;
+        let messages = match (req.from_seq, req.before_seq) {
+            (Some(from), _) => chat.history(&req.channel, chat_sm::ChannelSeq(from), limit),
+            (None, Some(before)) => {
+                chat.history_before(&req.channel, chat_sm::ChannelSeq(before), limit)
+            }
+            (None, None) => chat.history_before(&req.channel, chat_sm::ChannelSeq(u64::MAX), limit),
+        }
+        .map_err(|e| storage_error(&e))?;
+        self.shared
+            .metrics
+            .observe_rpc("history", started.elapsed());
+        Ok(self.batch(&req.channel, messages))
+    }
+
+    async fn channels(self, _: Context) -> Result<Vec<ChannelInfo>, ApiError> {
+        self.require_hello()?;
+        Ok(self
+            .shared
+            .chat
+            .channels()
+            .into_iter()
+            .map(|(name, head)| ChannelInfo { name, head: head.0 })
+            .collect())
+    }
+
+    async fn cluster(self, _: Context) -> Result<ClusterInfo, ApiError> {
+        self.require_hello()?;
+        let metrics = self.shared.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let voters: Vec<NodeId> = membership.voter_ids().collect();
+        let mut nodes = Vec::new();
+        for (&id, member) in membership.nodes() {
+            let voter = voters.contains(&id);
+            let (role, applied) = if id == self.shared.id {
+                (role_of(metrics.state), self.shared.delivery.applied())
+            } else if let Some(peer) = self.shared.peers.get(id) {
+                (peer.role, peer.applied)
+            } else {
+                (Role::Unknown, 0)
+            };
+            let parse = |s: &str| {
+                s.parse()
+                    .map_err(|_| ApiError::unavailable("bad member address"))
+            };
+            nodes.push(NodeInfo {
+                id,
+                role,
+                client_addr: parse(&member.client_addr)?,
+                raft_addr: parse(&member.raft_addr)?,
+                metrics_addr: parse(&member.metrics_addr)?,
+                applied,
+                voter,
+            });
+        }
+        Ok(ClusterInfo {
+            cluster: self.shared.cluster.clone(),
+            leader: metrics.current_leader,
+            term: metrics.current_term,
+            nodes,
+        })
+    }
+
+    async fn ping(self, _: Context, nonce: u64) -> Pong {
+        let metrics = self.shared.raft.metrics().borrow().clone();
+        Pong {
+            nonce,
+            node_id: self.shared.id,
+            role: role_of(metrics.state),
+            applied: self.shared.delivery.applied(),
+            server_time_ms: now_ms(),
+        }
+    }
+}
+
+impl Drop for ConnState {
+    fn drop(&mut self) {
+        self.metrics.connected_clients.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bucket_allows_its_burst_then_says_when_to_retry() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(10, 3);
+        for _ in 0..3 {
+            bucket.take(start).unwrap();
+        }
+        let retry = bucket.take(start).unwrap_err();
+        assert_eq!(retry, 100, "one token per 100 ms at 10/s");
+        bucket.take(start + Duration::from_millis(100)).unwrap();
+    }
+}

@@ -1,0 +1,470 @@
+//! Zero-configuration cluster formation and membership: discovery announcements, the
+//! bootstrap-or-join decision, the leader's join handler, and promotion of learners to voters.
+//!
+//! # The formation rule
+//! A fresh node (no Raft state) listens for `formation_window_ms`, announcing itself by
+//! broadcast (and to every `--join` address). Then, every tick:
+//! 1. if some node announces itself leader, the fresh node asks that leader to add it (as a
+//!    learner; the leader promotes learners to voters while voters < `max_voters`);
+//! 2. else, if any node announces a term > 0 or a vote (a cluster exists but is electing), it
+//!    waits;
+//! 3. else, among the fresh nodes it has heard (itself included), the one with the lowest id
+//!    bootstraps a one-voter cluster and the others wait for it to announce leadership. With
+//!    `--bootstrap-expect N` the lowest id waits until it has heard N fresh nodes and
+//!    bootstraps them all as voters at once.
+//!
+//! On one machine (or a LAN) every node hears every announcement several times within the
+//! window, so ten nodes started in the same second agree on the lowest id and form exactly one
+//! cluster. A node that restarts has Raft state and never bootstraps; if it finds no leader in
+//! its own view while discovery shows one, it asks to join again (the leader answers at once
+//! when it is already a member).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
+use openraft::{ChangeMembers, Raft, ServerState};
+use parking_lot::Mutex;
+use proto::discovery::{DiscoverySocket, NodeAnnounce, Packet};
+use proto::Role;
+use serde::{Deserialize, Serialize};
+
+use crate::types::{Member, NodeId, TypeConfig};
+
+/// How long a peer's announcement counts as alive.
+const PEER_TTL: Duration = Duration::from_secs(5);
+/// Announcement period while forming, and once settled.
+const ANNOUNCE_FAST: Duration = Duration::from_millis(200);
+const ANNOUNCE_SLOW: Duration = Duration::from_secs(1);
+/// How long after start announcements stay fast.
+const FAST_PHASE: Duration = Duration::from_secs(10);
+/// Formation and promotion tick.
+const TICK: Duration = Duration::from_millis(250);
+/// A learner is promoted once it is within this many entries of the leader's log.
+const PROMOTE_LAG_MAX: u64 = 1000;
+
+/// A request to be added to the cluster, sent to the leader over Raft RPC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinRequest {
+    /// The cluster the joiner belongs to.
+    pub cluster: String,
+    /// The joiner's id.
+    pub id: NodeId,
+    /// Its addresses.
+    pub member: Member,
+}
+
+/// The leader's answer to a join.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JoinReply {
+    /// Added as a learner.
+    Added,
+    /// Already a member with these addresses.
+    AlreadyMember,
+}
+
+/// Why a join was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum JoinError {
+    /// Ask this node instead.
+    #[error("not the leader (leader: {leader:?})")]
+    NotLeader {
+        /// The leader, if known.
+        leader: Option<NodeId>,
+    },
+    /// The joiner names another cluster.
+    #[error("wrong cluster {theirs:?}, this is {ours:?}")]
+    WrongCluster {
+        /// This cluster.
+        ours: String,
+        /// The joiner's.
+        theirs: String,
+    },
+    /// Another node with the same id is a member at other addresses.
+    #[error("node id {id} is already a member at {existing}; two nodes claim one id")]
+    IdConflict {
+        /// The id.
+        id: NodeId,
+        /// The member's raft address.
+        existing: String,
+    },
+    /// Retry later (a membership change is in progress, or Raft is stopping).
+    #[error("busy: {0}")]
+    Busy(String),
+}
+
+/// Nodes heard through discovery, by id.
+#[derive(Clone, Default)]
+pub struct Peers {
+    inner: Arc<Mutex<HashMap<NodeId, (NodeAnnounce, Instant)>>>,
+}
+
+impl Peers {
+    fn record(&self, announce: NodeAnnounce) {
+        self.inner
+            .lock()
+            .insert(announce.node_id, (announce, Instant::now()));
+    }
+
+    /// Announcements heard within the last few seconds.
+    pub fn alive(&self) -> Vec<NodeAnnounce> {
+        let mut map = self.inner.lock();
+        map.retain(|_, (_, seen)| seen.elapsed() < PEER_TTL);
+        map.values().map(|(a, _)| a.clone()).collect()
+    }
+
+    /// The latest announcement of `id`, if alive.
+    pub fn get(&self, id: NodeId) -> Option<NodeAnnounce> {
+        self.alive().into_iter().find(|a| a.node_id == id)
+    }
+}
+
+/// Maps openraft's server state to the wire role.
+pub fn role_of(state: ServerState) -> Role {
+    match state {
+        ServerState::Leader => Role::Leader,
+        ServerState::Follower => Role::Follower,
+        ServerState::Candidate => Role::Candidate,
+        ServerState::Learner => Role::Learner,
+        ServerState::Shutdown => Role::Unknown,
+    }
+}
+
+/// What this node announces about itself, from its current Raft metrics.
+pub fn self_announce(
+    raft: &Raft<TypeConfig>,
+    cluster: &str,
+    addrs: &NodeAddrs,
+    started_ms: u64,
+) -> NodeAnnounce {
+    let metrics = raft.metrics().borrow().clone();
+    let voter = metrics
+        .membership_config
+        .membership()
+        .voter_ids()
+        .any(|id| id == metrics.id);
+    NodeAnnounce {
+        cluster: cluster.to_owned(),
+        node_id: metrics.id,
+        client_addr: addrs.client,
+        raft_addr: addrs.raft,
+        metrics_addr: addrs.metrics,
+        role: role_of(metrics.state),
+        leader: metrics.current_leader,
+        term: metrics.current_term,
+        applied: metrics.last_applied.map_or(0, |l| l.index),
+        voter,
+        started_ms,
+    }
+}
+
+/// A node's three listening addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeAddrs {
+    /// Raft RPC.
+    pub raft: SocketAddr,
+    /// Chat RPC.
+    pub client: SocketAddr,
+    /// HTTP metrics.
+    pub metrics: SocketAddr,
+}
+
+impl NodeAddrs {
+    /// The membership record for these addresses.
+    pub fn member(&self) -> Member {
+        Member {
+            raft_addr: self.raft.to_string(),
+            client_addr: self.client.to_string(),
+            metrics_addr: self.metrics.to_string(),
+        }
+    }
+}
+
+/// Runs discovery for a node: answers probes and pings, records peers, and announces itself
+/// periodically (by broadcast and to every join address). Runs until aborted.
+pub async fn run_discovery(
+    socket: DiscoverySocket,
+    announce: impl Fn() -> NodeAnnounce + Send + Sync + 'static,
+    peers: Peers,
+    join: Vec<SocketAddr>,
+) {
+    let socket = Arc::new(socket);
+    let announce = Arc::new(announce);
+    let receiver = {
+        let socket = socket.clone();
+        let announce = announce.clone();
+        tokio::spawn(async move { receive_loop(&socket, &*announce, &peers).await })
+    };
+    let started = Instant::now();
+    loop {
+        let packet = Packet::Announce(announce());
+        if let Err(e) = socket.send_broadcast(&packet).await {
+            tracing::debug!(error = %e, "discovery broadcast failed");
+        }
+        // Join addresses are beyond broadcast: tell them about us, and ask them about
+        // themselves (their replies come back by unicast).
+        let probe = Packet::Probe {
+            cluster: socket.cluster().to_owned(),
+            nonce: rand::random(),
+            from_client: false,
+        };
+        for addr in &join {
+            for packet in [&packet, &probe] {
+                if let Err(e) = socket.send_to(packet, *addr).await {
+                    tracing::debug!(error = %e, %addr, "discovery packet to join address failed");
+                }
+            }
+        }
+        let period = if started.elapsed() < FAST_PHASE {
+            ANNOUNCE_FAST
+        } else {
+            ANNOUNCE_SLOW
+        };
+        tokio::time::sleep(period).await;
+        if receiver.is_finished() {
+            tracing::error!("discovery receiver stopped");
+            return;
+        }
+    }
+}
+
+async fn receive_loop(
+    socket: &DiscoverySocket,
+    announce: &(dyn Fn() -> NodeAnnounce + Send + Sync),
+    peers: &Peers,
+) {
+    let me = announce().node_id;
+    loop {
+        let (packet, from) = match socket.recv().await {
+            Ok(received) => received,
+            Err(e) => {
+                tracing::warn!(error = %e, "discovery receive failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        match packet {
+            Packet::Announce(a) if a.node_id != me => peers.record(a),
+            Packet::Announce(_) => {}
+            Packet::Probe { .. } => {
+                let reply = Packet::Announce(announce());
+                if let Err(e) = socket.send_to(&reply, from).await {
+                    tracing::debug!(error = %e, %from, "probe reply failed");
+                }
+            }
+            Packet::Ping { nonce, sent_ns } => {
+                let reply = Packet::Pong {
+                    nonce,
+                    sent_ns,
+                    node_id: me,
+                };
+                if let Err(e) = socket.send_to(&reply, from).await {
+                    tracing::debug!(error = %e, %from, "pong failed");
+                }
+            }
+            Packet::Pong { .. } => {}
+        }
+    }
+}
+
+/// Everything the formation and membership loops need.
+#[derive(Clone)]
+pub struct Formation {
+    /// This node's Raft.
+    pub raft: Raft<TypeConfig>,
+    /// This node's id.
+    pub id: NodeId,
+    /// Cluster name.
+    pub cluster: String,
+    /// This node's addresses.
+    pub member: Member,
+    /// Peers heard by discovery.
+    pub peers: Peers,
+    /// Wait this long before deciding anything.
+    pub window: Duration,
+    /// Bootstrap together with this many fresh nodes.
+    pub bootstrap_expect: Option<usize>,
+    /// Most voters.
+    pub max_voters: usize,
+    /// Election timeout upper bound, for "no leader for a while".
+    pub election_timeout_max: Duration,
+}
+
+impl Formation {
+    /// Runs formation (while this node has no leader) and promotion (while it leads), forever.
+    pub async fn run(self) {
+        let started = Instant::now();
+        let mut leaderless_since = Some(Instant::now());
+        let mut last_join: Option<Instant> = None;
+        loop {
+            tokio::time::sleep(TICK).await;
+            let metrics = self.raft.metrics().borrow().clone();
+            if metrics.state == ServerState::Shutdown {
+                return;
+            }
+            if metrics.current_leader.is_some() {
+                leaderless_since = None;
+                if metrics.state == ServerState::Leader {
+                    self.promote_learners(&metrics).await;
+                }
+                continue;
+            }
+            let since = *leaderless_since.get_or_insert_with(Instant::now);
+            if started.elapsed() < self.window {
+                continue;
+            }
+            let initialized = metrics
+                .membership_config
+                .membership()
+                .voter_ids()
+                .next()
+                .is_some();
+            let peers = self.peers.alive();
+            if let Some(leader) = peers.iter().find(|p| p.role == Role::Leader) {
+                let waited = since.elapsed() > self.election_timeout_max * 2;
+                let recent = last_join.is_some_and(|t| t.elapsed() < Duration::from_secs(1));
+                if (!initialized || waited) && !recent {
+                    last_join = Some(Instant::now());
+                    self.join_via(leader).await;
+                }
+                continue;
+            }
+            if initialized || peers.iter().any(|p| p.term > 0 || p.voter) {
+                continue;
+            }
+            self.maybe_bootstrap(&peers).await;
+        }
+    }
+
+    async fn join_via(&self, leader: &NodeAnnounce) {
+        let request = JoinRequest {
+            cluster: self.cluster.clone(),
+            id: self.id,
+            member: self.member.clone(),
+        };
+        match crate::raft_rpc::request_join(leader.raft_addr, leader.node_id, request).await {
+            Ok(reply) => tracing::info!(leader = leader.node_id, ?reply, "joined cluster"),
+            Err(e) => {
+                tracing::warn!(leader = leader.node_id, error = %e, "join failed; will retry")
+            }
+        }
+    }
+
+    async fn maybe_bootstrap(&self, peers: &[NodeAnnounce]) {
+        let mut fresh: BTreeMap<NodeId, Member> = peers
+            .iter()
+            .filter(|p| p.term == 0 && !p.voter && p.leader.is_none())
+            .map(|p| {
+                let member = NodeAddrs {
+                    raft: p.raft_addr,
+                    client: p.client_addr,
+                    metrics: p.metrics_addr,
+                }
+                .member();
+                (p.node_id, member)
+            })
+            .collect();
+        fresh.insert(self.id, self.member.clone());
+        let lowest = *fresh.keys().next().expect("contains this node");
+        if lowest != self.id {
+            return;
+        }
+        let voters: BTreeMap<NodeId, Member> = match self.bootstrap_expect {
+            None => BTreeMap::from([(self.id, self.member.clone())]),
+            Some(n) if fresh.len() >= n => fresh.into_iter().take(n).collect(),
+            Some(n) => {
+                tracing::info!(
+                    heard = fresh.len(),
+                    expect = n,
+                    "waiting for more nodes before bootstrap"
+                );
+                return;
+            }
+        };
+        let ids: Vec<NodeId> = voters.keys().copied().collect();
+        match self.raft.initialize(voters).await {
+            Ok(()) => tracing::info!(voters = ?ids, "bootstrapped a new cluster"),
+            Err(e) => tracing::warn!(error = %e, "bootstrap refused"),
+        }
+    }
+
+    async fn promote_learners(&self, metrics: &openraft::RaftMetrics<NodeId, Member>) {
+        let membership = metrics.membership_config.membership();
+        if membership.get_joint_config().len() > 1 {
+            return;
+        }
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        if voters.len() >= self.max_voters {
+            return;
+        }
+        let last = metrics.last_log_index.unwrap_or(0);
+        let Some(replication) = &metrics.replication else {
+            return;
+        };
+        let candidate = membership.learner_ids().find(|id| {
+            let matched = replication
+                .get(id)
+                .copied()
+                .flatten()
+                .map_or(0, |l| l.index);
+            last.saturating_sub(matched) <= PROMOTE_LAG_MAX && self.peers.get(*id).is_some()
+        });
+        let Some(id) = candidate else {
+            return;
+        };
+        match self
+            .raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), true)
+            .await
+        {
+            Ok(_) => tracing::info!(node = id, "promoted learner to voter"),
+            Err(e) => tracing::warn!(node = id, error = %e, "promotion failed; will retry"),
+        }
+    }
+}
+
+/// The leader's side of a join: checks the request and adds the node as a learner.
+///
+/// # Errors
+/// [`JoinError`] saying why, and whether to retry elsewhere.
+pub async fn handle_join(
+    raft: &Raft<TypeConfig>,
+    cluster: &str,
+    request: JoinRequest,
+) -> Result<JoinReply, JoinError> {
+    if request.cluster != cluster {
+        return Err(JoinError::WrongCluster {
+            ours: cluster.to_owned(),
+            theirs: request.cluster,
+        });
+    }
+    let metrics = raft.metrics().borrow().clone();
+    if metrics.state != ServerState::Leader {
+        return Err(JoinError::NotLeader {
+            leader: metrics.current_leader,
+        });
+    }
+    if let Some(existing) = metrics.membership_config.membership().get_node(&request.id) {
+        if existing.raft_addr == request.member.raft_addr {
+            return Ok(JoinReply::AlreadyMember);
+        }
+        return Err(JoinError::IdConflict {
+            id: request.id,
+            existing: existing.raft_addr.clone(),
+        });
+    }
+    match raft.add_learner(request.id, request.member, false).await {
+        Ok(_) => Ok(JoinReply::Added),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+            Err(JoinError::NotLeader {
+                leader: f.leader_id,
+            })
+        }
+        Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+            ChangeMembershipError::InProgress(_),
+        ))) => Err(JoinError::Busy("membership change in progress".into())),
+        Err(e) => Err(JoinError::Busy(e.to_string())),
+    }
+}

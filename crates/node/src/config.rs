@@ -1,0 +1,218 @@
+//! `Config`: everything a node needs to run, with units, defaults and bounds.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A node's configuration. Build with [`Config::new`] and adjust fields; [`Config::validate`]
+/// checks the bounds.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The node's data directory (already locked by the caller through `DataDir`).
+    pub data_dir: PathBuf,
+    /// Cluster name; nodes and clients of other clusters are ignored. Default `cellchat`;
+    /// 1 to 64 characters.
+    pub cluster: String,
+    /// Address the three listeners bind to. Default 127.0.0.1.
+    pub bind_host: IpAddr,
+    /// Address other nodes and clients are told to use; default: `bind_host`, or 127.0.0.1
+    /// when binding to an unspecified address.
+    pub advertise_host: Option<IpAddr>,
+    /// Raft RPC port; 0 picks a free port at first start, which is then kept across restarts.
+    pub raft_port: u16,
+    /// Client (chat) RPC port; 0 as for `raft_port`.
+    pub client_port: u16,
+    /// HTTP metrics port; 0 as for `raft_port`.
+    pub metrics_port: u16,
+    /// UDP port every node of the machine shares for discovery. Default 7946.
+    pub discovery_port: u16,
+    /// Where announcements are broadcast. Default 127.255.255.255 (this machine only).
+    pub broadcast: Ipv4Addr,
+    /// Discovery addresses (`host:port`) of nodes that broadcast cannot reach.
+    pub join: Vec<SocketAddr>,
+    /// Most voters; further nodes stay learners. Default 5; 1 to 9.
+    pub max_voters: usize,
+    /// Wait for this many fresh nodes before bootstrapping them together as voters. `None`
+    /// (default): the lowest-id fresh node bootstraps alone once the formation window passes.
+    pub bootstrap_expect: Option<usize>,
+    /// How long a fresh node listens for others before deciding to bootstrap or join, in ms.
+    /// Default 1500; 100 to 60000.
+    pub formation_window_ms: u64,
+    /// Leader heartbeat period in ms; also openraft's AppendEntries timeout. Default 50.
+    pub heartbeat_ms: u64,
+    /// Election timeout lower bound in ms. Default 150; more than `heartbeat_ms`.
+    pub election_timeout_ms_min: u64,
+    /// Election timeout upper bound in ms. Default 300; more than the lower bound.
+    pub election_timeout_ms_max: u64,
+    /// Build a snapshot after this many applied entries. Default 10000; at least 2.
+    pub snapshot_every_entries: u64,
+    /// Entries kept in the log after a snapshot, so briefly lagging followers need no
+    /// snapshot. Default 1000.
+    pub log_keep_entries: u64,
+    /// Sends allowed per second per user, sustained. Default 50; at least 1.
+    pub user_rate_per_s: u32,
+    /// Burst of sends a user may make at once. Default 200; at least 1.
+    pub user_burst: u32,
+    /// Requests allowed per second per connection, sustained. Default 500; at least 1.
+    pub conn_rate_per_s: u32,
+    /// Burst of requests per connection. Default 1000; at least 1.
+    pub conn_burst: u32,
+}
+
+impl Config {
+    /// Defaults for a node keeping its data in `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Config {
+        Config {
+            data_dir: data_dir.into(),
+            cluster: "cellchat".into(),
+            bind_host: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            advertise_host: None,
+            raft_port: 0,
+            client_port: 0,
+            metrics_port: 0,
+            discovery_port: proto::discovery::DEFAULT_DISCOVERY_PORT,
+            broadcast: proto::discovery::DEFAULT_BROADCAST,
+            join: Vec::new(),
+            max_voters: 5,
+            bootstrap_expect: None,
+            formation_window_ms: 1500,
+            heartbeat_ms: 50,
+            election_timeout_ms_min: 150,
+            election_timeout_ms_max: 300,
+            snapshot_every_entries: 10_000,
+            log_keep_entries: 1000,
+            user_rate_per_s: 50,
+            user_burst: 200,
+            conn_rate_per_s: 500,
+            conn_burst: 1000,
+        }
+    }
+
+    /// Checks every bound stated on the fields.
+    ///
+    /// # Errors
+    /// A sentence naming the field, its value and the allowed range.
+    pub fn validate(&self) -> Result<(), String> {
+        let name_ok = !self.cluster.is_empty()
+            && self.cluster.len() <= 64
+            && self
+                .cluster
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+        if !name_ok {
+            return Err(format!(
+                "cluster name {:?} must be 1 to 64 characters from a-z, A-Z, 0-9, '-', '_', '.'",
+                self.cluster
+            ));
+        }
+        if !(1..=9).contains(&self.max_voters) {
+            return Err(format!("max voters {} must be 1 to 9", self.max_voters));
+        }
+        if let Some(n) = self.bootstrap_expect {
+            if n == 0 || n > self.max_voters {
+                return Err(format!(
+                    "bootstrap-expect {n} must be 1 to max-voters ({})",
+                    self.max_voters
+                ));
+            }
+        }
+        if !(100..=60_000).contains(&self.formation_window_ms) {
+            return Err(format!(
+                "formation window {} ms must be 100 to 60000",
+                self.formation_window_ms
+            ));
+        }
+        if self.heartbeat_ms == 0
+            || self.election_timeout_ms_min <= self.heartbeat_ms
+            || self.election_timeout_ms_max <= self.election_timeout_ms_min
+        {
+            return Err(format!(
+                "need 0 < heartbeat ({}) < election timeout min ({}) < max ({}), in ms",
+                self.heartbeat_ms, self.election_timeout_ms_min, self.election_timeout_ms_max
+            ));
+        }
+        if self.snapshot_every_entries < 2 {
+            return Err("snapshot-every must be at least 2 entries".into());
+        }
+        if self.user_rate_per_s == 0
+            || self.user_burst == 0
+            || self.conn_rate_per_s == 0
+            || self.conn_burst == 0
+        {
+            return Err("rate limits and bursts must be at least 1".into());
+        }
+        if self.broadcast == Ipv4Addr::BROADCAST {
+            return Err(
+                "broadcast 255.255.255.255 is refused: use the subnet's broadcast address, \
+                 e.g. 192.168.1.255, or 127.255.255.255 for one machine"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The host other nodes and clients should dial.
+    pub fn advertised_host(&self) -> IpAddr {
+        match self.advertise_host {
+            Some(host) => host,
+            None if self.bind_host.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            None => self.bind_host,
+        }
+    }
+
+    /// openraft's configuration from these settings.
+    ///
+    /// # Errors
+    /// openraft's own validation failed.
+    pub fn raft_config(&self) -> Result<openraft::Config, String> {
+        let config = openraft::Config {
+            cluster_name: self.cluster.clone(),
+            heartbeat_interval: self.heartbeat_ms,
+            election_timeout_min: self.election_timeout_ms_min,
+            election_timeout_max: self.election_timeout_ms_max,
+            // Each entry is a batch of up to 1 MiB of bodies (see ProposerConfig), so 32
+            // entries stay well under the 64 MiB frame limit.
+            max_payload_entries: 32,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every_entries),
+            max_in_snapshot_log_to_keep: self.log_keep_entries,
+            purge_batch_size: 256,
+            // Per chunk; the last chunk also covers installing the snapshot on the follower.
+            install_snapshot_timeout: 5_000,
+            ..Default::default()
+        };
+        config.validate().map_err(|e| e.to_string())
+    }
+
+    /// The formation window.
+    pub fn formation_window(&self) -> Duration {
+        Duration::from_millis(self.formation_window_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = Config::new("/tmp/x");
+        config.validate().unwrap();
+        config.raft_config().unwrap();
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let mut config = Config::new("/tmp/x");
+        config.max_voters = 0;
+        assert!(config.validate().unwrap_err().contains("max voters"));
+        let mut config = Config::new("/tmp/x");
+        config.election_timeout_ms_min = 10;
+        assert!(config.validate().unwrap_err().contains("heartbeat"));
+        let mut config = Config::new("/tmp/x");
+        config.broadcast = Ipv4Addr::BROADCAST;
+        assert!(config.validate().unwrap_err().contains("refused"));
+        let mut config = Config::new("/tmp/x");
+        config.cluster = "bad name!".into();
+        assert!(config.validate().unwrap_err().contains("cluster name"));
+    }
+}

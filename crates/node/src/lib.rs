@@ -1,0 +1,43 @@
+//! The cellchat node: openraft glue over `raft_log` (the durable log) and `chat_sm` (the chat
+//! state machine).
+//!
+//! - Storage adapters: [`LogStore`] implements openraft's `RaftLogStorage` over
+//!   `raft_log::Wal`, and [`StateMachine`] implements `RaftStateMachine` over
+//!   `chat_sm::ChatState` with file-based snapshots. Both pass openraft's own storage
+//!   conformance suite (`tests/storage_conformance.rs`); each module doc says which call meets
+//!   which clause of openraft's contract.
+//! - The running node: [`Server`] wires Raft RPC over tarpc (`raft_rpc`), the chat API
+//!   (`api`), the send [`Proposer`], apply notifications ([`Delivery`]), discovery and
+//!   zero-config formation (`cluster`), and Prometheus metrics (`metrics`).
+
+mod api;
+mod atomic_file;
+mod cluster;
+pub mod codec;
+mod config;
+mod data_dir;
+mod delivery;
+mod log_store;
+mod metrics;
+mod proposer;
+mod raft_rpc;
+mod server;
+mod snapshot_file;
+mod state_machine;
+mod types;
+
+pub use cluster::{JoinError, JoinReply, JoinRequest, NodeAddrs};
+pub use config::Config;
+pub use data_dir::{DataDir, DataDirError};
+pub use delivery::Delivery;
+pub use log_store::{LogStore, WAL_DIR};
+pub use metrics::Metrics;
+pub use proposer::{ProposeError, Proposed, Proposer, ProposerConfig};
+pub use raft_rpc::{RaftRpcServer, WrongNode};
+pub use server::{Server, ServerError};
+pub use snapshot_file::SnapshotFile;
+pub use state_machine::StateMachine;
+pub use types::{
+    Entry, LogId, Member, NodeId, Snapshot, SnapshotMeta, StorageError, StoredMembership,
+    TypeConfig, Vote,
+};

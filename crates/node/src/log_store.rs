@@ -1,0 +1,368 @@
+//! `LogStore`: openraft's `RaftLogStorage` over `raft_log::Wal`.
+//!
+//! # Correctness
+//! How each clause of openraft's contract is met:
+//! - *Entries are readable when `append` returns*: `Wal::append` writes them (buffered) before
+//!   it returns, and `Wal::read` serves them from the file, synced or not.
+//! - *The flush callback fires only after the entries are durable*: the callback goes to the
+//!   flusher thread, which calls `Wal::sync` (fdatasync, shared by every callback waiting at that
+//!   moment: group commit) and only then calls `log_io_completed`. A failed fsync panics inside
+//!   `raft_log`, so a callback never reports success for bytes that may not be on disk.
+//! - *I/O in submission order*: appends, truncations and purges all run on openraft's single
+//!   RaftCore task against one `Wal`; the flusher only syncs, it never reorders writes.
+//! - *No holes*: `Wal::append` refuses a first index other than `next_index()`.
+//! - *Votes are durable before `save_vote` returns*: `Wal::save_vote` fsyncs a temp file,
+//!   renames it and fsyncs the directory.
+//! - *The purge point is persisted before entries are deleted*: `purge` writes the purged log id
+//!   to its own file durably, then calls `Wal::purge_through`, which persists its own purge
+//!   index before deleting segments. A crash in between is finished at the next `open`.
+//! - *Truncation is durable*: `Wal::truncate_from` fsyncs the cut.
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread;
+
+use openraft::storage::{LogFlushed, RaftLogStorage};
+use openraft::{AnyError, LogState, RaftLogId, RaftLogReader, StorageIOError};
+use parking_lot::Mutex;
+use raft_log::{Durability, LogIndex, Wal};
+
+use crate::atomic_file;
+use crate::codec;
+use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
+
+/// File in the log directory that holds the last purged log id (openraft needs its term, which
+/// the purged entries no longer provide).
+const PURGED_FILE: &str = "purged-log-id";
+
+/// Subdirectory of the log directory that `raft_log` owns.
+pub const WAL_DIR: &str = "wal";
+
+/// The Raft log of one node. Cheap to clone; clones share the same `Wal` and serve as
+/// openraft's log reader handles for the replication tasks.
+#[derive(Clone)]
+pub struct LogStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    wal: Arc<Wal>,
+    dir: PathBuf,
+    /// Last purged log id and last present log id, kept in memory so `get_log_state` reads no
+    /// disk. Updated by `append`, `truncate` and `purge` (all on the RaftCore task).
+    state: Mutex<LogState<TypeConfig>>,
+    flusher: mpsc::Sender<LogFlushed<TypeConfig>>,
+    /// Index of the last committed id openraft saved, for metrics and readiness.
+    committed_index: Arc<AtomicU64>,
+}
+
+impl Debug for LogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStore")
+            .field("dir", &self.inner.dir)
+            .finish()
+    }
+}
+
+fn io_err(e: impl std::error::Error + 'static) -> AnyError {
+    AnyError::new(&e)
+}
+
+impl LogStore {
+    /// Opens (or creates) the log in `dir`, running `raft_log`'s recovery.
+    ///
+    /// # Errors
+    /// Recovery found corruption (the error names file and offset), the purge point file is
+    /// damaged, or an io error.
+    pub fn open(dir: &Path) -> Result<LogStore, StorageError> {
+        Self::open_with(dir, raft_log::Config::new(dir.join(WAL_DIR)))
+    }
+
+    /// Opens the log with an explicit `raft_log` configuration; `dir` holds the purge point.
+    ///
+    /// # Errors
+    /// As [`LogStore::open`].
+    pub fn open_with(dir: &Path, config: raft_log::Config) -> Result<LogStore, StorageError> {
+        std::fs::create_dir_all(dir).map_err(|e| StorageIOError::write_logs(io_err(e)))?;
+        let wal = Wal::open(config).map_err(|e| StorageIOError::read_logs(io_err(e)))?;
+        Self::from_wal(wal, dir.to_path_buf())
+    }
+
+    /// Wraps an already opened `Wal` (tests use this with a fault-injecting file system);
+    /// `dir` holds the purge point file and must not be the `Wal`'s own directory.
+    ///
+    /// # Errors
+    /// As [`LogStore::open`].
+    pub fn from_wal(wal: Wal, dir: PathBuf) -> Result<LogStore, StorageError> {
+        let wal = Arc::new(wal);
+        let purged = read_purged(&dir)?;
+        if let Some(purged) = purged {
+            // A crash between persisting the purged id and purging the Wal leaves entries at or
+            // below it; finish the purge so no purged entry is ever served.
+            wal.purge_through(LogIndex(purged.index))
+                .map_err(|e| StorageIOError::write_logs(io_err(e)))?;
+        }
+        let last = match wal.last_index() {
+            Some(index) => Some(read_log_id(&wal, index)?),
+            None => purged,
+        };
+        let (tx, rx) = mpsc::channel();
+        let flusher_wal = wal.clone();
+        thread::Builder::new()
+            .name("raft-log-flusher".into())
+            .spawn(move || run_flusher(&flusher_wal, &rx))
+            .map_err(|e| StorageIOError::write_logs(io_err(e)))?;
+        Ok(LogStore {
+            inner: Arc::new(Inner {
+                wal,
+                dir,
+                state: Mutex::new(LogState {
+                    last_purged_log_id: purged,
+                    last_log_id: last,
+                }),
+                flusher: tx,
+                committed_index: Arc::new(AtomicU64::new(0)),
+            }),
+        })
+    }
+
+    /// The last committed index openraft reported, shared for metrics and readiness.
+    pub fn committed_index(&self) -> Arc<AtomicU64> {
+        self.inner.committed_index.clone()
+    }
+
+    /// The underlying `Wal`, for metrics and tests.
+    pub fn wal(&self) -> &Wal {
+        &self.inner.wal
+    }
+}
+
+/// Group commit for openraft's flush callbacks: take every callback waiting now, fsync once,
+/// then complete them all. Runs until every `LogStore` clone is dropped.
+fn run_flusher(wal: &Wal, rx: &mpsc::Receiver<LogFlushed<TypeConfig>>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        batch.extend(rx.try_iter());
+        // `Wal::sync` panics if fsync itself fails (the page cache no longer tells us what is
+        // on disk, so nothing may be acknowledged); an `Err` here is a closed or broken Wal,
+        // which openraft treats as a fatal storage error.
+        let result = wal.sync();
+        for callback in batch {
+            let outcome = match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(std::io::Error::other(e.to_string())),
+            };
+            callback.log_io_completed(outcome);
+        }
+    }
+}
+
+fn read_purged(dir: &Path) -> Result<Option<LogId>, StorageError> {
+    let path = dir.join(PURGED_FILE);
+    let bytes = atomic_file::read(&path).map_err(|e| StorageIOError::read_logs(io_err(e)))?;
+    let Some(bytes) = bytes else {
+        return Ok(None);
+    };
+    let body = atomic_file::unseal(&bytes).ok_or_else(|| {
+        StorageIOError::read_logs(AnyError::error(format!(
+            "checksum mismatch in {}",
+            path.display()
+        )))
+    })?;
+    codec::decode_log_id(body).map_err(|e| StorageIOError::read_logs(io_err(e)).into())
+}
+
+fn read_log_id(wal: &Wal, index: LogIndex) -> Result<LogId, StorageError> {
+    let entries = wal
+        .read(index, LogIndex(index.0 + 1))
+        .map_err(|e| StorageIOError::read_logs(io_err(e)))?;
+    let (_, bytes) = entries.first().ok_or_else(|| {
+        StorageIOError::read_log_at_index(index.0, AnyError::error("entry missing"))
+    })?;
+    let entry = codec::decode_entry(bytes)
+        .map_err(|e| StorageIOError::read_log_at_index(index.0, io_err(e)))?;
+    Ok(*entry.get_log_id())
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let start = match range.start_bound() {
+            Bound::Included(&s) => s,
+            Bound::Excluded(&s) => s + 1,
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(&e) => e.saturating_add(1),
+            Bound::Excluded(&e) => e,
+            Bound::Unbounded => u64::MAX,
+        };
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        let raw = self
+            .inner
+            .wal
+            .read(LogIndex(start), LogIndex(end))
+            .map_err(|e| StorageIOError::read_logs(io_err(e)))?;
+        raw.iter()
+            .map(|(index, bytes)| {
+                let entry = codec::decode_entry(bytes)
+                    .map_err(|e| StorageIOError::read_log_at_index(index.0, io_err(e)))?;
+                // Paired check: the index the Wal filed it under is the index inside it.
+                assert_eq!(
+                    entry.get_log_id().index,
+                    index.0,
+                    "log entry filed at wrong index"
+                );
+                Ok(entry)
+            })
+            .collect()
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        Ok(self.inner.state.lock().clone())
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
+        self.inner
+            .wal
+            .save_vote(&codec::encode_vote(vote))
+            .map_err(|e| StorageIOError::write_vote(io_err(e)).into())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
+        match self.inner.wal.vote() {
+            None => Ok(None),
+            Some(bytes) => codec::decode_vote(&bytes)
+                .map(Some)
+                .map_err(|e| StorageIOError::read_vote(io_err(e)).into()),
+        }
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        if let Some(id) = committed {
+            self.inner
+                .committed_index
+                .fetch_max(id.index, Ordering::Relaxed);
+        }
+        // Buffered on purpose: openraft calls this before every apply batch, and a stale value
+        // after a power failure only means re-applying less at startup.
+        self.inner
+            .wal
+            .save_committed(&codec::encode_log_id(&committed))
+            .map_err(|e| StorageIOError::write_logs(io_err(e)).into())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        match self.inner.wal.committed() {
+            None => Ok(None),
+            Some(bytes) => match codec::decode_log_id(&bytes) {
+                Ok(Some(committed)) => {
+                    // A committed id past the last entry can only come from a log that lost
+                    // synced entries (outside raft-log's recovery assumption). Re-applying up
+                    // to it would read entries that are gone, so clamp it and let the leader
+                    // re-replicate the rest.
+                    let last = self.inner.state.lock().last_log_id;
+                    if last.is_none_or(|last| last.index < committed.index) {
+                        tracing::warn!(committed = committed.index, last = ?last, "committed log id is past the end of the log; clamping");
+                        return Ok(last);
+                    }
+                    Ok(Some(committed))
+                }
+                Ok(None) => Ok(None),
+                Err(e) => {
+                    tracing::warn!(error = %e, "committed log id unreadable; ignoring it");
+                    Ok(None)
+                }
+            },
+        }
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let mut first: Option<u64> = None;
+        let mut last: Option<LogId> = None;
+        let mut payloads = Vec::new();
+        for entry in entries {
+            let log_id = *entry.get_log_id();
+            if let Some(prev) = last {
+                assert_eq!(log_id.index, prev.index + 1, "openraft appended a hole");
+            }
+            first.get_or_insert(log_id.index);
+            last = Some(log_id);
+            payloads.push(codec::encode_entry(&entry));
+        }
+        if let (Some(first), Some(last)) = (first, last) {
+            self.inner
+                .wal
+                .append(LogIndex(first), &payloads, Durability::Buffered)
+                .map_err(|e| StorageIOError::write_logs(io_err(e)))?;
+            self.inner.state.lock().last_log_id = Some(last);
+        }
+        // Durability is the flusher's job; the entries are readable already.
+        self.inner
+            .flusher
+            .send(callback)
+            .map_err(|_| StorageIOError::write_logs(AnyError::error("log flusher stopped")))?;
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let wal = &self.inner.wal;
+        wal.truncate_from(LogIndex(log_id.index))
+            .map_err(|e| StorageIOError::write_logs(io_err(e)))?;
+        let last = match wal.last_index() {
+            Some(index) => Some(read_log_id(wal, index)?),
+            None => self.inner.state.lock().last_purged_log_id,
+        };
+        self.inner.state.lock().last_log_id = last;
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let path = self.inner.dir.join(PURGED_FILE);
+        // The purged id goes to disk before any entry is deleted (openraft's rule): a crash
+        // after this line leaves entries that `open` purges again.
+        atomic_file::write_durably(
+            &path,
+            &atomic_file::seal(&codec::encode_log_id(&Some(log_id))),
+        )
+        .map_err(|e| StorageIOError::write_logs(io_err(e)))?;
+        {
+            let mut state = self.inner.state.lock();
+            state.last_purged_log_id = Some(log_id);
+            if state
+                .last_log_id
+                .is_none_or(|last| last.index < log_id.index)
+            {
+                state.last_log_id = Some(log_id);
+            }
+        }
+        self.inner
+            .wal
+            .purge_through(LogIndex(log_id.index))
+            .map_err(|e| StorageIOError::write_logs(io_err(e)).into())
+    }
+}

@@ -1,0 +1,197 @@
+//! `Proposer`: coalesces concurrent sends into one Raft entry.
+//!
+//! openraft 0.9 turns each `client_write` into one log entry and waits for its fsync before it
+//! takes the next, so a leader that proposed one entry per message would manage about one
+//! message per fsync. The proposer queues sends, and a single task drains whatever is queued
+//! into one `Command::SendBatch` (bounded in count and bytes), keeping up to
+//! `in_flight_max` batches in openraft at once. Under load batches grow by themselves; an idle
+//! leader proposes a lone send at once, so a single sender pays no batching delay.
+//!
+//! Step 3 of "Life of a chat message" in ARCHITECTURE.md.
+
+use std::sync::Arc;
+
+use chat_sm::{ChatResponse, Command, RejectReason, SendCmd, Sent};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::Raft;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::metrics::Metrics;
+use crate::types::{Member, NodeId, TypeConfig};
+
+/// Bounds on one proposed batch and on the proposer's queue.
+#[derive(Debug, Clone)]
+pub struct ProposerConfig {
+    /// Most sends in one entry. Default 1024; at least 1.
+    pub batch_count_max: usize,
+    /// Most body bytes in one entry (a batch is closed once it reaches this). Default 1 MiB.
+    pub batch_bytes_max: usize,
+    /// Most batches proposed but not yet applied. Default 8; at least 1.
+    pub in_flight_max: usize,
+    /// Sends waiting for a batch; further sends wait for room. Default 65536.
+    pub queue_len: usize,
+}
+
+impl Default for ProposerConfig {
+    fn default() -> Self {
+        ProposerConfig {
+            batch_count_max: 1024,
+            batch_bytes_max: 1 << 20,
+            in_flight_max: 8,
+            queue_len: 65536,
+        }
+    }
+}
+
+/// A send's outcome once its entry was applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Proposed {
+    /// The message's channel seq, or the deterministic rejection.
+    pub result: Result<Sent, RejectReason>,
+    /// Log index of the entry that carried it: the sender's read token.
+    pub log_index: u64,
+}
+
+/// Why a send was not applied, or may not have been.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProposeError {
+    /// This node is not the leader; the send was definitely not applied here.
+    #[error("not the leader")]
+    NotLeader {
+        /// The leader, if this node knows it.
+        leader: Option<(NodeId, Member)>,
+    },
+    /// Raft is shutting down or stopped; the outcome is unknown, retry with the same key.
+    #[error("raft is unavailable: {0}")]
+    Unavailable(&'static str),
+}
+
+struct Pending {
+    send: SendCmd,
+    reply: oneshot::Sender<Result<Proposed, ProposeError>>,
+}
+
+/// Handle to the proposer task. Cheap to clone.
+#[derive(Clone)]
+pub struct Proposer {
+    tx: mpsc::Sender<Pending>,
+}
+
+impl Proposer {
+    /// Starts the proposer task for `raft`. The task ends when every handle is dropped.
+    pub fn spawn(
+        raft: Raft<TypeConfig>,
+        config: ProposerConfig,
+        metrics: Arc<Metrics>,
+    ) -> Proposer {
+        assert!(config.batch_count_max >= 1 && config.in_flight_max >= 1);
+        let (tx, rx) = mpsc::channel(config.queue_len.max(1));
+        tokio::spawn(run(raft, config, rx, metrics));
+        Proposer { tx }
+    }
+
+    /// Proposes one send and waits until its entry is applied (or fails).
+    ///
+    /// # Errors
+    /// [`ProposeError::NotLeader`] when this node cannot propose; `Unavailable` when Raft
+    /// stopped, in which case the send may or may not have been applied.
+    #[tracing::instrument(level = "debug", skip_all, fields(channel = %send.channel, client_seq = send.client_seq))]
+    pub async fn propose(&self, send: SendCmd) -> Result<Proposed, ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Pending { send, reply })
+            .await
+            .map_err(|_| ProposeError::Unavailable("proposer stopped"))?;
+        rx.await
+            .map_err(|_| ProposeError::Unavailable("proposer dropped the send"))?
+    }
+}
+
+async fn run(
+    raft: Raft<TypeConfig>,
+    config: ProposerConfig,
+    mut rx: mpsc::Receiver<Pending>,
+    metrics: Arc<Metrics>,
+) {
+    let permits = Arc::new(Semaphore::new(config.in_flight_max));
+    while let Some(first) = rx.recv().await {
+        // Wait for room before draining, so everything that queued meanwhile joins this batch.
+        let permit = permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let batch = drain_batch(first, &mut rx, &config);
+        metrics.batch_sends.observe(batch.len() as f64);
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            propose_batch(&raft, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Takes `first` plus whatever is queued now, up to the batch bounds.
+fn drain_batch(
+    first: Pending,
+    rx: &mut mpsc::Receiver<Pending>,
+    config: &ProposerConfig,
+) -> Vec<Pending> {
+    let mut bytes = first.send.body.len();
+    let mut batch = vec![first];
+    while batch.len() < config.batch_count_max && bytes < config.batch_bytes_max {
+        match rx.try_recv() {
+            Ok(next) => {
+                bytes += next.send.body.len();
+                batch.push(next);
+            }
+            Err(_) => break,
+        }
+    }
+    batch
+}
+
+async fn propose_batch(raft: &Raft<TypeConfig>, batch: Vec<Pending>) {
+    let (sends, replies): (Vec<SendCmd>, Vec<_>) =
+        batch.into_iter().map(|p| (p.send, p.reply)).unzip();
+    let count = sends.len();
+    tracing::debug!(count, "proposing batch");
+    match raft.client_write(Command::SendBatch(sends)).await {
+        Ok(response) => {
+            let log_index = response.log_id.index;
+            let results = match response.data {
+                ChatResponse::Batch(results) => results,
+                // The whole batch refused (e.g. over MAX_BATCH_SENDS): every send gets the reason.
+                ChatResponse::Rejected(reason) => vec![Err(reason); count],
+                other => panic!("state machine answered a batch with {other:?}"),
+            };
+            assert_eq!(results.len(), count, "one result per send in the batch");
+            for (reply, result) in replies.into_iter().zip(results) {
+                // The caller may have given up (its RPC deadline passed); the send is applied
+                // regardless, and a retry with the same key gets this same answer.
+                let _ = reply.send(Ok(Proposed { result, log_index }));
+            }
+        }
+        Err(e) => {
+            let error = map_write_error(e);
+            for reply in replies {
+                // As above: a caller that went away needs no answer.
+                let _ = reply.send(Err(error.clone()));
+            }
+        }
+    }
+}
+
+fn map_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, Member>>) -> ProposeError {
+    match e {
+        // openraft answers ForwardToLeader either before proposing or after truncating the
+        // entry as conflicting: both mean the entry was not applied.
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ProposeError::NotLeader {
+            leader: f.leader_id.zip(f.leader_node),
+        },
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(_)) => {
+            ProposeError::Unavailable("membership change in progress")
+        }
+        RaftError::Fatal(_) => ProposeError::Unavailable("raft stopped"),
+    }
+}

@@ -1,0 +1,380 @@
+//! Node-to-node Raft RPC over tarpc: the `RaftRpc` service, its server, and openraft's network
+//! factory with a per-peer connection pool.
+//!
+//! Every request names the node it is meant for. A node that receives a request addressed to
+//! another id answers `WrongNode` instead of acting on it, so an address reused by a different
+//! node (a restart on a recycled port, a stale membership) can never make a leader replicate
+//! to the wrong node or to itself.
+//!
+//! Each peer gets two connections: one for AppendEntries and votes, one for snapshot chunks,
+//! so multi-megabyte snapshot frames never queue ahead of heartbeats on one TCP stream.
+//!
+//! Step 5 of "Life of a chat message" in ARCHITECTURE.md.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::Raft;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tarpc::client::RpcError;
+use tarpc::context;
+use tarpc::server::{BaseChannel, Channel};
+
+use crate::cluster::{self, JoinError, JoinReply, JoinRequest};
+use crate::types::{Member, NodeId, TypeConfig};
+
+/// A request that reached a node other than the one it was addressed to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("request for node {wanted} reached node {actual}")]
+pub struct WrongNode {
+    /// The addressee.
+    pub wanted: NodeId,
+    /// Who answered.
+    pub actual: NodeId,
+}
+
+/// The node-to-node Raft service. Each method takes the addressee's id first.
+#[tarpc::service]
+pub trait RaftRpc {
+    /// openraft AppendEntries (replication and heartbeats).
+    async fn append(
+        to: NodeId,
+        req: AppendEntriesRequest<TypeConfig>,
+    ) -> Result<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>, WrongNode>;
+    /// openraft RequestVote.
+    async fn vote(
+        to: NodeId,
+        req: VoteRequest<NodeId>,
+    ) -> Result<Result<VoteResponse<NodeId>, RaftError<NodeId>>, WrongNode>;
+    /// One chunk of a snapshot.
+    async fn snapshot(
+        to: NodeId,
+        req: InstallSnapshotRequest<TypeConfig>,
+    ) -> Result<
+        Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
+        WrongNode,
+    >;
+    /// Asks the leader to add the sender to the cluster (see `cluster::handle_join`).
+    async fn join(to: NodeId, req: JoinRequest) -> Result<Result<JoinReply, JoinError>, WrongNode>;
+}
+
+/// Serves `RaftRpc` for one node by calling into its `Raft`.
+#[derive(Clone)]
+pub struct RaftRpcServer {
+    id: NodeId,
+    cluster: Arc<str>,
+    raft: Raft<TypeConfig>,
+}
+
+impl RaftRpcServer {
+    /// A server for node `id` of `cluster`.
+    pub fn new(id: NodeId, cluster: &str, raft: Raft<TypeConfig>) -> Self {
+        RaftRpcServer {
+            id,
+            cluster: cluster.into(),
+            raft,
+        }
+    }
+
+    fn check(&self, to: NodeId) -> Result<(), WrongNode> {
+        if to == self.id {
+            Ok(())
+        } else {
+            tracing::warn!(wanted = to, "raft rpc addressed to another node");
+            Err(WrongNode {
+                wanted: to,
+                actual: self.id,
+            })
+        }
+    }
+}
+
+impl RaftRpc for RaftRpcServer {
+    async fn append(
+        self,
+        _: context::Context,
+        to: NodeId,
+        req: AppendEntriesRequest<TypeConfig>,
+    ) -> Result<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>, WrongNode> {
+        self.check(to)?;
+        Ok(self.raft.append_entries(req).await)
+    }
+
+    async fn vote(
+        self,
+        _: context::Context,
+        to: NodeId,
+        req: VoteRequest<NodeId>,
+    ) -> Result<Result<VoteResponse<NodeId>, RaftError<NodeId>>, WrongNode> {
+        self.check(to)?;
+        Ok(self.raft.vote(req).await)
+    }
+
+    async fn snapshot(
+        self,
+        _: context::Context,
+        to: NodeId,
+        req: InstallSnapshotRequest<TypeConfig>,
+    ) -> Result<
+        Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
+        WrongNode,
+    > {
+        self.check(to)?;
+        Ok(self.raft.install_snapshot(req).await)
+    }
+
+    async fn join(
+        self,
+        _: context::Context,
+        to: NodeId,
+        req: JoinRequest,
+    ) -> Result<Result<JoinReply, JoinError>, WrongNode> {
+        self.check(to)?;
+        tracing::info!(node = req.id, raft_addr = %req.member.raft_addr, "join request");
+        Ok(cluster::handle_join(&self.raft, &self.cluster, req).await)
+    }
+}
+
+/// How long a join request may take (adding a learner commits a membership entry).
+const JOIN_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Why a join request did not get an answer from the leader.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinCallError {
+    /// No connection.
+    #[error("cannot reach {addr}: {reason}")]
+    Unreachable {
+        /// Where.
+        addr: SocketAddr,
+        /// Why, briefly.
+        reason: String,
+    },
+    /// The node at that address is not who discovery said.
+    #[error(transparent)]
+    WrongNode(#[from] WrongNode),
+    /// The leader refused.
+    #[error(transparent)]
+    Refused(#[from] JoinError),
+}
+
+/// Sends a join request to node `to` at `addr` over a fresh connection.
+///
+/// # Errors
+/// [`JoinCallError`] saying why there was no success.
+pub async fn request_join(
+    addr: SocketAddr,
+    to: NodeId,
+    request: JoinRequest,
+) -> Result<JoinReply, JoinCallError> {
+    let unreachable = |reason: String| JoinCallError::Unreachable { addr, reason };
+    let transport = tokio::time::timeout(CONNECT_TIMEOUT, proto::connect(addr))
+        .await
+        .map_err(|_| unreachable("connect timed out".into()))?
+        .map_err(|e| unreachable(e.to_string()))?;
+    let client = RaftRpcClient::new(tarpc::client::Config::default(), transport).spawn();
+    let mut ctx = context::current();
+    ctx.deadline = Instant::now() + JOIN_TIMEOUT;
+    let reply = client
+        .join(ctx, to, request)
+        .await
+        .map_err(|e| unreachable(e.to_string()))??;
+    Ok(reply?)
+}
+
+type RaftListener =
+    proto::Listener<tarpc::ClientMessage<RaftRpcRequest>, tarpc::Response<RaftRpcResponse>>;
+
+/// Binds the Raft RPC listener. Separate from [`serve`] so the caller learns the port before
+/// Raft starts (the port goes into this node's `Member`).
+///
+/// # Errors
+/// The io error from binding.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<RaftListener> {
+    proto::listen(addr).await
+}
+
+/// Accepts Raft RPC connections until the returned task is aborted. Each connection's
+/// requests run concurrently.
+pub fn serve(listener: RaftListener, server: RaftRpcServer) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let transport = match listener.accept().await {
+                Ok((transport, _peer)) => transport,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly rather than spin.
+                    tracing::warn!(error = %e, "raft rpc accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let server = server.clone();
+            tokio::spawn(
+                BaseChannel::with_defaults(transport)
+                    .execute(server.serve())
+                    .for_each(|response| async move {
+                        tokio::spawn(response);
+                    }),
+            );
+        }
+    })
+}
+
+/// Which of a peer's two connections a call uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Lane {
+    /// AppendEntries and votes.
+    Log,
+    /// Snapshot chunks.
+    Snapshot,
+}
+
+type Pool = Arc<Mutex<HashMap<(NodeId, Lane), RaftRpcClient>>>;
+
+/// openraft's network factory: hands out per-peer handles sharing one connection pool.
+#[derive(Clone, Default)]
+pub struct Network {
+    pool: Pool,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &Member) -> PeerClient {
+        PeerClient {
+            target,
+            addr: node.raft_addr.clone(),
+            pool: self.pool.clone(),
+        }
+    }
+}
+
+/// A handle to one peer. Connects lazily; a broken connection is dropped from the pool and
+/// redialed on the next call.
+pub struct PeerClient {
+    target: NodeId,
+    addr: String,
+    pool: Pool,
+}
+
+/// How long a connect may take before the peer counts as unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+fn ctx_for(option: &RPCOption) -> context::Context {
+    let mut ctx = context::current();
+    ctx.deadline = Instant::now() + option.hard_ttl();
+    ctx
+}
+
+impl PeerClient {
+    async fn client<E: std::error::Error>(
+        &self,
+        lane: Lane,
+    ) -> Result<RaftRpcClient, RPCError<NodeId, Member, E>> {
+        if let Some(client) = self.pool.lock().get(&(self.target, lane)) {
+            return Ok(client.clone());
+        }
+        let addr = resolve(&self.addr)
+            .await
+            .map_err(|e| Unreachable::new(&e))?;
+        let transport = tokio::time::timeout(CONNECT_TIMEOUT, proto::connect(addr))
+            .await
+            .map_err(|e| Unreachable::new(&e))?
+            .map_err(|e| Unreachable::new(&e))?;
+        let client = RaftRpcClient::new(tarpc::client::Config::default(), transport).spawn();
+        self.pool.lock().insert((self.target, lane), client.clone());
+        Ok(client)
+    }
+
+    fn transport_error<E: std::error::Error>(
+        &self,
+        lane: Lane,
+        e: RpcError,
+    ) -> RPCError<NodeId, Member, E> {
+        match e {
+            RpcError::Shutdown | RpcError::Send(_) | RpcError::Channel(_) => {
+                self.pool.lock().remove(&(self.target, lane));
+                Unreachable::new(&e).into()
+            }
+            RpcError::DeadlineExceeded | RpcError::Server(_) => NetworkError::new(&e).into(),
+        }
+    }
+
+    fn wrong_node<E: std::error::Error>(
+        &self,
+        lane: Lane,
+        e: WrongNode,
+    ) -> RPCError<NodeId, Member, E> {
+        // The address now belongs to someone else: forget the connection and back off.
+        self.pool.lock().remove(&(self.target, lane));
+        Unreachable::new(&e).into()
+    }
+}
+
+async fn resolve(addr: &str) -> std::io::Result<SocketAddr> {
+    if let Ok(addr) = addr.parse() {
+        return Ok(addr);
+    }
+    tokio::net::lookup_host(addr)
+        .await?
+        .next()
+        .ok_or_else(|| std::io::Error::other(format!("{addr} resolves to no address")))
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
+        let client = self.client(Lane::Log).await?;
+        match client.append(ctx_for(&option), self.target, rpc).await {
+            Ok(Ok(Ok(response))) => Ok(response),
+            Ok(Ok(Err(e))) => Err(RemoteError::new(self.target, e).into()),
+            Ok(Err(wrong)) => Err(self.wrong_node(Lane::Log, wrong)),
+            Err(e) => Err(self.transport_error(Lane::Log, e)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
+        let client = self.client(Lane::Log).await?;
+        match client.vote(ctx_for(&option), self.target, rpc).await {
+            Ok(Ok(Ok(response))) => Ok(response),
+            Ok(Ok(Err(e))) => Err(RemoteError::new(self.target, e).into()),
+            Ok(Err(wrong)) => Err(self.wrong_node(Lane::Log, wrong)),
+            Err(e) => Err(self.transport_error(Lane::Log, e)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, Member, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        let client = self.client(Lane::Snapshot).await?;
+        match client.snapshot(ctx_for(&option), self.target, rpc).await {
+            Ok(Ok(Ok(response))) => Ok(response),
+            Ok(Ok(Err(e))) => Err(RemoteError::new(self.target, e).into()),
+            Ok(Err(wrong)) => Err(self.wrong_node(Lane::Snapshot, wrong)),
+            Err(e) => Err(self.transport_error(Lane::Snapshot, e)),
+        }
+    }
+}

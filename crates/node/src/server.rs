@@ -1,0 +1,340 @@
+//! `Server`: one running cellchat node, wired from its parts.
+//!
+//! `Server::start` opens storage, binds the three listeners (Raft RPC, chat RPC, HTTP metrics)
+//! on ports that are kept across restarts, starts openraft, the proposer, discovery and the
+//! formation loop, and returns a handle. `wait_ready` resolves once the node can serve;
+//! `shutdown` stops it.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use openraft::Raft;
+use proto::discovery::DiscoverySocket;
+use proto::ChatServerTransport;
+use tarpc::server::Serve as _;
+use tarpc::server::{BaseChannel, Channel};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::api::{ApiShared, ChatServer};
+use crate::cluster::{self, Formation, NodeAddrs, Peers};
+use crate::config::Config;
+use crate::data_dir::DataDir;
+use crate::delivery::Delivery;
+use crate::log_store::LogStore;
+use crate::metrics::{self, Metrics};
+use crate::proposer::{Proposer, ProposerConfig};
+use crate::raft_rpc::{self, Network, RaftRpcServer};
+use crate::state_machine::StateMachine;
+use crate::types::{NodeId, TypeConfig};
+
+/// Most concurrent requests on one client connection (each open long-poll holds one).
+const CONN_REQUESTS_MAX: usize = 1024;
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A setting is out of bounds.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// A listener could not bind.
+    #[error(
+        "cannot listen for {what} on {addr}: {source}; pick another port or stop what uses it"
+    )]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Storage failed to open (the message names file and offset for corruption).
+    #[error("storage: {0}")]
+    Storage(String),
+    /// openraft failed to start.
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// A running node.
+pub struct Server {
+    id: NodeId,
+    addrs: NodeAddrs,
+    raft: Raft<TypeConfig>,
+    committed: Arc<std::sync::atomic::AtomicU64>,
+    tasks: Vec<JoinHandle<()>>,
+    _data_dir: DataDir,
+}
+
+/// Ports chosen at first start, kept in the data dir so the node's addresses in the cluster
+/// membership stay valid across restarts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Ports {
+    raft: u16,
+    client: u16,
+    metrics: u16,
+}
+
+const PORTS_FILE: &str = "ports";
+
+fn load_ports(dir: &Path) -> Option<Ports> {
+    let text = std::fs::read_to_string(dir.join(PORTS_FILE)).ok()?;
+    let mut ports = Ports {
+        raft: 0,
+        client: 0,
+        metrics: 0,
+    };
+    for part in text.split_whitespace() {
+        let (key, value) = part.split_once('=')?;
+        let value: u16 = value.parse().ok()?;
+        match key {
+            "raft" => ports.raft = value,
+            "client" => ports.client = value,
+            "metrics" => ports.metrics = value,
+            _ => return None,
+        }
+    }
+    Some(ports)
+}
+
+fn save_ports(dir: &Path, ports: Ports) -> std::io::Result<()> {
+    let text = format!(
+        "raft={} client={} metrics={}\n",
+        ports.raft, ports.client, ports.metrics
+    );
+    let tmp = dir.join("ports.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, dir.join(PORTS_FILE))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Server {
+    /// Starts a node in `data_dir` (locked by the caller).
+    ///
+    /// # Errors
+    /// [`ServerError`] naming what failed and what to do.
+    pub async fn start(config: Config, data_dir: DataDir) -> Result<Server, ServerError> {
+        config.validate().map_err(ServerError::Config)?;
+        let raft_config = Arc::new(config.raft_config().map_err(ServerError::Config)?);
+        let id = data_dir.node_id();
+        let dir = data_dir.path().to_path_buf();
+        let kept = load_ports(&dir);
+        let pick = |flag: u16, kept: Option<u16>| if flag != 0 { flag } else { kept.unwrap_or(0) };
+        let host = config.bind_host;
+        let raft_addr = SocketAddr::new(host, pick(config.raft_port, kept.map(|p| p.raft)));
+        let client_addr = SocketAddr::new(host, pick(config.client_port, kept.map(|p| p.client)));
+        let metrics_addr =
+            SocketAddr::new(host, pick(config.metrics_port, kept.map(|p| p.metrics)));
+        let raft_listener =
+            raft_rpc::bind(raft_addr)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    what: "raft rpc",
+                    addr: raft_addr,
+                    source,
+                })?;
+        let client_listener: proto::ChatListener =
+            proto::listen(client_addr)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    what: "clients",
+                    addr: client_addr,
+                    source,
+                })?;
+        let metrics_listener =
+            TcpListener::bind(metrics_addr)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    what: "metrics",
+                    addr: metrics_addr,
+                    source,
+                })?;
+        let metrics_local = metrics_listener
+            .local_addr()
+            .map_err(|source| ServerError::Bind {
+                what: "metrics",
+                addr: metrics_addr,
+                source,
+            })?;
+        let ports = Ports {
+            raft: raft_listener.local_addr().port(),
+            client: client_listener.local_addr().port(),
+            metrics: metrics_local.port(),
+        };
+        if kept != Some(ports) {
+            save_ports(&dir, ports)
+                .map_err(|e| ServerError::Storage(format!("saving ports: {e}")))?;
+        }
+        let advertised = config.advertised_host();
+        let addrs = NodeAddrs {
+            raft: SocketAddr::new(advertised, ports.raft),
+            client: SocketAddr::new(advertised, ports.client),
+            metrics: SocketAddr::new(advertised, ports.metrics),
+        };
+
+        let log_store =
+            LogStore::open(&dir.join("log")).map_err(|e| ServerError::Storage(e.to_string()))?;
+        let state_machine =
+            StateMachine::open(&dir.join("sm")).map_err(|e| ServerError::Storage(e.to_string()))?;
+        let committed = log_store.committed_index();
+        let chat = state_machine.chat().clone();
+        let delivery = Delivery::new(chat.applied_index().map_or(0, |i| i.0));
+        chat.set_apply_listener(delivery.listener());
+        let raft = Raft::new(
+            id,
+            raft_config,
+            Network::default(),
+            log_store,
+            state_machine,
+        )
+        .await
+        .map_err(|e| ServerError::Raft(e.to_string()))?;
+        let metrics = Arc::new(Metrics::new(committed.clone()));
+        let proposer = Proposer::spawn(raft.clone(), ProposerConfig::default(), metrics.clone());
+        let peers = Peers::default();
+        let shared = Arc::new(ApiShared {
+            id,
+            cluster: config.cluster.clone(),
+            raft: raft.clone(),
+            chat,
+            delivery,
+            proposer,
+            peers: peers.clone(),
+            metrics: metrics.clone(),
+            user_buckets: Default::default(),
+            user_rate_per_s: config.user_rate_per_s,
+            user_burst: config.user_burst,
+            conn_rate_per_s: config.conn_rate_per_s,
+            conn_burst: config.conn_burst,
+        });
+
+        let mut tasks = vec![
+            raft_rpc::serve(
+                raft_listener,
+                RaftRpcServer::new(id, &config.cluster, raft.clone()),
+            ),
+            serve_clients(client_listener, shared),
+            metrics::serve(metrics_listener, metrics, raft.clone()),
+        ];
+        let socket = DiscoverySocket::bind(
+            config.discovery_port,
+            config.broadcast,
+            config.cluster.clone(),
+        )
+        .map_err(|source| ServerError::Bind {
+            what: "discovery",
+            addr: SocketAddr::from(([0, 0, 0, 0], config.discovery_port)),
+            source,
+        })?;
+        let started_ms = now_ms();
+        let announce_raft = raft.clone();
+        let cluster_name = config.cluster.clone();
+        let announce =
+            move || cluster::self_announce(&announce_raft, &cluster_name, &addrs, started_ms);
+        tasks.push(tokio::spawn(cluster::run_discovery(
+            socket,
+            announce,
+            peers.clone(),
+            config.join.clone(),
+        )));
+        let formation = Formation {
+            raft: raft.clone(),
+            id,
+            cluster: config.cluster.clone(),
+            member: addrs.member(),
+            peers,
+            window: config.formation_window(),
+            bootstrap_expect: config.bootstrap_expect,
+            max_voters: config.max_voters,
+            election_timeout_max: Duration::from_millis(config.election_timeout_ms_max),
+        };
+        tasks.push(tokio::spawn(formation.run()));
+        tracing::info!(node = id, raft = %addrs.raft, client = %addrs.client, metrics = %addrs.metrics, "node started");
+        Ok(Server {
+            id,
+            addrs,
+            raft,
+            committed,
+            tasks,
+            _data_dir: data_dir,
+        })
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// This node's advertised addresses.
+    pub fn addrs(&self) -> NodeAddrs {
+        self.addrs
+    }
+
+    /// This node's Raft handle.
+    pub fn raft(&self) -> &Raft<TypeConfig> {
+        &self.raft
+    }
+
+    /// Waits until the node knows a leader and has applied everything it knows is committed.
+    pub async fn wait_ready(&self) {
+        let mut rx = self.raft.metrics();
+        loop {
+            if metrics::is_ready(
+                &self.raft,
+                self.committed.load(std::sync::atomic::Ordering::Relaxed),
+            ) {
+                return;
+            }
+            // Re-check on every metrics change, and at least every 100 ms (the committed index
+            // lives outside openraft's metrics).
+            let _changed = tokio::time::timeout(Duration::from_millis(100), rx.changed()).await;
+        }
+    }
+
+    /// Stops Raft and every task of this node. The data dir lock is released when the
+    /// `Server` is dropped.
+    pub async fn shutdown(self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown reported an error");
+        }
+        for task in &self.tasks {
+            task.abort();
+        }
+        tracing::info!(node = self.id, "node stopped");
+    }
+}
+
+fn serve_clients(listener: proto::ChatListener, shared: Arc<ApiShared>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let transport: ChatServerTransport = match listener.accept().await {
+                Ok((transport, _peer)) => transport,
+                Err(e) => {
+                    tracing::warn!(error = %e, "client accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let server = ChatServer::new(shared.clone());
+            tokio::spawn(
+                BaseChannel::with_defaults(transport)
+                    .max_concurrent_requests(CONN_REQUESTS_MAX)
+                    .execute(proto::Chat::serve(server))
+                    .for_each(|response| async move {
+                        tokio::spawn(response);
+                    }),
+            );
+        }
+    })
+}
