@@ -1,0 +1,485 @@
+//! Test helpers: start real `server` processes on loopback, each test cluster with its own
+//! cluster name and discovery port (so parallel tests never merge), and talk to them.
+//!
+//! Every process a `TestCluster` starts is killed by pid when the cluster is dropped, even if
+//! the test panics.
+
+use std::io::{BufRead, BufReader};
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use ed25519_dalek::{Signer, SigningKey};
+use proto::discovery::{DiscoverySocket, NodeAnnounce, Packet};
+use proto::{ApiError, ChatClient, Hello, Login, SendReply, SendRequest};
+
+/// Where cargo put the `server` binary: next to the test binary's `deps/` directory.
+///
+/// # Errors
+/// When it is not there (build it with `cargo build -p server`).
+pub fn server_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the test binary")?;
+    let mut dir = exe
+        .parent()
+        .context("test binary has no parent")?
+        .to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let server = dir.join("server");
+    if !server.exists() {
+        bail!(
+            "{} not found: build it first with `cargo build -p server` (cargo test --workspace does)",
+            server.display()
+        );
+    }
+    Ok(server)
+}
+
+/// A free UDP port on loopback (bound and released; good enough for a test's discovery port).
+pub fn free_udp_port() -> u16 {
+    let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("binding a UDP port");
+    socket.local_addr().expect("local addr").port()
+}
+
+/// What a node printed on its `ready` line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ready {
+    /// Node id.
+    pub id: u64,
+    /// Chat RPC address.
+    pub client: SocketAddr,
+    /// Raft RPC address.
+    pub raft: SocketAddr,
+    /// Metrics address.
+    pub metrics: SocketAddr,
+}
+
+fn parse_ready(line: &str) -> Option<Ready> {
+    let rest = line.strip_prefix("ready ")?;
+    let mut id = None;
+    let mut client = None;
+    let mut raft = None;
+    let mut metrics = None;
+    for part in rest.split_whitespace() {
+        let (key, value) = part.split_once('=')?;
+        match key {
+            "node" => id = value.parse().ok(),
+            "client" => client = value.parse().ok(),
+            "raft" => raft = value.parse().ok(),
+            "metrics" => metrics = value.parse().ok(),
+            _ => {}
+        }
+    }
+    Some(Ready {
+        id: id?,
+        client: client?,
+        raft: raft?,
+        metrics: metrics?,
+    })
+}
+
+/// One server process.
+pub struct NodeProc {
+    child: Option<Child>,
+    data_dir: PathBuf,
+    log: PathBuf,
+    ready_rx: Option<mpsc::Receiver<Ready>>,
+    ready: Option<Ready>,
+}
+
+impl NodeProc {
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The node's data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// What the node printed when ready (waits for it if needed).
+    ///
+    /// # Errors
+    /// The node exited or did not get ready within `timeout`.
+    pub fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<Ready> {
+        if let Some(ready) = &self.ready {
+            return Ok(ready.clone());
+        }
+        let rx = self.ready_rx.as_ref().context("node was not started")?;
+        let ready = rx.recv_timeout(timeout).map_err(|_| {
+            anyhow::anyhow!(
+                "node in {} not ready within {timeout:?}; log:\n{}",
+                self.data_dir.display(),
+                tail(&self.log, 40)
+            )
+        })?;
+        self.ready = Some(ready.clone());
+        Ok(ready)
+    }
+
+    /// The last ready line seen (after `wait_ready`).
+    pub fn ready(&self) -> Option<&Ready> {
+        self.ready.as_ref()
+    }
+
+    /// The last lines of the node's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        tail(&self.log, lines)
+    }
+
+    /// kill -9, and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // The process may have exited already; either way it is gone after wait().
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.ready_rx = None;
+    }
+
+    /// SIGTERM, then wait up to `timeout` for a clean exit (kill -9 after that).
+    /// Returns whether it exited by itself.
+    pub fn terminate(&mut self, timeout: Duration) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        // The pid is our own unreaped child, so it cannot name another process.
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        if !sent.is_ok_and(|s| s.success()) {
+            let _ = child.kill();
+        }
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A cluster of server processes private to one test.
+pub struct TestCluster {
+    dir: tempfile::TempDir,
+    /// The cluster name, unique per test cluster.
+    pub cluster: String,
+    /// The discovery port, unique per test cluster.
+    pub discovery_port: u16,
+    extra_args: Vec<String>,
+    /// The nodes, in start order.
+    pub nodes: Vec<NodeProc>,
+}
+
+impl TestCluster {
+    /// A new, empty test cluster. `extra_args` go to every server (e.g. snapshot settings).
+    ///
+    /// # Errors
+    /// Cannot make the temp dir.
+    pub fn new(name: &str, extra_args: &[&str]) -> anyhow::Result<TestCluster> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("cellchat-{name}-"))
+            .tempdir()
+            .context("creating the test dir")?;
+        let suffix: u32 = rand::random();
+        Ok(TestCluster {
+            dir,
+            cluster: format!("test-{name}-{suffix:08x}"),
+            discovery_port: free_udp_port(),
+            extra_args: extra_args.iter().map(|s| (*s).to_owned()).collect(),
+            nodes: Vec::new(),
+        })
+    }
+
+    /// The directory holding every node's data.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Starts a new node (does not wait for it). Returns its index.
+    ///
+    /// # Errors
+    /// The server binary is missing or cannot start.
+    pub fn spawn_node(&mut self) -> anyhow::Result<usize> {
+        let index = self.nodes.len();
+        let data_dir = self.dir.path().join(format!("node-{}", index + 1));
+        let node = self.launch(&data_dir, index)?;
+        self.nodes.push(node);
+        Ok(index)
+    }
+
+    fn launch(&self, data_dir: &Path, index: usize) -> anyhow::Result<NodeProc> {
+        let log = self.dir.path().join(format!("node-{}.log", index + 1));
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .context("opening the node log")?;
+        let mut child = Command::new(server_binary()?)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--cluster", &self.cluster])
+            .args(["--discovery-port", &self.discovery_port.to_string()])
+            .args(["--formation-window-ms", "700"])
+            .args(["--log", "info,openraft=warn"])
+            .args(&self.extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .spawn()
+            .context("starting the server")?;
+        let stdout = child.stdout.take().context("server stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(ready) = parse_ready(&line) {
+                    // The test may have stopped waiting; nothing to do then.
+                    let _ = tx.send(ready);
+                }
+            }
+        });
+        Ok(NodeProc {
+            child: Some(child),
+            data_dir: data_dir.to_path_buf(),
+            log,
+            ready_rx: Some(rx),
+            ready: None,
+        })
+    }
+
+    /// Starts a node and waits until it is ready.
+    ///
+    /// # Errors
+    /// As [`spawn_node`](Self::spawn_node), or the node did not get ready in time.
+    pub fn start_node(&mut self, timeout: Duration) -> anyhow::Result<usize> {
+        let index = self.spawn_node()?;
+        self.nodes[index].wait_ready(timeout)?;
+        Ok(index)
+    }
+
+    /// Restarts node `index` in its own data dir and waits until it is ready.
+    ///
+    /// # Errors
+    /// The node did not start or get ready.
+    pub fn restart(&mut self, index: usize, timeout: Duration) -> anyhow::Result<Ready> {
+        self.nodes[index].kill9();
+        let data_dir = self.nodes[index].data_dir.clone();
+        self.nodes[index] = self.launch(&data_dir, index)?;
+        self.nodes[index].wait_ready(timeout)
+    }
+
+    /// Every node discovery finds in this cluster, by probing for `wait`.
+    ///
+    /// # Errors
+    /// Socket errors.
+    pub async fn discover(&self, wait: Duration) -> anyhow::Result<Vec<NodeAnnounce>> {
+        let socket = DiscoverySocket::ephemeral(
+            self.discovery_port,
+            proto::discovery::DEFAULT_BROADCAST,
+            self.cluster.clone(),
+        )?;
+        socket
+            .send_broadcast(&Packet::Probe {
+                cluster: self.cluster.clone(),
+                nonce: rand::random(),
+                from_client: true,
+            })
+            .await?;
+        let mut found = std::collections::BTreeMap::new();
+        let deadline = tokio::time::Instant::now() + wait;
+        while let Ok(received) = tokio::time::timeout_at(deadline, socket.recv()).await {
+            if let Ok((Packet::Announce(a), _)) = received {
+                found.insert(a.node_id, a);
+            }
+        }
+        Ok(found.into_values().collect())
+    }
+
+    /// Waits until discovery shows exactly one leader among `expected` nodes that all follow
+    /// it, and returns the announcements.
+    ///
+    /// # Errors
+    /// Not converged within `timeout`; the error shows the last view.
+    pub async fn wait_converged(
+        &self,
+        expected: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<NodeAnnounce>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let view = self.discover(Duration::from_millis(400)).await?;
+            let leaders: Vec<u64> = view
+                .iter()
+                .filter(|a| a.role == proto::Role::Leader)
+                .map(|a| a.node_id)
+                .collect();
+            let agreed = leaders.len() == 1 && view.iter().all(|a| a.leader == Some(leaders[0]));
+            if view.len() == expected && agreed {
+                return Ok(view);
+            }
+            if Instant::now() > deadline {
+                bail!("cluster did not converge on one leader of {expected} nodes; last view: {view:#?}");
+            }
+        }
+    }
+}
+
+/// A logged-in chat connection to one node, for tests.
+pub struct TestClient {
+    /// The tarpc client.
+    pub client: ChatClient,
+    /// Which node.
+    pub addr: SocketAddr,
+}
+
+/// A user identity for tests: a name and a fresh Ed25519 key.
+#[derive(Clone)]
+pub struct TestUser {
+    /// User name.
+    pub name: String,
+    key: SigningKey,
+}
+
+impl TestUser {
+    /// A new user with a random key.
+    pub fn new(name: &str) -> TestUser {
+        TestUser {
+            name: name.to_owned(),
+            key: SigningKey::from_bytes(&rand::random()),
+        }
+    }
+}
+
+fn ctx(timeout: Duration) -> tarpc::context::Context {
+    let mut ctx = tarpc::context::current();
+    ctx.deadline = std::time::Instant::now() + timeout;
+    ctx
+}
+
+impl TestClient {
+    /// Connects and says hello (no login).
+    ///
+    /// # Errors
+    /// Connection or protocol errors.
+    pub async fn connect(
+        addr: SocketAddr,
+        cluster: &str,
+    ) -> anyhow::Result<(TestClient, [u8; 32])> {
+        let client = proto::connect_chat(addr).await?;
+        let welcome = client
+            .hello(ctx(Duration::from_secs(5)), Hello::new(cluster, None))
+            .await??;
+        Ok((TestClient { client, addr }, welcome.challenge))
+    }
+
+    /// Connects, says hello and logs in as `user`.
+    ///
+    /// # Errors
+    /// Connection, protocol or login errors.
+    pub async fn login(
+        addr: SocketAddr,
+        cluster: &str,
+        user: &TestUser,
+    ) -> anyhow::Result<TestClient> {
+        let (this, challenge) = TestClient::connect(addr, cluster).await?;
+        let message = proto::login_message(&challenge, cluster, &user.name);
+        let login = Login {
+            name: user.name.clone(),
+            public_key: user.key.verifying_key().to_bytes(),
+            signature: user.key.sign(&message).to_bytes().to_vec(),
+        };
+        this.client
+            .login(ctx(Duration::from_secs(5)), login)
+            .await??;
+        Ok(this)
+    }
+
+    /// One send attempt.
+    ///
+    /// # Errors
+    /// Transport errors; the API error is in the inner result.
+    pub async fn send(
+        &self,
+        channel: &str,
+        body: &[u8],
+        client_id: [u8; 16],
+        client_seq: u64,
+    ) -> anyhow::Result<Result<SendReply, ApiError>> {
+        let request = SendRequest {
+            channel: channel.to_owned(),
+            body: body.to_vec(),
+            client_id,
+            client_seq,
+        };
+        Ok(self
+            .client
+            .send(ctx(Duration::from_secs(5)), request)
+            .await?)
+    }
+}
+
+/// Finds the leader's client address among the nodes discovery sees.
+///
+/// # Errors
+/// No leader within `timeout`.
+pub async fn leader_client_addr(
+    cluster: &TestCluster,
+    timeout: Duration,
+) -> anyhow::Result<(u64, SocketAddr)> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let view = cluster.discover(Duration::from_millis(300)).await?;
+        if let Some(leader) = view.iter().find(|a| a.role == proto::Role::Leader) {
+            return Ok((leader.node_id, leader.client_addr));
+        }
+        if Instant::now() > deadline {
+            bail!("no leader within {timeout:?}; view: {view:#?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_lines_parse_and_others_do_not() {
+        let ready = parse_ready(
+            "ready node=42 client=127.0.0.1:1 raft=127.0.0.1:2 metrics=127.0.0.1:3 data=/x",
+        )
+        .unwrap();
+        assert_eq!(ready.id, 42);
+        assert_eq!(ready.metrics.port(), 3);
+        assert_eq!(parse_ready("node 42 starting"), None);
+        assert_eq!(parse_ready("ready node=x client=1"), None);
+    }
+}

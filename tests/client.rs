@@ -1,0 +1,606 @@
+//! End-to-end tests of the client library and CLI (issue 4): real `server` processes on
+//! loopback through `testkit`, each test with its own cluster name and discovery port, talked to
+//! through `cellchat_client::Client` or the `client` binary.
+//!
+//! What each test checks is in its name. Timeouts are generous bounds for a loaded 2-core
+//! machine, not performance claims; timing goals live in benchmarks.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use cellchat_client::crypto::{self, ChannelKey, Text};
+use cellchat_client::{Client, ClientConfig, ClientEvent, Error, Identity, WireMessage};
+use proto::HistoryRequest;
+use testkit::{TestClient, TestCluster};
+
+const READY: Duration = Duration::from_secs(30);
+const CONVERGE: Duration = Duration::from_secs(30);
+const RECEIVE: Duration = Duration::from_secs(60);
+
+/// A converged three-node cluster with `extra` server flags.
+async fn three_nodes(name: &str, extra: &[&str]) -> anyhow::Result<TestCluster> {
+    let mut cluster = TestCluster::new(name, extra)?;
+    for _ in 0..3 {
+        cluster.spawn_node()?;
+    }
+    for node in &mut cluster.nodes {
+        node.wait_ready(READY)?;
+    }
+    cluster.wait_converged(3, CONVERGE).await?;
+    Ok(cluster)
+}
+
+fn config(cluster: &TestCluster, identity: Option<Identity>) -> ClientConfig {
+    ClientConfig {
+        identity,
+        ..ClientConfig::new(cluster.cluster.clone(), cluster.discovery_port)
+    }
+}
+
+async fn client_as(cluster: &TestCluster, name: &str) -> anyhow::Result<Client> {
+    let identity = Identity::ephemeral(name, None);
+    Ok(Client::connect(config(cluster, Some(identity))).await?)
+}
+
+/// Receives `count` messages or fails after `timeout`.
+async fn receive(
+    sub: &mut cellchat_client::Subscription,
+    count: usize,
+    timeout: Duration,
+) -> anyhow::Result<Vec<WireMessage>> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut got = Vec::new();
+    while got.len() < count {
+        match tokio::time::timeout_at(deadline, sub.recv()).await {
+            Ok(Some(Ok(message))) => got.push(message),
+            Ok(Some(Err(e))) => bail!("subscription failed after {} messages: {e}", got.len()),
+            Ok(None) => bail!("subscription ended after {} messages", got.len()),
+            Err(_) => bail!("only {} of {count} messages within {timeout:?}", got.len()),
+        }
+    }
+    Ok(got)
+}
+
+fn assert_dense(messages: &[WireMessage], first: u64) {
+    let seqs: Vec<u64> = messages.iter().map(|m| m.seq).collect();
+    let want: Vec<u64> = (first..first + messages.len() as u64).collect();
+    assert_eq!(
+        seqs, want,
+        "seqs must be dense, in order, without duplicates"
+    );
+}
+
+fn text_of(message: &WireMessage) -> String {
+    crypto::open_body(
+        None,
+        &message.channel,
+        &message.sender,
+        message.client_seq,
+        &message.body,
+    )
+    .display()
+    .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_is_seen_by_another_clients_subscription_with_dense_seqs() -> anyhow::Result<()> {
+    let cluster = three_nodes("cl-basic", &[]).await?;
+    let alice = client_as(&cluster, "alice").await?;
+    let bob = client_as(&cluster, "bob").await?;
+
+    let first = alice.send_text("general", "Hello world!", None).await?;
+    assert_eq!(first.seq, 1);
+    // Read-your-writes: the sender's own history includes it at once, wherever it reads.
+    let page = alice.history("general", None, 10).await?;
+    assert_eq!(page.messages.len(), 1);
+
+    let mut sub = bob.subscribe("general", 0);
+    for i in 2..=5 {
+        alice
+            .send_text("general", &format!("line {i}"), None)
+            .await?;
+    }
+    let got = receive(&mut sub, 5, RECEIVE).await?;
+    assert_dense(&got, 1);
+    assert_eq!(text_of(&got[0]), "Hello world!");
+    assert_eq!(
+        got[0].sender, "alice",
+        "the server stamps the logged-in name"
+    );
+    assert_eq!(text_of(&got[4]), "line 5");
+
+    let servers = bob.servers().await;
+    assert_eq!(servers.len(), 3, "{servers:?}");
+    assert_eq!(servers.iter().filter(|s| s.reading).count(), 1);
+    assert_eq!(servers.iter().filter(|s| s.leader).count(), 1);
+    let channels = bob.channels().await?;
+    assert!(channels.iter().any(|c| c.name == "general" && c.head == 5));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_of_the_subscribers_node_moves_it_without_gap_or_duplicate() -> anyhow::Result<()> {
+    let mut cluster = three_nodes("cl-failover", &[]).await?;
+    let alice = client_as(&cluster, "alice").await?;
+    let bob = client_as(&cluster, "bob").await?;
+    let mut sub = bob.subscribe("general", 0);
+
+    const TOTAL: usize = 60;
+    let sender = {
+        let alice = alice.clone();
+        tokio::spawn(async move {
+            let mut sent = Vec::new();
+            for i in 0..TOTAL {
+                let text = format!("message {i}");
+                let reply = alice.send_text("general", &text, None).await?;
+                sent.push((reply.seq, text));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            anyhow::Ok(sent)
+        })
+    };
+
+    let mut got = receive(&mut sub, 15, RECEIVE).await?;
+    let victim = bob.status().reading.context("bob reads from some node")?;
+    let index = cluster
+        .nodes
+        .iter()
+        .position(|n| n.ready().is_some_and(|r| r.id == victim))
+        .context("victim is one of ours")?;
+    cluster.nodes[index].kill9();
+    let killed_at = Instant::now();
+
+    got.extend(receive(&mut sub, TOTAL - 15, RECEIVE).await?);
+    let sent = sender.await??;
+    assert_dense(&got, 1);
+    let received: Vec<(u64, String)> = got.iter().map(|m| (m.seq, text_of(m))).collect();
+    assert_eq!(
+        received, sent,
+        "every acknowledged message exactly once, in seq order"
+    );
+    let now_reading = bob.status().reading;
+    assert_ne!(now_reading, Some(victim), "bob moved off the killed node");
+    // Nothing more arrives: no duplicate after the last message.
+    let extra = tokio::time::timeout(Duration::from_millis(500), sub.recv()).await;
+    assert!(extra.is_err(), "unexpected extra delivery: {extra:?}");
+    eprintln!(
+        "moved off node {victim}; all {TOTAL} delivered {:?} after the kill",
+        killed_at.elapsed()
+    );
+    Ok(())
+}
+
+/// Every file under `dir` that contains `needle`.
+fn files_containing(dir: &Path, needle: &[u8]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))?
+        {
+            let path = entry?.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(bytes) = std::fs::read(&path) {
+                if bytes.windows(needle.len()).any(|w| w == needle) {
+                    found.push(path);
+                }
+            }
+        }
+    }
+    Ok(found)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encrypted_messages_plaintext_is_in_no_nodes_data_dir() -> anyhow::Result<()> {
+    let cluster = three_nodes("cl-e2ee", &[]).await?;
+    let alice = client_as(&cluster, "alice").await?;
+    let marker: u64 = rand::random();
+    let secret = format!("zebra-secret-{marker:016x}");
+    let visible = format!("plain-control-{marker:016x}");
+
+    let key = ChannelKey::derive("correct horse", &cluster.cluster, "vault")?;
+    let sealed = alice.send_text("vault", &secret, Some(&key)).await?;
+    // A plaintext control message proves the grep below sees what nodes store.
+    let plain = alice.send_text("vault", &visible, None).await?;
+
+    // Wait until every node has applied both messages.
+    for node in &cluster.nodes {
+        let ready = node.ready().context("ready")?.clone();
+        let (conn, _) = TestClient::connect(ready.client, &cluster.cluster).await?;
+        let mut ctx = tarpc::context::current();
+        ctx.deadline = Instant::now() + Duration::from_secs(20);
+        let page = conn
+            .client
+            .history(
+                ctx,
+                HistoryRequest {
+                    channel: "vault".into(),
+                    before_seq: None,
+                    from_seq: Some(1),
+                    limit: 10,
+                    read_token: plain.read_token,
+                },
+            )
+            .await??;
+        assert_eq!(page.messages.len(), 2, "node {} has both", ready.id);
+    }
+
+    for node in &cluster.nodes {
+        let dir = node.data_dir();
+        let leaked = files_containing(dir, secret.as_bytes())?;
+        assert!(leaked.is_empty(), "plaintext found in {leaked:?}");
+        let control = files_containing(dir, visible.as_bytes())?;
+        assert!(
+            !control.is_empty(),
+            "control text not found under {}",
+            dir.display()
+        );
+    }
+
+    // With the passphrase a reader decrypts; without it, or with a wrong one, it never sees
+    // garbage.
+    let bob = client_as(&cluster, "bob").await?;
+    let page = bob.history("vault", None, 10).await?;
+    let m = page
+        .messages
+        .iter()
+        .find(|m| m.seq == sealed.seq)
+        .context("sealed message")?;
+    let bob_key = ChannelKey::derive("correct horse", &cluster.cluster, "vault")?;
+    let read = |key: Option<&ChannelKey>| {
+        crypto::open_body(key, &m.channel, &m.sender, m.client_seq, &m.body)
+    };
+    assert_eq!(read(Some(&bob_key)), Text::Clear(secret.clone()));
+    assert_eq!(read(None).display(), "[encrypted]");
+    let wrong = ChannelKey::derive("wrong horse", &cluster.cluster, "vault")?;
+    assert_eq!(read(Some(&wrong)).display(), "[encrypted: wrong key?]");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_key_for_a_taken_name_is_refused_with_a_clear_error() -> anyhow::Result<()> {
+    let cluster = three_nodes("cl-names", &[]).await?;
+    let home = tempfile::tempdir()?;
+    let laptop = tempfile::tempdir()?;
+    let owner = ClientConfig {
+        name: Some("dave".into()),
+        config_dir: Some(home.path().to_path_buf()),
+        ..config(&cluster, None)
+    };
+    let dave = Client::connect(owner.clone()).await?;
+    dave.send_text("general", "I am dave", None).await?;
+    drop(dave);
+
+    let impostor = ClientConfig {
+        config_dir: Some(laptop.path().to_path_buf()),
+        ..owner.clone()
+    };
+    let err = match Client::connect(impostor).await {
+        Ok(_) => bail!("a second key for dave was accepted"),
+        Err(e) => e,
+    };
+    assert!(matches!(err, Error::NameTaken { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("name dave is registered with another key"),
+        "{text}"
+    );
+    assert!(text.contains("copy"), "{text}");
+
+    // The owner's key file still works, also after a restart of the client.
+    let again = Client::connect(owner).await?;
+    again.send_text("general", "still dave", None).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flooding_past_the_rate_limit_backs_off_and_every_message_lands_once() -> anyhow::Result<()>
+{
+    let cluster = three_nodes("cl-flood", &["--user-rate", "5", "--user-burst", "5"]).await?;
+    let alice = client_as(&cluster, "alice").await?;
+    let mut events = alice.events();
+
+    const TOTAL: usize = 20;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..TOTAL {
+        let alice = alice.clone();
+        tasks.spawn(async move { alice.send_text("flood", &format!("flood {i}"), None).await });
+    }
+    let mut seqs = BTreeSet::new();
+    while let Some(joined) = tasks.join_next().await {
+        let reply = joined??;
+        assert!(
+            !reply.duplicate,
+            "first answers are never duplicates: {reply:?}"
+        );
+        assert!(
+            seqs.insert(reply.seq),
+            "seq {} acknowledged twice",
+            reply.seq
+        );
+    }
+    assert_eq!(seqs, (1..=TOTAL as u64).collect::<BTreeSet<u64>>());
+
+    let mut rate_limited = 0;
+    while let Ok(event) = events.try_recv() {
+        if matches!(event, ClientEvent::RateLimited { retry_after_ms } if retry_after_ms > 0) {
+            rate_limited += 1;
+        }
+    }
+    assert!(rate_limited > 0, "20 sends at 5/s must hit the limit");
+
+    let page = alice.history("flood", None, 100).await?;
+    assert_dense(&page.messages, 1);
+    let mut texts: Vec<String> = page.messages.iter().map(text_of).collect();
+    texts.sort();
+    let mut want: Vec<String> = (0..TOTAL).map(|i| format!("flood {i}")).collect();
+    want.sort();
+    assert_eq!(texts, want, "each message stored exactly once");
+    Ok(())
+}
+
+/// The `client` binary next to the `server` binary testkit uses.
+fn client_binary() -> anyhow::Result<PathBuf> {
+    let server = testkit::server_binary()?;
+    let client = server.with_file_name("client");
+    if !client.exists() {
+        bail!(
+            "{} not found: build it with `cargo build -p client`",
+            client.display()
+        );
+    }
+    Ok(client)
+}
+
+fn cli(
+    cluster: &TestCluster,
+    config_dir: &Path,
+    args: &[&str],
+) -> anyhow::Result<std::process::Output> {
+    Command::new(client_binary()?)
+        .args(["--cluster", &cluster.cluster])
+        .args(["--discovery-port", &cluster.discovery_port.to_string()])
+        .arg("--config-dir")
+        .arg(config_dir)
+        .args(args)
+        .env_remove("CELLCHAT_JOIN")
+        .output()
+        .context("running the client binary")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scriptable_modes_send_history_and_servers_as_json() -> anyhow::Result<()> {
+    let cluster = three_nodes("cl-cli", &[]).await?;
+    let dir = tempfile::tempdir()?;
+    let sent = cli(
+        &cluster,
+        dir.path(),
+        &["alice", "--send", "Hello from the CLI"],
+    )?;
+    assert!(
+        sent.status.success(),
+        "send failed: {}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+
+    let history = cli(&cluster, dir.path(), &["bob", "--history", "5", "--json"])?;
+    assert!(
+        history.status.success(),
+        "{}",
+        String::from_utf8_lossy(&history.stderr)
+    );
+    let stdout = String::from_utf8(history.stdout)?;
+    let line: serde_json::Value = serde_json::from_str(stdout.lines().next().context("a line")?)?;
+    assert_eq!(line["channel"], "general");
+    assert_eq!(line["seq"], 1);
+    assert_eq!(line["sender"], "alice");
+    assert_eq!(line["text"], "Hello from the CLI");
+    assert!(line["at_ms"].as_u64().is_some());
+
+    let servers = cli(&cluster, dir.path(), &["--servers", "--json"])?;
+    assert!(
+        servers.status.success(),
+        "{}",
+        String::from_utf8_lossy(&servers.stderr)
+    );
+    let nodes: serde_json::Value = serde_json::from_slice(&servers.stdout)?;
+    let nodes = nodes.as_array().context("one JSON array")?;
+    assert_eq!(nodes.len(), 3);
+    assert_eq!(nodes.iter().filter(|n| n["reading"] == true).count(), 1);
+    for node in nodes {
+        for field in ["id", "role", "client_addr", "rtt_ms", "applied", "reading"] {
+            assert!(node.get(field).is_some(), "{field} missing in {node}");
+        }
+    }
+
+    let empty = cli(&cluster, dir.path(), &["alice", "--send", ""])?;
+    assert!(!empty.status.success(), "an empty message must not be sent");
+
+    let nowhere = Command::new(client_binary()?)
+        .args([
+            "--cluster",
+            "nobody-here",
+            "--discovery-port",
+            "9",
+            "--config-dir",
+        ])
+        .arg(dir.path())
+        .args(["alice", "--send", "x"])
+        .output()?;
+    assert!(!nowhere.status.success());
+    let err = String::from_utf8_lossy(&nowhere.stderr);
+    assert!(
+        err.contains("127.255.255.255:9") && err.contains("--join"),
+        "{err}"
+    );
+    Ok(())
+}
+
+/// A private tmux server (its own socket), killed when dropped. Needs `tmux` installed.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn new() -> Tmux {
+        Tmux {
+            socket: format!("cellchat-test-{:08x}", rand::random::<u32>()),
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new("tmux")
+            .arg("-L")
+            .arg(&self.socket)
+            .args(args)
+            .env("TERM", "xterm-256color")
+            .output()
+            .context("running tmux (install it: apt-get install -y tmux)")?;
+        if !out.status.success() {
+            bail!("tmux {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Types `text` a key at a time, as a person does. (A burst typed at once shows on screen
+    /// only up to its first key until the next key arrives: rustyline's input select ignores
+    /// bytes it already buffered while an external printer is active.)
+    async fn type_keys(&self, session: &str, text: &str) -> anyhow::Result<()> {
+        for c in text.chars() {
+            self.run(&["send-keys", "-t", session, "-l", &c.to_string()])?;
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        Ok(())
+    }
+
+    fn screen(&self, session: &str) -> anyhow::Result<String> {
+        self.run(&["capture-pane", "-p", "-t", session])
+    }
+
+    /// Waits until `session`'s screen satisfies `check`; returns the screen.
+    async fn wait_for(
+        &self,
+        session: &str,
+        what: &str,
+        check: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<String> {
+        let deadline = Instant::now() + RECEIVE;
+        loop {
+            let screen = self.screen(session)?;
+            if check(&screen) {
+                return Ok(screen);
+            }
+            if Instant::now() > deadline {
+                bail!("{session}'s screen never showed {what}:\n{screen}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        // Ends the panes' client processes with it; it may be gone already.
+        let _ = self.run(&["kill-server"]);
+    }
+}
+
+/// `[now] Alice: Hello world!` or `[3s ago] Alice: Hello world!` on some line.
+fn shows_message_from(screen: &str, sender: &str, text: &str) -> bool {
+    screen.lines().any(|line| {
+        let Some(rest) = line.trim_start().strip_prefix('[') else {
+            return false;
+        };
+        let Some((when, said)) = rest.split_once("] ") else {
+            return false;
+        };
+        let relative = when == "now"
+            || when
+                .strip_suffix("s ago")
+                .is_some_and(|n| n.parse::<u32>().is_ok());
+        relative && said == format!("{sender}: {text}")
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interactive_clients_in_tmux_see_each_other_and_keep_half_typed_input() -> anyhow::Result<()>
+{
+    let cluster = three_nodes("cl-tmux", &[]).await?;
+    let dir = tempfile::tempdir()?;
+    let client = client_binary()?;
+    let tmux = Tmux::new();
+    for name in ["Alice", "Bob"] {
+        let command = format!(
+            "{} --cluster {} --discovery-port {} --config-dir {} {name}",
+            client.display(),
+            cluster.cluster,
+            cluster.discovery_port,
+            dir.path().display()
+        );
+        tmux.run(&[
+            "new-session",
+            "-d",
+            "-s",
+            name,
+            "-x",
+            "150",
+            "-y",
+            "40",
+            &command,
+        ])?;
+    }
+    for name in ["Alice", "Bob"] {
+        tmux.wait_for(name, "the prompt", |s| s.contains("#general @n"))
+            .await?;
+    }
+
+    // Bob starts typing but does not press Enter.
+    tmux.type_keys("Bob", "half-typed").await?;
+    tmux.wait_for("Bob", "his input", |s| s.contains("half-typed"))
+        .await?;
+    tmux.type_keys("Alice", "Hello world!").await?;
+    tmux.run(&["send-keys", "-t", "Alice", "Enter"])?;
+
+    let screen = tmux
+        .wait_for("Bob", "Alice's message", |s| {
+            shows_message_from(s, "Alice", "Hello world!")
+        })
+        .await?;
+    // The incoming line printed above the input; the input line still holds what Bob typed.
+    let lines: Vec<&str> = screen.lines().filter(|l| !l.trim().is_empty()).collect();
+    let message_at = lines
+        .iter()
+        .position(|l| l.contains("Alice: Hello world!"))
+        .context("message line")?;
+    let input_at = lines
+        .iter()
+        .rposition(|l| l.contains("#general") && l.trim_end().ends_with("half-typed"))
+        .with_context(|| format!("Bob's half-typed input is gone:\n{screen}"))?;
+    assert!(
+        message_at < input_at,
+        "the message must print above the input:\n{screen}"
+    );
+
+    // Bob finishes his line; Alice sees it.
+    tmux.type_keys("Bob", " done").await?;
+    tmux.run(&["send-keys", "-t", "Bob", "Enter"])?;
+    tmux.wait_for("Alice", "Bob's message", |s| {
+        shows_message_from(s, "Bob", "half-typed done")
+    })
+    .await?;
+
+    // Bad input is refused with a message and sends nothing.
+    tmux.type_keys("Alice", "/frobnicate").await?;
+    tmux.run(&["send-keys", "-t", "Alice", "Enter"])?;
+    tmux.wait_for("Alice", "the unknown-command message", |s| {
+        s.contains("unknown command /frobnicate")
+    })
+    .await?;
+    tmux.type_keys("Alice", "/quit").await?;
+    tmux.run(&["send-keys", "-t", "Alice", "Enter"])?;
+    Ok(())
+}

@@ -1,0 +1,335 @@
+//! End-to-end tests of the server cluster (issue 3): real `server` processes on loopback, each
+//! test with its own cluster name and discovery port, cleaned up by pid when the test ends.
+//!
+//! What each test checks is in its name; timing goals live in benchmarks, not here. Timeouts
+//! below are generous bounds for a loaded 2-core machine, not performance claims.
+
+use std::time::{Duration, Instant};
+
+use proto::{ApiError, HistoryRequest, Role, StreamRequest};
+use testkit::{leader_client_addr, TestClient, TestCluster, TestUser};
+
+const READY: Duration = Duration::from_secs(30);
+const CONVERGE: Duration = Duration::from_secs(30);
+
+fn ctx(timeout: Duration) -> tarpc::context::Context {
+    let mut ctx = tarpc::context::current();
+    ctx.deadline = Instant::now() + timeout;
+    ctx
+}
+
+/// Sends through whichever node leads, following NotLeader and retrying with the same key
+/// until acknowledged.
+async fn send_until_acked(
+    cluster: &TestCluster,
+    user: &TestUser,
+    channel: &str,
+    body: &[u8],
+    client_id: [u8; 16],
+    client_seq: u64,
+    timeout: Duration,
+) -> anyhow::Result<proto::SendReply> {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        let Ok((_, addr)) = leader_client_addr(cluster, Duration::from_secs(2)).await else {
+            continue;
+        };
+        match TestClient::login(addr, &cluster.cluster, user).await {
+            Ok(client) => match client.send(channel, body, client_id, client_seq).await {
+                Ok(Ok(reply)) => return Ok(reply),
+                Ok(Err(e)) => last = e.to_string(),
+                Err(e) => last = e.to_string(),
+            },
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("send not acknowledged within {timeout:?}; last error: {last}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_form_one_cluster_and_replicate() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::new("three", &[])?;
+    for _ in 0..3 {
+        cluster.spawn_node()?;
+    }
+    for node in &mut cluster.nodes {
+        node.wait_ready(READY)?;
+    }
+    let view = cluster.wait_converged(3, CONVERGE).await?;
+    let voters = view.iter().filter(|a| a.voter).count();
+    assert_eq!(voters, 3, "all three are voters: {view:#?}");
+
+    let alice = TestUser::new("alice");
+    let reply =
+        send_until_acked(&cluster, &alice, "general", b"hello", [1; 16], 1, CONVERGE).await?;
+    assert_eq!(reply.seq, 1);
+    // Every node serves the message once it has applied the read token.
+    for node in &cluster.nodes {
+        let ready = node.ready().expect("ready").clone();
+        let (client, _) = TestClient::connect(ready.client, &cluster.cluster).await?;
+        let page = client
+            .client
+            .history(
+                ctx(Duration::from_secs(10)),
+                HistoryRequest {
+                    channel: "general".into(),
+                    before_seq: None,
+                    from_seq: Some(1),
+                    limit: 10,
+                    read_token: reply.read_token,
+                },
+            )
+            .await??;
+        assert_eq!(page.messages.len(), 1, "node {} history", ready.id);
+        assert_eq!(page.messages[0].sender, "alice");
+        assert_eq!(page.messages[0].body, b"hello");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_nodes_started_at_once_form_exactly_one_cluster() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::new("ten", &[])?;
+    for _ in 0..10 {
+        cluster.spawn_node()?;
+    }
+    for node in &mut cluster.nodes {
+        node.wait_ready(Duration::from_secs(60))?;
+    }
+    // Promotion of learners to voters happens after joining; wait for it to settle.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let view = cluster.wait_converged(10, CONVERGE).await?;
+        let voters = view.iter().filter(|a| a.voter).count();
+        let learners = view.iter().filter(|a| a.role == Role::Learner).count();
+        if voters == 5 && learners == 5 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected 5 voters and 5 learners, got {voters} voters, {learners} learners: {view:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_elects_another_and_sends_continue() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::new("failover", &[])?;
+    for _ in 0..3 {
+        cluster.spawn_node()?;
+    }
+    for node in &mut cluster.nodes {
+        node.wait_ready(READY)?;
+    }
+    cluster.wait_converged(3, CONVERGE).await?;
+    let bob = TestUser::new("bob");
+    let first =
+        send_until_acked(&cluster, &bob, "general", b"before", [2; 16], 1, CONVERGE).await?;
+
+    let (leader_id, _) = leader_client_addr(&cluster, CONVERGE).await?;
+    let index = cluster
+        .nodes
+        .iter()
+        .position(|n| n.ready().map(|r| r.id) == Some(leader_id))
+        .expect("leader is one of ours");
+    cluster.nodes[index].kill9();
+
+    let second =
+        send_until_acked(&cluster, &bob, "general", b"after", [2; 16], 2, CONVERGE).await?;
+    assert_eq!(
+        second.seq,
+        first.seq + 1,
+        "seqs stay dense across the failover"
+    );
+    let (new_leader, _) = leader_client_addr(&cluster, CONVERGE).await?;
+    assert_ne!(new_leader, leader_id);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_send_across_a_leader_change_is_applied_once() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::new("dedup", &[])?;
+    for _ in 0..3 {
+        cluster.spawn_node()?;
+    }
+    for node in &mut cluster.nodes {
+        node.wait_ready(READY)?;
+    }
+    cluster.wait_converged(3, CONVERGE).await?;
+    let carol = TestUser::new("carol");
+    let key = [3; 16];
+    let original = send_until_acked(&cluster, &carol, "dedup", b"once", key, 7, CONVERGE).await?;
+    assert!(!original.duplicate);
+
+    let (leader_id, _) = leader_client_addr(&cluster, CONVERGE).await?;
+    let index = cluster
+        .nodes
+        .iter()
+        .position(|n| n.ready().map(|r| r.id) == Some(leader_id))
+        .expect("leader is one of ours");
+    cluster.nodes[index].kill9();
+
+    let retried = send_until_acked(&cluster, &carol, "dedup", b"once", key, 7, CONVERGE).await?;
+    assert_eq!(
+        retried.seq, original.seq,
+        "a retry answers the original seq"
+    );
+    assert!(retried.duplicate, "a retry is reported as a duplicate");
+    let next = send_until_acked(&cluster, &carol, "dedup", b"twice", key, 8, CONVERGE).await?;
+    assert_eq!(
+        next.seq,
+        original.seq + 1,
+        "the retry made no second message"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_on_a_follower_with_a_read_token_sees_the_senders_message() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::new("ryw", &[])?;
+    for _ in 0..3 {
+        cluster.spawn_node()?;
+    }
+    for node in &mut cluster.nodes {
+        node.wait_ready(READY)?;
+    }
+    let view = cluster.wait_converged(3, CONVERGE).await?;
+    let dave = TestUser::new("dave");
+    let reply = send_until_acked(&cluster, &dave, "ryw", b"mine", [4; 16], 1, CONVERGE).await?;
+    for follower in view.iter().filter(|a| a.role != Role::Leader) {
+        let (client, _) = TestClient::connect(follower.client_addr, &cluster.cluster).await?;
+        let batch = client
+            .client
+            .stream(
+                proto::deadline_for(Duration::from_secs(5)),
+                StreamRequest {
+                    channel: "ryw".into(),
+                    after_seq: 0,
+                    max: 100,
+                    wait_ms: 5000,
+                    read_token: reply.read_token,
+                },
+            )
+            .await??;
+        assert_eq!(
+            batch.messages.len(),
+            1,
+            "follower {} stream",
+            follower.node_id
+        );
+        assert_eq!(batch.messages[0].body, b"mine");
+        assert!(batch.applied >= reply.read_token);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_to_a_follower_answers_not_leader_with_the_leaders_address() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::new("notleader", &[])?;
+    for _ in 0..3 {
+        cluster.spawn_node()?;
+    }
+    for node in &mut cluster.nodes {
+        node.wait_ready(READY)?;
+    }
+    let view = cluster.wait_converged(3, CONVERGE).await?;
+    let leader = view
+        .iter()
+        .find(|a| a.role == Role::Leader)
+        .expect("a leader");
+    let follower = view
+        .iter()
+        .find(|a| a.role != Role::Leader)
+        .expect("a follower");
+    let erin = TestUser::new("erin");
+    // Register through the leader first; a follower cannot write the registration.
+    TestClient::login(leader.client_addr, &cluster.cluster, &erin).await?;
+    let client = TestClient::login(follower.client_addr, &cluster.cluster, &erin).await?;
+    match client.send("general", b"x", [5; 16], 1).await? {
+        Err(ApiError::NotLeader { leader: Some(hint) }) => {
+            assert_eq!(hint.id, leader.node_id);
+            assert_eq!(hint.client_addr, leader.client_addr);
+        }
+        other => panic!("expected NotLeader with a hint, got {other:?}"),
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_catches_up_and_a_node_down_past_a_purge_catches_up_by_snapshot(
+) -> anyhow::Result<()> {
+    // Snapshot every 20 entries and keep only 5 after it, so a node that misses 100 sends
+    // can only catch up by snapshot.
+    let mut cluster = TestCluster::new("catchup", &["--snapshot-every", "20", "--log-keep", "5"])?;
+    for _ in 0..3 {
+        cluster.spawn_node()?;
+    }
+    for node in &mut cluster.nodes {
+        node.wait_ready(READY)?;
+    }
+    let view = cluster.wait_converged(3, CONVERGE).await?;
+    let follower_id = view
+        .iter()
+        .find(|a| a.role != Role::Leader)
+        .expect("a follower")
+        .node_id;
+    let index = cluster
+        .nodes
+        .iter()
+        .position(|n| n.ready().map(|r| r.id) == Some(follower_id))
+        .expect("follower is one of ours");
+    cluster.nodes[index].kill9();
+
+    let frank = TestUser::new("frank");
+    let mut last = None;
+    for seq in 1..=100u64 {
+        let body = format!("m{seq}");
+        last = Some(
+            send_until_acked(
+                &cluster,
+                &frank,
+                "catchup",
+                body.as_bytes(),
+                [6; 16],
+                seq,
+                CONVERGE,
+            )
+            .await?,
+        );
+    }
+    let last = last.expect("sent");
+    assert_eq!(last.seq, 100);
+
+    let ready = cluster.restart(index, READY)?;
+    let (client, _) = TestClient::connect(ready.client, &cluster.cluster).await?;
+    let page = client
+        .client
+        .history(
+            ctx(Duration::from_secs(30)),
+            HistoryRequest {
+                channel: "catchup".into(),
+                before_seq: None,
+                from_seq: Some(1),
+                limit: 1000,
+                read_token: last.read_token,
+            },
+        )
+        .await??;
+    let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=100).collect::<Vec<_>>(),
+        "dense history after catch-up"
+    );
+    assert_eq!(page.messages[99].body, b"m100");
+    let log = cluster.nodes[index].log_tail(200);
+    assert!(
+        log.contains("snapshot") || log.contains("install"),
+        "the restarted node should have installed a snapshot; log tail:\n{log}"
+    );
+    Ok(())
+}
