@@ -1,0 +1,184 @@
+//! Parsing of interactive input lines: `/commands` and messages.
+
+/// Longest line sent as a message, in bytes (the cluster's body limit).
+pub const LINE_BYTES_MAX: usize = 16 * 1024;
+/// Lines `/history` shows without a count.
+pub const HISTORY_DEFAULT: u32 = 20;
+/// Most lines `/history` shows.
+pub const HISTORY_MAX: u32 = 1000;
+
+/// What one input line asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// A chat message for the current channel.
+    Message(String),
+    /// `/join #chan`.
+    Join(String),
+    /// `/leave`.
+    Leave,
+    /// `/channels`.
+    Channels,
+    /// `/history [n]`.
+    History(u32),
+    /// `/who`.
+    Who,
+    /// `/servers`.
+    Servers,
+    /// `/key` alone: ask for the passphrase without echo.
+    KeyPrompt,
+    /// `/key PASSPHRASE`.
+    Key(String),
+    /// `/key --clear`.
+    KeyClear,
+    /// `/help`.
+    Help,
+    /// `/quit`.
+    Quit,
+}
+
+/// The help text of the interactive mode.
+pub const HELP: &str = "\
+commands:
+  /join #chan        switch to a channel (created by its first message)
+  /leave             leave the current channel and go back to the previous one
+  /channels          list channels with their message counts
+  /history [n]       show the last n messages of this channel (default 20, at most 1000)
+  /who               who wrote here recently
+  /servers           every node: role, RTT, applied index, which one you read from
+  /key [passphrase]  set this channel's passphrase (asked without echo when not given);
+                     /key --clear forgets it
+  /help              this text
+  /quit              leave (Ctrl-D works too)
+anything else is sent as a message to the current channel; start a message with // to send
+a line that begins with /";
+
+/// Parses one line. `Err` is the message to show; nothing is sent then.
+pub fn parse(line: &str) -> Result<Input, String> {
+    let line = line.trim_end_matches(['\r', '\n']);
+    if line.trim().is_empty() {
+        return Err("empty line: nothing sent".to_owned());
+    }
+    if line.len() > LINE_BYTES_MAX {
+        return Err(format!(
+            "line is {} bytes, over the {} KiB limit: nothing sent",
+            line.len(),
+            LINE_BYTES_MAX / 1024
+        ));
+    }
+    if let Some(escaped) = line.strip_prefix("//") {
+        return Ok(Input::Message(format!("/{escaped}")));
+    }
+    let Some(command) = line.strip_prefix('/') else {
+        return Ok(Input::Message(line.to_owned()));
+    };
+    let (name, rest) = command
+        .split_once(char::is_whitespace)
+        .map_or((command, ""), |(n, r)| (n, r.trim()));
+    let no_args = |input: Input| {
+        if rest.is_empty() {
+            Ok(input)
+        } else {
+            Err(format!("/{name} takes no arguments"))
+        }
+    };
+    match name {
+        "join" | "j" => parse_channel(rest).map(Input::Join),
+        "leave" | "part" => no_args(Input::Leave),
+        "channels" | "list" => no_args(Input::Channels),
+        "history" => parse_history(rest),
+        "who" => no_args(Input::Who),
+        "servers" => no_args(Input::Servers),
+        "key" => Ok(match rest {
+            "" => Input::KeyPrompt,
+            "--clear" => Input::KeyClear,
+            passphrase => Input::Key(passphrase.to_owned()),
+        }),
+        "help" | "?" => Ok(Input::Help),
+        "quit" | "exit" | "q" => no_args(Input::Quit),
+        other => Err(format!("unknown command /{other}: type /help for the list")),
+    }
+}
+
+/// A channel name from user input: `#general` or `general`, lowercased, checked against the
+/// server's rules (1 to 64 of a-z, 0-9, '-', '_').
+pub fn parse_channel(text: &str) -> Result<String, String> {
+    let name = text.trim().trim_start_matches('#').to_ascii_lowercase();
+    if name.is_empty() {
+        return Err("which channel? use /join #name".to_owned());
+    }
+    let valid = name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if valid {
+        Ok(name)
+    } else {
+        Err(format!(
+            "invalid channel name {text:?}: use 1 to 64 characters from a-z, 0-9, '-' and '_'"
+        ))
+    }
+}
+
+fn parse_history(rest: &str) -> Result<Input, String> {
+    if rest.is_empty() {
+        return Ok(Input::History(HISTORY_DEFAULT));
+    }
+    match rest.parse::<u32>() {
+        Ok(n) if (1..=HISTORY_MAX).contains(&n) => Ok(Input::History(n)),
+        _ => Err(format!("/history takes a count from 1 to {HISTORY_MAX}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_and_commands() {
+        let cases = [
+            ("Hello world!", Ok(Input::Message("Hello world!".into()))),
+            (
+                "//not a command",
+                Ok(Input::Message("/not a command".into())),
+            ),
+            ("/join #random", Ok(Input::Join("random".into()))),
+            ("/join Dev_Ops", Ok(Input::Join("dev_ops".into()))),
+            ("/leave", Ok(Input::Leave)),
+            ("/channels", Ok(Input::Channels)),
+            ("/history", Ok(Input::History(HISTORY_DEFAULT))),
+            ("/history 5", Ok(Input::History(5))),
+            ("/who", Ok(Input::Who)),
+            ("/servers", Ok(Input::Servers)),
+            ("/key", Ok(Input::KeyPrompt)),
+            ("/key open sesame", Ok(Input::Key("open sesame".into()))),
+            ("/key --clear", Ok(Input::KeyClear)),
+            ("/help", Ok(Input::Help)),
+            ("/quit", Ok(Input::Quit)),
+        ];
+        for (line, want) in cases {
+            assert_eq!(parse(line), want, "{line:?}");
+        }
+    }
+
+    #[test]
+    fn bad_lines_send_nothing_and_say_why() {
+        let cases = [
+            ("", "empty line"),
+            ("   ", "empty line"),
+            ("/frobnicate", "unknown command /frobnicate"),
+            ("/join", "which channel"),
+            ("/join #no spaces", "invalid channel name"),
+            ("/join #Ünïcode", "invalid channel name"),
+            ("/history 0", "count from 1"),
+            ("/history many", "count from 1"),
+            ("/quit now", "takes no arguments"),
+        ];
+        for (line, want) in cases {
+            let err = parse(line).expect_err(line);
+            assert!(err.contains(want), "{line:?}: {err}");
+        }
+        let long = "x".repeat(LINE_BYTES_MAX + 1);
+        assert!(parse(&long).expect_err("long").contains("16 KiB"));
+        assert!(parse(&"x".repeat(LINE_BYTES_MAX)).is_ok());
+    }
+}

@@ -1,0 +1,478 @@
+//! The interactive chat: a rustyline editor on its own thread, incoming lines printed above the
+//! input through rustyline's `ExternalPrinter` (so a half-typed line survives), and commands
+//! handled on the async side.
+
+use std::collections::HashMap;
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+
+use cellchat_client::crypto::ChannelKey;
+use cellchat_client::{Client, ClientEvent};
+use rustyline::completion::Completer;
+use rustyline::error::ReadlineError;
+use rustyline::highlight::{CmdKind, Highlighter};
+use rustyline::hint::Hinter;
+use rustyline::history::DefaultHistory;
+use rustyline::validate::Validator;
+use rustyline::{ColorMode, Config, Editor, ExternalPrinter, Helper};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::command::{self, Input};
+use crate::{output, timefmt};
+
+/// Messages shown when joining a channel.
+const JOIN_HISTORY: u32 = 50;
+/// Messages `/who` looks at.
+const WHO_WINDOW: u32 = 200;
+/// Longest wait at exit for queued lines to be acknowledged (the default retry budget).
+const SEND_DRAIN_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+/// Lines queued for sending before the prompt waits.
+const SEND_QUEUE: usize = 64;
+
+/// Prints a line above the input; shared by the stream, sender and event tasks.
+type Printer = Arc<Mutex<PrintFn>>;
+type PrintFn = Box<dyn FnMut(String) + Send>;
+type Keys = Arc<Mutex<HashMap<String, ChannelKey>>>;
+
+fn print(printer: &Printer, line: String) {
+    let mut print = printer
+        .lock()
+        .expect("printer lock is never poisoned: print does not panic");
+    print(line);
+}
+
+/// What the editor thread sends to the async side.
+enum FromEditor {
+    Line(String),
+    Secret(String),
+    /// Ctrl-D, Ctrl-C, or a terminal error.
+    Quit,
+    /// The line was not valid UTF-8 or could not be read; say so and go on.
+    Unreadable(String),
+}
+
+/// What the async side tells the editor thread to do next.
+enum ToEditor {
+    Prompt(String),
+    AskSecret(String),
+    Quit,
+}
+
+/// Masks what is typed while reading a passphrase (the rustyline `read_password` example).
+struct Masking {
+    on: bool,
+}
+
+impl Highlighter for Masking {
+    fn highlight<'l>(&self, line: &'l str, _pos: usize) -> std::borrow::Cow<'l, str> {
+        if self.on {
+            std::borrow::Cow::Owned("*".repeat(line.chars().count()))
+        } else {
+            std::borrow::Cow::Borrowed(line)
+        }
+    }
+
+    fn highlight_char(&self, _line: &str, _pos: usize, kind: CmdKind) -> bool {
+        self.on && kind != CmdKind::MoveCursor
+    }
+}
+
+impl Completer for Masking {
+    type Candidate = String;
+}
+
+impl Hinter for Masking {
+    type Hint = String;
+}
+
+impl Validator for Masking {}
+
+impl Helper for Masking {}
+
+/// Runs the editor; hands its external printer back through `printer_tx` first.
+fn editor_thread(
+    printer_tx: std_mpsc::Sender<Option<PrintFn>>,
+    to_async: mpsc::Sender<FromEditor>,
+    from_async: std_mpsc::Receiver<ToEditor>,
+) {
+    let config = Config::builder()
+        .auto_add_history(false)
+        .color_mode(ColorMode::Forced)
+        .build();
+    let mut editor = match Editor::<Masking, DefaultHistory>::with_config(config) {
+        Ok(editor) => editor,
+        Err(e) => {
+            // The async side sees the closed channels and stops.
+            let _ = printer_tx.send(None);
+            let _ = to_async.blocking_send(FromEditor::Unreadable(format!("no terminal: {e}")));
+            return;
+        }
+    };
+    editor.set_helper(Some(Masking { on: false }));
+    let printer: Option<PrintFn> = match editor.create_external_printer() {
+        Ok(mut p) => Some(Box::new(move |line: String| {
+            // Outside raw mode rustyline writes the text as is, so the newline must be ours;
+            // inside it, a trailing newline stops rustyline from adding another.
+            // A failed print means the terminal is gone; the next readline reports it.
+            let _ = p.print(format!("{line}\n"));
+        })),
+        Err(_) => None,
+    };
+    if printer_tx.send(printer).is_err() {
+        return;
+    }
+    while let Ok(next) = from_async.recv() {
+        let (prompt, secret) = match next {
+            ToEditor::Prompt(p) => (p, false),
+            ToEditor::AskSecret(p) => (p, true),
+            ToEditor::Quit => return,
+        };
+        if let Some(helper) = editor.helper_mut() {
+            helper.on = secret;
+        }
+        let event = match editor.readline(&prompt) {
+            Ok(line) if secret => FromEditor::Secret(line),
+            Ok(line) => {
+                // History is in memory only; a failure to add is harmless.
+                let _ = editor.add_history_entry(line.as_str());
+                FromEditor::Line(line)
+            }
+            Err(ReadlineError::Interrupted | ReadlineError::Eof) => FromEditor::Quit,
+            Err(ReadlineError::Io(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                FromEditor::Unreadable("input is not valid UTF-8: nothing sent".into())
+            }
+            Err(e) => FromEditor::Unreadable(format!("cannot read input: {e}")),
+        };
+        let quit = matches!(event, FromEditor::Quit);
+        if to_async.blocking_send(event).is_err() || quit {
+            return;
+        }
+    }
+}
+
+struct Chat {
+    client: Client,
+    channel: String,
+    previous: Vec<String>,
+    keys: Keys,
+    printer: Printer,
+    stream: Option<JoinHandle<()>>,
+    send_tx: mpsc::Sender<(String, String, Option<ChannelKey>)>,
+}
+
+/// Runs the chat until `/quit` or end of input.
+///
+/// # Errors
+///
+/// The terminal cannot be used, or the first history read fails.
+pub async fn run(client: Client, channel: String, key: Option<ChannelKey>) -> anyhow::Result<()> {
+    let (printer_tx, printer_rx) = std_mpsc::channel();
+    let (to_async, mut from_editor) = mpsc::channel(1);
+    let (to_editor, from_async) = std_mpsc::channel();
+    let editor = std::thread::spawn(move || editor_thread(printer_tx, to_async, from_async));
+    let external = printer_rx.recv().ok().flatten();
+    let printer: Printer = Arc::new(Mutex::new(
+        external.unwrap_or_else(|| Box::new(|line: String| println!("{line}"))),
+    ));
+    let keys: Keys = Arc::new(Mutex::new(HashMap::new()));
+    if let Some(key) = key {
+        lock(&keys).insert(channel.clone(), key);
+    }
+    let (send_tx, send_rx) = mpsc::channel(SEND_QUEUE);
+    let sender = tokio::spawn(send_loop(client.clone(), send_rx, printer.clone()));
+    tokio::spawn(event_loop(client.clone(), printer.clone()));
+    let mut chat = Chat {
+        client,
+        channel,
+        previous: Vec::new(),
+        keys,
+        printer,
+        stream: None,
+        send_tx,
+    };
+    println!(
+        "connected to cluster {:?} as {}; type /help for commands",
+        chat.client.cluster_name(),
+        chat.client.name().unwrap_or("?")
+    );
+    chat.enter(chat.channel.clone()).await;
+    let mut next = ToEditor::Prompt(chat.prompt());
+    loop {
+        if to_editor.send(next).is_err() {
+            break;
+        }
+        let Some(event) = from_editor.recv().await else {
+            break;
+        };
+        next = match event {
+            FromEditor::Line(line) => chat.handle_line(&line).await,
+            FromEditor::Secret(passphrase) => {
+                chat.set_key(&passphrase).await;
+                ToEditor::Prompt(chat.prompt())
+            }
+            FromEditor::Unreadable(message) => {
+                println!("{message}");
+                ToEditor::Prompt(chat.prompt())
+            }
+            FromEditor::Quit => ToEditor::Quit,
+        };
+        if matches!(next, ToEditor::Quit) {
+            // The editor thread may have ended already (Ctrl-D); nothing to tell it then.
+            let _ = to_editor.send(ToEditor::Quit);
+            break;
+        }
+    }
+    if let Some(stream) = chat.stream.take() {
+        stream.abort();
+    }
+    // Lines typed before /quit are still sent: close the queue and let the sender finish it,
+    // bounded by the client's retry budget.
+    let Chat { send_tx, .. } = chat;
+    drop(send_tx);
+    if tokio::time::timeout(SEND_DRAIN_MAX, sender).await.is_err() {
+        println!("some lines were not acknowledged in time and may not have been sent");
+    }
+    // The editor thread ends on Quit or when its channel closes.
+    drop(to_editor);
+    let _ = editor.join();
+    Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().expect("no task panics while holding this lock")
+}
+
+impl Chat {
+    fn prompt(&self) -> String {
+        let status = self.client.status();
+        let reading = match (status.reading, status.reading_rtt_ms) {
+            (Some(id), Some(rtt)) => format!("@n{id} {rtt:.1}ms"),
+            (Some(id), None) => format!("@n{id}"),
+            (None, _) => "@?".to_owned(),
+        };
+        let leader = status
+            .leader
+            .map_or_else(|| "no leader".to_owned(), |id| format!("leader n{id}"));
+        let e2e = if lock(&self.keys).contains_key(&self.channel) {
+            " [e2e]"
+        } else {
+            ""
+        };
+        format!("#{}{e2e} {reading} ({leader})> ", self.channel)
+    }
+
+    async fn handle_line(&mut self, line: &str) -> ToEditor {
+        let input = match command::parse(line) {
+            Ok(input) => input,
+            Err(message) => {
+                println!("{message}");
+                return ToEditor::Prompt(self.prompt());
+            }
+        };
+        match input {
+            Input::Message(text) => {
+                let key = lock(&self.keys).get(&self.channel).cloned();
+                if self
+                    .send_tx
+                    .send((self.channel.clone(), text, key))
+                    .await
+                    .is_err()
+                {
+                    println!("the sender stopped: restart the client");
+                }
+            }
+            Input::Join(channel) => {
+                if channel != self.channel {
+                    self.previous.push(self.channel.clone());
+                    self.enter(channel).await;
+                }
+            }
+            Input::Leave => match self.previous.pop() {
+                Some(channel) => {
+                    println!("left #{}", self.channel);
+                    self.enter(channel).await;
+                }
+                None => println!(
+                    "#{} is your first channel: /join another, or /quit",
+                    self.channel
+                ),
+            },
+            Input::Channels => self.channels().await,
+            Input::History(n) => self.history(n).await,
+            Input::Who => self.who().await,
+            Input::Servers => println!("{}", output::servers_table(&self.client.servers().await)),
+            Input::KeyPrompt => {
+                return ToEditor::AskSecret(format!("passphrase for #{}: ", self.channel));
+            }
+            Input::Key(passphrase) => self.set_key(&passphrase).await,
+            Input::KeyClear => {
+                lock(&self.keys).remove(&self.channel);
+                println!(
+                    "#{}: passphrase forgotten; new messages are sent in the clear",
+                    self.channel
+                );
+            }
+            Input::Help => println!("{}", command::HELP),
+            Input::Quit => return ToEditor::Quit,
+        }
+        ToEditor::Prompt(self.prompt())
+    }
+
+    /// Switches to `channel`: shows its recent history and streams what follows.
+    async fn enter(&mut self, channel: String) {
+        if let Some(stream) = self.stream.take() {
+            stream.abort();
+        }
+        self.channel = channel;
+        let key = lock(&self.keys).get(&self.channel).cloned();
+        let head = match self.client.history(&self.channel, None, JOIN_HISTORY).await {
+            Ok(page) => {
+                println!("-- #{} ({} messages) --", self.channel, page.head);
+                let now = timefmt::now_ms();
+                for message in &page.messages {
+                    println!("{}", output::line(key.as_ref(), message, now));
+                }
+                page.head
+            }
+            Err(e) => {
+                println!("cannot read #{}'s history: {e}", self.channel);
+                0
+            }
+        };
+        let sub = self.client.subscribe(&self.channel, head);
+        self.stream = Some(tokio::spawn(stream_loop(
+            sub,
+            self.keys.clone(),
+            self.printer.clone(),
+        )));
+    }
+
+    async fn set_key(&mut self, passphrase: &str) {
+        let (p, cluster, channel) = (
+            passphrase.to_owned(),
+            self.client.cluster_name().to_owned(),
+            self.channel.clone(),
+        );
+        let derived =
+            tokio::task::spawn_blocking(move || ChannelKey::derive(&p, &cluster, &channel)).await;
+        match derived {
+            Ok(Ok(key)) => {
+                lock(&self.keys).insert(self.channel.clone(), key);
+                println!(
+                    "#{}: messages are now end-to-end encrypted; share the passphrase with the others here",
+                    self.channel
+                );
+            }
+            Ok(Err(e)) => println!("no key set: {e}"),
+            Err(e) => println!("no key set: key derivation failed: {e}"),
+        }
+    }
+
+    async fn channels(&self) {
+        match self.client.channels().await {
+            Ok(channels) if channels.is_empty() => {
+                println!("no channels yet: send a message to create one")
+            }
+            Ok(channels) => {
+                for c in channels {
+                    let here = if c.name == self.channel {
+                        " (here)"
+                    } else {
+                        ""
+                    };
+                    println!("#{} {} messages{here}", c.name, c.head);
+                }
+            }
+            Err(e) => println!("cannot list channels: {e}"),
+        }
+    }
+
+    async fn history(&self, n: u32) {
+        let key = lock(&self.keys).get(&self.channel).cloned();
+        match self.client.history(&self.channel, None, n).await {
+            Ok(page) => {
+                let now = timefmt::now_ms();
+                for message in &page.messages {
+                    println!("{}", output::line(key.as_ref(), message, now));
+                }
+                if page.messages.is_empty() {
+                    println!("#{} has no messages yet", self.channel);
+                }
+            }
+            Err(e) => println!("cannot read history: {e}"),
+        }
+    }
+
+    async fn who(&self) {
+        match self.client.history(&self.channel, None, WHO_WINDOW).await {
+            Ok(page) => {
+                let mut last: HashMap<String, u64> = HashMap::new();
+                for m in &page.messages {
+                    let at = last.entry(m.sender.clone()).or_default();
+                    *at = (*at).max(m.at_ms);
+                }
+                let mut senders: Vec<(String, u64)> = last.into_iter().collect();
+                senders.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+                if senders.is_empty() {
+                    println!("nobody has written in #{} yet", self.channel);
+                }
+                let now = timefmt::now_ms();
+                for (sender, at) in senders {
+                    println!(
+                        "{} (last message {})",
+                        output::sanitize(&sender),
+                        timefmt::relative(now, at)
+                    );
+                }
+            }
+            Err(e) => println!("cannot read #{}: {e}", self.channel),
+        }
+    }
+}
+
+async fn stream_loop(mut sub: cellchat_client::Subscription, keys: Keys, printer: Printer) {
+    while let Some(next) = sub.recv().await {
+        let line = match next {
+            Ok(message) => {
+                let key = lock(&keys).get(&message.channel).cloned();
+                output::line(key.as_ref(), &message, timefmt::now_ms())
+            }
+            Err(e) => format!("* stream of #{} stopped: {e}", sub.channel()),
+        };
+        print(&printer, line);
+    }
+}
+
+/// Sends queued lines in order, so the prompt never waits on retries.
+async fn send_loop(
+    client: Client,
+    mut rx: mpsc::Receiver<(String, String, Option<ChannelKey>)>,
+    printer: Printer,
+) {
+    while let Some((channel, text, key)) = rx.recv().await {
+        if let Err(e) = client.send_text(&channel, &text, key.as_ref()).await {
+            print(&printer, format!("* not sent to #{channel}: {e}"));
+        }
+    }
+}
+
+async fn event_loop(client: Client, printer: Printer) {
+    let mut events = client.events();
+    loop {
+        match events.recv().await {
+            Ok(ClientEvent::RateLimited { retry_after_ms }) => print(
+                &printer,
+                format!("* rate limited: retrying in {retry_after_ms} ms (nothing is lost)"),
+            ),
+            Ok(ClientEvent::ReaderChanged {
+                from: Some(from),
+                to,
+            }) => {
+                print(&printer, format!("* reading from n{to} now (was n{from})"));
+            }
+            Ok(_) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! Relative times for message lines: `now`, `5s ago`, `3m ago`, `2h ago`, then a date.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Milliseconds since the Unix epoch by this machine's clock.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// How long before `now_ms` the time `at_ms` was: `now` under a second (and for times in the
+/// future, which clock skew between machines produces), then seconds, minutes and hours, and
+/// the UTC date (`2026-11-25`) from a day on.
+pub fn relative(now_ms: u64, at_ms: u64) -> String {
+    let secs = now_ms.saturating_sub(at_ms) / 1000;
+    match secs {
+        0 => "now".to_owned(),
+        1..=59 => format!("{secs}s ago"),
+        60..=3_599 => format!("{}m ago", secs / 60),
+        3_600..=86_399 => format!("{}h ago", secs / 3_600),
+        _ => date(at_ms),
+    }
+}
+
+/// The UTC calendar date of `at_ms` as `YYYY-MM-DD`.
+pub fn date(at_ms: u64) -> String {
+    let days = i64::try_from(at_ms / 86_400_000).unwrap_or(i64::MAX / 2);
+    let (y, m, d) = civil_from_days(days);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian (year, month, day); Howard Hinnant's
+/// `civil_from_days`.
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_764_201_600_000; // 2025-11-27T00:00:00Z
+
+    #[test]
+    fn relative_times() {
+        let cases = [
+            (0, "now"),
+            (999, "now"),
+            (1_000, "1s ago"),
+            (5_400, "5s ago"),
+            (59_999, "59s ago"),
+            (60_000, "1m ago"),
+            (3 * 60_000 + 10, "3m ago"),
+            (3_599_999, "59m ago"),
+            (3_600_000, "1h ago"),
+            (2 * 3_600_000 + 5, "2h ago"),
+            (86_399_999, "23h ago"),
+            (86_400_000, "2025-11-26"),
+            (400 * 86_400_000, "2024-10-23"),
+        ];
+        for (ago, want) in cases {
+            assert_eq!(relative(NOW, NOW - ago), want, "{ago} ms ago");
+        }
+    }
+
+    #[test]
+    fn future_times_are_now() {
+        assert_eq!(relative(NOW, NOW + 10_000), "now");
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(date(0), "1970-01-01");
+        assert_eq!(date(NOW), "2025-11-27");
+        assert_eq!(date(951_782_400_000), "2000-02-29");
+    }
+}

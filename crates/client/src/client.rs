@@ -1,0 +1,1159 @@
+//! [`Client`]: discovery, the node table with RTT ranking, connections, reads from the nearest
+//! node, idempotent sends through the leader.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use proto::discovery::{DiscoverySocket, NodeAnnounce, Packet};
+use proto::{
+    ApiError, ChannelInfo, ChatClient, ClusterInfo, Hello, HistoryRequest, LeaderHint, Login,
+    MessageBatch, RejectReason, Role, SendReply, SendRequest,
+};
+use serde::Serialize;
+use tarpc::client::RpcError;
+use tokio::sync::{broadcast, watch};
+
+use crate::config::ClientConfig;
+use crate::crypto::{self, ChannelKey};
+use crate::error::Error;
+use crate::identity::{self, Identity};
+
+/// How long a node that failed is passed over when choosing where to read or write.
+const DOWN_COOLDOWN: Duration = Duration::from_secs(2);
+/// First retry delay of a send; doubles per attempt up to [`BACKOFF_MAX`].
+const BACKOFF_MIN: Duration = Duration::from_millis(25);
+/// Longest retry delay between two attempts (rate limits excepted: they say how long).
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Reads move to a faster node only when it saves at least this much RTT (and halves it), so
+/// sub-millisecond noise on one host does not bounce streams between nodes.
+const RERANK_GAIN_MS_MIN: f64 = 1.0;
+/// Weight of a new RTT sample in the smoothed RTT.
+const RTT_ALPHA: f64 = 0.3;
+/// Discovery rounds run every this many probe intervals, to find nodes that joined.
+const DISCOVERY_EVERY: u32 = 5;
+/// Capacity of the event channel; slow listeners miss the oldest events.
+const EVENTS_CAPACITY: usize = 256;
+
+/// Something the client did on its own that a user may want to know about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientEvent {
+    /// A send was rate limited and waits `retry_after_ms` before its next attempt.
+    RateLimited {
+        /// The wait the node asked for.
+        retry_after_ms: u64,
+    },
+    /// Reads moved to another node.
+    ReaderChanged {
+        /// The previous node, if any.
+        from: Option<u64>,
+        /// The new node.
+        to: u64,
+    },
+    /// The client learned of a new leader.
+    LeaderChanged {
+        /// The leader's node id.
+        leader: u64,
+    },
+}
+
+/// One node as this client sees it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ServerInfo {
+    /// Node id.
+    pub id: u64,
+    /// Its Raft role as last seen.
+    pub role: String,
+    /// Address of its chat service.
+    pub client_addr: SocketAddr,
+    /// Smoothed round trip of the RPC `ping`, in ms; `None` until measured or while down.
+    pub rtt_ms: Option<f64>,
+    /// Its applied log index as last seen.
+    pub applied: u64,
+    /// Whether this client reads from it.
+    pub reading: bool,
+    /// Whether this client believes it leads.
+    pub leader: bool,
+    /// Whether it failed recently and is passed over.
+    pub down: bool,
+}
+
+/// A snapshot for a status line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Status {
+    /// The node reads go to.
+    pub reading: Option<u64>,
+    /// Its smoothed RTT in ms.
+    pub reading_rtt_ms: Option<f64>,
+    /// The leader, if known.
+    pub leader: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+struct NodeState {
+    client_addr: SocketAddr,
+    role: Role,
+    applied: u64,
+    rtt_ms: Option<f64>,
+    down_until: Option<Instant>,
+}
+
+impl NodeState {
+    fn new(client_addr: SocketAddr) -> Self {
+        Self {
+            client_addr,
+            role: Role::Unknown,
+            applied: 0,
+            rtt_ms: None,
+            down_until: None,
+        }
+    }
+
+    fn is_down(&self, now: Instant) -> bool {
+        self.down_until.is_some_and(|t| t > now)
+    }
+}
+
+/// The nodes known to this client.
+///
+/// Invariants: `reading` and `leader`, when set, name nodes in `nodes`.
+#[derive(Debug, Default)]
+struct Table {
+    nodes: BTreeMap<u64, NodeState>,
+    leader: Option<u64>,
+    reading: Option<u64>,
+}
+
+impl Table {
+    /// Healthy nodes first, then by RTT (unmeasured last), then by id.
+    fn ranked(&self, now: Instant) -> Vec<u64> {
+        let mut ids: Vec<u64> = self.nodes.keys().copied().collect();
+        ids.sort_by(|a, b| {
+            let (na, nb) = (&self.nodes[a], &self.nodes[b]);
+            let key = |n: &NodeState| (n.is_down(now), n.rtt_ms.is_none());
+            key(na)
+                .cmp(&key(nb))
+                .then(
+                    na.rtt_ms
+                        .unwrap_or(0.0)
+                        .total_cmp(&nb.rtt_ms.unwrap_or(0.0)),
+                )
+                .then(a.cmp(b))
+        });
+        ids
+    }
+
+    fn upsert(&mut self, id: u64, client_addr: SocketAddr) -> &mut NodeState {
+        let node = self
+            .nodes
+            .entry(id)
+            .or_insert_with(|| NodeState::new(client_addr));
+        if node.client_addr != client_addr {
+            // The node restarted on another port: old measurements are void.
+            *node = NodeState::new(client_addr);
+        }
+        node
+    }
+}
+
+/// A client of one cellchat cluster; cheap to clone, every clone shares one session (client id,
+/// client seqs, read token, connections).
+///
+/// Invariants:
+/// - `(client_id, client_seq)` of a message never changes across its retries, and a new message
+///   always gets a client seq above every earlier one of this client.
+/// - The read token only grows; every read passes it, so reads are monotonic and include this
+///   client's acknowledged sends, whichever node answers.
+#[derive(Clone)]
+pub struct Client {
+    pub(crate) inner: Arc<Inner>,
+    _refresher: Arc<AbortOnDrop>,
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: ClientConfig,
+    identity: Option<Identity>,
+    client_id: [u8; 16],
+    next_seq: AtomicU64,
+    read_token: AtomicU64,
+    table: Mutex<Table>,
+    /// Connections that said hello, by node id.
+    conns: Mutex<HashMap<u64, ChatClient>>,
+    /// The logged-in connection used for sends, and the node it goes to.
+    writer: tokio::sync::Mutex<Option<(u64, ChatClient)>>,
+    events: broadcast::Sender<ClientEvent>,
+    /// Bumped whenever a node is marked down or reads move, so long polls on the old node stop
+    /// waiting.
+    pub(crate) route_tx: watch::Sender<u64>,
+}
+
+/// Why one attempt on one node failed.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// The node is unreachable or the connection broke; the node is marked down.
+    Transport(String),
+    /// The node answered with an error.
+    Api(ApiError),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Transport(reason) => f.write_str(reason),
+            Failure::Api(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+fn ctx(timeout: Duration) -> tarpc::context::Context {
+    let mut ctx = tarpc::context::current();
+    ctx.deadline = Instant::now() + timeout;
+    ctx
+}
+
+impl Client {
+    /// Finds the cluster's nodes, measures them, picks the nearest for reads, and logs in on
+    /// the leader when the config names a user.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoServers`] (saying where it looked), [`Error::NameTaken`], [`Error::Identity`],
+    /// [`Error::Config`], or [`Error::RetriesExhausted`] when no leader accepted the login.
+    pub async fn connect(config: ClientConfig) -> Result<Client, Error> {
+        config.validate().map_err(Error::Config)?;
+        let identity = match (&config.identity, &config.name) {
+            (Some(identity), _) => Some(identity.clone()),
+            (None, Some(name)) => {
+                let dir = identity::config_dir(config.config_dir.as_deref())?;
+                Some(Identity::load_or_create(&dir, &config.cluster, name)?)
+            }
+            (None, None) => None,
+        };
+        let (route_tx, _) = watch::channel(0);
+        let inner = Arc::new(Inner {
+            identity,
+            client_id: rand::random(),
+            next_seq: AtomicU64::new(1),
+            read_token: AtomicU64::new(0),
+            table: Mutex::new(Table::default()),
+            conns: Mutex::new(HashMap::new()),
+            writer: tokio::sync::Mutex::new(None),
+            events: broadcast::channel(EVENTS_CAPACITY).0,
+            route_tx,
+            config,
+        });
+        inner.initial_discovery().await?;
+        inner.probe_all().await;
+        inner.rerank();
+        if inner.identity.is_some() {
+            inner.establish_writer().await?;
+        }
+        let refresher = tokio::spawn(refresh_loop(Arc::downgrade(&inner)));
+        Ok(Client {
+            inner,
+            _refresher: Arc::new(AbortOnDrop(refresher)),
+        })
+    }
+
+    /// This client's random idempotency id.
+    pub fn client_id(&self) -> [u8; 16] {
+        self.inner.client_id
+    }
+
+    /// The logged-in user name, if any.
+    pub fn name(&self) -> Option<&str> {
+        self.inner.identity.as_ref().map(Identity::name)
+    }
+
+    /// The cluster name.
+    pub fn cluster_name(&self) -> &str {
+        &self.inner.config.cluster
+    }
+
+    /// The highest read token seen (send replies and batches' `applied`).
+    pub fn read_token(&self) -> u64 {
+        self.inner.read_token.load(Ordering::Acquire)
+    }
+
+    /// Raises the read token to at least `token` (for example one handed over by another
+    /// session).
+    pub fn observe_read_token(&self, token: u64) {
+        self.inner.observe(token);
+    }
+
+    /// Takes the client seq for a new message; use it with [`send_with_key`](Self::send_with_key)
+    /// when the body must know it (encryption binds it).
+    pub fn next_client_seq(&self) -> u64 {
+        self.inner.next_seq.fetch_add(1, Ordering::AcqRel)
+    }
+
+    /// Events such as rate limits and reader changes.
+    pub fn events(&self) -> broadcast::Receiver<ClientEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Sends `body` as a new message, retrying until acknowledged or the retry budget runs out.
+    ///
+    /// # Errors
+    ///
+    /// As [`send_with_key`](Self::send_with_key).
+    pub async fn send(&self, channel: &str, body: Vec<u8>) -> Result<SendReply, Error> {
+        let seq = self.next_client_seq();
+        self.send_with_key(channel, body, self.client_id(), seq)
+            .await
+    }
+
+    /// Sends `text` as a new message: encrypted with `key` when given, else as plaintext
+    /// (body formats in [`crypto`](crate::crypto)).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoIdentity`] without a name (the sender is bound into the ciphertext), else as
+    /// [`send_with_key`](Self::send_with_key).
+    pub async fn send_text(
+        &self,
+        channel: &str,
+        text: &str,
+        key: Option<&ChannelKey>,
+    ) -> Result<SendReply, Error> {
+        let seq = self.next_client_seq();
+        let body = match key {
+            Some(key) => {
+                let name = self.name().ok_or(Error::NoIdentity)?;
+                key.seal(name, seq, text)?
+            }
+            None => crypto::plain_body(text),
+        };
+        self.send_with_key(channel, body, self.client_id(), seq)
+            .await
+    }
+
+    /// Sends with a caller-chosen idempotency key, retrying with that same key: NotLeader
+    /// redials the leader it names, rate limits wait the time the node asks for (and emit
+    /// [`ClientEvent::RateLimited`]), other retryable errors back off exponentially
+    /// (25 ms doubling to 1 s). The message is applied at most once whatever happens.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoIdentity`], [`Error::NameTaken`], [`Error::Api`] for a rejection, or
+    /// [`Error::RetriesExhausted`] after `send_attempts_max` attempts or `send_retry_budget`.
+    pub async fn send_with_key(
+        &self,
+        channel: &str,
+        body: Vec<u8>,
+        client_id: [u8; 16],
+        client_seq: u64,
+    ) -> Result<SendReply, Error> {
+        let request = SendRequest {
+            channel: channel.to_owned(),
+            body,
+            client_id,
+            client_seq,
+        };
+        self.inner.send_retrying(request).await
+    }
+
+    /// One send attempt on the node this client believes leads, without retries: for callers
+    /// that record ambiguous outcomes themselves. A NotLeader answer still updates the leader
+    /// for the next call.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Api`] with the node's answer, [`Error::Unreachable`] when the node could not be
+    /// reached or the connection broke (the outcome is then unknown), [`Error::NameTaken`],
+    /// [`Error::NoIdentity`].
+    pub async fn send_once(
+        &self,
+        channel: &str,
+        body: Vec<u8>,
+        client_id: [u8; 16],
+        client_seq: u64,
+    ) -> Result<SendReply, Error> {
+        let request = SendRequest {
+            channel: channel.to_owned(),
+            body,
+            client_id,
+            client_seq,
+        };
+        if self.inner.identity.is_none() {
+            return Err(Error::NoIdentity);
+        }
+        let (node, conn) = self
+            .inner
+            .writer_conn()
+            .await
+            .map_err(|e| self.inner.fatal(e))?;
+        match self.inner.send_on(node, &conn, request).await {
+            Ok(reply) => Ok(reply),
+            Err(Failure::Api(e)) => Err(Error::Api(e)),
+            Err(Failure::Transport(reason)) => Err(Error::Unreachable {
+                node: Some(node),
+                reason,
+            }),
+        }
+    }
+
+    /// Up to `limit` messages of `channel` before `before_seq` (newest page when `None`), in
+    /// ascending seq order, from the nearest healthy node.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Api`] for a rejection (bad channel name), [`Error::RetriesExhausted`] when no
+    /// node could answer.
+    pub async fn history(
+        &self,
+        channel: &str,
+        before_seq: Option<u64>,
+        limit: u32,
+    ) -> Result<MessageBatch, Error> {
+        self.history_request(channel, before_seq, None, limit).await
+    }
+
+    /// Up to `limit` messages of `channel` from `from_seq` on, ascending.
+    ///
+    /// # Errors
+    ///
+    /// As [`history`](Self::history).
+    pub async fn history_from(
+        &self,
+        channel: &str,
+        from_seq: u64,
+        limit: u32,
+    ) -> Result<MessageBatch, Error> {
+        self.history_request(channel, None, Some(from_seq), limit)
+            .await
+    }
+
+    async fn history_request(
+        &self,
+        channel: &str,
+        before_seq: Option<u64>,
+        from_seq: Option<u64>,
+        limit: u32,
+    ) -> Result<MessageBatch, Error> {
+        let inner = &self.inner;
+        let timeout = inner.config.request_timeout;
+        let batch = inner
+            .read(|conn| {
+                let request = HistoryRequest {
+                    channel: channel.to_owned(),
+                    before_seq,
+                    from_seq,
+                    limit,
+                    read_token: inner.token(),
+                };
+                async move { conn.history(ctx(timeout), request).await }
+            })
+            .await?;
+        inner.observe(batch.applied);
+        Ok(batch)
+    }
+
+    /// Every channel with its head seq, from the nearest healthy node.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::RetriesExhausted`] when no node could answer.
+    pub async fn channels(&self) -> Result<Vec<ChannelInfo>, Error> {
+        let timeout = self.inner.config.request_timeout;
+        self.inner
+            .read(|conn| async move { conn.channels(ctx(timeout)).await })
+            .await
+    }
+
+    /// The cluster as the nearest healthy node sees it; also refreshes this client's table.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::RetriesExhausted`] when no node could answer.
+    pub async fn cluster(&self) -> Result<ClusterInfo, Error> {
+        let timeout = self.inner.config.request_timeout;
+        let info = self
+            .inner
+            .read(|conn| async move { conn.cluster(ctx(timeout)).await })
+            .await?;
+        self.inner.merge_cluster(&info);
+        Ok(info)
+    }
+
+    /// Every known node with fresh RTTs, sorted by id.
+    pub async fn servers(&self) -> Vec<ServerInfo> {
+        // Best effort: the table still lists what is known when the refresh fails.
+        let _ = self.cluster().await;
+        self.inner.probe_all().await;
+        self.inner.rerank();
+        self.inner.servers()
+    }
+
+    /// The node reads go to, its RTT, and the leader, without any network call.
+    pub fn status(&self) -> Status {
+        let table = self.inner.table.lock();
+        let reading_rtt_ms = table
+            .reading
+            .and_then(|id| table.nodes.get(&id))
+            .and_then(|n| n.rtt_ms);
+        Status {
+            reading: table.reading,
+            reading_rtt_ms,
+            leader: table.leader,
+        }
+    }
+}
+
+impl Inner {
+    pub(crate) fn token(&self) -> u64 {
+        self.read_token.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn observe(&self, token: u64) {
+        self.read_token.fetch_max(token, Ordering::AcqRel);
+    }
+
+    fn addr_of(&self, node: u64) -> Option<SocketAddr> {
+        self.table.lock().nodes.get(&node).map(|n| n.client_addr)
+    }
+
+    pub(crate) fn is_down(&self, node: u64) -> bool {
+        let now = Instant::now();
+        self.table
+            .lock()
+            .nodes
+            .get(&node)
+            .is_none_or(|n| n.is_down(now))
+    }
+
+    /// Passes over `node` for [`DOWN_COOLDOWN`] and drops its connection.
+    pub(crate) fn mark_down(&self, node: u64, reason: &str) {
+        {
+            let mut table = self.table.lock();
+            if let Some(state) = table.nodes.get_mut(&node) {
+                state.down_until = Some(Instant::now() + DOWN_COOLDOWN);
+                state.rtt_ms = None;
+            }
+            if table.reading == Some(node) {
+                table.reading = None;
+            }
+        }
+        self.conns.lock().remove(&node);
+        tracing::debug!(node, reason, "node marked down");
+        self.route_tx.send_modify(|generation| *generation += 1);
+    }
+
+    fn set_leader(&self, leader: u64) {
+        let changed = {
+            let mut table = self.table.lock();
+            let changed = table.leader != Some(leader);
+            table.leader = Some(leader);
+            changed
+        };
+        if changed {
+            tracing::info!(leader, "leader changed");
+            // Nobody listening is fine: events are advisory.
+            let _ = self.events.send(ClientEvent::LeaderChanged { leader });
+        }
+    }
+
+    fn learn_hint(&self, hint: &LeaderHint) {
+        self.table.lock().upsert(hint.id, hint.client_addr);
+        self.set_leader(hint.id);
+    }
+
+    fn merge_announce(&self, announce: &NodeAnnounce) {
+        {
+            let mut table = self.table.lock();
+            let node = table.upsert(announce.node_id, announce.client_addr);
+            node.role = announce.role;
+            node.applied = node.applied.max(announce.applied);
+        }
+        if announce.role == Role::Leader {
+            self.set_leader(announce.node_id);
+        }
+    }
+
+    pub(crate) fn merge_cluster(&self, info: &ClusterInfo) {
+        {
+            let mut table = self.table.lock();
+            for member in &info.nodes {
+                let node = table.upsert(member.id, member.client_addr);
+                if member.role != Role::Unknown {
+                    node.role = member.role;
+                }
+                node.applied = node.applied.max(member.applied);
+            }
+        }
+        if let Some(leader) = info.leader {
+            if self.table.lock().nodes.contains_key(&leader) {
+                self.set_leader(leader);
+            }
+        }
+    }
+
+    fn servers(&self) -> Vec<ServerInfo> {
+        let now = Instant::now();
+        let table = self.table.lock();
+        table
+            .nodes
+            .iter()
+            .map(|(&id, n)| ServerInfo {
+                id,
+                role: format!("{:?}", n.role).to_lowercase(),
+                client_addr: n.client_addr,
+                rtt_ms: n.rtt_ms,
+                applied: n.applied,
+                reading: table.reading == Some(id),
+                leader: table.leader == Some(id),
+                down: n.is_down(now),
+            })
+            .collect()
+    }
+
+    /// Discovery with growing windows until some node answers.
+    async fn initial_discovery(&self) -> Result<(), Error> {
+        let socket = DiscoverySocket::ephemeral(
+            self.config.discovery_port,
+            self.config.broadcast,
+            self.config.cluster.clone(),
+        )
+        .map_err(Error::Discovery)?;
+        for round in 0..3u32 {
+            let window = self.config.discovery_window * (1 + 2 * round);
+            let found = self.discover(&socket, window).await;
+            for announce in &found {
+                self.merge_announce(announce);
+            }
+            if !found.is_empty() {
+                return Ok(());
+            }
+        }
+        Err(Error::NoServers {
+            cluster: self.config.cluster.clone(),
+            broadcast: socket.broadcast_addr(),
+            join: self.config.join.clone(),
+        })
+    }
+
+    /// One discovery round: a broadcast probe and a probe to every join address, then the
+    /// announcements heard within `window`.
+    async fn discover(&self, socket: &DiscoverySocket, window: Duration) -> Vec<NodeAnnounce> {
+        let probe = Packet::Probe {
+            cluster: self.config.cluster.clone(),
+            nonce: rand::random(),
+            from_client: true,
+        };
+        if let Err(e) = socket.send_broadcast(&probe).await {
+            tracing::debug!(error = %e, "discovery broadcast failed");
+        }
+        for addr in &self.config.join {
+            if let Err(e) = socket.send_to(&probe, *addr).await {
+                tracing::debug!(error = %e, %addr, "discovery probe to join address failed");
+            }
+        }
+        let mut found = BTreeMap::new();
+        let deadline = tokio::time::Instant::now() + window;
+        while let Ok(received) = tokio::time::timeout_at(deadline, socket.recv()).await {
+            match received {
+                Ok((Packet::Announce(announce), _)) => {
+                    found.insert(announce.node_id, announce);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "discovery receive failed");
+                    break;
+                }
+            }
+        }
+        found.into_values().collect()
+    }
+
+    /// Opens a connection to `addr` and says hello; returns it with the node id that answered.
+    async fn dial(&self, addr: SocketAddr) -> Result<(ChatClient, [u8; 32], u64), Failure> {
+        let connect = tokio::time::timeout(self.config.connect_timeout, proto::connect_chat(addr));
+        let conn = match connect.await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return Err(Failure::Transport(format!("connect to {addr}: {e}"))),
+            Err(_) => return Err(Failure::Transport(format!("connect to {addr}: timed out"))),
+        };
+        let hello = Hello::new(
+            self.config.cluster.clone(),
+            self.identity.as_ref().map(|i| i.name().to_owned()),
+        );
+        match conn.hello(ctx(self.config.request_timeout), hello).await {
+            Ok(Ok(welcome)) => Ok((conn, welcome.challenge, welcome.node_id)),
+            Ok(Err(e)) => Err(Failure::Api(e)),
+            Err(e) => Err(Failure::Transport(format!("hello to {addr}: {e}"))),
+        }
+    }
+
+    /// A connection to `node` that said hello, reusing an open one.
+    pub(crate) async fn read_conn(&self, node: u64) -> Result<ChatClient, Failure> {
+        if let Some(conn) = self.conns.lock().get(&node) {
+            return Ok(conn.clone());
+        }
+        let addr = self
+            .addr_of(node)
+            .ok_or_else(|| Failure::Transport(format!("node {node} unknown")))?;
+        let (conn, _, answered) = self.dial(addr).await?;
+        if answered != node {
+            return Err(Failure::Transport(format!(
+                "{addr} is node {answered}, not node {node}"
+            )));
+        }
+        self.conns.lock().insert(node, conn.clone());
+        Ok(conn)
+    }
+
+    /// The node to read from: the current reader if healthy, else the best-ranked node.
+    pub(crate) fn pick_reader(&self) -> Option<u64> {
+        let now = Instant::now();
+        let (from, to) = {
+            let mut table = self.table.lock();
+            if let Some(id) = table.reading {
+                if table.nodes.get(&id).is_some_and(|n| !n.is_down(now)) {
+                    return Some(id);
+                }
+            }
+            let to = *table.ranked(now).first()?;
+            let from = table.reading.replace(to);
+            (from, to)
+        };
+        tracing::info!(?from, to, "reading from another node");
+        // Nobody listening is fine: events are advisory.
+        let _ = self.events.send(ClientEvent::ReaderChanged { from, to });
+        Some(to)
+    }
+
+    /// Moves reads to a clearly faster node (less than half the current RTT), or picks one.
+    fn rerank(&self) {
+        let now = Instant::now();
+        let switch = {
+            let table = self.table.lock();
+            let best = table.ranked(now).first().copied();
+            match (table.reading, best) {
+                (Some(current), Some(best)) if current != best => {
+                    let rtt = |id: u64| table.nodes.get(&id).and_then(|n| n.rtt_ms);
+                    matches!((rtt(current), rtt(best)),
+                        (Some(c), Some(b)) if b * 2.0 < c && c - b > RERANK_GAIN_MS_MIN)
+                        || table.nodes.get(&current).is_none_or(|n| n.is_down(now))
+                }
+                _ => false,
+            }
+        };
+        if switch {
+            self.table.lock().reading = None;
+        }
+        let before = self.table.lock().reading;
+        if self.pick_reader() != before {
+            // Long polls on the old reader stop waiting and move.
+            self.route_tx.send_modify(|generation| *generation += 1);
+        }
+    }
+
+    /// The node reads go to now, without choosing one.
+    pub(crate) fn current_reader(&self) -> Option<u64> {
+        self.table.lock().reading
+    }
+
+    /// Pings every known node (in parallel) and records RTT, role and applied index; a node
+    /// that does not answer is marked down.
+    async fn probe_all(&self) {
+        let ids: Vec<u64> = self.table.lock().nodes.keys().copied().collect();
+        let probes = ids
+            .into_iter()
+            .map(|id| async move { (id, self.probe(id).await) });
+        for (id, result) in futures::future::join_all(probes).await {
+            match result {
+                Ok((elapsed, pong)) => self.record_pong(id, elapsed, &pong),
+                Err(e) => self.mark_down(id, &e.to_string()),
+            }
+        }
+    }
+
+    async fn probe(&self, id: u64) -> Result<(Duration, proto::Pong), Failure> {
+        let conn = self.read_conn(id).await?;
+        let timeout = self.config.request_timeout.min(Duration::from_secs(1));
+        let started = Instant::now();
+        match conn.ping(ctx(timeout), rand::random()).await {
+            Ok(pong) => Ok((started.elapsed(), pong)),
+            Err(e) => Err(Failure::Transport(format!("ping: {e}"))),
+        }
+    }
+
+    fn record_pong(&self, id: u64, elapsed: Duration, pong: &proto::Pong) {
+        let sample = elapsed.as_secs_f64() * 1000.0;
+        {
+            let mut table = self.table.lock();
+            let Some(node) = table.nodes.get_mut(&id) else {
+                return;
+            };
+            node.rtt_ms = Some(match node.rtt_ms {
+                Some(old) => old * (1.0 - RTT_ALPHA) + sample * RTT_ALPHA,
+                None => sample,
+            });
+            node.down_until = None;
+            node.role = pong.role;
+            node.applied = node.applied.max(pong.applied);
+        }
+        if pong.role == Role::Leader {
+            self.set_leader(id);
+        }
+    }
+
+    /// Runs a read on the reader, moving to the next node on transport errors and on nodes
+    /// that are behind or unavailable, waiting on rate limits; bounded by the send budget.
+    async fn read<T, F, Fut>(&self, call: F) -> Result<T, Error>
+    where
+        F: Fn(ChatClient) -> Fut,
+        Fut: std::future::Future<Output = Result<Result<T, ApiError>, RpcError>>,
+    {
+        let started = Instant::now();
+        let mut attempts = 0u32;
+        let mut last = String::from("no node known");
+        while attempts < self.config.send_attempts_max
+            && started.elapsed() < self.config.send_retry_budget
+        {
+            attempts += 1;
+            let Some(node) = self.pick_reader() else {
+                tokio::time::sleep(backoff(attempts)).await;
+                continue;
+            };
+            let conn = match self.read_conn(node).await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    last = e.to_string();
+                    self.mark_down(node, "connect failed");
+                    continue;
+                }
+            };
+            match call(conn).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(ApiError::RateLimited { retry_after_ms })) => {
+                    last = format!("rate limited for {retry_after_ms} ms");
+                    tokio::time::sleep(Duration::from_millis(retry_after_ms)).await;
+                }
+                Ok(Err(e)) if e.is_retryable() => {
+                    last = e.to_string();
+                    self.mark_down(node, "unavailable for reads");
+                    tokio::time::sleep(backoff(attempts)).await;
+                }
+                Ok(Err(e)) => return Err(Error::Api(e)),
+                Err(e) => {
+                    last = e.to_string();
+                    self.mark_down(node, "read failed");
+                }
+            }
+        }
+        Err(Error::RetriesExhausted {
+            attempts,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+            last,
+        })
+    }
+
+    /// Logs in on the leader (or a node that names it), within the retry budget; surfaces a
+    /// taken name at once.
+    async fn establish_writer(&self) -> Result<(), Error> {
+        let started = Instant::now();
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let last = match self.writer_conn().await {
+                Ok(_) => return Ok(()),
+                Err(Failure::Api(e)) if !e.is_retryable() => {
+                    return Err(self.fatal(Failure::Api(e)))
+                }
+                Err(e) => e.to_string(),
+            };
+            if attempts >= self.config.send_attempts_max
+                || started.elapsed() >= self.config.send_retry_budget
+            {
+                return Err(Error::RetriesExhausted {
+                    attempts,
+                    elapsed_ms: started.elapsed().as_millis() as u64,
+                    last,
+                });
+            }
+            tokio::time::sleep(backoff(attempts)).await;
+        }
+    }
+
+    /// Maps a non-retryable failure to the error a user should see.
+    fn fatal(&self, failure: Failure) -> Error {
+        match failure {
+            Failure::Api(ApiError::Rejected(RejectReason::NameTaken)) => {
+                let identity = self.identity.as_ref();
+                Error::NameTaken {
+                    name: identity.map_or_else(String::new, |i| i.name().to_owned()),
+                    key_path: identity.and_then(|i| i.path().map(ToOwned::to_owned)),
+                }
+            }
+            Failure::Api(e) => Error::Api(e),
+            Failure::Transport(reason) => Error::Unreachable { node: None, reason },
+        }
+    }
+
+    /// The logged-in write connection: to the known leader, else to the best-ranked node
+    /// (which names the leader if it is not).
+    async fn writer_conn(&self) -> Result<(u64, ChatClient), Failure> {
+        let identity = self
+            .identity
+            .as_ref()
+            .ok_or(Failure::Api(ApiError::Unauthenticated))?;
+        let mut writer = self.writer.lock().await;
+        let (leader, target) = {
+            let table = self.table.lock();
+            let now = Instant::now();
+            let target = table
+                .leader
+                .filter(|id| table.nodes.get(id).is_some_and(|n| !n.is_down(now)))
+                .or_else(|| table.ranked(now).first().copied());
+            (table.leader, target)
+        };
+        if let Some((node, conn)) = writer.as_ref() {
+            if leader.is_none_or(|l| l == *node) {
+                return Ok((*node, conn.clone()));
+            }
+        }
+        *writer = None;
+        let target = target.ok_or_else(|| Failure::Transport("no node known".into()))?;
+        let addr = self
+            .addr_of(target)
+            .ok_or_else(|| Failure::Transport(format!("node {target} unknown")))?;
+        let (conn, challenge, answered) = match self.dial(addr).await {
+            Ok(dialed) => dialed,
+            Err(e) => {
+                if matches!(e, Failure::Transport(_)) {
+                    self.mark_down(target, "connect failed");
+                }
+                return Err(e);
+            }
+        };
+        let message = proto::login_message(&challenge, &self.config.cluster, identity.name());
+        let login = Login {
+            name: identity.name().to_owned(),
+            public_key: identity.public_key(),
+            signature: identity.sign(&message).to_vec(),
+        };
+        match conn.login(ctx(self.config.request_timeout), login).await {
+            Ok(Ok(_session)) => {
+                tracing::debug!(node = answered, "logged in");
+                *writer = Some((answered, conn.clone()));
+                Ok((answered, conn))
+            }
+            Ok(Err(ApiError::NotLeader { leader: Some(hint) })) => {
+                self.learn_hint(&hint);
+                Err(Failure::Api(ApiError::NotLeader { leader: Some(hint) }))
+            }
+            Ok(Err(e)) => Err(Failure::Api(e)),
+            Err(e) => {
+                self.mark_down(target, "login failed");
+                Err(Failure::Transport(format!("login at {addr}: {e}")))
+            }
+        }
+    }
+
+    /// One send on `conn` to `node`; learns leader hints and read tokens, drops the writer on
+    /// transport errors and NotLeader.
+    async fn send_on(
+        &self,
+        node: u64,
+        conn: &ChatClient,
+        request: SendRequest,
+    ) -> Result<SendReply, Failure> {
+        match conn.send(ctx(self.config.request_timeout), request).await {
+            Ok(Ok(reply)) => {
+                self.observe(reply.read_token);
+                Ok(reply)
+            }
+            Ok(Err(e)) => {
+                match &e {
+                    ApiError::NotLeader { leader } => {
+                        self.drop_writer(node).await;
+                        match leader {
+                            Some(hint) => self.learn_hint(hint),
+                            // The cluster is electing: forget the old leader, so the next
+                            // attempt asks a live node instead of redialing a dead one.
+                            None => self.table.lock().leader = None,
+                        }
+                    }
+                    ApiError::Unauthenticated => self.drop_writer(node).await,
+                    _ => {}
+                }
+                Err(Failure::Api(e))
+            }
+            Err(RpcError::DeadlineExceeded) => Err(Failure::Transport("send timed out".into())),
+            Err(e) => {
+                self.drop_writer(node).await;
+                self.mark_down(node, "send failed");
+                Err(Failure::Transport(format!("send: {e}")))
+            }
+        }
+    }
+
+    async fn drop_writer(&self, node: u64) {
+        let mut writer = self.writer.lock().await;
+        if writer.as_ref().is_some_and(|(id, _)| *id == node) {
+            *writer = None;
+        }
+    }
+
+    async fn send_retrying(&self, request: SendRequest) -> Result<SendReply, Error> {
+        if self.identity.is_none() {
+            return Err(Error::NoIdentity);
+        }
+        let started = Instant::now();
+        let mut attempts = 0u32;
+        let mut last;
+        loop {
+            attempts += 1;
+            let wait = match self.writer_conn().await {
+                Ok((node, conn)) => match self.send_on(node, &conn, request.clone()).await {
+                    Ok(reply) => return Ok(reply),
+                    Err(failure) => {
+                        last = failure.to_string();
+                        self.retry_wait(failure, attempts)?
+                    }
+                },
+                Err(failure) => {
+                    last = failure.to_string();
+                    self.retry_wait(failure, attempts)?
+                }
+            };
+            let spent = started.elapsed();
+            if attempts >= self.config.send_attempts_max
+                || spent + wait > self.config.send_retry_budget
+            {
+                return Err(Error::RetriesExhausted {
+                    attempts,
+                    elapsed_ms: spent.as_millis() as u64,
+                    last,
+                });
+            }
+            tracing::debug!(client_seq = request.client_seq, attempts, ?wait, %last, "retrying send");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// How long to wait before the next attempt after `failure`, or the error to return.
+    fn retry_wait(&self, failure: Failure, attempts: u32) -> Result<Duration, Error> {
+        match failure {
+            Failure::Api(ApiError::RateLimited { retry_after_ms }) => {
+                // Nobody listening is fine: events are advisory.
+                let _ = self
+                    .events
+                    .send(ClientEvent::RateLimited { retry_after_ms });
+                tracing::info!(retry_after_ms, "rate limited, waiting");
+                Ok(Duration::from_millis(retry_after_ms))
+            }
+            // A hint names the leader: go there at once, but not in a tight loop.
+            Failure::Api(ApiError::NotLeader { leader: Some(_) }) if attempts <= 3 => {
+                Ok(Duration::ZERO)
+            }
+            Failure::Api(e) if !e.is_retryable() => Err(self.fatal(Failure::Api(e))),
+            _ => Ok(backoff(attempts)),
+        }
+    }
+}
+
+/// Exponential backoff with jitter: 25 ms doubling per attempt, capped at 1 s, then a random
+/// 50-100 % of that so many clients do not retry in step.
+pub(crate) fn backoff(attempts: u32) -> Duration {
+    let exp = BACKOFF_MIN.saturating_mul(1u32 << attempts.saturating_sub(1).min(10));
+    let capped = exp.min(BACKOFF_MAX);
+    capped.mul_f64(0.5 + rand::random::<f64>() * 0.5)
+}
+
+/// Keeps the table fresh: pings every node each probe interval, asks the reader for the
+/// membership, and runs discovery now and then to find new nodes. Ends when the client is gone.
+async fn refresh_loop(inner: std::sync::Weak<Inner>) {
+    let mut round = 0u32;
+    let socket = {
+        let Some(inner) = inner.upgrade() else { return };
+        DiscoverySocket::ephemeral(
+            inner.config.discovery_port,
+            inner.config.broadcast,
+            inner.config.cluster.clone(),
+        )
+        .ok()
+    };
+    loop {
+        let interval = match inner.upgrade() {
+            Some(inner) => inner.config.probe_interval,
+            None => return,
+        };
+        tokio::time::sleep(interval).await;
+        let Some(inner) = inner.upgrade() else { return };
+        round += 1;
+        if round.is_multiple_of(DISCOVERY_EVERY) {
+            if let Some(socket) = &socket {
+                for announce in inner.discover(socket, inner.config.discovery_window).await {
+                    inner.merge_announce(&announce);
+                }
+            }
+        }
+        if let Some(reader) = inner.pick_reader() {
+            if let Ok(conn) = inner.read_conn(reader).await {
+                if let Ok(Ok(info)) = conn.cluster(ctx(inner.config.request_timeout)).await {
+                    inner.merge_cluster(&info);
+                }
+            }
+        }
+        inner.probe_all().await;
+        inner.rerank();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(port: u16, rtt: Option<f64>, down: bool) -> NodeState {
+        let mut n = NodeState::new(([127, 0, 0, 1], port).into());
+        n.rtt_ms = rtt;
+        if down {
+            n.down_until = Some(Instant::now() + Duration::from_secs(60));
+        }
+        n
+    }
+
+    #[test]
+    fn ranking_puts_healthy_fast_nodes_first() {
+        let mut table = Table::default();
+        table.nodes.insert(1, node(1, Some(3.0), false));
+        table.nodes.insert(2, node(2, Some(0.5), true));
+        table.nodes.insert(3, node(3, None, false));
+        table.nodes.insert(4, node(4, Some(0.7), false));
+        assert_eq!(table.ranked(Instant::now()), vec![4, 1, 3, 2]);
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        for attempts in 1..40 {
+            let d = backoff(attempts);
+            assert!(d <= BACKOFF_MAX, "{attempts}: {d:?}");
+            assert!(d >= BACKOFF_MIN / 2, "{attempts}: {d:?}");
+        }
+        assert!(backoff(20) >= BACKOFF_MAX / 2);
+    }
+
+    #[test]
+    fn a_restarted_node_loses_its_measurements() {
+        let mut table = Table::default();
+        table.nodes.insert(1, node(1, Some(1.0), false));
+        table.upsert(1, ([127, 0, 0, 1], 9).into());
+        assert_eq!(table.nodes[&1].rtt_ms, None);
+        table.upsert(1, ([127, 0, 0, 1], 9).into()).rtt_ms = Some(2.0);
+        table.upsert(1, ([127, 0, 0, 1], 9).into());
+        assert_eq!(table.nodes[&1].rtt_ms, Some(2.0));
+    }
+}

@@ -1,0 +1,356 @@
+//! End-to-end encryption of message bodies: a channel passphrase becomes an AES-256-GCM key
+//! through Argon2id, and every message gets a fresh random nonce.
+//!
+//! # Body format
+//!
+//! Servers store and replicate the body bytes as they are; only clients read the format.
+//!
+//! | first byte        | rest                                                  |
+//! |-------------------|-------------------------------------------------------|
+//! | `0x00` plaintext  | the UTF-8 text                                        |
+//! | `0x01` AES-GCM v1 | nonce (12 bytes) then ciphertext with its 16-byte tag |
+//!
+//! Any other first byte is a format this build does not know and shows as `[encrypted]`
+//! style placeholders, never as garbage.
+//!
+//! # Key derivation
+//!
+//! Argon2id, version 0x13, memory 19 MiB (19 456 KiB), 2 passes, 1 lane, 32-byte output (the
+//! OWASP baseline for Argon2id). The salt is `"cellchat/v1/" || cluster || "/" || channel`, so
+//! one passphrase gives unrelated keys on different channels and clusters, and a precomputed
+//! table for one channel is useless on another. The passphrase itself never leaves the client.
+//!
+//! # Associated data
+//!
+//! `"cellchat-body-v1" || len32(channel) || channel || len32(sender) || sender ||
+//! client_seq (u64 LE)`, lengths as u32 little-endian. The sender is the name the server
+//! stamped, so a message re-sent under another name, moved to another channel, or replayed
+//! with another client seq fails to decrypt.
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use argon2::{Algorithm, Argon2, Params, Version};
+
+/// Format byte of a plaintext body.
+pub const FORMAT_PLAINTEXT: u8 = 0x00;
+/// Format byte of an AES-256-GCM body.
+pub const FORMAT_AES_GCM_V1: u8 = 0x01;
+/// Nonce length of AES-GCM, in bytes (96 bits).
+pub const NONCE_LEN: usize = 12;
+/// Argon2id memory cost, in KiB.
+pub const ARGON2_MEMORY_KIB: u32 = 19_456;
+/// Argon2id passes.
+pub const ARGON2_PASSES: u32 = 2;
+/// Argon2id lanes.
+pub const ARGON2_LANES: u32 = 1;
+
+const AD_DOMAIN: &[u8] = b"cellchat-body-v1";
+const SALT_PREFIX: &[u8] = b"cellchat/v1/";
+
+/// Why a key could not be derived or a body could not be sealed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CryptoError {
+    /// The passphrase is empty.
+    #[error("empty passphrase: type at least one character")]
+    EmptyPassphrase,
+    /// Argon2 refused its inputs (should not happen with our fixed parameters).
+    #[error("key derivation failed: {0}")]
+    Derive(String),
+    /// AES-GCM refused to encrypt (only for absurdly long bodies).
+    #[error("encryption failed")]
+    Seal,
+}
+
+/// An AES-256-GCM key for one channel of one cluster. The key bytes are not printable.
+#[derive(Clone)]
+pub struct ChannelKey {
+    cipher: Aes256Gcm,
+    channel: String,
+}
+
+impl std::fmt::Debug for ChannelKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelKey")
+            .field("channel", &self.channel)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChannelKey {
+    /// Derives the key of `channel` in `cluster` from `passphrase` with Argon2id (parameters in
+    /// the module doc). Takes a few hundred ms in release builds, on purpose.
+    ///
+    /// # Errors
+    ///
+    /// [`CryptoError::EmptyPassphrase`] for an empty passphrase.
+    pub fn derive(passphrase: &str, cluster: &str, channel: &str) -> Result<Self, CryptoError> {
+        let params = Params::new(ARGON2_MEMORY_KIB, ARGON2_PASSES, ARGON2_LANES, Some(32))
+            .map_err(|e| CryptoError::Derive(e.to_string()))?;
+        Self::derive_with(params, passphrase, cluster, channel)
+    }
+
+    fn derive_with(
+        params: Params,
+        passphrase: &str,
+        cluster: &str,
+        channel: &str,
+    ) -> Result<Self, CryptoError> {
+        if passphrase.is_empty() {
+            return Err(CryptoError::EmptyPassphrase);
+        }
+        let mut salt = SALT_PREFIX.to_vec();
+        salt.extend_from_slice(cluster.as_bytes());
+        salt.push(b'/');
+        salt.extend_from_slice(channel.as_bytes());
+        let mut key = [0u8; 32];
+        Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+            .hash_password_into(passphrase.as_bytes(), &salt, &mut key)
+            .map_err(|e| CryptoError::Derive(e.to_string()))?;
+        let cipher = Aes256Gcm::new_from_slice(&key).expect("an AES-256 key is 32 bytes");
+        Ok(Self {
+            cipher,
+            channel: channel.to_owned(),
+        })
+    }
+
+    /// The channel this key belongs to.
+    pub fn channel(&self) -> &str {
+        &self.channel
+    }
+
+    /// Encrypts `text` as a [`FORMAT_AES_GCM_V1`] body with a fresh random nonce, bound to the
+    /// key's channel, `sender` and `client_seq`.
+    ///
+    /// # Errors
+    ///
+    /// [`CryptoError::Seal`] if AES-GCM refuses (bodies over 64 GiB).
+    pub fn seal(&self, sender: &str, client_seq: u64, text: &str) -> Result<Vec<u8>, CryptoError> {
+        // 96 random bits from the thread CSPRNG (ChaCha, seeded and reseeded from the OS): the
+        // chance of a repeat stays negligible for far more messages than one key will see.
+        let nonce_bytes: [u8; NONCE_LEN] = rand::random();
+        let ad = associated_data(&self.channel, sender, client_seq);
+        let sealed = self
+            .cipher
+            .encrypt(
+                Nonce::from_slice(&nonce_bytes),
+                Payload {
+                    msg: text.as_bytes(),
+                    aad: &ad,
+                },
+            )
+            .map_err(|_| CryptoError::Seal)?;
+        let mut body = Vec::with_capacity(1 + NONCE_LEN + sealed.len());
+        body.push(FORMAT_AES_GCM_V1);
+        body.extend_from_slice(&nonce_bytes);
+        body.extend_from_slice(&sealed);
+        Ok(body)
+    }
+
+    /// Decrypts an [`FORMAT_AES_GCM_V1`] body; `None` when the key, channel, sender or seq does
+    /// not match, or the body was changed.
+    pub fn open(&self, sender: &str, client_seq: u64, body: &[u8]) -> Option<String> {
+        let rest = body.strip_prefix(&[FORMAT_AES_GCM_V1])?;
+        if rest.len() < NONCE_LEN {
+            return None;
+        }
+        let (nonce, sealed) = rest.split_at(NONCE_LEN);
+        let ad = associated_data(&self.channel, sender, client_seq);
+        let plain = self
+            .cipher
+            .decrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: sealed,
+                    aad: &ad,
+                },
+            )
+            .ok()?;
+        String::from_utf8(plain).ok()
+    }
+}
+
+fn associated_data(channel: &str, sender: &str, client_seq: u64) -> Vec<u8> {
+    let mut ad = AD_DOMAIN.to_vec();
+    for part in [channel, sender] {
+        let len = u32::try_from(part.len()).unwrap_or(u32::MAX);
+        ad.extend_from_slice(&len.to_le_bytes());
+        ad.extend_from_slice(part.as_bytes());
+    }
+    ad.extend_from_slice(&client_seq.to_le_bytes());
+    ad
+}
+
+/// A plaintext body: [`FORMAT_PLAINTEXT`] then the UTF-8 text.
+pub fn plain_body(text: &str) -> Vec<u8> {
+    let mut body = Vec::with_capacity(1 + text.len());
+    body.push(FORMAT_PLAINTEXT);
+    body.extend_from_slice(text.as_bytes());
+    body
+}
+
+/// What a reader can show of a body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Text {
+    /// Plaintext, or ciphertext that decrypted.
+    Clear(String),
+    /// Encrypted and the reader has no key for the channel.
+    NoKey,
+    /// Encrypted and decryption failed: wrong key, or the body, channel, sender or seq changed.
+    WrongKey,
+    /// A format this build does not understand (or plaintext that is not UTF-8).
+    Unreadable,
+}
+
+impl Text {
+    /// The line to show: the text, or `[encrypted]`, `[encrypted: wrong key?]`,
+    /// `[unreadable message]`.
+    pub fn display(&self) -> &str {
+        match self {
+            Text::Clear(text) => text,
+            Text::NoKey => "[encrypted]",
+            Text::WrongKey => "[encrypted: wrong key?]",
+            Text::Unreadable => "[unreadable message]",
+        }
+    }
+}
+
+/// Reads a message body of `channel` from `sender`: plaintext is returned as is, ciphertext is
+/// decrypted with `key` when there is one for this channel.
+pub fn open_body(
+    key: Option<&ChannelKey>,
+    channel: &str,
+    sender: &str,
+    client_seq: u64,
+    body: &[u8],
+) -> Text {
+    match body.first() {
+        Some(&FORMAT_PLAINTEXT) => match std::str::from_utf8(&body[1..]) {
+            Ok(text) => Text::Clear(text.to_owned()),
+            Err(_) => Text::Unreadable,
+        },
+        Some(&FORMAT_AES_GCM_V1) => match key.filter(|k| k.channel() == channel) {
+            None => Text::NoKey,
+            Some(key) => key
+                .open(sender, client_seq, body)
+                .map_or(Text::WrongKey, Text::Clear),
+        },
+        _ => Text::Unreadable,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Small Argon2 parameters keep unit tests fast in debug builds; `real_parameters_work`
+    /// covers the real ones once.
+    fn key(passphrase: &str, channel: &str) -> ChannelKey {
+        let params = Params::new(64, 1, 1, Some(32)).expect("params");
+        ChannelKey::derive_with(params, passphrase, "c1", channel).expect("derive")
+    }
+
+    #[test]
+    fn round_trip() {
+        let k = key("open sesame", "general");
+        let body = k.seal("alice", 7, "Hello world!").expect("seal");
+        assert_eq!(body[0], FORMAT_AES_GCM_V1);
+        assert_eq!(k.open("alice", 7, &body).as_deref(), Some("Hello world!"));
+        assert_eq!(
+            open_body(Some(&k), "general", "alice", 7, &body),
+            Text::Clear("Hello world!".into())
+        );
+    }
+
+    #[test]
+    fn real_parameters_work() {
+        let k = ChannelKey::derive("pw", "c1", "general").expect("derive");
+        let body = k.seal("a", 1, "x").expect("seal");
+        assert_eq!(k.open("a", 1, &body).as_deref(), Some("x"));
+    }
+
+    #[test]
+    fn wrong_passphrase_fails() {
+        let body = key("right", "general")
+            .seal("alice", 1, "secret")
+            .expect("seal");
+        let wrong = key("wrong", "general");
+        assert_eq!(wrong.open("alice", 1, &body), None);
+        assert_eq!(
+            open_body(Some(&wrong), "general", "alice", 1, &body).display(),
+            "[encrypted: wrong key?]"
+        );
+    }
+
+    #[test]
+    fn changed_sender_channel_or_seq_fails() {
+        let k = key("pw", "general");
+        let body = k.seal("alice", 5, "secret").expect("seal");
+        assert_eq!(k.open("mallory", 5, &body), None, "sender is bound");
+        assert_eq!(k.open("alice", 6, &body), None, "client seq is bound");
+        // Same passphrase on another channel: another salt and other associated data.
+        assert_eq!(key("pw", "random").open("alice", 5, &body), None);
+    }
+
+    #[test]
+    fn tampered_body_fails() {
+        let k = key("pw", "general");
+        let body = k.seal("alice", 1, "secret").expect("seal");
+        for at in 1..body.len() {
+            let mut bad = body.clone();
+            bad[at] ^= 0x01;
+            assert_eq!(k.open("alice", 1, &bad), None, "flip at {at}");
+        }
+        assert_eq!(k.open("alice", 1, &body[..body.len() - 1]), None);
+        assert_eq!(k.open("alice", 1, &body[..5]), None);
+    }
+
+    #[test]
+    fn nonces_differ_between_two_encryptions() {
+        let k = key("pw", "general");
+        let a = k.seal("alice", 1, "same text").expect("seal");
+        let b = k.seal("alice", 1, "same text").expect("seal");
+        assert_ne!(a[1..1 + NONCE_LEN], b[1..1 + NONCE_LEN]);
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn readers_without_a_key_see_a_placeholder() {
+        let body = key("pw", "general")
+            .seal("alice", 1, "secret")
+            .expect("seal");
+        assert_eq!(open_body(None, "general", "alice", 1, &body), Text::NoKey);
+        assert_eq!(Text::NoKey.display(), "[encrypted]");
+        // A key of another channel is not used.
+        let other = key("pw", "random");
+        assert_eq!(
+            open_body(Some(&other), "general", "alice", 1, &body),
+            Text::NoKey
+        );
+    }
+
+    #[test]
+    fn plaintext_and_unknown_formats() {
+        let body = plain_body("hi");
+        assert_eq!(
+            open_body(None, "general", "a", 1, &body),
+            Text::Clear("hi".into())
+        );
+        assert_eq!(
+            open_body(None, "general", "a", 1, &[0x00, 0xff]),
+            Text::Unreadable
+        );
+        assert_eq!(
+            open_body(None, "general", "a", 1, &[0x07, 1]),
+            Text::Unreadable
+        );
+        assert_eq!(open_body(None, "general", "a", 1, &[]), Text::Unreadable);
+    }
+
+    #[test]
+    fn empty_passphrase_is_refused() {
+        assert_eq!(
+            ChannelKey::derive("", "c1", "general").expect_err("empty"),
+            CryptoError::EmptyPassphrase
+        );
+    }
+}

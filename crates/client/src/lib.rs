@@ -1,0 +1,42 @@
+//! The cellchat client library: every tool that talks to a cluster (the `client` CLI, the fault
+//! harness, the benchmarks) goes through [`Client`].
+//!
+//! # Contract
+//!
+//! - [`Client::connect`] finds nodes by UDP discovery (a broadcast probe and a probe to every
+//!   `join` address), measures each node's RTT with the RPC `ping`, and keeps the ranking fresh
+//!   in a background task (pings every `probe_interval`, membership from `cluster`, discovery
+//!   every few rounds).
+//! - Reads (`subscribe`, `history`, `channels`, `cluster`) go to the nearest healthy node;
+//!   sends go to the leader, learned from announcements, pings, `cluster` and `NotLeader`
+//!   hints. Every connection says `hello`; the write connection also logs in.
+//! - Sends are idempotent: one random 16-byte client id per [`Client`], a client seq per new
+//!   message, and every retry reuses both, so a message is applied at most once. Retries are
+//!   bounded in count and time and end in [`Error::RetriesExhausted`].
+//! - The read token is the largest `read_token` of any send reply and `applied` of any batch;
+//!   every read carries it, so reads are monotonic and include the client's own sends on any
+//!   node.
+//! - A [`Subscription`] hands out dense seqs, each once, and resumes exactly after the last one
+//!   when it moves to another node.
+//! - Bodies are opaque to servers; [`crypto`] defines the client-side body format and
+//!   encryption, [`identity`] the per-user key files.
+//!
+//! # Non-goals
+//!
+//! - No server logic and no dependency on `node`, `chat-sm` or RocksDB.
+//! - Messages from other clients are not deduplicated beyond what the cluster guarantees.
+//! - Discovery is IPv4 only, like `proto::discovery`.
+
+mod client;
+mod config;
+pub mod crypto;
+mod error;
+pub mod identity;
+mod stream;
+
+pub use client::{Client, ClientEvent, ServerInfo, Status};
+pub use config::ClientConfig;
+pub use error::Error;
+pub use identity::Identity;
+pub use proto::{ApiError, ChannelInfo, ClusterInfo, MessageBatch, Role, SendReply, WireMessage};
+pub use stream::Subscription;
