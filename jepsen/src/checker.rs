@@ -1,0 +1,831 @@
+//! The chat-log checker: notes/jepsen.md §1.6 over a [`History`], in O(n log n).
+//!
+//! One pass over the history collects, per message, its send attempts and acknowledgement, and
+//! per `(channel, seq)` the message observed there; per-operation and per-session checks (read
+//! density, stream continuity, read-your-writes) run during that pass. Whole-history checks
+//! (lost, duplicates, real-time order, divergence) run afterwards over those indexes.
+//!
+//! Conventions:
+//! - An `info` operation is neither acknowledged nor failed; a send invoked without any
+//!   completion counts as `info`. An unacknowledged send whose message is read is `recovered`.
+//! - Message ids are unique across the whole history; a channel's seqs start at 1.
+//! - Nemesis operations and unknown client functions are counted and otherwise ignored.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{BuildHasherDefault, Hasher};
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::history::{Call, History, Op, OpType, Process};
+
+/// Examples kept per anomaly type.
+pub const EXAMPLES_MAX: usize = 8;
+
+/// Every anomaly the checker reports. Any occurrence makes the history invalid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Anomaly {
+    /// An ok send missing from one node's final read (counted per node).
+    Lost,
+    /// An ok send at or below the highest seq read in its channel, never read (kafka).
+    LostWrite,
+    /// One message, or one idempotency key, read at two seqs.
+    Duplicate,
+    /// Two different messages observed at one `(channel, seq)` (sends, reads, final reads).
+    InconsistentOffsets,
+    /// A message read whose every send attempt failed.
+    AbortedRead,
+    /// A message read that was never sent.
+    Unexpected,
+    /// Two ok sends with one idempotency key answered different seqs.
+    DedupOffsetMismatch,
+    /// Inside one read, seqs not strictly increasing.
+    IntNonmonotonic,
+    /// Inside one read, a gap between seqs (or the read starts after its `from`).
+    IntSkip,
+    /// An ok send completed before another send was invoked, yet got a seq at or above it.
+    RealtimeOrder,
+    /// A history read by a process missed that process's own earlier acknowledged send.
+    Ryw,
+    /// A stream batch started at or below the last seq that stream already delivered.
+    NonmonotonicRead,
+    /// A stream batch started above last + 1.
+    ReadSkip,
+    /// Final reads of two nodes disagree at a seq (different message, or missing on one).
+    Divergence,
+}
+
+impl Anomaly {
+    /// All anomaly types, in report order.
+    pub const ALL: [Anomaly; 14] = [
+        Anomaly::Lost,
+        Anomaly::LostWrite,
+        Anomaly::Duplicate,
+        Anomaly::InconsistentOffsets,
+        Anomaly::AbortedRead,
+        Anomaly::Unexpected,
+        Anomaly::DedupOffsetMismatch,
+        Anomaly::IntNonmonotonic,
+        Anomaly::IntSkip,
+        Anomaly::RealtimeOrder,
+        Anomaly::Ryw,
+        Anomaly::NonmonotonicRead,
+        Anomaly::ReadSkip,
+        Anomaly::Divergence,
+    ];
+
+    /// The name used in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Anomaly::Lost => "lost",
+            Anomaly::LostWrite => "lost-write",
+            Anomaly::Duplicate => "duplicate",
+            Anomaly::InconsistentOffsets => "inconsistent-offsets",
+            Anomaly::AbortedRead => "aborted-read",
+            Anomaly::Unexpected => "unexpected",
+            Anomaly::DedupOffsetMismatch => "dedup-offset-mismatch",
+            Anomaly::IntNonmonotonic => "int-nonmonotonic",
+            Anomaly::IntSkip => "int-skip",
+            Anomaly::RealtimeOrder => "realtime-order",
+            Anomaly::Ryw => "ryw",
+            Anomaly::NonmonotonicRead => "nonmonotonic-read",
+            Anomaly::ReadSkip => "read-skip",
+            Anomaly::Divergence => "divergence",
+        }
+    }
+}
+
+/// Count and first examples of one anomaly type.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AnomalySummary {
+    /// How many times it occurred.
+    pub count: u64,
+    /// Up to [`EXAMPLES_MAX`] examples, each naming channel, seq, msg, process and op indexes.
+    pub examples: Vec<Value>,
+}
+
+/// Operation counts of one `f`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FCounts {
+    /// Invocations.
+    pub invoke: u64,
+    /// `ok` completions.
+    pub ok: u64,
+    /// `fail` completions.
+    pub fail: u64,
+    /// `info` completions.
+    pub info: u64,
+}
+
+/// Numbers that describe the history without judging it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Stats {
+    /// Operations in the history.
+    pub ops: u64,
+    /// Counts per `f` (nemesis functions included).
+    pub by_f: BTreeMap<String, FCounts>,
+    /// Distinct messages with an ok send.
+    pub acknowledged_sends: u64,
+    /// Distinct messages seen by any read, stream batch or final read.
+    pub msgs_read: u64,
+    /// `(seq, msg)` pairs returned by reads, counting repeats.
+    pub observations: u64,
+    /// Messages never acknowledged (info or unfinished sends) that reads returned.
+    pub recovered: u64,
+    /// Ok final reads.
+    pub final_reads: u64,
+    /// Nodes with at least one ok final read.
+    pub nodes: Vec<String>,
+    /// `lost` occurrences per node.
+    pub lost_by_node: BTreeMap<String, u64>,
+}
+
+/// The verdict on a history.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// True when no anomaly occurred.
+    pub valid: bool,
+    /// Every anomaly type by name, with count 0 when absent.
+    pub anomalies: BTreeMap<String, AnomalySummary>,
+    /// Descriptive numbers.
+    pub stats: Stats,
+    /// Checks that could not run, such as `lost` without any final read.
+    pub warnings: Vec<String>,
+}
+
+impl Report {
+    /// How many times `anomaly` occurred.
+    pub fn count(&self, anomaly: Anomaly) -> u64 {
+        self.anomalies.get(anomaly.name()).map_or(0, |s| s.count)
+    }
+
+    /// The anomaly types that occurred, in report order.
+    pub fn found(&self) -> Vec<Anomaly> {
+        Anomaly::ALL
+            .into_iter()
+            .filter(|a| self.count(*a) > 0)
+            .collect()
+    }
+}
+
+/// Checks `history` against every invariant of notes/jepsen.md §1.6.
+pub fn check(history: &History) -> Report {
+    let mut state = State::default();
+    for op in history.ops() {
+        state.count_op(op);
+        let call = Call::parse(op).expect("History validated every op when it was built");
+        match &call {
+            Call::Send {
+                channel,
+                key,
+                msg,
+                seq,
+            } => state.on_send(op, channel, key, msg, *seq),
+            Call::Read {
+                channel,
+                msgs: Some(msgs),
+                ..
+            } if op.kind == OpType::Ok => state.on_read(op, &call, channel, msgs),
+            Call::Read { .. } if op.kind == OpType::Invoke => {
+                if let Process::Client(p) = op.process {
+                    state.read_invoked.insert(p, op.time);
+                }
+            }
+            Call::FinalRead {
+                channel,
+                msgs: Some(msgs),
+            } if op.kind == OpType::Ok => state.on_final_read(op, channel, msgs),
+            Call::Resubscribe { channel, after } => {
+                if let Process::Client(p) = op.process {
+                    let ch = state.channels.id(channel);
+                    state.stream_last.insert((p, ch), *after);
+                }
+            }
+            _ => {}
+        }
+    }
+    state.finish()
+}
+
+/// The checker's maps hash small integers and short ids millions of times; SipHash's DoS
+/// resistance buys nothing for a local file, so they use the Fx hash (rustc's) instead.
+type HashMap<K, V> = std::collections::HashMap<K, V, BuildHasherDefault<FxHasher>>;
+type HashSet<K> = std::collections::HashSet<K, BuildHasherDefault<FxHasher>>;
+
+/// The Fx hash: rotate, xor, multiply per word; rotate at the end.
+#[derive(Default, Clone, Copy)]
+struct FxHasher {
+    hash: u64,
+}
+
+impl FxHasher {
+    const SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+
+    fn add(&mut self, word: u64) {
+        self.hash = (self.hash.rotate_left(5) ^ word).wrapping_mul(Self::SEED);
+    }
+}
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.add(u64::from(n));
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.add(n);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        // A product's high bits depend on every input bit, its low bits only on low input bits;
+        // hashbrown picks buckets by low bits, so bring the high bits down (as rustc-hash 2).
+        self.hash.rotate_left(26)
+    }
+}
+
+/// Strings to dense ids, so the per-observation maps hash integers.
+#[derive(Default)]
+struct Interner {
+    ids: HashMap<String, u32>,
+    names: Vec<String>,
+}
+
+impl Interner {
+    fn id(&mut self, name: &str) -> u32 {
+        if let Some(id) = self.ids.get(name) {
+            return *id;
+        }
+        let id = u32::try_from(self.names.len()).expect("fewer than 2^32 distinct names");
+        self.ids.insert(name.to_string(), id);
+        self.names.push(name.to_string());
+        id
+    }
+
+    fn name(&self, id: u32) -> &str {
+        &self.names[id as usize]
+    }
+}
+
+/// What the history says about one message id.
+#[derive(Default, Clone)]
+struct MsgInfo {
+    channel: Option<u32>,
+    key: Option<u32>,
+    invokes: u32,
+    oks: u32,
+    fails: u32,
+    infos: u32,
+    /// Time and index of the first send invocation.
+    invoked: Option<(u64, u64)>,
+    /// Seq, time and index of the first ok send.
+    ack: Option<(u64, u64, u64)>,
+    /// Distinct `(channel, seq)` where reads returned it, with the first op index.
+    read_at: Vec<(u32, u64, u64)>,
+}
+
+impl MsgInfo {
+    fn attempts(&self) -> u32 {
+        self.invokes.max(self.oks + self.fails + self.infos)
+    }
+}
+
+/// One process's acknowledged sends in one channel: seq to (msg, ack time, op index).
+type OwnSends = BTreeMap<u64, (u32, u64, u64)>;
+
+#[derive(Default)]
+struct State {
+    channels: Interner,
+    msgs: Interner,
+    keys: Interner,
+    nodes: Interner,
+    info: Vec<MsgInfo>,
+    anomalies: BTreeMap<Anomaly, AnomalySummary>,
+    stats: Stats,
+    /// `(channel, seq)` to the first message observed there and its op index.
+    at_seq: HashMap<(u32, u64), (u32, u64)>,
+    /// `(channel, seq)` already reported as inconsistent.
+    inconsistent: HashSet<(u32, u64)>,
+    /// Key to the seq, channel, msg and index of its first ok send.
+    key_ack: HashMap<u32, (u64, u32, u32, u64)>,
+    /// Highest seq any read returned, per channel.
+    read_max: HashMap<u32, u64>,
+    /// Per (process, channel): acked own sends by seq, with msg, ack time and index.
+    own_sends: HashMap<(u64, u32), OwnSends>,
+    /// Invoke time of each process's outstanding read.
+    read_invoked: HashMap<u64, u64>,
+    /// Per (process, channel): last seq the stream delivered (None: no constraint).
+    stream_last: HashMap<(u64, u32), Option<u64>>,
+    /// Per (channel, node): position in `final_reads` of the last ok final read.
+    final_read: BTreeMap<(u32, u32), usize>,
+    final_reads: Vec<(u64, Vec<(u64, u32)>)>,
+}
+
+impl State {
+    fn add(&mut self, anomaly: Anomaly, example: impl FnOnce(&State) -> Value) {
+        let example = {
+            let summary = self.anomalies.get(&anomaly);
+            match summary {
+                Some(s) if s.examples.len() >= EXAMPLES_MAX => None,
+                _ => Some(example(self)),
+            }
+        };
+        let summary = self.anomalies.entry(anomaly).or_default();
+        summary.count += 1;
+        summary.examples.extend(example);
+    }
+
+    fn count_op(&mut self, op: &Op) {
+        self.stats.ops += 1;
+        let counts = self.stats.by_f.entry(op.f.clone()).or_default();
+        match op.kind {
+            OpType::Invoke => counts.invoke += 1,
+            OpType::Ok => counts.ok += 1,
+            OpType::Fail => counts.fail += 1,
+            OpType::Info => counts.info += 1,
+        }
+    }
+
+    fn msg(&mut self, msg: &str) -> u32 {
+        let id = self.msgs.id(msg);
+        if id as usize == self.info.len() {
+            self.info.push(MsgInfo::default());
+        }
+        id
+    }
+
+    fn on_send(&mut self, op: &Op, channel: &str, key: &str, msg: &str, seq: Option<u64>) {
+        let ch = self.channels.id(channel);
+        let key = self.keys.id(key);
+        let m = self.msg(msg);
+        let info = &mut self.info[m as usize];
+        info.channel.get_or_insert(ch);
+        info.key.get_or_insert(key);
+        match op.kind {
+            OpType::Invoke => {
+                info.invokes += 1;
+                info.invoked.get_or_insert((op.time, op.index));
+            }
+            OpType::Fail => info.fails += 1,
+            OpType::Info => info.infos += 1,
+            OpType::Ok => {
+                info.oks += 1;
+                let seq = seq.expect("validated: an ok send carries seq");
+                info.ack.get_or_insert((seq, op.time, op.index));
+                self.on_send_ok(op, ch, key, m, seq);
+            }
+        }
+    }
+
+    fn on_send_ok(&mut self, op: &Op, ch: u32, key: u32, m: u32, seq: u64) {
+        self.observe(ch, seq, m, op.index);
+        match self.key_ack.get(&key).copied() {
+            None => {
+                self.key_ack.insert(key, (seq, ch, m, op.index));
+            }
+            Some((first_seq, first_ch, _, first_index)) if first_seq != seq || first_ch != ch => {
+                self.add(Anomaly::DedupOffsetMismatch, |s| {
+                    json!({"key": s.keys.name(key), "channel": s.channels.name(ch),
+                        "msg": s.msgs.name(m), "seqs": [first_seq, seq],
+                        "indexes": [first_index, op.index]})
+                });
+            }
+            Some(_) => {}
+        }
+        if let Process::Client(p) = op.process {
+            let own = self.own_sends.entry((p, ch)).or_default();
+            own.entry(seq).or_insert((m, op.time, op.index));
+        }
+    }
+
+    /// Records that `m` sits at `(ch, seq)`; reports a second, different message there.
+    fn observe(&mut self, ch: u32, seq: u64, m: u32, index: u64) {
+        match self.at_seq.get(&(ch, seq)).copied() {
+            None => {
+                self.at_seq.insert((ch, seq), (m, index));
+            }
+            Some((first, first_index)) if first != m => {
+                if self.inconsistent.insert((ch, seq)) {
+                    self.add(Anomaly::InconsistentOffsets, |s| {
+                        json!({"channel": s.channels.name(ch), "seq": seq,
+                            "msgs": [s.msgs.name(first), s.msgs.name(m)],
+                            "indexes": [first_index, index]})
+                    });
+                }
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// Interns and records every pair a read returned; returns them as `(seq, msg id)`.
+    fn observe_read(&mut self, op: &Op, ch: u32, msgs: &[(u64, &str)]) -> Vec<(u64, u32)> {
+        let mut out = Vec::with_capacity(msgs.len());
+        for (seq, msg) in msgs {
+            let m = self.msg(msg);
+            self.observe(ch, *seq, m, op.index);
+            let read_at = &mut self.info[m as usize].read_at;
+            if !read_at.iter().any(|(c, s, _)| *c == ch && s == seq) {
+                read_at.push((ch, *seq, op.index));
+            }
+            out.push((*seq, m));
+        }
+        self.stats.observations += msgs.len() as u64;
+        if let Some(last) = msgs.iter().map(|(s, _)| *s).max() {
+            let max = self.read_max.entry(ch).or_insert(0);
+            *max = (*max).max(last);
+        }
+        out
+    }
+
+    fn on_read(&mut self, op: &Op, call: &Call<'_>, channel: &str, msgs: &[(u64, &str)]) {
+        let Call::Read {
+            from,
+            before,
+            limit,
+            head,
+            stream,
+            ..
+        } = call
+        else {
+            unreachable!("on_read is only called with Call::Read")
+        };
+        let ch = self.channels.id(channel);
+        let pairs = self.observe_read(op, ch, msgs);
+        self.check_density(op, ch, &pairs, *from);
+        if let (Some(before), Some(last)) = (before, pairs.last()) {
+            if last.0 + 1 < *before {
+                let last_seq = last.0;
+                self.add(Anomaly::IntSkip, |s| {
+                    json!({"channel": s.channels.name(ch), "process": op.process.to_string(),
+                        "before": before, "last": last_seq, "index": op.index})
+                });
+            }
+        }
+        let Process::Client(p) = op.process else {
+            return;
+        };
+        if *stream {
+            self.check_stream(op, p, ch, &pairs);
+        } else {
+            let invoked = self.read_invoked.remove(&p).unwrap_or(op.time);
+            let page = Page {
+                from: *from,
+                before: *before,
+                limit: *limit,
+                head: *head,
+            };
+            self.check_ryw(op, p, ch, &pairs, invoked, page);
+        }
+    }
+
+    fn on_final_read(&mut self, op: &Op, channel: &str, msgs: &[(u64, &str)]) {
+        let ch = self.channels.id(channel);
+        let pairs = self.observe_read(op, ch, msgs);
+        // A final read is a whole-channel read, so it must start at seq 1.
+        self.check_density(op, ch, &pairs, Some(1));
+        let node = self.nodes.id(op
+            .node
+            .as_deref()
+            .expect("validated: an ok final-read has a node"));
+        self.stats.final_reads += 1;
+        self.final_read.insert((ch, node), self.final_reads.len());
+        self.final_reads.push((op.index, pairs));
+    }
+
+    /// Inside one read: seqs strictly increase by exactly one, starting at `from` if given.
+    fn check_density(&mut self, op: &Op, ch: u32, pairs: &[(u64, u32)], from: Option<u64>) {
+        if let (Some(from), Some(first)) = (from, pairs.first()) {
+            if first.0 > from {
+                let first = first.0;
+                self.add(Anomaly::IntSkip, |s| {
+                    json!({"channel": s.channels.name(ch), "process": op.process.to_string(),
+                        "from": from, "first": first, "index": op.index})
+                });
+            }
+        }
+        let Some(bad) = pairs.windows(2).find(|w| w[1].0 != w[0].0 + 1) else {
+            return;
+        };
+        let (prev, next) = (bad[0].0, bad[1].0);
+        let anomaly = if next <= prev {
+            Anomaly::IntNonmonotonic
+        } else {
+            Anomaly::IntSkip
+        };
+        self.add(anomaly, |s| {
+            json!({"channel": s.channels.name(ch), "process": op.process.to_string(),
+                "seqs": [prev, next], "msgs": [s.msgs.name(bad[0].1), s.msgs.name(bad[1].1)],
+                "index": op.index})
+        });
+    }
+
+    /// Successive stream batches of one process continue at exactly last + 1.
+    fn check_stream(&mut self, op: &Op, p: u64, ch: u32, pairs: &[(u64, u32)]) {
+        let (Some(first), Some(last)) = (pairs.first(), pairs.last()) else {
+            return;
+        };
+        let (first, last_seq) = (first.0, last.0);
+        let slot = self.stream_last.entry((p, ch)).or_insert(None);
+        let prev = slot.replace(last_seq);
+        let Some(prev) = prev else { return };
+        let anomaly = match first {
+            f if f <= prev => Anomaly::NonmonotonicRead,
+            f if f > prev + 1 => Anomaly::ReadSkip,
+            _ => return,
+        };
+        self.add(anomaly, |s| {
+            json!({"channel": s.channels.name(ch), "process": p, "last": prev,
+                "next": first, "index": op.index})
+        });
+    }
+
+    /// A history read by `p` must contain every own ack in the range it covers.
+    fn check_ryw(
+        &mut self,
+        op: &Op,
+        p: u64,
+        ch: u32,
+        pairs: &[(u64, u32)],
+        invoked: u64,
+        page: Page,
+    ) {
+        let Some(own) = self.own_sends.get(&(p, ch)) else {
+            return;
+        };
+        let (lo, hi) = page.covered(pairs);
+        if lo > hi {
+            return;
+        }
+        let read: HashMap<u64, u32> = pairs.iter().copied().collect();
+        // Bounded: a dense read holds every own seq in range, so this stops after at most
+        // len + 1 misses-or-hits plus one.
+        let missing = own
+            .range(lo..=hi)
+            .filter(|(_, (_, acked, _))| *acked < invoked)
+            .take(pairs.len() + 1)
+            .find(|(seq, (m, _, _))| read.get(seq) != Some(m))
+            .map(|(seq, v)| (*seq, *v));
+        let head_behind = match (page.head, own.range(..).next_back()) {
+            (Some(head), Some((seq, v))) if head < *seq && v.1 < invoked => Some((*seq, *v)),
+            _ => None,
+        };
+        if let Some((seq, (m, _, send_index))) = missing.or(head_behind) {
+            self.add(Anomaly::Ryw, |s| {
+                json!({"channel": s.channels.name(ch), "process": p, "seq": seq,
+                    "msg": s.msgs.name(m), "send_index": send_index, "read_index": op.index})
+            });
+        }
+    }
+
+    fn finish(mut self) -> Report {
+        self.check_messages();
+        self.check_keys();
+        self.check_realtime();
+        self.check_final_reads();
+        let mut warnings = Vec::new();
+        if self.stats.final_reads == 0 {
+            warnings.push("no ok final-read: `lost` and `divergence` were not checked".to_string());
+        }
+        self.stats.nodes = self.nodes.names.clone();
+        let mut anomalies = BTreeMap::new();
+        for anomaly in Anomaly::ALL {
+            let summary = self.anomalies.remove(&anomaly).unwrap_or_default();
+            anomalies.insert(anomaly.name().to_string(), summary);
+        }
+        let valid = anomalies.values().all(|s| s.count == 0);
+        Report {
+            valid,
+            anomalies,
+            stats: self.stats,
+            warnings,
+        }
+    }
+
+    /// Per message: duplicate, aborted-read, unexpected, lost-write; counts recovered.
+    fn check_messages(&mut self) {
+        for m in 0..self.info.len() {
+            let info = self.info[m].clone();
+            let m = u32::try_from(m).expect("ids fit u32");
+            if info.ack.is_some() {
+                self.stats.acknowledged_sends += 1;
+            }
+            let Some(&(ch, seq, index)) = info.read_at.first() else {
+                if let (Some((seq, _, index)), Some(ch)) = (info.ack, info.channel) {
+                    if seq <= self.read_max.get(&ch).copied().unwrap_or(0) {
+                        self.add(Anomaly::LostWrite, |s| {
+                            json!({"channel": s.channels.name(ch), "seq": seq,
+                                "msg": s.msgs.name(m), "index": index})
+                        });
+                    }
+                }
+                continue;
+            };
+            self.stats.msgs_read += 1;
+            if info.read_at.len() > 1 {
+                let at: Vec<Value> = info
+                    .read_at
+                    .iter()
+                    .map(|(c, s, i)| json!([self.channels.name(*c), s, i]))
+                    .collect();
+                self.add(
+                    Anomaly::Duplicate,
+                    |s| json!({"msg": s.msgs.name(m), "at": at, "note": "[channel, seq, index]"}),
+                );
+            }
+            let attempts = info.attempts();
+            if attempts == 0 {
+                self.add(Anomaly::Unexpected, |s| {
+                    json!({"channel": s.channels.name(ch), "seq": seq, "msg": s.msgs.name(m),
+                        "index": index})
+                });
+            } else if info.oks == 0 && info.fails >= attempts {
+                self.add(Anomaly::AbortedRead, |s| {
+                    json!({"channel": s.channels.name(ch), "seq": seq, "msg": s.msgs.name(m),
+                        "index": index})
+                });
+            } else if info.oks == 0 {
+                self.stats.recovered += 1;
+            }
+        }
+    }
+
+    /// Two different messages with one idempotency key, read at two seqs.
+    fn check_keys(&mut self) {
+        let mut first: HashMap<u32, (u32, u32, u64)> = HashMap::default();
+        for m in 0..self.info.len() {
+            let info = &self.info[m];
+            let (Some(key), Some(&(ch, seq, _))) = (info.key, info.read_at.first()) else {
+                continue;
+            };
+            let m = u32::try_from(m).expect("ids fit u32");
+            match first.get(&key).copied() {
+                None => {
+                    first.insert(key, (m, ch, seq));
+                }
+                Some((m0, ch0, seq0)) if (ch0, seq0) != (ch, seq) => {
+                    self.add(Anomaly::Duplicate, |s| {
+                        json!({"key": s.keys.name(key), "msgs": [s.msgs.name(m0), s.msgs.name(m)],
+                            "at": [[s.channels.name(ch0), seq0], [s.channels.name(ch), seq]]})
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// I7: if ok send s1 completed before send s2 was invoked, seq(s1) < seq(s2).
+    fn check_realtime(&mut self) {
+        // Per channel: (seq, completion time or MAX, first invoke time, msg).
+        let mut by_channel: HashMap<u32, Vec<(u64, u64, u64, u32)>> = HashMap::default();
+        for (m, info) in self.info.iter().enumerate() {
+            let seq_ch = match (info.ack, info.channel, info.read_at.first()) {
+                (Some((seq, _, _)), Some(ch), _) => (seq, ch),
+                (None, _, Some(&(ch, seq, _))) => (seq, ch),
+                _ => continue,
+            };
+            let Some((invoked, _)) = info.invoked else {
+                continue;
+            };
+            let completed = info.ack.map_or(u64::MAX, |(_, t, _)| t);
+            let m = u32::try_from(m).expect("ids fit u32");
+            by_channel
+                .entry(seq_ch.1)
+                .or_default()
+                .push((seq_ch.0, completed, invoked, m));
+        }
+        let mut channels: Vec<_> = by_channel.into_iter().collect();
+        channels.sort_unstable_by_key(|(ch, _)| *ch);
+        for (ch, mut sends) in channels {
+            sends.sort_unstable();
+            // Walk from the highest seq down, keeping the earliest completion seen so far.
+            let mut earliest: Option<(u64, usize)> = None;
+            for i in (0..sends.len()).rev() {
+                let (seq2, completed2, invoked2, m2) = sends[i];
+                if let Some((completed1, j)) = earliest {
+                    if completed1 < invoked2 {
+                        let (seq1, _, _, m1) = sends[j];
+                        self.add(Anomaly::RealtimeOrder, |s| {
+                            json!({"channel": s.channels.name(ch),
+                                "earlier": {"msg": s.msgs.name(m1), "seq": seq1, "completed": completed1},
+                                "later": {"msg": s.msgs.name(m2), "seq": seq2, "invoked": invoked2}})
+                        });
+                    }
+                }
+                if earliest.is_none_or(|(t, _)| completed2 < t) {
+                    earliest = Some((completed2, i));
+                }
+            }
+        }
+    }
+
+    /// Lost (per node) and divergence (between nodes), from the last final read per node.
+    fn check_final_reads(&mut self) {
+        let mut per_channel: BTreeMap<u32, Vec<(u32, usize)>> = BTreeMap::new();
+        for (&(ch, node), &pos) in &self.final_read {
+            per_channel.entry(ch).or_default().push((node, pos));
+        }
+        let mut acked_by_channel: HashMap<u32, Vec<u32>> = HashMap::default();
+        for (m, info) in self.info.iter().enumerate() {
+            if let (Some(_), Some(ch)) = (info.ack, info.channel) {
+                let m = u32::try_from(m).expect("ids fit u32");
+                acked_by_channel.entry(ch).or_default().push(m);
+            }
+        }
+        for (ch, reads) in per_channel {
+            let acked = acked_by_channel.remove(&ch).unwrap_or_default();
+            for &(node, pos) in &reads {
+                self.check_lost(ch, node, pos, &acked);
+            }
+            self.check_divergence(ch, &reads);
+        }
+    }
+
+    fn check_lost(&mut self, ch: u32, node: u32, pos: usize, acked: &[u32]) {
+        let (index, pairs) = &self.final_reads[pos];
+        let index = *index;
+        let present: HashSet<u32> = pairs.iter().map(|(_, m)| *m).collect();
+        for &m in acked.iter().filter(|m| !present.contains(m)) {
+            let node_name = self.nodes.name(node).to_string();
+            *self.stats.lost_by_node.entry(node_name).or_default() += 1;
+            self.add(Anomaly::Lost, |s| {
+                let info = &s.info[m as usize];
+                let (seq, _, send_index) = info.ack.expect("only acked messages are checked");
+                json!({"channel": s.channels.name(ch), "node": s.nodes.name(node), "seq": seq,
+                    "msg": s.msgs.name(m), "key": info.key.map(|k| s.keys.name(k)),
+                    "send_index": send_index, "final_read_index": index})
+            });
+        }
+    }
+
+    fn check_divergence(&mut self, ch: u32, reads: &[(u32, usize)]) {
+        if reads.len() < 2 {
+            return;
+        }
+        let mut by_seq: BTreeMap<u64, Vec<(u32, u32)>> = BTreeMap::new();
+        for &(node, pos) in reads {
+            for &(seq, m) in &self.final_reads[pos].1 {
+                by_seq.entry(seq).or_default().push((node, m));
+            }
+        }
+        for (seq, held) in by_seq {
+            let distinct: BTreeSet<u32> = held.iter().map(|(_, m)| *m).collect();
+            if distinct.len() == 1 && held.len() == reads.len() {
+                continue;
+            }
+            self.add(Anomaly::Divergence, |s| {
+                let nodes: serde_json::Map<String, Value> = reads
+                    .iter()
+                    .map(|(node, _)| {
+                        let m = held
+                            .iter()
+                            .find(|(n, _)| n == node)
+                            .map(|(_, m)| s.msgs.name(*m));
+                        (s.nodes.name(*node).to_string(), json!(m))
+                    })
+                    .collect();
+                json!({"channel": s.channels.name(ch), "seq": seq, "nodes": nodes})
+            });
+        }
+    }
+}
+
+/// The request shape of a history read, for deciding which seqs it covers.
+#[derive(Clone, Copy)]
+struct Page {
+    from: Option<u64>,
+    before: Option<u64>,
+    limit: Option<u64>,
+    head: Option<u64>,
+}
+
+impl Page {
+    /// The seqs `[lo, hi]` the read claims to cover completely.
+    ///
+    /// - `from` pages forward: `[from, ∞)`, cut at the last seq returned if the page is full.
+    /// - `before` pages backward: `[first returned, before - 1]`, or nothing if empty and full.
+    /// - neither: the newest page, `[first returned (1 if none), ∞)`.
+    fn covered(&self, pairs: &[(u64, u32)]) -> (u64, u64) {
+        let full = self.limit.is_some_and(|l| pairs.len() as u64 >= l);
+        let first = pairs.first().map(|p| p.0);
+        let last = pairs.last().map(|p| p.0);
+        match (self.from, self.before) {
+            (Some(from), _) if full => (from, last.unwrap_or(0)),
+            (Some(from), _) => (from, self.head.unwrap_or(u64::MAX)),
+            (None, Some(before)) => (
+                first.unwrap_or(if full { before } else { 1 }),
+                before.saturating_sub(1),
+            ),
+            (None, None) => (first.unwrap_or(1), self.head.unwrap_or(u64::MAX)),
+        }
+    }
+}
