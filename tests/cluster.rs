@@ -57,9 +57,17 @@ async fn three_nodes_form_one_cluster_and_replicate() -> anyhow::Result<()> {
     for node in &mut cluster.nodes {
         node.wait_ready(READY)?;
     }
-    let view = cluster.wait_converged(3, CONVERGE).await?;
-    let voters = view.iter().filter(|a| a.voter).count();
-    assert_eq!(voters, 3, "all three are voters: {view:#?}");
+    // Nodes join as learners and are promoted once caught up; wait for all three voters.
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let view = cluster.wait_converged(3, CONVERGE).await?;
+        let voters = view.iter().filter(|a| a.voter).count();
+        if voters == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "expected 3 voters: {view:#?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     let alice = TestUser::new("alice");
     let reply =

@@ -153,17 +153,6 @@ impl ChatServer {
         let client_addr = member.client_addr.parse().ok()?;
         Some(LeaderHint { id, client_addr })
     }
-
-    fn current_leader_hint(&self) -> Option<LeaderHint> {
-        let metrics = self.shared.raft.metrics().borrow().clone();
-        let id = metrics.current_leader?;
-        let member = metrics
-            .membership_config
-            .membership()
-            .get_node(&id)?
-            .clone();
-        self.leader_hint(Some((id, member)))
-    }
 }
 
 fn now_ms() -> u64 {

@@ -14,7 +14,6 @@ use futures::StreamExt;
 use openraft::Raft;
 use proto::discovery::DiscoverySocket;
 use proto::ChatServerTransport;
-use tarpc::server::Serve as _;
 use tarpc::server::{BaseChannel, Channel};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;

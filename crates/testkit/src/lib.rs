@@ -18,8 +18,12 @@ use proto::{ApiError, ChatClient, Hello, Login, SendReply, SendRequest};
 
 /// Where cargo put the `server` binary: next to the test binary's `deps/` directory.
 ///
+/// `cargo test --workspace` builds each binary only as a unit-test harness, so when the
+/// `server` and `client` executables are missing this builds them once per test process
+/// (`cargo build -p server -p client`, same profile and target dir as the running test).
+///
 /// # Errors
-/// When it is not there (build it with `cargo build -p server`).
+/// When they are not there and cannot be built.
 pub fn server_binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the test binary")?;
     let mut dir = exe
@@ -30,13 +34,53 @@ pub fn server_binary() -> anyhow::Result<PathBuf> {
         dir.pop();
     }
     let server = dir.join("server");
+    if !server.exists() || !dir.join("client").exists() {
+        build_binaries(&dir)?;
+    }
     if !server.exists() {
         bail!(
-            "{} not found: build it first with `cargo build -p server` (cargo test --workspace does)",
+            "{} not found: build it first with `cargo build -p server -p client`",
             server.display()
         );
     }
     Ok(server)
+}
+
+/// Builds `server` and `client` into the profile directory `dir` (e.g. `target/release`).
+fn build_binaries(dir: &Path) -> anyhow::Result<()> {
+    static BUILT: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut built = BUILT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if *built {
+        return Ok(());
+    }
+    let profile = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("profile directory has no name")?
+        .to_owned();
+    let target_dir = dir.parent().context("profile directory has no parent")?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(cargo);
+    command
+        .args(["build", "-p", "server", "-p", "client"])
+        .arg("--target-dir")
+        .arg(target_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if profile == "release" {
+        command.arg("--release");
+    } else if profile != "debug" {
+        command.args(["--profile", &profile]);
+    }
+    let status = command
+        .status()
+        .context("running cargo build for the server")?;
+    if !status.success() {
+        bail!("cargo build -p server -p client failed ({status})");
+    }
+    *built = true;
+    Ok(())
 }
 
 /// A free UDP port on loopback (bound and released; good enough for a test's discovery port).
@@ -188,6 +232,49 @@ fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// Test clusters of one test process run one at a time: a 2-core machine running several
+/// clusters of debug builds at once starves their heartbeats and turns every test into a
+/// failover test. `TestCluster::new` waits for the slot; dropping the cluster frees it.
+struct ClusterSlot;
+
+static SLOT_TAKEN: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+static SLOT_FREED: std::sync::Condvar = std::sync::Condvar::new();
+
+impl ClusterSlot {
+    fn take() -> ClusterSlot {
+        let mut taken = SLOT_TAKEN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while *taken {
+            taken = SLOT_FREED
+                .wait(taken)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        *taken = true;
+        ClusterSlot
+    }
+}
+
+impl Drop for ClusterSlot {
+    fn drop(&mut self) {
+        *SLOT_TAKEN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = false;
+        SLOT_FREED.notify_one();
+    }
+}
+
+/// Raft timing for test clusters: more slack than the production defaults, because a loaded
+/// 2-core machine running debug builds can stall a process for longer than 300 ms.
+const TEST_RAFT_TIMING: [&str; 6] = [
+    "--heartbeat-ms",
+    "100",
+    "--election-min-ms",
+    "500",
+    "--election-max-ms",
+    "1000",
+];
+
 /// A cluster of server processes private to one test.
 pub struct TestCluster {
     dir: tempfile::TempDir,
@@ -198,6 +285,7 @@ pub struct TestCluster {
     extra_args: Vec<String>,
     /// The nodes, in start order.
     pub nodes: Vec<NodeProc>,
+    _slot: ClusterSlot,
 }
 
 impl TestCluster {
@@ -206,6 +294,7 @@ impl TestCluster {
     /// # Errors
     /// Cannot make the temp dir.
     pub fn new(name: &str, extra_args: &[&str]) -> anyhow::Result<TestCluster> {
+        let slot = ClusterSlot::take();
         let dir = tempfile::Builder::new()
             .prefix(&format!("cellchat-{name}-"))
             .tempdir()
@@ -217,6 +306,7 @@ impl TestCluster {
             discovery_port: free_udp_port(),
             extra_args: extra_args.iter().map(|s| (*s).to_owned()).collect(),
             nodes: Vec::new(),
+            _slot: slot,
         })
     }
 
@@ -251,6 +341,7 @@ impl TestCluster {
             .args(["--discovery-port", &self.discovery_port.to_string()])
             .args(["--formation-window-ms", "700"])
             .args(["--log", "info,openraft=warn"])
+            .args(TEST_RAFT_TIMING)
             .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -349,6 +440,15 @@ impl TestCluster {
             if Instant::now() > deadline {
                 bail!("cluster did not converge on one leader of {expected} nodes; last view: {view:#?}");
             }
+        }
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        // Kill every node before the temp dir under them is removed (fields drop after this).
+        for node in &mut self.nodes {
+            node.kill9();
         }
     }
 }
