@@ -18,6 +18,6 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Dis
 
 // A plain #[test]: the suite builds its own runtime per case.
 #[test]
-fn openraft_storage_suite_passes_on_disk() -> Result<(), StorageError> {
-    Suite::test_all(DiskStores)
+fn openraft_storage_suite_passes_on_disk() -> Result<(), Box<StorageError>> {
+    Suite::test_all(DiskStores).map_err(Box::new)
 }
