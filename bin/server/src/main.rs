@@ -124,8 +124,8 @@ struct RunArgs {
     /// Requests a connection may burst at once.
     #[arg(long, env = "CELLCHAT_CONN_BURST", default_value_t = 1000)]
     conn_burst: u32,
-    /// Log filter (tracing EnvFilter syntax), e.g. "info" or "node=debug".
-    #[arg(long, env = "CELLCHAT_LOG", default_value = "info")]
+    /// Log filter (tracing EnvFilter syntax), e.g. "info" or "node=debug,openraft=info".
+    #[arg(long, env = "CELLCHAT_LOG", default_value = "info,openraft=warn")]
     log: String,
 }
 
@@ -166,6 +166,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("--log")?)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let data_dir = match &args.data_dir {
         Some(dir) => DataDir::open(dir)?,
