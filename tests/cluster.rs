@@ -48,15 +48,30 @@ async fn send_until_acked(
     anyhow::bail!("send not acknowledged within {timeout:?}; last error: {last}")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_nodes_form_one_cluster_and_replicate() -> anyhow::Result<()> {
-    let mut cluster = TestCluster::new("three", &[])?;
+/// Starts three nodes of a fresh test cluster and waits until each printed its ready line.
+fn three_ready_nodes(name: &str, extra: &[&str]) -> anyhow::Result<TestCluster> {
+    let mut cluster = TestCluster::new(name, extra)?;
     for _ in 0..3 {
         cluster.spawn_node()?;
     }
     for node in &mut cluster.nodes {
         node.wait_ready(READY)?;
     }
+    Ok(cluster)
+}
+
+/// The position in `cluster.nodes` of the node with id `id`.
+fn index_of(cluster: &TestCluster, id: u64) -> usize {
+    cluster
+        .nodes
+        .iter()
+        .position(|n| n.ready().map(|r| r.id) == Some(id))
+        .expect("the node is one of ours")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_form_one_cluster_and_replicate() -> anyhow::Result<()> {
+    let cluster = three_ready_nodes("three", &[])?;
     // Nodes join as learners and are promoted once caught up; wait for all three voters.
     let deadline = Instant::now() + CONVERGE;
     loop {
@@ -126,24 +141,14 @@ async fn ten_nodes_started_at_once_form_exactly_one_cluster() -> anyhow::Result<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_elects_another_and_sends_continue() -> anyhow::Result<()> {
-    let mut cluster = TestCluster::new("failover", &[])?;
-    for _ in 0..3 {
-        cluster.spawn_node()?;
-    }
-    for node in &mut cluster.nodes {
-        node.wait_ready(READY)?;
-    }
+    let mut cluster = three_ready_nodes("failover", &[])?;
     cluster.wait_converged(3, CONVERGE).await?;
     let bob = TestUser::new("bob");
     let first =
         send_until_acked(&cluster, &bob, "general", b"before", [2; 16], 1, CONVERGE).await?;
 
     let (leader_id, _) = leader_client_addr(&cluster, CONVERGE).await?;
-    let index = cluster
-        .nodes
-        .iter()
-        .position(|n| n.ready().map(|r| r.id) == Some(leader_id))
-        .expect("leader is one of ours");
+    let index = index_of(&cluster, leader_id);
     cluster.nodes[index].kill9();
 
     let second =
@@ -160,13 +165,7 @@ async fn killing_the_leader_elects_another_and_sends_continue() -> anyhow::Resul
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_send_across_a_leader_change_is_applied_once() -> anyhow::Result<()> {
-    let mut cluster = TestCluster::new("dedup", &[])?;
-    for _ in 0..3 {
-        cluster.spawn_node()?;
-    }
-    for node in &mut cluster.nodes {
-        node.wait_ready(READY)?;
-    }
+    let mut cluster = three_ready_nodes("dedup", &[])?;
     cluster.wait_converged(3, CONVERGE).await?;
     let carol = TestUser::new("carol");
     let key = [3; 16];
@@ -174,11 +173,7 @@ async fn a_retried_send_across_a_leader_change_is_applied_once() -> anyhow::Resu
     assert!(!original.duplicate);
 
     let (leader_id, _) = leader_client_addr(&cluster, CONVERGE).await?;
-    let index = cluster
-        .nodes
-        .iter()
-        .position(|n| n.ready().map(|r| r.id) == Some(leader_id))
-        .expect("leader is one of ours");
+    let index = index_of(&cluster, leader_id);
     cluster.nodes[index].kill9();
 
     let retried = send_until_acked(&cluster, &carol, "dedup", b"once", key, 7, CONVERGE).await?;
@@ -198,13 +193,7 @@ async fn a_retried_send_across_a_leader_change_is_applied_once() -> anyhow::Resu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_on_a_follower_with_a_read_token_sees_the_senders_message() -> anyhow::Result<()> {
-    let mut cluster = TestCluster::new("ryw", &[])?;
-    for _ in 0..3 {
-        cluster.spawn_node()?;
-    }
-    for node in &mut cluster.nodes {
-        node.wait_ready(READY)?;
-    }
+    let cluster = three_ready_nodes("ryw", &[])?;
     let view = cluster.wait_converged(3, CONVERGE).await?;
     let dave = TestUser::new("dave");
     let reply = send_until_acked(&cluster, &dave, "ryw", b"mine", [4; 16], 1, CONVERGE).await?;
@@ -237,13 +226,7 @@ async fn a_stream_on_a_follower_with_a_read_token_sees_the_senders_message() -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_to_a_follower_answers_not_leader_with_the_leaders_address() -> anyhow::Result<()> {
-    let mut cluster = TestCluster::new("notleader", &[])?;
-    for _ in 0..3 {
-        cluster.spawn_node()?;
-    }
-    for node in &mut cluster.nodes {
-        node.wait_ready(READY)?;
-    }
+    let cluster = three_ready_nodes("notleader", &[])?;
     let view = cluster.wait_converged(3, CONVERGE).await?;
     let leader = view
         .iter()
@@ -272,24 +255,14 @@ async fn a_restarted_node_catches_up_and_a_node_down_past_a_purge_catches_up_by_
 ) -> anyhow::Result<()> {
     // Snapshot every 20 entries and keep only 5 after it, so a node that misses 100 sends
     // can only catch up by snapshot.
-    let mut cluster = TestCluster::new("catchup", &["--snapshot-every", "20", "--log-keep", "5"])?;
-    for _ in 0..3 {
-        cluster.spawn_node()?;
-    }
-    for node in &mut cluster.nodes {
-        node.wait_ready(READY)?;
-    }
+    let mut cluster = three_ready_nodes("catchup", &["--snapshot-every", "20", "--log-keep", "5"])?;
     let view = cluster.wait_converged(3, CONVERGE).await?;
     let follower_id = view
         .iter()
         .find(|a| a.role != Role::Leader)
         .expect("a follower")
         .node_id;
-    let index = cluster
-        .nodes
-        .iter()
-        .position(|n| n.ready().map(|r| r.id) == Some(follower_id))
-        .expect("follower is one of ours");
+    let index = index_of(&cluster, follower_id);
     cluster.nodes[index].kill9();
 
     let frank = TestUser::new("frank");
