@@ -209,7 +209,7 @@ async fn an_encrypted_messages_plaintext_is_in_no_nodes_data_dir() -> anyhow::Re
 
     // Wait until every node has applied both messages.
     for node in &cluster.nodes {
-        let ready = node.ready().context("ready")?.clone();
+        let ready = *node.ready().context("ready")?;
         let (conn, _) = TestClient::connect(ready.client, &cluster.cluster).await?;
         let mut ctx = tarpc::context::current();
         ctx.deadline = Instant::now() + Duration::from_secs(20);

@@ -90,7 +90,7 @@ async fn three_nodes_form_one_cluster_and_replicate() -> anyhow::Result<()> {
     assert_eq!(reply.seq, 1);
     // Every node serves the message once it has applied the read token.
     for node in &cluster.nodes {
-        let ready = node.ready().expect("ready").clone();
+        let ready = *node.ready().expect("ready");
         let (client, _) = TestClient::connect(ready.client, &cluster.cluster).await?;
         let page = client
             .client

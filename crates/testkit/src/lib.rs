@@ -90,7 +90,7 @@ pub fn free_udp_port() -> u16 {
 }
 
 /// What a node printed on its `ready` line.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ready {
     /// Node id.
     pub id: u64,
@@ -102,7 +102,8 @@ pub struct Ready {
     pub metrics: SocketAddr,
 }
 
-fn parse_ready(line: &str) -> Option<Ready> {
+/// Parses a server's `ready node=.. client=.. raft=.. metrics=.. data=..` line.
+pub fn parse_ready(line: &str) -> Option<Ready> {
     let rest = line.strip_prefix("ready ")?;
     let mut id = None;
     let mut client = None;
@@ -152,7 +153,7 @@ impl NodeProc {
     /// The node exited or did not get ready within `timeout`.
     pub fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<Ready> {
         if let Some(ready) = &self.ready {
-            return Ok(ready.clone());
+            return Ok(*ready);
         }
         let rx = self.ready_rx.as_ref().context("node was not started")?;
         let ready = rx.recv_timeout(timeout).map_err(|_| {
@@ -162,7 +163,7 @@ impl NodeProc {
                 tail(&self.log, 40)
             )
         })?;
-        self.ready = Some(ready.clone());
+        self.ready = Some(ready);
         Ok(ready)
     }
 

@@ -31,31 +31,7 @@ impl Mode {
     }
 }
 
-/// What a node printed on its `ready` line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ready {
-    /// Raft node id.
-    pub id: u64,
-    /// Chat RPC address.
-    pub client: SocketAddr,
-}
-
-fn parse_ready(line: &str) -> Option<Ready> {
-    let rest = line.strip_prefix("ready ")?;
-    let mut id = None;
-    let mut client = None;
-    for part in rest.split_whitespace() {
-        match part.split_once('=') {
-            Some(("node", v)) => id = v.parse().ok(),
-            Some(("client", v)) => client = v.parse().ok(),
-            _ => {}
-        }
-    }
-    Some(Ready {
-        id: id?,
-        client: client?,
-    })
-}
+pub use testkit::{parse_ready, Ready};
 
 /// How a start attempt ended.
 #[derive(Debug)]
@@ -325,9 +301,10 @@ mod tests {
 
     #[test]
     fn ready_line_parses() {
-        let r =
-            parse_ready("ready node=7 client=127.0.0.2:4000 raft=127.0.0.2:1 metrics=x data=/d")
-                .expect("parses");
+        let r = parse_ready(
+            "ready node=7 client=127.0.0.2:4000 raft=127.0.0.2:1 metrics=127.0.0.2:2 data=/d",
+        )
+        .expect("parses");
         assert_eq!(r.id, 7);
         assert_eq!(r.client.port(), 4000);
         assert!(parse_ready("node 7 starting").is_none());
