@@ -44,6 +44,8 @@ const FAST_PHASE: Duration = Duration::from_secs(10);
 const TICK: Duration = Duration::from_millis(250);
 /// A learner is promoted once it is within this many entries of the leader's log.
 const PROMOTE_LAG_MAX: u64 = 1000;
+/// How long one promotion may take before the loop moves on.
+const PROMOTE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A request to be added to the cluster, sent to the leader over Raft RPC.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -403,24 +405,31 @@ impl Formation {
         let Some(replication) = &metrics.replication else {
             return;
         };
+        // A learner qualifies when it is close behind and known to be alive: either discovery
+        // heard it recently, or it has acknowledged the leader's last entry (it answered the
+        // latest replication, so it is up even if its announcements do not reach us).
         let candidate = membership.learner_ids().find(|id| {
             let matched = replication
                 .get(id)
                 .copied()
                 .flatten()
                 .map_or(0, |l| l.index);
-            last.saturating_sub(matched) <= PROMOTE_LAG_MAX && self.peers.get(*id).is_some()
+            let close = last.saturating_sub(matched) <= PROMOTE_LAG_MAX;
+            let alive = matched == last || self.peers.get(*id).is_some();
+            close && alive
         });
         let Some(id) = candidate else {
             return;
         };
-        match self
+        let change = self
             .raft
-            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), true)
-            .await
-        {
-            Ok(_) => tracing::info!(node = id, "promoted learner to voter"),
-            Err(e) => tracing::warn!(node = id, error = %e, "promotion failed; will retry"),
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), true);
+        // Bounded so a change that cannot commit (lost quorum) never stalls this loop; the next
+        // tick retries, and openraft answers InProgress while the old change is pending.
+        match tokio::time::timeout(PROMOTE_TIMEOUT, change).await {
+            Ok(Ok(_)) => tracing::info!(node = id, "promoted learner to voter"),
+            Ok(Err(e)) => tracing::warn!(node = id, error = %e, "promotion failed; will retry"),
+            Err(_) => tracing::warn!(node = id, "promotion did not commit in time; will retry"),
         }
     }
 }
