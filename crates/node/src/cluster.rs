@@ -44,8 +44,6 @@ const FAST_PHASE: Duration = Duration::from_secs(10);
 const TICK: Duration = Duration::from_millis(250);
 /// A learner is promoted once it is within this many entries of the leader's log.
 const PROMOTE_LAG_MAX: u64 = 1000;
-/// How long one promotion may take before the loop moves on.
-const PROMOTE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A request to be added to the cluster, sent to the leader over Raft RPC.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -421,15 +419,16 @@ impl Formation {
         let Some(id) = candidate else {
             return;
         };
-        let change = self
+        // Awaited to the end on purpose: change_membership commits a joint config and then the
+        // final one from this future, so abandoning it midway would leave the joint config
+        // in place and stop all later promotions.
+        match self
             .raft
-            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), true);
-        // Bounded so a change that cannot commit (lost quorum) never stalls this loop; the next
-        // tick retries, and openraft answers InProgress while the old change is pending.
-        match tokio::time::timeout(PROMOTE_TIMEOUT, change).await {
-            Ok(Ok(_)) => tracing::info!(node = id, "promoted learner to voter"),
-            Ok(Err(e)) => tracing::warn!(node = id, error = %e, "promotion failed; will retry"),
-            Err(_) => tracing::warn!(node = id, "promotion did not commit in time; will retry"),
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), true)
+            .await
+        {
+            Ok(_) => tracing::info!(node = id, "promoted learner to voter"),
+            Err(e) => tracing::warn!(node = id, error = %e, "promotion failed; will retry"),
         }
     }
 }

@@ -267,15 +267,13 @@ impl Drop for ClusterSlot {
 
 /// Raft timing for test clusters: more slack than the production defaults, because a loaded
 /// 2-core machine running debug builds can stall a process for longer than 300 ms.
-/// The heartbeat is also openraft's AppendEntries timeout, so it must outlast a follower's
-/// fsync on a disk shared with compilers.
 const TEST_RAFT_TIMING: [&str; 6] = [
     "--heartbeat-ms",
-    "250",
+    "100",
     "--election-min-ms",
-    "1000",
+    "500",
     "--election-max-ms",
-    "2000",
+    "1000",
 ];
 
 /// A cluster of server processes private to one test.
