@@ -284,6 +284,8 @@ pub struct TestCluster {
     /// The discovery port, unique per test cluster.
     pub discovery_port: u16,
     extra_args: Vec<String>,
+    /// Whether nodes get [`TEST_RAFT_TIMING`] (else the server's production defaults).
+    test_timing: bool,
     /// The nodes, in start order.
     pub nodes: Vec<NodeProc>,
     _slot: ClusterSlot,
@@ -295,6 +297,19 @@ impl TestCluster {
     /// # Errors
     /// Cannot make the temp dir.
     pub fn new(name: &str, extra_args: &[&str]) -> anyhow::Result<TestCluster> {
+        Self::build(name, extra_args, true)
+    }
+
+    /// A new, empty cluster whose nodes run the server's production Raft timing (for
+    /// benchmarks on a quiet machine, where the test timing's slack would hide failover cost).
+    ///
+    /// # Errors
+    /// Cannot make the temp dir.
+    pub fn with_production_timing(name: &str, extra_args: &[&str]) -> anyhow::Result<TestCluster> {
+        Self::build(name, extra_args, false)
+    }
+
+    fn build(name: &str, extra_args: &[&str], test_timing: bool) -> anyhow::Result<TestCluster> {
         let slot = ClusterSlot::take();
         let dir = tempfile::Builder::new()
             .prefix(&format!("cellchat-{name}-"))
@@ -306,6 +321,7 @@ impl TestCluster {
             cluster: format!("test-{name}-{suffix:08x}"),
             discovery_port: free_udp_port(),
             extra_args: extra_args.iter().map(|s| (*s).to_owned()).collect(),
+            test_timing,
             nodes: Vec::new(),
             _slot: slot,
         })
@@ -342,7 +358,11 @@ impl TestCluster {
             .args(["--discovery-port", &self.discovery_port.to_string()])
             .args(["--formation-window-ms", "700"])
             .args(["--log", "info,openraft=warn"])
-            .args(TEST_RAFT_TIMING)
+            .args(if self.test_timing {
+                &TEST_RAFT_TIMING[..]
+            } else {
+                &[]
+            })
             .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

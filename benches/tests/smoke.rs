@@ -1,0 +1,116 @@
+//! The harness end to end, briefly: each scenario against a real local cluster, checking the
+//! JSON it writes. Peers run when their binaries are installed (`.ci/run` installs both); a
+//! missing peer must fail with a message naming what to install.
+
+use std::path::Path;
+use std::process::Command;
+
+/// One harness run at a time: each starts a whole cluster, and a 2-core machine running
+/// several at once turns every run into a failover test.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn bench(out: &Path, args: &[&str]) -> (bool, String, String) {
+    let _turn = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let output = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args(args)
+        .args(["--json", "--duration", "1", "--warmup", "0.5", "--out"])
+        .arg(out)
+        .output()
+        .expect("running bench");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn runs(stdout: &str) -> Vec<serde_json::Value> {
+    stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect()
+}
+
+#[test]
+fn write_and_fanout_measure_cellchat() {
+    let out = tempfile::tempdir().unwrap();
+    let (ok, stdout, stderr) = bench(out.path(), &["write", "--clients", "1,4"]);
+    assert!(ok, "{stderr}");
+    let results = runs(&stdout);
+    assert_eq!(results.len(), 2, "{stdout}");
+    for r in &results {
+        assert_eq!(r["system"], "cellchat");
+        assert!(r["ops"].as_u64().unwrap() > 0, "{r}");
+        assert!(r["throughput_per_s"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["latency_ms"]["p99"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    assert!(out.path().join("write.jsonl").exists());
+    assert!(out.path().join("write-throughput.svg").exists());
+
+    let (ok, stdout, stderr) = bench(
+        out.path(),
+        &["fanout", "--subscribers", "5", "--rate", "50"],
+    );
+    assert!(ok, "{stderr}");
+    let results = runs(&stdout);
+    assert_eq!(results.len(), 1, "{stdout}");
+    let r = &results[0];
+    assert_eq!(r["missing"], 0, "{r}");
+    assert_eq!(r["duplicates"], 0, "{r}");
+    assert!(r["ops"].as_u64().unwrap() >= 5 * 40, "{r}");
+}
+
+#[test]
+fn failover_measures_a_leader_kill() {
+    let out = tempfile::tempdir().unwrap();
+    let (ok, stdout, stderr) = bench(out.path(), &["failover", "--rounds", "1", "--clients", "2"]);
+    assert!(ok, "{stderr}");
+    let r = &runs(&stdout)[0];
+    assert_eq!(r["extra"]["rounds_not_recovered"], 0, "{r}");
+    let to_ack = r["extra"]["kill_to_next_ack_ms_max"].as_f64().unwrap();
+    assert!(to_ack > 0.0 && to_ack < 30_000.0, "{r}");
+}
+
+#[test]
+fn peers_run_or_say_what_to_install() {
+    let out = tempfile::tempdir().unwrap();
+    for (system, install) in [("etcd", "apt-get install"), ("nats-sync", "pip install")] {
+        let (ok, stdout, stderr) =
+            bench(out.path(), &["write", "--system", system, "--clients", "2"]);
+        if ok {
+            let r = &runs(&stdout)[0];
+            assert_eq!(r["system"], system);
+            assert!(r["ops"].as_u64().unwrap() > 0, "{r}");
+        } else {
+            assert!(
+                stderr.contains(install),
+                "{system} failed without saying what to install: {stderr}"
+            );
+        }
+    }
+    let (ok, _, stderr) = bench(
+        out.path(),
+        &[
+            "write",
+            "--system",
+            "etcd",
+            "--etcd-bin",
+            "/nonexistent/etcd",
+        ],
+    );
+    assert!(!ok);
+    assert!(stderr.contains("etcd not found"), "{stderr}");
+}
+
+#[test]
+fn bad_options_are_refused_clearly() {
+    let out = tempfile::tempdir().unwrap();
+    let (ok, _, stderr) = bench(out.path(), &["write", "--system", "redis"]);
+    assert!(!ok);
+    assert!(stderr.contains("unknown system"), "{stderr}");
+    let (ok, _, stderr) = bench(out.path(), &["write", "--nodes", "0"]);
+    assert!(!ok);
+    assert!(stderr.contains("--nodes"), "{stderr}");
+}
