@@ -105,7 +105,7 @@ enum Command {
         /// Closed-loop senders.
         #[arg(long, default_value_t = 16)]
         clients: usize,
-        /// Leader kills.
+        /// Kill rounds: even rounds kill the leader, odd rounds the subscriber's node.
         #[arg(long, default_value_t = 10)]
         rounds: usize,
     },

@@ -1,6 +1,7 @@
-//! `failover`: steady closed-loop load on a local cellchat cluster, then kill -9 of the leader,
-//! round after round: time from the kill to the next acknowledged send, and time until
-//! throughput is back.
+//! `failover`: steady closed-loop load on a local cellchat cluster and one subscriber, then
+//! kill -9 round after round. Even rounds kill the leader: time from the kill to the next
+//! acknowledged send, and until throughput is back. Odd rounds kill the node the subscriber
+//! reads from: time from the kill to the next message it is delivered.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -9,8 +10,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use parking_lot::Mutex;
 
-use super::{bar, connect_writers};
+use cellchat_client::Client;
+
+use super::{bar, connect_writers, now_micros, read_stamp, stamped_body};
 use crate::stats::{Latencies, RunResult};
+use crate::sut::cellchat::client_config;
 use crate::sut::cellchat::Cellchat;
 use crate::sut::System;
 
@@ -19,7 +23,7 @@ use crate::sut::System;
 pub struct FailoverOptions {
     /// Concurrent closed-loop senders.
     pub clients: usize,
-    /// Leader kills.
+    /// Kill rounds: even rounds kill the leader, odd rounds the subscriber's node.
     pub rounds: usize,
     /// Steady load before each kill; the throughput baseline is its second half.
     pub steady: Duration,
@@ -34,6 +38,9 @@ const WINDOW: Duration = Duration::from_millis(100);
 /// Throughput counts as recovered at the end of the first window reaching this share of the
 /// pre-kill baseline.
 const RECOVERED_SHARE: f64 = 0.8;
+
+/// Channels the writers spread over; the subscriber reads the first.
+const TOPICS: usize = 8;
 
 /// Acknowledgements, as (send started, acknowledged) instants.
 type AckLog = Arc<Mutex<Vec<(Instant, Instant)>>>;
@@ -53,13 +60,16 @@ pub async fn run(cellchat: &mut Cellchat, options: &FailoverOptions) -> Result<R
     let mut tasks = Vec::new();
     for (index, mut writer) in writers.into_iter().enumerate() {
         let (acks, stop, latencies) = (acks.clone(), stop.clone(), latencies.clone());
-        let body = vec![b'f'; options.body];
-        let topic = format!("failover-{}", index % 8);
+        let body_size = options.body;
+        let topic = format!("failover-{}", index % TOPICS);
         tasks.push(tokio::spawn(async move {
             let mut errors = 0u64;
+            let mut counter = 0u64;
             while !stop.load(Ordering::Acquire) {
                 let started = Instant::now();
-                match writer.write(&topic, body.clone()).await {
+                counter += 1;
+                let body = stamped_body(body_size, index as u32, counter);
+                match writer.write(&topic, body).await {
                     Ok(()) => {
                         let done = Instant::now();
                         latencies.lock().record(done - started);
@@ -72,13 +82,60 @@ pub async fn run(cellchat: &mut Cellchat, options: &FailoverOptions) -> Result<R
         }));
     }
 
+    // The subscriber: a read-only client streaming the first channel; it records when each
+    // message it is delivered was sent (stamp) and arrived, both on the process clock.
+    let reader = Client::connect(client_config(cellchat.target(), None)).await?;
+    let deliveries: Arc<Mutex<Vec<(u64, u64)>>> = Arc::new(Mutex::new(Vec::new()));
+    let subscriber = {
+        let mut subscription = reader.subscribe("failover-0", 0);
+        let deliveries = deliveries.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(message)) = subscription.recv().await {
+                if let Some((_, _, sent)) = read_stamp(&message.body) {
+                    deliveries.lock().push((sent, now_micros()));
+                }
+            }
+        })
+    };
+    let mut to_delivery = Latencies::new();
+    let mut reader_rounds_on_leader = 0u64;
+
     let progress = bar(options.rounds as u64, "cellchat failover rounds");
     let mut to_ack = Latencies::new();
     let mut to_recover = Latencies::new();
     let mut unrecovered = 0u64;
     let run_started = Instant::now();
-    for _ in 0..options.rounds {
+    for round in 0..options.rounds {
         tokio::time::sleep(options.steady).await;
+        if round % 2 == 1 {
+            // Kill the subscriber's node: the next message delivered after the kill must have
+            // come through the node it moved to.
+            let index = reader_node_index(cellchat, &reader)?;
+            let leader = cellchat.leader_index().await?;
+            if index == leader {
+                reader_rounds_on_leader += 1;
+            }
+            cellchat.local()?.nodes[index].kill9();
+            let killed_at = now_micros();
+            let deadline = Instant::now() + options.recover_timeout;
+            let mut delivered = None;
+            while Instant::now() < deadline && delivered.is_none() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                delivered = deliveries
+                    .lock()
+                    .iter()
+                    .filter(|(sent, _)| *sent >= killed_at)
+                    .map(|(_, arrived)| *arrived)
+                    .min();
+            }
+            match delivered {
+                Some(arrived) => to_delivery.record(Duration::from_micros(arrived - killed_at)),
+                None => unrecovered += 1,
+            }
+            restart(cellchat, index, nodes).await?;
+            progress.inc(1);
+            continue;
+        }
         // Find the leader first: discovery takes a few hundred ms that must not count.
         let index = cellchat.leader_index().await?;
         let baseline = {
@@ -128,18 +185,12 @@ pub async fn run(cellchat: &mut Cellchat, options: &FailoverOptions) -> Result<R
             Some(at) => to_recover.record(at - killed_at),
             None => unrecovered += 1,
         }
-        let cluster = cellchat.local()?;
-        cluster
-            .restart(index, Duration::from_secs(60))
-            .with_context(|| format!("restarting killed node {index}"))?;
-        cluster
-            .wait_converged(nodes, Duration::from_secs(60))
-            .await
-            .context("the cluster did not converge after a restart")?;
+        restart(cellchat, index, nodes).await?;
         progress.inc(1);
     }
     progress.finish_and_clear();
     stop.store(true, Ordering::Release);
+    subscriber.abort();
     let mut errors = 0;
     for task in tasks {
         errors += task.await?;
@@ -156,7 +207,14 @@ pub async fn run(cellchat: &mut Cellchat, options: &FailoverOptions) -> Result<R
     result.latency_ms = latencies.lock().summary();
     let ack = to_ack.summary();
     let recover = to_recover.summary();
+    let delivery = to_delivery.summary();
     result.set("rounds", options.rounds);
+    result.set("reader_kill_to_next_delivery_ms_p50", delivery.p50);
+    result.set("reader_kill_to_next_delivery_ms_max", delivery.max);
+    result.set(
+        "reader_rounds_that_killed_the_leader",
+        reader_rounds_on_leader,
+    );
     result.set("kill_to_next_ack_ms_p50", ack.p50);
     result.set("kill_to_next_ack_ms_p99", ack.p99);
     result.set("kill_to_next_ack_ms_max", ack.max);
@@ -164,4 +222,31 @@ pub async fn run(cellchat: &mut Cellchat, options: &FailoverOptions) -> Result<R
     result.set("kill_to_recovered_ms_max", recover.max);
     result.set("rounds_not_recovered", unrecovered);
     Ok(result)
+}
+
+/// The index in the local cluster of the node `reader` streams from.
+fn reader_node_index(cellchat: &mut Cellchat, reader: &Client) -> Result<usize> {
+    let node = reader
+        .status()
+        .reading
+        .context("the subscriber reads from no node")?;
+    cellchat
+        .local()?
+        .nodes
+        .iter()
+        .position(|n| n.ready().map(|r| r.id) == Some(node))
+        .with_context(|| format!("the subscriber's node {node} is not one of the started nodes"))
+}
+
+/// Restarts killed node `index` and waits for all `nodes` to follow one leader again.
+async fn restart(cellchat: &mut Cellchat, index: usize, nodes: usize) -> Result<()> {
+    let cluster = cellchat.local()?;
+    cluster
+        .restart(index, Duration::from_secs(60))
+        .with_context(|| format!("restarting killed node {index}"))?;
+    cluster
+        .wait_converged(nodes, Duration::from_secs(60))
+        .await
+        .context("the cluster did not converge after a restart")?;
+    Ok(())
 }
