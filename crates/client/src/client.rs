@@ -28,6 +28,11 @@ const DOWN_COOLDOWN: Duration = Duration::from_secs(2);
 const BACKOFF_MIN: Duration = Duration::from_millis(25);
 /// Longest retry delay between two attempts (rate limits excepted: they say how long).
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Longest retry delay while the cluster is between leaders (no node names one) or the node
+/// tried is gone: an election takes one election timeout (150-300 ms by default), so waiting
+/// up to a second would add most of a second to every failover. Within the default budget of
+/// 200 attempts this still keeps retrying for 10-20 s.
+const ELECTION_BACKOFF_MAX: Duration = Duration::from_millis(100);
 /// Reads move to a faster node only when it saves at least this much RTT (and halves it), so
 /// sub-millisecond noise on one host does not bounce streams between nodes.
 const RERANK_GAIN_MS_MIN: f64 = 1.0;
@@ -1060,6 +1065,9 @@ impl Inner {
                 Ok(Duration::ZERO)
             }
             Failure::Api(e) if !e.is_retryable() => Err(self.fatal(Failure::Api(e))),
+            Failure::Api(ApiError::NotLeader { leader: None }) | Failure::Transport(_) => {
+                Ok(backoff_capped(attempts, ELECTION_BACKOFF_MAX))
+            }
             _ => Ok(backoff(attempts)),
         }
     }
@@ -1068,8 +1076,13 @@ impl Inner {
 /// Exponential backoff with jitter: 25 ms doubling per attempt, capped at 1 s, then a random
 /// 50-100 % of that so many clients do not retry in step.
 pub(crate) fn backoff(attempts: u32) -> Duration {
+    backoff_capped(attempts, BACKOFF_MAX)
+}
+
+/// [`backoff`] with its own cap.
+fn backoff_capped(attempts: u32, cap: Duration) -> Duration {
     let exp = BACKOFF_MIN.saturating_mul(1u32 << attempts.saturating_sub(1).min(10));
-    let capped = exp.min(BACKOFF_MAX);
+    let capped = exp.min(cap);
     capped.mul_f64(0.5 + rand::random::<f64>() * 0.5)
 }
 
@@ -1144,6 +1157,9 @@ mod tests {
             assert!(d >= BACKOFF_MIN / 2, "{attempts}: {d:?}");
         }
         assert!(backoff(20) >= BACKOFF_MAX / 2);
+        for attempts in 1..40 {
+            assert!(backoff_capped(attempts, ELECTION_BACKOFF_MAX) <= ELECTION_BACKOFF_MAX);
+        }
     }
 
     #[test]
