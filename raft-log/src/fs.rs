@@ -198,7 +198,9 @@ mod faulty {
     ///
     /// Fault points, named `module::op::fault`:
     /// `segment::append::fault` (write to a segment), `segment::sync::fault`,
-    /// `meta::write::fault`, `meta::sync::fault`, `dir::sync::fault`.
+    /// `prepare::write::fault` and `prepare::sync::fault` (a segment file being zero-filled
+    /// in the background, before it gets its name), `meta::write::fault`, `meta::sync::fault`,
+    /// `dir::sync::fault`.
     #[derive(Debug, Clone, Default)]
     pub struct FaultyFs {
         shared: Arc<Shared>,
@@ -228,7 +230,9 @@ mod faulty {
 
     fn kind(path: &Path) -> &'static str {
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if name.contains(".seg") {
+        if name.starts_with(crate::segment::PREPARED_PREFIX) {
+            "prepare"
+        } else if name.contains(".seg") {
             "segment"
         } else {
             "meta"
