@@ -228,7 +228,7 @@ fn recover_segment(
     };
     // Every byte after the last non-zero one; a valid frame always has a non-zero byte at or
     // after its start (a non-zero length, or for an empty payload the non-zero CRC).
-    let nonzero_end = buf.iter().rposition(|&b| b != 0).map_or(0, |at| at + 1) as u64;
+    let nonzero_end = nonzero_end(buf) as u64;
     if newest && nonzero_end <= bad_offset && !scan.index_mismatch {
         segment.end_offset = bad_offset;
         return Ok(Some(segment));
@@ -249,6 +249,19 @@ fn recover_segment(
     }
     recover_segment_tail(&mut segment, bad_offset, nonzero_end, config, summary)?;
     Ok(Some(segment))
+}
+
+/// One past the last non-zero byte of `buf` (0 if all zero). Compares 64 bytes at a time,
+/// because a preallocated newest segment ends in up to `segment_bytes_max` zeros.
+fn nonzero_end(buf: &[u8]) -> usize {
+    let mut end = buf.len();
+    while end >= 64 && buf[end - 64..end].iter().all(|&b| b == 0) {
+        end -= 64;
+    }
+    buf[..end]
+        .iter()
+        .rposition(|&b| b != 0)
+        .map_or(0, |at| at + 1)
 }
 
 /// Zeroes the torn tail `[bad_offset, nonzero_end)` of the newest segment, durably.
@@ -388,4 +401,24 @@ fn recover_purged_segments(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use test_case::test_case;
+
+    #[test_case(0, None; "empty")]
+    #[test_case(200, None; "all zero")]
+    #[test_case(200, Some(0); "first byte")]
+    #[test_case(200, Some(63); "inside the first block")]
+    #[test_case(200, Some(150); "inside the last full block")]
+    #[test_case(200, Some(199); "last byte")]
+    fn nonzero_end_finds_last_nonzero_byte(len: usize, nonzero: Option<usize>) {
+        let mut buf = vec![0u8; len];
+        if let Some(at) = nonzero {
+            buf[at] = 1;
+        }
+        assert_eq!(nonzero_end(&buf), nonzero.map_or(0, |at| at + 1));
+    }
 }

@@ -77,7 +77,9 @@ pub(crate) fn write_zeros(file: &dyn FsFile, from: u64, to: u64) -> std::io::Res
 /// Invariants:
 /// - `offsets[i]` is the byte offset of the frame holding index `first_index + i`;
 /// - offsets are strictly increasing, the first is `SEGMENT_HEADER_LEN`, and `end_offset` is
-///   the end of the last frame (where the next frame goes).
+///   the end of the last frame (where the next frame goes);
+/// - every byte from `end_offset` to the end of the file is zero (the file may end there);
+///   sealed segments end exactly at `end_offset`.
 #[derive(Debug)]
 pub(crate) struct Segment {
     pub first_index: u64,
