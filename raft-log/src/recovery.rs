@@ -255,7 +255,12 @@ fn recover_segment(
 /// because a preallocated newest segment ends in up to `segment_bytes_max` zeros.
 fn nonzero_end(buf: &[u8]) -> usize {
     let mut end = buf.len();
-    while end >= 64 && buf[end - 64..end].iter().all(|&b| b == 0) {
+    let block_is_zero = |block: &[u8]| {
+        block
+            .chunks_exact(16)
+            .all(|c| u128::from_ne_bytes(c.try_into().expect("16-byte chunk")) == 0)
+    };
+    while end >= 64 && block_is_zero(&buf[end - 64..end]) {
         end -= 64;
     }
     buf[..end]
