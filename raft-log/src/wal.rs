@@ -322,12 +322,6 @@ impl Wal {
                 sync.synced_seq = sync.synced_seq.max(written_seq);
                 drop(sync);
                 tracing::info!(segment = %active.path.display(), "segment sealed");
-                let segment = self.create_segment(state, first)?;
-                state.segments.push(segment);
-                // The new segment is empty: start preparing its successor now, so that it is
-                // ready long before the new one fills up.
-                self.start_prepare(state);
-                return Ok(());
             }
             Some(_) => return Ok(()),
             None => {}
@@ -420,16 +414,19 @@ impl Wal {
             });
         }
         segment.end_offset += batch_len;
-        let half_full = segment.end_offset >= self.config.segment_bytes_max / 2;
+        let prepare_next = segment.end_offset >= self.config.segment_bytes_max / 4;
         if encode_buf.capacity() > ENCODE_BUF_KEEP_BYTES {
             *encode_buf = Vec::new();
         }
         *written_seq += 1;
         let seq = *written_seq;
-        if half_full {
-            // The first segment of a log, and the active one after a reopen, were not
-            // preallocated; their successor is prepared once they are half full. A log that
-            // never fills half a segment never writes one segment's worth of zeros.
+        if prepare_next {
+            // The successor of the active segment is prepared once the active one is a quarter
+            // full: early enough that, even at full append speed, the zero-fill has three
+            // quarters of a segment's worth of appends to finish (rotation waits for it
+            // otherwise), and late enough that a log which never fills a quarter of a segment
+            // never writes a segment's worth of zeros, and that the zero-fill does not compete
+            // for the disk right after every rotation.
             self.start_prepare(state);
         }
         self.appends.fetch_add(1, Ordering::Relaxed);
