@@ -1,6 +1,8 @@
 //! Durability under `FaultyFs`: group commit from several threads survives a power failure;
 //! vote and committed round-trip across reopen and crash; purge and truncate survive a crash;
-//! a failed fsync panics (never retried); a failed write poisons the `Wal`.
+//! a failed fsync panics (never retried); a failed write poisons the `Wal`. In a segment made
+//! from a preallocated (zero-filled) file, unsynced overwrites are lost or torn to a prefix, and
+//! a `truncate_from` followed by a shorter unsynced rewrite never brings the cut entries back.
 #![cfg(feature = "testing")]
 
 use parking_lot::Mutex;

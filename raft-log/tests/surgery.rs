@@ -5,7 +5,10 @@
 //! - a flipped bit in the newest segment followed by valid frames is `Error::Corrupt`, while one
 //!   in its last frame is a torn tail;
 //! - an unknown format version is `Error::UnsupportedVersion`; a missing middle segment is
-//!   `Error::Corrupt`.
+//!   `Error::Corrupt`;
+//! - a zero tail on the newest segment is a clean end and is left alone; a zero tail on a
+//!   sealed segment, zeroed last frames of a sealed segment, and a zeroed range in the newest
+//!   segment followed by frames are `Error::Corrupt`.
 
 use raft_log::{Config, Durability, Error, FileSystem, LogIndex, Wal};
 use std::path::{Path, PathBuf};
