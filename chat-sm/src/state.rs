@@ -790,7 +790,7 @@ impl ChatState {
     /// # Errors
     /// [`Error::Corrupt`] naming the first broken invariant; [`Error::Rocks`].
     pub fn check_consistency(&self) -> Result<(), Error> {
-        let _writer = self.writer.lock();
+        let writer = self.writer.lock();
         let view = self.view.read();
         let fresh = load_view(view.store.clone(), self.config.ring_len)?;
         let broken = |reason: String| Error::Corrupt {
@@ -807,6 +807,17 @@ impl ChatState {
             != (&view.last_applied, &view.membership, view.applied_index)
         {
             return Err(broken("in-memory meta differs from rocksdb".into()));
+        }
+        // The other end of `ClientSeqs`'s invariant: it must never claim a client seq is new
+        // while a record for it, or for a higher one, exists.
+        let stored = load_client_seqs(view.store.db())?;
+        for (client, &max) in &stored.max {
+            if writer.client_seqs.is_new(*client, max) {
+                return Err(broken(format!(
+                    "client seq high-water mark below stored record {}/{max}",
+                    hex(&client.0)
+                )));
+            }
         }
         check_dense(view.store.db(), &view.channels)
     }
