@@ -337,6 +337,10 @@ impl Wal {
     fn create_segment(&self, state: &mut State, first: u64) -> Result<Segment, Error> {
         let dir = self.config.dir.as_path();
         if let Some(job) = state.prepare.take() {
+            // Waiting holds the state lock, so appends and the planning step of reads wait too.
+            // It only happens when the zero-fill took longer than three quarters of a segment
+            // of appends; creating an unprepared segment instead would make every append to it
+            // pay the slower, size-changing fdatasync for a whole segment.
             match job.join() {
                 Ok(Ok(prepared)) => {
                     return Segment::create_from_prepared(self.fs.as_ref(), dir, prepared, first)
