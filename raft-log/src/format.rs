@@ -20,9 +20,23 @@
 //! | meta file | crc | u32 LE | CRC-32/IEEE over `format_version ‖ payload_len ‖ payload` |
 //! | meta file | payload | payload_len B | opaque vote or committed bytes; for `purged.meta`, a u64 LE index |
 //!
-//! A segment is a header (24 bytes) followed by frames (16 bytes plus payload each) and nothing
-//! else: there is no preallocation, so the file ends at the last frame. An all-zero frame header
-//! never passes its CRC (the CRC of eight zero bytes is not zero), so zero-filled tails read as torn.
+//! A segment is a header (24 bytes) followed by frames (16 bytes plus payload each), then, in
+//! the newest segment only, a zero-filled tail up to the end of the file:
+//!
+//! | Where | Field | Width | Contents |
+//! | --- | --- | --- | --- |
+//! | newest segment, after the last frame | zero tail | to end of file | all bytes 0; left by preallocation (`segment.rs`), by `truncate_from`, or by recovery zeroing a torn tail |
+//!
+//! The data of a segment ends at the first frame header that is all zeros. Such a header can
+//! never be a valid frame: its crc field is 0, while the CRC-32/IEEE of `index ‖ payload` for
+//! index 0 and an empty payload (eight zero bytes) is 0x6522DF69. Sealed segments are cut at
+//! their last frame when sealed and have no zero tail.
+//!
+//! Compatibility: `FORMAT_VERSION` stays 1, because frames and headers are byte-for-byte
+//! unchanged and each reader handles the other's files. This reader opens version-1 files
+//! written before preallocation (no zero tail; such a newest segment simply grows at the end).
+//! The earlier reader treats a zero tail as a torn tail and truncates it, which loses nothing.
+//!
 //! Meta files are `vote.meta`, `committed.meta` and `purged.meta`, replaced whole by rename.
 
 /// Version written into every segment header and meta file.
@@ -290,6 +304,8 @@ mod tests {
     #[test]
     fn zero_filled_frame_is_rejected() {
         assert_eq!(decode_frame(&[0u8; 64], 1024), Err(FrameError::BadCrc));
+        // The documented constant: why an all-zero header can never pass.
+        assert_eq!(frame_crc(0, &[]), 0x6522_DF69);
     }
 
     #[test]

@@ -117,6 +117,9 @@ mod faulty {
     //!
     //! What is modelled:
     //! - each file's durable length, which advances to the current length on `sync_data`;
+    //! - every write since the last `sync_data`, with the bytes it overwrote inside the durable
+    //!   length, so that `power_fail` can undo overwrites of preallocated (zero-filled) space as
+    //!   well as appends past the end;
     //! - whether a file's creation (or the rename that produced it) is durable, which becomes
     //!   true when its parent directory is synced;
     //! - un-synced renames, which `power_fail` undoes, restoring the replaced file's durable
@@ -136,7 +139,8 @@ mod faulty {
     use std::path::{Path, PathBuf};
     use std::sync::Arc;
 
-    /// How `FaultyFs::power_fail` treats the first unsynced write of each file.
+    /// How `FaultyFs::power_fail` treats the first unsynced write of each file (an append past
+    /// the end or an overwrite of preallocated space alike).
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     pub enum Tear {
         /// Drop every unsynced byte.
@@ -152,12 +156,22 @@ mod faulty {
         Sync,
     }
 
-    #[derive(Debug, Clone)]
+    #[derive(Debug, Clone, Default)]
     struct Track {
         durable_len: u64,
         created_durable: bool,
-        /// End offset of the first write past `durable_len` since the last sync.
-        first_unsynced_end: Option<u64>,
+        /// Every write since the last sync, oldest first.
+        unsynced: Vec<Unsynced>,
+    }
+
+    /// One write not yet covered by a sync.
+    #[derive(Debug, Clone)]
+    struct Unsynced {
+        offset: u64,
+        len: u64,
+        /// What the file held in `[offset, offset + len)` before the write, clipped to the
+        /// durable length (bytes past it are dropped by the final truncation instead).
+        overwritten: Vec<u8>,
     }
 
     #[derive(Debug)]
@@ -184,7 +198,9 @@ mod faulty {
     ///
     /// Fault points, named `module::op::fault`:
     /// `segment::append::fault` (write to a segment), `segment::sync::fault`,
-    /// `meta::write::fault`, `meta::sync::fault`, `dir::sync::fault`.
+    /// `prepare::write::fault` and `prepare::sync::fault` (a segment file being zero-filled
+    /// in the background, before it gets its name), `meta::write::fault`, `meta::sync::fault`,
+    /// `dir::sync::fault`.
     #[derive(Debug, Clone, Default)]
     pub struct FaultyFs {
         shared: Arc<Shared>,
@@ -214,7 +230,9 @@ mod faulty {
 
     fn kind(path: &Path) -> &'static str {
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if name.contains(".seg") {
+        if name.starts_with(crate::segment::PREPARED_PREFIX) {
+            "prepare"
+        } else if name.contains(".seg") {
             "segment"
         } else {
             "meta"
@@ -232,12 +250,29 @@ mod faulty {
     }
 
     impl FaultyFile {
-        fn track_write(&self, offset: u64, written: u64) {
+        /// Copies the durable bytes a write of `len` bytes at `offset` is about to overwrite.
+        fn overwritten(&self, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+            let durable_len = {
+                let state = self.shared.state.lock();
+                state.files.get(&self.path).map_or(0, |t| t.durable_len)
+            };
+            let end = (offset + len).min(durable_len);
+            let mut old = vec![0u8; end.saturating_sub(offset) as usize];
+            if !old.is_empty() {
+                self.inner.read_exact_at(&mut old, offset)?;
+            }
+            Ok(old)
+        }
+
+        fn track_write(&self, offset: u64, len: u64, mut overwritten: Vec<u8>) {
             let mut state = self.shared.state.lock();
             if let Some(track) = state.files.get_mut(&self.path) {
-                if track.first_unsynced_end.is_none() && offset + written > track.durable_len {
-                    track.first_unsynced_end = Some(offset + written);
-                }
+                overwritten.truncate(len as usize);
+                track.unsynced.push(Unsynced {
+                    offset,
+                    len,
+                    overwritten,
+                });
             }
         }
     }
@@ -258,14 +293,15 @@ mod faulty {
                 state.check_alive()?;
                 state.faults.get(&point).copied()
             };
+            let overwritten = self.overwritten(offset, buf.len() as u64)?;
             if let Some(Fault::WriteAfter(bytes)) = fault {
                 let cut = (bytes as usize).min(buf.len());
                 self.inner.write_all_at(&buf[..cut], offset)?;
-                self.track_write(offset, cut as u64);
+                self.track_write(offset, cut as u64, overwritten);
                 return Err(injected(&point));
             }
             self.inner.write_all_at(buf, offset)?;
-            self.track_write(offset, buf.len() as u64);
+            self.track_write(offset, buf.len() as u64, overwritten);
             Ok(())
         }
         fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -282,9 +318,12 @@ mod faulty {
             self.inner.set_len(len)?;
             if let Some(track) = state.files.get_mut(&self.path) {
                 track.durable_len = track.durable_len.min(len);
-                if track.first_unsynced_end.is_some_and(|end| end > len) {
-                    track.first_unsynced_end = None;
-                }
+                // Bytes past the new length are gone; so is anything to undo there.
+                track.unsynced.retain_mut(|w| {
+                    w.len = w.len.min(len.saturating_sub(w.offset));
+                    w.overwritten.truncate(w.len as usize);
+                    w.len > 0
+                });
             }
             Ok(())
         }
@@ -298,7 +337,7 @@ mod faulty {
             let len = self.inner.file_len()?;
             if let Some(track) = state.files.get_mut(&self.path) {
                 track.durable_len = len;
-                track.first_unsynced_end = None;
+                track.unsynced.clear();
             }
             Ok(())
         }
@@ -334,8 +373,10 @@ mod faulty {
         /// later operation through this file system (and its open files).
         ///
         /// Order: undo un-synced renames (newest first), remove files whose creation was never
-        /// made durable by a directory sync, truncate every other tracked file to its durable
-        /// length, keeping with `Tear::Prefix` a random prefix of its first unsynced write.
+        /// made durable by a directory sync; in every other tracked file, undo each unsynced
+        /// write (newest first, restoring the bytes it overwrote) and truncate the file to its
+        /// durable length, keeping with `Tear::Prefix` a random prefix of its first unsynced
+        /// write.
         /// A server process may call this and then `std::process::abort()`. Afterwards every
         /// operation fails, fsyncs included, so a `Wal` still using this file system returns
         /// errors or, on its next fsync, panics; drop it and open a new one.
@@ -354,7 +395,7 @@ mod faulty {
                         let track = Track {
                             durable_len: bytes.len() as u64,
                             created_durable: true,
-                            first_unsynced_end: None,
+                            unsynced: Vec::new(),
                         };
                         state.files.insert(rename.to, track);
                     }
@@ -376,22 +417,14 @@ mod faulty {
                     continue;
                 };
                 let current = file.metadata()?.len();
-                let mut keep = track.durable_len.min(current);
-                if let (Some(rng), Some(end)) = (rng.as_mut(), track.first_unsynced_end) {
-                    let torn = end.min(current).saturating_sub(keep);
-                    keep += rng.next() % (torn + 1);
-                }
+                let keep = power_fail_file(&file, &track, current, rng.as_mut())?;
                 file.set_len(keep)?;
             }
             Ok(())
         }
 
         fn track_created(&self, path: &Path) {
-            let track = Track {
-                durable_len: 0,
-                created_durable: false,
-                first_unsynced_end: None,
-            };
+            let track = Track::default();
             self.shared
                 .state
                 .lock()
@@ -406,6 +439,32 @@ mod faulty {
                 shared: self.shared.clone(),
             })
         }
+    }
+
+    /// Undoes the unsynced writes of one file and returns the length to cut it to.
+    fn power_fail_file(
+        file: &std::fs::File,
+        track: &Track,
+        current: u64,
+        rng: Option<&mut SplitMix64>,
+    ) -> io::Result<u64> {
+        use std::os::unix::fs::FileExt;
+        let torn_prefix = match (rng, track.unsynced.first()) {
+            (Some(rng), Some(first)) => rng.next() % (first.len + 1),
+            _ => 0,
+        };
+        for (i, write) in track.unsynced.iter().enumerate().rev() {
+            // The first write keeps `torn_prefix` of its new bytes; everything else is undone.
+            let skip = if i == 0 { torn_prefix } else { 0 } as usize;
+            if write.overwritten.len() > skip {
+                file.write_all_at(&write.overwritten[skip..], write.offset + skip as u64)?;
+            }
+        }
+        let mut keep = track.durable_len.min(current);
+        if let Some(first) = track.unsynced.first() {
+            keep = keep.max((first.offset + torn_prefix).min(current));
+        }
+        Ok(keep)
     }
 
     fn remove_if_exists(path: &Path) -> io::Result<()> {
@@ -436,7 +495,7 @@ mod faulty {
                 let track = Track {
                     durable_len: len,
                     created_durable: true,
-                    first_unsynced_end: None,
+                    unsynced: Vec::new(),
                 };
                 state.files.insert(path.to_owned(), track);
             }
@@ -471,11 +530,7 @@ mod faulty {
                 },
             };
             StdFs.rename(from, to)?;
-            let mut track = state.files.remove(from).unwrap_or(Track {
-                durable_len: 0,
-                created_durable: false,
-                first_unsynced_end: None,
-            });
+            let mut track = state.files.remove(from).unwrap_or_default();
             track.created_durable = false;
             state.files.insert(to.to_owned(), track);
             state.renames.push(PendingRename {

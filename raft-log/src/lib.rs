@@ -22,7 +22,11 @@
 //! # Invariants (enforced by `Wal`)
 //!
 //! - Segment N+1 starts one past the last index of segment N.
-//! - Records are never rewritten in place, only cut from the tail.
+//! - Records are never rewritten in place, only cut from the tail (by overwriting them with
+//!   zeros, so a cut can never be undone by a crash).
+//! - Only the newest segment may end in zeros; its successor is prepared zero-filled in the
+//!   background so that appends overwrite zeros and an fdatasync has no size change to commit
+//!   (see `segment.rs`).
 //!
 //! # Non-goals
 //!

@@ -10,14 +10,28 @@
 //!
 //! # Rule
 //!
-//! At the first invalid frame (short, over `frame_bytes_max`, CRC mismatch, or zero-filled) at
-//! offset X:
-//! - in the newest segment, with no valid frame anywhere after X: a torn tail. Truncate at X,
-//!   fsync, log a `warn`, and continue;
+//! The newest segment may end in a zero-filled tail (it was preallocated; see `segment.rs`).
+//! Reading stops at the first offset X that does not hold a valid frame with the expected
+//! index; then:
+//! - in the newest segment, if every byte from X to the end of the file is zero: the clean end
+//!   of the data. Nothing is changed or logged. (A zero frame header can never be a valid
+//!   frame: its CRC field is 0, but the CRC-32/IEEE of an index of eight zero bytes is not.)
+//! - in the newest segment, otherwise, with no valid frame anywhere after X: a torn tail. The
+//!   bytes from X to the last non-zero byte are overwritten with zeros, fsynced, and a `warn`
+//!   is logged; the file keeps its length, so it stays preallocated;
 //! - in an older segment, or with a valid frame after X: `Error::Corrupt` naming file and X.
+//!   Sealed segments are cut at their last frame when sealed, so even a zero tail there is
+//!   corruption.
 //!
 //! A frame with a valid CRC but an unexpected index, or a segment that does not start one past
 //! the previous one, is always `Error::Corrupt`: a torn write cannot produce either.
+//!
+//! What zeroed-out synced bytes (damage, a non-goal) do: a zeroed range inside a sealed segment,
+//! or inside the newest one with any non-zero byte after it, is refused as above; a zeroed
+//! range at the end of a sealed segment is refused because the next segment no longer starts
+//! one past its last entry. Only a zeroed range reaching the very end of the newest segment
+//! is indistinguishable from a preallocated tail, and reads as a shorter log, exactly as a
+//! torn tail would have before preallocation.
 //!
 //! A valid frame after a bad one is treated as corruption even though, strictly, the kernel may
 //! write back unsynced pages out of order; that case needs a crash in the middle of writeback of
@@ -27,7 +41,7 @@ use crate::config::Config;
 use crate::format::{self, HeaderError, FRAME_HEADER_LEN, SEGMENT_HEADER_LEN, TMP_SUFFIX};
 use crate::fs::FileSystem;
 use crate::meta::{self, OnCorrupt};
-use crate::segment::{sync_dir_or_panic, sync_or_panic, Segment};
+use crate::segment::{self, sync_dir_or_panic, sync_or_panic, Segment};
 use crate::Error;
 use std::path::{Path, PathBuf};
 
@@ -212,6 +226,13 @@ fn recover_segment(
     let Some((bad_offset, reason)) = scan.failure else {
         return Ok(Some(segment));
     };
+    // Every byte after the last non-zero one; a valid frame always has a non-zero byte at or
+    // after its start (a non-zero length, or for an empty payload the non-zero CRC).
+    let nonzero_end = nonzero_end(buf) as u64;
+    if newest && nonzero_end <= bad_offset && !scan.index_mismatch {
+        segment.end_offset = bad_offset;
+        return Ok(Some(segment));
+    }
     if !newest {
         return Err(corrupt(bad_offset, format!("{reason} in a sealed segment")));
     }
@@ -219,34 +240,53 @@ fn recover_segment(
         return Err(corrupt(bad_offset, reason));
     }
     let expected = segment.next_index();
-    if let Some(valid_offset) = recover_segment_find_frame(buf, bad_offset, expected, config) {
+    let found = recover_segment_find_frame(buf, bad_offset, nonzero_end, expected, config);
+    if let Some(valid_offset) = found {
         return Err(corrupt(
             bad_offset,
             format!("{reason}, followed by a valid frame at offset {valid_offset}"),
         ));
     }
-    recover_segment_tail(&mut segment, bad_offset, config, summary)?;
+    recover_segment_tail(&mut segment, bad_offset, nonzero_end, config, summary)?;
     Ok(Some(segment))
 }
 
-/// Truncates the torn tail of the newest segment at `bad_offset`, durably.
+/// One past the last non-zero byte of `buf` (0 if all zero). Compares 64 bytes at a time,
+/// because a preallocated newest segment ends in up to `segment_bytes_max` zeros.
+fn nonzero_end(buf: &[u8]) -> usize {
+    let mut end = buf.len();
+    let block_is_zero = |block: &[u8]| {
+        block
+            .chunks_exact(16)
+            .all(|c| u128::from_ne_bytes(c.try_into().expect("16-byte chunk")) == 0)
+    };
+    while end >= 64 && block_is_zero(&buf[end - 64..end]) {
+        end -= 64;
+    }
+    buf[..end]
+        .iter()
+        .rposition(|&b| b != 0)
+        .map_or(0, |at| at + 1)
+}
+
+/// Zeroes the torn tail `[bad_offset, nonzero_end)` of the newest segment, durably.
 fn recover_segment_tail(
     segment: &mut Segment,
     bad_offset: u64,
+    nonzero_end: u64,
     config: &Config,
     summary: &mut Summary,
 ) -> Result<(), Error> {
-    let bytes = segment.end_offset - bad_offset;
-    segment
-        .file
-        .set_len(bad_offset)
-        .map_err(|source| Error::Io {
-            op: "truncate torn tail",
+    let bytes = nonzero_end - bad_offset;
+    segment::write_zeros(segment.file.as_ref(), bad_offset, nonzero_end).map_err(|source| {
+        Error::Io {
+            op: "zero torn tail",
             path: segment.path.clone(),
             source,
-        })?;
-    // Crash before this sync returns: the torn bytes may still be there; the next open finds
-    // and truncates them again.
+        }
+    })?;
+    // Crash before this sync returns: some torn bytes may still be there; the next open finds
+    // and zeroes them again.
     sync_or_panic(segment.file.as_ref(), &segment.path, config.fsync_warn_ms);
     segment.end_offset = bad_offset;
     summary.bytes_truncated += bytes;
@@ -302,17 +342,23 @@ fn recover_segment_frames(buf: &[u8], first_index: u64, frame_bytes_max: u32) ->
     }
 }
 
-/// Looks for any valid frame starting after `bad_offset` whose index could follow `expected`.
-/// The index filter keeps the byte-by-byte scan cheap: a CRC is computed only for candidates.
+/// Looks for any valid frame starting after `bad_offset` and before `nonzero_end` (a frame has
+/// a non-zero byte at or after its start) whose index could follow `expected`. The index filter
+/// keeps the byte-by-byte scan cheap: a CRC is computed only for candidates.
 fn recover_segment_find_frame(
     buf: &[u8],
     bad_offset: u64,
+    nonzero_end: u64,
     expected: u64,
     config: &Config,
 ) -> Option<u64> {
     let start = bad_offset as usize + 1;
     let slack = (buf.len() / FRAME_HEADER_LEN) as u64 + 1;
-    (start..buf.len().saturating_sub(FRAME_HEADER_LEN - 1))
+    let end = buf
+        .len()
+        .saturating_sub(FRAME_HEADER_LEN - 1)
+        .min(nonzero_end as usize);
+    (start..end)
         .filter(|&at| {
             format::peek_frame_index(&buf[at..])
                 .is_some_and(|index| index >= expected && index - expected <= slack)
@@ -360,4 +406,24 @@ fn recover_purged_segments(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use test_case::test_case;
+
+    #[test_case(0, None; "empty")]
+    #[test_case(200, None; "all zero")]
+    #[test_case(200, Some(0); "first byte")]
+    #[test_case(200, Some(63); "inside the first block")]
+    #[test_case(200, Some(150); "inside the last full block")]
+    #[test_case(200, Some(199); "last byte")]
+    fn nonzero_end_finds_last_nonzero_byte(len: usize, nonzero: Option<usize>) {
+        let mut buf = vec![0u8; len];
+        if let Some(at) = nonzero {
+            buf[at] = 1;
+        }
+        assert_eq!(nonzero_end(&buf), nonzero.map_or(0, |at| at + 1));
+    }
 }

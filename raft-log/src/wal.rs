@@ -5,11 +5,12 @@ use crate::format;
 use crate::fs::{FileSystem, StdFs};
 use crate::meta::{self, COMMITTED_FILE, PURGED_FILE, VOTE_FILE};
 use crate::recovery;
-use crate::segment::{self, ReadPlan, Segment};
+use crate::segment::{self, Prepared, ReadPlan, Segment};
 use crate::{Config, Durability, Error, LogIndex};
 use parking_lot::{Condvar, Mutex, RwLock};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
 /// Largest byte range one `pread` covers when reading entries back.
 const READ_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
@@ -65,6 +66,8 @@ struct State {
     written_seq: u64,
     /// Reused for every batch so the append path allocates nothing per entry.
     encode_buf: Vec<u8>,
+    /// The background thread preparing the next segment file, if one was started.
+    prepare: Option<JoinHandle<Result<Prepared, Error>>>,
 }
 
 /// Group commit bookkeeping.
@@ -175,6 +178,7 @@ impl Wal {
             purged: recovered.purged,
             written_seq: 0,
             encode_buf: Vec::new(),
+            prepare: None,
         };
         Ok(Wal {
             config,
@@ -308,13 +312,10 @@ impl Wal {
                 if active.entry_count() > 0
                     && active.end_offset + batch_len > self.config.segment_bytes_max =>
             {
-                // Seal: sync the full segment before the next one exists, so unsynced bytes only
-                // ever sit at the tail of the newest segment (recovery's assumption).
-                segment::sync_or_panic(
-                    active.file.as_ref(),
-                    &active.path,
-                    self.config.fsync_warn_ms,
-                );
+                // Seal: cut the zero tail and sync the full segment before the next one exists,
+                // so unsynced bytes and zero tails only ever sit in the newest segment
+                // (recovery's assumption).
+                active.seal(self.config.fsync_warn_ms)?;
                 self.fsyncs.fetch_add(1, Ordering::Relaxed);
                 let written_seq = state.written_seq;
                 let mut sync = self.sync.lock();
@@ -325,9 +326,52 @@ impl Wal {
             Some(_) => return Ok(()),
             None => {}
         }
-        let segment = Segment::create(self.fs.as_ref(), dir, first)?;
+        let segment = self.create_segment(state, first)?;
         state.segments.push(segment);
         Ok(())
+    }
+
+    /// Creates the segment starting at `first` from the prepared file when one was started
+    /// (waiting for it if needed), else, or if preparing it failed, inline without
+    /// preallocation.
+    fn create_segment(&self, state: &mut State, first: u64) -> Result<Segment, Error> {
+        let dir = self.config.dir.as_path();
+        if let Some(job) = state.prepare.take() {
+            // Waiting holds the state lock, so appends and the planning step of reads wait too.
+            // It only happens when the zero-fill took longer than three quarters of a segment
+            // of appends; creating an unprepared segment instead would make every append to it
+            // pay the slower, size-changing fdatasync for a whole segment.
+            match job.join() {
+                Ok(Ok(prepared)) => {
+                    return Segment::create_from_prepared(self.fs.as_ref(), dir, prepared, first)
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "preparing a segment failed; creating one inline");
+                }
+                Err(_) => {
+                    tracing::warn!("segment preparation thread panicked; creating one inline");
+                }
+            }
+        }
+        Segment::create(self.fs.as_ref(), dir, first)
+    }
+
+    /// Starts preparing the next segment file on a background thread, unless one is already
+    /// being prepared. A failure to spawn only costs the preallocation.
+    fn start_prepare(&self, state: &mut State) {
+        if state.prepare.is_some() {
+            return;
+        }
+        let fs = self.fs.clone();
+        let dir = self.config.dir.clone();
+        let len = self.config.segment_bytes_max;
+        let spawned = std::thread::Builder::new()
+            .name("raft-log-prepare".into())
+            .spawn(move || segment::prepare(fs.as_ref(), &dir, len));
+        match spawned {
+            Ok(handle) => state.prepare = Some(handle),
+            Err(e) => tracing::warn!(error = %e, "could not spawn segment preparation thread"),
+        }
     }
 
     /// Encodes the batch into the reused buffer and writes it with one `pwrite`; returns the
@@ -374,13 +418,24 @@ impl Wal {
             });
         }
         segment.end_offset += batch_len;
+        let prepare_next = segment.end_offset >= self.config.segment_bytes_max / 4;
         if encode_buf.capacity() > ENCODE_BUF_KEEP_BYTES {
             *encode_buf = Vec::new();
         }
         *written_seq += 1;
+        let seq = *written_seq;
+        if prepare_next {
+            // The successor of the active segment is prepared once the active one is a quarter
+            // full: early enough that, even at full append speed, the zero-fill has three
+            // quarters of a segment's worth of appends to finish (rotation waits for it
+            // otherwise), and late enough that a log which never fills a quarter of a segment
+            // never writes a segment's worth of zeros, and that the zero-fill does not compete
+            // for the disk right after every rotation.
+            self.start_prepare(state);
+        }
         self.appends.fetch_add(1, Ordering::Relaxed);
         self.bytes_written.fetch_add(batch_len, Ordering::Relaxed);
-        Ok(*written_seq)
+        Ok(seq)
     }
 
     /// Makes everything appended so far durable, joining an in-flight fsync when that covers it.
@@ -519,7 +574,12 @@ impl Wal {
             segment::sync_dir_or_panic(self.fs.as_ref(), &self.config.dir);
         }
         if let Some(segment) = state.segments.last_mut() {
-            segment.truncate_from(index.0)?;
+            if let Err(e) = segment.truncate_from(index.0) {
+                // Some of the frames to cut may already be zeroed while the index still lists
+                // them; recovery sorts the file out.
+                self.poisoned.store(true, Ordering::SeqCst);
+                return Err(e);
+            }
             self.fsyncs.fetch_add(1, Ordering::Relaxed);
         }
         // Sealed segments were synced when sealed and the cut synced the active one.
@@ -672,7 +732,18 @@ impl Wal {
     ///
     /// If the fsync fails.
     pub fn close(self) -> Result<(), Error> {
-        self.sync()
+        self.sync()?;
+        // Wait for a segment being prepared and remove it, so no thread writes into the
+        // directory after close. Open would remove the `.tmp` anyway.
+        if let Some(job) = self.state.lock().prepare.take() {
+            if let Ok(Ok(prepared)) = job.join() {
+                drop(prepared.file);
+                if let Err(e) = self.fs.remove_file(&prepared.path) {
+                    tracing::warn!(error = %e, "could not remove prepared segment");
+                }
+            }
+        }
+        Ok(())
     }
 
     fn check_poisoned(&self) -> Result<(), Error> {

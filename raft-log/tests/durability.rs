@@ -1,6 +1,8 @@
 //! Durability under `FaultyFs`: group commit from several threads survives a power failure;
 //! vote and committed round-trip across reopen and crash; purge and truncate survive a crash;
-//! a failed fsync panics (never retried); a failed write poisons the `Wal`.
+//! a failed fsync panics (never retried); a failed write poisons the `Wal`. In a segment made
+//! from a preallocated (zero-filled) file, unsynced overwrites are lost or torn to a prefix, and
+//! a `truncate_from` followed by a shorter unsynced rewrite never brings the cut entries back.
 #![cfg(feature = "testing")]
 
 use parking_lot::Mutex;
@@ -272,4 +274,99 @@ fn failed_write_poisons_and_reopen_recovers_prefix() {
         wal.read(LogIndex(0), LogIndex(10)).expect("read"),
         vec![(LogIndex(1), b"one".to_vec())]
     );
+}
+
+/// Appends until the log has rotated into a segment made from a prepared, zero-filled file,
+/// and returns the path of that active segment.
+fn fill_into_preallocated_segment(dir: &Path, wal: &Wal) -> std::path::PathBuf {
+    let mut next = wal.next_index().0.max(1);
+    loop {
+        wal.append(LogIndex(next), &[vec![next as u8; 500]], Durability::Sync)
+            .expect("append");
+        next += 1;
+        let mut segments: Vec<_> = std::fs::read_dir(dir)
+            .expect("read_dir")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+            .collect();
+        segments.sort();
+        let newest = segments.pop().expect("a segment");
+        let len = std::fs::metadata(&newest).expect("stat").len();
+        if segments.len() >= 2 && len == 4096 {
+            return newest;
+        }
+        assert!(next < 100, "no preallocated segment after {next} appends");
+    }
+}
+
+#[test]
+fn unsynced_overwrites_of_preallocated_space_are_lost_on_power_failure() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fs = Arc::new(FaultyFs::new());
+    let wal = open(dir.path(), &fs);
+    let active = fill_into_preallocated_segment(dir.path(), &wal);
+    let durable_last = wal.last_index().expect("entries");
+    let first = LogIndex(durable_last.0 + 1);
+    wal.append(first, &[[7u8; 100], [8u8; 100]], Durability::Buffered)
+        .expect("append");
+    assert_eq!(
+        std::fs::metadata(&active).expect("stat").len(),
+        4096,
+        "the append overwrote zeros; the file did not grow"
+    );
+    drop(wal);
+    let wal = crash_and_reopen(dir.path(), &fs, Tear::None);
+    assert_eq!(wal.last_index(), Some(durable_last));
+    // The log goes on in the same preallocated segment.
+    wal.append(first, &[b"after"], Durability::Sync)
+        .expect("append");
+    assert_eq!(std::fs::metadata(&active).expect("stat").len(), 4096);
+}
+
+#[test]
+fn torn_overwrite_of_preallocated_space_recovers_a_prefix() {
+    for seed in 0..40u64 {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fs = Arc::new(FaultyFs::new());
+        let wal = open(dir.path(), &fs);
+        fill_into_preallocated_segment(dir.path(), &wal);
+        let before = wal.read(LogIndex(0), LogIndex(u64::MAX)).expect("read");
+        let first = LogIndex(wal.last_index().expect("entries").0 + 1);
+        let batch: Vec<Vec<u8>> = (0..4).map(|i| vec![i as u8 + 1; 150]).collect();
+        wal.append(first, &batch, Durability::Buffered)
+            .expect("append");
+        drop(wal);
+        let wal = crash_and_reopen(dir.path(), &fs, Tear::Prefix(seed));
+        let got = wal.read(LogIndex(0), LogIndex(u64::MAX)).expect("read");
+        assert!(
+            got.len() >= before.len() && got.len() <= before.len() + 4,
+            "seed {seed}"
+        );
+        assert_eq!(got[..before.len()], before[..], "seed {seed}");
+        for (i, (index, payload)) in got[before.len()..].iter().enumerate() {
+            assert_eq!(*index, LogIndex(first.0 + i as u64), "seed {seed}");
+            assert_eq!(payload, &batch[i], "seed {seed}");
+        }
+    }
+}
+
+#[test]
+fn truncate_inside_preallocated_segment_never_resurrects_cut_entries() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fs = Arc::new(FaultyFs::new());
+    let wal = open(dir.path(), &fs);
+    let active = fill_into_preallocated_segment(dir.path(), &wal);
+    let base = wal.last_index().expect("entries").0;
+    let payloads: Vec<Vec<u8>> = (0..4).map(|i| vec![0xc0 + i as u8; 100]).collect();
+    wal.append(LogIndex(base + 1), &payloads, Durability::Sync)
+        .expect("append");
+    wal.truncate_from(LogIndex(base + 2)).expect("truncate");
+    // A shorter rewrite that is never synced: if the cut frames base+3.. were still on disk,
+    // the crash would bring them back after the lost rewrite.
+    wal.append(LogIndex(base + 2), &[b"short"], Durability::Buffered)
+        .expect("append");
+    drop(wal);
+    let wal = crash_and_reopen(dir.path(), &fs, Tear::None);
+    assert_eq!(wal.last_index(), Some(LogIndex(base + 1)));
+    assert_eq!(std::fs::metadata(&active).expect("stat").len(), 4096);
 }

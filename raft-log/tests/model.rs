@@ -2,7 +2,9 @@
 //! reopen and power failure (with and without torn writes, through `FaultyFs`) run against a
 //! `Wal` and an in-memory model; after every step the whole log, first/last/next index and the
 //! purge point must match. After a power failure the log must be a prefix of what was visible,
-//! at least as long as what was durably synced. Small segments exercise rotation.
+//! at least as long as what was durably synced. Small segments exercise rotation, and with it
+//! segments made from preallocated, zero-filled files (prepared once the active segment is a
+//! quarter full), so appends, truncations and crashes also hit zero tails.
 #![cfg(feature = "testing")]
 
 use proptest::prelude::*;

@@ -5,7 +5,10 @@
 //! - a flipped bit in the newest segment followed by valid frames is `Error::Corrupt`, while one
 //!   in its last frame is a torn tail;
 //! - an unknown format version is `Error::UnsupportedVersion`; a missing middle segment is
-//!   `Error::Corrupt`.
+//!   `Error::Corrupt`;
+//! - a zero tail on the newest segment is a clean end and is left alone; a zero tail on a
+//!   sealed segment, zeroed last frames of a sealed segment, and a zeroed range in the newest
+//!   segment followed by frames are `Error::Corrupt`.
 
 use raft_log::{Config, Durability, Error, FileSystem, LogIndex, Wal};
 use std::path::{Path, PathBuf};
@@ -198,12 +201,14 @@ fn recover_bad_last_frame_in_newest_is_torn_tail() {
     let mut bytes = std::fs::read(&path).expect("read");
     bytes[last as usize + 18] ^= 0x01;
     std::fs::write(&path, &bytes).expect("write");
+    let len = bytes.len();
     let wal = open(original.path()).expect("open");
     assert_eq!(read_all(&wal)[..], entries[..entries.len() - 1]);
-    assert_eq!(
-        std::fs::metadata(&path).expect("stat").len(),
-        last,
-        "tail truncated on disk"
+    let after = std::fs::read(&path).expect("read");
+    assert_eq!(after.len(), len, "the file keeps its length");
+    assert!(
+        after[last as usize..].iter().all(|&b| b == 0),
+        "torn tail zeroed on disk"
     );
 }
 
@@ -236,7 +241,7 @@ fn recover_missing_middle_segment_fails() {
 }
 
 #[test]
-fn recover_zero_filled_tail_is_torn() {
+fn recover_zero_filled_tail_is_clean_end() {
     let dir = tempfile::tempdir().expect("tempdir");
     let entries = write_log(dir.path());
     let newest = segments(dir.path()).pop().expect("segment");
@@ -245,6 +250,74 @@ fn recover_zero_filled_tail_is_torn() {
     std::fs::write(&newest, &bytes).expect("write");
     let wal = open(dir.path()).expect("open");
     assert_eq!(read_all(&wal), entries);
+    assert_eq!(
+        std::fs::read(&newest).expect("read"),
+        bytes,
+        "a clean zero tail is left alone"
+    );
+}
+
+#[test]
+fn recover_zero_tail_in_sealed_segment_fails() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_log(dir.path());
+    let sealed = segments(dir.path())[0].clone();
+    let mut bytes = std::fs::read(&sealed).expect("read");
+    let len = bytes.len() as u64;
+    bytes.extend_from_slice(&[0u8; 64]);
+    std::fs::write(&sealed, &bytes).expect("write");
+    match open(dir.path()) {
+        Err(Error::Corrupt {
+            segment, offset, ..
+        }) => {
+            assert_eq!(segment, sealed);
+            assert_eq!(offset, len);
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
+
+#[test]
+fn recover_zeroed_last_frames_of_sealed_segment_fail() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let entries = write_log(dir.path());
+    let all = segments(dir.path());
+    let sealed = all[0].clone();
+    let (_, last) = *frame_offsets(&sealed, &entries).last().expect("frame");
+    let mut bytes = std::fs::read(&sealed).expect("read");
+    bytes[last as usize..].fill(0);
+    std::fs::write(&sealed, &bytes).expect("write");
+    // The zeroed frame is caught in the sealed segment itself; were its zeros cut off
+    // instead, the next segment would no longer start one past its last entry.
+    assert!(matches!(open(dir.path()), Err(Error::Corrupt { segment, .. }) if segment == sealed));
+    bytes.truncate(last as usize);
+    std::fs::write(&sealed, &bytes).expect("write");
+    assert!(
+        matches!(open(dir.path()), Err(Error::Corrupt { segment, offset: 0, .. }) if segment == all[1])
+    );
+}
+
+#[test]
+fn recover_zeroed_range_in_newest_followed_by_data_fails() {
+    let original = tempfile::tempdir().expect("tempdir");
+    let entries = write_log(original.path());
+    let newest = segments(original.path()).pop().expect("segment");
+    let frames = frame_offsets(&newest, &entries);
+    assert!(frames.len() >= 3);
+    let (_, target) = frames[frames.len() - 3];
+    let (_, next) = frames[frames.len() - 2];
+    let mut bytes = std::fs::read(&newest).expect("read");
+    bytes[target as usize..next as usize].fill(0);
+    std::fs::write(&newest, &bytes).expect("write");
+    match open(original.path()) {
+        Err(Error::Corrupt {
+            segment, offset, ..
+        }) => {
+            assert_eq!(segment, newest);
+            assert_eq!(offset, target);
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
 }
 
 #[test]

@@ -84,6 +84,80 @@ fn retry_in_same_batch_and_later_batch_answers_original() {
     r.state().check_consistency().expect("consistent");
 }
 
+/// Retries of client seqs below the highest one applied for their client (the case where
+/// `apply` must look the dedup record up rather than trust the in-memory high-water mark),
+/// with several clients interleaved, before and after a restart and a snapshot install.
+#[test]
+fn retry_of_older_client_seq_answers_original_after_restart_and_install() {
+    let mut r = Replica::new(1000);
+    let mut log = Vec::new();
+    for client_seq in 1..=6u64 {
+        for client in [3u8, 1, 2] {
+            let channel = if client == 2 { "random" } else { "general" };
+            log.push(TestEntry::Cmd(Command::Send(send(
+                channel, "Alice", b"m", client, client_seq,
+            ))));
+        }
+    }
+    let first = apply_log(r.state(), &log, 1, &[5, 13]);
+    let retries = [(1u8, 2u64), (3, 6), (2, 1), (3, 1)];
+    let expected = |replica: &Replica, first_index: u64| {
+        let entries: Vec<TestEntry> = retries
+            .iter()
+            .map(|&(client, client_seq)| {
+                let channel = if client == 2 { "random" } else { "general" };
+                TestEntry::Cmd(Command::Send(send(
+                    channel, "Alice", b"m", client, client_seq,
+                )))
+            })
+            .collect();
+        let got = apply_log(replica.state(), &entries, first_index, &[4]);
+        for (response, &(client, client_seq)) in got.iter().zip(&retries) {
+            let position = (client_seq as usize - 1) * 3 + [1, 2, 0][client as usize - 1];
+            let ChatResponse::Sent(original) = &first[position] else {
+                panic!("send {position} was accepted");
+            };
+            let ChatResponse::Sent(retried) = response else {
+                panic!("retry answered {response:?}");
+            };
+            assert_eq!(
+                (
+                    &retried.channel,
+                    retried.seq,
+                    retried.at_ms,
+                    retried.duplicate
+                ),
+                (&original.channel, original.seq, original.at_ms, true),
+                "client {client} seq {client_seq}"
+            );
+        }
+    };
+    expected(&r, 19);
+    r.restart();
+    expected(&r, 23);
+    // A new client seq above the mark is still new after the restart.
+    let fresh = apply_log(
+        r.state(),
+        &[TestEntry::Cmd(Command::Send(send(
+            "general", "Alice", b"m", 1, 7,
+        )))],
+        27,
+        &[1],
+    );
+    assert_eq!(
+        fresh,
+        vec![ChatResponse::Sent(sent("general", 13, 1007, false))]
+    );
+    let snapshot = r.dir.path().join("snap");
+    r.state().build_snapshot(&snapshot).expect("build");
+    let other = Replica::new(1000);
+    other.state().install_snapshot(&snapshot).expect("install");
+    expected(&other, 28);
+    assert_eq!(other.state().head("general"), ChannelSeq(13));
+    r.state().check_consistency().expect("consistent");
+    other.state().check_consistency().expect("consistent");
+}
+
 #[test]
 fn register_user_is_trust_on_first_use() {
     let mut r = Replica::new(1000);
