@@ -27,6 +27,11 @@ pub struct Config {
     pub read_cache_bytes_max: usize,
     /// An fsync slower than this many milliseconds logs a `warn`. Default 50; at least 1.
     pub fsync_warn_ms: u64,
+    /// Whether opening a log with no segment at once starts zero-filling its first segment in
+    /// the background, so appends to a fresh log get the preallocated (data-only) fdatasync
+    /// from the start. Default false: a short-lived log (tests, tools) would write
+    /// `segment_bytes_max` of zeros it never uses. Servers turn it on.
+    pub prepare_first_segment: bool,
 }
 
 impl Config {
@@ -38,6 +43,7 @@ impl Config {
             frame_bytes_max: 16 * 1024 * 1024,
             read_cache_bytes_max: 8 * 1024 * 1024,
             fsync_warn_ms: 50,
+            prepare_first_segment: false,
         }
     }
 

@@ -180,7 +180,8 @@ impl Wal {
             encode_buf: Vec::new(),
             prepare: None,
         };
-        Ok(Wal {
+        let prepare_first = config.prepare_first_segment && state.segments.is_empty();
+        let wal = Wal {
             config,
             fs,
             state: Mutex::new(state),
@@ -195,7 +196,11 @@ impl Wal {
             fsyncs: AtomicU64::new(0),
             appends: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
-        })
+        };
+        if prepare_first {
+            wal.start_prepare(&mut wal.state.lock());
+        }
+        Ok(wal)
     }
 
     /// Index of the first readable entry; `None` if the log is empty.
@@ -793,6 +798,37 @@ mod tests {
             wal.read(LogIndex(0), LogIndex(100)).expect("read"),
             vec![(LogIndex(5), b"a".to_vec())]
         );
+    }
+
+    #[test]
+    fn a_fresh_log_can_start_on_a_preallocated_segment() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let seg_len = |dir: &std::path::Path| {
+            std::fs::read_dir(dir)
+                .expect("read_dir")
+                .map(|e| e.expect("entry").path())
+                .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+                .map(|p| std::fs::metadata(p).expect("metadata").len())
+                .collect::<Vec<_>>()
+        };
+        for (prepare, sub) in [(true, "eager"), (false, "lazy")] {
+            let mut config = Config::new(dir.path().join(sub));
+            config.segment_bytes_max = 1 << 20;
+            config.prepare_first_segment = prepare;
+            let wal = Wal::open(config).expect("open");
+            wal.append(LogIndex(1), &[b"first"], Durability::Sync)
+                .expect("append");
+            let lens = seg_len(&dir.path().join(sub));
+            assert_eq!(lens.len(), 1, "{sub}: {lens:?}");
+            // Preallocated: the file is a whole segment of zeros past the first frame.
+            assert_eq!(lens[0] == 1 << 20, prepare, "{sub}: {lens:?}");
+            drop(wal);
+            let wal = Wal::open(Config::new(dir.path().join(sub))).expect("reopen");
+            assert_eq!(
+                wal.read(LogIndex(1), LogIndex(2)).expect("read"),
+                vec![(LogIndex(1), b"first".to_vec())]
+            );
+        }
     }
 
     #[test]
