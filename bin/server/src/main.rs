@@ -10,6 +10,11 @@ use clap::{Args, Parser, Subcommand};
 use node::{Config, DataDir, Server};
 use proto::discovery::{DiscoverySocket, NodeAnnounce, Packet, DEFAULT_DISCOVERY_PORT};
 
+/// mimalloc instead of glibc malloc: a loaded node allocates per request and per message, and
+/// glibc's malloc/free (with its consolidation passes) took about 12 % of a leader's CPU.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A cellchat server: one node of a Raft-replicated chat cluster.
 ///
 /// With no flags it picks a free data dir under ./data, free ports (kept across restarts) and
