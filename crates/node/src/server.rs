@@ -27,6 +27,7 @@ use crate::log_store::LogStore;
 use crate::metrics::{self, Metrics};
 use crate::proposer::{Proposer, ProposerConfig};
 use crate::raft_rpc::{self, Network, RaftRpcServer};
+use crate::reconcile;
 use crate::state_machine::StateMachine;
 use crate::types::{NodeId, TypeConfig};
 
@@ -182,10 +183,15 @@ impl Server {
             metrics: SocketAddr::new(advertised, ports.metrics),
         };
 
-        let log_store =
+        let mut log_store =
             LogStore::open(&dir.join("log")).map_err(|e| ServerError::Storage(e.to_string()))?;
-        let state_machine =
+        let mut state_machine =
             StateMachine::open(&dir.join("sm")).map_err(|e| ServerError::Storage(e.to_string()))?;
+        // A log that lost synced entries may end before last applied; openraft would wedge on
+        // it (see `reconcile.rs` for the case and why the repair is safe).
+        reconcile::reconcile(&mut log_store, &mut state_machine)
+            .await
+            .map_err(|e| ServerError::Storage(e.to_string()))?;
         let committed = log_store.committed_index();
         let chat = state_machine.chat().clone();
         let delivery = Delivery::new(chat.applied_index().map_or(0, |i| i.0));
