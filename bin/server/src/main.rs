@@ -127,6 +127,11 @@ struct RunArgs {
     /// Log filter (tracing EnvFilter syntax), e.g. "info" or "node=debug,openraft=info".
     #[arg(long, env = "CELLCHAT_LOG", default_value = "info,openraft=warn")]
     log: String,
+    /// Test only: deliberately broken modes (skip-dedup, ack-before-fsync, faulty-fs), for
+    /// showing that the fault-injection harness catches broken guarantees. Refused unless the
+    /// binary was built with the cargo feature `weaken`.
+    #[arg(long, env = "CELLCHAT_WEAKEN", default_value = "", hide = true)]
+    weaken: String,
 }
 
 #[derive(Args, Debug)]
@@ -168,6 +173,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // Checked before the data dir is touched: a refused mode must not leave anything behind.
+    let weaken = node::Weaken::parse(&args.weaken).map_err(|e| anyhow::anyhow!(e))?;
     let data_dir = match &args.data_dir {
         Some(dir) => DataDir::open(dir)?,
         None => DataDir::pick(&args.data_root)?,
@@ -195,6 +202,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     config.user_burst = args.user_burst;
     config.conn_rate_per_s = args.conn_rate;
     config.conn_burst = args.conn_burst;
+    config.weaken = weaken;
     let server = Server::start(config, data_dir).await?;
     let addrs = server.addrs();
     eprintln!(

@@ -30,12 +30,13 @@ mod server;
 mod snapshot_file;
 mod state_machine;
 mod types;
+mod weaken;
 
 pub use cluster::{JoinError, JoinReply, JoinRequest, NodeAddrs};
 pub use config::Config;
 pub use data_dir::{DataDir, DataDirError};
 pub use delivery::Delivery;
-pub use log_store::{LogStore, WAL_DIR};
+pub use log_store::{AckPolicy, LogStore, WAL_DIR};
 pub use metrics::Metrics;
 pub use proposer::{ProposeError, Proposed, Proposer, ProposerConfig};
 pub use raft_rpc::{Network, RaftRpcServer, WrongNode};
@@ -47,3 +48,4 @@ pub use types::{
     Entry, LogId, Member, NodeId, Snapshot, SnapshotMeta, StorageError, StoredMembership,
     TypeConfig, Vote,
 };
+pub use weaken::{Weaken, POWER_FAILED_FILE};

@@ -40,9 +40,7 @@ fn register(i: u64) -> Command {
 async fn start(dir: &Path) -> (Raft<TypeConfig>, Reconciled, LogStore, StateMachine) {
     let mut log = LogStore::open(&dir.join("log")).expect("open log");
     let mut sm = open_sm(&dir.join("sm")).await;
-    let reconciled = node::reconcile(&mut log, &mut sm)
-        .await
-        .expect("reconcile");
+    let reconciled = node::reconcile(&mut log, &mut sm).await.expect("reconcile");
     let (log_view, sm_view) = (log.clone(), sm.clone());
     let raft = Raft::new(1, raft_config(), Network::default(), log, sm)
         .await
@@ -101,7 +99,12 @@ async fn restart_after_log_tail_below_last_applied_was_cut() {
     wait_leader(&raft).await;
     let mut written = 0;
     for i in 0..5 {
-        written = raft.client_write(register(i)).await.expect("write").log_id.index;
+        written = raft
+            .client_write(register(i))
+            .await
+            .expect("write")
+            .log_id
+            .index;
     }
     raft.wait(Some(Duration::from_secs(10)))
         .applied_index(Some(written), "first writes applied")
@@ -118,7 +121,12 @@ async fn restart_after_log_tail_below_last_applied_was_cut() {
         .index;
     let mut last = 0;
     for i in 5..8 {
-        last = raft.client_write(register(i)).await.expect("write").log_id.index;
+        last = raft
+            .client_write(register(i))
+            .await
+            .expect("write")
+            .log_id
+            .index;
     }
     raft.wait(Some(Duration::from_secs(10)))
         .applied_index(Some(last), "all applied")
@@ -160,7 +168,11 @@ async fn restart_after_log_tail_below_last_applied_was_cut() {
     }
     let state = log.get_log_state().await.expect("log state");
     assert!(state.last_purged_log_id.is_some_and(|p| p.index >= last));
-    let snapshot = sm.get_current_snapshot().await.expect("snapshot").expect("one");
+    let snapshot = sm
+        .get_current_snapshot()
+        .await
+        .expect("snapshot")
+        .expect("one");
     assert!(snapshot.meta.last_log_id.is_some_and(|s| s.index >= last));
     raft.shutdown().await.expect("shutdown");
 }
