@@ -125,6 +125,33 @@ impl Node {
         Ok(())
     }
 
+    /// Simulated power failure (server `--weaken faulty-fs`): SIGUSR1 makes the node drop
+    /// its un-fsynced WAL bytes and abort. Send it to every node first, then [`Node::reap`].
+    ///
+    /// # Errors
+    /// Not running, or `kill` failed.
+    pub fn power_fail(&mut self) -> anyhow::Result<()> {
+        self.signal("-USR1")
+    }
+
+    /// Waits up to `within` for the process to exit on its own, then kill -9s it. Whether it
+    /// exited on its own.
+    pub fn reap(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        let mut exited = false;
+        if let Some(child) = &mut self.child {
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    exited = true;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.kill9();
+        exited
+    }
+
     /// The last lines of the node's log.
     pub fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();

@@ -29,17 +29,26 @@ pub enum Fault {
     Partition,
     /// Random incoming packet loss on some nodes (netns mode).
     Loss,
+    /// SIGSTOP a majority of the nodes, never the leader (on 3 nodes: both followers), for
+    /// longer than a client's send deadline, then SIGCONT: the leader cannot commit, sends
+    /// time out and are retried, and the entries they left commit after the resume.
+    PauseMajority,
+    /// Every node at once loses what it had not fsync'd and dies (server `--weaken
+    /// faulty-fs`, which the runner adds), then all restart: a power failure of the machine.
+    PowerFail,
 }
 
 impl Fault {
     /// Every fault, in priority order.
-    pub const ALL: [Fault; 6] = [
+    pub const ALL: [Fault; 8] = [
         Fault::Kill,
         Fault::Pause,
+        Fault::PauseMajority,
         Fault::Bitflip,
         Fault::Truncate,
         Fault::Partition,
         Fault::Loss,
+        Fault::PowerFail,
     ];
 
     /// The CLI spelling.
@@ -47,10 +56,12 @@ impl Fault {
         match self {
             Fault::Kill => "kill",
             Fault::Pause => "pause",
+            Fault::PauseMajority => "pause-majority",
             Fault::Bitflip => "bitflip",
             Fault::Truncate => "truncate",
             Fault::Partition => "partition",
             Fault::Loss => "loss",
+            Fault::PowerFail => "power-fail",
         }
     }
 
@@ -115,6 +126,12 @@ impl Event {
                     json!(node_name(self.node))
                 };
                 map.insert("target".into(), target);
+            }
+            Fault::PowerFail => {
+                map.insert("target".into(), json!("all"));
+            }
+            Fault::PauseMajority => {
+                map.insert("target".into(), json!("majority-but-leader"));
             }
             Fault::Bitflip | Fault::Truncate => {
                 map.insert("target".into(), json!(node_name(self.node)));
@@ -230,7 +247,9 @@ pub fn schedule(
     for _ in 0..10_000 {
         let fault = faults[rng.random_range(0..faults.len())];
         let duration_ms = match fault {
-            Fault::Bitflip | Fault::Truncate => rng.random_range(300..=1_000),
+            Fault::Bitflip | Fault::Truncate | Fault::PowerFail => rng.random_range(300..=1_000),
+            // Past the workload's 3 s send deadline, so every send caught in it is retried.
+            Fault::PauseMajority => rng.random_range(3_500..=4_500),
             _ => rng.random_range(interval_ms / 2..=interval_ms),
         };
         if t + duration_ms + 1_000 > limit_ms {
