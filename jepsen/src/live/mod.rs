@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod nemesis;
 pub mod netns;
+pub mod proxy;
 pub mod workload;
 
 use std::net::Ipv4Addr;
@@ -197,6 +198,12 @@ pub fn run_live(mut cfg: RunConfig) -> anyhow::Result<RunOutcome> {
             cfg.nemesis.retain(|f| !f.needs_netns());
         }
     }
+    if cfg.mode == Mode::Netns && cfg.nemesis.contains(&Fault::Latency) {
+        let note = "nemesis latency uses loopback delay proxies; left out in netns mode".to_owned();
+        println!("{note}");
+        notes.push(note);
+        cfg.nemesis.retain(|f| *f != Fault::Latency);
+    }
     if cfg.nemesis.contains(&Fault::PowerFail) && !cfg.weaken.split(',').any(|m| m == "faulty-fs") {
         // The power failure is simulated inside the server (raft-log's FaultyFs).
         let note = "nemesis power-fail: servers run with --weaken faulty-fs".to_owned();
@@ -266,7 +273,14 @@ pub fn run_live(mut cfg: RunConfig) -> anyhow::Result<RunOutcome> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let outcome = drive(&cfg, &mut cluster, &runtime, &schedule, &cluster_name);
+    let outcome = if cfg.nemesis.contains(&Fault::Latency) {
+        runtime
+            .block_on(cluster.add_delay_proxies())
+            .context("starting the delay proxies")
+    } else {
+        Ok(())
+    }
+    .and_then(|()| drive(&cfg, &mut cluster, &runtime, &schedule, &cluster_name));
     cluster.kill_all();
     drop(cluster);
     runtime.shutdown_timeout(Duration::from_secs(2));
@@ -602,6 +616,9 @@ fn heal(cluster: &mut Cluster, sh: &workload::Shared, checks: &mut Vec<HarnessCh
             });
         }
     }
+    for delay in &cluster.delays {
+        delay.set(0);
+    }
     let mut restarted = Vec::new();
     for i in 0..cluster.nodes.len() {
         let node = &mut cluster.nodes[i];
@@ -789,6 +806,25 @@ fn run_nemesis(
                 disk_fault(cluster, i, event, sh, &mut checks, end);
             }
             Fault::PowerFail => power_fail(cluster, sh, &mut checks, end),
+            Fault::Latency => {
+                let Some(delay) = cluster.delays.get(event.node) else {
+                    continue;
+                };
+                let ms = nemesis::latency_ms(event.pick);
+                delay.set(ms);
+                sh.rec(Op::nemesis(
+                    "start-latency",
+                    json!({"node": node_name(event.node), "delay_ms": ms}),
+                ));
+                sleep_until(end, &AtomicBool::new(false));
+                // Recorded before the delay is lifted (and `start-latency` after it was set),
+                // so an op between the two records was delayed both ways.
+                sh.rec(Op::nemesis(
+                    "stop-latency",
+                    json!({"node": node_name(event.node)}),
+                ));
+                delay.set(0);
+            }
             Fault::PauseMajority => pause_majority(cluster, handle, sh, end),
             Fault::Partition | Fault::Loss => {
                 let Some(net) = &cluster.net else {

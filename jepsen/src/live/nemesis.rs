@@ -33,6 +33,9 @@ pub enum Fault {
     /// longer than a client's send deadline, then SIGCONT: the leader cannot commit, sends
     /// time out and are retried, and the entries they left commit after the resume.
     PauseMajority,
+    /// Delay every byte into one node, both directions, by 20-150 ms (user-space proxies in
+    /// front of every node; loopback mode).
+    Latency,
     /// Every node at once loses what it had not fsync'd and dies (server `--weaken
     /// faulty-fs`, which the runner adds), then all restart: a power failure of the machine.
     PowerFail,
@@ -40,10 +43,11 @@ pub enum Fault {
 
 impl Fault {
     /// Every fault, in priority order.
-    pub const ALL: [Fault; 8] = [
+    pub const ALL: [Fault; 9] = [
         Fault::Kill,
         Fault::Pause,
         Fault::PauseMajority,
+        Fault::Latency,
         Fault::Bitflip,
         Fault::Truncate,
         Fault::Partition,
@@ -57,6 +61,7 @@ impl Fault {
             Fault::Kill => "kill",
             Fault::Pause => "pause",
             Fault::PauseMajority => "pause-majority",
+            Fault::Latency => "latency",
             Fault::Bitflip => "bitflip",
             Fault::Truncate => "truncate",
             Fault::Partition => "partition",
@@ -133,6 +138,10 @@ impl Event {
             Fault::PauseMajority => {
                 map.insert("target".into(), json!("majority-but-leader"));
             }
+            Fault::Latency => {
+                map.insert("target".into(), json!(node_name(self.node)));
+                map.insert("delay_ms".into(), json!(latency_ms(self.pick)));
+            }
             Fault::Bitflip | Fault::Truncate => {
                 map.insert("target".into(), json!(node_name(self.node)));
                 map.insert("pick".into(), json!(self.pick));
@@ -147,6 +156,11 @@ impl Event {
         }
         v
     }
+}
+
+/// The one-way delay of a `latency` event, from its random bits: 20 to 150 ms.
+pub fn latency_ms(pick: u64) -> u64 {
+    20 + pick % 131
 }
 
 /// `n1`, `n2`, ... for 0-based `i`.
