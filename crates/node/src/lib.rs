@@ -32,14 +32,14 @@ mod state_machine;
 mod types;
 mod weaken;
 
-pub use cluster::{JoinError, JoinReply, JoinRequest, NodeAddrs};
+pub use cluster::{JoinError, JoinReply, JoinRequest, NodeAddrs, RemoveReply, RemoveRequest};
 pub use config::Config;
 pub use data_dir::{DataDir, DataDirError};
 pub use delivery::Delivery;
 pub use log_store::{AckPolicy, LogStore, WAL_DIR};
 pub use metrics::Metrics;
 pub use proposer::{ProposeError, Proposed, Proposer, ProposerConfig};
-pub use raft_rpc::{Network, RaftRpcServer, WrongNode};
+pub use raft_rpc::{request_remove, JoinCallError, Network, RaftRpcServer, WrongNode};
 pub use reconcile::{reconcile, Reconciled};
 pub use server::{Server, ServerError};
 pub use snapshot_file::SnapshotFile;
