@@ -806,6 +806,13 @@ fn run_nemesis(
                 disk_fault(cluster, i, event, sh, &mut checks, end);
             }
             Fault::PowerFail => power_fail(cluster, sh, &mut checks, end),
+            Fault::Membership => {
+                let Some(i) = pick_target(cluster, handle, &cluster_name, event.node, false, true)
+                else {
+                    continue;
+                };
+                remove_and_readd(cluster, i, sh, &mut checks, end);
+            }
             Fault::Latency => {
                 let Some(delay) = cluster.delays.get(event.node) else {
                     continue;
@@ -870,6 +877,59 @@ fn run_nemesis(
         }
     }
     checks
+}
+
+/// Removes node `i` from the membership with `server remove-node`, keeps it running outside
+/// the cluster until `end`, then restarts it so that it asks to join again.
+fn remove_and_readd(
+    cluster: &mut Cluster,
+    i: usize,
+    sh: &workload::Shared,
+    checks: &mut Vec<HarnessCheck>,
+    end: Instant,
+) {
+    let name = node_name(i);
+    let Some(id) = cluster.nodes[i].ready.map(|r| r.id) else {
+        return;
+    };
+    let spec = &cluster.spec;
+    let output = std::process::Command::new(&spec.server)
+        .arg("remove-node")
+        .arg(id.to_string())
+        .args(["--cluster", &spec.cluster])
+        .args(["--discovery-port", &spec.discovery_port.to_string()])
+        .args(["--broadcast", &spec.broadcast.to_string()])
+        .stdin(std::process::Stdio::null())
+        .output();
+    let (removed, detail) = match output {
+        Ok(o) => (
+            o.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout).trim(),
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+        ),
+        Err(e) => (false, format!("running server remove-node: {e}")),
+    };
+    sh.rec(Op::nemesis(
+        "remove",
+        json!({"node": name, "id": id, "ok": removed, "detail": detail}),
+    ));
+    if !removed {
+        // Nothing changed (e.g. a membership change in progress); not a finding.
+        return;
+    }
+    sleep_until(end, &AtomicBool::new(false));
+    cluster.nodes[i].kill9();
+    let outcome = start_node(cluster, i, sh, checks, "re-add");
+    if !matches!(outcome, StartOutcome::Ready(_)) {
+        checks.push(HarnessCheck {
+            name: format!("re-add {name}"),
+            passed: false,
+            detail: format!("{name} did not come back after its removal: {outcome:?}"),
+        });
+    }
 }
 
 /// SIGSTOPs a majority of the nodes that excludes the leader, SIGCONTs them at `end`.

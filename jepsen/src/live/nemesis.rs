@@ -36,6 +36,10 @@ pub enum Fault {
     /// Delay every byte into one node, both directions, by 20-150 ms (user-space proxies in
     /// front of every node; loopback mode).
     Latency,
+    /// Remove a follower from the membership (`server remove-node`), keep it running outside
+    /// the cluster for 0.5-1 interval, then restart it: it asks to join again (learner, then
+    /// promoted back to voter).
+    Membership,
     /// Every node at once loses what it had not fsync'd and dies (server `--weaken
     /// faulty-fs`, which the runner adds), then all restart: a power failure of the machine.
     PowerFail,
@@ -43,11 +47,12 @@ pub enum Fault {
 
 impl Fault {
     /// Every fault, in priority order.
-    pub const ALL: [Fault; 9] = [
+    pub const ALL: [Fault; 10] = [
         Fault::Kill,
         Fault::Pause,
         Fault::PauseMajority,
         Fault::Latency,
+        Fault::Membership,
         Fault::Bitflip,
         Fault::Truncate,
         Fault::Partition,
@@ -62,6 +67,7 @@ impl Fault {
             Fault::Pause => "pause",
             Fault::PauseMajority => "pause-majority",
             Fault::Latency => "latency",
+            Fault::Membership => "membership",
             Fault::Bitflip => "bitflip",
             Fault::Truncate => "truncate",
             Fault::Partition => "partition",
@@ -142,7 +148,7 @@ impl Event {
                 map.insert("target".into(), json!(node_name(self.node)));
                 map.insert("delay_ms".into(), json!(latency_ms(self.pick)));
             }
-            Fault::Bitflip | Fault::Truncate => {
+            Fault::Bitflip | Fault::Truncate | Fault::Membership => {
                 map.insert("target".into(), json!(node_name(self.node)));
                 map.insert("pick".into(), json!(self.pick));
             }
