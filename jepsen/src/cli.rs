@@ -56,7 +56,8 @@ pub struct RunArgs {
     /// Seed of the fault schedule (default: from the clock; printed first).
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Comma-separated faults: kill,pause,bitflip,truncate,partition,loss, or `all`.
+    /// Comma-separated faults: kill,pause,bitflip,truncate,partition,loss,power-fail, or `all`
+    /// (every one but power-fail, which needs a server built with feature `weaken`).
     #[arg(long, default_value = "kill,pause")]
     pub nemesis: String,
     /// Mean seconds between faults.
@@ -83,6 +84,15 @@ pub struct RunArgs {
     /// Keep node data dirs even when the run is valid.
     #[arg(long)]
     pub keep_data: bool,
+    /// Run a deliberately broken server (`server --weaken`; needs a server built with the
+    /// cargo feature `weaken`): comma-separated `skip-dedup`, `ack-before-fsync`, `faulty-fs`.
+    /// Such a run is expected to be invalid; it shows the checker catches the breakage.
+    #[arg(long, default_value = "")]
+    pub weaken: String,
+    /// One more flag for every server (repeatable; `--server-arg=--election-min-ms`
+    /// `--server-arg=5000`), passed after the harness's own.
+    #[arg(long = "server-arg", allow_hyphen_values = true)]
+    pub server_args: Vec<String>,
 }
 
 /// Runs a parsed command line and returns the process exit code.
@@ -109,7 +119,11 @@ pub fn run_config(args: &RunArgs) -> anyhow::Result<crate::live::RunConfig> {
     use crate::live::cluster::Mode;
     use crate::live::nemesis::Fault;
     let nemesis = if args.nemesis == "all" {
-        Fault::ALL.to_vec()
+        // `power-fail` needs a server built with feature `weaken`; name it explicitly.
+        Fault::ALL
+            .into_iter()
+            .filter(|f| *f != Fault::PowerFail)
+            .collect()
     } else {
         let mut v = Vec::new();
         for name in args
@@ -159,6 +173,8 @@ pub fn run_config(args: &RunArgs) -> anyhow::Result<crate::live::RunConfig> {
         mode,
         server: args.server.clone(),
         keep_data: args.keep_data,
+        weaken: args.weaken.clone(),
+        server_args: args.server_args.clone(),
     })
 }
 

@@ -47,6 +47,8 @@ fn ci_kill_and_pause_run_is_valid_and_corrupted_copies_are_not() {
         mode: Mode::Loopback,
         server: None,
         keep_data: false,
+        weaken: String::new(),
+        server_args: Vec::new(),
     };
     let outcome = run_live(cfg).expect("the run completes");
     let failed: Vec<_> = outcome.checks.iter().filter(|c| !c.passed).collect();

@@ -33,6 +33,18 @@ struct Cli {
 enum Command {
     /// Show every node discovery can find: id, role, addresses, term, applied index, leader.
     Status(StatusArgs),
+    /// Take node ID out of the cluster membership, through the leader discovery finds. The
+    /// node keeps running with its data; restarted, it asks to join again.
+    RemoveNode(RemoveArgs),
+}
+
+#[derive(Args, Debug)]
+struct RemoveArgs {
+    /// The node id to remove (as `status` lists it).
+    id: u64,
+    /// How long to listen for the cluster's announcements, in ms.
+    #[arg(long, default_value_t = 1000)]
+    wait_ms: u64,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -132,6 +144,11 @@ struct RunArgs {
     /// Log filter (tracing EnvFilter syntax), e.g. "info" or "node=debug,openraft=info".
     #[arg(long, env = "CELLCHAT_LOG", default_value = "info,openraft=warn")]
     log: String,
+    /// Test only: deliberately broken modes (skip-dedup, ack-before-fsync, faulty-fs), for
+    /// showing that the fault-injection harness catches broken guarantees. Refused unless the
+    /// binary was built with the cargo feature `weaken`.
+    #[arg(long, env = "CELLCHAT_WEAKEN", default_value = "", hide = true)]
+    weaken: String,
 }
 
 #[derive(Args, Debug)]
@@ -163,6 +180,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     match cli.command {
         Some(Command::Status(args)) => runtime.block_on(status(&cli.run.net, &args)),
+        Some(Command::RemoveNode(args)) => runtime.block_on(remove_node(&cli.run.net, &args)),
         None => runtime.block_on(run(cli.run)),
     }
 }
@@ -173,6 +191,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // Checked before the data dir is touched: a refused mode must not leave anything behind.
+    let weaken = node::Weaken::parse(&args.weaken).map_err(|e| anyhow::anyhow!(e))?;
     let data_dir = match &args.data_dir {
         Some(dir) => DataDir::open(dir)?,
         None => DataDir::pick(&args.data_root)?,
@@ -200,6 +220,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     config.user_burst = args.user_burst;
     config.conn_rate_per_s = args.conn_rate;
     config.conn_burst = args.conn_burst;
+    config.weaken = weaken;
     let server = Server::start(config, data_dir).await?;
     let addrs = server.addrs();
     eprintln!(
@@ -237,8 +258,12 @@ async fn shutdown_signal() {
     }
 }
 
-async fn status(net: &NetArgs, args: &StatusArgs) -> anyhow::Result<()> {
-    let join = resolve_join(&net.join)?;
+/// Every node of the cluster that answers a discovery probe within `wait_ms`, by id.
+async fn discover(
+    net: &NetArgs,
+    join: &[SocketAddr],
+    wait_ms: u64,
+) -> anyhow::Result<std::collections::BTreeMap<u64, NodeAnnounce>> {
     let socket = DiscoverySocket::ephemeral(net.discovery_port, net.broadcast, net.cluster.clone())
         .context("opening a discovery socket")?;
     let nonce: u64 = rand::random();
@@ -251,19 +276,54 @@ async fn status(net: &NetArgs, args: &StatusArgs) -> anyhow::Result<()> {
         .send_broadcast(&probe)
         .await
         .context("broadcasting a probe")?;
-    for addr in &join {
+    for addr in join {
         socket
             .send_to(&probe, *addr)
             .await
             .with_context(|| format!("probing {addr}"))?;
     }
     let mut nodes: std::collections::BTreeMap<u64, NodeAnnounce> = Default::default();
-    let deadline = Instant::now() + Duration::from_millis(args.wait_ms);
+    let deadline = Instant::now() + Duration::from_millis(wait_ms);
     while let Ok(received) = tokio::time::timeout_at(deadline.into(), socket.recv()).await {
         if let Ok((Packet::Announce(a), _)) = received {
             nodes.insert(a.node_id, a);
         }
     }
+    Ok(nodes)
+}
+
+async fn remove_node(net: &NetArgs, args: &RemoveArgs) -> anyhow::Result<()> {
+    let join = resolve_join(&net.join)?;
+    let nodes = discover(net, &join, args.wait_ms).await?;
+    let leader = nodes
+        .values()
+        .filter(|a| a.role == proto::Role::Leader)
+        .max_by_key(|a| a.term)
+        .with_context(|| {
+            format!(
+                "no leader of cluster {:?} answered on {}:{}; check `server status`",
+                net.cluster, net.broadcast, net.discovery_port
+            )
+        })?;
+    let request = node::RemoveRequest {
+        cluster: net.cluster.clone(),
+        id: args.id,
+    };
+    let reply = node::request_remove(leader.raft_addr, leader.node_id, request)
+        .await
+        .with_context(|| {
+            format!(
+                "removing node {} through leader {}",
+                args.id, leader.node_id
+            )
+        })?;
+    println!("{reply:?} node={} leader={}", args.id, leader.node_id);
+    Ok(())
+}
+
+async fn status(net: &NetArgs, args: &StatusArgs) -> anyhow::Result<()> {
+    let join = resolve_join(&net.join)?;
+    let nodes = discover(net, &join, args.wait_ms).await?;
     if args.json {
         let rows: Vec<serde_json::Value> = nodes
             .values()

@@ -66,6 +66,8 @@ pub struct ApiShared {
     pub conn_rate_per_s: u32,
     /// Burst per connection.
     pub conn_burst: u32,
+    /// Deliberately broken modes (feature `weaken`); default none.
+    pub weaken: crate::Weaken,
 }
 
 /// A token bucket: `burst` tokens, refilled at `rate` per second.
@@ -135,6 +137,18 @@ impl ChatServer {
                 bucket,
                 metrics,
             })),
+        }
+    }
+
+    /// The client seq to propose: the client's own, or, in the deliberately broken
+    /// `skip-dedup` mode, a fresh random one (top bit set, so it never meets a real one) that
+    /// makes the state machine apply a retry as a new message. The rewritten seq is inside the
+    /// entry, so every replica still applies the same command.
+    fn client_seq(&self, requested: u64) -> u64 {
+        if self.shared.weaken.skip_dedup {
+            rand::random::<u64>() | 1 << 63
+        } else {
+            requested
         }
     }
 
@@ -314,7 +328,7 @@ impl proto::Chat for ChatServer {
             sender: user,
             body: req.body,
             client_id: ClientId(req.client_id),
-            client_seq: req.client_seq,
+            client_seq: self.client_seq(req.client_seq),
             at_ms: now_ms(),
         };
         let outcome = self.shared.proposer.propose(send).await;

@@ -476,3 +476,72 @@ pub async fn handle_join(
         Err(e) => Err(JoinError::Busy(e.to_string())),
     }
 }
+
+/// A request to take a node out of the cluster membership (`server remove-node`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoveRequest {
+    /// The cluster the caller means.
+    pub cluster: String,
+    /// The node to remove.
+    pub id: NodeId,
+}
+
+/// The leader's answer to a removal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RemoveReply {
+    /// The node is no longer a voter or learner. It keeps running with its data; restarted,
+    /// it asks to join again (learner first, then promoted).
+    Removed,
+    /// The node was not a member.
+    NotMember,
+}
+
+/// The leader's side of a removal: a voter is removed with a joint change, a learner directly.
+/// The leader refuses to remove itself (ask after a leader change).
+///
+/// # Errors
+/// [`JoinError`] (the join and removal refusals are the same) saying why.
+pub async fn handle_remove(
+    raft: &Raft<TypeConfig>,
+    cluster: &str,
+    request: RemoveRequest,
+) -> Result<RemoveReply, JoinError> {
+    if request.cluster != cluster {
+        return Err(JoinError::WrongCluster {
+            ours: cluster.to_owned(),
+            theirs: request.cluster,
+        });
+    }
+    let metrics = raft.metrics().borrow().clone();
+    if metrics.state != ServerState::Leader {
+        return Err(JoinError::NotLeader {
+            leader: metrics.current_leader,
+        });
+    }
+    if request.id == metrics.id {
+        return Err(JoinError::Busy("the leader does not remove itself".into()));
+    }
+    let membership = metrics.membership_config.membership();
+    let ids = BTreeSet::from([request.id]);
+    let change = if membership.voter_ids().any(|v| v == request.id) {
+        ChangeMembers::RemoveVoters(ids)
+    } else if membership.get_node(&request.id).is_some() {
+        ChangeMembers::RemoveNodes(ids)
+    } else {
+        return Ok(RemoveReply::NotMember);
+    };
+    // `retain = false`: a removed voter leaves the node list too, so it is not kept as a
+    // learner that the promotion loop would make a voter again at once.
+    match raft.change_membership(change, false).await {
+        Ok(_) => {
+            tracing::info!(node = request.id, "removed from the cluster");
+            Ok(RemoveReply::Removed)
+        }
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+            Err(JoinError::NotLeader {
+                leader: f.leader_id,
+            })
+        }
+        Err(e) => Err(JoinError::Busy(e.to_string())),
+    }
+}

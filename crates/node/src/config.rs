@@ -4,6 +4,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::weaken::Weaken;
+
 /// A node's configuration. Build with [`Config::new`] and adjust fields; [`Config::validate`]
 /// checks the bounds.
 #[derive(Debug, Clone)]
@@ -57,6 +59,9 @@ pub struct Config {
     pub conn_rate_per_s: u32,
     /// Burst of requests per connection. Default 1000; at least 1.
     pub conn_burst: u32,
+    /// Deliberately broken modes for the fault-injection harness; default none. Any mode needs
+    /// the cargo feature `weaken` (see `weaken.rs`).
+    pub weaken: Weaken,
 }
 
 impl Config {
@@ -85,6 +90,7 @@ impl Config {
             user_burst: 200,
             conn_rate_per_s: 500,
             conn_burst: 1000,
+            weaken: Weaken::default(),
         }
     }
 
@@ -141,6 +147,7 @@ impl Config {
         {
             return Err("rate limits and bursts must be at least 1".into());
         }
+        self.weaken.check_available()?;
         if self.broadcast == Ipv4Addr::BROADCAST {
             return Err(
                 "broadcast 255.255.255.255 is refused: use the subnet's broadcast address, \

@@ -25,19 +25,22 @@ mod log_store;
 mod metrics;
 mod proposer;
 mod raft_rpc;
+mod reconcile;
 mod server;
 mod snapshot_file;
 mod state_machine;
 mod types;
+mod weaken;
 
-pub use cluster::{JoinError, JoinReply, JoinRequest, NodeAddrs};
+pub use cluster::{JoinError, JoinReply, JoinRequest, NodeAddrs, RemoveReply, RemoveRequest};
 pub use config::Config;
 pub use data_dir::{DataDir, DataDirError};
 pub use delivery::Delivery;
-pub use log_store::{LogStore, WAL_DIR};
+pub use log_store::{AckPolicy, LogStore, WAL_DIR};
 pub use metrics::Metrics;
 pub use proposer::{ProposeError, Proposed, Proposer, ProposerConfig};
-pub use raft_rpc::{RaftRpcServer, WrongNode};
+pub use raft_rpc::{request_remove, JoinCallError, Network, RaftRpcServer, WrongNode};
+pub use reconcile::{reconcile, Reconciled};
 pub use server::{Server, ServerError};
 pub use snapshot_file::SnapshotFile;
 pub use state_machine::StateMachine;
@@ -45,3 +48,4 @@ pub use types::{
     Entry, LogId, Member, NodeId, Snapshot, SnapshotMeta, StorageError, StoredMembership,
     TypeConfig, Vote,
 };
+pub use weaken::{Weaken, POWER_FAILED_FILE};

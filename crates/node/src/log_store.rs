@@ -41,6 +41,18 @@ const PURGED_FILE: &str = "purged-log-id";
 /// Subdirectory of the log directory that `raft_log` owns.
 pub const WAL_DIR: &str = "wal";
 
+/// When the flush callback tells openraft that appended entries are durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AckPolicy {
+    /// After `Wal::sync` returned (fdatasync): the contract openraft relies on.
+    #[default]
+    AfterFsync,
+    /// At once, without any fdatasync. Deliberately broken: only the `ack-before-fsync` mode
+    /// of the `weaken` feature selects it, to show that the harness catches the loss after a
+    /// power failure.
+    BeforeFsync,
+}
+
 /// The Raft log of one node. Cheap to clone; clones share the same `Wal` and serve as
 /// openraft's log reader handles for the replication tasks.
 #[derive(Clone)]
@@ -97,6 +109,18 @@ impl LogStore {
     /// # Errors
     /// As [`LogStore::open`].
     pub fn from_wal(wal: Wal, dir: PathBuf) -> Result<LogStore, StorageError> {
+        Self::from_wal_acking(wal, dir, AckPolicy::AfterFsync)
+    }
+
+    /// Like [`LogStore::from_wal`], acknowledging appends as `ack` says.
+    ///
+    /// # Errors
+    /// As [`LogStore::open`].
+    pub fn from_wal_acking(
+        wal: Wal,
+        dir: PathBuf,
+        ack: AckPolicy,
+    ) -> Result<LogStore, StorageError> {
         let wal = Arc::new(wal);
         let purged = read_purged(&dir)?;
         if let Some(purged) = purged {
@@ -113,7 +137,7 @@ impl LogStore {
         let flusher_wal = wal.clone();
         thread::Builder::new()
             .name("raft-log-flusher".into())
-            .spawn(move || run_flusher(&flusher_wal, &rx))
+            .spawn(move || run_flusher(&flusher_wal, &rx, ack))
             .map_err(|e| StorageIOError::write_logs(io_err(e)))?;
         Ok(LogStore {
             inner: Arc::new(Inner {
@@ -142,10 +166,18 @@ impl LogStore {
 
 /// Group commit for openraft's flush callbacks: take every callback waiting now, fsync once,
 /// then complete them all. Runs until every `LogStore` clone is dropped.
-fn run_flusher(wal: &Wal, rx: &mpsc::Receiver<LogFlushed<TypeConfig>>) {
+fn run_flusher(wal: &Wal, rx: &mpsc::Receiver<LogFlushed<TypeConfig>>, ack: AckPolicy) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
+        if ack == AckPolicy::BeforeFsync {
+            // Deliberately broken (weaken mode `ack-before-fsync`): the entries are only in the
+            // page cache, and a power failure loses them after they were acknowledged.
+            for callback in batch {
+                callback.log_io_completed(Ok(()));
+            }
+            continue;
+        }
         // `Wal::sync` panics if fsync itself fails (the page cache no longer tells us what is
         // on disk, so nothing may be acknowledged); an `Err` here is a closed or broken Wal,
         // which openraft treats as a fatal storage error.

@@ -32,7 +32,7 @@ use tarpc::client::RpcError;
 use tarpc::context;
 use tarpc::server::{BaseChannel, Channel};
 
-use crate::cluster::{self, JoinError, JoinReply, JoinRequest};
+use crate::cluster::{self, JoinError, JoinReply, JoinRequest, RemoveReply, RemoveRequest};
 use crate::types::{Member, NodeId, TypeConfig};
 
 /// A request that reached a node other than the one it was addressed to.
@@ -68,6 +68,11 @@ pub trait RaftRpc {
     >;
     /// Asks the leader to add the sender to the cluster (see `cluster::handle_join`).
     async fn join(to: NodeId, req: JoinRequest) -> Result<Result<JoinReply, JoinError>, WrongNode>;
+    /// Asks the leader to remove a node from the membership (see `cluster::handle_remove`).
+    async fn remove(
+        to: NodeId,
+        req: RemoveRequest,
+    ) -> Result<Result<RemoveReply, JoinError>, WrongNode>;
 }
 
 /// Serves `RaftRpc` for one node by calling into its `Raft`.
@@ -145,6 +150,17 @@ impl RaftRpc for RaftRpcServer {
         tracing::info!(node = req.id, raft_addr = %req.member.raft_addr, "join request");
         Ok(cluster::handle_join(&self.raft, &self.cluster, req).await)
     }
+
+    async fn remove(
+        self,
+        _: context::Context,
+        to: NodeId,
+        req: RemoveRequest,
+    ) -> Result<Result<RemoveReply, JoinError>, WrongNode> {
+        self.check(to)?;
+        tracing::info!(node = req.id, "remove request");
+        Ok(cluster::handle_remove(&self.raft, &self.cluster, req).await)
+    }
 }
 
 /// How long a join request may take (adding a learner commits a membership entry).
@@ -188,6 +204,30 @@ pub async fn request_join(
     ctx.deadline = Instant::now() + JOIN_TIMEOUT;
     let reply = client
         .join(ctx, to, request)
+        .await
+        .map_err(|e| unreachable(e.to_string()))??;
+    Ok(reply?)
+}
+
+/// Sends a removal request to node `to` (the leader) at `addr` over a fresh connection.
+///
+/// # Errors
+/// [`JoinCallError`] saying why there was no success.
+pub async fn request_remove(
+    addr: SocketAddr,
+    to: NodeId,
+    request: RemoveRequest,
+) -> Result<RemoveReply, JoinCallError> {
+    let unreachable = |reason: String| JoinCallError::Unreachable { addr, reason };
+    let transport = tokio::time::timeout(CONNECT_TIMEOUT, proto::connect(addr))
+        .await
+        .map_err(|_| unreachable("connect timed out".into()))?
+        .map_err(|e| unreachable(e.to_string()))?;
+    let client = RaftRpcClient::new(tarpc::client::Config::default(), transport).spawn();
+    let mut ctx = context::current();
+    ctx.deadline = Instant::now() + JOIN_TIMEOUT;
+    let reply = client
+        .remove(ctx, to, request)
         .await
         .map_err(|e| unreachable(e.to_string()))??;
     Ok(reply?)

@@ -23,12 +23,14 @@ use crate::cluster::{self, Formation, NodeAddrs, Peers};
 use crate::config::Config;
 use crate::data_dir::DataDir;
 use crate::delivery::Delivery;
-use crate::log_store::LogStore;
+use crate::log_store::{AckPolicy, LogStore, WAL_DIR};
 use crate::metrics::{self, Metrics};
 use crate::proposer::{Proposer, ProposerConfig};
 use crate::raft_rpc::{self, Network, RaftRpcServer};
+use crate::reconcile;
 use crate::state_machine::StateMachine;
 use crate::types::{NodeId, TypeConfig};
+use crate::weaken::Weaken;
 
 /// Most concurrent requests on one client connection (each open long-poll holds one).
 const CONN_REQUESTS_MAX: usize = 1024;
@@ -125,6 +127,9 @@ impl Server {
     /// [`ServerError`] naming what failed and what to do.
     pub async fn start(config: Config, data_dir: DataDir) -> Result<Server, ServerError> {
         config.validate().map_err(ServerError::Config)?;
+        if config.weaken.any() {
+            tracing::warn!(weaken = %config.weaken, "deliberately broken modes are on (test only)");
+        }
         let raft_config = Arc::new(config.raft_config().map_err(ServerError::Config)?);
         let id = data_dir.node_id();
         let dir = data_dir.path().to_path_buf();
@@ -182,10 +187,12 @@ impl Server {
             metrics: SocketAddr::new(advertised, ports.metrics),
         };
 
-        let log_store =
-            LogStore::open(&dir.join("log")).map_err(|e| ServerError::Storage(e.to_string()))?;
-        let state_machine =
-            StateMachine::open(&dir.join("sm")).map_err(|e| ServerError::Storage(e.to_string()))?;
+        let (mut log_store, mut state_machine) = open_storage(&dir, config.weaken)?;
+        // A log that lost synced entries may end before last applied; openraft would wedge on
+        // it (see `reconcile.rs` for the case and why the repair is safe).
+        reconcile::reconcile(&mut log_store, &mut state_machine)
+            .await
+            .map_err(|e| ServerError::Storage(e.to_string()))?;
         let committed = log_store.committed_index();
         let chat = state_machine.chat().clone();
         let delivery = Delivery::new(chat.applied_index().map_or(0, |i| i.0));
@@ -216,6 +223,7 @@ impl Server {
             user_burst: config.user_burst,
             conn_rate_per_s: config.conn_rate_per_s,
             conn_burst: config.conn_burst,
+            weaken: config.weaken,
         });
 
         let mut tasks = vec![
@@ -312,6 +320,52 @@ impl Server {
         }
         tracing::info!(node = self.id, "node stopped");
     }
+}
+
+/// Opens the log and the chat state machine in the data dir. With the `weaken` feature and
+/// mode `faulty-fs`, the log runs on raft-log's `FaultyFs` and SIGUSR1 simulates a power
+/// failure (see `weaken.rs`); `ack-before-fsync` changes when appends are acknowledged.
+fn open_storage(dir: &Path, weaken: Weaken) -> Result<(LogStore, StateMachine), ServerError> {
+    let storage = |e: String| ServerError::Storage(e);
+    let log_dir = dir.join("log");
+    let sm_dir = dir.join("sm");
+    let ack = if weaken.ack_before_fsync {
+        tracing::warn!("weaken: log appends are acknowledged before fsync (ack-before-fsync)");
+        AckPolicy::BeforeFsync
+    } else {
+        AckPolicy::AfterFsync
+    };
+    #[cfg(feature = "weaken")]
+    crate::weaken::power::roll_back_if_power_failed(&sm_dir, dir).map_err(storage)?;
+    let log_store = if weaken.faulty_fs {
+        open_faulty_log(dir, &log_dir, ack)?
+    } else {
+        let wal = raft_log::Wal::open(raft_log::Config::new(log_dir.join(WAL_DIR)))
+            .map_err(|e| storage(format!("opening the raft log: {e}")))?;
+        LogStore::from_wal_acking(wal, log_dir, ack).map_err(|e| storage(e.to_string()))?
+    };
+    let state_machine = StateMachine::open(&sm_dir).map_err(|e| storage(e.to_string()))?;
+    Ok((log_store, state_machine))
+}
+
+#[cfg(feature = "weaken")]
+fn open_faulty_log(dir: &Path, log_dir: &Path, ack: AckPolicy) -> Result<LogStore, ServerError> {
+    let storage = |e: String| ServerError::Storage(e);
+    tracing::warn!("weaken: the raft log runs on FaultyFs; SIGUSR1 simulates a power failure");
+    let fs = Arc::new(raft_log::FaultyFs::new());
+    let wal = raft_log::Wal::open_with_fs(raft_log::Config::new(log_dir.join(WAL_DIR)), fs.clone())
+        .map_err(|e| storage(format!("opening the raft log: {e}")))?;
+    crate::weaken::power::spawn_trigger(fs, dir)
+        .map_err(|e| storage(format!("installing the SIGUSR1 handler: {e}")))?;
+    LogStore::from_wal_acking(wal, log_dir.to_path_buf(), ack).map_err(|e| storage(e.to_string()))
+}
+
+/// Without the feature `Config::validate` refuses every weaken mode before this is reached.
+#[cfg(not(feature = "weaken"))]
+fn open_faulty_log(_: &Path, _: &Path, _: AckPolicy) -> Result<LogStore, ServerError> {
+    Err(ServerError::Config(
+        "weaken mode faulty-fs needs the cargo feature `weaken`".into(),
+    ))
 }
 
 fn serve_clients(listener: proto::ChatListener, shared: Arc<ApiShared>) -> JoinHandle<()> {

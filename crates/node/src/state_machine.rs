@@ -31,7 +31,7 @@ use crate::types::{
 };
 
 /// Name of the snapshot that `get_current_snapshot` serves.
-const CURRENT_SNAPSHOT: &str = "current.snap";
+pub(crate) const CURRENT_SNAPSHOT: &str = "current.snap";
 
 /// The chat state machine as openraft drives it. Cheap to clone; the node keeps a clone (or
 /// [`StateMachine::chat`]) for reads.

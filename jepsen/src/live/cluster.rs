@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 
 use super::netns::Netns;
+use super::proxy::{self, Delay};
 
 /// How nodes are placed on the network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +57,9 @@ pub struct Node {
     pub log: PathBuf,
     /// Its namespace in netns mode.
     pub netns: Option<String>,
+    /// With the `latency` nemesis: the address its delay proxies listen on, which it
+    /// advertises, and its fixed raft, client and metrics ports (the proxies use the same).
+    pub proxied: Option<(Ipv4Addr, [u16; 3])>,
     child: Option<Child>,
     ready_rx: Option<mpsc::Receiver<Ready>>,
     /// The last ready line seen.
@@ -125,6 +129,33 @@ impl Node {
         Ok(())
     }
 
+    /// Simulated power failure (server `--weaken faulty-fs`): SIGUSR1 makes the node drop
+    /// its un-fsynced WAL bytes and abort. Send it to every node first, then [`Node::reap`].
+    ///
+    /// # Errors
+    /// Not running, or `kill` failed.
+    pub fn power_fail(&mut self) -> anyhow::Result<()> {
+        self.signal("-USR1")
+    }
+
+    /// Waits up to `within` for the process to exit on its own, then kill -9s it. Whether it
+    /// exited on its own.
+    pub fn reap(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        let mut exited = false;
+        if let Some(child) = &mut self.child {
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    exited = true;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.kill9();
+        exited
+    }
+
     /// The last lines of the node's log.
     pub fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
@@ -191,6 +222,8 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     /// The namespaces and bridge in netns mode (dropped after the nodes).
     pub net: Option<Netns>,
+    /// With the `latency` nemesis: each node's proxy delay, `n1` first; else empty.
+    pub delays: Vec<Delay>,
 }
 
 impl Cluster {
@@ -205,6 +238,7 @@ impl Cluster {
                     data_dir: dir.join("data").join(&name),
                     log: dir.join(format!("{name}.log")),
                     netns: net.as_ref().map(|n| n.namespace(i)),
+                    proxied: None,
                     name,
                     host: *host,
                     child: None,
@@ -215,7 +249,46 @@ impl Cluster {
                 }
             })
             .collect();
-        Cluster { spec, nodes, net }
+        Cluster {
+            spec,
+            nodes,
+            net,
+            delays: Vec::new(),
+        }
+    }
+
+    /// Puts a delay proxy in front of every node (loopback mode): node i keeps listening on
+    /// its host with fixed ports and advertises 127.0.0.(31+i), where the proxies forward to
+    /// it. Call before the first start.
+    ///
+    /// # Errors
+    /// No free port, or a proxy cannot bind.
+    pub async fn add_delay_proxies(&mut self) -> anyhow::Result<()> {
+        for (i, node) in self.nodes.iter_mut().enumerate() {
+            let advertise = Ipv4Addr::new(127, 0, 0, 31 + u8::try_from(i).context("node index")?);
+            // Bind all three before releasing any, so they differ.
+            let listeners = (0..3)
+                .map(|_| std::net::TcpListener::bind((node.host, 0)))
+                .collect::<Result<Vec<_>, _>>()
+                .context("picking ports")?;
+            let mut ports = [0u16; 3];
+            for (port, l) in ports.iter_mut().zip(&listeners) {
+                *port = l.local_addr().context("local addr")?.port();
+            }
+            drop(listeners);
+            let delay = Delay::default();
+            for port in ports {
+                proxy::spawn(
+                    SocketAddr::from((advertise, port)),
+                    SocketAddr::from((node.host, port)),
+                    delay.clone(),
+                )
+                .await?;
+            }
+            node.proxied = Some((advertise, ports));
+            self.delays.push(delay);
+        }
+        Ok(())
     }
 
     /// Starts node `i` (does not wait).
@@ -250,6 +323,22 @@ impl Cluster {
             .args(["--host", &node.host.to_string()])
             .args(["--log", "info,openraft=warn"])
             .args(&spec.extra_args)
+            .args(
+                node.proxied
+                    .iter()
+                    .flat_map(|(advertise, [raft, client, metrics])| {
+                        [
+                            "--advertise".to_owned(),
+                            advertise.to_string(),
+                            "--raft-port".to_owned(),
+                            raft.to_string(),
+                            "--client-port".to_owned(),
+                            client.to_string(),
+                            "--metrics-port".to_owned(),
+                            metrics.to_string(),
+                        ]
+                    }),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log);

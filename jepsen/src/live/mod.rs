@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod nemesis;
 pub mod netns;
+pub mod proxy;
 pub mod workload;
 
 use std::net::Ipv4Addr;
@@ -48,6 +49,13 @@ pub struct RunConfig {
     pub server: Option<PathBuf>,
     /// Keep node data dirs even when the run is valid.
     pub keep_data: bool,
+    /// Deliberately broken server modes (`server --weaken`, comma-separated; needs a server
+    /// built with feature `weaken`): `skip-dedup`, `ack-before-fsync`, `faulty-fs`. Empty for
+    /// a normal run. The `power-fail` nemesis adds `faulty-fs`.
+    pub weaken: String,
+    /// More server flags for every node, after the harness's own (a later flag wins), e.g.
+    /// `--election-min-ms 5000`.
+    pub server_args: Vec<String>,
 }
 
 impl RunConfig {
@@ -64,6 +72,8 @@ impl RunConfig {
             "out": self.out.display().to_string(),
             "mode": self.mode.as_str(),
             "server": self.server.as_ref().map(|p| p.display().to_string()),
+            "weaken": self.weaken,
+            "server_args": self.server_args,
         })
     }
 }
@@ -115,6 +125,15 @@ const SERVER_ARGS: [&str; 10] = [
     "--user-burst",
     "10000",
 ];
+
+fn server_args(weaken: &str, extra: &[String]) -> Vec<String> {
+    let mut args: Vec<String> = SERVER_ARGS.iter().map(|s| (*s).to_owned()).collect();
+    if !weaken.is_empty() {
+        args.extend(["--weaken".to_owned(), weaken.to_owned()]);
+    }
+    args.extend(extra.iter().cloned());
+    args
+}
 
 /// How long a restarted node may take to print its ready line.
 const RESTART_TIMEOUT: Duration = Duration::from_secs(20);
@@ -179,6 +198,23 @@ pub fn run_live(mut cfg: RunConfig) -> anyhow::Result<RunOutcome> {
             cfg.nemesis.retain(|f| !f.needs_netns());
         }
     }
+    if cfg.mode == Mode::Netns && cfg.nemesis.contains(&Fault::Latency) {
+        let note = "nemesis latency uses loopback delay proxies; left out in netns mode".to_owned();
+        println!("{note}");
+        notes.push(note);
+        cfg.nemesis.retain(|f| *f != Fault::Latency);
+    }
+    if cfg.nemesis.contains(&Fault::PowerFail) && !cfg.weaken.split(',').any(|m| m == "faulty-fs") {
+        // The power failure is simulated inside the server (raft-log's FaultyFs).
+        let note = "nemesis power-fail: servers run with --weaken faulty-fs".to_owned();
+        println!("{note}");
+        notes.push(note);
+        cfg.weaken = if cfg.weaken.is_empty() {
+            "faulty-fs".into()
+        } else {
+            format!("{},faulty-fs", cfg.weaken)
+        };
+    }
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
     let schedule = nemesis::schedule(
         cfg.seed,
@@ -207,10 +243,12 @@ pub fn run_live(mut cfg: RunConfig) -> anyhow::Result<RunOutcome> {
         "schedule": schedule.iter().map(Event::to_json).collect::<Vec<_>>(),
         "notes": notes,
         "replay": format!(
-            "jepsen run --seed {} --nodes {} --time-limit {} --nemesis {} --interval {} --mode {}",
+            "jepsen run --seed {} --nodes {} --time-limit {} --nemesis {} --interval {} --mode {}{}",
             cfg.seed, cfg.nodes, cfg.time_limit.as_secs(),
             cfg.nemesis.iter().map(|f| f.name()).collect::<Vec<_>>().join(","),
-            cfg.interval.as_secs_f64(), cfg.mode.as_str()),
+            cfg.interval.as_secs_f64(), cfg.mode.as_str(),
+            if cfg.weaken.is_empty() { String::new() } else { format!(" --weaken {}", cfg.weaken) }
+                + &cfg.server_args.iter().map(|a| format!(" --server-arg={a}")).collect::<String>()),
     });
     write_json(&cfg.out.join("test.json"), &test_json)?;
 
@@ -226,7 +264,7 @@ pub fn run_live(mut cfg: RunConfig) -> anyhow::Result<RunOutcome> {
         cluster: cluster_name.clone(),
         discovery_port,
         broadcast,
-        extra_args: SERVER_ARGS.iter().map(|s| (*s).to_owned()).collect(),
+        extra_args: server_args(&cfg.weaken, &cfg.server_args),
     };
     // The guard: dropping `cluster` kills every node by pid, then removes the namespaces.
     let mut cluster = Cluster::new(spec, &cfg.out, &hosts, net);
@@ -235,7 +273,14 @@ pub fn run_live(mut cfg: RunConfig) -> anyhow::Result<RunOutcome> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let outcome = drive(&cfg, &mut cluster, &runtime, &schedule, &cluster_name);
+    let outcome = if cfg.nemesis.contains(&Fault::Latency) {
+        runtime
+            .block_on(cluster.add_delay_proxies())
+            .context("starting the delay proxies")
+    } else {
+        Ok(())
+    }
+    .and_then(|()| drive(&cfg, &mut cluster, &runtime, &schedule, &cluster_name));
     cluster.kill_all();
     drop(cluster);
     runtime.shutdown_timeout(Duration::from_secs(2));
@@ -571,6 +616,9 @@ fn heal(cluster: &mut Cluster, sh: &workload::Shared, checks: &mut Vec<HarnessCh
             });
         }
     }
+    for delay in &cluster.delays {
+        delay.set(0);
+    }
     let mut restarted = Vec::new();
     for i in 0..cluster.nodes.len() {
         let node = &mut cluster.nodes[i];
@@ -757,6 +805,34 @@ fn run_nemesis(
                 };
                 disk_fault(cluster, i, event, sh, &mut checks, end);
             }
+            Fault::PowerFail => power_fail(cluster, sh, &mut checks, end),
+            Fault::Membership => {
+                let Some(i) = pick_target(cluster, handle, &cluster_name, event.node, false, true)
+                else {
+                    continue;
+                };
+                remove_and_readd(cluster, i, sh, &mut checks, end);
+            }
+            Fault::Latency => {
+                let Some(delay) = cluster.delays.get(event.node) else {
+                    continue;
+                };
+                let ms = nemesis::latency_ms(event.pick);
+                delay.set(ms);
+                sh.rec(Op::nemesis(
+                    "start-latency",
+                    json!({"node": node_name(event.node), "delay_ms": ms}),
+                ));
+                sleep_until(end, &AtomicBool::new(false));
+                // Recorded before the delay is lifted (and `start-latency` after it was set),
+                // so an op between the two records was delayed both ways.
+                sh.rec(Op::nemesis(
+                    "stop-latency",
+                    json!({"node": node_name(event.node)}),
+                ));
+                delay.set(0);
+            }
+            Fault::PauseMajority => pause_majority(cluster, handle, sh, end),
             Fault::Partition | Fault::Loss => {
                 let Some(net) = &cluster.net else {
                     continue;
@@ -801,6 +877,140 @@ fn run_nemesis(
         }
     }
     checks
+}
+
+/// Removes node `i` from the membership with `server remove-node`, keeps it running outside
+/// the cluster until `end`, then restarts it so that it asks to join again.
+fn remove_and_readd(
+    cluster: &mut Cluster,
+    i: usize,
+    sh: &workload::Shared,
+    checks: &mut Vec<HarnessCheck>,
+    end: Instant,
+) {
+    let name = node_name(i);
+    let Some(id) = cluster.nodes[i].ready.map(|r| r.id) else {
+        return;
+    };
+    let spec = &cluster.spec;
+    let output = std::process::Command::new(&spec.server)
+        .arg("remove-node")
+        .arg(id.to_string())
+        .args(["--cluster", &spec.cluster])
+        .args(["--discovery-port", &spec.discovery_port.to_string()])
+        .args(["--broadcast", &spec.broadcast.to_string()])
+        .stdin(std::process::Stdio::null())
+        .output();
+    let (removed, detail) = match output {
+        Ok(o) => (
+            o.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout).trim(),
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+        ),
+        Err(e) => (false, format!("running server remove-node: {e}")),
+    };
+    sh.rec(Op::nemesis(
+        "remove",
+        json!({"node": name, "id": id, "ok": removed, "detail": detail}),
+    ));
+    if !removed {
+        // Nothing changed (e.g. a membership change in progress); not a finding.
+        return;
+    }
+    sleep_until(end, &AtomicBool::new(false));
+    cluster.nodes[i].kill9();
+    let outcome = start_node(cluster, i, sh, checks, "re-add");
+    if !matches!(outcome, StartOutcome::Ready(_)) {
+        checks.push(HarnessCheck {
+            name: format!("re-add {name}"),
+            passed: false,
+            detail: format!("{name} did not come back after its removal: {outcome:?}"),
+        });
+    }
+}
+
+/// SIGSTOPs a majority of the nodes that excludes the leader, SIGCONTs them at `end`.
+fn pause_majority(
+    cluster: &mut Cluster,
+    handle: &tokio::runtime::Handle,
+    sh: &workload::Shared,
+    end: Instant,
+) {
+    let n = cluster.nodes.len();
+    let leader = pick_target(cluster, handle, &sh.cluster, 0, true, false);
+    let candidates: Vec<usize> = (0..n)
+        .filter(|&i| Some(i) != leader)
+        .filter(|&i| !cluster.nodes[i].corrupt && cluster.nodes[i].is_running())
+        .take(n / 2 + 1)
+        .collect();
+    let victims: Vec<usize> = candidates
+        .into_iter()
+        .filter(|&i| cluster.nodes[i].pause().is_ok())
+        .collect();
+    if victims.is_empty() {
+        return;
+    }
+    let names: Vec<String> = victims.iter().map(|&i| node_name(i)).collect();
+    sh.rec(Op::nemesis(
+        "pause",
+        json!({"nodes": names, "leader": leader.map(node_name), "majority": true}),
+    ));
+    sleep_until(end, &AtomicBool::new(false));
+    for &i in &victims {
+        let _ = cluster.nodes[i].resume();
+    }
+    sh.rec(Op::nemesis("resume", json!({"nodes": names})));
+}
+
+/// Power-fails every running node at once (SIGUSR1 to all, then reap), keeps them down until
+/// `end`, restarts them all; each must come back.
+fn power_fail(
+    cluster: &mut Cluster,
+    sh: &workload::Shared,
+    checks: &mut Vec<HarnessCheck>,
+    end: Instant,
+) {
+    let victims: Vec<usize> = (0..cluster.nodes.len())
+        .filter(|&i| !cluster.nodes[i].corrupt && cluster.nodes[i].is_running())
+        .collect();
+    let signalled: Vec<usize> = victims
+        .iter()
+        .copied()
+        .filter(|&i| cluster.nodes[i].power_fail().is_ok())
+        .collect();
+    // Only after every node got the signal: none outlives another by more than a fork+exec.
+    let clean: Vec<bool> = victims
+        .iter()
+        .map(|&i| cluster.nodes[i].reap(Duration::from_secs(5)))
+        .collect();
+    sh.rec(Op::nemesis(
+        "power-fail",
+        json!({
+            "nodes": victims.iter().map(|&i| node_name(i)).collect::<Vec<_>>(),
+            "signalled": signalled.iter().map(|&i| node_name(i)).collect::<Vec<_>>(),
+            "aborted_on_signal": clean,
+        }),
+    ));
+    if clean.iter().any(|c| !c) {
+        checks.push(HarnessCheck {
+            name: "power-fail".into(),
+            passed: false,
+            detail: "a node did not abort on SIGUSR1 (was the server started with --weaken faulty-fs, built with feature weaken?); it was killed -9 instead".into(),
+        });
+    }
+    sleep_until(end, &AtomicBool::new(false));
+    for &i in &victims {
+        if let StartOutcome::Exited(status, e) = start_node(cluster, i, sh, checks, "power-fail") {
+            checks.push(HarnessCheck {
+                name: format!("restart {} after power failure", node_name(i)),
+                passed: false,
+                detail: format!("{status}: {e}"),
+            });
+        }
+    }
 }
 
 fn disk_fault(

@@ -29,17 +29,35 @@ pub enum Fault {
     Partition,
     /// Random incoming packet loss on some nodes (netns mode).
     Loss,
+    /// SIGSTOP a majority of the nodes, never the leader (on 3 nodes: both followers), for
+    /// longer than a client's send deadline, then SIGCONT: the leader cannot commit, sends
+    /// time out and are retried, and the entries they left commit after the resume.
+    PauseMajority,
+    /// Delay every byte into one node, both directions, by 20-150 ms (user-space proxies in
+    /// front of every node; loopback mode).
+    Latency,
+    /// Remove a follower from the membership (`server remove-node`), keep it running outside
+    /// the cluster for 0.5-1 interval, then restart it: it asks to join again (learner, then
+    /// promoted back to voter).
+    Membership,
+    /// Every node at once loses what it had not fsync'd and dies (server `--weaken
+    /// faulty-fs`, which the runner adds), then all restart: a power failure of the machine.
+    PowerFail,
 }
 
 impl Fault {
     /// Every fault, in priority order.
-    pub const ALL: [Fault; 6] = [
+    pub const ALL: [Fault; 10] = [
         Fault::Kill,
         Fault::Pause,
+        Fault::PauseMajority,
+        Fault::Latency,
+        Fault::Membership,
         Fault::Bitflip,
         Fault::Truncate,
         Fault::Partition,
         Fault::Loss,
+        Fault::PowerFail,
     ];
 
     /// The CLI spelling.
@@ -47,10 +65,14 @@ impl Fault {
         match self {
             Fault::Kill => "kill",
             Fault::Pause => "pause",
+            Fault::PauseMajority => "pause-majority",
+            Fault::Latency => "latency",
+            Fault::Membership => "membership",
             Fault::Bitflip => "bitflip",
             Fault::Truncate => "truncate",
             Fault::Partition => "partition",
             Fault::Loss => "loss",
+            Fault::PowerFail => "power-fail",
         }
     }
 
@@ -116,7 +138,17 @@ impl Event {
                 };
                 map.insert("target".into(), target);
             }
-            Fault::Bitflip | Fault::Truncate => {
+            Fault::PowerFail => {
+                map.insert("target".into(), json!("all"));
+            }
+            Fault::PauseMajority => {
+                map.insert("target".into(), json!("majority-but-leader"));
+            }
+            Fault::Latency => {
+                map.insert("target".into(), json!(node_name(self.node)));
+                map.insert("delay_ms".into(), json!(latency_ms(self.pick)));
+            }
+            Fault::Bitflip | Fault::Truncate | Fault::Membership => {
                 map.insert("target".into(), json!(node_name(self.node)));
                 map.insert("pick".into(), json!(self.pick));
             }
@@ -130,6 +162,11 @@ impl Event {
         }
         v
     }
+}
+
+/// The one-way delay of a `latency` event, from its random bits: 20 to 150 ms.
+pub fn latency_ms(pick: u64) -> u64 {
+    20 + pick % 131
 }
 
 /// `n1`, `n2`, ... for 0-based `i`.
@@ -230,7 +267,9 @@ pub fn schedule(
     for _ in 0..10_000 {
         let fault = faults[rng.random_range(0..faults.len())];
         let duration_ms = match fault {
-            Fault::Bitflip | Fault::Truncate => rng.random_range(300..=1_000),
+            Fault::Bitflip | Fault::Truncate | Fault::PowerFail => rng.random_range(300..=1_000),
+            // Past the workload's 3 s send deadline, so every send caught in it is retried.
+            Fault::PauseMajority => rng.random_range(3_500..=4_500),
             _ => rng.random_range(interval_ms / 2..=interval_ms),
         };
         if t + duration_ms + 1_000 > limit_ms {
