@@ -129,6 +129,9 @@ struct RunArgs {
     /// Entries kept in the log after a snapshot.
     #[arg(long, env = "CELLCHAT_LOG_KEEP", default_value_t = 1000)]
     log_keep: u64,
+    /// Raft log segment size in MiB (segments are preallocated with zeros).
+    #[arg(long, env = "CELLCHAT_WAL_SEGMENT_MIB", default_value_t = 64)]
+    wal_segment_mib: u64,
     /// Sends per second allowed per user (sustained).
     #[arg(long, env = "CELLCHAT_USER_RATE", default_value_t = 50)]
     user_rate: u32,
@@ -216,6 +219,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     config.election_timeout_ms_max = args.election_max_ms;
     config.snapshot_every_entries = args.snapshot_every;
     config.log_keep_entries = args.log_keep;
+    config.wal_segment_mib = args.wal_segment_mib;
     config.user_rate_per_s = args.user_rate;
     config.user_burst = args.user_burst;
     config.conn_rate_per_s = args.conn_rate;

@@ -51,6 +51,10 @@ pub struct Config {
     /// Entries kept in the log after a snapshot, so briefly lagging followers need no
     /// snapshot. Default 1000.
     pub log_keep_entries: u64,
+    /// Size of one Raft log segment file in MiB; segments are preallocated with zeros (a
+    /// fresh node zero-fills its first one at start). Default 64; 1 to 1024. Test clusters
+    /// use small ones, so dozens of nodes do not write gigabytes of zeros.
+    pub wal_segment_mib: u64,
     /// Sends allowed per second per user, sustained. Default 50; at least 1.
     pub user_rate_per_s: u32,
     /// Burst of sends a user may make at once. Default 200; at least 1.
@@ -86,6 +90,7 @@ impl Config {
             election_timeout_ms_max: 300,
             snapshot_every_entries: 10_000,
             log_keep_entries: 1000,
+            wal_segment_mib: 64,
             user_rate_per_s: 50,
             user_burst: 200,
             conn_rate_per_s: 500,
@@ -135,6 +140,12 @@ impl Config {
             return Err(format!(
                 "need 0 < heartbeat ({}) < election timeout min ({}) < max ({}), in ms",
                 self.heartbeat_ms, self.election_timeout_ms_min, self.election_timeout_ms_max
+            ));
+        }
+        if !(1..=1024).contains(&self.wal_segment_mib) {
+            return Err(format!(
+                "wal segment size {} MiB must be 1 to 1024",
+                self.wal_segment_mib
             ));
         }
         if self.snapshot_every_entries < 2 {

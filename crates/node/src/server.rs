@@ -30,7 +30,6 @@ use crate::raft_rpc::{self, Network, RaftRpcServer};
 use crate::reconcile;
 use crate::state_machine::StateMachine;
 use crate::types::{NodeId, TypeConfig};
-use crate::weaken::Weaken;
 
 /// Most concurrent requests on one client connection (each open long-poll holds one).
 const CONN_REQUESTS_MAX: usize = 1024;
@@ -187,7 +186,7 @@ impl Server {
             metrics: SocketAddr::new(advertised, ports.metrics),
         };
 
-        let (mut log_store, mut state_machine) = open_storage(&dir, config.weaken)?;
+        let (mut log_store, mut state_machine) = open_storage(&dir, &config)?;
         // A log that lost synced entries may end before last applied; openraft would wedge on
         // it (see `reconcile.rs` for the case and why the repair is safe).
         reconcile::reconcile(&mut log_store, &mut state_machine)
@@ -325,7 +324,13 @@ impl Server {
 /// Opens the log and the chat state machine in the data dir. With the `weaken` feature and
 /// mode `faulty-fs`, the log runs on raft-log's `FaultyFs` and SIGUSR1 simulates a power
 /// failure (see `weaken.rs`); `ack-before-fsync` changes when appends are acknowledged.
-fn open_storage(dir: &Path, weaken: Weaken) -> Result<(LogStore, StateMachine), ServerError> {
+fn open_storage(dir: &Path, config: &Config) -> Result<(LogStore, StateMachine), ServerError> {
+    let weaken = config.weaken;
+    let mut wal_config = raft_log::Config::new(dir.join("log").join(WAL_DIR));
+    wal_config.segment_bytes_max = config.wal_segment_mib << 20;
+    // A server's log lives long: zero-fill its first segment now instead of paying the
+    // file-growing fdatasync for the first segment's worth of entries.
+    wal_config.prepare_first_segment = true;
     let storage = |e: String| ServerError::Storage(e);
     let log_dir = dir.join("log");
     let sm_dir = dir.join("sm");
@@ -338,9 +343,9 @@ fn open_storage(dir: &Path, weaken: Weaken) -> Result<(LogStore, StateMachine), 
     #[cfg(feature = "weaken")]
     crate::weaken::power::roll_back_if_power_failed(&sm_dir, dir).map_err(storage)?;
     let log_store = if weaken.faulty_fs {
-        open_faulty_log(dir, &log_dir, ack)?
+        open_faulty_log(dir, &log_dir, wal_config, ack)?
     } else {
-        let wal = raft_log::Wal::open(raft_log::Config::new(log_dir.join(WAL_DIR)))
+        let wal = raft_log::Wal::open(wal_config)
             .map_err(|e| storage(format!("opening the raft log: {e}")))?;
         LogStore::from_wal_acking(wal, log_dir, ack).map_err(|e| storage(e.to_string()))?
     };
@@ -349,11 +354,16 @@ fn open_storage(dir: &Path, weaken: Weaken) -> Result<(LogStore, StateMachine), 
 }
 
 #[cfg(feature = "weaken")]
-fn open_faulty_log(dir: &Path, log_dir: &Path, ack: AckPolicy) -> Result<LogStore, ServerError> {
+fn open_faulty_log(
+    dir: &Path,
+    log_dir: &Path,
+    wal_config: raft_log::Config,
+    ack: AckPolicy,
+) -> Result<LogStore, ServerError> {
     let storage = |e: String| ServerError::Storage(e);
     tracing::warn!("weaken: the raft log runs on FaultyFs; SIGUSR1 simulates a power failure");
     let fs = Arc::new(raft_log::FaultyFs::new());
-    let wal = raft_log::Wal::open_with_fs(raft_log::Config::new(log_dir.join(WAL_DIR)), fs.clone())
+    let wal = raft_log::Wal::open_with_fs(wal_config, fs.clone())
         .map_err(|e| storage(format!("opening the raft log: {e}")))?;
     crate::weaken::power::spawn_trigger(fs, dir)
         .map_err(|e| storage(format!("installing the SIGUSR1 handler: {e}")))?;
@@ -362,7 +372,12 @@ fn open_faulty_log(dir: &Path, log_dir: &Path, ack: AckPolicy) -> Result<LogStor
 
 /// Without the feature `Config::validate` refuses every weaken mode before this is reached.
 #[cfg(not(feature = "weaken"))]
-fn open_faulty_log(_: &Path, _: &Path, _: AckPolicy) -> Result<LogStore, ServerError> {
+fn open_faulty_log(
+    _: &Path,
+    _: &Path,
+    _: raft_log::Config,
+    _: AckPolicy,
+) -> Result<LogStore, ServerError> {
     Err(ServerError::Config(
         "weaken mode faulty-fs needs the cargo feature `weaken`".into(),
     ))

@@ -265,9 +265,13 @@ impl Drop for ClusterSlot {
     }
 }
 
-/// Raft timing for test clusters: more slack than the production defaults, because a loaded
-/// 2-core machine running debug builds can stall a process for longer than 300 ms.
-const TEST_RAFT_TIMING: [&str; 6] = [
+/// Server flags for test clusters: Raft timing with more slack than the production defaults,
+/// because a loaded 2-core machine running debug builds can stall a process for longer than
+/// 300 ms, and small preallocated log segments, because a test starts dozens of fresh nodes
+/// and each zero-fills its first segment.
+const TEST_SERVER_ARGS: [&str; 8] = [
+    "--wal-segment-mib",
+    "4",
     "--heartbeat-ms",
     "100",
     "--election-min-ms",
@@ -284,7 +288,7 @@ pub struct TestCluster {
     /// The discovery port, unique per test cluster.
     pub discovery_port: u16,
     extra_args: Vec<String>,
-    /// Whether nodes get [`TEST_RAFT_TIMING`] (else the server's production defaults).
+    /// Whether nodes get [`TEST_SERVER_ARGS`] (else the server's production defaults).
     test_timing: bool,
     /// The nodes, in start order.
     pub nodes: Vec<NodeProc>,
@@ -359,7 +363,7 @@ impl TestCluster {
             .args(["--formation-window-ms", "700"])
             .args(["--log", "info,openraft=warn"])
             .args(if self.test_timing {
-                &TEST_RAFT_TIMING[..]
+                &TEST_SERVER_ARGS[..]
             } else {
                 &[]
             })

@@ -111,11 +111,14 @@ impl RunOutcome {
     }
 }
 
-/// Extra flags for every server: small snapshots so snapshot install and dedup persistence
-/// get exercised, and user rates that never limit the workload.
-const SERVER_ARGS: [&str; 10] = [
+/// Extra flags for every server: small snapshots and log segments so snapshot install, dedup
+/// persistence and segment rotation get exercised, and user rates that never limit the
+/// workload.
+const SERVER_ARGS: [&str; 12] = [
     "--formation-window-ms",
     "1000",
+    "--wal-segment-mib",
+    "4",
     "--snapshot-every",
     "300",
     "--log-keep",
