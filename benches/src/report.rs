@@ -420,14 +420,19 @@ pub async fn run_all(common: &Common, quick: bool, results_md: &Path) -> Result<
         }
     }
     sink.finish()?;
-    write_results_md(results_md, &sink.results, quick)?;
+    write_results_md(results_md, &sink.results, &failures, quick)?;
     if !failures.is_empty() {
         bail!("some runs failed:\n{}", failures.join("\n"));
     }
     Ok(())
 }
 
-fn write_results_md(path: &Path, results: &[RunResult], quick: bool) -> Result<()> {
+fn write_results_md(
+    path: &Path,
+    results: &[RunResult],
+    failures: &[String],
+    quick: bool,
+) -> Result<()> {
     let mut block = String::new();
     let _ = writeln!(block, "{BEGIN}");
     let _ = writeln!(block, "\n### Cluster runs ({})\n", now_rfc3339());
@@ -511,6 +516,14 @@ fn write_results_md(path: &Path, results: &[RunResult], quick: bool) -> Result<(
         let _ = writeln!(block);
         for (key, value) in &r.extra {
             let _ = writeln!(block, "- {key}: {value}");
+        }
+    }
+    if !failures.is_empty() {
+        let _ = writeln!(block, "\n#### Runs that failed\n");
+        for failure in failures {
+            for line in failure.lines().filter(|l| !l.trim().is_empty()) {
+                let _ = writeln!(block, "- {}", line.trim());
+            }
         }
     }
     let _ = writeln!(block, "\n{END}");
