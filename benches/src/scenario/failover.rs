@@ -102,6 +102,7 @@ pub async fn run(cellchat: &mut Cellchat, options: &FailoverOptions) -> Result<R
 
     let progress = bar(options.rounds as u64, "cellchat failover rounds");
     let mut to_ack = Latencies::new();
+    let mut to_elected = Latencies::new();
     let mut to_recover = Latencies::new();
     let mut unrecovered = 0u64;
     let run_started = Instant::now();
@@ -144,12 +145,27 @@ pub async fn run(cellchat: &mut Cellchat, options: &FailoverOptions) -> Result<R
             acks.iter().filter(|(_, done)| *done >= from).count() as f64
                 / (options.steady / 2).as_secs_f64()
         };
+        let killed_id = cellchat.local()?.nodes[index].ready().map(|r| r.id);
         cellchat.local()?.nodes[index].kill9();
         let killed_at = Instant::now();
         let deadline = killed_at + options.recover_timeout;
-        let (mut first_ack, mut recovered) = (None, None);
+        let (mut first_ack, mut recovered, mut elected) = (None, None, None);
         while Instant::now() < deadline && recovered.is_none() {
-            tokio::time::sleep(WINDOW).await;
+            if elected.is_none() {
+                // Split the failover time: when does discovery first show another leader?
+                let view = cellchat
+                    .local()?
+                    .discover(Duration::from_millis(30))
+                    .await?;
+                if view
+                    .iter()
+                    .any(|a| a.role == proto::Role::Leader && Some(a.node_id) != killed_id)
+                {
+                    elected = Some(Instant::now());
+                }
+            } else {
+                tokio::time::sleep(WINDOW).await;
+            }
             let acks = acks.lock();
             if first_ack.is_none() {
                 // The next acknowledged send: one started after the kill, so a live leader
@@ -176,6 +192,9 @@ pub async fn run(cellchat: &mut Cellchat, options: &FailoverOptions) -> Result<R
                     window_end += WINDOW;
                 }
             }
+        }
+        if let Some(at) = elected {
+            to_elected.record(at - killed_at);
         }
         match first_ack {
             Some(first) => to_ack.record(first - killed_at),
@@ -208,6 +227,9 @@ pub async fn run(cellchat: &mut Cellchat, options: &FailoverOptions) -> Result<R
     let ack = to_ack.summary();
     let recover = to_recover.summary();
     let delivery = to_delivery.summary();
+    let elected = to_elected.summary();
+    result.set("kill_to_new_leader_seen_ms_p50", elected.p50);
+    result.set("kill_to_new_leader_seen_ms_max", elected.max);
     result.set("rounds", options.rounds);
     result.set("reader_kill_to_next_delivery_ms_p50", delivery.p50);
     result.set("reader_kill_to_next_delivery_ms_max", delivery.max);
