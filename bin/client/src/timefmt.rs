@@ -25,24 +25,7 @@ pub fn relative(now_ms: u64, at_ms: u64) -> String {
 
 /// The UTC calendar date of `at_ms` as `YYYY-MM-DD`.
 pub fn date(at_ms: u64) -> String {
-    let days = i64::try_from(at_ms / 86_400_000).unwrap_or(i64::MAX / 2);
-    let (y, m, d) = civil_from_days(days);
-    format!("{y:04}-{m:02}-{d:02}")
-}
-
-/// Days since 1970-01-01 to a proleptic Gregorian (year, month, day); Howard Hinnant's
-/// `civil_from_days`.
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
+    cellchat_client::time::utc_date(at_ms)
 }
 
 #[cfg(test)]

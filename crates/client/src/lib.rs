@@ -33,6 +33,7 @@ pub mod crypto;
 mod error;
 pub mod identity;
 mod stream;
+pub mod time;
 
 pub use client::{Client, ClientEvent, ServerInfo, Status};
 pub use config::ClientConfig;
