@@ -360,6 +360,13 @@ pub fn frames(path: &Path) -> anyhow::Result<Vec<Frame>> {
     let size = bytes.len() as u64;
     while off + FRAME_HEADER_LEN <= size {
         let at = usize::try_from(off).unwrap_or(usize::MAX);
+        let header_len = usize::try_from(FRAME_HEADER_LEN).unwrap_or(usize::MAX);
+        // Segments are preallocated with zeros: an all-zero header is the end of the data
+        // (never a valid frame), not a frame of length 0. Counting the zero tail as frames
+        // made bitflip hit zeros and truncate cut only zeros.
+        if bytes[at..at + header_len].iter().all(|b| *b == 0) {
+            break;
+        }
         let len = u64::from(u32::from_le_bytes(
             bytes[at..at + 4].try_into().expect("4 bytes"),
         ));
@@ -537,5 +544,21 @@ mod tests {
         std::fs::write(&seg, &bytes).expect("write");
         let cut = truncate(dir.path(), 3).expect("cut");
         assert!(cut.to > f[2].offset && cut.to < cut.from);
+
+        // A preallocated segment: the same frames, then zeros to the end of the file. The zero
+        // tail is not frames; the flip and the cut must still land in real frames.
+        let mut preallocated = bytes.clone();
+        preallocated.resize(bytes.len() + 4096, 0);
+        std::fs::write(&seg, &preallocated).expect("write");
+        assert_eq!(frames(&seg).expect("frames"), f);
+        for pick in [1u64, 12345, 987_654_321, u64::MAX] {
+            std::fs::write(&seg, &preallocated).expect("write");
+            let flip = bitflip(dir.path(), pick).expect("flip");
+            assert!(flip.byte_offset < f[2].offset, "{pick}: {flip:?}");
+            std::fs::write(&seg, &preallocated).expect("write");
+            let cut = truncate(dir.path(), pick).expect("cut");
+            let end = f[2].offset + FRAME_HEADER_LEN + f[2].len;
+            assert!(cut.to > f[2].offset && cut.to < end, "{pick}: {cut:?}");
+        }
     }
 }
