@@ -1019,6 +1019,9 @@ impl Inner {
         let started = Instant::now();
         let mut attempts = 0u32;
         let mut last;
+        // The leader the previous NotLeader named: a hint naming another node is news (an
+        // election ended), worth trying at once.
+        let mut last_hint = None;
         loop {
             attempts += 1;
             let wait = match self.writer_conn().await {
@@ -1026,12 +1029,12 @@ impl Inner {
                     Ok(reply) => return Ok(reply),
                     Err(failure) => {
                         last = failure.to_string();
-                        self.retry_wait(failure, attempts)?
+                        self.retry_wait(failure, attempts, &mut last_hint)?
                     }
                 },
                 Err(failure) => {
                     last = failure.to_string();
-                    self.retry_wait(failure, attempts)?
+                    self.retry_wait(failure, attempts, &mut last_hint)?
                 }
             };
             let spent = started.elapsed();
@@ -1050,7 +1053,13 @@ impl Inner {
     }
 
     /// How long to wait before the next attempt after `failure`, or the error to return.
-    fn retry_wait(&self, failure: Failure, attempts: u32) -> Result<Duration, Error> {
+    /// `last_hint` is the leader the previous NotLeader answer named, updated here.
+    fn retry_wait(
+        &self,
+        failure: Failure,
+        attempts: u32,
+        last_hint: &mut Option<u64>,
+    ) -> Result<Duration, Error> {
         match failure {
             Failure::Api(ApiError::RateLimited { retry_after_ms }) => {
                 // Nobody listening is fine: events are advisory.
@@ -1060,9 +1069,17 @@ impl Inner {
                 tracing::info!(retry_after_ms, "rate limited, waiting");
                 Ok(Duration::from_millis(retry_after_ms))
             }
-            // A hint names the leader: go there at once, but not in a tight loop.
-            Failure::Api(ApiError::NotLeader { leader: Some(_) }) if attempts <= 3 => {
-                Ok(Duration::ZERO)
+            Failure::Api(ApiError::NotLeader { leader: Some(hint) }) => {
+                let news = last_hint.replace(hint.id) != Some(hint.id);
+                // A hint names the leader: go there at once, but not in a tight loop (two
+                // nodes naming each other must not spin). The same hint again and again means
+                // nodes still name a leader that is gone (an election is under way): poll as
+                // during an election.
+                if attempts <= 3 || (news && attempts <= 10) {
+                    Ok(Duration::ZERO)
+                } else {
+                    Ok(backoff_capped(attempts, ELECTION_BACKOFF_MAX))
+                }
             }
             Failure::Api(e) if !e.is_retryable() => Err(self.fatal(Failure::Api(e))),
             Failure::Api(ApiError::NotLeader { leader: None }) | Failure::Transport(_) => {
