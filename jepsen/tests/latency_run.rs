@@ -8,7 +8,6 @@
 
 use std::time::Duration;
 
-use jepsen::live::cluster::Mode;
 use jepsen::live::nemesis::{schedule, Fault};
 use jepsen::live::{run_live, RunConfig};
 use jepsen::{History, OpType, Process, F_READ, F_SEND};
@@ -27,20 +26,9 @@ fn latency_run_is_valid_and_delays_the_target_node() {
         .expect("a seed with two latency windows");
     let dir = tempfile::tempdir().expect("tempdir");
     let outcome = run_live(RunConfig {
-        nodes: 3,
-        time_limit: TIME_LIMIT,
-        seed,
-        nemesis: faults.to_vec(),
-        interval: INTERVAL,
         rate: 60.0,
         clients: 6,
-        channels: 3,
-        out: dir.path().join("run"),
-        mode: Mode::Loopback,
-        server: None,
-        keep_data: false,
-        weaken: String::new(),
-        server_args: Vec::new(),
+        ..RunConfig::loopback(seed, &faults, TIME_LIMIT, INTERVAL, dir.path().join("run"))
     })
     .expect("the run completes");
     assert!(

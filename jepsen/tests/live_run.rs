@@ -7,7 +7,6 @@
 
 use std::time::Duration;
 
-use jepsen::live::cluster::Mode;
 use jepsen::live::nemesis::{schedule, Fault};
 use jepsen::live::{run_live, RunConfig};
 use jepsen::{check, Anomaly, History, OpType, Process, F_FINAL_READ, F_SEND};
@@ -35,20 +34,8 @@ fn ci_kill_and_pause_run_is_valid_and_corrupted_copies_are_not() {
     let dir = tempfile::tempdir().expect("tempdir");
     let seed = seed_with_kill_and_pause();
     let cfg = RunConfig {
-        nodes: 3,
-        time_limit: TIME_LIMIT,
-        seed,
-        nemesis: FAULTS.to_vec(),
-        interval: INTERVAL,
         rate: 30.0,
-        clients: 5,
-        channels: 3,
-        out: dir.path().join("run"),
-        mode: Mode::Loopback,
-        server: None,
-        keep_data: false,
-        weaken: String::new(),
-        server_args: Vec::new(),
+        ..RunConfig::loopback(seed, &FAULTS, TIME_LIMIT, INTERVAL, dir.path().join("run"))
     };
     let outcome = run_live(cfg).expect("the run completes");
     let failed: Vec<_> = outcome.checks.iter().filter(|c| !c.passed).collect();

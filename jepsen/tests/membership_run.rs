@@ -8,7 +8,6 @@
 
 use std::time::Duration;
 
-use jepsen::live::cluster::Mode;
 use jepsen::live::nemesis::{schedule, Fault};
 use jepsen::live::{run_live, RunConfig};
 use jepsen::{History, Process};
@@ -26,22 +25,13 @@ fn membership_run_removes_and_readds_and_stays_valid() {
         .find(|&s| schedule(s, &faults, 3, TIME_LIMIT, INTERVAL).len() >= 2)
         .expect("a seed with two membership changes");
     let dir = tempfile::tempdir().expect("tempdir");
-    let outcome = run_live(RunConfig {
-        nodes: 3,
-        time_limit: TIME_LIMIT,
+    let outcome = run_live(RunConfig::loopback(
         seed,
-        nemesis: faults.to_vec(),
-        interval: INTERVAL,
-        rate: 40.0,
-        clients: 5,
-        channels: 3,
-        out: dir.path().join("run"),
-        mode: Mode::Loopback,
-        server: None,
-        keep_data: false,
-        weaken: String::new(),
-        server_args: Vec::new(),
-    })
+        &faults,
+        TIME_LIMIT,
+        INTERVAL,
+        dir.path().join("run"),
+    ))
     .expect("the run completes");
     assert!(
         outcome.valid(),

@@ -16,7 +16,6 @@
 
 use std::time::Duration;
 
-use jepsen::live::cluster::Mode;
 use jepsen::live::nemesis::{schedule, Fault};
 use jepsen::live::{run_live, RunConfig, RunOutcome};
 use jepsen::Anomaly;
@@ -30,26 +29,17 @@ fn config(
     time_limit: Duration,
     weaken: &str,
 ) -> RunConfig {
+    let out = dir.join(format!(
+        "run-{}",
+        if weaken.is_empty() { "normal" } else { weaken }
+    ));
     RunConfig {
-        nodes: 3,
-        time_limit,
-        seed,
-        nemesis: faults.to_vec(),
-        interval: INTERVAL,
         // Many concurrent writers keep sends in flight at every moment, so a leader fault
         // nearly always catches some committed but unanswered.
         rate: 200.0,
         clients: 9,
-        channels: 3,
-        out: dir.join(format!(
-            "run-{}",
-            if weaken.is_empty() { "normal" } else { weaken }
-        )),
-        mode: Mode::Loopback,
-        server: None,
-        keep_data: false,
         weaken: weaken.to_owned(),
-        server_args: Vec::new(),
+        ..RunConfig::loopback(seed, faults, time_limit, INTERVAL, out)
     }
 }
 

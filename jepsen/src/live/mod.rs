@@ -59,6 +59,33 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
+    /// A 3-node loopback run of `nemesis` with the workload the CI tests use (40 ops/s from 5
+    /// clients over 3 channels), no weakening and no extra server flags; adjust fields after.
+    pub fn loopback(
+        seed: u64,
+        nemesis: &[Fault],
+        time_limit: Duration,
+        interval: Duration,
+        out: PathBuf,
+    ) -> Self {
+        Self {
+            nodes: 3,
+            time_limit,
+            seed,
+            nemesis: nemesis.to_vec(),
+            interval,
+            rate: 40.0,
+            clients: 5,
+            channels: 3,
+            out,
+            mode: Mode::Loopback,
+            server: None,
+            keep_data: false,
+            weaken: String::new(),
+            server_args: Vec::new(),
+        }
+    }
+
     fn to_json(&self) -> Value {
         json!({
             "nodes": self.nodes,
