@@ -45,7 +45,16 @@ async fn send_until_acked(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    anyhow::bail!("send not acknowledged within {timeout:?}; last error: {last}")
+    let logs: Vec<String> = cluster
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| format!("--- node {} log tail:\n{}", i + 1, n.log_tail(25)))
+        .collect();
+    anyhow::bail!(
+        "send not acknowledged within {timeout:?}; last error: {last}\n{}",
+        logs.join("\n")
+    )
 }
 
 /// Starts three nodes of a fresh test cluster and waits until each printed its ready line.
