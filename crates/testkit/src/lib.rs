@@ -265,6 +265,9 @@ impl Drop for ClusterSlot {
     }
 }
 
+/// The server's default `--max-voters`: joiners beyond it stay learners.
+const DEFAULT_MAX_VOTERS: usize = 5;
+
 /// Server flags for test clusters: Raft timing with more slack than the production defaults,
 /// because a loaded 2-core machine running debug builds can stall a process for longer than
 /// 300 ms, and small preallocated log segments, because a test starts dozens of fresh nodes
@@ -441,7 +444,8 @@ impl TestCluster {
     }
 
     /// Waits until discovery shows exactly one leader among `expected` nodes that all follow
-    /// it, and returns the announcements.
+    /// it, with every node a voter up to the server's default of 5 voters, and returns the
+    /// announcements.
     ///
     /// # Errors
     /// Not converged within `timeout`; the error shows the last view.
@@ -459,7 +463,12 @@ impl TestCluster {
                 .map(|a| a.node_id)
                 .collect();
             let agreed = leaders.len() == 1 && view.iter().all(|a| a.leader == Some(leaders[0]));
-            if view.len() == expected && agreed {
+            // Joiners start as learners and are promoted one by one; until then a cluster that
+            // looks converged may have fewer voters than nodes, and killing a fresh voter can
+            // leave it without a quorum (promotion itself needs one).
+            let voters = view.iter().filter(|a| a.voter).count();
+            let promoted = voters >= expected.min(DEFAULT_MAX_VOTERS);
+            if view.len() == expected && agreed && promoted {
                 return Ok(view);
             }
             if Instant::now() > deadline {
