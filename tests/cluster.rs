@@ -316,7 +316,14 @@ async fn a_restarted_node_catches_up_and_a_node_down_past_a_purge_catches_up_by_
         "dense history after catch-up"
     );
     assert_eq!(page.messages[99].body, b"m100");
-    let log = cluster.nodes[index].log_tail(200);
+    // The history answer can come before the node logs its snapshot work (a release build
+    // answers within milliseconds of catching up), so give the log line a moment.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut log = cluster.nodes[index].log_tail(200);
+    while !(log.contains("snapshot") || log.contains("install")) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        log = cluster.nodes[index].log_tail(200);
+    }
     assert!(
         log.contains("snapshot") || log.contains("install"),
         "the restarted node should have installed a snapshot; log tail:\n{log}"
