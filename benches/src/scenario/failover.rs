@@ -118,6 +118,7 @@ pub async fn run(cellchat: &mut Cellchat, options: &FailoverOptions) -> Result<R
             }
             cellchat.local()?.nodes[index].kill9();
             let killed_at = now_micros();
+            tracing::info!(round, node = index, "killed the subscriber's node");
             let deadline = Instant::now() + options.recover_timeout;
             let mut delivered = None;
             while Instant::now() < deadline && delivered.is_none() {
@@ -148,6 +149,7 @@ pub async fn run(cellchat: &mut Cellchat, options: &FailoverOptions) -> Result<R
         let killed_id = cellchat.local()?.nodes[index].ready().map(|r| r.id);
         cellchat.local()?.nodes[index].kill9();
         let killed_at = Instant::now();
+        tracing::info!(round, node = index, "killed the leader");
         let deadline = killed_at + options.recover_timeout;
         let (mut first_ack, mut recovered, mut elected) = (None, None, None);
         while Instant::now() < deadline && recovered.is_none() {
@@ -196,6 +198,12 @@ pub async fn run(cellchat: &mut Cellchat, options: &FailoverOptions) -> Result<R
         if let Some(at) = elected {
             to_elected.record(at - killed_at);
         }
+        tracing::info!(
+            round,
+            elected_ms = elected.map(|at| (at - killed_at).as_secs_f64() * 1e3),
+            first_ack_ms = first_ack.map(|at| (at - killed_at).as_secs_f64() * 1e3),
+            "leader kill round done"
+        );
         match first_ack {
             Some(first) => to_ack.record(first - killed_at),
             None => unrecovered += 1,

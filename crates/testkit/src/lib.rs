@@ -265,6 +265,17 @@ impl Drop for ClusterSlot {
     }
 }
 
+/// Set this environment variable to keep every test cluster's directory (node data and logs)
+/// after the cluster is dropped, for reading the logs of a failed test or a benchmark run.
+pub const KEEP_DIRS_ENV: &str = "CELLCHAT_KEEP_TEST_DIRS";
+
+/// Set this environment variable to a tracing filter to override test nodes' `--log`.
+pub const NODE_LOG_ENV: &str = "CELLCHAT_TEST_NODE_LOG";
+
+fn node_log_filter() -> String {
+    std::env::var(NODE_LOG_ENV).unwrap_or_else(|_| "info,openraft=warn".to_owned())
+}
+
 /// The server's default `--max-voters`: joiners beyond it stay learners.
 const DEFAULT_MAX_VOTERS: usize = 5;
 
@@ -318,10 +329,14 @@ impl TestCluster {
 
     fn build(name: &str, extra_args: &[&str], test_timing: bool) -> anyhow::Result<TestCluster> {
         let slot = ClusterSlot::take();
-        let dir = tempfile::Builder::new()
+        let mut dir = tempfile::Builder::new()
             .prefix(&format!("cellchat-{name}-"))
             .tempdir()
             .context("creating the test dir")?;
+        if std::env::var_os(KEEP_DIRS_ENV).is_some() {
+            dir.disable_cleanup(true);
+            eprintln!("{KEEP_DIRS_ENV} is set: keeping {}", dir.path().display());
+        }
         let suffix: u32 = rand::random();
         Ok(TestCluster {
             dir,
@@ -364,7 +379,7 @@ impl TestCluster {
             .args(["--cluster", &self.cluster])
             .args(["--discovery-port", &self.discovery_port.to_string()])
             .args(["--formation-window-ms", "700"])
-            .args(["--log", "info,openraft=warn"])
+            .args(["--log", &node_log_filter()])
             .args(if self.test_timing {
                 &TEST_SERVER_ARGS[..]
             } else {
