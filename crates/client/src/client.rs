@@ -29,7 +29,7 @@ const BACKOFF_MIN: Duration = Duration::from_millis(25);
 /// Longest retry delay between two attempts (rate limits excepted: they say how long).
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Longest retry delay while the cluster is between leaders (no node names one) or the node
-/// tried is gone: an election takes one election timeout (150-300 ms by default), so waiting
+/// tried is gone: an election takes the leader lease plus an election timeout (360-480 ms by default), so waiting
 /// up to a second would add most of a second to every failover. Within the default budget of
 /// 200 attempts this still keeps retrying for 10-20 s.
 const ELECTION_BACKOFF_MAX: Duration = Duration::from_millis(100);
@@ -149,6 +149,16 @@ impl Table {
                 .then(a.cmp(b))
         });
         ids
+    }
+
+    /// Records the node a leader hint names (see `Inner::learn_hint`); lifts its down mark
+    /// when it is not the leader already recorded.
+    fn learn_hint(&mut self, hint: &LeaderHint) {
+        let news = self.leader != Some(hint.id);
+        let node = self.upsert(hint.id, hint.client_addr);
+        if news {
+            node.down_until = None;
+        }
     }
 
     fn upsert(&mut self, id: u64, client_addr: SocketAddr) -> &mut NodeState {
@@ -569,8 +579,12 @@ impl Inner {
         }
     }
 
+    /// Records the leader a node named. A hint that names a new leader comes from a live node
+    /// that just saw it win an election, which outweighs an earlier failure of ours (for
+    /// example a broken connection from before the node restarted): its down mark is lifted so
+    /// the next send goes straight to it instead of to nodes that keep naming it.
     fn learn_hint(&self, hint: &LeaderHint) {
-        self.table.lock().upsert(hint.id, hint.client_addr);
+        self.table.lock().learn_hint(hint);
         self.set_leader(hint.id);
     }
 
@@ -784,14 +798,30 @@ impl Inner {
         }
     }
 
+    /// Pings `id` over its connection. A cached connection that broke since it was last used
+    /// (the node restarted, say) says nothing about the node now: it is dropped and the ping
+    /// retried once on a fresh connection, so only a node that fails now is marked down.
     async fn probe(&self, id: u64) -> Result<(Duration, proto::Pong), Failure> {
-        let conn = self.read_conn(id).await?;
         let timeout = self.config.request_timeout.min(Duration::from_secs(1));
-        let started = Instant::now();
-        match conn.ping(ctx(timeout), rand::random()).await {
-            Ok(pong) => Ok((started.elapsed(), pong)),
-            Err(e) => Err(Failure::Transport(format!("ping: {e}"))),
+        let mut redialed = false;
+        loop {
+            let conn = self.read_conn(id).await?;
+            let started = Instant::now();
+            match conn.ping(ctx(timeout), rand::random()).await {
+                Ok(pong) => return Ok((started.elapsed(), pong)),
+                Err(RpcError::Shutdown) if !redialed => {
+                    redialed = true;
+                    self.forget_conn(id);
+                }
+                Err(e) => return Err(Failure::Transport(format!("ping: {e}"))),
+            }
         }
+    }
+
+    /// Drops the cached connection to `node` (a concurrent caller that already replaced it
+    /// with a fresh one only pays a redial).
+    fn forget_conn(&self, node: u64) {
+        self.conns.lock().remove(&node);
     }
 
     fn record_pong(&self, id: u64, elapsed: Duration, pong: &proto::Pong) {
@@ -1177,6 +1207,28 @@ mod tests {
         for attempts in 1..40 {
             assert!(backoff_capped(attempts, ELECTION_BACKOFF_MAX) <= ELECTION_BACKOFF_MAX);
         }
+    }
+
+    #[test]
+    fn a_hint_naming_a_new_leader_lifts_its_down_mark_but_a_repeated_one_does_not() {
+        let addr: SocketAddr = ([127, 0, 0, 1], 9).into();
+        let mut table = Table::default();
+        table.nodes.insert(1, node(9, None, true));
+        table.nodes.insert(2, node(10, None, true));
+        table.leader = Some(2);
+        let now = Instant::now();
+        // Node 2 is the recorded leader and down: a hint naming it again is stale news.
+        table.learn_hint(&LeaderHint {
+            id: 2,
+            client_addr: ([127, 0, 0, 1], 10).into(),
+        });
+        assert!(table.nodes[&2].is_down(now));
+        // Node 1 won an election a live node saw: try it even though it failed us before.
+        table.learn_hint(&LeaderHint {
+            id: 1,
+            client_addr: addr,
+        });
+        assert!(!table.nodes[&1].is_down(now));
     }
 
     #[test]
