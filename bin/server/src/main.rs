@@ -115,13 +115,13 @@ struct RunArgs {
     #[arg(long, env = "CELLCHAT_FORMATION_WINDOW_MS", default_value_t = 1500)]
     formation_window_ms: u64,
     /// Raft heartbeat period in ms (also the AppendEntries timeout).
-    #[arg(long, env = "CELLCHAT_HEARTBEAT_MS", default_value_t = 50)]
+    #[arg(long, env = "CELLCHAT_HEARTBEAT_MS", default_value_t = 30)]
     heartbeat_ms: u64,
     /// Raft election timeout lower bound in ms.
-    #[arg(long, env = "CELLCHAT_ELECTION_MIN_MS", default_value_t = 150)]
+    #[arg(long, env = "CELLCHAT_ELECTION_MIN_MS", default_value_t = 120)]
     election_min_ms: u64,
-    /// Raft election timeout upper bound in ms.
-    #[arg(long, env = "CELLCHAT_ELECTION_MAX_MS", default_value_t = 300)]
+    /// Raft election timeout upper bound in ms (also the leader lease).
+    #[arg(long, env = "CELLCHAT_ELECTION_MAX_MS", default_value_t = 240)]
     election_max_ms: u64,
     /// Take a snapshot (and purge the log below it) every N applied entries.
     #[arg(long, env = "CELLCHAT_SNAPSHOT_EVERY", default_value_t = 10_000)]

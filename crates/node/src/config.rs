@@ -40,11 +40,13 @@ pub struct Config {
     /// How long a fresh node listens for others before deciding to bootstrap or join, in ms.
     /// Default 1500; 100 to 60000.
     pub formation_window_ms: u64,
-    /// Leader heartbeat period in ms; also openraft's AppendEntries timeout. Default 50.
+    /// Leader heartbeat period in ms; also openraft's AppendEntries timeout. Default 30.
     pub heartbeat_ms: u64,
-    /// Election timeout lower bound in ms. Default 150; more than `heartbeat_ms`.
+    /// Election timeout lower bound in ms. Default 120; more than `heartbeat_ms`.
     pub election_timeout_ms_min: u64,
-    /// Election timeout upper bound in ms. Default 300; more than the lower bound.
+    /// Election timeout upper bound in ms. Default 240; more than the lower bound. openraft 0.9
+    /// also uses it as the leader lease: a follower refuses votes for this long after the
+    /// leader's last heartbeat.
     pub election_timeout_ms_max: u64,
     /// Build a snapshot after this many applied entries. Default 10000; at least 2.
     pub snapshot_every_entries: u64,
@@ -85,9 +87,9 @@ impl Config {
             max_voters: 5,
             bootstrap_expect: None,
             formation_window_ms: 1500,
-            heartbeat_ms: 50,
-            election_timeout_ms_min: 150,
-            election_timeout_ms_max: 300,
+            heartbeat_ms: 30,
+            election_timeout_ms_min: 120,
+            election_timeout_ms_max: 240,
             snapshot_every_entries: 10_000,
             log_keep_entries: 1000,
             wal_segment_mib: 64,
