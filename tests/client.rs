@@ -604,3 +604,305 @@ async fn interactive_clients_in_tmux_see_each_other_and_keep_half_typed_input() 
     tmux.run(&["send-keys", "-t", "Alice", "Enter"])?;
     Ok(())
 }
+
+/// The value of the unlabeled metric `name` in a node's Prometheus text.
+async fn metric(addr: std::net::SocketAddr, name: &str) -> anyhow::Result<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    text.lines()
+        .find_map(|line| {
+            let (key, value) = line.split_once(' ')?;
+            (key == name).then(|| value.trim().parse().ok()).flatten()
+        })
+        .with_context(|| format!("no metric {name} at {addr}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_subscriptions_share_one_push_connection_and_resume_after_a_kill9(
+) -> anyhow::Result<()> {
+    let mut cluster = three_nodes("cl-push-many", &[]).await?;
+    let alice = client_as(&cluster, "alice").await?;
+    let bob = client_as(&cluster, "bob").await?;
+    for i in 0..5 {
+        alice
+            .send_text("general", &format!("before {i}"), None)
+            .await?;
+    }
+    // 16 subscriptions of one client: two channels, several starting points.
+    const SUBS: usize = 16;
+    let starts: Vec<(&str, u64)> = (0..SUBS)
+        .map(|i| {
+            (
+                if i % 2 == 0 { "general" } else { "random" },
+                (i % 4) as u64,
+            )
+        })
+        .collect();
+    let mut subs: Vec<_> = starts
+        .iter()
+        .map(|(channel, after)| bob.subscribe(channel, *after))
+        .collect();
+    const TOTAL: u64 = 40;
+    let sender = {
+        let alice = alice.clone();
+        tokio::spawn(async move {
+            for i in 0..TOTAL {
+                alice.send_text("general", &format!("g{i}"), None).await?;
+                alice.send_text("random", &format!("r{i}"), None).await?;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            anyhow::Ok(())
+        })
+    };
+    let heads = |channel: &str| {
+        if channel == "general" {
+            5 + TOTAL
+        } else {
+            TOTAL
+        }
+    };
+    let mut got: Vec<Vec<WireMessage>> = Vec::new();
+    for (sub, (channel, after)) in subs.iter_mut().zip(&starts) {
+        // The first few past each start, so every subscription is live before the kill.
+        let first = receive(sub, 3, RECEIVE).await?;
+        assert_dense(&first, after + 1);
+        assert!(first.iter().all(|m| m.channel == *channel));
+        got.push(first);
+    }
+    let victim = bob.status().reading.context("bob reads from some node")?;
+    let index = cluster
+        .nodes
+        .iter()
+        .position(|n| n.ready().is_some_and(|r| r.id == victim))
+        .context("victim is one of ours")?;
+    let victim_metrics = cluster.nodes[index].ready().context("ready")?.metrics;
+    // All of bob's subscriptions on one push connection (alice has none: she only sends).
+    assert_eq!(
+        metric(victim_metrics, "cellchat_push_connections").await?,
+        1.0
+    );
+    assert_eq!(
+        metric(victim_metrics, "cellchat_push_subscriptions").await?,
+        SUBS as f64
+    );
+    cluster.nodes[index].kill9();
+
+    for ((sub, (channel, after)), got) in subs.iter_mut().zip(&starts).zip(&mut got) {
+        let want = heads(channel) - after;
+        let rest = receive(sub, (want as usize) - got.len(), RECEIVE).await?;
+        got.extend(rest);
+        assert_dense(got, after + 1);
+        assert!(got.iter().all(|m| m.channel == *channel));
+    }
+    sender.await??;
+    assert_ne!(
+        bob.status().reading,
+        Some(victim),
+        "bob moved off the killed node"
+    );
+    for sub in &mut subs {
+        let extra = tokio::time::timeout(Duration::from_millis(300), sub.recv()).await;
+        assert!(extra.is_err(), "unexpected extra delivery: {extra:?}");
+    }
+    Ok(())
+}
+
+/// Raw push protocol against a real node: typed errors for bad input, and the node keeps
+/// serving afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_push_port_answers_bad_input_with_typed_errors_and_keeps_serving() -> anyhow::Result<()>
+{
+    use futures::{SinkExt as _, StreamExt as _};
+    use proto::push::{self, ClientFrame, PushHello, ServerFrame, Subscribe};
+    use proto::{ApiError, RejectReason};
+    use tarpc::tokio_util::codec::Framed;
+    use tokio::io::AsyncWriteExt;
+
+    let cluster = three_nodes("cl-push-bad", &[]).await?;
+    let alice = client_as(&cluster, "alice").await?;
+    alice.send_text("general", "one", None).await?;
+    let node = *cluster.nodes[0].ready().context("ready")?;
+
+    async fn open(
+        addr: std::net::SocketAddr,
+    ) -> anyhow::Result<Framed<tokio::net::TcpStream, tarpc::tokio_util::codec::LengthDelimitedCodec>>
+    {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.write_all(&push::PUSH_MAGIC).await?;
+        Ok(Framed::new(
+            stream,
+            push::frame_codec(proto::FRAME_BYTES_MAX),
+        ))
+    }
+    async fn send(
+        framed: &mut Framed<tokio::net::TcpStream, tarpc::tokio_util::codec::LengthDelimitedCodec>,
+        frame: &ClientFrame,
+    ) -> anyhow::Result<()> {
+        let encoded = push::encode_frame(frame);
+        framed.send(encoded.slice(push::LENGTH_BYTES..)).await?;
+        Ok(())
+    }
+    async fn next(
+        framed: &mut Framed<tokio::net::TcpStream, tarpc::tokio_util::codec::LengthDelimitedCodec>,
+    ) -> anyhow::Result<Option<ServerFrame>> {
+        match tokio::time::timeout(RECEIVE, framed.next()).await? {
+            None => Ok(None),
+            Some(body) => Ok(Some(push::decode_server_frame(&body?)?)),
+        }
+    }
+    let hello = ClientFrame::Hello(PushHello::new(cluster.cluster.clone(), None));
+
+    // A subscribe before hello: Unauthenticated for the connection, then close.
+    let mut conn = open(node.client).await?;
+    send(&mut conn, &ClientFrame::Unsubscribe { sub_id: 1 }).await?;
+    assert_eq!(
+        next(&mut conn).await?,
+        Some(ServerFrame::Error {
+            sub_id: None,
+            error: ApiError::Unauthenticated
+        })
+    );
+    assert_eq!(next(&mut conn).await?, None, "closed after the error");
+
+    // Another version, another cluster.
+    let mut conn = open(node.client).await?;
+    let mut other = PushHello::new(cluster.cluster.clone(), None);
+    other.version = push::PUSH_VERSION + 7;
+    send(&mut conn, &ClientFrame::Hello(other)).await?;
+    assert!(matches!(
+        next(&mut conn).await?,
+        Some(ServerFrame::Error {
+            sub_id: None,
+            error: ApiError::UnsupportedProtocol { .. }
+        })
+    ));
+    let mut conn = open(node.client).await?;
+    send(
+        &mut conn,
+        &ClientFrame::Hello(PushHello::new("not-ours", None)),
+    )
+    .await?;
+    assert!(matches!(
+        next(&mut conn).await?,
+        Some(ServerFrame::Error {
+            sub_id: None,
+            error: ApiError::WrongCluster { .. }
+        })
+    ));
+
+    // Garbage after hello: a typed error, then close.
+    let mut conn = open(node.client).await?;
+    send(&mut conn, &hello).await?;
+    assert!(
+        matches!(next(&mut conn).await?, Some(ServerFrame::Welcome(w)) if w.node_id == node.id)
+    );
+    conn.send(bytes_of(&[0xff; 9])).await?;
+    assert!(matches!(
+        next(&mut conn).await?,
+        Some(ServerFrame::Error {
+            sub_id: None,
+            error: ApiError::Rejected(RejectReason::Malformed { .. })
+        })
+    ));
+
+    // An oversized length prefix: closed without reading the body.
+    let mut raw = tokio::net::TcpStream::connect(node.client).await?;
+    raw.write_all(&push::PUSH_MAGIC).await?;
+    raw.write_all(&encode_raw(&hello)).await?;
+    raw.write_all(&((push::CLIENT_FRAME_BYTES_MAX as u32) + 1).to_be_bytes())
+        .await?;
+    let mut framed = Framed::new(raw, push::frame_codec(proto::FRAME_BYTES_MAX));
+    assert!(matches!(
+        next(&mut framed).await?,
+        Some(ServerFrame::Welcome(_))
+    ));
+    let mut closed = false;
+    while let Some(frame) = next(&mut framed).await? {
+        assert!(
+            matches!(
+                frame,
+                ServerFrame::Error { sub_id: None, .. } | ServerFrame::Heartbeat { .. }
+            ),
+            "{frame:?}"
+        );
+        closed = matches!(frame, ServerFrame::Error { .. }) || closed;
+    }
+    assert!(closed, "an error frame before the close");
+
+    // An invalid channel ends that subscription only; a good one on the same connection works.
+    let mut conn = open(node.client).await?;
+    send(&mut conn, &hello).await?;
+    assert!(matches!(
+        next(&mut conn).await?,
+        Some(ServerFrame::Welcome(_))
+    ));
+    let subscribe = |sub_id: u64, channel: &str| {
+        ClientFrame::Subscribe(Subscribe {
+            sub_id,
+            channel: channel.into(),
+            after_seq: 0,
+            read_token: alice.read_token(),
+        })
+    };
+    send(&mut conn, &subscribe(1, "Not A Channel!")).await?;
+    send(&mut conn, &subscribe(2, "general")).await?;
+    let mut saw_error = false;
+    let mut saw_batch = false;
+    while !(saw_error && saw_batch) {
+        match next(&mut conn).await?.context("connection closed")? {
+            ServerFrame::Error {
+                sub_id: Some(1),
+                error,
+            } => {
+                assert_eq!(error, ApiError::Rejected(RejectReason::InvalidChannel));
+                saw_error = true;
+            }
+            ServerFrame::Batch { sub_id: 2, batch } => {
+                assert_eq!(batch.messages.len(), 1);
+                assert_eq!(batch.messages[0].seq, 1);
+                saw_batch = true;
+            }
+            ServerFrame::Heartbeat { .. } => {}
+            other => bail!("unexpected {other:?}"),
+        }
+    }
+    // Pushed live: the next send arrives on the open subscription.
+    alice.send_text("general", "two", None).await?;
+    loop {
+        match next(&mut conn).await?.context("connection closed")? {
+            ServerFrame::Batch { sub_id: 2, batch } => {
+                assert_eq!(batch.messages[0].seq, 2);
+                break;
+            }
+            ServerFrame::Heartbeat { .. } => {}
+            other => bail!("unexpected {other:?}"),
+        }
+    }
+    // Idle: heartbeats come.
+    let idle = tokio::time::timeout(Duration::from_millis(push::SILENCE_MS_MAX), conn.next())
+        .await
+        .context("no frame within the silence limit")?
+        .context("closed")??;
+    assert!(matches!(
+        push::decode_server_frame(&idle)?,
+        ServerFrame::Heartbeat { .. }
+    ));
+
+    // tarpc on the same port still works.
+    let page = alice.history("general", None, 10).await?;
+    assert_eq!(page.messages.len(), 2);
+    Ok(())
+}
+
+fn encode_raw(frame: &proto::push::ClientFrame) -> Vec<u8> {
+    proto::push::encode_frame(frame).to_vec()
+}
+
+fn bytes_of(bytes: &[u8]) -> bytes::Bytes {
+    bytes::Bytes::copy_from_slice(bytes)
+}

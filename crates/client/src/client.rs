@@ -211,6 +211,8 @@ pub(crate) struct Inner {
     /// Bumped whenever a node is marked down or reads move, so long polls on the old node stop
     /// waiting.
     pub(crate) route_tx: watch::Sender<u64>,
+    /// Push connections for subscriptions, one per node (`push.rs`).
+    pub(crate) push: crate::push::PushPool,
 }
 
 /// Why one attempt on one node failed.
@@ -267,6 +269,7 @@ impl Client {
             events: broadcast::channel(EVENTS_CAPACITY).0,
             route_tx,
             config,
+            push: crate::push::PushPool::default(),
         });
         inner.initial_discovery().await?;
         inner.probe_all().await;
@@ -535,7 +538,7 @@ impl Inner {
         self.read_token.fetch_max(token, Ordering::AcqRel);
     }
 
-    fn addr_of(&self, node: u64) -> Option<SocketAddr> {
+    pub(crate) fn addr_of(&self, node: u64) -> Option<SocketAddr> {
         self.table.lock().nodes.get(&node).map(|n| n.client_addr)
     }
 

@@ -16,7 +16,9 @@
 //! - The read token is the largest `read_token` of any send reply and `applied` of any batch;
 //!   every read carries it, so reads are monotonic and include the client's own sends on any
 //!   node.
-//! - A [`Subscription`] hands out dense seqs, each once, and resumes exactly after the last one
+//! - A [`Subscription`] is served by the node pushing batches over a push connection (one per
+//!   node per [`Client`], shared by its subscriptions; long polls on nodes without push). It
+//!   hands out dense seqs, each once, and resumes exactly after the last one
 //!   when it moves to another node.
 //! - Bodies are opaque to servers; [`crypto`] defines the client-side body format and
 //!   encryption, [`identity`] the per-user key files.
@@ -32,6 +34,7 @@ mod config;
 pub mod crypto;
 mod error;
 pub mod identity;
+mod push;
 mod stream;
 pub mod time;
 

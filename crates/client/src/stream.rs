@@ -1,5 +1,6 @@
-//! [`Subscription`]: the messages of one channel in seq order, from a long-poll loop that moves
-//! to the next nearest node when its node fails, and resumes right after the last seq it
+//! [`Subscription`]: the messages of one channel in seq order, pushed by the nearest node over
+//! a push connection (`push.rs`; long polls with `Chat::stream` on nodes without push), moving
+//! to the next nearest node when its node fails, and resuming right after the last seq it
 //! delivered.
 
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use tokio::sync::mpsc;
 
 use crate::client::{backoff, Client, Failure, Inner};
 use crate::error::Error;
+use crate::push::{DialError, SubEvent};
 
 /// Messages one poll asks for.
 const POLL_MESSAGES_MAX: u32 = 500;
@@ -23,7 +25,7 @@ const SUBSCRIPTION_CAPACITY: usize = 1024;
 ///   `after_seq + 1`);
 /// - no seq is handed out twice, also across a move to another node.
 ///
-/// Dropping it stops the poll loop.
+/// Dropping it stops the poll loop (and unsubscribes on the push connection).
 #[derive(Debug)]
 pub struct Subscription {
     channel: String,
@@ -78,6 +80,8 @@ enum Poll {
     Fatal(ApiError),
     /// Reads moved to another node; poll there.
     Moved,
+    /// The node does not speak push; long-poll it.
+    Unsupported,
     /// The subscriber went away.
     Closed,
 }
@@ -99,7 +103,12 @@ async fn poll_loop(
             tokio::time::sleep(backoff(failures)).await;
             continue;
         };
-        match poll_once(&inner, node, &channel, last, &tx).await {
+        let outcome = if inner.push.supports(node) {
+            push_once(&inner, node, &channel, &mut last, &mut failures, &tx).await
+        } else {
+            poll_once(&inner, node, &channel, last, &tx).await
+        };
+        match outcome {
             Poll::Batch(messages, applied) => {
                 failures = 0;
                 inner.observe(applied);
@@ -121,7 +130,7 @@ async fn poll_loop(
                 }
             }
             Poll::Wait(wait) => tokio::time::sleep(wait).await,
-            Poll::Moved => {}
+            Poll::Moved | Poll::Unsupported => {}
             Poll::Fatal(e) => {
                 // The subscriber may be gone already; the loop ends either way.
                 let _ = tx.send(Err(Error::Api(e))).await;
@@ -205,6 +214,64 @@ async fn poll_once(
                 }
                 if inner.current_reader() != Some(node) {
                     // Nothing of this poll was handed out; the next poll resumes after `last`.
+                    return Poll::Moved;
+                }
+            }
+            () = tx.closed() => return Poll::Closed,
+        }
+    }
+}
+
+/// One push subscription on `node`, handing out batches as they come, until the node fails,
+/// reads move, or the subscriber goes away. `last` follows every message handed out, so the
+/// next attempt (here or on another node) resumes right after it.
+async fn push_once(
+    inner: &Inner,
+    node: u64,
+    channel: &str,
+    last: &mut u64,
+    failures: &mut u32,
+    tx: &mpsc::Sender<Result<WireMessage, Error>>,
+) -> Poll {
+    let mut route_rx = inner.route_tx.subscribe();
+    let conn = match inner.push.get(inner, node).await {
+        Ok(conn) => conn,
+        Err(DialError::Unsupported) => return Poll::Unsupported,
+        Err(DialError::Failed(Failure::Api(e))) => return classify(e),
+        Err(DialError::Failed(Failure::Transport(reason))) => return Poll::NodeFailed(reason),
+    };
+    let Some(mut sub) = conn.subscribe(channel, *last, inner.token()) else {
+        inner.push.forget(node);
+        return Poll::NodeFailed("push connection closed".into());
+    };
+    loop {
+        tokio::select! {
+            event = sub.events.recv() => match event {
+                Some(SubEvent::Batch(batch)) => {
+                    *failures = 0;
+                    inner.observe(batch.applied);
+                    match deliver(tx, last, batch.messages).await {
+                        Delivered::Ok => {}
+                        Delivered::Gap { expected, found } => {
+                            tracing::warn!(node, %channel, expected, found, "seq gap from node, moving");
+                            inner.mark_down(node, "seq gap");
+                            return Poll::Moved;
+                        }
+                        Delivered::Closed => return Poll::Closed,
+                    }
+                }
+                Some(SubEvent::Error(e)) => return classify(e),
+                None => {
+                    inner.push.forget(node);
+                    return Poll::NodeFailed("push connection lost".into());
+                }
+            },
+            changed = route_rx.changed() => {
+                if changed.is_err() || inner.is_down(node) {
+                    return Poll::NodeFailed("node marked down".into());
+                }
+                if inner.current_reader() != Some(node) {
+                    // Dropping `sub` unsubscribes; the next attempt resumes after `last`.
                     return Poll::Moved;
                 }
             }

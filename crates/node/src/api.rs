@@ -175,7 +175,7 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn map_reject(reason: chat_sm::RejectReason) -> RejectReason {
+pub(crate) fn map_reject(reason: chat_sm::RejectReason) -> RejectReason {
     use chat_sm::RejectReason as R;
     match reason {
         R::InvalidChannel => RejectReason::InvalidChannel,
@@ -192,7 +192,7 @@ fn map_reject(reason: chat_sm::RejectReason) -> RejectReason {
     }
 }
 
-fn to_wire(message: chat_sm::Message) -> WireMessage {
+pub(crate) fn to_wire(message: chat_sm::Message) -> WireMessage {
     WireMessage {
         channel: message.channel,
         seq: message.seq.0,

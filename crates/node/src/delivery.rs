@@ -1,4 +1,4 @@
-//! `Delivery`: wakes long-poll streams when the state machine applies new messages.
+//! `Delivery`: wakes long-poll streams and push subscriptions when the state machine applies new messages.
 //!
 //! chat-sm calls its apply listener synchronously after each applied batch with the applied
 //! index and the new head of every channel the batch touched. `Delivery` turns that into two
@@ -77,6 +77,17 @@ impl Delivery {
         matches!(reached, Ok(Ok(_)))
     }
 
+    /// A receiver of `channel`'s head, bumped by every apply that touches the channel while
+    /// the receiver lives. Its value starts at 0 (or a stale head): read the real head from
+    /// the state machine after subscribing, then wait for changes (push subscriptions do).
+    pub fn head_receiver(&self, channel: &str) -> watch::Receiver<u64> {
+        let mut heads = self.inner.heads.lock();
+        heads
+            .entry(channel.to_owned())
+            .or_insert_with(|| watch::Sender::new(0))
+            .subscribe()
+    }
+
     /// Waits until `channel`'s head passes `after_seq`, or `timeout` passes. `current_head`
     /// is the head the caller just read from the state machine, checked after subscribing so a
     /// message applied between the read and the subscription is not missed.
@@ -88,13 +99,7 @@ impl Delivery {
         current_head: impl Fn() -> u64,
         timeout: Duration,
     ) -> bool {
-        let mut rx = {
-            let mut heads = self.inner.heads.lock();
-            heads
-                .entry(channel.to_owned())
-                .or_insert_with(|| watch::Sender::new(0))
-                .subscribe()
-        };
+        let mut rx = self.head_receiver(channel);
         if current_head() > after_seq {
             return true;
         }

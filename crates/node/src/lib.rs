@@ -7,7 +7,7 @@
 //!   conformance suite (`tests/storage_conformance.rs`); each module doc says which call meets
 //!   which clause of openraft's contract.
 //! - The running node: [`Server`] wires Raft RPC over tarpc (`raft_rpc`), the chat API
-//!   (`api`), the send [`Proposer`], apply notifications ([`Delivery`]), discovery and
+//!   (`api`) and its server-pushed subscriptions (`push`), the send [`Proposer`], apply notifications ([`Delivery`]), discovery and
 //!   zero-config formation (`cluster`), and Prometheus metrics (`metrics`).
 
 // openraft's `StorageError` (224 bytes) is the error type its storage traits demand; boxing
@@ -24,6 +24,7 @@ mod delivery;
 mod log_store;
 mod metrics;
 mod proposer;
+mod push;
 mod raft_rpc;
 mod reconcile;
 mod server;

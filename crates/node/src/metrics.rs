@@ -1,7 +1,8 @@
 //! Prometheus metrics and health endpoints of one node, served over plain HTTP/1.1.
 //!
 //! `GET /metrics` answers Prometheus text (Raft role, term, leader, commit and applied index,
-//! apply lag, sends, deliveries, batch sizes, stream waiters, connected clients, RPC latency
+//! apply lag, sends, deliveries, batch sizes, stream waiters, connected clients, push
+//! connections and subscriptions, RPC latency
 //! histograms); `GET /health` answers 200 while the process runs; `GET /ready` answers 200 once
 //! the node has a leader and has applied everything it knows to be committed, else 503.
 //! The HTTP side is deliberately tiny (one request per connection, GET only, 8 KiB request
@@ -43,6 +44,12 @@ pub struct Metrics {
     pub stream_waiters: Gauge,
     /// Open client connections.
     pub connected_clients: Gauge,
+    /// Open push connections (a subset of `connected_clients`).
+    pub push_connections: Gauge,
+    /// Open push subscriptions.
+    pub push_subscriptions: Gauge,
+    /// Push batches encoded (each shared by every subscriber at the same position).
+    pub push_batches_encoded: Counter,
     /// Sends per proposed log entry.
     pub batch_sends: Histogram,
     rpc_seconds: HistogramFamily,
@@ -65,6 +72,9 @@ impl Metrics {
         let deliveries_total = Counter::default();
         let stream_waiters = Gauge::default();
         let connected_clients = Gauge::default();
+        let push_connections = Gauge::default();
+        let push_subscriptions = Gauge::default();
+        let push_batches_encoded = Counter::default();
         let batch_sends = Histogram::new(exponential_buckets(1.0, 2.0, 12));
         let rpc_seconds: HistogramFamily = Family::new_with_constructor(latency_histogram);
         let role = Family::<Labels, Gauge>::default();
@@ -93,6 +103,21 @@ impl Metrics {
             "connected_clients",
             "Open client connections",
             connected_clients.clone(),
+        );
+        registry.register(
+            "push_connections",
+            "Open push connections",
+            push_connections.clone(),
+        );
+        registry.register(
+            "push_subscriptions",
+            "Open push subscriptions",
+            push_subscriptions.clone(),
+        );
+        registry.register(
+            "push_batches_encoded",
+            "Push batches encoded, each shared by every subscriber at the same position",
+            push_batches_encoded.clone(),
         );
         registry.register(
             "batch_sends",
@@ -141,6 +166,9 @@ impl Metrics {
             deliveries_total,
             stream_waiters,
             connected_clients,
+            push_connections,
+            push_subscriptions,
+            push_batches_encoded,
             batch_sends,
             rpc_seconds,
             role,

@@ -1,8 +1,9 @@
 //! `Server`: one running cellchat node, wired from its parts.
 //!
-//! `Server::start` opens storage, binds the three listeners (Raft RPC, chat RPC, HTTP metrics)
+//! `Server::start` opens storage, binds the three listeners (Raft RPC, clients, HTTP metrics)
 //! on ports that are kept across restarts, starts openraft, the proposer, discovery and the
-//! formation loop, and returns a handle. `wait_ready` resolves once the node can serve;
+//! formation loop, and returns a handle. The client listener serves both the tarpc `Chat`
+//! service and push connections (`push.rs`), told apart by their first 4 bytes. `wait_ready` resolves once the node can serve;
 //! `shutdown` stops it.
 
 use std::net::SocketAddr;
@@ -15,7 +16,8 @@ use openraft::Raft;
 use proto::discovery::DiscoverySocket;
 use proto::ChatServerTransport;
 use tarpc::server::{BaseChannel, Channel};
-use tokio::net::TcpListener;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 use crate::api::{ApiShared, ChatServer};
@@ -26,6 +28,7 @@ use crate::delivery::Delivery;
 use crate::log_store::{AckPolicy, LogStore, WAL_DIR};
 use crate::metrics::{self, Metrics};
 use crate::proposer::{Proposer, ProposerConfig};
+use crate::push::{self, BatchCache};
 use crate::raft_rpc::{self, Network, RaftRpcServer};
 use crate::reconcile;
 use crate::state_machine::StateMachine;
@@ -147,8 +150,8 @@ impl Server {
                     addr: raft_addr,
                     source,
                 })?;
-        let client_listener: proto::ChatListener =
-            proto::listen(client_addr)
+        let client_listener =
+            TcpListener::bind(client_addr)
                 .await
                 .map_err(|source| ServerError::Bind {
                     what: "clients",
@@ -172,7 +175,14 @@ impl Server {
             })?;
         let ports = Ports {
             raft: raft_listener.local_addr().port(),
-            client: client_listener.local_addr().port(),
+            client: client_listener
+                .local_addr()
+                .map_err(|source| ServerError::Bind {
+                    what: "clients",
+                    addr: client_addr,
+                    source,
+                })?
+                .port(),
             metrics: metrics_local.port(),
         };
         if kept != Some(ports) {
@@ -383,26 +393,89 @@ fn open_faulty_log(
     ))
 }
 
-fn serve_clients(listener: proto::ChatListener, shared: Arc<ApiShared>) -> JoinHandle<()> {
+/// How long the accept path waits for a new connection's first 4 bytes to tell a push
+/// connection from a tarpc one. Both kinds of client write first; a tarpc connection still
+/// silent after this is served as tarpc.
+const ROUTE_PEEK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Accepts client connections and routes each by its first 4 bytes: [`proto::push::PUSH_MAGIC`]
+/// to the push server, anything else to the tarpc `Chat` service (a tarpc frame's length
+/// prefix can never equal the magic, see `proto::push`).
+fn serve_clients(listener: TcpListener, shared: Arc<ApiShared>) -> JoinHandle<()> {
+    let cache = Arc::new(BatchCache::default());
     tokio::spawn(async move {
         loop {
-            let transport: ChatServerTransport = match listener.accept().await {
-                Ok((transport, _peer)) => transport,
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
                 Err(e) => {
                     tracing::warn!(error = %e, "client accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             };
-            let server = ChatServer::new(shared.clone());
-            tokio::spawn(
-                BaseChannel::with_defaults(transport)
-                    .max_concurrent_requests(CONN_REQUESTS_MAX)
-                    .execute(proto::Chat::serve(server))
-                    .for_each(|response| async move {
-                        tokio::spawn(response);
-                    }),
-            );
+            let shared = shared.clone();
+            let cache = cache.clone();
+            tokio::spawn(async move {
+                if let Err(e) = route_client(stream, peer, shared, cache).await {
+                    tracing::debug!(%peer, error = %e, "client connection setup failed");
+                }
+            });
         }
     })
+}
+
+/// Peeks at a new connection's first bytes and serves it as push or as tarpc.
+async fn route_client(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<ApiShared>,
+    cache: Arc<BatchCache>,
+) -> std::io::Result<()> {
+    proto::set_socket_options(&stream)?;
+    if starts_with_push_magic(&stream).await? {
+        let mut magic = [0u8; 4];
+        stream.read_exact(&mut magic).await?;
+        push::serve_connection(shared, cache, stream, peer).await;
+        return Ok(());
+    }
+    let transport: ChatServerTransport = proto::transport_from_stream(stream)?;
+    let server = ChatServer::new(shared);
+    BaseChannel::with_defaults(transport)
+        .max_concurrent_requests(CONN_REQUESTS_MAX)
+        .execute(proto::Chat::serve(server))
+        .for_each(|response| async move {
+            tokio::spawn(response);
+        })
+        .await;
+    Ok(())
+}
+
+/// Whether the connection's first 4 bytes are the push magic, without consuming them. False
+/// when they differ, or when fewer than 4 bytes came within [`ROUTE_PEEK_TIMEOUT`] (tarpc then
+/// reads whatever comes).
+async fn starts_with_push_magic(stream: &TcpStream) -> std::io::Result<bool> {
+    let deadline = tokio::time::Instant::now() + ROUTE_PEEK_TIMEOUT;
+    let mut first = [0u8; 4];
+    loop {
+        let peeked = match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
+            Ok(peeked) => peeked?,
+            Err(_) => return Ok(false),
+        };
+        if peeked == 0 {
+            // Closed before saying anything; tarpc sees the EOF and ends.
+            return Ok(false);
+        }
+        if first[..peeked] != proto::push::PUSH_MAGIC[..peeked] {
+            return Ok(false);
+        }
+        if peeked == first.len() {
+            return Ok(true);
+        }
+        // A prefix of the magic so far: `peek` returns at once while bytes are buffered, so
+        // wait a little for the rest instead of spinning.
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }

@@ -9,6 +9,8 @@
 //!   and a server answers every other call except [`Chat::ping`] with
 //!   [`ApiError::Unauthenticated`] until `hello` succeeded on that connection. A wrong
 //!   [`PROTOCOL_VERSION`] or cluster name gets a typed error ([`check_hello`]).
+//! - A connection to a node's client address that starts with [`push::PUSH_MAGIC`] speaks the
+//!   [`push`] protocol (server-pushed subscriptions) instead of tarpc.
 //! - Errors that cross the wire are [`ApiError`]: small, serializable, and never carrying
 //!   `io::Error` text.
 //! - Every discovery datagram starts with [`discovery::MAGIC`] and [`discovery::DISCOVERY_VERSION`]
@@ -27,6 +29,7 @@ mod codec;
 pub mod discovery;
 mod error;
 mod login;
+pub mod push;
 mod service;
 mod transport;
 mod types;
@@ -39,7 +42,10 @@ pub use service::{
     ChatListener, ChatRequest, ChatResponse, ChatServerTransport, ServeChat, DEADLINE_MARGIN,
     PROTOCOL_VERSION, REPLY_MARGIN, STREAM_WAIT_MS_MAX,
 };
-pub use transport::{connect, listen, Listener, Transport, FRAME_BYTES_MAX};
+pub use transport::{
+    connect, listen, set_socket_options, transport_from_stream, Listener, Transport,
+    FRAME_BYTES_MAX,
+};
 pub use types::{
     ChannelInfo, ClusterInfo, Hello, HistoryRequest, LeaderHint, Login, MessageBatch, NodeInfo,
     Pong, Role, SendReply, SendRequest, Session, StreamRequest, Welcome, WireMessage,

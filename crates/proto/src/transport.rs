@@ -125,19 +125,44 @@ where
     }
 }
 
-/// Sets the socket options and frames `stream` with the shared limit.
-fn wrap<Item, SinkItem>(stream: TcpStream) -> io::Result<Transport<Item, SinkItem>>
+/// Wraps an accepted or connected `stream` in a [`Transport`] with the same settings as
+/// [`connect`]'s; for servers that accept connections themselves (to route push connections).
+///
+/// # Errors
+///
+/// The `io::Error` from setting a socket option.
+pub fn transport_from_stream<Item, SinkItem>(
+    stream: TcpStream,
+) -> io::Result<Transport<Item, SinkItem>>
 where
     Item: DeserializeOwned,
     SinkItem: Serialize,
 {
+    wrap(stream)
+}
+
+/// Sets `TCP_NODELAY` and keepalive on a client connection (as [`connect`] does).
+///
+/// # Errors
+///
+/// The `io::Error` from setting a socket option.
+pub fn set_socket_options(stream: &TcpStream) -> io::Result<()> {
     // Requests and replies are small and latency-bound; Nagle would hold them back.
     stream.set_nodelay(true)?;
     let keepalive = TcpKeepalive::new()
         .with_time(KEEPALIVE_IDLE)
         .with_interval(KEEPALIVE_INTERVAL)
         .with_retries(KEEPALIVE_RETRIES);
-    SockRef::from(&stream).set_tcp_keepalive(&keepalive)?;
+    SockRef::from(stream).set_tcp_keepalive(&keepalive)
+}
+
+/// Sets the socket options and frames `stream` with the shared limit.
+fn wrap<Item, SinkItem>(stream: TcpStream) -> io::Result<Transport<Item, SinkItem>>
+where
+    Item: DeserializeOwned,
+    SinkItem: Serialize,
+{
+    set_socket_options(&stream)?;
     let framed = LengthDelimitedCodec::builder()
         .max_frame_length(FRAME_BYTES_MAX)
         .new_framed(stream);

@@ -1,0 +1,314 @@
+//! Push connections: one per node per [`Client`](crate::Client), shared by all of that
+//! client's subscriptions reading from the node (`proto::push` describes the protocol).
+//!
+//! A [`PushConn`] runs one task that writes the client's frames and reads the node's, and
+//! routes each batch to its subscription's channel. The connection ends (and every
+//! subscription on it sees its channel close) on EOF, a read error, a protocol violation by
+//! the node, or [`proto::push::SILENCE_MS_MAX`] without any frame; killing the node ends it at
+//! once, a vanished node within that silence limit.
+//!
+//! Backpressure: a subscription's channel holds [`SUB_EVENTS_CAPACITY`] batches; when the
+//! application does not keep up, the connection task waits, stops reading the socket, and TCP
+//! slows the node down. Subscriptions on one connection therefore share its pace.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use parking_lot::Mutex;
+use proto::push::{self, ClientFrame, PushHello, ServerFrame, Subscribe};
+use proto::{ApiError, MessageBatch};
+use tarpc::tokio_util::codec::FramedRead;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use crate::client::{Failure, Inner};
+
+/// Batches buffered per subscription before the connection stops reading.
+const SUB_EVENTS_CAPACITY: usize = 64;
+
+/// A node that closed a push connection before welcoming it (an older node) is served by long
+/// polls for this long before push is tried again.
+const UNSUPPORTED_RETRY: Duration = Duration::from_secs(60);
+
+/// What a subscription receives.
+#[derive(Debug)]
+pub(crate) enum SubEvent {
+    /// The next messages.
+    Batch(MessageBatch),
+    /// The node ended the subscription.
+    Error(ApiError),
+}
+
+/// Why no push connection could be had.
+#[derive(Debug)]
+pub(crate) enum DialError {
+    /// The node does not speak the push protocol; use long polls.
+    Unsupported,
+    /// As for any connection.
+    Failed(Failure),
+}
+
+/// The push connections of one client, by node id.
+#[derive(Default)]
+pub(crate) struct PushPool {
+    conns: Mutex<HashMap<u64, Arc<PushConn>>>,
+    unsupported: Mutex<HashMap<u64, Instant>>,
+    /// Serializes dials, so subscriptions started together share one connection.
+    dialing: tokio::sync::Mutex<()>,
+}
+
+impl PushPool {
+    /// Whether push should be tried on `node` (false for a while after it refused push).
+    pub(crate) fn supports(&self, node: u64) -> bool {
+        let mut unsupported = self.unsupported.lock();
+        match unsupported.get(&node) {
+            Some(since) if since.elapsed() < UNSUPPORTED_RETRY => false,
+            Some(_) => {
+                unsupported.remove(&node);
+                true
+            }
+            None => true,
+        }
+    }
+
+    fn live(&self, node: u64) -> Option<Arc<PushConn>> {
+        let mut conns = self.conns.lock();
+        match conns.get(&node) {
+            Some(conn) if !conn.shared.closed.load(Ordering::Acquire) => Some(conn.clone()),
+            Some(_) => {
+                conns.remove(&node);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Drops the pool's connection to `node` (subscriptions on it keep it until they end).
+    pub(crate) fn forget(&self, node: u64) {
+        self.conns.lock().remove(&node);
+    }
+
+    /// The open push connection to `node`, or a new one.
+    pub(crate) async fn get(&self, inner: &Inner, node: u64) -> Result<Arc<PushConn>, DialError> {
+        if let Some(conn) = self.live(node) {
+            return Ok(conn);
+        }
+        let _dialing = self.dialing.lock().await;
+        if let Some(conn) = self.live(node) {
+            return Ok(conn);
+        }
+        let conn = match dial(inner, node).await {
+            Ok(conn) => Arc::new(conn),
+            Err(DialError::Unsupported) => {
+                tracing::info!(node, "node does not speak push; using long polls");
+                self.unsupported.lock().insert(node, Instant::now());
+                return Err(DialError::Unsupported);
+            }
+            Err(e) => return Err(e),
+        };
+        self.conns.lock().insert(node, conn.clone());
+        Ok(conn)
+    }
+}
+
+/// State shared by a [`PushConn`] and its task.
+struct ConnShared {
+    subs: Mutex<HashMap<u64, mpsc::Sender<SubEvent>>>,
+    closed: AtomicBool,
+}
+
+/// One push connection to one node.
+pub(crate) struct PushConn {
+    shared: Arc<ConnShared>,
+    frames: mpsc::UnboundedSender<ClientFrame>,
+    next_sub_id: AtomicU64,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PushConn {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An open subscription on a [`PushConn`]; dropping it unsubscribes.
+pub(crate) struct PushSub {
+    conn: Arc<PushConn>,
+    sub_id: u64,
+    pub(crate) events: mpsc::Receiver<SubEvent>,
+}
+
+impl Drop for PushSub {
+    fn drop(&mut self) {
+        if self.conn.shared.subs.lock().remove(&self.sub_id).is_some() {
+            // The connection may be gone already; then there is nothing to stop.
+            let _ = self.conn.frames.send(ClientFrame::Unsubscribe {
+                sub_id: self.sub_id,
+            });
+        }
+    }
+}
+
+impl PushConn {
+    /// Subscribes to `channel` after `after_seq`; `None` if the connection has closed.
+    pub(crate) fn subscribe(
+        self: &Arc<Self>,
+        channel: &str,
+        after_seq: u64,
+        read_token: u64,
+    ) -> Option<PushSub> {
+        let sub_id = self.next_sub_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(SUB_EVENTS_CAPACITY);
+        {
+            let mut subs = self.shared.subs.lock();
+            if self.shared.closed.load(Ordering::Acquire) {
+                return None;
+            }
+            subs.insert(sub_id, tx);
+        }
+        let frame = ClientFrame::Subscribe(Subscribe {
+            sub_id,
+            channel: channel.to_owned(),
+            after_seq,
+            read_token,
+        });
+        if self.frames.send(frame).is_err() {
+            self.shared.subs.lock().remove(&sub_id);
+            return None;
+        }
+        Some(PushSub {
+            conn: self.clone(),
+            sub_id,
+            events: rx,
+        })
+    }
+}
+
+/// Connects to `node`, says hello and waits for the welcome.
+async fn dial(inner: &Inner, node: u64) -> Result<PushConn, DialError> {
+    let fail = |reason: String| DialError::Failed(Failure::Transport(reason));
+    let addr = inner
+        .addr_of(node)
+        .ok_or_else(|| fail(format!("node {node} unknown")))?;
+    let connect = tokio::time::timeout(inner.config.connect_timeout, TcpStream::connect(addr));
+    let stream = match connect.await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return Err(fail(format!("push connect to {addr}: {e}"))),
+        Err(_) => return Err(fail(format!("push connect to {addr}: timed out"))),
+    };
+    proto::set_socket_options(&stream).map_err(|e| fail(format!("push socket {addr}: {e}")))?;
+    let (read, mut write) = stream.into_split();
+    let mut opening = push::PUSH_MAGIC.to_vec();
+    opening.extend_from_slice(&push::encode_frame(&ClientFrame::Hello(PushHello::new(
+        inner.config.cluster.clone(),
+        None,
+    ))));
+    write
+        .write_all(&opening)
+        .await
+        .map_err(|e| fail(format!("push hello to {addr}: {e}")))?;
+    let mut frames = FramedRead::new(read, push::frame_codec(proto::FRAME_BYTES_MAX));
+    let first = tokio::time::timeout(inner.config.request_timeout, frames.next()).await;
+    let welcome = match first {
+        Err(_) => return Err(fail(format!("push hello to {addr}: timed out"))),
+        // A node without push reads the magic as an oversized tarpc frame and hangs up.
+        Ok(None) => return Err(DialError::Unsupported),
+        Ok(Some(Err(e))) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+            return Err(DialError::Unsupported)
+        }
+        Ok(Some(Err(e))) => return Err(fail(format!("push hello to {addr}: {e}"))),
+        Ok(Some(Ok(body))) => match push::decode_server_frame(&body) {
+            Ok(ServerFrame::Welcome(welcome)) => welcome,
+            Ok(ServerFrame::Error { error, .. }) => {
+                return Err(DialError::Failed(Failure::Api(error)))
+            }
+            Ok(other) => return Err(fail(format!("push hello to {addr}: answered {other:?}"))),
+            Err(e) => return Err(fail(format!("push hello to {addr}: {e}"))),
+        },
+    };
+    if welcome.node_id != node {
+        return Err(fail(format!(
+            "{addr} is node {}, not node {node}",
+            welcome.node_id
+        )));
+    }
+    let silence = Duration::from_millis(welcome.heartbeat_ms.max(1) * 3)
+        .max(Duration::from_millis(push::SILENCE_MS_MAX));
+    let shared = Arc::new(ConnShared {
+        subs: Mutex::new(HashMap::new()),
+        closed: AtomicBool::new(false),
+    });
+    let (frames_tx, frames_rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(run(shared.clone(), node, frames, write, frames_rx, silence));
+    Ok(PushConn {
+        shared,
+        frames: frames_tx,
+        next_sub_id: AtomicU64::new(1),
+        task,
+    })
+}
+
+type Frames =
+    FramedRead<tokio::net::tcp::OwnedReadHalf, tarpc::tokio_util::codec::LengthDelimitedCodec>;
+
+/// The connection task: writes client frames, routes server frames, ends on any failure.
+async fn run(
+    shared: Arc<ConnShared>,
+    node: u64,
+    mut frames: Frames,
+    mut write: tokio::net::tcp::OwnedWriteHalf,
+    mut outgoing: mpsc::UnboundedReceiver<ClientFrame>,
+    silence: Duration,
+) {
+    let mut heard = tokio::time::Instant::now();
+    let reason = loop {
+        tokio::select! {
+            frame = outgoing.recv() => {
+                let Some(frame) = frame else { break "client gone".to_owned() };
+                if let Err(e) = write.write_all(&push::encode_frame(&frame)).await {
+                    break format!("write: {e}");
+                }
+            }
+            read = tokio::time::timeout_at(heard + silence, frames.next()) => {
+                heard = tokio::time::Instant::now();
+                let body = match read {
+                    Err(_) => break format!("no frame for {} ms", silence.as_millis()),
+                    Ok(None) => break "closed by the node".to_owned(),
+                    Ok(Some(Err(e))) => break format!("read: {e}"),
+                    Ok(Some(Ok(body))) => body,
+                };
+                match push::decode_server_frame(&body) {
+                    Ok(ServerFrame::Batch { sub_id, batch }) => {
+                        let tx = shared.subs.lock().get(&sub_id).cloned();
+                        if let Some(tx) = tx {
+                            // A closed receiver is a subscription ending; its unsubscribe is
+                            // on its way.
+                            let _ = tx.send(SubEvent::Batch(batch)).await;
+                        }
+                    }
+                    Ok(ServerFrame::Error { sub_id: Some(sub_id), error }) => {
+                        let tx = shared.subs.lock().remove(&sub_id);
+                        if let Some(tx) = tx {
+                            let _ = tx.send(SubEvent::Error(error)).await;
+                        }
+                    }
+                    Ok(ServerFrame::Error { sub_id: None, error }) => {
+                        break format!("node closed the connection: {error}");
+                    }
+                    Ok(ServerFrame::Heartbeat { .. }) => {}
+                    Ok(ServerFrame::Welcome(_)) => break "second welcome".to_owned(),
+                    Err(e) => break format!("bad frame: {e}"),
+                }
+            }
+        }
+    };
+    tracing::debug!(node, %reason, "push connection ended");
+    let mut subs = shared.subs.lock();
+    shared.closed.store(true, Ordering::Release);
+    // Dropping the senders tells every subscription the connection is gone.
+    subs.clear();
+}
