@@ -54,6 +54,9 @@ pub const DEFAULT_DISCOVERY_PORT: u16 = 7946;
 /// Default broadcast address: loopback only, so discovery stays on this host unless configured.
 pub const DEFAULT_BROADCAST: Ipv4Addr = Ipv4Addr::new(127, 255, 255, 255);
 
+/// Receive buffer asked for on a [`PingSocket`], in bytes (4 MiB).
+const PING_RECV_BUFFER_BYTES: usize = 4 << 20;
+
 /// Bytes before the postcard body: magic and version.
 const HEADER_LEN: usize = MAGIC.len() + 2;
 
@@ -474,6 +477,13 @@ impl PingSocket {
         };
         let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
         socket.set_nonblocking(true)?;
+        // Every client pings every node each probe interval: 10,000 clients send a node 10,000
+        // pings/s, and the default buffer (~200 KiB, a few hundred small datagrams) overflows
+        // whenever the responder waits a few ms for a core. The kernel caps the size at
+        // net.core.rmem_max; a smaller buffer only means more lost pings, which clients retry.
+        if let Err(e) = socket.set_recv_buffer_size(PING_RECV_BUFFER_BYTES) {
+            debug!(error = %e, "ping socket keeps the default receive buffer");
+        }
         socket.bind(&addr.into())?;
         Ok(Self {
             socket: UdpSocket::from_std(socket.into())?,
