@@ -173,6 +173,79 @@ async fn kill9_of_the_subscribers_node_moves_it_without_gap_or_duplicate() -> an
     Ok(())
 }
 
+/// The node's `cellchat_connected_clients` gauge, read over its metrics HTTP endpoint.
+async fn connected_clients(metrics: std::net::SocketAddr) -> anyhow::Result<u64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(metrics).await?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("cellchat_connected_clients "))
+        .with_context(|| format!("no connected_clients gauge in:\n{text}"))?;
+    let value = line.rsplit(' ').next().context("a value")?;
+    Ok(value.parse::<f64>()? as u64)
+}
+
+/// Client connections open on all nodes of `cluster`.
+async fn connections(cluster: &TestCluster) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for node in &cluster.nodes {
+        total += connected_clients(node.ready().context("ready")?.metrics).await?;
+    }
+    Ok(total)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_subscribed_client_holds_one_connection_and_sees_every_nodes_rtt(
+) -> anyhow::Result<()> {
+    let cluster = three_nodes("cl-conns", &[]).await?;
+    assert_eq!(connections(&cluster).await?, 0, "nothing connected yet");
+    let alice = Client::connect(ClientConfig {
+        writer_idle: Duration::from_millis(500),
+        probe_interval: Duration::from_millis(200),
+        ..config(&cluster, Some(Identity::ephemeral("alice", None)))
+    })
+    .await?;
+    let bob = Client::connect(config(&cluster, None)).await?;
+    let mut alices = alice.subscribe("general", 0);
+    let mut bobs = bob.subscribe("general", 0);
+    let sent = alice.send_text("general", "anyone?", None).await?;
+    assert_eq!(receive(&mut alices, 1, RECEIVE).await?[0].seq, sent.seq);
+    assert_eq!(receive(&mut bobs, 1, RECEIVE).await?[0].seq, sent.seq);
+
+    // Bob reads only: one connection. Alice's write connection closes after 500 ms idle,
+    // leaving her reader's (the same connection when she reads from the leader).
+    let deadline = Instant::now() + CONVERGE;
+    let mut open = connections(&cluster).await?;
+    while open != 2 {
+        if Instant::now() > deadline {
+            bail!("{open} client connections, not 2 (one per idle client)");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        open = connections(&cluster).await?;
+    }
+    for client in [&alice, &bob] {
+        let servers = client.servers().await;
+        assert_eq!(servers.len(), 3, "{servers:?}");
+        for server in &servers {
+            assert!(server.rtt_ms.is_some(), "no RTT for {server:?}");
+            assert!(!server.down, "{server:?}");
+            assert!(server.applied >= sent.read_token, "{server:?}");
+        }
+        assert_eq!(servers.iter().filter(|s| s.role == "leader").count(), 1);
+    }
+    assert_eq!(
+        connections(&cluster).await?,
+        2,
+        "measuring every node opened connections"
+    );
+    Ok(())
+}
+
 /// Every file under `dir` that contains `needle`.
 fn files_containing(dir: &Path, needle: &[u8]) -> anyhow::Result<Vec<PathBuf>> {
     let mut found = Vec::new();

@@ -1,10 +1,20 @@
-//! [`Client`]: discovery, the node table with RTT ranking, connections, reads from the nearest
-//! node, idempotent sends through the leader.
+//! [`Client`]: discovery, the node table with RTT ranking (UDP pings), connections only where
+//! needed, reads from the nearest node, idempotent sends through the leader.
+//!
+//! Connections: a client opens a TCP connection to a node only to read from it (its reader) or
+//! to send (the leader, on the first send, or at connect to log in), at most one per node, and
+//! the reader's and the writer's are the same connection when they are the same node. Each
+//! refresh round closes the rest: a former reader's after a move, the writer's once it has been
+//! idle for `writer_idle`. RTTs, roles and applied indexes of every node come from UDP pings to
+//! each node's client address ([`proto::discovery::PingSocket`]), so an idle subscribed client
+//! holds exactly one server connection. A node that has never answered a UDP ping (a firewall,
+//! a node that could not bind its ping socket) is measured over TCP instead, on a connection
+//! kept for that purpose.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -38,6 +48,16 @@ const ELECTION_BACKOFF_MAX: Duration = Duration::from_millis(100);
 const RERANK_GAIN_MS_MIN: f64 = 1.0;
 /// Weight of a new RTT sample in the smoothed RTT.
 const RTT_ALPHA: f64 = 0.3;
+/// UDP pings per node and probe round before the node counts as silent: one lost datagram is
+/// not a failure.
+const PING_ATTEMPTS: u32 = 3;
+/// Shortest wait for pongs after one round of pings. With [`PING_ATTEMPTS`] it bounds how fast a
+/// hung node is passed over: at most one probe interval plus 3 x 250 ms on a LAN.
+const PONG_WAIT_MIN: Duration = Duration::from_millis(250);
+/// Longest wait for pongs after one round of pings (far nodes wait 4 x their smoothed RTT).
+const PONG_WAIT_MAX: Duration = Duration::from_secs(1);
+/// Wait for pongs from a node whose RTT is not measured yet.
+const PONG_WAIT_UNMEASURED: Duration = Duration::from_millis(500);
 /// Discovery rounds run every this many probe intervals, to find nodes that joined.
 const DISCOVERY_EVERY: u32 = 5;
 /// Capacity of the event channel; slow listeners miss the oldest events.
@@ -104,6 +124,18 @@ struct NodeState {
     applied: u64,
     rtt_ms: Option<f64>,
     down_until: Option<Instant>,
+    /// How the last answered probe reached it; `None` until one was answered at this address.
+    probed: Option<Probe>,
+}
+
+/// How a node's RTT is measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    /// UDP pings to its ping socket: no connection needed.
+    Udp,
+    /// The RPC `ping`, for a node that has never answered UDP at this address; its connection
+    /// is kept open for this.
+    Tcp,
 }
 
 impl NodeState {
@@ -114,6 +146,7 @@ impl NodeState {
             applied: 0,
             rtt_ms: None,
             down_until: None,
+            probed: None,
         }
     }
 
@@ -203,16 +236,36 @@ pub(crate) struct Inner {
     next_seq: AtomicU64,
     read_token: AtomicU64,
     table: Mutex<Table>,
-    /// Connections that said hello, by node id.
-    conns: Mutex<HashMap<u64, ChatClient>>,
-    /// The logged-in connection used for sends, and the node it goes to.
-    writer: tokio::sync::Mutex<Option<(u64, ChatClient)>>,
+    /// Open connections that said hello, at most one per node; the writer's is among them.
+    conns: Mutex<HashMap<u64, Conn>>,
+    /// Numbers connections, so a login marks the one it was made on.
+    conn_serial: AtomicU64,
+    /// The node sends go to; its connection in `conns` is logged in. The lock serializes
+    /// logins.
+    writer: tokio::sync::Mutex<Option<u64>>,
+    /// When a send last used the writer, to close an idle write connection.
+    last_write: Mutex<Instant>,
+    /// The UDP socket for discovery rounds and RTT pings; a round holds it while it reads the
+    /// replies, so rounds never take each other's.
+    socket: tokio::sync::Mutex<DiscoverySocket>,
     events: broadcast::Sender<ClientEvent>,
     /// Bumped whenever a node is marked down or reads move, so long polls on the old node stop
     /// waiting.
     pub(crate) route_tx: watch::Sender<u64>,
     /// Push connections for subscriptions, one per node (`push.rs`).
     pub(crate) push: crate::push::PushPool,
+}
+
+/// One open connection to a node.
+#[derive(Clone)]
+struct Conn {
+    client: ChatClient,
+    /// From [`Inner::conn_serial`].
+    serial: u64,
+    /// The unused login challenge of its hello; a login attempt takes it.
+    challenge: Option<[u8; 32]>,
+    /// Whether it logged in, so it can send.
+    logged_in: bool,
 }
 
 /// Why one attempt on one node failed.
@@ -258,6 +311,12 @@ impl Client {
             (None, None) => None,
         };
         let (route_tx, _) = watch::channel(0);
+        let socket = DiscoverySocket::ephemeral(
+            config.discovery_port,
+            config.broadcast,
+            config.cluster.clone(),
+        )
+        .map_err(Error::Discovery)?;
         let inner = Arc::new(Inner {
             identity,
             client_id: rand::random(),
@@ -265,7 +324,10 @@ impl Client {
             read_token: AtomicU64::new(0),
             table: Mutex::new(Table::default()),
             conns: Mutex::new(HashMap::new()),
+            conn_serial: AtomicU64::new(0),
             writer: tokio::sync::Mutex::new(None),
+            last_write: Mutex::new(Instant::now()),
+            socket: tokio::sync::Mutex::new(socket),
             events: broadcast::channel(EVENTS_CAPACITY).0,
             route_tx,
             config,
@@ -553,6 +615,13 @@ impl Inner {
 
     /// Passes over `node` for [`DOWN_COOLDOWN`] and drops its connection.
     pub(crate) fn mark_down(&self, node: u64, reason: &str) {
+        self.conns.lock().remove(&node);
+        self.pass_over(node, reason);
+    }
+
+    /// Passes over `node` for [`DOWN_COOLDOWN`] but keeps its connection: for a node that
+    /// missed its pings, whose connection may still work (a send on it fails on its own if not).
+    fn pass_over(&self, node: u64, reason: &str) {
         {
             let mut table = self.table.lock();
             if let Some(state) = table.nodes.get_mut(&node) {
@@ -563,7 +632,6 @@ impl Inner {
                 table.reading = None;
             }
         }
-        self.conns.lock().remove(&node);
         tracing::debug!(node, reason, "node marked down");
         self.route_tx.send_modify(|generation| *generation += 1);
     }
@@ -642,12 +710,7 @@ impl Inner {
 
     /// Discovery with growing windows until some node answers.
     async fn initial_discovery(&self) -> Result<(), Error> {
-        let socket = DiscoverySocket::ephemeral(
-            self.config.discovery_port,
-            self.config.broadcast,
-            self.config.cluster.clone(),
-        )
-        .map_err(Error::Discovery)?;
+        let socket = self.socket.lock().await;
         for round in 0..3u32 {
             let window = self.config.discovery_window * (1 + 2 * round);
             let found = self.discover(&socket, window).await;
@@ -719,20 +782,64 @@ impl Inner {
 
     /// A connection to `node` that said hello, reusing an open one.
     pub(crate) async fn read_conn(&self, node: u64) -> Result<ChatClient, Failure> {
+        self.conn(node).await.map(|conn| conn.client)
+    }
+
+    /// The open connection to `node`, or a new one that said hello.
+    async fn conn(&self, node: u64) -> Result<Conn, Failure> {
         if let Some(conn) = self.conns.lock().get(&node) {
             return Ok(conn.clone());
         }
         let addr = self
             .addr_of(node)
             .ok_or_else(|| Failure::Transport(format!("node {node} unknown")))?;
-        let (conn, _, answered) = self.dial(addr).await?;
+        let (client, challenge, answered) = self.dial(addr).await?;
         if answered != node {
             return Err(Failure::Transport(format!(
                 "{addr} is node {answered}, not node {node}"
             )));
         }
-        self.conns.lock().insert(node, conn.clone());
-        Ok(conn)
+        let conn = Conn {
+            client,
+            serial: self.conn_serial.fetch_add(1, Ordering::Relaxed),
+            challenge: Some(challenge),
+            logged_in: false,
+        };
+        // Another task may have dialed the node meanwhile: keep theirs, so there is one
+        // connection per node (ours closes when dropped here).
+        Ok(self.conns.lock().entry(node).or_insert(conn).clone())
+    }
+
+    /// Closes the connections this client no longer uses: all but the reader's, the writer's
+    /// (until it has been idle for `writer_idle`) and those of nodes measured over TCP. A
+    /// connection closes once the last request on it is done.
+    fn prune_conns(&self) {
+        let writer = match self.writer.try_lock() {
+            Ok(mut writer) => {
+                if writer.is_some() && self.last_write.lock().elapsed() >= self.config.writer_idle {
+                    tracing::debug!(node = ?*writer, "closing the idle write connection");
+                    *writer = None;
+                }
+                *writer
+            }
+            // A send or a login holds it, so the writer is in use; prune next round.
+            Err(_) => return,
+        };
+        let keep: Vec<u64> = {
+            let table = self.table.lock();
+            let tcp_probed = table
+                .nodes
+                .iter()
+                .filter(|(_, n)| n.probed == Some(Probe::Tcp))
+                .map(|(&id, _)| id);
+            table
+                .reading
+                .into_iter()
+                .chain(writer)
+                .chain(tcp_probed)
+                .collect()
+        };
+        self.conns.lock().retain(|id, _| keep.contains(id));
     }
 
     /// The node to read from: the current reader if healthy, else the best-ranked node.
@@ -786,25 +893,117 @@ impl Inner {
         self.table.lock().reading
     }
 
-    /// Pings every known node (in parallel) and records RTT, role and applied index; a node
-    /// that does not answer is marked down.
+    /// Measures every known node and records RTT, role and applied index: UDP pings first
+    /// ([`ping_udp`](Self::ping_udp)); a node that missed them all is passed over if it has
+    /// answered UDP at this address before (it is hung, gone or cut off), and is pinged over
+    /// TCP if it never has (UDP may be filtered on the way to it, or it has no ping socket);
+    /// a failed TCP ping marks it down.
     async fn probe_all(&self) {
-        let ids: Vec<u64> = self.table.lock().nodes.keys().copied().collect();
-        let probes = ids
+        let targets: Vec<(u64, SocketAddr, Option<f64>)> = {
+            let table = self.table.lock();
+            let nodes = table.nodes.iter();
+            nodes
+                .map(|(&id, n)| (id, n.client_addr, n.rtt_ms))
+                .collect()
+        };
+        let silent = self.ping_udp(&targets).await;
+        let mut over_tcp = Vec::new();
+        for id in silent {
+            let probed = self.table.lock().nodes.get(&id).and_then(|n| n.probed);
+            if probed == Some(Probe::Udp) {
+                self.pass_over(id, "missed its UDP pings");
+            } else {
+                over_tcp.push(id);
+            }
+        }
+        let probes = over_tcp
             .into_iter()
-            .map(|id| async move { (id, self.probe(id).await) });
+            .map(|id| async move { (id, self.ping_tcp(id).await) });
         for (id, result) in futures::future::join_all(probes).await {
             match result {
-                Ok((elapsed, pong)) => self.record_pong(id, elapsed, &pong),
+                Ok((elapsed, pong)) => {
+                    self.record_pong(id, elapsed, pong.role, pong.applied, Probe::Tcp);
+                }
                 Err(e) => self.mark_down(id, &e.to_string()),
             }
         }
     }
 
-    /// Pings `id` over its connection. A cached connection that broke since it was last used
-    /// (the node restarted, say) says nothing about the node now: it is dropped and the ping
-    /// retried once on a fresh connection, so only a node that fails now is marked down.
-    async fn probe(&self, id: u64) -> Result<(Duration, proto::Pong), Failure> {
+    /// Pings `targets` over UDP, each up to [`PING_ATTEMPTS`] times, and records every pong;
+    /// returns the nodes that answered none. A pong counts only with the nonce of a ping of
+    /// this round and the node id that ping was meant for.
+    async fn ping_udp(&self, targets: &[(u64, SocketAddr, Option<f64>)]) -> Vec<u64> {
+        let socket = self.socket.lock().await;
+        let mut pending: BTreeMap<u64, (SocketAddr, Option<f64>)> = targets
+            .iter()
+            .map(|&(id, addr, rtt)| (id, (addr, rtt)))
+            .collect();
+        let mut sent: HashMap<u64, (u64, Instant)> = HashMap::new();
+        for _ in 0..PING_ATTEMPTS {
+            let mut wait = None;
+            for (&id, &(addr, rtt_ms)) in &pending {
+                let nonce = rand::random();
+                let ping = Packet::Ping {
+                    nonce,
+                    sent_ns: monotonic_ns(),
+                };
+                if let Err(e) = socket.send_to(&ping, addr).await {
+                    tracing::debug!(node = id, %addr, error = %e, "UDP ping not sent");
+                    continue;
+                }
+                sent.insert(nonce, (id, Instant::now()));
+                wait = wait.max(Some(pong_wait(rtt_ms)));
+            }
+            // Nothing could be sent (an IPv6 address, say): waiting would not help.
+            let Some(wait) = wait else { break };
+            let deadline = tokio::time::Instant::now() + wait;
+            while !pending.is_empty() {
+                let Ok(received) = tokio::time::timeout_at(deadline, socket.recv()).await else {
+                    break;
+                };
+                let (nonce, node_id, role, applied) = match received {
+                    Ok((
+                        Packet::PongStatus {
+                            nonce,
+                            node_id,
+                            role,
+                            applied,
+                            ..
+                        },
+                        _,
+                    )) => (nonce, node_id, role, applied),
+                    // A late announcement or an old-style pong.
+                    Ok(_) => continue,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "receiving pongs failed");
+                        break;
+                    }
+                };
+                // Pongs of earlier rounds and from a node other than the one pinged (its
+                // address now belongs to another node) do not count.
+                let Some(&(id, at)) = sent.get(&nonce) else {
+                    continue;
+                };
+                if id != node_id {
+                    tracing::debug!(node = id, answered = node_id, "pong from another node");
+                    continue;
+                }
+                if pending.remove(&id).is_some() {
+                    self.record_pong(id, at.elapsed(), role, applied, Probe::Udp);
+                }
+            }
+            if pending.is_empty() {
+                break;
+            }
+        }
+        pending.into_keys().collect()
+    }
+
+    /// The RPC `ping` on a connection to `id` (kept open while the node is measured this way).
+    /// A cached connection that broke since it was last used (the node restarted, say) says
+    /// nothing about the node now: it is dropped and the ping retried once on a fresh
+    /// connection, so only a node that fails now is marked down.
+    async fn ping_tcp(&self, id: u64) -> Result<(Duration, proto::Pong), Failure> {
         let timeout = self.config.request_timeout.min(Duration::from_secs(1));
         let mut redialed = false;
         loop {
@@ -827,7 +1026,7 @@ impl Inner {
         self.conns.lock().remove(&node);
     }
 
-    fn record_pong(&self, id: u64, elapsed: Duration, pong: &proto::Pong) {
+    fn record_pong(&self, id: u64, elapsed: Duration, role: Role, applied: u64, probe: Probe) {
         let sample = elapsed.as_secs_f64() * 1000.0;
         {
             let mut table = self.table.lock();
@@ -839,10 +1038,17 @@ impl Inner {
                 None => sample,
             });
             node.down_until = None;
-            node.role = pong.role;
-            node.applied = node.applied.max(pong.applied);
+            node.role = role;
+            node.applied = node.applied.max(applied);
+            if probe == Probe::Tcp && node.probed.is_none() {
+                tracing::info!(
+                    node = id,
+                    "node does not answer UDP pings; measuring it over TCP"
+                );
+            }
+            node.probed = Some(probe);
         }
-        if pong.role == Role::Leader {
+        if role == Role::Leader {
             self.set_leader(id);
         }
     }
@@ -941,13 +1147,15 @@ impl Inner {
     }
 
     /// The logged-in write connection: to the known leader, else to the best-ranked node
-    /// (which names the leader if it is not).
+    /// (which names the leader if it is not). It reuses the node's open connection (the
+    /// reader's, when that is the same node) and logs in on it if it has not yet.
     async fn writer_conn(&self) -> Result<(u64, ChatClient), Failure> {
         let identity = self
             .identity
             .as_ref()
             .ok_or(Failure::Api(ApiError::Unauthenticated))?;
         let mut writer = self.writer.lock().await;
+        *self.last_write.lock() = Instant::now();
         let (leader, target) = {
             let table = self.table.lock();
             let now = Instant::now();
@@ -957,23 +1165,54 @@ impl Inner {
                 .or_else(|| table.ranked(now).first().copied());
             (table.leader, target)
         };
-        if let Some((node, conn)) = writer.as_ref() {
-            if leader.is_none_or(|l| l == *node) {
-                return Ok((*node, conn.clone()));
+        if let Some(node) = *writer {
+            if leader.is_none_or(|l| l == node) {
+                let conns = self.conns.lock();
+                if let Some(conn) = conns.get(&node).filter(|c| c.logged_in) {
+                    return Ok((node, conn.client.clone()));
+                }
             }
         }
         *writer = None;
         let target = target.ok_or_else(|| Failure::Transport("no node known".into()))?;
-        let addr = self
-            .addr_of(target)
-            .ok_or_else(|| Failure::Transport(format!("node {target} unknown")))?;
-        let (conn, challenge, answered) = match self.dial(addr).await {
-            Ok(dialed) => dialed,
+        let conn = match self.conn(target).await {
+            Ok(conn) => conn,
             Err(e) => {
                 if matches!(e, Failure::Transport(_)) {
                     self.mark_down(target, "connect failed");
                 }
                 return Err(e);
+            }
+        };
+        if !conn.logged_in {
+            self.login(target, &conn, identity).await?;
+        }
+        *writer = Some(target);
+        Ok((target, conn.client))
+    }
+
+    /// Logs in on `conn` to `node`, with the challenge of its hello if still unused, else with
+    /// a fresh one.
+    async fn login(&self, node: u64, conn: &Conn, identity: &Identity) -> Result<(), Failure> {
+        let timeout = self.config.request_timeout;
+        let unused = self
+            .conns
+            .lock()
+            .get_mut(&node)
+            .filter(|c| c.serial == conn.serial)
+            .and_then(|c| c.challenge.take());
+        let challenge = match unused {
+            Some(challenge) => challenge,
+            None => {
+                let hello = Hello::new(self.config.cluster.clone(), Some(identity.name().into()));
+                match conn.client.hello(ctx(timeout), hello).await {
+                    Ok(Ok(welcome)) => welcome.challenge,
+                    Ok(Err(e)) => return Err(Failure::Api(e)),
+                    Err(e) => {
+                        self.mark_down(node, "hello failed");
+                        return Err(Failure::Transport(format!("hello to node {node}: {e}")));
+                    }
+                }
             }
         };
         let message = proto::login_message(&challenge, &self.config.cluster, identity.name());
@@ -982,11 +1221,14 @@ impl Inner {
             public_key: identity.public_key(),
             signature: identity.sign(&message).to_vec(),
         };
-        match conn.login(ctx(self.config.request_timeout), login).await {
+        match conn.client.login(ctx(timeout), login).await {
             Ok(Ok(_session)) => {
-                tracing::debug!(node = answered, "logged in");
-                *writer = Some((answered, conn.clone()));
-                Ok((answered, conn))
+                tracing::debug!(node, "logged in");
+                let mut conns = self.conns.lock();
+                if let Some(c) = conns.get_mut(&node).filter(|c| c.serial == conn.serial) {
+                    c.logged_in = true;
+                }
+                Ok(())
             }
             Ok(Err(ApiError::NotLeader { leader: Some(hint) })) => {
                 self.learn_hint(&hint);
@@ -994,8 +1236,8 @@ impl Inner {
             }
             Ok(Err(e)) => Err(Failure::Api(e)),
             Err(e) => {
-                self.mark_down(target, "login failed");
-                Err(Failure::Transport(format!("login at {addr}: {e}")))
+                self.mark_down(node, "login failed");
+                Err(Failure::Transport(format!("login at node {node}: {e}")))
             }
         }
     }
@@ -1008,6 +1250,7 @@ impl Inner {
         conn: &ChatClient,
         request: SendRequest,
     ) -> Result<SendReply, Failure> {
+        *self.last_write.lock() = Instant::now();
         match conn.send(ctx(self.config.request_timeout), request).await {
             Ok(Ok(reply)) => {
                 self.observe(reply.read_token);
@@ -1038,9 +1281,11 @@ impl Inner {
         }
     }
 
+    /// Stops sending to `node`; its connection stays for reads if it is the reader, and is
+    /// closed by the next prune otherwise.
     async fn drop_writer(&self, node: u64) {
         let mut writer = self.writer.lock().await;
-        if writer.as_ref().is_some_and(|(id, _)| *id == node) {
+        if *writer == Some(node) {
             *writer = None;
         }
     }
@@ -1136,19 +1381,26 @@ fn backoff_capped(attempts: u32, cap: Duration) -> Duration {
     capped.mul_f64(0.5 + rand::random::<f64>() * 0.5)
 }
 
+/// How long to wait for pongs from a node with smoothed RTT `rtt_ms`.
+fn pong_wait(rtt_ms: Option<f64>) -> Duration {
+    rtt_ms
+        .map_or(PONG_WAIT_UNMEASURED, |ms| {
+            Duration::from_secs_f64(ms * 4.0 / 1000.0)
+        })
+        .clamp(PONG_WAIT_MIN, PONG_WAIT_MAX)
+}
+
+/// This process's monotonic clock in ns, for a ping's `sent_ns`.
+fn monotonic_ns() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
 /// Keeps the table fresh: pings every node each probe interval, asks the reader for the
-/// membership, and runs discovery now and then to find new nodes. Ends when the client is gone.
+/// membership, runs discovery now and then to find new nodes, and closes connections no longer
+/// used. Ends when the client is gone.
 async fn refresh_loop(inner: std::sync::Weak<Inner>) {
     let mut round = 0u32;
-    let socket = {
-        let Some(inner) = inner.upgrade() else { return };
-        DiscoverySocket::ephemeral(
-            inner.config.discovery_port,
-            inner.config.broadcast,
-            inner.config.cluster.clone(),
-        )
-        .ok()
-    };
     loop {
         let interval = match inner.upgrade() {
             Some(inner) => inner.config.probe_interval,
@@ -1158,10 +1410,12 @@ async fn refresh_loop(inner: std::sync::Weak<Inner>) {
         let Some(inner) = inner.upgrade() else { return };
         round += 1;
         if round.is_multiple_of(DISCOVERY_EVERY) {
-            if let Some(socket) = &socket {
-                for announce in inner.discover(socket, inner.config.discovery_window).await {
-                    inner.merge_announce(&announce);
-                }
+            let found = {
+                let socket = inner.socket.lock().await;
+                inner.discover(&socket, inner.config.discovery_window).await
+            };
+            for announce in found {
+                inner.merge_announce(&announce);
             }
         }
         if let Some(reader) = inner.pick_reader() {
@@ -1173,6 +1427,7 @@ async fn refresh_loop(inner: std::sync::Weak<Inner>) {
         }
         inner.probe_all().await;
         inner.rerank();
+        inner.prune_conns();
     }
 }
 

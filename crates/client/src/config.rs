@@ -35,8 +35,12 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// Deadline of one request (other than long polls). Default 5 s; 100 ms to 60 s.
     pub request_timeout: Duration,
-    /// Interval of the background RTT probes and cluster refresh. Default 1 s; 50 ms to 60 s.
+    /// Interval of the background RTT probes (UDP pings to every node) and cluster refresh.
+    /// Default 1 s; 50 ms to 60 s.
     pub probe_interval: Duration,
+    /// How long the write connection (to the leader) stays open without a send before it is
+    /// closed; the next send opens and logs in again. Default 60 s; 100 ms to 1 h.
+    pub writer_idle: Duration,
     /// Total time one send may spend on retries before failing. Default 30 s; up to 1 h.
     pub send_retry_budget: Duration,
     /// Most attempts of one send. Default 200; 1 to 100 000.
@@ -59,6 +63,7 @@ impl Default for ClientConfig {
             connect_timeout: Duration::from_millis(500),
             request_timeout: Duration::from_secs(5),
             probe_interval: Duration::from_secs(1),
+            writer_idle: Duration::from_secs(60),
             send_retry_budget: Duration::from_secs(30),
             send_attempts_max: 200,
             stream_wait: Duration::from_secs(10),
@@ -102,6 +107,7 @@ impl ClientConfig {
             ("connect_timeout", ms(self.connect_timeout), 10, 10_000),
             ("request_timeout", ms(self.request_timeout), 100, 60_000),
             ("probe_interval", ms(self.probe_interval), 50, 60_000),
+            ("writer_idle", ms(self.writer_idle), 100, 3_600_000),
             (
                 "send_retry_budget",
                 ms(self.send_retry_budget),

@@ -4,12 +4,17 @@
 //! # Contract
 //!
 //! - [`Client::connect`] finds nodes by UDP discovery (a broadcast probe and a probe to every
-//!   `join` address), measures each node's RTT with the RPC `ping`, and keeps the ranking fresh
-//!   in a background task (pings every `probe_interval`, membership from `cluster`, discovery
-//!   every few rounds).
+//!   `join` address), measures each node's RTT with UDP pings to its client address (the RPC
+//!   `ping` only for a node that never answers UDP), and keeps the ranking fresh in a
+//!   background task (pings every `probe_interval`, membership from `cluster`, discovery every
+//!   few rounds). A node that answered UDP before and misses three pings in a row is passed
+//!   over; a broken connection marks its node down at once.
 //! - Reads (`subscribe`, `history`, `channels`, `cluster`) go to the nearest healthy node;
 //!   sends go to the leader, learned from announcements, pings, `cluster` and `NotLeader`
 //!   hints. Every connection says `hello`; the write connection also logs in.
+//! - Connections only where needed: one to the reader, one to the leader while sending (the
+//!   same one when the reader leads), closed when no longer used (`writer_idle` after the last
+//!   send), so an idle subscribed client holds exactly one server connection.
 //! - Sends are idempotent: one random 16-byte client id per [`Client`], a client seq per new
 //!   message, and every retry reuses both, so a message is applied at most once. Retries are
 //!   bounded in count and time and end in [`Error::RetriesExhausted`].

@@ -14,7 +14,7 @@ use cellchat_client::crypto;
 use cellchat_client::{ApiError, Client, ClientConfig, ClientEvent, Error, Identity, WireMessage};
 use ed25519_dalek::{Signature, VerifyingKey};
 use futures::StreamExt;
-use proto::discovery::{DiscoverySocket, NodeAnnounce, Packet};
+use proto::discovery::{DiscoverySocket, NodeAnnounce, NodeStatus, Packet, PingSocket};
 use proto::{
     ChannelInfo, ClusterInfo, Hello, HistoryRequest, LeaderHint, Login, MessageBatch, NodeInfo,
     Pong, RejectReason, Role, SendReply, SendRequest, Session, StreamRequest, Welcome,
@@ -37,6 +37,8 @@ struct Shared {
     applied_sends: AtomicU64,
     appended: Notify,
     nodes: Mutex<Vec<(u64, SocketAddr, Arc<AtomicBool>)>>,
+    /// Client connections open on all nodes.
+    open_conns: AtomicU64,
 }
 
 impl Shared {
@@ -283,6 +285,14 @@ impl proto::Chat for MockChat {
     }
 }
 
+/// Whether mock nodes answer UDP RTT pings.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum UdpPings {
+    Answered,
+    /// As behind a firewall that drops UDP: clients must measure over TCP.
+    Dropped,
+}
+
 /// A mock cluster of `n` nodes with ids 1..=n; node `leader` leads.
 struct Mock {
     shared: Arc<Shared>,
@@ -293,6 +303,10 @@ struct Mock {
 
 impl Mock {
     async fn start(n: u64, leader: u64) -> Mock {
+        Mock::start_with(n, leader, UdpPings::Answered).await
+    }
+
+    async fn start_with(n: u64, leader: u64, pings: UdpPings) -> Mock {
         let shared = Arc::new(Shared {
             cluster: format!("mock-{:08x}", rand::random::<u32>()),
             messages: Mutex::new(Vec::new()),
@@ -303,6 +317,7 @@ impl Mock {
             applied_sends: AtomicU64::new(0),
             appended: Notify::new(),
             nodes: Mutex::new(Vec::new()),
+            open_conns: AtomicU64::new(0),
         });
         let mut tasks = Vec::new();
         for id in 1..=n {
@@ -310,6 +325,20 @@ impl Mock {
                 proto::listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
             let addr = listener.local_addr();
             let set = Arc::new(Mutex::new(JoinSet::new()));
+            if pings == UdpPings::Answered {
+                // Like a node: a ping socket on the client address, gone with the node.
+                let socket = PingSocket::bind(addr, shared.cluster.clone()).unwrap();
+                let status_of = shared.clone();
+                set.lock().unwrap().spawn(socket.serve(move || NodeStatus {
+                    node_id: id,
+                    role: if status_of.leader.load(Ordering::SeqCst) == id {
+                        Role::Leader
+                    } else {
+                        Role::Follower
+                    },
+                    applied: status_of.applied(),
+                }));
+            }
             let inner_set = set.clone();
             let node_shared = shared.clone();
             set.lock().unwrap().spawn(async move {
@@ -323,13 +352,17 @@ impl Mock {
                         challenge: Arc::default(),
                         user: Arc::default(),
                     };
-                    inner_set.lock().unwrap().spawn(
-                        BaseChannel::with_defaults(transport)
-                            .execute(proto::Chat::serve(server))
-                            .for_each(|response| async move {
-                                tokio::spawn(response);
-                            }),
-                    );
+                    let conns = node_shared.clone();
+                    conns.open_conns.fetch_add(1, Ordering::SeqCst);
+                    let served = BaseChannel::with_defaults(transport)
+                        .execute(proto::Chat::serve(server))
+                        .for_each(|response| async move {
+                            tokio::spawn(response);
+                        });
+                    inner_set.lock().unwrap().spawn(async move {
+                        served.await;
+                        conns.open_conns.fetch_sub(1, Ordering::SeqCst);
+                    });
                 }
             });
             shared
@@ -596,4 +629,64 @@ async fn no_server_says_where_it_looked() {
     assert!(text.contains("127.255.255.255:9"), "{text}");
     assert!(text.contains("127.0.0.1:9"), "{text}");
     assert!(text.contains("--join"), "{text}");
+}
+
+/// Waits until `check` holds, polling every 50 ms, for at most 20 s.
+async fn eventually(what: &str, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !check() {
+        assert!(Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_client_holds_one_connection_and_still_measures_every_node() {
+    let mock = Mock::start(3, 1).await;
+    let alice = Client::connect(ClientConfig {
+        writer_idle: Duration::from_millis(300),
+        ..mock.config("alice")
+    })
+    .await
+    .unwrap();
+    let mut sub = alice.subscribe("general", 0);
+    alice.send_text("general", "hi", None).await.unwrap();
+    assert_eq!(receive(&mut sub, 1).await[0].seq, 1);
+    let conns = || mock.shared.open_conns.load(Ordering::SeqCst);
+    // Reader and writer: one connection if they are the same node, else two.
+    assert!(conns() <= 2, "{} connections", conns());
+    // The write connection closes once idle; the subscription's stays.
+    eventually("one connection left", || conns() == 1).await;
+    for _ in 0..3 {
+        let servers = alice.servers().await;
+        assert_eq!(servers.len(), 3);
+        assert!(
+            servers.iter().all(|s| s.rtt_ms.is_some() && !s.down),
+            "{servers:?}"
+        );
+        assert_eq!(servers.iter().filter(|s| s.role == "leader").count(), 1);
+        assert!(servers.iter().all(|s| s.applied == 1), "{servers:?}");
+        assert_eq!(conns(), 1, "measuring nodes opened connections");
+    }
+    // The next send opens the write connection again and logs in on it.
+    alice.send_text("general", "again", None).await.unwrap();
+    assert_eq!(receive(&mut sub, 1).await[0].seq, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_that_drop_udp_pings_are_measured_over_tcp() {
+    let mock = Mock::start_with(3, 2, UdpPings::Dropped).await;
+    let alice = Client::connect(mock.config("alice")).await.unwrap();
+    let servers = alice.servers().await;
+    assert_eq!(servers.len(), 3);
+    assert!(
+        servers.iter().all(|s| s.rtt_ms.is_some() && !s.down),
+        "{servers:?}"
+    );
+    assert_eq!(alice.status().leader, Some(2));
+    let mut sub = alice.subscribe("general", 0);
+    alice.send_text("general", "hi", None).await.unwrap();
+    assert_eq!(receive(&mut sub, 1).await[0].seq, 1);
+    // One connection per node, kept for the TCP pings; none more.
+    assert_eq!(mock.shared.open_conns.load(Ordering::SeqCst), 3);
 }

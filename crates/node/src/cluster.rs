@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use openraft::{ChangeMembers, Raft, ServerState};
 use parking_lot::Mutex;
-use proto::discovery::{DiscoverySocket, NodeAnnounce, Packet};
+use proto::discovery::{DiscoverySocket, NodeAnnounce, NodeStatus, Packet, PingSocket};
 use proto::Role;
 use serde::{Deserialize, Serialize};
 
@@ -230,6 +230,24 @@ pub async fn run_discovery(
     }
 }
 
+/// Answers clients' RTT pings on this node's own UDP socket (see `proto::discovery::PingSocket`)
+/// with its id, role and applied index. Runs until aborted.
+pub async fn serve_pings(
+    socket: PingSocket,
+    id: NodeId,
+    raft: Raft<TypeConfig>,
+    delivery: crate::delivery::Delivery,
+) {
+    socket
+        .serve(move || NodeStatus {
+            node_id: id,
+            // A borrow, not a clone of the metrics: every client pings every node each second.
+            role: role_of(raft.metrics().borrow().state),
+            applied: delivery.applied(),
+        })
+        .await;
+}
+
 async fn receive_loop(
     socket: &DiscoverySocket,
     announce: &(dyn Fn() -> NodeAnnounce + Send + Sync),
@@ -255,16 +273,20 @@ async fn receive_loop(
                 }
             }
             Packet::Ping { nonce, sent_ns } => {
-                let reply = Packet::Pong {
-                    nonce,
-                    sent_ns,
-                    node_id: me,
+                // The same answer as the node's own ping socket gives; clients ping that one,
+                // since a ping to this shared port reaches a random node on the host.
+                let a = announce();
+                let status = NodeStatus {
+                    node_id: a.node_id,
+                    role: a.role,
+                    applied: a.applied,
                 };
+                let reply = status.pong(socket.cluster(), nonce, sent_ns);
                 if let Err(e) = socket.send_to(&reply, from).await {
                     tracing::debug!(error = %e, %from, "pong failed");
                 }
             }
-            Packet::Pong { .. } => {}
+            Packet::Pong { .. } | Packet::PongStatus { .. } => {}
         }
     }
 }

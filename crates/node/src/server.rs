@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use openraft::Raft;
-use proto::discovery::DiscoverySocket;
+use proto::discovery::{DiscoverySocket, PingSocket};
 use proto::ChatServerTransport;
 use tarpc::server::{BaseChannel, Channel};
 use tokio::io::AsyncReadExt;
@@ -173,16 +173,16 @@ impl Server {
                 addr: metrics_addr,
                 source,
             })?;
+        let client_local = client_listener
+            .local_addr()
+            .map_err(|source| ServerError::Bind {
+                what: "clients",
+                addr: client_addr,
+                source,
+            })?;
         let ports = Ports {
             raft: raft_listener.local_addr().port(),
-            client: client_listener
-                .local_addr()
-                .map_err(|source| ServerError::Bind {
-                    what: "clients",
-                    addr: client_addr,
-                    source,
-                })?
-                .port(),
+            client: client_local.port(),
             metrics: metrics_local.port(),
         };
         if kept != Some(ports) {
@@ -235,14 +235,21 @@ impl Server {
             weaken: config.weaken,
         });
 
+        let pings = ping_responder(client_local, &config.cluster);
         let mut tasks = vec![
             raft_rpc::serve(
                 raft_listener,
                 RaftRpcServer::new(id, &config.cluster, raft.clone()),
             ),
-            serve_clients(client_listener, shared),
+            serve_clients(client_listener, shared.clone()),
             metrics::serve(metrics_listener, metrics, raft.clone()),
         ];
+        if let Some(pings) = pings {
+            let (raft, delivery) = (raft.clone(), shared.delivery.clone());
+            tasks.push(tokio::spawn(cluster::serve_pings(
+                pings, id, raft, delivery,
+            )));
+        }
         let socket = DiscoverySocket::bind(
             config.discovery_port,
             config.broadcast,
@@ -391,6 +398,20 @@ fn open_faulty_log(
     Err(ServerError::Config(
         "weaken mode faulty-fs needs the cargo feature `weaken`".into(),
     ))
+}
+
+/// The UDP socket on the client listener's address that answers clients' RTT pings, or `None`
+/// with a warning when that UDP port is taken: the node still serves, and clients measure it
+/// over TCP instead (their fallback for nodes that never answer UDP).
+fn ping_responder(client_addr: SocketAddr, cluster: &str) -> Option<PingSocket> {
+    match PingSocket::bind(client_addr, cluster) {
+        Ok(socket) => Some(socket),
+        Err(e) => {
+            tracing::warn!(addr = %client_addr, error = %e,
+                "cannot bind the UDP ping socket; clients will measure this node over TCP");
+            None
+        }
+    }
 }
 
 /// How long the accept path waits for a new connection's first 4 bytes to tell a push

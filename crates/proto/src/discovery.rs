@@ -1,5 +1,5 @@
 //! UDP discovery: the datagram format and the sockets that nodes and clients use to find each
-//! other on one host or LAN, plus RTT probes.
+//! other on one host or LAN, plus RTT probes ([`PingSocket`]).
 //!
 //! # Datagram layout
 //!
@@ -19,6 +19,13 @@
 //! the port, but a unicast datagram reaches only one of them. So whoever wants replies (a client
 //! probing, a node measuring RTT) sends from its own ephemeral socket
 //! ([`DiscoverySocket::ephemeral`]) and the answer goes back unicast to that source address.
+//!
+//! RTT probes need to reach one particular node, which a unicast to the shared port cannot
+//! promise. So every node also binds a [`PingSocket`]: a private UDP socket on the IP and port
+//! number of its TCP client listener (UDP and TCP port spaces are separate), which answers
+//! [`Packet::Ping`] with [`Packet::PongStatus`] and drops everything else. A client pings the
+//! `client_addr` it already knows from announcements and needs no TCP connection to measure a
+//! node.
 //!
 //! Broadcasts go to a configured directed broadcast address, by default
 //! [`DEFAULT_BROADCAST`] (127.255.255.255, loopback only). The limited broadcast address
@@ -46,6 +53,9 @@ pub const PACKET_BYTES_MAX: usize = 1400;
 pub const DEFAULT_DISCOVERY_PORT: u16 = 7946;
 /// Default broadcast address: loopback only, so discovery stays on this host unless configured.
 pub const DEFAULT_BROADCAST: Ipv4Addr = Ipv4Addr::new(127, 255, 255, 255);
+
+/// Receive buffer asked for on a [`PingSocket`], in bytes (4 MiB).
+const PING_RECV_BUFFER_BYTES: usize = 4 << 20;
 
 /// Bytes before the postcard body: magic and version.
 const HEADER_LEN: usize = MAGIC.len() + 2;
@@ -98,7 +108,8 @@ pub enum Packet {
         /// The sender's monotonic clock in ns, echoed back so it needs no state.
         sent_ns: u64,
     },
-    /// Answer to `Ping`.
+    /// The first answer to `Ping`. Nodes now answer with [`PongStatus`](Packet::PongStatus);
+    /// this variant stays so every later variant keeps its tag, and clients ignore it.
     Pong {
         /// The ping's nonce.
         nonce: u64,
@@ -107,14 +118,56 @@ pub enum Packet {
         /// The answering node.
         node_id: u64,
     },
+    /// Answer to `Ping`: `Pong`'s fields plus what a client ranks and routes by. Appended after
+    /// `Pong`, so every earlier variant keeps its encoding (no [`DISCOVERY_VERSION`] bump), and
+    /// a decoder from before it drops it as malformed instead of misreading it.
+    PongStatus {
+        /// The ping's nonce.
+        nonce: u64,
+        /// The ping's `sent_ns`.
+        sent_ns: u64,
+        /// The answering node.
+        node_id: u64,
+        /// The answering node's cluster; sockets drop other clusters' answers.
+        cluster: String,
+        /// Its Raft role.
+        role: Role,
+        /// Its applied log index.
+        applied: u64,
+    },
+}
+
+/// What a node tells a pinger about itself in a [`Packet::PongStatus`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeStatus {
+    /// The node's id.
+    pub node_id: u64,
+    /// Its Raft role.
+    pub role: Role,
+    /// Its applied log index.
+    pub applied: u64,
+}
+
+impl NodeStatus {
+    /// The answer to a ping with `nonce` and `sent_ns` from this node of `cluster`.
+    pub fn pong(&self, cluster: &str, nonce: u64, sent_ns: u64) -> Packet {
+        Packet::PongStatus {
+            nonce,
+            sent_ns,
+            node_id: self.node_id,
+            cluster: cluster.to_owned(),
+            role: self.role,
+            applied: self.applied,
+        }
+    }
 }
 
 impl Packet {
-    /// The cluster the packet is about; `None` for `Ping` and `Pong`, which any node answers.
+    /// The cluster the packet is about; `None` for `Ping` (any node answers it) and `Pong`.
     pub fn cluster(&self) -> Option<&str> {
         match self {
             Packet::Announce(announce) => Some(&announce.cluster),
-            Packet::Probe { cluster, .. } => Some(cluster),
+            Packet::Probe { cluster, .. } | Packet::PongStatus { cluster, .. } => Some(cluster),
             Packet::Ping { .. } | Packet::Pong { .. } => None,
         }
     }
@@ -391,6 +444,113 @@ impl DiscoverySocket {
     }
 }
 
+/// A node's unicast RTT-probe socket: bound to the IP and port number of its TCP client
+/// listener, it answers every [`Packet::Ping`] with a [`Packet::PongStatus`] and drops anything
+/// else with a `debug` log.
+///
+/// Unlike [`DiscoverySocket::bind`] it does not share its port (no `SO_REUSEPORT`), so a ping
+/// sent to it reaches this node and no other.
+///
+/// Needs a tokio runtime: the constructor panics outside one.
+#[derive(Debug)]
+pub struct PingSocket {
+    socket: UdpSocket,
+    cluster: String,
+}
+
+impl PingSocket {
+    /// Binds `addr` (the client listener's address, with its real port).
+    ///
+    /// # Errors
+    ///
+    /// The `io::Error` from the socket calls, for example `AddrInUse` when another process
+    /// holds that UDP port.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    pub fn bind(addr: SocketAddr, cluster: impl Into<String>) -> io::Result<Self> {
+        let domain = if addr.is_ipv4() {
+            Domain::IPV4
+        } else {
+            Domain::IPV6
+        };
+        let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+        socket.set_nonblocking(true)?;
+        // Every client pings every node each probe interval: 10,000 clients send a node 10,000
+        // pings/s, and the default buffer (~200 KiB, a few hundred small datagrams) overflows
+        // whenever the responder waits a few ms for a core. The kernel caps the size at
+        // net.core.rmem_max; a smaller buffer only means more lost pings, which clients retry.
+        if let Err(e) = socket.set_recv_buffer_size(PING_RECV_BUFFER_BYTES) {
+            debug!(error = %e, "ping socket keeps the default receive buffer");
+        }
+        socket.bind(&addr.into())?;
+        Ok(Self {
+            socket: UdpSocket::from_std(socket.into())?,
+            cluster: cluster.into(),
+        })
+    }
+
+    /// The bound address.
+    ///
+    /// # Errors
+    ///
+    /// The `io::Error` from `getsockname`.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    /// Answers pings until the task is aborted; `status` is asked once per ping. Receive errors
+    /// are logged and the loop goes on after a short pause, so nothing a peer sends stops it.
+    pub async fn serve(self, status: impl Fn() -> NodeStatus) {
+        // One byte over the limit, as in `DiscoverySocket::recv`, so oversized datagrams show.
+        let mut buf = [0u8; PACKET_BYTES_MAX + 1];
+        loop {
+            let (len, from) = match self.socket.recv_from(&mut buf).await {
+                Ok(received) => received,
+                Err(e) if is_icmp_noise(&e) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "ping socket receive failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Some(reply) = answer_ping(&buf[..len], &self.cluster, &status) else {
+                continue;
+            };
+            match encode(&reply) {
+                Ok(bytes) => {
+                    if let Err(e) = self.socket.send_to(&bytes, from).await {
+                        debug!(error = %e, %from, "pong failed");
+                    }
+                }
+                Err(e) => debug!(error = %e, "pong not encodable"),
+            }
+        }
+    }
+}
+
+/// What a [`PingSocket`] answers to `datagram`: a [`Packet::PongStatus`] for a `Ping`, `None`
+/// (with a `debug` log) for anything else, undecodable bytes included. Never panics; `status`
+/// is called only for a ping.
+pub fn answer_ping(
+    datagram: &[u8],
+    cluster: &str,
+    status: impl FnOnce() -> NodeStatus,
+) -> Option<Packet> {
+    match decode(datagram) {
+        Ok(Packet::Ping { nonce, sent_ns }) => Some(status().pong(cluster, nonce, sent_ns)),
+        Ok(other) => {
+            debug!(packet = ?other, "ping socket dropped a packet that is not a ping");
+            None
+        }
+        Err(e) => {
+            debug!(len = datagram.len(), error = %e, "ping socket dropped an undecodable datagram");
+            None
+        }
+    }
+}
+
 fn new_udp_socket() -> io::Result<Socket> {
     Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
 }
@@ -460,6 +620,7 @@ mod tests {
                 sent_ns: 2,
                 node_id: 3,
             },
+            status().pong("c1", 1, 2),
         ];
         for packet in packets {
             let bytes = encode(&packet).expect("encode");
@@ -468,8 +629,125 @@ mod tests {
         }
     }
 
+    fn status() -> NodeStatus {
+        NodeStatus {
+            node_id: 9,
+            role: Role::Leader,
+            applied: 1234,
+        }
+    }
+
+    #[test]
+    fn earlier_variants_keep_their_tags() {
+        // Postcard encodes the variant index first: appending `PongStatus` must not move them.
+        let ping = encode(&Packet::Ping {
+            nonce: 0,
+            sent_ns: 0,
+        })
+        .expect("encode");
+        assert_eq!(ping[HEADER_LEN], 2);
+        assert_eq!(
+            encode(&status().pong("c", 0, 0)).expect("encode")[HEADER_LEN],
+            4
+        );
+    }
+
+    #[test]
+    fn a_ping_is_answered_with_the_nodes_status() {
+        let ping = encode(&Packet::Ping {
+            nonce: 41,
+            sent_ns: 42,
+        })
+        .expect("encode");
+        assert_eq!(
+            answer_ping(&ping, "c1", status),
+            Some(Packet::PongStatus {
+                nonce: 41,
+                sent_ns: 42,
+                node_id: 9,
+                cluster: "c1".into(),
+                role: Role::Leader,
+                applied: 1234,
+            })
+        );
+    }
+
+    #[test]
+    fn everything_but_a_ping_is_dropped_without_asking_for_status() {
+        let others = [
+            Packet::Announce(announce("c1")),
+            Packet::Probe {
+                cluster: "c1".into(),
+                nonce: 1,
+                from_client: true,
+            },
+            Packet::Pong {
+                nonce: 1,
+                sent_ns: 2,
+                node_id: 3,
+            },
+            status().pong("c1", 1, 2),
+        ];
+        let mut datagrams: Vec<Vec<u8>> =
+            others.iter().map(|p| encode(p).expect("encode")).collect();
+        datagrams.push(Vec::new());
+        datagrams.push(b"ping".to_vec());
+        datagrams.push(with_header(&[2, 1]));
+        datagrams.push(vec![0; PACKET_BYTES_MAX + 1]);
+        for datagram in &datagrams {
+            let answer = answer_ping(datagram, "c1", || panic!("status asked for {datagram:?}"));
+            assert_eq!(answer, None, "{datagram:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_ping_socket_answers_pings_and_survives_garbage() {
+        let node = PingSocket::bind("127.0.0.1:0".parse().expect("addr"), "c-ping").expect("bind");
+        let node_addr = node.local_addr().expect("addr");
+        let server = tokio::spawn(node.serve(status));
+        let client = DiscoverySocket::ephemeral(1, DEFAULT_BROADCAST, "c-ping").expect("bind");
+        let raw = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        for garbage in [&b""[..], b"garbage", &with_header(&[9, 9, 9])] {
+            raw.send_to(garbage, node_addr).await.expect("send");
+        }
+        let not_a_ping = encode(&Packet::Probe {
+            cluster: "c-ping".into(),
+            nonce: 1,
+            from_client: true,
+        })
+        .expect("encode");
+        raw.send_to(&not_a_ping, node_addr).await.expect("send");
+        for nonce in 1..=3 {
+            let ping = Packet::Ping { nonce, sent_ns: 7 };
+            client.send_to(&ping, node_addr).await.expect("ping");
+            let (reply, from) =
+                tokio::time::timeout(std::time::Duration::from_secs(10), client.recv())
+                    .await
+                    .expect("a pong before the timeout")
+                    .expect("recv");
+            assert_eq!(reply, status().pong("c-ping", nonce, 7));
+            assert_eq!(from, node_addr);
+        }
+        // Nothing came back for the garbage and the probe.
+        let mut buf = [0u8; 64];
+        let extra = tokio::time::timeout(
+            std::time::Duration::from_millis(200),
+            raw.recv_from(&mut buf),
+        )
+        .await;
+        assert!(
+            extra.is_err(),
+            "the ping socket answered a non-ping: {extra:?}"
+        );
+        assert!(!server.is_finished());
+        server.abort();
+    }
+
     #[test]
     fn cluster_of_each_variant() {
+        assert_eq!(status().pong("p", 0, 0).cluster(), Some("p"));
         assert_eq!(Packet::Announce(announce("a")).cluster(), Some("a"));
         let probe = Packet::Probe {
             cluster: "b".into(),
@@ -621,6 +899,22 @@ mod tests {
                     node_id,
                 }
             }),
+            (
+                (any::<u64>(), any::<u64>(), any::<u64>()),
+                "[a-z0-9-]{0,64}",
+                role(),
+                any::<u64>()
+            )
+                .prop_map(|((nonce, sent_ns, node_id), cluster, role, applied)| {
+                    Packet::PongStatus {
+                        nonce,
+                        sent_ns,
+                        node_id,
+                        cluster,
+                        role,
+                        applied,
+                    }
+                }),
         ]
     }
 
@@ -647,6 +941,18 @@ mod tests {
             let bytes = encode(&packet).expect("small packets fit");
             prop_assert!(bytes.len() <= PACKET_BYTES_MAX);
             prop_assert_eq!(decode(&bytes), Ok(packet));
+        }
+
+        #[test]
+        fn answer_ping_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..1_500)) {
+            let answered = answer_ping(&with_header(&bytes), "c", status);
+            // Only a ping is answered, and the answer echoes it.
+            if let Some(Packet::PongStatus { nonce, sent_ns, .. }) = answered {
+                prop_assert_eq!(decode(&with_header(&bytes)), Ok(Packet::Ping { nonce, sent_ns }));
+            } else {
+                prop_assert_eq!(answered, None);
+            }
+            let _ = answer_ping(&bytes, "c", status);
         }
 
         #[test]
