@@ -210,25 +210,24 @@ async fn an_idle_subscribed_client_holds_one_connection_and_sees_every_nodes_rtt
         ..config(&cluster, Some(Identity::ephemeral("alice", None)))
     })
     .await?;
-    let bob = Client::connect(config(&cluster, None)).await?;
+    let bob = Client::connect(ClientConfig {
+        writer_idle: Duration::from_millis(500),
+        probe_interval: Duration::from_millis(200),
+        ..config(&cluster, None)
+    })
+    .await?;
     let mut alices = alice.subscribe("general", 0);
     let mut bobs = bob.subscribe("general", 0);
     let sent = alice.send_text("general", "anyone?", None).await?;
     assert_eq!(receive(&mut alices, 1, RECEIVE).await?[0].seq, sent.seq);
     assert_eq!(receive(&mut bobs, 1, RECEIVE).await?[0].seq, sent.seq);
 
-    // Bob reads only: one connection. Alice's write connection closes after 500 ms idle,
-    // leaving her reader's (the same connection when she reads from the leader).
-    let deadline = Instant::now() + CONVERGE;
-    let mut open = connections(&cluster).await?;
-    while open != 2 {
-        if Instant::now() > deadline {
-            bail!("{open} client connections, not 2 (one per idle client)");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        open = connections(&cluster).await?;
-    }
+    // Each client keeps only the push connection its subscription streams on: Alice's write
+    // connection and any RPC connection to a reader close after 500 ms without use.
+    settle_at_one_connection_each(&cluster, 2).await?;
     for client in [&alice, &bob] {
+        // `/servers` asks the reader for the membership over RPC (that connection idles out
+        // again); RTT, role and applied of every node come from UDP pings.
         let servers = client.servers().await;
         assert_eq!(servers.len(), 3, "{servers:?}");
         for server in &servers {
@@ -238,11 +237,21 @@ async fn an_idle_subscribed_client_holds_one_connection_and_sees_every_nodes_rtt
         }
         assert_eq!(servers.iter().filter(|s| s.role == "leader").count(), 1);
     }
-    assert_eq!(
-        connections(&cluster).await?,
-        2,
-        "measuring every node opened connections"
-    );
+    settle_at_one_connection_each(&cluster, 2).await?;
+    Ok(())
+}
+
+/// Waits until the cluster's nodes hold `clients` client connections in all.
+async fn settle_at_one_connection_each(cluster: &TestCluster, clients: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + CONVERGE;
+    let mut open = connections(cluster).await?;
+    while open != clients {
+        if Instant::now() > deadline {
+            bail!("{open} client connections, not {clients} (one per idle client)");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        open = connections(cluster).await?;
+    }
     Ok(())
 }
 

@@ -245,6 +245,9 @@ pub(crate) struct Inner {
     writer: tokio::sync::Mutex<Option<u64>>,
     /// When a send last used the writer, to close an idle write connection.
     last_write: Mutex<Instant>,
+    /// When a read RPC (history, channels, a long poll) last used a connection: the reader's
+    /// connection closes after `writer_idle` without one (pushed streams have their own).
+    last_read: Mutex<Instant>,
     /// The UDP socket for discovery rounds and RTT pings; a round holds it while it reads the
     /// replies, so rounds never take each other's.
     socket: tokio::sync::Mutex<DiscoverySocket>,
@@ -327,6 +330,7 @@ impl Client {
             conn_serial: AtomicU64::new(0),
             writer: tokio::sync::Mutex::new(None),
             last_write: Mutex::new(Instant::now()),
+            last_read: Mutex::new(Instant::now()),
             socket: tokio::sync::Mutex::new(socket),
             events: broadcast::channel(EVENTS_CAPACITY).0,
             route_tx,
@@ -782,7 +786,13 @@ impl Inner {
 
     /// A connection to `node` that said hello, reusing an open one.
     pub(crate) async fn read_conn(&self, node: u64) -> Result<ChatClient, Failure> {
+        *self.last_read.lock() = Instant::now();
         self.conn(node).await.map(|conn| conn.client)
+    }
+
+    /// The open connection to `node`, if any, without opening one or counting as a read.
+    fn open_conn(&self, node: u64) -> Option<ChatClient> {
+        self.conns.lock().get(&node).map(|conn| conn.client.clone())
     }
 
     /// The open connection to `node`, or a new one that said hello.
@@ -810,8 +820,9 @@ impl Inner {
         Ok(self.conns.lock().entry(node).or_insert(conn).clone())
     }
 
-    /// Closes the connections this client no longer uses: all but the reader's, the writer's
-    /// (until it has been idle for `writer_idle`) and those of nodes measured over TCP. A
+    /// Closes the connections this client no longer uses: all but the reader's and the
+    /// writer's (each until it has been idle for `writer_idle`) and those of nodes measured
+    /// over TCP. A
     /// connection closes once the last request on it is done.
     fn prune_conns(&self) {
         let writer = match self.writer.try_lock() {
@@ -832,12 +843,10 @@ impl Inner {
                 .iter()
                 .filter(|(_, n)| n.probed == Some(Probe::Tcp))
                 .map(|(&id, _)| id);
-            table
+            let reader = table
                 .reading
-                .into_iter()
-                .chain(writer)
-                .chain(tcp_probed)
-                .collect()
+                .filter(|_| self.last_read.lock().elapsed() < self.config.writer_idle);
+            reader.into_iter().chain(writer).chain(tcp_probed).collect()
         };
         self.conns.lock().retain(|id, _| keep.contains(id));
     }
@@ -1418,8 +1427,18 @@ async fn refresh_loop(inner: std::sync::Weak<Inner>) {
                 inner.merge_announce(&announce);
             }
         }
+        // Membership from the reader: over a connection that is open anyway; a client that
+        // finds nodes only through `join` addresses (no broadcast reaches it) also opens one
+        // each discovery round, since its probes show only the nodes it names.
         if let Some(reader) = inner.pick_reader() {
-            if let Ok(conn) = inner.read_conn(reader).await {
+            let conn = match inner.open_conn(reader) {
+                Some(conn) => Some(conn),
+                None if round.is_multiple_of(DISCOVERY_EVERY) && !inner.config.join.is_empty() => {
+                    inner.conn(reader).await.ok().map(|conn| conn.client)
+                }
+                None => None,
+            };
+            if let Some(conn) = conn {
                 if let Ok(Ok(info)) = conn.cluster(ctx(inner.config.request_timeout)).await {
                     inner.merge_cluster(&info);
                 }

@@ -38,8 +38,10 @@ pub struct ClientConfig {
     /// Interval of the background RTT probes (UDP pings to every node) and cluster refresh.
     /// Default 1 s; 50 ms to 60 s.
     pub probe_interval: Duration,
-    /// How long the write connection (to the leader) stays open without a send before it is
-    /// closed; the next send opens and logs in again. Default 60 s; 100 ms to 1 h.
+    /// How long the write connection (to the leader) stays open without a send, and the
+    /// reader's RPC connection without a read (history, channels; pushed streams have their
+    /// own), before it is closed; the next use opens (and logs in) again. Default 60 s;
+    /// 100 ms to 1 h.
     pub writer_idle: Duration,
     /// Total time one send may spend on retries before failing. Default 30 s; up to 1 h.
     pub send_retry_budget: Duration,
