@@ -248,6 +248,8 @@ pub(crate) struct Inner {
     /// When a read RPC (history, channels, a long poll) last used a connection: the reader's
     /// connection closes after `writer_idle` without one (pushed streams have their own).
     last_read: Mutex<Instant>,
+    /// Long polls in flight: the reader's RPC connection stays open while any runs.
+    polls_in_flight: std::sync::atomic::AtomicUsize,
     /// The UDP socket for discovery rounds and RTT pings; a round holds it while it reads the
     /// replies, so rounds never take each other's.
     socket: tokio::sync::Mutex<DiscoverySocket>,
@@ -269,6 +271,15 @@ struct Conn {
     challenge: Option<[u8; 32]>,
     /// Whether it logged in, so it can send.
     logged_in: bool,
+}
+
+/// A long poll in flight; see [`Inner::poll_guard`].
+pub(crate) struct PollGuard<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for PollGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Why one attempt on one node failed.
@@ -331,6 +342,7 @@ impl Client {
             writer: tokio::sync::Mutex::new(None),
             last_write: Mutex::new(Instant::now()),
             last_read: Mutex::new(Instant::now()),
+            polls_in_flight: std::sync::atomic::AtomicUsize::new(0),
             socket: tokio::sync::Mutex::new(socket),
             events: broadcast::channel(EVENTS_CAPACITY).0,
             route_tx,
@@ -790,6 +802,12 @@ impl Inner {
         self.conn(node).await.map(|conn| conn.client)
     }
 
+    /// Marks a long poll in flight until the guard drops (the reader's connection is kept).
+    pub(crate) fn poll_guard(&self) -> PollGuard<'_> {
+        self.polls_in_flight.fetch_add(1, Ordering::Relaxed);
+        PollGuard(&self.polls_in_flight)
+    }
+
     /// The open connection to `node`, if any, without opening one or counting as a read.
     fn open_conn(&self, node: u64) -> Option<ChatClient> {
         self.conns.lock().get(&node).map(|conn| conn.client.clone())
@@ -843,9 +861,10 @@ impl Inner {
                 .iter()
                 .filter(|(_, n)| n.probed == Some(Probe::Tcp))
                 .map(|(&id, _)| id);
-            let reader = table
-                .reading
-                .filter(|_| self.last_read.lock().elapsed() < self.config.writer_idle);
+            let reader = table.reading.filter(|_| {
+                self.polls_in_flight.load(Ordering::Relaxed) > 0
+                    || self.last_read.lock().elapsed() < self.config.writer_idle
+            });
             reader.into_iter().chain(writer).chain(tcp_probed).collect()
         };
         self.conns.lock().retain(|id, _| keep.contains(id));

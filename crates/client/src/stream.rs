@@ -183,6 +183,7 @@ async fn poll_once(
     last: u64,
     tx: &mpsc::Sender<Result<WireMessage, Error>>,
 ) -> Poll {
+    let _polling = inner.poll_guard();
     let conn = match inner.read_conn(node).await {
         Ok(conn) => conn,
         Err(Failure::Api(e)) => return classify(e),
