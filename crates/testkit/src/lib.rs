@@ -487,7 +487,18 @@ impl TestCluster {
                 return Ok(view);
             }
             if Instant::now() > deadline {
-                bail!("cluster did not converge on one leader of {expected} nodes; last view: {view:#?}");
+                let tails: String = self
+                    .nodes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, node)| {
+                        format!("\n--- node {} log tail:\n{}", i + 1, node.log_tail(15))
+                    })
+                    .collect();
+                bail!(
+                    "cluster did not converge on one leader of {expected} nodes; last view: \
+                     {view:#?}{tails}"
+                );
             }
         }
     }
