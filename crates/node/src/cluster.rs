@@ -415,6 +415,20 @@ impl Formation {
     async fn promote_learners(&self, metrics: &openraft::RaftMetrics<NodeId, Member>) {
         let membership = metrics.membership_config.membership();
         if membership.get_joint_config().len() > 1 {
+            // A promotion commits a joint config and then the final one; when the second step
+            // fails (a concurrent join changed the membership first: `InProgress`), the joint
+            // config stays and would stop every later promotion. Finish it: asking for no new
+            // voters moves the joint config to its last half, as the second step would have.
+            match self
+                .raft
+                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::new()), true)
+                .await
+            {
+                Ok(_) => tracing::info!("finished a joint membership left by a promotion"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "finishing a joint membership failed; will retry")
+                }
+            }
             return;
         }
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
