@@ -210,12 +210,9 @@ async fn poll_once(
                 };
             }
             changed = route_rx.changed() => {
-                if changed.is_err() || inner.is_down(node) {
-                    return Poll::NodeFailed("node marked down".into());
-                }
-                if inner.current_reader() != Some(node) {
-                    // Nothing of this poll was handed out; the next poll resumes after `last`.
-                    return Poll::Moved;
+                // Nothing of this poll was handed out; the next poll resumes after `last`.
+                if let Some(outcome) = route_change(inner, node, changed.is_ok()) {
+                    return outcome;
                 }
             }
             () = tx.closed() => return Poll::Closed,
@@ -268,17 +265,23 @@ async fn push_once(
                 }
             },
             changed = route_rx.changed() => {
-                if changed.is_err() || inner.is_down(node) {
-                    return Poll::NodeFailed("node marked down".into());
-                }
-                if inner.current_reader() != Some(node) {
-                    // Dropping `sub` unsubscribes; the next attempt resumes after `last`.
-                    return Poll::Moved;
+                // Dropping `sub` unsubscribes; the next attempt resumes after `last`.
+                if let Some(outcome) = route_change(inner, node, changed.is_ok()) {
+                    return outcome;
                 }
             }
             () = tx.closed() => return Poll::Closed,
         }
     }
+}
+
+/// What a change of routes means for a stream on `node`: stop if the node was marked down
+/// (or the client is gone), move if reads went elsewhere, else keep going (`None`).
+fn route_change(inner: &Inner, node: u64, still_routing: bool) -> Option<Poll> {
+    if !still_routing || inner.is_down(node) {
+        return Some(Poll::NodeFailed("node marked down".into()));
+    }
+    (inner.current_reader() != Some(node)).then_some(Poll::Moved)
 }
 
 fn classify(e: ApiError) -> Poll {
