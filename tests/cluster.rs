@@ -172,6 +172,60 @@ async fn killing_the_leader_elects_another_and_sends_continue() -> anyhow::Resul
     Ok(())
 }
 
+/// A leader killed with `kill -9` is replaced long before the followers' timers would run
+/// out: they see its connections close and its Raft port refuse, and call an election
+/// (`node::leader_watch`). The timers here are 10-12 s, so without that the first election
+/// could not start before ~22 s (lease plus election timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leader_is_replaced_before_the_election_timers_run_out() -> anyhow::Result<()> {
+    let timing = [
+        "--heartbeat-ms",
+        "100",
+        "--election-min-ms",
+        "10000",
+        "--election-max-ms",
+        "12000",
+    ];
+    let mut cluster = TestCluster::with_production_timing("deadleader", &timing)?;
+    for _ in 0..3 {
+        cluster.spawn_node()?;
+    }
+    for node in &mut cluster.nodes {
+        node.wait_ready(READY)?;
+    }
+    cluster.wait_converged(3, Duration::from_secs(60)).await?;
+    let dave = TestUser::new("dave");
+    let first =
+        send_until_acked(&cluster, &dave, "general", b"before", [4; 16], 1, CONVERGE).await?;
+
+    let (leader_id, _) = leader_client_addr(&cluster, CONVERGE).await?;
+    let index = index_of(&cluster, leader_id);
+    let killed = Instant::now();
+    cluster.nodes[index].kill9();
+
+    // Well under the 10 s minimum election timeout alone, let alone lease plus timeout.
+    let within = Duration::from_secs(8);
+    let new_leader = loop {
+        let left = within.saturating_sub(killed.elapsed());
+        anyhow::ensure!(
+            !left.is_zero(),
+            "no new leader {within:?} after killing leader {leader_id}"
+        );
+        let (id, _) = leader_client_addr(&cluster, left).await?;
+        if id != leader_id {
+            break id;
+        }
+    };
+    let second =
+        send_until_acked(&cluster, &dave, "general", b"after", [4; 16], 2, CONVERGE).await?;
+    assert_eq!(second.seq, first.seq + 1);
+    eprintln!(
+        "leader {leader_id} killed; node {new_leader} leads after {:?}",
+        killed.elapsed()
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_send_across_a_leader_change_is_applied_once() -> anyhow::Result<()> {
     let mut cluster = three_ready_nodes("dedup", &[])?;

@@ -21,6 +21,7 @@ pub mod codec;
 mod config;
 mod data_dir;
 mod delivery;
+mod leader_watch;
 mod log_store;
 mod metrics;
 mod proposer;

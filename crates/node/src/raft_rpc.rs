@@ -34,6 +34,7 @@ use tarpc::context;
 use tarpc::server::{BaseChannel, Channel};
 
 use crate::cluster::{self, JoinError, JoinReply, JoinRequest, RemoveReply, RemoveRequest};
+use crate::leader_watch::{InboundConn, LeaderWatch};
 use crate::types::{Member, NodeId, TypeConfig};
 
 /// A request that reached a node other than the one it was addressed to.
@@ -82,6 +83,9 @@ pub struct RaftRpcServer {
     id: NodeId,
     cluster: Arc<str>,
     raft: Raft<TypeConfig>,
+    watch: LeaderWatch,
+    /// The connection this clone serves (each accepted connection gets its own).
+    conn: InboundConn,
 }
 
 impl RaftRpcServer {
@@ -90,7 +94,17 @@ impl RaftRpcServer {
         RaftRpcServer {
             id,
             cluster: cluster.into(),
+            watch: LeaderWatch::new(id, raft.clone()),
             raft,
+            conn: InboundConn::default(),
+        }
+    }
+
+    /// A clone that records what one newly accepted connection carries.
+    fn for_connection(&self) -> Self {
+        RaftRpcServer {
+            conn: InboundConn::default(),
+            ..self.clone()
         }
     }
 
@@ -115,6 +129,11 @@ impl RaftRpc for RaftRpcServer {
         req: AppendEntriesRequest<TypeConfig>,
     ) -> Result<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>, WrongNode> {
         self.check(to)?;
+        if req.vote.is_committed() {
+            if let Some(leader) = req.vote.leader_id().voted_for() {
+                self.conn.saw_leader(leader);
+            }
+        }
         Ok(self.raft.append_entries(req).await)
     }
 
@@ -247,7 +266,8 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<RaftListener> {
 }
 
 /// Accepts Raft RPC connections until the returned task is aborted. Each connection's
-/// requests run concurrently.
+/// requests run concurrently. When a connection that carried the leader's AppendEntries ends,
+/// [`LeaderWatch`] checks whether the leader died.
 pub fn serve(listener: RaftListener, server: RaftRpcServer) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
@@ -260,14 +280,17 @@ pub fn serve(listener: RaftListener, server: RaftRpcServer) -> tokio::task::Join
                     continue;
                 }
             };
-            let server = server.clone();
-            tokio::spawn(
+            let server = server.for_connection();
+            tokio::spawn(async move {
+                let (watch, conn) = (server.watch.clone(), server.conn.clone());
                 BaseChannel::with_defaults(transport)
                     .execute(server.serve())
                     .for_each(|response| async move {
                         tokio::spawn(response);
-                    }),
-            );
+                    })
+                    .await;
+                watch.connection_closed(&conn).await;
+            });
         }
     })
 }
@@ -399,7 +422,7 @@ impl PeerClient {
     }
 }
 
-async fn resolve(addr: &str) -> std::io::Result<SocketAddr> {
+pub(crate) async fn resolve(addr: &str) -> std::io::Result<SocketAddr> {
     if let Ok(addr) = addr.parse() {
         return Ok(addr);
     }

@@ -1,0 +1,269 @@
+//! Fast failover when the leader's process dies: followers notice its Raft connections close,
+//! check that nothing listens on its Raft port any more, and call an election at once instead
+//! of waiting out the leader lease and an election timeout.
+//!
+//! Why: openraft 0.9 makes a follower of a committed leader wait `election_timeout_max` (its
+//! leader lease) plus a random election timeout after the last heartbeat before it campaigns,
+//! and a voter refuses every candidate while its own lease runs. With the default timing that
+//! is 360-525 ms of silence after a `kill -9`, and a second round when the first split.
+//!
+//! When a process dies, its kernel closes its sockets: each follower's inbound connection from
+//! the leader ends at once. A closed connection alone proves nothing (a leader may redial), so
+//! the follower then connects to the leader's Raft address: `ECONNREFUSED` means no process
+//! listens there. Only then does it act.
+//!
+//! Every surviving voter calls an election in the next term. A voter whose lease still runs
+//! refuses every candidate, but a voter that has campaigned holds an uncommitted vote, which
+//! carries no lease. openraft 0.9's default leader ids order candidates of one term by node
+//! id, so when the survivors campaign within a moment of each other they do not split: each
+//! gives way to the one with the highest id, which wins in this first round.
+//!
+//! When one survivor asked before another had noticed, the early candidate was refused by the
+//! other's lease and will not ask again before its election timer. So the survivor with the
+//! highest id, if it is still a candidate for itself [`RETRY_EVERY`] later, campaigns again in
+//! a higher term (at most [`RETRIES`] times): by then the others have campaigned too and hold
+//! no lease. A lower-id survivor never retries, and no survivor retries once it follows or
+//! leads, so a retry can never depose a leader the first round elected. A candidate whose log
+//! is behind a majority's still loses, and the others' ordinary timers elect as they would
+//! have without this module.
+//!
+//! Safety does not depend on any of this: an election at any time is always safe in Raft. A
+//! wrong guess costs one term change. A leader that is partitioned rather than dead keeps its
+//! connections open (or its port answers), so partitions are left to the ordinary timers.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::{Raft, ServerState};
+use parking_lot::Mutex;
+
+use crate::types::{NodeId, TypeConfig};
+
+/// How long a closed leader connection's probes of the leader's Raft port go on. On loopback
+/// or a LAN a refused connection answers within a round trip; probes that time out or are
+/// accepted for this long mean the leader (or something at its address) still listens.
+const PROBE_WINDOW: Duration = Duration::from_millis(150);
+
+/// The pause between two probes within [`PROBE_WINDOW`].
+const PROBE_EVERY: Duration = Duration::from_millis(10);
+
+/// How long the highest-id survivor waits, while still a candidate, before campaigning again.
+const RETRY_EVERY: Duration = Duration::from_millis(40);
+
+/// How many times the highest-id survivor campaigns again.
+const RETRIES: usize = 4;
+
+/// How long after one reaction a node ignores further closed connections from the same dead
+/// leader (its log and snapshot connections close together).
+const REACT_ONCE_PER: Duration = Duration::from_secs(1);
+
+/// Watches inbound Raft connections for a dead leader. One per node, shared by every
+/// inbound connection.
+#[derive(Clone)]
+pub struct LeaderWatch {
+    id: NodeId,
+    raft: Raft<TypeConfig>,
+    last_reaction: Arc<Mutex<Option<(NodeId, Instant)>>>,
+}
+
+/// What one inbound Raft connection has carried: the leader whose AppendEntries came over it
+/// last, if any.
+#[derive(Clone, Default)]
+pub struct InboundConn {
+    leader: Arc<Mutex<Option<NodeId>>>,
+}
+
+impl InboundConn {
+    /// Records that an AppendEntries of `leader`'s came over this connection.
+    pub fn saw_leader(&self, leader: NodeId) {
+        let mut slot = self.leader.lock();
+        if *slot != Some(leader) {
+            *slot = Some(leader);
+        }
+    }
+
+    /// The leader whose AppendEntries came over this connection last.
+    pub fn leader(&self) -> Option<NodeId> {
+        *self.leader.lock()
+    }
+}
+
+/// Why a closed connection did or did not lead to an election (logged, and returned so tests
+/// of the decision need no cluster).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The connection never carried a leader's AppendEntries.
+    NoLeaderSeen,
+    /// The connection's leader is no longer this node's leader (or is this node).
+    NotCurrentLeader,
+    /// This node is not a voter: it cannot campaign.
+    NotVoter,
+    /// This node already reacted to this leader's death moments ago.
+    AlreadyReacted,
+    /// The leader's Raft address is unknown or does not resolve.
+    NoAddress,
+    /// Something kept accepting connections at the leader's Raft address (or the probes timed
+    /// out) for the whole probe window: the leader may be alive.
+    LeaderListens,
+    /// Nothing listens at the leader's Raft address: an election was called.
+    Elected,
+    /// Nothing listens at the leader's Raft address, but this node's Raft has stopped.
+    Stopped,
+}
+
+impl LeaderWatch {
+    /// A watch for node `id`.
+    pub fn new(id: NodeId, raft: Raft<TypeConfig>) -> Self {
+        LeaderWatch {
+            id,
+            raft,
+            last_reaction: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Called when an inbound Raft connection ends. Probes the leader it carried and calls
+    /// an election if that leader's process is gone.
+    pub async fn connection_closed(&self, conn: &InboundConn) -> Verdict {
+        let verdict = self.react(conn).await;
+        match verdict {
+            Verdict::Elected => {}
+            Verdict::LeaderListens | Verdict::NoAddress => {
+                tracing::debug!(?verdict, leader = ?conn.leader(), "leader connection closed");
+            }
+            _ => tracing::trace!(?verdict, "raft connection closed"),
+        }
+        verdict
+    }
+
+    async fn react(&self, conn: &InboundConn) -> Verdict {
+        let Some(leader) = conn.leader() else {
+            return Verdict::NoLeaderSeen;
+        };
+        let metrics = self.raft.metrics().borrow().clone();
+        if leader == self.id || metrics.current_leader != Some(leader) {
+            return Verdict::NotCurrentLeader;
+        }
+        let membership = metrics.membership_config.membership();
+        if !membership.voter_ids().any(|v| v == self.id) {
+            return Verdict::NotVoter;
+        }
+        if let Some((who, at)) = *self.last_reaction.lock() {
+            if who == leader && at.elapsed() < REACT_ONCE_PER {
+                return Verdict::AlreadyReacted;
+            }
+        }
+        let Some(node) = membership.get_node(&leader) else {
+            return Verdict::NoAddress;
+        };
+        let Ok(addr) = crate::raft_rpc::resolve(&node.raft_addr).await else {
+            return Verdict::NoAddress;
+        };
+        if !refuses_connections(addr).await {
+            return Verdict::LeaderListens;
+        }
+        {
+            let mut last = self.last_reaction.lock();
+            if let Some((who, at)) = *last {
+                if who == leader && at.elapsed() < REACT_ONCE_PER {
+                    return Verdict::AlreadyReacted;
+                }
+            }
+            *last = Some((leader, Instant::now()));
+        }
+        tracing::info!(
+            leader,
+            raft_addr = %addr,
+            "the leader's raft connection closed and its port refuses connections: calling an election"
+        );
+        if self.raft.trigger().elect().await.is_err() {
+            return Verdict::Stopped;
+        }
+        let highest_survivor = membership
+            .voter_ids()
+            .filter(|v| *v != leader)
+            .max()
+            .is_some_and(|v| v == self.id);
+        if highest_survivor {
+            let (raft, id) = (self.raft.clone(), self.id);
+            tokio::spawn(async move {
+                for _ in 0..RETRIES {
+                    tokio::time::sleep(RETRY_EVERY).await;
+                    if !campaigning_for_itself(&raft, id) {
+                        return;
+                    }
+                    tracing::info!(dead = leader, "still a candidate: campaigning again");
+                    if raft.trigger().elect().await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        Verdict::Elected
+    }
+}
+
+/// Whether node `id` is a candidate that has so far voted only for itself: no leader has
+/// reached it and it has granted no other candidate.
+fn campaigning_for_itself(raft: &Raft<TypeConfig>, id: NodeId) -> bool {
+    let metrics = raft.metrics().borrow().clone();
+    metrics.state == ServerState::Candidate
+        && !metrics.vote.is_committed()
+        && metrics.vote.leader_id().voted_for() == Some(id)
+}
+
+/// Whether `addr` refuses TCP connections within [`PROBE_WINDOW`]. A dying process's
+/// connections can close a moment before its listener does, and the kernel completes a
+/// handshake on a listener whose process is exiting, so one accepted probe proves nothing:
+/// it is retried every [`PROBE_EVERY`] until the window closes.
+async fn refuses_connections(addr: std::net::SocketAddr) -> bool {
+    let start = Instant::now();
+    loop {
+        let left = PROBE_WINDOW.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            return false;
+        }
+        match tokio::time::timeout(left, tokio::net::TcpStream::connect(addr)).await {
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => return true,
+            Ok(Ok(probe)) => drop(probe),
+            Ok(Err(_)) | Err(_) => {}
+        }
+        tokio::time::sleep(PROBE_EVERY).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_remembers_the_last_leader_it_carried() {
+        let conn = InboundConn::default();
+        assert_eq!(conn.leader(), None);
+        conn.saw_leader(7);
+        conn.saw_leader(9);
+        assert_eq!(conn.leader(), Some(9));
+        let clone = conn.clone();
+        clone.saw_leader(3);
+        assert_eq!(conn.leader(), Some(3), "clones share one record");
+    }
+
+    #[tokio::test]
+    async fn a_listening_port_is_alive_and_a_closed_one_refuses() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        assert!(!refuses_connections(addr).await, "a bound listener answers");
+        drop(listener);
+        assert!(refuses_connections(addr).await, "nothing listens any more");
+    }
+
+    #[tokio::test]
+    async fn a_listener_that_closes_within_the_window_counts_as_gone() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            tokio::time::sleep(PROBE_WINDOW / 3).await;
+            drop(listener);
+        });
+        assert!(refuses_connections(addr).await);
+    }
+}
