@@ -37,7 +37,13 @@
 //! written before preallocation (no zero tail; such a newest segment simply grows at the end).
 //! The earlier reader treats a zero tail as a torn tail and truncates it, which loses nothing.
 //!
-//! Meta files are `vote.meta`, `committed.meta` and `purged.meta`, replaced whole by rename.
+//! Meta files are `committed.meta` and `purged.meta`, replaced whole by rename. The vote lives
+//! in `vote.slots`: two 512-byte slots, each a meta frame (above) whose payload is a sequence
+//! number (u64 LE) followed by the vote bytes, zero-padded to the slot's end; the valid slot
+//! with the higher sequence number holds the vote, and an all-zero slot is empty. Saves
+//! overwrite the older slot in place (see `meta::VoteSlots`). A `vote.meta` written by an
+//! earlier build is read once, moved into `vote.slots`, and removed; an earlier build opening
+//! a WAL after that would not see the vote, so downgrades are not supported.
 
 /// Version written into every segment header and meta file.
 pub(crate) const FORMAT_VERSION: u32 = 1;
@@ -214,6 +220,12 @@ pub(crate) fn encode_meta(payload: &[u8]) -> Vec<u8> {
     buf.extend_from_slice(&hasher.finalize().to_le_bytes());
     buf.extend_from_slice(payload);
     buf
+}
+
+/// The length of the meta frame at the start of `bytes`, read from its header without
+/// checking it; `None` if `bytes` is shorter than a header.
+pub(crate) fn meta_frame_len(bytes: &[u8]) -> Option<usize> {
+    (bytes.len() >= META_HEADER_LEN).then(|| META_HEADER_LEN + read_u32(bytes, 12) as usize)
 }
 
 /// Why a meta file was rejected.

@@ -1,4 +1,7 @@
-//! Small meta files (vote, committed, purge point), each replaced atomically by rename.
+//! Small meta files. The committed marker and the purge point are replaced atomically by
+//! rename; the vote is overwritten in place in one of two checksummed slots ([`VoteSlots`]),
+//! because a rename plus a directory fsync waits for a journal commit of the whole file
+//! system, which under load has taken over half a second and stalled an election.
 
 use crate::format::{self, MetaError, TMP_SUFFIX};
 use crate::fs::FileSystem;
@@ -7,8 +10,12 @@ use crate::{Durability, Error};
 use std::io;
 use std::path::Path;
 
-/// File holding the vote bytes.
+/// File that held the vote before vote slots (read once, migrated, then removed).
 pub(crate) const VOTE_FILE: &str = "vote.meta";
+/// File holding the two vote slots.
+pub(crate) const VOTE_SLOTS_FILE: &str = "vote.slots";
+/// Bytes per vote slot: a meta frame (header, 8-byte sequence number, vote), zero-padded.
+pub(crate) const VOTE_SLOT_LEN: usize = 512;
 /// File holding the committed bytes.
 pub(crate) const COMMITTED_FILE: &str = "committed.meta";
 /// File holding the purge point (u64 LE).
@@ -100,4 +107,181 @@ pub(crate) fn decode_purged(dir: &Path, payload: &[u8]) -> Result<u64, Error> {
         reason: format!("purge point has {} bytes, expected 8", payload.len()),
     })?;
     Ok(u64::from_le_bytes(bytes))
+}
+
+/// Opaque vote bytes.
+type Vote = Vec<u8>;
+
+/// The vote file: two fixed slots of [`VOTE_SLOT_LEN`] bytes, each a meta frame whose payload
+/// is a sequence number (u64 LE) and the vote. Saves alternate between the slots and fdatasync
+/// the file; its size and blocks never change after creation, so the fdatasync carries data
+/// only and never waits for a journal commit.
+///
+/// A crash while one slot is written can tear only that slot; the other still holds the
+/// previous vote, which is the latest one a caller was told is durable. At load the valid slot
+/// with the higher sequence number wins; an all-zero slot is empty; a damaged slot next to a
+/// valid one is taken for such a torn write (with a `warn`); two damaged slots are corruption.
+#[derive(Debug)]
+pub(crate) struct VoteSlots {
+    file: std::sync::Arc<dyn crate::fs::FsFile>,
+    path: std::path::PathBuf,
+    /// Sequence number of the newest saved vote (0: none yet).
+    seq: u64,
+}
+
+impl VoteSlots {
+    /// Opens `dir/vote.slots`, or `None` when there is none yet. Returns the newest vote.
+    pub(crate) fn open(
+        fs: &dyn FileSystem,
+        dir: &Path,
+    ) -> Result<Option<(VoteSlots, Option<Vote>)>, Error> {
+        let path = dir.join(VOTE_SLOTS_FILE);
+        let io = |op: &'static str| crate::error::io_error(op, &path);
+        let file = match fs.open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io("open vote slots")(e)),
+        };
+        let len = file.file_len().map_err(io("stat vote slots"))?;
+        if len != 2 * VOTE_SLOT_LEN as u64 {
+            return Err(Error::Corrupt {
+                segment: path,
+                offset: 0,
+                reason: format!(
+                    "vote slots file has {len} bytes, expected {}",
+                    2 * VOTE_SLOT_LEN
+                ),
+            });
+        }
+        let mut bytes = vec![0u8; 2 * VOTE_SLOT_LEN];
+        file.read_exact_at(&mut bytes, 0)
+            .map_err(io("read vote slots"))?;
+        let mut newest: Option<(u64, Vec<u8>)> = None;
+        let mut damaged = Vec::new();
+        for (slot, chunk) in bytes.chunks(VOTE_SLOT_LEN).enumerate() {
+            if chunk.iter().all(|b| *b == 0) {
+                continue;
+            }
+            match decode_slot(chunk) {
+                Ok((seq, vote)) => {
+                    if newest.as_ref().is_none_or(|(best, _)| seq > *best) {
+                        newest = Some((seq, vote));
+                    }
+                }
+                Err(MetaError::UnsupportedVersion(found)) => {
+                    return Err(Error::UnsupportedVersion { path, found })
+                }
+                Err(MetaError::Corrupt(reason)) => damaged.push((slot, reason)),
+            }
+        }
+        match (&newest, damaged.as_slice()) {
+            (None, [_, _]) => {
+                return Err(Error::Corrupt {
+                    segment: path,
+                    offset: 0,
+                    reason: format!("both vote slots are damaged: {}", damaged[0].1),
+                })
+            }
+            (Some(_), [(slot, reason)]) => tracing::warn!(
+                file = %path.display(),
+                slot,
+                reason,
+                "ignoring a damaged vote slot (a save torn by a crash)"
+            ),
+            _ => {}
+        }
+        let (seq, vote) = match newest {
+            Some((seq, vote)) => (seq, Some(vote)),
+            None => (0, None),
+        };
+        Ok(Some((VoteSlots { file, path, seq }, vote)))
+    }
+
+    /// Creates `dir/vote.slots` holding `vote` (or nothing), durably: zero-filled slots
+    /// written and synced under a temp name, renamed, directory synced. Done once per WAL.
+    ///
+    /// # Panics
+    ///
+    /// If an fsync fails.
+    pub(crate) fn create(
+        fs: &dyn FileSystem,
+        dir: &Path,
+        vote: Option<&[u8]>,
+    ) -> Result<VoteSlots, Error> {
+        let path = dir.join(VOTE_SLOTS_FILE);
+        let tmp = dir.join(format!("{VOTE_SLOTS_FILE}{TMP_SUFFIX}"));
+        let io = |op: &'static str| crate::error::io_error(op, &tmp);
+        let mut bytes = vec![0u8; 2 * VOTE_SLOT_LEN];
+        let seq = match vote {
+            Some(vote) => {
+                bytes[..VOTE_SLOT_LEN].copy_from_slice(&encode_slot(&path, 1, vote)?);
+                1
+            }
+            None => 0,
+        };
+        let file = fs.create(&tmp).map_err(io("create vote slots"))?;
+        file.write_all_at(&bytes, 0)
+            .map_err(io("write vote slots"))?;
+        sync_or_panic(file.as_ref(), &tmp, u64::MAX);
+        drop(file);
+        fs.rename(&tmp, &path).map_err(io("rename vote slots"))?;
+        sync_dir_or_panic(fs, dir);
+        let file = fs
+            .open(&path)
+            .map_err(crate::error::io_error("open vote slots", &path))?;
+        Ok(VoteSlots { file, path, seq })
+    }
+
+    /// Saves `vote` durably in the slot the newest vote is not in.
+    ///
+    /// # Panics
+    ///
+    /// If the fdatasync fails.
+    pub(crate) fn save(&mut self, vote: &[u8], warn_ms: u64) -> Result<(), Error> {
+        let seq = self.seq + 1;
+        let slot = encode_slot(&self.path, seq, vote)?;
+        let offset = (seq % 2) * VOTE_SLOT_LEN as u64;
+        self.file
+            .write_all_at(&slot, offset)
+            .map_err(crate::error::io_error("write vote slot", &self.path))?;
+        sync_or_panic(self.file.as_ref(), &self.path, warn_ms);
+        self.seq = seq;
+        Ok(())
+    }
+}
+
+/// One slot's bytes: a meta frame of `seq` and `vote`, zero-padded to [`VOTE_SLOT_LEN`].
+fn encode_slot(path: &Path, seq: u64, vote: &[u8]) -> Result<Vec<u8>, Error> {
+    let mut payload = Vec::with_capacity(8 + vote.len());
+    payload.extend_from_slice(&seq.to_le_bytes());
+    payload.extend_from_slice(vote);
+    let mut frame = format::encode_meta(&payload);
+    if frame.len() > VOTE_SLOT_LEN {
+        return Err(crate::error::io_error("encode vote slot", path)(
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "a vote of {} bytes does not fit a {VOTE_SLOT_LEN}-byte slot",
+                    vote.len()
+                ),
+            ),
+        ));
+    }
+    frame.resize(VOTE_SLOT_LEN, 0);
+    Ok(frame)
+}
+
+/// Decodes one slot into its sequence number and vote.
+fn decode_slot(chunk: &[u8]) -> Result<(u64, Vec<u8>), MetaError> {
+    // The frame's own length field tells where it ends; the zero padding after it is ignored.
+    let frame_len = format::meta_frame_len(chunk).ok_or(MetaError::Corrupt("slot header"))?;
+    let payload = format::decode_meta(
+        chunk
+            .get(..frame_len)
+            .ok_or(MetaError::Corrupt("slot frame longer than the slot"))?,
+    )?;
+    let (seq, vote) = payload.split_first_chunk::<8>().ok_or(MetaError::Corrupt(
+        "slot payload shorter than its sequence number",
+    ))?;
+    Ok((u64::from_le_bytes(*seq), vote.to_vec()))
 }

@@ -51,6 +51,8 @@ pub(crate) struct Recovered {
     pub segments: Vec<Segment>,
     pub purged: Option<u64>,
     pub vote: Option<Vec<u8>>,
+    /// The vote file, to save later votes in.
+    pub vote_slots: meta::VoteSlots,
     pub committed: Option<Vec<u8>>,
 }
 
@@ -74,7 +76,21 @@ pub(crate) fn recover(fs: &dyn FileSystem, config: &Config) -> Result<Recovered,
         Some(payload) => Some(meta::decode_purged(dir, &payload)?),
         None => None,
     };
-    let vote = meta::load(fs, dir, meta::VOTE_FILE, OnCorrupt::Fail)?;
+    let (vote_slots, vote) = match meta::VoteSlots::open(fs, dir)? {
+        Some((slots, vote)) => (slots, vote),
+        None => {
+            // First open by this build, or a new WAL: move an older build's vote file into
+            // the slots (durably) before removing it.
+            let old = meta::load(fs, dir, meta::VOTE_FILE, OnCorrupt::Fail)?;
+            let slots = meta::VoteSlots::create(fs, dir, old.as_deref())?;
+            if old.is_some() {
+                let path = dir.join(meta::VOTE_FILE);
+                fs.remove_file(&path)
+                    .map_err(crate::error::io_error("remove old vote file", &path))?;
+            }
+            (slots, old)
+        }
+    };
     let committed = meta::load(fs, dir, meta::COMMITTED_FILE, OnCorrupt::Ignore)?;
 
     let mut summary = Summary::default();
@@ -129,6 +145,7 @@ pub(crate) fn recover(fs: &dyn FileSystem, config: &Config) -> Result<Recovered,
     Ok(Recovered {
         segments,
         purged,
+        vote_slots,
         vote,
         committed,
     })

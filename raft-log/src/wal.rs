@@ -3,7 +3,7 @@
 
 use crate::format;
 use crate::fs::{FileSystem, StdFs};
-use crate::meta::{self, COMMITTED_FILE, PURGED_FILE, VOTE_FILE};
+use crate::meta::{self, COMMITTED_FILE, PURGED_FILE};
 use crate::recovery;
 use crate::segment::{self, Prepared, ReadPlan, Segment};
 use crate::{Config, Durability, Error, LogIndex};
@@ -85,6 +85,7 @@ struct SyncState {
 #[derive(Debug)]
 struct MetaState {
     vote: Option<Vec<u8>>,
+    vote_slots: meta::VoteSlots,
     /// The latest committed marker handed to `save_committed` (maybe newer than the file).
     committed: Option<Vec<u8>>,
     /// When the committed file was last written; `None` before the first write.
@@ -200,6 +201,7 @@ impl Wal {
             sync_done: Condvar::new(),
             meta: Mutex::new(MetaState {
                 vote: recovered.vote,
+                vote_slots: recovered.vote_slots,
                 committed: recovered.committed,
                 committed_written_at: None,
                 committed_dirty: false,
@@ -679,11 +681,12 @@ impl Wal {
         first_error.map_or(Ok(()), Err)
     }
 
-    /// Stores the vote durably (temp file, fsync, rename, directory fsync).
+    /// Stores the vote durably: overwrites the older of the two vote slots in place and
+    /// fdatasyncs (see `meta::VoteSlots`).
     ///
     /// # Errors
     ///
-    /// `Io`; `Poisoned`.
+    /// `Io`, also for a vote too large for a slot (over 472 bytes); `Poisoned`.
     ///
     /// # Panics
     ///
@@ -691,13 +694,7 @@ impl Wal {
     pub fn save_vote(&self, vote: &[u8]) -> Result<(), Error> {
         self.check_poisoned()?;
         let mut meta = self.meta.lock();
-        meta::write_atomic(
-            self.fs.as_ref(),
-            &self.config.dir,
-            VOTE_FILE,
-            vote,
-            Durability::Sync,
-        )?;
+        meta.vote_slots.save(vote, self.config.fsync_warn_ms)?;
         meta.vote = Some(vote.to_vec());
         Ok(())
     }

@@ -162,14 +162,74 @@ fn corrupt_committed_reads_as_none_and_corrupt_vote_fails() {
     assert_eq!(wal.committed(), None);
     assert_eq!(wal.vote(), Some(b"vote".to_vec()));
     drop(wal);
-    let vote = dir.path().join("vote.meta");
+    // The vote sits in one of two slots of `vote.slots`; damage to both is corruption.
+    let vote = dir.path().join("vote.slots");
     let mut bytes = std::fs::read(&vote).expect("read");
     bytes[21] ^= 1;
+    bytes[512 + 21] ^= 1;
     std::fs::write(&vote, &bytes).expect("write");
     match Wal::open(config(dir.path())) {
         Err(Error::Corrupt { segment, .. }) => assert_eq!(segment, vote),
         other => panic!("expected Corrupt, got {other:?}"),
     }
+}
+
+#[test]
+fn a_damaged_vote_slot_falls_back_to_the_other_and_saves_alternate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wal = Wal::open(config(dir.path())).expect("open");
+    wal.save_vote(b"first").expect("vote"); // slot 1
+    wal.save_vote(b"second").expect("vote"); // slot 0
+    wal.save_vote(b"third").expect("vote"); // slot 1
+    drop(wal);
+    let vote = dir.path().join("vote.slots");
+    assert_eq!(std::fs::metadata(&vote).expect("stat").len(), 1024);
+    let mut bytes = std::fs::read(&vote).expect("read");
+    // Tear the newest slot, as a crash during its write would.
+    bytes[512 + 30] ^= 0xff;
+    std::fs::write(&vote, &bytes).expect("write");
+    let wal = Wal::open(config(dir.path())).expect("open with one torn slot");
+    assert_eq!(wal.vote(), Some(b"second".to_vec()));
+    wal.save_vote(b"fourth").expect("vote");
+    drop(wal);
+    let wal = Wal::open(config(dir.path())).expect("reopen");
+    assert_eq!(wal.vote(), Some(b"fourth".to_vec()));
+}
+
+#[test]
+fn a_vote_save_cut_by_power_failure_leaves_the_previous_vote_or_the_new_one() {
+    for seed in 0..40 {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fs = Arc::new(FaultyFs::new());
+        let wal = open(dir.path(), &fs);
+        wal.save_vote(b"term 7 node 1 committed").expect("vote");
+        wal.save_vote(b"term 8 node 2").expect("vote");
+        fs.fail_sync("meta::sync::fault");
+        let cut = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            wal.save_vote(b"term 9 node 3, never acknowledged")
+        }));
+        assert!(cut.is_err(), "a failed vote fsync panics");
+        drop(wal);
+        let wal = crash_and_reopen(dir.path(), &fs, Tear::Prefix(seed));
+        let vote = wal.vote();
+        assert!(
+            vote == Some(b"term 8 node 2".to_vec())
+                || vote == Some(b"term 9 node 3, never acknowledged".to_vec()),
+            "seed {seed}: {vote:?}"
+        );
+    }
+}
+
+#[test]
+fn a_vote_too_large_for_a_slot_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wal = Wal::open(config(dir.path())).expect("open");
+    wal.save_vote(b"small").expect("vote");
+    assert!(matches!(wal.save_vote(&[7u8; 600]), Err(Error::Io { .. })));
+    assert_eq!(wal.vote(), Some(b"small".to_vec()));
+    drop(wal);
+    let wal = Wal::open(config(dir.path())).expect("reopen");
+    assert_eq!(wal.vote(), Some(b"small".to_vec()));
 }
 
 #[test]

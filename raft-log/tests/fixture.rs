@@ -58,4 +58,11 @@ fn fixture_v1_reads() {
     assert_eq!(entries, expected);
     assert_eq!(wal.vote(), Some(b"vote-v1".to_vec()));
     assert_eq!(wal.committed(), Some(b"committed-v1".to_vec()));
+    // The old vote file moved into the vote slots, and a later vote lands there.
+    assert!(!dir.path().join("vote.meta").exists());
+    assert!(dir.path().join("vote.slots").exists());
+    wal.save_vote(b"vote-after").expect("vote");
+    drop(wal);
+    let wal = Wal::open(config(dir.path())).expect("reopen");
+    assert_eq!(wal.vote(), Some(b"vote-after".to_vec()));
 }

@@ -18,19 +18,28 @@
 //! id, so when the survivors campaign within a moment of each other they do not split: each
 //! gives way to the one with the highest id, which wins in this first round.
 //!
-//! When one survivor asked before another had noticed, the early candidate was refused by the
-//! other's lease and will not ask again before its election timer. So the survivor with the
-//! highest id, if it is still a candidate for itself [`RETRY_EVERY`] later, campaigns again in
-//! a higher term (at most [`RETRIES`] times): by then the others have campaigned too and hold
-//! no lease. A lower-id survivor never retries, and no survivor retries once it follows or
-//! leads, so a retry can never depose a leader the first round elected. A candidate whose log
-//! is behind a majority's still loses, and the others' ordinary timers elect as they would
-//! have without this module.
+//! Two things can still stop that first round:
+//!
+//! - one survivor asked before another had noticed, and was refused by the other's lease; it
+//!   will not ask again before its election timer. So the survivor with the highest id, if it
+//!   is still a candidate for itself [`RETRY_EVERY`] later, campaigns again in a higher term
+//!   (at most [`RETRIES`] times): by then the others have campaigned too and hold no lease.
+//!   A lower-id survivor never retries this way, and no survivor retries once it follows or
+//!   leads, so a retry can never depose a leader the first round elected;
+//! - the highest-id survivor's log is behind another's (the dead leader had replicated one
+//!   more entry to it). Then its campaigns can never win and must stop: its vote requests
+//!   come back refused with a more complete log ([`BehindSignal`], raised by the network
+//!   layer), which ends its retries. The survivor with the more complete log, on refusing it,
+//!   campaigns itself in a higher term ([`LeaderWatch::refused_a_less_complete_candidate`]).
+//!
+//! Whatever this module misses, the ordinary election timers still elect, as they would have
+//! without it.
 //!
 //! Safety does not depend on any of this: an election at any time is always safe in Raft. A
 //! wrong guess costs one term change. A leader that is partitioned rather than dead keeps its
 //! connections open (or its port answers), so partitions are left to the ordinary timers.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -57,13 +66,43 @@ const RETRIES: usize = 4;
 /// leader (its log and snapshot connections close together).
 const REACT_ONCE_PER: Duration = Duration::from_secs(1);
 
+/// Raised when a peer refuses this node's vote request because its own log is more complete;
+/// lowered when this node starts reacting to a dead leader.
+#[derive(Clone, Default)]
+pub struct BehindSignal(Arc<AtomicBool>);
+
+impl BehindSignal {
+    /// A peer refused our candidate with a more complete log.
+    pub fn raise(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    fn lower(&self) {
+        self.0.store(false, Ordering::Release);
+    }
+
+    fn is_raised(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// One reaction to a dead leader.
+#[derive(Debug, Clone, Copy)]
+struct Reaction {
+    leader: NodeId,
+    at: Instant,
+    /// Campaigns called since, on refusing a candidate whose log is less complete.
+    log_campaigns: usize,
+}
+
 /// Watches inbound Raft connections for a dead leader. One per node, shared by every
 /// inbound connection.
 #[derive(Clone)]
 pub struct LeaderWatch {
     id: NodeId,
     raft: Raft<TypeConfig>,
-    last_reaction: Arc<Mutex<Option<(NodeId, Instant)>>>,
+    behind: BehindSignal,
+    last_reaction: Arc<Mutex<Option<Reaction>>>,
 }
 
 /// What one inbound Raft connection has carried: the leader whose AppendEntries came over it
@@ -112,12 +151,55 @@ pub enum Verdict {
 }
 
 impl LeaderWatch {
-    /// A watch for node `id`.
-    pub fn new(id: NodeId, raft: Raft<TypeConfig>) -> Self {
+    /// A watch for node `id`; `behind` is raised by its network layer.
+    pub fn new(id: NodeId, raft: Raft<TypeConfig>, behind: BehindSignal) -> Self {
         LeaderWatch {
             id,
             raft,
+            behind,
             last_reaction: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Called when this node refused a candidate whose log is less complete than its own.
+    /// Right after a leader's death that candidate cannot win, and this node, a candidate
+    /// too, would otherwise wait for its election timer: it campaigns now, in a term above the
+    /// refused one's. Does nothing unless this node reacted to a dead leader moments ago and
+    /// knows no leader yet.
+    pub async fn refused_a_less_complete_candidate(&self, their_term: u64) {
+        let our_term = {
+            let mut last = self.last_reaction.lock();
+            let Some(reaction) = last.as_mut() else {
+                return;
+            };
+            if reaction.at.elapsed() >= REACT_ONCE_PER || reaction.log_campaigns >= RETRIES {
+                return;
+            }
+            // Still electing: no leader is known. (Having given way to a higher candidate of
+            // the same term, as the first round makes every survivor but one do, this node may
+            // already count as a follower.)
+            let metrics = self.raft.metrics().borrow().clone();
+            if metrics.state == ServerState::Leader || metrics.current_leader.is_some() {
+                return;
+            }
+            reaction.log_campaigns += 1;
+            metrics.vote.leader_id().get_term()
+        };
+        // Each election takes the next term; a campaign in the refused candidate's own term
+        // would lose to it when its id is higher, so go one above it.
+        let elections = their_term
+            .saturating_add(1)
+            .saturating_sub(our_term)
+            .clamp(1, 3);
+        tracing::info!(
+            our_term,
+            their_term,
+            "refused a candidate with a less complete log after the leader died: campaigning"
+        );
+        for _ in 0..elections {
+            if self.raft.trigger().elect().await.is_err() {
+                return;
+            }
         }
     }
 
@@ -147,8 +229,8 @@ impl LeaderWatch {
         if !membership.voter_ids().any(|v| v == self.id) {
             return Verdict::NotVoter;
         }
-        if let Some((who, at)) = *self.last_reaction.lock() {
-            if who == leader && at.elapsed() < REACT_ONCE_PER {
+        if let Some(reaction) = *self.last_reaction.lock() {
+            if reaction.leader == leader && reaction.at.elapsed() < REACT_ONCE_PER {
                 return Verdict::AlreadyReacted;
             }
         }
@@ -163,12 +245,17 @@ impl LeaderWatch {
         }
         {
             let mut last = self.last_reaction.lock();
-            if let Some((who, at)) = *last {
-                if who == leader && at.elapsed() < REACT_ONCE_PER {
+            if let Some(reaction) = *last {
+                if reaction.leader == leader && reaction.at.elapsed() < REACT_ONCE_PER {
                     return Verdict::AlreadyReacted;
                 }
             }
-            *last = Some((leader, Instant::now()));
+            *last = Some(Reaction {
+                leader,
+                at: Instant::now(),
+                log_campaigns: 0,
+            });
+            self.behind.lower();
         }
         tracing::info!(
             leader,
@@ -184,11 +271,11 @@ impl LeaderWatch {
             .max()
             .is_some_and(|v| v == self.id);
         if highest_survivor {
-            let (raft, id) = (self.raft.clone(), self.id);
+            let (raft, id, behind) = (self.raft.clone(), self.id, self.behind.clone());
             tokio::spawn(async move {
                 for _ in 0..RETRIES {
                     tokio::time::sleep(RETRY_EVERY).await;
-                    if !campaigning_for_itself(&raft, id) {
+                    if !campaigning_for_itself(&raft, id) || behind.is_raised() {
                         return;
                     }
                     tracing::info!(dead = leader, "still a candidate: campaigning again");

@@ -34,7 +34,7 @@ use tarpc::context;
 use tarpc::server::{BaseChannel, Channel};
 
 use crate::cluster::{self, JoinError, JoinReply, JoinRequest, RemoveReply, RemoveRequest};
-use crate::leader_watch::{InboundConn, LeaderWatch};
+use crate::leader_watch::{BehindSignal, InboundConn, LeaderWatch};
 use crate::types::{Member, NodeId, TypeConfig};
 
 /// A request that reached a node other than the one it was addressed to.
@@ -89,12 +89,13 @@ pub struct RaftRpcServer {
 }
 
 impl RaftRpcServer {
-    /// A server for node `id` of `cluster`.
-    pub fn new(id: NodeId, cluster: &str, raft: Raft<TypeConfig>) -> Self {
+    /// A server for node `id` of `cluster`. `behind` is the signal of this node's
+    /// [`Network`] ([`Network::behind_signal`]).
+    pub fn new(id: NodeId, cluster: &str, raft: Raft<TypeConfig>, behind: BehindSignal) -> Self {
         RaftRpcServer {
             id,
             cluster: cluster.into(),
-            watch: LeaderWatch::new(id, raft.clone()),
+            watch: LeaderWatch::new(id, raft.clone(), behind),
             raft,
             conn: InboundConn::default(),
         }
@@ -144,7 +145,16 @@ impl RaftRpc for RaftRpcServer {
         req: VoteRequest<NodeId>,
     ) -> Result<Result<VoteResponse<NodeId>, RaftError<NodeId>>, WrongNode> {
         self.check(to)?;
-        Ok(self.raft.vote(req).await)
+        let (their_log, their_term) = (req.last_log_id, req.vote.leader_id().get_term());
+        let answer = self.raft.vote(req).await;
+        if let Ok(response) = &answer {
+            if !response.vote_granted && response.last_log_id > their_log {
+                self.watch
+                    .refused_a_less_complete_candidate(their_term)
+                    .await;
+            }
+        }
+        Ok(answer)
     }
 
     async fn snapshot(
@@ -310,6 +320,15 @@ type Pool = Arc<Mutex<HashMap<(NodeId, Lane), RaftRpcClient>>>;
 #[derive(Clone, Default)]
 pub struct Network {
     pool: Pool,
+    behind: BehindSignal,
+}
+
+impl Network {
+    /// Raised when a peer refuses this node's vote request with a more complete log (read by
+    /// [`LeaderWatch`]: a candidate that is behind must not keep campaigning).
+    pub fn behind_signal(&self) -> BehindSignal {
+        self.behind.clone()
+    }
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -320,6 +339,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             addr: node.raft_addr.clone(),
             pool: self.pool.clone(),
+            behind: self.behind.clone(),
         }
     }
 }
@@ -330,6 +350,7 @@ pub struct PeerClient {
     target: NodeId,
     addr: String,
     pool: Pool,
+    behind: BehindSignal,
 }
 
 /// How long a connect may take before the peer counts as unreachable.
@@ -457,8 +478,25 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
         let client = self.client(Lane::Log).await?;
-        match client.vote(ctx_for(&option), self.target, rpc).await {
-            Ok(Ok(Ok(response))) => Ok(response),
+        let ours = rpc.last_log_id;
+        let mut answer = client
+            .vote(ctx_for(&option), self.target, rpc.clone())
+            .await;
+        if matches!(answer, Err(RpcError::Shutdown)) {
+            // The pooled connection had died before the request left (the peer restarted
+            // since): nothing was sent, so dial again and ask once more. openraft does not
+            // resend a vote request, and a lost one can cost an election round.
+            self.pool.lock().remove(&(self.target, Lane::Log));
+            let client = self.client(Lane::Log).await?;
+            answer = client.vote(ctx_for(&option), self.target, rpc).await;
+        }
+        match answer {
+            Ok(Ok(Ok(response))) => {
+                if !response.vote_granted && response.last_log_id > ours {
+                    self.behind.raise();
+                }
+                Ok(response)
+            }
             Ok(Ok(Err(e))) => Err(RemoteError::new(self.target, e).into()),
             Ok(Err(wrong)) => Err(self.wrong_node(Lane::Log, wrong)),
             Err(e) => Err(self.transport_error(Lane::Log, e)),

@@ -206,15 +206,11 @@ impl Server {
         let chat = state_machine.chat().clone();
         let delivery = Delivery::new(chat.applied_index().map_or(0, |i| i.0));
         chat.set_apply_listener(delivery.listener());
-        let raft = Raft::new(
-            id,
-            raft_config,
-            Network::default(),
-            log_store,
-            state_machine,
-        )
-        .await
-        .map_err(|e| ServerError::Raft(e.to_string()))?;
+        let network = Network::default();
+        let behind = network.behind_signal();
+        let raft = Raft::new(id, raft_config, network, log_store, state_machine)
+            .await
+            .map_err(|e| ServerError::Raft(e.to_string()))?;
         let metrics = Arc::new(Metrics::new(committed.clone()));
         let proposer = Proposer::spawn(raft.clone(), ProposerConfig::default(), metrics.clone());
         let peers = Peers::default();
@@ -239,7 +235,7 @@ impl Server {
         let mut tasks = vec![
             raft_rpc::serve(
                 raft_listener,
-                RaftRpcServer::new(id, &config.cluster, raft.clone()),
+                RaftRpcServer::new(id, &config.cluster, raft.clone(), behind),
             ),
             serve_clients(client_listener, shared.clone()),
             metrics::serve(metrics_listener, metrics, raft.clone()),
