@@ -16,7 +16,8 @@ pub struct Config {
     /// Default 64 MiB; at least 4 KiB. A single batch larger than this still goes into one
     /// segment, so a segment may exceed it by one batch. Segments are preallocated: the active
     /// segment's file is this long (zero-filled past its last frame), and once it is a quarter
-    /// full a second file of this size is zero-filled in the background for its successor.
+    /// full a second file of this size is zero-filled in the background for its successor,
+    /// 1 MiB and one fdatasync at a time with a pause after each (see `segment.rs`).
     pub segment_bytes_max: u64,
     /// Largest payload of one entry, in bytes. Default 16 MiB; at least 1, at most 1 GiB.
     /// Appends of larger entries fail with `Error::EntryTooLarge`; recovery treats a frame

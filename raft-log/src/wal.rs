@@ -5,7 +5,7 @@ use crate::format;
 use crate::fs::{FileSystem, StdFs};
 use crate::meta::{self, COMMITTED_FILE, PURGED_FILE};
 use crate::recovery;
-use crate::segment::{self, Prepared, ReadPlan, Segment};
+use crate::segment::{self, PreparePace, Prepared, ReadPlan, Segment};
 use crate::{Config, Durability, Error, LogIndex};
 use parking_lot::{Condvar, Mutex, RwLock};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -68,7 +68,14 @@ struct State {
     /// Reused for every batch so the append path allocates nothing per entry.
     encode_buf: Vec<u8>,
     /// The background thread preparing the next segment file, if one was started.
-    prepare: Option<JoinHandle<Result<Prepared, Error>>>,
+    prepare: Option<PrepareJob>,
+}
+
+/// A segment file being prepared on a background thread.
+#[derive(Debug)]
+struct PrepareJob {
+    thread: JoinHandle<Result<Prepared, Error>>,
+    pace: PreparePace,
 }
 
 /// Group commit bookkeeping.
@@ -212,7 +219,7 @@ impl Wal {
             bytes_written: AtomicU64::new(0),
         };
         if prepare_first {
-            wal.start_prepare(&mut wal.state.lock());
+            wal.start_prepare(&mut wal.state.lock(), PreparePace::eager);
         }
         Ok(wal)
     }
@@ -359,8 +366,10 @@ impl Wal {
             // Waiting holds the state lock, so appends and the planning step of reads wait too.
             // It only happens when the zero-fill took longer than three quarters of a segment
             // of appends; creating an unprepared segment instead would make every append to it
-            // pay the slower, size-changing fdatasync for a whole segment.
-            match job.join() {
+            // pay the slower, size-changing fdatasync for a whole segment. From here on the
+            // zero-fill runs without its pauses, since an append now waits for it.
+            job.pace.hurry();
+            match job.thread.join() {
                 Ok(Ok(prepared)) => {
                     return Segment::create_from_prepared(self.fs.as_ref(), dir, prepared, first)
                 }
@@ -377,18 +386,20 @@ impl Wal {
 
     /// Starts preparing the next segment file on a background thread, unless one is already
     /// being prepared. A failure to spawn only costs the preallocation.
-    fn start_prepare(&self, state: &mut State) {
+    fn start_prepare(&self, state: &mut State, pace: fn() -> PreparePace) {
         if state.prepare.is_some() {
             return;
         }
+        let pace = pace();
         let fs = self.fs.clone();
         let dir = self.config.dir.clone();
         let len = self.config.segment_bytes_max;
+        let thread_pace = pace.clone();
         let spawned = std::thread::Builder::new()
             .name("raft-log-prepare".into())
-            .spawn(move || segment::prepare(fs.as_ref(), &dir, len));
+            .spawn(move || segment::prepare(fs.as_ref(), &dir, len, &thread_pace));
         match spawned {
-            Ok(handle) => state.prepare = Some(handle),
+            Ok(thread) => state.prepare = Some(PrepareJob { thread, pace }),
             Err(e) => tracing::warn!(error = %e, "could not spawn segment preparation thread"),
         }
     }
@@ -450,7 +461,7 @@ impl Wal {
             // otherwise), and late enough that a log which never fills a quarter of a segment
             // never writes a segment's worth of zeros, and that the zero-fill does not compete
             // for the disk right after every rotation.
-            self.start_prepare(state);
+            self.start_prepare(state, PreparePace::background);
         }
         self.appends.fetch_add(1, Ordering::Relaxed);
         self.bytes_written.fetch_add(batch_len, Ordering::Relaxed);
@@ -776,7 +787,8 @@ impl Wal {
         // Wait for a segment being prepared and remove it, so no thread writes into the
         // directory after close. Open would remove the `.tmp` anyway.
         if let Some(job) = self.state.lock().prepare.take() {
-            if let Ok(Ok(prepared)) = job.join() {
+            job.pace.hurry();
+            if let Ok(Ok(prepared)) = job.thread.join() {
                 drop(prepared.file);
                 if let Err(e) = self.fs.remove_file(&prepared.path) {
                     tracing::warn!(error = %e, "could not remove prepared segment");

@@ -18,6 +18,12 @@ use super::{PeerPaths, Subscriber, System, SystemKind, Writer};
 /// The one stream every topic of a run lives in.
 const STREAM: &str = "BENCH";
 
+/// The stream's consumer limit. Since 2.15 a stream that sets none gets the server's
+/// `default_max_consumers` of 1000 (and zero or -1 here means "use that default"), while
+/// `fanout` gives each subscriber an ordered push consumer of its own, and an ordered consumer
+/// that sees a gap is recreated. So the limit is set explicitly, far above any scenario.
+const STREAM_CONSUMERS_MAX: i32 = 100_000;
+
 /// A NATS cluster with JetStream that the harness started.
 pub struct Nats {
     procs: ProcGroup,
@@ -85,6 +91,7 @@ impl Nats {
                     subjects: vec!["bench.>".to_owned()],
                     num_replicas: nodes.min(3),
                     storage: stream::StorageType::File,
+                    max_consumers: STREAM_CONSUMERS_MAX,
                     ..Default::default()
                 })
                 .await;
