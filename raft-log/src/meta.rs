@@ -35,12 +35,23 @@ pub(crate) fn write_atomic(
     payload: &[u8],
     durability: Durability,
 ) -> Result<(), Error> {
+    replace_file(fs, dir, name, &format::encode_meta(payload), durability)
+}
+
+/// Replaces `dir/name` with a file holding exactly `bytes`, by way of `name.tmp` (see
+/// [`write_atomic`]).
+fn replace_file(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    name: &str,
+    bytes: &[u8],
+    durability: Durability,
+) -> Result<(), Error> {
     let path = dir.join(name);
     let tmp = dir.join(format!("{name}{TMP_SUFFIX}"));
     let io = |op: &'static str| crate::error::io_error(op, &tmp);
     let file = fs.create(&tmp).map_err(io("create meta"))?;
-    file.write_all_at(&format::encode_meta(payload), 0)
-        .map_err(io("write meta"))?;
+    file.write_all_at(bytes, 0).map_err(io("write meta"))?;
     if durability == Durability::Sync {
         // Crash before this sync returns: the old file is untouched; the `.tmp` is removed at open.
         sync_or_panic(file.as_ref(), &tmp, u64::MAX);
@@ -53,6 +64,19 @@ pub(crate) fn write_atomic(
         sync_dir_or_panic(fs, dir);
     }
     Ok(())
+}
+
+/// Opens `path` for reading and writing; `None` if it does not exist.
+fn open_existing(
+    fs: &dyn FileSystem,
+    path: &Path,
+    op: &'static str,
+) -> Result<Option<std::sync::Arc<dyn crate::fs::FsFile>>, Error> {
+    match fs.open(path) {
+        Ok(file) => Ok(Some(file)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(crate::error::io_error(op, path)(e)),
+    }
 }
 
 /// How a damaged meta file is treated.
@@ -73,10 +97,8 @@ pub(crate) fn load(
 ) -> Result<Option<Vec<u8>>, Error> {
     let path = dir.join(name);
     let io = |op: &'static str| crate::error::io_error(op, &path);
-    let file = match fs.open(&path) {
-        Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io("open meta")(e)),
+    let Some(file) = open_existing(fs, &path, "open meta")? else {
+        return Ok(None);
     };
     let len = file.file_len().map_err(io("stat meta"))?;
     // Meta payloads are a few dozen bytes; anything huge is damage, not a reason to allocate.
@@ -137,10 +159,8 @@ impl VoteSlots {
     ) -> Result<Option<(VoteSlots, Option<Vote>)>, Error> {
         let path = dir.join(VOTE_SLOTS_FILE);
         let io = |op: &'static str| crate::error::io_error(op, &path);
-        let file = match fs.open(&path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io("open vote slots")(e)),
+        let Some(file) = open_existing(fs, &path, "open vote slots")? else {
+            return Ok(None);
         };
         let len = file.file_len().map_err(io("stat vote slots"))?;
         if len != 2 * VOTE_SLOT_LEN as u64 {
@@ -209,8 +229,6 @@ impl VoteSlots {
         vote: Option<&[u8]>,
     ) -> Result<VoteSlots, Error> {
         let path = dir.join(VOTE_SLOTS_FILE);
-        let tmp = dir.join(format!("{VOTE_SLOTS_FILE}{TMP_SUFFIX}"));
-        let io = |op: &'static str| crate::error::io_error(op, &tmp);
         let mut bytes = vec![0u8; 2 * VOTE_SLOT_LEN];
         let seq = match vote {
             Some(vote) => {
@@ -219,16 +237,10 @@ impl VoteSlots {
             }
             None => 0,
         };
-        let file = fs.create(&tmp).map_err(io("create vote slots"))?;
-        file.write_all_at(&bytes, 0)
-            .map_err(io("write vote slots"))?;
-        sync_or_panic(file.as_ref(), &tmp, u64::MAX);
-        drop(file);
-        fs.rename(&tmp, &path).map_err(io("rename vote slots"))?;
-        sync_dir_or_panic(fs, dir);
-        let file = fs
-            .open(&path)
-            .map_err(crate::error::io_error("open vote slots", &path))?;
+        replace_file(fs, dir, VOTE_SLOTS_FILE, &bytes, Durability::Sync)?;
+        let file = open_existing(fs, &path, "open vote slots")?.ok_or_else(|| {
+            crate::error::io_error("open vote slots", &path)(io::ErrorKind::NotFound.into())
+        })?;
         Ok(VoteSlots { file, path, seq })
     }
 
