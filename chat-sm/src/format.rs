@@ -4,7 +4,9 @@
 //!
 //! Every value starts with [`VALUE_VERSION`]; integers in keys are big-endian so that key order
 //! is numeric order. Channel names never contain byte 0 (see [`crate::ChannelName`]), so the
-//! messages of one channel form one contiguous key range.
+//! messages of one channel form one contiguous key range. The `b'd'` (dedup) keys are kept in
+//! the column family `dedup`, all others in `default`; "key order" means the order of all keys
+//! together.
 //!
 //! | key                                   | value after the version byte                                    |
 //! | ------------------------------------- | --------------------------------------------------------------- |
@@ -42,6 +44,9 @@ pub(crate) const VALUE_VERSION: u8 = 1;
 
 pub(crate) const PREFIX_META: u8 = b'M';
 pub(crate) const PREFIX_DEDUP: u8 = b'd';
+/// Length of the part of a dedup key that names its client: the prefix byte and the client
+/// id. The dedup column family hashes its memtable on it.
+pub(crate) const DEDUP_CLIENT_PREFIX_LEN: usize = 17;
 pub(crate) const PREFIX_HEAD: u8 = b'h';
 pub(crate) const PREFIX_MESSAGE: u8 = b'm';
 pub(crate) const PREFIX_USER: u8 = b'u';

@@ -9,11 +9,10 @@ use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
-use rocksdb::DB;
 use tracing::info;
 
 use crate::format::{self, *};
-use crate::store::{io_err, sync_dir};
+use crate::store::{io_err, sync_dir, Store};
 use crate::{Error, LogIndex};
 
 /// What a snapshot file holds, as far as the adapter cares.
@@ -39,7 +38,8 @@ const SYNC_EVERY_BYTES: u64 = 1024 * 1024;
 
 /// Writes a snapshot of `db` to `path` (via `path.tmp` and a rename) and fsyncs it, syncing
 /// every [`SYNC_EVERY_BYTES`] on the way.
-pub(crate) fn write_snapshot(db: &DB, path: &Path) -> Result<SnapshotInfo, Error> {
+pub(crate) fn write_snapshot(store: &Store, path: &Path) -> Result<SnapshotInfo, Error> {
+    let db = store.db();
     let snap = db.snapshot();
     // The raft log up to the snapshot's index may be purged as soon as this returns, so all
     // of it must be durable in RocksDB, whose batches were written with sync=false. Flushing
@@ -57,10 +57,8 @@ pub(crate) fn write_snapshot(db: &DB, path: &Path) -> Result<SnapshotInfo, Error
     out.write(&[SNAPSHOT_VERSION])?;
     let mut meta = MetaCollector::default();
     let mut count: u64 = 0;
-    let mut it = snap.raw_iterator();
-    it.seek_to_first();
     let mut synced_bytes = 0;
-    while let Some((key, value)) = it.item() {
+    store.for_each_pair(&snap, |key, value| {
         meta.observe(key, value)?;
         write_record(&mut out, key, value)?;
         count += 1;
@@ -68,11 +66,7 @@ pub(crate) fn write_snapshot(db: &DB, path: &Path) -> Result<SnapshotInfo, Error
             out.sync_data()?;
             synced_bytes = out.bytes;
         }
-        it.next();
-    }
-    it.status().map_err(|source| Error::Rocks {
-        op: "iterate",
-        source,
+        Ok(())
     })?;
     out.write(&[TAG_TRAILER])?;
     out.write(&count.to_le_bytes())?;

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
-use rocksdb::{ReadOptions, WriteBatch, WriteOptions, DB};
+use rocksdb::{ColumnFamily, ReadOptions, WriteBatch, WriteOptions, DB};
 use tracing::{debug, info};
 
 use crate::command::{is_valid_sender, validate_send};
@@ -212,10 +212,10 @@ impl ClientSeqs {
 
 /// Reads the highest client seq of every client from the dedup records: two seeks per client
 /// (its first key, then the last key of its range), not a scan of every record.
-fn load_client_seqs(db: &DB) -> Result<ClientSeqs, Error> {
-    let mut opts = ReadOptions::default();
-    opts.set_iterate_upper_bound(vec![PREFIX_DEDUP + 1]);
-    let mut it = db.raw_iterator_opt(opts);
+fn load_client_seqs(store: &Store) -> Result<ClientSeqs, Error> {
+    let mut it = store
+        .db()
+        .raw_iterator_cf_opt(store.dedup_cf(), store::total_order());
     let mut seqs = ClientSeqs {
         max: HashMap::new(),
         complete: true,
@@ -270,6 +270,7 @@ struct Puts {
 }
 
 impl Puts {
+    /// Adds a put; dedup keys (`b'd'`) go to the dedup column family.
     fn put(&mut self, key: &[u8], value: &[u8]) {
         self.items.push((self.bytes.len(), key.len(), value.len()));
         self.bytes.extend_from_slice(key);
@@ -277,7 +278,7 @@ impl Puts {
     }
 
     /// Builds the `WriteBatch` in key order and empties `self`, keeping its capacity.
-    fn take_sorted_batch(&mut self) -> WriteBatch {
+    fn take_sorted_batch(&mut self, dedup_cf: &ColumnFamily) -> WriteBatch {
         let bytes = &self.bytes;
         let key = |&(at, key_len, _): &(usize, usize, usize)| &bytes[at..at + key_len];
         self.items.sort_unstable_by(|a, b| key(a).cmp(key(b)));
@@ -288,7 +289,12 @@ impl Puts {
         let mut wb = WriteBatch::with_capacity_bytes(bytes.len() + 8 * self.items.len() + 64);
         for &(at, key_len, value_len) in &self.items {
             let value_at = at + key_len;
-            wb.put(&bytes[at..value_at], &bytes[value_at..value_at + value_len]);
+            let (key, value) = (&bytes[at..value_at], &bytes[value_at..value_at + value_len]);
+            if key[0] == PREFIX_DEDUP {
+                wb.put_cf(dedup_cf, key, value);
+            } else {
+                wb.put(key, value);
+            }
         }
         self.bytes.clear();
         self.items.clear();
@@ -340,7 +346,7 @@ impl ChatState {
         let generation = store::open_layout(&config.dir)?;
         let store = Arc::new(Store::open(&config.dir, generation)?);
         let view = load_view(store.clone(), config.ring_len)?;
-        let client_seqs = load_client_seqs(store.db())?;
+        let client_seqs = load_client_seqs(&store)?;
         info!(
             dir = %config.dir.display(),
             generation,
@@ -450,7 +456,7 @@ impl ChatState {
         }
         format::dedup_key(&mut w.key, &cmd.client_id.0, cmd.client_seq);
         if !w.client_seqs.is_new(cmd.client_id, cmd.client_seq) {
-            let stored = w.store.db().get_pinned(&w.key);
+            let stored = w.store.db().get_pinned_cf(w.store.dedup_cf(), &w.key);
             let stored = stored.unwrap_or_else(|e| panic!("rocksdb get failed in apply: {e}"));
             if let Some(value) = stored {
                 let (seq, at_ms, channel) = decode_dedup_value(&value)
@@ -545,7 +551,7 @@ impl ChatState {
         if let Some(index) = w.applied_index {
             w.puts.put(META_APPLIED_INDEX, &encode_u64_value(index.0));
         }
-        let wb = w.puts.take_sorted_batch();
+        let wb = w.puts.take_sorted_batch(w.store.dedup_cf());
         let mut opts = WriteOptions::default();
         // WAL on, no fsync per batch: see `apply` for why that is enough.
         opts.set_sync(false);
@@ -698,7 +704,7 @@ impl ChatState {
     /// [`Error::Io`] or [`Error::Rocks`]; `path` is then left as it was.
     pub fn build_snapshot(&self, path: &Path) -> Result<SnapshotInfo, Error> {
         let store = self.view.read().store.clone();
-        snapshot::write_snapshot(store.db(), path)
+        snapshot::write_snapshot(&store, path)
     }
 
     /// Replaces the whole state with the snapshot at `path`.
@@ -720,9 +726,9 @@ impl ChatState {
         // Until the pointer names it, the new directory is garbage: if anything below fails,
         // dropping `store` removes it.
         store.retire();
-        let info = load_snapshot(store.db(), path)?;
+        let info = load_snapshot(&store, path)?;
         let view = load_view(store.clone(), self.config.ring_len)?;
-        let client_seqs = load_client_seqs(store.db())?;
+        let client_seqs = load_client_seqs(&store)?;
         store::write_active(&self.config.dir, generation)?;
         store.keep();
         let old_heads = self.head_map();
@@ -773,14 +779,11 @@ impl ChatState {
     pub fn dump(&self) -> Result<String, Error> {
         let store = self.view.read().store.clone();
         let mut out = String::new();
-        let mut it = store.db().raw_iterator();
-        it.seek_to_first();
-        while let Some((key, value)) = it.item() {
+        store.for_each_pair(&store.db().snapshot(), |key, value| {
             dump_pair(&mut out, key, value)?;
             out.push('\n');
-            it.next();
-        }
-        it.status().map_err(rocks("iterate"))?;
+            Ok(())
+        })?;
         Ok(out)
     }
 
@@ -810,7 +813,7 @@ impl ChatState {
         }
         // The other end of `ClientSeqs`'s invariant: it must never claim a client seq is new
         // while a record for it, or for a higher one, exists.
-        let stored = load_client_seqs(view.store.db())?;
+        let stored = load_client_seqs(&view.store)?;
         for (client, &max) in &stored.max {
             if writer.client_seqs.is_new(*client, max) {
                 return Err(broken(format!(
@@ -1039,13 +1042,18 @@ fn check_dense(db: &DB, channels: &HashMap<String, ChannelView>) -> Result<(), E
 }
 
 /// Loads every pair of the snapshot at `path` into `db` and syncs the WAL.
-fn load_snapshot(db: &DB, path: &Path) -> Result<SnapshotInfo, Error> {
+fn load_snapshot(store: &Store, path: &Path) -> Result<SnapshotInfo, Error> {
+    let (db, dedup_cf) = (store.db(), store.dedup_cf());
     let mut wb = WriteBatch::default();
     let mut opts = WriteOptions::default();
     // No fsync per batch: one WAL sync below covers them all, before the pointer rename.
     opts.set_sync(false);
     let info = snapshot::read_snapshot(path, |key, value| {
-        wb.put(key, value);
+        if key.first() == Some(&PREFIX_DEDUP) {
+            wb.put_cf(dedup_cf, key, value);
+        } else {
+            wb.put(key, value);
+        }
         if wb.len() >= INSTALL_BATCH_RECORDS {
             db.write_opt(std::mem::take(&mut wb), &opts)
                 .map_err(rocks("write"))?;

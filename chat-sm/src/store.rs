@@ -10,16 +10,27 @@
 //!
 //! The rename of `ACTIVE.tmp` over `ACTIVE` is the single commit point of a snapshot install;
 //! every `db-*` directory that `ACTIVE` does not name is garbage and is removed at open.
+//!
+//! Each RocksDB instance has two column families: `default` holds every key but the dedup
+//! records, which live in [`DEDUP_CF`] (see [`dedup_cf_options`] for why). Instances written
+//! before the split kept dedup records in `default`; [`Store::open`] moves them.
 
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use rocksdb::{BlockBasedOptions, DBCompressionType, Options, DB};
+use rocksdb::{
+    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, DBRawIterator,
+    MemtableFactory, Options, ReadOptions, SliceTransform, Snapshot, WriteBatch, WriteOptions, DB,
+};
 use tracing::{info, warn};
 
+use crate::format::{DEDUP_CLIENT_PREFIX_LEN, PREFIX_DEDUP};
 use crate::Error;
+
+/// The column family of the dedup records (`b'd'` keys); every other key is in `default`.
+pub(crate) const DEDUP_CF: &str = "dedup";
 
 const ACTIVE: &str = "ACTIVE";
 const ACTIVE_TMP: &str = "ACTIVE.tmp";
@@ -40,8 +51,10 @@ impl Store {
     /// Opens (creating if needed) the RocksDB instance of `generation` under `data_dir`.
     pub(crate) fn open(data_dir: &Path, generation: u64) -> Result<Store, Error> {
         let dir = data_dir.join(db_dir_name(generation));
-        let db =
-            DB::open(&db_options(), &dir).map_err(|source| Error::Rocks { op: "open", source })?;
+        let dedup = ColumnFamilyDescriptor::new(DEDUP_CF, dedup_cf_options());
+        let db = DB::open_cf_descriptors(&db_options(), &dir, [dedup])
+            .map_err(|source| Error::Rocks { op: "open", source })?;
+        move_dedup_records(&db)?;
         Ok(Store {
             db: Some(db),
             dir,
@@ -52,6 +65,53 @@ impl Store {
 
     pub(crate) fn db(&self) -> &DB {
         self.db.as_ref().expect("db is only taken in Drop")
+    }
+
+    /// The column family of the dedup records.
+    pub(crate) fn dedup_cf(&self) -> &ColumnFamily {
+        self.db()
+            .cf_handle(DEDUP_CF)
+            .expect("every store is opened with the dedup column family")
+    }
+
+    /// Visits every pair of the state at `snap` in key order, across both column families.
+    ///
+    /// The dedup records (`b'd'`) sort between the meta keys (`b'M'`) and the heads (`b'h'`),
+    /// so the order is: `default` below `b'd'`, all of [`DEDUP_CF`], `default` above `b'd'`.
+    /// `default` holds no `b'd'` keys once [`Store::open`] has moved them.
+    pub(crate) fn for_each_pair(
+        &self,
+        snap: &Snapshot<'_>,
+        mut visit: impl FnMut(&[u8], &[u8]) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let db = self.db();
+        let default = db
+            .cf_handle(rocksdb::DEFAULT_COLUMN_FAMILY_NAME)
+            .expect("the default column family always exists");
+        let mut below = ReadOptions::default();
+        below.set_iterate_upper_bound(vec![PREFIX_DEDUP]);
+        let mut above = ReadOptions::default();
+        above.set_iterate_lower_bound(vec![PREFIX_DEDUP + 1]);
+        let parts = [
+            snap.raw_iterator_cf_opt(default, below),
+            snap.raw_iterator_cf_opt(self.dedup_cf(), total_order()),
+            snap.raw_iterator_cf_opt(default, above),
+        ];
+        for (part, mut it) in parts.into_iter().enumerate() {
+            it.seek_to_first();
+            while let Some((key, value)) = it.item() {
+                if (part == 1) != (key.first() == Some(&PREFIX_DEDUP)) {
+                    return Err(Error::Corrupt {
+                        what: "column family",
+                        reason: format!("key {key:02x?} is in the wrong column family"),
+                    });
+                }
+                visit(key, value)?;
+                it.next();
+            }
+            iter_status(&it)?;
+        }
+        Ok(())
     }
 
     pub(crate) fn generation(&self) -> u64 {
@@ -82,12 +142,88 @@ impl Drop for Store {
     }
 }
 
+/// Read options for a scan of [`DEDUP_CF`]: its prefix extractor would otherwise confine an
+/// iterator to the prefix it was seeked to.
+pub(crate) fn total_order() -> ReadOptions {
+    let mut opts = ReadOptions::default();
+    opts.set_total_order_seek(true);
+    opts
+}
+
+fn iter_status(it: &DBRawIterator<'_>) -> Result<(), Error> {
+    it.status().map_err(|source| Error::Rocks {
+        op: "iterate",
+        source,
+    })
+}
+
+/// Dedup records moved per `WriteBatch` by [`move_dedup_records`].
+const MOVE_BATCH_RECORDS: usize = 4096;
+
+/// Moves dedup records that an older version kept in `default` into [`DEDUP_CF`].
+///
+/// Each batch puts a run of records into [`DEDUP_CF`] and deletes them from `default` in one
+/// atomic `WriteBatch`, so a crash part way leaves every record in exactly one place and the
+/// next open moves the rest. Synced before returning, as nothing else will sync it soon.
+fn move_dedup_records(db: &DB) -> Result<(), Error> {
+    let dedup = db
+        .cf_handle(DEDUP_CF)
+        .expect("opened with the dedup column family");
+    let rocks = |op| move |source| Error::Rocks { op, source };
+    let mut opts = ReadOptions::default();
+    opts.set_iterate_upper_bound(vec![PREFIX_DEDUP + 1]);
+    // The iterator reads the state as of its creation, so the batches' deletes do not get in
+    // its way.
+    let mut it = db.raw_iterator_opt(opts);
+    it.seek([PREFIX_DEDUP]);
+    let mut wb = WriteBatch::default();
+    let mut moved = 0usize;
+    loop {
+        let item = it.item();
+        if let Some((key, value)) = item {
+            wb.put_cf(dedup, key, value);
+            wb.delete(key);
+            moved += 1;
+        }
+        if wb.len() >= 2 * MOVE_BATCH_RECORDS || (item.is_none() && !wb.is_empty()) {
+            db.write_opt(std::mem::take(&mut wb), &WriteOptions::default())
+                .map_err(rocks("write"))?;
+        }
+        if item.is_none() {
+            break;
+        }
+        it.next();
+    }
+    iter_status(&it)?;
+    if moved > 0 {
+        db.flush_wal(true).map_err(rocks("flush_wal"))?;
+        info!(
+            records = moved,
+            "moved dedup records into their column family"
+        );
+    }
+    Ok(())
+}
+
 /// How many bytes RocksDB writes to a WAL or table file before it starts their write-back.
 const SYNC_EVERY_BYTES: u64 = 1024 * 1024;
 
+/// Write buffer of [`DEDUP_CF`]. Smaller than `default`'s 64 MiB: a scan of the column
+/// family (at open, and in every snapshot) first copies its hash-bucketed memtable into one
+/// sorted list, so the memtable is kept to some 100,000 records.
+const DEDUP_WRITE_BUFFER_BYTES: usize = 8 << 20;
+
+/// Hash buckets of a [`DEDUP_CF`] memtable: one per client id, shared past this many.
+const DEDUP_MEMTABLE_BUCKETS: usize = 1 << 16;
+
+/// Options of the database and of its `default` column family.
 fn db_options() -> Options {
     let mut opts = Options::default();
     opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    // The hash-skiplist memtable of the dedup column family cannot take concurrent inserts;
+    // all writes come from the applying thread anyway.
+    opts.set_allow_concurrent_memtable_write(false);
     // The workspace builds RocksDB without codecs; asking for the default (Snappy) would fail.
     opts.set_compression_type(DBCompressionType::None);
     let mut table = BlockBasedOptions::default();
@@ -110,6 +246,33 @@ fn db_options() -> Options {
     // RocksDB's answer is to start write-back (sync_file_range, not waiting) every MiB.
     opts.set_bytes_per_sync(SYNC_EVERY_BYTES);
     opts.set_wal_bytes_per_sync(SYNC_EVERY_BYTES);
+    opts
+}
+
+/// Options of [`DEDUP_CF`].
+///
+/// Why a column family of its own: a dedup record's key starts with a random client id, so in
+/// one skiplist memtable shared with everything else each insert searched the whole list from
+/// the top, a cache miss per level; that was over half the CPU of `apply` (the messages, in
+/// key order per channel, land next to the previous insert). Here the memtable hashes the
+/// client id (the first [`DEDUP_CLIENT_PREFIX_LEN`] bytes) to a bucket holding a small
+/// skiplist of that client's records, to which its rising client seqs append.
+fn dedup_cf_options() -> Options {
+    let mut opts = Options::default();
+    opts.set_compression_type(DBCompressionType::None);
+    opts.set_prefix_extractor(SliceTransform::create_fixed_prefix(DEDUP_CLIENT_PREFIX_LEN));
+    opts.set_memtable_factory(MemtableFactory::HashSkipList {
+        bucket_count: DEDUP_MEMTABLE_BUCKETS,
+        height: 4,
+        branching_factor: 4,
+    });
+    opts.set_write_buffer_size(DEDUP_WRITE_BUFFER_BYTES);
+    let mut table = BlockBasedOptions::default();
+    table.set_bloom_filter(10.0, false);
+    opts.set_block_based_table_factory(&table);
+    opts.set_memtable_whole_key_filtering(true);
+    opts.set_memtable_prefix_bloom_ratio(0.02);
+    opts.set_bytes_per_sync(SYNC_EVERY_BYTES);
     opts
 }
 

@@ -373,3 +373,66 @@ fn apply_index_going_backwards_panics() {
         },
     );
 }
+
+/// A data directory written before dedup records had their own column family keeps them in
+/// `default`. Opening it must move every record, keep answering retries with the original
+/// seq, and leave the state (as `dump` shows it) as it was.
+#[test]
+fn dedup_records_of_the_single_column_family_layout_are_moved_at_open() {
+    let mut r = Replica::new(1000);
+    let log: Vec<TestEntry> = (1..=40u64)
+        .map(|client_seq| {
+            let client = (client_seq % 5) as u8;
+            TestEntry::Cmd(Command::Send(send(
+                "general", "Alice", b"m", client, client_seq,
+            )))
+        })
+        .collect();
+    let first = apply_log(r.state(), &log, 1, &[3, 7]);
+    let before = r.dump();
+    drop(r.state.take());
+
+    // Rewrite the directory into the old layout: every dedup record in `default`, no `dedup`
+    // column family.
+    let active = std::fs::read_to_string(r.dir.path().join("ACTIVE")).expect("ACTIVE");
+    let db_dir = r.dir.path().join(active.trim());
+    {
+        let opts = rocksdb::Options::default();
+        let mut db = rocksdb::DB::open_cf(&opts, &db_dir, ["dedup"]).expect("open raw");
+        let dedup = db.cf_handle("dedup").expect("dedup cf");
+        let records: Vec<_> = db
+            .iterator_cf(dedup, rocksdb::IteratorMode::Start)
+            .map(|item| item.expect("iterate"))
+            .collect();
+        assert_eq!(records.len(), 40, "one dedup record per send");
+        for (key, value) in &records {
+            db.put(key, value).expect("put");
+        }
+        db.drop_cf("dedup").expect("drop cf");
+    }
+
+    r.restart();
+    assert_eq!(r.dump(), before);
+    r.state().check_consistency().expect("consistent");
+    // Every retry is still recognised, through the moved records.
+    let retries = apply_log(r.state(), &log, 41, &[40]);
+    for (original, retry) in first.iter().zip(&retries) {
+        let (ChatResponse::Sent(original), ChatResponse::Sent(retry)) = (original, retry) else {
+            panic!("sends accepted: {original:?} / {retry:?}");
+        };
+        assert_eq!(
+            (&retry.channel, retry.seq, retry.duplicate),
+            (&original.channel, original.seq, true)
+        );
+    }
+    // And `default` is left without dedup records.
+    drop(r.state.take());
+    let opts = rocksdb::Options::default();
+    let db = rocksdb::DB::open_cf(&opts, &db_dir, ["dedup"]).expect("open raw");
+    let stray = db
+        .iterator(rocksdb::IteratorMode::Start)
+        .map(|item| item.expect("iterate"))
+        .filter(|(key, _)| key.first() == Some(&b'd'))
+        .count();
+    assert_eq!(stray, 0);
+}
