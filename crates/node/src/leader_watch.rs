@@ -32,6 +32,14 @@
 //!   layer), which ends its retries. The survivor with the more complete log, on refusing it,
 //!   campaigns itself in a higher term ([`LeaderWatch::refused_a_less_complete_candidate`]).
 //!
+//! The same refusal rule also ends a disruption that no death caused. When a disk stall holds a
+//! follower's log writes longer than its election timeout, it campaigns with a log that may be
+//! behind; its higher term deposes the leader (openraft 0.9 has no pre-vote), and its
+//! campaigns cannot win. Without help, the cluster then waits for a more complete voter's
+//! election timer, behind that voter's own lease: over a second of no commits, seen in the
+//! 128-sender benchmark. So a voter that knows no leader and refuses a less complete candidate
+//! campaigns at once, at most once per [`REACT_ONCE_PER`] outside a dead-leader reaction.
+//!
 //! Whatever this module misses, the ordinary election timers still elect, as they would have
 //! without it.
 //!
@@ -103,6 +111,9 @@ pub struct LeaderWatch {
     raft: Raft<TypeConfig>,
     behind: BehindSignal,
     last_reaction: Arc<Mutex<Option<Reaction>>>,
+    /// When this node last campaigned on refusing a less complete candidate outside a
+    /// dead-leader reaction.
+    last_refusal_campaign: Arc<Mutex<Option<Instant>>>,
 }
 
 /// What one inbound Raft connection has carried: the leader whose AppendEntries came over it
@@ -158,33 +169,53 @@ impl LeaderWatch {
             raft,
             behind,
             last_reaction: Arc::new(Mutex::new(None)),
+            last_refusal_campaign: Arc::new(Mutex::new(None)),
         }
     }
 
     /// Called when this node refused a candidate whose log is less complete than its own.
-    /// Right after a leader's death that candidate cannot win, and this node, a candidate
-    /// too, would otherwise wait for its election timer: it campaigns now, in a term above the
-    /// refused one's. Does nothing unless this node reacted to a dead leader moments ago and
-    /// knows no leader yet.
+    /// That candidate cannot win, and this node would otherwise wait for its election timer
+    /// (and its lease) before campaigning: it campaigns now, in a term above the refused
+    /// one's. Does nothing while this node leads or knows a leader, or is not a voter; within
+    /// a dead-leader reaction at most [`RETRIES`] times, otherwise at most once per
+    /// [`REACT_ONCE_PER`].
     pub async fn refused_a_less_complete_candidate(&self, their_term: u64) {
-        let our_term = {
+        let metrics = self.raft.metrics().borrow().clone();
+        // Still electing: no leader is known. (Having given way to a higher candidate of the
+        // same term, as the first round after a death makes every survivor but one do, this
+        // node may already count as a follower.)
+        if metrics.state == ServerState::Leader || metrics.current_leader.is_some() {
+            return;
+        }
+        let membership = metrics.membership_config.membership();
+        if !membership.voter_ids().any(|v| v == self.id) {
+            return;
+        }
+        let reacting = {
             let mut last = self.last_reaction.lock();
-            let Some(reaction) = last.as_mut() else {
-                return;
-            };
-            if reaction.at.elapsed() >= REACT_ONCE_PER || reaction.log_campaigns >= RETRIES {
-                return;
+            match last.as_mut() {
+                Some(reaction) if reaction.at.elapsed() < REACT_ONCE_PER => {
+                    if reaction.log_campaigns >= RETRIES {
+                        return;
+                    }
+                    reaction.log_campaigns += 1;
+                    true
+                }
+                _ => false,
             }
-            // Still electing: no leader is known. (Having given way to a higher candidate of
-            // the same term, as the first round makes every survivor but one do, this node may
-            // already count as a follower.)
-            let metrics = self.raft.metrics().borrow().clone();
-            if metrics.state == ServerState::Leader || metrics.current_leader.is_some() {
-                return;
-            }
-            reaction.log_campaigns += 1;
-            metrics.vote.leader_id().get_term()
         };
+        let our_term = metrics.vote.leader_id().get_term();
+        if !reacting {
+            // Already campaigning above the refused candidate: that round may still win.
+            if our_term > their_term && campaigning_for_itself(&self.raft, self.id) {
+                return;
+            }
+            let mut last = self.last_refusal_campaign.lock();
+            if last.is_some_and(|at| at.elapsed() < REACT_ONCE_PER) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
         // Each election takes the next term; a campaign in the refused candidate's own term
         // would lose to it when its id is higher, so go one above it.
         let elections = their_term
@@ -194,7 +225,8 @@ impl LeaderWatch {
         tracing::info!(
             our_term,
             their_term,
-            "refused a candidate with a less complete log after the leader died: campaigning"
+            reacting,
+            "refused a candidate with a less complete log and know no leader: campaigning"
         );
         for _ in 0..elections {
             if self.raft.trigger().elect().await.is_err() {
