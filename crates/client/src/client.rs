@@ -34,6 +34,12 @@ use crate::identity::{self, Identity};
 
 /// How long a node that failed is passed over when choosing where to read or write.
 const DOWN_COOLDOWN: Duration = Duration::from_secs(2);
+/// How long after marking a node down a leader hint naming it again lifts the mark. Live
+/// nodes stop naming a dead leader once they campaign, tens of ms after a kill (the dead-leader
+/// watch) and at most an election timeout later; one that still names it this long after our
+/// failure has heard from it since, so that failure was ours (a connection broken by the
+/// election, say), and the node leads.
+const HINT_OUTWEIGHS_DOWN_AFTER: Duration = Duration::from_millis(250);
 /// First retry delay of a send; doubles per attempt up to [`BACKOFF_MAX`].
 const BACKOFF_MIN: Duration = Duration::from_millis(25);
 /// Longest retry delay between two attempts (rate limits excepted: they say how long).
@@ -185,11 +191,16 @@ impl Table {
     }
 
     /// Records the node a leader hint names (see `Inner::learn_hint`); lifts its down mark
-    /// when it is not the leader already recorded.
-    fn learn_hint(&mut self, hint: &LeaderHint) {
+    /// when it is not the leader already recorded, or when the mark is at least
+    /// [`HINT_OUTWEIGHS_DOWN_AFTER`] old.
+    fn learn_hint(&mut self, hint: &LeaderHint, now: Instant) {
         let news = self.leader != Some(hint.id);
         let node = self.upsert(hint.id, hint.client_addr);
-        if news {
+        // `down_until` is the mark's time plus DOWN_COOLDOWN.
+        let old_mark = node.down_until.is_some_and(|until| {
+            until.saturating_duration_since(now) + HINT_OUTWEIGHS_DOWN_AFTER <= DOWN_COOLDOWN
+        });
+        if news || old_mark {
             node.down_until = None;
         }
     }
@@ -669,9 +680,13 @@ impl Inner {
     /// Records the leader a node named. A hint that names a new leader comes from a live node
     /// that just saw it win an election, which outweighs an earlier failure of ours (for
     /// example a broken connection from before the node restarted): its down mark is lifted so
-    /// the next send goes straight to it instead of to nodes that keep naming it.
+    /// the next send goes straight to it instead of to nodes that keep naming it. So does a
+    /// hint that still names it [`HINT_OUTWEIGHS_DOWN_AFTER`] after we marked it down: traced
+    /// in `bench failover`, a send to a just-elected leader failed, the hint naming it was no
+    /// longer news, and the client asked a follower for 2 s (the whole down mark) while the
+    /// follower kept naming the live leader.
     fn learn_hint(&self, hint: &LeaderHint) {
-        self.table.lock().learn_hint(hint);
+        self.table.lock().learn_hint(hint, Instant::now());
         self.set_leader(hint.id);
     }
 
@@ -1301,6 +1316,17 @@ impl Inner {
                 Err(Failure::Api(e))
             }
             Err(RpcError::DeadlineExceeded) => Err(Failure::Transport("send timed out".into())),
+            Err(RpcError::Shutdown) => {
+                // The pooled connection had closed before the request left (the node
+                // restarted, or dropped it, since we last used it): nothing was sent and the
+                // node may be fine. Redial on the next attempt instead of passing the node
+                // over; if it is really gone, that connect fails and marks it down.
+                self.drop_writer(node).await;
+                self.forget_conn(node);
+                Err(Failure::Transport(
+                    "send: the pooled connection had closed".into(),
+                ))
+            }
             Err(e) => {
                 self.drop_writer(node).await;
                 self.mark_down(node, "send failed");
@@ -1513,18 +1539,51 @@ mod tests {
         table.nodes.insert(2, node(10, None, true));
         table.leader = Some(2);
         let now = Instant::now();
-        // Node 2 is the recorded leader and down: a hint naming it again is stale news.
-        table.learn_hint(&LeaderHint {
-            id: 2,
-            client_addr: ([127, 0, 0, 1], 10).into(),
-        });
+        // Node 2 is the recorded leader and was just marked down: a hint naming it again is
+        // stale news (live nodes may not have noticed its death yet).
+        table.nodes.get_mut(&2).expect("node 2").down_until = Some(now + DOWN_COOLDOWN);
+        table.learn_hint(
+            &LeaderHint {
+                id: 2,
+                client_addr: ([127, 0, 0, 1], 10).into(),
+            },
+            now,
+        );
         assert!(table.nodes[&2].is_down(now));
         // Node 1 won an election a live node saw: try it even though it failed us before.
-        table.learn_hint(&LeaderHint {
-            id: 1,
-            client_addr: addr,
-        });
+        table.learn_hint(
+            &LeaderHint {
+                id: 1,
+                client_addr: addr,
+            },
+            now,
+        );
         assert!(!table.nodes[&1].is_down(now));
+    }
+
+    #[test]
+    fn a_hint_still_naming_a_leader_well_after_it_was_marked_down_lifts_the_mark() {
+        let mut table = Table::default();
+        table.nodes.insert(2, node(10, None, false));
+        table.leader = Some(2);
+        let hint = LeaderHint {
+            id: 2,
+            client_addr: ([127, 0, 0, 1], 10).into(),
+        };
+        let marked = Instant::now();
+        table.nodes.get_mut(&2).expect("node 2").down_until = Some(marked + DOWN_COOLDOWN);
+        let soon = marked + HINT_OUTWEIGHS_DOWN_AFTER / 2;
+        table.learn_hint(&hint, soon);
+        assert!(
+            table.nodes[&2].is_down(soon),
+            "too soon to doubt the failure"
+        );
+        let later = marked + HINT_OUTWEIGHS_DOWN_AFTER;
+        table.learn_hint(&hint, later);
+        assert!(
+            !table.nodes[&2].is_down(later),
+            "live nodes still name it: it leads"
+        );
     }
 
     #[test]

@@ -32,6 +32,12 @@
 //!   layer), which ends its retries. The survivor with the more complete log, on refusing it,
 //!   campaigns itself in a higher term ([`LeaderWatch::refused_a_less_complete_candidate`]).
 //!
+//! The rule also applies the other way round: when a peer refuses this node's vote request
+//! because it campaigns itself with a higher vote but a less complete log ([`RivalSignal`]).
+//! After a kill, the highest-id survivor may be behind: it out-ranks the others in the first
+//! round, they give way, and it cannot win; traced, that cost one 683 ms failover round, until
+//! its own timer ran out and the refusal above finally happened.
+//!
 //! The same refusal rule also ends a disruption that no death caused. When a disk stall holds a
 //! follower's log writes longer than its election timeout, it campaigns with a log that may be
 //! behind; its higher term deposes the leader (openraft 0.9 has no pre-vote), and its
@@ -91,6 +97,40 @@ impl BehindSignal {
 
     fn is_raised(&self) -> bool {
         self.0.load(Ordering::Acquire)
+    }
+}
+
+/// Raised by the network layer when a peer refuses this node's vote request because the peer
+/// campaigns itself with a higher vote, though its log is less complete than this node's.
+/// That peer cannot win this node's vote; [`LeaderWatch::watch_rivals`] answers by
+/// campaigning above its term, as on refusing such a candidate's own request.
+#[derive(Clone, Default)]
+pub struct RivalSignal(Arc<RivalInner>);
+
+#[derive(Default)]
+struct RivalInner {
+    /// The highest rival term not yet answered.
+    term: Mutex<Option<u64>>,
+    wake: tokio::sync::Notify,
+}
+
+impl RivalSignal {
+    /// A less complete peer campaigns in `term` with a vote above ours.
+    pub fn raise(&self, term: u64) {
+        let mut slot = self.0.term.lock();
+        *slot = Some(slot.map_or(term, |t| t.max(term)));
+        drop(slot);
+        // Stores a permit when nobody waits, so a raise is never lost.
+        self.0.wake.notify_one();
+    }
+
+    async fn next(&self) -> u64 {
+        loop {
+            if let Some(term) = self.0.term.lock().take() {
+                return term;
+            }
+            self.0.wake.notified().await;
+        }
     }
 }
 
@@ -174,12 +214,25 @@ impl LeaderWatch {
     }
 
     /// Called when this node refused a candidate whose log is less complete than its own.
-    /// That candidate cannot win, and this node would otherwise wait for its election timer
-    /// (and its lease) before campaigning: it campaigns now, in a term above the refused
-    /// one's. Does nothing while this node leads or knows a leader, or is not a voter; within
+    /// That candidate cannot win this node's vote, and this node would otherwise wait for its
+    /// election timer (and its lease) before campaigning: it campaigns now, in a term above
+    /// the refused one's. Does nothing while this node leads or knows a leader, or is not a voter; within
     /// a dead-leader reaction at most [`RETRIES`] times, otherwise at most once per
     /// [`REACT_ONCE_PER`].
     pub async fn refused_a_less_complete_candidate(&self, their_term: u64) {
+        self.campaign_above_less_complete(their_term).await;
+    }
+
+    /// Answers every [`RivalSignal`] raise like a refusal of that rival's own request. Runs
+    /// until the process ends.
+    pub async fn watch_rivals(self, rivals: RivalSignal) {
+        loop {
+            let their_term = rivals.next().await;
+            self.campaign_above_less_complete(their_term).await;
+        }
+    }
+
+    async fn campaign_above_less_complete(&self, their_term: u64) {
         let metrics = self.raft.metrics().borrow().clone();
         // Still electing: no leader is known. (Having given way to a higher candidate of the
         // same term, as the first round after a death makes every survivor but one do, this

@@ -34,7 +34,7 @@ use tarpc::context;
 use tarpc::server::{BaseChannel, Channel};
 
 use crate::cluster::{self, JoinError, JoinReply, JoinRequest, RemoveReply, RemoveRequest};
-use crate::leader_watch::{BehindSignal, InboundConn, LeaderWatch};
+use crate::leader_watch::{BehindSignal, InboundConn, LeaderWatch, RivalSignal};
 use crate::types::{Member, NodeId, TypeConfig};
 
 /// A request that reached a node other than the one it was addressed to.
@@ -99,6 +99,15 @@ impl RaftRpcServer {
             raft,
             conn: InboundConn::default(),
         }
+    }
+
+    /// The task that answers `rivals`, raised by this node's [`Network`]
+    /// ([`LeaderWatch::watch_rivals`]).
+    pub fn watch_rivals(
+        &self,
+        rivals: RivalSignal,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.watch.clone().watch_rivals(rivals)
     }
 
     /// A clone that records what one newly accepted connection carries.
@@ -321,6 +330,7 @@ type Pool = Arc<Mutex<HashMap<(NodeId, Lane), RaftRpcClient>>>;
 pub struct Network {
     pool: Pool,
     behind: BehindSignal,
+    rivals: RivalSignal,
 }
 
 impl Network {
@@ -328,6 +338,12 @@ impl Network {
     /// [`LeaderWatch`]: a candidate that is behind must not keep campaigning).
     pub fn behind_signal(&self) -> BehindSignal {
         self.behind.clone()
+    }
+
+    /// Raised when a peer refuses this node's vote request because it campaigns with a
+    /// higher vote and a less complete log (answered by [`LeaderWatch::watch_rivals`]).
+    pub fn rival_signal(&self) -> RivalSignal {
+        self.rivals.clone()
     }
 }
 
@@ -340,6 +356,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             addr: node.raft_addr.clone(),
             pool: self.pool.clone(),
             behind: self.behind.clone(),
+            rivals: self.rivals.clone(),
         }
     }
 }
@@ -351,6 +368,7 @@ pub struct PeerClient {
     addr: String,
     pool: Pool,
     behind: BehindSignal,
+    rivals: RivalSignal,
 }
 
 /// How long a connect may take before the peer counts as unreachable.
@@ -478,7 +496,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
         let client = self.client(Lane::Log).await?;
-        let ours = rpc.last_log_id;
+        let (ours, our_vote) = (rpc.last_log_id, rpc.vote);
         let mut answer = client
             .vote(ctx_for(&option), self.target, rpc.clone())
             .await;
@@ -494,6 +512,15 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             Ok(Ok(Ok(response))) => {
                 if !response.vote_granted && response.last_log_id > ours {
                     self.behind.raise();
+                }
+                let rival = response.vote.leader_id().voted_for() == Some(self.target)
+                    && !response.vote.is_committed();
+                if !response.vote_granted
+                    && rival
+                    && response.vote > our_vote
+                    && response.last_log_id < ours
+                {
+                    self.rivals.raise(response.vote.leader_id().get_term());
                 }
                 Ok(response)
             }

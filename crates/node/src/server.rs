@@ -207,7 +207,7 @@ impl Server {
         let delivery = Delivery::new(chat.applied_index().map_or(0, |i| i.0));
         chat.set_apply_listener(delivery.listener());
         let network = Network::default();
-        let behind = network.behind_signal();
+        let (behind, rivals) = (network.behind_signal(), network.rival_signal());
         let raft = Raft::new(id, raft_config, network, log_store, state_machine)
             .await
             .map_err(|e| ServerError::Raft(e.to_string()))?;
@@ -232,11 +232,10 @@ impl Server {
         });
 
         let pings = ping_responder(client_local, &config.cluster);
+        let rpc_server = RaftRpcServer::new(id, &config.cluster, raft.clone(), behind);
         let mut tasks = vec![
-            raft_rpc::serve(
-                raft_listener,
-                RaftRpcServer::new(id, &config.cluster, raft.clone(), behind),
-            ),
+            tokio::spawn(rpc_server.watch_rivals(rivals)),
+            raft_rpc::serve(raft_listener, rpc_server),
             serve_clients(client_listener, shared.clone()),
             metrics::serve(metrics_listener, metrics, raft.clone()),
         ];
