@@ -279,7 +279,7 @@ impl LeaderWatch {
             our_term,
             their_term,
             reacting,
-            "refused a candidate with a less complete log and know no leader: campaigning"
+            "a less complete candidate cannot win and no leader is known: campaigning"
         );
         for _ in 0..elections {
             if self.raft.trigger().elect().await.is_err() {
