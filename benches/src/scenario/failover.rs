@@ -68,7 +68,7 @@ pub async fn run(cellchat: &mut Cellchat, options: &FailoverOptions) -> Result<R
             while !stop.load(Ordering::Acquire) {
                 let started = Instant::now();
                 counter += 1;
-                let body = stamped_body(body_size, index as u32, counter);
+                let body = stamped_body(body_size, index as u32, counter, now_micros());
                 match writer.write(&topic, body).await {
                     Ok(()) => {
                         let done = Instant::now();

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 
 use super::{
-    connect_subscribers, connect_writers, now_micros, read_stamp, stamped_body, timed_bar,
+    connect_subscribers, connect_writers, micros_at, now_micros, read_stamp, stamped_body,
+    timed_bar,
 };
 use crate::stats::{Latencies, RunResult};
 use crate::sut::System;
@@ -32,6 +33,15 @@ pub struct FanoutOptions {
     pub drain: Duration,
     /// Topic name; a fresh one per run keeps runs apart.
     pub topic: String,
+}
+
+/// What one publisher did.
+struct PublisherTally {
+    errors: u64,
+    /// Send-to-ack of each timed message.
+    acks: Latencies,
+    /// How far behind its schedule it started a send, at worst.
+    behind_max: Duration,
 }
 
 /// What one subscriber saw.
@@ -132,26 +142,46 @@ pub async fn run(system: &dyn System, options: &FanoutOptions) -> Result<RunResu
         let topic = options.topic.clone();
         let body_size = options.body;
         let interval = Duration::from_secs_f64(1.0 / per_publisher_rate);
+        let duration = options.duration;
         // Publishers start evenly staggered within one interval.
         let offset = interval.mul_f64(index as f64 / publisher_count as f64);
         publisher_tasks.push(tokio::spawn(async move {
-            let mut errors = 0u64;
-            let start = tokio::time::Instant::now() + offset;
+            let mut tally = PublisherTally {
+                errors: 0,
+                acks: Latencies::new(),
+                behind_max: Duration::ZERO,
+            };
+            let start = Instant::now() + offset;
+            let window_end = start + duration;
             for counter in 0..per_publisher {
-                // Fixed schedule: a late send goes at once, the next keeps its own slot.
-                tokio::time::sleep_until(start + interval.mul_f64(counter as f64)).await;
-                let body = stamped_body(body_size, index as u32, counter);
+                // Fixed schedule: a late send goes at once, the next keeps its own slot,
+                // and nothing is sent after the window (a publisher that fell behind sends
+                // fewer). The stamp is when the message was due, not when it went: a
+                // system that cannot keep up is charged its queue (no coordinated omission).
+                let due = start + interval.mul_f64(counter as f64);
+                if due >= window_end || Instant::now() >= window_end {
+                    break;
+                }
+                tokio::time::sleep_until(due.into()).await;
+                let sending = Instant::now();
+                tally.behind_max = tally.behind_max.max(sending.saturating_duration_since(due));
+                let body = stamped_body(body_size, index as u32, counter, micros_at(due));
                 match writer.write(&topic, body).await {
                     Ok(()) => {
                         sent_total.fetch_add(1, Ordering::AcqRel);
+                        if micros_at(due) >= measure_from {
+                            tally.acks.record(sending.elapsed());
+                        }
                     }
-                    Err(_) => errors += 1,
+                    Err(_) => tally.errors += 1,
                 }
             }
-            errors
+            tally
         }));
     }
     let mut publish_errors = 0;
+    let mut acks = Latencies::new();
+    let mut behind_max = Duration::ZERO;
     let ticker = {
         let bar = bar.clone();
         tokio::spawn(async move {
@@ -162,7 +192,10 @@ pub async fn run(system: &dyn System, options: &FanoutOptions) -> Result<RunResu
         })
     };
     for task in publisher_tasks {
-        publish_errors += task.await?;
+        let tally = task.await?;
+        publish_errors += tally.errors;
+        acks.merge(&tally.acks);
+        behind_max = behind_max.max(tally.behind_max);
     }
     let publish_time = started.elapsed();
     publishing_done.store(true, Ordering::Release);
@@ -196,6 +229,13 @@ pub async fn run(system: &dyn System, options: &FanoutOptions) -> Result<RunResu
     result.duplicates = Some(duplicates);
     result.set("sent", sent);
     result.set("publish_errors", publish_errors);
+    // Send-to-ack, the publisher's own wait: the rest of send-to-delivery is delivery.
+    let acks = acks.summary();
+    result.set("ack_p50_ms", acks.p50);
+    result.set("ack_p99_ms", acks.p99);
+    // The rate the publishers kept up (below `rate_per_s` when the system fell behind).
+    result.set("sent_per_s", sent as f64 / publish_time.as_secs_f64());
+    result.set("publisher_behind_ms_max", behind_max.as_secs_f64() * 1e3);
     result.set("subscriber_errors", subscriber_errors);
     Ok(result)
 }

@@ -99,13 +99,19 @@ pub async fn connect_subscribers(
     subscribers
 }
 
-/// A message body of `size` bytes (at least 28) carrying who sent it, its number and when.
-pub fn stamped_body(size: usize, publisher: u32, counter: u64) -> Vec<u8> {
+/// Microseconds since [`EPOCH`] at `instant` (0 for an instant before it).
+pub fn micros_at(instant: Instant) -> u64 {
+    u64::try_from(instant.saturating_duration_since(*EPOCH).as_micros()).unwrap_or(u64::MAX)
+}
+
+/// A message body of `size` bytes (at least 28) carrying who sent it, its number and its
+/// stamp: when it was sent, or for a fixed-rate publisher when it was due.
+pub fn stamped_body(size: usize, publisher: u32, counter: u64, stamp_micros: u64) -> Vec<u8> {
     let mut body = Vec::with_capacity(size.max(STAMP_LEN));
     body.extend_from_slice(STAMP_MAGIC);
     body.extend_from_slice(&publisher.to_le_bytes());
     body.extend_from_slice(&counter.to_le_bytes());
-    body.extend_from_slice(&now_micros().to_le_bytes());
+    body.extend_from_slice(&stamp_micros.to_le_bytes());
     body.resize(size.max(STAMP_LEN), b'.');
     body
 }
@@ -113,7 +119,7 @@ pub fn stamped_body(size: usize, publisher: u32, counter: u64) -> Vec<u8> {
 const STAMP_MAGIC: &[u8; 8] = b"ccbench1";
 const STAMP_LEN: usize = 28;
 
-/// The stamp of a body made by [`stamped_body`]: (publisher, counter, sent micros).
+/// The stamp of a body made by [`stamped_body`]: (publisher, counter, stamp micros).
 pub fn read_stamp(body: &[u8]) -> Option<(u32, u64, u64)> {
     if body.len() < STAMP_LEN || &body[..8] != STAMP_MAGIC {
         return None;
@@ -130,11 +136,14 @@ mod tests {
 
     #[test]
     fn stamps_round_trip_and_junk_is_refused() {
-        let body = stamped_body(100, 7, 42);
+        let due = micros_at(Instant::now() + std::time::Duration::from_millis(5));
+        let body = stamped_body(100, 7, 42, due);
         assert_eq!(body.len(), 100);
-        let (publisher, counter, sent) = read_stamp(&body).unwrap();
-        assert_eq!((publisher, counter), (7, 42));
-        assert!(sent <= now_micros());
+        assert_eq!(read_stamp(&body), Some((7, 42, due)));
+        assert!(
+            due > now_micros(),
+            "a stamp is the time given, not the time of writing"
+        );
         assert_eq!(read_stamp(b"hello"), None);
         assert_eq!(read_stamp(&[0u8; 100]), None);
     }
