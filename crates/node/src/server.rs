@@ -61,6 +61,9 @@ pub enum ServerError {
     /// openraft failed to start.
     #[error("raft: {0}")]
     Raft(String),
+    /// The threads serving push connections could not start.
+    #[error("cannot start the push threads: {0}")]
+    Threads(std::io::Error),
 }
 
 /// A running node.
@@ -70,7 +73,50 @@ pub struct Server {
     raft: Raft<TypeConfig>,
     committed: Arc<std::sync::atomic::AtomicU64>,
     tasks: Vec<JoinHandle<()>>,
+    /// Runs every push connection; dropped (in the background) with the server.
+    _push: PushRuntime,
     _data_dir: DataDir,
+}
+
+/// The runtime that serves push connections, apart from the one that runs Raft and the
+/// `Chat` RPCs.
+///
+/// One applied message wakes every subscription of its channel at once. On a shared runtime
+/// those hundreds of socket writes queue ahead of the few task hops that carry the sender's
+/// own answer (state machine task, Raft core, proposer, RPC handler), so a send into a busy
+/// channel waited for the whole fan-out: 10.5 ms at the median with 1,000 subscribers against
+/// 2.1 ms with one, at 2 sends per second. With the fan-out on its own threads the kernel
+/// schedules the two side by side, and an idle woken RPC thread runs at once.
+struct PushRuntime(Option<tokio::runtime::Runtime>);
+
+impl PushRuntime {
+    /// Half the CPUs, at least one thread: the other half stays for Raft, the log and RPCs.
+    fn start() -> std::io::Result<PushRuntime> {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads((cpus / 2).max(1))
+            .thread_name("cellchat-push")
+            .enable_all()
+            .build()?;
+        Ok(PushRuntime(Some(runtime)))
+    }
+
+    fn handle(&self) -> tokio::runtime::Handle {
+        self.0
+            .as_ref()
+            .expect("the runtime lives until drop")
+            .handle()
+            .clone()
+    }
+}
+
+impl Drop for PushRuntime {
+    fn drop(&mut self) {
+        // A runtime dropped inside another one's task must not block on its workers.
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 /// Ports chosen at first start, kept in the data dir so the node's addresses in the cluster
@@ -232,11 +278,12 @@ impl Server {
         });
 
         let pings = ping_responder(client_local, &config.cluster);
+        let push_runtime = PushRuntime::start().map_err(ServerError::Threads)?;
         let rpc_server = RaftRpcServer::new(id, &config.cluster, raft.clone(), behind);
         let mut tasks = vec![
             tokio::spawn(rpc_server.watch_rivals(rivals)),
             raft_rpc::serve(raft_listener, rpc_server),
-            serve_clients(client_listener, shared.clone()),
+            serve_clients(client_listener, shared.clone(), push_runtime.handle()),
             metrics::serve(metrics_listener, metrics, raft.clone()),
         ];
         if let Some(pings) = pings {
@@ -285,6 +332,7 @@ impl Server {
             raft,
             committed,
             tasks,
+            _push: push_runtime,
             _data_dir: data_dir,
         })
     }
@@ -417,7 +465,12 @@ const ROUTE_PEEK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Accepts client connections and routes each by its first 4 bytes: [`proto::push::PUSH_MAGIC`]
 /// to the push server, anything else to the tarpc `Chat` service (a tarpc frame's length
 /// prefix can never equal the magic, see `proto::push`).
-fn serve_clients(listener: TcpListener, shared: Arc<ApiShared>) -> JoinHandle<()> {
+/// Push connections are served on `push`, the [`PushRuntime`].
+fn serve_clients(
+    listener: TcpListener,
+    shared: Arc<ApiShared>,
+    push: tokio::runtime::Handle,
+) -> JoinHandle<()> {
     let cache = Arc::new(BatchCache::default());
     tokio::spawn(async move {
         loop {
@@ -431,8 +484,9 @@ fn serve_clients(listener: TcpListener, shared: Arc<ApiShared>) -> JoinHandle<()
             };
             let shared = shared.clone();
             let cache = cache.clone();
+            let push = push.clone();
             tokio::spawn(async move {
-                if let Err(e) = route_client(stream, peer, shared, cache).await {
+                if let Err(e) = route_client(stream, peer, shared, cache, push).await {
                     tracing::debug!(%peer, error = %e, "client connection setup failed");
                 }
             });
@@ -446,12 +500,20 @@ async fn route_client(
     peer: SocketAddr,
     shared: Arc<ApiShared>,
     cache: Arc<BatchCache>,
+    push: tokio::runtime::Handle,
 ) -> std::io::Result<()> {
     proto::set_socket_options(&stream)?;
     if starts_with_push_magic(&stream).await? {
         let mut magic = [0u8; 4];
         stream.read_exact(&mut magic).await?;
-        push::serve_connection(shared, cache, stream, peer).await;
+        // Moved to the push runtime's reactor; the socket stays non-blocking.
+        let stream = stream.into_std()?;
+        push.spawn(async move {
+            match TcpStream::from_std(stream) {
+                Ok(stream) => push::serve_connection(shared, cache, stream, peer).await,
+                Err(e) => tracing::debug!(%peer, error = %e, "push connection setup failed"),
+            }
+        });
         return Ok(());
     }
     let transport: ChatServerTransport = proto::transport_from_stream(stream)?;
