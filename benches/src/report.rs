@@ -496,10 +496,11 @@ fn write_results_md(
     let _ = writeln!(
         block,
         "\n#### fanout (1 publisher on a fixed schedule)\n\n\
-         Latency runs from when each message was due to its delivery, so a publisher that falls \
-         behind its schedule is charged for it; `sent/s` below the offered rate means the system \
-         (with the harness on the same cores) could not keep up. `ack p50` is the publisher's \
-         own send-to-acknowledgement wait.\n"
+         Latency runs from each send to its delivery. The publisher sends one message at a \
+         time and nothing after the measured window, so `sent/s` below the offered rate means \
+         the system (with the harness on the same cores) could not keep up, and its latencies \
+         then hold for the rate it managed. `ack p50` is the publisher's own \
+         send-to-acknowledgement wait.\n"
     );
     let _ = writeln!(
         block,

@@ -105,7 +105,7 @@ pub fn micros_at(instant: Instant) -> u64 {
 }
 
 /// A message body of `size` bytes (at least 28) carrying who sent it, its number and its
-/// stamp: when it was sent, or for a fixed-rate publisher when it was due.
+/// stamp (microseconds since [`EPOCH`], when it was sent).
 pub fn stamped_body(size: usize, publisher: u32, counter: u64, stamp_micros: u64) -> Vec<u8> {
     let mut body = Vec::with_capacity(size.max(STAMP_LEN));
     body.extend_from_slice(STAMP_MAGIC);
