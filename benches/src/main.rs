@@ -152,7 +152,35 @@ fn main() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(run(cli))
+    runtime.block_on(async {
+        tokio::select! {
+            result = run(cli) => result,
+            signal = interrupted() => {
+                // `run` is dropped here, and with it every system it started: their handles
+                // kill their processes by pid and remove their temp dirs.
+                bail!(
+                    "stopped by {signal}: every server this run started was killed; results \
+                     measured before are in the --out directory"
+                )
+            }
+        }
+    })
+}
+
+/// Waits for SIGINT (Ctrl-C) or SIGTERM and names it. Never returns when the handlers cannot
+/// be installed (the run then ends only by itself).
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
 }
 
 async fn run(cli: Cli) -> Result<()> {

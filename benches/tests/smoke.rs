@@ -120,3 +120,93 @@ fn bad_options_are_refused_clearly() {
     assert!(!ok);
     assert!(stderr.contains("--nodes"), "{stderr}");
 }
+
+/// Temp dirs of bench clusters (`cellchat-bench-*`) under the temp dir now.
+fn bench_dirs() -> std::collections::BTreeSet<std::path::PathBuf> {
+    std::fs::read_dir(std::env::temp_dir())
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with("cellchat-bench-")
+                })
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Pids of live processes whose command line names `dir`.
+fn processes_naming(dir: &Path) -> Vec<u32> {
+    let needle = dir.to_string_lossy().into_owned();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(&needle))
+        })
+        .collect()
+}
+
+#[test]
+fn an_interrupted_run_stops_every_server_it_started() {
+    let _turn = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let out = tempfile::tempdir().unwrap();
+    let before = bench_dirs();
+    let child = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args([
+            "write",
+            "--clients",
+            "2",
+            "--duration",
+            "120",
+            "--json",
+            "--out",
+        ])
+        .arg(out.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running bench");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let dir = loop {
+        let started = bench_dirs()
+            .difference(&before)
+            .find(|dir| processes_naming(dir).len() >= 3)
+            .cloned();
+        if let Some(dir) = started {
+            break dir;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no 3-node cluster started within 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    // Let it measure for a moment, then stop it the way a terminal or a scheduler would.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("running kill");
+    assert!(sent.success());
+    let output = child.wait_with_output().expect("waiting for bench");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("stopped by SIGTERM"), "{stderr}");
+    assert_eq!(
+        processes_naming(&dir),
+        Vec::<u32>::new(),
+        "servers of {} outlived the run",
+        dir.display()
+    );
+    assert!(!dir.exists(), "{} was left behind", dir.display());
+}
