@@ -234,49 +234,39 @@ impl LeaderWatch {
 
     async fn campaign_above_less_complete(&self, their_term: u64) {
         let metrics = self.raft.metrics().borrow().clone();
-        // Still electing: no leader is known. (Having given way to a higher candidate of the
-        // same term, as the first round after a death makes every survivor but one do, this
-        // node may already count as a follower.)
-        if metrics.state == ServerState::Leader || metrics.current_leader.is_some() {
-            return;
-        }
-        let membership = metrics.membership_config.membership();
-        if !membership.voter_ids().any(|v| v == self.id) {
-            return;
-        }
-        let reacting = {
-            let mut last = self.last_reaction.lock();
-            match last.as_mut() {
-                Some(reaction) if reaction.at.elapsed() < REACT_ONCE_PER => {
-                    if reaction.log_campaigns >= RETRIES {
-                        return;
-                    }
-                    reaction.log_campaigns += 1;
-                    true
-                }
-                _ => false,
-            }
+        let view = RefusalView {
+            // Still electing means no leader is known. (Having given way to a higher candidate
+            // of the same term, as the first round after a death makes every survivor but one
+            // do, this node may already count as a follower.)
+            knows_leader: metrics.state == ServerState::Leader || metrics.current_leader.is_some(),
+            voter: metrics
+                .membership_config
+                .membership()
+                .voter_ids()
+                .any(|v| v == self.id),
+            our_term: metrics.vote.leader_id().get_term(),
+            campaigning_for_itself: campaigning_for_itself(&self.raft, self.id),
         };
-        let our_term = metrics.vote.leader_id().get_term();
-        if !reacting {
-            // Already campaigning above the refused candidate: that round may still win.
-            if our_term > their_term && campaigning_for_itself(&self.raft, self.id) {
-                return;
-            }
-            let mut last = self.last_refusal_campaign.lock();
-            if last.is_some_and(|at| at.elapsed() < REACT_ONCE_PER) {
-                return;
-            }
-            *last = Some(Instant::now());
-        }
-        // Each election takes the next term; a campaign in the refused candidate's own term
-        // would lose to it when its id is higher, so go one above it.
-        let elections = their_term
-            .saturating_add(1)
-            .saturating_sub(our_term)
-            .clamp(1, 3);
+        let decision = {
+            let mut reaction = self.last_reaction.lock();
+            let mut last_refusal = self.last_refusal_campaign.lock();
+            decide_refusal_campaign(
+                &view,
+                their_term,
+                reaction.as_mut(),
+                &mut last_refusal,
+                Instant::now(),
+            )
+        };
+        let RefusalCampaign::Campaign {
+            elections,
+            reacting,
+        } = decision
+        else {
+            return;
+        };
         tracing::info!(
-            our_term,
+            our_term = view.our_term,
             their_term,
             reacting,
             "a less complete candidate cannot win and no leader is known: campaigning"
@@ -374,6 +364,75 @@ impl LeaderWatch {
     }
 }
 
+/// What the refusal rule needs to know of this node's Raft state.
+#[derive(Debug, Clone, Copy)]
+struct RefusalView {
+    /// This node leads, or follows a leader it knows.
+    knows_leader: bool,
+    /// This node is a voter.
+    voter: bool,
+    /// The term of this node's vote.
+    our_term: u64,
+    /// This node is a candidate that has so far voted only for itself.
+    campaigning_for_itself: bool,
+}
+
+/// The refusal rule's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RefusalCampaign {
+    /// Do nothing.
+    Skip,
+    /// Call `elections` elections in a row (the last lands one term above the rival's);
+    /// `reacting` when inside a dead-leader reaction.
+    Campaign { elections: u64, reacting: bool },
+}
+
+/// The refusal rule of [`LeaderWatch::refused_a_less_complete_candidate`] as a pure decision,
+/// at time `now`: `reaction` is the current dead-leader reaction (its campaign count is bumped
+/// when it is used) and `last_refusal` when this node last campaigned under the rule outside
+/// one (set when it campaigns now).
+fn decide_refusal_campaign(
+    view: &RefusalView,
+    their_term: u64,
+    reaction: Option<&mut Reaction>,
+    last_refusal: &mut Option<Instant>,
+    now: Instant,
+) -> RefusalCampaign {
+    if view.knows_leader || !view.voter {
+        return RefusalCampaign::Skip;
+    }
+    let reacting = match reaction {
+        Some(reaction) if now.saturating_duration_since(reaction.at) < REACT_ONCE_PER => {
+            if reaction.log_campaigns >= RETRIES {
+                return RefusalCampaign::Skip;
+            }
+            reaction.log_campaigns += 1;
+            true
+        }
+        _ => false,
+    };
+    if !reacting {
+        // Already campaigning above the refused candidate: that round may still win.
+        if view.our_term > their_term && view.campaigning_for_itself {
+            return RefusalCampaign::Skip;
+        }
+        if last_refusal.is_some_and(|at| now.saturating_duration_since(at) < REACT_ONCE_PER) {
+            return RefusalCampaign::Skip;
+        }
+        *last_refusal = Some(now);
+    }
+    // Each election takes the next term; a campaign in the refused candidate's own term would
+    // lose to it when its id is higher, so go one above it.
+    let elections = their_term
+        .saturating_add(1)
+        .saturating_sub(view.our_term)
+        .clamp(1, 3);
+    RefusalCampaign::Campaign {
+        elections,
+        reacting,
+    }
+}
+
 /// Whether node `id` is a candidate that has so far voted only for itself: no leader has
 /// reached it and it has granted no other candidate.
 fn campaigning_for_itself(raft: &Raft<TypeConfig>, id: NodeId) -> bool {
@@ -417,6 +476,137 @@ mod tests {
         let clone = conn.clone();
         clone.saw_leader(3);
         assert_eq!(conn.leader(), Some(3), "clones share one record");
+    }
+
+    /// A voter in `our_term` that knows no leader and is not campaigning.
+    fn electing(our_term: u64) -> RefusalView {
+        RefusalView {
+            knows_leader: false,
+            voter: true,
+            our_term,
+            campaigning_for_itself: false,
+        }
+    }
+
+    #[test]
+    fn a_node_that_knows_a_leader_or_cannot_vote_never_campaigns_on_a_refusal() {
+        let now = Instant::now();
+        let mut last = None;
+        let leader_known = RefusalView {
+            knows_leader: true,
+            ..electing(5)
+        };
+        let learner = RefusalView {
+            voter: false,
+            ..electing(5)
+        };
+        for view in [leader_known, learner] {
+            assert_eq!(
+                decide_refusal_campaign(&view, 6, None, &mut last, now),
+                RefusalCampaign::Skip
+            );
+        }
+        assert_eq!(last, None, "a skipped refusal uses up no turn");
+    }
+
+    #[test]
+    fn outside_a_reaction_a_refusal_campaigns_one_term_above_the_rival_once_a_second() {
+        let start = Instant::now();
+        let mut last = None;
+        // Rival in term 7, this node in 5: elections for 6, 7 and 8.
+        assert_eq!(
+            decide_refusal_campaign(&electing(5), 7, None, &mut last, start),
+            RefusalCampaign::Campaign {
+                elections: 3,
+                reacting: false
+            }
+        );
+        assert_eq!(last, Some(start));
+        // A second refusal within REACT_ONCE_PER waits, one after it acts again.
+        let soon = start + REACT_ONCE_PER / 2;
+        assert_eq!(
+            decide_refusal_campaign(&electing(5), 7, None, &mut last, soon),
+            RefusalCampaign::Skip
+        );
+        let later = start + REACT_ONCE_PER;
+        assert_eq!(
+            decide_refusal_campaign(&electing(8), 8, None, &mut last, later),
+            RefusalCampaign::Campaign {
+                elections: 1,
+                reacting: false
+            }
+        );
+        // Far above the rival already: still at least one election, at most three.
+        let much_later = later + REACT_ONCE_PER;
+        assert_eq!(
+            decide_refusal_campaign(&electing(2), 40, None, &mut last, much_later),
+            RefusalCampaign::Campaign {
+                elections: 3,
+                reacting: false
+            }
+        );
+    }
+
+    #[test]
+    fn a_node_already_campaigning_above_the_rival_lets_its_round_run() {
+        let mut last = None;
+        let campaigning = RefusalView {
+            campaigning_for_itself: true,
+            ..electing(9)
+        };
+        let now = Instant::now();
+        assert_eq!(
+            decide_refusal_campaign(&campaigning, 8, None, &mut last, now),
+            RefusalCampaign::Skip
+        );
+        assert_eq!(last, None);
+        // Campaigning, but not above the rival: its round cannot win, so go above.
+        assert_eq!(
+            decide_refusal_campaign(&campaigning, 9, None, &mut last, now),
+            RefusalCampaign::Campaign {
+                elections: 1,
+                reacting: false
+            }
+        );
+    }
+
+    #[test]
+    fn inside_a_dead_leader_reaction_a_refusal_campaigns_at_most_retries_times() {
+        let start = Instant::now();
+        let mut reaction = Reaction {
+            leader: 1,
+            at: start,
+            log_campaigns: 0,
+        };
+        let mut last = None;
+        let at = start + Duration::from_millis(10);
+        for _ in 0..RETRIES {
+            assert_eq!(
+                decide_refusal_campaign(&electing(5), 5, Some(&mut reaction), &mut last, at),
+                RefusalCampaign::Campaign {
+                    elections: 1,
+                    reacting: true
+                }
+            );
+        }
+        assert_eq!(reaction.log_campaigns, RETRIES);
+        assert_eq!(
+            last, None,
+            "campaigns inside a reaction leave the once-a-second turn"
+        );
+        assert_eq!(
+            decide_refusal_campaign(&electing(5), 5, Some(&mut reaction), &mut last, at),
+            RefusalCampaign::Skip
+        );
+        // Once the reaction is over, the ordinary once-a-second rule applies again.
+        let after = start + REACT_ONCE_PER;
+        assert_eq!(
+            decide_refusal_campaign(&electing(5), 5, Some(&mut reaction), &mut last, after),
+            RefusalCampaign::Campaign {
+                elections: 1,
+                reacting: false
+            }
+        );
     }
 
     #[tokio::test]
