@@ -166,15 +166,16 @@ pub async fn run(system: &dyn System, options: &FanoutOptions) -> Result<RunResu
                 tokio::time::sleep_until(due.into()).await;
                 let sending = Instant::now();
                 let sent_micros = micros_at(sending);
-                if sent_micros >= measure_from {
-                    // Warm-up sends (the first one also dials and logs in) are not judged.
+                // Warm-up sends (the first one also dials and logs in) are not judged.
+                let timed = sent_micros >= measure_from;
+                if timed {
                     tally.behind_max = tally.behind_max.max(sending.saturating_duration_since(due));
                 }
                 let body = stamped_body(body_size, index as u32, counter, sent_micros);
                 match writer.write(&topic, body).await {
                     Ok(()) => {
                         sent_total.fetch_add(1, Ordering::AcqRel);
-                        if sent_micros >= measure_from {
+                        if timed {
                             tally.acks.record(sending.elapsed());
                         }
                     }

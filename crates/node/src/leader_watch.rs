@@ -536,7 +536,7 @@ mod tests {
                 reacting: false
             }
         );
-        // Far above the rival already: still at least one election, at most three.
+        // Far below the rival: at most three elections (the rest is left to the next refusal).
         let much_later = later + REACT_ONCE_PER;
         assert_eq!(
             decide_refusal_campaign(&electing(2), 40, None, &mut last, much_later),
