@@ -75,9 +75,12 @@ fn has_libclang() -> bool {
     }
     dirs.iter().any(|dir| {
         read_dir_paths(dir).iter().any(|file| {
-            file.file_name()
+            let named = file
+                .file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(is_libclang_name)
+                .is_some_and(is_libclang_name);
+            // `exists` follows symlinks: a dangling link to a removed library does not count.
+            named && file.exists()
         })
     })
 }
