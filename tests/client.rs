@@ -428,7 +428,7 @@ async fn flooding_past_the_rate_limit_backs_off_and_every_message_lands_once() -
 /// The `client` binary next to the `server` binary testkit uses.
 fn client_binary() -> anyhow::Result<PathBuf> {
     let server = testkit::server_binary()?;
-    let client = server.with_file_name("client");
+    let client = server.with_file_name("cellchat");
     if !client.exists() {
         bail!(
             "{} not found: build it with `cargo build -p client`",

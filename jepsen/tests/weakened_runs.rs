@@ -11,8 +11,9 @@
 //! - `ack-before-fsync` + `power-fail` (every node loses its un-fsynced WAL bytes at once):
 //!   acknowledged sends vanish (`lost`). With the normal server the same schedule loses nothing.
 //!
-//! Loopback mode, 3 nodes, about 10 s of workload each. Needs the `server` binary next to the
-//! test binary, built with feature `weaken` (`cargo build --workspace --all-features`).
+//! Loopback mode, 3 nodes, about 10 s of workload each. Needs the server binary next to the
+//! test binary built with feature `weaken` (`cargo build --workspace --all-features` does;
+//! testkit rebuilds a binary that lacks it, and says so).
 
 use std::time::Duration;
 
@@ -58,7 +59,7 @@ fn describe(outcome: &RunOutcome) -> String {
 
 #[test]
 fn skip_dedup_under_majority_pauses_is_reported_duplicate() {
-    if let Err(e) = testkit::server_binary() {
+    if let Err(e) = testkit::server_binary_with_weaken() {
         panic!("{e:#}");
     }
     let faults = [Fault::PauseMajority];
@@ -92,7 +93,7 @@ fn skip_dedup_under_majority_pauses_is_reported_duplicate() {
 
 #[test]
 fn power_failure_loses_acknowledged_sends_only_with_ack_before_fsync() {
-    if let Err(e) = testkit::server_binary() {
+    if let Err(e) = testkit::server_binary_with_weaken() {
         panic!("{e:#}");
     }
     let faults = [Fault::PowerFail];

@@ -39,7 +39,7 @@ encrypted with AES-256-GCM under a key derived by Argon2id; servers store only c
 
 /// Command-line arguments.
 #[derive(Parser, Debug)]
-#[command(name = "client", version, about = ABOUT, after_help = AFTER_HELP)]
+#[command(name = "cellchat", version, about = ABOUT, after_help = AFTER_HELP)]
 struct Args {
     /// Your user name (1 to 32 of a-z, A-Z, 0-9, '-', '_'); needed for everything but --servers.
     #[arg(env = "CELLCHAT_NAME")]

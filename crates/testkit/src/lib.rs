@@ -1,4 +1,4 @@
-//! Test helpers: start real `server` processes on loopback, each test cluster with its own
+//! Test helpers: start real server processes on loopback, each test cluster with its own
 //! cluster name and discovery port (so parallel tests never merge), and talk to them.
 //!
 //! Every process a `TestCluster` starts is killed by pid when the cluster is dropped, even if
@@ -16,26 +16,26 @@ use ed25519_dalek::{Signer, SigningKey};
 use proto::discovery::{DiscoverySocket, NodeAnnounce, Packet};
 use proto::{ApiError, ChatClient, Hello, Login, SendReply, SendRequest};
 
-/// Where cargo put the `server` binary: next to the test binary's `deps/` directory.
+/// File name of the server executable (package `server`).
+pub const SERVER_BIN: &str = "cellchat-server";
+/// File name of the command-line client executable (package `client`).
+pub const CLIENT_BIN: &str = "cellchat";
+
+/// Where cargo put the server binary: next to the test binary's `deps/` directory.
 ///
-/// `cargo test --workspace` builds each binary only as a unit-test harness, so when the
-/// `server` and `client` executables are missing this builds them once per test process
-/// (`cargo build -p server -p client`, same profile and target dir as the running test).
+/// Tests use the binaries the user built (`cargo run -p server`, `cargo build`, or the
+/// workspace test command, which builds every binary). When they are missing, this builds them
+/// once per test process (`cargo build -p server -p client`, same profile and target dir as the
+/// running test), which is the same package selection as the README's run commands and so
+/// reuses their dependencies.
 ///
 /// # Errors
 /// When they are not there and cannot be built.
 pub fn server_binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe().context("locating the test binary")?;
-    let mut dir = exe
-        .parent()
-        .context("test binary has no parent")?
-        .to_path_buf();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    let server = dir.join("server");
-    if !server.exists() || !dir.join("client").exists() {
-        build_binaries(&dir)?;
+    let dir = profile_dir()?;
+    let server = dir.join(SERVER_BIN);
+    if !server.exists() || !dir.join(CLIENT_BIN).exists() {
+        build_binaries(&dir, &[])?;
     }
     if !server.exists() {
         bail!(
@@ -46,13 +46,71 @@ pub fn server_binary() -> anyhow::Result<PathBuf> {
     Ok(server)
 }
 
-/// Builds `server` and `client` into the profile directory `dir` (e.g. `target/release`).
-fn build_binaries(dir: &Path) -> anyhow::Result<()> {
-    static BUILT: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+/// Like [`server_binary`], but a server built with the cargo feature `weaken` (the
+/// deliberately broken modes the fault-injection harness must catch). A binary without it,
+/// such as the one `cargo run -p server` builds, is rebuilt with it here, and the test says so
+/// on stderr: the feature only adds modes that stay off unless named, so the rebuilt binary
+/// serves every other test as before.
+///
+/// # Errors
+/// When it cannot be found, run or built.
+pub fn server_binary_with_weaken() -> anyhow::Result<PathBuf> {
+    static CHECKED: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut checked = CHECKED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let server = server_binary()?;
+    if *checked || has_weaken(&server)? {
+        *checked = true;
+        return Ok(server);
+    }
+    eprintln!(
+        "{} was built without feature `weaken`; building it with \
+         `cargo build -p server --features server/weaken -p client`",
+        server.display()
+    );
+    build_binaries(&profile_dir()?, &["--features", "server/weaken"])?;
+    if !has_weaken(&server)? {
+        bail!(
+            "{} still lacks feature `weaken` after building it",
+            server.display()
+        );
+    }
+    *checked = true;
+    Ok(server)
+}
+
+/// Whether `server --version` names the `weaken` feature.
+fn has_weaken(server: &Path) -> anyhow::Result<bool> {
+    let out = Command::new(server)
+        .arg("--version")
+        .output()
+        .with_context(|| format!("running {} --version", server.display()))?;
+    Ok(String::from_utf8_lossy(&out.stdout).contains("weaken"))
+}
+
+/// The profile directory (e.g. `target/release`) of the running test binary.
+fn profile_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the test binary")?;
+    let mut dir = exe
+        .parent()
+        .context("test binary has no parent")?
+        .to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    Ok(dir)
+}
+
+/// Builds the server and client into the profile directory `dir` (e.g. `target/release`),
+/// with `extra` cargo arguments.
+fn build_binaries(dir: &Path, extra: &[&str]) -> anyhow::Result<()> {
+    static BUILT: std::sync::Mutex<Vec<Vec<String>>> = std::sync::Mutex::new(Vec::new());
     let mut built = BUILT
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if *built {
+    let key: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+    if built.contains(&key) {
         return Ok(());
     }
     let profile = dir
@@ -65,6 +123,7 @@ fn build_binaries(dir: &Path) -> anyhow::Result<()> {
     let mut command = Command::new(cargo);
     command
         .args(["build", "-p", "server", "-p", "client"])
+        .args(extra)
         .arg("--target-dir")
         .arg(target_dir)
         .current_dir(env!("CARGO_MANIFEST_DIR"));
@@ -77,9 +136,9 @@ fn build_binaries(dir: &Path) -> anyhow::Result<()> {
         .status()
         .context("running cargo build for the server")?;
     if !status.success() {
-        bail!("cargo build -p server -p client failed ({status})");
+        bail!("cargo build -p server -p client {extra:?} failed ({status})");
     }
-    *built = true;
+    built.push(key);
     Ok(())
 }
 
@@ -607,7 +666,8 @@ impl TestClient {
     }
 }
 
-/// Finds the leader's client address among the nodes discovery sees.
+/// Finds the leader's client address among the nodes discovery sees. While leadership moves,
+/// a deposed leader may still announce itself for a moment: the one of the highest term wins.
 ///
 /// # Errors
 /// No leader within `timeout`.
@@ -618,7 +678,11 @@ pub async fn leader_client_addr(
     let deadline = Instant::now() + timeout;
     loop {
         let view = cluster.discover(Duration::from_millis(300)).await?;
-        if let Some(leader) = view.iter().find(|a| a.role == proto::Role::Leader) {
+        let leader = view
+            .iter()
+            .filter(|a| a.role == proto::Role::Leader)
+            .max_by_key(|a| a.term);
+        if let Some(leader) = leader {
             return Ok((leader.node_id, leader.client_addr));
         }
         if Instant::now() > deadline {

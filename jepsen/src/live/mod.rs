@@ -168,14 +168,20 @@ fn server_args(weaken: &str, extra: &[String]) -> Vec<String> {
 /// How long a restarted node may take to print its ready line.
 const RESTART_TIMEOUT: Duration = Duration::from_secs(20);
 
-fn server_binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+/// The server to run: `explicit` as given, else testkit's, built with feature `weaken` when a
+/// weakened mode is asked for.
+fn server_binary(explicit: Option<&Path>, weaken: &str) -> anyhow::Result<PathBuf> {
     if let Some(p) = explicit {
         if !p.exists() {
             bail!("--server {} does not exist", p.display());
         }
         return Ok(p.to_path_buf());
     }
-    testkit::server_binary()
+    if weaken.is_empty() {
+        testkit::server_binary()
+    } else {
+        testkit::server_binary_with_weaken()
+    }
 }
 
 fn default_hosts(n: usize) -> Vec<Ipv4Addr> {
@@ -194,8 +200,6 @@ pub fn run_live(mut cfg: RunConfig) -> anyhow::Result<RunOutcome> {
         bail!("need 1..=9 nodes, at least one client and channel, and a positive rate");
     }
     println!("seed {}", cfg.seed);
-    let server = server_binary(cfg.server.as_deref())?;
-    cfg.server = Some(server.clone());
     let mut notes = Vec::new();
     let net = if cfg.mode == Mode::Netns {
         match netns::Netns::setup(cfg.nodes) {
@@ -245,6 +249,8 @@ pub fn run_live(mut cfg: RunConfig) -> anyhow::Result<RunOutcome> {
             format!("{},faulty-fs", cfg.weaken)
         };
     }
+    let server = server_binary(cfg.server.as_deref(), &cfg.weaken)?;
+    cfg.server = Some(server.clone());
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
     let schedule = nemesis::schedule(
         cfg.seed,
