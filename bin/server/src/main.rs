@@ -6,8 +6,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
 use node::{Config, DataDir, Server};
+
+mod config_file;
+mod sd_notify;
 use proto::discovery::{DiscoverySocket, NodeAnnounce, Packet, DEFAULT_DISCOVERY_PORT};
 
 /// mimalloc instead of glibc malloc: a loaded node allocates per request and per message, and
@@ -15,13 +18,24 @@ use proto::discovery::{DiscoverySocket, NodeAnnounce, Packet, DEFAULT_DISCOVERY_
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `--version`: a build with the test-only broken modes says so, so nobody deploys one by
+/// mistake and test harnesses can tell the builds apart.
+const VERSION: &str = if cfg!(feature = "weaken") {
+    concat!(
+        env!("CARGO_PKG_VERSION"),
+        " (test build with feature weaken)"
+    )
+} else {
+    env!("CARGO_PKG_VERSION")
+};
+
 /// A cellchat server: one node of a Raft-replicated chat cluster.
 ///
 /// With no flags it picks a free data dir under ./data, free ports (kept across restarts) and
 /// a persistent node id, finds other nodes by UDP broadcast on this machine, and forms or joins
 /// one cluster. Every flag also reads an environment variable.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about)]
+#[command(name = "cellchat-server", version = VERSION, about, long_about)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -147,11 +161,28 @@ struct RunArgs {
     /// Log filter (tracing EnvFilter syntax), e.g. "info" or "node=debug,openraft=info".
     #[arg(long, env = "CELLCHAT_LOG", default_value = "info,openraft=warn")]
     log: String,
+    /// Log line format on stderr: `text` for people, `json` (one object per line) for log
+    /// collectors.
+    #[arg(long, env = "CELLCHAT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// A TOML file with the same keys as these flags, without their dashes (`max-voters = 5`);
+    /// a flag or its environment variable wins over the file. Applies to every subcommand.
+    #[arg(long, env = "CELLCHAT_CONFIG", value_name = "FILE", global = true)]
+    config: Option<PathBuf>,
     /// Test only: deliberately broken modes (skip-dedup, ack-before-fsync, faulty-fs), for
     /// showing that the fault-injection harness catches broken guarantees. Refused unless the
     /// binary was built with the cargo feature `weaken`.
     #[arg(long, env = "CELLCHAT_WEAKEN", default_value = "", hide = true)]
     weaken: String,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (timestamp, level, target, fields).
+    Json,
 }
 
 #[derive(Args, Debug)]
@@ -179,7 +210,7 @@ fn resolve_join(join: &[String]) -> anyhow::Result<Vec<SocketAddr>> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cli = parse_cli()?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     match cli.command {
         Some(Command::Status(args)) => runtime.block_on(status(&cli.run.net, &args)),
@@ -188,12 +219,44 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// The command line, with a `--config` file's keys filled in where the command line and the
+/// environment left a flag at its default.
+fn parse_cli() -> anyhow::Result<Cli> {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let command = Cli::command();
+    let matches = command.clone().get_matches_from(&argv);
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let Some(path) = cli.run.config.as_deref() else {
+        return Ok(cli);
+    };
+    let from_file =
+        config_file::arguments_from_file(path, &command, &matches, &["config", "weaken"])?;
+    let argv = argv
+        .first()
+        .cloned()
+        .into_iter()
+        .chain(from_file)
+        .chain(argv.iter().skip(1).cloned());
+    let matches = command.get_matches_from(argv);
+    Ok(Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit()))
+}
+
+fn init_logging(filter: &str, format: LogFormat) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).context("--log")?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    Ok(())
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("--log")?)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    init_logging(&args.log, args.log_format)?;
     // Checked before the data dir is touched: a refused mode must not leave anything behind.
     let weaken = node::Weaken::parse(&args.weaken).map_err(|e| anyhow::anyhow!(e))?;
     let data_dir = match &args.data_dir {
@@ -227,13 +290,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     config.weaken = weaken;
     let server = Server::start(config, data_dir).await?;
     let addrs = server.addrs();
-    eprintln!(
-        "node {} starting: client={} raft={} metrics={} data={}",
-        server.id(),
-        addrs.client,
-        addrs.raft,
-        addrs.metrics,
-        path.display()
+    tracing::info!(
+        node = server.id(),
+        client = %addrs.client,
+        raft = %addrs.raft,
+        metrics = %addrs.metrics,
+        data = %path.display(),
+        "node starting"
     );
     tokio::select! {
         () = server.wait_ready() => {
@@ -241,14 +304,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 "ready node={} client={} raft={} metrics={} data={}",
                 server.id(), addrs.client, addrs.raft, addrs.metrics, path.display()
             );
+            sd_notify::notify(&format!("READY=1\nSTATUS=serving clients on {}", addrs.client));
         }
         () = shutdown_signal() => {
+            sd_notify::notify("STOPPING=1");
             server.shutdown().await;
             return Ok(());
         }
     }
     shutdown_signal().await;
-    eprintln!("shutting down node {}", server.id());
+    tracing::info!(node = server.id(), "shutting down");
+    sd_notify::notify("STOPPING=1");
     server.shutdown().await;
     Ok(())
 }
@@ -386,5 +452,30 @@ fn role_name(role: proto::Role) -> &'static str {
         proto::Role::Learner => "learner",
         proto::Role::Candidate => "candidate",
         proto::Role::Unknown => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_file_sets_its_keys() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy/cellchat-server.toml");
+        let command = Cli::command();
+        let argv = ["cellchat-server", "--max-voters", "3"];
+        let matches = command.clone().try_get_matches_from(argv).unwrap();
+        let from_file =
+            config_file::arguments_from_file(&path, &command, &matches, &["config", "weaken"])
+                .unwrap();
+        let argv = std::iter::once("cellchat-server".into())
+            .chain(from_file)
+            .chain(argv.iter().skip(1).map(Into::into));
+        let cli = Cli::from_arg_matches(&command.try_get_matches_from(argv).unwrap()).unwrap();
+        assert_eq!(cli.run.log_format, LogFormat::Json);
+        assert_eq!(cli.run.net.cluster, "cellchat");
+        // The command line wins over the file's `max-voters = 5`.
+        assert_eq!(cli.run.max_voters, 3);
     }
 }
