@@ -79,6 +79,7 @@ fn failover_measures_a_leader_kill() {
     assert!(to_ack > 0.0 && to_ack < 30_000.0, "{r}");
 }
 
+#[cfg(feature = "peers")]
 #[test]
 fn peers_run_or_say_what_to_install() {
     let out = tempfile::tempdir().unwrap();
@@ -108,6 +109,15 @@ fn peers_run_or_say_what_to_install() {
     );
     assert!(!ok);
     assert!(stderr.contains("etcd not found"), "{stderr}");
+}
+
+#[cfg(not(feature = "peers"))]
+#[test]
+fn peers_without_their_drivers_say_how_to_build_them() {
+    let out = tempfile::tempdir().unwrap();
+    let (ok, _, stderr) = bench(out.path(), &["write", "--system", "etcd", "--clients", "2"]);
+    assert!(!ok);
+    assert!(stderr.contains("--features peers"), "{stderr}");
 }
 
 #[test]

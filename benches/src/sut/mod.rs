@@ -6,6 +6,9 @@ pub mod cellchat;
 pub mod etcd;
 #[cfg(feature = "peers")]
 pub mod nats;
+// Most of it starts the peers' processes; without their drivers only the binary lookup and
+// the resource probes are used.
+#[cfg_attr(not(feature = "peers"), allow(dead_code))]
 pub mod procs;
 
 use std::fmt;
@@ -70,7 +73,8 @@ impl FromStr for SystemKind {
     }
 }
 
-/// Where the harness finds peer binaries and puts data.
+/// Where the harness finds peer binaries and puts data (read only by the peer drivers).
+#[cfg_attr(not(feature = "peers"), allow(dead_code))]
 #[derive(Debug, Clone, Default)]
 pub struct PeerPaths {
     /// `etcd` binary; default: `etcd` on PATH.
@@ -131,10 +135,11 @@ pub async fn start(kind: SystemKind, nodes: usize, peers: &PeerPaths) -> Result<
         )),
         #[cfg(not(feature = "peers"))]
         other => {
+            // Without the drivers there is nothing to hand the peers' paths to.
             let _ = peers;
             anyhow::bail!(
-                "{other} needs the peer drivers: build the harness with its default feature `peers` \
-                 (drop --no-default-features)"
+                "{other} needs the peer drivers: run the harness with `cargo run --release -p bench \
+                 --features peers`"
             )
         }
     }
