@@ -1,7 +1,10 @@
 //! `Config`: where the WAL lives and the bounds it enforces.
 
 use crate::Error;
+use std::fmt;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 /// Smallest accepted `segment_bytes_max`.
 const SEGMENT_BYTES_MAX_MIN: u64 = 4 * 1024;
@@ -33,7 +36,46 @@ pub struct Config {
     /// from the start. Default false: a short-lived log (tests, tools) would write
     /// `segment_bytes_max` of zeros it never uses. Servers turn it on.
     pub prepare_first_segment: bool,
+    /// Called with the duration of every fdatasync of a segment on the append path: each group
+    /// commit, and each seal of a full segment before the next one starts. Default `None`. It
+    /// runs on the syncing thread while appenders wait for that sync, so it must be quick and
+    /// must not call back into the `Wal`.
+    pub fsync_observer: Option<FsyncObserver>,
 }
+
+/// A callback receiving the duration of each segment fdatasync (see
+/// [`Config::fsync_observer`]). It keeps the log free of any metrics library: the embedding
+/// program decides where durations go.
+#[derive(Clone)]
+pub struct FsyncObserver(Arc<dyn Fn(Duration) + Send + Sync>);
+
+impl FsyncObserver {
+    /// Wraps `observe`, which is called once per segment fdatasync with its duration.
+    pub fn new(observe: impl Fn(Duration) + Send + Sync + 'static) -> Self {
+        FsyncObserver(Arc::new(observe))
+    }
+
+    /// Reports one fdatasync that took `took`.
+    pub(crate) fn observe(&self, took: Duration) {
+        (self.0)(took)
+    }
+}
+
+impl fmt::Debug for FsyncObserver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("FsyncObserver(..)")
+    }
+}
+
+/// Two observers are equal when they are the same callback, so a `Config` compares equal to its
+/// clone.
+impl PartialEq for FsyncObserver {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for FsyncObserver {}
 
 impl Config {
     /// A configuration with every default, storing the WAL in `dir`.
@@ -45,6 +87,7 @@ impl Config {
             read_cache_bytes_max: 8 * 1024 * 1024,
             fsync_warn_ms: 50,
             prepare_first_segment: false,
+            fsync_observer: None,
         }
     }
 

@@ -45,7 +45,7 @@ mod recovery;
 mod segment;
 mod wal;
 
-pub use config::Config;
+pub use config::{Config, FsyncObserver};
 pub use error::Error;
 #[cfg(feature = "testing")]
 pub use fs::{FaultyFs, Tear};

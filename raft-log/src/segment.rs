@@ -249,12 +249,12 @@ impl Segment {
     }
 
     /// Seals the segment before a newer one is created: cuts the zero-filled tail so that the
-    /// file ends at its last frame, and fdatasyncs it.
+    /// file ends at its last frame, and fdatasyncs it. Returns how long the fdatasync took.
     ///
     /// # Panics
     ///
     /// If the fsync fails.
-    pub fn seal(&self, warn_ms: u64) -> Result<(), Error> {
+    pub fn seal(&self, warn_ms: u64) -> Result<Duration, Error> {
         self.file
             .set_len(self.end_offset)
             .map_err(|source| Error::Io {
@@ -264,8 +264,7 @@ impl Segment {
             })?;
         // Crash before this sync returns: no newer segment exists yet, so this one is still the
         // newest and recovery accepts its zero tail, or any unsynced frames as a torn tail.
-        sync_or_panic(self.file.as_ref(), &self.path, warn_ms);
-        Ok(())
+        Ok(sync_or_panic(self.file.as_ref(), &self.path, warn_ms))
     }
 
     /// Number of entries in the segment.
@@ -322,30 +321,38 @@ impl Segment {
     }
 }
 
-/// Fdatasyncs `file`, logging a `warn` when slower than `warn_ms`.
+/// Fdatasyncs `file`, logging a `warn` when slower than `warn_ms`; returns how long it took.
 ///
 /// # Panics
 ///
 /// If the fsync fails. It is never retried: after a failed fsync the kernel may have dropped the
 /// dirty pages and marked them clean, so a retry could "succeed" without the data on disk
 /// (PostgreSQL's "fsyncgate"). The process must restart and recover from what is on disk.
-pub(crate) fn sync_or_panic(file: &dyn FsFile, path: &Path, warn_ms: u64) {
-    if let Err(e) = timed_sync(file, path, warn_ms) {
-        tracing::error!(segment = %path.display(), error = %e, "fsync failed; stopping");
-        panic!("fsync of {} failed: {e}", path.display());
+pub(crate) fn sync_or_panic(file: &dyn FsFile, path: &Path, warn_ms: u64) -> Duration {
+    match timed_sync(file, path, warn_ms) {
+        Ok(took) => took,
+        Err(e) => {
+            tracing::error!(segment = %path.display(), error = %e, "fsync failed; stopping");
+            panic!("fsync of {} failed: {e}", path.display());
+        }
     }
 }
 
-/// Fdatasyncs `file`, logging a `warn` when slower than `warn_ms`. The caller must not retry
-/// on error (see [`sync_or_panic`]).
-pub(crate) fn timed_sync(file: &dyn FsFile, path: &Path, warn_ms: u64) -> std::io::Result<()> {
+/// Fdatasyncs `file`, logging a `warn` when slower than `warn_ms`; returns how long it took.
+/// The caller must not retry on error (see [`sync_or_panic`]).
+pub(crate) fn timed_sync(
+    file: &dyn FsFile,
+    path: &Path,
+    warn_ms: u64,
+) -> std::io::Result<Duration> {
     let started = Instant::now();
     file.sync_data()?;
-    let elapsed_ms = started.elapsed().as_millis() as u64;
+    let elapsed = started.elapsed();
+    let elapsed_ms = elapsed.as_millis() as u64;
     if elapsed_ms > warn_ms {
         tracing::warn!(segment = %path.display(), elapsed_ms, "slow fsync");
     }
-    Ok(())
+    Ok(elapsed)
 }
 
 /// Fsyncs `dir`.

@@ -341,8 +341,9 @@ impl Wal {
                 // Seal: cut the zero tail and sync the full segment before the next one exists,
                 // so unsynced bytes and zero tails only ever sit in the newest segment
                 // (recovery's assumption).
-                active.seal(self.config.fsync_warn_ms)?;
+                let took = active.seal(self.config.fsync_warn_ms)?;
                 self.fsyncs.fetch_add(1, Ordering::Relaxed);
+                self.observe_fsync(took);
                 let written_seq = state.written_seq;
                 let mut sync = self.sync.lock();
                 sync.synced_seq = sync.synced_seq.max(written_seq);
@@ -512,11 +513,14 @@ impl Wal {
         // Older segments were synced when sealed, so syncing the active one covers `target`.
         let result = match &active {
             Some((file, path)) => {
-                segment::timed_sync(file.as_ref(), path, self.config.fsync_warn_ms)
+                segment::timed_sync(file.as_ref(), path, self.config.fsync_warn_ms).map(Some)
             }
-            None => Ok(()),
+            None => Ok(None),
         };
         self.fsyncs.fetch_add(1, Ordering::Relaxed);
+        if let Ok(Some(took)) = &result {
+            self.observe_fsync(*took);
+        }
         let mut sync = self.sync.lock();
         sync.in_flight = false;
         if let Err(e) = result {
@@ -530,6 +534,14 @@ impl Wal {
         sync.synced_seq = sync.synced_seq.max(target);
         drop(sync);
         self.sync_done.notify_all();
+    }
+
+    /// Hands the duration of one segment fdatasync on the append path to the configured
+    /// observer.
+    fn observe_fsync(&self, took: Duration) {
+        if let Some(observer) = &self.config.fsync_observer {
+            observer.observe(took);
+        }
     }
 
     /// Entries present in `[from, to_exclusive)`, in order, clipped to what exists; never
@@ -933,5 +945,44 @@ mod tests {
             .append(LogIndex(1), &[[0u8; 11]], Durability::Sync)
             .expect_err("too large");
         assert!(matches!(err, Error::EntryTooLarge { len: 11, max: 10 }));
+    }
+
+    /// The fsync observer sees every segment fdatasync on the append path, and nothing else:
+    /// a synced append reports one, a buffered append none, a rotation its seal as well.
+    #[test]
+    fn fsync_observer_sees_synced_appends_and_seals() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let seen = Arc::new(parking_lot::Mutex::new(Vec::<Duration>::new()));
+        let mut config = Config::new(dir.path());
+        config.segment_bytes_max = 4096;
+        let sink = seen.clone();
+        config.fsync_observer = Some(crate::FsyncObserver::new(move |took| {
+            sink.lock().push(took)
+        }));
+        let wal = Wal::open(config).expect("open");
+
+        wal.append(LogIndex(1), &[b"a"], Durability::Sync)
+            .expect("append");
+        assert_eq!(seen.lock().len(), 1, "one group commit");
+        assert_eq!(wal.stats().fsyncs, 1);
+
+        wal.append(LogIndex(2), &[b"b"], Durability::Buffered)
+            .expect("append");
+        assert_eq!(seen.lock().len(), 1, "a buffered append does not sync");
+        wal.sync().expect("sync");
+        assert_eq!(
+            seen.lock().len(),
+            2,
+            "an explicit sync is a group commit too"
+        );
+
+        // 3 KiB entries: the second one seals the first segment, then syncs the new one.
+        let big = [0u8; 3 * 1024];
+        wal.append(LogIndex(3), &[big], Durability::Sync)
+            .expect("append");
+        wal.append(LogIndex(4), &[big], Durability::Sync)
+            .expect("append");
+        assert_eq!(seen.lock().len() as u64, wal.stats().fsyncs);
+        assert_eq!(wal.stats().fsyncs, 5, "two group commits and one seal");
     }
 }

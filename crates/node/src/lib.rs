@@ -39,7 +39,7 @@ pub use config::Config;
 pub use data_dir::{DataDir, DataDirError};
 pub use delivery::Delivery;
 pub use log_store::{AckPolicy, LogStore, WAL_DIR};
-pub use metrics::Metrics;
+pub use metrics::{DiskPaths, Metrics, NodeInfo, StorageMetrics};
 pub use proposer::{ProposeError, Proposed, Proposer, ProposerConfig};
 pub use raft_rpc::{request_remove, JoinCallError, Network, RaftRpcServer, WrongNode};
 pub use reconcile::{reconcile, Reconciled};

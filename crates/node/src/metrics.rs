@@ -1,18 +1,26 @@
 //! Prometheus metrics and health endpoints of one node, served over plain HTTP/1.1.
 //!
-//! `GET /metrics` answers Prometheus text (Raft role, term, leader, commit and applied index,
-//! apply lag, sends, deliveries, batch sizes, stream waiters, connected clients, push
-//! connections and subscriptions, RPC latency
-//! histograms); `GET /health` answers 200 while the process runs; `GET /ready` answers 200 once
-//! the node has a leader and has applied everything it knows to be committed, else 503.
+//! `GET /metrics` answers OpenMetrics text (Raft role, term, leader, leader changes, commit and
+//! applied index, apply lag and apply latency, WAL fsync latency, disk usage, snapshot age,
+//! sends, deliveries, batch sizes, stream waiters, connected clients, push connections and
+//! subscriptions, RPC latency histograms, node info); `GET /health` answers 200 while the
+//! process runs; `GET /ready` answers 200 once the node has a leader and has applied everything
+//! it knows to be committed, else 503.
 //! The HTTP side is deliberately tiny (one request per connection, GET only, 8 KiB request
 //! limit): it serves scrapers and probes, not browsers.
+//!
+//! Names follow Prometheus conventions: base units in the name (`_seconds`, `_bytes`), `_total`
+//! on counters, and identities as labels of a constant-1 gauge (`node_info`, `raft_leader_info`)
+//! rather than as gauge values, since a 64-bit node id does not survive a float.
 
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use openraft::{Raft, ServerState};
+use openraft::{Raft, RaftMetrics, ServerState};
+use parking_lot::Mutex;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -21,19 +29,187 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 
-use crate::types::TypeConfig;
+use crate::types::{Member, NodeId, TypeConfig};
 
 type Labels = Vec<(&'static str, &'static str)>;
+type OwnedLabels = Vec<(&'static str, String)>;
 type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
+type SecondsGauge = Gauge<f64, AtomicU64>;
+
+/// The content type of what [`encode`] writes: prometheus-client encodes OpenMetrics text
+/// (counter families without `_total` in `# TYPE`, a closing `# EOF`), and a scraper picks its
+/// parser by this header, so it must not claim the older Prometheus text format.
+pub(crate) const METRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Most directory entries one scrape visits per tree when summing disk bytes. A data dir holds
+/// a few hundred files; the bound only keeps a scrape cheap if something else fills the dir.
+const DISK_WALK_ENTRIES_MAX: usize = 100_000;
 
 fn latency_histogram() -> Histogram {
     // 50 us to ~1.6 s.
     Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
 }
 
-/// The node's metrics. Counters are bumped by the code paths they count; Raft gauges are
-/// refreshed from openraft's metrics at each scrape.
+/// Buckets for storage latencies (fdatasync, a RocksDB batch write): 50 us to ~6.6 s, since a
+/// stalled disk stretches them by orders of magnitude and an alert needs the tail resolved.
+fn storage_latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 18))
+}
+
+/// The metrics storage records itself: made before the log and the state machine open, so each
+/// can hold its part, and registered with the rest by [`Metrics::new`]. Cheap to clone; clones
+/// share the same series.
+#[derive(Clone)]
+pub struct StorageMetrics {
+    wal_fsync_seconds: Histogram,
+    apply_seconds: Histogram,
+    apply_entries: Histogram,
+    /// When the current snapshot was built or installed on this node; `None` before the first.
+    snapshot_made_at: Arc<Mutex<Option<SystemTime>>>,
+}
+
+impl Default for StorageMetrics {
+    fn default() -> Self {
+        StorageMetrics {
+            wal_fsync_seconds: storage_latency_histogram(),
+            apply_seconds: storage_latency_histogram(),
+            apply_entries: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            snapshot_made_at: Arc::new(Mutex::new(None)),
+        }
+    }
+}
+
+impl StorageMetrics {
+    /// The hook raft-log calls with the duration of each segment fdatasync.
+    pub fn fsync_observer(&self) -> raft_log::FsyncObserver {
+        let histogram = self.wal_fsync_seconds.clone();
+        raft_log::FsyncObserver::new(move |took| histogram.observe(took.as_secs_f64()))
+    }
+
+    /// Records one applied batch of `entries` committed entries that took `took`.
+    pub fn observe_apply(&self, entries: usize, took: Duration) {
+        self.apply_seconds.observe(took.as_secs_f64());
+        self.apply_entries.observe(entries as f64);
+    }
+
+    /// Records that the current snapshot was built or installed at `at`.
+    pub fn snapshot_made(&self, at: SystemTime) {
+        *self.snapshot_made_at.lock() = Some(at);
+    }
+}
+
+/// Who this node is, exported as the labels of `cellchat_node_info`.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    /// The node's Raft id.
+    pub id: NodeId,
+    /// The node's human name, when it has one; exported as the `name` label only then.
+    pub name: Option<String>,
+}
+
+impl NodeInfo {
+    fn labels(&self) -> OwnedLabels {
+        let mut labels = vec![
+            ("id", self.id.to_string()),
+            ("version", env!("CARGO_PKG_VERSION").to_owned()),
+        ];
+        if let Some(name) = &self.name {
+            labels.push(("name", name.clone()));
+        }
+        labels
+    }
+}
+
+/// The directories whose size `/metrics` reports, all inside the node's data dir.
+#[derive(Debug, Clone)]
+pub struct DiskPaths {
+    /// The data dir; its file system's size and free space are reported.
+    pub data: PathBuf,
+    /// The Raft log (segments and meta files).
+    pub wal: PathBuf,
+    /// The chat state: RocksDB and snapshot files.
+    pub state: PathBuf,
+}
+
+/// The gauges computed from the disk at scrape time.
+struct DiskGauges {
+    paths: DiskPaths,
+    wal_bytes: Gauge,
+    state_bytes: Gauge,
+    filesystem_avail_bytes: Gauge,
+    filesystem_size_bytes: Gauge,
+}
+
+impl DiskGauges {
+    fn refresh(&self) {
+        self.wal_bytes.set(dir_bytes(&self.paths.wal) as i64);
+        self.state_bytes.set(dir_bytes(&self.paths.state) as i64);
+        match rustix::fs::statvfs(self.paths.data.as_path()) {
+            Ok(fs) => {
+                self.filesystem_avail_bytes
+                    .set(fs.f_bavail.saturating_mul(fs.f_frsize) as i64);
+                self.filesystem_size_bytes
+                    .set(fs.f_blocks.saturating_mul(fs.f_frsize) as i64);
+            }
+            Err(e) => {
+                tracing::debug!(dir = %self.paths.data.display(), error = %e, "statvfs failed")
+            }
+        }
+    }
+}
+
+/// Bytes allocated on disk to the regular files under `root` (as `du` counts them: blocks, not
+/// lengths, so preallocated segments count in full). Symlinks are not followed, so the walk
+/// stays inside the node's own data; unreadable entries are skipped.
+fn dir_bytes(root: &Path) -> u64 {
+    let mut total = 0u64;
+    let mut visited = 0usize;
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            visited += 1;
+            if visited > DISK_WALK_ENTRIES_MAX {
+                return total;
+            }
+            // `DirEntry::metadata` does not traverse a symlink.
+            let Ok(meta) = entry.metadata() else {
+                continue;
+            };
+            if meta.is_dir() {
+                dirs.push(entry.path());
+            } else if meta.is_file() {
+                total = total.saturating_add(meta.blocks().saturating_mul(512));
+            }
+        }
+    }
+    total
+}
+
+/// Counts changes of the leader this node knows. The first observation only sets the baseline;
+/// after it, every observation that differs from the previous one is a change, including a
+/// change to or from no leader.
+#[derive(Debug, Default)]
+struct LeaderChanges {
+    last: Option<Option<NodeId>>,
+}
+
+impl LeaderChanges {
+    /// Whether `leader` is a change from the previous observation.
+    fn observe(&mut self, leader: Option<NodeId>) -> bool {
+        let changed = self.last.is_some_and(|last| last != leader);
+        self.last = Some(leader);
+        changed
+    }
+}
+
+/// The node's metrics. Counters are bumped by the code paths they count; Raft gauges, disk
+/// usage and snapshot age are refreshed at each scrape.
 pub struct Metrics {
     registry: Registry,
     /// Sends acknowledged by this node (as leader).
@@ -55,18 +231,32 @@ pub struct Metrics {
     rpc_seconds: HistogramFamily,
     role: Family<Labels, Gauge>,
     term: Gauge,
-    leader: Gauge,
+    has_leader: Gauge,
+    leader_info: Family<OwnedLabels, Gauge>,
+    /// The leader whose `leader_info` series is exported, so the stale one can be removed.
+    leader_shown: Mutex<Option<NodeId>>,
+    leader_changes_total: Counter,
+    leader_changes: Mutex<LeaderChanges>,
     commit_index: Gauge,
     applied_index: Gauge,
     apply_lag: Gauge,
     last_log_index: Gauge,
+    snapshot_age_seconds: Family<Labels, SecondsGauge>,
+    storage: StorageMetrics,
+    disk: DiskGauges,
     /// Commit index as last saved by the log store (openraft 0.9 metrics lack it).
     committed: Arc<AtomicU64>,
 }
-
 impl Metrics {
-    /// Registers every metric. `committed` is the log store's committed-index cell.
-    pub fn new(committed: Arc<AtomicU64>) -> Metrics {
+    /// Registers every metric. `committed` is the log store's committed-index cell, `storage`
+    /// the metrics the log and the state machine were opened with, `node` this node's identity
+    /// and `disk` the directories whose size is reported.
+    pub fn new(
+        committed: Arc<AtomicU64>,
+        storage: StorageMetrics,
+        node: NodeInfo,
+        disk: DiskPaths,
+    ) -> Metrics {
         let mut registry = Registry::with_prefix("cellchat");
         let sends_total = Counter::default();
         let deliveries_total = Counter::default();
@@ -77,91 +267,17 @@ impl Metrics {
         let push_batches_encoded = Counter::default();
         let batch_sends = Histogram::new(exponential_buckets(1.0, 2.0, 12));
         let rpc_seconds: HistogramFamily = Family::new_with_constructor(latency_histogram);
-        let role = Family::<Labels, Gauge>::default();
-        let term = Gauge::default();
-        let leader = Gauge::default();
-        let commit_index = Gauge::default();
-        let applied_index = Gauge::default();
-        let apply_lag = Gauge::default();
-        let last_log_index = Gauge::default();
-        registry.register(
-            "sends",
-            "Sends acknowledged by this node",
-            sends_total.clone(),
-        );
-        registry.register(
-            "deliveries",
-            "Messages delivered to streams",
-            deliveries_total.clone(),
-        );
-        registry.register(
-            "stream_waiters",
-            "Long-poll streams waiting",
-            stream_waiters.clone(),
-        );
-        registry.register(
-            "connected_clients",
-            "Open client connections",
-            connected_clients.clone(),
-        );
-        registry.register(
-            "push_connections",
-            "Open push connections",
-            push_connections.clone(),
-        );
-        registry.register(
-            "push_subscriptions",
-            "Open push subscriptions",
-            push_subscriptions.clone(),
-        );
-        registry.register(
-            "push_batches_encoded",
-            "Push batches encoded, each shared by every subscriber at the same position",
-            push_batches_encoded.clone(),
-        );
-        registry.register(
-            "batch_sends",
-            "Sends per proposed log entry",
-            batch_sends.clone(),
-        );
-        registry.register(
-            "rpc_seconds",
-            "Client RPC latency by method",
-            rpc_seconds.clone(),
-        );
-        registry.register(
-            "raft_role",
-            "1 for this node's current Raft role",
-            role.clone(),
-        );
-        registry.register("raft_term", "Current Raft term", term.clone());
-        registry.register(
-            "raft_leader",
-            "Leader node id as this node sees it (0: none)",
-            leader.clone(),
-        );
-        registry.register(
-            "raft_commit_index",
-            "Last committed log index",
-            commit_index.clone(),
-        );
-        registry.register(
-            "raft_applied_index",
-            "Last applied log index",
-            applied_index.clone(),
-        );
-        registry.register(
-            "raft_apply_lag",
-            "Committed but not yet applied entries",
-            apply_lag.clone(),
-        );
-        registry.register(
-            "raft_last_log_index",
-            "Last log index",
-            last_log_index.clone(),
-        );
-        Metrics {
-            registry,
+        let node_info = Family::<OwnedLabels, Gauge>::default();
+        node_info.get_or_create(&node.labels()).set(1);
+        let disk = DiskGauges {
+            paths: disk,
+            wal_bytes: Gauge::default(),
+            state_bytes: Gauge::default(),
+            filesystem_avail_bytes: Gauge::default(),
+            filesystem_size_bytes: Gauge::default(),
+        };
+        let metrics = Metrics {
+            registry: Registry::default(),
             sends_total,
             deliveries_total,
             stream_waiters,
@@ -171,15 +287,177 @@ impl Metrics {
             push_batches_encoded,
             batch_sends,
             rpc_seconds,
-            role,
-            term,
-            leader,
-            commit_index,
-            applied_index,
-            apply_lag,
-            last_log_index,
+            role: Family::default(),
+            term: Gauge::default(),
+            has_leader: Gauge::default(),
+            leader_info: Family::default(),
+            leader_shown: Mutex::new(None),
+            leader_changes_total: Counter::default(),
+            leader_changes: Mutex::new(LeaderChanges::default()),
+            commit_index: Gauge::default(),
+            applied_index: Gauge::default(),
+            apply_lag: Gauge::default(),
+            last_log_index: Gauge::default(),
+            snapshot_age_seconds: Family::default(),
+            storage,
+            disk,
             committed,
+        };
+        metrics.register_client_side(&mut registry);
+        metrics.register_raft(&mut registry);
+        metrics.register_storage(&mut registry);
+        registry.register(
+            "node_info",
+            "Always 1; the labels say which node this is (id, version, and name when set)",
+            node_info,
+        );
+        Metrics {
+            registry,
+            ..metrics
         }
+    }
+
+    fn register_client_side(&self, registry: &mut Registry) {
+        registry.register(
+            "sends",
+            "Sends acknowledged by this node",
+            self.sends_total.clone(),
+        );
+        registry.register(
+            "deliveries",
+            "Messages delivered to streams",
+            self.deliveries_total.clone(),
+        );
+        registry.register(
+            "stream_waiters",
+            "Long-poll streams waiting",
+            self.stream_waiters.clone(),
+        );
+        registry.register(
+            "connected_clients",
+            "Open client connections",
+            self.connected_clients.clone(),
+        );
+        registry.register(
+            "push_connections",
+            "Open push connections",
+            self.push_connections.clone(),
+        );
+        registry.register(
+            "push_subscriptions",
+            "Open push subscriptions",
+            self.push_subscriptions.clone(),
+        );
+        registry.register(
+            "push_batches_encoded",
+            "Push batches encoded, each shared by every subscriber at the same position",
+            self.push_batches_encoded.clone(),
+        );
+        registry.register(
+            "batch_sends",
+            "Sends per proposed log entry",
+            self.batch_sends.clone(),
+        );
+        registry.register(
+            "rpc_seconds",
+            "Client RPC latency by method",
+            self.rpc_seconds.clone(),
+        );
+    }
+
+    fn register_raft(&self, registry: &mut Registry) {
+        registry.register(
+            "raft_role",
+            "1 for this node's current Raft role",
+            self.role.clone(),
+        );
+        registry.register("raft_term", "Current Raft term", self.term.clone());
+        registry.register(
+            "raft_has_leader",
+            "1 while this node knows a leader (itself included), else 0",
+            self.has_leader.clone(),
+        );
+        registry.register(
+            "raft_leader_info",
+            "Always 1, one series labelled with the id of the leader this node knows; absent \
+             while it knows none",
+            self.leader_info.clone(),
+        );
+        registry.register(
+            "raft_leader_changes",
+            "Changes of the leader this node knows, counted since the process started: each \
+             time the leader in its Raft metrics becomes another node or none, or a node after \
+             none. A failover usually counts twice (to none, then to the new leader); changes \
+             quicker than the metrics watch wakes up may be missed",
+            self.leader_changes_total.clone(),
+        );
+        registry.register(
+            "raft_commit_index",
+            "Last committed log index",
+            self.commit_index.clone(),
+        );
+        registry.register(
+            "raft_applied_index",
+            "Last applied log index",
+            self.applied_index.clone(),
+        );
+        registry.register(
+            "raft_apply_lag",
+            "Committed but not yet applied entries",
+            self.apply_lag.clone(),
+        );
+        registry.register(
+            "raft_last_log_index",
+            "Last log index",
+            self.last_log_index.clone(),
+        );
+    }
+
+    fn register_storage(&self, registry: &mut Registry) {
+        let storage = &self.storage;
+        registry.register(
+            "wal_fsync_seconds",
+            "Duration of each fdatasync of a Raft log segment on the append path (group \
+             commits and segment seals)",
+            storage.wal_fsync_seconds.clone(),
+        );
+        registry.register(
+            "apply_seconds",
+            "Time the chat state machine took to apply one batch of committed entries",
+            storage.apply_seconds.clone(),
+        );
+        registry.register(
+            "apply_entries",
+            "Committed entries per applied batch",
+            storage.apply_entries.clone(),
+        );
+        registry.register(
+            "snapshot_age_seconds",
+            "Seconds since the current snapshot was built or installed on this node (at \
+             startup: since its file was last written); absent before the node has one",
+            self.snapshot_age_seconds.clone(),
+        );
+        registry.register(
+            "wal_disk_bytes",
+            "Bytes allocated on disk to the Raft log directory, measured at scrape time",
+            self.disk.wal_bytes.clone(),
+        );
+        registry.register(
+            "state_disk_bytes",
+            "Bytes allocated on disk to the chat state (RocksDB and snapshot files), measured \
+             at scrape time",
+            self.disk.state_bytes.clone(),
+        );
+        registry.register(
+            "data_filesystem_avail_bytes",
+            "Bytes available to this process on the file system holding the data dir",
+            self.disk.filesystem_avail_bytes.clone(),
+        );
+        registry.register(
+            "data_filesystem_size_bytes",
+            "Size in bytes of the file system holding the data dir",
+            self.disk.filesystem_size_bytes.clone(),
+        );
     }
 
     /// Records one client RPC's latency.
@@ -189,8 +467,15 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    fn refresh(&self, raft: &Raft<TypeConfig>) {
-        let m = raft.metrics().borrow().clone();
+    /// Feeds one observation of the leader this node knows to the leader-changes counter.
+    fn observe_leader(&self, leader: Option<NodeId>) {
+        if self.leader_changes.lock().observe(leader) {
+            self.leader_changes_total.inc();
+        }
+    }
+
+    /// Sets the Raft gauges from one view of openraft's metrics.
+    fn refresh_raft(&self, m: &RaftMetrics<NodeId, Member>) {
         for (state, name) in [
             (ServerState::Leader, "leader"),
             (ServerState::Follower, "follower"),
@@ -203,7 +488,8 @@ impl Metrics {
         let applied = m.last_applied.map_or(0, |l| l.index);
         let committed = self.committed.load(std::sync::atomic::Ordering::Relaxed);
         self.term.set(m.current_term as i64);
-        self.leader.set(m.current_leader.map_or(0, |l| l as i64));
+        self.has_leader.set(i64::from(m.current_leader.is_some()));
+        self.show_leader(m.current_leader);
         self.commit_index.set(committed as i64);
         self.applied_index.set(applied as i64);
         self.apply_lag.set(committed.saturating_sub(applied) as i64);
@@ -211,12 +497,69 @@ impl Metrics {
             .set(m.last_log_index.unwrap_or(0) as i64);
     }
 
-    /// The Prometheus text exposition.
-    pub fn render(&self, raft: &Raft<TypeConfig>) -> String {
-        self.refresh(raft);
+    /// Keeps exactly one `raft_leader_info` series, for `leader`, or none. The previous
+    /// leader's series is removed; left in place it would report two leaders at once.
+    fn show_leader(&self, leader: Option<NodeId>) {
+        let mut shown = self.leader_shown.lock();
+        if *shown == leader {
+            return;
+        }
+        if let Some(old) = *shown {
+            self.leader_info
+                .remove(&vec![("leader_id", old.to_string())]);
+        }
+        if let Some(new) = leader {
+            self.leader_info
+                .get_or_create(&vec![("leader_id", new.to_string())])
+                .set(1);
+        }
+        *shown = leader;
+    }
+
+    /// Sets the snapshot age from the recorded time, or removes the series before the first
+    /// snapshot.
+    fn refresh_snapshot_age(&self, now: SystemTime) {
+        let made_at = *self.storage.snapshot_made_at.lock();
+        match made_at {
+            Some(at) => {
+                // A clock stepped back below the snapshot time reads as a fresh snapshot.
+                let age = now.duration_since(at).unwrap_or_default();
+                self.snapshot_age_seconds
+                    .get_or_create(&Vec::new())
+                    .set(age.as_secs_f64());
+            }
+            None => self.snapshot_age_seconds.clear(),
+        }
+    }
+
+    /// The OpenMetrics text of every metric as last set.
+    fn encode(&self) -> String {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
+    }
+
+    /// Refreshes the scrape-time gauges (Raft, disk, snapshot age) and encodes everything.
+    /// Walks the data dir, so call it off the async runtime's workers.
+    pub fn render(&self, raft: &Raft<TypeConfig>) -> String {
+        self.refresh_raft(&raft.metrics().borrow().clone());
+        self.disk.refresh();
+        self.refresh_snapshot_age(SystemTime::now());
+        self.encode()
+    }
+}
+
+/// Counts leader changes from openraft's metrics watch until Raft shuts down.
+pub async fn count_leader_changes(
+    metrics: Arc<Metrics>,
+    mut watch: watch::Receiver<RaftMetrics<NodeId, Member>>,
+) {
+    loop {
+        let leader = watch.borrow_and_update().current_leader;
+        metrics.observe_leader(leader);
+        if watch.changed().await.is_err() {
+            return;
+        }
     }
 }
 
@@ -242,7 +585,7 @@ pub fn serve(
             let metrics = metrics.clone();
             let raft = raft.clone();
             tokio::spawn(async move {
-                if let Err(e) = answer(stream, &metrics, &raft).await {
+                if let Err(e) = answer(stream, metrics, raft).await {
                     tracing::debug!(error = %e, "metrics request failed");
                 }
             });
@@ -252,10 +595,13 @@ pub fn serve(
 
 const REQUEST_BYTES_MAX: usize = 8192;
 
+/// One HTTP answer: status line text, content type, body.
+type Reply = (&'static str, &'static str, String);
+
 async fn answer(
     mut stream: TcpStream,
-    metrics: &Metrics,
-    raft: &Raft<TypeConfig>,
+    metrics: Arc<Metrics>,
+    raft: Raft<TypeConfig>,
 ) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
@@ -276,17 +622,35 @@ async fn answer(
     let line = String::from_utf8_lossy(line);
     let mut parts = line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let committed = metrics.committed.load(std::sync::atomic::Ordering::Relaxed);
-    let (status, content_type, body) = match (method, path) {
-        ("GET", "/metrics") => (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            metrics.render(raft),
-        ),
+    let (status, content_type, body) = if (method, path) == ("GET", "/metrics") {
+        // Rendering walks the data dir; a slow disk must not hold a runtime worker.
+        let body = tokio::task::spawn_blocking(move || metrics.render(&raft))
+            .await
+            .map_err(std::io::Error::other)?;
+        metrics_reply(body)
+    } else {
+        let committed = metrics.committed.load(std::sync::atomic::Ordering::Relaxed);
+        other_reply(method, path, is_ready(&raft, committed))
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// The answer to `GET /metrics`, given the encoded text.
+fn metrics_reply(body: String) -> Reply {
+    ("200 OK", METRICS_CONTENT_TYPE, body)
+}
+
+/// The answer to every request other than `GET /metrics`.
+fn other_reply(method: &str, path: &str, ready: bool) -> Reply {
+    match (method, path) {
         ("GET", "/health") => ("200 OK", "text/plain", "ok\n".to_owned()),
-        ("GET", "/ready") if is_ready(raft, committed) => {
-            ("200 OK", "text/plain", "ready\n".to_owned())
-        }
+        ("GET", "/ready") if ready => ("200 OK", "text/plain", "ready\n".to_owned()),
         ("GET", "/ready") => (
             "503 Service Unavailable",
             "text/plain",
@@ -302,12 +666,254 @@ async fn answer(
             "text/plain",
             "GET only\n".to_owned(),
         ),
-    };
-    let head = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Each test builds `Metrics` over a temporary data dir, drives it the way the node does
+    //! (openraft metrics views, storage observations) and reads the encoded text back.
+    use super::*;
+
+    fn metrics_in(dir: &Path, name: Option<&str>) -> Metrics {
+        let disk = DiskPaths {
+            data: dir.to_path_buf(),
+            wal: dir.join("log"),
+            state: dir.join("sm"),
+        };
+        for sub in [&disk.wal, &disk.state] {
+            std::fs::create_dir_all(sub).expect("mkdir");
+        }
+        let node = NodeInfo {
+            id: 7,
+            name: name.map(str::to_owned),
+        };
+        Metrics::new(
+            Arc::new(AtomicU64::new(0)),
+            StorageMetrics::default(),
+            node,
+            disk,
+        )
+    }
+
+    /// The value of the series written exactly as `series` (name and labels), if present.
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines().find_map(|line| {
+            let rest = line.strip_prefix(series)?.strip_prefix(' ')?;
+            rest.parse().ok()
+        })
+    }
+
+    fn raft_view(leader: Option<NodeId>) -> RaftMetrics<NodeId, Member> {
+        let mut m = RaftMetrics::new_initial(7);
+        m.current_leader = leader;
+        m.state = if leader == Some(7) {
+            ServerState::Leader
+        } else {
+            ServerState::Follower
+        };
+        m
+    }
+
+    #[test]
+    fn node_info_carries_id_and_version_and_the_name_when_set() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let version = env!("CARGO_PKG_VERSION");
+        let text = metrics_in(dir.path(), None).encode();
+        let series = format!("cellchat_node_info{{id=\"7\",version=\"{version}\"}}");
+        assert_eq!(value(&text, &series), Some(1.0), "{text}");
+        let text = metrics_in(dir.path(), Some("n1")).encode();
+        let series = format!("cellchat_node_info{{id=\"7\",version=\"{version}\",name=\"n1\"}}");
+        assert_eq!(value(&text, &series), Some(1.0), "{text}");
+    }
+
+    #[test]
+    fn leader_is_one_labelled_series_and_the_stale_one_goes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let metrics = metrics_in(dir.path(), None);
+        let leader_lines = |text: &str| {
+            text.lines()
+                .filter(|l| l.starts_with("cellchat_raft_leader_info{"))
+                .count()
+        };
+
+        metrics.refresh_raft(&raft_view(None));
+        let text = metrics.encode();
+        assert_eq!(value(&text, "cellchat_raft_has_leader"), Some(0.0));
+        assert_eq!(leader_lines(&text), 0, "{text}");
+
+        // An id above 2^53 would be rounded as a float gauge; as a label it stays exact.
+        let big: NodeId = 18_446_744_073_709_551_557;
+        metrics.refresh_raft(&raft_view(Some(big)));
+        let text = metrics.encode();
+        assert_eq!(value(&text, "cellchat_raft_has_leader"), Some(1.0));
+        let series = format!("cellchat_raft_leader_info{{leader_id=\"{big}\"}}");
+        assert_eq!(value(&text, &series), Some(1.0), "{text}");
+        assert_eq!(leader_lines(&text), 1);
+
+        metrics.refresh_raft(&raft_view(Some(7)));
+        let text = metrics.encode();
+        assert_eq!(
+            value(&text, "cellchat_raft_leader_info{leader_id=\"7\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            leader_lines(&text),
+            1,
+            "the previous leader's series is gone: {text}"
+        );
+        assert_eq!(
+            value(&text, "cellchat_raft_role{role=\"leader\"}"),
+            Some(1.0)
+        );
+
+        metrics.refresh_raft(&raft_view(None));
+        let text = metrics.encode();
+        assert_eq!(leader_lines(&text), 0, "{text}");
+        assert_eq!(value(&text, "cellchat_raft_has_leader"), Some(0.0));
+        assert!(
+            !text.contains("cellchat_raft_leader "),
+            "old float gauge: {text}"
+        );
+    }
+
+    #[test]
+    fn leader_changes_count_every_change_after_the_first_observation() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let metrics = metrics_in(dir.path(), None);
+        // Baseline, repeat, elected, repeat, another leader, none, back again.
+        for leader in [None, None, Some(1), Some(1), Some(2), None, Some(2)] {
+            metrics.observe_leader(leader);
+        }
+        let text = metrics.encode();
+        assert_eq!(
+            value(&text, "cellchat_raft_leader_changes_total"),
+            Some(4.0),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE cellchat_raft_leader_changes counter"));
+
+        let mut changes = LeaderChanges::default();
+        assert!(
+            !changes.observe(Some(3)),
+            "a node starting under a leader saw no change"
+        );
+        assert!(changes.observe(None));
+    }
+
+    #[test]
+    fn storage_metrics_reach_the_text() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let metrics = metrics_in(dir.path(), None);
+        let mut config = raft_log::Config::new(dir.path().join("log").join("wal"));
+        config.fsync_observer = Some(metrics.storage.fsync_observer());
+        let wal = raft_log::Wal::open(config).expect("open wal");
+        wal.append(
+            raft_log::LogIndex(1),
+            &[b"entry"],
+            raft_log::Durability::Sync,
+        )
+        .expect("append");
+        metrics.storage.observe_apply(3, Duration::from_micros(300));
+
+        let text = metrics.encode();
+        assert_eq!(
+            value(&text, "cellchat_wal_fsync_seconds_count"),
+            Some(1.0),
+            "{text}"
+        );
+        assert_eq!(
+            value(&text, "cellchat_wal_fsync_seconds_bucket{le=\"+Inf\"}"),
+            Some(1.0)
+        );
+        assert_eq!(value(&text, "cellchat_apply_seconds_count"), Some(1.0));
+        assert_eq!(value(&text, "cellchat_apply_entries_sum"), Some(3.0));
+    }
+
+    #[test]
+    fn snapshot_age_is_absent_until_a_snapshot_then_counts_seconds() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let metrics = metrics_in(dir.path(), None);
+        let now = SystemTime::now();
+        metrics.refresh_snapshot_age(now);
+        let text = metrics.encode();
+        // An empty family writes nothing, not even its HELP and TYPE lines.
+        assert!(!text.contains("cellchat_snapshot_age_seconds"), "{text}");
+        assert_eq!(
+            value(&text, "cellchat_snapshot_age_seconds"),
+            None,
+            "{text}"
+        );
+
+        metrics.storage.snapshot_made(now - Duration::from_secs(90));
+        metrics.refresh_snapshot_age(now);
+        let text = metrics.encode();
+        assert!(text.contains("# TYPE cellchat_snapshot_age_seconds gauge"));
+        assert_eq!(
+            value(&text, "cellchat_snapshot_age_seconds"),
+            Some(90.0),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn disk_bytes_count_the_node_dirs_and_the_file_system() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let metrics = metrics_in(dir.path(), None);
+        std::fs::write(dir.path().join("log").join("seg"), vec![1u8; 64 * 1024]).expect("write");
+        std::fs::create_dir_all(dir.path().join("sm").join("chat")).expect("mkdir");
+        std::fs::write(
+            dir.path().join("sm").join("chat").join("db"),
+            vec![1u8; 8192],
+        )
+        .expect("write");
+        metrics.disk.refresh();
+        let text = metrics.encode();
+        let wal = value(&text, "cellchat_wal_disk_bytes").expect("wal bytes");
+        let state = value(&text, "cellchat_state_disk_bytes").expect("state bytes");
+        assert!(wal >= 64.0 * 1024.0, "{text}");
+        assert!((8192.0..64.0 * 1024.0).contains(&state), "{text}");
+        let avail = value(&text, "cellchat_data_filesystem_avail_bytes").expect("avail");
+        let size = value(&text, "cellchat_data_filesystem_size_bytes").expect("size");
+        assert!(0.0 < avail && avail <= size, "{text}");
+    }
+
+    #[test]
+    fn dir_bytes_does_not_follow_symlinks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (inside, outside) = (dir.path().join("inside"), dir.path().join("outside"));
+        std::fs::create_dir_all(&inside).expect("mkdir");
+        std::fs::create_dir_all(&outside).expect("mkdir");
+        std::fs::write(outside.join("big"), vec![1u8; 256 * 1024]).expect("write");
+        std::os::unix::fs::symlink(&outside, inside.join("dir-link")).expect("symlink");
+        std::os::unix::fs::symlink(outside.join("big"), inside.join("file-link")).expect("symlink");
+        assert_eq!(dir_bytes(&inside), 0);
+        assert!(dir_bytes(&outside) >= 256 * 1024);
+        assert_eq!(dir_bytes(&dir.path().join("missing")), 0);
+    }
+
+    #[test]
+    fn metrics_are_served_as_openmetrics_text() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let metrics = metrics_in(dir.path(), None);
+        let (status, content_type, body) = metrics_reply(metrics.encode());
+        assert_eq!(status, "200 OK");
+        assert_eq!(
+            content_type,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8"
+        );
+        // The OpenMetrics terminator: proof the body is that format and not Prometheus 0.0.4.
+        assert!(body.ends_with("# EOF\n"), "{body}");
+        assert!(body.contains("cellchat_sends_total 0"), "{body}");
+
+        assert_eq!(
+            other_reply("GET", "/ready", false).0,
+            "503 Service Unavailable"
+        );
+        assert_eq!(other_reply("GET", "/ready", true).0, "200 OK");
+        assert_eq!(
+            other_reply("POST", "/metrics", true).0,
+            "405 Method Not Allowed"
+        );
+    }
 }

@@ -26,7 +26,7 @@ use crate::config::Config;
 use crate::data_dir::DataDir;
 use crate::delivery::Delivery;
 use crate::log_store::{AckPolicy, LogStore, WAL_DIR};
-use crate::metrics::{self, Metrics};
+use crate::metrics::{self, DiskPaths, Metrics, NodeInfo, StorageMetrics};
 use crate::proposer::{Proposer, ProposerConfig};
 use crate::push::{self, BatchCache};
 use crate::raft_rpc::{self, Network, RaftRpcServer};
@@ -36,6 +36,10 @@ use crate::types::{NodeId, TypeConfig};
 
 /// Most concurrent requests on one client connection (each open long-poll holds one).
 const CONN_REQUESTS_MAX: usize = 1024;
+/// The Raft log's directory inside the data dir (the WAL itself sits in its `WAL_DIR`).
+const LOG_DIR: &str = "log";
+/// The state machine's directory inside the data dir (RocksDB and snapshots).
+const STATE_DIR: &str = "sm";
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -242,7 +246,8 @@ impl Server {
             metrics: SocketAddr::new(advertised, ports.metrics),
         };
 
-        let (mut log_store, mut state_machine) = open_storage(&dir, &config)?;
+        let storage_metrics = StorageMetrics::default();
+        let (mut log_store, mut state_machine) = open_storage(&dir, &config, &storage_metrics)?;
         // A log that lost synced entries may end before last applied; openraft would wedge on
         // it (see `reconcile.rs` for the case and why the repair is safe).
         reconcile::reconcile(&mut log_store, &mut state_machine)
@@ -257,7 +262,22 @@ impl Server {
         let raft = Raft::new(id, raft_config, network, log_store, state_machine)
             .await
             .map_err(|e| ServerError::Raft(e.to_string()))?;
-        let metrics = Arc::new(Metrics::new(committed.clone()));
+        let node_info = NodeInfo {
+            id,
+            // The node's human name goes here once the configuration has one.
+            name: None,
+        };
+        let disk_paths = DiskPaths {
+            data: dir.clone(),
+            wal: dir.join(LOG_DIR),
+            state: dir.join(STATE_DIR),
+        };
+        let metrics = Arc::new(Metrics::new(
+            committed.clone(),
+            storage_metrics,
+            node_info,
+            disk_paths,
+        ));
         let proposer = Proposer::spawn(raft.clone(), ProposerConfig::default(), metrics.clone());
         let peers = Peers::default();
         let shared = Arc::new(ApiShared {
@@ -284,6 +304,10 @@ impl Server {
             tokio::spawn(rpc_server.watch_rivals(rivals)),
             raft_rpc::serve(raft_listener, rpc_server),
             serve_clients(client_listener, shared.clone(), push_runtime.handle()),
+            tokio::spawn(metrics::count_leader_changes(
+                metrics.clone(),
+                raft.metrics(),
+            )),
             metrics::serve(metrics_listener, metrics, raft.clone()),
         ];
         if let Some(pings) = pings {
@@ -384,16 +408,21 @@ impl Server {
 /// Opens the log and the chat state machine in the data dir. With the `weaken` feature and
 /// mode `faulty-fs`, the log runs on raft-log's `FaultyFs` and SIGUSR1 simulates a power
 /// failure (see `weaken.rs`); `ack-before-fsync` changes when appends are acknowledged.
-fn open_storage(dir: &Path, config: &Config) -> Result<(LogStore, StateMachine), ServerError> {
+fn open_storage(
+    dir: &Path,
+    config: &Config,
+    metrics: &StorageMetrics,
+) -> Result<(LogStore, StateMachine), ServerError> {
     let weaken = config.weaken;
-    let mut wal_config = raft_log::Config::new(dir.join("log").join(WAL_DIR));
+    let mut wal_config = raft_log::Config::new(dir.join(LOG_DIR).join(WAL_DIR));
     wal_config.segment_bytes_max = config.wal_segment_mib << 20;
     // A server's log lives long: zero-fill its first segment now instead of paying the
     // file-growing fdatasync for the first segment's worth of entries.
     wal_config.prepare_first_segment = true;
+    wal_config.fsync_observer = Some(metrics.fsync_observer());
     let storage = |e: String| ServerError::Storage(e);
-    let log_dir = dir.join("log");
-    let sm_dir = dir.join("sm");
+    let log_dir = dir.join(LOG_DIR);
+    let sm_dir = dir.join(STATE_DIR);
     let ack = if weaken.ack_before_fsync {
         tracing::warn!("weaken: log appends are acknowledged before fsync (ack-before-fsync)");
         AckPolicy::BeforeFsync
@@ -409,7 +438,9 @@ fn open_storage(dir: &Path, config: &Config) -> Result<(LogStore, StateMachine),
             .map_err(|e| storage(format!("opening the raft log: {e}")))?;
         LogStore::from_wal_acking(wal, log_dir, ack).map_err(|e| storage(e.to_string()))?
     };
-    let state_machine = StateMachine::open(&sm_dir).map_err(|e| storage(e.to_string()))?;
+    let state_machine = StateMachine::open(&sm_dir)
+        .map_err(|e| storage(e.to_string()))?
+        .with_metrics(metrics.clone());
     Ok((log_store, state_machine))
 }
 

@@ -18,6 +18,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Instant, SystemTime};
 
 use chat_sm::{ApplyEntry, ApplyPayload, ChatResponse, ChatState, RaftMeta, SnapshotInfo};
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
@@ -25,6 +26,7 @@ use openraft::{AnyError, EntryPayload, RaftLogId, StorageIOError};
 use parking_lot::Mutex;
 
 use crate::codec;
+use crate::metrics::StorageMetrics;
 use crate::snapshot_file::SnapshotFile;
 use crate::types::{
     Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
@@ -38,6 +40,8 @@ pub(crate) const CURRENT_SNAPSHOT: &str = "current.snap";
 #[derive(Clone)]
 pub struct StateMachine {
     inner: Arc<Inner>,
+    /// Where apply latency and snapshot times go; `None` in tests and tools.
+    metrics: Option<StorageMetrics>,
 }
 
 struct Inner {
@@ -81,7 +85,24 @@ impl StateMachine {
                 current: Mutex::new(current),
                 next_tmp: AtomicU64::new(0),
             }),
+            metrics: None,
         })
+    }
+
+    /// Records apply latency and snapshot times in `metrics` from now on. A snapshot already
+    /// on disk counts as made when its file was last written (when it was built or received).
+    pub fn with_metrics(mut self, metrics: StorageMetrics) -> StateMachine {
+        if self.inner.current.lock().is_some() {
+            let path = self.inner.snapshot_dir.join(CURRENT_SNAPSHOT);
+            match std::fs::metadata(&path).and_then(|m| m.modified()) {
+                Ok(at) => metrics.snapshot_made(at),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot read the snapshot's time")
+                }
+            }
+        }
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The chat state, for reads (history, streams, channels).
@@ -153,6 +174,9 @@ impl StateMachine {
             .and_then(|()| fsync_dir(&self.inner.snapshot_dir))
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), any(e)))?;
         *current = Some(meta);
+        if let Some(metrics) = &self.metrics {
+            metrics.snapshot_made(SystemTime::now());
+        }
         Ok(())
     }
 
@@ -230,9 +254,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             return Ok(Vec::new());
         }
         let (batch, meta) = to_apply_batch(&entries);
+        let started = Instant::now();
         // A RocksDB write failure inside apply panics in chat-sm: an error only this replica
         // saw would make replicas diverge.
         let responses = self.inner.chat.apply(&batch, meta);
+        if let Some(metrics) = &self.metrics {
+            metrics.observe_apply(entries.len(), started.elapsed());
+        }
         assert_eq!(
             responses.len(),
             entries.len(),
