@@ -1,4 +1,4 @@
-//! The cellchat command-line client: `client NAME` for interactive chat, plus scriptable modes
+//! The cellchat command-line client: `cellchat NAME` for interactive chat, plus scriptable modes
 //! (`--send`, `--tail`, `--history`, `--servers`) that other tools depend on.
 
 mod command;
@@ -19,11 +19,12 @@ const ABOUT: &str = "cellchat client: chat on a cellchat cluster, which it finds
 
 const AFTER_HELP: &str = "\
 Examples:
-  client Alice                              chat interactively as Alice in #general
-  client Alice --send 'Hello world!'        send one message; exit 0 once acknowledged
-  client Bob --tail --channel random --json print #random's new messages as JSON lines
-  client Bob --history 50                   print the last 50 messages of #general
-  client --servers --json                   every node as one JSON array
+  cellchat Alice                            chat interactively as Alice in #general
+  cellchat Alice --send 'Hello world!'      send one message; exit 0 once acknowledged
+  cellchat Bob --tail --channel random --json
+                                            print #random's new messages as JSON lines
+  cellchat Bob --history 50                 print the last 50 messages of #general
+  cellchat --servers --json                 every node as one JSON array
 
 Scriptable output: message JSON lines carry channel, seq, sender, text, at_ms, encrypted,
 readable and client_seq; --servers --json prints one array of nodes with id, role,
@@ -123,7 +124,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .map(read_passphrase)
         .transpose()?;
     if args.name.is_none() && !args.servers {
-        bail!("give a user name, e.g. `client Alice` (only --servers works without one)");
+        bail!("give a user name, e.g. `cellchat Alice` (only --servers works without one)");
     }
     if let Some(text) = &args.send {
         check_message(text)?;
