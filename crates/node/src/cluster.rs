@@ -93,6 +93,20 @@ pub enum JoinError {
     /// Retry later (a membership change is in progress, or Raft is stopping).
     #[error("busy: {0}")]
     Busy(String),
+    /// Another member already has the joiner's name.
+    #[error("node name {name:?} is taken by member {id}; start the new node with another --name")]
+    NameTaken {
+        /// The name.
+        name: String,
+        /// The member that has it.
+        id: NodeId,
+    },
+    /// The node is the cluster's only voter; leaving would leave no cluster.
+    #[error("node {id} is the last voter of the cluster; it cannot leave (nothing was changed)")]
+    LastVoter {
+        /// The node.
+        id: NodeId,
+    },
 }
 
 /// Nodes heard through discovery, by id.
@@ -136,6 +150,7 @@ pub fn role_of(state: ServerState) -> Role {
 pub fn self_announce(
     raft: &Raft<TypeConfig>,
     cluster: &str,
+    name: &str,
     addrs: &NodeAddrs,
     started_ms: u64,
 ) -> NodeAnnounce {
@@ -157,6 +172,7 @@ pub fn self_announce(
         applied: metrics.last_applied.map_or(0, |l| l.index),
         voter,
         started_ms,
+        name: name.to_owned(),
     }
 }
 
@@ -172,12 +188,13 @@ pub struct NodeAddrs {
 }
 
 impl NodeAddrs {
-    /// The membership record for these addresses.
-    pub fn member(&self) -> Member {
+    /// The membership record for a node of this name at these addresses.
+    pub fn member(&self, name: &str) -> Member {
         Member {
             raft_addr: self.raft.to_string(),
             client_addr: self.client.to_string(),
             metrics_addr: self.metrics.to_string(),
+            name: name.to_owned(),
         }
     }
 }
@@ -312,6 +329,10 @@ pub struct Formation {
     pub max_voters: usize,
     /// Election timeout upper bound, for "no leader for a while".
     pub election_timeout_max: Duration,
+    /// Set while this node leaves the cluster: it must not ask to join again.
+    pub leaving: Arc<std::sync::atomic::AtomicBool>,
+    /// Started with `--rejoin` after a leave: elections stay off until a leader is known.
+    pub rejoining: bool,
 }
 
 impl Formation {
@@ -320,13 +341,28 @@ impl Formation {
         let started = Instant::now();
         let mut leaderless_since = Some(Instant::now());
         let mut last_join: Option<Instant> = None;
+        let mut rejoining = self.rejoining;
+        if rejoining {
+            // A node that left may still hold a membership naming it a voter. Campaigning on it
+            // would raise the term of the members that remain and depose their leader, so it
+            // waits, silent, until a leader has added it again and replicates to it.
+            self.raft.runtime_config().elect(false);
+        }
         loop {
             tokio::time::sleep(TICK).await;
             let metrics = self.raft.metrics().borrow().clone();
             if metrics.state == ServerState::Shutdown {
                 return;
             }
+            if self.leaving.load(std::sync::atomic::Ordering::SeqCst) {
+                continue;
+            }
             if metrics.current_leader.is_some() {
+                if rejoining {
+                    self.raft.runtime_config().elect(true);
+                    rejoining = false;
+                    tracing::info!("rejoined the cluster");
+                }
                 leaderless_since = None;
                 if metrics.state == ServerState::Leader {
                     self.promote_learners(&metrics).await;
@@ -384,7 +420,7 @@ impl Formation {
                     client: p.client_addr,
                     metrics: p.metrics_addr,
                 }
-                .member();
+                .member(&p.name);
                 (p.node_id, member)
             })
             .collect();
@@ -490,13 +526,26 @@ pub async fn handle_join(
             leader: metrics.current_leader,
         });
     }
-    if let Some(existing) = metrics.membership_config.membership().get_node(&request.id) {
+    let membership = metrics.membership_config.membership();
+    if let Some(existing) = membership.get_node(&request.id) {
         if existing.raft_addr == request.member.raft_addr {
             return Ok(JoinReply::AlreadyMember);
         }
         return Err(JoinError::IdConflict {
             id: request.id,
             existing: existing.raft_addr.clone(),
+        });
+    }
+    // Names are what operators type (`remove-node NAME`), so two members never share one.
+    // Members from before names have an empty name and conflict with nobody.
+    let name = &request.member.name;
+    if let Some((id, _)) = membership
+        .nodes()
+        .find(|(_, m)| !name.is_empty() && &m.name == name)
+    {
+        return Err(JoinError::NameTaken {
+            name: name.clone(),
+            id: *id,
         });
     }
     match raft.add_learner(request.id, request.member, false).await {
@@ -525,8 +574,9 @@ pub struct RemoveRequest {
 /// The leader's answer to a removal.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RemoveReply {
-    /// The node is no longer a voter or learner. It keeps running with its data; restarted,
-    /// it asks to join again (learner first, then promoted).
+    /// The node is no longer a voter or learner. A live node keeps running with its data
+    /// (`server leave` is the way to stop one for good); a dead one, restarted, asks to join
+    /// again through discovery and comes back as a learner, then a voter.
     Removed,
     /// The node was not a member.
     NotMember,
