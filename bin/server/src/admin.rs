@@ -187,19 +187,19 @@ pub(crate) async fn members(net: &NetArgs, args: &MembersArgs) -> anyhow::Result
         println!("{}", serde_json::Value::Array(rows));
         return Ok(());
     }
+    // Names only: ids are in the JSON, and a member without a name is shown by its id.
     println!(
-        "{:<16} {:<8} {:<24} {:<22} {:<22} {:<20}",
-        "name", "kind", "state", "client", "raft", "id"
+        "{:<20} {:<8} {:<24} {:<22} {:<22}",
+        "name", "kind", "state", "client", "raft"
     );
     for m in &members {
         println!(
-            "{:<16} {:<8} {:<24} {:<22} {:<22} {:<20}",
+            "{:<20} {:<8} {:<24} {:<22} {:<22}",
             label(m),
             if m.voter { "voter" } else { "learner" },
             m.state.to_string(),
             m.member.client_addr,
             m.member.raft_addr,
-            m.id
         );
     }
     Ok(())
@@ -335,14 +335,15 @@ pub(crate) async fn status(net: &NetArgs, args: &StatusArgs) -> anyhow::Result<(
             join.len()
         );
     }
+    // Names only: ids are in the JSON; a leader discovery does not hear is shown by its id.
     let name_of = |id: u64| nodes.get(&id).map_or(id.to_string(), |a| a.name.clone());
     println!(
-        "{:<16} {:<9} {:<6} {:<22} {:<22} {:<22} {:>6} {:>10} {:<16} {:<20}",
-        "name", "role", "voter", "client", "raft", "metrics", "term", "applied", "leader", "id"
+        "{:<20} {:<9} {:<6} {:<22} {:<22} {:<22} {:>6} {:>10} {:<20}",
+        "name", "role", "voter", "client", "raft", "metrics", "term", "applied", "leader"
     );
     for a in nodes.values() {
         println!(
-            "{:<16} {:<9} {:<6} {:<22} {:<22} {:<22} {:>6} {:>10} {:<16} {:<20}",
+            "{:<20} {:<9} {:<6} {:<22} {:<22} {:<22} {:>6} {:>10} {:<20}",
             a.name,
             role_name(a.role),
             a.voter,
@@ -352,7 +353,6 @@ pub(crate) async fn status(net: &NetArgs, args: &StatusArgs) -> anyhow::Result<(
             a.term,
             a.applied,
             a.leader.map_or("-".to_owned(), name_of),
-            a.node_id
         );
     }
     Ok(())
