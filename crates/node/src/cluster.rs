@@ -467,6 +467,25 @@ impl Formation {
             }
             return;
         }
+        let nodes: BTreeMap<NodeId, Member> =
+            membership.nodes().map(|(id, m)| (*id, m.clone())).collect();
+        let named = names_for_unnamed_members(&nodes, &self.peers.alive());
+        if !named.is_empty() {
+            // Same addresses, only the name filled in: the member stays the same process, so
+            // replacing its record cannot point an id at another node.
+            let ids: Vec<NodeId> = named.keys().copied().collect();
+            match self
+                .raft
+                .change_membership(ChangeMembers::SetNodes(named), true)
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(nodes = ?ids, "recorded the names of members added before names")
+                }
+                Err(e) => tracing::warn!(error = %e, "recording member names failed; will retry"),
+            }
+            return;
+        }
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         if voters.len() >= self.max_voters {
             return;
@@ -503,6 +522,34 @@ impl Formation {
             Err(e) => tracing::warn!(node = id, error = %e, "promotion failed; will retry"),
         }
     }
+}
+
+/// Members recorded before names (empty name) whose node discovery hears at the recorded Raft
+/// address, with the name it announces, unless another member has that name. The leader
+/// writes these back into the membership, so a member that goes down later is still listed
+/// by name.
+pub fn names_for_unnamed_members(
+    nodes: &BTreeMap<NodeId, Member>,
+    heard: &[NodeAnnounce],
+) -> BTreeMap<NodeId, Member> {
+    let taken: BTreeSet<&str> = nodes.values().map(|m| m.name.as_str()).collect();
+    let mut named = BTreeMap::new();
+    for announce in heard {
+        let Some(member) = nodes.get(&announce.node_id) else {
+            continue;
+        };
+        let usable = crate::name::validate_name(&announce.name).is_ok()
+            && !taken.contains(announce.name.as_str())
+            && !named.values().any(|m: &Member| m.name == announce.name);
+        if member.name.is_empty() && member.raft_addr == announce.raft_addr.to_string() && usable {
+            let member = Member {
+                name: announce.name.clone(),
+                ..member.clone()
+            };
+            named.insert(announce.node_id, member);
+        }
+    }
+    named
 }
 
 /// The leader's side of a join: checks the request and adds the node as a learner.
@@ -629,5 +676,67 @@ pub async fn handle_remove(
             })
         }
         Err(e) => Err(JoinError::Busy(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(port: u16, name: &str) -> Member {
+        NodeAddrs {
+            raft: SocketAddr::from(([127, 0, 0, 1], port)),
+            client: SocketAddr::from(([127, 0, 0, 1], port + 1)),
+            metrics: SocketAddr::from(([127, 0, 0, 1], port + 2)),
+        }
+        .member(name)
+    }
+
+    fn heard(id: NodeId, port: u16, name: &str) -> NodeAnnounce {
+        let addr = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+        NodeAnnounce {
+            cluster: "c".into(),
+            node_id: id,
+            client_addr: addr(port + 1),
+            raft_addr: addr(port),
+            metrics_addr: addr(port + 2),
+            role: Role::Follower,
+            leader: None,
+            term: 1,
+            applied: 0,
+            voter: true,
+            started_ms: 0,
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn unnamed_members_get_the_name_their_node_announces() {
+        let nodes = BTreeMap::from([(1, member(100, "")), (2, member(200, "n2"))]);
+        let named = names_for_unnamed_members(&nodes, &[heard(1, 100, "n1"), heard(2, 200, "x")]);
+        assert_eq!(named, BTreeMap::from([(1, member(100, "n1"))]));
+    }
+
+    #[test]
+    fn names_are_not_filled_from_another_address_a_taken_name_or_an_invalid_one() {
+        let nodes = BTreeMap::from([
+            (1, member(100, "")),
+            (2, member(200, "n2")),
+            (3, member(300, "")),
+            (4, member(400, "")),
+            (5, member(500, "")),
+        ]);
+        let heard = [
+            // At another address: maybe another process claiming the id.
+            heard(1, 111, "n1"),
+            // Taken by member 2.
+            heard(3, 300, "n2"),
+            heard(4, 400, "Not Valid"),
+            // Absent from the membership.
+            heard(9, 900, "n9"),
+            heard(5, 500, "n5"),
+        ];
+        let named = names_for_unnamed_members(&nodes, &heard);
+        assert_eq!(named, BTreeMap::from([(5, member(500, "n5"))]));
     }
 }

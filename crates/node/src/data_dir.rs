@@ -7,8 +7,8 @@
 //! directory gets a random node id written durably before anything else uses it.
 //!
 //! The directory also keeps the node's name (chosen at first start, then fixed: the name is
-//! part of the replicated membership, which openraft never rewrites for an existing member)
-//! and, after `server leave`, a `LEFT` marker that keeps the node out of the cluster until it
+//! part of the replicated membership, which a join never rewrites for an existing member, so a
+//! rename would leave the cluster's record and the node disagreeing) and, after `server leave`, a `LEFT` marker that keeps the node out of the cluster until it
 //! is started with `--rejoin`.
 
 use std::fs::{self, File, OpenOptions};
