@@ -196,6 +196,8 @@ pub enum LeaveReply {
 pub struct Admin {
     /// This node's id.
     pub id: NodeId,
+    /// This node's name (discovery does not report a node to itself).
+    pub name: String,
     /// Cluster name.
     pub cluster: String,
     /// This node's Raft.
@@ -253,6 +255,7 @@ impl Admin {
             .alive()
             .into_iter()
             .map(|a| (a.node_id, a.name))
+            .chain([(self.id, self.name.clone())])
             .collect();
         let view = MembershipView {
             leader: self.id,

@@ -469,7 +469,14 @@ impl Formation {
         }
         let nodes: BTreeMap<NodeId, Member> =
             membership.nodes().map(|(id, m)| (*id, m.clone())).collect();
-        let named = names_for_unnamed_members(&nodes, &self.peers.alive());
+        // Discovery never records this node's own announcements; it reports itself.
+        let reported = self
+            .peers
+            .alive()
+            .into_iter()
+            .map(|a| (a.node_id, announced_member(&a)))
+            .chain([(self.id, self.member.clone())]);
+        let named = names_for_unnamed_members(&nodes, reported);
         if !named.is_empty() {
             // Same addresses, only the name filled in: the member stays the same process, so
             // replacing its record cannot point an id at another node.
@@ -524,29 +531,39 @@ impl Formation {
     }
 }
 
-/// Members recorded before names (empty name) whose node discovery hears at the recorded Raft
-/// address, with the name it announces, unless another member has that name. The leader
-/// writes these back into the membership, so a member that goes down later is still listed
-/// by name.
+/// The membership record a node's announcement describes.
+fn announced_member(announce: &NodeAnnounce) -> Member {
+    NodeAddrs {
+        raft: announce.raft_addr,
+        client: announce.client_addr,
+        metrics: announce.metrics_addr,
+    }
+    .member(&announce.name)
+}
+
+/// Members recorded before names (empty name) whose node reports itself (through discovery,
+/// or the leader itself) at the recorded Raft address, with the name it reports, unless
+/// another member has that name. The leader writes these back into the membership, so a
+/// member that goes down later is still listed by name.
 pub fn names_for_unnamed_members(
     nodes: &BTreeMap<NodeId, Member>,
-    heard: &[NodeAnnounce],
+    reported: impl IntoIterator<Item = (NodeId, Member)>,
 ) -> BTreeMap<NodeId, Member> {
     let taken: BTreeSet<&str> = nodes.values().map(|m| m.name.as_str()).collect();
     let mut named = BTreeMap::new();
-    for announce in heard {
-        let Some(member) = nodes.get(&announce.node_id) else {
+    for (id, report) in reported {
+        let Some(member) = nodes.get(&id) else {
             continue;
         };
-        let usable = crate::name::validate_name(&announce.name).is_ok()
-            && !taken.contains(announce.name.as_str())
-            && !named.values().any(|m: &Member| m.name == announce.name);
-        if member.name.is_empty() && member.raft_addr == announce.raft_addr.to_string() && usable {
+        let usable = crate::name::validate_name(&report.name).is_ok()
+            && !taken.contains(report.name.as_str())
+            && !named.values().any(|m: &Member| m.name == report.name);
+        if member.name.is_empty() && member.raft_addr == report.raft_addr && usable {
             let member = Member {
-                name: announce.name.clone(),
+                name: report.name,
                 ..member.clone()
             };
-            named.insert(announce.node_id, member);
+            named.insert(id, member);
         }
     }
     named
@@ -710,10 +727,18 @@ mod tests {
         }
     }
 
+    fn reports(heard: &[NodeAnnounce]) -> Vec<(NodeId, Member)> {
+        heard
+            .iter()
+            .map(|a| (a.node_id, announced_member(a)))
+            .collect()
+    }
+
     #[test]
     fn unnamed_members_get_the_name_their_node_announces() {
         let nodes = BTreeMap::from([(1, member(100, "")), (2, member(200, "n2"))]);
-        let named = names_for_unnamed_members(&nodes, &[heard(1, 100, "n1"), heard(2, 200, "x")]);
+        let named =
+            names_for_unnamed_members(&nodes, reports(&[heard(1, 100, "n1"), heard(2, 200, "x")]));
         assert_eq!(named, BTreeMap::from([(1, member(100, "n1"))]));
     }
 
@@ -736,7 +761,7 @@ mod tests {
             heard(9, 900, "n9"),
             heard(5, 500, "n5"),
         ];
-        let named = names_for_unnamed_members(&nodes, &heard);
+        let named = names_for_unnamed_members(&nodes, reports(&heard));
         assert_eq!(named, BTreeMap::from([(5, member(500, "n5"))]));
     }
 }

@@ -306,6 +306,7 @@ impl Server {
         let data_dir = Arc::new(data_dir);
         let admin = Arc::new(Admin {
             id,
+            name: name.clone(),
             cluster: config.cluster.clone(),
             raft: raft.clone(),
             peers: peers.clone(),
