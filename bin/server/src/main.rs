@@ -1,17 +1,17 @@
-//! `server`: runs one cellchat node (`cargo run --release -p server`, no flags needed), or
-//! shows the cluster as discovery sees it (`server status [--json]`).
+//! `cellchat-server`: runs one cellchat node (`cargo run --release -p server`, no flags needed), or
+//! runs an operator command (`status`, `members`, `remove-node`, `leave`; see `admin.rs`).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
 use node::{Config, DataDir, Server};
+use proto::discovery::DEFAULT_DISCOVERY_PORT;
 
+mod admin;
 mod config_file;
 mod sd_notify;
-use proto::discovery::{DiscoverySocket, NodeAnnounce, Packet, DEFAULT_DISCOVERY_PORT};
 
 /// mimalloc instead of glibc malloc: a loaded node allocates per request and per message, and
 /// glibc's malloc/free (with its consolidation passes) took about 12 % of a leader's CPU.
@@ -45,24 +45,23 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Show every node discovery can find: id, role, addresses, term, applied index, leader.
-    Status(StatusArgs),
-    /// Take node ID out of the cluster membership, through the leader discovery finds. The
-    /// node keeps running with its data; restarted, it asks to join again.
-    RemoveNode(RemoveArgs),
-}
-
-#[derive(Args, Debug)]
-struct RemoveArgs {
-    /// The node id to remove (as `status` lists it).
-    id: u64,
-    /// How long to listen for the cluster's announcements, in ms.
-    #[arg(long, default_value_t = 1000)]
-    wait_ms: u64,
+    /// Show every node discovery can find: name, role, addresses, term, applied index, leader.
+    Status(admin::StatusArgs),
+    /// Show the leader's Raft membership: every voter and learner, down ones included, with
+    /// its state (leader, up, unreachable, lagging by N entries).
+    Members(admin::MembersArgs),
+    /// Take a dead node out of the cluster membership, by name or id, through the leader. A
+    /// removed node that is started again asks to join again; to keep a live node out for
+    /// good, use `leave`.
+    RemoveNode(admin::RemoveArgs),
+    /// Make a running node leave the cluster for good: it moves leadership away if it leads,
+    /// is removed from the membership, and stops. Restarted, it stays out unless started with
+    /// --rejoin. The last voter cannot leave.
+    Leave(admin::LeaveArgs),
 }
 
 #[derive(Args, Debug, Clone)]
-struct NetArgs {
+pub(crate) struct NetArgs {
     /// Cluster name; nodes and clients of other clusters are ignored.
     #[arg(
         long,
@@ -70,10 +69,10 @@ struct NetArgs {
         default_value = "cellchat",
         global = true
     )]
-    cluster: String,
+    pub(crate) cluster: String,
     /// UDP port shared by every node of a machine for discovery.
     #[arg(long, env = "CELLCHAT_DISCOVERY_PORT", default_value_t = DEFAULT_DISCOVERY_PORT, global = true)]
-    discovery_port: u16,
+    pub(crate) discovery_port: u16,
     /// Broadcast address for discovery: 127.255.255.255 reaches this machine only; use your
     /// LAN's broadcast address (e.g. 192.168.1.255) to find nodes on other machines.
     #[arg(
@@ -82,7 +81,7 @@ struct NetArgs {
         default_value = "127.255.255.255",
         global = true
     )]
-    broadcast: Ipv4Addr,
+    pub(crate) broadcast: Ipv4Addr,
     /// Discovery address (host:port) of a node broadcast cannot reach; repeatable, or
     /// comma-separated in the environment variable.
     #[arg(
@@ -91,7 +90,7 @@ struct NetArgs {
         value_delimiter = ',',
         global = true
     )]
-    join: Vec<String>,
+    pub(crate) join: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -174,6 +173,14 @@ struct RunArgs {
     /// binary was built with the cargo feature `weaken`.
     #[arg(long, env = "CELLCHAT_WEAKEN", default_value = "", hide = true)]
     weaken: String,
+    /// This node's name, shown wherever nodes are listed: 1-32 of a-z 0-9 - _ . (default at
+    /// first start: nN for ./data/node-N, else from the data dir's name). Kept in the data
+    /// dir; a later start with another name is refused.
+    #[arg(long, env = "CELLCHAT_NODE_NAME", value_parser = parse_name)]
+    name: Option<String>,
+    /// Join the cluster again after `server leave` (clears the data dir's LEFT marker).
+    #[arg(long, env = "CELLCHAT_REJOIN")]
+    rejoin: bool,
 }
 
 /// How log lines are written.
@@ -185,17 +192,12 @@ enum LogFormat {
     Json,
 }
 
-#[derive(Args, Debug)]
-struct StatusArgs {
-    /// Print one JSON array instead of a table.
-    #[arg(long)]
-    json: bool,
-    /// How long to listen for answers, in ms.
-    #[arg(long, default_value_t = 1000)]
-    wait_ms: u64,
+fn parse_name(name: &str) -> Result<String, node::NameError> {
+    node::validate_name(name)?;
+    Ok(name.to_owned())
 }
 
-fn resolve_join(join: &[String]) -> anyhow::Result<Vec<SocketAddr>> {
+pub(crate) fn resolve_join(join: &[String]) -> anyhow::Result<Vec<SocketAddr>> {
     use std::net::ToSocketAddrs;
     join.iter()
         .map(|j| {
@@ -213,8 +215,12 @@ fn main() -> anyhow::Result<()> {
     let cli = parse_cli()?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     match cli.command {
-        Some(Command::Status(args)) => runtime.block_on(status(&cli.run.net, &args)),
-        Some(Command::RemoveNode(args)) => runtime.block_on(remove_node(&cli.run.net, &args)),
+        Some(Command::Status(args)) => runtime.block_on(admin::status(&cli.run.net, &args)),
+        Some(Command::Members(args)) => runtime.block_on(admin::members(&cli.run.net, &args)),
+        Some(Command::RemoveNode(args)) => {
+            runtime.block_on(admin::remove_node(&cli.run.net, &args))
+        }
+        Some(Command::Leave(args)) => runtime.block_on(admin::leave(&cli.run.net, &args)),
         None => runtime.block_on(run(cli.run)),
     }
 }
@@ -288,10 +294,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     config.conn_rate_per_s = args.conn_rate;
     config.conn_burst = args.conn_burst;
     config.weaken = weaken;
+    config.name = args.name.clone();
+    config.rejoin = args.rejoin;
     let server = Server::start(config, data_dir).await?;
     let addrs = server.addrs();
     tracing::info!(
         node = server.id(),
+        name = %server.name(),
         client = %addrs.client,
         raft = %addrs.raft,
         metrics = %addrs.metrics,
@@ -301,19 +310,35 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tokio::select! {
         () = server.wait_ready() => {
             println!(
-                "ready node={} client={} raft={} metrics={} data={}",
-                server.id(), addrs.client, addrs.raft, addrs.metrics, path.display()
+                "ready node={} client={} raft={} metrics={} data={} name={}",
+                server.id(), addrs.client, addrs.raft, addrs.metrics, path.display(),
+                server.name()
             );
             sd_notify::notify(&format!("READY=1\nSTATUS=serving clients on {}", addrs.client));
         }
+        () = server.left() => return stop_after_leave(server).await,
         () = shutdown_signal() => {
             sd_notify::notify("STOPPING=1");
             server.shutdown().await;
             return Ok(());
         }
     }
-    shutdown_signal().await;
-    tracing::info!(node = server.id(), "shutting down");
+    tokio::select! {
+        () = shutdown_signal() => {}
+        () = server.left() => return stop_after_leave(server).await,
+    }
+    tracing::info!(node = server.id(), name = %server.name(), "shutting down");
+    sd_notify::notify("STOPPING=1");
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn stop_after_leave(server: Server) -> anyhow::Result<()> {
+    tracing::warn!(
+        node = server.id(),
+        name = %server.name(),
+        "left the cluster; this node stops and stays out on restart unless started with --rejoin"
+    );
     sd_notify::notify("STOPPING=1");
     server.shutdown().await;
     Ok(())
@@ -325,133 +350,6 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
-    }
-}
-
-/// Every node of the cluster that answers a discovery probe within `wait_ms`, by id.
-async fn discover(
-    net: &NetArgs,
-    join: &[SocketAddr],
-    wait_ms: u64,
-) -> anyhow::Result<std::collections::BTreeMap<u64, NodeAnnounce>> {
-    let socket = DiscoverySocket::ephemeral(net.discovery_port, net.broadcast, net.cluster.clone())
-        .context("opening a discovery socket")?;
-    let nonce: u64 = rand::random();
-    let probe = Packet::Probe {
-        cluster: net.cluster.clone(),
-        nonce,
-        from_client: true,
-    };
-    socket
-        .send_broadcast(&probe)
-        .await
-        .context("broadcasting a probe")?;
-    for addr in join {
-        socket
-            .send_to(&probe, *addr)
-            .await
-            .with_context(|| format!("probing {addr}"))?;
-    }
-    let mut nodes: std::collections::BTreeMap<u64, NodeAnnounce> = Default::default();
-    let deadline = Instant::now() + Duration::from_millis(wait_ms);
-    while let Ok(received) = tokio::time::timeout_at(deadline.into(), socket.recv()).await {
-        if let Ok((Packet::Announce(a), _)) = received {
-            nodes.insert(a.node_id, a);
-        }
-    }
-    Ok(nodes)
-}
-
-async fn remove_node(net: &NetArgs, args: &RemoveArgs) -> anyhow::Result<()> {
-    let join = resolve_join(&net.join)?;
-    let nodes = discover(net, &join, args.wait_ms).await?;
-    let leader = nodes
-        .values()
-        .filter(|a| a.role == proto::Role::Leader)
-        .max_by_key(|a| a.term)
-        .with_context(|| {
-            format!(
-                "no leader of cluster {:?} answered on {}:{}; check `server status`",
-                net.cluster, net.broadcast, net.discovery_port
-            )
-        })?;
-    let request = node::RemoveRequest {
-        cluster: net.cluster.clone(),
-        id: args.id,
-    };
-    let reply = node::request_remove(leader.raft_addr, leader.node_id, request)
-        .await
-        .with_context(|| {
-            format!(
-                "removing node {} through leader {}",
-                args.id, leader.node_id
-            )
-        })?;
-    println!("{reply:?} node={} leader={}", args.id, leader.node_id);
-    Ok(())
-}
-
-async fn status(net: &NetArgs, args: &StatusArgs) -> anyhow::Result<()> {
-    let join = resolve_join(&net.join)?;
-    let nodes = discover(net, &join, args.wait_ms).await?;
-    if args.json {
-        let rows: Vec<serde_json::Value> = nodes
-            .values()
-            .map(|a| {
-                serde_json::json!({
-                    "id": a.node_id,
-                    "role": role_name(a.role),
-                    "client_addr": a.client_addr.to_string(),
-                    "raft_addr": a.raft_addr.to_string(),
-                    "metrics_addr": a.metrics_addr.to_string(),
-                    "term": a.term,
-                    "applied": a.applied,
-                    "leader": a.leader,
-                    "voter": a.voter,
-                })
-            })
-            .collect();
-        println!("{}", serde_json::Value::Array(rows));
-        return Ok(());
-    }
-    if nodes.is_empty() {
-        anyhow::bail!(
-            "no node of cluster {:?} answered on {}:{} (and {} --join address(es)); start one with \
-             `cargo run --release -p server`, or pass --join host:port / --broadcast",
-            net.cluster,
-            net.broadcast,
-            net.discovery_port,
-            join.len()
-        );
-    }
-    println!(
-        "{:<20} {:<9} {:<6} {:<22} {:<22} {:<22} {:>6} {:>10} {:<20}",
-        "id", "role", "voter", "client", "raft", "metrics", "term", "applied", "leader"
-    );
-    for a in nodes.values() {
-        println!(
-            "{:<20} {:<9} {:<6} {:<22} {:<22} {:<22} {:>6} {:>10} {:<20}",
-            a.node_id,
-            role_name(a.role),
-            a.voter,
-            a.client_addr,
-            a.raft_addr,
-            a.metrics_addr,
-            a.term,
-            a.applied,
-            a.leader.map_or("-".to_owned(), |l| l.to_string())
-        );
-    }
-    Ok(())
-}
-
-fn role_name(role: proto::Role) -> &'static str {
-    match role {
-        proto::Role::Leader => "leader",
-        proto::Role::Follower => "follower",
-        proto::Role::Learner => "learner",
-        proto::Role::Candidate => "candidate",
-        proto::Role::Unknown => "unknown",
     }
 }
 

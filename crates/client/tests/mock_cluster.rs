@@ -407,6 +407,7 @@ impl Mock {
                         applied: disc_shared.applied(),
                         voter: true,
                         started_ms: 0,
+                        name: format!("n{id}"),
                     };
                     let _ = socket.send_to(&Packet::Announce(announce), from).await;
                 }

@@ -93,6 +93,20 @@ pub enum JoinError {
     /// Retry later (a membership change is in progress, or Raft is stopping).
     #[error("busy: {0}")]
     Busy(String),
+    /// Another member already has the joiner's name.
+    #[error("node name {name:?} is taken by member {id}; start the new node with another --name")]
+    NameTaken {
+        /// The name.
+        name: String,
+        /// The member that has it.
+        id: NodeId,
+    },
+    /// The node is the cluster's only voter; leaving would leave no cluster.
+    #[error("node {id} is the last voter of the cluster; it cannot leave (nothing was changed)")]
+    LastVoter {
+        /// The node.
+        id: NodeId,
+    },
 }
 
 /// Nodes heard through discovery, by id.
@@ -136,6 +150,7 @@ pub fn role_of(state: ServerState) -> Role {
 pub fn self_announce(
     raft: &Raft<TypeConfig>,
     cluster: &str,
+    name: &str,
     addrs: &NodeAddrs,
     started_ms: u64,
 ) -> NodeAnnounce {
@@ -157,6 +172,7 @@ pub fn self_announce(
         applied: metrics.last_applied.map_or(0, |l| l.index),
         voter,
         started_ms,
+        name: name.to_owned(),
     }
 }
 
@@ -172,12 +188,13 @@ pub struct NodeAddrs {
 }
 
 impl NodeAddrs {
-    /// The membership record for these addresses.
-    pub fn member(&self) -> Member {
+    /// The membership record for a node of this name at these addresses.
+    pub fn member(&self, name: &str) -> Member {
         Member {
             raft_addr: self.raft.to_string(),
             client_addr: self.client.to_string(),
             metrics_addr: self.metrics.to_string(),
+            name: name.to_owned(),
         }
     }
 }
@@ -312,6 +329,10 @@ pub struct Formation {
     pub max_voters: usize,
     /// Election timeout upper bound, for "no leader for a while".
     pub election_timeout_max: Duration,
+    /// Set while this node leaves the cluster: it must not ask to join again.
+    pub leaving: Arc<std::sync::atomic::AtomicBool>,
+    /// Started with `--rejoin` after a leave: elections stay off until a leader is known.
+    pub rejoining: bool,
 }
 
 impl Formation {
@@ -320,13 +341,28 @@ impl Formation {
         let started = Instant::now();
         let mut leaderless_since = Some(Instant::now());
         let mut last_join: Option<Instant> = None;
+        let mut rejoining = self.rejoining;
+        if rejoining {
+            // A node that left may still hold a membership naming it a voter. Campaigning on it
+            // would raise the term of the members that remain and depose their leader, so it
+            // waits, silent, until a leader has added it again and replicates to it.
+            self.raft.runtime_config().elect(false);
+        }
         loop {
             tokio::time::sleep(TICK).await;
             let metrics = self.raft.metrics().borrow().clone();
             if metrics.state == ServerState::Shutdown {
                 return;
             }
+            if self.leaving.load(std::sync::atomic::Ordering::SeqCst) {
+                continue;
+            }
             if metrics.current_leader.is_some() {
+                if rejoining {
+                    self.raft.runtime_config().elect(true);
+                    rejoining = false;
+                    tracing::info!("rejoined the cluster");
+                }
                 leaderless_since = None;
                 if metrics.state == ServerState::Leader {
                     self.promote_learners(&metrics).await;
@@ -384,7 +420,7 @@ impl Formation {
                     client: p.client_addr,
                     metrics: p.metrics_addr,
                 }
-                .member();
+                .member(&p.name);
                 (p.node_id, member)
             })
             .collect();
@@ -431,6 +467,32 @@ impl Formation {
             }
             return;
         }
+        let nodes: BTreeMap<NodeId, Member> =
+            membership.nodes().map(|(id, m)| (*id, m.clone())).collect();
+        // Discovery never records this node's own announcements; it reports itself.
+        let reported = self
+            .peers
+            .alive()
+            .into_iter()
+            .map(|a| (a.node_id, announced_member(&a)))
+            .chain([(self.id, self.member.clone())]);
+        let named = names_for_unnamed_members(&nodes, reported);
+        if !named.is_empty() {
+            // Same addresses, only the name filled in: the member stays the same process, so
+            // replacing its record cannot point an id at another node.
+            let ids: Vec<NodeId> = named.keys().copied().collect();
+            match self
+                .raft
+                .change_membership(ChangeMembers::SetNodes(named), true)
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(nodes = ?ids, "recorded the names of members added before names")
+                }
+                Err(e) => tracing::warn!(error = %e, "recording member names failed; will retry"),
+            }
+            return;
+        }
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         if voters.len() >= self.max_voters {
             return;
@@ -469,6 +531,44 @@ impl Formation {
     }
 }
 
+/// The membership record a node's announcement describes.
+fn announced_member(announce: &NodeAnnounce) -> Member {
+    NodeAddrs {
+        raft: announce.raft_addr,
+        client: announce.client_addr,
+        metrics: announce.metrics_addr,
+    }
+    .member(&announce.name)
+}
+
+/// Members recorded before names (empty name) whose node reports itself (through discovery,
+/// or the leader itself) at the recorded Raft address, with the name it reports, unless
+/// another member has that name. The leader writes these back into the membership, so a
+/// member that goes down later is still listed by name.
+pub fn names_for_unnamed_members(
+    nodes: &BTreeMap<NodeId, Member>,
+    reported: impl IntoIterator<Item = (NodeId, Member)>,
+) -> BTreeMap<NodeId, Member> {
+    let taken: BTreeSet<&str> = nodes.values().map(|m| m.name.as_str()).collect();
+    let mut named = BTreeMap::new();
+    for (id, report) in reported {
+        let Some(member) = nodes.get(&id) else {
+            continue;
+        };
+        let usable = crate::name::validate_name(&report.name).is_ok()
+            && !taken.contains(report.name.as_str())
+            && !named.values().any(|m: &Member| m.name == report.name);
+        if member.name.is_empty() && member.raft_addr == report.raft_addr && usable {
+            let member = Member {
+                name: report.name,
+                ..member.clone()
+            };
+            named.insert(id, member);
+        }
+    }
+    named
+}
+
 /// The leader's side of a join: checks the request and adds the node as a learner.
 ///
 /// # Errors
@@ -490,13 +590,26 @@ pub async fn handle_join(
             leader: metrics.current_leader,
         });
     }
-    if let Some(existing) = metrics.membership_config.membership().get_node(&request.id) {
+    let membership = metrics.membership_config.membership();
+    if let Some(existing) = membership.get_node(&request.id) {
         if existing.raft_addr == request.member.raft_addr {
             return Ok(JoinReply::AlreadyMember);
         }
         return Err(JoinError::IdConflict {
             id: request.id,
             existing: existing.raft_addr.clone(),
+        });
+    }
+    // Names are what operators type (`remove-node NAME`), so two members never share one.
+    // Members from before names have an empty name and conflict with nobody.
+    let name = &request.member.name;
+    if let Some((id, _)) = membership
+        .nodes()
+        .find(|(_, m)| !name.is_empty() && &m.name == name)
+    {
+        return Err(JoinError::NameTaken {
+            name: name.clone(),
+            id: *id,
         });
     }
     match raft.add_learner(request.id, request.member, false).await {
@@ -525,8 +638,9 @@ pub struct RemoveRequest {
 /// The leader's answer to a removal.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RemoveReply {
-    /// The node is no longer a voter or learner. It keeps running with its data; restarted,
-    /// it asks to join again (learner first, then promoted).
+    /// The node is no longer a voter or learner. A live node keeps running with its data
+    /// (`server leave` is the way to stop one for good); a dead one, restarted, asks to join
+    /// again through discovery and comes back as a learner, then a voter.
     Removed,
     /// The node was not a member.
     NotMember,
@@ -579,5 +693,75 @@ pub async fn handle_remove(
             })
         }
         Err(e) => Err(JoinError::Busy(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(port: u16, name: &str) -> Member {
+        NodeAddrs {
+            raft: SocketAddr::from(([127, 0, 0, 1], port)),
+            client: SocketAddr::from(([127, 0, 0, 1], port + 1)),
+            metrics: SocketAddr::from(([127, 0, 0, 1], port + 2)),
+        }
+        .member(name)
+    }
+
+    fn heard(id: NodeId, port: u16, name: &str) -> NodeAnnounce {
+        let addr = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+        NodeAnnounce {
+            cluster: "c".into(),
+            node_id: id,
+            client_addr: addr(port + 1),
+            raft_addr: addr(port),
+            metrics_addr: addr(port + 2),
+            role: Role::Follower,
+            leader: None,
+            term: 1,
+            applied: 0,
+            voter: true,
+            started_ms: 0,
+            name: name.into(),
+        }
+    }
+
+    fn reports(heard: &[NodeAnnounce]) -> Vec<(NodeId, Member)> {
+        heard
+            .iter()
+            .map(|a| (a.node_id, announced_member(a)))
+            .collect()
+    }
+
+    #[test]
+    fn unnamed_members_get_the_name_their_node_announces() {
+        let nodes = BTreeMap::from([(1, member(100, "")), (2, member(200, "n2"))]);
+        let named =
+            names_for_unnamed_members(&nodes, reports(&[heard(1, 100, "n1"), heard(2, 200, "x")]));
+        assert_eq!(named, BTreeMap::from([(1, member(100, "n1"))]));
+    }
+
+    #[test]
+    fn names_are_not_filled_from_another_address_a_taken_name_or_an_invalid_one() {
+        let nodes = BTreeMap::from([
+            (1, member(100, "")),
+            (2, member(200, "n2")),
+            (3, member(300, "")),
+            (4, member(400, "")),
+            (5, member(500, "")),
+        ]);
+        let heard = [
+            // At another address: maybe another process claiming the id.
+            heard(1, 111, "n1"),
+            // Taken by member 2.
+            heard(3, 300, "n2"),
+            heard(4, 400, "Not Valid"),
+            // Absent from the membership.
+            heard(9, 900, "n9"),
+            heard(5, 500, "n5"),
+        ];
+        let named = names_for_unnamed_members(&nodes, reports(&heard));
+        assert_eq!(named, BTreeMap::from([(5, member(500, "n5"))]));
     }
 }

@@ -1,13 +1,27 @@
 //! Versioned encodings of the openraft values this node persists: log entries, votes, log ids
 //! and memberships. Every encoding starts with a one-byte format version so the layout can
 //! change later without misreading old bytes.
+//!
+//! | version | what changed |
+//! |---------|--------------|
+//! | 1 | first layout: version byte + postcard of the openraft value |
+//! | 2 | `Member` gained `name` (last field); membership entries and stored memberships change |
+//!
+//! Everything is written as version 2. Version 1 bytes still decode, so a data dir written
+//! before names opens with every entry: votes and log ids have the same body in both
+//! versions, and entries and memberships go through [`v1`]'s legacy types, whose members get
+//! an empty name.
+
+use std::collections::BTreeMap;
 
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::types::{Entry, LogId, StoredMembership, Vote};
+use crate::types::{Entry, LogId, Member, StoredMembership, Vote};
 
-/// Version byte of every value in this module.
-pub const FORMAT_VERSION: u8 = 1;
+/// Version byte of every value this build writes.
+pub const FORMAT_VERSION: u8 = 2;
+/// The version before `Member` had a name; still read.
+pub const FORMAT_VERSION_V1: u8 = 1;
 
 /// Why a persisted value could not be decoded.
 #[derive(Debug, thiserror::Error)]
@@ -40,15 +54,26 @@ fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     out
 }
 
-fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, DecodeError> {
+/// The version byte and the body after it; an unknown version is refused here.
+fn split_version(bytes: &[u8]) -> Result<(u8, &[u8]), DecodeError> {
     let (&version, body) = bytes.split_first().ok_or(DecodeError::Empty)?;
-    if version != FORMAT_VERSION {
+    if version != FORMAT_VERSION && version != FORMAT_VERSION_V1 {
         return Err(DecodeError::UnsupportedVersion { found: version });
     }
+    Ok((version, body))
+}
+
+fn decode_body<T: DeserializeOwned>(what: &'static str, body: &[u8]) -> Result<T, DecodeError> {
     postcard::from_bytes(body).map_err(|e| DecodeError::Malformed {
         what,
         reason: e.to_string(),
     })
+}
+
+/// Decodes a value whose body is the same in every known version (no `Member` inside).
+fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, DecodeError> {
+    let (_, body) = split_version(bytes)?;
+    decode_body(what, body)
 }
 
 /// Encodes a log entry for `raft_log`.
@@ -56,9 +81,12 @@ pub fn encode_entry(entry: &Entry) -> Vec<u8> {
     encode(entry)
 }
 
-/// Decodes a log entry read back from `raft_log`.
+/// Decodes a log entry read back from `raft_log`, of either version.
 pub fn decode_entry(bytes: &[u8]) -> Result<Entry, DecodeError> {
-    decode("log entry", bytes)
+    match split_version(bytes)? {
+        (FORMAT_VERSION_V1, body) => Ok(v1::upgrade_entry(decode_body("log entry", body)?)),
+        (_, body) => decode_body("log entry", body),
+    }
 }
 
 /// Encodes a vote.
@@ -86,9 +114,94 @@ pub fn encode_membership(membership: &StoredMembership) -> Vec<u8> {
     encode(membership)
 }
 
-/// Decodes a stored membership.
+/// Decodes a stored membership, of either version.
 pub fn decode_membership(bytes: &[u8]) -> Result<StoredMembership, DecodeError> {
-    decode("membership", bytes)
+    match split_version(bytes)? {
+        (FORMAT_VERSION_V1, body) => {
+            let old: v1::StoredMembershipV1 = decode_body("membership", body)?;
+            Ok(StoredMembership::new(
+                *old.log_id(),
+                v1::upgrade_membership(old.membership()),
+            ))
+        }
+        (_, body) => decode_body("membership", body),
+    }
+}
+
+/// The version 1 layout, kept only to read old bytes: the same openraft types over a `Member`
+/// without a name.
+pub mod v1 {
+    use std::io::Cursor;
+
+    use serde::{Deserialize, Serialize};
+
+    use super::{BTreeMap, Member};
+    use crate::types::{Entry, NodeId};
+
+    /// `Member` as version 1 wrote it.
+    #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct MemberV1 {
+        /// `host:port` of the Raft RPC listener.
+        pub raft_addr: String,
+        /// `host:port` of the chat RPC listener.
+        pub client_addr: String,
+        /// `host:port` of the metrics endpoint.
+        pub metrics_addr: String,
+    }
+
+    impl MemberV1 {
+        /// The current `Member`, with the empty name that means "written before names".
+        pub fn upgrade(&self) -> Member {
+            Member {
+                raft_addr: self.raft_addr.clone(),
+                client_addr: self.client_addr.clone(),
+                metrics_addr: self.metrics_addr.clone(),
+                name: String::new(),
+            }
+        }
+    }
+
+    openraft::declare_raft_types!(
+        /// The type configuration of version 1: as `TypeConfig`, with [`MemberV1`] as node.
+        pub TypeConfigV1:
+            D = chat_sm::Command,
+            R = chat_sm::ChatResponse,
+            NodeId = NodeId,
+            Node = MemberV1,
+            Entry = openraft::Entry<TypeConfigV1>,
+            SnapshotData = Cursor<Vec<u8>>,
+            AsyncRuntime = openraft::TokioRuntime,
+            Responder = openraft::impls::OneshotResponder<TypeConfigV1>,
+    );
+
+    /// A version 1 log entry.
+    pub type EntryV1 = openraft::Entry<TypeConfigV1>;
+    /// A version 1 membership.
+    pub type MembershipV1 = openraft::Membership<NodeId, MemberV1>;
+    /// A version 1 stored membership.
+    pub type StoredMembershipV1 = openraft::StoredMembership<NodeId, MemberV1>;
+
+    /// The same membership over current members: same configs, same nodes, empty names.
+    pub fn upgrade_membership(old: &MembershipV1) -> openraft::Membership<NodeId, Member> {
+        let nodes: BTreeMap<NodeId, Member> =
+            old.nodes().map(|(id, m)| (*id, m.upgrade())).collect();
+        openraft::Membership::new(old.get_joint_config().clone(), nodes)
+    }
+
+    /// The same entry over current members.
+    pub fn upgrade_entry(old: EntryV1) -> Entry {
+        let payload = match old.payload {
+            openraft::EntryPayload::Blank => openraft::EntryPayload::Blank,
+            openraft::EntryPayload::Normal(command) => openraft::EntryPayload::Normal(command),
+            openraft::EntryPayload::Membership(m) => {
+                openraft::EntryPayload::Membership(upgrade_membership(&m))
+            }
+        };
+        Entry {
+            log_id: old.log_id,
+            payload,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -112,5 +225,141 @@ mod tests {
             assert!(decode_vote(&bytes[..cut]).is_err(), "cut at {cut}");
         }
         assert_eq!(decode_vote(&bytes).unwrap(), Vote::new(3, 7));
+    }
+
+    use std::collections::BTreeSet;
+
+    use openraft::{CommittedLeaderId, EntryPayload, Membership};
+    use v1::{EntryV1, MemberV1, MembershipV1, StoredMembershipV1};
+
+    fn log_id(index: u64) -> LogId {
+        LogId::new(CommittedLeaderId::new(2, 7), index)
+    }
+
+    fn member_v1(port: u16) -> MemberV1 {
+        MemberV1 {
+            raft_addr: format!("127.0.0.1:{port}"),
+            client_addr: format!("127.0.0.1:{}", port + 1),
+            metrics_addr: format!("127.0.0.1:{}", port + 2),
+        }
+    }
+
+    /// A joint config with a learner, as version 1 wrote it.
+    fn membership_v1() -> MembershipV1 {
+        let configs = vec![BTreeSet::from([7, 8]), BTreeSet::from([7, 8, 9])];
+        let nodes = BTreeMap::from([
+            (7, member_v1(100)),
+            (8, member_v1(200)),
+            (9, member_v1(300)),
+            (10, member_v1(400)),
+        ]);
+        Membership::new(configs, nodes)
+    }
+
+    /// Bytes exactly as the version 1 build wrote them: the version byte and postcard of the
+    /// openraft value over the name-less member.
+    fn v1_bytes<T: Serialize>(value: &T) -> Vec<u8> {
+        let mut out = vec![FORMAT_VERSION_V1];
+        out.extend(postcard::to_allocvec(value).unwrap());
+        out
+    }
+
+    fn assert_upgraded(
+        old: &MembershipV1,
+        new: &openraft::Membership<crate::types::NodeId, Member>,
+    ) {
+        assert_eq!(new.get_joint_config(), old.get_joint_config());
+        let new_nodes: Vec<_> = new.nodes().map(|(id, m)| (*id, m.clone())).collect();
+        let old_nodes: Vec<_> = old.nodes().map(|(id, m)| (*id, m.upgrade())).collect();
+        assert_eq!(new_nodes, old_nodes);
+        assert!(new.nodes().all(|(_, m)| m.name.is_empty()));
+        assert_eq!(new.learner_ids().collect::<Vec<_>>(), vec![10]);
+    }
+
+    #[test]
+    fn version_1_membership_entries_decode_with_empty_names() {
+        let old = EntryV1 {
+            log_id: log_id(5),
+            payload: EntryPayload::Membership(membership_v1()),
+        };
+        let entry = decode_entry(&v1_bytes(&old)).unwrap();
+        assert_eq!(entry.log_id, log_id(5));
+        let EntryPayload::Membership(m) = &entry.payload else {
+            panic!("expected a membership entry: {entry:?}");
+        };
+        assert_upgraded(&membership_v1(), m);
+    }
+
+    #[test]
+    fn version_1_blank_and_chat_entries_decode_unchanged() {
+        let blank = EntryV1 {
+            log_id: log_id(1),
+            payload: EntryPayload::Blank,
+        };
+        assert!(matches!(
+            decode_entry(&v1_bytes(&blank)).unwrap().payload,
+            EntryPayload::Blank
+        ));
+        let send = chat_sm::SendCmd {
+            channel: "general".into(),
+            sender: "alice".into(),
+            body: b"hello".to_vec(),
+            client_id: chat_sm::ClientId([3; 16]),
+            client_seq: 4,
+            at_ms: 99,
+        };
+        let normal = EntryV1 {
+            log_id: log_id(2),
+            payload: EntryPayload::Normal(chat_sm::Command::Send(send.clone())),
+        };
+        let entry = decode_entry(&v1_bytes(&normal)).unwrap();
+        assert_eq!(entry.log_id, log_id(2));
+        assert!(
+            matches!(&entry.payload, EntryPayload::Normal(chat_sm::Command::Send(s)) if *s == send),
+            "{entry:?}"
+        );
+    }
+
+    #[test]
+    fn version_1_stored_membership_vote_and_log_id_decode() {
+        let old = StoredMembershipV1::new(Some(log_id(9)), membership_v1());
+        let stored = decode_membership(&v1_bytes(&old)).unwrap();
+        assert_eq!(*stored.log_id(), Some(log_id(9)));
+        assert_upgraded(&membership_v1(), stored.membership());
+        assert_eq!(
+            decode_vote(&v1_bytes(&Vote::new(3, 7))).unwrap(),
+            Vote::new(3, 7)
+        );
+        assert_eq!(
+            decode_log_id(&v1_bytes(&Some(log_id(4)))).unwrap(),
+            Some(log_id(4))
+        );
+    }
+
+    #[test]
+    fn version_2_keeps_names_and_is_what_gets_written() {
+        let m = membership_v1();
+        let nodes: BTreeMap<_, _> = m
+            .nodes()
+            .map(|(id, old)| {
+                (
+                    *id,
+                    Member {
+                        name: format!("n{id}"),
+                        ..old.upgrade()
+                    },
+                )
+            })
+            .collect();
+        let membership = Membership::new(m.get_joint_config().clone(), nodes);
+        let stored = StoredMembership::new(Some(log_id(3)), membership);
+        let bytes = encode_membership(&stored);
+        assert_eq!(bytes[0], FORMAT_VERSION);
+        assert_eq!(decode_membership(&bytes).unwrap(), stored);
+        // Version 2 bytes are not version 1 bytes: a version 1 reader would have misread them.
+        assert_ne!(
+            bytes,
+            v1_bytes(&StoredMembershipV1::new(Some(log_id(3)), m))
+        );
     }
 }

@@ -68,6 +68,12 @@ pub struct Config {
     /// Deliberately broken modes for the fault-injection harness; default none. Any mode needs
     /// the cargo feature `weaken` (see `weaken.rs`).
     pub weaken: Weaken,
+    /// This node's name at its first start (see `name.rs`); `None` picks a default from the
+    /// data dir. A later start must name the same node or leave it out.
+    pub name: Option<String>,
+    /// Clear the `LEFT` marker of a node that left with `server leave` and join again.
+    /// Default false: a node that left stays out. Without a marker it changes nothing.
+    pub rejoin: bool,
 }
 
 impl Config {
@@ -98,6 +104,8 @@ impl Config {
             conn_rate_per_s: 500,
             conn_burst: 1000,
             weaken: Weaken::default(),
+            name: None,
+            rejoin: false,
         }
     }
 

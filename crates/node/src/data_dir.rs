@@ -5,15 +5,23 @@
 //! `root/node-1`, `root/node-2`, ... and takes the first one whose lock it can get (an advisory
 //! `flock` on `LOCK`, released by the kernel when the process dies, even by kill -9); a fresh
 //! directory gets a random node id written durably before anything else uses it.
+//!
+//! The directory also keeps the node's name (chosen at first start, then fixed: the name is
+//! part of the replicated membership, which a join never rewrites for an existing member, so a
+//! rename would leave the cluster's record and the node disagreeing) and, after `server leave`, a `LEFT` marker that keeps the node out of the cluster until it
+//! is started with `--rejoin`.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use crate::name::{default_name, validate_name, NameError};
 use crate::types::NodeId;
 
 const LOCK_FILE: &str = "LOCK";
 const NODE_ID_FILE: &str = "node-id";
+const NODE_NAME_FILE: &str = "node-name";
+const LEFT_FILE: &str = "LEFT";
 /// How many `node-N` directories `pick` tries before giving up.
 const PICK_ATTEMPTS_MAX: usize = 1000;
 
@@ -44,6 +52,30 @@ pub enum DataDirError {
         /// What was wrong.
         reason: String,
     },
+    /// The name file holds something that is not a valid name.
+    #[error("node name file {path} is damaged ({source}); write the node's name into it")]
+    BadNodeName {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        source: NameError,
+    },
+    /// `--name` asks for another name than the one this directory's node has.
+    #[error(
+        "data dir {path} belongs to node {kept:?}, not {requested:?}: a node keeps its name for \
+         its life in the cluster; drop --name, pass --name {kept}, or use a fresh data dir"
+    )]
+    NameMismatch {
+        /// The directory.
+        path: PathBuf,
+        /// The name kept in the directory.
+        kept: String,
+        /// The name asked for.
+        requested: String,
+    },
+    /// An invalid `--name`.
+    #[error(transparent)]
+    InvalidName(#[from] NameError),
     /// An io error.
     #[error("{op} {path}: {source}")]
     Io {
@@ -69,6 +101,8 @@ fn io_error<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> D
 pub struct DataDir {
     path: PathBuf,
     node_id: NodeId,
+    /// `None` until [`DataDir::claim_name`] on a directory that has none yet.
+    name: Option<String>,
     /// Holding the open file holds the flock.
     _lock: File,
 }
@@ -97,9 +131,11 @@ impl DataDir {
             Err(fs::TryLockError::Error(e)) => return Err(io_error("lock", &lock_path)(e)),
         }
         let node_id = read_or_create_node_id(path)?;
+        let name = read_node_name(path)?;
         Ok(DataDir {
             path: path.to_path_buf(),
             node_id,
+            name,
             _lock: lock,
         })
     }
@@ -132,20 +168,141 @@ impl DataDir {
     pub fn node_id(&self) -> NodeId {
         self.node_id
     }
+
+    /// This node's name, once the directory has one (see [`DataDir::claim_name`]).
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    /// Settles this node's name: the one kept in the directory, else `requested`, else
+    /// [`default_name`]; a new name is validated and written durably before it is returned.
+    ///
+    /// # Errors
+    /// [`DataDirError::NameMismatch`] when the directory keeps another name than `requested`;
+    /// [`DataDirError::InvalidName`]; io errors.
+    pub fn claim_name(&mut self, requested: Option<&str>) -> Result<String, DataDirError> {
+        if let Some(requested) = requested {
+            validate_name(requested)?;
+        }
+        match (&self.name, requested) {
+            (Some(kept), Some(requested)) if kept != requested => {
+                return Err(DataDirError::NameMismatch {
+                    path: self.path.clone(),
+                    kept: kept.clone(),
+                    requested: requested.to_owned(),
+                })
+            }
+            (Some(kept), _) => return Ok(kept.clone()),
+            (None, _) => {}
+        }
+        let name = requested.map_or_else(|| default_name(&self.path), str::to_owned);
+        validate_name(&name)?;
+        // Crash before the rename: no name file, and the next start chooses again, which is
+        // fine because the name reached nobody yet (it is claimed before Raft starts).
+        write_durably(&self.path, NODE_NAME_FILE, &format!("{name}\n"))?;
+        self.name = Some(name.clone());
+        Ok(name)
+    }
+
+    /// What the `LEFT` marker says, if this node has left its cluster with `server leave`.
+    ///
+    /// # Errors
+    /// Io errors other than "not found".
+    pub fn left(&self) -> Result<Option<String>, DataDirError> {
+        let path = self.path.join(LEFT_FILE);
+        match fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(text.trim().to_owned())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_error("read", &path)(e)),
+        }
+    }
+
+    /// Writes the `LEFT` marker durably, saying which cluster was left.
+    ///
+    /// # Errors
+    /// Io errors.
+    pub fn mark_left(&self, cluster: &str) -> Result<(), DataDirError> {
+        // Crash before the rename: no marker, and the node may rejoin on restart, as if the
+        // leave had not been asked for; the leave RPC had not answered yet either.
+        write_durably(&self.path, LEFT_FILE, &format!("left cluster {cluster}\n"))
+    }
+
+    /// Removes the `LEFT` marker (`--rejoin`, or a leave that failed), durably.
+    ///
+    /// # Errors
+    /// Io errors other than "not found".
+    pub fn clear_left(&self) -> Result<(), DataDirError> {
+        let path = self.path.join(LEFT_FILE);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_error("remove", &path)(e)),
+        }
+        // A crash before this fsync may bring the marker back; the node then stays out and
+        // says so, and `--rejoin` removes it again.
+        File::open(&self.path)
+            .and_then(|d| d.sync_all())
+            .map_err(io_error("fsync", &self.path))
+    }
+
+    /// The node id kept in `dir`, read without taking the lock (for commands that address the
+    /// node running there).
+    ///
+    /// # Errors
+    /// [`DataDirError::BadNodeId`] or io errors (also when `dir` has no node id yet).
+    pub fn read_node_id(dir: &Path) -> Result<NodeId, DataDirError> {
+        let path = dir.join(NODE_ID_FILE);
+        let text = fs::read_to_string(&path).map_err(io_error("read", &path))?;
+        parse_node_id(&path, &text)
+    }
+}
+
+fn parse_node_id(path: &Path, text: &str) -> Result<NodeId, DataDirError> {
+    text.trim()
+        .parse::<NodeId>()
+        .ok()
+        .filter(|id| *id != 0)
+        .ok_or_else(|| DataDirError::BadNodeId {
+            path: path.to_path_buf(),
+            reason: format!("expected a non-zero integer, found {:?}", text.trim()),
+        })
+}
+
+fn read_node_name(dir: &Path) -> Result<Option<String>, DataDirError> {
+    let path = dir.join(NODE_NAME_FILE);
+    match fs::read_to_string(&path) {
+        Ok(text) => {
+            let name = text.trim().to_owned();
+            validate_name(&name).map_err(|source| DataDirError::BadNodeName {
+                path: path.clone(),
+                source,
+            })?;
+            Ok(Some(name))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_error("read", &path)(e)),
+    }
+}
+
+/// Writes `file` in `dir` through a temp file, fsync, rename and directory fsync, so it is
+/// either absent or whole after a crash.
+fn write_durably(dir: &Path, file: &str, text: &str) -> Result<(), DataDirError> {
+    let path = dir.join(file);
+    let tmp = path.with_extension("tmp");
+    let mut out = File::create(&tmp).map_err(io_error("create", &tmp))?;
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.sync_all())
+        .map_err(io_error("write", &tmp))?;
+    fs::rename(&tmp, &path).map_err(io_error("rename", &path))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error("fsync", dir))
 }
 
 fn read_or_create_node_id(dir: &Path) -> Result<NodeId, DataDirError> {
     let path = dir.join(NODE_ID_FILE);
     match fs::read_to_string(&path) {
-        Ok(text) => text
-            .trim()
-            .parse::<NodeId>()
-            .ok()
-            .filter(|id| *id != 0)
-            .ok_or_else(|| DataDirError::BadNodeId {
-                path: path.clone(),
-                reason: format!("expected a non-zero integer, found {:?}", text.trim()),
-            }),
+        Ok(text) => parse_node_id(&path, &text),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let id = random_node_id();
             let tmp = path.with_extension("tmp");
@@ -217,5 +374,61 @@ mod tests {
             DataDir::open(&dir),
             Err(DataDirError::BadNodeId { .. })
         ));
+    }
+
+    #[test]
+    fn a_name_is_chosen_once_and_kept_across_restarts() {
+        let root = tempfile::tempdir().unwrap();
+        let mut dir = DataDir::pick(root.path()).unwrap();
+        assert_eq!(dir.name(), None);
+        assert_eq!(dir.claim_name(None).unwrap(), "n1");
+        let path = dir.path().to_path_buf();
+        drop(dir);
+        let mut again = DataDir::open(&path).unwrap();
+        assert_eq!(again.name(), Some("n1"));
+        assert_eq!(again.claim_name(None).unwrap(), "n1");
+        assert_eq!(again.claim_name(Some("n1")).unwrap(), "n1");
+    }
+
+    #[test]
+    fn an_explicit_name_is_kept_and_another_one_later_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let path = root.path().join("anywhere");
+        let mut dir = DataDir::open(&path).unwrap();
+        assert_eq!(dir.claim_name(Some("alpha")).unwrap(), "alpha");
+        drop(dir);
+        let mut again = DataDir::open(&path).unwrap();
+        let error = again.claim_name(Some("beta")).unwrap_err();
+        assert!(
+            matches!(&error, DataDirError::NameMismatch { kept, requested, .. }
+                if kept == "alpha" && requested == "beta"),
+            "{error}"
+        );
+        // Refused means nothing changed.
+        assert_eq!(again.claim_name(None).unwrap(), "alpha");
+    }
+
+    #[test]
+    fn an_invalid_name_is_refused_and_nothing_is_written() {
+        let root = tempfile::tempdir().unwrap();
+        let mut dir = DataDir::pick(root.path()).unwrap();
+        assert!(matches!(
+            dir.claim_name(Some("Bad Name")),
+            Err(DataDirError::InvalidName(NameError { .. }))
+        ));
+        assert!(!dir.path().join(NODE_NAME_FILE).exists());
+    }
+
+    #[test]
+    fn the_left_marker_is_written_read_and_cleared() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = DataDir::pick(root.path()).unwrap();
+        assert_eq!(dir.left().unwrap(), None);
+        dir.mark_left("prod").unwrap();
+        assert_eq!(dir.left().unwrap().as_deref(), Some("left cluster prod"));
+        dir.clear_left().unwrap();
+        assert_eq!(dir.left().unwrap(), None);
+        dir.clear_left().unwrap();
+        assert_eq!(DataDir::read_node_id(dir.path()).unwrap(), dir.node_id());
     }
 }

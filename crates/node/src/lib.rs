@@ -14,6 +14,7 @@
 // it at our own helpers would only add conversions at every trait method.
 #![allow(clippy::result_large_err)]
 
+mod admin;
 mod api;
 mod atomic_file;
 mod cluster;
@@ -24,6 +25,7 @@ mod delivery;
 mod leader_watch;
 mod log_store;
 mod metrics;
+mod name;
 mod proposer;
 mod push;
 mod raft_rpc;
@@ -34,14 +36,19 @@ mod state_machine;
 mod types;
 mod weaken;
 
+pub use admin::{LeaveReply, LeaveRequest, MemberInfo, MemberState, MembersRequest};
 pub use cluster::{JoinError, JoinReply, JoinRequest, NodeAddrs, RemoveReply, RemoveRequest};
 pub use config::Config;
 pub use data_dir::{DataDir, DataDirError};
 pub use delivery::Delivery;
 pub use log_store::{AckPolicy, LogStore, WAL_DIR};
 pub use metrics::{DiskPaths, Metrics, NodeInfo, StorageMetrics};
+pub use name::{default_name, validate_name, NameError, NAME_LEN_MAX};
 pub use proposer::{ProposeError, Proposed, Proposer, ProposerConfig};
-pub use raft_rpc::{request_remove, JoinCallError, Network, RaftRpcServer, WrongNode};
+pub use raft_rpc::{
+    request_leave, request_members, request_remove, JoinCallError, Network, RaftRpcServer,
+    WrongNode,
+};
 pub use reconcile::{reconcile, Reconciled};
 pub use server::{Server, ServerError};
 pub use snapshot_file::SnapshotFile;

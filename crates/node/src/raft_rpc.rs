@@ -33,6 +33,7 @@ use tarpc::client::RpcError;
 use tarpc::context;
 use tarpc::server::{BaseChannel, Channel};
 
+use crate::admin::{Admin, Contacts, LeaveReply, LeaveRequest, MemberInfo, MembersRequest};
 use crate::cluster::{self, JoinError, JoinReply, JoinRequest, RemoveReply, RemoveRequest};
 use crate::leader_watch::{BehindSignal, InboundConn, LeaderWatch, RivalSignal};
 use crate::types::{Member, NodeId, TypeConfig};
@@ -75,6 +76,16 @@ pub trait RaftRpc {
         to: NodeId,
         req: RemoveRequest,
     ) -> Result<Result<RemoveReply, JoinError>, WrongNode>;
+    /// Asks the leader for every member and its state (see `admin::Admin::handle_members`).
+    async fn members(
+        to: NodeId,
+        req: MembersRequest,
+    ) -> Result<Result<Vec<MemberInfo>, JoinError>, WrongNode>;
+    /// Asks the addressee to leave the cluster for good (see `admin::Admin::handle_leave`).
+    async fn leave(
+        to: NodeId,
+        req: LeaveRequest,
+    ) -> Result<Result<LeaveReply, JoinError>, WrongNode>;
 }
 
 /// Serves `RaftRpc` for one node by calling into its `Raft`.
@@ -84,19 +95,27 @@ pub struct RaftRpcServer {
     cluster: Arc<str>,
     raft: Raft<TypeConfig>,
     watch: LeaderWatch,
+    admin: Arc<Admin>,
     /// The connection this clone serves (each accepted connection gets its own).
     conn: InboundConn,
 }
 
 impl RaftRpcServer {
     /// A server for node `id` of `cluster`. `behind` is the signal of this node's
-    /// [`Network`] ([`Network::behind_signal`]).
-    pub fn new(id: NodeId, cluster: &str, raft: Raft<TypeConfig>, behind: BehindSignal) -> Self {
+    /// [`Network`] ([`Network::behind_signal`]); `admin` answers the operator RPCs.
+    pub fn new(
+        id: NodeId,
+        cluster: &str,
+        raft: Raft<TypeConfig>,
+        behind: BehindSignal,
+        admin: Arc<Admin>,
+    ) -> Self {
         RaftRpcServer {
             id,
             cluster: cluster.into(),
             watch: LeaderWatch::new(id, raft.clone(), behind),
             raft,
+            admin,
             conn: InboundConn::default(),
         }
     }
@@ -200,10 +219,34 @@ impl RaftRpc for RaftRpcServer {
         tracing::info!(node = req.id, "remove request");
         Ok(cluster::handle_remove(&self.raft, &self.cluster, req).await)
     }
+
+    async fn members(
+        self,
+        _: context::Context,
+        to: NodeId,
+        req: MembersRequest,
+    ) -> Result<Result<Vec<MemberInfo>, JoinError>, WrongNode> {
+        self.check(to)?;
+        Ok(self.admin.handle_members(&req))
+    }
+
+    async fn leave(
+        self,
+        _: context::Context,
+        to: NodeId,
+        req: LeaveRequest,
+    ) -> Result<Result<LeaveReply, JoinError>, WrongNode> {
+        self.check(to)?;
+        tracing::info!("leave request");
+        Ok(self.admin.handle_leave(&req).await)
+    }
 }
 
 /// How long a join request may take (adding a learner commits a membership entry).
 const JOIN_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a leave may take: the leaving node finds the leader and waits for a joint
+/// membership change to commit, retrying for up to 20 s (`admin.rs`).
+const LEAVE_CALL_TIMEOUT: Duration = Duration::from_secs(25);
 
 /// Why a join request did not get an answer from the leader.
 #[derive(Debug, thiserror::Error)]
@@ -234,13 +277,7 @@ pub async fn request_join(
     request: JoinRequest,
 ) -> Result<JoinReply, JoinCallError> {
     let unreachable = |reason: String| JoinCallError::Unreachable { addr, reason };
-    let transport = tokio::time::timeout(CONNECT_TIMEOUT, proto::connect(addr))
-        .await
-        .map_err(|_| unreachable("connect timed out".into()))?
-        .map_err(|e| unreachable(e.to_string()))?;
-    let client = RaftRpcClient::new(tarpc::client::Config::default(), transport).spawn();
-    let mut ctx = context::current();
-    ctx.deadline = Instant::now() + JOIN_TIMEOUT;
+    let (client, ctx) = admin_client(addr, JOIN_TIMEOUT).await?;
     let reply = client
         .join(ctx, to, request)
         .await
@@ -258,18 +295,64 @@ pub async fn request_remove(
     request: RemoveRequest,
 ) -> Result<RemoveReply, JoinCallError> {
     let unreachable = |reason: String| JoinCallError::Unreachable { addr, reason };
+    let (client, ctx) = admin_client(addr, JOIN_TIMEOUT).await?;
+    let reply = client
+        .remove(ctx, to, request)
+        .await
+        .map_err(|e| unreachable(e.to_string()))??;
+    Ok(reply?)
+}
+
+/// Asks node `to` (the leader) at `addr` for its membership, over a fresh connection.
+///
+/// # Errors
+/// [`JoinCallError`] saying why there was no answer; `NotLeader` names the leader to ask.
+pub async fn request_members(
+    addr: SocketAddr,
+    to: NodeId,
+    request: MembersRequest,
+) -> Result<Vec<MemberInfo>, JoinCallError> {
+    let unreachable = |reason: String| JoinCallError::Unreachable { addr, reason };
+    let (client, ctx) = admin_client(addr, JOIN_TIMEOUT).await?;
+    let reply = client
+        .members(ctx, to, request)
+        .await
+        .map_err(|e| unreachable(e.to_string()))??;
+    Ok(reply?)
+}
+
+/// Asks node `to` at `addr` to leave the cluster for good, over a fresh connection.
+///
+/// # Errors
+/// [`JoinCallError`] saying why it did not leave.
+pub async fn request_leave(
+    addr: SocketAddr,
+    to: NodeId,
+    request: LeaveRequest,
+) -> Result<LeaveReply, JoinCallError> {
+    let unreachable = |reason: String| JoinCallError::Unreachable { addr, reason };
+    let (client, ctx) = admin_client(addr, LEAVE_CALL_TIMEOUT).await?;
+    let reply = client
+        .leave(ctx, to, request)
+        .await
+        .map_err(|e| unreachable(e.to_string()))??;
+    Ok(reply?)
+}
+
+/// A one-off client for an admin RPC to `addr`, and a context with `timeout`.
+async fn admin_client(
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<(RaftRpcClient, context::Context), JoinCallError> {
+    let unreachable = |reason: String| JoinCallError::Unreachable { addr, reason };
     let transport = tokio::time::timeout(CONNECT_TIMEOUT, proto::connect(addr))
         .await
         .map_err(|_| unreachable("connect timed out".into()))?
         .map_err(|e| unreachable(e.to_string()))?;
     let client = RaftRpcClient::new(tarpc::client::Config::default(), transport).spawn();
     let mut ctx = context::current();
-    ctx.deadline = Instant::now() + JOIN_TIMEOUT;
-    let reply = client
-        .remove(ctx, to, request)
-        .await
-        .map_err(|e| unreachable(e.to_string()))??;
-    Ok(reply?)
+    ctx.deadline = Instant::now() + timeout;
+    Ok((client, ctx))
 }
 
 type RaftListener =
@@ -331,6 +414,7 @@ pub struct Network {
     pool: Pool,
     behind: BehindSignal,
     rivals: RivalSignal,
+    contacts: Contacts,
 }
 
 impl Network {
@@ -345,6 +429,11 @@ impl Network {
     pub fn rival_signal(&self) -> RivalSignal {
         self.rivals.clone()
     }
+
+    /// When each peer last answered an AppendEntries (for `server members`).
+    pub fn contacts(&self) -> Contacts {
+        self.contacts.clone()
+    }
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -357,6 +446,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             pool: self.pool.clone(),
             behind: self.behind.clone(),
             rivals: self.rivals.clone(),
+            contacts: self.contacts.clone(),
         }
     }
 }
@@ -369,6 +459,7 @@ pub struct PeerClient {
     pool: Pool,
     behind: BehindSignal,
     rivals: RivalSignal,
+    contacts: Contacts,
 }
 
 /// How long a connect may take before the peer counts as unreachable.
@@ -483,7 +574,10 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         }
         let client = self.client(Lane::Log).await?;
         match client.append(ctx_for(&option), self.target, rpc).await {
-            Ok(Ok(Ok(response))) => Ok(response),
+            Ok(Ok(Ok(response))) => {
+                self.contacts.heard(self.target);
+                Ok(response)
+            }
             Ok(Ok(Err(e))) => Err(RemoteError::new(self.target, e).into()),
             Ok(Err(wrong)) => Err(self.wrong_node(Lane::Log, wrong)),
             Err(e) => Err(self.transport_error(Lane::Log, e)),

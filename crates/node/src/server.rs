@@ -20,10 +20,11 @@ use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
+use crate::admin::Admin;
 use crate::api::{ApiShared, ChatServer};
 use crate::cluster::{self, Formation, NodeAddrs, Peers};
 use crate::config::Config;
-use crate::data_dir::DataDir;
+use crate::data_dir::{DataDir, DataDirError};
 use crate::delivery::Delivery;
 use crate::log_store::{AckPolicy, LogStore, WAL_DIR};
 use crate::metrics::{self, DiskPaths, Metrics, NodeInfo, StorageMetrics};
@@ -68,18 +69,38 @@ pub enum ServerError {
     /// The threads serving push connections could not start.
     #[error("cannot start the push threads: {0}")]
     Threads(std::io::Error),
+    /// The data dir's identity (name, marker) could not be settled.
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
+    /// The node left its cluster with `server leave` and stays out.
+    #[error(
+        "node {name} (id {id}) has left the cluster ({marker}) and stays out; start it with \
+         --rejoin to join again (its data is kept and brought up to date), or remove {dir}"
+    )]
+    Left {
+        /// The node's name.
+        name: String,
+        /// The node's id.
+        id: NodeId,
+        /// What the marker says.
+        marker: String,
+        /// The data dir.
+        dir: String,
+    },
 }
 
 /// A running node.
 pub struct Server {
     id: NodeId,
+    name: String,
     addrs: NodeAddrs,
+    left: Arc<tokio::sync::Notify>,
     raft: Raft<TypeConfig>,
     committed: Arc<std::sync::atomic::AtomicU64>,
     tasks: Vec<JoinHandle<()>>,
     /// Runs every push connection; dropped (in the background) with the server.
     _push: PushRuntime,
-    _data_dir: DataDir,
+    _data_dir: Arc<DataDir>,
 }
 
 /// The runtime that serves push connections, apart from the one that runs Raft and the
@@ -177,8 +198,10 @@ impl Server {
     ///
     /// # Errors
     /// [`ServerError`] naming what failed and what to do.
-    pub async fn start(config: Config, data_dir: DataDir) -> Result<Server, ServerError> {
+    pub async fn start(config: Config, mut data_dir: DataDir) -> Result<Server, ServerError> {
         config.validate().map_err(ServerError::Config)?;
+        let name = data_dir.claim_name(config.name.as_deref())?;
+        let rejoining = check_left(&data_dir, &name, config.rejoin)?;
         if config.weaken.any() {
             tracing::warn!(weaken = %config.weaken, "deliberately broken modes are on (test only)");
         }
@@ -259,13 +282,13 @@ impl Server {
         chat.set_apply_listener(delivery.listener());
         let network = Network::default();
         let (behind, rivals) = (network.behind_signal(), network.rival_signal());
+        let contacts = network.contacts();
         let raft = Raft::new(id, raft_config, network, log_store, state_machine)
             .await
             .map_err(|e| ServerError::Raft(e.to_string()))?;
         let node_info = NodeInfo {
             id,
-            // The node's human name goes here once the configuration has one.
-            name: None,
+            name: Some(name.clone()),
         };
         let disk_paths = DiskPaths {
             data: dir.clone(),
@@ -299,7 +322,20 @@ impl Server {
 
         let pings = ping_responder(client_local, &config.cluster);
         let push_runtime = PushRuntime::start().map_err(ServerError::Threads)?;
-        let rpc_server = RaftRpcServer::new(id, &config.cluster, raft.clone(), behind);
+        let data_dir = Arc::new(data_dir);
+        let admin = Arc::new(Admin {
+            id,
+            name: name.clone(),
+            cluster: config.cluster.clone(),
+            raft: raft.clone(),
+            peers: peers.clone(),
+            contacts,
+            data_dir: data_dir.clone(),
+            leaving: Default::default(),
+            left: Default::default(),
+        });
+        let (leaving, left) = (admin.leaving.clone(), admin.left.clone());
+        let rpc_server = RaftRpcServer::new(id, &config.cluster, raft.clone(), behind, admin);
         let mut tasks = vec![
             tokio::spawn(rpc_server.watch_rivals(rivals)),
             raft_rpc::serve(raft_listener, rpc_server),
@@ -329,8 +365,16 @@ impl Server {
         let started_ms = now_ms();
         let announce_raft = raft.clone();
         let cluster_name = config.cluster.clone();
-        let announce =
-            move || cluster::self_announce(&announce_raft, &cluster_name, &addrs, started_ms);
+        let announce_name = name.clone();
+        let announce = move || {
+            cluster::self_announce(
+                &announce_raft,
+                &cluster_name,
+                &announce_name,
+                &addrs,
+                started_ms,
+            )
+        };
         tasks.push(tokio::spawn(cluster::run_discovery(
             socket,
             announce,
@@ -341,18 +385,22 @@ impl Server {
             raft: raft.clone(),
             id,
             cluster: config.cluster.clone(),
-            member: addrs.member(),
+            member: addrs.member(&name),
             peers,
             window: config.formation_window(),
             bootstrap_expect: config.bootstrap_expect,
             max_voters: config.max_voters,
             election_timeout_max: Duration::from_millis(config.election_timeout_ms_max),
+            leaving,
+            rejoining,
         };
         tasks.push(tokio::spawn(formation.run()));
-        tracing::info!(node = id, raft = %addrs.raft, client = %addrs.client, metrics = %addrs.metrics, "node started");
+        tracing::info!(node = id, name = %name, raft = %addrs.raft, client = %addrs.client, metrics = %addrs.metrics, "node started");
         Ok(Server {
             id,
+            name,
             addrs,
+            left,
             raft,
             committed,
             tasks,
@@ -364,6 +412,20 @@ impl Server {
     /// This node's id.
     pub fn id(&self) -> NodeId {
         self.id
+    }
+
+    /// This node's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Resolves once this node has left the cluster (`server leave`); the caller then stops
+    /// it with [`Server::shutdown`].
+    pub async fn left(&self) {
+        self.left.notified().await;
+        // The leave RPC's answer is written by its own task; give it a moment to reach the
+        // caller before the process stops.
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
     /// This node's advertised addresses.
@@ -403,6 +465,28 @@ impl Server {
         }
         tracing::info!(node = self.id, "node stopped");
     }
+}
+
+/// Refuses to start a node that left its cluster, unless `rejoin` clears its marker.
+/// Returns whether it did (the node then rejoins; `--rejoin` without a marker changes nothing).
+fn check_left(data_dir: &DataDir, name: &str, rejoin: bool) -> Result<bool, ServerError> {
+    let Some(marker) = data_dir.left()? else {
+        return Ok(false);
+    };
+    if rejoin {
+        data_dir.clear_left()?;
+        tracing::info!(
+            name,
+            "--rejoin: cleared the LEFT marker; joining the cluster again"
+        );
+        return Ok(true);
+    }
+    Err(ServerError::Left {
+        name: name.to_owned(),
+        id: data_dir.node_id(),
+        marker,
+        dir: data_dir.path().display().to_string(),
+    })
 }
 
 /// Opens the log and the chat state machine in the data dir. With the `weaken` feature and

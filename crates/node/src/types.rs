@@ -9,10 +9,11 @@ use crate::snapshot_file::SnapshotFile;
 /// A node's identity in the cluster. Chosen once at first start and kept in the data dir.
 pub type NodeId = u64;
 
-/// What the cluster membership records about a node: where to reach it.
+/// What the cluster membership records about a node: where to reach it, and its name.
 ///
 /// openraft stores this inside membership log entries, so it is part of the replicated state
-/// and of the on-disk log format.
+/// and of the on-disk log format: a change here bumps `codec::FORMAT_VERSION` and keeps a
+/// decoder for the old layout (`codec::v1`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
     /// `host:port` of the node-to-node Raft RPC listener.
@@ -21,6 +22,9 @@ pub struct Member {
     pub client_addr: String,
     /// `host:port` of the HTTP metrics and health endpoint.
     pub metrics_addr: String,
+    /// The node's name (see `name.rs`). Empty for a member added before nodes had names
+    /// (codec version 1); listings then fall back to the name discovery hears, or the id.
+    pub name: String,
 }
 
 // `declare_raft_types!` expands a bare `Cursor` for its default snapshot type; keep it in scope

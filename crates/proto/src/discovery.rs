@@ -46,7 +46,12 @@ use crate::types::Role;
 /// First four bytes of every discovery datagram.
 pub const MAGIC: [u8; 4] = *b"CCHT";
 /// Version of the discovery format; datagrams with another version are dropped.
-pub const DISCOVERY_VERSION: u16 = 1;
+///
+/// Version 2 added [`NodeAnnounce::name`]. postcard is not self-describing, so a field added to
+/// a struct changes the layout of every packet holding it; a version 1 node drops version 2
+/// datagrams (and the reverse) with a log line instead of misreading them. Nodes of one
+/// cluster run one release: the Raft RPC's member record changed in the same release.
+pub const DISCOVERY_VERSION: u16 = 2;
 /// Largest discovery datagram, header included, in bytes.
 pub const PACKET_BYTES_MAX: usize = 1400;
 /// Well-known UDP port that nodes share for discovery.
@@ -85,6 +90,8 @@ pub struct NodeAnnounce {
     pub voter: bool,
     /// When the process started, ms since the Unix epoch; tells a restart from a stale packet.
     pub started_ms: u64,
+    /// The node's name (`server --name`); since discovery version 2.
+    pub name: String,
 }
 
 /// One discovery datagram's body.
@@ -592,6 +599,7 @@ mod tests {
             applied: 4_000,
             voter: true,
             started_ms: 1_700_000_000_000,
+            name: "n7".to_owned(),
         }
     }
 
@@ -806,9 +814,11 @@ mod tests {
     #[test_case(&[] => DecodeError::TooShort { len: 0 }; "empty")]
     #[test_case(b"CCHT\x01" => DecodeError::TooShort { len: 5 }; "header cut")]
     #[test_case(b"XXXX\x01\x00\x02\x01\x02" => DecodeError::BadMagic { found: *b"XXXX" }; "magic")]
-    #[test_case(b"CCHT\x02\x00\x02\x01\x02" =>
-        DecodeError::UnsupportedVersion { found: 2, ours: 1 }; "version")]
-    #[test_case(b"CCHT\x01\x00\x02\x01\x02\xff" => DecodeError::TrailingBytes { count: 1 };
+    #[test_case(b"CCHT\x01\x00\x02\x01\x02" =>
+        DecodeError::UnsupportedVersion { found: 1, ours: 2 }; "the version before names")]
+    #[test_case(b"CCHT\x03\x00\x02\x01\x02" =>
+        DecodeError::UnsupportedVersion { found: 3, ours: 2 }; "a later version")]
+    #[test_case(b"CCHT\x02\x00\x02\x01\x02\xff" => DecodeError::TrailingBytes { count: 1 };
         "trailing")]
     fn decode_errors(bytes: &[u8]) -> DecodeError {
         decode(bytes).expect_err("must not decode")
@@ -870,12 +880,13 @@ mod tests {
             leader: Option<u64>,
             numbers: (u64, u64, u64),
             voter: bool,
+            name in "[a-z0-9._-]{0,32}",
         ) -> NodeAnnounce {
             let (client_addr, raft_addr, metrics_addr) = addrs;
             let (term, applied, started_ms) = numbers;
             NodeAnnounce {
                 cluster, node_id, client_addr, raft_addr, metrics_addr, role, leader, term,
-                applied, voter, started_ms,
+                applied, voter, started_ms, name,
             }
         }
     }

@@ -45,6 +45,7 @@ fn announce(cluster: &str, node_id: u64) -> Packet {
         applied: 0,
         voter: true,
         started_ms: 0,
+        name: format!("n{node_id}"),
     })
 }
 

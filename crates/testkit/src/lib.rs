@@ -271,6 +271,20 @@ impl NodeProc {
         false
     }
 
+    /// Waits up to `timeout` for the process to exit by itself and returns its status (`None`:
+    /// still running, or not started).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         match &mut self.child {
@@ -420,12 +434,12 @@ impl TestCluster {
     pub fn spawn_node(&mut self) -> anyhow::Result<usize> {
         let index = self.nodes.len();
         let data_dir = self.dir.path().join(format!("node-{}", index + 1));
-        let node = self.launch(&data_dir, index)?;
+        let node = self.launch(&data_dir, index, &[])?;
         self.nodes.push(node);
         Ok(index)
     }
 
-    fn launch(&self, data_dir: &Path, index: usize) -> anyhow::Result<NodeProc> {
+    fn launch(&self, data_dir: &Path, index: usize, extra: &[&str]) -> anyhow::Result<NodeProc> {
         let log = self.dir.path().join(format!("node-{}.log", index + 1));
         let log_file = std::fs::OpenOptions::new()
             .create(true)
@@ -445,6 +459,7 @@ impl TestCluster {
                 &[]
             })
             .args(&self.extra_args)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log_file)
@@ -486,8 +501,35 @@ impl TestCluster {
     pub fn restart(&mut self, index: usize, timeout: Duration) -> anyhow::Result<Ready> {
         self.nodes[index].kill9();
         let data_dir = self.nodes[index].data_dir.clone();
-        self.nodes[index] = self.launch(&data_dir, index)?;
+        self.nodes[index] = self.launch(&data_dir, index, &[])?;
         self.nodes[index].wait_ready(timeout)
+    }
+
+    /// Starts node `index` again in its own data dir with `extra` flags (after stopping it if
+    /// it still runs), without waiting for it.
+    ///
+    /// # Errors
+    /// The server binary is missing or cannot start.
+    pub fn relaunch(&mut self, index: usize, extra: &[&str]) -> anyhow::Result<()> {
+        self.nodes[index].kill9();
+        let data_dir = self.nodes[index].data_dir.clone();
+        self.nodes[index] = self.launch(&data_dir, index, extra)?;
+        Ok(())
+    }
+
+    /// Runs `server ARGS --cluster .. --discovery-port ..` (an operator subcommand such as
+    /// `members --json`) against this cluster and returns its output.
+    ///
+    /// # Errors
+    /// The server binary is missing or cannot run.
+    pub fn admin(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        Command::new(server_binary()?)
+            .args(args)
+            .args(["--cluster", &self.cluster])
+            .args(["--discovery-port", &self.discovery_port.to_string()])
+            .stdin(Stdio::null())
+            .output()
+            .context("running a server subcommand")
     }
 
     /// Every node discovery finds in this cluster, by probing for `wait`.
