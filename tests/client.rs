@@ -497,6 +497,9 @@ async fn scriptable_modes_send_history_and_servers_as_json() -> anyhow::Result<(
         for field in ["id", "role", "client_addr", "rtt_ms", "applied", "reading"] {
             assert!(node.get(field).is_some(), "{field} missing in {node}");
         }
+        // Test clusters name their nodes n1, n2, n3 by default.
+        let name = node["name"].as_str().context("a name")?;
+        assert!(["n1", "n2", "n3"].contains(&name), "{node}");
     }
 
     let empty = cli(&cluster, dir.path(), &["alice", "--send", ""])?;

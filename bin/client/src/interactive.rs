@@ -245,14 +245,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Chat {
     fn prompt(&self) -> String {
         let status = self.client.status();
+        // A node is shown by name; by id only until its announcement has been heard.
+        let label = |id: u64, name: &Option<String>| name.clone().unwrap_or_else(|| id.to_string());
         let reading = match (status.reading, status.reading_rtt_ms) {
-            (Some(id), Some(rtt)) => format!("@n{id} {rtt:.1}ms"),
-            (Some(id), None) => format!("@n{id}"),
+            (Some(id), Some(rtt)) => format!("@{} {rtt:.1}ms", label(id, &status.reading_name)),
+            (Some(id), None) => format!("@{}", label(id, &status.reading_name)),
             (None, _) => "@?".to_owned(),
         };
-        let leader = status
-            .leader
-            .map_or_else(|| "no leader".to_owned(), |id| format!("leader n{id}"));
+        let leader = status.leader.map_or_else(
+            || "no leader".to_owned(),
+            |id| format!("leader {}", label(id, &status.leader_name)),
+        );
         let e2e = if lock(&self.keys).contains_key(&self.channel) {
             " [e2e]"
         } else {

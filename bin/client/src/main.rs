@@ -27,7 +27,7 @@ Examples:
   cellchat --servers --json                 every node as one JSON array
 
 Scriptable output: message JSON lines carry channel, seq, sender, text, at_ms, encrypted,
-readable and client_seq; --servers --json prints one array of nodes with id, role,
+readable and client_seq; --servers --json prints one array of nodes with id, name, role,
 client_addr, rtt_ms, applied, reading (the node this client reads from), leader and down.
 
 Identity: the first run with a name creates an Ed25519 key in

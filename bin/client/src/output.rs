@@ -74,7 +74,7 @@ pub fn json(key: Option<&ChannelKey>, message: &WireMessage) -> String {
 /// A table of servers, one per line, the node read from marked with `*`.
 pub fn servers_table(servers: &[ServerInfo]) -> String {
     let mut out = format!(
-        "  {:<6} {:<10} {:<22} {:>9} {:>10}\n",
+        "  {:<20} {:<10} {:<22} {:>9} {:>10}\n",
         "node", "role", "address", "rtt", "applied"
     );
     for s in servers {
@@ -83,9 +83,14 @@ pub fn servers_table(servers: &[ServerInfo]) -> String {
             |r| format!("{r:.2}ms"),
         );
         out.push_str(&format!(
-            "{} {:<6} {:<10} {:<22} {:>9} {:>10}\n",
+            "{} {:<20} {:<10} {:<22} {:>9} {:>10}\n",
             if s.reading { '*' } else { ' ' },
-            format!("n{}", s.id),
+            // By name; by id only until the node's announcement has been heard.
+            if s.name.is_empty() {
+                s.id.to_string()
+            } else {
+                s.name.clone()
+            },
             s.role,
             s.client_addr.to_string(),
             rtt,

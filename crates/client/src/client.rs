@@ -96,6 +96,8 @@ pub enum ClientEvent {
 pub struct ServerInfo {
     /// Node id.
     pub id: u64,
+    /// The node's name (`server --name`); empty until its announcement was heard.
+    pub name: String,
     /// Its Raft role as last seen.
     pub role: String,
     /// Address of its chat service.
@@ -117,15 +119,21 @@ pub struct ServerInfo {
 pub struct Status {
     /// The node reads go to.
     pub reading: Option<u64>,
+    /// Its name, when its announcement was heard.
+    pub reading_name: Option<String>,
     /// Its smoothed RTT in ms.
     pub reading_rtt_ms: Option<f64>,
     /// The leader, if known.
     pub leader: Option<u64>,
+    /// The leader's name, when its announcement was heard.
+    pub leader_name: Option<String>,
 }
 
 #[derive(Debug, Clone)]
 struct NodeState {
     client_addr: SocketAddr,
+    /// From the node's announcement; empty until one was heard.
+    name: String,
     role: Role,
     applied: u64,
     rtt_ms: Option<f64>,
@@ -148,6 +156,7 @@ impl NodeState {
     fn new(client_addr: SocketAddr) -> Self {
         Self {
             client_addr,
+            name: String::new(),
             role: Role::Unknown,
             applied: 0,
             rtt_ms: None,
@@ -610,10 +619,17 @@ impl Client {
             .reading
             .and_then(|id| table.nodes.get(&id))
             .and_then(|n| n.rtt_ms);
+        let name_of = |id: Option<u64>| {
+            id.and_then(|id| table.nodes.get(&id))
+                .map(|n| n.name.clone())
+                .filter(|name| !name.is_empty())
+        };
         Status {
             reading: table.reading,
+            reading_name: name_of(table.reading),
             reading_rtt_ms,
             leader: table.leader,
+            leader_name: name_of(table.leader),
         }
     }
 }
@@ -694,6 +710,7 @@ impl Inner {
         {
             let mut table = self.table.lock();
             let node = table.upsert(announce.node_id, announce.client_addr);
+            node.name.clone_from(&announce.name);
             node.role = announce.role;
             node.applied = node.applied.max(announce.applied);
         }
@@ -728,6 +745,7 @@ impl Inner {
             .iter()
             .map(|(&id, n)| ServerInfo {
                 id,
+                name: n.name.clone(),
                 role: format!("{:?}", n.role).to_lowercase(),
                 client_addr: n.client_addr,
                 rtt_ms: n.rtt_ms,
