@@ -267,6 +267,30 @@ pub enum JoinCallError {
     Refused(#[from] JoinError),
 }
 
+/// The answer every admin RPC gives: refused by the leader, or sent to the wrong node.
+type AdminAnswer<T> = Result<Result<T, JoinError>, WrongNode>;
+
+/// Makes one admin call over a fresh connection to `addr`, waiting at most `timeout`, and folds
+/// its three layers of failure (transport, wrong node, refusal) into one error.
+async fn admin_call<T, F, Fut>(
+    addr: SocketAddr,
+    timeout: Duration,
+    call: F,
+) -> Result<T, JoinCallError>
+where
+    F: FnOnce(RaftRpcClient, context::Context) -> Fut,
+    Fut: std::future::Future<Output = Result<AdminAnswer<T>, tarpc::client::RpcError>>,
+{
+    let (client, ctx) = admin_client(addr, timeout).await?;
+    let answer = call(client, ctx)
+        .await
+        .map_err(|e| JoinCallError::Unreachable {
+            addr,
+            reason: e.to_string(),
+        })??;
+    Ok(answer?)
+}
+
 /// Sends a join request to node `to` at `addr` over a fresh connection.
 ///
 /// # Errors
@@ -276,13 +300,10 @@ pub async fn request_join(
     to: NodeId,
     request: JoinRequest,
 ) -> Result<JoinReply, JoinCallError> {
-    let unreachable = |reason: String| JoinCallError::Unreachable { addr, reason };
-    let (client, ctx) = admin_client(addr, JOIN_TIMEOUT).await?;
-    let reply = client
-        .join(ctx, to, request)
-        .await
-        .map_err(|e| unreachable(e.to_string()))??;
-    Ok(reply?)
+    admin_call(addr, JOIN_TIMEOUT, |client, ctx| async move {
+        client.join(ctx, to, request).await
+    })
+    .await
 }
 
 /// Sends a removal request to node `to` (the leader) at `addr` over a fresh connection.
@@ -294,13 +315,10 @@ pub async fn request_remove(
     to: NodeId,
     request: RemoveRequest,
 ) -> Result<RemoveReply, JoinCallError> {
-    let unreachable = |reason: String| JoinCallError::Unreachable { addr, reason };
-    let (client, ctx) = admin_client(addr, JOIN_TIMEOUT).await?;
-    let reply = client
-        .remove(ctx, to, request)
-        .await
-        .map_err(|e| unreachable(e.to_string()))??;
-    Ok(reply?)
+    admin_call(addr, JOIN_TIMEOUT, |client, ctx| async move {
+        client.remove(ctx, to, request).await
+    })
+    .await
 }
 
 /// Asks node `to` (the leader) at `addr` for its membership, over a fresh connection.
@@ -312,13 +330,10 @@ pub async fn request_members(
     to: NodeId,
     request: MembersRequest,
 ) -> Result<Vec<MemberInfo>, JoinCallError> {
-    let unreachable = |reason: String| JoinCallError::Unreachable { addr, reason };
-    let (client, ctx) = admin_client(addr, JOIN_TIMEOUT).await?;
-    let reply = client
-        .members(ctx, to, request)
-        .await
-        .map_err(|e| unreachable(e.to_string()))??;
-    Ok(reply?)
+    admin_call(addr, JOIN_TIMEOUT, |client, ctx| async move {
+        client.members(ctx, to, request).await
+    })
+    .await
 }
 
 /// Asks node `to` at `addr` to leave the cluster for good, over a fresh connection.
@@ -330,16 +345,12 @@ pub async fn request_leave(
     to: NodeId,
     request: LeaveRequest,
 ) -> Result<LeaveReply, JoinCallError> {
-    let unreachable = |reason: String| JoinCallError::Unreachable { addr, reason };
-    let (client, ctx) = admin_client(addr, LEAVE_CALL_TIMEOUT).await?;
-    let reply = client
-        .leave(ctx, to, request)
-        .await
-        .map_err(|e| unreachable(e.to_string()))??;
-    Ok(reply?)
+    admin_call(addr, LEAVE_CALL_TIMEOUT, |client, ctx| async move {
+        client.leave(ctx, to, request).await
+    })
+    .await
 }
 
-/// A one-off client for an admin RPC to `addr`, and a context with `timeout`.
 async fn admin_client(
     addr: SocketAddr,
     timeout: Duration,
