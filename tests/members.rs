@@ -263,3 +263,24 @@ async fn the_last_voter_cannot_leave_and_nothing_changes() -> anyhow::Result<()>
     assert_eq!(list[0]["state"], "leader");
     Ok(())
 }
+
+/// The admin calls on the Raft port are as open as the port itself (until the cluster is
+/// closed with TLS), but a caller must at least name the cluster: a stranger's leave naming
+/// another cluster is refused and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leave_naming_another_cluster_is_refused_and_nothing_changes() -> anyhow::Result<()> {
+    let mut cluster = converged_cluster("stranger-leave", 2).await?;
+    let target = cluster.nodes[1].ready().expect("ready");
+    let request = node::LeaveRequest {
+        cluster: "someone-else".into(),
+    };
+    let refused = node::request_leave(target.raft, target.id, request)
+        .await
+        .expect_err("a leave for another cluster must be refused");
+    assert!(refused.to_string().contains("wrong cluster"), "{refused}");
+    assert!(cluster.nodes[1].is_running());
+    assert!(!cluster.nodes[1].data_dir().join("LEFT").exists());
+    let list = members(&cluster)?;
+    assert_eq!(list.len(), 2, "{list:#?}");
+    Ok(())
+}

@@ -26,7 +26,7 @@ use openraft::{ChangeMembers, Raft, ServerState};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::{JoinError, Peers, RemoveReply, RemoveRequest};
+use crate::cluster::{check_cluster, JoinError, Peers, RemoveReply, RemoveRequest};
 use crate::data_dir::DataDir;
 use crate::types::{Member, NodeId, TypeConfig};
 
@@ -214,23 +214,13 @@ pub struct Admin {
     pub left: Arc<tokio::sync::Notify>,
 }
 
-fn wrong_cluster(ours: &str, theirs: &str) -> Result<(), JoinError> {
-    if ours == theirs {
-        return Ok(());
-    }
-    Err(JoinError::WrongCluster {
-        ours: ours.to_owned(),
-        theirs: theirs.to_owned(),
-    })
-}
-
 impl Admin {
     /// The leader's side of `members`.
     ///
     /// # Errors
     /// [`JoinError::WrongCluster`]; [`JoinError::NotLeader`] with the leader this node knows.
     pub fn handle_members(&self, request: &MembersRequest) -> Result<Vec<MemberInfo>, JoinError> {
-        wrong_cluster(&self.cluster, &request.cluster)?;
+        check_cluster(&self.cluster, &request.cluster)?;
         let metrics = self.raft.metrics().borrow().clone();
         if metrics.state != ServerState::Leader {
             return Err(JoinError::NotLeader {
@@ -275,7 +265,7 @@ impl Admin {
     /// [`JoinError::WrongCluster`]; [`JoinError::LastVoter`] (nothing changed); or the reason
     /// the removal failed, after which the marker is removed again and the node stays.
     pub async fn handle_leave(&self, request: &LeaveRequest) -> Result<LeaveReply, JoinError> {
-        wrong_cluster(&self.cluster, &request.cluster)?;
+        check_cluster(&self.cluster, &request.cluster)?;
         let metrics = self.raft.metrics().borrow().clone();
         let membership = metrics.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();

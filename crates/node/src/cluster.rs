@@ -109,6 +109,21 @@ pub enum JoinError {
     },
 }
 
+/// Refuses a request that names another cluster: every join and admin request carries the
+/// cluster name, and a node acts only on its own.
+///
+/// # Errors
+/// [`JoinError::WrongCluster`].
+pub(crate) fn check_cluster(ours: &str, theirs: &str) -> Result<(), JoinError> {
+    if ours == theirs {
+        return Ok(());
+    }
+    Err(JoinError::WrongCluster {
+        ours: ours.to_owned(),
+        theirs: theirs.to_owned(),
+    })
+}
+
 /// Nodes heard through discovery, by id.
 #[derive(Clone, Default)]
 pub struct Peers {
@@ -578,12 +593,7 @@ pub async fn handle_join(
     cluster: &str,
     request: JoinRequest,
 ) -> Result<JoinReply, JoinError> {
-    if request.cluster != cluster {
-        return Err(JoinError::WrongCluster {
-            ours: cluster.to_owned(),
-            theirs: request.cluster,
-        });
-    }
+    check_cluster(cluster, &request.cluster)?;
     let metrics = raft.metrics().borrow().clone();
     if metrics.state != ServerState::Leader {
         return Err(JoinError::NotLeader {
@@ -656,12 +666,7 @@ pub async fn handle_remove(
     cluster: &str,
     request: RemoveRequest,
 ) -> Result<RemoveReply, JoinError> {
-    if request.cluster != cluster {
-        return Err(JoinError::WrongCluster {
-            ours: cluster.to_owned(),
-            theirs: request.cluster,
-        });
-    }
+    check_cluster(cluster, &request.cluster)?;
     let metrics = raft.metrics().borrow().clone();
     if metrics.state != ServerState::Leader {
         return Err(JoinError::NotLeader {
