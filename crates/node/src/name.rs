@@ -8,44 +8,8 @@
 
 use std::path::Path;
 
-/// Longest node name, in bytes.
-pub const NAME_LEN_MAX: usize = 32;
-
-/// A node name that breaks the rules of [`validate_name`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid node name {name:?}: {reason}")]
-pub struct NameError {
-    /// The name as given.
-    pub name: String,
-    /// Which rule it breaks.
-    pub reason: &'static str,
-}
-
-/// Checks a node name: 1 to [`NAME_LEN_MAX`] characters out of `a-z`, `0-9`, `-`, `_`, `.`.
-///
-/// Lowercase only, so two names that look the same in a table are the same name.
-///
-/// # Errors
-/// [`NameError`] naming the value and the rule it breaks.
-pub fn validate_name(name: &str) -> Result<(), NameError> {
-    let error = |reason| {
-        Err(NameError {
-            name: name.to_owned(),
-            reason,
-        })
-    };
-    if name.is_empty() {
-        return error("a name has 1 to 32 characters, this one is empty");
-    }
-    if name.len() > NAME_LEN_MAX {
-        return error("a name has 1 to 32 characters");
-    }
-    let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c);
-    if !name.chars().all(allowed) {
-        return error("use only a-z, 0-9, '-', '_' and '.'");
-    }
-    Ok(())
-}
+// The rule lives in proto, so discovery can refuse a bad name on receipt as well.
+pub use proto::node_name::{validate_name, NameError, NAME_LEN_MAX};
 
 /// The name a node gets when `--name` is not given at its first start: `nN` for a data dir
 /// called `node-N` (what `DataDir::pick` makes, so a machine's nodes are `n1`, `n2`, ...),

@@ -230,6 +230,12 @@ pub enum DecodeError {
         /// The postcard error.
         reason: String,
     },
+    /// An announcement whose node name breaks the naming rule.
+    #[error("discovery announcement with a bad node name: {reason}")]
+    BadName {
+        /// Which rule it breaks.
+        reason: String,
+    },
     /// A valid packet followed by extra bytes.
     #[error("discovery body has {count} trailing bytes")]
     TrailingBytes {
@@ -293,6 +299,14 @@ pub fn decode(bytes: &[u8]) -> Result<Packet, DecodeError> {
         })?;
     if !rest.is_empty() {
         return Err(DecodeError::TrailingBytes { count: rest.len() });
+    }
+    // Names are shown to people; an empty one is shown as the node's id.
+    if let Packet::Announce(announce) = &packet {
+        if !announce.name.is_empty() {
+            crate::node_name::validate_name(&announce.name).map_err(|e| DecodeError::BadName {
+                reason: e.to_string(),
+            })?;
+        }
     }
     Ok(packet)
 }
@@ -608,6 +622,18 @@ mod tests {
         bytes.extend_from_slice(&DISCOVERY_VERSION.to_le_bytes());
         bytes.extend_from_slice(body);
         bytes
+    }
+
+    #[test]
+    fn an_announced_name_with_control_characters_is_refused_and_an_empty_one_is_not() {
+        let mut hostile = announce("c");
+        hostile.name = "\u{1b}[2Jn1".to_owned();
+        let bytes = encode(&Packet::Announce(hostile)).expect("encode");
+        assert!(matches!(decode(&bytes), Err(DecodeError::BadName { .. })));
+        let mut unnamed = announce("c");
+        unnamed.name = String::new();
+        let bytes = encode(&Packet::Announce(unnamed.clone())).expect("encode");
+        assert_eq!(decode(&bytes), Ok(Packet::Announce(unnamed)));
     }
 
     #[test]

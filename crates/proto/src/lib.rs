@@ -29,6 +29,7 @@ mod codec;
 pub mod discovery;
 mod error;
 mod login;
+pub mod node_name;
 pub mod push;
 mod service;
 mod transport;
