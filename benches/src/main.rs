@@ -153,9 +153,12 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
+        // The handlers are installed before the run starts: the run may block its thread for a
+        // while (starting a cluster), and a signal in that time must not kill the harness with
+        // its servers still running.
+        let interrupted = interrupted();
         tokio::select! {
-            result = run(cli) => result,
-            signal = interrupted() => {
+            signal = interrupted => {
                 // `run` is dropped here, and with it every system it started: their handles
                 // kill their processes by pid and remove their temp dirs.
                 bail!(
@@ -163,23 +166,28 @@ fn main() -> Result<()> {
                      measured before are in the --out directory"
                 )
             }
+            result = run(cli) => result,
         }
     })
 }
 
-/// Waits for SIGINT (Ctrl-C) or SIGTERM and names it. Never returns when the handlers cannot
-/// be installed (the run then ends only by itself).
-async fn interrupted() -> &'static str {
+/// Installs handlers for SIGINT (Ctrl-C) and SIGTERM at once, and returns a future that waits
+/// for either and names it. It never completes when the handlers cannot be installed (the run
+/// then ends only by itself). Must be called inside the runtime.
+fn interrupted() -> impl std::future::Future<Output = &'static str> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term)) = (
+    let handlers = (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = int.recv() => "SIGINT",
-        _ = term.recv() => "SIGTERM",
+    );
+    async move {
+        let (Ok(mut int), Ok(mut term)) = handlers else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        }
     }
 }
 
