@@ -150,6 +150,17 @@ pub enum Command {
     },
 }
 
+/// A one-line summary for logs: the kind and size, never a message body.
+impl std::fmt::Display for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Send(send) => write!(f, "send({}, {} bytes)", send.channel, send.body.len()),
+            Command::SendBatch(sends) => write!(f, "send-batch({} messages)", sends.len()),
+            Command::RegisterUser { name, .. } => write!(f, "register-user({name})"),
+        }
+    }
+}
+
 impl Command {
     /// Encodes as `[COMMAND_VERSION] ++ postcard(self)`.
     pub fn encode(&self) -> Vec<u8> {

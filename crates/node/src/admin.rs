@@ -22,13 +22,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::error::{ClientWriteError, RaftError};
-use openraft::{ChangeMembers, Raft, ServerState};
+use openraft::{ChangeMembers, ServerState};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::{check_cluster, JoinError, Peers, RemoveReply, RemoveRequest};
 use crate::data_dir::DataDir;
-use crate::types::{Member, NodeId, TypeConfig};
+use crate::types::{Member, NodeId, Raft};
 
 /// A member that acknowledged no AppendEntries for this long is shown as unreachable. Several
 /// heartbeat periods and election timeouts, so a busy but live member is not flagged.
@@ -201,7 +201,7 @@ pub struct Admin {
     /// Cluster name.
     pub cluster: String,
     /// This node's Raft.
-    pub raft: Raft<TypeConfig>,
+    pub raft: Raft,
     /// Peers heard by discovery (names of members recorded before names).
     pub peers: Peers,
     /// AppendEntries answers heard by this node's network.
@@ -221,7 +221,7 @@ impl Admin {
     /// [`JoinError::WrongCluster`]; [`JoinError::NotLeader`] with the leader this node knows.
     pub fn handle_members(&self, request: &MembersRequest) -> Result<Vec<MemberInfo>, JoinError> {
         check_cluster(&self.cluster, &request.cluster)?;
-        let metrics = self.raft.metrics().borrow().clone();
+        let metrics = crate::types::metrics_now(&self.raft);
         if metrics.state != ServerState::Leader {
             return Err(JoinError::NotLeader {
                 leader: metrics.current_leader,
@@ -266,7 +266,7 @@ impl Admin {
     /// the removal failed, after which the marker is removed again and the node stays.
     pub async fn handle_leave(&self, request: &LeaveRequest) -> Result<LeaveReply, JoinError> {
         check_cluster(&self.cluster, &request.cluster)?;
-        let metrics = self.raft.metrics().borrow().clone();
+        let metrics = crate::types::metrics_now(&self.raft);
         let membership = metrics.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         if voters.len() == 1 && voters.contains(&self.id) {
@@ -312,7 +312,7 @@ impl Admin {
         let deadline = Instant::now() + LEAVE_TIMEOUT;
         let mut last = String::from("no leader known");
         while Instant::now() < deadline {
-            let metrics = self.raft.metrics().borrow().clone();
+            let metrics = crate::types::metrics_now(&self.raft);
             let membership = metrics.membership_config.membership();
             let leader = metrics.current_leader;
             let outcome = if leader == Some(self.id) {

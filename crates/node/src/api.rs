@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use chat_sm::{ChatResponse, ChatState, ClientId, Command, SendCmd};
 use ed25519_dalek::{Signature, VerifyingKey};
 use openraft::error::{ClientWriteError, RaftError};
-use openraft::Raft;
+
 use parking_lot::Mutex;
 use proto::{
     wait_budget, ApiError, ChannelInfo, ClusterInfo, Hello, HistoryRequest, LeaderHint, Login,
@@ -33,7 +33,7 @@ use crate::cluster::{role_of, Peers};
 use crate::delivery::Delivery;
 use crate::metrics::Metrics;
 use crate::proposer::{ProposeError, Proposer};
-use crate::types::{Member, NodeId, TypeConfig};
+use crate::types::{Member, NodeId, Raft};
 
 /// Most messages one `stream` or `history` call returns.
 pub const BATCH_MESSAGES_MAX: u32 = 1000;
@@ -45,7 +45,7 @@ pub struct ApiShared {
     /// Cluster name.
     pub cluster: String,
     /// Raft, for leader and membership queries and user registration.
-    pub raft: Raft<TypeConfig>,
+    pub raft: Raft,
     /// Applied chat state, for reads.
     pub chat: Arc<ChatState>,
     /// Apply notifications.
@@ -431,7 +431,7 @@ impl proto::Chat for ChatServer {
 
     async fn cluster(self, _: Context) -> Result<ClusterInfo, ApiError> {
         self.require_hello()?;
-        let metrics = self.shared.raft.metrics().borrow().clone();
+        let metrics = crate::types::metrics_now(&self.shared.raft);
         let membership = metrics.membership_config.membership();
         let voters: Vec<NodeId> = membership.voter_ids().collect();
         let mut nodes = Vec::new();
@@ -467,7 +467,7 @@ impl proto::Chat for ChatServer {
     }
 
     async fn ping(self, _: Context, nonce: u64) -> Pong {
-        let metrics = self.shared.raft.metrics().borrow().clone();
+        let metrics = crate::types::metrics_now(&self.shared.raft);
         Pong {
             nonce,
             node_id: self.shared.id,

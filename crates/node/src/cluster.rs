@@ -25,13 +25,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
-use openraft::{ChangeMembers, Raft, ServerState};
+use openraft::{ChangeMembers, ServerState};
 use parking_lot::Mutex;
 use proto::discovery::{DiscoverySocket, NodeAnnounce, NodeStatus, Packet, PingSocket};
 use proto::Role;
 use serde::{Deserialize, Serialize};
 
-use crate::types::{Member, NodeId, TypeConfig};
+use crate::types::{Member, NodeId, Raft, TypeConfig};
 
 /// How long a peer's announcement counts as alive.
 const PEER_TTL: Duration = Duration::from_secs(5);
@@ -163,13 +163,13 @@ pub fn role_of(state: ServerState) -> Role {
 
 /// What this node announces about itself, from its current Raft metrics.
 pub fn self_announce(
-    raft: &Raft<TypeConfig>,
+    raft: &Raft,
     cluster: &str,
     name: &str,
     addrs: &NodeAddrs,
     started_ms: u64,
 ) -> NodeAnnounce {
-    let metrics = raft.metrics().borrow().clone();
+    let metrics = crate::types::metrics_now(raft);
     let voter = metrics
         .membership_config
         .membership()
@@ -267,14 +267,14 @@ pub async fn run_discovery(
 pub async fn serve_pings(
     socket: PingSocket,
     id: NodeId,
-    raft: Raft<TypeConfig>,
+    raft: Raft,
     delivery: crate::delivery::Delivery,
 ) {
     socket
         .serve(move || NodeStatus {
             node_id: id,
             // A borrow, not a clone of the metrics: every client pings every node each second.
-            role: role_of(raft.metrics().borrow().state),
+            role: crate::types::with_server_metrics(&raft, |m| role_of(m.state)),
             applied: delivery.applied(),
         })
         .await;
@@ -327,7 +327,7 @@ async fn receive_loop(
 #[derive(Clone)]
 pub struct Formation {
     /// This node's Raft.
-    pub raft: Raft<TypeConfig>,
+    pub raft: Raft,
     /// This node's id.
     pub id: NodeId,
     /// Cluster name.
@@ -365,7 +365,7 @@ impl Formation {
         }
         loop {
             tokio::time::sleep(TICK).await;
-            let metrics = self.raft.metrics().borrow().clone();
+            let metrics = crate::types::metrics_now(&self.raft);
             if metrics.state == ServerState::Shutdown {
                 return;
             }
@@ -463,7 +463,7 @@ impl Formation {
         }
     }
 
-    async fn promote_learners(&self, metrics: &openraft::RaftMetrics<NodeId, Member>) {
+    async fn promote_learners(&self, metrics: &openraft::RaftMetrics<TypeConfig>) {
         let membership = metrics.membership_config.membership();
         if membership.get_joint_config().len() > 1 {
             // A promotion commits a joint config and then the final one; when the second step
@@ -589,12 +589,12 @@ pub fn names_for_unnamed_members(
 /// # Errors
 /// [`JoinError`] saying why, and whether to retry elsewhere.
 pub async fn handle_join(
-    raft: &Raft<TypeConfig>,
+    raft: &Raft,
     cluster: &str,
     request: JoinRequest,
 ) -> Result<JoinReply, JoinError> {
     check_cluster(cluster, &request.cluster)?;
-    let metrics = raft.metrics().borrow().clone();
+    let metrics = crate::types::metrics_now(raft);
     if metrics.state != ServerState::Leader {
         return Err(JoinError::NotLeader {
             leader: metrics.current_leader,
@@ -662,12 +662,12 @@ pub enum RemoveReply {
 /// # Errors
 /// [`JoinError`] (the join and removal refusals are the same) saying why.
 pub async fn handle_remove(
-    raft: &Raft<TypeConfig>,
+    raft: &Raft,
     cluster: &str,
     request: RemoveRequest,
 ) -> Result<RemoveReply, JoinError> {
     check_cluster(cluster, &request.cluster)?;
-    let metrics = raft.metrics().borrow().clone();
+    let metrics = crate::types::metrics_now(raft);
     if metrics.state != ServerState::Leader {
         return Err(JoinError::NotLeader {
             leader: metrics.current_leader,

@@ -84,7 +84,7 @@ pub fn encode_entry(entry: &Entry) -> Vec<u8> {
 /// Decodes a log entry read back from `raft_log`, of either version.
 pub fn decode_entry(bytes: &[u8]) -> Result<Entry, DecodeError> {
     match split_version(bytes)? {
-        (FORMAT_VERSION_V1, body) => Ok(v1::upgrade_entry(decode_body("log entry", body)?)),
+        (FORMAT_VERSION_V1, body) => v1::upgrade_entry(decode_body("log entry", body)?),
         (_, body) => decode_body("log entry", body),
     }
 }
@@ -121,7 +121,7 @@ pub fn decode_membership(bytes: &[u8]) -> Result<StoredMembership, DecodeError> 
             let old: v1::StoredMembershipV1 = decode_body("membership", body)?;
             Ok(StoredMembership::new(
                 *old.log_id(),
-                v1::upgrade_membership(old.membership()),
+                v1::upgrade_membership(old.membership())?,
             ))
         }
         (_, body) => decode_body("membership", body),
@@ -131,12 +131,10 @@ pub fn decode_membership(bytes: &[u8]) -> Result<StoredMembership, DecodeError> 
 /// The version 1 layout, kept only to read old bytes: the same openraft types over a `Member`
 /// without a name.
 pub mod v1 {
-    use std::io::Cursor;
-
     use serde::{Deserialize, Serialize};
 
-    use super::{BTreeMap, Member};
-    use crate::types::{Entry, NodeId};
+    use super::{BTreeMap, DecodeError, Member};
+    use crate::types::{Entry, Membership, NodeId};
 
     /// `Member` as version 1 wrote it.
     #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,39 +166,44 @@ pub mod v1 {
             R = chat_sm::ChatResponse,
             NodeId = NodeId,
             Node = MemberV1,
-            Entry = openraft::Entry<TypeConfigV1>,
-            SnapshotData = Cursor<Vec<u8>>,
-            AsyncRuntime = openraft::TokioRuntime,
-            Responder = openraft::impls::OneshotResponder<TypeConfigV1>,
     );
 
     /// A version 1 log entry.
-    pub type EntryV1 = openraft::Entry<TypeConfigV1>;
+    pub type EntryV1 = openraft::alias::EntryOf<TypeConfigV1>;
     /// A version 1 membership.
     pub type MembershipV1 = openraft::Membership<NodeId, MemberV1>;
     /// A version 1 stored membership.
-    pub type StoredMembershipV1 = openraft::StoredMembership<NodeId, MemberV1>;
+    pub type StoredMembershipV1 = openraft::alias::StoredMembershipOf<TypeConfigV1>;
 
     /// The same membership over current members: same configs, same nodes, empty names.
-    pub fn upgrade_membership(old: &MembershipV1) -> openraft::Membership<NodeId, Member> {
+    ///
+    /// # Errors
+    /// A voter without a node (a membership openraft would never have written).
+    pub fn upgrade_membership(old: &MembershipV1) -> Result<Membership, DecodeError> {
         let nodes: BTreeMap<NodeId, Member> =
             old.nodes().map(|(id, m)| (*id, m.upgrade())).collect();
-        openraft::Membership::new(old.get_joint_config().clone(), nodes)
+        Membership::new(old.get_joint_config().clone(), nodes).map_err(|e| DecodeError::Malformed {
+            what: "membership",
+            reason: e.to_string(),
+        })
     }
 
     /// The same entry over current members.
-    pub fn upgrade_entry(old: EntryV1) -> Entry {
+    ///
+    /// # Errors
+    /// As [`upgrade_membership`].
+    pub fn upgrade_entry(old: EntryV1) -> Result<Entry, DecodeError> {
         let payload = match old.payload {
             openraft::EntryPayload::Blank => openraft::EntryPayload::Blank,
             openraft::EntryPayload::Normal(command) => openraft::EntryPayload::Normal(command),
             openraft::EntryPayload::Membership(m) => {
-                openraft::EntryPayload::Membership(upgrade_membership(&m))
+                openraft::EntryPayload::Membership(upgrade_membership(&m)?)
             }
         };
-        Entry {
+        Ok(Entry {
             log_id: old.log_id,
             payload,
-        }
+        })
     }
 }
 
@@ -229,7 +232,9 @@ mod tests {
 
     use std::collections::BTreeSet;
 
-    use openraft::{CommittedLeaderId, EntryPayload, Membership};
+    use crate::types::CommittedLeaderId;
+    use openraft::vote::RaftLeaderId;
+    use openraft::{EntryPayload, Membership};
     use v1::{EntryV1, MemberV1, MembershipV1, StoredMembershipV1};
 
     fn log_id(index: u64) -> LogId {
@@ -253,7 +258,7 @@ mod tests {
             (9, member_v1(300)),
             (10, member_v1(400)),
         ]);
-        Membership::new(configs, nodes)
+        Membership::new(configs, nodes).unwrap()
     }
 
     /// Bytes exactly as the version 1 build wrote them: the version byte and postcard of the
@@ -351,7 +356,7 @@ mod tests {
                 )
             })
             .collect();
-        let membership = Membership::new(m.get_joint_config().clone(), nodes);
+        let membership = Membership::new(m.get_joint_config().clone(), nodes).unwrap();
         let stored = StoredMembership::new(Some(log_id(3)), membership);
         let bytes = encode_membership(&stored);
         assert_eq!(bytes[0], FORMAT_VERSION);

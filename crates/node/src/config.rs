@@ -206,6 +206,9 @@ impl Config {
             purge_batch_size: 256,
             // Per chunk; the last chunk also covers installing the snapshot on the follower.
             install_snapshot_timeout: 5_000,
+            // A node that was partitioned or restarted asks before it campaigns, so its higher
+            // term never deposes a leader the rest of the cluster still follows.
+            enable_pre_vote: Some(true),
             ..Default::default()
         };
         config.validate().map_err(|e| e.to_string())

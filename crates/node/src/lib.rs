@@ -10,10 +10,6 @@
 //!   (`api`) and its server-pushed subscriptions (`push`), the send [`Proposer`], apply notifications ([`Delivery`]), discovery and
 //!   zero-config formation (`cluster`), and Prometheus metrics (`metrics`).
 
-// openraft's `StorageError` (224 bytes) is the error type its storage traits demand; boxing
-// it at our own helpers would only add conversions at every trait method.
-#![allow(clippy::result_large_err)]
-
 mod admin;
 mod api;
 mod atomic_file;
@@ -32,6 +28,7 @@ mod raft_rpc;
 mod reconcile;
 mod server;
 mod snapshot_file;
+mod snapshot_transfer;
 mod state_machine;
 mod types;
 mod weaken;
@@ -41,7 +38,7 @@ pub use cluster::{JoinError, JoinReply, JoinRequest, NodeAddrs, RemoveReply, Rem
 pub use config::Config;
 pub use data_dir::{DataDir, DataDirError};
 pub use delivery::Delivery;
-pub use log_store::{AckPolicy, LogStore, WAL_DIR};
+pub use log_store::{AckPolicy, LogStore, APPEND_BYTES_MAX, WAL_DIR};
 pub use metrics::{DiskPaths, Metrics, NodeInfo, StorageMetrics};
 pub use name::{default_name, validate_name, NameError, NAME_LEN_MAX};
 pub use proposer::{ProposeError, Proposed, Proposer, ProposerConfig};
@@ -52,9 +49,10 @@ pub use raft_rpc::{
 pub use reconcile::{reconcile, Reconciled};
 pub use server::{Server, ServerError};
 pub use snapshot_file::SnapshotFile;
+pub use snapshot_transfer::{SnapshotChunk, SnapshotReceiver, TransferError};
 pub use state_machine::StateMachine;
 pub use types::{
-    Entry, LogId, Member, NodeId, Snapshot, SnapshotMeta, StorageError, StoredMembership,
-    TypeConfig, Vote,
+    CommittedLeaderId, Entry, LogId, Member, Membership, NodeId, Raft, Snapshot, SnapshotMeta,
+    StoredMembership, TypeConfig, Vote,
 };
 pub use weaken::{Weaken, POWER_FAILED_FILE};

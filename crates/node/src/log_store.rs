@@ -6,7 +6,7 @@
 //!   it returns, and `Wal::read` serves them from the file, synced or not.
 //! - *The flush callback fires only after the entries are durable*: the callback goes to the
 //!   flusher thread, which calls `Wal::sync` (fdatasync, shared by every callback waiting at that
-//!   moment: group commit) and only then calls `log_io_completed`. A failed fsync panics inside
+//!   moment: group commit) and only then calls `io_completed`. A failed fsync panics inside
 //!   `raft_log`, so a callback never reports success for bytes that may not be on disk.
 //! - *I/O in submission order*: appends, truncations and purges all run on openraft's single
 //!   RaftCore task against one `Wal`; the flusher only syncs, it never reorders writes.
@@ -17,6 +17,8 @@
 //!   to its own file durably, then calls `Wal::purge_through`, which persists its own purge
 //!   index before deleting segments. A crash in between is finished at the next `open`.
 //! - *Truncation is durable*: `Wal::truncate_from` fsyncs the cut.
+//! - *One AppendEntries stays small*: `limited_get_log_entries` hands replication at most
+//!   [`APPEND_BYTES_MAX`] bytes of entries (at least one entry), so one request fits a frame.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -25,14 +27,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
 
-use openraft::storage::{LogFlushed, RaftLogStorage};
-use openraft::{AnyError, LogState, RaftLogId, RaftLogReader, StorageIOError};
+use std::io;
+
+use openraft::storage::{IOFlushed, RaftLogStorage};
+use openraft::{LogState, RaftLogReader};
 use parking_lot::Mutex;
 use raft_log::{Durability, LogIndex, Wal};
 
 use crate::atomic_file;
 use crate::codec;
-use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
+use crate::types::{Entry, LogId, TypeConfig, Vote};
 
 /// File in the log directory that holds the last purged log id (openraft needs its term, which
 /// the purged entries no longer provide).
@@ -40,6 +44,15 @@ const PURGED_FILE: &str = "purged-log-id";
 
 /// Subdirectory of the log directory that `raft_log` owns.
 pub const WAL_DIR: &str = "wal";
+
+/// Most entry bytes one AppendEntries carries (2 MiB) when it has more than one entry: a
+/// follower that fell behind catches up in requests that cross a LAN in milliseconds and stay
+/// far below the transport's frame limit. One entry always goes (the proposer caps one at
+/// 1 MiB of bodies).
+pub const APPEND_BYTES_MAX: usize = 2 << 20;
+
+/// Entries read per step while filling an AppendEntries up to [`APPEND_BYTES_MAX`].
+const READ_STEP: u64 = 16;
 
 /// When the flush callback tells openraft that appended entries are durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -66,7 +79,7 @@ struct Inner {
     /// Last purged log id and last present log id, kept in memory so `get_log_state` reads no
     /// disk. Updated by `append`, `truncate` and `purge` (all on the RaftCore task).
     state: Mutex<LogState<TypeConfig>>,
-    flusher: mpsc::Sender<LogFlushed<TypeConfig>>,
+    flusher: mpsc::Sender<IOFlushed<TypeConfig>>,
     /// Index of the last committed id openraft saved, for metrics and readiness.
     committed_index: Arc<AtomicU64>,
 }
@@ -79,8 +92,10 @@ impl Debug for LogStore {
     }
 }
 
-fn io_err(e: impl std::error::Error + 'static) -> AnyError {
-    AnyError::new(&e)
+/// A raft-log error as the io error openraft's storage traits return, keeping its message
+/// (which names the file and offset for corruption).
+fn io_err(e: impl std::error::Error + Send + Sync + 'static) -> io::Error {
+    io::Error::other(e)
 }
 
 impl LogStore {
@@ -89,7 +104,7 @@ impl LogStore {
     /// # Errors
     /// Recovery found corruption (the error names file and offset), the purge point file is
     /// damaged, or an io error.
-    pub fn open(dir: &Path) -> Result<LogStore, StorageError> {
+    pub fn open(dir: &Path) -> io::Result<LogStore> {
         Self::open_with(dir, raft_log::Config::new(dir.join(WAL_DIR)))
     }
 
@@ -97,9 +112,9 @@ impl LogStore {
     ///
     /// # Errors
     /// As [`LogStore::open`].
-    pub fn open_with(dir: &Path, config: raft_log::Config) -> Result<LogStore, StorageError> {
-        std::fs::create_dir_all(dir).map_err(|e| StorageIOError::write_logs(io_err(e)))?;
-        let wal = Wal::open(config).map_err(|e| StorageIOError::read_logs(io_err(e)))?;
+    pub fn open_with(dir: &Path, config: raft_log::Config) -> io::Result<LogStore> {
+        std::fs::create_dir_all(dir)?;
+        let wal = Wal::open(config).map_err(io_err)?;
         Self::from_wal(wal, dir.to_path_buf())
     }
 
@@ -108,7 +123,7 @@ impl LogStore {
     ///
     /// # Errors
     /// As [`LogStore::open`].
-    pub fn from_wal(wal: Wal, dir: PathBuf) -> Result<LogStore, StorageError> {
+    pub fn from_wal(wal: Wal, dir: PathBuf) -> io::Result<LogStore> {
         Self::from_wal_acking(wal, dir, AckPolicy::AfterFsync)
     }
 
@@ -116,18 +131,13 @@ impl LogStore {
     ///
     /// # Errors
     /// As [`LogStore::open`].
-    pub fn from_wal_acking(
-        wal: Wal,
-        dir: PathBuf,
-        ack: AckPolicy,
-    ) -> Result<LogStore, StorageError> {
+    pub fn from_wal_acking(wal: Wal, dir: PathBuf, ack: AckPolicy) -> io::Result<LogStore> {
         let wal = Arc::new(wal);
         let purged = read_purged(&dir)?;
         if let Some(purged) = purged {
             // A crash between persisting the purged id and purging the Wal leaves entries at or
             // below it; finish the purge so no purged entry is ever served.
-            wal.purge_through(LogIndex(purged.index))
-                .map_err(|e| StorageIOError::write_logs(io_err(e)))?;
+            wal.purge_through(LogIndex(purged.index)).map_err(io_err)?;
         }
         let last = match wal.last_index() {
             Some(index) => Some(read_log_id(&wal, index)?),
@@ -137,8 +147,7 @@ impl LogStore {
         let flusher_wal = wal.clone();
         thread::Builder::new()
             .name("raft-log-flusher".into())
-            .spawn(move || run_flusher(&flusher_wal, &rx, ack))
-            .map_err(|e| StorageIOError::write_logs(io_err(e)))?;
+            .spawn(move || run_flusher(&flusher_wal, &rx, ack))?;
         Ok(LogStore {
             inner: Arc::new(Inner {
                 wal,
@@ -166,7 +175,7 @@ impl LogStore {
 
 /// Group commit for openraft's flush callbacks: take every callback waiting now, fsync once,
 /// then complete them all. Runs until every `LogStore` clone is dropped.
-fn run_flusher(wal: &Wal, rx: &mpsc::Receiver<LogFlushed<TypeConfig>>, ack: AckPolicy) {
+fn run_flusher(wal: &Wal, rx: &mpsc::Receiver<IOFlushed<TypeConfig>>, ack: AckPolicy) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
@@ -174,7 +183,7 @@ fn run_flusher(wal: &Wal, rx: &mpsc::Receiver<LogFlushed<TypeConfig>>, ack: AckP
             // Deliberately broken (weaken mode `ack-before-fsync`): the entries are only in the
             // page cache, and a power failure loses them after they were acknowledged.
             for callback in batch {
-                callback.log_io_completed(Ok(()));
+                callback.io_completed(Ok(()));
             }
             continue;
         }
@@ -185,45 +194,91 @@ fn run_flusher(wal: &Wal, rx: &mpsc::Receiver<LogFlushed<TypeConfig>>, ack: AckP
         for callback in batch {
             let outcome = match &result {
                 Ok(()) => Ok(()),
-                Err(e) => Err(std::io::Error::other(e.to_string())),
+                Err(e) => Err(io::Error::other(e.to_string())),
             };
-            callback.log_io_completed(outcome);
+            callback.io_completed(outcome);
         }
     }
 }
 
-fn read_purged(dir: &Path) -> Result<Option<LogId>, StorageError> {
+fn read_purged(dir: &Path) -> io::Result<Option<LogId>> {
     let path = dir.join(PURGED_FILE);
-    let bytes = atomic_file::read(&path).map_err(|e| StorageIOError::read_logs(io_err(e)))?;
-    let Some(bytes) = bytes else {
+    let Some(bytes) = atomic_file::read(&path)? else {
         return Ok(None);
     };
     let body = atomic_file::unseal(&bytes).ok_or_else(|| {
-        StorageIOError::read_logs(AnyError::error(format!(
-            "checksum mismatch in {}",
-            path.display()
-        )))
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("checksum mismatch in {}", path.display()),
+        )
     })?;
-    codec::decode_log_id(body).map_err(|e| StorageIOError::read_logs(io_err(e)).into())
+    codec::decode_log_id(body).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: {e}", path.display()),
+        )
+    })
 }
 
-fn read_log_id(wal: &Wal, index: LogIndex) -> Result<LogId, StorageError> {
-    let entries = wal
-        .read(index, LogIndex(index.0 + 1))
-        .map_err(|e| StorageIOError::read_logs(io_err(e)))?;
-    let (_, bytes) = entries.first().ok_or_else(|| {
-        StorageIOError::read_log_at_index(index.0, AnyError::error("entry missing"))
+fn read_log_id(wal: &Wal, index: LogIndex) -> io::Result<LogId> {
+    let entries = wal.read(index, LogIndex(index.0 + 1)).map_err(io_err)?;
+    let (_, bytes) = entries
+        .first()
+        .ok_or_else(|| io::Error::other(format!("log entry {} missing", index.0)))?;
+    Ok(decode_at(index, bytes)?.log_id)
+}
+
+/// Decodes the entry the Wal filed at `index`.
+fn decode_at(index: LogIndex, bytes: &[u8]) -> io::Result<Entry> {
+    let entry = codec::decode_entry(bytes).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("log entry {}: {e}", index.0),
+        )
     })?;
-    let entry = codec::decode_entry(bytes)
-        .map_err(|e| StorageIOError::read_log_at_index(index.0, io_err(e)))?;
-    Ok(*entry.get_log_id())
+    // Paired check: the index the Wal filed it under is the index inside it.
+    assert_eq!(
+        entry.log_id.index, index.0,
+        "log entry filed at wrong index"
+    );
+    Ok(entry)
+}
+
+impl LogStore {
+    /// Entries in `[start, end)`, stopping once they hold `budget` bytes (at least one entry).
+    fn read_within(&self, start: u64, end: u64, budget: usize) -> io::Result<Vec<Entry>> {
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        // Purged entries are gone; the range starts at the first one present.
+        let mut at = start.max(self.inner.wal.first_index().map_or(start, |first| first.0));
+        while at < end {
+            let step_end = end.min(at.saturating_add(READ_STEP));
+            let raw = self
+                .inner
+                .wal
+                .read(LogIndex(at), LogIndex(step_end))
+                .map_err(io_err)?;
+            if raw.is_empty() {
+                break;
+            }
+            for (index, payload) in &raw {
+                bytes = bytes.saturating_add(payload.len());
+                if bytes > budget && !out.is_empty() {
+                    return Ok(out);
+                }
+                out.push(decode_at(*index, payload)?);
+            }
+            at = step_end;
+        }
+        Ok(out)
+    }
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
         &mut self,
         range: RB,
-    ) -> Result<Vec<Entry>, StorageError> {
+    ) -> io::Result<Vec<Entry>> {
         let start = match range.start_bound() {
             Bound::Included(&s) => s,
             Bound::Excluded(&s) => s + 1,
@@ -237,31 +292,27 @@ impl RaftLogReader<TypeConfig> for LogStore {
         if start >= end {
             return Ok(Vec::new());
         }
-        let raw = self
-            .inner
-            .wal
-            .read(LogIndex(start), LogIndex(end))
-            .map_err(|e| StorageIOError::read_logs(io_err(e)))?;
-        raw.iter()
-            .map(|(index, bytes)| {
-                let entry = codec::decode_entry(bytes)
-                    .map_err(|e| StorageIOError::read_log_at_index(index.0, io_err(e)))?;
-                // Paired check: the index the Wal filed it under is the index inside it.
-                assert_eq!(
-                    entry.get_log_id().index,
-                    index.0,
-                    "log entry filed at wrong index"
-                );
-                Ok(entry)
-            })
-            .collect()
+        self.read_within(start, end, usize::MAX)
+    }
+
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> io::Result<Vec<Entry>> {
+        self.read_within(start, end, APPEND_BYTES_MAX)
+    }
+
+    async fn read_vote(&mut self) -> io::Result<Option<Vote>> {
+        match self.inner.wal.vote() {
+            None => Ok(None),
+            Some(bytes) => codec::decode_vote(&bytes)
+                .map(Some)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("vote: {e}"))),
+        }
     }
 }
 
 impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
-    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+    async fn get_log_state(&mut self) -> io::Result<LogState<TypeConfig>> {
         Ok(self.inner.state.lock().clone())
     }
 
@@ -269,23 +320,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.clone()
     }
 
-    async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
+    async fn save_vote(&mut self, vote: &Vote) -> io::Result<()> {
         self.inner
             .wal
             .save_vote(&codec::encode_vote(vote))
-            .map_err(|e| StorageIOError::write_vote(io_err(e)).into())
+            .map_err(io_err)
     }
 
-    async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
-        match self.inner.wal.vote() {
-            None => Ok(None),
-            Some(bytes) => codec::decode_vote(&bytes)
-                .map(Some)
-                .map_err(|e| StorageIOError::read_vote(io_err(e)).into()),
-        }
-    }
-
-    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+    async fn save_committed(&mut self, committed: Option<LogId>) -> io::Result<()> {
         if let Some(id) = committed {
             self.inner
                 .committed_index
@@ -296,10 +338,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.inner
             .wal
             .save_committed(&codec::encode_log_id(&committed))
-            .map_err(|e| StorageIOError::write_logs(io_err(e)).into())
+            .map_err(io_err)
     }
 
-    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+    async fn read_committed(&mut self) -> io::Result<Option<LogId>> {
         match self.inner.wal.committed() {
             None => Ok(None),
             Some(bytes) => match codec::decode_log_id(&bytes) {
@@ -325,11 +367,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
-    async fn append<I>(
-        &mut self,
-        entries: I,
-        callback: LogFlushed<TypeConfig>,
-    ) -> Result<(), StorageError>
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> io::Result<()>
     where
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
@@ -339,7 +377,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut payloads = Vec::new();
         let purged = self.inner.wal.purged_through().map(|p| p.0);
         for entry in entries {
-            let log_id = *entry.get_log_id();
+            let log_id = entry.log_id;
             // An entry at or below the purge point is already covered by the state machine
             // and can never be read again; openraft's suite writes such entries after
             // `get_initial_state` purged up to the state machine. Skip them.
@@ -366,26 +404,32 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 self.inner
                     .wal
                     .truncate_from(LogIndex(first))
-                    .map_err(|e| StorageIOError::write_logs(io_err(e)))?;
+                    .map_err(io_err)?;
             }
             self.inner
                 .wal
                 .append(LogIndex(first), &payloads, Durability::Buffered)
-                .map_err(|e| StorageIOError::write_logs(io_err(e)))?;
+                .map_err(io_err)?;
             self.inner.state.lock().last_log_id = Some(last);
         }
         // Durability is the flusher's job; the entries are readable already.
         self.inner
             .flusher
             .send(callback)
-            .map_err(|_| StorageIOError::write_logs(AnyError::error("log flusher stopped")))?;
+            .map_err(|_| io::Error::other("log flusher stopped"))?;
         Ok(())
     }
 
-    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> io::Result<()> {
         let wal = &self.inner.wal;
-        wal.truncate_from(LogIndex(log_id.index))
-            .map_err(|e| StorageIOError::write_logs(io_err(e)))?;
+        // Entries at or below the purge point are covered by the state machine; there is
+        // nothing of them left to cut.
+        let from = last_log_id
+            .map_or(0, |id| id.index + 1)
+            .max(wal.purged_through().map_or(0, |p| p.0 + 1));
+        if wal.last_index().is_some_and(|last| last.0 >= from) {
+            wal.truncate_from(LogIndex(from)).map_err(io_err)?;
+        }
         let last = match wal.last_index() {
             Some(index) => Some(read_log_id(wal, index)?),
             None => self.inner.state.lock().last_purged_log_id,
@@ -394,15 +438,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(())
     }
 
-    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+    async fn purge(&mut self, log_id: LogId) -> io::Result<()> {
         let path = self.inner.dir.join(PURGED_FILE);
         // The purged id goes to disk before any entry is deleted (openraft's rule): a crash
         // after this line leaves entries that `open` purges again.
         atomic_file::write_durably(
             &path,
             &atomic_file::seal(&codec::encode_log_id(&Some(log_id))),
-        )
-        .map_err(|e| StorageIOError::write_logs(io_err(e)))?;
+        )?;
         {
             let mut state = self.inner.state.lock();
             state.last_purged_log_id = Some(log_id);
@@ -416,6 +459,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.inner
             .wal
             .purge_through(LogIndex(log_id.index))
-            .map_err(|e| StorageIOError::write_logs(io_err(e)).into())
+            .map_err(io_err)
     }
 }

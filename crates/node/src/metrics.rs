@@ -19,7 +19,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use openraft::{Raft, RaftMetrics, ServerState};
+use openraft::{RaftMetrics, ServerState};
 use parking_lot::Mutex;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -29,9 +29,8 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 
-use crate::types::{Member, NodeId, TypeConfig};
+use crate::types::{NodeId, Raft, TypeConfig};
 
 type Labels = Vec<(&'static str, &'static str)>;
 type OwnedLabels = Vec<(&'static str, String)>;
@@ -475,7 +474,7 @@ impl Metrics {
     }
 
     /// Sets the Raft gauges from one view of openraft's metrics.
-    fn refresh_raft(&self, m: &RaftMetrics<NodeId, Member>) {
+    fn refresh_raft(&self, m: &RaftMetrics<TypeConfig>) {
         for (state, name) in [
             (ServerState::Leader, "leader"),
             (ServerState::Follower, "follower"),
@@ -541,8 +540,8 @@ impl Metrics {
 
     /// Refreshes the scrape-time gauges (Raft, disk, snapshot age) and encodes everything.
     /// Walks the data dir, so call it off the async runtime's workers.
-    pub fn render(&self, raft: &Raft<TypeConfig>) -> String {
-        self.refresh_raft(&raft.metrics().borrow().clone());
+    pub fn render(&self, raft: &Raft) -> String {
+        self.refresh_raft(&crate::types::metrics_now(raft));
         self.disk.refresh();
         self.refresh_snapshot_age(SystemTime::now());
         self.encode()
@@ -550,12 +549,10 @@ impl Metrics {
 }
 
 /// Counts leader changes from openraft's metrics watch until Raft shuts down.
-pub async fn count_leader_changes(
-    metrics: Arc<Metrics>,
-    mut watch: watch::Receiver<RaftMetrics<NodeId, Member>>,
-) {
+pub async fn count_leader_changes(metrics: Arc<Metrics>, mut watch: crate::types::MetricsWatch) {
+    use openraft::async_runtime::WatchReceiver;
     loop {
-        let leader = watch.borrow_and_update().current_leader;
+        let leader = watch.borrow_watched().current_leader;
         metrics.observe_leader(leader);
         if watch.changed().await.is_err() {
             return;
@@ -564,8 +561,8 @@ pub async fn count_leader_changes(
 }
 
 /// Whether the node can serve: it knows a leader and has applied what it knows is committed.
-pub fn is_ready(raft: &Raft<TypeConfig>, committed: u64) -> bool {
-    let m = raft.metrics().borrow().clone();
+pub fn is_ready(raft: &Raft, committed: u64) -> bool {
+    let m = crate::types::metrics_now(raft);
     let applied = m.last_applied.map_or(0, |l| l.index);
     m.current_leader.is_some() && m.state != ServerState::Shutdown && applied >= committed
 }
@@ -574,7 +571,7 @@ pub fn is_ready(raft: &Raft<TypeConfig>, committed: u64) -> bool {
 pub fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
-    raft: Raft<TypeConfig>,
+    raft: Raft,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
@@ -598,11 +595,7 @@ const REQUEST_BYTES_MAX: usize = 8192;
 /// One HTTP answer: status line text, content type, body.
 type Reply = (&'static str, &'static str, String);
 
-async fn answer(
-    mut stream: TcpStream,
-    metrics: Arc<Metrics>,
-    raft: Raft<TypeConfig>,
-) -> std::io::Result<()> {
+async fn answer(mut stream: TcpStream, metrics: Arc<Metrics>, raft: Raft) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     let read = async {
@@ -704,7 +697,7 @@ mod tests {
         })
     }
 
-    fn raft_view(leader: Option<NodeId>) -> RaftMetrics<NodeId, Member> {
+    fn raft_view(leader: Option<NodeId>) -> RaftMetrics<TypeConfig> {
         let mut m = RaftMetrics::new_initial(7);
         m.current_leader = leader;
         m.state = if leader == Some(7) {

@@ -13,11 +13,11 @@ use std::sync::Arc;
 
 use chat_sm::{ChatResponse, Command, RejectReason, SendCmd, Sent};
 use openraft::error::{ClientWriteError, RaftError};
-use openraft::Raft;
+
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::metrics::Metrics;
-use crate::types::{Member, NodeId, TypeConfig};
+use crate::types::{Member, NodeId, Raft, TypeConfig};
 
 /// Bounds on one proposed batch and on the proposer's queue.
 #[derive(Debug, Clone)]
@@ -88,11 +88,7 @@ pub struct Proposer {
 
 impl Proposer {
     /// Starts the proposer task for `raft`. The task ends when every handle is dropped.
-    pub fn spawn(
-        raft: Raft<TypeConfig>,
-        config: ProposerConfig,
-        metrics: Arc<Metrics>,
-    ) -> Proposer {
+    pub fn spawn(raft: Raft, config: ProposerConfig, metrics: Arc<Metrics>) -> Proposer {
         assert!(config.batch_count_max >= 1 && config.in_flight_max >= 1);
         let (tx, rx) = mpsc::channel(config.queue_len.max(1));
         tokio::spawn(run(raft, config, rx, metrics));
@@ -117,7 +113,7 @@ impl Proposer {
 }
 
 async fn run(
-    raft: Raft<TypeConfig>,
+    raft: Raft,
     config: ProposerConfig,
     mut rx: mpsc::Receiver<Pending>,
     metrics: Arc<Metrics>,
@@ -160,7 +156,7 @@ fn drain_batch(
     batch
 }
 
-async fn propose_batch(raft: &Raft<TypeConfig>, batch: Vec<Pending>) {
+async fn propose_batch(raft: &Raft, batch: Vec<Pending>) {
     let (sends, replies): (Vec<SendCmd>, Vec<_>) =
         batch.into_iter().map(|p| (p.send, p.reply)).unzip();
     let count = sends.len();
@@ -191,7 +187,7 @@ async fn propose_batch(raft: &Raft<TypeConfig>, batch: Vec<Pending>) {
     }
 }
 
-fn map_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, Member>>) -> ProposeError {
+fn map_write_error(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> ProposeError {
     match e {
         // openraft answers ForwardToLeader either before proposing or after truncating the
         // entry as conflicting: both mean the entry was not applied.
@@ -200,6 +196,15 @@ fn map_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, Member>>) -> Pr
         },
         RaftError::APIError(ClientWriteError::ChangeMembershipError(_)) => {
             ProposeError::Unavailable("membership change in progress")
+        }
+        // The leader changed before the entry committed; it may still commit through the new
+        // leader. The client's retry carries the same idempotency key, so it cannot apply twice.
+        RaftError::APIError(ClientWriteError::LogEntryDiscarded(f)) => ProposeError::NotLeader {
+            leader: f.leader_id.zip(f.leader_node),
+        },
+        // cellchat sets no write preconditions.
+        RaftError::APIError(ClientWriteError::PreconditionFailed(_)) => {
+            ProposeError::Unavailable("write precondition failed")
         }
         RaftError::Fatal(_) => ProposeError::Unavailable("raft stopped"),
     }

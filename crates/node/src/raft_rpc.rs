@@ -1,10 +1,11 @@
 //! Node-to-node Raft RPC over tarpc: the `RaftRpc` service, its server, and openraft's network
-//! factory with a per-peer connection pool.
+//! (the v2 trait) with a per-peer connection pool.
 //!
 //! Every request names the node it is meant for. A node that receives a request addressed to
 //! another id answers `WrongNode` instead of acting on it, so an address reused by a different
 //! node (a restart on a recycled port, a stale membership) can never make a leader replicate
-//! to the wrong node or to itself.
+//! to the wrong node or to itself. A vote or append from a node outside this node's membership
+//! is refused ([`admit`]).
 //!
 //! Each peer gets two connections: one for AppendEntries and votes, one for snapshot chunks,
 //! so multi-megabyte snapshot frames never queue ahead of heartbeats on one TCP stream.
@@ -18,15 +19,13 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use openraft::error::{
-    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
-    Unreachable,
+    NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable,
 };
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
-use openraft::Raft;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tarpc::client::RpcError;
@@ -35,18 +34,34 @@ use tarpc::server::{BaseChannel, Channel};
 
 use crate::admin::{Admin, Contacts, LeaveReply, LeaveRequest, MemberInfo, MembersRequest};
 use crate::cluster::{self, JoinError, JoinReply, JoinRequest, RemoveReply, RemoveRequest};
-use crate::leader_watch::{BehindSignal, InboundConn, LeaderWatch, RivalSignal};
-use crate::types::{Member, NodeId, TypeConfig};
+use crate::leader_watch::{InboundConn, LeaderWatch};
+use crate::snapshot_file::SnapshotFile;
+use crate::snapshot_transfer::{self, SnapshotChunk, SnapshotReceiver, TransferError};
+use crate::types::{Member, NodeId, Raft, Snapshot, TypeConfig, Vote};
 
 /// A request that reached a node other than the one it was addressed to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-#[error("request for node {wanted} reached node {actual}")]
-pub struct WrongNode {
-    /// The addressee.
-    pub wanted: NodeId,
-    /// Who answered.
-    pub actual: NodeId,
+pub enum WrongNode {
+    /// The addressee is another node.
+    #[error("request for node {wanted} reached node {actual}")]
+    Addressee {
+        /// The addressee.
+        wanted: NodeId,
+        /// Who answered.
+        actual: NodeId,
+    },
+    /// The sender is not in the receiver's membership.
+    #[error("node {sender} is not a member of node {actual}'s cluster")]
+    NotAMember {
+        /// Who sent the request.
+        sender: NodeId,
+        /// Who refused it.
+        actual: NodeId,
+    },
 }
+
+/// What openraft answers for a vote, pre-vote or append.
+type RaftAnswer<T> = Result<Result<T, RaftError<TypeConfig>>, WrongNode>;
 
 /// The node-to-node Raft service. Each method takes the addressee's id first.
 #[tarpc::service]
@@ -55,20 +70,25 @@ pub trait RaftRpc {
     async fn append(
         to: NodeId,
         req: AppendEntriesRequest<TypeConfig>,
-    ) -> Result<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>, WrongNode>;
+    ) -> RaftAnswer<AppendEntriesResponse<TypeConfig>>;
     /// openraft RequestVote.
-    async fn vote(
+    async fn vote(to: NodeId, req: VoteRequest<TypeConfig>)
+        -> RaftAnswer<VoteResponse<TypeConfig>>;
+    /// openraft's pre-vote: would the addressee vote, without changing any term.
+    async fn pre_vote(
         to: NodeId,
-        req: VoteRequest<NodeId>,
-    ) -> Result<Result<VoteResponse<NodeId>, RaftError<NodeId>>, WrongNode>;
-    /// One chunk of a snapshot.
+        req: VoteRequest<TypeConfig>,
+    ) -> RaftAnswer<VoteResponse<TypeConfig>>;
+    /// One chunk of a snapshot; the last one installs it and carries openraft's answer.
     async fn snapshot(
         to: NodeId,
-        req: InstallSnapshotRequest<TypeConfig>,
-    ) -> Result<
-        Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
-        WrongNode,
-    >;
+        chunk: SnapshotChunk,
+    ) -> Result<Result<Option<SnapshotResponse<TypeConfig>>, TransferError>, WrongNode>;
+    /// The leader hands leadership to the addressee (see `Trigger::transfer_leader`).
+    async fn transfer_leader(
+        to: NodeId,
+        req: TransferLeaderRequest<TypeConfig>,
+    ) -> RaftAnswer<TransferLeaderResponse<TypeConfig>>;
     /// Asks the leader to add the sender to the cluster (see `cluster::handle_join`).
     async fn join(to: NodeId, req: JoinRequest) -> Result<Result<JoinReply, JoinError>, WrongNode>;
     /// Asks the leader to remove a node from the membership (see `cluster::handle_remove`).
@@ -88,45 +108,78 @@ pub trait RaftRpc {
     ) -> Result<Result<LeaveReply, JoinError>, WrongNode>;
 }
 
+/// What the membership rule needs to know of the receiver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MembershipView {
+    /// The receiver's membership names at least one node (it has joined or formed a cluster).
+    pub has_members: bool,
+    /// The sender is in that membership, as a voter or a learner.
+    pub sender_is_member: bool,
+    /// The receiver's current term.
+    pub our_term: u64,
+}
+
+/// Which request the membership rule is asked about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inbound {
+    /// A vote or pre-vote request.
+    Vote,
+    /// An AppendEntries, in the sender's term.
+    Append {
+        /// The sender's term.
+        term: u64,
+    },
+}
+
+/// Whether a vote or append from a sender is let through to openraft.
+///
+/// A node with no membership yet (a joiner before its first append) takes anything: it has
+/// nothing to protect, and the leader adding it is not in any membership it knows. Otherwise a
+/// vote from a non-member is refused (refusing a vote is always safe). An append from a
+/// non-member is refused unless its term is above ours: a node this one has not yet seen added
+/// can have become leader in a later term, and refusing it would strand this node.
+pub fn admit(view: MembershipView, inbound: Inbound) -> bool {
+    if !view.has_members || view.sender_is_member {
+        return true;
+    }
+    match inbound {
+        Inbound::Vote => false,
+        Inbound::Append { term } => term > view.our_term,
+    }
+}
+
 /// Serves `RaftRpc` for one node by calling into its `Raft`.
 #[derive(Clone)]
 pub struct RaftRpcServer {
     id: NodeId,
     cluster: Arc<str>,
-    raft: Raft<TypeConfig>,
+    raft: Raft,
     watch: LeaderWatch,
     admin: Arc<Admin>,
+    snapshots: SnapshotReceiver,
     /// The connection this clone serves (each accepted connection gets its own).
     conn: InboundConn,
 }
 
 impl RaftRpcServer {
-    /// A server for node `id` of `cluster`. `behind` is the signal of this node's
-    /// [`Network`] ([`Network::behind_signal`]); `admin` answers the operator RPCs.
+    /// A server for node `id` of `cluster`; `admin` answers the operator RPCs and `snapshots`
+    /// receives snapshot chunks.
     pub fn new(
         id: NodeId,
         cluster: &str,
-        raft: Raft<TypeConfig>,
-        behind: BehindSignal,
+        raft: Raft,
         admin: Arc<Admin>,
+        snapshots: SnapshotReceiver,
     ) -> Self {
         RaftRpcServer {
             id,
             cluster: cluster.into(),
-            watch: LeaderWatch::new(id, raft.clone(), behind),
+            watch: LeaderWatch::new(id, raft.clone()),
             raft,
             admin,
+            snapshots,
             conn: InboundConn::default(),
         }
-    }
-
-    /// The task that answers `rivals`, raised by this node's [`Network`]
-    /// ([`LeaderWatch::watch_rivals`]).
-    pub fn watch_rivals(
-        &self,
-        rivals: RivalSignal,
-    ) -> impl std::future::Future<Output = ()> + Send + 'static {
-        self.watch.clone().watch_rivals(rivals)
     }
 
     /// A clone that records what one newly accepted connection carries.
@@ -142,12 +195,42 @@ impl RaftRpcServer {
             Ok(())
         } else {
             tracing::warn!(wanted = to, "raft rpc addressed to another node");
-            Err(WrongNode {
+            Err(WrongNode::Addressee {
                 wanted: to,
                 actual: self.id,
             })
         }
     }
+
+    /// [`check`](Self::check), then [`admit`] for a request from `sender`.
+    fn check_member(&self, to: NodeId, sender: NodeId, inbound: Inbound) -> Result<(), WrongNode> {
+        self.check(to)?;
+        let view = crate::types::with_server_metrics(&self.raft, |m| {
+            let membership = m.membership_config.membership();
+            MembershipView {
+                has_members: membership.nodes().next().is_some(),
+                sender_is_member: membership.get_node(&sender).is_some(),
+                our_term: m.vote.leader_id().term,
+            }
+        });
+        if admit(view, inbound) {
+            return Ok(());
+        }
+        tracing::warn!(
+            sender,
+            ?inbound,
+            "raft rpc from a node outside the membership refused"
+        );
+        Err(WrongNode::NotAMember {
+            sender,
+            actual: self.id,
+        })
+    }
+}
+
+/// The node a vote names as candidate or leader.
+fn sender_of(vote: &Vote) -> NodeId {
+    vote.leader_id().node_id
 }
 
 impl RaftRpc for RaftRpcServer {
@@ -156,12 +239,11 @@ impl RaftRpc for RaftRpcServer {
         _: context::Context,
         to: NodeId,
         req: AppendEntriesRequest<TypeConfig>,
-    ) -> Result<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>, WrongNode> {
-        self.check(to)?;
+    ) -> RaftAnswer<AppendEntriesResponse<TypeConfig>> {
+        let term = req.vote.leader_id().term;
+        self.check_member(to, sender_of(&req.vote), Inbound::Append { term })?;
         if req.vote.is_committed() {
-            if let Some(leader) = req.vote.leader_id().voted_for() {
-                self.conn.saw_leader(leader);
-            }
+            self.conn.saw_leader(sender_of(&req.vote));
         }
         Ok(self.raft.append_entries(req).await)
     }
@@ -170,32 +252,45 @@ impl RaftRpc for RaftRpcServer {
         self,
         _: context::Context,
         to: NodeId,
-        req: VoteRequest<NodeId>,
-    ) -> Result<Result<VoteResponse<NodeId>, RaftError<NodeId>>, WrongNode> {
-        self.check(to)?;
-        let (their_log, their_term) = (req.last_log_id, req.vote.leader_id().get_term());
-        let answer = self.raft.vote(req).await;
-        if let Ok(response) = &answer {
-            if !response.vote_granted && response.last_log_id > their_log {
-                self.watch
-                    .refused_a_less_complete_candidate(their_term)
-                    .await;
-            }
-        }
-        Ok(answer)
+        req: VoteRequest<TypeConfig>,
+    ) -> RaftAnswer<VoteResponse<TypeConfig>> {
+        self.check_member(to, sender_of(&req.vote), Inbound::Vote)?;
+        Ok(self.raft.vote(req).await)
+    }
+
+    async fn pre_vote(
+        self,
+        _: context::Context,
+        to: NodeId,
+        req: VoteRequest<TypeConfig>,
+    ) -> RaftAnswer<VoteResponse<TypeConfig>> {
+        self.check_member(to, sender_of(&req.vote), Inbound::Vote)?;
+        Ok(self.raft.pre_vote(req).await)
     }
 
     async fn snapshot(
         self,
         _: context::Context,
         to: NodeId,
-        req: InstallSnapshotRequest<TypeConfig>,
-    ) -> Result<
-        Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
-        WrongNode,
-    > {
+        chunk: SnapshotChunk,
+    ) -> Result<Result<Option<SnapshotResponse<TypeConfig>>, TransferError>, WrongNode> {
+        let term = chunk.vote.leader_id().term;
+        self.check_member(to, sender_of(&chunk.vote), Inbound::Append { term })?;
+        Ok(self.snapshots.receive(&self.raft, chunk).await)
+    }
+
+    async fn transfer_leader(
+        self,
+        _: context::Context,
+        to: NodeId,
+        req: TransferLeaderRequest<TypeConfig>,
+    ) -> RaftAnswer<TransferLeaderResponse<TypeConfig>> {
         self.check(to)?;
-        Ok(self.raft.install_snapshot(req).await)
+        Ok(self
+            .raft
+            .handle_transfer_leader(req)
+            .await
+            .map_err(RaftError::Fatal))
     }
 
     async fn join(
@@ -411,7 +506,7 @@ pub fn serve(listener: RaftListener, server: RaftRpcServer) -> tokio::task::Join
 /// Which of a peer's two connections a call uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Lane {
-    /// AppendEntries and votes.
+    /// AppendEntries, votes and leadership transfer.
     Log,
     /// Snapshot chunks.
     Snapshot,
@@ -423,24 +518,10 @@ type Pool = Arc<Mutex<HashMap<(NodeId, Lane), RaftRpcClient>>>;
 #[derive(Clone, Default)]
 pub struct Network {
     pool: Pool,
-    behind: BehindSignal,
-    rivals: RivalSignal,
     contacts: Contacts,
 }
 
 impl Network {
-    /// Raised when a peer refuses this node's vote request with a more complete log (read by
-    /// [`LeaderWatch`]: a candidate that is behind must not keep campaigning).
-    pub fn behind_signal(&self) -> BehindSignal {
-        self.behind.clone()
-    }
-
-    /// Raised when a peer refuses this node's vote request because it campaigns with a
-    /// higher vote and a less complete log (answered by [`LeaderWatch::watch_rivals`]).
-    pub fn rival_signal(&self) -> RivalSignal {
-        self.rivals.clone()
-    }
-
     /// When each peer last answered an AppendEntries (for `server members`).
     pub fn contacts(&self) -> Contacts {
         self.contacts.clone()
@@ -455,8 +536,6 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             addr: node.raft_addr.clone(),
             pool: self.pool.clone(),
-            behind: self.behind.clone(),
-            rivals: self.rivals.clone(),
             contacts: self.contacts.clone(),
         }
     }
@@ -468,49 +547,11 @@ pub struct PeerClient {
     target: NodeId,
     addr: String,
     pool: Pool,
-    behind: BehindSignal,
-    rivals: RivalSignal,
     contacts: Contacts,
 }
 
 /// How long a connect may take before the peer counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
-
-/// Most body bytes one AppendEntries carries when it has more than one entry (2 MiB).
-///
-/// openraft 0.9 gives an AppendEntries one heartbeat interval to finish, and a follower that
-/// fell behind is sent up to `max_payload_entries` entries of up to a 1 MiB batch each. A
-/// request over this budget is answered locally with `PayloadTooLarge` naming how many entries
-/// fit, and openraft resends that many at once; a single entry always goes (the proposer caps
-/// one at 1 MiB of bodies). 2 MiB crosses loopback in about a millisecond and a 1 Gbit/s LAN in
-/// about 17 ms.
-pub const APPEND_BYTES_MAX: usize = 2 << 20;
-
-/// How many leading entries of `entries` fit in `budget` body bytes: at least one, and all of
-/// them when they fit.
-fn entries_within(entries: &[crate::types::Entry], budget: usize) -> usize {
-    let mut total = 0usize;
-    for (i, entry) in entries.iter().enumerate() {
-        total = total.saturating_add(entry_bytes(entry));
-        if total > budget {
-            return i.max(1);
-        }
-    }
-    entries.len()
-}
-
-/// The bytes an entry puts on the wire, roughly: bodies plus names (exact enough for a budget).
-fn entry_bytes(entry: &crate::types::Entry) -> usize {
-    use chat_sm::Command;
-    let send_bytes = |s: &chat_sm::SendCmd| s.body.len() + s.channel.len() + s.sender.len() + 48;
-    match &entry.payload {
-        openraft::EntryPayload::Normal(Command::SendBatch(sends)) => {
-            sends.iter().map(send_bytes).sum()
-        }
-        openraft::EntryPayload::Normal(Command::Send(send)) => send_bytes(send),
-        _ => 256,
-    }
-}
 
 fn ctx_for(option: &RPCOption) -> context::Context {
     let mut ctx = context::current();
@@ -518,48 +559,80 @@ fn ctx_for(option: &RPCOption) -> context::Context {
     ctx
 }
 
+/// Why a call to a peer failed before openraft's own answer: the transport, or the peer.
+enum CallError {
+    Unreachable(Unreachable<TypeConfig>),
+    Network(NetworkError<TypeConfig>),
+}
+
+impl From<CallError> for RPCError<TypeConfig> {
+    fn from(e: CallError) -> Self {
+        match e {
+            CallError::Unreachable(e) => e.into(),
+            CallError::Network(e) => e.into(),
+        }
+    }
+}
+
+impl From<CallError> for StreamingError<TypeConfig> {
+    fn from(e: CallError) -> Self {
+        match e {
+            CallError::Unreachable(e) => e.into(),
+            CallError::Network(e) => e.into(),
+        }
+    }
+}
+
 impl PeerClient {
-    async fn client<E: std::error::Error>(
-        &self,
-        lane: Lane,
-    ) -> Result<RaftRpcClient, RPCError<NodeId, Member, E>> {
+    async fn client(&self, lane: Lane) -> Result<RaftRpcClient, CallError> {
         if let Some(client) = self.pool.lock().get(&(self.target, lane)) {
             return Ok(client.clone());
         }
-        let addr = resolve(&self.addr)
-            .await
-            .map_err(|e| Unreachable::new(&e))?;
+        let unreachable = |e: &dyn std::fmt::Display| {
+            CallError::Unreachable(Unreachable::new(&std::io::Error::other(e.to_string())))
+        };
+        let addr = resolve(&self.addr).await.map_err(|e| unreachable(&e))?;
         let transport = tokio::time::timeout(CONNECT_TIMEOUT, proto::connect(addr))
             .await
-            .map_err(|e| Unreachable::new(&e))?
-            .map_err(|e| Unreachable::new(&e))?;
+            .map_err(|e| unreachable(&e))?
+            .map_err(|e| unreachable(&e))?;
         let client = RaftRpcClient::new(tarpc::client::Config::default(), transport).spawn();
         self.pool.lock().insert((self.target, lane), client.clone());
         Ok(client)
     }
 
-    fn transport_error<E: std::error::Error>(
+    /// Folds a call's three layers (transport, wrong node, openraft's fatal error) into one.
+    fn settle<T>(
         &self,
         lane: Lane,
-        e: RpcError,
-    ) -> RPCError<NodeId, Member, E> {
-        match e {
-            RpcError::Shutdown | RpcError::Send(_) | RpcError::Channel(_) => {
-                self.pool.lock().remove(&(self.target, lane));
-                Unreachable::new(&e).into()
-            }
-            RpcError::DeadlineExceeded | RpcError::Server(_) => NetworkError::new(&e).into(),
+        answer: Result<RaftAnswer<T>, RpcError>,
+    ) -> Result<T, CallError> {
+        match answer {
+            Ok(Ok(Ok(response))) => Ok(response),
+            // The peer's Raft has stopped: to this node it is as good as unreachable.
+            Ok(Ok(Err(e))) => Err(CallError::Unreachable(Unreachable::new(&e))),
+            Ok(Err(wrong)) => Err(self.wrong_node(lane, wrong)),
+            Err(e) => Err(self.transport_error(lane, e)),
         }
     }
 
-    fn wrong_node<E: std::error::Error>(
-        &self,
-        lane: Lane,
-        e: WrongNode,
-    ) -> RPCError<NodeId, Member, E> {
-        // The address now belongs to someone else: forget the connection and back off.
+    fn transport_error(&self, lane: Lane, e: RpcError) -> CallError {
+        match e {
+            RpcError::Shutdown | RpcError::Send(_) | RpcError::Channel(_) => {
+                self.pool.lock().remove(&(self.target, lane));
+                CallError::Unreachable(Unreachable::new(&e))
+            }
+            RpcError::DeadlineExceeded | RpcError::Server(_) => {
+                CallError::Network(NetworkError::new(&e))
+            }
+        }
+    }
+
+    fn wrong_node(&self, lane: Lane, e: WrongNode) -> CallError {
+        // The address now belongs to someone else, or the peer does not count us as a member:
+        // forget the connection and back off.
         self.pool.lock().remove(&(self.target, lane));
-        Unreachable::new(&e).into()
+        CallError::Unreachable(Unreachable::new(&e))
     }
 }
 
@@ -573,124 +646,77 @@ pub(crate) async fn resolve(addr: &str) -> std::io::Result<SocketAddr> {
         .ok_or_else(|| std::io::Error::other(format!("{addr} resolves to no address")))
 }
 
-impl RaftNetwork<TypeConfig> for PeerClient {
+impl RaftNetworkV2<TypeConfig> for PeerClient {
+    type SnapshotData = SnapshotFile;
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
-        let fit = entries_within(&rpc.entries, APPEND_BYTES_MAX);
-        if fit < rpc.entries.len() {
-            return Err(PayloadTooLarge::new_entries_hint(fit as u64).into());
-        }
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         let client = self.client(Lane::Log).await?;
-        match client.append(ctx_for(&option), self.target, rpc).await {
-            Ok(Ok(Ok(response))) => {
-                self.contacts.heard(self.target);
-                Ok(response)
-            }
-            Ok(Ok(Err(e))) => Err(RemoteError::new(self.target, e).into()),
-            Ok(Err(wrong)) => Err(self.wrong_node(Lane::Log, wrong)),
-            Err(e) => Err(self.transport_error(Lane::Log, e)),
-        }
+        let answer = client.append(ctx_for(&option), self.target, rpc).await;
+        let response = self.settle(Lane::Log, answer)?;
+        self.contacts.heard(self.target);
+        Ok(response)
     }
 
     async fn vote(
         &mut self,
-        rpc: VoteRequest<NodeId>,
+        rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         let client = self.client(Lane::Log).await?;
-        let (ours, our_vote) = (rpc.last_log_id, rpc.vote);
-        let mut answer = client
-            .vote(ctx_for(&option), self.target, rpc.clone())
-            .await;
-        if matches!(answer, Err(RpcError::Shutdown)) {
-            // The pooled connection had died before the request left (the peer restarted
-            // since): nothing was sent, so dial again and ask once more. openraft does not
-            // resend a vote request, and a lost one can cost an election round.
-            self.pool.lock().remove(&(self.target, Lane::Log));
-            let client = self.client(Lane::Log).await?;
-            answer = client.vote(ctx_for(&option), self.target, rpc).await;
-        }
-        match answer {
-            Ok(Ok(Ok(response))) => {
-                if !response.vote_granted && response.last_log_id > ours {
-                    self.behind.raise();
-                }
-                let rival = response.vote.leader_id().voted_for() == Some(self.target)
-                    && !response.vote.is_committed();
-                if !response.vote_granted
-                    && rival
-                    && response.vote > our_vote
-                    && response.last_log_id < ours
-                {
-                    self.rivals.raise(response.vote.leader_id().get_term());
-                }
-                Ok(response)
-            }
-            Ok(Ok(Err(e))) => Err(RemoteError::new(self.target, e).into()),
-            Ok(Err(wrong)) => Err(self.wrong_node(Lane::Log, wrong)),
-            Err(e) => Err(self.transport_error(Lane::Log, e)),
-        }
+        let answer = client.vote(ctx_for(&option), self.target, rpc).await;
+        Ok(self.settle(Lane::Log, answer)?)
     }
 
-    async fn install_snapshot(
+    async fn pre_vote(
         &mut self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
+        rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<
-        InstallSnapshotResponse<NodeId>,
-        RPCError<NodeId, Member, RaftError<NodeId, InstallSnapshotError>>,
-    > {
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let client = self.client(Lane::Log).await?;
+        let answer = client.pre_vote(ctx_for(&option), self.target, rpc).await;
+        Ok(self.settle(Lane::Log, answer)?)
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let client = self.client(Lane::Log).await?;
+        let answer = client
+            .transfer_leader(ctx_for(&option), self.target, req)
+            .await;
+        Ok(self.settle(Lane::Log, answer)?)
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl std::future::Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         let client = self.client(Lane::Snapshot).await?;
-        match client.snapshot(ctx_for(&option), self.target, rpc).await {
-            Ok(Ok(Ok(response))) => Ok(response),
-            Ok(Ok(Err(e))) => Err(RemoteError::new(self.target, e).into()),
-            Ok(Err(wrong)) => Err(self.wrong_node(Lane::Snapshot, wrong)),
-            Err(e) => Err(self.transport_error(Lane::Snapshot, e)),
+        let (target, lane, this) = (self.target, Lane::Snapshot, &*self);
+        let send = snapshot_transfer::send(vote, snapshot, |chunk| {
+            let client = client.clone();
+            let ctx = ctx_for(&option);
+            async move {
+                match client.snapshot(ctx, target, chunk).await {
+                    Ok(Ok(Ok(answer))) => Ok(answer),
+                    Ok(Ok(Err(refused))) => Err(CallError::Network(NetworkError::new(&refused))),
+                    Ok(Err(wrong)) => Err(this.wrong_node(lane, wrong)),
+                    Err(e) => Err(this.transport_error(lane, e)),
+                }
+            }
+        });
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            result = send => result,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use chat_sm::{ClientId, Command, SendCmd};
-    use openraft::{CommittedLeaderId, EntryPayload, LogId};
-
-    fn batch_entry(index: u64, sends: usize, body: usize) -> crate::types::Entry {
-        let send = |i: usize| SendCmd {
-            channel: "general".into(),
-            sender: "alice".into(),
-            body: vec![b'x'; body],
-            client_id: ClientId([1; 16]),
-            client_seq: i as u64,
-            at_ms: 0,
-        };
-        openraft::Entry {
-            log_id: LogId::new(CommittedLeaderId::new(1, 0), index),
-            payload: EntryPayload::Normal(Command::SendBatch((0..sends).map(send).collect())),
-        }
-    }
-
-    #[test]
-    fn small_requests_go_whole() {
-        let entries: Vec<_> = (1..=32).map(|i| batch_entry(i, 100, 100)).collect();
-        assert_eq!(entries_within(&entries, APPEND_BYTES_MAX), 32);
-        assert_eq!(entries_within(&[], APPEND_BYTES_MAX), 0);
-    }
-
-    #[test]
-    fn large_requests_are_cut_to_the_budget_but_never_to_nothing() {
-        // 1 MiB-ish batches: two fit in 2 MiB only if their overhead does; expect 1.
-        let entries: Vec<_> = (1..=32).map(|i| batch_entry(i, 1024, 1024)).collect();
-        let fit = entries_within(&entries, APPEND_BYTES_MAX);
-        assert!((1..32).contains(&fit), "{fit}");
-        let bytes: usize = entries[..fit].iter().map(entry_bytes).sum();
-        assert!(bytes <= APPEND_BYTES_MAX || fit == 1, "{bytes}");
-        // One entry over the whole budget still goes alone.
-        let huge = vec![batch_entry(1, 4096, 1024), batch_entry(2, 1, 1)];
-        assert_eq!(entries_within(&huge, APPEND_BYTES_MAX), 1);
     }
 }

@@ -33,12 +33,13 @@
 //! that frame was at or below last applied (an idle follower), nothing beyond last applied is
 //! lost and the repair is exact.
 
+use std::io;
+
 use openraft::storage::{RaftLogStorage, RaftSnapshotBuilder, RaftStateMachine};
-use openraft::{AnyError, StorageIOError};
 
 use crate::log_store::LogStore;
 use crate::state_machine::StateMachine;
-use crate::types::{LogId, StorageError};
+use crate::types::LogId;
 
 /// What [`reconcile`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,10 +66,7 @@ pub enum Reconciled {
 /// # Errors
 /// Reading either store, building the snapshot or persisting the purge failed; or the snapshot
 /// built does not end at last applied (the state machine changed under us).
-pub async fn reconcile(
-    log: &mut LogStore,
-    sm: &mut StateMachine,
-) -> Result<Reconciled, StorageError> {
+pub async fn reconcile(log: &mut LogStore, sm: &mut StateMachine) -> io::Result<Reconciled> {
     let log_last = log.get_log_state().await?.last_log_id;
     let (last_applied, _) = sm.applied_state().await?;
     let Some(last_applied) = last_applied else {
@@ -93,14 +91,10 @@ pub async fn reconcile(
         // Paired check: nothing applies while the node starts, so the snapshot must end exactly
         // at the last applied entry read above.
         if built.meta.last_log_id != Some(last_applied) {
-            return Err(StorageIOError::write_snapshot(
-                Some(built.meta.signature()),
-                AnyError::error(format!(
-                    "snapshot built at startup ends at {:?}, expected last applied {last_applied}",
-                    built.meta.last_log_id
-                )),
-            )
-            .into());
+            return Err(io::Error::other(format!(
+                "snapshot built at startup ends at {:?}, expected last applied {last_applied}",
+                built.meta.last_log_id
+            )));
         }
     }
     // The snapshot at last applied is durable (file fsync, rename, directory fsync) before the

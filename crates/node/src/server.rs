@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
-use openraft::Raft;
+
 use proto::discovery::{DiscoverySocket, PingSocket};
 use proto::ChatServerTransport;
 use tarpc::server::{BaseChannel, Channel};
@@ -32,8 +32,9 @@ use crate::proposer::{Proposer, ProposerConfig};
 use crate::push::{self, BatchCache};
 use crate::raft_rpc::{self, Network, RaftRpcServer};
 use crate::reconcile;
+use crate::snapshot_transfer::SnapshotReceiver;
 use crate::state_machine::StateMachine;
-use crate::types::{NodeId, TypeConfig};
+use crate::types::{NodeId, Raft};
 
 /// Most concurrent requests on one client connection (each open long-poll holds one).
 const CONN_REQUESTS_MAX: usize = 1024;
@@ -95,7 +96,7 @@ pub struct Server {
     name: String,
     addrs: NodeAddrs,
     left: Arc<tokio::sync::Notify>,
-    raft: Raft<TypeConfig>,
+    raft: Raft,
     committed: Arc<std::sync::atomic::AtomicU64>,
     tasks: Vec<JoinHandle<()>>,
     /// Runs every push connection; dropped (in the background) with the server.
@@ -281,8 +282,8 @@ impl Server {
         let delivery = Delivery::new(chat.applied_index().map_or(0, |i| i.0));
         chat.set_apply_listener(delivery.listener());
         let network = Network::default();
-        let (behind, rivals) = (network.behind_signal(), network.rival_signal());
         let contacts = network.contacts();
+        let snapshots = SnapshotReceiver::new(state_machine.clone());
         let raft = Raft::new(id, raft_config, network, log_store, state_machine)
             .await
             .map_err(|e| ServerError::Raft(e.to_string()))?;
@@ -335,9 +336,8 @@ impl Server {
             left: Default::default(),
         });
         let (leaving, left) = (admin.leaving.clone(), admin.left.clone());
-        let rpc_server = RaftRpcServer::new(id, &config.cluster, raft.clone(), behind, admin);
+        let rpc_server = RaftRpcServer::new(id, &config.cluster, raft.clone(), admin, snapshots);
         let mut tasks = vec![
-            tokio::spawn(rpc_server.watch_rivals(rivals)),
             raft_rpc::serve(raft_listener, rpc_server),
             serve_clients(client_listener, shared.clone(), push_runtime.handle()),
             tokio::spawn(metrics::count_leader_changes(
@@ -434,12 +434,13 @@ impl Server {
     }
 
     /// This node's Raft handle.
-    pub fn raft(&self) -> &Raft<TypeConfig> {
+    pub fn raft(&self) -> &Raft {
         &self.raft
     }
 
     /// Waits until the node knows a leader and has applied everything it knows is committed.
     pub async fn wait_ready(&self) {
+        use openraft::async_runtime::WatchReceiver;
         let mut rx = self.raft.metrics();
         loop {
             if metrics::is_ready(

@@ -20,17 +20,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use chat_sm::{ApplyEntry, ApplyPayload, ChatResponse, ChatState, RaftMeta, SnapshotInfo};
-use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
-use openraft::{AnyError, EntryPayload, RaftLogId, StorageIOError};
+use std::io;
+
+use chat_sm::{ApplyEntry, ApplyPayload, ChatState, RaftMeta, SnapshotInfo};
+use futures::{Stream, StreamExt};
+use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
+use openraft::EntryPayload;
 use parking_lot::Mutex;
 
 use crate::codec;
 use crate::metrics::StorageMetrics;
 use crate::snapshot_file::SnapshotFile;
-use crate::types::{
-    Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
-};
+use crate::types::{Entry, LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
 
 /// Name of the snapshot that `get_current_snapshot` serves.
 pub(crate) const CURRENT_SNAPSHOT: &str = "current.snap";
@@ -54,8 +55,14 @@ struct Inner {
     next_tmp: AtomicU64,
 }
 
-fn any(e: impl std::error::Error + 'static) -> AnyError {
-    AnyError::new(&e)
+/// An error as the io error openraft's storage traits return, keeping its message.
+fn any(e: impl std::error::Error + Send + Sync + 'static) -> io::Error {
+    io::Error::other(e)
+}
+
+/// A value on disk that does not decode: the message names what and why.
+fn invalid(what: &str, e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("{what}: {e}"))
 }
 
 impl StateMachine {
@@ -63,18 +70,16 @@ impl StateMachine {
     ///
     /// # Errors
     /// RocksDB fails to open, or the current snapshot file is unreadable.
-    pub fn open(dir: &Path) -> Result<StateMachine, StorageError> {
-        let chat = ChatState::open(chat_sm::Config::new(dir.join("chat")))
-            .map_err(|e| StorageIOError::read_state_machine(any(e)))?;
+    pub fn open(dir: &Path) -> io::Result<StateMachine> {
+        let chat = ChatState::open(chat_sm::Config::new(dir.join("chat"))).map_err(any)?;
         let snapshot_dir = dir.join("snapshots");
-        std::fs::create_dir_all(&snapshot_dir)
-            .map_err(|e| StorageIOError::write_snapshot(None, any(e)))?;
+        std::fs::create_dir_all(&snapshot_dir)?;
         remove_temp_files(&snapshot_dir)?;
         let current_path = snapshot_dir.join(CURRENT_SNAPSHOT);
         let current = if current_path.exists() {
             let info = chat_sm::read_snapshot_info(&current_path)
-                .map_err(|e| StorageIOError::read_snapshot(None, any(e)))?;
-            Some(snapshot_meta(&info)?)
+                .map_err(|e| invalid(&current_path.display().to_string(), e))?;
+            Some(snapshot_meta(&info)?.0)
         } else {
             None
         };
@@ -110,7 +115,8 @@ impl StateMachine {
         &self.inner.chat
     }
 
-    fn tmp_path(&self, kind: &str) -> PathBuf {
+    /// A fresh temp file path in the snapshot directory (removed at the next open).
+    pub(crate) fn tmp_path(&self, kind: &str) -> PathBuf {
         let n = self.inner.next_tmp.fetch_add(1, Ordering::Relaxed);
         self.inner
             .snapshot_dir
@@ -119,9 +125,8 @@ impl StateMachine {
 }
 
 /// Removes snapshot files left by a crash mid-build or mid-receive.
-fn remove_temp_files(dir: &Path) -> Result<(), StorageError> {
-    let entries =
-        std::fs::read_dir(dir).map_err(|e| StorageIOError::read_snapshot(None, any(e)))?;
+fn remove_temp_files(dir: &Path) -> io::Result<()> {
+    let entries = std::fs::read_dir(dir)?;
     for entry in entries.flatten() {
         if entry.path().extension().is_some_and(|ext| ext == "tmp") {
             // A leftover temp file holds nothing anyone relies on; failing to delete it only
@@ -136,27 +141,28 @@ fn remove_temp_files(dir: &Path) -> Result<(), StorageError> {
 
 /// openraft metadata for a snapshot file, from the raft meta bytes stored inside it. The id
 /// is derived from the content, so the same file always has the same id.
-fn snapshot_meta(info: &SnapshotInfo) -> Result<SnapshotMeta, StorageError> {
+/// The openraft metadata of a snapshot file, and a name for it in logs
+/// (`term-index-checksum`).
+fn snapshot_meta(info: &SnapshotInfo) -> io::Result<(SnapshotMeta, String)> {
     let last_log_id = match &info.last_applied {
-        Some(bytes) => {
-            codec::decode_log_id(bytes).map_err(|e| StorageIOError::read_snapshot(None, any(e)))?
-        }
+        Some(bytes) => codec::decode_log_id(bytes).map_err(|e| invalid("snapshot log id", e))?,
         None => None,
     };
     let last_membership = match &info.membership {
-        Some(bytes) => codec::decode_membership(bytes)
-            .map_err(|e| StorageIOError::read_snapshot(None, any(e)))?,
+        Some(bytes) => {
+            codec::decode_membership(bytes).map_err(|e| invalid("snapshot membership", e))?
+        }
         None => StoredMembership::default(),
     };
-    let snapshot_id = match last_log_id {
+    let name = match last_log_id {
         Some(id) => format!("{}-{}-{:08x}", id.leader_id.term, id.index, info.checksum),
         None => format!("none-{:08x}", info.checksum),
     };
-    Ok(SnapshotMeta {
+    let meta = SnapshotMeta {
         last_log_id,
         last_membership,
-        snapshot_id,
-    })
+    };
+    Ok((meta, name))
 }
 
 fn fsync_dir(dir: &Path) -> std::io::Result<()> {
@@ -165,14 +171,12 @@ fn fsync_dir(dir: &Path) -> std::io::Result<()> {
 
 impl StateMachine {
     /// Moves a verified snapshot file to `current.snap` and records its metadata.
-    fn make_current(&self, from: &Path, meta: SnapshotMeta) -> Result<(), StorageError> {
+    fn make_current(&self, from: &Path, meta: SnapshotMeta) -> io::Result<()> {
         let dest = self.inner.snapshot_dir.join(CURRENT_SNAPSHOT);
         let mut current = self.inner.current.lock();
         // Crash after the rename but before the directory fsync: either the old or the new
         // `current.snap` survives; both are complete, checksummed snapshots.
-        std::fs::rename(from, &dest)
-            .and_then(|()| fsync_dir(&self.inner.snapshot_dir))
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), any(e)))?;
+        std::fs::rename(from, &dest).and_then(|()| fsync_dir(&self.inner.snapshot_dir))?;
         *current = Some(meta);
         if let Some(metrics) = &self.metrics {
             metrics.snapshot_made(SystemTime::now());
@@ -180,18 +184,16 @@ impl StateMachine {
         Ok(())
     }
 
-    async fn open_current(&self) -> Result<Option<Snapshot>, StorageError> {
+    async fn open_current(&self) -> io::Result<Option<Snapshot>> {
         let meta = self.inner.current.lock().clone();
         let Some(meta) = meta else {
             return Ok(None);
         };
         let path = self.inner.snapshot_dir.join(CURRENT_SNAPSHOT);
-        let file = SnapshotFile::open(&path)
-            .await
-            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), any(e)))?;
+        let file = SnapshotFile::open(&path).await?;
         Ok(Some(Snapshot {
             meta,
-            snapshot: Box::new(file),
+            snapshot: file,
         }))
     }
 }
@@ -202,7 +204,7 @@ fn to_apply_batch(entries: &[Entry]) -> (Vec<ApplyEntry<'_>>, RaftMeta) {
     let batch = entries
         .iter()
         .map(|entry| {
-            let log_id = *entry.get_log_id();
+            let log_id = entry.log_id;
             let payload = match &entry.payload {
                 EntryPayload::Blank => ApplyPayload::Blank,
                 EntryPayload::Normal(command) => ApplyPayload::Command(command),
@@ -217,7 +219,7 @@ fn to_apply_batch(entries: &[Entry]) -> (Vec<ApplyEntry<'_>>, RaftMeta) {
             }
         })
         .collect();
-    let last = entries.last().map(|e| *e.get_log_id());
+    let last = entries.last().map(|e| e.log_id);
     let meta = RaftMeta {
         last_applied: codec::encode_log_id(&last),
         membership: membership.as_ref().map(codec::encode_membership),
@@ -226,72 +228,72 @@ fn to_apply_batch(entries: &[Entry]) -> (Vec<ApplyEntry<'_>>, RaftMeta) {
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = SnapshotFile;
     type SnapshotBuilder = StateMachine;
 
-    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+    async fn applied_state(&mut self) -> io::Result<(Option<LogId>, StoredMembership)> {
         let chat = &self.inner.chat;
         let last_applied = match chat.last_applied() {
-            Some(bytes) => codec::decode_log_id(&bytes)
-                .map_err(|e| StorageIOError::read_state_machine(any(e)))?,
+            Some(bytes) => codec::decode_log_id(&bytes).map_err(|e| invalid("last applied", e))?,
             None => None,
         };
         let membership = match chat.membership() {
-            Some(bytes) => codec::decode_membership(&bytes)
-                .map_err(|e| StorageIOError::read_state_machine(any(e)))?,
+            Some(bytes) => {
+                codec::decode_membership(&bytes).map_err(|e| invalid("membership", e))?
+            }
             None => StoredMembership::default(),
         };
         Ok((last_applied, membership))
     }
 
+    /// Applies every entry openraft hands over in one RocksDB batch, then answers each.
     #[tracing::instrument(level = "debug", skip_all)]
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<ChatResponse>, StorageError>
+    async fn apply<S>(&mut self, mut entries: S) -> io::Result<()>
     where
-        I: IntoIterator<Item = Entry> + Send,
-        I::IntoIter: Send,
+        S: Stream<Item = io::Result<EntryResponder<TypeConfig>>> + Unpin + Send,
     {
-        let entries: Vec<Entry> = entries.into_iter().collect();
-        if entries.is_empty() {
-            return Ok(Vec::new());
+        let mut batch_entries = Vec::new();
+        let mut responders = Vec::new();
+        while let Some(item) = entries.next().await {
+            let (entry, responder) = item?;
+            batch_entries.push(entry);
+            responders.push(responder);
         }
-        let (batch, meta) = to_apply_batch(&entries);
+        if batch_entries.is_empty() {
+            return Ok(());
+        }
+        let (batch, meta) = to_apply_batch(&batch_entries);
         let started = Instant::now();
         // A RocksDB write failure inside apply panics in chat-sm: an error only this replica
         // saw would make replicas diverge.
         let responses = self.inner.chat.apply(&batch, meta);
         if let Some(metrics) = &self.metrics {
-            metrics.observe_apply(entries.len(), started.elapsed());
+            metrics.observe_apply(batch_entries.len(), started.elapsed());
         }
         assert_eq!(
             responses.len(),
-            entries.len(),
+            batch_entries.len(),
             "one response per applied entry"
         );
-        Ok(responses)
+        for (responder, response) in responders.into_iter().zip(responses) {
+            if let Some(responder) = responder {
+                responder.send(response);
+            }
+        }
+        Ok(())
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotFile>, StorageError> {
-        let path = self.tmp_path("recv");
-        let file = SnapshotFile::create(&path)
-            .await
-            .map_err(|e| StorageIOError::write_snapshot(None, any(e)))?;
-        Ok(Box::new(file))
-    }
-
-    #[tracing::instrument(level = "info", skip_all, fields(snapshot = %meta.snapshot_id))]
+    #[tracing::instrument(level = "info", skip_all, fields(last = ?meta.last_log_id))]
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta,
-        mut snapshot: Box<SnapshotFile>,
-    ) -> Result<(), StorageError> {
-        let signature = meta.signature();
-        let werr = |e: AnyError| {
-            StorageError::from(StorageIOError::write_snapshot(Some(signature.clone()), e))
-        };
-        snapshot.sync().await.map_err(|e| werr(any(e)))?;
+        mut snapshot: SnapshotFile,
+    ) -> io::Result<()> {
+        snapshot.sync().await?;
         // The handle may be a file we received (rename it) or, as in openraft's test suite,
         // another node's snapshot (copy it, leaving theirs alone).
         let staged = self.tmp_path("install");
@@ -302,49 +304,50 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 .file_name()
                 .is_some_and(|n| n.to_string_lossy().starts_with("recv-"));
         if ours {
-            tokio::fs::rename(&src, &staged)
-                .await
-                .map_err(|e| werr(any(e)))?;
+            tokio::fs::rename(&src, &staged).await?;
         } else {
-            tokio::fs::copy(&src, &staged)
-                .await
-                .map_err(|e| werr(any(e)))?;
+            tokio::fs::copy(&src, &staged).await?;
         }
         let chat = self.inner.chat.clone();
         let staged_for_install = staged.clone();
         let info = tokio::task::spawn_blocking(move || chat.install_snapshot(&staged_for_install))
             .await
-            .map_err(|e| werr(any(e)))?
-            .map_err(|e| werr(any(e)))?;
-        let installed = snapshot_meta(&info)?;
+            .map_err(any)?
+            .map_err(|e| invalid("received snapshot", e))?;
+        let (installed, name) = snapshot_meta(&info)?;
         if installed.last_log_id != meta.last_log_id {
-            return Err(werr(AnyError::error(format!(
-                "snapshot file holds state up to {:?}, its metadata says {:?}",
-                installed.last_log_id, meta.last_log_id
-            ))));
+            return Err(invalid(
+                "received snapshot",
+                format!(
+                    "the file holds state up to {:?}, its metadata says {:?}",
+                    installed.last_log_id, meta.last_log_id
+                ),
+            ));
         }
         self.make_current(&staged, meta.clone())?;
-        tracing::info!(snapshot = %meta.snapshot_id, "snapshot installed");
+        tracing::info!(snapshot = %name, "snapshot installed");
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
+    async fn get_current_snapshot(&mut self) -> io::Result<Option<Snapshot>> {
         self.open_current().await
     }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    type SnapshotData = SnapshotFile;
+
     #[tracing::instrument(level = "info", skip_all)]
-    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+    async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
         let tmp = self.tmp_path("build");
         let chat = self.inner.chat.clone();
         let tmp_for_build = tmp.clone();
         let info = tokio::task::spawn_blocking(move || chat.build_snapshot(&tmp_for_build))
             .await
-            .map_err(|e| StorageIOError::write_snapshot(None, any(e)))?
-            .map_err(|e| StorageIOError::write_snapshot(None, any(e)))?;
-        let meta = snapshot_meta(&info)?;
-        tracing::info!(snapshot = %meta.snapshot_id, bytes = info.bytes, "snapshot built");
+            .map_err(any)?
+            .map_err(any)?;
+        let (meta, name) = snapshot_meta(&info)?;
+        tracing::info!(snapshot = %name, bytes = info.bytes, "snapshot built");
         self.make_current(&tmp, meta)?;
         let snapshot = self.open_current().await?;
         Ok(snapshot.expect("a snapshot was just made current"))

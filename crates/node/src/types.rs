@@ -1,7 +1,5 @@
 //! The openraft type configuration shared by every node, and the addresses a member publishes.
 
-use std::io::Cursor;
-
 use serde::{Deserialize, Serialize};
 
 use crate::snapshot_file::SnapshotFile;
@@ -27,36 +25,54 @@ pub struct Member {
     pub name: String,
 }
 
-// `declare_raft_types!` expands a bare `Cursor` for its default snapshot type; keep it in scope
-// even though we override `SnapshotData`.
-#[allow(dead_code)]
-type _CursorInScope = Cursor<Vec<u8>>;
-
 openraft::declare_raft_types!(
     /// cellchat's openraft configuration: entries carry chat commands, responses are chat
-    /// responses, snapshots are files streamed from disk.
+    /// responses; everything else is openraft's default (u64 terms, leader ids ordered by term
+    /// then node id, tokio).
     pub TypeConfig:
         D = chat_sm::Command,
         R = chat_sm::ChatResponse,
         NodeId = NodeId,
         Node = Member,
-        Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = SnapshotFile,
-        AsyncRuntime = openraft::TokioRuntime,
-        Responder = openraft::impls::OneshotResponder<TypeConfig>,
 );
 
+/// A running Raft node over cellchat's state machine.
+pub type Raft = openraft::Raft<TypeConfig, crate::state_machine::StateMachine>;
 /// A log entry as openraft sees it.
-pub type Entry = openraft::Entry<TypeConfig>;
+pub type Entry = openraft::alias::EntryOf<TypeConfig>;
 /// A log id (leader id + index).
-pub type LogId = openraft::LogId<NodeId>;
+pub type LogId = openraft::alias::LogIdOf<TypeConfig>;
+/// The leader id a log id carries (term + node id).
+pub type CommittedLeaderId = openraft::alias::CommittedLeaderIdOf<TypeConfig>;
 /// A vote.
-pub type Vote = openraft::Vote<NodeId>;
-/// Storage errors in openraft's vocabulary.
-pub type StorageError = openraft::StorageError<NodeId>;
+pub type Vote = openraft::alias::VoteOf<TypeConfig>;
 /// Membership as stored in the state machine.
-pub type StoredMembership = openraft::StoredMembership<NodeId, Member>;
+pub type StoredMembership = openraft::alias::StoredMembershipOf<TypeConfig>;
+/// A membership configuration.
+pub type Membership = openraft::Membership<NodeId, Member>;
 /// Snapshot metadata.
-pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, Member>;
+pub type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
 /// A snapshot handle with its metadata.
-pub type Snapshot = openraft::Snapshot<TypeConfig>;
+pub type Snapshot = openraft::alias::SnapshotOf<TypeConfig, SnapshotFile>;
+
+/// openraft's metrics as of now.
+pub type Metrics = openraft::RaftMetrics<TypeConfig>;
+
+/// openraft's metrics watch.
+pub type MetricsWatch = openraft::alias::WatchReceiverOf<TypeConfig, Metrics>;
+
+/// A copy of `raft`'s current metrics (for a decision that reads several fields at once).
+pub fn metrics_now(raft: &Raft) -> Metrics {
+    use openraft::async_runtime::WatchReceiver;
+    raft.metrics().borrow_watched().clone()
+}
+
+/// Runs `f` on `raft`'s current server metrics (role, vote, leader, membership) without
+/// copying them: for checks on every RPC.
+pub fn with_server_metrics<T>(
+    raft: &Raft,
+    f: impl FnOnce(&openraft::metrics::RaftServerMetrics<TypeConfig>) -> T,
+) -> T {
+    use openraft::async_runtime::WatchReceiver;
+    f(&raft.server_metrics().borrow_watched())
+}

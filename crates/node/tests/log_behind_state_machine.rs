@@ -12,9 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chat_sm::Command;
-use node::{LogStore, Member, Network, Reconciled, StateMachine, TypeConfig};
+use node::{LogStore, Member, Network, Raft, Reconciled, StateMachine};
 use openraft::storage::{RaftLogStorage, RaftStateMachine};
-use openraft::Raft;
 
 fn raft_config() -> Arc<openraft::Config> {
     let config = openraft::Config {
@@ -37,7 +36,7 @@ fn register(i: u64) -> Command {
 
 /// Opens both stores the way `Server::start` does and starts Raft on them; returns clones of
 /// the stores for inspection.
-async fn start(dir: &Path) -> (Raft<TypeConfig>, Reconciled, LogStore, StateMachine) {
+async fn start(dir: &Path) -> (Raft, Reconciled, LogStore, StateMachine) {
     let mut log = LogStore::open(&dir.join("log")).expect("open log");
     let mut sm = open_sm(&dir.join("sm")).await;
     let reconciled = node::reconcile(&mut log, &mut sm).await.expect("reconcile");
@@ -63,7 +62,7 @@ async fn open_sm(dir: &Path) -> StateMachine {
     panic!("the state machine stayed locked for 5 s after shutdown");
 }
 
-async fn wait_leader(raft: &Raft<TypeConfig>) {
+async fn wait_leader(raft: &Raft) {
     raft.wait(Some(Duration::from_secs(10)))
         .current_leader(1, "node 1 leads")
         .await

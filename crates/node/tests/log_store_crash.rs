@@ -5,9 +5,11 @@
 
 use std::sync::Arc;
 
+use node::CommittedLeaderId;
 use node::{Entry, LogId, LogStore, Vote};
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt};
-use openraft::{CommittedLeaderId, RaftLogReader};
+use openraft::vote::RaftLeaderId;
+use openraft::RaftLogReader;
 use raft_log::{FaultyFs, Tear, Wal};
 
 fn log_id(term: u64, index: u64) -> LogId {
@@ -100,4 +102,45 @@ async fn a_purge_beyond_the_last_entry_moves_the_next_index() {
     assert_eq!(state.last_log_id, Some(log_id(2, 101)));
     let read = store.try_get_log_entries(0..200).await.unwrap();
     assert_eq!(read.len(), 1);
+}
+
+fn register(term: u64, index: u64, key_bytes: usize) -> Entry {
+    // A registration carries no body, so a long name stands in for a large entry.
+    Entry {
+        log_id: log_id(term, index),
+        payload: openraft::EntryPayload::Normal(chat_sm::Command::RegisterUser {
+            name: "x".repeat(key_bytes),
+            public_key: [0; 32],
+        }),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_reads_stop_at_the_byte_budget_but_never_at_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Arc::new(FaultyFs::new());
+    let mut store = open(dir.path(), &fs);
+    let entry_bytes = 600 << 10;
+    store
+        .blocking_append(
+            (0..8)
+                .map(|i| register(1, i, entry_bytes))
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap();
+    store
+        .blocking_append(vec![register(1, 8, 3 << 20), register(1, 9, 10)])
+        .await
+        .unwrap();
+    // Three 600 KiB entries fit in 2 MiB, a fourth does not.
+    let fit = node::APPEND_BYTES_MAX / entry_bytes;
+    let got = store.limited_get_log_entries(0, 8).await.unwrap();
+    assert_eq!(got.len(), fit);
+    assert_eq!(got.last().unwrap().log_id.index, fit as u64 - 1);
+    // An entry over the whole budget still goes, alone.
+    let got = store.limited_get_log_entries(8, 10).await.unwrap();
+    assert_eq!(got.len(), 1);
+    // Unlimited reads are not cut.
+    assert_eq!(store.try_get_log_entries(0..10).await.unwrap().len(), 10);
 }
