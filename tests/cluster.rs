@@ -404,3 +404,93 @@ async fn a_restarted_node_catches_up_and_a_node_down_past_a_purge_catches_up_by_
     );
     Ok(())
 }
+
+/// A leader whose log fsyncs hang hands leadership to another voter (`node::handover`'s disk
+/// watchdog) while its disk is still stalled. `--weaken stall-fsync` makes SIGUSR2 hang every
+/// log fsync of the leader for 3 s. Its followers' fsyncs still make a quorum, so openraft
+/// keeps it leading (its heartbeats go on) however long its own disk hangs; without the
+/// watchdog the leader would not change at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_disk_stalls_hands_over_before_the_stall_ends() -> anyhow::Result<()> {
+    testkit::server_binary_with_weaken()?;
+    let stall = ["--weaken", "stall-fsync", "--disk-stall-ms", "300"];
+    let cluster = three_ready_nodes("diskstall", &stall)?;
+    cluster.wait_converged(3, CONVERGE).await?;
+    let erin = TestUser::new("erin");
+    let first =
+        send_until_acked(&cluster, &erin, "general", b"before", [5; 16], 1, CONVERGE).await?;
+
+    let (leader_id, _) = leader_client_addr(&cluster, CONVERGE).await?;
+    let index = index_of(&cluster, leader_id);
+    let pid = cluster.nodes[index].pid().expect("running");
+    // Our own child's pid, so the signal cannot reach another process.
+    let sent = std::process::Command::new("kill")
+        .args(["-USR2", &pid.to_string()])
+        .status()?;
+    anyhow::ensure!(sent.success(), "kill -USR2 {pid} failed");
+    let stalled = Instant::now();
+    // The stall shows only once there is something to sync.
+    let second =
+        send_until_acked(&cluster, &erin, "general", b"during", [5; 16], 2, CONVERGE).await?;
+    assert_eq!(
+        second.seq,
+        first.seq + 1,
+        "seqs stay dense, the send applied once"
+    );
+
+    let within = Duration::from_millis(2500);
+    let new_leader = loop {
+        let (id, _) = leader_client_addr(&cluster, CONVERGE).await?;
+        if id != leader_id {
+            break id;
+        }
+        let log = cluster.nodes[index].log_tail(60);
+        anyhow::ensure!(
+            stalled.elapsed() < within,
+            "leader {leader_id} still leads {within:?} into a 3 s stall; its log:\n{log}"
+        );
+    };
+    let moved = stalled.elapsed();
+    let old_log = cluster.nodes[index].log_tail(200);
+    assert!(
+        old_log.contains("disk stalled: handing leadership over"),
+        "the stalled leader handed over:\n{old_log}"
+    );
+    let third =
+        send_until_acked(&cluster, &erin, "general", b"after", [5; 16], 3, CONVERGE).await?;
+    assert_eq!(third.seq, second.seq + 1);
+    eprintln!("leader {leader_id}'s disk stalled; node {new_leader} leads after {moved:?}");
+    Ok(())
+}
+
+/// A leader stopped with SIGTERM hands leadership to a caught-up voter before it exits, and
+/// the cluster keeps taking sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopped_with_sigterm_hands_leadership_over_first() -> anyhow::Result<()> {
+    let mut cluster = three_ready_nodes("handover", &[])?;
+    cluster.wait_converged(3, CONVERGE).await?;
+    let fay = TestUser::new("fay");
+    let first =
+        send_until_acked(&cluster, &fay, "general", b"before", [6; 16], 1, CONVERGE).await?;
+    let (leader_id, _) = leader_client_addr(&cluster, CONVERGE).await?;
+    let index = index_of(&cluster, leader_id);
+    assert!(
+        cluster.nodes[index].terminate(Duration::from_secs(20)),
+        "the leader exits by itself on SIGTERM"
+    );
+    let log = cluster.nodes[index].log_tail(100);
+    assert!(
+        log.contains("stopping: handing leadership over"),
+        "the leader offered leadership away:\n{log}"
+    );
+    assert!(
+        !log.contains("no other node took over"),
+        "another node took over before the leader stopped:\n{log}"
+    );
+    let second =
+        send_until_acked(&cluster, &fay, "general", b"after", [6; 16], 2, CONVERGE).await?;
+    assert_eq!(second.seq, first.seq + 1);
+    let (new_leader, _) = leader_client_addr(&cluster, CONVERGE).await?;
+    assert_ne!(new_leader, leader_id);
+    Ok(())
+}

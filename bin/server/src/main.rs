@@ -136,6 +136,10 @@ struct RunArgs {
     /// Raft election timeout upper bound in ms (also the leader lease).
     #[arg(long, env = "CELLCHAT_ELECTION_MAX_MS", default_value_t = 240)]
     election_max_ms: u64,
+    /// A Raft log fsync running this long (ms) counts as a stalled disk: the node refuses
+    /// writes and, when leading, hands leadership to another voter until the fsync returns.
+    #[arg(long, env = "CELLCHAT_DISK_STALL_MS", default_value_t = 500)]
+    disk_stall_ms: u64,
     /// Take a snapshot (and purge the log below it) every N applied entries.
     #[arg(long, env = "CELLCHAT_SNAPSHOT_EVERY", default_value_t = 10_000)]
     snapshot_every: u64,
@@ -286,6 +290,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     config.heartbeat_ms = args.heartbeat_ms;
     config.election_timeout_ms_min = args.election_min_ms;
     config.election_timeout_ms_max = args.election_max_ms;
+    config.disk_stall_ms = args.disk_stall_ms;
     config.snapshot_every_entries = args.snapshot_every;
     config.log_keep_entries = args.log_keep;
     config.wal_segment_mib = args.wal_segment_mib;

@@ -44,10 +44,14 @@ pub struct Config {
     pub heartbeat_ms: u64,
     /// Election timeout lower bound in ms. Default 120; more than `heartbeat_ms`.
     pub election_timeout_ms_min: u64,
-    /// Election timeout upper bound in ms. Default 240; more than the lower bound. openraft 0.9
+    /// Election timeout upper bound in ms. Default 240; more than the lower bound. openraft
     /// also uses it as the leader lease: a follower refuses votes for this long after the
     /// leader's last heartbeat.
     pub election_timeout_ms_max: u64,
+    /// A Raft log fsync running this long (ms) counts as a stalled disk: the node refuses
+    /// writes and elections and, when leading, hands leadership over until it returns
+    /// (`handover.rs`). Default 500; 50 to 60000.
+    pub disk_stall_ms: u64,
     /// Build a snapshot after this many applied entries. Default 10000; at least 2.
     pub snapshot_every_entries: u64,
     /// Entries kept in the log after a snapshot, so briefly lagging followers need no
@@ -96,6 +100,7 @@ impl Config {
             heartbeat_ms: 30,
             election_timeout_ms_min: 120,
             election_timeout_ms_max: 240,
+            disk_stall_ms: 500,
             snapshot_every_entries: 10_000,
             log_keep_entries: 1000,
             wal_segment_mib: 64,
@@ -156,6 +161,12 @@ impl Config {
             return Err(format!(
                 "wal segment size {} MiB must be 1 to 1024",
                 self.wal_segment_mib
+            ));
+        }
+        if !(50..=60_000).contains(&self.disk_stall_ms) {
+            return Err(format!(
+                "disk stall threshold {} ms must be 50 to 60000",
+                self.disk_stall_ms
             ));
         }
         if self.snapshot_every_entries < 2 {

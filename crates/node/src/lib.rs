@@ -18,6 +18,7 @@ pub mod codec;
 mod config;
 mod data_dir;
 mod delivery;
+mod handover;
 mod leader_watch;
 mod log_store;
 mod metrics;
@@ -38,7 +39,8 @@ pub use cluster::{JoinError, JoinReply, JoinRequest, NodeAddrs, RemoveReply, Rem
 pub use config::Config;
 pub use data_dir::{DataDir, DataDirError};
 pub use delivery::Delivery;
-pub use log_store::{AckPolicy, LogStore, APPEND_BYTES_MAX, WAL_DIR};
+pub use handover::WriteGate;
+pub use log_store::{AckPolicy, LogStore, SyncWatch, APPEND_BYTES_MAX, WAL_DIR};
 pub use metrics::{DiskPaths, Metrics, NodeInfo, StorageMetrics};
 pub use name::{default_name, validate_name, NameError, NAME_LEN_MAX};
 pub use proposer::{ProposeError, Proposed, Proposer, ProposerConfig};

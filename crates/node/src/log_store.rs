@@ -66,6 +66,42 @@ pub enum AckPolicy {
     BeforeFsync,
 }
 
+/// How long the log's current fsync has run: what the disk watchdog (`handover.rs`) reads.
+/// Cheap to clone; clones share the flusher's record.
+#[derive(Clone, Default)]
+pub struct SyncWatch {
+    /// When the running sync started; `None` while none runs.
+    started: Arc<Mutex<Option<std::time::Instant>>>,
+    /// Test hook (weaken mode `stall-fsync`): syncs wait until then, as on a hung disk.
+    stall_until: Arc<Mutex<Option<std::time::Instant>>>,
+}
+
+impl SyncWatch {
+    /// How long the current sync has been running; zero when none runs.
+    pub fn running_for(&self) -> std::time::Duration {
+        self.started
+            .lock()
+            .map_or(std::time::Duration::ZERO, |at| at.elapsed())
+    }
+
+    /// Makes every sync from now until `until` wait until then, as a hung disk would.
+    pub fn stall_until(&self, until: std::time::Instant) {
+        *self.stall_until.lock() = Some(until);
+    }
+
+    /// Runs one sync, recording when it started.
+    fn time<T>(&self, sync: impl FnOnce() -> T) -> T {
+        *self.started.lock() = Some(std::time::Instant::now());
+        let stall = self.stall_until.lock().take();
+        if let Some(until) = stall {
+            std::thread::sleep(until.saturating_duration_since(std::time::Instant::now()));
+        }
+        let result = sync();
+        *self.started.lock() = None;
+        result
+    }
+}
+
 /// The Raft log of one node. Cheap to clone; clones share the same `Wal` and serve as
 /// openraft's log reader handles for the replication tasks.
 #[derive(Clone)]
@@ -82,6 +118,7 @@ struct Inner {
     flusher: mpsc::Sender<IOFlushed<TypeConfig>>,
     /// Index of the last committed id openraft saved, for metrics and readiness.
     committed_index: Arc<AtomicU64>,
+    sync_watch: SyncWatch,
 }
 
 impl Debug for LogStore {
@@ -145,9 +182,11 @@ impl LogStore {
         };
         let (tx, rx) = mpsc::channel();
         let flusher_wal = wal.clone();
+        let sync_watch = SyncWatch::default();
+        let flusher_watch = sync_watch.clone();
         thread::Builder::new()
             .name("raft-log-flusher".into())
-            .spawn(move || run_flusher(&flusher_wal, &rx, ack))?;
+            .spawn(move || run_flusher(&flusher_wal, &rx, ack, &flusher_watch))?;
         Ok(LogStore {
             inner: Arc::new(Inner {
                 wal,
@@ -158,6 +197,7 @@ impl LogStore {
                 }),
                 flusher: tx,
                 committed_index: Arc::new(AtomicU64::new(0)),
+                sync_watch,
             }),
         })
     }
@@ -165,6 +205,11 @@ impl LogStore {
     /// The last committed index openraft reported, shared for metrics and readiness.
     pub fn committed_index(&self) -> Arc<AtomicU64> {
         self.inner.committed_index.clone()
+    }
+
+    /// The flusher's sync progress, for the disk watchdog.
+    pub fn sync_watch(&self) -> SyncWatch {
+        self.inner.sync_watch.clone()
     }
 
     /// The underlying `Wal`, for metrics and tests.
@@ -175,7 +220,12 @@ impl LogStore {
 
 /// Group commit for openraft's flush callbacks: take every callback waiting now, fsync once,
 /// then complete them all. Runs until every `LogStore` clone is dropped.
-fn run_flusher(wal: &Wal, rx: &mpsc::Receiver<IOFlushed<TypeConfig>>, ack: AckPolicy) {
+fn run_flusher(
+    wal: &Wal,
+    rx: &mpsc::Receiver<IOFlushed<TypeConfig>>,
+    ack: AckPolicy,
+    watch: &SyncWatch,
+) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
@@ -190,7 +240,7 @@ fn run_flusher(wal: &Wal, rx: &mpsc::Receiver<IOFlushed<TypeConfig>>, ack: AckPo
         // `Wal::sync` panics if fsync itself fails (the page cache no longer tells us what is
         // on disk, so nothing may be acknowledged); an `Err` here is a closed or broken Wal,
         // which openraft treats as a fatal storage error.
-        let result = wal.sync();
+        let result = watch.time(|| wal.sync());
         for callback in batch {
             let outcome = match &result {
                 Ok(()) => Ok(()),

@@ -16,6 +16,7 @@ use openraft::error::{ClientWriteError, RaftError};
 
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use crate::handover::WriteGate;
 use crate::metrics::Metrics;
 use crate::types::{Member, NodeId, Raft, TypeConfig};
 
@@ -84,15 +85,22 @@ struct Pending {
 #[derive(Clone)]
 pub struct Proposer {
     tx: mpsc::Sender<Pending>,
+    gate: WriteGate,
 }
 
 impl Proposer {
     /// Starts the proposer task for `raft`. The task ends when every handle is dropped.
-    pub fn spawn(raft: Raft, config: ProposerConfig, metrics: Arc<Metrics>) -> Proposer {
+    /// Sends are refused while `gate` is closed (the disk watchdog closes it).
+    pub fn spawn(
+        raft: Raft,
+        config: ProposerConfig,
+        metrics: Arc<Metrics>,
+        gate: WriteGate,
+    ) -> Proposer {
         assert!(config.batch_count_max >= 1 && config.in_flight_max >= 1);
         let (tx, rx) = mpsc::channel(config.queue_len.max(1));
         tokio::spawn(run(raft, config, rx, metrics));
-        Proposer { tx }
+        Proposer { tx, gate }
     }
 
     /// Proposes one send and waits until its entry is applied (or fails).
@@ -102,6 +110,10 @@ impl Proposer {
     /// stopped, in which case the send may or may not have been applied.
     #[tracing::instrument(level = "debug", skip_all, fields(channel = %send.channel, client_seq = send.client_seq))]
     pub async fn propose(&self, send: SendCmd) -> Result<Proposed, ProposeError> {
+        if self.gate.is_closed() {
+            // This node's disk is stalled: the client retries on the node that takes over.
+            return Err(ProposeError::NotLeader { leader: None });
+        }
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Pending { send, reply })

@@ -26,6 +26,7 @@ use crate::cluster::{self, Formation, NodeAddrs, Peers};
 use crate::config::Config;
 use crate::data_dir::{DataDir, DataDirError};
 use crate::delivery::Delivery;
+use crate::handover::{self, DiskWatchdog, WriteGate};
 use crate::log_store::{AckPolicy, LogStore, WAL_DIR};
 use crate::metrics::{self, DiskPaths, Metrics, NodeInfo, StorageMetrics};
 use crate::proposer::{Proposer, ProposerConfig};
@@ -278,6 +279,13 @@ impl Server {
             .await
             .map_err(|e| ServerError::Storage(e.to_string()))?;
         let committed = log_store.committed_index();
+        let sync_watch = log_store.sync_watch();
+        #[cfg(feature = "weaken")]
+        if config.weaken.stall_fsync {
+            crate::weaken::spawn_stall_trigger(sync_watch.clone()).map_err(|e| {
+                ServerError::Storage(format!("installing the SIGUSR2 handler: {e}"))
+            })?;
+        }
         let chat = state_machine.chat().clone();
         let delivery = Delivery::new(chat.applied_index().map_or(0, |i| i.0));
         chat.set_apply_listener(delivery.listener());
@@ -302,7 +310,13 @@ impl Server {
             node_info,
             disk_paths,
         ));
-        let proposer = Proposer::spawn(raft.clone(), ProposerConfig::default(), metrics.clone());
+        let gate = WriteGate::default();
+        let proposer = Proposer::spawn(
+            raft.clone(),
+            ProposerConfig::default(),
+            metrics.clone(),
+            gate.clone(),
+        );
         let peers = Peers::default();
         let shared = Arc::new(ApiShared {
             id,
@@ -345,6 +359,15 @@ impl Server {
                 raft.metrics(),
             )),
             metrics::serve(metrics_listener, metrics, raft.clone()),
+            tokio::spawn(
+                DiskWatchdog {
+                    raft: raft.clone(),
+                    sync: sync_watch,
+                    gate,
+                    threshold: Duration::from_millis(config.disk_stall_ms),
+                }
+                .run(),
+            ),
         ];
         if let Some(pings) = pings {
             let (raft, delivery) = (raft.clone(), shared.delivery.clone());
@@ -458,6 +481,7 @@ impl Server {
     /// Stops Raft and every task of this node. The data dir lock is released when the
     /// `Server` is dropped.
     pub async fn shutdown(self) {
+        handover::hand_over(&self.raft).await;
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown reported an error");
         }

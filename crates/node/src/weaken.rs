@@ -22,6 +22,9 @@
 //!   per write either, so after a real power failure it may be behind the log; rolling back to
 //!   the snapshot, whose build synced it, is the most it can lose), and openraft re-applies
 //!   the log from there.
+//! - `stall-fsync`: not a weakness either but a disk fault: SIGUSR2 makes every Raft log fsync
+//!   of the next 3 seconds wait until they are over, as a hung disk would, to exercise the
+//!   disk watchdog (`handover.rs`).
 
 use std::fmt;
 
@@ -34,13 +37,19 @@ pub struct Weaken {
     pub ack_before_fsync: bool,
     /// WAL on `FaultyFs`; SIGUSR1 simulates a power failure.
     pub faulty_fs: bool,
+    /// SIGUSR2 stalls the log's fsyncs for 3 s.
+    pub stall_fsync: bool,
 }
+
+/// How long a SIGUSR2 stalls the log's fsyncs in mode `stall-fsync`.
+#[cfg(feature = "weaken")]
+const STALL: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Whether this build can be weakened at all (cargo feature `weaken`).
 pub const AVAILABLE: bool = cfg!(feature = "weaken");
 
 /// The mode names `parse` accepts.
-pub const MODES: [&str; 3] = ["skip-dedup", "ack-before-fsync", "faulty-fs"];
+pub const MODES: [&str; 4] = ["skip-dedup", "ack-before-fsync", "faulty-fs", "stall-fsync"];
 
 /// File in the data dir that a simulated power failure leaves behind; the next start rolls
 /// the chat state back to its snapshot and removes it.
@@ -58,6 +67,7 @@ impl Weaken {
                 "skip-dedup" => weaken.skip_dedup = true,
                 "ack-before-fsync" => weaken.ack_before_fsync = true,
                 "faulty-fs" => weaken.faulty_fs = true,
+                "stall-fsync" => weaken.stall_fsync = true,
                 other => {
                     return Err(format!(
                         "unknown weaken mode {other:?}; known: {}",
@@ -72,7 +82,7 @@ impl Weaken {
 
     /// Whether any mode is on.
     pub fn any(&self) -> bool {
-        self.skip_dedup || self.ack_before_fsync || self.faulty_fs
+        self.skip_dedup || self.ack_before_fsync || self.faulty_fs || self.stall_fsync
     }
 
     /// # Errors
@@ -91,7 +101,12 @@ impl Weaken {
 
 impl fmt::Display for Weaken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let on = [self.skip_dedup, self.ack_before_fsync, self.faulty_fs];
+        let on = [
+            self.skip_dedup,
+            self.ack_before_fsync,
+            self.faulty_fs,
+            self.stall_fsync,
+        ];
         let names: Vec<&str> = MODES
             .iter()
             .zip(on)
@@ -99,6 +114,24 @@ impl fmt::Display for Weaken {
             .collect();
         f.write_str(&names.join(","))
     }
+}
+
+/// Waits for SIGUSR2 (each time), then stalls the log's fsyncs for [`STALL`]
+/// (mode `stall-fsync`, feature `weaken` only).
+#[cfg(feature = "weaken")]
+pub(crate) fn spawn_stall_trigger(watch: crate::log_store::SyncWatch) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut usr2 = signal(SignalKind::user_defined2())?;
+    tokio::spawn(async move {
+        while usr2.recv().await.is_some() {
+            tracing::warn!(
+                secs = STALL.as_secs(),
+                "weaken: stalling every raft log fsync"
+            );
+            watch.stall_until(std::time::Instant::now() + STALL);
+        }
+    });
+    Ok(())
 }
 
 /// The power-failure simulation behind the `faulty-fs` mode (feature `weaken` only).
