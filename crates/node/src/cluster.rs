@@ -1,28 +1,12 @@
-//! Zero-configuration cluster formation and membership: discovery announcements, the
-//! bootstrap-or-join decision, the leader's join handler, and promotion of learners to voters.
-//!
-//! # The formation rule
-//! A fresh node (no Raft state) listens for `formation_window_ms`, announcing itself by
-//! broadcast (and to every `--join` address). Then, every tick:
-//! 1. if some node announces itself leader, the fresh node asks that leader to add it (as a
-//!    learner; the leader promotes learners to voters while voters < `max_voters`);
-//! 2. else, if any node announces a term > 0 or a vote (a cluster exists but is electing), it
-//!    waits;
-//! 3. else, among the fresh nodes it has heard (itself included), the one with the lowest id
-//!    bootstraps a one-voter cluster and the others wait for it to announce leadership. With
-//!    `--bootstrap-expect N` the lowest id waits until it has heard N fresh nodes and
-//!    bootstraps them all as voters at once.
-//!
-//! On one machine (or a LAN) every node hears every announcement several times within the
-//! window, so ten nodes started in the same second agree on the lowest id and form exactly one
-//! cluster. A node that restarts has Raft state and never bootstraps; if it finds no leader in
-//! its own view while discovery shows one, it asks to join again (the leader answers at once
-//! when it is already a member).
+//! Cluster membership plumbing: discovery announcements and the peers they record, the
+//! leader's join and removal handlers. The formation and promotion rules are in `formation.rs`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState};
@@ -31,7 +15,7 @@ use proto::discovery::{DiscoverySocket, NodeAnnounce, NodeStatus, Packet, PingSo
 use proto::Role;
 use serde::{Deserialize, Serialize};
 
-use crate::types::{Member, NodeId, Raft, TypeConfig};
+use crate::types::{Member, NodeId, Raft};
 
 /// How long a peer's announcement counts as alive.
 const PEER_TTL: Duration = Duration::from_secs(5);
@@ -40,10 +24,6 @@ const ANNOUNCE_FAST: Duration = Duration::from_millis(200);
 const ANNOUNCE_SLOW: Duration = Duration::from_secs(1);
 /// How long after start announcements stay fast.
 const FAST_PHASE: Duration = Duration::from_secs(10);
-/// Formation and promotion tick.
-const TICK: Duration = Duration::from_millis(250);
-/// A learner is promoted once it is within this many entries of the leader's log.
-const PROMOTE_LAG_MAX: u64 = 1000;
 
 /// A request to be added to the cluster, sent to the leader over Raft RPC.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,7 +111,8 @@ pub struct Peers {
 }
 
 impl Peers {
-    fn record(&self, announce: NodeAnnounce) {
+    /// Records an announcement heard now.
+    pub fn record(&self, announce: NodeAnnounce) {
         self.inner
             .lock()
             .insert(announce.node_id, (announce, Instant::now()));
@@ -323,239 +304,6 @@ async fn receive_loop(
     }
 }
 
-/// Everything the formation and membership loops need.
-#[derive(Clone)]
-pub struct Formation {
-    /// This node's Raft.
-    pub raft: Raft,
-    /// This node's id.
-    pub id: NodeId,
-    /// Cluster name.
-    pub cluster: String,
-    /// This node's addresses.
-    pub member: Member,
-    /// Peers heard by discovery.
-    pub peers: Peers,
-    /// Wait this long before deciding anything.
-    pub window: Duration,
-    /// Bootstrap together with this many fresh nodes.
-    pub bootstrap_expect: Option<usize>,
-    /// Most voters.
-    pub max_voters: usize,
-    /// Election timeout upper bound, for "no leader for a while".
-    pub election_timeout_max: Duration,
-    /// Set while this node leaves the cluster: it must not ask to join again.
-    pub leaving: Arc<std::sync::atomic::AtomicBool>,
-    /// Started with `--rejoin` after a leave: elections stay off until a leader is known.
-    pub rejoining: bool,
-}
-
-impl Formation {
-    /// Runs formation (while this node has no leader) and promotion (while it leads), forever.
-    pub async fn run(self) {
-        let started = Instant::now();
-        let mut leaderless_since = Some(Instant::now());
-        let mut last_join: Option<Instant> = None;
-        let mut rejoining = self.rejoining;
-        if rejoining {
-            // A node that left may still hold a membership naming it a voter. Campaigning on it
-            // would raise the term of the members that remain and depose their leader, so it
-            // waits, silent, until a leader has added it again and replicates to it.
-            self.raft.runtime_config().elect(false);
-        }
-        loop {
-            tokio::time::sleep(TICK).await;
-            let metrics = crate::types::metrics_now(&self.raft);
-            if metrics.state == ServerState::Shutdown {
-                return;
-            }
-            if self.leaving.load(std::sync::atomic::Ordering::SeqCst) {
-                continue;
-            }
-            if metrics.current_leader.is_some() {
-                if rejoining {
-                    self.raft.runtime_config().elect(true);
-                    rejoining = false;
-                    tracing::info!("rejoined the cluster");
-                }
-                leaderless_since = None;
-                if metrics.state == ServerState::Leader {
-                    self.promote_learners(&metrics).await;
-                }
-                continue;
-            }
-            let since = *leaderless_since.get_or_insert_with(Instant::now);
-            if started.elapsed() < self.window {
-                continue;
-            }
-            let initialized = metrics
-                .membership_config
-                .membership()
-                .voter_ids()
-                .next()
-                .is_some();
-            let peers = self.peers.alive();
-            if let Some(leader) = peers.iter().find(|p| p.role == Role::Leader) {
-                let waited = since.elapsed() > self.election_timeout_max * 2;
-                let recent = last_join.is_some_and(|t| t.elapsed() < Duration::from_secs(1));
-                if (!initialized || waited) && !recent {
-                    last_join = Some(Instant::now());
-                    self.join_via(leader).await;
-                }
-                continue;
-            }
-            if initialized || peers.iter().any(|p| p.term > 0 || p.voter) {
-                continue;
-            }
-            self.maybe_bootstrap(&peers).await;
-        }
-    }
-
-    async fn join_via(&self, leader: &NodeAnnounce) {
-        let request = JoinRequest {
-            cluster: self.cluster.clone(),
-            id: self.id,
-            member: self.member.clone(),
-        };
-        match crate::raft_rpc::request_join(leader.raft_addr, leader.node_id, request).await {
-            Ok(reply) => tracing::info!(leader = leader.node_id, ?reply, "joined cluster"),
-            Err(e) => {
-                tracing::warn!(leader = leader.node_id, error = %e, "join failed; will retry")
-            }
-        }
-    }
-
-    async fn maybe_bootstrap(&self, peers: &[NodeAnnounce]) {
-        let mut fresh: BTreeMap<NodeId, Member> = peers
-            .iter()
-            .filter(|p| p.term == 0 && !p.voter && p.leader.is_none())
-            .map(|p| {
-                let member = NodeAddrs {
-                    raft: p.raft_addr,
-                    client: p.client_addr,
-                    metrics: p.metrics_addr,
-                }
-                .member(&p.name);
-                (p.node_id, member)
-            })
-            .collect();
-        fresh.insert(self.id, self.member.clone());
-        let lowest = *fresh.keys().next().expect("contains this node");
-        if lowest != self.id {
-            return;
-        }
-        let voters: BTreeMap<NodeId, Member> = match self.bootstrap_expect {
-            None => BTreeMap::from([(self.id, self.member.clone())]),
-            Some(n) if fresh.len() >= n => fresh.into_iter().take(n).collect(),
-            Some(n) => {
-                tracing::info!(
-                    heard = fresh.len(),
-                    expect = n,
-                    "waiting for more nodes before bootstrap"
-                );
-                return;
-            }
-        };
-        let ids: Vec<NodeId> = voters.keys().copied().collect();
-        match self.raft.initialize(voters).await {
-            Ok(()) => tracing::info!(voters = ?ids, "bootstrapped a new cluster"),
-            Err(e) => tracing::warn!(error = %e, "bootstrap refused"),
-        }
-    }
-
-    async fn promote_learners(&self, metrics: &openraft::RaftMetrics<TypeConfig>) {
-        let membership = metrics.membership_config.membership();
-        if membership.get_joint_config().len() > 1 {
-            // A promotion commits a joint config and then the final one; when the second step
-            // fails (a concurrent join changed the membership first: `InProgress`), the joint
-            // config stays and would stop every later promotion. Finish it: asking for no new
-            // voters moves the joint config to its last half, as the second step would have.
-            match self
-                .raft
-                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::new()), true)
-                .await
-            {
-                Ok(_) => tracing::info!("finished a joint membership left by a promotion"),
-                Err(e) => {
-                    tracing::warn!(error = %e, "finishing a joint membership failed; will retry")
-                }
-            }
-            return;
-        }
-        let nodes: BTreeMap<NodeId, Member> =
-            membership.nodes().map(|(id, m)| (*id, m.clone())).collect();
-        // Discovery never records this node's own announcements; it reports itself.
-        let reported = self
-            .peers
-            .alive()
-            .into_iter()
-            .map(|a| (a.node_id, announced_member(&a)))
-            .chain([(self.id, self.member.clone())]);
-        let named = names_for_unnamed_members(&nodes, reported);
-        if !named.is_empty() {
-            // Same addresses, only the name filled in: the member stays the same process, so
-            // replacing its record cannot point an id at another node.
-            let ids: Vec<NodeId> = named.keys().copied().collect();
-            match self
-                .raft
-                .change_membership(ChangeMembers::SetNodes(named), true)
-                .await
-            {
-                Ok(_) => {
-                    tracing::info!(nodes = ?ids, "recorded the names of members added before names")
-                }
-                Err(e) => tracing::warn!(error = %e, "recording member names failed; will retry"),
-            }
-            return;
-        }
-        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-        if voters.len() >= self.max_voters {
-            return;
-        }
-        let last = metrics.last_log_index.unwrap_or(0);
-        let Some(replication) = &metrics.replication else {
-            return;
-        };
-        // A learner qualifies when it is close behind and known to be alive: either discovery
-        // heard it recently, or it has acknowledged the leader's last entry (it answered the
-        // latest replication, so it is up even if its announcements do not reach us).
-        let candidate = membership.learner_ids().find(|id| {
-            let matched = replication
-                .get(id)
-                .copied()
-                .flatten()
-                .map_or(0, |l| l.index);
-            let close = last.saturating_sub(matched) <= PROMOTE_LAG_MAX;
-            let alive = matched == last || self.peers.get(*id).is_some();
-            close && alive
-        });
-        let Some(id) = candidate else {
-            return;
-        };
-        // Awaited to the end on purpose: change_membership commits a joint config and then the
-        // final one from this future, so abandoning it midway would leave the joint config
-        // in place and stop all later promotions.
-        match self
-            .raft
-            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), true)
-            .await
-        {
-            Ok(_) => tracing::info!(node = id, "promoted learner to voter"),
-            Err(e) => tracing::warn!(node = id, error = %e, "promotion failed; will retry"),
-        }
-    }
-}
-
-/// The membership record a node's announcement describes.
-fn announced_member(announce: &NodeAnnounce) -> Member {
-    NodeAddrs {
-        raft: announce.raft_addr,
-        client: announce.client_addr,
-        metrics: announce.metrics_addr,
-    }
-    .member(&announce.name)
-}
-
 /// Members recorded before names (empty name) whose node reports itself (through discovery,
 /// or the leader itself) at the recorded Raft address, with the name it reports, unless
 /// another member has that name. The leader writes these back into the membership, so a
@@ -735,7 +483,7 @@ mod tests {
     fn reports(heard: &[NodeAnnounce]) -> Vec<(NodeId, Member)> {
         heard
             .iter()
-            .map(|a| (a.node_id, announced_member(a)))
+            .map(|a| (a.node_id, crate::formation::announced_member(a)))
             .collect()
     }
 

@@ -18,6 +18,7 @@ pub mod codec;
 mod config;
 mod data_dir;
 mod delivery;
+pub mod formation;
 mod handover;
 mod leader_watch;
 mod log_store;
@@ -35,11 +36,14 @@ mod types;
 mod weaken;
 
 pub use admin::{LeaveReply, LeaveRequest, MemberInfo, MemberState, MembersRequest};
-pub use cluster::{JoinError, JoinReply, JoinRequest, NodeAddrs, RemoveReply, RemoveRequest};
+pub use cluster::{
+    handle_join, role_of, self_announce, JoinError, JoinReply, JoinRequest, NodeAddrs, Peers,
+    RemoveReply, RemoveRequest,
+};
 pub use config::Config;
 pub use data_dir::{DataDir, DataDirError};
 pub use delivery::Delivery;
-pub use handover::WriteGate;
+pub use handover::{hand_over, DiskWatchdog, WriteGate};
 pub use log_store::{AckPolicy, LogStore, SyncWatch, APPEND_BYTES_MAX, WAL_DIR};
 pub use metrics::{DiskPaths, Metrics, NodeInfo, StorageMetrics};
 pub use name::{default_name, validate_name, NameError, NAME_LEN_MAX};
@@ -53,6 +57,7 @@ pub use server::{Server, ServerError};
 pub use snapshot_file::SnapshotFile;
 pub use snapshot_transfer::{SnapshotChunk, SnapshotReceiver, TransferError};
 pub use state_machine::StateMachine;
+pub use types::{metrics_now, start_raft, Runtime};
 pub use types::{
     CommittedLeaderId, Entry, LogId, Member, Membership, NodeId, Raft, Snapshot, SnapshotMeta,
     StoredMembership, TypeConfig, Vote,

@@ -26,6 +26,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use std::io;
 
@@ -64,37 +67,65 @@ pub enum AckPolicy {
     /// of the `weaken` feature selects it, to show that the harness catches the loss after a
     /// power failure.
     BeforeFsync,
+    /// After `Wal::sync` on the appending task itself, with no flusher thread and no group
+    /// commit: for the simulated cluster, whose paused clock would jump ahead while openraft
+    /// waited for another thread.
+    Inline,
 }
 
 /// How long the log's current fsync has run: what the disk watchdog (`handover.rs`) reads.
-/// Cheap to clone; clones share the flusher's record.
+/// Cheap to clone; clones share the flusher's record. Times are tokio's, so a paused test
+/// clock (the simulated cluster) sees stalls in virtual time.
 #[derive(Clone, Default)]
 pub struct SyncWatch {
     /// When the running sync started; `None` while none runs.
-    started: Arc<Mutex<Option<std::time::Instant>>>,
-    /// Test hook (weaken mode `stall-fsync`): syncs wait until then, as on a hung disk.
-    stall_until: Arc<Mutex<Option<std::time::Instant>>>,
+    started: Arc<Mutex<Option<Instant>>>,
+    /// Test hook (weaken mode `stall-fsync`, the simulated cluster): syncs wait until then, as
+    /// on a hung disk.
+    stall_until: Arc<Mutex<Option<Instant>>>,
 }
 
 impl SyncWatch {
     /// How long the current sync has been running; zero when none runs.
-    pub fn running_for(&self) -> std::time::Duration {
-        self.started
-            .lock()
-            .map_or(std::time::Duration::ZERO, |at| at.elapsed())
+    pub fn running_for(&self) -> Duration {
+        self.started.lock().map_or(Duration::ZERO, |at| {
+            Instant::now().saturating_duration_since(at)
+        })
     }
 
     /// Makes every sync from now until `until` wait until then, as a hung disk would.
-    pub fn stall_until(&self, until: std::time::Instant) {
+    pub fn stall_until(&self, until: Instant) {
         *self.stall_until.lock() = Some(until);
     }
 
-    /// Runs one sync, recording when it started.
+    /// When a sync starting now would end its stall, if one is set; records the start.
+    fn begin(&self) -> Option<Instant> {
+        let now = Instant::now();
+        *self.started.lock() = Some(now);
+        let mut stall = self.stall_until.lock();
+        match *stall {
+            Some(until) if until > now => Some(until),
+            _ => {
+                *stall = None;
+                None
+            }
+        }
+    }
+
+    /// Runs one sync on the flusher thread, recording when it started.
     fn time<T>(&self, sync: impl FnOnce() -> T) -> T {
-        *self.started.lock() = Some(std::time::Instant::now());
-        let stall = self.stall_until.lock().take();
-        if let Some(until) = stall {
-            std::thread::sleep(until.saturating_duration_since(std::time::Instant::now()));
+        if let Some(until) = self.begin() {
+            std::thread::sleep(until.saturating_duration_since(Instant::now()));
+        }
+        let result = sync();
+        *self.started.lock() = None;
+        result
+    }
+
+    /// Runs one sync on the appending task ([`AckPolicy::Inline`]).
+    async fn time_inline<T>(&self, sync: impl FnOnce() -> T) -> T {
+        if let Some(until) = self.begin() {
+            tokio::time::sleep_until(until).await;
         }
         let result = sync();
         *self.started.lock() = None;
@@ -115,7 +146,8 @@ struct Inner {
     /// Last purged log id and last present log id, kept in memory so `get_log_state` reads no
     /// disk. Updated by `append`, `truncate` and `purge` (all on the RaftCore task).
     state: Mutex<LogState<TypeConfig>>,
-    flusher: mpsc::Sender<IOFlushed<TypeConfig>>,
+    /// The flusher thread's queue; `None` with [`AckPolicy::Inline`].
+    flusher: Option<mpsc::Sender<IOFlushed<TypeConfig>>>,
     /// Index of the last committed id openraft saved, for metrics and readiness.
     committed_index: Arc<AtomicU64>,
     sync_watch: SyncWatch,
@@ -180,13 +212,18 @@ impl LogStore {
             Some(index) => Some(read_log_id(&wal, index)?),
             None => purged,
         };
-        let (tx, rx) = mpsc::channel();
-        let flusher_wal = wal.clone();
         let sync_watch = SyncWatch::default();
-        let flusher_watch = sync_watch.clone();
-        thread::Builder::new()
-            .name("raft-log-flusher".into())
-            .spawn(move || run_flusher(&flusher_wal, &rx, ack, &flusher_watch))?;
+        let flusher = if ack == AckPolicy::Inline {
+            None
+        } else {
+            let (tx, rx) = mpsc::channel();
+            let flusher_wal = wal.clone();
+            let flusher_watch = sync_watch.clone();
+            thread::Builder::new()
+                .name("raft-log-flusher".into())
+                .spawn(move || run_flusher(&flusher_wal, &rx, ack, &flusher_watch))?;
+            Some(tx)
+        };
         Ok(LogStore {
             inner: Arc::new(Inner {
                 wal,
@@ -195,7 +232,7 @@ impl LogStore {
                     last_purged_log_id: purged,
                     last_log_id: last,
                 }),
-                flusher: tx,
+                flusher,
                 committed_index: Arc::new(AtomicU64::new(0)),
                 sync_watch,
             }),
@@ -463,10 +500,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             self.inner.state.lock().last_log_id = Some(last);
         }
         // Durability is the flusher's job; the entries are readable already.
-        self.inner
-            .flusher
-            .send(callback)
-            .map_err(|_| io::Error::other("log flusher stopped"))?;
+        match &self.inner.flusher {
+            Some(flusher) => flusher
+                .send(callback)
+                .map_err(|_| io::Error::other("log flusher stopped"))?,
+            None => {
+                let wal = &self.inner.wal;
+                let result = self.inner.sync_watch.time_inline(|| wal.sync()).await;
+                callback.io_completed(result.map_err(|e| io::Error::other(e.to_string())));
+            }
+        }
         Ok(())
     }
 

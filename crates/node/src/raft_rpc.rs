@@ -461,7 +461,8 @@ async fn admin_client(
     Ok((client, ctx))
 }
 
-type RaftListener =
+/// The Raft RPC listener.
+pub(crate) type RaftListener =
     proto::Listener<tarpc::ClientMessage<RaftRpcRequest>, tarpc::Response<RaftRpcResponse>>;
 
 /// Binds the Raft RPC listener. Separate from [`serve`] so the caller learns the port before

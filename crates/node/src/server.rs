@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 
-use proto::discovery::{DiscoverySocket, PingSocket};
+use proto::discovery::{DiscoverySocket, NodeAnnounce, PingSocket};
 use proto::ChatServerTransport;
 use tarpc::server::{BaseChannel, Channel};
 use tokio::io::AsyncReadExt;
@@ -22,10 +22,11 @@ use tokio::task::JoinHandle;
 
 use crate::admin::Admin;
 use crate::api::{ApiShared, ChatServer};
-use crate::cluster::{self, Formation, NodeAddrs, Peers};
+use crate::cluster::{self, NodeAddrs, Peers};
 use crate::config::Config;
 use crate::data_dir::{DataDir, DataDirError};
 use crate::delivery::Delivery;
+use crate::formation::Formation;
 use crate::handover::{self, DiskWatchdog, WriteGate};
 use crate::log_store::{AckPolicy, LogStore, WAL_DIR};
 use crate::metrics::{self, DiskPaths, Metrics, NodeInfo, StorageMetrics};
@@ -35,7 +36,7 @@ use crate::raft_rpc::{self, Network, RaftRpcServer};
 use crate::reconcile;
 use crate::snapshot_transfer::SnapshotReceiver;
 use crate::state_machine::StateMachine;
-use crate::types::{NodeId, Raft};
+use crate::types::{start_raft, NodeId, Raft};
 
 /// Most concurrent requests on one client connection (each open long-poll holds one).
 const CONN_REQUESTS_MAX: usize = 1024;
@@ -44,7 +45,7 @@ const LOG_DIR: &str = "log";
 /// The state machine's directory inside the data dir (RocksDB and snapshots).
 const STATE_DIR: &str = "sm";
 
-/// Why a node could not start.
+/// Why a node could not start. Each variant keeps its cause as `source`.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// A setting is out of bounds.
@@ -62,15 +63,20 @@ pub enum ServerError {
         /// The cause.
         source: std::io::Error,
     },
-    /// Storage failed to open (the message names file and offset for corruption).
-    #[error("storage: {0}")]
-    Storage(String),
+    /// Storage failed to open: which step, and why (corruption names file and offset).
+    #[error("storage: {what}: {source}")]
+    Storage {
+        /// The step that failed.
+        what: &'static str,
+        /// The cause.
+        source: std::io::Error,
+    },
     /// openraft failed to start.
-    #[error("raft: {0}")]
-    Raft(String),
+    #[error("raft did not start: {0}")]
+    Raft(#[source] openraft::error::Fatal<crate::types::TypeConfig>),
     /// The threads serving push connections could not start.
     #[error("cannot start the push threads: {0}")]
-    Threads(std::io::Error),
+    Threads(#[source] std::io::Error),
     /// The data dir's identity (name, marker) could not be settled.
     #[error(transparent)]
     DataDir(#[from] DataDirError),
@@ -89,6 +95,11 @@ pub enum ServerError {
         /// The data dir.
         dir: String,
     },
+}
+
+/// A storage step's error, named.
+fn storage_error(what: &'static str) -> impl FnOnce(std::io::Error) -> ServerError {
+    move |source| ServerError::Storage { what, source }
 }
 
 /// A running node.
@@ -195,8 +206,91 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Stage 1: the log and the chat state, consistent with each other.
+struct Storage {
+    log: LogStore,
+    state: StateMachine,
+    metrics: StorageMetrics,
+}
+
+impl Storage {
+    async fn open(dir: &Path, config: &Config) -> Result<Storage, ServerError> {
+        let metrics = StorageMetrics::default();
+        let (mut log, mut state) = open_storage(dir, config, &metrics)?;
+        // A log that lost synced entries may end before last applied; openraft would wedge on
+        // it (see `reconcile.rs` for the case and why the repair is safe).
+        reconcile::reconcile(&mut log, &mut state)
+            .await
+            .map_err(storage_error("reconciling the log with the state machine"))?;
+        Ok(Storage {
+            log,
+            state,
+            metrics,
+        })
+    }
+}
+
+/// Stage 2: the three listeners, on the ports kept in the data dir (or the flags').
+struct Listeners {
+    raft: raft_rpc::RaftListener,
+    client: TcpListener,
+    metrics: TcpListener,
+    /// Where the client listener is bound (the ping socket shares its address).
+    client_local: SocketAddr,
+    /// The addresses peers and clients are told.
+    advertised: NodeAddrs,
+}
+
+impl Listeners {
+    async fn bind(config: &Config, dir: &Path) -> Result<Listeners, ServerError> {
+        let kept = load_ports(dir);
+        let pick = |flag: u16, kept: Option<u16>| if flag != 0 { flag } else { kept.unwrap_or(0) };
+        let at = |port| SocketAddr::new(config.bind_host, port);
+        let bind_error = |what, addr| move |source| ServerError::Bind { what, addr, source };
+        let raft_addr = at(pick(config.raft_port, kept.map(|p| p.raft)));
+        let raft = raft_rpc::bind(raft_addr)
+            .await
+            .map_err(bind_error("raft rpc", raft_addr))?;
+        let mut tcp = Vec::new();
+        for (what, flag, kept) in [
+            ("clients", config.client_port, kept.map(|p| p.client)),
+            ("metrics", config.metrics_port, kept.map(|p| p.metrics)),
+        ] {
+            let addr = at(pick(flag, kept));
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(bind_error(what, addr))?;
+            let local = listener.local_addr().map_err(bind_error(what, addr))?;
+            tcp.push((listener, local));
+        }
+        let (metrics, metrics_local) = tcp.pop().expect("two listeners");
+        let (client, client_local) = tcp.pop().expect("two listeners");
+        let ports = Ports {
+            raft: raft.local_addr().port(),
+            client: client_local.port(),
+            metrics: metrics_local.port(),
+        };
+        if kept != Some(ports) {
+            save_ports(dir, ports).map_err(storage_error("saving the ports"))?;
+        }
+        let host = config.advertised_host();
+        Ok(Listeners {
+            raft,
+            client,
+            metrics,
+            client_local,
+            advertised: NodeAddrs {
+                raft: SocketAddr::new(host, ports.raft),
+                client: SocketAddr::new(host, ports.client),
+                metrics: SocketAddr::new(host, ports.metrics),
+            },
+        })
+    }
+}
+
 impl Server {
-    /// Starts a node in `data_dir` (locked by the caller).
+    /// Starts a node in `data_dir` (locked by the caller): settles its identity, opens storage,
+    /// binds the listeners, then starts Raft and the services.
     ///
     /// # Errors
     /// [`ServerError`] naming what failed and what to do.
@@ -207,84 +301,35 @@ impl Server {
         if config.weaken.any() {
             tracing::warn!(weaken = %config.weaken, "deliberately broken modes are on (test only)");
         }
+        let storage = Storage::open(data_dir.path(), &config).await?;
+        let listeners = Listeners::bind(&config, data_dir.path()).await?;
+        Self::start_services(config, data_dir, name, rejoining, storage, listeners).await
+    }
+
+    /// Stage 3: Raft, the proposer, the RPC servers, discovery, formation and the watchdog.
+    async fn start_services(
+        config: Config,
+        data_dir: DataDir,
+        name: String,
+        rejoining: bool,
+        storage: Storage,
+        listeners: Listeners,
+    ) -> Result<Server, ServerError> {
         let raft_config = Arc::new(config.raft_config().map_err(ServerError::Config)?);
         let id = data_dir.node_id();
         let dir = data_dir.path().to_path_buf();
-        let kept = load_ports(&dir);
-        let pick = |flag: u16, kept: Option<u16>| if flag != 0 { flag } else { kept.unwrap_or(0) };
-        let host = config.bind_host;
-        let raft_addr = SocketAddr::new(host, pick(config.raft_port, kept.map(|p| p.raft)));
-        let client_addr = SocketAddr::new(host, pick(config.client_port, kept.map(|p| p.client)));
-        let metrics_addr =
-            SocketAddr::new(host, pick(config.metrics_port, kept.map(|p| p.metrics)));
-        let raft_listener =
-            raft_rpc::bind(raft_addr)
-                .await
-                .map_err(|source| ServerError::Bind {
-                    what: "raft rpc",
-                    addr: raft_addr,
-                    source,
-                })?;
-        let client_listener =
-            TcpListener::bind(client_addr)
-                .await
-                .map_err(|source| ServerError::Bind {
-                    what: "clients",
-                    addr: client_addr,
-                    source,
-                })?;
-        let metrics_listener =
-            TcpListener::bind(metrics_addr)
-                .await
-                .map_err(|source| ServerError::Bind {
-                    what: "metrics",
-                    addr: metrics_addr,
-                    source,
-                })?;
-        let metrics_local = metrics_listener
-            .local_addr()
-            .map_err(|source| ServerError::Bind {
-                what: "metrics",
-                addr: metrics_addr,
-                source,
-            })?;
-        let client_local = client_listener
-            .local_addr()
-            .map_err(|source| ServerError::Bind {
-                what: "clients",
-                addr: client_addr,
-                source,
-            })?;
-        let ports = Ports {
-            raft: raft_listener.local_addr().port(),
-            client: client_local.port(),
-            metrics: metrics_local.port(),
-        };
-        if kept != Some(ports) {
-            save_ports(&dir, ports)
-                .map_err(|e| ServerError::Storage(format!("saving ports: {e}")))?;
-        }
-        let advertised = config.advertised_host();
-        let addrs = NodeAddrs {
-            raft: SocketAddr::new(advertised, ports.raft),
-            client: SocketAddr::new(advertised, ports.client),
-            metrics: SocketAddr::new(advertised, ports.metrics),
-        };
-
-        let storage_metrics = StorageMetrics::default();
-        let (mut log_store, mut state_machine) = open_storage(&dir, &config, &storage_metrics)?;
-        // A log that lost synced entries may end before last applied; openraft would wedge on
-        // it (see `reconcile.rs` for the case and why the repair is safe).
-        reconcile::reconcile(&mut log_store, &mut state_machine)
-            .await
-            .map_err(|e| ServerError::Storage(e.to_string()))?;
+        let addrs = listeners.advertised;
+        let Storage {
+            log: log_store,
+            state: state_machine,
+            metrics: storage_metrics,
+        } = storage;
         let committed = log_store.committed_index();
         let sync_watch = log_store.sync_watch();
         #[cfg(feature = "weaken")]
         if config.weaken.stall_fsync {
-            crate::weaken::spawn_stall_trigger(sync_watch.clone()).map_err(|e| {
-                ServerError::Storage(format!("installing the SIGUSR2 handler: {e}"))
-            })?;
+            crate::weaken::spawn_stall_trigger(sync_watch.clone())
+                .map_err(storage_error("installing the SIGUSR2 handler"))?;
         }
         let chat = state_machine.chat().clone();
         let delivery = Delivery::new(chat.applied_index().map_or(0, |i| i.0));
@@ -292,9 +337,10 @@ impl Server {
         let network = Network::default();
         let contacts = network.contacts();
         let snapshots = SnapshotReceiver::new(state_machine.clone());
-        let raft = Raft::new(id, raft_config, network, log_store, state_machine)
+        let seed = rand::random();
+        let raft = start_raft(id, raft_config, network, log_store, state_machine, seed)
             .await
-            .map_err(|e| ServerError::Raft(e.to_string()))?;
+            .map_err(ServerError::Raft)?;
         let node_info = NodeInfo {
             id,
             name: Some(name.clone()),
@@ -335,7 +381,7 @@ impl Server {
             weaken: config.weaken,
         });
 
-        let pings = ping_responder(client_local, &config.cluster);
+        let pings = ping_responder(listeners.client_local, &config.cluster);
         let push_runtime = PushRuntime::start().map_err(ServerError::Threads)?;
         let data_dir = Arc::new(data_dir);
         let admin = Arc::new(Admin {
@@ -352,13 +398,13 @@ impl Server {
         let (leaving, left) = (admin.leaving.clone(), admin.left.clone());
         let rpc_server = RaftRpcServer::new(id, &config.cluster, raft.clone(), admin, snapshots);
         let mut tasks = vec![
-            raft_rpc::serve(raft_listener, rpc_server),
-            serve_clients(client_listener, shared.clone(), push_runtime.handle()),
+            raft_rpc::serve(listeners.raft, rpc_server),
+            serve_clients(listeners.client, shared.clone(), push_runtime.handle()),
             tokio::spawn(metrics::count_leader_changes(
                 metrics.clone(),
                 raft.metrics(),
             )),
-            metrics::serve(metrics_listener, metrics, raft.clone()),
+            metrics::serve(listeners.metrics, metrics, raft.clone()),
             tokio::spawn(
                 DiskWatchdog {
                     raft: raft.clone(),
@@ -406,7 +452,6 @@ impl Server {
         )));
         let formation = Formation {
             raft: raft.clone(),
-            id,
             cluster: config.cluster.clone(),
             member: addrs.member(&name),
             peers,
@@ -416,6 +461,13 @@ impl Server {
             election_timeout_max: Duration::from_millis(config.election_timeout_ms_max),
             leaving,
             rejoining,
+            join: Arc::new(|leader: NodeAnnounce, request| {
+                Box::pin(async move {
+                    raft_rpc::request_join(leader.raft_addr, leader.node_id, request)
+                        .await
+                        .map_err(|e| e.to_string())
+                })
+            }),
         };
         tasks.push(tokio::spawn(formation.run()));
         tracing::info!(node = id, name = %name, raft = %addrs.raft, client = %addrs.client, metrics = %addrs.metrics, "node started");
@@ -529,7 +581,6 @@ fn open_storage(
     // file-growing fdatasync for the first segment's worth of entries.
     wal_config.prepare_first_segment = true;
     wal_config.fsync_observer = Some(metrics.fsync_observer());
-    let storage = |e: String| ServerError::Storage(e);
     let log_dir = dir.join(LOG_DIR);
     let sm_dir = dir.join(STATE_DIR);
     let ack = if weaken.ack_before_fsync {
@@ -539,16 +590,19 @@ fn open_storage(
         AckPolicy::AfterFsync
     };
     #[cfg(feature = "weaken")]
-    crate::weaken::power::roll_back_if_power_failed(&sm_dir, dir).map_err(storage)?;
+    crate::weaken::power::roll_back_if_power_failed(&sm_dir, dir).map_err(|e| {
+        storage_error("rolling back after a simulated power failure")(std::io::Error::other(e))
+    })?;
     let log_store = if weaken.faulty_fs {
         open_faulty_log(dir, &log_dir, wal_config, ack)?
     } else {
         let wal = raft_log::Wal::open(wal_config)
-            .map_err(|e| storage(format!("opening the raft log: {e}")))?;
-        LogStore::from_wal_acking(wal, log_dir, ack).map_err(|e| storage(e.to_string()))?
+            .map_err(|e| storage_error("opening the raft log")(std::io::Error::other(e)))?;
+        LogStore::from_wal_acking(wal, log_dir, ack)
+            .map_err(storage_error("opening the raft log"))?
     };
     let state_machine = StateMachine::open(&sm_dir)
-        .map_err(|e| storage(e.to_string()))?
+        .map_err(storage_error("opening the chat state"))?
         .with_metrics(metrics.clone());
     Ok((log_store, state_machine))
 }
@@ -560,14 +614,14 @@ fn open_faulty_log(
     wal_config: raft_log::Config,
     ack: AckPolicy,
 ) -> Result<LogStore, ServerError> {
-    let storage = |e: String| ServerError::Storage(e);
     tracing::warn!("weaken: the raft log runs on FaultyFs; SIGUSR1 simulates a power failure");
     let fs = Arc::new(raft_log::FaultyFs::new());
     let wal = raft_log::Wal::open_with_fs(wal_config, fs.clone())
-        .map_err(|e| storage(format!("opening the raft log: {e}")))?;
+        .map_err(|e| storage_error("opening the raft log")(std::io::Error::other(e)))?;
     crate::weaken::power::spawn_trigger(fs, dir)
-        .map_err(|e| storage(format!("installing the SIGUSR1 handler: {e}")))?;
-    LogStore::from_wal_acking(wal, log_dir.to_path_buf(), ack).map_err(|e| storage(e.to_string()))
+        .map_err(storage_error("installing the SIGUSR1 handler"))?;
+    LogStore::from_wal_acking(wal, log_dir.to_path_buf(), ack)
+        .map_err(storage_error("opening the raft log"))
 }
 
 /// Without the feature `Config::validate` refuses every weaken mode before this is reached.

@@ -43,6 +43,8 @@ pub struct StateMachine {
     inner: Arc<Inner>,
     /// Where apply latency and snapshot times go; `None` in tests and tools.
     metrics: Option<StorageMetrics>,
+    /// Build and install snapshots on the calling task instead of a blocking thread.
+    inline: bool,
 }
 
 struct Inner {
@@ -91,7 +93,26 @@ impl StateMachine {
                 next_tmp: AtomicU64::new(0),
             }),
             metrics: None,
+            inline: false,
         })
+    }
+
+    /// Builds and installs snapshots on the calling task: for the simulated cluster, whose
+    /// paused clock would run ahead while a blocking thread worked.
+    pub fn inline_blocking_work(mut self) -> StateMachine {
+        self.inline = true;
+        self
+    }
+
+    /// Runs `work` on a blocking thread, or inline (see [`StateMachine::inline_blocking_work`]).
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> io::Result<T> {
+        if self.inline {
+            return Ok(work());
+        }
+        tokio::task::spawn_blocking(work).await.map_err(any)
     }
 
     /// Records apply latency and snapshot times in `metrics` from now on. A snapshot already
@@ -310,9 +331,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         let chat = self.inner.chat.clone();
         let staged_for_install = staged.clone();
-        let info = tokio::task::spawn_blocking(move || chat.install_snapshot(&staged_for_install))
-            .await
-            .map_err(any)?
+        let info = self
+            .blocking(move || chat.install_snapshot(&staged_for_install))
+            .await?
             .map_err(|e| invalid("received snapshot", e))?;
         let (installed, name) = snapshot_meta(&info)?;
         if installed.last_log_id != meta.last_log_id {
@@ -342,9 +363,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let tmp = self.tmp_path("build");
         let chat = self.inner.chat.clone();
         let tmp_for_build = tmp.clone();
-        let info = tokio::task::spawn_blocking(move || chat.build_snapshot(&tmp_for_build))
-            .await
-            .map_err(any)?
+        let info = self
+            .blocking(move || chat.build_snapshot(&tmp_for_build))
+            .await?
             .map_err(any)?;
         let (meta, name) = snapshot_meta(&info)?;
         tracing::info!(snapshot = %name, bytes = info.bytes, "snapshot built");

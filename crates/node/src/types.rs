@@ -25,16 +25,42 @@ pub struct Member {
     pub name: String,
 }
 
+/// openraft's tokio runtime, with every random draw openraft makes (election timeouts, tick
+/// phases) taken from a generator seeded per task: [`start_raft`] seeds it, from entropy on a
+/// server and from the scenario's seed in the simulated cluster, where it makes runs repeat.
+pub type Runtime = openraft::rt::deterministic_rng::DeterministicRng<openraft::impls::TokioRuntime>;
+
 openraft::declare_raft_types!(
     /// cellchat's openraft configuration: entries carry chat commands, responses are chat
-    /// responses; everything else is openraft's default (u64 terms, leader ids ordered by term
-    /// then node id, tokio).
+    /// responses; terms, leader ids (ordered by term, then node id) and entries are openraft's
+    /// defaults.
     pub TypeConfig:
         D = chat_sm::Command,
         R = chat_sm::ChatResponse,
         NodeId = NodeId,
         Node = Member,
+        AsyncRuntime = Runtime,
 );
+
+/// Starts Raft for node `id`, its random draws seeded with `seed`. Every task openraft spawns
+/// inherits a seed derived from it, so no draw happens outside a seeded scope.
+///
+/// # Errors
+/// openraft's own start-up failure (storage unreadable).
+pub async fn start_raft<N>(
+    id: NodeId,
+    config: std::sync::Arc<openraft::Config>,
+    network: N,
+    log: crate::log_store::LogStore,
+    state: crate::state_machine::StateMachine,
+    seed: u64,
+) -> Result<Raft, openraft::error::Fatal<TypeConfig>>
+where
+    N: openraft::network::RaftNetworkFactory<TypeConfig>,
+    N::Network: openraft::network::NetSnapshot<TypeConfig, SnapshotData = SnapshotFile>,
+{
+    Runtime::scope(seed, Raft::new(id, config, network, log, state)).await
+}
 
 /// A running Raft node over cellchat's state machine.
 pub type Raft = openraft::Raft<TypeConfig, crate::state_machine::StateMachine>;

@@ -128,7 +128,7 @@ pub(crate) fn spawn_stall_trigger(watch: crate::log_store::SyncWatch) -> std::io
                 secs = STALL.as_secs(),
                 "weaken: stalling every raft log fsync"
             );
-            watch.stall_until(std::time::Instant::now() + STALL);
+            watch.stall_until(tokio::time::Instant::now() + STALL);
         }
     });
     Ok(())

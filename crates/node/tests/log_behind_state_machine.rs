@@ -41,7 +41,7 @@ async fn start(dir: &Path) -> (Raft, Reconciled, LogStore, StateMachine) {
     let mut sm = open_sm(&dir.join("sm")).await;
     let reconciled = node::reconcile(&mut log, &mut sm).await.expect("reconcile");
     let (log_view, sm_view) = (log.clone(), sm.clone());
-    let raft = Raft::new(1, raft_config(), Network::default(), log, sm)
+    let raft = node::start_raft(1, raft_config(), Network::default(), log, sm, 1)
         .await
         .expect("raft starts");
     (raft, reconciled, log_view, sm_view)

@@ -11,6 +11,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+#[cfg(feature = "sim")]
+pub mod sim;
+
 use anyhow::{bail, Context as _};
 use ed25519_dalek::{Signer, SigningKey};
 use proto::discovery::{DiscoverySocket, NodeAnnounce, Packet};
