@@ -25,7 +25,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use crate::client::{Failure, Inner};
+use crate::config::ClientConfig;
+use crate::retry::Failure;
+use crate::routing::Routes;
 
 /// Batches buffered per subscription before the connection stops reading.
 const SUB_EVENTS_CAPACITY: usize = 64;
@@ -34,14 +36,8 @@ const SUB_EVENTS_CAPACITY: usize = 64;
 /// polls for this long before push is tried again.
 const UNSUPPORTED_RETRY: Duration = Duration::from_secs(60);
 
-/// What a subscription receives.
-#[derive(Debug)]
-pub(crate) enum SubEvent {
-    /// The next messages.
-    Batch(MessageBatch),
-    /// The node ended the subscription.
-    Error(ApiError),
-}
+/// What a subscription receives: the next messages, or why the node ended it.
+type SubEvent = Result<MessageBatch, ApiError>;
 
 /// Why no push connection could be had.
 #[derive(Debug)]
@@ -53,8 +49,9 @@ pub(crate) enum DialError {
 }
 
 /// The push connections of one client, by node id.
-#[derive(Default)]
 pub(crate) struct PushPool {
+    config: Arc<ClientConfig>,
+    routes: Arc<Routes>,
     conns: Mutex<HashMap<u64, Arc<PushConn>>>,
     unsupported: Mutex<HashMap<u64, Instant>>,
     /// Serializes dials, so subscriptions started together share one connection.
@@ -62,6 +59,16 @@ pub(crate) struct PushPool {
 }
 
 impl PushPool {
+    pub(crate) fn new(config: Arc<ClientConfig>, routes: Arc<Routes>) -> Self {
+        Self {
+            config,
+            routes,
+            conns: Mutex::default(),
+            unsupported: Mutex::default(),
+            dialing: tokio::sync::Mutex::default(),
+        }
+    }
+
     /// Whether push should be tried on `node` (false for a while after it refused push).
     pub(crate) fn supports(&self, node: u64) -> bool {
         let mut unsupported = self.unsupported.lock();
@@ -93,7 +100,7 @@ impl PushPool {
     }
 
     /// The open push connection to `node`, or a new one.
-    pub(crate) async fn get(&self, inner: &Inner, node: u64) -> Result<Arc<PushConn>, DialError> {
+    pub(crate) async fn get(&self, node: u64) -> Result<Arc<PushConn>, DialError> {
         if let Some(conn) = self.live(node) {
             return Ok(conn);
         }
@@ -101,7 +108,7 @@ impl PushPool {
         if let Some(conn) = self.live(node) {
             return Ok(conn);
         }
-        let conn = match dial(inner, node).await {
+        let conn = match dial(&self.config, &self.routes, node).await {
             Ok(conn) => Arc::new(conn),
             Err(DialError::Unsupported) => {
                 tracing::info!(node, "node does not speak push; using long polls");
@@ -189,12 +196,12 @@ impl PushConn {
 }
 
 /// Connects to `node`, says hello and waits for the welcome.
-async fn dial(inner: &Inner, node: u64) -> Result<PushConn, DialError> {
+async fn dial(config: &ClientConfig, routes: &Routes, node: u64) -> Result<PushConn, DialError> {
     let fail = |reason: String| DialError::Failed(Failure::Transport(reason));
-    let addr = inner
+    let addr = routes
         .addr_of(node)
         .ok_or_else(|| fail(format!("node {node} unknown")))?;
-    let connect = tokio::time::timeout(inner.config.connect_timeout, TcpStream::connect(addr));
+    let connect = tokio::time::timeout(config.connect_timeout, TcpStream::connect(addr));
     let stream = match connect.await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => return Err(fail(format!("push connect to {addr}: {e}"))),
@@ -204,7 +211,7 @@ async fn dial(inner: &Inner, node: u64) -> Result<PushConn, DialError> {
     let (read, mut write) = stream.into_split();
     let mut opening = push::PUSH_MAGIC.to_vec();
     opening.extend_from_slice(&push::encode_frame(&ClientFrame::Hello(PushHello::new(
-        inner.config.cluster.clone(),
+        config.cluster.clone(),
         None,
     ))));
     write
@@ -212,7 +219,7 @@ async fn dial(inner: &Inner, node: u64) -> Result<PushConn, DialError> {
         .await
         .map_err(|e| fail(format!("push hello to {addr}: {e}")))?;
     let mut frames = FramedRead::new(read, push::frame_codec(proto::FRAME_BYTES_MAX));
-    let first = tokio::time::timeout(inner.config.request_timeout, frames.next()).await;
+    let first = tokio::time::timeout(config.request_timeout, frames.next()).await;
     let welcome = match first {
         Err(_) => return Err(fail(format!("push hello to {addr}: timed out"))),
         // A node without push reads the magic as an oversized tarpc frame and hangs up.
@@ -287,13 +294,13 @@ async fn run(
                         if let Some(tx) = tx {
                             // A closed receiver is a subscription ending; its unsubscribe is
                             // on its way.
-                            let _ = tx.send(SubEvent::Batch(batch)).await;
+                            let _ = tx.send(Ok(batch)).await;
                         }
                     }
                     Ok(ServerFrame::Error { sub_id: Some(sub_id), error }) => {
                         let tx = shared.subs.lock().remove(&sub_id);
                         if let Some(tx) = tx {
-                            let _ = tx.send(SubEvent::Error(error)).await;
+                            let _ = tx.send(Err(error)).await;
                         }
                     }
                     Ok(ServerFrame::Error { sub_id: None, error }) => {
