@@ -179,6 +179,7 @@ impl Client {
     ///
     /// [`Error::NoIdentity`], [`Error::NameTaken`], [`Error::Api`] for a rejection, or
     /// [`Error::RetriesExhausted`] after `send_attempts_max` attempts or `send_retry_budget`.
+    #[tracing::instrument(level = "debug", skip_all, fields(channel = %channel, client_seq = client_seq))]
     pub async fn send_with_key(
         &self,
         channel: &str,

@@ -72,26 +72,14 @@ impl PushPool {
     /// Whether push should be tried on `node` (false for a while after it refused push).
     pub(crate) fn supports(&self, node: u64) -> bool {
         let mut unsupported = self.unsupported.lock();
-        match unsupported.get(&node) {
-            Some(since) if since.elapsed() < UNSUPPORTED_RETRY => false,
-            Some(_) => {
-                unsupported.remove(&node);
-                true
-            }
-            None => true,
-        }
+        unsupported.retain(|_, since| since.elapsed() < UNSUPPORTED_RETRY);
+        !unsupported.contains_key(&node)
     }
 
     fn live(&self, node: u64) -> Option<Arc<PushConn>> {
         let mut conns = self.conns.lock();
-        match conns.get(&node) {
-            Some(conn) if !conn.shared.closed.load(Ordering::Acquire) => Some(conn.clone()),
-            Some(_) => {
-                conns.remove(&node);
-                None
-            }
-            None => None,
-        }
+        conns.retain(|_, conn| !conn.shared.closed.load(Ordering::Acquire));
+        conns.get(&node).cloned()
     }
 
     /// Drops the pool's connection to `node` (subscriptions on it keep it until they end).
@@ -123,6 +111,7 @@ impl PushPool {
 }
 
 /// State shared by a [`PushConn`] and its task.
+#[derive(Default)]
 struct ConnShared {
     subs: Mutex<HashMap<u64, mpsc::Sender<SubEvent>>>,
     closed: AtomicBool,
@@ -197,58 +186,56 @@ impl PushConn {
 
 /// Connects to `node`, says hello and waits for the welcome.
 async fn dial(config: &ClientConfig, routes: &Routes, node: u64) -> Result<PushConn, DialError> {
-    let fail = |reason: String| DialError::Failed(Failure::Transport(reason));
-    let addr = routes
-        .addr_of(node)
-        .ok_or_else(|| fail(format!("node {node} unknown")))?;
-    let connect = tokio::time::timeout(config.connect_timeout, TcpStream::connect(addr));
-    let stream = match connect.await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => return Err(fail(format!("push connect to {addr}: {e}"))),
-        Err(_) => return Err(fail(format!("push connect to {addr}: timed out"))),
+    let Some(addr) = routes.addr_of(node) else {
+        return Err(DialError::Failed(Failure::Transport(format!(
+            "node {node} unknown"
+        ))));
     };
-    proto::set_socket_options(&stream).map_err(|e| fail(format!("push socket {addr}: {e}")))?;
+    let fail = |step: &str, e: &dyn std::fmt::Display| {
+        DialError::Failed(Failure::Transport(format!("push {step} {addr}: {e}")))
+    };
+    let stream = tokio::time::timeout(config.connect_timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| fail("connect to", &"timed out"))?
+        .map_err(|e| fail("connect to", &e))?;
+    proto::set_socket_options(&stream).map_err(|e| fail("socket", &e))?;
     let (read, mut write) = stream.into_split();
-    let mut opening = push::PUSH_MAGIC.to_vec();
-    opening.extend_from_slice(&push::encode_frame(&ClientFrame::Hello(PushHello::new(
+    let hello = push::encode_frame(&ClientFrame::Hello(PushHello::new(
         config.cluster.clone(),
         None,
-    ))));
+    )));
+    let opening = [&push::PUSH_MAGIC[..], &hello[..]].concat();
     write
         .write_all(&opening)
         .await
-        .map_err(|e| fail(format!("push hello to {addr}: {e}")))?;
+        .map_err(|e| fail("hello to", &e))?;
     let mut frames = FramedRead::new(read, push::frame_codec(proto::FRAME_BYTES_MAX));
     let first = tokio::time::timeout(config.request_timeout, frames.next()).await;
-    let welcome = match first {
-        Err(_) => return Err(fail(format!("push hello to {addr}: timed out"))),
+    let welcome = match first.map_err(|_| fail("hello to", &"timed out"))? {
         // A node without push reads the magic as an oversized tarpc frame and hangs up.
-        Ok(None) => return Err(DialError::Unsupported),
-        Ok(Some(Err(e))) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+        None => return Err(DialError::Unsupported),
+        Some(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
             return Err(DialError::Unsupported)
         }
-        Ok(Some(Err(e))) => return Err(fail(format!("push hello to {addr}: {e}"))),
-        Ok(Some(Ok(body))) => match push::decode_server_frame(&body) {
+        Some(Err(e)) => return Err(fail("hello to", &e)),
+        Some(Ok(body)) => match push::decode_server_frame(&body) {
             Ok(ServerFrame::Welcome(welcome)) => welcome,
             Ok(ServerFrame::Error { error, .. }) => {
                 return Err(DialError::Failed(Failure::Api(error)))
             }
-            Ok(other) => return Err(fail(format!("push hello to {addr}: answered {other:?}"))),
-            Err(e) => return Err(fail(format!("push hello to {addr}: {e}"))),
+            Ok(other) => return Err(fail("hello to", &format!("answered {other:?}"))),
+            Err(e) => return Err(fail("hello to", &e)),
         },
     };
     if welcome.node_id != node {
-        return Err(fail(format!(
-            "{addr} is node {}, not node {node}",
-            welcome.node_id
-        )));
+        return Err(fail(
+            "hello to",
+            &format!("answered node {}", welcome.node_id),
+        ));
     }
     let silence = Duration::from_millis(welcome.heartbeat_ms.max(1) * 3)
         .max(Duration::from_millis(push::SILENCE_MS_MAX));
-    let shared = Arc::new(ConnShared {
-        subs: Mutex::new(HashMap::new()),
-        closed: AtomicBool::new(false),
-    });
+    let shared = Arc::new(ConnShared::default());
     let (frames_tx, frames_rx) = mpsc::unbounded_channel();
     let task = tokio::spawn(run(shared.clone(), node, frames, write, frames_rx, silence));
     Ok(PushConn {

@@ -19,21 +19,14 @@ pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(1);
 const ELECTION_BACKOFF_MAX: Duration = Duration::from_millis(100);
 
 /// Why one attempt on one node failed.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub(crate) enum Failure {
     /// The node is unreachable or the connection broke.
+    #[error("{0}")]
     Transport(String),
     /// The node answered with an error.
+    #[error("{0}")]
     Api(ApiError),
-}
-
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Failure::Transport(reason) => f.write_str(reason),
-            Failure::Api(e) => write!(f, "{e}"),
-        }
-    }
 }
 
 impl From<Failure> for Error {

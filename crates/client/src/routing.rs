@@ -148,22 +148,9 @@ impl Table {
     /// Healthy nodes first, then by RTT (unmeasured last), then by id.
     fn ranked(&self, now: Instant) -> Vec<u64> {
         let mut ids: Vec<u64> = self.nodes.keys().copied().collect();
-        let key = |id: &u64| {
-            let n = &self.nodes[id];
-            (
-                n.is_down(now),
-                n.rtt_ms.is_none(),
-                n.rtt_ms.unwrap_or(0.0),
-                *id,
-            )
-        };
-        ids.sort_by(|a, b| {
-            let (ka, kb) = (key(a), key(b));
-            (ka.0, ka.1)
-                .cmp(&(kb.0, kb.1))
-                .then(ka.2.total_cmp(&kb.2))
-                .then(ka.3.cmp(&kb.3))
-        });
+        let health = |id: &u64| (self.nodes[id].is_down(now), self.nodes[id].rtt_ms.is_none());
+        let rtt = |id: &u64| self.nodes[id].rtt_ms.unwrap_or(0.0);
+        ids.sort_by(|a, b| (health(a).cmp(&health(b))).then(rtt(a).total_cmp(&rtt(b))));
         ids
     }
 
