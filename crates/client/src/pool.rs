@@ -1,20 +1,16 @@
 //! The connection pool: at most one open RPC connection per node, each of which said hello,
-//! and which of them is logged in and carries sends (the writer).
-//!
-//! A client connects to a node only to read from it (its reader), to send (the leader), or to
-//! measure a node that never answers UDP pings. The reader's and the writer's connection are
-//! the same one when they are the same node, and [`Pool::prune`] closes the rest each refresh
-//! round, so an idle subscribed client holds no RPC connection at all (its subscriptions use
-//! push connections).
+//! and which of them is logged in and carries sends (the writer). Connections exist only to
+//! the reader, the writer (the same one when they are the same node) and nodes measured over
+//! TCP; [`Pool::prune`] closes the rest, so an idle subscribed client holds no RPC connection.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::fmt::Display;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use proto::{ApiError, ChatClient, Hello, Login};
+use proto::{ApiError, ChatClient, Hello, Login, Welcome};
 
 use crate::config::ClientConfig;
 use crate::identity::Identity;
@@ -96,20 +92,16 @@ impl Pool {
         ctx(self.config.request_timeout)
     }
 
-    /// Opens a connection to `addr` and says hello; returns it with the node id that answered.
-    async fn dial(&self, addr: SocketAddr) -> Result<(ChatClient, [u8; 32], u64), Failure> {
-        let fail =
-            |e: &dyn std::fmt::Display| Failure::Transport(format!("connect to {addr}: {e}"));
-        let conn = tokio::time::timeout(self.config.connect_timeout, proto::connect_chat(addr))
-            .await
-            .map_err(|_| fail(&"timed out"))?
-            .map_err(|e| fail(&e))?;
+    /// Says hello on `conn`, to `node` (a node id or an address, for the error text).
+    async fn hello(&self, conn: &ChatClient, node: impl Display) -> Result<Welcome, Failure> {
         let name = self.identity.as_ref().map(|i| i.name().to_owned());
-        let hello = Hello::new(self.config.cluster.clone(), name);
-        match conn.hello(self.ctx(), hello).await {
-            Ok(Ok(welcome)) => Ok((conn, welcome.challenge, welcome.node_id)),
+        match conn
+            .hello(self.ctx(), Hello::new(self.config.cluster.clone(), name))
+            .await
+        {
+            Ok(Ok(welcome)) => Ok(welcome),
             Ok(Err(e)) => Err(Failure::Api(e)),
-            Err(e) => Err(Failure::Transport(format!("hello to {addr}: {e}"))),
+            Err(e) => Err(Failure::Transport(format!("hello to {node}: {e}"))),
         }
     }
 
@@ -120,16 +112,19 @@ impl Pool {
         }
         let addr = (self.routes.addr_of(node))
             .ok_or_else(|| Failure::Transport(format!("node {node} unknown")))?;
-        let (client, challenge, answered) = self.dial(addr).await?;
-        if answered != node {
-            return Err(Failure::Transport(format!(
-                "{addr} is node {answered}, not node {node}"
-            )));
+        let fail = |e: &dyn Display| Failure::Transport(format!("connect to {addr}: {e}"));
+        let client = tokio::time::timeout(self.config.connect_timeout, proto::connect_chat(addr))
+            .await
+            .map_err(|_| fail(&"timed out"))?
+            .map_err(|e| fail(&e))?;
+        let welcome = self.hello(&client, addr).await?;
+        if welcome.node_id != node {
+            return Err(fail(&format_args!("answered as node {}", welcome.node_id)));
         }
         let conn = Conn {
             client,
             serial: self.conn_serial.fetch_add(1, Ordering::Relaxed),
-            challenge: Some(challenge),
+            challenge: Some(welcome.challenge),
             logged_in: false,
         };
         // Another task may have dialed the node meanwhile: keep theirs, so there is one
@@ -209,17 +204,15 @@ impl Pool {
             .and_then(|c| c.challenge.take());
         let challenge = match unused {
             Some(challenge) => challenge,
-            None => {
-                let hello = Hello::new(self.config.cluster.clone(), Some(identity.name().into()));
-                match conn.client.hello(self.ctx(), hello).await {
-                    Ok(Ok(welcome)) => welcome.challenge,
-                    Ok(Err(e)) => return Err(Failure::Api(e)),
-                    Err(e) => {
+            None => match self.hello(&conn.client, node).await {
+                Ok(welcome) => welcome.challenge,
+                Err(e) => {
+                    if matches!(e, Failure::Transport(_)) {
                         self.mark_down(node, "hello failed");
-                        return Err(Failure::Transport(format!("hello to node {node}: {e}")));
                     }
+                    return Err(e);
                 }
-            }
+            },
         };
         let message = proto::login_message(&challenge, &self.config.cluster, identity.name());
         let login = Login {

@@ -88,37 +88,30 @@ impl Retry {
     pub(crate) fn decide(&mut self, failure: Failure, elapsed: Duration, jitter: f64) -> Decision {
         self.attempts += 1;
         let attempts = self.attempts;
-        let decision = match &failure {
+        let (after, redirect) = match &failure {
             Failure::Api(ApiError::RateLimited { retry_after_ms }) => {
-                Decision::Retry(Duration::from_millis(*retry_after_ms))
+                (Duration::from_millis(*retry_after_ms), None)
             }
             Failure::Api(ApiError::NotLeader { leader: Some(hint) }) => {
                 let news = self.last_hint.replace(hint.id) != Some(hint.id);
                 // Go to the named leader at once, but not in a tight loop (two nodes naming
                 // each other must not spin); the same hint again and again means nodes still
                 // name a leader that is gone, so poll as during an election.
-                let after = if attempts <= 3 || (news && attempts <= 10) {
-                    Duration::ZERO
+                if attempts <= 3 || (news && attempts <= 10) {
+                    (Duration::ZERO, Some(hint.id))
                 } else {
-                    backoff(attempts, ELECTION_BACKOFF_MAX, jitter)
-                };
-                Decision::Redirect {
-                    leader: hint.id,
-                    after,
+                    (
+                        backoff(attempts, ELECTION_BACKOFF_MAX, jitter),
+                        Some(hint.id),
+                    )
                 }
             }
             Failure::Api(e) if !e.is_retryable() => return Decision::GiveUp(Error::Api(e.clone())),
-            Failure::Transport(_) if self.target == Target::Nearest => {
-                Decision::Retry(Duration::ZERO)
-            }
+            Failure::Transport(_) if self.target == Target::Nearest => (Duration::ZERO, None),
             Failure::Transport(_) | Failure::Api(ApiError::NotLeader { leader: None }) => {
-                Decision::Retry(backoff(attempts, ELECTION_BACKOFF_MAX, jitter))
+                (backoff(attempts, ELECTION_BACKOFF_MAX, jitter), None)
             }
-            Failure::Api(_) => Decision::Retry(backoff(attempts, BACKOFF_MAX, jitter)),
-        };
-        let after = match decision {
-            Decision::Retry(after) | Decision::Redirect { after, .. } => after,
-            Decision::GiveUp(_) => Duration::ZERO,
+            Failure::Api(_) => (backoff(attempts, BACKOFF_MAX, jitter), None),
         };
         if attempts >= self.attempts_max || elapsed + after > self.budget {
             return Decision::GiveUp(Error::RetriesExhausted {
@@ -127,7 +120,10 @@ impl Retry {
                 last: failure.to_string(),
             });
         }
-        decision
+        match redirect {
+            Some(leader) => Decision::Redirect { leader, after },
+            None => Decision::Retry(after),
+        }
     }
 }
 

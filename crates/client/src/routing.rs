@@ -192,6 +192,7 @@ impl Table {
 
     pub(crate) fn set_leader(&mut self, leader: u64) {
         if self.leader.replace(leader) != Some(leader) {
+            tracing::info!(leader, "leader changed");
             self.outbox.push(ClientEvent::LeaderChanged { leader });
         }
     }
@@ -285,6 +286,7 @@ impl Table {
         }
         let to = *self.ranked(now).first()?;
         let from = self.reading.replace(to);
+        tracing::info!(?from, to, "reading from another node");
         self.outbox.push(ClientEvent::ReaderChanged { from, to });
         self.rerouted = true;
         Some(to)
@@ -386,13 +388,6 @@ impl Routes {
             )
         };
         for event in events {
-            match event {
-                ClientEvent::LeaderChanged { leader } => tracing::info!(leader, "leader changed"),
-                ClientEvent::ReaderChanged { from, to } => {
-                    tracing::info!(?from, to, "reading from another node");
-                }
-                ClientEvent::RateLimited { .. } => {}
-            }
             self.emit(event);
         }
         if rerouted {
