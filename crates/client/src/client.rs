@@ -150,7 +150,7 @@ impl Client {
     }
 
     /// Sends `text` as a new message: encrypted with `key` when given, else as plaintext
-    /// (body formats in [`crypto`](crate::crypto)).
+    /// (body formats in [`crypto`]).
     ///
     /// # Errors
     ///

@@ -202,9 +202,13 @@ impl Prober {
                 };
                 // Pongs of earlier rounds and from a node other than the one pinged (its
                 // address now belongs to another node) do not count.
-                let Some(&(id, at)) = sent.get(&nonce).filter(|(id, _)| *id == node_id) else {
+                let Some(&(id, at)) = sent.get(&nonce) else {
                     continue;
                 };
+                if id != node_id {
+                    tracing::debug!(node = id, answered = node_id, "pong from another node");
+                    continue;
+                }
                 if pending.remove(&id).is_some() {
                     let pong = (role, applied);
                     self.routes.update(|table, _| {

@@ -61,7 +61,7 @@ pub struct ServerInfo {
     pub role: String,
     /// Address of its chat service.
     pub client_addr: SocketAddr,
-    /// Smoothed round trip of the RPC `ping`, in ms; `None` until measured or while down.
+    /// Smoothed round trip of its pings, in ms; `None` until measured or while down.
     pub rtt_ms: Option<f64>,
     /// Its applied log index as last seen.
     pub applied: u64,
