@@ -25,7 +25,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use crate::client::{Failure, Inner};
+use crate::config::ClientConfig;
+use crate::retry::Failure;
+use crate::routing::Routes;
 
 /// Batches buffered per subscription before the connection stops reading.
 const SUB_EVENTS_CAPACITY: usize = 64;
@@ -34,14 +36,8 @@ const SUB_EVENTS_CAPACITY: usize = 64;
 /// polls for this long before push is tried again.
 const UNSUPPORTED_RETRY: Duration = Duration::from_secs(60);
 
-/// What a subscription receives.
-#[derive(Debug)]
-pub(crate) enum SubEvent {
-    /// The next messages.
-    Batch(MessageBatch),
-    /// The node ended the subscription.
-    Error(ApiError),
-}
+/// What a subscription receives: the next messages, or why the node ended it.
+type SubEvent = Result<MessageBatch, ApiError>;
 
 /// Why no push connection could be had.
 #[derive(Debug)]
@@ -53,8 +49,9 @@ pub(crate) enum DialError {
 }
 
 /// The push connections of one client, by node id.
-#[derive(Default)]
 pub(crate) struct PushPool {
+    config: Arc<ClientConfig>,
+    routes: Arc<Routes>,
     conns: Mutex<HashMap<u64, Arc<PushConn>>>,
     unsupported: Mutex<HashMap<u64, Instant>>,
     /// Serializes dials, so subscriptions started together share one connection.
@@ -62,29 +59,27 @@ pub(crate) struct PushPool {
 }
 
 impl PushPool {
+    pub(crate) fn new(config: Arc<ClientConfig>, routes: Arc<Routes>) -> Self {
+        Self {
+            config,
+            routes,
+            conns: Mutex::default(),
+            unsupported: Mutex::default(),
+            dialing: tokio::sync::Mutex::default(),
+        }
+    }
+
     /// Whether push should be tried on `node` (false for a while after it refused push).
     pub(crate) fn supports(&self, node: u64) -> bool {
         let mut unsupported = self.unsupported.lock();
-        match unsupported.get(&node) {
-            Some(since) if since.elapsed() < UNSUPPORTED_RETRY => false,
-            Some(_) => {
-                unsupported.remove(&node);
-                true
-            }
-            None => true,
-        }
+        unsupported.retain(|_, since| since.elapsed() < UNSUPPORTED_RETRY);
+        !unsupported.contains_key(&node)
     }
 
     fn live(&self, node: u64) -> Option<Arc<PushConn>> {
         let mut conns = self.conns.lock();
-        match conns.get(&node) {
-            Some(conn) if !conn.shared.closed.load(Ordering::Acquire) => Some(conn.clone()),
-            Some(_) => {
-                conns.remove(&node);
-                None
-            }
-            None => None,
-        }
+        conns.retain(|_, conn| !conn.shared.closed.load(Ordering::Acquire));
+        conns.get(&node).cloned()
     }
 
     /// Drops the pool's connection to `node` (subscriptions on it keep it until they end).
@@ -93,7 +88,7 @@ impl PushPool {
     }
 
     /// The open push connection to `node`, or a new one.
-    pub(crate) async fn get(&self, inner: &Inner, node: u64) -> Result<Arc<PushConn>, DialError> {
+    pub(crate) async fn get(&self, node: u64) -> Result<Arc<PushConn>, DialError> {
         if let Some(conn) = self.live(node) {
             return Ok(conn);
         }
@@ -101,7 +96,7 @@ impl PushPool {
         if let Some(conn) = self.live(node) {
             return Ok(conn);
         }
-        let conn = match dial(inner, node).await {
+        let conn = match dial(&self.config, &self.routes, node).await {
             Ok(conn) => Arc::new(conn),
             Err(DialError::Unsupported) => {
                 tracing::info!(node, "node does not speak push; using long polls");
@@ -116,6 +111,7 @@ impl PushPool {
 }
 
 /// State shared by a [`PushConn`] and its task.
+#[derive(Default)]
 struct ConnShared {
     subs: Mutex<HashMap<u64, mpsc::Sender<SubEvent>>>,
     closed: AtomicBool,
@@ -189,59 +185,57 @@ impl PushConn {
 }
 
 /// Connects to `node`, says hello and waits for the welcome.
-async fn dial(inner: &Inner, node: u64) -> Result<PushConn, DialError> {
-    let fail = |reason: String| DialError::Failed(Failure::Transport(reason));
-    let addr = inner
-        .addr_of(node)
-        .ok_or_else(|| fail(format!("node {node} unknown")))?;
-    let connect = tokio::time::timeout(inner.config.connect_timeout, TcpStream::connect(addr));
-    let stream = match connect.await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => return Err(fail(format!("push connect to {addr}: {e}"))),
-        Err(_) => return Err(fail(format!("push connect to {addr}: timed out"))),
+async fn dial(config: &ClientConfig, routes: &Routes, node: u64) -> Result<PushConn, DialError> {
+    let Some(addr) = routes.addr_of(node) else {
+        return Err(DialError::Failed(Failure::Transport(format!(
+            "node {node} unknown"
+        ))));
     };
-    proto::set_socket_options(&stream).map_err(|e| fail(format!("push socket {addr}: {e}")))?;
+    let fail = |step: &str, e: &dyn std::fmt::Display| {
+        DialError::Failed(Failure::Transport(format!("push {step} {addr}: {e}")))
+    };
+    let stream = tokio::time::timeout(config.connect_timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| fail("connect to", &"timed out"))?
+        .map_err(|e| fail("connect to", &e))?;
+    proto::set_socket_options(&stream).map_err(|e| fail("socket", &e))?;
     let (read, mut write) = stream.into_split();
-    let mut opening = push::PUSH_MAGIC.to_vec();
-    opening.extend_from_slice(&push::encode_frame(&ClientFrame::Hello(PushHello::new(
-        inner.config.cluster.clone(),
+    let hello = push::encode_frame(&ClientFrame::Hello(PushHello::new(
+        config.cluster.clone(),
         None,
-    ))));
+    )));
+    let opening = [&push::PUSH_MAGIC[..], &hello[..]].concat();
     write
         .write_all(&opening)
         .await
-        .map_err(|e| fail(format!("push hello to {addr}: {e}")))?;
+        .map_err(|e| fail("hello to", &e))?;
     let mut frames = FramedRead::new(read, push::frame_codec(proto::FRAME_BYTES_MAX));
-    let first = tokio::time::timeout(inner.config.request_timeout, frames.next()).await;
-    let welcome = match first {
-        Err(_) => return Err(fail(format!("push hello to {addr}: timed out"))),
+    let first = tokio::time::timeout(config.request_timeout, frames.next()).await;
+    let welcome = match first.map_err(|_| fail("hello to", &"timed out"))? {
         // A node without push reads the magic as an oversized tarpc frame and hangs up.
-        Ok(None) => return Err(DialError::Unsupported),
-        Ok(Some(Err(e))) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+        None => return Err(DialError::Unsupported),
+        Some(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
             return Err(DialError::Unsupported)
         }
-        Ok(Some(Err(e))) => return Err(fail(format!("push hello to {addr}: {e}"))),
-        Ok(Some(Ok(body))) => match push::decode_server_frame(&body) {
+        Some(Err(e)) => return Err(fail("hello to", &e)),
+        Some(Ok(body)) => match push::decode_server_frame(&body) {
             Ok(ServerFrame::Welcome(welcome)) => welcome,
             Ok(ServerFrame::Error { error, .. }) => {
                 return Err(DialError::Failed(Failure::Api(error)))
             }
-            Ok(other) => return Err(fail(format!("push hello to {addr}: answered {other:?}"))),
-            Err(e) => return Err(fail(format!("push hello to {addr}: {e}"))),
+            Ok(other) => return Err(fail("hello to", &format!("answered {other:?}"))),
+            Err(e) => return Err(fail("hello to", &e)),
         },
     };
     if welcome.node_id != node {
-        return Err(fail(format!(
-            "{addr} is node {}, not node {node}",
-            welcome.node_id
-        )));
+        return Err(fail(
+            "hello to",
+            &format!("answered node {}", welcome.node_id),
+        ));
     }
     let silence = Duration::from_millis(welcome.heartbeat_ms.max(1) * 3)
         .max(Duration::from_millis(push::SILENCE_MS_MAX));
-    let shared = Arc::new(ConnShared {
-        subs: Mutex::new(HashMap::new()),
-        closed: AtomicBool::new(false),
-    });
+    let shared = Arc::new(ConnShared::default());
     let (frames_tx, frames_rx) = mpsc::unbounded_channel();
     let task = tokio::spawn(run(shared.clone(), node, frames, write, frames_rx, silence));
     Ok(PushConn {
@@ -287,13 +281,13 @@ async fn run(
                         if let Some(tx) = tx {
                             // A closed receiver is a subscription ending; its unsubscribe is
                             // on its way.
-                            let _ = tx.send(SubEvent::Batch(batch)).await;
+                            let _ = tx.send(Ok(batch)).await;
                         }
                     }
                     Ok(ServerFrame::Error { sub_id: Some(sub_id), error }) => {
                         let tx = shared.subs.lock().remove(&sub_id);
                         if let Some(tx) = tx {
-                            let _ = tx.send(SubEvent::Error(error)).await;
+                            let _ = tx.send(Err(error)).await;
                         }
                     }
                     Ok(ServerFrame::Error { sub_id: None, error }) => {

@@ -6,12 +6,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use proto::{ApiError, StreamRequest, WireMessage};
+use proto::{ApiError, MessageBatch, StreamRequest, WireMessage};
 use tokio::sync::mpsc;
 
-use crate::client::{backoff, Client, Failure, Inner};
 use crate::error::Error;
-use crate::push::{DialError, SubEvent};
+use crate::pool::Pool;
+use crate::push::{DialError, PushPool};
+use crate::retry::{backoff, jitter, Failure, BACKOFF_MAX};
+use crate::routing::Routes;
 
 /// Messages one poll asks for.
 const POLL_MESSAGES_MAX: u32 = 500;
@@ -50,17 +52,30 @@ impl Subscription {
     }
 }
 
-impl Client {
-    /// Streams `channel`'s messages with seq greater than `after_seq` (0 for all), from the
-    /// nearest healthy node; see [`Subscription`] for the guarantees.
-    pub fn subscribe(&self, channel: &str, after_seq: u64) -> Subscription {
+/// What subscriptions read with: the routing table, RPC connections for long polls, and push
+/// connections.
+#[derive(Clone)]
+pub(crate) struct Streams {
+    pub(crate) routes: Arc<Routes>,
+    pub(crate) pool: Arc<Pool>,
+    pub(crate) push: Arc<PushPool>,
+    /// How long one long poll waits on the node (`ClientConfig::stream_wait`).
+    pub(crate) wait: Duration,
+}
+
+impl Streams {
+    /// Starts a subscription to `channel` after `after_seq`; its poll loop ends when the
+    /// [`Subscription`] is dropped.
+    pub(crate) fn subscribe(&self, channel: &str, after_seq: u64) -> Subscription {
         let (tx, rx) = mpsc::channel(SUBSCRIPTION_CAPACITY);
-        tokio::spawn(poll_loop(
-            self.inner.clone(),
-            channel.to_owned(),
-            after_seq,
+        let follower = Follower {
+            s: self.clone(),
+            channel: channel.to_owned(),
+            last: after_seq,
+            failures: 0,
             tx,
-        ));
+        };
+        tokio::spawn(follower.run());
         Subscription {
             channel: channel.to_owned(),
             rx,
@@ -68,220 +83,176 @@ impl Client {
     }
 }
 
-/// What one poll gave.
+/// How one attempt on a node ended.
 enum Poll {
-    /// Messages (maybe none) and the node's applied index.
-    Batch(Vec<WireMessage>, u64),
+    /// Try again: a batch was handed out, reads moved, or the node wants long polls.
+    Again,
     /// The node failed or fell behind; try another.
     NodeFailed(String),
     /// Wait, then poll again.
     Wait(Duration),
     /// The channel cannot be read at all.
     Fatal(ApiError),
-    /// Reads moved to another node; poll there.
-    Moved,
-    /// The node does not speak push; long-poll it.
-    Unsupported,
     /// The subscriber went away.
     Closed,
 }
 
-async fn poll_loop(
-    inner: Arc<Inner>,
+/// The poll loop of one subscription. `last` is the last seq handed out, so the next attempt
+/// (on this node or another) resumes right after it.
+struct Follower {
+    s: Streams,
     channel: String,
-    after_seq: u64,
-    tx: mpsc::Sender<Result<WireMessage, Error>>,
-) {
-    let mut last = after_seq;
-    let mut failures = 0u32;
-    loop {
-        if tx.is_closed() {
-            return;
-        }
-        let Some(node) = inner.pick_reader() else {
-            failures += 1;
-            tokio::time::sleep(backoff(failures)).await;
-            continue;
-        };
-        let outcome = if inner.push.supports(node) {
-            push_once(&inner, node, &channel, &mut last, &mut failures, &tx).await
-        } else {
-            poll_once(&inner, node, &channel, last, &tx).await
-        };
-        match outcome {
-            Poll::Batch(messages, applied) => {
-                failures = 0;
-                inner.observe(applied);
-                match deliver(&tx, &mut last, messages).await {
-                    Delivered::Ok => {}
-                    Delivered::Gap { expected, found } => {
-                        tracing::warn!(node, %channel, expected, found, "seq gap from node, moving");
-                        inner.mark_down(node, "seq gap");
-                    }
-                    Delivered::Closed => return,
-                }
-            }
-            Poll::NodeFailed(reason) => {
-                failures += 1;
-                tracing::info!(node, %channel, after_seq = last, %reason, "stream node failed, moving");
-                inner.mark_down(node, &reason);
-                if failures > 1 {
-                    tokio::time::sleep(backoff(failures)).await;
-                }
-            }
-            Poll::Wait(wait) => tokio::time::sleep(wait).await,
-            Poll::Moved | Poll::Unsupported => {}
-            Poll::Fatal(e) => {
-                // The subscriber may be gone already; the loop ends either way.
-                let _ = tx.send(Err(Error::Api(e))).await;
-                return;
-            }
-            Poll::Closed => return,
-        }
-    }
-}
-
-enum Delivered {
-    Ok,
-    Gap { expected: u64, found: u64 },
-    Closed,
-}
-
-/// Hands out the messages after `last` in order, skipping any already delivered, and stops at
-/// a gap without handing out anything past it.
-async fn deliver(
-    tx: &mpsc::Sender<Result<WireMessage, Error>>,
-    last: &mut u64,
-    messages: Vec<WireMessage>,
-) -> Delivered {
-    for message in messages {
-        if message.seq <= *last {
-            continue;
-        }
-        if message.seq != *last + 1 {
-            return Delivered::Gap {
-                expected: *last + 1,
-                found: message.seq,
-            };
-        }
-        let seq = message.seq;
-        if tx.send(Ok(message)).await.is_err() {
-            return Delivered::Closed;
-        }
-        assert_eq!(seq, *last + 1, "subscriptions hand out dense seqs");
-        *last = seq;
-    }
-    Delivered::Ok
-}
-
-/// One long poll on `node`, abandoned early when the node is marked down (a failed ping) or
-/// the subscriber goes away.
-async fn poll_once(
-    inner: &Inner,
-    node: u64,
-    channel: &str,
     last: u64,
-    tx: &mpsc::Sender<Result<WireMessage, Error>>,
-) -> Poll {
-    let _polling = inner.poll_guard();
-    let conn = match inner.read_conn(node).await {
-        Ok(conn) => conn,
-        Err(Failure::Api(e)) => return classify(e),
-        Err(Failure::Transport(reason)) => return Poll::NodeFailed(reason),
-    };
-    let wait = inner.config.stream_wait;
-    let request = StreamRequest {
-        channel: channel.to_owned(),
-        after_seq: last,
-        max: POLL_MESSAGES_MAX,
-        wait_ms: u32::try_from(wait.as_millis()).unwrap_or(proto::STREAM_WAIT_MS_MAX),
-        read_token: inner.token(),
-    };
-    let mut route_rx = inner.route_tx.subscribe();
-    let call = conn.stream(proto::deadline_for(wait), request);
-    tokio::pin!(call);
-    loop {
-        tokio::select! {
-            outcome = &mut call => {
-                return match outcome {
-                    Ok(Ok(batch)) => Poll::Batch(batch.messages, batch.applied),
+    failures: u32,
+    tx: mpsc::Sender<Result<WireMessage, Error>>,
+}
+
+impl Follower {
+    async fn run(mut self) {
+        while !self.tx.is_closed() {
+            let Some(node) = self.s.routes.pick_reader() else {
+                self.failures += 1;
+                tokio::time::sleep(backoff(self.failures, BACKOFF_MAX, jitter())).await;
+                continue;
+            };
+            let outcome = if self.s.push.supports(node) {
+                self.push_once(node).await
+            } else {
+                self.poll_once(node).await
+            };
+            match outcome {
+                Poll::Again => {}
+                Poll::NodeFailed(reason) => {
+                    self.failures += 1;
+                    let (channel, after_seq) = (&self.channel, self.last);
+                    tracing::info!(node, %channel, after_seq, %reason, "stream node failed, moving");
+                    self.s.pool.mark_down(node, &reason);
+                    if self.failures > 1 {
+                        tokio::time::sleep(backoff(self.failures, BACKOFF_MAX, jitter())).await;
+                    }
+                }
+                Poll::Wait(wait) => tokio::time::sleep(wait).await,
+                Poll::Fatal(e) => {
+                    // The subscriber may be gone already; the loop ends either way.
+                    let _ = self.tx.send(Err(Error::Api(e))).await;
+                    return;
+                }
+                Poll::Closed => return,
+            }
+        }
+    }
+
+    /// Hands out the messages of `batch` after `last` in order, skipping any already handed
+    /// out, and stops at a gap without handing out anything past it.
+    async fn deliver(&mut self, node: u64, batch: MessageBatch) -> Poll {
+        self.failures = 0;
+        self.s.routes.observe(batch.applied);
+        for message in batch.messages {
+            if message.seq <= self.last {
+                continue;
+            }
+            if message.seq != self.last + 1 {
+                let (expected, found, channel) = (self.last + 1, message.seq, &self.channel);
+                tracing::warn!(node, %channel, expected, found, "seq gap from node, moving");
+                return Poll::NodeFailed("seq gap".into());
+            }
+            let seq = message.seq;
+            if self.tx.send(Ok(message)).await.is_err() {
+                return Poll::Closed;
+            }
+            assert_eq!(seq, self.last + 1, "subscriptions hand out dense seqs");
+            self.last = seq;
+        }
+        Poll::Again
+    }
+
+    /// One long poll on `node`, abandoned early when the node is marked down or reads move
+    /// (nothing of it was handed out then).
+    async fn poll_once(&mut self, node: u64) -> Poll {
+        let pool = self.s.pool.clone();
+        let _polling = pool.poll_guard();
+        let conn = match pool.read_conn(node).await {
+            Ok(conn) => conn,
+            Err(failure) => return failed(failure),
+        };
+        let request = StreamRequest {
+            channel: self.channel.clone(),
+            after_seq: self.last,
+            max: POLL_MESSAGES_MAX,
+            wait_ms: u32::try_from(self.s.wait.as_millis()).unwrap_or(proto::STREAM_WAIT_MS_MAX),
+            read_token: self.s.routes.token(),
+        };
+        let (mut reroutes, tx) = (self.s.routes.reroutes(), self.tx.clone());
+        let call = conn.stream(proto::deadline_for(self.s.wait), request);
+        tokio::pin!(call);
+        loop {
+            tokio::select! {
+                outcome = &mut call => return match outcome {
+                    Ok(Ok(batch)) => self.deliver(node, batch).await,
                     Ok(Err(e)) => classify(e),
                     Err(e) => Poll::NodeFailed(format!("stream: {e}")),
-                };
-            }
-            changed = route_rx.changed() => {
-                // Nothing of this poll was handed out; the next poll resumes after `last`.
-                if let Some(outcome) = route_change(inner, node, changed.is_ok()) {
-                    return outcome;
-                }
-            }
-            () = tx.closed() => return Poll::Closed,
-        }
-    }
-}
-
-/// One push subscription on `node`, handing out batches as they come, until the node fails,
-/// reads move, or the subscriber goes away. `last` follows every message handed out, so the
-/// next attempt (here or on another node) resumes right after it.
-async fn push_once(
-    inner: &Inner,
-    node: u64,
-    channel: &str,
-    last: &mut u64,
-    failures: &mut u32,
-    tx: &mpsc::Sender<Result<WireMessage, Error>>,
-) -> Poll {
-    let mut route_rx = inner.route_tx.subscribe();
-    let conn = match inner.push.get(inner, node).await {
-        Ok(conn) => conn,
-        Err(DialError::Unsupported) => return Poll::Unsupported,
-        Err(DialError::Failed(Failure::Api(e))) => return classify(e),
-        Err(DialError::Failed(Failure::Transport(reason))) => return Poll::NodeFailed(reason),
-    };
-    let Some(mut sub) = conn.subscribe(channel, *last, inner.token()) else {
-        inner.push.forget(node);
-        return Poll::NodeFailed("push connection closed".into());
-    };
-    loop {
-        tokio::select! {
-            event = sub.events.recv() => match event {
-                Some(SubEvent::Batch(batch)) => {
-                    *failures = 0;
-                    inner.observe(batch.applied);
-                    match deliver(tx, last, batch.messages).await {
-                        Delivered::Ok => {}
-                        Delivered::Gap { expected, found } => {
-                            tracing::warn!(node, %channel, expected, found, "seq gap from node, moving");
-                            inner.mark_down(node, "seq gap");
-                            return Poll::Moved;
-                        }
-                        Delivered::Closed => return Poll::Closed,
+                },
+                changed = reroutes.changed() => {
+                    if let Some(outcome) = self.route_change(node, changed.is_ok()) {
+                        return outcome;
                     }
                 }
-                Some(SubEvent::Error(e)) => return classify(e),
-                None => {
-                    inner.push.forget(node);
-                    return Poll::NodeFailed("push connection lost".into());
-                }
-            },
-            changed = route_rx.changed() => {
-                // Dropping `sub` unsubscribes; the next attempt resumes after `last`.
-                if let Some(outcome) = route_change(inner, node, changed.is_ok()) {
-                    return outcome;
-                }
+                () = tx.closed() => return Poll::Closed,
             }
-            () = tx.closed() => return Poll::Closed,
         }
+    }
+
+    /// One push subscription on `node`, handing out batches as they come, until the node
+    /// fails, reads move, or the subscriber goes away (dropping the subscription unsubscribes).
+    async fn push_once(&mut self, node: u64) -> Poll {
+        let mut reroutes = self.s.routes.reroutes();
+        let conn = match self.s.push.get(node).await {
+            Ok(conn) => conn,
+            Err(DialError::Unsupported) => return Poll::Again,
+            Err(DialError::Failed(failure)) => return failed(failure),
+        };
+        let Some(mut sub) = conn.subscribe(&self.channel, self.last, self.s.routes.token()) else {
+            self.s.push.forget(node);
+            return Poll::NodeFailed("push connection closed".into());
+        };
+        let tx = self.tx.clone();
+        loop {
+            let outcome = tokio::select! {
+                event = sub.events.recv() => match event {
+                    Some(Ok(batch)) => self.deliver(node, batch).await,
+                    Some(Err(e)) => classify(e),
+                    None => {
+                        self.s.push.forget(node);
+                        Poll::NodeFailed("push connection lost".into())
+                    }
+                },
+                changed = reroutes.changed() => {
+                    self.route_change(node, changed.is_ok()).unwrap_or(Poll::Again)
+                }
+                () = tx.closed() => Poll::Closed,
+            };
+            if !matches!(outcome, Poll::Again) {
+                return outcome;
+            }
+        }
+    }
+
+    /// What a change of routes means for a stream on `node`: stop if the node was marked down
+    /// (or the client is gone), move if reads went elsewhere, else keep going (`None`).
+    fn route_change(&self, node: u64, still_routing: bool) -> Option<Poll> {
+        let (down, reader) = (self.s.routes).view(|t, now| (t.is_down(node, now), t.reader()));
+        if !still_routing || down {
+            return Some(Poll::NodeFailed("node marked down".into()));
+        }
+        (reader != Some(node)).then_some(Poll::Again)
     }
 }
 
-/// What a change of routes means for a stream on `node`: stop if the node was marked down
-/// (or the client is gone), move if reads went elsewhere, else keep going (`None`).
-fn route_change(inner: &Inner, node: u64, still_routing: bool) -> Option<Poll> {
-    if !still_routing || inner.is_down(node) {
-        return Some(Poll::NodeFailed("node marked down".into()));
+fn failed(failure: Failure) -> Poll {
+    match failure {
+        Failure::Api(e) => classify(e),
+        Failure::Transport(reason) => Poll::NodeFailed(reason),
     }
-    (inner.current_reader() != Some(node)).then_some(Poll::Moved)
 }
 
 fn classify(e: ApiError) -> Poll {
@@ -310,20 +281,35 @@ mod tests {
         }
     }
 
+    fn batch(seqs: &[u64]) -> MessageBatch {
+        MessageBatch {
+            channel: "general".into(),
+            messages: seqs.iter().map(|&seq| message(seq)).collect(),
+            head: 0,
+            applied: 0,
+        }
+    }
+
     #[tokio::test]
     async fn deliver_skips_duplicates_and_stops_at_gaps() {
         let (tx, mut rx) = mpsc::channel(16);
-        let mut last = 2;
-        let batch = vec![message(1), message(2), message(3), message(4), message(6)];
-        let outcome = deliver(&tx, &mut last, batch).await;
-        assert!(matches!(
-            outcome,
-            Delivered::Gap {
-                expected: 5,
-                found: 6
-            }
-        ));
-        assert_eq!(last, 4);
+        let routes = Arc::new(Routes::new());
+        let config = Arc::new(crate::ClientConfig::default());
+        let mut follower = Follower {
+            s: Streams {
+                pool: Arc::new(Pool::new(config.clone(), None, routes.clone())),
+                push: Arc::new(PushPool::new(config, routes.clone())),
+                routes,
+                wait: Duration::from_secs(1),
+            },
+            channel: "general".into(),
+            last: 2,
+            failures: 0,
+            tx,
+        };
+        let outcome = follower.deliver(1, batch(&[1, 2, 3, 4, 6])).await;
+        assert!(matches!(outcome, Poll::NodeFailed(reason) if reason == "seq gap"));
+        assert_eq!(follower.last, 4);
         let seqs: Vec<u64> = [rx.recv().await, rx.recv().await]
             .into_iter()
             .map(|m| m.expect("message").expect("ok").seq)
@@ -331,8 +317,8 @@ mod tests {
         assert_eq!(seqs, vec![3, 4]);
         assert!(rx.try_recv().is_err());
         // Resuming after a move hands out the rest once.
-        let outcome = deliver(&tx, &mut last, vec![message(4), message(5), message(6)]).await;
-        assert!(matches!(outcome, Delivered::Ok));
-        assert_eq!(last, 6);
+        let outcome = follower.deliver(2, batch(&[4, 5, 6])).await;
+        assert!(matches!(outcome, Poll::Again));
+        assert_eq!(follower.last, 6);
     }
 }
