@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::checker::{check, Report};
+use crate::checker::check;
 use crate::history::History;
 use crate::report;
 
@@ -216,7 +216,7 @@ fn run_check(file: &Path, out: Option<&Path>) -> ExitCode {
         }
     };
     let report = check(&history);
-    print_report(&report);
+    report::print_summary(&report);
     if let Some(dir) = out {
         let perf = report::perf(&history);
         if let Err(e) = report::write(dir, &report, &perf) {
@@ -234,39 +234,4 @@ fn run_check(file: &Path, out: Option<&Path>) -> ExitCode {
     } else {
         ExitCode::from(EXIT_INVALID)
     }
-}
-
-pub(crate) fn print_report(report: &Report) {
-    let s = &report.stats;
-    println!(
-        "ops={} acknowledged_sends={} msgs_read={} recovered={} final_reads={} nodes={}",
-        s.ops,
-        s.acknowledged_sends,
-        s.msgs_read,
-        s.recovered,
-        s.final_reads,
-        s.nodes.join(",")
-    );
-    for (f, c) in &s.by_f {
-        println!(
-            "  {f}: invoke={} ok={} fail={} info={}",
-            c.invoke, c.ok, c.fail, c.info
-        );
-    }
-    for w in &report.warnings {
-        println!("warning: {w}");
-    }
-    for anomaly in report.found() {
-        let summary = &report.anomalies[anomaly.name()];
-        println!("{}: {}", anomaly.name(), summary.count);
-        for example in summary.examples.iter().take(3) {
-            println!("  e.g. {example}");
-        }
-    }
-    let failed = report.found().len();
-    let verdict = if report.valid { "VALID" } else { "INVALID" };
-    println!(
-        "{verdict}: {} anomaly types checked, {failed} failed",
-        crate::checker::Anomaly::ALL.len()
-    );
 }

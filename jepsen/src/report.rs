@@ -1,6 +1,6 @@
-//! Performance analysis and the written results: `results.json` and `report.html` with inline
-//! SVG plots (latency over time, throughput by `f`, nemesis intervals shaded, availability per
-//! fault window).
+//! Performance analysis and the results: `results.json` and `report.html` with inline SVG plots
+//! (latency over time, throughput by `f`, nemesis intervals shaded, availability per fault
+//! window), and the summary printed to the terminal.
 //!
 //! The SVG is written by hand: three plot shapes do not justify a plotting dependency. Latency
 //! points are thinned to [`LATENCY_POINTS_MAX`] so a 1M-op history still gives a small page;
@@ -525,6 +525,44 @@ fn escape(s: &str) -> String {
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
+}
+
+/// Prints the checker's verdict for a person at a terminal: counts, warnings, up to three
+/// examples per anomaly found, and the VALID/INVALID line. `jepsen check` and `jepsen run`
+/// both end with it.
+pub(crate) fn print_summary(report: &Report) {
+    let s = &report.stats;
+    println!(
+        "ops={} acknowledged_sends={} msgs_read={} recovered={} final_reads={} nodes={}",
+        s.ops,
+        s.acknowledged_sends,
+        s.msgs_read,
+        s.recovered,
+        s.final_reads,
+        s.nodes.join(",")
+    );
+    for (f, c) in &s.by_f {
+        println!(
+            "  {f}: invoke={} ok={} fail={} info={}",
+            c.invoke, c.ok, c.fail, c.info
+        );
+    }
+    for w in &report.warnings {
+        println!("warning: {w}");
+    }
+    for anomaly in report.found() {
+        let summary = &report.anomalies[anomaly.name()];
+        println!("{}: {}", anomaly.name(), summary.count);
+        for example in summary.examples.iter().take(3) {
+            println!("  e.g. {example}");
+        }
+    }
+    let failed = report.found().len();
+    let verdict = if report.valid { "VALID" } else { "INVALID" };
+    println!(
+        "{verdict}: {} anomaly types checked, {failed} failed",
+        crate::checker::Anomaly::ALL.len()
+    );
 }
 
 #[cfg(test)]

@@ -18,7 +18,20 @@
 //! | meta file | format_version | u32 LE | `FORMAT_VERSION` |
 //! | meta file | payload_len | u32 LE | payload length in bytes |
 //! | meta file | crc | u32 LE | CRC-32/IEEE over `format_version ‖ payload_len ‖ payload` |
-//! | meta file | payload | payload_len B | opaque vote or committed bytes; for `purged.meta`, a u64 LE index |
+//! | meta file | payload | payload_len B | opaque vote or committed bytes; for `purged.meta`, a purge record (below) |
+//!
+//! The payload of `purged.meta` is a purge record, in one of two layouts told apart by length:
+//!
+//! | Layout | Field | Width | Contents |
+//! | --- | --- | --- | --- |
+//! | 1 (exactly 8 bytes) | index | u64 LE | the purge point; no caller payload. Written by `Wal::purge_through` and by every build before purge payloads |
+//! | 2 (9 bytes or more) | index | u64 LE | the purge point |
+//! | 2 | layout | u8 | `PURGE_LAYOUT_WITH_PAYLOAD` = 2; any other value is a layout this build cannot read (`Error::UnsupportedVersion`) |
+//! | 2 | payload | rest of the meta payload (at most `PURGE_PAYLOAD_BYTES_MAX` = 4096 B) | opaque caller bytes stored with the purge point (`Wal::purge_through_with`), possibly empty |
+//!
+//! A purge record shorter than 8 bytes is corruption. An earlier build refuses to open a
+//! layout-2 record (it expects exactly 8 bytes), so after `purge_through_with` a downgrade is
+//! not supported.
 //!
 //! A segment is a header (24 bytes) followed by frames (16 bytes plus payload each), then, in
 //! the newest segment only, a zero-filled tail up to the end of the file:
@@ -62,6 +75,13 @@ pub(crate) const META_HEADER_LEN: usize = 20;
 pub(crate) const SEGMENT_SUFFIX: &str = ".seg";
 /// Suffix of files still being prepared; removed at open.
 pub(crate) const TMP_SUFFIX: &str = ".tmp";
+/// Prefix of segment files prepared ahead of need: `prepared-{pid}-{n}.seg.tmp`.
+pub(crate) const PREPARED_PREFIX: &str = "prepared-";
+/// The layout byte of a purge record that carries a caller payload (layout 2).
+pub(crate) const PURGE_LAYOUT_WITH_PAYLOAD: u8 = 2;
+/// Largest caller payload a purge record carries. openraft's purged log id takes a few dozen
+/// bytes; the bound keeps `purged.meta` small enough to read whole at open.
+pub(crate) const PURGE_PAYLOAD_BYTES_MAX: usize = 4096;
 
 /// File name of the segment whose first entry is `first_index`.
 pub(crate) fn segment_file_name(first_index: u64) -> String {
@@ -263,6 +283,32 @@ pub(crate) fn decode_meta(bytes: &[u8]) -> Result<&[u8], MetaError> {
     Ok(payload)
 }
 
+/// Encodes a purge record: layout 1 (the index alone) without a payload, layout 2 with one.
+pub(crate) fn encode_purge_record(index: u64, payload: Option<&[u8]>) -> Vec<u8> {
+    let mut record = Vec::with_capacity(9 + payload.map_or(0, <[u8]>::len));
+    record.extend_from_slice(&index.to_le_bytes());
+    if let Some(payload) = payload {
+        record.push(PURGE_LAYOUT_WITH_PAYLOAD);
+        record.extend_from_slice(payload);
+    }
+    record
+}
+
+/// Decodes a purge record into the purge point and the caller payload, if any.
+pub(crate) fn decode_purge_record(record: &[u8]) -> Result<(u64, Option<&[u8]>), MetaError> {
+    let Some((index, rest)) = record.split_first_chunk::<8>() else {
+        return Err(MetaError::Corrupt(
+            "purge record shorter than its 8-byte index",
+        ));
+    };
+    let index = u64::from_le_bytes(*index);
+    match rest.split_first() {
+        None => Ok((index, None)),
+        Some((&PURGE_LAYOUT_WITH_PAYLOAD, payload)) => Ok((index, Some(payload))),
+        Some((&layout, _)) => Err(MetaError::UnsupportedVersion(u32::from(layout))),
+    }
+}
+
 fn read_u32(bytes: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(bytes[at..at + 4].try_into().expect("slice of length 4"))
 }
@@ -347,6 +393,29 @@ mod tests {
             decode_segment_header(&header),
             Err(HeaderError::UnsupportedVersion(9))
         );
+    }
+
+    #[test_case(0, None; "layout 1, index 0")]
+    #[test_case(42, None; "layout 1")]
+    #[test_case(42, Some(&b""[..]); "layout 2, empty payload")]
+    #[test_case(u64::MAX - 1, Some(&b"log id"[..]); "layout 2")]
+    fn purge_record_round_trips(index: u64, payload: Option<&[u8]>) {
+        let record = encode_purge_record(index, payload);
+        assert_eq!(record.len(), 8 + payload.map_or(0, |p| 1 + p.len()));
+        assert_eq!(decode_purge_record(&record), Ok((index, payload)));
+    }
+
+    #[test]
+    fn purge_record_layout_1_is_the_bare_index_earlier_builds_wrote() {
+        assert_eq!(encode_purge_record(4, None), 4u64.to_le_bytes());
+    }
+
+    #[test_case(&[][..], MetaError::Corrupt("purge record shorter than its 8-byte index"); "empty")]
+    #[test_case(&[1, 2, 3][..], MetaError::Corrupt("purge record shorter than its 8-byte index"); "short")]
+    #[test_case(&[4, 0, 0, 0, 0, 0, 0, 0, 3][..], MetaError::UnsupportedVersion(3); "future layout")]
+    #[test_case(&[4, 0, 0, 0, 0, 0, 0, 0, 1, 9][..], MetaError::UnsupportedVersion(1); "layout byte 1")]
+    fn purge_record_rejects(record: &[u8], expected: MetaError) {
+        assert_eq!(decode_purge_record(record), Err(expected));
     }
 
     #[test]

@@ -154,6 +154,7 @@ mod faulty {
     enum Fault {
         WriteAfter(u64),
         Sync,
+        Remove,
     }
 
     #[derive(Debug, Clone, Default)]
@@ -200,7 +201,8 @@ mod faulty {
     /// `segment::append::fault` (write to a segment), `segment::sync::fault`,
     /// `prepare::write::fault` and `prepare::sync::fault` (a segment file being zero-filled
     /// in the background, before it gets its name), `meta::write::fault`, `meta::sync::fault`,
-    /// `dir::sync::fault`.
+    /// `dir::sync::fault`, and `segment::remove::fault`, `meta::remove::fault` (removing such a
+    /// file fails; see [`FaultyFs::fail_remove`]).
     #[derive(Debug, Clone, Default)]
     pub struct FaultyFs {
         shared: Arc<Shared>,
@@ -230,7 +232,7 @@ mod faulty {
 
     fn kind(path: &Path) -> &'static str {
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if name.starts_with(crate::segment::PREPARED_PREFIX) {
+        if name.starts_with(crate::format::PREPARED_PREFIX) {
             "prepare"
         } else if name.contains(".seg") {
             "segment"
@@ -362,6 +364,12 @@ mod faulty {
         pub fn fail_sync(&self, point: &str) {
             let mut state = self.shared.state.lock();
             state.faults.insert(point.to_owned(), Fault::Sync);
+        }
+
+        /// From now on, removing a file through fault point `point` fails and leaves the file.
+        pub fn fail_remove(&self, point: &str) {
+            let mut state = self.shared.state.lock();
+            state.faults.insert(point.to_owned(), Fault::Remove);
         }
 
         /// Removes every injected fault.
@@ -509,6 +517,10 @@ mod faulty {
         fn remove_file(&self, path: &Path) -> io::Result<()> {
             let mut state = self.shared.state.lock();
             state.check_alive()?;
+            let point = format!("{}::remove::fault", kind(path));
+            if let Some(Fault::Remove) = state.faults.get(&point) {
+                return Err(injected(&point));
+            }
             StdFs.remove_file(path)?;
             state.files.remove(path);
             Ok(())

@@ -10,12 +10,17 @@
 //!   again; a mismatch is `Error::Corrupt`, never a wrong payload.
 //! - [`Wal::truncate_from`] and [`Wal::purge_through`] are durable when they return. Nothing at
 //!   or below the purge point is ever returned.
-//! - The vote is durable when [`Wal::save_vote`] returns; the committed marker is replaced
-//!   atomically but may lag after a crash (see [`Wal::save_committed`]).
+//! - The `Wal` owns all of Raft's durable metadata besides the entries, as opaque bytes: the
+//!   vote (durable when [`Wal::save_vote`] returns), the committed marker (replaced atomically
+//!   but may lag after a crash, see [`Wal::save_committed`]), and a payload stored with the
+//!   purge point ([`Wal::purge_through_with`], read back by [`Wal::purged`]), durable together
+//!   with it and before any segment is deleted.
 //! - Recovery at open truncates a torn tail of the newest segment and refuses to open on any
 //!   other damage (see `recovery.rs` for the rule and its assumption).
-//! - A failed fsync panics and is never retried: afterwards the page cache no longer says what
-//!   is on disk ("fsyncgate").
+//! - A failed fsync panics, everywhere in the crate, and is never retried or returned as an
+//!   error: afterwards the page cache no longer says what is on disk ("fsyncgate"). The rule
+//!   and its one implementation live in `durable.rs`, with the one atomic-replace helper that
+//!   every meta file goes through.
 //!
 //! The on-disk layout is described once, in `format.rs`.
 //!
@@ -37,6 +42,7 @@
 #![deny(missing_docs)]
 
 mod config;
+mod durable;
 mod error;
 mod format;
 mod fs;
@@ -50,6 +56,7 @@ pub use error::Error;
 #[cfg(feature = "testing")]
 pub use fs::{FaultyFs, Tear};
 pub use fs::{FileSystem, FsFile, StdFs};
+pub use meta::PurgePoint;
 pub use wal::{Wal, WalStats};
 
 use std::fmt;

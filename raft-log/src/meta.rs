@@ -1,12 +1,14 @@
-//! Small meta files. The committed marker and the purge point are replaced atomically by
-//! rename; the vote is overwritten in place in one of two checksummed slots ([`VoteSlots`]),
-//! because a rename plus a directory fsync waits for a journal commit of the whole file
-//! system, which under load has taken over half a second and stalled an election.
+//! Small meta files: Raft's durable metadata other than the entries. The committed marker and
+//! the purge point (with the caller's payload) are replaced atomically by rename
+//! (`durable::replace_file`); the vote is overwritten in place in one of two checksummed slots
+//! ([`VoteSlots`]), because a rename plus a directory fsync waits for a journal commit of the
+//! whole file system, which under load has taken over half a second and stalled an election.
+//! Fsync failures follow the crate's one policy (`durable.rs`): they panic.
 
-use crate::format::{self, MetaError, TMP_SUFFIX};
+use crate::durable;
+use crate::format::{self, MetaError};
 use crate::fs::FileSystem;
-use crate::segment::{sync_dir_or_panic, sync_or_panic};
-use crate::{Durability, Error};
+use crate::{Durability, Error, LogIndex};
 use std::io;
 use std::path::Path;
 
@@ -18,12 +20,26 @@ pub(crate) const VOTE_SLOTS_FILE: &str = "vote.slots";
 pub(crate) const VOTE_SLOT_LEN: usize = 512;
 /// File holding the committed bytes.
 pub(crate) const COMMITTED_FILE: &str = "committed.meta";
-/// File holding the purge point (u64 LE).
+/// File holding the purge point and the caller's payload (a purge record, see `format.rs`).
 pub(crate) const PURGED_FILE: &str = "purged.meta";
 
-/// Replaces `dir/name` with a meta file holding `payload`: write `name.tmp`, fsync it, rename
-/// over `name`, fsync `dir`. With `Durability::Buffered` both fsyncs are skipped, so the
-/// replacement is atomic (readers see the old or the new file) but not durable.
+/// The purge point as stored on disk, with the bytes the caller stored alongside it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PurgePoint {
+    /// Entries at or below this index are gone.
+    pub index: LogIndex,
+    /// The bytes handed to [`crate::Wal::purge_through_with`] with this purge point, stored in
+    /// the same file and so made durable together with it. `None` when the purge point was
+    /// written by [`crate::Wal::purge_through`] or by a build from before purge payloads.
+    pub payload: Option<Vec<u8>>,
+}
+
+/// Replaces `dir/name` with a meta file holding `payload`, by way of
+/// [`durable::replace_file`] (durable with `Durability::Sync`, only atomic with `Buffered`).
+///
+/// # Errors
+///
+/// `Io`.
 ///
 /// # Panics
 ///
@@ -35,35 +51,54 @@ pub(crate) fn write_atomic(
     payload: &[u8],
     durability: Durability,
 ) -> Result<(), Error> {
-    replace_file(fs, dir, name, &format::encode_meta(payload), durability)
+    durable::replace_file(fs, dir, name, &format::encode_meta(payload), durability)
 }
 
-/// Replaces `dir/name` with a file holding exactly `bytes`, by way of `name.tmp` (see
-/// [`write_atomic`]).
-fn replace_file(
+/// Replaces `purged.meta` with `point`, durably.
+///
+/// # Errors
+///
+/// `Io`.
+///
+/// # Panics
+///
+/// If an fsync fails.
+pub(crate) fn save_purge_point(
     fs: &dyn FileSystem,
     dir: &Path,
-    name: &str,
-    bytes: &[u8],
-    durability: Durability,
+    point: &PurgePoint,
 ) -> Result<(), Error> {
-    let path = dir.join(name);
-    let tmp = dir.join(format!("{name}{TMP_SUFFIX}"));
-    let io = |op: &'static str| crate::error::io_error(op, &tmp);
-    let file = fs.create(&tmp).map_err(io("create meta"))?;
-    file.write_all_at(bytes, 0).map_err(io("write meta"))?;
-    if durability == Durability::Sync {
-        // Crash before this sync returns: the old file is untouched; the `.tmp` is removed at open.
-        sync_or_panic(file.as_ref(), &tmp, u64::MAX);
+    let record = format::encode_purge_record(point.index.0, point.payload.as_deref());
+    write_atomic(fs, dir, PURGED_FILE, &record, Durability::Sync)
+}
+
+/// Loads `purged.meta`; `None` if there is none. Layout 1 (a bare index, as earlier builds
+/// wrote) loads with payload `None`.
+///
+/// # Errors
+///
+/// `Corrupt` or `UnsupportedVersion` naming the file for a damaged file, a record shorter than
+/// its index, or a record layout this build cannot read; `Io`.
+pub(crate) fn load_purge_point(
+    fs: &dyn FileSystem,
+    dir: &Path,
+) -> Result<Option<PurgePoint>, Error> {
+    let Some(record) = load(fs, dir, PURGED_FILE, OnCorrupt::Fail)? else {
+        return Ok(None);
+    };
+    let path = dir.join(PURGED_FILE);
+    match format::decode_purge_record(&record) {
+        Ok((index, payload)) => Ok(Some(PurgePoint {
+            index: LogIndex(index),
+            payload: payload.map(<[u8]>::to_vec),
+        })),
+        Err(MetaError::UnsupportedVersion(found)) => Err(Error::UnsupportedVersion { path, found }),
+        Err(MetaError::Corrupt(reason)) => Err(Error::Corrupt {
+            segment: path,
+            offset: format::META_HEADER_LEN as u64,
+            reason: reason.into(),
+        }),
     }
-    drop(file);
-    fs.rename(&tmp, &path).map_err(io("rename meta"))?;
-    if durability == Durability::Sync {
-        // Crash before this directory sync returns: the name points at the old or the new file,
-        // both complete and checksummed, because the new one was synced before the rename.
-        sync_dir_or_panic(fs, dir);
-    }
-    Ok(())
 }
 
 /// Opens `path` for reading and writing; `None` if it does not exist.
@@ -121,16 +156,6 @@ pub(crate) fn load(
     }
 }
 
-/// Decodes the purge point payload.
-pub(crate) fn decode_purged(dir: &Path, payload: &[u8]) -> Result<u64, Error> {
-    let bytes: [u8; 8] = payload.try_into().map_err(|_| Error::Corrupt {
-        segment: dir.join(PURGED_FILE),
-        offset: format::META_HEADER_LEN as u64,
-        reason: format!("purge point has {} bytes, expected 8", payload.len()),
-    })?;
-    Ok(u64::from_le_bytes(bytes))
-}
-
 /// Opaque vote bytes.
 type Vote = Vec<u8>;
 
@@ -152,11 +177,39 @@ pub(crate) struct VoteSlots {
 }
 
 impl VoteSlots {
-    /// Opens `dir/vote.slots`, or `None` when there is none yet. Returns the newest vote.
-    pub(crate) fn open(
+    /// Opens `dir/vote.slots` and returns it with the newest vote; creates it when missing
+    /// (first open by this build, or a new WAL), moving an earlier build's `vote.meta` into it.
+    ///
+    /// # Errors
+    ///
+    /// `Corrupt` or `UnsupportedVersion` naming the file; `Io`.
+    ///
+    /// # Panics
+    ///
+    /// If an fsync fails.
+    pub(crate) fn open_or_migrate(
         fs: &dyn FileSystem,
         dir: &Path,
-    ) -> Result<Option<(VoteSlots, Option<Vote>)>, Error> {
+    ) -> Result<(VoteSlots, Option<Vote>), Error> {
+        if let Some(opened) = VoteSlots::open(fs, dir)? {
+            return Ok(opened);
+        }
+        let old = load(fs, dir, VOTE_FILE, OnCorrupt::Fail)?;
+        // The old vote goes into the slots durably before its file is removed: a crash in
+        // between leaves both, and the next open reads the slots and never the old file again.
+        let slots = VoteSlots::create(fs, dir, old.as_deref())?;
+        if old.is_some() {
+            let path = dir.join(VOTE_FILE);
+            fs.remove_file(&path)
+                .map_err(crate::error::io_error("remove old vote file", &path))?;
+            // Crash before this sync returns: `vote.meta` may reappear, unread, as above.
+            durable::sync_dir_or_panic(fs, dir);
+        }
+        Ok((slots, old))
+    }
+
+    /// Opens `dir/vote.slots`, or `None` when there is none yet. Returns the newest vote.
+    fn open(fs: &dyn FileSystem, dir: &Path) -> Result<Option<(VoteSlots, Option<Vote>)>, Error> {
         let path = dir.join(VOTE_SLOTS_FILE);
         let io = |op: &'static str| crate::error::io_error(op, &path);
         let Some(file) = open_existing(fs, &path, "open vote slots")? else {
@@ -223,11 +276,7 @@ impl VoteSlots {
     /// # Panics
     ///
     /// If an fsync fails.
-    pub(crate) fn create(
-        fs: &dyn FileSystem,
-        dir: &Path,
-        vote: Option<&[u8]>,
-    ) -> Result<VoteSlots, Error> {
+    fn create(fs: &dyn FileSystem, dir: &Path, vote: Option<&[u8]>) -> Result<VoteSlots, Error> {
         let path = dir.join(VOTE_SLOTS_FILE);
         let mut bytes = vec![0u8; 2 * VOTE_SLOT_LEN];
         let seq = match vote {
@@ -237,7 +286,7 @@ impl VoteSlots {
             }
             None => 0,
         };
-        replace_file(fs, dir, VOTE_SLOTS_FILE, &bytes, Durability::Sync)?;
+        durable::replace_file(fs, dir, VOTE_SLOTS_FILE, &bytes, Durability::Sync)?;
         let file = open_existing(fs, &path, "open vote slots")?.ok_or_else(|| {
             crate::error::io_error("open vote slots", &path)(io::ErrorKind::NotFound.into())
         })?;
@@ -256,7 +305,9 @@ impl VoteSlots {
         self.file
             .write_all_at(&slot, offset)
             .map_err(crate::error::io_error("write vote slot", &self.path))?;
-        sync_or_panic(self.file.as_ref(), &self.path, warn_ms);
+        // Crash before this sync returns: only this slot can be torn; the other still holds
+        // the previous vote, the newest one a caller was told is durable.
+        durable::sync_or_panic(self.file.as_ref(), &self.path, warn_ms);
         self.seq = seq;
         Ok(())
     }

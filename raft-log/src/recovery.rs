@@ -38,10 +38,11 @@
 //! two unsynced batches, and refusing to open is the safe answer (the node is rebuilt from peers).
 
 use crate::config::Config;
+use crate::durable::{sync_dir_or_panic, sync_or_panic};
 use crate::format::{self, HeaderError, FRAME_HEADER_LEN, SEGMENT_HEADER_LEN, TMP_SUFFIX};
 use crate::fs::FileSystem;
-use crate::meta::{self, OnCorrupt};
-use crate::segment::{self, sync_dir_or_panic, sync_or_panic, Segment};
+use crate::meta::{self, OnCorrupt, PurgePoint};
+use crate::segment::{self, Segment};
 use crate::Error;
 use std::path::{Path, PathBuf};
 
@@ -49,7 +50,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug)]
 pub(crate) struct Recovered {
     pub segments: Vec<Segment>,
-    pub purged: Option<u64>,
+    pub purge_point: Option<PurgePoint>,
     pub vote: Option<Vec<u8>>,
     /// The vote file, to save later votes in.
     pub vote_slots: meta::VoteSlots,
@@ -72,25 +73,8 @@ pub(crate) fn recover(fs: &dyn FileSystem, config: &Config) -> Result<Recovered,
     let io = |op: &'static str| crate::error::io_error(op, dir);
     fs.create_dir_all(dir).map_err(io("create wal dir"))?;
     let segment_paths = recover_dir_listing(fs, dir)?;
-    let purged = match meta::load(fs, dir, meta::PURGED_FILE, OnCorrupt::Fail)? {
-        Some(payload) => Some(meta::decode_purged(dir, &payload)?),
-        None => None,
-    };
-    let (vote_slots, vote) = match meta::VoteSlots::open(fs, dir)? {
-        Some((slots, vote)) => (slots, vote),
-        None => {
-            // First open by this build, or a new WAL: move an older build's vote file into
-            // the slots (durably) before removing it.
-            let old = meta::load(fs, dir, meta::VOTE_FILE, OnCorrupt::Fail)?;
-            let slots = meta::VoteSlots::create(fs, dir, old.as_deref())?;
-            if old.is_some() {
-                let path = dir.join(meta::VOTE_FILE);
-                fs.remove_file(&path)
-                    .map_err(crate::error::io_error("remove old vote file", &path))?;
-            }
-            (slots, old)
-        }
-    };
+    let purge_point = meta::load_purge_point(fs, dir)?;
+    let (vote_slots, vote) = meta::VoteSlots::open_or_migrate(fs, dir)?;
     let committed = meta::load(fs, dir, meta::COMMITTED_FILE, OnCorrupt::Ignore)?;
 
     let mut summary = Summary::default();
@@ -126,8 +110,8 @@ pub(crate) fn recover(fs: &dyn FileSystem, config: &Config) -> Result<Recovered,
         summary.records += segment.entry_count();
         segments.push(segment);
     }
-    if let Some(purged) = purged {
-        recover_purged_segments(fs, dir, &mut segments, purged)?;
+    if let Some(point) = &purge_point {
+        recover_purged_segments(fs, dir, &mut segments, point.index.0)?;
     }
     if let Some(newest) = segments.last() {
         // A previous process may have exited without syncing: its bytes are readable from the
@@ -144,7 +128,7 @@ pub(crate) fn recover(fs: &dyn FileSystem, config: &Config) -> Result<Recovered,
     );
     Ok(Recovered {
         segments,
-        purged,
+        purge_point,
         vote_slots,
         vote,
         committed,

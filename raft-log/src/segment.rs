@@ -27,9 +27,10 @@
 //! recovery zeroes a torn tail). Sealing cuts the file at `end_offset`, so sealed segments end
 //! exactly at their last frame, as in format version 1.
 
-use crate::format::{self, SEGMENT_HEADER_LEN, SEGMENT_SUFFIX, TMP_SUFFIX};
+use crate::durable::{self, sync_or_panic};
+use crate::format::{self, PREPARED_PREFIX, SEGMENT_HEADER_LEN, SEGMENT_SUFFIX, TMP_SUFFIX};
 use crate::fs::{FileSystem, FsFile};
-use crate::{Error, LogIndex};
+use crate::{Durability, Error, LogIndex};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -44,8 +45,6 @@ const PREPARE_CHUNK_BYTES: u64 = 1024 * 1024;
 /// Longest pause after one chunk of a background preparation. When the disk is so slow that a
 /// chunk takes longer, the pause is capped so the preparation still finishes in bounded time.
 const PREPARE_PAUSE_MAX: Duration = Duration::from_millis(50);
-/// Infix of prepared segment files: `prepared-{pid}-{n}.seg.tmp`.
-pub(crate) const PREPARED_PREFIX: &str = "prepared-";
 
 /// How fast [`prepare`] may write, shared with the thread running it.
 ///
@@ -99,8 +98,14 @@ pub(crate) struct Prepared {
 /// and syncs [`PREPARE_CHUNK_BYTES`] at a time, at the given pace (module doc, "Preallocation").
 /// Runs on a background thread.
 ///
-/// An fsync failure is returned, not a panic: the file is a `.tmp` nobody relies on, and the
-/// caller discards it (it never uses a file whose fsync failed, so "fsyncgate" does not apply).
+/// # Errors
+///
+/// `Io` if creating or writing the file fails (the caller then creates the segment inline).
+///
+/// # Panics
+///
+/// If an fsync fails, like every fsync in this crate (`durable.rs`); the thread joining this
+/// one passes the panic on.
 pub(crate) fn prepare(
     fs: &dyn FileSystem,
     dir: &Path,
@@ -123,7 +128,7 @@ pub(crate) fn prepare(
         let chunk_end = len.min(at + PREPARE_CHUNK_BYTES);
         write_zeros(file.as_ref(), at, chunk_end).map_err(io("zero prepared segment"))?;
         // Crash before or after this sync: the file is a `.tmp`, removed at open.
-        file.sync_data().map_err(io("sync prepared segment"))?;
+        sync_or_panic(file.as_ref(), &path, u64::MAX);
         at = chunk_end;
         if at < len {
             pace.pause_after(chunk_started.elapsed());
@@ -176,19 +181,10 @@ impl Segment {
     pub fn create(fs: &dyn FileSystem, dir: &Path, first_index: u64) -> Result<Segment, Error> {
         let name = format::segment_file_name(first_index);
         let path = dir.join(&name);
-        let tmp = dir.join(format!("{name}{TMP_SUFFIX}"));
-        let io = |op: &'static str| crate::error::io_error(op, &tmp);
-        let file = fs.create(&tmp).map_err(io("create segment"))?;
         let header = format::encode_segment_header(first_index);
-        file.write_all_at(&header, 0)
-            .map_err(io("write segment header"))?;
-        // Crash before this sync returns: only a `.tmp` file exists, and open removes it.
-        sync_or_panic(file.as_ref(), &tmp, u64::MAX);
-        drop(file);
-        fs.rename(&tmp, &path).map_err(io("rename segment"))?;
-        // Crash before this directory sync returns: the file is either still `.tmp` (removed at
-        // open) or a segment holding a synced header and no entries, which recovery accepts.
-        sync_dir_or_panic(fs, dir);
+        // Crash inside: the file is either still `.tmp` (removed at open) or a segment holding a
+        // synced header and no entries, which recovery accepts.
+        durable::replace_file(fs, dir, &name, &header, Durability::Sync)?;
         // Reopen under the final name so later syncs are attributed to the right file.
         let file = fs.open(&path).map_err(|source| Error::Io {
             op: "open segment",
@@ -225,14 +221,10 @@ impl Segment {
             .file
             .write_all_at(&header, 0)
             .map_err(io("write segment header"))?;
-        // Crash before this sync returns: only a `.tmp` file exists, and open removes it. The
-        // header overwrites zeros, so this fdatasync has no size change to journal.
-        sync_or_panic(prepared.file.as_ref(), &tmp, u64::MAX);
-        drop(prepared.file);
-        fs.rename(&tmp, &path).map_err(io("rename segment"))?;
-        // Crash before this directory sync returns: the file is either still `.tmp` (removed at
-        // open) or a segment holding a synced header and zeros, which recovery reads as empty.
-        sync_dir_or_panic(fs, dir);
+        // Crash inside: the file is either still `.tmp` (removed at open) or a segment holding a
+        // synced header and zeros, which recovery reads as empty. The header overwrites zeros,
+        // so the fdatasync in there has no size change to journal.
+        durable::install_file(fs, prepared.file, &tmp, &path, Durability::Sync)?;
         let file = fs.open(&path).map_err(|source| Error::Io {
             op: "open segment",
             path: path.clone(),
@@ -318,52 +310,6 @@ impl Segment {
         // caller has not returned, so Raft will truncate again after restart.
         sync_or_panic(self.file.as_ref(), &self.path, u64::MAX);
         Ok(())
-    }
-}
-
-/// Fdatasyncs `file`, logging a `warn` when slower than `warn_ms`; returns how long it took.
-///
-/// # Panics
-///
-/// If the fsync fails. It is never retried: after a failed fsync the kernel may have dropped the
-/// dirty pages and marked them clean, so a retry could "succeed" without the data on disk
-/// (PostgreSQL's "fsyncgate"). The process must restart and recover from what is on disk.
-pub(crate) fn sync_or_panic(file: &dyn FsFile, path: &Path, warn_ms: u64) -> Duration {
-    match timed_sync(file, path, warn_ms) {
-        Ok(took) => took,
-        Err(e) => {
-            tracing::error!(segment = %path.display(), error = %e, "fsync failed; stopping");
-            panic!("fsync of {} failed: {e}", path.display());
-        }
-    }
-}
-
-/// Fdatasyncs `file`, logging a `warn` when slower than `warn_ms`; returns how long it took.
-/// The caller must not retry on error (see [`sync_or_panic`]).
-pub(crate) fn timed_sync(
-    file: &dyn FsFile,
-    path: &Path,
-    warn_ms: u64,
-) -> std::io::Result<Duration> {
-    let started = Instant::now();
-    file.sync_data()?;
-    let elapsed = started.elapsed();
-    let elapsed_ms = elapsed.as_millis() as u64;
-    if elapsed_ms > warn_ms {
-        tracing::warn!(segment = %path.display(), elapsed_ms, "slow fsync");
-    }
-    Ok(elapsed)
-}
-
-/// Fsyncs `dir`.
-///
-/// # Panics
-///
-/// If the fsync fails, for the same reason as [`sync_or_panic`].
-pub(crate) fn sync_dir_or_panic(fs: &dyn FileSystem, dir: &Path) {
-    if let Err(e) = fs.sync_dir(dir) {
-        tracing::error!(dir = %dir.display(), error = %e, "directory fsync failed; stopping");
-        panic!("fsync of directory {} failed: {e}", dir.display());
     }
 }
 

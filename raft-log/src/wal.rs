@@ -1,9 +1,10 @@
 //! `Wal`: ordered segments; append with group commit, read, truncate_from, purge_through, and
 //! the vote and committed meta state.
 
-use crate::format;
+use crate::durable::{self, sync_dir_or_panic};
+use crate::format::{self, PURGE_PAYLOAD_BYTES_MAX};
 use crate::fs::{FileSystem, StdFs};
-use crate::meta::{self, COMMITTED_FILE, PURGED_FILE};
+use crate::meta::{self, PurgePoint, COMMITTED_FILE, PURGED_FILE};
 use crate::recovery;
 use crate::segment::{self, PreparePace, Prepared, ReadPlan, Segment};
 use crate::{Config, Durability, Error, LogIndex};
@@ -63,6 +64,8 @@ struct State {
     /// Ordered by first index; the last one is the active segment, appended to.
     segments: Vec<Segment>,
     purged: Option<u64>,
+    /// The payload stored with the purge point in `purged.meta` (see [`PurgePoint`]).
+    purged_payload: Option<Vec<u8>>,
     /// Number of batches written; a batch is durable once `SyncState::synced_seq` reaches it.
     written_seq: u64,
     /// Reused for every batch so the append path allocates nothing per entry.
@@ -191,9 +194,14 @@ impl Wal {
     pub fn open_with_fs(config: Config, fs: Arc<dyn FileSystem>) -> Result<Wal, Error> {
         config.validate()?;
         let recovered = recovery::recover(fs.as_ref(), &config)?;
+        let (purged, purged_payload) = match recovered.purge_point {
+            Some(point) => (Some(point.index.0), point.payload),
+            None => (None, None),
+        };
         let state = State {
             segments: recovered.segments,
-            purged: recovered.purged,
+            purged,
+            purged_payload,
             written_seq: 0,
             encode_buf: Vec::new(),
             prepare: None,
@@ -237,6 +245,18 @@ impl Wal {
     /// The purge point: entries at or below it are gone. `None` if never purged.
     pub fn purged_through(&self) -> Option<LogIndex> {
         self.state.lock().purged.map(LogIndex)
+    }
+
+    /// The purge point with the payload stored alongside it by [`Wal::purge_through_with`];
+    /// `None` if never purged. After a crash it is the last purge point whose write reached the
+    /// disk: the one the last returned purge call stored, or that of a later call that had not
+    /// returned yet.
+    pub fn purged(&self) -> Option<PurgePoint> {
+        let state = self.state.lock();
+        state.purged.map(|index| PurgePoint {
+            index: LogIndex(index),
+            payload: state.purged_payload.clone(),
+        })
     }
 
     /// The index the next `append` must start at: last + 1, else purged + 1, else 0.
@@ -332,7 +352,7 @@ impl Wal {
                         path: active.path.clone(),
                         source,
                     })?;
-                segment::sync_dir_or_panic(self.fs.as_ref(), dir);
+                sync_dir_or_panic(self.fs.as_ref(), dir);
             }
             Some(active)
                 if active.entry_count() > 0
@@ -377,9 +397,9 @@ impl Wal {
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "preparing a segment failed; creating one inline");
                 }
-                Err(_) => {
-                    tracing::warn!("segment preparation thread panicked; creating one inline");
-                }
+                // The thread panicked: an fsync failed there (or an assertion did), and that stops
+                // the node here as it would have on this thread (`durable.rs`).
+                Err(panic) => std::panic::resume_unwind(panic),
             }
         }
         Segment::create(self.fs.as_ref(), dir, first)
@@ -477,7 +497,7 @@ impl Wal {
     ///
     /// # Panics
     ///
-    /// If an fsync fails (never retried; see `segment::sync_or_panic`).
+    /// If an fsync fails (never retried; see `durable.rs`).
     pub fn sync(&self) -> Result<(), Error> {
         self.check_poisoned()?;
         let seq = self.state.lock().written_seq;
@@ -513,7 +533,7 @@ impl Wal {
         // Older segments were synced when sealed, so syncing the active one covers `target`.
         let result = match &active {
             Some((file, path)) => {
-                segment::timed_sync(file.as_ref(), path, self.config.fsync_warn_ms).map(Some)
+                durable::timed_sync(file.as_ref(), path, self.config.fsync_warn_ms).map(Some)
             }
             None => Ok(None),
         };
@@ -528,8 +548,7 @@ impl Wal {
             drop(sync);
             self.sync_done.notify_all();
             let path = active.map(|(_, p)| p).unwrap_or_default();
-            tracing::error!(segment = %path.display(), error = %e, "fsync failed; stopping");
-            panic!("fsync of {} failed: {e}", path.display());
+            durable::fsync_failed(&path, &e);
         }
         sync.synced_seq = sync.synced_seq.max(target);
         drop(sync);
@@ -613,7 +632,7 @@ impl Wal {
             // newest-first run of them, so the log is still contiguous; the caller has not
             // returned and Raft repeats the truncation. This sync comes before the cut below so
             // that a cut never becomes durable while a later segment survives (a gap).
-            segment::sync_dir_or_panic(self.fs.as_ref(), &self.config.dir);
+            sync_dir_or_panic(self.fs.as_ref(), &self.config.dir);
         }
         if let Some(segment) = state.segments.last_mut() {
             if let Err(e) = segment.truncate_from(index.0) {
@@ -631,24 +650,75 @@ impl Wal {
         Ok(())
     }
 
-    /// Purges every entry at or below `index`: the purge point is made durable first, then whole
-    /// segments holding only purged entries are removed. `index` may lie beyond the last entry
-    /// (after a snapshot install): the log becomes empty and the next append starts at
-    /// `index + 1`. Purging at or below the current purge point is a no-op. On a never-purged
-    /// log whose first entry is above `index + 1`, the purge point recorded is `first - 1`.
+    /// Purges every entry at or below `index`, storing no payload with the purge point; the
+    /// same as [`Wal::purge_through_with`] with the payload absent (a later [`Wal::purged`]
+    /// returns `payload: None`). Kept for callers that keep no metadata of their own with it.
     ///
     /// # Errors
     ///
-    /// `Io` (the purge point may or may not be durable; retry); `Poisoned`.
+    /// As [`Wal::purge_through_with`].
+    ///
+    /// # Panics
+    ///
+    /// As [`Wal::purge_through_with`].
+    pub fn purge_through(&self, index: LogIndex) -> Result<(), Error> {
+        self.purge_through_inner(index, None)
+    }
+
+    /// Purges every entry at or below `index` and stores `payload` with the purge point. The
+    /// purge point and the payload go to disk together (one file, replaced atomically and
+    /// fsynced, directory fsynced) before any segment is deleted, so after a crash the stored
+    /// payload always belongs to the stored purge point, and no entry above the stored purge
+    /// point is ever gone. openraft stores its purged log id here: it needs the term, which the
+    /// purged entries no longer provide.
+    ///
+    /// - Whole segments holding only purged entries are removed afterwards; a crash before
+    ///   that is completed at the next open.
+    /// - `index` may lie beyond the last entry (after a snapshot install): the log becomes
+    ///   empty and the next append starts at `index + 1`.
+    /// - Below the current purge point: a no-op, the stored payload is kept. At the current
+    ///   purge point: only the payload is replaced, if it differs (so a caller can move its
+    ///   payload in from a file of its own).
+    /// - On a never-purged log whose first entry is above `index + 1`, the purge point recorded
+    ///   is `first - 1` (recovery rejects a gap before the first segment); the payload is stored
+    ///   as given, and [`Wal::purged`] returns it with the recorded index.
+    ///
+    /// # Errors
+    ///
+    /// `Io`, also for a payload over 4096 bytes (nothing is changed then); after another `Io`
+    /// the purge point may or may not be durable; retry. `Poisoned`.
     ///
     /// # Panics
     ///
     /// If an fsync fails, or if `index` is `u64::MAX` (no next index would remain).
-    pub fn purge_through(&self, index: LogIndex) -> Result<(), Error> {
+    pub fn purge_through_with(&self, index: LogIndex, payload: &[u8]) -> Result<(), Error> {
+        if payload.len() > PURGE_PAYLOAD_BYTES_MAX {
+            let path = self.config.dir.join(PURGED_FILE);
+            return Err(crate::error::io_error("encode purge point", &path)(
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "a purge payload of {} bytes exceeds {PURGE_PAYLOAD_BYTES_MAX} bytes",
+                        payload.len()
+                    ),
+                ),
+            ));
+        }
+        self.purge_through_inner(index, Some(payload))
+    }
+
+    fn purge_through_inner(&self, index: LogIndex, payload: Option<&[u8]>) -> Result<(), Error> {
         self.check_poisoned()?;
         let mut state = self.state.lock();
-        if state.purged.is_some_and(|p| index.0 <= p) {
-            return Ok(());
+        match state.purged {
+            Some(purged) if index.0 < purged => return Ok(()),
+            Some(purged) if index.0 == purged => {
+                if state.purged_payload.as_deref() != payload {
+                    self.purge_save(&mut state, purged, payload)?;
+                }
+                return Ok(());
+            }
+            _ => {}
         }
         let mut purge_point = index.0;
         if let (Some(first), Some(_)) = (state.segments.first(), state.last_index()) {
@@ -659,16 +729,10 @@ impl Wal {
             purge_point < u64::MAX,
             "purge point must leave room for a next index"
         );
-        // Crash during this write: the old purge point stays (rename is atomic), nothing was
-        // removed yet. Crash after it: recovery removes the segments we were about to remove.
-        meta::write_atomic(
-            self.fs.as_ref(),
-            &self.config.dir,
-            PURGED_FILE,
-            &purge_point.to_le_bytes(),
-            Durability::Sync,
-        )?;
-        state.purged = Some(purge_point);
+        // Crash during this write: the old purge point and payload stay (the file is replaced
+        // atomically), nothing was removed yet. Crash after it: recovery removes the segments
+        // we were about to remove.
+        self.purge_save(&mut state, purge_point, payload)?;
         let mut doomed = Vec::new();
         let mut kept = Vec::with_capacity(state.segments.len());
         for segment in state.segments.drain(..) {
@@ -680,6 +744,27 @@ impl Wal {
         }
         state.segments = kept;
         self.purge_remove_segments(doomed)
+    }
+
+    /// Writes `purged.meta` durably, then records the purge point in memory.
+    fn purge_save(
+        &self,
+        state: &mut State,
+        purge_point: u64,
+        payload: Option<&[u8]>,
+    ) -> Result<(), Error> {
+        assert!(
+            state.purged.is_none_or(|p| p <= purge_point),
+            "the purge point never moves back"
+        );
+        let point = PurgePoint {
+            index: LogIndex(purge_point),
+            payload: payload.map(<[u8]>::to_vec),
+        };
+        meta::save_purge_point(self.fs.as_ref(), &self.config.dir, &point)?;
+        state.purged = Some(purge_point);
+        state.purged_payload = point.payload;
+        Ok(())
     }
 
     /// Removes the files of purged segments, oldest first, then syncs the directory.
@@ -700,7 +785,7 @@ impl Wal {
         }
         // Crash before this sync returns: some purged segments may reappear; the durable purge
         // point hides their entries and recovery removes them.
-        segment::sync_dir_or_panic(self.fs.as_ref(), &self.config.dir);
+        sync_dir_or_panic(self.fs.as_ref(), &self.config.dir);
         first_error.map_or(Ok(()), Err)
     }
 
@@ -800,7 +885,11 @@ impl Wal {
         // directory after close. Open would remove the `.tmp` anyway.
         if let Some(job) = self.state.lock().prepare.take() {
             job.pace.hurry();
-            if let Ok(Ok(prepared)) = job.thread.join() {
+            let joined = job
+                .thread
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            if let Ok(prepared) = joined {
                 drop(prepared.file);
                 if let Err(e) = self.fs.remove_file(&prepared.path) {
                     tracing::warn!(error = %e, "could not remove prepared segment");

@@ -1,12 +1,15 @@
 //! Durability under `FaultyFs`: group commit from several threads survives a power failure;
 //! vote and committed round-trip across reopen and crash; purge and truncate survive a crash;
-//! a failed fsync panics (never retried); a failed write poisons the `Wal`. In a segment made
+//! a crash between writing the purge point (with its payload) and removing segments finishes
+//! the purge at open, and a crash while writing it keeps the previous one; a failed fsync
+//! panics (never retried), wherever it happens, segment preparation and meta files included;
+//! a failed write poisons the `Wal`. In a segment made
 //! from a preallocated (zero-filled) file, unsynced overwrites are lost or torn to a prefix, and
 //! a `truncate_from` followed by a shorter unsynced rewrite never brings the cut entries back.
 #![cfg(feature = "testing")]
 
 use parking_lot::Mutex;
-use raft_log::{Config, Durability, Error, FaultyFs, LogIndex, Tear, Wal};
+use raft_log::{Config, Durability, Error, FaultyFs, LogIndex, PurgePoint, Tear, Wal};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -265,6 +268,150 @@ fn purge_beyond_last_survives_crash_and_next_append_follows_it() {
         wal.read(LogIndex(0), LogIndex(200)).expect("read"),
         vec![(LogIndex(101), b"x".to_vec())]
     );
+}
+
+fn segment_files(dir: &Path) -> Vec<u64> {
+    let mut firsts: Vec<u64> = std::fs::read_dir(dir)
+        .expect("read_dir")
+        .filter_map(|e| {
+            let name = e.expect("entry").file_name().into_string().ok()?;
+            name.strip_suffix(".seg")?.parse().ok()
+        })
+        .collect();
+    firsts.sort();
+    firsts
+}
+
+/// Sixty 300-byte entries from index 1, one append each, about a dozen per 4 KiB segment.
+fn append_sixty(wal: &Wal) -> Vec<Vec<u8>> {
+    let payloads: Vec<Vec<u8>> = (0..60).map(|i| vec![i as u8; 300]).collect();
+    for (i, payload) in payloads.iter().enumerate() {
+        wal.append(LogIndex(i as u64 + 1), &[payload], Durability::Sync)
+            .expect("append");
+    }
+    payloads
+}
+
+#[test]
+fn crash_between_purge_point_and_segment_removal_finishes_the_purge_at_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fs = Arc::new(FaultyFs::new());
+    let wal = open(dir.path(), &fs);
+    let payloads = append_sixty(&wal);
+    let before = segment_files(dir.path());
+    assert!(before.len() >= 4, "{before:?}");
+    // The purge point reaches the disk, then the first removal fails and the power goes.
+    fs.fail_remove("segment::remove::fault");
+    let err = wal
+        .purge_through_with(LogIndex(40), b"log id 40")
+        .expect_err("removal fails");
+    assert!(
+        matches!(
+            &err,
+            Error::Io {
+                op: "remove purged segment",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(segment_files(dir.path()), before, "nothing removed yet");
+    drop(wal);
+    let wal = crash_and_reopen(dir.path(), &fs, Tear::None);
+    assert_eq!(
+        wal.purged(),
+        Some(PurgePoint {
+            index: LogIndex(40),
+            payload: Some(b"log id 40".to_vec()),
+        })
+    );
+    assert_eq!(wal.first_index(), Some(LogIndex(41)));
+    let after = segment_files(dir.path());
+    assert!(
+        after.len() < before.len() && after[0] <= 41,
+        "open removed the purged segments: {before:?} -> {after:?}"
+    );
+    let entries = wal.read(LogIndex(0), LogIndex(100)).expect("read");
+    assert_eq!(entries.first().map(|e| e.0), Some(LogIndex(41)));
+    assert_eq!(entries.len(), 20);
+    assert!(entries
+        .iter()
+        .all(|(i, p)| *p == payloads[i.0 as usize - 1]));
+}
+
+#[test]
+fn crash_while_writing_the_purge_point_keeps_the_previous_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fs = Arc::new(FaultyFs::new());
+    let wal = open(dir.path(), &fs);
+    append_sixty(&wal);
+    wal.purge_through_with(LogIndex(5), b"log id 5")
+        .expect("purge");
+    let before = segment_files(dir.path());
+    fs.fail_write_after("meta::write::fault", 11);
+    let err = wal
+        .purge_through_with(LogIndex(40), b"log id 40")
+        .expect_err("write fails");
+    assert!(
+        matches!(
+            &err,
+            Error::Io {
+                op: "write file",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(segment_files(dir.path()), before, "nothing removed");
+    assert_eq!(wal.purged_through(), Some(LogIndex(5)));
+    drop(wal);
+    let wal = crash_and_reopen(dir.path(), &fs, Tear::Prefix(3));
+    assert_eq!(
+        wal.purged(),
+        Some(PurgePoint {
+            index: LogIndex(5),
+            payload: Some(b"log id 5".to_vec()),
+        })
+    );
+    assert_eq!(wal.first_index(), Some(LogIndex(6)));
+    assert_eq!(wal.last_index(), Some(LogIndex(60)));
+}
+
+#[test]
+#[should_panic(expected = "fsync")]
+fn failed_purge_point_fsync_panics() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fs = Arc::new(FaultyFs::new());
+    let wal = open(dir.path(), &fs);
+    append_sixty(&wal);
+    fs.fail_sync("meta::sync::fault");
+    let _never = wal.purge_through_with(LogIndex(40), b"log id 40");
+}
+
+#[test]
+#[should_panic(expected = "fsync")]
+fn failed_purge_point_directory_fsync_panics() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fs = Arc::new(FaultyFs::new());
+    let wal = open(dir.path(), &fs);
+    append_sixty(&wal);
+    fs.fail_sync("dir::sync::fault");
+    let _never = wal.purge_through(LogIndex(40));
+}
+
+/// A failed fsync while a segment is zero-filled in the background stops the node like any
+/// other failed fsync: the rotation that takes the prepared file passes the panic on.
+#[test]
+#[should_panic(expected = "fsync")]
+fn failed_fsync_while_preparing_a_segment_panics_at_rotation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fs = Arc::new(FaultyFs::new());
+    fs.fail_sync("prepare::sync::fault");
+    let wal = open(dir.path(), &fs);
+    for i in 1..=60u64 {
+        wal.append(LogIndex(i), &[[0u8; 300]], Durability::Sync)
+            .expect("append");
+    }
 }
 
 #[test]

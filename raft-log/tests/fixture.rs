@@ -51,6 +51,14 @@ fn fixture_v1_reads() {
     );
     let wal = Wal::open(config(dir.path())).expect("open fixture");
     assert_eq!(wal.purged_through(), Some(LogIndex(4)));
+    // The purge point of a build from before purge payloads carries none.
+    assert_eq!(
+        wal.purged(),
+        Some(raft_log::PurgePoint {
+            index: LogIndex(4),
+            payload: None
+        })
+    );
     assert_eq!(wal.first_index(), Some(LogIndex(5)));
     assert_eq!(wal.last_index(), Some(LogIndex(39)));
     let entries = wal.read(LogIndex(0), LogIndex(100)).expect("read");

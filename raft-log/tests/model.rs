@@ -1,7 +1,8 @@
 //! Model-based property test: random sequences of append, sync, truncate_from, purge_through,
 //! reopen and power failure (with and without torn writes, through `FaultyFs`) run against a
 //! `Wal` and an in-memory model; after every step the whole log, first/last/next index and the
-//! purge point must match. After a power failure the log must be a prefix of what was visible,
+//! purge point with its payload must match (purges store a payload derived from the index, or,
+//! for every third index, none). After a power failure the log must be a prefix of what was visible,
 //! at least as long as what was durably synced. Small segments exercise rotation, and with it
 //! segments made from preallocated, zero-filled files (prepared once the active segment is a
 //! quarter full), so appends, truncations and crashes also hit zero tails.
@@ -56,6 +57,8 @@ struct Model {
     entries: Vec<(u64, Vec<u8>)>,
     durable_count: usize,
     purged: Option<u64>,
+    /// The payload stored with the purge point.
+    purged_payload: Option<Vec<u8>>,
     generation: u8,
 }
 
@@ -103,6 +106,10 @@ fn check(wal: &Wal, model: &Model) {
     );
     assert_eq!(wal.next_index().0, model.next_index());
     assert_eq!(wal.purged_through().map(|i| i.0), model.purged);
+    assert_eq!(
+        wal.purged().map(|p| (p.index.0, p.payload)),
+        model.purged.map(|p| (p, model.purged_payload.clone()))
+    );
 }
 
 fn apply(wal: &mut Wal, fs: &mut Arc<FaultyFs>, dir: &Path, model: &mut Model, op: Op) {
@@ -219,10 +226,21 @@ fn apply(wal: &mut Wal, fs: &mut Arc<FaultyFs>, dir: &Path, model: &mut Model, o
 }
 
 fn purge(wal: &Wal, model: &mut Model, index: u64) {
-    wal.purge_through(LogIndex(index)).expect("purge_through");
-    if model.purged.is_some_and(|p| index <= p) {
-        return;
+    let payload = (!index.is_multiple_of(3)).then(|| format!("log id {index}").into_bytes());
+    match &payload {
+        Some(payload) => wal.purge_through_with(LogIndex(index), payload),
+        None => wal.purge_through(LogIndex(index)),
     }
+    .expect("purge_through");
+    match model.purged {
+        Some(p) if index < p => return,
+        Some(p) if index == p => {
+            model.purged_payload = payload;
+            return;
+        }
+        _ => {}
+    }
+    model.purged_payload = payload;
     let mut point = index;
     if let Some((first, _)) = model.entries.first() {
         point = point.max(first.saturating_sub(1));

@@ -524,7 +524,7 @@ fn drive(
     let report = check(&history);
     let perf = report::perf(&history);
     report::write(&cfg.out, &report, &perf).context("writing the report")?;
-    crate::cli::print_report(&report);
+    report::print_summary(&report);
     let anomaly_types = Anomaly::ALL.len();
     let anomalies_failed = report.found().len();
     let harness_failed = checks.iter().filter(|c| !c.passed).count();
