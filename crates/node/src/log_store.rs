@@ -13,9 +13,10 @@
 //! - *No holes*: `Wal::append` refuses a first index other than `next_index()`.
 //! - *Votes are durable before `save_vote` returns*: `Wal::save_vote` fsyncs a temp file,
 //!   renames it and fsyncs the directory.
-//! - *The purge point is persisted before entries are deleted*: `purge` writes the purged log id
-//!   to its own file durably, then calls `Wal::purge_through`, which persists its own purge
-//!   index before deleting segments. A crash in between is finished at the next `open`.
+//! - *The purge point is persisted before entries are deleted*: `purge` hands the purged log id
+//!   to `Wal::purge_through_with`, which makes it durable together with the purge index before
+//!   it deletes any segment; a crash in between is finished at the next `open`. raft-log holds
+//!   all of Raft's durable metadata (vote, committed, purge point) under one fsync policy.
 //! - *Truncation is durable*: `Wal::truncate_from` fsyncs the cut.
 //! - *One AppendEntries stays small*: `limited_get_log_entries` hands replication at most
 //!   [`APPEND_BYTES_MAX`] bytes of entries (at least one entry), so one request fits a frame.
@@ -41,9 +42,9 @@ use crate::atomic_file;
 use crate::codec;
 use crate::types::{Entry, LogId, TypeConfig, Vote};
 
-/// File in the log directory that holds the last purged log id (openraft needs its term, which
-/// the purged entries no longer provide).
-const PURGED_FILE: &str = "purged-log-id";
+/// File in the log directory where builds before the purge payload kept the last purged log
+/// id; read once, moved into raft-log's purge point, then removed.
+const OLD_PURGED_FILE: &str = "purged-log-id";
 
 /// Subdirectory of the log directory that `raft_log` owns.
 pub const WAL_DIR: &str = "wal";
@@ -202,12 +203,16 @@ impl LogStore {
     /// As [`LogStore::open`].
     pub fn from_wal_acking(wal: Wal, dir: PathBuf, ack: AckPolicy) -> io::Result<LogStore> {
         let wal = Arc::new(wal);
-        let purged = read_purged(&dir)?;
-        if let Some(purged) = purged {
-            // A crash between persisting the purged id and purging the Wal leaves entries at or
-            // below it; finish the purge so no purged entry is ever served.
-            wal.purge_through(LogIndex(purged.index)).map_err(io_err)?;
-        }
+        migrate_old_purged(&wal, &dir)?;
+        let purged = match wal.purged().and_then(|p| p.payload) {
+            Some(bytes) => codec::decode_log_id(&bytes).map_err(|e| {
+                invalid_data(format!(
+                    "{}: purged log id: {e}",
+                    dir.join(WAL_DIR).display()
+                ))
+            })?,
+            None => None,
+        };
         let last = match wal.last_index() {
             Some(index) => Some(read_log_id(&wal, index)?),
             None => purged,
@@ -288,23 +293,30 @@ fn run_flusher(
     }
 }
 
-fn read_purged(dir: &Path) -> io::Result<Option<LogId>> {
-    let path = dir.join(PURGED_FILE);
+fn invalid_data(message: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message)
+}
+
+/// Moves the purged log id of a data dir written before raft-log stored it (its own file in
+/// `dir`) into raft-log's purge point, then removes the file. A crash in between leaves both,
+/// and the next open does it again.
+fn migrate_old_purged(wal: &Wal, dir: &Path) -> io::Result<()> {
+    let path = dir.join(OLD_PURGED_FILE);
     let Some(bytes) = atomic_file::read(&path)? else {
-        return Ok(None);
+        return Ok(());
     };
-    let body = atomic_file::unseal(&bytes).ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("checksum mismatch in {}", path.display()),
-        )
-    })?;
-    codec::decode_log_id(body).map_err(|e| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{}: {e}", path.display()),
-        )
-    })
+    let body = atomic_file::unseal(&bytes)
+        .ok_or_else(|| invalid_data(format!("checksum mismatch in {}", path.display())))?;
+    let purged =
+        codec::decode_log_id(body).map_err(|e| invalid_data(format!("{}: {e}", path.display())))?;
+    if let Some(purged) = purged {
+        // The old build persisted this file before purging the Wal, so the Wal's own purge
+        // point is at or below it: this finishes that purge and stores the id with it.
+        wal.purge_through_with(LogIndex(purged.index), body)
+            .map_err(io_err)?;
+    }
+    std::fs::remove_file(&path)?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 fn read_log_id(wal: &Wal, index: LogIndex) -> io::Result<LogId> {
@@ -532,26 +544,98 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> io::Result<()> {
-        let path = self.inner.dir.join(PURGED_FILE);
-        // The purged id goes to disk before any entry is deleted (openraft's rule): a crash
-        // after this line leaves entries that `open` purges again.
-        atomic_file::write_durably(
-            &path,
-            &atomic_file::seal(&codec::encode_log_id(&Some(log_id))),
-        )?;
-        {
-            let mut state = self.inner.state.lock();
-            state.last_purged_log_id = Some(log_id);
-            if state
-                .last_log_id
-                .is_none_or(|last| last.index < log_id.index)
-            {
-                state.last_log_id = Some(log_id);
-            }
-        }
+        // raft-log makes the id durable with the purge point before it deletes any entry
+        // (openraft's rule); a crash in between is finished at the next open.
         self.inner
             .wal
-            .purge_through(LogIndex(log_id.index))
-            .map_err(io_err)
+            .purge_through_with(LogIndex(log_id.index), &codec::encode_log_id(&Some(log_id)))
+            .map_err(io_err)?;
+        let mut state = self.inner.state.lock();
+        state.last_purged_log_id = Some(log_id);
+        if state
+            .last_log_id
+            .is_none_or(|last| last.index < log_id.index)
+        {
+            state.last_log_id = Some(log_id);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::CommittedLeaderId;
+    use openraft::vote::RaftLeaderId;
+
+    fn log_id(index: u64) -> LogId {
+        LogId::new(CommittedLeaderId::new(4, 2), index)
+    }
+
+    fn blank(index: u64) -> Entry {
+        Entry {
+            log_id: log_id(index),
+            payload: openraft::EntryPayload::Blank,
+        }
+    }
+
+    /// A data dir of the build before raft-log kept the purged log id: the id in its own sealed
+    /// file, the Wal purged to the same point or (after a crash in between) not yet.
+    #[tokio::test]
+    async fn an_old_purged_log_id_file_moves_into_the_log_and_finishes_its_purge() {
+        for wal_purged_too in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let mut store = LogStore::open(dir.path()).unwrap();
+                openraft::storage::RaftLogStorageExt::blocking_append(
+                    &mut store,
+                    (0..20).map(blank).collect::<Vec<_>>(),
+                )
+                .await
+                .unwrap();
+                if wal_purged_too {
+                    store.wal().purge_through(LogIndex(9)).unwrap();
+                }
+            }
+            let old = dir.path().join(OLD_PURGED_FILE);
+            crate::atomic_file::write_durably(
+                &old,
+                &crate::atomic_file::seal(&codec::encode_log_id(&Some(log_id(9)))),
+            )
+            .unwrap();
+
+            let mut store = LogStore::open(dir.path()).unwrap();
+            let state = store.get_log_state().await.unwrap();
+            assert_eq!(
+                state.last_purged_log_id,
+                Some(log_id(9)),
+                "{wal_purged_too}"
+            );
+            assert_eq!(state.last_log_id, Some(log_id(19)));
+            let first = store.try_get_log_entries(0..20).await.unwrap()[0].log_id;
+            assert_eq!(
+                first,
+                log_id(10),
+                "nothing at or below the purge point is served"
+            );
+            assert!(!old.exists(), "the old file is gone once moved");
+            drop(store);
+            let mut reopened = LogStore::open(dir.path()).unwrap();
+            let state = reopened.get_log_state().await.unwrap();
+            assert_eq!(
+                state.last_purged_log_id,
+                Some(log_id(9)),
+                "kept by raft-log"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_damaged_old_purged_log_id_file_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(LogStore::open(dir.path()).unwrap());
+        std::fs::write(dir.path().join(OLD_PURGED_FILE), b"garbage!").unwrap();
+        let err = LogStore::open(dir.path()).expect_err("refused");
+        assert!(err.to_string().contains(OLD_PURGED_FILE), "{err}");
     }
 }

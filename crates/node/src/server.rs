@@ -193,11 +193,7 @@ fn save_ports(dir: &Path, ports: Ports) -> std::io::Result<()> {
         "raft={} client={} metrics={}\n",
         ports.raft, ports.client, ports.metrics
     );
-    let tmp = dir.join("ports.tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, dir.join(PORTS_FILE))?;
-    std::fs::File::open(dir)?.sync_all()
+    crate::atomic_file::write_durably(&dir.join(PORTS_FILE), text.as_bytes())
 }
 
 fn now_ms() -> u64 {
