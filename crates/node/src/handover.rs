@@ -33,17 +33,22 @@ const TRANSFER_EVERY: Duration = Duration::from_millis(200);
 /// How long a graceful stop waits for the new leader before stopping anyway.
 const HANDOVER_WAIT: Duration = Duration::from_secs(2);
 
-/// The voter to hand leadership to: the one whose log matches the leader's furthest (ties:
-/// the highest id). `None` when the leader is the only voter.
+/// The voter to hand leadership to: one whose log matches all of the leader's (`last`), the
+/// highest id among them. `None` when no other voter is caught up: a voter behind would first
+/// have to catch up, and on a disk stall shared by every node (one machine, one array) a
+/// follower that is behind is stalled too, and handing it leadership would only move the
+/// stall.
 pub fn successor(
     me: NodeId,
     voters: impl IntoIterator<Item = NodeId>,
     matched: &BTreeMap<NodeId, Option<LogId>>,
+    last: Option<u64>,
 ) -> Option<NodeId> {
     voters
         .into_iter()
         .filter(|v| *v != me)
-        .max_by_key(|v| (matched.get(v).copied().flatten().map(|l| l.index), *v))
+        .filter(|v| matched.get(v).copied().flatten().map(|l| l.index) >= last)
+        .max()
 }
 
 /// [`successor`] from a leader's metrics; `None` when not leading.
@@ -56,6 +61,7 @@ fn successor_of(metrics: &Metrics) -> Option<NodeId> {
         metrics.id,
         metrics.membership_config.membership().voter_ids(),
         &matched,
+        metrics.last_log_index,
     )
 }
 
@@ -67,6 +73,11 @@ impl WriteGate {
     /// Whether new sends are refused.
     pub fn is_closed(&self) -> bool {
         self.0.load(Ordering::Acquire)
+    }
+
+    /// Refuses new sends from now on (a stopping node).
+    pub fn close(&self) {
+        self.set_closed(true);
     }
 
     fn set_closed(&self, closed: bool) {
@@ -191,14 +202,28 @@ impl DiskWatchdog {
     }
 }
 
-/// On a graceful stop: if this node leads, hands leadership to the most caught-up voter and
-/// waits (at most [`HANDOVER_WAIT`]) until another node leads. Returns whom it handed to.
+/// On a graceful stop: if this node leads, hands leadership to a caught-up voter (waiting for
+/// one, since the write gate is closed and followers catch up) and waits until another node
+/// leads, all within [`HANDOVER_WAIT`]. Returns whom it handed to.
 pub async fn hand_over(raft: &Raft) -> Option<NodeId> {
-    let to = successor_of(&metrics_now(raft))?;
+    let deadline = Instant::now() + HANDOVER_WAIT;
+    let to = loop {
+        let metrics = metrics_now(raft);
+        if metrics.state != ServerState::Leader {
+            return None;
+        }
+        if let Some(to) = successor_of(&metrics) {
+            break to;
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!("no voter caught up in time to take over; stopping anyway");
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     let me = metrics_now(raft).id;
     tracing::info!(to, "stopping: handing leadership over");
     raft.trigger().transfer_leader(to).await.ok()?;
-    let deadline = Instant::now() + HANDOVER_WAIT;
     while Instant::now() < deadline {
         let leader = metrics_now(raft).current_leader;
         if leader.is_some_and(|l| l != me) {
@@ -226,19 +251,30 @@ mod tests {
     #[test]
     fn successor_table() {
         let matched = BTreeMap::from([(2, at(10)), (3, at(12)), (4, None), (5, at(12))]);
-        let rows: &[(&str, Vec<NodeId>, Option<NodeId>)] = &[
+        let rows: &[(&str, Vec<NodeId>, Option<u64>, Option<NodeId>)] = &[
             (
-                "most caught up, highest id on a tie",
+                "caught up, highest id on a tie",
                 vec![1, 2, 3, 5],
+                Some(12),
                 Some(5),
             ),
-            ("most caught up", vec![1, 2, 3], Some(3)),
-            ("a voter never matched counts least", vec![1, 4, 2], Some(2)),
-            ("only unmatched voters", vec![1, 4], Some(4)),
-            ("alone", vec![1], None),
+            ("the one caught up", vec![1, 2, 3], Some(12), Some(3)),
+            ("nobody caught up", vec![1, 2, 4], Some(12), None),
+            (
+                "a voter never matched, empty log",
+                vec![1, 4],
+                None,
+                Some(4),
+            ),
+            ("a voter never matched", vec![1, 4], Some(0), None),
+            ("alone", vec![1], Some(12), None),
         ];
-        for (name, voters, want) in rows {
-            assert_eq!(successor(1, voters.clone(), &matched), *want, "{name}");
+        for (name, voters, last, want) in rows {
+            assert_eq!(
+                successor(1, voters.clone(), &matched, *last),
+                *want,
+                "{name}"
+            );
         }
     }
 

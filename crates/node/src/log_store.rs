@@ -214,7 +214,7 @@ impl LogStore {
             None => None,
         };
         let last = match wal.last_index() {
-            Some(index) => Some(read_log_id(&wal, index)?),
+            Some(index) => Some(read_log_id(&wal, &dir, index)?),
             None => purged,
         };
         let sync_watch = SyncWatch::default();
@@ -319,27 +319,28 @@ fn migrate_old_purged(wal: &Wal, dir: &Path) -> io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-fn read_log_id(wal: &Wal, index: LogIndex) -> io::Result<LogId> {
+fn read_log_id(wal: &Wal, dir: &Path, index: LogIndex) -> io::Result<LogId> {
     let entries = wal.read(index, LogIndex(index.0 + 1)).map_err(io_err)?;
     let (_, bytes) = entries
         .first()
         .ok_or_else(|| io::Error::other(format!("log entry {} missing", index.0)))?;
-    Ok(decode_at(index, bytes)?.log_id)
+    Ok(decode_at(dir, index, bytes)?.log_id)
 }
 
-/// Decodes the entry the Wal filed at `index`.
-fn decode_at(index: LogIndex, bytes: &[u8]) -> io::Result<Entry> {
-    let entry = codec::decode_entry(bytes).map_err(|e| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("log entry {}: {e}", index.0),
-        )
-    })?;
-    // Paired check: the index the Wal filed it under is the index inside it.
-    assert_eq!(
-        entry.log_id.index, index.0,
-        "log entry filed at wrong index"
-    );
+/// Decodes the entry the Wal in `dir` filed at `index`. An entry of a future format, or one
+/// whose own index is not where it was filed (paired check), is refused, naming the log.
+fn decode_at(dir: &Path, index: LogIndex, bytes: &[u8]) -> io::Result<Entry> {
+    let refuse = |what: String| {
+        invalid_data(format!(
+            "raft log in {}: entry {}: {what}",
+            dir.display(),
+            index.0
+        ))
+    };
+    let entry = codec::decode_entry(bytes).map_err(|e| refuse(e.to_string()))?;
+    if entry.log_id.index != index.0 {
+        return Err(refuse(format!("holds index {}", entry.log_id.index)));
+    }
     Ok(entry)
 }
 
@@ -365,7 +366,7 @@ impl LogStore {
                 if bytes > budget && !out.is_empty() {
                     return Ok(out);
                 }
-                out.push(decode_at(*index, payload)?);
+                out.push(decode_at(&self.inner.dir, *index, payload)?);
             }
             at = step_end;
         }
@@ -536,7 +537,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             wal.truncate_from(LogIndex(from)).map_err(io_err)?;
         }
         let last = match wal.last_index() {
-            Some(index) => Some(read_log_id(wal, index)?),
+            Some(index) => Some(read_log_id(wal, &self.inner.dir, index)?),
             None => self.inner.state.lock().last_purged_log_id,
         };
         self.inner.state.lock().last_log_id = last;
@@ -637,5 +638,26 @@ mod tests {
         std::fs::write(dir.path().join(OLD_PURGED_FILE), b"garbage!").unwrap();
         let err = LogStore::open(dir.path()).expect_err("refused");
         assert!(err.to_string().contains(OLD_PURGED_FILE), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_entry_of_a_future_format_is_refused_naming_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut store = LogStore::open(dir.path()).unwrap();
+            openraft::storage::RaftLogStorageExt::blocking_append(&mut store, vec![blank(0)])
+                .await
+                .unwrap();
+            let mut future = codec::encode_entry(&blank(1));
+            future[0] = codec::FORMAT_VERSION + 1;
+            store
+                .wal()
+                .append(LogIndex(1), &[future], Durability::Sync)
+                .unwrap();
+        }
+        let err = LogStore::open(dir.path()).expect_err("refused");
+        let text = err.to_string();
+        assert!(text.contains(&dir.path().display().to_string()), "{text}");
+        assert!(text.contains("unsupported format version"), "{text}");
     }
 }

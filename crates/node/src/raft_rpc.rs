@@ -554,9 +554,19 @@ pub struct PeerClient {
 /// How long a connect may take before the peer counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// The shortest deadline of an AppendEntries that carries entries. openraft gives every
+/// AppendEntries one heartbeat (30 ms); a follower's fsync on a loaded machine takes longer,
+/// and an append cut off by its deadline is sent again whole, so the slow disk gets more work.
+/// Heartbeats (no entries) keep openraft's deadline.
+const APPEND_DEADLINE_MIN: Duration = Duration::from_secs(1);
+
 fn ctx_for(option: &RPCOption) -> context::Context {
+    ctx_within(option.hard_ttl())
+}
+
+fn ctx_within(ttl: Duration) -> context::Context {
     let mut ctx = context::current();
-    ctx.deadline = Instant::now() + option.hard_ttl();
+    ctx.deadline = Instant::now() + ttl;
     ctx
 }
 
@@ -656,7 +666,12 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         let client = self.client(Lane::Log).await?;
-        let answer = client.append(ctx_for(&option), self.target, rpc).await;
+        let ttl = if rpc.entries.is_empty() {
+            option.hard_ttl()
+        } else {
+            option.hard_ttl().max(APPEND_DEADLINE_MIN)
+        };
+        let answer = client.append(ctx_within(ttl), self.target, rpc).await;
         let response = self.settle(Lane::Log, answer)?;
         self.contacts.heard(self.target);
         Ok(response)

@@ -110,6 +110,8 @@ pub struct Server {
     left: Arc<tokio::sync::Notify>,
     raft: Raft,
     committed: Arc<std::sync::atomic::AtomicU64>,
+    /// Closed at shutdown, so no new send starts while leadership is handed over.
+    gate: WriteGate,
     tasks: Vec<JoinHandle<()>>,
     /// Runs every push connection; dropped (in the background) with the server.
     _push: PushRuntime,
@@ -405,7 +407,7 @@ impl Server {
                 DiskWatchdog {
                     raft: raft.clone(),
                     sync: sync_watch,
-                    gate,
+                    gate: gate.clone(),
                     threshold: Duration::from_millis(config.disk_stall_ms),
                 }
                 .run(),
@@ -474,6 +476,7 @@ impl Server {
             left,
             raft,
             committed,
+            gate,
             tasks,
             _push: push_runtime,
             _data_dir: data_dir,
@@ -526,9 +529,12 @@ impl Server {
         }
     }
 
-    /// Stops Raft and every task of this node. The data dir lock is released when the
-    /// `Server` is dropped.
+    /// Stops the node in order: new sends are refused (clients retry on the next leader),
+    /// leadership goes to the most caught-up voter, Raft stops (sends in flight get their
+    /// answer or a retryable error), then the remaining tasks. The data dir lock is released
+    /// when the `Server` is dropped.
     pub async fn shutdown(self) {
+        self.gate.close();
         handover::hand_over(&self.raft).await;
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown reported an error");
