@@ -251,7 +251,8 @@ mod tests {
     #[test]
     fn successor_table() {
         let matched = BTreeMap::from([(2, at(10)), (3, at(12)), (4, None), (5, at(12))]);
-        let rows: &[(&str, Vec<NodeId>, Option<u64>, Option<NodeId>)] = &[
+        type Row = (&'static str, Vec<NodeId>, Option<u64>, Option<NodeId>);
+        let rows: &[Row] = &[
             (
                 "caught up, highest id on a tie",
                 vec![1, 2, 3, 5],
