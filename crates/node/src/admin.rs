@@ -2,19 +2,18 @@
 //! (`server members`) and a node leaving the cluster for good (`server leave`).
 //!
 //! # Member states
-//! The leader describes every voter and learner of its membership, down ones included, with a
-//! state decided by [`describe_members`] from two facts the leader has: when the member last
-//! acknowledged an AppendEntries (heartbeats included), and how far its matched log index is
-//! behind the leader's last index. A member with no acknowledgement within [`CONTACT_TTL`] is
-//! `unreachable`; one more than [`LAG_SHOWN_MIN`] entries behind is `lagging`; else `up`.
+//! The leader describes every voter and learner of its membership, down ones included, by
+//! [`describe_members`]: a member with no AppendEntries acknowledgement (heartbeats included)
+//! within [`CONTACT_TTL`] is `unreachable`; one whose matched index is more than
+//! [`LAG_SHOWN_MIN`] entries behind the leader's last index is `lagging`; else `up`.
 //!
 //! # Leaving
 //! `leave` is handled by the node that leaves, because only it can write the `LEFT` marker
 //! into its own data dir. It refuses when it is the last voter, stops campaigning, writes the
 //! marker, and has itself removed: by the leader over `remove` when it follows, or by its own
-//! membership change when it leads (openraft 0.9 has no leadership transfer; a leader whose
-//! removal commits steps down, and the remaining voters elect a new one). Then it stops. On
-//! restart the marker keeps it out until `--rejoin`.
+//! membership change when it leads (a leader whose removal commits steps down, and the
+//! remaining voters elect a new one). Then it stops. On restart the marker keeps it out until
+//! `--rejoin`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -71,7 +70,7 @@ pub enum MemberState {
     Leader,
     /// Answering and caught up (within [`LAG_SHOWN_MIN`] entries).
     Up,
-    /// Answering, but this many entries behind the leader's last entry.
+    /// Answering, but `entries` behind the leader's last entry.
     Lagging {
         /// Entries behind.
         entries: u64,
@@ -110,67 +109,54 @@ pub struct MemberInfo {
     pub matched_index: Option<u64>,
 }
 
-/// Everything [`describe_members`] decides from, gathered on the leader.
+/// Everything [`describe_members`] decides from, gathered on the leader: its id and last log
+/// index, the voters (all halves of a joint config), every member, each peer's matched index
+/// (openraft's replication metrics) and time since its last AppendEntries answer, and names
+/// heard by discovery for members recorded before names.
 #[derive(Debug, Clone, Default)]
 pub struct MembershipView {
-    /// The leader's id.
     pub leader: NodeId,
-    /// The leader's last log index.
     pub last_index: u64,
-    /// Voter ids (all halves of a joint config).
     pub voters: BTreeSet<NodeId>,
-    /// Every member, voters and learners.
     pub nodes: BTreeMap<NodeId, Member>,
-    /// Matched index per follower and learner, as openraft's replication metrics say.
     pub matched: BTreeMap<NodeId, Option<u64>>,
-    /// How long ago each peer last answered an AppendEntries.
     pub contact_age: BTreeMap<NodeId, Duration>,
-    /// Names heard by discovery, for members recorded before names.
     pub heard_names: BTreeMap<NodeId, String>,
 }
 
 /// The leader's listing of its members, in id order. A pure function of the view, so its rule
 /// is tested with tables.
 pub fn describe_members(view: &MembershipView) -> Vec<MemberInfo> {
-    view.nodes
-        .iter()
-        .map(|(&id, member)| {
-            let matched = view.matched.get(&id).copied().flatten();
-            let state = if id == view.leader {
-                MemberState::Leader
-            } else if view
-                .contact_age
-                .get(&id)
-                .is_none_or(|age| *age > CONTACT_TTL)
-            {
-                MemberState::Unreachable
-            } else {
-                let behind = view.last_index.saturating_sub(matched.unwrap_or(0));
-                if behind > LAG_SHOWN_MIN {
-                    MemberState::Lagging { entries: behind }
-                } else {
-                    MemberState::Up
-                }
-            };
-            let name = if member.name.is_empty() {
-                view.heard_names.get(&id).cloned().unwrap_or_default()
-            } else {
-                member.name.clone()
-            };
-            MemberInfo {
-                id,
-                name,
-                member: member.clone(),
-                voter: view.voters.contains(&id),
-                state,
-                matched_index: if id == view.leader {
-                    Some(view.last_index)
-                } else {
-                    matched
-                },
-            }
-        })
-        .collect()
+    let describe = |(&id, member): (&NodeId, &Member)| {
+        let matched = view.matched.get(&id).copied().flatten();
+        let behind = view.last_index.saturating_sub(matched.unwrap_or(0));
+        let (state, matched_index) = if id == view.leader {
+            (MemberState::Leader, Some(view.last_index))
+        } else if view
+            .contact_age
+            .get(&id)
+            .is_none_or(|age| *age > CONTACT_TTL)
+        {
+            (MemberState::Unreachable, matched)
+        } else if behind > LAG_SHOWN_MIN {
+            (MemberState::Lagging { entries: behind }, matched)
+        } else {
+            (MemberState::Up, matched)
+        };
+        let name = match member.name.as_str() {
+            "" => view.heard_names.get(&id).cloned().unwrap_or_default(),
+            name => name.to_owned(),
+        };
+        MemberInfo {
+            id,
+            name,
+            member: member.clone(),
+            voter: view.voters.contains(&id),
+            state,
+            matched_index,
+        }
+    };
+    view.nodes.iter().map(describe).collect()
 }
 
 /// Asks the node that receives it to leave the cluster for good (`server leave`).
@@ -194,19 +180,16 @@ pub enum LeaveReply {
 
 /// What the admin RPCs need from the running node.
 pub struct Admin {
-    /// This node's id.
     pub id: NodeId,
     /// This node's name (discovery does not report a node to itself).
     pub name: String,
-    /// Cluster name.
     pub cluster: String,
-    /// This node's Raft.
     pub raft: Raft,
     /// Peers heard by discovery (names of members recorded before names).
     pub peers: Peers,
     /// AppendEntries answers heard by this node's network.
     pub contacts: Contacts,
-    /// This node's data dir, for the `LEFT` marker.
+    /// For the `LEFT` marker.
     pub data_dir: Arc<DataDir>,
     /// Set once a leave starts: the formation loop must not ask to join again.
     pub leaving: Arc<AtomicBool>,
@@ -223,38 +206,26 @@ impl Admin {
         check_cluster(&self.cluster, &request.cluster)?;
         let metrics = crate::types::metrics_now(&self.raft);
         if metrics.state != ServerState::Leader {
-            return Err(JoinError::NotLeader {
-                leader: metrics.current_leader,
-            });
+            let leader = metrics.current_leader;
+            return Err(JoinError::NotLeader { leader });
         }
         let membership = metrics.membership_config.membership();
         let nodes: BTreeMap<NodeId, Member> =
             membership.nodes().map(|(id, m)| (*id, m.clone())).collect();
-        let matched = metrics
-            .replication
-            .iter()
-            .flatten()
-            .map(|(id, log_id)| (*id, (*log_id).map(|l| l.index)))
-            .collect();
-        let contact_age = nodes
-            .keys()
-            .filter_map(|id| Some((*id, self.contacts.since(*id)?)))
-            .collect();
-        let heard_names = self
-            .peers
-            .alive()
-            .into_iter()
-            .map(|a| (a.node_id, a.name))
-            .chain([(self.id, self.name.clone())])
-            .collect();
+        let replication = metrics.replication.iter().flatten();
+        let heard = self.peers.alive().into_iter().map(|a| (a.node_id, a.name));
         let view = MembershipView {
             leader: self.id,
             last_index: metrics.last_log_index.unwrap_or(0),
             voters: membership.voter_ids().collect(),
+            matched: replication
+                .map(|(id, log_id)| (*id, log_id.map(|l| l.index)))
+                .collect(),
+            contact_age: (nodes.keys())
+                .filter_map(|id| Some((*id, self.contacts.since(*id)?)))
+                .collect(),
+            heard_names: heard.chain([(self.id, self.name.clone())]).collect(),
             nodes,
-            matched,
-            contact_age,
-            heard_names,
         };
         Ok(describe_members(&view))
     }
@@ -277,9 +248,13 @@ impl Admin {
         if self.leaving.swap(true, Ordering::SeqCst) {
             return Err(JoinError::Busy("a leave is already in progress".into()));
         }
+        let failed = |reason: String| {
+            self.leaving.store(false, Ordering::SeqCst);
+            JoinError::Busy(format!("leave failed, nothing changed: {reason}"))
+        };
         self.data_dir
             .mark_left(&self.cluster)
-            .map_err(|e| self.leave_failed(e.to_string()))?;
+            .map_err(|e| failed(e.to_string()))?;
         if member {
             // A removed node that campaigns would bump the term of the members that remain;
             // it stops campaigning before it is removed.
@@ -289,7 +264,7 @@ impl Admin {
                 if let Err(clear) = self.data_dir.clear_left() {
                     tracing::error!(error = %clear, "leave failed and the LEFT marker stays");
                 }
-                return Err(self.leave_failed(e.to_string()));
+                return Err(failed(e));
             }
         }
         tracing::info!(node = self.id, was_leader, "left the cluster; stopping");
@@ -301,11 +276,6 @@ impl Admin {
         })
     }
 
-    fn leave_failed(&self, reason: String) -> JoinError {
-        self.leaving.store(false, Ordering::SeqCst);
-        JoinError::Busy(format!("leave failed, nothing changed: {reason}"))
-    }
-
     /// Has this node removed from the membership, by the leader or (when it leads) by itself,
     /// following NotLeader hints until [`LEAVE_TIMEOUT`].
     async fn remove_self(&self) -> Result<(), String> {
@@ -315,24 +285,21 @@ impl Admin {
             let metrics = crate::types::metrics_now(&self.raft);
             let membership = metrics.membership_config.membership();
             let leader = metrics.current_leader;
-            let outcome = if leader == Some(self.id) {
-                self.remove_self_as_leader(membership.voter_ids().any(|v| v == self.id))
-                    .await
-            } else if let Some(addr) = leader
-                .and_then(|l| membership.get_node(&l))
-                .and_then(|m| m.raft_addr.parse().ok())
-            {
-                let request = RemoveRequest {
-                    cluster: self.cluster.clone(),
-                    id: self.id,
-                };
-                let leader = leader.expect("an address implies a leader");
-                match crate::raft_rpc::request_remove(addr, leader, request).await {
-                    Ok(RemoveReply::Removed | RemoveReply::NotMember) => Ok(()),
-                    Err(e) => Err(e.to_string()),
+            let node = leader.and_then(|id| membership.get_node(&id));
+            let outcome = match (leader, node.and_then(|m| m.raft_addr.parse().ok())) {
+                (Some(id), _) if id == self.id => {
+                    let voter = membership.voter_ids().any(|v| v == self.id);
+                    self.remove_self_as_leader(voter).await
                 }
-            } else {
-                Err(last.clone())
+                (Some(id), Some(addr)) => {
+                    let (cluster, me) = (self.cluster.clone(), self.id);
+                    let request = RemoveRequest { cluster, id: me };
+                    match crate::raft_rpc::request_remove(addr, id, request).await {
+                        Ok(RemoveReply::Removed | RemoveReply::NotMember) => Ok(()),
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+                _ => Err(last.clone()),
             };
             match outcome {
                 Ok(()) => return Ok(()),

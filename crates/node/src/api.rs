@@ -1,26 +1,19 @@
-//! The client-facing `proto::Chat` service of one node.
+//! The client-facing `proto::Chat` service of one node; step 2 of "Life of a chat message" in
+//! ARCHITECTURE.md.
 //!
-//! Each TCP connection gets its own `ChatServer` value (tarpc serves one value per channel),
-//! which holds that connection's state: whether `hello` succeeded, the login challenge, the
-//! logged-in user, and the connection's rate-limit bucket.
-//!
-//! - Reads (`stream`, `history`, `channels`, `cluster`) are served by any node from its own
-//!   applied state, after waiting until it has applied the caller's read token.
-//! - `send` needs a login on this connection; the node stamps the sender and the time, and
-//!   proposes through the [`Proposer`]. A follower answers `NotLeader` with the leader's
-//!   address; the client redials (we do not forward, so a send is never in flight on two nodes
-//!   at once and the client always knows which node to retry).
-//!
-//! Step 2 of "Life of a chat message" in ARCHITECTURE.md.
+//! tarpc serves one `ChatServer` value per connection, holding its hello, login challenge,
+//! user and rate-limit bucket. Reads are served by any node from its applied state once it has
+//! applied the caller's read token. `send` needs a login; a follower answers `NotLeader` and
+//! does not forward, so a send is never in flight on two nodes at once and the client always
+//! knows which node to retry.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use chat_sm::{ChatResponse, ChatState, ClientId, Command, SendCmd};
+use chat_sm::{ChannelSeq, ChatResponse, ChatState, ClientId, Command, SendCmd};
 use ed25519_dalek::{Signature, VerifyingKey};
 use openraft::error::{ClientWriteError, RaftError};
-
 use parking_lot::Mutex;
 use proto::{
     wait_budget, ApiError, ChannelInfo, ClusterInfo, Hello, HistoryRequest, LeaderHint, Login,
@@ -31,40 +24,32 @@ use tarpc::context::Context;
 
 use crate::cluster::{role_of, Peers};
 use crate::delivery::Delivery;
-use crate::metrics::Metrics;
+use crate::metrics::{GaugeGuard, Metrics};
 use crate::proposer::{ProposeError, Proposer};
 use crate::types::{Member, NodeId, Raft};
 
 /// Most messages one `stream` or `history` call returns.
 pub const BATCH_MESSAGES_MAX: u32 = 1000;
 
-/// Everything the chat service of one node shares across connections.
+/// Everything the chat service of one node shares across connections. Rate limits are token
+/// buckets (sustained per second, burst): `user_*` for each user's sends, `conn_*` for every
+/// request of one connection.
 pub struct ApiShared {
-    /// This node.
     pub id: NodeId,
-    /// Cluster name.
     pub cluster: String,
-    /// Raft, for leader and membership queries and user registration.
+    /// For leader and membership queries and user registration.
     pub raft: Raft,
     /// Applied chat state, for reads.
     pub chat: Arc<ChatState>,
-    /// Apply notifications.
     pub delivery: Delivery,
-    /// Send coalescing.
     pub proposer: Proposer,
     /// Nodes heard by discovery (roles and applied indexes of others).
     pub peers: Peers,
-    /// Counters and histograms.
     pub metrics: Arc<Metrics>,
-    /// Per-user send buckets.
     pub user_buckets: Mutex<HashMap<String, TokenBucket>>,
-    /// Sustained sends per second per user.
     pub user_rate_per_s: u32,
-    /// Burst per user.
     pub user_burst: u32,
-    /// Sustained requests per second per connection.
     pub conn_rate_per_s: u32,
-    /// Burst per connection.
     pub conn_burst: u32,
     /// Deliberately broken modes (feature `weaken`); default none.
     pub weaken: crate::Weaken,
@@ -97,12 +82,16 @@ impl TokenBucket {
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
-            Ok(())
-        } else {
-            let wait_s = (1.0 - self.tokens) / self.rate;
-            // Round up so a client that waits exactly this long finds a token.
-            Err((wait_s * 1000.0).ceil() as u64)
+            return Ok(());
         }
+        // Round up so a client that waits exactly this long finds a token.
+        Err(((1.0 - self.tokens) / self.rate * 1000.0).ceil() as u64)
+    }
+
+    /// [`TokenBucket::take`] now, refusing with `RateLimited`.
+    pub(crate) fn take_now(&mut self) -> Result<(), ApiError> {
+        self.take(Instant::now())
+            .map_err(|retry_after_ms| ApiError::RateLimited { retry_after_ms })
     }
 }
 
@@ -111,8 +100,8 @@ struct ConnState {
     challenge: Option<[u8; 32]>,
     user: Option<String>,
     bucket: TokenBucket,
-    /// Decrements `connected_clients` when the connection's last request is done.
-    metrics: Arc<Metrics>,
+    /// Counts the connection in `connected_clients` until its last request is done.
+    _connected: GaugeGuard,
 }
 
 /// The chat service for one connection.
@@ -122,73 +111,40 @@ pub struct ChatServer {
     conn: Arc<Mutex<ConnState>>,
 }
 
-impl ChatServer {
-    /// A server value for a new connection.
-    pub fn new(shared: Arc<ApiShared>) -> ChatServer {
-        let bucket = TokenBucket::new(shared.conn_rate_per_s, shared.conn_burst);
-        let metrics = shared.metrics.clone();
-        metrics.connected_clients.inc();
-        ChatServer {
-            shared,
-            conn: Arc::new(Mutex::new(ConnState {
-                hello: false,
-                challenge: None,
-                user: None,
-                bucket,
-                metrics,
-            })),
-        }
-    }
-
-    /// The client seq to propose: the client's own, or, in the deliberately broken
-    /// `skip-dedup` mode, a fresh random one (top bit set, so it never meets a real one) that
-    /// makes the state machine apply a retry as a new message. The rewritten seq is inside the
-    /// entry, so every replica still applies the same command.
-    fn client_seq(&self, requested: u64) -> u64 {
-        if self.shared.weaken.skip_dedup {
-            rand::random::<u64>() | 1 << 63
-        } else {
-            requested
-        }
-    }
-
-    fn require_hello(&self) -> Result<(), ApiError> {
-        let mut conn = self.conn.lock();
-        if !conn.hello {
-            return Err(ApiError::Unauthenticated);
-        }
-        conn.bucket
-            .take(Instant::now())
-            .map_err(|retry_after_ms| ApiError::RateLimited { retry_after_ms })
-    }
-
-    fn leader_hint(&self, leader: Option<(NodeId, Member)>) -> Option<LeaderHint> {
-        let (id, member) = leader?;
-        let client_addr = member.client_addr.parse().ok()?;
-        Some(LeaderHint { id, client_addr })
-    }
-}
-
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-pub(crate) fn map_reject(reason: chat_sm::RejectReason) -> RejectReason {
+/// A state machine rejection as the wire says it.
+pub(crate) fn rejected(reason: chat_sm::RejectReason) -> ApiError {
     use chat_sm::RejectReason as R;
-    match reason {
+    let malformed = |what: &str| RejectReason::Malformed { what: what.into() };
+    ApiError::Rejected(match reason {
         R::InvalidChannel => RejectReason::InvalidChannel,
         R::EmptyBody => RejectReason::EmptyBody,
         R::BodyTooLarge { len, max } => RejectReason::BodyTooLarge { len, max },
         R::InvalidSender | R::InvalidUserName => RejectReason::InvalidName,
         R::NameTaken => RejectReason::NameTaken,
-        R::BatchTooLarge { .. } => RejectReason::Malformed {
-            what: "batch too large".into(),
-        },
-        R::Malformed => RejectReason::Malformed {
-            what: "command".into(),
-        },
+        R::BatchTooLarge { .. } => malformed("batch too large"),
+        R::Malformed => malformed("command"),
+    })
+}
+
+/// Refuses a channel name the state machine would reject, before any read or wait.
+pub(crate) fn check_channel(channel: &str) -> Result<(), ApiError> {
+    chat_sm::ChannelName::new(channel)
+        .map(drop)
+        .map_err(rejected)
+}
+
+/// A failed read of `channel` from the chat state: logged here, since its text never crosses
+/// the wire.
+pub(crate) fn storage_error(channel: &str) -> impl FnOnce(chat_sm::Error) -> ApiError + '_ {
+    move |e| {
+        tracing::error!(error = %e, %channel, "chat state read failed");
+        ApiError::unavailable("storage read failed")
     }
 }
 
@@ -204,12 +160,52 @@ pub(crate) fn to_wire(message: chat_sm::Message) -> WireMessage {
     }
 }
 
-fn storage_error(e: &chat_sm::Error) -> ApiError {
-    tracing::error!(error = %e, "chat state read failed");
-    ApiError::unavailable("storage read failed")
+fn not_leader(leader: Option<(NodeId, Member)>) -> ApiError {
+    let hint = leader.and_then(|(id, member)| {
+        let client_addr = member.client_addr.parse().ok()?;
+        Some(LeaderHint { id, client_addr })
+    });
+    ApiError::NotLeader { leader: hint }
 }
 
 impl ChatServer {
+    /// A server value for a new connection.
+    pub fn new(shared: Arc<ApiShared>) -> ChatServer {
+        let conn = ConnState {
+            hello: false,
+            challenge: None,
+            user: None,
+            bucket: TokenBucket::new(shared.conn_rate_per_s, shared.conn_burst),
+            _connected: GaugeGuard::new(&shared.metrics.connected_clients),
+        };
+        ChatServer {
+            shared,
+            conn: Arc::new(Mutex::new(conn)),
+        }
+    }
+
+    /// The client seq to propose: the client's own, or, in the deliberately broken
+    /// `skip-dedup` mode, a fresh random one (top bit set, so it never meets a real one) that
+    /// makes the state machine apply a retry as a new message. The rewritten seq is inside the
+    /// entry, so every replica still applies the same command.
+    fn client_seq(&self, requested: u64) -> u64 {
+        if self.shared.weaken.skip_dedup {
+            rand::random::<u64>() | 1 << 63
+        } else {
+            requested
+        }
+    }
+
+    /// Every call but `hello` and `ping` needs a hello on this connection and a token of its
+    /// rate limit.
+    fn require_hello(&self) -> Result<(), ApiError> {
+        let mut conn = self.conn.lock();
+        if !conn.hello {
+            return Err(ApiError::Unauthenticated);
+        }
+        conn.bucket.take_now()
+    }
+
     /// Waits until this node applied `read_token`, within `budget`.
     async fn wait_token(&self, read_token: u64, budget: Duration) -> Result<(), ApiError> {
         if self.shared.delivery.wait_applied(read_token, budget).await {
@@ -229,20 +225,20 @@ impl ChatServer {
     }
 
     async fn register(&self, name: &str, public_key: [u8; 32]) -> Result<(), ApiError> {
-        let command = Command::RegisterUser {
-            name: name.to_owned(),
-            public_key,
-        };
-        match self.shared.raft.client_write(command).await {
+        let name = name.to_owned();
+        match self
+            .shared
+            .raft
+            .client_write(Command::RegisterUser { name, public_key })
+            .await
+        {
             Ok(response) => match response.data {
                 ChatResponse::Registered => Ok(()),
-                ChatResponse::Rejected(reason) => Err(ApiError::Rejected(map_reject(reason))),
+                ChatResponse::Rejected(reason) => Err(rejected(reason)),
                 other => panic!("state machine answered a registration with {other:?}"),
             },
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(ApiError::NotLeader {
-                    leader: self.leader_hint(f.leader_id.zip(f.leader_node)),
-                })
+                Err(not_leader(f.leader_id.zip(f.leader_node)))
             }
             Err(e) => {
                 tracing::warn!(error = %e, "registration failed");
@@ -271,22 +267,19 @@ impl proto::Chat for ChatServer {
     #[tracing::instrument(level = "debug", skip_all, fields(user = %req.name))]
     async fn login(self, _: Context, req: Login) -> Result<Session, ApiError> {
         self.require_hello()?;
-        let challenge = self
-            .conn
-            .lock()
-            .challenge
-            .take()
-            .ok_or(ApiError::Unauthenticated)?;
+        let challenge = self.conn.lock().challenge.take();
+        let challenge = challenge.ok_or(ApiError::Unauthenticated)?;
         if !chat_sm::valid_user_name(&req.name) {
             return Err(ApiError::Rejected(RejectReason::InvalidName));
         }
-        let key =
-            VerifyingKey::from_bytes(&req.public_key).map_err(|_| ApiError::Unauthenticated)?;
-        let signature =
-            Signature::from_slice(&req.signature).map_err(|_| ApiError::Unauthenticated)?;
         let message = proto::login_message(&challenge, &self.shared.cluster, &req.name);
-        key.verify_strict(&message, &signature)
-            .map_err(|_| ApiError::Unauthenticated)?;
+        let verified = VerifyingKey::from_bytes(&req.public_key).is_ok_and(|key| {
+            Signature::from_slice(&req.signature)
+                .is_ok_and(|signature| key.verify_strict(&message, &signature).is_ok())
+        });
+        if !verified {
+            return Err(ApiError::Unauthenticated);
+        }
         match self.shared.chat.user_key(&req.name) {
             Some(registered) if registered == req.public_key => {}
             Some(_) => return Err(ApiError::Rejected(RejectReason::NameTaken)),
@@ -300,21 +293,13 @@ impl proto::Chat for ChatServer {
     async fn send(self, _: Context, req: SendRequest) -> Result<SendReply, ApiError> {
         let started = Instant::now();
         self.require_hello()?;
-        let user = self
-            .conn
-            .lock()
-            .user
-            .clone()
-            .ok_or(ApiError::Unauthenticated)?;
-        {
-            let mut buckets = self.shared.user_buckets.lock();
-            let bucket = buckets.entry(user.clone()).or_insert_with(|| {
-                TokenBucket::new(self.shared.user_rate_per_s, self.shared.user_burst)
-            });
-            bucket
-                .take(Instant::now())
-                .map_err(|retry_after_ms| ApiError::RateLimited { retry_after_ms })?;
-        }
+        let user = self.conn.lock().user.clone();
+        let user = user.ok_or(ApiError::Unauthenticated)?;
+        let (rate, burst) = (self.shared.user_rate_per_s, self.shared.user_burst);
+        (self.shared.user_buckets.lock())
+            .entry(user.clone())
+            .or_insert_with(|| TokenBucket::new(rate, burst))
+            .take_now()?;
         // Cheap checks before the log, so junk never takes log space; apply repeats them
         // deterministically.
         if req.body.len() > chat_sm::MAX_BODY_BYTES {
@@ -333,85 +318,69 @@ impl proto::Chat for ChatServer {
         };
         let outcome = self.shared.proposer.propose(send).await;
         self.shared.metrics.observe_rpc("send", started.elapsed());
-        match outcome {
-            Ok(proposed) => {
-                let sent = proposed
-                    .result
-                    .map_err(|r| ApiError::Rejected(map_reject(r)))?;
-                self.shared.metrics.sends_total.inc();
-                Ok(SendReply {
-                    channel: sent.channel,
-                    seq: sent.seq.0,
-                    at_ms: sent.at_ms,
-                    read_token: proposed.log_index,
-                    duplicate: sent.duplicate,
-                })
-            }
-            Err(ProposeError::NotLeader { leader }) => Err(ApiError::NotLeader {
-                leader: self.leader_hint(leader),
-            }),
-            Err(ProposeError::Unavailable(reason)) => Err(ApiError::unavailable(reason)),
-        }
+        let proposed = outcome.map_err(|e| match e {
+            ProposeError::NotLeader { leader } => not_leader(leader),
+            ProposeError::Unavailable(reason) => ApiError::unavailable(reason),
+        })?;
+        let sent = proposed.result.map_err(rejected)?;
+        self.shared.metrics.sends_total.inc();
+        Ok(SendReply {
+            channel: sent.channel,
+            seq: sent.seq.0,
+            at_ms: sent.at_ms,
+            read_token: proposed.log_index,
+            duplicate: sent.duplicate,
+        })
     }
 
     async fn stream(self, ctx: Context, req: StreamRequest) -> Result<MessageBatch, ApiError> {
         let started = Instant::now();
         self.require_hello()?;
-        chat_sm::ChannelName::new(&req.channel).map_err(|r| ApiError::Rejected(map_reject(r)))?;
+        check_channel(&req.channel)?;
         let budget = wait_budget(&ctx, req.wait_ms);
         let deadline = Instant::now() + budget;
         self.wait_token(req.read_token, budget).await?;
         let max = req.max.clamp(1, BATCH_MESSAGES_MAX) as usize;
-        let chat = self.shared.chat.clone();
-        let from = chat_sm::ChannelSeq(req.after_seq.saturating_add(1));
-        let mut messages = chat
-            .history(&req.channel, from, max)
-            .map_err(|e| storage_error(&e))?;
+        let chat = &self.shared.chat;
+        let from = ChannelSeq(req.after_seq.saturating_add(1));
+        let read = || {
+            chat.history(&req.channel, from, max)
+                .map_err(storage_error(&req.channel))
+        };
+        let mut messages = read()?;
         if messages.is_empty() {
+            let _waiting = GaugeGuard::new(&self.shared.metrics.stream_waiters);
             let remaining = deadline.saturating_duration_since(Instant::now());
-            self.shared.metrics.stream_waiters.inc();
-            let channel = req.channel.clone();
-            let woke = self
-                .shared
-                .delivery
-                .wait_head(
-                    &req.channel,
-                    req.after_seq,
-                    || chat.head(&channel).0,
-                    remaining,
-                )
-                .await;
-            self.shared.metrics.stream_waiters.dec();
-            if woke {
-                messages = chat
-                    .history(&req.channel, from, max)
-                    .map_err(|e| storage_error(&e))?;
+            let head = || chat.head(&req.channel).0;
+            let delivery = &self.shared.delivery;
+            if delivery
+                .wait_head(&req.channel, req.after_seq, head, remaining)
+                .await
+            {
+                messages = read()?;
             }
         }
-        self.shared
-            .metrics
-            .deliveries_total
-            .inc_by(messages.len() as u64);
-        self.shared.metrics.observe_rpc("stream", started.elapsed());
+        let metrics = &self.shared.metrics;
+        metrics.deliveries_total.inc_by(messages.len() as u64);
+        metrics.observe_rpc("stream", started.elapsed());
         Ok(self.batch(&req.channel, messages))
     }
 
     async fn history(self, ctx: Context, req: HistoryRequest) -> Result<MessageBatch, ApiError> {
         let started = Instant::now();
         self.require_hello()?;
-        chat_sm::ChannelName::new(&req.channel).map_err(|r| ApiError::Rejected(map_reject(r)))?;
+        check_channel(&req.channel)?;
         self.wait_token(req.read_token, wait_budget(&ctx, proto::STREAM_WAIT_MS_MAX))
             .await?;
         let limit = req.limit.clamp(1, BATCH_MESSAGES_MAX) as usize;
-        let chat = &self.shared.chat;
+        let (chat, channel) = (&self.shared.chat, &req.channel);
         let messages = match (req.from_seq, req.before_seq) {
-            (Some(from), _) => chat.history(&req.channel, chat_sm::ChannelSeq(from), limit),
-            (None, Some(before)) => {
-                chat.history_before(&req.channel, chat_sm::ChannelSeq(before), limit)
+            (Some(from), _) => chat.history(channel, ChannelSeq(from), limit),
+            (None, before) => {
+                chat.history_before(channel, ChannelSeq(before.unwrap_or(u64::MAX)), limit)
             }
-            (None, None) => chat.history_before(&req.channel, chat_sm::ChannelSeq(u64::MAX), limit),
         }
-        .map_err(|e| storage_error(&e))?;
+        .map_err(storage_error(channel))?;
         self.shared
             .metrics
             .observe_rpc("history", started.elapsed());
@@ -420,11 +389,8 @@ impl proto::Chat for ChatServer {
 
     async fn channels(self, _: Context) -> Result<Vec<ChannelInfo>, ApiError> {
         self.require_hello()?;
-        Ok(self
-            .shared
-            .chat
-            .channels()
-            .into_iter()
+        let channels = self.shared.chat.channels().into_iter();
+        Ok(channels
             .map(|(name, head)| ChannelInfo { name, head: head.0 })
             .collect())
     }
@@ -434,19 +400,18 @@ impl proto::Chat for ChatServer {
         let metrics = crate::types::metrics_now(&self.shared.raft);
         let membership = metrics.membership_config.membership();
         let voters: Vec<NodeId> = membership.voter_ids().collect();
+        let parse = |s: &str| {
+            s.parse()
+                .map_err(|_| ApiError::unavailable("bad member address"))
+        };
         let mut nodes = Vec::new();
         for (&id, member) in membership.nodes() {
-            let voter = voters.contains(&id);
             let (role, applied) = if id == self.shared.id {
                 (role_of(metrics.state), self.shared.delivery.applied())
             } else if let Some(peer) = self.shared.peers.get(id) {
                 (peer.role, peer.applied)
             } else {
                 (Role::Unknown, 0)
-            };
-            let parse = |s: &str| {
-                s.parse()
-                    .map_err(|_| ApiError::unavailable("bad member address"))
             };
             nodes.push(NodeInfo {
                 id,
@@ -455,7 +420,7 @@ impl proto::Chat for ChatServer {
                 raft_addr: parse(&member.raft_addr)?,
                 metrics_addr: parse(&member.metrics_addr)?,
                 applied,
-                voter,
+                voter: voters.contains(&id),
             });
         }
         Ok(ClusterInfo {
@@ -475,12 +440,6 @@ impl proto::Chat for ChatServer {
             applied: self.shared.delivery.applied(),
             server_time_ms: now_ms(),
         }
-    }
-}
-
-impl Drop for ConnState {
-    fn drop(&mut self) {
-        self.metrics.connected_clients.dec();
     }
 }
 

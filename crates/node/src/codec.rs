@@ -7,10 +7,9 @@
 //! | 1 | first layout: version byte + postcard of the openraft value |
 //! | 2 | `Member` gained `name` (last field); membership entries and stored memberships change |
 //!
-//! Everything is written as version 2. Version 1 bytes still decode, so a data dir written
-//! before names opens with every entry: votes and log ids have the same body in both
-//! versions, and entries and memberships go through [`v1`]'s legacy types, whose members get
-//! an empty name.
+//! Everything is written as version 2. Version 1 (the release before node names, see
+//! `tests/upgrade.rs`) still decodes: votes and log ids have the same body in both versions,
+//! and entries and memberships go through [`v1`]'s types, whose members get an empty name.
 
 use std::collections::BTreeMap;
 
@@ -45,35 +44,36 @@ pub enum DecodeError {
     },
 }
 
+fn malformed(what: &'static str, reason: impl std::fmt::Display) -> DecodeError {
+    let reason = reason.to_string();
+    DecodeError::Malformed { what, reason }
+}
+
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // postcard cannot fail on these plain-data types; a failure would be a programming error.
     let mut out = vec![FORMAT_VERSION];
-    // postcard writes to a Vec without failing for these plain-data types; a failure would mean
-    // a type that cannot be serialized at all, which is a programming error.
-    let body = postcard::to_allocvec(value).expect("openraft values always serialize");
-    out.extend_from_slice(&body);
+    out.extend(postcard::to_allocvec(value).expect("openraft values always serialize"));
     out
 }
 
-/// The version byte and the body after it; an unknown version is refused here.
-fn split_version(bytes: &[u8]) -> Result<(u8, &[u8]), DecodeError> {
+/// Decodes `bytes` as `V2` if written as version 2, else as `V1` and upgraded by `upgrade`. An
+/// unknown version is refused.
+fn decode<V2, V1>(
+    what: &'static str,
+    bytes: &[u8],
+    upgrade: impl FnOnce(V1) -> Result<V2, DecodeError>,
+) -> Result<V2, DecodeError>
+where
+    V2: DeserializeOwned,
+    V1: DeserializeOwned,
+{
     let (&version, body) = bytes.split_first().ok_or(DecodeError::Empty)?;
-    if version != FORMAT_VERSION && version != FORMAT_VERSION_V1 {
-        return Err(DecodeError::UnsupportedVersion { found: version });
+    let invalid = |e| malformed(what, e);
+    match version {
+        FORMAT_VERSION => postcard::from_bytes(body).map_err(invalid),
+        FORMAT_VERSION_V1 => upgrade(postcard::from_bytes(body).map_err(invalid)?),
+        found => Err(DecodeError::UnsupportedVersion { found }),
     }
-    Ok((version, body))
-}
-
-fn decode_body<T: DeserializeOwned>(what: &'static str, body: &[u8]) -> Result<T, DecodeError> {
-    postcard::from_bytes(body).map_err(|e| DecodeError::Malformed {
-        what,
-        reason: e.to_string(),
-    })
-}
-
-/// Decodes a value whose body is the same in every known version (no `Member` inside).
-fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, DecodeError> {
-    let (_, body) = split_version(bytes)?;
-    decode_body(what, body)
 }
 
 /// Encodes a log entry for `raft_log`.
@@ -83,10 +83,7 @@ pub fn encode_entry(entry: &Entry) -> Vec<u8> {
 
 /// Decodes a log entry read back from `raft_log`, of either version.
 pub fn decode_entry(bytes: &[u8]) -> Result<Entry, DecodeError> {
-    match split_version(bytes)? {
-        (FORMAT_VERSION_V1, body) => v1::upgrade_entry(decode_body("log entry", body)?),
-        (_, body) => decode_body("log entry", body),
-    }
+    decode("log entry", bytes, v1::upgrade_entry)
 }
 
 /// Encodes a vote.
@@ -96,7 +93,7 @@ pub fn encode_vote(vote: &Vote) -> Vec<u8> {
 
 /// Decodes a vote.
 pub fn decode_vote(bytes: &[u8]) -> Result<Vote, DecodeError> {
-    decode("vote", bytes)
+    decode("vote", bytes, Ok)
 }
 
 /// Encodes an optional log id (committed, last applied, last purged).
@@ -106,7 +103,7 @@ pub fn encode_log_id(log_id: &Option<LogId>) -> Vec<u8> {
 
 /// Decodes an optional log id.
 pub fn decode_log_id(bytes: &[u8]) -> Result<Option<LogId>, DecodeError> {
-    decode("log id", bytes)
+    decode("log id", bytes, Ok)
 }
 
 /// Encodes a stored membership.
@@ -116,16 +113,10 @@ pub fn encode_membership(membership: &StoredMembership) -> Vec<u8> {
 
 /// Decodes a stored membership, of either version.
 pub fn decode_membership(bytes: &[u8]) -> Result<StoredMembership, DecodeError> {
-    match split_version(bytes)? {
-        (FORMAT_VERSION_V1, body) => {
-            let old: v1::StoredMembershipV1 = decode_body("membership", body)?;
-            Ok(StoredMembership::new(
-                *old.log_id(),
-                v1::upgrade_membership(old.membership())?,
-            ))
-        }
-        (_, body) => decode_body("membership", body),
-    }
+    decode("membership", bytes, |old: v1::StoredMembershipV1| {
+        let membership = v1::upgrade_membership(old.membership())?;
+        Ok(StoredMembership::new(*old.log_id(), membership))
+    })
 }
 
 /// The version 1 layout, kept only to read old bytes: the same openraft types over a `Member`
@@ -133,17 +124,15 @@ pub fn decode_membership(bytes: &[u8]) -> Result<StoredMembership, DecodeError> 
 pub mod v1 {
     use serde::{Deserialize, Serialize};
 
-    use super::{BTreeMap, DecodeError, Member};
+    use super::{malformed, BTreeMap, DecodeError, Member};
     use crate::types::{Entry, Membership, NodeId};
 
-    /// `Member` as version 1 wrote it.
+    /// `Member` as version 1 wrote it: the `host:port` of the Raft RPC, chat RPC and metrics
+    /// listeners.
     #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
     pub struct MemberV1 {
-        /// `host:port` of the Raft RPC listener.
         pub raft_addr: String,
-        /// `host:port` of the chat RPC listener.
         pub client_addr: String,
-        /// `host:port` of the metrics endpoint.
         pub metrics_addr: String,
     }
 
@@ -182,10 +171,8 @@ pub mod v1 {
     pub fn upgrade_membership(old: &MembershipV1) -> Result<Membership, DecodeError> {
         let nodes: BTreeMap<NodeId, Member> =
             old.nodes().map(|(id, m)| (*id, m.upgrade())).collect();
-        Membership::new(old.get_joint_config().clone(), nodes).map_err(|e| DecodeError::Malformed {
-            what: "membership",
-            reason: e.to_string(),
-        })
+        Membership::new(old.get_joint_config().clone(), nodes)
+            .map_err(|e| malformed("membership", e))
     }
 
     /// The same entry over current members.
@@ -193,12 +180,11 @@ pub mod v1 {
     /// # Errors
     /// As [`upgrade_membership`].
     pub fn upgrade_entry(old: EntryV1) -> Result<Entry, DecodeError> {
+        use openraft::EntryPayload as P;
         let payload = match old.payload {
-            openraft::EntryPayload::Blank => openraft::EntryPayload::Blank,
-            openraft::EntryPayload::Normal(command) => openraft::EntryPayload::Normal(command),
-            openraft::EntryPayload::Membership(m) => {
-                openraft::EntryPayload::Membership(upgrade_membership(&m)?)
-            }
+            P::Blank => P::Blank,
+            P::Normal(command) => P::Normal(command),
+            P::Membership(m) => P::Membership(upgrade_membership(&m)?),
         };
         Ok(Entry {
             log_id: old.log_id,

@@ -6,15 +6,16 @@
 //! `flock` on `LOCK`, released by the kernel when the process dies, even by kill -9); a fresh
 //! directory gets a random node id written durably before anything else uses it.
 //!
-//! The directory also keeps the node's name (chosen at first start, then fixed: the name is
-//! part of the replicated membership, which a join never rewrites for an existing member, so a
-//! rename would leave the cluster's record and the node disagreeing) and, after `server leave`, a `LEFT` marker that keeps the node out of the cluster until it
-//! is started with `--rejoin`.
+//! The directory also keeps the node's name, chosen at first start and then fixed: it is part
+//! of the replicated membership, which a join never rewrites for an existing member, so a
+//! rename would leave the cluster's record and the node disagreeing. After `server leave`, a
+//! `LEFT` marker keeps the node out of the cluster until it is started with `--rejoin`.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
+use crate::atomic_file;
 use crate::name::{default_name, validate_name, NameError};
 use crate::types::NodeId;
 
@@ -32,58 +33,34 @@ pub enum DataDirError {
     #[error(
         "data dir {path} is locked by another running server; stop it or pick another --data-dir"
     )]
-    Locked {
-        /// The directory.
-        path: PathBuf,
-    },
-    /// Every candidate under the root was locked.
+    Locked { path: PathBuf },
+    /// Every candidate under `root` was locked (`tried` of them).
     #[error("no free data dir under {root} (tried {tried}); stop some servers or pass --data-dir")]
-    NoneFree {
-        /// The root searched.
-        root: PathBuf,
-        /// How many candidates were tried.
-        tried: usize,
-    },
+    NoneFree { root: PathBuf, tried: usize },
     /// The node id file is damaged.
     #[error("node id file {path} is damaged ({reason}); restore it from a backup or remove the directory")]
-    BadNodeId {
-        /// The file.
-        path: PathBuf,
-        /// What was wrong.
-        reason: String,
-    },
+    BadNodeId { path: PathBuf, reason: String },
     /// The name file holds something that is not a valid name.
     #[error("node name file {path} is damaged ({source}); write the node's name into it")]
-    BadNodeName {
-        /// The file.
-        path: PathBuf,
-        /// What was wrong.
-        source: NameError,
-    },
-    /// `--name` asks for another name than the one this directory's node has.
+    BadNodeName { path: PathBuf, source: NameError },
+    /// `--name` asks for another name than the one `kept` in this directory.
     #[error(
         "data dir {path} belongs to node {kept:?}, not {requested:?}: a node keeps its name for \
          its life in the cluster; drop --name, pass --name {kept}, or use a fresh data dir"
     )]
     NameMismatch {
-        /// The directory.
         path: PathBuf,
-        /// The name kept in the directory.
         kept: String,
-        /// The name asked for.
         requested: String,
     },
     /// An invalid `--name`.
     #[error(transparent)]
     InvalidName(#[from] NameError),
-    /// An io error.
+    /// An io error: what was being done (`op`), on which path.
     #[error("{op} {path}: {source}")]
     Io {
-        /// What was being done.
         op: &'static str,
-        /// On which path.
         path: PathBuf,
-        /// The cause.
         source: io::Error,
     },
 }
@@ -94,6 +71,22 @@ fn io_error<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> D
         path: path.to_path_buf(),
         source,
     }
+}
+
+/// The text of `file` in `dir`, or `None` when it does not exist.
+fn read(dir: &Path, file: &str) -> Result<Option<String>, DataDirError> {
+    let path = dir.join(file);
+    match fs::read_to_string(&path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_error("read", &path)(e)),
+    }
+}
+
+/// Writes `file` in `dir` so it is either absent or whole after a crash.
+fn write_durably(dir: &Path, file: &str, text: &str) -> Result<(), DataDirError> {
+    let path = dir.join(file);
+    atomic_file::write_durably(&path, text.as_bytes()).map_err(io_error("write", &path))
 }
 
 /// A locked data directory. The lock lasts as long as this value.
@@ -124,14 +117,32 @@ impl DataDir {
         match lock.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
-                return Err(DataDirError::Locked {
-                    path: path.to_path_buf(),
-                })
+                let path = path.to_path_buf();
+                return Err(DataDirError::Locked { path });
             }
             Err(fs::TryLockError::Error(e)) => return Err(io_error("lock", &lock_path)(e)),
         }
-        let node_id = read_or_create_node_id(path)?;
-        let name = read_node_name(path)?;
+        let node_id = match read(path, NODE_ID_FILE)? {
+            Some(text) => parse_node_id(&path.join(NODE_ID_FILE), &text)?,
+            None => {
+                let id = random_node_id();
+                // Crash before the rename inside: no id file, and the next start makes a new
+                // id, which is fine because nothing used this one yet.
+                write_durably(path, NODE_ID_FILE, &format!("{id}\n"))?;
+                id
+            }
+        };
+        let name = match read(path, NODE_NAME_FILE)? {
+            Some(text) => {
+                let name = text.trim().to_owned();
+                validate_name(&name).map_err(|source| DataDirError::BadNodeName {
+                    path: path.join(NODE_NAME_FILE),
+                    source,
+                })?;
+                Some(name)
+            }
+            None => None,
+        };
         Ok(DataDir {
             path: path.to_path_buf(),
             node_id,
@@ -148,15 +159,12 @@ impl DataDir {
     pub fn pick(root: &Path) -> Result<DataDir, DataDirError> {
         for n in 1..=PICK_ATTEMPTS_MAX {
             match DataDir::open(&root.join(format!("node-{n}"))) {
-                Ok(dir) => return Ok(dir),
                 Err(DataDirError::Locked { .. }) => continue,
-                Err(e) => return Err(e),
+                result => return result,
             }
         }
-        Err(DataDirError::NoneFree {
-            root: root.to_path_buf(),
-            tried: PICK_ATTEMPTS_MAX,
-        })
+        let (root, tried) = (root.to_path_buf(), PICK_ATTEMPTS_MAX);
+        Err(DataDirError::NoneFree { root, tried })
     }
 
     /// The directory.
@@ -209,12 +217,7 @@ impl DataDir {
     /// # Errors
     /// Io errors other than "not found".
     pub fn left(&self) -> Result<Option<String>, DataDirError> {
-        let path = self.path.join(LEFT_FILE);
-        match fs::read_to_string(&path) {
-            Ok(text) => Ok(Some(text.trim().to_owned())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_error("read", &path)(e)),
-        }
+        Ok(read(&self.path, LEFT_FILE)?.map(|text| text.trim().to_owned()))
     }
 
     /// Writes the `LEFT` marker durably, saying which cluster was left.
@@ -258,78 +261,20 @@ impl DataDir {
 }
 
 fn parse_node_id(path: &Path, text: &str) -> Result<NodeId, DataDirError> {
-    text.trim()
-        .parse::<NodeId>()
-        .ok()
-        .filter(|id| *id != 0)
-        .ok_or_else(|| DataDirError::BadNodeId {
-            path: path.to_path_buf(),
-            reason: format!("expected a non-zero integer, found {:?}", text.trim()),
-        })
+    let text = text.trim();
+    let id = text.parse::<NodeId>().ok().filter(|id| *id != 0);
+    id.ok_or_else(|| DataDirError::BadNodeId {
+        path: path.to_path_buf(),
+        reason: format!("expected a non-zero integer, found {text:?}"),
+    })
 }
 
-fn read_node_name(dir: &Path) -> Result<Option<String>, DataDirError> {
-    let path = dir.join(NODE_NAME_FILE);
-    match fs::read_to_string(&path) {
-        Ok(text) => {
-            let name = text.trim().to_owned();
-            validate_name(&name).map_err(|source| DataDirError::BadNodeName {
-                path: path.clone(),
-                source,
-            })?;
-            Ok(Some(name))
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io_error("read", &path)(e)),
-    }
-}
-
-/// Writes `file` in `dir` through a temp file, fsync, rename and directory fsync, so it is
-/// either absent or whole after a crash.
-fn write_durably(dir: &Path, file: &str, text: &str) -> Result<(), DataDirError> {
-    let path = dir.join(file);
-    let tmp = path.with_extension("tmp");
-    let mut out = File::create(&tmp).map_err(io_error("create", &tmp))?;
-    out.write_all(text.as_bytes())
-        .and_then(|()| out.sync_all())
-        .map_err(io_error("write", &tmp))?;
-    fs::rename(&tmp, &path).map_err(io_error("rename", &path))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_error("fsync", dir))
-}
-
-fn read_or_create_node_id(dir: &Path) -> Result<NodeId, DataDirError> {
-    let path = dir.join(NODE_ID_FILE);
-    match fs::read_to_string(&path) {
-        Ok(text) => parse_node_id(&path, &text),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let id = random_node_id();
-            let tmp = path.with_extension("tmp");
-            let mut file = File::create(&tmp).map_err(io_error("create", &tmp))?;
-            file.write_all(format!("{id}\n").as_bytes())
-                .and_then(|()| file.sync_all())
-                .map_err(io_error("write", &tmp))?;
-            // Crash before the rename: no id file, and the next start makes a new id, which is
-            // fine because nothing used this one yet. After the rename + dir fsync the id is
-            // permanent.
-            fs::rename(&tmp, &path).map_err(io_error("rename", &path))?;
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io_error("fsync", dir))?;
-            Ok(id)
-        }
-        Err(e) => Err(io_error("read", &path)(e)),
-    }
-}
-
-/// A random non-zero id. Collisions among 10^4 nodes have probability ~10^-11; the cluster
-/// also refuses a join from an id it already has with other addresses.
+/// A random non-zero id, below 2^63 so it stays positive in signed contexts (JSON readers,
+/// metrics labels). Collisions among 10^4 nodes have probability ~10^-11; the cluster also
+/// refuses a join from an id it already has with other addresses.
 fn random_node_id() -> NodeId {
     loop {
-        let id: u64 = rand::random();
-        // Keep ids positive in signed contexts (JSON readers, metrics labels).
-        let id = id >> 1;
+        let id = rand::random::<u64>() >> 1;
         if id != 0 {
             return id;
         }

@@ -1,13 +1,9 @@
 //! Prometheus metrics and health endpoints of one node, served over plain HTTP/1.1.
 //!
-//! `GET /metrics` answers OpenMetrics text (Raft role, term, leader, leader changes, commit and
-//! applied index, apply lag and apply latency, WAL fsync latency, disk usage, snapshot age,
-//! sends, deliveries, batch sizes, stream waiters, connected clients, push connections and
-//! subscriptions, RPC latency histograms, node info); `GET /health` answers 200 while the
-//! process runs; `GET /ready` answers 200 once the node has a leader and has applied everything
-//! it knows to be committed, else 503.
-//! The HTTP side is deliberately tiny (one request per connection, GET only, 8 KiB request
-//! limit): it serves scrapers and probes, not browsers.
+//! `GET /metrics` answers OpenMetrics text of every series registered in [`Metrics::new`];
+//! `GET /health` answers 200 while the process runs; `GET /ready` answers 200 once the node
+//! knows a leader and has applied everything it knows to be committed, else 503. One request
+//! per connection, GET only, 8 KiB request limit: it serves scrapers and probes, not browsers.
 //!
 //! Names follow Prometheus conventions: base units in the name (`_seconds`, `_bytes`), `_total`
 //! on counters, and identities as labels of a constant-1 gauge (`node_info`, `raft_leader_info`)
@@ -15,7 +11,7 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -34,33 +30,39 @@ use crate::types::{NodeId, Raft, TypeConfig};
 
 type Labels = Vec<(&'static str, &'static str)>;
 type OwnedLabels = Vec<(&'static str, String)>;
-type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
-type SecondsGauge = Gauge<f64, AtomicU64>;
 
-/// The content type of what [`encode`] writes: prometheus-client encodes OpenMetrics text
-/// (counter families without `_total` in `# TYPE`, a closing `# EOF`), and a scraper picks its
-/// parser by this header, so it must not claim the older Prometheus text format.
-pub(crate) const METRICS_CONTENT_TYPE: &str =
-    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The content type of what [`encode`] writes: OpenMetrics text (counter families without
+/// `_total` in `# TYPE`, a closing `# EOF`). Scrapers pick their parser by this header, so it
+/// must not claim the older Prometheus text format.
+const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Most directory entries one scrape visits per tree when summing disk bytes. A data dir holds
-/// a few hundred files; the bound only keeps a scrape cheap if something else fills the dir.
+/// Most directory entries one scrape visits per tree when summing disk bytes: a data dir holds
+/// a few hundred files, and the bound keeps a scrape cheap if something else fills it.
 const DISK_WALK_ENTRIES_MAX: usize = 100_000;
 
-fn latency_histogram() -> Histogram {
-    // 50 us to ~1.6 s.
-    Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+/// Most bytes of an HTTP request head.
+const REQUEST_BYTES_MAX: usize = 8192;
+
+/// Latency buckets doubling from 50 us: 16 reach ~1.6 s (RPCs); storage latencies get 18
+/// (~6.6 s), since a stalled disk stretches them by orders of magnitude and alerts need the tail.
+fn latency_histogram(buckets: u16) -> Histogram {
+    Histogram::new(exponential_buckets(0.000_05, 2.0, buckets))
 }
 
-/// Buckets for storage latencies (fdatasync, a RocksDB batch write): 50 us to ~6.6 s, since a
-/// stalled disk stretches them by orders of magnitude and an alert needs the tail resolved.
-fn storage_latency_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(0.000_05, 2.0, 18))
+/// Buckets for counts of items per batch: 1 to 2048.
+fn count_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 12))
+}
+
+/// `registry.register(name, help, metric.clone())` for each `name, help => metric;` line.
+macro_rules! register {
+    ($registry:expr; $($name:literal, $help:literal => $metric:expr;)*) => {
+        $($registry.register($name, $help, $metric.clone());)*
+    };
 }
 
 /// The metrics storage records itself: made before the log and the state machine open, so each
-/// can hold its part, and registered with the rest by [`Metrics::new`]. Cheap to clone; clones
-/// share the same series.
+/// can hold its part, and registered with the rest by [`Metrics::new`]. Clones share the series.
 #[derive(Clone)]
 pub struct StorageMetrics {
     wal_fsync_seconds: Histogram,
@@ -73,10 +75,10 @@ pub struct StorageMetrics {
 impl Default for StorageMetrics {
     fn default() -> Self {
         StorageMetrics {
-            wal_fsync_seconds: storage_latency_histogram(),
-            apply_seconds: storage_latency_histogram(),
-            apply_entries: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
-            snapshot_made_at: Arc::new(Mutex::new(None)),
+            wal_fsync_seconds: latency_histogram(18),
+            apply_seconds: latency_histogram(18),
+            apply_entries: count_histogram(),
+            snapshot_made_at: Arc::default(),
         }
     }
 }
@@ -115,9 +117,7 @@ impl NodeInfo {
             ("id", self.id.to_string()),
             ("version", env!("CARGO_PKG_VERSION").to_owned()),
         ];
-        if let Some(name) = &self.name {
-            labels.push(("name", name.clone()));
-        }
+        labels.extend(self.name.clone().map(|name| ("name", name)));
         labels
     }
 }
@@ -131,33 +131,6 @@ pub struct DiskPaths {
     pub wal: PathBuf,
     /// The chat state: RocksDB and snapshot files.
     pub state: PathBuf,
-}
-
-/// The gauges computed from the disk at scrape time.
-struct DiskGauges {
-    paths: DiskPaths,
-    wal_bytes: Gauge,
-    state_bytes: Gauge,
-    filesystem_avail_bytes: Gauge,
-    filesystem_size_bytes: Gauge,
-}
-
-impl DiskGauges {
-    fn refresh(&self) {
-        self.wal_bytes.set(dir_bytes(&self.paths.wal) as i64);
-        self.state_bytes.set(dir_bytes(&self.paths.state) as i64);
-        match rustix::fs::statvfs(self.paths.data.as_path()) {
-            Ok(fs) => {
-                self.filesystem_avail_bytes
-                    .set(fs.f_bavail.saturating_mul(fs.f_frsize) as i64);
-                self.filesystem_size_bytes
-                    .set(fs.f_blocks.saturating_mul(fs.f_frsize) as i64);
-            }
-            Err(e) => {
-                tracing::debug!(dir = %self.paths.data.display(), error = %e, "statvfs failed")
-            }
-        }
-    }
 }
 
 /// Bytes allocated on disk to the regular files under `root` (as `du` counts them: blocks, not
@@ -177,9 +150,7 @@ fn dir_bytes(root: &Path) -> u64 {
                 return total;
             }
             // `DirEntry::metadata` does not traverse a symlink.
-            let Ok(meta) = entry.metadata() else {
-                continue;
-            };
+            let Ok(meta) = entry.metadata() else { continue };
             if meta.is_dir() {
                 dirs.push(entry.path());
             } else if meta.is_file() {
@@ -191,8 +162,8 @@ fn dir_bytes(root: &Path) -> u64 {
 }
 
 /// Counts changes of the leader this node knows. The first observation only sets the baseline;
-/// after it, every observation that differs from the previous one is a change, including a
-/// change to or from no leader.
+/// after it, every observation that differs from the previous one is a change, to or from no
+/// leader included.
 #[derive(Debug, Default)]
 struct LeaderChanges {
     last: Option<Option<NodeId>>,
@@ -205,6 +176,28 @@ impl LeaderChanges {
         self.last = Some(leader);
         changed
     }
+}
+
+/// The gauges refreshed at each scrape (Raft, disk, snapshot age) and the leader-change count.
+#[derive(Default)]
+struct Scraped {
+    role: Family<Labels, Gauge>,
+    term: Gauge,
+    has_leader: Gauge,
+    leader_info: Family<OwnedLabels, Gauge>,
+    /// The leader whose `leader_info` series is exported, so the stale one can be removed.
+    leader_shown: Mutex<Option<NodeId>>,
+    leader_changes_total: Counter,
+    leader_changes: Mutex<LeaderChanges>,
+    commit_index: Gauge,
+    applied_index: Gauge,
+    apply_lag: Gauge,
+    last_log_index: Gauge,
+    snapshot_age_seconds: Family<Labels, Gauge<f64, AtomicU64>>,
+    wal_disk_bytes: Gauge,
+    state_disk_bytes: Gauge,
+    filesystem_avail_bytes: Gauge,
+    filesystem_size_bytes: Gauge,
 }
 
 /// The node's metrics. Counters are bumped by the code paths they count; Raft gauges, disk
@@ -227,25 +220,14 @@ pub struct Metrics {
     pub push_batches_encoded: Counter,
     /// Sends per proposed log entry.
     pub batch_sends: Histogram,
-    rpc_seconds: HistogramFamily,
-    role: Family<Labels, Gauge>,
-    term: Gauge,
-    has_leader: Gauge,
-    leader_info: Family<OwnedLabels, Gauge>,
-    /// The leader whose `leader_info` series is exported, so the stale one can be removed.
-    leader_shown: Mutex<Option<NodeId>>,
-    leader_changes_total: Counter,
-    leader_changes: Mutex<LeaderChanges>,
-    commit_index: Gauge,
-    applied_index: Gauge,
-    apply_lag: Gauge,
-    last_log_index: Gauge,
-    snapshot_age_seconds: Family<Labels, SecondsGauge>,
+    rpc_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    scraped: Scraped,
     storage: StorageMetrics,
-    disk: DiskGauges,
-    /// Commit index as last saved by the log store (openraft 0.9 metrics lack it).
+    disk: DiskPaths,
+    /// Commit index as last saved by the log store, which is where the node reads it.
     committed: Arc<AtomicU64>,
 }
+
 impl Metrics {
     /// Registers every metric. `committed` is the log store's committed-index cell, `storage`
     /// the metrics the log and the state machine were opened with, `node` this node's identity
@@ -256,225 +238,94 @@ impl Metrics {
         node: NodeInfo,
         disk: DiskPaths,
     ) -> Metrics {
-        let mut registry = Registry::with_prefix("cellchat");
-        let sends_total = Counter::default();
-        let deliveries_total = Counter::default();
-        let stream_waiters = Gauge::default();
-        let connected_clients = Gauge::default();
-        let push_connections = Gauge::default();
-        let push_subscriptions = Gauge::default();
-        let push_batches_encoded = Counter::default();
-        let batch_sends = Histogram::new(exponential_buckets(1.0, 2.0, 12));
-        let rpc_seconds: HistogramFamily = Family::new_with_constructor(latency_histogram);
-        let node_info = Family::<OwnedLabels, Gauge>::default();
-        node_info.get_or_create(&node.labels()).set(1);
-        let disk = DiskGauges {
-            paths: disk,
-            wal_bytes: Gauge::default(),
-            state_bytes: Gauge::default(),
-            filesystem_avail_bytes: Gauge::default(),
-            filesystem_size_bytes: Gauge::default(),
-        };
-        let metrics = Metrics {
+        let mut metrics = Metrics {
             registry: Registry::default(),
-            sends_total,
-            deliveries_total,
-            stream_waiters,
-            connected_clients,
-            push_connections,
-            push_subscriptions,
-            push_batches_encoded,
-            batch_sends,
-            rpc_seconds,
-            role: Family::default(),
-            term: Gauge::default(),
-            has_leader: Gauge::default(),
-            leader_info: Family::default(),
-            leader_shown: Mutex::new(None),
-            leader_changes_total: Counter::default(),
-            leader_changes: Mutex::new(LeaderChanges::default()),
-            commit_index: Gauge::default(),
-            applied_index: Gauge::default(),
-            apply_lag: Gauge::default(),
-            last_log_index: Gauge::default(),
-            snapshot_age_seconds: Family::default(),
+            sends_total: Counter::default(),
+            deliveries_total: Counter::default(),
+            stream_waiters: Gauge::default(),
+            connected_clients: Gauge::default(),
+            push_connections: Gauge::default(),
+            push_subscriptions: Gauge::default(),
+            push_batches_encoded: Counter::default(),
+            batch_sends: count_histogram(),
+            rpc_seconds: Family::new_with_constructor(|| latency_histogram(16)),
+            scraped: Scraped::default(),
             storage,
             disk,
             committed,
         };
-        metrics.register_client_side(&mut registry);
-        metrics.register_raft(&mut registry);
-        metrics.register_storage(&mut registry);
-        registry.register(
-            "node_info",
-            "Always 1; the labels say which node this is (id, version, and name when set)",
-            node_info,
-        );
-        Metrics {
-            registry,
-            ..metrics
-        }
-    }
-
-    fn register_client_side(&self, registry: &mut Registry) {
-        registry.register(
-            "sends",
-            "Sends acknowledged by this node",
-            self.sends_total.clone(),
-        );
-        registry.register(
-            "deliveries",
-            "Messages delivered to streams",
-            self.deliveries_total.clone(),
-        );
-        registry.register(
-            "stream_waiters",
-            "Long-poll streams waiting",
-            self.stream_waiters.clone(),
-        );
-        registry.register(
-            "connected_clients",
-            "Open client connections",
-            self.connected_clients.clone(),
-        );
-        registry.register(
-            "push_connections",
-            "Open push connections",
-            self.push_connections.clone(),
-        );
-        registry.register(
-            "push_subscriptions",
-            "Open push subscriptions",
-            self.push_subscriptions.clone(),
-        );
-        registry.register(
+        let node_info = Family::<OwnedLabels, Gauge>::default();
+        node_info.get_or_create(&node.labels()).set(1);
+        let (m, s, d) = (&metrics, &metrics.storage, &metrics.scraped);
+        let mut r = Registry::with_prefix("cellchat");
+        register! { r;
+            "sends", "Sends acknowledged by this node" => m.sends_total;
+            "deliveries", "Messages delivered to streams" => m.deliveries_total;
+            "stream_waiters", "Long-poll streams waiting" => m.stream_waiters;
+            "connected_clients", "Open client connections" => m.connected_clients;
+            "push_connections", "Open push connections" => m.push_connections;
+            "push_subscriptions", "Open push subscriptions" => m.push_subscriptions;
             "push_batches_encoded",
-            "Push batches encoded, each shared by every subscriber at the same position",
-            self.push_batches_encoded.clone(),
-        );
-        registry.register(
-            "batch_sends",
-            "Sends per proposed log entry",
-            self.batch_sends.clone(),
-        );
-        registry.register(
-            "rpc_seconds",
-            "Client RPC latency by method",
-            self.rpc_seconds.clone(),
-        );
-    }
-
-    fn register_raft(&self, registry: &mut Registry) {
-        registry.register(
-            "raft_role",
-            "1 for this node's current Raft role",
-            self.role.clone(),
-        );
-        registry.register("raft_term", "Current Raft term", self.term.clone());
-        registry.register(
-            "raft_has_leader",
-            "1 while this node knows a leader (itself included), else 0",
-            self.has_leader.clone(),
-        );
-        registry.register(
-            "raft_leader_info",
-            "Always 1, one series labelled with the id of the leader this node knows; absent \
-             while it knows none",
-            self.leader_info.clone(),
-        );
-        registry.register(
-            "raft_leader_changes",
-            "Changes of the leader this node knows, counted since the process started: each \
-             time the leader in its Raft metrics becomes another node or none, or a node after \
-             none. A failover usually counts twice (to none, then to the new leader); changes \
-             quicker than the metrics watch wakes up may be missed",
-            self.leader_changes_total.clone(),
-        );
-        registry.register(
-            "raft_commit_index",
-            "Last committed log index",
-            self.commit_index.clone(),
-        );
-        registry.register(
-            "raft_applied_index",
-            "Last applied log index",
-            self.applied_index.clone(),
-        );
-        registry.register(
-            "raft_apply_lag",
-            "Committed but not yet applied entries",
-            self.apply_lag.clone(),
-        );
-        registry.register(
-            "raft_last_log_index",
-            "Last log index",
-            self.last_log_index.clone(),
-        );
-    }
-
-    fn register_storage(&self, registry: &mut Registry) {
-        let storage = &self.storage;
-        registry.register(
-            "wal_fsync_seconds",
-            "Duration of each fdatasync of a Raft log segment on the append path (group \
-             commits and segment seals)",
-            storage.wal_fsync_seconds.clone(),
-        );
-        registry.register(
-            "apply_seconds",
-            "Time the chat state machine took to apply one batch of committed entries",
-            storage.apply_seconds.clone(),
-        );
-        registry.register(
-            "apply_entries",
-            "Committed entries per applied batch",
-            storage.apply_entries.clone(),
-        );
-        registry.register(
-            "snapshot_age_seconds",
-            "Seconds since the current snapshot was built or installed on this node (at \
-             startup: since its file was last written); absent before the node has one",
-            self.snapshot_age_seconds.clone(),
-        );
-        registry.register(
-            "wal_disk_bytes",
-            "Bytes allocated on disk to the Raft log directory, measured at scrape time",
-            self.disk.wal_bytes.clone(),
-        );
-        registry.register(
-            "state_disk_bytes",
-            "Bytes allocated on disk to the chat state (RocksDB and snapshot files), measured \
-             at scrape time",
-            self.disk.state_bytes.clone(),
-        );
-        registry.register(
-            "data_filesystem_avail_bytes",
-            "Bytes available to this process on the file system holding the data dir",
-            self.disk.filesystem_avail_bytes.clone(),
-        );
-        registry.register(
-            "data_filesystem_size_bytes",
-            "Size in bytes of the file system holding the data dir",
-            self.disk.filesystem_size_bytes.clone(),
-        );
+                "Push batches encoded, each shared by every subscriber at the same position"
+                => m.push_batches_encoded;
+            "batch_sends", "Sends per proposed log entry" => m.batch_sends;
+            "rpc_seconds", "Client RPC latency by method" => m.rpc_seconds;
+            "raft_role", "1 for this node's current Raft role" => d.role;
+            "raft_term", "Current Raft term" => d.term;
+            "raft_has_leader", "1 while this node knows a leader (itself included), else 0"
+                => d.has_leader;
+            "raft_leader_info", "Always 1, one series labelled with the id of the leader this \
+                node knows; absent while it knows none" => d.leader_info;
+            "raft_leader_changes", "Changes of the leader this node knows, counted since the \
+                process started: each time the leader in its Raft metrics becomes another node \
+                or none, or a node after none. A failover usually counts twice (to none, then \
+                to the new leader); changes quicker than the metrics watch wakes up may be \
+                missed" => d.leader_changes_total;
+            "raft_commit_index", "Last committed log index" => d.commit_index;
+            "raft_applied_index", "Last applied log index" => d.applied_index;
+            "raft_apply_lag", "Committed but not yet applied entries" => d.apply_lag;
+            "raft_last_log_index", "Last log index" => d.last_log_index;
+            "wal_fsync_seconds", "Duration of each fdatasync of a Raft log segment on the \
+                append path (group commits and segment seals)" => s.wal_fsync_seconds;
+            "apply_seconds", "Time the chat state machine took to apply one batch of \
+                committed entries" => s.apply_seconds;
+            "apply_entries", "Committed entries per applied batch" => s.apply_entries;
+            "snapshot_age_seconds", "Seconds since the current snapshot was built or installed \
+                on this node (at startup: since its file was last written); absent before the \
+                node has one" => d.snapshot_age_seconds;
+            "wal_disk_bytes", "Bytes allocated on disk to the Raft log directory, measured at \
+                scrape time" => d.wal_disk_bytes;
+            "state_disk_bytes", "Bytes allocated on disk to the chat state (RocksDB and \
+                snapshot files), measured at scrape time" => d.state_disk_bytes;
+            "data_filesystem_avail_bytes", "Bytes available to this process on the file \
+                system holding the data dir" => d.filesystem_avail_bytes;
+            "data_filesystem_size_bytes", "Size in bytes of the file system holding the data \
+                dir" => d.filesystem_size_bytes;
+            "node_info", "Always 1; the labels say which node this is (id, version, and name \
+                when set)" => node_info;
+        }
+        metrics.registry = r;
+        metrics
     }
 
     /// Records one client RPC's latency.
     pub fn observe_rpc(&self, method: &'static str, took: Duration) {
+        let labels = vec![("method", method)];
         self.rpc_seconds
-            .get_or_create(&vec![("method", method)])
+            .get_or_create(&labels)
             .observe(took.as_secs_f64());
     }
 
     /// Feeds one observation of the leader this node knows to the leader-changes counter.
     fn observe_leader(&self, leader: Option<NodeId>) {
-        if self.leader_changes.lock().observe(leader) {
-            self.leader_changes_total.inc();
+        if self.scraped.leader_changes.lock().observe(leader) {
+            self.scraped.leader_changes_total.inc();
         }
     }
 
     /// Sets the Raft gauges from one view of openraft's metrics.
     fn refresh_raft(&self, m: &RaftMetrics<TypeConfig>) {
+        let g = &self.scraped;
         for (state, name) in [
             (ServerState::Leader, "leader"),
             (ServerState::Follower, "follower"),
@@ -482,52 +333,61 @@ impl Metrics {
             (ServerState::Learner, "learner"),
         ] {
             let value = i64::from(m.state == state);
-            self.role.get_or_create(&vec![("role", name)]).set(value);
+            g.role.get_or_create(&vec![("role", name)]).set(value);
         }
         let applied = m.last_applied.map_or(0, |l| l.index);
-        let committed = self.committed.load(std::sync::atomic::Ordering::Relaxed);
-        self.term.set(m.current_term as i64);
-        self.has_leader.set(i64::from(m.current_leader.is_some()));
+        let committed = self.committed.load(Ordering::Relaxed);
+        g.term.set(m.current_term as i64);
+        g.has_leader.set(i64::from(m.current_leader.is_some()));
         self.show_leader(m.current_leader);
-        self.commit_index.set(committed as i64);
-        self.applied_index.set(applied as i64);
-        self.apply_lag.set(committed.saturating_sub(applied) as i64);
-        self.last_log_index
-            .set(m.last_log_index.unwrap_or(0) as i64);
+        g.commit_index.set(committed as i64);
+        g.applied_index.set(applied as i64);
+        g.apply_lag.set(committed.saturating_sub(applied) as i64);
+        g.last_log_index.set(m.last_log_index.unwrap_or(0) as i64);
     }
 
-    /// Keeps exactly one `raft_leader_info` series, for `leader`, or none. The previous
-    /// leader's series is removed; left in place it would report two leaders at once.
+    /// Keeps exactly one `raft_leader_info` series, for `leader`, or none: the previous
+    /// leader's series left in place would report two leaders at once.
     fn show_leader(&self, leader: Option<NodeId>) {
-        let mut shown = self.leader_shown.lock();
-        if *shown == leader {
-            return;
+        let (mut shown, info) = (self.scraped.leader_shown.lock(), &self.scraped.leader_info);
+        if *shown != leader {
+            let labels = |id: NodeId| vec![("leader_id", id.to_string())];
+            if let Some(old) = *shown {
+                info.remove(&labels(old));
+            }
+            if let Some(new) = leader {
+                info.get_or_create(&labels(new)).set(1);
+            }
+            *shown = leader;
         }
-        if let Some(old) = *shown {
-            self.leader_info
-                .remove(&vec![("leader_id", old.to_string())]);
+    }
+
+    /// Sets the disk gauges. Statvfs failing leaves the file system gauges as they were.
+    fn refresh_disk(&self) {
+        let (g, paths) = (&self.scraped, &self.disk);
+        g.wal_disk_bytes.set(dir_bytes(&paths.wal) as i64);
+        g.state_disk_bytes.set(dir_bytes(&paths.state) as i64);
+        match rustix::fs::statvfs(paths.data.as_path()) {
+            Ok(fs) => {
+                let avail = fs.f_bavail.saturating_mul(fs.f_frsize);
+                g.filesystem_avail_bytes.set(avail as i64);
+                let size = fs.f_blocks.saturating_mul(fs.f_frsize);
+                g.filesystem_size_bytes.set(size as i64);
+            }
+            Err(e) => tracing::debug!(dir = %paths.data.display(), error = %e, "statvfs failed"),
         }
-        if let Some(new) = leader {
-            self.leader_info
-                .get_or_create(&vec![("leader_id", new.to_string())])
-                .set(1);
-        }
-        *shown = leader;
     }
 
     /// Sets the snapshot age from the recorded time, or removes the series before the first
-    /// snapshot.
+    /// snapshot. A clock stepped back below the snapshot time reads as a fresh snapshot.
     fn refresh_snapshot_age(&self, now: SystemTime) {
-        let made_at = *self.storage.snapshot_made_at.lock();
-        match made_at {
+        let age = &self.scraped.snapshot_age_seconds;
+        match *self.storage.snapshot_made_at.lock() {
             Some(at) => {
-                // A clock stepped back below the snapshot time reads as a fresh snapshot.
-                let age = now.duration_since(at).unwrap_or_default();
-                self.snapshot_age_seconds
-                    .get_or_create(&Vec::new())
-                    .set(age.as_secs_f64());
+                let seconds = now.duration_since(at).unwrap_or_default().as_secs_f64();
+                age.get_or_create(&Vec::new()).set(seconds);
             }
-            None => self.snapshot_age_seconds.clear(),
+            None => age.clear(),
         }
     }
 
@@ -542,9 +402,25 @@ impl Metrics {
     /// Walks the data dir, so call it off the async runtime's workers.
     pub fn render(&self, raft: &Raft) -> String {
         self.refresh_raft(&crate::types::metrics_now(raft));
-        self.disk.refresh();
+        self.refresh_disk();
         self.refresh_snapshot_age(SystemTime::now());
         self.encode()
+    }
+}
+
+/// Increments a gauge while it lives, so every exit path (errors, cancelled futures) undoes it.
+pub(crate) struct GaugeGuard(Gauge);
+
+impl GaugeGuard {
+    pub(crate) fn new(gauge: &Gauge) -> GaugeGuard {
+        gauge.inc();
+        GaugeGuard(gauge.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -552,8 +428,7 @@ impl Metrics {
 pub async fn count_leader_changes(metrics: Arc<Metrics>, mut watch: crate::types::MetricsWatch) {
     use openraft::async_runtime::WatchReceiver;
     loop {
-        let leader = watch.borrow_watched().current_leader;
-        metrics.observe_leader(leader);
+        metrics.observe_leader(watch.borrow_watched().current_leader);
         if watch.changed().await.is_err() {
             return;
         }
@@ -579,8 +454,7 @@ pub fn serve(
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
-            let metrics = metrics.clone();
-            let raft = raft.clone();
+            let (metrics, raft) = (metrics.clone(), raft.clone());
             tokio::spawn(async move {
                 if let Err(e) = answer(stream, metrics, raft).await {
                     tracing::debug!(error = %e, "metrics request failed");
@@ -589,8 +463,6 @@ pub fn serve(
         }
     })
 }
-
-const REQUEST_BYTES_MAX: usize = 8192;
 
 /// One HTTP answer: status line text, content type, body.
 type Reply = (&'static str, &'static str, String);
@@ -622,7 +494,7 @@ async fn answer(mut stream: TcpStream, metrics: Arc<Metrics>, raft: Raft) -> std
             .map_err(std::io::Error::other)?;
         metrics_reply(body)
     } else {
-        let committed = metrics.committed.load(std::sync::atomic::Ordering::Relaxed);
+        let committed = metrics.committed.load(Ordering::Relaxed);
         other_reply(method, path, is_ready(&raft, committed))
     };
     let head = format!(
@@ -634,32 +506,23 @@ async fn answer(mut stream: TcpStream, metrics: Arc<Metrics>, raft: Raft) -> std
     stream.shutdown().await
 }
 
-/// The answer to `GET /metrics`, given the encoded text.
 fn metrics_reply(body: String) -> Reply {
     ("200 OK", METRICS_CONTENT_TYPE, body)
 }
 
 /// The answer to every request other than `GET /metrics`.
 fn other_reply(method: &str, path: &str, ready: bool) -> Reply {
-    match (method, path) {
-        ("GET", "/health") => ("200 OK", "text/plain", "ok\n".to_owned()),
-        ("GET", "/ready") if ready => ("200 OK", "text/plain", "ready\n".to_owned()),
+    let (status, body) = match (method, path) {
+        ("GET", "/health") => ("200 OK", "ok\n"),
+        ("GET", "/ready") if ready => ("200 OK", "ready\n"),
         ("GET", "/ready") => (
             "503 Service Unavailable",
-            "text/plain",
-            "not ready: no leader yet, or still applying committed entries\n".to_owned(),
+            "not ready: no leader yet, or still applying committed entries\n",
         ),
-        ("GET", _) => (
-            "404 Not Found",
-            "text/plain",
-            "try /metrics, /health or /ready\n".to_owned(),
-        ),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "GET only\n".to_owned(),
-        ),
-    }
+        ("GET", _) => ("404 Not Found", "try /metrics, /health or /ready\n"),
+        _ => ("405 Method Not Allowed", "GET only\n"),
+    };
+    (status, "text/plain", body.to_owned())
 }
 
 #[cfg(test)]
@@ -860,7 +723,7 @@ mod tests {
             vec![1u8; 8192],
         )
         .expect("write");
-        metrics.disk.refresh();
+        metrics.refresh_disk();
         let text = metrics.encode();
         let wal = value(&text, "cellchat_wal_disk_bytes").expect("wal bytes");
         let state = value(&text, "cellchat_state_disk_bytes").expect("state bytes");

@@ -23,17 +23,13 @@ pub fn default_name(dir: &Path) -> String {
     }
     let cleaned: String = base
         .chars()
-        .map(|c| c.to_ascii_lowercase())
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
-                c
-            } else {
-                '-'
-            }
-        })
         .take(NAME_LEN_MAX)
+        .map(|c| match c.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9' | '-' | '_' | '.') => c,
+            _ => '-',
+        })
         .collect();
-    let cleaned = cleaned.trim_matches(|c| c == '-' || c == '.').to_owned();
+    let cleaned = cleaned.trim_matches(['-', '.']).to_owned();
     if validate_name(&cleaned).is_ok() {
         return cleaned;
     }

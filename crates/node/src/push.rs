@@ -1,28 +1,11 @@
-//! The push server: server-pushed subscriptions over `proto::push` connections.
+//! The push server: server-pushed subscriptions over `proto::push` connections, whose path is
+//! step 8 of "Life of a chat message" in ARCHITECTURE.md.
 //!
-//! The client address accepts both tarpc and push connections; `server.rs` peeks at the
-//! first 4 bytes and hands connections that start with [`proto::push::PUSH_MAGIC`] to
-//! [`serve_connection`]. One task per connection reads client frames (hello, subscribe,
-//! unsubscribe) and sends heartbeats; one task per subscription writes that subscription's
-//! batches. Frames of all of a connection's tasks go through one [`Out`], a lock around the
-//! socket's write half, so a frame is always written whole.
-//!
-//! The hot path, one applied batch delivered to N subscribers of a channel:
-//! - the apply listener ([`Delivery`](crate::Delivery)) bumps the channel's head watch, which
-//!   wakes exactly the subscription tasks of that channel (never a timer);
-//! - each task asks the [`BatchCache`] for the batch after its position; the first one reads
-//!   the messages (from chat-sm's in-memory ring of the newest 1000 messages per channel, or
-//!   from RocksDB for a subscriber further behind) and encodes them once into a
-//!   [`Bytes`] body; every other subscriber at the same position gets the same bytes;
-//! - each task writes a small per-subscription frame head and the shared body to its socket.
-//!
-//! Memory: a subscription holds at most one batch (up to [`BATCH_MESSAGES_MAX`] messages or
-//! [`PUSH_BATCH_BYTES_MAX`] bytes) while its socket write waits; a slow reader's task waits on
-//! TCP backpressure and reads its next batch only after the write finished. A write that waits
-//! longer than [`WRITE_TIMEOUT`] closes the connection. The cache is bounded per channel in
-//! entries and bytes and evicts the oldest entry first.
-//!
-//! Step 8 of "Life of a chat message" in ARCHITECTURE.md.
+//! Per connection, one task reads client frames and sends heartbeats, and one task per
+//! subscription writes its batches; all frames go through one [`Out`], a lock around the
+//! socket's write half, so a frame is always written whole. Memory: a subscription holds at most
+//! one batch while its write waits on TCP backpressure, a write slower than [`WRITE_TIMEOUT`]
+//! closes the connection, and the [`BatchCache`] is bounded per channel.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -45,7 +28,10 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::api::{map_reject, to_wire, ApiShared, TokenBucket, BATCH_MESSAGES_MAX};
+use crate::api::{
+    check_channel, storage_error, to_wire, ApiShared, TokenBucket, BATCH_MESSAGES_MAX,
+};
+use crate::metrics::GaugeGuard;
 
 /// Most bytes of message bodies in one pushed batch (1 MiB); a batch holds at least one
 /// message. Small enough that one slow subscriber's pending batch stays cheap, large enough
@@ -73,7 +59,7 @@ const CACHE_ENTRIES_PER_CHANNEL: usize = 32;
 /// Bytes of cached encoded batches per channel (8 MiB); a larger batch is not cached.
 const CACHE_BYTES_PER_CHANNEL: usize = 8 << 20;
 
-/// One encoded batch: messages `first..=last` of a channel.
+/// One encoded batch: `count` messages of a channel, the last one `last`.
 #[derive(Debug)]
 struct Encoded {
     last: u64,
@@ -113,7 +99,8 @@ impl BatchCache {
 }
 
 /// The batch after `after` of `channel`, whose head is `head` (> `after`): from the cache, or
-/// read and encoded (and cached).
+/// read and encoded (and cached). The first read comes from chat-sm's in-memory ring of each
+/// channel's newest messages, or from RocksDB for a subscriber further behind.
 fn batch_after(
     shared: &ApiShared,
     cache: &Mutex<ChannelCache>,
@@ -121,22 +108,21 @@ fn batch_after(
     after: u64,
     head: u64,
 ) -> Result<Option<Arc<Encoded>>, ApiError> {
-    if let Some(hit) = cache
-        .lock()
-        .entries
-        .iter()
-        .find(|(a, h, _)| *a == after && *h == head)
-    {
-        return Ok(Some(hit.2.clone()));
+    let entries = |c: &ChannelCache| {
+        c.entries
+            .iter()
+            .find(|e| (e.0, e.1) == (after, head))
+            .cloned()
+    };
+    if let Some((.., hit)) = entries(&cache.lock()) {
+        return Ok(Some(hit));
     }
     let count = (head - after).min(u64::from(BATCH_MESSAGES_MAX)) as usize;
+    let from = chat_sm::ChannelSeq(after + 1);
     let mut messages = shared
         .chat
-        .history(channel, chat_sm::ChannelSeq(after + 1), count)
-        .map_err(|e| {
-            tracing::error!(error = %e, %channel, "chat state read failed");
-            ApiError::unavailable("storage read failed")
-        })?;
+        .history(channel, from, count)
+        .map_err(storage_error(channel))?;
     let mut bytes = 0usize;
     if let Some(cut) = messages.iter().position(|m| {
         bytes += m.body.len() + m.sender.len() + 64;
@@ -147,8 +133,7 @@ fn batch_after(
     let Some(last) = messages.last().map(|m| m.seq.0) else {
         return Ok(None);
     };
-    if messages.first().map(|m| m.seq.0) != Some(after + 1) || last != after + messages.len() as u64
-    {
+    if messages[0].seq.0 != after + 1 || last != after + messages.len() as u64 {
         tracing::error!(%channel, after, "chat state returned a non-dense range");
         return Err(ApiError::unavailable("storage read failed"));
     }
@@ -192,45 +177,47 @@ struct Out {
 }
 
 impl Out {
-    /// Writes `head` then `body` as one frame. Returns false (and closes the connection) if
-    /// the write failed or took longer than [`WRITE_TIMEOUT`].
-    async fn write(&self, head: Bytes, body: Bytes) -> bool {
-        let mut writer = self.writer.lock().await;
-        let mut frame = head.chain(body);
-        let written = tokio::time::timeout(WRITE_TIMEOUT, writer.write_all_buf(&mut frame)).await;
-        drop(writer);
-        match written {
-            Ok(Ok(())) => {
-                let ms = self.started.elapsed().as_millis() as u64;
-                self.last_write_ms.store(ms, Ordering::Relaxed);
-                true
-            }
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "push write failed");
-                self.closed.send_replace(true);
-                false
-            }
-            Err(_) => {
-                tracing::debug!("push write timed out; closing the connection");
-                self.closed.send_replace(true);
-                false
-            }
-        }
+    /// Writes `frame` (head then body) on a locked writer. Returns false, and closes the
+    /// connection, if the write failed or took longer than [`WRITE_TIMEOUT`].
+    async fn write_locked(&self, writer: &mut OwnedWriteHalf, mut frame: impl Buf) -> bool {
+        let error =
+            match tokio::time::timeout(WRITE_TIMEOUT, writer.write_all_buf(&mut frame)).await {
+                Ok(Ok(())) => {
+                    let ms = self.started.elapsed().as_millis() as u64;
+                    self.last_write_ms.store(ms, Ordering::Relaxed);
+                    return true;
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "timed out".to_owned(),
+            };
+        tracing::debug!(%error, "push write failed; closing the connection");
+        self.closed.send_replace(true);
+        false
     }
 
-    async fn send(&self, frame: &ServerFrame) -> bool {
-        self.write(push::encode_frame(frame), Bytes::new()).await
+    /// Writes `head` then `body` as one frame; false if the connection is closed by it.
+    async fn write(&self, head: Bytes, body: Bytes) -> bool {
+        let mut writer = self.writer.lock().await;
+        self.write_locked(&mut writer, head.chain(body)).await
     }
 
     async fn send_error(&self, sub_id: Option<u64>, error: ApiError) -> bool {
-        self.send(&ServerFrame::Error { sub_id, error }).await
+        let frame = push::encode_frame(&ServerFrame::Error { sub_id, error });
+        self.write(frame, Bytes::new()).await
     }
 
-    fn idle(&self) -> Duration {
-        let last = self.last_write_ms.load(Ordering::Relaxed);
-        self.started
-            .elapsed()
-            .saturating_sub(Duration::from_millis(last))
+    /// A heartbeat, if nothing was written for `heartbeat`. A task holding the writer is
+    /// writing anyway, so this never waits behind it. False if the write failed.
+    async fn heartbeat(&self, heartbeat: Duration, applied: u64) -> bool {
+        let last = Duration::from_millis(self.last_write_ms.load(Ordering::Relaxed));
+        if self.started.elapsed().saturating_sub(last) < heartbeat {
+            return true;
+        }
+        let Ok(mut writer) = self.writer.try_lock() else {
+            return true;
+        };
+        let frame = push::encode_frame(&ServerFrame::Heartbeat { applied });
+        self.write_locked(&mut writer, frame).await
     }
 }
 
@@ -243,20 +230,15 @@ impl Drop for SubTask {
     }
 }
 
-/// Decrements a gauge when dropped.
-struct GaugeGuard(prometheus_client::metrics::gauge::Gauge);
-
-impl GaugeGuard {
-    fn new(gauge: &prometheus_client::metrics::gauge::Gauge) -> GaugeGuard {
-        gauge.inc();
-        GaugeGuard(gauge.clone())
-    }
+fn malformed(what: &str) -> ApiError {
+    ApiError::Rejected(RejectReason::Malformed { what: what.into() })
 }
 
-impl Drop for GaugeGuard {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
+fn undecodable(e: &FrameError) -> ApiError {
+    malformed(match e {
+        FrameError::TooLarge { .. } => "push frame too large",
+        FrameError::Malformed(_) => "push frame",
+    })
 }
 
 /// Serves one push connection whose [`PUSH_MAGIC`](proto::push::PUSH_MAGIC) was already read,
@@ -279,44 +261,39 @@ pub async fn serve_connection(
         started: Instant::now(),
         closed,
     });
-
-    let hello = match tokio::time::timeout(HELLO_TIMEOUT, frames.next()).await {
-        Ok(Some(Ok(body))) => push::decode_client_frame(&body),
-        Ok(Some(Err(e))) => {
-            tracing::debug!(%peer, error = %e, "push connection: bad first frame");
-            return;
-        }
-        Ok(None) => return,
-        Err(_) => {
-            tracing::debug!(%peer, "push connection: no hello in time");
-            return;
+    // The client's next frame: `None` when the connection ended, an error to answer when the
+    // stream is broken (oversized or cut frames cannot be resynchronized) or undecodable.
+    let next_frame = |body: Option<Result<bytes::BytesMut, std::io::Error>>| match body? {
+        Ok(body) => Some(push::decode_client_frame(&body).map_err(|e| undecodable(&e))),
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "push connection: bad frame");
+            Some(Err(malformed("push frame")))
         }
     };
-    match hello {
-        Ok(ClientFrame::Hello(hello)) => {
-            if let Err(error) = push::check_push_hello(&hello, &shared.cluster) {
-                tracing::debug!(%peer, %error, "push hello refused");
-                out.send_error(None, error).await;
-                return;
-            }
+
+    let Ok(first) = tokio::time::timeout(HELLO_TIMEOUT, frames.next()).await else {
+        tracing::debug!(%peer, "push connection: no hello in time");
+        return;
+    };
+    let refused = match next_frame(first) {
+        None => return,
+        Some(Ok(ClientFrame::Hello(hello))) => {
+            push::check_push_hello(&hello, &shared.cluster).err()
         }
-        Ok(_) => {
-            tracing::debug!(%peer, "push connection: frame before hello");
-            out.send_error(None, ApiError::Unauthenticated).await;
-            return;
-        }
-        Err(e) => {
-            tracing::debug!(%peer, error = %e, "push connection: undecodable hello");
-            out.send_error(None, malformed(&e)).await;
-            return;
-        }
+        Some(Ok(_)) => Some(ApiError::Unauthenticated),
+        Some(Err(error)) => Some(error),
+    };
+    if let Some(error) = refused {
+        tracing::debug!(%peer, %error, "push hello refused");
+        out.send_error(None, error).await;
+        return;
     }
     let welcome = ServerFrame::Welcome(PushWelcome {
         node_id: shared.id,
         version: push::PUSH_VERSION,
         heartbeat_ms: HEARTBEAT_MS,
     });
-    if !out.send(&welcome).await {
+    if !out.write(push::encode_frame(&welcome), Bytes::new()).await {
         return;
     }
 
@@ -328,83 +305,47 @@ pub async fn serve_connection(
     loop {
         tokio::select! {
             frame = frames.next() => {
-                let body = match frame {
-                    Some(Ok(body)) => body,
-                    Some(Err(e)) => {
-                        // Oversized or cut frames: the stream cannot be resynchronized.
-                        tracing::debug!(%peer, error = %e, "push connection: bad frame");
-                        out.send_error(None, ApiError::Rejected(RejectReason::Malformed {
-                            what: "push frame".into(),
-                        })).await;
-                        return;
-                    }
+                let sub = match next_frame(frame) {
                     None => return,
-                };
-                let frame = match push::decode_client_frame(&body) {
-                    Ok(frame) => frame,
-                    Err(e) => {
-                        tracing::debug!(%peer, error = %e, "push connection: undecodable frame");
-                        out.send_error(None, malformed(&e)).await;
-                        return;
-                    }
-                };
-                match frame {
-                    ClientFrame::Hello(_) => {
-                        tracing::debug!(%peer, "push connection: second hello");
-                        out.send_error(None, ApiError::Rejected(RejectReason::Malformed {
-                            what: "second hello".into(),
-                        })).await;
-                        return;
-                    }
-                    ClientFrame::Unsubscribe { sub_id } => {
+                    Some(Ok(ClientFrame::Unsubscribe { sub_id })) => {
                         subs.remove(&sub_id);
+                        continue;
                     }
-                    ClientFrame::Subscribe(sub) => {
-                        subs.retain(|_, task| !task.0.is_finished());
-                        let sub_id = sub.sub_id;
-                        let refused = if let Err(retry_after_ms) = bucket.take(Instant::now()) {
-                            Some(ApiError::RateLimited { retry_after_ms })
-                        } else if subs.contains_key(&sub_id) {
-                            Some(ApiError::Rejected(RejectReason::Malformed {
-                                what: "sub_id already open".into(),
-                            }))
-                        } else if subs.len() >= SUBSCRIPTIONS_PER_CONNECTION_MAX {
-                            Some(ApiError::RateLimited { retry_after_ms: 1_000 })
-                        } else {
-                            chat_sm::ChannelName::new(&sub.channel)
-                                .err()
-                                .map(|r| ApiError::Rejected(map_reject(r)))
-                        };
-                        if let Some(error) = refused {
-                            if !out.send_error(Some(sub_id), error).await {
-                                return;
-                            }
-                            continue;
-                        }
-                        let task = tokio::spawn(run_subscription(
-                            shared.clone(),
-                            cache.clone(),
-                            out.clone(),
-                            sub,
-                        ));
-                        subs.insert(sub_id, SubTask(task));
+                    Some(Ok(ClientFrame::Subscribe(sub))) => Ok(sub),
+                    Some(Ok(ClientFrame::Hello(_))) => Err(malformed("second hello")),
+                    Some(Err(error)) => Err(error),
+                };
+                let sub = match sub {
+                    Ok(sub) => sub,
+                    Err(error) => {
+                        tracing::debug!(%peer, %error, "push connection: protocol broken");
+                        out.send_error(None, error).await;
+                        return;
                     }
+                };
+                subs.retain(|_, task| !task.0.is_finished());
+                let sub_id = sub.sub_id;
+                let refused = if let Err(limited) = bucket.take_now() {
+                    Err(limited)
+                } else if subs.contains_key(&sub_id) {
+                    Err(malformed("sub_id already open"))
+                } else if subs.len() >= SUBSCRIPTIONS_PER_CONNECTION_MAX {
+                    Err(ApiError::RateLimited { retry_after_ms: 1_000 })
+                } else {
+                    check_channel(&sub.channel)
+                };
+                if let Err(error) = refused {
+                    if !out.send_error(Some(sub_id), error).await {
+                        return;
+                    }
+                    continue;
                 }
+                let task = run_subscription(shared.clone(), cache.clone(), out.clone(), sub);
+                subs.insert(sub_id, SubTask(tokio::spawn(task)));
             }
             _ = tick.tick() => {
-                if out.idle() >= heartbeat {
-                    let applied = shared.delivery.applied();
-                    // A task holding the writer is writing anyway; never wait behind it here.
-                    if let Ok(mut writer) = out.writer.try_lock() {
-                        let frame = push::encode_frame(&ServerFrame::Heartbeat { applied });
-                        let written = tokio::time::timeout(WRITE_TIMEOUT, writer.write_all(&frame)).await;
-                        if !matches!(written, Ok(Ok(()))) {
-                            tracing::debug!(%peer, "push heartbeat write failed");
-                            return;
-                        }
-                        let ms = out.started.elapsed().as_millis() as u64;
-                        out.last_write_ms.store(ms, Ordering::Relaxed);
-                    }
+                if !out.heartbeat(heartbeat, shared.delivery.applied()).await {
+                    return;
                 }
             }
             () = async {
@@ -413,14 +354,6 @@ pub async fn serve_connection(
             } => return,
         }
     }
-}
-
-fn malformed(e: &FrameError) -> ApiError {
-    let what = match e {
-        FrameError::TooLarge { .. } => "push frame too large",
-        FrameError::Malformed(_) => "push frame",
-    };
-    ApiError::Rejected(RejectReason::Malformed { what: what.into() })
 }
 
 /// One subscription: waits for its read token, then writes every batch after `after_seq`,
@@ -436,24 +369,17 @@ async fn run_subscription(
     let Subscribe {
         sub_id,
         channel,
-        after_seq,
+        after_seq: mut after,
         read_token,
     } = sub;
-    if !shared
-        .delivery
-        .wait_applied(read_token, READ_TOKEN_WAIT)
-        .await
-    {
-        out.send_error(
-            Some(sub_id),
-            ApiError::unavailable("node is behind the read token"),
-        )
-        .await;
+    let delivery = &shared.delivery;
+    if !delivery.wait_applied(read_token, READ_TOKEN_WAIT).await {
+        let error = ApiError::unavailable("node is behind the read token");
+        out.send_error(Some(sub_id), error).await;
         return;
     }
     let channel_cache = cache.channel(&channel);
-    let mut heads = shared.delivery.head_receiver(&channel);
-    let mut after = after_seq;
+    let mut heads = delivery.head_receiver(&channel);
     loop {
         // Mark the current value seen before reading the head, so an apply in between is
         // either in the head read or wakes `changed` below.
@@ -481,8 +407,8 @@ async fn run_subscription(
         }
         if heads.changed().await.is_err() {
             // Delivery dropped the channel's sender (it cannot while this receiver lives).
-            out.send_error(Some(sub_id), ApiError::unavailable("shutting down"))
-                .await;
+            let error = ApiError::unavailable("shutting down");
+            out.send_error(Some(sub_id), error).await;
             return;
         }
     }

@@ -25,10 +25,8 @@ impl SnapshotFile {
     /// Any io error from opening the file.
     pub async fn open(path: &Path) -> io::Result<SnapshotFile> {
         let file = tokio::fs::File::open(path).await?;
-        Ok(SnapshotFile {
-            file,
-            path: path.to_path_buf(),
-        })
+        let path = path.to_path_buf();
+        Ok(SnapshotFile { file, path })
     }
 
     /// Creates (or truncates) a file to receive a snapshot into.
@@ -36,17 +34,11 @@ impl SnapshotFile {
     /// # Errors
     /// Any io error from creating the file.
     pub async fn create(path: &Path) -> io::Result<SnapshotFile> {
-        let file = tokio::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
-            .await?;
-        Ok(SnapshotFile {
-            file,
-            path: path.to_path_buf(),
-        })
+        let mut options = tokio::fs::OpenOptions::new();
+        options.read(true).write(true).create(true).truncate(true);
+        let file = options.open(path).await?;
+        let path = path.to_path_buf();
+        Ok(SnapshotFile { file, path })
     }
 
     /// Where the file lives.
