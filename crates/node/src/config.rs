@@ -220,6 +220,10 @@ impl Config {
             // A node that was partitioned or restarted asks before it campaigns, so its higher
             // term never deposes a leader the rest of the cluster still follows.
             enable_pre_vote: Some(true),
+            // A restarted leader must win an election again: the chat state is not flushed on
+            // apply and the committed id is saved without fsync, so one restored without a
+            // vote could serve a stale state machine (openraft's condition for this option).
+            enable_leader_restore: Some(false),
             ..Default::default()
         };
         config.validate().map_err(|e| e.to_string())

@@ -235,6 +235,9 @@ impl Formation {
         let mut leaderless_since = Some(Instant::now());
         let mut last_join: Option<Instant> = None;
         let mut rejoining = self.rejoining;
+        // The membership this node started with: a rejoining node waits for a newer one, the
+        // one a leader writes when it adds the node again.
+        let start_membership = *metrics_now(&self.raft).membership_config.log_id();
         if rejoining {
             // A node that left may still hold a membership naming it a voter. Campaigning on it
             // would raise the term of the members that remain and depose their leader, so it
@@ -250,8 +253,16 @@ impl Formation {
             if self.leaving.load(Ordering::SeqCst) {
                 continue;
             }
-            if metrics.current_leader.is_some() {
-                if rejoining {
+            // openraft restores the leader of its saved vote at start, so a node removed while
+            // it was down "knows" a leader that no longer replicates to it: only a member has
+            // one.
+            let member = metrics
+                .membership_config
+                .membership()
+                .get_node(&metrics.id)
+                .is_some();
+            if metrics.current_leader.is_some() && member {
+                if rejoining && *metrics.membership_config.log_id() != start_membership {
                     self.raft.runtime_config().elect(true);
                     rejoining = false;
                     tracing::info!("rejoined the cluster");

@@ -356,6 +356,7 @@ impl Sim {
             election_timeout_min: 300,
             election_timeout_max: 301,
             enable_pre_vote: Some(true),
+            enable_leader_restore: Some(false),
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(50),
             max_in_snapshot_log_to_keep: 10,
             purge_batch_size: 1,
