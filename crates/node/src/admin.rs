@@ -27,7 +27,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::cluster::{check_cluster, JoinError, Peers, RemoveReply, RemoveRequest};
 use crate::data_dir::DataDir;
-use crate::types::{Member, NodeId, Raft};
+use crate::raft::Raft;
+use crate::types::{Member, NodeId};
 
 /// A member that acknowledged no AppendEntries for this long is shown as unreachable. Several
 /// heartbeat periods and election timeouts, so a busy but live member is not flagged.
@@ -195,7 +196,21 @@ pub struct Admin {
     pub leaving: Arc<AtomicBool>,
     /// Signalled once this node has left; the process then stops.
     pub left: Arc<tokio::sync::Notify>,
+    /// How a removal request reaches the leader (`raft_rpc::request_remove` on a server).
+    pub remove: RemoveFn,
 }
+
+/// Sends a removal request to the leader at an address; the error is a sentence.
+pub type RemoveFn = Arc<
+    dyn Fn(
+            std::net::SocketAddr,
+            NodeId,
+            RemoveRequest,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<RemoveReply, String>> + Send>,
+        > + Send
+        + Sync,
+>;
 
 impl Admin {
     /// The leader's side of `members`.
@@ -204,7 +219,7 @@ impl Admin {
     /// [`JoinError::WrongCluster`]; [`JoinError::NotLeader`] with the leader this node knows.
     pub fn handle_members(&self, request: &MembersRequest) -> Result<Vec<MemberInfo>, JoinError> {
         check_cluster(&self.cluster, &request.cluster)?;
-        let metrics = crate::types::metrics_now(&self.raft);
+        let metrics = crate::raft::metrics_now(&self.raft);
         if metrics.state != ServerState::Leader {
             let leader = metrics.current_leader;
             return Err(JoinError::NotLeader { leader });
@@ -237,7 +252,7 @@ impl Admin {
     /// the removal failed, after which the marker is removed again and the node stays.
     pub async fn handle_leave(&self, request: &LeaveRequest) -> Result<LeaveReply, JoinError> {
         check_cluster(&self.cluster, &request.cluster)?;
-        let metrics = crate::types::metrics_now(&self.raft);
+        let metrics = crate::raft::metrics_now(&self.raft);
         let membership = metrics.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         if voters.len() == 1 && voters.contains(&self.id) {
@@ -282,7 +297,7 @@ impl Admin {
         let deadline = Instant::now() + LEAVE_TIMEOUT;
         let mut last = String::from("no leader known");
         while Instant::now() < deadline {
-            let metrics = crate::types::metrics_now(&self.raft);
+            let metrics = crate::raft::metrics_now(&self.raft);
             let membership = metrics.membership_config.membership();
             let leader = metrics.current_leader;
             let node = leader.and_then(|id| membership.get_node(&id));
@@ -294,9 +309,9 @@ impl Admin {
                 (Some(id), Some(addr)) => {
                     let (cluster, me) = (self.cluster.clone(), self.id);
                     let request = RemoveRequest { cluster, id: me };
-                    match crate::raft_rpc::request_remove(addr, id, request).await {
+                    match (self.remove)(addr, id, request).await {
                         Ok(RemoveReply::Removed | RemoveReply::NotMember) => Ok(()),
-                        Err(e) => Err(e.to_string()),
+                        Err(e) => Err(e),
                     }
                 }
                 _ => Err(last.clone()),

@@ -26,7 +26,8 @@ use crate::cluster::{role_of, Peers};
 use crate::delivery::Delivery;
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::proposer::{ProposeError, Proposer};
-use crate::types::{Member, NodeId, Raft};
+use crate::raft::Raft;
+use crate::types::{Member, NodeId};
 
 /// Most messages one `stream` or `history` call returns.
 pub const BATCH_MESSAGES_MAX: u32 = 1000;
@@ -397,7 +398,7 @@ impl proto::Chat for ChatServer {
 
     async fn cluster(self, _: Context) -> Result<ClusterInfo, ApiError> {
         self.require_hello()?;
-        let metrics = crate::types::metrics_now(&self.shared.raft);
+        let metrics = crate::raft::metrics_now(&self.shared.raft);
         let membership = metrics.membership_config.membership();
         let voters: Vec<NodeId> = membership.voter_ids().collect();
         let parse = |s: &str| {
@@ -432,7 +433,7 @@ impl proto::Chat for ChatServer {
     }
 
     async fn ping(self, _: Context, nonce: u64) -> Pong {
-        let metrics = crate::types::metrics_now(&self.shared.raft);
+        let metrics = crate::raft::metrics_now(&self.shared.raft);
         Pong {
             nonce,
             node_id: self.shared.id,

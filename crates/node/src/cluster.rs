@@ -15,7 +15,8 @@ use proto::discovery::{DiscoverySocket, NodeAnnounce, NodeStatus, Packet, PingSo
 use proto::Role;
 use serde::{Deserialize, Serialize};
 
-use crate::types::{Member, NodeId, Raft};
+use crate::raft::Raft;
+use crate::types::{Member, NodeId};
 
 /// How long a peer's announcement counts as alive.
 const PEER_TTL: Duration = Duration::from_secs(5);
@@ -150,7 +151,7 @@ pub fn self_announce(
     addrs: &NodeAddrs,
     started_ms: u64,
 ) -> NodeAnnounce {
-    let metrics = crate::types::metrics_now(raft);
+    let metrics = crate::raft::metrics_now(raft);
     let voter = metrics
         .membership_config
         .membership()
@@ -193,6 +194,17 @@ impl NodeAddrs {
             name: name.to_owned(),
         }
     }
+}
+
+/// Resolves a `host:port` from a membership record.
+pub(crate) async fn resolve(addr: &str) -> std::io::Result<SocketAddr> {
+    if let Ok(addr) = addr.parse() {
+        return Ok(addr);
+    }
+    tokio::net::lookup_host(addr)
+        .await?
+        .next()
+        .ok_or_else(|| std::io::Error::other(format!("{addr} resolves to no address")))
 }
 
 /// Runs discovery for a node: answers probes and pings, records peers, and announces itself
@@ -255,7 +267,7 @@ pub async fn serve_pings(
         .serve(move || NodeStatus {
             node_id: id,
             // A borrow, not a clone of the metrics: every client pings every node each second.
-            role: crate::types::with_server_metrics(&raft, |m| role_of(m.state)),
+            role: crate::raft::with_server_metrics(&raft, |m| role_of(m.state)),
             applied: delivery.applied(),
         })
         .await;
@@ -342,7 +354,7 @@ pub async fn handle_join(
     request: JoinRequest,
 ) -> Result<JoinReply, JoinError> {
     check_cluster(cluster, &request.cluster)?;
-    let metrics = crate::types::metrics_now(raft);
+    let metrics = crate::raft::metrics_now(raft);
     if metrics.state != ServerState::Leader {
         return Err(JoinError::NotLeader {
             leader: metrics.current_leader,
@@ -415,7 +427,7 @@ pub async fn handle_remove(
     request: RemoveRequest,
 ) -> Result<RemoveReply, JoinError> {
     check_cluster(cluster, &request.cluster)?;
-    let metrics = crate::types::metrics_now(raft);
+    let metrics = crate::raft::metrics_now(raft);
     if metrics.state != ServerState::Leader {
         return Err(JoinError::NotLeader {
             leader: metrics.current_leader,

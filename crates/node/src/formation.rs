@@ -34,7 +34,8 @@ use proto::Role;
 use tokio::time::Instant;
 
 use crate::cluster::{names_for_unnamed_members, JoinReply, JoinRequest, NodeAddrs, Peers};
-use crate::types::{metrics_now, LogId, Member, Membership, Metrics, NodeId, Raft};
+use crate::raft::{metrics_now, Metrics, Raft};
+use crate::types::{LogId, Member, Membership, NodeId};
 
 /// How often formation and promotion look at the cluster.
 const TICK: Duration = Duration::from_millis(250);

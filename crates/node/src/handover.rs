@@ -22,7 +22,8 @@ use tokio::time::Instant;
 use openraft::ServerState;
 
 use crate::log_store::SyncWatch;
-use crate::types::{metrics_now, LogId, Metrics, NodeId, Raft};
+use crate::raft::{metrics_now, Metrics, Raft};
+use crate::types::{LogId, NodeId};
 
 /// How often the watchdog looks at the log's sync.
 const TICK: Duration = Duration::from_millis(25);

@@ -32,7 +32,8 @@ use std::time::{Duration, Instant};
 use openraft::ServerState;
 use parking_lot::Mutex;
 
-use crate::types::{NodeId, Raft};
+use crate::raft::Raft;
+use crate::types::NodeId;
 
 /// How long a closed leader connection's probes of the leader's Raft port go on. On loopback
 /// or a LAN a refused connection answers within a round trip; probes that time out or are
@@ -156,7 +157,7 @@ impl LeaderWatch {
     }
 
     fn campaign(&self) -> Campaign {
-        let metrics = crate::types::metrics_now(&self.raft);
+        let metrics = crate::raft::metrics_now(&self.raft);
         Campaign {
             candidate: metrics.state == ServerState::Candidate,
             voted_for_itself: !metrics.vote.is_committed()
@@ -168,7 +169,7 @@ impl LeaderWatch {
     /// election if that leader's process is gone.
     pub async fn connection_closed(&self, conn: &InboundConn) {
         let (view, addr) = {
-            let metrics = crate::types::metrics_now(&self.raft);
+            let metrics = crate::raft::metrics_now(&self.raft);
             let membership = metrics.membership_config.membership();
             let view = View {
                 id: self.id,
@@ -188,7 +189,7 @@ impl LeaderWatch {
             return;
         };
         let Some(addr) = addr else { return };
-        let Ok(addr) = crate::raft_rpc::resolve(&addr).await else {
+        let Ok(addr) = crate::cluster::resolve(&addr).await else {
             return;
         };
         if !refuses_connections(addr).await {

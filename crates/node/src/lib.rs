@@ -26,12 +26,14 @@ mod metrics;
 mod name;
 mod proposer;
 mod push;
+mod raft;
 mod raft_rpc;
 mod reconcile;
 mod server;
 mod snapshot_file;
 mod snapshot_transfer;
 mod state_machine;
+mod storage_metrics;
 mod types;
 mod weaken;
 
@@ -48,6 +50,7 @@ pub use log_store::{AckPolicy, LogStore, SyncWatch, APPEND_BYTES_MAX, WAL_DIR};
 pub use metrics::{DiskPaths, Metrics, NodeInfo, StorageMetrics};
 pub use name::{default_name, validate_name, NameError, NAME_LEN_MAX};
 pub use proposer::{ProposeError, Proposed, Proposer, ProposerConfig};
+pub use raft::{metrics_now, start_raft, Raft};
 pub use raft_rpc::{
     request_leave, request_members, request_remove, JoinCallError, Network, RaftRpcServer,
     WrongNode,
@@ -57,9 +60,9 @@ pub use server::{Server, ServerError};
 pub use snapshot_file::SnapshotFile;
 pub use snapshot_transfer::{SnapshotChunk, SnapshotReceiver, TransferError};
 pub use state_machine::StateMachine;
-pub use types::{metrics_now, start_raft, Runtime};
+pub use types::Runtime;
 pub use types::{
-    CommittedLeaderId, Entry, LogId, Member, Membership, NodeId, Raft, Snapshot, SnapshotMeta,
+    CommittedLeaderId, Entry, LogId, Member, Membership, NodeId, Snapshot, SnapshotMeta,
     StoredMembership, TypeConfig, Vote,
 };
 pub use weaken::{Weaken, POWER_FAILED_FILE};

@@ -21,12 +21,15 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::types::{NodeId, Raft, TypeConfig};
+use crate::raft::Raft;
+pub use crate::storage_metrics::StorageMetrics;
+use crate::storage_metrics::{count_histogram, latency_histogram};
+use crate::types::{NodeId, TypeConfig};
 
 type Labels = Vec<(&'static str, &'static str)>;
 type OwnedLabels = Vec<(&'static str, String)>;
@@ -43,63 +46,11 @@ const DISK_WALK_ENTRIES_MAX: usize = 100_000;
 /// Most bytes of an HTTP request head.
 const REQUEST_BYTES_MAX: usize = 8192;
 
-/// Latency buckets doubling from 50 us: 16 reach ~1.6 s (RPCs); storage latencies get 18
-/// (~6.6 s), since a stalled disk stretches them by orders of magnitude and alerts need the tail.
-fn latency_histogram(buckets: u16) -> Histogram {
-    Histogram::new(exponential_buckets(0.000_05, 2.0, buckets))
-}
-
-/// Buckets for counts of items per batch: 1 to 2048.
-fn count_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(1.0, 2.0, 12))
-}
-
 /// `registry.register(name, help, metric.clone())` for each `name, help => metric;` line.
 macro_rules! register {
     ($registry:expr; $($name:literal, $help:literal => $metric:expr;)*) => {
         $($registry.register($name, $help, $metric.clone());)*
     };
-}
-
-/// The metrics storage records itself: made before the log and the state machine open, so each
-/// can hold its part, and registered with the rest by [`Metrics::new`]. Clones share the series.
-#[derive(Clone)]
-pub struct StorageMetrics {
-    wal_fsync_seconds: Histogram,
-    apply_seconds: Histogram,
-    apply_entries: Histogram,
-    /// When the current snapshot was built or installed on this node; `None` before the first.
-    snapshot_made_at: Arc<Mutex<Option<SystemTime>>>,
-}
-
-impl Default for StorageMetrics {
-    fn default() -> Self {
-        StorageMetrics {
-            wal_fsync_seconds: latency_histogram(18),
-            apply_seconds: latency_histogram(18),
-            apply_entries: count_histogram(),
-            snapshot_made_at: Arc::default(),
-        }
-    }
-}
-
-impl StorageMetrics {
-    /// The hook raft-log calls with the duration of each segment fdatasync.
-    pub fn fsync_observer(&self) -> raft_log::FsyncObserver {
-        let histogram = self.wal_fsync_seconds.clone();
-        raft_log::FsyncObserver::new(move |took| histogram.observe(took.as_secs_f64()))
-    }
-
-    /// Records one applied batch of `entries` committed entries that took `took`.
-    pub fn observe_apply(&self, entries: usize, took: Duration) {
-        self.apply_seconds.observe(took.as_secs_f64());
-        self.apply_entries.observe(entries as f64);
-    }
-
-    /// Records that the current snapshot was built or installed at `at`.
-    pub fn snapshot_made(&self, at: SystemTime) {
-        *self.snapshot_made_at.lock() = Some(at);
-    }
 }
 
 /// Who this node is, exported as the labels of `cellchat_node_info`.
@@ -401,7 +352,7 @@ impl Metrics {
     /// Refreshes the scrape-time gauges (Raft, disk, snapshot age) and encodes everything.
     /// Walks the data dir, so call it off the async runtime's workers.
     pub fn render(&self, raft: &Raft) -> String {
-        self.refresh_raft(&crate::types::metrics_now(raft));
+        self.refresh_raft(&crate::raft::metrics_now(raft));
         self.refresh_disk();
         self.refresh_snapshot_age(SystemTime::now());
         self.encode()
@@ -425,7 +376,7 @@ impl Drop for GaugeGuard {
 }
 
 /// Counts leader changes from openraft's metrics watch until Raft shuts down.
-pub async fn count_leader_changes(metrics: Arc<Metrics>, mut watch: crate::types::MetricsWatch) {
+pub async fn count_leader_changes(metrics: Arc<Metrics>, mut watch: crate::raft::MetricsWatch) {
     use openraft::async_runtime::WatchReceiver;
     loop {
         metrics.observe_leader(watch.borrow_watched().current_leader);
@@ -437,7 +388,7 @@ pub async fn count_leader_changes(metrics: Arc<Metrics>, mut watch: crate::types
 
 /// Whether the node can serve: it knows a leader and has applied what it knows is committed.
 pub fn is_ready(raft: &Raft, committed: u64) -> bool {
-    let m = crate::types::metrics_now(raft);
+    let m = crate::raft::metrics_now(raft);
     let applied = m.last_applied.map_or(0, |l| l.index);
     m.current_leader.is_some() && m.state != ServerState::Shutdown && applied >= committed
 }

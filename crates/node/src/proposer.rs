@@ -18,7 +18,8 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::handover::WriteGate;
 use crate::metrics::Metrics;
-use crate::types::{Member, NodeId, Raft, TypeConfig};
+use crate::raft::Raft;
+use crate::types::{Member, NodeId, TypeConfig};
 
 /// Bounds on one proposed batch and on the proposer's queue.
 #[derive(Debug, Clone)]

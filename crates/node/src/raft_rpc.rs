@@ -35,9 +35,10 @@ use tarpc::server::{BaseChannel, Channel};
 use crate::admin::{Admin, Contacts, LeaveReply, LeaveRequest, MemberInfo, MembersRequest};
 use crate::cluster::{self, JoinError, JoinReply, JoinRequest, RemoveReply, RemoveRequest};
 use crate::leader_watch::{InboundConn, LeaderWatch};
+use crate::raft::Raft;
 use crate::snapshot_file::SnapshotFile;
 use crate::snapshot_transfer::{self, SnapshotChunk, SnapshotReceiver, TransferError};
-use crate::types::{Member, NodeId, Raft, Snapshot, TypeConfig, Vote};
+use crate::types::{Member, NodeId, Snapshot, TypeConfig, Vote};
 
 /// A request that reached a node other than the one it was addressed to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -205,7 +206,7 @@ impl RaftRpcServer {
     /// [`check`](Self::check), then [`admit`] for a request from `sender`.
     fn check_member(&self, to: NodeId, sender: NodeId, inbound: Inbound) -> Result<(), WrongNode> {
         self.check(to)?;
-        let view = crate::types::with_server_metrics(&self.raft, |m| {
+        let view = crate::raft::with_server_metrics(&self.raft, |m| {
             let membership = m.membership_config.membership();
             MembershipView {
                 has_members: membership.nodes().next().is_some(),
@@ -602,7 +603,9 @@ impl PeerClient {
         let unreachable = |e: &dyn std::fmt::Display| {
             CallError::Unreachable(Unreachable::new(&std::io::Error::other(e.to_string())))
         };
-        let addr = resolve(&self.addr).await.map_err(|e| unreachable(&e))?;
+        let addr = crate::cluster::resolve(&self.addr)
+            .await
+            .map_err(|e| unreachable(&e))?;
         let transport = tokio::time::timeout(CONNECT_TIMEOUT, proto::connect(addr))
             .await
             .map_err(|e| unreachable(&e))?
@@ -645,16 +648,6 @@ impl PeerClient {
         self.pool.lock().remove(&(self.target, lane));
         CallError::Unreachable(Unreachable::new(&e))
     }
-}
-
-pub(crate) async fn resolve(addr: &str) -> std::io::Result<SocketAddr> {
-    if let Ok(addr) = addr.parse() {
-        return Ok(addr);
-    }
-    tokio::net::lookup_host(addr)
-        .await?
-        .next()
-        .ok_or_else(|| std::io::Error::other(format!("{addr} resolves to no address")))
 }
 
 impl RaftNetworkV2<TypeConfig> for PeerClient {

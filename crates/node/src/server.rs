@@ -32,11 +32,12 @@ use crate::log_store::{AckPolicy, LogStore, WAL_DIR};
 use crate::metrics::{self, DiskPaths, Metrics, NodeInfo, StorageMetrics};
 use crate::proposer::{Proposer, ProposerConfig};
 use crate::push::{self, BatchCache};
+use crate::raft::{start_raft, Raft};
 use crate::raft_rpc::{self, Network, RaftRpcServer};
 use crate::reconcile;
 use crate::snapshot_transfer::SnapshotReceiver;
 use crate::state_machine::StateMachine;
-use crate::types::{start_raft, NodeId, Raft};
+use crate::types::NodeId;
 
 /// Most concurrent requests on one client connection (each open long-poll holds one).
 const CONN_REQUESTS_MAX: usize = 1024;
@@ -392,6 +393,13 @@ impl Server {
             data_dir: data_dir.clone(),
             leaving: Default::default(),
             left: Default::default(),
+            remove: Arc::new(|addr, leader, request| {
+                Box::pin(async move {
+                    raft_rpc::request_remove(addr, leader, request)
+                        .await
+                        .map_err(|e| e.to_string())
+                })
+            }),
         });
         let (leaving, left) = (admin.leaving.clone(), admin.left.clone());
         let rpc_server = RaftRpcServer::new(id, &config.cluster, raft.clone(), admin, snapshots);

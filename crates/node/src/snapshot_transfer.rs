@@ -12,9 +12,10 @@ use openraft::raft::SnapshotResponse;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
+use crate::raft::Raft;
 use crate::snapshot_file::SnapshotFile;
 use crate::state_machine::StateMachine;
-use crate::types::{LogId, Raft, Snapshot, SnapshotMeta, TypeConfig, Vote};
+use crate::types::{LogId, Snapshot, SnapshotMeta, TypeConfig, Vote};
 
 /// Bytes of snapshot data per chunk: small next to the frame limit, large enough that the
 /// per-request cost does not matter.

@@ -29,8 +29,8 @@ use openraft::EntryPayload;
 use parking_lot::Mutex;
 
 use crate::codec;
-use crate::metrics::StorageMetrics;
 use crate::snapshot_file::SnapshotFile;
+use crate::storage_metrics::StorageMetrics;
 use crate::types::{Entry, LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
 
 /// Name of the snapshot that `get_current_snapshot` serves.
