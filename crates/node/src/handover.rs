@@ -13,7 +13,6 @@
 //! [`decide`] is the rule; [`DiskWatchdog::run`] does the I/O.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -66,23 +65,36 @@ fn successor_of(metrics: &Metrics) -> Option<NodeId> {
     )
 }
 
-/// Open unless the disk watchdog closed it: whether this node takes new sends.
-#[derive(Clone, Default)]
-pub struct WriteGate(Arc<AtomicBool>);
+/// Open unless the disk watchdog (or a stop) closed it: whether this node takes sends.
+#[derive(Clone)]
+pub struct WriteGate(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Default for WriteGate {
+    fn default() -> Self {
+        WriteGate(Arc::new(tokio::sync::watch::channel(false).0))
+    }
+}
 
 impl WriteGate {
-    /// Whether new sends are refused.
+    /// Whether sends are refused.
     pub fn is_closed(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        *self.0.borrow()
     }
 
-    /// Refuses new sends from now on (a stopping node).
+    /// Resolves once the gate is closed (at once if it is).
+    pub async fn closed(&self) {
+        let mut rx = self.0.subscribe();
+        // The sender lives in `self`, so the channel cannot close under us.
+        let _ = rx.wait_for(|closed| *closed).await;
+    }
+
+    /// Refuses sends from now on (a stopping node).
     pub fn close(&self) {
         self.set_closed(true);
     }
 
     fn set_closed(&self, closed: bool) {
-        self.0.store(closed, Ordering::Release);
+        self.0.send_replace(closed);
     }
 }
 

@@ -43,11 +43,12 @@ const PROBE_WINDOW: Duration = Duration::from_millis(150);
 /// The pause between two probes within [`PROBE_WINDOW`].
 const PROBE_EVERY: Duration = Duration::from_millis(10);
 
-/// How long a survivor waits, while still a candidate for itself, before asking again.
-const RETRY_EVERY: Duration = Duration::from_millis(40);
+/// How long a survivor waits, while still a candidate for itself, before asking again. A
+/// pre-vote that fails changes nothing, so retries can be frequent.
+const RETRY_EVERY: Duration = Duration::from_millis(15);
 
 /// How many times a survivor asks again.
-const RETRIES: usize = 4;
+const RETRIES: usize = 8;
 
 /// How long after one reaction a node ignores further closed connections from the same dead
 /// leader (its log and snapshot connections close together).

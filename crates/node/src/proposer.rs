@@ -120,8 +120,15 @@ impl Proposer {
             .send(Pending { send, reply })
             .await
             .map_err(|_| ProposeError::Unavailable("proposer stopped"))?;
-        rx.await
-            .map_err(|_| ProposeError::Unavailable("proposer dropped the send"))?
+        tokio::select! {
+            answer = rx => {
+                answer.map_err(|_| ProposeError::Unavailable("proposer dropped the send"))?
+            }
+            // A send waiting on a stalled disk is answered "not leader" as soon as the gate
+            // closes: the client retries with the same key on the node that takes over, and
+            // dedup makes the entry count once if this node's copy commits too.
+            () = self.gate.closed() => Err(ProposeError::NotLeader { leader: None }),
+        }
     }
 }
 
