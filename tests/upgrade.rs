@@ -109,7 +109,10 @@ fn a_data_dir_of_the_release_before_names_opens_with_every_message() -> anyhow::
 /// a CRC-32/IEEE, little endian, as `node::atomic_file::seal` writes it).
 fn old_purged_log_id(log_dir: &Path) -> anyhow::Result<node::LogId> {
     let bytes = std::fs::read(log_dir.join("purged-log-id")).context("reading purged-log-id")?;
-    let split = bytes.len().checked_sub(4).context("purged-log-id too short")?;
+    let split = bytes
+        .len()
+        .checked_sub(4)
+        .context("purged-log-id too short")?;
     let (body, _crc) = bytes.split_at(split);
     node::codec::decode_log_id(body)
         .context("decoding purged-log-id")?
@@ -191,7 +194,10 @@ fn a_data_dir_of_the_last_openraft_0_9_release_opens_with_every_message_and_its_
         let config_dir = dir.path().join("client");
         let key = Path::new("identities").join(CLUSTER_V2).join("reader.key");
         std::fs::create_dir_all(config_dir.join(&key).parent().expect("has a parent"))?;
-        std::fs::copy(fixture.with_file_name("client").join(&key), config_dir.join(&key))?;
+        std::fs::copy(
+            fixture.with_file_name("client").join(&key),
+            config_dir.join(&key),
+        )?;
         // Git does not keep the mode the client asks of a key file.
         std::fs::set_permissions(
             config_dir.join(&key),
@@ -223,10 +229,16 @@ fn a_data_dir_of_the_last_openraft_0_9_release_opens_with_every_message_and_its_
     // The id lives on in raft-log's purge point, at or past the old one (a purge is never
     // undone; today's server may have purged further at start).
     let log = node::LogStore::open(&log_dir).context("opening the log after the run")?;
-    let point = log.wal().purged().context("no purge point after the move")?;
+    let point = log
+        .wal()
+        .purged()
+        .context("no purge point after the move")?;
     let payload = point.payload.context("the purge point carries no log id")?;
     let purged = node::codec::decode_log_id(&payload)?.context("an empty purged log id")?;
-    assert_eq!(purged.index, point.index.0, "payload and purge point disagree");
+    assert_eq!(
+        purged.index, point.index.0,
+        "payload and purge point disagree"
+    );
     assert!(
         purged >= old_purged,
         "purged {purged:?} is behind the old file's {old_purged:?}"

@@ -105,6 +105,25 @@ pub(crate) fn check_cluster(ours: &str, theirs: &str) -> Result<(), JoinError> {
     })
 }
 
+/// When this node last received an AppendEntries from a committed leader. openraft names the
+/// leader of the vote it saved even right after a restart, before that leader has sent
+/// anything, and a node removed meanwhile never hears from it again: formation counts a
+/// leader only while it is heard. Cheap to clone; clones share the record.
+#[derive(Clone, Default)]
+pub struct LeaderContact(Arc<Mutex<Option<Instant>>>);
+
+impl LeaderContact {
+    /// An AppendEntries of the leader arrived now.
+    pub fn heard(&self) {
+        *self.0.lock() = Some(Instant::now());
+    }
+
+    /// How long ago the leader was last heard; `None` if never since start.
+    pub fn since(&self) -> Option<Duration> {
+        self.0.lock().map(|at| at.elapsed())
+    }
+}
+
 /// Nodes heard through discovery, by id.
 #[derive(Clone, Default)]
 pub struct Peers {

@@ -33,7 +33,9 @@ use proto::discovery::NodeAnnounce;
 use proto::Role;
 use tokio::time::Instant;
 
-use crate::cluster::{names_for_unnamed_members, JoinReply, JoinRequest, NodeAddrs, Peers};
+use crate::cluster::{
+    names_for_unnamed_members, JoinReply, JoinRequest, LeaderContact, NodeAddrs, Peers,
+};
 use crate::raft::{metrics_now, Metrics, Raft};
 use crate::types::{LogId, Member, Membership, NodeId};
 
@@ -226,6 +228,8 @@ pub struct Formation {
     pub rejoining: bool,
     /// How join requests travel.
     pub join: JoinFn,
+    /// When the leader's AppendEntries last arrived.
+    pub contact: LeaderContact,
 }
 
 impl Formation {
@@ -262,8 +266,17 @@ impl Formation {
                 .membership()
                 .get_node(&metrics.id)
                 .is_some();
-            if metrics.current_leader.is_some() && member {
-                if rejoining && *metrics.membership_config.log_id() != start_membership {
+            // A rejoining node asks to join until a membership newer than the one it started
+            // with arrives: the one it remembers may still name it, although it was removed.
+            let awaiting_readd =
+                rejoining && *metrics.membership_config.log_id() == start_membership;
+            let heard = metrics.state == ServerState::Leader
+                || self
+                    .contact
+                    .since()
+                    .is_some_and(|ago| ago < self.election_timeout_max * 2);
+            if metrics.current_leader.is_some() && member && heard && !awaiting_readd {
+                if rejoining {
                     self.raft.runtime_config().elect(true);
                     rejoining = false;
                     tracing::info!("rejoined the cluster");
@@ -296,7 +309,13 @@ impl Formation {
                 Step::Wait => {}
                 Step::Join(leader) => {
                     last_join = Some(Instant::now());
-                    self.join_via(leader, metrics.id).await;
+                    let reply = self.join_via(leader, metrics.id).await;
+                    if rejoining && reply == Some(JoinReply::AlreadyMember) {
+                        // The leader never removed it: no new membership will come.
+                        self.raft.runtime_config().elect(true);
+                        rejoining = false;
+                        tracing::info!("rejoined the cluster (still a member)");
+                    }
                 }
                 Step::Bootstrap(voters) => {
                     let ids: Vec<NodeId> = voters.keys().copied().collect();
@@ -312,7 +331,7 @@ impl Formation {
         }
     }
 
-    async fn join_via(&self, leader: NodeAnnounce, id: NodeId) {
+    async fn join_via(&self, leader: NodeAnnounce, id: NodeId) -> Option<JoinReply> {
         let leader_id = leader.node_id;
         let request = JoinRequest {
             cluster: self.cluster.clone(),
@@ -320,8 +339,14 @@ impl Formation {
             member: self.member.clone(),
         };
         match (self.join)(leader, request).await {
-            Ok(reply) => tracing::info!(leader = leader_id, ?reply, "joined cluster"),
-            Err(e) => tracing::warn!(leader = leader_id, error = %e, "join failed; will retry"),
+            Ok(reply) => {
+                tracing::info!(leader = leader_id, ?reply, "joined cluster");
+                Some(reply)
+            }
+            Err(e) => {
+                tracing::warn!(leader = leader_id, error = %e, "join failed; will retry");
+                None
+            }
         }
     }
 

@@ -39,8 +39,8 @@ mod weaken;
 
 pub use admin::{LeaveReply, LeaveRequest, MemberInfo, MemberState, MembersRequest};
 pub use cluster::{
-    handle_join, role_of, self_announce, JoinError, JoinReply, JoinRequest, NodeAddrs, Peers,
-    RemoveReply, RemoveRequest,
+    handle_join, role_of, self_announce, JoinError, JoinReply, JoinRequest, LeaderContact,
+    NodeAddrs, Peers, RemoveReply, RemoveRequest,
 };
 pub use config::Config;
 pub use data_dir::{DataDir, DataDirError};

@@ -33,7 +33,9 @@ use tarpc::context;
 use tarpc::server::{BaseChannel, Channel};
 
 use crate::admin::{Admin, Contacts, LeaveReply, LeaveRequest, MemberInfo, MembersRequest};
-use crate::cluster::{self, JoinError, JoinReply, JoinRequest, RemoveReply, RemoveRequest};
+use crate::cluster::{
+    self, JoinError, JoinReply, JoinRequest, LeaderContact, RemoveReply, RemoveRequest,
+};
 use crate::leader_watch::{InboundConn, LeaderWatch};
 use crate::raft::Raft;
 use crate::snapshot_file::SnapshotFile;
@@ -158,19 +160,21 @@ pub struct RaftRpcServer {
     watch: LeaderWatch,
     admin: Arc<Admin>,
     snapshots: SnapshotReceiver,
+    contact: LeaderContact,
     /// The connection this clone serves (each accepted connection gets its own).
     conn: InboundConn,
 }
 
 impl RaftRpcServer {
-    /// A server for node `id` of `cluster`; `admin` answers the operator RPCs and `snapshots`
-    /// receives snapshot chunks.
+    /// A server for node `id` of `cluster`; `admin` answers the operator RPCs, `snapshots`
+    /// receives snapshot chunks and `contact` records the leader's AppendEntries.
     pub fn new(
         id: NodeId,
         cluster: &str,
         raft: Raft,
         admin: Arc<Admin>,
         snapshots: SnapshotReceiver,
+        contact: LeaderContact,
     ) -> Self {
         RaftRpcServer {
             id,
@@ -179,6 +183,7 @@ impl RaftRpcServer {
             raft,
             admin,
             snapshots,
+            contact,
             conn: InboundConn::default(),
         }
     }
@@ -245,6 +250,7 @@ impl RaftRpc for RaftRpcServer {
         self.check_member(to, sender_of(&req.vote), Inbound::Append { term })?;
         if req.vote.is_committed() {
             self.conn.saw_leader(sender_of(&req.vote));
+            self.contact.heard();
         }
         Ok(self.raft.append_entries(req).await)
     }

@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 
 use crate::admin::Admin;
 use crate::api::{ApiShared, ChatServer};
-use crate::cluster::{self, NodeAddrs, Peers};
+use crate::cluster::{self, LeaderContact, NodeAddrs, Peers};
 use crate::config::Config;
 use crate::data_dir::{DataDir, DataDirError};
 use crate::delivery::Delivery;
@@ -402,7 +402,15 @@ impl Server {
             }),
         });
         let (leaving, left) = (admin.leaving.clone(), admin.left.clone());
-        let rpc_server = RaftRpcServer::new(id, &config.cluster, raft.clone(), admin, snapshots);
+        let contact = LeaderContact::default();
+        let rpc_server = RaftRpcServer::new(
+            id,
+            &config.cluster,
+            raft.clone(),
+            admin,
+            snapshots,
+            contact.clone(),
+        );
         let mut tasks = vec![
             raft_rpc::serve(listeners.raft, rpc_server),
             serve_clients(listeners.client, shared.clone(), push_runtime.handle()),
@@ -467,6 +475,7 @@ impl Server {
             election_timeout_max: Duration::from_millis(config.election_timeout_ms_max),
             leaving,
             rejoining,
+            contact,
             join: Arc::new(|leader: NodeAnnounce, request| {
                 Box::pin(async move {
                     raft_rpc::request_join(leader.raft_addr, leader.node_id, request)

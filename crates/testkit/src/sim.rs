@@ -24,8 +24,8 @@ use std::time::Duration;
 use chat_sm::{ChatResponse, ClientId, Command, SendCmd};
 use node::formation::Formation;
 use node::{
-    AckPolicy, LogStore, Member, NodeAddrs, NodeId, Peers, Raft, Snapshot, SnapshotFile,
-    StateMachine, SyncWatch, TypeConfig, Vote, WriteGate,
+    AckPolicy, LeaderContact, LogStore, Member, NodeAddrs, NodeId, Peers, Raft, Snapshot,
+    SnapshotFile, StateMachine, SyncWatch, TypeConfig, Vote, WriteGate,
 };
 use openraft::error::{RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
@@ -53,6 +53,7 @@ const DISK_STALL: Duration = Duration::from_millis(500);
 struct NetState {
     rafts: BTreeMap<NodeId, Raft>,
     peers: BTreeMap<NodeId, Peers>,
+    contacts: BTreeMap<NodeId, LeaderContact>,
     /// Pairs that cannot talk, both ways.
     cut: BTreeSet<(NodeId, NodeId)>,
     delay: Duration,
@@ -366,6 +367,7 @@ impl Sim {
             net: Net(Arc::new(Mutex::new(NetState {
                 rafts: BTreeMap::new(),
                 peers: BTreeMap::new(),
+                contacts: BTreeMap::new(),
                 cut: BTreeSet::new(),
                 delay: Duration::from_millis(1),
                 jitter: Duration::ZERO,
@@ -409,10 +411,12 @@ impl Sim {
             node::start_raft(id, self.config.clone(), network, log, state.clone(), seed).await?;
         let name = format!("n{id}");
         let peers = Peers::default();
+        let contact = LeaderContact::default();
         {
             let mut net = self.net.lock();
             net.rafts.insert(id, raft.clone());
             net.peers.insert(id, peers.clone());
+            net.contacts.insert(id, contact.clone());
         }
         let gate = WriteGate::default();
         let mut tasks = Vec::new();
@@ -437,6 +441,7 @@ impl Sim {
             election_timeout_max: Duration::from_millis(self.config.election_timeout_max),
             leaving: Arc::default(),
             rejoining: false,
+            contact,
             join: Arc::new(move |leader: NodeAnnounce, request| {
                 let net = join_net.clone();
                 Box::pin(async move {
@@ -491,6 +496,7 @@ impl Sim {
             let mut net = self.net.lock();
             net.rafts.remove(&id);
             net.peers.remove(&id);
+            net.contacts.remove(&id);
         }
         for task in &node.tasks {
             task.abort();
