@@ -171,6 +171,18 @@ fn flatten<T, E: Error + 'static>(
     }
 }
 
+impl SimPeer {
+    /// One RPC to the peer through the simulated network, folded into openraft's error.
+    async fn rpc<T, E, F, Fut>(&self, f: F) -> Result<T, RPCError<TypeConfig>>
+    where
+        E: Error + 'static,
+        F: FnOnce(Raft) -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        flatten(self.net.call(self.from, self.to, f).await)
+    }
+}
+
 impl RaftNetworkV2<TypeConfig> for SimPeer {
     type SnapshotData = SnapshotFile;
 
@@ -179,13 +191,19 @@ impl RaftNetworkV2<TypeConfig> for SimPeer {
         rpc: AppendEntriesRequest<TypeConfig>,
         _option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        let answer = self
-            .net
-            .call(self.from, self.to, |raft| async move {
-                raft.append_entries(rpc).await
-            })
-            .await;
-        flatten(answer)
+        // As the node's RPC server does: a committed leader's append counts as contact.
+        let contact = rpc
+            .vote
+            .is_committed()
+            .then(|| self.net.lock().contacts.get(&self.to).cloned())
+            .flatten();
+        self.rpc(|raft| async move {
+            if let Some(contact) = contact {
+                contact.heard();
+            }
+            raft.append_entries(rpc).await
+        })
+        .await
     }
 
     async fn vote(
@@ -193,15 +211,7 @@ impl RaftNetworkV2<TypeConfig> for SimPeer {
         rpc: VoteRequest<TypeConfig>,
         _option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        let answer = self
-            .net
-            .call(
-                self.from,
-                self.to,
-                |raft| async move { raft.vote(rpc).await },
-            )
-            .await;
-        flatten(answer)
+        self.rpc(|raft| async move { raft.vote(rpc).await }).await
     }
 
     async fn pre_vote(
@@ -209,13 +219,8 @@ impl RaftNetworkV2<TypeConfig> for SimPeer {
         rpc: VoteRequest<TypeConfig>,
         _option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        let answer = self
-            .net
-            .call(self.from, self.to, |raft| async move {
-                raft.pre_vote(rpc).await
-            })
-            .await;
-        flatten(answer)
+        self.rpc(|raft| async move { raft.pre_vote(rpc).await })
+            .await
     }
 
     async fn transfer_leader(
@@ -223,13 +228,8 @@ impl RaftNetworkV2<TypeConfig> for SimPeer {
         req: TransferLeaderRequest<TypeConfig>,
         _option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
-        let answer = self
-            .net
-            .call(self.from, self.to, |raft| async move {
-                raft.handle_transfer_leader(req).await
-            })
-            .await;
-        flatten(answer)
+        self.rpc(|raft| async move { raft.handle_transfer_leader(req).await })
+            .await
     }
 
     async fn full_snapshot(
