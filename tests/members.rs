@@ -264,19 +264,38 @@ async fn the_last_voter_cannot_leave_and_nothing_changes() -> anyhow::Result<()>
     Ok(())
 }
 
-/// The admin calls on the Raft port are as open as the port itself (until the cluster is
-/// closed with TLS), but a caller must at least name the cluster: a stranger's leave naming
-/// another cluster is refused and changes nothing.
+/// An admin call needs the admin credential derived from the join token, and must name the
+/// cluster: a leave with a wrong credential, or naming another cluster, is refused and changes
+/// nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_leave_naming_another_cluster_is_refused_and_nothing_changes() -> anyhow::Result<()> {
+async fn a_leave_without_the_credential_or_for_another_cluster_is_refused() -> anyhow::Result<()> {
     let mut cluster = converged_cluster("stranger-leave", 2).await?;
+    let token: proto::tls::JoinToken = cluster.token()?.parse()?;
     let target = cluster.nodes[1].ready().expect("ready");
+    let verifier = proto::tls::CaVerifier::new(proto::tls::Trust::Pinned(token.ca));
+    let dialer = proto::tls::client_config(verifier, proto::tls::ALPN_RAFT);
+    let request = node::LeaveRequest {
+        cluster: cluster.cluster.clone(),
+    };
+    let refused = node::request_leave(&dialer, [1; 32], target.raft, target.id, request)
+        .await
+        .expect_err("a leave without the admin credential must be refused");
+    assert!(
+        refused.to_string().contains("admin credential"),
+        "{refused}"
+    );
     let request = node::LeaveRequest {
         cluster: "someone-else".into(),
     };
-    let refused = node::request_leave(target.raft, target.id, request)
-        .await
-        .expect_err("a leave for another cluster must be refused");
+    let refused = node::request_leave(
+        &dialer,
+        token.admin_credential(),
+        target.raft,
+        target.id,
+        request,
+    )
+    .await
+    .expect_err("a leave for another cluster must be refused");
     assert!(refused.to_string().contains("wrong cluster"), "{refused}");
     assert!(cluster.nodes[1].is_running());
     assert!(!cluster.nodes[1].data_dir().join("LEFT").exists());

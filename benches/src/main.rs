@@ -200,6 +200,7 @@ async fn run(cli: Cli) -> Result<()> {
                 cluster: common.cluster.clone(),
                 discovery_port: common.discovery_port,
                 join: common.join.clone(),
+                token: sut::cellchat::token_from_env(),
             };
             scenario::scale::hold_idle(target, count).await
         }

@@ -364,6 +364,7 @@ async fn start_cellchat(common: &Common) -> Result<Cellchat> {
             cluster: common.cluster.clone(),
             discovery_port: common.discovery_port,
             join: common.join.clone(),
+            token: crate::sut::cellchat::token_from_env(),
         })
         .await
     }

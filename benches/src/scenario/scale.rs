@@ -94,7 +94,11 @@ async fn spawn_idle(target: &Target, count: usize) -> Result<IdleHolders> {
     while remaining > 0 {
         let here = remaining.min(IDLE_PER_PROCESS);
         remaining -= here;
-        let mut child = Command::new(&exe)
+        let mut command = Command::new(&exe);
+        if let Some(token) = &target.token {
+            command.env("CELLCHAT_TOKEN", token.to_string());
+        }
+        let mut child = command
             .arg("idle")
             .args(["--cluster", &target.cluster])
             .args(["--discovery-port", &target.discovery_port.to_string()])

@@ -42,6 +42,14 @@ pub struct Target {
     pub discovery_port: u16,
     /// Discovery addresses to probe directly (empty: broadcast on loopback only).
     pub join: Vec<SocketAddr>,
+    /// The cluster's join token, whose CA the clients trust (`None`: `CELLCHAT_TOKEN`, else
+    /// trust on first use).
+    pub token: Option<proto::tls::JoinToken>,
+}
+
+/// The token in `CELLCHAT_TOKEN`, if set and valid.
+pub fn token_from_env() -> Option<proto::tls::JoinToken> {
+    std::env::var("CELLCHAT_TOKEN").ok()?.parse().ok()
 }
 
 /// A cellchat cluster the harness started, or one it joined.
@@ -83,6 +91,7 @@ impl Cellchat {
                 cluster: cluster.cluster.clone(),
                 discovery_port: cluster.discovery_port,
                 join: Vec::new(),
+                token: Some(cluster.token()?.parse()?),
             },
             cluster: Some(Mutex::new(cluster)),
             nodes,
@@ -148,6 +157,7 @@ pub fn client_config(target: &Target, identity: Option<Identity>) -> ClientConfi
         discovery_port: target.discovery_port,
         join: target.join.clone(),
         identity,
+        token: target.token.clone(),
         discovery_window: Duration::from_millis(150),
         connect_timeout: Duration::from_millis(500),
         probe_interval: Duration::from_secs(5),

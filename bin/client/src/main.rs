@@ -86,9 +86,23 @@ struct Args {
     /// --channel; keep it private.
     #[arg(long, env = "CELLCHAT_PASSPHRASE_FILE", value_name = "FILE")]
     passphrase_file: Option<PathBuf>,
-    /// Where identities live; default $CELLCHAT_CONFIG_DIR, else ~/.config/cellchat.
+    /// Where identities and pinned cluster CAs live; default $CELLCHAT_CONFIG_DIR, else
+    /// ~/.config/cellchat.
     #[arg(long, env = "CELLCHAT_CONFIG_DIR", value_name = "DIR")]
     config_dir: Option<PathBuf>,
+    /// The cluster's join token (`server token` prints it): trust only nodes signed by its CA.
+    /// Without it: the token next to the servers' data dirs on this machine (--data-root),
+    /// else the CA pinned for this cluster name, else the first CA met, which is then pinned.
+    #[arg(long, env = "CELLCHAT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Where the servers on this machine keep their data dirs (and the cluster's token).
+    #[arg(
+        long,
+        env = "CELLCHAT_DATA_ROOT",
+        default_value = "data",
+        value_name = "DIR"
+    )]
+    data_root: PathBuf,
     /// Log filter for diagnostics on stderr (e.g. `info`, `cellchat_client=debug`).
     #[arg(long, env = "CELLCHAT_LOG", default_value = "warn")]
     log: String,
@@ -116,6 +130,26 @@ fn main() -> ExitCode {
     }
 }
 
+/// The cluster's token: `--token`, else the one the servers keep under `--data-root` (a
+/// server and its clients on one machine need no flags), else none.
+fn find_token(args: &Args) -> anyhow::Result<Option<proto::tls::JoinToken>> {
+    if let Some(token) = &args.token {
+        return Ok(Some(token.parse().context("--token")?));
+    }
+    let path = args
+        .data_root
+        .join(format!("cluster-{}", args.cluster))
+        .join("token");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            Ok(Some(text.trim().parse().with_context(|| {
+                format!("the token in {}", path.display())
+            })?))
+        }
+        Err(_) => Ok(None),
+    }
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     let channel = command::parse_channel(&args.channel).map_err(anyhow::Error::msg)?;
     let passphrase = args
@@ -136,6 +170,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         join: resolve_join(&args.join)?,
         name: args.name.clone(),
         config_dir: args.config_dir.clone(),
+        token: find_token(&args)?,
         ..ClientConfig::default()
     };
     let client = Client::connect(config).await?;

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
@@ -58,6 +58,56 @@ pub(crate) struct LeaveArgs {
     wait_ms: u64,
 }
 
+#[derive(Args, Debug)]
+pub(crate) struct TokenArgs {
+    /// Data directory of a node of the cluster (default: the cluster directory under
+    /// --data-root).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+/// What an operator command proves itself with: the admin credential derived from the join
+/// token, and a TLS config that accepts only the token's CA.
+pub(crate) struct Auth {
+    dialer: node::Dialer,
+    admin: node::AdminCredential,
+}
+
+/// The join token: `--token`, else the one kept in `data_dir` or the cluster directory.
+fn find_token(net: &NetArgs, data_dir: Option<&Path>) -> anyhow::Result<proto::tls::JoinToken> {
+    if let Some(token) = &net.token {
+        return token.parse().context("--token");
+    }
+    let found = match data_dir {
+        Some(dir) => node::pki::find_token(dir, &net.cluster),
+        None => node::pki::root_token(&net.data_root, &net.cluster),
+    };
+    found.with_context(|| {
+        format!(
+            "no join token for cluster {:?}: pass --token (print it with `server token` on a \
+             machine that runs a node), or run this where the servers were started \
+             (--data-root {})",
+            net.cluster,
+            net.data_root.display()
+        )
+    })
+}
+
+fn auth(net: &NetArgs, data_dir: Option<&Path>) -> anyhow::Result<Auth> {
+    let token = find_token(net, data_dir)?;
+    let verifier = proto::tls::CaVerifier::new(proto::tls::Trust::Pinned(token.ca));
+    Ok(Auth {
+        dialer: proto::tls::client_config(verifier, proto::tls::ALPN_RAFT),
+        admin: token.admin_credential(),
+    })
+}
+
+pub(crate) fn token(net: &NetArgs, args: &TokenArgs) -> anyhow::Result<()> {
+    let token = find_token(net, args.data_dir.as_deref())?;
+    println!("{token}");
+    Ok(())
+}
+
 /// Every node of the cluster that answers a discovery probe within `wait_ms`, by id.
 async fn discover(
     net: &NetArgs,
@@ -96,6 +146,7 @@ async fn discover(
 /// (highest term), follows NotLeader hints, and listens again while an election runs.
 async fn leader_members(
     net: &NetArgs,
+    auth: &Auth,
     wait_ms: u64,
 ) -> anyhow::Result<(u64, SocketAddr, Vec<MemberInfo>)> {
     let join = resolve_join(&net.join)?;
@@ -110,7 +161,7 @@ async fn leader_members(
             let request = node::MembersRequest {
                 cluster: net.cluster.clone(),
             };
-            match node::request_members(addr, id, request).await {
+            match node::request_members(&auth.dialer, auth.admin, addr, id, request).await {
                 Ok(members) => return Ok((id, addr, members)),
                 Err(JoinCallError::Refused(JoinError::NotLeader { leader: Some(l) }))
                     if l != id =>
@@ -181,7 +232,8 @@ fn find_member<'a>(members: &'a [MemberInfo], wanted: &str) -> anyhow::Result<&'
 }
 
 pub(crate) async fn members(net: &NetArgs, args: &MembersArgs) -> anyhow::Result<()> {
-    let (_, _, members) = leader_members(net, args.wait_ms).await?;
+    let auth = auth(net, None)?;
+    let (_, _, members) = leader_members(net, &auth, args.wait_ms).await?;
     if args.json {
         let rows: Vec<serde_json::Value> = members.iter().map(member_json).collect();
         println!("{}", serde_json::Value::Array(rows));
@@ -230,7 +282,8 @@ fn member_json(m: &MemberInfo) -> serde_json::Value {
 }
 
 pub(crate) async fn remove_node(net: &NetArgs, args: &RemoveArgs) -> anyhow::Result<()> {
-    let (leader, addr, members) = leader_members(net, args.wait_ms).await?;
+    let auth = auth(net, None)?;
+    let (leader, addr, members) = leader_members(net, &auth, args.wait_ms).await?;
     let target = find_member(&members, &args.node)?;
     if target.id == leader {
         bail!(
@@ -244,7 +297,7 @@ pub(crate) async fn remove_node(net: &NetArgs, args: &RemoveArgs) -> anyhow::Res
         cluster: net.cluster.clone(),
         id: target.id,
     };
-    let reply = node::request_remove(addr, leader, request)
+    let reply = node::request_remove(&auth.dialer, auth.admin, addr, leader, request)
         .await
         .with_context(|| format!("removing {} through leader {leader}", label(target)))?;
     let how = match reply {
@@ -263,7 +316,8 @@ pub(crate) async fn leave(net: &NetArgs, args: &LeaveArgs) -> anyhow::Result<()>
             .to_string(),
         (None, None) => bail!("say which node leaves: `server leave NAME` or --data-dir DIR"),
     };
-    let (_, _, members) = leader_members(net, args.wait_ms).await?;
+    let auth = auth(net, args.data_dir.as_deref())?;
+    let (_, _, members) = leader_members(net, &auth, args.wait_ms).await?;
     // The node itself refuses when it is the last voter: it decides on its own current view.
     let target = find_member(&members, &wanted)?;
     let addr: SocketAddr = target
@@ -274,7 +328,7 @@ pub(crate) async fn leave(net: &NetArgs, args: &LeaveArgs) -> anyhow::Result<()>
     let request = node::LeaveRequest {
         cluster: net.cluster.clone(),
     };
-    let reply = node::request_leave(addr, target.id, request)
+    let reply = node::request_leave(&auth.dialer, auth.admin, addr, target.id, request)
         .await
         .with_context(|| format!("asking {} (id {}) to leave", label(target), target.id))?;
     match reply {

@@ -58,6 +58,10 @@ enum Command {
     /// is removed from the membership, and stops. Restarted, it stays out unless started with
     /// --rejoin. The last voter cannot leave.
     Leave(admin::LeaveArgs),
+    /// Print the cluster's join token: give it (`--token` or CELLCHAT_TOKEN) to a node on
+    /// another machine to join, or to operator commands run elsewhere. Read from the data dir
+    /// of a node on this machine; it is a secret.
+    Token(admin::TokenArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -91,6 +95,21 @@ pub(crate) struct NetArgs {
         global = true
     )]
     pub(crate) join: Vec<String>,
+    /// The cluster's join token (`server token` prints it on a member's machine): a fresh node
+    /// given it joins that cluster from another machine; operator commands use it to prove
+    /// they may administer the cluster. Not needed on the machine that made the cluster: nodes
+    /// and commands find it next to the data dirs.
+    #[arg(long, env = "CELLCHAT_TOKEN", hide_env_values = true, global = true)]
+    pub(crate) token: Option<String>,
+    /// Where to look for (and create) node-N data directories when --data-dir is not given;
+    /// the cluster's CA and token are kept in cluster-NAME next to the data dirs.
+    #[arg(
+        long,
+        env = "CELLCHAT_DATA_ROOT",
+        default_value = "data",
+        global = true
+    )]
+    pub(crate) data_root: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -100,9 +119,6 @@ struct RunArgs {
     /// Data directory of this node. Default: the first unlocked ./data/node-N.
     #[arg(long, env = "CELLCHAT_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Where to look for (and create) node-N data directories when --data-dir is not given.
-    #[arg(long, env = "CELLCHAT_DATA_ROOT", default_value = "data")]
-    data_root: PathBuf,
     /// Address to listen on.
     #[arg(long, env = "CELLCHAT_HOST", default_value = "127.0.0.1")]
     host: IpAddr,
@@ -225,6 +241,7 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(admin::remove_node(&cli.run.net, &args))
         }
         Some(Command::Leave(args)) => runtime.block_on(admin::leave(&cli.run.net, &args)),
+        Some(Command::Token(args)) => admin::token(&cli.run.net, &args),
         None => runtime.block_on(run(cli.run)),
     }
 }
@@ -271,7 +288,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let weaken = node::Weaken::parse(&args.weaken).map_err(|e| anyhow::anyhow!(e))?;
     let data_dir = match &args.data_dir {
         Some(dir) => DataDir::open(dir)?,
-        None => DataDir::pick(&args.data_root)?,
+        None => DataDir::pick(&args.net.data_root)?,
     };
     let path = data_dir.path().to_path_buf();
     let mut config = Config::new(&path);
@@ -301,6 +318,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     config.weaken = weaken;
     config.name = args.name.clone();
     config.rejoin = args.rejoin;
+    config.token = args
+        .net
+        .token
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .context("--token")?;
     let server = Server::start(config, data_dir).await?;
     let addrs = server.addrs();
     tracing::info!(

@@ -24,6 +24,7 @@ use crate::push::PushPool;
 use crate::retry::{jitter, Decision, Failure, Retry, Target};
 use crate::routing::{ClientEvent, Routes, ServerInfo, Status};
 use crate::stream::{Streams, Subscription};
+use crate::trust::ClusterTrust;
 
 /// A client of one cellchat cluster; cheap to clone, every clone shares one session (client id,
 /// client seqs, read token, connections).
@@ -72,14 +73,20 @@ impl Client {
         };
         let config = Arc::new(config);
         let routes = Arc::new(Routes::new());
-        let pool = Arc::new(Pool::new(config.clone(), identity, routes.clone()));
+        let trust = Arc::new(ClusterTrust::for_config(&config).map_err(Error::Trust)?);
+        let pool = Arc::new(Pool::new(
+            config.clone(),
+            trust.clone(),
+            identity,
+            routes.clone(),
+        ));
         let prober = Arc::new(Prober::new(config.clone(), routes.clone(), pool.clone())?);
         prober.initial_discovery().await?;
         prober.probe_all().await;
         let streams = Streams {
             routes: routes.clone(),
             pool: pool.clone(),
-            push: Arc::new(PushPool::new(config.clone(), routes.clone())),
+            push: Arc::new(PushPool::new(config.clone(), trust, routes.clone())),
             wait: config.stream_wait,
         };
         let refresher = tokio::spawn(prober.clone().refresh_loop());

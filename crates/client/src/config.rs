@@ -26,8 +26,13 @@ pub struct ClientConfig {
     pub name: Option<String>,
     /// The key to log in with; its name wins over `name` (which must then be unset or equal).
     pub identity: Option<Identity>,
-    /// Config dir for identities; default `$CELLCHAT_CONFIG_DIR` or the user's config dir.
+    /// Config dir for identities and pinned cluster CAs; default `$CELLCHAT_CONFIG_DIR` or
+    /// the user's config dir.
     pub config_dir: Option<PathBuf>,
+    /// The cluster's join token, or any token of it: the client trusts only nodes signed by
+    /// its CA. `None`: the CA pinned for this cluster name, or the first one met (see
+    /// `trust.rs`).
+    pub token: Option<proto::tls::JoinToken>,
     /// How long one discovery round collects announcements. Default 300 ms; 10 ms to 10 s.
     pub discovery_window: Duration,
     /// TCP connect timeout per node. Default 500 ms; 10 ms to 10 s. Short, so a dead node is
@@ -61,6 +66,7 @@ impl Default for ClientConfig {
             name: None,
             identity: None,
             config_dir: None,
+            token: None,
             discovery_window: Duration::from_millis(300),
             connect_timeout: Duration::from_millis(500),
             request_timeout: Duration::from_secs(5),

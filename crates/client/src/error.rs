@@ -79,4 +79,7 @@ pub enum Error {
     /// A local socket could not be opened.
     #[error("discovery socket: {0}")]
     Discovery(#[source] std::io::Error),
+    /// The pinned CAs (`known_clusters` in the config dir) could not be read.
+    #[error("cluster pins: {0}")]
+    Trust(#[source] std::io::Error),
 }

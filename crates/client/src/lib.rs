@@ -46,6 +46,7 @@ mod retry;
 mod routing;
 mod stream;
 pub mod time;
+pub mod trust;
 
 pub use client::Client;
 pub use config::ClientConfig;

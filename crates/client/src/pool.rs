@@ -16,6 +16,7 @@ use crate::config::ClientConfig;
 use crate::identity::Identity;
 use crate::retry::Failure;
 use crate::routing::Routes;
+use crate::trust::ClusterTrust;
 
 /// One open connection to a node.
 #[derive(Clone)]
@@ -25,6 +26,8 @@ struct Conn {
     serial: u64,
     /// The unused login challenge of its hello; a login attempt takes it.
     challenge: Option<[u8; 32]>,
+    /// The TLS session's login binding; the login signature covers it.
+    binding: [u8; 32],
     /// Whether it logged in, so it can send.
     logged_in: bool,
 }
@@ -35,6 +38,7 @@ struct Conn {
 /// connection in `conns` is logged in.
 pub(crate) struct Pool {
     config: Arc<ClientConfig>,
+    trust: Arc<ClusterTrust>,
     identity: Option<Identity>,
     routes: Arc<Routes>,
     conns: Mutex<HashMap<u64, Conn>>,
@@ -67,11 +71,13 @@ pub(crate) fn ctx(timeout: Duration) -> tarpc::context::Context {
 impl Pool {
     pub(crate) fn new(
         config: Arc<ClientConfig>,
+        trust: Arc<ClusterTrust>,
         identity: Option<Identity>,
         routes: Arc<Routes>,
     ) -> Self {
         Self {
             config,
+            trust,
             identity,
             routes,
             conns: Mutex::new(HashMap::new()),
@@ -113,10 +119,11 @@ impl Pool {
         let addr = (self.routes.addr_of(node))
             .ok_or_else(|| Failure::Transport(format!("node {node} unknown")))?;
         let fail = |e: &dyn Display| Failure::Transport(format!("connect to {addr}: {e}"));
-        let client = tokio::time::timeout(self.config.connect_timeout, proto::connect_chat(addr))
-            .await
-            .map_err(|_| fail(&"timed out"))?
-            .map_err(|e| fail(&e))?;
+        let (client, binding) =
+            proto::connect_chat(addr, self.trust.chat.clone(), self.config.connect_timeout)
+                .await
+                .map_err(|e| fail(&e))?;
+        self.trust.remember();
         let welcome = self.hello(&client, addr).await?;
         if welcome.node_id != node {
             return Err(fail(&format_args!("answered as node {}", welcome.node_id)));
@@ -125,6 +132,7 @@ impl Pool {
             client,
             serial: self.conn_serial.fetch_add(1, Ordering::Relaxed),
             challenge: Some(welcome.challenge),
+            binding,
             logged_in: false,
         };
         // Another task may have dialed the node meanwhile: keep theirs, so there is one
@@ -214,7 +222,12 @@ impl Pool {
                 }
             },
         };
-        let message = proto::login_message(&challenge, &self.config.cluster, identity.name());
+        let message = proto::login_message(
+            &challenge,
+            &conn.binding,
+            &self.config.cluster,
+            identity.name(),
+        );
         let login = Login {
             name: identity.name().to_owned(),
             public_key: identity.public_key(),

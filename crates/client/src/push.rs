@@ -19,15 +19,16 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use parking_lot::Mutex;
 use proto::push::{self, ClientFrame, PushHello, ServerFrame, Subscribe};
+use proto::TlsTcp;
 use proto::{ApiError, MessageBatch};
 use tarpc::tokio_util::codec::FramedRead;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::config::ClientConfig;
 use crate::retry::Failure;
 use crate::routing::Routes;
+use crate::trust::ClusterTrust;
 
 /// Batches buffered per subscription before the connection stops reading.
 const SUB_EVENTS_CAPACITY: usize = 64;
@@ -51,6 +52,7 @@ pub(crate) enum DialError {
 /// The push connections of one client, by node id.
 pub(crate) struct PushPool {
     config: Arc<ClientConfig>,
+    trust: Arc<ClusterTrust>,
     routes: Arc<Routes>,
     conns: Mutex<HashMap<u64, Arc<PushConn>>>,
     unsupported: Mutex<HashMap<u64, Instant>>,
@@ -59,9 +61,14 @@ pub(crate) struct PushPool {
 }
 
 impl PushPool {
-    pub(crate) fn new(config: Arc<ClientConfig>, routes: Arc<Routes>) -> Self {
+    pub(crate) fn new(
+        config: Arc<ClientConfig>,
+        trust: Arc<ClusterTrust>,
+        routes: Arc<Routes>,
+    ) -> Self {
         Self {
             config,
+            trust,
             routes,
             conns: Mutex::default(),
             unsupported: Mutex::default(),
@@ -96,7 +103,7 @@ impl PushPool {
         if let Some(conn) = self.live(node) {
             return Ok(conn);
         }
-        let conn = match dial(&self.config, &self.routes, node).await {
+        let conn = match dial(&self.config, &self.trust, &self.routes, node).await {
             Ok(conn) => Arc::new(conn),
             Err(DialError::Unsupported) => {
                 tracing::info!(node, "node does not speak push; using long polls");
@@ -185,7 +192,12 @@ impl PushConn {
 }
 
 /// Connects to `node`, says hello and waits for the welcome.
-async fn dial(config: &ClientConfig, routes: &Routes, node: u64) -> Result<PushConn, DialError> {
+async fn dial(
+    config: &ClientConfig,
+    trust: &ClusterTrust,
+    routes: &Routes,
+    node: u64,
+) -> Result<PushConn, DialError> {
     let Some(addr) = routes.addr_of(node) else {
         return Err(DialError::Failed(Failure::Transport(format!(
             "node {node} unknown"
@@ -194,12 +206,16 @@ async fn dial(config: &ClientConfig, routes: &Routes, node: u64) -> Result<PushC
     let fail = |step: &str, e: &dyn std::fmt::Display| {
         DialError::Failed(Failure::Transport(format!("push {step} {addr}: {e}")))
     };
-    let stream = tokio::time::timeout(config.connect_timeout, TcpStream::connect(addr))
-        .await
-        .map_err(|_| fail("connect to", &"timed out"))?
-        .map_err(|e| fail("connect to", &e))?;
-    proto::set_socket_options(&stream).map_err(|e| fail("socket", &e))?;
-    let (read, mut write) = stream.into_split();
+    let stream = proto::connect_tls(
+        addr,
+        trust.push.clone(),
+        proto::tls::any_node(),
+        config.connect_timeout,
+    )
+    .await
+    .map_err(|e| fail("connect to", &e))?;
+    trust.remember();
+    let (read, mut write) = tokio::io::split(stream);
     let hello = push::encode_frame(&ClientFrame::Hello(PushHello::new(
         config.cluster.clone(),
         None,
@@ -209,12 +225,19 @@ async fn dial(config: &ClientConfig, routes: &Routes, node: u64) -> Result<PushC
         .write_all(&opening)
         .await
         .map_err(|e| fail("hello to", &e))?;
+    write.flush().await.map_err(|e| fail("hello to", &e))?;
     let mut frames = FramedRead::new(read, push::frame_codec(proto::FRAME_BYTES_MAX));
     let first = tokio::time::timeout(config.request_timeout, frames.next()).await;
     let welcome = match first.map_err(|_| fail("hello to", &"timed out"))? {
         // A node without push reads the magic as an oversized tarpc frame and hangs up.
         None => return Err(DialError::Unsupported),
-        Some(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+        // Over TLS a hangup without close_notify reads as an unexpected EOF.
+        Some(Err(e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof
+            ) =>
+        {
             return Err(DialError::Unsupported)
         }
         Some(Err(e)) => return Err(fail("hello to", &e)),
@@ -247,14 +270,14 @@ async fn dial(config: &ClientConfig, routes: &Routes, node: u64) -> Result<PushC
 }
 
 type Frames =
-    FramedRead<tokio::net::tcp::OwnedReadHalf, tarpc::tokio_util::codec::LengthDelimitedCodec>;
+    FramedRead<tokio::io::ReadHalf<TlsTcp>, tarpc::tokio_util::codec::LengthDelimitedCodec>;
 
 /// The connection task: writes client frames, routes server frames, ends on any failure.
 async fn run(
     shared: Arc<ConnShared>,
     node: u64,
     mut frames: Frames,
-    mut write: tokio::net::tcp::OwnedWriteHalf,
+    mut write: tokio::io::WriteHalf<TlsTcp>,
     mut outgoing: mpsc::UnboundedReceiver<ClientFrame>,
     silence: Duration,
 ) {
@@ -263,7 +286,8 @@ async fn run(
         tokio::select! {
             frame = outgoing.recv() => {
                 let Some(frame) = frame else { break "client gone".to_owned() };
-                if let Err(e) = write.write_all(&push::encode_frame(&frame)).await {
+                let frame = push::encode_frame(&frame);
+                if let Err(e) = async { write.write_all(&frame).await?; write.flush().await }.await {
                     break format!("write: {e}");
                 }
             }

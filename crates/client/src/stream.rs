@@ -294,11 +294,22 @@ mod tests {
     async fn deliver_skips_duplicates_and_stops_at_gaps() {
         let (tx, mut rx) = mpsc::channel(16);
         let routes = Arc::new(Routes::new());
-        let config = Arc::new(crate::ClientConfig::default());
+        let config = Arc::new(crate::ClientConfig {
+            token: Some(proto::tls::JoinToken::generate(proto::tls::Fingerprint(
+                [0; 32],
+            ))),
+            ..crate::ClientConfig::default()
+        });
+        let trust = Arc::new(crate::trust::ClusterTrust::for_config(&config).unwrap());
         let mut follower = Follower {
             s: Streams {
-                pool: Arc::new(Pool::new(config.clone(), None, routes.clone())),
-                push: Arc::new(PushPool::new(config, routes.clone())),
+                pool: Arc::new(Pool::new(
+                    config.clone(),
+                    trust.clone(),
+                    None,
+                    routes.clone(),
+                )),
+                push: Arc::new(PushPool::new(config, trust, routes.clone())),
                 routes,
                 wait: Duration::from_secs(1),
             },

@@ -78,6 +78,7 @@ impl Shared {
 struct MockChat {
     id: u64,
     shared: Arc<Shared>,
+    binding: [u8; 32],
     challenge: Arc<Mutex<Option<[u8; 32]>>>,
     user: Arc<Mutex<Option<String>>>,
 }
@@ -126,7 +127,7 @@ impl proto::Chat for MockChat {
             VerifyingKey::from_bytes(&req.public_key).map_err(|_| ApiError::Unauthenticated)?;
         let sig = Signature::from_slice(&req.signature).map_err(|_| ApiError::Unauthenticated)?;
         key.verify_strict(
-            &proto::login_message(&challenge, &self.shared.cluster, &req.name),
+            &proto::login_message(&challenge, &self.binding, &self.shared.cluster, &req.name),
             &sig,
         )
         .map_err(|_| ApiError::Unauthenticated)?;
@@ -296,9 +297,42 @@ enum UdpPings {
 /// A mock cluster of `n` nodes with ids 1..=n; node `leader` leads.
 struct Mock {
     shared: Arc<Shared>,
+    /// The mock cluster's CA, which the clients' tokens name.
+    ca: proto::tls::Fingerprint,
     discovery_port: u16,
     tasks: Vec<Arc<Mutex<JoinSet<()>>>>,
     _discovery: tokio::task::JoinHandle<()>,
+}
+
+/// A CA and one node certificate for every mock node (they need not tell themselves apart to
+/// the client), served without client certificates, as a node's client port is.
+fn mock_tls() -> (Arc<rustls::ServerConfig>, proto::tls::Fingerprint) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::default();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec![proto::tls::NODE_NAME.to_owned()])
+        .unwrap()
+        .signed_by(&key, &Issuer::new(ca_params, &ca_key))
+        .unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(proto::tls::provider())
+        .with_protocol_versions(proto::tls::VERSIONS)
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone(), ca.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    // Both protocols, as a node offers: the mock then reads a push opening as tarpc and hangs
+    // up, as a node without push would, and clients fall back to long polls.
+    config.alpn_protocols = vec![
+        proto::tls::ALPN_CHAT.to_vec(),
+        proto::tls::ALPN_PUSH.to_vec(),
+    ];
+    (Arc::new(config), proto::tls::Fingerprint::of(ca.der()))
 }
 
 impl Mock {
@@ -319,11 +353,11 @@ impl Mock {
             nodes: Mutex::new(Vec::new()),
             open_conns: AtomicU64::new(0),
         });
+        let (tls, ca) = mock_tls();
         let mut tasks = Vec::new();
         for id in 1..=n {
-            let listener: proto::ChatListener =
-                proto::listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
-            let addr = listener.local_addr();
+            let listener = proto::listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+            let addr = listener.local_addr().unwrap();
             let set = Arc::new(Mutex::new(JoinSet::new()));
             if pings == UdpPings::Answered {
                 // Like a node: a ping socket on the client address, gone with the node.
@@ -341,26 +375,34 @@ impl Mock {
             }
             let inner_set = set.clone();
             let node_shared = shared.clone();
+            let tls = tls.clone();
             set.lock().unwrap().spawn(async move {
                 loop {
-                    let Ok((transport, _)) = listener.accept().await else {
+                    let Ok((stream, _)) = listener.accept().await else {
                         continue;
                     };
-                    let server = MockChat {
-                        id,
-                        shared: node_shared.clone(),
-                        challenge: Arc::default(),
-                        user: Arc::default(),
-                    };
-                    let conns = node_shared.clone();
-                    conns.open_conns.fetch_add(1, Ordering::SeqCst);
-                    let served = BaseChannel::with_defaults(transport)
-                        .execute(proto::Chat::serve(server))
-                        .for_each(|response| async move {
-                            tokio::spawn(response);
-                        });
+                    let node_shared = node_shared.clone();
+                    let tls = tls.clone();
                     inner_set.lock().unwrap().spawn(async move {
-                        served.await;
+                        let Ok(stream) = proto::accept_tls(stream, tls).await else {
+                            return;
+                        };
+                        let binding = proto::tls::stream_binding(&stream).unwrap();
+                        let server = MockChat {
+                            id,
+                            shared: node_shared.clone(),
+                            binding,
+                            challenge: Arc::default(),
+                            user: Arc::default(),
+                        };
+                        let conns = node_shared.clone();
+                        conns.open_conns.fetch_add(1, Ordering::SeqCst);
+                        BaseChannel::with_defaults(proto::framed(stream))
+                            .execute(proto::Chat::serve(server))
+                            .for_each(|response| async move {
+                                tokio::spawn(response);
+                            })
+                            .await;
                         conns.open_conns.fetch_sub(1, Ordering::SeqCst);
                     });
                 }
@@ -415,6 +457,7 @@ impl Mock {
         });
         Mock {
             shared,
+            ca,
             discovery_port,
             tasks,
             _discovery: discovery,
@@ -434,6 +477,7 @@ impl Mock {
     fn config(&self, name: &str) -> ClientConfig {
         ClientConfig {
             identity: Some(Identity::ephemeral(name, None)),
+            token: Some(proto::tls::JoinToken::generate(self.ca)),
             probe_interval: Duration::from_millis(200),
             ..ClientConfig::new(self.shared.cluster.clone(), self.discovery_port)
         }

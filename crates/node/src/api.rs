@@ -98,6 +98,8 @@ impl TokenBucket {
 
 struct ConnState {
     hello: bool,
+    /// The TLS session's login binding; a login signature must cover it.
+    binding: [u8; 32],
     challenge: Option<[u8; 32]>,
     user: Option<String>,
     bucket: TokenBucket,
@@ -170,10 +172,11 @@ fn not_leader(leader: Option<(NodeId, Member)>) -> ApiError {
 }
 
 impl ChatServer {
-    /// A server value for a new connection.
-    pub fn new(shared: Arc<ApiShared>) -> ChatServer {
+    /// A server value for a new connection whose TLS session has login binding `binding`.
+    pub fn new(shared: Arc<ApiShared>, binding: [u8; 32]) -> ChatServer {
         let conn = ConnState {
             hello: false,
+            binding,
             challenge: None,
             user: None,
             bucket: TokenBucket::new(shared.conn_rate_per_s, shared.conn_burst),
@@ -273,7 +276,8 @@ impl proto::Chat for ChatServer {
         if !chat_sm::valid_user_name(&req.name) {
             return Err(ApiError::Rejected(RejectReason::InvalidName));
         }
-        let message = proto::login_message(&challenge, &self.shared.cluster, &req.name);
+        let binding = self.conn.lock().binding;
+        let message = proto::login_message(&challenge, &binding, &self.shared.cluster, &req.name);
         let verified = VerifyingKey::from_bytes(&req.public_key).is_ok_and(|key| {
             Signature::from_slice(&req.signature)
                 .is_ok_and(|signature| key.verify_strict(&message, &signature).is_ok())

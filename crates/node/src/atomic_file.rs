@@ -1,6 +1,5 @@
 //! Small files replaced atomically and durably: write a temp file, fsync it, rename it over the
-//! old one, fsync the directory. Used for the log's purge point, which openraft requires to be
-//! persisted before any entry is deleted.
+//! old one, fsync the directory. Used for the node's identity files and its TLS keys.
 
 use std::fs;
 use std::io::{self, Write};
@@ -11,12 +10,36 @@ use std::path::Path;
 /// # Errors
 /// Any io error; on error the old file is still in place (or absent, if there was none).
 pub fn write_durably(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_durably_with_mode(path, bytes, 0o644)
+}
+
+/// Replaces `path` with `bytes`, durably, readable by its owner only (keys, tokens). The temp
+/// file is created with that mode, so the secret is never readable by others, not even
+/// between the write and the rename.
+///
+/// # Errors
+/// As [`write_durably`].
+pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_durably_with_mode(path, bytes, 0o600)
+}
+
+fn write_durably_with_mode(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = path
         .parent()
         .ok_or_else(|| io::Error::other("atomic file path has no parent directory"))?;
     let tmp = path.with_extension("tmp");
     {
-        let mut file = fs::File::create(&tmp)?;
+        // A leftover temp file from a crash may have another mode; start from nothing.
+        match fs::remove_file(&tmp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
         file.write_all(bytes)?;
         // Crash before this fsync returns: the temp file may be torn, but the old file is
         // untouched and the temp file is ignored (and overwritten) next time.

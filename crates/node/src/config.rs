@@ -78,6 +78,9 @@ pub struct Config {
     /// Clear the `LEFT` marker of a node that left with `server leave` and join again.
     /// Default false: a node that left stays out. Without a marker it changes nothing.
     pub rejoin: bool,
+    /// The join token of the cluster to join from another machine (`--token`); `None` uses
+    /// the node's own TLS identity or the cluster directory next to its data dir.
+    pub token: Option<proto::tls::JoinToken>,
 }
 
 impl Config {
@@ -111,6 +114,7 @@ impl Config {
             weaken: Weaken::default(),
             name: None,
             rejoin: false,
+            token: None,
         }
     }
 

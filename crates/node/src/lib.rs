@@ -18,12 +18,14 @@ pub mod codec;
 mod config;
 mod data_dir;
 mod delivery;
+mod enroll;
 pub mod formation;
 mod handover;
 mod leader_watch;
 mod log_store;
 mod metrics;
 mod name;
+pub mod pki;
 mod proposer;
 mod push;
 mod raft;
@@ -45,6 +47,7 @@ pub use cluster::{
 pub use config::Config;
 pub use data_dir::{DataDir, DataDirError};
 pub use delivery::Delivery;
+pub use enroll::EnrollFailed;
 pub use handover::{hand_over, DiskWatchdog, WriteGate};
 pub use log_store::{AckPolicy, LogStore, SyncWatch, APPEND_BYTES_MAX, WAL_DIR};
 pub use metrics::{DiskPaths, Metrics, NodeInfo, StorageMetrics};
@@ -52,8 +55,9 @@ pub use name::{default_name, validate_name, NameError, NAME_LEN_MAX};
 pub use proposer::{ProposeError, Proposed, Proposer, ProposerConfig};
 pub use raft::{metrics_now, start_raft, Raft};
 pub use raft_rpc::{
-    request_leave, request_members, request_remove, JoinCallError, Network, RaftRpcServer,
-    WrongNode,
+    connect_raft, request_enroll, request_leave, request_members, request_remove, AdminCredential,
+    Dialer, EnrollError, EnrollReply, EnrollRequest, JoinCallError, Network, RaftRpcClient,
+    RaftRpcServer, WrongNode,
 };
 pub use reconcile::{reconcile, Reconciled};
 pub use server::{Server, ServerError};

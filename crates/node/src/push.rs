@@ -20,11 +20,11 @@ use proto::push::{
     self, ClientFrame, FrameError, PushWelcome, ServerFrame, Subscribe, CLIENT_FRAME_BYTES_MAX,
     HEARTBEAT_MS,
 };
+use proto::TlsTcp;
 use proto::{ApiError, MessageBatch, RejectReason};
 use tarpc::tokio_util::codec::FramedRead;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
-use tokio::net::TcpStream;
+use tokio::io::WriteHalf;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -168,7 +168,7 @@ fn batch_after(
 
 /// The write side of one push connection, shared by its tasks.
 struct Out {
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    writer: tokio::sync::Mutex<WriteHalf<TlsTcp>>,
     /// When the last frame was written, in ms since `started`.
     last_write_ms: AtomicU64,
     started: Instant,
@@ -179,17 +179,21 @@ struct Out {
 impl Out {
     /// Writes `frame` (head then body) on a locked writer. Returns false, and closes the
     /// connection, if the write failed or took longer than [`WRITE_TIMEOUT`].
-    async fn write_locked(&self, writer: &mut OwnedWriteHalf, mut frame: impl Buf) -> bool {
-        let error =
-            match tokio::time::timeout(WRITE_TIMEOUT, writer.write_all_buf(&mut frame)).await {
-                Ok(Ok(())) => {
-                    let ms = self.started.elapsed().as_millis() as u64;
-                    self.last_write_ms.store(ms, Ordering::Relaxed);
-                    return true;
-                }
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => "timed out".to_owned(),
-            };
+    async fn write_locked(&self, writer: &mut WriteHalf<TlsTcp>, mut frame: impl Buf) -> bool {
+        // The flush pushes the TLS records out now rather than when the buffer fills.
+        let writing = async {
+            writer.write_all_buf(&mut frame).await?;
+            writer.flush().await
+        };
+        let error = match tokio::time::timeout(WRITE_TIMEOUT, writing).await {
+            Ok(Ok(())) => {
+                let ms = self.started.elapsed().as_millis() as u64;
+                self.last_write_ms.store(ms, Ordering::Relaxed);
+                return true;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "timed out".to_owned(),
+        };
         tracing::debug!(%error, "push write failed; closing the connection");
         self.closed.send_replace(true);
         false
@@ -247,12 +251,12 @@ fn undecodable(e: &FrameError) -> ApiError {
 pub async fn serve_connection(
     shared: Arc<ApiShared>,
     cache: Arc<BatchCache>,
-    stream: TcpStream,
+    stream: TlsTcp,
     peer: SocketAddr,
 ) {
     let _connected = GaugeGuard::new(&shared.metrics.connected_clients);
     let _push = GaugeGuard::new(&shared.metrics.push_connections);
-    let (read, write) = stream.into_split();
+    let (read, write) = tokio::io::split(stream);
     let mut frames = FramedRead::new(read, push::frame_codec(CLIENT_FRAME_BYTES_MAX));
     let (closed, mut closed_rx) = watch::channel(false);
     let out = Arc::new(Out {

@@ -1,6 +1,12 @@
 //! Node-to-node Raft RPC over tarpc: the `RaftRpc` service, its server, and openraft's network
 //! (the v2 trait) with a per-peer connection pool.
 //!
+//! Every connection is TLS. A peer proves with its certificate which node it is, and every
+//! Raft request is checked against it: the sender a vote or append names must be the node the
+//! certificate names, so nothing from outside the cluster reaches openraft. Admin calls carry
+//! the admin credential derived from the join token; enrollment (a new node asking for its
+//! certificate) carries the join secret.
+//!
 //! Every request names the node it is meant for. A node that receives a request addressed to
 //! another id answers `WrongNode` instead of acting on it, so an address reused by a different
 //! node (a restart on a recycled port, a stale membership) can never make a leader replicate
@@ -27,6 +33,7 @@ use openraft::raft::{
     TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use parking_lot::Mutex;
+use rustls::pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 use tarpc::client::RpcError;
 use tarpc::context;
@@ -37,6 +44,7 @@ use crate::cluster::{
     self, JoinError, JoinReply, JoinRequest, LeaderContact, RemoveReply, RemoveRequest,
 };
 use crate::leader_watch::{InboundConn, LeaderWatch};
+use crate::pki::{NodeTls, RemotePublicKey};
 use crate::raft::Raft;
 use crate::snapshot_file::SnapshotFile;
 use crate::snapshot_transfer::{self, SnapshotChunk, SnapshotReceiver, TransferError};
@@ -61,6 +69,73 @@ pub enum WrongNode {
         /// Who refused it.
         actual: NodeId,
     },
+    /// The caller did not prove who it is: no certificate naming the sender, or a wrong admin
+    /// credential.
+    #[error("node {actual} refused an unauthenticated request: {reason}")]
+    Unauthenticated {
+        /// Who refused it.
+        actual: NodeId,
+        /// What was missing.
+        reason: String,
+    },
+}
+
+/// What proves an admin call: [`proto::tls::JoinToken::admin_credential`].
+pub type AdminCredential = [u8; 32];
+
+/// A new node's request for its certificate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    /// The cluster it means to join.
+    pub cluster: String,
+    /// Its node id, which the certificate will name.
+    pub id: NodeId,
+    /// Its P-256 public key (uncompressed SEC1 point).
+    pub public_key: Vec<u8>,
+    /// The join secret from its token.
+    pub secret: Vec<u8>,
+}
+
+/// What an enrolled node receives.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct EnrollReply {
+    /// The CA certificate (DER).
+    pub ca_cert: Vec<u8>,
+    /// The CA key (PKCS#8 PEM), so that this node can admit others in turn.
+    pub ca_key_pem: String,
+    /// The node's certificate (DER).
+    pub cert: Vec<u8>,
+}
+
+impl std::fmt::Debug for EnrollReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EnrollReply { .. }")
+    }
+}
+
+/// Why an enrollment was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum EnrollError {
+    /// The secret is not the cluster's.
+    #[error("the join token's secret is wrong (or was rotated): get the current one with `server token` on a member")]
+    WrongSecret,
+    /// The request names another cluster.
+    #[error("this node serves cluster {ours:?}, not {theirs:?}")]
+    WrongCluster {
+        /// The answering node's cluster.
+        ours: String,
+        /// The request's.
+        theirs: String,
+    },
+    /// The id belongs to a member already.
+    #[error("node id {0} is already a member; a node with a fresh data dir gets a fresh id")]
+    IdTaken(NodeId),
+    /// The public key is not a P-256 point.
+    #[error("the public key is not an uncompressed P-256 point")]
+    BadKey,
+    /// The CA could not sign.
+    #[error("the node could not issue a certificate: {0}")]
+    Issue(String),
 }
 
 /// What openraft answers for a vote, pre-vote or append.
@@ -97,18 +172,23 @@ pub trait RaftRpc {
     /// Asks the leader to remove a node from the membership (see `cluster::handle_remove`).
     async fn remove(
         to: NodeId,
+        admin: AdminCredential,
         req: RemoveRequest,
     ) -> Result<Result<RemoveReply, JoinError>, WrongNode>;
     /// Asks the leader for every member and its state (see `admin::Admin::handle_members`).
     async fn members(
         to: NodeId,
+        admin: AdminCredential,
         req: MembersRequest,
     ) -> Result<Result<Vec<MemberInfo>, JoinError>, WrongNode>;
     /// Asks the addressee to leave the cluster for good (see `admin::Admin::handle_leave`).
     async fn leave(
         to: NodeId,
+        admin: AdminCredential,
         req: LeaveRequest,
     ) -> Result<Result<LeaveReply, JoinError>, WrongNode>;
+    /// A new node with the join token asks for its certificate (see [`EnrollRequest`]).
+    async fn enroll(req: EnrollRequest) -> Result<EnrollReply, EnrollError>;
 }
 
 /// What the membership rule needs to know of the receiver.
@@ -161,8 +241,14 @@ pub struct RaftRpcServer {
     admin: Arc<Admin>,
     snapshots: SnapshotReceiver,
     contact: LeaderContact,
+    tls: Arc<NodeTls>,
     /// The connection this clone serves (each accepted connection gets its own).
     conn: InboundConn,
+    /// The certificate the connection's peer presented, verified against the cluster CA in
+    /// the handshake; `None` for callers without one (enrollment, admin tools).
+    peer: Option<Arc<CertificateDer<'static>>>,
+    /// The node id the certificate was found to name, once a request claimed it.
+    peer_id: Arc<Mutex<Option<NodeId>>>,
 }
 
 impl RaftRpcServer {
@@ -175,6 +261,7 @@ impl RaftRpcServer {
         admin: Arc<Admin>,
         snapshots: SnapshotReceiver,
         contact: LeaderContact,
+        tls: Arc<NodeTls>,
     ) -> Self {
         RaftRpcServer {
             id,
@@ -184,16 +271,95 @@ impl RaftRpcServer {
             admin,
             snapshots,
             contact,
+            tls,
             conn: InboundConn::default(),
+            peer: None,
+            peer_id: Arc::default(),
         }
     }
 
-    /// A clone that records what one newly accepted connection carries.
-    fn for_connection(&self) -> Self {
+    /// A clone that serves one newly accepted connection whose peer presented `peer`.
+    fn for_connection(&self, peer: Option<CertificateDer<'static>>) -> Self {
         RaftRpcServer {
             conn: InboundConn::default(),
+            peer: peer.map(Arc::new),
+            peer_id: Arc::default(),
             ..self.clone()
         }
+    }
+
+    /// Whether the connection's certificate names node `sender`. A connection serves one peer:
+    /// once a sender was proven, another one is refused.
+    fn authenticate(&self, sender: NodeId) -> Result<(), WrongNode> {
+        let refuse = |reason: &str| {
+            tracing::warn!(
+                sender,
+                reason,
+                "raft rpc refused: the peer did not prove its id"
+            );
+            Err(WrongNode::Unauthenticated {
+                actual: self.id,
+                reason: reason.to_owned(),
+            })
+        };
+        let mut proven = self.peer_id.lock();
+        match *proven {
+            Some(id) if id == sender => Ok(()),
+            Some(_) => refuse("the connection already speaks for another node"),
+            None => match &self.peer {
+                Some(cert) if proto::tls::cert_names_node(cert, sender) => {
+                    *proven = Some(sender);
+                    Ok(())
+                }
+                Some(_) => refuse("the certificate names another node"),
+                None => refuse("no node certificate"),
+            },
+        }
+    }
+
+    /// Whether `credential` is the cluster's admin credential.
+    fn check_admin(&self, to: NodeId, credential: &AdminCredential) -> Result<(), WrongNode> {
+        self.check(to)?;
+        if self.tls.token().admin_matches(credential) {
+            return Ok(());
+        }
+        tracing::warn!("admin rpc refused: wrong admin credential");
+        Err(WrongNode::Unauthenticated {
+            actual: self.id,
+            reason: "wrong admin credential (derived from the join token)".into(),
+        })
+    }
+
+    fn handle_enroll(&self, req: &EnrollRequest) -> Result<EnrollReply, EnrollError> {
+        if req.cluster != *self.cluster {
+            return Err(EnrollError::WrongCluster {
+                ours: self.cluster.to_string(),
+                theirs: req.cluster.chars().take(64).collect(),
+            });
+        }
+        if !self.tls.token().secret_matches(&req.secret) {
+            tracing::warn!(node = req.id, "enrollment refused: wrong join secret");
+            return Err(EnrollError::WrongSecret);
+        }
+        let taken = req.id == self.id
+            || crate::raft::with_server_metrics(&self.raft, |m| {
+                m.membership_config.membership().get_node(&req.id).is_some()
+            });
+        if taken {
+            return Err(EnrollError::IdTaken(req.id));
+        }
+        let key = RemotePublicKey::parse(&req.public_key).ok_or(EnrollError::BadKey)?;
+        let cert = self
+            .tls
+            .ca()
+            .issue(req.id, &key)
+            .map_err(|e| EnrollError::Issue(e.to_string()))?;
+        tracing::info!(node = req.id, "enrolled a new node");
+        Ok(EnrollReply {
+            ca_cert: self.tls.ca().cert().to_vec(),
+            ca_key_pem: self.tls.ca().key_pem(),
+            cert: cert.to_vec(),
+        })
     }
 
     fn check(&self, to: NodeId) -> Result<(), WrongNode> {
@@ -208,9 +374,11 @@ impl RaftRpcServer {
         }
     }
 
-    /// [`check`](Self::check), then [`admit`] for a request from `sender`.
+    /// [`check`](Self::check), [`authenticate`](Self::authenticate), then [`admit`] for a
+    /// request from `sender`.
     fn check_member(&self, to: NodeId, sender: NodeId, inbound: Inbound) -> Result<(), WrongNode> {
         self.check(to)?;
+        self.authenticate(sender)?;
         let view = crate::raft::with_server_metrics(&self.raft, |m| {
             let membership = m.membership_config.membership();
             MembershipView {
@@ -292,7 +460,7 @@ impl RaftRpc for RaftRpcServer {
         to: NodeId,
         req: TransferLeaderRequest<TypeConfig>,
     ) -> RaftAnswer<TransferLeaderResponse<TypeConfig>> {
-        self.check(to)?;
+        self.check_member(to, sender_of(req.from_leader()), Inbound::Vote)?;
         Ok(self
             .raft
             .handle_transfer_leader(req)
@@ -307,6 +475,7 @@ impl RaftRpc for RaftRpcServer {
         req: JoinRequest,
     ) -> Result<Result<JoinReply, JoinError>, WrongNode> {
         self.check(to)?;
+        self.authenticate(req.id)?;
         tracing::info!(node = req.id, raft_addr = %req.member.raft_addr, "join request");
         Ok(cluster::handle_join(&self.raft, &self.cluster, req).await)
     }
@@ -315,9 +484,10 @@ impl RaftRpc for RaftRpcServer {
         self,
         _: context::Context,
         to: NodeId,
+        admin: AdminCredential,
         req: RemoveRequest,
     ) -> Result<Result<RemoveReply, JoinError>, WrongNode> {
-        self.check(to)?;
+        self.check_admin(to, &admin)?;
         tracing::info!(node = req.id, "remove request");
         Ok(cluster::handle_remove(&self.raft, &self.cluster, req).await)
     }
@@ -326,9 +496,10 @@ impl RaftRpc for RaftRpcServer {
         self,
         _: context::Context,
         to: NodeId,
+        admin: AdminCredential,
         req: MembersRequest,
     ) -> Result<Result<Vec<MemberInfo>, JoinError>, WrongNode> {
-        self.check(to)?;
+        self.check_admin(to, &admin)?;
         Ok(self.admin.handle_members(&req))
     }
 
@@ -336,11 +507,20 @@ impl RaftRpc for RaftRpcServer {
         self,
         _: context::Context,
         to: NodeId,
+        admin: AdminCredential,
         req: LeaveRequest,
     ) -> Result<Result<LeaveReply, JoinError>, WrongNode> {
-        self.check(to)?;
+        self.check_admin(to, &admin)?;
         tracing::info!("leave request");
         Ok(self.admin.handle_leave(&req).await)
+    }
+
+    async fn enroll(
+        self,
+        _: context::Context,
+        req: EnrollRequest,
+    ) -> Result<EnrollReply, EnrollError> {
+        self.handle_enroll(&req)
     }
 }
 
@@ -372,10 +552,18 @@ pub enum JoinCallError {
 /// The answer every admin RPC gives: refused by the leader, or sent to the wrong node.
 type AdminAnswer<T> = Result<Result<T, JoinError>, WrongNode>;
 
-/// Makes one admin call over a fresh connection to `addr`, waiting at most `timeout`, and folds
-/// its three layers of failure (transport, wrong node, refusal) into one error.
+/// How one side dials another's Raft port for a one-off call: with the node's own
+/// certificate (node to node) or with none (admin tools, enrollment), verifying the answering
+/// node against the cluster CA either way.
+pub type Dialer = Arc<rustls::ClientConfig>;
+
+/// Makes one admin call over a fresh connection to node `to` at `addr`, waiting at most
+/// `timeout`, and folds its three layers of failure (transport, wrong node, refusal) into one
+/// error.
 async fn admin_call<T, F, Fut>(
+    dialer: &Dialer,
     addr: SocketAddr,
+    to: NodeId,
     timeout: Duration,
     call: F,
 ) -> Result<T, JoinCallError>
@@ -383,13 +571,14 @@ where
     F: FnOnce(RaftRpcClient, context::Context) -> Fut,
     Fut: std::future::Future<Output = Result<AdminAnswer<T>, tarpc::client::RpcError>>,
 {
-    let (client, ctx) = admin_client(addr, timeout).await?;
-    let answer = call(client, ctx)
-        .await
-        .map_err(|e| JoinCallError::Unreachable {
-            addr,
-            reason: e.to_string(),
-        })??;
+    let client = dial(dialer, addr, proto::tls::node(to)).await?;
+    let answer =
+        call(client, ctx_within(timeout))
+            .await
+            .map_err(|e| JoinCallError::Unreachable {
+                addr,
+                reason: e.to_string(),
+            })??;
     Ok(answer?)
 }
 
@@ -398,11 +587,12 @@ where
 /// # Errors
 /// [`JoinCallError`] saying why there was no success.
 pub async fn request_join(
+    dialer: &Dialer,
     addr: SocketAddr,
     to: NodeId,
     request: JoinRequest,
 ) -> Result<JoinReply, JoinCallError> {
-    admin_call(addr, JOIN_TIMEOUT, |client, ctx| async move {
+    admin_call(dialer, addr, to, JOIN_TIMEOUT, |client, ctx| async move {
         client.join(ctx, to, request).await
     })
     .await
@@ -413,12 +603,14 @@ pub async fn request_join(
 /// # Errors
 /// [`JoinCallError`] saying why there was no success.
 pub async fn request_remove(
+    dialer: &Dialer,
+    admin: AdminCredential,
     addr: SocketAddr,
     to: NodeId,
     request: RemoveRequest,
 ) -> Result<RemoveReply, JoinCallError> {
-    admin_call(addr, JOIN_TIMEOUT, |client, ctx| async move {
-        client.remove(ctx, to, request).await
+    admin_call(dialer, addr, to, JOIN_TIMEOUT, |client, ctx| async move {
+        client.remove(ctx, to, admin, request).await
     })
     .await
 }
@@ -428,12 +620,14 @@ pub async fn request_remove(
 /// # Errors
 /// [`JoinCallError`] saying why there was no answer; `NotLeader` names the leader to ask.
 pub async fn request_members(
+    dialer: &Dialer,
+    admin: AdminCredential,
     addr: SocketAddr,
     to: NodeId,
     request: MembersRequest,
 ) -> Result<Vec<MemberInfo>, JoinCallError> {
-    admin_call(addr, JOIN_TIMEOUT, |client, ctx| async move {
-        client.members(ctx, to, request).await
+    admin_call(dialer, addr, to, JOIN_TIMEOUT, |client, ctx| async move {
+        client.members(ctx, to, admin, request).await
     })
     .await
 }
@@ -443,34 +637,72 @@ pub async fn request_members(
 /// # Errors
 /// [`JoinCallError`] saying why it did not leave.
 pub async fn request_leave(
+    dialer: &Dialer,
+    admin: AdminCredential,
     addr: SocketAddr,
     to: NodeId,
     request: LeaveRequest,
 ) -> Result<LeaveReply, JoinCallError> {
-    admin_call(addr, LEAVE_CALL_TIMEOUT, |client, ctx| async move {
-        client.leave(ctx, to, request).await
-    })
+    admin_call(
+        dialer,
+        addr,
+        to,
+        LEAVE_CALL_TIMEOUT,
+        |client, ctx| async move { client.leave(ctx, to, admin, request).await },
+    )
     .await
 }
 
-async fn admin_client(
+/// Asks the node at `addr` (any member) for a certificate, proving the join secret. The
+/// answering node is verified against the token's CA before the secret is sent.
+///
+/// # Errors
+/// [`JoinCallError::Unreachable`] with the transport's or the refusal's reason.
+pub async fn request_enroll(
+    token: &proto::tls::JoinToken,
     addr: SocketAddr,
-    timeout: Duration,
-) -> Result<(RaftRpcClient, context::Context), JoinCallError> {
+    request: EnrollRequest,
+) -> Result<EnrollReply, JoinCallError> {
+    let verifier = proto::tls::CaVerifier::new(proto::tls::Trust::Pinned(token.ca));
+    let dialer = proto::tls::client_config(verifier, proto::tls::ALPN_RAFT);
+    let client = dial(&dialer, addr, proto::tls::any_node()).await?;
     let unreachable = |reason: String| JoinCallError::Unreachable { addr, reason };
-    let transport = tokio::time::timeout(CONNECT_TIMEOUT, proto::connect(addr))
+    client
+        .enroll(ctx_within(JOIN_TIMEOUT), request)
         .await
-        .map_err(|_| unreachable("connect timed out".into()))?
-        .map_err(|e| unreachable(e.to_string()))?;
-    let client = RaftRpcClient::new(tarpc::client::Config::default(), transport).spawn();
-    let mut ctx = context::current();
-    ctx.deadline = Instant::now() + timeout;
-    Ok((client, ctx))
+        .map_err(|e| unreachable(e.to_string()))?
+        .map_err(|e| unreachable(e.to_string()))
 }
 
-/// The Raft RPC listener.
-pub(crate) type RaftListener =
-    proto::Listener<tarpc::ClientMessage<RaftRpcRequest>, tarpc::Response<RaftRpcResponse>>;
+/// Opens a Raft RPC connection to node `to` at `addr` with `dialer`, for tools and tests that
+/// speak the protocol directly.
+///
+/// # Errors
+/// [`JoinCallError::Unreachable`] when the connection or the handshake fails.
+pub async fn connect_raft(
+    dialer: &Dialer,
+    addr: SocketAddr,
+    to: NodeId,
+) -> Result<RaftRpcClient, JoinCallError> {
+    dial(dialer, addr, proto::tls::node(to)).await
+}
+
+async fn dial(
+    dialer: &Dialer,
+    addr: SocketAddr,
+    name: rustls::pki_types::ServerName<'static>,
+) -> Result<RaftRpcClient, JoinCallError> {
+    let transport = proto::connect(addr, dialer.clone(), name, CONNECT_TIMEOUT)
+        .await
+        .map_err(|e| JoinCallError::Unreachable {
+            addr,
+            reason: e.to_string(),
+        })?;
+    Ok(RaftRpcClient::new(tarpc::client::Config::default(), transport).spawn())
+}
+
+/// The Raft RPC listener: plain TCP, the handshake runs in each connection's task.
+pub(crate) type RaftListener = tokio::net::TcpListener;
 
 /// Binds the Raft RPC listener. Separate from [`serve`] so the caller learns the port before
 /// Raft starts (the port goes into this node's `Member`).
@@ -481,14 +713,14 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<RaftListener> {
     proto::listen(addr).await
 }
 
-/// Accepts Raft RPC connections until the returned task is aborted. Each connection's
-/// requests run concurrently. When a connection that carried the leader's AppendEntries ends,
-/// [`LeaderWatch`] checks whether the leader died.
+/// Accepts Raft RPC connections until the returned task is aborted. Each connection runs its
+/// TLS handshake in its own task, then its requests run concurrently. When a connection that
+/// carried the leader's AppendEntries ends, [`LeaderWatch`] checks whether the leader died.
 pub fn serve(listener: RaftListener, server: RaftRpcServer) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
-            let transport = match listener.accept().await {
-                Ok((transport, _peer)) => transport,
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // EMFILE and friends: back off briefly rather than spin.
                     tracing::warn!(error = %e, "raft rpc accept failed");
@@ -496,8 +728,20 @@ pub fn serve(listener: RaftListener, server: RaftRpcServer) -> tokio::task::Join
                     continue;
                 }
             };
-            let server = server.for_connection();
+            let server = server.clone();
             tokio::spawn(async move {
+                let stream = match proto::accept_tls(stream, server.tls.raft_server.clone()).await {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        tracing::info!(%peer, error = %e, "raft port: TLS handshake failed");
+                        return;
+                    }
+                };
+                let cert = proto::peer_certificates(&stream)
+                    .and_then(|chain| chain.first())
+                    .cloned();
+                let server = server.for_connection(cert);
+                let transport = proto::framed(stream);
                 let (watch, conn) = (server.watch.clone(), server.conn.clone());
                 BaseChannel::with_defaults(transport)
                     .execute(server.serve())
@@ -523,13 +767,23 @@ enum Lane {
 type Pool = Arc<Mutex<HashMap<(NodeId, Lane), RaftRpcClient>>>;
 
 /// openraft's network factory: hands out per-peer handles sharing one connection pool.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Network {
     pool: Pool,
     contacts: Contacts,
+    dialer: Dialer,
 }
 
 impl Network {
+    /// A network that dials peers with `dialer` (the node's certificate).
+    pub fn new(dialer: Dialer) -> Network {
+        Network {
+            pool: Pool::default(),
+            contacts: Contacts::default(),
+            dialer,
+        }
+    }
+
     /// When each peer last answered an AppendEntries (for `server members`).
     pub fn contacts(&self) -> Contacts {
         self.contacts.clone()
@@ -545,6 +799,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             addr: node.raft_addr.clone(),
             pool: self.pool.clone(),
             contacts: self.contacts.clone(),
+            dialer: self.dialer.clone(),
         }
     }
 }
@@ -556,9 +811,10 @@ pub struct PeerClient {
     addr: String,
     pool: Pool,
     contacts: Contacts,
+    dialer: Dialer,
 }
 
-/// How long a connect may take before the peer counts as unreachable.
+/// How long a connect and TLS handshake may take before the peer counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// The shortest deadline of an AppendEntries that carries entries. openraft gives every
@@ -612,9 +868,9 @@ impl PeerClient {
         let addr = crate::cluster::resolve(&self.addr)
             .await
             .map_err(|e| unreachable(&e))?;
-        let transport = tokio::time::timeout(CONNECT_TIMEOUT, proto::connect(addr))
+        let name = proto::tls::node(self.target);
+        let transport = proto::connect(addr, self.dialer.clone(), name, CONNECT_TIMEOUT)
             .await
-            .map_err(|e| unreachable(&e))?
             .map_err(|e| unreachable(&e))?;
         let client = RaftRpcClient::new(tarpc::client::Config::default(), transport).spawn();
         self.pool.lock().insert((self.target, lane), client.clone());

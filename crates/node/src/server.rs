@@ -3,7 +3,7 @@
 //! `Server::start` opens storage, binds the three listeners (Raft RPC, clients, HTTP metrics)
 //! on ports that are kept across restarts, starts openraft, the proposer, discovery and the
 //! formation loop, and returns a handle. The client listener serves both the tarpc `Chat`
-//! service and push connections (`push.rs`), told apart by their first 4 bytes. `wait_ready` resolves once the node can serve;
+//! service and push connections (`push.rs`), told apart by the TLS ALPN protocol. `wait_ready` resolves once the node can serve;
 //! `shutdown` stops it.
 
 use std::net::SocketAddr;
@@ -26,10 +26,12 @@ use crate::cluster::{self, LeaderContact, NodeAddrs, Peers};
 use crate::config::Config;
 use crate::data_dir::{DataDir, DataDirError};
 use crate::delivery::Delivery;
+use crate::enroll::{self, EnrollFailed};
 use crate::formation::Formation;
 use crate::handover::{self, DiskWatchdog, WriteGate};
 use crate::log_store::{AckPolicy, LogStore, WAL_DIR};
 use crate::metrics::{self, DiskPaths, Metrics, NodeInfo, StorageMetrics};
+use crate::pki::{self, NodeTls, PkiError, Settled};
 use crate::proposer::{Proposer, ProposerConfig};
 use crate::push::{self, BatchCache};
 use crate::raft::{start_raft, Raft};
@@ -81,6 +83,12 @@ pub enum ServerError {
     /// The data dir's identity (name, marker) could not be settled.
     #[error(transparent)]
     DataDir(#[from] DataDirError),
+    /// The node's TLS identity could not be read or made.
+    #[error("TLS identity: {0}")]
+    Tls(#[from] PkiError),
+    /// A node with `--token` could not enroll with the cluster.
+    #[error(transparent)]
+    Enroll(#[from] EnrollFailed),
     /// The node left its cluster with `server leave` and stays out.
     #[error(
         "node {name} (id {id}) has left the cluster ({marker}) and stays out; start it with \
@@ -250,6 +258,9 @@ impl Listeners {
         let raft = raft_rpc::bind(raft_addr)
             .await
             .map_err(bind_error("raft rpc", raft_addr))?;
+        let raft_local = raft
+            .local_addr()
+            .map_err(bind_error("raft rpc", raft_addr))?;
         let mut tcp = Vec::new();
         for (what, flag, kept) in [
             ("clients", config.client_port, kept.map(|p| p.client)),
@@ -265,7 +276,7 @@ impl Listeners {
         let (metrics, metrics_local) = tcp.pop().expect("two listeners");
         let (client, client_local) = tcp.pop().expect("two listeners");
         let ports = Ports {
-            raft: raft.local_addr().port(),
+            raft: raft_local.port(),
             client: client_local.port(),
             metrics: metrics_local.port(),
         };
@@ -300,9 +311,10 @@ impl Server {
         if config.weaken.any() {
             tracing::warn!(weaken = %config.weaken, "deliberately broken modes are on (test only)");
         }
+        let tls = Arc::new(settle_tls(&config, &data_dir).await?);
         let storage = Storage::open(data_dir.path(), &config).await?;
         let listeners = Listeners::bind(&config, data_dir.path()).await?;
-        Self::start_services(config, data_dir, name, rejoining, storage, listeners).await
+        Self::start_services(config, data_dir, name, rejoining, tls, storage, listeners).await
     }
 
     /// Stage 3: Raft, the proposer, the RPC servers, discovery, formation and the watchdog.
@@ -311,6 +323,7 @@ impl Server {
         data_dir: DataDir,
         name: String,
         rejoining: bool,
+        tls: Arc<NodeTls>,
         storage: Storage,
         listeners: Listeners,
     ) -> Result<Server, ServerError> {
@@ -333,7 +346,7 @@ impl Server {
         let chat = state_machine.chat().clone();
         let delivery = Delivery::new(chat.applied_index().map_or(0, |i| i.0));
         chat.set_apply_listener(delivery.listener());
-        let network = Network::default();
+        let network = Network::new(tls.peer_client.clone());
         let contacts = network.contacts();
         let snapshots = SnapshotReceiver::new(state_machine.clone());
         let seed = rand::random();
@@ -393,13 +406,17 @@ impl Server {
             data_dir: data_dir.clone(),
             leaving: Default::default(),
             left: Default::default(),
-            remove: Arc::new(|addr, leader, request| {
-                Box::pin(async move {
-                    raft_rpc::request_remove(addr, leader, request)
-                        .await
-                        .map_err(|e| e.to_string())
+            remove: {
+                let tls = tls.clone();
+                Arc::new(move |addr, leader, request| {
+                    let (dialer, admin) = (tls.peer_client.clone(), tls.token().admin_credential());
+                    Box::pin(async move {
+                        raft_rpc::request_remove(&dialer, admin, addr, leader, request)
+                            .await
+                            .map_err(|e| e.to_string())
+                    })
                 })
-            }),
+            },
         });
         let (leaving, left) = (admin.leaving.clone(), admin.left.clone());
         let contact = LeaderContact::default();
@@ -410,10 +427,16 @@ impl Server {
             admin,
             snapshots,
             contact.clone(),
+            tls.clone(),
         );
         let mut tasks = vec![
             raft_rpc::serve(listeners.raft, rpc_server),
-            serve_clients(listeners.client, shared.clone(), push_runtime.handle()),
+            serve_clients(
+                listeners.client,
+                tls.client_server.clone(),
+                shared.clone(),
+                push_runtime.handle(),
+            ),
             tokio::spawn(metrics::count_leader_changes(
                 metrics.clone(),
                 raft.metrics(),
@@ -476,13 +499,17 @@ impl Server {
             leaving,
             rejoining,
             contact,
-            join: Arc::new(|leader: NodeAnnounce, request| {
-                Box::pin(async move {
-                    raft_rpc::request_join(leader.raft_addr, leader.node_id, request)
-                        .await
-                        .map_err(|e| e.to_string())
+            join: {
+                let dialer = tls.peer_client.clone();
+                Arc::new(move |leader: NodeAnnounce, request| {
+                    let dialer = dialer.clone();
+                    Box::pin(async move {
+                        raft_rpc::request_join(&dialer, leader.raft_addr, leader.node_id, request)
+                            .await
+                            .map_err(|e| e.to_string())
+                    })
                 })
-            }),
+            },
         };
         tasks.push(tokio::spawn(formation.run()));
         tracing::info!(node = id, name = %name, raft = %addrs.raft, client = %addrs.client, metrics = %addrs.metrics, "node started");
@@ -670,17 +697,12 @@ fn ping_responder(client_addr: SocketAddr, cluster: &str) -> Option<PingSocket> 
     }
 }
 
-/// How long the accept path waits for a new connection's first 4 bytes to tell a push
-/// connection from a tarpc one. Both kinds of client write first; a tarpc connection still
-/// silent after this is served as tarpc.
-const ROUTE_PEEK_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Accepts client connections and routes each by its first 4 bytes: [`proto::push::PUSH_MAGIC`]
-/// to the push server, anything else to the tarpc `Chat` service (a tarpc frame's length
-/// prefix can never equal the magic, see `proto::push`).
-/// Push connections are served on `push`, the [`PushRuntime`].
+/// Accepts client connections; each runs its TLS handshake in its own task and is routed by
+/// the ALPN protocol it agreed on: push connections to the push server (on `push`, the
+/// [`PushRuntime`]), chat connections to the tarpc `Chat` service.
 fn serve_clients(
     listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
     shared: Arc<ApiShared>,
     push: tokio::runtime::Handle,
 ) -> JoinHandle<()> {
@@ -695,11 +717,10 @@ fn serve_clients(
                     continue;
                 }
             };
-            let shared = shared.clone();
-            let cache = cache.clone();
-            let push = push.clone();
+            let (tls, shared, cache, push) =
+                (tls.clone(), shared.clone(), cache.clone(), push.clone());
             tokio::spawn(async move {
-                if let Err(e) = route_client(stream, peer, shared, cache, push).await {
+                if let Err(e) = route_client(stream, peer, tls, shared, cache, push).await {
                     tracing::debug!(%peer, error = %e, "client connection setup failed");
                 }
             });
@@ -707,30 +728,33 @@ fn serve_clients(
     })
 }
 
-/// Peeks at a new connection's first bytes and serves it as push or as tarpc.
+/// Runs the TLS handshake on a new client connection and serves it as push or as tarpc.
 async fn route_client(
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
     shared: Arc<ApiShared>,
     cache: Arc<BatchCache>,
     push: tokio::runtime::Handle,
 ) -> std::io::Result<()> {
-    proto::set_socket_options(&stream)?;
-    if starts_with_push_magic(&stream).await? {
+    let mut stream = proto::accept_tls(stream, tls).await?;
+    let binding = proto::tls::stream_binding(&stream).map_err(std::io::Error::other)?;
+    if proto::alpn(&stream) == Some(proto::tls::ALPN_PUSH) {
         let mut magic = [0u8; 4];
-        stream.read_exact(&mut magic).await?;
-        // Moved to the push runtime's reactor; the socket stays non-blocking.
-        let stream = stream.into_std()?;
-        push.spawn(async move {
-            match TcpStream::from_std(stream) {
-                Ok(stream) => push::serve_connection(shared, cache, stream, peer).await,
-                Err(e) => tracing::debug!(%peer, error = %e, "push connection setup failed"),
-            }
-        });
+        tokio::time::timeout(proto::HANDSHAKE_TIMEOUT, stream.read_exact(&mut magic))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no push magic"))??;
+        if magic != proto::push::PUSH_MAGIC {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "a push connection must start with the push magic",
+            ));
+        }
+        push.spawn(push::serve_connection(shared, cache, stream, peer));
         return Ok(());
     }
-    let transport: ChatServerTransport = proto::transport_from_stream(stream)?;
-    let server = ChatServer::new(shared);
+    let transport: ChatServerTransport = proto::framed(stream);
+    let server = ChatServer::new(shared, binding);
     BaseChannel::with_defaults(transport)
         .max_concurrent_requests(CONN_REQUESTS_MAX)
         .execute(proto::Chat::serve(server))
@@ -741,32 +765,15 @@ async fn route_client(
     Ok(())
 }
 
-/// Whether the connection's first 4 bytes are the push magic, without consuming them. False
-/// when they differ, or when fewer than 4 bytes came within [`ROUTE_PEEK_TIMEOUT`] (tarpc then
-/// reads whatever comes).
-async fn starts_with_push_magic(stream: &TcpStream) -> std::io::Result<bool> {
-    let deadline = tokio::time::Instant::now() + ROUTE_PEEK_TIMEOUT;
-    let mut first = [0u8; 4];
-    loop {
-        let peeked = match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
-            Ok(peeked) => peeked?,
-            Err(_) => return Ok(false),
-        };
-        if peeked == 0 {
-            // Closed before saying anything; tarpc sees the EOF and ends.
-            return Ok(false);
+/// Settles the node's TLS identity: its own files, an enrollment with `--token`, or the
+/// cluster directory shared on this machine (see `pki.rs`).
+async fn settle_tls(config: &Config, data_dir: &DataDir) -> Result<NodeTls, ServerError> {
+    let id = data_dir.node_id();
+    match pki::settle(data_dir.path(), &config.cluster, id, config.token.as_ref())? {
+        Settled::Ready(tls) => Ok(tls),
+        Settled::Enroll { token, key } => {
+            tracing::info!(ca = %token.ca, "enrolling with the cluster named by the token");
+            Ok(enroll::enroll(config, data_dir.path(), id, token, key).await?)
         }
-        if first[..peeked] != proto::push::PUSH_MAGIC[..peeked] {
-            return Ok(false);
-        }
-        if peeked == first.len() {
-            return Ok(true);
-        }
-        // A prefix of the magic so far: `peek` returns at once while bytes are buffered, so
-        // wait a little for the rest instead of spinning.
-        if tokio::time::Instant::now() >= deadline {
-            return Ok(false);
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }

@@ -41,7 +41,14 @@ async fn start(dir: &Path) -> (Raft, Reconciled, LogStore, StateMachine) {
     let mut sm = open_sm(&dir.join("sm")).await;
     let reconciled = node::reconcile(&mut log, &mut sm).await.expect("reconcile");
     let (log_view, sm_view) = (log.clone(), sm.clone());
-    let raft = node::start_raft(1, raft_config(), Network::default(), log, sm, 1)
+    // One node: the network is never dialed, but it needs an identity to dial with.
+    let node::pki::Settled::Ready(tls) =
+        node::pki::settle(&dir.join("tls-node"), "test", 1, None).expect("identity")
+    else {
+        panic!("a fresh root makes an identity");
+    };
+    let network = Network::new(tls.peer_client.clone());
+    let raft = node::start_raft(1, raft_config(), network, log, sm, 1)
         .await
         .expect("raft starts");
     (raft, reconciled, log_view, sm_view)

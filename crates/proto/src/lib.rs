@@ -3,13 +3,16 @@
 //!
 //! # Contract
 //!
+//! - Every connection is TLS 1.3 ([`tls`]): a node proves with a certificate from its cluster's
+//!   CA that it is a node of that cluster (and, to peers, which node). The ALPN protocol says
+//!   what the connection carries: [`tls::ALPN_CHAT`], [`tls::ALPN_PUSH`] or [`tls::ALPN_RAFT`].
 //! - Every tarpc frame is a 4-byte big-endian length followed by a postcard body. Both ends refuse
-//!   frames longer than [`FRAME_BYTES_MAX`] before allocating for them ([`connect`], [`listen`]).
+//!   frames longer than [`FRAME_BYTES_MAX`] before allocating for them ([`framed`]).
 //! - [`Chat::hello`] is the protocol version check: a client calls it first on every connection
 //!   and a server answers every other call except [`Chat::ping`] with
 //!   [`ApiError::Unauthenticated`] until `hello` succeeded on that connection. A wrong
 //!   [`PROTOCOL_VERSION`] or cluster name gets a typed error ([`check_hello`]).
-//! - A connection to a node's client address that starts with [`push::PUSH_MAGIC`] speaks the
+//! - A connection to a node's client address whose ALPN is [`tls::ALPN_PUSH`] speaks the
 //!   [`push`] protocol (server-pushed subscriptions) instead of tarpc.
 //! - Errors that cross the wire are [`ApiError`]: small, serializable, and never carrying
 //!   `io::Error` text.
@@ -32,6 +35,7 @@ mod login;
 pub mod node_name;
 pub mod push;
 mod service;
+pub mod tls;
 mod transport;
 mod types;
 
@@ -40,12 +44,12 @@ pub use error::{ApiError, RejectReason};
 pub use login::login_message;
 pub use service::{
     check_hello, connect_chat, deadline_for, wait_budget, Chat, ChatClient, ChatClientTransport,
-    ChatListener, ChatRequest, ChatResponse, ChatServerTransport, ServeChat, DEADLINE_MARGIN,
-    PROTOCOL_VERSION, REPLY_MARGIN, STREAM_WAIT_MS_MAX,
+    ChatRequest, ChatResponse, ChatServerTransport, ServeChat, DEADLINE_MARGIN, PROTOCOL_VERSION,
+    REPLY_MARGIN, STREAM_WAIT_MS_MAX,
 };
 pub use transport::{
-    connect, listen, set_socket_options, transport_from_stream, Listener, Transport,
-    FRAME_BYTES_MAX,
+    accept_tls, alpn, connect, connect_tls, framed, listen, peer_certificates, set_socket_options,
+    TlsTcp, Transport, FRAME_BYTES_MAX, HANDSHAKE_TIMEOUT,
 };
 pub use types::{
     ChannelInfo, ClusterInfo, Hello, HistoryRequest, LeaderHint, Login, MessageBatch, NodeInfo,

@@ -3,6 +3,7 @@
 use std::{
     io,
     net::SocketAddr,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -10,7 +11,7 @@ use tarpc::{context, ClientMessage, Response};
 
 use crate::{
     error::ApiError,
-    transport::{self, Listener, Transport},
+    transport::{self, Transport},
     types::{
         ChannelInfo, ClusterInfo, Hello, HistoryRequest, Login, MessageBatch, Pong, SendReply,
         SendRequest, Session, StreamRequest, Welcome,
@@ -19,7 +20,7 @@ use crate::{
 
 /// Version of the [`Chat`] wire protocol. Bump it on any change to a wire type or to the
 /// service's methods; nodes refuse other versions in [`Chat::hello`].
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Extra time [`deadline_for`] allows beyond the requested wait, for the round trip and for the
 /// node to catch up to a `read_token`.
@@ -71,21 +72,30 @@ pub trait Chat {
 pub type ChatClientTransport = Transport<Response<ChatResponse>, ClientMessage<ChatRequest>>;
 /// A server-side transport for [`Chat`].
 pub type ChatServerTransport = Transport<ClientMessage<ChatRequest>, Response<ChatResponse>>;
-/// A listener producing [`ChatServerTransport`]s; make one with [`listen`](crate::listen).
-pub type ChatListener = Listener<ClientMessage<ChatRequest>, Response<ChatResponse>>;
-
-/// Connects to a node's [`Chat`] service and spawns the client's dispatch task.
+/// Connects to a node's [`Chat`] service over TLS and spawns the client's dispatch task.
+/// Returns the client and the session's login binding
+/// ([`stream_binding`](crate::tls::stream_binding)).
 ///
 /// # Errors
 ///
-/// The `io::Error` from [`connect`](crate::connect).
+/// The `io::Error` from [`connect_tls`](crate::connect_tls), or `InvalidData` when the
+/// session has no exporter (it always has after a finished TLS 1.3 handshake).
 ///
 /// # Panics
 ///
 /// Outside a tokio runtime (the dispatch task is spawned).
-pub async fn connect_chat(addr: SocketAddr) -> io::Result<ChatClient> {
-    let transport: ChatClientTransport = transport::connect(addr).await?;
-    Ok(ChatClient::new(tarpc::client::Config::default(), transport).spawn())
+pub async fn connect_chat(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    timeout: Duration,
+) -> io::Result<(ChatClient, [u8; 32])> {
+    let stream = transport::connect_tls(addr, config, crate::tls::any_node(), timeout).await?;
+    let binding = crate::tls::stream_binding(&stream).map_err(io::Error::other)?;
+    let transport: ChatClientTransport = transport::framed(stream);
+    Ok((
+        ChatClient::new(tarpc::client::Config::default(), transport).spawn(),
+        binding,
+    ))
 }
 
 /// The server-side check of a [`Hello`]: same protocol version, same cluster name.

@@ -1,19 +1,12 @@
-//! TCP transports for tarpc with postcard bodies, one frame limit, `TCP_NODELAY` and keepalive.
+//! TLS transports for tarpc with postcard bodies, one frame limit, `TCP_NODELAY` and keepalive.
 //!
 //! Both the client-facing [`Chat`](crate::Chat) service and `node`'s Raft service use these, so
 //! every connection in the system has the same framing and the same limit on both ends. tarpc
 //! sets neither `TCP_NODELAY` nor keepalive itself.
 
-use std::{
-    io,
-    marker::PhantomData,
-    net::SocketAddr,
-    pin::Pin,
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
-use futures::Stream;
+use rustls::pki_types::{CertificateDer, ServerName};
 use serde::{de::DeserializeOwned, Serialize};
 use socket2::{SockRef, TcpKeepalive};
 use tarpc::tokio_util::codec::LengthDelimitedCodec;
@@ -36,112 +29,128 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// Unanswered probes before the kernel resets the connection.
 const KEEPALIVE_RETRIES: u32 = 3;
 
-/// A postcard-framed tarpc transport over TCP that reads `Item`s and writes `SinkItem`s.
+/// A TLS stream over TCP, either end.
+pub type TlsTcp = tokio_rustls::TlsStream<TcpStream>;
+
+/// A postcard-framed tarpc transport over TLS that reads `Item`s and writes `SinkItem`s.
 ///
 /// A client uses `Transport<tarpc::Response<Resp>, tarpc::ClientMessage<Req>>`, a server the
 /// reverse.
 pub type Transport<Item, SinkItem> =
-    tarpc::serde_transport::Transport<TcpStream, Item, SinkItem, Postcard<Item, SinkItem>>;
+    tarpc::serde_transport::Transport<TlsTcp, Item, SinkItem, Postcard<Item, SinkItem>>;
 
-/// Connects to `addr` and returns a transport with [`FRAME_BYTES_MAX`], `TCP_NODELAY` and
-/// keepalive set.
-///
-/// There is no connect timeout here; wrap the call in `tokio::time::timeout`.
-///
-/// # Errors
-///
-/// The `io::Error` from connecting or from setting a socket option.
-pub async fn connect<Item, SinkItem>(addr: SocketAddr) -> io::Result<Transport<Item, SinkItem>>
-where
-    Item: DeserializeOwned,
-    SinkItem: Serialize,
-{
-    let stream = TcpStream::connect(addr).await?;
-    wrap(stream)
-}
+/// How long a TLS handshake may take, either end. A peer that opens a connection and then
+/// stalls the handshake is dropped after this, so half-open handshakes cannot pile up.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Binds a TCP listener on `addr` whose connections get the same settings as [`connect`]'s.
+/// Connects to `addr`, sets `TCP_NODELAY` and keepalive, and runs the TLS handshake with
+/// `config` for `name`, within `timeout` in all.
 ///
 /// # Errors
 ///
-/// The `io::Error` from binding.
-pub async fn listen<Item, SinkItem>(addr: SocketAddr) -> io::Result<Listener<Item, SinkItem>>
-where
-    Item: DeserializeOwned,
-    SinkItem: Serialize,
-{
-    let inner = TcpListener::bind(addr).await?;
-    let local_addr = inner.local_addr()?;
-    Ok(Listener {
-        inner,
-        local_addr,
-        ghost: PhantomData,
-    })
+/// The `io::Error` from connecting or from the handshake (a refused certificate is
+/// `InvalidData` with rustls's reason), or `TimedOut`.
+pub async fn connect_tls(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    name: ServerName<'static>,
+    timeout: Duration,
+) -> io::Result<TlsTcp> {
+    let connecting = async {
+        let stream = TcpStream::connect(addr).await?;
+        set_socket_options(&stream)?;
+        let stream = tokio_rustls::TlsConnector::from(config)
+            .connect(name, stream)
+            .await?;
+        Ok(TlsTcp::Client(stream))
+    };
+    tokio::time::timeout(timeout, connecting)
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                "connect and TLS handshake timed out",
+            )
+        })?
 }
 
-/// Accepts TCP connections and wraps each in a [`Transport`].
-///
-/// It is also a never-ending [`Stream`] of transports, for tarpc's combinators; an `Err` item is
-/// one failed accept (for example `EMFILE`) and the stream continues after it.
-#[derive(Debug)]
-pub struct Listener<Item, SinkItem> {
-    inner: TcpListener,
-    local_addr: SocketAddr,
-    ghost: PhantomData<fn(SinkItem) -> Item>,
-}
-
-impl<Item, SinkItem> Listener<Item, SinkItem>
-where
-    Item: DeserializeOwned,
-    SinkItem: Serialize,
-{
-    /// The address the listener is bound to, with the real port when bound to port 0.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
-    }
-
-    /// Waits for one connection and returns its transport and the peer's address.
-    ///
-    /// # Errors
-    ///
-    /// The `io::Error` from accepting or from setting a socket option on the new connection.
-    pub async fn accept(&self) -> io::Result<(Transport<Item, SinkItem>, SocketAddr)> {
-        let (stream, peer) = self.inner.accept().await?;
-        Ok((wrap(stream)?, peer))
-    }
-}
-
-impl<Item, SinkItem> Stream for Listener<Item, SinkItem>
-where
-    Item: DeserializeOwned,
-    SinkItem: Serialize,
-{
-    type Item = io::Result<Transport<Item, SinkItem>>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.inner
-            .poll_accept(cx)
-            .map(|accepted| Some(accepted.and_then(|(s, _)| wrap(s))))
-    }
-}
-
-/// Wraps an accepted or connected `stream` in a [`Transport`] with the same settings as
-/// [`connect`]'s; for servers that accept connections themselves (to route push connections).
+/// Runs the server side of the TLS handshake on an accepted `stream`, within
+/// [`HANDSHAKE_TIMEOUT`].
 ///
 /// # Errors
 ///
-/// The `io::Error` from setting a socket option.
-pub fn transport_from_stream<Item, SinkItem>(
+/// The `io::Error` from the handshake, or `TimedOut`.
+pub async fn accept_tls(
     stream: TcpStream,
+    config: Arc<rustls::ServerConfig>,
+) -> io::Result<TlsTcp> {
+    set_socket_options(&stream)?;
+    let accepting = tokio_rustls::TlsAcceptor::from(config).accept(stream);
+    let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, accepting)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+    Ok(TlsTcp::Server(stream))
+}
+
+/// Connects to `addr` over TLS (see [`connect_tls`]) and returns a transport with
+/// [`FRAME_BYTES_MAX`].
+///
+/// # Errors
+///
+/// As [`connect_tls`].
+pub async fn connect<Item, SinkItem>(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    name: ServerName<'static>,
+    timeout: Duration,
 ) -> io::Result<Transport<Item, SinkItem>>
 where
     Item: DeserializeOwned,
     SinkItem: Serialize,
 {
-    wrap(stream)
+    Ok(framed(connect_tls(addr, config, name, timeout).await?))
 }
 
-/// Sets `TCP_NODELAY` and keepalive on a client connection (as [`connect`] does).
+/// Binds a TCP listener on `addr`. Its connections are plain TCP: the caller runs
+/// [`accept_tls`] in the connection's own task, so one slow handshake holds up no other.
+///
+/// # Errors
+///
+/// The `io::Error` from binding.
+pub async fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Frames a TLS `stream` as a tarpc transport with [`FRAME_BYTES_MAX`].
+pub fn framed<Item, SinkItem>(stream: TlsTcp) -> Transport<Item, SinkItem>
+where
+    Item: DeserializeOwned,
+    SinkItem: Serialize,
+{
+    let framed = LengthDelimitedCodec::builder()
+        .max_frame_length(FRAME_BYTES_MAX)
+        .new_framed(stream);
+    tarpc::serde_transport::new(framed, Postcard::default())
+}
+
+/// The ALPN protocol the handshake on `stream` agreed on.
+pub fn alpn(stream: &TlsTcp) -> Option<&[u8]> {
+    match stream {
+        TlsTcp::Client(s) => s.get_ref().1.alpn_protocol(),
+        TlsTcp::Server(s) => s.get_ref().1.alpn_protocol(),
+    }
+}
+
+/// The certificate chain the peer presented on `stream` (the client's, on a server stream;
+/// `None` when it sent none).
+pub fn peer_certificates(stream: &TlsTcp) -> Option<&[CertificateDer<'static>]> {
+    match stream {
+        TlsTcp::Client(s) => s.get_ref().1.peer_certificates(),
+        TlsTcp::Server(s) => s.get_ref().1.peer_certificates(),
+    }
+}
+
+/// Sets `TCP_NODELAY` and keepalive on a connection.
 ///
 /// # Errors
 ///
@@ -154,17 +163,4 @@ pub fn set_socket_options(stream: &TcpStream) -> io::Result<()> {
         .with_interval(KEEPALIVE_INTERVAL)
         .with_retries(KEEPALIVE_RETRIES);
     SockRef::from(stream).set_tcp_keepalive(&keepalive)
-}
-
-/// Sets the socket options and frames `stream` with the shared limit.
-fn wrap<Item, SinkItem>(stream: TcpStream) -> io::Result<Transport<Item, SinkItem>>
-where
-    Item: DeserializeOwned,
-    SinkItem: Serialize,
-{
-    set_socket_options(&stream)?;
-    let framed = LengthDelimitedCodec::builder()
-        .max_frame_length(FRAME_BYTES_MAX)
-        .new_framed(stream);
-    Ok(tarpc::serde_transport::new(framed, Postcard::default()))
 }

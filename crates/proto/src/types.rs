@@ -55,9 +55,9 @@ pub struct Login {
     pub name: String,
     /// The user's Ed25519 public key.
     pub public_key: [u8; 32],
-    /// Ed25519 signature over [`login_message`](crate::login_message)`(challenge, cluster,
-    /// name)`: a domain prefix, [`Welcome::challenge`], then the length-prefixed cluster and user
-    /// names.
+    /// Ed25519 signature over [`login_message`](crate::login_message)`(challenge, binding,
+    /// cluster, name)`: a domain prefix, [`Welcome::challenge`], the TLS session's binding, then
+    /// the length-prefixed cluster and user names.
     pub signature: Vec<u8>,
 }
 

@@ -11,11 +11,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::{future, StreamExt};
+use futures::StreamExt;
 use proto::{
-    check_hello, connect_chat, deadline_for, listen, wait_budget, ApiError, ChannelInfo, Chat,
-    ChatListener, ClusterInfo, Hello, HistoryRequest, Login, MessageBatch, Pong, Role, SendReply,
-    SendRequest, Session, StreamRequest, Welcome, PROTOCOL_VERSION,
+    check_hello, deadline_for, listen, wait_budget, ApiError, ChannelInfo, Chat, ChatClient,
+    ClusterInfo, Hello, HistoryRequest, Login, MessageBatch, Pong, Role, SendReply, SendRequest,
+    Session, StreamRequest, Welcome, PROTOCOL_VERSION,
 };
 use tarpc::{
     context::{self, Context},
@@ -115,31 +115,48 @@ impl Chat for TestServer {
     }
 }
 
-/// Starts the server on a loopback ephemeral port and returns its address.
-async fn start_server() -> SocketAddr {
-    let listener: ChatListener = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+mod common;
+
+/// A test server's address and the client config that trusts it.
+#[derive(Clone)]
+struct Server {
+    addr: SocketAddr,
+    client: Arc<rustls::ClientConfig>,
+}
+
+/// Starts the server on a loopback ephemeral port, over TLS with a test CA.
+async fn start_server() -> Server {
+    let listener = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
         .await
         .expect("listen");
-    let addr = listener.local_addr();
-    tokio::spawn(
-        listener
-            .filter_map(|accepted| future::ready(accepted.ok()))
-            .map(BaseChannel::with_defaults)
-            .for_each(|channel| {
+    let addr = listener.local_addr().expect("addr");
+    let (tls, client) = common::tls_pair(proto::tls::ALPN_CHAT);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let Ok(stream) = proto::accept_tls(stream, tls).await else {
+                    return;
+                };
                 let server = TestServer {
                     said_hello: Arc::new(AtomicBool::new(false)),
                 };
-                tokio::spawn(
-                    channel
-                        .execute(server.serve())
-                        .for_each(|response| async move {
-                            tokio::spawn(response);
-                        }),
-                );
-                future::ready(())
-            }),
-    );
-    addr
+                BaseChannel::with_defaults(proto::framed(stream))
+                    .execute(server.serve())
+                    .for_each(|response| async move {
+                        tokio::spawn(response);
+                    })
+                    .await;
+            });
+        }
+    });
+    Server { addr, client }
+}
+
+async fn connect_chat(server: Server) -> std::io::Result<ChatClient> {
+    let (client, _binding) =
+        proto::connect_chat(server.addr, server.client, Duration::from_secs(5)).await?;
+    Ok(client)
 }
 
 #[tokio::test]
@@ -197,7 +214,7 @@ async fn hello_then_calls_succeed() {
 #[tokio::test]
 async fn hello_state_is_per_connection() {
     let addr = start_server().await;
-    let first = connect_chat(addr).await.expect("connect");
+    let first = connect_chat(addr.clone()).await.expect("connect");
     first
         .hello(context::current(), Hello::new(CLUSTER, None))
         .await

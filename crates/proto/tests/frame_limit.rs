@@ -1,38 +1,54 @@
-//! The shared TCP transport enforces FRAME_BYTES_MAX on both ends without panicking, accepts
+//! The shared TLS transport enforces FRAME_BYTES_MAX on both ends without panicking, accepts
 //! frames above tokio's 8 MiB default, and reports undecodable frames as errors.
 
 use std::{
     io,
     net::{Ipv4Addr, SocketAddr},
+    sync::Arc,
     time::Duration,
 };
 
 use futures::{SinkExt, StreamExt};
-use proto::{connect, listen, Listener, Transport, FRAME_BYTES_MAX};
+use proto::{accept_tls, connect_tls, framed, listen, TlsTcp, Transport, FRAME_BYTES_MAX};
 use socket2::SockRef;
-use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tokio::io::AsyncWriteExt;
 
-async fn listener() -> Listener<String, String> {
-    listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+mod common;
+
+/// A connected client and server TLS stream pair over loopback.
+async fn streams() -> (TlsTcp, TlsTcp) {
+    let listener = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
         .await
-        .expect("listen")
+        .expect("listen");
+    let (server_tls, client_tls): (Arc<rustls::ServerConfig>, _) =
+        common::tls_pair(proto::tls::ALPN_CHAT);
+    let addr = listener.local_addr().expect("addr");
+    let connecting = connect_tls(
+        addr,
+        client_tls,
+        proto::tls::any_node(),
+        Duration::from_secs(5),
+    );
+    let accepting = async {
+        let (stream, _) = listener.accept().await.expect("accept");
+        accept_tls(stream, server_tls).await.expect("handshake")
+    };
+    let (client, server) = tokio::join!(connecting, accepting);
+    (client.expect("connect"), server)
 }
 
 async fn pair() -> (Transport<String, String>, Transport<String, String>) {
-    let listener = listener().await;
-    let client = connect(listener.local_addr()).await.expect("connect");
-    let (server, peer) = listener.accept().await.expect("accept");
-    assert_eq!(peer, client.local_addr().expect("addr"));
-    assert!(client.get_ref().nodelay().expect("nodelay"));
-    assert!(server.get_ref().nodelay().expect("nodelay"));
-    for stream in [client.get_ref(), server.get_ref()] {
-        assert!(SockRef::from(stream).keepalive().expect("keepalive"));
+    let (client, server) = streams().await;
+    for stream in [&client, &server] {
+        let tcp = stream.get_ref().0;
+        assert!(tcp.nodelay().expect("nodelay"));
+        assert!(SockRef::from(tcp).keepalive().expect("keepalive"));
         assert_eq!(
-            SockRef::from(stream).tcp_keepalive_time().expect("idle"),
+            SockRef::from(tcp).tcp_keepalive_time().expect("idle"),
             Duration::from_secs(30)
         );
     }
-    (client, server)
+    (framed(client), framed(server))
 }
 
 #[tokio::test]
@@ -62,14 +78,12 @@ async fn oversized_frame_is_refused_by_the_sender() {
 
 #[tokio::test]
 async fn oversized_length_prefix_is_refused_by_the_reader() {
-    let listener = listener().await;
-    let mut raw = TcpStream::connect(listener.local_addr())
-        .await
-        .expect("connect");
-    let (mut server, _) = listener.accept().await.expect("accept");
+    let (mut raw, server) = streams().await;
+    let mut server: Transport<String, String> = framed(server);
     let claimed = u32::try_from(FRAME_BYTES_MAX + 1).expect("fits u32");
     raw.write_all(&claimed.to_be_bytes()).await.expect("write");
     raw.write_all(b"not really that long").await.expect("write");
+    raw.flush().await.expect("flush");
     let err = server
         .next()
         .await
@@ -80,15 +94,13 @@ async fn oversized_length_prefix_is_refused_by_the_reader() {
 
 #[tokio::test]
 async fn garbage_frame_is_invalid_data() {
-    let listener = listener().await;
-    let mut raw = TcpStream::connect(listener.local_addr())
-        .await
-        .expect("connect");
-    let (mut server, _) = listener.accept().await.expect("accept");
+    let (mut raw, server) = streams().await;
+    let mut server: Transport<String, String> = framed(server);
     // A 3-byte frame holding a string length of 100: truncated postcard.
     raw.write_all(&[0, 0, 0, 3, 100, b'a', b'b'])
         .await
         .expect("write");
+    raw.flush().await.expect("flush");
     let err = server
         .next()
         .await
@@ -99,23 +111,5 @@ async fn garbage_frame_is_invalid_data() {
         inner.map(io::Error::kind),
         Some(io::ErrorKind::InvalidData),
         "{err:?}"
-    );
-}
-
-#[tokio::test]
-async fn listener_stream_yields_configured_transports() {
-    let mut listener = listener().await;
-    let addr = listener.local_addr();
-    let mut client: Transport<String, String> = connect(addr).await.expect("connect");
-    let mut server = listener
-        .next()
-        .await
-        .expect("never ends")
-        .expect("accepted");
-    assert!(server.get_ref().nodelay().expect("nodelay"));
-    client.send("hi".to_string()).await.expect("send");
-    assert_eq!(
-        server.next().await.expect("a frame").expect("decoded"),
-        "hi"
     );
 }

@@ -442,6 +442,31 @@ impl TestCluster {
         Ok(index)
     }
 
+    /// Starts a node of this cluster's name and discovery port in `data_dir`, anywhere (a
+    /// data dir outside [`dir`](Self::dir) stands for another machine: it does not share the
+    /// cluster directory), with `extra` flags. The node is not added to [`nodes`](Self::nodes).
+    ///
+    /// # Errors
+    /// The server binary is missing or cannot start.
+    pub fn spawn_outside(&self, data_dir: &Path, extra: &[&str]) -> anyhow::Result<NodeProc> {
+        self.launch(data_dir, 100 + self.nodes.len(), extra)
+    }
+
+    /// The join token the cluster's first node made (in `cluster-NAME` under [`dir`](Self::dir)).
+    ///
+    /// # Errors
+    /// No node has started yet, or the file is unreadable.
+    pub fn token(&self) -> anyhow::Result<String> {
+        let path = self
+            .dir
+            .path()
+            .join(format!("cluster-{}", self.cluster))
+            .join("token");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        Ok(text.trim().to_owned())
+    }
+
     fn launch(&self, data_dir: &Path, index: usize, extra: &[&str]) -> anyhow::Result<NodeProc> {
         let log = self.dir.path().join(format!("node-{}.log", index + 1));
         let log_file = std::fs::OpenOptions::new()
@@ -529,6 +554,8 @@ impl TestCluster {
         Command::new(server_binary()?)
             .args(args)
             .args(["--cluster", &self.cluster])
+            .arg("--data-root")
+            .arg(self.dir.path())
             .args(["--discovery-port", &self.discovery_port.to_string()])
             .stdin(Stdio::null())
             .output()
@@ -623,6 +650,8 @@ pub struct TestClient {
     pub client: ChatClient,
     /// Which node.
     pub addr: SocketAddr,
+    /// The TLS session's login binding.
+    pub binding: [u8; 32],
 }
 
 /// A user identity for tests: a name and a fresh Ed25519 key.
@@ -641,6 +670,16 @@ impl TestUser {
             key: SigningKey::from_bytes(&rand::random()),
         }
     }
+
+    /// The user's public key.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.key.verifying_key().to_bytes()
+    }
+
+    /// The user's signature over `message`.
+    pub fn sign(&self, message: &[u8]) -> Vec<u8> {
+        self.key.sign(message).to_bytes().to_vec()
+    }
 }
 
 fn ctx(timeout: Duration) -> tarpc::context::Context {
@@ -658,11 +697,22 @@ impl TestClient {
         addr: SocketAddr,
         cluster: &str,
     ) -> anyhow::Result<(TestClient, [u8; 32])> {
-        let client = proto::connect_chat(addr).await?;
+        // Tests of the chat API trust the first CA they meet; the TLS trust itself is tested
+        // with pinned CAs (`tests/closed_cluster.rs`).
+        let verifier = proto::tls::CaVerifier::new(proto::tls::Trust::FirstUse);
+        let config = proto::tls::client_config(verifier, proto::tls::ALPN_CHAT);
+        let (client, binding) = proto::connect_chat(addr, config, Duration::from_secs(5)).await?;
         let welcome = client
             .hello(ctx(Duration::from_secs(5)), Hello::new(cluster, None))
             .await??;
-        Ok((TestClient { client, addr }, welcome.challenge))
+        Ok((
+            TestClient {
+                client,
+                addr,
+                binding,
+            },
+            welcome.challenge,
+        ))
     }
 
     /// Connects, says hello and logs in as `user`.
@@ -675,7 +725,7 @@ impl TestClient {
         user: &TestUser,
     ) -> anyhow::Result<TestClient> {
         let (this, challenge) = TestClient::connect(addr, cluster).await?;
-        let message = proto::login_message(&challenge, cluster, &user.name);
+        let message = proto::login_message(&challenge, &this.binding, cluster, &user.name);
         let login = Login {
             name: user.name.clone(),
             public_key: user.key.verifying_key().to_bytes(),
