@@ -435,14 +435,16 @@ impl Server {
                 pings, id, raft, delivery,
             )));
         }
-        let socket = DiscoverySocket::bind(
+        // Discovery listens on the node's own interface only (see `DiscoverySocket::bind_on`).
+        let socket = DiscoverySocket::bind_on(
+            config.bind_host,
             config.discovery_port,
             config.broadcast,
             config.cluster.clone(),
         )
         .map_err(|source| ServerError::Bind {
             what: "discovery",
-            addr: SocketAddr::from(([0, 0, 0, 0], config.discovery_port)),
+            addr: SocketAddr::new(config.bind_host, config.discovery_port),
             source,
         })?;
         let started_ms = now_ms();
