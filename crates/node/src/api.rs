@@ -32,6 +32,51 @@ use crate::types::{Member, NodeId};
 /// Most messages one `stream` or `history` call returns.
 pub const BATCH_MESSAGES_MAX: u32 = 1000;
 
+/// Most bytes of messages one `stream` or `history` reply carries (at least one message
+/// always goes, and one fits easily). A thousand full-size messages would make a reply of
+/// 16 MiB, held in memory at once on both ends; clients page on from the last message they
+/// got, so a shorter page only costs a round trip.
+pub const REPLY_BYTES_MAX: usize = 4 << 20;
+
+/// Which end of a page a byte cap keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    /// The lowest seqs: the client pages on upwards from the last one.
+    Oldest,
+    /// The highest seqs: the client pages on downwards from the first one.
+    Newest,
+}
+
+/// A message's size in a reply, near enough for a cap: its variable fields plus a bound on
+/// the fixed ones and the encoding's length prefixes.
+fn reply_bytes(message: &chat_sm::Message) -> usize {
+    message.body.len() + message.sender.len() + message.channel.len() + 64
+}
+
+/// Cuts `messages` (ascending) to the longest run from the `keep` end whose size stays within
+/// `max`; one message always stays.
+fn cap_reply(messages: &mut Vec<chat_sm::Message>, keep: Keep, max: usize) {
+    let mut total = 0usize;
+    let mut fits = |m: &chat_sm::Message| {
+        total = total.saturating_add(reply_bytes(m));
+        total <= max
+    };
+    let kept = match keep {
+        Keep::Oldest => messages.iter().take_while(|m| fits(m)).count(),
+        Keep::Newest => messages.iter().rev().take_while(|m| fits(m)).count(),
+    }
+    .max(1);
+    if kept >= messages.len() {
+        return;
+    }
+    match keep {
+        Keep::Oldest => messages.truncate(kept),
+        Keep::Newest => {
+            messages.drain(..messages.len() - kept);
+        }
+    }
+}
+
 /// Everything the chat service of one node shares across connections. Rate limits are token
 /// buckets (sustained per second, burst): `user_*` for each user's sends, `conn_*` for every
 /// request of one connection.
@@ -361,6 +406,7 @@ impl proto::Chat for ChatServer {
                 messages = read()?;
             }
         }
+        cap_reply(&mut messages, Keep::Oldest, REPLY_BYTES_MAX);
         let metrics = &self.shared.metrics;
         metrics.deliveries_total.inc_by(messages.len() as u64);
         metrics.observe_rpc("stream", started.elapsed());
@@ -375,13 +421,15 @@ impl proto::Chat for ChatServer {
             .await?;
         let limit = req.limit.clamp(1, BATCH_MESSAGES_MAX) as usize;
         let (chat, channel) = (&self.shared.chat, &req.channel);
-        let messages = match (req.from_seq, req.before_seq) {
-            (Some(from), _) => chat.history(channel, ChannelSeq(from), limit),
+        let (messages, keep) = match (req.from_seq, req.before_seq) {
+            (Some(from), _) => (chat.history(channel, ChannelSeq(from), limit), Keep::Oldest),
             (None, before) => {
-                chat.history_before(channel, ChannelSeq(before.unwrap_or(u64::MAX)), limit)
+                let before = ChannelSeq(before.unwrap_or(u64::MAX));
+                (chat.history_before(channel, before, limit), Keep::Newest)
             }
-        }
-        .map_err(storage_error(channel))?;
+        };
+        let mut messages = messages.map_err(storage_error(channel))?;
+        cap_reply(&mut messages, keep, REPLY_BYTES_MAX);
         self.shared
             .metrics
             .observe_rpc("history", started.elapsed());
@@ -458,5 +506,54 @@ mod tests {
         let retry = bucket.take(start).unwrap_err();
         assert_eq!(retry, 100, "one token per 100 ms at 10/s");
         bucket.take(start + Duration::from_millis(100)).unwrap();
+    }
+
+    fn message(seq: u64, body_len: usize) -> chat_sm::Message {
+        chat_sm::Message {
+            channel: "c".into(),
+            seq: ChannelSeq(seq),
+            sender: "s".into(),
+            body: vec![0; body_len],
+            at_ms: 0,
+            client_id: ClientId([0; 16]),
+            client_seq: seq,
+        }
+    }
+
+    /// Messages whose reply size is exactly 100 bytes each.
+    fn page(seqs: std::ops::RangeInclusive<u64>) -> Vec<chat_sm::Message> {
+        let overhead = reply_bytes(&message(0, 0));
+        seqs.map(|seq| message(seq, 100 - overhead)).collect()
+    }
+
+    fn seqs(messages: &[chat_sm::Message]) -> Vec<u64> {
+        messages.iter().map(|m| m.seq.0).collect()
+    }
+
+    #[test_case::test_case(Keep::Oldest, 1000, vec![1, 2, 3, 4, 5] ; "under the cap: all")]
+    #[test_case::test_case(Keep::Oldest, 300, vec![1, 2, 3] ; "oldest: cut at the end")]
+    #[test_case::test_case(Keep::Newest, 300, vec![3, 4, 5] ; "newest: cut at the start")]
+    #[test_case::test_case(Keep::Oldest, 299, vec![1, 2] ; "one byte short")]
+    #[test_case::test_case(Keep::Oldest, 10, vec![1] ; "one message always, oldest")]
+    #[test_case::test_case(Keep::Newest, 10, vec![5] ; "one message always, newest")]
+    fn cap_reply_table(keep: Keep, max: usize, expected: Vec<u64>) {
+        let mut messages = page(1..=5);
+        cap_reply(&mut messages, keep, max);
+        assert_eq!(seqs(&messages), expected);
+    }
+
+    #[test]
+    fn a_full_page_of_the_largest_messages_is_cut_to_the_cap() {
+        let mut messages: Vec<_> = (1..=u64::from(BATCH_MESSAGES_MAX))
+            .map(|seq| message(seq, chat_sm::MAX_BODY_BYTES))
+            .collect();
+        cap_reply(&mut messages, Keep::Oldest, REPLY_BYTES_MAX);
+        let bytes: usize = messages.iter().map(reply_bytes).sum();
+        assert!(bytes <= REPLY_BYTES_MAX);
+        assert!(bytes + reply_bytes(&messages[0]) > REPLY_BYTES_MAX);
+        assert_eq!(messages[0].seq, ChannelSeq(1));
+        let mut empty = Vec::new();
+        cap_reply(&mut empty, Keep::Newest, 0);
+        assert!(empty.is_empty());
     }
 }
