@@ -118,6 +118,14 @@ struct RunArgs {
     /// HTTP metrics port, serving /metrics, /health and /ready (0: pick and keep).
     #[arg(long, env = "CELLCHAT_METRICS_PORT", default_value_t = 0)]
     metrics_port: u16,
+    /// Most open client connections (chat RPC and push together); lowered at start, with a
+    /// warning, to fit the open-file limit.
+    #[arg(long, env = "CELLCHAT_MAX_CONNECTIONS", default_value_t = 20_000)]
+    max_connections: usize,
+    /// Most open client connections from one address (IPv6: one /64). Connections from this
+    /// machine itself (same address at both ends) are not counted against it.
+    #[arg(long, env = "CELLCHAT_MAX_CONNECTIONS_PER_IP", default_value_t = 256)]
+    max_connections_per_ip: usize,
     /// Most voters in the cluster; further nodes join as learners (read replicas).
     #[arg(long, env = "CELLCHAT_MAX_VOTERS", default_value_t = 5)]
     max_voters: usize,
@@ -281,6 +289,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     config.raft_port = args.raft_port;
     config.client_port = args.client_port;
     config.metrics_port = args.metrics_port;
+    config.client_connections_max = args.max_connections;
+    config.client_connections_per_ip_max = args.max_connections_per_ip;
     config.discovery_port = args.net.discovery_port;
     config.broadcast = args.net.broadcast;
     config.join = resolve_join(&args.net.join)?;

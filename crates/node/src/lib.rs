@@ -16,8 +16,10 @@ mod atomic_file;
 mod cluster;
 pub mod codec;
 mod config;
+mod conn_limit;
 mod data_dir;
 mod delivery;
+mod fd_limit;
 pub mod formation;
 mod handover;
 mod leader_watch;
@@ -43,6 +45,7 @@ pub use cluster::{
     NodeAddrs, Peers, RemoveReply, RemoveRequest,
 };
 pub use config::Config;
+pub use conn_limit::{ConnGuard, ConnLimiter, ConnLimits, Refusal};
 pub use data_dir::{DataDir, DataDirError};
 pub use delivery::Delivery;
 pub use handover::{hand_over, DiskWatchdog, WriteGate};

@@ -5,6 +5,9 @@
 //! knows a leader and has applied everything it knows to be committed, else 503. One request
 //! per connection, GET only, 8 KiB request limit: it serves scrapers and probes, not browsers.
 //!
+//! The listener takes at most [`METRICS_CONNECTIONS_MAX`] connections (fewer from one
+//! address), so a stranger cannot hold the node's descriptors through it.
+//!
 //! Names follow Prometheus conventions: base units in the name (`_seconds`, `_bytes`), `_total`
 //! on counters, and identities as labels of a constant-1 gauge (`node_info`, `raft_leader_info`)
 //! rather than as gauge values, since a 64-bit node id does not survive a float.
@@ -26,6 +29,7 @@ use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::conn_limit::{ConnLimiter, ConnLimits};
 use crate::raft::Raft;
 pub use crate::storage_metrics::StorageMetrics;
 use crate::storage_metrics::{count_histogram, latency_histogram};
@@ -45,6 +49,12 @@ const DISK_WALK_ENTRIES_MAX: usize = 100_000;
 
 /// Most bytes of an HTTP request head.
 const REQUEST_BYTES_MAX: usize = 8192;
+
+/// Most open connections to the metrics listener: scrapers and probes use one at a time, and
+/// each answer takes at most the request timeout plus a render.
+pub const METRICS_CONNECTIONS_MAX: usize = 64;
+/// Most open metrics connections from one address.
+const METRICS_CONNECTIONS_PER_IP_MAX: usize = 16;
 
 /// `registry.register(name, help, metric.clone())` for each `name, help => metric;` line.
 macro_rules! register {
@@ -399,16 +409,23 @@ pub fn serve(
     metrics: Arc<Metrics>,
     raft: Raft,
 ) -> tokio::task::JoinHandle<()> {
+    let limits = ConnLimits::new(METRICS_CONNECTIONS_MAX, METRICS_CONNECTIONS_PER_IP_MAX)
+        .expect("the metrics caps are consistent constants");
+    let limiter = ConnLimiter::new(limits);
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let Ok((stream, peer)) = listener.accept().await else {
                 tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let Some(guard) = limiter.admit(peer, stream.local_addr().ok(), "metrics") else {
                 continue;
             };
             let (metrics, raft) = (metrics.clone(), raft.clone());
             tokio::spawn(async move {
+                let _guard = guard;
                 if let Err(e) = answer(stream, metrics, raft).await {
-                    tracing::debug!(error = %e, "metrics request failed");
+                    tracing::debug!(%peer, error = %e, "metrics request failed");
                 }
             });
         }

@@ -483,12 +483,17 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<RaftListener> {
 
 /// Accepts Raft RPC connections until the returned task is aborted. Each connection's
 /// requests run concurrently. When a connection that carried the leader's AppendEntries ends,
-/// [`LeaderWatch`] checks whether the leader died.
-pub fn serve(listener: RaftListener, server: RaftRpcServer) -> tokio::task::JoinHandle<()> {
+/// [`LeaderWatch`] checks whether the leader died. Connections beyond `limiter`'s caps are
+/// closed at once.
+pub fn serve(
+    listener: RaftListener,
+    server: RaftRpcServer,
+    limiter: crate::conn_limit::ConnLimiter,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
-            let transport = match listener.accept().await {
-                Ok((transport, _peer)) => transport,
+            let (transport, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // EMFILE and friends: back off briefly rather than spin.
                     tracing::warn!(error = %e, "raft rpc accept failed");
@@ -496,8 +501,12 @@ pub fn serve(listener: RaftListener, server: RaftRpcServer) -> tokio::task::Join
                     continue;
                 }
             };
+            let Some(guard) = limiter.admit(peer, Some(listener.local_addr()), "raft") else {
+                continue;
+            };
             let server = server.for_connection();
             tokio::spawn(async move {
+                let _guard = guard;
                 let (watch, conn) = (server.watch.clone(), server.conn.clone());
                 BaseChannel::with_defaults(transport)
                     .execute(server.serve())

@@ -24,8 +24,10 @@ use crate::admin::Admin;
 use crate::api::{ApiShared, ChatServer};
 use crate::cluster::{self, LeaderContact, NodeAddrs, Peers};
 use crate::config::Config;
+use crate::conn_limit::{ConnGuard, ConnLimiter, ConnLimits};
 use crate::data_dir::{DataDir, DataDirError};
 use crate::delivery::Delivery;
+use crate::fd_limit;
 use crate::formation::Formation;
 use crate::handover::{self, DiskWatchdog, WriteGate};
 use crate::log_store::{AckPolicy, LogStore, WAL_DIR};
@@ -300,19 +302,24 @@ impl Server {
         if config.weaken.any() {
             tracing::warn!(weaken = %config.weaken, "deliberately broken modes are on (test only)");
         }
+        let limits = fd_limit::fit_caps_to_process(
+            config.client_limits().map_err(ServerError::Config)?,
+            config.raft_limits().map_err(ServerError::Config)?,
+        );
         let storage = Storage::open(data_dir.path(), &config).await?;
         let listeners = Listeners::bind(&config, data_dir.path()).await?;
-        Self::start_services(config, data_dir, name, rejoining, storage, listeners).await
+        let parts = (data_dir, name, rejoining);
+        Self::start_services(config, parts, storage, listeners, limits).await
     }
 
     /// Stage 3: Raft, the proposer, the RPC servers, discovery, formation and the watchdog.
+    /// `limits` are the client and Raft listeners' connection caps.
     async fn start_services(
         config: Config,
-        data_dir: DataDir,
-        name: String,
-        rejoining: bool,
+        (data_dir, name, rejoining): (DataDir, String, bool),
         storage: Storage,
         listeners: Listeners,
+        (client_limits, raft_limits): (ConnLimits, ConnLimits),
     ) -> Result<Server, ServerError> {
         let raft_config = Arc::new(config.raft_config().map_err(ServerError::Config)?);
         let id = data_dir.node_id();
@@ -412,8 +419,13 @@ impl Server {
             contact.clone(),
         );
         let mut tasks = vec![
-            raft_rpc::serve(listeners.raft, rpc_server),
-            serve_clients(listeners.client, shared.clone(), push_runtime.handle()),
+            raft_rpc::serve(listeners.raft, rpc_server, ConnLimiter::new(raft_limits)),
+            serve_clients(
+                listeners.client,
+                shared.clone(),
+                push_runtime.handle(),
+                ConnLimiter::new(client_limits),
+            ),
             tokio::spawn(metrics::count_leader_changes(
                 metrics.clone(),
                 raft.metrics(),
@@ -680,11 +692,13 @@ const ROUTE_PEEK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Accepts client connections and routes each by its first 4 bytes: [`proto::push::PUSH_MAGIC`]
 /// to the push server, anything else to the tarpc `Chat` service (a tarpc frame's length
 /// prefix can never equal the magic, see `proto::push`).
-/// Push connections are served on `push`, the [`PushRuntime`].
+/// Push connections are served on `push`, the [`PushRuntime`]. Connections beyond `limiter`'s
+/// caps are closed at once.
 fn serve_clients(
     listener: TcpListener,
     shared: Arc<ApiShared>,
     push: tokio::runtime::Handle,
+    limiter: ConnLimiter,
 ) -> JoinHandle<()> {
     let cache = Arc::new(BatchCache::default());
     tokio::spawn(async move {
@@ -697,11 +711,14 @@ fn serve_clients(
                     continue;
                 }
             };
+            let Some(guard) = limiter.admit(peer, stream.local_addr().ok(), "client") else {
+                continue;
+            };
             let shared = shared.clone();
             let cache = cache.clone();
             let push = push.clone();
             tokio::spawn(async move {
-                if let Err(e) = route_client(stream, peer, shared, cache, push).await {
+                if let Err(e) = route_client(stream, peer, shared, cache, push, guard).await {
                     tracing::debug!(%peer, error = %e, "client connection setup failed");
                 }
             });
@@ -709,13 +726,15 @@ fn serve_clients(
     })
 }
 
-/// Peeks at a new connection's first bytes and serves it as push or as tarpc.
+/// Peeks at a new connection's first bytes and serves it as push or as tarpc. `guard` counts
+/// the connection against the listener's caps until it ends.
 async fn route_client(
     mut stream: TcpStream,
     peer: SocketAddr,
     shared: Arc<ApiShared>,
     cache: Arc<BatchCache>,
     push: tokio::runtime::Handle,
+    guard: ConnGuard,
 ) -> std::io::Result<()> {
     proto::set_socket_options(&stream)?;
     if starts_with_push_magic(&stream).await? {
@@ -724,6 +743,7 @@ async fn route_client(
         // Moved to the push runtime's reactor; the socket stays non-blocking.
         let stream = stream.into_std()?;
         push.spawn(async move {
+            let _guard = guard;
             match TcpStream::from_std(stream) {
                 Ok(stream) => push::serve_connection(shared, cache, stream, peer).await,
                 Err(e) => tracing::debug!(%peer, error = %e, "push connection setup failed"),
@@ -740,6 +760,7 @@ async fn route_client(
             tokio::spawn(response);
         })
         .await;
+    drop(guard);
     Ok(())
 }
 
