@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::conn_limit::ConnLimits;
 
+use crate::metrics::MetricsToken;
 use crate::weaken::Weaken;
 
 /// A node's configuration. Build with [`Config::new`] and adjust fields; [`Config::validate`]
@@ -84,6 +85,11 @@ pub struct Config {
     /// Most open Raft RPC connections from one address, exempt as for clients. Default 64; 1
     /// to `raft_connections_max`.
     pub raft_connections_per_ip_max: usize,
+    /// Address the metrics listener binds to; default `bind_host`.
+    pub metrics_host: Option<IpAddr>,
+    /// Bearer token that `GET /metrics` requires (`Authorization: Bearer TOKEN`); default
+    /// none, so `/metrics` is open to whoever reaches `metrics_host`.
+    pub metrics_token: Option<MetricsToken>,
     /// Deliberately broken modes for the fault-injection harness; default none. Any mode needs
     /// the cargo feature `weaken` (see `weaken.rs`).
     pub weaken: Weaken,
@@ -127,6 +133,8 @@ impl Config {
             client_connections_per_ip_max: 256,
             raft_connections_max: 1024,
             raft_connections_per_ip_max: 64,
+            metrics_host: None,
+            metrics_token: None,
             weaken: Weaken::default(),
             name: None,
             rejoin: false,
@@ -249,6 +257,20 @@ impl Config {
             .map_err(|e| format!("raft connections per ip: {e}"))
     }
 
+    /// The host the metrics listener binds to.
+    pub fn metrics_bind_host(&self) -> IpAddr {
+        self.metrics_host.unwrap_or(self.bind_host)
+    }
+
+    /// The host other nodes and operators are told for metrics: the metrics host when it is a
+    /// specific address other than the node's, else the node's advertised host.
+    pub fn advertised_metrics_host(&self) -> IpAddr {
+        match self.metrics_host {
+            Some(host) if !host.is_unspecified() && host != self.bind_host => host,
+            _ => self.advertised_host(),
+        }
+    }
+
     /// The host other nodes and clients should dial.
     pub fn advertised_host(&self) -> IpAddr {
         match self.advertise_host {
@@ -328,5 +350,16 @@ mod tests {
         let mut config = Config::new("/tmp/x");
         config.raft_connections_per_ip_max = 0;
         assert!(config.validate().unwrap_err().contains("raft connections"));
+    }
+
+    #[test]
+    fn metrics_are_advertised_where_they_listen() {
+        let mut config = Config::new("/tmp/x");
+        config.bind_host = "0.0.0.0".parse().unwrap();
+        config.advertise_host = Some("10.0.0.5".parse().unwrap());
+        assert_eq!(config.advertised_metrics_host(), config.advertised_host());
+        config.metrics_host = Some("127.0.0.1".parse().unwrap());
+        assert_eq!(config.metrics_bind_host().to_string(), "127.0.0.1");
+        assert_eq!(config.advertised_metrics_host().to_string(), "127.0.0.1");
     }
 }

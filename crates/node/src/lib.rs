@@ -50,7 +50,7 @@ pub use data_dir::{DataDir, DataDirError};
 pub use delivery::Delivery;
 pub use handover::{hand_over, DiskWatchdog, WriteGate};
 pub use log_store::{AckPolicy, LogStore, SyncWatch, APPEND_BYTES_MAX, WAL_DIR};
-pub use metrics::{DiskPaths, Metrics, NodeInfo, StorageMetrics};
+pub use metrics::{DiskPaths, Metrics, MetricsToken, NodeInfo, StorageMetrics};
 pub use name::{default_name, validate_name, NameError, NAME_LEN_MAX};
 pub use proposer::{ProposeError, Proposed, Proposer, ProposerConfig};
 pub use raft::{metrics_now, start_raft, Raft};

@@ -253,11 +253,21 @@ impl Listeners {
             .await
             .map_err(bind_error("raft rpc", raft_addr))?;
         let mut tcp = Vec::new();
-        for (what, flag, kept) in [
-            ("clients", config.client_port, kept.map(|p| p.client)),
-            ("metrics", config.metrics_port, kept.map(|p| p.metrics)),
+        for (what, host, flag, kept) in [
+            (
+                "clients",
+                config.bind_host,
+                config.client_port,
+                kept.map(|p| p.client),
+            ),
+            (
+                "metrics",
+                config.metrics_bind_host(),
+                config.metrics_port,
+                kept.map(|p| p.metrics),
+            ),
         ] {
-            let addr = at(pick(flag, kept));
+            let addr = SocketAddr::new(host, pick(flag, kept));
             let listener = TcpListener::bind(addr)
                 .await
                 .map_err(bind_error(what, addr))?;
@@ -283,7 +293,7 @@ impl Listeners {
             advertised: NodeAddrs {
                 raft: SocketAddr::new(host, ports.raft),
                 client: SocketAddr::new(host, ports.client),
-                metrics: SocketAddr::new(host, ports.metrics),
+                metrics: SocketAddr::new(config.advertised_metrics_host(), ports.metrics),
             },
         })
     }
@@ -430,7 +440,12 @@ impl Server {
                 metrics.clone(),
                 raft.metrics(),
             )),
-            metrics::serve(listeners.metrics, metrics, raft.clone()),
+            metrics::serve(
+                listeners.metrics,
+                metrics,
+                raft.clone(),
+                config.metrics_token.clone(),
+            ),
             tokio::spawn(
                 DiskWatchdog {
                     raft: raft.clone(),
