@@ -140,6 +140,10 @@ struct RunArgs {
     /// machine itself (same address at both ends) are not counted against it.
     #[arg(long, env = "CELLCHAT_MAX_CONNECTIONS_PER_IP", default_value_t = 256)]
     max_connections_per_ip: usize,
+    /// A client connection with no request in flight for this many seconds is closed (an
+    /// open long poll counts as a request).
+    #[arg(long, env = "CELLCHAT_CLIENT_IDLE_TIMEOUT_S", default_value_t = 600)]
+    client_idle_timeout_s: u64,
     /// Most voters in the cluster; further nodes join as learners (read replicas).
     #[arg(long, env = "CELLCHAT_MAX_VOTERS", default_value_t = 5)]
     max_voters: usize,
@@ -313,6 +317,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     config.client_connections_max = args.max_connections;
     config.client_connections_per_ip_max = args.max_connections_per_ip;
+    config.client_idle_timeout_s = args.client_idle_timeout_s;
     config.discovery_port = args.net.discovery_port;
     config.broadcast = args.net.broadcast;
     config.join = resolve_join(&args.net.join)?;

@@ -23,6 +23,7 @@ use proto::{
 use tarpc::context::Context;
 
 use crate::cluster::{role_of, Peers};
+use crate::conn_watch::{Activity, Busy, ConnWatch};
 use crate::delivery::Delivery;
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::proposer::{ProposeError, Proposer};
@@ -97,6 +98,8 @@ pub struct ApiShared {
     pub user_burst: u32,
     pub conn_rate_per_s: u32,
     pub conn_burst: u32,
+    /// A connection with no request in flight for this long is closed (`conn_watch.rs`).
+    pub client_idle_timeout: Duration,
     /// Deliberately broken modes (feature `weaken`); default none.
     pub weaken: crate::Weaken,
 }
@@ -155,6 +158,8 @@ struct ConnState {
 pub struct ChatServer {
     shared: Arc<ApiShared>,
     conn: Arc<Mutex<ConnState>>,
+    /// The connection's hello and requests, for its deadlines.
+    activity: Arc<Activity>,
 }
 
 fn now_ms() -> u64 {
@@ -227,7 +232,21 @@ impl ChatServer {
         ChatServer {
             shared,
             conn: Arc::new(Mutex::new(conn)),
+            activity: Activity::new(),
         }
+    }
+
+    /// What the connection's watchdog needs (see [`crate::conn_watch::serve_watched`]).
+    pub fn watch(&self) -> ConnWatch {
+        ConnWatch {
+            activity: self.activity.clone(),
+            idle: self.shared.client_idle_timeout,
+        }
+    }
+
+    /// Marks a request in flight until the guard drops.
+    fn busy(&self) -> Busy {
+        self.activity.busy()
     }
 
     /// The client seq to propose: the client's own, or, in the deliberately broken
@@ -296,11 +315,13 @@ impl ChatServer {
 
 impl proto::Chat for ChatServer {
     async fn hello(self, _: Context, req: Hello) -> Result<Welcome, ApiError> {
+        let _busy = self.busy();
         proto::check_hello(&req, &self.shared.cluster)?;
         let challenge: [u8; 32] = rand::random();
         let mut conn = self.conn.lock();
         conn.hello = true;
         conn.challenge = Some(challenge);
+        self.activity.hello_done();
         Ok(Welcome {
             node_id: self.shared.id,
             cluster: self.shared.cluster.clone(),
@@ -312,6 +333,7 @@ impl proto::Chat for ChatServer {
 
     #[tracing::instrument(level = "debug", skip_all, fields(user = %req.name))]
     async fn login(self, _: Context, req: Login) -> Result<Session, ApiError> {
+        let _busy = self.busy();
         self.require_hello()?;
         let challenge = self.conn.lock().challenge.take();
         let challenge = challenge.ok_or(ApiError::Unauthenticated)?;
@@ -337,6 +359,7 @@ impl proto::Chat for ChatServer {
 
     #[tracing::instrument(level = "debug", skip_all, fields(channel = %req.channel, client_seq = req.client_seq))]
     async fn send(self, _: Context, req: SendRequest) -> Result<SendReply, ApiError> {
+        let _busy = self.busy();
         let started = Instant::now();
         self.require_hello()?;
         let user = self.conn.lock().user.clone();
@@ -380,6 +403,7 @@ impl proto::Chat for ChatServer {
     }
 
     async fn stream(self, ctx: Context, req: StreamRequest) -> Result<MessageBatch, ApiError> {
+        let _busy = self.busy();
         let started = Instant::now();
         self.require_hello()?;
         check_channel(&req.channel)?;
@@ -414,6 +438,7 @@ impl proto::Chat for ChatServer {
     }
 
     async fn history(self, ctx: Context, req: HistoryRequest) -> Result<MessageBatch, ApiError> {
+        let _busy = self.busy();
         let started = Instant::now();
         self.require_hello()?;
         check_channel(&req.channel)?;
@@ -437,6 +462,7 @@ impl proto::Chat for ChatServer {
     }
 
     async fn channels(self, _: Context) -> Result<Vec<ChannelInfo>, ApiError> {
+        let _busy = self.busy();
         self.require_hello()?;
         let channels = self.shared.chat.channels().into_iter();
         Ok(channels
@@ -445,6 +471,7 @@ impl proto::Chat for ChatServer {
     }
 
     async fn cluster(self, _: Context) -> Result<ClusterInfo, ApiError> {
+        let _busy = self.busy();
         self.require_hello()?;
         let metrics = crate::raft::metrics_now(&self.shared.raft);
         let membership = metrics.membership_config.membership();
@@ -481,6 +508,7 @@ impl proto::Chat for ChatServer {
     }
 
     async fn ping(self, _: Context, nonce: u64) -> Pong {
+        let _busy = self.busy();
         let metrics = crate::raft::metrics_now(&self.shared.raft);
         Pong {
             nonce,

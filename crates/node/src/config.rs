@@ -85,6 +85,9 @@ pub struct Config {
     /// Most open Raft RPC connections from one address, exempt as for clients. Default 64; 1
     /// to `raft_connections_max`.
     pub raft_connections_per_ip_max: usize,
+    /// A client RPC connection with no request in flight for this long is closed, in seconds
+    /// (an open long poll is a request in flight). Default 600; 1 to 86400.
+    pub client_idle_timeout_s: u64,
     /// Address the metrics listener binds to; default `bind_host`.
     pub metrics_host: Option<IpAddr>,
     /// Bearer token that `GET /metrics` requires (`Authorization: Bearer TOKEN`); default
@@ -133,6 +136,7 @@ impl Config {
             client_connections_per_ip_max: 256,
             raft_connections_max: 1024,
             raft_connections_per_ip_max: 64,
+            client_idle_timeout_s: 600,
             metrics_host: None,
             metrics_token: None,
             weaken: Weaken::default(),
@@ -233,6 +237,12 @@ impl Config {
         }
         self.client_limits()?;
         self.raft_limits()?;
+        if !(1..=86_400).contains(&self.client_idle_timeout_s) {
+            return Err(format!(
+                "client idle timeout {} s must be 1 to 86400",
+                self.client_idle_timeout_s
+            ));
+        }
         Ok(())
     }
 
@@ -350,6 +360,9 @@ mod tests {
         let mut config = Config::new("/tmp/x");
         config.raft_connections_per_ip_max = 0;
         assert!(config.validate().unwrap_err().contains("raft connections"));
+        let mut config = Config::new("/tmp/x");
+        config.client_idle_timeout_s = 0;
+        assert!(config.validate().unwrap_err().contains("idle timeout"));
     }
 
     #[test]

@@ -17,6 +17,7 @@ mod cluster;
 pub mod codec;
 mod config;
 mod conn_limit;
+mod conn_watch;
 mod data_dir;
 mod delivery;
 mod fd_limit;
@@ -46,6 +47,7 @@ pub use cluster::{
 };
 pub use config::Config;
 pub use conn_limit::{ConnGuard, ConnLimiter, ConnLimits, Refusal};
+pub use conn_watch::HELLO_TIMEOUT;
 pub use data_dir::{DataDir, DataDirError};
 pub use delivery::Delivery;
 pub use handover::{hand_over, DiskWatchdog, WriteGate};

@@ -25,6 +25,7 @@ use crate::api::{ApiShared, ChatServer};
 use crate::cluster::{self, LeaderContact, NodeAddrs, Peers};
 use crate::config::Config;
 use crate::conn_limit::{ConnGuard, ConnLimiter, ConnLimits};
+use crate::conn_watch;
 use crate::data_dir::{DataDir, DataDirError};
 use crate::delivery::Delivery;
 use crate::fd_limit;
@@ -394,6 +395,7 @@ impl Server {
             user_burst: config.user_burst,
             conn_rate_per_s: config.conn_rate_per_s,
             conn_burst: config.conn_burst,
+            client_idle_timeout: Duration::from_secs(config.client_idle_timeout_s),
             weaken: config.weaken,
         });
 
@@ -768,13 +770,14 @@ async fn route_client(
     }
     let transport: ChatServerTransport = proto::transport_from_stream(stream)?;
     let server = ChatServer::new(shared);
-    BaseChannel::with_defaults(transport)
+    let watch = server.watch();
+    let serving = BaseChannel::with_defaults(transport)
         .max_concurrent_requests(CONN_REQUESTS_MAX)
         .execute(proto::Chat::serve(server))
         .for_each(|response| async move {
             tokio::spawn(response);
-        })
-        .await;
+        });
+    conn_watch::serve_watched(watch, peer, serving).await;
     drop(guard);
     Ok(())
 }
