@@ -143,6 +143,9 @@ async fn limits_connections_beyond_the_per_address_cap_are_closed() -> anyhow::R
         third.is_err(),
         "a third connection from 127.0.0.2 was served"
     );
+    let (_, metrics) = get(ready.metrics, "/metrics", "").await?;
+    let refused = "cellchat_connections_refused_total{listener=\"client\",cap=\"per_ip\"} 1";
+    assert!(metrics.contains(refused), "no {refused} in:\n{metrics}");
 
     // Another address has its own count.
     let _other = hello_on(connect_from("127.0.0.3", ready.client).await?, &name).await?;

@@ -87,6 +87,19 @@ pub enum Refusal {
     },
 }
 
+impl Refusal {
+    /// Which cap, as a metric label.
+    pub fn cap(self) -> &'static str {
+        match self {
+            Refusal::Global { .. } => "global",
+            Refusal::PerIp { .. } => "per_ip",
+        }
+    }
+}
+
+/// Told of every refusal by [`ConnLimiter::admit`]; the node counts them in its metrics.
+pub type RefusalObserver = Arc<dyn Fn(Refusal) + Send + Sync>;
+
 /// What the per-address cap counts a peer as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum AddrKey {
@@ -119,10 +132,19 @@ struct Counts {
     by_addr: HashMap<AddrKey, usize>,
 }
 
-#[derive(Debug)]
 struct Inner {
     limits: ConnLimits,
     counts: Mutex<Counts>,
+    observer: Option<RefusalObserver>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("limits", &self.limits)
+            .field("counts", &self.counts)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Counts the open connections of one listener and refuses those beyond its [`ConnLimits`].
@@ -139,6 +161,17 @@ impl ConnLimiter {
         ConnLimiter(Arc::new(Inner {
             limits,
             counts: Mutex::default(),
+            observer: None,
+        }))
+    }
+
+    /// Like [`new`](Self::new), with `observer` told of each refusal [`admit`](Self::admit)
+    /// makes.
+    pub fn observed(limits: ConnLimits, observer: RefusalObserver) -> ConnLimiter {
+        ConnLimiter(Arc::new(Inner {
+            limits,
+            counts: Mutex::default(),
+            observer: Some(observer),
         }))
     }
 
@@ -174,7 +207,8 @@ impl ConnLimiter {
 
     /// [`acquire`](Self::acquire) for a connection just accepted from `peer` on `local` (when
     /// known; an unspecified listener address never matches a peer), logging a refusal at
-    /// `debug` with the `listener`'s name. The caller closes a refused connection.
+    /// `debug` with the `listener`'s name and telling the observer. The caller closes a
+    /// refused connection.
     pub fn admit(
         &self,
         peer: SocketAddr,
@@ -186,6 +220,9 @@ impl ConnLimiter {
             Ok(guard) => Some(guard),
             Err(refusal) => {
                 tracing::debug!(%peer, listener, %refusal, "connection refused");
+                if let Some(observer) = &self.0.observer {
+                    observer(refusal);
+                }
                 None
             }
         }
@@ -270,6 +307,23 @@ mod tests {
         assert!(limiter.admit(peer, Some(unspecified), "test").is_none());
         let local = SocketAddr::from(([127, 0, 0, 1], 7));
         assert!(limiter.admit(peer, Some(local), "test").is_some());
+    }
+
+    #[test]
+    fn the_observer_hears_each_refusal_of_admit() {
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let observer: RefusalObserver = {
+            let heard = heard.clone();
+            Arc::new(move |refusal: Refusal| heard.lock().push(refusal.cap()))
+        };
+        let limiter = ConnLimiter::observed(ConnLimits::new(2, 1).unwrap(), observer);
+        let local = Some(SocketAddr::from(([10, 0, 0, 1], 7)));
+        let from = |last: u8| SocketAddr::from(([10, 0, 0, last], 9));
+        let _a = limiter.admit(from(2), local, "test").unwrap();
+        assert!(limiter.admit(from(2), local, "test").is_none());
+        let _b = limiter.admit(from(3), local, "test").unwrap();
+        assert!(limiter.admit(from(4), local, "test").is_none());
+        assert_eq!(*heard.lock(), ["per_ip", "global"]);
     }
 
     #[test]

@@ -32,7 +32,7 @@ use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::conn_limit::{ConnLimiter, ConnLimits};
+use crate::conn_limit::{ConnLimiter, ConnLimits, Refusal, RefusalObserver};
 use crate::raft::Raft;
 pub use crate::storage_metrics::StorageMetrics;
 use crate::storage_metrics::{count_histogram, latency_histogram};
@@ -256,6 +256,8 @@ pub struct Metrics {
     /// Sends per proposed log entry.
     pub batch_sends: Histogram,
     rpc_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    /// Connections closed at accept because a cap was reached, by listener and cap.
+    connections_refused: Family<Labels, Counter>,
     scraped: Scraped,
     storage: StorageMetrics,
     disk: DiskPaths,
@@ -284,6 +286,7 @@ impl Metrics {
             push_batches_encoded: Counter::default(),
             batch_sends: count_histogram(),
             rpc_seconds: Family::new_with_constructor(|| latency_histogram(16)),
+            connections_refused: Family::default(),
             scraped: Scraped::default(),
             storage,
             disk,
@@ -298,6 +301,9 @@ impl Metrics {
             "deliveries", "Messages delivered to streams" => m.deliveries_total;
             "stream_waiters", "Long-poll streams waiting" => m.stream_waiters;
             "connected_clients", "Open client connections" => m.connected_clients;
+            "connections_refused",
+                "Connections closed at accept because a listener's cap was reached"
+                => m.connections_refused;
             "push_connections", "Open push connections" => m.push_connections;
             "push_subscriptions", "Open push subscriptions" => m.push_subscriptions;
             "push_batches_encoded",
@@ -349,6 +355,15 @@ impl Metrics {
         self.rpc_seconds
             .get_or_create(&labels)
             .observe(took.as_secs_f64());
+    }
+
+    /// An observer for `listener`'s connection limiter that counts its refusals.
+    pub fn refusal_observer(&self, listener: &'static str) -> RefusalObserver {
+        let family = self.connections_refused.clone();
+        Arc::new(move |refusal: Refusal| {
+            let labels = vec![("listener", listener), ("cap", refusal.cap())];
+            family.get_or_create(&labels).inc();
+        })
     }
 
     /// Feeds one observation of the leader this node knows to the leader-changes counter.
@@ -487,7 +502,7 @@ pub fn serve(
 ) -> tokio::task::JoinHandle<()> {
     let limits = ConnLimits::new(METRICS_CONNECTIONS_MAX, METRICS_CONNECTIONS_PER_IP_MAX)
         .expect("the metrics caps are consistent constants");
-    let limiter = ConnLimiter::new(limits);
+    let limiter = ConnLimiter::observed(limits, metrics.refusal_observer("metrics"));
     let token = Arc::new(token);
     tokio::spawn(async move {
         loop {

@@ -431,12 +431,16 @@ impl Server {
             contact.clone(),
         );
         let mut tasks = vec![
-            raft_rpc::serve(listeners.raft, rpc_server, ConnLimiter::new(raft_limits)),
+            raft_rpc::serve(
+                listeners.raft,
+                rpc_server,
+                ConnLimiter::observed(raft_limits, metrics.refusal_observer("raft")),
+            ),
             serve_clients(
                 listeners.client,
                 shared.clone(),
                 push_runtime.handle(),
-                ConnLimiter::new(client_limits),
+                ConnLimiter::observed(client_limits, metrics.refusal_observer("client")),
             ),
             tokio::spawn(metrics::count_leader_changes(
                 metrics.clone(),
