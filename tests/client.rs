@@ -813,30 +813,28 @@ async fn the_push_port_answers_bad_input_with_typed_errors_and_keeps_serving() -
     alice.send_text("general", "one", None).await?;
     let node = *cluster.nodes[0].ready().context("ready")?;
 
-    async fn open(
-        addr: std::net::SocketAddr,
-    ) -> anyhow::Result<Framed<tokio::net::TcpStream, tarpc::tokio_util::codec::LengthDelimitedCodec>>
-    {
-        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    type PushFramed = Framed<proto::TlsTcp, tarpc::tokio_util::codec::LengthDelimitedCodec>;
+    async fn open(addr: std::net::SocketAddr) -> anyhow::Result<PushFramed> {
+        let verifier = proto::tls::CaVerifier::new(proto::tls::Trust::FirstUse);
+        let config = proto::tls::client_config(verifier, proto::tls::ALPN_PUSH);
+        let mut stream = proto::connect_tls(addr, config, proto::tls::any_node(), RECEIVE).await?;
         stream.write_all(&push::PUSH_MAGIC).await?;
+        stream.flush().await?;
         Ok(Framed::new(
             stream,
             push::frame_codec(proto::FRAME_BYTES_MAX),
         ))
     }
-    async fn send(
-        framed: &mut Framed<tokio::net::TcpStream, tarpc::tokio_util::codec::LengthDelimitedCodec>,
-        frame: &ClientFrame,
-    ) -> anyhow::Result<()> {
+    async fn send(framed: &mut PushFramed, frame: &ClientFrame) -> anyhow::Result<()> {
         let encoded = push::encode_frame(frame);
         framed.send(encoded.slice(push::LENGTH_BYTES..)).await?;
         Ok(())
     }
-    async fn next(
-        framed: &mut Framed<tokio::net::TcpStream, tarpc::tokio_util::codec::LengthDelimitedCodec>,
-    ) -> anyhow::Result<Option<ServerFrame>> {
+    async fn next(framed: &mut PushFramed) -> anyhow::Result<Option<ServerFrame>> {
         match tokio::time::timeout(RECEIVE, framed.next()).await? {
             None => Ok(None),
+            // A TLS peer that hangs up without close_notify reads as an unexpected EOF.
+            Some(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
             Some(body) => Ok(Some(push::decode_server_frame(&body?)?)),
         }
     }
@@ -896,12 +894,12 @@ async fn the_push_port_answers_bad_input_with_typed_errors_and_keeps_serving() -
     ));
 
     // An oversized length prefix: closed without reading the body.
-    let mut raw = tokio::net::TcpStream::connect(node.client).await?;
-    raw.write_all(&push::PUSH_MAGIC).await?;
+    let mut framed = open(node.client).await?;
+    let raw = framed.get_mut();
     raw.write_all(&encode_raw(&hello)).await?;
     raw.write_all(&((push::CLIENT_FRAME_BYTES_MAX as u32) + 1).to_be_bytes())
         .await?;
-    let mut framed = Framed::new(raw, push::frame_codec(proto::FRAME_BYTES_MAX));
+    raw.flush().await?;
     assert!(matches!(
         next(&mut framed).await?,
         Some(ServerFrame::Welcome(_))

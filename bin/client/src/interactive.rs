@@ -392,7 +392,7 @@ impl Chat {
 
     async fn history(&self, n: u32) {
         let key = lock(&self.keys).get(&self.channel).cloned();
-        match self.client.history(&self.channel, None, n).await {
+        match self.client.recent(&self.channel, n).await {
             Ok(page) => {
                 let now = timefmt::now_ms();
                 for message in &page.messages {
@@ -407,7 +407,7 @@ impl Chat {
     }
 
     async fn who(&self) {
-        match self.client.history(&self.channel, None, WHO_WINDOW).await {
+        match self.client.recent(&self.channel, WHO_WINDOW).await {
             Ok(page) => {
                 let mut last: HashMap<String, u64> = HashMap::new();
                 for m in &page.messages {

@@ -187,7 +187,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     if let Some(n) = args.history {
-        let page = client.history(&channel, None, n).await?;
+        let page = client.recent(&channel, n).await?;
         let now = timefmt::now_ms();
         for message in &page.messages {
             print_message(key.as_ref(), message, now, args.json);

@@ -134,6 +134,32 @@ struct RunArgs {
     /// HTTP metrics port, serving /metrics, /health and /ready (0: pick and keep).
     #[arg(long, env = "CELLCHAT_METRICS_PORT", default_value_t = 0)]
     metrics_port: u16,
+    /// Address the metrics listener binds to (default: --host), e.g. 127.0.0.1 to keep
+    /// metrics on this machine while the node serves the network.
+    #[arg(long, env = "CELLCHAT_METRICS_BIND", value_name = "HOST")]
+    metrics_bind: Option<IpAddr>,
+    /// Bearer token that GET /metrics requires (header `Authorization: Bearer TOKEN`; 1-256
+    /// visible ASCII characters); /health and /ready stay open. Prefer the environment
+    /// variable: a flag shows in the process list.
+    #[arg(
+        long,
+        env = "CELLCHAT_METRICS_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    metrics_token: Option<String>,
+    /// Most open client connections (chat RPC and push together); lowered at start, with a
+    /// warning, to fit the open-file limit.
+    #[arg(long, env = "CELLCHAT_MAX_CONNECTIONS", default_value_t = 20_000)]
+    max_connections: usize,
+    /// Most open client connections from one address (IPv6: one /64). Connections from this
+    /// machine itself (same address at both ends) are not counted against it.
+    #[arg(long, env = "CELLCHAT_MAX_CONNECTIONS_PER_IP", default_value_t = 256)]
+    max_connections_per_ip: usize,
+    /// A client connection with no request in flight for this many seconds is closed (an
+    /// open long poll counts as a request).
+    #[arg(long, env = "CELLCHAT_CLIENT_IDLE_TIMEOUT_S", default_value_t = 600)]
+    client_idle_timeout_s: u64,
     /// Most voters in the cluster; further nodes join as learners (read replicas).
     #[arg(long, env = "CELLCHAT_MAX_VOTERS", default_value_t = 5)]
     max_voters: usize,
@@ -298,6 +324,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     config.raft_port = args.raft_port;
     config.client_port = args.client_port;
     config.metrics_port = args.metrics_port;
+    config.metrics_host = args.metrics_bind;
+    config.metrics_token = match args.metrics_token.clone() {
+        Some(token) => Some(
+            node::MetricsToken::new(token)
+                .map_err(|e| anyhow::anyhow!("--metrics-token (CELLCHAT_METRICS_TOKEN): {e}"))?,
+        ),
+        None => None,
+    };
+    config.client_connections_max = args.max_connections;
+    config.client_connections_per_ip_max = args.max_connections_per_ip;
+    config.client_idle_timeout_s = args.client_idle_timeout_s;
     config.discovery_port = args.net.discovery_port;
     config.broadcast = args.net.broadcast;
     config.join = resolve_join(&args.net.join)?;

@@ -264,6 +264,38 @@ impl Client {
             .await
     }
 
+    /// The last `count` messages of `channel` (all of them when it has fewer), ascending.
+    /// A node may answer a page shorter than asked (its replies have a byte cap), so this
+    /// pages back from the oldest message it got until it has `count` or reaches the start.
+    ///
+    /// # Errors
+    ///
+    /// As [`history`](Self::history).
+    pub async fn recent(&self, channel: &str, count: u32) -> Result<MessageBatch, Error> {
+        let mut batch = self.history(channel, None, count).await?;
+        // Every round adds at least one older message or stops, so it ends.
+        while batch.messages.len() < count as usize {
+            let Some(oldest) = batch.messages.first().map(|m| m.seq) else {
+                break;
+            };
+            if oldest <= 1 {
+                break;
+            }
+            let missing = count - batch.messages.len() as u32;
+            let page = self.history(channel, Some(oldest), missing).await?;
+            batch.applied = batch.applied.max(page.applied);
+            let mut older: Vec<_> = (page.messages.into_iter())
+                .filter(|m| m.seq < oldest)
+                .collect();
+            if older.is_empty() {
+                break;
+            }
+            older.append(&mut batch.messages);
+            batch.messages = older;
+        }
+        Ok(batch)
+    }
+
     async fn history_request(
         &self,
         channel: &str,

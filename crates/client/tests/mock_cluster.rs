@@ -39,6 +39,9 @@ struct Shared {
     nodes: Mutex<Vec<(u64, SocketAddr, Arc<AtomicBool>)>>,
     /// Client connections open on all nodes.
     open_conns: AtomicU64,
+    /// Most messages in a `stream` or `history` reply (0: no cap), as a node's byte cap makes
+    /// a page shorter than asked.
+    page_max: AtomicU64,
 }
 
 impl Shared {
@@ -66,6 +69,20 @@ impl Shared {
             .take(limit)
             .cloned()
             .collect()
+    }
+
+    /// `page` cut to `page_max`, keeping the oldest messages or the newest.
+    fn capped(&self, mut page: Vec<WireMessage>, keep_newest: bool) -> Vec<WireMessage> {
+        let max = self.page_max.load(Ordering::SeqCst) as usize;
+        if max == 0 || page.len() <= max {
+            return page;
+        }
+        if keep_newest {
+            page.drain(..page.len() - max);
+        } else {
+            page.truncate(max);
+        }
+        page
     }
 
     fn head(&self, channel: &str) -> u64 {
@@ -212,6 +229,7 @@ impl proto::Chat for MockChat {
                     .shared
                     .page(&req.channel, req.after_seq + 1, req.max as usize);
                 if !page.is_empty() || Instant::now() >= deadline {
+                    let page = self.shared.capped(page, false);
                     return Ok(self.batch(&req.channel, page));
                 }
             }
@@ -239,6 +257,7 @@ impl proto::Chat for MockChat {
             .into_iter()
             .filter(|m| m.seq < end)
             .collect();
+        let page = self.shared.capped(page, req.from_seq.is_none());
         Ok(self.batch(&req.channel, page))
     }
 
@@ -352,6 +371,7 @@ impl Mock {
             appended: Notify::new(),
             nodes: Mutex::new(Vec::new()),
             open_conns: AtomicU64::new(0),
+            page_max: AtomicU64::new(0),
         });
         let (tls, ca) = mock_tls();
         let mut tasks = Vec::new();
@@ -744,4 +764,31 @@ async fn nodes_that_drop_udp_pings_are_measured_over_tcp() {
     eventually("one connection per node", || conns() == 3).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(conns(), 3, "connections beyond one per node reappeared");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_pages_are_paged_on_by_subscriptions_and_recent_history() {
+    let mock = Mock::start(3, 1).await;
+    mock.shared.page_max.store(3, Ordering::SeqCst);
+    let alice = Client::connect(mock.config("alice")).await.unwrap();
+    for i in 0..10 {
+        alice
+            .send_text("general", &format!("m{i}"), None)
+            .await
+            .unwrap();
+    }
+    // One page is cut short ...
+    let page = alice.history("general", None, 8).await.unwrap();
+    assert_eq!(seqs(&page.messages), vec![8, 9, 10]);
+    // ... but the last 8 come in order, without gap, from several pages.
+    let recent = alice.recent("general", 8).await.unwrap();
+    assert_eq!(seqs(&recent.messages), (3..=10).collect::<Vec<_>>());
+    let all = alice.recent("general", 50).await.unwrap();
+    assert_eq!(seqs(&all.messages), (1..=10).collect::<Vec<_>>());
+    // A subscription polls on from the last message of each short batch.
+    let mut sub = alice.subscribe("general", 0);
+    assert_eq!(
+        seqs(&receive(&mut sub, 10).await),
+        (1..=10).collect::<Vec<_>>()
+    );
 }

@@ -23,6 +23,7 @@ use proto::{
 use tarpc::context::Context;
 
 use crate::cluster::{role_of, Peers};
+use crate::conn_watch::{Activity, Busy, ConnWatch};
 use crate::delivery::Delivery;
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::proposer::{ProposeError, Proposer};
@@ -31,6 +32,51 @@ use crate::types::{Member, NodeId};
 
 /// Most messages one `stream` or `history` call returns.
 pub const BATCH_MESSAGES_MAX: u32 = 1000;
+
+/// Most bytes of messages one `stream` or `history` reply carries (at least one message
+/// always goes, and one fits easily). A thousand full-size messages would make a reply of
+/// 16 MiB, held in memory at once on both ends; clients page on from the last message they
+/// got, so a shorter page only costs a round trip.
+pub const REPLY_BYTES_MAX: usize = 4 << 20;
+
+/// Which end of a page a byte cap keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    /// The lowest seqs: the client pages on upwards from the last one.
+    Oldest,
+    /// The highest seqs: the client pages on downwards from the first one.
+    Newest,
+}
+
+/// A message's size in a reply, near enough for a cap: its variable fields plus a bound on
+/// the fixed ones and the encoding's length prefixes.
+fn reply_bytes(message: &chat_sm::Message) -> usize {
+    message.body.len() + message.sender.len() + message.channel.len() + 64
+}
+
+/// Cuts `messages` (ascending) to the longest run from the `keep` end whose size stays within
+/// `max`; one message always stays.
+fn cap_reply(messages: &mut Vec<chat_sm::Message>, keep: Keep, max: usize) {
+    let mut total = 0usize;
+    let mut fits = |m: &chat_sm::Message| {
+        total = total.saturating_add(reply_bytes(m));
+        total <= max
+    };
+    let kept = match keep {
+        Keep::Oldest => messages.iter().take_while(|m| fits(m)).count(),
+        Keep::Newest => messages.iter().rev().take_while(|m| fits(m)).count(),
+    }
+    .max(1);
+    if kept >= messages.len() {
+        return;
+    }
+    match keep {
+        Keep::Oldest => messages.truncate(kept),
+        Keep::Newest => {
+            messages.drain(..messages.len() - kept);
+        }
+    }
+}
 
 /// Everything the chat service of one node shares across connections. Rate limits are token
 /// buckets (sustained per second, burst): `user_*` for each user's sends, `conn_*` for every
@@ -52,6 +98,8 @@ pub struct ApiShared {
     pub user_burst: u32,
     pub conn_rate_per_s: u32,
     pub conn_burst: u32,
+    /// A connection with no request in flight for this long is closed (`conn_watch.rs`).
+    pub client_idle_timeout: Duration,
     /// Deliberately broken modes (feature `weaken`); default none.
     pub weaken: crate::Weaken,
 }
@@ -112,6 +160,8 @@ struct ConnState {
 pub struct ChatServer {
     shared: Arc<ApiShared>,
     conn: Arc<Mutex<ConnState>>,
+    /// The connection's hello and requests, for its deadlines.
+    activity: Arc<Activity>,
 }
 
 fn now_ms() -> u64 {
@@ -185,7 +235,21 @@ impl ChatServer {
         ChatServer {
             shared,
             conn: Arc::new(Mutex::new(conn)),
+            activity: Activity::new(),
         }
+    }
+
+    /// What the connection's watchdog needs (see [`crate::conn_watch::serve_watched`]).
+    pub fn watch(&self) -> ConnWatch {
+        ConnWatch {
+            activity: self.activity.clone(),
+            idle: self.shared.client_idle_timeout,
+        }
+    }
+
+    /// Marks a request in flight until the guard drops.
+    fn busy(&self) -> Busy {
+        self.activity.busy()
     }
 
     /// The client seq to propose: the client's own, or, in the deliberately broken
@@ -254,11 +318,13 @@ impl ChatServer {
 
 impl proto::Chat for ChatServer {
     async fn hello(self, _: Context, req: Hello) -> Result<Welcome, ApiError> {
+        let _busy = self.busy();
         proto::check_hello(&req, &self.shared.cluster)?;
         let challenge: [u8; 32] = rand::random();
         let mut conn = self.conn.lock();
         conn.hello = true;
         conn.challenge = Some(challenge);
+        self.activity.hello_done();
         Ok(Welcome {
             node_id: self.shared.id,
             cluster: self.shared.cluster.clone(),
@@ -270,6 +336,7 @@ impl proto::Chat for ChatServer {
 
     #[tracing::instrument(level = "debug", skip_all, fields(user = %req.name))]
     async fn login(self, _: Context, req: Login) -> Result<Session, ApiError> {
+        let _busy = self.busy();
         self.require_hello()?;
         let challenge = self.conn.lock().challenge.take();
         let challenge = challenge.ok_or(ApiError::Unauthenticated)?;
@@ -296,6 +363,7 @@ impl proto::Chat for ChatServer {
 
     #[tracing::instrument(level = "debug", skip_all, fields(channel = %req.channel, client_seq = req.client_seq))]
     async fn send(self, _: Context, req: SendRequest) -> Result<SendReply, ApiError> {
+        let _busy = self.busy();
         let started = Instant::now();
         self.require_hello()?;
         let user = self.conn.lock().user.clone();
@@ -339,6 +407,7 @@ impl proto::Chat for ChatServer {
     }
 
     async fn stream(self, ctx: Context, req: StreamRequest) -> Result<MessageBatch, ApiError> {
+        let _busy = self.busy();
         let started = Instant::now();
         self.require_hello()?;
         check_channel(&req.channel)?;
@@ -365,6 +434,7 @@ impl proto::Chat for ChatServer {
                 messages = read()?;
             }
         }
+        cap_reply(&mut messages, Keep::Oldest, REPLY_BYTES_MAX);
         let metrics = &self.shared.metrics;
         metrics.deliveries_total.inc_by(messages.len() as u64);
         metrics.observe_rpc("stream", started.elapsed());
@@ -372,6 +442,7 @@ impl proto::Chat for ChatServer {
     }
 
     async fn history(self, ctx: Context, req: HistoryRequest) -> Result<MessageBatch, ApiError> {
+        let _busy = self.busy();
         let started = Instant::now();
         self.require_hello()?;
         check_channel(&req.channel)?;
@@ -379,13 +450,15 @@ impl proto::Chat for ChatServer {
             .await?;
         let limit = req.limit.clamp(1, BATCH_MESSAGES_MAX) as usize;
         let (chat, channel) = (&self.shared.chat, &req.channel);
-        let messages = match (req.from_seq, req.before_seq) {
-            (Some(from), _) => chat.history(channel, ChannelSeq(from), limit),
+        let (messages, keep) = match (req.from_seq, req.before_seq) {
+            (Some(from), _) => (chat.history(channel, ChannelSeq(from), limit), Keep::Oldest),
             (None, before) => {
-                chat.history_before(channel, ChannelSeq(before.unwrap_or(u64::MAX)), limit)
+                let before = ChannelSeq(before.unwrap_or(u64::MAX));
+                (chat.history_before(channel, before, limit), Keep::Newest)
             }
-        }
-        .map_err(storage_error(channel))?;
+        };
+        let mut messages = messages.map_err(storage_error(channel))?;
+        cap_reply(&mut messages, keep, REPLY_BYTES_MAX);
         self.shared
             .metrics
             .observe_rpc("history", started.elapsed());
@@ -393,6 +466,7 @@ impl proto::Chat for ChatServer {
     }
 
     async fn channels(self, _: Context) -> Result<Vec<ChannelInfo>, ApiError> {
+        let _busy = self.busy();
         self.require_hello()?;
         let channels = self.shared.chat.channels().into_iter();
         Ok(channels
@@ -401,6 +475,7 @@ impl proto::Chat for ChatServer {
     }
 
     async fn cluster(self, _: Context) -> Result<ClusterInfo, ApiError> {
+        let _busy = self.busy();
         self.require_hello()?;
         let metrics = crate::raft::metrics_now(&self.shared.raft);
         let membership = metrics.membership_config.membership();
@@ -437,6 +512,7 @@ impl proto::Chat for ChatServer {
     }
 
     async fn ping(self, _: Context, nonce: u64) -> Pong {
+        let _busy = self.busy();
         let metrics = crate::raft::metrics_now(&self.shared.raft);
         Pong {
             nonce,
@@ -462,5 +538,54 @@ mod tests {
         let retry = bucket.take(start).unwrap_err();
         assert_eq!(retry, 100, "one token per 100 ms at 10/s");
         bucket.take(start + Duration::from_millis(100)).unwrap();
+    }
+
+    fn message(seq: u64, body_len: usize) -> chat_sm::Message {
+        chat_sm::Message {
+            channel: "c".into(),
+            seq: ChannelSeq(seq),
+            sender: "s".into(),
+            body: vec![0; body_len],
+            at_ms: 0,
+            client_id: ClientId([0; 16]),
+            client_seq: seq,
+        }
+    }
+
+    /// Messages whose reply size is exactly 100 bytes each.
+    fn page(seqs: std::ops::RangeInclusive<u64>) -> Vec<chat_sm::Message> {
+        let overhead = reply_bytes(&message(0, 0));
+        seqs.map(|seq| message(seq, 100 - overhead)).collect()
+    }
+
+    fn seqs(messages: &[chat_sm::Message]) -> Vec<u64> {
+        messages.iter().map(|m| m.seq.0).collect()
+    }
+
+    #[test_case::test_case(Keep::Oldest, 1000, vec![1, 2, 3, 4, 5] ; "under the cap: all")]
+    #[test_case::test_case(Keep::Oldest, 300, vec![1, 2, 3] ; "oldest: cut at the end")]
+    #[test_case::test_case(Keep::Newest, 300, vec![3, 4, 5] ; "newest: cut at the start")]
+    #[test_case::test_case(Keep::Oldest, 299, vec![1, 2] ; "one byte short")]
+    #[test_case::test_case(Keep::Oldest, 10, vec![1] ; "one message always, oldest")]
+    #[test_case::test_case(Keep::Newest, 10, vec![5] ; "one message always, newest")]
+    fn cap_reply_table(keep: Keep, max: usize, expected: Vec<u64>) {
+        let mut messages = page(1..=5);
+        cap_reply(&mut messages, keep, max);
+        assert_eq!(seqs(&messages), expected);
+    }
+
+    #[test]
+    fn a_full_page_of_the_largest_messages_is_cut_to_the_cap() {
+        let mut messages: Vec<_> = (1..=u64::from(BATCH_MESSAGES_MAX))
+            .map(|seq| message(seq, chat_sm::MAX_BODY_BYTES))
+            .collect();
+        cap_reply(&mut messages, Keep::Oldest, REPLY_BYTES_MAX);
+        let bytes: usize = messages.iter().map(reply_bytes).sum();
+        assert!(bytes <= REPLY_BYTES_MAX);
+        assert!(bytes + reply_bytes(&messages[0]) > REPLY_BYTES_MAX);
+        assert_eq!(messages[0].seq, ChannelSeq(1));
+        let mut empty = Vec::new();
+        cap_reply(&mut empty, Keep::Newest, 0);
+        assert!(empty.is_empty());
     }
 }

@@ -4,6 +4,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::conn_limit::ConnLimits;
+
+use crate::metrics::MetricsToken;
 use crate::weaken::Weaken;
 
 /// A node's configuration. Build with [`Config::new`] and adjust fields; [`Config::validate`]
@@ -69,6 +72,27 @@ pub struct Config {
     pub conn_rate_per_s: u32,
     /// Burst of requests per connection. Default 1000; at least 1.
     pub conn_burst: u32,
+    /// Most open client connections, tarpc and push together. Default 20000; 1 to 1000000.
+    /// Lowered at start, with a warning, when the process's open-file limit cannot hold it
+    /// beside storage's reserve (`fd_limit.rs`).
+    pub client_connections_max: usize,
+    /// Most open client connections from one address (IPv6: one /64); connections from this
+    /// machine are exempt (`conn_limit.rs`). Default 256; 1 to `client_connections_max`.
+    pub client_connections_per_ip_max: usize,
+    /// Most open Raft RPC connections (two per peer, plus short admin calls). Default 1024; 1
+    /// to 100000. Lowered at start as `client_connections_max` is.
+    pub raft_connections_max: usize,
+    /// Most open Raft RPC connections from one address, exempt as for clients. Default 64; 1
+    /// to `raft_connections_max`.
+    pub raft_connections_per_ip_max: usize,
+    /// A client RPC connection with no request in flight for this long is closed, in seconds
+    /// (an open long poll is a request in flight). Default 600; 1 to 86400.
+    pub client_idle_timeout_s: u64,
+    /// Address the metrics listener binds to; default `bind_host`.
+    pub metrics_host: Option<IpAddr>,
+    /// Bearer token that `GET /metrics` requires (`Authorization: Bearer TOKEN`); default
+    /// none, so `/metrics` is open to whoever reaches `metrics_host`.
+    pub metrics_token: Option<MetricsToken>,
     /// Deliberately broken modes for the fault-injection harness; default none. Any mode needs
     /// the cargo feature `weaken` (see `weaken.rs`).
     pub weaken: Weaken,
@@ -111,6 +135,13 @@ impl Config {
             user_burst: 200,
             conn_rate_per_s: 500,
             conn_burst: 1000,
+            client_connections_max: 20_000,
+            client_connections_per_ip_max: 256,
+            raft_connections_max: 1024,
+            raft_connections_per_ip_max: 64,
+            client_idle_timeout_s: 600,
+            metrics_host: None,
+            metrics_token: None,
             weaken: Weaken::default(),
             name: None,
             rejoin: false,
@@ -183,6 +214,7 @@ impl Config {
         {
             return Err("rate limits and bursts must be at least 1".into());
         }
+        self.check_connection_limits()?;
         self.weaken.check_available()?;
         if self.broadcast == Ipv4Addr::BROADCAST {
             return Err(
@@ -192,6 +224,65 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    fn check_connection_limits(&self) -> Result<(), String> {
+        if !(1..=1_000_000).contains(&self.client_connections_max) {
+            return Err(format!(
+                "max connections {} must be 1 to 1000000",
+                self.client_connections_max
+            ));
+        }
+        if !(1..=100_000).contains(&self.raft_connections_max) {
+            return Err(format!(
+                "raft connections max {} must be 1 to 100000",
+                self.raft_connections_max
+            ));
+        }
+        self.client_limits()?;
+        self.raft_limits()?;
+        if !(1..=86_400).contains(&self.client_idle_timeout_s) {
+            return Err(format!(
+                "client idle timeout {} s must be 1 to 86400",
+                self.client_idle_timeout_s
+            ));
+        }
+        Ok(())
+    }
+
+    /// The client listener's connection caps.
+    ///
+    /// # Errors
+    /// The per-address cap is 0 or above the global one.
+    pub fn client_limits(&self) -> Result<ConnLimits, String> {
+        ConnLimits::new(
+            self.client_connections_max,
+            self.client_connections_per_ip_max,
+        )
+        .map_err(|e| format!("max connections per ip: {e}"))
+    }
+
+    /// The Raft listener's connection caps.
+    ///
+    /// # Errors
+    /// The per-address cap is 0 or above the global one.
+    pub fn raft_limits(&self) -> Result<ConnLimits, String> {
+        ConnLimits::new(self.raft_connections_max, self.raft_connections_per_ip_max)
+            .map_err(|e| format!("raft connections per ip: {e}"))
+    }
+
+    /// The host the metrics listener binds to.
+    pub fn metrics_bind_host(&self) -> IpAddr {
+        self.metrics_host.unwrap_or(self.bind_host)
+    }
+
+    /// The host other nodes and operators are told for metrics: the metrics host when it is a
+    /// specific address other than the node's, else the node's advertised host.
+    pub fn advertised_metrics_host(&self) -> IpAddr {
+        match self.metrics_host {
+            Some(host) if !host.is_unspecified() && host != self.bind_host => host,
+            _ => self.advertised_host(),
+        }
     }
 
     /// The host other nodes and clients should dial.
@@ -264,5 +355,28 @@ mod tests {
         let mut config = Config::new("/tmp/x");
         config.cluster = "bad name!".into();
         assert!(config.validate().unwrap_err().contains("cluster name"));
+        let mut config = Config::new("/tmp/x");
+        config.client_connections_per_ip_max = config.client_connections_max + 1;
+        assert!(config.validate().unwrap_err().contains("per ip"));
+        let mut config = Config::new("/tmp/x");
+        config.client_connections_max = 0;
+        assert!(config.validate().unwrap_err().contains("max connections"));
+        let mut config = Config::new("/tmp/x");
+        config.raft_connections_per_ip_max = 0;
+        assert!(config.validate().unwrap_err().contains("raft connections"));
+        let mut config = Config::new("/tmp/x");
+        config.client_idle_timeout_s = 0;
+        assert!(config.validate().unwrap_err().contains("idle timeout"));
+    }
+
+    #[test]
+    fn metrics_are_advertised_where_they_listen() {
+        let mut config = Config::new("/tmp/x");
+        config.bind_host = "0.0.0.0".parse().unwrap();
+        config.advertise_host = Some("10.0.0.5".parse().unwrap());
+        assert_eq!(config.advertised_metrics_host(), config.advertised_host());
+        config.metrics_host = Some("127.0.0.1".parse().unwrap());
+        assert_eq!(config.metrics_bind_host().to_string(), "127.0.0.1");
+        assert_eq!(config.advertised_metrics_host().to_string(), "127.0.0.1");
     }
 }

@@ -16,9 +16,12 @@ mod atomic_file;
 mod cluster;
 pub mod codec;
 mod config;
+mod conn_limit;
+mod conn_watch;
 mod data_dir;
 mod delivery;
 mod enroll;
+mod fd_limit;
 pub mod formation;
 mod handover;
 mod leader_watch;
@@ -45,12 +48,14 @@ pub use cluster::{
     NodeAddrs, Peers, RemoveReply, RemoveRequest,
 };
 pub use config::Config;
+pub use conn_limit::{ConnGuard, ConnLimiter, ConnLimits, Refusal};
+pub use conn_watch::HELLO_TIMEOUT;
 pub use data_dir::{DataDir, DataDirError};
 pub use delivery::Delivery;
 pub use enroll::EnrollFailed;
 pub use handover::{hand_over, DiskWatchdog, WriteGate};
 pub use log_store::{AckPolicy, LogStore, SyncWatch, APPEND_BYTES_MAX, WAL_DIR};
-pub use metrics::{DiskPaths, Metrics, NodeInfo, StorageMetrics};
+pub use metrics::{DiskPaths, Metrics, MetricsToken, NodeInfo, StorageMetrics};
 pub use name::{default_name, validate_name, NameError, NAME_LEN_MAX};
 pub use proposer::{ProposeError, Proposed, Proposer, ProposerConfig};
 pub use raft::{metrics_now, start_raft, Raft};

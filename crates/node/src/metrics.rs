@@ -5,6 +5,12 @@
 //! knows a leader and has applied everything it knows to be committed, else 503. One request
 //! per connection, GET only, 8 KiB request limit: it serves scrapers and probes, not browsers.
 //!
+//! With a [`MetricsToken`] configured, `/metrics` answers 401 unless the request carries
+//! `Authorization: Bearer TOKEN`, compared in constant time. `/health` and `/ready` stay open:
+//! load balancers and orchestrators probe them without credentials, and they tell no more than
+//! whether the node is up. The listener takes at most [`METRICS_CONNECTIONS_MAX`] connections
+//! (fewer from one address), so a stranger cannot hold the node's descriptors through it.
+//!
 //! Names follow Prometheus conventions: base units in the name (`_seconds`, `_bytes`), `_total`
 //! on counters, and identities as labels of a constant-1 gauge (`node_info`, `raft_leader_info`)
 //! rather than as gauge values, since a 64-bit node id does not survive a float.
@@ -26,6 +32,7 @@ use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::conn_limit::{ConnLimiter, ConnLimits, Refusal, RefusalObserver};
 use crate::raft::Raft;
 pub use crate::storage_metrics::StorageMetrics;
 use crate::storage_metrics::{count_histogram, latency_histogram};
@@ -45,6 +52,83 @@ const DISK_WALK_ENTRIES_MAX: usize = 100_000;
 
 /// Most bytes of an HTTP request head.
 const REQUEST_BYTES_MAX: usize = 8192;
+
+/// Most open connections to the metrics listener: scrapers and probes use one at a time, and
+/// each answer takes at most the request timeout plus a render.
+pub const METRICS_CONNECTIONS_MAX: usize = 64;
+/// Most open metrics connections from one address.
+const METRICS_CONNECTIONS_PER_IP_MAX: usize = 16;
+
+/// The bearer token `/metrics` requires. Its `Debug` shows no token, so a logged config does
+/// not leak it.
+///
+/// Invariant: 1 to [`MetricsToken::LEN_MAX`] visible ASCII characters (the bytes that can
+/// stand in an HTTP header value without quoting or trimming).
+#[derive(Clone, PartialEq, Eq)]
+pub struct MetricsToken(String);
+
+impl MetricsToken {
+    /// Longest token accepted.
+    pub const LEN_MAX: usize = 256;
+
+    /// Checks and wraps `token`.
+    ///
+    /// # Errors
+    /// A sentence saying what is wrong, without the token.
+    pub fn new(token: String) -> Result<MetricsToken, String> {
+        if token.is_empty() || token.len() > Self::LEN_MAX {
+            return Err(format!(
+                "metrics token must be 1 to {} characters, got {}",
+                Self::LEN_MAX,
+                token.len()
+            ));
+        }
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("metrics token must be visible ASCII without spaces".into());
+        }
+        Ok(MetricsToken(token))
+    }
+
+    /// Whether `presented` is the token, in time that depends on its length only.
+    fn matches(&self, presented: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        bool::from(self.0.as_bytes().ct_eq(presented))
+    }
+}
+
+impl std::fmt::Debug for MetricsToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MetricsToken(..)")
+    }
+}
+
+/// Whether the request head `head` may read `/metrics`: always without a token, else only with
+/// `Authorization: Bearer TOKEN` (header name and scheme in any case).
+fn authorized(head: &[u8], token: Option<&MetricsToken>) -> bool {
+    let Some(token) = token else {
+        return true;
+    };
+    let mut presented = None;
+    for line in head.split(|&b| b == b'\n').skip(1) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
+        if !name.eq_ignore_ascii_case(b"authorization") {
+            continue;
+        }
+        if presented.is_some() {
+            // Two Authorization headers: ambiguous, refused.
+            return false;
+        }
+        let scheme = value
+            .get(..7)
+            .filter(|s| s.eq_ignore_ascii_case(b"bearer "));
+        presented = Some(scheme.map_or(&[][..], |_| value[7..].trim_ascii()));
+    }
+    presented.is_some_and(|p| token.matches(p))
+}
 
 /// `registry.register(name, help, metric.clone())` for each `name, help => metric;` line.
 macro_rules! register {
@@ -172,6 +256,8 @@ pub struct Metrics {
     /// Sends per proposed log entry.
     pub batch_sends: Histogram,
     rpc_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    /// Connections closed at accept because a cap was reached, by listener and cap.
+    connections_refused: Family<Labels, Counter>,
     scraped: Scraped,
     storage: StorageMetrics,
     disk: DiskPaths,
@@ -200,6 +286,7 @@ impl Metrics {
             push_batches_encoded: Counter::default(),
             batch_sends: count_histogram(),
             rpc_seconds: Family::new_with_constructor(|| latency_histogram(16)),
+            connections_refused: Family::default(),
             scraped: Scraped::default(),
             storage,
             disk,
@@ -214,6 +301,9 @@ impl Metrics {
             "deliveries", "Messages delivered to streams" => m.deliveries_total;
             "stream_waiters", "Long-poll streams waiting" => m.stream_waiters;
             "connected_clients", "Open client connections" => m.connected_clients;
+            "connections_refused",
+                "Connections closed at accept because a listener's cap was reached"
+                => m.connections_refused;
             "push_connections", "Open push connections" => m.push_connections;
             "push_subscriptions", "Open push subscriptions" => m.push_subscriptions;
             "push_batches_encoded",
@@ -265,6 +355,15 @@ impl Metrics {
         self.rpc_seconds
             .get_or_create(&labels)
             .observe(took.as_secs_f64());
+    }
+
+    /// An observer for `listener`'s connection limiter that counts its refusals.
+    pub fn refusal_observer(&self, listener: &'static str) -> RefusalObserver {
+        let family = self.connections_refused.clone();
+        Arc::new(move |refusal: Refusal| {
+            let labels = vec![("listener", listener), ("cap", refusal.cap())];
+            family.get_or_create(&labels).inc();
+        })
     }
 
     /// Feeds one observation of the leader this node knows to the leader-changes counter.
@@ -393,22 +492,32 @@ pub fn is_ready(raft: &Raft, committed: u64) -> bool {
     m.current_leader.is_some() && m.state != ServerState::Shutdown && applied >= committed
 }
 
-/// Serves `/metrics`, `/health` and `/ready` until the task is aborted.
+/// Serves `/metrics`, `/health` and `/ready` until the task is aborted; `/metrics` needs
+/// `token` when one is given.
 pub fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     raft: Raft,
+    token: Option<MetricsToken>,
 ) -> tokio::task::JoinHandle<()> {
+    let limits = ConnLimits::new(METRICS_CONNECTIONS_MAX, METRICS_CONNECTIONS_PER_IP_MAX)
+        .expect("the metrics caps are consistent constants");
+    let limiter = ConnLimiter::observed(limits, metrics.refusal_observer("metrics"));
+    let token = Arc::new(token);
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let Ok((stream, peer)) = listener.accept().await else {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
-            let (metrics, raft) = (metrics.clone(), raft.clone());
+            let Some(guard) = limiter.admit(peer, stream.local_addr().ok(), "metrics") else {
+                continue;
+            };
+            let (metrics, raft, token) = (metrics.clone(), raft.clone(), token.clone());
             tokio::spawn(async move {
-                if let Err(e) = answer(stream, metrics, raft).await {
-                    tracing::debug!(error = %e, "metrics request failed");
+                let _guard = guard;
+                if let Err(e) = answer(stream, metrics, raft, (*token).as_ref()).await {
+                    tracing::debug!(%peer, error = %e, "metrics request failed");
                 }
             });
         }
@@ -418,7 +527,12 @@ pub fn serve(
 /// One HTTP answer: status line text, content type, body.
 type Reply = (&'static str, &'static str, String);
 
-async fn answer(mut stream: TcpStream, metrics: Arc<Metrics>, raft: Raft) -> std::io::Result<()> {
+async fn answer(
+    mut stream: TcpStream,
+    metrics: Arc<Metrics>,
+    raft: Raft,
+    token: Option<&MetricsToken>,
+) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     let read = async {
@@ -438,23 +552,38 @@ async fn answer(mut stream: TcpStream, metrics: Arc<Metrics>, raft: Raft) -> std
     let line = String::from_utf8_lossy(line);
     let mut parts = line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, content_type, body) = if (method, path) == ("GET", "/metrics") {
-        // Rendering walks the data dir; a slow disk must not hold a runtime worker.
-        let body = tokio::task::spawn_blocking(move || metrics.render(&raft))
-            .await
-            .map_err(std::io::Error::other)?;
-        metrics_reply(body)
+    let (status, content_type, body) =
+        if (method, path) == ("GET", "/metrics") && !authorized(&buf, token) {
+            unauthorized_reply()
+        } else if (method, path) == ("GET", "/metrics") {
+            // Rendering walks the data dir; a slow disk must not hold a runtime worker.
+            let body = tokio::task::spawn_blocking(move || metrics.render(&raft))
+                .await
+                .map_err(std::io::Error::other)?;
+            metrics_reply(body)
+        } else {
+            let committed = metrics.committed.load(Ordering::Relaxed);
+            other_reply(method, path, is_ready(&raft, committed))
+        };
+    let challenge = if status == UNAUTHORIZED {
+        "www-authenticate: Bearer realm=\"cellchat metrics\"\r\n"
     } else {
-        let committed = metrics.committed.load(Ordering::Relaxed);
-        other_reply(method, path, is_ready(&raft, committed))
+        ""
     };
     let head = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n{challenge}connection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body.as_bytes()).await?;
     stream.shutdown().await
+}
+
+const UNAUTHORIZED: &str = "401 Unauthorized";
+
+fn unauthorized_reply() -> Reply {
+    let body = "/metrics needs the header Authorization: Bearer <the node's --metrics-token>\n";
+    (UNAUTHORIZED, "text/plain", body.to_owned())
 }
 
 fn metrics_reply(body: String) -> Reply {
@@ -722,5 +851,53 @@ mod tests {
             other_reply("POST", "/metrics", true).0,
             "405 Method Not Allowed"
         );
+    }
+
+    fn head(headers: &str) -> Vec<u8> {
+        format!("GET /metrics HTTP/1.1\r\nhost: x\r\n{headers}\r\n").into_bytes()
+    }
+
+    #[test_case::test_case("", false ; "no header")]
+    #[test_case::test_case("authorization: Bearer s3cret\r\n", true ; "right token")]
+    #[test_case::test_case("Authorization: bearer   s3cret  \r\n", true ; "any case and spacing")]
+    #[test_case::test_case("authorization: Bearer s3cre\r\n", false ; "a prefix")]
+    #[test_case::test_case("authorization: Bearer s3crett\r\n", false ; "longer")]
+    #[test_case::test_case("authorization: Basic s3cret\r\n", false ; "other scheme")]
+    #[test_case::test_case("authorization: s3cret\r\n", false ; "no scheme")]
+    #[test_case::test_case("x-authorization: Bearer s3cret\r\n", false ; "other header")]
+    #[test_case::test_case("authorization: Bearer s3cret\r\nauthorization: Bearer x\r\n", false ; "two headers")]
+    #[test_case::test_case("authorization: Bearer\r\n", false ; "empty")]
+    fn bearer_token_table(headers: &str, expected: bool) {
+        let token = MetricsToken::new("s3cret".into()).unwrap();
+        assert_eq!(authorized(&head(headers), Some(&token)), expected);
+        assert!(
+            authorized(&head(headers), None),
+            "no token configured: open"
+        );
+    }
+
+    #[test]
+    fn bad_tokens_are_refused_without_showing_them() {
+        for bad in ["", "has space", "tab\there", "é"] {
+            let err = MetricsToken::new(bad.into()).unwrap_err();
+            assert!(bad.is_empty() || !err.contains(bad), "{err}");
+        }
+        assert!(MetricsToken::new("x".repeat(MetricsToken::LEN_MAX + 1)).is_err());
+        let token = MetricsToken::new("s3cret".into()).unwrap();
+        assert!(!format!("{token:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn garbage_heads_never_authorize() {
+        let token = MetricsToken::new("s3cret".into()).unwrap();
+        for garbage in [
+            &b""[..],
+            b"\r\n\r\n",
+            b"authorization",
+            b":\n:\n",
+            &[0xff; 300],
+        ] {
+            assert!(!authorized(garbage, Some(&token)));
+        }
     }
 }

@@ -713,10 +713,16 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<RaftListener> {
     proto::listen(addr).await
 }
 
-/// Accepts Raft RPC connections until the returned task is aborted. Each connection runs its
-/// TLS handshake in its own task, then its requests run concurrently. When a connection that
-/// carried the leader's AppendEntries ends, [`LeaderWatch`] checks whether the leader died.
-pub fn serve(listener: RaftListener, server: RaftRpcServer) -> tokio::task::JoinHandle<()> {
+/// Accepts Raft RPC connections until the returned task is aborted. Connections beyond
+/// `limiter`'s caps are closed at once; each other one runs its TLS handshake in its own task,
+/// then its requests run concurrently. When a connection that carried the leader's
+/// AppendEntries ends, [`LeaderWatch`] checks whether the leader died.
+pub fn serve(
+    listener: RaftListener,
+    server: RaftRpcServer,
+    limiter: crate::conn_limit::ConnLimiter,
+) -> tokio::task::JoinHandle<()> {
+    let local = listener.local_addr().ok();
     tokio::spawn(async move {
         loop {
             let (stream, peer) = match listener.accept().await {
@@ -728,8 +734,12 @@ pub fn serve(listener: RaftListener, server: RaftRpcServer) -> tokio::task::Join
                     continue;
                 }
             };
+            let Some(guard) = limiter.admit(peer, local, "raft") else {
+                continue;
+            };
             let server = server.clone();
             tokio::spawn(async move {
+                let _guard = guard;
                 let stream = match proto::accept_tls(stream, server.tls.raft_server.clone()).await {
                     Ok(stream) => stream,
                     Err(e) => {

@@ -24,9 +24,12 @@ use crate::admin::Admin;
 use crate::api::{ApiShared, ChatServer};
 use crate::cluster::{self, LeaderContact, NodeAddrs, Peers};
 use crate::config::Config;
+use crate::conn_limit::{ConnGuard, ConnLimiter, ConnLimits};
+use crate::conn_watch;
 use crate::data_dir::{DataDir, DataDirError};
 use crate::delivery::Delivery;
 use crate::enroll::{self, EnrollFailed};
+use crate::fd_limit;
 use crate::formation::Formation;
 use crate::handover::{self, DiskWatchdog, WriteGate};
 use crate::log_store::{AckPolicy, LogStore, WAL_DIR};
@@ -262,11 +265,21 @@ impl Listeners {
             .local_addr()
             .map_err(bind_error("raft rpc", raft_addr))?;
         let mut tcp = Vec::new();
-        for (what, flag, kept) in [
-            ("clients", config.client_port, kept.map(|p| p.client)),
-            ("metrics", config.metrics_port, kept.map(|p| p.metrics)),
+        for (what, host, flag, kept) in [
+            (
+                "clients",
+                config.bind_host,
+                config.client_port,
+                kept.map(|p| p.client),
+            ),
+            (
+                "metrics",
+                config.metrics_bind_host(),
+                config.metrics_port,
+                kept.map(|p| p.metrics),
+            ),
         ] {
-            let addr = at(pick(flag, kept));
+            let addr = SocketAddr::new(host, pick(flag, kept));
             let listener = TcpListener::bind(addr)
                 .await
                 .map_err(bind_error(what, addr))?;
@@ -292,7 +305,7 @@ impl Listeners {
             advertised: NodeAddrs {
                 raft: SocketAddr::new(host, ports.raft),
                 client: SocketAddr::new(host, ports.client),
-                metrics: SocketAddr::new(host, ports.metrics),
+                metrics: SocketAddr::new(config.advertised_metrics_host(), ports.metrics),
             },
         })
     }
@@ -312,20 +325,25 @@ impl Server {
             tracing::warn!(weaken = %config.weaken, "deliberately broken modes are on (test only)");
         }
         let tls = Arc::new(settle_tls(&config, &data_dir).await?);
+        let limits = fd_limit::fit_caps_to_process(
+            config.client_limits().map_err(ServerError::Config)?,
+            config.raft_limits().map_err(ServerError::Config)?,
+        );
         let storage = Storage::open(data_dir.path(), &config).await?;
         let listeners = Listeners::bind(&config, data_dir.path()).await?;
-        Self::start_services(config, data_dir, name, rejoining, tls, storage, listeners).await
+        let parts = (data_dir, name, rejoining);
+        Self::start_services(config, parts, tls, storage, listeners, limits).await
     }
 
     /// Stage 3: Raft, the proposer, the RPC servers, discovery, formation and the watchdog.
+    /// `limits` are the client and Raft listeners' connection caps.
     async fn start_services(
         config: Config,
-        data_dir: DataDir,
-        name: String,
-        rejoining: bool,
+        (data_dir, name, rejoining): (DataDir, String, bool),
         tls: Arc<NodeTls>,
         storage: Storage,
         listeners: Listeners,
+        (client_limits, raft_limits): (ConnLimits, ConnLimits),
     ) -> Result<Server, ServerError> {
         let raft_config = Arc::new(config.raft_config().map_err(ServerError::Config)?);
         let id = data_dir.node_id();
@@ -390,6 +408,7 @@ impl Server {
             user_burst: config.user_burst,
             conn_rate_per_s: config.conn_rate_per_s,
             conn_burst: config.conn_burst,
+            client_idle_timeout: Duration::from_secs(config.client_idle_timeout_s),
             weaken: config.weaken,
         });
 
@@ -430,18 +449,28 @@ impl Server {
             tls.clone(),
         );
         let mut tasks = vec![
-            raft_rpc::serve(listeners.raft, rpc_server),
+            raft_rpc::serve(
+                listeners.raft,
+                rpc_server,
+                ConnLimiter::observed(raft_limits, metrics.refusal_observer("raft")),
+            ),
             serve_clients(
                 listeners.client,
                 tls.client_server.clone(),
                 shared.clone(),
                 push_runtime.handle(),
+                ConnLimiter::observed(client_limits, metrics.refusal_observer("client")),
             ),
             tokio::spawn(metrics::count_leader_changes(
                 metrics.clone(),
                 raft.metrics(),
             )),
-            metrics::serve(listeners.metrics, metrics, raft.clone()),
+            metrics::serve(
+                listeners.metrics,
+                metrics,
+                raft.clone(),
+                config.metrics_token.clone(),
+            ),
             tokio::spawn(
                 DiskWatchdog {
                     raft: raft.clone(),
@@ -458,14 +487,16 @@ impl Server {
                 pings, id, raft, delivery,
             )));
         }
-        let socket = DiscoverySocket::bind(
+        // Discovery listens on the node's own interface only (see `DiscoverySocket::bind_on`).
+        let socket = DiscoverySocket::bind_on(
+            config.bind_host,
             config.discovery_port,
             config.broadcast,
             config.cluster.clone(),
         )
         .map_err(|source| ServerError::Bind {
             what: "discovery",
-            addr: SocketAddr::from(([0, 0, 0, 0], config.discovery_port)),
+            addr: SocketAddr::new(config.bind_host, config.discovery_port),
             source,
         })?;
         let started_ms = now_ms();
@@ -699,12 +730,14 @@ fn ping_responder(client_addr: SocketAddr, cluster: &str) -> Option<PingSocket> 
 
 /// Accepts client connections; each runs its TLS handshake in its own task and is routed by
 /// the ALPN protocol it agreed on: push connections to the push server (on `push`, the
-/// [`PushRuntime`]), chat connections to the tarpc `Chat` service.
+/// [`PushRuntime`]), chat connections to the tarpc `Chat` service. Connections beyond
+/// `limiter`'s caps are closed at once.
 fn serve_clients(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     shared: Arc<ApiShared>,
     push: tokio::runtime::Handle,
+    limiter: ConnLimiter,
 ) -> JoinHandle<()> {
     let cache = Arc::new(BatchCache::default());
     tokio::spawn(async move {
@@ -717,10 +750,13 @@ fn serve_clients(
                     continue;
                 }
             };
+            let Some(guard) = limiter.admit(peer, stream.local_addr().ok(), "client") else {
+                continue;
+            };
             let (tls, shared, cache, push) =
                 (tls.clone(), shared.clone(), cache.clone(), push.clone());
             tokio::spawn(async move {
-                if let Err(e) = route_client(stream, peer, tls, shared, cache, push).await {
+                if let Err(e) = route_client(stream, peer, tls, shared, cache, push, guard).await {
                     tracing::debug!(%peer, error = %e, "client connection setup failed");
                 }
             });
@@ -729,6 +765,7 @@ fn serve_clients(
 }
 
 /// Runs the TLS handshake on a new client connection and serves it as push or as tarpc.
+/// `guard` counts the connection against the listener's caps until it ends.
 async fn route_client(
     stream: TcpStream,
     peer: SocketAddr,
@@ -736,6 +773,7 @@ async fn route_client(
     shared: Arc<ApiShared>,
     cache: Arc<BatchCache>,
     push: tokio::runtime::Handle,
+    guard: ConnGuard,
 ) -> std::io::Result<()> {
     let mut stream = proto::accept_tls(stream, tls).await?;
     let binding = proto::tls::stream_binding(&stream).map_err(std::io::Error::other)?;
@@ -750,18 +788,24 @@ async fn route_client(
                 "a push connection must start with the push magic",
             ));
         }
-        push.spawn(push::serve_connection(shared, cache, stream, peer));
+        push.spawn(async move {
+            let _guard = guard;
+            push::serve_connection(shared, cache, stream, peer).await;
+        });
         return Ok(());
     }
-    let transport: ChatServerTransport = proto::framed(stream);
+    let transport: ChatServerTransport =
+        proto::framed_reading_at_most(stream, proto::CHAT_REQUEST_BYTES_MAX);
     let server = ChatServer::new(shared, binding);
-    BaseChannel::with_defaults(transport)
+    let watch = server.watch();
+    let serving = BaseChannel::with_defaults(transport)
         .max_concurrent_requests(CONN_REQUESTS_MAX)
         .execute(proto::Chat::serve(server))
         .for_each(|response| async move {
             tokio::spawn(response);
-        })
-        .await;
+        });
+    conn_watch::serve_watched(watch, peer, serving).await;
+    drop(guard);
     Ok(())
 }
 

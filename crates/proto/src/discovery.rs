@@ -30,6 +30,15 @@
 //! Broadcasts go to a configured directed broadcast address, by default
 //! [`DEFAULT_BROADCAST`] (127.255.255.255, loopback only). The limited broadcast address
 //! 255.255.255.255 is refused.
+//!
+//! A node that listens on one address ([`DiscoverySocket::bind_on`]) keeps discovery on that
+//! interface, so hosts elsewhere cannot feed it announcements (on loopback: nobody off the
+//! machine). On Linux a UDP socket bound to a unicast address never receives a datagram sent to
+//! a broadcast address, since delivery matches the bound address against the destination; so
+//! such a node binds two sockets on the port: one on its own address, for unicast (`--join`
+//! seeds, replies) and for sending, and one on the broadcast address itself, which receives
+//! exactly the directed broadcasts. Sending stays on the unicast socket, so replies come back
+//! to an address the node receives on.
 
 use std::{
     io,
@@ -317,7 +326,10 @@ pub fn decode(bytes: &[u8]) -> Result<Packet, DecodeError> {
 /// Needs a tokio runtime: the constructors panic outside one.
 #[derive(Debug)]
 pub struct DiscoverySocket {
+    /// Sends everything and receives unicast (and, when bound to 0.0.0.0, broadcasts too).
     socket: UdpSocket,
+    /// Bound to the broadcast address, when `socket` is bound to one unicast address.
+    broadcasts: Option<UdpSocket>,
     broadcast: SocketAddrV4,
     cluster: String,
 }
@@ -336,10 +348,57 @@ impl DiscoverySocket {
     /// Outside a tokio runtime.
     pub fn bind(port: u16, broadcast: Ipv4Addr, cluster: impl Into<String>) -> io::Result<Self> {
         check_not_limited_broadcast(broadcast)?;
-        let socket = new_udp_socket()?;
-        socket.set_reuse_address(true)?;
-        socket.set_reuse_port(true)?;
-        Self::finish(socket, port, broadcast, None, cluster.into())
+        let socket = shared_udp_socket()?;
+        Self::finish(
+            socket,
+            Ipv4Addr::UNSPECIFIED,
+            port,
+            broadcast,
+            None,
+            cluster.into(),
+        )
+    }
+
+    /// Like [`bind`](Self::bind), but on `host`, the address the node listens on: a specific
+    /// IPv4 address gets a socket on `host:port` and one on `broadcast:port` (see the module
+    /// doc for why), so nothing arriving on another interface reaches discovery. An unspecified
+    /// or IPv6 `host` binds `0.0.0.0:port` as [`bind`](Self::bind) does (discovery is IPv4).
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` for `broadcast` 255.255.255.255, else the `io::Error` from the socket calls,
+    /// which for the broadcast socket names the address: it must be the broadcast address of
+    /// one of this machine's interfaces (for example 127.255.255.255 for loopback).
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    pub fn bind_on(
+        host: IpAddr,
+        port: u16,
+        broadcast: Ipv4Addr,
+        cluster: impl Into<String>,
+    ) -> io::Result<Self> {
+        let host = match host {
+            IpAddr::V4(v4) if !v4.is_unspecified() => v4,
+            _ => return Self::bind(port, broadcast, cluster),
+        };
+        check_not_limited_broadcast(broadcast)?;
+        let socket = shared_udp_socket()?;
+        let mut this = Self::finish(socket, host, port, broadcast, None, cluster.into())?;
+        let port = this.socket.local_addr()?.port();
+        let receiver = shared_udp_socket()?;
+        receiver.set_nonblocking(true)?;
+        let bound = receiver.bind(&SocketAddr::from((broadcast, port)).into());
+        bound.map_err(|e| {
+            let reason = format!(
+                "cannot bind the broadcast address {broadcast}:{port} ({e}); it must be the \
+                 broadcast address of the interface of {host}"
+            );
+            io::Error::new(e.kind(), reason)
+        })?;
+        this.broadcasts = Some(UdpSocket::from_std(receiver.into())?);
+        Ok(this)
     }
 
     /// Binds a private ephemeral port with `SO_BROADCAST` on, for probes and pings whose replies
@@ -359,12 +418,21 @@ impl DiscoverySocket {
     ) -> io::Result<Self> {
         check_not_limited_broadcast(broadcast)?;
         let socket = new_udp_socket()?;
-        Self::finish(socket, 0, broadcast, Some(discovery_port), cluster.into())
+        Self::finish(
+            socket,
+            Ipv4Addr::UNSPECIFIED,
+            0,
+            broadcast,
+            Some(discovery_port),
+            cluster.into(),
+        )
     }
 
-    /// Binds, and aims broadcasts at `broadcast_port` (or at the bound port when `None`).
+    /// Binds `host:port`, and aims broadcasts at `broadcast_port` (or at the bound port when
+    /// `None`).
     fn finish(
         socket: Socket,
+        host: Ipv4Addr,
         port: u16,
         broadcast: Ipv4Addr,
         broadcast_port: Option<u16>,
@@ -372,18 +440,19 @@ impl DiscoverySocket {
     ) -> io::Result<Self> {
         socket.set_broadcast(true)?;
         socket.set_nonblocking(true)?;
-        socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
+        socket.bind(&SocketAddr::from((host, port)).into())?;
         let socket = UdpSocket::from_std(socket.into())?;
         let bound_port = socket.local_addr()?.port();
         let broadcast = SocketAddrV4::new(broadcast, broadcast_port.unwrap_or(bound_port));
         Ok(Self {
             socket,
+            broadcasts: None,
             broadcast,
             cluster,
         })
     }
 
-    /// The bound address (`0.0.0.0:port`).
+    /// The bound address (`0.0.0.0:port`, or the host's with [`bind_on`](Self::bind_on)).
     ///
     /// # Errors
     ///
@@ -428,6 +497,23 @@ impl DiscoverySocket {
         Ok(())
     }
 
+    /// The next datagram from the unicast socket or the broadcast one.
+    async fn recv_from_either(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        let Some(broadcasts) = &self.broadcasts else {
+            return self.socket.recv_from(buf).await;
+        };
+        loop {
+            let socket = tokio::select! {
+                ready = self.socket.readable() => ready.map(|()| &self.socket)?,
+                ready = broadcasts.readable() => ready.map(|()| broadcasts)?,
+            };
+            match socket.try_recv_from(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                received => return received,
+            }
+        }
+    }
+
     /// Waits for the next packet of our cluster (or a `Ping`/`Pong`) and returns it with its
     /// source address. Undecodable datagrams and other clusters' packets are dropped with a
     /// `debug` log.
@@ -440,7 +526,7 @@ impl DiscoverySocket {
         // being silently truncated to a valid-looking prefix.
         let mut buf = [0u8; PACKET_BYTES_MAX + 1];
         loop {
-            let (len, from) = match self.socket.recv_from(&mut buf).await {
+            let (len, from) = match self.recv_from_either(&mut buf).await {
                 Ok(received) => received,
                 Err(e) if is_icmp_noise(&e) => {
                     debug!(error = %e, "discovery recv error from an earlier send, skipped");
@@ -574,6 +660,14 @@ pub fn answer_ping(
 
 fn new_udp_socket() -> io::Result<Socket> {
     Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
+}
+
+/// A UDP socket that shares its port with the other nodes of the machine.
+fn shared_udp_socket() -> io::Result<Socket> {
+    let socket = new_udp_socket()?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    Ok(socket)
 }
 
 fn check_not_limited_broadcast(ip: Ipv4Addr) -> io::Result<()> {

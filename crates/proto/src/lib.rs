@@ -44,12 +44,13 @@ pub use error::{ApiError, RejectReason};
 pub use login::login_message;
 pub use service::{
     check_hello, connect_chat, deadline_for, wait_budget, Chat, ChatClient, ChatClientTransport,
-    ChatRequest, ChatResponse, ChatServerTransport, ServeChat, DEADLINE_MARGIN, PROTOCOL_VERSION,
-    REPLY_MARGIN, STREAM_WAIT_MS_MAX,
+    ChatRequest, ChatResponse, ChatServerTransport, ServeChat, CHAT_REQUEST_BYTES_MAX,
+    DEADLINE_MARGIN, PROTOCOL_VERSION, REPLY_MARGIN, STREAM_WAIT_MS_MAX,
 };
 pub use transport::{
-    accept_tls, alpn, connect, connect_tls, framed, listen, peer_certificates, set_socket_options,
-    TlsTcp, Transport, FRAME_BYTES_MAX, HANDSHAKE_TIMEOUT,
+    accept_tls, alpn, connect, connect_tls, framed, framed_reading_at_most, handshake, listen,
+    peer_certificates, set_socket_options, ReadLimited, TlsTcp, Transport, FRAME_BYTES_MAX,
+    HANDSHAKE_TIMEOUT,
 };
 pub use types::{
     ChannelInfo, ClusterInfo, Hello, HistoryRequest, LeaderHint, Login, MessageBatch, NodeInfo,

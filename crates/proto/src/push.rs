@@ -305,9 +305,9 @@ mod tests {
             seq,
             sender: "alice".into(),
             body,
-            at_ms: 1_700_000_000_000 + seq,
+            at_ms: seq.wrapping_add(1_700_000_000_000),
             client_id: [7; 16],
-            client_seq: seq * 3,
+            client_seq: seq.wrapping_mul(3),
         }
     }
 

@@ -22,6 +22,11 @@ use crate::{
 /// service's methods; nodes refuse other versions in [`Chat::hello`].
 pub const PROTOCOL_VERSION: u16 = 2;
 
+/// Largest request frame a node reads on the chat service, in bytes (64 KiB): a send carries
+/// at most a 16 KiB body, so anything larger is refused from its length prefix, logged in or
+/// not, before any of it is buffered.
+pub const CHAT_REQUEST_BYTES_MAX: usize = 64 << 10;
+
 /// Extra time [`deadline_for`] allows beyond the requested wait, for the round trip and for the
 /// node to catch up to a `read_token`.
 pub const DEADLINE_MARGIN: Duration = Duration::from_secs(2);

@@ -36,8 +36,12 @@ pub type TlsTcp = tokio_rustls::TlsStream<TcpStream>;
 ///
 /// A client uses `Transport<tarpc::Response<Resp>, tarpc::ClientMessage<Req>>`, a server the
 /// reverse.
-pub type Transport<Item, SinkItem> =
-    tarpc::serde_transport::Transport<TlsTcp, Item, SinkItem, Postcard<Item, SinkItem>>;
+pub type Transport<Item, SinkItem> = tarpc::serde_transport::Transport<
+    ReadLimited<TlsTcp>,
+    Item,
+    SinkItem,
+    Postcard<Item, SinkItem>,
+>;
 
 /// How long a TLS handshake may take, either end. A peer that opens a connection and then
 /// stalls the handshake is dropped after this, so half-open handshakes cannot pile up.
@@ -58,11 +62,7 @@ pub async fn connect_tls(
 ) -> io::Result<TlsTcp> {
     let connecting = async {
         let stream = TcpStream::connect(addr).await?;
-        set_socket_options(&stream)?;
-        let stream = tokio_rustls::TlsConnector::from(config)
-            .connect(name, stream)
-            .await?;
-        Ok(TlsTcp::Client(stream))
+        handshake(stream, config, name).await
     };
     tokio::time::timeout(timeout, connecting)
         .await
@@ -72,6 +72,25 @@ pub async fn connect_tls(
                 "connect and TLS handshake timed out",
             )
         })?
+}
+
+/// Runs the client side of the TLS handshake on a connected `stream` (no timeout: wrap it),
+/// after setting `TCP_NODELAY` and keepalive; for callers that open the TCP connection
+/// themselves, e.g. from a chosen local address.
+///
+/// # Errors
+///
+/// The `io::Error` from a socket option or the handshake.
+pub async fn handshake(
+    stream: TcpStream,
+    config: Arc<rustls::ClientConfig>,
+    name: ServerName<'static>,
+) -> io::Result<TlsTcp> {
+    set_socket_options(&stream)?;
+    let stream = tokio_rustls::TlsConnector::from(config)
+        .connect(name, stream)
+        .await?;
+    Ok(TlsTcp::Client(stream))
 }
 
 /// Runs the server side of the TLS handshake on an accepted `stream`, within
@@ -121,16 +140,143 @@ pub async fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-/// Frames a TLS `stream` as a tarpc transport with [`FRAME_BYTES_MAX`].
+/// Frames a TLS `stream` as a tarpc transport with [`FRAME_BYTES_MAX`] both ways.
 pub fn framed<Item, SinkItem>(stream: TlsTcp) -> Transport<Item, SinkItem>
+where
+    Item: DeserializeOwned,
+    SinkItem: Serialize,
+{
+    framed_reading_at_most(stream, FRAME_BYTES_MAX)
+}
+
+/// Frames a TLS `stream` as a tarpc transport that sends frames up to [`FRAME_BYTES_MAX`] but
+/// reads only frames up to `read_max` bytes: a server whose requests are small (the chat
+/// service) refuses a large one from its 4-byte prefix, before it buffers any of the body.
+pub fn framed_reading_at_most<Item, SinkItem>(
+    stream: TlsTcp,
+    read_max: usize,
+) -> Transport<Item, SinkItem>
 where
     Item: DeserializeOwned,
     SinkItem: Serialize,
 {
     let framed = LengthDelimitedCodec::builder()
         .max_frame_length(FRAME_BYTES_MAX)
-        .new_framed(stream);
+        .new_framed(ReadLimited::new(stream, read_max));
     tarpc::serde_transport::new(framed, Postcard::default())
+}
+
+/// A stream whose incoming bytes are checked as 4-byte big-endian length-prefixed frames: a
+/// prefix above the limit fails the read with `InvalidData`, so the codec above never waits
+/// for (or allocates) the body. Writes pass through.
+#[derive(Debug)]
+pub struct ReadLimited<S> {
+    inner: S,
+    limit: usize,
+    /// The prefix bytes of the next frame seen so far.
+    prefix: [u8; 4],
+    prefix_len: usize,
+    /// Body bytes of the current frame still to come.
+    body_left: usize,
+}
+
+impl<S> ReadLimited<S> {
+    /// Wraps `inner`, allowing frames up to `limit` bytes.
+    pub fn new(inner: S, limit: usize) -> Self {
+        ReadLimited {
+            inner,
+            limit,
+            prefix: [0; 4],
+            prefix_len: 0,
+            body_left: 0,
+        }
+    }
+
+    /// The wrapped stream.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Follows the frame structure over `bytes`, newly read.
+    fn check(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        while !bytes.is_empty() {
+            if self.body_left > 0 {
+                let skip = self.body_left.min(bytes.len());
+                self.body_left -= skip;
+                bytes = &bytes[skip..];
+                continue;
+            }
+            self.prefix[self.prefix_len] = bytes[0];
+            self.prefix_len += 1;
+            bytes = &bytes[1..];
+            if self.prefix_len == self.prefix.len() {
+                self.prefix_len = 0;
+                let len = u32::from_be_bytes(self.prefix) as usize;
+                if len > self.limit {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "a frame of {len} bytes is over this connection's limit of {}",
+                            self.limit
+                        ),
+                    ));
+                }
+                self.body_left = len;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for ReadLimited<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = &polled {
+            self.check(&buf.filled()[before..])?;
+        }
+        polled
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for ReadLimited<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
 }
 
 /// The ALPN protocol the handshake on `stream` agreed on.
@@ -163,4 +309,45 @@ pub fn set_socket_options(stream: &TcpStream) -> io::Result<()> {
         .with_interval(KEEPALIVE_INTERVAL)
         .with_retries(KEEPALIVE_RETRIES);
     SockRef::from(stream).set_tcp_keepalive(&keepalive)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ReadLimited;
+
+    fn frame(len: u32) -> Vec<u8> {
+        let mut out = len.to_be_bytes().to_vec();
+        out.extend(std::iter::repeat_n(7u8, len as usize));
+        out
+    }
+
+    #[test]
+    fn frames_within_the_limit_pass_however_the_reads_split_them() {
+        let bytes: Vec<u8> = [frame(10), frame(0), frame(100), frame(3)].concat();
+        for split in 1..bytes.len() {
+            let mut limited = ReadLimited::new((), 100);
+            for piece in bytes.chunks(split) {
+                limited.check(piece).expect("within the limit");
+            }
+            assert_eq!(
+                (limited.prefix_len, limited.body_left),
+                (0, 0),
+                "split {split}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_prefix_over_the_limit_fails_before_its_body() {
+        let mut limited = ReadLimited::new((), 100);
+        limited.check(&frame(100)).expect("at the limit");
+        let error = limited.check(&101u32.to_be_bytes()).expect_err("over");
+        assert_eq!(error.kind(), std::io::ErrorKind::InvalidData);
+        let mut limited = ReadLimited::new((), 100);
+        limited.check(&[0, 0]).expect("half a prefix");
+        assert!(
+            limited.check(&[1, 0]).is_err(),
+            "a prefix split across reads"
+        );
+    }
 }

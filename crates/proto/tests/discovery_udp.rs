@@ -211,3 +211,47 @@ async fn oversized_packet_is_refused_on_send() {
     let err = socket.send_broadcast(&huge).await.expect_err("must refuse");
     assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
 }
+
+#[tokio::test]
+async fn a_node_bound_to_loopback_hears_broadcasts_and_its_own_address_only() {
+    let host = Ipv4Addr::LOCALHOST.into();
+    let node = DiscoverySocket::bind_on(host, 0, DEFAULT_BROADCAST, "c-own").expect("bind_on");
+    let port = node.local_addr().expect("local addr").port();
+    assert_eq!(node.local_addr().expect("addr").ip(), host);
+    // A second node of the machine shares the port, as with `bind`.
+    let other =
+        DiscoverySocket::bind_on(host, port, DEFAULT_BROADCAST, "c-own").expect("bind shared");
+    let raw = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind raw");
+    raw.set_broadcast(true).expect("SO_BROADCAST");
+    let datagram = |nonce| discovery::encode(&probe("c-own", nonce)).expect("encode");
+
+    // Sent to another address of the machine: a socket on 0.0.0.0 would take it, these do not.
+    raw.send_to(&datagram(1), (Ipv4Addr::new(127, 0, 0, 2), port))
+        .expect("send elsewhere");
+    raw.send_to(&datagram(2), (DEFAULT_BROADCAST, port))
+        .expect("broadcast");
+    assert_eq!(recv(&node).await.0, probe("c-own", 2));
+    assert_eq!(recv(&other).await.0, probe("c-own", 2));
+    raw.send_to(&datagram(3), (Ipv4Addr::LOCALHOST, port))
+        .expect("unicast");
+    let (unicast, _) = tokio::select! {
+        got = recv(&node) => got,
+        got = recv(&other) => got,
+    };
+    assert_eq!(unicast, probe("c-own", 3));
+
+    // Replies leave from the node's own address, where it receives.
+    let client = DiscoverySocket::ephemeral(port, DEFAULT_BROADCAST, "c-own").expect("bind");
+    node.send_to(&probe("c-own", 4), client.local_addr().expect("addr"))
+        .await
+        .expect("reply");
+    let (_, from) = recv(&client).await;
+    assert_eq!(from, SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+}
+
+#[tokio::test]
+async fn bind_on_an_unspecified_host_binds_every_interface() {
+    let node = DiscoverySocket::bind_on(Ipv4Addr::UNSPECIFIED.into(), 0, DEFAULT_BROADCAST, "c")
+        .expect("bind_on");
+    assert!(node.local_addr().expect("addr").ip().is_unspecified());
+}

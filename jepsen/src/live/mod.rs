@@ -935,6 +935,15 @@ fn remove_and_readd(
         .args(["--cluster", &spec.cluster])
         .args(["--discovery-port", &spec.discovery_port.to_string()])
         .args(["--broadcast", &spec.broadcast.to_string()])
+        // The admin credential comes from the token in the cluster directory next to the
+        // node data dirs.
+        .arg("--data-root")
+        .arg(
+            cluster.nodes[i]
+                .data_dir
+                .parent()
+                .unwrap_or(std::path::Path::new(".")),
+        )
         .stdin(std::process::Stdio::null())
         .output();
     let (removed, detail) = match output {

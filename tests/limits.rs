@@ -1,0 +1,267 @@
+//! End-to-end tests of the limits a node sets before anyone authenticates: the hello and idle
+//! timeouts of client connections, the per-address connection cap, and the metrics listener's
+//! bind address and bearer token. Each test runs a one-node cluster of real `server`
+//! processes on loopback through `testkit`, with its own cluster name and discovery port.
+//!
+//! Timeouts are generous bounds for a loaded 2-core machine, not performance claims.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use proto::{ChatClient, ChatClientTransport, Hello, StreamRequest};
+use testkit::{TestClient, TestCluster};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+const READY: Duration = Duration::from_secs(30);
+/// How long a refused or timed-out connection may take to show as closed.
+const CLOSE_BOUND: Duration = Duration::from_secs(30);
+
+/// A one-node cluster with `extra` server flags, ready.
+fn one_node(name: &str, extra: &[&str]) -> anyhow::Result<TestCluster> {
+    let mut cluster = TestCluster::new(name, extra)?;
+    cluster.spawn_node()?;
+    cluster.nodes[0].wait_ready(READY)?;
+    Ok(cluster)
+}
+
+fn ready(cluster: &TestCluster) -> anyhow::Result<testkit::Ready> {
+    cluster.nodes[0].ready().cloned().context("node not ready")
+}
+
+fn ctx(timeout: Duration) -> tarpc::context::Context {
+    let mut ctx = tarpc::context::current();
+    ctx.deadline = Instant::now() + timeout;
+    ctx
+}
+
+/// A TCP connection to `to` from the loopback address `from`.
+async fn connect_from(from: &str, to: SocketAddr) -> anyhow::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    let from: IpAddr = from.parse()?;
+    socket.bind(SocketAddr::new(from, 0))?;
+    Ok(socket.connect(to).await?)
+}
+
+/// Runs a chat client's TLS handshake on `stream`, trusting whatever CA the node shows.
+async fn tls_on(stream: TcpStream) -> anyhow::Result<proto::TlsTcp> {
+    let verifier = proto::tls::CaVerifier::new(proto::tls::Trust::FirstUse);
+    let config = proto::tls::client_config(verifier, proto::tls::ALPN_CHAT);
+    let handshake = proto::handshake(stream, config, proto::tls::any_node());
+    Ok(tokio::time::timeout(Duration::from_secs(10), handshake).await??)
+}
+
+/// Says hello on `stream` as a chat client of `cluster`; `Err` when the node closed it.
+async fn hello_on(stream: TcpStream, cluster: &str) -> anyhow::Result<ChatClient> {
+    let transport: ChatClientTransport = proto::framed(tls_on(stream).await?);
+    let client = ChatClient::new(tarpc::client::Config::default(), transport).spawn();
+    client
+        .hello(ctx(Duration::from_secs(10)), Hello::new(cluster, None))
+        .await?
+        .map_err(|e| anyhow::anyhow!("hello refused: {e}"))?;
+    Ok(client)
+}
+
+/// Waits until the node closes `stream`, ignoring whatever it sends first.
+async fn closed_by_node(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    within: Duration,
+) -> anyhow::Result<()> {
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => bail!("the node kept the connection open for {within:?}"),
+            Ok(Ok(0) | Err(_)) => return Ok(()),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn limits_a_silent_connection_is_closed_after_the_hello_timeout_and_a_greeted_one_stays(
+) -> anyhow::Result<()> {
+    let cluster = one_node("limits-hello", &[])?;
+    let ready = ready(&cluster)?;
+    let (greeted, _) = TestClient::connect(ready.client, &cluster.cluster).await?;
+
+    // A finished TLS handshake and the first bytes of a tarpc frame (a length prefix), so the
+    // node serves it as tarpc at once, and then nothing.
+    let mut silent = tls_on(TcpStream::connect(ready.client).await?).await?;
+    silent.write_all(&[0, 0, 0, 64]).await?;
+    silent.flush().await?;
+    let started = Instant::now();
+    closed_by_node(&mut silent, CLOSE_BOUND).await?;
+    let after = started.elapsed();
+    assert!(
+        after >= node::HELLO_TIMEOUT - Duration::from_millis(500),
+        "closed after {after:?}, before the hello timeout"
+    );
+
+    // The connection that said hello is past the hello timeout and still serves.
+    greeted
+        .client
+        .channels(ctx(Duration::from_secs(10)))
+        .await
+        .context("the greeted connection was closed")?
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn limits_a_stalled_handshake_and_garbage_instead_of_tls_are_dropped() -> anyhow::Result<()> {
+    let cluster = one_node("limits-handshake", &[])?;
+    let ready = ready(&cluster)?;
+    // A TCP connection that never starts the handshake: dropped after the handshake timeout.
+    let mut stalled = TcpStream::connect(ready.client).await?;
+    let started = Instant::now();
+    closed_by_node(&mut stalled, CLOSE_BOUND).await?;
+    let after = started.elapsed();
+    assert!(
+        after >= proto::HANDSHAKE_TIMEOUT - Duration::from_millis(500),
+        "closed after {after:?}, before the handshake timeout"
+    );
+    // Garbage instead of a ClientHello, on both ports: dropped at once, the node unharmed.
+    for port in [ready.client, ready.raft] {
+        let mut garbage = TcpStream::connect(port).await?;
+        garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").await?;
+        closed_by_node(&mut garbage, CLOSE_BOUND).await?;
+    }
+    // A finished handshake, then a length prefix far over the chat service's request limit,
+    // before any login: closed without the node waiting for the body.
+    let mut big = tls_on(TcpStream::connect(ready.client).await?).await?;
+    big.write_all(&(32u32 << 20).to_be_bytes()).await?;
+    big.flush().await?;
+    let started = Instant::now();
+    closed_by_node(&mut big, CLOSE_BOUND).await?;
+    assert!(
+        started.elapsed() < proto::HANDSHAKE_TIMEOUT,
+        "the oversized frame was not refused from its prefix"
+    );
+    let (client, _) = TestClient::connect(ready.client, &cluster.cluster).await?;
+    client
+        .client
+        .channels(ctx(Duration::from_secs(10)))
+        .await?
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn limits_an_idle_connection_is_closed_and_a_long_poll_is_not_idle() -> anyhow::Result<()> {
+    let cluster = one_node("limits-idle", &["--client-idle-timeout-s", "2"])?;
+    let ready = ready(&cluster)?;
+    let (client, _) = TestClient::connect(ready.client, &cluster.cluster).await?;
+
+    // A long poll twice the idle timeout: the connection stays, the poll ends normally.
+    let poll = StreamRequest {
+        channel: "quiet".into(),
+        after_seq: 0,
+        max: 10,
+        wait_ms: 4_000,
+        read_token: 0,
+    };
+    let batch = client
+        .client
+        .stream(ctx(Duration::from_secs(15)), poll)
+        .await
+        .context("the connection closed during a long poll")?
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert!(batch.messages.is_empty());
+
+    // Then nothing for twice the idle timeout: the node closes it.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let after_idle = client.client.channels(ctx(Duration::from_secs(10))).await;
+    assert!(
+        after_idle.is_err(),
+        "an idle connection still served: {after_idle:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn limits_connections_beyond_the_per_address_cap_are_closed() -> anyhow::Result<()> {
+    let cluster = one_node("limits-per-ip", &["--max-connections-per-ip", "2"])?;
+    let ready = ready(&cluster)?;
+    let name = cluster.cluster.clone();
+
+    let first = hello_on(connect_from("127.0.0.2", ready.client).await?, &name).await?;
+    let _second = hello_on(connect_from("127.0.0.2", ready.client).await?, &name).await?;
+    // The node accepts the third connection and closes it at once: its hello fails.
+    let third = hello_on(connect_from("127.0.0.2", ready.client).await?, &name).await;
+    assert!(
+        third.is_err(),
+        "a third connection from 127.0.0.2 was served"
+    );
+    let (_, metrics) = get(ready.metrics, "/metrics", "").await?;
+    let refused = "cellchat_connections_refused_total{listener=\"client\",cap=\"per_ip\"} 1";
+    assert!(metrics.contains(refused), "no {refused} in:\n{metrics}");
+
+    // Another address has its own count.
+    let _other = hello_on(connect_from("127.0.0.3", ready.client).await?, &name).await?;
+    // The node's own address (this machine) is not capped per address.
+    let mut own = Vec::new();
+    for _ in 0..5 {
+        own.push(hello_on(connect_from("127.0.0.1", ready.client).await?, &name).await?);
+    }
+
+    // Closing one frees its slot (the node notices the close asynchronously).
+    drop(first);
+    let deadline = Instant::now() + CLOSE_BOUND;
+    loop {
+        let stream = connect_from("127.0.0.2", ready.client).await?;
+        if hello_on(stream, &name).await.is_ok() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the slot of a closed connection was never freed");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// One HTTP GET of `path` with `headers`; the status code and the body.
+async fn get(addr: SocketAddr, path: &str, headers: &str) -> anyhow::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: test\r\n{headers}Connection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no status in {text:?}"))?;
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    Ok((status, body))
+}
+
+#[tokio::test]
+async fn limits_metrics_need_the_bearer_token_on_the_metrics_bind_address() -> anyhow::Result<()> {
+    const TOKEN: &str = "metrics-token-e2e-7f3a91";
+    let cluster = one_node(
+        "limits-metrics",
+        &["--metrics-token", TOKEN, "--metrics-bind", "127.0.0.2"],
+    )?;
+    let ready = ready(&cluster)?;
+    assert_eq!(ready.metrics.ip().to_string(), "127.0.0.2");
+    assert_eq!(ready.client.ip().to_string(), "127.0.0.1");
+
+    let (status, body) = get(ready.metrics, "/metrics", "").await?;
+    assert_eq!(status, 401, "{body}");
+    assert!(!body.contains(TOKEN));
+    let wrong = "Authorization: Bearer metrics-token-e2e-7f3a90\r\n";
+    assert_eq!(get(ready.metrics, "/metrics", wrong).await?.0, 401);
+    let right = format!("Authorization: Bearer {TOKEN}\r\n");
+    let (status, body) = get(ready.metrics, "/metrics", &right).await?;
+    assert_eq!(status, 200);
+    assert!(body.contains("cellchat_connected_clients"), "{body}");
+    assert!(!body.contains(TOKEN), "the token is in a metric");
+    // Probes need no token.
+    assert_eq!(get(ready.metrics, "/health", "").await?.0, 200);
+    assert!(!cluster.nodes[0].log_tail(100_000).contains(TOKEN));
+    Ok(())
+}
