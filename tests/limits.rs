@@ -128,17 +128,26 @@ async fn limits_a_stalled_handshake_and_garbage_instead_of_tls_are_dropped() -> 
         garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").await?;
         closed_by_node(&mut garbage, CLOSE_BOUND).await?;
     }
-    // A finished handshake, then a length prefix far over the chat service's request limit,
-    // before any login: closed without the node waiting for the body.
-    let mut big = tls_on(TcpStream::connect(ready.client).await?).await?;
-    big.write_all(&(32u32 << 20).to_be_bytes()).await?;
-    big.flush().await?;
-    let started = Instant::now();
-    closed_by_node(&mut big, CLOSE_BOUND).await?;
-    assert!(
-        started.elapsed() < proto::HANDSHAKE_TIMEOUT,
-        "the oversized frame was not refused from its prefix"
-    );
+    // A finished handshake, then a length prefix far over the request limit, before any
+    // login (chat port) or without a node certificate (Raft port): closed without the node
+    // waiting for the body.
+    for (port, alpn) in [
+        (ready.client, proto::tls::ALPN_CHAT),
+        (ready.raft, proto::tls::ALPN_RAFT),
+    ] {
+        let verifier = proto::tls::CaVerifier::new(proto::tls::Trust::FirstUse);
+        let config = proto::tls::client_config(verifier, alpn);
+        let stream = TcpStream::connect(port).await?;
+        let mut big = proto::handshake(stream, config, proto::tls::any_node()).await?;
+        big.write_all(&(32u32 << 20).to_be_bytes()).await?;
+        big.flush().await?;
+        let started = Instant::now();
+        closed_by_node(&mut big, CLOSE_BOUND).await?;
+        assert!(
+            started.elapsed() < proto::HANDSHAKE_TIMEOUT,
+            "the oversized frame on {port} was not refused from its prefix"
+        );
+    }
     let (client, _) = TestClient::connect(ready.client, &cluster.cluster).await?;
     client
         .client

@@ -701,6 +701,10 @@ async fn dial(
     Ok(RaftRpcClient::new(tarpc::client::Config::default(), transport).spawn())
 }
 
+/// Largest frame the Raft port reads from a caller without a node certificate (64 KiB):
+/// enrollment and admin requests are a few hundred bytes.
+const ANONYMOUS_FRAME_BYTES_MAX: usize = 64 << 10;
+
 /// The Raft RPC listener: plain TCP, the handshake runs in each connection's task.
 pub(crate) type RaftListener = tokio::net::TcpListener;
 
@@ -750,8 +754,15 @@ pub fn serve(
                 let cert = proto::peer_certificates(&stream)
                     .and_then(|chain| chain.first())
                     .cloned();
+                // Only a node certificate (verified in the handshake) earns big frames: an
+                // anonymous caller (enrollment, admin tools) sends small requests only.
+                let read_max = if cert.is_some() {
+                    proto::FRAME_BYTES_MAX
+                } else {
+                    ANONYMOUS_FRAME_BYTES_MAX
+                };
                 let server = server.for_connection(cert);
-                let transport = proto::framed(stream);
+                let transport = proto::framed_reading_at_most(stream, read_max);
                 let (watch, conn) = (server.watch.clone(), server.conn.clone());
                 BaseChannel::with_defaults(transport)
                     .execute(server.serve())
