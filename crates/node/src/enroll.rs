@@ -18,7 +18,7 @@ use rustls::pki_types::CertificateDer;
 
 use crate::config::Config;
 use crate::pki::{self, ClusterCa, Enrolled, NodeTls, PkiError};
-use crate::raft_rpc::{self, EnrollRequest, JoinCallError};
+use crate::raft_rpc::{self, EnrollError, EnrollRequest, JoinCallError};
 use crate::types::NodeId;
 
 /// How long one discovery round listens for announcements.
@@ -86,10 +86,10 @@ pub async fn enroll(
                     tracing::info!(%addr, "enrolled with the cluster");
                     return Ok(pki::finish_enrollment(data_dir, enrolled, token, key)?);
                 }
-                Err(JoinCallError::Unreachable { reason, .. })
-                    if reason.contains("secret is wrong") =>
-                {
-                    return Err(EnrollFailed::Refused(reason));
+                // Retrying with the same secret cannot help; other refusals (an id taken, a
+                // member of another cluster name) can change as the cluster changes.
+                Err(JoinCallError::EnrollRefused(e @ EnrollError::WrongSecret)) => {
+                    return Err(EnrollFailed::Refused(e.to_string()));
                 }
                 Err(e) => {
                     tracing::info!(%addr, error = %e, "enrollment attempt failed");

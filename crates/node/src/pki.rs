@@ -470,7 +470,12 @@ pub fn settle(
     };
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let cert = ca.issue(id, &key)?;
-    finish(data_dir, Enrolled { ca, cert }, token, key)
+    Ok(Settled::Ready(finish(
+        data_dir,
+        Enrolled { ca, cert },
+        token,
+        key,
+    )?))
 }
 
 /// Stores what an enrollment returned and builds the node's configurations.
@@ -489,10 +494,7 @@ pub fn finish_enrollment(
             theirs: token.ca,
         });
     }
-    match finish(data_dir, enrolled, token, key)? {
-        Settled::Ready(tls) => Ok(tls),
-        Settled::Enroll { .. } => unreachable!("finish always returns Ready"),
-    }
+    finish(data_dir, enrolled, token, key)
 }
 
 fn finish(
@@ -500,7 +502,7 @@ fn finish(
     enrolled: Enrolled,
     token: JoinToken,
     key: KeyPair,
-) -> Result<Settled, PkiError> {
+) -> Result<NodeTls, PkiError> {
     let tls_dir = data_dir.join(TLS_DIR);
     write_ca(&tls_dir, &enrolled.ca, &token)?;
     let key_path = tls_dir.join(NODE_KEY);
@@ -511,13 +513,7 @@ fn finish(
     atomic_file::write_durably(&cert_path, pem("CERTIFICATE", &enrolled.cert).as_bytes())
         .map_err(io_error("write", &cert_path))?;
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-    Ok(Settled::Ready(NodeTls::new(
-        enrolled.ca,
-        token,
-        enrolled.cert,
-        key,
-        data_dir,
-    )?))
+    NodeTls::new(enrolled.ca, token, enrolled.cert, key, data_dir)
 }
 
 /// Takes an exclusive `flock` on `path`, waiting for it: the first node on a machine creates

@@ -248,7 +248,7 @@ pub struct RaftRpcServer {
     /// the handshake; `None` for callers without one (enrollment, admin tools).
     peer: Option<Arc<CertificateDer<'static>>>,
     /// The node id the certificate was found to name, once a request claimed it.
-    peer_id: Arc<Mutex<Option<NodeId>>>,
+    peer_id: Arc<std::sync::OnceLock<NodeId>>,
 }
 
 impl RaftRpcServer {
@@ -302,18 +302,24 @@ impl RaftRpcServer {
                 reason: reason.to_owned(),
             })
         };
-        let mut proven = self.peer_id.lock();
-        match *proven {
-            Some(id) if id == sender => Ok(()),
-            Some(_) => refuse("the connection already speaks for another node"),
-            None => match &self.peer {
-                Some(cert) if proto::tls::cert_names_node(cert, sender) => {
-                    *proven = Some(sender);
+        if let Some(&id) = self.peer_id.get() {
+            return if id == sender {
+                Ok(())
+            } else {
+                refuse("the connection already speaks for another node")
+            };
+        }
+        match &self.peer {
+            Some(cert) if proto::tls::cert_names_node(cert, sender) => {
+                // A concurrent first request may have proven another id: only one counts.
+                if *self.peer_id.get_or_init(|| sender) == sender {
                     Ok(())
+                } else {
+                    refuse("the connection already speaks for another node")
                 }
-                Some(_) => refuse("the certificate names another node"),
-                None => refuse("no node certificate"),
-            },
+            }
+            Some(_) => refuse("the certificate names another node"),
+            None => refuse("no node certificate"),
         }
     }
 
@@ -547,6 +553,9 @@ pub enum JoinCallError {
     /// The leader refused.
     #[error(transparent)]
     Refused(#[from] JoinError),
+    /// The member refused an enrollment.
+    #[error(transparent)]
+    EnrollRefused(#[from] EnrollError),
 }
 
 /// The answer every admin RPC gives: refused by the leader, or sent to the wrong node.
@@ -667,11 +676,10 @@ pub async fn request_enroll(
     let dialer = proto::tls::client_config(verifier, proto::tls::ALPN_RAFT);
     let client = dial(&dialer, addr, proto::tls::any_node()).await?;
     let unreachable = |reason: String| JoinCallError::Unreachable { addr, reason };
-    client
+    Ok(client
         .enroll(ctx_within(JOIN_TIMEOUT), request)
         .await
-        .map_err(|e| unreachable(e.to_string()))?
-        .map_err(|e| unreachable(e.to_string()))
+        .map_err(|e| unreachable(e.to_string()))??)
 }
 
 /// Opens a Raft RPC connection to node `to` at `addr` with `dialer`, for tools and tests that
