@@ -23,6 +23,9 @@ pub const MAX_CHANNEL_BYTES: usize = 64;
 /// Largest accepted sender or user name, in bytes.
 pub const MAX_SENDER_BYTES: usize = 32;
 
+/// Shortest and longest accepted join secret ([`Command::SetJoinSecret`]), in bytes.
+pub const JOIN_SECRET_BYTES: std::ops::RangeInclusive<usize> = 16..=64;
+
 /// Largest number of sends in one [`Command::SendBatch`]; a larger batch is rejected whole
 /// with [`RejectReason::BatchTooLarge`]. Bounds the work and the `WriteBatch` of one entry.
 pub const MAX_BATCH_SENDS: usize = 4096;
@@ -148,6 +151,22 @@ pub enum Command {
         /// Ed25519 (or similar) public key, opaque to the state machine.
         public_key: [u8; 32],
     },
+    /// Replaces the cluster's join secret (`server token --rotate`). Replicated so that every
+    /// member, and every member that later catches up from a snapshot, admits newcomers with
+    /// the same secret.
+    SetJoinSecret(JoinSecret),
+}
+
+/// A join secret as the log carries it: opaque bytes whose `Debug` never shows them, so no
+/// log line of an entry leaks the secret.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct JoinSecret(pub Vec<u8>);
+
+impl fmt::Debug for JoinSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "JoinSecret({} bytes)", self.0.len())
+    }
 }
 
 /// A one-line summary for logs: the kind and size, never a message body.
@@ -157,6 +176,7 @@ impl std::fmt::Display for Command {
             Command::Send(send) => write!(f, "send({}, {} bytes)", send.channel, send.body.len()),
             Command::SendBatch(sends) => write!(f, "send-batch({} messages)", sends.len()),
             Command::RegisterUser { name, .. } => write!(f, "register-user({name})"),
+            Command::SetJoinSecret(_) => write!(f, "set-join-secret"),
         }
     }
 }
@@ -235,6 +255,11 @@ pub enum RejectReason {
     },
     /// The entry payload could not be decoded (see [`crate::ApplyPayload::Malformed`]).
     Malformed,
+    /// A join secret outside [`JOIN_SECRET_BYTES`].
+    InvalidJoinSecret {
+        /// Its length in bytes.
+        len: u64,
+    },
 }
 
 impl fmt::Display for RejectReason {
@@ -259,6 +284,12 @@ impl fmt::Display for RejectReason {
                 write!(f, "batch holds {count} sends, the limit is {max}")
             }
             RejectReason::Malformed => write!(f, "malformed command"),
+            RejectReason::InvalidJoinSecret { len } => write!(
+                f,
+                "a join secret is {}..={} bytes, not {len}",
+                JOIN_SECRET_BYTES.start(),
+                JOIN_SECRET_BYTES.end()
+            ),
         }
     }
 }
@@ -310,6 +341,8 @@ pub enum ChatResponse {
     Batch(Vec<Result<Sent, RejectReason>>),
     /// A [`Command::RegisterUser`] was accepted (first registration or same key again).
     Registered,
+    /// A [`Command::SetJoinSecret`] was applied.
+    JoinSecretSet,
     /// The whole command was refused.
     Rejected(RejectReason),
 }

@@ -13,6 +13,7 @@
 //! | `b'M'` `"applied_index"`              | log index, u64 BE                                               |
 //! | `b'M'` `"last_applied"`               | opaque bytes from the adapter                                   |
 //! | `b'M'` `"membership"`                 | opaque bytes from the adapter                                   |
+//! | `b'M'` `"join_secret"`                | the cluster's join secret, once one was set                      |
 //! | `b'd'` client_id(16) client_seq(u64 BE) | seq u64 BE, at_ms u64 BE, channel bytes (rest)                |
 //! | `b'h'` channel                        | head seq u64 BE                                                 |
 //! | `b'm'` channel `0x00` seq(u64 BE)     | at_ms u64 BE, client_id(16), client_seq u64 BE, sender_len u8, sender, body (rest) |
@@ -54,6 +55,7 @@ pub(crate) const PREFIX_USER: u8 = b'u';
 pub(crate) const META_APPLIED_INDEX: &[u8] = b"Mapplied_index";
 pub(crate) const META_LAST_APPLIED: &[u8] = b"Mlast_applied";
 pub(crate) const META_MEMBERSHIP: &[u8] = b"Mmembership";
+pub(crate) const META_JOIN_SECRET: &[u8] = b"Mjoin_secret";
 
 /// Snapshot file magic number.
 pub(crate) const SNAPSHOT_MAGIC: &[u8; 8] = b"CCSMSNAP";

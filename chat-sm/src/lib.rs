@@ -19,6 +19,9 @@
 //!   they change nothing but the applied meta.
 //! - **Trust on first use.** The first [`Command::RegisterUser`] of a name wins; the same key
 //!   again is `Registered`, a different key is `Rejected(NameTaken)`.
+//! - **One join secret.** The last [`Command::SetJoinSecret`] applied is the cluster's join
+//!   secret ([`ChatState::join_secret`]); it travels in snapshots like any other state, and
+//!   [`ChatState::dump`] shows only its checksum.
 //! - **Atomic batches.** One `apply` call is one RocksDB `WriteBatch`, WAL on, `sync=false`.
 //!   The raft log is the durable record; [`ChatState::build_snapshot`] syncs the WAL before a
 //!   snapshot can let the raft log be purged.
@@ -51,9 +54,9 @@ mod state;
 mod store;
 
 pub use command::{
-    valid_user_name, ChannelName, ChannelSeq, ChatResponse, ClientId, Command, LogIndex, Message,
-    RejectReason, SendCmd, Sent, COMMAND_VERSION, MAX_BATCH_SENDS, MAX_BODY_BYTES,
-    MAX_CHANNEL_BYTES, MAX_SENDER_BYTES,
+    valid_user_name, ChannelName, ChannelSeq, ChatResponse, ClientId, Command, JoinSecret,
+    LogIndex, Message, RejectReason, SendCmd, Sent, COMMAND_VERSION, JOIN_SECRET_BYTES,
+    MAX_BATCH_SENDS, MAX_BODY_BYTES, MAX_CHANNEL_BYTES, MAX_SENDER_BYTES,
 };
 pub use snapshot::{read_snapshot_info, SnapshotInfo};
 pub use state::{

@@ -14,7 +14,7 @@ use crate::snapshot::{self, SnapshotInfo};
 use crate::store::{self, Store};
 use crate::{
     ChannelSeq, ChatResponse, ClientId, Command, Error, LogIndex, Message, RejectReason, SendCmd,
-    Sent, MAX_BATCH_SENDS,
+    Sent, JOIN_SECRET_BYTES, MAX_BATCH_SENDS,
 };
 
 /// Default number of recent messages kept in memory per channel.
@@ -103,6 +103,8 @@ pub struct AppliedEvent {
     pub index: LogIndex,
     /// Every channel whose head changed, with its new head, sorted by channel name.
     pub heads: Vec<(String, ChannelSeq)>,
+    /// The join secret may have changed (a [`Command::SetJoinSecret`], or a snapshot).
+    pub join_secret_changed: bool,
 }
 
 type Listener = Box<dyn Fn(&AppliedEvent) + Send + Sync>;
@@ -155,6 +157,7 @@ struct View {
     store: Arc<Store>,
     channels: HashMap<String, ChannelView>,
     users: HashMap<String, [u8; 32]>,
+    join_secret: Option<Vec<u8>>,
     last_applied: Option<Vec<u8>>,
     membership: Option<Vec<u8>>,
     applied_index: Option<LogIndex>,
@@ -310,6 +313,8 @@ struct Batch<'a> {
     dedup: HashMap<(ClientId, u64), (&'a str, u64, u64)>,
     /// Registrations accepted earlier in this call.
     users: HashMap<&'a str, [u8; 32]>,
+    /// The join secret set last in this call.
+    join_secret: Option<&'a [u8]>,
 }
 
 /// The chat state machine of one replica.
@@ -394,6 +399,7 @@ impl ChatState {
             touched: HashMap::new(),
             dedup: HashMap::new(),
             users: HashMap::new(),
+            join_secret: None,
         };
         let mut responses = Vec::with_capacity(entries.len());
         for entry in entries {
@@ -439,6 +445,14 @@ impl ChatState {
             }
             ApplyPayload::Command(Command::RegisterUser { name, public_key }) => {
                 self.apply_register(w, batch, name, public_key)
+            }
+            ApplyPayload::Command(Command::SetJoinSecret(secret)) => {
+                if !JOIN_SECRET_BYTES.contains(&secret.0.len()) {
+                    let len = secret.0.len() as u64;
+                    return ChatResponse::Rejected(RejectReason::InvalidJoinSecret { len });
+                }
+                batch.join_secret = Some(&secret.0);
+                ChatResponse::JoinSecretSet
             }
         }
     }
@@ -551,6 +565,9 @@ impl ChatState {
         if let Some(index) = w.applied_index {
             w.puts.put(META_APPLIED_INDEX, &encode_u64_value(index.0));
         }
+        if let Some(secret) = batch.join_secret {
+            w.puts.put(META_JOIN_SECRET, &encode_bytes_value(secret));
+        }
         let wb = w.puts.take_sorted_batch(w.store.dedup_cf());
         let mut opts = WriteOptions::default();
         // WAL on, no fsync per batch: see `apply` for why that is enough.
@@ -568,6 +585,10 @@ impl ChatState {
         }
         for (name, key) in batch.users {
             view.users.insert(name.to_owned(), key);
+        }
+        let join_secret_changed = batch.join_secret.is_some();
+        if let Some(secret) = batch.join_secret {
+            view.join_secret = Some(secret.to_vec());
         }
         view.last_applied = Some(meta.last_applied);
         if meta.membership.is_some() {
@@ -588,6 +609,7 @@ impl ChatState {
         Some(AppliedEvent {
             index: w.applied_index.expect("set by a non-empty batch"),
             heads,
+            join_secret_changed,
         })
     }
 
@@ -637,6 +659,11 @@ impl ChatState {
         drop(view);
         out.sort_unstable();
         out
+    }
+
+    /// The cluster's join secret, once a [`Command::SetJoinSecret`] was applied.
+    pub fn join_secret(&self) -> Option<Vec<u8>> {
+        self.view.read().join_secret.clone()
     }
 
     /// The public key registered for `name`, if any.
@@ -746,7 +773,11 @@ impl ChatState {
         );
         if let Some(index) = info.applied_index {
             let heads = self.changed_heads(&old_heads);
-            self.notify(&AppliedEvent { index, heads });
+            self.notify(&AppliedEvent {
+                index,
+                heads,
+                join_secret_changed: true,
+            });
         }
         Ok(info)
     }
@@ -805,6 +836,9 @@ impl ChatState {
         }
         if fresh.users != view.users {
             return Err(broken("in-memory users differ from rocksdb".into()));
+        }
+        if fresh.join_secret != view.join_secret {
+            return Err(broken("in-memory join secret differs from rocksdb".into()));
         }
         if (&fresh.last_applied, &fresh.membership, fresh.applied_index)
             != (&view.last_applied, &view.membership, view.applied_index)
@@ -986,10 +1020,15 @@ fn load_view(store: Arc<Store>, ring_len: usize) -> Result<View, Error> {
         Some(v) => Some(LogIndex(decode_u64_value(&v, "applied_index")?)),
         None => None,
     };
+    let join_secret = match get(META_JOIN_SECRET)? {
+        Some(v) => Some(decode_bytes_value(&v, "join_secret")?.to_vec()),
+        None => None,
+    };
     Ok(View {
         store,
         channels,
         users,
+        join_secret,
         last_applied,
         membership,
         applied_index,
@@ -1069,6 +1108,11 @@ fn load_snapshot(store: &Store, path: &Path) -> Result<SnapshotInfo, Error> {
 fn dump_pair(out: &mut String, key: &[u8], value: &[u8]) -> Result<(), Error> {
     let name = || String::from_utf8_lossy(&key[1..]).into_owned();
     let line = match key[0] {
+        // A secret is never printed; its checksum still tells two replicas apart.
+        _ if key == META_JOIN_SECRET => format!(
+            "meta join_secret crc={:08x}",
+            crc32fast::hash(decode_bytes_value(value, "join_secret")?)
+        ),
         PREFIX_META => format!(
             "meta {} {}",
             name(),

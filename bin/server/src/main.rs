@@ -60,7 +60,7 @@ enum Command {
     Leave(admin::LeaveArgs),
     /// Print the cluster's join token: give it (`--token` or CELLCHAT_TOKEN) to a node on
     /// another machine to join, or to operator commands run elsewhere. Read from the data dir
-    /// of a node on this machine; it is a secret.
+    /// of a node on this machine; it is a secret. With --rotate, replace its secret.
     Token(admin::TokenArgs),
 }
 
@@ -267,7 +267,7 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(admin::remove_node(&cli.run.net, &args))
         }
         Some(Command::Leave(args)) => runtime.block_on(admin::leave(&cli.run.net, &args)),
-        Some(Command::Token(args)) => admin::token(&cli.run.net, &args),
+        Some(Command::Token(args)) => runtime.block_on(admin::token(&cli.run.net, &args)),
         None => runtime.block_on(run(cli.run)),
     }
 }

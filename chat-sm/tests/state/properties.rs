@@ -5,7 +5,8 @@
 use std::collections::HashMap;
 
 use chat_sm::{
-    ChannelSeq, ChatResponse, ClientId, Command, RejectReason, SendCmd, Sent, MAX_BODY_BYTES,
+    ChannelSeq, ChatResponse, ClientId, Command, JoinSecret, RejectReason, SendCmd, Sent,
+    MAX_BODY_BYTES,
 };
 use proptest::prelude::*;
 
@@ -43,6 +44,9 @@ fn arb_entry() -> impl Strategy<Value = TestEntry> {
             .prop_map(|v| TestEntry::Cmd(Command::SendBatch(v))),
         2 => (prop::sample::select(USERS), 0u8..2).prop_map(|(n, k)| {
             TestEntry::Cmd(Command::RegisterUser { name: n.into(), public_key: [k; 32] })
+        }),
+        1 => prop_oneof![Just(0usize), 15usize..18, 63usize..66].prop_map(|len| {
+            TestEntry::Cmd(Command::SetJoinSecret(JoinSecret(vec![len as u8; len])))
         }),
         1 => Just(TestEntry::Blank),
         1 => any::<u8>().prop_map(|b| TestEntry::Membership(vec![b])),
@@ -115,6 +119,14 @@ fn model(log: &[TestEntry]) -> Vec<ChatResponse> {
             TestEntry::Cmd(Command::SendBatch(v)) => {
                 ChatResponse::Batch(v.iter().map(&mut send).collect())
             }
+            TestEntry::Cmd(Command::SetJoinSecret(secret)) => {
+                if (16..=64).contains(&secret.0.len()) {
+                    ChatResponse::JoinSecretSet
+                } else {
+                    let len = secret.0.len() as u64;
+                    ChatResponse::Rejected(RejectReason::InvalidJoinSecret { len })
+                }
+            }
             TestEntry::Cmd(Command::RegisterUser { name, public_key }) => {
                 if name.contains(' ') {
                     ChatResponse::Rejected(RejectReason::InvalidUserName)
@@ -151,6 +163,13 @@ proptest! {
         let responses = apply_log(r.state(), &log, 1, &chunks);
         prop_assert_eq!(responses, model(&log));
         r.state().check_consistency().expect("consistent");
+        let last_secret = log.iter().rev().find_map(|e| match e {
+            TestEntry::Cmd(Command::SetJoinSecret(s)) if (16..=64).contains(&s.0.len()) => {
+                Some(s.0.clone())
+            }
+            _ => None,
+        });
+        prop_assert_eq!(r.state().join_secret(), last_secret);
         for (channel, head) in r.state().channels() {
             let msgs = r.state().history(&channel, ChannelSeq(1), usize::MAX).expect("read");
             let seqs: Vec<u64> = msgs.iter().map(|m| m.seq.0).collect();

@@ -2,7 +2,7 @@
 
 use std::thread;
 
-use chat_sm::{read_snapshot_info, ChannelSeq, Command, Error, LogIndex};
+use chat_sm::{read_snapshot_info, ChannelSeq, Command, Error, JoinSecret, LogIndex};
 
 use crate::common::{apply_log, send, Replica, TestEntry};
 
@@ -61,6 +61,37 @@ fn snapshot_install_equals_source_and_survives_restart() {
         names,
         vec!["ACTIVE".to_string(), "db-00000000000000000002".into()]
     );
+}
+
+#[test]
+fn the_join_secret_travels_in_snapshots_and_never_shows_in_a_dump() {
+    let src = Replica::new(8);
+    let secret = JoinSecret(b"0123456789abcdef-secret".to_vec());
+    let mut log = sample_log(6);
+    log.push(TestEntry::Cmd(Command::SetJoinSecret(secret.clone())));
+    apply_log(src.state(), &log, 1, &[2]);
+    assert_eq!(src.state().join_secret(), Some(secret.0.clone()));
+    let path = src.dir.path().join("snap.bin");
+    src.state().build_snapshot(&path).expect("build");
+
+    let mut dst = Replica::new(8);
+    assert_eq!(dst.state().join_secret(), None);
+    dst.state().install_snapshot(&path).expect("install");
+    assert_eq!(dst.state().join_secret(), Some(secret.0.clone()));
+    dst.restart();
+    assert_eq!(dst.state().join_secret(), Some(secret.0.clone()));
+    let dump = dst.dump();
+    assert!(dump.contains("meta join_secret crc="), "{dump}");
+    assert!(
+        !dump.contains(&hex(&secret.0)) && !dump.contains("0123456789"),
+        "{dump}"
+    );
+    assert_eq!(dump, src.dump());
+    assert!(!format!("{:?}", Command::SetJoinSecret(secret)).contains("0123"));
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[test]

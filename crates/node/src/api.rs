@@ -182,6 +182,7 @@ pub(crate) fn rejected(reason: chat_sm::RejectReason) -> ApiError {
         R::NameTaken => RejectReason::NameTaken,
         R::BatchTooLarge { .. } => malformed("batch too large"),
         R::Malformed => malformed("command"),
+        R::InvalidJoinSecret { .. } => malformed("join secret"),
     })
 }
 

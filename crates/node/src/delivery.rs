@@ -120,6 +120,7 @@ mod tests {
                 .iter()
                 .map(|(c, h)| ((*c).to_owned(), ChannelSeq(*h)))
                 .collect(),
+            join_secret_changed: false,
         }
     }
 

@@ -24,6 +24,7 @@ mod enroll;
 mod fd_limit;
 pub mod formation;
 mod handover;
+mod join_secret;
 mod leader_watch;
 mod log_store;
 mod metrics;
@@ -54,15 +55,16 @@ pub use data_dir::{DataDir, DataDirError};
 pub use delivery::Delivery;
 pub use enroll::EnrollFailed;
 pub use handover::{hand_over, DiskWatchdog, WriteGate};
+pub use join_secret::RotateRequest;
 pub use log_store::{AckPolicy, LogStore, SyncWatch, APPEND_BYTES_MAX, WAL_DIR};
 pub use metrics::{DiskPaths, Metrics, MetricsToken, NodeInfo, StorageMetrics};
 pub use name::{default_name, validate_name, NameError, NAME_LEN_MAX};
 pub use proposer::{ProposeError, Proposed, Proposer, ProposerConfig};
 pub use raft::{metrics_now, start_raft, Raft};
 pub use raft_rpc::{
-    connect_raft, request_enroll, request_leave, request_members, request_remove, AdminCredential,
-    Dialer, EnrollError, EnrollReply, EnrollRequest, JoinCallError, Network, RaftRpcClient,
-    RaftRpcServer, WrongNode,
+    connect_raft, request_enroll, request_leave, request_members, request_remove, request_rotate,
+    AdminCredential, Dialer, EnrollError, EnrollReply, EnrollRequest, JoinCallError, Network,
+    RaftRpcClient, RaftRpcServer, WrongNode,
 };
 pub use reconcile::{reconcile, Reconciled};
 pub use server::{Server, ServerError};

@@ -270,21 +270,53 @@ impl NodeTls {
         Ok(Arc::new(config))
     }
 
+    /// The key this node seals discovery datagrams with, and checks its peers' with: derived
+    /// from the CA key, which every member holds and nobody else does.
+    pub fn discovery_key(&self) -> proto::discovery::DiscoveryKey {
+        proto::discovery::DiscoveryKey::derive(&self.ca.key.serialize_der())
+    }
+
     /// The cluster's current join token.
     pub fn token(&self) -> JoinToken {
         self.token.read().clone()
     }
 
-    /// Replaces the join token's secret (the CA stays) and keeps it on disk.
+    /// Makes `secret` the join token's secret (the CA stays), if it is not already: on disk
+    /// in the node's `tls/token`, then in the cluster directory next to the data dir when that
+    /// holds this cluster's CA (so nodes started later on this machine, and `server token`,
+    /// see it), then in memory. Returns whether anything changed.
     ///
     /// # Errors
-    /// The io error from writing the token file.
-    pub fn set_token(&self, token: JoinToken) -> Result<(), PkiError> {
+    /// The io error from writing a token file; memory is then unchanged, and the next call
+    /// tries again.
+    pub fn adopt_secret(
+        &self,
+        cluster: &str,
+        secret: [u8; tls::SECRET_BYTES],
+    ) -> Result<bool, PkiError> {
+        if self.token.read().secret == secret {
+            return Ok(false);
+        }
+        let token = JoinToken {
+            ca: self.ca.fingerprint(),
+            secret,
+        };
+        let line = format!("{token}\n");
         let path = self.dir.join(TLS_DIR).join(TOKEN_FILE);
-        atomic_file::write_private(&path, format!("{token}\n").as_bytes())
-            .map_err(io_error("write", &path))?;
+        atomic_file::write_private(&path, line.as_bytes()).map_err(io_error("write", &path))?;
+        let shared = cluster_dir(&self.dir, cluster);
+        if shared.join(CA_CERT).exists() {
+            let _lock = lock(&shared.join(LOCK_FILE))?;
+            if let Ok(Some((ca, _))) = read_ca(&shared, cluster) {
+                if ca.fingerprint() == token.ca {
+                    let path = shared.join(TOKEN_FILE);
+                    atomic_file::write_private(&path, line.as_bytes())
+                        .map_err(io_error("write", &path))?;
+                }
+            }
+        }
         *self.token.write() = token;
-        Ok(())
+        Ok(true)
     }
 
     /// Builds the configurations for node certificate `cert` (with key `key`) from `ca`.

@@ -43,6 +43,7 @@ use crate::admin::{Admin, Contacts, LeaveReply, LeaveRequest, MemberInfo, Member
 use crate::cluster::{
     self, JoinError, JoinReply, JoinRequest, LeaderContact, RemoveReply, RemoveRequest,
 };
+use crate::join_secret::{self, RotateRequest};
 use crate::leader_watch::{InboundConn, LeaderWatch};
 use crate::pki::{NodeTls, RemotePublicKey};
 use crate::raft::Raft;
@@ -189,6 +190,13 @@ pub trait RaftRpc {
     ) -> Result<Result<LeaveReply, JoinError>, WrongNode>;
     /// A new node with the join token asks for its certificate (see [`EnrollRequest`]).
     async fn enroll(req: EnrollRequest) -> Result<EnrollReply, EnrollError>;
+    /// Asks the leader to replace the join secret; answers the new token (see
+    /// `join_secret::handle_rotate`).
+    async fn rotate_token(
+        to: NodeId,
+        admin: AdminCredential,
+        req: RotateRequest,
+    ) -> Result<Result<String, JoinError>, WrongNode>;
 }
 
 /// What the membership rule needs to know of the receiver.
@@ -528,6 +536,18 @@ impl RaftRpc for RaftRpcServer {
     ) -> Result<EnrollReply, EnrollError> {
         self.handle_enroll(&req)
     }
+
+    async fn rotate_token(
+        self,
+        _: context::Context,
+        to: NodeId,
+        admin: AdminCredential,
+        req: RotateRequest,
+    ) -> Result<Result<String, JoinError>, WrongNode> {
+        self.check_admin(to, &admin)?;
+        tracing::info!("join secret rotation requested");
+        Ok(join_secret::handle_rotate(&self.raft, &self.cluster, &self.tls, &req).await)
+    }
 }
 
 /// How long a join request may take (adding a learner commits a membership entry).
@@ -637,6 +657,24 @@ pub async fn request_members(
 ) -> Result<Vec<MemberInfo>, JoinCallError> {
     admin_call(dialer, addr, to, JOIN_TIMEOUT, |client, ctx| async move {
         client.members(ctx, to, admin, request).await
+    })
+    .await
+}
+
+/// Asks node `to` (the leader) at `addr` to rotate the join secret, proving the current
+/// token's admin credential; answers the new token.
+///
+/// # Errors
+/// [`JoinCallError`] saying why there was no rotation; `NotLeader` names the leader to ask.
+pub async fn request_rotate(
+    dialer: &Dialer,
+    admin: AdminCredential,
+    addr: SocketAddr,
+    to: NodeId,
+    request: RotateRequest,
+) -> Result<String, JoinCallError> {
+    admin_call(dialer, addr, to, JOIN_TIMEOUT, |client, ctx| async move {
+        client.rotate_token(ctx, to, admin, request).await
     })
     .await
 }
