@@ -343,6 +343,225 @@ async fn a_node_on_another_machine_joins_with_the_token_and_only_with_it() -> an
     Ok(())
 }
 
+/// Plays a stranger on the discovery port until `stop`: announces, by broadcast and in answer to
+/// every probe, a leader of a huge term with the lowest possible id, and a fresh node below
+/// every real id, both at `addr` (a listener the test watches).
+fn forge_announcements(
+    cluster: &TestCluster,
+    addr: std::net::SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use proto::discovery::{DiscoverySocket, Packet, DEFAULT_BROADCAST};
+    let socket = DiscoverySocket::bind(
+        cluster.discovery_port,
+        DEFAULT_BROADCAST,
+        cluster.cluster.clone(),
+    )?;
+    let forged = |node_id: u64, role: Role, term: u64| {
+        Packet::Announce(NodeAnnounce {
+            cluster: cluster.cluster.clone(),
+            node_id,
+            client_addr: addr,
+            raft_addr: addr,
+            metrics_addr: addr,
+            role,
+            leader: (role == Role::Leader).then_some(node_id),
+            term,
+            applied: 1 << 40,
+            voter: true,
+            started_ms: 1,
+            name: format!("forged-{node_id}"),
+        })
+    };
+    let packets = [
+        forged(1, Role::Leader, 1_000_000),
+        forged(0, Role::Follower, 0),
+    ];
+    Ok(tokio::spawn(async move {
+        // Bounded: a test that forgets to stop it still ends.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+            for packet in &packets {
+                let _ = socket.send_broadcast(packet).await;
+            }
+            let wait = tokio::time::timeout(Duration::from_millis(100), socket.recv()).await;
+            if let Ok(Ok((Packet::Probe { .. }, from))) = wait {
+                for packet in &packets {
+                    let _ = socket.send_to(packet, from).await;
+                }
+            }
+        }
+    }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_announcements_neither_stop_formation_nor_capture_a_client() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::new("forged-announce", &[])?;
+    let trap = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let trap_addr = trap.local_addr()?;
+    let dialed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = {
+        let dialed = dialed.clone();
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = trap.accept().await {
+                dialed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                drop(conn);
+            }
+        })
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let forger = forge_announcements(&cluster, trap_addr, stop.clone())?;
+    for _ in 0..3 {
+        cluster.spawn_node()?;
+    }
+    for node in &mut cluster.nodes {
+        node.wait_ready(READY)?;
+    }
+    // The real nodes form one cluster among themselves while the forger announces.
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let heard = cluster.discover(Duration::from_millis(400)).await?;
+        let real: Vec<&NodeAnnounce> = heard.iter().filter(|a| a.raft_addr != trap_addr).collect();
+        let leaders: Vec<u64> = real
+            .iter()
+            .filter(|a| a.role == Role::Leader)
+            .map(|a| a.node_id)
+            .collect();
+        let formed = real.len() == 3
+            && leaders.len() == 1
+            && real.iter().all(|a| a.leader == Some(leaders[0]) && a.voter);
+        if formed {
+            assert!(
+                heard.iter().any(|a| a.raft_addr == trap_addr),
+                "the forger was heard"
+            );
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no cluster formed under forged announcements: {real:#?}"
+        );
+    }
+    assert_eq!(
+        dialed.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "a node acted on a forged announcement"
+    );
+
+    // A client and the operator tools get past the forger (one refused handshake each).
+    let token: JoinToken = cluster.token()?.parse()?;
+    let home = tempfile::tempdir()?;
+    let mut config = client_config(&cluster, home.path());
+    config.token = Some(token);
+    let client = Client::connect(config).await?;
+    client.send("general", b"past the forger".to_vec()).await?;
+    let members = members_json(&cluster)?;
+    assert_eq!(members.len(), 3, "{members:?}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    forger.await?;
+    counter.abort();
+    assert!(
+        term(&cluster).await? < 1_000_000,
+        "no node took the forged term"
+    );
+    Ok(())
+}
+
+/// The token file a node keeps in its data dir.
+fn node_token(dir: &std::path::Path) -> String {
+    std::fs::read_to_string(dir.join("tls").join("token"))
+        .map_or_else(|_| String::new(), |t| t.trim().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_token_keeps_every_member_and_only_it_admits() -> anyhow::Result<()> {
+    let mut cluster = converged("token-rotate", 3).await?;
+    let old = cluster.token()?;
+    // A member that is down during the rotation learns the new secret from the log.
+    cluster.nodes[2].kill9();
+
+    let output = cluster.admin(&["token", "--rotate"])?;
+    let stdout = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    anyhow::ensure!(
+        output.status.success(),
+        "token --rotate failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let new: JoinToken = stdout.parse()?;
+    let old_parsed: JoinToken = old.parse()?;
+    assert_eq!(new.ca, old_parsed.ca, "a rotation keeps the CA");
+    assert_ne!(new.secret, old_parsed.secret);
+    let new = new.to_string();
+
+    cluster.restart(2, READY)?;
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let tokens: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| node_token(n.data_dir()))
+            .collect();
+        if tokens.iter().all(|t| *t == new) && cluster.token()? == new {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the members did not all take the new token: {tokens:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(members_json(&cluster)?.len(), 3, "every member stays");
+
+    // The old token no longer works for operator commands, the new one does.
+    let refused = cluster.admin(&["members", "--json", "--token", &old])?;
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("admin credential"), "{stderr}");
+    let accepted = cluster.admin(&["members", "--json", "--token", &new])?;
+    assert!(
+        accepted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&accepted.stderr)
+    );
+
+    // Nor for joining; the new one admits a node from another machine.
+    let elsewhere = tempfile::tempdir()?;
+    let mut stale = cluster.spawn_outside(&elsewhere.path().join("stale"), &["--token", &old])?;
+    let status = stale
+        .wait_exit(Duration::from_secs(30))
+        .ok_or_else(|| anyhow::anyhow!("a node with the old token kept running"))?;
+    assert!(!status.success());
+    assert!(
+        stale.log_tail(20).contains("secret is wrong"),
+        "{}",
+        stale.log_tail(20)
+    );
+    let mut joiner = cluster.spawn_outside(
+        &elsewhere.path().join("node-1"),
+        &["--token", &new, "--name", "far"],
+    )?;
+    joiner.wait_ready(READY)?;
+    let deadline = Instant::now() + CONVERGE;
+    while members_json(&cluster)?.len() != 4 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the joiner with the new token never became a member"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(node_token(&elsewhere.path().join("node-1")), new);
+
+    // Clients keep their pin: the CA did not change.
+    let home = tempfile::tempdir()?;
+    let mut config = client_config(&cluster, home.path());
+    config.token = Some(old_parsed);
+    let client = Client::connect(config).await?;
+    client
+        .send("general", b"after the rotation".to_vec())
+        .await?;
+    Ok(())
+}
+
 fn client_config(cluster: &TestCluster, config_dir: &std::path::Path) -> ClientConfig {
     // One key for every client of a test: a name stays bound to the key that registered it.
     static ALICE: std::sync::OnceLock<Identity> = std::sync::OnceLock::new();

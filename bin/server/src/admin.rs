@@ -1,5 +1,5 @@
-//! The operator subcommands: `status` (what discovery hears), and `members`, `remove-node` and
-//! `leave`, which go over the Raft RPC admin path to the leader (found through discovery,
+//! The operator subcommands: `status` (what discovery hears), `token`, and `members`,
+//! `remove-node`, `leave` and `token --rotate`, which go over the Raft RPC admin path to the leader (found through discovery,
 //! following NotLeader hints) or to the node that leaves.
 
 use std::collections::BTreeMap;
@@ -64,6 +64,14 @@ pub(crate) struct TokenArgs {
     /// --data-root).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Replace the secret (the CA stays, so members and clients are unaffected) through the
+    /// running cluster's leader, and print the new token. The old token stops working for
+    /// joining and for operator commands; nodes keep the new one in their data dirs.
+    #[arg(long)]
+    rotate: bool,
+    /// With --rotate: how long to listen for the cluster's announcements, in ms.
+    #[arg(long, default_value_t = 1000, requires = "rotate")]
+    wait_ms: u64,
 }
 
 /// What an operator command proves itself with: the admin credential derived from the join
@@ -102,18 +110,37 @@ fn auth(net: &NetArgs, data_dir: Option<&Path>) -> anyhow::Result<Auth> {
     })
 }
 
-pub(crate) fn token(net: &NetArgs, args: &TokenArgs) -> anyhow::Result<()> {
-    let token = find_token(net, args.data_dir.as_deref())?;
+pub(crate) async fn token(net: &NetArgs, args: &TokenArgs) -> anyhow::Result<()> {
+    if !args.rotate {
+        let token = find_token(net, args.data_dir.as_deref())?;
+        println!("{token}");
+        return Ok(());
+    }
+    let auth = auth(net, args.data_dir.as_deref())?;
+    let (leader, addr, _) = leader_members(net, &auth, args.wait_ms).await?;
+    let request = node::RotateRequest {
+        cluster: net.cluster.clone(),
+    };
+    let token = node::request_rotate(&auth.dialer, auth.admin, addr, leader, request)
+        .await
+        .with_context(|| {
+            format!("rotating the join secret through leader {leader} (the old token still works)")
+        })?;
     println!("{token}");
     Ok(())
 }
 
-/// Every node of the cluster that answers a discovery probe within `wait_ms`, by id.
-async fn discover(
-    net: &NetArgs,
-    join: &[SocketAddr],
-    wait_ms: u64,
-) -> anyhow::Result<BTreeMap<u64, NodeAnnounce>> {
+/// Announcements heard, by node id and Raft address: unauthenticated, so one id may be
+/// claimed at several addresses, and each is kept until a handshake tells them apart.
+type Heard = BTreeMap<(u64, SocketAddr), NodeAnnounce>;
+
+/// An announcement heard from node `id` (the first, if several claim it).
+fn heard_as(nodes: &Heard, id: u64) -> Option<&NodeAnnounce> {
+    nodes.values().find(|a| a.node_id == id)
+}
+
+/// Every node of the cluster that answers a discovery probe within `wait_ms`.
+async fn discover(net: &NetArgs, join: &[SocketAddr], wait_ms: u64) -> anyhow::Result<Heard> {
     let socket = DiscoverySocket::ephemeral(net.discovery_port, net.broadcast, net.cluster.clone())
         .context("opening a discovery socket")?;
     let nonce: u64 = rand::random();
@@ -132,11 +159,11 @@ async fn discover(
             .await
             .with_context(|| format!("probing {addr}"))?;
     }
-    let mut nodes: BTreeMap<u64, NodeAnnounce> = Default::default();
+    let mut nodes: Heard = Default::default();
     let deadline = Instant::now() + Duration::from_millis(wait_ms);
     while let Ok(received) = tokio::time::timeout_at(deadline.into(), socket.recv()).await {
         if let Ok((Packet::Announce(a), _)) = received {
-            nodes.insert(a.node_id, a);
+            nodes.insert((a.node_id, a.raft_addr), a);
         }
     }
     Ok(nodes)
@@ -154,24 +181,28 @@ async fn leader_members(
     let mut nodes = discover(net, &join, wait_ms).await?;
     let mut last = String::from("no node answered");
     loop {
-        let mut target = announced_leader(&nodes);
-        // Each hint names a node that knows a newer leader; a few hops settle it.
-        for _ in 0..5 {
-            let Some((id, addr)) = target else { break };
-            let request = node::MembersRequest {
-                cluster: net.cluster.clone(),
-            };
-            match node::request_members(&auth.dialer, auth.admin, addr, id, request).await {
-                Ok(members) => return Ok((id, addr, members)),
-                Err(JoinCallError::Refused(JoinError::NotLeader { leader: Some(l) }))
-                    if l != id =>
-                {
-                    last = format!("node {id} is not the leader; it names {l}");
-                    target = nodes.get(&l).map(|a| (l, a.raft_addr));
-                }
-                Err(e) => {
-                    last = format!("asking node {id} at {addr}: {e}");
-                    break;
+        // Anyone can announce anything: a candidate that fails the pinned handshake costs one
+        // attempt, and the next one is tried.
+        for start in candidates(&nodes) {
+            let mut target = Some(start);
+            // Each hint names a node that knows a newer leader; a few hops settle it.
+            for _ in 0..5 {
+                let Some((id, addr)) = target else { break };
+                let request = node::MembersRequest {
+                    cluster: net.cluster.clone(),
+                };
+                match node::request_members(&auth.dialer, auth.admin, addr, id, request).await {
+                    Ok(members) => return Ok((id, addr, members)),
+                    Err(JoinCallError::Refused(JoinError::NotLeader { leader: Some(l) }))
+                        if l != id =>
+                    {
+                        last = format!("node {id} is not the leader; it names {l}");
+                        target = heard_as(&nodes, l).map(|a| (l, a.raft_addr));
+                    }
+                    Err(e) => {
+                        last = format!("asking node {id} at {addr}: {e}");
+                        break;
+                    }
                 }
             }
         }
@@ -190,13 +221,12 @@ async fn leader_members(
     }
 }
 
-/// The node discovery shows as leader with the highest term.
-fn announced_leader(nodes: &BTreeMap<u64, NodeAnnounce>) -> Option<(u64, SocketAddr)> {
-    nodes
-        .values()
-        .filter(|a| a.role == proto::Role::Leader)
-        .max_by_key(|a| a.term)
-        .map(|a| (a.node_id, a.raft_addr))
+/// Every node discovery heard, in the order to ask: announced leaders by highest term, then
+/// the others.
+fn candidates(nodes: &Heard) -> Vec<(u64, SocketAddr)> {
+    let mut order: Vec<&NodeAnnounce> = nodes.values().collect();
+    order.sort_by_key(|a| (a.role != proto::Role::Leader, std::cmp::Reverse(a.term)));
+    order.iter().map(|a| (a.node_id, a.raft_addr)).collect()
 }
 
 /// How a member is shown: its name, or its id when it has none.
@@ -384,7 +414,7 @@ pub(crate) async fn status(net: &NetArgs, args: &StatusArgs) -> anyhow::Result<(
         );
     }
     // Names only: ids are in the JSON; a leader discovery does not hear is shown by its id.
-    let name_of = |id: u64| nodes.get(&id).map_or(id.to_string(), |a| a.name.clone());
+    let name_of = |id: u64| heard_as(&nodes, id).map_or(id.to_string(), |a| a.name.clone());
     println!(
         "{:<20} {:<9} {:<6} {:<22} {:<22} {:<22} {:>6} {:>10} {:<20}",
         "name", "role", "voter", "client", "raft", "metrics", "term", "applied", "leader"

@@ -32,6 +32,7 @@ use crate::enroll::{self, EnrollFailed};
 use crate::fd_limit;
 use crate::formation::Formation;
 use crate::handover::{self, DiskWatchdog, WriteGate};
+use crate::join_secret;
 use crate::log_store::{AckPolicy, LogStore, WAL_DIR};
 use crate::metrics::{self, DiskPaths, Metrics, NodeInfo, StorageMetrics};
 use crate::pki::{self, NodeTls, PkiError, Settled};
@@ -363,7 +364,16 @@ impl Server {
         }
         let chat = state_machine.chat().clone();
         let delivery = Delivery::new(chat.applied_index().map_or(0, |i| i.0));
-        chat.set_apply_listener(delivery.listener());
+        let secret_changed = Arc::new(tokio::sync::Notify::new());
+        chat.set_apply_listener({
+            let (deliver, secret_changed) = (delivery.listener(), secret_changed.clone());
+            Box::new(move |event| {
+                deliver(event);
+                if event.join_secret_changed {
+                    secret_changed.notify_one();
+                }
+            })
+        });
         let network = Network::new(tls.peer_client.clone());
         let contacts = network.contacts();
         let snapshots = SnapshotReceiver::new(state_machine.clone());
@@ -412,6 +422,12 @@ impl Server {
             weaken: config.weaken,
         });
 
+        let follow_secret = join_secret::follow(
+            tls.clone(),
+            shared.chat.clone(),
+            config.cluster.clone(),
+            secret_changed,
+        );
         let pings = ping_responder(listeners.client_local, &config.cluster);
         let push_runtime = PushRuntime::start().map_err(ServerError::Threads)?;
         let data_dir = Arc::new(data_dir);
@@ -461,6 +477,7 @@ impl Server {
                 push_runtime.handle(),
                 ConnLimiter::observed(client_limits, metrics.refusal_observer("client")),
             ),
+            tokio::spawn(follow_secret),
             tokio::spawn(metrics::count_leader_changes(
                 metrics.clone(),
                 raft.metrics(),
@@ -487,7 +504,8 @@ impl Server {
                 pings, id, raft, delivery,
             )));
         }
-        // Discovery listens on the node's own interface only (see `DiscoverySocket::bind_on`).
+        // Discovery listens on the node's own interface only (see `DiscoverySocket::bind_on`),
+        // and believes only announcements sealed by a member.
         let socket = DiscoverySocket::bind_on(
             config.bind_host,
             config.discovery_port,
@@ -498,7 +516,8 @@ impl Server {
             what: "discovery",
             addr: SocketAddr::new(config.bind_host, config.discovery_port),
             source,
-        })?;
+        })?
+        .sealed_with(tls.discovery_key());
         let started_ms = now_ms();
         let announce_raft = raft.clone();
         let cluster_name = config.cluster.clone();

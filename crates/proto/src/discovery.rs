@@ -7,10 +7,23 @@
 //! |---------|----------|-------------------------------------------|
 //! | magic   | 4 bytes  | [`MAGIC`], `b"CCHT"`                      |
 //! | version | 2 bytes  | little-endian u16, [`DISCOVERY_VERSION`]  |
+//! | sent_ms | 8 bytes  | little-endian u64, the sender's clock; 0 when unsealed |
+//! | tag     | 32 bytes | HMAC-SHA256 of every other byte under the [`DiscoveryKey`]; zeros when unsealed |
 //! | body    | the rest | postcard-encoded [`Packet`], no trailing bytes |
 //!
 //! A whole datagram is at most [`PACKET_BYTES_MAX`] bytes, which fits one Ethernet frame, so it
 //! is never fragmented. There is no checksum beyond UDP's own: a damaged body fails to decode.
+//!
+//! # Sealed announcements
+//!
+//! Anyone who can send a datagram to the port can claim anything in one, and the formation rule
+//! acts on what members announce (join a leader, wait for a lower id). So members seal what
+//! they send with a key only members hold ([`DiscoveryKey`], derived from the cluster CA's
+//! key), and a socket that has the key ([`DiscoverySocket::sealed_with`]) accepts an
+//! [`Packet::Announce`] only when its seal verifies and its `sent_ms` is within
+//! [`SEAL_AGE_MAX_MS`] of the receiver's clock (a captured announcement replays for two
+//! minutes at most). Clients, admin tools and enrolling nodes hold no key: to them an
+//! announcement is a hint, and the TLS handshake that follows proves (or refutes) it.
 //!
 //! # Sockets
 //!
@@ -60,7 +73,9 @@ pub const MAGIC: [u8; 4] = *b"CCHT";
 /// a struct changes the layout of every packet holding it; a version 1 node drops version 2
 /// datagrams (and the reverse) with a log line instead of misreading them. Nodes of one
 /// cluster run one release: the Raft RPC's member record changed in the same release.
-pub const DISCOVERY_VERSION: u16 = 2;
+///
+/// Version 3 added the seal (`sent_ms` and `tag`) after the version.
+pub const DISCOVERY_VERSION: u16 = 3;
 /// Largest discovery datagram, header included, in bytes.
 pub const PACKET_BYTES_MAX: usize = 1400;
 /// Well-known UDP port that nodes share for discovery.
@@ -71,8 +86,74 @@ pub const DEFAULT_BROADCAST: Ipv4Addr = Ipv4Addr::new(127, 255, 255, 255);
 /// Receive buffer asked for on a [`PingSocket`], in bytes (4 MiB).
 const PING_RECV_BUFFER_BYTES: usize = 4 << 20;
 
-/// Bytes before the postcard body: magic and version.
-const HEADER_LEN: usize = MAGIC.len() + 2;
+/// Bytes of the version field's end: magic and version.
+const VERSION_END: usize = MAGIC.len() + 2;
+/// Bytes of the seal: `sent_ms` and the tag.
+const SEAL_LEN: usize = 8 + TAG_LEN;
+const TAG_LEN: usize = 32;
+/// Bytes before the postcard body: magic, version and seal.
+const HEADER_LEN: usize = VERSION_END + SEAL_LEN;
+/// How far a sealed announcement's `sent_ms` may be from the receiver's clock, either way:
+/// longer than any sane clock skew between members, short enough that a replay goes stale.
+pub const SEAL_AGE_MAX_MS: u64 = 120_000;
+
+/// The key members seal discovery datagrams with. Its `Debug` never shows it.
+#[derive(Clone)]
+pub struct DiscoveryKey(ring::hmac::Key);
+
+impl std::fmt::Debug for DiscoveryKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DiscoveryKey(..)")
+    }
+}
+
+impl DiscoveryKey {
+    /// The key derived from `material`, a secret every member holds (the cluster CA's key).
+    pub fn derive(material: &[u8]) -> DiscoveryKey {
+        use sha2::Digest as _;
+        let mut hash = sha2::Sha256::new();
+        hash.update(b"cellchat discovery key v1\0");
+        hash.update(material);
+        DiscoveryKey(ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            &hash.finalize(),
+        ))
+    }
+
+    /// The tag over a datagram's bytes, the tag field excluded.
+    fn tag(&self, datagram: &[u8]) -> ring::hmac::Tag {
+        let mut context = ring::hmac::Context::with_key(&self.0);
+        context.update(&datagram[..VERSION_END + 8]);
+        context.update(&datagram[HEADER_LEN..]);
+        context.sign()
+    }
+}
+
+/// Whether `datagram` carries a seal made with `key` at a time within [`SEAL_AGE_MAX_MS`] of
+/// `now_ms`. The tag is compared in constant time.
+pub fn is_sealed_by(datagram: &[u8], key: &DiscoveryKey, now_ms: u64) -> bool {
+    if datagram.len() < HEADER_LEN {
+        return false;
+    }
+    let sent_ms = u64::from_le_bytes(
+        datagram[VERSION_END..VERSION_END + 8]
+            .try_into()
+            .expect("8 bytes by the length check"),
+    );
+    if sent_ms.abs_diff(now_ms) > SEAL_AGE_MAX_MS {
+        return false;
+    }
+    let expected = key.tag(datagram);
+    let tag = &datagram[VERSION_END + 8..HEADER_LEN];
+    bool::from(subtle::ConstantTimeEq::ct_eq(expected.as_ref(), tag))
+}
+
+/// Milliseconds since the Unix epoch by this machine's clock (0 if it is before 1970).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 
 /// What a node tells others about itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -259,16 +340,42 @@ pub enum DecodeError {
 ///
 /// [`EncodeError::TooLarge`] when the datagram would exceed [`PACKET_BYTES_MAX`].
 pub fn encode(packet: &Packet) -> Result<Vec<u8>, EncodeError> {
-    let mut bytes = Vec::with_capacity(128);
+    encode_with(packet, None)
+}
+
+/// Encodes `packet` as one datagram sealed with `key` at `now_ms`.
+///
+/// # Errors
+///
+/// As [`encode`].
+pub fn encode_sealed(
+    packet: &Packet,
+    key: &DiscoveryKey,
+    now_ms: u64,
+) -> Result<Vec<u8>, EncodeError> {
+    encode_with(packet, Some((key, now_ms)))
+}
+
+fn encode_with(
+    packet: &Packet,
+    seal: Option<(&DiscoveryKey, u64)>,
+) -> Result<Vec<u8>, EncodeError> {
+    let mut bytes = Vec::with_capacity(160);
     bytes.extend_from_slice(&MAGIC);
     bytes.extend_from_slice(&DISCOVERY_VERSION.to_le_bytes());
-    let bytes = postcard::to_extend(packet, bytes)
+    bytes.extend_from_slice(&seal.map_or(0, |(_, now_ms)| now_ms).to_le_bytes());
+    bytes.extend_from_slice(&[0; TAG_LEN]);
+    let mut bytes = postcard::to_extend(packet, bytes)
         .expect("postcard cannot fail on Packet: every field has a known length");
     if bytes.len() > PACKET_BYTES_MAX {
         return Err(EncodeError::TooLarge {
             len: bytes.len(),
             max: PACKET_BYTES_MAX,
         });
+    }
+    if let Some((key, _)) = seal {
+        let tag = key.tag(&bytes);
+        bytes[VERSION_END + 8..HEADER_LEN].copy_from_slice(tag.as_ref());
     }
     Ok(bytes)
 }
@@ -285,7 +392,7 @@ pub fn decode(bytes: &[u8]) -> Result<Packet, DecodeError> {
             max: PACKET_BYTES_MAX,
         });
     }
-    let (Some(magic), Some(version)) = (bytes.get(..4), bytes.get(4..HEADER_LEN)) else {
+    let (Some(magic), Some(version)) = (bytes.get(..4), bytes.get(4..VERSION_END)) else {
         return Err(DecodeError::TooShort { len: bytes.len() });
     };
     if magic != MAGIC {
@@ -299,6 +406,9 @@ pub fn decode(bytes: &[u8]) -> Result<Packet, DecodeError> {
             found,
             ours: DISCOVERY_VERSION,
         });
+    }
+    if bytes.len() < HEADER_LEN {
+        return Err(DecodeError::TooShort { len: bytes.len() });
     }
     let (packet, rest) =
         postcard::take_from_bytes::<Packet>(&bytes[HEADER_LEN..]).map_err(|e| {
@@ -332,6 +442,8 @@ pub struct DiscoverySocket {
     broadcasts: Option<UdpSocket>,
     broadcast: SocketAddrV4,
     cluster: String,
+    /// Seals what this socket sends, and admits only sealed announcements.
+    key: Option<DiscoveryKey>,
 }
 
 impl DiscoverySocket {
@@ -449,7 +561,15 @@ impl DiscoverySocket {
             broadcasts: None,
             broadcast,
             cluster,
+            key: None,
         })
+    }
+
+    /// This socket, sealing every datagram it sends with `key` and dropping every announcement
+    /// not sealed with it (see "Sealed announcements" in the module doc). For members.
+    pub fn sealed_with(mut self, key: DiscoveryKey) -> Self {
+        self.key = Some(key);
+        self
     }
 
     /// The bound address (`0.0.0.0:port`, or the host's with [`bind_on`](Self::bind_on)).
@@ -490,7 +610,11 @@ impl DiscoverySocket {
         if let IpAddr::V4(ip) = addr.ip() {
             check_not_limited_broadcast(ip)?;
         }
-        let bytes = encode(packet).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let bytes = match &self.key {
+            Some(key) => encode_sealed(packet, key, now_ms()),
+            None => encode(packet),
+        };
+        let bytes = bytes.map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let sent = self.socket.send_to(&bytes, addr).await?;
         // UDP sends whole datagrams or fails; a short count would be a kernel contract breach.
         assert_eq!(sent, bytes.len(), "short UDP send");
@@ -545,7 +669,14 @@ impl DiscoverySocket {
                 Some(theirs) if theirs != self.cluster => {
                     debug!(%from, cluster = theirs, "dropped discovery packet of another cluster");
                 }
-                _ => return Ok((packet, from)),
+                _ => match (&self.key, &packet) {
+                    (Some(key), Packet::Announce(a))
+                        if !is_sealed_by(&buf[..len], key, now_ms()) =>
+                    {
+                        debug!(%from, node = a.node_id, "dropped an announcement without a member's seal");
+                    }
+                    _ => return Ok((packet, from)),
+                },
             }
         }
     }
@@ -714,8 +845,43 @@ mod tests {
     fn with_header(body: &[u8]) -> Vec<u8> {
         let mut bytes = MAGIC.to_vec();
         bytes.extend_from_slice(&DISCOVERY_VERSION.to_le_bytes());
+        bytes.extend_from_slice(&[0; SEAL_LEN]);
         bytes.extend_from_slice(body);
         bytes
+    }
+
+    #[test]
+    fn a_seal_verifies_only_with_its_key_unchanged_and_fresh() {
+        let key = DiscoveryKey::derive(b"members' secret");
+        let now = 1_800_000_000_000;
+        let packet = Packet::Announce(announce("c"));
+        let sealed = encode_sealed(&packet, &key, now).expect("encode");
+        assert_eq!(decode(&sealed), Ok(packet.clone()));
+        assert!(is_sealed_by(&sealed, &key, now));
+        assert!(is_sealed_by(&sealed, &key, now + SEAL_AGE_MAX_MS));
+        assert!(
+            !is_sealed_by(&sealed, &key, now + SEAL_AGE_MAX_MS + 1),
+            "stale"
+        );
+        assert!(
+            !is_sealed_by(&sealed, &key, now - SEAL_AGE_MAX_MS - 1),
+            "from the future"
+        );
+        let other = DiscoveryKey::derive(b"a stranger's guess");
+        assert!(!is_sealed_by(&sealed, &other, now));
+        let unsealed = encode(&packet).expect("encode");
+        assert!(!is_sealed_by(&unsealed, &key, now));
+        assert!(!is_sealed_by(&unsealed, &key, 0));
+        for at in 0..sealed.len() {
+            let mut flipped = sealed.clone();
+            flipped[at] ^= 1;
+            assert!(
+                !is_sealed_by(&flipped, &key, now),
+                "a flip at byte {at} kept the seal"
+            );
+        }
+        assert!(!is_sealed_by(&sealed[..HEADER_LEN - 1], &key, now));
+        assert_eq!(format!("{key:?}"), "DiscoveryKey(..)");
     }
 
     #[test]
@@ -933,15 +1099,24 @@ mod tests {
 
     #[test_case(&[] => DecodeError::TooShort { len: 0 }; "empty")]
     #[test_case(b"CCHT\x01" => DecodeError::TooShort { len: 5 }; "header cut")]
+    #[test_case(b"CCHT\x03\x00\x00" => DecodeError::TooShort { len: 7 }; "seal cut")]
     #[test_case(b"XXXX\x01\x00\x02\x01\x02" => DecodeError::BadMagic { found: *b"XXXX" }; "magic")]
     #[test_case(b"CCHT\x01\x00\x02\x01\x02" =>
-        DecodeError::UnsupportedVersion { found: 1, ours: 2 }; "the version before names")]
-    #[test_case(b"CCHT\x03\x00\x02\x01\x02" =>
-        DecodeError::UnsupportedVersion { found: 3, ours: 2 }; "a later version")]
-    #[test_case(b"CCHT\x02\x00\x02\x01\x02\xff" => DecodeError::TrailingBytes { count: 1 };
-        "trailing")]
+        DecodeError::UnsupportedVersion { found: 1, ours: 3 }; "the version before names")]
+    #[test_case(b"CCHT\x02\x00\x02\x01\x02" =>
+        DecodeError::UnsupportedVersion { found: 2, ours: 3 }; "the version before seals")]
+    #[test_case(b"CCHT\x04\x00\x02\x01\x02" =>
+        DecodeError::UnsupportedVersion { found: 4, ours: 3 }; "a later version")]
     fn decode_errors(bytes: &[u8]) -> DecodeError {
         decode(bytes).expect_err("must not decode")
+    }
+
+    #[test]
+    fn decode_refuses_trailing_bytes() {
+        assert_eq!(
+            decode(&with_header(b"\x02\x01\x02\xff")),
+            Err(DecodeError::TrailingBytes { count: 1 })
+        );
     }
 
     #[test_case(&[]; "empty body")]
