@@ -274,3 +274,108 @@ async fn limits_metrics_need_the_bearer_token_on_the_metrics_bind_address() -> a
     assert!(!cluster.nodes[0].log_tail(100_000).contains(TOKEN));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_a_push_connection_that_stops_reading_pins_a_bounded_number_of_batches(
+) -> anyhow::Result<()> {
+    use futures::{SinkExt as _, StreamExt as _};
+    use proto::push::{self, ClientFrame, PushHello, ServerFrame, Subscribe};
+    const CHANNELS: u64 = 32;
+    const PER_CHANNEL: u64 = 70;
+    let rates = ["--user-rate", "100000", "--user-burst", "100000", "--conn-rate", "100000"];
+    let cluster = one_node("limits-push-budget", &rates)?;
+    let ready = ready(&cluster)?;
+    let metric = |text: &str, name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+
+    // About 1.1 MiB in each channel: two batches of at most 1 MiB each.
+    let home = tempfile::tempdir()?;
+    let client = cellchat_client::Client::connect(cellchat_client::ClientConfig {
+        identity: Some(cellchat_client::Identity::ephemeral("filler", None)),
+        config_dir: Some(home.path().to_path_buf()),
+        token: Some(cluster.token()?.parse()?),
+        ..cellchat_client::ClientConfig::new(cluster.cluster.clone(), cluster.discovery_port)
+    })
+    .await?;
+    let sends = (0..CHANNELS * PER_CHANNEL).map(|i| {
+        let client = client.clone();
+        async move {
+            client
+                .send(&format!("c{}", i % CHANNELS), vec![b'x'; 16_000])
+                .await
+        }
+    });
+    let results: Vec<_> = futures::stream::iter(sends)
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    for result in results {
+        result?;
+    }
+    let (_, before) = get(ready.metrics, "/metrics", "").await?;
+    let encoded_before = metric(&before, "cellchat_push_batches_encoded_total");
+
+    // A push client with a small receive window subscribes to every channel, then reads nothing.
+    let socket = TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(64 << 10)?;
+    let stream = socket.connect(ready.client).await?;
+    let verifier = proto::tls::CaVerifier::new(proto::tls::Trust::FirstUse);
+    let config = proto::tls::client_config(verifier, proto::tls::ALPN_PUSH);
+    let mut tls = proto::handshake(stream, config, proto::tls::any_node()).await?;
+    tls.write_all(&push::PUSH_MAGIC).await?;
+    let mut frames =
+        tarpc::tokio_util::codec::Framed::new(tls, push::frame_codec(proto::FRAME_BYTES_MAX));
+    let hello = push::encode_frame(&ClientFrame::Hello(PushHello::new(
+        cluster.cluster.clone(),
+        None,
+    )));
+    frames.send(hello.slice(push::LENGTH_BYTES..)).await?;
+    for sub_id in 0..CHANNELS {
+        let subscribe = ClientFrame::Subscribe(Subscribe {
+            sub_id,
+            channel: format!("c{sub_id}"),
+            after_seq: 0,
+            read_token: 0,
+        });
+        frames
+            .send(push::encode_frame(&subscribe).slice(push::LENGTH_BYTES..))
+            .await?;
+    }
+    let deadline = Instant::now() + CLOSE_BOUND;
+    loop {
+        let (_, text) = get(ready.metrics, "/metrics", "").await?;
+        if metric(&text, "cellchat_push_subscriptions") == CHANNELS {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the subscriptions never opened");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, stalled) = get(ready.metrics, "/metrics", "").await?;
+    let built = metric(&stalled, "cellchat_push_batches_encoded_total") - encoded_before;
+    // What the socket buffers took (the node's send buffer is at most 4 MiB) plus the 4 MiB
+    // budget; without a budget every subscription builds its first batch at once.
+    assert!(
+        (1..=12).contains(&built),
+        "{built} batches of 1 MiB built for a connection that reads nothing"
+    );
+
+    // Reading again, every message arrives.
+    let mut delivered = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while delivered < CHANNELS * PER_CHANNEL {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let frame = tokio::time::timeout(left, frames.next())
+            .await
+            .context("not every message arrived")?
+            .context("the node closed the connection")??;
+        if let ServerFrame::Batch { batch, .. } = push::decode_server_frame(&frame)? {
+            delivered += batch.messages.len() as u64;
+        }
+    }
+    assert_eq!(delivered, CHANNELS * PER_CHANNEL);
+    Ok(())
+}

@@ -3,8 +3,10 @@
 //!
 //! Per connection, one task reads client frames and sends heartbeats, and one task per
 //! subscription writes its batches; all frames go through one [`Out`], a lock around the
-//! socket's write half, so a frame is always written whole. Memory: a subscription holds at most
-//! one batch while its write waits on TCP backpressure, a write slower than [`WRITE_TIMEOUT`]
+//! socket's write half, so a frame is always written whole. Memory: a subscription builds a
+//! batch only after reserving room for it in its connection's byte budget
+//! ([`PUSH_CONNECTION_BYTES_MAX`]) and holds it until written, so a client that stops reading
+//! pins a few MiB however many subscriptions it opened; a write slower than [`WRITE_TIMEOUT`]
 //! closes the connection, and the [`BatchCache`] is bounded per channel.
 
 use std::collections::{HashMap, VecDeque};
@@ -25,7 +27,7 @@ use proto::{ApiError, MessageBatch, RejectReason};
 use tarpc::tokio_util::codec::FramedRead;
 use tokio::io::AsyncWriteExt;
 use tokio::io::WriteHalf;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::api::{
@@ -37,6 +39,14 @@ use crate::metrics::GaugeGuard;
 /// message. Small enough that one slow subscriber's pending batch stays cheap, large enough
 /// that a subscriber catching up moves fast.
 pub const PUSH_BATCH_BYTES_MAX: usize = 1 << 20;
+
+/// Most bytes of batches one push connection holds at once, built and not yet written (4 MiB).
+pub const PUSH_CONNECTION_BYTES_MAX: usize = 4 << 20;
+
+/// What a subscription reserves of its connection's budget before it builds a batch, in KiB:
+/// the batch cap plus room for the encoding's overhead (a cut batch overshoots by at most one
+/// message). What the built batch does not use goes back at once.
+const BATCH_RESERVE_KIB: u32 = (PUSH_BATCH_BYTES_MAX >> 10) as u32 + 64;
 
 /// Most open subscriptions on one push connection (as many as long polls on one tarpc
 /// connection).
@@ -174,6 +184,8 @@ struct Out {
     started: Instant,
     /// Set to true when the connection must close (a write failed or timed out).
     closed: watch::Sender<bool>,
+    /// The connection's byte budget, in KiB permits ([`PUSH_CONNECTION_BYTES_MAX`]).
+    budget: Arc<Semaphore>,
 }
 
 impl Out {
@@ -264,6 +276,7 @@ pub async fn serve_connection(
         last_write_ms: AtomicU64::new(0),
         started: Instant::now(),
         closed,
+        budget: Arc::new(Semaphore::new(PUSH_CONNECTION_BYTES_MAX >> 10)),
     });
     // The client's next frame: `None` when the connection ended, an error to answer when the
     // stream is broken (oversized or cut frames cannot be resynchronized) or undecodable.
@@ -390,12 +403,23 @@ async fn run_subscription(
         heads.borrow_and_update();
         let head = shared.chat.head(&channel).0;
         if head > after {
+            let Ok(mut reserved) = out
+                .budget
+                .clone()
+                .acquire_many_owned(BATCH_RESERVE_KIB)
+                .await
+            else {
+                return;
+            };
             match batch_after(&shared, &channel_cache, &channel, after, head) {
                 Ok(Some(batch)) => {
+                    let kib = batch.body.len().div_ceil(1024).max(1);
+                    drop(reserved.split(reserved.num_permits().saturating_sub(kib)));
                     let frame_head = push::encode_batch_frame(sub_id, &batch.body);
                     if !out.write(frame_head, batch.body.clone()).await {
                         return;
                     }
+                    drop(reserved);
                     shared.metrics.deliveries_total.inc_by(batch.count);
                     after = batch.last;
                     continue;
