@@ -282,7 +282,14 @@ async fn limits_a_push_connection_that_stops_reading_pins_a_bounded_number_of_ba
     use proto::push::{self, ClientFrame, PushHello, ServerFrame, Subscribe};
     const CHANNELS: u64 = 32;
     const PER_CHANNEL: u64 = 70;
-    let rates = ["--user-rate", "100000", "--user-burst", "100000", "--conn-rate", "100000"];
+    let rates = [
+        "--user-rate",
+        "100000",
+        "--user-burst",
+        "100000",
+        "--conn-rate",
+        "100000",
+    ];
     let cluster = one_node("limits-push-budget", &rates)?;
     let ready = ready(&cluster)?;
     let metric = |text: &str, name: &str| -> u64 {

@@ -257,6 +257,37 @@ pub struct RaftRpcServer {
     peer: Option<Arc<CertificateDer<'static>>>,
     /// The node id the certificate was found to name, once a request claimed it.
     peer_id: Arc<std::sync::OnceLock<NodeId>>,
+    /// Paces the warnings about refused requests, shared by every connection.
+    refusals: Arc<WarnGate>,
+}
+
+/// How often a refused request may be logged: anyone can send refused requests, and a flood
+/// of them must not become a flood of log lines.
+const REFUSAL_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// Lets a warning through at most once per [`REFUSAL_WARN_EVERY`], counting the ones held
+/// back in between.
+#[derive(Default)]
+struct WarnGate {
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl WarnGate {
+    /// `Some(held back since the last one)` when this warning may be logged.
+    fn pass(&self) -> Option<u64> {
+        let mut state = self.state.lock();
+        let now = Instant::now();
+        match state.0 {
+            Some(last) if now.duration_since(last) < REFUSAL_WARN_EVERY => {
+                state.1 += 1;
+                None
+            }
+            _ => {
+                state.0 = Some(now);
+                Some(std::mem::take(&mut state.1))
+            }
+        }
+    }
 }
 
 impl RaftRpcServer {
@@ -283,6 +314,7 @@ impl RaftRpcServer {
             conn: InboundConn::default(),
             peer: None,
             peer_id: Arc::default(),
+            refusals: Arc::default(),
         }
     }
 
@@ -300,11 +332,14 @@ impl RaftRpcServer {
     /// once a sender was proven, another one is refused.
     fn authenticate(&self, sender: NodeId) -> Result<(), WrongNode> {
         let refuse = |reason: &str| {
-            tracing::warn!(
-                sender,
-                reason,
-                "raft rpc refused: the peer did not prove its id"
-            );
+            if let Some(held_back) = self.refusals.pass() {
+                tracing::warn!(
+                    sender,
+                    reason,
+                    held_back,
+                    "raft rpc refused: the peer did not prove its id"
+                );
+            }
             Err(WrongNode::Unauthenticated {
                 actual: self.id,
                 reason: reason.to_owned(),
@@ -337,7 +372,9 @@ impl RaftRpcServer {
         if self.tls.token().admin_matches(credential) {
             return Ok(());
         }
-        tracing::warn!("admin rpc refused: wrong admin credential");
+        if let Some(held_back) = self.refusals.pass() {
+            tracing::warn!(held_back, "admin rpc refused: wrong admin credential");
+        }
         Err(WrongNode::Unauthenticated {
             actual: self.id,
             reason: "wrong admin credential (derived from the join token)".into(),
@@ -352,7 +389,13 @@ impl RaftRpcServer {
             });
         }
         if !self.tls.token().secret_matches(&req.secret) {
-            tracing::warn!(node = req.id, "enrollment refused: wrong join secret");
+            if let Some(held_back) = self.refusals.pass() {
+                tracing::warn!(
+                    node = req.id,
+                    held_back,
+                    "enrollment refused: wrong join secret"
+                );
+            }
             return Err(EnrollError::WrongSecret);
         }
         let taken = req.id == self.id
@@ -380,7 +423,9 @@ impl RaftRpcServer {
         if to == self.id {
             Ok(())
         } else {
-            tracing::warn!(wanted = to, "raft rpc addressed to another node");
+            if let Some(held_back) = self.refusals.pass() {
+                tracing::warn!(wanted = to, held_back, "raft rpc addressed to another node");
+            }
             Err(WrongNode::Addressee {
                 wanted: to,
                 actual: self.id,
@@ -404,11 +449,14 @@ impl RaftRpcServer {
         if admit(view, inbound) {
             return Ok(());
         }
-        tracing::warn!(
-            sender,
-            ?inbound,
-            "raft rpc from a node outside the membership refused"
-        );
+        if let Some(held_back) = self.refusals.pass() {
+            tracing::warn!(
+                sender,
+                ?inbound,
+                held_back,
+                "raft rpc from a node outside the membership refused"
+            );
+        }
         Err(WrongNode::NotAMember {
             sender,
             actual: self.id,
@@ -1056,5 +1104,22 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             closed = cancel => Err(StreamingError::Closed(closed)),
             result = send => result,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusal_warnings_pass_once_per_period_and_count_the_rest() {
+        let gate = WarnGate::default();
+        assert_eq!(gate.pass(), Some(0));
+        assert_eq!(gate.pass(), None);
+        assert_eq!(gate.pass(), None);
+        // A period later the next one passes with the count held back.
+        gate.state.lock().0 = Some(Instant::now() - REFUSAL_WARN_EVERY);
+        assert_eq!(gate.pass(), Some(2));
+        assert_eq!(gate.pass(), None);
     }
 }
