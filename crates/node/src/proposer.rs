@@ -218,14 +218,45 @@ fn map_write_error(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> Pr
             ProposeError::Unavailable("membership change in progress")
         }
         // The leader changed before the entry committed; it may still commit through the new
-        // leader. The client's retry carries the same idempotency key, so it cannot apply twice.
-        RaftError::APIError(ClientWriteError::LogEntryDiscarded(f)) => ProposeError::NotLeader {
-            leader: f.leader_id.zip(f.leader_node),
-        },
+        // leader, so the outcome is unknown, never "not applied". The client's retry carries
+        // the same idempotency key, so it cannot apply twice.
+        RaftError::APIError(ClientWriteError::LogEntryDiscarded(_)) => ProposeError::Unavailable(
+            "the leader changed before the send committed; it may still commit: retry with the same key",
+        ),
         // cellchat sets no write preconditions.
         RaftError::APIError(ClientWriteError::PreconditionFailed(_)) => {
             ProposeError::Unavailable("write precondition failed")
         }
         RaftError::Fatal(_) => ProposeError::Unavailable("raft stopped"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::error::{ForwardReason, ForwardToLeader};
+
+    fn forward() -> ForwardToLeader<TypeConfig> {
+        ForwardToLeader {
+            leader_id: Some(2),
+            leader_node: None,
+            reason: ForwardReason::NotLeader,
+        }
+    }
+
+    /// "Not the leader" promises the send was not applied; an entry discarded on a leader
+    /// change may still commit, so it must be answered as unknown.
+    #[test]
+    fn only_a_refusal_before_appending_is_a_definite_not_leader() {
+        let before = RaftError::APIError(ClientWriteError::ForwardToLeader(forward()));
+        assert!(matches!(
+            map_write_error(before),
+            ProposeError::NotLeader { .. }
+        ));
+        let discarded = RaftError::APIError(ClientWriteError::LogEntryDiscarded(forward()));
+        assert!(matches!(
+            map_write_error(discarded),
+            ProposeError::Unavailable(_)
+        ));
     }
 }
