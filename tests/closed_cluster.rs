@@ -373,24 +373,34 @@ fn forge_announcements(
             name: format!("forged-{node_id}"),
         })
     };
-    let packets = [
+    let packets = std::sync::Arc::new([
         forged(1, Role::Leader, 1_000_000),
         forged(0, Role::Follower, 0),
-    ];
+    ]);
+    let socket = std::sync::Arc::new(socket);
+    // Answers every probe at once, on a task of its own, while the other broadcasts.
+    let answering = {
+        let (socket, packets) = (socket.clone(), packets.clone());
+        tokio::spawn(async move {
+            while let Ok((packet, from)) = socket.recv().await {
+                if matches!(packet, Packet::Probe { .. }) {
+                    for packet in packets.iter() {
+                        let _ = socket.send_to(packet, from).await;
+                    }
+                }
+            }
+        })
+    };
     Ok(tokio::spawn(async move {
         // Bounded: a test that forgets to stop it still ends.
         let deadline = Instant::now() + Duration::from_secs(120);
         while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
-            for packet in &packets {
+            for packet in packets.iter() {
                 let _ = socket.send_broadcast(packet).await;
             }
-            let wait = tokio::time::timeout(Duration::from_millis(100), socket.recv()).await;
-            if let Ok(Ok((Packet::Probe { .. }, from))) = wait {
-                for packet in &packets {
-                    let _ = socket.send_to(packet, from).await;
-                }
-            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        answering.abort();
     }))
 }
 
@@ -419,8 +429,10 @@ async fn forged_announcements_neither_stop_formation_nor_capture_a_client() -> a
     }
     // The real nodes form one cluster among themselves while the forger announces.
     let deadline = Instant::now() + CONVERGE;
+    let mut forger_heard = false;
     loop {
         let heard = cluster.discover(Duration::from_millis(400)).await?;
+        forger_heard |= heard.iter().any(|a| a.raft_addr == trap_addr);
         let real: Vec<&NodeAnnounce> = heard.iter().filter(|a| a.raft_addr != trap_addr).collect();
         let leaders: Vec<u64> = real
             .iter()
@@ -430,16 +442,13 @@ async fn forged_announcements_neither_stop_formation_nor_capture_a_client() -> a
         let formed = real.len() == 3
             && leaders.len() == 1
             && real.iter().all(|a| a.leader == Some(leaders[0]) && a.voter);
-        if formed {
-            assert!(
-                heard.iter().any(|a| a.raft_addr == trap_addr),
-                "the forger was heard"
-            );
+        if formed && forger_heard {
             break;
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "no cluster formed under forged announcements: {real:#?}"
+            "no cluster formed under forged announcements (forger heard: {forger_heard}): \
+             {real:#?}"
         );
     }
     assert_eq!(
@@ -714,6 +723,222 @@ async fn no_message_body_crosses_loopback_in_the_clear() -> anyhow::Result<()> {
     assert_eq!(
         plain, control,
         "the message body crossed loopback in the clear outside the control datagram"
+    );
+    Ok(())
+}
+
+/// Every path under `dir` that its group or others may use, with its mode.
+fn open_to_others(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue; // removed meanwhile (RocksDB rotates files)
+        };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 && !meta.file_type().is_symlink() {
+            found.push((path.clone(), mode));
+        }
+        if meta.is_dir() {
+            if let Ok(entries) = std::fs::read_dir(&path) {
+                pending.extend(entries.flatten().map(|e| e.path()));
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_and_everything_in_it_are_private_to_the_owner() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut cluster = TestCluster::new("private-files", &[])?;
+    // The second node's dir exists already, open to everyone, as an earlier release left it.
+    let loose = cluster.dir().join("node-2");
+    std::fs::create_dir_all(&loose)?;
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::write(loose.join("notes"), "left by an operator")?;
+    std::fs::set_permissions(loose.join("notes"), std::fs::Permissions::from_mode(0o644))?;
+    for _ in 0..2 {
+        cluster.spawn_node()?;
+    }
+    for node in &mut cluster.nodes {
+        node.wait_ready(READY)?;
+    }
+    cluster.wait_converged(2, CONVERGE).await?;
+    anyhow::ensure!(
+        cluster.nodes[1].data_dir() == loose,
+        "the test assumes node-2's dir"
+    );
+    let token: JoinToken = cluster.token()?.parse()?;
+    let home = tempfile::tempdir()?;
+    let mut config = client_config(&cluster, home.path());
+    config.token = Some(token);
+    let client = Client::connect(config).await?;
+    for i in 0..20 {
+        client
+            .send("general", format!("message {i}").into_bytes())
+            .await?;
+    }
+    for node in &cluster.nodes {
+        let open = open_to_others(node.data_dir());
+        assert!(open.is_empty(), "open to others: {open:?}");
+    }
+    let shared = cluster.dir().join(format!("cluster-{}", cluster.cluster));
+    assert!(open_to_others(&shared).is_empty());
+    Ok(())
+}
+
+/// A push connection to `addr` that said hello; returns the framed stream, the welcome's
+/// challenge and the TLS session's login binding.
+async fn push_hello(
+    addr: std::net::SocketAddr,
+    cluster: &str,
+) -> anyhow::Result<(
+    tarpc::tokio_util::codec::Framed<proto::TlsTcp, tarpc::tokio_util::codec::LengthDelimitedCodec>,
+    [u8; 32],
+    [u8; 32],
+)> {
+    use futures::{SinkExt as _, StreamExt as _};
+    use proto::push::{self, ClientFrame, PushHello, ServerFrame};
+    use tokio::io::AsyncWriteExt as _;
+    let verifier = CaVerifier::new(Trust::FirstUse);
+    let config = proto::tls::client_config(verifier, proto::tls::ALPN_PUSH);
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let mut tls = proto::handshake(stream, config, proto::tls::any_node()).await?;
+    let binding = proto::tls::stream_binding(&tls)?;
+    tls.write_all(&push::PUSH_MAGIC).await?;
+    let mut frames =
+        tarpc::tokio_util::codec::Framed::new(tls, push::frame_codec(proto::FRAME_BYTES_MAX));
+    let hello = ClientFrame::Hello(PushHello::new(cluster.to_owned(), None));
+    frames
+        .send(push::encode_frame(&hello).slice(push::LENGTH_BYTES..))
+        .await?;
+    let first = frames
+        .next()
+        .await
+        .ok_or_else(|| anyhow::anyhow!("closed"))??;
+    let ServerFrame::Welcome(welcome) = push::decode_server_frame(&first)? else {
+        anyhow::bail!("no welcome");
+    };
+    Ok((frames, welcome.challenge, binding))
+}
+
+/// The next frame after `frames`' current position is `Error { sub_id: None, Unauthenticated }`
+/// and then the node closes the connection.
+async fn refused_and_closed(
+    frames: &mut tarpc::tokio_util::codec::Framed<
+        proto::TlsTcp,
+        tarpc::tokio_util::codec::LengthDelimitedCodec,
+    >,
+) -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    use proto::push::{self, ServerFrame};
+    let frame = tokio::time::timeout(Duration::from_secs(10), frames.next())
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("closed without an error frame"))??;
+    let ServerFrame::Error {
+        sub_id: None,
+        error,
+    } = push::decode_server_frame(&frame)?
+    else {
+        anyhow::bail!("expected an error frame");
+    };
+    assert_eq!(error, proto::ApiError::Unauthenticated);
+    let next = tokio::time::timeout(Duration::from_secs(10), frames.next()).await?;
+    assert!(!matches!(next, Some(Ok(_))), "the connection stayed open");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_needs_a_login_on_every_read_path() -> anyhow::Result<()> {
+    use futures::SinkExt as _;
+    use proto::push::{self, ClientFrame, Subscribe};
+    use proto::{ApiError, HistoryRequest, StreamRequest};
+    let cluster = converged("read-login", 1).await?;
+    let addr = cluster.nodes[0].ready().expect("ready").client;
+    let alice = testkit::TestUser::new("alice");
+    let writer = testkit::TestClient::login(addr, &cluster.cluster, &alice).await?;
+    writer
+        .send("general", b"for members' eyes", [1; 16], 1)
+        .await??;
+
+    // Chat RPC: a hello is not enough to read; the membership is still served.
+    let (anonymous, _) = testkit::TestClient::connect(addr, &cluster.cluster).await?;
+    let history = HistoryRequest {
+        channel: "general".into(),
+        before_seq: None,
+        from_seq: Some(1),
+        limit: 10,
+        read_token: 0,
+    };
+    let stream = StreamRequest {
+        channel: "general".into(),
+        after_seq: 0,
+        max: 10,
+        wait_ms: 0,
+        read_token: 0,
+    };
+    let client = &anonymous.client;
+    assert_eq!(
+        client.history(ctx(), history.clone()).await?.err(),
+        Some(ApiError::Unauthenticated)
+    );
+    assert_eq!(
+        client.stream(ctx(), stream).await?.err(),
+        Some(ApiError::Unauthenticated)
+    );
+    assert_eq!(
+        client.channels(ctx()).await?.err(),
+        Some(ApiError::Unauthenticated)
+    );
+    assert!(
+        client.cluster(ctx()).await?.is_ok(),
+        "the membership needs no login"
+    );
+    // Logged in, the same connection kind reads.
+    let page = writer.client.history(ctx(), history).await??;
+    assert_eq!(page.messages.len(), 1);
+
+    // Push: a subscription before a login, and a login with a bad signature, are refused and
+    // end the connection.
+    let subscribe = ClientFrame::Subscribe(Subscribe {
+        sub_id: 1,
+        channel: "general".into(),
+        after_seq: 0,
+        read_token: 0,
+    });
+    let (mut frames, _, _) = push_hello(addr, &cluster.cluster).await?;
+    frames
+        .send(push::encode_frame(&subscribe).slice(push::LENGTH_BYTES..))
+        .await?;
+    refused_and_closed(&mut frames).await?;
+    let (mut frames, challenge, _) = push_hello(addr, &cluster.cluster).await?;
+    // Signed for another session's binding: what a relay would hold.
+    let signed = proto::login_message(&challenge, &[0; 32], &cluster.cluster, &alice.name);
+    let login = ClientFrame::Login(proto::Login {
+        name: alice.name.clone(),
+        public_key: alice.public_key(),
+        signature: alice.sign(&signed),
+    });
+    frames
+        .send(push::encode_frame(&login).slice(push::LENGTH_BYTES..))
+        .await?;
+    refused_and_closed(&mut frames).await?;
+
+    // The client library says what is missing.
+    let home = tempfile::tempdir()?;
+    let mut config = client_config(&cluster, home.path());
+    config.identity = None;
+    config.token = Some(cluster.token()?.parse()?);
+    let nameless = Client::connect(config).await?;
+    let error = nameless
+        .history("general", None, 10)
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(error, cellchat_client::Error::NoIdentity),
+        "{error:?}"
     );
     Ok(())
 }

@@ -229,6 +229,8 @@ pub struct NodeTls {
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     token: RwLock<JoinToken>,
+    /// Held while a new token is written, so two writers never share the temp file.
+    token_write: parking_lot::Mutex<()>,
     dir: PathBuf,
     /// The Raft port: a client certificate is asked for and verified against the CA, but not
     /// required, so that enrollment and admin tools (which have none) can connect; every Raft
@@ -294,6 +296,7 @@ impl NodeTls {
         cluster: &str,
         secret: [u8; tls::SECRET_BYTES],
     ) -> Result<bool, PkiError> {
+        let _writing = self.token_write.lock();
         if self.token.read().secret == secret {
             return Ok(false);
         }
@@ -358,6 +361,7 @@ impl NodeTls {
             chain: vec![chain_head, ca_cert],
             key: key_copy,
             token: RwLock::new(token),
+            token_write: parking_lot::Mutex::new(()),
             dir: dir.to_path_buf(),
             raft_server: Arc::new(raft_server),
             client_server: Arc::new(client_server),
