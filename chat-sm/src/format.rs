@@ -14,7 +14,11 @@
 //! | `b'M'` `"last_applied"`               | opaque bytes from the adapter                                   |
 //! | `b'M'` `"membership"`                 | opaque bytes from the adapter                                   |
 //! | `b'M'` `"join_secret"`                | the cluster's join secret, once one was set                      |
-//! | `b'd'` client_id(16) client_seq(u64 BE) | seq u64 BE, at_ms u64 BE, channel bytes (rest)                |
+//! | `b'M'` `"dedup_format"`               | u64 BE: 2, the dedup key layout (absent: client id alone)       |
+//!
+//! A dedup id is the first 16 bytes of SHA-256 over `"cellchat dedup v2\0"`, the sender's
+//! length (one byte), the sender and the client id (`dedup.rs`).
+//! | `b'd'` dedup_id(16) client_seq(u64 BE) | seq u64 BE, at_ms u64 BE, channel bytes (rest)                 |
 //! | `b'h'` channel                        | head seq u64 BE                                                 |
 //! | `b'm'` channel `0x00` seq(u64 BE)     | at_ms u64 BE, client_id(16), client_seq u64 BE, sender_len u8, sender, body (rest) |
 //! | `b'u'` name                           | public key (32)                                                 |
@@ -56,6 +60,7 @@ pub(crate) const META_APPLIED_INDEX: &[u8] = b"Mapplied_index";
 pub(crate) const META_LAST_APPLIED: &[u8] = b"Mlast_applied";
 pub(crate) const META_MEMBERSHIP: &[u8] = b"Mmembership";
 pub(crate) const META_JOIN_SECRET: &[u8] = b"Mjoin_secret";
+pub(crate) const META_DEDUP_FORMAT: &[u8] = b"Mdedup_format";
 
 /// Snapshot file magic number.
 pub(crate) const SNAPSHOT_MAGIC: &[u8; 8] = b"CCSMSNAP";
@@ -111,11 +116,11 @@ pub(crate) fn head_key(out: &mut Vec<u8>, channel: &str) {
     out.extend_from_slice(channel.as_bytes());
 }
 
-/// Fills `out` with the dedup key of (`client_id`, `client_seq`).
-pub(crate) fn dedup_key(out: &mut Vec<u8>, client_id: &[u8; 16], client_seq: u64) {
+/// Fills `out` with the dedup key of (`dedup_id`, `client_seq`).
+pub(crate) fn dedup_key(out: &mut Vec<u8>, dedup_id: &[u8; 16], client_seq: u64) {
     out.clear();
     out.push(PREFIX_DEDUP);
-    out.extend_from_slice(client_id);
+    out.extend_from_slice(dedup_id);
     out.extend_from_slice(&client_seq.to_be_bytes());
 }
 

@@ -10,8 +10,8 @@
 //!   [`Error::UnsupportedVersion`]; [`Command::decode`] never panics on any input.
 //! - **Dense per-channel seqs.** A channel exists from its first accepted message; its
 //!   messages are numbered `1..=head` without gaps ([`ChatState`] lists the invariants).
-//! - **Exactly-once effect.** A send repeating an earlier (client_id, client_seq) makes no new
-//!   message and answers the original (channel, seq, at_ms) with `duplicate: true`, whether
+//! - **Exactly-once effect per sender.** A send repeating an earlier (sender, client_id,
+//!   client_seq) makes no new message and answers the original (channel, seq, at_ms) with `duplicate: true`, whether
 //!   the original was in the same entry, an earlier one, before a restart or inside an
 //!   installed snapshot. Dedup records are never expired.
 //! - **Deterministic rejections.** Invalid channel names ([`ChannelName`]), senders, bodies
@@ -48,6 +48,7 @@
 use std::path::PathBuf;
 
 mod command;
+mod dedup;
 mod format;
 mod snapshot;
 mod state;

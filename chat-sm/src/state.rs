@@ -9,6 +9,7 @@ use rocksdb::{ColumnFamily, ReadOptions, WriteBatch, WriteOptions, DB};
 use tracing::{debug, info};
 
 use crate::command::{is_valid_sender, validate_send};
+use crate::dedup::{self, DedupId};
 use crate::format::{self, *};
 use crate::snapshot::{self, SnapshotInfo};
 use crate::store::{self, Store};
@@ -188,13 +189,13 @@ struct Writer {
 /// [`CLIENT_SEQS_MAX`]; past it, new clients go untracked and `complete` turns false.
 #[derive(Debug, Default)]
 struct ClientSeqs {
-    max: HashMap<ClientId, u64>,
+    max: HashMap<DedupId, u64>,
     complete: bool,
 }
 
 impl ClientSeqs {
     /// Whether a dedup record for (`client`, `client_seq`) is known not to exist.
-    fn is_new(&self, client: ClientId, client_seq: u64) -> bool {
+    fn is_new(&self, client: DedupId, client_seq: u64) -> bool {
         match self.max.get(&client) {
             Some(&max) => client_seq > max,
             None => self.complete,
@@ -202,7 +203,7 @@ impl ClientSeqs {
     }
 
     /// Notes that a dedup record for (`client`, `client_seq`) is being written.
-    fn record(&mut self, client: ClientId, client_seq: u64) {
+    fn record(&mut self, client: DedupId, client_seq: u64) {
         if let Some(max) = self.max.get_mut(&client) {
             *max = (*max).max(client_seq);
         } else if self.max.len() < CLIENT_SEQS_MAX {
@@ -246,7 +247,7 @@ fn load_client_seqs(store: &Store) -> Result<ClientSeqs, Error> {
                 reason: "seek_for_prev found no key".into(),
             });
         };
-        let client = ClientId(key[1..17].try_into().expect("25-byte key checked above"));
+        let client = DedupId(key[1..17].try_into().expect("25-byte key checked above"));
         let client_seq = u64::from_be_bytes(key[17..25].try_into().expect("8 bytes"));
         seqs.max.insert(client, client_seq);
         it.next();
@@ -310,7 +311,7 @@ struct Batch<'a> {
     /// Touched channels: new head and the messages appended in this call.
     touched: HashMap<&'a str, (u64, Vec<RingEntry>)>,
     /// Sends accepted earlier in this call: dedup key -> (channel, seq, at_ms).
-    dedup: HashMap<(ClientId, u64), (&'a str, u64, u64)>,
+    dedup: HashMap<(DedupId, u64), (&'a str, u64, u64)>,
     /// Registrations accepted earlier in this call.
     users: HashMap<&'a str, [u8; 32]>,
     /// The join secret set last in this call.
@@ -350,6 +351,7 @@ impl ChatState {
         config.validate()?;
         let generation = store::open_layout(&config.dir)?;
         let store = Arc::new(Store::open(&config.dir, generation)?);
+        dedup::migrate(&store)?;
         let view = load_view(store.clone(), config.ring_len)?;
         let client_seqs = load_client_seqs(&store)?;
         info!(
@@ -464,12 +466,13 @@ impl ChatState {
         cmd: &'a SendCmd,
     ) -> Result<Sent, RejectReason> {
         validate_send(cmd)?;
-        let dedup = (cmd.client_id, cmd.client_seq);
+        let id = DedupId::of(&cmd.sender, &cmd.client_id);
+        let dedup = (id, cmd.client_seq);
         if let Some(&(channel, seq, at_ms)) = batch.dedup.get(&dedup) {
             return Ok(duplicate(channel, seq, at_ms));
         }
-        format::dedup_key(&mut w.key, &cmd.client_id.0, cmd.client_seq);
-        if !w.client_seqs.is_new(cmd.client_id, cmd.client_seq) {
+        format::dedup_key(&mut w.key, &id.0, cmd.client_seq);
+        if !w.client_seqs.is_new(id, cmd.client_seq) {
             let stored = w.store.db().get_pinned_cf(w.store.dedup_cf(), &w.key);
             let stored = stored.unwrap_or_else(|e| panic!("rocksdb get failed in apply: {e}"));
             if let Some(value) = stored {
@@ -478,7 +481,7 @@ impl ChatState {
                 return Ok(duplicate(channel, seq, at_ms));
             }
         }
-        w.client_seqs.record(cmd.client_id, cmd.client_seq);
+        w.client_seqs.record(id, cmd.client_seq);
         let channel = cmd.channel.as_str();
         let touched = batch.touched.entry(channel).or_insert_with(|| {
             let head = self.view.read().channels.get(channel).map_or(0, |c| c.head);
@@ -754,6 +757,8 @@ impl ChatState {
         // dropping `store` removes it.
         store.retire();
         let info = load_snapshot(&store, path)?;
+        // A snapshot from a node of the earlier release holds the earlier dedup format.
+        dedup::migrate(&store)?;
         let view = load_view(store.clone(), self.config.ring_len)?;
         let client_seqs = load_client_seqs(&store)?;
         store::write_active(&self.config.dir, generation)?;
@@ -1149,14 +1154,14 @@ mod tests {
     use super::*;
 
     /// The highest client seq of every client, by a forward scan of every dedup record.
-    fn max_seqs_by_scan(store: &Store) -> HashMap<ClientId, u64> {
+    fn max_seqs_by_scan(store: &Store) -> HashMap<DedupId, u64> {
         let mut max = HashMap::new();
         let mut it = store
             .db()
             .raw_iterator_cf_opt(store.dedup_cf(), store::total_order());
         it.seek_to_first();
         while let Some(key) = it.key() {
-            let client = ClientId(key[1..17].try_into().expect("16 bytes"));
+            let client = DedupId(key[1..17].try_into().expect("16 bytes"));
             let seq = u64::from_be_bytes(key[17..25].try_into().expect("8 bytes"));
             let entry = max.entry(client).or_insert(0);
             *entry = seq.max(*entry);
@@ -1217,7 +1222,7 @@ mod tests {
         }
         let expected = max_seqs_by_scan(&store);
         assert_eq!(expected.len(), 40);
-        assert_eq!(expected[&ClientId([39; 16])], 49);
+        assert_eq!(expected[&DedupId::of("Alice", &ClientId([39; 16]))], 49);
         let loaded = load_client_seqs(&store).expect("load");
         assert!(loaded.complete);
         assert_eq!(loaded.max, expected);

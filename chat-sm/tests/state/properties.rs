@@ -66,7 +66,7 @@ fn arb_chunks() -> impl Strategy<Value = Vec<usize>> {
 /// map of heads.
 fn model(log: &[TestEntry]) -> Vec<ChatResponse> {
     let mut heads: HashMap<String, u64> = HashMap::new();
-    let mut dedup: HashMap<(ClientId, u64), Sent> = HashMap::new();
+    let mut dedup: HashMap<(String, ClientId, u64), Sent> = HashMap::new();
     let mut users: HashMap<String, [u8; 32]> = HashMap::new();
     let mut send = |s: &SendCmd| -> Result<Sent, RejectReason> {
         let name_ok = |n: &str, first_alnum: bool| {
@@ -90,7 +90,8 @@ fn model(log: &[TestEntry]) -> Vec<ChatResponse> {
                 max: MAX_BODY_BYTES as u64,
             });
         }
-        if let Some(orig) = dedup.get(&(s.client_id, s.client_seq)) {
+        let key = (s.sender.clone(), s.client_id, s.client_seq);
+        if let Some(orig) = dedup.get(&key) {
             return Ok(Sent {
                 duplicate: true,
                 ..orig.clone()
@@ -104,7 +105,7 @@ fn model(log: &[TestEntry]) -> Vec<ChatResponse> {
             at_ms: s.at_ms,
             duplicate: false,
         };
-        dedup.insert((s.client_id, s.client_seq), sent.clone());
+        dedup.insert(key, sent.clone());
         Ok(sent)
     };
     let mut out = Vec::new();

@@ -436,3 +436,123 @@ fn dedup_records_of_the_single_column_family_layout_are_moved_at_open() {
         .count();
     assert_eq!(stray, 0);
 }
+
+/// The suppression attack: Mallory sends first under Alice's client id and next client seqs.
+/// Alice's real sends must still be stored, and Mallory's retries still be his own.
+#[test]
+fn nobody_can_claim_another_senders_client_seqs() {
+    let r = Replica::new(1000);
+    let log = [
+        TestEntry::Cmd(Command::Send(send("general", "Mallory", b"x", 1, 5))),
+        TestEntry::Cmd(Command::Send(send("general", "Mallory", b"x", 1, 6))),
+        TestEntry::Cmd(Command::Send(send("general", "Alice", b"real", 1, 5))),
+        TestEntry::Cmd(Command::Send(send("general", "Alice", b"real", 1, 6))),
+        TestEntry::Cmd(Command::Send(send("general", "Mallory", b"x", 1, 5))),
+    ];
+    let responses = apply_log(r.state(), &log, 1, &[2, 3]);
+    assert_eq!(
+        responses,
+        vec![
+            ChatResponse::Sent(sent("general", 1, 1005, false)),
+            ChatResponse::Sent(sent("general", 2, 1006, false)),
+            ChatResponse::Sent(sent("general", 3, 1005, false)),
+            ChatResponse::Sent(sent("general", 4, 1006, false)),
+            ChatResponse::Sent(sent("general", 1, 1005, true)),
+        ]
+    );
+    let stored = r
+        .state()
+        .history("general", ChannelSeq(1), 10)
+        .expect("read");
+    let senders: Vec<&str> = stored.iter().map(|m| m.sender.as_str()).collect();
+    assert_eq!(senders, ["Mallory", "Mallory", "Alice", "Alice"]);
+    r.state().check_consistency().expect("consistent");
+}
+
+/// A store of the release before dedup records named their sender (keyed by client id alone,
+/// no format marker) is rewritten at open: retries are still recognised, by the same sender
+/// only.
+#[test]
+fn dedup_records_keyed_by_client_id_alone_are_rekeyed_by_sender_at_open() {
+    let mut r = Replica::new(1000);
+    let log: Vec<TestEntry> = (1..=30u64)
+        .map(|i| {
+            let sender = if i % 2 == 0 { "Alice" } else { "Bob" };
+            TestEntry::Cmd(Command::Send(send(
+                ["a", "b"][(i % 3 == 0) as usize],
+                sender,
+                b"m",
+                (i % 4) as u8,
+                i,
+            )))
+        })
+        .collect();
+    let first = apply_log(r.state(), &log, 1, &[4]);
+    let before = r.dump();
+    drop(r.state.take());
+
+    // Which (channel, seq) each send became, to key its record by client id alone.
+    let mut origin = std::collections::HashMap::new();
+    for (entry, response) in log.iter().zip(&first) {
+        let (TestEntry::Cmd(Command::Send(cmd)), ChatResponse::Sent(sent)) = (entry, response)
+        else {
+            panic!("a send: {response:?}");
+        };
+        origin.insert(
+            (sent.channel.clone(), sent.seq.0),
+            (cmd.client_id, cmd.client_seq),
+        );
+    }
+    let active = std::fs::read_to_string(r.dir.path().join("ACTIVE")).expect("ACTIVE");
+    let db_dir = r.dir.path().join(active.trim());
+    {
+        let opts = rocksdb::Options::default();
+        let db = rocksdb::DB::open_cf(&opts, &db_dir, ["dedup"]).expect("open raw");
+        let dedup = db.cf_handle("dedup").expect("dedup cf");
+        let records: Vec<_> = db
+            .iterator_cf(dedup, rocksdb::IteratorMode::Start)
+            .map(|item| item.expect("iterate"))
+            .collect();
+        assert_eq!(records.len(), 30);
+        for (key, value) in &records {
+            // Value: version, seq, at_ms, channel.
+            let seq = u64::from_be_bytes(value[1..9].try_into().expect("seq"));
+            let channel = String::from_utf8(value[17..].to_vec()).expect("channel");
+            let (client, client_seq) = origin[&(channel, seq)];
+            let mut old = vec![b'd'];
+            old.extend_from_slice(&client.0);
+            old.extend_from_slice(&client_seq.to_be_bytes());
+            db.delete_cf(dedup, key).expect("delete");
+            db.put_cf(dedup, old, value).expect("put");
+        }
+        db.delete(b"Mdedup_format").expect("delete marker");
+    }
+
+    r.restart();
+    assert_eq!(
+        r.dump(),
+        before,
+        "the records are rewritten to exactly today's keys"
+    );
+    r.state().check_consistency().expect("consistent");
+    let retries = apply_log(r.state(), &log, 31, &[30]);
+    for (original, retry) in first.iter().zip(&retries) {
+        let (ChatResponse::Sent(original), ChatResponse::Sent(retry)) = (original, retry) else {
+            panic!("sends accepted: {original:?} / {retry:?}");
+        };
+        assert_eq!((retry.seq, retry.duplicate), (original.seq, true));
+    }
+    // The same client id and seq under another sender is a new message.
+    let other = apply_log(
+        r.state(),
+        &[TestEntry::Cmd(Command::Send(send(
+            "a", "Carol", b"m", 2, 2,
+        )))],
+        61,
+        &[1],
+    );
+    let [ChatResponse::Sent(sent)] = &other[..] else {
+        panic!("{other:?}");
+    };
+    assert!(!sent.duplicate);
+}

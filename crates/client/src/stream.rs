@@ -276,7 +276,6 @@ mod tests {
             sender: "a".into(),
             body: vec![0, b'x'],
             at_ms: 0,
-            client_id: [0; 16],
             client_seq: seq,
         }
     }
@@ -309,7 +308,7 @@ mod tests {
                     None,
                     routes.clone(),
                 )),
-                push: Arc::new(PushPool::new(config, trust, routes.clone())),
+                push: Arc::new(PushPool::new(config, trust, routes.clone(), None)),
                 routes,
                 wait: Duration::from_secs(1),
             },

@@ -203,7 +203,6 @@ impl proto::Chat for MockChat {
             sender: user,
             body: req.body,
             at_ms: 1,
-            client_id: req.client_id,
             client_seq: req.client_seq,
         });
         let reply = SendReply {

@@ -20,7 +20,10 @@ use crate::{
 
 /// Version of the [`Chat`] wire protocol. Bump it on any change to a wire type or to the
 /// service's methods; nodes refuse other versions in [`Chat::hello`].
-pub const PROTOCOL_VERSION: u16 = 2;
+///
+/// Version 3: `WireMessage` no longer carries the sender's client id, and `stream`, `history`
+/// and `channels` need a login.
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Largest request frame a node reads on the chat service, in bytes (64 KiB): a send carries
 /// at most a 16 KiB body, so anything larger is refused from its length prefix, logged in or
@@ -44,10 +47,13 @@ pub const STREAM_WAIT_MS_MAX: u32 = 30_000;
 /// - A client calls [`hello`](Chat::hello) first on each connection. Until it succeeds the node
 ///   answers every call except `ping` with [`ApiError::Unauthenticated`]; servers keep this
 ///   per-connection state in the value they `serve()` for that connection.
-/// - `send` needs a successful [`login`](Chat::login) on the connection; the node stamps the
-///   logged-in name as sender.
+/// - `send`, `stream`, `history` and `channels` need a successful [`login`](Chat::login) on
+///   the connection; the node stamps the logged-in name as sender. `cluster` needs a hello
+///   only. A login proves the key; a name registered to another key is refused, and a name
+///   not registered yet is registered to the key by its first send (through the leader).
 /// - `send` answers only after the message is committed and applied; retries with the same
-///   `(client_id, client_seq)` answer with the original seq and `duplicate: true`.
+///   `(client_id, client_seq)` from the same sender answer with the original seq and
+///   `duplicate: true`. Another sender's client id and seqs are another sender's.
 /// - `stream` and `history` first wait until the node has applied `read_token`, so a client
 ///   that passes the highest `read_token`/`applied` it has seen gets monotonic reads and
 ///   read-your-writes on any node.

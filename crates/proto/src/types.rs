@@ -147,9 +147,7 @@ pub struct WireMessage {
     pub body: Vec<u8>,
     /// The server's timestamp.
     pub at_ms: u64,
-    /// The sender's idempotency key, part one.
-    pub client_id: [u8; 16],
-    /// The sender's idempotency key, part two.
+    /// The sender's client seq (its client id is not shown: only the sender needs it).
     pub client_seq: u64,
 }
 

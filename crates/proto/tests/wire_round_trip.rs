@@ -36,7 +36,6 @@ fn message(seq: u64) -> WireMessage {
         sender: "alice".into(),
         body: vec![0, 1, 2, 255],
         at_ms: 1_700_000_000_000 + seq,
-        client_id: [7; 16],
         client_seq: seq * 10,
     }
 }
