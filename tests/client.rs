@@ -213,7 +213,7 @@ async fn an_idle_subscribed_client_holds_one_connection_and_sees_every_nodes_rtt
     let bob = Client::connect(ClientConfig {
         writer_idle: Duration::from_millis(500),
         probe_interval: Duration::from_millis(200),
-        ..config(&cluster, None)
+        ..config(&cluster, Some(Identity::ephemeral("bob", None)))
     })
     .await?;
     let mut alices = alice.subscribe("general", 0);
@@ -290,9 +290,13 @@ async fn an_encrypted_messages_plaintext_is_in_no_nodes_data_dir() -> anyhow::Re
     let plain = alice.send_text("vault", &visible, None).await?;
 
     // Wait until every node has applied both messages.
+    let auditor = testkit::TestUser::new("auditor");
     for node in &cluster.nodes {
         let ready = *node.ready().context("ready")?;
-        let (conn, _) = TestClient::connect(ready.client, &cluster.cluster).await?;
+        let nodes = cluster.client_addrs();
+        let conn =
+            TestClient::login_anywhere(ready.client, &nodes, &cluster.cluster, &auditor, CONVERGE)
+                .await?;
         let mut ctx = tarpc::context::current();
         ctx.deadline = Instant::now() + Duration::from_secs(20);
         let page = conn
@@ -918,12 +922,24 @@ async fn the_push_port_answers_bad_input_with_typed_errors_and_keeps_serving() -
     assert!(closed, "an error frame before the close");
 
     // An invalid channel ends that subscription only; a good one on the same connection works.
+    // Reading needs a login: a user registered through the leader first.
+    let reader = testkit::TestUser::new("push-reader");
+    let nodes = cluster.client_addrs();
+    testkit::TestClient::login_anywhere(node.client, &nodes, &cluster.cluster, &reader, RECEIVE)
+        .await?;
     let mut conn = open(node.client).await?;
+    let binding = proto::tls::stream_binding(conn.get_ref())?;
     send(&mut conn, &hello).await?;
-    assert!(matches!(
-        next(&mut conn).await?,
-        Some(ServerFrame::Welcome(_))
-    ));
+    let Some(ServerFrame::Welcome(welcome)) = next(&mut conn).await? else {
+        bail!("no welcome");
+    };
+    let signed = proto::login_message(&welcome.challenge, &binding, &cluster.cluster, &reader.name);
+    let login = ClientFrame::Login(proto::Login {
+        name: reader.name.clone(),
+        public_key: reader.public_key(),
+        signature: reader.sign(&signed),
+    });
+    send(&mut conn, &login).await?;
     let subscribe = |sub_id: u64, channel: &str| {
         ClientFrame::Subscribe(Subscribe {
             sub_id,

@@ -100,7 +100,10 @@ async fn three_nodes_form_one_cluster_and_replicate() -> anyhow::Result<()> {
     // Every node serves the message once it has applied the read token.
     for node in &cluster.nodes {
         let ready = *node.ready().expect("ready");
-        let (client, _) = TestClient::connect(ready.client, &cluster.cluster).await?;
+        let nodes = cluster.client_addrs();
+        let client =
+            TestClient::login_anywhere(ready.client, &nodes, &cluster.cluster, &alice, CONVERGE)
+                .await?;
         let page = client
             .client
             .history(
@@ -261,7 +264,10 @@ async fn a_stream_on_a_follower_with_a_read_token_sees_the_senders_message() -> 
     let dave = TestUser::new("dave");
     let reply = send_until_acked(&cluster, &dave, "ryw", b"mine", [4; 16], 1, CONVERGE).await?;
     for follower in view.iter().filter(|a| a.role != Role::Leader) {
-        let (client, _) = TestClient::connect(follower.client_addr, &cluster.cluster).await?;
+        let nodes = cluster.client_addrs();
+        let addr = follower.client_addr;
+        let client =
+            TestClient::login_anywhere(addr, &nodes, &cluster.cluster, &dave, CONVERGE).await?;
         let batch = client
             .client
             .stream(
@@ -369,7 +375,10 @@ async fn a_restarted_node_catches_up_and_a_node_down_past_a_purge_catches_up_by_
     assert_eq!(last.seq, 100);
 
     let ready = cluster.restart(index, READY)?;
-    let (client, _) = TestClient::connect(ready.client, &cluster.cluster).await?;
+    let nodes = cluster.client_addrs();
+    let client =
+        TestClient::login_anywhere(ready.client, &nodes, &cluster.cluster, &frank, CONVERGE)
+            .await?;
     let page = client
         .client
         .history(

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use proto::{ChatClient, ChatClientTransport, Hello, StreamRequest};
-use testkit::{TestClient, TestCluster};
+use testkit::{TestClient, TestCluster, TestUser};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -84,7 +84,8 @@ async fn limits_a_silent_connection_is_closed_after_the_hello_timeout_and_a_gree
 ) -> anyhow::Result<()> {
     let cluster = one_node("limits-hello", &[])?;
     let ready = ready(&cluster)?;
-    let (greeted, _) = TestClient::connect(ready.client, &cluster.cluster).await?;
+    let greeted =
+        TestClient::login(ready.client, &cluster.cluster, &TestUser::new("reader")).await?;
 
     // A finished TLS handshake and the first bytes of a tarpc frame (a length prefix), so the
     // node serves it as tarpc at once, and then nothing.
@@ -148,7 +149,8 @@ async fn limits_a_stalled_handshake_and_garbage_instead_of_tls_are_dropped() -> 
             "the oversized frame on {port} was not refused from its prefix"
         );
     }
-    let (client, _) = TestClient::connect(ready.client, &cluster.cluster).await?;
+    let client =
+        TestClient::login(ready.client, &cluster.cluster, &TestUser::new("reader")).await?;
     client
         .client
         .channels(ctx(Duration::from_secs(10)))
@@ -161,7 +163,8 @@ async fn limits_a_stalled_handshake_and_garbage_instead_of_tls_are_dropped() -> 
 async fn limits_an_idle_connection_is_closed_and_a_long_poll_is_not_idle() -> anyhow::Result<()> {
     let cluster = one_node("limits-idle", &["--client-idle-timeout-s", "2"])?;
     let ready = ready(&cluster)?;
-    let (client, _) = TestClient::connect(ready.client, &cluster.cluster).await?;
+    let client =
+        TestClient::login(ready.client, &cluster.cluster, &TestUser::new("reader")).await?;
 
     // A long poll twice the idle timeout: the connection stays, the poll ends normally.
     let poll = StreamRequest {
@@ -332,6 +335,7 @@ async fn limits_a_push_connection_that_stops_reading_pins_a_bounded_number_of_ba
     let verifier = proto::tls::CaVerifier::new(proto::tls::Trust::FirstUse);
     let config = proto::tls::client_config(verifier, proto::tls::ALPN_PUSH);
     let mut tls = proto::handshake(stream, config, proto::tls::any_node()).await?;
+    let binding = proto::tls::stream_binding(&tls)?;
     tls.write_all(&push::PUSH_MAGIC).await?;
     let mut frames =
         tarpc::tokio_util::codec::Framed::new(tls, push::frame_codec(proto::FRAME_BYTES_MAX));
@@ -340,6 +344,20 @@ async fn limits_a_push_connection_that_stops_reading_pins_a_bounded_number_of_ba
         None,
     )));
     frames.send(hello.slice(push::LENGTH_BYTES..)).await?;
+    let welcome = frames.next().await.context("no welcome")??;
+    let ServerFrame::Welcome(welcome) = push::decode_server_frame(&welcome)? else {
+        bail!("the node did not welcome the push connection");
+    };
+    let user = TestUser::new("pusher");
+    let signed = proto::login_message(&welcome.challenge, &binding, &cluster.cluster, &user.name);
+    let login = ClientFrame::Login(proto::Login {
+        name: user.name.clone(),
+        public_key: user.public_key(),
+        signature: user.sign(&signed),
+    });
+    frames
+        .send(push::encode_frame(&login).slice(push::LENGTH_BYTES..))
+        .await?;
     for sub_id in 0..CHANNELS {
         let subscribe = ClientFrame::Subscribe(Subscribe {
             sub_id,

@@ -84,7 +84,8 @@ pub async fn run(cellchat: &mut Cellchat, options: &FailoverOptions) -> Result<R
 
     // The subscriber: a read-only client streaming the first channel; it records when each
     // message it is delivered was sent (stamp) and arrived, both on the process clock.
-    let reader = Client::connect(client_config(cellchat.target(), None)).await?;
+    let identity = Some(cellchat.reader().clone());
+    let reader = Client::connect(client_config(cellchat.target(), identity)).await?;
     let deliveries: Arc<Mutex<Vec<(u64, u64)>>> = Arc::new(Mutex::new(Vec::new()));
     let subscriber = {
         let mut subscription = reader.subscribe("failover-0", 0);

@@ -137,11 +137,12 @@ async fn spawn_idle(target: &Target, count: usize) -> Result<IdleHolders> {
 /// # Errors
 /// A client could not connect.
 pub async fn hold_idle(target: Target, count: usize) -> Result<()> {
+    let reader = crate::sut::cellchat::reader_identity();
     let clients: Vec<_> = futures::stream::iter(0..count)
         .map(|i| {
-            let target = target.clone();
+            let (target, reader) = (target.clone(), reader.clone());
             async move {
-                let client = Client::connect(client_config(&target, None)).await?;
+                let client = Client::connect(client_config(&target, Some(reader))).await?;
                 let subscription = client.subscribe(&format!("idle-{}", i % 100), 0);
                 anyhow::Ok((client, subscription))
             }

@@ -47,6 +47,12 @@ pub struct Target {
     pub token: Option<proto::tls::JoinToken>,
 }
 
+/// A reader identity of its own for this process: one name for all its readers, registered
+/// once.
+pub fn reader_identity() -> Identity {
+    Identity::ephemeral(format!("b{:08x}-reader", rand::random::<u32>()), None)
+}
+
 /// The token in `CELLCHAT_TOKEN`, if set and valid.
 pub fn token_from_env() -> Option<proto::tls::JoinToken> {
     std::env::var("CELLCHAT_TOKEN").ok()?.parse().ok()
@@ -64,6 +70,8 @@ pub struct Cellchat {
     /// Numbers writers, so every writer of this process is a user of its own (a name
     /// registered once stays bound to its key).
     writers_made: AtomicU64,
+    /// The user every reader of this process logs in as (reading needs a login).
+    reader: Identity,
 }
 
 impl Cellchat {
@@ -97,6 +105,7 @@ impl Cellchat {
             nodes,
             run_tag: rand::random(),
             writers_made: AtomicU64::new(0),
+            reader: reader_identity(),
         })
     }
 
@@ -113,12 +122,18 @@ impl Cellchat {
             nodes,
             run_tag: rand::random(),
             writers_made: AtomicU64::new(0),
+            reader: reader_identity(),
         })
     }
 
     /// Where clients find this cluster.
     pub fn target(&self) -> &Target {
         &self.target
+    }
+
+    /// The identity this process's readers share.
+    pub fn reader(&self) -> &Identity {
+        &self.reader
     }
 
     /// The local cluster, for scenarios that kill and restart nodes.
@@ -241,7 +256,8 @@ impl System for Cellchat {
         // The client reads from the node it measures nearest; on loopback that spreads
         // subscribers over the nodes by their probe RTTs, not by `node`.
         async move {
-            let client = Client::connect(client_config(&self.target, None)).await?;
+            let reader = Some(self.reader.clone());
+            let client = Client::connect(client_config(&self.target, reader)).await?;
             let head = client
                 .channels()
                 .await?

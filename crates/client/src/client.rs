@@ -86,7 +86,12 @@ impl Client {
         let streams = Streams {
             routes: routes.clone(),
             pool: pool.clone(),
-            push: Arc::new(PushPool::new(config.clone(), trust, routes.clone())),
+            push: Arc::new(PushPool::new(
+                config.clone(),
+                trust,
+                routes.clone(),
+                pool.identity().cloned(),
+            )),
             wait: config.stream_wait,
         };
         let refresher = tokio::spawn(prober.clone().refresh_loop());
@@ -336,7 +341,9 @@ impl Client {
     /// [`Error::RetriesExhausted`] when no node could answer.
     pub async fn cluster(&self) -> Result<ClusterInfo, Error> {
         let info = self
-            .read(|conn| async move { conn.cluster(self.pool.ctx()).await })
+            .read_as(Reader::Anyone, |conn| async move {
+                conn.cluster(self.pool.ctx()).await
+            })
             .await?;
         self.routes.update(|table, _| table.merge_cluster(&info));
         Ok(info)
@@ -394,16 +401,36 @@ impl Client {
         }
     }
 
-    /// A read RPC on the reader, moving to the next node when one fails or cannot serve reads.
+    /// A read RPC on the reader, logged in, moving to the next node when one fails or cannot
+    /// serve reads.
     async fn read<T, Fut>(&self, call: impl Fn(ChatClient) -> Fut) -> Result<T, Error>
+    where
+        Fut: Future<Output = Result<Result<T, ApiError>, RpcError>>,
+    {
+        self.pool.identity().ok_or(Error::NoIdentity)?;
+        self.read_as(Reader::User, call).await
+    }
+
+    async fn read_as<T, Fut>(
+        &self,
+        reader: Reader,
+        call: impl Fn(ChatClient) -> Fut,
+    ) -> Result<T, Error>
     where
         Fut: Future<Output = Result<Result<T, ApiError>, RpcError>>,
     {
         self.retrying(Target::Nearest, || async {
             let node = (self.routes.pick_reader())
                 .ok_or_else(|| Failure::Transport("no node known".into()))?;
-            let conn = self.pool.read_conn(node).await.inspect_err(|_| {
-                self.pool.mark_down(node, "connect failed");
+            let conn = match reader {
+                Reader::User => self.pool.read_conn(node).await,
+                Reader::Anyone => self.pool.info_conn(node).await,
+            };
+            let conn = conn.inspect_err(|failure| {
+                // A refused login says nothing about the node's health.
+                if matches!(failure, Failure::Transport(_)) {
+                    self.pool.mark_down(node, "connect failed");
+                }
             })?;
             match call(conn).await {
                 Ok(Ok(value)) => Ok(value),
@@ -480,6 +507,14 @@ impl Client {
             key_path: identity.and_then(|i| i.path().map(ToOwned::to_owned)),
         }
     }
+}
+
+/// Who a read is made as: the client's user (reads of messages and channels), or anyone who
+/// said hello (the cluster's membership).
+#[derive(Clone, Copy)]
+enum Reader {
+    User,
+    Anyone,
 }
 
 fn send_request(channel: &str, body: Vec<u8>, client_id: [u8; 16], client_seq: u64) -> SendRequest {

@@ -38,8 +38,8 @@ pub enum Error {
         /// Where this client keeps the name's key.
         key_path: Option<PathBuf>,
     },
-    /// Sending needs a name; this client has none.
-    #[error("this client has no name: give a user name to send")]
+    /// Sending and reading need a name; this client has none.
+    #[error("this client has no name: give a user name to send or read")]
     NoIdentity,
     /// The cluster answered with an error that retrying will not fix (or a single attempt
     /// failed).

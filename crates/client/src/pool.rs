@@ -43,8 +43,10 @@ pub(crate) struct Pool {
     routes: Arc<Routes>,
     conns: Mutex<HashMap<u64, Conn>>,
     conn_serial: AtomicU64,
-    /// The node sends go to. An async lock, held across a login, so logins never overlap.
+    /// The node sends go to. An async lock, held while the writer is chosen and logged in.
     writer: tokio::sync::Mutex<Option<u64>>,
+    /// Held across every login, so two logins never race for one connection's challenge.
+    logins: tokio::sync::Mutex<()>,
     /// When a send and a read RPC last used a connection; each closes after `writer_idle`.
     last_write: Mutex<Instant>,
     last_read: Mutex<Instant>,
@@ -83,6 +85,7 @@ impl Pool {
             conns: Mutex::new(HashMap::new()),
             conn_serial: AtomicU64::new(0),
             writer: tokio::sync::Mutex::new(None),
+            logins: tokio::sync::Mutex::new(()),
             last_write: Mutex::new(Instant::now()),
             last_read: Mutex::new(Instant::now()),
             polls_in_flight: AtomicUsize::new(0),
@@ -150,8 +153,21 @@ impl Pool {
         self.conn(node).await.map(|conn| conn.client)
     }
 
-    /// [`connect`](Self::connect) for a read RPC: keeps the reader's connection open.
+    /// A logged-in connection to `node` for a read RPC (reads need a login); keeps the
+    /// reader's connection open.
     pub(crate) async fn read_conn(&self, node: u64) -> Result<ChatClient, Failure> {
+        *self.last_read.lock() = Instant::now();
+        let identity = (self.identity.as_ref()).ok_or(Failure::Api(ApiError::Unauthenticated))?;
+        let conn = self.conn(node).await?;
+        if !conn.logged_in {
+            self.login(node, &conn, identity).await?;
+        }
+        Ok(conn.client)
+    }
+
+    /// A connection to `node` that said hello, for the calls that need no login (the
+    /// cluster's membership); keeps the reader's connection open.
+    pub(crate) async fn info_conn(&self, node: u64) -> Result<ChatClient, Failure> {
         *self.last_read.lock() = Instant::now();
         self.connect(node).await
     }
@@ -207,6 +223,12 @@ impl Pool {
     /// Logs in on `conn` to `node`, with the challenge of its hello if still unused, else with
     /// a fresh one.
     async fn login(&self, node: u64, conn: &Conn, identity: &Identity) -> Result<(), Failure> {
+        let _one_at_a_time = self.logins.lock().await;
+        let done =
+            (self.conns.lock().get(&node)).is_some_and(|c| c.serial == conn.serial && c.logged_in);
+        if done {
+            return Ok(());
+        }
         let unused = (self.conns.lock().get_mut(&node))
             .filter(|c| c.serial == conn.serial)
             .and_then(|c| c.challenge.take());

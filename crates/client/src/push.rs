@@ -26,6 +26,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use crate::config::ClientConfig;
+use crate::identity::Identity;
 use crate::retry::Failure;
 use crate::routing::Routes;
 use crate::trust::ClusterTrust;
@@ -54,6 +55,8 @@ pub(crate) struct PushPool {
     config: Arc<ClientConfig>,
     trust: Arc<ClusterTrust>,
     routes: Arc<Routes>,
+    /// Who logs in on each push connection (reading needs a login).
+    identity: Option<Identity>,
     conns: Mutex<HashMap<u64, Arc<PushConn>>>,
     unsupported: Mutex<HashMap<u64, Instant>>,
     /// Serializes dials, so subscriptions started together share one connection.
@@ -65,11 +68,13 @@ impl PushPool {
         config: Arc<ClientConfig>,
         trust: Arc<ClusterTrust>,
         routes: Arc<Routes>,
+        identity: Option<Identity>,
     ) -> Self {
         Self {
             config,
             trust,
             routes,
+            identity,
             conns: Mutex::default(),
             unsupported: Mutex::default(),
             dialing: tokio::sync::Mutex::default(),
@@ -103,7 +108,10 @@ impl PushPool {
         if let Some(conn) = self.live(node) {
             return Ok(conn);
         }
-        let conn = match dial(&self.config, &self.trust, &self.routes, node).await {
+        let Some(identity) = &self.identity else {
+            return Err(DialError::Failed(Failure::Api(ApiError::Unauthenticated)));
+        };
+        let conn = match dial(&self.config, &self.trust, &self.routes, identity, node).await {
             Ok(conn) => Arc::new(conn),
             Err(DialError::Unsupported) => {
                 tracing::info!(node, "node does not speak push; using long polls");
@@ -191,11 +199,12 @@ impl PushConn {
     }
 }
 
-/// Connects to `node`, says hello and waits for the welcome.
+/// Connects to `node`, says hello, waits for the welcome and logs in as `identity`.
 async fn dial(
     config: &ClientConfig,
     trust: &ClusterTrust,
     routes: &Routes,
+    identity: &Identity,
     node: u64,
 ) -> Result<PushConn, DialError> {
     let Some(addr) = routes.addr_of(node) else {
@@ -215,6 +224,7 @@ async fn dial(
     .await
     .map_err(|e| fail("connect to", &e))?;
     trust.remember();
+    let binding = proto::tls::stream_binding(&stream).map_err(|e| fail("connect to", &e))?;
     let (read, mut write) = tokio::io::split(stream);
     let hello = push::encode_frame(&ClientFrame::Hello(PushHello::new(
         config.cluster.clone(),
@@ -256,6 +266,24 @@ async fn dial(
             &format!("answered node {}", welcome.node_id),
         ));
     }
+    // The node answers a refused login with an error frame and a close, which the
+    // connection task reports; nothing to wait for here.
+    let message = proto::login_message(
+        &welcome.challenge,
+        &binding,
+        &config.cluster,
+        identity.name(),
+    );
+    let login = push::encode_frame(&ClientFrame::Login(proto::Login {
+        name: identity.name().to_owned(),
+        public_key: identity.public_key(),
+        signature: identity.sign(&message).to_vec(),
+    }));
+    let sent = async {
+        write.write_all(&login).await?;
+        write.flush().await
+    };
+    sent.await.map_err(|e| fail("login to", &e))?;
     let silence = Duration::from_millis(welcome.heartbeat_ms.max(1) * 3)
         .max(Duration::from_millis(push::SILENCE_MS_MAX));
     let shared = Arc::new(ConnShared::default());

@@ -149,7 +149,11 @@ struct ConnState {
     /// The TLS session's login binding; a login signature must cover it.
     binding: [u8; 32],
     challenge: Option<[u8; 32]>,
-    user: Option<String>,
+    /// The logged-in user and the key it proved.
+    user: Option<(String, [u8; 32])>,
+    /// Whether that name is registered to that key (known at login, or registered by the
+    /// first send).
+    registered: bool,
     bucket: TokenBucket,
     /// Counts the connection in `connected_clients` until its last request is done.
     _connected: GaugeGuard,
@@ -209,7 +213,6 @@ pub(crate) fn to_wire(message: chat_sm::Message) -> WireMessage {
         sender: message.sender,
         body: message.body,
         at_ms: message.at_ms,
-        client_id: message.client_id.0,
         client_seq: message.client_seq,
     }
 }
@@ -230,6 +233,7 @@ impl ChatServer {
             binding,
             challenge: None,
             user: None,
+            registered: false,
             bucket: TokenBucket::new(shared.conn_rate_per_s, shared.conn_burst),
             _connected: GaugeGuard::new(&shared.metrics.connected_clients),
         };
@@ -275,6 +279,15 @@ impl ChatServer {
         conn.bucket.take_now()
     }
 
+    /// Reads need a logged-in user on this connection (and a token of its rate limit).
+    fn require_login(&self) -> Result<(), ApiError> {
+        self.require_hello()?;
+        if self.conn.lock().user.is_none() {
+            return Err(ApiError::Unauthenticated);
+        }
+        Ok(())
+    }
+
     /// Waits until this node applied `read_token`, within `budget`.
     async fn wait_token(&self, read_token: u64, budget: Duration) -> Result<(), ApiError> {
         if self.shared.delivery.wait_applied(read_token, budget).await {
@@ -292,27 +305,57 @@ impl ChatServer {
             messages: messages.into_iter().map(to_wire).collect(),
         }
     }
+}
 
-    async fn register(&self, name: &str, public_key: [u8; 32]) -> Result<(), ApiError> {
-        let name = name.to_owned();
-        match self
-            .shared
-            .raft
-            .client_write(Command::RegisterUser { name, public_key })
-            .await
-        {
-            Ok(response) => match response.data {
-                ChatResponse::Registered => Ok(()),
-                ChatResponse::Rejected(reason) => Err(rejected(reason)),
-                other => panic!("state machine answered a registration with {other:?}"),
-            },
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(not_leader(f.leader_id.zip(f.leader_node)))
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "registration failed");
-                Err(ApiError::unavailable("raft unavailable"))
-            }
+/// Checks a login made on a connection whose hello gave `challenge` and whose TLS session has
+/// `binding`: the signature, then the name's registered key. Returns whether the name is
+/// registered to this key. A name this node has not seen registered logs in all the same (the
+/// signature proves the key): it may read, and its first send registers it through the leader
+/// (trust on first use), so logging in needs no leader and no log write. Shared by chat and
+/// push connections.
+///
+/// # Errors
+/// [`ApiError::Unauthenticated`] for a bad signature, `NameTaken` for another key,
+/// `InvalidName`.
+pub(crate) fn verify_login(
+    shared: &ApiShared,
+    challenge: &[u8; 32],
+    binding: &[u8; 32],
+    req: &Login,
+) -> Result<bool, ApiError> {
+    if !chat_sm::valid_user_name(&req.name) {
+        return Err(ApiError::Rejected(RejectReason::InvalidName));
+    }
+    let message = proto::login_message(challenge, binding, &shared.cluster, &req.name);
+    let verified = VerifyingKey::from_bytes(&req.public_key).is_ok_and(|key| {
+        Signature::from_slice(&req.signature)
+            .is_ok_and(|signature| key.verify_strict(&message, &signature).is_ok())
+    });
+    if !verified {
+        return Err(ApiError::Unauthenticated);
+    }
+    match shared.chat.user_key(&req.name) {
+        Some(registered) if registered == req.public_key => Ok(true),
+        Some(_) => Err(ApiError::Rejected(RejectReason::NameTaken)),
+        None => Ok(false),
+    }
+}
+
+async fn register(shared: &ApiShared, name: &str, public_key: [u8; 32]) -> Result<(), ApiError> {
+    let name = name.to_owned();
+    let command = Command::RegisterUser { name, public_key };
+    match shared.raft.client_write(command).await {
+        Ok(response) => match response.data {
+            ChatResponse::Registered => Ok(()),
+            ChatResponse::Rejected(reason) => Err(rejected(reason)),
+            other => panic!("state machine answered a registration with {other:?}"),
+        },
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+            Err(not_leader(f.leader_id.zip(f.leader_node)))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "registration failed");
+            Err(ApiError::unavailable("raft unavailable"))
         }
     }
 }
@@ -341,24 +384,12 @@ impl proto::Chat for ChatServer {
         self.require_hello()?;
         let challenge = self.conn.lock().challenge.take();
         let challenge = challenge.ok_or(ApiError::Unauthenticated)?;
-        if !chat_sm::valid_user_name(&req.name) {
-            return Err(ApiError::Rejected(RejectReason::InvalidName));
-        }
         let binding = self.conn.lock().binding;
-        let message = proto::login_message(&challenge, &binding, &self.shared.cluster, &req.name);
-        let verified = VerifyingKey::from_bytes(&req.public_key).is_ok_and(|key| {
-            Signature::from_slice(&req.signature)
-                .is_ok_and(|signature| key.verify_strict(&message, &signature).is_ok())
-        });
-        if !verified {
-            return Err(ApiError::Unauthenticated);
-        }
-        match self.shared.chat.user_key(&req.name) {
-            Some(registered) if registered == req.public_key => {}
-            Some(_) => return Err(ApiError::Rejected(RejectReason::NameTaken)),
-            None => self.register(&req.name, req.public_key).await?,
-        }
-        self.conn.lock().user = Some(req.name.clone());
+        let registered = verify_login(&self.shared, &challenge, &binding, &req)?;
+        let mut conn = self.conn.lock();
+        conn.user = Some((req.name.clone(), req.public_key));
+        conn.registered = registered;
+        drop(conn);
         Ok(Session { name: req.name })
     }
 
@@ -367,13 +398,22 @@ impl proto::Chat for ChatServer {
         let _busy = self.busy();
         let started = Instant::now();
         self.require_hello()?;
-        let user = self.conn.lock().user.clone();
-        let user = user.ok_or(ApiError::Unauthenticated)?;
+        let (user, registered) = {
+            let conn = self.conn.lock();
+            (conn.user.clone(), conn.registered)
+        };
+        let (user, public_key) = user.ok_or(ApiError::Unauthenticated)?;
         let (rate, burst) = (self.shared.user_rate_per_s, self.shared.user_burst);
         (self.shared.user_buckets.lock())
             .entry(user.clone())
             .or_insert_with(|| TokenBucket::new(rate, burst))
             .take_now()?;
+        if !registered {
+            // The first send of a name this node did not know registers it (on the leader; a
+            // follower answers NotLeader as for the send itself).
+            register(&self.shared, &user, public_key).await?;
+            self.conn.lock().registered = true;
+        }
         // Cheap checks before the log, so junk never takes log space; apply repeats them
         // deterministically.
         if req.body.len() > chat_sm::MAX_BODY_BYTES {
@@ -410,7 +450,7 @@ impl proto::Chat for ChatServer {
     async fn stream(self, ctx: Context, req: StreamRequest) -> Result<MessageBatch, ApiError> {
         let _busy = self.busy();
         let started = Instant::now();
-        self.require_hello()?;
+        self.require_login()?;
         check_channel(&req.channel)?;
         let budget = wait_budget(&ctx, req.wait_ms);
         let deadline = Instant::now() + budget;
@@ -445,7 +485,7 @@ impl proto::Chat for ChatServer {
     async fn history(self, ctx: Context, req: HistoryRequest) -> Result<MessageBatch, ApiError> {
         let _busy = self.busy();
         let started = Instant::now();
-        self.require_hello()?;
+        self.require_login()?;
         check_channel(&req.channel)?;
         self.wait_token(req.read_token, wait_budget(&ctx, proto::STREAM_WAIT_MS_MAX))
             .await?;
@@ -468,7 +508,7 @@ impl proto::Chat for ChatServer {
 
     async fn channels(self, _: Context) -> Result<Vec<ChannelInfo>, ApiError> {
         let _busy = self.busy();
-        self.require_hello()?;
+        self.require_login()?;
         let channels = self.shared.chat.channels().into_iter();
         Ok(channels
             .map(|(name, head)| ChannelInfo { name, head: head.0 })

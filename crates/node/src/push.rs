@@ -31,7 +31,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::api::{
-    check_channel, storage_error, to_wire, ApiShared, TokenBucket, BATCH_MESSAGES_MAX,
+    self, check_channel, storage_error, to_wire, ApiShared, TokenBucket, BATCH_MESSAGES_MAX,
 };
 use crate::metrics::GaugeGuard;
 
@@ -265,6 +265,7 @@ pub async fn serve_connection(
     cache: Arc<BatchCache>,
     stream: TlsTcp,
     peer: SocketAddr,
+    binding: [u8; 32],
 ) {
     let _connected = GaugeGuard::new(&shared.metrics.connected_clients);
     let _push = GaugeGuard::new(&shared.metrics.push_connections);
@@ -305,16 +306,19 @@ pub async fn serve_connection(
         out.send_error(None, error).await;
         return;
     }
+    let challenge: [u8; 32] = rand::random();
     let welcome = ServerFrame::Welcome(PushWelcome {
         node_id: shared.id,
         version: push::PUSH_VERSION,
         heartbeat_ms: HEARTBEAT_MS,
+        challenge,
     });
     if !out.write(push::encode_frame(&welcome), Bytes::new()).await {
         return;
     }
 
     let mut bucket = TokenBucket::new(shared.conn_rate_per_s, shared.conn_burst);
+    let mut logged_in = false;
     let mut subs: HashMap<u64, SubTask> = HashMap::new();
     let heartbeat = Duration::from_millis(HEARTBEAT_MS);
     let mut tick = tokio::time::interval(heartbeat / 4);
@@ -327,6 +331,20 @@ pub async fn serve_connection(
                     Some(Ok(ClientFrame::Unsubscribe { sub_id })) => {
                         subs.remove(&sub_id);
                         continue;
+                    }
+                    Some(Ok(ClientFrame::Login(login))) if !logged_in => {
+                        let verified = api::verify_login(&shared, &challenge, &binding, &login);
+                        if let Err(error) = verified {
+                            tracing::debug!(%peer, %error, "push login refused");
+                            out.send_error(None, error).await;
+                            return;
+                        }
+                        logged_in = true;
+                        continue;
+                    }
+                    Some(Ok(ClientFrame::Login(_))) => Err(malformed("second login")),
+                    Some(Ok(ClientFrame::Subscribe(_))) if !logged_in => {
+                        Err(ApiError::Unauthenticated)
                     }
                     Some(Ok(ClientFrame::Subscribe(sub))) => Ok(sub),
                     Some(Ok(ClientFrame::Hello(_))) => Err(malformed("second hello")),

@@ -795,6 +795,7 @@ async fn route_client(
     guard: ConnGuard,
 ) -> std::io::Result<()> {
     let mut stream = proto::accept_tls(stream, tls).await?;
+    let binding = proto::tls::stream_binding(&stream).map_err(std::io::Error::other)?;
     if proto::alpn(&stream) == Some(proto::tls::ALPN_PUSH) {
         let mut magic = [0u8; 4];
         tokio::time::timeout(proto::HANDSHAKE_TIMEOUT, stream.read_exact(&mut magic))
@@ -808,11 +809,10 @@ async fn route_client(
         }
         push.spawn(async move {
             let _guard = guard;
-            push::serve_connection(shared, cache, stream, peer).await;
+            push::serve_connection(shared, cache, stream, peer, binding).await;
         });
         return Ok(());
     }
-    let binding = proto::tls::stream_binding(&stream).map_err(std::io::Error::other)?;
     let transport: ChatServerTransport =
         proto::framed_reading_at_most(stream, proto::CHAT_REQUEST_BYTES_MAX);
     let server = ChatServer::new(shared, binding);

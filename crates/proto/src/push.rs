@@ -21,9 +21,14 @@
 //! | step | client | node |
 //! | --- | --- | --- |
 //! | 1 | magic, `Hello` | checks it like [`check_hello`](crate::check_hello), with [`PUSH_VERSION`] |
-//! | 2 | | `Welcome`, or `Error { sub_id: None, .. }` and close |
-//! | 3 | `Subscribe { sub_id, channel, after_seq, read_token }` | waits for `read_token`, then `Batch`es from `after_seq + 1` on |
-//! | 4 | `Unsubscribe { sub_id }` | stops that subscription; no more frames for it |
+//! | 2 | | `Welcome` with a login challenge, or `Error { sub_id: None, .. }` and close |
+//! | 3 | `Login`, signed over the challenge and this TLS session's binding as on a chat connection | checks it like [`Chat::login`](crate::Chat::login); `Error { sub_id: None, .. }` and close if it fails |
+//! | 4 | `Subscribe { sub_id, channel, after_seq, read_token }` | waits for `read_token`, then `Batch`es from `after_seq + 1` on |
+//! | 5 | `Unsubscribe { sub_id }` | stops that subscription; no more frames for it |
+//!
+//! A client may send its `Login` and `Subscribe` frames without waiting: the node reads them
+//! in order. A `Subscribe` before a good `Login` is refused with `Unauthenticated` and closes
+//! the connection.
 //!
 //! - A subscription's batches are in seq order and dense: each batch starts right after the
 //!   previous one of the same `sub_id` ended (the first at `after_seq + 1`). Frames of
@@ -48,7 +53,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
 use crate::transport::FRAME_BYTES_MAX;
-use crate::types::MessageBatch;
+use crate::types::{Login, MessageBatch};
 
 /// First 4 bytes of a push connection, from the client: ASCII `CCPS`. As a tarpc length prefix
 /// this is 0x43435053, far above [`FRAME_BYTES_MAX`].
@@ -56,8 +61,9 @@ pub const PUSH_MAGIC: [u8; 4] = *b"CCPS";
 
 const _: () = assert!(u32::from_be_bytes(PUSH_MAGIC) as usize > FRAME_BYTES_MAX);
 
-/// Version of the push protocol (frames after the magic).
-pub const PUSH_VERSION: u16 = 1;
+/// Version of the push protocol (frames after the magic). Version 2: batches carry the
+/// `WireMessage` of protocol version 3 (no client id), and reading needs a `Login`.
+pub const PUSH_VERSION: u16 = 2;
 
 /// Largest client frame body a node accepts, in bytes (64 KiB). Client frames carry a channel
 /// name and a few integers; a node never allocates more than this for one.
@@ -141,6 +147,8 @@ pub enum ClientFrame {
         /// The subscription to end.
         sub_id: u64,
     },
+    /// Logs in, once, before the first subscription (since version 2).
+    Login(Login),
 }
 
 /// The node's answer to a good [`PushHello`].
@@ -152,6 +160,8 @@ pub struct PushWelcome {
     pub version: u16,
     /// How often the node sends a heartbeat when idle, in ms.
     pub heartbeat_ms: u64,
+    /// What the client's `Login` signs (since version 2).
+    pub challenge: [u8; 32],
 }
 
 /// Frames a node sends on a push connection.
@@ -306,7 +316,6 @@ mod tests {
             sender: "alice".into(),
             body,
             at_ms: seq.wrapping_add(1_700_000_000_000),
-            client_id: [7; 16],
             client_seq: seq.wrapping_mul(3),
         }
     }

@@ -545,6 +545,14 @@ impl TestCluster {
         Ok(())
     }
 
+    /// The client addresses of the nodes that printed their ready line.
+    pub fn client_addrs(&self) -> Vec<SocketAddr> {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.ready().map(|r| r.client))
+            .collect()
+    }
+
     /// Runs `server ARGS --cluster .. --discovery-port ..` (an operator subcommand such as
     /// `members --json`) against this cluster and returns its output.
     ///
@@ -735,6 +743,37 @@ impl TestClient {
             .login(ctx(Duration::from_secs(5)), login)
             .await??;
         Ok(this)
+    }
+
+    /// Logs in at `addr` as `user` (reading needs a login), retrying until `timeout` while
+    /// the node refuses: one that has not yet applied the registration of another key for the
+    /// name, or a node restarting. Between tries it logs in at each of `nodes` as well.
+    ///
+    /// # Errors
+    /// The last error when no login at `addr` succeeded in time.
+    pub async fn login_anywhere(
+        addr: SocketAddr,
+        nodes: &[SocketAddr],
+        cluster: &str,
+        user: &TestUser,
+        timeout: Duration,
+    ) -> anyhow::Result<TestClient> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let error = match TestClient::login(addr, cluster, user).await {
+                Ok(client) => return Ok(client),
+                Err(e) => e,
+            };
+            if Instant::now() > deadline {
+                return Err(error.context(format!("logging in at {addr} as {}", user.name)));
+            }
+            for node in nodes.iter().filter(|n| **n != addr) {
+                if TestClient::login(*node, cluster, user).await.is_ok() {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// One send attempt.

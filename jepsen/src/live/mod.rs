@@ -380,6 +380,19 @@ fn drive(
     let workload_start = Instant::now();
     let stop_at = tokio::time::Instant::from_std(workload_start + cfg.time_limit);
     let gap_s = cfg.clients as f64 / cfg.rate;
+    let nonce: u64 = rand::random();
+    // Reading needs a login, and a follower registers no names: the final reader is
+    // registered now, while the cluster is healthy (a later login re-registers it if a fault
+    // lost the registration).
+    let reader = testkit::TestUser::new(&format!("jp{:x}reader", nonce & 0xffff_ffff));
+    let registered = runtime.block_on(testkit::TestClient::login_anywhere(
+        addrs[0],
+        &addrs,
+        cluster_name,
+        &reader,
+        Duration::from_secs(30),
+    ));
+    registered.context("registering the final reader")?;
     let shared = Arc::new(workload::Shared {
         history: Arc::clone(&history),
         addrs: addrs.clone(),
@@ -388,8 +401,9 @@ fn drive(
         stop_at,
         op_gap: Duration::from_secs_f64(gap_s.clamp(0.001, 60.0)),
         counters: workload::Counters::default(),
-        nonce: rand::random(),
+        nonce,
         seed: cfg.seed,
+        reader,
     });
     let mut checks: Vec<HarnessCheck> = Vec::new();
     let stop = AtomicBool::new(false);

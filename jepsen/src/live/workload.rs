@@ -76,6 +76,8 @@ pub struct Shared {
     pub nonce: u64,
     /// Seed for the processes' own randomness.
     pub seed: u64,
+    /// The user final reads log in as, registered before the faults start.
+    pub reader: TestUser,
 }
 
 impl Shared {
@@ -449,13 +451,17 @@ pub async fn final_reads(
 ) -> usize {
     let nn = node_name(node);
     let mut ok = 0;
-    let client = match timeout(
-        CONNECT_TIMEOUT * 3,
-        TestClient::connect(sh.addrs[node], cluster),
-    )
-    .await
-    {
-        Ok(Ok((c, _))) => Some(c.client),
+    // Reading needs a login: the run's reader, registered at the start (a fault that lost
+    // the registration is repaired by a login at the leader).
+    let login = TestClient::login_anywhere(
+        sh.addrs[node],
+        &sh.addrs,
+        cluster,
+        &sh.reader,
+        CONNECT_TIMEOUT * 10,
+    );
+    let client = match timeout(CONNECT_TIMEOUT * 11, login).await {
+        Ok(Ok(c)) => Some(c.client),
         _ => None,
     };
     for channel in &sh.channels {
