@@ -258,6 +258,7 @@ pub(crate) fn resolve_join(join: &[String]) -> anyhow::Result<Vec<SocketAddr>> {
 }
 
 fn main() -> anyhow::Result<()> {
+    node::create_private_files();
     let cli = parse_cli()?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     match cli.command {

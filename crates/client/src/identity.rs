@@ -45,6 +45,14 @@ pub enum IdentityError {
         #[source]
         source: std::io::Error,
     },
+    /// Others than the owner may read the key file (as ssh refuses a private key).
+    #[error("key file {} is readable by others (mode {mode:o}): anyone who reads it can use the name; run `chmod 600 {}`", path.display(), path.display())]
+    ReadableByOthers {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// The key file does not hold 64 hex digits.
     #[error("key file {} is malformed: it must hold 64 hex digits; restore it from a backup or from the machine that owns the name", path.display())]
     Malformed {
@@ -98,6 +106,7 @@ impl Identity {
         let path = key_path(config_dir, cluster, name);
         let key = match fs::read_to_string(&path) {
             Ok(text) => {
+                check_private(&path)?;
                 parse_key(&text).ok_or_else(|| IdentityError::Malformed { path: path.clone() })?
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_key_file(&path)?,
@@ -135,6 +144,27 @@ impl Identity {
     pub fn sign(&self, message: &[u8]) -> [u8; 64] {
         self.key.sign(message).to_bytes()
     }
+}
+
+/// Refuses a key file that its group or others may read or write.
+fn check_private(path: &Path) -> Result<(), IdentityError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(path)
+        .map_err(|source| IdentityError::Io {
+            op: "reading",
+            path: path.to_path_buf(),
+            source,
+        })?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(IdentityError::ReadableByOthers {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    Ok(())
 }
 
 /// The config dir: `explicit`, else `$CELLCHAT_CONFIG_DIR`, else `dirs::config_dir()/cellchat`.
@@ -283,6 +313,25 @@ mod tests {
     }
 
     #[test]
+    fn a_key_file_others_may_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        Identity::load_or_create(dir.path(), "c1", "alice").expect("create");
+        let path = key_path(dir.path(), "c1", "alice");
+        for mode in [0o644, 0o640, 0o604, 0o660] {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).expect("chmod");
+            let error = Identity::load_or_create(dir.path(), "c1", "alice").expect_err("refused");
+            assert!(
+                matches!(error, IdentityError::ReadableByOthers { .. }),
+                "{error}"
+            );
+            assert!(error.to_string().contains("chmod 600"), "{error}");
+        }
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).expect("chmod");
+        Identity::load_or_create(dir.path(), "c1", "alice").expect("a read-only private key");
+    }
+
+    #[test]
     fn names_and_clusters_get_their_own_keys() {
         let dir = tempfile::tempdir().expect("tempdir");
         let a = Identity::load_or_create(dir.path(), "c1", "alice").expect("a");
@@ -310,6 +359,8 @@ mod tests {
         let path = key_path(dir.path(), "c1", "alice");
         fs::create_dir_all(path.parent().expect("dir")).expect("mkdir");
         fs::write(&path, "not hex").expect("write");
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod");
         let err = Identity::load_or_create(dir.path(), "c1", "alice").expect_err("malformed");
         assert!(matches!(err, IdentityError::Malformed { .. }), "{err}");
     }

@@ -100,13 +100,69 @@ pub struct DataDir {
     _lock: File,
 }
 
+/// Makes every file and directory this process creates from now on private to its owner
+/// (umask 077): RocksDB, the log and snapshots create their files with the default modes.
+pub fn create_private_files() {
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+}
+
+/// Creates `path` readable by its owner only (0700), or tightens an existing one that its
+/// group or others may enter, together with everything inside it (files 0600, dirs 0700):
+/// a data dir holds every message, the node's TLS key and the cluster CA's key.
+fn make_private(path: &Path) -> Result<(), DataDirError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(io_error("create", path))?;
+    let mode = fs::metadata(path)
+        .map_err(io_error("stat", path))?
+        .permissions()
+        .mode();
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    let mut tightened = 0u64;
+    let mut pending = vec![path.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+            .map_err(io_error("chmod", &dir))?;
+        for entry in fs::read_dir(&dir).map_err(io_error("list", &dir))? {
+            let entry = entry.map_err(io_error("list", &dir))?;
+            let kind = entry.file_type().map_err(io_error("stat", &entry.path()))?;
+            if kind.is_dir() {
+                pending.push(entry.path());
+            } else if kind.is_file() {
+                let file = entry.path();
+                let mode = entry
+                    .metadata()
+                    .map_err(io_error("stat", &file))?
+                    .permissions()
+                    .mode();
+                if mode & 0o077 != 0 {
+                    fs::set_permissions(&file, fs::Permissions::from_mode(mode & 0o700))
+                        .map_err(io_error("chmod", &file))?;
+                    tightened += 1;
+                }
+            }
+        }
+    }
+    tracing::warn!(
+        dir = %path.display(),
+        files = tightened,
+        "the data dir was open to other users; it and its files are now private to the owner"
+    );
+    Ok(())
+}
+
 impl DataDir {
     /// Locks `path` (creating it if needed) and reads or creates its node id.
     ///
     /// # Errors
     /// [`DataDirError::Locked`] if another process holds it; io errors; a damaged id file.
     pub fn open(path: &Path) -> Result<DataDir, DataDirError> {
-        fs::create_dir_all(path).map_err(io_error("create", path))?;
+        make_private(path)?;
         let lock_path = path.join(LOCK_FILE);
         let lock = OpenOptions::new()
             .create(true)

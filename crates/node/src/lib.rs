@@ -51,7 +51,7 @@ pub use cluster::{
 pub use config::Config;
 pub use conn_limit::{ConnGuard, ConnLimiter, ConnLimits, Refusal};
 pub use conn_watch::HELLO_TIMEOUT;
-pub use data_dir::{DataDir, DataDirError};
+pub use data_dir::{create_private_files, DataDir, DataDirError};
 pub use delivery::Delivery;
 pub use enroll::EnrollFailed;
 pub use handover::{hand_over, DiskWatchdog, WriteGate};
