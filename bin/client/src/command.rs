@@ -129,6 +129,13 @@ fn parse_history(rest: &str) -> Result<Input, String> {
     }
 }
 
+/// Whether an input line may carry a passphrase (`/key ...`), and so stays out of the input
+/// history.
+pub fn may_hold_a_secret(line: &str) -> bool {
+    let first = line.split_whitespace().next().unwrap_or("");
+    first.eq_ignore_ascii_case("/key")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,5 +187,14 @@ mod tests {
         let long = "x".repeat(LINE_BYTES_MAX + 1);
         assert!(parse(&long).expect_err("long").contains("16 KiB"));
         assert!(parse(&"x".repeat(LINE_BYTES_MAX)).is_ok());
+    }
+
+    #[test]
+    fn key_lines_never_reach_the_input_history() {
+        assert!(may_hold_a_secret("/key open sesame"));
+        assert!(may_hold_a_secret("  /KEY x"));
+        assert!(may_hold_a_secret("/key"));
+        assert!(!may_hold_a_secret("/keys are fun"));
+        assert!(!may_hold_a_secret("hello /key x"));
     }
 }

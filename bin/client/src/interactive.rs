@@ -133,8 +133,11 @@ fn editor_thread(
         let event = match editor.readline(&prompt) {
             Ok(line) if secret => FromEditor::Secret(line),
             Ok(line) => {
-                // History is in memory only; a failure to add is harmless.
-                let _ = editor.add_history_entry(line.as_str());
+                // History is in memory only; a failure to add is harmless. A `/key` line may
+                // hold a passphrase, which must not be recalled by the arrow keys.
+                if !command::may_hold_a_secret(&line) {
+                    let _ = editor.add_history_entry(line.as_str());
+                }
                 FromEditor::Line(line)
             }
             Err(ReadlineError::Interrupted | ReadlineError::Eof) => FromEditor::Quit,
@@ -338,7 +341,11 @@ impl Chat {
                 page.head
             }
             Err(e) => {
-                println!("cannot read #{}'s history: {e}", self.channel);
+                println!(
+                    "cannot read #{}'s history: {}",
+                    self.channel,
+                    output::sanitize(&e.to_string())
+                );
                 0
             }
         };
@@ -366,8 +373,11 @@ impl Chat {
                     self.channel
                 );
             }
-            Ok(Err(e)) => println!("no key set: {e}"),
-            Err(e) => println!("no key set: key derivation failed: {e}"),
+            Ok(Err(e)) => println!("no key set: {}", output::sanitize(&e.to_string())),
+            Err(e) => println!(
+                "no key set: key derivation failed: {}",
+                output::sanitize(&e.to_string())
+            ),
         }
     }
 
@@ -386,7 +396,7 @@ impl Chat {
                     println!("#{} {} messages{here}", c.name, c.head);
                 }
             }
-            Err(e) => println!("cannot list channels: {e}"),
+            Err(e) => println!("cannot list channels: {}", output::sanitize(&e.to_string())),
         }
     }
 
@@ -402,7 +412,7 @@ impl Chat {
                     println!("#{} has no messages yet", self.channel);
                 }
             }
-            Err(e) => println!("cannot read history: {e}"),
+            Err(e) => println!("cannot read history: {}", output::sanitize(&e.to_string())),
         }
     }
 
@@ -428,7 +438,11 @@ impl Chat {
                     );
                 }
             }
-            Err(e) => println!("cannot read #{}: {e}", self.channel),
+            Err(e) => println!(
+                "cannot read #{}: {}",
+                self.channel,
+                output::sanitize(&e.to_string())
+            ),
         }
     }
 }
@@ -440,7 +454,11 @@ async fn stream_loop(mut sub: cellchat_client::Subscription, keys: Keys, printer
                 let key = lock(&keys).get(&message.channel).cloned();
                 output::line(key.as_ref(), &message, timefmt::now_ms())
             }
-            Err(e) => format!("* stream of #{} stopped: {e}", sub.channel()),
+            Err(e) => format!(
+                "* stream of #{} stopped: {}",
+                sub.channel(),
+                output::sanitize(&e.to_string())
+            ),
         };
         print(&printer, line);
     }
@@ -454,7 +472,13 @@ async fn send_loop(
 ) {
     while let Some((channel, text, key)) = rx.recv().await {
         if let Err(e) = client.send_text(&channel, &text, key.as_ref()).await {
-            print(&printer, format!("* not sent to #{channel}: {e}"));
+            print(
+                &printer,
+                format!(
+                    "* not sent to #{channel}: {}",
+                    output::sanitize(&e.to_string())
+                ),
+            );
         }
     }
 }

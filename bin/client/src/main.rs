@@ -124,7 +124,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("client: {e:#}");
+            eprintln!("client: {}", output::sanitize(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }

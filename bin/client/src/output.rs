@@ -38,11 +38,56 @@ pub fn text(key: Option<&ChannelKey>, message: &WireMessage) -> Text {
     )
 }
 
-/// Replaces control characters so a message cannot move the cursor or recolor the terminal.
+/// What a continuation line of a multi-line message starts with: every line a message
+/// prints after its first is indented, so no message can draw a line that looks like
+/// another message or a notice from the client.
+pub const CONTINUATION: &str = "    ";
+
+/// Whether `c` could change what the terminal shows beyond one visible character: control
+/// characters (C0, DEL, C1: cursor moves, colors, titles), invisible format characters that
+/// reorder or hide text (bidi overrides and isolates, zero-width spaces and joiners, word
+/// joiners, the byte order mark, tags), and the line and paragraph separators.
+pub fn is_unsafe(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{00ad}'
+                | '\u{034f}'
+                | '\u{061c}'
+                | '\u{115f}'
+                | '\u{1160}'
+                | '\u{17b4}'
+                | '\u{17b5}'
+                | '\u{180b}'..='\u{180f}'
+                | '\u{200b}'..='\u{200f}'
+                | '\u{2028}'..='\u{202e}'
+                | '\u{2060}'..='\u{206f}'
+                | '\u{3164}'
+                | '\u{fe00}'..='\u{fe0f}'
+                | '\u{feff}'
+                | '\u{ffa0}'
+                | '\u{fff0}'..='\u{fffb}'
+                | '\u{1d173}'..='\u{1d17a}'
+                | '\u{e0000}'..='\u{e0fff}'
+        )
+}
+
+/// One line of text from a server (a name, an error, a message line) made safe to print:
+/// every [unsafe](is_unsafe) character, newlines included, becomes U+FFFD.
 pub fn sanitize(text: &str) -> String {
     text.chars()
-        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+        .map(|c| if is_unsafe(c) { '\u{fffd}' } else { c })
         .collect()
+}
+
+/// A message body made safe to print: each of its lines [sanitized](sanitize), the lines after
+/// the first indented by [`CONTINUATION`]. `\r\n` counts as one line break.
+pub fn sanitize_body(text: &str) -> String {
+    let lines: Vec<String> = text
+        .split('\n')
+        .map(|line| sanitize(line.strip_suffix('\r').unwrap_or(line)))
+        .collect();
+    lines.join(&format!("\n{CONTINUATION}"))
 }
 
 /// `[5s ago] Bob: Hey Alice!`
@@ -51,7 +96,7 @@ pub fn line(key: Option<&ChannelKey>, message: &WireMessage, now_ms: u64) -> Str
         "[{}] {}: {}",
         timefmt::relative(now_ms, message.at_ms),
         sanitize(&message.sender),
-        sanitize(text(key, message).display())
+        sanitize_body(text(key, message).display())
     )
 }
 
@@ -112,7 +157,6 @@ mod tests {
             sender: "Bob".into(),
             body,
             at_ms: 1_000,
-            client_id: [0; 16],
             client_seq: 9,
         }
     }
@@ -128,6 +172,58 @@ mod tests {
     fn control_characters_are_neutralized() {
         let m = message(crypto::plain_body("\u{1b}[2Jgotcha"));
         assert_eq!(line(None, &m, 1_000), "[now] Bob: \u{fffd}[2Jgotcha");
+    }
+
+    #[test]
+    fn bidi_zero_width_and_separators_are_neutralized() {
+        for hostile in [
+            "\u{202e}txt.exe",
+            "a\u{200b}b",
+            "x\u{2028}y",
+            "\u{2066}i\u{2069}",
+            "\u{feff}z",
+        ] {
+            let shown = sanitize(hostile);
+            assert!(shown.contains('\u{fffd}'), "{hostile:?} -> {shown:?}");
+            assert!(!leaks(&shown));
+        }
+        assert_eq!(sanitize("plain text, ünïcode ✓"), "plain text, ünïcode ✓");
+    }
+
+    #[test]
+    fn a_multi_line_message_cannot_draw_a_line_of_its_own() {
+        let m = message(crypto::plain_body(
+            "hi\n[now] Alice: send me your key\r\nbye",
+        ));
+        assert_eq!(
+            line(None, &m, 1_000),
+            "[now] Bob: hi\n    [now] Alice: send me your key\n    bye"
+        );
+    }
+
+    /// Whether `shown` holds an unsafe character other than the replacement one.
+    fn leaks(shown: &str) -> bool {
+        shown.chars().any(|c| c != '\u{fffd}' && is_unsafe(c))
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn sanitized_text_holds_nothing_unsafe(text in proptest::prelude::any::<String>()) {
+            let line = sanitize(&text);
+            proptest::prop_assert!(!leaks(&line));
+            proptest::prop_assert_eq!(line.chars().count(), text.chars().count());
+            let body = sanitize_body(&text);
+            for (i, shown) in body.split('\n').enumerate() {
+                proptest::prop_assert!(!leaks(shown));
+                proptest::prop_assert!(i == 0 || shown.starts_with(CONTINUATION));
+            }
+        }
+
+        #[test]
+        fn safe_text_is_shown_as_it_is(text in "[ -~\u{a0}-\u{ac}\u{ae}-\u{2ff}]{0,80}") {
+            proptest::prop_assert_eq!(sanitize(&text), text.clone());
+            proptest::prop_assert_eq!(sanitize_body(&text), text);
+        }
     }
 
     #[test]
