@@ -7,9 +7,10 @@
 //! hex digits and a newline, mode 0600. The config dir is `$CELLCHAT_CONFIG_DIR`, else
 //! `dirs::config_dir()/cellchat` (`~/.config/cellchat` on Linux).
 //!
-//! To use a name on another machine, copy its key file to the same path there (keep mode 0600).
-//! The cluster registers the name to the first key that logs in with it (trust on first use),
-//! so without the file the name cannot be used anywhere else.
+//! To use a name on another machine, copy its key file to the same path there (keep mode 0600;
+//! a key file its group or others may read is refused). The cluster registers the name to the
+//! key of its first message (trust on first use), so without the file the name cannot be used
+//! anywhere else.
 
 use std::fs;
 use std::io::Write;
