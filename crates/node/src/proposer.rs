@@ -124,10 +124,14 @@ impl Proposer {
             answer = rx => {
                 answer.map_err(|_| ProposeError::Unavailable("proposer dropped the send"))?
             }
-            // A send waiting on a stalled disk is answered "not leader" as soon as the gate
-            // closes: the client retries with the same key on the node that takes over, and
-            // dedup makes the entry count once if this node's copy commits too.
-            () = self.gate.closed() => Err(ProposeError::NotLeader { leader: None }),
+            // A send waiting on a stalled disk is answered as soon as the gate closes, as an
+            // unknown outcome, never "not leader": it may be in an entry this node already
+            // proposed, which can still commit. The client retries with the same key on the
+            // node that takes over, and dedup makes the entry count once.
+            () = self.gate.closed() => Err(ProposeError::Unavailable(
+                "this node's disk stalled while the send waited; it may still commit: retry with \
+                 the same key",
+            )),
         }
     }
 }
