@@ -9,6 +9,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::channel::{ChannelOp, MAX_CHANNELS_PER_USER, MAX_MEMBERS};
 use crate::Error;
 
 /// Version byte in front of every encoded [`Command`].
@@ -155,6 +156,15 @@ pub enum Command {
     /// member, and every member that later catches up from a snapshot, admits newcomers with
     /// the same secret.
     SetJoinSecret(JoinSecret),
+    /// A change to a channel's record (owner, privacy, members, crypto record).
+    Channel {
+        /// The channel; validated at apply time.
+        channel: String,
+        /// The user making the change, stamped by the node from the login.
+        by: String,
+        /// What to change.
+        op: ChannelOp,
+    },
 }
 
 /// A join secret as the log carries it: opaque bytes whose `Debug` never shows them, so no
@@ -177,6 +187,16 @@ impl std::fmt::Display for Command {
             Command::SendBatch(sends) => write!(f, "send-batch({} messages)", sends.len()),
             Command::RegisterUser { name, .. } => write!(f, "register-user({name})"),
             Command::SetJoinSecret(_) => write!(f, "set-join-secret"),
+            Command::Channel { channel, op, .. } => {
+                let op = match op {
+                    ChannelOp::Create { .. } => "create",
+                    ChannelOp::SetCrypto(_) => "set-crypto",
+                    ChannelOp::Invite(_) => "invite",
+                    ChannelOp::Accept => "accept",
+                    ChannelOp::Remove(_) => "remove",
+                };
+                write!(f, "channel-{op}({channel})")
+            }
         }
     }
 }
@@ -260,6 +280,31 @@ pub enum RejectReason {
         /// Its length in bytes.
         len: u64,
     },
+    /// The channel is private and the user is not a member.
+    NotMember,
+    /// Only the channel's owner may do that.
+    NotOwner,
+    /// The channel has a record already (or, for a private one, messages).
+    ChannelExists,
+    /// The user has no invitation to the channel.
+    NotInvited,
+    /// The invitee is not a registered user.
+    UnknownUser,
+    /// The user owns [`MAX_CHANNELS_PER_USER`] channels already.
+    TooManyChannels,
+    /// The channel has [`MAX_MEMBERS`] members and invitations already.
+    TooManyMembers,
+    /// Members and invitations exist only in private channels.
+    NotPrivate,
+    /// The channel has a crypto record already; it never changes, so history stays readable.
+    CryptoAlreadySet,
+    /// A crypto record longer than [`crate::MAX_CRYPTO_RECORD_BYTES`].
+    CryptoTooLarge {
+        /// Its length in bytes.
+        len: u64,
+    },
+    /// The owner cannot leave a private channel (nobody could invite anyone again).
+    OwnerCannotLeave,
 }
 
 impl fmt::Display for RejectReason {
@@ -290,6 +335,27 @@ impl fmt::Display for RejectReason {
                 JOIN_SECRET_BYTES.start(),
                 JOIN_SECRET_BYTES.end()
             ),
+            RejectReason::NotMember => write!(f, "the channel is private and you are not a member"),
+            RejectReason::NotOwner => write!(f, "only the channel's owner may do that"),
+            RejectReason::ChannelExists => write!(f, "the channel exists already"),
+            RejectReason::NotInvited => write!(f, "you have no invitation to the channel"),
+            RejectReason::UnknownUser => write!(f, "no user of that name is registered"),
+            RejectReason::TooManyChannels => {
+                write!(f, "you own {MAX_CHANNELS_PER_USER} channels, the limit")
+            }
+            RejectReason::TooManyMembers => {
+                write!(f, "the channel has {MAX_MEMBERS} members and invitations, the limit")
+            }
+            RejectReason::NotPrivate => write!(f, "the channel is public: everyone may read it"),
+            RejectReason::CryptoAlreadySet => {
+                write!(f, "the channel's encryption is set and never changes")
+            }
+            RejectReason::CryptoTooLarge { len } => write!(
+                f,
+                "a crypto record is at most {} bytes, not {len}",
+                crate::MAX_CRYPTO_RECORD_BYTES
+            ),
+            RejectReason::OwnerCannotLeave => write!(f, "the owner cannot leave the channel"),
         }
     }
 }
@@ -343,6 +409,8 @@ pub enum ChatResponse {
     Registered,
     /// A [`Command::SetJoinSecret`] was applied.
     JoinSecretSet,
+    /// A [`Command::Channel`] was applied (or changed nothing, as a repeat).
+    ChannelUpdated,
     /// The whole command was refused.
     Rejected(RejectReason),
 }
@@ -445,6 +513,19 @@ mod tests {
             Command::RegisterUser {
                 name: "Bob".into(),
                 public_key: [9; 32],
+            },
+            Command::Channel {
+                channel: "vault".into(),
+                by: "Alice".into(),
+                op: ChannelOp::Create {
+                    private: true,
+                    crypto: Some(vec![2; 40]),
+                },
+            },
+            Command::Channel {
+                channel: "vault".into(),
+                by: "Alice".into(),
+                op: ChannelOp::Invite("Bob".into()),
             },
         ];
         for cmd in cmds {

@@ -22,6 +22,7 @@
 //! | `b'h'` channel                        | head seq u64 BE                                                 |
 //! | `b'm'` channel `0x00` seq(u64 BE)     | at_ms u64 BE, client_id(16), client_seq u64 BE, sender_len u8, sender, body (rest) |
 //! | `b'u'` name                           | public key (32)                                                 |
+//! | `b'c'` channel                        | postcard of [`crate::ChannelRecord`]                            |
 //!
 //! # Snapshot file
 //!
@@ -55,6 +56,7 @@ pub(crate) const DEDUP_CLIENT_PREFIX_LEN: usize = 17;
 pub(crate) const PREFIX_HEAD: u8 = b'h';
 pub(crate) const PREFIX_MESSAGE: u8 = b'm';
 pub(crate) const PREFIX_USER: u8 = b'u';
+pub(crate) const PREFIX_CHANNEL: u8 = b'c';
 
 pub(crate) const META_APPLIED_INDEX: &[u8] = b"Mapplied_index";
 pub(crate) const META_LAST_APPLIED: &[u8] = b"Mlast_applied";
@@ -129,6 +131,33 @@ pub(crate) fn user_key(out: &mut Vec<u8>, name: &str) {
     out.clear();
     out.push(PREFIX_USER);
     out.extend_from_slice(name.as_bytes());
+}
+
+/// Fills `out` with the record key of `channel`.
+pub(crate) fn channel_key(out: &mut Vec<u8>, channel: &str) {
+    out.clear();
+    out.push(PREFIX_CHANNEL);
+    out.extend_from_slice(channel.as_bytes());
+}
+
+/// Encodes a channel record.
+pub(crate) fn encode_channel_value(record: &crate::ChannelRecord) -> Vec<u8> {
+    postcard::to_extend(record, vec![VALUE_VERSION])
+        .expect("postcard serialization into a Vec cannot fail")
+}
+
+/// Parses a channel record.
+pub(crate) fn decode_channel_value(value: &[u8]) -> Result<crate::ChannelRecord, Error> {
+    let rest = strip_version(value, "channel")?;
+    let corrupt = |reason: String| Error::Corrupt {
+        what: "channel",
+        reason,
+    };
+    let (record, tail) = postcard::take_from_bytes(rest).map_err(|e| corrupt(e.to_string()))?;
+    if !tail.is_empty() {
+        return Err(corrupt(format!("{} trailing bytes", tail.len())));
+    }
+    Ok(record)
 }
 
 /// The fields of a message value.
@@ -289,7 +318,14 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 pub(crate) fn is_known_key(key: &[u8]) -> bool {
     matches!(
         key.first(),
-        Some(&(PREFIX_META | PREFIX_DEDUP | PREFIX_HEAD | PREFIX_MESSAGE | PREFIX_USER))
+        Some(
+            &(PREFIX_META
+                | PREFIX_DEDUP
+                | PREFIX_HEAD
+                | PREFIX_MESSAGE
+                | PREFIX_USER
+                | PREFIX_CHANNEL)
+        )
     )
 }
 

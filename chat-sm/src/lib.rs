@@ -19,6 +19,11 @@
 //!   they change nothing but the applied meta.
 //! - **Trust on first use.** The first [`Command::RegisterUser`] of a name wins; the same key
 //!   again is `Registered`, a different key is `Rejected(NameTaken)`.
+//! - **Channel records.** A channel's record names its owner, whether it is private, its
+//!   members and invitations, and the public part of its end-to-end encryption
+//!   ([`ChannelRecord`], rules in `channel.rs`). Only members write a private channel
+//!   (`Rejected(NotMember)`); the node checks reads the same way with [`ChatState::admits`].
+//!   A user owns at most [`MAX_CHANNELS_PER_USER`] channels.
 //! - **One join secret.** The last [`Command::SetJoinSecret`] applied is the cluster's join
 //!   secret ([`ChatState::join_secret`]); it travels in snapshots like any other state, and
 //!   [`ChatState::dump`] shows only its checksum.
@@ -47,6 +52,7 @@
 
 use std::path::PathBuf;
 
+mod channel;
 mod command;
 mod dedup;
 mod format;
@@ -54,6 +60,9 @@ mod snapshot;
 mod state;
 mod store;
 
+pub use channel::{
+    ChannelOp, ChannelRecord, MAX_CHANNELS_PER_USER, MAX_CRYPTO_RECORD_BYTES, MAX_MEMBERS,
+};
 pub use command::{
     valid_user_name, ChannelName, ChannelSeq, ChatResponse, ClientId, Command, JoinSecret,
     LogIndex, Message, RejectReason, SendCmd, Sent, COMMAND_VERSION, JOIN_SECRET_BYTES,
@@ -61,8 +70,8 @@ pub use command::{
 };
 pub use snapshot::{read_snapshot_info, SnapshotInfo};
 pub use state::{
-    AppliedEvent, ApplyEntry, ApplyPayload, ChatState, Config, RaftMeta, HISTORY_LIMIT_MAX,
-    RING_LEN_DEFAULT, RING_LEN_MAX,
+    AppliedEvent, ApplyEntry, ApplyPayload, ChannelListing, ChatState, Config, RaftMeta,
+    CHANNEL_PAGE_MAX, HISTORY_LIMIT_MAX, RING_LEN_DEFAULT, RING_LEN_MAX,
 };
 
 /// Errors of this crate. Deterministic command rejections are not errors; they are

@@ -1,6 +1,7 @@
 //! [`ChatState`]: applies committed entries to RocksDB and serves reads from memory first.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -8,14 +9,15 @@ use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use rocksdb::{ColumnFamily, ReadOptions, WriteBatch, WriteOptions, DB};
 use tracing::{debug, info};
 
-use crate::command::{is_valid_sender, validate_send};
+use crate::channel::{ChannelOp, ChannelRecord, MAX_CHANNELS_PER_USER, MAX_MEMBERS};
+use crate::command::{is_valid_channel, is_valid_sender, validate_send};
 use crate::dedup::{self, DedupId};
 use crate::format::{self, *};
 use crate::snapshot::{self, SnapshotInfo};
 use crate::store::{self, Store};
 use crate::{
     ChannelSeq, ChatResponse, ClientId, Command, Error, LogIndex, Message, RejectReason, SendCmd,
-    Sent, JOIN_SECRET_BYTES, MAX_BATCH_SENDS,
+    Sent, JOIN_SECRET_BYTES, MAX_BATCH_SENDS, MAX_CRYPTO_RECORD_BYTES,
 };
 
 /// Default number of recent messages kept in memory per channel.
@@ -24,6 +26,8 @@ pub const RING_LEN_DEFAULT: usize = 1000;
 pub const RING_LEN_MAX: usize = 100_000;
 /// Reads return at most this many messages, whatever `limit` the caller asks for.
 pub const HISTORY_LIMIT_MAX: usize = 10_000;
+/// A page of the channel list holds at most this many channels.
+pub const CHANNEL_PAGE_MAX: usize = 1000;
 
 /// Most clients whose highest client seq [`ClientSeqs`] keeps in memory (about 50 B each).
 const CLIENT_SEQS_MAX: usize = 1 << 20;
@@ -153,10 +157,33 @@ impl ChannelView {
     }
 }
 
+/// One channel as a user's channel list shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChannelListing {
+    /// The channel's name.
+    pub name: String,
+    /// Its newest seq; 0 before its first message.
+    pub head: ChannelSeq,
+    /// Its owner, if it has a record with one.
+    pub owner: Option<String>,
+    /// Whether only members read and write it.
+    pub private: bool,
+    /// Whether the listing user is invited and not yet a member.
+    pub invited: bool,
+    /// Whether it has a crypto record (its users encrypt it end to end).
+    pub encrypted: bool,
+}
+
 /// What readers see; replaced as a whole by a snapshot install.
 struct View {
     store: Arc<Store>,
     channels: HashMap<String, ChannelView>,
+    /// Channel records by channel name.
+    records: HashMap<String, ChannelRecord>,
+    /// How many records name each user as owner.
+    owned: HashMap<String, usize>,
+    /// Every channel with messages or a record, in name order (for the paged channel list).
+    names: BTreeSet<String>,
     users: HashMap<String, [u8; 32]>,
     join_secret: Option<Vec<u8>>,
     last_applied: Option<Vec<u8>>,
@@ -316,6 +343,10 @@ struct Batch<'a> {
     users: HashMap<&'a str, [u8; 32]>,
     /// The join secret set last in this call.
     join_secret: Option<&'a [u8]>,
+    /// Channel records created or changed in this call, as they stand after it.
+    records: HashMap<&'a str, ChannelRecord>,
+    /// Records created in this call per owner.
+    new_owned: HashMap<&'a str, usize>,
 }
 
 /// The chat state machine of one replica.
@@ -402,6 +433,8 @@ impl ChatState {
             dedup: HashMap::new(),
             users: HashMap::new(),
             join_secret: None,
+            records: HashMap::new(),
+            new_owned: HashMap::new(),
         };
         let mut responses = Vec::with_capacity(entries.len());
         for entry in entries {
@@ -456,7 +489,179 @@ impl ChatState {
                 batch.join_secret = Some(&secret.0);
                 ChatResponse::JoinSecretSet
             }
+            ApplyPayload::Command(Command::Channel { channel, by, op }) => {
+                match self.apply_channel_op(batch, channel, by, op) {
+                    Ok(()) => ChatResponse::ChannelUpdated,
+                    Err(reason) => ChatResponse::Rejected(reason),
+                }
+            }
         }
+    }
+
+    /// Whether `sender` may write `channel`; the first message of a channel without a record
+    /// creates its public record, owned by the sender.
+    fn admit_send<'a>(
+        &self,
+        batch: &mut Batch<'a>,
+        channel: &'a str,
+        sender: &'a str,
+    ) -> Result<(), RejectReason> {
+        let admits = |r: &ChannelRecord| {
+            if r.admits(sender) {
+                Ok(())
+            } else {
+                Err(RejectReason::NotMember)
+            }
+        };
+        if let Some(record) = batch.records.get(channel) {
+            return admits(record);
+        }
+        let view = self.view.read();
+        if let Some(record) = view.records.get(channel) {
+            return admits(record);
+        }
+        if view.channels.contains_key(channel) || batch.touched.contains_key(channel) {
+            // A channel from before records: public, unowned.
+            return Ok(());
+        }
+        let owned = self.owned_by(&view, batch, sender);
+        drop(view);
+        if owned >= MAX_CHANNELS_PER_USER {
+            return Err(RejectReason::TooManyChannels);
+        }
+        let record = ChannelRecord {
+            owner: Some(sender.to_owned()),
+            ..ChannelRecord::default()
+        };
+        batch.records.insert(channel, record);
+        *batch.new_owned.entry(sender).or_default() += 1;
+        Ok(())
+    }
+
+    /// Channels `user` owns, counting those created earlier in this call.
+    fn owned_by(&self, view: &View, batch: &Batch<'_>, user: &str) -> usize {
+        view.owned.get(user).copied().unwrap_or(0) + batch.new_owned.get(user).copied().unwrap_or(0)
+    }
+
+    /// Applies one [`ChannelOp`] by the rules in `channel.rs`.
+    fn apply_channel_op<'a>(
+        &self,
+        batch: &mut Batch<'a>,
+        channel: &'a str,
+        by: &'a str,
+        op: &'a ChannelOp,
+    ) -> Result<(), RejectReason> {
+        if !is_valid_channel(channel) {
+            return Err(RejectReason::InvalidChannel);
+        }
+        if !is_valid_sender(by) {
+            return Err(RejectReason::InvalidSender);
+        }
+        let view = self.view.read();
+        let current = match batch.records.get(channel) {
+            Some(record) => Some(record.clone()),
+            None => view.records.get(channel).cloned(),
+        };
+        let crypto_len = match op {
+            ChannelOp::Create {
+                crypto: Some(crypto),
+                ..
+            }
+            | ChannelOp::SetCrypto(crypto) => crypto.len(),
+            _ => 0,
+        };
+        if crypto_len > MAX_CRYPTO_RECORD_BYTES {
+            return Err(RejectReason::CryptoTooLarge {
+                len: crypto_len as u64,
+            });
+        }
+        let is_owner = |r: &ChannelRecord| r.owner.as_deref() == Some(by);
+        let private = |r: Option<ChannelRecord>| match r {
+            Some(r) if r.private => Ok(r),
+            _ => Err(RejectReason::NotPrivate),
+        };
+        let record = match op {
+            ChannelOp::Create { private, crypto } => {
+                let head = match batch.touched.get(channel) {
+                    Some(&(head, _)) => head,
+                    None => view.channels.get(channel).map_or(0, |c| c.head),
+                };
+                if current.is_some() || (*private && head > 0) {
+                    return Err(RejectReason::ChannelExists);
+                }
+                if self.owned_by(&view, batch, by) >= MAX_CHANNELS_PER_USER {
+                    return Err(RejectReason::TooManyChannels);
+                }
+                *batch.new_owned.entry(by).or_default() += 1;
+                let members = if *private {
+                    BTreeSet::from([by.to_owned()])
+                } else {
+                    BTreeSet::new()
+                };
+                ChannelRecord {
+                    owner: Some(by.to_owned()),
+                    private: *private,
+                    members,
+                    invited: BTreeSet::new(),
+                    crypto: crypto.clone(),
+                }
+            }
+            ChannelOp::SetCrypto(crypto) => {
+                let mut record = current.filter(is_owner).ok_or(RejectReason::NotOwner)?;
+                if record.crypto.is_some() {
+                    return Err(RejectReason::CryptoAlreadySet);
+                }
+                record.crypto = Some(crypto.clone());
+                record
+            }
+            ChannelOp::Invite(user) => {
+                let mut record = private(current)?;
+                if !is_owner(&record) {
+                    return Err(RejectReason::NotOwner);
+                }
+                let registered = batch.users.contains_key(user.as_str())
+                    || view.users.contains_key(user.as_str());
+                if !registered {
+                    return Err(RejectReason::UnknownUser);
+                }
+                if record.members.contains(user) || record.invited.contains(user) {
+                    return Ok(());
+                }
+                if record.members.len() + record.invited.len() >= MAX_MEMBERS {
+                    return Err(RejectReason::TooManyMembers);
+                }
+                record.invited.insert(user.clone());
+                record
+            }
+            ChannelOp::Accept => {
+                let mut record = private(current)?;
+                if record.members.contains(by) {
+                    return Ok(());
+                }
+                if !record.invited.remove(by) {
+                    return Err(RejectReason::NotInvited);
+                }
+                record.members.insert(by.to_owned());
+                record
+            }
+            ChannelOp::Remove(user) => {
+                let mut record = private(current)?;
+                if record.owner.as_deref() == Some(user.as_str()) {
+                    return Err(RejectReason::OwnerCannotLeave);
+                }
+                if !is_owner(&record) && by != user {
+                    return Err(RejectReason::NotOwner);
+                }
+                let removed = record.members.remove(user) | record.invited.remove(user);
+                if !removed {
+                    return Ok(());
+                }
+                record
+            }
+        };
+        drop(view);
+        batch.records.insert(channel, record);
+        Ok(())
     }
 
     fn apply_send<'a>(
@@ -481,8 +686,9 @@ impl ChatState {
                 return Ok(duplicate(channel, seq, at_ms));
             }
         }
-        w.client_seqs.record(id, cmd.client_seq);
         let channel = cmd.channel.as_str();
+        self.admit_send(batch, channel, &cmd.sender)?;
+        w.client_seqs.record(id, cmd.client_seq);
         let touched = batch.touched.entry(channel).or_insert_with(|| {
             let head = self.view.read().channels.get(channel).map_or(0, |c| c.head);
             (head, Vec::new())
@@ -571,6 +777,10 @@ impl ChatState {
         if let Some(secret) = batch.join_secret {
             w.puts.put(META_JOIN_SECRET, &encode_bytes_value(secret));
         }
+        for (channel, record) in &batch.records {
+            format::channel_key(&mut w.key, channel);
+            w.puts.put(&w.key, &encode_channel_value(record));
+        }
         let wb = w.puts.take_sorted_batch(w.store.dedup_cf());
         let mut opts = WriteOptions::default();
         // WAL on, no fsync per batch: see `apply` for why that is enough.
@@ -583,8 +793,20 @@ impl ChatState {
         let mut heads: Vec<(String, ChannelSeq)> = Vec::with_capacity(batch.touched.len());
         let mut view = self.view.write();
         for (channel, (head, new)) in batch.touched {
+            if !view.channels.contains_key(channel) {
+                view.names.insert(channel.to_owned());
+            }
             publish_channel(&mut view, channel, head, new, self.config.ring_len);
             heads.push((channel.to_owned(), ChannelSeq(head)));
+        }
+        for (owner, count) in batch.new_owned {
+            *view.owned.entry(owner.to_owned()).or_default() += count;
+        }
+        for (channel, record) in batch.records {
+            if !view.names.contains(channel) {
+                view.names.insert(channel.to_owned());
+            }
+            view.records.insert(channel.to_owned(), record);
         }
         for (name, key) in batch.users {
             view.users.insert(name.to_owned(), key);
@@ -662,6 +884,52 @@ impl ChatState {
         drop(view);
         out.sort_unstable();
         out
+    }
+
+    /// Whether `user` may read and write `channel`: it is public (or has no record), or
+    /// `user` is a member.
+    pub fn admits(&self, channel: &str, user: &str) -> bool {
+        let view = self.view.read();
+        view.records.get(channel).is_none_or(|r| r.admits(user))
+    }
+
+    /// The record of `channel`, if it has one.
+    pub fn channel_record(&self, channel: &str) -> Option<ChannelRecord> {
+        self.view.read().records.get(channel).cloned()
+    }
+
+    /// Up to `limit` (at most [`CHANNEL_PAGE_MAX`]) channels `user` may see, in name order,
+    /// after `after`; and whether more follow. A user sees public channels and the private
+    /// ones they are a member of or invited to.
+    pub fn channel_page(
+        &self,
+        user: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<ChannelListing>, bool) {
+        let limit = limit.clamp(1, CHANNEL_PAGE_MAX);
+        let view = self.view.read();
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut visible = view
+            .names
+            .range::<str, _>((start, Bound::Unbounded))
+            .filter_map(|name| {
+                let record = view.records.get(name);
+                if !record.is_none_or(|r| r.visible_to(user)) {
+                    return None;
+                }
+                Some(ChannelListing {
+                    name: name.clone(),
+                    head: ChannelSeq(view.channels.get(name).map_or(0, |c| c.head)),
+                    owner: record.and_then(|r| r.owner.clone()),
+                    private: record.is_some_and(|r| r.private),
+                    invited: record.is_some_and(|r| r.invited.contains(user)),
+                    encrypted: record.is_some_and(|r| r.crypto.is_some()),
+                })
+            });
+        let page: Vec<ChannelListing> = visible.by_ref().take(limit).collect();
+        let more = visible.next().is_some();
+        (page, more)
     }
 
     /// The cluster's join secret, once a [`Command::SetJoinSecret`] was applied.
@@ -839,6 +1107,12 @@ impl ChatState {
         if fresh.channels != view.channels {
             return Err(broken("in-memory channels differ from rocksdb".into()));
         }
+        if (&fresh.records, &fresh.owned, &fresh.names) != (&view.records, &view.owned, &view.names)
+        {
+            return Err(broken(
+                "in-memory channel records differ from rocksdb".into(),
+            ));
+        }
         if fresh.users != view.users {
             return Err(broken("in-memory users differ from rocksdb".into()));
         }
@@ -1004,6 +1278,23 @@ fn load_view(store: Arc<Store>, ring_len: usize) -> Result<View, Error> {
         };
         channels.insert(channel.to_owned(), ChannelView { head, ring });
     }
+    let mut records = HashMap::new();
+    let mut owned: HashMap<String, usize> = HashMap::new();
+    for (key, value) in scan_prefix(db, PREFIX_CHANNEL)? {
+        let channel = std::str::from_utf8(&key[1..])
+            .ok()
+            .filter(|c| is_valid_channel(c))
+            .ok_or_else(|| Error::Corrupt {
+                what: "channel",
+                reason: format!("bad channel in key {}", hex(&key)),
+            })?;
+        let record = decode_channel_value(&value)?;
+        if let Some(owner) = &record.owner {
+            *owned.entry(owner.clone()).or_default() += 1;
+        }
+        records.insert(channel.to_owned(), record);
+    }
+    let names = channels.keys().chain(records.keys()).cloned().collect();
     let mut users = HashMap::new();
     for (key, value) in scan_prefix(db, PREFIX_USER)? {
         let name = String::from_utf8(key[1..].to_vec()).map_err(|_| Error::Corrupt {
@@ -1032,6 +1323,9 @@ fn load_view(store: Arc<Store>, ring_len: usize) -> Result<View, Error> {
     Ok(View {
         store,
         channels,
+        records,
+        owned,
+        names,
         users,
         join_secret,
         last_applied,
@@ -1143,6 +1437,19 @@ fn dump_pair(out: &mut String, key: &[u8], value: &[u8]) -> Result<(), Error> {
             )
         }
         PREFIX_USER => format!("user {} {}", name(), hex(&decode_user_value(value)?)),
+        PREFIX_CHANNEL => {
+            let r = decode_channel_value(value)?;
+            let list = |set: &BTreeSet<String>| set.iter().cloned().collect::<Vec<_>>().join(",");
+            format!(
+                "channel {} owner={} private={} members={} invited={} crypto={}",
+                name(),
+                r.owner.as_deref().unwrap_or("-"),
+                r.private,
+                list(&r.members),
+                list(&r.invited),
+                r.crypto.as_deref().map_or_else(|| "-".to_owned(), hex)
+            )
+        }
         _ => format!("unknown {} {}", hex(key), hex(value)),
     };
     out.push_str(&line);

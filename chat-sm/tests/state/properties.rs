@@ -1,12 +1,13 @@
 //! Property tests over random logs: replicas agree, snapshot plus suffix equals full replay,
 //! responses match a simple model (exactly-once, dense seqs), restart preserves everything,
 //! rejected commands change nothing but meta, and decoding arbitrary bytes never panics.
+//! Channel records (private channels, members, invitations) are part of every log.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use chat_sm::{
-    ChannelSeq, ChatResponse, ClientId, Command, JoinSecret, RejectReason, SendCmd, Sent,
-    MAX_BODY_BYTES,
+    ChannelOp, ChannelRecord, ChannelSeq, ChatResponse, ClientId, Command, JoinSecret,
+    RejectReason, SendCmd, Sent, MAX_BODY_BYTES, MAX_CRYPTO_RECORD_BYTES,
 };
 use proptest::prelude::*;
 
@@ -14,7 +15,36 @@ use crate::common::{apply_log, Replica, TestEntry};
 
 const CHANNELS: &[&str] = &["general", "a-b", "x_1", "Bad", "", "-x"];
 const SENDERS: &[&str] = &["Alice", "bob_2", "bad name"];
-const USERS: &[&str] = &["alice", "bob", "no name"];
+const USERS: &[&str] = &["alice", "bob_2", "no name"];
+const INVITEES: &[&str] = &["alice", "bob_2", "Alice", "nobody"];
+
+fn arb_channel_op() -> impl Strategy<Value = ChannelOp> {
+    let crypto = prop_oneof![
+        4 => prop::collection::vec(any::<u8>(), 1..4),
+        1 => Just(vec![7u8; MAX_CRYPTO_RECORD_BYTES + 1]),
+    ];
+    prop_oneof![
+        3 => (any::<bool>(), prop::option::of(crypto.clone()))
+            .prop_map(|(private, crypto)| ChannelOp::Create { private, crypto }),
+        1 => crypto.prop_map(ChannelOp::SetCrypto),
+        3 => prop::sample::select(INVITEES).prop_map(|u| ChannelOp::Invite(u.into())),
+        2 => Just(ChannelOp::Accept),
+        2 => prop::sample::select(INVITEES).prop_map(|u| ChannelOp::Remove(u.into())),
+    ]
+}
+
+fn arb_channel_cmd() -> impl Strategy<Value = Command> {
+    (
+        prop::sample::select(&["general", "x_1", "Bad"][..]),
+        prop::sample::select(&["Alice", "bob_2", "alice", "bad name"][..]),
+        arb_channel_op(),
+    )
+        .prop_map(|(channel, by, op)| Command::Channel {
+            channel: channel.into(),
+            by: by.into(),
+            op,
+        })
+}
 
 fn arb_send() -> impl Strategy<Value = SendCmd> {
     (
@@ -48,6 +78,7 @@ fn arb_entry() -> impl Strategy<Value = TestEntry> {
         1 => prop_oneof![Just(0usize), 15usize..18, 63usize..66].prop_map(|len| {
             TestEntry::Cmd(Command::SetJoinSecret(JoinSecret(vec![len as u8; len])))
         }),
+        4 => arb_channel_cmd().prop_map(TestEntry::Cmd),
         1 => Just(TestEntry::Blank),
         1 => any::<u8>().prop_map(|b| TestEntry::Membership(vec![b])),
         1 => Just(TestEntry::Malformed),
@@ -62,20 +93,134 @@ fn arb_chunks() -> impl Strategy<Value = Vec<usize>> {
     prop::collection::vec(1usize..6, 1..4)
 }
 
-/// The expected responses, from a model that is obviously right: a map of dedup keys and a
-/// map of heads.
+fn name_ok(n: &str, first_alnum: bool) -> bool {
+    !n.is_empty()
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && (!first_alnum || n.as_bytes()[0].is_ascii_alphanumeric())
+}
+
+fn channel_ok(channel: &str) -> bool {
+    name_ok(channel, true) && !channel.bytes().any(|b| b.is_ascii_uppercase())
+}
+
+/// The channel-op rules of `chat-sm/src/channel.rs`, written out plainly.
+fn model_channel_op(
+    records: &mut HashMap<String, ChannelRecord>,
+    heads: &HashMap<String, u64>,
+    users: &HashMap<String, [u8; 32]>,
+    (channel, by, op): (&str, &str, &ChannelOp),
+) -> Result<(), RejectReason> {
+    if !channel_ok(channel) {
+        return Err(RejectReason::InvalidChannel);
+    }
+    if !name_ok(by, false) {
+        return Err(RejectReason::InvalidSender);
+    }
+    if let ChannelOp::Create {
+        crypto: Some(c), ..
+    }
+    | ChannelOp::SetCrypto(c) = op
+    {
+        if c.len() > MAX_CRYPTO_RECORD_BYTES {
+            return Err(RejectReason::CryptoTooLarge {
+                len: c.len() as u64,
+            });
+        }
+    }
+    let current = records.get(channel).cloned();
+    let owner = |r: &ChannelRecord| r.owner.as_deref() == Some(by);
+    let record = match op {
+        ChannelOp::Create { private, crypto } => {
+            if current.is_some() || (*private && heads.get(channel).is_some_and(|&h| h > 0)) {
+                return Err(RejectReason::ChannelExists);
+            }
+            ChannelRecord {
+                owner: Some(by.into()),
+                private: *private,
+                members: if *private {
+                    BTreeSet::from([by.to_owned()])
+                } else {
+                    BTreeSet::new()
+                },
+                invited: BTreeSet::new(),
+                crypto: crypto.clone(),
+            }
+        }
+        ChannelOp::SetCrypto(c) => match current {
+            Some(r) if owner(&r) => {
+                if r.crypto.is_some() {
+                    return Err(RejectReason::CryptoAlreadySet);
+                }
+                ChannelRecord {
+                    crypto: Some(c.clone()),
+                    ..r
+                }
+            }
+            _ => return Err(RejectReason::NotOwner),
+        },
+        ChannelOp::Invite(user) | ChannelOp::Remove(user)
+            if !current.as_ref().is_some_and(|r| r.private) =>
+        {
+            let _ = user;
+            return Err(RejectReason::NotPrivate);
+        }
+        ChannelOp::Accept if !current.as_ref().is_some_and(|r| r.private) => {
+            return Err(RejectReason::NotPrivate);
+        }
+        ChannelOp::Invite(user) => {
+            let mut r = current.expect("private checked");
+            if !owner(&r) {
+                return Err(RejectReason::NotOwner);
+            }
+            if !users.contains_key(user) {
+                return Err(RejectReason::UnknownUser);
+            }
+            if !r.members.contains(user) {
+                r.invited.insert(user.clone());
+            }
+            r
+        }
+        ChannelOp::Accept => {
+            let mut r = current.expect("private checked");
+            if !r.members.contains(by) {
+                if !r.invited.remove(by) {
+                    return Err(RejectReason::NotInvited);
+                }
+                r.members.insert(by.into());
+            }
+            r
+        }
+        ChannelOp::Remove(user) => {
+            let mut r = current.expect("private checked");
+            if r.owner.as_deref() == Some(user.as_str()) {
+                return Err(RejectReason::OwnerCannotLeave);
+            }
+            if !owner(&r) && by != user {
+                return Err(RejectReason::NotOwner);
+            }
+            r.members.remove(user);
+            r.invited.remove(user);
+            r
+        }
+    };
+    records.insert(channel.into(), record);
+    Ok(())
+}
+
+/// The expected responses, from a model that is obviously right: a map of dedup keys, a map
+/// of heads and a map of channel records.
 fn model(log: &[TestEntry]) -> Vec<ChatResponse> {
     let mut heads: HashMap<String, u64> = HashMap::new();
     let mut dedup: HashMap<(String, ClientId, u64), Sent> = HashMap::new();
     let mut users: HashMap<String, [u8; 32]> = HashMap::new();
-    let mut send = |s: &SendCmd| -> Result<Sent, RejectReason> {
-        let name_ok = |n: &str, first_alnum: bool| {
-            !n.is_empty()
-                && n.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-                && (!first_alnum || n.as_bytes()[0].is_ascii_alphanumeric())
-        };
-        if !name_ok(&s.channel, true) || s.channel.bytes().any(|b| b.is_ascii_uppercase()) {
+    let mut records: HashMap<String, ChannelRecord> = HashMap::new();
+    let send = |heads: &mut HashMap<String, u64>,
+                records: &mut HashMap<String, ChannelRecord>,
+                dedup: &mut HashMap<(String, ClientId, u64), Sent>,
+                s: &SendCmd|
+     -> Result<Sent, RejectReason> {
+        if !channel_ok(&s.channel) {
             return Err(RejectReason::InvalidChannel);
         }
         if !name_ok(&s.sender, false) {
@@ -97,6 +242,19 @@ fn model(log: &[TestEntry]) -> Vec<ChatResponse> {
                 ..orig.clone()
             });
         }
+        match records.get(&s.channel) {
+            Some(r) if r.private && !r.members.contains(&s.sender) => {
+                return Err(RejectReason::NotMember)
+            }
+            Some(_) => {}
+            None => {
+                let record = ChannelRecord {
+                    owner: Some(s.sender.clone()),
+                    ..ChannelRecord::default()
+                };
+                records.insert(s.channel.clone(), record);
+            }
+        }
         let head = heads.entry(s.channel.clone()).or_insert(0);
         *head += 1;
         let sent = Sent {
@@ -113,12 +271,22 @@ fn model(log: &[TestEntry]) -> Vec<ChatResponse> {
         out.push(match e {
             TestEntry::Blank | TestEntry::Membership(_) => ChatResponse::None,
             TestEntry::Malformed => ChatResponse::Rejected(RejectReason::Malformed),
-            TestEntry::Cmd(Command::Send(s)) => match send(s) {
-                Ok(sent) => ChatResponse::Sent(sent),
-                Err(r) => ChatResponse::Rejected(r),
-            },
-            TestEntry::Cmd(Command::SendBatch(v)) => {
-                ChatResponse::Batch(v.iter().map(&mut send).collect())
+            TestEntry::Cmd(Command::Send(s)) => {
+                match send(&mut heads, &mut records, &mut dedup, s) {
+                    Ok(sent) => ChatResponse::Sent(sent),
+                    Err(r) => ChatResponse::Rejected(r),
+                }
+            }
+            TestEntry::Cmd(Command::SendBatch(v)) => ChatResponse::Batch(
+                v.iter()
+                    .map(|s| send(&mut heads, &mut records, &mut dedup, s))
+                    .collect(),
+            ),
+            TestEntry::Cmd(Command::Channel { channel, by, op }) => {
+                match model_channel_op(&mut records, &heads, &users, (channel, by, op)) {
+                    Ok(()) => ChatResponse::ChannelUpdated,
+                    Err(r) => ChatResponse::Rejected(r),
+                }
             }
             TestEntry::Cmd(Command::SetJoinSecret(secret)) => {
                 if (16..=64).contains(&secret.0.len()) {

@@ -3,8 +3,8 @@
 use std::sync::{Arc, Mutex};
 
 use chat_sm::{
-    ApplyEntry, ApplyPayload, ChannelSeq, ChatResponse, Command, LogIndex, RaftMeta, RejectReason,
-    Sent, MAX_BATCH_SENDS, MAX_BODY_BYTES,
+    ApplyEntry, ApplyPayload, ChannelOp, ChannelSeq, ChatResponse, Command, LogIndex, RaftMeta,
+    RejectReason, Sent, MAX_BATCH_SENDS, MAX_BODY_BYTES,
 };
 
 use crate::common::{apply, apply_log, send, Replica, TestEntry};
@@ -555,4 +555,115 @@ fn dedup_records_keyed_by_client_id_alone_are_rekeyed_by_sender_at_open() {
         panic!("{other:?}");
     };
     assert!(!sent.duplicate);
+}
+
+#[test]
+fn private_channels_admit_members_only_and_lists_show_what_a_user_may_see() {
+    let mut r = Replica::new(1000);
+    let op = |channel: &str, by: &str, op: ChannelOp| {
+        TestEntry::Cmd(Command::Channel {
+            channel: channel.into(),
+            by: by.into(),
+            op,
+        })
+    };
+    let reg = |name: &str| {
+        TestEntry::Cmd(Command::RegisterUser {
+            name: name.into(),
+            public_key: [name.len() as u8; 32],
+        })
+    };
+    let msg = |channel: &str, sender: &str, seq: u64| {
+        TestEntry::Cmd(Command::Send(send(channel, sender, b"hi", 1, seq)))
+    };
+    let create = |private| ChannelOp::Create {
+        private,
+        crypto: None,
+    };
+    let log = [
+        reg("alice"),
+        reg("bob"),
+        op("vault", "alice", create(true)),
+        msg("vault", "bob", 1),
+        op("vault", "bob", ChannelOp::Accept),
+        op("vault", "bob", ChannelOp::Invite("bob".into())),
+        op("vault", "alice", ChannelOp::Invite("carol".into())),
+        op("vault", "alice", ChannelOp::Invite("bob".into())),
+        op("vault", "bob", ChannelOp::Accept),
+        msg("vault", "bob", 2),
+        msg("lobby", "carol", 1),
+        op("lobby", "alice", create(false)),
+        op("lobby", "alice", create(true)),
+        op("vault", "bob", ChannelOp::Remove("alice".into())),
+        op("vault", "bob", ChannelOp::Remove("bob".into())),
+        msg("vault", "bob", 3),
+    ];
+    let responses = apply_log(r.state(), &log, 1, &[3, 2]);
+    use ChatResponse::{ChannelUpdated as Ok_, Registered, Rejected as R};
+    assert_eq!(
+        responses,
+        vec![
+            Registered,
+            Registered,
+            Ok_,
+            R(RejectReason::NotMember),
+            R(RejectReason::NotInvited),
+            R(RejectReason::NotOwner),
+            R(RejectReason::UnknownUser),
+            Ok_,
+            Ok_,
+            ChatResponse::Sent(sent("vault", 1, 1_002, false)),
+            ChatResponse::Sent(sent("lobby", 1, 1_001, false)),
+            R(RejectReason::ChannelExists),
+            R(RejectReason::ChannelExists),
+            R(RejectReason::OwnerCannotLeave),
+            Ok_,
+            R(RejectReason::NotMember),
+        ]
+    );
+    r.restart();
+    let s = r.state();
+    assert!(s.admits("vault", "alice") && !s.admits("vault", "bob"));
+    assert!(s.admits("lobby", "bob"), "public");
+    let lobby = s
+        .channel_record("lobby")
+        .expect("a first message makes a record");
+    assert_eq!(lobby.owner.as_deref(), Some("carol"));
+    let names = |user: &str| {
+        let (page, more) = s.channel_page(user, None, 10);
+        assert!(!more);
+        page.into_iter().map(|c| c.name).collect::<Vec<_>>()
+    };
+    assert_eq!(names("alice"), ["lobby", "vault"]);
+    assert_eq!(names("bob"), ["lobby"], "bob left the private channel");
+    s.check_consistency().expect("consistent");
+}
+
+#[test]
+fn the_channel_list_pages_in_name_order() {
+    let r = Replica::new(10);
+    let log: Vec<TestEntry> = (0..25u64)
+        .map(|i| {
+            TestEntry::Cmd(Command::Send(send(
+                &format!("c{i:02}"),
+                "alice",
+                b"x",
+                1,
+                i,
+            )))
+        })
+        .collect();
+    apply_log(r.state(), &log, 1, &[7]);
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let (page, more) = r.state().channel_page("bob", after.as_deref(), 10);
+        seen.extend(page.iter().map(|c| c.name.clone()));
+        after = page.last().map(|c| c.name.clone());
+        if !more {
+            break;
+        }
+    }
+    let want: Vec<String> = (0..25).map(|i| format!("c{i:02}")).collect();
+    assert_eq!(seen, want);
 }
