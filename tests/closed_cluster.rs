@@ -889,7 +889,16 @@ async fn reading_needs_a_login_on_every_read_path() -> anyhow::Result<()> {
         Some(ApiError::Unauthenticated)
     );
     assert_eq!(
-        client.channels(ctx()).await?.err(),
+        client
+            .channels(
+                ctx(),
+                proto::ChannelsRequest {
+                    after: None,
+                    limit: 10,
+                },
+            )
+            .await?
+            .err(),
         Some(ApiError::Unauthenticated)
     );
     assert!(

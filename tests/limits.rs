@@ -103,7 +103,7 @@ async fn limits_a_silent_connection_is_closed_after_the_hello_timeout_and_a_gree
     // The connection that said hello is past the hello timeout and still serves.
     greeted
         .client
-        .channels(ctx(Duration::from_secs(10)))
+        .channels(ctx(Duration::from_secs(10)), first_page())
         .await
         .context("the greeted connection was closed")?
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -153,7 +153,7 @@ async fn limits_a_stalled_handshake_and_garbage_instead_of_tls_are_dropped() -> 
         TestClient::login(ready.client, &cluster.cluster, &TestUser::new("reader")).await?;
     client
         .client
-        .channels(ctx(Duration::from_secs(10)))
+        .channels(ctx(Duration::from_secs(10)), first_page())
         .await?
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
@@ -184,7 +184,10 @@ async fn limits_an_idle_connection_is_closed_and_a_long_poll_is_not_idle() -> an
 
     // Then nothing for twice the idle timeout: the node closes it.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let after_idle = client.client.channels(ctx(Duration::from_secs(10))).await;
+    let after_idle = client
+        .client
+        .channels(ctx(Duration::from_secs(10)), first_page())
+        .await;
     assert!(
         after_idle.is_err(),
         "an idle connection still served: {after_idle:?}"
@@ -403,4 +406,11 @@ async fn limits_a_push_connection_that_stops_reading_pins_a_bounded_number_of_ba
     }
     assert_eq!(delivered, CHANNELS * PER_CHANNEL);
     Ok(())
+}
+
+fn first_page() -> proto::ChannelsRequest {
+    proto::ChannelsRequest {
+        after: None,
+        limit: 100,
+    }
 }

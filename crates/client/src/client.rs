@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use proto::{
-    ApiError, ChannelInfo, ChatClient, ClusterInfo, HistoryRequest, MessageBatch, RejectReason,
-    SendReply, SendRequest,
+    ApiError, ChannelChange, ChannelDetail, ChannelInfo, ChannelInfoRequest, ChannelPage,
+    ChannelRequest, ChannelsRequest, ChatClient, ClusterInfo, HistoryRequest, MessageBatch,
+    RejectReason, SendReply, SendRequest, UserKey,
 };
 use tarpc::client::RpcError;
 use tokio::sync::broadcast;
@@ -324,14 +325,124 @@ impl Client {
         Ok(batch)
     }
 
-    /// Every channel with its head seq, from the nearest healthy node.
+    /// Every channel this user may see (public ones, and private ones they belong to or are
+    /// invited to) with its head seq, in name order, from the nearest healthy node: page after
+    /// page, at most [`CHANNELS_LISTED_MAX`].
     ///
     /// # Errors
     ///
     /// [`Error::RetriesExhausted`] when no node could answer.
     pub async fn channels(&self) -> Result<Vec<ChannelInfo>, Error> {
-        self.read(|conn| async move { conn.channels(self.pool.ctx()).await })
-            .await
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self.channels_page(after, proto::CHANNEL_PAGE_MAX).await?;
+            all.extend(page.channels);
+            if !page.more || all.len() >= CHANNELS_LISTED_MAX {
+                return Ok(all);
+            }
+            after = all.last().map(|c: &ChannelInfo| c.name.clone());
+        }
+    }
+
+    /// One page of [`channels`](Self::channels): up to `limit` channels whose names sort after
+    /// `after`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::RetriesExhausted`] when no node could answer.
+    pub async fn channels_page(
+        &self,
+        after: Option<String>,
+        limit: u32,
+    ) -> Result<ChannelPage, Error> {
+        self.read(|conn| {
+            let request = ChannelsRequest {
+                after: after.clone(),
+                limit,
+            };
+            async move { conn.channels(self.pool.ctx(), request).await }
+        })
+        .await
+    }
+
+    /// A channel's record: owner, members and invitations (of a private channel), and its
+    /// public crypto record. Reads at least this client's read token, so it shows this
+    /// client's own changes.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Api`] with `NotMember` for a private channel this user may not see.
+    pub async fn channel_info(&self, channel: &str) -> Result<ChannelDetail, Error> {
+        self.read(|conn| {
+            let request = ChannelInfoRequest {
+                channel: channel.to_owned(),
+                read_token: self.routes.token(),
+            };
+            async move { conn.channel_info(self.pool.ctx(), request).await }
+        })
+        .await
+    }
+
+    /// Changes a channel's record through the leader, retrying like a send. A create whose
+    /// first attempt's outcome was lost and whose retry finds the channel is answered by
+    /// reading the record: when it is this user's with the same privacy and crypto record,
+    /// the create succeeded.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Api`] with the rejection (`ChannelExists`, `NotOwner`, `NotInvited`, ...),
+    /// [`Error::NoIdentity`], [`Error::RetriesExhausted`].
+    pub async fn change_channel(&self, channel: &str, change: ChannelChange) -> Result<u64, Error> {
+        self.pool.identity().ok_or(Error::NoIdentity)?;
+        let request = ChannelRequest {
+            channel: channel.to_owned(),
+            change: change.clone(),
+        };
+        let outcome = self
+            .retrying(Target::Leader, || async {
+                let (node, conn) = self.pool.writer_conn().await?;
+                let call = conn.channel(self.pool.ctx(), request.clone());
+                self.write_on(node, call).await
+            })
+            .await;
+        match (outcome, &change) {
+            (Ok(token), _) => {
+                self.routes.observe(token);
+                Ok(token)
+            }
+            (
+                Err(Error::Api(ApiError::Rejected(RejectReason::ChannelExists))),
+                ChannelChange::Create { private, crypto },
+            ) => {
+                // Not readable (another user's private channel) is not ours either.
+                let mine = self.channel_info(channel).await.is_ok_and(|detail| {
+                    detail.info.owner.as_deref() == self.name()
+                        && detail.info.private == *private
+                        && detail.crypto == *crypto
+                });
+                if mine {
+                    Ok(self.routes.token())
+                } else {
+                    Err(Error::Api(ApiError::Rejected(RejectReason::ChannelExists)))
+                }
+            }
+            (Err(e), _) => Err(e),
+        }
+    }
+
+    /// The registered public keys of `names` (at most [`proto::USER_KEYS_MAX`]) as the nearest
+    /// node knows them. A node may lie: pin what it says ([`crate::pins`]) and compare.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::RetriesExhausted`] when no node could answer.
+    pub async fn user_keys(&self, names: &[String]) -> Result<Vec<UserKey>, Error> {
+        self.read(|conn| {
+            let names = names.to_vec();
+            async move { conn.user_keys(self.pool.ctx(), names).await }
+        })
+        .await
     }
 
     /// The cluster as the nearest healthy node sees it; also refreshes this client's table.
@@ -457,12 +568,23 @@ impl Client {
         conn: &ChatClient,
         request: SendRequest,
     ) -> Result<SendReply, Failure> {
+        let reply = self
+            .write_on(node, conn.send(self.pool.ctx(), request))
+            .await?;
+        self.routes.observe(reply.read_token);
+        Ok(reply)
+    }
+
+    /// One write `call` to `node`; learns leader hints, and stops writing to a node that failed
+    /// or does not lead.
+    async fn write_on<T>(
+        &self,
+        node: u64,
+        call: impl Future<Output = Result<Result<T, ApiError>, RpcError>>,
+    ) -> Result<T, Failure> {
         self.pool.touch_writer();
-        let e = match conn.send(self.pool.ctx(), request).await {
-            Ok(Ok(reply)) => {
-                self.routes.observe(reply.read_token);
-                return Ok(reply);
-            }
+        let e = match call.await {
+            Ok(Ok(reply)) => return Ok(reply),
             Ok(Err(e)) => e,
             Err(RpcError::DeadlineExceeded) => {
                 return Err(Failure::Transport("send timed out".into()))
@@ -508,6 +630,9 @@ impl Client {
         }
     }
 }
+
+/// Most channels [`Client::channels`] collects, page after page.
+pub const CHANNELS_LISTED_MAX: usize = 100_000;
 
 /// Who a read is made as: the client's user (reads of messages and channels), or anyone who
 /// said hello (the cluster's membership).

@@ -52,6 +52,9 @@ pub use client::Client;
 pub use config::ClientConfig;
 pub use error::Error;
 pub use identity::Identity;
-pub use proto::{ApiError, ChannelInfo, ClusterInfo, MessageBatch, Role, SendReply, WireMessage};
+pub use proto::{
+    ApiError, ChannelChange, ChannelDetail, ChannelInfo, ClusterInfo, MessageBatch, Role,
+    SendReply, UserKey, WireMessage,
+};
 pub use routing::{ClientEvent, ServerInfo, Status};
 pub use stream::Subscription;

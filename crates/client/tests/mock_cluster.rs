@@ -260,11 +260,47 @@ impl proto::Chat for MockChat {
         Ok(self.batch(&req.channel, page))
     }
 
-    async fn channels(self, _: Context) -> Result<Vec<ChannelInfo>, ApiError> {
-        Ok(vec![ChannelInfo {
+    async fn channels(
+        self,
+        _: Context,
+        _: proto::ChannelsRequest,
+    ) -> Result<proto::ChannelPage, ApiError> {
+        let general = ChannelInfo {
             name: "general".into(),
             head: self.shared.head("general"),
-        }])
+            owner: None,
+            private: false,
+            invited: false,
+            encrypted: false,
+        };
+        Ok(proto::ChannelPage {
+            channels: vec![general],
+            more: false,
+        })
+    }
+
+    async fn channel_info(
+        self,
+        _: Context,
+        _: proto::ChannelInfoRequest,
+    ) -> Result<proto::ChannelDetail, ApiError> {
+        Err(ApiError::Rejected(proto::RejectReason::NotMember))
+    }
+
+    async fn channel(self, _: Context, _: proto::ChannelRequest) -> Result<u64, ApiError> {
+        Err(ApiError::unavailable("no channel records in the mock"))
+    }
+
+    async fn user_keys(
+        self,
+        _: Context,
+        names: Vec<String>,
+    ) -> Result<Vec<proto::UserKey>, ApiError> {
+        let unknown = |name| proto::UserKey {
+            name,
+            public_key: None,
+        };
+        Ok(names.into_iter().map(unknown).collect())
     }
 
     async fn cluster(self, _: Context) -> Result<ClusterInfo, ApiError> {

@@ -16,9 +16,10 @@ use ed25519_dalek::{Signature, VerifyingKey};
 use openraft::error::{ClientWriteError, RaftError};
 use parking_lot::Mutex;
 use proto::{
-    wait_budget, ApiError, ChannelInfo, ClusterInfo, Hello, HistoryRequest, LeaderHint, Login,
-    MessageBatch, NodeInfo, Pong, RejectReason, Role, SendReply, SendRequest, Session,
-    StreamRequest, Welcome, WireMessage,
+    wait_budget, ApiError, ChannelChange, ChannelDetail, ChannelInfo, ChannelInfoRequest,
+    ChannelPage, ChannelRequest, ChannelsRequest, ClusterInfo, Hello, HistoryRequest, LeaderHint,
+    Login, MessageBatch, NodeInfo, Pong, RejectReason, Role, SendReply, SendRequest, Session,
+    StreamRequest, UserKey, Welcome, WireMessage,
 };
 use tarpc::context::Context;
 
@@ -154,6 +155,8 @@ struct ConnState {
     /// Whether that name is registered to that key (known at login, or registered by the
     /// first send).
     registered: bool,
+    /// The name the hello claimed; used only by the weakened `forge-sender` mode.
+    claimed_name: Option<String>,
     bucket: TokenBucket,
     /// Counts the connection in `connected_clients` until its last request is done.
     _connected: GaugeGuard,
@@ -187,7 +190,44 @@ pub(crate) fn rejected(reason: chat_sm::RejectReason) -> ApiError {
         R::BatchTooLarge { .. } => malformed("batch too large"),
         R::Malformed => malformed("command"),
         R::InvalidJoinSecret { .. } => malformed("join secret"),
+        R::NotMember => RejectReason::NotMember,
+        R::NotOwner => RejectReason::NotOwner,
+        R::ChannelExists => RejectReason::ChannelExists,
+        R::NotInvited => RejectReason::NotInvited,
+        R::UnknownUser => RejectReason::UnknownUser,
+        R::TooManyChannels => RejectReason::LimitReached {
+            what: "channels you own".into(),
+            max: chat_sm::MAX_CHANNELS_PER_USER as u64,
+        },
+        R::TooManyMembers => RejectReason::LimitReached {
+            what: "members and invitations of a channel".into(),
+            max: chat_sm::MAX_MEMBERS as u64,
+        },
+        R::NotPrivate => RejectReason::NotPrivate,
+        R::CryptoAlreadySet => RejectReason::CryptoAlreadySet,
+        R::CryptoTooLarge { .. } => malformed("crypto record"),
+        R::OwnerCannotLeave => RejectReason::OwnerCannotLeave,
     })
+}
+
+/// Refuses a read of a private channel by a non-member.
+pub(crate) fn check_admitted(chat: &ChatState, channel: &str, user: &str) -> Result<(), ApiError> {
+    if chat.admits(channel, user) {
+        Ok(())
+    } else {
+        Err(ApiError::Rejected(RejectReason::NotMember))
+    }
+}
+
+fn channel_info(listing: chat_sm::ChannelListing) -> ChannelInfo {
+    ChannelInfo {
+        name: listing.name,
+        head: listing.head.0,
+        owner: listing.owner,
+        private: listing.private,
+        invited: listing.invited,
+        encrypted: listing.encrypted,
+    }
 }
 
 /// Refuses a channel name the state machine would reject, before any read or wait.
@@ -234,6 +274,7 @@ impl ChatServer {
             challenge: None,
             user: None,
             registered: false,
+            claimed_name: None,
             bucket: TokenBucket::new(shared.conn_rate_per_s, shared.conn_burst),
             _connected: GaugeGuard::new(&shared.metrics.connected_clients),
         };
@@ -279,13 +320,33 @@ impl ChatServer {
         conn.bucket.take_now()
     }
 
-    /// Reads need a logged-in user on this connection (and a token of its rate limit).
-    fn require_login(&self) -> Result<(), ApiError> {
+    /// Reads need a logged-in user on this connection (and a token of its rate limit); answers
+    /// the user's name.
+    fn require_login(&self) -> Result<String, ApiError> {
         self.require_hello()?;
-        if self.conn.lock().user.is_none() {
-            return Err(ApiError::Unauthenticated);
+        let conn = self.conn.lock();
+        let (name, _) = conn.user.as_ref().ok_or(ApiError::Unauthenticated)?;
+        Ok(name.clone())
+    }
+
+    /// Registers the logged-in name through the leader unless it is known to be registered:
+    /// a name's first write registers it (trust on first use).
+    async fn ensure_registered(&self, user: &str, public_key: [u8; 32]) -> Result<(), ApiError> {
+        if self.conn.lock().registered {
+            return Ok(());
         }
+        register(&self.shared, user, public_key).await?;
+        self.conn.lock().registered = true;
         Ok(())
+    }
+
+    /// Takes a token of `user`'s write rate limit.
+    fn take_user_token(&self, user: &str) -> Result<(), ApiError> {
+        let (rate, burst) = (self.shared.user_rate_per_s, self.shared.user_burst);
+        (self.shared.user_buckets.lock())
+            .entry(user.to_owned())
+            .or_insert_with(|| TokenBucket::new(rate, burst))
+            .take_now()
     }
 
     /// Waits until this node applied `read_token`, within `budget`.
@@ -368,6 +429,7 @@ impl proto::Chat for ChatServer {
         let mut conn = self.conn.lock();
         conn.hello = true;
         conn.challenge = Some(challenge);
+        conn.claimed_name = req.client_name.clone();
         self.activity.hello_done();
         Ok(Welcome {
             node_id: self.shared.id,
@@ -398,21 +460,18 @@ impl proto::Chat for ChatServer {
         let _busy = self.busy();
         let started = Instant::now();
         self.require_hello()?;
-        let (user, registered) = {
+        let (user, claimed) = {
             let conn = self.conn.lock();
-            (conn.user.clone(), conn.registered)
+            (conn.user.clone(), conn.claimed_name.clone())
         };
-        let (user, public_key) = user.ok_or(ApiError::Unauthenticated)?;
-        let (rate, burst) = (self.shared.user_rate_per_s, self.shared.user_burst);
-        (self.shared.user_buckets.lock())
-            .entry(user.clone())
-            .or_insert_with(|| TokenBucket::new(rate, burst))
-            .take_now()?;
-        if !registered {
-            // The first send of a name this node did not know registers it (on the leader; a
-            // follower answers NotLeader as for the send itself).
-            register(&self.shared, &user, public_key).await?;
-            self.conn.lock().registered = true;
+        let (mut user, public_key) = user.ok_or(ApiError::Unauthenticated)?;
+        self.take_user_token(&user)?;
+        // The first send of a name this node did not know registers it (on the leader; a
+        // follower answers NotLeader as for the send itself).
+        self.ensure_registered(&user, public_key).await?;
+        if self.shared.weaken.forge_sender {
+            // A lying node: it stamps whatever name the hello claimed.
+            user = claimed.unwrap_or(user);
         }
         // Cheap checks before the log, so junk never takes log space; apply repeats them
         // deterministically.
@@ -450,11 +509,12 @@ impl proto::Chat for ChatServer {
     async fn stream(self, ctx: Context, req: StreamRequest) -> Result<MessageBatch, ApiError> {
         let _busy = self.busy();
         let started = Instant::now();
-        self.require_login()?;
+        let user = self.require_login()?;
         check_channel(&req.channel)?;
         let budget = wait_budget(&ctx, req.wait_ms);
         let deadline = Instant::now() + budget;
         self.wait_token(req.read_token, budget).await?;
+        check_admitted(&self.shared.chat, &req.channel, &user)?;
         let max = req.max.clamp(1, BATCH_MESSAGES_MAX) as usize;
         let chat = &self.shared.chat;
         let from = ChannelSeq(req.after_seq.saturating_add(1));
@@ -472,6 +532,8 @@ impl proto::Chat for ChatServer {
                 .wait_head(&req.channel, req.after_seq, head, remaining)
                 .await
             {
+                // Membership may have ended while waiting.
+                check_admitted(chat, &req.channel, &user)?;
                 messages = read()?;
             }
         }
@@ -485,10 +547,11 @@ impl proto::Chat for ChatServer {
     async fn history(self, ctx: Context, req: HistoryRequest) -> Result<MessageBatch, ApiError> {
         let _busy = self.busy();
         let started = Instant::now();
-        self.require_login()?;
+        let user = self.require_login()?;
         check_channel(&req.channel)?;
         self.wait_token(req.read_token, wait_budget(&ctx, proto::STREAM_WAIT_MS_MAX))
             .await?;
+        check_admitted(&self.shared.chat, &req.channel, &user)?;
         let limit = req.limit.clamp(1, BATCH_MESSAGES_MAX) as usize;
         let (chat, channel) = (&self.shared.chat, &req.channel);
         let (messages, keep) = match (req.from_seq, req.before_seq) {
@@ -506,12 +569,103 @@ impl proto::Chat for ChatServer {
         Ok(self.batch(&req.channel, messages))
     }
 
-    async fn channels(self, _: Context) -> Result<Vec<ChannelInfo>, ApiError> {
+    async fn channels(self, _: Context, req: ChannelsRequest) -> Result<ChannelPage, ApiError> {
+        let _busy = self.busy();
+        let user = self.require_login()?;
+        let limit = req.limit.min(proto::CHANNEL_PAGE_MAX) as usize;
+        let (page, more) = (self.shared.chat).channel_page(&user, req.after.as_deref(), limit);
+        Ok(ChannelPage {
+            channels: page.into_iter().map(channel_info).collect(),
+            more,
+        })
+    }
+
+    async fn channel_info(
+        self,
+        ctx: Context,
+        req: ChannelInfoRequest,
+    ) -> Result<ChannelDetail, ApiError> {
+        let _busy = self.busy();
+        let user = self.require_login()?;
+        check_channel(&req.channel)?;
+        self.wait_token(req.read_token, wait_budget(&ctx, proto::STREAM_WAIT_MS_MAX))
+            .await?;
+        let chat = &self.shared.chat;
+        let head = chat.head(&req.channel);
+        let record = chat.channel_record(&req.channel).unwrap_or_default();
+        if !record.visible_to(&user) {
+            return Err(ApiError::Rejected(RejectReason::NotMember));
+        }
+        let info = ChannelInfo {
+            name: req.channel,
+            head: head.0,
+            owner: record.owner,
+            private: record.private,
+            invited: record.invited.contains(&user),
+            encrypted: record.crypto.is_some(),
+        };
+        Ok(ChannelDetail {
+            info,
+            members: record.members.into_iter().collect(),
+            invited: record.invited.into_iter().collect(),
+            crypto: record.crypto,
+        })
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(channel = %req.channel))]
+    async fn channel(self, _: Context, req: ChannelRequest) -> Result<u64, ApiError> {
+        let _busy = self.busy();
+        self.require_hello()?;
+        let user = self.conn.lock().user.clone();
+        let (user, public_key) = user.ok_or(ApiError::Unauthenticated)?;
+        check_channel(&req.channel)?;
+        self.take_user_token(&user)?;
+        self.ensure_registered(&user, public_key).await?;
+        let op = match req.change {
+            ChannelChange::Create { private, crypto } => {
+                chat_sm::ChannelOp::Create { private, crypto }
+            }
+            ChannelChange::SetCrypto(crypto) => chat_sm::ChannelOp::SetCrypto(crypto),
+            ChannelChange::Invite(name) => chat_sm::ChannelOp::Invite(name),
+            ChannelChange::Accept => chat_sm::ChannelOp::Accept,
+            ChannelChange::Remove(name) => chat_sm::ChannelOp::Remove(name),
+        };
+        let command = Command::Channel {
+            channel: req.channel,
+            by: user,
+            op,
+        };
+        match self.shared.raft.client_write(command).await {
+            Ok(response) => match response.data {
+                ChatResponse::ChannelUpdated => Ok(response.log_id.index),
+                ChatResponse::Rejected(reason) => Err(rejected(reason)),
+                other => panic!("state machine answered a channel change with {other:?}"),
+            },
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(not_leader(f.leader_id.zip(f.leader_node)))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "channel change failed");
+                Err(ApiError::unavailable("raft unavailable"))
+            }
+        }
+    }
+
+    async fn user_keys(self, _: Context, names: Vec<String>) -> Result<Vec<UserKey>, ApiError> {
         let _busy = self.busy();
         self.require_login()?;
-        let channels = self.shared.chat.channels().into_iter();
-        Ok(channels
-            .map(|(name, head)| ChannelInfo { name, head: head.0 })
+        if names.len() > proto::USER_KEYS_MAX {
+            return Err(ApiError::Rejected(RejectReason::Malformed {
+                what: "too many names".into(),
+            }));
+        }
+        let chat = &self.shared.chat;
+        Ok(names
+            .into_iter()
+            .map(|name| UserKey {
+                public_key: chat.user_key(&name),
+                name,
+            })
             .collect())
     }
 

@@ -31,7 +31,8 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::api::{
-    self, check_channel, storage_error, to_wire, ApiShared, TokenBucket, BATCH_MESSAGES_MAX,
+    self, check_admitted, check_channel, storage_error, to_wire, ApiShared, TokenBucket,
+    BATCH_MESSAGES_MAX,
 };
 use crate::metrics::GaugeGuard;
 
@@ -318,7 +319,7 @@ pub async fn serve_connection(
     }
 
     let mut bucket = TokenBucket::new(shared.conn_rate_per_s, shared.conn_burst);
-    let mut logged_in = false;
+    let mut user: Option<String> = None;
     let mut subs: HashMap<u64, SubTask> = HashMap::new();
     let heartbeat = Duration::from_millis(HEARTBEAT_MS);
     let mut tick = tokio::time::interval(heartbeat / 4);
@@ -332,25 +333,25 @@ pub async fn serve_connection(
                         subs.remove(&sub_id);
                         continue;
                     }
-                    Some(Ok(ClientFrame::Login(login))) if !logged_in => {
+                    Some(Ok(ClientFrame::Login(login))) if user.is_none() => {
                         let verified = api::verify_login(&shared, &challenge, &binding, &login);
                         if let Err(error) = verified {
                             tracing::debug!(%peer, %error, "push login refused");
                             out.send_error(None, error).await;
                             return;
                         }
-                        logged_in = true;
+                        user = Some(login.name);
                         continue;
                     }
                     Some(Ok(ClientFrame::Login(_))) => Err(malformed("second login")),
-                    Some(Ok(ClientFrame::Subscribe(_))) if !logged_in => {
-                        Err(ApiError::Unauthenticated)
-                    }
-                    Some(Ok(ClientFrame::Subscribe(sub))) => Ok(sub),
+                    Some(Ok(ClientFrame::Subscribe(sub))) => match &user {
+                        Some(user) => Ok((sub, user.clone())),
+                        None => Err(ApiError::Unauthenticated),
+                    },
                     Some(Ok(ClientFrame::Hello(_))) => Err(malformed("second hello")),
                     Some(Err(error)) => Err(error),
                 };
-                let sub = match sub {
+                let (sub, user) = match sub {
                     Ok(sub) => sub,
                     Err(error) => {
                         tracing::debug!(%peer, %error, "push connection: protocol broken");
@@ -369,13 +370,14 @@ pub async fn serve_connection(
                 } else {
                     check_channel(&sub.channel)
                 };
+                // Membership is checked again before every batch, after the read token.
                 if let Err(error) = refused {
                     if !out.send_error(Some(sub_id), error).await {
                         return;
                     }
                     continue;
                 }
-                let task = run_subscription(shared.clone(), cache.clone(), out.clone(), sub);
+                let task = run_subscription(shared.clone(), cache.clone(), out.clone(), sub, user);
                 subs.insert(sub_id, SubTask(tokio::spawn(task)));
             }
             _ = tick.tick() => {
@@ -391,14 +393,16 @@ pub async fn serve_connection(
     }
 }
 
-/// One subscription: waits for its read token, then writes every batch after `after_seq`,
-/// woken by applies to its channel. Ends when the connection fails or it is aborted
-/// (unsubscribe, connection closed).
+/// One subscription of `user`: waits for its read token, then writes every batch after
+/// `after_seq`, woken by applies to its channel. Ends when the connection fails, it is aborted
+/// (unsubscribe, connection closed), or `user` may no longer read the channel (answered
+/// `NotMember`).
 async fn run_subscription(
     shared: Arc<ApiShared>,
     cache: Arc<BatchCache>,
     out: Arc<Out>,
     sub: Subscribe,
+    user: String,
 ) {
     let _gauge = GaugeGuard::new(&shared.metrics.push_subscriptions);
     let Subscribe {
@@ -419,6 +423,10 @@ async fn run_subscription(
         // Mark the current value seen before reading the head, so an apply in between is
         // either in the head read or wakes `changed` below.
         heads.borrow_and_update();
+        if let Err(error) = check_admitted(&shared.chat, &channel, &user) {
+            out.send_error(Some(sub_id), error).await;
+            return;
+        }
         let head = shared.chat.head(&channel).0;
         if head > after {
             let Ok(mut reserved) = out

@@ -25,6 +25,9 @@
 //! - `stall-fsync`: not a weakness either but a disk fault: SIGUSR2 makes every Raft log fsync
 //!   of the next 3 seconds wait until they are over, as a hung disk would, to exercise the
 //!   disk watchdog (`handover.rs`).
+//! - `forge-sender`: a lying node. It stamps each send with the name the connection's hello
+//!   claimed instead of the name its login proved, so one user's messages reach the log under
+//!   another's name; readers must show them as not signed by that name.
 
 use std::fmt;
 
@@ -39,6 +42,8 @@ pub struct Weaken {
     pub faulty_fs: bool,
     /// SIGUSR2 stalls the log's fsyncs for 3 s.
     pub stall_fsync: bool,
+    /// Stamp sends with the hello's claimed name, not the logged-in one.
+    pub forge_sender: bool,
 }
 
 /// How long a SIGUSR2 stalls the log's fsyncs in mode `stall-fsync`.
@@ -49,7 +54,13 @@ const STALL: std::time::Duration = std::time::Duration::from_secs(3);
 pub const AVAILABLE: bool = cfg!(feature = "weaken");
 
 /// The mode names `parse` accepts.
-pub const MODES: [&str; 4] = ["skip-dedup", "ack-before-fsync", "faulty-fs", "stall-fsync"];
+pub const MODES: [&str; 5] = [
+    "skip-dedup",
+    "ack-before-fsync",
+    "faulty-fs",
+    "stall-fsync",
+    "forge-sender",
+];
 
 /// File in the data dir that a simulated power failure leaves behind; the next start rolls
 /// the chat state back to its snapshot and removes it.
@@ -68,6 +79,7 @@ impl Weaken {
                 "ack-before-fsync" => weaken.ack_before_fsync = true,
                 "faulty-fs" => weaken.faulty_fs = true,
                 "stall-fsync" => weaken.stall_fsync = true,
+                "forge-sender" => weaken.forge_sender = true,
                 other => {
                     return Err(format!(
                         "unknown weaken mode {other:?}; known: {}",
@@ -82,7 +94,11 @@ impl Weaken {
 
     /// Whether any mode is on.
     pub fn any(&self) -> bool {
-        self.skip_dedup || self.ack_before_fsync || self.faulty_fs || self.stall_fsync
+        self.skip_dedup
+            || self.ack_before_fsync
+            || self.faulty_fs
+            || self.stall_fsync
+            || self.forge_sender
     }
 
     /// # Errors
@@ -106,6 +122,7 @@ impl fmt::Display for Weaken {
             self.ack_before_fsync,
             self.faulty_fs,
             self.stall_fsync,
+            self.forge_sender,
         ];
         let names: Vec<&str> = MODES
             .iter()

@@ -122,6 +122,38 @@ pub enum RejectReason {
         /// Which field, from a fixed vocabulary such as "signature" or "history range".
         what: String,
     },
+    /// The channel is private and the caller is not a member.
+    #[error("the channel is private and you are not a member: ask its owner for an invitation")]
+    NotMember,
+    /// Only the channel's owner may make that change.
+    #[error("only the channel's owner may do that")]
+    NotOwner,
+    /// The channel exists already (a private channel must be created before its first message).
+    #[error("the channel exists already: pick another name")]
+    ChannelExists,
+    /// The caller has no invitation to the channel.
+    #[error("you have no invitation to this channel")]
+    NotInvited,
+    /// No user of that name is registered (a name registers with its first message).
+    #[error("no user of that name is registered: they must send a message first")]
+    UnknownUser,
+    /// A per-user or per-channel bound was reached.
+    #[error("limit reached: {what} (at most {max})")]
+    LimitReached {
+        /// Which bound, from a fixed vocabulary ("channels you own", "members and invitations").
+        what: String,
+        /// The bound.
+        max: u64,
+    },
+    /// Members and invitations exist only in private channels.
+    #[error("the channel is public: everyone may read and write it")]
+    NotPrivate,
+    /// The channel's encryption record is set and never changes.
+    #[error("the channel's encryption is set already and never changes")]
+    CryptoAlreadySet,
+    /// The owner cannot leave their private channel.
+    #[error("the owner cannot leave the channel")]
+    OwnerCannotLeave,
 }
 
 #[cfg(test)]

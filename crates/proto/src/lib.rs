@@ -53,6 +53,8 @@ pub use transport::{
     HANDSHAKE_TIMEOUT,
 };
 pub use types::{
-    ChannelInfo, ClusterInfo, Hello, HistoryRequest, LeaderHint, Login, MessageBatch, NodeInfo,
-    Pong, Role, SendReply, SendRequest, Session, StreamRequest, Welcome, WireMessage,
+    ChannelChange, ChannelDetail, ChannelInfo, ChannelInfoRequest, ChannelPage, ChannelRequest,
+    ChannelsRequest, ClusterInfo, Hello, HistoryRequest, LeaderHint, Login, MessageBatch, NodeInfo,
+    Pong, Role, SendReply, SendRequest, Session, StreamRequest, UserKey, Welcome, WireMessage,
+    CHANNEL_PAGE_MAX, USER_KEYS_MAX,
 };

@@ -13,8 +13,9 @@ use crate::{
     error::ApiError,
     transport::{self, Transport},
     types::{
-        ChannelInfo, ClusterInfo, Hello, HistoryRequest, Login, MessageBatch, Pong, SendReply,
-        SendRequest, Session, StreamRequest, Welcome,
+        ChannelDetail, ChannelInfoRequest, ChannelPage, ChannelRequest, ChannelsRequest,
+        ClusterInfo, Hello, HistoryRequest, Login, MessageBatch, Pong, SendReply, SendRequest,
+        Session, StreamRequest, UserKey, Welcome,
     },
 };
 
@@ -22,8 +23,9 @@ use crate::{
 /// service's methods; nodes refuse other versions in [`Chat::hello`].
 ///
 /// Version 3: `WireMessage` no longer carries the sender's client id, and `stream`, `history`
-/// and `channels` need a login.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// and `channels` need a login. Version 4: channel records (private channels, invitations,
+/// crypto records), a paged channel list, and users' registered keys.
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Largest request frame a node reads on the chat service, in bytes (64 KiB): a send carries
 /// at most a 16 KiB body, so anything larger is refused from its length prefix, logged in or
@@ -47,7 +49,7 @@ pub const STREAM_WAIT_MS_MAX: u32 = 30_000;
 /// - A client calls [`hello`](Chat::hello) first on each connection. Until it succeeds the node
 ///   answers every call except `ping` with [`ApiError::Unauthenticated`]; servers keep this
 ///   per-connection state in the value they `serve()` for that connection.
-/// - `send`, `stream`, `history` and `channels` need a successful [`login`](Chat::login) on
+/// - Every call but `hello`, `ping` and `cluster` needs a successful [`login`](Chat::login) on
 ///   the connection; the node stamps the logged-in name as sender. `cluster` needs a hello
 ///   only. A login proves the key; a name registered to another key is refused, and a name
 ///   not registered yet is registered to the key by its first send (through the leader).
@@ -57,6 +59,9 @@ pub const STREAM_WAIT_MS_MAX: u32 = 30_000;
 /// - `stream` and `history` first wait until the node has applied `read_token`, so a client
 ///   that passes the highest `read_token`/`applied` it has seen gets monotonic reads and
 ///   read-your-writes on any node.
+/// - A private channel is read and written by its members only: other users get
+///   `Rejected(NotMember)` from `send`, `stream`, `history` and `channel_info`, and never see
+///   it in `channels` unless invited.
 #[tarpc::service]
 pub trait Chat {
     /// Checks protocol version and cluster name ([`check_hello`]) and returns a login challenge.
@@ -71,8 +76,17 @@ pub trait Chat {
     async fn stream(req: StreamRequest) -> Result<MessageBatch, ApiError>;
     /// Reads a page of stored messages.
     async fn history(req: HistoryRequest) -> Result<MessageBatch, ApiError>;
-    /// Lists channels with their head seq.
-    async fn channels() -> Result<Vec<ChannelInfo>, ApiError>;
+    /// One page of the channels the caller may see, in name order.
+    async fn channels(req: ChannelsRequest) -> Result<ChannelPage, ApiError>;
+    /// One channel's record (members, invitations, crypto record); for members and invitees
+    /// of a private channel, for anyone of a public one.
+    async fn channel_info(req: ChannelInfoRequest) -> Result<ChannelDetail, ApiError>;
+    /// Changes a channel's record through the leader (followers answer `NotLeader`); answers
+    /// the read token of the change.
+    async fn channel(req: ChannelRequest) -> Result<u64, ApiError>;
+    /// The registered keys of up to [`USER_KEYS_MAX`](crate::USER_KEYS_MAX) names, so readers
+    /// can verify who signed a message.
+    async fn user_keys(names: Vec<String>) -> Result<Vec<UserKey>, ApiError>;
     /// Describes the cluster as the answering node sees it.
     async fn cluster() -> Result<ClusterInfo, ApiError>;
     /// Round-trip probe; allowed before `hello`.

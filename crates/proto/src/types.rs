@@ -169,9 +169,101 @@ pub struct MessageBatch {
 pub struct ChannelInfo {
     /// Channel name.
     pub name: String,
-    /// Highest seq in the channel.
+    /// Highest seq in the channel; 0 before its first message.
     pub head: u64,
+    /// The user who created it; `None` for channels from before channel records.
+    pub owner: Option<String>,
+    /// Only members read and write it.
+    pub private: bool,
+    /// The listing user is invited and has not accepted yet.
+    pub invited: bool,
+    /// Its users set an end-to-end encryption record.
+    pub encrypted: bool,
 }
+
+/// Asks for one page of the channel list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelsRequest {
+    /// List channels whose names sort after this one; `None` starts at the first.
+    pub after: Option<String>,
+    /// Most channels to return; the node caps it at [`CHANNEL_PAGE_MAX`].
+    pub limit: u32,
+}
+
+/// Most channels in one [`ChannelPage`].
+pub const CHANNEL_PAGE_MAX: u32 = 1000;
+
+/// One page of the channels the logged-in user may see, in name order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelPage {
+    /// The channels.
+    pub channels: Vec<ChannelInfo>,
+    /// More channels follow the last one: ask again with `after` set to its name.
+    pub more: bool,
+}
+
+/// A change to a channel's record, made by the logged-in user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChannelChange {
+    /// Creates the channel's record, owned by the caller; a private channel must be new.
+    Create {
+        /// Only members read and write it.
+        private: bool,
+        /// The public part of its end-to-end encryption (opaque to nodes, at most 128 bytes).
+        crypto: Option<Vec<u8>>,
+    },
+    /// Sets the crypto record of a channel the caller owns that has none.
+    SetCrypto(Vec<u8>),
+    /// The owner invites a registered user to a private channel.
+    Invite(String),
+    /// The caller accepts an invitation.
+    Accept,
+    /// The owner removes a member or invitation, or a user removes themselves.
+    Remove(String),
+}
+
+/// A [`ChannelChange`] to apply to a channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelRequest {
+    /// The channel.
+    pub channel: String,
+    /// The change.
+    pub change: ChannelChange,
+}
+
+/// Asks for one channel's record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelInfoRequest {
+    /// The channel.
+    pub channel: String,
+    /// Wait until the node has applied this log index (see [`SendReply::read_token`]).
+    pub read_token: u64,
+}
+
+/// A channel's record as a user who may see it reads it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelDetail {
+    /// Its name, head, owner and flags.
+    pub info: ChannelInfo,
+    /// Members of a private channel, owner included, in name order.
+    pub members: Vec<String>,
+    /// Open invitations of a private channel, in name order.
+    pub invited: Vec<String>,
+    /// The public part of its end-to-end encryption, if set.
+    pub crypto: Option<Vec<u8>>,
+}
+
+/// A user's registered public key, as the answering node knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserKey {
+    /// The user name asked for.
+    pub name: String,
+    /// Its Ed25519 public key, `None` when the name is not registered.
+    pub public_key: Option<[u8; 32]>,
+}
+
+/// Most names in one `user_keys` call.
+pub const USER_KEYS_MAX: usize = 256;
 
 /// A node's Raft role as last seen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

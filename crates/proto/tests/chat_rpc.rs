@@ -13,9 +13,10 @@ use std::{
 
 use futures::StreamExt;
 use proto::{
-    check_hello, deadline_for, listen, wait_budget, ApiError, ChannelInfo, Chat, ChatClient,
+    check_hello, deadline_for, listen, wait_budget, ApiError, ChannelDetail, ChannelInfo,
+    ChannelInfoRequest, ChannelPage, ChannelRequest, ChannelsRequest, Chat, ChatClient,
     ClusterInfo, Hello, HistoryRequest, Login, MessageBatch, Pong, Role, SendReply, SendRequest,
-    Session, StreamRequest, Welcome, PROTOCOL_VERSION,
+    Session, StreamRequest, UserKey, Welcome, PROTOCOL_VERSION,
 };
 use tarpc::{
     context::{self, Context},
@@ -24,6 +25,24 @@ use tarpc::{
 
 const CLUSTER: &str = "test-cluster";
 const NODE_ID: u64 = 11;
+
+fn first_page() -> ChannelsRequest {
+    ChannelsRequest {
+        after: None,
+        limit: 10,
+    }
+}
+
+fn general() -> ChannelInfo {
+    ChannelInfo {
+        name: "general".into(),
+        head: 0,
+        owner: None,
+        private: false,
+        invited: false,
+        encrypted: false,
+    }
+}
 
 /// One value per connection, so `said_hello` is connection state.
 #[derive(Clone)]
@@ -86,12 +105,35 @@ impl Chat for TestServer {
         })
     }
 
-    async fn channels(self, _: Context) -> Result<Vec<ChannelInfo>, ApiError> {
+    async fn channels(self, _: Context, _: ChannelsRequest) -> Result<ChannelPage, ApiError> {
         self.gate()?;
-        Ok(vec![ChannelInfo {
-            name: "general".into(),
-            head: 0,
-        }])
+        Ok(ChannelPage {
+            channels: vec![general()],
+            more: false,
+        })
+    }
+
+    async fn channel_info(
+        self,
+        _: Context,
+        _: ChannelInfoRequest,
+    ) -> Result<ChannelDetail, ApiError> {
+        self.gate()?;
+        Err(ApiError::Rejected(proto::RejectReason::NotMember))
+    }
+
+    async fn channel(self, _: Context, _: ChannelRequest) -> Result<u64, ApiError> {
+        self.gate()?;
+        Err(ApiError::NotLeader { leader: None })
+    }
+
+    async fn user_keys(self, _: Context, names: Vec<String>) -> Result<Vec<UserKey>, ApiError> {
+        self.gate()?;
+        let unknown = |name| UserKey {
+            name,
+            public_key: None,
+        };
+        Ok(names.into_iter().map(unknown).collect())
     }
 
     async fn cluster(self, _: Context) -> Result<ClusterInfo, ApiError> {
@@ -171,7 +213,10 @@ async fn ping_answers_before_hello() {
 async fn hello_then_calls_succeed() {
     let client = connect_chat(start_server().await).await.expect("connect");
     assert_eq!(
-        client.channels(context::current()).await.expect("rpc"),
+        client
+            .channels(context::current(), first_page())
+            .await
+            .expect("rpc"),
         Err(ApiError::Unauthenticated)
     );
 
@@ -187,18 +232,16 @@ async fn hello_then_calls_succeed() {
     assert_eq!(welcome.protocol, PROTOCOL_VERSION);
     assert_eq!(welcome.cluster, CLUSTER);
 
+    let page = ChannelsRequest {
+        after: None,
+        limit: 10,
+    };
     let channels = client
-        .channels(context::current())
+        .channels(context::current(), page)
         .await
         .expect("rpc")
         .expect("channels");
-    assert_eq!(
-        channels,
-        vec![ChannelInfo {
-            name: "general".into(),
-            head: 0
-        }]
-    );
+    assert_eq!(channels.channels, vec![general()]);
     let send = SendRequest {
         channel: "general".into(),
         body: vec![1],
@@ -243,7 +286,10 @@ async fn hello_with_wrong_cluster_is_a_typed_error() {
     );
     // The failed hello did not open the gate.
     assert_eq!(
-        client.channels(context::current()).await.expect("rpc"),
+        client
+            .channels(context::current(), first_page())
+            .await
+            .expect("rpc"),
         Err(ApiError::Unauthenticated)
     );
 }

@@ -5,9 +5,10 @@ use std::{fmt::Debug, pin::Pin};
 
 use bytes::BytesMut;
 use proto::{
-    ApiError, ChannelInfo, ChatRequest, ChatResponse, ClusterInfo, Hello, HistoryRequest,
-    LeaderHint, Login, MessageBatch, NodeInfo, Pong, Postcard, RejectReason, Role, SendReply,
-    SendRequest, Session, StreamRequest, Welcome, WireMessage,
+    ApiError, ChannelChange, ChannelDetail, ChannelInfo, ChannelPage, ChannelRequest, ChatRequest,
+    ChatResponse, ClusterInfo, Hello, HistoryRequest, LeaderHint, Login, MessageBatch, NodeInfo,
+    Pong, Postcard, RejectReason, Role, SendReply, SendRequest, Session, StreamRequest, Welcome,
+    WireMessage,
 };
 use serde::{de::DeserializeOwned, Serialize};
 use tarpc::tokio_serde::{Deserializer, Serializer};
@@ -111,6 +112,18 @@ fn all_errors() -> Vec<ApiError> {
             theirs: "b".into(),
         },
         ApiError::Timeout,
+        ApiError::Rejected(RejectReason::NotMember),
+        ApiError::Rejected(RejectReason::NotOwner),
+        ApiError::Rejected(RejectReason::ChannelExists),
+        ApiError::Rejected(RejectReason::NotInvited),
+        ApiError::Rejected(RejectReason::UnknownUser),
+        ApiError::Rejected(RejectReason::LimitReached {
+            what: "channels you own".into(),
+            max: 1024,
+        }),
+        ApiError::Rejected(RejectReason::NotPrivate),
+        ApiError::Rejected(RejectReason::CryptoAlreadySet),
+        ApiError::Rejected(RejectReason::OwnerCannotLeave),
     ]
 }
 
@@ -183,10 +196,39 @@ fn replies_round_trip() {
         head: 0,
         applied: 0,
     });
-    round_trip(vec![ChannelInfo {
-        name: "general".into(),
+    let info = ChannelInfo {
+        name: "vault".into(),
         head: 3,
-    }]);
+        owner: Some("alice".into()),
+        private: true,
+        invited: true,
+        encrypted: true,
+    };
+    round_trip(ChannelPage {
+        channels: vec![info.clone()],
+        more: true,
+    });
+    round_trip(ChannelDetail {
+        info,
+        members: vec!["alice".into()],
+        invited: vec!["bob".into()],
+        crypto: Some(vec![2; 60]),
+    });
+    for change in [
+        ChannelChange::Create {
+            private: true,
+            crypto: None,
+        },
+        ChannelChange::SetCrypto(vec![1]),
+        ChannelChange::Invite("bob".into()),
+        ChannelChange::Accept,
+        ChannelChange::Remove("bob".into()),
+    ] {
+        round_trip(ChannelRequest {
+            channel: "vault".into(),
+            change,
+        });
+    }
     round_trip(cluster());
     round_trip(Pong {
         nonce: 1,
@@ -211,7 +253,15 @@ fn generated_request_and_response_enums_round_trip() {
         req: Hello::new("c", None),
     });
     round_trip_debug(ChatRequest::Ping { nonce: 9 });
-    round_trip_debug(ChatRequest::Channels {});
+    round_trip_debug(ChatRequest::Channels {
+        req: proto::ChannelsRequest {
+            after: Some("general".into()),
+            limit: 100,
+        },
+    });
+    round_trip_debug(ChatRequest::UserKeys {
+        names: vec!["alice".into()],
+    });
     round_trip_debug(ChatResponse::Stream(Ok(batch())));
     round_trip_debug(ChatResponse::Cluster(Ok(cluster())));
     round_trip_debug(ChatResponse::Send(Err(ApiError::Aborted)));

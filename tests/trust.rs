@@ -1,0 +1,232 @@
+//! End-to-end tests of users' trust (issue 17) on real `server` processes: private channels
+//! on every read and write path, and what readers show of messages a lying node wrote.
+//!
+//! Timeouts are generous bounds for a loaded 2-core machine, not performance claims.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use cellchat_client::{
+    ApiError, ChannelChange, Client, ClientConfig, Error, Identity, Subscription, WireMessage,
+};
+use proto::RejectReason;
+use testkit::TestCluster;
+
+const READY: Duration = Duration::from_secs(30);
+const CONVERGE: Duration = Duration::from_secs(30);
+const RECEIVE: Duration = Duration::from_secs(30);
+
+async fn cluster_of(name: &str, nodes: usize, extra: &[&str]) -> anyhow::Result<TestCluster> {
+    let mut cluster = TestCluster::new(name, extra)?;
+    for _ in 0..nodes {
+        cluster.spawn_node()?;
+    }
+    for node in &mut cluster.nodes {
+        node.wait_ready(READY)?;
+    }
+    cluster.wait_converged(nodes, CONVERGE).await?;
+    Ok(cluster)
+}
+
+async fn client_as(cluster: &TestCluster, name: &str) -> anyhow::Result<Client> {
+    let config = ClientConfig {
+        identity: Some(Identity::ephemeral(name, None)),
+        ..ClientConfig::new(cluster.cluster.clone(), cluster.discovery_port)
+    };
+    Ok(Client::connect(config).await?)
+}
+
+fn is_rejected<T: std::fmt::Debug>(result: &Result<T, Error>, want: &RejectReason) -> bool {
+    matches!(result, Err(Error::Api(ApiError::Rejected(r))) if r == want)
+}
+
+/// Asserts every read and write path refuses `user` on `channel` with `NotMember`.
+async fn assert_locked_out(user: &Client, channel: &str) -> anyhow::Result<()> {
+    let not_member = RejectReason::NotMember;
+    let history = user.history(channel, None, 10).await;
+    assert!(is_rejected(&history, &not_member), "history: {history:?}");
+    let from = user.history_from(channel, 1, 10).await;
+    assert!(is_rejected(&from, &not_member), "history from: {from:?}");
+    let info = user.channel_info(channel).await;
+    assert!(is_rejected(&info, &not_member), "channel info: {info:?}");
+    let sent = user.send(channel, b"\x00let me in".to_vec()).await;
+    assert!(is_rejected(&sent, &not_member), "send: {sent:?}");
+    let mut sub = user.subscribe(channel, 0);
+    match tokio::time::timeout(RECEIVE, sub.recv()).await {
+        Ok(Some(Err(Error::Api(ApiError::Rejected(RejectReason::NotMember))))) => {}
+        other => bail!("a subscription of a non-member got {other:?}"),
+    }
+    let listed = user.channels().await?;
+    assert!(
+        listed.iter().all(|c| c.name != channel),
+        "a non-member's list shows the private channel: {listed:?}"
+    );
+    Ok(())
+}
+
+async fn next_message(sub: &mut Subscription) -> anyhow::Result<WireMessage> {
+    match tokio::time::timeout(RECEIVE, sub.recv()).await {
+        Ok(Some(Ok(message))) => Ok(message),
+        other => bail!("expected a message, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_channel_is_read_and_written_by_its_members_only() -> anyhow::Result<()> {
+    let cluster = cluster_of("trust-private", 3, &[]).await?;
+    let alice = client_as(&cluster, "alice").await?;
+    let bob = client_as(&cluster, "bob").await?;
+    let mallory = client_as(&cluster, "mallory").await?;
+    // Names register with their first write.
+    bob.send("lobby", b"\x00hi".to_vec()).await?;
+    mallory.send("lobby", b"\x00hi".to_vec()).await?;
+
+    let create = ChannelChange::Create {
+        private: true,
+        crypto: None,
+    };
+    alice.change_channel("vault", create.clone()).await?;
+    // Creating it again is answered as done: the record is already alice's, as asked.
+    alice.change_channel("vault", create).await?;
+    let taken = mallory
+        .change_channel(
+            "vault",
+            ChannelChange::Create {
+                private: false,
+                crypto: None,
+            },
+        )
+        .await;
+    assert!(
+        is_rejected(&taken, &RejectReason::ChannelExists),
+        "{taken:?}"
+    );
+    alice.send("vault", b"\x00the plan".to_vec()).await?;
+
+    // Nobody else reads, writes, lists or subscribes to it; bob cannot invite himself.
+    for outsider in [&bob, &mallory] {
+        outsider.observe_read_token(alice.read_token());
+        assert_locked_out(outsider, "vault").await?;
+    }
+    let accept = bob.change_channel("vault", ChannelChange::Accept).await;
+    assert!(
+        is_rejected(&accept, &RejectReason::NotInvited),
+        "{accept:?}"
+    );
+    let invite = mallory
+        .change_channel("vault", ChannelChange::Invite("mallory".into()))
+        .await;
+    assert!(is_rejected(&invite, &RejectReason::NotOwner), "{invite:?}");
+    let nobody = alice
+        .change_channel("vault", ChannelChange::Invite("nobody".into()))
+        .await;
+    assert!(
+        is_rejected(&nobody, &RejectReason::UnknownUser),
+        "{nobody:?}"
+    );
+
+    // An invitation shows the channel to bob, but is not membership yet.
+    alice
+        .change_channel("vault", ChannelChange::Invite("bob".into()))
+        .await?;
+    bob.observe_read_token(alice.read_token());
+    let listed = bob.channels().await?;
+    let vault = listed.iter().find(|c| c.name == "vault");
+    assert!(
+        vault.is_some_and(|c| c.private && c.invited && c.owner.as_deref() == Some("alice")),
+        "{listed:?}"
+    );
+    let early = bob.history("vault", None, 10).await;
+    assert!(is_rejected(&early, &RejectReason::NotMember), "{early:?}");
+
+    bob.change_channel("vault", ChannelChange::Accept).await?;
+    let page = bob.history("vault", None, 10).await?;
+    assert_eq!(page.messages.len(), 1);
+    let mut sub = bob.subscribe("vault", 1);
+    alice.send("vault", b"\x00welcome bob".to_vec()).await?;
+    assert_eq!(next_message(&mut sub).await?.seq, 2);
+    bob.send("vault", b"\x00thanks".to_vec()).await?;
+    let detail = alice.channel_info("vault").await?;
+    assert_eq!(detail.members, ["alice", "bob"]);
+    assert!(detail.invited.is_empty());
+
+    // Removed, bob is locked out again, and his open subscription ends at the next message.
+    let removed = alice
+        .change_channel("vault", ChannelChange::Remove("bob".into()))
+        .await?;
+    bob.observe_read_token(removed);
+    alice.send("vault", b"\x00bob is gone".to_vec()).await?;
+    let after = tokio::time::timeout(RECEIVE, sub.recv()).await;
+    match after {
+        // The message sent before the removal may still arrive first.
+        Ok(Some(Ok(m))) if m.seq == 3 => match tokio::time::timeout(RECEIVE, sub.recv()).await {
+            Ok(Some(Err(Error::Api(ApiError::Rejected(RejectReason::NotMember))))) => {}
+            other => bail!("after removal the subscription got {other:?}"),
+        },
+        Ok(Some(Err(Error::Api(ApiError::Rejected(RejectReason::NotMember))))) => {}
+        other => bail!("after removal the subscription got {other:?}"),
+    }
+    assert_locked_out(&bob, "vault").await?;
+    let leave = alice
+        .change_channel("vault", ChannelChange::Remove("alice".into()))
+        .await;
+    assert!(
+        is_rejected(&leave, &RejectReason::OwnerCannotLeave),
+        "{leave:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_channel_list_is_paged_and_complete() -> anyhow::Result<()> {
+    let cluster = cluster_of("trust-pages", 1, &[]).await?;
+    let alice = client_as(&cluster, "alice").await?;
+    let names: Vec<String> = (0..25).map(|i| format!("room-{i:02}")).collect();
+    for name in &names {
+        alice.send(name, b"\x00x".to_vec()).await?;
+    }
+    let mut seen = Vec::new();
+    let mut after = None;
+    let mut pages = 0;
+    loop {
+        let page = alice.channels_page(after.clone(), 10).await?;
+        pages += 1;
+        seen.extend(page.channels.iter().map(|c| c.name.clone()));
+        after = page.channels.last().map(|c| c.name.clone());
+        if !page.more {
+            break;
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, names);
+    let all = alice.channels().await?;
+    let all: Vec<String> = all.into_iter().map(|c| c.name).collect();
+    assert_eq!(all, names);
+    Ok(())
+}
+
+/// The owner of a channel is whoever sent its first message; the record is checked with the
+/// context it gives on failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_message_makes_its_sender_the_owner() -> anyhow::Result<()> {
+    let cluster = cluster_of("trust-owner", 1, &[]).await?;
+    let carol = client_as(&cluster, "carol").await?;
+    carol.send("news", b"\x00first".to_vec()).await?;
+    let detail = carol.channel_info("news").await.context("channel info")?;
+    assert_eq!(detail.info.owner.as_deref(), Some("carol"));
+    assert!(!detail.info.private);
+    let private_later = carol
+        .change_channel(
+            "news",
+            ChannelChange::Create {
+                private: true,
+                crypto: None,
+            },
+        )
+        .await;
+    assert!(
+        is_rejected(&private_later, &RejectReason::ChannelExists),
+        "a channel with history cannot turn private: {private_later:?}"
+    );
+    Ok(())
+}
