@@ -30,6 +30,21 @@ pub enum Input {
     Key(String),
     /// `/key --clear`.
     KeyClear,
+    /// `/create #chan [private]`: make a channel's record, owned by you.
+    Create {
+        /// The channel.
+        channel: String,
+        /// Only members read and write it.
+        private: bool,
+    },
+    /// `/invite NAME`: invite a user to the current (private) channel.
+    Invite(String),
+    /// `/accept #chan`: accept an invitation and join the channel.
+    Accept(String),
+    /// `/remove NAME`: remove a member or invitation (yourself: leave the channel for good).
+    Remove(String),
+    /// `/members`: the current channel's owner, members and invitations.
+    Members,
     /// `/help`.
     Help,
     /// `/quit`.
@@ -47,6 +62,12 @@ commands:
   /servers           every node: role, RTT, applied index, which one you read from
   /key [passphrase]  set this channel's passphrase (asked without echo when not given);
                      /key --clear forgets it
+  /create #chan [private]
+                     create a channel you own; a private one only its members can read
+  /invite NAME       invite someone to this private channel (you must own it)
+  /accept #chan      accept an invitation and switch to that channel
+  /remove NAME       remove a member or invitation; /remove yourself to quit a private channel
+  /members           who owns this channel, who is in it, who is invited
   /help              this text
   /quit              leave (Ctrl-D works too)
 anything else is sent as a message to the current channel; start a message with // to send
@@ -93,6 +114,11 @@ pub fn parse(line: &str) -> Result<Input, String> {
             "--clear" => Input::KeyClear,
             passphrase => Input::Key(passphrase.to_owned()),
         }),
+        "create" => parse_create(rest),
+        "invite" => parse_user(rest, "invite").map(Input::Invite),
+        "accept" => parse_channel(rest).map(Input::Accept),
+        "remove" | "kick" => parse_user(rest, "remove").map(Input::Remove),
+        "members" => no_args(Input::Members),
         "help" | "?" => Ok(Input::Help),
         "quit" | "exit" | "q" => no_args(Input::Quit),
         other => Err(format!("unknown command /{other}: type /help for the list")),
@@ -115,6 +141,40 @@ pub fn parse_channel(text: &str) -> Result<String, String> {
     } else {
         Err(format!(
             "invalid channel name {text:?}: use 1 to 64 characters from a-z, 0-9, '-' and '_'"
+        ))
+    }
+}
+
+fn parse_create(rest: &str) -> Result<Input, String> {
+    let mut words = rest.split_whitespace();
+    let channel = parse_channel(words.next().unwrap_or(""))?;
+    let private = match words.next() {
+        None => false,
+        Some("private" | "--private") => true,
+        Some(other) => return Err(format!("/create #chan [private]: unknown option {other:?}")),
+    };
+    if words.next().is_some() {
+        return Err("/create #chan [private]: too many words".to_owned());
+    }
+    Ok(Input::Create { channel, private })
+}
+
+/// A user name from user input, checked against the server's rules.
+fn parse_user(text: &str, command: &str) -> Result<String, String> {
+    let name = text.trim().trim_start_matches('@');
+    if name.is_empty() {
+        return Err(format!("/{command} whom? give a user name"));
+    }
+    let valid = name.len() <= 32
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if valid {
+        Ok(name.to_owned())
+    } else {
+        Err(format!(
+            "invalid user name {:?}: use 1 to 32 characters from a-z, A-Z, 0-9, '-' and '_'",
+            crate::output::sanitize(name)
         ))
     }
 }
@@ -159,6 +219,24 @@ mod tests {
             ("/key", Ok(Input::KeyPrompt)),
             ("/key open sesame", Ok(Input::Key("open sesame".into()))),
             ("/key --clear", Ok(Input::KeyClear)),
+            (
+                "/create #vault private",
+                Ok(Input::Create {
+                    channel: "vault".into(),
+                    private: true,
+                }),
+            ),
+            (
+                "/create lobby",
+                Ok(Input::Create {
+                    channel: "lobby".into(),
+                    private: false,
+                }),
+            ),
+            ("/invite @bob", Ok(Input::Invite("bob".into()))),
+            ("/accept #vault", Ok(Input::Accept("vault".into()))),
+            ("/remove bob", Ok(Input::Remove("bob".into()))),
+            ("/members", Ok(Input::Members)),
             ("/help", Ok(Input::Help)),
             ("/quit", Ok(Input::Quit)),
         ];
@@ -179,6 +257,9 @@ mod tests {
             ("/history 0", "count from 1"),
             ("/history many", "count from 1"),
             ("/quit now", "takes no arguments"),
+            ("/create #x secret", "unknown option"),
+            ("/invite", "whom?"),
+            ("/invite b\u{202e}ob", "invalid user name"),
         ];
         for (line, want) in cases {
             let err = parse(line).expect_err(line);

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 
 use cellchat_client::crypto::ChannelKey;
-use cellchat_client::{Client, ClientEvent};
+use cellchat_client::{ChannelChange, Client, ClientEvent};
 use rustyline::completion::Completer;
 use rustyline::error::ReadlineError;
 use rustyline::highlight::{CmdKind, Highlighter};
@@ -318,6 +318,53 @@ impl Chat {
                     self.channel
                 );
             }
+            Input::Create { channel, private } => {
+                let change = ChannelChange::Create {
+                    private,
+                    crypto: None,
+                };
+                match self.client.change_channel(&channel, change).await {
+                    Ok(_) if private => println!(
+                        "#{channel} created: only its members read it; /invite NAME there to add someone"
+                    ),
+                    Ok(_) => println!("#{channel} created; you own it"),
+                    Err(e) => println!("#{channel} not created: {}", output::sanitize(&e.to_string())),
+                }
+            }
+            Input::Invite(user) => {
+                let change = ChannelChange::Invite(user.clone());
+                match self.client.change_channel(&self.channel, change).await {
+                    Ok(_) => println!(
+                        "{user} is invited to #{}: they join with /accept #{}",
+                        self.channel, self.channel
+                    ),
+                    Err(e) => println!("not invited: {}", output::sanitize(&e.to_string())),
+                }
+            }
+            Input::Accept(channel) => {
+                match self
+                    .client
+                    .change_channel(&channel, ChannelChange::Accept)
+                    .await
+                {
+                    Ok(_) => {
+                        println!("you are a member of #{channel} now");
+                        if channel != self.channel {
+                            self.previous.push(self.channel.clone());
+                            self.enter(channel).await;
+                        }
+                    }
+                    Err(e) => println!("not joined: {}", output::sanitize(&e.to_string())),
+                }
+            }
+            Input::Remove(user) => {
+                let change = ChannelChange::Remove(user.clone());
+                match self.client.change_channel(&self.channel, change).await {
+                    Ok(_) => println!("{user} is no longer in #{}", self.channel),
+                    Err(e) => println!("not removed: {}", output::sanitize(&e.to_string())),
+                }
+            }
+            Input::Members => self.members().await,
             Input::Help => println!("{}", command::HELP),
             Input::Quit => return ToEditor::Quit,
         }
@@ -388,15 +435,63 @@ impl Chat {
             }
             Ok(channels) => {
                 for c in channels {
-                    let here = if c.name == self.channel {
-                        " (here)"
+                    let mut notes = Vec::new();
+                    if c.private {
+                        notes.push("private");
+                    }
+                    if c.encrypted {
+                        notes.push("encrypted");
+                    }
+                    if c.invited {
+                        notes.push("you are invited: /accept it");
+                    }
+                    if c.name == self.channel {
+                        notes.push("here");
+                    }
+                    let notes = if notes.is_empty() {
+                        String::new()
                     } else {
-                        ""
+                        format!(" ({})", notes.join(", "))
                     };
-                    println!("#{} {} messages{here}", c.name, c.head);
+                    println!("#{} {} messages{notes}", c.name, c.head);
                 }
             }
             Err(e) => println!("cannot list channels: {}", output::sanitize(&e.to_string())),
+        }
+    }
+
+    async fn members(&self) {
+        match self.client.channel_info(&self.channel).await {
+            Ok(detail) => {
+                let owner = detail.info.owner.as_deref().map_or_else(
+                    || "nobody (a channel from before owners)".to_owned(),
+                    output::sanitize,
+                );
+                let kind = if detail.info.private {
+                    "private"
+                } else {
+                    "public"
+                };
+                println!("#{} is {kind}, owned by {owner}", self.channel);
+                if detail.info.private {
+                    let list = |names: &[String]| {
+                        names
+                            .iter()
+                            .map(|n| output::sanitize(n))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    };
+                    println!("members: {}", list(&detail.members));
+                    if !detail.invited.is_empty() {
+                        println!("invited: {}", list(&detail.invited));
+                    }
+                }
+            }
+            Err(e) => println!(
+                "cannot read #{}: {}",
+                self.channel,
+                output::sanitize(&e.to_string())
+            ),
         }
     }
 
