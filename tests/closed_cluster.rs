@@ -901,6 +901,29 @@ async fn reading_needs_a_login_on_every_read_path() -> anyhow::Result<()> {
             .err(),
         Some(ApiError::Unauthenticated)
     );
+    let info = proto::ChannelInfoRequest {
+        channel: "general".into(),
+        read_token: 0,
+    };
+    assert_eq!(
+        client.channel_info(ctx(), info).await?.err(),
+        Some(ApiError::Unauthenticated)
+    );
+    assert_eq!(
+        client.user_keys(ctx(), vec!["alice".into()]).await?.err(),
+        Some(ApiError::Unauthenticated)
+    );
+    let change = proto::ChannelRequest {
+        channel: "general".into(),
+        change: proto::ChannelChange::Create {
+            private: true,
+            crypto: None,
+        },
+    };
+    assert_eq!(
+        client.channel(ctx(), change).await?.err(),
+        Some(ApiError::Unauthenticated)
+    );
     assert!(
         client.cluster(ctx()).await?.is_ok(),
         "the membership needs no login"

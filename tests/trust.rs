@@ -230,3 +230,46 @@ async fn a_first_message_makes_its_sender_the_owner() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// The suppression attack: Mallory learns Alice's client id and sends her next client seqs
+/// first. With dedup keyed by (client id, client seq) alone, Alice's real sends were then
+/// answered "duplicate" with Mallory's messages and stored nowhere; keyed by sender too,
+/// each of Alice's sends is stored as hers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_user_cannot_suppress_a_senders_messages_by_taking_her_client_seqs(
+) -> anyhow::Result<()> {
+    let cluster = cluster_of("trust-suppress", 1, &[]).await?;
+    let alice = client_as(&cluster, "alice").await?;
+    let mallory = client_as(&cluster, "mallory").await?;
+    let stolen = alice.client_id();
+    for seq in 1..=3 {
+        let decoy = format!("\x00decoy {seq}").into_bytes();
+        let reply = mallory.send_with_key("general", decoy, stolen, seq).await?;
+        assert!(!reply.duplicate);
+    }
+    for seq in 1..=3 {
+        let body = format!("\x00alice {seq}").into_bytes();
+        let reply = alice.send_with_key("general", body, stolen, seq).await?;
+        assert!(
+            !reply.duplicate,
+            "alice's send {seq} was taken for mallory's"
+        );
+    }
+    let page = alice.history("general", None, 10).await?;
+    let from_alice: Vec<&[u8]> = page
+        .messages
+        .iter()
+        .filter(|m| m.sender == "alice")
+        .map(|m| m.body.as_slice())
+        .collect();
+    assert_eq!(
+        from_alice,
+        [&b"\x00alice 1"[..], b"\x00alice 2", b"\x00alice 3"]
+    );
+    // A real retry of alice's is still a duplicate.
+    let again = alice
+        .send_with_key("general", b"\x00alice 3".to_vec(), stolen, 3)
+        .await?;
+    assert!(again.duplicate);
+    Ok(())
+}
