@@ -72,6 +72,10 @@ pub struct Config {
     pub conn_rate_per_s: u32,
     /// Burst of requests per connection. Default 1000; at least 1.
     pub conn_burst: u32,
+    /// Memory budget of the chat state's in-memory rings of recent messages, all channels
+    /// together, in bytes (`chat_sm::Config::ring_bytes_max`): past it, the least recently
+    /// used channels are read from RocksDB instead. Default 256 MiB; 64 KiB to 1 TiB.
+    pub ring_bytes_max: usize,
     /// Most open client connections, tarpc and push together. Default 20000; 1 to 1000000.
     /// Lowered at start, with a warning, when the process's open-file limit cannot hold it
     /// beside storage's reserve (`fd_limit.rs`).
@@ -135,6 +139,7 @@ impl Config {
             user_burst: 200,
             conn_rate_per_s: 500,
             conn_burst: 1000,
+            ring_bytes_max: chat_sm::RING_BYTES_MAX_DEFAULT,
             client_connections_max: 20_000,
             client_connections_per_ip_max: 256,
             raft_connections_max: 1024,
@@ -213,6 +218,16 @@ impl Config {
             || self.conn_burst == 0
         {
             return Err("rate limits and bursts must be at least 1".into());
+        }
+        if !(chat_sm::RING_BYTES_MAX_MIN..=chat_sm::RING_BYTES_MAX_MAX)
+            .contains(&self.ring_bytes_max)
+        {
+            return Err(format!(
+                "ring bytes max {} must be {} (64 KiB) to {} (1 TiB)",
+                self.ring_bytes_max,
+                chat_sm::RING_BYTES_MAX_MIN,
+                chat_sm::RING_BYTES_MAX_MAX
+            ));
         }
         self.check_connection_limits()?;
         self.weaken.check_available()?;
@@ -367,6 +382,12 @@ mod tests {
         let mut config = Config::new("/tmp/x");
         config.client_idle_timeout_s = 0;
         assert!(config.validate().unwrap_err().contains("idle timeout"));
+        let mut config = Config::new("/tmp/x");
+        config.ring_bytes_max = 1024;
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .contains("ring bytes max 1024"));
     }
 
     #[test]

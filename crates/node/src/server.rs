@@ -697,7 +697,7 @@ fn open_storage(
         LogStore::from_wal_acking(wal, log_dir, ack)
             .map_err(storage_error("opening the raft log"))?
     };
-    let state_machine = StateMachine::open(&sm_dir)
+    let state_machine = StateMachine::open_with(&sm_dir, config.ring_bytes_max)
         .map_err(storage_error("opening the chat state"))?
         .with_metrics(metrics.clone());
     Ok((log_store, state_machine))
