@@ -7,7 +7,9 @@
 //! does not forward, so a send is never in flight on two nodes at once and the client always
 //! knows which node to retry.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -38,6 +40,16 @@ pub const BATCH_MESSAGES_MAX: u32 = 1000;
 /// 16 MiB, held in memory at once on both ends; clients page on from the last message they
 /// got, so a shorter page only costs a round trip.
 pub const REPLY_BYTES_MAX: usize = 4 << 20;
+
+/// Most users whose send bucket has not refilled yet (about 150 B each). A bucket is full
+/// again `user_burst / user_rate_per_s` seconds (4 by default) after the user's last send and
+/// is then dropped, so this caps the users sending within that window, not the users ever
+/// seen; past it, a user without a bucket is refused until buckets refill.
+pub const USER_BUCKETS_MAX: usize = 100_000;
+
+/// A [`BucketMap`] sweeps after at least this many new keys, so small maps are not swept on
+/// every add.
+const BUCKET_SWEEP_MIN: usize = 1024;
 
 /// Which end of a page a byte cap keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,9 +105,9 @@ pub struct ApiShared {
     /// Nodes heard by discovery (roles and applied indexes of others).
     pub peers: Peers,
     pub metrics: Arc<Metrics>,
-    pub user_buckets: Mutex<HashMap<String, TokenBucket>>,
-    pub user_rate_per_s: u32,
-    pub user_burst: u32,
+    /// Each user's send bucket (`user_rate_per_s`, `user_burst`), at most
+    /// [`USER_BUCKETS_MAX`] users.
+    pub user_buckets: Mutex<BucketMap<String>>,
     pub conn_rate_per_s: u32,
     pub conn_burst: u32,
     /// A connection with no request in flight for this long is closed (`conn_watch.rs`).
@@ -142,6 +154,123 @@ impl TokenBucket {
         self.take(Instant::now())
             .map_err(|retry_after_ms| ApiError::RateLimited { retry_after_ms })
     }
+
+    /// A full bucket at `now`, refilled at `rate_per_s` tokens per second (may be below 1).
+    fn at(rate_per_s: f64, burst: u32, now: Instant) -> TokenBucket {
+        TokenBucket {
+            tokens: f64::from(burst),
+            rate: rate_per_s,
+            burst: f64::from(burst),
+            last: now,
+        }
+    }
+
+    /// From when on the bucket is full again, and so answers as a new one would. A
+    /// millisecond late, so float rounding never calls a bucket full a moment early.
+    fn full_time(&self) -> Instant {
+        let refill_s = (self.burst - self.tokens).max(0.0) / self.rate;
+        self.last + Duration::from_secs_f64(refill_s) + Duration::from_millis(1)
+    }
+}
+
+/// Token buckets by key (a user name, a source address), all with one rate and burst, in a
+/// bounded map.
+///
+/// A bucket that has refilled completely answers exactly as a new one would, so dropping it
+/// changes no decision. Such buckets are swept after as many new keys as the last sweep left
+/// buckets (at least [`BUCKET_SWEEP_MIN`]), so a sweep's O(n) is paid once per n new keys.
+/// When `len_max` buckets are still refilling, a new key is refused, without sweeping again,
+/// until more than a tenth of them are full.
+///
+/// Invariant: `buckets.len() <= len_max`.
+pub struct BucketMap<K> {
+    buckets: HashMap<K, TokenBucket>,
+    rate_per_s: f64,
+    burst: u32,
+    len_max: usize,
+    /// New keys since the last sweep.
+    added: usize,
+    /// Sweep when `added` reaches this.
+    sweep_after: usize,
+    /// Set when the map was found full: refuse new keys until then.
+    full_until: Option<Instant>,
+}
+
+impl<K: Hash + Eq> BucketMap<K> {
+    /// An empty map of buckets refilled at `rate_per_s` tokens per second, holding `burst`,
+    /// for at most `len_max` (at least 1) keys.
+    pub fn new(rate_per_s: f64, burst: u32, len_max: usize) -> BucketMap<K> {
+        assert!(
+            len_max >= 1 && rate_per_s > 0.0,
+            "a bucket map needs room and a rate"
+        );
+        BucketMap {
+            buckets: HashMap::new(),
+            rate_per_s,
+            burst,
+            len_max,
+            added: 0,
+            sweep_after: BUCKET_SWEEP_MIN,
+            full_until: None,
+        }
+    }
+
+    /// Takes a token from `key`'s bucket (a new full one when it has none) at `now`, or says
+    /// in how many ms to retry.
+    pub fn take<Q>(&mut self, key: &Q, now: Instant) -> Result<(), u64>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        if let Some(bucket) = self.buckets.get_mut(key) {
+            return bucket.take(now);
+        }
+        self.make_room(now)?;
+        let mut bucket = TokenBucket::at(self.rate_per_s, self.burst, now);
+        let taken = bucket.take(now);
+        self.buckets.insert(key.to_owned(), bucket);
+        self.added += 1;
+        assert!(
+            self.buckets.len() <= self.len_max,
+            "bucket map over its cap"
+        );
+        taken
+    }
+
+    /// Makes sure a new key fits, sweeping when due; or says in how many ms to retry.
+    fn make_room(&mut self, now: Instant) -> Result<(), u64> {
+        match self.full_until {
+            Some(until) if now < until => return Err(ms_until(now, until)),
+            Some(_) => self.sweep(now),
+            None if self.added >= self.sweep_after => self.sweep(now),
+            None => {}
+        }
+        if self.buckets.len() < self.len_max {
+            return Ok(());
+        }
+        // Every bucket left is still refilling: wait until more than a tenth of them are
+        // full, so the next sweep frees that many.
+        let mut times: Vec<Instant> = self.buckets.values().map(TokenBucket::full_time).collect();
+        let tenth = times.len() / 10;
+        let until = *times.select_nth_unstable(tenth).1;
+        self.full_until = Some(until);
+        Err(ms_until(now, until))
+    }
+
+    fn sweep(&mut self, now: Instant) {
+        self.buckets.retain(|_, bucket| bucket.full_time() > now);
+        self.added = 0;
+        self.sweep_after = self.buckets.len().max(BUCKET_SWEEP_MIN);
+        self.full_until = None;
+    }
+}
+
+/// Whole milliseconds from `now` until `until`, rounded up, at least 1.
+fn ms_until(now: Instant, until: Instant) -> u64 {
+    let micros = until.saturating_duration_since(now).as_micros();
+    u64::try_from(micros.div_ceil(1000))
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 struct ConnState {
@@ -403,11 +532,9 @@ impl proto::Chat for ChatServer {
             (conn.user.clone(), conn.registered)
         };
         let (user, public_key) = user.ok_or(ApiError::Unauthenticated)?;
-        let (rate, burst) = (self.shared.user_rate_per_s, self.shared.user_burst);
         (self.shared.user_buckets.lock())
-            .entry(user.clone())
-            .or_insert_with(|| TokenBucket::new(rate, burst))
-            .take_now()?;
+            .take(user.as_str(), Instant::now())
+            .map_err(|retry_after_ms| ApiError::RateLimited { retry_after_ms })?;
         if !registered {
             // The first send of a name this node did not know registers it (on the leader; a
             // follower answers NotLeader as for the send itself).
@@ -579,6 +706,64 @@ mod tests {
         let retry = bucket.take(start).unwrap_err();
         assert_eq!(retry, 100, "one token per 100 ms at 10/s");
         bucket.take(start + Duration::from_millis(100)).unwrap();
+    }
+
+    /// A small xorshift generator, so the test needs no seed plumbing and replays exactly.
+    fn next(state: &mut u64) -> u64 {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        *state
+    }
+
+    #[test]
+    fn dropping_full_buckets_changes_no_decision() {
+        let start = Instant::now();
+        let mut bounded = BucketMap::new(10.0, 3, USER_BUCKETS_MAX);
+        let mut unbounded: HashMap<u64, TokenBucket> = HashMap::new();
+        let (mut now, mut rng) = (start, 0x9e37_79b9_7f4a_7c15u64);
+        let (mut refused, mut largest) = (0, 0);
+        for _ in 0..200_000 {
+            now += Duration::from_micros(next(&mut rng) % 200);
+            // Few hot keys, many cold ones, so buckets both run dry and are swept.
+            let key = match next(&mut rng) % 4 {
+                0 => next(&mut rng) % 8,
+                _ => next(&mut rng) % 20_000,
+            };
+            let expected = (unbounded.entry(key))
+                .or_insert_with(|| TokenBucket::at(10.0, 3, now))
+                .take(now);
+            assert_eq!(bounded.take(&key, now), expected);
+            refused += usize::from(expected.is_err());
+            largest = largest.max(bounded.buckets.len());
+        }
+        assert!(refused > 1000, "the hot keys ran dry ({refused} refusals)");
+        assert!(largest < unbounded.len() / 2, "{largest} buckets kept");
+    }
+
+    #[test]
+    fn a_full_map_refuses_new_keys_until_a_tenth_is_full_again() {
+        let start = Instant::now();
+        // One token per second: a bucket is full again a second after its last take.
+        let mut map = BucketMap::new(1.0, 1, 20);
+        for key in 0..20u32 {
+            let at = start + Duration::from_millis(u64::from(key) * 10);
+            map.take(&key, at).unwrap();
+        }
+        // Keys 0, 1 and 2 (more than a tenth) are full again 1001, 1011 and 1021 ms in.
+        let retry = map
+            .take(&100, start + Duration::from_millis(500))
+            .unwrap_err();
+        assert_eq!(retry, 521);
+        assert_eq!(map.buckets.len(), 20);
+        // Known keys still answer from their own buckets meanwhile.
+        assert!(map.take(&19, start + Duration::from_millis(600)).is_err());
+        let later = start + Duration::from_millis(1021);
+        for key in 100..103 {
+            map.take(&key, later).unwrap();
+        }
+        assert_eq!(map.buckets.len(), 20, "keys 0, 1 and 2 made room");
+        assert!(map.take(&103, later).is_err());
     }
 
     fn message(seq: u64, body_len: usize) -> chat_sm::Message {

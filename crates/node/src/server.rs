@@ -21,7 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 use crate::admin::Admin;
-use crate::api::{ApiShared, ChatServer};
+use crate::api::{ApiShared, BucketMap, ChatServer, USER_BUCKETS_MAX};
 use crate::cluster::{self, LeaderContact, NodeAddrs, Peers};
 use crate::config::Config;
 use crate::conn_limit::{ConnGuard, ConnLimiter, ConnLimits};
@@ -413,9 +413,11 @@ impl Server {
             proposer,
             peers: peers.clone(),
             metrics: metrics.clone(),
-            user_buckets: Default::default(),
-            user_rate_per_s: config.user_rate_per_s,
-            user_burst: config.user_burst,
+            user_buckets: parking_lot::Mutex::new(BucketMap::new(
+                f64::from(config.user_rate_per_s),
+                config.user_burst,
+                USER_BUCKETS_MAX,
+            )),
             conn_rate_per_s: config.conn_rate_per_s,
             conn_burst: config.conn_burst,
             client_idle_timeout: Duration::from_secs(config.client_idle_timeout_s),
