@@ -25,6 +25,7 @@ use proto::{
 use tarpc::context::Context;
 
 use crate::cluster::{role_of, Peers};
+use crate::conn_limit::AddrKey;
 use crate::conn_watch::{Activity, Busy, ConnWatch};
 use crate::delivery::Delivery;
 use crate::metrics::{GaugeGuard, Metrics};
@@ -46,6 +47,11 @@ pub const REPLY_BYTES_MAX: usize = 4 << 20;
 /// is then dropped, so this caps the users sending within that window, not the users ever
 /// seen; past it, a user without a bucket is refused until buckets refill.
 pub const USER_BUCKETS_MAX: usize = 100_000;
+
+/// Most source addresses whose registration bucket has not refilled yet (about 100 B each).
+/// Only a registration the node-wide limit lets through makes a bucket, so the default
+/// limits never come near it.
+pub const REGISTRATION_SOURCES_MAX: usize = 10_000;
 
 /// A [`BucketMap`] sweeps after at least this many new keys, so small maps are not swept on
 /// every add.
@@ -91,8 +97,8 @@ fn cap_reply(messages: &mut Vec<chat_sm::Message>, keep: Keep, max: usize) {
 }
 
 /// Everything the chat service of one node shares across connections. Rate limits are token
-/// buckets (sustained per second, burst): `user_*` for each user's sends, `conn_*` for every
-/// request of one connection.
+/// buckets (sustained rate, burst): `user_buckets` for each user's sends, `registrations` for
+/// new names, `conn_*` for every request of one connection.
 pub struct ApiShared {
     pub id: NodeId,
     pub cluster: String,
@@ -108,6 +114,8 @@ pub struct ApiShared {
     /// Each user's send bucket (`user_rate_per_s`, `user_burst`), at most
     /// [`USER_BUCKETS_MAX`] users.
     pub user_buckets: Mutex<BucketMap<String>>,
+    /// Limits on registering new names (see [`Registrations`]).
+    pub registrations: Mutex<Registrations>,
     pub conn_rate_per_s: u32,
     pub conn_burst: u32,
     /// A connection with no request in flight for this long is closed (`conn_watch.rs`).
@@ -163,6 +171,16 @@ impl TokenBucket {
             burst: f64::from(burst),
             last: now,
         }
+    }
+
+    /// As [`TokenBucket::take`], but leaves the token where it is.
+    fn ready(&self, now: Instant) -> Result<(), u64> {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        let tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if tokens >= 1.0 {
+            return Ok(());
+        }
+        Err(((1.0 - tokens) / self.rate * 1000.0).ceil() as u64)
     }
 
     /// From when on the bucket is full again, and so answers as a new one would. A
@@ -237,6 +255,18 @@ impl<K: Hash + Eq> BucketMap<K> {
         taken
     }
 
+    /// Whether [`BucketMap::take`] would succeed at `now`, taking nothing.
+    fn ready<Q>(&mut self, key: &Q, now: Instant) -> Result<(), u64>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        match self.buckets.get(key) {
+            Some(bucket) => bucket.ready(now),
+            None => self.make_room(now),
+        }
+    }
+
     /// Makes sure a new key fits, sweeping when due; or says in how many ms to retry.
     fn make_room(&mut self, now: Instant) -> Result<(), u64> {
         match self.full_until {
@@ -273,6 +303,64 @@ fn ms_until(now: Instant, until: Instant) -> u64 {
         .max(1)
 }
 
+/// Registration limits of one node, each a token bucket refilled per minute (see
+/// [`Registrations`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegistrationLimits {
+    /// Registrations per minute from one source address, sustained.
+    pub ip_rate_per_min: u32,
+    /// Burst of registrations from one source address.
+    pub ip_burst: u32,
+    /// Registrations per minute from all remote sources together, sustained.
+    pub node_rate_per_min: u32,
+    /// Burst of those.
+    pub node_burst: u32,
+}
+
+/// Counts registrations (a new name's first send) per source address and for the whole node.
+///
+/// Anyone can make a key pair and a new name, and each registered name is a log entry and a
+/// key every replica keeps in memory for good, so registrations are limited where names come
+/// from: a source address (IPv6: one /64, as `conn_limit.rs` counts them) and the node as a
+/// whole. Connections from this machine are exempt from both, as from the per-address
+/// connection cap: local processes (the operator's clients, tests, load harnesses) could
+/// exhaust the node by other means anyway. An attempt counts whether or not the leader then
+/// accepts it; a refused one takes from neither bucket and writes nothing.
+pub struct Registrations {
+    node: TokenBucket,
+    by_source: BucketMap<AddrKey>,
+}
+
+impl Registrations {
+    /// Full buckets for `limits`.
+    pub fn new(limits: RegistrationLimits) -> Registrations {
+        let per_s = |per_min: u32| f64::from(per_min) / 60.0;
+        let now = Instant::now();
+        Registrations {
+            node: TokenBucket::at(per_s(limits.node_rate_per_min), limits.node_burst, now),
+            by_source: BucketMap::new(
+                per_s(limits.ip_rate_per_min),
+                limits.ip_burst,
+                REGISTRATION_SOURCES_MAX,
+            ),
+        }
+    }
+
+    /// Counts one registration attempt from `source` (`None`: this machine, not counted) at
+    /// `now`, or says in how many ms to retry.
+    pub fn admit(&mut self, source: Option<AddrKey>, now: Instant) -> Result<(), u64> {
+        let Some(source) = source else {
+            return Ok(());
+        };
+        // Both checked before either is taken: one address must not spend the node's budget
+        // on attempts its own limit refuses.
+        self.by_source.ready(&source, now)?;
+        self.node.ready(now)?;
+        self.by_source.take(&source, now)?;
+        self.node.take(now)
+    }
+}
+
 struct ConnState {
     hello: bool,
     /// The TLS session's login binding; a login signature must cover it.
@@ -295,6 +383,8 @@ pub struct ChatServer {
     conn: Arc<Mutex<ConnState>>,
     /// The connection's hello and requests, for its deadlines.
     activity: Arc<Activity>,
+    /// Where the connection comes from, for the registration limits; `None` for this machine.
+    source: Option<AddrKey>,
 }
 
 fn now_ms() -> u64 {
@@ -355,8 +445,9 @@ fn not_leader(leader: Option<(NodeId, Member)>) -> ApiError {
 }
 
 impl ChatServer {
-    /// A server value for a new connection whose TLS session has login binding `binding`.
-    pub fn new(shared: Arc<ApiShared>, binding: [u8; 32]) -> ChatServer {
+    /// A server value for a new connection whose TLS session has login binding `binding`,
+    /// from `source` (`None`: this machine; see [`crate::conn_limit::addr_key`]).
+    pub fn new(shared: Arc<ApiShared>, binding: [u8; 32], source: Option<AddrKey>) -> ChatServer {
         let conn = ConnState {
             hello: false,
             binding,
@@ -370,6 +461,7 @@ impl ChatServer {
             shared,
             conn: Arc::new(Mutex::new(conn)),
             activity: Activity::new(),
+            source,
         }
     }
 
@@ -470,7 +562,17 @@ pub(crate) fn verify_login(
     }
 }
 
-async fn register(shared: &ApiShared, name: &str, public_key: [u8; 32]) -> Result<(), ApiError> {
+/// Registers `name` to `public_key` through the leader, within the registration limits for
+/// `source` (see [`Registrations`]).
+async fn register(
+    shared: &ApiShared,
+    source: Option<AddrKey>,
+    name: &str,
+    public_key: [u8; 32],
+) -> Result<(), ApiError> {
+    (shared.registrations.lock())
+        .admit(source, Instant::now())
+        .map_err(|retry_after_ms| ApiError::RateLimited { retry_after_ms })?;
     let name = name.to_owned();
     let command = Command::RegisterUser { name, public_key };
     match shared.raft.client_write(command).await {
@@ -538,7 +640,7 @@ impl proto::Chat for ChatServer {
         if !registered {
             // The first send of a name this node did not know registers it (on the leader; a
             // follower answers NotLeader as for the send itself).
-            register(&self.shared, &user, public_key).await?;
+            register(&self.shared, self.source, &user, public_key).await?;
             self.conn.lock().registered = true;
         }
         // Cheap checks before the log, so junk never takes log space; apply repeats them
@@ -764,6 +866,46 @@ mod tests {
         }
         assert_eq!(map.buckets.len(), 20, "keys 0, 1 and 2 made room");
         assert!(map.take(&103, later).is_err());
+    }
+
+    fn source(last: u8) -> Option<AddrKey> {
+        let peer = std::net::IpAddr::from([192, 0, 2, last]);
+        crate::conn_limit::addr_key(peer, Some([10, 0, 0, 1].into()))
+    }
+
+    #[test]
+    fn registrations_are_limited_per_source_and_per_node() {
+        let limits = RegistrationLimits {
+            ip_rate_per_min: 6,
+            ip_burst: 2,
+            node_rate_per_min: 60,
+            node_burst: 5,
+        };
+        let mut regs = Registrations::new(limits);
+        let now = Instant::now();
+        regs.admit(source(1), now).unwrap();
+        regs.admit(source(1), now).unwrap();
+        // 6 a minute: the next token in 10 s.
+        assert_eq!(regs.admit(source(1), now), Err(10_000));
+        // The refusals took nothing from the node's budget: three more sources fit it.
+        for _ in 0..5 {
+            assert!(regs.admit(source(1), now).is_err());
+        }
+        regs.admit(source(2), now).unwrap();
+        regs.admit(source(2), now).unwrap();
+        regs.admit(source(3), now).unwrap();
+        // The node's burst of 5 is spent, whatever the source; refilled at 1 a second.
+        assert_eq!(regs.admit(source(4), now), Err(1_000));
+        assert_eq!(
+            regs.by_source.buckets.len(),
+            3,
+            "a refused source gets no bucket"
+        );
+        regs.admit(source(4), now + Duration::from_secs(1)).unwrap();
+        // This machine is not counted.
+        for _ in 0..100 {
+            regs.admit(None, now).unwrap();
+        }
     }
 
     fn message(seq: u64, body_len: usize) -> chat_sm::Message {
