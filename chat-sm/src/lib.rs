@@ -32,9 +32,12 @@
 //!   snapshot can let the raft log be purged.
 //! - **Local faults panic inside `apply`.** A RocksDB error seen by one replica must not
 //!   become a response or state the others do not have.
-//! - **Memory.** The newest `ring_len` (default 1000) messages per channel, every channel
-//!   head and every user key live in memory; dedup records and older messages live only in
-//!   RocksDB.
+//! - **Memory.** The newest `ring_len` (default 1000) messages per channel, within a budget
+//!   of `ring_bytes_max` (default 256 MiB) for all channels together, live in memory; past
+//!   the budget, the least recently used channels lose their rings and are read from
+//!   RocksDB. Every channel head and every user key live in memory too (not counted in the
+//!   budget; both grow only with what is stored). Dedup records and older messages live only
+//!   in RocksDB.
 //! - **Snapshots** are one streamed file with per-record and whole-file CRC-32/IEEE
 //!   (layout in `format.rs`); installing one verifies it fully and swaps RocksDB
 //!   directories through an atomically renamed pointer file (see `store.rs`).
@@ -71,7 +74,8 @@ pub use command::{
 pub use snapshot::{read_snapshot_info, SnapshotInfo};
 pub use state::{
     AppliedEvent, ApplyEntry, ApplyPayload, ChannelListing, ChatState, Config, RaftMeta,
-    CHANNEL_PAGE_MAX, HISTORY_LIMIT_MAX, RING_LEN_DEFAULT, RING_LEN_MAX,
+    CHANNEL_PAGE_MAX, HISTORY_LIMIT_MAX, RING_BYTES_MAX_DEFAULT, RING_BYTES_MAX_MAX,
+    RING_BYTES_MAX_MIN, RING_LEN_DEFAULT, RING_LEN_MAX,
 };
 
 /// Errors of this crate. Deterministic command rejections are not errors; they are

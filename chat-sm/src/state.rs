@@ -3,6 +3,7 @@
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
@@ -28,6 +29,18 @@ pub const RING_LEN_MAX: usize = 100_000;
 pub const HISTORY_LIMIT_MAX: usize = 10_000;
 /// A page of the channel list holds at most this many channels.
 pub const CHANNEL_PAGE_MAX: usize = 1000;
+/// Default [`Config::ring_bytes_max`]: 256 MiB for the rings of all channels together.
+pub const RING_BYTES_MAX_DEFAULT: usize = 256 << 20;
+/// Smallest accepted [`Config::ring_bytes_max`] (64 KiB): below that, rings could not hold
+/// even a few of the largest messages.
+pub const RING_BYTES_MAX_MIN: usize = 64 << 10;
+/// Largest accepted [`Config::ring_bytes_max`] (1 TiB): anything above is a typo, not a
+/// machine.
+pub const RING_BYTES_MAX_MAX: usize = 1 << 40;
+
+/// What one ring entry costs beyond the bytes of its body and sender: the allocator's headers
+/// of those two heap buffers. The entry itself is counted as a slot of the ring's buffer.
+const RING_ENTRY_HEAP_OVERHEAD_BYTES: usize = 32;
 
 /// Most clients whose highest client seq [`ClientSeqs`] keeps in memory (about 50 B each).
 const CLIENT_SEQS_MAX: usize = 1 << 20;
@@ -44,6 +57,14 @@ pub struct Config {
     /// Recent messages kept in memory per channel. Unit: messages. Default
     /// [`RING_LEN_DEFAULT`] (1000); bounds 1..=[`RING_LEN_MAX`].
     pub ring_len: usize,
+    /// Memory budget of all channel rings together. Unit: bytes, counted as each ring's
+    /// buffer (capacity times the entry size) plus every entry's body, sender and allocator
+    /// overhead. Default [`RING_BYTES_MAX_DEFAULT`] (256 MiB); bounds
+    /// [`RING_BYTES_MAX_MIN`]..=[`RING_BYTES_MAX_MAX`]. Without it, every channel keeps up to
+    /// `ring_len` messages in memory forever, so one user creating many channels with large
+    /// bodies could grow a node's memory without limit. Over the budget, the rings of the
+    /// least recently used channels are dropped (see [`ChatState`]).
+    pub ring_bytes_max: usize,
 }
 
 impl Config {
@@ -52,6 +73,7 @@ impl Config {
         Config {
             dir: dir.into(),
             ring_len: RING_LEN_DEFAULT,
+            ring_bytes_max: RING_BYTES_MAX_DEFAULT,
         }
     }
 
@@ -63,6 +85,14 @@ impl Config {
         if !(1..=RING_LEN_MAX).contains(&self.ring_len) {
             return Err(Error::InvalidConfig {
                 reason: format!("ring_len {} is outside 1..={RING_LEN_MAX}", self.ring_len),
+            });
+        }
+        if !(RING_BYTES_MAX_MIN..=RING_BYTES_MAX_MAX).contains(&self.ring_bytes_max) {
+            return Err(Error::InvalidConfig {
+                reason: format!(
+                    "ring_bytes_max {} is outside {RING_BYTES_MAX_MIN}..={RING_BYTES_MAX_MAX}",
+                    self.ring_bytes_max
+                ),
             });
         }
         Ok(())
@@ -139,21 +169,65 @@ impl RingEntry {
             client_seq: self.client_seq,
         }
     }
+
+    fn from_message(m: Message) -> RingEntry {
+        RingEntry {
+            sender: m.sender,
+            body: m.body,
+            at_ms: m.at_ms,
+            client_id: m.client_id,
+            client_seq: m.client_seq,
+        }
+    }
+
+    /// What the entry's heap buffers cost against [`Config::ring_bytes_max`].
+    fn heap_bytes(&self) -> usize {
+        self.body.capacity() + self.sender.capacity() + RING_ENTRY_HEAP_OVERHEAD_BYTES
+    }
 }
 
 /// In-memory view of one channel.
 ///
-/// Invariants: `ring` holds seqs `head - ring.len() + 1 ..= head`, and
-/// `ring.len() == min(head, ring_len)`.
-#[derive(Debug, PartialEq, Eq)]
+/// Invariants:
+/// - `ring` holds seqs `head - ring.len() + 1 ..= head`, equal to those messages in RocksDB;
+/// - `ring.len() <= min(head, ring_len)`: the ring is full while it stays in memory, empty
+///   once evicted (or when it did not fit the budget at open), and then a suffix that grows
+///   with each apply until it is full again;
+/// - `heap_bytes` is the sum of [`RingEntry::heap_bytes`] over `ring`.
+#[derive(Debug)]
 struct ChannelView {
     head: u64,
     ring: VecDeque<RingEntry>,
+    heap_bytes: usize,
+    /// The [`View::tick`] of the latest apply or read of this channel; eviction drops the
+    /// rings with the lowest first. Readers write it under the read lock, hence atomic.
+    last_used: AtomicU64,
 }
 
 impl ChannelView {
+    fn new(head: u64) -> ChannelView {
+        ChannelView {
+            head,
+            ring: VecDeque::new(),
+            heap_bytes: 0,
+            last_used: AtomicU64::new(0),
+        }
+    }
+
     fn ring_first(&self) -> u64 {
         self.head + 1 - self.ring.len() as u64
+    }
+
+    /// What the ring costs against [`Config::ring_bytes_max`]: its buffer, whose slots hold
+    /// the entries, plus the entries' heap buffers.
+    fn ring_bytes(&self) -> usize {
+        self.ring.capacity() * std::mem::size_of::<RingEntry>() + self.heap_bytes
+    }
+
+    /// Drops the ring and its buffer; reads then go to RocksDB until applies refill it.
+    fn evict_ring(&mut self) {
+        self.ring = VecDeque::new();
+        self.heap_bytes = 0;
     }
 }
 
@@ -189,6 +263,19 @@ struct View {
     last_applied: Option<Vec<u8>>,
     membership: Option<Vec<u8>>,
     applied_index: Option<LogIndex>,
+    /// Sum of [`ChannelView::ring_bytes`] over `channels`; at most `Config::ring_bytes_max`
+    /// whenever the write lock is free.
+    ring_bytes: usize,
+    /// Source of the [`ChannelView::last_used`] stamps.
+    tick: AtomicU64,
+}
+
+impl View {
+    /// A fresh recency stamp, higher than every earlier one. Relaxed: a stamp only ranks
+    /// channels for eviction, and a slightly stale rank costs a RocksDB read, never an answer.
+    fn next_tick(&self) -> u64 {
+        self.tick.fetch_add(1, Ordering::Relaxed) + 1
+    }
 }
 
 /// State only the applying thread touches; its mutex serializes `apply` and
@@ -358,8 +445,18 @@ struct Batch<'a> {
 /// - messages, heads, dedup records, users, applied index, `last_applied` and membership of
 ///   one `apply` call reach RocksDB in one `WriteBatch`, so a crash never splits them;
 /// - the applied index only grows (asserted);
-/// - each channel ring equals the tail of that channel in RocksDB (checked at open and by
-///   [`ChatState::check_consistency`]).
+/// - each channel ring equals the tail of that channel in RocksDB, possibly shorter than
+///   `min(head, ring_len)` (checked by [`ChatState::check_consistency`]);
+/// - all rings together cost at most [`Config::ring_bytes_max`] once `open`, `apply` or
+///   `install_snapshot` returns (asserted).
+///
+/// Rings: reads are served from a channel's ring when it covers the range, else from
+/// RocksDB. When the rings pass the budget, the rings of the channels least recently applied
+/// to or read are dropped whole, down to 90 % of it; applies then refill them from the new
+/// message on. At open and install, the channels with the newest last message are loaded
+/// first, up to 90 % of the budget. Rings decide only where a read is served from, never what
+/// is applied or what a read answers, so replicas that evict differently (they serve
+/// different reads) still apply the same and answer the same.
 ///
 /// Concurrency: `apply` and `install_snapshot` serialize on one mutex; readers take a
 /// read lock on the in-memory view only for as long as it takes to copy out of it, and read
@@ -383,13 +480,14 @@ impl ChatState {
         let generation = store::open_layout(&config.dir)?;
         let store = Arc::new(Store::open(&config.dir, generation)?);
         dedup::migrate(&store)?;
-        let view = load_view(store.clone(), config.ring_len)?;
+        let view = load_view(store.clone(), config.ring_len, config.ring_bytes_max)?;
         let client_seqs = load_client_seqs(&store)?;
         info!(
             dir = %config.dir.display(),
             generation,
             channels = view.channels.len(),
             users = view.users.len(),
+            ring_bytes = view.ring_bytes,
             applied_index = view.applied_index.map(|i| i.0),
             "chat state opened"
         );
@@ -808,6 +906,7 @@ impl ChatState {
             }
             view.records.insert(channel.to_owned(), record);
         }
+        evict_rings(&mut view, self.config.ring_bytes_max);
         for (name, key) in batch.users {
             view.users.insert(name.to_owned(), key);
         }
@@ -932,6 +1031,12 @@ impl ChatState {
         (page, more)
     }
 
+    /// Bytes the channel rings hold now, counted as for [`Config::ring_bytes_max`] (never
+    /// more than it once `open`, `apply` or `install_snapshot` returned).
+    pub fn ring_bytes(&self) -> usize {
+        self.view.read().ring_bytes
+    }
+
     /// The cluster's join secret, once a [`Command::SetJoinSecret`] was applied.
     pub fn join_secret(&self) -> Option<Vec<u8>> {
         self.view.read().join_secret.clone()
@@ -1027,7 +1132,11 @@ impl ChatState {
         let info = load_snapshot(&store, path)?;
         // A snapshot from a node of the earlier release holds the earlier dedup format.
         dedup::migrate(&store)?;
-        let view = load_view(store.clone(), self.config.ring_len)?;
+        let view = load_view(
+            store.clone(),
+            self.config.ring_len,
+            self.config.ring_bytes_max,
+        )?;
         let client_seqs = load_client_seqs(&store)?;
         store::write_active(&self.config.dir, generation)?;
         store.keep();
@@ -1091,20 +1200,26 @@ impl ChatState {
         Ok(out)
     }
 
-    /// Checks every invariant against RocksDB: heads, dense seqs, rings, users, meta. Scans
-    /// everything; for tests and health checks.
+    /// Checks every invariant against RocksDB: heads, dense seqs, rings (each the tail of its
+    /// channel, all within the budget), users, meta. Scans everything; for tests and health
+    /// checks.
     ///
     /// # Errors
     /// [`Error::Corrupt`] naming the first broken invariant; [`Error::Rocks`].
     pub fn check_consistency(&self) -> Result<(), Error> {
         let writer = self.writer.lock();
         let view = self.view.read();
-        let fresh = load_view(view.store.clone(), self.config.ring_len)?;
+        // Heads, users and meta only: rings depend on what was read and evicted, so they are
+        // compared with RocksDB's tails by `check_rings` instead.
+        let fresh = load_view(view.store.clone(), self.config.ring_len, 0)?;
         let broken = |reason: String| Error::Corrupt {
             what: "chat state",
             reason,
         };
-        if fresh.channels != view.channels {
+        let heads = |channels: &HashMap<String, ChannelView>| -> HashMap<String, u64> {
+            channels.iter().map(|(n, c)| (n.clone(), c.head)).collect()
+        };
+        if heads(&fresh.channels) != heads(&view.channels) {
             return Err(broken("in-memory channels differ from rocksdb".into()));
         }
         if (&fresh.records, &fresh.owned, &fresh.names) != (&view.records, &view.owned, &view.names)
@@ -1113,6 +1228,7 @@ impl ChatState {
                 "in-memory channel records differ from rocksdb".into(),
             ));
         }
+        check_rings(&view, self.config.ring_len, self.config.ring_bytes_max)?;
         if fresh.users != view.users {
             return Err(broken("in-memory users differ from rocksdb".into()));
         }
@@ -1152,6 +1268,9 @@ fn rocks(op: &'static str) -> impl Fn(rocksdb::Error) -> Error {
     move |source| Error::Rocks { op, source }
 }
 
+/// Moves `channel`'s head to `head` and appends `new` (the newest messages of the batch, at
+/// most `ring_len`) to its ring, which keeps its newest `ring_len`. Keeps `view.ring_bytes`
+/// and the channel's recency stamp current; [`evict_rings`] restores the budget afterwards.
 fn publish_channel(
     view: &mut View,
     channel: &str,
@@ -1160,21 +1279,84 @@ fn publish_channel(
     ring_len: usize,
 ) {
     if !view.channels.contains_key(channel) {
-        let ring = VecDeque::with_capacity(ring_len.min(64));
+        // No preallocated buffer: most channels hold a few messages, and the buffer counts
+        // against the budget.
         view.channels
-            .insert(channel.to_owned(), ChannelView { head: 0, ring });
+            .insert(channel.to_owned(), ChannelView::new(0));
     }
+    let tick = view.next_tick();
     let c = view.channels.get_mut(channel).expect("inserted above");
     assert!(
         head > c.head,
         "channel head must grow when messages are added"
     );
+    assert!(
+        new.len() <= ring_len,
+        "apply keeps at most ring_len new messages"
+    );
+    let before = c.ring_bytes();
+    // Drop first, then append, so the buffer never grows past `ring_len` entries.
+    let excess = (c.ring.len() + new.len()).saturating_sub(ring_len);
+    for old in c.ring.drain(..excess) {
+        c.heap_bytes -= old.heap_bytes();
+    }
+    c.heap_bytes += new.iter().map(RingEntry::heap_bytes).sum::<usize>();
     c.head = head;
     c.ring.extend(new);
-    while c.ring.len() > ring_len {
-        c.ring.pop_front();
+    *c.last_used.get_mut() = tick;
+    view.ring_bytes = view.ring_bytes - before + c.ring_bytes();
+    debug_assert!(c.ring.len() as u64 <= c.head.min(ring_len as u64));
+}
+
+/// The ring bytes eviction brings the total down to: 90 % of the budget, so that one round
+/// frees room for many applies instead of one.
+fn ring_bytes_target(ring_bytes_max: usize) -> usize {
+    ring_bytes_max - ring_bytes_max / 10
+}
+
+/// When the rings together cost more than `ring_bytes_max`, drops whole rings, least recently
+/// used first, until they cost at most [`ring_bytes_target`]. Those channels are then read
+/// from RocksDB until applies refill their rings.
+///
+/// A round sorts the stamps of every channel holding a ring, O(n log n), under the write
+/// lock; it frees a tenth of the budget, so it runs at most once per tenth of the budget
+/// appended to rings.
+fn evict_rings(view: &mut View, ring_bytes_max: usize) {
+    if view.ring_bytes <= ring_bytes_max {
+        return;
     }
-    debug_assert_eq!(c.ring.len() as u64, c.head.min(ring_len as u64));
+    let mut by_age: Vec<(u64, usize)> = view
+        .channels
+        .values()
+        .filter(|c| c.ring_bytes() > 0)
+        .map(|c| (c.last_used.load(Ordering::Relaxed), c.ring_bytes()))
+        .collect();
+    by_age.sort_unstable();
+    // Stamps are unique among rings (each apply or read takes a fresh one), so evicting every
+    // ring stamped at or below `cutoff` evicts exactly the oldest ones counted here.
+    let (mut left, mut cutoff, mut count) = (view.ring_bytes, 0, 0usize);
+    for (tick, bytes) in by_age {
+        if left <= ring_bytes_target(ring_bytes_max) {
+            break;
+        }
+        (left, cutoff, count) = (left - bytes, tick, count + 1);
+    }
+    for c in view.channels.values_mut() {
+        if c.ring_bytes() > 0 && *c.last_used.get_mut() <= cutoff {
+            view.ring_bytes -= c.ring_bytes();
+            c.evict_ring();
+        }
+    }
+    assert!(
+        view.ring_bytes <= ring_bytes_max,
+        "ring eviction left {} bytes over a budget of {ring_bytes_max}",
+        view.ring_bytes
+    );
+    debug!(
+        channels = count,
+        ring_bytes = view.ring_bytes,
+        "evicted channel rings over the memory budget"
+    );
 }
 
 /// Reads seqs `from..=last` of `channel` (with `1 <= from <= last <= head`).
@@ -1188,6 +1370,7 @@ fn read_range(
         .channels
         .get(channel)
         .expect("caller found the channel");
+    c.last_used.store(view.next_tick(), Ordering::Relaxed);
     let ring_first = c.ring_first();
     if from >= ring_first {
         let start = (from - ring_first) as usize;
@@ -1248,8 +1431,9 @@ fn decode_message(channel: &str, seq: u64, value: &[u8]) -> Result<Message, Erro
     })
 }
 
-/// Builds the in-memory view from RocksDB: heads, rings, users, meta.
-fn load_view(store: Arc<Store>, ring_len: usize) -> Result<View, Error> {
+/// Builds the in-memory view from RocksDB: heads, rings (within `ring_bytes_max`; none when
+/// it is 0), users, meta.
+fn load_view(store: Arc<Store>, ring_len: usize, ring_bytes_max: usize) -> Result<View, Error> {
     let db = store.db();
     let mut channels = HashMap::new();
     for (key, value) in scan_prefix(db, PREFIX_HEAD)? {
@@ -1261,22 +1445,7 @@ fn load_view(store: Arc<Store>, ring_len: usize) -> Result<View, Error> {
                 reason: format!("bad channel in key {}", hex(&key)),
             })?;
         let head = decode_u64_value(&value, "head")?;
-        let from = head.saturating_sub(ring_len as u64 - 1).max(1);
-        let ring = if head == 0 {
-            VecDeque::new()
-        } else {
-            read_db_range(db, channel, from, head)?
-                .into_iter()
-                .map(|m| RingEntry {
-                    sender: m.sender,
-                    body: m.body,
-                    at_ms: m.at_ms,
-                    client_id: m.client_id,
-                    client_seq: m.client_seq,
-                })
-                .collect()
-        };
-        channels.insert(channel.to_owned(), ChannelView { head, ring });
+        channels.insert(channel.to_owned(), ChannelView::new(head));
     }
     let mut records = HashMap::new();
     let mut owned: HashMap<String, usize> = HashMap::new();
@@ -1295,6 +1464,7 @@ fn load_view(store: Arc<Store>, ring_len: usize) -> Result<View, Error> {
         records.insert(channel.to_owned(), record);
     }
     let names = channels.keys().chain(records.keys()).cloned().collect();
+    let (ring_bytes, tick) = load_rings(db, &mut channels, ring_len, ring_bytes_max)?;
     let mut users = HashMap::new();
     for (key, value) in scan_prefix(db, PREFIX_USER)? {
         let name = String::from_utf8(key[1..].to_vec()).map_err(|_| Error::Corrupt {
@@ -1320,7 +1490,7 @@ fn load_view(store: Arc<Store>, ring_len: usize) -> Result<View, Error> {
         Some(v) => Some(decode_bytes_value(&v, "join_secret")?.to_vec()),
         None => None,
     };
-    Ok(View {
+    let mut view = View {
         store,
         channels,
         records,
@@ -1331,7 +1501,86 @@ fn load_view(store: Arc<Store>, ring_len: usize) -> Result<View, Error> {
         last_applied,
         membership,
         applied_index,
-    })
+        ring_bytes,
+        tick: AtomicU64::new(tick),
+    };
+    // Normally a no-op: a buffer with more capacity than asked for could pass the target.
+    evict_rings(&mut view, ring_bytes_max);
+    Ok(view)
+}
+
+/// Fills the empty rings of `channels` from RocksDB, the channels whose newest message is
+/// newest first, up to [`ring_bytes_target`] of `ring_bytes_max`: the channel where that
+/// fills up gets the newest messages that fit, older channels none (their reads go to
+/// RocksDB until applies refill them). Returns the bytes used and the highest recency stamp
+/// given; newer channels get higher stamps, so they are evicted last.
+fn load_rings(
+    db: &DB,
+    channels: &mut HashMap<String, ChannelView>,
+    ring_len: usize,
+    ring_bytes_max: usize,
+) -> Result<(usize, u64), Error> {
+    if ring_bytes_max == 0 {
+        return Ok((0, 0));
+    }
+    let mut by_age = Vec::with_capacity(channels.len());
+    let mut key = Vec::new();
+    for (name, c) in channels.iter().filter(|(_, c)| c.head > 0) {
+        format::message_key(&mut key, name, c.head);
+        let value = db.get(&key).map_err(rocks("get"))?;
+        let value = value.ok_or_else(|| Error::Corrupt {
+            what: "channel",
+            reason: format!("{name}: message {} missing at head", c.head),
+        })?;
+        by_age.push((decode_message_value(&value)?.at_ms, name.clone()));
+    }
+    // Newest first; equal times in name order, so a restart loads the same rings.
+    by_age.sort_unstable_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+    let (mut room, mut used) = (ring_bytes_target(ring_bytes_max), 0);
+    let mut loaded = 0u64;
+    for (_, name) in &by_age {
+        let c = channels.get_mut(name).expect("listed above");
+        let from = c.head.saturating_sub(ring_len as u64 - 1).max(1);
+        let mut entries: Vec<RingEntry> = read_db_range(db, name, from, c.head)?
+            .into_iter()
+            .map(RingEntry::from_message)
+            .collect();
+        let all = entries.len();
+        let kept = newest_that_fit(&entries, room);
+        if kept == 0 {
+            break;
+        }
+        let mut ring = VecDeque::with_capacity(kept);
+        ring.extend(entries.drain(all - kept..));
+        c.heap_bytes = ring.iter().map(RingEntry::heap_bytes).sum();
+        c.ring = ring;
+        room = room.saturating_sub(c.ring_bytes());
+        used += c.ring_bytes();
+        loaded += 1;
+        if kept < all {
+            break;
+        }
+    }
+    // The newest channel gets the highest stamp.
+    for (stamp, (_, name)) in (1..=loaded).rev().zip(&by_age) {
+        channels[name.as_str()]
+            .last_used
+            .store(stamp, Ordering::Relaxed);
+    }
+    Ok((used, loaded))
+}
+
+/// How many of the newest `entries` fit in `room` bytes as a ring of their own.
+fn newest_that_fit(entries: &[RingEntry], room: usize) -> usize {
+    let mut cost = 0;
+    entries
+        .iter()
+        .rev()
+        .take_while(|e| {
+            cost += std::mem::size_of::<RingEntry>() + e.heap_bytes();
+            cost <= room
+        })
+        .count()
 }
 
 /// Every pair whose key starts with `prefix`. Only for the small tables (heads, users).
@@ -1347,6 +1596,43 @@ fn scan_prefix(db: &DB, prefix: u8) -> Result<Vec<KeyValue>, Error> {
     }
     it.status().map_err(rocks("iterate"))?;
     Ok(out)
+}
+
+/// Checks the rings of [`ChannelView`]'s invariants: each is at most `min(head, ring_len)`
+/// long and equals the newest messages of its channel in RocksDB, its byte count is right,
+/// and all of them together fit in `ring_bytes_max`.
+fn check_rings(view: &View, ring_len: usize, ring_bytes_max: usize) -> Result<(), Error> {
+    let broken = |reason: String| Error::Corrupt {
+        what: "ring",
+        reason,
+    };
+    let mut total = 0;
+    for (name, c) in &view.channels {
+        if c.ring.len() as u64 > c.head.min(ring_len as u64) {
+            return Err(broken(format!("{name}: {} entries", c.ring.len())));
+        }
+        if c.heap_bytes != c.ring.iter().map(RingEntry::heap_bytes).sum::<usize>() {
+            return Err(broken(format!("{name}: byte count wrong")));
+        }
+        total += c.ring_bytes();
+        if c.ring.is_empty() {
+            continue;
+        }
+        let stored: Vec<RingEntry> = read_db_range(view.store.db(), name, c.ring_first(), c.head)?
+            .into_iter()
+            .map(RingEntry::from_message)
+            .collect();
+        if !c.ring.iter().eq(&stored) {
+            return Err(broken(format!("{name}: differs from the tail in rocksdb")));
+        }
+    }
+    if total != view.ring_bytes || total > ring_bytes_max {
+        return Err(broken(format!(
+            "rings hold {total} bytes, counted {}, budget {ring_bytes_max}",
+            view.ring_bytes
+        )));
+    }
+    Ok(())
 }
 
 /// Checks that the stored messages are exactly seqs `1..=head` of each known channel.
@@ -1459,6 +1745,59 @@ fn dump_pair(out: &mut String, key: &[u8], value: &[u8]) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Over the budget, the rings of the channels least recently applied to or read go
+    /// first, down to 90 % of the budget; the channel just written keeps its ring.
+    #[test]
+    fn eviction_drops_the_least_recently_used_rings() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = Config::new(dir.path());
+        config.ring_bytes_max = RING_BYTES_MAX_MIN;
+        let state = ChatState::open(config).expect("open");
+        let body = vec![1u8; 15_000];
+        let send_to = |index: u64, channel: &str| {
+            let command = Command::Send(SendCmd {
+                channel: channel.into(),
+                sender: "Alice".into(),
+                body: body.clone(),
+                client_id: ClientId([1; 16]),
+                client_seq: index,
+                at_ms: index,
+            });
+            let entry = ApplyEntry {
+                index: LogIndex(index),
+                payload: ApplyPayload::Command(&command),
+            };
+            let meta = RaftMeta {
+                last_applied: index.to_be_bytes().to_vec(),
+                membership: None,
+            };
+            state.apply(&[entry], meta);
+        };
+        let has_ring = |channel: &str| !state.view.read().channels[channel].ring.is_empty();
+        for (index, channel) in (1..).zip(["a", "b", "c", "d"]) {
+            send_to(index, channel);
+        }
+        assert!(["a", "b", "c", "d"].iter().all(|c| has_ring(c)));
+        state.history("a", ChannelSeq(1), 1).expect("read");
+        // Five rings of 15 kB pass the 64 KiB budget; b and c are the least recently used, and
+        // four would still be over 90 % of it.
+        send_to(5, "e");
+        assert_eq!(
+            ["a", "b", "c", "d", "e"].map(has_ring),
+            [true, false, false, true, true]
+        );
+        assert!(state.ring_bytes() <= ring_bytes_target(RING_BYTES_MAX_MIN));
+        // An evicted ring refills from the next apply on; older messages come from RocksDB.
+        send_to(6, "b");
+        assert_eq!(state.view.read().channels["b"].ring.len(), 1);
+        let seqs: Vec<u64> = (state.history("b", ChannelSeq(1), 10).expect("read"))
+            .iter()
+            .map(|m| m.seq.0)
+            .collect();
+        assert_eq!(seqs, vec![1, 2]);
+        state.check_consistency().expect("consistent");
+    }
 
     /// The highest client seq of every client, by a forward scan of every dedup record.
     fn max_seqs_by_scan(store: &Store) -> HashMap<DedupId, u64> {

@@ -1,7 +1,9 @@
 //! Integration tests of `ChatState` through its public API only: scenario tests for apply,
-//! reads, restart and snapshots, and proptest properties over random logs.
+//! reads, restart and snapshots, and proptest properties over random logs (`rings.rs`: ring
+//! eviction under the memory budget).
 
 mod common;
 mod properties;
+mod rings;
 mod scenarios;
 mod snapshots;

@@ -7,7 +7,9 @@
 //! does not forward, so a send is never in flight on two nodes at once and the client always
 //! knows which node to retry.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -24,6 +26,7 @@ use proto::{
 use tarpc::context::Context;
 
 use crate::cluster::{role_of, Peers};
+use crate::conn_limit::AddrKey;
 use crate::conn_watch::{Activity, Busy, ConnWatch};
 use crate::delivery::Delivery;
 use crate::metrics::{GaugeGuard, Metrics};
@@ -39,6 +42,21 @@ pub const BATCH_MESSAGES_MAX: u32 = 1000;
 /// 16 MiB, held in memory at once on both ends; clients page on from the last message they
 /// got, so a shorter page only costs a round trip.
 pub const REPLY_BYTES_MAX: usize = 4 << 20;
+
+/// Most users whose send bucket has not refilled yet (about 150 B each). A bucket is full
+/// again `user_burst / user_rate_per_s` seconds (4 by default) after the user's last send and
+/// is then dropped, so this caps the users sending within that window, not the users ever
+/// seen; past it, a user without a bucket is refused until buckets refill.
+pub const USER_BUCKETS_MAX: usize = 100_000;
+
+/// Most source addresses whose registration bucket has not refilled yet (about 100 B each).
+/// Only a registration the node-wide limit lets through makes a bucket, so the default
+/// limits never come near it.
+pub const REGISTRATION_SOURCES_MAX: usize = 10_000;
+
+/// A [`BucketMap`] sweeps after at least this many new keys, so small maps are not swept on
+/// every add.
+const BUCKET_SWEEP_MIN: usize = 1024;
 
 /// Which end of a page a byte cap keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,8 +98,8 @@ fn cap_reply(messages: &mut Vec<chat_sm::Message>, keep: Keep, max: usize) {
 }
 
 /// Everything the chat service of one node shares across connections. Rate limits are token
-/// buckets (sustained per second, burst): `user_*` for each user's sends, `conn_*` for every
-/// request of one connection.
+/// buckets (sustained rate, burst): `user_buckets` for each user's sends, `registrations` for
+/// new names, `conn_*` for every request of one connection.
 pub struct ApiShared {
     pub id: NodeId,
     pub cluster: String,
@@ -94,9 +112,11 @@ pub struct ApiShared {
     /// Nodes heard by discovery (roles and applied indexes of others).
     pub peers: Peers,
     pub metrics: Arc<Metrics>,
-    pub user_buckets: Mutex<HashMap<String, TokenBucket>>,
-    pub user_rate_per_s: u32,
-    pub user_burst: u32,
+    /// Each user's send bucket (`user_rate_per_s`, `user_burst`), at most
+    /// [`USER_BUCKETS_MAX`] users.
+    pub user_buckets: Mutex<BucketMap<String>>,
+    /// Limits on registering new names (see [`Registrations`]).
+    pub registrations: Mutex<Registrations>,
     pub conn_rate_per_s: u32,
     pub conn_burst: u32,
     /// A connection with no request in flight for this long is closed (`conn_watch.rs`).
@@ -143,6 +163,203 @@ impl TokenBucket {
         self.take(Instant::now())
             .map_err(|retry_after_ms| ApiError::RateLimited { retry_after_ms })
     }
+
+    /// A full bucket at `now`, refilled at `rate_per_s` tokens per second (may be below 1).
+    fn at(rate_per_s: f64, burst: u32, now: Instant) -> TokenBucket {
+        TokenBucket {
+            tokens: f64::from(burst),
+            rate: rate_per_s,
+            burst: f64::from(burst),
+            last: now,
+        }
+    }
+
+    /// As [`TokenBucket::take`], but leaves the token where it is.
+    fn ready(&self, now: Instant) -> Result<(), u64> {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        let tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if tokens >= 1.0 {
+            return Ok(());
+        }
+        Err(((1.0 - tokens) / self.rate * 1000.0).ceil() as u64)
+    }
+
+    /// From when on the bucket is full again, and so answers as a new one would. A
+    /// millisecond late, so float rounding never calls a bucket full a moment early.
+    fn full_time(&self) -> Instant {
+        let refill_s = (self.burst - self.tokens).max(0.0) / self.rate;
+        self.last + Duration::from_secs_f64(refill_s) + Duration::from_millis(1)
+    }
+}
+
+/// Token buckets by key (a user name, a source address), all with one rate and burst, in a
+/// bounded map.
+///
+/// A bucket that has refilled completely answers exactly as a new one would, so dropping it
+/// changes no decision. Such buckets are swept after as many new keys as the last sweep left
+/// buckets (at least [`BUCKET_SWEEP_MIN`]), so a sweep's O(n) is paid once per n new keys.
+/// When `len_max` buckets are still refilling, a new key is refused, without sweeping again,
+/// until more than a tenth of them are full.
+///
+/// Invariant: `buckets.len() <= len_max`.
+pub struct BucketMap<K> {
+    buckets: HashMap<K, TokenBucket>,
+    rate_per_s: f64,
+    burst: u32,
+    len_max: usize,
+    /// New keys since the last sweep.
+    added: usize,
+    /// Sweep when `added` reaches this.
+    sweep_after: usize,
+    /// Set when the map was found full: refuse new keys until then.
+    full_until: Option<Instant>,
+}
+
+impl<K: Hash + Eq> BucketMap<K> {
+    /// An empty map of buckets refilled at `rate_per_s` tokens per second, holding `burst`,
+    /// for at most `len_max` (at least 1) keys.
+    pub fn new(rate_per_s: f64, burst: u32, len_max: usize) -> BucketMap<K> {
+        assert!(
+            len_max >= 1 && rate_per_s > 0.0,
+            "a bucket map needs room and a rate"
+        );
+        BucketMap {
+            buckets: HashMap::new(),
+            rate_per_s,
+            burst,
+            len_max,
+            added: 0,
+            sweep_after: BUCKET_SWEEP_MIN,
+            full_until: None,
+        }
+    }
+
+    /// Takes a token from `key`'s bucket (a new full one when it has none) at `now`, or says
+    /// in how many ms to retry.
+    pub fn take<Q>(&mut self, key: &Q, now: Instant) -> Result<(), u64>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        if let Some(bucket) = self.buckets.get_mut(key) {
+            return bucket.take(now);
+        }
+        self.make_room(now)?;
+        let mut bucket = TokenBucket::at(self.rate_per_s, self.burst, now);
+        let taken = bucket.take(now);
+        self.buckets.insert(key.to_owned(), bucket);
+        self.added += 1;
+        assert!(
+            self.buckets.len() <= self.len_max,
+            "bucket map over its cap"
+        );
+        taken
+    }
+
+    /// Whether [`BucketMap::take`] would succeed at `now`, taking nothing.
+    fn ready<Q>(&mut self, key: &Q, now: Instant) -> Result<(), u64>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        match self.buckets.get(key) {
+            Some(bucket) => bucket.ready(now),
+            None => self.make_room(now),
+        }
+    }
+
+    /// Makes sure a new key fits, sweeping when due; or says in how many ms to retry.
+    fn make_room(&mut self, now: Instant) -> Result<(), u64> {
+        match self.full_until {
+            Some(until) if now < until => return Err(ms_until(now, until)),
+            Some(_) => self.sweep(now),
+            None if self.added >= self.sweep_after => self.sweep(now),
+            None => {}
+        }
+        if self.buckets.len() < self.len_max {
+            return Ok(());
+        }
+        // Every bucket left is still refilling: wait until more than a tenth of them are
+        // full, so the next sweep frees that many.
+        let mut times: Vec<Instant> = self.buckets.values().map(TokenBucket::full_time).collect();
+        let tenth = times.len() / 10;
+        let until = *times.select_nth_unstable(tenth).1;
+        self.full_until = Some(until);
+        Err(ms_until(now, until))
+    }
+
+    fn sweep(&mut self, now: Instant) {
+        self.buckets.retain(|_, bucket| bucket.full_time() > now);
+        self.added = 0;
+        self.sweep_after = self.buckets.len().max(BUCKET_SWEEP_MIN);
+        self.full_until = None;
+    }
+}
+
+/// Whole milliseconds from `now` until `until`, rounded up, at least 1.
+fn ms_until(now: Instant, until: Instant) -> u64 {
+    let micros = until.saturating_duration_since(now).as_micros();
+    u64::try_from(micros.div_ceil(1000))
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
+/// Registration limits of one node, each a token bucket refilled per minute (see
+/// [`Registrations`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegistrationLimits {
+    /// Registrations per minute from one source address, sustained.
+    pub ip_rate_per_min: u32,
+    /// Burst of registrations from one source address.
+    pub ip_burst: u32,
+    /// Registrations per minute from all remote sources together, sustained.
+    pub node_rate_per_min: u32,
+    /// Burst of those.
+    pub node_burst: u32,
+}
+
+/// Counts registrations (a new name's first send) per source address and for the whole node.
+///
+/// Anyone can make a key pair and a new name, and each registered name is a log entry and a
+/// key every replica keeps in memory for good, so registrations are limited where names come
+/// from: a source address (IPv6: one /64, as `conn_limit.rs` counts them) and the node as a
+/// whole. Connections from this machine are exempt from both, as from the per-address
+/// connection cap: local processes (the operator's clients, tests, load harnesses) could
+/// exhaust the node by other means anyway. An attempt counts whether or not the leader then
+/// accepts it; a refused one takes from neither bucket and writes nothing.
+pub struct Registrations {
+    node: TokenBucket,
+    by_source: BucketMap<AddrKey>,
+}
+
+impl Registrations {
+    /// Full buckets for `limits`.
+    pub fn new(limits: RegistrationLimits) -> Registrations {
+        let per_s = |per_min: u32| f64::from(per_min) / 60.0;
+        let now = Instant::now();
+        Registrations {
+            node: TokenBucket::at(per_s(limits.node_rate_per_min), limits.node_burst, now),
+            by_source: BucketMap::new(
+                per_s(limits.ip_rate_per_min),
+                limits.ip_burst,
+                REGISTRATION_SOURCES_MAX,
+            ),
+        }
+    }
+
+    /// Counts one registration attempt from `source` (`None`: this machine, not counted) at
+    /// `now`, or says in how many ms to retry.
+    pub fn admit(&mut self, source: Option<AddrKey>, now: Instant) -> Result<(), u64> {
+        let Some(source) = source else {
+            return Ok(());
+        };
+        // Both checked before either is taken: one address must not spend the node's budget
+        // on attempts its own limit refuses.
+        self.by_source.ready(&source, now)?;
+        self.node.ready(now)?;
+        self.by_source.take(&source, now)?;
+        self.node.take(now)
+    }
 }
 
 struct ConnState {
@@ -169,6 +386,8 @@ pub struct ChatServer {
     conn: Arc<Mutex<ConnState>>,
     /// The connection's hello and requests, for its deadlines.
     activity: Arc<Activity>,
+    /// Where the connection comes from, for the registration limits; `None` for this machine.
+    source: Option<AddrKey>,
 }
 
 fn now_ms() -> u64 {
@@ -266,8 +485,9 @@ fn not_leader(leader: Option<(NodeId, Member)>) -> ApiError {
 }
 
 impl ChatServer {
-    /// A server value for a new connection whose TLS session has login binding `binding`.
-    pub fn new(shared: Arc<ApiShared>, binding: [u8; 32]) -> ChatServer {
+    /// A server value for a new connection whose TLS session has login binding `binding`,
+    /// from `source` (`None`: this machine; see [`crate::conn_limit::addr_key`]).
+    pub fn new(shared: Arc<ApiShared>, binding: [u8; 32], source: Option<AddrKey>) -> ChatServer {
         let conn = ConnState {
             hello: false,
             binding,
@@ -282,6 +502,7 @@ impl ChatServer {
             shared,
             conn: Arc::new(Mutex::new(conn)),
             activity: Activity::new(),
+            source,
         }
     }
 
@@ -335,18 +556,16 @@ impl ChatServer {
         if self.conn.lock().registered {
             return Ok(());
         }
-        register(&self.shared, user, public_key).await?;
+        register(&self.shared, self.source, user, public_key).await?;
         self.conn.lock().registered = true;
         Ok(())
     }
 
     /// Takes a token of `user`'s write rate limit.
     fn take_user_token(&self, user: &str) -> Result<(), ApiError> {
-        let (rate, burst) = (self.shared.user_rate_per_s, self.shared.user_burst);
         (self.shared.user_buckets.lock())
-            .entry(user.to_owned())
-            .or_insert_with(|| TokenBucket::new(rate, burst))
-            .take_now()
+            .take(user, Instant::now())
+            .map_err(|retry_after_ms| ApiError::RateLimited { retry_after_ms })
     }
 
     /// Waits until this node applied `read_token`, within `budget`.
@@ -402,7 +621,17 @@ pub(crate) fn verify_login(
     }
 }
 
-async fn register(shared: &ApiShared, name: &str, public_key: [u8; 32]) -> Result<(), ApiError> {
+/// Registers `name` to `public_key` through the leader, within the registration limits for
+/// `source` (see [`Registrations`]).
+async fn register(
+    shared: &ApiShared,
+    source: Option<AddrKey>,
+    name: &str,
+    public_key: [u8; 32],
+) -> Result<(), ApiError> {
+    (shared.registrations.lock())
+        .admit(source, Instant::now())
+        .map_err(|retry_after_ms| ApiError::RateLimited { retry_after_ms })?;
     let name = name.to_owned();
     let command = Command::RegisterUser { name, public_key };
     match shared.raft.client_write(command).await {
@@ -733,6 +962,104 @@ mod tests {
         let retry = bucket.take(start).unwrap_err();
         assert_eq!(retry, 100, "one token per 100 ms at 10/s");
         bucket.take(start + Duration::from_millis(100)).unwrap();
+    }
+
+    /// A small xorshift generator, so the test needs no seed plumbing and replays exactly.
+    fn next(state: &mut u64) -> u64 {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        *state
+    }
+
+    #[test]
+    fn dropping_full_buckets_changes_no_decision() {
+        let start = Instant::now();
+        let mut bounded = BucketMap::new(10.0, 3, USER_BUCKETS_MAX);
+        let mut unbounded: HashMap<u64, TokenBucket> = HashMap::new();
+        let (mut now, mut rng) = (start, 0x9e37_79b9_7f4a_7c15u64);
+        let (mut refused, mut largest) = (0, 0);
+        for _ in 0..200_000 {
+            now += Duration::from_micros(next(&mut rng) % 200);
+            // Few hot keys, many cold ones, so buckets both run dry and are swept.
+            let key = match next(&mut rng) % 4 {
+                0 => next(&mut rng) % 8,
+                _ => next(&mut rng) % 20_000,
+            };
+            let expected = (unbounded.entry(key))
+                .or_insert_with(|| TokenBucket::at(10.0, 3, now))
+                .take(now);
+            assert_eq!(bounded.take(&key, now), expected);
+            refused += usize::from(expected.is_err());
+            largest = largest.max(bounded.buckets.len());
+        }
+        assert!(refused > 1000, "the hot keys ran dry ({refused} refusals)");
+        assert!(largest < unbounded.len() / 2, "{largest} buckets kept");
+    }
+
+    #[test]
+    fn a_full_map_refuses_new_keys_until_a_tenth_is_full_again() {
+        let start = Instant::now();
+        // One token per second: a bucket is full again a second after its last take.
+        let mut map = BucketMap::new(1.0, 1, 20);
+        for key in 0..20u32 {
+            let at = start + Duration::from_millis(u64::from(key) * 10);
+            map.take(&key, at).unwrap();
+        }
+        // Keys 0, 1 and 2 (more than a tenth) are full again 1001, 1011 and 1021 ms in.
+        let retry = map
+            .take(&100, start + Duration::from_millis(500))
+            .unwrap_err();
+        assert_eq!(retry, 521);
+        assert_eq!(map.buckets.len(), 20);
+        // Known keys still answer from their own buckets meanwhile.
+        assert!(map.take(&19, start + Duration::from_millis(600)).is_err());
+        let later = start + Duration::from_millis(1021);
+        for key in 100..103 {
+            map.take(&key, later).unwrap();
+        }
+        assert_eq!(map.buckets.len(), 20, "keys 0, 1 and 2 made room");
+        assert!(map.take(&103, later).is_err());
+    }
+
+    fn source(last: u8) -> Option<AddrKey> {
+        let peer = std::net::IpAddr::from([192, 0, 2, last]);
+        crate::conn_limit::addr_key(peer, Some([10, 0, 0, 1].into()))
+    }
+
+    #[test]
+    fn registrations_are_limited_per_source_and_per_node() {
+        let limits = RegistrationLimits {
+            ip_rate_per_min: 6,
+            ip_burst: 2,
+            node_rate_per_min: 60,
+            node_burst: 5,
+        };
+        let mut regs = Registrations::new(limits);
+        let now = Instant::now();
+        regs.admit(source(1), now).unwrap();
+        regs.admit(source(1), now).unwrap();
+        // 6 a minute: the next token in 10 s.
+        assert_eq!(regs.admit(source(1), now), Err(10_000));
+        // The refusals took nothing from the node's budget: three more sources fit it.
+        for _ in 0..5 {
+            assert!(regs.admit(source(1), now).is_err());
+        }
+        regs.admit(source(2), now).unwrap();
+        regs.admit(source(2), now).unwrap();
+        regs.admit(source(3), now).unwrap();
+        // The node's burst of 5 is spent, whatever the source; refilled at 1 a second.
+        assert_eq!(regs.admit(source(4), now), Err(1_000));
+        assert_eq!(
+            regs.by_source.buckets.len(),
+            3,
+            "a refused source gets no bucket"
+        );
+        regs.admit(source(4), now + Duration::from_secs(1)).unwrap();
+        // This machine is not counted.
+        for _ in 0..100 {
+            regs.admit(None, now).unwrap();
+        }
     }
 
     fn message(seq: u64, body_len: usize) -> chat_sm::Message {

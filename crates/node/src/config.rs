@@ -4,6 +4,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::api::RegistrationLimits;
 use crate::conn_limit::ConnLimits;
 
 use crate::metrics::MetricsToken;
@@ -72,6 +73,22 @@ pub struct Config {
     pub conn_rate_per_s: u32,
     /// Burst of requests per connection. Default 1000; at least 1.
     pub conn_burst: u32,
+    /// Registrations (a new name's first send) allowed per minute from one source address
+    /// (IPv6: one /64), sustained; connections from this machine are exempt, as from
+    /// `client_connections_per_ip_max`. Anyone can make new names, and each registered one is
+    /// kept by every replica for good. Default 5; 1 to 1000000.
+    pub registration_ip_rate_per_min: u32,
+    /// Burst of registrations from one source address. Default 10; 1 to 1000000.
+    pub registration_ip_burst: u32,
+    /// Registrations allowed per minute from all remote sources together, sustained, so that
+    /// many addresses cannot add up to an unbounded rate. Default 60; 1 to 1000000.
+    pub registration_node_rate_per_min: u32,
+    /// Burst of registrations from all remote sources together. Default 60; 1 to 1000000.
+    pub registration_node_burst: u32,
+    /// Memory budget of the chat state's in-memory rings of recent messages, all channels
+    /// together, in bytes (`chat_sm::Config::ring_bytes_max`): past it, the least recently
+    /// used channels are read from RocksDB instead. Default 256 MiB; 64 KiB to 1 TiB.
+    pub ring_bytes_max: usize,
     /// Most open client connections, tarpc and push together. Default 20000; 1 to 1000000.
     /// Lowered at start, with a warning, when the process's open-file limit cannot hold it
     /// beside storage's reserve (`fd_limit.rs`).
@@ -135,6 +152,11 @@ impl Config {
             user_burst: 200,
             conn_rate_per_s: 500,
             conn_burst: 1000,
+            registration_ip_rate_per_min: 5,
+            registration_ip_burst: 10,
+            registration_node_rate_per_min: 60,
+            registration_node_burst: 60,
+            ring_bytes_max: chat_sm::RING_BYTES_MAX_DEFAULT,
             client_connections_max: 20_000,
             client_connections_per_ip_max: 256,
             raft_connections_max: 1024,
@@ -214,6 +236,17 @@ impl Config {
         {
             return Err("rate limits and bursts must be at least 1".into());
         }
+        self.check_registration_limits()?;
+        if !(chat_sm::RING_BYTES_MAX_MIN..=chat_sm::RING_BYTES_MAX_MAX)
+            .contains(&self.ring_bytes_max)
+        {
+            return Err(format!(
+                "ring bytes max {} must be {} (64 KiB) to {} (1 TiB)",
+                self.ring_bytes_max,
+                chat_sm::RING_BYTES_MAX_MIN,
+                chat_sm::RING_BYTES_MAX_MAX
+            ));
+        }
         self.check_connection_limits()?;
         self.weaken.check_available()?;
         if self.broadcast == Ipv4Addr::BROADCAST {
@@ -224,6 +257,37 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    fn check_registration_limits(&self) -> Result<(), String> {
+        let limits = [
+            (
+                "registration ip rate per min",
+                self.registration_ip_rate_per_min,
+            ),
+            ("registration ip burst", self.registration_ip_burst),
+            (
+                "registration node rate per min",
+                self.registration_node_rate_per_min,
+            ),
+            ("registration node burst", self.registration_node_burst),
+        ];
+        for (name, value) in limits {
+            if !(1..=1_000_000).contains(&value) {
+                return Err(format!("{name} {value} must be 1 to 1000000"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The registration limits of the chat API.
+    pub(crate) fn registration_limits(&self) -> RegistrationLimits {
+        RegistrationLimits {
+            ip_rate_per_min: self.registration_ip_rate_per_min,
+            ip_burst: self.registration_ip_burst,
+            node_rate_per_min: self.registration_node_rate_per_min,
+            node_burst: self.registration_node_burst,
+        }
     }
 
     fn check_connection_limits(&self) -> Result<(), String> {
@@ -367,6 +431,24 @@ mod tests {
         let mut config = Config::new("/tmp/x");
         config.client_idle_timeout_s = 0;
         assert!(config.validate().unwrap_err().contains("idle timeout"));
+        let mut config = Config::new("/tmp/x");
+        config.registration_ip_burst = 0;
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .contains("registration ip burst 0"));
+        let mut config = Config::new("/tmp/x");
+        config.registration_node_rate_per_min = 1_000_001;
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .contains("registration node rate"));
+        let mut config = Config::new("/tmp/x");
+        config.ring_bytes_max = 1024;
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .contains("ring bytes max 1024"));
     }
 
     #[test]

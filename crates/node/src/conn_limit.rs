@@ -100,9 +100,10 @@ impl Refusal {
 /// Told of every refusal by [`ConnLimiter::admit`]; the node counts them in its metrics.
 pub type RefusalObserver = Arc<dyn Fn(Refusal) + Send + Sync>;
 
-/// What the per-address cap counts a peer as.
+/// What the per-address cap (and the per-address registration limit in `api.rs`) counts a
+/// peer as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum AddrKey {
+pub(crate) enum AddrKey {
     V4(std::net::Ipv4Addr),
     /// The upper 64 bits of an IPv6 address.
     V6Prefix(u64),
@@ -111,7 +112,7 @@ enum AddrKey {
 /// The counting key of `peer` on a connection whose local address is `local` (`None`: not
 /// known), or `None` when the connection comes from this machine (exempt from the per-address
 /// cap).
-fn addr_key(peer: IpAddr, local: Option<IpAddr>) -> Option<AddrKey> {
+pub(crate) fn addr_key(peer: IpAddr, local: Option<IpAddr>) -> Option<AddrKey> {
     let canonical = |ip: IpAddr| match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         IpAddr::V4(_) => ip,

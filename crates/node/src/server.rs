@@ -21,10 +21,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 use crate::admin::Admin;
-use crate::api::{ApiShared, ChatServer};
+use crate::api::{ApiShared, BucketMap, ChatServer, Registrations, USER_BUCKETS_MAX};
 use crate::cluster::{self, LeaderContact, NodeAddrs, Peers};
 use crate::config::Config;
-use crate::conn_limit::{ConnGuard, ConnLimiter, ConnLimits};
+use crate::conn_limit::{self, ConnGuard, ConnLimiter, ConnLimits};
 use crate::conn_watch;
 use crate::data_dir::{DataDir, DataDirError};
 use crate::delivery::Delivery;
@@ -413,9 +413,14 @@ impl Server {
             proposer,
             peers: peers.clone(),
             metrics: metrics.clone(),
-            user_buckets: Default::default(),
-            user_rate_per_s: config.user_rate_per_s,
-            user_burst: config.user_burst,
+            user_buckets: parking_lot::Mutex::new(BucketMap::new(
+                f64::from(config.user_rate_per_s),
+                config.user_burst,
+                USER_BUCKETS_MAX,
+            )),
+            registrations: parking_lot::Mutex::new(Registrations::new(
+                config.registration_limits(),
+            )),
             conn_rate_per_s: config.conn_rate_per_s,
             conn_burst: config.conn_burst,
             client_idle_timeout: Duration::from_secs(config.client_idle_timeout_s),
@@ -697,7 +702,7 @@ fn open_storage(
         LogStore::from_wal_acking(wal, log_dir, ack)
             .map_err(storage_error("opening the raft log"))?
     };
-    let state_machine = StateMachine::open(&sm_dir)
+    let state_machine = StateMachine::open_with(&sm_dir, config.ring_bytes_max)
         .map_err(storage_error("opening the chat state"))?
         .with_metrics(metrics.clone());
     Ok((log_store, state_machine))
@@ -794,6 +799,8 @@ async fn route_client(
     push: tokio::runtime::Handle,
     guard: ConnGuard,
 ) -> std::io::Result<()> {
+    let local = stream.local_addr().ok().map(|addr| addr.ip());
+    let source = conn_limit::addr_key(peer.ip(), local);
     let mut stream = proto::accept_tls(stream, tls).await?;
     let binding = proto::tls::stream_binding(&stream).map_err(std::io::Error::other)?;
     if proto::alpn(&stream) == Some(proto::tls::ALPN_PUSH) {
@@ -815,7 +822,7 @@ async fn route_client(
     }
     let transport: ChatServerTransport =
         proto::framed_reading_at_most(stream, proto::CHAT_REQUEST_BYTES_MAX);
-    let server = ChatServer::new(shared, binding);
+    let server = ChatServer::new(shared, binding, source);
     let watch = server.watch();
     let serving = BaseChannel::with_defaults(transport)
         .max_concurrent_requests(CONN_REQUESTS_MAX)

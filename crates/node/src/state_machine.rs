@@ -73,7 +73,18 @@ impl StateMachine {
     /// # Errors
     /// RocksDB fails to open, or the current snapshot file is unreadable.
     pub fn open(dir: &Path) -> io::Result<StateMachine> {
-        let chat = ChatState::open(chat_sm::Config::new(dir.join("chat"))).map_err(any)?;
+        StateMachine::open_with(dir, chat_sm::RING_BYTES_MAX_DEFAULT)
+    }
+
+    /// [`StateMachine::open`] with the chat state's ring memory budget, in bytes
+    /// (`chat_sm::Config::ring_bytes_max`).
+    ///
+    /// # Errors
+    /// As [`StateMachine::open`], and the budget is out of bounds.
+    pub fn open_with(dir: &Path, ring_bytes_max: usize) -> io::Result<StateMachine> {
+        let mut config = chat_sm::Config::new(dir.join("chat"));
+        config.ring_bytes_max = ring_bytes_max;
+        let chat = ChatState::open(config).map_err(any)?;
         let snapshot_dir = dir.join("snapshots");
         std::fs::create_dir_all(&snapshot_dir)?;
         remove_temp_files(&snapshot_dir)?;
