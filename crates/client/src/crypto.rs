@@ -346,6 +346,21 @@ mod tests {
         assert_eq!(open_body(None, "general", "a", 1, &[]), Text::Unreadable);
     }
 
+    /// A body sealed by the v1 code as it was before format v2 existed (commit 677c9b1), with
+    /// the real Argon2id parameters: v1 bodies already in clusters must keep opening.
+    #[test]
+    fn v1_fixed_vector_still_opens() {
+        let k = ChannelKey::derive("correct horse battery staple", "cellchat", "general")
+            .expect("derive");
+        let body = hex::decode(
+            "0110457d4b77d6e31b2cf042e848cd27a79bfac190494b53339f9bec3a4e80559c81ac43cab36d37e7\
+             8534ee8a",
+        )
+        .expect("hex");
+        assert_eq!(k.open("alice", 42, &body).as_deref(), Some("Hello, v1 world!"));
+        assert_eq!(k.open("alice", 43, &body), None);
+    }
+
     #[test]
     fn empty_passphrase_is_refused() {
         assert_eq!(
@@ -354,3 +369,4 @@ mod tests {
         );
     }
 }
+
