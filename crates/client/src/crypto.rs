@@ -86,6 +86,7 @@ pub use body::{
     TEXT_BYTES_MAX_ENCRYPTED, TEXT_BYTES_MAX_SIGNED,
 };
 pub use kdf::Argon2Params;
+pub(crate) use kdf::{argon2id, hkdf_sha256, put_field, Bounds};
 pub use record::{
     ChannelKeyV2, ChannelRecord, KEY_CHECK_LEN, RECORD_LEN_V2, RECORD_VERSION_V2, SALT_LEN,
 };
