@@ -417,7 +417,7 @@ pub fn key_path(config_dir: &Path, cluster: &str, name: &str) -> PathBuf {
         .join(format!("{name}.key"))
 }
 
-fn check_file_name(what: &'static str, value: &str) -> Result<(), IdentityError> {
+pub(crate) fn check_file_name(what: &'static str, value: &str) -> Result<(), IdentityError> {
     let ok = !value.is_empty()
         && value.len() <= 64
         && value
