@@ -3,8 +3,12 @@
 //!
 //! Format v2 encrypts with a key unlocked from a passphrase and a per-channel record, signs
 //! every body with the sender's Ed25519 identity key, and binds each body to its cluster,
-//! channel, sender, client session and client seq, so a hostile server can neither read,
-//! forge authorship, move a body elsewhere, nor replay it unnoticed. Format v1 stays readable.
+//! channel, sender, client session and client seq. A hostile server then cannot read
+//! encrypted text, cannot forge or alter a message of a sender whose key the reader pinned
+//! ([`crate::pins`]), cannot move a body to another channel, cluster, sender or client seq,
+//! and cannot show one send twice without a [`ReplayGuard`] noticing. Format v1 stays
+//! readable; [`open_body`] and [`Text`] remain for callers that have not moved to
+//! [`open_message`].
 //!
 //! # Body formats
 //!
@@ -61,6 +65,20 @@
 //! `"cellchat v2 channel key check"`). The key check tells a wrong passphrase from a right
 //! one (compared in constant time) and says nothing about the message key. Binding cluster
 //! and channel in the salt makes a record copied elsewhere fail its key check there.
+//!
+//! # Non-goals and limits
+//!
+//! - No fork or equivocation detection: a server can still withhold, delay or reorder
+//!   messages, or show different readers different subsets of a channel.
+//! - Replays are caught only within a [`ReplayGuard`]'s window and lifetime (memory only).
+//! - Authorship is trust on first sight: a message is [`Author::Verified`] only against a key
+//!   the reader pinned; before that it is [`Author::UnknownSender`].
+//! - Whether a channel is encrypted is the caller's knowledge: a server that drops a
+//!   channel's record must not make a client fall back to plaintext (remember the record).
+//! - One key per channel: no rotation, no forward secrecy, no per-member keys; anyone with
+//!   the passphrase reads all of the channel's history. A record is an offline guessing
+//!   target for the passphrase, at the cost of one Argon2id derivation per guess.
+//! - Key bytes are not wiped from memory after use.
 //!
 //! # Format v1 (legacy)
 //!

@@ -248,7 +248,7 @@ impl Identity {
     /// Loads the key of `name` in `cluster` from `config_dir`, creating it on first use as
     /// `new_key` says. `passphrase` is called only to unlock a protected file
     /// ([`PassphrasePrompt::Unlock`]) or to protect a new one
-    /// ([`PassphrasePrompt::Create`]); one Argon2id derivation follows (~0.1 s).
+    /// ([`PassphrasePrompt::Create`]); one Argon2id derivation follows (about 50 ms).
     ///
     /// # Errors
     ///

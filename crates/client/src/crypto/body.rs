@@ -1016,11 +1016,16 @@ mod tests {
 
         #[test]
         fn seal_and_sign_round_trip(
-            chars in proptest::collection::vec(any::<char>(), 0..4_000),
+            text in prop_oneof![
+                proptest::collection::vec(any::<char>(), 0..4_000)
+                    .prop_map(|chars| chars.into_iter().collect::<String>()),
+                // Every length up to the longest sealed text, across all buckets.
+                (0..=TEXT_BYTES_MAX_ENCRYPTED, any::<u8>())
+                    .prop_map(|(len, b)| char::from(b'!' + b % 90).to_string().repeat(len)),
+            ],
             client_id in any::<[u8; 16]>(),
             client_seq in any::<u64>(),
         ) {
-            let text: String = chars.into_iter().collect();
             let (key, _) = create_small("pw", "general");
             let keys = keys(&key);
             let pinned = Some(alice().public_key());

@@ -148,7 +148,8 @@ impl ChannelKeyV2 {
     /// Makes a new v2 key for `channel` of `cluster` from `passphrase` with the default
     /// parameters ([`Argon2Params::V2_DEFAULT`]) and a fresh random salt. Returns the key and
     /// the record bytes to store in the cluster's channel record; every member then unlocks
-    /// the key with [`ChannelKeyV2::unlock`]. Takes one Argon2id derivation (~0.1 s).
+    /// the key with [`ChannelKeyV2::unlock`]. Takes one Argon2id derivation (about 50 ms
+    /// on one server core).
     ///
     /// # Errors
     ///
