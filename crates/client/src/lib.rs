@@ -39,6 +39,7 @@ mod config;
 pub mod crypto;
 mod error;
 pub mod identity;
+pub mod pins;
 mod pool;
 mod probe;
 mod push;
