@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use cellchat_client::crypto::{self, ChannelKey, Text};
+use cellchat_client::crypto::{self, Author, ChannelHistory, Content, CryptoError, Keys};
 use cellchat_client::{Client, ClientConfig, ClientEvent, Error, Identity, WireMessage};
 use proto::HistoryRequest;
 use testkit::{TestClient, TestCluster};
@@ -73,16 +73,20 @@ fn assert_dense(messages: &[WireMessage], first: u64) {
     );
 }
 
+/// The text of a plaintext message (its signature is not checked here).
 fn text_of(message: &WireMessage) -> String {
-    crypto::open_body(
-        None,
+    crypto::open_message(
+        &Keys::default(),
+        "",
         &message.channel,
         &message.sender,
         message.client_seq,
+        None,
         &message.body,
     )
+    .content()
     .display()
-    .to_owned()
+    .into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -284,7 +288,12 @@ async fn an_encrypted_messages_plaintext_is_in_no_nodes_data_dir() -> anyhow::Re
     let secret = format!("zebra-secret-{marker:016x}");
     let visible = format!("plain-control-{marker:016x}");
 
-    let key = ChannelKey::derive("correct horse", &cluster.cluster, "vault")?;
+    let unlocked = alice.unlock_channel("vault", "correct horse").await?;
+    assert!(
+        unlocked.created,
+        "the first passphrase sets the channel's record"
+    );
+    let key = unlocked.keys.v2.clone().context("a v2 key")?;
     let sealed = alice.send_text("vault", &secret, Some(&key)).await?;
     // A plaintext control message proves the grep below sees what nodes store.
     let plain = alice.send_text("vault", &visible, None).await?;
@@ -327,8 +336,8 @@ async fn an_encrypted_messages_plaintext_is_in_no_nodes_data_dir() -> anyhow::Re
         );
     }
 
-    // With the passphrase a reader decrypts; without it, or with a wrong one, it never sees
-    // garbage.
+    // With the passphrase a reader decrypts and verifies who wrote it; without it the
+    // message shows as encrypted, never as garbage; a wrong passphrase is reported as wrong.
     let bob = client_as(&cluster, "bob").await?;
     let page = bob.history("vault", None, 10).await?;
     let m = page
@@ -336,14 +345,31 @@ async fn an_encrypted_messages_plaintext_is_in_no_nodes_data_dir() -> anyhow::Re
         .iter()
         .find(|m| m.seq == sealed.seq)
         .context("sealed message")?;
-    let bob_key = ChannelKey::derive("correct horse", &cluster.cluster, "vault")?;
-    let read = |key: Option<&ChannelKey>| {
-        crypto::open_body(key, &m.channel, &m.sender, m.client_seq, &m.body)
-    };
-    assert_eq!(read(Some(&bob_key)), Text::Clear(secret.clone()));
-    assert_eq!(read(None).display(), "[encrypted]");
-    let wrong = ChannelKey::derive("wrong horse", &cluster.cluster, "vault")?;
-    assert_eq!(read(Some(&wrong)).display(), "[encrypted: wrong key?]");
+    let wrong = bob.unlock_channel("vault", "wrong horse").await;
+    assert!(
+        matches!(wrong, Err(Error::Crypto(CryptoError::WrongPassphrase))),
+        "{wrong:?}"
+    );
+    let bob_keys = bob.unlock_channel("vault", "correct horse").await?;
+    assert!(!bob_keys.created);
+    let shown = bob.show(&bob_keys.keys, ChannelHistory::Encrypted, m).await;
+    assert_eq!(shown.opened.content(), &Content::Clear(secret.clone()));
+    assert_eq!(shown.opened.author(), Author::Verified);
+    assert!(shown.is_trusted());
+    let blind = bob
+        .show(&Keys::default(), ChannelHistory::Encrypted, m)
+        .await;
+    assert_eq!(blind.display(), "[encrypted]");
+    // The plaintext control line is marked as such in an encrypted channel.
+    let control = page
+        .messages
+        .iter()
+        .find(|m| m.seq == plain.seq)
+        .context("control")?;
+    let shown = bob
+        .show(&bob_keys.keys, ChannelHistory::Encrypted, control)
+        .await;
+    assert_eq!(shown.display(), format!("[plaintext] {visible}"));
     Ok(())
 }
 

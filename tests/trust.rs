@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
+use cellchat_client::crypto::{self, Author, ChannelHistory, ChannelKey, CryptoError, Keys, Seen};
 use cellchat_client::{
     ApiError, ChannelChange, Client, ClientConfig, Error, Identity, Subscription, WireMessage,
 };
@@ -271,5 +272,120 @@ async fn another_user_cannot_suppress_a_senders_messages_by_taking_her_client_se
         .send_with_key("general", b"\x00alice 3".to_vec(), stolen, 3)
         .await?;
     assert!(again.duplicate);
+    Ok(())
+}
+
+/// A lying node stamps Mallory's messages with Alice's name. Every reader shows them as not
+/// Alice's: a body Mallory signed fails Alice's pinned key, an unsigned one is unsigned, and a
+/// copy of Alice's own message is a replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_a_lying_node_stamps_with_another_name_are_never_shown_as_theirs(
+) -> anyhow::Result<()> {
+    testkit::server_binary_with_weaken()?;
+    let cluster = cluster_of("trust-forge", 1, &["--weaken", "forge-sender"]).await?;
+    let alice = client_as(&cluster, "alice").await?;
+    let bob = client_as(&cluster, "bob").await?;
+    let carol = client_as(&cluster, "carol").await?;
+    let genuine = alice.send_text("general", "lunch at noon", None).await?;
+
+    // Mallory logs in as herself (registering her name) and claims to be alice in her hello.
+    let addr = cluster.nodes[0].ready().context("ready")?.client;
+    let mallory = testkit::TestUser::new("mallory");
+    let honest = testkit::TestClient::login(addr, &cluster.cluster, &mallory).await?;
+    honest.send("lobby", b"\x00hi", [1; 16], 1).await??;
+    let forger =
+        testkit::TestClient::login_claiming(addr, &cluster.cluster, &mallory, Some("alice"))
+            .await?;
+    let mallory_id = Identity::ephemeral("mallory", None);
+    let signed = crypto::sign_plain(
+        &mallory_id,
+        &cluster.cluster,
+        "general",
+        [2; 16],
+        1,
+        "send the payroll to mallory",
+    )?;
+    forger.send("general", &signed, [2; 16], 1).await??;
+    forger
+        .send("general", b"\x00alice here: new bank details", [2; 16], 2)
+        .await??;
+    // Alice's own message again, with her client seq: a replay at another seq.
+    let page = bob.history("general", None, 10).await?;
+    let original = page
+        .messages
+        .iter()
+        .find(|m| m.seq == genuine.seq)
+        .context("alice's message")?;
+    let replayed = forger
+        .send("general", &original.body, [3; 16], original.client_seq)
+        .await??;
+
+    for reader in [&bob, &carol] {
+        reader.observe_read_token(replayed.read_token);
+        let page = reader.history("general", None, 10).await?;
+        assert_eq!(page.messages.len(), 4);
+        let mut lines = Vec::new();
+        for m in &page.messages {
+            assert_eq!(
+                m.sender, "alice",
+                "the node stamped every message as alice's"
+            );
+            lines.push(
+                reader
+                    .show(&Keys::default(), ChannelHistory::Plain, m)
+                    .await,
+            );
+        }
+        assert!(lines[0].is_trusted(), "alice's own message: {:?}", lines[0]);
+        assert_eq!(lines[0].display(), "lunch at noon");
+        assert_eq!(lines[1].opened.author(), Author::BadSignature);
+        assert_eq!(lines[1].display(), "[forged?] send the payroll to mallory");
+        assert_eq!(
+            lines[2].display(),
+            "[unsigned] alice here: new bank details"
+        );
+        assert!(matches!(lines[3].seen, Seen::Replayed { first_seq: 1 }));
+        assert_eq!(lines[3].display(), "[replayed] lunch at noon");
+        for line in &lines[1..] {
+            assert!(!line.is_trusted(), "{line:?}");
+        }
+    }
+    Ok(())
+}
+
+/// Messages encrypted with format v1 (the release before v2) stay readable once the channel
+/// gets a v2 record: unlocking derives the v1 key too, and they show as unsigned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_encrypted_history_stays_readable_after_the_channel_moves_to_v2() -> anyhow::Result<()> {
+    let cluster = cluster_of("trust-v1", 1, &[]).await?;
+    let alice = client_as(&cluster, "alice").await?;
+    let bob = client_as(&cluster, "bob").await?;
+    let v1 = ChannelKey::derive("old horse", &cluster.cluster, "archive")?;
+    alice
+        .send_text_v1("archive", "from the old days", Some(&v1))
+        .await?;
+    let unlocked = alice.unlock_channel("archive", "old horse").await?;
+    assert!(unlocked.created);
+    assert!(unlocked.keys.v1.is_some(), "the channel had history");
+    let v2 = unlocked.keys.v2.clone().context("v2 key")?;
+    alice.send_text("archive", "from today", Some(&v2)).await?;
+
+    let keys = bob.unlock_channel("archive", "old horse").await?.keys;
+    let page = bob.history("archive", None, 10).await?;
+    let mut shown = Vec::new();
+    for m in &page.messages {
+        shown.push(
+            bob.show(&keys, ChannelHistory::Encrypted, m)
+                .await
+                .display(),
+        );
+    }
+    assert_eq!(shown, ["[unsigned] from the old days", "from today"]);
+    // A wrong passphrase is reported, and reads nothing.
+    let wrong = bob.unlock_channel("archive", "new horse").await;
+    assert!(
+        matches!(wrong, Err(Error::Crypto(CryptoError::WrongPassphrase))),
+        "{wrong:?}"
+    );
     Ok(())
 }

@@ -12,6 +12,8 @@ pub const HISTORY_MAX: u32 = 1000;
 pub enum Input {
     /// A chat message for the current channel.
     Message(String),
+    /// `/plain TEXT`: a message sent in the clear even in an encrypted channel.
+    Plain(String),
     /// `/join #chan`.
     Join(String),
     /// `/leave`.
@@ -61,7 +63,9 @@ commands:
   /who               who wrote here recently
   /servers           every node: role, RTT, applied index, which one you read from
   /key [passphrase]  set this channel's passphrase (asked without echo when not given);
-                     /key --clear forgets it
+                     /key --clear forgets it; in an encrypted channel, messages are not
+                     sent without it
+  /plain TEXT        send TEXT in the clear, even in an encrypted channel
   /create #chan [private]
                      create a channel you own; a private one only its members can read
   /invite NAME       invite someone to this private channel (you must own it)
@@ -114,6 +118,8 @@ pub fn parse(line: &str) -> Result<Input, String> {
             "--clear" => Input::KeyClear,
             passphrase => Input::Key(passphrase.to_owned()),
         }),
+        "plain" if rest.is_empty() => Err("/plain TEXT: what to send in the clear?".to_owned()),
+        "plain" => Ok(Input::Plain(rest.to_owned())),
         "create" => parse_create(rest),
         "invite" => parse_user(rest, "invite").map(Input::Invite),
         "accept" => parse_channel(rest).map(Input::Accept),
@@ -237,6 +243,7 @@ mod tests {
             ("/accept #vault", Ok(Input::Accept("vault".into()))),
             ("/remove bob", Ok(Input::Remove("bob".into()))),
             ("/members", Ok(Input::Members)),
+            ("/plain hi there", Ok(Input::Plain("hi there".into()))),
             ("/help", Ok(Input::Help)),
             ("/quit", Ok(Input::Quit)),
         ];

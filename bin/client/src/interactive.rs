@@ -2,11 +2,11 @@
 //! input through rustyline's `ExternalPrinter` (so a half-typed line survives), and commands
 //! handled on the async side.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 
-use cellchat_client::crypto::ChannelKey;
-use cellchat_client::{ChannelChange, Client, ClientEvent};
+use cellchat_client::crypto::{self, ChannelHistory, ChannelKeyV2, CryptoError};
+use cellchat_client::{ChannelChange, Client, ClientEvent, Error, WireMessage};
 use rustyline::completion::Completer;
 use rustyline::error::ReadlineError;
 use rustyline::highlight::{CmdKind, Highlighter};
@@ -32,7 +32,9 @@ const SEND_QUEUE: usize = 64;
 /// Prints a line above the input; shared by the stream, sender and event tasks.
 type Printer = Arc<Mutex<PrintFn>>;
 type PrintFn = Box<dyn FnMut(String) + Send>;
-type Keys = Arc<Mutex<HashMap<String, ChannelKey>>>;
+type Keys = Arc<Mutex<HashMap<String, crypto::Keys>>>;
+/// Channels known to be end-to-end encrypted (a crypto record, or encrypted messages seen).
+type Encrypted = Arc<Mutex<HashSet<String>>>;
 
 fn print(printer: &Printer, line: String) {
     let mut print = printer
@@ -158,9 +160,19 @@ struct Chat {
     channel: String,
     previous: Vec<String>,
     keys: Keys,
+    encrypted: Encrypted,
     printer: Printer,
     stream: Option<JoinHandle<()>>,
-    send_tx: mpsc::Sender<(String, String, Option<ChannelKey>)>,
+    send_tx: mpsc::Sender<(String, String, Option<ChannelKeyV2>)>,
+}
+
+/// Asks for a secret on the terminal without echoing it (each typed character shows as `*`),
+/// and never adds it to any input history. `None` at end of input or without a terminal.
+pub fn ask_secret(prompt: &str) -> Option<String> {
+    let config = Config::builder().auto_add_history(false).build();
+    let mut editor = Editor::<Masking, DefaultHistory>::with_config(config).ok()?;
+    editor.set_helper(Some(Masking { on: true }));
+    editor.readline(prompt).ok()
 }
 
 /// Runs the chat until `/quit` or end of input.
@@ -168,7 +180,11 @@ struct Chat {
 /// # Errors
 ///
 /// The terminal cannot be used, or the first history read fails.
-pub async fn run(client: Client, channel: String, key: Option<ChannelKey>) -> anyhow::Result<()> {
+pub async fn run(
+    client: Client,
+    channel: String,
+    keys: Option<crypto::Keys>,
+) -> anyhow::Result<()> {
     let (printer_tx, printer_rx) = std_mpsc::channel();
     let (to_async, mut from_editor) = mpsc::channel(1);
     let (to_editor, from_async) = std_mpsc::channel();
@@ -177,10 +193,11 @@ pub async fn run(client: Client, channel: String, key: Option<ChannelKey>) -> an
     let printer: Printer = Arc::new(Mutex::new(
         external.unwrap_or_else(|| Box::new(|line: String| println!("{line}"))),
     ));
-    let keys: Keys = Arc::new(Mutex::new(HashMap::new()));
-    if let Some(key) = key {
-        lock(&keys).insert(channel.clone(), key);
+    let channel_keys: Keys = Arc::new(Mutex::new(HashMap::new()));
+    if let Some(keys) = keys {
+        lock(&channel_keys).insert(channel.clone(), keys);
     }
+    let keys = channel_keys;
     let (send_tx, send_rx) = mpsc::channel(SEND_QUEUE);
     let sender = tokio::spawn(send_loop(client.clone(), send_rx, printer.clone()));
     tokio::spawn(event_loop(client.clone(), printer.clone()));
@@ -189,6 +206,7 @@ pub async fn run(client: Client, channel: String, key: Option<ChannelKey>) -> an
         channel,
         previous: Vec::new(),
         keys,
+        encrypted: Arc::new(Mutex::new(HashSet::new())),
         printer,
         stream: None,
         send_tx,
@@ -277,16 +295,20 @@ impl Chat {
         };
         match input {
             Input::Message(text) => {
-                let key = lock(&self.keys).get(&self.channel).cloned();
-                if self
-                    .send_tx
-                    .send((self.channel.clone(), text, key))
-                    .await
-                    .is_err()
-                {
-                    println!("the sender stopped: restart the client");
+                let key = lock(&self.keys)
+                    .get(&self.channel)
+                    .and_then(|k| k.v2.clone());
+                if key.is_none() && lock(&self.encrypted).contains(&self.channel) {
+                    println!(
+                        "#{} is end-to-end encrypted and you have not set its passphrase: \
+                         nothing sent. Set it with /key, or send in the clear with /plain TEXT",
+                        self.channel
+                    );
+                } else {
+                    self.queue(text, key).await;
                 }
             }
+            Input::Plain(text) => self.queue(text, None).await,
             Input::Join(channel) => {
                 if channel != self.channel {
                     self.previous.push(self.channel.clone());
@@ -371,19 +393,41 @@ impl Chat {
         ToEditor::Prompt(self.prompt())
     }
 
+    async fn queue(&self, text: String, key: Option<ChannelKeyV2>) {
+        if self
+            .send_tx
+            .send((self.channel.clone(), text, key))
+            .await
+            .is_err()
+        {
+            println!("the sender stopped: restart the client");
+        }
+    }
+
     /// Switches to `channel`: shows its recent history and streams what follows.
     async fn enter(&mut self, channel: String) {
         if let Some(stream) = self.stream.take() {
             stream.abort();
         }
         self.channel = channel;
-        let key = lock(&self.keys).get(&self.channel).cloned();
+        if let Ok(detail) = self.client.channel_info(&self.channel).await {
+            if detail.info.encrypted {
+                lock(&self.encrypted).insert(self.channel.clone());
+                if !lock(&self.keys).contains_key(&self.channel) {
+                    println!(
+                        "#{} is end-to-end encrypted: /key sets its passphrase",
+                        self.channel
+                    );
+                }
+            }
+        }
         let head = match self.client.history(&self.channel, None, JOIN_HISTORY).await {
             Ok(page) => {
                 println!("-- #{} ({} messages) --", self.channel, page.head);
                 let now = timefmt::now_ms();
                 for message in &page.messages {
-                    println!("{}", output::line(key.as_ref(), message, now));
+                    let line = show_line(&self.client, &self.keys, &self.encrypted, message).await;
+                    println!("{}", line(now));
                 }
                 page.head
             }
@@ -398,33 +442,39 @@ impl Chat {
         };
         let sub = self.client.subscribe(&self.channel, head);
         self.stream = Some(tokio::spawn(stream_loop(
+            self.client.clone(),
             sub,
             self.keys.clone(),
+            self.encrypted.clone(),
             self.printer.clone(),
         )));
     }
 
     async fn set_key(&mut self, passphrase: &str) {
-        let (p, cluster, channel) = (
-            passphrase.to_owned(),
-            self.client.cluster_name().to_owned(),
-            self.channel.clone(),
-        );
-        let derived =
-            tokio::task::spawn_blocking(move || ChannelKey::derive(&p, &cluster, &channel)).await;
-        match derived {
-            Ok(Ok(key)) => {
-                lock(&self.keys).insert(self.channel.clone(), key);
-                println!(
-                    "#{}: messages are now end-to-end encrypted; share the passphrase with the others here",
-                    self.channel
-                );
+        match self.client.unlock_channel(&self.channel, passphrase).await {
+            Ok(unlocked) => {
+                lock(&self.keys).insert(self.channel.clone(), unlocked.keys);
+                lock(&self.encrypted).insert(self.channel.clone());
+                let ms = unlocked.derive.as_millis();
+                if unlocked.created {
+                    println!(
+                        "#{}: encryption set up (key derived in {ms} ms); new messages are \
+                         end-to-end encrypted and signed: share the passphrase with the others here",
+                        self.channel
+                    );
+                } else {
+                    println!(
+                        "#{}: passphrase accepted (key derived in {ms} ms); messages are \
+                         end-to-end encrypted",
+                        self.channel
+                    );
+                }
             }
-            Ok(Err(e)) => println!("no key set: {}", output::sanitize(&e.to_string())),
-            Err(e) => println!(
-                "no key set: key derivation failed: {}",
-                output::sanitize(&e.to_string())
+            Err(Error::Crypto(CryptoError::WrongPassphrase)) => println!(
+                "wrong passphrase for #{}: nothing changed; check it with whoever set it",
+                self.channel
             ),
+            Err(e) => println!("no key set: {}", output::sanitize(&e.to_string())),
         }
     }
 
@@ -496,12 +546,12 @@ impl Chat {
     }
 
     async fn history(&self, n: u32) {
-        let key = lock(&self.keys).get(&self.channel).cloned();
         match self.client.recent(&self.channel, n).await {
             Ok(page) => {
                 let now = timefmt::now_ms();
                 for message in &page.messages {
-                    println!("{}", output::line(key.as_ref(), message, now));
+                    let line = show_line(&self.client, &self.keys, &self.encrypted, message).await;
+                    println!("{}", line(now));
                 }
                 if page.messages.is_empty() {
                     println!("#{} has no messages yet", self.channel);
@@ -542,13 +592,45 @@ impl Chat {
     }
 }
 
-async fn stream_loop(mut sub: cellchat_client::Subscription, keys: Keys, printer: Printer) {
+/// Opens and checks `message` as this chat should show it; returns the line to print at a
+/// given time. An encrypted message marks its channel encrypted, so plaintext there is marked.
+async fn show_line(
+    client: &Client,
+    keys: &Keys,
+    encrypted: &Encrypted,
+    message: &WireMessage,
+) -> impl Fn(u64) -> String {
+    let channel_keys = lock(keys)
+        .get(&message.channel)
+        .cloned()
+        .unwrap_or_default();
+    if message
+        .body
+        .first()
+        .is_some_and(|&f| crypto::is_encrypted_format(f))
+    {
+        lock(encrypted).insert(message.channel.clone());
+    }
+    let history = if lock(encrypted).contains(&message.channel) {
+        ChannelHistory::Encrypted
+    } else {
+        ChannelHistory::Plain
+    };
+    let shown = client.show(&channel_keys, history, message).await;
+    let message = message.clone();
+    move |now| output::line(&shown, &message, now)
+}
+
+async fn stream_loop(
+    client: Client,
+    mut sub: cellchat_client::Subscription,
+    keys: Keys,
+    encrypted: Encrypted,
+    printer: Printer,
+) {
     while let Some(next) = sub.recv().await {
         let line = match next {
-            Ok(message) => {
-                let key = lock(&keys).get(&message.channel).cloned();
-                output::line(key.as_ref(), &message, timefmt::now_ms())
-            }
+            Ok(message) => show_line(&client, &keys, &encrypted, &message).await(timefmt::now_ms()),
             Err(e) => format!(
                 "* stream of #{} stopped: {}",
                 sub.channel(),
@@ -562,7 +644,7 @@ async fn stream_loop(mut sub: cellchat_client::Subscription, keys: Keys, printer
 /// Sends queued lines in order, so the prompt never waits on retries.
 async fn send_loop(
     client: Client,
-    mut rx: mpsc::Receiver<(String, String, Option<ChannelKey>)>,
+    mut rx: mpsc::Receiver<(String, String, Option<ChannelKeyV2>)>,
     printer: Printer,
 ) {
     while let Some((channel, text, key)) = rx.recv().await {

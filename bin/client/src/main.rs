@@ -11,8 +11,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context as _};
-use cellchat_client::crypto::ChannelKey;
-use cellchat_client::{Client, ClientConfig};
+use cellchat_client::crypto::{ChannelHistory, Keys};
+use cellchat_client::identity::{self, KeyProtection, PassphrasePrompt};
+use cellchat_client::{Client, ClientConfig, Identity};
 use clap::Parser;
 
 const ABOUT: &str = "cellchat client: chat on a cellchat cluster, which it finds by itself.";
@@ -35,8 +36,15 @@ Identity: the first run with a name creates an Ed25519 key in
 it. To use the name on another machine, copy that file to the same path there (keep it private,
 mode 0600). Without it, the name is refused there.
 
+A key file can be protected by a passphrase (--protect-key); the client then asks for it
+without echo, or reads it from --key-passphrase-file.
+
 Encryption: with a channel passphrase (/key in the chat, or --passphrase-file) messages are
-encrypted with AES-256-GCM under a key derived by Argon2id; servers store only ciphertext.";
+encrypted with AES-256-GCM under a key derived by Argon2id from the passphrase and the
+channel's public record (salt and key check, so a wrong passphrase is reported); servers
+store only ciphertext. Every message is signed with the sender's key; readers check it
+against the key they pinned for that name (<config dir>/identities/<cluster>/known_users)
+and mark what fails: [forged?], [replayed], [unverified], [unsigned], [plaintext].";
 
 /// Command-line arguments.
 #[derive(Parser, Debug)]
@@ -60,6 +68,16 @@ struct Args {
     /// Channel for --send, --tail and --history, and the first channel of the chat.
     #[arg(long, env = "CELLCHAT_CHANNEL", default_value = "general")]
     channel: String,
+    /// With --send: send in the clear even when the channel is end-to-end encrypted.
+    #[arg(long)]
+    plaintext: bool,
+    /// Protect your key file with a passphrase (asked twice, without echo) and exit.
+    #[arg(long, conflicts_with_all = ["send", "tail", "history", "servers"])]
+    protect_key: bool,
+    /// File holding the passphrase of your protected key file (first line); without it the
+    /// client asks on the terminal.
+    #[arg(long, env = "CELLCHAT_KEY_PASSPHRASE_FILE", value_name = "FILE")]
+    key_passphrase_file: Option<PathBuf>,
     /// Print JSON (one object per message line; one array for --servers).
     #[arg(long, env = "CELLCHAT_JSON")]
     json: bool,
@@ -163,53 +181,114 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(text) = &args.send {
         check_message(text)?;
     }
+    let identity = match &args.name {
+        Some(name) => Some(load_identity(&args, name)?),
+        None => None,
+    };
+    if args.protect_key {
+        return protect_key(identity.as_ref());
+    }
     let config = ClientConfig {
         cluster: args.cluster.clone(),
         discovery_port: args.discovery_port,
         broadcast: args.broadcast,
         join: resolve_join(&args.join)?,
         name: args.name.clone(),
-        config_dir: args.config_dir.clone(),
+        identity,
+        config_dir: Some(identity::config_dir(args.config_dir.as_deref())?),
         token: find_token(&args)?,
         ..ClientConfig::default()
     };
     let client = Client::connect(config).await?;
-    let key = match passphrase {
-        Some(p) => Some(derive(&p, &args.cluster, &channel).await?),
-        None => None,
-    };
     if args.servers {
         return servers(&client, args.json).await;
     }
+    let keys = match passphrase {
+        Some(p) => Some(client.unlock_channel(&channel, &p).await?.keys),
+        None => None,
+    };
+    let history = match client.channel_info(&channel).await {
+        Ok(detail) if detail.info.encrypted => ChannelHistory::Encrypted,
+        _ => ChannelHistory::Plain,
+    };
     if let Some(text) = &args.send {
-        let reply = client.send_text(&channel, text, key.as_ref()).await?;
+        let key = keys.as_ref().and_then(|k| k.v2.as_ref());
+        if key.is_none() && history == ChannelHistory::Encrypted && !args.plaintext {
+            bail!(
+                "#{channel} is end-to-end encrypted: give its passphrase with --passphrase-file, \
+                 or send in the clear with --plaintext; nothing sent"
+            );
+        }
+        let reply = client.send_text(&channel, text, key).await?;
         println!("sent #{} seq {}", reply.channel, reply.seq);
         return Ok(());
     }
+    let keys = keys.unwrap_or_default();
     if let Some(n) = args.history {
         let page = client.recent(&channel, n).await?;
         let now = timefmt::now_ms();
         for message in &page.messages {
-            print_message(key.as_ref(), message, now, args.json);
+            print_message(&client, &keys, history, message, now, args.json).await;
         }
         return Ok(());
     }
     if args.tail {
-        return tail(&client, &channel, key, args.json).await;
+        return tail(&client, &channel, &keys, history, args.json).await;
     }
-    interactive::run(client, channel, key).await
+    interactive::run(client, channel, Some(keys).filter(|k| k.v2.is_some())).await
 }
 
-fn print_message(
-    key: Option<&ChannelKey>,
+/// Loads (or creates) the user's key file, asking for its passphrase when it is protected.
+fn load_identity(args: &Args, name: &str) -> anyhow::Result<Identity> {
+    let dir = identity::config_dir(args.config_dir.as_deref())?;
+    let from_file = args
+        .key_passphrase_file
+        .as_ref()
+        .map(read_passphrase)
+        .transpose()?;
+    let mut ask = |prompt: PassphrasePrompt<'_>| match prompt {
+        PassphrasePrompt::Unlock { path } => from_file
+            .clone()
+            .or_else(|| interactive::ask_secret(&format!("passphrase of {}: ", path.display()))),
+        PassphrasePrompt::Create { .. } => None,
+    };
+    let identity =
+        Identity::load_or_create_with(&dir, &args.cluster, name, KeyProtection::Plain, &mut ask)?;
+    Ok(identity)
+}
+
+/// `--protect-key`: seals the key file under a passphrase typed twice.
+fn protect_key(identity: Option<&Identity>) -> anyhow::Result<()> {
+    let identity = identity.context("--protect-key needs a user name")?;
+    let first = interactive::ask_secret("new passphrase for your key file: ")
+        .context("no passphrase given: nothing changed")?;
+    let again = interactive::ask_secret("the same passphrase again: ")
+        .context("no passphrase given: nothing changed")?;
+    if first != again {
+        bail!("the two passphrases differ: nothing changed");
+    }
+    identity.protect(&first)?;
+    let path = identity.path().map(|p| p.display().to_string());
+    println!(
+        "{} is protected now: the client asks for the passphrase at start",
+        path.unwrap_or_default()
+    );
+    Ok(())
+}
+
+async fn print_message(
+    client: &Client,
+    keys: &Keys,
+    history: ChannelHistory,
     message: &cellchat_client::WireMessage,
     now: u64,
     json: bool,
 ) {
+    let shown = client.show(keys, history, message).await;
     if json {
-        println!("{}", output::json(key, message));
+        println!("{}", output::json(&shown, message));
     } else {
-        println!("{}", output::line(key, message, now));
+        println!("{}", output::line(&shown, message, now));
     }
 }
 
@@ -226,7 +305,8 @@ async fn servers(client: &Client, json: bool) -> anyhow::Result<()> {
 async fn tail(
     client: &Client,
     channel: &str,
-    key: Option<ChannelKey>,
+    keys: &Keys,
+    history: ChannelHistory,
     json: bool,
 ) -> anyhow::Result<()> {
     let head = client.history(channel, None, 1).await?.head;
@@ -234,7 +314,9 @@ async fn tail(
     loop {
         tokio::select! {
             next = sub.recv() => match next {
-                Some(Ok(message)) => print_message(key.as_ref(), &message, timefmt::now_ms(), json),
+                Some(Ok(message)) => {
+                    print_message(client, keys, history, &message, timefmt::now_ms(), json).await
+                }
                 Some(Err(e)) => return Err(e.into()),
                 None => bail!("the subscription ended"),
             },
@@ -276,17 +358,6 @@ fn read_passphrase(path: &PathBuf) -> anyhow::Result<String> {
         );
     }
     Ok(first)
-}
-
-/// Argon2id is deliberately slow; run it off the async threads.
-async fn derive(passphrase: &str, cluster: &str, channel: &str) -> anyhow::Result<ChannelKey> {
-    let (p, c, ch) = (
-        passphrase.to_owned(),
-        cluster.to_owned(),
-        channel.to_owned(),
-    );
-    let key = tokio::task::spawn_blocking(move || ChannelKey::derive(&p, &c, &ch)).await??;
-    Ok(key)
 }
 
 fn resolve_join(join: &[String]) -> anyhow::Result<Vec<SocketAddr>> {

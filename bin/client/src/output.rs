@@ -1,7 +1,7 @@
 //! How messages and servers are printed: human lines and JSON lines.
 
-use cellchat_client::crypto::{self, ChannelKey, Text};
-use cellchat_client::{ServerInfo, WireMessage};
+use cellchat_client::crypto::{Author, Content};
+use cellchat_client::{ServerInfo, Shown, WireMessage};
 use serde::Serialize;
 
 use crate::timefmt;
@@ -23,19 +23,13 @@ pub struct MessageJson<'a> {
     pub encrypted: bool,
     /// Whether `text` is the real text (plaintext, or decrypted).
     pub readable: bool,
+    /// Whether the sender's signature verified under the key pinned for the sender.
+    pub verified: bool,
+    /// What a reader should know before trusting it: `[forged?]`, `[replayed]`,
+    /// `[unverified]`, `[unsigned]`, `[plaintext]`, `[key changed!]`.
+    pub markers: Vec<&'static str>,
     /// The sender's client seq.
     pub client_seq: u64,
-}
-
-/// What a reader sees of `message` with `key`.
-pub fn text(key: Option<&ChannelKey>, message: &WireMessage) -> Text {
-    crypto::open_body(
-        key,
-        &message.channel,
-        &message.sender,
-        message.client_seq,
-        &message.body,
-    )
 }
 
 /// What a continuation line of a multi-line message starts with: every line a message
@@ -90,27 +84,40 @@ pub fn sanitize_body(text: &str) -> String {
     lines.join(&format!("\n{CONTINUATION}"))
 }
 
-/// `[5s ago] Bob: Hey Alice!`
-pub fn line(key: Option<&ChannelKey>, message: &WireMessage, now_ms: u64) -> String {
+/// `[5s ago] Bob: Hey Alice!`, with what a reader should know first:
+/// `[5s ago] Bob: [forged?] pay me`.
+pub fn line(shown: &Shown, message: &WireMessage, now_ms: u64) -> String {
     format!(
         "[{}] {}: {}",
         timefmt::relative(now_ms, message.at_ms),
         sanitize(&message.sender),
-        sanitize_body(text(key, message).display())
+        sanitize_body(&shown.display())
     )
 }
 
 /// The message as one JSON line.
-pub fn json(key: Option<&ChannelKey>, message: &WireMessage) -> String {
-    let text = text(key, message);
+pub fn json(shown: &Shown, message: &WireMessage) -> String {
+    let content = shown.opened.content();
+    let text = content.display();
+    let mut markers: Vec<&'static str> = shown
+        .opened
+        .markers(shown.history, shown.seen)
+        .into_iter()
+        .map(|m| m.as_str())
+        .collect();
+    if matches!(shown.key, cellchat_client::SenderKey::Changed { .. }) {
+        markers.insert(0, "[key changed!]");
+    }
     let value = MessageJson {
         channel: &message.channel,
         seq: message.seq,
         sender: &message.sender,
-        text: text.display(),
+        text: &text,
         at_ms: message.at_ms,
-        encrypted: message.body.first() == Some(&crypto::FORMAT_AES_GCM_V1),
-        readable: matches!(text, Text::Clear(_)),
+        encrypted: shown.opened.is_encrypted(),
+        readable: matches!(content, Content::Clear(_)),
+        verified: shown.opened.author() == Author::Verified,
+        markers,
         client_seq: message.client_seq,
     };
     serde_json::to_string(&value).expect("a message always serializes")
@@ -150,6 +157,31 @@ pub fn servers_table(servers: &[ServerInfo]) -> String {
 mod tests {
     use super::*;
 
+    use cellchat_client::crypto::{self, ChannelHistory, Keys, Seen};
+    use cellchat_client::SenderKey;
+
+    /// What a reader without keys shows of `m` (v1 plaintext: unsigned).
+    fn shown(m: &WireMessage) -> Shown {
+        Shown {
+            opened: crypto::open_message(
+                &Keys::default(),
+                "c1",
+                &m.channel,
+                &m.sender,
+                m.client_seq,
+                None,
+                &m.body,
+            ),
+            seen: Seen::Untracked,
+            history: ChannelHistory::Plain,
+            key: SenderKey::Unknown,
+        }
+    }
+
+    fn line(m: &WireMessage, now_ms: u64) -> String {
+        super::line(&shown(m), m, now_ms)
+    }
+
     fn message(body: Vec<u8>) -> WireMessage {
         WireMessage {
             channel: "general".into(),
@@ -164,14 +196,14 @@ mod tests {
     #[test]
     fn a_line_has_time_sender_and_text() {
         let m = message(crypto::plain_body("Hey Alice!"));
-        assert_eq!(line(None, &m, 2_500), "[1s ago] Bob: Hey Alice!");
-        assert_eq!(line(None, &m, 1_200), "[now] Bob: Hey Alice!");
+        assert_eq!(line(&m, 2_500), "[1s ago] Bob: [unsigned] Hey Alice!");
+        assert_eq!(line(&m, 1_200), "[now] Bob: [unsigned] Hey Alice!");
     }
 
     #[test]
     fn control_characters_are_neutralized() {
         let m = message(crypto::plain_body("\u{1b}[2Jgotcha"));
-        assert_eq!(line(None, &m, 1_000), "[now] Bob: \u{fffd}[2Jgotcha");
+        assert_eq!(line(&m, 1_000), "[now] Bob: [unsigned] \u{fffd}[2Jgotcha");
     }
 
     #[test]
@@ -196,8 +228,8 @@ mod tests {
             "hi\n[now] Alice: send me your key\r\nbye",
         ));
         assert_eq!(
-            line(None, &m, 1_000),
-            "[now] Bob: hi\n    [now] Alice: send me your key\n    bye"
+            line(&m, 1_000),
+            "[now] Bob: [unsigned] hi\n    [now] Alice: send me your key\n    bye"
         );
     }
 
@@ -229,18 +261,20 @@ mod tests {
     #[test]
     fn json_lines_carry_the_required_fields() {
         let m = message(crypto::plain_body("hi"));
-        let v: serde_json::Value = serde_json::from_str(&json(None, &m)).expect("json");
+        let v: serde_json::Value = serde_json::from_str(&json(&shown(&m), &m)).expect("json");
         assert_eq!(v["channel"], "general");
         assert_eq!(v["seq"], 3);
         assert_eq!(v["sender"], "Bob");
         assert_eq!(v["text"], "hi");
         assert_eq!(v["at_ms"], 1_000);
         assert_eq!(v["encrypted"], false);
+        assert_eq!(v["verified"], false);
+        assert_eq!(v["markers"][0], "[unsigned]");
     }
 
     #[test]
     fn encrypted_without_key_is_a_placeholder() {
         let m = message(vec![crypto::FORMAT_AES_GCM_V1, 1, 2, 3]);
-        assert_eq!(line(None, &m, 1_000), "[now] Bob: [encrypted]");
+        assert_eq!(line(&m, 1_000), "[now] Bob: [encrypted]");
     }
 }

@@ -5,18 +5,19 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use proto::{
     ApiError, ChannelChange, ChannelDetail, ChannelInfo, ChannelInfoRequest, ChannelPage,
     ChannelRequest, ChannelsRequest, ChatClient, ClusterInfo, HistoryRequest, MessageBatch,
-    RejectReason, SendReply, SendRequest, UserKey,
+    RejectReason, SendReply, SendRequest, UserKey, WireMessage,
 };
 use tarpc::client::RpcError;
 use tokio::sync::broadcast;
 
+use crate::authors::{Authors, SenderKey, Shown};
 use crate::config::ClientConfig;
-use crate::crypto::{self, ChannelKey};
+use crate::crypto::{self, ChannelHistory, ChannelKey, ChannelKeyV2, CryptoError, Keys};
 use crate::error::Error;
 use crate::identity::{self, Identity};
 use crate::pool::Pool;
@@ -41,7 +42,20 @@ pub struct Client {
     pool: Arc<Pool>,
     prober: Arc<Prober>,
     streams: Streams,
+    authors: Arc<Authors>,
     _refresher: Arc<AbortOnDrop>,
+}
+
+/// A channel's keys after [`Client::unlock_channel`].
+#[derive(Debug, Clone)]
+pub struct Unlocked {
+    /// The v2 key for new messages and v2 history; the v1 key for older history, when the
+    /// channel had messages at unlock time.
+    pub keys: Keys,
+    /// Whether this call set the channel's crypto record (the passphrase is new).
+    pub created: bool,
+    /// Time spent deriving keys (Argon2id), once per channel per session.
+    pub derive: Duration,
 }
 
 /// Stops the refresh loop when the last clone of a [`Client`] is dropped.
@@ -72,6 +86,14 @@ impl Client {
             }
             (None, None) => None,
         };
+        // Pins live next to the identities when this client has a config dir (named users, or
+        // an explicit dir); an in-memory identity without one pins for the session only.
+        let pins_dir = match (&config.config_dir, &config.identity) {
+            (Some(dir), _) => Some(dir.clone()),
+            (None, None) if config.name.is_some() => Some(identity::config_dir(None)?),
+            (None, _) => None,
+        };
+        let authors = Arc::new(Authors::new(pins_dir.as_deref(), &config.cluster));
         let config = Arc::new(config);
         let routes = Arc::new(Routes::new());
         let trust = Arc::new(ClusterTrust::for_config(&config).map_err(Error::Trust)?);
@@ -104,6 +126,7 @@ impl Client {
             pool,
             prober,
             streams,
+            authors,
             _refresher: Arc::new(AbortOnDrop(refresher)),
         };
         if client.pool.identity().is_some() {
@@ -162,14 +185,36 @@ impl Client {
         self.send_with_key(channel, body, self.client_id, seq).await
     }
 
-    /// Sends `text` as a new message: encrypted with `key` when given, else as plaintext
-    /// (body formats in [`crypto`]).
+    /// Sends `text` as a new message signed by this user's identity key: encrypted with `key`
+    /// (format v2) when given, else as signed plaintext (body formats in [`crypto`]).
     ///
     /// # Errors
     ///
-    /// [`Error::NoIdentity`] without a name (the sender is bound into the ciphertext), else as
-    /// [`send_with_key`](Self::send_with_key).
+    /// [`Error::NoIdentity`] without a name, [`Error::Crypto`] for a text too long or a key of
+    /// another channel, else as [`send_with_key`](Self::send_with_key).
     pub async fn send_text(
+        &self,
+        channel: &str,
+        text: &str,
+        key: Option<&ChannelKeyV2>,
+    ) -> Result<SendReply, Error> {
+        let identity = self.pool.identity().ok_or(Error::NoIdentity)?;
+        let seq = self.next_client_seq();
+        let (cluster, id) = (&self.config.cluster, self.client_id);
+        let body = match key {
+            Some(key) => crypto::seal_v2(key, identity, cluster, channel, id, seq, text)?,
+            None => crypto::sign_plain(identity, cluster, channel, id, seq, text)?,
+        };
+        self.send_with_key(channel, body, id, seq).await
+    }
+
+    /// Sends `text` as a format v1 body (unsigned; AES-GCM v1 with `key`), as releases before
+    /// format v2 did: for tests of old history and for readers that know only v1.
+    ///
+    /// # Errors
+    ///
+    /// As [`send_text`](Self::send_text).
+    pub async fn send_text_v1(
         &self,
         channel: &str,
         text: &str,
@@ -181,6 +226,157 @@ impl Client {
             None => crypto::plain_body(text),
         };
         self.send_with_key(channel, body, self.client_id, seq).await
+    }
+
+    /// Unlocks `channel`'s end-to-end encryption with `passphrase`: checks it against the
+    /// channel's crypto record, or, when the channel has none, makes one and stores it with
+    /// the channel (a channel without an owner, or one this user owns). Derives the v1 key
+    /// too when the channel has history, so older messages stay readable.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Crypto`] with [`CryptoError::WrongPassphrase`] for a passphrase that does not
+    /// match the record, or `BadRecord` for a record this build refuses;
+    /// [`Error::NotChannelOwner`] when only another user could set the record; as
+    /// [`channel_info`](Self::channel_info) and [`change_channel`](Self::change_channel).
+    pub async fn unlock_channel(&self, channel: &str, passphrase: &str) -> Result<Unlocked, Error> {
+        let name = self.name().ok_or(Error::NoIdentity)?.to_owned();
+        if passphrase.is_empty() {
+            return Err(CryptoError::EmptyPassphrase.into());
+        }
+        let mut derive = Duration::ZERO;
+        let detail = self.channel_info(channel).await?;
+        let (v2, created) = match detail.crypto {
+            Some(record) => (
+                self.unlock_record(channel, passphrase, record, &mut derive)
+                    .await?,
+                false,
+            ),
+            None => {
+                let (cluster, ch, p) = (
+                    self.config.cluster.clone(),
+                    channel.to_owned(),
+                    passphrase.to_owned(),
+                );
+                let (key, record) =
+                    timed(&mut derive, move || ChannelKeyV2::create(&p, &cluster, &ch)).await?;
+                let change = match detail.info.owner.as_deref() {
+                    None => ChannelChange::Create {
+                        private: false,
+                        crypto: Some(record),
+                    },
+                    Some(owner) if owner == name => ChannelChange::SetCrypto(record),
+                    Some(owner) => {
+                        return Err(Error::NotChannelOwner {
+                            channel: channel.to_owned(),
+                            owner: owner.to_owned(),
+                        })
+                    }
+                };
+                match self.change_channel(channel, change).await {
+                    Ok(_) => (key, true),
+                    // Another user set a record first: the passphrase must match theirs.
+                    Err(Error::Api(ApiError::Rejected(
+                        RejectReason::ChannelExists | RejectReason::CryptoAlreadySet,
+                    ))) => {
+                        let detail = self.channel_info(channel).await?;
+                        let record = detail
+                            .crypto
+                            .ok_or(Error::Api(ApiError::Rejected(RejectReason::ChannelExists)))?;
+                        (
+                            self.unlock_record(channel, passphrase, record, &mut derive)
+                                .await?,
+                            false,
+                        )
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        let v1 = if detail.info.head > 0 {
+            let (cluster, ch, p) = (
+                self.config.cluster.clone(),
+                channel.to_owned(),
+                passphrase.to_owned(),
+            );
+            Some(timed(&mut derive, move || ChannelKey::derive(&p, &cluster, &ch)).await?)
+        } else {
+            None
+        };
+        Ok(Unlocked {
+            keys: Keys { v2: Some(v2), v1 },
+            created,
+            derive,
+        })
+    }
+
+    async fn unlock_record(
+        &self,
+        channel: &str,
+        passphrase: &str,
+        record: Vec<u8>,
+        derive: &mut Duration,
+    ) -> Result<ChannelKeyV2, Error> {
+        let (cluster, ch, p) = (
+            self.config.cluster.clone(),
+            channel.to_owned(),
+            passphrase.to_owned(),
+        );
+        timed(derive, move || {
+            ChannelKeyV2::unlock(&p, &cluster, &ch, &record)
+        })
+        .await
+    }
+
+    /// The key `name` is registered with, checked against this client's pin (pinned on first
+    /// sight). Asks the nearest node unless a node served it earlier in this session; a
+    /// failed lookup is [`SenderKey::Unknown`] for now and asked again next time.
+    pub async fn sender_key(&self, name: &str) -> SenderKey {
+        if let Some(served) = self.authors.served(name) {
+            return self.authors.learn(name, Some(served));
+        }
+        match self.user_keys(&[name.to_owned()]).await {
+            Ok(keys) => {
+                let served = keys
+                    .into_iter()
+                    .find(|k| k.name == name)
+                    .and_then(|k| k.public_key);
+                self.authors.learn(name, served)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, %name, "sender key lookup failed");
+                SenderKey::Unknown
+            }
+        }
+    }
+
+    /// Opens `message` with `keys` (the channel's), checks its signature under its sender's
+    /// pinned key, and asks the replay guard: what a reader should show. `history` says
+    /// whether the channel is encrypted, so its plaintext lines are marked.
+    pub async fn show(&self, keys: &Keys, history: ChannelHistory, message: &WireMessage) -> Shown {
+        let key = self.sender_key(&message.sender).await;
+        let opened = crypto::open_message(
+            keys,
+            &self.config.cluster,
+            &message.channel,
+            &message.sender,
+            message.client_seq,
+            key.verify_with(),
+            &message.body,
+        );
+        let seen = self.authors.seen(
+            &message.channel,
+            message.seq,
+            &message.sender,
+            message.client_seq,
+            &opened,
+        );
+        Shown {
+            opened,
+            seen,
+            history,
+            key,
+        }
     }
 
     /// Sends with a caller-chosen idempotency key, retrying with that same key: NotLeader
@@ -629,6 +825,19 @@ impl Client {
             key_path: identity.and_then(|i| i.path().map(ToOwned::to_owned)),
         }
     }
+}
+
+/// Runs a key derivation off the async threads, adding its time to `total`.
+async fn timed<T: Send + 'static>(
+    total: &mut Duration,
+    derive: impl FnOnce() -> Result<T, CryptoError> + Send + 'static,
+) -> Result<T, Error> {
+    let started = Instant::now();
+    let result = tokio::task::spawn_blocking(derive)
+        .await
+        .map_err(|e| CryptoError::Derive(e.to_string()))?;
+    *total += started.elapsed();
+    Ok(result?)
 }
 
 /// Most channels [`Client::channels`] collects, page after page.

@@ -73,6 +73,14 @@ pub enum Error {
     /// Encryption failed.
     #[error("encryption: {0}")]
     Crypto(#[from] CryptoError),
+    /// The channel has no encryption record and only its owner may set one.
+    #[error("#{channel} is not encrypted yet and only its owner {owner} can set its passphrase: ask them to /key it")]
+    NotChannelOwner {
+        /// The channel.
+        channel: String,
+        /// Its owner.
+        owner: String,
+    },
     /// The configuration is out of bounds.
     #[error("bad client configuration: {0}")]
     Config(String),

@@ -26,7 +26,10 @@
 //!   hands out dense seqs, each once, and resumes exactly after the last one
 //!   when it moves to another node.
 //! - Bodies are opaque to servers; [`crypto`] defines the client-side body format and
-//!   encryption, [`identity`] the per-user key files.
+//!   encryption (format v2: a per-channel record with salt and key check, Argon2id, every
+//!   body signed by its sender), [`identity`] the per-user key files, [`pins`] the senders'
+//!   keys pinned on first sight. [`Client::show`] opens a message and checks its author
+//!   against the pin and its place against earlier sightings.
 //!
 //! # Non-goals
 //!
@@ -34,6 +37,7 @@
 //! - Messages from other clients are not deduplicated beyond what the cluster guarantees.
 //! - Discovery is IPv4 only, like `proto::discovery`.
 
+mod authors;
 mod client;
 mod config;
 pub mod crypto;
@@ -49,7 +53,8 @@ mod stream;
 pub mod time;
 pub mod trust;
 
-pub use client::Client;
+pub use authors::{SenderKey, Shown};
+pub use client::{Client, Unlocked};
 pub use config::ClientConfig;
 pub use error::Error;
 pub use identity::Identity;

@@ -577,8 +577,16 @@ async fn sends_follow_the_leader_and_subscriptions_see_dense_seqs() {
     assert_eq!(alice.status().leader, Some(3));
     let got = receive(&mut sub, 10).await;
     assert_eq!(seqs(&got), (1..=10).collect::<Vec<_>>());
-    let text = crypto::open_body(None, "general", "alice", got[9].client_seq, &got[9].body);
-    assert_eq!(text.display(), "m9");
+    let opened = crypto::open_message(
+        &crypto::Keys::default(),
+        "c1",
+        "general",
+        "alice",
+        got[9].client_seq,
+        None,
+        &got[9].body,
+    );
+    assert_eq!(opened.content().display(), "m9");
     assert_eq!(mock.shared.applied_sends.load(Ordering::SeqCst), 10);
     // Read-your-writes: the read token covers every send.
     assert!(alice.read_token() >= 10);

@@ -732,7 +732,33 @@ impl TestClient {
         cluster: &str,
         user: &TestUser,
     ) -> anyhow::Result<TestClient> {
-        let (this, challenge) = TestClient::connect(addr, cluster).await?;
+        TestClient::login_claiming(addr, cluster, user, None).await
+    }
+
+    /// Like [`TestClient::login`], with a hello that claims to be `claimed`: an honest node
+    /// ignores the claim, one weakened with `forge-sender` stamps sends with it.
+    ///
+    /// # Errors
+    /// Connection, protocol or login errors.
+    pub async fn login_claiming(
+        addr: SocketAddr,
+        cluster: &str,
+        user: &TestUser,
+        claimed: Option<&str>,
+    ) -> anyhow::Result<TestClient> {
+        let verifier = proto::tls::CaVerifier::new(proto::tls::Trust::FirstUse);
+        let config = proto::tls::client_config(verifier, proto::tls::ALPN_CHAT);
+        let (client, binding) = proto::connect_chat(addr, config, Duration::from_secs(5)).await?;
+        let hello = Hello::new(cluster, claimed.map(str::to_owned));
+        let welcome = client.hello(ctx(Duration::from_secs(5)), hello).await??;
+        let (this, challenge) = (
+            TestClient {
+                client,
+                addr,
+                binding,
+            },
+            welcome.challenge,
+        );
         let message = proto::login_message(&challenge, &this.binding, cluster, &user.name);
         let login = Login {
             name: user.name.clone(),
