@@ -203,6 +203,23 @@ struct RunArgs {
     /// Requests a connection may burst at once.
     #[arg(long, env = "CELLCHAT_CONN_BURST", default_value_t = 1000)]
     conn_burst: u32,
+    /// New user names one remote address (an IPv6 /64) may register per minute (sustained);
+    /// loopback is not limited.
+    #[arg(long, env = "CELLCHAT_REGISTRATION_IP_RATE", default_value_t = 5)]
+    registration_ip_rate: u32,
+    /// New user names one remote address may register at once.
+    #[arg(long, env = "CELLCHAT_REGISTRATION_IP_BURST", default_value_t = 10)]
+    registration_ip_burst: u32,
+    /// New user names all remote addresses together may register per minute on this node.
+    #[arg(long, env = "CELLCHAT_REGISTRATION_NODE_RATE", default_value_t = 60)]
+    registration_node_rate: u32,
+    /// New user names all remote addresses may register at once on this node.
+    #[arg(long, env = "CELLCHAT_REGISTRATION_NODE_BURST", default_value_t = 60)]
+    registration_node_burst: u32,
+    /// Memory for the newest messages of all channels together, in MiB: past it, the rings of
+    /// the least recently used channels are dropped and those channels are read from disk.
+    #[arg(long, env = "CELLCHAT_RING_MEMORY_MIB", default_value_t = 256)]
+    ring_memory_mib: u64,
     /// Log filter (tracing EnvFilter syntax), e.g. "info" or "node=debug,openraft=info".
     #[arg(long, env = "CELLCHAT_LOG", default_value = "info,openraft=warn")]
     log: String,
@@ -353,6 +370,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     config.user_burst = args.user_burst;
     config.conn_rate_per_s = args.conn_rate;
     config.conn_burst = args.conn_burst;
+    config.registration_ip_rate_per_min = args.registration_ip_rate;
+    config.registration_ip_burst = args.registration_ip_burst;
+    config.registration_node_rate_per_min = args.registration_node_rate;
+    config.registration_node_burst = args.registration_node_burst;
+    config.ring_bytes_max =
+        usize::try_from(args.ring_memory_mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
     config.weaken = weaken;
     config.name = args.name.clone();
     config.rejoin = args.rejoin;
