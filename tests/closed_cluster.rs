@@ -895,6 +895,7 @@ async fn reading_needs_a_login_on_every_read_path() -> anyhow::Result<()> {
                 proto::ChannelsRequest {
                     after: None,
                     limit: 10,
+                    read_token: 0,
                 },
             )
             .await?

@@ -412,5 +412,6 @@ fn first_page() -> proto::ChannelsRequest {
     proto::ChannelsRequest {
         after: None,
         limit: 100,
+        read_token: 0,
     }
 }

@@ -286,7 +286,7 @@ fn validate(common: &Common) -> Result<()> {
             common.body
         );
     }
-    if !common.join.is_empty() && common.system.iter().any(|s| *s != SystemKind::Cellchat) {
+    if !common.join.is_empty() && common.system.iter().any(|s| !s.is_cellchat()) {
         bail!(
             "--join measures a running cellchat cluster; it cannot be combined with peer systems"
         );

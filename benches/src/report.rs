@@ -264,7 +264,7 @@ pub async fn run_command(common: &Common, spec: &Spec, sink: &mut Sink) -> Resul
     let mut failures = Vec::new();
     for &kind in &common.system {
         let cellchat_only = matches!(spec, Spec::Failover { .. } | Spec::Scale { .. });
-        if cellchat_only && kind != SystemKind::Cellchat {
+        if cellchat_only && !kind.is_cellchat() {
             eprintln!("skipping {kind}: this scenario kills or loads cellchat nodes only");
             continue;
         }
@@ -375,8 +375,9 @@ async fn start_system(
     kind: SystemKind,
     peers: &PeerPaths,
 ) -> Result<Box<dyn System>> {
-    if kind == SystemKind::Cellchat {
-        return Ok(Box::new(start_cellchat(common).await?));
+    if kind.is_cellchat() {
+        let signed = kind == SystemKind::CellchatSigned;
+        return Ok(Box::new(start_cellchat(common).await?.signing(signed)));
     }
     sut::start(kind, common.nodes, peers).await
 }

@@ -7,6 +7,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use cellchat_client::crypto;
 use cellchat_client::identity::Identity;
 use cellchat_client::{Client, ClientConfig, Subscription};
 use futures::future::BoxFuture;
@@ -72,6 +73,8 @@ pub struct Cellchat {
     writers_made: AtomicU64,
     /// The user every reader of this process logs in as (reading needs a login).
     reader: Identity,
+    /// Writers sign each body and verify it once acknowledged (`cellchat-signed`).
+    signed: bool,
 }
 
 impl Cellchat {
@@ -106,7 +109,13 @@ impl Cellchat {
             run_tag: rand::random(),
             writers_made: AtomicU64::new(0),
             reader: reader_identity(),
+            signed: false,
         })
+    }
+
+    /// The same cluster, its writers signing every body (`cellchat-signed`) or not.
+    pub fn signing(self, signed: bool) -> Self {
+        Self { signed, ..self }
     }
 
     /// Uses a running cluster (`--join`): nothing is started or killed.
@@ -123,6 +132,7 @@ impl Cellchat {
             run_tag: rand::random(),
             writers_made: AtomicU64::new(0),
             reader: reader_identity(),
+            signed: false,
         })
     }
 
@@ -182,12 +192,39 @@ pub fn client_config(target: &Target, identity: Option<Identity>) -> ClientConfi
 
 struct CellchatWriter {
     client: Client,
+    /// `Some` for `cellchat-signed`: the writer's identity, which signs every body.
+    signer: Option<Identity>,
 }
 
 impl Writer for CellchatWriter {
     fn write<'a>(&'a mut self, topic: &'a str, body: Vec<u8>) -> BoxFuture<'a, Result<()>> {
         async move {
-            self.client.send(topic, body).await?;
+            let Some(signer) = &self.signer else {
+                self.client.send(topic, body).await?;
+                return Ok(());
+            };
+            // What `Client::send_text` does, with the harness's body as the text, then one
+            // reader's check of the acknowledged body.
+            let text = String::from_utf8(body).context("bench bodies are ASCII")?;
+            let (cluster, client_id) = (self.client.cluster_name(), self.client.client_id());
+            let seq = self.client.next_client_seq();
+            let signed = crypto::sign_plain(signer, cluster, topic, client_id, seq, &text)?;
+            let sent = self
+                .client
+                .send_with_key(topic, signed.clone(), client_id, seq)
+                .await?;
+            let opened = crypto::open_message(
+                &crypto::Keys::default(),
+                cluster,
+                topic,
+                signer.name(),
+                seq,
+                Some(signer.public_key()),
+                &signed,
+            );
+            if opened.author() != crypto::Author::Verified {
+                bail!("message {} of {topic} did not verify", sent.seq);
+            }
             Ok(())
         }
         .boxed()
@@ -215,7 +252,11 @@ impl Subscriber for CellchatSubscriber {
 
 impl System for Cellchat {
     fn kind(&self) -> SystemKind {
-        SystemKind::Cellchat
+        if self.signed {
+            SystemKind::CellchatSigned
+        } else {
+            SystemKind::Cellchat
+        }
     }
 
     fn node_count(&self) -> usize {
@@ -241,8 +282,10 @@ impl System for Cellchat {
             let serial = self.writers_made.fetch_add(1, Ordering::Relaxed);
             let name = format!("b{:08x}-w{serial}", self.run_tag);
             let identity = Identity::ephemeral(name, None);
-            let client = Client::connect(client_config(&self.target, Some(identity))).await?;
-            Ok(Box::new(CellchatWriter { client }) as Box<dyn Writer>)
+            let client =
+                Client::connect(client_config(&self.target, Some(identity.clone()))).await?;
+            let signer = self.signed.then_some(identity);
+            Ok(Box::new(CellchatWriter { client, signer }) as Box<dyn Writer>)
         }
         .boxed()
     }

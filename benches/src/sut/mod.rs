@@ -23,6 +23,10 @@ use futures::future::BoxFuture;
 pub enum SystemKind {
     /// cellchat: every commit fsync'd on a majority.
     Cellchat,
+    /// cellchat with every body signed by its sender (format v2 signed plaintext) and the
+    /// signature verified once after its acknowledgement, as a reader would: the cost of
+    /// authorship, next to `cellchat` in the same run.
+    CellchatSigned,
     /// etcd 3.4 with its durable defaults (fsync per commit).
     Etcd,
     /// NATS JetStream R3 with its default sync (the OS flushes; not durable per write).
@@ -33,17 +37,24 @@ pub enum SystemKind {
 
 impl SystemKind {
     /// Every system, in report order.
-    pub const ALL: [SystemKind; 4] = [
+    pub const ALL: [SystemKind; 5] = [
         SystemKind::Cellchat,
+        SystemKind::CellchatSigned,
         SystemKind::Etcd,
         SystemKind::NatsSync,
         SystemKind::Nats,
     ];
 
+    /// Whether this is cellchat, whatever its body format.
+    pub fn is_cellchat(self) -> bool {
+        matches!(self, SystemKind::Cellchat | SystemKind::CellchatSigned)
+    }
+
     /// The name used on the command line and in results.
     pub fn name(self) -> &'static str {
         match self {
             SystemKind::Cellchat => "cellchat",
+            SystemKind::CellchatSigned => "cellchat-signed",
             SystemKind::Etcd => "etcd",
             SystemKind::Nats => "nats",
             SystemKind::NatsSync => "nats-sync",
@@ -63,11 +74,12 @@ impl FromStr for SystemKind {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "cellchat" => Ok(SystemKind::Cellchat),
+            "cellchat-signed" => Ok(SystemKind::CellchatSigned),
             "etcd" => Ok(SystemKind::Etcd),
             "nats" => Ok(SystemKind::Nats),
             "nats-sync" => Ok(SystemKind::NatsSync),
             other => Err(format!(
-                "unknown system {other:?}: expected cellchat, etcd, nats or nats-sync"
+                "unknown system {other:?}: expected cellchat, cellchat-signed, etcd, nats or nats-sync"
             )),
         }
     }
@@ -126,7 +138,12 @@ pub trait System: Send + Sync {
 /// A peer binary is missing (the message says what to install), or the cluster did not form.
 pub async fn start(kind: SystemKind, nodes: usize, peers: &PeerPaths) -> Result<Box<dyn System>> {
     match kind {
-        SystemKind::Cellchat => Ok(Box::new(cellchat::Cellchat::start(nodes).await?)),
+        SystemKind::Cellchat | SystemKind::CellchatSigned => {
+            let signed = kind == SystemKind::CellchatSigned;
+            Ok(Box::new(
+                cellchat::Cellchat::start(nodes).await?.signing(signed),
+            ))
+        }
         #[cfg(feature = "peers")]
         SystemKind::Etcd => Ok(Box::new(etcd::Etcd::start(nodes, peers).await?)),
         #[cfg(feature = "peers")]

@@ -556,6 +556,7 @@ impl Client {
             let request = ChannelsRequest {
                 after: after.clone(),
                 limit,
+                read_token: self.routes.token(),
             };
             async move { conn.channels(self.pool.ctx(), request).await }
         })

@@ -371,18 +371,20 @@ impl Identity {
     }
 }
 
+/// The permission bits of `path`.
+pub(crate) fn file_mode(path: &Path) -> Result<u32, IdentityError> {
+    use std::os::unix::fs::PermissionsExt;
+    let metadata = fs::metadata(path).map_err(|source| IdentityError::Io {
+        op: "reading",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(metadata.permissions().mode() & 0o777)
+}
+
 /// Refuses a key file that its group or others may read or write.
 fn check_private(path: &Path) -> Result<(), IdentityError> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = fs::metadata(path)
-        .map_err(|source| IdentityError::Io {
-            op: "reading",
-            path: path.to_path_buf(),
-            source,
-        })?
-        .permissions()
-        .mode()
-        & 0o777;
+    let mode = file_mode(path)?;
     if mode & 0o077 != 0 {
         return Err(IdentityError::ReadableByOthers {
             path: path.to_path_buf(),

@@ -184,16 +184,7 @@ fn parse_pin_line(line: &str) -> Option<(&str, [u8; 32])> {
 }
 
 fn check_not_writable_by_others(path: &Path) -> Result<(), IdentityError> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = fs::metadata(path)
-        .map_err(|source| IdentityError::Io {
-            op: "reading",
-            path: path.to_path_buf(),
-            source,
-        })?
-        .permissions()
-        .mode()
-        & 0o777;
+    let mode = crate::identity::file_mode(path)?;
     if mode & 0o022 != 0 {
         return Err(IdentityError::WritableByOthers {
             path: path.to_path_buf(),

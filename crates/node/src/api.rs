@@ -634,17 +634,28 @@ async fn register(
         .map_err(|retry_after_ms| ApiError::RateLimited { retry_after_ms })?;
     let name = name.to_owned();
     let command = Command::RegisterUser { name, public_key };
+    match write_command(shared, command, "registration").await?.0 {
+        ChatResponse::Registered => Ok(()),
+        ChatResponse::Rejected(reason) => Err(rejected(reason)),
+        other => panic!("state machine answered a registration with {other:?}"),
+    }
+}
+
+/// Writes one command that is not a send (those go through the proposer) as its own log
+/// entry on this node, which must lead; answers the state machine's response and the entry's
+/// index (a read token).
+async fn write_command(
+    shared: &ApiShared,
+    command: Command,
+    what: &'static str,
+) -> Result<(ChatResponse, u64), ApiError> {
     match shared.raft.client_write(command).await {
-        Ok(response) => match response.data {
-            ChatResponse::Registered => Ok(()),
-            ChatResponse::Rejected(reason) => Err(rejected(reason)),
-            other => panic!("state machine answered a registration with {other:?}"),
-        },
+        Ok(response) => Ok((response.data, response.log_id.index)),
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
             Err(not_leader(f.leader_id.zip(f.leader_node)))
         }
         Err(e) => {
-            tracing::warn!(error = %e, "registration failed");
+            tracing::warn!(error = %e, what, "write failed");
             Err(ApiError::unavailable("raft unavailable"))
         }
     }
@@ -798,9 +809,11 @@ impl proto::Chat for ChatServer {
         Ok(self.batch(&req.channel, messages))
     }
 
-    async fn channels(self, _: Context, req: ChannelsRequest) -> Result<ChannelPage, ApiError> {
+    async fn channels(self, ctx: Context, req: ChannelsRequest) -> Result<ChannelPage, ApiError> {
         let _busy = self.busy();
         let user = self.require_login()?;
+        self.wait_token(req.read_token, wait_budget(&ctx, proto::STREAM_WAIT_MS_MAX))
+            .await?;
         let limit = req.limit.min(proto::CHANNEL_PAGE_MAX) as usize;
         let (page, more) = (self.shared.chat).channel_page(&user, req.after.as_deref(), limit);
         Ok(ChannelPage {
@@ -864,19 +877,10 @@ impl proto::Chat for ChatServer {
             by: user,
             op,
         };
-        match self.shared.raft.client_write(command).await {
-            Ok(response) => match response.data {
-                ChatResponse::ChannelUpdated => Ok(response.log_id.index),
-                ChatResponse::Rejected(reason) => Err(rejected(reason)),
-                other => panic!("state machine answered a channel change with {other:?}"),
-            },
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(not_leader(f.leader_id.zip(f.leader_node)))
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "channel change failed");
-                Err(ApiError::unavailable("raft unavailable"))
-            }
+        match write_command(&self.shared, command, "channel change").await? {
+            (ChatResponse::ChannelUpdated, index) => Ok(index),
+            (ChatResponse::Rejected(reason), _) => Err(rejected(reason)),
+            (other, _) => panic!("state machine answered a channel change with {other:?}"),
         }
     }
 

@@ -188,6 +188,8 @@ pub struct ChannelsRequest {
     pub after: Option<String>,
     /// Most channels to return; the node caps it at [`CHANNEL_PAGE_MAX`].
     pub limit: u32,
+    /// Wait until the node has applied this log index (see [`SendReply::read_token`]).
+    pub read_token: u64,
 }
 
 /// Most channels in one [`ChannelPage`].

@@ -30,6 +30,7 @@ fn first_page() -> ChannelsRequest {
     ChannelsRequest {
         after: None,
         limit: 10,
+        read_token: 0,
     }
 }
 
@@ -235,6 +236,7 @@ async fn hello_then_calls_succeed() {
     let page = ChannelsRequest {
         after: None,
         limit: 10,
+        read_token: 0,
     };
     let channels = client
         .channels(context::current(), page)

@@ -257,6 +257,7 @@ fn generated_request_and_response_enums_round_trip() {
         req: proto::ChannelsRequest {
             after: Some("general".into()),
             limit: 100,
+            read_token: 0,
         },
     });
     round_trip_debug(ChatRequest::UserKeys {
