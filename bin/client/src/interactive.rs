@@ -267,7 +267,10 @@ impl Chat {
     fn prompt(&self) -> String {
         let status = self.client.status();
         // A node is shown by name; by id only until its announcement has been heard.
-        let label = |id: u64, name: &Option<String>| name.clone().unwrap_or_else(|| id.to_string());
+        let label = |id: u64, name: &Option<String>| {
+            name.as_deref()
+                .map_or_else(|| id.to_string(), output::sanitize)
+        };
         let reading = match (status.reading, status.reading_rtt_ms) {
             (Some(id), Some(rtt)) => format!("@{} {rtt:.1}ms", label(id, &status.reading_name)),
             (Some(id), None) => format!("@{}", label(id, &status.reading_name)),
@@ -503,7 +506,8 @@ impl Chat {
                     } else {
                         format!(" ({})", notes.join(", "))
                     };
-                    println!("#{} {} messages{notes}", c.name, c.head);
+                    // A node chooses what it lists: its names are shown sanitized too.
+                    println!("#{} {} messages{notes}", output::sanitize(&c.name), c.head);
                 }
             }
             Err(e) => println!("cannot list channels: {}", output::sanitize(&e.to_string())),

@@ -220,7 +220,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             );
         }
         let reply = client.send_text(&channel, text, key).await?;
-        println!("sent #{} seq {}", reply.channel, reply.seq);
+        println!("sent #{channel} seq {}", reply.seq);
         return Ok(());
     }
     let keys = keys.unwrap_or_default();

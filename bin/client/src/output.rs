@@ -141,7 +141,7 @@ pub fn servers_table(servers: &[ServerInfo]) -> String {
             if s.name.is_empty() {
                 s.id.to_string()
             } else {
-                s.name.clone()
+                sanitize(&s.name)
             },
             s.role,
             s.client_addr.to_string(),
