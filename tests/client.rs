@@ -512,6 +512,33 @@ async fn scriptable_modes_send_history_and_servers_as_json() -> anyhow::Result<(
     assert_eq!(line["sender"], "alice");
     assert_eq!(line["text"], "Hello from the CLI");
     assert!(line["at_ms"].as_u64().is_some());
+    assert_eq!(
+        line["verified"], true,
+        "signed by alice, pinned by bob: {line}"
+    );
+    assert_eq!(line["markers"], serde_json::json!([]));
+
+    // Deep history: the page before a seq.
+    for text in ["two", "three", "four"] {
+        let sent = cli(&cluster, dir.path(), &["alice", "--send", text])?;
+        assert!(
+            sent.status.success(),
+            "{}",
+            String::from_utf8_lossy(&sent.stderr)
+        );
+    }
+    let args = ["bob", "--history", "2", "--before", "4", "--json"];
+    let page = cli(&cluster, dir.path(), &args)?;
+    assert!(
+        page.status.success(),
+        "{}",
+        String::from_utf8_lossy(&page.stderr)
+    );
+    let texts: Vec<String> = String::from_utf8(page.stdout)?
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).map(|v| v["text"].to_string()))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(texts, ["\"two\"", "\"three\""]);
 
     let servers = cli(&cluster, dir.path(), &["--servers", "--json"])?;
     assert!(
@@ -959,12 +986,7 @@ async fn the_push_port_answers_bad_input_with_typed_errors_and_keeps_serving() -
     let Some(ServerFrame::Welcome(welcome)) = next(&mut conn).await? else {
         bail!("no welcome");
     };
-    let signed = proto::login_message(&welcome.challenge, &binding, &cluster.cluster, &reader.name);
-    let login = ClientFrame::Login(proto::Login {
-        name: reader.name.clone(),
-        public_key: reader.public_key(),
-        signature: reader.sign(&signed),
-    });
+    let login = ClientFrame::Login(reader.login(&welcome.challenge, &binding, &cluster.cluster));
     send(&mut conn, &login).await?;
     let subscribe = |sub_id: u64, channel: &str| {
         ClientFrame::Subscribe(Subscribe {

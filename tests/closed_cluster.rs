@@ -948,12 +948,7 @@ async fn reading_needs_a_login_on_every_read_path() -> anyhow::Result<()> {
     refused_and_closed(&mut frames).await?;
     let (mut frames, challenge, _) = push_hello(addr, &cluster.cluster).await?;
     // Signed for another session's binding: what a relay would hold.
-    let signed = proto::login_message(&challenge, &[0; 32], &cluster.cluster, &alice.name);
-    let login = ClientFrame::Login(proto::Login {
-        name: alice.name.clone(),
-        public_key: alice.public_key(),
-        signature: alice.sign(&signed),
-    });
+    let login = ClientFrame::Login(alice.login(&challenge, &[0; 32], &cluster.cluster));
     frames
         .send(push::encode_frame(&login).slice(push::LENGTH_BYTES..))
         .await?;

@@ -352,12 +352,7 @@ async fn limits_a_push_connection_that_stops_reading_pins_a_bounded_number_of_ba
         bail!("the node did not welcome the push connection");
     };
     let user = TestUser::new("pusher");
-    let signed = proto::login_message(&welcome.challenge, &binding, &cluster.cluster, &user.name);
-    let login = ClientFrame::Login(proto::Login {
-        name: user.name.clone(),
-        public_key: user.public_key(),
-        signature: user.sign(&signed),
-    });
+    let login = ClientFrame::Login(user.login(&welcome.challenge, &binding, &cluster.cluster));
     frames
         .send(push::encode_frame(&login).slice(push::LENGTH_BYTES..))
         .await?;

@@ -22,6 +22,8 @@ pub enum Input {
     Channels,
     /// `/history [n]`.
     History(u32),
+    /// `/more [n]`: the n messages before the oldest one shown.
+    More(u32),
     /// `/who`.
     Who,
     /// `/servers`.
@@ -60,6 +62,7 @@ commands:
   /leave             leave the current channel and go back to the previous one
   /channels          list channels with their message counts
   /history [n]       show the last n messages of this channel (default 20, at most 1000)
+  /more [n]          show the n messages before the oldest one shown (page back to the start)
   /who               who wrote here recently
   /servers           every node: role, RTT, applied index, which one you read from
   /key [passphrase]  set this channel's passphrase (asked without echo when not given);
@@ -110,7 +113,8 @@ pub fn parse(line: &str) -> Result<Input, String> {
         "join" | "j" => parse_channel(rest).map(Input::Join),
         "leave" | "part" => no_args(Input::Leave),
         "channels" | "list" => no_args(Input::Channels),
-        "history" => parse_history(rest),
+        "history" => parse_count(rest, "history").map(Input::History),
+        "more" => parse_count(rest, "more").map(Input::More),
         "who" => no_args(Input::Who),
         "servers" => no_args(Input::Servers),
         "key" => Ok(match rest {
@@ -185,13 +189,14 @@ fn parse_user(text: &str, command: &str) -> Result<String, String> {
     }
 }
 
-fn parse_history(rest: &str) -> Result<Input, String> {
+/// The message count of `/history` and `/more`.
+fn parse_count(rest: &str, command: &str) -> Result<u32, String> {
     if rest.is_empty() {
-        return Ok(Input::History(HISTORY_DEFAULT));
+        return Ok(HISTORY_DEFAULT);
     }
     match rest.parse::<u32>() {
-        Ok(n) if (1..=HISTORY_MAX).contains(&n) => Ok(Input::History(n)),
-        _ => Err(format!("/history takes a count from 1 to {HISTORY_MAX}")),
+        Ok(n) if (1..=HISTORY_MAX).contains(&n) => Ok(n),
+        _ => Err(format!("/{command} takes a count from 1 to {HISTORY_MAX}")),
     }
 }
 
@@ -220,6 +225,8 @@ mod tests {
             ("/channels", Ok(Input::Channels)),
             ("/history", Ok(Input::History(HISTORY_DEFAULT))),
             ("/history 5", Ok(Input::History(5))),
+            ("/more", Ok(Input::More(HISTORY_DEFAULT))),
+            ("/more 100", Ok(Input::More(100))),
             ("/who", Ok(Input::Who)),
             ("/servers", Ok(Input::Servers)),
             ("/key", Ok(Input::KeyPrompt)),

@@ -161,6 +161,8 @@ struct Chat {
     previous: Vec<String>,
     keys: Keys,
     encrypted: Encrypted,
+    /// The seq of the oldest message of this channel shown so far, where `/more` pages on.
+    oldest_shown: Option<u64>,
     printer: Printer,
     stream: Option<JoinHandle<()>>,
     send_tx: mpsc::Sender<(String, String, Option<ChannelKeyV2>)>,
@@ -207,6 +209,7 @@ pub async fn run(
         previous: Vec::new(),
         keys,
         encrypted: Arc::new(Mutex::new(HashSet::new())),
+        oldest_shown: None,
         printer,
         stream: None,
         send_tx,
@@ -329,7 +332,11 @@ impl Chat {
                 ),
             },
             Input::Channels => self.channels().await,
-            Input::History(n) => self.history(n).await,
+            Input::History(n) => self.history(None, n).await,
+            Input::More(n) => match self.oldest_shown {
+                Some(oldest) if oldest > 1 => self.history(Some(oldest), n).await,
+                _ => println!("that is the start of #{}", self.channel),
+            },
             Input::Who => self.who().await,
             Input::Servers => println!("{}", output::servers_table(&self.client.servers().await)),
             Input::KeyPrompt => {
@@ -413,6 +420,7 @@ impl Chat {
             stream.abort();
         }
         self.channel = channel;
+        self.oldest_shown = None;
         if let Ok(detail) = self.client.channel_info(&self.channel).await {
             if detail.info.encrypted {
                 lock(&self.encrypted).insert(self.channel.clone());
@@ -427,6 +435,7 @@ impl Chat {
         let head = match self.client.history(&self.channel, None, JOIN_HISTORY).await {
             Ok(page) => {
                 println!("-- #{} ({} messages) --", self.channel, page.head);
+                self.oldest_shown = page.messages.first().map(|m| m.seq);
                 let now = timefmt::now_ms();
                 for message in &page.messages {
                     let line = show_line(&self.client, &self.keys, &self.encrypted, message).await;
@@ -549,9 +558,14 @@ impl Chat {
         }
     }
 
-    async fn history(&self, n: u32) {
-        match self.client.recent(&self.channel, n).await {
+    /// Shows the last `n` messages before `before` (the newest without one).
+    async fn history(&mut self, before: Option<u64>, n: u32) {
+        match self.client.recent_before(&self.channel, before, n).await {
             Ok(page) => {
+                if let Some(first) = page.messages.first() {
+                    let oldest = self.oldest_shown.map_or(first.seq, |o| o.min(first.seq));
+                    self.oldest_shown = Some(oldest);
+                }
                 let now = timefmt::now_ms();
                 for message in &page.messages {
                     let line = show_line(&self.client, &self.keys, &self.encrypted, message).await;

@@ -25,6 +25,7 @@ Examples:
   cellchat Bob --tail --channel random --json
                                             print #random's new messages as JSON lines
   cellchat Bob --history 50                 print the last 50 messages of #general
+  cellchat Bob --history 50 --before 1200   the 50 messages before seq 1200 (any depth)
   cellchat --servers --json                 every node as one JSON array
 
 Scriptable output: message JSON lines carry channel, seq, sender, text, at_ms, encrypted,
@@ -62,6 +63,9 @@ struct Args {
     /// Print the last N messages of the channel and exit.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000), conflicts_with = "servers")]
     history: Option<u32>,
+    /// With --history: the messages before this seq instead of the newest ones.
+    #[arg(long, value_name = "SEQ", requires = "history", value_parser = clap::value_parser!(u64).range(1..))]
+    before: Option<u64>,
     /// Print every node (role, address, RTT, applied index, which one you read from) and exit.
     #[arg(long)]
     servers: bool,
@@ -225,7 +229,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let keys = keys.unwrap_or_default();
     if let Some(n) = args.history {
-        let page = client.recent(&channel, n).await?;
+        let page = client.recent_before(&channel, args.before, n).await?;
         let now = timefmt::now_ms();
         for message in &page.messages {
             print_message(&client, &keys, history, message, now, args.json).await;

@@ -474,7 +474,23 @@ impl Client {
     ///
     /// As [`history`](Self::history).
     pub async fn recent(&self, channel: &str, count: u32) -> Result<MessageBatch, Error> {
-        let mut batch = self.history(channel, None, count).await?;
+        self.recent_before(channel, None, count).await
+    }
+
+    /// The last `count` messages of `channel` with seq below `before_seq` (below the head when
+    /// `None`), ascending, paging back as [`recent`](Self::recent) does: history to any depth,
+    /// one page after another.
+    ///
+    /// # Errors
+    ///
+    /// As [`history`](Self::history).
+    pub async fn recent_before(
+        &self,
+        channel: &str,
+        before_seq: Option<u64>,
+        count: u32,
+    ) -> Result<MessageBatch, Error> {
+        let mut batch = self.history(channel, before_seq, count).await?;
         // Every round adds at least one older message or stops, so it ends.
         while batch.messages.len() < count as usize {
             let Some(oldest) = batch.messages.first().map(|m| m.seq) else {

@@ -688,6 +688,17 @@ impl TestUser {
     pub fn sign(&self, message: &[u8]) -> Vec<u8> {
         self.key.sign(message).to_bytes().to_vec()
     }
+
+    /// A login answering `challenge` on a session with login binding `binding` (chat
+    /// connections and push connections log in with the same message).
+    pub fn login(&self, challenge: &[u8; 32], binding: &[u8; 32], cluster: &str) -> Login {
+        let message = proto::login_message(challenge, binding, cluster, &self.name);
+        Login {
+            name: self.name.clone(),
+            public_key: self.public_key(),
+            signature: self.sign(&message),
+        }
+    }
 }
 
 fn ctx(timeout: Duration) -> tarpc::context::Context {
@@ -759,12 +770,7 @@ impl TestClient {
             },
             welcome.challenge,
         );
-        let message = proto::login_message(&challenge, &this.binding, cluster, &user.name);
-        let login = Login {
-            name: user.name.clone(),
-            public_key: user.key.verifying_key().to_bytes(),
-            signature: user.key.sign(&message).to_bytes().to_vec(),
-        };
+        let login = user.login(&challenge, &this.binding, cluster);
         this.client
             .login(ctx(Duration::from_secs(5)), login)
             .await??;
