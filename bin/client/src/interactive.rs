@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 
 use cellchat_client::crypto::{self, ChannelHistory, ChannelKeyV2, CryptoError};
-use cellchat_client::{ChannelChange, Client, ClientEvent, Error, WireMessage};
+use cellchat_client::{ChannelChange, ChannelSecurity, Client, ClientEvent, Error, WireMessage};
 use rustyline::completion::Completer;
 use rustyline::error::ReadlineError;
 use rustyline::highlight::{CmdKind, Highlighter};
@@ -421,8 +421,8 @@ impl Chat {
         }
         self.channel = channel;
         self.oldest_shown = None;
-        if let Ok(detail) = self.client.channel_info(&self.channel).await {
-            if detail.info.encrypted {
+        match self.client.channel_security(&self.channel).await {
+            Ok(ChannelSecurity::Encrypted) => {
                 lock(&self.encrypted).insert(self.channel.clone());
                 if !lock(&self.keys).contains_key(&self.channel) {
                     println!(
@@ -431,6 +431,15 @@ impl Chat {
                     );
                 }
             }
+            Ok(ChannelSecurity::RecordGone | ChannelSecurity::RecordChanged) => {
+                lock(&self.encrypted).insert(self.channel.clone());
+                println!(
+                    "#{}'s encryption record is gone or changed since you first saw it: a node \
+                     may be lying. Nothing is sent here in the clear unless you use /plain",
+                    self.channel
+                );
+            }
+            Ok(ChannelSecurity::Plain) | Err(_) => {}
         }
         let head = match self.client.history(&self.channel, None, JOIN_HISTORY).await {
             Ok(page) => {

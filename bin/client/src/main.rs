@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context as _};
 use cellchat_client::crypto::{ChannelHistory, Keys};
 use cellchat_client::identity::{self, KeyProtection, PassphrasePrompt};
-use cellchat_client::{Client, ClientConfig, Identity};
+use cellchat_client::{ChannelSecurity, Client, ClientConfig, Identity};
 use clap::Parser;
 
 const ABOUT: &str = "cellchat client: chat on a cellchat cluster, which it finds by itself.";
@@ -211,9 +211,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(p) => Some(client.unlock_channel(&channel, &p).await?.keys),
         None => None,
     };
-    let history = match client.channel_info(&channel).await {
-        Ok(detail) if detail.info.encrypted => ChannelHistory::Encrypted,
-        _ => ChannelHistory::Plain,
+    // A channel whose pinned crypto record is gone or changed counts as encrypted.
+    let history = match client.channel_security(&channel).await {
+        Ok(ChannelSecurity::Plain) | Err(_) => ChannelHistory::Plain,
+        Ok(_) => ChannelHistory::Encrypted,
     };
     if let Some(text) = &args.send {
         let key = keys.as_ref().and_then(|k| k.v2.as_ref());

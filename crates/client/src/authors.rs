@@ -77,10 +77,26 @@ impl Shown {
     }
 }
 
+/// A channel's crypto record against the one this client pinned for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelSecurity {
+    /// No record now, and none pinned: a plain channel as far as this client knows.
+    Plain,
+    /// A record, the pinned one (or pinned now, on first sight).
+    Encrypted,
+    /// No record now, but this client pinned one: a node dropped it. Treat the channel as
+    /// encrypted; never send it plaintext unasked.
+    RecordGone,
+    /// A record other than the pinned one: a node replaced it. Do not unlock with it.
+    RecordChanged,
+}
+
 /// The pins (on disk when the client has a config dir, else for this session only), the keys
 /// the cluster served, and the replay guard, shared by every clone of a client.
 pub(crate) struct Authors {
     pins: Mutex<PinStore>,
+    /// SHA-256 of each encrypted channel's crypto record, pinned on first sight.
+    channels: Mutex<PinStore>,
     served: Mutex<HashMap<String, [u8; 32]>>,
     replay: Mutex<ReplayGuard>,
 }
@@ -90,22 +106,84 @@ enum PinStore {
     Memory(HashMap<String, [u8; 32]>),
 }
 
-impl Authors {
-    /// Pins kept in `config_dir` for `cluster`, or in memory when `config_dir` is `None` or
-    /// the file cannot be read (then a warning is logged and nothing is written).
-    pub(crate) fn new(config_dir: Option<&Path>, cluster: &str) -> Authors {
-        let pins = match config_dir.map(|dir| Pins::load(dir, cluster)) {
+impl PinStore {
+    /// Pins in `config_dir` loaded by `load`, or in memory when there is no config dir or the
+    /// file cannot be read (then a warning is logged and nothing is written).
+    fn open(
+        config_dir: Option<&Path>,
+        load: impl FnOnce(&Path) -> Result<Pins, crate::identity::IdentityError>,
+    ) -> PinStore {
+        match config_dir.map(load) {
             Some(Ok(pins)) => PinStore::File(pins),
             Some(Err(e)) => {
-                tracing::warn!(error = %e, "cannot read pinned user keys; pinning for this session only");
+                tracing::warn!(error = %e, "cannot read pins; pinning for this session only");
                 PinStore::Memory(HashMap::new())
             }
             None => PinStore::Memory(HashMap::new()),
-        };
+        }
+    }
+
+    /// As [`Pins::check`], saving a new pin at once.
+    fn check(&mut self, name: &str, key: [u8; 32]) -> PinCheck {
+        match self {
+            PinStore::File(pins) => {
+                let check = pins.check(name, key);
+                if check == PinCheck::New {
+                    if let Err(e) = pins.save() {
+                        tracing::warn!(error = %e, "cannot save a pin");
+                    }
+                }
+                check
+            }
+            PinStore::Memory(pins) => match pins.get(name) {
+                Some(&pinned) if pinned == key => PinCheck::Same,
+                Some(&pinned) => PinCheck::Changed { pinned },
+                None => {
+                    pins.insert(name.to_owned(), key);
+                    PinCheck::New
+                }
+            },
+        }
+    }
+
+    fn pinned(&self, name: &str) -> Option<[u8; 32]> {
+        match self {
+            PinStore::File(pins) => pins.pinned(name),
+            PinStore::Memory(pins) => pins.get(name).copied(),
+        }
+    }
+}
+
+impl Authors {
+    /// Pins kept in `config_dir` for `cluster`, or in memory when `config_dir` is `None`.
+    pub(crate) fn new(config_dir: Option<&Path>, cluster: &str) -> Authors {
         Authors {
-            pins: Mutex::new(pins),
+            pins: Mutex::new(PinStore::open(config_dir, |dir| Pins::load(dir, cluster))),
+            channels: Mutex::new(PinStore::open(config_dir, |dir| {
+                Pins::load_channels(dir, cluster)
+            })),
             served: Mutex::new(HashMap::new()),
             replay: Mutex::new(ReplayGuard::default()),
+        }
+    }
+
+    /// Checks `record`, `channel`'s crypto record as a node served it now, against the pin
+    /// (pinning it on first sight).
+    pub(crate) fn channel_security(&self, channel: &str, record: Option<&[u8]>) -> ChannelSecurity {
+        let mut pins = self.channels.lock();
+        match record {
+            None if pins.pinned(channel).is_some() => ChannelSecurity::RecordGone,
+            None => ChannelSecurity::Plain,
+            Some(record) => {
+                let digest: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, record)
+                    .as_ref()
+                    .try_into()
+                    .expect("SHA-256 is 32 bytes");
+                match pins.check(channel, digest) {
+                    PinCheck::New | PinCheck::Same => ChannelSecurity::Encrypted,
+                    PinCheck::Changed { .. } | PinCheck::BadName => ChannelSecurity::RecordChanged,
+                }
+            }
         }
     }
 
@@ -135,36 +213,15 @@ impl Authors {
             }
             cache.insert(name.to_owned(), served);
         }
-        let mut pins = self.pins.lock();
-        match &mut *pins {
-            PinStore::File(pins) => {
-                let check = pins.check(name, served);
-                if check == PinCheck::New {
-                    if let Err(e) = pins.save() {
-                        tracing::warn!(error = %e, "cannot save a pinned user key");
-                    }
-                }
-                match check {
-                    PinCheck::New | PinCheck::Same => SenderKey::Pinned(served),
-                    PinCheck::Changed { pinned } => SenderKey::Changed { pinned, served },
-                    PinCheck::BadName => SenderKey::Unknown,
-                }
-            }
-            PinStore::Memory(pins) => match pins.get(name) {
-                Some(&pinned) if pinned != served => SenderKey::Changed { pinned, served },
-                _ => {
-                    pins.insert(name.to_owned(), served);
-                    SenderKey::Pinned(served)
-                }
-            },
+        match self.pins.lock().check(name, served) {
+            PinCheck::New | PinCheck::Same => SenderKey::Pinned(served),
+            PinCheck::Changed { pinned } => SenderKey::Changed { pinned, served },
+            PinCheck::BadName => SenderKey::Unknown,
         }
     }
 
     fn pinned(&self, name: &str) -> Option<[u8; 32]> {
-        match &*self.pins.lock() {
-            PinStore::File(pins) => pins.pinned(name),
-            PinStore::Memory(pins) => pins.get(name).copied(),
-        }
+        self.pins.lock().pinned(name)
     }
 
     /// What the replay guard says of `opened`, message `seq` of `channel` from `sender`.
@@ -222,6 +279,34 @@ mod tests {
         assert_eq!(
             again.learn("alice", Some([2; 32])).verify_with(),
             Some([1; 32])
+        );
+    }
+
+    #[test]
+    fn a_dropped_or_replaced_crypto_record_is_noticed_across_sessions() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let authors = Authors::new(Some(dir.path()), "c1");
+        assert_eq!(
+            authors.channel_security("vault", None),
+            ChannelSecurity::Plain
+        );
+        let record = [7u8; 61];
+        assert_eq!(
+            authors.channel_security("vault", Some(&record)),
+            ChannelSecurity::Encrypted
+        );
+        let later = Authors::new(Some(dir.path()), "c1");
+        assert_eq!(
+            later.channel_security("vault", None),
+            ChannelSecurity::RecordGone
+        );
+        assert_eq!(
+            later.channel_security("vault", Some(&[8u8; 61])),
+            ChannelSecurity::RecordChanged
+        );
+        assert_eq!(
+            later.channel_security("vault", Some(&record)),
+            ChannelSecurity::Encrypted
         );
     }
 }

@@ -15,7 +15,7 @@ use proto::{
 use tarpc::client::RpcError;
 use tokio::sync::broadcast;
 
-use crate::authors::{Authors, SenderKey, Shown};
+use crate::authors::{Authors, ChannelSecurity, SenderKey, Shown};
 use crate::config::ClientConfig;
 use crate::crypto::{self, ChannelHistory, ChannelKey, ChannelKeyV2, CryptoError, Keys};
 use crate::error::Error;
@@ -246,6 +246,16 @@ impl Client {
         }
         let mut derive = Duration::ZERO;
         let detail = self.channel_info(channel).await?;
+        let refuse = || Error::ChannelRecordChanged {
+            channel: channel.to_owned(),
+        };
+        match self
+            .authors
+            .channel_security(channel, detail.crypto.as_deref())
+        {
+            ChannelSecurity::RecordChanged | ChannelSecurity::RecordGone => return Err(refuse()),
+            ChannelSecurity::Plain | ChannelSecurity::Encrypted => {}
+        }
         let (v2, created) = match detail.crypto {
             Some(record) => (
                 self.unlock_record(channel, passphrase, record, &mut derive)
@@ -263,9 +273,9 @@ impl Client {
                 let change = match detail.info.owner.as_deref() {
                     None => ChannelChange::Create {
                         private: false,
-                        crypto: Some(record),
+                        crypto: Some(record.clone()),
                     },
-                    Some(owner) if owner == name => ChannelChange::SetCrypto(record),
+                    Some(owner) if owner == name => ChannelChange::SetCrypto(record.clone()),
                     Some(owner) => {
                         return Err(Error::NotChannelOwner {
                             channel: channel.to_owned(),
@@ -274,7 +284,13 @@ impl Client {
                     }
                 };
                 match self.change_channel(channel, change).await {
-                    Ok(_) => (key, true),
+                    Ok(_) => {
+                        let pinned = self.authors.channel_security(channel, Some(&record));
+                        if pinned != ChannelSecurity::Encrypted {
+                            return Err(refuse());
+                        }
+                        (key, true)
+                    }
                     // Another user set a record first: the passphrase must match theirs.
                     Err(Error::Api(ApiError::Rejected(
                         RejectReason::ChannelExists | RejectReason::CryptoAlreadySet,
@@ -283,6 +299,11 @@ impl Client {
                         let record = detail
                             .crypto
                             .ok_or(Error::Api(ApiError::Rejected(RejectReason::ChannelExists)))?;
+                        if self.authors.channel_security(channel, Some(&record))
+                            != ChannelSecurity::Encrypted
+                        {
+                            return Err(refuse());
+                        }
                         (
                             self.unlock_record(channel, passphrase, record, &mut derive)
                                 .await?,
@@ -326,6 +347,20 @@ impl Client {
             ChannelKeyV2::unlock(&p, &cluster, &ch, &record)
         })
         .await
+    }
+
+    /// Whether `channel` is end-to-end encrypted, checked against the crypto record this client
+    /// pinned for it (on first sight): a node that drops or replaces a record is noticed
+    /// ([`ChannelSecurity::RecordGone`], [`ChannelSecurity::RecordChanged`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`channel_info`](Self::channel_info).
+    pub async fn channel_security(&self, channel: &str) -> Result<ChannelSecurity, Error> {
+        let detail = self.channel_info(channel).await?;
+        Ok(self
+            .authors
+            .channel_security(channel, detail.crypto.as_deref()))
     }
 
     /// The key `name` is registered with, checked against this client's pin (pinned on first

@@ -81,6 +81,13 @@ pub enum Error {
         /// Its owner.
         owner: String,
     },
+    /// The channel's crypto record is gone or differs from the one this client pinned: a node
+    /// dropped or replaced it.
+    #[error("#{channel}'s encryption record is gone or changed since this client first saw it: a node may be lying; nothing was unlocked or sent. If its users really set a new passphrase, delete its line in known_channels")]
+    ChannelRecordChanged {
+        /// The channel.
+        channel: String,
+    },
     /// The configuration is out of bounds.
     #[error("bad client configuration: {0}")]
     Config(String),

@@ -53,7 +53,7 @@ mod stream;
 pub mod time;
 pub mod trust;
 
-pub use authors::{SenderKey, Shown};
+pub use authors::{ChannelSecurity, SenderKey, Shown};
 pub use client::{Client, Unlocked};
 pub use config::ClientConfig;
 pub use error::Error;

@@ -2,6 +2,11 @@
 //! sight, like ssh's `known_hosts`), so a reader notices when a server later presents another
 //! key for a name and can check message signatures against the key it pinned.
 //!
+//! Known channels, the same way: the SHA-256 of the crypto record first seen for each
+//! encrypted channel (`known_channels`, channel names by the cluster's channel rules), so a
+//! client notices when a server drops or replaces a channel's record and never takes that
+//! channel for a plain one.
+//!
 //! # File
 //!
 //! `<config dir>/identities/<cluster>/known_users`, mode 0600, written atomically (a synced
@@ -26,7 +31,28 @@ use crate::identity::{check_file_name, replace_private_file, IdentityError};
 /// Name of the known-users file in `<config dir>/identities/<cluster>/`.
 pub const KNOWN_USERS_FILE: &str = "known_users";
 
-const HEADER: &str = "# cellchat known users: name and Ed25519 public key, pinned on first sight\n";
+/// Name of the known-channels file in `<config dir>/identities/<cluster>/`.
+pub const KNOWN_CHANNELS_FILE: &str = "known_channels";
+
+/// What a pin file holds: its file name, its header line, and which names it accepts.
+#[derive(Debug)]
+struct Kind {
+    file: &'static str,
+    header: &'static str,
+    valid: fn(&str) -> bool,
+}
+
+const USERS: Kind = Kind {
+    file: KNOWN_USERS_FILE,
+    header: "# cellchat known users: name and Ed25519 public key, pinned on first sight\n",
+    valid: is_valid_sender,
+};
+
+const CHANNELS: Kind = Kind {
+    file: KNOWN_CHANNELS_FILE,
+    header: "# cellchat known channels: channel and SHA-256 of its crypto record, pinned on first sight\n",
+    valid: is_valid_channel,
+};
 
 /// What [`Pins::check`] found for a name and the key a server gave for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +79,7 @@ pub enum PinCheck {
 /// `unsaved` is true when memory holds a pin the file may not have.
 #[derive(Debug)]
 pub struct Pins {
+    kind: &'static Kind,
     path: PathBuf,
     keys: BTreeMap<String, [u8; 32]>,
     unsaved: bool,
@@ -67,13 +94,28 @@ impl Pins {
     /// [`IdentityError::WritableByOthers`], [`IdentityError::BadPinLine`] for a line that does
     /// not parse or repeats a name, IO failures.
     pub fn load(config_dir: &Path, cluster: &str) -> Result<Pins, IdentityError> {
+        Pins::load_kind(&USERS, config_dir, cluster)
+    }
+
+    /// Loads the pinned crypto-record hashes of `cluster`'s channels (`known_channels`).
+    ///
+    /// # Errors
+    ///
+    /// As [`Pins::load`].
+    pub fn load_channels(config_dir: &Path, cluster: &str) -> Result<Pins, IdentityError> {
+        Pins::load_kind(&CHANNELS, config_dir, cluster)
+    }
+
+    fn load_kind(
+        kind: &'static Kind,
+        config_dir: &Path,
+        cluster: &str,
+    ) -> Result<Pins, IdentityError> {
         check_file_name("cluster name", cluster)?;
-        let path = config_dir
-            .join("identities")
-            .join(cluster)
-            .join(KNOWN_USERS_FILE);
-        let keys = read_pins(&path)?;
+        let path = config_dir.join("identities").join(cluster).join(kind.file);
+        let keys = read_pins(kind, &path)?;
         Ok(Pins {
+            kind,
             path,
             keys,
             unsaved: false,
@@ -104,7 +146,7 @@ impl Pins {
     /// Compares `key`, the key a server says `name` is registered with, to the pin, and pins
     /// it on first sight. A changed key never replaces the pin.
     pub fn check(&mut self, name: &str, key: [u8; 32]) -> PinCheck {
-        if !is_valid_sender(name) {
+        if !(self.kind.valid)(name) {
             return PinCheck::BadName;
         }
         match self.keys.get(name) {
@@ -128,10 +170,10 @@ impl Pins {
         if !self.unsaved {
             return Ok(());
         }
-        let on_disk = read_pins(&self.path)?;
+        let on_disk = read_pins(self.kind, &self.path)?;
         let mut merged = self.keys.clone();
         merged.extend(on_disk);
-        let mut text = HEADER.to_owned();
+        let mut text = self.kind.header.to_owned();
         for (name, key) in &merged {
             text.push_str(&format!("{name} {}\n", hex::encode(key)));
         }
@@ -143,7 +185,7 @@ impl Pins {
 }
 
 /// The pins in `path`; none when it does not exist.
-fn read_pins(path: &Path) -> Result<BTreeMap<String, [u8; 32]>, IdentityError> {
+fn read_pins(kind: &Kind, path: &Path) -> Result<BTreeMap<String, [u8; 32]>, IdentityError> {
     let io = |source| IdentityError::Io {
         op: "reading",
         path: path.to_path_buf(),
@@ -165,7 +207,7 @@ fn read_pins(path: &Path) -> Result<BTreeMap<String, [u8; 32]>, IdentityError> {
             path: path.to_path_buf(),
             line: index + 1,
         };
-        let (name, key) = parse_pin_line(line).ok_or_else(bad)?;
+        let (name, key) = parse_pin_line(kind, line).ok_or_else(bad)?;
         if keys.insert(name.to_owned(), key).is_some() {
             return Err(bad());
         }
@@ -173,10 +215,10 @@ fn read_pins(path: &Path) -> Result<BTreeMap<String, [u8; 32]>, IdentityError> {
     Ok(keys)
 }
 
-fn parse_pin_line(line: &str) -> Option<(&str, [u8; 32])> {
+fn parse_pin_line<'a>(kind: &Kind, line: &'a str) -> Option<(&'a str, [u8; 32])> {
     let mut fields = line.split_whitespace();
     let (name, key) = (fields.next()?, fields.next()?);
-    if fields.next().is_some() || !is_valid_sender(name) {
+    if fields.next().is_some() || !(kind.valid)(name) {
         return None;
     }
     let key = hex::decode(key).ok()?.try_into().ok()?;
@@ -197,6 +239,16 @@ fn check_not_writable_by_others(path: &Path) -> Result<(), IdentityError> {
 /// The cluster's sender-name rule (`chat_sm` `is_valid_sender`): 1..=32 bytes of
 /// `A-Za-z0-9_-`. Names outside it never come from a correct server and could not be stored
 /// on one line.
+/// The cluster's channel name rules: 1..=64 bytes of `a-z0-9_-`, starting with `a-z0-9`.
+fn is_valid_channel(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    (1..=64).contains(&bytes.len())
+        && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
+        && bytes
+            .iter()
+            .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
 fn is_valid_sender(name: &str) -> bool {
     (1..=32).contains(&name.len())
         && name
@@ -212,6 +264,32 @@ mod tests {
 
     const A: [u8; 32] = [0xAA; 32];
     const B: [u8; 32] = [0xBB; 32];
+
+    #[test]
+    fn channel_pins_live_in_their_own_file_under_the_channel_rules() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut channels = Pins::load_channels(dir.path(), "c1").expect("load");
+        assert_eq!(channels.check("general", A), PinCheck::New);
+        assert_eq!(
+            channels.check("Alice", A),
+            PinCheck::BadName,
+            "no uppercase"
+        );
+        let long = "a".repeat(64);
+        assert_eq!(
+            channels.check(&long, B),
+            PinCheck::New,
+            "64 bytes is a channel name"
+        );
+        channels.save().expect("save");
+        let path = dir.path().join("identities/c1/known_channels");
+        assert_eq!(channels.path(), path);
+        let again = Pins::load_channels(dir.path(), "c1").expect("reload");
+        assert_eq!(again.pinned("general"), Some(A));
+        assert_eq!(again.pinned(&long), Some(B));
+        let users = Pins::load(dir.path(), "c1").expect("users");
+        assert!(users.is_empty(), "the users' file is another file");
+    }
 
     #[test]
     fn first_sight_pins_and_a_changed_key_keeps_the_pin() {
