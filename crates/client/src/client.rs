@@ -364,8 +364,8 @@ impl Client {
     }
 
     /// The key `name` is registered with, checked against this client's pin (pinned on first
-    /// sight). Asks the nearest node unless a node served it earlier in this session; a
-    /// failed lookup is [`SenderKey::Unknown`] for now and asked again next time.
+    /// sight). Asks the nearest node unless a node served it earlier in this session; when the
+    /// lookup fails, the pin alone decides (unknown without one), and the next call asks again.
     pub async fn sender_key(&self, name: &str) -> SenderKey {
         if let Some(served) = self.authors.served(name) {
             return self.authors.learn(name, Some(served));
@@ -380,7 +380,7 @@ impl Client {
             }
             Err(e) => {
                 tracing::debug!(error = %e, %name, "sender key lookup failed");
-                SenderKey::Unknown
+                self.authors.without_lookup(name)
             }
         }
     }
