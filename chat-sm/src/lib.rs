@@ -71,7 +71,7 @@ pub use command::{
     LogIndex, Message, RejectReason, SendCmd, Sent, COMMAND_VERSION, JOIN_SECRET_BYTES,
     MAX_BATCH_SENDS, MAX_BODY_BYTES, MAX_CHANNEL_BYTES, MAX_SENDER_BYTES,
 };
-pub use snapshot::{read_snapshot_info, SnapshotInfo};
+pub use snapshot::{read_snapshot_info, verify_snapshot, SnapshotContents, SnapshotInfo};
 pub use state::{
     AppliedEvent, ApplyEntry, ApplyPayload, ChannelListing, ChatState, Config, RaftMeta,
     CHANNEL_PAGE_MAX, HISTORY_LIMIT_MAX, RING_BYTES_MAX_DEFAULT, RING_BYTES_MAX_MAX,

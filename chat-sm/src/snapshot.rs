@@ -36,9 +36,80 @@ pub struct SnapshotInfo {
 /// a time, an append's fdatasync finds at most that much queued ahead of it.
 const SYNC_EVERY_BYTES: u64 = 1024 * 1024;
 
+/// What a snapshot or backup file holds, counted by kind of record while it is written or
+/// read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotContents {
+    /// Channels with messages (one head record each).
+    pub channels: u64,
+    /// Messages.
+    pub messages: u64,
+    /// Registered users (name and public key).
+    pub users: u64,
+    /// Channel records (owner, members, invitations, crypto record).
+    pub channel_records: u64,
+    /// Dedup records (one per accepted send).
+    pub dedup_records: u64,
+    /// Every other pair (state-machine metadata and bookkeeping).
+    pub other: u64,
+}
+
+impl SnapshotContents {
+    fn observe(&mut self, key: &[u8]) {
+        let count = match key.first() {
+            Some(&PREFIX_HEAD) => &mut self.channels,
+            Some(&PREFIX_MESSAGE) => &mut self.messages,
+            Some(&PREFIX_USER) => &mut self.users,
+            Some(&PREFIX_CHANNEL) => &mut self.channel_records,
+            Some(&PREFIX_DEDUP) => &mut self.dedup_records,
+            _ => &mut self.other,
+        };
+        *count += 1;
+    }
+
+    /// Every record counted.
+    pub fn pairs(&self) -> u64 {
+        self.channels
+            + self.messages
+            + self.users
+            + self.channel_records
+            + self.dedup_records
+            + self.other
+    }
+}
+
+/// Why a file of pairs is written: the two kinds share the format, not the contents or the
+/// durability.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    /// A Raft snapshot: every pair, durable before the raft log below it may be purged.
+    Snapshot,
+    /// A backup's payload: the chat data without the cluster's own identity (its raft meta
+    /// and join secret), which a restore replaces; streamed out at once, so never synced.
+    Backup,
+}
+
+impl Purpose {
+    fn keeps(self, key: &[u8]) -> bool {
+        self == Purpose::Snapshot
+            || !matches!(key, META_LAST_APPLIED | META_MEMBERSHIP | META_JOIN_SECRET)
+    }
+}
+
 /// Writes a snapshot of `db` to `path` (via `path.tmp` and a rename) and fsyncs it, syncing
 /// every [`SYNC_EVERY_BYTES`] on the way.
 pub(crate) fn write_snapshot(store: &Store, path: &Path) -> Result<SnapshotInfo, Error> {
+    write_pairs(store, path, Purpose::Snapshot).map(|(info, _)| info)
+}
+
+/// Writes the pairs `purpose` keeps to `path` (via `path.tmp` and a rename) in the snapshot
+/// format, and counts them.
+pub(crate) fn write_pairs(
+    store: &Store,
+    path: &Path,
+    purpose: Purpose,
+) -> Result<(SnapshotInfo, SnapshotContents), Error> {
+    let durable = purpose == Purpose::Snapshot;
     let db = store.db();
     let snap = db.snapshot();
     // The raft log up to the snapshot's index may be purged as soon as this returns, so all
@@ -46,23 +117,30 @@ pub(crate) fn write_snapshot(store: &Store, path: &Path) -> Result<SnapshotInfo,
     // the WAL *after* taking the snapshot covers every write the snapshot can see; flushing
     // before would leave a window of visible but unsynced batches. A crash before this
     // returns leaves no snapshot, and the raft log still holds every entry.
-    db.flush_wal(true).map_err(|source| Error::Rocks {
-        op: "flush_wal",
-        source,
-    })?;
+    if durable {
+        db.flush_wal(true).map_err(|source| Error::Rocks {
+            op: "flush_wal",
+            source,
+        })?;
+    }
     let tmp = tmp_path(path);
     let file = File::create(&tmp).map_err(|e| io_err("create", &tmp, e))?;
     let mut out = HashingWriter::new(BufWriter::with_capacity(1 << 20, file), &tmp);
     out.write(SNAPSHOT_MAGIC)?;
     out.write(&[SNAPSHOT_VERSION])?;
     let mut meta = MetaCollector::default();
+    let mut contents = SnapshotContents::default();
     let mut count: u64 = 0;
     let mut synced_bytes = 0;
     store.for_each_pair(&snap, |key, value| {
+        if !purpose.keeps(key) {
+            return Ok(());
+        }
         meta.observe(key, value)?;
+        contents.observe(key);
         write_record(&mut out, key, value)?;
         count += 1;
-        if out.bytes - synced_bytes >= SYNC_EVERY_BYTES {
+        if durable && out.bytes - synced_bytes >= SYNC_EVERY_BYTES {
             out.sync_data()?;
             synced_bytes = out.bytes;
         }
@@ -79,13 +157,17 @@ pub(crate) fn write_snapshot(store: &Store, path: &Path) -> Result<SnapshotInfo,
         .map_err(|e| io_err("write", &tmp, e.into_error()))?;
     // A crash before this fsync returns leaves only `path.tmp`, which the adapter never
     // reads; the previous snapshot at `path` (if any) is untouched.
-    file.sync_all().map_err(|e| io_err("fsync", &tmp, e))?;
+    if durable {
+        file.sync_all().map_err(|e| io_err("fsync", &tmp, e))?;
+    }
     drop(file);
     // rename(2) is atomic: `path` is the old file or the complete new one.
     std::fs::rename(&tmp, path).map_err(|e| io_err("rename", path, e))?;
-    sync_dir(parent_dir(path))?;
-    info!(path = %path.display(), records = count, bytes, "snapshot built");
-    Ok(meta.into_info(bytes, checksum))
+    if durable {
+        sync_dir(parent_dir(path))?;
+    }
+    info!(path = %path.display(), records = count, bytes, ?purpose, "snapshot built");
+    Ok((meta.into_info(bytes, checksum), contents))
 }
 
 fn write_record<W: Write>(
@@ -117,11 +199,23 @@ fn write_record<W: Write>(
 /// wrote visible until this returns `Ok`.
 pub(crate) fn read_snapshot(
     path: &Path,
-    mut sink: impl FnMut(&[u8], &[u8]) -> Result<(), Error>,
+    sink: impl FnMut(&[u8], &[u8]) -> Result<(), Error>,
 ) -> Result<SnapshotInfo, Error> {
     let file = File::open(path).map_err(|e| io_err("open", path, e))?;
+    let input = BufReader::with_capacity(1 << 20, file);
+    read_pairs(input, path, sink).map(|(info, _)| info)
+}
+
+/// Reads and fully verifies a snapshot from `input` (which must end where the snapshot does),
+/// passing each pair to `sink` in order; `path` only names the source in errors, whose
+/// offsets count from the start of `input`.
+fn read_pairs<R: Read>(
+    input: R,
+    path: &Path,
+    mut sink: impl FnMut(&[u8], &[u8]) -> Result<(), Error>,
+) -> Result<(SnapshotInfo, SnapshotContents), Error> {
     let mut input = HashingReader {
-        inner: BufReader::with_capacity(1 << 20, file),
+        inner: input,
         hasher: crc32fast::Hasher::new(),
         offset: 0,
         path,
@@ -138,6 +232,7 @@ pub(crate) fn read_snapshot(
         });
     }
     let mut meta = MetaCollector::default();
+    let mut contents = SnapshotContents::default();
     let mut key = Vec::new();
     let mut prev_key = Vec::new();
     let mut value = Vec::new();
@@ -152,6 +247,7 @@ pub(crate) fn read_snapshot(
                     return Err(input.corrupt("keys out of order"));
                 }
                 meta.observe(&key, &value)?;
+                contents.observe(&key);
                 sink(&key, &value)?;
                 std::mem::swap(&mut key, &mut prev_key);
                 count += 1;
@@ -180,7 +276,21 @@ pub(crate) fn read_snapshot(
         Ok(_) => return Err(input.corrupt("bytes after trailer")),
         Err(e) => return Err(io_err("read", path, e)),
     }
-    Ok(meta.into_info(input.offset, checksum))
+    Ok((meta.into_info(input.offset, checksum), contents))
+}
+
+/// Verifies a snapshot read from `input` (for example a backup's payload, cut to its length)
+/// without installing it, and counts what it holds. `name` names the source in errors, whose
+/// offsets count from the start of `input`.
+///
+/// # Errors
+/// [`Error::SnapshotCorrupt`] or [`Error::UnsupportedVersion`] if the bytes are not one
+/// complete, valid snapshot; [`Error::Io`] if they cannot be read.
+pub fn verify_snapshot<R: Read>(
+    input: R,
+    name: &Path,
+) -> Result<(SnapshotInfo, SnapshotContents), Error> {
+    read_pairs(input, name, |_, _| Ok(()))
 }
 
 fn read_record<R: Read>(

@@ -14,7 +14,7 @@ use crate::channel::{ChannelOp, ChannelRecord, MAX_CHANNELS_PER_USER, MAX_MEMBER
 use crate::command::{is_valid_channel, is_valid_sender, validate_send};
 use crate::dedup::{self, DedupId};
 use crate::format::{self, *};
-use crate::snapshot::{self, SnapshotInfo};
+use crate::snapshot::{self, SnapshotContents, SnapshotInfo};
 use crate::store::{self, Store};
 use crate::{
     ChannelSeq, ChatResponse, ClientId, Command, Error, LogIndex, Message, RejectReason, SendCmd,
@@ -1108,6 +1108,56 @@ impl ChatState {
     pub fn build_snapshot(&self, path: &Path) -> Result<SnapshotInfo, Error> {
         let store = self.view.read().store.clone();
         snapshot::write_snapshot(&store, path)
+    }
+
+    /// Writes a backup payload of the state to `path`: the snapshot format, with every pair
+    /// except this cluster's own identity (its Raft meta and join secret), which a restore into
+    /// a new cluster replaces. Reads one RocksDB snapshot like [`ChatState::build_snapshot`],
+    /// so applies go on meanwhile and the file shows the state after one whole `apply` call,
+    /// at the index it reports; it is not synced (the caller streams it out and removes it).
+    ///
+    /// # Errors
+    /// [`Error::Io`] or [`Error::Rocks`]; `path` is then left as it was.
+    pub fn write_backup(&self, path: &Path) -> Result<(SnapshotInfo, SnapshotContents), Error> {
+        let store = self.view.read().store.clone();
+        snapshot::write_pairs(&store, path, snapshot::Purpose::Backup)
+    }
+
+    /// Stores `meta` as the Raft meta of a state that has none: a restored backup about to
+    /// start as its new cluster's first node. Synced before it returns, so the node never runs
+    /// Raft on a state without it.
+    ///
+    /// # Errors
+    /// [`Error::Rocks`]; [`Error::InvalidConfig`] when the state already has Raft meta (it
+    /// belongs to a cluster) or `meta` carries no membership.
+    pub fn seed_raft_meta(&self, meta: RaftMeta) -> Result<(), Error> {
+        let w = self.writer.lock();
+        let Some(membership) = meta.membership else {
+            return Err(Error::InvalidConfig {
+                reason: "seeded raft meta needs a membership".into(),
+            });
+        };
+        if self.view.read().last_applied.is_some() {
+            return Err(Error::InvalidConfig {
+                reason: "the state already belongs to a cluster (it has raft meta)".into(),
+            });
+        }
+        let mut batch = WriteBatch::default();
+        batch.put(META_LAST_APPLIED, encode_bytes_value(&meta.last_applied));
+        batch.put(META_MEMBERSHIP, encode_bytes_value(&membership));
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        w.store
+            .db()
+            .write_opt(batch, &opts)
+            .map_err(|source| Error::Rocks {
+                op: "write",
+                source,
+            })?;
+        let mut view = self.view.write();
+        view.last_applied = Some(meta.last_applied);
+        view.membership = Some(membership);
+        Ok(())
     }
 
     /// Replaces the whole state with the snapshot at `path`.
