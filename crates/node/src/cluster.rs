@@ -88,6 +88,9 @@ pub enum JoinError {
         /// The node.
         id: NodeId,
     },
+    /// A backup could not be cut or read (see `backup.rs`).
+    #[error("backup: {0}")]
+    Backup(String),
 }
 
 /// Refuses a request that names another cluster: every join and admin request carries the

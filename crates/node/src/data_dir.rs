@@ -19,6 +19,9 @@ use crate::atomic_file;
 use crate::name::{default_name, validate_name, NameError};
 use crate::types::NodeId;
 
+/// The state machine's directory inside a data dir (RocksDB and snapshots).
+pub(crate) const STATE_DIR: &str = "sm";
+
 const LOCK_FILE: &str = "LOCK";
 const NODE_ID_FILE: &str = "node-id";
 const NODE_NAME_FILE: &str = "node-name";

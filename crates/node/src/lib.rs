@@ -9,10 +9,13 @@
 //! - The running node: [`Server`] wires Raft RPC over tarpc (`raft_rpc`), the chat API
 //!   (`api`) and its server-pushed subscriptions (`push`), the send [`Proposer`], apply notifications ([`Delivery`]), discovery and
 //!   zero-config formation (`cluster`), and Prometheus metrics (`metrics`).
+//! - Backups ([`backup`]): a consistent cut of the chat state streamed from a running node into
+//!   one checksummed file, its verification, and the offline restore into a new cluster.
 
 mod admin;
 mod api;
 mod atomic_file;
+pub mod backup;
 mod cluster;
 pub mod codec;
 mod config;
@@ -63,8 +66,8 @@ pub use proposer::{ProposeError, Proposed, Proposer, ProposerConfig};
 pub use raft::{metrics_now, start_raft, Raft};
 pub use raft_rpc::{
     connect_raft, request_enroll, request_leave, request_members, request_remove, request_rotate,
-    AdminCredential, Dialer, EnrollError, EnrollReply, EnrollRequest, JoinCallError, Network,
-    RaftRpcClient, RaftRpcServer, WrongNode,
+    AdminCredential, BackupClient, Dialer, EnrollError, EnrollReply, EnrollRequest, JoinCallError,
+    Network, RaftRpcClient, RaftRpcServer, WrongNode,
 };
 pub use reconcile::{reconcile, Reconciled};
 pub use server::{Server, ServerError};

@@ -514,6 +514,44 @@ pub fn settle(
     )?))
 }
 
+/// Whether the cluster directory `shared` holds a CA already.
+pub fn holds_ca(shared: &Path) -> bool {
+    shared.join(CA_CERT).exists()
+}
+
+/// Makes a new cluster identity for node `id` in `data_dir` (a restored node, the first of a
+/// new cluster): a fresh CA and join token, and the node's certificate. Returns the token.
+///
+/// # Errors
+/// [`PkiError`] from making or writing the keys and certificates.
+pub fn new_cluster(data_dir: &Path, cluster: &str, id: NodeId) -> Result<JoinToken, PkiError> {
+    let ca = ClusterCa::generate(cluster)?;
+    let token = JoinToken::generate(ca.fingerprint());
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let cert = ca.issue(id, &key)?;
+    finish(data_dir, Enrolled { ca, cert }, token.clone(), key)?;
+    Ok(token)
+}
+
+/// Copies the CA and token of the node in `data_dir` into the cluster directory next to it,
+/// unless that holds a CA already, so that nodes started there later join this cluster the way
+/// a local cluster's nodes do.
+///
+/// # Errors
+/// [`PkiError`] reading the node's identity or writing the copy.
+pub fn share_identity(data_dir: &Path, cluster: &str) -> Result<(), PkiError> {
+    let tls_dir = data_dir.join(TLS_DIR);
+    let (ca, token) =
+        read_ca(&tls_dir, cluster)?.ok_or_else(|| damaged(&tls_dir.join(CA_CERT), "missing"))?;
+    let shared = cluster_dir(data_dir, cluster);
+    create_private_dir(&shared)?;
+    let _lock = lock(&shared.join(LOCK_FILE))?;
+    if holds_ca(&shared) {
+        return Ok(());
+    }
+    write_ca(&shared, &ca, &token)
+}
+
 /// Stores what an enrollment returned and builds the node's configurations.
 ///
 /// # Errors

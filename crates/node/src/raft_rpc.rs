@@ -40,6 +40,7 @@ use tarpc::context;
 use tarpc::server::{BaseChannel, Channel};
 
 use crate::admin::{Admin, Contacts, LeaveReply, LeaveRequest, MemberInfo, MembersRequest};
+use crate::backup::{BackupIndex, BackupOpen, BackupOpened, BackupRead, Backups};
 use crate::cluster::{
     self, JoinError, JoinReply, JoinRequest, LeaderContact, RemoveReply, RemoveRequest,
 };
@@ -197,6 +198,24 @@ pub trait RaftRpc {
         admin: AdminCredential,
         req: RotateRequest,
     ) -> Result<Result<String, JoinError>, WrongNode>;
+    /// Asks the leader for the read index to cut a backup at (see `backup.rs`).
+    async fn backup_index(
+        to: NodeId,
+        admin: AdminCredential,
+        req: BackupIndex,
+    ) -> Result<Result<u64, JoinError>, WrongNode>;
+    /// Asks the addressee to cut a backup and keep it as a session.
+    async fn backup_open(
+        to: NodeId,
+        admin: AdminCredential,
+        req: BackupOpen,
+    ) -> Result<Result<BackupOpened, JoinError>, WrongNode>;
+    /// Reads one chunk of a backup session.
+    async fn backup_read(
+        to: NodeId,
+        admin: AdminCredential,
+        req: BackupRead,
+    ) -> Result<Result<Vec<u8>, JoinError>, WrongNode>;
 }
 
 /// What the membership rule needs to know of the receiver.
@@ -247,6 +266,7 @@ pub struct RaftRpcServer {
     raft: Raft,
     watch: LeaderWatch,
     admin: Arc<Admin>,
+    backups: Arc<Backups>,
     snapshots: SnapshotReceiver,
     contact: LeaderContact,
     tls: Arc<NodeTls>,
@@ -297,7 +317,7 @@ impl RaftRpcServer {
         id: NodeId,
         cluster: &str,
         raft: Raft,
-        admin: Arc<Admin>,
+        (admin, backups): (Arc<Admin>, Arc<Backups>),
         snapshots: SnapshotReceiver,
         contact: LeaderContact,
         tls: Arc<NodeTls>,
@@ -308,6 +328,7 @@ impl RaftRpcServer {
             watch: LeaderWatch::new(id, raft.clone()),
             raft,
             admin,
+            backups,
             snapshots,
             contact,
             tls,
@@ -596,6 +617,40 @@ impl RaftRpc for RaftRpcServer {
         tracing::info!("join secret rotation requested");
         Ok(join_secret::handle_rotate(&self.raft, &self.cluster, &self.tls, &req).await)
     }
+
+    async fn backup_index(
+        self,
+        _: context::Context,
+        to: NodeId,
+        admin: AdminCredential,
+        req: BackupIndex,
+    ) -> Result<Result<u64, JoinError>, WrongNode> {
+        self.check_admin(to, &admin)?;
+        Ok(self.backups.read_index(&req).await)
+    }
+
+    async fn backup_open(
+        self,
+        _: context::Context,
+        to: NodeId,
+        admin: AdminCredential,
+        req: BackupOpen,
+    ) -> Result<Result<BackupOpened, JoinError>, WrongNode> {
+        self.check_admin(to, &admin)?;
+        tracing::info!(min_index = ?req.min_index, "backup requested");
+        Ok(self.backups.open(&req).await)
+    }
+
+    async fn backup_read(
+        self,
+        _: context::Context,
+        to: NodeId,
+        admin: AdminCredential,
+        req: BackupRead,
+    ) -> Result<Result<Vec<u8>, JoinError>, WrongNode> {
+        self.check_admin(to, &admin)?;
+        Ok(self.backups.read(&req).await)
+    }
 }
 
 /// How long a join request may take (adding a learner commits a membership entry).
@@ -725,6 +780,89 @@ pub async fn request_rotate(
         client.rotate_token(ctx, to, admin, request).await
     })
     .await
+}
+
+/// How long a backup cut may take: the node may wait for its state machine to reach the read
+/// index, then writes the whole state.
+const BACKUP_OPEN_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long one chunk of a backup may take.
+const BACKUP_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An operator's connection to one node for a backup: one TLS connection for the cut and all
+/// its chunks.
+pub struct BackupClient {
+    client: RaftRpcClient,
+    admin: AdminCredential,
+    addr: SocketAddr,
+    to: NodeId,
+}
+
+impl BackupClient {
+    /// Connects to node `to` at `addr`.
+    ///
+    /// # Errors
+    /// [`JoinCallError::Unreachable`] when the connection or the handshake fails.
+    pub async fn connect(
+        dialer: &Dialer,
+        admin: AdminCredential,
+        addr: SocketAddr,
+        to: NodeId,
+    ) -> Result<BackupClient, JoinCallError> {
+        let client = dial(dialer, addr, proto::tls::node(to)).await?;
+        Ok(BackupClient {
+            client,
+            admin,
+            addr,
+            to,
+        })
+    }
+
+    fn unreachable(&self, e: &tarpc::client::RpcError) -> JoinCallError {
+        JoinCallError::Unreachable {
+            addr: self.addr,
+            reason: e.to_string(),
+        }
+    }
+
+    /// The addressee's (the leader's) read index.
+    ///
+    /// # Errors
+    /// [`JoinCallError`]; `NotLeader` names the leader to ask.
+    pub async fn read_index(&self, request: BackupIndex) -> Result<u64, JoinCallError> {
+        let ctx = ctx_within(JOIN_TIMEOUT);
+        let answer = self
+            .client
+            .backup_index(ctx, self.to, self.admin, request)
+            .await;
+        Ok(answer.map_err(|e| self.unreachable(&e))???)
+    }
+
+    /// Has the addressee cut a backup.
+    ///
+    /// # Errors
+    /// [`JoinCallError`].
+    pub async fn open(&self, request: BackupOpen) -> Result<BackupOpened, JoinCallError> {
+        let ctx = ctx_within(BACKUP_OPEN_TIMEOUT);
+        let answer = self
+            .client
+            .backup_open(ctx, self.to, self.admin, request)
+            .await;
+        Ok(answer.map_err(|e| self.unreachable(&e))???)
+    }
+
+    /// One chunk of session `session` from `offset`.
+    ///
+    /// # Errors
+    /// [`JoinCallError`].
+    pub async fn read(&self, session: u64, offset: u64) -> Result<Vec<u8>, JoinCallError> {
+        let ctx = ctx_within(BACKUP_READ_TIMEOUT);
+        let request = BackupRead { session, offset };
+        let answer = self
+            .client
+            .backup_read(ctx, self.to, self.admin, request)
+            .await;
+        Ok(answer.map_err(|e| self.unreachable(&e))???)
+    }
 }
 
 /// Asks node `to` at `addr` to leave the cluster for good, over a fresh connection.

@@ -22,11 +22,12 @@ use tokio::task::JoinHandle;
 
 use crate::admin::Admin;
 use crate::api::{ApiShared, BucketMap, ChatServer, Registrations, USER_BUCKETS_MAX};
+use crate::backup::{self, Backups};
 use crate::cluster::{self, LeaderContact, NodeAddrs, Peers};
 use crate::config::Config;
 use crate::conn_limit::{self, ConnGuard, ConnLimiter, ConnLimits};
 use crate::conn_watch;
-use crate::data_dir::{DataDir, DataDirError};
+use crate::data_dir::{DataDir, DataDirError, STATE_DIR};
 use crate::delivery::Delivery;
 use crate::enroll::{self, EnrollFailed};
 use crate::fd_limit;
@@ -49,8 +50,6 @@ use crate::types::NodeId;
 const CONN_REQUESTS_MAX: usize = 1024;
 /// The Raft log's directory inside the data dir (the WAL itself sits in its `WAL_DIR`).
 const LOG_DIR: &str = "log";
-/// The state machine's directory inside the data dir (RocksDB and snapshots).
-const STATE_DIR: &str = "sm";
 
 /// Why a node could not start. Each variant keeps its cause as `source`.
 #[derive(Debug, thiserror::Error)]
@@ -225,9 +224,19 @@ struct Storage {
 }
 
 impl Storage {
-    async fn open(dir: &Path, config: &Config) -> Result<Storage, ServerError> {
+    /// Opens the log and the state machine; `restored` (the node's id, name and addresses)
+    /// seeds a restored state's Raft meta first (see `backup.rs`).
+    async fn open(
+        dir: &Path,
+        config: &Config,
+        restored: Option<(NodeId, &str, NodeAddrs)>,
+    ) -> Result<Storage, ServerError> {
         let metrics = StorageMetrics::default();
         let (mut log, mut state) = open_storage(dir, config, &metrics)?;
+        if let Some(node) = restored {
+            backup::seed_restored(dir, &config.cluster, &state, node)
+                .map_err(storage_error("seeding the restored state"))?;
+        }
         // A log that lost synced entries may end before last applied; openraft would wedge on
         // it (see `reconcile.rs` for the case and why the repair is safe).
         reconcile::reconcile(&mut log, &mut state)
@@ -330,8 +339,20 @@ impl Server {
             config.client_limits().map_err(ServerError::Config)?,
             config.raft_limits().map_err(ServerError::Config)?,
         );
-        let storage = Storage::open(data_dir.path(), &config).await?;
-        let listeners = Listeners::bind(&config, data_dir.path()).await?;
+        let restored = backup::pending(data_dir.path())
+            .map_err(storage_error("reading the restore marker"))?
+            .is_some();
+        // A restored node's first membership records its addresses, so it binds before it
+        // opens its storage; every other start opens storage first, as before.
+        let (storage, listeners) = if restored {
+            let listeners = Listeners::bind(&config, data_dir.path()).await?;
+            let node = (data_dir.node_id(), name.as_str(), listeners.advertised);
+            let storage = Storage::open(data_dir.path(), &config, Some(node)).await?;
+            (storage, listeners)
+        } else {
+            let storage = Storage::open(data_dir.path(), &config, None).await?;
+            (storage, Listeners::bind(&config, data_dir.path()).await?)
+        };
         let parts = (data_dir, name, rejoining);
         Self::start_services(config, parts, tls, storage, listeners, limits).await
     }
@@ -377,6 +398,7 @@ impl Server {
         let network = Network::new(tls.peer_client.clone());
         let contacts = network.contacts();
         let snapshots = SnapshotReceiver::new(state_machine.clone());
+        let backup_state = state_machine.clone();
         let seed = rand::random();
         let raft = start_raft(id, raft_config, network, log_store, state_machine, seed)
             .await
@@ -460,11 +482,17 @@ impl Server {
         });
         let (leaving, left) = (admin.leaving.clone(), admin.left.clone());
         let contact = LeaderContact::default();
+        let backups = Backups::new(
+            (id, name.clone(), config.cluster.clone()),
+            raft.clone(),
+            backup_state,
+            shared.delivery.clone(),
+        );
         let rpc_server = RaftRpcServer::new(
             id,
             &config.cluster,
             raft.clone(),
-            admin,
+            (admin, backups),
             snapshots,
             contact.clone(),
             tls.clone(),
