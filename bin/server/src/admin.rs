@@ -77,8 +77,8 @@ pub(crate) struct TokenArgs {
 /// What an operator command proves itself with: the admin credential derived from the join
 /// token, and a TLS config that accepts only the token's CA.
 pub(crate) struct Auth {
-    dialer: node::Dialer,
-    admin: node::AdminCredential,
+    pub(crate) dialer: node::Dialer,
+    pub(crate) admin: node::AdminCredential,
 }
 
 /// The join token: `--token`, else the one kept in `data_dir` or the cluster directory.
@@ -101,7 +101,7 @@ fn find_token(net: &NetArgs, data_dir: Option<&Path>) -> anyhow::Result<proto::t
     })
 }
 
-fn auth(net: &NetArgs, data_dir: Option<&Path>) -> anyhow::Result<Auth> {
+pub(crate) fn auth(net: &NetArgs, data_dir: Option<&Path>) -> anyhow::Result<Auth> {
     let token = find_token(net, data_dir)?;
     let verifier = proto::tls::CaVerifier::new(proto::tls::Trust::Pinned(token.ca));
     Ok(Auth {
@@ -171,7 +171,7 @@ async fn discover(net: &NetArgs, join: &[SocketAddr], wait_ms: u64) -> anyhow::R
 
 /// The leader's id, Raft address and membership. Starts from the leader discovery names
 /// (highest term), follows NotLeader hints, and listens again while an election runs.
-async fn leader_members(
+pub(crate) async fn leader_members(
     net: &NetArgs,
     auth: &Auth,
     wait_ms: u64,
@@ -230,7 +230,7 @@ fn candidates(nodes: &Heard) -> Vec<(u64, SocketAddr)> {
 }
 
 /// How a member is shown: its name, or its id when it has none.
-fn label(member: &MemberInfo) -> String {
+pub(crate) fn label(member: &MemberInfo) -> String {
     if member.name.is_empty() {
         member.id.to_string()
     } else {
@@ -242,7 +242,10 @@ fn label(member: &MemberInfo) -> String {
 ///
 /// # Errors
 /// Unknown: the error names `wanted` and lists the members.
-fn find_member<'a>(members: &'a [MemberInfo], wanted: &str) -> anyhow::Result<&'a MemberInfo> {
+pub(crate) fn find_member<'a>(
+    members: &'a [MemberInfo],
+    wanted: &str,
+) -> anyhow::Result<&'a MemberInfo> {
     let by_name = members.iter().find(|m| m.name == wanted);
     let by_id = || {
         let id: u64 = wanted.parse().ok()?;

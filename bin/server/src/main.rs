@@ -1,5 +1,6 @@
 //! `cellchat-server`: runs one cellchat node (`cargo run --release -p server`, no flags needed), or
-//! runs an operator command (`status`, `members`, `remove-node`, `leave`; see `admin.rs`).
+//! runs an operator command (`status`, `members`, `remove-node`, `leave`, `token`; see
+//! `admin.rs`; `backup`, `verify`, `restore`; see `backup_cmd.rs`).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -10,6 +11,7 @@ use node::{Config, DataDir, Server};
 use proto::discovery::DEFAULT_DISCOVERY_PORT;
 
 mod admin;
+mod backup_cmd;
 mod config_file;
 mod sd_notify;
 
@@ -62,6 +64,17 @@ enum Command {
     /// another machine to join, or to operator commands run elsewhere. Read from the data dir
     /// of a node on this machine; it is a secret. With --rotate, replace its secret.
     Token(admin::TokenArgs),
+    /// Write a consistent backup of the running cluster's chat state (channels, messages,
+    /// users, channel records, dedup records) at a committed index into one checksummed file.
+    /// It holds no secret material; see `verify` and `restore`.
+    Backup(backup_cmd::BackupArgs),
+    /// Check a backup file completely (every checksum, its manifest against its payload)
+    /// without restoring it.
+    Verify(backup_cmd::VerifyArgs),
+    /// Offline: create the data dir of a new cluster's first node from a backup, with a new
+    /// node id, CA and join token (the backup's cluster name stays: end-to-end encryption is
+    /// bound to it).
+    Restore(backup_cmd::RestoreArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -255,7 +268,7 @@ enum LogFormat {
     Json,
 }
 
-fn parse_name(name: &str) -> Result<String, node::NameError> {
+pub(crate) fn parse_name(name: &str) -> Result<String, node::NameError> {
     node::validate_name(name)?;
     Ok(name.to_owned())
 }
@@ -286,6 +299,9 @@ fn main() -> anyhow::Result<()> {
         }
         Some(Command::Leave(args)) => runtime.block_on(admin::leave(&cli.run.net, &args)),
         Some(Command::Token(args)) => runtime.block_on(admin::token(&cli.run.net, &args)),
+        Some(Command::Backup(args)) => runtime.block_on(backup_cmd::backup(&cli.run.net, &args)),
+        Some(Command::Verify(args)) => backup_cmd::verify(&args),
+        Some(Command::Restore(args)) => backup_cmd::restore(&args),
         None => runtime.block_on(run(cli.run)),
     }
 }
