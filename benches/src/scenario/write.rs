@@ -1,7 +1,7 @@
 //! `write`: C closed-loop senders of fixed-size messages; throughput and acknowledgement
 //! latency.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,10 @@ pub struct WriteOptions {
     pub topics: usize,
 }
 
+/// Longest wait past the warmup for every writer's first acknowledged send; past it the run is
+/// measured anyway, and writers that never got through show as missing throughput.
+const WARM_WAIT_MAX: Duration = Duration::from_secs(30);
+
 const WARMUP: u8 = 0;
 const MEASURE: u8 = 1;
 const STOP: u8 = 2;
@@ -45,13 +49,19 @@ pub struct SenderTally {
 pub async fn run(system: &dyn System, options: &WriteOptions) -> Result<RunResult> {
     let writers = connect_writers(system, options.clients).await?;
     let phase = Arc::new(AtomicU8::new(WARMUP));
+    // Writers with at least one acknowledged send: measuring starts only when all are warm, so
+    // a slow first send (login, registration, a leader still settling) is not measured as a
+    // stall.
+    let warm = Arc::new(AtomicUsize::new(0));
+    let writer_count = writers.len();
     let mut tasks = Vec::new();
     for (index, mut writer) in writers.into_iter().enumerate() {
-        let phase = phase.clone();
+        let (phase, warm) = (phase.clone(), warm.clone());
         let topic = format!("load-{}", index % options.topics.max(1));
         let body = vec![b'x'; options.body];
         tasks.push(tokio::spawn(async move {
             let mut tally = SenderTally::default();
+            let mut warmed = false;
             loop {
                 let state = phase.load(Ordering::Acquire);
                 if state == STOP {
@@ -59,6 +69,10 @@ pub async fn run(system: &dyn System, options: &WriteOptions) -> Result<RunResul
                 }
                 let started = Instant::now();
                 let outcome = writer.write(&topic, body.clone()).await;
+                if !warmed && outcome.is_ok() {
+                    warmed = true;
+                    warm.fetch_add(1, Ordering::Release);
+                }
                 if phase.load(Ordering::Acquire) != MEASURE || state != MEASURE {
                     continue;
                 }
@@ -77,6 +91,10 @@ pub async fn run(system: &dyn System, options: &WriteOptions) -> Result<RunResul
         }));
     }
     tokio::time::sleep(options.warmup).await;
+    let warm_deadline = Instant::now() + WARM_WAIT_MAX;
+    while warm.load(Ordering::Acquire) < writer_count && Instant::now() < warm_deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     phase.store(MEASURE, Ordering::Release);
     let measure_start = Instant::now();
     let bar = timed_bar(
