@@ -156,6 +156,7 @@ async fn backup_once(
             Ok(chunk) if !chunk.is_empty() => chunk,
             Ok(_) => {
                 failed.insert(source.id);
+                let _ = std::fs::remove_file(backup::partial_path(&args.out));
                 bail!("node {} sent an empty chunk at {offset}", label(source));
             }
             Err(e) => {

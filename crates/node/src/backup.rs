@@ -41,9 +41,9 @@
 //! exist.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -85,6 +85,10 @@ const SECRETS: &str = "none: no private keys, no join secret, no TLS keys. The p
     users' public keys and message bodies as stored: plaintext channels in the clear, \
     end-to-end encrypted channels as ciphertext whose channel records allow offline \
     passphrase guessing, as any member could";
+/// The writer syncs the file every this many bytes: one sync of a whole backup at the end
+/// would hold the disk for hundreds of milliseconds, stalling the WAL fsyncs of nodes on the
+/// same disk.
+const SYNC_EVERY: u64 = 8 << 20;
 const HEADER_LEN: u64 = 13;
 const TRAILER_LEN: u64 = 40;
 
@@ -511,6 +515,7 @@ pub struct BackupWriter {
     payload: Sha256,
     payload_left: u64,
     manifest: Manifest,
+    unsynced: u64,
 }
 
 /// The `.partial` path a backup to `target` is written to first.
@@ -537,7 +542,16 @@ impl BackupWriter {
             });
         }
         let partial = partial_path(target);
-        let file = File::create(&partial).map_err(io_err("create", &partial))?;
+        // Owner-only, as the data dirs: the file holds every message of plaintext channels.
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&partial)
+            .map_err(io_err("create", &partial))?;
+        file.set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(io_err("set the mode of", &partial))?;
         let json = serde_json::to_vec(&manifest).expect("a manifest always serializes");
         let manifest_len = u32::try_from(json.len()).expect("manifests are small");
         let mut writer = BackupWriter {
@@ -548,6 +562,7 @@ impl BackupWriter {
             payload: Sha256::new(),
             payload_left: manifest.payload.bytes,
             manifest,
+            unsynced: 0,
         };
         writer.write(BACKUP_MAGIC)?;
         writer.write(&[BACKUP_VERSION])?;
@@ -560,7 +575,22 @@ impl BackupWriter {
         self.all.update(bytes);
         self.out
             .write_all(bytes)
-            .map_err(io_err("write", &self.partial))
+            .map_err(io_err("write", &self.partial))?;
+        self.unsynced += bytes.len() as u64;
+        if self.unsynced >= SYNC_EVERY {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), BackupError> {
+        self.out.flush().map_err(io_err("write", &self.partial))?;
+        self.out
+            .get_ref()
+            .sync_data()
+            .map_err(io_err("fsync", &self.partial))?;
+        self.unsynced = 0;
+        Ok(())
     }
 
     /// Appends payload bytes.
@@ -1167,6 +1197,8 @@ mod tests {
         assert_eq!(m.contents.dedup_records, 10);
         assert!(m.secrets.starts_with("none"));
         assert!(!partial_path(&file).exists());
+        let mode = fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
         // The payload carries no join secret and no raft meta: a restored state has neither.
         let restored = StateMachine::open(&dir.path().join("restored")).unwrap();
         let payload = dir.path().join("copy");
