@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! cargo run --release -p bench -- write --system cellchat,etcd,nats-sync,nats --clients 1,128
+//! cargo run --release -p bench -- backup --messages 1000000 --duration 15 --json
 //! cargo run --release -p bench -- report        # everything, and benches/RESULTS.md
 //! ```
 
@@ -25,7 +26,7 @@ use crate::sut::SystemKind;
 #[derive(Parser, Debug)]
 #[command(
     version,
-    about = "cellchat's load harness: write, fanout, failover and scale scenarios against cellchat, etcd and NATS JetStream"
+    about = "cellchat's load harness: write, fanout, failover, scale and backup scenarios against cellchat, etcd and NATS JetStream"
 )]
 struct Cli {
     #[command(flatten)]
@@ -120,6 +121,35 @@ enum Command {
         /// Messages per second of the measured load.
         #[arg(long, default_value_t = 200.0)]
         rate: f64,
+    },
+    /// Backup, verify and restore of a filled cluster, then write throughput without and with
+    /// backups running (cellchat only, on a cluster the harness starts). Prints two results:
+    /// `part: archive` (fill, then the timed `cellchat-server backup`, `verify`, `restore`)
+    /// and, unless --passes is 0, `part: under_load` (--clients closed-loop senders for
+    /// --duration per window; each pass is one window without backups, then one with backups
+    /// back to back).
+    Backup {
+        /// Acknowledged sends (of --body bytes) that fill the cluster before the backup.
+        #[arg(long, default_value_t = 1_000_000)]
+        messages: u64,
+        /// Concurrent writers filling the cluster.
+        #[arg(long, default_value_t = 128)]
+        fill_clients: usize,
+        /// Closed-loop senders of the under-load windows.
+        #[arg(long, default_value_t = 128)]
+        clients: usize,
+        /// Pairs of under-load windows (without, then with backups), alternating; 0 skips
+        /// the under-load part.
+        #[arg(long, default_value_t = 2)]
+        passes: usize,
+        /// Topics (channels) the writers spread over.
+        #[arg(long, default_value_t = 8)]
+        topics: usize,
+        /// The servers' --snapshot-every (default: theirs, 10,000 entries). The cluster's own
+        /// snapshots write the whole state on every node, as a backup's cut does on one; a
+        /// value past the run keeps them out of the windows, to see the backups' own cost.
+        #[arg(long)]
+        snapshot_every: Option<u64>,
     },
     /// Runs the standard matrix on every system and rewrites the generated part of
     /// benches/RESULTS.md.
@@ -234,6 +264,14 @@ pub enum Spec {
         subscribers: usize,
         rate: f64,
     },
+    Backup {
+        messages: u64,
+        fill_clients: usize,
+        clients: usize,
+        passes: usize,
+        topics: usize,
+        snapshot_every: Option<u64>,
+    },
 }
 
 fn command_spec(command: Command) -> Spec {
@@ -257,6 +295,21 @@ fn command_spec(command: Command) -> Spec {
             idle,
             subscribers,
             rate,
+        },
+        Command::Backup {
+            messages,
+            fill_clients,
+            clients,
+            passes,
+            topics,
+            snapshot_every,
+        } => Spec::Backup {
+            messages,
+            fill_clients,
+            clients,
+            passes,
+            topics,
+            snapshot_every,
         },
         Command::Report { .. } | Command::Idle { .. } => {
             unreachable!("handled before scenarios are dispatched")

@@ -10,6 +10,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 use crate::plot::{self, Series};
+use crate::scenario::backup::{self, BackupOptions};
 use crate::scenario::failover::{self, FailoverOptions};
 use crate::scenario::fanout::{self, FanoutOptions};
 use crate::scenario::scale::{self, ScaleOptions};
@@ -62,6 +63,12 @@ impl Sink {
                 self.header_printed = true;
             }
             println!("{}", table_row(&result));
+            // Its figures are all in `extra`; the columns above show only the load.
+            if result.scenario == "backup" {
+                for (key, value) in &result.extra {
+                    println!("    {key}: {value}");
+                }
+            }
         }
         let path = self.out.join(format!("{}.jsonl", result.scenario));
         let fresh = !self.started.contains(&result.scenario);
@@ -268,6 +275,11 @@ pub async fn run_command(common: &Common, spec: &Spec, sink: &mut Sink) -> Resul
             eprintln!("skipping {kind}: this scenario kills or loads cellchat nodes only");
             continue;
         }
+        // The archive tools are cellchat's; a signed run would measure the same backups.
+        if matches!(spec, Spec::Backup { .. }) && kind != SystemKind::Cellchat {
+            eprintln!("skipping {kind}: this scenario runs cellchat's archive tools only");
+            continue;
+        }
         if let Err(e) = run_on(common, spec, kind, &peers, sink).await {
             eprintln!("error: {kind}: {e:#}");
             failures.push(format!("{kind}: {e:#}"));
@@ -303,7 +315,7 @@ async fn run_on(
         drain: std::time::Duration::from_secs(10),
         topic: format!("fanout-{:08x}", rand::random::<u32>()),
     };
-    // Failover and scale need cellchat's own handle; the others take any system.
+    // Failover, scale and backup need cellchat's own handle; the others take any system.
     match spec {
         Spec::Failover { clients, rounds } => {
             let mut cellchat = start_cellchat(common).await?;
@@ -327,6 +339,46 @@ async fn run_on(
                 load: fanout_options(*subscribers, *rate, FANOUT_PUBLISHERS),
             };
             sink.push(scale::run(&cellchat, &options).await?)?;
+        }
+        Spec::Backup {
+            messages,
+            fill_clients,
+            clients,
+            passes,
+            topics,
+            snapshot_every,
+        } => {
+            let options = BackupOptions {
+                messages: *messages,
+                fill_clients: *fill_clients,
+                topics: *topics,
+                body: common.body,
+                passes: *passes,
+                load: WriteOptions {
+                    clients: *clients,
+                    duration,
+                    warmup,
+                    body: common.body,
+                    topics: *topics,
+                },
+            };
+            options.validate()?;
+            if !common.join.is_empty() {
+                bail!(
+                    "backup runs the server's tools on a cluster the harness starts; drop --join"
+                );
+            }
+            let every = snapshot_every.map(|n| n.to_string());
+            let extra: Vec<&str> = every
+                .iter()
+                .flat_map(|n| ["--snapshot-every", n.as_str()])
+                .collect();
+            let mut cellchat = Cellchat::start_with(common.nodes, &extra).await?;
+            let tools = backup::Tools::of(&mut cellchat)?;
+            sink.push(backup::archive(&cellchat, &tools, &options).await?)?;
+            if *passes > 0 {
+                sink.push(backup::under_load(&cellchat, &tools, &options).await?)?;
+            }
         }
         Spec::Write { clients, topics } => {
             let system = start_system(common, kind, peers).await?;

@@ -79,6 +79,51 @@ fn failover_measures_a_leader_kill() {
     assert!(to_ack > 0.0 && to_ack < 30_000.0, "{r}");
 }
 
+#[test]
+fn backup_verifies_restores_and_measures_writes_beside_it() {
+    let out = tempfile::tempdir().unwrap();
+    let (ok, stdout, stderr) = bench(
+        out.path(),
+        &[
+            "backup",
+            "--messages",
+            "3000",
+            "--fill-clients",
+            "16",
+            "--clients",
+            "8",
+            "--passes",
+            "1",
+        ],
+    );
+    assert!(ok, "{stderr}");
+    let results = runs(&stdout);
+    assert_eq!(results.len(), 2, "{stdout}");
+    // Only that each step worked: how long it took depends on the machine's load.
+    let archive = &results[0]["extra"];
+    assert_eq!(archive["part"], "archive", "{archive}");
+    assert_eq!(results[0]["ops"], 3000, "{}", results[0]);
+    assert!(
+        archive["messages_in_backup"].as_u64().unwrap() >= 3000,
+        "{archive}"
+    );
+    assert!(
+        archive["file_bytes"].as_u64().unwrap() > 3000 * 28,
+        "{archive}"
+    );
+    assert_eq!(archive["verified"], true, "{archive}");
+    assert_eq!(archive["restored"], true, "{archive}");
+    for key in ["backup_s", "verify_s", "restore_s", "backup_tool_elapsed_s"] {
+        assert!(archive[key].as_f64().unwrap() > 0.0, "{key}: {archive}");
+    }
+    let load = &results[1]["extra"];
+    assert_eq!(load["part"], "under_load", "{load}");
+    assert!(load["baseline_per_s"].as_f64().unwrap() > 0.0, "{load}");
+    assert!(load["with_backups_per_s"].as_f64().unwrap() > 0.0, "{load}");
+    assert!(load["backups_completed"].as_u64().unwrap() >= 1, "{load}");
+    assert!(out.path().join("backup.jsonl").exists());
+}
+
 #[cfg(feature = "peers")]
 #[test]
 fn peers_run_or_say_what_to_install() {

@@ -1,5 +1,6 @@
-//! The scenarios: `write`, `fanout`, `failover` and `scale`.
+//! The scenarios: `write`, `fanout`, `failover`, `scale` and `backup`.
 
+pub mod backup;
 pub mod failover;
 pub mod fanout;
 pub mod scale;

@@ -6,10 +6,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use tokio::task::JoinHandle;
 
 use super::{connect_writers, timed_bar};
 use crate::stats::{Latencies, RunResult};
-use crate::sut::System;
+use crate::sut::{System, Writer};
 
 /// What one `write` run does.
 #[derive(Debug, Clone)]
@@ -47,75 +48,9 @@ pub struct SenderTally {
 /// # Errors
 /// Writers could not connect.
 pub async fn run(system: &dyn System, options: &WriteOptions) -> Result<RunResult> {
-    let writers = connect_writers(system, options.clients).await?;
-    let phase = Arc::new(AtomicU8::new(WARMUP));
-    // Writers with at least one acknowledged send: measuring starts only when all are warm, so
-    // a slow first send (login, registration, a leader still settling) is not measured as a
-    // stall.
-    let warm = Arc::new(AtomicUsize::new(0));
-    let writer_count = writers.len();
-    let mut tasks = Vec::new();
-    for (index, mut writer) in writers.into_iter().enumerate() {
-        let (phase, warm) = (phase.clone(), warm.clone());
-        let topic = format!("load-{}", index % options.topics.max(1));
-        let body = vec![b'x'; options.body];
-        tasks.push(tokio::spawn(async move {
-            let mut tally = SenderTally::default();
-            let mut warmed = false;
-            loop {
-                let state = phase.load(Ordering::Acquire);
-                if state == STOP {
-                    break;
-                }
-                let started = Instant::now();
-                let outcome = writer.write(&topic, body.clone()).await;
-                if !warmed && outcome.is_ok() {
-                    warmed = true;
-                    warm.fetch_add(1, Ordering::Release);
-                }
-                if phase.load(Ordering::Acquire) != MEASURE || state != MEASURE {
-                    continue;
-                }
-                match outcome {
-                    Ok(()) => {
-                        tally.latencies.record(started.elapsed());
-                        tally.ops += 1;
-                    }
-                    Err(_) => {
-                        tally.errors += 1;
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                }
-            }
-            tally
-        }));
-    }
-    tokio::time::sleep(options.warmup).await;
-    let warm_deadline = Instant::now() + WARM_WAIT_MAX;
-    while warm.load(Ordering::Acquire) < writer_count && Instant::now() < warm_deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    phase.store(MEASURE, Ordering::Release);
-    let measure_start = Instant::now();
-    let bar = timed_bar(
-        options.duration,
-        &format!("{} write x{}", system.kind(), options.clients),
-    );
-    while measure_start.elapsed() < options.duration {
-        tokio::time::sleep(Duration::from_millis(250).min(options.duration)).await;
-        bar.set_position(measure_start.elapsed().as_secs());
-    }
-    // Sends that complete after this instant are not counted (see the phase check above).
-    phase.store(STOP, Ordering::Release);
-    let elapsed = measure_start.elapsed();
-    bar.finish_and_clear();
-    let mut total = SenderTally::default();
-    for task in tasks {
-        let tally = task.await?;
-        total.latencies.merge(&tally.latencies);
-        total.ops += tally.ops;
-        total.errors += tally.errors;
-    }
+    let senders = Senders::start(system, options).await?;
+    let label = format!("{} write x{}", system.kind(), options.clients);
+    let (total, elapsed) = senders.measure(options.duration, &label).await?;
     let mut result = RunResult::new("write", system.kind().name(), system.node_count());
     result.clients = options.clients;
     result.body_bytes = options.body;
@@ -126,4 +61,118 @@ pub async fn run(system: &dyn System, options: &WriteOptions) -> Result<RunResul
     result.latency_ms = total.latencies.summary();
     result.set("topics", options.topics);
     Ok(result)
+}
+
+/// Closed-loop senders, connected and warm, waiting for their one measured window. Dropped
+/// without [`measure`](Self::measure), they stop after their send in flight.
+pub struct Senders {
+    phase: Arc<AtomicU8>,
+    tasks: Vec<JoinHandle<SenderTally>>,
+}
+
+impl Senders {
+    /// Connects `options.clients` senders, starts them, and returns once every one had an
+    /// acknowledged send after `options.warmup` (or [`WARM_WAIT_MAX`] later).
+    ///
+    /// # Errors
+    /// Writers could not connect.
+    pub async fn start(system: &dyn System, options: &WriteOptions) -> Result<Senders> {
+        let writers = connect_writers(system, options.clients).await?;
+        let phase = Arc::new(AtomicU8::new(WARMUP));
+        // Writers with at least one acknowledged send: measuring starts only when all are
+        // warm, so a slow first send (login, registration, a leader still settling) is not
+        // measured as a stall.
+        let warm = Arc::new(AtomicUsize::new(0));
+        let writer_count = writers.len();
+        let mut tasks = Vec::new();
+        for (index, writer) in writers.into_iter().enumerate() {
+            let (phase, warm) = (phase.clone(), warm.clone());
+            let topic = format!("load-{}", index % options.topics.max(1));
+            let body = vec![b'x'; options.body];
+            tasks.push(tokio::spawn(send_loop(writer, topic, body, phase, warm)));
+        }
+        let senders = Senders { phase, tasks };
+        tokio::time::sleep(options.warmup).await;
+        let warm_deadline = Instant::now() + WARM_WAIT_MAX;
+        while warm.load(Ordering::Acquire) < writer_count && Instant::now() < warm_deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(senders)
+    }
+
+    /// Measures for `duration`, stops the senders, and returns what they measured together
+    /// and the window's length.
+    ///
+    /// # Errors
+    /// A sender task panicked.
+    pub async fn measure(
+        mut self,
+        duration: Duration,
+        label: &str,
+    ) -> Result<(SenderTally, Duration)> {
+        self.phase.store(MEASURE, Ordering::Release);
+        let measure_start = Instant::now();
+        let bar = timed_bar(duration, label);
+        while measure_start.elapsed() < duration {
+            tokio::time::sleep(Duration::from_millis(250).min(duration)).await;
+            bar.set_position(measure_start.elapsed().as_secs());
+        }
+        // Sends that complete after this instant are not counted (see `send_loop`).
+        self.phase.store(STOP, Ordering::Release);
+        let elapsed = measure_start.elapsed();
+        bar.finish_and_clear();
+        let mut total = SenderTally::default();
+        for task in std::mem::take(&mut self.tasks) {
+            let tally = task.await?;
+            total.latencies.merge(&tally.latencies);
+            total.ops += tally.ops;
+            total.errors += tally.errors;
+        }
+        Ok((total, elapsed))
+    }
+}
+
+impl Drop for Senders {
+    fn drop(&mut self) {
+        self.phase.store(STOP, Ordering::Release);
+    }
+}
+
+/// One closed-loop sender: sends until the phase is [`STOP`], counting only sends that started
+/// and ended inside the measured window.
+async fn send_loop(
+    mut writer: Box<dyn Writer>,
+    topic: String,
+    body: Vec<u8>,
+    phase: Arc<AtomicU8>,
+    warm: Arc<AtomicUsize>,
+) -> SenderTally {
+    let mut tally = SenderTally::default();
+    let mut warmed = false;
+    loop {
+        let state = phase.load(Ordering::Acquire);
+        if state == STOP {
+            break;
+        }
+        let started = Instant::now();
+        let outcome = writer.write(&topic, body.clone()).await;
+        if !warmed && outcome.is_ok() {
+            warmed = true;
+            warm.fetch_add(1, Ordering::Release);
+        }
+        if phase.load(Ordering::Acquire) != MEASURE || state != MEASURE {
+            continue;
+        }
+        match outcome {
+            Ok(()) => {
+                tally.latencies.record(started.elapsed());
+                tally.ops += 1;
+            }
+            Err(_) => {
+                tally.errors += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    tally
 }

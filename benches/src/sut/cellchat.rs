@@ -83,10 +83,19 @@ impl Cellchat {
     /// # Errors
     /// The server binary cannot be built or found, or the cluster did not converge.
     pub async fn start(nodes: usize) -> Result<Self> {
+        Self::start_with(nodes, &[]).await
+    }
+
+    /// As [`start`](Self::start), with `extra` flags for every server after the harness's own.
+    ///
+    /// # Errors
+    /// As [`start`](Self::start).
+    pub async fn start_with(nodes: usize, extra: &[&str]) -> Result<Self> {
         if nodes == 0 {
             bail!("--nodes must be at least 1");
         }
-        let mut cluster = TestCluster::with_production_timing("bench", &BENCH_SERVER_ARGS)?;
+        let args: Vec<&str> = BENCH_SERVER_ARGS.iter().chain(extra).copied().collect();
+        let mut cluster = TestCluster::with_production_timing("bench", &args)?;
         for _ in 0..nodes {
             cluster.spawn_node()?;
         }
