@@ -67,6 +67,9 @@ pub struct View<'a> {
     pub peers: &'a [NodeAnnounce],
     /// `--bootstrap-expect`.
     pub bootstrap_expect: Option<usize>,
+    /// This node enrolled with a member at this start: a cluster exists, so it never founds
+    /// one alone, however long it hears no leader.
+    pub enrolled: bool,
 }
 
 /// What the formation rule says to do.
@@ -110,6 +113,9 @@ pub fn step(view: &View<'_>) -> Step {
         .collect();
     fresh.insert(view.id, view.member.clone());
     if fresh.keys().next() != Some(&view.id) {
+        return Step::Wait;
+    }
+    if view.enrolled && view.bootstrap_expect.is_none() {
         return Step::Wait;
     }
     match view.bootstrap_expect {
@@ -218,6 +224,8 @@ pub struct Formation {
     pub window: Duration,
     /// `--bootstrap-expect`.
     pub bootstrap_expect: Option<usize>,
+    /// This node enrolled with a member at this start (see [`View::enrolled`]).
+    pub enrolled: bool,
     /// `--max-voters`.
     pub max_voters: usize,
     /// openraft's leader lease.
@@ -304,6 +312,7 @@ impl Formation {
                 joined_recently: last_join.is_some_and(|t| t.elapsed() < JOIN_EVERY),
                 peers: &peers,
                 bootstrap_expect: self.bootstrap_expect,
+                enrolled: self.enrolled,
             };
             match step(&view) {
                 Step::Wait => {}
@@ -436,6 +445,7 @@ mod tests {
             joined_recently: false,
             peers: &[],
             bootstrap_expect: None,
+            enrolled: false,
         };
         let leader = [heard(1, Role::Leader, 2, true), fresh(5)];
         let electing = [heard(1, Role::Candidate, 2, true)];
@@ -504,6 +514,23 @@ mod tests {
                     ..base.clone()
                 },
                 Step::Wait,
+            ),
+            (
+                "an enrolled node never founds a cluster alone",
+                View {
+                    enrolled: true,
+                    ..base.clone()
+                },
+                Step::Wait,
+            ),
+            (
+                "an enrolled node still joins a leader it hears",
+                View {
+                    enrolled: true,
+                    peers: &leader,
+                    ..base.clone()
+                },
+                Step::Join(leader[0].clone()),
             ),
             (
                 "lowest fresh id bootstraps alone",

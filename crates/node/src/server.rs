@@ -334,7 +334,8 @@ impl Server {
         if config.weaken.any() {
             tracing::warn!(weaken = %config.weaken, "deliberately broken modes are on (test only)");
         }
-        let tls = Arc::new(settle_tls(&config, &data_dir).await?);
+        let (tls, enrolled) = settle_tls(&config, &data_dir).await?;
+        let tls = Arc::new(tls);
         let limits = fd_limit::fit_caps_to_process(
             config.client_limits().map_err(ServerError::Config)?,
             config.raft_limits().map_err(ServerError::Config)?,
@@ -353,7 +354,7 @@ impl Server {
             let storage = Storage::open(data_dir.path(), &config, None).await?;
             (storage, Listeners::bind(&config, data_dir.path()).await?)
         };
-        let parts = (data_dir, name, rejoining);
+        let parts = (data_dir, name, rejoining, enrolled);
         Self::start_services(config, parts, tls, storage, listeners, limits).await
     }
 
@@ -361,7 +362,7 @@ impl Server {
     /// `limits` are the client and Raft listeners' connection caps.
     async fn start_services(
         config: Config,
-        (data_dir, name, rejoining): (DataDir, String, bool),
+        (data_dir, name, rejoining, enrolled): (DataDir, String, bool, bool),
         tls: Arc<NodeTls>,
         storage: Storage,
         listeners: Listeners,
@@ -577,6 +578,7 @@ impl Server {
             peers,
             window: config.formation_window(),
             bootstrap_expect: config.bootstrap_expect,
+            enrolled,
             max_voters: config.max_voters,
             election_timeout_max: Duration::from_millis(config.election_timeout_ms_max),
             leaving,
@@ -864,14 +866,17 @@ async fn route_client(
 }
 
 /// Settles the node's TLS identity: its own files, an enrollment with `--token`, or the
-/// cluster directory shared on this machine (see `pki.rs`).
-async fn settle_tls(config: &Config, data_dir: &DataDir) -> Result<NodeTls, ServerError> {
+/// cluster directory shared on this machine (see `pki.rs`). True when it enrolled now.
+async fn settle_tls(config: &Config, data_dir: &DataDir) -> Result<(NodeTls, bool), ServerError> {
     let id = data_dir.node_id();
     match pki::settle(data_dir.path(), &config.cluster, id, config.token.as_ref())? {
-        Settled::Ready(tls) => Ok(tls),
+        Settled::Ready(tls) => Ok((tls, false)),
         Settled::Enroll { token, key } => {
             tracing::info!(ca = %token.ca, "enrolling with the cluster named by the token");
-            Ok(enroll::enroll(config, data_dir.path(), id, token, key).await?)
+            Ok((
+                enroll::enroll(config, data_dir.path(), id, token, key).await?,
+                true,
+            ))
         }
     }
 }

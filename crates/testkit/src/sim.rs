@@ -437,6 +437,7 @@ impl Sim {
             peers,
             window: WINDOW,
             bootstrap_expect: None,
+            enrolled: false,
             max_voters: 5,
             election_timeout_max: Duration::from_millis(self.config.election_timeout_max),
             leaving: Arc::default(),
