@@ -18,6 +18,7 @@
 //! | `Accept`    | an invitee     | not private; not invited                                       |
 //! | `Remove`    | the owner, or  | not private; the owner removing themselves                     |
 //! |             | the user       |                                                                |
+//! | `SetRetention` | the owner   | the retention is out of bounds (see `retention.rs`)            |
 //!
 //! Inviting a member and removing a user who is neither member nor invited change nothing and
 //! are accepted, so retries are harmless. Only members read or write a private channel.
@@ -53,6 +54,9 @@ pub enum ChannelOp {
     Accept,
     /// Removes a member or an invitation; a user may remove themselves (leave, decline).
     Remove(String),
+    /// The owner sets the channel's own retention, or (`None`) lets it follow the cluster
+    /// default. Kept apart from the record, so records keep their encoding.
+    SetRetention(Option<crate::Retention>),
 }
 
 /// The stored record of one channel.

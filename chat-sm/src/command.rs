@@ -10,6 +10,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::channel::{ChannelOp, MAX_CHANNELS_PER_USER, MAX_MEMBERS};
+use crate::retention::{Retention, DEDUP_WINDOW_MS};
 use crate::Error;
 
 /// Version byte in front of every encoded [`Command`].
@@ -165,6 +166,15 @@ pub enum Command {
         /// What to change.
         op: ChannelOp,
     },
+    /// Expires messages and dedup records by the retention rules (`retention.rs`), with
+    /// `at_ms` as the state machine's clock if it is later. Proposed by the leader now and
+    /// then; always applied alone.
+    Expire {
+        /// The leader's wall clock when it proposed the entry, in ms since the epoch.
+        at_ms: u64,
+    },
+    /// Sets the retention of every channel without one of its own (an operator's command).
+    SetDefaultRetention(Retention),
 }
 
 /// A join secret as the log carries it: opaque bytes whose `Debug` never shows them, so no
@@ -194,9 +204,12 @@ impl std::fmt::Display for Command {
                     ChannelOp::Invite(_) => "invite",
                     ChannelOp::Accept => "accept",
                     ChannelOp::Remove(_) => "remove",
+                    ChannelOp::SetRetention(_) => "set-retention",
                 };
                 write!(f, "channel-{op}({channel})")
             }
+            Command::Expire { at_ms } => write!(f, "expire(at {at_ms})"),
+            Command::SetDefaultRetention(r) => write!(f, "set-default-retention({r})"),
         }
     }
 }
@@ -305,6 +318,11 @@ pub enum RejectReason {
     },
     /// The owner cannot leave a private channel (nobody could invite anyone again).
     OwnerCannotLeave,
+    /// A retention outside the bounds of [`Retention::validate`].
+    InvalidRetention,
+    /// A retry of a send whose dedup record expired ([`DEDUP_WINDOW_MS`] after it was
+    /// stored): whether it was stored cannot be told any more, so it is not stored again.
+    RetryExpired,
 }
 
 impl fmt::Display for RejectReason {
@@ -356,6 +374,16 @@ impl fmt::Display for RejectReason {
                 crate::MAX_CRYPTO_RECORD_BYTES
             ),
             RejectReason::OwnerCannotLeave => write!(f, "the owner cannot leave the channel"),
+            RejectReason::InvalidRetention => write!(
+                f,
+                "a retention is an age from 1 minute to 100 years and/or a count of at least 1"
+            ),
+            RejectReason::RetryExpired => write!(
+                f,
+                "a retry more than {} h after the first attempt: it may have been stored then, \
+                 so it is not stored again",
+                DEDUP_WINDOW_MS / 3_600_000
+            ),
         }
     }
 }
@@ -413,6 +441,15 @@ pub enum ChatResponse {
     ChannelUpdated,
     /// The whole command was refused.
     Rejected(RejectReason),
+    /// A [`Command::Expire`] ran.
+    Expired {
+        /// Messages removed.
+        messages: u64,
+        /// Dedup records removed.
+        dedup_records: u64,
+    },
+    /// A [`Command::SetDefaultRetention`] was applied.
+    DefaultRetentionSet,
 }
 
 /// A stored chat message.

@@ -14,15 +14,21 @@
 //! | `b'M'` `"last_applied"`               | opaque bytes from the adapter                                   |
 //! | `b'M'` `"membership"`                 | opaque bytes from the adapter                                   |
 //! | `b'M'` `"join_secret"`                | the cluster's join secret, once one was set                      |
-//! | `b'M'` `"dedup_format"`               | u64 BE: 2, the dedup key layout (absent: client id alone)       |
+//! | `b'M'` `"dedup_format"`               | u64 BE: the dedup layout: 3 (with expiry index), 2 (without), absent (client id alone) |
+//! | `b'M'` `"clock"`                      | u64 BE: the latest `at_ms` of an applied `Expire`               |
+//! | `b'M'` `"retention_default"`          | postcard of [`crate::Retention`]                                |
 //!
 //! A dedup id is the first 16 bytes of SHA-256 over `"cellchat dedup v2\0"`, the sender's
 //! length (one byte), the sender and the client id (`dedup.rs`).
 //! | `b'd'` dedup_id(16) client_seq(u64 BE) | seq u64 BE, at_ms u64 BE, channel bytes (rest)                 |
+//! | `b'e'` at_ms(u64 BE) dedup_id(16) client_seq(u64 BE) | nothing: the expiry index of the dedup records   |
+//! | `b'f'` dedup_id(16)                   | u64 BE: the client's dedup floor (highest client seq expired)   |
 //! | `b'h'` channel                        | head seq u64 BE                                                 |
 //! | `b'm'` channel `0x00` seq(u64 BE)     | at_ms u64 BE, client_id(16), client_seq u64 BE, sender_len u8, sender, body (rest) |
 //! | `b'u'` name                           | public key (32)                                                 |
 //! | `b'c'` channel                        | postcard of [`crate::ChannelRecord`]                            |
+//! | `b'l'` channel                        | u64 BE: the channel's floor, its lowest stored seq (absent: 1)  |
+//! | `b'r'` channel                        | postcard of the channel's own [`crate::Retention`]              |
 //!
 //! # Snapshot file
 //!
@@ -57,12 +63,20 @@ pub(crate) const PREFIX_HEAD: u8 = b'h';
 pub(crate) const PREFIX_MESSAGE: u8 = b'm';
 pub(crate) const PREFIX_USER: u8 = b'u';
 pub(crate) const PREFIX_CHANNEL: u8 = b'c';
+pub(crate) const PREFIX_EXPIRY: u8 = b'e';
+pub(crate) const PREFIX_DEDUP_FLOOR: u8 = b'f';
+pub(crate) const PREFIX_FLOOR: u8 = b'l';
+pub(crate) const PREFIX_RETENTION: u8 = b'r';
+/// Length of an expiry index key: prefix, at_ms, dedup id, client seq.
+pub(crate) const EXPIRY_KEY_LEN: usize = 33;
 
 pub(crate) const META_APPLIED_INDEX: &[u8] = b"Mapplied_index";
 pub(crate) const META_LAST_APPLIED: &[u8] = b"Mlast_applied";
 pub(crate) const META_MEMBERSHIP: &[u8] = b"Mmembership";
 pub(crate) const META_JOIN_SECRET: &[u8] = b"Mjoin_secret";
 pub(crate) const META_DEDUP_FORMAT: &[u8] = b"Mdedup_format";
+pub(crate) const META_CLOCK: &[u8] = b"Mclock";
+pub(crate) const META_RETENTION_DEFAULT: &[u8] = b"Mretention_default";
 
 /// Snapshot file magic number.
 pub(crate) const SNAPSHOT_MAGIC: &[u8; 8] = b"CCSMSNAP";
@@ -124,6 +138,59 @@ pub(crate) fn dedup_key(out: &mut Vec<u8>, dedup_id: &[u8; 16], client_seq: u64)
     out.push(PREFIX_DEDUP);
     out.extend_from_slice(dedup_id);
     out.extend_from_slice(&client_seq.to_be_bytes());
+}
+
+/// Fills `out` with the expiry index key of a dedup record stamped `at_ms`.
+pub(crate) fn expiry_key(out: &mut Vec<u8>, at_ms: u64, dedup_id: &[u8; 16], client_seq: u64) {
+    out.clear();
+    out.push(PREFIX_EXPIRY);
+    out.extend_from_slice(&at_ms.to_be_bytes());
+    out.extend_from_slice(dedup_id);
+    out.extend_from_slice(&client_seq.to_be_bytes());
+}
+
+/// Splits an expiry index key into (at_ms, dedup id, client seq).
+pub(crate) fn parse_expiry_key(key: &[u8]) -> Result<(u64, [u8; 16], u64), Error> {
+    if key.len() != EXPIRY_KEY_LEN || key[0] != PREFIX_EXPIRY {
+        return Err(corrupt_key(key, "bad expiry key"));
+    }
+    let at_ms = be_u64(&key[1..9]);
+    let id = key[9..25].try_into().expect("16 bytes by the length check");
+    Ok((at_ms, id, be_u64(&key[25..33])))
+}
+
+/// Fills `out` with the dedup floor key of a client.
+pub(crate) fn dedup_floor_key(out: &mut Vec<u8>, dedup_id: &[u8; 16]) {
+    out.clear();
+    out.push(PREFIX_DEDUP_FLOOR);
+    out.extend_from_slice(dedup_id);
+}
+
+/// Fills `out` with `prefix` followed by `channel`: the floor and retention keys.
+pub(crate) fn channel_prefixed_key(out: &mut Vec<u8>, prefix: u8, channel: &str) {
+    out.clear();
+    out.push(prefix);
+    out.extend_from_slice(channel.as_bytes());
+}
+
+/// Encodes a retention policy.
+pub(crate) fn encode_retention_value(retention: &crate::Retention) -> Vec<u8> {
+    postcard::to_extend(retention, vec![VALUE_VERSION])
+        .expect("postcard serialization into a Vec cannot fail")
+}
+
+/// Parses a retention policy.
+pub(crate) fn decode_retention_value(value: &[u8]) -> Result<crate::Retention, Error> {
+    let rest = strip_version(value, "retention")?;
+    let corrupt = |reason: String| Error::Corrupt {
+        what: "retention",
+        reason,
+    };
+    let (retention, tail) = postcard::take_from_bytes(rest).map_err(|e| corrupt(e.to_string()))?;
+    if !tail.is_empty() {
+        return Err(corrupt(format!("{} trailing bytes", tail.len())));
+    }
+    Ok(retention)
 }
 
 /// Fills `out` with the user key of `name`.
@@ -324,7 +391,11 @@ pub(crate) fn is_known_key(key: &[u8]) -> bool {
                 | PREFIX_HEAD
                 | PREFIX_MESSAGE
                 | PREFIX_USER
-                | PREFIX_CHANNEL)
+                | PREFIX_CHANNEL
+                | PREFIX_EXPIRY
+                | PREFIX_DEDUP_FLOOR
+                | PREFIX_FLOOR
+                | PREFIX_RETENTION)
         )
     )
 }

@@ -9,11 +9,18 @@
 //!   value and the snapshot file start with a version byte. An unknown version decodes to
 //!   [`Error::UnsupportedVersion`]; [`Command::decode`] never panics on any input.
 //! - **Dense per-channel seqs.** A channel exists from its first accepted message; its
-//!   messages are numbered `1..=head` without gaps ([`ChatState`] lists the invariants).
+//!   messages are numbered without gaps from its floor (1 until something expires) to its
+//!   head ([`ChatState`] lists the invariants).
 //! - **Exactly-once effect per sender.** A send repeating an earlier (sender, client_id,
-//!   client_seq) makes no new message and answers the original (channel, seq, at_ms) with `duplicate: true`, whether
-//!   the original was in the same entry, an earlier one, before a restart or inside an
-//!   installed snapshot. Dedup records are never expired.
+//!   client_seq) makes no new message and answers the original (channel, seq, at_ms) with
+//!   `duplicate: true`, whether the original was in the same entry, an earlier one, before a
+//!   restart or inside an installed snapshot, for [`DEDUP_WINDOW_MS`]; after that it is
+//!   `Rejected(RetryExpired)`, never stored twice.
+//! - **Retention by the log's clock.** [`Command::Expire`] removes messages past their
+//!   channel's [`Retention`] and dedup records past their window, judged by the leader times
+//!   carried in the log, never the applying node's clock (rules in `retention.rs`). It must
+//!   be the only entry of its `apply` call (asserted), so batching cannot change what it
+//!   removes.
 //! - **Deterministic rejections.** Invalid channel names ([`ChannelName`]), senders, bodies
 //!   (1..=[`MAX_BODY_BYTES`]) and oversized batches are answered with a [`RejectReason`];
 //!   they change nothing but the applied meta.
@@ -47,7 +54,7 @@
 //!   into the opaque bytes of [`RaftMeta`].
 //! - No authentication: the node verifies who sends; this crate stores the registered keys
 //!   and the sender it is given. Sends are not checked against registered users.
-//! - No dedup expiry and no message deletion: both tables grow with traffic.
+//! - No deletion of single messages: only retention removes them, oldest first.
 //! - Damage to synced RocksDB files is RocksDB's business; a corrupt record found by this
 //!   crate is an [`Error::Corrupt`] at open or a panic inside `apply`.
 
@@ -59,6 +66,7 @@ mod channel;
 mod command;
 mod dedup;
 mod format;
+mod retention;
 mod snapshot;
 mod state;
 mod store;
@@ -71,10 +79,14 @@ pub use command::{
     LogIndex, Message, RejectReason, SendCmd, Sent, COMMAND_VERSION, JOIN_SECRET_BYTES,
     MAX_BATCH_SENDS, MAX_BODY_BYTES, MAX_CHANNEL_BYTES, MAX_SENDER_BYTES,
 };
+pub use retention::{
+    parse_retention, Retention, DEDUP_WINDOW_MS, EXPIRE_DEDUP_MAX, EXPIRE_SCAN_MAX,
+    RETENTION_AGE_MAX_MS, RETENTION_AGE_MIN_MS,
+};
 pub use snapshot::{read_snapshot_info, verify_snapshot, SnapshotContents, SnapshotInfo};
 pub use state::{
     AppliedEvent, ApplyEntry, ApplyPayload, ChannelListing, ChatState, Config, RaftMeta,
-    CHANNEL_PAGE_MAX, HISTORY_LIMIT_MAX, RING_BYTES_MAX_DEFAULT, RING_BYTES_MAX_MAX,
+    RetentionInfo, CHANNEL_PAGE_MAX, HISTORY_LIMIT_MAX, RING_BYTES_MAX_DEFAULT, RING_BYTES_MAX_MAX,
     RING_BYTES_MAX_MIN, RING_LEN_DEFAULT, RING_LEN_MAX,
 };
 

@@ -14,6 +14,7 @@ use crate::channel::{ChannelOp, ChannelRecord, MAX_CHANNELS_PER_USER, MAX_MEMBER
 use crate::command::{is_valid_channel, is_valid_sender, validate_send};
 use crate::dedup::{self, DedupId};
 use crate::format::{self, *};
+use crate::retention::{Retention, DEDUP_WINDOW_MS, EXPIRE_DEDUP_MAX, EXPIRE_SCAN_MAX};
 use crate::snapshot::{self, SnapshotContents, SnapshotInfo};
 use crate::store::{self, Store};
 use crate::{
@@ -189,14 +190,18 @@ impl RingEntry {
 /// In-memory view of one channel.
 ///
 /// Invariants:
+/// - messages `floor..=head` are stored and no others (`floor == head + 1` once every message
+///   expired);
 /// - `ring` holds seqs `head - ring.len() + 1 ..= head`, equal to those messages in RocksDB;
-/// - `ring.len() <= min(head, ring_len)`: the ring is full while it stays in memory, empty
-///   once evicted (or when it did not fit the budget at open), and then a suffix that grows
-///   with each apply until it is full again;
+/// - `ring.len() <= min(head + 1 - floor, ring_len)`: the ring is full while it stays in
+///   memory, empty once evicted (or when it did not fit the budget at open), and then a suffix
+///   that grows with each apply until it is full again;
 /// - `heap_bytes` is the sum of [`RingEntry::heap_bytes`] over `ring`.
 #[derive(Debug)]
 struct ChannelView {
     head: u64,
+    /// The lowest stored seq (see `retention.rs`); 1 until something expires.
+    floor: u64,
     ring: VecDeque<RingEntry>,
     heap_bytes: usize,
     /// The [`View::tick`] of the latest apply or read of this channel; eviction drops the
@@ -208,6 +213,7 @@ impl ChannelView {
     fn new(head: u64) -> ChannelView {
         ChannelView {
             head,
+            floor: 1,
             ring: VecDeque::new(),
             heap_bytes: 0,
             last_used: AtomicU64::new(0),
@@ -222,6 +228,16 @@ impl ChannelView {
     /// the entries, plus the entries' heap buffers.
     fn ring_bytes(&self) -> usize {
         self.ring.capacity() * std::mem::size_of::<RingEntry>() + self.heap_bytes
+    }
+
+    /// Drops the ring entries below `floor`, which expiry just removed from RocksDB.
+    fn trim_ring(&mut self, floor: u64) {
+        let below = floor
+            .saturating_sub(self.ring_first())
+            .min(self.ring.len() as u64);
+        for old in self.ring.drain(..below as usize) {
+            self.heap_bytes -= old.heap_bytes();
+        }
     }
 
     /// Drops the ring and its buffer; reads then go to RocksDB until applies refill it.
@@ -246,6 +262,27 @@ pub struct ChannelListing {
     pub invited: bool,
     /// Whether it has a crypto record (its users encrypt it end to end).
     pub encrypted: bool,
+    /// Its lowest stored seq: older ones expired. 1 until something expires; `head + 1` when
+    /// every message expired.
+    pub floor: ChannelSeq,
+}
+
+/// How long a channel keeps its messages, as [`ChatState::retention`] reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetentionInfo {
+    /// The channel's own retention, if its owner set one.
+    pub own: Option<Retention>,
+    /// The cluster default, which applies when the channel has none.
+    pub default: Retention,
+    /// The channel's lowest stored seq (see [`ChannelListing::floor`]).
+    pub floor: ChannelSeq,
+}
+
+impl RetentionInfo {
+    /// The retention in force: the channel's own, else the default.
+    pub fn effective(&self) -> Retention {
+        self.own.unwrap_or(self.default)
+    }
 }
 
 /// What readers see; replaced as a whole by a snapshot install.
@@ -263,6 +300,12 @@ struct View {
     last_applied: Option<Vec<u8>>,
     membership: Option<Vec<u8>>,
     applied_index: Option<LogIndex>,
+    /// Channels' own retentions, by channel name.
+    retention: HashMap<String, Retention>,
+    /// The retention of every channel without one of its own.
+    default_retention: Retention,
+    /// The state machine's clock: the latest `at_ms` of an applied `Expire` (0 before one).
+    clock: u64,
     /// Sum of [`ChannelView::ring_bytes`] over `channels`; at most `Config::ring_bytes_max`
     /// whenever the write lock is free.
     ring_bytes: usize,
@@ -290,7 +333,8 @@ struct Writer {
     client_seqs: ClientSeqs,
 }
 
-/// The highest client seq stored for each client id, so that most sends skip the dedup lookup.
+/// The highest client seq stored (or expired) for each client id, so that most sends skip the
+/// dedup lookup.
 ///
 /// Clients number their sends upwards, so a new send almost always carries a client seq above
 /// every seq stored for its client; such a send cannot be a repeat and needs no RocksDB
@@ -298,8 +342,8 @@ struct Writer {
 /// not tracked) is looked up as before, so the map only decides whether to look, never what
 /// the answer is: replicas with different maps still answer identically.
 ///
-/// Invariant: for every tracked client, no dedup record with a higher client seq exists;
-/// when `complete`, no dedup record exists for an untracked client. Bounded by
+/// Invariant: for every tracked client, no dedup record and no dedup floor with a higher
+/// client seq exists; when `complete`, neither exists for an untracked client. Bounded by
 /// [`CLIENT_SEQS_MAX`]; past it, new clients go untracked and `complete` turns false.
 #[derive(Debug, Default)]
 struct ClientSeqs {
@@ -367,6 +411,22 @@ fn load_client_seqs(store: &Store) -> Result<ClientSeqs, Error> {
         it.next();
     }
     it.status().map_err(rocks("iterate"))?;
+    // A client whose records all expired still has a floor: its seqs at or below it are
+    // retries to refuse, never new sends.
+    for (key, value) in scan_prefix(store.db(), PREFIX_DEDUP_FLOOR)? {
+        let client = DedupId(key[1..].try_into().map_err(|_| Error::Corrupt {
+            what: "dedup floor",
+            reason: format!("bad key {}", hex(&key)),
+        })?);
+        let floor = decode_u64_value(&value, "dedup floor")?;
+        if let Some(max) = seqs.max.get_mut(&client) {
+            *max = (*max).max(floor);
+        } else if seqs.max.len() < CLIENT_SEQS_MAX {
+            seqs.max.insert(client, floor);
+        } else {
+            seqs.complete = false;
+        }
+    }
     Ok(seqs)
 }
 
@@ -395,8 +455,9 @@ impl Puts {
         self.bytes.extend_from_slice(value);
     }
 
-    /// Builds the `WriteBatch` in key order and empties `self`, keeping its capacity.
-    fn take_sorted_batch(&mut self, dedup_cf: &ColumnFamily) -> WriteBatch {
+    /// Adds the puts to `wb` in key order, after what `wb` holds, and empties `self`, keeping
+    /// its capacity.
+    fn take_sorted_batch(&mut self, dedup_cf: &ColumnFamily, mut wb: WriteBatch) -> WriteBatch {
         let bytes = &self.bytes;
         let key = |&(at, key_len, _): &(usize, usize, usize)| &bytes[at..at + key_len];
         self.items.sort_unstable_by(|a, b| key(a).cmp(key(b)));
@@ -404,7 +465,6 @@ impl Puts {
             self.items.windows(2).all(|w| key(&w[0]) != key(&w[1])),
             "one apply call puts each key once"
         );
-        let mut wb = WriteBatch::with_capacity_bytes(bytes.len() + 8 * self.items.len() + 64);
         for &(at, key_len, value_len) in &self.items {
             let value_at = at + key_len;
             let (key, value) = (&bytes[at..value_at], &bytes[value_at..value_at + value_len]);
@@ -434,6 +494,25 @@ struct Batch<'a> {
     records: HashMap<&'a str, ChannelRecord>,
     /// Records created in this call per owner.
     new_owned: HashMap<&'a str, usize>,
+    /// Channels' own retentions set in this call; `None` removes one.
+    retention: HashMap<&'a str, Option<Retention>>,
+    /// The default retention set last in this call.
+    default_retention: Option<Retention>,
+    /// What an `Expire` in this call removes.
+    expiry: Option<Expiry>,
+}
+
+/// What one `Expire` removes, found by reading the state before it.
+#[derive(Default)]
+struct Expiry {
+    /// The state machine's clock after it.
+    clock: u64,
+    /// Channels whose floor rises: (channel, old floor, new floor).
+    floors: Vec<(String, u64, u64)>,
+    /// Expired dedup records: (expiry index key, dedup key).
+    dedup: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Clients whose dedup floor rises, with the new floor.
+    dedup_floors: HashMap<DedupId, u64>,
 }
 
 /// The chat state machine of one replica.
@@ -533,9 +612,18 @@ impl ChatState {
             join_secret: None,
             records: HashMap::new(),
             new_owned: HashMap::new(),
+            retention: HashMap::new(),
+            default_retention: None,
+            expiry: None,
         };
         let mut responses = Vec::with_capacity(entries.len());
         for entry in entries {
+            if let ApplyPayload::Command(Command::Expire { .. }) = entry.payload {
+                // What an expiry pass removes is read from the stored state, which holds none
+                // of this call's other entries: alone, it removes the same on every replica
+                // however the entries were batched.
+                assert_eq!(entries.len(), 1, "an Expire entry must be applied alone");
+            }
             if let Some(prev) = w.applied_index {
                 assert!(
                     entry.index > prev,
@@ -593,6 +681,67 @@ impl ChatState {
                     Err(reason) => ChatResponse::Rejected(reason),
                 }
             }
+            ApplyPayload::Command(Command::Expire { at_ms }) => self.apply_expire(w, batch, *at_ms),
+            ApplyPayload::Command(Command::SetDefaultRetention(retention)) => {
+                if let Err(reason) = retention.validate() {
+                    return ChatResponse::Rejected(reason);
+                }
+                batch.default_retention = Some(*retention);
+                ChatResponse::DefaultRetentionSet
+            }
+        }
+    }
+
+    /// Finds what an `Expire` at `at_ms` removes (see `retention.rs`), reading the stored
+    /// state: the call holds no other entry.
+    fn apply_expire(&self, w: &mut Writer, batch: &mut Batch<'_>, at_ms: u64) -> ChatResponse {
+        let db = w.store.db();
+        let view = self.view.read();
+        let clock = view.clock.max(at_ms);
+        let mut expiry = Expiry {
+            clock,
+            ..Expiry::default()
+        };
+        let mut scan_left = EXPIRE_SCAN_MAX;
+        let mut messages = 0;
+        // In name order, so the scan bound cuts the same channels short on every replica.
+        for name in &view.names {
+            let Some(c) = view.channels.get(name) else {
+                continue;
+            };
+            let policy = view
+                .retention
+                .get(name)
+                .copied()
+                .unwrap_or(view.default_retention);
+            if policy.is_forever() || c.floor > c.head {
+                continue;
+            }
+            let mut floor = c.floor.max(policy.count_floor(c.head));
+            let cutoff = policy.age_cutoff(clock);
+            if cutoff > 0 && floor <= c.head {
+                floor += count_older(db, name, floor, c.head, cutoff, &mut scan_left)
+                    .unwrap_or_else(|e| panic!("rocksdb read failed in expire: {e}"));
+            }
+            if floor > c.floor {
+                messages += floor - c.floor;
+                expiry.floors.push((name.clone(), c.floor, floor));
+            }
+        }
+        drop(view);
+        let cutoff = clock.saturating_sub(DEDUP_WINDOW_MS);
+        if cutoff > 0 {
+            expire_dedup(&w.store, cutoff, &mut expiry)
+                .unwrap_or_else(|e| panic!("rocksdb read failed in expire: {e}"));
+        }
+        let dedup_records = expiry.dedup.len() as u64;
+        if messages > 0 || dedup_records > 0 {
+            info!(clock, messages, dedup_records, "expired by retention");
+        }
+        batch.expiry = Some(expiry);
+        ChatResponse::Expired {
+            messages,
+            dedup_records,
         }
     }
 
@@ -660,6 +809,16 @@ impl ChatState {
             Some(record) => Some(record.clone()),
             None => view.records.get(channel).cloned(),
         };
+        if let ChannelOp::SetRetention(retention) = op {
+            if current.as_ref().and_then(|r| r.owner.as_deref()) != Some(by) {
+                return Err(RejectReason::NotOwner);
+            }
+            if let Some(retention) = retention {
+                retention.validate()?;
+            }
+            batch.retention.insert(channel, *retention);
+            return Ok(());
+        }
         let crypto_len = match op {
             ChannelOp::Create {
                 crypto: Some(crypto),
@@ -756,6 +915,7 @@ impl ChatState {
                 }
                 record
             }
+            ChannelOp::SetRetention(_) => unreachable!("handled above"),
         };
         drop(view);
         batch.records.insert(channel, record);
@@ -783,6 +943,9 @@ impl ChatState {
                     .unwrap_or_else(|e| panic!("corrupt dedup record in apply: {e}"));
                 return Ok(duplicate(channel, seq, at_ms));
             }
+            if dedup_floor(&w.store, id).is_some_and(|floor| cmd.client_seq <= floor) {
+                return Err(RejectReason::RetryExpired);
+            }
         }
         let channel = cmd.channel.as_str();
         self.admit_send(batch, channel, &cmd.sender)?;
@@ -795,6 +958,8 @@ impl ChatState {
         let seq = touched.0;
         encode_dedup_value(&mut w.value, seq, cmd.at_ms, channel);
         w.puts.put(&w.key, &w.value);
+        format::expiry_key(&mut w.key, cmd.at_ms, &id.0, cmd.client_seq);
+        w.puts.put(&w.key, &[VALUE_VERSION]);
         format::message_key(&mut w.key, channel, seq);
         let value = MessageValue {
             at_ms: cmd.at_ms,
@@ -879,7 +1044,40 @@ impl ChatState {
             format::channel_key(&mut w.key, channel);
             w.puts.put(&w.key, &encode_channel_value(record));
         }
-        let wb = w.puts.take_sorted_batch(w.store.dedup_cf());
+        // Deletes go first: a put of this call is never undone by them.
+        let mut wb =
+            WriteBatch::with_capacity_bytes(w.puts.bytes.len() + 8 * w.puts.items.len() + 64);
+        for (channel, retention) in &batch.retention {
+            format::channel_prefixed_key(&mut w.key, PREFIX_RETENTION, channel);
+            match retention {
+                Some(retention) => w.puts.put(&w.key, &encode_retention_value(retention)),
+                None => wb.delete(&w.key),
+            }
+        }
+        if let Some(retention) = &batch.default_retention {
+            w.puts
+                .put(META_RETENTION_DEFAULT, &encode_retention_value(retention));
+        }
+        if let Some(expiry) = &batch.expiry {
+            let mut end = Vec::new();
+            for (channel, old, new) in &expiry.floors {
+                format::message_key(&mut w.key, channel, *old);
+                format::message_key(&mut end, channel, *new);
+                wb.delete_range(&w.key, &end);
+                format::channel_prefixed_key(&mut w.key, PREFIX_FLOOR, channel);
+                w.puts.put(&w.key, &encode_u64_value(*new));
+            }
+            for (index_key, dedup_key) in &expiry.dedup {
+                wb.delete(index_key);
+                wb.delete_cf(w.store.dedup_cf(), dedup_key);
+            }
+            for (client, floor) in &expiry.dedup_floors {
+                format::dedup_floor_key(&mut w.key, &client.0);
+                w.puts.put(&w.key, &encode_u64_value(*floor));
+            }
+            w.puts.put(META_CLOCK, &encode_u64_value(expiry.clock));
+        }
+        let wb = w.puts.take_sorted_batch(w.store.dedup_cf(), wb);
         let mut opts = WriteOptions::default();
         // WAL on, no fsync per batch: see `apply` for why that is enough.
         opts.set_sync(false);
@@ -905,6 +1103,25 @@ impl ChatState {
                 view.names.insert(channel.to_owned());
             }
             view.records.insert(channel.to_owned(), record);
+        }
+        if let Some(expiry) = batch.expiry {
+            for (channel, _, floor) in expiry.floors {
+                let c = view.channels.get_mut(&channel).expect("expiry found it");
+                let before = c.ring_bytes();
+                c.floor = floor;
+                c.trim_ring(floor);
+                view.ring_bytes = view.ring_bytes - before + view.channels[&channel].ring_bytes();
+            }
+            view.clock = expiry.clock;
+        }
+        for (channel, retention) in batch.retention {
+            match retention {
+                Some(retention) => view.retention.insert(channel.to_owned(), retention),
+                None => view.retention.remove(channel),
+            };
+        }
+        if let Some(retention) = batch.default_retention {
+            view.default_retention = retention;
         }
         evict_rings(&mut view, self.config.ring_bytes_max);
         for (name, key) in batch.users {
@@ -1024,11 +1241,59 @@ impl ChatState {
                     private: record.is_some_and(|r| r.private),
                     invited: record.is_some_and(|r| r.invited.contains(user)),
                     encrypted: record.is_some_and(|r| r.crypto.is_some()),
+                    floor: ChannelSeq(view.channels.get(name).map_or(1, |c| c.floor)),
                 })
             });
         let page: Vec<ChannelListing> = visible.by_ref().take(limit).collect();
         let more = visible.next().is_some();
         (page, more)
+    }
+
+    /// How long `channel` keeps its messages, and its lowest stored seq.
+    pub fn retention(&self, channel: &str) -> RetentionInfo {
+        let view = self.view.read();
+        RetentionInfo {
+            own: view.retention.get(channel).copied(),
+            default: view.default_retention,
+            floor: ChannelSeq(view.channels.get(channel).map_or(1, |c| c.floor)),
+        }
+    }
+
+    /// The retention of every channel without one of its own.
+    pub fn default_retention(&self) -> Retention {
+        self.view.read().default_retention
+    }
+
+    /// The state machine's clock: the latest `at_ms` of an applied [`Command::Expire`], 0
+    /// before one.
+    pub fn clock_ms(&self) -> u64 {
+        self.view.read().clock
+    }
+
+    /// Whether an [`Command::Expire`] at `now_ms` could remove anything: some retention is
+    /// set, or a dedup record is older than [`DEDUP_WINDOW_MS`]. The leader asks before it
+    /// proposes one, so an idle cluster without retention writes no entries.
+    ///
+    /// # Errors
+    /// [`Error::Rocks`] or [`Error::Corrupt`] when the expiry index cannot be read.
+    pub fn expiry_due(&self, now_ms: u64) -> Result<bool, Error> {
+        let view = self.view.read();
+        if !view.default_retention.is_forever() || view.retention.values().any(|r| !r.is_forever())
+        {
+            return Ok(true);
+        }
+        let store = view.store.clone();
+        drop(view);
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(vec![PREFIX_EXPIRY + 1]);
+        let mut it = store.db().raw_iterator_opt(opts);
+        it.seek([PREFIX_EXPIRY]);
+        let oldest = match it.key() {
+            Some(key) => Some(parse_expiry_key(key)?.0),
+            None => None,
+        };
+        it.status().map_err(rocks("iterate"))?;
+        Ok(oldest.is_some_and(|at| at < now_ms.saturating_sub(DEDUP_WINDOW_MS)))
     }
 
     /// Bytes the channel rings hold now, counted as for [`Config::ring_bytes_max`] (never
@@ -1064,7 +1329,7 @@ impl ChatState {
         let Some(c) = view.channels.get(channel) else {
             return Ok(Vec::new());
         };
-        let from = from_seq.0.max(1);
+        let from = from_seq.0.max(c.floor);
         if limit == 0 || from > c.head {
             return Ok(Vec::new());
         }
@@ -1089,10 +1354,10 @@ impl ChatState {
             return Ok(Vec::new());
         };
         let last = c.head.min(before_seq.0.saturating_sub(1));
-        if limit == 0 || last == 0 {
+        if limit == 0 || last < c.floor {
             return Ok(Vec::new());
         }
-        let from = last.saturating_sub(limit - 1).max(1);
+        let from = last.saturating_sub(limit - 1).max(c.floor);
         read_range(view, channel, from, last)
     }
 
@@ -1272,6 +1537,15 @@ impl ChatState {
         if heads(&fresh.channels) != heads(&view.channels) {
             return Err(broken("in-memory channels differ from rocksdb".into()));
         }
+        let floors = |channels: &HashMap<String, ChannelView>| -> HashMap<String, u64> {
+            channels.iter().map(|(n, c)| (n.clone(), c.floor)).collect()
+        };
+        if floors(&fresh.channels) != floors(&view.channels)
+            || (&fresh.retention, fresh.default_retention, fresh.clock)
+                != (&view.retention, view.default_retention, view.clock)
+        {
+            return Err(broken("in-memory retention differs from rocksdb".into()));
+        }
         if (&fresh.records, &fresh.owned, &fresh.names) != (&view.records, &view.owned, &view.names)
         {
             return Err(broken(
@@ -1316,6 +1590,90 @@ fn duplicate(channel: &str, seq: u64, at_ms: u64) -> Sent {
 
 fn rocks(op: &'static str) -> impl Fn(rocksdb::Error) -> Error {
     move |source| Error::Rocks { op, source }
+}
+
+/// How many messages of `channel` from `floor` up (at most to `head`) in a row have an
+/// `at_ms` below `cutoff`, looking at no more than `scan_left` of them (and counting those
+/// looked at against it).
+fn count_older(
+    db: &DB,
+    channel: &str,
+    floor: u64,
+    head: u64,
+    cutoff: u64,
+    scan_left: &mut u64,
+) -> Result<u64, Error> {
+    let mut start = Vec::new();
+    format::message_key(&mut start, channel, floor);
+    let mut opts = ReadOptions::default();
+    opts.set_iterate_upper_bound(format::message_key_end(channel));
+    let mut it = db.raw_iterator_opt(opts);
+    it.seek(&start);
+    let mut older = 0;
+    while floor + older <= head && *scan_left > 0 {
+        let Some((key, value)) = it.item() else { break };
+        let (_, seq) = parse_message_key(key)?;
+        if seq != floor + older {
+            return Err(Error::Corrupt {
+                what: "channel",
+                reason: format!("{channel}: message {} missing above floor", floor + older),
+            });
+        }
+        *scan_left -= 1;
+        if decode_message_value(value)?.at_ms >= cutoff {
+            break;
+        }
+        older += 1;
+        it.next();
+    }
+    it.status().map_err(rocks("iterate"))?;
+    Ok(older)
+}
+
+/// Collects into `expiry` the dedup records stamped before `cutoff`, oldest first, at most
+/// [`EXPIRE_DEDUP_MAX`], and the dedup floors they raise.
+fn expire_dedup(store: &Store, cutoff: u64, expiry: &mut Expiry) -> Result<(), Error> {
+    let db = store.db();
+    let mut upper = vec![PREFIX_EXPIRY];
+    upper.extend_from_slice(&cutoff.to_be_bytes());
+    let mut opts = ReadOptions::default();
+    opts.set_iterate_upper_bound(upper);
+    let mut it = db.raw_iterator_opt(opts);
+    it.seek([PREFIX_EXPIRY]);
+    while let Some(key) = it.key() {
+        if expiry.dedup.len() as u64 == EXPIRE_DEDUP_MAX {
+            break;
+        }
+        let (_, id, client_seq) = parse_expiry_key(key)?;
+        let mut dedup = Vec::with_capacity(25);
+        format::dedup_key(&mut dedup, &id, client_seq);
+        expiry.dedup.push((key.to_vec(), dedup));
+        let floor = expiry.dedup_floors.entry(DedupId(id)).or_insert(0);
+        *floor = (*floor).max(client_seq);
+        it.next();
+    }
+    it.status().map_err(rocks("iterate"))?;
+    for (client, floor) in &mut expiry.dedup_floors {
+        *floor = (*floor).max(dedup_floor(store, *client).unwrap_or(0));
+    }
+    Ok(())
+}
+
+/// The highest client seq of `client` whose dedup record expired, if one did.
+///
+/// # Panics
+/// When RocksDB fails or the record is corrupt: only called inside `apply`.
+fn dedup_floor(store: &Store, client: DedupId) -> Option<u64> {
+    let mut key = Vec::with_capacity(17);
+    format::dedup_floor_key(&mut key, &client.0);
+    let value = store
+        .db()
+        .get_pinned(&key)
+        .unwrap_or_else(|e| panic!("rocksdb get failed in apply: {e}"));
+    value.map(|v| {
+        decode_u64_value(&v, "dedup floor")
+            .unwrap_or_else(|e| panic!("corrupt dedup floor in apply: {e}"))
+    })
 }
 
 /// Moves `channel`'s head to `head` and appends `new` (the newest messages of the batch, at
@@ -1409,7 +1767,7 @@ fn evict_rings(view: &mut View, ring_bytes_max: usize) {
     );
 }
 
-/// Reads seqs `from..=last` of `channel` (with `1 <= from <= last <= head`).
+/// Reads seqs `from..=last` of `channel` (with `floor <= from <= last <= head`).
 fn read_range(
     view: RwLockReadGuard<'_, View>,
     channel: &str,
@@ -1513,6 +1871,33 @@ fn load_view(store: Arc<Store>, ring_len: usize, ring_bytes_max: usize) -> Resul
         }
         records.insert(channel.to_owned(), record);
     }
+    for (key, value) in scan_prefix(db, PREFIX_FLOOR)? {
+        let c = std::str::from_utf8(&key[1..])
+            .ok()
+            .and_then(|name| channels.get_mut(name))
+            .ok_or_else(|| Error::Corrupt {
+                what: "floor",
+                reason: format!("floor of a channel without a head: {}", hex(&key)),
+            })?;
+        c.floor = decode_u64_value(&value, "floor")?;
+        if c.floor == 0 || c.floor > c.head + 1 {
+            return Err(Error::Corrupt {
+                what: "floor",
+                reason: format!("floor {} with head {} in {}", c.floor, c.head, hex(&key)),
+            });
+        }
+    }
+    let mut retention = HashMap::new();
+    for (key, value) in scan_prefix(db, PREFIX_RETENTION)? {
+        let channel = std::str::from_utf8(&key[1..])
+            .ok()
+            .filter(|c| is_valid_channel(c))
+            .ok_or_else(|| Error::Corrupt {
+                what: "retention",
+                reason: format!("bad channel in key {}", hex(&key)),
+            })?;
+        retention.insert(channel.to_owned(), decode_retention_value(&value)?);
+    }
     let names = channels.keys().chain(records.keys()).cloned().collect();
     let (ring_bytes, tick) = load_rings(db, &mut channels, ring_len, ring_bytes_max)?;
     let mut users = HashMap::new();
@@ -1540,6 +1925,14 @@ fn load_view(store: Arc<Store>, ring_len: usize, ring_bytes_max: usize) -> Resul
         Some(v) => Some(decode_bytes_value(&v, "join_secret")?.to_vec()),
         None => None,
     };
+    let default_retention = match get(META_RETENTION_DEFAULT)? {
+        Some(v) => decode_retention_value(&v)?,
+        None => Retention::FOREVER,
+    };
+    let clock = match get(META_CLOCK)? {
+        Some(v) => decode_u64_value(&v, "clock")?,
+        None => 0,
+    };
     let mut view = View {
         store,
         channels,
@@ -1551,6 +1944,9 @@ fn load_view(store: Arc<Store>, ring_len: usize, ring_bytes_max: usize) -> Resul
         last_applied,
         membership,
         applied_index,
+        retention,
+        default_retention,
+        clock,
         ring_bytes,
         tick: AtomicU64::new(tick),
     };
@@ -1575,7 +1971,7 @@ fn load_rings(
     }
     let mut by_age = Vec::with_capacity(channels.len());
     let mut key = Vec::new();
-    for (name, c) in channels.iter().filter(|(_, c)| c.head > 0) {
+    for (name, c) in channels.iter().filter(|(_, c)| c.floor <= c.head) {
         format::message_key(&mut key, name, c.head);
         let value = db.get(&key).map_err(rocks("get"))?;
         let value = value.ok_or_else(|| Error::Corrupt {
@@ -1590,7 +1986,7 @@ fn load_rings(
     let mut loaded = 0u64;
     for (_, name) in &by_age {
         let c = channels.get_mut(name).expect("listed above");
-        let from = c.head.saturating_sub(ring_len as u64 - 1).max(1);
+        let from = c.head.saturating_sub(ring_len as u64 - 1).max(c.floor);
         let mut entries: Vec<RingEntry> = read_db_range(db, name, from, c.head)?
             .into_iter()
             .map(RingEntry::from_message)
@@ -1658,7 +2054,7 @@ fn check_rings(view: &View, ring_len: usize, ring_bytes_max: usize) -> Result<()
     };
     let mut total = 0;
     for (name, c) in &view.channels {
-        if c.ring.len() as u64 > c.head.min(ring_len as u64) {
+        if c.ring.len() as u64 > (c.head + 1 - c.floor).min(ring_len as u64) {
             return Err(broken(format!("{name}: {} entries", c.ring.len())));
         }
         if c.heap_bytes != c.ring.iter().map(RingEntry::heap_bytes).sum::<usize>() {
@@ -1685,28 +2081,33 @@ fn check_rings(view: &View, ring_len: usize, ring_bytes_max: usize) -> Result<()
     Ok(())
 }
 
-/// Checks that the stored messages are exactly seqs `1..=head` of each known channel.
+/// Checks that the stored messages are exactly seqs `floor..=head` of each known channel.
 fn check_dense(db: &DB, channels: &HashMap<String, ChannelView>) -> Result<(), Error> {
-    let mut counts: HashMap<String, u64> = HashMap::new();
+    // Per channel with messages: (lowest seq, highest seq), checked dense on the way.
+    let mut ranges: HashMap<String, (u64, u64)> = HashMap::new();
     let mut opts = ReadOptions::default();
     opts.set_iterate_upper_bound(vec![PREFIX_MESSAGE + 1]);
     let mut it = db.raw_iterator_opt(opts);
     it.seek([PREFIX_MESSAGE]);
     while let Some((key, _)) = it.item() {
         let (channel, seq) = parse_message_key(key)?;
-        let count = counts.entry(channel.to_owned()).or_insert(0);
-        *count += 1;
-        if seq != *count {
+        let range = ranges.entry(channel.to_owned()).or_insert((seq, seq - 1));
+        if seq != range.1 + 1 {
             return Err(Error::Corrupt {
                 what: "channel",
-                reason: format!("{channel}: found seq {seq} where {count} belongs"),
+                reason: format!("{channel}: found seq {seq} where {} belongs", range.1 + 1),
             });
         }
+        range.1 = seq;
         it.next();
     }
     it.status().map_err(rocks("iterate"))?;
-    let heads: HashMap<String, u64> = channels.iter().map(|(n, c)| (n.clone(), c.head)).collect();
-    if counts != heads {
+    let heads: HashMap<String, (u64, u64)> = channels
+        .iter()
+        .filter(|(_, c)| c.floor <= c.head)
+        .map(|(n, c)| (n.clone(), (c.floor, c.head)))
+        .collect();
+    if ranges != heads {
         return Err(Error::Corrupt {
             what: "channel",
             reason: "message counts differ from heads".into(),
@@ -1773,6 +2174,17 @@ fn dump_pair(out: &mut String, key: &[u8], value: &[u8]) -> Result<(), Error> {
             )
         }
         PREFIX_USER => format!("user {} {}", name(), hex(&decode_user_value(value)?)),
+        PREFIX_EXPIRY => {
+            let (at_ms, id, client_seq) = parse_expiry_key(key)?;
+            format!("expiry at={at_ms} {}/{client_seq}", hex(&id))
+        }
+        PREFIX_DEDUP_FLOOR => format!(
+            "dedup-floor {} {}",
+            hex(&key[1..]),
+            decode_u64_value(value, "dedup floor")?
+        ),
+        PREFIX_FLOOR => format!("floor {} {}", name(), decode_u64_value(value, "floor")?),
+        PREFIX_RETENTION => format!("retention {} {}", name(), decode_retention_value(value)?),
         PREFIX_CHANNEL => {
             let r = decode_channel_value(value)?;
             let list = |set: &BTreeSet<String>| set.iter().cloned().collect::<Vec<_>>().join(",");

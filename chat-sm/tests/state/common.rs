@@ -95,7 +95,8 @@ pub fn apply(state: &ChatState, entries: &[(u64, TestEntry)]) -> Vec<ChatRespons
     responses
 }
 
-/// Numbers `log` from `first_index` and applies it in calls of the given sizes (cycled).
+/// Numbers `log` from `first_index` and applies it in calls of the given sizes (cycled), each
+/// `Expire` in a call of its own as the state machine requires.
 pub fn apply_log(
     state: &ChatState,
     log: &[TestEntry],
@@ -112,7 +113,12 @@ pub fn apply_log(
     let mut rest = numbered.as_slice();
     let mut sizes = chunks.iter().copied().cycle();
     while !rest.is_empty() {
-        let n = sizes.next().unwrap_or(1).clamp(1, rest.len());
+        let mut n = sizes.next().unwrap_or(1).clamp(1, rest.len());
+        let is_expire =
+            |(_, e): &(u64, TestEntry)| matches!(e, TestEntry::Cmd(Command::Expire { .. }));
+        if let Some(at) = rest[..n].iter().position(is_expire) {
+            n = at.max(1);
+        }
         out.extend(apply(state, &rest[..n]));
         rest = &rest[n..];
     }

@@ -191,6 +191,7 @@ fn model_channel_op(
             }
             r
         }
+        ChannelOp::SetRetention(_) => unreachable!("not generated here: see retention.rs"),
         ChannelOp::Remove(user) => {
             let mut r = current.expect("private checked");
             if r.owner.as_deref() == Some(user.as_str()) {
@@ -287,6 +288,9 @@ fn model(log: &[TestEntry]) -> Vec<ChatResponse> {
                     Ok(()) => ChatResponse::ChannelUpdated,
                     Err(r) => ChatResponse::Rejected(r),
                 }
+            }
+            TestEntry::Cmd(Command::Expire { .. } | Command::SetDefaultRetention(_)) => {
+                unreachable!("not generated here: see retention.rs")
             }
             TestEntry::Cmd(Command::SetJoinSecret(secret)) => {
                 if (16..=64).contains(&secret.0.len()) {

@@ -1,0 +1,248 @@
+//! Retention: how long a channel keeps its messages, and how long a send's dedup record
+//! lives.
+//!
+//! # Who decides
+//! Expiry is a replicated command, [`crate::Command::Expire`], that the leader proposes now and
+//! then with its wall clock. The state machine keeps a clock of its own, the largest `at_ms`
+//! of every `Expire` applied, and expires by that clock alone: never by the applying node's
+//! clock, so every replica removes exactly the same messages at exactly the same log index.
+//! An `Expire` is applied alone (see [`crate::ChatState::apply`]), so what it removes does not
+//! depend on how the adapter batches entries.
+//!
+//! # What expires
+//! A channel's effective retention is its own ([`crate::ChannelOp::SetRetention`], set by its
+//! owner) or else the cluster default ([`crate::Command::SetDefaultRetention`]); without
+//! either, messages are kept forever. Each channel keeps a *floor*: the lowest seq still
+//! stored. An `Expire` raises it past
+//! - every seq more than `max_count` below the head, and
+//! - the longest run of messages from the floor up whose `at_ms` is older than `max_age_ms`
+//!   by the state machine's clock. The run stops at the first younger message, so what is
+//!   removed is always a prefix: seqs stay dense from the floor to the head, and a message
+//!   stamped early by a leader with a slow clock waits for the ones before it.
+//!
+//! Readers never see a seq below the floor again. Seqs keep growing from the head; a channel
+//! whose every message expired keeps its head, so a new message never reuses a seq.
+//!
+//! # Dedup records
+//! A send's dedup record lives [`DEDUP_WINDOW_MS`] past its `at_ms`. When it expires, the
+//! client's *dedup floor* rises to its client seq; a later send at or below that floor has no
+//! record to answer "duplicate" from, so it is refused with
+//! [`crate::RejectReason::RetryExpired`] instead of being stored twice. Dedup floors are
+//! never removed: one 25-byte record per (sender, client id) ever used, instead of one per
+//! message.
+//!
+//! # Bounded passes
+//! One `Expire` removes at most [`EXPIRE_SCAN_MAX`] messages found by age and at most
+//! [`EXPIRE_DEDUP_MAX`] dedup records, so a large backlog (a retention just shortened) is
+//! worked off over several passes instead of stalling applies for seconds. Removing by count
+//! is one range delete and needs no bound.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::RejectReason;
+
+/// How long after its `at_ms` a dedup record expires: 24 hours, far beyond any client's retry
+/// horizon (clients give up on a send within minutes).
+pub const DEDUP_WINDOW_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// Shortest accepted [`Retention::max_age_ms`]: one minute. Anything shorter would expire
+/// messages before slow readers have seen them.
+pub const RETENTION_AGE_MIN_MS: u64 = 60 * 1000;
+
+/// Longest accepted [`Retention::max_age_ms`]: 100 years (beyond that, say "forever").
+pub const RETENTION_AGE_MAX_MS: u64 = 100 * 365 * 24 * 60 * 60 * 1000;
+
+/// Most messages one `Expire` examines by age.
+pub const EXPIRE_SCAN_MAX: u64 = 100_000;
+
+/// Most dedup records one `Expire` removes.
+pub const EXPIRE_DEDUP_MAX: u64 = 100_000;
+
+/// A retention policy. Both limits may be set; a message goes when either says so. Neither set
+/// means "keep forever" (which, set on a channel, overrides the cluster default).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Retention {
+    /// Messages older than this, by the state machine's clock, expire. Unit: ms.
+    pub max_age_ms: Option<u64>,
+    /// At most this many of the newest messages are kept.
+    pub max_count: Option<u64>,
+}
+
+impl Retention {
+    /// Keep everything.
+    pub const FOREVER: Retention = Retention {
+        max_age_ms: None,
+        max_count: None,
+    };
+
+    /// Whether the policy never expires anything.
+    pub fn is_forever(&self) -> bool {
+        self.max_age_ms.is_none() && self.max_count.is_none()
+    }
+
+    /// Checks the bounds: an age within
+    /// [`RETENTION_AGE_MIN_MS`]..=[`RETENTION_AGE_MAX_MS`], a count of at least 1.
+    ///
+    /// # Errors
+    /// [`RejectReason::InvalidRetention`].
+    pub fn validate(&self) -> Result<(), RejectReason> {
+        if let Some(age) = self.max_age_ms {
+            if !(RETENTION_AGE_MIN_MS..=RETENTION_AGE_MAX_MS).contains(&age) {
+                return Err(RejectReason::InvalidRetention);
+            }
+        }
+        if self.max_count == Some(0) {
+            return Err(RejectReason::InvalidRetention);
+        }
+        Ok(())
+    }
+
+    /// The lowest seq this policy keeps of a channel whose head is `head`, by count alone.
+    pub(crate) fn count_floor(&self, head: u64) -> u64 {
+        match self.max_count {
+            Some(n) => head.saturating_sub(n) + 1,
+            None => 1,
+        }
+    }
+
+    /// Messages with `at_ms` below this are old enough to expire at `clock`; 0 when age does
+    /// not limit.
+    pub(crate) fn age_cutoff(&self, clock: u64) -> u64 {
+        match self.max_age_ms {
+            Some(age) => clock.saturating_sub(age),
+            None => 0,
+        }
+    }
+}
+
+/// "forever", "24h", "1000 messages", "7d or 5000 messages".
+impl fmt::Display for Retention {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.max_age_ms, self.max_count) {
+            (None, None) => f.write_str("forever"),
+            (Some(age), None) => f.write_str(&format_age(age)),
+            (None, Some(n)) => write!(f, "{n} messages"),
+            (Some(age), Some(n)) => write!(f, "{} or {n} messages", format_age(age)),
+        }
+    }
+}
+
+/// An age in the largest unit that divides it: "7d", "36h", "90m", "61s".
+fn format_age(ms: u64) -> String {
+    const UNITS: [(u64, &str); 4] = [
+        (24 * 60 * 60 * 1000, "d"),
+        (60 * 60 * 1000, "h"),
+        (60 * 1000, "m"),
+        (1000, "s"),
+    ];
+    for (unit, name) in UNITS {
+        if ms.is_multiple_of(unit) {
+            return format!("{}{name}", ms / unit);
+        }
+    }
+    format!("{ms}ms")
+}
+
+/// Parses a policy as operators and users type it: `forever` (or `off`), an age such as
+/// `90m`, `24h`, `7d`, `2w`, a count such as `1000` or `1000msgs`, or both joined by `,`
+/// (`7d,5000`). The result is validated.
+///
+/// # Errors
+/// A sentence saying what is wrong and what is accepted.
+pub fn parse_retention(text: &str) -> Result<Retention, String> {
+    let text = text.trim().to_ascii_lowercase();
+    if text == "forever" || text == "off" {
+        return Ok(Retention::FOREVER);
+    }
+    let mut policy = Retention::FOREVER;
+    for part in text.split(',').map(str::trim) {
+        let bad = || {
+            format!(
+                "cannot read retention {part:?}: use an age (90m, 24h, 7d, 2w), a message count \
+                 (1000), both (7d,1000), or forever"
+            )
+        };
+        let digits = part.trim_end_matches(|c: char| !c.is_ascii_digit());
+        let unit = &part[digits.len()..];
+        let n: u64 = digits.parse().map_err(|_| bad())?;
+        let unit_ms: Option<u64> = match unit {
+            "" | "msgs" | "messages" | "msg" => None,
+            "s" => Some(1000),
+            "m" | "min" => Some(60 * 1000),
+            "h" => Some(60 * 60 * 1000),
+            "d" => Some(24 * 60 * 60 * 1000),
+            "w" => Some(7 * 24 * 60 * 60 * 1000),
+            _ => return Err(bad()),
+        };
+        match unit_ms {
+            Some(ms) if policy.max_age_ms.is_none() => {
+                policy.max_age_ms = Some(n.checked_mul(ms).ok_or_else(bad)?)
+            }
+            None if policy.max_count.is_none() => policy.max_count = Some(n),
+            _ => return Err(format!("retention {text:?} gives the same limit twice")),
+        }
+    }
+    policy.validate().map_err(|_| {
+        format!(
+            "retention {text:?} is out of bounds: an age from 1m to 100 years, a count of at \
+             least 1"
+        )
+    })?;
+    Ok(policy)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use test_case::test_case;
+
+    #[test_case("24h" => Ok(Retention { max_age_ms: Some(86_400_000), max_count: None }))]
+    #[test_case("1000" => Ok(Retention { max_age_ms: None, max_count: Some(1000) }))]
+    #[test_case("7d, 500msgs" => Ok(Retention { max_age_ms: Some(604_800_000), max_count: Some(500) }))]
+    #[test_case("forever" => Ok(Retention::FOREVER))]
+    #[test_case("OFF" => Ok(Retention::FOREVER))]
+    fn parses(text: &str) -> Result<Retention, String> {
+        parse_retention(text)
+    }
+
+    #[test_case("" ; "empty")]
+    #[test_case("24x" ; "unknown unit")]
+    #[test_case("30s" ; "under a minute")]
+    #[test_case("0" ; "no messages")]
+    #[test_case("1h,2h" ; "two ages")]
+    #[test_case("99999999999999999w" ; "overflow")]
+    fn refuses(text: &str) {
+        assert!(parse_retention(text).is_err());
+    }
+
+    #[test]
+    fn displays_what_it_parses() {
+        for text in [
+            "36h",
+            "7d",
+            "90m",
+            "1000 messages",
+            "2d or 10 messages",
+            "forever",
+        ] {
+            let policy = parse_retention(&text.replace(" or ", ",").replace(" messages", ""))
+                .expect("parses");
+            assert_eq!(policy.to_string(), text);
+        }
+    }
+
+    #[test]
+    fn count_and_age_floors() {
+        let p = Retention {
+            max_age_ms: Some(60_000),
+            max_count: Some(10),
+        };
+        assert_eq!(p.count_floor(5), 1);
+        assert_eq!(p.count_floor(25), 16);
+        assert_eq!(p.age_cutoff(100_000), 40_000);
+        assert_eq!(p.age_cutoff(1_000), 0);
+        assert_eq!(Retention::FOREVER.count_floor(1_000), 1);
+    }
+}
