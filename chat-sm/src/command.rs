@@ -209,7 +209,7 @@ impl std::fmt::Display for Command {
                 write!(f, "channel-{op}({channel})")
             }
             Command::Expire { at_ms } => write!(f, "expire(at {at_ms})"),
-            Command::SetDefaultRetention(r) => write!(f, "set-default-retention({r})"),
+            Command::SetDefaultRetention(r) => write!(f, "set-default-retention({r:?})"),
         }
     }
 }

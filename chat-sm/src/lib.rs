@@ -80,8 +80,8 @@ pub use command::{
     MAX_BATCH_SENDS, MAX_BODY_BYTES, MAX_CHANNEL_BYTES, MAX_SENDER_BYTES,
 };
 pub use retention::{
-    parse_retention, Retention, DEDUP_WINDOW_MS, EXPIRE_DEDUP_MAX, EXPIRE_SCAN_MAX,
-    RETENTION_AGE_MAX_MS, RETENTION_AGE_MIN_MS,
+    Retention, DEDUP_WINDOW_MS, EXPIRE_DEDUP_MAX, EXPIRE_SCAN_MAX, RETENTION_AGE_MAX_MS,
+    RETENTION_AGE_MIN_MS,
 };
 pub use snapshot::{read_snapshot_info, verify_snapshot, SnapshotContents, SnapshotInfo};
 pub use state::{

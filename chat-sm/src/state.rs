@@ -2184,7 +2184,7 @@ fn dump_pair(out: &mut String, key: &[u8], value: &[u8]) -> Result<(), Error> {
             decode_u64_value(value, "dedup floor")?
         ),
         PREFIX_FLOOR => format!("floor {} {}", name(), decode_u64_value(value, "floor")?),
-        PREFIX_RETENTION => format!("retention {} {}", name(), decode_retention_value(value)?),
+        PREFIX_RETENTION => format!("retention {} {:?}", name(), decode_retention_value(value)?),
         PREFIX_CHANNEL => {
             let r = decode_channel_value(value)?;
             let list = |set: &BTreeSet<String>| set.iter().cloned().collect::<Vec<_>>().join(",");

@@ -154,6 +154,19 @@ pub enum RejectReason {
     /// The owner cannot leave their private channel.
     #[error("the owner cannot leave the channel")]
     OwnerCannotLeave,
+    /// A retention outside the bounds.
+    #[error("retention out of bounds: an age from 1 minute to 100 years, a count of at least 1")]
+    InvalidRetention,
+    /// A retry of a send first made longer ago than the node remembers sends: it may have been
+    /// stored then, so it is not stored again.
+    #[error(
+        "this retry comes more than {window_hours} h after the first attempt: it was not stored \
+         again (it may have been stored then; look in the channel's history)"
+    )]
+    RetryExpired {
+        /// How long sends are remembered for retries, in hours.
+        window_hours: u64,
+    },
 }
 
 #[cfg(test)]

@@ -34,6 +34,7 @@ mod error;
 mod login;
 pub mod node_name;
 pub mod push;
+mod retention;
 mod service;
 pub mod tls;
 mod transport;
@@ -42,6 +43,7 @@ mod types;
 pub use codec::Postcard;
 pub use error::{ApiError, RejectReason};
 pub use login::login_message;
+pub use retention::{Retention, RETENTION_AGE_MAX_MS, RETENTION_AGE_MIN_MS};
 pub use service::{
     check_hello, connect_chat, deadline_for, wait_budget, Chat, ChatClient, ChatClientTransport,
     ChatRequest, ChatResponse, ChatServerTransport, ServeChat, CHAT_REQUEST_BYTES_MAX,

@@ -24,8 +24,9 @@ use crate::{
 ///
 /// Version 3: `WireMessage` no longer carries the sender's client id, and `stream`, `history`
 /// and `channels` need a login. Version 4: channel records (private channels, invitations,
-/// crypto records), a paged channel list, and users' registered keys.
-pub const PROTOCOL_VERSION: u16 = 4;
+/// crypto records), a paged channel list, and users' registered keys. Version 5: retention
+/// (a channel change, the channel detail's retention and floor, and two rejections).
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Largest request frame a node reads on the chat service, in bytes (64 KiB): a send carries
 /// at most a 16 KiB body, so anything larger is refused from its length prefix, logged in or

@@ -222,6 +222,9 @@ pub enum ChannelChange {
     Accept,
     /// The owner removes a member or invitation, or a user removes themselves.
     Remove(String),
+    /// The owner sets how long the channel keeps its messages, or (`None`) lets it follow
+    /// the cluster default.
+    SetRetention(Option<crate::Retention>),
 }
 
 /// A [`ChannelChange`] to apply to a channel.
@@ -253,6 +256,12 @@ pub struct ChannelDetail {
     pub invited: Vec<String>,
     /// The public part of its end-to-end encryption, if set.
     pub crypto: Option<Vec<u8>>,
+    /// The channel's own retention, if its owner set one.
+    pub retention: Option<crate::Retention>,
+    /// The cluster's default retention, in force when the channel has none of its own.
+    pub default_retention: crate::Retention,
+    /// The oldest seq still stored; older messages expired. 1 until something expires.
+    pub floor: u64,
 }
 
 /// A user's registered public key, as the answering node knows it.
