@@ -390,10 +390,18 @@ pub struct ChatServer {
     source: Option<AddrKey>,
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A retention as the wire carries it.
+fn wire_retention(r: chat_sm::Retention) -> proto::Retention {
+    proto::Retention {
+        max_age_ms: r.max_age_ms,
+        max_count: r.max_count,
+    }
 }
 
 /// A state machine rejection as the wire says it.
@@ -426,6 +434,10 @@ pub(crate) fn rejected(reason: chat_sm::RejectReason) -> ApiError {
         R::CryptoAlreadySet => RejectReason::CryptoAlreadySet,
         R::CryptoTooLarge { .. } => malformed("crypto record"),
         R::OwnerCannotLeave => RejectReason::OwnerCannotLeave,
+        R::InvalidRetention => RejectReason::InvalidRetention,
+        R::RetryExpired => RejectReason::RetryExpired {
+            window_hours: chat_sm::DEDUP_WINDOW_MS / 3_600_000,
+        },
     })
 }
 
@@ -846,11 +858,15 @@ impl proto::Chat for ChatServer {
             invited: record.invited.contains(&user),
             encrypted: record.crypto.is_some(),
         };
+        let retention = chat.retention(&info.name);
         Ok(ChannelDetail {
             info,
             members: record.members.into_iter().collect(),
             invited: record.invited.into_iter().collect(),
             crypto: record.crypto,
+            retention: retention.own.map(wire_retention),
+            default_retention: wire_retention(retention.default),
+            floor: retention.floor.0,
         })
     }
 
@@ -871,6 +887,12 @@ impl proto::Chat for ChatServer {
             ChannelChange::Invite(name) => chat_sm::ChannelOp::Invite(name),
             ChannelChange::Accept => chat_sm::ChannelOp::Accept,
             ChannelChange::Remove(name) => chat_sm::ChannelOp::Remove(name),
+            ChannelChange::SetRetention(retention) => {
+                chat_sm::ChannelOp::SetRetention(retention.map(|r| chat_sm::Retention {
+                    max_age_ms: r.max_age_ms,
+                    max_count: r.max_count,
+                }))
+            }
         };
         let command = Command::Channel {
             channel: req.channel,

@@ -298,6 +298,11 @@ pub struct Backups {
 }
 
 impl Backups {
+    /// The chat state the sessions are cut from.
+    pub(crate) fn chat(&self) -> &Arc<ChatState> {
+        self.state.chat()
+    }
+
     /// The sessions of node `id`, cut from `state`; a task drops idle ones until the returned
     /// value is dropped.
     pub fn new(

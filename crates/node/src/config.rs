@@ -56,6 +56,9 @@ pub struct Config {
     /// writes and elections and, when leading, hands leadership over until it returns
     /// (`handover.rs`). Default 500; 50 to 60000.
     pub disk_stall_ms: u64,
+    /// How often the leader proposes an expiry when retention or old dedup records call for
+    /// one (see `retention.rs`), in ms. Default 10000; 100 to 3600000.
+    pub expire_interval_ms: u64,
     /// Build a snapshot after this many applied entries. Default 10000; at least 2.
     pub snapshot_every_entries: u64,
     /// Entries kept in the log after a snapshot, so briefly lagging followers need no
@@ -145,6 +148,7 @@ impl Config {
             election_timeout_ms_min: 120,
             election_timeout_ms_max: 240,
             disk_stall_ms: 500,
+            expire_interval_ms: 10_000,
             snapshot_every_entries: 10_000,
             log_keep_entries: 1000,
             wal_segment_mib: 64,
@@ -224,6 +228,12 @@ impl Config {
             return Err(format!(
                 "disk stall threshold {} ms must be 50 to 60000",
                 self.disk_stall_ms
+            ));
+        }
+        if !(100..=3_600_000).contains(&self.expire_interval_ms) {
+            return Err(format!(
+                "expire interval {} ms must be 100 to 3600000",
+                self.expire_interval_ms
             ));
         }
         if self.snapshot_every_entries < 2 {

@@ -38,6 +38,7 @@ mod push;
 mod raft;
 mod raft_rpc;
 mod reconcile;
+mod retention;
 mod server;
 mod snapshot_file;
 mod snapshot_transfer;
@@ -65,11 +66,12 @@ pub use name::{default_name, validate_name, NameError, NAME_LEN_MAX};
 pub use proposer::{ProposeError, Proposed, Proposer, ProposerConfig};
 pub use raft::{metrics_now, start_raft, Raft};
 pub use raft_rpc::{
-    connect_raft, request_enroll, request_leave, request_members, request_remove, request_rotate,
-    AdminCredential, BackupClient, Dialer, EnrollError, EnrollReply, EnrollRequest, JoinCallError,
-    Network, RaftRpcClient, RaftRpcServer, WrongNode,
+    connect_raft, request_default_retention, request_enroll, request_leave, request_members,
+    request_remove, request_rotate, AdminCredential, BackupClient, Dialer, EnrollError,
+    EnrollReply, EnrollRequest, JoinCallError, Network, RaftRpcClient, RaftRpcServer, WrongNode,
 };
 pub use reconcile::{reconcile, Reconciled};
+pub use retention::RetentionRequest;
 pub use server::{Server, ServerError};
 pub use snapshot_file::SnapshotFile;
 pub use snapshot_transfer::{SnapshotChunk, SnapshotReceiver, TransferError};

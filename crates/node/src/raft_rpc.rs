@@ -48,6 +48,7 @@ use crate::join_secret::{self, RotateRequest};
 use crate::leader_watch::{InboundConn, LeaderWatch};
 use crate::pki::{NodeTls, RemotePublicKey};
 use crate::raft::Raft;
+use crate::retention::{self, RetentionRequest};
 use crate::snapshot_file::SnapshotFile;
 use crate::snapshot_transfer::{self, SnapshotChunk, SnapshotReceiver, TransferError};
 use crate::types::{Member, NodeId, Snapshot, TypeConfig, Vote};
@@ -216,6 +217,13 @@ pub trait RaftRpc {
         admin: AdminCredential,
         req: BackupRead,
     ) -> Result<Result<Vec<u8>, JoinError>, WrongNode>;
+    /// Asks the leader for the cluster's default retention, replacing it first if the request
+    /// says so (see `retention::handle_default_retention`).
+    async fn default_retention(
+        to: NodeId,
+        admin: AdminCredential,
+        req: RetentionRequest,
+    ) -> Result<Result<proto::Retention, JoinError>, WrongNode>;
 }
 
 /// What the membership rule needs to know of the receiver.
@@ -651,6 +659,18 @@ impl RaftRpc for RaftRpcServer {
         self.check_admin(to, &admin)?;
         Ok(self.backups.read(&req).await)
     }
+
+    async fn default_retention(
+        self,
+        _: context::Context,
+        to: NodeId,
+        admin: AdminCredential,
+        req: RetentionRequest,
+    ) -> Result<Result<proto::Retention, JoinError>, WrongNode> {
+        self.check_admin(to, &admin)?;
+        let chat = self.backups.chat();
+        Ok(retention::handle_default_retention(&self.raft, chat, &self.cluster, &req).await)
+    }
 }
 
 /// How long a join request may take (adding a learner commits a membership entry).
@@ -778,6 +798,24 @@ pub async fn request_rotate(
 ) -> Result<String, JoinCallError> {
     admin_call(dialer, addr, to, JOIN_TIMEOUT, |client, ctx| async move {
         client.rotate_token(ctx, to, admin, request).await
+    })
+    .await
+}
+
+/// Asks node `to` (the leader) at `addr` for the cluster's default retention, setting it first
+/// when `request.set` is given; answers the default in force.
+///
+/// # Errors
+/// [`JoinCallError`]; `NotLeader` names the leader to ask.
+pub async fn request_default_retention(
+    dialer: &Dialer,
+    admin: AdminCredential,
+    addr: SocketAddr,
+    to: NodeId,
+    request: RetentionRequest,
+) -> Result<proto::Retention, JoinCallError> {
+    admin_call(dialer, addr, to, JOIN_TIMEOUT, |client, ctx| async move {
+        client.default_retention(ctx, to, admin, request).await
     })
     .await
 }

@@ -512,6 +512,11 @@ impl Server {
                 ConnLimiter::observed(client_limits, metrics.refusal_observer("client")),
             ),
             tokio::spawn(follow_secret),
+            tokio::spawn(crate::retention::expire_loop(
+                raft.clone(),
+                shared.chat.clone(),
+                Duration::from_millis(config.expire_interval_ms),
+            )),
             tokio::spawn(metrics::count_leader_changes(
                 metrics.clone(),
                 raft.metrics(),

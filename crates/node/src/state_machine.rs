@@ -230,6 +230,14 @@ impl StateMachine {
     }
 }
 
+/// Whether `entry` is a [`chat_sm::Command::Expire`], which chat-sm applies alone.
+fn is_expire(entry: &Entry) -> bool {
+    matches!(
+        &entry.payload,
+        EntryPayload::Normal(chat_sm::Command::Expire { .. })
+    )
+}
+
 /// Turns openraft entries into chat-sm apply entries plus the raft meta for the batch.
 fn to_apply_batch(entries: &[Entry]) -> (Vec<ApplyEntry<'_>>, RaftMeta) {
     let mut membership = None;
@@ -278,7 +286,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok((last_applied, membership))
     }
 
-    /// Applies every entry openraft hands over in one RocksDB batch, then answers each.
+    /// Applies the entries openraft hands over in one RocksDB batch (each expiry in one of its
+    /// own), then answers each.
     #[tracing::instrument(level = "debug", skip_all)]
     async fn apply<S>(&mut self, mut entries: S) -> io::Result<()>
     where
@@ -294,11 +303,21 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if batch_entries.is_empty() {
             return Ok(());
         }
-        let (batch, meta) = to_apply_batch(&batch_entries);
         let started = Instant::now();
         // A RocksDB write failure inside apply panics in chat-sm: an error only this replica
-        // saw would make replicas diverge.
-        let responses = self.inner.chat.apply(&batch, meta);
+        // saw would make replicas diverge. An expiry is applied alone (chat-sm's rule), so the
+        // entries go in runs split around each one.
+        let mut responses = Vec::with_capacity(batch_entries.len());
+        let mut start = 0;
+        for end in 0..batch_entries.len() {
+            let alone = is_expire(&batch_entries[end]);
+            let next = batch_entries.get(end + 1).is_some_and(is_expire);
+            if alone || next || end + 1 == batch_entries.len() {
+                let (batch, meta) = to_apply_batch(&batch_entries[start..=end]);
+                responses.extend(self.inner.chat.apply(&batch, meta));
+                start = end + 1;
+            }
+        }
         if let Some(metrics) = &self.metrics {
             metrics.observe_apply(batch_entries.len(), started.elapsed());
         }
