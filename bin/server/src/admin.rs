@@ -1,5 +1,5 @@
 //! The operator subcommands: `status` (what discovery hears), `token`, and `members`,
-//! `remove-node`, `leave` and `token --rotate`, which go over the Raft RPC admin path to the leader (found through discovery,
+//! `remove-node`, `leave`, `token --rotate` and `retention`, which go over the Raft RPC admin path to the leader (found through discovery,
 //! following NotLeader hints) or to the node that leaves.
 
 use std::collections::BTreeMap;
@@ -74,6 +74,22 @@ pub(crate) struct TokenArgs {
     wait_ms: u64,
 }
 
+#[derive(Args, Debug)]
+pub(crate) struct RetentionArgs {
+    /// Set the cluster default to this: an age (24h, 7d, 2w), a message count (1000), both
+    /// (7d,1000), or forever. Channels whose owner set a retention keep theirs. Without it,
+    /// print the default.
+    #[arg(long, value_parser = proto::Retention::parse)]
+    set: Option<proto::Retention>,
+    /// Data directory of a node of the cluster, for its join token (default: the cluster
+    /// directory under --data-root).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// How long to listen for the cluster's announcements, in ms.
+    #[arg(long, default_value_t = 1000)]
+    wait_ms: u64,
+}
+
 /// What an operator command proves itself with: the admin credential derived from the join
 /// token, and a TLS config that accepts only the token's CA.
 pub(crate) struct Auth {
@@ -127,6 +143,22 @@ pub(crate) async fn token(net: &NetArgs, args: &TokenArgs) -> anyhow::Result<()>
             format!("rotating the join secret through leader {leader} (the old token still works)")
         })?;
     println!("{token}");
+    Ok(())
+}
+
+/// `server retention`: prints the cluster's default retention, setting it first with --set.
+pub(crate) async fn retention(net: &NetArgs, args: &RetentionArgs) -> anyhow::Result<()> {
+    let auth = auth(net, args.data_dir.as_deref())?;
+    let (leader, addr, _) = leader_members(net, &auth, args.wait_ms).await?;
+    let request = node::RetentionRequest {
+        cluster: net.cluster.clone(),
+        set: args.set,
+    };
+    let retention =
+        node::request_default_retention(&auth.dialer, auth.admin, addr, leader, request)
+            .await
+            .with_context(|| format!("asking leader {leader} for the default retention"))?;
+    println!("default retention: {retention}");
     Ok(())
 }
 

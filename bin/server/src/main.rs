@@ -64,6 +64,9 @@ enum Command {
     /// another machine to join, or to operator commands run elsewhere. Read from the data dir
     /// of a node on this machine; it is a secret. With --rotate, replace its secret.
     Token(admin::TokenArgs),
+    /// Print the cluster's default retention (how long channels without their own keep
+    /// messages), or set it with --set.
+    Retention(admin::RetentionArgs),
     /// Write a consistent backup of the running cluster's chat state (channels, messages,
     /// users, channel records, dedup records) at a committed index into one checksummed file.
     /// It holds no secret material; see `verify` and `restore`.
@@ -195,6 +198,10 @@ struct RunArgs {
     /// writes and, when leading, hands leadership to another voter until the fsync returns.
     #[arg(long, env = "CELLCHAT_DISK_STALL_MS", default_value_t = 500)]
     disk_stall_ms: u64,
+    /// How often (ms) the leader proposes an expiry while retention is set or dedup records
+    /// are past their 24 h window; expired messages go within about this long.
+    #[arg(long, env = "CELLCHAT_EXPIRE_INTERVAL_MS", default_value_t = 10_000)]
+    expire_interval_ms: u64,
     /// Take a snapshot (and purge the log below it) every N applied entries.
     #[arg(long, env = "CELLCHAT_SNAPSHOT_EVERY", default_value_t = 10_000)]
     snapshot_every: u64,
@@ -299,6 +306,7 @@ fn main() -> anyhow::Result<()> {
         }
         Some(Command::Leave(args)) => runtime.block_on(admin::leave(&cli.run.net, &args)),
         Some(Command::Token(args)) => runtime.block_on(admin::token(&cli.run.net, &args)),
+        Some(Command::Retention(args)) => runtime.block_on(admin::retention(&cli.run.net, &args)),
         Some(Command::Backup(args)) => runtime.block_on(backup_cmd::backup(&cli.run.net, &args)),
         Some(Command::Verify(args)) => backup_cmd::verify(&args),
         Some(Command::Restore(args)) => backup_cmd::restore(&args),
@@ -379,6 +387,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     config.election_timeout_ms_min = args.election_min_ms;
     config.election_timeout_ms_max = args.election_max_ms;
     config.disk_stall_ms = args.disk_stall_ms;
+    config.expire_interval_ms = args.expire_interval_ms;
     config.snapshot_every_entries = args.snapshot_every;
     config.log_keep_entries = args.log_keep;
     config.wal_segment_mib = args.wal_segment_mib;
