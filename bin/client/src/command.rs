@@ -49,6 +49,10 @@ pub enum Input {
     Remove(String),
     /// `/members`: the current channel's owner, members and invitations.
     Members,
+    /// `/retention`: how long the current channel keeps its messages.
+    RetentionShow,
+    /// `/retention POLICY|default`: the owner sets it; `None` follows the cluster default.
+    RetentionSet(Option<proto::Retention>),
     /// `/help`.
     Help,
     /// `/quit`.
@@ -75,6 +79,9 @@ commands:
   /accept #chan      accept an invitation and switch to that channel
   /remove NAME       remove a member or invitation; /remove yourself to quit a private channel
   /members           who owns this channel, who is in it, who is invited
+  /retention [24h|1000|7d,1000|forever|default]
+                     show how long this channel keeps messages; its owner sets an age, a
+                     count, both, forever, or the cluster default
   /help              this text
   /quit              leave (Ctrl-D works too)
 anything else is sent as a message to the current channel; start a message with // to send
@@ -129,6 +136,11 @@ pub fn parse(line: &str) -> Result<Input, String> {
         "accept" => parse_channel(rest).map(Input::Accept),
         "remove" | "kick" => parse_user(rest, "remove").map(Input::Remove),
         "members" => no_args(Input::Members),
+        "retention" => match rest {
+            "" => Ok(Input::RetentionShow),
+            "default" => Ok(Input::RetentionSet(None)),
+            policy => proto::Retention::parse(policy).map(|r| Input::RetentionSet(Some(r))),
+        },
         "help" | "?" => Ok(Input::Help),
         "quit" | "exit" | "q" => no_args(Input::Quit),
         other => Err(format!("unknown command /{other}: type /help for the list")),
@@ -252,6 +264,15 @@ mod tests {
             ("/members", Ok(Input::Members)),
             ("/plain hi there", Ok(Input::Plain("hi there".into()))),
             ("/help", Ok(Input::Help)),
+            ("/retention", Ok(Input::RetentionShow)),
+            ("/retention default", Ok(Input::RetentionSet(None))),
+            (
+                "/retention 24h",
+                Ok(Input::RetentionSet(Some(proto::Retention {
+                    max_age_ms: Some(86_400_000),
+                    max_count: None,
+                }))),
+            ),
             ("/quit", Ok(Input::Quit)),
         ];
         for (line, want) in cases {

@@ -397,6 +397,14 @@ impl Chat {
                 }
             }
             Input::Members => self.members().await,
+            Input::RetentionShow => self.retention().await,
+            Input::RetentionSet(retention) => {
+                let change = ChannelChange::SetRetention(retention);
+                match self.client.change_channel(&self.channel, change).await {
+                    Ok(_) => self.retention().await,
+                    Err(e) => println!("retention unchanged: {}", output::sanitize(&e.to_string())),
+                }
+            }
             Input::Help => println!("{}", command::HELP),
             Input::Quit => return ToEditor::Quit,
         }
@@ -557,6 +565,30 @@ impl Chat {
                     if !detail.invited.is_empty() {
                         println!("invited: {}", list(&detail.invited));
                     }
+                }
+            }
+            Err(e) => println!(
+                "cannot read #{}: {}",
+                self.channel,
+                output::sanitize(&e.to_string())
+            ),
+        }
+    }
+
+    /// Shows how long the current channel keeps its messages, and since which seq it has them.
+    async fn retention(&self) {
+        match self.client.channel_info(&self.channel).await {
+            Ok(detail) => {
+                let kept = match detail.retention {
+                    Some(own) => format!("keeps messages for {own} (set by its owner)"),
+                    None => format!(
+                        "keeps messages for {} (the cluster default)",
+                        detail.default_retention
+                    ),
+                };
+                println!("#{} {kept}", self.channel);
+                if detail.floor > 1 {
+                    println!("messages before #{} have expired", detail.floor);
                 }
             }
             Err(e) => println!(
