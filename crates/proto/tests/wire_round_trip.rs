@@ -7,8 +7,8 @@ use bytes::BytesMut;
 use proto::{
     ApiError, ChannelChange, ChannelDetail, ChannelInfo, ChannelPage, ChannelRequest, ChatRequest,
     ChatResponse, ClusterInfo, Hello, HistoryRequest, LeaderHint, Login, MessageBatch, NodeInfo,
-    Pong, Postcard, RejectReason, Role, SendReply, SendRequest, Session, StreamRequest, Welcome,
-    WireMessage,
+    Pong, Postcard, RejectReason, Retention, Role, SendReply, SendRequest, Session, StreamRequest,
+    Welcome, WireMessage,
 };
 use serde::{de::DeserializeOwned, Serialize};
 use tarpc::tokio_serde::{Deserializer, Serializer};
@@ -116,6 +116,8 @@ fn all_errors() -> Vec<ApiError> {
         ApiError::Rejected(RejectReason::NotOwner),
         ApiError::Rejected(RejectReason::ChannelExists),
         ApiError::Rejected(RejectReason::NotInvited),
+        ApiError::Rejected(RejectReason::InvalidRetention),
+        ApiError::Rejected(RejectReason::RetryExpired { window_hours: 24 }),
         ApiError::Rejected(RejectReason::UnknownUser),
         ApiError::Rejected(RejectReason::LimitReached {
             what: "channels you own".into(),
@@ -213,6 +215,12 @@ fn replies_round_trip() {
         members: vec!["alice".into()],
         invited: vec!["bob".into()],
         crypto: Some(vec![2; 60]),
+        retention: Some(Retention {
+            max_age_ms: Some(86_400_000),
+            max_count: None,
+        }),
+        default_retention: Retention::FOREVER,
+        floor: 7,
     });
     for change in [
         ChannelChange::Create {
@@ -223,6 +231,11 @@ fn replies_round_trip() {
         ChannelChange::Invite("bob".into()),
         ChannelChange::Accept,
         ChannelChange::Remove("bob".into()),
+        ChannelChange::SetRetention(None),
+        ChannelChange::SetRetention(Some(Retention {
+            max_age_ms: None,
+            max_count: Some(1000),
+        })),
     ] {
         round_trip(ChannelRequest {
             channel: "vault".into(),
