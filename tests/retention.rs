@@ -174,6 +174,20 @@ async fn a_count_retention_removes_the_same_oldest_messages_on_every_node() -> a
         .map(|m| m.seq)
         .collect();
     ensure!(recent == [9, 10, 11], "recent history {recent:?}");
+    // A subscriber from the start skips what expired and gets the rest in order.
+    let mut sub = alice.subscribe("short", 0);
+    let mut streamed = Vec::new();
+    while streamed.len() < 3 {
+        let next = tokio::time::timeout(Duration::from_secs(30), sub.recv())
+            .await
+            .context("subscription stalled")?
+            .context("subscription ended")??;
+        streamed.push(next.seq);
+    }
+    ensure!(
+        streamed == [9, 10, 11],
+        "subscription from 0 delivered {streamed:?}"
+    );
 
     // Every node serves exactly the same kept messages, read directly from each.
     let reader = TestUser::new("reader");

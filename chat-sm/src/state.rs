@@ -1249,7 +1249,18 @@ impl ChatState {
         (page, more)
     }
 
-    /// How long `channel` keeps its messages, and its lowest stored seq.
+    /// The lowest seq `channel` still keeps: 1 until retention expired some of it.
+    pub fn floor(&self, channel: &str) -> ChannelSeq {
+        ChannelSeq(
+            self.view
+                .read()
+                .channels
+                .get(channel)
+                .map_or(1, |c| c.floor),
+        )
+    }
+
+    /// The retention of `channel`: its own, the default, and its floor.
     pub fn retention(&self, channel: &str) -> RetentionInfo {
         let view = self.view.read();
         RetentionInfo {

@@ -143,7 +143,8 @@ impl Follower {
     }
 
     /// Hands out the messages of `batch` after `last` in order, skipping any already handed
-    /// out, and stops at a gap without handing out anything past it.
+    /// out, and stops at a gap without handing out anything past it. A jump to at most the
+    /// batch's floor is no gap: the seqs between expired under the channel's retention.
     async fn deliver(&mut self, node: u64, batch: MessageBatch) -> Poll {
         self.failures = 0;
         self.s.routes.observe(batch.applied);
@@ -151,7 +152,10 @@ impl Follower {
             if message.seq <= self.last {
                 continue;
             }
-            if message.seq != self.last + 1 {
+            if message.seq != self.last + 1 && message.seq <= batch.floor {
+                let (channel, from, to) = (&self.channel, self.last + 1, message.seq - 1);
+                tracing::info!(node, %channel, from, to, "messages expired before delivery");
+            } else if message.seq != self.last + 1 {
                 let (expected, found, channel) = (self.last + 1, message.seq, &self.channel);
                 tracing::warn!(node, %channel, expected, found, "seq gap from node, moving");
                 return Poll::NodeFailed("seq gap".into());
@@ -160,7 +164,6 @@ impl Follower {
             if self.tx.send(Ok(message)).await.is_err() {
                 return Poll::Closed;
             }
-            assert_eq!(seq, self.last + 1, "subscriptions hand out dense seqs");
             self.last = seq;
         }
         Poll::Again
@@ -281,11 +284,16 @@ mod tests {
     }
 
     fn batch(seqs: &[u64]) -> MessageBatch {
+        batch_above(seqs, 1)
+    }
+
+    fn batch_above(seqs: &[u64], floor: u64) -> MessageBatch {
         MessageBatch {
             channel: "general".into(),
             messages: seqs.iter().map(|&seq| message(seq)).collect(),
             head: 0,
             applied: 0,
+            floor,
         }
     }
 
@@ -330,5 +338,17 @@ mod tests {
         let outcome = follower.deliver(2, batch(&[4, 5, 6])).await;
         assert!(matches!(outcome, Poll::Again));
         assert_eq!(follower.last, 6);
+        // Expired seqs are skipped up to the floor, and only up to it.
+        let outcome = follower.deliver(2, batch_above(&[9, 10], 9)).await;
+        assert!(matches!(outcome, Poll::Again));
+        assert_eq!(follower.last, 10);
+        let outcome = follower.deliver(2, batch_above(&[13], 12)).await;
+        assert!(matches!(outcome, Poll::NodeFailed(reason) if reason == "seq gap"));
+        assert_eq!(follower.last, 10);
+        let mut seqs = Vec::new();
+        while let Ok(message) = rx.try_recv() {
+            seqs.push(message.expect("ok").seq);
+        }
+        assert_eq!(seqs, vec![5, 6, 9, 10]);
     }
 }

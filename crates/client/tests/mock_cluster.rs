@@ -115,6 +115,7 @@ impl MockChat {
             head: self.shared.head(channel),
             applied: self.shared.applied(),
             messages,
+            floor: 1,
         }
     }
 }

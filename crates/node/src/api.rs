@@ -595,6 +595,7 @@ impl ChatServer {
             head: self.shared.chat.head(channel).0,
             applied: self.shared.delivery.applied(),
             messages: messages.into_iter().map(to_wire).collect(),
+            floor: self.shared.chat.floor(channel).0,
         }
     }
 }

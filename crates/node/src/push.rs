@@ -81,17 +81,18 @@ struct Encoded {
 
 #[derive(Default)]
 struct ChannelCache {
-    /// `(after_seq, head, batch)`, oldest first: the batch after `after_seq` as read when the
-    /// channel's head was `head`.
-    entries: VecDeque<(u64, u64, Arc<Encoded>)>,
+    /// `(after_seq, head, floor, batch)`, oldest first: the batch after `after_seq` as read
+    /// when the channel's head was `head` and its floor `floor`.
+    entries: VecDeque<(u64, u64, u64, Arc<Encoded>)>,
     bytes: usize,
 }
 
 /// Encoded batches shared among the subscribers of a channel.
 ///
-/// Invariant: an entry `(after, head, batch)` holds the messages `after + 1 ..= batch.last`,
-/// read when the channel's head was `head`; messages never change once applied, so an entry
-/// is valid for as long as it is kept.
+/// Invariant: an entry `(after, head, floor, batch)` holds the messages
+/// `max(after + 1, floor) ..= batch.last`, read when the channel's head was `head` and its floor
+/// `floor`. Messages never change once applied, only expire, which raises the floor; so an
+/// entry is valid while the floor is the one in its key.
 #[derive(Default)]
 pub struct BatchCache {
     channels: Mutex<HashMap<String, Arc<Mutex<ChannelCache>>>>,
@@ -111,7 +112,8 @@ impl BatchCache {
 
 /// The batch after `after` of `channel`, whose head is `head` (> `after`): from the cache, or
 /// read and encoded (and cached). The first read comes from chat-sm's in-memory ring of each
-/// channel's newest messages, or from RocksDB for a subscriber further behind.
+/// channel's newest messages, or from RocksDB for a subscriber further behind. A subscriber
+/// behind the channel's floor gets the batch from the floor on: the seqs between expired.
 fn batch_after(
     shared: &ApiShared,
     cache: &Mutex<ChannelCache>,
@@ -119,21 +121,29 @@ fn batch_after(
     after: u64,
     head: u64,
 ) -> Result<Option<Arc<Encoded>>, ApiError> {
+    // Keyed by the floor too: once an expiry raises it, no cached batch from before can
+    // hand out an expired message again.
+    let floor = shared.chat.floor(channel).0;
     let entries = |c: &ChannelCache| {
         c.entries
             .iter()
-            .find(|e| (e.0, e.1) == (after, head))
+            .find(|e| (e.0, e.1, e.2) == (after, head, floor))
             .cloned()
     };
     if let Some((.., hit)) = entries(&cache.lock()) {
         return Ok(Some(hit));
     }
-    let count = (head - after).min(u64::from(BATCH_MESSAGES_MAX)) as usize;
-    let from = chat_sm::ChannelSeq(after + 1);
+    let first = (after + 1).max(floor);
+    let count = (head + 1)
+        .saturating_sub(first)
+        .min(u64::from(BATCH_MESSAGES_MAX)) as usize;
     let mut messages = shared
         .chat
-        .history(channel, from, count)
+        .history(channel, chat_sm::ChannelSeq(first), count)
         .map_err(storage_error(channel))?;
+    // An expiry applied during the read: the floor read after it is the one the batch states.
+    let floor = shared.chat.floor(channel).0;
+    messages.retain(|m| m.seq.0 >= floor);
     let mut bytes = 0usize;
     if let Some(cut) = messages.iter().position(|m| {
         bytes += m.body.len() + m.sender.len() + 64;
@@ -144,8 +154,10 @@ fn batch_after(
     let Some(last) = messages.last().map(|m| m.seq.0) else {
         return Ok(None);
     };
-    if messages[0].seq.0 != after + 1 || last != after + messages.len() as u64 {
-        tracing::error!(%channel, after, "chat state returned a non-dense range");
+    let start = messages[0].seq.0;
+    let dense = last == start + messages.len() as u64 - 1;
+    if !dense || (start != after + 1 && start > floor) {
+        tracing::error!(%channel, after, floor, "chat state returned a non-dense range");
         return Err(ApiError::unavailable("storage read failed"));
     }
     let batch = MessageBatch {
@@ -153,6 +165,7 @@ fn batch_after(
         head,
         applied: shared.delivery.applied(),
         messages: messages.into_iter().map(to_wire).collect(),
+        floor,
     };
     let encoded = Arc::new(Encoded {
         last,
@@ -166,12 +179,14 @@ fn batch_after(
         while cache.entries.len() >= CACHE_ENTRIES_PER_CHANNEL
             || cache.bytes + len > CACHE_BYTES_PER_CHANNEL
         {
-            let Some((_, _, old)) = cache.entries.pop_front() else {
+            let Some((.., old)) = cache.entries.pop_front() else {
                 break;
             };
             cache.bytes -= old.body.len();
         }
-        cache.entries.push_back((after, head, encoded.clone()));
+        cache
+            .entries
+            .push_back((after, head, floor, encoded.clone()));
         cache.bytes += len;
     }
     Ok(Some(encoded))

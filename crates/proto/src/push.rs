@@ -331,6 +331,7 @@ mod tests {
             head: first + messages.len() as u64,
             messages,
             applied,
+            floor: 1,
         }
     }
 

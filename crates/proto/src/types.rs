@@ -162,6 +162,11 @@ pub struct MessageBatch {
     pub head: u64,
     /// The answering node's applied log index; use it as the next `read_token`.
     pub applied: u64,
+    /// The lowest seq the answering node still keeps (1 until retention expired something),
+    /// read after the messages. A reader whose next seq is below it skips to it: the seqs
+    /// between expired. Only a jump to at most `floor` is such a skip; any other gap is an
+    /// error of the node.
+    pub floor: u64,
 }
 
 /// One channel in a listing.

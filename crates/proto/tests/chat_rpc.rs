@@ -93,6 +93,7 @@ impl Chat for TestServer {
             messages: vec![],
             head: 0,
             applied: 0,
+            floor: 1,
         })
     }
 
@@ -103,6 +104,7 @@ impl Chat for TestServer {
             messages: vec![],
             head: 0,
             applied: 0,
+            floor: 1,
         })
     }
 

@@ -47,6 +47,7 @@ fn batch() -> MessageBatch {
         messages: vec![message(1), message(2)],
         head: 2,
         applied: 9,
+        floor: 1,
     }
 }
 
@@ -197,6 +198,7 @@ fn replies_round_trip() {
         messages: vec![],
         head: 0,
         applied: 0,
+        floor: 1,
     });
     let info = ChannelInfo {
         name: "vault".into(),
