@@ -1281,20 +1281,50 @@ impl ChatState {
         self.view.read().clock
     }
 
-    /// Whether an [`Command::Expire`] at `now_ms` could remove anything: some retention is
-    /// set, or a dedup record is older than [`DEDUP_WINDOW_MS`]. The leader asks before it
-    /// proposes one, so an idle cluster without retention writes no entries.
+    /// Whether an [`Command::Expire`] at `now_ms` would remove anything: a channel holds more
+    /// messages than its count allows, its oldest kept message is past its age, or a dedup
+    /// record is older than [`DEDUP_WINDOW_MS`]. The leader asks before it proposes one, so a
+    /// cluster with nothing due writes no entries (and its applied index stays still).
     ///
     /// # Errors
-    /// [`Error::Rocks`] or [`Error::Corrupt`] when the expiry index cannot be read.
+    /// [`Error::Rocks`] or [`Error::Corrupt`] when a message or the expiry index cannot be read.
     pub fn expiry_due(&self, now_ms: u64) -> Result<bool, Error> {
         let view = self.view.read();
-        if !view.default_retention.is_forever() || view.retention.values().any(|r| !r.is_forever())
-        {
-            return Ok(true);
+        // The same clock and rules as `apply_expire`, so "due" means "would remove".
+        let clock = view.clock.max(now_ms);
+        let mut aged = Vec::new();
+        for (name, c) in &view.channels {
+            let policy = view
+                .retention
+                .get(name)
+                .copied()
+                .unwrap_or(view.default_retention);
+            if policy.is_forever() || c.floor > c.head {
+                continue;
+            }
+            let floor = c.floor.max(policy.count_floor(c.head));
+            if floor > c.floor {
+                return Ok(true);
+            }
+            let cutoff = policy.age_cutoff(clock);
+            if cutoff > 0 {
+                aged.push((name.clone(), floor, cutoff));
+            }
         }
         let store = view.store.clone();
         drop(view);
+        let mut key = Vec::new();
+        for (name, floor, cutoff) in aged {
+            // Only the oldest kept message needs reading: expiry removes a prefix. An apply
+            // since the view was read may have removed it; then the next tick decides.
+            format::message_key(&mut key, &name, floor);
+            let value = store.db().get(&key).map_err(rocks("get"))?;
+            if let Some(value) = value {
+                if decode_message_value(&value)?.at_ms < cutoff {
+                    return Ok(true);
+                }
+            }
+        }
         let mut opts = ReadOptions::default();
         opts.set_iterate_upper_bound(vec![PREFIX_EXPIRY + 1]);
         let mut it = store.db().raw_iterator_opt(opts);
@@ -1304,7 +1334,7 @@ impl ChatState {
             None => None,
         };
         it.status().map_err(rocks("iterate"))?;
-        Ok(oldest.is_some_and(|at| at < now_ms.saturating_sub(DEDUP_WINDOW_MS)))
+        Ok(oldest.is_some_and(|at| at < clock.saturating_sub(DEDUP_WINDOW_MS)))
     }
 
     /// Bytes the channel rings hold now, counted as for [`Config::ring_bytes_max`] (never

@@ -302,8 +302,19 @@ proptest! {
         let first = Replica::new(4);
         let mut seen_floor: HashMap<&str, u64> = HashMap::new();
         for (index, entry) in (1u64..).zip(&log) {
+            // The leader proposes an Expire only when `expiry_due`: it must say exactly
+            // whether one would remove anything.
+            let due = match entry {
+                TestEntry::Cmd(Command::Expire { at_ms }) => {
+                    Some(first.state().expiry_due(*at_ms).expect("due"))
+                }
+                _ => None,
+            };
             let got = apply(first.state(), &[(index, entry.clone())]);
             prop_assert_eq!(&got[0], &model.apply(entry), "entry {} {:?}", index, entry);
+            if let (Some(due), ChatResponse::Expired { messages, dedup_records }) = (due, &got[0]) {
+                prop_assert_eq!(due, *messages > 0 || *dedup_records > 0, "entry {}", index);
+            }
             for channel in CHANNELS {
                 let Some((floor, head, kept)) = model.channels.get(channel) else {
                     continue;
