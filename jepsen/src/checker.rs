@@ -10,6 +10,12 @@
 //!   completion counts as `info`. An unacknowledged send whose message is read is `recovered`.
 //! - Message ids are unique across the whole history; a channel's seqs start at 1.
 //! - Nemesis operations and unknown client functions are counted and otherwise ignored.
+//! - Retention: a read may carry the answering node's `floor`, its channel's lowest kept seq.
+//!   Seqs below a read's floor expired there, so that read may lack them anywhere (a gap, a
+//!   late start, a stream jump) as long as it resumes at or below the floor; an acknowledged
+//!   message below a node's floor may be missing from its final read (`stats.expired`), and
+//!   one below the highest floor seen is not a lost write. Everything at or above a floor is
+//!   held to the same rules as without retention.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -138,6 +144,11 @@ pub struct Stats {
     pub nodes: Vec<String>,
     /// `lost` occurrences per node.
     pub lost_by_node: BTreeMap<String, u64>,
+    /// Acknowledged messages missing from a node's final read below that node's floor:
+    /// expired by retention, not lost (counted per final read).
+    pub expired: u64,
+    /// Highest floor any read reported, over all channels.
+    pub floor_max: u64,
 }
 
 /// The verdict on a history.
@@ -193,8 +204,11 @@ pub fn check(history: &History) -> Report {
             }
             Call::FinalRead {
                 channel,
+                floor,
                 msgs: Some(msgs),
-            } if op.kind == OpType::Ok => state.on_final_read(op, channel, msgs),
+            } if op.kind == OpType::Ok => {
+                state.on_final_read(op, channel, floor.unwrap_or(0), msgs);
+            }
             Call::Resubscribe { channel, after } => {
                 if let Process::Client(p) = op.process {
                     let ch = state.channels.id(channel);
@@ -320,6 +334,8 @@ struct State {
     key_ack: HashMap<u32, (u64, u32, u32, u64)>,
     /// Highest seq any read returned, per channel.
     read_max: HashMap<u32, u64>,
+    /// Highest floor any read reported, per channel: every seq below it expired somewhere.
+    floor_max: HashMap<u32, u64>,
     /// Per (process, channel): acked own sends by seq, with msg, ack time and index.
     own_sends: HashMap<(u64, u32), OwnSends>,
     /// Invoke time of each process's outstanding read.
@@ -328,7 +344,14 @@ struct State {
     stream_last: HashMap<(u64, u32), Option<u64>>,
     /// Per (channel, node): position in `final_reads` of the last ok final read.
     final_read: BTreeMap<(u32, u32), usize>,
-    final_reads: Vec<(u64, Vec<(u64, u32)>)>,
+    final_reads: Vec<FinalRead>,
+}
+
+/// One ok final read: its op index, the node's floor, and what it returned.
+struct FinalRead {
+    index: u64,
+    floor: u64,
+    pairs: Vec<(u64, u32)>,
 }
 
 impl State {
@@ -447,21 +470,31 @@ impl State {
         out
     }
 
+    /// Notes that a read saw `floor` in channel `ch`.
+    fn observe_floor(&mut self, ch: u32, floor: u64) {
+        let max = self.floor_max.entry(ch).or_insert(0);
+        *max = (*max).max(floor);
+        self.stats.floor_max = self.stats.floor_max.max(floor);
+    }
+
     fn on_read(&mut self, op: &Op, call: &Call<'_>, channel: &str, msgs: &[(u64, &str)]) {
         let Call::Read {
             from,
             before,
             limit,
             head,
+            floor,
             stream,
             ..
         } = call
         else {
             unreachable!("on_read is only called with Call::Read")
         };
+        let floor = floor.unwrap_or(0);
         let ch = self.channels.id(channel);
         let pairs = self.observe_read(op, ch, msgs);
-        self.check_density(op, ch, &pairs, *from);
+        self.observe_floor(ch, floor);
+        self.check_density(op, ch, &pairs, *from, floor);
         if let (Some(before), Some(last)) = (before, pairs.last()) {
             if last.0 + 1 < *before {
                 let last_seq = last.0;
@@ -475,7 +508,7 @@ impl State {
             return;
         };
         if *stream {
-            self.check_stream(op, p, ch, &pairs);
+            self.check_stream(op, p, ch, &pairs, floor);
         } else {
             let invoked = self.read_invoked.remove(&p).unwrap_or(op.time);
             let page = Page {
@@ -483,29 +516,43 @@ impl State {
                 before: *before,
                 limit: *limit,
                 head: *head,
+                floor,
             };
             self.check_ryw(op, p, ch, &pairs, invoked, page);
         }
     }
 
-    fn on_final_read(&mut self, op: &Op, channel: &str, msgs: &[(u64, &str)]) {
+    fn on_final_read(&mut self, op: &Op, channel: &str, floor: u64, msgs: &[(u64, &str)]) {
         let ch = self.channels.id(channel);
         let pairs = self.observe_read(op, ch, msgs);
-        // A final read is a whole-channel read, so it must start at seq 1.
-        self.check_density(op, ch, &pairs, Some(1));
+        self.observe_floor(ch, floor);
+        // A final read is a whole-channel read, so it must start at seq 1 (or the floor).
+        self.check_density(op, ch, &pairs, Some(1), floor);
         let node = self.nodes.id(op
             .node
             .as_deref()
             .expect("validated: an ok final-read has a node"));
         self.stats.final_reads += 1;
         self.final_read.insert((ch, node), self.final_reads.len());
-        self.final_reads.push((op.index, pairs));
+        self.final_reads.push(FinalRead {
+            index: op.index,
+            floor,
+            pairs,
+        });
     }
 
-    /// Inside one read: seqs strictly increase by exactly one, starting at `from` if given.
-    fn check_density(&mut self, op: &Op, ch: u32, pairs: &[(u64, u32)], from: Option<u64>) {
+    /// Inside one read: seqs strictly increase by exactly one, starting at `from` if given;
+    /// only seqs below `floor` may be skipped.
+    fn check_density(
+        &mut self,
+        op: &Op,
+        ch: u32,
+        pairs: &[(u64, u32)],
+        from: Option<u64>,
+        floor: u64,
+    ) {
         if let (Some(from), Some(first)) = (from, pairs.first()) {
-            if first.0 > from {
+            if first.0 > from.max(floor) {
                 let first = first.0;
                 self.add(Anomaly::IntSkip, |s| {
                     json!({"channel": s.channels.name(ch), "process": op.process.to_string(),
@@ -513,7 +560,10 @@ impl State {
                 });
             }
         }
-        let Some(bad) = pairs.windows(2).find(|w| w[1].0 != w[0].0 + 1) else {
+        let Some(bad) = pairs
+            .windows(2)
+            .find(|w| w[1].0 != w[0].0 + 1 && !(w[1].0 > w[0].0 && w[1].0 <= floor))
+        else {
             return;
         };
         let (prev, next) = (bad[0].0, bad[1].0);
@@ -529,8 +579,9 @@ impl State {
         });
     }
 
-    /// Successive stream batches of one process continue at exactly last + 1.
-    fn check_stream(&mut self, op: &Op, p: u64, ch: u32, pairs: &[(u64, u32)]) {
+    /// Successive stream batches of one process continue at exactly last + 1, or jump ahead
+    /// to at most the batch's floor over expired seqs.
+    fn check_stream(&mut self, op: &Op, p: u64, ch: u32, pairs: &[(u64, u32)], floor: u64) {
         let (Some(first), Some(last)) = (pairs.first(), pairs.last()) else {
             return;
         };
@@ -540,7 +591,7 @@ impl State {
         let Some(prev) = prev else { return };
         let anomaly = match first {
             f if f <= prev => Anomaly::NonmonotonicRead,
-            f if f > prev + 1 => Anomaly::ReadSkip,
+            f if f > prev + 1 && f > floor => Anomaly::ReadSkip,
             _ => return,
         };
         self.add(anomaly, |s| {
@@ -621,7 +672,8 @@ impl State {
             }
             let Some(&(ch, seq, index)) = info.read_at.first() else {
                 if let (Some((seq, _, index)), Some(ch)) = (info.ack, info.channel) {
-                    if seq <= self.read_max.get(&ch).copied().unwrap_or(0) {
+                    let expired = seq < self.floor_max.get(&ch).copied().unwrap_or(0);
+                    if !expired && seq <= self.read_max.get(&ch).copied().unwrap_or(0) {
                         self.add(Anomaly::LostWrite, |s| {
                             json!({"channel": s.channels.name(ch), "seq": seq,
                                 "msg": s.msgs.name(m), "index": index})
@@ -751,10 +803,15 @@ impl State {
     }
 
     fn check_lost(&mut self, ch: u32, node: u32, pos: usize, acked: &[u32]) {
-        let (index, pairs) = &self.final_reads[pos];
-        let index = *index;
-        let present: HashSet<u32> = pairs.iter().map(|(_, m)| *m).collect();
+        let read = &self.final_reads[pos];
+        let (index, floor) = (read.index, read.floor);
+        let present: HashSet<u32> = read.pairs.iter().map(|(_, m)| *m).collect();
         for &m in acked.iter().filter(|m| !present.contains(m)) {
+            let (seq, _, _) = self.info[m as usize].ack.expect("only acked messages");
+            if seq < floor {
+                self.stats.expired += 1;
+                continue;
+            }
             let node_name = self.nodes.name(node).to_string();
             *self.stats.lost_by_node.entry(node_name).or_default() += 1;
             self.add(Anomaly::Lost, |s| {
@@ -773,13 +830,17 @@ impl State {
         }
         let mut by_seq: BTreeMap<u64, Vec<(u32, u32)>> = BTreeMap::new();
         for &(node, pos) in reads {
-            for &(seq, m) in &self.final_reads[pos].1 {
+            for &(seq, m) in &self.final_reads[pos].pairs {
                 by_seq.entry(seq).or_default().push((node, m));
             }
         }
         for (seq, held) in by_seq {
             let distinct: BTreeSet<u32> = held.iter().map(|(_, m)| *m).collect();
-            if distinct.len() == 1 && held.len() == reads.len() {
+            // A node may lack a seq below its own floor: retention expired it there first.
+            let all_hold = reads.iter().all(|&(node, pos)| {
+                seq < self.final_reads[pos].floor || held.iter().any(|(n, _)| *n == node)
+            });
+            if distinct.len() == 1 && all_hold {
                 continue;
             }
             self.add(Anomaly::Divergence, |s| {
@@ -806,6 +867,7 @@ struct Page {
     before: Option<u64>,
     limit: Option<u64>,
     head: Option<u64>,
+    floor: u64,
 }
 
 impl Page {
@@ -814,7 +876,14 @@ impl Page {
     /// - `from` pages forward: `[from, ∞)`, cut at the last seq returned if the page is full.
     /// - `before` pages backward: `[first returned, before - 1]`, or nothing if empty and full.
     /// - neither: the newest page, `[first returned (1 if none), ∞)`.
+    ///
+    /// Seqs below the floor expired, so the range never starts below it.
     fn covered(&self, pairs: &[(u64, u32)]) -> (u64, u64) {
+        let (lo, hi) = self.covered_ignoring_floor(pairs);
+        (lo.max(self.floor), hi)
+    }
+
+    fn covered_ignoring_floor(&self, pairs: &[(u64, u32)]) -> (u64, u64) {
         let full = self.limit.is_some_and(|l| pairs.len() as u64 >= l);
         let first = pairs.first().map(|p| p.0);
         let last = pairs.last().map(|p| p.0);

@@ -93,6 +93,11 @@ pub struct RunArgs {
     /// `--server-arg=5000`), passed after the harness's own.
     #[arg(long = "server-arg", allow_hyphen_values = true)]
     pub server_args: Vec<String>,
+    /// Set this cluster default retention before the workload (`40`, `2m`, `7d,500`) and
+    /// propose expiries often, so messages expire during the run; the checker allows expired
+    /// messages to be missing and nothing else.
+    #[arg(long)]
+    pub retention: Option<String>,
 }
 
 /// Runs a parsed command line and returns the process exit code.
@@ -175,6 +180,7 @@ pub fn run_config(args: &RunArgs) -> anyhow::Result<crate::live::RunConfig> {
         keep_data: args.keep_data,
         weaken: args.weaken.clone(),
         server_args: args.server_args.clone(),
+        retention: args.retention.clone(),
     })
 }
 

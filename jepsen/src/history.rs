@@ -202,6 +202,12 @@ impl Op {
         self.with_field("head", json!(head))
     }
 
+    /// Sets `value.floor`, the channel's lowest kept seq on the node that answered a read:
+    /// retention expired every seq below it there, so a read may lack them.
+    pub fn with_floor(self, floor: u64) -> Op {
+        self.with_field("floor", json!(floor))
+    }
+
     /// Sets `value.msgs`, the `(seq, msg)` pairs a read returned.
     pub fn with_msgs<I, S>(self, msgs: I) -> Op
     where
@@ -286,11 +292,13 @@ pub(crate) enum Call<'a> {
         before: Option<u64>,
         limit: Option<u64>,
         head: Option<u64>,
+        floor: Option<u64>,
         stream: bool,
         msgs: Option<Vec<(u64, &'a str)>>,
     },
     FinalRead {
         channel: &'a str,
+        floor: Option<u64>,
         msgs: Option<Vec<(u64, &'a str)>>,
     },
     Resubscribe {
@@ -375,6 +383,7 @@ impl<'a> Call<'a> {
                 before: opt_u64_field(v, "before")?,
                 limit: opt_u64_field(v, "limit")?,
                 head: opt_u64_field(v, "head")?,
+                floor: opt_u64_field(v, "floor")?,
                 stream: match v.get("stream") {
                     None | Some(Value::Null) => false,
                     Some(Value::Bool(b)) => *b,
@@ -392,6 +401,7 @@ impl<'a> Call<'a> {
                 }
                 Call::FinalRead {
                     channel,
+                    floor: opt_u64_field(v, "floor")?,
                     msgs: parse_msgs(v, is_ok)?,
                 }
             }

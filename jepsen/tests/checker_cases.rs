@@ -396,6 +396,108 @@ fn divergence_between_final_reads() {
     );
 }
 
+/// Five acknowledged sends in channel `c`, seqs 1-5, for the retention cases.
+fn five_sends() -> B {
+    let mut b = B::default();
+    for n in 1..=5u64 {
+        b.send_ok(1, "c", &format!("k{n}"), &format!("m{n}"), n);
+    }
+    b
+}
+
+const M345: &[(u64, &str)] = &[(3, "m3"), (4, "m4"), (5, "m5")];
+
+/// A final read of `node` that reports the node's floor.
+fn final_read_floor(b: &mut B, node: &str, floor: u64, msgs: &[(u64, &str)]) {
+    b.op(Op::final_read(OpType::Invoke, 99, node, "c"));
+    let ok = Op::final_read(OpType::Ok, 99, node, "c").with_floor(floor);
+    b.op(ok.with_msgs(msgs.iter().copied()));
+}
+
+/// A history read from seq 1 whose node reports `floor`.
+fn read_floor(b: &mut B, p: u64, floor: u64, msgs: &[(u64, &str)]) {
+    b.op(Op::read(OpType::Invoke, p, "c").with_from(1));
+    let ok = Op::read(OpType::Ok, p, "c").with_from(1).with_floor(floor);
+    b.op(ok.with_msgs(msgs.iter().copied()));
+}
+
+#[test]
+fn retention_messages_below_the_floor_may_be_missing() {
+    let mut b = five_sends();
+    // The owner's own read starts at the floor; a stream jumps over expired seqs to it.
+    read_floor(&mut b, 1, 3, M345);
+    b.stream(2, "c", &[(1, "m1")]);
+    b.op(Op::stream_read(OpType::Invoke, 2, "c"));
+    let jump = Op::stream_read(OpType::Ok, 2, "c").with_floor(3);
+    b.op(jump.with_msgs(M345.iter().copied()));
+    // Nodes expired at different moments: n1 still holds seq 2, n2 does not.
+    final_read_floor(
+        &mut b,
+        "n1",
+        2,
+        &[(2, "m2"), (3, "m3"), (4, "m4"), (5, "m5")],
+    );
+    final_read_floor(&mut b, "n2", 3, M345);
+    let report = b.check();
+    assert_valid(&report);
+    assert_eq!(report.stats.expired, 3, "m1 on n1; m1 and m2 on n2");
+    assert_eq!(report.stats.floor_max, 3);
+}
+
+#[test]
+fn retention_a_message_at_or_above_the_floor_is_still_lost() {
+    let mut b = five_sends();
+    final_read_floor(&mut b, "n1", 3, M345);
+    final_read_floor(&mut b, "n2", 3, &[(3, "m3"), (5, "m5")]);
+    let report = b.check();
+    assert_found(&report, Anomaly::Lost);
+    assert_eq!(report.anomalies["lost"].examples[0]["msg"], "m4");
+    assert_found(&report, Anomaly::IntSkip);
+    assert_found(&report, Anomaly::Divergence);
+}
+
+#[test]
+fn retention_a_read_may_skip_only_up_to_its_floor() {
+    // Starting above the floor skips a kept message.
+    let mut b = five_sends();
+    read_floor(&mut b, 2, 3, &[(4, "m4"), (5, "m5")]);
+    assert_found(&b.check(), Anomaly::IntSkip);
+    // A stream that jumps past the floor skips one too.
+    let mut b = five_sends();
+    b.stream(2, "c", &[(1, "m1")]);
+    b.op(Op::stream_read(OpType::Invoke, 2, "c"));
+    let jump = Op::stream_read(OpType::Ok, 2, "c").with_floor(3);
+    b.op(jump.with_msgs([(4, "m4"), (5, "m5")]));
+    assert_found(&b.check(), Anomaly::ReadSkip);
+    // The writer's own message at the floor missing from its read: ryw.
+    let mut b = five_sends();
+    read_floor(&mut b, 1, 3, &[]);
+    assert_found(&b.check(), Anomaly::Ryw);
+    // A node whose floor is below a missing seq diverges from one that holds it.
+    let mut b = five_sends();
+    final_read_floor(
+        &mut b,
+        "n1",
+        1,
+        &[(1, "m1"), (2, "m2"), (3, "m3"), (4, "m4"), (5, "m5")],
+    );
+    final_read_floor(&mut b, "n2", 2, &[(3, "m3"), (4, "m4"), (5, "m5")]);
+    let report = b.check();
+    assert_found(&report, Anomaly::Divergence);
+    assert_eq!(report.anomalies["divergence"].examples[0]["seq"], 2);
+}
+
+#[test]
+fn retention_an_unread_send_below_the_highest_floor_is_not_a_lost_write() {
+    let mut b = five_sends();
+    read_floor(&mut b, 2, 4, &[(4, "m4"), (5, "m5")]);
+    assert_valid(&b.check());
+    // Without the floor the same read makes m1-m3 lost writes.
+    let mut b = five_sends();
+    b.read_from(2, "c", 4, 10, &[(4, "m4"), (5, "m5")]);
+    assert_found(&b.check(), Anomaly::LostWrite);
+}
+
 #[test]
 fn realtime_order_and_every_name_is_listed() {
     let report = base().check();

@@ -56,7 +56,16 @@ pub struct RunConfig {
     /// More server flags for every node, after the harness's own (a later flag wins), e.g.
     /// `--election-min-ms 5000`.
     pub server_args: Vec<String>,
+    /// A cluster default retention set before the workload starts (`server retention --set`,
+    /// e.g. `40` or `2m`), with expiries proposed every [`RETENTION_EXPIRE_MS`]: the checker
+    /// must then accept expired messages missing and still catch everything else. `None`:
+    /// messages are kept forever.
+    pub retention: Option<String>,
 }
+
+/// How often the leader proposes expiries in a run with retention (`--expire-interval-ms`),
+/// so floors move many times within a short run.
+pub const RETENTION_EXPIRE_MS: u64 = 300;
 
 impl RunConfig {
     /// A 3-node loopback run of `nemesis` with the workload the CI tests use (40 ops/s from 5
@@ -83,6 +92,7 @@ impl RunConfig {
             keep_data: false,
             weaken: String::new(),
             server_args: Vec::new(),
+            retention: None,
         }
     }
 
@@ -101,6 +111,7 @@ impl RunConfig {
             "server": self.server.as_ref().map(|p| p.display().to_string()),
             "weaken": self.weaken,
             "server_args": self.server_args,
+            "retention": self.retention,
         })
     }
 }
@@ -156,10 +167,16 @@ const SERVER_ARGS: [&str; 12] = [
     "10000",
 ];
 
-fn server_args(weaken: &str, extra: &[String]) -> Vec<String> {
+fn server_args(weaken: &str, retention: bool, extra: &[String]) -> Vec<String> {
     let mut args: Vec<String> = SERVER_ARGS.iter().map(|s| (*s).to_owned()).collect();
     if !weaken.is_empty() {
         args.extend(["--weaken".to_owned(), weaken.to_owned()]);
+    }
+    if retention {
+        args.extend([
+            "--expire-interval-ms".to_owned(),
+            RETENTION_EXPIRE_MS.to_string(),
+        ]);
     }
     args.extend(extra.iter().cloned());
     args
@@ -284,6 +301,7 @@ pub fn run_live(mut cfg: RunConfig) -> anyhow::Result<RunOutcome> {
             cfg.nemesis.iter().map(|f| f.name()).collect::<Vec<_>>().join(","),
             cfg.interval.as_secs_f64(), cfg.mode.as_str(),
             if cfg.weaken.is_empty() { String::new() } else { format!(" --weaken {}", cfg.weaken) }
+                + &cfg.retention.as_ref().map(|r| format!(" --retention {r}")).unwrap_or_default()
                 + &cfg.server_args.iter().map(|a| format!(" --server-arg={a}")).collect::<String>()),
     });
     write_json(&cfg.out.join("test.json"), &test_json)?;
@@ -300,7 +318,7 @@ pub fn run_live(mut cfg: RunConfig) -> anyhow::Result<RunOutcome> {
         cluster: cluster_name.clone(),
         discovery_port,
         broadcast,
-        extra_args: server_args(&cfg.weaken, &cfg.server_args),
+        extra_args: server_args(&cfg.weaken, cfg.retention.is_some(), &cfg.server_args),
     };
     // The guard: dropping `cluster` kills every node by pid, then removes the namespaces.
     let mut cluster = Cluster::new(spec, &cfg.out, &hosts, net);
@@ -373,6 +391,10 @@ fn drive(
             .collect::<Vec<_>>()
             .join(" ")
     );
+    if let Some(policy) = &cfg.retention {
+        let said = set_default_retention(cluster, &cfg.out.join("data"), policy)?;
+        println!("{said}");
+    }
 
     let history = Arc::new(
         HistoryWriter::create(&cfg.out.join("history.jsonl")).context("creating history.jsonl")?,
@@ -539,6 +561,18 @@ fn drive(
     let perf = report::perf(&history);
     report::write(&cfg.out, &report, &perf).context("writing the report")?;
     report::print_summary(&report);
+    if let Some(policy) = &cfg.retention {
+        // A run whose floors never moved would pass without testing retention at all.
+        checks.push(HarnessCheck {
+            name: "retention".into(),
+            passed: report.stats.floor_max > 0,
+            detail: format!(
+                "default retention {policy}: highest floor read {}, {} acknowledged messages \
+                 expired from final reads",
+                report.stats.floor_max, report.stats.expired
+            ),
+        });
+    }
     let anomaly_types = Anomaly::ALL.len();
     let anomalies_failed = report.found().len();
     let harness_failed = checks.iter().filter(|c| !c.passed).count();
@@ -571,6 +605,44 @@ fn drive(
         passed,
         failed,
     })
+}
+
+/// Sets the cluster's default retention with `server retention --set` (from inside the first
+/// node's namespace in netns mode); returns what the command printed. Retried while the
+/// leader settles.
+fn set_default_retention(
+    cluster: &Cluster,
+    data_root: &Path,
+    policy: &str,
+) -> anyhow::Result<String> {
+    let spec = &cluster.spec;
+    let mut last = String::new();
+    for _ in 0..10 {
+        let mut command = match &cluster.nodes[0].netns {
+            Some(ns) => {
+                let mut c = std::process::Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&spec.server);
+                c
+            }
+            None => std::process::Command::new(&spec.server),
+        };
+        let output = command
+            .args(["retention", "--set", policy])
+            .args(["--cluster", &spec.cluster])
+            .arg("--data-root")
+            .arg(data_root)
+            .args(["--discovery-port", &spec.discovery_port.to_string()])
+            .args(["--broadcast", &spec.broadcast.to_string()])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .context("running server retention")?;
+        if output.status.success() {
+            return Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned());
+        }
+        last = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    bail!("server retention --set {policy} failed: {last}")
 }
 
 fn print_progress(sh: &workload::Shared, start: Instant, limit: Duration) {

@@ -283,7 +283,12 @@ impl Proc {
             Ok(Ok(Ok(batch))) => {
                 self.token = self.token.max(batch.applied);
                 let msgs = batch.messages.iter().map(|m| (m.seq, body(&m.body)));
-                sh.rec(op(OpType::Ok).with_msgs(msgs).with_head(batch.head));
+                sh.rec(
+                    op(OpType::Ok)
+                        .with_msgs(msgs)
+                        .with_head(batch.head)
+                        .with_floor(batch.floor),
+                );
             }
             Ok(Ok(Err(e))) => sh.rec(op(OpType::Fail).with_error(&e.to_string())),
             Ok(Err(e)) => {
@@ -396,7 +401,7 @@ pub async fn streamer(sh: Arc<Shared>, id: u64) {
                     last.insert(ci, m.seq);
                 }
                 let msgs = batch.messages.iter().map(|m| (m.seq, body(&m.body)));
-                sh.rec(op(OpType::Ok).with_msgs(msgs));
+                sh.rec(op(OpType::Ok).with_msgs(msgs).with_floor(batch.floor));
             }
             Ok(Ok(Err(e))) => {
                 sh.rec(op(OpType::Fail).with_error(&e.to_string()));
@@ -473,6 +478,7 @@ pub async fn final_reads(
         };
         let mut msgs: Vec<(u64, String)> = Vec::new();
         let mut head = 0;
+        let mut floor = 0;
         let mut error = None;
         for _ in 0..10_000 {
             let from = msgs.last().map_or(1, |(s, _)| s + 1);
@@ -487,6 +493,7 @@ pub async fn final_reads(
             match timeout(Duration::from_secs(11), call).await {
                 Ok(Ok(Ok(batch))) => {
                     head = batch.head;
+                    floor = batch.floor.max(floor);
                     let got = batch.messages.len();
                     msgs.extend(batch.messages.iter().map(|m| (m.seq, body(&m.body))));
                     if got == 0 || msgs.last().is_some_and(|(s, _)| *s >= head) {
@@ -510,7 +517,8 @@ pub async fn final_reads(
         match error {
             None => {
                 ok += 1;
-                sh.rec(op(OpType::Ok).with_from(1).with_msgs(msgs).with_head(head));
+                let done = op(OpType::Ok).with_from(1).with_msgs(msgs);
+                sh.rec(done.with_head(head).with_floor(floor));
             }
             Some(e) => sh.rec(op(OpType::Fail).with_error(&e)),
         }
