@@ -1102,6 +1102,66 @@ pub(crate) fn seed_restored(
     File::open(dir)?.sync_all()
 }
 
+/// Writes a backup of `chat`'s applied state to `target` on this machine (the archive's
+/// bases), through a `.partial` file like the tool; `source` is (node id, node name, cluster).
+///
+/// # Errors
+/// The state cannot be read or the file written.
+pub(crate) fn write_backup_file(
+    chat: &ChatState,
+    target: &Path,
+    (node, node_name, cluster): (NodeId, String, String),
+) -> Result<Verified, BackupError> {
+    let payload = partial_path(target).with_extension("payload");
+    let result = (|| {
+        let (applied_index, contents, bytes, sha256, mut file) = write_payload(chat, &payload)?;
+        let opened = BackupOpened {
+            session: 0,
+            node,
+            node_name,
+            cluster,
+            applied_index,
+            contents,
+            bytes,
+            sha256,
+        };
+        let mut writer = BackupWriter::create(target, Manifest::for_session(&opened))?;
+        io::Seek::rewind(&mut file).map_err(io_err("read", &payload))?;
+        let mut buf = vec![0; CHUNK_BYTES];
+        loop {
+            let n = file.read(&mut buf).map_err(io_err("read", &payload))?;
+            if n == 0 {
+                break;
+            }
+            writer.payload(&buf[..n])?;
+        }
+        writer.finish()
+    })();
+    let _ = fs::remove_file(&payload);
+    result
+}
+
+/// Verifies the backup at `file` and loads its chat state into `chat` (an empty state).
+///
+/// # Errors
+/// As [`verify`]; the state refuses the payload.
+pub(crate) fn load_backup(file: &Path, chat: &ChatState) -> Result<Verified, BackupError> {
+    let payload = partial_path(file).with_extension("payload");
+    let result = (|| {
+        let verified = {
+            let out = File::create(&payload).map_err(io_err("create", &payload))?;
+            let mut out = BufWriter::with_capacity(1 << 20, out);
+            let verified = read_backup(file, Some(&mut out))?;
+            out.flush().map_err(io_err("write", &payload))?;
+            verified
+        };
+        chat.install_snapshot(&payload)?;
+        Ok(verified)
+    })();
+    let _ = fs::remove_file(&payload);
+    result
+}
+
 /// Reads the payload length of a backup quickly (header and manifest only), for tools that
 /// report progress.
 ///

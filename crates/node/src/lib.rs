@@ -14,6 +14,7 @@
 
 mod admin;
 mod api;
+pub mod archive;
 mod atomic_file;
 pub mod backup;
 mod cluster;

@@ -345,6 +345,16 @@ fn decode_at(dir: &Path, index: LogIndex, bytes: &[u8]) -> io::Result<Entry> {
 }
 
 impl LogStore {
+    /// Entries in `[start, end)` for a reader outside Raft (the archive), stopping once they
+    /// hold `budget` bytes (at least one entry). Purged entries are missing from the front:
+    /// the caller checks the first index.
+    ///
+    /// # Errors
+    /// The log cannot be read or holds a damaged entry.
+    pub fn read_range(&self, start: u64, end: u64, budget: usize) -> io::Result<Vec<Entry>> {
+        self.read_within(start, end, budget)
+    }
+
     /// Entries in `[start, end)`, stopping once they hold `budget` bytes (at least one entry).
     fn read_within(&self, start: u64, end: u64, budget: usize) -> io::Result<Vec<Entry>> {
         let mut out = Vec::new();
