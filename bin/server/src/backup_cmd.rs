@@ -12,7 +12,8 @@ use node::backup::{self, BackupIndex, BackupOpen, BackupWriter, Manifest, Verifi
 use node::{BackupClient, MemberInfo, MemberState};
 
 use crate::admin::{auth, find_member, label, leader_members, Auth};
-use crate::NetArgs;
+use crate::{ArchiveAt, NetArgs};
+use node::archive::{self, Archive, Until};
 
 /// Whole backups tried before giving up, each from a node not tried before when one failed.
 const ATTEMPTS: usize = 3;
@@ -50,14 +51,45 @@ pub(crate) struct VerifyArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct RestoreArgs {
-    /// The backup file.
-    file: PathBuf,
+    /// The backup file (or give --from-archive).
+    #[arg(
+        required_unless_present = "from_archive",
+        conflicts_with = "from_archive"
+    )]
+    file: Option<PathBuf>,
+    /// Rebuild from a continuous archive instead of a file: `file:///dir` or
+    /// `s3://bucket/prefix` (with --archive-endpoint for a private S3 server).
+    #[arg(long, value_name = "URL")]
+    from_archive: Option<String>,
+    #[command(flatten)]
+    archive_at: ArchiveAt,
+    /// With --from-archive: stop at this log index, or at this time (RFC 3339,
+    /// 2026-12-04T10:00:00Z: every entry up to the first stamped later). Default: everything
+    /// archived.
+    #[arg(long, requires = "from_archive", value_name = "INDEX|TIME")]
+    until: Option<Until>,
     /// The data dir to create for the new cluster's first node (must not exist, or be empty).
     #[arg(long)]
     data_dir: PathBuf,
     /// The new node's name (default: from the data dir's name, as for `server`).
     #[arg(long, value_parser = crate::parse_name)]
     name: Option<String>,
+    /// Print one JSON object instead of a summary.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct ArchiveInfoArgs {
+    /// The archive: `file:///dir` or `s3://bucket/prefix`.
+    #[arg(long, value_name = "URL")]
+    archive: String,
+    #[command(flatten)]
+    archive_at: ArchiveAt,
+    /// Also read every chunk and report how long messages waited to be archived (each
+    /// chunk's seal time minus its messages' leader times): p50, p99, max.
+    #[arg(long)]
+    lag: bool,
     /// Print one JSON object instead of a summary.
     #[arg(long)]
     json: bool,
@@ -205,10 +237,31 @@ pub(crate) fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(crate) fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
+pub(crate) async fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
     let started = Instant::now();
-    let restored = backup::restore(&args.file, &args.data_dir, args.name.as_deref())
-        .with_context(|| format!("nothing was created at {}", args.data_dir.display()))?;
+    let nothing = || format!("nothing was created at {}", args.data_dir.display());
+    let (restored, from_archive) = match (&args.file, &args.from_archive) {
+        (Some(file), _) => (
+            backup::restore(file, &args.data_dir, args.name.as_deref()).with_context(nothing)?,
+            None,
+        ),
+        (None, Some(url)) => {
+            let archive = Archive::open(&args.archive_at.config(url)).with_context(nothing)?;
+            let until = args.until.unwrap_or(Until::End);
+            let rebuilt = archive::restore(&archive, until, &args.data_dir, args.name.as_deref())
+                .await
+                .with_context(nothing)?;
+            let note = serde_json::json!({
+                "base_index": rebuilt.base_index,
+                "chunks": rebuilt.chunks,
+                "replayed": rebuilt.replayed,
+                "index": rebuilt.index,
+                "last_at_ms": rebuilt.last_at_ms,
+            });
+            (rebuilt.restored, Some(note))
+        }
+        (None, None) => bail!("give a backup file or --from-archive URL"),
+    };
     let manifest = &restored.backup.manifest;
     if args.json {
         let line = serde_json::json!({
@@ -220,6 +273,7 @@ pub(crate) fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
             "contents": manifest.contents,
             "token": restored.token,
             "elapsed_s": started.elapsed().as_secs_f64(),
+            "from_archive": from_archive,
         });
         println!("{line}");
         return Ok(());
@@ -234,6 +288,13 @@ pub(crate) fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
         restored.node_id,
         manifest.cluster
     );
+    if let Some(note) = &from_archive {
+        println!(
+            "from the archive: the base at index {} and {} entries from {} chunks, up to \
+             index {}",
+            note["base_index"], note["replayed"], note["chunks"], note["index"]
+        );
+    }
     println!(
         "start it:  cellchat-server --data-dir {} --cluster {}",
         args.data_dir.display(),
@@ -298,4 +359,58 @@ fn report(verified: &Verified, json: bool, elapsed: Option<Duration>, file: &str
         elapsed.map_or(String::new(), |e| format!("; took {:.1}s", e.as_secs_f64()))
     );
     println!("  secret material: {}", manifest.secrets);
+}
+
+pub(crate) async fn archive_info(args: &ArchiveInfoArgs) -> anyhow::Result<()> {
+    let archive = Archive::open(&args.archive_at.config(&args.archive))?;
+    let info = archive::describe(&archive).await?;
+    let lag = if args.lag {
+        archive::lag(&archive).await?
+    } else {
+        None
+    };
+    if args.json {
+        let mut value = serde_json::to_value(&info)?;
+        value["lag"] = serde_json::to_value(&lag)?;
+        println!("{value}");
+        return Ok(());
+    }
+    match &info.identity {
+        Some(id) => println!(
+            "{}: the archive of cluster {:?} (CA {})",
+            info.archive, id.cluster, id.ca
+        ),
+        None => println!(
+            "{}: no archive.json: empty, or not a cellchat archive",
+            info.archive
+        ),
+    }
+    for (index, created_ms, bytes) in &info.bases {
+        println!("  base at index {index}, cut at {created_ms} ms, {bytes} bytes");
+    }
+    println!(
+        "  {} chunks; highest archived index {}",
+        info.chunks,
+        info.last_index.map_or("none".to_owned(), |i| i.to_string())
+    );
+    let ranges: Vec<String> = info
+        .restorable
+        .iter()
+        .map(|(a, b)| format!("{a}..={b}"))
+        .collect();
+    println!(
+        "  restorable indexes: {}",
+        if ranges.is_empty() {
+            "none".to_owned()
+        } else {
+            ranges.join(", ")
+        }
+    );
+    if let Some(lag) = &lag {
+        println!(
+            "  archive lag over {} messages: p50 {} ms, p99 {} ms, max {} ms",
+            lag.messages, lag.p50_ms, lag.p99_ms, lag.max_ms
+        );
+    }
+    Ok(())
 }

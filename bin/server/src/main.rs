@@ -74,10 +74,35 @@ enum Command {
     /// Check a backup file completely (every checksum, its manifest against its payload)
     /// without restoring it.
     Verify(backup_cmd::VerifyArgs),
-    /// Offline: create the data dir of a new cluster's first node from a backup, with a new
-    /// node id, CA and join token (the backup's cluster name stays: end-to-end encryption is
-    /// bound to it).
+    /// Offline: create the data dir of a new cluster's first node from a backup, or from a
+    /// continuous archive up to an index or time (--from-archive, --until), with a new node
+    /// id, CA and join token (the cluster name stays: end-to-end encryption is bound to it).
     Restore(backup_cmd::RestoreArgs),
+    /// Show what a continuous archive holds: its cluster, bases, chunks, the highest archived
+    /// index and the index ranges a restore can reach.
+    ArchiveInfo(backup_cmd::ArchiveInfoArgs),
+}
+
+/// Where an s3:// archive's server is.
+#[derive(Args, Debug, Clone, Default)]
+pub(crate) struct ArchiveAt {
+    /// An S3-compatible endpoint for an s3:// archive (http://127.0.0.1:9000 for a local
+    /// MinIO or moto); AWS's when absent.
+    #[arg(long, env = "CELLCHAT_ARCHIVE_ENDPOINT", value_name = "URL")]
+    pub(crate) archive_endpoint: Option<String>,
+    /// The S3 region (default AWS_REGION, else us-east-1).
+    #[arg(long, env = "CELLCHAT_ARCHIVE_REGION")]
+    pub(crate) archive_region: Option<String>,
+}
+
+impl ArchiveAt {
+    pub(crate) fn config(&self, url: &str) -> node::archive::ArchiveConfig {
+        node::archive::ArchiveConfig {
+            url: url.to_owned(),
+            endpoint: self.archive_endpoint.clone(),
+            region: self.archive_region.clone(),
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -202,6 +227,16 @@ struct RunArgs {
     /// are past their 24 h window; expired messages go within about this long.
     #[arg(long, env = "CELLCHAT_EXPIRE_INTERVAL_MS", default_value_t = 10_000)]
     expire_interval_ms: u64,
+    /// Continuous archive: the leader uploads committed entries here in sealed chunks, after
+    /// a base backup. `file:///absolute/dir` or `s3://bucket/prefix` (S3 credentials from
+    /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY). See `restore --from-archive`.
+    #[arg(long, env = "CELLCHAT_ARCHIVE", value_name = "URL")]
+    archive: Option<String>,
+    #[command(flatten)]
+    archive_at: ArchiveAt,
+    /// How often (ms) the leader seals what was committed since its last archive chunk.
+    #[arg(long, env = "CELLCHAT_ARCHIVE_INTERVAL_MS", default_value_t = 1000)]
+    archive_interval_ms: u64,
     /// Take a snapshot (and purge the log below it) every N applied entries.
     #[arg(long, env = "CELLCHAT_SNAPSHOT_EVERY", default_value_t = 10_000)]
     snapshot_every: u64,
@@ -309,7 +344,8 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Retention(args)) => runtime.block_on(admin::retention(&cli.run.net, &args)),
         Some(Command::Backup(args)) => runtime.block_on(backup_cmd::backup(&cli.run.net, &args)),
         Some(Command::Verify(args)) => backup_cmd::verify(&args),
-        Some(Command::Restore(args)) => backup_cmd::restore(&args),
+        Some(Command::Restore(args)) => runtime.block_on(backup_cmd::restore(&args)),
+        Some(Command::ArchiveInfo(args)) => runtime.block_on(backup_cmd::archive_info(&args)),
         None => runtime.block_on(run(cli.run)),
     }
 }
@@ -388,6 +424,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     config.election_timeout_ms_max = args.election_max_ms;
     config.disk_stall_ms = args.disk_stall_ms;
     config.expire_interval_ms = args.expire_interval_ms;
+    config.archive = match &args.archive {
+        Some(url) => {
+            let archive = args.archive_at.config(url);
+            // Checked before the node starts: a mistyped URL stops it here, not at its first
+            // term as leader.
+            node::archive::Archive::open(&archive)?;
+            Some(archive)
+        }
+        None => None,
+    };
+    config.archive_interval_ms = args.archive_interval_ms;
     config.snapshot_every_entries = args.snapshot_every;
     config.log_keep_entries = args.log_keep;
     config.wal_segment_mib = args.wal_segment_mib;

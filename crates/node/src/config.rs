@@ -59,6 +59,12 @@ pub struct Config {
     /// How often the leader proposes an expiry when retention or old dedup records call for
     /// one (see `retention.rs`), in ms. Default 10000; 100 to 3600000.
     pub expire_interval_ms: u64,
+    /// The continuous archive (`archive.rs`): where the leader uploads committed entries.
+    /// `None`: no archive.
+    pub archive: Option<crate::archive::ArchiveConfig>,
+    /// How often the leader seals the entries committed since its last chunk, in ms. Default
+    /// 1000; 100 to 3600000.
+    pub archive_interval_ms: u64,
     /// Build a snapshot after this many applied entries. Default 10000; at least 2.
     pub snapshot_every_entries: u64,
     /// Entries kept in the log after a snapshot, so briefly lagging followers need no
@@ -149,6 +155,8 @@ impl Config {
             election_timeout_ms_max: 240,
             disk_stall_ms: 500,
             expire_interval_ms: 10_000,
+            archive: None,
+            archive_interval_ms: 1000,
             snapshot_every_entries: 10_000,
             log_keep_entries: 1000,
             wal_segment_mib: 64,
@@ -234,6 +242,12 @@ impl Config {
             return Err(format!(
                 "expire interval {} ms must be 100 to 3600000",
                 self.expire_interval_ms
+            ));
+        }
+        if !(100..=3_600_000).contains(&self.archive_interval_ms) {
+            return Err(format!(
+                "archive interval {} ms must be 100 to 3600000",
+                self.archive_interval_ms
             ));
         }
         if self.snapshot_every_entries < 2 {

@@ -400,6 +400,7 @@ impl Server {
         let contacts = network.contacts();
         let snapshots = SnapshotReceiver::new(state_machine.clone());
         let backup_state = state_machine.clone();
+        let archive_log = log_store.clone();
         let seed = rand::random();
         let raft = start_raft(id, raft_config, network, log_store, state_machine, seed)
             .await
@@ -486,7 +487,7 @@ impl Server {
         let backups = Backups::new(
             (id, name.clone(), config.cluster.clone()),
             raft.clone(),
-            backup_state,
+            backup_state.clone(),
             shared.delivery.clone(),
         );
         let rpc_server = RaftRpcServer::new(
@@ -537,6 +538,27 @@ impl Server {
                 .run(),
             ),
         ];
+        if let Some(archive) = &config.archive {
+            let archive = crate::archive::Archive::open(archive)
+                .map_err(|e| ServerError::Config(e.to_string()))?;
+            let uploader = crate::archive::Uploader {
+                archive,
+                identity: crate::archive::Identity {
+                    format: crate::archive::IDENTITY_FORMAT,
+                    cluster: config.cluster.clone(),
+                    ca: tls.ca().fingerprint().to_string(),
+                    created_unix_ms: crate::api::now_ms(),
+                },
+                node: (id, name.clone()),
+                raft: raft.clone(),
+                log: archive_log,
+                state: backup_state.clone(),
+                interval: Duration::from_millis(config.archive_interval_ms),
+                scratch: dir.join("archive-tmp"),
+                archived: Default::default(),
+            };
+            tasks.push(tokio::spawn(uploader.run()));
+        }
         if let Some(pings) = pings {
             let (raft, delivery) = (raft.clone(), shared.delivery.clone());
             tasks.push(tokio::spawn(cluster::serve_pings(
