@@ -1,0 +1,488 @@
+//! End-to-end tests of the continuous archive on real `server` processes: the leader uploads
+//! committed entries to a directory and to a real S3-compatible server (moto, started here on
+//! loopback); a kill -9 of the leader and a frozen S3 server leave no gap and no duplicate;
+//! `restore --from-archive` rebuilds a new cluster that serves every acknowledged message as
+//! it was, whole or up to an index; bad archives and targets are refused leaving nothing.
+//!
+//! Timeouts are generous bounds for a loaded 2-core machine, not performance claims.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context as _};
+use cellchat_client::{Client, ClientConfig, Identity};
+use testkit::TestCluster;
+
+const READY: Duration = Duration::from_secs(60);
+const CONVERGE: Duration = Duration::from_secs(60);
+/// How long the archive may take to reach the cluster's applied index once writes stop.
+const CATCH_UP: Duration = Duration::from_secs(60);
+
+async fn start(cluster: &mut TestCluster, nodes: usize) -> anyhow::Result<()> {
+    for _ in 0..nodes {
+        cluster.spawn_node()?;
+    }
+    for node in &mut cluster.nodes {
+        node.wait_ready(READY)?;
+    }
+    cluster.wait_converged(nodes, CONVERGE).await?;
+    Ok(())
+}
+
+fn config(cluster: &TestCluster, name: &str, token: Option<&str>) -> anyhow::Result<ClientConfig> {
+    let mut key = [9u8; 32];
+    for (k, b) in key.iter_mut().zip(name.bytes()) {
+        *k = b;
+    }
+    Ok(ClientConfig {
+        identity: Some(Identity::ephemeral(name, Some(key))),
+        token: token.map(str::parse).transpose()?,
+        ..ClientConfig::new(cluster.cluster.clone(), cluster.discovery_port)
+    })
+}
+
+fn run_ok(output: std::process::Output, what: &str) -> anyhow::Result<String> {
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    ensure!(output.status.success(), "{what} failed: {stdout}\n{stderr}");
+    Ok(stdout)
+}
+
+fn run_err(output: std::process::Output, what: &str) -> anyhow::Result<String> {
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    ensure!(
+        !output.status.success(),
+        "{what} should have failed: {stdout}"
+    );
+    Ok(stderr)
+}
+
+/// Every message of `channel`, by seq: (sender, body, time).
+type History = BTreeMap<u64, (String, Vec<u8>, u64)>;
+
+async fn history(client: &Client, channel: &str) -> anyhow::Result<History> {
+    let batch = client.recent(channel, 1_000_000).await?;
+    Ok(batch
+        .messages
+        .into_iter()
+        .map(|m| (m.seq, (m.sender, m.body, m.at_ms)))
+        .collect())
+}
+
+/// Sends `count` messages numbered from `from`, recording each acknowledged seq.
+async fn send(
+    client: &Client,
+    from: u64,
+    count: u64,
+    acked: &mut BTreeMap<u64, Vec<u8>>,
+) -> anyhow::Result<()> {
+    for n in from..from + count {
+        let body = format!("message {n}").into_bytes();
+        let sent = client.send("general", body.clone()).await?;
+        ensure!(
+            acked.insert(sent.seq, body).is_none(),
+            "seq {} acknowledged twice",
+            sent.seq
+        );
+    }
+    Ok(())
+}
+
+/// The highest applied index any node of `cluster` reports.
+fn applied(cluster: &TestCluster) -> anyhow::Result<u64> {
+    let out = run_ok(cluster.admin(&["status", "--json"])?, "status")?;
+    let rows: serde_json::Value = serde_json::from_str(out.trim())?;
+    rows.as_array()
+        .context("status rows")?
+        .iter()
+        .filter_map(|r| r["applied"].as_u64())
+        .max()
+        .context("no node reports an applied index")
+}
+
+/// `archive-info --json` for the archive `args` name.
+fn archive_info(cluster: &TestCluster, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let mut all = vec!["archive-info", "--json"];
+    all.extend_from_slice(args);
+    let out = run_ok(cluster.admin(&all)?, "archive-info")?;
+    Ok(serde_json::from_str(out.trim())?)
+}
+
+/// Waits until the archive reaches the cluster's applied index (writes have stopped).
+async fn wait_archived(cluster: &TestCluster, args: &[&str]) -> anyhow::Result<u64> {
+    let target = applied(cluster)?;
+    let deadline = Instant::now() + CATCH_UP;
+    loop {
+        let info = archive_info(cluster, args)?;
+        let last = info["last_index"].as_u64().unwrap_or(0);
+        if last >= target {
+            return Ok(last);
+        }
+        if Instant::now() > deadline {
+            bail!("the archive reached index {last}, not {target}, in {CATCH_UP:?}: {info}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Restores from the archive into a new cluster's first node, starts three nodes there, and
+/// returns the cluster, a client and the restore's JSON report.
+async fn restore_and_start(
+    old_cluster: &str,
+    archive: &[&str],
+    until: Option<&str>,
+    name: &str,
+) -> anyhow::Result<(TestCluster, Client, serde_json::Value)> {
+    let mut new = TestCluster::new(name, &[])?;
+    new.cluster = old_cluster.to_owned();
+    let target = new.dir().join("node-1");
+    let target_arg = target.to_str().context("utf-8 path")?.to_owned();
+    let mut args = vec!["restore", "--data-dir", &target_arg, "--json"];
+    args.extend_from_slice(archive);
+    if let Some(until) = until {
+        args.extend_from_slice(&["--until", until]);
+    }
+    let report = run_ok(new.admin(&args)?, "restore --from-archive")?;
+    let report: serde_json::Value = serde_json::from_str(report.trim())?;
+    let token = report["token"].as_str().context("token")?.to_owned();
+    start(&mut new, 3).await?;
+    let client = Client::connect(config(&new, "alice", Some(&token))?).await?;
+    Ok((new, client, report))
+}
+
+/// The restored channel holds exactly the old one: same seqs, senders, bodies and times, every
+/// acknowledged message among them, nothing twice (seqs dense from 1).
+fn same_history(
+    restored: &History,
+    old: &History,
+    acked: &BTreeMap<u64, Vec<u8>>,
+) -> anyhow::Result<()> {
+    ensure!(
+        restored.len() as u64 == restored.keys().next_back().copied().unwrap_or(0),
+        "restored seqs are not dense from 1"
+    );
+    for (seq, body) in acked {
+        let Some((sender, got, _)) = restored.get(seq) else {
+            bail!("acknowledged message {seq} is missing from the restore");
+        };
+        ensure!(sender == "alice" && got == body, "message {seq} differs");
+    }
+    ensure!(
+        restored == old,
+        "the restore differs from the old cluster's history"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_directory_archive_survives_a_leader_kill_and_restores_whole_or_to_an_index(
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let url = format!("file://{}", dir.path().join("archive").display());
+    let mut cluster = TestCluster::new(
+        "archive-dir",
+        &["--archive", &url, "--archive-interval-ms", "200"],
+    )?;
+    start(&mut cluster, 3).await?;
+    let alice = Client::connect(config(&cluster, "alice", None)?).await?;
+    let mut acked = BTreeMap::new();
+    send(&alice, 1, 40, &mut acked).await?;
+    // A leader killed while it uploads: the next one resumes from what the archive holds.
+    let (leader, _) = testkit::leader_client_addr(&cluster, Duration::from_secs(10)).await?;
+    let index = cluster
+        .nodes
+        .iter()
+        .position(|n| n.ready().map(|r| r.id) == Some(leader))
+        .context("leader not found")?;
+    cluster.nodes[index].kill9();
+    send(&alice, 41, 40, &mut acked).await?;
+    cluster.restart(index, READY)?;
+    send(&alice, 81, 20, &mut acked).await?;
+    let archive = ["--from-archive", url.as_str()];
+    let info_args = ["--archive", url.as_str()];
+    let last = wait_archived(&cluster, &info_args).await?;
+    let info = archive_info(&cluster, &info_args)?;
+    ensure!(
+        info["identity"]["cluster"] == cluster.cluster.as_str(),
+        "{info}"
+    );
+    ensure!(info["restorable"][0][1].as_u64() == Some(last), "{info}");
+    let old = history(&alice, "general").await?;
+    ensure!(
+        old.len() == 100,
+        "{} messages on the old cluster",
+        old.len()
+    );
+
+    // Bad input changes nothing: an index past the archive, a non-empty target.
+    let target = cluster.dir().join("not-created");
+    let target_arg = target.to_str().context("utf-8")?.to_owned();
+    let past = (last + 1000).to_string();
+    let err = run_err(
+        cluster.admin(&[
+            "restore",
+            "--from-archive",
+            &url,
+            "--until",
+            &past,
+            "--data-dir",
+            &target_arg,
+        ])?,
+        "restore past the archive",
+    )?;
+    ensure!(
+        err.contains("past what the base") && err.contains("can restore indexes"),
+        "{err}"
+    );
+    ensure!(
+        !target.exists(),
+        "a refused restore left {}",
+        target.display()
+    );
+    let busy = cluster.nodes[0]
+        .data_dir()
+        .to_str()
+        .context("utf-8")?
+        .to_owned();
+    let err = run_err(
+        cluster.admin(&["restore", "--from-archive", &url, "--data-dir", &busy])?,
+        "restore into a used data dir",
+    )?;
+    ensure!(err.contains("not empty"), "{err}");
+
+    // The whole archive, into a new cluster (test clusters run one at a time).
+    let name = cluster.cluster.clone();
+    drop(alice);
+    drop(cluster);
+    let (whole, client, report) = restore_and_start(&name, &archive, None, "from-dir").await?;
+    ensure!(report["applied_index"].as_u64() == Some(last), "{report}");
+    same_history(&history(&client, "general").await?, &old, &acked)?;
+
+    // Up to an index: the state at that index is a prefix of the whole.
+    let mid = last / 2;
+    drop(client);
+    drop(whole);
+    let (_part, client, report) =
+        restore_and_start(&name, &archive, Some(&mid.to_string()), "from-dir-mid").await?;
+    ensure!(report["applied_index"].as_u64() == Some(mid), "{report}");
+    let part = history(&client, "general").await?;
+    ensure!(
+        !part.is_empty() && part.len() < old.len(),
+        "{} of {}",
+        part.len(),
+        old.len()
+    );
+    for (seq, message) in &part {
+        ensure!(
+            old.get(seq) == Some(message),
+            "{seq} differs in the partial restore"
+        );
+    }
+    Ok(())
+}
+
+/// A moto S3 server on a loopback port, killed when dropped.
+struct Moto {
+    child: Child,
+    endpoint: String,
+}
+
+impl Moto {
+    fn start() -> anyhow::Result<Moto> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        Ok(Moto {
+            child: Moto::spawn(port)?,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        })
+    }
+
+    /// Kills the server (kill -9; it keeps everything in memory, so every object is lost) and
+    /// starts a new one on the same port.
+    fn restart(&mut self) -> anyhow::Result<()> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let port: u16 = self.endpoint.rsplit(':').next().context("port")?.parse()?;
+        self.child = Moto::spawn(port)?;
+        Ok(())
+    }
+
+    /// Starts moto on `port` and waits until it listens.
+    fn spawn(port: u16) -> anyhow::Result<Child> {
+        let binary = find_moto()?;
+        let mut child = Command::new(&binary)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("moto did not listen on {port} in 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(child)
+    }
+
+    /// Creates a bucket (moto accepts unsigned requests).
+    fn create_bucket(&self, bucket: &str) -> anyhow::Result<()> {
+        use std::io::{Read, Write};
+        let host = self.endpoint.trim_start_matches("http://");
+        let mut stream = std::net::TcpStream::connect(host)?;
+        write!(
+            stream,
+            "PUT /{bucket} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer)?;
+        ensure!(
+            answer.starts_with("HTTP/1.1 200"),
+            "creating the bucket: {answer}"
+        );
+        Ok(())
+    }
+
+    fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()?;
+        ensure!(status.success(), "kill {signal} moto");
+        Ok(())
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.signal("-CONT");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// moto's server: `MOTO_SERVER`, else on PATH, else pyenv's shim (where this machine kind has
+/// it; `.ci/run` installs it on a machine without).
+fn find_moto() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("MOTO_SERVER") {
+        return Ok(PathBuf::from(path));
+    }
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join("moto_server"))
+        .chain([PathBuf::from("/root/.pyenv/shims/moto_server")])
+        .find(|p| p.is_file());
+    on_path.context(
+        "moto_server not found (pip install 'moto[server]', or set MOTO_SERVER): the archive's \
+         S3 test needs a real S3-compatible server",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_s3_archive_survives_a_frozen_server_a_restarted_one_and_a_leader_kill(
+) -> anyhow::Result<()> {
+    let mut moto = Moto::start()?;
+    moto.create_bucket("cellchat")?;
+    let url = "s3://cellchat/cluster-a";
+    let endpoint = moto.endpoint.clone();
+    let at = ["--archive-endpoint", endpoint.as_str()];
+    // moto takes any credentials; the nodes and tools read them from the environment.
+    for (key, value) in [
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_REGION", "us-east-1"),
+    ] {
+        std::env::set_var(key, value);
+    }
+    let mut cluster = TestCluster::new(
+        "archive-s3",
+        &[
+            "--archive",
+            url,
+            at[0],
+            at[1],
+            "--archive-interval-ms",
+            "200",
+        ],
+    )?;
+    start(&mut cluster, 3).await?;
+    let alice = Client::connect(config(&cluster, "alice", None)?).await?;
+    let mut acked = BTreeMap::new();
+    send(&alice, 1, 30, &mut acked).await?;
+    // The S3 server frozen for a few seconds while writes go on: uploads stall and resume.
+    moto.signal("-STOP")?;
+    send(&alice, 31, 30, &mut acked).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    moto.signal("-CONT")?;
+    // The S3 server killed and restarted empty (moto keeps nothing on disk) while writes go
+    // on: once the bucket is back, the leader starts the archive again from a new base.
+    let info_args = ["--archive", url, at[0], at[1]];
+    wait_archived(&cluster, &info_args).await?;
+    moto.restart()?;
+    send(&alice, 61, 10, &mut acked).await?;
+    moto.create_bucket("cellchat")?;
+    send(&alice, 71, 10, &mut acked).await?;
+    let (leader, _) = testkit::leader_client_addr(&cluster, Duration::from_secs(10)).await?;
+    let index = cluster
+        .nodes
+        .iter()
+        .position(|n| n.ready().map(|r| r.id) == Some(leader))
+        .context("leader not found")?;
+    cluster.nodes[index].kill9();
+    send(&alice, 81, 30, &mut acked).await?;
+    let last = wait_archived(&cluster, &info_args).await?;
+    let old = history(&alice, "general").await?;
+    ensure!(
+        old.len() == 110,
+        "{} messages on the old cluster",
+        old.len()
+    );
+    let info = archive_info(&cluster, &info_args)?;
+    ensure!(
+        info["bases"].as_array().map(Vec::len) == Some(1)
+            && info["bases"][0][0].as_u64() > Some(60),
+        "the emptied archive did not start again from a new base: {info}"
+    );
+    let archive = ["--from-archive", url, at[0], at[1]];
+    let name = cluster.cluster.clone();
+    drop(alice);
+    drop(cluster);
+    let (new, client, report) = restore_and_start(&name, &archive, None, "from-s3").await?;
+    ensure!(report["applied_index"].as_u64() == Some(last), "{report}");
+    same_history(&history(&client, "general").await?, &old, &acked)?;
+
+    // An unreachable endpoint is named, and nothing is created.
+    drop(moto);
+    let target = new.dir().join("not-created");
+    let target_arg = target.to_str().context("utf-8")?.to_owned();
+    let err = run_err(
+        new.admin(&[
+            "restore",
+            "--from-archive",
+            url,
+            at[0],
+            at[1],
+            "--data-dir",
+            &target_arg,
+        ])?,
+        "restore from a dead endpoint",
+    )?;
+    ensure!(
+        err.contains(url) && err.contains("nothing was created"),
+        "{err}"
+    );
+    ensure!(
+        !target.exists(),
+        "a failed restore left {}",
+        target.display()
+    );
+    Ok(())
+}
