@@ -190,6 +190,16 @@ async fn a_directory_archive_survives_a_leader_kill_and_restores_whole_or_to_an_
     let alice = Client::connect(config(&cluster, "alice", None)?).await?;
     let mut acked = BTreeMap::new();
     send(&alice, 1, 40, &mut acked).await?;
+    // A point in time after message 40 was acknowledged and before 41 is sent.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis();
+    let cut = chrono::DateTime::from_timestamp_millis(i64::try_from(now_ms)?)
+        .context("a time")?
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let first_40: Vec<u64> = acked.keys().copied().collect();
+    tokio::time::sleep(Duration::from_millis(20)).await;
     // A leader killed while it uploads: the next one resumes from what the archive holds.
     let (leader, _) = testkit::leader_client_addr(&cluster, Duration::from_secs(10)).await?;
     let index = cluster
@@ -265,7 +275,7 @@ async fn a_directory_archive_survives_a_leader_kill_and_restores_whole_or_to_an_
     let mid = last / 2;
     drop(client);
     drop(whole);
-    let (_part, client, report) =
+    let (part_cluster, client, report) =
         restore_and_start(&name, &archive, Some(&mid.to_string()), "from-dir-mid").await?;
     ensure!(report["applied_index"].as_u64() == Some(mid), "{report}");
     let part = history(&client, "general").await?;
@@ -279,6 +289,24 @@ async fn a_directory_archive_survives_a_leader_kill_and_restores_whole_or_to_an_
         ensure!(
             old.get(seq) == Some(message),
             "{seq} differs in the partial restore"
+        );
+    }
+
+    // Up to a time: exactly the messages acknowledged before it.
+    drop(client);
+    drop(part_cluster);
+    let (_timed, client, report) =
+        restore_and_start(&name, &archive, Some(&cut), "from-dir-time").await?;
+    let timed = history(&client, "general").await?;
+    ensure!(
+        timed.keys().copied().collect::<Vec<_>>() == first_40,
+        "restored to {cut}: seqs {:?}, expected the first 40 ({report})",
+        timed.keys().collect::<Vec<_>>()
+    );
+    for (seq, message) in &timed {
+        ensure!(
+            old.get(seq) == Some(message),
+            "{seq} differs in the timed restore"
         );
     }
     Ok(())
