@@ -1171,7 +1171,7 @@ async fn rebuild(
     archive.get_base(&plan.base, &base_file).await?;
     let state = StateMachine::open(&scratch.join("sm"))
         .map_err(io_err("open the chat state in", scratch))?;
-    let base = backup::load_backup(&base_file, state.chat())?;
+    let base = backup::load_backup(&base_file, &state)?;
     if base.manifest.applied_index != plan.base.index {
         return Err(archive.corrupt(
             &plan.base.object,

@@ -990,17 +990,8 @@ fn restore_into(
     let node_id = data_dir.node_id();
     let sm_dir = staging.join(crate::data_dir::STATE_DIR);
     let state = StateMachine::open(&sm_dir).map_err(io_err("open the chat state in", &sm_dir))?;
-    let payload_path = state.tmp_path("restore");
-    let backup = {
-        let out = File::create(&payload_path).map_err(io_err("create", &payload_path))?;
-        let mut out = BufWriter::with_capacity(1 << 20, out);
-        let backup = read_backup(file, Some(&mut out))?;
-        out.flush().map_err(io_err("write", &payload_path))?;
-        backup
-    };
+    let backup = load_backup(file, &state)?;
     let cluster = backup.manifest.cluster.clone();
-    state.chat().install_snapshot(&payload_path)?;
-    let _ = fs::remove_file(&payload_path);
     drop(state);
     let token = pki::new_cluster(staging, &cluster, node_id)?;
     let pending = Pending {
@@ -1141,12 +1132,13 @@ pub(crate) fn write_backup_file(
     result
 }
 
-/// Verifies the backup at `file` and loads its chat state into `chat` (an empty state).
+/// Verifies the backup at `file` and loads its chat state into `state` (an empty state),
+/// through a payload file in the state's own temp dir (the backup's may be read-only).
 ///
 /// # Errors
 /// As [`verify`]; the state refuses the payload.
-pub(crate) fn load_backup(file: &Path, chat: &ChatState) -> Result<Verified, BackupError> {
-    let payload = partial_path(file).with_extension("payload");
+pub(crate) fn load_backup(file: &Path, state: &StateMachine) -> Result<Verified, BackupError> {
+    let payload = state.tmp_path("restore");
     let result = (|| {
         let verified = {
             let out = File::create(&payload).map_err(io_err("create", &payload))?;
@@ -1155,7 +1147,7 @@ pub(crate) fn load_backup(file: &Path, chat: &ChatState) -> Result<Verified, Bac
             out.flush().map_err(io_err("write", &payload))?;
             verified
         };
-        chat.install_snapshot(&payload)?;
+        state.chat().install_snapshot(&payload)?;
         Ok(verified)
     })();
     let _ = fs::remove_file(&payload);
