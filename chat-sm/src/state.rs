@@ -603,6 +603,25 @@ impl ChatState {
     ///   this replica sees must not turn into a different response or state than the other
     ///   replicas have, so the process stops and recovers from disk and the raft log.
     pub fn apply(&self, entries: &[ApplyEntry<'_>], meta: RaftMeta) -> Vec<ChatResponse> {
+        self.try_apply(entries, meta)
+            .unwrap_or_else(|e| panic!("rocksdb write failed in apply: {e}"))
+    }
+
+    /// [`ChatState::apply`] for a state that is thrown away when it fails (a restore's
+    /// scratch state): a failed RocksDB write is returned instead of stopping the process.
+    /// After an error the state is unusable, because its applied index is already past what
+    /// it stored.
+    ///
+    /// # Errors
+    /// [`Error::Rocks`] when the batch cannot be written (a full disk).
+    ///
+    /// # Panics
+    /// As [`ChatState::apply`], except for the batch write.
+    pub fn try_apply(
+        &self,
+        entries: &[ApplyEntry<'_>],
+        meta: RaftMeta,
+    ) -> Result<Vec<ChatResponse>, Error> {
         let mut guard = self.writer.lock();
         let w = &mut *guard;
         let mut batch = Batch {
@@ -635,10 +654,10 @@ impl ChatState {
             w.applied_index = Some(entry.index);
             responses.push(self.apply_entry(w, &mut batch, entry));
         }
-        if let Some(event) = self.write_batch(w, batch, meta, entries.len()) {
+        if let Some(event) = self.write_batch(w, batch, meta, entries.len())? {
             self.notify(&event);
         }
-        responses
+        Ok(responses)
     }
 
     fn apply_entry<'a>(
@@ -1024,7 +1043,7 @@ impl ChatState {
         batch: Batch<'_>,
         meta: RaftMeta,
         entry_count: usize,
-    ) -> Option<AppliedEvent> {
+    ) -> Result<Option<AppliedEvent>, Error> {
         for (channel, (head, _)) in &batch.touched {
             format::head_key(&mut w.key, channel);
             w.puts.put(&w.key, &encode_u64_value(*head));
@@ -1084,7 +1103,10 @@ impl ChatState {
         w.store
             .db()
             .write_opt(wb, &opts)
-            .unwrap_or_else(|e| panic!("rocksdb write failed in apply: {e}"));
+            .map_err(|source| Error::Rocks {
+                op: "write the applied batch",
+                source,
+            })?;
 
         let mut heads: Vec<(String, ChannelSeq)> = Vec::with_capacity(batch.touched.len());
         let mut view = self.view.write();
@@ -1138,7 +1160,7 @@ impl ChatState {
         view.applied_index = w.applied_index;
         drop(view);
         if entry_count == 0 {
-            return None;
+            return Ok(None);
         }
         heads.sort_unstable();
         debug!(
@@ -1147,11 +1169,11 @@ impl ChatState {
             channels = heads.len(),
             "applied batch"
         );
-        Some(AppliedEvent {
+        Ok(Some(AppliedEvent {
             index: w.applied_index.expect("set by a non-empty batch"),
             heads,
             join_secret_changed,
-        })
+        }))
     }
 
     fn notify(&self, event: &AppliedEvent) {

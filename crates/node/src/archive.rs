@@ -51,6 +51,8 @@ use crate::types::{Entry, NodeId};
 
 /// The identity object's name.
 const IDENTITY: &str = "archive.json";
+/// Largest `archive.json` a reader accepts; checked before reading it.
+const IDENTITY_MAX: u64 = 64 * 1024;
 /// The identity format this release writes and reads.
 pub const IDENTITY_FORMAT: u8 = 1;
 /// Chunk file magic number.
@@ -75,6 +77,48 @@ const CHUNKS_PER_TICK: usize = 16;
 // ---------------------------------------------------------------------------------------------
 // Errors.
 
+const NO_BUCKET: &str = "the bucket does not exist";
+
+/// What a store error most likely means. S3 servers name the cause in an error code inside the
+/// response body, which object_store keeps only as text, so the codes are matched there.
+pub fn store_meaning(error: &object_store::Error) -> &'static str {
+    let mut text = error.to_string();
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
+    while let Some(inner) = cause {
+        if let Some(io) = inner.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::StorageFull {
+                return "the disk is full";
+            }
+        }
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    let has = |codes: &[&str]| codes.iter().any(|c| text.contains(c));
+    if has(&[
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "InvalidToken",
+    ]) || matches!(error, object_store::Error::Unauthenticated { .. })
+    {
+        "the store refused the credentials (check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+    } else if has(&["AccessDenied"])
+        || matches!(error, object_store::Error::PermissionDenied { .. })
+    {
+        "the credentials are not allowed to do this"
+    } else if has(&["NoSuchBucket"]) {
+        NO_BUCKET
+    } else if has(&["No space left on device", "QuotaExceeded"]) {
+        "the disk is full"
+    } else if has(&["Connection refused", "error sending request", "dns error"]) {
+        "the endpoint cannot be reached"
+    } else if matches!(error, object_store::Error::NotFound { .. }) {
+        "the object does not exist"
+    } else {
+        "the store failed"
+    }
+}
+
 /// Why the archive cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
@@ -88,7 +132,7 @@ pub enum ArchiveError {
     },
     /// The store refused or failed a request (unreachable endpoint, bad credentials, missing
     /// bucket, full disk).
-    #[error("archive {archive}: {op} {object}: {source}")]
+    #[error("archive {archive}: {op} {object}: {meaning} ({detail})")]
     Store {
         /// The archive, as the operator named it.
         archive: String,
@@ -96,8 +140,10 @@ pub enum ArchiveError {
         op: &'static str,
         /// The object.
         object: String,
-        /// The store's error.
-        source: Box<object_store::Error>,
+        /// What the failure most likely means, in the operator's terms ([`store_meaning`]).
+        meaning: &'static str,
+        /// The store's own message, kept as text so a report prints it once.
+        detail: String,
     },
     /// An object is damaged, cut short or not what its name says.
     #[error("archive {archive}: {object} is damaged: {reason}")]
@@ -107,6 +153,16 @@ pub enum ArchiveError {
         /// The object.
         object: String,
         /// What is wrong.
+        reason: String,
+    },
+    /// Replaying archived entries into the scratch state failed (a full disk).
+    #[error("archive {archive}: replaying up to index {index} failed: {reason}")]
+    Replay {
+        /// The archive.
+        archive: String,
+        /// The last entry of the failed batch.
+        index: u64,
+        /// The chat state's error.
         reason: String,
     },
     /// The archive holds no `archive.json`: it is empty or not a cellchat archive.
@@ -290,7 +346,8 @@ impl Archive {
             archive: self.name.clone(),
             op,
             object,
-            source: Box::new(source),
+            meaning: store_meaning(&source),
+            detail: source.to_string(),
         }
     }
 
@@ -322,6 +379,12 @@ impl Archive {
         let object = self.path(IDENTITY);
         match self.store.get(&object).await {
             Ok(got) => {
+                if got.meta.size > IDENTITY_MAX {
+                    return Err(self.corrupt(
+                        &object,
+                        format!("{} bytes, more than {IDENTITY_MAX}", got.meta.size),
+                    ));
+                }
                 let bytes = got.bytes().await.map_err(self.store_err("read", &object))?;
                 let identity: Identity = serde_json::from_slice(&bytes)
                     .map_err(|e| self.corrupt(&object, e.to_string()))?;
@@ -336,7 +399,10 @@ impl Archive {
                 }
                 Ok(Some(identity))
             }
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            // A missing bucket answers "not found" too; it is an error, not an empty archive.
+            Err(e @ object_store::Error::NotFound { .. }) if store_meaning(&e) != NO_BUCKET => {
+                Ok(None)
+            }
             Err(e) => Err(self.store_err("read", &object)(e)),
         }
     }
@@ -460,14 +526,11 @@ impl Archive {
                 Err(e)
             }
         };
-        closed.map_err(|e| ArchiveError::Store {
-            archive: self.name.clone(),
-            op: "write",
-            object: object.to_string(),
-            source: Box::new(object_store::Error::Generic {
+        closed.map_err(|e| {
+            self.store_err("write", &object)(object_store::Error::Generic {
                 store: "archive",
                 source: Box::new(e),
-            }),
+            })
         })?;
         Ok(object)
     }
@@ -1198,7 +1261,7 @@ async fn rebuild(
                 Until::Time(t) => entry.at_ms().is_some_and(|at| at > t),
             };
             if stop {
-                apply(state.chat(), &batch);
+                apply(archive, state.chat(), &batch)?;
                 replayed += batch.len() as u64;
                 break 'chunks;
             }
@@ -1211,19 +1274,19 @@ async fn rebuild(
                 ArchivedPayload::Command(Command::Expire { .. })
             );
             if alone || batch.len() >= 1000 {
-                apply(state.chat(), &batch);
+                apply(archive, state.chat(), &batch)?;
                 replayed += batch.len() as u64;
                 batch.clear();
             }
             batch.push(entry);
             if alone {
-                apply(state.chat(), &batch);
+                apply(archive, state.chat(), &batch)?;
                 replayed += 1;
                 batch.clear();
             }
             covered = entry.index;
         }
-        apply(state.chat(), &batch);
+        apply(archive, state.chat(), &batch)?;
         replayed += batch.len() as u64;
     }
     let index = state.chat().applied_index().map_or(0, |i| i.0);
@@ -1243,9 +1306,13 @@ async fn rebuild(
 }
 
 /// Applies archived entries to a scratch state, as one batch.
-fn apply(chat: &ChatState, entries: &[&ArchivedEntry]) {
+fn apply(
+    archive: &Archive,
+    chat: &ChatState,
+    entries: &[&ArchivedEntry],
+) -> Result<(), ArchiveError> {
     let Some(last) = entries.last() else {
-        return;
+        return Ok(());
     };
     let batch: Vec<ApplyEntry<'_>> = entries
         .iter()
@@ -1263,7 +1330,14 @@ fn apply(chat: &ChatState, entries: &[&ArchivedEntry]) {
         last_applied: last.index.to_be_bytes().to_vec(),
         membership: None,
     };
-    let _ = chat.apply(&batch, meta);
+    match chat.try_apply(&batch, meta) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(ArchiveError::Replay {
+            archive: archive.name.clone(),
+            index: last.index,
+            reason: e.to_string(),
+        }),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
