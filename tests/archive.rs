@@ -316,16 +316,25 @@ async fn a_directory_archive_survives_a_leader_kill_and_restores_whole_or_to_an_
 struct Moto {
     child: Child,
     endpoint: String,
+    checks_credentials: bool,
 }
 
 impl Moto {
+    /// A server that takes any credentials.
     fn start() -> anyhow::Result<Moto> {
+        Moto::start_checking(false)
+    }
+
+    /// With `checks_credentials`, moto checks every request's signature against its own IAM
+    /// users, and it has none, so every key is refused.
+    fn start_checking(checks_credentials: bool) -> anyhow::Result<Moto> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
         Ok(Moto {
-            child: Moto::spawn(port)?,
+            child: Moto::spawn(port, checks_credentials)?,
             endpoint: format!("http://127.0.0.1:{port}"),
+            checks_credentials,
         })
     }
 
@@ -335,14 +344,18 @@ impl Moto {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let port: u16 = self.endpoint.rsplit(':').next().context("port")?.parse()?;
-        self.child = Moto::spawn(port)?;
+        self.child = Moto::spawn(port, self.checks_credentials)?;
         Ok(())
     }
 
     /// Starts moto on `port` and waits until it listens.
-    fn spawn(port: u16) -> anyhow::Result<Child> {
+    fn spawn(port: u16, checks_credentials: bool) -> anyhow::Result<Child> {
         let binary = find_moto()?;
-        let mut child = Command::new(&binary)
+        let mut command = Command::new(&binary);
+        if checks_credentials {
+            command.env("INITIAL_NO_AUTH_ACTION_COUNT", "0");
+        }
+        let mut child = command
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -414,6 +427,18 @@ fn find_moto() -> anyhow::Result<PathBuf> {
     )
 }
 
+/// Credentials for moto, which the nodes and tools read from the environment; every test sets
+/// the same values.
+fn aws_env() {
+    for (key, value) in [
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_REGION", "us-east-1"),
+    ] {
+        std::env::set_var(key, value);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_s3_archive_survives_a_frozen_server_a_restarted_one_and_a_leader_kill(
 ) -> anyhow::Result<()> {
@@ -422,14 +447,7 @@ async fn an_s3_archive_survives_a_frozen_server_a_restarted_one_and_a_leader_kil
     let url = "s3://cellchat/cluster-a";
     let endpoint = moto.endpoint.clone();
     let at = ["--archive-endpoint", endpoint.as_str()];
-    // moto takes any credentials; the nodes and tools read them from the environment.
-    for (key, value) in [
-        ("AWS_ACCESS_KEY_ID", "test"),
-        ("AWS_SECRET_ACCESS_KEY", "test"),
-        ("AWS_REGION", "us-east-1"),
-    ] {
-        std::env::set_var(key, value);
-    }
+    aws_env();
     let mut cluster = TestCluster::new(
         "archive-s3",
         &[
@@ -512,5 +530,181 @@ async fn an_s3_archive_survives_a_frozen_server_a_restarted_one_and_a_leader_kil
         "a failed restore left {}",
         target.display()
     );
+    Ok(())
+}
+
+/// Runs the server binary with `args` in a private mount namespace where `dir` is a 256 KiB
+/// tmpfs, so writing there runs out of space. Returns the output and what was left in `dir`
+/// when the command ended (the mount vanishes with the namespace). Needs root, like the
+/// jepsen tests' network namespaces.
+fn on_full_disk(
+    cluster: &TestCluster,
+    dir: &std::path::Path,
+    args: &[&str],
+) -> anyhow::Result<(std::process::Output, Vec<String>)> {
+    const LEFT: &str = "@@left:";
+    std::fs::create_dir_all(dir)?;
+    let script = format!(
+        "dir=$0; mount -t tmpfs -o size=256k cellchat-full \"$dir\" || exit 99; \"$@\"; rc=$?; \
+         echo {LEFT}; ls -A \"$dir\"; exit $rc"
+    );
+    let output = Command::new("unshare")
+        .args(["--mount", "sh", "-c", &script])
+        .arg(dir)
+        .arg(testkit::server_binary()?)
+        .args(args)
+        .args(["--cluster", &cluster.cluster])
+        .arg("--data-root")
+        .arg(cluster.dir())
+        .args(["--discovery-port", &cluster.discovery_port.to_string()])
+        .stdin(Stdio::null())
+        .output()
+        .context("running unshare (util-linux)")?;
+    ensure!(
+        output.status.code() != Some(99),
+        "cannot mount a tmpfs in a private mount namespace (this test needs root): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (_, left) = stdout.rsplit_once(LEFT).context("the script's listing")?;
+    let left = left.split_whitespace().map(str::to_owned).collect();
+    Ok((output, left))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refused_credentials_a_missing_bucket_and_a_full_disk_are_named_and_leave_nothing(
+) -> anyhow::Result<()> {
+    aws_env();
+    // Credentials the S3 server refuses: a node keeps acknowledging writes and names the
+    // cause in its log; the tools name it and create nothing.
+    let moto = Moto::start_checking(true)?;
+    let url = "s3://cellchat/refused";
+    let at = ["--archive-endpoint", moto.endpoint.as_str()];
+    let mut cluster = TestCluster::new(
+        "archive-refused",
+        &[
+            "--archive",
+            url,
+            at[0],
+            at[1],
+            "--archive-interval-ms",
+            "200",
+        ],
+    )?;
+    start(&mut cluster, 1).await?;
+    let alice = Client::connect(config(&cluster, "alice", None)?).await?;
+    let mut acked = BTreeMap::new();
+    send(&alice, 1, 20, &mut acked).await?;
+    let refused = "the store refused the credentials";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cluster.nodes[0].log_tail(200).contains(refused) {
+        ensure!(
+            Instant::now() < deadline,
+            "the node never logged the refused credentials:\n{}",
+            cluster.nodes[0].log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    send(&alice, 21, 5, &mut acked).await?;
+    let err = run_err(
+        cluster.admin(&["archive-info", "--archive", url, at[0], at[1]])?,
+        "archive-info with refused credentials",
+    )?;
+    ensure!(
+        err.contains(refused) && err.contains("InvalidAccessKeyId"),
+        "{err}"
+    );
+    let target = cluster.dir().join("not-created");
+    let target_arg = target.to_str().context("utf-8")?.to_owned();
+    let restore = [
+        "restore",
+        "--from-archive",
+        url,
+        at[0],
+        at[1],
+        "--data-dir",
+        &target_arg,
+    ];
+    let err = run_err(cluster.admin(&restore)?, "restore with refused credentials")?;
+    ensure!(
+        err.contains(refused) && err.contains("nothing was created"),
+        "{err}"
+    );
+    ensure!(!target.exists(), "a refused restore left {target_arg}");
+    drop(moto);
+
+    // A bucket that does not exist is named as such, not taken for an empty archive.
+    let moto = Moto::start()?;
+    let at = ["--archive-endpoint", moto.endpoint.as_str()];
+    let err = run_err(
+        cluster.admin(&["archive-info", "--archive", "s3://missing/x", at[0], at[1]])?,
+        "archive-info of a missing bucket",
+    )?;
+    ensure!(err.contains("the bucket does not exist"), "{err}");
+    drop(moto);
+    drop(alice);
+    drop(cluster);
+
+    // A full disk under a backup, a restore and a restore from the archive: each names it
+    // and leaves nothing behind.
+    let dir = tempfile::tempdir()?;
+    let url = format!("file://{}", dir.path().join("archive").display());
+    let mut cluster = TestCluster::new(
+        "archive-full",
+        &["--archive", &url, "--archive-interval-ms", "200"],
+    )?;
+    start(&mut cluster, 1).await?;
+    let alice = Client::connect(config(&cluster, "alice", None)?).await?;
+    // About 1.2 MB of messages, several times the full disk.
+    for _ in 0..300 {
+        alice.send("general", vec![b'x'; 4000]).await?;
+    }
+    wait_archived(&cluster, &["--archive", &url]).await?;
+    let good = dir.path().join("good.ccb");
+    let good_arg = good.to_str().context("utf-8")?.to_owned();
+    run_ok(
+        cluster.admin(&["backup", "--out", &good_arg])?,
+        "a backup to a disk with room",
+    )?;
+    let full = dir.path().join("full");
+    let full_file = full.join("b.ccb");
+    let full_target = full.join("restored");
+    let runs: [(&str, Vec<&str>); 3] = [
+        (
+            "backup",
+            vec!["backup", "--out", full_file.to_str().context("utf-8")?],
+        ),
+        (
+            "restore",
+            vec![
+                "restore",
+                &good_arg,
+                "--data-dir",
+                full_target.to_str().context("utf-8")?,
+            ],
+        ),
+        (
+            "restore --from-archive",
+            vec![
+                "restore",
+                "--from-archive",
+                &url,
+                "--data-dir",
+                full_target.to_str().context("utf-8")?,
+            ],
+        ),
+    ];
+    for (what, args) in runs {
+        let (output, left) = on_full_disk(&cluster, &full, &args)?;
+        let err = run_err(output, &format!("{what} to a full disk"))?;
+        ensure!(
+            err.contains("No space left on device") || err.contains("the disk is full"),
+            "{what} to a full disk: {err}"
+        );
+        ensure!(
+            left.is_empty(),
+            "{what} to a full disk left {left:?}: {err}"
+        );
+    }
     Ok(())
 }
