@@ -262,13 +262,40 @@ async fn a_directory_archive_survives_a_leader_kill_and_restores_whole_or_to_an_
         "restore into a used data dir",
     )?;
     ensure!(err.contains("not empty"), "{err}");
+    // An archive signed by another CA than the one expected (here: another fingerprint).
+    let ca = info["identity"]["ca"].as_str().context("the CA")?.to_owned();
+    let other_ca = "00".repeat(32);
+    let err = run_err(
+        cluster.admin(&[
+            "restore",
+            "--from-archive",
+            &url,
+            "--expect-ca",
+            &other_ca,
+            "--data-dir",
+            &target_arg,
+        ])?,
+        "restore expecting another CA",
+    )?;
+    ensure!(
+        err.contains(&format!("is signed by CA {ca}")) && err.contains("nothing was created"),
+        "{err}"
+    );
+    ensure!(!target.exists(), "a refused restore left {target_arg}");
 
-    // The whole archive, into a new cluster (test clusters run one at a time).
+    // The whole archive, into a new cluster (test clusters run one at a time), pinned to the
+    // CA of the cluster that wrote it.
     let name = cluster.cluster.clone();
     drop(alice);
     drop(cluster);
-    let (whole, client, report) = restore_and_start(&name, &archive, None, "from-dir").await?;
+    let pinned = ["--from-archive", url.as_str(), "--expect-ca", ca.as_str()];
+    let (whole, client, report) = restore_and_start(&name, &pinned, None, "from-dir").await?;
     ensure!(report["applied_index"].as_u64() == Some(last), "{report}");
+    ensure!(
+        report["from_archive"]["ca"] == ca.as_str()
+            && report["from_archive"]["ca_checked"] == true,
+        "{report}"
+    );
     same_history(&history(&client, "general").await?, &old, &acked)?;
 
     // Up to an index: the state at that index is a prefix of the whole.

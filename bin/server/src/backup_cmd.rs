@@ -68,6 +68,11 @@ pub(crate) struct RestoreArgs {
     /// archived.
     #[arg(long, requires = "from_archive", value_name = "INDEX|TIME")]
     until: Option<Until>,
+    /// With --from-archive: the fingerprint of the CA the archive must be signed by (the old
+    /// cluster's: the hex after `CC1-` in its join token; `archive-info` shows it too).
+    /// Without it, the CA named in the archive is trusted and printed.
+    #[arg(long, requires = "from_archive", value_name = "FINGERPRINT")]
+    expect_ca: Option<String>,
     /// The data dir to create for the new cluster's first node (must not exist, or be empty).
     #[arg(long)]
     data_dir: PathBuf,
@@ -248,10 +253,25 @@ pub(crate) async fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
         (None, Some(url)) => {
             let archive = Archive::open(&args.archive_at.config(url)).with_context(nothing)?;
             let until = args.until.unwrap_or(Until::End);
-            let rebuilt = archive::restore(&archive, until, &args.data_dir, args.name.as_deref())
-                .await
-                .with_context(nothing)?;
+            let rebuilt = archive::restore(
+                &archive,
+                until,
+                &args.data_dir,
+                args.name.as_deref(),
+                args.expect_ca.as_deref(),
+            )
+            .await
+            .with_context(nothing)?;
+            if args.expect_ca.is_none() {
+                eprintln!(
+                    "note: everything restored is signed by the CA named in the archive, {}; \
+                     pass --expect-ca to require the one you trust",
+                    rebuilt.ca
+                );
+            }
             let note = serde_json::json!({
+                "ca": rebuilt.ca,
+                "ca_checked": args.expect_ca.is_some(),
                 "base_index": rebuilt.base_index,
                 "chunks": rebuilt.chunks,
                 "replayed": rebuilt.replayed,

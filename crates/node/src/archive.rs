@@ -7,11 +7,19 @@
 //!
 //! | object                          | what                                                   |
 //! | ------------------------------- | ------------------------------------------------------ |
-//! | `archive.json`                  | [`Identity`]: the cluster name and CA fingerprint      |
-//! | `base/{index}-{unix_ms}.ccb`    | a backup file (`backup.rs` format) cut at `index`      |
-//! | `chunks/{first}-{last}.ccar`    | entries `first..=last`, [`encode_chunk`]'s format               |
+//! | `archive.json`                     | [`Identity`]: the cluster name, its CA certificate  |
+//! | `base/{index}-{unix_ms}-{sig}.ccb` | a backup file (`backup.rs` format) cut at `index`   |
+//! | `chunks/{first}-{last}.ccar`       | entries `first..=last`, [`encode_chunk`]'s format   |
 //!
 //! Indexes are zero-padded to 20 digits and times to 13, so names sort in index order.
+//!
+//! # Authenticity
+//! Whoever can write to the bucket must not be able to add to the history a restore brings
+//! back. Every chunk and base is signed with the cluster CA's key (which every member holds)
+//! over its SHA-256: a chunk carries its signature at its end, a base in its name (`sig`, hex),
+//! so a base and its signature appear in one write. A reader checks both against the CA
+//! certificate in `archive.json`, whose fingerprint `restore --expect-ca` can pin, since a
+//! bucket writer could replace the whole archive with one signed by a CA of their own.
 //!
 //! # Who uploads, and resuming
 //! Only the leader uploads. When a node becomes leader it reads `archive.json` (writing it if
@@ -54,11 +62,11 @@ const IDENTITY: &str = "archive.json";
 /// Largest `archive.json` a reader accepts; checked before reading it.
 const IDENTITY_MAX: u64 = 64 * 1024;
 /// The identity format this release writes and reads.
-pub const IDENTITY_FORMAT: u8 = 1;
+pub const IDENTITY_FORMAT: u8 = 2;
 /// Chunk file magic number.
 pub const CHUNK_MAGIC: &[u8; 8] = b"CCARCHNK";
 /// Chunk format version.
-pub const CHUNK_VERSION: u8 = 1;
+pub const CHUNK_VERSION: u8 = 2;
 /// A chunk holds at most this many entries...
 pub const CHUNK_ENTRIES_MAX: u64 = 20_000;
 /// ...and about this many bytes of encoded entries (at least one entry).
@@ -164,6 +172,19 @@ pub enum ArchiveError {
         index: u64,
         /// The chat state's error.
         reason: String,
+    },
+    /// The archive was signed by another CA than the one `--expect-ca` names.
+    #[error(
+        "archive {archive} is signed by CA {found}, not the {expected} you expect: it is \
+         another cluster's archive, or someone with access to the bucket replaced it"
+    )]
+    UntrustedCa {
+        /// The archive.
+        archive: String,
+        /// The fingerprint in `archive.json`.
+        found: String,
+        /// The fingerprint the operator expects.
+        expected: String,
     },
     /// The archive holds no `archive.json`: it is empty or not a cellchat archive.
     #[error("archive {archive}: no {IDENTITY}: not a cellchat archive (or an empty one)")]
@@ -397,6 +418,9 @@ impl Archive {
                         ),
                     ));
                 }
+                identity
+                    .verifier()
+                    .map_err(|reason| self.corrupt(&object, reason))?;
                 Ok(Some(identity))
             }
             // A missing bucket answers "not found" too; it is an error, not an empty archive.
@@ -405,6 +429,22 @@ impl Archive {
             }
             Err(e) => Err(self.store_err("read", &object)(e)),
         }
+    }
+
+    /// The checker of this archive's signatures, from its identity.
+    ///
+    /// # Errors
+    /// The archive has no identity, or the store fails.
+    pub async fn verifier(&self) -> Result<Verifier, ArchiveError> {
+        let identity = self
+            .identity()
+            .await?
+            .ok_or_else(|| ArchiveError::NotAnArchive {
+                archive: self.name.clone(),
+            })?;
+        identity
+            .verifier()
+            .map_err(|reason| self.corrupt(&self.path(IDENTITY), reason))
     }
 
     /// Makes sure the archive belongs to `ours`, claiming an archive that has no identity yet.
@@ -474,12 +514,13 @@ impl Archive {
                     continue;
                 };
                 if is_base {
-                    if let Some((index, created_ms)) = parse_base_name(file) {
+                    if let Some((index, created_ms, signature)) = parse_base_name(file) {
                         listing.bases.push(BaseRef {
                             index,
                             created_ms,
                             bytes: meta.size,
                             object: meta.location.clone(),
+                            signature,
                         });
                     }
                 } else if let Some((first, last)) = parse_chunk_name(file) {
@@ -506,14 +547,16 @@ impl Archive {
         Ok(())
     }
 
-    /// Uploads the backup file at `file` as the base at `index`, in parts.
+    /// Uploads the backup file at `file` as the base at `index`, in parts, under a name that
+    /// carries its `signature`.
     async fn put_base(
         &self,
         file: &Path,
         index: u64,
         created_ms: u64,
+        signature: &[u8],
     ) -> Result<ObjectPath, ArchiveError> {
-        let object = self.path(&format!("base/{}", base_name(index, created_ms)));
+        let object = self.path(&format!("base/{}", base_name(index, created_ms, signature)));
         let mut input = tokio::fs::File::open(file)
             .await
             .map_err(io_err("open", file))?;
@@ -535,12 +578,18 @@ impl Archive {
         Ok(object)
     }
 
-    /// Reads and checks a chunk.
+    /// Reads and checks a chunk: its checksum, its signature under `verifier`, and that it
+    /// holds exactly the entries its name says.
     ///
     /// # Errors
-    /// The store fails; the chunk is damaged or holds other entries than its name says.
-    pub async fn read_chunk(&self, chunk: &ChunkRef) -> Result<Vec<ArchivedEntry>, ArchiveError> {
-        Ok(self.read_chunk_with_header(chunk).await?.1)
+    /// The store fails; the chunk is damaged, not signed by the archive's CA, or holds other
+    /// entries than its name says.
+    pub async fn read_chunk(
+        &self,
+        chunk: &ChunkRef,
+        verifier: &Verifier,
+    ) -> Result<Vec<ArchivedEntry>, ArchiveError> {
+        Ok(self.read_chunk_with_header(chunk, verifier).await?.1)
     }
 
     /// [`Archive::read_chunk`], with the chunk's header.
@@ -550,10 +599,11 @@ impl Archive {
     pub async fn read_chunk_with_header(
         &self,
         chunk: &ChunkRef,
+        verifier: &Verifier,
     ) -> Result<(ChunkHeader, Vec<ArchivedEntry>), ArchiveError> {
         let bytes = self.get(&chunk.object, CHUNK_OBJECT_MAX).await?;
         let (header, entries) =
-            decode_chunk(&bytes).map_err(|reason| self.corrupt(&chunk.object, reason))?;
+            decode_chunk(&bytes, verifier).map_err(|reason| self.corrupt(&chunk.object, reason))?;
         if (header.first, header.last) != (chunk.first, chunk.last) {
             return Err(self.corrupt(
                 &chunk.object,
@@ -566,8 +616,13 @@ impl Archive {
         Ok((header, entries))
     }
 
-    /// Downloads a base to `file`.
-    async fn get_base(&self, base: &BaseRef, file: &Path) -> Result<(), ArchiveError> {
+    /// Downloads a base to `file`, checking the signature its name carries.
+    async fn get_base(
+        &self,
+        base: &BaseRef,
+        file: &Path,
+        verifier: &Verifier,
+    ) -> Result<(), ArchiveError> {
         let got = self
             .store
             .get(&base.object)
@@ -577,9 +632,14 @@ impl Archive {
             .await
             .map_err(io_err("create", file))?;
         let mut stream = got.into_stream();
+        let mut sum = Sha256::new();
         while let Some(part) = stream.next().await {
             let part = part.map_err(self.store_err("read", &base.object))?;
+            sum.update(&part);
             out.write_all(&part).await.map_err(io_err("write", file))?;
+        }
+        if !verifier.verifies(BASE_DOMAIN, &sum.finalize().into(), &base.signature) {
+            return Err(self.corrupt(&base.object, NOT_SIGNED));
         }
         out.sync_all().await.map_err(io_err("fsync", file))?;
         Ok(())
@@ -596,12 +656,100 @@ pub struct Identity {
     /// The cluster CA's fingerprint: a restored cluster (a new CA) never writes into the
     /// archive it came from, whose later indexes would clash with its own.
     pub ca: String,
+    /// The CA certificate (DER, hex), whose key signs every chunk and base.
+    pub ca_cert: String,
     /// When the first leader claimed it, in ms since the epoch.
     pub created_unix_ms: u64,
 }
 
-fn base_name(index: u64, created_ms: u64) -> String {
-    format!("{index:020}-{created_ms:013}.ccb")
+impl Identity {
+    /// The identity of the cluster whose CA is `ca`.
+    pub fn of(cluster: &str, ca: &crate::pki::ClusterCa, now_ms: u64) -> Identity {
+        Identity {
+            format: IDENTITY_FORMAT,
+            cluster: cluster.to_owned(),
+            ca: ca.fingerprint().to_string(),
+            ca_cert: hex::encode(ca.cert()),
+            created_unix_ms: now_ms,
+        }
+    }
+
+    /// A checker of this archive's signatures.
+    ///
+    /// # Errors
+    /// The certificate is not hex, or its fingerprint is not `ca`.
+    pub fn verifier(&self) -> Result<Verifier, String> {
+        let der = hex::decode(&self.ca_cert).map_err(|e| format!("ca_cert: {e}"))?;
+        let found = proto::tls::Fingerprint::of(&der).to_string();
+        if found != self.ca {
+            return Err(format!(
+                "its CA certificate has fingerprint {found}, not the {} it names",
+                self.ca
+            ));
+        }
+        Ok(Verifier {
+            cert: rustls::pki_types::CertificateDer::from(der),
+        })
+    }
+}
+
+/// What a chunk's signature covers, before its SHA-256: the domain keeps a chunk's signature
+/// from being taken for a base's, or for anything else the CA key signs.
+const CHUNK_DOMAIN: &[u8] = b"cellchat archive chunk v2\0";
+/// The same for a base.
+const BASE_DOMAIN: &[u8] = b"cellchat archive base v2\0";
+/// Why an object is refused when its signature does not check.
+const NOT_SIGNED: &str = "its signature is not the archive CA's: it was not written by the \
+                          cluster, or it was changed";
+/// Largest signature accepted (an ECDSA P-256 signature in DER is at most 72 bytes).
+const SIGNATURE_MAX: usize = 128;
+
+/// Signs archive objects with the cluster CA's key.
+pub struct Signer(rcgen::KeyPair);
+
+impl Signer {
+    /// A signer with `ca`'s key.
+    ///
+    /// # Errors
+    /// The key does not load (a broken crypto library).
+    pub fn new(ca: &crate::pki::ClusterCa) -> Result<Signer, String> {
+        rcgen::KeyPair::from_pem(&ca.key_pem())
+            .map(Signer)
+            .map_err(|e| format!("loading the CA key: {e}"))
+    }
+
+    fn sign(&self, domain: &[u8], digest: &[u8; 32]) -> Vec<u8> {
+        use rcgen::SigningKey as _;
+        self.0
+            .sign(&[domain, digest].concat())
+            .expect("ECDSA signing does not fail")
+    }
+}
+
+/// Checks archive objects' signatures against the CA certificate in `archive.json`.
+pub struct Verifier {
+    cert: rustls::pki_types::CertificateDer<'static>,
+}
+
+impl Verifier {
+    fn verifies(&self, domain: &[u8], digest: &[u8; 32], signature: &[u8]) -> bool {
+        let Ok(cert) = webpki::EndEntityCert::try_from(&self.cert) else {
+            return false;
+        };
+        cert.verify_signature(
+            webpki::ring::ECDSA_P256_SHA256,
+            &[domain, digest].concat(),
+            signature,
+        )
+        .is_ok()
+    }
+}
+
+fn base_name(index: u64, created_ms: u64, signature: &[u8]) -> String {
+    format!(
+        "{index:020}-{created_ms:013}-{}.ccb",
+        hex::encode(signature)
+    )
 }
 
 fn chunk_name(first: u64, last: u64) -> String {
@@ -616,8 +764,14 @@ fn parse_pair(name: &str, ext: &str) -> Option<(u64, u64)> {
     Some((a.parse().ok()?, b.parse().ok()?))
 }
 
-fn parse_base_name(name: &str) -> Option<(u64, u64)> {
-    parse_pair(name, ".ccb")
+fn parse_base_name(name: &str) -> Option<(u64, u64, Vec<u8>)> {
+    let (pair, signature) = name.strip_suffix(".ccb")?.rsplit_once('-')?;
+    let signature = hex::decode(signature).ok()?;
+    if signature.is_empty() || signature.len() > SIGNATURE_MAX {
+        return None;
+    }
+    let (index, created_ms) = parse_pair(&format!("{pair}.ccb"), ".ccb")?;
+    Some((index, created_ms, signature))
 }
 
 fn parse_chunk_name(name: &str) -> Option<(u64, u64)> {
@@ -635,6 +789,8 @@ pub struct BaseRef {
     pub bytes: u64,
     /// The object.
     pub object: ObjectPath,
+    /// The CA's signature over its SHA-256, from its name.
+    pub signature: Vec<u8>,
 }
 
 /// A chunk in a listing.
@@ -777,7 +933,9 @@ pub struct ChunkHeader {
 /// | body_len   | 8     |                                                       |
 /// | body       | var   | postcard `Vec<ArchivedEntry>`, indexes first..=last   |
 /// | sha256     | 32    | SHA-256 of every byte before it                       |
-fn encode_chunk(header: &ChunkHeader, entries: &[ArchivedEntry]) -> Vec<u8> {
+/// | signature  | var   | the CA's ECDSA P-256 signature over the SHA-256 (DER) |
+/// | sig_len    | 2     | the signature's length                                |
+fn encode_chunk(header: &ChunkHeader, entries: &[ArchivedEntry], signer: &Signer) -> Vec<u8> {
     let head = serde_json::to_vec(header).expect("serializes");
     let body = postcard::to_stdvec(entries).expect("serializes");
     let mut out = Vec::with_capacity(head.len() + body.len() + 64);
@@ -789,12 +947,19 @@ fn encode_chunk(header: &ChunkHeader, entries: &[ArchivedEntry]) -> Vec<u8> {
     out.extend_from_slice(&body);
     let sum: [u8; 32] = Sha256::digest(&out).into();
     out.extend_from_slice(&sum);
+    let signature = signer.sign(CHUNK_DOMAIN, &sum);
+    out.extend_from_slice(&signature);
+    out.extend_from_slice(&u16::try_from(signature.len()).expect("small").to_le_bytes());
     out
 }
 
-/// Decodes and checks a chunk: checksum, framing, and entries exactly `first..=last`.
-fn decode_chunk(bytes: &[u8]) -> Result<(ChunkHeader, Vec<ArchivedEntry>), String> {
-    if bytes.len() < 8 + 1 + 4 + 8 + 32 || &bytes[..8] != CHUNK_MAGIC {
+/// Decodes and checks a chunk: checksum, signature, framing, and entries exactly
+/// `first..=last`.
+fn decode_chunk(
+    bytes: &[u8],
+    verifier: &Verifier,
+) -> Result<(ChunkHeader, Vec<ArchivedEntry>), String> {
+    if bytes.len() < 8 + 1 + 4 + 8 + 32 + 2 || &bytes[..8] != CHUNK_MAGIC {
         return Err("not a cellchat archive chunk (no magic)".into());
     }
     if bytes[8] != CHUNK_VERSION {
@@ -803,13 +968,22 @@ fn decode_chunk(bytes: &[u8]) -> Result<(ChunkHeader, Vec<ArchivedEntry>), Strin
             bytes[8]
         ));
     }
-    let (content, sum) = bytes.split_at(bytes.len() - 32);
+    let (rest, sig_len) = bytes.split_at(bytes.len() - 2);
+    let sig_len = usize::from(u16::from_le_bytes(sig_len.try_into().expect("2 bytes")));
+    if sig_len > SIGNATURE_MAX || rest.len() < 8 + 1 + 4 + 8 + 32 + sig_len {
+        return Err(format!("signature length {sig_len} does not fit"));
+    }
+    let (rest, signature) = rest.split_at(rest.len() - sig_len);
+    let (content, sum) = rest.split_at(rest.len() - 32);
     let actual: [u8; 32] = Sha256::digest(content).into();
     if actual != sum {
         return Err(format!(
             "SHA-256 mismatch over its {} bytes: damaged or cut short",
             content.len()
         ));
+    }
+    if !verifier.verifies(CHUNK_DOMAIN, &actual, signature) {
+        return Err(NOT_SIGNED.into());
     }
     let head_len = u32::from_le_bytes(content[9..13].try_into().expect("4 bytes"));
     if head_len > CHUNK_HEADER_MAX || 13 + head_len as usize + 8 > content.len() {
@@ -852,6 +1026,8 @@ pub struct Uploader {
     pub archive: Archive,
     /// Whose archive it must be.
     pub identity: Identity,
+    /// The cluster CA's key, which signs every chunk and base.
+    pub signer: Signer,
     /// This node, for chunk headers and bases.
     pub node: (NodeId, String),
     /// The node's Raft, to know when it leads.
@@ -977,7 +1153,7 @@ impl Uploader {
                 sealed_unix_ms: crate::api::now_ms(),
                 node: self.node.0,
             };
-            let bytes = encode_chunk(&header, &archived);
+            let bytes = encode_chunk(&header, &archived, &self.signer);
             self.archive.put_chunk(&bytes, from, last).await?;
             self.archived
                 .fetch_max(last, std::sync::atomic::Ordering::Relaxed);
@@ -1003,15 +1179,20 @@ impl Uploader {
             self.node.1.clone(),
             self.identity.cluster.clone(),
         );
-        let verified = tokio::task::spawn_blocking(move || {
-            backup::write_backup_file(state.chat(), &target, source)
+        let (verified, sum) = tokio::task::spawn_blocking(move || {
+            let verified = backup::write_backup_file(state.chat(), &target, source)?;
+            let mut sum = Sha256::new();
+            let mut input = fs::File::open(&target).map_err(io_err("open", &target))?;
+            io::copy(&mut input, &mut sum).map_err(io_err("read", &target))?;
+            Ok::<_, ArchiveError>((verified, sum.finalize().into()))
         })
         .await
         .map_err(|e| io_error("cutting a base", e))??;
         let index = verified.manifest.applied_index;
+        let signature = self.signer.sign(BASE_DOMAIN, &sum);
         let object = self
             .archive
-            .put_base(&file, index, verified.manifest.created_unix_ms)
+            .put_base(&file, index, verified.manifest.created_unix_ms, &signature)
             .await;
         let _ = fs::remove_file(&file);
         let object = object?;
@@ -1152,6 +1333,8 @@ fn format_ms(ms: u64) -> String {
 /// What [`restore`] made.
 #[derive(Debug)]
 pub struct ArchiveRestored {
+    /// The fingerprint of the CA that signed everything restored.
+    pub ca: String,
     /// The base it started from.
     pub base_index: u64,
     /// Chunks read.
@@ -1168,7 +1351,8 @@ pub struct ArchiveRestored {
 
 /// Rebuilds the state at `until` from the archive and restores it into `target` as the first
 /// node of a new cluster, like `backup::restore`. Works in a scratch directory next to
-/// `target`; on any error nothing is left at `target`.
+/// `target`; on any error nothing is left at `target`. With `expect_ca`, the archive must be
+/// the cluster's whose CA has that fingerprint.
 ///
 /// # Errors
 /// The archive is unreachable, not an archive, damaged, or cannot reach `until`; the target
@@ -1178,6 +1362,7 @@ pub async fn restore(
     until: Until,
     target: &Path,
     name: Option<&str>,
+    expect_ca: Option<&str>,
 ) -> Result<ArchiveRestored, ArchiveError> {
     let identity = archive
         .identity()
@@ -1185,6 +1370,15 @@ pub async fn restore(
         .ok_or_else(|| ArchiveError::NotAnArchive {
             archive: archive.name.clone(),
         })?;
+    if let Some(expected) = expect_ca {
+        if !expected.trim().eq_ignore_ascii_case(&identity.ca) {
+            return Err(ArchiveError::UntrustedCa {
+                archive: archive.name.clone(),
+                found: identity.ca,
+                expected: expected.trim().to_owned(),
+            });
+        }
+    }
     let listing = archive.list().await?;
     let plan = plan(&archive.name, &listing, until)?;
     let parent = match target.parent() {
@@ -1231,7 +1425,10 @@ async fn rebuild(
     name: Option<&str>,
 ) -> Result<ArchiveRestored, ArchiveError> {
     let base_file = scratch.join("base.ccb");
-    archive.get_base(&plan.base, &base_file).await?;
+    let verifier = identity
+        .verifier()
+        .map_err(|reason| archive.corrupt(&archive.path(IDENTITY), reason))?;
+    archive.get_base(&plan.base, &base_file, &verifier).await?;
     let state = StateMachine::open(&scratch.join("sm"))
         .map_err(io_err("open the chat state in", scratch))?;
     let base = backup::load_backup(&base_file, &state)?;
@@ -1249,7 +1446,7 @@ async fn rebuild(
     let mut replayed = 0;
     let mut last_at_ms = None;
     'chunks: for chunk in &plan.chunks {
-        let entries = archive.read_chunk(chunk).await?;
+        let entries = archive.read_chunk(chunk, &verifier).await?;
         let mut batch: Vec<&ArchivedEntry> = Vec::new();
         for entry in &entries {
             if entry.index <= covered {
@@ -1296,6 +1493,7 @@ async fn rebuild(
     drop(state);
     let restored = backup::restore(&rebuilt, target, name)?;
     Ok(ArchiveRestored {
+        ca: identity.ca.clone(),
         base_index: plan.base.index,
         chunks: plan.chunks.len(),
         replayed,
@@ -1400,10 +1598,11 @@ pub struct ArchiveLag {
 /// # Errors
 /// As [`Archive::read_chunk`].
 pub async fn lag(archive: &Archive) -> Result<Option<ArchiveLag>, ArchiveError> {
+    let verifier = archive.verifier().await?;
     let listing = archive.list().await?;
     let mut lags = Vec::new();
     for chunk in &listing.chunks {
-        let (header, entries) = archive.read_chunk_with_header(chunk).await?;
+        let (header, entries) = archive.read_chunk_with_header(chunk, &verifier).await?;
         for entry in &entries {
             let sends: &[chat_sm::SendCmd] = match &entry.payload {
                 ArchivedPayload::Command(Command::Send(send)) => std::slice::from_ref(send),
@@ -1435,10 +1634,11 @@ pub async fn lag(archive: &Archive) -> Result<Option<ArchiveLag>, ArchiveError> 
 /// # Errors
 /// As [`Archive::read_chunk`].
 pub async fn read_all(archive: &Archive) -> Result<BTreeMap<u64, ArchivedEntry>, ArchiveError> {
+    let verifier = archive.verifier().await?;
     let listing = archive.list().await?;
     let mut out = BTreeMap::new();
     for chunk in &listing.chunks {
-        for entry in archive.read_chunk(chunk).await? {
+        for entry in archive.read_chunk(chunk, &verifier).await? {
             out.insert(entry.index, entry);
         }
     }
@@ -1476,26 +1676,82 @@ mod tests {
         }
     }
 
+    /// A cluster CA's identity, signer and verifier.
+    fn keys(cluster: &str) -> (Identity, Signer, Verifier) {
+        let ca = crate::pki::ClusterCa::generate(cluster).unwrap();
+        let identity = Identity::of(cluster, &ca, 1);
+        let verifier = identity.verifier().unwrap();
+        (identity, Signer::new(&ca).unwrap(), verifier)
+    }
+
     #[test]
     fn a_chunk_round_trips_and_any_flipped_byte_is_refused() {
+        let (_, signer, verifier) = keys("c");
         let entries: Vec<ArchivedEntry> = (10..=14).map(|i| send(i, 1000 + i)).collect();
-        let bytes = encode_chunk(&header(10, 14), &entries);
-        let (h, back) = decode_chunk(&bytes).unwrap();
+        let bytes = encode_chunk(&header(10, 14), &entries, &signer);
+        let (h, back) = decode_chunk(&bytes, &verifier).unwrap();
         assert_eq!((h.first, h.last), (10, 14));
         assert_eq!(back, entries);
-        for at in [0, 8, 12, 40, bytes.len() / 2, bytes.len() - 1] {
+        for at in [
+            0,
+            8,
+            12,
+            40,
+            bytes.len() / 2,
+            bytes.len() - 40,
+            bytes.len() - 1,
+        ] {
             let mut bad = bytes.clone();
             bad[at] ^= 0x40;
-            assert!(decode_chunk(&bad).is_err(), "a flip at {at} went unnoticed");
+            assert!(
+                decode_chunk(&bad, &verifier).is_err(),
+                "a flip at {at} went unnoticed"
+            );
         }
-        assert!(decode_chunk(&bytes[..bytes.len() - 1]).is_err());
+        assert!(decode_chunk(&bytes[..bytes.len() - 1], &verifier).is_err());
+    }
+
+    #[test]
+    fn a_chunk_resealed_or_signed_by_another_ca_is_refused() {
+        let (_, signer, verifier) = keys("c");
+        let (_, forger, _) = keys("c");
+        let entries: Vec<ArchivedEntry> = (1..=3).map(|i| send(i, i)).collect();
+        // Signed by another CA (a bucket writer's own key).
+        let forged = encode_chunk(&header(1, 3), &entries, &forger);
+        let err = decode_chunk(&forged, &verifier).unwrap_err();
+        assert!(err.contains("signature"), "{err}");
+        // A changed entry with its SHA-256 recomputed and the old signature kept.
+        let mut bytes = encode_chunk(&header(1, 3), &entries, &signer);
+        let sig_len = usize::from(u16::from_le_bytes(
+            bytes[bytes.len() - 2..].try_into().unwrap(),
+        ));
+        let content_end = bytes.len() - 2 - sig_len - 32;
+        let at = bytes[..content_end]
+            .windows(5)
+            .position(|w| w == b"alice")
+            .unwrap();
+        bytes[at] = b'm';
+        let sum: [u8; 32] = Sha256::digest(&bytes[..content_end]).into();
+        bytes[content_end..content_end + 32].copy_from_slice(&sum);
+        let err = decode_chunk(&bytes, &verifier).unwrap_err();
+        assert!(err.contains("signature"), "{err}");
+    }
+
+    #[test]
+    fn an_identity_whose_certificate_is_not_its_fingerprint_is_refused() {
+        let (mut ours, _, _) = keys("c");
+        let (theirs, _, _) = keys("c");
+        ours.ca_cert = theirs.ca_cert;
+        let err = ours.verifier().err().unwrap();
+        assert!(err.contains("fingerprint"), "{err}");
     }
 
     #[test]
     fn a_chunk_whose_entries_are_not_its_range_is_refused() {
+        let (_, signer, verifier) = keys("c");
         let entries: Vec<ArchivedEntry> = [10, 11, 13].iter().map(|&i| send(i, i)).collect();
-        let bytes = encode_chunk(&header(10, 12), &entries);
-        let err = decode_chunk(&bytes).unwrap_err();
+        let bytes = encode_chunk(&header(10, 12), &entries, &signer);
+        let err = decode_chunk(&bytes, &verifier).unwrap_err();
         assert!(err.contains("not exactly 10..=12"), "{err}");
     }
 
@@ -1510,7 +1766,7 @@ mod tests {
         };
         let archived = ArchivedEntry::of(&entry);
         assert_eq!(archived.payload, ArchivedPayload::Redacted);
-        let bytes = encode_chunk(&header(7, 7), &[archived]);
+        let bytes = encode_chunk(&header(7, 7), &[archived], &keys("c").1);
         assert!(!bytes.windows(32).any(|w| w == [0xAB; 32]));
     }
 
@@ -1529,7 +1785,11 @@ mod tests {
                     index,
                     created_ms,
                     bytes: 1,
-                    object: ObjectPath::from(format!("base/{}", base_name(index, created_ms))),
+                    object: ObjectPath::from(format!(
+                        "base/{}",
+                        base_name(index, created_ms, &[1])
+                    )),
+                    signature: vec![1],
                 })
                 .collect(),
             chunks: chunks
@@ -1551,8 +1811,12 @@ mod tests {
     fn names_sort_by_index_and_parse_back() {
         assert_eq!(parse_chunk_name(&chunk_name(7, 12)), Some((7, 12)));
         assert_eq!(
-            parse_base_name(&base_name(3, 1_700_000_000_000)),
-            Some((3, 1_700_000_000_000))
+            parse_base_name(&base_name(3, 1_700_000_000_000, &[0xAB; 71])),
+            Some((3, 1_700_000_000_000, vec![0xAB; 71]))
+        );
+        assert_eq!(
+            parse_base_name("00000000000000000003-1700000000000.ccb"),
+            None
         );
         assert!(chunk_name(9, 9) < chunk_name(10, 10));
         assert_eq!(
@@ -1637,36 +1901,31 @@ mod tests {
         })
         .unwrap();
         assert!(archive.identity().await.unwrap().is_none());
-        let ours = Identity {
-            format: IDENTITY_FORMAT,
-            cluster: "c".into(),
-            ca: "aa".into(),
-            created_unix_ms: 1,
-        };
+        let (ours, signer, verifier) = keys("c");
         archive.claim(&ours).await.unwrap();
         archive.claim(&ours).await.unwrap();
-        let theirs = Identity {
-            ca: "bb".into(),
-            ..ours.clone()
-        };
+        let (theirs, _, _) = keys("c");
         let err = archive.claim(&theirs).await.unwrap_err();
         assert!(matches!(err, ArchiveError::Foreign { .. }), "{err}");
         let entries: Vec<ArchivedEntry> = (1..=3).map(|i| send(i, i)).collect();
         archive
-            .put_chunk(&encode_chunk(&header(1, 3), &entries), 1, 3)
+            .put_chunk(&encode_chunk(&header(1, 3), &entries, &signer), 1, 3)
             .await
             .unwrap();
         let l = archive.list().await.unwrap();
         assert_eq!(l.chunks.len(), 1);
-        assert_eq!(archive.read_chunk(&l.chunks[0]).await.unwrap(), entries);
+        assert_eq!(
+            archive.read_chunk(&l.chunks[0], &verifier).await.unwrap(),
+            entries
+        );
         // A chunk whose name lies about its range is refused by name.
         archive
-            .put_chunk(&encode_chunk(&header(1, 3), &entries), 4, 6)
+            .put_chunk(&encode_chunk(&header(1, 3), &entries, &signer), 4, 6)
             .await
             .unwrap();
         let l = archive.list().await.unwrap();
         let err = archive
-            .read_chunk(&l.chunks[1])
+            .read_chunk(&l.chunks[1], &verifier)
             .await
             .unwrap_err()
             .to_string();

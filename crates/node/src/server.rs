@@ -543,12 +543,12 @@ impl Server {
                 .map_err(|e| ServerError::Config(e.to_string()))?;
             let uploader = crate::archive::Uploader {
                 archive,
-                identity: crate::archive::Identity {
-                    format: crate::archive::IDENTITY_FORMAT,
-                    cluster: config.cluster.clone(),
-                    ca: tls.ca().fingerprint().to_string(),
-                    created_unix_ms: crate::api::now_ms(),
-                },
+                identity: crate::archive::Identity::of(
+                    &config.cluster,
+                    tls.ca(),
+                    crate::api::now_ms(),
+                ),
+                signer: crate::archive::Signer::new(tls.ca()).map_err(ServerError::Config)?,
                 node: (id, name.clone()),
                 raft: raft.clone(),
                 log: archive_log,
