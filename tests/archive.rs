@@ -182,9 +182,17 @@ async fn a_directory_archive_survives_a_leader_kill_and_restores_whole_or_to_an_
 ) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let url = format!("file://{}", dir.path().join("archive").display());
+    // A new base every 2 s: restores to a point before the latest base still work.
     let mut cluster = TestCluster::new(
         "archive-dir",
-        &["--archive", &url, "--archive-interval-ms", "200"],
+        &[
+            "--archive",
+            &url,
+            "--archive-interval-ms",
+            "200",
+            "--archive-base-interval-s",
+            "2",
+        ],
     )?;
     start(&mut cluster, 3).await?;
     let alice = Client::connect(config(&cluster, "alice", None)?).await?;
@@ -220,6 +228,10 @@ async fn a_directory_archive_survives_a_leader_kill_and_restores_whole_or_to_an_
         "{info}"
     );
     ensure!(info["restorable"][0][1].as_u64() == Some(last), "{info}");
+    ensure!(
+        info["bases"].as_array().map_or(0, Vec::len) >= 2,
+        "no periodic base was cut: {info}"
+    );
     let old = history(&alice, "general").await?;
     ensure!(
         old.len() == 100,
@@ -263,7 +275,10 @@ async fn a_directory_archive_survives_a_leader_kill_and_restores_whole_or_to_an_
     )?;
     ensure!(err.contains("not empty"), "{err}");
     // An archive signed by another CA than the one expected (here: another fingerprint).
-    let ca = info["identity"]["ca"].as_str().context("the CA")?.to_owned();
+    let ca = info["identity"]["ca"]
+        .as_str()
+        .context("the CA")?
+        .to_owned();
     let other_ca = "00".repeat(32);
     let err = run_err(
         cluster.admin(&[
@@ -292,8 +307,7 @@ async fn a_directory_archive_survives_a_leader_kill_and_restores_whole_or_to_an_
     let (whole, client, report) = restore_and_start(&name, &pinned, None, "from-dir").await?;
     ensure!(report["applied_index"].as_u64() == Some(last), "{report}");
     ensure!(
-        report["from_archive"]["ca"] == ca.as_str()
-            && report["from_archive"]["ca_checked"] == true,
+        report["from_archive"]["ca"] == ca.as_str() && report["from_archive"]["ca_checked"] == true,
         "{report}"
     );
     same_history(&history(&client, "general").await?, &old, &acked)?;

@@ -237,6 +237,14 @@ struct RunArgs {
     /// How often (ms) the leader seals what was committed since its last archive chunk.
     #[arg(long, env = "CELLCHAT_ARCHIVE_INTERVAL_MS", default_value_t = 1000)]
     archive_interval_ms: u64,
+    /// How often (s) the leader cuts a new archive base (a backup of the state), so a restore
+    /// of the latest state and a new leader's resume read only what came after it.
+    #[arg(
+        long,
+        env = "CELLCHAT_ARCHIVE_BASE_INTERVAL_S",
+        default_value_t = 86_400
+    )]
+    archive_base_interval_s: u64,
     /// Take a snapshot (and purge the log below it) every N applied entries.
     #[arg(long, env = "CELLCHAT_SNAPSHOT_EVERY", default_value_t = 10_000)]
     snapshot_every: u64,
@@ -435,6 +443,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => None,
     };
     config.archive_interval_ms = args.archive_interval_ms;
+    config.archive_base_interval_s = args.archive_base_interval_s;
     config.snapshot_every_entries = args.snapshot_every;
     config.log_keep_entries = args.log_keep;
     config.wal_segment_mib = args.wal_segment_mib;

@@ -505,9 +505,28 @@ impl Archive {
     /// The store fails.
     pub async fn list(&self) -> Result<Listing, ArchiveError> {
         let mut listing = Listing::default();
-        for (dir, is_base) in [("base", true), ("chunks", false)] {
-            let under = self.path(dir);
-            let mut objects = self.store.list(Some(&under));
+        self.list_into(&mut listing, "base", None).await?;
+        self.list_into(&mut listing, "chunks", None).await?;
+        listing.bases.sort_by_key(|b| (b.index, b.created_ms));
+        listing.chunks.sort_by_key(|c| (c.first, c.last));
+        Ok(listing)
+    }
+
+    /// Adds the bases (`dir` "base") or chunks ("chunks") to `listing`, those named after
+    /// `offset` only when it is given.
+    async fn list_into(
+        &self,
+        listing: &mut Listing,
+        dir: &str,
+        offset: Option<&ObjectPath>,
+    ) -> Result<(), ArchiveError> {
+        let is_base = dir == "base";
+        let under = self.path(dir);
+        {
+            let mut objects = match offset {
+                Some(offset) => self.store.list_with_offset(Some(&under), offset),
+                None => self.store.list(Some(&under)),
+            };
             while let Some(meta) = objects.next().await {
                 let meta = meta.map_err(self.store_err("list", &under))?;
                 let Some(file) = meta.location.filename() else {
@@ -532,6 +551,26 @@ impl Archive {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Lists every base, and only the chunks that may end after the latest base: what a
+    /// leader needs to resume, in one listing request or a few however long the archive is.
+    /// A chunk holds at most [`CHUNK_ENTRIES_MAX`] entries, so one ending after index `b`
+    /// starts after `b - CHUNK_ENTRIES_MAX`, and names sort by first index.
+    ///
+    /// # Errors
+    /// The store fails.
+    pub async fn list_since_latest_base(&self) -> Result<Listing, ArchiveError> {
+        let mut listing = Listing::default();
+        self.list_into(&mut listing, "base", None).await?;
+        let Some(latest) = listing.bases.iter().map(|b| b.index).max() else {
+            return Ok(listing);
+        };
+        let from = latest.saturating_sub(CHUNK_ENTRIES_MAX);
+        let offset = self.path(&format!("chunks/{from:020}"));
+        self.list_into(&mut listing, "chunks", Some(&offset))
+            .await?;
         listing.bases.sort_by_key(|b| (b.index, b.created_ms));
         listing.chunks.sort_by_key(|c| (c.first, c.last));
         Ok(listing)
@@ -1020,6 +1059,15 @@ fn decode_chunk(
 // ---------------------------------------------------------------------------------------------
 // The leader's uploader.
 
+/// Where a leader's uploads stand.
+#[derive(Default)]
+struct Progress {
+    /// `None` until resumed, then the next index to upload (`Some(None)`: no base yet).
+    next: Option<Option<u64>>,
+    /// When the latest base known was cut, in ms since the epoch.
+    last_base_ms: Option<u64>,
+}
+
 /// Everything the uploader needs from its node.
 pub struct Uploader {
     /// The archive.
@@ -1038,6 +1086,9 @@ pub struct Uploader {
     pub state: StateMachine,
     /// How often the leader seals what was committed since the last chunk.
     pub interval: Duration,
+    /// How often the leader cuts a new base, so that a restore of the latest state reads only
+    /// the chunks since the last base, and a leader resuming lists only those.
+    pub base_interval: Duration,
     /// Where bases are written before upload.
     pub scratch: PathBuf,
     /// The archived index, for metrics: the highest index uploaded by this node.
@@ -1050,16 +1101,16 @@ impl Uploader {
     pub async fn run(self) {
         let mut ticks = tokio::time::interval(self.interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut next: Option<Option<u64>> = None;
+        let mut progress = Progress::default();
         let mut failing = false;
         let mut checked = tokio::time::Instant::now();
         loop {
             ticks.tick().await;
             if crate::raft::metrics_now(&self.raft).state != ServerState::Leader {
-                next = None;
+                progress.next = None;
                 continue;
             }
-            if next.is_some() && checked.elapsed() >= IDENTITY_RECHECK {
+            if progress.next.is_some() && checked.elapsed() >= IDENTITY_RECHECK {
                 // An archive replaced or emptied under a long-lived leader is noticed: without
                 // its identity the next step resumes from a fresh listing.
                 checked = tokio::time::Instant::now();
@@ -1067,11 +1118,11 @@ impl Uploader {
                     Ok(Some(found))
                         if found.cluster == self.identity.cluster
                             && found.ca == self.identity.ca => {}
-                    Ok(_) => next = None,
+                    Ok(_) => progress.next = None,
                     Err(e) => tracing::debug!(error = %e, "archive identity check failed"),
                 }
             }
-            match self.step(&mut next).await {
+            match self.step(&mut progress).await {
                 Ok(()) => {
                     if failing {
                         tracing::info!(archive = %self.archive.name, "archive uploads resumed");
@@ -1081,7 +1132,7 @@ impl Uploader {
                 Err(e) => {
                     // The next tick starts from a fresh listing: what was uploaded is what
                     // counts, whatever this node believed.
-                    next = None;
+                    progress.next = None;
                     if !failing {
                         tracing::warn!(error = %e, "archive upload failed; retrying every tick");
                     } else {
@@ -1094,14 +1145,16 @@ impl Uploader {
     }
 
     /// One tick: resume if needed, then upload up to [`CHUNKS_PER_TICK`] chunks of what is
-    /// applied here, or a base. `next` is `None` until resumed, then the next index to upload
-    /// (`Some(None)`: the archive is empty).
-    async fn step(&self, next: &mut Option<Option<u64>>) -> Result<(), ArchiveError> {
+    /// applied here, or a base; once caught up, a base when the last one is
+    /// [`Uploader::base_interval`] old.
+    async fn step(&self, progress: &mut Progress) -> Result<(), ArchiveError> {
+        let next = &mut progress.next;
         let mut at = match *next {
             Some(at) => at,
             None => {
                 self.archive.claim(&self.identity).await?;
-                let listing = self.archive.list().await?;
+                let listing = self.archive.list_since_latest_base().await?;
+                progress.last_base_ms = listing.bases.iter().map(|b| b.created_ms).max();
                 // Chunks without a base restore nothing: an archive that lost its bases (an
                 // operator emptied it) starts again from a new one.
                 let at = match listing.bases.is_empty() {
@@ -1116,11 +1169,21 @@ impl Uploader {
         for _ in 0..CHUNKS_PER_TICK {
             let applied = self.state.chat().applied_index().map_or(0, |i| i.0);
             let Some(from) = at else {
-                at = Some(self.put_base().await? + 1);
+                let (index, created_ms) = self.put_base().await?;
+                progress.last_base_ms = Some(created_ms);
+                at = Some(index + 1);
                 *next = Some(at);
                 continue;
             };
             if from > applied {
+                let due = progress.last_base_ms.is_none_or(|ms| {
+                    crate::api::now_ms().saturating_sub(ms) >= self.base_interval.as_millis() as u64
+                });
+                if due {
+                    // Chunks go on from `from`, not from the new base: entries applied while it
+                    // was cut stay in the chunks that continue the older bases.
+                    progress.last_base_ms = Some(self.put_base().await?.1);
+                }
                 return Ok(());
             }
             let end = applied.min(from + CHUNK_ENTRIES_MAX - 1) + 1;
@@ -1140,7 +1203,9 @@ impl Uploader {
                     next = from,
                     "archive: the log was purged past the archive; writing a new base"
                 );
-                at = Some(self.put_base().await? + 1);
+                let (index, created_ms) = self.put_base().await?;
+                progress.last_base_ms = Some(created_ms);
+                at = Some(index + 1);
                 *next = Some(at);
                 continue;
             }
@@ -1169,8 +1234,9 @@ impl Uploader {
         Ok(())
     }
 
-    /// Cuts a backup of the applied state and uploads it as a base; returns its index.
-    async fn put_base(&self) -> Result<u64, ArchiveError> {
+    /// Cuts a backup of the applied state and uploads it as a base; returns its index and
+    /// creation time.
+    async fn put_base(&self) -> Result<(u64, u64), ArchiveError> {
         fs::create_dir_all(&self.scratch).map_err(io_err("create", &self.scratch))?;
         let file = self.scratch.join("base.ccb");
         let (state, target) = (self.state.clone(), file.clone());
@@ -1199,7 +1265,7 @@ impl Uploader {
         self.archived
             .fetch_max(index, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(index, %object, bytes = verified.bytes, "archive: base uploaded");
-        Ok(index)
+        Ok((index, verified.manifest.created_unix_ms))
     }
 }
 
@@ -1890,6 +1956,45 @@ mod tests {
             let err = open(url).unwrap_err().to_string();
             assert!(err.contains(url), "{err}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_resume_lists_the_chunks_since_the_latest_base_and_finds_the_same_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = Archive::open(&ArchiveConfig {
+            url: format!("file://{}", dir.path().display()),
+            ..Default::default()
+        })
+        .unwrap();
+        let mut names: Vec<String> = [(0, 1), (50_000, 2)]
+            .iter()
+            .map(|&(index, ms)| format!("base/{}", base_name(index, ms, &[7])))
+            .collect();
+        let chunks = [
+            (1, 20_000),
+            (20_001, 40_000),
+            (40_001, 60_000),
+            (60_001, 60_005),
+        ];
+        names.extend(
+            chunks
+                .iter()
+                .map(|&(first, last)| format!("chunks/{}", chunk_name(first, last))),
+        );
+        for name in names {
+            archive
+                .store
+                .put(&archive.path(&name), PutPayload::from(vec![0u8]))
+                .await
+                .unwrap();
+        }
+        let full = archive.list().await.unwrap();
+        let since = archive.list_since_latest_base().await.unwrap();
+        assert_eq!(since.bases, full.bases);
+        assert_eq!(since.end(), full.end());
+        assert_eq!(since.end(), Some(60_005));
+        let listed: Vec<(u64, u64)> = since.chunks.iter().map(|c| (c.first, c.last)).collect();
+        assert_eq!(listed, [(40_001, 60_000), (60_001, 60_005)]);
     }
 
     #[tokio::test]

@@ -65,6 +65,9 @@ pub struct Config {
     /// How often the leader seals the entries committed since its last chunk, in ms. Default
     /// 1000; 100 to 3600000.
     pub archive_interval_ms: u64,
+    /// How often the leader cuts a new archive base, in seconds. Default 86400 (a day); 1 to
+    /// 31536000.
+    pub archive_base_interval_s: u64,
     /// Build a snapshot after this many applied entries. Default 10000; at least 2.
     pub snapshot_every_entries: u64,
     /// Entries kept in the log after a snapshot, so briefly lagging followers need no
@@ -157,6 +160,7 @@ impl Config {
             expire_interval_ms: 10_000,
             archive: None,
             archive_interval_ms: 1000,
+            archive_base_interval_s: 86_400,
             snapshot_every_entries: 10_000,
             log_keep_entries: 1000,
             wal_segment_mib: 64,
@@ -248,6 +252,12 @@ impl Config {
             return Err(format!(
                 "archive interval {} ms must be 100 to 3600000",
                 self.archive_interval_ms
+            ));
+        }
+        if !(1..=31_536_000).contains(&self.archive_base_interval_s) {
+            return Err(format!(
+                "archive base interval {} s must be 1 to 31536000",
+                self.archive_base_interval_s
             ));
         }
         if self.snapshot_every_entries < 2 {

@@ -554,6 +554,7 @@ impl Server {
                 log: archive_log,
                 state: backup_state.clone(),
                 interval: Duration::from_millis(config.archive_interval_ms),
+                base_interval: Duration::from_secs(config.archive_base_interval_s),
                 scratch: dir.join("archive-tmp"),
                 archived: Default::default(),
             };
