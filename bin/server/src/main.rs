@@ -340,6 +340,11 @@ pub(crate) fn resolve_join(join: &[String]) -> anyhow::Result<Vec<SocketAddr>> {
 fn main() -> anyhow::Result<()> {
     node::create_private_files();
     let cli = parse_cli()?;
+    if matches!(cli.command, Some(Command::Backup(_))) {
+        // Before the runtime starts, so that its threads inherit it: a backup beside a
+        // loaded node takes the CPU the node leaves.
+        node::backup::lower_cpu_priority();
+    }
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     match cli.command {
         Some(Command::Status(args)) => runtime.block_on(admin::status(&cli.run.net, &args)),

@@ -1245,7 +1245,7 @@ impl Uploader {
             self.node.1.clone(),
             self.identity.cluster.clone(),
         );
-        let (verified, sum) = tokio::task::spawn_blocking(move || {
+        let (verified, sum) = backup::in_background("archive-base", move || {
             let verified = backup::write_backup_file(state.chat(), &target, source)?;
             let mut sum = Sha256::new();
             let mut input = fs::File::open(&target).map_err(io_err("open", &target))?;
@@ -1253,7 +1253,11 @@ impl Uploader {
             Ok::<_, ArchiveError>((verified, sum.finalize().into()))
         })
         .await
-        .map_err(|e| io_error("cutting a base", e))??;
+        .map_err(|e| ArchiveError::Io {
+            op: "cut a base in",
+            path: self.scratch.clone(),
+            source: e,
+        })??;
         let index = verified.manifest.applied_index;
         let signature = self.signer.sign(BASE_DOMAIN, &sum);
         let object = self

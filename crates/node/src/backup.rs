@@ -405,7 +405,7 @@ impl Backups {
         let chat: Arc<ChatState> = self.state.chat().clone();
         let cut = {
             let path = path.clone();
-            tokio::task::spawn_blocking(move || write_payload(&chat, &path))
+            in_background("backup-cut", move || write_payload(&chat, &path))
                 .await
                 .map_err(|e| JoinError::Backup(format!("backup task failed: {e}")))?
         };
@@ -491,6 +491,44 @@ impl Backups {
 }
 
 type Cut = (u64, SnapshotContents, u64, [u8; 32], File);
+
+/// The nice value of background work: a backup's cut, an archive base, the backup tool.
+/// Under a write load that saturates the CPU they then take what the write path leaves, and
+/// take longer, rather than slowing every acknowledgement.
+pub const BACKGROUND_NICE: i32 = 10;
+
+/// Lowers the calling thread's CPU priority to [`BACKGROUND_NICE`]. Threads it starts later
+/// inherit it. On Linux the nice value is per thread, so only threads that never go back to
+/// serving the write path may call this. A failure is logged and ignored: the work is only
+/// slower to yield.
+pub fn lower_cpu_priority() {
+    // No pid: the calling thread on Linux.
+    if let Err(e) = rustix::process::setpriority_process(None, BACKGROUND_NICE) {
+        tracing::debug!(error = %e, "cannot lower the CPU priority of background work");
+    }
+}
+
+/// Runs `work` on a new thread at background priority and waits for it without blocking the
+/// runtime. A dedicated thread, not the blocking pool, because a pool thread would keep the
+/// lowered priority for unrelated work later.
+///
+/// # Errors
+/// The thread cannot start, or `work` panicked.
+pub async fn in_background<T: Send + 'static>(
+    name: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<T> {
+    let (done, result) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            lower_cpu_priority();
+            let _ = done.send(work());
+        })?;
+    result
+        .await
+        .map_err(|_| io::Error::other(format!("the {name} thread panicked")))
+}
 
 /// Writes the payload to `path` and hashes it.
 fn write_payload(chat: &ChatState, path: &Path) -> Result<Cut, BackupError> {
@@ -1236,6 +1274,17 @@ mod tests {
         }
         writer.finish().unwrap();
         target
+    }
+
+    #[tokio::test]
+    async fn background_work_runs_at_a_lower_priority_and_leaves_the_caller_alone() {
+        let before = rustix::process::getpriority_process(None).unwrap();
+        let inside = in_background("test", || rustix::process::getpriority_process(None))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(inside >= BACKGROUND_NICE.max(before), "nice {inside}");
+        assert_eq!(rustix::process::getpriority_process(None).unwrap(), before);
     }
 
     #[test]
