@@ -1053,3 +1053,173 @@ fn encode_raw(frame: &proto::push::ClientFrame) -> Vec<u8> {
 fn bytes_of(bytes: &[u8]) -> bytes::Bytes {
     bytes::Bytes::copy_from_slice(bytes)
 }
+
+/// The exit code of a finished client process.
+fn code(output: &std::process::Output) -> Option<i32> {
+    output.status.code()
+}
+
+/// The JSON acknowledgement `--send --json` prints.
+fn ack(output: &std::process::Output) -> anyhow::Result<serde_json::Value> {
+    anyhow::ensure!(
+        output.status.success(),
+        "send failed ({:?}): {}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(serde_json::from_slice(&output.stdout)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scripting_contract_exit_codes_idempotency_key_tail_after_and_broken_pipes(
+) -> anyhow::Result<()> {
+    let mut cluster = three_nodes("cl-contract", &[]).await?;
+    let dir = tempfile::tempdir()?;
+    let dir = dir.path();
+
+    // 2: usage. Nothing is sent.
+    for args in [
+        &["alice", "--send", ""][..],
+        &["alice", "--send", "x", "--channel", "no spaces"],
+        &["alice", "--send", "x", "--idempotency-key", ""],
+        &["alice", "--history", "0"],
+        &["alice", "--send", "x", "--timeout", "soon"],
+    ] {
+        let output = cli(&cluster, dir, args)?;
+        assert_eq!(code(&output), Some(2), "{args:?}: {output:?}");
+    }
+
+    // 0, then the same key again: the first send's seq, marked a duplicate.
+    let args = ["alice", "--send", "deploy 1", "--idempotency-key", "job-1"];
+    let first = ack(&cli(&cluster, dir, &[&args[..], &["--json"]].concat())?)?;
+    assert_eq!(first["duplicate"], false, "{first}");
+    let again = ack(&cli(&cluster, dir, &[&args[..], &["--json"]].concat())?)?;
+    assert_eq!(again["seq"], first["seq"], "{again}");
+    assert_eq!(again["duplicate"], true, "{again}");
+
+    // A send with a key while its leader is killed: whatever that run's exit code (0, or 3:
+    // outcome unknown), running it again until it exits 0 leaves exactly one message.
+    let (leader, _) = testkit::leader_client_addr(&cluster, Duration::from_secs(10)).await?;
+    let index = cluster
+        .nodes
+        .iter()
+        .position(|n| n.ready().map(|r| r.id) == Some(leader))
+        .context("leader not found")?;
+    let args = [
+        "alice",
+        "--send",
+        "deploy 2",
+        "--idempotency-key",
+        "job-2",
+        "--json",
+        "--timeout",
+        "20",
+    ];
+    let mut command = Command::new(client_binary()?);
+    command
+        .args(["--cluster", &cluster.cluster])
+        .args(["--discovery-port", &cluster.discovery_port.to_string()])
+        .arg("--config-dir")
+        .arg(dir)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let racing = command.spawn()?;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    cluster.nodes[index].kill9();
+    let raced = tokio::task::spawn_blocking(move || racing.wait_with_output()).await??;
+    assert!(
+        matches!(code(&raced), Some(0 | 3)),
+        "a send racing a leader kill: {raced:?}"
+    );
+    let mut settled = None;
+    for _ in 0..5 {
+        let output = cli(&cluster, dir, &args)?;
+        match code(&output) {
+            Some(0) => {
+                settled = Some(ack(&output)?);
+                break;
+            }
+            Some(3) => tokio::time::sleep(Duration::from_secs(1)).await,
+            other => bail!("retrying with the key exited {other:?}: {output:?}"),
+        }
+    }
+    let settled = settled.context("the retries never got an acknowledgement")?;
+    if code(&raced) == Some(0) {
+        let raced = ack(&raced)?;
+        assert_eq!(settled["seq"], raced["seq"]);
+        assert_eq!(settled["duplicate"], true, "{settled}");
+    }
+    let history = cli(&cluster, dir, &["bob", "--history", "100", "--json"])?;
+    let lines: Vec<serde_json::Value> = String::from_utf8(history.stdout)?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let texts: Vec<&str> = lines.iter().filter_map(|l| l["text"].as_str()).collect();
+    assert_eq!(texts, ["deploy 1", "deploy 2"], "each key applied once");
+
+    // 1: refused. The name alice with another key (another config dir).
+    let other = tempfile::tempdir()?;
+    let refused = cli(&cluster, other.path(), &["alice", "--send", "hi"])?;
+    assert_eq!(code(&refused), Some(1), "{refused:?}");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("registered with another key"));
+
+    // --tail --after: every message after the seq, then it stops at --timeout with 0.
+    let first_seq = lines[0]["seq"].as_u64().context("seq")?;
+    let tail = cli(
+        &cluster,
+        dir,
+        &[
+            "bob",
+            "--tail",
+            "--after",
+            &first_seq.to_string(),
+            "--json",
+            "--timeout",
+            "3",
+        ],
+    )?;
+    assert_eq!(code(&tail), Some(0), "{tail:?}");
+    let tailed: Vec<serde_json::Value> = String::from_utf8(tail.stdout)?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(tailed.len(), 1, "{tailed:?}");
+    assert_eq!(tailed[0]["text"], "deploy 2");
+
+    // A reader that went away (`| head -1`): exit 0 and nothing on stderr.
+    let mut piped = Command::new(client_binary()?)
+        .args(["--cluster", &cluster.cluster])
+        .args(["--discovery-port", &cluster.discovery_port.to_string()])
+        .arg("--config-dir")
+        .arg(dir)
+        .args(["bob", "--history", "100"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    drop(piped.stdout.take());
+    let output = tokio::task::spawn_blocking(move || piped.wait_with_output()).await??;
+    assert_eq!(code(&output), Some(0), "{output:?}");
+    assert!(output.stderr.is_empty(), "{output:?}");
+
+    // 3: no cluster to answer. The hint says a retry with the key is safe.
+    for node in &mut cluster.nodes {
+        node.kill9();
+    }
+    let args = ["alice", "--send", "x", "--idempotency-key", "job-3"];
+    let unknown = cli(&cluster, dir, &[&args[..], &["--timeout", "5"]].concat())?;
+    assert_eq!(code(&unknown), Some(3), "{unknown:?}");
+    let err = String::from_utf8_lossy(&unknown.stderr);
+    assert!(err.contains("at most once"), "{err}");
+
+    // Completions and a man page.
+    let completions = Command::new(client_binary()?)
+        .args(["--completions", "bash"])
+        .output()?;
+    assert!(completions.status.success());
+    assert!(String::from_utf8_lossy(&completions.stdout).contains("--idempotency-key"));
+    let man = Command::new(client_binary()?).arg("--man").output()?;
+    assert!(man.status.success());
+    assert!(String::from_utf8_lossy(&man.stdout).contains(".TH cellchat"));
+    Ok(())
+}

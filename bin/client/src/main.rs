@@ -26,7 +26,14 @@ Examples:
                                             print #random's new messages as JSON lines
   cellchat Bob --history 50                 print the last 50 messages of #general
   cellchat Bob --history 50 --before 1200   the 50 messages before seq 1200 (any depth)
+  cellchat Alice --send 'deploy done' --idempotency-key job-4711 --json --timeout 10
+                                            send at most once however often it is retried
+  cellchat Bob --tail --after 1200          every message after seq 1200, then new ones
   cellchat --servers --json                 every node as one JSON array
+
+Exit codes: 0 done (a --send acknowledged); 1 refused or failed, with the reason on stderr;
+2 usage (bad arguments, nothing done); 3 the cluster could not be reached in time: a --send
+may or may not have been applied, so retry it with the same --idempotency-key.
 
 Scriptable output: message JSON lines carry channel, seq, sender, text, at_ms, encrypted,
 readable and client_seq; --servers --json prints one array of nodes with id, name, role,
@@ -54,12 +61,29 @@ struct Args {
     /// Your user name (1 to 32 of a-z, A-Z, 0-9, '-', '_'); needed for everything but --servers.
     #[arg(env = "CELLCHAT_NAME")]
     name: Option<String>,
-    /// Send TEXT to the channel and exit: 0 once acknowledged, 1 with a message otherwise.
+    /// Send TEXT to the channel and exit: 0 once acknowledged, 1 refused, 3 outcome unknown.
     #[arg(long, value_name = "TEXT", conflicts_with_all = ["tail", "history", "servers"])]
     send: Option<String>,
+    /// With --send: a key of your choosing (a job id, say; 1 to 128 bytes). Every --send with
+    /// the same key, user and channel is applied at most once, so a script may retry freely.
+    #[arg(long, value_name = "KEY", requires = "send", value_parser = parse_idempotency_key)]
+    idempotency_key: Option<String>,
     /// Print the channel's new messages as they arrive, until interrupted.
     #[arg(long, conflicts_with_all = ["history", "servers"])]
     tail: bool,
+    /// With --tail: first every message after this seq, then new ones (resume a tail).
+    #[arg(long, value_name = "SEQ", requires = "tail")]
+    after: Option<u64>,
+    /// Give up after SECONDS with exit code 3 (--send, --history, --servers), or stop after
+    /// SECONDS with exit code 0 (--tail).
+    #[arg(long, value_name = "SECONDS", value_parser = parse_timeout)]
+    timeout: Option<std::time::Duration>,
+    /// Print a completion script for SHELL (bash, zsh, fish, elvish, powershell) and exit.
+    #[arg(long, value_name = "SHELL")]
+    completions: Option<clap_complete::Shell>,
+    /// Print the man page (roff; `cellchat --man | man -l -`) and exit.
+    #[arg(long)]
+    man: bool,
     /// Print the last N messages of the channel and exit.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000), conflicts_with = "servers")]
     history: Option<u32>,
@@ -130,8 +154,75 @@ struct Args {
     log: String,
 }
 
+/// How the client ends, for scripts (the contract in bin/client/README.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    /// Done; a send was acknowledged.
+    Done = 0,
+    /// Refused or failed, for a reason retrying will not change.
+    Refused = 1,
+    /// Bad arguments: nothing was done.
+    Usage = 2,
+    /// The cluster could not be reached in time: a send may have been applied.
+    Unknown = 3,
+}
+
+/// An error that is the caller's: [`Exit::Usage`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Usage(String);
+
+/// No answer in time: [`Exit::Unknown`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct NoAnswer(String);
+
+fn usage(text: impl Into<String>) -> anyhow::Error {
+    Usage(text.into()).into()
+}
+
+impl Exit {
+    /// The exit code an error means.
+    fn of(error: &anyhow::Error) -> Exit {
+        for cause in error.chain() {
+            if cause.is::<Usage>() {
+                return Exit::Usage;
+            }
+            if cause.is::<NoAnswer>() {
+                return Exit::Unknown;
+            }
+            if let Some(e) = cause.downcast_ref::<cellchat_client::Error>() {
+                use cellchat_client::Error as E;
+                return match e {
+                    E::NoServers { .. } | E::Unreachable { .. } | E::RetriesExhausted { .. } => {
+                        Exit::Unknown
+                    }
+                    _ => Exit::Refused,
+                };
+            }
+        }
+        Exit::Refused
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(shell) = args.completions {
+        let mut command = <Args as clap::CommandFactory>::command();
+        clap_complete::generate(shell, &mut command, "cellchat", &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
+    if args.man {
+        let page = clap_mangen::Man::new(<Args as clap::CommandFactory>::command());
+        return match page.render(&mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("client: writing the man page: {e}");
+                ExitCode::from(Exit::Refused as u8)
+            }
+        };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
         .with_writer(std::io::stderr)
@@ -143,12 +234,57 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let sending = args.send.is_some();
+    let keyed = args.idempotency_key.is_some();
     match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => ExitCode::from(Exit::Done as u8),
         Err(e) => {
+            let exit = Exit::of(&e);
             eprintln!("client: {}", output::sanitize(&format!("{e:#}")));
-            ExitCode::FAILURE
+            if exit == Exit::Unknown && sending {
+                eprintln!(
+                    "client: the message may or may not have been applied; {}",
+                    if keyed {
+                        "running the same command again applies it at most once"
+                    } else {
+                        "sending it again may show it twice (use --idempotency-key to retry \
+                         safely)"
+                    }
+                );
+            }
+            ExitCode::from(exit as u8)
         }
+    }
+}
+
+fn parse_idempotency_key(text: &str) -> Result<String, String> {
+    if text.is_empty() || text.len() > 128 {
+        return Err(format!("{} bytes; give 1 to 128", text.len()));
+    }
+    Ok(text.to_owned())
+}
+
+fn parse_timeout(text: &str) -> Result<std::time::Duration, String> {
+    let seconds: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if !(0.001..=86_400.0).contains(&seconds) {
+        return Err(format!("{seconds} s; give 0.001 to 86400"));
+    }
+    Ok(std::time::Duration::from_secs_f64(seconds))
+}
+
+/// Writes one line to stdout. A reader that went away (`| head -1`) ends the client quietly
+/// with exit code 0: what it wanted, it has.
+fn out(line: impl std::fmt::Display) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = writeln!(stdout, "{line}").and_then(|()| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(Exit::Done as i32);
+        }
+        eprintln!("client: writing to stdout: {e}");
+        std::process::exit(Exit::Refused as i32);
     }
 }
 
@@ -173,17 +309,36 @@ fn find_token(args: &Args) -> anyhow::Result<Option<proto::tls::JoinToken>> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let channel = command::parse_channel(&args.channel).map_err(anyhow::Error::msg)?;
+    let Some(limit) = args.timeout else {
+        return run_modes(args).await;
+    };
+    let tail = args.tail;
+    match tokio::time::timeout(limit, run_modes(args)).await {
+        Ok(result) => result,
+        Err(_) if tail => Ok(()),
+        Err(_) => Err(NoAnswer(format!(
+            "no answer within --timeout {:.3}s",
+            limit.as_secs_f64()
+        ))
+        .into()),
+    }
+}
+
+async fn run_modes(args: Args) -> anyhow::Result<()> {
+    let channel = command::parse_channel(&args.channel).map_err(usage)?;
     let passphrase = args
         .passphrase_file
         .as_ref()
         .map(read_passphrase)
-        .transpose()?;
+        .transpose()
+        .map_err(|e| usage(format!("{e:#}")))?;
     if args.name.is_none() && !args.servers {
-        bail!("give a user name, e.g. `cellchat Alice` (only --servers works without one)");
+        return Err(usage(
+            "give a user name, e.g. `cellchat Alice` (only --servers works without one)",
+        ));
     }
     if let Some(text) = &args.send {
-        check_message(text)?;
+        check_message(text).map_err(|e| usage(e.to_string()))?;
     }
     let identity = match &args.name {
         Some(name) => Some(load_identity(&args, name)?),
@@ -219,13 +374,36 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(text) = &args.send {
         let key = keys.as_ref().and_then(|k| k.v2.as_ref());
         if key.is_none() && history == ChannelHistory::Encrypted && !args.plaintext {
-            bail!(
+            return Err(usage(format!(
                 "#{channel} is end-to-end encrypted: give its passphrase with --passphrase-file, \
                  or send in the clear with --plaintext; nothing sent"
-            );
+            )));
         }
-        let reply = client.send_text(&channel, text, key).await?;
-        println!("sent #{channel} seq {}", reply.seq);
+        let reply = match &args.idempotency_key {
+            Some(idempotency) => {
+                client
+                    .send_text_idempotent(&channel, text, key, idempotency)
+                    .await?
+            }
+            None => client.send_text(&channel, text, key).await?,
+        };
+        if args.json {
+            out(serde_json::json!({
+                "channel": reply.channel,
+                "seq": reply.seq,
+                "at_ms": reply.at_ms,
+                "read_token": reply.read_token,
+                "duplicate": reply.duplicate,
+                "idempotency_key": args.idempotency_key,
+            }));
+        } else if reply.duplicate {
+            out(format_args!(
+                "sent #{channel} seq {} (already applied: this key was sent before)",
+                reply.seq
+            ));
+        } else {
+            out(format_args!("sent #{channel} seq {}", reply.seq));
+        }
         return Ok(());
     }
     let keys = keys.unwrap_or_default();
@@ -238,7 +416,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     if args.tail {
-        return tail(&client, &channel, &keys, history, args.json).await;
+        return tail(&client, &channel, &keys, history, args.after, args.json).await;
     }
     interactive::run(client, channel, Some(keys).filter(|k| k.v2.is_some())).await
 }
@@ -274,10 +452,10 @@ fn protect_key(identity: Option<&Identity>) -> anyhow::Result<()> {
     }
     identity.protect(&first)?;
     let path = identity.path().map(|p| p.display().to_string());
-    println!(
+    out(format_args!(
         "{} is protected now: the client asks for the passphrase at start",
         path.unwrap_or_default()
-    );
+    ));
     Ok(())
 }
 
@@ -291,18 +469,18 @@ async fn print_message(
 ) {
     let shown = client.show(keys, history, message).await;
     if json {
-        println!("{}", output::json(&shown, message));
+        out(output::json(&shown, message));
     } else {
-        println!("{}", output::line(&shown, message, now));
+        out(output::line(&shown, message, now));
     }
 }
 
 async fn servers(client: &Client, json: bool) -> anyhow::Result<()> {
     let servers = client.servers().await;
     if json {
-        println!("{}", serde_json::to_string(&servers)?);
+        out(serde_json::to_string(&servers)?);
     } else {
-        println!("{}", output::servers_table(&servers));
+        out(output::servers_table(&servers));
     }
     Ok(())
 }
@@ -312,10 +490,14 @@ async fn tail(
     channel: &str,
     keys: &Keys,
     history: ChannelHistory,
+    after: Option<u64>,
     json: bool,
 ) -> anyhow::Result<()> {
-    let head = client.history(channel, None, 1).await?.head;
-    let mut sub = client.subscribe(channel, head);
+    let after = match after {
+        Some(seq) => seq,
+        None => client.history(channel, None, 1).await?.head,
+    };
+    let mut sub = client.subscribe(channel, after);
     loop {
         tokio::select! {
             next = sub.recv() => match next {

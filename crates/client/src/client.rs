@@ -208,6 +208,34 @@ impl Client {
         self.send_with_key(channel, body, id, seq).await
     }
 
+    /// [`send_text`](Self::send_text) under a caller's idempotency key: every call with the
+    /// same cluster, user, channel and `idempotency_key` uses the same `(client_id,
+    /// client_seq)`, so a retry by another process (a script run again after exit code 3) is
+    /// applied at most once and answers with the first send's seq and `duplicate` set. Within
+    /// the cluster's dedup window; after it the retry is refused, never applied twice.
+    ///
+    /// # Errors
+    ///
+    /// As [`send_text`](Self::send_text).
+    pub async fn send_text_idempotent(
+        &self,
+        channel: &str,
+        text: &str,
+        key: Option<&ChannelKeyV2>,
+        idempotency_key: &str,
+    ) -> Result<SendReply, Error> {
+        let identity = self.pool.identity().ok_or(Error::NoIdentity)?;
+        let cluster = &self.config.cluster;
+        let id = idempotent_client_id(cluster, identity.name(), channel, idempotency_key);
+        // The only message of this client id; seq 0 is not a valid client seq.
+        let seq = 1;
+        let body = match key {
+            Some(key) => crypto::seal_v2(key, identity, cluster, channel, id, seq, text)?,
+            None => crypto::sign_plain(identity, cluster, channel, id, seq, text)?,
+        };
+        self.send_with_key(channel, body, id, seq).await
+    }
+
     /// Sends `text` as a format v1 body (unsigned; AES-GCM v1 with `key`), as releases before
     /// format v2 did: for tests of old history and for readers that know only v1.
     ///
@@ -903,11 +931,46 @@ enum Reader {
     Anyone,
 }
 
+/// The client id of an idempotency key: SHA-256 over a domain, then cluster, user, channel and
+/// key, each length-prefixed so no two different tuples hash the same input.
+pub fn idempotent_client_id(cluster: &str, user: &str, channel: &str, key: &str) -> [u8; 16] {
+    let mut input = b"cellchat idempotency key v1".to_vec();
+    for part in [cluster, user, channel, key] {
+        input.extend_from_slice(&(part.len() as u64).to_le_bytes());
+        input.extend_from_slice(part.as_bytes());
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, &input);
+    let mut id = [0; 16];
+    id.copy_from_slice(&digest.as_ref()[..16]);
+    id
+}
+
 fn send_request(channel: &str, body: Vec<u8>, client_id: [u8; 16], client_seq: u64) -> SendRequest {
     SendRequest {
         channel: channel.to_owned(),
         body,
         client_id,
         client_seq,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::idempotent_client_id;
+
+    #[test]
+    fn an_idempotency_key_names_one_client_id_per_cluster_user_channel_and_key() {
+        let id = idempotent_client_id("c", "alice", "general", "job-1");
+        assert_eq!(id, idempotent_client_id("c", "alice", "general", "job-1"));
+        for other in [
+            idempotent_client_id("d", "alice", "general", "job-1"),
+            idempotent_client_id("c", "bob", "general", "job-1"),
+            idempotent_client_id("c", "alice", "random", "job-1"),
+            idempotent_client_id("c", "alice", "general", "job-2"),
+            // Length prefixes: moving a byte between fields changes the id.
+            idempotent_client_id("c", "alic", "egeneral", "job-1"),
+        ] {
+            assert_ne!(id, other);
+        }
     }
 }
