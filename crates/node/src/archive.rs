@@ -1064,8 +1064,8 @@ fn decode_chunk(
 struct Progress {
     /// `None` until resumed, then the next index to upload (`Some(None)`: no base yet).
     next: Option<Option<u64>>,
-    /// When the latest base known was cut, in ms since the epoch.
-    last_base_ms: Option<u64>,
+    /// The latest base known: its index and when it was cut, in ms since the epoch.
+    last_base: Option<(u64, u64)>,
 }
 
 /// Everything the uploader needs from its node.
@@ -1154,7 +1154,11 @@ impl Uploader {
             None => {
                 self.archive.claim(&self.identity).await?;
                 let listing = self.archive.list_since_latest_base().await?;
-                progress.last_base_ms = listing.bases.iter().map(|b| b.created_ms).max();
+                progress.last_base = listing
+                    .bases
+                    .iter()
+                    .map(|b| (b.index, b.created_ms))
+                    .max_by_key(|&(_, ms)| ms);
                 // Chunks without a base restore nothing: an archive that lost its bases (an
                 // operator emptied it) starts again from a new one.
                 let at = match listing.bases.is_empty() {
@@ -1170,19 +1174,22 @@ impl Uploader {
             let applied = self.state.chat().applied_index().map_or(0, |i| i.0);
             let Some(from) = at else {
                 let (index, created_ms) = self.put_base().await?;
-                progress.last_base_ms = Some(created_ms);
+                progress.last_base = Some((index, created_ms));
                 at = Some(index + 1);
                 *next = Some(at);
                 continue;
             };
             if from > applied {
-                let due = progress.last_base_ms.is_none_or(|ms| {
-                    crate::api::now_ms().saturating_sub(ms) >= self.base_interval.as_millis() as u64
+                // An idle cluster gets no new base: the last one still holds its state.
+                let due = progress.last_base.is_none_or(|(index, ms)| {
+                    applied > index
+                        && crate::api::now_ms().saturating_sub(ms)
+                            >= self.base_interval.as_millis() as u64
                 });
                 if due {
                     // Chunks go on from `from`, not from the new base: entries applied while it
                     // was cut stay in the chunks that continue the older bases.
-                    progress.last_base_ms = Some(self.put_base().await?.1);
+                    progress.last_base = Some(self.put_base().await?);
                 }
                 return Ok(());
             }
@@ -1204,7 +1211,7 @@ impl Uploader {
                     "archive: the log was purged past the archive; writing a new base"
                 );
                 let (index, created_ms) = self.put_base().await?;
-                progress.last_base_ms = Some(created_ms);
+                progress.last_base = Some((index, created_ms));
                 at = Some(index + 1);
                 *next = Some(at);
                 continue;
