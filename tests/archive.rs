@@ -21,14 +21,7 @@ const CONVERGE: Duration = Duration::from_secs(60);
 const CATCH_UP: Duration = Duration::from_secs(60);
 
 async fn start(cluster: &mut TestCluster, nodes: usize) -> anyhow::Result<()> {
-    for _ in 0..nodes {
-        cluster.spawn_node()?;
-    }
-    for node in &mut cluster.nodes {
-        node.wait_ready(READY)?;
-    }
-    cluster.wait_converged(nodes, CONVERGE).await?;
-    Ok(())
+    testkit::start_nodes(cluster, nodes, READY, CONVERGE).await
 }
 
 fn config(cluster: &TestCluster, name: &str, token: Option<&str>) -> anyhow::Result<ClientConfig> {
@@ -209,12 +202,7 @@ async fn a_directory_archive_survives_a_leader_kill_and_restores_whole_or_to_an_
     let first_40: Vec<u64> = acked.keys().copied().collect();
     tokio::time::sleep(Duration::from_millis(20)).await;
     // A leader killed while it uploads: the next one resumes from what the archive holds.
-    let (leader, _) = testkit::leader_client_addr(&cluster, Duration::from_secs(10)).await?;
-    let index = cluster
-        .nodes
-        .iter()
-        .position(|n| n.ready().map(|r| r.id) == Some(leader))
-        .context("leader not found")?;
+    let index = testkit::leader_index(&cluster, Duration::from_secs(10)).await?;
     cluster.nodes[index].kill9();
     send(&alice, 41, 40, &mut acked).await?;
     cluster.restart(index, READY)?;
@@ -517,12 +505,7 @@ async fn an_s3_archive_survives_a_frozen_server_a_restarted_one_and_a_leader_kil
     send(&alice, 61, 10, &mut acked).await?;
     moto.create_bucket("cellchat")?;
     send(&alice, 71, 10, &mut acked).await?;
-    let (leader, _) = testkit::leader_client_addr(&cluster, Duration::from_secs(10)).await?;
-    let index = cluster
-        .nodes
-        .iter()
-        .position(|n| n.ready().map(|r| r.id) == Some(leader))
-        .context("leader not found")?;
+    let index = testkit::leader_index(&cluster, Duration::from_secs(10)).await?;
     cluster.nodes[index].kill9();
     send(&alice, 81, 30, &mut acked).await?;
     let last = wait_archived(&cluster, &info_args).await?;

@@ -36,14 +36,7 @@ const SENDERS: usize = 128;
 const USERS: usize = 8;
 
 async fn start(cluster: &mut TestCluster, nodes: usize) -> anyhow::Result<()> {
-    for _ in 0..nodes {
-        cluster.spawn_node()?;
-    }
-    for node in &mut cluster.nodes {
-        node.wait_ready(READY)?;
-    }
-    cluster.wait_converged(nodes, CONVERGE).await?;
-    Ok(())
+    testkit::start_nodes(cluster, nodes, READY, CONVERGE).await
 }
 
 fn config(cluster: &TestCluster, name: &str, token: Option<&str>) -> anyhow::Result<ClientConfig> {
@@ -522,10 +515,5 @@ fn cut_by(line: &str) -> Option<String> {
 }
 
 async fn cluster_leader(cluster: &mut TestCluster) -> anyhow::Result<usize> {
-    let (leader, _) = testkit::leader_client_addr(cluster, Duration::from_secs(10)).await?;
-    cluster
-        .nodes
-        .iter()
-        .position(|n| n.ready().map(|r| r.id) == Some(leader))
-        .context("the leader is not one of the nodes")
+    testkit::leader_index(cluster, Duration::from_secs(10)).await
 }

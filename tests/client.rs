@@ -1099,12 +1099,7 @@ async fn the_scripting_contract_exit_codes_idempotency_key_tail_after_and_broken
 
     // A send with a key while its leader is killed: whatever that run's exit code (0, or 3:
     // outcome unknown), running it again until it exits 0 leaves exactly one message.
-    let (leader, _) = testkit::leader_client_addr(&cluster, Duration::from_secs(10)).await?;
-    let index = cluster
-        .nodes
-        .iter()
-        .position(|n| n.ready().map(|r| r.id) == Some(leader))
-        .context("leader not found")?;
+    let index = testkit::leader_index(&cluster, Duration::from_secs(10)).await?;
     let args = [
         "alice",
         "--send",

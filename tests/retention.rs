@@ -21,14 +21,7 @@ const CONVERGE: Duration = Duration::from_secs(60);
 const EXPIRE_INTERVAL: &str = "200";
 
 async fn start(cluster: &mut TestCluster, nodes: usize) -> anyhow::Result<()> {
-    for _ in 0..nodes {
-        cluster.spawn_node()?;
-    }
-    for node in &mut cluster.nodes {
-        node.wait_ready(READY)?;
-    }
-    cluster.wait_converged(nodes, CONVERGE).await?;
-    Ok(())
+    testkit::start_nodes(cluster, nodes, READY, CONVERGE).await
 }
 
 async fn connect(cluster: &TestCluster, name: &str) -> anyhow::Result<Client> {

@@ -832,6 +832,40 @@ impl TestClient {
     }
 }
 
+/// Where the leader is among `cluster.nodes` (by the id in each node's ready line).
+///
+/// # Errors
+/// No leader within `timeout`, or the leader is not one of the nodes this cluster started.
+pub async fn leader_index(cluster: &TestCluster, timeout: Duration) -> anyhow::Result<usize> {
+    let (leader, _) = leader_client_addr(cluster, timeout).await?;
+    cluster
+        .nodes
+        .iter()
+        .position(|n| n.ready().map(|r| r.id) == Some(leader))
+        .with_context(|| format!("the leader {leader} is not one of this cluster's nodes"))
+}
+
+/// Starts `nodes` new nodes, waits until each is ready within `ready` and all of them agree
+/// on one membership within `converge`.
+///
+/// # Errors
+/// A node does not start or get ready, or the cluster does not converge.
+pub async fn start_nodes(
+    cluster: &mut TestCluster,
+    nodes: usize,
+    ready: Duration,
+    converge: Duration,
+) -> anyhow::Result<()> {
+    for _ in 0..nodes {
+        cluster.spawn_node()?;
+    }
+    for node in &mut cluster.nodes {
+        node.wait_ready(ready)?;
+    }
+    cluster.wait_converged(nodes, converge).await?;
+    Ok(())
+}
+
 /// Finds the leader's client address among the nodes discovery sees. While leadership moves,
 /// a deposed leader may still announce itself for a moment: the one of the highest term wins.
 ///
