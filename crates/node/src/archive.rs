@@ -16,7 +16,8 @@
 //! # Authenticity
 //! Whoever can write to the bucket must not be able to add to the history a restore brings
 //! back. Every chunk and base is signed with the cluster CA's key (which every member holds)
-//! over its SHA-256: a chunk carries its signature at its end, a base in its name (`sig`, hex),
+//! over its SHA-256 (a base: its trailer's): a chunk carries its signature at its end, a base in
+//! its name (`sig`, hex),
 //! so a base and its signature appear in one write. A reader checks both against the CA
 //! certificate in `archive.json`, whose fingerprint `restore --expect-ca` can pin, since a
 //! bucket writer could replace the whole archive with one signed by a CA of their own.
@@ -655,13 +656,9 @@ impl Archive {
         Ok((header, entries))
     }
 
-    /// Downloads a base to `file`, checking the signature its name carries.
-    async fn get_base(
-        &self,
-        base: &BaseRef,
-        file: &Path,
-        verifier: &Verifier,
-    ) -> Result<(), ArchiveError> {
+    /// Downloads a base to `file`. Its signature is checked once the file is verified, by
+    /// the restore that loads it.
+    async fn get_base(&self, base: &BaseRef, file: &Path) -> Result<(), ArchiveError> {
         let got = self
             .store
             .get(&base.object)
@@ -671,14 +668,9 @@ impl Archive {
             .await
             .map_err(io_err("create", file))?;
         let mut stream = got.into_stream();
-        let mut sum = Sha256::new();
         while let Some(part) = stream.next().await {
             let part = part.map_err(self.store_err("read", &base.object))?;
-            sum.update(&part);
             out.write_all(&part).await.map_err(io_err("write", file))?;
-        }
-        if !verifier.verifies(BASE_DOMAIN, &sum.finalize().into(), &base.signature) {
-            return Err(self.corrupt(&base.object, NOT_SIGNED));
         }
         out.sync_all().await.map_err(io_err("fsync", file))?;
         Ok(())
@@ -1252,12 +1244,8 @@ impl Uploader {
             self.node.1.clone(),
             self.identity.cluster.clone(),
         );
-        let (verified, sum) = backup::in_background("archive-base", move || {
-            let verified = backup::write_backup_file(state.chat(), &target, source)?;
-            let mut sum = Sha256::new();
-            let mut input = fs::File::open(&target).map_err(io_err("open", &target))?;
-            io::copy(&mut input, &mut sum).map_err(io_err("read", &target))?;
-            Ok::<_, ArchiveError>((verified, sum.finalize().into()))
+        let verified = backup::in_background("archive-base", move || {
+            backup::write_backup_file(state.chat(), &target, source)
         })
         .await
         .map_err(|e| ArchiveError::Io {
@@ -1266,7 +1254,9 @@ impl Uploader {
             source: e,
         })??;
         let index = verified.manifest.applied_index;
-        let signature = self.signer.sign(BASE_DOMAIN, &sum);
+        // The trailer's SHA-256 covers every byte before it and the trailer holds it: signing
+        // it binds the whole file, with no second read.
+        let signature = self.signer.sign(BASE_DOMAIN, &verified.sha256);
         let object = self
             .archive
             .put_base(&file, index, verified.manifest.created_unix_ms, &signature)
@@ -1505,10 +1495,15 @@ async fn rebuild(
     let verifier = identity
         .verifier()
         .map_err(|reason| archive.corrupt(&archive.path(IDENTITY), reason))?;
-    archive.get_base(&plan.base, &base_file, &verifier).await?;
+    archive.get_base(&plan.base, &base_file).await?;
     let state = StateMachine::open(&scratch.join("sm"))
         .map_err(io_err("open the chat state in", scratch))?;
+    // Verified first (the reader is built for hostile files), then its signature: nothing of
+    // the scratch state is used unless both hold.
     let base = backup::load_backup(&base_file, &state)?;
+    if !verifier.verifies(BASE_DOMAIN, &base.sha256, &plan.base.signature) {
+        return Err(archive.corrupt(&plan.base.object, NOT_SIGNED));
+    }
     if base.manifest.applied_index != plan.base.index {
         return Err(archive.corrupt(
             &plan.base.object,
