@@ -338,7 +338,39 @@ async fn a_directory_archive_survives_a_leader_kill_and_restores_whole_or_to_an_
             "{seq} differs in the timed restore"
         );
     }
+
+    // A base whose signature is not the CA's (one hex digit of its name changed, as a bucket
+    // writer would have to) is refused, and nothing is created.
+    let bases = dir.path().join("archive").join("base");
+    let latest = std::fs::read_dir(&bases)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .max()
+        .context("a base")?;
+    let name = latest
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("utf-8")?;
+    let (head, sig) = name.rsplit_once('-').context("a signed base name")?;
+    let flipped = if sig.starts_with('0') { '1' } else { '0' };
+    let forged = bases.join(format!("{head}-{flipped}{}", &sig[1..]));
+    std::fs::rename(&latest, &forged)?;
+    let target = dir.path().join("not-created");
+    let target_arg = target.to_str().context("utf-8")?.to_owned();
+    let err = run_err(
+        tool(&["restore", "--from-archive", &url, "--data-dir", &target_arg])?,
+        "restore from a base with a forged signature",
+    )?;
+    ensure!(err.contains("signature is not the archive CA's"), "{err}");
+    ensure!(!target.exists(), "a refused restore left {target_arg}");
     Ok(())
+}
+
+/// The server binary with `args`, for commands that need no cluster (restore, archive-info).
+fn tool(args: &[&str]) -> anyhow::Result<std::process::Output> {
+    Ok(Command::new(testkit::server_binary()?)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()?)
 }
 
 /// A moto S3 server on a loopback port, killed when dropped.
@@ -456,6 +488,20 @@ fn find_moto() -> anyhow::Result<PathBuf> {
     )
 }
 
+/// A cluster (no node started yet) archiving to `url` on the S3 server at `endpoint`, sealing
+/// a chunk every 200 ms.
+fn s3_cluster(name: &str, url: &str, endpoint: &str) -> anyhow::Result<TestCluster> {
+    let flags = [
+        "--archive",
+        url,
+        "--archive-endpoint",
+        endpoint,
+        "--archive-interval-ms",
+        "200",
+    ];
+    TestCluster::new(name, &flags)
+}
+
 /// Credentials for moto, which the nodes and tools read from the environment; every test sets
 /// the same values.
 fn aws_env() {
@@ -477,17 +523,7 @@ async fn an_s3_archive_survives_a_frozen_server_a_restarted_one_and_a_leader_kil
     let endpoint = moto.endpoint.clone();
     let at = ["--archive-endpoint", endpoint.as_str()];
     aws_env();
-    let mut cluster = TestCluster::new(
-        "archive-s3",
-        &[
-            "--archive",
-            url,
-            at[0],
-            at[1],
-            "--archive-interval-ms",
-            "200",
-        ],
-    )?;
+    let mut cluster = s3_cluster("archive-s3", url, &endpoint)?;
     start(&mut cluster, 3).await?;
     let alice = Client::connect(config(&cluster, "alice", None)?).await?;
     let mut acked = BTreeMap::new();
@@ -577,10 +613,7 @@ fn on_full_disk(
         .arg(dir)
         .arg(testkit::server_binary()?)
         .args(args)
-        .args(["--cluster", &cluster.cluster])
-        .arg("--data-root")
-        .arg(cluster.dir())
-        .args(["--discovery-port", &cluster.discovery_port.to_string()])
+        .args(cluster.admin_flags())
         .stdin(Stdio::null())
         .output()
         .context("running unshare (util-linux)")?;
@@ -604,17 +637,7 @@ async fn refused_credentials_a_missing_bucket_and_a_full_disk_are_named_and_leav
     let moto = Moto::start_checking(true)?;
     let url = "s3://cellchat/refused";
     let at = ["--archive-endpoint", moto.endpoint.as_str()];
-    let mut cluster = TestCluster::new(
-        "archive-refused",
-        &[
-            "--archive",
-            url,
-            at[0],
-            at[1],
-            "--archive-interval-ms",
-            "200",
-        ],
-    )?;
+    let mut cluster = s3_cluster("archive-refused", url, &moto.endpoint)?;
     start(&mut cluster, 1).await?;
     let alice = Client::connect(config(&cluster, "alice", None)?).await?;
     let mut acked = BTreeMap::new();

@@ -561,13 +561,23 @@ impl TestCluster {
     pub fn admin(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
         Command::new(server_binary()?)
             .args(args)
-            .args(["--cluster", &self.cluster])
-            .arg("--data-root")
-            .arg(self.dir.path())
-            .args(["--discovery-port", &self.discovery_port.to_string()])
+            .args(self.admin_flags())
             .stdin(Stdio::null())
             .output()
             .context("running a server subcommand")
+    }
+
+    /// The flags that point an operator subcommand at this cluster: `--cluster`,
+    /// `--data-root` (where its token is) and `--discovery-port`.
+    pub fn admin_flags(&self) -> Vec<std::ffi::OsString> {
+        vec![
+            "--cluster".into(),
+            self.cluster.clone().into(),
+            "--data-root".into(),
+            self.dir.path().into(),
+            "--discovery-port".into(),
+            self.discovery_port.to_string().into(),
+        ]
     }
 
     /// Every node discovery finds in this cluster, by probing for `wait`.
