@@ -220,6 +220,22 @@ async fn a_directory_archive_survives_a_leader_kill_and_restores_whole_or_to_an_
         info["bases"].as_array().map_or(0, Vec::len) >= 2,
         "no periodic base was cut: {info}"
     );
+    // Idle, no new base: once writes stop, two readings a base interval and more apart agree.
+    let bases = |info: &serde_json::Value| info["bases"].as_array().map_or(0, Vec::len);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut before = bases(&info);
+    loop {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let now = bases(&archive_info(&cluster, &info_args)?);
+        if now == before {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "bases are still being cut on an idle cluster: {before} then {now}"
+        );
+        before = now;
+    }
     let old = history(&alice, "general").await?;
     ensure!(
         old.len() == 100,
