@@ -59,6 +59,27 @@ pub enum Input {
     Quit,
 }
 
+/// Every command, for Tab completion.
+pub const NAMES: &[&str] = &[
+    "/join",
+    "/leave",
+    "/channels",
+    "/history",
+    "/more",
+    "/who",
+    "/servers",
+    "/key",
+    "/plain",
+    "/create",
+    "/invite",
+    "/accept",
+    "/remove",
+    "/members",
+    "/retention",
+    "/help",
+    "/quit",
+];
+
 /// The help text of the interactive mode.
 pub const HELP: &str = "\
 commands:

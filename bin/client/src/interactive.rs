@@ -5,8 +5,8 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 
-use cellchat_client::crypto::{self, ChannelHistory, ChannelKeyV2, CryptoError};
-use cellchat_client::{ChannelChange, ChannelSecurity, Client, ClientEvent, Error, WireMessage};
+use cellchat_client::crypto;
+use cellchat_client::{Client, WireMessage};
 use rustyline::completion::Completer;
 use rustyline::error::ReadlineError;
 use rustyline::highlight::{CmdKind, Highlighter};
@@ -17,13 +17,12 @@ use rustyline::{ColorMode, Config, Editor, ExternalPrinter, Helper};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::actions::{self, lock, Encrypted, Keys, Queued};
 use crate::command::{self, Input};
 use crate::{output, timefmt};
 
 /// Messages shown when joining a channel.
 const JOIN_HISTORY: u32 = 50;
-/// Messages `/who` looks at.
-const WHO_WINDOW: u32 = 200;
 /// Longest wait at exit for queued lines to be acknowledged (the default retry budget).
 const SEND_DRAIN_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 /// Lines queued for sending before the prompt waits.
@@ -32,9 +31,6 @@ const SEND_QUEUE: usize = 64;
 /// Prints a line above the input; shared by the stream, sender and event tasks.
 type Printer = Arc<Mutex<PrintFn>>;
 type PrintFn = Box<dyn FnMut(String) + Send>;
-type Keys = Arc<Mutex<HashMap<String, crypto::Keys>>>;
-/// Channels known to be end-to-end encrypted (a crypto record, or encrypted messages seen).
-type Encrypted = Arc<Mutex<HashSet<String>>>;
 
 fn print(printer: &Printer, line: String) {
     let mut print = printer
@@ -165,7 +161,7 @@ struct Chat {
     oldest_shown: Option<u64>,
     printer: Printer,
     stream: Option<JoinHandle<()>>,
-    send_tx: mpsc::Sender<(String, String, Option<ChannelKeyV2>)>,
+    send_tx: mpsc::Sender<Queued>,
 }
 
 /// Asks for a secret on the terminal without echoing it (each typed character shows as `*`),
@@ -201,8 +197,13 @@ pub async fn run(
     }
     let keys = channel_keys;
     let (send_tx, send_rx) = mpsc::channel(SEND_QUEUE);
-    let sender = tokio::spawn(send_loop(client.clone(), send_rx, printer.clone()));
-    tokio::spawn(event_loop(client.clone(), printer.clone()));
+    let say = |printer: Printer| move |line: String| print(&printer, line);
+    let sender = tokio::spawn(actions::send_loop(
+        client.clone(),
+        send_rx,
+        say(printer.clone()),
+    ));
+    tokio::spawn(actions::event_loop(client.clone(), say(printer.clone())));
     let mut chat = Chat {
         client,
         channel,
@@ -262,10 +263,6 @@ pub async fn run(
     Ok(())
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().expect("no task panics while holding this lock")
-}
-
 impl Chat {
     fn prompt(&self) -> String {
         let status = self.client.status();
@@ -301,17 +298,9 @@ impl Chat {
         };
         match input {
             Input::Message(text) => {
-                let key = lock(&self.keys)
-                    .get(&self.channel)
-                    .and_then(|k| k.v2.clone());
-                if key.is_none() && lock(&self.encrypted).contains(&self.channel) {
-                    println!(
-                        "#{} is end-to-end encrypted and you have not set its passphrase: \
-                         nothing sent. Set it with /key, or send in the clear with /plain TEXT",
-                        self.channel
-                    );
-                } else {
-                    self.queue(text, key).await;
+                match actions::send_key(&self.keys, &self.encrypted, &self.channel) {
+                    Ok(key) => self.queue(text, key).await,
+                    Err(refusal) => println!("{refusal}"),
                 }
             }
             Input::Plain(text) => self.queue(text, None).await,
@@ -331,13 +320,13 @@ impl Chat {
                     self.channel
                 ),
             },
-            Input::Channels => self.channels().await,
+            Input::Channels => say(actions::channels(&self.client, &self.channel).await),
             Input::History(n) => self.history(None, n).await,
             Input::More(n) => match self.oldest_shown {
                 Some(oldest) if oldest > 1 => self.history(Some(oldest), n).await,
                 _ => println!("that is the start of #{}", self.channel),
             },
-            Input::Who => self.who().await,
+            Input::Who => say(actions::who(&self.client, &self.channel).await),
             Input::Servers => println!("{}", output::servers_table(&self.client.servers().await)),
             Input::KeyPrompt => {
                 return ToEditor::AskSecret(format!("passphrase for #{}: ", self.channel));
@@ -351,59 +340,34 @@ impl Chat {
                 );
             }
             Input::Create { channel, private } => {
-                let change = ChannelChange::Create {
-                    private,
-                    crypto: None,
-                };
-                match self.client.change_channel(&channel, change).await {
-                    Ok(_) if private => println!(
-                        "#{channel} created: only its members read it; /invite NAME there to add someone"
-                    ),
-                    Ok(_) => println!("#{channel} created; you own it"),
-                    Err(e) => println!("#{channel} not created: {}", output::sanitize(&e.to_string())),
-                }
+                println!("{}", actions::create(&self.client, &channel, private).await);
             }
             Input::Invite(user) => {
-                let change = ChannelChange::Invite(user.clone());
-                match self.client.change_channel(&self.channel, change).await {
-                    Ok(_) => println!(
-                        "{user} is invited to #{}: they join with /accept #{}",
-                        self.channel, self.channel
-                    ),
-                    Err(e) => println!("not invited: {}", output::sanitize(&e.to_string())),
-                }
+                println!(
+                    "{}",
+                    actions::invite(&self.client, &self.channel, &user).await
+                );
             }
-            Input::Accept(channel) => {
-                match self
-                    .client
-                    .change_channel(&channel, ChannelChange::Accept)
-                    .await
-                {
-                    Ok(_) => {
-                        println!("you are a member of #{channel} now");
-                        if channel != self.channel {
-                            self.previous.push(self.channel.clone());
-                            self.enter(channel).await;
-                        }
+            Input::Accept(channel) => match actions::accept(&self.client, &channel).await {
+                Ok(joined) => {
+                    println!("{joined}");
+                    if channel != self.channel {
+                        self.previous.push(self.channel.clone());
+                        self.enter(channel).await;
                     }
-                    Err(e) => println!("not joined: {}", output::sanitize(&e.to_string())),
                 }
-            }
+                Err(refusal) => println!("{refusal}"),
+            },
             Input::Remove(user) => {
-                let change = ChannelChange::Remove(user.clone());
-                match self.client.change_channel(&self.channel, change).await {
-                    Ok(_) => println!("{user} is no longer in #{}", self.channel),
-                    Err(e) => println!("not removed: {}", output::sanitize(&e.to_string())),
-                }
+                println!(
+                    "{}",
+                    actions::remove(&self.client, &self.channel, &user).await
+                );
             }
-            Input::Members => self.members().await,
-            Input::RetentionShow => self.retention().await,
+            Input::Members => say(actions::members(&self.client, &self.channel).await),
+            Input::RetentionShow => say(actions::retention(&self.client, &self.channel).await),
             Input::RetentionSet(retention) => {
-                let change = ChannelChange::SetRetention(retention);
-                match self.client.change_channel(&self.channel, change).await {
-                    Ok(_) => self.retention().await,
-                    Err(e) => println!("retention unchanged: {}", output::sanitize(&e.to_string())),
-                }
+                say(actions::set_retention(&self.client, &self.channel, retention).await)
             }
             Input::Help => println!("{}", command::HELP),
             Input::Quit => return ToEditor::Quit,
@@ -411,7 +375,7 @@ impl Chat {
         ToEditor::Prompt(self.prompt())
     }
 
-    async fn queue(&self, text: String, key: Option<ChannelKeyV2>) {
+    async fn queue(&self, text: String, key: Option<crypto::ChannelKeyV2>) {
         if self
             .send_tx
             .send((self.channel.clone(), text, key))
@@ -429,25 +393,10 @@ impl Chat {
         }
         self.channel = channel;
         self.oldest_shown = None;
-        match self.client.channel_security(&self.channel).await {
-            Ok(ChannelSecurity::Encrypted) => {
-                lock(&self.encrypted).insert(self.channel.clone());
-                if !lock(&self.keys).contains_key(&self.channel) {
-                    println!(
-                        "#{} is end-to-end encrypted: /key sets its passphrase",
-                        self.channel
-                    );
-                }
-            }
-            Ok(ChannelSecurity::RecordGone | ChannelSecurity::RecordChanged) => {
-                lock(&self.encrypted).insert(self.channel.clone());
-                println!(
-                    "#{}'s encryption record is gone or changed since you first saw it: a node \
-                     may be lying. Nothing is sent here in the clear unless you use /plain",
-                    self.channel
-                );
-            }
-            Ok(ChannelSecurity::Plain) | Err(_) => {}
+        if let Some(notice) =
+            actions::security_notice(&self.client, &self.keys, &self.encrypted, &self.channel).await
+        {
+            println!("{notice}");
         }
         let head = match self.client.history(&self.channel, None, JOIN_HISTORY).await {
             Ok(page) => {
@@ -480,123 +429,15 @@ impl Chat {
     }
 
     async fn set_key(&mut self, passphrase: &str) {
-        match self.client.unlock_channel(&self.channel, passphrase).await {
-            Ok(unlocked) => {
-                lock(&self.keys).insert(self.channel.clone(), unlocked.keys);
-                lock(&self.encrypted).insert(self.channel.clone());
-                let ms = unlocked.derive.as_millis();
-                if unlocked.created {
-                    println!(
-                        "#{}: encryption set up (key derived in {ms} ms); new messages are \
-                         end-to-end encrypted and signed: share the passphrase with the others here",
-                        self.channel
-                    );
-                } else {
-                    println!(
-                        "#{}: passphrase accepted (key derived in {ms} ms); messages are \
-                         end-to-end encrypted",
-                        self.channel
-                    );
-                }
-            }
-            Err(Error::Crypto(CryptoError::WrongPassphrase)) => println!(
-                "wrong passphrase for #{}: nothing changed; check it with whoever set it",
-                self.channel
-            ),
-            Err(e) => println!("no key set: {}", output::sanitize(&e.to_string())),
-        }
-    }
-
-    async fn channels(&self) {
-        match self.client.channels().await {
-            Ok(channels) if channels.is_empty() => {
-                println!("no channels yet: send a message to create one")
-            }
-            Ok(channels) => {
-                for c in channels {
-                    let mut notes = Vec::new();
-                    if c.private {
-                        notes.push("private");
-                    }
-                    if c.encrypted {
-                        notes.push("encrypted");
-                    }
-                    if c.invited {
-                        notes.push("you are invited: /accept it");
-                    }
-                    if c.name == self.channel {
-                        notes.push("here");
-                    }
-                    let notes = if notes.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" ({})", notes.join(", "))
-                    };
-                    // A node chooses what it lists: its names are shown sanitized too.
-                    println!("#{} {} messages{notes}", output::sanitize(&c.name), c.head);
-                }
-            }
-            Err(e) => println!("cannot list channels: {}", output::sanitize(&e.to_string())),
-        }
-    }
-
-    async fn members(&self) {
-        match self.client.channel_info(&self.channel).await {
-            Ok(detail) => {
-                let owner = detail.info.owner.as_deref().map_or_else(
-                    || "nobody (a channel from before owners)".to_owned(),
-                    output::sanitize,
-                );
-                let kind = if detail.info.private {
-                    "private"
-                } else {
-                    "public"
-                };
-                println!("#{} is {kind}, owned by {owner}", self.channel);
-                if detail.info.private {
-                    let list = |names: &[String]| {
-                        names
-                            .iter()
-                            .map(|n| output::sanitize(n))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    };
-                    println!("members: {}", list(&detail.members));
-                    if !detail.invited.is_empty() {
-                        println!("invited: {}", list(&detail.invited));
-                    }
-                }
-            }
-            Err(e) => println!(
-                "cannot read #{}: {}",
-                self.channel,
-                output::sanitize(&e.to_string())
-            ),
-        }
-    }
-
-    /// Shows how long the current channel keeps its messages, and since which seq it has them.
-    async fn retention(&self) {
-        match self.client.channel_info(&self.channel).await {
-            Ok(detail) => {
-                let kept = match detail.retention {
-                    Some(own) => format!("keeps messages for {own} (set by its owner)"),
-                    None => format!(
-                        "keeps messages for {} (the cluster default)",
-                        detail.default_retention
-                    ),
-                };
-                println!("#{} {kept}", self.channel);
-                if detail.floor > 1 {
-                    println!("messages before #{} have expired", detail.floor);
-                }
-            }
-            Err(e) => println!(
-                "cannot read #{}: {}",
-                self.channel,
-                output::sanitize(&e.to_string())
-            ),
-        }
+        let said = actions::set_key(
+            &self.client,
+            &self.keys,
+            &self.encrypted,
+            &self.channel,
+            passphrase,
+        )
+        .await;
+        println!("{said}");
     }
 
     /// Shows the last `n` messages before `before` (the newest without one).
@@ -619,63 +460,17 @@ impl Chat {
             Err(e) => println!("cannot read history: {}", output::sanitize(&e.to_string())),
         }
     }
-
-    async fn who(&self) {
-        match self.client.recent(&self.channel, WHO_WINDOW).await {
-            Ok(page) => {
-                let mut last: HashMap<String, u64> = HashMap::new();
-                for m in &page.messages {
-                    let at = last.entry(m.sender.clone()).or_default();
-                    *at = (*at).max(m.at_ms);
-                }
-                let mut senders: Vec<(String, u64)> = last.into_iter().collect();
-                senders.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-                if senders.is_empty() {
-                    println!("nobody has written in #{} yet", self.channel);
-                }
-                let now = timefmt::now_ms();
-                for (sender, at) in senders {
-                    println!(
-                        "{} (last message {})",
-                        output::sanitize(&sender),
-                        timefmt::relative(now, at)
-                    );
-                }
-            }
-            Err(e) => println!(
-                "cannot read #{}: {}",
-                self.channel,
-                output::sanitize(&e.to_string())
-            ),
-        }
-    }
 }
 
 /// Opens and checks `message` as this chat should show it; returns the line to print at a
-/// given time. An encrypted message marks its channel encrypted, so plaintext there is marked.
+/// given time.
 async fn show_line(
     client: &Client,
     keys: &Keys,
     encrypted: &Encrypted,
     message: &WireMessage,
 ) -> impl Fn(u64) -> String {
-    let channel_keys = lock(keys)
-        .get(&message.channel)
-        .cloned()
-        .unwrap_or_default();
-    if message
-        .body
-        .first()
-        .is_some_and(|&f| crypto::is_encrypted_format(f))
-    {
-        lock(encrypted).insert(message.channel.clone());
-    }
-    let history = if lock(encrypted).contains(&message.channel) {
-        ChannelHistory::Encrypted
-    } else {
-        ChannelHistory::Plain
-    };
-    let shown = client.show(&channel_keys, history, message).await;
+    let shown = actions::open(client, keys, encrypted, message).await;
     let message = message.clone();
     move |now| output::line(&shown, &message, now)
 }
@@ -700,42 +495,9 @@ async fn stream_loop(
     }
 }
 
-/// Sends queued lines in order, so the prompt never waits on retries.
-async fn send_loop(
-    client: Client,
-    mut rx: mpsc::Receiver<(String, String, Option<ChannelKeyV2>)>,
-    printer: Printer,
-) {
-    while let Some((channel, text, key)) = rx.recv().await {
-        if let Err(e) = client.send_text(&channel, &text, key.as_ref()).await {
-            print(
-                &printer,
-                format!(
-                    "* not sent to #{channel}: {}",
-                    output::sanitize(&e.to_string())
-                ),
-            );
-        }
-    }
-}
-
-async fn event_loop(client: Client, printer: Printer) {
-    let mut events = client.events();
-    loop {
-        match events.recv().await {
-            Ok(ClientEvent::RateLimited { retry_after_ms }) => print(
-                &printer,
-                format!("* rate limited: retrying in {retry_after_ms} ms (nothing is lost)"),
-            ),
-            Ok(ClientEvent::ReaderChanged {
-                from: Some(from),
-                to,
-            }) => {
-                print(&printer, format!("* reading from n{to} now (was n{from})"));
-            }
-            Ok(_) => {}
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-        }
+/// Prints each line.
+fn say(lines: Vec<String>) {
+    for line in lines {
+        println!("{line}");
     }
 }

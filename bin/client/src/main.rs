@@ -1,10 +1,7 @@
 //! The cellchat command-line client: `cellchat NAME` for interactive chat, plus scriptable modes
 //! (`--send`, `--tail`, `--history`, `--servers`) that other tools depend on.
 
-mod command;
-mod interactive;
-mod output;
-mod timefmt;
+use client::{command, interactive, output, timefmt, tui};
 
 use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -149,6 +146,14 @@ struct Args {
         value_name = "DIR"
     )]
     data_root: PathBuf,
+    /// Chat in the line mode even on a terminal (for screen readers, or to keep the scrollback
+    /// in the terminal). Without a terminal, or with TERM=dumb, it is the mode anyway.
+    #[arg(long, conflicts_with_all = ["send", "tail", "history", "servers", "protect_key"])]
+    plain: bool,
+    /// Where the full-screen chat writes its logs (it never writes them on the screen);
+    /// default client.log in the config dir.
+    #[arg(long, env = "CELLCHAT_LOG_FILE", value_name = "FILE")]
+    log_file: Option<PathBuf>,
     /// Log filter for diagnostics on stderr (e.g. `info`, `cellchat_client=debug`).
     #[arg(long, env = "CELLCHAT_LOG", default_value = "warn")]
     log: String,
@@ -223,10 +228,32 @@ fn main() -> ExitCode {
             }
         };
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
-        .with_writer(std::io::stderr)
-        .init();
+    let chatting = args.send.is_none()
+        && !args.tail
+        && args.history.is_none()
+        && !args.servers
+        && !args.protect_key;
+    let full_screen = (chatting && !args.plain && tui::usable()).then(|| log_file(&args));
+    let filter = tracing_subscriber::EnvFilter::new(&args.log);
+    match &full_screen {
+        Some(Ok(file)) => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(false)
+            .with_writer(std::sync::Mutex::new(file.1.try_clone().map_or_else(
+                |_| Box::new(std::io::sink()) as Box<dyn std::io::Write + Send>,
+                |f| Box::new(f),
+            )))
+            .init(),
+        Some(Err(e)) => {
+            eprintln!("client: {}", output::sanitize(&format!("{e:#}")));
+            return ExitCode::from(Exit::Usage as u8);
+        }
+        None => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+    }
+    let full_screen = full_screen.and_then(Result::ok).map(|(path, _)| path);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -236,7 +263,7 @@ fn main() -> ExitCode {
     };
     let sending = args.send.is_some();
     let keyed = args.idempotency_key.is_some();
-    match runtime.block_on(run(args)) {
+    match runtime.block_on(run(args, full_screen)) {
         Ok(()) => ExitCode::from(Exit::Done as u8),
         Err(e) => {
             let exit = Exit::of(&e);
@@ -308,12 +335,12 @@ fn find_token(args: &Args) -> anyhow::Result<Option<proto::tls::JoinToken>> {
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+async fn run(args: Args, full_screen: Option<PathBuf>) -> anyhow::Result<()> {
     let Some(limit) = args.timeout else {
-        return run_modes(args).await;
+        return run_modes(args, full_screen).await;
     };
     let tail = args.tail;
-    match tokio::time::timeout(limit, run_modes(args)).await {
+    match tokio::time::timeout(limit, run_modes(args, full_screen)).await {
         Ok(result) => result,
         Err(_) if tail => Ok(()),
         Err(_) => Err(NoAnswer(format!(
@@ -324,7 +351,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 }
 
-async fn run_modes(args: Args) -> anyhow::Result<()> {
+/// The full-screen chat's log file (created private), from `--log-file` or the config dir.
+fn log_file(args: &Args) -> anyhow::Result<(PathBuf, std::fs::File)> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = match &args.log_file {
+        Some(path) => path.clone(),
+        None => identity::config_dir(args.config_dir.as_deref())?.join("client.log"),
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating {} for the log file", dir.display()))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("opening the log file {}", path.display()))?;
+    Ok((path, file))
+}
+
+/// `full_screen`: the log file when the chat is drawn full-screen.
+async fn run_modes(args: Args, full_screen: Option<PathBuf>) -> anyhow::Result<()> {
     let channel = command::parse_channel(&args.channel).map_err(usage)?;
     let passphrase = args
         .passphrase_file
@@ -418,7 +466,16 @@ async fn run_modes(args: Args) -> anyhow::Result<()> {
     if args.tail {
         return tail(&client, &channel, &keys, history, args.after, args.json).await;
     }
-    interactive::run(client, channel, Some(keys).filter(|k| k.v2.is_some())).await
+    let keys = Some(keys).filter(|k| k.v2.is_some());
+    match full_screen {
+        Some(log) => {
+            let dir = identity::config_dir(args.config_dir.as_deref())?;
+            let name = client.name().unwrap_or("?").to_owned();
+            let files = tui::Files::under(&dir, &args.cluster, &name, log);
+            tui::run(client, channel, keys, files).await
+        }
+        None => interactive::run(client, channel, keys).await,
+    }
 }
 
 /// Loads (or creates) the user's key file, asking for its passphrase when it is protected.

@@ -77,11 +77,7 @@ pub fn sanitize(text: &str) -> String {
 /// A message body made safe to print: each of its lines [sanitized](sanitize), the lines after
 /// the first indented by [`CONTINUATION`]. `\r\n` counts as one line break.
 pub fn sanitize_body(text: &str) -> String {
-    let lines: Vec<String> = text
-        .split('\n')
-        .map(|line| sanitize(line.strip_suffix('\r').unwrap_or(line)))
-        .collect();
-    lines.join(&format!("\n{CONTINUATION}"))
+    sanitize_lines(text).replace('\n', &format!("\n{CONTINUATION}"))
 }
 
 /// `[5s ago] Bob: Hey Alice!`, with what a reader should know first:
@@ -95,10 +91,8 @@ pub fn line(shown: &Shown, message: &WireMessage, now_ms: u64) -> String {
     )
 }
 
-/// The message as one JSON line.
-pub fn json(shown: &Shown, message: &WireMessage) -> String {
-    let content = shown.opened.content();
-    let text = content.display();
+/// What a reader should know before trusting a message, most serious first.
+pub fn markers(shown: &Shown) -> Vec<&'static str> {
     let mut markers: Vec<&'static str> = shown
         .opened
         .markers(shown.history, shown.seen)
@@ -108,6 +102,24 @@ pub fn json(shown: &Shown, message: &WireMessage) -> String {
     if matches!(shown.key, cellchat_client::SenderKey::Changed { .. }) {
         markers.insert(0, "[key changed!]");
     }
+    markers
+}
+
+/// A message body made safe to draw line by line: each line [sanitized](sanitize), the
+/// line breaks kept (`\r\n` counts as one) for the screen to indent.
+pub fn sanitize_lines(text: &str) -> String {
+    let lines: Vec<String> = text
+        .split('\n')
+        .map(|line| sanitize(line.strip_suffix('\r').unwrap_or(line)))
+        .collect();
+    lines.join("\n")
+}
+
+/// The message as one JSON line.
+pub fn json(shown: &Shown, message: &WireMessage) -> String {
+    let content = shown.opened.content();
+    let text = content.display();
+    let markers = markers(shown);
     let value = MessageJson {
         channel: &message.channel,
         seq: message.seq,

@@ -28,9 +28,61 @@ pub fn date(at_ms: u64) -> String {
     cellchat_client::time::utc_date(at_ms)
 }
 
+/// Local times of day and dates in one time zone (the system's, read once).
+#[derive(Debug, Clone)]
+pub struct LocalClock {
+    tz: jiff::tz::TimeZone,
+}
+
+impl LocalClock {
+    /// The system's time zone (`TZ`, else `/etc/localtime`; UTC when neither says).
+    pub fn system() -> LocalClock {
+        LocalClock {
+            tz: jiff::tz::TimeZone::system(),
+        }
+    }
+
+    /// A clock in `tz`.
+    pub fn in_zone(tz: jiff::tz::TimeZone) -> LocalClock {
+        LocalClock { tz }
+    }
+
+    fn zoned(&self, at_ms: u64) -> Option<jiff::Zoned> {
+        let ms = i64::try_from(at_ms).ok()?;
+        let at = jiff::Timestamp::from_millisecond(ms).ok()?;
+        Some(at.to_zoned(self.tz.clone()))
+    }
+
+    /// `14:03`.
+    pub fn time_of_day(&self, at_ms: u64) -> String {
+        self.zoned(at_ms)
+            .map_or_else(|| "--:--".to_owned(), |z| z.strftime("%H:%M").to_string())
+    }
+
+    /// `Fri 4 Dec 2026`.
+    pub fn date(&self, at_ms: u64) -> String {
+        self.zoned(at_ms).map_or_else(
+            || "a date out of range".to_owned(),
+            |z| z.strftime("%a %-d %b %Y").to_string(),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_times_and_dates_follow_the_zone() {
+        // 2025-11-27T00:00:00Z is still the 26th at UTC-5.
+        let utc = LocalClock::in_zone(jiff::tz::TimeZone::UTC);
+        let east = LocalClock::in_zone(jiff::tz::TimeZone::fixed(jiff::tz::offset(-5)));
+        assert_eq!(utc.time_of_day(NOW), "00:00");
+        assert_eq!(utc.date(NOW), "Thu 27 Nov 2025");
+        assert_eq!(east.time_of_day(NOW + 90_000), "19:01");
+        assert_eq!(east.date(NOW), "Wed 26 Nov 2025");
+        assert_eq!(utc.time_of_day(u64::MAX), "--:--");
+    }
 
     const NOW: u64 = 1_764_201_600_000; // 2025-11-27T00:00:00Z
 

@@ -1,0 +1,349 @@
+//! What the interactive commands do, shared by the line mode and the full-screen client: each
+//! returns the lines to show instead of printing them, so both screens say the same thing.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use cellchat_client::crypto::{self, ChannelHistory, ChannelKeyV2, CryptoError};
+use cellchat_client::{
+    ChannelChange, ChannelSecurity, Client, ClientEvent, Error, Shown, WireMessage,
+};
+use tokio::sync::mpsc;
+
+use crate::output;
+use crate::timefmt;
+
+/// Messages `/who` looks at.
+const WHO_WINDOW: u32 = 200;
+
+/// Channel keys set in this session, by channel.
+pub type Keys = Arc<Mutex<HashMap<String, crypto::Keys>>>;
+/// Channels known to be end-to-end encrypted (a crypto record, or encrypted messages seen).
+pub type Encrypted = Arc<Mutex<HashSet<String>>>;
+/// A line queued for sending: channel, text, and the key to encrypt it with.
+pub type Queued = (String, String, Option<ChannelKeyV2>);
+
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().expect("no task panics while holding this lock")
+}
+
+/// What a server said, made safe to show.
+fn error_text(e: &Error) -> String {
+    output::sanitize(&e.to_string())
+}
+
+/// Opens and checks `message` with the keys set here. An encrypted message marks its channel
+/// encrypted, so plaintext there is marked from then on.
+pub async fn open(
+    client: &Client,
+    keys: &Keys,
+    encrypted: &Encrypted,
+    message: &WireMessage,
+) -> Shown {
+    let channel_keys = lock(keys)
+        .get(&message.channel)
+        .cloned()
+        .unwrap_or_default();
+    if message
+        .body
+        .first()
+        .is_some_and(|&f| crypto::is_encrypted_format(f))
+    {
+        lock(encrypted).insert(message.channel.clone());
+    }
+    let history = if lock(encrypted).contains(&message.channel) {
+        ChannelHistory::Encrypted
+    } else {
+        ChannelHistory::Plain
+    };
+    client.show(&channel_keys, history, message).await
+}
+
+/// What to tell a user entering `channel` about its encryption, if anything; marks it
+/// encrypted when it is.
+pub async fn security_notice(
+    client: &Client,
+    keys: &Keys,
+    encrypted: &Encrypted,
+    channel: &str,
+) -> Option<String> {
+    match client.channel_security(channel).await {
+        Ok(ChannelSecurity::Encrypted) => {
+            lock(encrypted).insert(channel.to_owned());
+            (!lock(keys).contains_key(channel))
+                .then(|| format!("#{channel} is end-to-end encrypted: /key sets its passphrase"))
+        }
+        Ok(ChannelSecurity::RecordGone | ChannelSecurity::RecordChanged) => {
+            lock(encrypted).insert(channel.to_owned());
+            Some(format!(
+                "#{channel}'s encryption record is gone or changed since you first saw it: a \
+                 node may be lying. Nothing is sent here in the clear unless you use /plain"
+            ))
+        }
+        Ok(ChannelSecurity::Plain) | Err(_) => None,
+    }
+}
+
+/// Why a message typed in `channel` must not be sent, if it must not: the channel is
+/// encrypted and no passphrase is set. Otherwise the key to send with.
+pub fn send_key(
+    keys: &Keys,
+    encrypted: &Encrypted,
+    channel: &str,
+) -> Result<Option<ChannelKeyV2>, String> {
+    let key = lock(keys).get(channel).and_then(|k| k.v2.clone());
+    if key.is_none() && lock(encrypted).contains(channel) {
+        return Err(format!(
+            "#{channel} is end-to-end encrypted and you have not set its passphrase: nothing \
+             sent. Set it with /key, or send in the clear with /plain TEXT"
+        ));
+    }
+    Ok(key)
+}
+
+/// `/key PASSPHRASE`: unlocks (or sets up) the channel's encryption.
+pub async fn set_key(
+    client: &Client,
+    keys: &Keys,
+    encrypted: &Encrypted,
+    channel: &str,
+    passphrase: &str,
+) -> String {
+    match client.unlock_channel(channel, passphrase).await {
+        Ok(unlocked) => {
+            lock(keys).insert(channel.to_owned(), unlocked.keys);
+            lock(encrypted).insert(channel.to_owned());
+            let ms = unlocked.derive.as_millis();
+            if unlocked.created {
+                format!(
+                    "#{channel}: encryption set up (key derived in {ms} ms); new messages are \
+                     end-to-end encrypted and signed: share the passphrase with the others here"
+                )
+            } else {
+                format!(
+                    "#{channel}: passphrase accepted (key derived in {ms} ms); messages are \
+                     end-to-end encrypted"
+                )
+            }
+        }
+        Err(Error::Crypto(CryptoError::WrongPassphrase)) => format!(
+            "wrong passphrase for #{channel}: nothing changed; check it with whoever set it"
+        ),
+        Err(e) => format!("no key set: {}", error_text(&e)),
+    }
+}
+
+/// `/channels`: every channel with its message count and what is special about it.
+pub async fn channels(client: &Client, current: &str) -> Vec<String> {
+    match client.channels().await {
+        Ok(channels) if channels.is_empty() => {
+            vec!["no channels yet: send a message to create one".to_owned()]
+        }
+        Ok(channels) => channels
+            .into_iter()
+            .map(|c| {
+                let mut notes = Vec::new();
+                if c.private {
+                    notes.push("private");
+                }
+                if c.encrypted {
+                    notes.push("encrypted");
+                }
+                if c.invited {
+                    notes.push("you are invited: /accept it");
+                }
+                if c.name == current {
+                    notes.push("here");
+                }
+                let notes = if notes.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", notes.join(", "))
+                };
+                // A node chooses what it lists: its names are shown sanitized too.
+                format!("#{} {} messages{notes}", output::sanitize(&c.name), c.head)
+            })
+            .collect(),
+        Err(e) => vec![format!("cannot list channels: {}", error_text(&e))],
+    }
+}
+
+/// `/members`: the channel's owner, members and invitations.
+pub async fn members(client: &Client, channel: &str) -> Vec<String> {
+    let detail = match client.channel_info(channel).await {
+        Ok(detail) => detail,
+        Err(e) => return vec![format!("cannot read #{channel}: {}", error_text(&e))],
+    };
+    let owner = detail.info.owner.as_deref().map_or_else(
+        || "nobody (a channel from before owners)".to_owned(),
+        output::sanitize,
+    );
+    let kind = if detail.info.private {
+        "private"
+    } else {
+        "public"
+    };
+    let mut lines = vec![format!("#{channel} is {kind}, owned by {owner}")];
+    if detail.info.private {
+        let list = |names: &[String]| {
+            names
+                .iter()
+                .map(|n| output::sanitize(n))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        lines.push(format!("members: {}", list(&detail.members)));
+        if !detail.invited.is_empty() {
+            lines.push(format!("invited: {}", list(&detail.invited)));
+        }
+    }
+    lines
+}
+
+/// `/retention`: how long the channel keeps its messages, and since which seq it has them.
+pub async fn retention(client: &Client, channel: &str) -> Vec<String> {
+    let detail = match client.channel_info(channel).await {
+        Ok(detail) => detail,
+        Err(e) => return vec![format!("cannot read #{channel}: {}", error_text(&e))],
+    };
+    let kept = match detail.retention {
+        Some(own) => format!("keeps messages for {own} (set by its owner)"),
+        None => format!(
+            "keeps messages for {} (the cluster default)",
+            detail.default_retention
+        ),
+    };
+    let mut lines = vec![format!("#{channel} {kept}")];
+    if detail.floor > 1 {
+        lines.push(format!("messages before #{} have expired", detail.floor));
+    }
+    lines
+}
+
+/// `/retention POLICY|default`, by the channel's owner.
+pub async fn set_retention(
+    client: &Client,
+    channel: &str,
+    retention: Option<proto::Retention>,
+) -> Vec<String> {
+    let change = ChannelChange::SetRetention(retention);
+    match client.change_channel(channel, change).await {
+        Ok(_) => self::retention(client, channel).await,
+        Err(e) => vec![format!("retention unchanged: {}", error_text(&e))],
+    }
+}
+
+/// `/who`: who wrote in the channel recently, newest first.
+pub async fn who(client: &Client, channel: &str) -> Vec<String> {
+    let page = match client.recent(channel, WHO_WINDOW).await {
+        Ok(page) => page,
+        Err(e) => return vec![format!("cannot read #{channel}: {}", error_text(&e))],
+    };
+    let mut last: HashMap<String, u64> = HashMap::new();
+    for m in &page.messages {
+        let at = last.entry(m.sender.clone()).or_default();
+        *at = (*at).max(m.at_ms);
+    }
+    let mut senders: Vec<(String, u64)> = last.into_iter().collect();
+    senders.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    if senders.is_empty() {
+        return vec![format!("nobody has written in #{channel} yet")];
+    }
+    let now = timefmt::now_ms();
+    senders
+        .into_iter()
+        .map(|(sender, at)| {
+            format!(
+                "{} (last message {})",
+                output::sanitize(&sender),
+                timefmt::relative(now, at)
+            )
+        })
+        .collect()
+}
+
+/// `/create #chan [private]`.
+pub async fn create(client: &Client, channel: &str, private: bool) -> String {
+    let change = ChannelChange::Create {
+        private,
+        crypto: None,
+    };
+    match client.change_channel(channel, change).await {
+        Ok(_) if private => format!(
+            "#{channel} created: only its members read it; /invite NAME there to add someone"
+        ),
+        Ok(_) => format!("#{channel} created; you own it"),
+        Err(e) => format!("#{channel} not created: {}", error_text(&e)),
+    }
+}
+
+/// `/invite NAME` to `channel`.
+pub async fn invite(client: &Client, channel: &str, user: &str) -> String {
+    let change = ChannelChange::Invite(user.to_owned());
+    match client.change_channel(channel, change).await {
+        Ok(_) => format!("{user} is invited to #{channel}: they join with /accept #{channel}"),
+        Err(e) => format!("not invited: {}", error_text(&e)),
+    }
+}
+
+/// `/remove NAME` from `channel`.
+pub async fn remove(client: &Client, channel: &str, user: &str) -> String {
+    let change = ChannelChange::Remove(user.to_owned());
+    match client.change_channel(channel, change).await {
+        Ok(_) => format!("{user} is no longer in #{channel}"),
+        Err(e) => format!("not removed: {}", error_text(&e)),
+    }
+}
+
+/// `/accept #chan`: `Ok` with the line to show when this user is a member now.
+pub async fn accept(client: &Client, channel: &str) -> Result<String, String> {
+    match client.change_channel(channel, ChannelChange::Accept).await {
+        Ok(_) => Ok(format!("you are a member of #{channel} now")),
+        Err(e) => Err(format!("not joined: {}", error_text(&e))),
+    }
+}
+
+/// Sends queued lines in order, so typing never waits on retries; says what failed.
+pub async fn send_loop(
+    client: Client,
+    mut rx: mpsc::Receiver<Queued>,
+    say: impl Fn(String) + Send + 'static,
+) {
+    while let Some((channel, text, key)) = rx.recv().await {
+        if let Err(e) = client.send_text(&channel, &text, key.as_ref()).await {
+            say(format!("* not sent to #{channel}: {}", error_text(&e)));
+        }
+    }
+}
+
+/// Says what the client does on its own: rate limits, and moves to another node.
+pub async fn event_loop(client: Client, say: impl Fn(String) + Send + 'static) {
+    let mut events = client.events();
+    loop {
+        match events.recv().await {
+            Ok(ClientEvent::RateLimited { retry_after_ms }) => say(format!(
+                "* rate limited: retrying in {retry_after_ms} ms (nothing is lost)"
+            )),
+            Ok(ClientEvent::ReaderChanged {
+                from: Some(from),
+                to,
+            }) => {
+                let servers = client.servers().await;
+                let name = |id: u64| {
+                    servers
+                        .iter()
+                        .find(|s| s.id == id && !s.name.is_empty())
+                        .map_or_else(|| format!("n{id}"), |s| output::sanitize(&s.name))
+                };
+                say(format!(
+                    "* reading from {} now (was {})",
+                    name(to),
+                    name(from)
+                ));
+            }
+            Ok(_) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
