@@ -608,9 +608,9 @@ impl Tmux {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Types `text` a key at a time, as a person does. (A burst typed at once shows on screen
-    /// only up to its first key until the next key arrives: rustyline's input select ignores
-    /// bytes it already buffered while an external printer is active.)
+    /// Types `text` a key at a time, as a person does. (In the line mode a burst typed at once
+    /// shows on screen only up to its first key until the next key arrives: rustyline's input
+    /// select ignores bytes it already buffered while an external printer is active.)
     async fn type_keys(&self, session: &str, text: &str) -> anyhow::Result<()> {
         for c in text.chars() {
             self.run(&["send-keys", "-t", session, "-l", &c.to_string()])?;
@@ -669,7 +669,7 @@ fn shows_message_from(screen: &str, sender: &str, text: &str) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn interactive_clients_in_tmux_see_each_other_and_keep_half_typed_input() -> anyhow::Result<()>
+async fn line_mode_clients_in_tmux_see_each_other_and_keep_half_typed_input() -> anyhow::Result<()>
 {
     let cluster = three_nodes("cl-tmux", &[]).await?;
     let dir = tempfile::tempdir()?;
@@ -677,7 +677,7 @@ async fn interactive_clients_in_tmux_see_each_other_and_keep_half_typed_input() 
     let tmux = Tmux::new();
     for name in ["Alice", "Bob"] {
         let command = format!(
-            "{} --cluster {} --discovery-port {} --config-dir {} {name}",
+            "{} --plain --cluster {} --discovery-port {} --config-dir {} {name}",
             client.display(),
             cluster.cluster,
             cluster.discovery_port,
@@ -744,6 +744,218 @@ async fn interactive_clients_in_tmux_see_each_other_and_keep_half_typed_input() 
     .await?;
     tmux.type_keys("Alice", "/quit").await?;
     tmux.run(&["send-keys", "-t", "Alice", "Enter"])?;
+    Ok(())
+}
+
+/// The message row of the full-screen client showing `sender: text`, if any.
+fn full_screen_row<'a>(screen: &'a str, sender: &str, text: &str) -> Option<&'a str> {
+    let said = format!("{sender}: {text}");
+    screen.lines().find(|line| line.trim_end().ends_with(&said))
+}
+
+/// The full-screen client's input line (the last row starting with the prompt).
+fn input_row(screen: &str) -> &str {
+    screen
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('>'))
+        .unwrap_or("")
+        .trim_end()
+}
+
+/// The full-screen client's status bar.
+fn status_bar(screen: &str) -> &str {
+    screen
+        .lines()
+        .rev()
+        .find(|l| l.contains(" | read "))
+        .unwrap_or("")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_full_screen_client_in_tmux_pastes_counts_unread_pages_back_and_survives_a_failover(
+) -> anyhow::Result<()> {
+    let mut cluster = three_nodes("cl-tui", &[]).await?;
+    let dir = tempfile::tempdir()?;
+    let client = client_binary()?;
+    // 150 messages before anyone opens the channel: more than the 100 a client reads when it
+    // opens one, so the first of them only come from the servers by paging back.
+    let carol = client_as(&cluster, "Carol").await?;
+    for i in 1..=150 {
+        carol
+            .send_text("general", &format!("early {i}"), None)
+            .await?;
+    }
+    let tmux = Tmux::new();
+    for name in ["Alice", "Bob"] {
+        let command = format!(
+            "{} --cluster {} --discovery-port {} --config-dir {} --log-file {} {name}",
+            client.display(),
+            cluster.cluster,
+            cluster.discovery_port,
+            dir.path().display(),
+            dir.path().join(format!("{name}.log")).display(),
+        );
+        tmux.run(&[
+            "new-session",
+            "-d",
+            "-s",
+            name,
+            "-x",
+            "120",
+            "-y",
+            "30",
+            &command,
+        ])?;
+    }
+    for name in ["Alice", "Bob"] {
+        tmux.wait_for(name, "the status bar and the newest message", |s| {
+            status_bar(s).contains(&format!("{name} in #general"))
+                && full_screen_row(s, "Carol", "early 150").is_some()
+        })
+        .await?;
+    }
+
+    // Keys sent in one burst show at once, and Enter sends at once.
+    tmux.run(&["send-keys", "-t", "Bob", "-l", "abcdef"])?;
+    tmux.wait_for("Bob", "the whole burst", |s| input_row(s) == "> abcdef")
+        .await?;
+    tmux.run(&["send-keys", "-t", "Bob", "C-u"])?;
+    tmux.run(&["send-keys", "-t", "Bob", "hello from a burst", "Enter"])?;
+    tmux.wait_for("Alice", "Bob's burst", |s| {
+        full_screen_row(s, "Bob", "hello from a burst").is_some()
+    })
+    .await?;
+    // A bracketed paste ending in a line break is sent as one message.
+    tmux.run(&["set-buffer", "-b", "p", "a pasted line\n"])?;
+    tmux.run(&["paste-buffer", "-p", "-b", "p", "-t", "Alice"])?;
+    tmux.wait_for("Bob", "Alice's paste", |s| {
+        full_screen_row(s, "Alice", "a pasted line").is_some()
+    })
+    .await?;
+
+    // Bob opens #ops; what Alice says in #general counts as unread there, a mention rings.
+    tmux.run(&["send-keys", "-t", "Bob", "/join #ops", "Enter"])?;
+    tmux.wait_for("Bob", "#ops shown", |s| {
+        status_bar(s).contains("Bob in #ops")
+    })
+    .await?;
+    tmux.run(&["send-keys", "-t", "Alice", "in general", "Enter"])?;
+    tmux.run(&["send-keys", "-t", "Alice", "look @Bob", "Enter"])?;
+    tmux.wait_for("Bob", "2 unread, 1 mention", |s| {
+        s.lines().any(|l| l.starts_with("#general (2, @1)"))
+    })
+    .await?;
+    let bell = tmux.run(&["display-message", "-p", "-t", "Bob", "#{window_bell_flag}"])?;
+    assert_eq!(bell.trim(), "1", "a mention rings the bell");
+    tmux.run(&["send-keys", "-t", "Bob", "C-p"])?;
+    let screen = tmux
+        .wait_for("Bob", "#general opened and its count cleared", |s| {
+            status_bar(s).contains("Bob in #general")
+                && s.lines().any(|l| l.starts_with("#general "))
+                && !s.contains("#general (")
+        })
+        .await?;
+    let mention = full_screen_row(&screen, "Alice", "look @Bob").context("the mention")?;
+
+    // The relative time of a line on screen changes while it stays there.
+    let when = |row: &str| row.split("Alice:").next().unwrap_or("").trim().to_owned();
+    let before = when(mention);
+    let later = tmux
+        .wait_for("Bob", "the mention's relative time to change", |s| {
+            full_screen_row(s, "Alice", "look @Bob").is_some_and(|row| when(row) != before)
+        })
+        .await?;
+    assert!(
+        full_screen_row(&later, "Alice", "look @Bob").is_some_and(|r| r.contains("s ago")),
+        "{later}"
+    );
+
+    // PgUp pages back past what was read at start, to the first message.
+    let deadline = Instant::now() + RECEIVE;
+    loop {
+        tmux.run(&["send-keys", "-t", "Bob", "PPage"])?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let screen = tmux.screen("Bob")?;
+        if full_screen_row(&screen, "Carol", "early 1").is_some() {
+            assert!(screen.contains("-- the start of #general --"), "{screen}");
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("PgUp never reached the first message:\n{screen}");
+        }
+    }
+    tmux.run(&["send-keys", "-t", "Bob", "End"])?;
+
+    // Bob half-types a line; the node he reads from is killed; Alice's next line arrives and
+    // his input is intact; the status bar names another node.
+    tmux.run(&["send-keys", "-t", "Bob", "-l", "half-typed"])?;
+    let screen = tmux
+        .wait_for("Bob", "his input", |s| input_row(s) == "> half-typed")
+        .await?;
+    let reading = status_bar(&screen)
+        .split(" | read ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .context("the node read from")?
+        .to_owned();
+    let servers = carol.servers().await;
+    let id = servers
+        .iter()
+        .find(|s| s.name == reading)
+        .with_context(|| format!("no node named {reading} in {servers:?}"))?
+        .id;
+    let index = cluster
+        .nodes
+        .iter()
+        .position(|n| n.ready().is_some_and(|r| r.id == id))
+        .context("the node's process")?;
+    cluster.nodes[index].kill9();
+    tmux.run(&["send-keys", "-t", "Alice", "after the kill", "Enter"])?;
+    let screen = tmux
+        .wait_for(
+            "Bob",
+            "the line after the kill, read from another node",
+            |s| {
+                full_screen_row(s, "Alice", "after the kill").is_some()
+                    && !status_bar(s).contains(&format!(" | read {reading} "))
+            },
+        )
+        .await?;
+    assert_eq!(input_row(&screen), "> half-typed", "{screen}");
+    tmux.run(&["send-keys", "-t", "Bob", " done", "Enter"])?;
+    tmux.wait_for("Alice", "Bob's finished line", |s| {
+        full_screen_row(s, "Bob", "half-typed done").is_some()
+    })
+    .await?;
+
+    // Nothing was logged onto the screen; the log went to its file.
+    assert!(dir.path().join("Bob.log").exists());
+
+    // Ctrl-C clears the line; a second one quits.
+    tmux.run(&["send-keys", "-t", "Bob", "-l", "junk"])?;
+    tmux.wait_for("Bob", "junk typed", |s| input_row(s) == "> junk")
+        .await?;
+    tmux.run(&["send-keys", "-t", "Bob", "C-c"])?;
+    tmux.wait_for("Bob", "the line cleared", |s| input_row(s) == ">")
+        .await?;
+    tmux.run(&["send-keys", "-t", "Bob", "C-c"])?;
+    let deadline = Instant::now() + RECEIVE;
+    while tmux.run(&["has-session", "-t", "Bob"]).is_ok() {
+        if Instant::now() > deadline {
+            bail!("a second Ctrl-C did not quit:\n{}", tmux.screen("Bob")?);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The input history was saved, privately.
+    let saved = dir
+        .path()
+        .join("history")
+        .join(&cluster.cluster)
+        .join("Bob");
+    let history =
+        std::fs::read_to_string(&saved).with_context(|| format!("reading {}", saved.display()))?;
+    assert!(history.contains("half-typed done"), "{history}");
     Ok(())
 }
 
