@@ -959,6 +959,89 @@ async fn the_full_screen_client_in_tmux_pastes_counts_unread_pages_back_and_surv
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_full_screen_client_stays_responsive_through_a_resize_storm_a_16_kib_line_and_binary(
+) -> anyhow::Result<()> {
+    let cluster = three_nodes("cl-tui-bad", &[]).await?;
+    let dir = tempfile::tempdir()?;
+    let command = format!(
+        "{} --cluster {} --discovery-port {} --config-dir {} --log-file {} Alice",
+        client_binary()?.display(),
+        cluster.cluster,
+        cluster.discovery_port,
+        dir.path().display(),
+        dir.path().join("Alice.log").display(),
+    );
+    let tmux = Tmux::new();
+    tmux.run(&[
+        "new-session",
+        "-d",
+        "-s",
+        "Alice",
+        "-x",
+        "100",
+        "-y",
+        "30",
+        &command,
+    ])?;
+    tmux.wait_for("Alice", "the status bar", |s| {
+        status_bar(s).contains("Alice in #general")
+    })
+    .await?;
+    let carol = client_as(&cluster, "Carol").await?;
+    // A message of 16,000 bytes on one line, and one that tries to clear the screen.
+    carol
+        .send_text("general", &"y".repeat(16_000), None)
+        .await?;
+    carol
+        .send_text("general", "\u{1b}[2J\u{7}cleared?", None)
+        .await?;
+    tmux.wait_for("Alice", "the escape shown harmless", |s| {
+        full_screen_row(s, "Carol", "\u{fffd}[2J\u{fffd}cleared?").is_some()
+    })
+    .await?;
+    // Pasted binary shows as U+FFFD in the input and is not sent.
+    tmux.run(&["set-buffer", "-b", "bin", "ab\u{1}\u{2}cd"])?;
+    tmux.run(&["paste-buffer", "-p", "-b", "bin", "-t", "Alice"])?;
+    tmux.wait_for("Alice", "the pasted binary in the input", |s| {
+        input_row(s) == "> ab\u{fffd}\u{fffd}cd"
+    })
+    .await?;
+
+    // A resize storm, through sizes too small to draw.
+    for i in 0..200u16 {
+        let (x, y) = if i % 3 == 0 {
+            (20, 4)
+        } else {
+            (60 + i % 90, 10 + i % 30)
+        };
+        tmux.run(&[
+            "resize-window",
+            "-t",
+            "Alice",
+            "-x",
+            &x.to_string(),
+            "-y",
+            &y.to_string(),
+        ])?;
+    }
+    tmux.run(&["resize-window", "-t", "Alice", "-x", "30", "-y", "5"])?;
+    tmux.wait_for("Alice", "the too-small notice", |s| {
+        s.contains("terminal too small")
+    })
+    .await?;
+    tmux.run(&["resize-window", "-t", "Alice", "-x", "100", "-y", "30"])?;
+    carol.send_text("general", "after the storm", None).await?;
+    let screen = tmux
+        .wait_for("Alice", "a message after the storm", |s| {
+            full_screen_row(s, "Carol", "after the storm").is_some()
+        })
+        .await?;
+    assert_eq!(input_row(&screen), "> ab\u{fffd}\u{fffd}cd", "{screen}");
+    tmux.run(&["send-keys", "-t", "Alice", "C-d"])?;
+    Ok(())
+}
+
 /// The value of the unlabeled metric `name` in a node's Prometheus text.
 async fn metric(addr: std::net::SocketAddr, name: &str) -> anyhow::Result<f64> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
