@@ -608,15 +608,10 @@ impl Tmux {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Types `text` a key at a time, as a person does. (In the line mode a burst typed at once
-    /// shows on screen only up to its first key until the next key arrives: rustyline's input
-    /// select ignores bytes it already buffered while an external printer is active.)
-    async fn type_keys(&self, session: &str, text: &str) -> anyhow::Result<()> {
-        for c in text.chars() {
-            self.run(&["send-keys", "-t", session, "-l", &c.to_string()])?;
-            tokio::time::sleep(Duration::from_millis(30)).await;
-        }
-        Ok(())
+    /// Sends `text` as keys in one burst, as a paste or a fast typist does.
+    fn type_burst(&self, session: &str, text: &str) -> anyhow::Result<()> {
+        self.run(&["send-keys", "-t", session, "-l", text])
+            .map(drop)
     }
 
     fn screen(&self, session: &str) -> anyhow::Result<String> {
@@ -701,10 +696,13 @@ async fn line_mode_clients_in_tmux_see_each_other_and_keep_half_typed_input() ->
     }
 
     // Bob starts typing but does not press Enter.
-    tmux.type_keys("Bob", "half-typed").await?;
-    tmux.wait_for("Bob", "his input", |s| s.contains("half-typed"))
-        .await?;
-    tmux.type_keys("Alice", "Hello world!").await?;
+    tmux.type_burst("Bob", "half-typed")?;
+    // A burst shows whole at once.
+    tmux.wait_for("Bob", "his input", |s| {
+        s.lines().any(|l| l.trim_end().ends_with("> half-typed"))
+    })
+    .await?;
+    tmux.type_burst("Alice", "Hello world!")?;
     tmux.run(&["send-keys", "-t", "Alice", "Enter"])?;
 
     let screen = tmux
@@ -728,21 +726,35 @@ async fn line_mode_clients_in_tmux_see_each_other_and_keep_half_typed_input() ->
     );
 
     // Bob finishes his line; Alice sees it.
-    tmux.type_keys("Bob", " done").await?;
+    tmux.type_burst("Bob", " done")?;
     tmux.run(&["send-keys", "-t", "Bob", "Enter"])?;
     tmux.wait_for("Alice", "Bob's message", |s| {
         shows_message_from(s, "Bob", "half-typed done")
     })
     .await?;
 
+    // Keys and Enter in one burst are sent at once; so is a bracketed paste ending in a line
+    // break.
+    tmux.run(&["send-keys", "-t", "Alice", "one burst", "Enter"])?;
+    tmux.wait_for("Bob", "Alice's burst", |s| {
+        shows_message_from(s, "Alice", "one burst")
+    })
+    .await?;
+    tmux.run(&["set-buffer", "-b", "p", "pasted in line mode\n"])?;
+    tmux.run(&["paste-buffer", "-p", "-b", "p", "-t", "Bob"])?;
+    tmux.wait_for("Alice", "Bob's paste", |s| {
+        shows_message_from(s, "Bob", "pasted in line mode")
+    })
+    .await?;
+
     // Bad input is refused with a message and sends nothing.
-    tmux.type_keys("Alice", "/frobnicate").await?;
+    tmux.type_burst("Alice", "/frobnicate")?;
     tmux.run(&["send-keys", "-t", "Alice", "Enter"])?;
     tmux.wait_for("Alice", "the unknown-command message", |s| {
         s.contains("unknown command /frobnicate")
     })
     .await?;
-    tmux.type_keys("Alice", "/quit").await?;
+    tmux.type_burst("Alice", "/quit")?;
     tmux.run(&["send-keys", "-t", "Alice", "Enter"])?;
     Ok(())
 }

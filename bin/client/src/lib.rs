@@ -1,11 +1,12 @@
 //! The cellchat command-line client's parts: the full-screen chat ([`tui`]), the line mode
-//! ([`interactive`]), the commands both run ([`actions`], [`command`]) and how messages are
+//! ([`interactive`], [`lineedit`]), the commands both run ([`actions`], [`command`]) and how messages are
 //! printed ([`output`], [`timefmt`]). The `cellchat` binary (`main.rs`) chooses among them; the
 //! library exists so benchmarks can drive the screen without a terminal.
 
 pub mod actions;
 pub mod command;
 pub mod interactive;
+pub mod lineedit;
 pub mod output;
 pub mod timefmt;
 pub mod tui;
