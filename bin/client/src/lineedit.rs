@@ -19,6 +19,7 @@ use crossterm::terminal::{self, disable_raw_mode, enable_raw_mode, Clear, ClearT
 use futures::StreamExt as _;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use unicode_width::{UnicodeWidthChar as _, UnicodeWidthStr as _};
 
 use crate::command;
 use crate::tui::model::{Input, QUIT_WINDOW_MS};
@@ -215,24 +216,41 @@ impl Editor {
     }
 
     /// The input row as drawn: the prompt, then as much of the input as fits around the
-    /// cursor (a secret masked, line breaks as `⏎`), and the cursor's column.
+    /// cursor (a secret masked, line breaks as `⏎`), and the cursor's column. Widths are in
+    /// terminal cells, so wide characters keep the cursor on its cell.
     fn row(&self, width: usize) -> (String, u16) {
         let prompt = self.asking.as_deref().unwrap_or(&self.prompt);
-        let text: Vec<char> = if self.asking.is_some() {
-            vec!['*'; self.input.text.chars().count()]
-        } else {
-            self.input
-                .text
-                .chars()
-                .map(|c| if c == '\n' { '⏎' } else { c })
-                .collect()
-        };
-        let prompt_len = prompt.chars().count();
-        let room = width.saturating_sub(prompt_len + 1).max(1);
+        let text: Vec<char> = self
+            .input
+            .text
+            .chars()
+            .map(|c| match c {
+                _ if self.asking.is_some() => '*',
+                '\n' => '⏎',
+                c => c,
+            })
+            .collect();
+        let cells = |c: char| c.width().unwrap_or(0);
+        let prompt_cells = prompt.width();
+        let room = width.saturating_sub(prompt_cells + 1).max(1);
         let cursor = self.input.cursor.min(text.len());
-        let start = (cursor + 1).saturating_sub(room);
-        let shown: String = text.iter().skip(start).take(room).collect();
-        let column = u16::try_from(prompt_len + cursor - start).unwrap_or(u16::MAX);
+        // Back from the cursor as far as fits, keeping a cell for the cursor itself.
+        let (mut start, mut used) = (cursor, 1);
+        while start > 0 && used + cells(text[start - 1]) <= room {
+            used += cells(text[start - 1]);
+            start -= 1;
+        }
+        let mut shown = String::new();
+        let mut filled = 0;
+        for &c in &text[start..] {
+            if filled + cells(c) > room {
+                break;
+            }
+            shown.push(c);
+            filled += cells(c);
+        }
+        let before: usize = text[start..cursor].iter().map(|&c| cells(c)).sum();
+        let column = u16::try_from(prompt_cells + before).unwrap_or(u16::MAX);
         (format!("{prompt}{shown}"), column)
     }
 }
@@ -468,6 +486,12 @@ mod tests {
         assert_eq!(column, 18);
         let e = editor("> ", "a\nb");
         assert_eq!(e.row(80), ("> a⏎b".to_owned(), 5));
+        let e = editor("> ", "日本語");
+        assert_eq!(
+            e.row(80),
+            ("> 日本語".to_owned(), 8),
+            "wide characters take two cells"
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@ use ratatui::Frame;
 use super::model::{Line, Model};
 use crate::output::CONTINUATION;
 use crate::timefmt::{self, LocalClock};
+use unicode_width::UnicodeWidthChar as _;
 
 /// The status bar's facts, gathered by the caller from the client.
 #[derive(Debug, Default, Clone)]
@@ -79,12 +80,15 @@ pub fn draw(
         );
         return;
     }
-    let (input_text, cursor) = input_text(model);
-    let input_rows = rows(&input_text, area.width).clamp(1, INPUT_ROWS_MAX);
+    let (input, cursor) = input_text(model);
+    let (rows, at) = input_rows(&input, cursor, area.width);
+    let input_height = u16::try_from(rows.len())
+        .unwrap_or(u16::MAX)
+        .clamp(1, INPUT_ROWS_MAX);
     let [body, bar, input] = Layout::vertical([
         Constraint::Min(1),
         Constraint::Length(1),
-        Constraint::Length(input_rows),
+        Constraint::Length(input_height),
     ])
     .areas(area);
     let [list, messages] =
@@ -92,17 +96,36 @@ pub fn draw(
     draw_list(frame, model, list);
     draw_messages(frame, model, messages, now_ms, clock);
     draw_status(frame, model, status, bar);
-    draw_input(frame, &input_text, cursor, input);
+    draw_input(frame, rows, at, input);
 }
 
-/// Rows `text` takes wrapped at `width` (by chars; wide characters may take more).
-fn rows(text: &str, width: u16) -> u16 {
+/// The input laid out in rows of `width` terminal cells, cut by display width (a wide
+/// character takes two cells and never straddles rows), and the cursor's (row, column).
+fn input_rows(chars: &[char], cursor: usize, width: u16) -> (Vec<String>, (usize, usize)) {
     let width = usize::from(width.max(1));
-    let rows: usize = text
-        .split('\n')
-        .map(|line| line.chars().count().div_ceil(width).max(1))
-        .sum();
-    u16::try_from(rows).unwrap_or(u16::MAX)
+    let mut rows = vec![String::new()];
+    let mut used = 0;
+    let mut at = (0, 0);
+    for (i, &c) in chars.iter().enumerate() {
+        let w = c.width().unwrap_or(0);
+        if used + w > width {
+            rows.push(String::new());
+            used = 0;
+        }
+        if i == cursor {
+            at = (rows.len() - 1, used);
+        }
+        rows.last_mut().expect("never empty").push(c);
+        used += w;
+    }
+    if cursor >= chars.len() {
+        if used >= width {
+            rows.push(String::new());
+            used = 0;
+        }
+        at = (rows.len() - 1, used);
+    }
+    (rows, at)
 }
 
 /// The channel list: as many as fit, scrolled so the shown one is always visible, with a
@@ -277,32 +300,26 @@ fn draw_status(frame: &mut Frame<'_>, model: &Model, status: &Status, area: Rect
     );
 }
 
-/// The input as drawn (a secret masked, line breaks as `⏎`) and the cursor's char offset in
-/// it.
-fn input_text(model: &Model) -> (String, usize) {
-    let shown = |text: &str| -> String {
-        if model.asking.is_some() {
-            "*".repeat(text.chars().count())
-        } else {
-            text.replace('\n', "⏎")
-        }
-    };
+/// The input as drawn (the prompt, then the input with a secret masked and line breaks as
+/// `⏎`), as chars, and the cursor's index in them.
+fn input_text(model: &Model) -> (Vec<char>, usize) {
     let prompt = model.asking.as_deref().unwrap_or(PROMPT);
-    let before: String = model.input.text.chars().take(model.input.cursor).collect();
-    let cursor = prompt.chars().count() + shown(&before).chars().count();
-    (format!("{prompt}{}", shown(&model.input.text)), cursor)
+    let mut chars: Vec<char> = prompt.chars().collect();
+    let start = chars.len();
+    chars.extend(model.input.text.chars().map(|c| match c {
+        _ if model.asking.is_some() => '*',
+        '\n' => '⏎',
+        c => c,
+    }));
+    (chars, start + model.input.cursor)
 }
 
-fn draw_input(frame: &mut Frame<'_>, text: &str, cursor: usize, area: Rect) {
-    let width = usize::from(area.width.max(1));
-    let row = cursor / width;
+fn draw_input(frame: &mut Frame<'_>, rows: Vec<String>, (row, column): (usize, usize), area: Rect) {
     // Long input scrolls so the cursor's row is always on screen.
     let offset = row.saturating_sub(usize::from(area.height.saturating_sub(1)));
-    let paragraph = Paragraph::new(text.to_owned())
-        .wrap(Wrap { trim: false })
-        .scroll((u16::try_from(offset).unwrap_or(0), 0));
-    frame.render_widget(paragraph, area);
-    let x = u16::try_from(cursor % width).unwrap_or(0);
+    let lines: Vec<TextLine<'_>> = rows.into_iter().skip(offset).map(TextLine::from).collect();
+    frame.render_widget(Paragraph::new(lines), area);
+    let x = u16::try_from(column).unwrap_or(0);
     let y = u16::try_from(row - offset).unwrap_or(0);
     frame.set_cursor_position(Position::new(area.x + x, area.y + y));
 }
@@ -407,6 +424,24 @@ mod tests {
         let s = screen(&m, 80, 20, AT);
         assert!(s.contains("#c2999"), "{s}");
         assert!(s.contains("more (Ctrl-N)"), "{s}");
+    }
+
+    #[test]
+    fn wide_characters_in_the_input_keep_the_cursor_on_the_right_cell() {
+        let chars: Vec<char> = "> 日本語abc".chars().collect();
+        // Width 7: "> 日本" fills 6 cells, "語" would straddle, so it starts row 2.
+        let (rows, at) = input_rows(&chars, chars.len(), 7);
+        assert_eq!(rows, ["> 日本", "語abc"]);
+        assert_eq!(at, (1, 5));
+        let (_, at) = input_rows(&chars, 4, 7);
+        assert_eq!(at, (1, 0), "the cursor on 語");
+        let (rows, at) = input_rows(&chars[..4], 4, 6);
+        assert_eq!(
+            rows,
+            ["> 日本", ""],
+            "a full row puts the cursor on the next"
+        );
+        assert_eq!(at, (1, 0));
     }
 
     #[test]
