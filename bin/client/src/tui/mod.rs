@@ -48,6 +48,9 @@ const SEND_DRAIN_MAX: Duration = Duration::from_secs(30);
 const HISTORY_FILE_MAX: u64 = 4 << 20;
 /// Channels listed, most; joins past it are refused so the client stays responsive.
 const CHANNELS_MAX: usize = 10_000;
+/// History reads of newly opened channels in flight at once, so reopening thousands of
+/// channels at start does not send thousands of reads to a node at once.
+const OPENING_AT_ONCE: usize = 8;
 
 /// What the tasks tell the screen.
 enum Event {
@@ -144,6 +147,8 @@ struct App {
     follows: HashMap<String, JoinHandle<()>>,
     /// Channels with a history page on its way.
     paging: HashSet<String>,
+    /// Permits for [`OPENING_AT_ONCE`].
+    opening: Arc<tokio::sync::Semaphore>,
     events: mpsc::Sender<Event>,
     send_tx: mpsc::Sender<Queued>,
     files: Files,
@@ -186,6 +191,7 @@ pub async fn run(
         encrypted: Arc::new(Mutex::new(HashSet::new())),
         follows: HashMap::new(),
         paging: HashSet::new(),
+        opening: Arc::new(tokio::sync::Semaphore::new(OPENING_AT_ONCE)),
         events,
         send_tx,
         files,
@@ -526,7 +532,10 @@ impl App {
         let (client, keys, encrypted) = self.shared();
         let events = self.events.clone();
         let name = channel.to_owned();
+        let opening = self.opening.clone();
         let task = tokio::spawn(async move {
+            // The semaphore is never closed; without a permit the read just goes ahead.
+            let permit = opening.acquire_owned().await.ok();
             if let Some(notice) = actions::security_notice(&client, &keys, &encrypted, &name).await
             {
                 let _ = events
@@ -556,6 +565,7 @@ impl App {
                     0
                 }
             };
+            drop(permit);
             let mut sub = client.subscribe(&name, head);
             while let Some(next) = sub.recv().await {
                 let event = match next {
