@@ -53,6 +53,9 @@ pub enum Input {
     RetentionShow,
     /// `/retention POLICY|default`: the owner sets it; `None` follows the cluster default.
     RetentionSet(Option<proto::Retention>),
+    /// `/mute` (`true`) or `/unmute`: whether the current channel's new messages and
+    /// mentions stay quiet (counted, drawn dim, no bell).
+    Mute(bool),
     /// `/help`.
     Help,
     /// `/quit`.
@@ -76,6 +79,8 @@ pub const NAMES: &[&str] = &[
     "/remove",
     "/members",
     "/retention",
+    "/mute",
+    "/unmute",
     "/help",
     "/quit",
 ];
@@ -103,6 +108,8 @@ commands:
   /retention [24h|1000|7d,1000|forever|default]
                      show how long this channel keeps messages; its owner sets an age, a
                      count, both, forever, or the cluster default
+  /mute, /unmute     in the full-screen chat: this channel's new messages and mentions are
+                     still counted but drawn dim and never ring the bell
   /help              this text
   /quit              leave (Ctrl-D works too)
 anything else is sent as a message to the current channel; start a message with // to send
@@ -157,6 +164,8 @@ pub fn parse(line: &str) -> Result<Input, String> {
         "accept" => parse_channel(rest).map(Input::Accept),
         "remove" | "kick" => parse_user(rest, "remove").map(Input::Remove),
         "members" => no_args(Input::Members),
+        "mute" => no_args(Input::Mute(true)),
+        "unmute" => no_args(Input::Mute(false)),
         "retention" => match rest {
             "" => Ok(Input::RetentionShow),
             "default" => Ok(Input::RetentionSet(None)),

@@ -232,6 +232,10 @@ impl Chat {
             Input::RetentionSet(retention) => {
                 self.say(actions::set_retention(&self.client, &self.channel, retention).await)
             }
+            Input::Mute(_) => self.out(
+                "the line mode shows one channel at a time: /mute is for the full-screen chat's \
+                 channel list; nothing changed",
+            ),
             Input::Help => self.out(command::HELP),
             Input::Quit => return Next::Quit,
         }

@@ -75,6 +75,8 @@ pub struct Files {
     pub history: PathBuf,
     /// The channels in the list, reopened at the next start.
     pub channels: PathBuf,
+    /// The muted channels.
+    pub muted: PathBuf,
     /// Where logs go (shown in the help).
     pub log: PathBuf,
 }
@@ -86,6 +88,7 @@ impl Files {
         Files {
             history: dir.join(name),
             channels: dir.join(format!("{name}.channels")),
+            muted: dir.join(format!("{name}.muted")),
             log,
         }
     }
@@ -211,6 +214,9 @@ pub async fn run(
     }
     app.model.open(&channel);
     app.follow(&channel);
+    for muted in load_channels(&app.files.muted) {
+        app.model.mute(&muted, true);
+    }
     app.model.notice(
         timefmt::now_ms(),
         &format!(
@@ -486,6 +492,17 @@ impl App {
             Input::RetentionSet(retention) => self.spawn_say(here, async move {
                 actions::set_retention(&client, &channel, retention).await
             }),
+            Input::Mute(muted) => {
+                self.model.mute(&channel, muted);
+                if let Err(e) = save_channels(&self.files.muted, &self.model.muted()) {
+                    tracing::warn!("muted channels not saved: {e}");
+                }
+                self.say(&if muted {
+                    format!("#{channel} muted: counted, drawn dim, no bell; /unmute undoes it")
+                } else {
+                    format!("#{channel} unmuted")
+                });
+            }
             Input::Help => {
                 let help = format!(
                     "{}\n{KEYS}\nlogs go to {}",

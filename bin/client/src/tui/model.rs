@@ -69,6 +69,8 @@ pub struct Channel {
     pub oldest_seq: Option<u64>,
     /// Whether the servers have nothing older (paged back to seq 1, or to the floor).
     pub at_start: bool,
+    /// Muted: new messages and mentions are counted but never ring the bell.
+    pub muted: bool,
 }
 
 impl Channel {
@@ -388,7 +390,7 @@ impl Model {
             view.scroll += 1;
         }
         view.trim();
-        if mention {
+        if mention && !view.muted {
             Action::Bell
         } else {
             Action::None
@@ -434,6 +436,26 @@ impl Model {
             view.scroll += 1;
         }
         view.trim();
+    }
+
+    /// Mutes or unmutes `channel`; `false` if it is not in the list.
+    pub fn mute(&mut self, channel: &str, muted: bool) -> bool {
+        match self.channels.get_mut(channel) {
+            Some(view) => {
+                view.muted = muted;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The muted channels, in list order.
+    pub fn muted(&self) -> Vec<String> {
+        self.order
+            .iter()
+            .filter(|c| self.channels.get(*c).is_some_and(|v| v.muted))
+            .cloned()
+            .collect()
     }
 
     /// Takes `channel` off the list and shows the one before it; `false` for the last one.
@@ -622,6 +644,30 @@ mod tests {
         m.on_message("random", msg(4, "bob", "x"));
         m.on_message("random", msg(4, "bob", "x"));
         assert_eq!(m.channels["random"].unread, 1);
+    }
+
+    #[test]
+    fn a_muted_channel_counts_but_never_rings() {
+        let mut m = Model::new("alice", "general");
+        m.open("noisy");
+        m.open("general");
+        assert!(m.mute("noisy", true));
+        assert!(!m.mute("unknown", true));
+        assert_eq!(
+            m.on_message("noisy", msg(1, "bob", "@alice hi")),
+            Action::None
+        );
+        assert_eq!(
+            (m.channels["noisy"].unread, m.channels["noisy"].mentions),
+            (1, 1)
+        );
+        assert_eq!(m.muted(), ["noisy"]);
+        m.mute("noisy", false);
+        assert_eq!(
+            m.on_message("noisy", msg(2, "bob", "@alice hi")),
+            Action::Bell
+        );
+        assert!(m.muted().is_empty());
     }
 
     #[test]

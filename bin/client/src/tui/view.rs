@@ -154,6 +154,8 @@ fn draw_list(frame: &mut Frame<'_>, model: &Model, area: Rect) {
             let mut style = Style::default();
             if *name == model.current {
                 style = style.add_modifier(Modifier::REVERSED);
+            } else if view.muted {
+                style = style.fg(Color::DarkGray);
             } else if view.mentions > 0 {
                 style = style.fg(Color::Red).add_modifier(Modifier::BOLD);
             } else if view.unread > 0 {
@@ -164,7 +166,8 @@ fn draw_list(frame: &mut Frame<'_>, model: &Model, area: Rect) {
                 (0, n) => format!(" ({n})"),
                 (m, n) => format!(" ({n}, @{m})"),
             };
-            TextLine::from(Span::styled(format!("#{name}{count}"), style))
+            let muted = if view.muted { " ~" } else { "" };
+            TextLine::from(Span::styled(format!("#{name}{count}{muted}"), style))
         })
         .collect();
     if total > fits {
