@@ -614,6 +614,38 @@ impl Tmux {
             .map(drop)
     }
 
+    /// Starts `name`'s full-screen client in a session of its name, `size` cells wide and
+    /// high, with its config in `dir` and its log in `dir/NAME.log`.
+    fn start_full_screen(
+        &self,
+        cluster: &TestCluster,
+        dir: &Path,
+        name: &str,
+        (width, height): (u16, u16),
+    ) -> anyhow::Result<()> {
+        let command = format!(
+            "{} --cluster {} --discovery-port {} --config-dir {} --log-file {} {name}",
+            client_binary()?.display(),
+            cluster.cluster,
+            cluster.discovery_port,
+            dir.display(),
+            dir.join(format!("{name}.log")).display(),
+        );
+        let (width, height) = (width.to_string(), height.to_string());
+        self.run(&[
+            "new-session",
+            "-d",
+            "-s",
+            name,
+            "-x",
+            &width,
+            "-y",
+            &height,
+            &command,
+        ])
+        .map(drop)
+    }
+
     fn screen(&self, session: &str) -> anyhow::Result<String> {
         self.run(&["capture-pane", "-p", "-t", session])
     }
@@ -789,7 +821,6 @@ async fn the_full_screen_client_in_tmux_pastes_counts_unread_pages_back_and_surv
 ) -> anyhow::Result<()> {
     let mut cluster = three_nodes("cl-tui", &[]).await?;
     let dir = tempfile::tempdir()?;
-    let client = client_binary()?;
     // 150 messages before anyone opens the channel: more than the 100 a client reads when it
     // opens one, so the first of them only come from the servers by paging back.
     let carol = client_as(&cluster, "Carol").await?;
@@ -800,25 +831,7 @@ async fn the_full_screen_client_in_tmux_pastes_counts_unread_pages_back_and_surv
     }
     let tmux = Tmux::new();
     for name in ["Alice", "Bob"] {
-        let command = format!(
-            "{} --cluster {} --discovery-port {} --config-dir {} --log-file {} {name}",
-            client.display(),
-            cluster.cluster,
-            cluster.discovery_port,
-            dir.path().display(),
-            dir.path().join(format!("{name}.log")).display(),
-        );
-        tmux.run(&[
-            "new-session",
-            "-d",
-            "-s",
-            name,
-            "-x",
-            "120",
-            "-y",
-            "30",
-            &command,
-        ])?;
+        tmux.start_full_screen(&cluster, dir.path(), name, (120, 30))?;
     }
     for name in ["Alice", "Bob"] {
         tmux.wait_for(name, "the status bar and the newest message", |s| {
@@ -976,26 +989,8 @@ async fn the_full_screen_client_stays_responsive_through_a_resize_storm_a_16_kib
 ) -> anyhow::Result<()> {
     let cluster = three_nodes("cl-tui-bad", &[]).await?;
     let dir = tempfile::tempdir()?;
-    let command = format!(
-        "{} --cluster {} --discovery-port {} --config-dir {} --log-file {} Alice",
-        client_binary()?.display(),
-        cluster.cluster,
-        cluster.discovery_port,
-        dir.path().display(),
-        dir.path().join("Alice.log").display(),
-    );
     let tmux = Tmux::new();
-    tmux.run(&[
-        "new-session",
-        "-d",
-        "-s",
-        "Alice",
-        "-x",
-        "100",
-        "-y",
-        "30",
-        &command,
-    ])?;
+    tmux.start_full_screen(&cluster, dir.path(), "Alice", (100, 30))?;
     tmux.wait_for("Alice", "the status bar", |s| {
         status_bar(s).contains("Alice in #general")
     })

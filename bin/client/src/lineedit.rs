@@ -134,7 +134,6 @@ enum Step {
 impl Editor {
     fn key(&mut self, key: KeyEvent) -> Step {
         let ctrl = key.modifiers.contains(KeyModifiers::CONTROL);
-        let alt = key.modifiers.contains(KeyModifiers::ALT);
         let input = &mut self.input;
         match key.code {
             KeyCode::Char('c') if ctrl => return self.interrupt(),
@@ -142,20 +141,8 @@ impl Editor {
                 return Step::Send(FromEditor::Quit);
             }
             KeyCode::Char('d') if ctrl => input.delete(),
-            KeyCode::Char('a') if ctrl => input.home_end(false),
-            KeyCode::Char('e') if ctrl => input.home_end(true),
-            KeyCode::Char('u') if ctrl => input.clear(),
-            KeyCode::Char('w') if ctrl => input.delete_word(),
-            KeyCode::Char(_) if ctrl => {}
-            KeyCode::Char(c) => input.insert(c.encode_utf8(&mut [0; 4])),
-            KeyCode::Enter if alt || key.modifiers.contains(KeyModifiers::SHIFT) => {
-                input.insert("\n");
-            }
+            _ if input.edit(&key) => {}
             KeyCode::Enter => return self.enter(),
-            KeyCode::Backspace => input.backspace(),
-            KeyCode::Delete => input.delete(),
-            KeyCode::Left => input.move_cursor(-1),
-            KeyCode::Right => input.move_cursor(1),
             KeyCode::Home => input.home_end(false),
             KeyCode::End => input.home_end(true),
             KeyCode::Up if self.asking.is_none() => input.recall(true),
@@ -193,22 +180,7 @@ impl Editor {
     }
 
     fn paste(&mut self, text: &str) -> Step {
-        let text = text.replace("\r\n", "\n").replace('\r', "\n");
-        let (body, enter) = match text.strip_suffix('\n') {
-            Some(body) => (body, true),
-            None => (text.as_str(), false),
-        };
-        let clean: String = body
-            .chars()
-            .map(|c| match c {
-                '\n' => '\n',
-                '\t' => ' ',
-                c if crate::output::is_unsafe(c) => '\u{fffd}',
-                c => c,
-            })
-            .collect();
-        self.input.insert(&clean);
-        if enter {
+        if self.input.paste(text) {
             self.enter()
         } else {
             Step::Redraw

@@ -233,27 +233,31 @@ fn main() -> ExitCode {
         && args.history.is_none()
         && !args.servers
         && !args.protect_key;
-    let full_screen = (chatting && !args.plain && tui::usable()).then(|| log_file(&args));
     let filter = tracing_subscriber::EnvFilter::new(&args.log);
-    match &full_screen {
-        Some(Ok(file)) => tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_ansi(false)
-            .with_writer(std::sync::Mutex::new(file.1.try_clone().map_or_else(
-                |_| Box::new(std::io::sink()) as Box<dyn std::io::Write + Send>,
-                |f| Box::new(f),
-            )))
-            .init(),
-        Some(Err(e)) => {
-            eprintln!("client: {}", output::sanitize(&format!("{e:#}")));
-            return ExitCode::from(Exit::Usage as u8);
+    // The full-screen chat logs to a file: anything written to the terminal would land in
+    // the middle of the drawing.
+    let full_screen = if chatting && !args.plain && tui::usable() {
+        match log_file(&args) {
+            Ok((path, file)) => {
+                tracing_subscriber::fmt()
+                    .with_env_filter(filter)
+                    .with_ansi(false)
+                    .with_writer(std::sync::Mutex::new(file))
+                    .init();
+                Some(path)
+            }
+            Err(e) => {
+                eprintln!("client: {}", output::sanitize(&format!("{e:#}")));
+                return ExitCode::from(Exit::Usage as u8);
+            }
         }
-        None => tracing_subscriber::fmt()
+    } else {
+        tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_writer(std::io::stderr)
-            .init(),
-    }
-    let full_screen = full_screen.and_then(Result::ok).map(|(path, _)| path);
+            .init();
+        None
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {

@@ -290,30 +290,17 @@ impl App {
     fn on_key(&mut self, key: KeyEvent) -> Action {
         let ctrl = key.modifiers.contains(KeyModifiers::CONTROL);
         let alt = key.modifiers.contains(KeyModifiers::ALT);
-        let input = &mut self.model.input;
         match key.code {
             KeyCode::Char('c') if ctrl => return self.model.interrupt(timefmt::now_ms()),
             KeyCode::Char('d') if ctrl => return Action::Quit,
             KeyCode::Char('n') if ctrl => self.model.cycle(true),
             KeyCode::Char('p') if ctrl => self.model.cycle(false),
-            KeyCode::Char('a') if ctrl => input.home_end(false),
-            KeyCode::Char('e') if ctrl => input.home_end(true),
-            KeyCode::Char('u') if ctrl => input.clear(),
-            KeyCode::Char('w') if ctrl => input.delete_word(),
-            KeyCode::Char(_) if ctrl => {}
             KeyCode::Right if alt => self.model.cycle(true),
             KeyCode::Left if alt => self.model.cycle(false),
-            KeyCode::Char(c) => input.insert(c.encode_utf8(&mut [0; 4])),
-            KeyCode::Enter if alt || key.modifiers.contains(KeyModifiers::SHIFT) => {
-                input.insert("\n");
-            }
+            _ if self.model.input.edit(&key) => {}
             KeyCode::Enter => return self.model.submit(),
-            KeyCode::Backspace => input.backspace(),
-            KeyCode::Delete => input.delete(),
-            KeyCode::Left => input.move_cursor(-1),
-            KeyCode::Right => input.move_cursor(1),
-            KeyCode::Up => input.recall(true),
-            KeyCode::Down => input.recall(false),
+            KeyCode::Up => self.model.input.recall(true),
+            KeyCode::Down => self.model.input.recall(false),
             KeyCode::Tab => {
                 let candidates = self.model.completions();
                 self.model.input.complete(&candidates);
@@ -325,14 +312,14 @@ impl App {
             KeyCode::PageDown => return self.model.scroll(false, self.page_rows, self.page_rows),
             // Home and End move in the input while there is some; otherwise (or with Ctrl)
             // they go to the top and the bottom of the scrollback.
-            KeyCode::Home if ctrl || input.text.is_empty() => {
+            KeyCode::Home if ctrl || self.model.input.text.is_empty() => {
                 return self.model.scroll_to(true, self.page_rows);
             }
-            KeyCode::End if ctrl || input.text.is_empty() => {
+            KeyCode::End if ctrl || self.model.input.text.is_empty() => {
                 return self.model.scroll_to(false, self.page_rows);
             }
-            KeyCode::Home => input.home_end(false),
-            KeyCode::End => input.home_end(true),
+            KeyCode::Home => self.model.input.home_end(false),
+            KeyCode::End => self.model.input.home_end(true),
             _ => {}
         }
         Action::None

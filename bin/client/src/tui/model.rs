@@ -147,6 +147,55 @@ impl Input {
         self.cursor += text.chars().count();
     }
 
+    /// Text arriving in one piece (a bracketed paste): inserted at once, with control
+    /// characters other than line breaks and tabs shown as U+FFFD. Returns whether it ended
+    /// in a line break (not inserted), which the caller treats as Enter, as the same keys
+    /// typed would be.
+    pub fn paste(&mut self, text: &str) -> bool {
+        let text = text.replace("\r\n", "\n").replace('\r', "\n");
+        let (body, enter) = match text.strip_suffix('\n') {
+            Some(body) => (body, true),
+            None => (text.as_str(), false),
+        };
+        let clean: String = body
+            .chars()
+            .map(|c| match c {
+                '\n' => '\n',
+                '\t' => ' ',
+                c if crate::output::is_unsafe(c) => '\u{fffd}',
+                c => c,
+            })
+            .collect();
+        self.insert(&clean);
+        enter
+    }
+
+    /// The editing keys both modes share: typing, Backspace, Delete, Left, Right, Ctrl-A,
+    /// Ctrl-E, Ctrl-U, Ctrl-W, and Alt-Enter or Shift-Enter for a line break. Returns whether
+    /// the key was one of them; other Ctrl keys are taken and ignored.
+    pub fn edit(&mut self, key: &crossterm::event::KeyEvent) -> bool {
+        use crossterm::event::{KeyCode, KeyModifiers};
+        let ctrl = key.modifiers.contains(KeyModifiers::CONTROL);
+        let newline = key
+            .modifiers
+            .intersects(KeyModifiers::ALT | KeyModifiers::SHIFT);
+        match key.code {
+            KeyCode::Char('a') if ctrl => self.home_end(false),
+            KeyCode::Char('e') if ctrl => self.home_end(true),
+            KeyCode::Char('u') if ctrl => self.clear(),
+            KeyCode::Char('w') if ctrl => self.delete_word(),
+            KeyCode::Char(_) if ctrl => {}
+            KeyCode::Char(c) => self.insert(c.encode_utf8(&mut [0; 4])),
+            KeyCode::Enter if newline => self.insert("\n"),
+            KeyCode::Backspace => self.backspace(),
+            KeyCode::Delete => self.delete(),
+            KeyCode::Left => self.move_cursor(-1),
+            KeyCode::Right => self.move_cursor(1),
+            _ => return false,
+        }
+        true
+    }
+
     /// Deletes the char before the cursor.
     pub fn backspace(&mut self) {
         self.completing = None;
@@ -475,26 +524,9 @@ impl Model {
         true
     }
 
-    /// Text arriving in one piece (a bracketed paste): inserted at once, with control
-    /// characters other than line breaks and tabs shown as U+FFFD. A paste ending in a line
-    /// break is entered, as the same keys typed would be.
+    /// A bracketed paste: see [`Input::paste`]; one ending in a line break is entered.
     pub fn paste(&mut self, text: &str) -> Action {
-        let text = text.replace("\r\n", "\n").replace('\r', "\n");
-        let (body, enter) = match text.strip_suffix('\n') {
-            Some(body) => (body, true),
-            None => (text.as_str(), false),
-        };
-        let clean: String = body
-            .chars()
-            .map(|c| match c {
-                '\n' => '\n',
-                '\t' => ' ',
-                c if crate::output::is_unsafe(c) => '\u{fffd}',
-                c => c,
-            })
-            .collect();
-        self.input.insert(&clean);
-        if enter {
+        if self.input.paste(text) {
             self.submit()
         } else {
             Action::None
