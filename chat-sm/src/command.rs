@@ -10,6 +10,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::channel::{ChannelOp, MAX_CHANNELS_PER_USER, MAX_MEMBERS};
+use crate::relation::{MessageMeta, Relation, MAX_EDITS, MAX_EMOJI_BYTES, MAX_REACTIONS};
 use crate::retention::{Retention, DEDUP_WINDOW_MS};
 use crate::Error;
 
@@ -175,6 +176,19 @@ pub enum Command {
     },
     /// Sets the retention of every channel without one of its own (an operator's command).
     SetDefaultRetention(Retention),
+    /// A reply, edit, delete or reaction: a send that also changes an earlier message of the
+    /// same channel (rules in `relation.rs`). Appended last, so entries of earlier releases
+    /// keep their variant numbers.
+    Relate(RelateCmd),
+}
+
+/// A send carrying a [`Relation`] to an earlier message of its channel.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct RelateCmd {
+    /// The message itself, deduplicated and numbered like any send.
+    pub send: SendCmd,
+    /// What it does to its target.
+    pub relation: Relation,
 }
 
 /// A join secret as the log carries it: opaque bytes whose `Debug` never shows them, so no
@@ -210,6 +224,15 @@ impl std::fmt::Display for Command {
             }
             Command::Expire { at_ms } => write!(f, "expire(at {at_ms})"),
             Command::SetDefaultRetention(r) => write!(f, "set-default-retention({r:?})"),
+            Command::Relate(cmd) => write!(
+                f,
+                "{}({}, {} -> {}, {} bytes)",
+                cmd.relation.kind(),
+                cmd.send.channel,
+                cmd.send.client_seq,
+                cmd.relation.target().0,
+                cmd.send.body.len()
+            ),
         }
     }
 }
@@ -323,6 +346,27 @@ pub enum RejectReason {
     /// A retry of a send whose dedup record expired ([`DEDUP_WINDOW_MS`] after it was
     /// stored): whether it was stored cannot be told any more, so it is not stored again.
     RetryExpired,
+    /// The target of a relation is not stored in the channel (never sent, or expired).
+    NoSuchMessage,
+    /// The target of a relation is an edit, delete or reaction, not a message.
+    NotATarget,
+    /// The target of a relation was deleted.
+    MessageDeleted,
+    /// Only the message's sender may edit it (and only the sender or the channel's owner
+    /// delete it).
+    NotSender,
+    /// An edit must keep its target's body format: an encrypted message is edited encrypted.
+    EditFormatChanged,
+    /// The message has [`MAX_EDITS`] edits already.
+    TooManyEdits,
+    /// A reaction is 1..=[`MAX_EMOJI_BYTES`] bytes without control characters or spaces.
+    InvalidReaction,
+    /// The user has this reaction on the message already.
+    AlreadyReacted,
+    /// The user has no such reaction on the message.
+    NotReacted,
+    /// The message has [`MAX_REACTIONS`] reactions already.
+    TooManyReactions,
 }
 
 impl fmt::Display for RejectReason {
@@ -384,6 +428,32 @@ impl fmt::Display for RejectReason {
                  so it is not stored again",
                 DEDUP_WINDOW_MS / 3_600_000
             ),
+            RejectReason::NoSuchMessage => write!(f, "no such message in this channel"),
+            RejectReason::NotATarget => write!(
+                f,
+                "that entry is an edit, delete or reaction; point at the message itself"
+            ),
+            RejectReason::MessageDeleted => write!(f, "the message was deleted"),
+            RejectReason::NotSender => write!(
+                f,
+                "only the sender may edit a message (and the sender or the channel's owner delete it)"
+            ),
+            RejectReason::EditFormatChanged => write!(
+                f,
+                "an edit keeps the message's format: an encrypted message is edited encrypted"
+            ),
+            RejectReason::TooManyEdits => {
+                write!(f, "the message has {MAX_EDITS} edits, the limit")
+            }
+            RejectReason::InvalidReaction => write!(
+                f,
+                "a reaction is 1..={MAX_EMOJI_BYTES} bytes without spaces or control characters"
+            ),
+            RejectReason::AlreadyReacted => write!(f, "you reacted so already"),
+            RejectReason::NotReacted => write!(f, "you have no such reaction on the message"),
+            RejectReason::TooManyReactions => {
+                write!(f, "the message has {MAX_REACTIONS} reactions, the limit")
+            }
         }
     }
 }
@@ -469,6 +539,11 @@ pub struct Message {
     pub client_id: ClientId,
     /// Idempotency key, part two.
     pub client_seq: u64,
+    /// The relation it carries and what later relations did to it.
+    pub meta: MessageMeta,
+    /// The newest edit of this message, attached by reads so that a page far from the edit
+    /// shows the current text. `None` when it has no edit or was deleted.
+    pub edit: Option<Box<Message>>,
 }
 
 #[cfg(test)]

@@ -25,6 +25,10 @@
 //! | `b'f'` dedup_id(16)                   | u64 BE: the client's dedup floor (highest client seq expired)   |
 //! | `b'h'` channel                        | head seq u64 BE                                                 |
 //! | `b'm'` channel `0x00` seq(u64 BE)     | at_ms u64 BE, client_id(16), client_seq u64 BE, sender_len u8, sender, body (rest) |
+//! | `b'm'` (same key), version byte 2     | as version 1, with meta_len u32 BE and postcard of [`crate::MessageMeta`] between sender and body |
+//!
+//! A message value has version 2 only when its meta is not plain (it carries a relation, or
+//! a relation changed it); plain messages keep version 1, so older values stay as they are.
 //! | `b'u'` name                           | public key (32)                                                 |
 //! | `b'c'` channel                        | postcard of [`crate::ChannelRecord`]                            |
 //! | `b'l'` channel                        | u64 BE: the channel's floor, its lowest stored seq (absent: 1)  |
@@ -53,6 +57,12 @@ use crate::Error;
 
 /// Version byte in front of every RocksDB value.
 pub(crate) const VALUE_VERSION: u8 = 1;
+
+/// Version byte of a message value that carries a [`crate::MessageMeta`].
+pub(crate) const MESSAGE_META_VERSION: u8 = 2;
+
+/// Largest encoded meta a message value may carry (checked when decoding).
+const META_BYTES_MAX: usize = 1 << 20;
 
 pub(crate) const PREFIX_META: u8 = b'M';
 pub(crate) const PREFIX_DEDUP: u8 = b'd';
@@ -234,27 +244,45 @@ pub(crate) struct MessageValue<'a> {
     pub(crate) client_seq: u64,
     pub(crate) sender: &'a str,
     pub(crate) body: &'a [u8],
+    pub(crate) meta: std::borrow::Cow<'a, crate::MessageMeta>,
 }
 
 /// Fills `out` with a message value. The sender is at most 32 bytes, validated before.
 pub(crate) fn encode_message_value(out: &mut Vec<u8>, v: &MessageValue<'_>) {
     let sender_len = u8::try_from(v.sender.len()).expect("sender validated to <= 32 bytes");
     out.clear();
-    out.push(VALUE_VERSION);
+    let plain = v.meta.is_plain();
+    out.push(if plain {
+        VALUE_VERSION
+    } else {
+        MESSAGE_META_VERSION
+    });
     out.extend_from_slice(&v.at_ms.to_be_bytes());
     out.extend_from_slice(&v.client_id);
     out.extend_from_slice(&v.client_seq.to_be_bytes());
     out.push(sender_len);
     out.extend_from_slice(v.sender.as_bytes());
+    if !plain {
+        let len_at = out.len();
+        out.extend_from_slice(&[0; 4]);
+        let mut bytes = postcard::to_extend(&*v.meta, std::mem::take(out))
+            .expect("postcard serialization into a Vec cannot fail");
+        let len = u32::try_from(bytes.len() - len_at - 4).expect("meta is bounded");
+        bytes[len_at..len_at + 4].copy_from_slice(&len.to_be_bytes());
+        *out = bytes;
+    }
     out.extend_from_slice(v.body);
 }
 
-/// Parses a message value.
+/// Parses a message value (version 1, or 2 with a meta).
 pub(crate) fn decode_message_value(value: &[u8]) -> Result<MessageValue<'_>, Error> {
-    let rest = strip_version(value, "message")?;
     let corrupt = || Error::Corrupt {
         what: "message",
         reason: "short value".into(),
+    };
+    let (with_meta, rest) = match value.split_first() {
+        Some((&MESSAGE_META_VERSION, rest)) => (true, rest),
+        _ => (false, strip_version(value, "message")?),
     };
     if rest.len() < 33 {
         return Err(corrupt());
@@ -267,18 +295,38 @@ pub(crate) fn decode_message_value(value: &[u8]) -> Result<MessageValue<'_>, Err
     if rest.len() < sender_len {
         return Err(corrupt());
     }
-    let (sender, body) = rest.split_at(sender_len);
+    let (sender, mut body) = rest.split_at(sender_len);
     let sender = std::str::from_utf8(sender).map_err(|_| Error::Corrupt {
         what: "message",
         reason: "sender is not utf-8".into(),
     })?;
+    let mut meta = crate::MessageMeta::default();
+    if with_meta {
+        if body.len() < 4 {
+            return Err(corrupt());
+        }
+        let len = be_u32(&body[..4]) as usize;
+        if len > META_BYTES_MAX || body.len() - 4 < len {
+            return Err(corrupt());
+        }
+        meta = postcard::from_bytes(&body[4..4 + len]).map_err(|e| Error::Corrupt {
+            what: "message meta",
+            reason: e.to_string(),
+        })?;
+        body = &body[4 + len..];
+    }
     Ok(MessageValue {
         at_ms,
         client_id,
         client_seq,
         sender,
         body,
+        meta: std::borrow::Cow::Owned(meta),
     })
+}
+
+fn be_u32(bytes: &[u8]) -> u32 {
+    u32::from_be_bytes(bytes.try_into().expect("caller passes 4 bytes"))
 }
 
 /// Fills `out` with a dedup value.
@@ -429,6 +477,7 @@ mod tests {
             client_seq: 9,
             sender: "Alice",
             body: b"hello",
+            meta: std::borrow::Cow::Owned(crate::MessageMeta::default()),
         };
         let mut out = Vec::new();
         encode_message_value(&mut out, &v);
@@ -451,6 +500,38 @@ mod tests {
             decode_message_value(&out),
             Err(Error::UnsupportedVersion { found: 9, .. })
         ));
+    }
+
+    #[test]
+    fn message_value_with_meta_round_trip() {
+        let mut meta = crate::MessageMeta {
+            relation: Some(crate::Relation::React {
+                to: crate::ChannelSeq(3),
+                emoji: "👍".into(),
+                on: true,
+            }),
+            ..crate::MessageMeta::default()
+        };
+        meta.edits.push(crate::ChannelSeq(9));
+        let v = MessageValue {
+            at_ms: 17,
+            client_id: [3; 16],
+            client_seq: 9,
+            sender: "Bob",
+            body: b"",
+            meta: std::borrow::Cow::Borrowed(&meta),
+        };
+        let mut out = Vec::new();
+        encode_message_value(&mut out, &v);
+        assert_eq!(out[0], MESSAGE_META_VERSION);
+        let back = decode_message_value(&out).expect("valid");
+        assert_eq!(
+            (back.sender, back.body, &*back.meta),
+            ("Bob", &b""[..], &meta)
+        );
+        for cut in 0..out.len() - 1 {
+            assert!(decode_message_value(&out[..cut]).is_err(), "cut at {cut}");
+        }
     }
 
     #[test]

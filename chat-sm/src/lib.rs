@@ -24,6 +24,9 @@
 //! - **Deterministic rejections.** Invalid channel names ([`ChannelName`]), senders, bodies
 //!   (1..=[`MAX_BODY_BYTES`]) and oversized batches are answered with a [`RejectReason`];
 //!   they change nothing but the applied meta.
+//! - **Relations.** Replies, edits, deletes and reactions are messages of their own that
+//!   also change their target's [`MessageMeta`] ([`Command::Relate`], rules in
+//!   `relation.rs`); a delete erases the bodies of its target and the target's edits.
 //! - **Trust on first use.** The first [`Command::RegisterUser`] of a name wins; the same key
 //!   again is `Registered`, a different key is `Rejected(NameTaken)`.
 //! - **Channel records.** A channel's record names its owner, whether it is private, its
@@ -54,7 +57,8 @@
 //!   into the opaque bytes of [`RaftMeta`].
 //! - No authentication: the node verifies who sends; this crate stores the registered keys
 //!   and the sender it is given. Sends are not checked against registered users.
-//! - No deletion of single messages: only retention removes them, oldest first.
+//! - Deleting a message erases its body (and its edits'), not its seq: retention alone
+//!   removes messages, oldest first, so seqs stay dense.
 //! - Damage to synced RocksDB files is RocksDB's business; a corrupt record found by this
 //!   crate is an [`Error::Corrupt`] at open or a panic inside `apply`.
 
@@ -66,6 +70,7 @@ mod channel;
 mod command;
 mod dedup;
 mod format;
+mod relation;
 mod retention;
 mod snapshot;
 mod state;
@@ -76,9 +81,10 @@ pub use channel::{
 };
 pub use command::{
     valid_user_name, ChannelName, ChannelSeq, ChatResponse, ClientId, Command, JoinSecret,
-    LogIndex, Message, RejectReason, SendCmd, Sent, COMMAND_VERSION, JOIN_SECRET_BYTES,
+    LogIndex, Message, RejectReason, RelateCmd, SendCmd, Sent, COMMAND_VERSION, JOIN_SECRET_BYTES,
     MAX_BATCH_SENDS, MAX_BODY_BYTES, MAX_CHANNEL_BYTES, MAX_SENDER_BYTES,
 };
+pub use relation::{valid_emoji, MessageMeta, Relation, MAX_EDITS, MAX_EMOJI_BYTES, MAX_REACTIONS};
 pub use retention::{
     Retention, DEDUP_WINDOW_MS, EXPIRE_DEDUP_MAX, EXPIRE_SCAN_MAX, RETENTION_AGE_MAX_MS,
     RETENTION_AGE_MIN_MS,

@@ -14,12 +14,14 @@ use crate::channel::{ChannelOp, ChannelRecord, MAX_CHANNELS_PER_USER, MAX_MEMBER
 use crate::command::{is_valid_channel, is_valid_sender, validate_send};
 use crate::dedup::{self, DedupId};
 use crate::format::{self, *};
+use crate::relation::valid_emoji;
 use crate::retention::{Retention, DEDUP_WINDOW_MS, EXPIRE_DEDUP_MAX, EXPIRE_SCAN_MAX};
 use crate::snapshot::{self, SnapshotContents, SnapshotInfo};
 use crate::store::{self, Store};
 use crate::{
-    ChannelSeq, ChatResponse, ClientId, Command, Error, LogIndex, Message, RejectReason, SendCmd,
-    Sent, JOIN_SECRET_BYTES, MAX_BATCH_SENDS, MAX_CRYPTO_RECORD_BYTES,
+    ChannelSeq, ChatResponse, ClientId, Command, Error, LogIndex, Message, MessageMeta,
+    RejectReason, Relation, SendCmd, Sent, JOIN_SECRET_BYTES, MAX_BATCH_SENDS,
+    MAX_CRYPTO_RECORD_BYTES, MAX_EDITS, MAX_REACTIONS,
 };
 
 /// Default number of recent messages kept in memory per channel.
@@ -156,6 +158,8 @@ struct RingEntry {
     at_ms: u64,
     client_id: ClientId,
     client_seq: u64,
+    /// `None` for a plain message nobody touched, the common case, which costs no allocation.
+    meta: Option<Box<MessageMeta>>,
 }
 
 impl RingEntry {
@@ -168,6 +172,8 @@ impl RingEntry {
             at_ms: self.at_ms,
             client_id: self.client_id,
             client_seq: self.client_seq,
+            meta: self.meta.as_deref().cloned().unwrap_or_default(),
+            edit: None,
         }
     }
 
@@ -178,12 +184,43 @@ impl RingEntry {
             at_ms: m.at_ms,
             client_id: m.client_id,
             client_seq: m.client_seq,
+            meta: (!m.meta.is_plain()).then(|| Box::new(m.meta)),
+        }
+    }
+
+    fn meta(&self) -> MessageMeta {
+        self.meta.as_deref().cloned().unwrap_or_default()
+    }
+
+    fn set_meta(&mut self, meta: MessageMeta) {
+        self.meta = (!meta.is_plain()).then(|| Box::new(meta));
+    }
+
+    /// Its stored value's fields.
+    fn value(&self) -> MessageValue<'_> {
+        static PLAIN: MessageMeta = MessageMeta {
+            relation: None,
+            deleted: false,
+            edits: Vec::new(),
+            replies: 0,
+            reactions: std::collections::BTreeMap::new(),
+        };
+        MessageValue {
+            at_ms: self.at_ms,
+            client_id: self.client_id.0,
+            client_seq: self.client_seq,
+            sender: &self.sender,
+            body: &self.body,
+            meta: std::borrow::Cow::Borrowed(self.meta.as_deref().unwrap_or(&PLAIN)),
         }
     }
 
     /// What the entry's heap buffers cost against [`Config::ring_bytes_max`].
     fn heap_bytes(&self) -> usize {
-        self.body.capacity() + self.sender.capacity() + RING_ENTRY_HEAP_OVERHEAD_BYTES
+        self.body.capacity()
+            + self.sender.capacity()
+            + self.meta.as_deref().map_or(0, MessageMeta::heap_bytes)
+            + RING_ENTRY_HEAP_OVERHEAD_BYTES
     }
 }
 
@@ -437,8 +474,9 @@ fn load_client_seqs(store: &Store) -> Result<ClientSeqs, Error> {
 /// messages in seq order, each client's dedup records in client seq order) mostly land right
 /// after the previous one, so an insert costs a few comparisons instead of a full search from
 /// the top of a skiplist of hundreds of thousands of keys; that search, cache miss after cache
-/// miss, was the largest cost of `apply`. Order cannot change the result: one call never puts
-/// the same key twice (asserted in debug builds), and the batch is applied atomically anyway.
+/// miss, was the largest cost of `apply`. Order cannot change the result: the sort is stable,
+/// so when a call puts a key twice (a message appended, then changed by a relation in the
+/// same call) the later put still comes later and wins, and the batch is atomic anyway.
 #[derive(Default)]
 struct Puts {
     /// Keys and values, each value right after its key.
@@ -460,11 +498,7 @@ impl Puts {
     fn take_sorted_batch(&mut self, dedup_cf: &ColumnFamily, mut wb: WriteBatch) -> WriteBatch {
         let bytes = &self.bytes;
         let key = |&(at, key_len, _): &(usize, usize, usize)| &bytes[at..at + key_len];
-        self.items.sort_unstable_by(|a, b| key(a).cmp(key(b)));
-        debug_assert!(
-            self.items.windows(2).all(|w| key(&w[0]) != key(&w[1])),
-            "one apply call puts each key once"
-        );
+        self.items.sort_by(|a, b| key(a).cmp(key(b)));
         for &(at, key_len, value_len) in &self.items {
             let value_at = at + key_len;
             let (key, value) = (&bytes[at..value_at], &bytes[value_at..value_at + value_len]);
@@ -482,8 +516,11 @@ impl Puts {
 
 /// Changes made by one `apply` call, kept until its `WriteBatch` is written.
 struct Batch<'a> {
-    /// Touched channels: new head and the messages appended in this call.
+    /// Touched channels: new head and every message appended in this call, in seq order.
     touched: HashMap<&'a str, (u64, Vec<RingEntry>)>,
+    /// Stored messages a relation changed in this call (their meta, or an erased body), as
+    /// they stand after it: rewritten after the appends, so they win over them.
+    changed: HashMap<(&'a str, u64), RingEntry>,
     /// Sends accepted earlier in this call: dedup key -> (channel, seq, at_ms).
     dedup: HashMap<(DedupId, u64), (&'a str, u64, u64)>,
     /// Registrations accepted earlier in this call.
@@ -626,6 +663,7 @@ impl ChatState {
         let w = &mut *guard;
         let mut batch = Batch {
             touched: HashMap::new(),
+            changed: HashMap::new(),
             dedup: HashMap::new(),
             users: HashMap::new(),
             join_secret: None,
@@ -669,7 +707,8 @@ impl ChatState {
         match entry.payload {
             ApplyPayload::Blank | ApplyPayload::Membership => ChatResponse::None,
             ApplyPayload::Malformed => ChatResponse::Rejected(RejectReason::Malformed),
-            ApplyPayload::Command(Command::Send(cmd)) => match self.apply_send(w, batch, cmd) {
+            ApplyPayload::Command(Command::Send(cmd)) => match self.apply_send(w, batch, cmd, None)
+            {
                 Ok(sent) => ChatResponse::Sent(sent),
                 Err(reason) => ChatResponse::Rejected(reason),
             },
@@ -680,7 +719,10 @@ impl ChatState {
                         max: MAX_BATCH_SENDS as u64,
                     });
                 }
-                let results = cmds.iter().map(|c| self.apply_send(w, batch, c)).collect();
+                let results = cmds
+                    .iter()
+                    .map(|c| self.apply_send(w, batch, c, None))
+                    .collect();
                 ChatResponse::Batch(results)
             }
             ApplyPayload::Command(Command::RegisterUser { name, public_key }) => {
@@ -707,6 +749,12 @@ impl ChatState {
                 }
                 batch.default_retention = Some(*retention);
                 ChatResponse::DefaultRetentionSet
+            }
+            ApplyPayload::Command(Command::Relate(cmd)) => {
+                match self.apply_send(w, batch, &cmd.send, Some(&cmd.relation)) {
+                    Ok(sent) => ChatResponse::Sent(sent),
+                    Err(reason) => ChatResponse::Rejected(reason),
+                }
             }
         }
     }
@@ -946,6 +994,7 @@ impl ChatState {
         w: &mut Writer,
         batch: &mut Batch<'a>,
         cmd: &'a SendCmd,
+        relation: Option<&'a Relation>,
     ) -> Result<Sent, RejectReason> {
         validate_send(cmd)?;
         let id = DedupId::of(&cmd.sender, &cmd.client_id);
@@ -967,7 +1016,23 @@ impl ChatState {
             }
         }
         let channel = cmd.channel.as_str();
+        if let Some(relation) = relation {
+            relation_shape(relation)?;
+            if !self.has_messages(batch, channel) {
+                // Refused before `admit_send`, which would create the record of a channel
+                // without one; only membership is told apart, as for any send.
+                let record = self.record(batch, channel);
+                if record.is_some_and(|r| !r.admits(&cmd.sender)) {
+                    return Err(RejectReason::NotMember);
+                }
+                return Err(RejectReason::NoSuchMessage);
+            }
+        }
         self.admit_send(batch, channel, &cmd.sender)?;
+        let changes = match relation {
+            Some(relation) => self.relate(&*w, batch, cmd, relation)?,
+            None => Vec::new(),
+        };
         w.client_seqs.record(id, cmd.client_seq);
         let touched = batch.touched.entry(channel).or_insert_with(|| {
             let head = self.view.read().channels.get(channel).map_or(0, |c| c.head);
@@ -980,26 +1045,32 @@ impl ChatState {
         format::expiry_key(&mut w.key, cmd.at_ms, &id.0, cmd.client_seq);
         w.puts.put(&w.key, &[VALUE_VERSION]);
         format::message_key(&mut w.key, channel, seq);
-        let value = MessageValue {
-            at_ms: cmd.at_ms,
-            client_id: cmd.client_id.0,
-            client_seq: cmd.client_seq,
-            sender: &cmd.sender,
-            body: &cmd.body,
-        };
-        encode_message_value(&mut w.value, &value);
-        w.puts.put(&w.key, &w.value);
-        if touched.1.len() == self.config.ring_len {
-            // More new messages than the ring holds: only the newest survive the publish.
-            touched.1.remove(0);
-        }
-        touched.1.push(RingEntry {
+        let entry = RingEntry {
             sender: cmd.sender.clone(),
             body: cmd.body.clone(),
             at_ms: cmd.at_ms,
             client_id: cmd.client_id,
             client_seq: cmd.client_seq,
-        });
+            meta: relation.map(|r| {
+                Box::new(MessageMeta {
+                    relation: Some(r.clone()),
+                    ..MessageMeta::default()
+                })
+            }),
+        };
+        encode_message_value(&mut w.value, &entry.value());
+        w.puts.put(&w.key, &w.value);
+        touched.1.push(entry);
+        for (target, mut changed) in changes {
+            if let (Some(Relation::Edit { of }), Some(meta)) =
+                (relation, changed.meta.as_deref_mut())
+            {
+                if of.0 == target {
+                    meta.edits.push(ChannelSeq(seq));
+                }
+            }
+            batch.changed.insert((channel, target), changed);
+        }
         batch.dedup.insert(dedup, (channel, seq, cmd.at_ms));
         Ok(Sent {
             channel: channel.to_owned(),
@@ -1007,6 +1078,153 @@ impl ChatState {
             at_ms: cmd.at_ms,
             duplicate: false,
         })
+    }
+
+    /// Checks `relation` of a send by the rules in `relation.rs` and returns the stored
+    /// messages it changes, as they stand after it (an edit's own seq is added to its target
+    /// by the caller, which numbers it). Changes nothing itself.
+    fn relate(
+        &self,
+        w: &Writer,
+        batch: &Batch<'_>,
+        cmd: &SendCmd,
+        relation: &Relation,
+    ) -> Result<Vec<(u64, RingEntry)>, RejectReason> {
+        let channel = cmd.channel.as_str();
+        let seq = relation.target().0;
+        let mut target = self
+            .stored(w, batch, channel, seq)
+            .ok_or(RejectReason::NoSuchMessage)?;
+        let mut meta = target.meta();
+        if meta.relation.as_ref().is_some_and(|r| !r.is_target()) {
+            return Err(RejectReason::NotATarget);
+        }
+        if meta.deleted {
+            return Err(RejectReason::MessageDeleted);
+        }
+        let mut changes = Vec::new();
+        match relation {
+            Relation::Reply { .. } => meta.replies += 1,
+            Relation::Edit { .. } => {
+                if target.sender != cmd.sender {
+                    return Err(RejectReason::NotSender);
+                }
+                if target.body.first() != cmd.body.first() {
+                    return Err(RejectReason::EditFormatChanged);
+                }
+                if meta.edits.len() >= MAX_EDITS {
+                    return Err(RejectReason::TooManyEdits);
+                }
+            }
+            Relation::Delete { .. } => {
+                if target.sender != cmd.sender && !self.is_owner(batch, channel, &cmd.sender) {
+                    return Err(RejectReason::NotSender);
+                }
+                for edit in &meta.edits {
+                    let mut erased = self.stored(w, batch, channel, edit.0).unwrap_or_else(|| {
+                        panic!("{channel}/{}: edit of a stored message is missing", edit.0)
+                    });
+                    erased.body = Vec::new();
+                    let mut edit_meta = erased.meta();
+                    edit_meta.deleted = true;
+                    erased.set_meta(edit_meta);
+                    changes.push((edit.0, erased));
+                }
+                target.body = Vec::new();
+                meta.deleted = true;
+                meta.reactions.clear();
+            }
+            Relation::React { emoji, on, .. } => {
+                let users = meta.reactions.entry(emoji.clone()).or_default();
+                if *on {
+                    if users.contains(&cmd.sender) {
+                        return Err(RejectReason::AlreadyReacted);
+                    }
+                    users.insert(cmd.sender.clone());
+                    if meta.reaction_count() > MAX_REACTIONS {
+                        return Err(RejectReason::TooManyReactions);
+                    }
+                } else {
+                    if !users.remove(&cmd.sender) {
+                        return Err(RejectReason::NotReacted);
+                    }
+                    if users.is_empty() {
+                        meta.reactions.remove(emoji);
+                    }
+                }
+            }
+        }
+        target.set_meta(meta);
+        if matches!(relation, Relation::Edit { .. }) && target.meta.is_none() {
+            // The caller adds the edit's seq to the meta, so it must exist to be found.
+            target.meta = Some(Box::default());
+        }
+        changes.push((seq, target));
+        Ok(changes)
+    }
+
+    /// Whether `user` owns `channel`, counting records changed in this call.
+    fn is_owner(&self, batch: &Batch<'_>, channel: &str, user: &str) -> bool {
+        self.record(batch, channel)
+            .is_some_and(|r| r.owner.as_deref() == Some(user))
+    }
+
+    /// The record of `channel` as it stands at this point of the `apply` call.
+    fn record(&self, batch: &Batch<'_>, channel: &str) -> Option<ChannelRecord> {
+        match batch.records.get(channel) {
+            Some(record) => Some(record.clone()),
+            None => self.view.read().records.get(channel).cloned(),
+        }
+    }
+
+    /// Whether `channel` has (or had: expired ones count) a message, counting this call's.
+    fn has_messages(&self, batch: &Batch<'_>, channel: &str) -> bool {
+        batch.touched.contains_key(channel)
+            || self
+                .view
+                .read()
+                .channels
+                .get(channel)
+                .is_some_and(|c| c.head > 0)
+    }
+
+    /// Message `seq` of `channel` as it stands at this point of the `apply` call: changed or
+    /// appended in this call, or stored. `None` when it is not stored (0, above the head,
+    /// below the floor).
+    fn stored(&self, w: &Writer, batch: &Batch<'_>, channel: &str, seq: u64) -> Option<RingEntry> {
+        if let Some(entry) = batch.changed.get(&(channel, seq)) {
+            return Some(entry.clone());
+        }
+        let view = self.view.read();
+        let (head, floor) = view
+            .channels
+            .get(channel)
+            .map_or((0, 1), |c| (c.head, c.floor));
+        if let Some((_, new)) = batch.touched.get(channel) {
+            if seq > head {
+                return new.get((seq - head - 1) as usize).cloned();
+            }
+        }
+        if seq == 0 || seq < floor || seq > head {
+            return None;
+        }
+        let c = &view.channels[channel];
+        if seq >= c.ring_first() {
+            return Some(c.ring[(seq - c.ring_first()) as usize].clone());
+        }
+        drop(view);
+        // A key of its own: the caller holds its dedup key in `w.key`.
+        let mut key = Vec::new();
+        format::message_key(&mut key, channel, seq);
+        let value = w
+            .store
+            .db()
+            .get_pinned(&key)
+            .unwrap_or_else(|e| panic!("rocksdb get failed in apply: {e}"))
+            .unwrap_or_else(|| panic!("{channel}/{seq}: stored message missing below head"));
+        let message = decode_message(channel, seq, &value)
+            .unwrap_or_else(|e| panic!("corrupt message in apply: {e}"));
+        Some(RingEntry::from_message(message))
     }
 
     fn apply_register<'a>(
@@ -1063,6 +1281,11 @@ impl ChatState {
             format::channel_key(&mut w.key, channel);
             w.puts.put(&w.key, &encode_channel_value(record));
         }
+        for (&(channel, seq), entry) in &batch.changed {
+            format::message_key(&mut w.key, channel, seq);
+            encode_message_value(&mut w.value, &entry.value());
+            w.puts.put(&w.key, &w.value);
+        }
         // Deletes go first: a put of this call is never undone by them.
         let mut wb =
             WriteBatch::with_capacity_bytes(w.puts.bytes.len() + 8 * w.puts.items.len() + 64);
@@ -1116,6 +1339,9 @@ impl ChatState {
             }
             publish_channel(&mut view, channel, head, new, self.config.ring_len);
             heads.push((channel.to_owned(), ChannelSeq(head)));
+        }
+        for ((channel, seq), entry) in batch.changed {
+            replace_in_ring(&mut view, channel, seq, entry);
         }
         for (owner, count) in batch.new_owned {
             *view.owned.entry(owner.to_owned()).or_default() += count;
@@ -1397,7 +1623,32 @@ impl ChatState {
             return Ok(Vec::new());
         }
         let last = c.head.min(from.saturating_add(limit - 1));
-        read_range(view, channel, from, last)
+        let messages = read_range(view, channel, from, last)?;
+        self.attach_edits(channel, messages)
+    }
+
+    /// Attaches to each edited, undeleted message its newest edit, read like any message.
+    fn attach_edits(
+        &self,
+        channel: &str,
+        mut messages: Vec<Message>,
+    ) -> Result<Vec<Message>, Error> {
+        for m in &mut messages {
+            let Some(&edit) = m.meta.edits.last().filter(|_| !m.meta.deleted) else {
+                continue;
+            };
+            let view = self.view.read();
+            let Some(c) = view.channels.get(channel) else {
+                continue;
+            };
+            if edit.0 < c.floor || edit.0 > c.head {
+                continue;
+            }
+            m.edit = read_range(view, channel, edit.0, edit.0)?
+                .pop()
+                .map(Box::new);
+        }
+        Ok(messages)
     }
 
     /// The `limit` newest messages of `channel` with seq `< before_seq`, ascending (at most
@@ -1421,7 +1672,18 @@ impl ChatState {
             return Ok(Vec::new());
         }
         let from = last.saturating_sub(limit - 1).max(c.floor);
-        read_range(view, channel, from, last)
+        let messages = read_range(view, channel, from, last)?;
+        self.attach_edits(channel, messages)
+    }
+
+    /// Rewrites RocksDB's files so that nothing overwritten or removed (the body of a deleted
+    /// message, expired messages) is left in them. Applies and reads go on meanwhile.
+    ///
+    /// # Errors
+    /// [`Error::Rocks`] when a flush fails.
+    pub fn compact(&self) -> Result<(), Error> {
+        let store = self.view.read().store.clone();
+        store.compact()
     }
 
     /// Writes a snapshot file of the current state to `path` (through `path.tmp` and a
@@ -1739,16 +2001,44 @@ fn dedup_floor(store: &Store, client: DedupId) -> Option<u64> {
     })
 }
 
-/// Moves `channel`'s head to `head` and appends `new` (the newest messages of the batch, at
-/// most `ring_len`) to its ring, which keeps its newest `ring_len`. Keeps `view.ring_bytes`
-/// and the channel's recency stamp current; [`evict_rings`] restores the budget afterwards.
+/// The checks of a relation that need no stored state.
+fn relation_shape(relation: &Relation) -> Result<(), RejectReason> {
+    match relation {
+        Relation::React { emoji, .. } if !valid_emoji(emoji) => Err(RejectReason::InvalidReaction),
+        _ => Ok(()),
+    }
+}
+
+/// Puts `entry` in place of message `seq` in `channel`'s ring, if the ring holds it, keeping
+/// the byte counts current.
+fn replace_in_ring(view: &mut View, channel: &str, seq: u64, entry: RingEntry) {
+    let Some(c) = view.channels.get_mut(channel) else {
+        return;
+    };
+    if c.ring.is_empty() || seq < c.ring_first() {
+        return;
+    }
+    let before = c.ring_bytes();
+    let at = (seq - c.ring_first()) as usize;
+    let slot = &mut c.ring[at];
+    c.heap_bytes = c.heap_bytes - slot.heap_bytes() + entry.heap_bytes();
+    *slot = entry;
+    view.ring_bytes = view.ring_bytes - before + c.ring_bytes();
+}
+
+/// Moves `channel`'s head to `head` and appends the newest `ring_len` of `new` (the messages
+/// of the batch) to its ring, which keeps its newest `ring_len`. Keeps `view.ring_bytes` and
+/// the channel's recency stamp current; [`evict_rings`] restores the budget afterwards.
 fn publish_channel(
     view: &mut View,
     channel: &str,
     head: u64,
-    new: Vec<RingEntry>,
+    mut new: Vec<RingEntry>,
     ring_len: usize,
 ) {
+    if new.len() > ring_len {
+        new.drain(..new.len() - ring_len);
+    }
     if !view.channels.contains_key(channel) {
         // No preallocated buffer: most channels hold a few messages, and the buffer counts
         // against the budget.
@@ -1760,10 +2050,6 @@ fn publish_channel(
     assert!(
         head > c.head,
         "channel head must grow when messages are added"
-    );
-    assert!(
-        new.len() <= ring_len,
-        "apply keeps at most ring_len new messages"
     );
     let before = c.ring_bytes();
     // Drop first, then append, so the buffer never grows past `ring_len` entries.
@@ -1853,8 +2139,9 @@ fn read_range(
             .map(|(entry, seq)| entry.to_message(channel, seq))
             .collect());
     }
-    // Messages at or below a published head are in RocksDB and never change, so the read
-    // can go on without the lock; the Arc keeps the store open across an install.
+    // Messages at or below a published head are in RocksDB, so the read can go on without
+    // the lock: a relation applied meanwhile changes a message in one atomic write, and the
+    // iterator sees it whole or not at all. The Arc keeps the store open across an install.
     let store = view.store.clone();
     drop(view);
     read_db_range(store.db(), channel, from, last)
@@ -1899,6 +2186,8 @@ fn decode_message(channel: &str, seq: u64, value: &[u8]) -> Result<Message, Erro
         at_ms: v.at_ms,
         client_id: ClientId(v.client_id),
         client_seq: v.client_seq,
+        meta: v.meta.into_owned(),
+        edit: None,
     })
 }
 
@@ -2227,8 +2516,13 @@ fn dump_pair(out: &mut String, key: &[u8], value: &[u8]) -> Result<(), Error> {
         PREFIX_MESSAGE => {
             let (channel, seq) = parse_message_key(key)?;
             let v = decode_message_value(value)?;
+            let meta = if v.meta.is_plain() {
+                String::new()
+            } else {
+                format!(" meta={:?}", v.meta)
+            };
             format!(
-                "msg {channel}/{seq} sender={} at={} client={}/{} body={}",
+                "msg {channel}/{seq} sender={} at={} client={}/{} body={}{meta}",
                 v.sender,
                 v.at_ms,
                 hex(&v.client_id),

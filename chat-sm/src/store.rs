@@ -114,6 +114,22 @@ impl Store {
         Ok(())
     }
 
+    /// Flushes the memtables and rewrites every table file, so values that were overwritten
+    /// or deleted (an erased message body) leave the files; RocksDB then removes the WAL
+    /// files the flush made obsolete.
+    pub(crate) fn compact(&self) -> Result<(), Error> {
+        let db = self.db();
+        let rocks = |op| move |source| Error::Rocks { op, source };
+        let mut opts = rocksdb::CompactOptions::default();
+        opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        db.flush_wal(true).map_err(rocks("sync the wal"))?;
+        db.flush().map_err(rocks("flush"))?;
+        db.flush_cf(self.dedup_cf()).map_err(rocks("flush dedup"))?;
+        db.compact_range_opt::<&[u8], &[u8]>(None, None, &opts);
+        db.compact_range_cf_opt::<&[u8], &[u8]>(self.dedup_cf(), None, None, &opts);
+        Ok(())
+    }
+
     pub(crate) fn generation(&self) -> u64 {
         self.generation
     }

@@ -4,6 +4,7 @@
 
 mod common;
 mod properties;
+mod relations;
 mod retention;
 mod rings;
 mod scenarios;

@@ -292,6 +292,9 @@ fn model(log: &[TestEntry]) -> Vec<ChatResponse> {
             TestEntry::Cmd(Command::Expire { .. } | Command::SetDefaultRetention(_)) => {
                 unreachable!("not generated here: see retention.rs")
             }
+            TestEntry::Cmd(Command::Relate(_)) => {
+                unreachable!("not generated here: see relations.rs")
+            }
             TestEntry::Cmd(Command::SetJoinSecret(secret)) => {
                 if (16..=64).contains(&secret.0.len()) {
                     ChatResponse::JoinSecretSet
