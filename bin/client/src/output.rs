@@ -202,6 +202,7 @@ mod tests {
             body,
             at_ms: 1_000,
             client_seq: 9,
+            ..WireMessage::default()
         }
     }
 

@@ -208,6 +208,40 @@ impl Client {
         self.send_with_key(channel, body, id, seq).await
     }
 
+    /// Sends `text` as a reply, edit, delete or reaction (`relation`), signed and, with
+    /// `key`, encrypted like [`send_text`](Self::send_text); the signature binds the relation,
+    /// so no node can point it at another message. A delete or reaction usually has an empty
+    /// text. An edit of an encrypted message must be encrypted (the cluster refuses a change
+    /// of format).
+    ///
+    /// # Errors
+    ///
+    /// As [`send_text`](Self::send_text); the cluster's refusals (no such message, not the
+    /// sender, ...) are [`Error::Api`].
+    pub async fn send_related(
+        &self,
+        channel: &str,
+        text: &str,
+        key: Option<&ChannelKeyV2>,
+        relation: proto::Relation,
+    ) -> Result<SendReply, Error> {
+        let identity = self.pool.identity().ok_or(Error::NoIdentity)?;
+        let seq = self.next_client_seq();
+        let (cluster, id) = (&self.config.cluster, self.client_id);
+        let r = Some(&relation);
+        let body = match key {
+            Some(key) => {
+                crypto::seal_v2_related(key, identity, cluster, channel, r, id, seq, text)?
+            }
+            None => crypto::sign_plain_related(identity, cluster, channel, r, id, seq, text)?,
+        };
+        let request = SendRequest {
+            relation: Some(relation),
+            ..send_request(channel, body, id, seq)
+        };
+        self.send_request_retrying(request).await
+    }
+
     /// [`send_text`](Self::send_text) under a caller's idempotency key: every call with the
     /// same cluster, user, channel and `idempotency_key` uses the same `(client_id,
     /// client_seq)`, so a retry by another process (a script run again after exit code 3) is
@@ -418,10 +452,11 @@ impl Client {
     /// whether the channel is encrypted, so its plaintext lines are marked.
     pub async fn show(&self, keys: &Keys, history: ChannelHistory, message: &WireMessage) -> Shown {
         let key = self.sender_key(&message.sender).await;
-        let opened = crypto::open_message(
+        let opened = crypto::open_related(
             keys,
             &self.config.cluster,
             &message.channel,
+            message.relation.as_ref(),
             &message.sender,
             message.client_seq,
             key.verify_with(),
@@ -459,7 +494,11 @@ impl Client {
         client_id: [u8; 16],
         client_seq: u64,
     ) -> Result<SendReply, Error> {
-        let request = send_request(channel, body, client_id, client_seq);
+        self.send_request_retrying(send_request(channel, body, client_id, client_seq))
+            .await
+    }
+
+    async fn send_request_retrying(&self, request: SendRequest) -> Result<SendReply, Error> {
         self.pool.identity().ok_or(Error::NoIdentity)?;
         self.retrying(Target::Leader, || async {
             let (node, conn) = self.pool.writer_conn().await?;
@@ -951,6 +990,7 @@ fn send_request(channel: &str, body: Vec<u8>, client_id: [u8; 16], client_seq: u
         body,
         client_id,
         client_seq,
+        relation: None,
     }
 }
 

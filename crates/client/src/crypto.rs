@@ -98,10 +98,11 @@ mod record;
 mod replay;
 
 pub use body::{
-    is_encrypted_format, open_message, seal_v2, session_of, sign_plain, Author, ChannelHistory,
-    Content, Keys, Marker, Opened, UnreadableReason, BODY_BYTES_MAX, FORMAT_ENCRYPTED_V2,
-    FORMAT_SIGNED_V2, PADDED_LEN_MAX, PAD_BUCKETS, SESSION_LEN, SIGNATURE_LEN, TAG_LEN,
-    TEXT_BYTES_MAX_ENCRYPTED, TEXT_BYTES_MAX_SIGNED,
+    bound_channel, is_encrypted_format, open_message, open_related, seal_v2, seal_v2_related,
+    session_of, sign_plain, sign_plain_related, Author, ChannelHistory, Content, Keys, Marker,
+    Opened, UnreadableReason, BODY_BYTES_MAX, FORMAT_ENCRYPTED_V2, FORMAT_SIGNED_V2,
+    PADDED_LEN_MAX, PAD_BUCKETS, SESSION_LEN, SIGNATURE_LEN, TAG_LEN, TEXT_BYTES_MAX_ENCRYPTED,
+    TEXT_BYTES_MAX_SIGNED,
 };
 pub use kdf::Argon2Params;
 pub(crate) use kdf::{argon2id, hkdf_sha256, put_field, Bounds};

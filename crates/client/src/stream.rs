@@ -280,6 +280,7 @@ mod tests {
             body: vec![0, b'x'],
             at_ms: 0,
             client_seq: seq,
+            ..WireMessage::default()
         }
     }
 

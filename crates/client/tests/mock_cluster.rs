@@ -205,6 +205,7 @@ impl proto::Chat for MockChat {
             body: req.body,
             at_ms: 1,
             client_seq: req.client_seq,
+            ..WireMessage::default()
         });
         let reply = SendReply {
             channel: req.channel,

@@ -438,7 +438,52 @@ pub(crate) fn rejected(reason: chat_sm::RejectReason) -> ApiError {
         R::RetryExpired => RejectReason::RetryExpired {
             window_hours: chat_sm::DEDUP_WINDOW_MS / 3_600_000,
         },
+        R::NoSuchMessage => RejectReason::NoSuchMessage,
+        R::NotATarget => RejectReason::NotATarget,
+        R::MessageDeleted => RejectReason::MessageDeleted,
+        R::NotSender => RejectReason::NotSender,
+        R::EditFormatChanged => RejectReason::EditFormatChanged,
+        R::TooManyEdits => RejectReason::LimitReached {
+            what: "edits of a message".into(),
+            max: chat_sm::MAX_EDITS as u64,
+        },
+        R::InvalidReaction => RejectReason::InvalidReaction,
+        R::AlreadyReacted => RejectReason::AlreadyReacted,
+        R::NotReacted => RejectReason::NotReacted,
+        R::TooManyReactions => RejectReason::LimitReached {
+            what: "reactions on a message".into(),
+            max: chat_sm::MAX_REACTIONS as u64,
+        },
     })
+}
+
+/// A relation as the state machine takes it.
+fn sm_relation(relation: proto::Relation) -> chat_sm::Relation {
+    use chat_sm::ChannelSeq as Seq;
+    match relation {
+        proto::Relation::Reply { to } => chat_sm::Relation::Reply { to: Seq(to) },
+        proto::Relation::Edit { of } => chat_sm::Relation::Edit { of: Seq(of) },
+        proto::Relation::Delete { of } => chat_sm::Relation::Delete { of: Seq(of) },
+        proto::Relation::React { to, emoji, on } => chat_sm::Relation::React {
+            to: Seq(to),
+            emoji,
+            on,
+        },
+    }
+}
+
+/// A relation as the wire says it.
+fn wire_relation(relation: chat_sm::Relation) -> proto::Relation {
+    match relation {
+        chat_sm::Relation::Reply { to } => proto::Relation::Reply { to: to.0 },
+        chat_sm::Relation::Edit { of } => proto::Relation::Edit { of: of.0 },
+        chat_sm::Relation::Delete { of } => proto::Relation::Delete { of: of.0 },
+        chat_sm::Relation::React { to, emoji, on } => proto::Relation::React {
+            to: to.0,
+            emoji,
+            on,
+        },
+    }
 }
 
 /// Refuses a read of a private channel by a non-member.
@@ -478,6 +523,7 @@ pub(crate) fn storage_error(channel: &str) -> impl FnOnce(chat_sm::Error) -> Api
 }
 
 pub(crate) fn to_wire(message: chat_sm::Message) -> WireMessage {
+    let meta = message.meta;
     WireMessage {
         channel: message.channel,
         seq: message.seq.0,
@@ -485,6 +531,19 @@ pub(crate) fn to_wire(message: chat_sm::Message) -> WireMessage {
         body: message.body,
         at_ms: message.at_ms,
         client_seq: message.client_seq,
+        relation: meta.relation.map(wire_relation),
+        deleted: meta.deleted,
+        edits: u32::try_from(meta.edits.len()).unwrap_or(u32::MAX),
+        edit: message.edit.map(|edit| Box::new(to_wire(*edit))),
+        replies: meta.replies,
+        reactions: meta
+            .reactions
+            .into_iter()
+            .map(|(emoji, users)| proto::Reaction {
+                emoji,
+                users: users.into_iter().collect(),
+            })
+            .collect(),
     }
 }
 
@@ -742,12 +801,32 @@ impl proto::Chat for ChatServer {
             client_seq: self.client_seq(req.client_seq),
             at_ms: now_ms(),
         };
-        let outcome = self.shared.proposer.propose(send).await;
+        let proposed = match req.relation {
+            // Relations are rare next to sends: each is an entry of its own, so the batched
+            // path stays as it is.
+            Some(relation) => {
+                let command = Command::Relate(chat_sm::RelateCmd {
+                    send,
+                    relation: sm_relation(relation),
+                });
+                let (response, log_index) =
+                    write_command(&self.shared, command, "relation").await?;
+                let result = match response {
+                    ChatResponse::Sent(sent) => Ok(sent),
+                    ChatResponse::Rejected(reason) => Err(reason),
+                    other => panic!("state machine answered a relation with {other:?}"),
+                };
+                crate::proposer::Proposed { result, log_index }
+            }
+            None => {
+                let outcome = self.shared.proposer.propose(send).await;
+                outcome.map_err(|e| match e {
+                    ProposeError::NotLeader { leader } => not_leader(leader),
+                    ProposeError::Unavailable(reason) => ApiError::unavailable(reason),
+                })?
+            }
+        };
         self.shared.metrics.observe_rpc("send", started.elapsed());
-        let proposed = outcome.map_err(|e| match e {
-            ProposeError::NotLeader { leader } => not_leader(leader),
-            ProposeError::Unavailable(reason) => ApiError::unavailable(reason),
-        })?;
         let sent = proposed.result.map_err(rejected)?;
         self.shared.metrics.sends_total.inc();
         Ok(SendReply {
@@ -1098,6 +1177,8 @@ mod tests {
             at_ms: 0,
             client_id: ClientId([0; 16]),
             client_seq: seq,
+            meta: chat_sm::MessageMeta::default(),
+            edit: None,
         }
     }
 

@@ -167,6 +167,32 @@ pub enum RejectReason {
         /// How long sends are remembered for retries, in hours.
         window_hours: u64,
     },
+    /// A reply, edit, delete or reaction names a seq the channel does not hold.
+    #[error("no such message in this channel (never sent, or expired)")]
+    NoSuchMessage,
+    /// A relation names an edit, delete or reaction instead of a message.
+    #[error("that seq is an edit, delete or reaction: name the message itself")]
+    NotATarget,
+    /// The message was deleted.
+    #[error("the message was deleted")]
+    MessageDeleted,
+    /// Only the sender edits a message; the sender or the channel's owner deletes it.
+    #[error(
+        "only the sender may edit a message (and the sender or the channel's owner delete it)"
+    )]
+    NotSender,
+    /// An edit must keep its message's format.
+    #[error("an edit keeps the message's format: an encrypted message is edited encrypted")]
+    EditFormatChanged,
+    /// A reaction breaks the emoji rules.
+    #[error("a reaction is 1 to 32 bytes without spaces or control characters")]
+    InvalidReaction,
+    /// The user has that reaction on the message already.
+    #[error("you reacted so already")]
+    AlreadyReacted,
+    /// The user has no such reaction on the message.
+    #[error("you have no such reaction on the message")]
+    NotReacted,
 }
 
 #[cfg(test)]

@@ -57,6 +57,6 @@ pub use transport::{
 pub use types::{
     ChannelChange, ChannelDetail, ChannelInfo, ChannelInfoRequest, ChannelPage, ChannelRequest,
     ChannelsRequest, ClusterInfo, Hello, HistoryRequest, LeaderHint, Login, MessageBatch, NodeInfo,
-    Pong, Role, SendReply, SendRequest, Session, StreamRequest, UserKey, Welcome, WireMessage,
-    CHANNEL_PAGE_MAX, USER_KEYS_MAX,
+    Pong, Reaction, Relation, Role, SendReply, SendRequest, Session, StreamRequest, UserKey,
+    Welcome, WireMessage, CHANNEL_PAGE_MAX, USER_KEYS_MAX,
 };

@@ -317,6 +317,7 @@ mod tests {
             body,
             at_ms: seq.wrapping_add(1_700_000_000_000),
             client_seq: seq.wrapping_mul(3),
+            ..WireMessage::default()
         }
     }
 

@@ -26,7 +26,8 @@ use crate::{
 /// and `channels` need a login. Version 4: channel records (private channels, invitations,
 /// crypto records), a paged channel list, and users' registered keys. Version 5: retention
 /// (a channel change, the channel detail's retention and floor, and two rejections).
-pub const PROTOCOL_VERSION: u16 = 5;
+/// Version 6: relations (replies, edits, deletes, reactions) in sends and messages.
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// Largest request frame a node reads on the chat service, in bytes (64 KiB): a send carries
 /// at most a 16 KiB body, so anything larger is refused from its length prefix, logged in or

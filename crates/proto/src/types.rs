@@ -80,6 +80,62 @@ pub struct SendRequest {
     pub client_id: [u8; 16],
     /// Increases by one per new message from `client_id`; retries reuse it.
     pub client_seq: u64,
+    /// Makes the message a reply, edit, delete or reaction to an earlier message of the
+    /// channel; the node checks the rules as it applies it.
+    pub relation: Option<Relation>,
+}
+
+/// What a message does to an earlier message of its channel, named by seq.
+///
+/// The rules (checked by every node as it applies the message): the target exists in the
+/// channel and is not itself an edit, delete or reaction, nor deleted; only its sender edits
+/// it, keeping its format (an encrypted message is edited encrypted); its sender or the
+/// channel's owner deletes it; a user has at most one reaction of each emoji on it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Relation {
+    /// Answers the target; the body is the answer.
+    Reply {
+        /// The seq answered.
+        to: u64,
+    },
+    /// Replaces the target's text; the body is the new text.
+    Edit {
+        /// The seq edited.
+        of: u64,
+    },
+    /// Erases the target's body and its edits' from every node.
+    Delete {
+        /// The seq deleted.
+        of: u64,
+    },
+    /// Adds (`on`) or removes the sender's reaction.
+    React {
+        /// The seq reacted to.
+        to: u64,
+        /// The reaction: 1 to 32 bytes, no spaces or control characters.
+        emoji: String,
+        /// Add or remove.
+        on: bool,
+    },
+}
+
+impl Relation {
+    /// The seq of the message it changes.
+    pub fn target(&self) -> u64 {
+        match self {
+            Relation::Reply { to } | Relation::React { to, .. } => *to,
+            Relation::Edit { of } | Relation::Delete { of } => *of,
+        }
+    }
+}
+
+/// One emoji's reactions on a message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reaction {
+    /// The emoji.
+    pub emoji: String,
+    /// Who reacted with it, in name order.
+    pub users: Vec<String>,
 }
 
 /// The result of a committed and applied send.
@@ -135,7 +191,7 @@ pub struct HistoryRequest {
 }
 
 /// One stored chat message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct WireMessage {
     /// The channel it belongs to.
     pub channel: String,
@@ -149,6 +205,19 @@ pub struct WireMessage {
     pub at_ms: u64,
     /// The sender's client seq (its client id is not shown: only the sender needs it).
     pub client_seq: u64,
+    /// The relation this message carries, if it is a reply, edit, delete or reaction.
+    pub relation: Option<Relation>,
+    /// Its body was erased by a delete (of it, or of the message it edits); `body` is empty.
+    pub deleted: bool,
+    /// How many times it was edited.
+    pub edits: u32,
+    /// Its newest edit, whose body is the current text; absent when it has none, was
+    /// deleted, or the edit expired.
+    pub edit: Option<Box<WireMessage>>,
+    /// How many replies answer it.
+    pub replies: u64,
+    /// Its reactions, by emoji.
+    pub reactions: Vec<Reaction>,
 }
 
 /// Messages of one channel in ascending seq order.

@@ -251,6 +251,7 @@ async fn hello_then_calls_succeed() {
         body: vec![1],
         client_id: [0; 16],
         client_seq: 1,
+        relation: None,
     };
     assert_eq!(
         client.send(context::current(), send).await.expect("rpc"),

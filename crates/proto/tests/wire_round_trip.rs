@@ -38,6 +38,7 @@ fn message(seq: u64) -> WireMessage {
         body: vec![0, 1, 2, 255],
         at_ms: 1_700_000_000_000 + seq,
         client_seq: seq * 10,
+        ..WireMessage::default()
     }
 }
 
@@ -148,6 +149,7 @@ fn requests_round_trip() {
         body: b"hi".to_vec(),
         client_id: [1; 16],
         client_seq: u64::MAX,
+        relation: None,
     });
     round_trip(StreamRequest {
         channel: "general".into(),

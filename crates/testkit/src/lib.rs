@@ -834,6 +834,7 @@ impl TestClient {
             body: body.to_vec(),
             client_id,
             client_seq,
+            relation: None,
         };
         Ok(self
             .client

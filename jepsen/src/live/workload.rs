@@ -200,6 +200,7 @@ impl Proc {
                 body: msg.as_bytes().to_vec(),
                 client_id: self.client_id,
                 client_seq: n,
+                relation: None,
             };
             let call = client.send(ctx(SEND_TIMEOUT), req);
             match timeout(SEND_TIMEOUT + Duration::from_millis(500), call).await {

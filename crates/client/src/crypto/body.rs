@@ -15,6 +15,7 @@ use super::{
     NONCE_LEN,
 };
 use crate::identity::Identity;
+use proto::Relation;
 
 /// Format byte of a signed plaintext v2 body.
 pub const FORMAT_SIGNED_V2: u8 = 0x02;
@@ -88,6 +89,26 @@ pub fn seal_v2(
     client_seq: u64,
     text: &str,
 ) -> Result<Vec<u8>, CryptoError> {
+    seal_v2_related(key, id, cluster, channel, None, client_id, client_seq, text)
+}
+
+/// [`seal_v2`] of a message carrying `relation` (a reply, edit, delete or reaction): the
+/// associated data and the signature bind the relation too ([`bound_channel`]).
+///
+/// # Errors
+///
+/// As [`seal_v2`].
+#[allow(clippy::too_many_arguments)]
+pub fn seal_v2_related(
+    key: &ChannelKeyV2,
+    id: &Identity,
+    cluster: &str,
+    channel: &str,
+    relation: Option<&Relation>,
+    client_id: [u8; 16],
+    client_seq: u64,
+    text: &str,
+) -> Result<Vec<u8>, CryptoError> {
     if !key.is_for(cluster, channel) {
         return Err(CryptoError::KeyMismatch {
             cluster: key.cluster().to_owned(),
@@ -95,7 +116,26 @@ pub fn seal_v2(
         });
     }
     let padded = pad(text)?;
-    seal_padded(key, id, cluster, channel, client_id, client_seq, &padded)
+    let bound = bound_channel(channel, relation);
+    seal_padded(key, id, cluster, &bound, client_id, client_seq, &padded)
+}
+
+/// The channel as a v2 body binds it: the channel's name, then, for a message carrying a
+/// relation, a NUL byte (never part of a channel name) and the relation in words, e.g.
+/// `general\0edit 5` or `general\0react 5 + 👍`. So a node can neither move a signed edit,
+/// delete or reaction to another message, nor turn one kind into another, nor strip or add
+/// a relation, without breaking the signature.
+pub fn bound_channel<'a>(channel: &'a str, relation: Option<&Relation>) -> Cow<'a, str> {
+    match relation {
+        None => Cow::Borrowed(channel),
+        Some(Relation::Reply { to }) => Cow::Owned(format!("{channel}\0reply {to}")),
+        Some(Relation::Edit { of }) => Cow::Owned(format!("{channel}\0edit {of}")),
+        Some(Relation::Delete { of }) => Cow::Owned(format!("{channel}\0delete {of}")),
+        Some(Relation::React { to, emoji, on }) => {
+            let sign = if *on { '+' } else { '-' };
+            Cow::Owned(format!("{channel}\0react {to} {sign} {emoji}"))
+        }
+    }
 }
 
 /// [`seal_v2`] of an already padded plaintext (tests seal malformed padding with it).
@@ -151,6 +191,25 @@ pub fn sign_plain(
     client_seq: u64,
     text: &str,
 ) -> Result<Vec<u8>, CryptoError> {
+    sign_plain_related(id, cluster, channel, None, client_id, client_seq, text)
+}
+
+/// [`sign_plain`] of a message carrying `relation`; the signature binds it
+/// ([`bound_channel`]).
+///
+/// # Errors
+///
+/// As [`sign_plain`].
+pub fn sign_plain_related(
+    id: &Identity,
+    cluster: &str,
+    channel: &str,
+    relation: Option<&Relation>,
+    client_id: [u8; 16],
+    client_seq: u64,
+    text: &str,
+) -> Result<Vec<u8>, CryptoError> {
+    let channel = &*bound_channel(channel, relation);
     if text.len() > TEXT_BYTES_MAX_SIGNED {
         return Err(CryptoError::TooLong {
             len: text.len(),
@@ -456,6 +515,24 @@ pub fn open_message(
     sender_key: Option<[u8; 32]>,
     body: &[u8],
 ) -> Opened {
+    open_related(
+        keys, cluster, channel, None, sender, client_seq, sender_key, body,
+    )
+}
+
+/// [`open_message`] of a message the node says carries `relation`: a v2 body verifies only
+/// if its sender signed that same relation ([`bound_channel`]). v1 bodies carry no relation.
+#[allow(clippy::too_many_arguments)]
+pub fn open_related(
+    keys: &Keys,
+    cluster: &str,
+    channel: &str,
+    relation: Option<&Relation>,
+    sender: &str,
+    client_seq: u64,
+    sender_key: Option<[u8; 32]>,
+    body: &[u8],
+) -> Opened {
     let unsigned = |content, encrypted| Opened {
         content,
         encrypted,
@@ -475,9 +552,11 @@ pub fn open_message(
             unsigned(content, body[0] == FORMAT_AES_GCM_V1)
         }
         Some(&FORMAT_SIGNED_V2) | Some(&FORMAT_ENCRYPTED_V2) => {
+            let bound = bound_channel(channel, relation);
             let context = Context {
                 cluster,
                 channel,
+                bound: &bound,
                 sender,
                 client_seq,
             };
@@ -491,6 +570,8 @@ pub fn open_message(
 struct Context<'a> {
     cluster: &'a str,
     channel: &'a str,
+    /// The channel with the relation, as signatures and associated data bind it.
+    bound: &'a str,
     sender: &'a str,
     client_seq: u64,
 }
@@ -550,7 +631,7 @@ fn verify(
     };
     let message = signed_message(
         cx.cluster,
-        cx.channel,
+        cx.bound,
         cx.sender,
         session,
         cx.client_seq,
@@ -574,7 +655,7 @@ fn decrypt_v2(keys: &Keys, cx: &Context<'_>, session: &[u8; SESSION_LEN], rest: 
         return Content::NoKey;
     };
     let (nonce, sealed) = rest.split_at(NONCE_LEN);
-    let ad = associated_data_v2(cx.cluster, cx.channel, cx.sender, session, cx.client_seq);
+    let ad = associated_data_v2(cx.cluster, cx.bound, cx.sender, session, cx.client_seq);
     let plain = key.cipher().decrypt(
         Nonce::from_slice(nonce),
         Payload {
@@ -603,6 +684,54 @@ mod tests {
 
     fn alice() -> Identity {
         Identity::ephemeral("alice", Some([1; 32]))
+    }
+
+    #[test]
+    fn the_signature_binds_a_relation_so_no_node_can_move_or_change_it() {
+        let id = alice();
+        let edit = Relation::Edit { of: 5 };
+        let react = Relation::React {
+            to: 5,
+            emoji: "👍".into(),
+            on: true,
+        };
+        for relation in [&edit, &react] {
+            let body = sign_plain_related(&id, "c1", "general", Some(relation), CLIENT_ID, 3, "x")
+                .expect("sign");
+            let author = |r: Option<&Relation>| {
+                let key = Some(id.public_key());
+                open_related(&Keys::default(), "c1", "general", r, "alice", 3, key, &body).author
+            };
+            assert_eq!(author(Some(relation)), Author::Verified);
+            assert_eq!(author(None), Author::BadSignature);
+            assert_eq!(
+                author(Some(&Relation::Edit { of: 6 })),
+                Author::BadSignature
+            );
+            assert_eq!(
+                author(Some(&Relation::Delete { of: 5 })),
+                Author::BadSignature
+            );
+            let removal = Relation::React {
+                to: 5,
+                emoji: "👍".into(),
+                on: false,
+            };
+            assert_eq!(author(Some(&removal)), Author::BadSignature);
+        }
+        // A plain body does not verify as a relation either.
+        let plain = sign_plain(&id, "c1", "general", CLIENT_ID, 3, "x").expect("sign");
+        let opened = open_related(
+            &Keys::default(),
+            "c1",
+            "general",
+            Some(&edit),
+            "alice",
+            3,
+            Some(id.public_key()),
+            &plain,
+        );
+        assert_eq!(opened.author, Author::BadSignature);
     }
 
     fn keys(key: &ChannelKeyV2) -> Keys {
