@@ -678,7 +678,7 @@ impl Drop for Tmux {
     }
 }
 
-/// `[now] Alice: Hello world!` or `[3s ago] Alice: Hello world!` on some line.
+/// `[now] #3 Alice: Hello world!` or `[3s ago] #3 Alice: Hello world!` on some line.
 fn shows_message_from(screen: &str, sender: &str, text: &str) -> bool {
     screen.lines().any(|line| {
         let Some(rest) = line.trim_start().strip_prefix('[') else {
@@ -691,6 +691,11 @@ fn shows_message_from(screen: &str, sender: &str, text: &str) -> bool {
             || when
                 .strip_suffix("s ago")
                 .is_some_and(|n| n.parse::<u32>().is_ok());
+        let said = said
+            .strip_prefix('#')
+            .and_then(|rest| rest.split_once(' '))
+            .filter(|(seq, _)| seq.parse::<u64>().is_ok())
+            .map_or(said, |(_, said)| said);
         relative && said == format!("{sender}: {text}")
     })
 }

@@ -24,6 +24,7 @@ fn message(seq: u64, text: &str) -> Shown {
         at_ms: START_MS + seq * 1_000,
         markers: Vec::new(),
         mentions_me: false,
+        ..Shown::default()
     }
 }
 

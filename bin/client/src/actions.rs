@@ -21,7 +21,12 @@ pub type Keys = Arc<Mutex<HashMap<String, crypto::Keys>>>;
 /// Channels known to be end-to-end encrypted (a crypto record, or encrypted messages seen).
 pub type Encrypted = Arc<Mutex<HashSet<String>>>;
 /// A line queued for sending: channel, text, and the key to encrypt it with.
-pub type Queued = (String, String, Option<ChannelKeyV2>);
+pub type Queued = (
+    String,
+    String,
+    Option<ChannelKeyV2>,
+    Option<proto::Relation>,
+);
 
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().expect("no task panics while holding this lock")
@@ -99,6 +104,23 @@ pub fn send_key(
         ));
     }
     Ok(key)
+}
+
+/// The key a `/reply`, `/edit`, `/delete` or `/react` is sealed with: like a message's for a
+/// reply or an edit (the cluster keeps an edit in its message's format), none for a delete
+/// or a reaction, which carry no text.
+pub fn relation_key(
+    keys: &Keys,
+    encrypted: &Encrypted,
+    channel: &str,
+    relation: &proto::Relation,
+) -> Result<Option<ChannelKeyV2>, String> {
+    match relation {
+        proto::Relation::Reply { .. } | proto::Relation::Edit { .. } => {
+            send_key(keys, encrypted, channel)
+        }
+        proto::Relation::Delete { .. } | proto::Relation::React { .. } => Ok(None),
+    }
 }
 
 /// `/key PASSPHRASE`: unlocks (or sets up) the channel's encryption.
@@ -309,8 +331,12 @@ pub async fn send_loop(
     mut rx: mpsc::Receiver<Queued>,
     say: impl Fn(String) + Send + 'static,
 ) {
-    while let Some((channel, text, key)) = rx.recv().await {
-        if let Err(e) = client.send_text(&channel, &text, key.as_ref()).await {
+    while let Some((channel, text, key, relation)) = rx.recv().await {
+        let sent = match relation {
+            Some(relation) => (client.send_related(&channel, &text, key.as_ref(), relation)).await,
+            None => client.send_text(&channel, &text, key.as_ref()).await,
+        };
+        if let Err(e) = sent {
             say(format!("* not sent to #{channel}: {}", error_text(&e)));
         }
     }

@@ -14,6 +14,14 @@ pub enum Input {
     Message(String),
     /// `/plain TEXT`: a message sent in the clear even in an encrypted channel.
     Plain(String),
+    /// `/reply SEQ TEXT`, `/edit SEQ TEXT`, `/delete SEQ`, `/react SEQ EMOJI`,
+    /// `/unreact SEQ EMOJI`: a message about message SEQ of the current channel.
+    Relate {
+        /// What it does to message SEQ.
+        relation: proto::Relation,
+        /// Its text (empty for a delete or a reaction).
+        text: String,
+    },
     /// `/join #chan`.
     Join(String),
     /// `/leave`.
@@ -73,6 +81,11 @@ pub const NAMES: &[&str] = &[
     "/servers",
     "/key",
     "/plain",
+    "/reply",
+    "/edit",
+    "/delete",
+    "/react",
+    "/unreact",
     "/create",
     "/invite",
     "/accept",
@@ -99,6 +112,10 @@ commands:
                      /key --clear forgets it; in an encrypted channel, messages are not
                      sent without it
   /plain TEXT        send TEXT in the clear, even in an encrypted channel
+  /reply N TEXT      answer message #N (every line shows its #N)
+  /edit N TEXT       replace the text of your message #N
+  /delete N          erase message #N on every node (yours, or any in a channel you own)
+  /react N EMOJI     react to message #N (/unreact N EMOJI takes it back)
   /create #chan [private]
                      create a channel you own; a private one only its members can read
   /invite NAME       invite someone to this private channel (you must own it)
@@ -159,6 +176,7 @@ pub fn parse(line: &str) -> Result<Input, String> {
         }),
         "plain" if rest.is_empty() => Err("/plain TEXT: what to send in the clear?".to_owned()),
         "plain" => Ok(Input::Plain(rest.to_owned())),
+        "reply" | "edit" | "delete" | "react" | "unreact" => parse_relation(name, rest),
         "create" => parse_create(rest),
         "invite" => parse_user(rest, "invite").map(Input::Invite),
         "accept" => parse_channel(rest).map(Input::Accept),
@@ -195,6 +213,45 @@ pub fn parse_channel(text: &str) -> Result<String, String> {
             "invalid channel name {text:?}: use 1 to 64 characters from a-z, 0-9, '-' and '_'"
         ))
     }
+}
+
+/// `/reply N TEXT`, `/edit N TEXT`, `/delete N`, `/react N EMOJI`, `/unreact N EMOJI`.
+fn parse_relation(name: &str, rest: &str) -> Result<Input, String> {
+    let usage = || match name {
+        "reply" | "edit" => format!("/{name} N TEXT: which message (its #N) and what text?"),
+        "delete" => "/delete N: which message (its #N)?".to_owned(),
+        _ => format!("/{name} N EMOJI: which message (its #N) and which emoji?"),
+    };
+    let (seq, text) = rest
+        .split_once(char::is_whitespace)
+        .map_or((rest, ""), |(seq, text)| (seq, text.trim()));
+    let seq: u64 = seq
+        .trim_start_matches('#')
+        .parse()
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(usage)?;
+    let needs_text = name != "delete";
+    if needs_text == text.is_empty() {
+        return Err(usage());
+    }
+    let (relation, text) = match name {
+        "reply" => (proto::Relation::Reply { to: seq }, text),
+        "edit" => (proto::Relation::Edit { of: seq }, text),
+        "delete" => (proto::Relation::Delete { of: seq }, ""),
+        _ => {
+            let relation = proto::Relation::React {
+                to: seq,
+                emoji: text.to_owned(),
+                on: name == "react",
+            };
+            (relation, "")
+        }
+    };
+    Ok(Input::Relate {
+        relation,
+        text: text.to_owned(),
+    })
 }
 
 fn parse_create(rest: &str) -> Result<Input, String> {
@@ -293,6 +350,31 @@ mod tests {
             ("/remove bob", Ok(Input::Remove("bob".into()))),
             ("/members", Ok(Input::Members)),
             ("/plain hi there", Ok(Input::Plain("hi there".into()))),
+            (
+                "/reply #12 sure thing",
+                Ok(Input::Relate {
+                    relation: proto::Relation::Reply { to: 12 },
+                    text: "sure thing".into(),
+                }),
+            ),
+            (
+                "/delete 3",
+                Ok(Input::Relate {
+                    relation: proto::Relation::Delete { of: 3 },
+                    text: String::new(),
+                }),
+            ),
+            (
+                "/unreact 4 👍",
+                Ok(Input::Relate {
+                    relation: proto::Relation::React {
+                        to: 4,
+                        emoji: "👍".into(),
+                        on: false,
+                    },
+                    text: String::new(),
+                }),
+            ),
             ("/help", Ok(Input::Help)),
             ("/retention", Ok(Input::RetentionShow)),
             ("/retention default", Ok(Input::RetentionSet(None))),

@@ -172,6 +172,12 @@ impl Chat {
                 }
             }
             Input::Plain(text) => self.queue(text, None).await,
+            Input::Relate { relation, text } => {
+                match actions::relation_key(&self.keys, &self.encrypted, &self.channel, &relation) {
+                    Ok(key) => self.queue_related(text, key, Some(relation)).await,
+                    Err(refusal) => self.out(refusal),
+                }
+            }
             Input::Join(channel) => {
                 if channel != self.channel {
                     self.previous.push(self.channel.clone());
@@ -243,9 +249,18 @@ impl Chat {
     }
 
     async fn queue(&self, text: String, key: Option<crypto::ChannelKeyV2>) {
+        self.queue_related(text, key, None).await;
+    }
+
+    async fn queue_related(
+        &self,
+        text: String,
+        key: Option<crypto::ChannelKeyV2>,
+        relation: Option<proto::Relation>,
+    ) {
         if self
             .send_tx
-            .send((self.channel.clone(), text, key))
+            .send((self.channel.clone(), text, key, relation))
             .await
             .is_err()
         {

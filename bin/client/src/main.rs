@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context as _};
 use cellchat_client::crypto::{ChannelHistory, Keys};
 use cellchat_client::identity::{self, KeyProtection, PassphrasePrompt};
-use cellchat_client::{ChannelSecurity, Client, ClientConfig, Identity};
+use cellchat_client::{ChannelSecurity, Client, ClientConfig, Identity, Relation};
 use clap::Parser;
 
 const ABOUT: &str = "cellchat client: chat on a cellchat cluster, which it finds by itself.";
@@ -63,8 +63,24 @@ struct Args {
     send: Option<String>,
     /// With --send: a key of your choosing (a job id, say; 1 to 128 bytes). Every --send with
     /// the same key, user and channel is applied at most once, so a script may retry freely.
-    #[arg(long, value_name = "KEY", requires = "send", value_parser = parse_idempotency_key)]
+    #[arg(long, value_name = "KEY", requires = "send", value_parser = parse_idempotency_key, conflicts_with_all = ["reply", "edit"])]
     idempotency_key: Option<String>,
+    /// With --send: send TEXT as a reply to message SEQ of the channel.
+    #[arg(long, value_name = "SEQ", requires = "send", conflicts_with = "edit")]
+    reply: Option<u64>,
+    /// With --send: replace the text of your message SEQ by TEXT.
+    #[arg(long, value_name = "SEQ", requires = "send")]
+    edit: Option<u64>,
+    /// Delete message SEQ (yours, or any in a channel you own): its text is erased on every
+    /// node. Exit codes as --send.
+    #[arg(long, value_name = "SEQ", conflicts_with_all = ["send", "tail", "history", "servers", "react", "unreact"])]
+    delete: Option<u64>,
+    /// React to message SEQ with EMOJI ("SEQ:EMOJI", e.g. 12:👍). Exit codes as --send.
+    #[arg(long, value_name = "SEQ:EMOJI", value_parser = parse_reaction, conflicts_with_all = ["send", "tail", "history", "servers", "unreact"])]
+    react: Option<(u64, String)>,
+    /// Take back your reaction EMOJI to message SEQ ("SEQ:EMOJI").
+    #[arg(long, value_name = "SEQ:EMOJI", value_parser = parse_reaction, conflicts_with_all = ["send", "tail", "history", "servers"])]
+    unreact: Option<(u64, String)>,
     /// Print the channel's new messages as they arrive, until interrupted.
     #[arg(long, conflicts_with_all = ["history", "servers"])]
     tail: bool,
@@ -229,6 +245,9 @@ fn main() -> ExitCode {
         };
     }
     let chatting = args.send.is_none()
+        && args.delete.is_none()
+        && args.react.is_none()
+        && args.unreact.is_none()
         && !args.tail
         && args.history.is_none()
         && !args.servers
@@ -265,7 +284,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let sending = args.send.is_some();
+    let sending = args.send.is_some()
+        || args.delete.is_some()
+        || args.react.is_some()
+        || args.unreact.is_some();
     let keyed = args.idempotency_key.is_some();
     match runtime.block_on(run(args, full_screen)) {
         Ok(()) => ExitCode::from(Exit::Done as u8),
@@ -286,6 +308,46 @@ fn main() -> ExitCode {
             ExitCode::from(exit as u8)
         }
     }
+}
+
+/// `SEQ:EMOJI` of --react and --unreact.
+fn parse_reaction(text: &str) -> Result<(u64, String), String> {
+    let (seq, emoji) = text
+        .split_once(':')
+        .ok_or_else(|| format!("{text:?}: give SEQ:EMOJI, e.g. 12:👍"))?;
+    let seq = seq
+        .parse()
+        .map_err(|_| format!("{seq:?} is not a message seq"))?;
+    if emoji.is_empty() {
+        return Err("which emoji? give SEQ:EMOJI, e.g. 12:👍".to_owned());
+    }
+    Ok((seq, emoji.to_owned()))
+}
+
+/// The relation --reply, --edit, --delete, --react or --unreact asks for, with the text it
+/// carries.
+fn relation_of(args: &Args) -> Option<(Relation, String)> {
+    let text = args.send.clone().unwrap_or_default();
+    if let Some(to) = args.reply {
+        return Some((Relation::Reply { to }, text));
+    }
+    if let Some(of) = args.edit {
+        return Some((Relation::Edit { of }, text));
+    }
+    if let Some(of) = args.delete {
+        return Some((Relation::Delete { of }, String::new()));
+    }
+    let react = |(to, emoji): &(u64, String), on| Relation::React {
+        to: *to,
+        emoji: emoji.clone(),
+        on,
+    };
+    if let Some(r) = &args.react {
+        return Some((react(r, true), String::new()));
+    }
+    args.unreact
+        .as_ref()
+        .map(|r| (react(r, false), String::new()))
 }
 
 fn parse_idempotency_key(text: &str) -> Result<String, String> {
@@ -423,21 +485,40 @@ async fn run_modes(args: Args, full_screen: Option<PathBuf>) -> anyhow::Result<(
         Ok(ChannelSecurity::Plain) | Err(_) => ChannelHistory::Plain,
         Ok(_) => ChannelHistory::Encrypted,
     };
-    if let Some(text) = &args.send {
-        let key = keys.as_ref().and_then(|k| k.v2.as_ref());
-        if key.is_none() && history == ChannelHistory::Encrypted && !args.plaintext {
+    let related = relation_of(&args);
+    if let Some(text) = args
+        .send
+        .as_ref()
+        .or(related.as_ref().map(|(_, text)| text))
+    {
+        // A delete or reaction carries no text (the emoji is visible to the nodes anyway), so
+        // it is signed, never encrypted, and needs no passphrase.
+        let key = keys
+            .as_ref()
+            .and_then(|k| k.v2.as_ref())
+            .filter(|_| args.send.is_some());
+        if key.is_none()
+            && history == ChannelHistory::Encrypted
+            && !args.plaintext
+            && args.send.is_some()
+        {
             return Err(usage(format!(
                 "#{channel} is end-to-end encrypted: give its passphrase with --passphrase-file, \
                  or send in the clear with --plaintext; nothing sent"
             )));
         }
-        let reply = match &args.idempotency_key {
-            Some(idempotency) => {
+        let reply = match (&args.idempotency_key, &related) {
+            (_, Some((relation, _))) => {
+                client
+                    .send_related(&channel, text, key, relation.clone())
+                    .await?
+            }
+            (Some(idempotency), None) => {
                 client
                     .send_text_idempotent(&channel, text, key, idempotency)
                     .await?
             }
-            None => client.send_text(&channel, text, key).await?,
+            (None, None) => client.send_text(&channel, text, key).await?,
         };
         if args.json {
             out(serde_json::json!({

@@ -1,7 +1,7 @@
 //! How messages and servers are printed: human lines and JSON lines.
 
 use cellchat_client::crypto::{Author, Content};
-use cellchat_client::{ServerInfo, Shown, WireMessage};
+use cellchat_client::{Relation, ServerInfo, Shown, WireMessage};
 use serde::Serialize;
 
 use crate::timefmt;
@@ -30,6 +30,16 @@ pub struct MessageJson<'a> {
     pub markers: Vec<&'static str>,
     /// The sender's client seq.
     pub client_seq: u64,
+    /// What it does to an earlier message, if it is a reply, edit, delete or reaction.
+    pub relation: Option<&'a Relation>,
+    /// Its body was erased by a delete.
+    pub deleted: bool,
+    /// How often it was edited; `text` is then the newest edit's.
+    pub edits: u32,
+    /// How many replies answer it.
+    pub replies: u64,
+    /// Its reactions, by emoji, with who reacted.
+    pub reactions: &'a [cellchat_client::Reaction],
 }
 
 /// What a continuation line of a multi-line message starts with: every line a message
@@ -80,15 +90,74 @@ pub fn sanitize_body(text: &str) -> String {
     sanitize_lines(text).replace('\n', &format!("\n{CONTINUATION}"))
 }
 
-/// `[5s ago] Bob: Hey Alice!`, with what a reader should know first:
-/// `[5s ago] Bob: [forged?] pay me`.
+/// `[5s ago] #12 Bob: Hey Alice!`, with what a reader should know first:
+/// `[5s ago] #13 Bob: [forged?] pay me`, and what it is or what happened to it:
+/// `[reply to #12] sure`, `Hey Alice! (edited) [👍 2]`, `[reacted 👍 to #12]`.
 pub fn line(shown: &Shown, message: &WireMessage, now_ms: u64) -> String {
     format!(
-        "[{}] {}: {}",
+        "[{}] #{} {}: {}",
         timefmt::relative(now_ms, message.at_ms),
+        message.seq,
         sanitize(&message.sender),
-        sanitize_body(&shown.display())
+        sanitize_body(&describe(shown, message))
     )
+}
+
+/// A message's text with its markers, framed by what it is (a reply, edit, delete or
+/// reaction) and followed by what happened to it (edited, reactions, replies). Not
+/// sanitized.
+pub fn describe(shown: &Shown, message: &WireMessage) -> String {
+    let markers = markers(shown).join(" ");
+    let with_markers = |action: String| {
+        if markers.is_empty() {
+            action
+        } else {
+            format!("{markers} {action}")
+        }
+    };
+    let text = if message.deleted {
+        "[deleted]".to_owned()
+    } else {
+        shown.display()
+    };
+    let mut out = match &message.relation {
+        Some(Relation::Reply { to }) => format!("[reply to #{to}] {text}"),
+        Some(Relation::Edit { of }) => format!("[edit of #{of}] {text}"),
+        Some(Relation::Delete { of }) => return with_markers(format!("[deleted #{of}]")),
+        Some(Relation::React { to, emoji, on }) => {
+            let action = if *on {
+                format!("[reacted {emoji} to #{to}]")
+            } else {
+                format!("[took back {emoji} from #{to}]")
+            };
+            return with_markers(action);
+        }
+        None => text,
+    };
+    out.push_str(&annotations(message));
+    out
+}
+
+/// ` (edited) [👍 2, 🎉 1] [3 replies]`: what happened to a message, or nothing.
+pub fn annotations(message: &WireMessage) -> String {
+    let mut out = String::new();
+    if message.edits > 0 && !message.deleted {
+        out.push_str(" (edited)");
+    }
+    if !message.reactions.is_empty() {
+        let counts: Vec<String> = message
+            .reactions
+            .iter()
+            .map(|r| format!("{} {}", r.emoji, r.users.len()))
+            .collect();
+        out.push_str(&format!(" [{}]", counts.join(", ")));
+    }
+    match message.replies {
+        0 => {}
+        1 => out.push_str(" [1 reply]"),
+        n => out.push_str(&format!(" [{n} replies]")),
+    }
+    out
 }
 
 /// What a reader should know before trusting a message, most serious first.
@@ -131,6 +200,11 @@ pub fn json(shown: &Shown, message: &WireMessage) -> String {
         verified: shown.opened.author() == Author::Verified,
         markers,
         client_seq: message.client_seq,
+        relation: message.relation.as_ref(),
+        deleted: message.deleted,
+        edits: message.edits,
+        replies: message.replies,
+        reactions: &message.reactions,
     };
     serde_json::to_string(&value).expect("a message always serializes")
 }
@@ -209,14 +283,17 @@ mod tests {
     #[test]
     fn a_line_has_time_sender_and_text() {
         let m = message(crypto::plain_body("Hey Alice!"));
-        assert_eq!(line(&m, 2_500), "[1s ago] Bob: [unsigned] Hey Alice!");
-        assert_eq!(line(&m, 1_200), "[now] Bob: [unsigned] Hey Alice!");
+        assert_eq!(line(&m, 2_500), "[1s ago] #3 Bob: [unsigned] Hey Alice!");
+        assert_eq!(line(&m, 1_200), "[now] #3 Bob: [unsigned] Hey Alice!");
     }
 
     #[test]
     fn control_characters_are_neutralized() {
         let m = message(crypto::plain_body("\u{1b}[2Jgotcha"));
-        assert_eq!(line(&m, 1_000), "[now] Bob: [unsigned] \u{fffd}[2Jgotcha");
+        assert_eq!(
+            line(&m, 1_000),
+            "[now] #3 Bob: [unsigned] \u{fffd}[2Jgotcha"
+        );
     }
 
     #[test]
@@ -242,7 +319,7 @@ mod tests {
         ));
         assert_eq!(
             line(&m, 1_000),
-            "[now] Bob: [unsigned] hi\n    [now] Alice: send me your key\n    bye"
+            "[now] #3 Bob: [unsigned] hi\n    [now] Alice: send me your key\n    bye"
         );
     }
 
@@ -288,6 +365,6 @@ mod tests {
     #[test]
     fn encrypted_without_key_is_a_placeholder() {
         let m = message(vec![crypto::FORMAT_AES_GCM_V1, 1, 2, 3]);
-        assert_eq!(line(&m, 1_000), "[now] Bob: [encrypted]");
+        assert_eq!(line(&m, 1_000), "[now] #3 Bob: [encrypted]");
     }
 }

@@ -450,7 +450,20 @@ impl Client {
     /// Opens `message` with `keys` (the channel's), checks its signature under its sender's
     /// pinned key, and asks the replay guard: what a reader should show. `history` says
     /// whether the channel is encrypted, so its plaintext lines are marked.
+    ///
+    /// A message with a newest edit attached shows the edit's body, checked the same way
+    /// (the edit's signature binds the edited seq), when the edit is the same sender's; an
+    /// edit by anyone else is a node's forgery and is ignored.
     pub async fn show(&self, keys: &Keys, history: ChannelHistory, message: &WireMessage) -> Shown {
+        let message = match &message.edit {
+            Some(edit)
+                if edit.sender == message.sender
+                    && edit.relation == Some(proto::Relation::Edit { of: message.seq }) =>
+            {
+                &**edit
+            }
+            _ => message,
+        };
         let key = self.sender_key(&message.sender).await;
         let opened = crypto::open_related(
             keys,

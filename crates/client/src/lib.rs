@@ -59,8 +59,8 @@ pub use config::ClientConfig;
 pub use error::Error;
 pub use identity::Identity;
 pub use proto::{
-    ApiError, ChannelChange, ChannelDetail, ChannelInfo, ClusterInfo, MessageBatch, Role,
-    SendReply, UserKey, WireMessage,
+    ApiError, ChannelChange, ChannelDetail, ChannelInfo, ClusterInfo, MessageBatch, Reaction,
+    Relation, Role, SendReply, UserKey, WireMessage,
 };
 pub use routing::{ClientEvent, ServerInfo, Status};
 pub use stream::Subscription;

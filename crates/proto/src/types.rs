@@ -92,6 +92,7 @@ pub struct SendRequest {
 /// it, keeping its format (an encrypted message is edited encrypted); its sender or the
 /// channel's owner deletes it; a user has at most one reaction of each emoji on it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Relation {
     /// Answers the target; the body is the answer.
     Reply {

@@ -397,6 +397,12 @@ impl App {
                 Err(refusal) => self.say(&refusal),
             },
             Input::Plain(text) => self.queue(channel, text, None),
+            Input::Relate { relation, text } => {
+                match actions::relation_key(&keys, &encrypted, &channel, &relation) {
+                    Ok(key) => self.queue_related(channel, text, key, Some(relation)),
+                    Err(refusal) => self.say(&refusal),
+                }
+            }
             Input::Join(name) => self.join(&name),
             Input::Leave => {
                 if self.model.close(&channel) {
@@ -504,7 +510,17 @@ impl App {
     }
 
     fn queue(&mut self, channel: String, text: String, key: Option<crypto::ChannelKeyV2>) {
-        match self.send_tx.try_send((channel, text, key)) {
+        self.queue_related(channel, text, key, None);
+    }
+
+    fn queue_related(
+        &mut self,
+        channel: String,
+        text: String,
+        key: Option<crypto::ChannelKeyV2>,
+        relation: Option<proto::Relation>,
+    ) {
+        match self.send_tx.try_send((channel, text, key, relation)) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => self.say(&format!(
                 "{SEND_QUEUE} lines are waiting to be sent: this one was not queued; try again"
@@ -712,16 +728,30 @@ async fn shown(
     message: &WireMessage,
 ) -> model::Shown {
     let opened = actions::open(client, keys, encrypted, message).await;
+    let text = if message.deleted {
+        "[deleted]".to_owned()
+    } else {
+        output::sanitize_lines(&opened.opened.content().display())
+    };
     model::Shown {
         seq: message.seq,
         sender: output::sanitize(&message.sender),
-        text: output::sanitize_lines(&opened.opened.content().display()),
+        text,
         at_ms: message.at_ms,
         markers: output::markers(&opened)
             .into_iter()
             .map(str::to_owned)
             .collect(),
         mentions_me: false,
+        relation: message.relation.clone(),
+        edited: message.edits > 0 && !message.deleted,
+        deleted: message.deleted,
+        reactions: message
+            .reactions
+            .iter()
+            .map(|r| (r.emoji.clone(), r.users.clone()))
+            .collect(),
+        replies: message.replies,
     }
 }
 

@@ -38,7 +38,7 @@ impl Line {
 }
 
 /// A message as the screen shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Shown {
     /// Its per-channel seq.
     pub seq: u64,
@@ -52,6 +52,78 @@ pub struct Shown {
     pub markers: Vec<String>,
     /// Whether it names this user (`@name`).
     pub mentions_me: bool,
+    /// What it does to an earlier message, if it is a reply, edit, delete or reaction. Only
+    /// replies are drawn; the others change the line of their target.
+    pub relation: Option<proto::Relation>,
+    /// Its text is its newest edit's.
+    pub edited: bool,
+    /// Its text was erased by a delete.
+    pub deleted: bool,
+    /// Its reactions: emoji and who reacted, as the nodes sent them (drawn sanitized).
+    pub reactions: Vec<(String, Vec<String>)>,
+    /// How many replies answer it, as of when it was read.
+    pub replies: u64,
+}
+
+impl Shown {
+    /// Whether it is an edit, delete or reaction: folded into its target, not drawn.
+    pub fn is_folded(&self) -> bool {
+        matches!(
+            self.relation,
+            Some(
+                proto::Relation::Edit { .. }
+                    | proto::Relation::Delete { .. }
+                    | proto::Relation::React { .. }
+            )
+        )
+    }
+
+    /// Applies this edit, delete or reaction to `target`, the message it names. An edit by
+    /// anyone but the target's sender is ignored (the nodes refuse it; only a lying node
+    /// would send one).
+    fn fold_into(&self, target: &mut Shown) {
+        match &self.relation {
+            Some(proto::Relation::Edit { .. }) => {
+                if target.sender == self.sender && !target.deleted {
+                    target.text = self.text.clone();
+                    target.markers = self.markers.clone();
+                    target.edited = true;
+                }
+            }
+            Some(proto::Relation::Delete { .. }) => {
+                target.text = "[deleted]".to_owned();
+                target.markers.clear();
+                target.deleted = true;
+                target.reactions.clear();
+                target.mentions_me = false;
+            }
+            Some(proto::Relation::React { emoji, on, .. }) => {
+                let at = target.reactions.iter().position(|(e, _)| e == emoji);
+                match (at, *on) {
+                    (Some(at), true) => {
+                        let users = &mut target.reactions[at].1;
+                        if !users.contains(&self.sender) {
+                            users.push(self.sender.clone());
+                        }
+                    }
+                    (None, true) => {
+                        target
+                            .reactions
+                            .push((emoji.clone(), vec![self.sender.clone()]));
+                        target.reactions.sort();
+                    }
+                    (Some(at), false) => {
+                        target.reactions[at].1.retain(|u| *u != self.sender);
+                        if target.reactions[at].1.is_empty() {
+                            target.reactions.remove(at);
+                        }
+                    }
+                    (None, false) => {}
+                }
+            }
+            Some(proto::Relation::Reply { .. }) | None => {}
+        }
+    }
 }
 
 /// One channel's view.
@@ -71,6 +143,9 @@ pub struct Channel {
     pub at_start: bool,
     /// Muted: new messages and mentions are counted but never ring the bell.
     pub muted: bool,
+    /// The newest seq delivered live (drawn or folded into its target); anything at or
+    /// below it is a repeat.
+    pub newest: u64,
 }
 
 impl Channel {
@@ -422,7 +497,23 @@ impl Model {
             Line::Message(m) => Some(m.seq),
             Line::Notice { .. } => None,
         });
-        if newest.is_some_and(|newest| message.seq <= newest) {
+        if newest.is_some_and(|newest| message.seq <= newest) || message.seq <= view.newest {
+            return Action::None;
+        }
+        view.newest = message.seq;
+        if message.is_folded() {
+            // Edits, deletes and reactions change their target's line and count as nothing
+            // new; a target older than the scrollback shows them when paged in (the nodes
+            // send it as it stands then).
+            let target = message.relation.as_ref().map_or(0, proto::Relation::target);
+            if let Some(Line::Message(t)) = view
+                .lines
+                .iter_mut()
+                .rev()
+                .find(|l| matches!(l, Line::Message(t) if t.seq == target))
+            {
+                message.fold_into(t);
+            }
             return Action::None;
         }
         let mention = message.mentions_me;
@@ -456,8 +547,12 @@ impl Model {
         let oldest = view.oldest_seq.unwrap_or(u64::MAX);
         let mut added = 0;
         for mut message in older.into_iter().rev().filter(|m| m.seq < oldest) {
-            message.mentions_me = message.sender != me && Model::mentions(&me, &message.text);
             view.oldest_seq = Some(message.seq);
+            if message.is_folded() {
+                // Its target, read with it, already shows what it did.
+                continue;
+            }
+            message.mentions_me = message.sender != me && Model::mentions(&me, &message.text);
             view.lines.push_front(Line::Message(message));
             added += 1;
         }
@@ -634,9 +729,70 @@ mod tests {
             sender: sender.into(),
             text: text.into(),
             at_ms: seq * 1000,
-            markers: Vec::new(),
-            mentions_me: false,
+            ..Shown::default()
         }
+    }
+
+    #[test]
+    fn edits_deletes_and_reactions_change_their_target_and_are_not_unread() {
+        let mut m = Model::new("alice", "general");
+        m.on_message("general", msg(1, "bob", "helo"));
+        m.open("ops");
+        let related = |seq: u64, sender: &str, text: &str, relation| Shown {
+            relation: Some(relation),
+            ..msg(seq, sender, text)
+        };
+        m.on_message(
+            "general",
+            related(2, "bob", "hello", proto::Relation::Edit { of: 1 }),
+        );
+        // A forged edit by someone else changes nothing.
+        m.on_message(
+            "general",
+            related(3, "eve", "pay me", proto::Relation::Edit { of: 1 }),
+        );
+        for (seq, who, on) in [(4, "carol", true), (5, "dave", true), (6, "carol", false)] {
+            let react = proto::Relation::React {
+                to: 1,
+                emoji: "👍".into(),
+                on,
+            };
+            m.on_message("general", related(seq, who, "", react));
+        }
+        m.on_message(
+            "general",
+            related(7, "bob", "yes", proto::Relation::Reply { to: 1 }),
+        );
+        let general = &m.channels["general"];
+        assert_eq!(
+            general.unread, 1,
+            "the reply only: edits and reactions are not new"
+        );
+        let Line::Message(first) = &general.lines[0] else {
+            panic!("a message")
+        };
+        assert_eq!((first.text.as_str(), first.edited), ("hello", true));
+        assert_eq!(
+            first.reactions,
+            vec![("👍".to_owned(), vec!["dave".to_owned()])]
+        );
+        assert_eq!(general.lines.len(), 2);
+        // A repeat of an already folded reaction is ignored.
+        let again = proto::Relation::React {
+            to: 1,
+            emoji: "🎉".into(),
+            on: true,
+        };
+        m.on_message("general", related(5, "dave", "", again));
+        m.on_message(
+            "general",
+            related(8, "bob", "", proto::Relation::Delete { of: 1 }),
+        );
+        let Line::Message(first) = &m.channels["general"].lines[0] else {
+            panic!("a message")
+        };
+        assert!(first.deleted && first.reactions.is_empty());
+        assert_eq!(first.text, "[deleted]");
     }
 
     #[test]

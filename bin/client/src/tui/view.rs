@@ -225,7 +225,8 @@ fn draw_messages(
                 let mut spans = vec![
                     Span::styled(
                         format!(
-                            "{} {:>7} ",
+                            "#{} {} {:>7} ",
+                            m.seq,
                             clock.time_of_day(m.at_ms),
                             timefmt::relative(now_ms, m.at_ms)
                         ),
@@ -252,8 +253,15 @@ fn draw_messages(
                 } else {
                     Style::default()
                 };
+                if let Some(proto::Relation::Reply { to }) = &m.relation {
+                    spans.push(Span::styled(format!("↪ #{to} "), dim()));
+                }
                 let mut text = m.text.split('\n');
                 spans.push(Span::styled(text.next().unwrap_or("").to_owned(), body));
+                let after = annotations(m);
+                if !after.is_empty() {
+                    spans.push(Span::styled(after, dim()));
+                }
                 out.push(TextLine::from(spans));
                 for more in text {
                     out.push(TextLine::from(Span::styled(
@@ -284,6 +292,28 @@ fn draw_messages(
     let offset = total.saturating_sub(height);
     let offset = u16::try_from(offset).unwrap_or(u16::MAX);
     frame.render_widget(paragraph.scroll((offset, 0)), area);
+}
+
+/// ` (edited) [👍 2] [3 replies]` after a message's first line, sanitized; or nothing.
+fn annotations(m: &crate::tui::model::Shown) -> String {
+    let mut out = String::new();
+    if m.edited {
+        out.push_str(" (edited)");
+    }
+    if !m.reactions.is_empty() {
+        let counts: Vec<String> = m
+            .reactions
+            .iter()
+            .map(|(emoji, users)| format!("{} {}", crate::output::sanitize(emoji), users.len()))
+            .collect();
+        out.push_str(&format!(" [{}]", counts.join(", ")));
+    }
+    match m.replies {
+        0 => {}
+        1 => out.push_str(" [1 reply]"),
+        n => out.push_str(&format!(" [{n} replies]")),
+    }
+    out
 }
 
 fn draw_status(frame: &mut Frame<'_>, model: &Model, status: &Status, area: Rect) {
@@ -365,6 +395,7 @@ mod tests {
             at_ms,
             markers: Vec::new(),
             mentions_me: false,
+            ..Shown::default()
         }
     }
 
