@@ -323,5 +323,32 @@ async fn bad_relations_are_refused_with_their_own_errors_and_change_nothing() ->
         "{first:?}"
     );
     ensure!(text_of(&alice, first).await == "hello");
+
+    // The channel's topic: only its owner sets it, every reader sees it.
+    let set = |topic: &str| proto::ChannelChange::SetTopic(Some(topic.to_owned()));
+    let by_bob = bob.change_channel("general", set("bob's now")).await;
+    ensure!(
+        matches!(
+            by_bob,
+            Err(Error::Api(ApiError::Rejected(RejectReason::NotOwner)))
+        ),
+        "bob set alice's topic: {by_bob:?}"
+    );
+    let long = alice.change_channel("general", set(&"x".repeat(300))).await;
+    ensure!(
+        matches!(
+            long,
+            Err(Error::Api(ApiError::Rejected(RejectReason::InvalidTopic)))
+        ),
+        "a 300-byte topic: {long:?}"
+    );
+    alice
+        .change_channel("general", set("release 1.2: freeze on Friday"))
+        .await?;
+    let detail = bob.channel_info("general").await?;
+    ensure!(
+        detail.topic.as_deref() == Some("release 1.2: freeze on Friday"),
+        "{detail:?}"
+    );
     Ok(())
 }

@@ -19,6 +19,8 @@
 //! | `Remove`    | the owner, or  | not private; the owner removing themselves                     |
 //! |             | the user       |                                                                |
 //! | `SetRetention` | the owner   | the retention is out of bounds (see `retention.rs`)            |
+//! | `SetTopic`  | the owner      | the topic is over [`MAX_TOPIC_BYTES`] or holds a control       |
+//! |             |                | character                                                      |
 //!
 //! Inviting a member and removing a user who is neither member nor invited change nothing and
 //! are accepted, so retries are harmless. Only members read or write a private channel.
@@ -35,6 +37,15 @@ pub const MAX_MEMBERS: usize = 1000;
 
 /// Largest public crypto record of a channel, in bytes. Its contents are the clients' business.
 pub const MAX_CRYPTO_RECORD_BYTES: usize = 128;
+
+/// Longest channel topic, in bytes.
+pub const MAX_TOPIC_BYTES: usize = 256;
+
+/// Whether `topic` is an acceptable channel topic: at most [`MAX_TOPIC_BYTES`] bytes, no
+/// control characters (one line, no escapes).
+pub fn valid_topic(topic: &str) -> bool {
+    topic.len() <= MAX_TOPIC_BYTES && !topic.chars().any(char::is_control)
+}
 
 /// A change to a channel's record, made by the logged-in user the node stamps as `by`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -57,6 +68,9 @@ pub enum ChannelOp {
     /// The owner sets the channel's own retention, or (`None`) lets it follow the cluster
     /// default. Kept apart from the record, so records keep their encoding.
     SetRetention(Option<crate::Retention>),
+    /// The owner sets the channel's topic, or (`None`) clears it. Kept apart from the record
+    /// like the retention; appended last, so earlier entries keep their variant numbers.
+    SetTopic(Option<String>),
 }
 
 /// The stored record of one channel.

@@ -219,6 +219,7 @@ impl std::fmt::Display for Command {
                     ChannelOp::Accept => "accept",
                     ChannelOp::Remove(_) => "remove",
                     ChannelOp::SetRetention(_) => "set-retention",
+                    ChannelOp::SetTopic(_) => "set-topic",
                 };
                 write!(f, "channel-{op}({channel})")
             }
@@ -367,6 +368,8 @@ pub enum RejectReason {
     NotReacted,
     /// The message has [`MAX_REACTIONS`] reactions already.
     TooManyReactions,
+    /// A topic over [`crate::MAX_TOPIC_BYTES`] bytes or with a control character.
+    InvalidTopic,
 }
 
 impl fmt::Display for RejectReason {
@@ -454,6 +457,11 @@ impl fmt::Display for RejectReason {
             RejectReason::TooManyReactions => {
                 write!(f, "the message has {MAX_REACTIONS} reactions, the limit")
             }
+            RejectReason::InvalidTopic => write!(
+                f,
+                "a topic is one line of at most {} bytes",
+                crate::MAX_TOPIC_BYTES
+            ),
         }
     }
 }

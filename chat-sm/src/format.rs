@@ -33,6 +33,7 @@
 //! | `b'c'` channel                        | postcard of [`crate::ChannelRecord`]                            |
 //! | `b'l'` channel                        | u64 BE: the channel's floor, its lowest stored seq (absent: 1)  |
 //! | `b'r'` channel                        | postcard of the channel's own [`crate::Retention`]              |
+//! | `b't'` channel                        | the channel's topic, UTF-8                                      |
 //!
 //! # Snapshot file
 //!
@@ -77,6 +78,7 @@ pub(crate) const PREFIX_EXPIRY: u8 = b'e';
 pub(crate) const PREFIX_DEDUP_FLOOR: u8 = b'f';
 pub(crate) const PREFIX_FLOOR: u8 = b'l';
 pub(crate) const PREFIX_RETENTION: u8 = b'r';
+pub(crate) const PREFIX_TOPIC: u8 = b't';
 /// Length of an expiry index key: prefix, at_ms, dedup id, client seq.
 pub(crate) const EXPIRY_KEY_LEN: usize = 33;
 
@@ -443,7 +445,8 @@ pub(crate) fn is_known_key(key: &[u8]) -> bool {
                 | PREFIX_EXPIRY
                 | PREFIX_DEDUP_FLOOR
                 | PREFIX_FLOOR
-                | PREFIX_RETENTION)
+                | PREFIX_RETENTION
+                | PREFIX_TOPIC)
         )
     )
 }

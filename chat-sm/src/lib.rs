@@ -77,7 +77,8 @@ mod state;
 mod store;
 
 pub use channel::{
-    ChannelOp, ChannelRecord, MAX_CHANNELS_PER_USER, MAX_CRYPTO_RECORD_BYTES, MAX_MEMBERS,
+    valid_topic, ChannelOp, ChannelRecord, MAX_CHANNELS_PER_USER, MAX_CRYPTO_RECORD_BYTES,
+    MAX_MEMBERS, MAX_TOPIC_BYTES,
 };
 pub use command::{
     valid_user_name, ChannelName, ChannelSeq, ChatResponse, ClientId, Command, JoinSecret,

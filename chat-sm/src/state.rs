@@ -339,6 +339,8 @@ struct View {
     applied_index: Option<LogIndex>,
     /// Channels' own retentions, by channel name.
     retention: HashMap<String, Retention>,
+    /// Channels' topics, by channel name.
+    topics: HashMap<String, String>,
     /// The retention of every channel without one of its own.
     default_retention: Retention,
     /// The state machine's clock: the latest `at_ms` of an applied `Expire` (0 before one).
@@ -533,6 +535,8 @@ struct Batch<'a> {
     new_owned: HashMap<&'a str, usize>,
     /// Channels' own retentions set in this call; `None` removes one.
     retention: HashMap<&'a str, Option<Retention>>,
+    /// Topics set in this call; `None` clears one.
+    topics: HashMap<&'a str, Option<&'a str>>,
     /// The default retention set last in this call.
     default_retention: Option<Retention>,
     /// What an `Expire` in this call removes.
@@ -670,6 +674,7 @@ impl ChatState {
             records: HashMap::new(),
             new_owned: HashMap::new(),
             retention: HashMap::new(),
+            topics: HashMap::new(),
             default_retention: None,
             expiry: None,
         };
@@ -876,6 +881,17 @@ impl ChatState {
             Some(record) => Some(record.clone()),
             None => view.records.get(channel).cloned(),
         };
+        if let ChannelOp::SetTopic(topic) = op {
+            if current.as_ref().and_then(|r| r.owner.as_deref()) != Some(by) {
+                return Err(RejectReason::NotOwner);
+            }
+            if topic.as_deref().is_some_and(|t| !crate::valid_topic(t)) {
+                return Err(RejectReason::InvalidTopic);
+            }
+            let topic = topic.as_deref().filter(|t| !t.is_empty());
+            batch.topics.insert(channel, topic);
+            return Ok(());
+        }
         if let ChannelOp::SetRetention(retention) = op {
             if current.as_ref().and_then(|r| r.owner.as_deref()) != Some(by) {
                 return Err(RejectReason::NotOwner);
@@ -982,7 +998,9 @@ impl ChatState {
                 }
                 record
             }
-            ChannelOp::SetRetention(_) => unreachable!("handled above"),
+            ChannelOp::SetRetention(_) | ChannelOp::SetTopic(_) => {
+                unreachable!("handled above")
+            }
         };
         drop(view);
         batch.records.insert(channel, record);
@@ -1289,6 +1307,13 @@ impl ChatState {
         // Deletes go first: a put of this call is never undone by them.
         let mut wb =
             WriteBatch::with_capacity_bytes(w.puts.bytes.len() + 8 * w.puts.items.len() + 64);
+        for (channel, topic) in &batch.topics {
+            format::channel_prefixed_key(&mut w.key, PREFIX_TOPIC, channel);
+            match topic {
+                Some(topic) => w.puts.put(&w.key, &encode_bytes_value(topic.as_bytes())),
+                None => wb.delete(&w.key),
+            }
+        }
         for (channel, retention) in &batch.retention {
             format::channel_prefixed_key(&mut w.key, PREFIX_RETENTION, channel);
             match retention {
@@ -1366,6 +1391,12 @@ impl ChatState {
             match retention {
                 Some(retention) => view.retention.insert(channel.to_owned(), retention),
                 None => view.retention.remove(channel),
+            };
+        }
+        for (channel, topic) in batch.topics {
+            match topic {
+                Some(topic) => view.topics.insert(channel.to_owned(), topic.to_owned()),
+                None => view.topics.remove(channel),
             };
         }
         if let Some(retention) = batch.default_retention {
@@ -1516,6 +1547,11 @@ impl ChatState {
             default: view.default_retention,
             floor: ChannelSeq(view.channels.get(channel).map_or(1, |c| c.floor)),
         }
+    }
+
+    /// The topic of `channel`, if its owner set one.
+    pub fn topic(&self, channel: &str) -> Option<String> {
+        self.view.read().topics.get(channel).cloned()
     }
 
     /// The retention of every channel without one of its own.
@@ -1868,6 +1904,7 @@ impl ChatState {
         if floors(&fresh.channels) != floors(&view.channels)
             || (&fresh.retention, fresh.default_retention, fresh.clock)
                 != (&view.retention, view.default_retention, view.clock)
+            || fresh.topics != view.topics
         {
             return Err(broken("in-memory retention differs from rocksdb".into()));
         }
@@ -2250,6 +2287,20 @@ fn load_view(store: Arc<Store>, ring_len: usize, ring_bytes_max: usize) -> Resul
             })?;
         retention.insert(channel.to_owned(), decode_retention_value(&value)?);
     }
+    let mut topics = HashMap::new();
+    for (key, value) in scan_prefix(db, PREFIX_TOPIC)? {
+        let channel = std::str::from_utf8(&key[1..])
+            .ok()
+            .filter(|c| is_valid_channel(c));
+        let topic = std::str::from_utf8(decode_bytes_value(&value, "topic")?).ok();
+        let (Some(channel), Some(topic)) = (channel, topic) else {
+            return Err(Error::Corrupt {
+                what: "topic",
+                reason: format!("bad topic under key {}", hex(&key)),
+            });
+        };
+        topics.insert(channel.to_owned(), topic.to_owned());
+    }
     let names = channels.keys().chain(records.keys()).cloned().collect();
     let (ring_bytes, tick) = load_rings(db, &mut channels, ring_len, ring_bytes_max)?;
     let mut users = HashMap::new();
@@ -2297,6 +2348,7 @@ fn load_view(store: Arc<Store>, ring_len: usize, ring_bytes_max: usize) -> Resul
         membership,
         applied_index,
         retention,
+        topics,
         default_retention,
         clock,
         ring_bytes,
@@ -2542,6 +2594,11 @@ fn dump_pair(out: &mut String, key: &[u8], value: &[u8]) -> Result<(), Error> {
         ),
         PREFIX_FLOOR => format!("floor {} {}", name(), decode_u64_value(value, "floor")?),
         PREFIX_RETENTION => format!("retention {} {:?}", name(), decode_retention_value(value)?),
+        PREFIX_TOPIC => format!(
+            "topic {} {:?}",
+            name(),
+            String::from_utf8_lossy(decode_bytes_value(value, "topic")?)
+        ),
         PREFIX_CHANNEL => {
             let r = decode_channel_value(value)?;
             let list = |set: &BTreeSet<String>| set.iter().cloned().collect::<Vec<_>>().join(",");

@@ -222,6 +222,34 @@ pub async fn members(client: &Client, channel: &str) -> Vec<String> {
     lines
 }
 
+/// `/topic`: the channel's topic.
+pub async fn topic(client: &Client, channel: &str) -> Vec<String> {
+    match client.channel_info(channel).await {
+        Ok(detail) => vec![match detail.topic {
+            Some(topic) => format!("#{channel} topic: {}", output::sanitize(&topic)),
+            None => format!("#{channel} has no topic; its owner sets one with /topic TEXT"),
+        }],
+        Err(e) => vec![format!("cannot read #{channel}: {}", error_text(&e))],
+    }
+}
+
+/// `/topic TEXT|--clear`: the owner sets or clears the topic.
+pub async fn set_topic(client: &Client, channel: &str, topic: Option<String>) -> Vec<String> {
+    match client
+        .change_channel(channel, ChannelChange::SetTopic(topic))
+        .await
+    {
+        Ok(_) => self::topic(client, channel).await,
+        Err(e) => vec![format!("topic unchanged: {}", error_text(&e))],
+    }
+}
+
+/// What to tell a user entering `channel` about its topic, if it has one.
+pub async fn topic_notice(client: &Client, channel: &str) -> Option<String> {
+    let topic = client.channel_info(channel).await.ok()?.topic?;
+    Some(format!("#{channel} topic: {}", output::sanitize(&topic)))
+}
+
 /// `/retention`: how long the channel keeps its messages, and since which seq it has them.
 pub async fn retention(client: &Client, channel: &str) -> Vec<String> {
     let detail = match client.channel_info(channel).await {

@@ -61,6 +61,10 @@ pub enum Input {
     RetentionShow,
     /// `/retention POLICY|default`: the owner sets it; `None` follows the cluster default.
     RetentionSet(Option<proto::Retention>),
+    /// `/topic`: the current channel's topic.
+    TopicShow,
+    /// `/topic TEXT|--clear`: the owner sets or clears it.
+    TopicSet(Option<String>),
     /// `/mute` (`true`) or `/unmute`: whether the current channel's new messages and
     /// mentions stay quiet (counted, drawn dim, no bell).
     Mute(bool),
@@ -92,6 +96,7 @@ pub const NAMES: &[&str] = &[
     "/remove",
     "/members",
     "/retention",
+    "/topic",
     "/mute",
     "/unmute",
     "/help",
@@ -125,6 +130,8 @@ commands:
   /retention [24h|1000|7d,1000|forever|default]
                      show how long this channel keeps messages; its owner sets an age, a
                      count, both, forever, or the cluster default
+  /topic [TEXT|--clear]
+                     show this channel's topic; its owner sets or clears it
   /mute, /unmute     in the full-screen chat: this channel's new messages and mentions are
                      still counted but drawn dim and never ring the bell
   /help              this text
@@ -182,6 +189,11 @@ pub fn parse(line: &str) -> Result<Input, String> {
         "accept" => parse_channel(rest).map(Input::Accept),
         "remove" | "kick" => parse_user(rest, "remove").map(Input::Remove),
         "members" => no_args(Input::Members),
+        "topic" => Ok(match rest {
+            "" => Input::TopicShow,
+            "--clear" => Input::TopicSet(None),
+            topic => Input::TopicSet(Some(topic.to_owned())),
+        }),
         "mute" => no_args(Input::Mute(true)),
         "unmute" => no_args(Input::Mute(false)),
         "retention" => match rest {

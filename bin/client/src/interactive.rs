@@ -235,6 +235,10 @@ impl Chat {
             }
             Input::Members => self.say(actions::members(&self.client, &self.channel).await),
             Input::RetentionShow => self.say(actions::retention(&self.client, &self.channel).await),
+            Input::TopicShow => self.say(actions::topic(&self.client, &self.channel).await),
+            Input::TopicSet(topic) => {
+                self.say(actions::set_topic(&self.client, &self.channel, topic).await)
+            }
             Input::RetentionSet(retention) => {
                 self.say(actions::set_retention(&self.client, &self.channel, retention).await)
             }
@@ -278,6 +282,9 @@ impl Chat {
         if let Some(notice) =
             actions::security_notice(&self.client, &self.keys, &self.encrypted, &self.channel).await
         {
+            self.out(notice);
+        }
+        if let Some(notice) = actions::topic_notice(&self.client, &self.channel).await {
             self.out(notice);
         }
         let head = match self.client.history(&self.channel, None, JOIN_HISTORY).await {

@@ -420,3 +420,50 @@ fn a_deleted_body_and_its_edits_are_in_no_file_after_compaction() {
     );
     assert!(!files_containing(r.dir.path(), control).is_empty());
 }
+
+fn topic(by: &str, topic: Option<&str>) -> Command {
+    Command::Channel {
+        channel: "general".into(),
+        by: by.into(),
+        op: chat_sm::ChannelOp::SetTopic(topic.map(str::to_owned)),
+    }
+}
+
+#[test]
+fn only_the_owner_sets_a_topic_and_it_survives_a_restart_and_a_snapshot() {
+    let mut r = Replica::new(10);
+    let long = "x".repeat(chat_sm::MAX_TOPIC_BYTES + 1);
+    let log = log_of(&[
+        Command::Send(send_cmd("Alice", 1, b"\x00hi")),
+        topic("Bob", Some("bob was here")),
+        topic("Alice", Some(&long)),
+        topic("Alice", Some("two\nlines")),
+        topic("Alice", Some("release 1.2: freeze on Friday")),
+    ]);
+    let responses = apply_log(r.state(), &log, 1, &[2]);
+    assert_eq!(responses[1], ChatResponse::Rejected(RejectReason::NotOwner));
+    assert_eq!(
+        responses[2],
+        ChatResponse::Rejected(RejectReason::InvalidTopic)
+    );
+    assert_eq!(
+        responses[3],
+        ChatResponse::Rejected(RejectReason::InvalidTopic)
+    );
+    assert_eq!(responses[4], ChatResponse::ChannelUpdated);
+    let want = Some("release 1.2: freeze on Friday".to_owned());
+    assert_eq!(r.state().topic("general"), want);
+    r.state().check_consistency().expect("consistent");
+    r.restart();
+    assert_eq!(r.state().topic("general"), want);
+    let path = r.dir.path().join("snap.bin");
+    r.state().build_snapshot(&path).expect("build");
+    let copy = Replica::new(10);
+    copy.state().install_snapshot(&path).expect("install");
+    assert_eq!(copy.state().topic("general"), want);
+    assert_eq!(copy.dump(), r.dump());
+    // Clearing it removes it.
+    apply_log(r.state(), &log_of(&[topic("Alice", None)]), 6, &[1]);
+    assert_eq!(r.state().topic("general"), None);
+    r.state().check_consistency().expect("consistent");
+}

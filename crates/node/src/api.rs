@@ -450,6 +450,7 @@ pub(crate) fn rejected(reason: chat_sm::RejectReason) -> ApiError {
         R::InvalidReaction => RejectReason::InvalidReaction,
         R::AlreadyReacted => RejectReason::AlreadyReacted,
         R::NotReacted => RejectReason::NotReacted,
+        R::InvalidTopic => RejectReason::InvalidTopic,
         R::TooManyReactions => RejectReason::LimitReached {
             what: "reactions on a message".into(),
             max: chat_sm::MAX_REACTIONS as u64,
@@ -939,6 +940,7 @@ impl proto::Chat for ChatServer {
             encrypted: record.crypto.is_some(),
         };
         let retention = chat.retention(&info.name);
+        let topic = chat.topic(&info.name);
         Ok(ChannelDetail {
             info,
             members: record.members.into_iter().collect(),
@@ -947,6 +949,7 @@ impl proto::Chat for ChatServer {
             retention: retention.own.map(wire_retention),
             default_retention: wire_retention(retention.default),
             floor: retention.floor.0,
+            topic,
         })
     }
 
@@ -967,6 +970,7 @@ impl proto::Chat for ChatServer {
             ChannelChange::Invite(name) => chat_sm::ChannelOp::Invite(name),
             ChannelChange::Accept => chat_sm::ChannelOp::Accept,
             ChannelChange::Remove(name) => chat_sm::ChannelOp::Remove(name),
+            ChannelChange::SetTopic(topic) => chat_sm::ChannelOp::SetTopic(topic),
             ChannelChange::SetRetention(retention) => {
                 chat_sm::ChannelOp::SetRetention(retention.map(|r| chat_sm::Retention {
                     max_age_ms: r.max_age_ms,

@@ -193,6 +193,9 @@ pub enum RejectReason {
     /// The user has no such reaction on the message.
     #[error("you have no such reaction on the message")]
     NotReacted,
+    /// A topic too long or not one line.
+    #[error("a topic is one line of at most 256 bytes")]
+    InvalidTopic,
 }
 
 #[cfg(test)]

@@ -300,6 +300,9 @@ pub enum ChannelChange {
     /// The owner sets how long the channel keeps its messages, or (`None`) lets it follow
     /// the cluster default.
     SetRetention(Option<crate::Retention>),
+    /// The owner sets the channel's topic (one line, at most 256 bytes), or (`None`) clears
+    /// it.
+    SetTopic(Option<String>),
 }
 
 /// A [`ChannelChange`] to apply to a channel.
@@ -337,6 +340,8 @@ pub struct ChannelDetail {
     pub default_retention: crate::Retention,
     /// The oldest seq still stored; older messages expired. 1 until something expires.
     pub floor: u64,
+    /// The channel's topic, if its owner set one (one line, at most 256 bytes).
+    pub topic: Option<String>,
 }
 
 /// A user's registered public key, as the answering node knows it.

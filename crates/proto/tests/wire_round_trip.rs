@@ -225,6 +225,7 @@ fn replies_round_trip() {
         }),
         default_retention: Retention::FOREVER,
         floor: 7,
+        topic: Some("release 1.2: freeze on Friday".into()),
     });
     for change in [
         ChannelChange::Create {

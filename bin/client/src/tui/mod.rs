@@ -485,6 +485,12 @@ impl App {
             Input::RetentionSet(retention) => self.spawn_say(here, async move {
                 actions::set_retention(&client, &channel, retention).await
             }),
+            Input::TopicShow => {
+                self.spawn_say(here, async move { actions::topic(&client, &channel).await })
+            }
+            Input::TopicSet(topic) => self.spawn_say(here, async move {
+                actions::set_topic(&client, &channel, topic).await
+            }),
             Input::Mute(muted) => {
                 self.model.mute(&channel, muted);
                 if let Err(e) = save_channels(&self.files.muted, &self.model.muted()) {
@@ -558,6 +564,11 @@ impl App {
             let permit = opening.acquire_owned().await.ok();
             if let Some(notice) = actions::security_notice(&client, &keys, &encrypted, &name).await
             {
+                let _ = events
+                    .send(Event::Say(Some(name.clone()), vec![notice]))
+                    .await;
+            }
+            if let Some(notice) = actions::topic_notice(&client, &name).await {
                 let _ = events
                     .send(Event::Say(Some(name.clone()), vec![notice]))
                     .await;
