@@ -1048,7 +1048,10 @@ impl ChatState {
         }
         self.admit_send(batch, channel, &cmd.sender)?;
         let changes = match relation {
-            Some(relation) => self.relate(&*w, batch, cmd, relation)?,
+            Some(relation) => {
+                let seq = self.head_in_call(batch, channel) + 1;
+                self.relate(&*w, batch, cmd, relation, seq)?
+            }
             None => Vec::new(),
         };
         w.client_seqs.record(id, cmd.client_seq);
@@ -1079,14 +1082,7 @@ impl ChatState {
         encode_message_value(&mut w.value, &entry.value());
         w.puts.put(&w.key, &w.value);
         touched.1.push(entry);
-        for (target, mut changed) in changes {
-            if let (Some(Relation::Edit { of }), Some(meta)) =
-                (relation, changed.meta.as_deref_mut())
-            {
-                if of.0 == target {
-                    meta.edits.push(ChannelSeq(seq));
-                }
-            }
+        for (target, changed) in changes {
             batch.changed.insert((channel, target), changed);
         }
         batch.dedup.insert(dedup, (channel, seq, cmd.at_ms));
@@ -1098,15 +1094,16 @@ impl ChatState {
         })
     }
 
-    /// Checks `relation` of a send by the rules in `relation.rs` and returns the stored
-    /// messages it changes, as they stand after it (an edit's own seq is added to its target
-    /// by the caller, which numbers it). Changes nothing itself.
+    /// Checks `relation` of a send, which will take seq `own_seq`, by the rules in
+    /// `relation.rs` and returns the stored messages it changes, as they stand after it.
+    /// Changes nothing itself.
     fn relate(
         &self,
         w: &Writer,
         batch: &Batch<'_>,
         cmd: &SendCmd,
         relation: &Relation,
+        own_seq: u64,
     ) -> Result<Vec<(u64, RingEntry)>, RejectReason> {
         let channel = cmd.channel.as_str();
         let seq = relation.target().0;
@@ -1133,6 +1130,7 @@ impl ChatState {
                 if meta.edits.len() >= MAX_EDITS {
                     return Err(RejectReason::TooManyEdits);
                 }
+                meta.edits.push(ChannelSeq(own_seq));
             }
             Relation::Delete { .. } => {
                 if target.sender != cmd.sender && !self.is_owner(batch, channel, &cmd.sender) {
@@ -1173,10 +1171,6 @@ impl ChatState {
             }
         }
         target.set_meta(meta);
-        if matches!(relation, Relation::Edit { .. }) && target.meta.is_none() {
-            // The caller adds the edit's seq to the meta, so it must exist to be found.
-            target.meta = Some(Box::default());
-        }
         changes.push((seq, target));
         Ok(changes)
     }
@@ -1197,13 +1191,15 @@ impl ChatState {
 
     /// Whether `channel` has (or had: expired ones count) a message, counting this call's.
     fn has_messages(&self, batch: &Batch<'_>, channel: &str) -> bool {
-        batch.touched.contains_key(channel)
-            || self
-                .view
-                .read()
-                .channels
-                .get(channel)
-                .is_some_and(|c| c.head > 0)
+        self.head_in_call(batch, channel) > 0
+    }
+
+    /// `channel`'s head at this point of the `apply` call.
+    fn head_in_call(&self, batch: &Batch<'_>, channel: &str) -> u64 {
+        match batch.touched.get(channel) {
+            Some(&(head, _)) => head,
+            None => self.view.read().channels.get(channel).map_or(0, |c| c.head),
+        }
     }
 
     /// Message `seq` of `channel` as it stands at this point of the `apply` call: changed or

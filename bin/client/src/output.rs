@@ -140,19 +140,35 @@ pub fn describe(shown: &Shown, message: &WireMessage) -> String {
 
 /// ` (edited) [👍 2, 🎉 1] [3 replies]`: what happened to a message, or nothing.
 pub fn annotations(message: &WireMessage) -> String {
+    let reactions = message
+        .reactions
+        .iter()
+        .map(|r| (r.emoji.as_str(), r.users.len()));
+    annotation_text(
+        message.edits > 0 && !message.deleted,
+        reactions,
+        message.replies,
+    )
+}
+
+/// What [`annotations`] says, from its parts (the full-screen chat keeps them in its own
+/// model); emoji sanitized.
+pub fn annotation_text<'a>(
+    edited: bool,
+    reactions: impl Iterator<Item = (&'a str, usize)>,
+    replies: u64,
+) -> String {
     let mut out = String::new();
-    if message.edits > 0 && !message.deleted {
+    if edited {
         out.push_str(" (edited)");
     }
-    if !message.reactions.is_empty() {
-        let counts: Vec<String> = message
-            .reactions
-            .iter()
-            .map(|r| format!("{} {}", r.emoji, r.users.len()))
-            .collect();
+    let counts: Vec<String> = reactions
+        .map(|(emoji, count)| format!("{} {count}", sanitize(emoji)))
+        .collect();
+    if !counts.is_empty() {
         out.push_str(&format!(" [{}]", counts.join(", ")));
     }
-    match message.replies {
+    match replies {
         0 => {}
         1 => out.push_str(" [1 reply]"),
         n => out.push_str(&format!(" [{n} replies]")),

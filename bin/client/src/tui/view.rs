@@ -296,24 +296,11 @@ fn draw_messages(
 
 /// ` (edited) [👍 2] [3 replies]` after a message's first line, sanitized; or nothing.
 fn annotations(m: &crate::tui::model::Shown) -> String {
-    let mut out = String::new();
-    if m.edited {
-        out.push_str(" (edited)");
-    }
-    if !m.reactions.is_empty() {
-        let counts: Vec<String> = m
-            .reactions
-            .iter()
-            .map(|(emoji, users)| format!("{} {}", crate::output::sanitize(emoji), users.len()))
-            .collect();
-        out.push_str(&format!(" [{}]", counts.join(", ")));
-    }
-    match m.replies {
-        0 => {}
-        1 => out.push_str(" [1 reply]"),
-        n => out.push_str(&format!(" [{n} replies]")),
-    }
-    out
+    let reactions = m
+        .reactions
+        .iter()
+        .map(|(e, users)| (e.as_str(), users.len()));
+    crate::output::annotation_text(m.edited, reactions, m.replies)
 }
 
 fn draw_status(frame: &mut Frame<'_>, model: &Model, status: &Status, area: Rect) {
