@@ -33,6 +33,10 @@ pub const JOIN_SECRET_BYTES: std::ops::RangeInclusive<usize> = 16..=64;
 /// with [`RejectReason::BatchTooLarge`]. Bounds the work and the `WriteBatch` of one entry.
 pub const MAX_BATCH_SENDS: usize = 4096;
 
+/// Largest number of read markers in one [`Command::MarkRead`]; a larger entry is rejected
+/// whole with [`RejectReason::BatchTooLarge`].
+pub const MAX_BATCH_MARKS: usize = 4096;
+
 /// Per-channel sequence number. The first message of a channel is 1; 0 means "none".
 #[derive(
     Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default,
@@ -180,6 +184,23 @@ pub enum Command {
     /// same channel (rules in `relation.rs`). Appended last, so entries of earlier releases
     /// keep their variant numbers.
     Relate(RelateCmd),
+    /// Read markers moved by users' clients, coalesced by the leader into one entry and
+    /// applied in order; each is checked on its own (see [`ReadMark`]).
+    MarkRead(Vec<ReadMark>),
+}
+
+/// "`user` has read `channel` up to `seq`". A marker only moves forward: a mark at or below
+/// the stored one changes nothing, so marks from several clients of one user, in any order,
+/// end at the highest. Refused, changing nothing, when the user is not admitted to the
+/// channel (`NotMember`) or `seq` is 0 or above the channel's head (`NoSuchMessage`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ReadMark {
+    /// The reader, stamped by the node from the login.
+    pub user: String,
+    /// The channel; validated at apply time.
+    pub channel: String,
+    /// The highest seq read.
+    pub seq: ChannelSeq,
 }
 
 /// A send carrying a [`Relation`] to an earlier message of its channel.
@@ -234,6 +255,7 @@ impl std::fmt::Display for Command {
                 cmd.relation.target().0,
                 cmd.send.body.len()
             ),
+            Command::MarkRead(marks) => write!(f, "mark-read({} markers)", marks.len()),
         }
     }
 }
@@ -528,6 +550,9 @@ pub enum ChatResponse {
     },
     /// A [`Command::SetDefaultRetention`] was applied.
     DefaultRetentionSet,
+    /// One result per mark of a [`Command::MarkRead`], in order: the user's marker in that
+    /// channel after it.
+    Marked(Vec<Result<ChannelSeq, RejectReason>>),
 }
 
 /// A stored chat message.

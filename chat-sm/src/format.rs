@@ -34,6 +34,7 @@
 //! | `b'l'` channel                        | u64 BE: the channel's floor, its lowest stored seq (absent: 1)  |
 //! | `b'r'` channel                        | postcard of the channel's own [`crate::Retention`]              |
 //! | `b't'` channel                        | the channel's topic, UTF-8                                      |
+//! | `b'k'` user `0x00` channel            | u64 BE: the highest seq `user` has read in `channel`            |
 //!
 //! # Snapshot file
 //!
@@ -79,6 +80,7 @@ pub(crate) const PREFIX_DEDUP_FLOOR: u8 = b'f';
 pub(crate) const PREFIX_FLOOR: u8 = b'l';
 pub(crate) const PREFIX_RETENTION: u8 = b'r';
 pub(crate) const PREFIX_TOPIC: u8 = b't';
+pub(crate) const PREFIX_READ_MARK: u8 = b'k';
 /// Length of an expiry index key: prefix, at_ms, dedup id, client seq.
 pub(crate) const EXPIRY_KEY_LEN: usize = 33;
 
@@ -210,6 +212,29 @@ pub(crate) fn user_key(out: &mut Vec<u8>, name: &str) {
     out.clear();
     out.push(PREFIX_USER);
     out.extend_from_slice(name.as_bytes());
+}
+
+/// Fills `out` with the read marker key of (`user`, `channel`). User names never contain
+/// byte 0, so one user's markers form one contiguous key range in channel name order.
+pub(crate) fn read_mark_key(out: &mut Vec<u8>, user: &str, channel: &str) {
+    out.clear();
+    out.push(PREFIX_READ_MARK);
+    out.extend_from_slice(user.as_bytes());
+    out.push(0);
+    out.extend_from_slice(channel.as_bytes());
+}
+
+/// Splits a read marker key into (user, channel).
+pub(crate) fn parse_read_mark_key(key: &[u8]) -> Result<(&str, &str), Error> {
+    let corrupt = || Error::Corrupt {
+        what: "read marker key",
+        reason: format!("bad key of {} bytes", key.len()),
+    };
+    let rest = key.strip_prefix(&[PREFIX_READ_MARK]).ok_or_else(corrupt)?;
+    let nul = rest.iter().position(|&b| b == 0).ok_or_else(corrupt)?;
+    let user = std::str::from_utf8(&rest[..nul]).map_err(|_| corrupt())?;
+    let channel = std::str::from_utf8(&rest[nul + 1..]).map_err(|_| corrupt())?;
+    Ok((user, channel))
 }
 
 /// Fills `out` with the record key of `channel`.
@@ -446,7 +471,8 @@ pub(crate) fn is_known_key(key: &[u8]) -> bool {
                 | PREFIX_DEDUP_FLOOR
                 | PREFIX_FLOOR
                 | PREFIX_RETENTION
-                | PREFIX_TOPIC)
+                | PREFIX_TOPIC
+                | PREFIX_READ_MARK)
         )
     )
 }

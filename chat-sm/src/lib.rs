@@ -82,8 +82,9 @@ pub use channel::{
 };
 pub use command::{
     valid_user_name, ChannelName, ChannelSeq, ChatResponse, ClientId, Command, JoinSecret,
-    LogIndex, Message, RejectReason, RelateCmd, SendCmd, Sent, COMMAND_VERSION, JOIN_SECRET_BYTES,
-    MAX_BATCH_SENDS, MAX_BODY_BYTES, MAX_CHANNEL_BYTES, MAX_SENDER_BYTES,
+    LogIndex, Message, ReadMark, RejectReason, RelateCmd, SendCmd, Sent, COMMAND_VERSION,
+    JOIN_SECRET_BYTES, MAX_BATCH_MARKS, MAX_BATCH_SENDS, MAX_BODY_BYTES, MAX_CHANNEL_BYTES,
+    MAX_SENDER_BYTES,
 };
 pub use relation::{valid_emoji, MessageMeta, Relation, MAX_EDITS, MAX_EMOJI_BYTES, MAX_REACTIONS};
 pub use retention::{

@@ -19,8 +19,8 @@ use crate::retention::{Retention, DEDUP_WINDOW_MS, EXPIRE_DEDUP_MAX, EXPIRE_SCAN
 use crate::snapshot::{self, SnapshotContents, SnapshotInfo};
 use crate::store::{self, Store};
 use crate::{
-    ChannelSeq, ChatResponse, ClientId, Command, Error, LogIndex, Message, MessageMeta,
-    RejectReason, Relation, SendCmd, Sent, JOIN_SECRET_BYTES, MAX_BATCH_SENDS,
+    ChannelSeq, ChatResponse, ClientId, Command, Error, LogIndex, Message, MessageMeta, ReadMark,
+    RejectReason, Relation, SendCmd, Sent, JOIN_SECRET_BYTES, MAX_BATCH_MARKS, MAX_BATCH_SENDS,
     MAX_CRYPTO_RECORD_BYTES, MAX_EDITS, MAX_REACTIONS,
 };
 
@@ -302,6 +302,8 @@ pub struct ChannelListing {
     /// Its lowest stored seq: older ones expired. 1 until something expires; `head + 1` when
     /// every message expired.
     pub floor: ChannelSeq,
+    /// The highest seq the listing user marked read in it; 0 when none.
+    pub read_to: ChannelSeq,
 }
 
 /// How long a channel keeps its messages, as [`ChatState::retention`] reports it.
@@ -537,6 +539,8 @@ struct Batch<'a> {
     retention: HashMap<&'a str, Option<Retention>>,
     /// Topics set in this call; `None` clears one.
     topics: HashMap<&'a str, Option<&'a str>>,
+    /// Read markers moved in this call: (user, channel) -> seq.
+    marks: HashMap<(&'a str, &'a str), u64>,
     /// The default retention set last in this call.
     default_retention: Option<Retention>,
     /// What an `Expire` in this call removes.
@@ -675,6 +679,7 @@ impl ChatState {
             new_owned: HashMap::new(),
             retention: HashMap::new(),
             topics: HashMap::new(),
+            marks: HashMap::new(),
             default_retention: None,
             expiry: None,
         };
@@ -760,6 +765,19 @@ impl ChatState {
                     Ok(sent) => ChatResponse::Sent(sent),
                     Err(reason) => ChatResponse::Rejected(reason),
                 }
+            }
+            ApplyPayload::Command(Command::MarkRead(marks)) => {
+                if marks.len() > MAX_BATCH_MARKS {
+                    return ChatResponse::Rejected(RejectReason::BatchTooLarge {
+                        count: marks.len() as u64,
+                        max: MAX_BATCH_MARKS as u64,
+                    });
+                }
+                let results = marks
+                    .iter()
+                    .map(|mark| self.apply_mark(w, batch, mark))
+                    .collect();
+                ChatResponse::Marked(results)
             }
         }
     }
@@ -1175,6 +1193,39 @@ impl ChatState {
         Ok(changes)
     }
 
+    /// Moves `mark.user`'s read marker in `mark.channel` up to `mark.seq` (the rules are on
+    /// [`ReadMark`]); answers the marker after it.
+    fn apply_mark<'a>(
+        &self,
+        w: &Writer,
+        batch: &mut Batch<'a>,
+        mark: &'a ReadMark,
+    ) -> Result<ChannelSeq, RejectReason> {
+        let (user, channel) = (mark.user.as_str(), mark.channel.as_str());
+        if !is_valid_channel(channel) {
+            return Err(RejectReason::InvalidChannel);
+        }
+        if !is_valid_sender(user) {
+            return Err(RejectReason::InvalidSender);
+        }
+        if !self.record(batch, channel).is_none_or(|r| r.admits(user)) {
+            return Err(RejectReason::NotMember);
+        }
+        if mark.seq.0 == 0 || mark.seq.0 > self.head_in_call(batch, channel) {
+            return Err(RejectReason::NoSuchMessage);
+        }
+        let current = match batch.marks.get(&(user, channel)) {
+            Some(&seq) => seq,
+            None => read_mark(&w.store, user, channel)
+                .unwrap_or_else(|e| panic!("rocksdb read failed in apply: {e}")),
+        };
+        if mark.seq.0 <= current {
+            return Ok(ChannelSeq(current));
+        }
+        batch.marks.insert((user, channel), mark.seq.0);
+        Ok(mark.seq)
+    }
+
     /// Whether `user` owns `channel`, counting records changed in this call.
     fn is_owner(&self, batch: &Batch<'_>, channel: &str, user: &str) -> bool {
         self.record(batch, channel)
@@ -1309,6 +1360,10 @@ impl ChatState {
                 Some(topic) => w.puts.put(&w.key, &encode_bytes_value(topic.as_bytes())),
                 None => wb.delete(&w.key),
             }
+        }
+        for (&(user, channel), &seq) in &batch.marks {
+            format::read_mark_key(&mut w.key, user, channel);
+            w.puts.put(&w.key, &encode_u64_value(seq));
         }
         for (channel, retention) in &batch.retention {
             format::channel_prefixed_key(&mut w.key, PREFIX_RETENTION, channel);
@@ -1497,7 +1552,7 @@ impl ChatState {
         user: &str,
         after: Option<&str>,
         limit: usize,
-    ) -> (Vec<ChannelListing>, bool) {
+    ) -> Result<(Vec<ChannelListing>, bool), Error> {
         let limit = limit.clamp(1, CHANNEL_PAGE_MAX);
         let view = self.view.read();
         let start = after.map_or(Bound::Unbounded, Bound::Excluded);
@@ -1517,11 +1572,15 @@ impl ChatState {
                     invited: record.is_some_and(|r| r.invited.contains(user)),
                     encrypted: record.is_some_and(|r| r.crypto.is_some()),
                     floor: ChannelSeq(view.channels.get(name).map_or(1, |c| c.floor)),
+                    read_to: ChannelSeq(0),
                 })
             });
-        let page: Vec<ChannelListing> = visible.by_ref().take(limit).collect();
+        let mut page: Vec<ChannelListing> = visible.by_ref().take(limit).collect();
         let more = visible.next().is_some();
-        (page, more)
+        let store = view.store.clone();
+        drop(view);
+        fill_read_marks(&store, user, &mut page)?;
+        Ok((page, more))
     }
 
     /// The lowest seq `channel` still keeps: 1 until retention expired some of it.
@@ -1631,6 +1690,15 @@ impl ChatState {
     /// The public key registered for `name`, if any.
     pub fn user_key(&self, name: &str) -> Option<[u8; 32]> {
         self.view.read().users.get(name).copied()
+    }
+
+    /// The highest seq `user` has marked read in `channel`; 0 when none.
+    ///
+    /// # Errors
+    /// [`Error::Rocks`] or [`Error::Corrupt`] when RocksDB fails.
+    pub fn read_marker(&self, user: &str, channel: &str) -> Result<ChannelSeq, Error> {
+        let store = self.view.read().store.clone();
+        read_mark(&store, user, channel).map(ChannelSeq)
     }
 
     /// Messages of `channel` with seq `>= from_seq`, ascending, at most
@@ -2541,6 +2609,43 @@ fn load_snapshot(store: &Store, path: &Path) -> Result<SnapshotInfo, Error> {
     Ok(info)
 }
 
+/// `user`'s read marker in `channel` as stored; 0 when none.
+fn read_mark(store: &Store, user: &str, channel: &str) -> Result<u64, Error> {
+    let mut key = Vec::new();
+    format::read_mark_key(&mut key, user, channel);
+    match store.db().get_pinned(&key).map_err(rocks("get"))? {
+        Some(value) => decode_u64_value(&value, "read marker"),
+        None => Ok(0),
+    }
+}
+
+/// Sets `read_to` of every listing in `page` (in name order) from `user`'s stored markers:
+/// one pass over the user's marker range from the page's first name to its last.
+fn fill_read_marks(store: &Store, user: &str, page: &mut [ChannelListing]) -> Result<(), Error> {
+    let (Some(first), Some(last)) = (page.first(), page.last()) else {
+        return Ok(());
+    };
+    let mut start = Vec::new();
+    format::read_mark_key(&mut start, user, &first.name);
+    let mut end = Vec::new();
+    format::read_mark_key(&mut end, user, &last.name);
+    end.push(0);
+    let mut opts = store::total_order();
+    opts.set_iterate_upper_bound(end);
+    let mut it = store.db().raw_iterator_opt(opts);
+    it.seek(&start);
+    let mut listings = page.iter_mut().peekable();
+    while let (Some(key), Some(value)) = (it.key(), it.value()) {
+        let (_, channel) = parse_read_mark_key(key)?;
+        while listings.next_if(|l| l.name.as_str() < channel).is_some() {}
+        if let Some(listing) = listings.next_if(|l| l.name == channel) {
+            listing.read_to = ChannelSeq(decode_u64_value(value, "read marker")?);
+        }
+        it.next();
+    }
+    it.status().map_err(rocks("iterate"))
+}
+
 fn dump_pair(out: &mut String, key: &[u8], value: &[u8]) -> Result<(), Error> {
     let name = || String::from_utf8_lossy(&key[1..]).into_owned();
     let line = match key[0] {
@@ -2595,6 +2700,11 @@ fn dump_pair(out: &mut String, key: &[u8], value: &[u8]) -> Result<(), Error> {
             name(),
             String::from_utf8_lossy(decode_bytes_value(value, "topic")?)
         ),
+        PREFIX_READ_MARK => {
+            let (user, channel) = parse_read_mark_key(key)?;
+            let seq = decode_u64_value(value, "read marker")?;
+            format!("read-mark {user} {channel} {seq}")
+        }
         PREFIX_CHANNEL => {
             let r = decode_channel_value(value)?;
             let list = |set: &BTreeSet<String>| set.iter().cloned().collect::<Vec<_>>().join(",");

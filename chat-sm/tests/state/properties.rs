@@ -296,6 +296,9 @@ fn model(log: &[TestEntry]) -> Vec<ChatResponse> {
             TestEntry::Cmd(Command::Relate(_)) => {
                 unreachable!("not generated here: see relations.rs")
             }
+            TestEntry::Cmd(Command::MarkRead(_)) => {
+                unreachable!("not generated here: see markers.rs")
+            }
             TestEntry::Cmd(Command::SetJoinSecret(secret)) => {
                 if (16..=64).contains(&secret.0.len()) {
                     ChatResponse::JoinSecretSet

@@ -630,7 +630,7 @@ fn private_channels_admit_members_only_and_lists_show_what_a_user_may_see() {
         .expect("a first message makes a record");
     assert_eq!(lobby.owner.as_deref(), Some("carol"));
     let names = |user: &str| {
-        let (page, more) = s.channel_page(user, None, 10);
+        let (page, more) = s.channel_page(user, None, 10).expect("page");
         assert!(!more);
         page.into_iter().map(|c| c.name).collect::<Vec<_>>()
     };
@@ -657,7 +657,10 @@ fn the_channel_list_pages_in_name_order() {
     let mut seen = Vec::new();
     let mut after: Option<String> = None;
     loop {
-        let (page, more) = r.state().channel_page("bob", after.as_deref(), 10);
+        let (page, more) = r
+            .state()
+            .channel_page("bob", after.as_deref(), 10)
+            .expect("page");
         seen.extend(page.iter().map(|c| c.name.clone()));
         after = page.last().map(|c| c.name.clone());
         if !more {
