@@ -350,5 +350,30 @@ async fn bad_relations_are_refused_with_their_own_errors_and_change_nothing() ->
         detail.topic.as_deref() == Some("release 1.2: freeze on Friday"),
         "{detail:?}"
     );
+
+    // A thread: message 1 and its replies, whatever lies between them.
+    for (n, text) in ["first answer", "second answer"].into_iter().enumerate() {
+        bob.send_text("general", &format!("noise {n}"), None)
+            .await?;
+        bob.send_related("general", text, None, Relation::Reply { to: 1 })
+            .await?;
+    }
+    // Alice reads at least what Bob wrote (read-your-writes is per client).
+    alice.observe_read_token(bob.read_token());
+    let thread = alice.thread("general", 1).await?;
+    ensure!(thread.complete && thread.target.replies == 2, "{thread:?}");
+    let mut texts = Vec::new();
+    for reply in &thread.replies {
+        texts.push(text_of(&alice, reply).await);
+    }
+    ensure!(texts == ["first answer", "second answer"], "{texts:?}");
+    let missing = alice.thread("general", 99).await;
+    ensure!(
+        matches!(
+            missing,
+            Err(Error::Api(ApiError::Rejected(RejectReason::NoSuchMessage)))
+        ),
+        "a thread of nothing: {missing:?}"
+    );
     Ok(())
 }

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use proto::{
     ApiError, ChannelChange, ChannelDetail, ChannelInfo, ChannelInfoRequest, ChannelPage,
-    ChannelRequest, ChannelsRequest, ChatClient, ClusterInfo, HistoryRequest, MessageBatch,
-    RejectReason, SendReply, SendRequest, UserKey, WireMessage,
+    ChannelRequest, ChannelsRequest, ChatClient, ClusterInfo, HistoryRequest, MarkReadRequest,
+    MessageBatch, RejectReason, SendReply, SendRequest, UserKey, WireMessage,
 };
 use tarpc::client::RpcError;
 use tokio::sync::broadcast;
@@ -581,6 +581,43 @@ impl Client {
             .await
     }
 
+    /// Message `seq` of `channel` and the replies to it, in seq order. Replies are found by
+    /// reading on from the message, page after page, until as many were found as the message
+    /// says it has, or [`THREAD_SCAN_MAX`] messages were read (`complete` is then false).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Api`] with `NoSuchMessage` when `seq` is not a stored message of `channel`;
+    /// otherwise as [`history`](Self::history).
+    pub async fn thread(&self, channel: &str, seq: u64) -> Result<Thread, Error> {
+        let no_such = || Error::Api(ApiError::Rejected(RejectReason::NoSuchMessage));
+        let page = self.history_from(channel, seq, 1).await?;
+        let target = (page.messages.into_iter())
+            .find(|m| m.seq == seq)
+            .ok_or_else(no_such)?;
+        let mut replies = Vec::new();
+        let last = seq.saturating_add(THREAD_SCAN_MAX);
+        let mut from = seq + 1;
+        while (replies.len() as u64) < target.replies && from <= last {
+            let page = self.history_from(channel, from, 1000).await?;
+            let Some(newest) = page.messages.last().map(|m| m.seq) else {
+                break;
+            };
+            for m in page.messages {
+                if m.seq <= last && m.relation == Some(proto::Relation::Reply { to: seq }) {
+                    replies.push(m);
+                }
+            }
+            from = newest + 1;
+        }
+        let complete = replies.len() as u64 >= target.replies;
+        Ok(Thread {
+            target,
+            replies,
+            complete,
+        })
+    }
+
     /// The last `count` messages of `channel` (all of them when it has fewer), ascending.
     /// A node may answer a page shorter than asked (its replies have a byte cap), so this
     /// pages back from the oldest message it got until it has `count` or reaches the start.
@@ -757,6 +794,32 @@ impl Client {
             }
             (Err(e), _) => Err(e),
         }
+    }
+
+    /// Moves this user's read marker in `channel` up to `seq`, through the leader, retrying
+    /// like a send (marking twice is harmless). Answers the marker now: `seq`, or higher when
+    /// another of this user's clients read further. The leader gathers marks for a moment
+    /// (a tenth of a second) before writing them, so call it from a background task.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Api`] with `NoSuchMessage` (0 or above the head) or `NotMember`,
+    /// [`Error::NoIdentity`], [`Error::RetriesExhausted`].
+    pub async fn mark_read(&self, channel: &str, seq: u64) -> Result<u64, Error> {
+        self.pool.identity().ok_or(Error::NoIdentity)?;
+        let request = MarkReadRequest {
+            channel: channel.to_owned(),
+            seq,
+        };
+        let reply = self
+            .retrying(Target::Leader, || async {
+                let (node, conn) = self.pool.writer_conn().await?;
+                let call = conn.mark_read(self.pool.ctx(), request.clone());
+                self.write_on(node, call).await
+            })
+            .await?;
+        self.routes.observe(reply.read_token);
+        Ok(reply.read_to)
     }
 
     /// The registered public keys of `names` (at most [`proto::USER_KEYS_MAX`]) as the nearest
@@ -981,6 +1044,21 @@ pub const CHANNELS_LISTED_MAX: usize = 100_000;
 enum Reader {
     User,
     Anyone,
+}
+
+/// Most messages [`Client::thread`] reads after a message looking for its replies.
+pub const THREAD_SCAN_MAX: u64 = 10_000;
+
+/// A message and its replies ([`Client::thread`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Thread {
+    /// The message.
+    pub target: WireMessage,
+    /// Its replies, in seq order.
+    pub replies: Vec<WireMessage>,
+    /// Whether every reply the message counts was found (false when some are further than
+    /// [`THREAD_SCAN_MAX`] messages after it, or expired).
+    pub complete: bool,
 }
 
 /// The client id of an idempotency key: SHA-256 over a domain, then cluster, user, channel and

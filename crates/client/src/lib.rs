@@ -54,7 +54,7 @@ pub mod time;
 pub mod trust;
 
 pub use authors::{ChannelSecurity, SenderKey, Shown};
-pub use client::{Client, Unlocked};
+pub use client::{Client, Thread, Unlocked, THREAD_SCAN_MAX};
 pub use config::ClientConfig;
 pub use error::Error;
 pub use identity::Identity;

@@ -274,6 +274,7 @@ impl proto::Chat for MockChat {
             private: false,
             invited: false,
             encrypted: false,
+            read_to: 0,
         };
         Ok(proto::ChannelPage {
             channels: vec![general],
@@ -291,6 +292,14 @@ impl proto::Chat for MockChat {
 
     async fn channel(self, _: Context, _: proto::ChannelRequest) -> Result<u64, ApiError> {
         Err(ApiError::unavailable("no channel records in the mock"))
+    }
+
+    async fn mark_read(
+        self,
+        _: Context,
+        _: proto::MarkReadRequest,
+    ) -> Result<proto::MarkReadReply, ApiError> {
+        Err(ApiError::unavailable("no read markers in the mock"))
     }
 
     async fn user_keys(

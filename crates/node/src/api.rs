@@ -20,8 +20,8 @@ use parking_lot::Mutex;
 use proto::{
     wait_budget, ApiError, ChannelChange, ChannelDetail, ChannelInfo, ChannelInfoRequest,
     ChannelPage, ChannelRequest, ChannelsRequest, ClusterInfo, Hello, HistoryRequest, LeaderHint,
-    Login, MessageBatch, NodeInfo, Pong, RejectReason, Role, SendReply, SendRequest, Session,
-    StreamRequest, UserKey, Welcome, WireMessage,
+    Login, MarkReadReply, MarkReadRequest, MessageBatch, NodeInfo, Pong, RejectReason, Role,
+    SendReply, SendRequest, Session, StreamRequest, UserKey, Welcome, WireMessage,
 };
 use tarpc::context::Context;
 
@@ -32,6 +32,7 @@ use crate::delivery::Delivery;
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::proposer::{ProposeError, Proposer};
 use crate::raft::Raft;
+use crate::read_marks::ReadMarks;
 use crate::types::{Member, NodeId};
 
 /// Most messages one `stream` or `history` call returns.
@@ -109,6 +110,8 @@ pub struct ApiShared {
     pub chat: Arc<ChatState>,
     pub delivery: Delivery,
     pub proposer: Proposer,
+    /// Coalesces read markers into entries.
+    pub read_marks: ReadMarks,
     /// Nodes heard by discovery (roles and applied indexes of others).
     pub peers: Peers,
     pub metrics: Arc<Metrics>,
@@ -504,6 +507,7 @@ fn channel_info(listing: chat_sm::ChannelListing) -> ChannelInfo {
         private: listing.private,
         invited: listing.invited,
         encrypted: listing.encrypted,
+        read_to: listing.read_to.0,
     }
 }
 
@@ -908,7 +912,12 @@ impl proto::Chat for ChatServer {
         self.wait_token(req.read_token, wait_budget(&ctx, proto::STREAM_WAIT_MS_MAX))
             .await?;
         let limit = req.limit.min(proto::CHANNEL_PAGE_MAX) as usize;
-        let (page, more) = (self.shared.chat).channel_page(&user, req.after.as_deref(), limit);
+        let (page, more) = (self.shared.chat)
+            .channel_page(&user, req.after.as_deref(), limit)
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot list channels");
+                ApiError::unavailable("storage error")
+            })?;
         Ok(ChannelPage {
             channels: page.into_iter().map(channel_info).collect(),
             more,
@@ -931,6 +940,9 @@ impl proto::Chat for ChatServer {
         if !record.visible_to(&user) {
             return Err(ApiError::Rejected(RejectReason::NotMember));
         }
+        let read_to = (chat.read_marker(&user, &req.channel))
+            .map_err(storage_error(&req.channel))?
+            .0;
         let info = ChannelInfo {
             name: req.channel,
             head: head.0,
@@ -938,6 +950,7 @@ impl proto::Chat for ChatServer {
             private: record.private,
             invited: record.invited.contains(&user),
             encrypted: record.crypto.is_some(),
+            read_to,
         };
         let retention = chat.retention(&info.name);
         let topic = chat.topic(&info.name);
@@ -1055,6 +1068,40 @@ impl proto::Chat for ChatServer {
             applied: self.shared.delivery.applied(),
             server_time_ms: now_ms(),
         }
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(channel = %req.channel, seq = req.seq))]
+    async fn mark_read(self, _: Context, req: MarkReadRequest) -> Result<MarkReadReply, ApiError> {
+        let _busy = self.busy();
+        let started = Instant::now();
+        self.require_hello()?;
+        let user = self.conn.lock().user.clone();
+        let (user, public_key) = user.ok_or(ApiError::Unauthenticated)?;
+        check_channel(&req.channel)?;
+        // Cheap checks before the log, as for a send; apply repeats them deterministically.
+        let chat = &self.shared.chat;
+        check_admitted(chat, &req.channel, &user)?;
+        if req.seq == 0 || req.seq > chat.head(&req.channel).0 {
+            return Err(ApiError::Rejected(RejectReason::NoSuchMessage));
+        }
+        self.ensure_registered(&user, public_key).await?;
+        let mark = chat_sm::ReadMark {
+            user,
+            channel: req.channel,
+            seq: ChannelSeq(req.seq),
+        };
+        let marked = (self.shared.read_marks.mark(mark).await).map_err(|e| match e {
+            ProposeError::NotLeader { leader } => not_leader(leader),
+            ProposeError::Unavailable(reason) => ApiError::unavailable(reason),
+        })?;
+        self.shared
+            .metrics
+            .observe_rpc("mark_read", started.elapsed());
+        let read_to = marked.result.map_err(rejected)?;
+        Ok(MarkReadReply {
+            read_to: read_to.0,
+            read_token: marked.log_index,
+        })
     }
 }
 

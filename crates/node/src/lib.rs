@@ -38,6 +38,7 @@ mod proposer;
 mod push;
 mod raft;
 mod raft_rpc;
+mod read_marks;
 mod reconcile;
 mod retention;
 mod server;

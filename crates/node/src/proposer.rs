@@ -211,7 +211,9 @@ async fn propose_batch(raft: &Raft, batch: Vec<Pending>) {
     }
 }
 
-fn map_write_error(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> ProposeError {
+pub(crate) fn map_write_error(
+    e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>,
+) -> ProposeError {
     match e {
         // openraft answers ForwardToLeader either before proposing or after truncating the
         // entry as conflicting: both mean the entry was not applied.

@@ -41,6 +41,7 @@ use crate::proposer::{Proposer, ProposerConfig};
 use crate::push::{self, BatchCache};
 use crate::raft::{start_raft, Raft};
 use crate::raft_rpc::{self, Network, RaftRpcServer};
+use crate::read_marks::ReadMarks;
 use crate::reconcile;
 use crate::snapshot_transfer::SnapshotReceiver;
 use crate::state_machine::StateMachine;
@@ -427,6 +428,7 @@ impl Server {
             metrics.clone(),
             gate.clone(),
         );
+        let read_marks = ReadMarks::spawn(raft.clone(), gate.clone());
         let peers = Peers::default();
         let shared = Arc::new(ApiShared {
             id,
@@ -435,6 +437,7 @@ impl Server {
             chat,
             delivery,
             proposer,
+            read_marks,
             peers: peers.clone(),
             metrics: metrics.clone(),
             user_buckets: parking_lot::Mutex::new(BucketMap::new(

@@ -56,7 +56,8 @@ pub use transport::{
 };
 pub use types::{
     ChannelChange, ChannelDetail, ChannelInfo, ChannelInfoRequest, ChannelPage, ChannelRequest,
-    ChannelsRequest, ClusterInfo, Hello, HistoryRequest, LeaderHint, Login, MessageBatch, NodeInfo,
-    Pong, Reaction, Relation, Role, SendReply, SendRequest, Session, StreamRequest, UserKey,
-    Welcome, WireMessage, CHANNEL_PAGE_MAX, USER_KEYS_MAX,
+    ChannelsRequest, ClusterInfo, Hello, HistoryRequest, LeaderHint, Login, MarkReadReply,
+    MarkReadRequest, MessageBatch, NodeInfo, Pong, Reaction, Relation, Role, SendReply,
+    SendRequest, Session, StreamRequest, UserKey, Welcome, WireMessage, CHANNEL_PAGE_MAX,
+    USER_KEYS_MAX,
 };

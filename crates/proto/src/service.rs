@@ -14,8 +14,8 @@ use crate::{
     transport::{self, Transport},
     types::{
         ChannelDetail, ChannelInfoRequest, ChannelPage, ChannelRequest, ChannelsRequest,
-        ClusterInfo, Hello, HistoryRequest, Login, MessageBatch, Pong, SendReply, SendRequest,
-        Session, StreamRequest, UserKey, Welcome,
+        ClusterInfo, Hello, HistoryRequest, Login, MarkReadReply, MarkReadRequest, MessageBatch,
+        Pong, SendReply, SendRequest, Session, StreamRequest, UserKey, Welcome,
     },
 };
 
@@ -27,7 +27,8 @@ use crate::{
 /// crypto records), a paged channel list, and users' registered keys. Version 5: retention
 /// (a channel change, the channel detail's retention and floor, and two rejections).
 /// Version 6: relations (replies, edits, deletes, reactions) in sends and messages.
-pub const PROTOCOL_VERSION: u16 = 6;
+/// Version 7: read markers (`mark_read`, and each listed channel's `read_to`).
+pub const PROTOCOL_VERSION: u16 = 7;
 
 /// Largest request frame a node reads on the chat service, in bytes (64 KiB): a send carries
 /// at most a 16 KiB body, so anything larger is refused from its length prefix, logged in or
@@ -93,6 +94,11 @@ pub trait Chat {
     async fn cluster() -> Result<ClusterInfo, ApiError>;
     /// Round-trip probe; allowed before `hello`.
     async fn ping(nonce: u64) -> Pong;
+    /// Moves the caller's read marker in a channel up to a seq, through the leader (followers
+    /// answer `NotLeader`). The leader coalesces the marks of all its clients into one log
+    /// entry now and then, so this answers after that entry applied: with the marker (never
+    /// lower than before) and the entry's read token.
+    async fn mark_read(req: MarkReadRequest) -> Result<MarkReadReply, ApiError>;
 }
 
 /// A client-side transport for [`Chat`].

@@ -254,6 +254,26 @@ pub struct ChannelInfo {
     pub invited: bool,
     /// Its users set an end-to-end encryption record.
     pub encrypted: bool,
+    /// The highest seq the listing user marked read in it ([`Chat::mark_read`](crate::Chat::mark_read)); 0 when none.
+    pub read_to: u64,
+}
+
+/// Asks to move the caller's read marker in `channel` up to `seq`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MarkReadRequest {
+    /// The channel.
+    pub channel: String,
+    /// The highest seq read: 1 up to the channel's head.
+    pub seq: u64,
+}
+
+/// The caller's read marker after a [`MarkReadRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MarkReadReply {
+    /// The marker now: the requested seq, or a higher one another client of the same user set.
+    pub read_to: u64,
+    /// The applied log index that holds it (a read token).
+    pub read_token: u64,
 }
 
 /// Asks for one page of the channel list.

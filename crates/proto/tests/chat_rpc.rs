@@ -42,6 +42,7 @@ fn general() -> ChannelInfo {
         private: false,
         invited: false,
         encrypted: false,
+        read_to: 0,
     }
 }
 
@@ -126,6 +127,15 @@ impl Chat for TestServer {
     }
 
     async fn channel(self, _: Context, _: ChannelRequest) -> Result<u64, ApiError> {
+        self.gate()?;
+        Err(ApiError::NotLeader { leader: None })
+    }
+
+    async fn mark_read(
+        self,
+        _: Context,
+        _: proto::MarkReadRequest,
+    ) -> Result<proto::MarkReadReply, ApiError> {
         self.gate()?;
         Err(ApiError::NotLeader { leader: None })
     }

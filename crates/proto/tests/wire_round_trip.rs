@@ -209,7 +209,16 @@ fn replies_round_trip() {
         private: true,
         invited: true,
         encrypted: true,
+        read_to: 2,
     };
+    round_trip(proto::MarkReadRequest {
+        channel: "vault".into(),
+        seq: 2,
+    });
+    round_trip(proto::MarkReadReply {
+        read_to: 3,
+        read_token: 17,
+    });
     round_trip(ChannelPage {
         channels: vec![info.clone()],
         more: true,

@@ -689,6 +689,15 @@ impl TestUser {
         }
     }
 
+    /// A user whose key is made from `seed`: the same user as a library client with
+    /// `Identity::ephemeral(name, Some(seed))`.
+    pub fn with_seed(name: &str, seed: [u8; 32]) -> TestUser {
+        TestUser {
+            name: name.to_owned(),
+            key: SigningKey::from_bytes(&seed),
+        }
+    }
+
     /// The user's public key.
     pub fn public_key(&self) -> [u8; 32] {
         self.key.verifying_key().to_bytes()
