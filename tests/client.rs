@@ -1525,3 +1525,115 @@ async fn the_scripting_contract_exit_codes_idempotency_key_tail_after_and_broken
     assert!(String::from_utf8_lossy(&man.stdout).contains(".TH cellchat"));
     Ok(())
 }
+
+/// The index of the first line of `screen` containing `needle`.
+fn line_of(screen: &str, needle: &str) -> Option<usize> {
+    screen.lines().position(|l| l.contains(needle))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_markers_follow_a_user_from_the_full_screen_client_to_the_line_mode_and_back(
+) -> anyhow::Result<()> {
+    let cluster = three_nodes("cl-marks", &[]).await?;
+    let dir = tempfile::tempdir()?;
+    let carol = client_as(&cluster, "Carol").await?;
+    for i in 1..=5 {
+        carol.send_text("general", &format!("g{i}"), None).await?;
+    }
+    carol.send_text("ops", "o1", None).await?;
+    let tmux = Tmux::new();
+
+    // Bob reads #general to its end in the full-screen client, then moves to #ops; two
+    // more messages in #general count as unread there.
+    tmux.start_full_screen(&cluster, dir.path(), "Bob", (120, 30))?;
+    tmux.wait_for("Bob", "#general read to its end", |s| {
+        status_bar(s).contains("Bob in #general") && full_screen_row(s, "Carol", "g5").is_some()
+    })
+    .await?;
+    // Bob's key, as a library client, to see his marker reach the cluster.
+    let key = Identity::load_or_create(dir.path(), &cluster.cluster, "Bob")?;
+    let bob = Client::connect(config(&cluster, Some(key))).await?;
+    let deadline = Instant::now() + RECEIVE;
+    loop {
+        let channels = bob.channels().await?;
+        if channels
+            .iter()
+            .any(|c| c.name == "general" && c.read_to == 5)
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("Bob's marker in #general never reached 5: {channels:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tmux.run(&["send-keys", "-t", "Bob", "/join #ops", "Enter"])?;
+    tmux.wait_for("Bob", "#ops shown", |s| {
+        status_bar(s).contains("Bob in #ops")
+    })
+    .await?;
+    for i in 6..=7 {
+        carol.send_text("general", &format!("g{i}"), None).await?;
+    }
+    tmux.wait_for("Bob", "2 unread in #general", |s| {
+        s.lines().any(|l| l.starts_with("#general (2)"))
+    })
+    .await?;
+
+    // Bob's line mode, on the same key, marks where he stopped: the two new ones.
+    let command = format!(
+        "{} --plain --cluster {} --discovery-port {} --config-dir {} Bob",
+        client_binary()?.display(),
+        cluster.cluster,
+        cluster.discovery_port,
+        dir.path().display()
+    );
+    tmux.run(&[
+        "new-session",
+        "-d",
+        "-s",
+        "BobLine",
+        "-x",
+        "150",
+        "-y",
+        "40",
+        &command,
+    ])?;
+    let screen = tmux
+        .wait_for("BobLine", "the history with the new ones marked", |s| {
+            s.contains("#general @n") && shows_message_from(s, "Carol", "g7")
+        })
+        .await?;
+    let divider = line_of(&screen, "-- new since you last read --")
+        .with_context(|| format!("no divider:\n{screen}"))?;
+    let g5 = line_of(&screen, "Carol: g5").context("g5")?;
+    let g6 = line_of(&screen, "Carol: g6").context("g6")?;
+    assert!(g5 < divider && divider < g6, "divider misplaced:\n{screen}");
+
+    // What the line mode read stops counting in the full-screen client.
+    tmux.wait_for("Bob", "#general's count cleared by the other client", |s| {
+        s.lines().any(|l| l.starts_with("#general ")) && !s.contains("#general (")
+    })
+    .await?;
+    tmux.type_burst("BobLine", "/quit")?;
+    tmux.run(&["send-keys", "-t", "BobLine", "Enter"])?;
+
+    // Back in the full-screen client, #general opens with a line above what is new.
+    carol.send_text("general", "g8", None).await?;
+    tmux.wait_for("Bob", "1 unread in #general", |s| {
+        s.lines().any(|l| l.starts_with("#general (1)"))
+    })
+    .await?;
+    tmux.run(&["send-keys", "-t", "Bob", "C-p"])?;
+    let screen = tmux
+        .wait_for("Bob", "#general with the divider", |s| {
+            status_bar(s).contains("Bob in #general") && full_screen_row(s, "Carol", "g8").is_some()
+        })
+        .await?;
+    let divider = line_of(&screen, "── new since you last read ──")
+        .with_context(|| format!("no divider:\n{screen}"))?;
+    let g7 = line_of(&screen, "Carol: g7").context("g7")?;
+    let g8 = line_of(&screen, "Carol: g8").context("g8")?;
+    assert!(g7 < divider && divider < g8, "divider misplaced:\n{screen}");
+    Ok(())
+}

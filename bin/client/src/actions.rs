@@ -166,16 +166,20 @@ pub async fn channels(client: &Client, current: &str) -> Vec<String> {
             .map(|c| {
                 let mut notes = Vec::new();
                 if c.private {
-                    notes.push("private");
+                    notes.push("private".to_owned());
                 }
                 if c.encrypted {
-                    notes.push("encrypted");
+                    notes.push("encrypted".to_owned());
                 }
                 if c.invited {
-                    notes.push("you are invited: /accept it");
+                    notes.push("you are invited: /accept it".to_owned());
                 }
                 if c.name == current {
-                    notes.push("here");
+                    notes.push("here".to_owned());
+                }
+                // A channel never read shows no marker: everything in it is new.
+                if c.read_to > 0 && c.read_to < c.head {
+                    notes.push(format!("new since #{}", c.read_to + 1));
                 }
                 let notes = if notes.is_empty() {
                     String::new()
@@ -242,6 +246,43 @@ pub async fn set_topic(client: &Client, channel: &str, topic: Option<String>) ->
         Ok(_) => self::topic(client, channel).await,
         Err(e) => vec![format!("topic unchanged: {}", error_text(&e))],
     }
+}
+
+/// `/thread N`: message N of `channel` and its replies, one line each, as the line mode
+/// prints messages.
+pub async fn thread(
+    client: &Client,
+    keys: &Keys,
+    encrypted: &Encrypted,
+    channel: &str,
+    seq: u64,
+) -> Vec<String> {
+    let thread = match client.thread(channel, seq).await {
+        Ok(thread) => thread,
+        Err(Error::Api(cellchat_client::ApiError::Rejected(
+            proto::RejectReason::NoSuchMessage,
+        ))) => {
+            return vec![format!("#{channel} has no message #{seq}")];
+        }
+        Err(e) => return vec![format!("cannot read the thread: {}", error_text(&e))],
+    };
+    let count = thread.replies.len();
+    let replies = match count {
+        1 => "1 reply".to_owned(),
+        n => format!("{n} replies"),
+    };
+    let now = timefmt::now_ms();
+    let mut lines = vec![format!("-- thread of #{seq} in #{channel}: {replies} --")];
+    for message in std::iter::once(&thread.target).chain(&thread.replies) {
+        let shown = open(client, keys, encrypted, message).await;
+        lines.push(output::line(&shown, message, now));
+    }
+    if !thread.complete {
+        lines.push(format!(
+            "-- more replies are too far after #{seq} to look for, or expired --"
+        ));
+    }
+    lines
 }
 
 /// What to tell a user entering `channel` about its topic, if it has one.

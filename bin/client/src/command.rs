@@ -22,6 +22,8 @@ pub enum Input {
         /// Its text (empty for a delete or a reaction).
         text: String,
     },
+    /// `/thread N`: message N of the current channel and its replies.
+    Thread(u64),
     /// `/join #chan`.
     Join(String),
     /// `/leave`.
@@ -90,6 +92,7 @@ pub const NAMES: &[&str] = &[
     "/delete",
     "/react",
     "/unreact",
+    "/thread",
     "/create",
     "/invite",
     "/accept",
@@ -121,6 +124,7 @@ commands:
   /edit N TEXT       replace the text of your message #N
   /delete N          erase message #N on every node (yours, or any in a channel you own)
   /react N EMOJI     react to message #N (/unreact N EMOJI takes it back)
+  /thread N          message #N and every reply to it
   /create #chan [private]
                      create a channel you own; a private one only its members can read
   /invite NAME       invite someone to this private channel (you must own it)
@@ -184,6 +188,10 @@ pub fn parse(line: &str) -> Result<Input, String> {
         "plain" if rest.is_empty() => Err("/plain TEXT: what to send in the clear?".to_owned()),
         "plain" => Ok(Input::Plain(rest.to_owned())),
         "reply" | "edit" | "delete" | "react" | "unreact" => parse_relation(name, rest),
+        "thread" => (rest.trim_start_matches('#').parse().ok())
+            .filter(|&n: &u64| n > 0)
+            .map(Input::Thread)
+            .ok_or_else(|| "/thread N: which message (its #N)?".to_owned()),
         "create" => parse_create(rest),
         "invite" => parse_user(rest, "invite").map(Input::Invite),
         "accept" => parse_channel(rest).map(Input::Accept),
@@ -387,6 +395,7 @@ mod tests {
                     text: String::new(),
                 }),
             ),
+            ("/thread #12", Ok(Input::Thread(12))),
             ("/help", Ok(Input::Help)),
             ("/retention", Ok(Input::RetentionShow)),
             ("/retention default", Ok(Input::RetentionSet(None))),
@@ -410,6 +419,8 @@ mod tests {
             ("", "empty line"),
             ("   ", "empty line"),
             ("/frobnicate", "unknown command /frobnicate"),
+            ("/thread", "/thread N: which message"),
+            ("/thread 0", "/thread N: which message"),
             ("/join", "which channel"),
             ("/join #no spaces", "invalid channel name"),
             ("/join #Ünïcode", "invalid channel name"),

@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 use crate::actions::{self, lock, Encrypted, Keys, Queued};
 use crate::command::{self, Input};
 use crate::lineedit::{self, FromEditor, Screen};
+use crate::marks::{Marks, MARK_DRAIN_MAX};
 use crate::{output, timefmt};
 
 /// Messages shown when joining a channel.
@@ -33,6 +34,8 @@ struct Chat {
     screen: Screen,
     stream: Option<JoinHandle<()>>,
     send_tx: mpsc::Sender<Queued>,
+    /// What this user has seen, for the read markers.
+    marks: Marks,
 }
 
 /// Asks for a secret on the terminal without echoing it (each typed character shows as `*`),
@@ -65,6 +68,7 @@ pub async fn run(
         say(screen.clone()),
     ));
     tokio::spawn(actions::event_loop(client.clone(), say(screen.clone())));
+    let (marks, marker) = Marks::start(client.clone());
     let mut chat = Chat {
         client,
         channel,
@@ -75,6 +79,7 @@ pub async fn run(
         screen,
         stream: None,
         send_tx,
+        marks,
     };
     chat.out(format!(
         "connected to cluster {:?} as {}; type /help for commands",
@@ -101,9 +106,13 @@ pub async fn run(
     // Lines typed before /quit are still sent: close the queue and let the sender finish it,
     // bounded by the client's retry budget.
     let Chat {
-        send_tx, screen, ..
+        send_tx,
+        screen,
+        marks,
+        ..
     } = chat;
     drop(send_tx);
+    marks.close();
     // Everything printed is shown before the editor gives the terminal back.
     screen.close();
     drop(from_editor);
@@ -111,6 +120,8 @@ pub async fn run(
     if tokio::time::timeout(SEND_DRAIN_MAX, sender).await.is_err() {
         println!("some lines were not acknowledged in time and may not have been sent");
     }
+    // A marker left behind only shows some messages as new again next time.
+    let _ = tokio::time::timeout(MARK_DRAIN_MAX, marker).await;
     Ok(())
 }
 
@@ -177,6 +188,10 @@ impl Chat {
                     Ok(key) => self.queue_related(text, key, Some(relation)).await,
                     Err(refusal) => self.out(refusal),
                 }
+            }
+            Input::Thread(seq) => {
+                let (client, keys, encrypted) = (&self.client, &self.keys, &self.encrypted);
+                self.say(actions::thread(client, keys, encrypted, &self.channel, seq).await);
             }
             Input::Join(channel) => {
                 if channel != self.channel {
@@ -287,14 +302,35 @@ impl Chat {
         if let Some(notice) = actions::topic_notice(&self.client, &self.channel).await {
             self.out(notice);
         }
+        // Where this user stopped reading, on any of their clients; 0 when never, or when
+        // it cannot be read (nothing is then marked as new).
+        let read_to = match self.client.channel_info(&self.channel).await {
+            Ok(detail) => detail.info.read_to,
+            Err(_) => 0,
+        };
         let head = match self.client.history(&self.channel, None, JOIN_HISTORY).await {
             Ok(page) => {
                 self.out(format!("-- #{} ({} messages) --", self.channel, page.head));
                 self.oldest_shown = page.messages.first().map(|m| m.seq);
                 let now = timefmt::now_ms();
+                let mut divider = read_to > 0 && read_to < page.head;
+                if divider && self.oldest_shown.is_some_and(|oldest| oldest > read_to + 1) {
+                    self.out(format!(
+                        "-- new since you last read: from #{} (older ones: /more) --",
+                        read_to + 1
+                    ));
+                    divider = false;
+                }
                 for message in &page.messages {
+                    if divider && message.seq > read_to {
+                        self.out("-- new since you last read --");
+                        divider = false;
+                    }
                     let line = show_line(&self.client, &self.keys, &self.encrypted, message).await;
                     self.out(line(now));
+                }
+                if let Some(last) = page.messages.last() {
+                    self.marks.seen(&self.channel, last.seq);
                 }
                 page.head
             }
@@ -314,6 +350,7 @@ impl Chat {
             self.keys.clone(),
             self.encrypted.clone(),
             self.screen.clone(),
+            self.marks.clone(),
         )));
     }
 
@@ -373,10 +410,15 @@ async fn stream_loop(
     keys: Keys,
     encrypted: Encrypted,
     screen: Screen,
+    marks: Marks,
 ) {
     while let Some(next) = sub.recv().await {
         let line = match next {
-            Ok(message) => show_line(&client, &keys, &encrypted, &message).await(timefmt::now_ms()),
+            Ok(message) => {
+                // Printed is seen: the line mode shows every message of its channel.
+                marks.seen(&message.channel, message.seq);
+                show_line(&client, &keys, &encrypted, &message).await(timefmt::now_ms())
+            }
             Err(e) => format!(
                 "* stream of #{} stopped: {}",
                 sub.channel(),

@@ -7,6 +7,7 @@ pub mod actions;
 pub mod command;
 pub mod interactive;
 pub mod lineedit;
+pub mod marks;
 pub mod output;
 pub mod timefmt;
 pub mod tui;

@@ -30,6 +30,7 @@ use tokio::task::JoinHandle;
 
 use crate::actions::{self, lock, Encrypted, Keys, Queued};
 use crate::command::{self, Input};
+use crate::marks::{Marks, MARK_DRAIN_MAX};
 use crate::output;
 use crate::timefmt::{self, LocalClock};
 use model::{Action, Model};
@@ -51,6 +52,9 @@ const CHANNELS_MAX: usize = 10_000;
 /// History reads of newly opened channels in flight at once, so reopening thousands of
 /// channels at start does not send thousands of reads to a node at once.
 const OPENING_AT_ONCE: usize = 8;
+/// How often the read markers are read back, so what this user read on another client
+/// stops counting as unread here.
+const MARKERS_EVERY: Duration = Duration::from_secs(10);
 
 /// What the tasks tell the screen.
 enum Event {
@@ -66,6 +70,8 @@ enum Event {
     Say(Option<String>, Vec<String>),
     /// This user is a member of the channel now: open it.
     Accepted(String),
+    /// This user's read marker in a channel, as the cluster holds it.
+    Marker(String, u64),
 }
 
 /// Where the full-screen client keeps its files, and where its logs go.
@@ -159,6 +165,8 @@ struct App {
     bell: bool,
     /// Rows of the message area, for PgUp and PgDn.
     page_rows: usize,
+    /// What this user has read, for the read markers.
+    marks: Marks,
 }
 
 /// Runs the full-screen chat until `/quit`, Ctrl-D or a second Ctrl-C.
@@ -187,6 +195,7 @@ pub async fn run(
         say(events.clone()),
     ));
     tokio::spawn(actions::event_loop(client.clone(), say(events.clone())));
+    let (marks, marker) = Marks::start(client.clone());
     let mut app = App {
         model: Model::new(&me, &channel),
         client,
@@ -200,6 +209,7 @@ pub async fn run(
         files,
         bell: false,
         page_rows: 20,
+        marks,
     };
     if let Some(keys) = keys {
         lock(&app.keys).insert(channel.clone(), keys);
@@ -231,6 +241,8 @@ pub async fn run(
     let mut keyboard = EventStream::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut markers = tokio::time::interval(MARKERS_EVERY);
+    markers.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut quit = false;
     while !quit {
         tokio::select! {
@@ -241,12 +253,16 @@ pub async fn run(
             },
             Some(event) = incoming.recv() => app.on_event(event),
             _ = tick.tick() => {}
+            _ = markers.tick() => app.read_markers(),
         }
         for _ in 0..EVENTS_PER_FRAME {
             match incoming.try_recv() {
                 Ok(event) => app.on_event(event),
                 Err(_) => break,
             }
+        }
+        if let Some((channel, seq)) = app.model.reading() {
+            app.marks.seen(&channel, seq);
         }
         let status = app.status();
         let mut rows = 0;
@@ -267,11 +283,14 @@ pub async fn run(
         follow.abort();
     }
     // Lines typed before quitting are still sent, bounded by the client's retry budget.
-    let App { send_tx, .. } = app;
+    let App { send_tx, marks, .. } = app;
     drop(send_tx);
+    marks.close();
     if tokio::time::timeout(SEND_DRAIN_MAX, sender).await.is_err() {
         println!("some lines were not acknowledged in time and may not have been sent");
     }
+    // A marker left behind only shows some messages as new again next time.
+    let _ = tokio::time::timeout(MARK_DRAIN_MAX, marker).await;
     Ok(())
 }
 
@@ -403,6 +422,9 @@ impl App {
                     Err(refusal) => self.say(&refusal),
                 }
             }
+            Input::Thread(seq) => self.spawn_say(here, async move {
+                actions::thread(&client, &keys, &encrypted, &channel, seq).await
+            }),
             Input::Join(name) => self.join(&name),
             Input::Leave => {
                 if self.model.close(&channel) {
@@ -573,6 +595,12 @@ impl App {
                     .send(Event::Say(Some(name.clone()), vec![notice]))
                     .await;
             }
+            // Before the history, so its first page counts what is new since the marker.
+            if let Ok(detail) = client.channel_info(&name).await {
+                let _ = events
+                    .send(Event::Marker(name.clone(), detail.info.read_to))
+                    .await;
+            }
             let head = match client.history(&name, None, OPEN_HISTORY).await {
                 Ok(page) => {
                     let at_start = page.messages.first().is_none_or(|m| m.seq <= page.floor);
@@ -677,7 +705,31 @@ impl App {
                 }
             }
             Event::Accepted(channel) => self.join(&channel),
+            Event::Marker(channel, seq) => {
+                self.marks.known(&channel, seq);
+                self.model.on_marker(&channel, seq);
+            }
         }
+    }
+
+    /// Reads this user's markers back in the background (see [`MARKERS_EVERY`]).
+    fn read_markers(&self) {
+        let (client, events) = (self.client.clone(), self.events.clone());
+        tokio::spawn(async move {
+            // A failed read changes nothing: the next one comes soon.
+            let Ok(channels) = client.channels().await else {
+                return;
+            };
+            for channel in channels.into_iter().filter(|c| c.read_to > 0) {
+                if events
+                    .send(Event::Marker(channel.name, channel.read_to))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
     }
 
     fn status(&self) -> view::Status {

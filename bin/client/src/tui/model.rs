@@ -3,7 +3,7 @@
 //! Everything here is a plain function of the events it is given, so it is tested without a
 //! screen; `view.rs` draws it.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 
 /// Lines of scrollback kept per channel in memory; older ones are paged in again from the
 /// servers when scrolled to.
@@ -50,7 +50,8 @@ pub struct Shown {
     pub at_ms: u64,
     /// What a reader should know first (`[forged?]`, `[encrypted]`, ...).
     pub markers: Vec<String>,
-    /// Whether it names this user (`@name`).
+    /// Whether it concerns this user as a mention does: it names them (`@name`), or it
+    /// replies in a thread they are in (to their message, or to one they replied to).
     pub mentions_me: bool,
     /// What it does to an earlier message, if it is a reply, edit, delete or reaction. Only
     /// replies are drawn; the others change the line of their target.
@@ -146,9 +147,32 @@ pub struct Channel {
     /// The newest seq delivered live (drawn or folded into its target); anything at or
     /// below it is a repeat.
     pub newest: u64,
+    /// This user's read marker: the highest seq read here, on this client or another.
+    pub read_to: u64,
+    /// Where the "new since you last read" line goes: after this seq. Set when the channel is
+    /// opened with unread messages (or its history first arrives shown), kept until it is
+    /// opened again.
+    pub divider: Option<u64>,
+    /// Whether its first page of history arrived.
+    pub loaded: bool,
 }
 
 impl Channel {
+    /// Counts as unread the messages held after the read marker that are not `me`'s, and of
+    /// them the mentions. Only held messages count: at most the scrollback.
+    fn count_unread(&mut self, me: &str) {
+        let (mut unread, mut mentions) = (0, 0);
+        for line in &self.lines {
+            if let Line::Message(m) = line {
+                if m.seq > self.read_to && m.sender != me {
+                    unread += 1;
+                    mentions += u32::from(m.mentions_me);
+                }
+            }
+        }
+        (self.unread, self.mentions) = (unread, mentions);
+    }
+
     /// Drops the oldest lines past [`SCROLLBACK_MAX`], only while following new messages:
     /// lines paged in to be read stay until End.
     fn trim(&mut self) {
@@ -417,6 +441,9 @@ pub struct Model {
     pub names: Vec<String>,
     /// The prompt while a secret is typed (drawn masked, never kept in history).
     pub asking: Option<String>,
+    /// The threads this user is in: (channel, seq) of each of their messages and of each
+    /// message they replied to, as seen in this session.
+    threads: HashSet<(String, u64)>,
 }
 
 impl Model {
@@ -438,8 +465,51 @@ impl Model {
         }
         self.current = channel.to_owned();
         let view = self.channels.get_mut(channel).expect("inserted above");
+        // Above the first unread message; not for a channel never read (all of it is new).
+        view.divider = (view.unread > 0 && view.read_to > 0).then_some(view.read_to);
         view.unread = 0;
         view.mentions = 0;
+    }
+
+    /// The cluster holds `seq` as this user's read marker in `channel` (this client's own
+    /// mark, or another client's): messages up to it are read. A channel not shown counts
+    /// again what is unread after it.
+    pub fn on_marker(&mut self, channel: &str, seq: u64) {
+        let shown = self.current == channel;
+        let me = self.me.clone();
+        let Some(view) = self.channels.get_mut(channel) else {
+            return;
+        };
+        if seq <= view.read_to {
+            return;
+        }
+        view.read_to = seq;
+        if !shown {
+            view.count_unread(&me);
+        }
+    }
+
+    /// What the user is reading now: the shown channel's newest message, when the view
+    /// follows new messages and it is past the read marker. Moves the marker here at once;
+    /// the caller sends it to the cluster.
+    pub fn reading(&mut self) -> Option<(String, u64)> {
+        let channel = self.current.clone();
+        let view = self.channels.get_mut(&channel)?;
+        let newest = view
+            .lines
+            .iter()
+            .rev()
+            .find_map(|l| match l {
+                Line::Message(m) => Some(m.seq),
+                Line::Notice { .. } => None,
+            })
+            .unwrap_or(0)
+            .max(view.newest);
+        if view.scroll > 0 || newest <= view.read_to {
+            return None;
+        }
+        view.read_to = newest;
+        Some((channel, newest))
     }
 
     /// Shows the next (`forward`) or previous channel in the list.
@@ -468,6 +538,24 @@ impl Model {
             .expect("the current channel is always in the map")
     }
 
+    /// Whether `message` of `channel` concerns this user as a mention does (see
+    /// [`Shown::mentions_me`]); notes the threads their own messages start or join.
+    fn concerns_me(&mut self, channel: &str, message: &Shown) -> bool {
+        let replied_to = match &message.relation {
+            Some(proto::Relation::Reply { to }) => Some(*to),
+            _ => None,
+        };
+        if message.sender == self.me {
+            self.threads.insert((channel.to_owned(), message.seq));
+            if let Some(to) = replied_to {
+                self.threads.insert((channel.to_owned(), to));
+            }
+            return false;
+        }
+        Model::mentions(&self.me, &message.text)
+            || replied_to.is_some_and(|to| self.threads.contains(&(channel.to_owned(), to)))
+    }
+
     /// Whether `text` mentions `me`: `@me` as a word, any case.
     pub fn mentions(me: &str, text: &str) -> bool {
         let needle = format!("@{}", me.to_lowercase());
@@ -481,7 +569,7 @@ impl Model {
     /// A new message in `channel` (live or caught up). Returns [`Action::Bell`] when it
     /// mentions this user and is not this user's own.
     pub fn on_message(&mut self, channel: &str, mut message: Shown) -> Action {
-        message.mentions_me = message.sender != self.me && Model::mentions(&self.me, &message.text);
+        message.mentions_me = self.concerns_me(channel, &message);
         if !self.names.contains(&message.sender) {
             self.names.push(message.sender.clone());
         }
@@ -539,20 +627,23 @@ impl Model {
 
     /// Older messages of `channel`, oldest first, from a page of history; `at_start` when
     /// the servers have nothing before them.
-    pub fn on_older(&mut self, channel: &str, older: Vec<Shown>, at_start: bool) {
+    pub fn on_older(&mut self, channel: &str, mut older: Vec<Shown>, at_start: bool) {
+        // Oldest first, so a thread this user started on the page is known before its replies.
+        for message in &mut older {
+            message.mentions_me = self.concerns_me(channel, message);
+        }
         let me = self.me.clone();
         let Some(view) = self.channels.get_mut(channel) else {
             return;
         };
         let oldest = view.oldest_seq.unwrap_or(u64::MAX);
         let mut added = 0;
-        for mut message in older.into_iter().rev().filter(|m| m.seq < oldest) {
+        for message in older.into_iter().rev().filter(|m| m.seq < oldest) {
             view.oldest_seq = Some(message.seq);
             if message.is_folded() {
                 // Its target, read with it, already shows what it did.
                 continue;
             }
-            message.mentions_me = message.sender != me && Model::mentions(&me, &message.text);
             view.lines.push_front(Line::Message(message));
             added += 1;
         }
@@ -560,6 +651,16 @@ impl Model {
             view.scroll += added;
         }
         view.at_start = at_start;
+        if !std::mem::replace(&mut view.loaded, true) {
+            // The first page: what is new since the marker is unread, or, shown, marked.
+            if self.current == channel {
+                view.count_unread(&me);
+                view.divider = (view.read_to > 0 && view.unread > 0).then_some(view.read_to);
+                (view.unread, view.mentions) = (0, 0);
+            } else {
+                view.count_unread(&me);
+            }
+        }
     }
 
     /// A notice in the channel shown.
@@ -832,6 +933,84 @@ mod tests {
         m.on_message("random", msg(4, "bob", "x"));
         m.on_message("random", msg(4, "bob", "x"));
         assert_eq!(m.channels["random"].unread, 1);
+    }
+
+    #[test]
+    fn read_markers_count_what_is_new_mark_what_is_read_and_place_the_divider() {
+        let mut m = Model::new("alice", "general");
+        m.open("random");
+        m.open("general");
+        // The marker arrives before the first page: what follows it, not alice's, is unread.
+        m.on_marker("random", 2);
+        let page = vec![
+            msg(1, "bob", "a"),
+            msg(2, "bob", "b"),
+            msg(3, "bob", "@alice c"),
+            msg(4, "alice", "mine"),
+        ];
+        m.on_older("random", page, true);
+        let counts = |m: &Model| (m.channels["random"].unread, m.channels["random"].mentions);
+        assert_eq!(counts(&m), (1, 1));
+        // Another of alice's clients read on; a lower marker after it changes nothing.
+        m.on_marker("random", 4);
+        assert_eq!(counts(&m), (0, 0));
+        m.on_marker("random", 1);
+        assert_eq!(m.channels["random"].read_to, 4);
+
+        // The shown channel's first page puts the divider after the marker, and what is
+        // shown is read at once, once.
+        m.on_marker("general", 1);
+        m.on_older(
+            "general",
+            vec![msg(1, "bob", "x"), msg(2, "bob", "y")],
+            true,
+        );
+        assert_eq!(m.channels["general"].divider, Some(1));
+        assert_eq!(m.channels["general"].unread, 0);
+        assert_eq!(m.reading(), Some(("general".to_owned(), 2)));
+        assert_eq!(m.reading(), None);
+
+        // A channel opened with unread messages shows where they start; scrolled up, the
+        // newest is not read yet.
+        m.on_message("random", msg(5, "bob", "new"));
+        assert_eq!(counts(&m), (1, 0));
+        m.open("random");
+        assert_eq!(m.channels["random"].divider, Some(4));
+        m.channels.get_mut("random").expect("listed").scroll = 3;
+        assert_eq!(m.reading(), None);
+        m.channels.get_mut("random").expect("listed").scroll = 0;
+        assert_eq!(m.reading(), Some(("random".to_owned(), 5)));
+        // Never read, nothing to divide: everything is new.
+        m.on_message("fresh", msg(1, "bob", "hello"));
+        m.open("fresh");
+        assert_eq!(m.channels["fresh"].divider, None);
+    }
+
+    #[test]
+    fn a_reply_in_a_thread_this_user_is_in_counts_as_a_mention() {
+        let mut m = Model::new("alice", "general");
+        m.open("random");
+        let reply = |seq: u64, sender: &str, to: u64| Shown {
+            relation: Some(proto::Relation::Reply { to }),
+            ..msg(seq, sender, "sure")
+        };
+        // Alice's own message (from history) and Bob's message she answered.
+        m.on_older(
+            "random",
+            vec![msg(1, "alice", "lunch?"), msg(2, "bob", "standup")],
+            true,
+        );
+        m.on_message("random", reply(3, "alice", 2));
+        m.open("general");
+        // Replies to either are hers to see; a reply in someone else's thread is not.
+        assert_eq!(m.on_message("random", reply(4, "carol", 1)), Action::Bell);
+        assert_eq!(m.on_message("random", reply(5, "carol", 2)), Action::Bell);
+        m.on_message("random", msg(6, "carol", "other"));
+        assert_eq!(m.on_message("random", reply(7, "bob", 6)), Action::None);
+        assert_eq!(
+            (m.channels["random"].unread, m.channels["random"].mentions),
+            (4, 2)
+        );
     }
 
     #[test]

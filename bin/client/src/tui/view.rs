@@ -211,6 +211,7 @@ fn draw_messages(
             dim(),
         )));
     }
+    let divider_at = view.divider.and_then(|d| first_new(view, d));
     let mut last_date = start
         .checked_sub(1)
         .map(|before| clock.date(view.lines[before].at_ms()));
@@ -222,6 +223,12 @@ fn draw_messages(
         last_date = Some(date);
         match line {
             Line::Message(m) => {
+                if divider_at == Some(m.seq) {
+                    out.push(TextLine::from(Span::styled(
+                        "── new since you last read ──",
+                        Style::default().fg(Color::Red),
+                    )));
+                }
                 let mut spans = vec![
                     Span::styled(
                         format!(
@@ -292,6 +299,14 @@ fn draw_messages(
     let offset = total.saturating_sub(height);
     let offset = u16::try_from(offset).unwrap_or(u16::MAX);
     frame.render_widget(paragraph.scroll((offset, 0)), area);
+}
+
+/// The seq of the first message line after `divider` (the divider goes right above it).
+fn first_new(view: &crate::tui::model::Channel, divider: u64) -> Option<u64> {
+    view.lines.iter().find_map(|l| match l {
+        Line::Message(m) if m.seq > divider => Some(m.seq),
+        _ => None,
+    })
 }
 
 /// ` (edited) [👍 2] [3 replies]` after a message's first line, sanitized; or nothing.
