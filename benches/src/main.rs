@@ -151,6 +151,16 @@ enum Command {
         #[arg(long)]
         snapshot_every: Option<u64>,
     },
+    /// Read markers: users marking an active channel read once a second, as the clients do
+    /// (cellchat only): the servers' CPU with and without them, mark latency.
+    Markers {
+        /// Users marking the channel read.
+        #[arg(long, default_value_t = 1000)]
+        users: usize,
+        /// Messages per second sent into the channel meanwhile.
+        #[arg(long, default_value_t = 20.0)]
+        rate: f64,
+    },
     /// Runs the standard matrix on every system and rewrites the generated part of
     /// benches/RESULTS.md.
     Report {
@@ -272,6 +282,10 @@ pub enum Spec {
         topics: usize,
         snapshot_every: Option<u64>,
     },
+    Markers {
+        users: usize,
+        rate: f64,
+    },
 }
 
 fn command_spec(command: Command) -> Spec {
@@ -311,6 +325,7 @@ fn command_spec(command: Command) -> Spec {
             topics,
             snapshot_every,
         },
+        Command::Markers { users, rate } => Spec::Markers { users, rate },
         Command::Report { .. } | Command::Idle { .. } => {
             unreachable!("handled before scenarios are dispatched")
         }

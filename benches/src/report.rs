@@ -13,6 +13,7 @@ use crate::plot::{self, Series};
 use crate::scenario::backup::{self, BackupOptions};
 use crate::scenario::failover::{self, FailoverOptions};
 use crate::scenario::fanout::{self, FanoutOptions};
+use crate::scenario::markers::{self, MarkersOptions};
 use crate::scenario::scale::{self, ScaleOptions};
 use crate::scenario::write::{self, WriteOptions};
 use crate::stats::{now_rfc3339, RunResult};
@@ -270,7 +271,10 @@ pub async fn run_command(common: &Common, spec: &Spec, sink: &mut Sink) -> Resul
     };
     let mut failures = Vec::new();
     for &kind in &common.system {
-        let cellchat_only = matches!(spec, Spec::Failover { .. } | Spec::Scale { .. });
+        let cellchat_only = matches!(
+            spec,
+            Spec::Failover { .. } | Spec::Scale { .. } | Spec::Markers { .. }
+        );
         if cellchat_only && !kind.is_cellchat() {
             eprintln!("skipping {kind}: this scenario kills or loads cellchat nodes only");
             continue;
@@ -339,6 +343,16 @@ async fn run_on(
                 load: fanout_options(*subscribers, *rate, FANOUT_PUBLISHERS),
             };
             sink.push(scale::run(&cellchat, &options).await?)?;
+        }
+        Spec::Markers { users, rate } => {
+            let cellchat = start_cellchat(common).await?;
+            let options = MarkersOptions {
+                users: *users,
+                rate: *rate,
+                duration,
+                warmup,
+            };
+            sink.push(markers::run(&cellchat, &options).await?)?;
         }
         Spec::Backup {
             messages,

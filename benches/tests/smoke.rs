@@ -69,6 +69,25 @@ fn write_and_fanout_measure_cellchat() {
 }
 
 #[test]
+fn markers_measure_the_cost_of_read_markers() {
+    let out = tempfile::tempdir().unwrap();
+    let (ok, stdout, stderr) = bench(out.path(), &["markers", "--users", "5", "--rate", "10"]);
+    assert!(ok, "{stderr}");
+    let r = &runs(&stdout)[0];
+    assert_eq!(r["scenario"], "markers", "{r}");
+    assert_eq!(r["errors"], 0, "{r}");
+    // Five users marking once a second for the 1 s window.
+    assert!(r["ops"].as_u64().unwrap() >= 3, "{r}");
+    assert!(r["latency_ms"]["p99"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(
+        r["extra"]["server_cpu_percent_with_markers"]
+            .as_f64()
+            .is_some(),
+        "{r}"
+    );
+}
+
+#[test]
 fn failover_measures_a_leader_kill() {
     let out = tempfile::tempdir().unwrap();
     let (ok, stdout, stderr) = bench(out.path(), &["failover", "--rounds", "1", "--clients", "2"]);

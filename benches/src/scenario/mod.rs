@@ -1,8 +1,9 @@
-//! The scenarios: `write`, `fanout`, `failover`, `scale` and `backup`.
+//! The scenarios: `write`, `fanout`, `failover`, `scale`, `backup` and `markers`.
 
 pub mod backup;
 pub mod failover;
 pub mod fanout;
+pub mod markers;
 pub mod scale;
 pub mod write;
 
