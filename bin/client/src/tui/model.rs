@@ -604,6 +604,17 @@ impl Model {
             }
             return Action::None;
         }
+        if let Some(proto::Relation::Reply { to }) = message.relation {
+            // The answered message's line counts it at once, as a reader of it later would.
+            if let Some(Line::Message(t)) = view
+                .lines
+                .iter_mut()
+                .rev()
+                .find(|l| matches!(l, Line::Message(t) if t.seq == to))
+            {
+                t.replies += 1;
+            }
+        }
         let mention = message.mentions_me;
         if !shown && message.sender != self.me {
             view.unread += 1;
@@ -1010,6 +1021,17 @@ mod tests {
         assert_eq!(
             (m.channels["random"].unread, m.channels["random"].mentions),
             (4, 2)
+        );
+        // Each live reply is counted on the line it answers.
+        let replies = |seq: u64| {
+            m.channels["random"].lines.iter().find_map(|l| match l {
+                Line::Message(t) if t.seq == seq => Some(t.replies),
+                _ => None,
+            })
+        };
+        assert_eq!(
+            (replies(1), replies(2), replies(6)),
+            (Some(1), Some(2), Some(1))
         );
     }
 
