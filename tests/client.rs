@@ -559,6 +559,68 @@ async fn scriptable_modes_send_history_and_servers_as_json() -> anyhow::Result<(
         assert!(["n1", "n2", "n3"].contains(&name), "{node}");
     }
 
+    // A thread, a read marker and the channel list, as JSON lines.
+    let args = ["bob", "--send", "a reply", "--reply", "1"];
+    let reply = cli(&cluster, dir.path(), &args)?;
+    assert!(
+        reply.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reply.stderr)
+    );
+    // Each run is a new client reading from the nearest node, which may not have applied
+    // the previous run's write yet: read until it has, within RECEIVE.
+    let json_lines = |args: &[&str]| -> anyhow::Result<Vec<serde_json::Value>> {
+        let run = cli(&cluster, dir.path(), args)?;
+        ensure_ok(&run)?;
+        Ok(String::from_utf8(run.stdout)?
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()?)
+    };
+    let deadline = Instant::now() + RECEIVE;
+    let lines = loop {
+        let lines = json_lines(&["bob", "--thread", "1", "--json"])?;
+        if lines.len() == 2 || Instant::now() > deadline {
+            break lines;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(
+        (lines[0]["seq"].as_u64(), lines[0]["replies"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(lines[1]["text"], "a reply");
+    let marked = cli(&cluster, dir.path(), &["bob", "--mark-read", "3", "--json"])?;
+    assert!(
+        marked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&marked.stderr)
+    );
+    let marked: serde_json::Value = serde_json::from_slice(&marked.stdout)?;
+    assert_eq!(marked["read_to"], 3, "{marked}");
+    let past = cli(&cluster, dir.path(), &["bob", "--mark-read", "99"])?;
+    assert_eq!(
+        past.status.code(),
+        Some(1),
+        "a mark past the head is refused"
+    );
+    let deadline = Instant::now() + RECEIVE;
+    let general = loop {
+        let general = json_lines(&["bob", "--channels", "--json"])?
+            .into_iter()
+            .find(|c| c["channel"] == "general")
+            .context("#general listed")?;
+        if general["read_to"] == 3 || Instant::now() > deadline {
+            break general;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        (general["head"].as_u64(), general["read_to"].as_u64()),
+        (Some(5), Some(3))
+    );
+
     let empty = cli(&cluster, dir.path(), &["alice", "--send", ""])?;
     assert!(!empty.status.success(), "an empty message must not be sent");
 
@@ -579,6 +641,17 @@ async fn scriptable_modes_send_history_and_servers_as_json() -> anyhow::Result<(
         err.contains("127.255.255.255:9") && err.contains("--join"),
         "{err}"
     );
+    Ok(())
+}
+
+/// Fails with the client's stderr when `run` did not exit 0.
+fn ensure_ok(run: &std::process::Output) -> anyhow::Result<()> {
+    if !run.status.success() {
+        bail!(
+            "the client failed: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+    }
     Ok(())
 }
 

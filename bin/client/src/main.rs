@@ -106,6 +106,16 @@ struct Args {
     /// Print every node (role, address, RTT, applied index, which one you read from) and exit.
     #[arg(long)]
     servers: bool,
+    /// Print message SEQ of the channel and every reply to it, and exit.
+    #[arg(long, value_name = "SEQ", value_parser = clap::value_parser!(u64).range(1..), conflicts_with_all = ["send", "delete", "react", "unreact", "tail", "history", "servers", "protect_key", "plain", "mark_read", "channels"])]
+    thread: Option<u64>,
+    /// Mark the channel read up to SEQ for this user on all their clients, and exit.
+    #[arg(long, value_name = "SEQ", value_parser = clap::value_parser!(u64).range(1..), conflicts_with_all = ["send", "delete", "react", "unreact", "tail", "history", "servers", "protect_key", "plain", "channels"])]
+    mark_read: Option<u64>,
+    /// Print every channel this user may see (messages, read marker, private, encrypted,
+    /// invited) and exit.
+    #[arg(long, conflicts_with_all = ["send", "delete", "react", "unreact", "tail", "history", "servers", "protect_key", "plain"])]
+    channels: bool,
     /// Channel for --send, --tail and --history, and the first channel of the chat.
     #[arg(long, env = "CELLCHAT_CHANNEL", default_value = "general")]
     channel: String,
@@ -251,7 +261,10 @@ fn main() -> ExitCode {
         && !args.tail
         && args.history.is_none()
         && !args.servers
-        && !args.protect_key;
+        && !args.protect_key
+        && args.thread.is_none()
+        && args.mark_read.is_none()
+        && !args.channels;
     let filter = tracing_subscriber::EnvFilter::new(&args.log);
     // The full-screen chat logs to a file: anything written to the terminal would land in
     // the middle of the drawing.
@@ -540,6 +553,32 @@ async fn run_modes(args: Args, full_screen: Option<PathBuf>) -> anyhow::Result<(
         return Ok(());
     }
     let keys = keys.unwrap_or_default();
+    if let Some(seq) = args.thread {
+        let thread = client.thread(&channel, seq).await?;
+        let now = timefmt::now_ms();
+        for message in std::iter::once(&thread.target).chain(&thread.replies) {
+            print_message(&client, &keys, history, message, now, args.json).await;
+        }
+        if !thread.complete {
+            eprintln!(
+                "client: some replies to #{seq} are further than {} messages after it, or                  expired",
+                cellchat_client::THREAD_SCAN_MAX
+            );
+        }
+        return Ok(());
+    }
+    if let Some(seq) = args.mark_read {
+        let read_to = client.mark_read(&channel, seq).await?;
+        if args.json {
+            out(serde_json::json!({ "channel": channel, "read_to": read_to }));
+        } else {
+            out(format_args!("#{channel} read to #{read_to}"));
+        }
+        return Ok(());
+    }
+    if args.channels {
+        return list_channels(&client, args.json).await;
+    }
     if let Some(n) = args.history {
         let page = client.recent_before(&channel, args.before, n).await?;
         let now = timefmt::now_ms();
@@ -615,6 +654,45 @@ async fn print_message(
     } else {
         out(output::line(&shown, message, now));
     }
+}
+
+/// `--channels`: one line (or JSON object) per channel this user may see.
+async fn list_channels(client: &Client, json: bool) -> anyhow::Result<()> {
+    for c in client.channels().await? {
+        if json {
+            out(serde_json::json!({
+                "channel": c.name,
+                "head": c.head,
+                "read_to": c.read_to,
+                "private": c.private,
+                "encrypted": c.encrypted,
+                "invited": c.invited,
+            }));
+        } else {
+            let mut notes = Vec::new();
+            for (on, note) in [
+                (c.private, "private"),
+                (c.encrypted, "encrypted"),
+                (c.invited, "invited"),
+            ] {
+                if on {
+                    notes.push(note);
+                }
+            }
+            let notes = if notes.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", notes.join(", "))
+            };
+            out(format_args!(
+                "#{} {} messages, read to #{}{notes}",
+                output::sanitize(&c.name),
+                c.head,
+                c.read_to
+            ));
+        }
+    }
+    Ok(())
 }
 
 async fn servers(client: &Client, json: bool) -> anyhow::Result<()> {
