@@ -777,3 +777,28 @@ fn resolve_join(join: &[String]) -> anyhow::Result<Vec<SocketAddr>> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// clap checks its own definition only in debug builds; the tests run in release.
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        <Args as clap::CommandFactory>::command().debug_assert();
+    }
+
+    #[test]
+    fn one_shot_modes_exclude_each_other() {
+        let cases: [&[&str]; 3] = [
+            &["cellchat", "bob", "--thread", "1", "--channels"],
+            &["cellchat", "bob", "--mark-read", "1", "--thread", "2"],
+            &["cellchat", "bob", "--channels", "--send", "x"],
+        ];
+        for args in cases {
+            assert!(Args::try_parse_from(args).is_err(), "{args:?}");
+        }
+        let zero = Args::try_parse_from(["cellchat", "bob", "--mark-read", "0"]);
+        assert!(zero.is_err(), "seq 0 is not a message");
+    }
+}
