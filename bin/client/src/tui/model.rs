@@ -136,6 +136,9 @@ pub struct Channel {
     pub unread: u32,
     /// Of those, the ones that mention this user.
     pub mentions: u32,
+    /// More messages after the read marker than the ones held (counted): older unread
+    /// messages were never read from the servers. Drawn as `N+`.
+    pub unread_more: bool,
     /// Lines scrolled up from the bottom (0: following new messages).
     pub scroll: usize,
     /// The oldest seq held, where paging back continues.
@@ -171,6 +174,14 @@ impl Channel {
             }
         }
         (self.unread, self.mentions) = (unread, mentions);
+        // The oldest message held is past the one after the marker, and the servers have
+        // older ones: some unread messages are not held.
+        let oldest = self.lines.iter().find_map(|l| match l {
+            Line::Message(m) => Some(m.seq),
+            Line::Notice { .. } => None,
+        });
+        self.unread_more =
+            !self.at_start && oldest.is_some_and(|oldest| oldest > self.read_to.saturating_add(1));
     }
 
     /// Drops the oldest lines past [`SCROLLBACK_MAX`], only while following new messages:
@@ -469,6 +480,7 @@ impl Model {
         view.divider = (view.unread > 0 && view.read_to > 0).then_some(view.read_to);
         view.unread = 0;
         view.mentions = 0;
+        view.unread_more = false;
     }
 
     /// The cluster holds `seq` as this user's read marker in `channel` (this client's own
@@ -667,7 +679,7 @@ impl Model {
             if self.current == channel {
                 view.count_unread(&me);
                 view.divider = (view.read_to > 0 && view.unread > 0).then_some(view.read_to);
-                (view.unread, view.mentions) = (0, 0);
+                (view.unread, view.mentions, view.unread_more) = (0, 0, false);
             } else {
                 view.count_unread(&me);
             }
@@ -995,6 +1007,20 @@ mod tests {
         m.on_message("fresh", msg(1, "bob", "hello"));
         m.open("fresh");
         assert_eq!(m.channels["fresh"].divider, None);
+
+        // More unread than the first page holds: counted as held, and marked as more.
+        m.open("busy");
+        m.open("general");
+        m.on_marker("busy", 10);
+        m.on_older(
+            "busy",
+            vec![msg(50, "bob", "x"), msg(51, "bob", "y")],
+            false,
+        );
+        let busy = &m.channels["busy"];
+        assert_eq!((busy.unread, busy.unread_more), (2, true));
+        m.open("busy");
+        assert!(!m.channels["busy"].unread_more);
     }
 
     #[test]

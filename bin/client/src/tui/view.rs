@@ -161,10 +161,11 @@ fn draw_list(frame: &mut Frame<'_>, model: &Model, area: Rect) {
             } else if view.unread > 0 {
                 style = style.add_modifier(Modifier::BOLD);
             }
+            let more = if view.unread_more { "+" } else { "" };
             let count = match (view.mentions, view.unread) {
                 (0, 0) => String::new(),
-                (0, n) => format!(" ({n})"),
-                (m, n) => format!(" ({n}, @{m})"),
+                (0, n) => format!(" ({n}{more})"),
+                (m, n) => format!(" ({n}{more}, @{m})"),
             };
             let muted = if view.muted { " ~" } else { "" };
             TextLine::from(Span::styled(format!("#{name}{count}{muted}"), style))
