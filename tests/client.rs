@@ -719,6 +719,36 @@ impl Tmux {
         .map(drop)
     }
 
+    /// Starts `name`'s line mode (`--plain`) in session `session`, 150x40, with its config in
+    /// `dir`.
+    fn start_line_mode(
+        &self,
+        cluster: &TestCluster,
+        dir: &Path,
+        session: &str,
+        name: &str,
+    ) -> anyhow::Result<()> {
+        let command = format!(
+            "{} --plain --cluster {} --discovery-port {} --config-dir {} {name}",
+            client_binary()?.display(),
+            cluster.cluster,
+            cluster.discovery_port,
+            dir.display()
+        );
+        let args = [
+            "new-session",
+            "-d",
+            "-s",
+            session,
+            "-x",
+            "150",
+            "-y",
+            "40",
+            &command,
+        ];
+        self.run(&args).map(drop)
+    }
+
     fn screen(&self, session: &str) -> anyhow::Result<String> {
         self.run(&["capture-pane", "-p", "-t", session])
     }
@@ -778,27 +808,9 @@ async fn line_mode_clients_in_tmux_see_each_other_and_keep_half_typed_input() ->
 {
     let cluster = three_nodes("cl-tmux", &[]).await?;
     let dir = tempfile::tempdir()?;
-    let client = client_binary()?;
     let tmux = Tmux::new();
     for name in ["Alice", "Bob"] {
-        let command = format!(
-            "{} --plain --cluster {} --discovery-port {} --config-dir {} {name}",
-            client.display(),
-            cluster.cluster,
-            cluster.discovery_port,
-            dir.path().display()
-        );
-        tmux.run(&[
-            "new-session",
-            "-d",
-            "-s",
-            name,
-            "-x",
-            "150",
-            "-y",
-            "40",
-            &command,
-        ])?;
+        tmux.start_line_mode(&cluster, dir.path(), name, name)?;
     }
     for name in ["Alice", "Bob"] {
         tmux.wait_for(name, "the prompt", |s| s.contains("#general @n"))
@@ -1654,24 +1666,7 @@ async fn read_markers_follow_a_user_from_the_full_screen_client_to_the_line_mode
     .await?;
 
     // Bob's line mode, on the same key, marks where he stopped: the two new ones.
-    let command = format!(
-        "{} --plain --cluster {} --discovery-port {} --config-dir {} Bob",
-        client_binary()?.display(),
-        cluster.cluster,
-        cluster.discovery_port,
-        dir.path().display()
-    );
-    tmux.run(&[
-        "new-session",
-        "-d",
-        "-s",
-        "BobLine",
-        "-x",
-        "150",
-        "-y",
-        "40",
-        &command,
-    ])?;
+    tmux.start_line_mode(&cluster, dir.path(), "BobLine", "Bob")?;
     let screen = tmux
         .wait_for("BobLine", "the history with the new ones marked", |s| {
             s.contains("#general @n") && shows_message_from(s, "Carol", "g7")

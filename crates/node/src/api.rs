@@ -552,6 +552,14 @@ pub(crate) fn to_wire(message: chat_sm::Message) -> WireMessage {
     }
 }
 
+/// What a client is told when a batched write (a send, read markers) was not applied here.
+fn propose_error(e: ProposeError) -> ApiError {
+    match e {
+        ProposeError::NotLeader { leader } => not_leader(leader),
+        ProposeError::Unavailable(reason) => ApiError::unavailable(reason),
+    }
+}
+
 fn not_leader(leader: Option<(NodeId, Member)>) -> ApiError {
     let hint = leader.and_then(|(id, member)| {
         let client_addr = member.client_addr.parse().ok()?;
@@ -825,10 +833,7 @@ impl proto::Chat for ChatServer {
             }
             None => {
                 let outcome = self.shared.proposer.propose(send).await;
-                outcome.map_err(|e| match e {
-                    ProposeError::NotLeader { leader } => not_leader(leader),
-                    ProposeError::Unavailable(reason) => ApiError::unavailable(reason),
-                })?
+                outcome.map_err(propose_error)?
             }
         };
         self.shared.metrics.observe_rpc("send", started.elapsed());
@@ -1090,10 +1095,7 @@ impl proto::Chat for ChatServer {
             channel: req.channel,
             seq: ChannelSeq(req.seq),
         };
-        let marked = (self.shared.read_marks.mark(mark).await).map_err(|e| match e {
-            ProposeError::NotLeader { leader } => not_leader(leader),
-            ProposeError::Unavailable(reason) => ApiError::unavailable(reason),
-        })?;
+        let marked = (self.shared.read_marks.mark(mark).await).map_err(propose_error)?;
         self.shared
             .metrics
             .observe_rpc("mark_read", started.elapsed());
