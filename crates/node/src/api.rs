@@ -29,6 +29,7 @@ use crate::cluster::{role_of, Peers};
 use crate::conn_limit::AddrKey;
 use crate::conn_watch::{Activity, Busy, ConnWatch};
 use crate::delivery::Delivery;
+use crate::ephemeral::Ephemeral;
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::proposer::{ProposeError, Proposer};
 use crate::raft::Raft;
@@ -112,6 +113,8 @@ pub struct ApiShared {
     pub proposer: Proposer,
     /// Coalesces read markers into entries.
     pub read_marks: ReadMarks,
+    /// Presence and typing, never in the log.
+    pub ephemeral: Ephemeral,
     /// Nodes heard by discovery (roles and applied indexes of others).
     pub peers: Peers,
     pub metrics: Arc<Metrics>,

@@ -25,6 +25,7 @@ mod conn_watch;
 mod data_dir;
 mod delivery;
 mod enroll;
+mod ephemeral;
 mod fd_limit;
 pub mod formation;
 mod handover;

@@ -20,13 +20,14 @@ use futures::StreamExt;
 use parking_lot::Mutex;
 use proto::push::{
     self, ClientFrame, FrameError, PushWelcome, ServerFrame, Subscribe, CLIENT_FRAME_BYTES_MAX,
-    HEARTBEAT_MS,
+    CLIENT_SILENCE_MS_MAX, HEARTBEAT_MS,
 };
 use proto::TlsTcp;
 use proto::{ApiError, MessageBatch, RejectReason};
 use tarpc::tokio_util::codec::FramedRead;
 use tokio::io::AsyncWriteExt;
 use tokio::io::WriteHalf;
+use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
@@ -34,6 +35,7 @@ use crate::api::{
     self, check_admitted, check_channel, storage_error, to_wire, ApiShared, TokenBucket,
     BATCH_MESSAGES_MAX,
 };
+use crate::ephemeral::{Event, Online, TypingNote};
 use crate::metrics::GaugeGuard;
 
 /// Most bytes of message bodies in one pushed batch (1 MiB); a batch holds at least one
@@ -52,6 +54,11 @@ const BATCH_RESERVE_KIB: u32 = (PUSH_BATCH_BYTES_MAX >> 10) as u32 + 64;
 /// Most open subscriptions on one push connection (as many as long polls on one tarpc
 /// connection).
 pub const SUBSCRIPTIONS_PER_CONNECTION_MAX: usize = 1024;
+
+/// Typing frames one connection may send per second (and in a burst); more are dropped. A
+/// client sends one per channel every few seconds while its user types.
+const TYPING_RATE_PER_S: u32 = 4;
+const TYPING_BURST: u32 = 8;
 
 /// Time a new connection has to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -253,13 +260,26 @@ impl Out {
     }
 }
 
-/// Aborts a subscription task when dropped.
-struct SubTask(JoinHandle<()>);
+/// A subscription's task and channel; aborts the task when dropped.
+struct SubTask {
+    task: JoinHandle<()>,
+    channel: String,
+}
 
 impl Drop for SubTask {
     fn drop(&mut self) {
-        self.0.abort();
+        self.task.abort();
     }
+}
+
+/// Whether a connection of `user` with `subs` passes on `note`: a user is not told of their own
+/// typing, and hears only of channels they subscribe to (each subscription checks that the
+/// user may read its channel).
+fn concerns(note: &TypingNote, user: Option<&str>, subs: &HashMap<u64, SubTask>) -> bool {
+    user.is_some_and(|user| user != note.user)
+        && subs
+            .values()
+            .any(|sub| sub.channel == note.channel && !sub.task.is_finished())
 }
 
 fn malformed(what: &str) -> ApiError {
@@ -334,20 +354,29 @@ pub async fn serve_connection(
     }
 
     let mut bucket = TokenBucket::new(shared.conn_rate_per_s, shared.conn_burst);
+    let mut typing_bucket = TokenBucket::new(TYPING_RATE_PER_S, TYPING_BURST);
     let mut user: Option<String> = None;
+    // Keeps the user online in the cluster while the connection lasts.
+    let mut _online: Option<Online> = None;
+    let mut watching = false;
+    let mut events = shared.ephemeral.subscribe();
     let mut subs: HashMap<u64, SubTask> = HashMap::new();
     let heartbeat = Duration::from_millis(HEARTBEAT_MS);
+    let silence = Duration::from_millis(CLIENT_SILENCE_MS_MAX);
+    let mut heard = Instant::now();
     let mut tick = tokio::time::interval(heartbeat / 4);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             frame = frames.next() => {
+                heard = Instant::now();
                 let sub = match next_frame(frame) {
                     None => return,
                     Some(Ok(ClientFrame::Unsubscribe { sub_id })) => {
                         subs.remove(&sub_id);
                         continue;
                     }
+                    Some(Ok(ClientFrame::Heartbeat)) => continue,
                     Some(Ok(ClientFrame::Login(login))) if user.is_none() => {
                         let verified = api::verify_login(&shared, &challenge, &binding, &login);
                         if let Err(error) = verified {
@@ -355,9 +384,33 @@ pub async fn serve_connection(
                             out.send_error(None, error).await;
                             return;
                         }
+                        _online = Some(shared.ephemeral.connected(&login.name));
                         user = Some(login.name);
                         continue;
                     }
+                    Some(Ok(ClientFrame::Typing { channel })) => match &user {
+                        Some(user) => {
+                            // Dropped, not answered, when over the rate or not admitted: a
+                            // typing note is worth too little to cost a round trip.
+                            let allowed = typing_bucket.take_now().is_ok()
+                                && check_channel(&channel).is_ok()
+                                && check_admitted(&shared.chat, &channel, user).is_ok();
+                            if allowed {
+                                let user = user.clone();
+                                shared.ephemeral.typing(TypingNote { channel, user });
+                            }
+                            continue;
+                        }
+                        None => Err(ApiError::Unauthenticated),
+                    },
+                    Some(Ok(ClientFrame::WatchPresence)) if user.is_some() => {
+                        watching = true;
+                        if !out.write(shared.ephemeral.full_frame(), Bytes::new()).await {
+                            return;
+                        }
+                        continue;
+                    }
+                    Some(Ok(ClientFrame::WatchPresence)) => Err(ApiError::Unauthenticated),
                     Some(Ok(ClientFrame::Login(_))) => Err(malformed("second login")),
                     Some(Ok(ClientFrame::Subscribe(sub))) => match &user {
                         Some(user) => Ok((sub, user.clone())),
@@ -374,7 +427,7 @@ pub async fn serve_connection(
                         return;
                     }
                 };
-                subs.retain(|_, task| !task.0.is_finished());
+                subs.retain(|_, sub| !sub.task.is_finished());
                 let sub_id = sub.sub_id;
                 let refused = if let Err(limited) = bucket.take_now() {
                     Err(limited)
@@ -392,10 +445,32 @@ pub async fn serve_connection(
                     }
                     continue;
                 }
+                let channel = sub.channel.clone();
                 let task = run_subscription(shared.clone(), cache.clone(), out.clone(), sub, user);
-                subs.insert(sub_id, SubTask(tokio::spawn(task)));
+                subs.insert(sub_id, SubTask { task: tokio::spawn(task), channel });
+            }
+            event = events.recv() => {
+                let frame = match event {
+                    Ok(Event::Typing { note, frame }) => {
+                        concerns(&note, user.as_deref(), &subs).then_some(frame)
+                    }
+                    Ok(Event::Presence { frame }) => watching.then_some(frame),
+                    // Changes were missed: the whole list again.
+                    Err(RecvError::Lagged(_)) => watching.then(|| shared.ephemeral.full_frame()),
+                    // The hub lives as long as `shared`, which this connection holds.
+                    Err(RecvError::Closed) => return,
+                };
+                if let Some(frame) = frame {
+                    if !out.write(frame, Bytes::new()).await {
+                        return;
+                    }
+                }
             }
             _ = tick.tick() => {
+                if heard.elapsed() > silence {
+                    tracing::debug!(%peer, "push connection: the client fell silent");
+                    return;
+                }
                 if !out.heartbeat(heartbeat, shared.delivery.applied()).await {
                     return;
                 }

@@ -44,6 +44,7 @@ use crate::backup::{BackupIndex, BackupOpen, BackupOpened, BackupRead, Backups};
 use crate::cluster::{
     self, JoinError, JoinReply, JoinRequest, LeaderContact, RemoveReply, RemoveRequest,
 };
+use crate::ephemeral::{Ephemeral, EphemeralNews, GOSSIP_EVERY};
 use crate::join_secret::{self, RotateRequest};
 use crate::leader_watch::{InboundConn, LeaderWatch};
 use crate::pki::{NodeTls, RemotePublicKey};
@@ -224,6 +225,8 @@ pub trait RaftRpc {
         admin: AdminCredential,
         req: RetentionRequest,
     ) -> Result<Result<proto::Retention, JoinError>, WrongNode>;
+    /// The sender's online users and typing notes (see `ephemeral.rs`); a member only.
+    async fn ephemeral(to: NodeId, from: NodeId, news: EphemeralNews) -> Result<(), WrongNode>;
 }
 
 /// What the membership rule needs to know of the receiver.
@@ -247,6 +250,8 @@ pub enum Inbound {
         /// The sender's term.
         term: u64,
     },
+    /// Presence and typing news: only a member's is worth hearing.
+    News,
 }
 
 /// Whether a vote or append from a sender is let through to openraft.
@@ -261,7 +266,7 @@ pub fn admit(view: MembershipView, inbound: Inbound) -> bool {
         return true;
     }
     match inbound {
-        Inbound::Vote => false,
+        Inbound::Vote | Inbound::News => false,
         Inbound::Append { term } => term > view.our_term,
     }
 }
@@ -287,6 +292,8 @@ pub struct RaftRpcServer {
     peer_id: Arc<std::sync::OnceLock<NodeId>>,
     /// Paces the warnings about refused requests, shared by every connection.
     refusals: Arc<WarnGate>,
+    /// Presence and typing heard from peers go here.
+    ephemeral: Ephemeral,
 }
 
 /// How often a refused request may be logged: anyone can send refused requests, and a flood
@@ -319,13 +326,14 @@ impl WarnGate {
 }
 
 impl RaftRpcServer {
-    /// A server for node `id` of `cluster`; `admin` answers the operator RPCs, `snapshots`
+    /// A server for node `id` of `cluster`; `admin` answers the operator RPCs, `backups` the
+    /// backup RPCs, `ephemeral` takes the peers' presence and typing news, `snapshots`
     /// receives snapshot chunks and `contact` records the leader's AppendEntries.
     pub fn new(
         id: NodeId,
         cluster: &str,
         raft: Raft,
-        (admin, backups): (Arc<Admin>, Arc<Backups>),
+        (admin, backups, ephemeral): (Arc<Admin>, Arc<Backups>, Ephemeral),
         snapshots: SnapshotReceiver,
         contact: LeaderContact,
         tls: Arc<NodeTls>,
@@ -344,6 +352,7 @@ impl RaftRpcServer {
             peer: None,
             peer_id: Arc::default(),
             refusals: Arc::default(),
+            ephemeral,
         }
     }
 
@@ -670,6 +679,66 @@ impl RaftRpc for RaftRpcServer {
         self.check_admin(to, &admin)?;
         let chat = self.backups.chat();
         Ok(retention::handle_default_retention(&self.raft, chat, &self.cluster, &req).await)
+    }
+
+    async fn ephemeral(
+        self,
+        _: context::Context,
+        to: NodeId,
+        from: NodeId,
+        news: EphemeralNews,
+    ) -> Result<(), WrongNode> {
+        self.check_member(to, from, Inbound::News)?;
+        self.ephemeral.heard_from(from, news, Instant::now());
+        Ok(())
+    }
+}
+
+/// News waiting for one peer; more is dropped (the next periodic news carries the online list
+/// again, and typing notes are worth nothing late).
+const NEWS_QUEUE_LEN: usize = 64;
+
+/// How long one piece of news to a peer may take before the next is tried.
+const NEWS_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Sends node `id`'s presence and typing news from `hub` to every other member of its
+/// membership: at once when there is some, and every [`GOSSIP_EVERY`] anyway. Each peer has
+/// its own queue and task, so a dead peer delays nobody else. Runs until aborted.
+pub async fn gossip_ephemeral(id: NodeId, hub: Ephemeral, raft: Raft, network: Network) {
+    let mut queues: HashMap<NodeId, tokio::sync::mpsc::Sender<EphemeralNews>> = HashMap::new();
+    let mut deadline = tokio::time::Instant::now() + GOSSIP_EVERY;
+    loop {
+        let Some(news) = hub.next_news(deadline).await else {
+            continue;
+        };
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            deadline = now + GOSSIP_EVERY;
+        }
+        hub.expire(Instant::now());
+        let peers: Vec<(NodeId, String)> = crate::raft::with_server_metrics(&raft, |m| {
+            m.membership_config
+                .membership()
+                .nodes()
+                .filter(|(node, _)| **node != id)
+                .map(|(node, member)| (*node, member.raft_addr.clone()))
+                .collect()
+        });
+        // Dropping a removed peer's queue ends its task.
+        queues.retain(|node, _| peers.iter().any(|(peer, _)| peer == node));
+        for (target, addr) in peers {
+            let queue = queues.entry(target).or_insert_with(|| {
+                let (tx, mut rx) = tokio::sync::mpsc::channel(NEWS_QUEUE_LEN);
+                let peer = network.peer(target, addr);
+                tokio::spawn(async move {
+                    while let Some(news) = rx.recv().await {
+                        peer.send_news(id, news).await;
+                    }
+                });
+                tx
+            });
+            let _ = queue.try_send(news.clone());
+        }
     }
 }
 
@@ -1053,6 +1122,9 @@ enum Lane {
     Log,
     /// Snapshot chunks.
     Snapshot,
+    /// Presence and typing news, kept off the log lane so it never waits behind a large
+    /// AppendEntries.
+    News,
 }
 
 type Pool = Arc<Mutex<HashMap<(NodeId, Lane), RaftRpcClient>>>;
@@ -1079,19 +1151,24 @@ impl Network {
     pub fn contacts(&self) -> Contacts {
         self.contacts.clone()
     }
+
+    /// A handle to peer `target` at `addr`, sharing the pool's connections.
+    pub fn peer(&self, target: NodeId, addr: String) -> PeerClient {
+        PeerClient {
+            target,
+            addr,
+            pool: self.pool.clone(),
+            contacts: self.contacts.clone(),
+            dialer: self.dialer.clone(),
+        }
+    }
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &Member) -> PeerClient {
-        PeerClient {
-            target,
-            addr: node.raft_addr.clone(),
-            pool: self.pool.clone(),
-            contacts: self.contacts.clone(),
-            dialer: self.dialer.clone(),
-        }
+        self.peer(target, node.raft_addr.clone())
     }
 }
 
@@ -1193,6 +1270,30 @@ impl PeerClient {
                 CallError::Network(NetworkError::new(&e))
             }
         }
+    }
+
+    /// Sends `news` from node `from`; a failure is only logged (the next news follows soon).
+    async fn send_news(&self, from: NodeId, news: EphemeralNews) {
+        let Ok(client) = self.client(Lane::News).await else {
+            return;
+        };
+        let answer = client
+            .ephemeral(ctx_within(NEWS_TIMEOUT), self.target, from, news)
+            .await;
+        let failed = match answer {
+            Ok(Ok(())) => return,
+            Ok(Err(wrong)) => {
+                let error = wrong.to_string();
+                self.wrong_node(Lane::News, wrong);
+                error
+            }
+            Err(e) => {
+                let error = e.to_string();
+                self.transport_error(Lane::News, e);
+                error
+            }
+        };
+        tracing::debug!(peer = self.target, %failed, "presence news not delivered");
     }
 
     fn wrong_node(&self, lane: Lane, e: WrongNode) -> CallError {

@@ -30,6 +30,7 @@ use crate::conn_watch;
 use crate::data_dir::{DataDir, DataDirError, STATE_DIR};
 use crate::delivery::Delivery;
 use crate::enroll::{self, EnrollFailed};
+use crate::ephemeral::Ephemeral;
 use crate::fd_limit;
 use crate::formation::Formation;
 use crate::handover::{self, DiskWatchdog, WriteGate};
@@ -399,6 +400,8 @@ impl Server {
         });
         let network = Network::new(tls.peer_client.clone());
         let contacts = network.contacts();
+        let gossip_network = network.clone();
+        let ephemeral = Ephemeral::new();
         let snapshots = SnapshotReceiver::new(state_machine.clone());
         let backup_state = state_machine.clone();
         let archive_log = log_store.clone();
@@ -438,6 +441,7 @@ impl Server {
             delivery,
             proposer,
             read_marks,
+            ephemeral: ephemeral.clone(),
             peers: peers.clone(),
             metrics: metrics.clone(),
             user_buckets: parking_lot::Mutex::new(BucketMap::new(
@@ -497,7 +501,7 @@ impl Server {
             id,
             &config.cluster,
             raft.clone(),
-            (admin, backups),
+            (admin, backups, ephemeral.clone()),
             snapshots,
             contact.clone(),
             tls.clone(),
@@ -516,6 +520,12 @@ impl Server {
                 ConnLimiter::observed(client_limits, metrics.refusal_observer("client")),
             ),
             tokio::spawn(follow_secret),
+            tokio::spawn(raft_rpc::gossip_ephemeral(
+                id,
+                ephemeral,
+                raft.clone(),
+                gossip_network,
+            )),
             tokio::spawn(crate::retention::expire_loop(
                 raft.clone(),
                 shared.chat.clone(),

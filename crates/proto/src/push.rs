@@ -62,8 +62,9 @@ pub const PUSH_MAGIC: [u8; 4] = *b"CCPS";
 const _: () = assert!(u32::from_be_bytes(PUSH_MAGIC) as usize > FRAME_BYTES_MAX);
 
 /// Version of the push protocol (frames after the magic). Version 2: batches carry the
-/// `WireMessage` of protocol version 3 (no client id), and reading needs a `Login`.
-pub const PUSH_VERSION: u16 = 2;
+/// `WireMessage` of protocol version 3 (no client id), and reading needs a `Login`. Version 3:
+/// typing and presence frames, and client heartbeats.
+pub const PUSH_VERSION: u16 = 3;
 
 /// Largest client frame body a node accepts, in bytes (64 KiB). Client frames carry a channel
 /// name and a few integers; a node never allocates more than this for one.
@@ -75,6 +76,24 @@ pub const HEARTBEAT_MS: u64 = 1_000;
 /// A client treats a push connection as dead after this long without any frame, in ms (three
 /// heartbeats).
 pub const SILENCE_MS_MAX: u64 = 3 * HEARTBEAT_MS;
+
+/// A client sends a heartbeat after this long without writing anything (since version 3), in
+/// ms. It is what keeps its user online while it only listens.
+pub const CLIENT_HEARTBEAT_MS: u64 = 2_000;
+
+/// A node closes a push connection that sent nothing for this long, in ms (five client
+/// heartbeats). A killed client's connection ends at once; this limit catches a client whose
+/// host vanished, so its user goes offline anyway. It is generous because a client on a loaded
+/// machine may be late.
+pub const CLIENT_SILENCE_MS_MAX: u64 = 5 * CLIENT_HEARTBEAT_MS;
+
+/// How long a client shows that someone is typing after the last typing frame, in ms. A
+/// typing client sends a new frame every [`TYPING_RENEW_MS`] while keys arrive, so the
+/// indicator stays on while they type and goes off on its own when they stop or die.
+pub const TYPING_SHOW_MS: u64 = 6_000;
+
+/// A typing client sends at most one typing frame per channel this often, in ms.
+pub const TYPING_RENEW_MS: u64 = 3_000;
 
 /// Length of the frame length prefix, in bytes.
 pub const LENGTH_BYTES: usize = 4;
@@ -149,6 +168,19 @@ pub enum ClientFrame {
     },
     /// Logs in, once, before the first subscription (since version 2).
     Login(Login),
+    /// The user is typing in `channel` (since version 3). The node passes it to the other users
+    /// subscribed to the channel, on every node; it is never stored. A user must be admitted
+    /// to the channel; a typing frame that is not, or that comes faster than the node's limit,
+    /// is dropped without an answer.
+    Typing {
+        /// The channel typed in.
+        channel: String,
+    },
+    /// Asks for [`ServerFrame::Presence`] frames on this connection (since version 3): first
+    /// every user online in the cluster, then each change.
+    WatchPresence,
+    /// Sent when the client wrote nothing for [`CLIENT_HEARTBEAT_MS`] (since version 3).
+    Heartbeat,
 }
 
 /// The node's answer to a good [`PushHello`].
@@ -188,6 +220,25 @@ pub enum ServerFrame {
     Heartbeat {
         /// The node's applied log index.
         applied: u64,
+    },
+    /// `user` is typing in `channel`, a channel this connection subscribes to (since version
+    /// 3). Show it for [`TYPING_SHOW_MS`], or until a message of `user` arrives there.
+    Typing {
+        /// The channel.
+        channel: String,
+        /// Who types.
+        user: String,
+    },
+    /// Who came online and who went offline (since version 3), after
+    /// [`ClientFrame::WatchPresence`]. The first one is `full`: `online` is everyone online
+    /// and the client's list starts over from it; later ones are changes.
+    Presence {
+        /// Users now online.
+        online: Vec<String>,
+        /// Users now offline.
+        offline: Vec<String>,
+        /// `online` is the whole list.
+        full: bool,
     },
 }
 
@@ -436,6 +487,9 @@ mod tests {
                 })
             ),
             any::<u64>().prop_map(|sub_id| ClientFrame::Unsubscribe { sub_id }),
+            ".{0,70}".prop_map(|channel| ClientFrame::Typing { channel }),
+            Just(ClientFrame::WatchPresence),
+            Just(ClientFrame::Heartbeat),
         ]
     }
 
@@ -464,6 +518,23 @@ mod tests {
                 decode_server_frame(body_of(&whole)),
                 Ok(ServerFrame::Batch { sub_id, batch })
             );
+        }
+
+        #[test]
+        fn typing_and_presence_frames_round_trip(
+            channel in "[a-z0-9-]{1,20}",
+            user in "[a-z0-9]{1,20}",
+            online in proptest::collection::vec("[a-z0-9]{1,20}", 0..8),
+            offline in proptest::collection::vec("[a-z0-9]{1,20}", 0..8),
+            full in any::<bool>(),
+        ) {
+            for frame in [
+                ServerFrame::Typing { channel, user },
+                ServerFrame::Presence { online, offline, full },
+            ] {
+                let encoded = encode_frame(&frame);
+                prop_assert_eq!(decode_server_frame(body_of(&encoded)), Ok(frame));
+            }
         }
 
         #[test]
