@@ -22,7 +22,7 @@ use crate::error::Error;
 use crate::identity::{self, Identity};
 use crate::pool::Pool;
 use crate::probe::Prober;
-use crate::push::PushPool;
+use crate::push::{Ephemeral, PushPool};
 use crate::retry::{jitter, Decision, Failure, Retry, Target};
 use crate::routing::{ClientEvent, Routes, ServerInfo, Status};
 use crate::stream::{Streams, Subscription};
@@ -820,6 +820,62 @@ impl Client {
             .await?;
         self.routes.observe(reply.read_token);
         Ok(reply.read_to)
+    }
+
+    /// Presence and typing heard from now on. Typing comes for the channels this client
+    /// subscribes to. Calling this turns on presence on every push connection of the client, so
+    /// each connection's first presence event is a full list of who is online; a connection
+    /// opens with the first subscription.
+    pub fn ephemeral(&self) -> broadcast::Receiver<Ephemeral> {
+        self.streams.push.ephemeral()
+    }
+
+    /// Tells the other users subscribed to `channel` that this user types there (they show it
+    /// for [`proto::push::TYPING_SHOW_MS`]). Goes out on an open push connection and is never
+    /// retried: false when there is none (this client subscribes to nothing yet). Call it at
+    /// most every [`proto::push::TYPING_RENEW_MS`] per channel while keys arrive; nodes drop
+    /// typing notes that come faster than a few a second.
+    pub fn typing(&self, channel: &str) -> bool {
+        self.streams.push.typing(channel)
+    }
+
+    /// Everyone online in the cluster, as the nearest node knows it: users with an open push
+    /// connection (an interactive client, a subscription) on any node. Opens a push connection
+    /// when the client has none. What nodes tell of each other is at most a few seconds old.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoIdentity`] (a push connection needs a login), [`Error::RetriesExhausted`]
+    /// when no node answered with a list.
+    pub async fn online(&self) -> Result<Vec<String>, Error> {
+        self.pool.identity().ok_or(Error::NoIdentity)?;
+        let started = Instant::now();
+        let mut attempts = 0;
+        let mut last = "no node to ask".to_owned();
+        while attempts < 4 && started.elapsed() < self.config.request_timeout * 4 {
+            attempts += 1;
+            let Some(node) = self.routes.pick_reader() else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            match self
+                .streams
+                .push
+                .online(node, self.config.request_timeout)
+                .await
+            {
+                Some(online) => return Ok(online),
+                None => {
+                    last = format!("node {node} sent no online list");
+                    self.streams.push.forget(node);
+                }
+            }
+        }
+        Err(Error::RetriesExhausted {
+            attempts,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+            last,
+        })
     }
 
     /// The registered public keys of `names` (at most [`proto::USER_KEYS_MAX`]) as the nearest

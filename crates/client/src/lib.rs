@@ -25,6 +25,9 @@
 //!   node per [`Client`], shared by its subscriptions; long polls on nodes without push). It
 //!   hands out dense seqs, each once, and resumes exactly after the last one
 //!   when it moves to another node.
+//! - Presence and typing ([`Client::ephemeral`], [`Client::typing`], [`Client::online`]) ride
+//!   on the push connections and are never stored: a user is online while one of their push
+//!   connections is open on some node.
 //! - Bodies are opaque to servers; [`crypto`] defines the client-side body format and
 //!   encryption (format v2: a per-channel record with salt and key check, Argon2id, every
 //!   body signed by its sender), [`identity`] the per-user key files, [`pins`] the senders'
@@ -62,5 +65,6 @@ pub use proto::{
     ApiError, ChannelChange, ChannelDetail, ChannelInfo, ClusterInfo, MessageBatch, Reaction,
     Relation, Role, SendReply, UserKey, WireMessage,
 };
+pub use push::Ephemeral;
 pub use routing::{ClientEvent, ServerInfo, Status};
 pub use stream::Subscription;

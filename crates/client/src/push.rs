@@ -10,8 +10,13 @@
 //! Backpressure: a subscription's channel holds [`SUB_EVENTS_CAPACITY`] batches; when the
 //! application does not keep up, the connection task waits, stops reading the socket, and TCP
 //! slows the node down. Subscriptions on one connection therefore share its pace.
+//!
+//! Presence and typing ([`Ephemeral`]) from every connection go to one broadcast per client,
+//! which drops what a slow listener misses rather than slowing the connection. A connection
+//! sends a heartbeat when it wrote nothing for [`push::CLIENT_HEARTBEAT_MS`]: that is what
+//! keeps the user online while the client only listens.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,7 +28,7 @@ use proto::TlsTcp;
 use proto::{ApiError, MessageBatch};
 use tarpc::tokio_util::codec::FramedRead;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 
 use crate::config::ClientConfig;
 use crate::identity::Identity;
@@ -40,6 +45,73 @@ const UNSUPPORTED_RETRY: Duration = Duration::from_secs(60);
 
 /// What a subscription receives: the next messages, or why the node ended it.
 type SubEvent = Result<MessageBatch, ApiError>;
+
+/// Presence and typing events buffered for a slow listener before it misses some.
+const EPHEMERAL_CAPACITY: usize = 1_024;
+
+/// Presence and typing, as the client's push connections hear them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ephemeral {
+    /// `user` types in `channel`, a channel this client subscribes to; show it for
+    /// [`proto::push::TYPING_SHOW_MS`] or until their next message there.
+    Typing {
+        /// The channel.
+        channel: String,
+        /// Who types.
+        user: String,
+    },
+    /// Who came online and who went offline. When `full`, `online` is everyone online and
+    /// replaces what was known.
+    Presence {
+        /// Now online.
+        online: Vec<String>,
+        /// Now offline.
+        offline: Vec<String>,
+        /// `online` is the whole list.
+        full: bool,
+    },
+}
+
+/// What the client's push connections heard of presence and typing, shared with their tasks.
+pub(crate) struct Heard {
+    events: broadcast::Sender<Ephemeral>,
+    /// Everyone online, once a full list arrived.
+    online: Mutex<Option<BTreeSet<String>>>,
+    /// Wakes [`PushPool::online`] when a full list arrives.
+    full: tokio::sync::Notify,
+}
+
+impl Heard {
+    fn new() -> Self {
+        Heard {
+            events: broadcast::channel(EPHEMERAL_CAPACITY).0,
+            online: Mutex::default(),
+            full: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn hear(&self, event: Ephemeral) {
+        if let Ephemeral::Presence {
+            online,
+            offline,
+            full,
+        } = &event
+        {
+            let mut known = self.online.lock();
+            if *full {
+                *known = Some(online.iter().cloned().collect());
+                self.full.notify_waiters();
+            } else if let Some(known) = known.as_mut() {
+                known.extend(online.iter().cloned());
+                for user in offline {
+                    known.remove(user);
+                }
+            }
+        }
+        // Nobody listening is fine: the list above is kept either way.
+        let _ = self.events.send(event);
+    }
+}
 
 /// Why no push connection could be had.
 #[derive(Debug)]
@@ -61,6 +133,9 @@ pub(crate) struct PushPool {
     unsupported: Mutex<HashMap<u64, Instant>>,
     /// Serializes dials, so subscriptions started together share one connection.
     dialing: tokio::sync::Mutex<()>,
+    heard: Arc<Heard>,
+    /// Every connection asks for presence once someone wants it.
+    watch_presence: AtomicBool,
 }
 
 impl PushPool {
@@ -78,7 +153,53 @@ impl PushPool {
             conns: Mutex::default(),
             unsupported: Mutex::default(),
             dialing: tokio::sync::Mutex::default(),
+            heard: Arc::new(Heard::new()),
+            watch_presence: AtomicBool::new(false),
         }
+    }
+
+    /// Presence and typing from now on; turns on presence for every connection.
+    pub(crate) fn ephemeral(&self) -> broadcast::Receiver<Ephemeral> {
+        let events = self.heard.events.subscribe();
+        self.watch_presence.store(true, Ordering::Release);
+        for conn in self.conns.lock().values() {
+            conn.watch_presence();
+        }
+        events
+    }
+
+    /// Everyone online as of the last full list and the changes after it, waiting up to
+    /// `wait` for a first full list from a connection to `node`; `None` if none came.
+    pub(crate) async fn online(&self, node: u64, wait: Duration) -> Option<Vec<String>> {
+        let full = self.heard.full.notified();
+        tokio::pin!(full);
+        full.as_mut().enable();
+        if let Some(known) = &*self.heard.online.lock() {
+            return Some(known.iter().cloned().collect());
+        }
+        let _events = self.ephemeral();
+        if let Ok(conn) = self.get(node).await {
+            conn.watch_presence();
+        }
+        tokio::time::timeout(wait, full).await.ok()?;
+        let known = self.heard.online.lock();
+        known.as_ref().map(|known| known.iter().cloned().collect())
+    }
+
+    /// Tells the node of a live connection that this user types in `channel`; false when
+    /// there is no live connection to tell (typing is never worth a dial).
+    pub(crate) fn typing(&self, channel: &str) -> bool {
+        let conn = {
+            let mut conns = self.conns.lock();
+            conns.retain(|_, conn| !conn.shared.closed.load(Ordering::Acquire));
+            conns.values().next().cloned()
+        };
+        conn.is_some_and(|conn| {
+            let frame = ClientFrame::Typing {
+                channel: channel.to_owned(),
+            };
+            conn.frames.send(frame).is_ok()
+        })
     }
 
     /// Whether push should be tried on `node` (false for a while after it refused push).
@@ -111,7 +232,15 @@ impl PushPool {
         let Some(identity) = &self.identity else {
             return Err(DialError::Failed(Failure::Api(ApiError::Unauthenticated)));
         };
-        let conn = match dial(&self.config, &self.trust, &self.routes, identity, node).await {
+        let dialed = dial(
+            &self.config,
+            &self.trust,
+            &self.routes,
+            identity,
+            node,
+            self.heard.clone(),
+        );
+        let conn = match dialed.await {
             Ok(conn) => Arc::new(conn),
             Err(DialError::Unsupported) => {
                 tracing::info!(node, "node does not speak push; using long polls");
@@ -121,6 +250,9 @@ impl PushPool {
             Err(e) => return Err(e),
         };
         self.conns.lock().insert(node, conn.clone());
+        if self.watch_presence.load(Ordering::Acquire) {
+            conn.watch_presence();
+        }
         Ok(conn)
     }
 }
@@ -137,6 +269,8 @@ pub(crate) struct PushConn {
     shared: Arc<ConnShared>,
     frames: mpsc::UnboundedSender<ClientFrame>,
     next_sub_id: AtomicU64,
+    /// `WatchPresence` was sent.
+    watching: AtomicBool,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -165,6 +299,13 @@ impl Drop for PushSub {
 }
 
 impl PushConn {
+    /// Asks the node for presence, once per connection.
+    fn watch_presence(&self) {
+        if !self.watching.swap(true, Ordering::AcqRel) {
+            let _ = self.frames.send(ClientFrame::WatchPresence);
+        }
+    }
+
     /// Subscribes to `channel` after `after_seq`; `None` if the connection has closed.
     pub(crate) fn subscribe(
         self: &Arc<Self>,
@@ -206,6 +347,7 @@ async fn dial(
     routes: &Routes,
     identity: &Identity,
     node: u64,
+    heard: Arc<Heard>,
 ) -> Result<PushConn, DialError> {
     let Some(addr) = routes.addr_of(node) else {
         return Err(DialError::Failed(Failure::Transport(format!(
@@ -288,11 +430,13 @@ async fn dial(
         .max(Duration::from_millis(push::SILENCE_MS_MAX));
     let shared = Arc::new(ConnShared::default());
     let (frames_tx, frames_rx) = mpsc::unbounded_channel();
-    let task = tokio::spawn(run(shared.clone(), node, frames, write, frames_rx, silence));
+    let io = (frames, write, frames_rx);
+    let task = tokio::spawn(run(shared.clone(), heard, node, io, silence));
     Ok(PushConn {
         shared,
         frames: frames_tx,
         next_sub_id: AtomicU64::new(1),
+        watching: AtomicBool::new(false),
         task,
     })
 }
@@ -303,22 +447,25 @@ type Frames =
 /// The connection task: writes client frames, routes server frames, ends on any failure.
 async fn run(
     shared: Arc<ConnShared>,
+    ephemeral: Arc<Heard>,
     node: u64,
-    mut frames: Frames,
-    mut write: tokio::io::WriteHalf<TlsTcp>,
-    mut outgoing: mpsc::UnboundedReceiver<ClientFrame>,
+    (mut frames, mut write, mut outgoing): (
+        Frames,
+        tokio::io::WriteHalf<TlsTcp>,
+        mpsc::UnboundedReceiver<ClientFrame>,
+    ),
     silence: Duration,
 ) {
     let mut heard = tokio::time::Instant::now();
+    let beat = Duration::from_millis(push::CLIENT_HEARTBEAT_MS);
+    let mut wrote = tokio::time::Instant::now();
     let reason = loop {
-        tokio::select! {
+        let frame = tokio::select! {
             frame = outgoing.recv() => {
                 let Some(frame) = frame else { break "client gone".to_owned() };
-                let frame = push::encode_frame(&frame);
-                if let Err(e) = async { write.write_all(&frame).await?; write.flush().await }.await {
-                    break format!("write: {e}");
-                }
+                frame
             }
+            () = tokio::time::sleep_until(wrote + beat) => ClientFrame::Heartbeat,
             read = tokio::time::timeout_at(heard + silence, frames.next()) => {
                 heard = tokio::time::Instant::now();
                 let body = match read {
@@ -346,11 +493,28 @@ async fn run(
                         break format!("node closed the connection: {error}");
                     }
                     Ok(ServerFrame::Heartbeat { .. }) => {}
+                    Ok(ServerFrame::Typing { channel, user }) => {
+                        ephemeral.hear(Ephemeral::Typing { channel, user });
+                    }
+                    Ok(ServerFrame::Presence { online, offline, full }) => {
+                        ephemeral.hear(Ephemeral::Presence { online, offline, full });
+                    }
                     Ok(ServerFrame::Welcome(_)) => break "second welcome".to_owned(),
                     Err(e) => break format!("bad frame: {e}"),
                 }
+                continue;
             }
+        };
+        let frame = push::encode_frame(&frame);
+        if let Err(e) = async {
+            write.write_all(&frame).await?;
+            write.flush().await
         }
+        .await
+        {
+            break format!("write: {e}");
+        }
+        wrote = tokio::time::Instant::now();
     };
     tracing::debug!(node, %reason, "push connection ended");
     let mut subs = shared.subs.lock();
