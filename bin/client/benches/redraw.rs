@@ -57,6 +57,7 @@ fn status() -> Status {
         leader: "n1".into(),
         connection: "connected".into(),
         security: "plain".into(),
+        ..Status::default()
     }
 }
 

@@ -194,12 +194,18 @@ pub async fn channels(client: &Client, current: &str) -> Vec<String> {
     }
 }
 
-/// `/members`: the channel's owner, members and invitations.
+/// Most online users `/members` names in a public channel; the rest are counted.
+const ONLINE_LISTED_MAX: usize = 50;
+
+/// `/members`: the channel's owner, members and invitations, and who of them is online (for
+/// a public channel, who is online at all: any user may read it).
 pub async fn members(client: &Client, channel: &str) -> Vec<String> {
     let detail = match client.channel_info(channel).await {
         Ok(detail) => detail,
         Err(e) => return vec![format!("cannot read #{channel}: {}", error_text(&e))],
     };
+    // Presence is a courtesy: without it the list is still right, just without "online".
+    let online: Option<HashSet<String>> = client.online().await.ok().map(HashSet::from_iter);
     let owner = detail.info.owner.as_deref().map_or_else(
         || "nobody (a channel from before owners)".to_owned(),
         output::sanitize,
@@ -210,18 +216,34 @@ pub async fn members(client: &Client, channel: &str) -> Vec<String> {
         "public"
     };
     let mut lines = vec![format!("#{channel} is {kind}, owned by {owner}")];
+    let list = |names: &[String], mark: bool| {
+        names
+            .iter()
+            .map(|n| match &online {
+                Some(online) if mark && online.contains(n) => {
+                    format!("{} (online)", output::sanitize(n))
+                }
+                _ => output::sanitize(n),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     if detail.info.private {
-        let list = |names: &[String]| {
-            names
-                .iter()
-                .map(|n| output::sanitize(n))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        lines.push(format!("members: {}", list(&detail.members)));
+        lines.push(format!("members: {}", list(&detail.members, true)));
         if !detail.invited.is_empty() {
-            lines.push(format!("invited: {}", list(&detail.invited)));
+            lines.push(format!("invited: {}", list(&detail.invited, false)));
         }
+    } else if let Some(online) = &online {
+        let mut names: Vec<String> = online.iter().cloned().collect();
+        names.sort_unstable();
+        let more = names.len().saturating_sub(ONLINE_LISTED_MAX);
+        names.truncate(ONLINE_LISTED_MAX);
+        let more = if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        };
+        lines.push(format!("online: {}{more}", list(&names, false)));
     }
     lines
 }

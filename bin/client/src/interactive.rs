@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use cellchat_client::crypto;
-use cellchat_client::{Client, WireMessage};
+use cellchat_client::{Client, Ephemeral, WireMessage};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -14,6 +14,7 @@ use crate::actions::{self, lock, Encrypted, Keys, Queued};
 use crate::command::{self, Input};
 use crate::lineedit::{self, FromEditor, Screen};
 use crate::marks::{Marks, MARK_DRAIN_MAX};
+use crate::typing::{TypingBoard, TypingTeller};
 use crate::{output, timefmt};
 
 /// Messages shown when joining a channel.
@@ -36,6 +37,10 @@ struct Chat {
     send_tx: mpsc::Sender<Queued>,
     /// What this user has seen, for the read markers.
     marks: Marks,
+    /// Who types where (the prompt shows it for this channel).
+    typing: Arc<Mutex<TypingBoard>>,
+    /// Tells the cluster when this user types.
+    teller: TypingTeller,
 }
 
 /// Asks for a secret on the terminal without echoing it (each typed character shows as `*`),
@@ -80,25 +85,58 @@ pub async fn run(
         stream: None,
         send_tx,
         marks,
+        typing: Arc::default(),
+        teller: TypingTeller::default(),
     };
+    // Presence on, so /members knows who is online.
+    let mut heard = chat.client.ephemeral();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     chat.out(format!(
         "connected to cluster {:?} as {}; type /help for commands",
         chat.client.cluster_name(),
         chat.client.name().unwrap_or("?")
     ));
     chat.enter(chat.channel.clone()).await;
-    chat.screen.prompt(chat.prompt());
-    while let Some(event) = from_editor.recv().await {
-        match event {
-            FromEditor::Line(line) => {
-                if chat.handle_line(&line).await == Next::Quit {
-                    break;
+    let mut prompt = chat.prompt();
+    chat.screen.prompt(prompt.clone());
+    loop {
+        tokio::select! {
+            event = from_editor.recv() => match event {
+                Some(FromEditor::Line(line)) => {
+                    chat.teller.entered(&chat.channel);
+                    if chat.handle_line(&line).await == Next::Quit {
+                        break;
+                    }
                 }
-            }
-            FromEditor::Secret(passphrase) => chat.set_key(&passphrase).await,
-            FromEditor::Quit => break,
+                Some(FromEditor::Secret(passphrase)) => chat.set_key(&passphrase).await,
+                Some(FromEditor::Typed(text)) => {
+                    chat.teller.typed(&chat.client, &chat.channel, &text, timefmt::now_ms());
+                }
+                Some(FromEditor::Quit) | None => break,
+            },
+            event = heard.recv() => match event {
+                Ok(Ephemeral::Typing { channel, user }) => {
+                    let until = timefmt::now_ms() + proto::push::TYPING_SHOW_MS;
+                    lock(&chat.typing).heard(&channel, &user, until);
+                }
+                Ok(Ephemeral::Presence { offline, .. }) => {
+                    for user in offline {
+                        lock(&chat.typing).gone(&user);
+                    }
+                }
+                // Missed events: typing notes are renewed every few seconds.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            },
+            _ = tick.tick() => {}
         }
-        chat.screen.prompt(chat.prompt());
+        // Redrawn only when it changed, so the line being typed is not disturbed for nothing.
+        let now = chat.prompt();
+        if now != prompt {
+            prompt = now;
+            chat.screen.prompt(prompt.clone());
+        }
     }
     if let Some(stream) = chat.stream.take() {
         stream.abort();
@@ -134,6 +172,12 @@ enum Next {
 
 impl Chat {
     fn prompt(&self) -> String {
+        let typing = lock(&self.typing).typing_in(&self.channel, timefmt::now_ms());
+        let typing = if typing.is_empty() {
+            String::new()
+        } else {
+            format!("({}) ", output::typing_text(&typing))
+        };
         let status = self.client.status();
         // A node is shown by name; by id only until its announcement has been heard.
         let label = |id: u64, name: &Option<String>| {
@@ -154,7 +198,7 @@ impl Chat {
         } else {
             ""
         };
-        format!("#{}{e2e} {reading} ({leader})> ", self.channel)
+        format!("{typing}#{}{e2e} {reading} ({leader})> ", self.channel)
     }
 
     fn out(&self, line: impl Into<String>) {
@@ -351,6 +395,7 @@ impl Chat {
             self.encrypted.clone(),
             self.screen.clone(),
             self.marks.clone(),
+            self.typing.clone(),
         )));
     }
 
@@ -411,10 +456,12 @@ async fn stream_loop(
     encrypted: Encrypted,
     screen: Screen,
     marks: Marks,
+    typing: Arc<Mutex<TypingBoard>>,
 ) {
     while let Some(next) = sub.recv().await {
         let line = match next {
             Ok(message) => {
+                lock(&typing).spoke(&message.channel, &message.sender);
                 // Printed is seen: the line mode shows every message of its channel.
                 marks.seen(&message.channel, message.seq);
                 show_line(&client, &keys, &encrypted, &message).await(timefmt::now_ms())

@@ -33,6 +33,8 @@ pub enum FromEditor {
     Secret(String),
     /// Ctrl-D, a second Ctrl-C, end of input, or the terminal is gone.
     Quit,
+    /// The input changed and is now this (not a secret); for typing indicators.
+    Typed(String),
 }
 
 enum ToEditor {
@@ -280,7 +282,13 @@ async fn edit(mut rx: mpsc::UnboundedReceiver<ToEditor>, tx: mpsc::Sender<FromEd
                     Some(Err(_)) | None => Step::Send(FromEditor::Quit),
                 };
                 match step {
-                    Step::Redraw => draw(&mut out, &editor),
+                    Step::Redraw => {
+                        if editor.asking.is_none() {
+                            // Dropped when the chat is busy: typing notes are renewed anyway.
+                            let _ = tx.try_send(FromEditor::Typed(editor.input.text.clone()));
+                        }
+                        draw(&mut out, &editor)
+                    }
                     Step::Send(FromEditor::Quit) => {
                         let _ = tx.send(FromEditor::Quit).await;
                         break;

@@ -116,6 +116,9 @@ struct Args {
     /// invited) and exit.
     #[arg(long, conflicts_with_all = ["send", "delete", "react", "unreact", "tail", "history", "servers", "protect_key", "plain"])]
     channels: bool,
+    /// Print every user online in the cluster (with a client connected to any node) and exit.
+    #[arg(long, conflicts_with_all = ["send", "delete", "react", "unreact", "tail", "history", "servers", "protect_key", "plain", "channels", "thread", "mark_read"])]
+    online: bool,
     /// Channel for --send, --tail and --history, and the first channel of the chat.
     #[arg(long, env = "CELLCHAT_CHANNEL", default_value = "general")]
     channel: String,
@@ -264,7 +267,8 @@ fn main() -> ExitCode {
         && !args.protect_key
         && args.thread.is_none()
         && args.mark_read.is_none()
-        && !args.channels;
+        && !args.channels
+        && !args.online;
     let filter = tracing_subscriber::EnvFilter::new(&args.log);
     // The full-screen chat logs to a file: anything written to the terminal would land in
     // the middle of the drawing.
@@ -579,6 +583,17 @@ async fn run_modes(args: Args, full_screen: Option<PathBuf>) -> anyhow::Result<(
     if args.channels {
         return list_channels(&client, args.json).await;
     }
+    if args.online {
+        let online = client.online().await?;
+        if args.json {
+            out(serde_json::json!(online));
+        } else {
+            for user in &online {
+                out(output::sanitize(user));
+            }
+        }
+        return Ok(());
+    }
     if let Some(n) = args.history {
         let page = client.recent_before(&channel, args.before, n).await?;
         let now = timefmt::now_ms();
@@ -790,8 +805,9 @@ mod tests {
 
     #[test]
     fn one_shot_modes_exclude_each_other() {
-        let cases: [&[&str]; 3] = [
+        let cases: [&[&str]; 4] = [
             &["cellchat", "bob", "--thread", "1", "--channels"],
+            &["cellchat", "bob", "--online", "--tail"],
             &["cellchat", "bob", "--mark-read", "1", "--thread", "2"],
             &["cellchat", "bob", "--channels", "--send", "x"],
         ];

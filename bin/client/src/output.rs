@@ -151,6 +151,19 @@ pub fn annotations(message: &WireMessage) -> String {
     )
 }
 
+/// Who types, as a status line says it: `bob is typing…`, `bob and carol are typing…`,
+/// `bob, carol and 2 others are typing…`; empty for nobody. Names sanitized.
+pub fn typing_text(users: &[String]) -> String {
+    let names: Vec<String> = users.iter().map(|u| sanitize(u)).collect();
+    match names.as_slice() {
+        [] => String::new(),
+        [one] => format!("{one} is typing…"),
+        [a, b] => format!("{a} and {b} are typing…"),
+        [a, b, other] => format!("{a}, {b} and {other} are typing…"),
+        [a, b, rest @ ..] => format!("{a}, {b} and {} others are typing…", rest.len()),
+    }
+}
+
 /// What [`annotations`] says, from its parts (the full-screen chat keeps them in its own
 /// model); emoji sanitized.
 pub fn annotation_text<'a>(

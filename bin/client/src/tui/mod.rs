@@ -7,14 +7,14 @@
 pub mod model;
 pub mod view;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cellchat_client::crypto;
-use cellchat_client::{Client, WireMessage};
+use cellchat_client::{Client, Ephemeral, WireMessage};
 use crossterm::event::{
     DisableBracketedPaste, EnableBracketedPaste, Event as TermEvent, EventStream, KeyCode,
     KeyEvent, KeyEventKind, KeyModifiers,
@@ -33,6 +33,7 @@ use crate::command::{self, Input};
 use crate::marks::{Marks, MARK_DRAIN_MAX};
 use crate::output;
 use crate::timefmt::{self, LocalClock};
+use crate::typing::TypingTeller;
 use model::{Action, Model};
 
 /// Messages read when a channel is opened.
@@ -72,6 +73,8 @@ enum Event {
     Accepted(String),
     /// This user's read marker in a channel, as the cluster holds it.
     Marker(String, u64),
+    /// Presence or typing.
+    Ephemeral(Ephemeral),
 }
 
 /// Where the full-screen client keeps its files, and where its logs go.
@@ -167,6 +170,8 @@ struct App {
     page_rows: usize,
     /// What this user has read, for the read markers.
     marks: Marks,
+    /// Tells the cluster when this user types.
+    typing: TypingTeller,
 }
 
 /// Runs the full-screen chat until `/quit`, Ctrl-D or a second Ctrl-C.
@@ -210,7 +215,9 @@ pub async fn run(
         bell: false,
         page_rows: 20,
         marks,
+        typing: TypingTeller::default(),
     };
+    tokio::spawn(forward_ephemeral(app.client.clone(), app.events.clone()));
     if let Some(keys) = keys {
         lock(&app.keys).insert(channel.clone(), keys);
         lock(&app.encrypted).insert(channel.clone());
@@ -299,7 +306,10 @@ impl App {
     fn on_terminal(&mut self, event: TermEvent) -> bool {
         let action = match event {
             TermEvent::Key(key) if key.kind != KeyEventKind::Release => self.on_key(key),
-            TermEvent::Paste(text) => self.model.paste(&text),
+            TermEvent::Paste(text) => {
+                self.typed();
+                self.model.paste(&text)
+            }
             // A resize is drawn by the frame that follows every event.
             _ => Action::None,
         };
@@ -316,7 +326,7 @@ impl App {
             KeyCode::Char('p') if ctrl => self.model.cycle(false),
             KeyCode::Right if alt => self.model.cycle(true),
             KeyCode::Left if alt => self.model.cycle(false),
-            _ if self.model.input.edit(&key) => {}
+            _ if self.model.input.edit(&key) => self.typed(),
             KeyCode::Enter => return self.model.submit(),
             KeyCode::Up => self.model.input.recall(true),
             KeyCode::Down => self.model.input.recall(false),
@@ -344,6 +354,17 @@ impl App {
         Action::None
     }
 
+    /// The input changed: tell the shown channel this user types there, at most every
+    /// [`TYPING_RENEW_MS`](proto::push::TYPING_RENEW_MS). Not for commands or secrets, and not
+    /// once the line is empty again.
+    fn typed(&mut self) {
+        if self.model.asking.is_none() {
+            let (channel, text) = (&self.model.current, &self.model.input.text);
+            self.typing
+                .typed(&self.client, channel, text, timefmt::now_ms());
+        }
+    }
+
     /// Does what the model asked; `true` to quit.
     fn act(&mut self, action: Action) -> bool {
         match action {
@@ -364,6 +385,7 @@ impl App {
                 });
             }
             Action::Submit(line) => {
+                self.typing.entered(&self.model.current);
                 if let Err(e) = append_history(&self.files.history, &line) {
                     tracing::warn!("input history not saved: {e}");
                 }
@@ -709,6 +731,15 @@ impl App {
                 self.marks.known(&channel, seq);
                 self.model.on_marker(&channel, seq);
             }
+            Event::Ephemeral(Ephemeral::Typing { channel, user }) => {
+                let until = timefmt::now_ms() + proto::push::TYPING_SHOW_MS;
+                self.model.on_typing(&channel, &user, until);
+            }
+            Event::Ephemeral(Ephemeral::Presence {
+                online,
+                offline,
+                full,
+            }) => self.model.on_presence(online, &offline, full),
         }
     }
 
@@ -732,7 +763,7 @@ impl App {
         });
     }
 
-    fn status(&self) -> view::Status {
+    fn status(&mut self) -> view::Status {
         let status = self.client.status();
         // A node is shown by name; by id only until its announcement has been heard.
         let label = |id: u64, name: &Option<String>| {
@@ -760,17 +791,37 @@ impl App {
         } else {
             "plain"
         };
+        let typing = self.model.typing_in(&current.clone(), timefmt::now_ms());
         view::Status {
             reading,
             leader,
             connection: connection.to_owned(),
             security: security.to_owned(),
+            typing: output::typing_text(&typing),
+            online: self.model.online.as_ref().map(BTreeSet::len),
         }
     }
 
     fn save_channels(&self) {
         if let Err(e) = save_channels(&self.files.channels, &self.model.order) {
             tracing::warn!("channel list not saved: {e}");
+        }
+    }
+}
+
+/// Hands the client's presence and typing events to the screen until it is gone. A listener
+/// that fell behind only misses some; presence catches up with the next full list.
+async fn forward_ephemeral(client: Client, events: mpsc::Sender<Event>) {
+    let mut heard = client.ephemeral();
+    loop {
+        match heard.recv().await {
+            Ok(event) => {
+                if events.send(Event::Ephemeral(event)).await.is_err() {
+                    return;
+                }
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         }
     }
 }

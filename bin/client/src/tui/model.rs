@@ -3,7 +3,9 @@
 //! Everything here is a plain function of the events it is given, so it is tested without a
 //! screen; `view.rs` draws it.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+
+use crate::typing::TypingBoard;
 
 /// Lines of scrollback kept per channel in memory; older ones are paged in again from the
 /// servers when scrolled to.
@@ -455,6 +457,10 @@ pub struct Model {
     /// The threads this user is in: (channel, seq) of each of their messages and of each
     /// message they replied to, as seen in this session.
     threads: HashSet<(String, u64)>,
+    /// Who types where.
+    typing: TypingBoard,
+    /// Everyone online, once the first full list arrived.
+    pub online: Option<BTreeSet<String>>,
 }
 
 impl Model {
@@ -578,9 +584,36 @@ impl Model {
         })
     }
 
+    /// `user` types in `channel`: shown until `until_ms`, or until their next message there.
+    pub fn on_typing(&mut self, channel: &str, user: &str, until_ms: u64) {
+        if user != self.me {
+            self.typing.heard(channel, user, until_ms);
+        }
+    }
+
+    /// Who came online and who went offline; `full` replaces the list.
+    pub fn on_presence(&mut self, online: Vec<String>, offline: &[String], full: bool) {
+        let known = self.online.get_or_insert_with(BTreeSet::new);
+        if full {
+            known.clear();
+        }
+        known.extend(online);
+        for user in offline {
+            known.remove(user);
+            self.typing.gone(user);
+        }
+    }
+
+    /// The users typing in `channel` at `now_ms`, by name; forgets the ones whose time ran
+    /// out.
+    pub fn typing_in(&mut self, channel: &str, now_ms: u64) -> Vec<String> {
+        self.typing.typing_in(channel, now_ms)
+    }
+
     /// A new message in `channel` (live or caught up). Returns [`Action::Bell`] when it
     /// mentions this user and is not this user's own.
     pub fn on_message(&mut self, channel: &str, mut message: Shown) -> Action {
+        self.typing.spoke(channel, &message.sender);
         message.mentions_me = self.concerns_me(channel, &message);
         if !self.names.contains(&message.sender) {
             self.names.push(message.sender.clone());
@@ -1223,5 +1256,25 @@ mod tests {
         assert_eq!(m.shown().lines.len(), SCROLLBACK_MAX);
         assert_eq!(m.shown().oldest_seq, Some(6));
         assert!(!m.shown().at_start);
+    }
+
+    #[test]
+    fn typing_shows_others_until_they_speak_and_presence_follows_full_lists_and_changes() {
+        let mut m = Model::new("alice", "general");
+        m.on_typing("general", "alice", 5_000);
+        m.on_typing("general", "bob", 5_000);
+        m.on_typing("ops", "carol", 5_000);
+        assert_eq!(m.typing_in("general", 1_000), vec!["bob"], "never oneself");
+        m.on_message("general", msg(1, "bob", "done"));
+        assert!(m.typing_in("general", 1_000).is_empty(), "bob spoke");
+        assert_eq!(m.typing_in("ops", 1_000), vec!["carol"]);
+        assert!(m.online.is_none(), "unknown before the first list");
+        m.on_presence(vec!["alice".into(), "carol".into()], &[], true);
+        m.on_presence(vec!["bob".into()], &["carol".into()], false);
+        let online: Vec<&str> = m.online.iter().flatten().map(String::as_str).collect();
+        assert_eq!(online, vec!["alice", "bob"]);
+        assert!(m.typing_in("ops", 1_000).is_empty(), "carol left");
+        m.on_presence(vec!["dave".into()], &[], true);
+        assert_eq!(m.online.as_ref().map(BTreeSet::len), Some(1), "a full list replaces");
     }
 }

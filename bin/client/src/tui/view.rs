@@ -25,6 +25,10 @@ pub struct Status {
     pub connection: String,
     /// The shown channel's encryption: `e2e`, `e2e, no key: /key`, `plain`.
     pub security: String,
+    /// Who types in the shown channel (`bob is typing…`), or empty.
+    pub typing: String,
+    /// How many users are online, once known.
+    pub online: Option<usize>,
 }
 
 /// Smallest terminal drawn; a smaller one is told so.
@@ -326,8 +330,16 @@ fn draw_status(frame: &mut Frame<'_>, model: &Model, status: &Status, area: Rect
     } else {
         String::new()
     };
+    let typing = if status.typing.is_empty() {
+        String::new()
+    } else {
+        format!(" {} |", status.typing)
+    };
+    let online = status
+        .online
+        .map_or_else(String::new, |n| format!(" | {n} online"));
     let text = format!(
-        " {} in #{} [{}] | read {} | leader {} | {}{scrolled}",
+        "{typing} {} in #{} [{}] | read {} | leader {} | {}{online}{scrolled}",
         model.me, model.current, status.security, status.reading, status.leader, status.connection
     );
     frame.render_widget(
@@ -375,6 +387,7 @@ mod tests {
             leader: "n2".into(),
             connection: "connected".into(),
             security: "plain".into(),
+            ..Status::default()
         };
         terminal
             .draw(|f| draw(f, model, &status, now_ms, &clock))
@@ -442,6 +455,30 @@ mod tests {
         let rows: Vec<&str> = s.lines().collect();
         // Rows: messages..., status bar, input line.
         assert!(rows[rows.len() - 3].contains("the newest"), "{s}");
+    }
+
+    #[test]
+    fn the_status_bar_says_who_types_and_how_many_are_online() {
+        let m = Model::new("alice", "general");
+        let mut terminal = Terminal::new(TestBackend::new(100, 8)).expect("test backend");
+        let clock = LocalClock::in_zone(jiff::tz::TimeZone::UTC);
+        let status = Status {
+            typing: crate::output::typing_text(&["bob".into(), "carol".into()]),
+            online: Some(3),
+            ..Status::default()
+        };
+        terminal
+            .draw(|f| draw(f, &m, &status, AT, &clock))
+            .expect("draw");
+        let s: String = terminal
+            .backend()
+            .buffer()
+            .content()
+            .iter()
+            .map(|c| c.symbol())
+            .collect();
+        assert!(s.contains("bob and carol are typing… | alice in #general"), "{s}");
+        assert!(s.contains("| 3 online"), "{s}");
     }
 
     #[test]
