@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
+use anyhow::{bail, ensure, Context as _};
 use cellchat_client::crypto::{self, Author, ChannelHistory, Content, CryptoError, Keys};
 use cellchat_client::{Client, ClientConfig, ClientEvent, Error, Identity, WireMessage};
 use proto::HistoryRequest;
@@ -1614,6 +1614,65 @@ async fn the_scripting_contract_exit_codes_idempotency_key_tail_after_and_broken
 /// The index of the first line of `screen` containing `needle`.
 fn line_of(screen: &str, needle: &str) -> Option<usize> {
     screen.lines().position(|l| l.contains(needle))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_and_presence_show_between_the_full_screen_client_and_the_line_mode(
+) -> anyhow::Result<()> {
+    let cluster = three_nodes("cl-typing", &[]).await?;
+    let dir = tempfile::tempdir()?;
+    let tmux = Tmux::new();
+    tmux.start_full_screen(&cluster, dir.path(), "Bob", (120, 30))?;
+    tmux.wait_for("Bob", "Bob online", |s| {
+        status_bar(s).contains("Bob in #general") && status_bar(s).contains("| 1 online")
+    })
+    .await?;
+    tmux.start_line_mode(&cluster, dir.path(), "Alice", "Alice")?;
+    tmux.wait_for("Alice", "the line mode's prompt", |s| s.contains("#general @"))
+        .await?;
+    tmux.wait_for("Bob", "Alice online", |s| {
+        status_bar(s).contains("| 2 online")
+    })
+    .await?;
+
+    // Alice writes without sending: Bob's status bar says so; her message ends it.
+    tmux.type_burst("Alice", "almost")?;
+    tmux.wait_for("Bob", "Alice typing", |s| {
+        status_bar(s).contains("Alice is typing…")
+    })
+    .await?;
+    tmux.run(&["send-keys", "-t", "Alice", " done", "Enter"])?;
+    tmux.wait_for("Bob", "Alice's message, and no more typing", |s| {
+        full_screen_row(s, "Alice", "almost done").is_some()
+            && !status_bar(s).contains("is typing")
+    })
+    .await?;
+
+    // Bob writes: Alice's prompt says so until the note runs out.
+    tmux.type_burst("Bob", "hmm")?;
+    tmux.wait_for("Alice", "Bob typing in the prompt", |s| {
+        s.contains("(Bob is typing…) #general")
+    })
+    .await?;
+    let shown = Instant::now();
+    tmux.wait_for("Alice", "the note running out", |s| !s.contains("is typing"))
+        .await?;
+    let lasted = shown.elapsed();
+    ensure!(
+        lasted >= Duration::from_secs(2),
+        "the typing note vanished after {lasted:?}, before its time"
+    );
+
+    // /members lists who is online; Alice leaves and Bob sees it.
+    tmux.run(&["send-keys", "-t", "Alice", "/members", "Enter"])?;
+    tmux.wait_for("Alice", "online users", |s| s.contains("online: Alice, Bob"))
+        .await?;
+    tmux.run(&["send-keys", "-t", "Alice", "/quit", "Enter"])?;
+    tmux.wait_for("Bob", "Alice offline", |s| {
+        status_bar(s).contains("| 1 online")
+    })
+    .await?;
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
