@@ -16,6 +16,13 @@
 //!   message below a node's floor may be missing from its final read (`stats.expired`), and
 //!   one below the highest floor seen is not a lost write. Everything at or above a floor is
 //!   held to the same rules as without retention.
+//! - Edits and deletes are messages of their own (each with its own key, msg and seq), held
+//!   to every rule a send is. A read shows an entry a delete erased as a marker with no msg:
+//!   it stands for whatever message sits at that seq, so it is neither lost nor a lost write,
+//!   but some delete of it (or of the message it edits) must possibly have applied.
+//! - A read token orders reads after writes across processes: a read that passed token `t`
+//!   shows the state at applied index `t` or later, so it must reflect every delete and edit
+//!   acknowledged with a token at or below `t`. Final reads must reflect every one.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -23,7 +30,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::history::{Call, History, Op, OpType, Process};
+use crate::history::{Call, Entry, History, Op, OpType, Process, RelKind};
 
 /// Examples kept per anomaly type.
 pub const EXAMPLES_MAX: usize = 8;
@@ -59,11 +66,18 @@ pub enum Anomaly {
     ReadSkip,
     /// Final reads of two nodes disagree at a seq (different message, or missing on one).
     Divergence,
+    /// An acknowledged delete's target (or one of its edits) shown with its body by a final
+    /// read or a read whose token covers the delete; or an entry marked deleted whose body
+    /// was still returned.
+    ResurrectedDelete,
+    /// An acknowledged edit's target shown undeleted with no edit or an older one by a final
+    /// read or a read whose token covers the edit.
+    LostEdit,
 }
 
 impl Anomaly {
     /// All anomaly types, in report order.
-    pub const ALL: [Anomaly; 14] = [
+    pub const ALL: [Anomaly; 16] = [
         Anomaly::Lost,
         Anomaly::LostWrite,
         Anomaly::Duplicate,
@@ -78,6 +92,8 @@ impl Anomaly {
         Anomaly::NonmonotonicRead,
         Anomaly::ReadSkip,
         Anomaly::Divergence,
+        Anomaly::ResurrectedDelete,
+        Anomaly::LostEdit,
     ];
 
     /// The name used in reports.
@@ -97,6 +113,8 @@ impl Anomaly {
             Anomaly::NonmonotonicRead => "nonmonotonic-read",
             Anomaly::ReadSkip => "read-skip",
             Anomaly::Divergence => "divergence",
+            Anomaly::ResurrectedDelete => "resurrected-delete",
+            Anomaly::LostEdit => "lost-edit",
         }
     }
 }
@@ -130,8 +148,14 @@ pub struct Stats {
     pub ops: u64,
     /// Counts per `f` (nemesis functions included).
     pub by_f: BTreeMap<String, FCounts>,
-    /// Distinct messages with an ok send.
+    /// Distinct messages with an ok send (edits and deletes not included).
     pub acknowledged_sends: u64,
+    /// Distinct edits acknowledged.
+    pub acknowledged_edits: u64,
+    /// Distinct deletes acknowledged.
+    pub acknowledged_deletes: u64,
+    /// Distinct `(channel, seq)` that some read showed erased by a delete.
+    pub erased_read: u64,
     /// Distinct messages seen by any read, stream batch or final read.
     pub msgs_read: u64,
     /// `(seq, msg)` pairs returned by reads, counting repeats.
@@ -186,12 +210,7 @@ pub fn check(history: &History) -> Report {
         state.count_op(op);
         let call = Call::parse(op).expect("History validated every op when it was built");
         match &call {
-            Call::Send {
-                channel,
-                key,
-                msg,
-                seq,
-            } => state.on_send(op, channel, key, msg, *seq),
+            Call::Send { .. } => state.on_send(op, &call),
             Call::Read {
                 channel,
                 msgs: Some(msgs),
@@ -306,12 +325,60 @@ struct MsgInfo {
     ack: Option<(u64, u64, u64)>,
     /// Distinct `(channel, seq)` where reads returned it, with the first op index.
     read_at: Vec<(u32, u64, u64)>,
+    /// For an edit or delete: what it does and the target's seq.
+    relation: Option<(RelKind, u64)>,
 }
 
 impl MsgInfo {
     fn attempts(&self) -> u32 {
         self.invokes.max(self.oks + self.fails + self.infos)
     }
+
+    /// Whether some attempt may have been applied (not every attempt definitely failed).
+    fn may_have_applied(&self) -> bool {
+        self.oks > 0 || self.attempts() > self.fails
+    }
+}
+
+/// One entry of a read as the checker keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct Slot {
+    seq: u64,
+    /// The message shown; `None` when a delete erased its body.
+    msg: Option<u32>,
+    /// The node marked it deleted.
+    deleted: bool,
+    /// The seq of its newest edit, as attached by the read.
+    edit: Option<u64>,
+}
+
+/// What a read with a token showed of an edit's or delete's target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shown {
+    /// The target itself, undeleted, with the seq of its newest edit if any.
+    Alive { edit: Option<u64> },
+    /// One of the target's edits, with its body.
+    EditAlive,
+    /// The target, or one of its edits, erased.
+    Erased,
+}
+
+/// One observation of a target by a read that passed a token.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    token: u64,
+    index: u64,
+    seq: u64,
+    shown: Shown,
+}
+
+/// An acknowledged edit or delete: its own seq, token, op index and msg.
+#[derive(Debug, Clone, Copy)]
+struct RelAck {
+    seq: u64,
+    token: Option<u64>,
+    index: u64,
+    msg: u32,
 }
 
 /// One process's acknowledged sends in one channel: seq to (msg, ack time, op index).
@@ -345,13 +412,24 @@ struct State {
     /// Per (channel, node): position in `final_reads` of the last ok final read.
     final_read: BTreeMap<(u32, u32), usize>,
     final_reads: Vec<FinalRead>,
+    /// `(channel, seq)` of every message an edit or delete was invoked on.
+    rel_targets: HashSet<(u32, u64)>,
+    /// Per target: its first acknowledged delete; after the pass, also a delete known
+    /// applied because a read returned it (without a token: only final reads are held to it).
+    deletes_applied: HashMap<(u32, u64), RelAck>,
+    /// Per target: its acknowledged edits; after the pass, also those a read returned.
+    edits_applied: HashMap<(u32, u64), Vec<RelAck>>,
+    /// Per target: what reads that passed a token showed of it.
+    watched: HashMap<(u32, u64), Vec<Seen>>,
+    /// `(channel, seq)` some read showed erased, with the `edit_of` it gave and the op index.
+    erased: HashMap<(u32, u64), (Option<u64>, u64)>,
 }
 
 /// One ok final read: its op index, the node's floor, and what it returned.
 struct FinalRead {
     index: u64,
     floor: u64,
-    pairs: Vec<(u64, u32)>,
+    pairs: Vec<Slot>,
 }
 
 impl State {
@@ -366,6 +444,19 @@ impl State {
         let summary = self.anomalies.entry(anomaly).or_default();
         summary.count += 1;
         summary.examples.extend(example);
+    }
+
+    /// A slot for an example: its msg, `"(deleted)"`, and the seq of its newest edit.
+    fn shown(&self, slot: &Slot) -> Value {
+        let msg = match (slot.msg, slot.deleted) {
+            (Some(m), false) => json!(self.msgs.name(m)),
+            (Some(m), true) => json!(format!("{} (deleted)", self.msgs.name(m))),
+            (None, _) => json!("(deleted)"),
+        };
+        match slot.edit {
+            Some(edit) => json!({"msg": msg, "edit": edit}),
+            None => msg,
+        }
     }
 
     fn count_op(&mut self, op: &Op) {
@@ -387,13 +478,47 @@ impl State {
         id
     }
 
-    fn on_send(&mut self, op: &Op, channel: &str, key: &str, msg: &str, seq: Option<u64>) {
+    fn on_send(&mut self, op: &Op, call: &Call<'_>) {
+        let Call::Send {
+            channel,
+            key,
+            msg,
+            seq,
+            relation,
+            token,
+        } = *call
+        else {
+            unreachable!("on_send is only called with Call::Send")
+        };
         let ch = self.channels.id(channel);
         let key = self.keys.id(key);
         let m = self.msg(msg);
         let info = &mut self.info[m as usize];
         info.channel.get_or_insert(ch);
         info.key.get_or_insert(key);
+        if let Some((kind, target)) = relation {
+            info.relation.get_or_insert((kind, target));
+            self.rel_targets.insert((ch, target));
+            if op.kind == OpType::Ok {
+                let ack = RelAck {
+                    seq: seq.expect("validated: an ok edit or delete carries seq"),
+                    token,
+                    index: op.index,
+                    msg: m,
+                };
+                match kind {
+                    RelKind::Delete => {
+                        self.deletes_applied.entry((ch, target)).or_insert(ack);
+                    }
+                    RelKind::Edit => self
+                        .edits_applied
+                        .entry((ch, target))
+                        .or_default()
+                        .push(ack),
+                }
+            }
+        }
+        let info = &mut self.info[m as usize];
         match op.kind {
             OpType::Invoke => {
                 info.invokes += 1;
@@ -450,24 +575,113 @@ impl State {
         }
     }
 
-    /// Interns and records every pair a read returned; returns them as `(seq, msg id)`.
-    fn observe_read(&mut self, op: &Op, ch: u32, msgs: &[(u64, &str)]) -> Vec<(u64, u32)> {
-        let mut out = Vec::with_capacity(msgs.len());
-        for (seq, msg) in msgs {
-            let m = self.msg(msg);
-            self.observe(ch, *seq, m, op.index);
-            let read_at = &mut self.info[m as usize].read_at;
-            if !read_at.iter().any(|(c, s, _)| *c == ch && s == seq) {
-                read_at.push((ch, *seq, op.index));
-            }
-            out.push((*seq, m));
+    /// Notes that a read returned `m` at `(ch, seq)` in op `index`.
+    fn note_read_at(&mut self, m: u32, ch: u32, seq: u64, index: u64) {
+        self.observe(ch, seq, m, index);
+        let read_at = &mut self.info[m as usize].read_at;
+        if !read_at.iter().any(|(c, s, _)| *c == ch && *s == seq) {
+            read_at.push((ch, seq, index));
         }
-        self.stats.observations += msgs.len() as u64;
-        if let Some(last) = msgs.iter().map(|(s, _)| *s).max() {
+    }
+
+    /// Interns and records every entry a read returned, attached edits included; returns
+    /// them as slots.
+    fn observe_read(&mut self, op: &Op, ch: u32, entries: &[Entry<'_>]) -> Vec<Slot> {
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            let msg = e.msg.map(|text| {
+                let m = self.msg(text);
+                self.note_read_at(m, ch, e.seq, op.index);
+                m
+            });
+            if e.deleted {
+                self.erased
+                    .entry((ch, e.seq))
+                    .or_insert((e.edit_of, op.index));
+                if let Some(m) = msg {
+                    // Deleting erases the body on every node; a body next to the marker
+                    // means the erasure did not happen.
+                    self.add(Anomaly::ResurrectedDelete, |s| {
+                        json!({"channel": s.channels.name(ch), "seq": e.seq,
+                            "msg": s.msgs.name(m), "read_index": op.index,
+                            "note": "marked deleted, yet its body was returned"})
+                    });
+                }
+            }
+            let edit = e.edit.map(|(edit_seq, text)| {
+                let em = self.msg(text);
+                self.note_read_at(em, ch, edit_seq, op.index);
+                self.check_attached_edit(op, ch, e.seq, edit_seq, em);
+                edit_seq
+            });
+            out.push(Slot {
+                seq: e.seq,
+                msg,
+                deleted: e.deleted,
+                edit,
+            });
+        }
+        self.stats.observations += entries.len() as u64;
+        if let Some(last) = entries.iter().map(|e| e.seq).max() {
             let max = self.read_max.entry(ch).or_insert(0);
             *max = (*max).max(last);
         }
         out
+    }
+
+    /// A read attached `em` (at `edit_seq`) as the newest edit of `seq`: `em` must be an edit
+    /// of `seq`. A message nobody sent is left to `unexpected` through its read.
+    fn check_attached_edit(&mut self, op: &Op, ch: u32, seq: u64, edit_seq: u64, em: u32) {
+        let info = &self.info[em as usize];
+        if info.attempts() == 0 || info.relation == Some((RelKind::Edit, seq)) {
+            return;
+        }
+        self.add(Anomaly::Unexpected, |s| {
+            json!({"channel": s.channels.name(ch), "seq": seq, "edit_seq": edit_seq,
+                "msg": s.msgs.name(em), "index": op.index,
+                "note": "shown as the newest edit of a message it does not edit"})
+        });
+    }
+
+    /// The target an edit or delete of which explains this slot, and what the slot shows of
+    /// it: an edit entry stands for the message it edits.
+    fn target_of(&self, ch: u32, slot: &Slot) -> ((u32, u64), Shown) {
+        // An erased entry shows no msg; the history may still know which message sits there.
+        let msg = slot
+            .msg
+            .or_else(|| self.at_seq.get(&(ch, slot.seq)).map(|(m, _)| *m));
+        let edit_of = msg
+            .and_then(|m| match self.info[m as usize].relation {
+                Some((RelKind::Edit, target)) => Some(target),
+                _ => None,
+            })
+            .or_else(|| {
+                self.erased
+                    .get(&(ch, slot.seq))
+                    .and_then(|(edit_of, _)| *edit_of)
+                    .filter(|_| slot.deleted)
+            });
+        let shown = match (slot.deleted, edit_of) {
+            (true, _) => Shown::Erased,
+            (false, Some(_)) => Shown::EditAlive,
+            (false, None) => Shown::Alive { edit: slot.edit },
+        };
+        ((ch, edit_of.unwrap_or(slot.seq)), shown)
+    }
+
+    /// Keeps what a read that passed `token` showed of every edit's or delete's target.
+    fn watch(&mut self, op: &Op, ch: u32, slots: &[Slot], token: u64) {
+        for slot in slots {
+            let (key, shown) = self.target_of(ch, slot);
+            if self.rel_targets.contains(&key) {
+                self.watched.entry(key).or_default().push(Seen {
+                    token,
+                    index: op.index,
+                    seq: slot.seq,
+                    shown,
+                });
+            }
+        }
     }
 
     /// Notes that a read saw `floor` in channel `ch`.
@@ -477,7 +691,7 @@ impl State {
         self.stats.floor_max = self.stats.floor_max.max(floor);
     }
 
-    fn on_read(&mut self, op: &Op, call: &Call<'_>, channel: &str, msgs: &[(u64, &str)]) {
+    fn on_read(&mut self, op: &Op, call: &Call<'_>, channel: &str, msgs: &[Entry<'_>]) {
         let Call::Read {
             from,
             before,
@@ -485,6 +699,7 @@ impl State {
             head,
             floor,
             stream,
+            token,
             ..
         } = call
         else {
@@ -494,10 +709,13 @@ impl State {
         let ch = self.channels.id(channel);
         let pairs = self.observe_read(op, ch, msgs);
         self.observe_floor(ch, floor);
+        if let Some(token) = token {
+            self.watch(op, ch, &pairs, *token);
+        }
         self.check_density(op, ch, &pairs, *from, floor);
         if let (Some(before), Some(last)) = (before, pairs.last()) {
-            if last.0 + 1 < *before {
-                let last_seq = last.0;
+            if last.seq + 1 < *before {
+                let last_seq = last.seq;
                 self.add(Anomaly::IntSkip, |s| {
                     json!({"channel": s.channels.name(ch), "process": op.process.to_string(),
                         "before": before, "last": last_seq, "index": op.index})
@@ -522,7 +740,7 @@ impl State {
         }
     }
 
-    fn on_final_read(&mut self, op: &Op, channel: &str, floor: u64, msgs: &[(u64, &str)]) {
+    fn on_final_read(&mut self, op: &Op, channel: &str, floor: u64, msgs: &[Entry<'_>]) {
         let ch = self.channels.id(channel);
         let pairs = self.observe_read(op, ch, msgs);
         self.observe_floor(ch, floor);
@@ -543,17 +761,10 @@ impl State {
 
     /// Inside one read: seqs strictly increase by exactly one, starting at `from` if given;
     /// only seqs below `floor` may be skipped.
-    fn check_density(
-        &mut self,
-        op: &Op,
-        ch: u32,
-        pairs: &[(u64, u32)],
-        from: Option<u64>,
-        floor: u64,
-    ) {
+    fn check_density(&mut self, op: &Op, ch: u32, pairs: &[Slot], from: Option<u64>, floor: u64) {
         if let (Some(from), Some(first)) = (from, pairs.first()) {
-            if first.0 > from.max(floor) {
-                let first = first.0;
+            if first.seq > from.max(floor) {
+                let first = first.seq;
                 self.add(Anomaly::IntSkip, |s| {
                     json!({"channel": s.channels.name(ch), "process": op.process.to_string(),
                         "from": from, "first": first, "index": op.index})
@@ -562,11 +773,11 @@ impl State {
         }
         let Some(bad) = pairs
             .windows(2)
-            .find(|w| w[1].0 != w[0].0 + 1 && !(w[1].0 > w[0].0 && w[1].0 <= floor))
+            .find(|w| w[1].seq != w[0].seq + 1 && !(w[1].seq > w[0].seq && w[1].seq <= floor))
         else {
             return;
         };
-        let (prev, next) = (bad[0].0, bad[1].0);
+        let (prev, next) = (bad[0].seq, bad[1].seq);
         let anomaly = if next <= prev {
             Anomaly::IntNonmonotonic
         } else {
@@ -574,18 +785,18 @@ impl State {
         };
         self.add(anomaly, |s| {
             json!({"channel": s.channels.name(ch), "process": op.process.to_string(),
-                "seqs": [prev, next], "msgs": [s.msgs.name(bad[0].1), s.msgs.name(bad[1].1)],
+                "seqs": [prev, next], "msgs": [s.shown(&bad[0]), s.shown(&bad[1])],
                 "index": op.index})
         });
     }
 
     /// Successive stream batches of one process continue at exactly last + 1, or jump ahead
     /// to at most the batch's floor over expired seqs.
-    fn check_stream(&mut self, op: &Op, p: u64, ch: u32, pairs: &[(u64, u32)], floor: u64) {
+    fn check_stream(&mut self, op: &Op, p: u64, ch: u32, pairs: &[Slot], floor: u64) {
         let (Some(first), Some(last)) = (pairs.first(), pairs.last()) else {
             return;
         };
-        let (first, last_seq) = (first.0, last.0);
+        let (first, last_seq) = (first.seq, last.seq);
         let slot = self.stream_last.entry((p, ch)).or_insert(None);
         let prev = slot.replace(last_seq);
         let Some(prev) = prev else { return };
@@ -601,15 +812,7 @@ impl State {
     }
 
     /// A history read by `p` must contain every own ack in the range it covers.
-    fn check_ryw(
-        &mut self,
-        op: &Op,
-        p: u64,
-        ch: u32,
-        pairs: &[(u64, u32)],
-        invoked: u64,
-        page: Page,
-    ) {
+    fn check_ryw(&mut self, op: &Op, p: u64, ch: u32, pairs: &[Slot], invoked: u64, page: Page) {
         let Some(own) = self.own_sends.get(&(p, ch)) else {
             return;
         };
@@ -617,14 +820,20 @@ impl State {
         if lo > hi {
             return;
         }
-        let read: HashMap<u64, u32> = pairs.iter().copied().collect();
+        let read: HashMap<u64, Slot> = pairs.iter().map(|p| (p.seq, *p)).collect();
+        // An entry shown erased holds whatever message is there: its erasure is checked
+        // against the deletes on its own.
+        let holds = |seq: &u64, m: &u32| {
+            read.get(seq)
+                .is_some_and(|slot| slot.msg == Some(*m) || slot.deleted)
+        };
         // Bounded: a dense read holds every own seq in range, so this stops after at most
         // len + 1 misses-or-hits plus one.
         let missing = own
             .range(lo..=hi)
             .filter(|(_, (_, acked, _))| *acked < invoked)
             .take(pairs.len() + 1)
-            .find(|(seq, (m, _, _))| read.get(seq) != Some(m))
+            .find(|(seq, (m, _, _))| !holds(seq, m))
             .map(|(seq, v)| (*seq, *v));
         let head_behind = match (page.head, own.range(..).next_back()) {
             (Some(head), Some((seq, v))) if head < *seq && v.1 < invoked => Some((*seq, *v)),
@@ -642,7 +851,10 @@ impl State {
         self.check_messages();
         self.check_keys();
         self.check_realtime();
+        self.add_recovered_relations();
         self.check_final_reads();
+        self.check_erasures();
+        self.check_watched();
         let mut warnings = Vec::new();
         if self.stats.final_reads == 0 {
             warnings.push("no ok final-read: `lost` and `divergence` were not checked".to_string());
@@ -668,12 +880,19 @@ impl State {
             let info = self.info[m].clone();
             let m = u32::try_from(m).expect("ids fit u32");
             if info.ack.is_some() {
-                self.stats.acknowledged_sends += 1;
+                let count = match info.relation {
+                    None => &mut self.stats.acknowledged_sends,
+                    Some((RelKind::Edit, _)) => &mut self.stats.acknowledged_edits,
+                    Some((RelKind::Delete, _)) => &mut self.stats.acknowledged_deletes,
+                };
+                *count += 1;
             }
             let Some(&(ch, seq, index)) = info.read_at.first() else {
                 if let (Some((seq, _, index)), Some(ch)) = (info.ack, info.channel) {
                     let expired = seq < self.floor_max.get(&ch).copied().unwrap_or(0);
-                    if !expired && seq <= self.read_max.get(&ch).copied().unwrap_or(0) {
+                    // Shown erased is shown: a delete took its body before any read saw it.
+                    let erased = self.erased.contains_key(&(ch, seq));
+                    if !expired && !erased && seq <= self.read_max.get(&ch).copied().unwrap_or(0) {
                         self.add(Anomaly::LostWrite, |s| {
                             json!({"channel": s.channels.name(ch), "seq": seq,
                                 "msg": s.msgs.name(m), "index": index})
@@ -797,17 +1016,169 @@ impl State {
             let acked = acked_by_channel.remove(&ch).unwrap_or_default();
             for &(node, pos) in &reads {
                 self.check_lost(ch, node, pos, &acked);
+                self.check_final_relations(ch, node, pos);
             }
             self.check_divergence(ch, &reads);
+        }
+    }
+
+    /// An unacknowledged edit or delete whose own entry a read returned was applied: final
+    /// reads are held to it like to an acknowledged one.
+    fn add_recovered_relations(&mut self) {
+        for (m, info) in self.info.iter().enumerate() {
+            let (Some((kind, target)), Some(ch), None, Some(&(_, seq, index))) =
+                (info.relation, info.channel, info.ack, info.read_at.first())
+            else {
+                continue;
+            };
+            let ack = RelAck {
+                seq,
+                token: None,
+                index,
+                msg: u32::try_from(m).expect("ids fit u32"),
+            };
+            match kind {
+                RelKind::Delete => {
+                    self.deletes_applied.entry((ch, target)).or_insert(ack);
+                }
+                RelKind::Edit => self
+                    .edits_applied
+                    .entry((ch, target))
+                    .or_default()
+                    .push(ack),
+            }
+        }
+    }
+
+    /// A final read reflects every applied delete (the target and its edits erased)
+    /// and every applied edit (the target shows it or a newer one, unless erased).
+    fn check_final_relations(&mut self, ch: u32, node: u32, pos: usize) {
+        let index = self.final_reads[pos].index;
+        for i in 0..self.final_reads[pos].pairs.len() {
+            let slot = self.final_reads[pos].pairs[i];
+            let (key, shown) = self.target_of(ch, &slot);
+            if shown != Shown::Erased {
+                if let Some(ack) = self.deletes_applied.get(&key).copied() {
+                    self.add(Anomaly::ResurrectedDelete, |s| {
+                        json!({"channel": s.channels.name(ch), "node": s.nodes.name(node),
+                            "target": key.1, "seq": slot.seq, "shown": s.shown(&slot),
+                            "delete": s.msgs.name(ack.msg), "delete_seq": ack.seq,
+                            "delete_index": ack.index, "final_read_index": index})
+                    });
+                }
+            }
+            if let Shown::Alive { edit } = shown {
+                let newest = self
+                    .edits_applied
+                    .get(&key)
+                    .and_then(|acks| acks.iter().max_by_key(|a| a.seq))
+                    .copied();
+                if let Some(ack) = newest.filter(|a| edit.unwrap_or(0) < a.seq) {
+                    self.add(Anomaly::LostEdit, |s| {
+                        json!({"channel": s.channels.name(ch), "node": s.nodes.name(node),
+                            "seq": slot.seq, "shown": s.shown(&slot),
+                            "edit": s.msgs.name(ack.msg), "edit_seq": ack.seq,
+                            "edit_index": ack.index, "final_read_index": index})
+                    });
+                }
+            }
+        }
+    }
+
+    /// Every entry a read showed erased needs a delete that may have applied: of it, or of
+    /// the message it edits. With only failed deletes it is an aborted read; with none, a
+    /// state no operation produced.
+    fn check_erasures(&mut self) {
+        let mut deletes: HashMap<(u32, u64), (bool, u32)> = HashMap::default();
+        for (m, info) in self.info.iter().enumerate() {
+            if let (Some((RelKind::Delete, target)), Some(ch)) = (info.relation, info.channel) {
+                let m = u32::try_from(m).expect("ids fit u32");
+                let entry = deletes.entry((ch, target)).or_insert((false, m));
+                entry.0 |= info.may_have_applied();
+            }
+        }
+        let mut erased: Vec<(u32, u64, u64)> = self
+            .erased
+            .iter()
+            .map(|(&(ch, seq), &(_, index))| (ch, seq, index))
+            .collect();
+        erased.sort_unstable();
+        self.stats.erased_read = erased.len() as u64;
+        for (ch, seq, index) in erased {
+            let slot = Slot {
+                seq,
+                msg: None,
+                deleted: true,
+                edit: None,
+            };
+            let (key, _) = self.target_of(ch, &slot);
+            let (anomaly, note) = match deletes.get(&key) {
+                Some((true, _)) => continue,
+                Some((false, _)) => (
+                    Anomaly::AbortedRead,
+                    "shown erased; every delete of it failed",
+                ),
+                None => (Anomaly::Unexpected, "shown erased; nothing deleted it"),
+            };
+            self.add(anomaly, |s| {
+                json!({"channel": s.channels.name(ch), "seq": seq, "target": key.1,
+                    "index": index, "note": note})
+            });
+        }
+    }
+
+    /// Reads that passed a token reflect every delete and edit acknowledged at or below it.
+    fn check_watched(&mut self) {
+        let mut keys: Vec<(u32, u64)> = self.watched.keys().copied().collect();
+        keys.sort_unstable();
+        for key in keys {
+            let seen = self.watched.remove(&key).unwrap_or_default();
+            let delete = self.deletes_applied.get(&key).copied();
+            let edits = self.edits_applied.get(&key).cloned().unwrap_or_default();
+            let ch = key.0;
+            for s in seen {
+                let covered = |ack: &RelAck| ack.token.is_some_and(|t| t <= s.token);
+                if let Some(ack) = delete.filter(|a| covered(a) && s.shown != Shown::Erased) {
+                    self.add(Anomaly::ResurrectedDelete, |st| {
+                        json!({"channel": st.channels.name(ch), "target": key.1, "seq": s.seq,
+                            "read_token": s.token, "read_index": s.index,
+                            "delete": st.msgs.name(ack.msg), "delete_seq": ack.seq,
+                            "delete_token": ack.token, "delete_index": ack.index})
+                    });
+                }
+                let Shown::Alive { edit } = s.shown else {
+                    continue;
+                };
+                let newest = edits.iter().filter(|a| covered(a)).max_by_key(|a| a.seq);
+                if let Some(ack) = newest.filter(|a| edit.unwrap_or(0) < a.seq) {
+                    self.add(Anomaly::LostEdit, |st| {
+                        json!({"channel": st.channels.name(ch), "seq": key.1,
+                            "shown_edit": edit, "read_token": s.token, "read_index": s.index,
+                            "edit": st.msgs.name(ack.msg), "edit_seq": ack.seq,
+                            "edit_token": ack.token, "edit_index": ack.index})
+                    });
+                }
+            }
         }
     }
 
     fn check_lost(&mut self, ch: u32, node: u32, pos: usize, acked: &[u32]) {
         let read = &self.final_reads[pos];
         let (index, floor) = (read.index, read.floor);
-        let present: HashSet<u32> = read.pairs.iter().map(|(_, m)| *m).collect();
+        let present: HashSet<u32> = read.pairs.iter().filter_map(|p| p.msg).collect();
+        // An erased entry holds the message at its seq; whether a delete explains it is
+        // checked by `check_erasures`.
+        let erased: HashSet<u64> = read
+            .pairs
+            .iter()
+            .filter(|p| p.deleted)
+            .map(|p| p.seq)
+            .collect();
         for &m in acked.iter().filter(|m| !present.contains(m)) {
             let (seq, _, _) = self.info[m as usize].ack.expect("only acked messages");
+            if erased.contains(&seq) {
+                continue;
+            }
             if seq < floor {
                 self.stats.expired += 1;
                 continue;
@@ -828,14 +1199,20 @@ impl State {
         if reads.len() < 2 {
             return;
         }
-        let mut by_seq: BTreeMap<u64, Vec<(u32, u32)>> = BTreeMap::new();
+        // Nodes agree on a seq when they hold the same message in the same state: both
+        // erased, or both undeleted with the same newest edit.
+        let mut by_seq: BTreeMap<u64, Vec<(u32, Slot)>> = BTreeMap::new();
         for &(node, pos) in reads {
-            for &(seq, m) in &self.final_reads[pos].pairs {
-                by_seq.entry(seq).or_default().push((node, m));
+            for slot in &self.final_reads[pos].pairs {
+                let state = Slot {
+                    msg: slot.msg.filter(|_| !slot.deleted),
+                    ..*slot
+                };
+                by_seq.entry(slot.seq).or_default().push((node, state));
             }
         }
         for (seq, held) in by_seq {
-            let distinct: BTreeSet<u32> = held.iter().map(|(_, m)| *m).collect();
+            let distinct: BTreeSet<Slot> = held.iter().map(|(_, slot)| *slot).collect();
             // A node may lack a seq below its own floor: retention expired it there first.
             let all_hold = reads.iter().all(|&(node, pos)| {
                 seq < self.final_reads[pos].floor || held.iter().any(|(n, _)| *n == node)
@@ -847,11 +1224,11 @@ impl State {
                 let nodes: serde_json::Map<String, Value> = reads
                     .iter()
                     .map(|(node, _)| {
-                        let m = held
+                        let shown = held
                             .iter()
                             .find(|(n, _)| n == node)
-                            .map(|(_, m)| s.msgs.name(*m));
-                        (s.nodes.name(*node).to_string(), json!(m))
+                            .map(|(_, slot)| s.shown(slot));
+                        (s.nodes.name(*node).to_string(), json!(shown))
                     })
                     .collect();
                 json!({"channel": s.channels.name(ch), "seq": seq, "nodes": nodes})
@@ -878,15 +1255,15 @@ impl Page {
     /// - neither: the newest page, `[first returned (1 if none), ∞)`.
     ///
     /// Seqs below the floor expired, so the range never starts below it.
-    fn covered(&self, pairs: &[(u64, u32)]) -> (u64, u64) {
+    fn covered(&self, pairs: &[Slot]) -> (u64, u64) {
         let (lo, hi) = self.covered_ignoring_floor(pairs);
         (lo.max(self.floor), hi)
     }
 
-    fn covered_ignoring_floor(&self, pairs: &[(u64, u32)]) -> (u64, u64) {
+    fn covered_ignoring_floor(&self, pairs: &[Slot]) -> (u64, u64) {
         let full = self.limit.is_some_and(|l| pairs.len() as u64 >= l);
-        let first = pairs.first().map(|p| p.0);
-        let last = pairs.last().map(|p| p.0);
+        let first = pairs.first().map(|p| p.seq);
+        let last = pairs.last().map(|p| p.seq);
         match (self.from, self.before) {
             (Some(from), _) if full => (from, last.unwrap_or(0)),
             (Some(from), _) => (from, self.head.unwrap_or(u64::MAX)),

@@ -5,8 +5,12 @@
 //! trivially: `index`, `time` (ns since the start), `type` (`invoke`, `ok`, `fail`, `info`),
 //! `process` (an integer, or `"nemesis"`), `f`, `value`, and optional `node` and `error`.
 //! Every line is validated on read, including the shape of `value` for the operations the
-//! checker understands (`send`, `read`, `final-read`, `resubscribe`), so the checker itself never
-//! meets a malformed operation.
+//! checker understands (`send`, `edit`, `delete`, `read`, `final-read`, `resubscribe`), so the
+//! checker itself never meets a malformed operation.
+//!
+//! A read's `msgs` lists `[seq, msg]` pairs; an entry a delete erased, an edited message and an
+//! edit or delete entry carry a third element (see [`ReadEntry`]). Histories written before
+//! edits and deletes have only pairs and read back unchanged.
 
 use std::fmt;
 use std::fs::File;
@@ -104,7 +108,8 @@ pub struct Op {
     pub kind: OpType,
     /// The process.
     pub process: Process,
-    /// The function: `send`, `read`, `final-read`, `resubscribe`, or a nemesis function.
+    /// The function: `send`, `edit`, `delete`, `read`, `final-read`, `resubscribe`, or a
+    /// nemesis function.
     pub f: String,
     /// The arguments and, on completion, the result.
     pub value: Value,
@@ -116,6 +121,10 @@ pub struct Op {
 
 /// `f` of a send.
 pub const F_SEND: &str = "send";
+/// `f` of an edit: a message replacing the text of an earlier message of the same process.
+pub const F_EDIT: &str = "edit";
+/// `f` of a delete: a message erasing an earlier message of the same process.
+pub const F_DELETE: &str = "delete";
 /// `f` of a history read or stream batch.
 pub const F_READ: &str = "read";
 /// `f` of a read after healing, one per channel per node.
@@ -142,6 +151,21 @@ impl Op {
     pub fn send(kind: OpType, process: u64, channel: &str, key: &str, msg: &str) -> Op {
         let value = json!({"channel": channel, "key": key, "msg": msg});
         Op::new(kind, Process::Client(process), F_SEND, value)
+    }
+
+    /// An edit of the message at seq `of`: a message of its own, with its own idempotency
+    /// `key`, whose body `msg` is the target's new text; add the edit's own seq to an `ok` with
+    /// [`Op::with_seq`].
+    pub fn edit(kind: OpType, process: u64, channel: &str, key: &str, msg: &str, of: u64) -> Op {
+        let value = json!({"channel": channel, "key": key, "msg": msg, "of": of});
+        Op::new(kind, Process::Client(process), F_EDIT, value)
+    }
+
+    /// A delete of the message at seq `of`: a message of its own, with its own idempotency
+    /// `key` and body `msg`, that erases the target's body and its edits'.
+    pub fn delete(kind: OpType, process: u64, channel: &str, key: &str, msg: &str, of: u64) -> Op {
+        let value = json!({"channel": channel, "key": key, "msg": msg, "of": of});
+        Op::new(kind, Process::Client(process), F_DELETE, value)
     }
 
     /// A history read; add `from`, `limit`, `msgs` with the `with_` helpers.
@@ -206,6 +230,22 @@ impl Op {
     /// retention expired every seq below it there, so a read may lack them.
     pub fn with_floor(self, floor: u64) -> Op {
         self.with_field("floor", json!(floor))
+    }
+
+    /// Sets `value.token`: on a read, the read token the request passed (the node answers
+    /// only once it has applied that log index); on an ok send, edit or delete, the read
+    /// token the node answered (the log index that holds the message).
+    pub fn with_token(self, token: u64) -> Op {
+        self.with_field("token", json!(token))
+    }
+
+    /// Sets `value.msgs` from what a read returned, one [`ReadEntry`] per message.
+    pub fn with_entries<I>(self, entries: I) -> Op
+    where
+        I: IntoIterator<Item = ReadEntry>,
+    {
+        let list: Vec<Value> = entries.into_iter().map(|e| e.to_json()).collect();
+        self.with_field("msgs", Value::Array(list))
     }
 
     /// Sets `value.msgs`, the `(seq, msg)` pairs a read returned.
@@ -277,14 +317,99 @@ impl Op {
     }
 }
 
+/// One message as a read returned it, for [`Op::with_entries`].
+///
+/// In JSON a plain message is `[seq, msg]`; anything else adds an object:
+/// `[seq, msg, {"edit": [E, EM]}]` (its newest edit is the entry at seq `E`, body `EM`),
+/// `[seq, null, {"deleted": true}]` (a delete erased it; with `"edit_of": T` when the erased
+/// entry is itself an edit of `T`), `[seq, msg, {"delete_of": T}]` (a delete of `T`). A
+/// deleted entry whose body the node still returned keeps it in place of `null`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ReadEntry {
+    /// The entry's seq.
+    pub seq: u64,
+    /// Its body as text; `None` when a delete erased it.
+    pub msg: Option<String>,
+    /// The node marked it deleted.
+    pub deleted: bool,
+    /// Seq and body of its newest edit, as the read attached it.
+    pub edit: Option<(u64, String)>,
+    /// The entry is an edit of this seq.
+    pub edit_of: Option<u64>,
+    /// The entry is a delete of this seq.
+    pub delete_of: Option<u64>,
+}
+
+impl ReadEntry {
+    /// A plain message: `[seq, msg]`.
+    pub fn plain(seq: u64, msg: &str) -> ReadEntry {
+        ReadEntry {
+            seq,
+            msg: Some(msg.to_string()),
+            ..ReadEntry::default()
+        }
+    }
+
+    /// An entry a delete erased: `[seq, null, {"deleted": true}]`.
+    pub fn erased(seq: u64) -> ReadEntry {
+        ReadEntry {
+            seq,
+            deleted: true,
+            ..ReadEntry::default()
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        let mut extra = Map::new();
+        if self.deleted {
+            extra.insert("deleted".into(), json!(true));
+        }
+        if let Some((seq, msg)) = &self.edit {
+            extra.insert("edit".into(), json!([seq, msg]));
+        }
+        if let Some(of) = self.edit_of {
+            extra.insert("edit_of".into(), json!(of));
+        }
+        if let Some(of) = self.delete_of {
+            extra.insert("delete_of".into(), json!(of));
+        }
+        if extra.is_empty() {
+            json!([self.seq, self.msg])
+        } else {
+            json!([self.seq, self.msg, extra])
+        }
+    }
+}
+
+/// What a relation op does to its target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum RelKind {
+    Edit,
+    Delete,
+}
+
+/// The borrowed, validated form of one [`ReadEntry`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Entry<'a> {
+    pub(crate) seq: u64,
+    pub(crate) msg: Option<&'a str>,
+    pub(crate) deleted: bool,
+    pub(crate) edit: Option<(u64, &'a str)>,
+    pub(crate) edit_of: Option<u64>,
+}
+
 /// The checker's typed view of an operation's value, validated when the history is built.
 #[derive(Debug, Clone)]
 pub(crate) enum Call<'a> {
+    /// A send, edit or delete: each appends one message with its own key.
     Send {
         channel: &'a str,
         key: &'a str,
         msg: &'a str,
         seq: Option<u64>,
+        /// For edits and deletes: what it does, and the target's seq.
+        relation: Option<(RelKind, u64)>,
+        token: Option<u64>,
     },
     Read {
         channel: &'a str,
@@ -294,12 +419,13 @@ pub(crate) enum Call<'a> {
         head: Option<u64>,
         floor: Option<u64>,
         stream: bool,
-        msgs: Option<Vec<(u64, &'a str)>>,
+        token: Option<u64>,
+        msgs: Option<Vec<Entry<'a>>>,
     },
     FinalRead {
         channel: &'a str,
         floor: Option<u64>,
-        msgs: Option<Vec<(u64, &'a str)>>,
+        msgs: Option<Vec<Entry<'a>>>,
     },
     Resubscribe {
         channel: &'a str,
@@ -354,7 +480,14 @@ impl<'a> Call<'a> {
             }
             return Ok(Call::Other);
         }
-        let known = [F_SEND, F_READ, F_FINAL_READ, F_RESUBSCRIBE];
+        let known = [
+            F_SEND,
+            F_EDIT,
+            F_DELETE,
+            F_READ,
+            F_FINAL_READ,
+            F_RESUBSCRIBE,
+        ];
         if !known.contains(&op.f.as_str()) {
             return Ok(Call::Other);
         }
@@ -367,7 +500,7 @@ impl<'a> Call<'a> {
         let channel = str_field(v, "channel", "value.")?;
         let is_ok = op.kind == OpType::Ok;
         Ok(match op.f.as_str() {
-            F_SEND => Call::Send {
+            F_SEND | F_EDIT | F_DELETE => Call::Send {
                 channel,
                 key: str_field(v, "key", "value.")?,
                 msg: str_field(v, "msg", "value.")?,
@@ -376,6 +509,12 @@ impl<'a> Call<'a> {
                 } else {
                     opt_u64_field(v, "seq")?
                 },
+                relation: match op.f.as_str() {
+                    F_EDIT => Some((RelKind::Edit, u64_field(v, "of", "value.")?)),
+                    F_DELETE => Some((RelKind::Delete, u64_field(v, "of", "value.")?)),
+                    _ => None,
+                },
+                token: opt_u64_field(v, "token")?,
             },
             F_READ => Call::Read {
                 channel,
@@ -393,6 +532,7 @@ impl<'a> Call<'a> {
                         ))
                     }
                 },
+                token: opt_u64_field(v, "token")?,
                 msgs: parse_msgs(v, is_ok)?,
             },
             F_FINAL_READ => {
@@ -413,7 +553,7 @@ impl<'a> Call<'a> {
     }
 }
 
-fn parse_msgs(v: &Map<String, Value>, required: bool) -> Result<Option<Vec<(u64, &str)>>, String> {
+fn parse_msgs(v: &Map<String, Value>, required: bool) -> Result<Option<Vec<Entry<'_>>>, String> {
     let list = match v.get("msgs") {
         None | Some(Value::Null) if required => return Err("missing field `value.msgs`".into()),
         None | Some(Value::Null) => return Ok(None),
@@ -425,19 +565,63 @@ fn parse_msgs(v: &Map<String, Value>, required: bool) -> Result<Option<Vec<(u64,
         }
     };
     let mut out = Vec::with_capacity(list.len());
-    for (i, pair) in list.iter().enumerate() {
-        let parsed = match pair.as_array().map(Vec::as_slice) {
-            Some([seq, msg]) => seq.as_u64().zip(msg.as_str()),
-            _ => None,
-        };
-        let (seq, msg) = parsed.ok_or_else(|| {
-            format!(
-                "field `value.msgs[{i}]`: expected [seq, msg] with an integer seq, found {pair}"
-            )
-        })?;
-        out.push((seq, msg));
+    for (i, item) in list.iter().enumerate() {
+        out.push(parse_entry(item).map_err(|why| format!("field `value.msgs[{i}]`: {why}"))?);
     }
     Ok(Some(out))
+}
+
+/// One `[seq, msg]` or `[seq, msg, {...}]` element of `msgs` (the shapes on [`ReadEntry`]).
+/// Unknown keys of the object are ignored, so newer annotations do not break older checkers.
+fn parse_entry(item: &Value) -> Result<Entry<'_>, String> {
+    let shape =
+        || format!("expected [seq, msg] or [seq, msg, {{...}}] with an integer seq, found {item}");
+    let (seq, msg, extra) = match item.as_array().map(Vec::as_slice) {
+        Some([seq, msg]) => (seq, msg, None),
+        Some([seq, msg, Value::Object(extra)]) => (seq, msg, Some(extra)),
+        _ => return Err(shape()),
+    };
+    let seq = seq.as_u64().ok_or_else(shape)?;
+    let msg = match msg {
+        Value::String(m) => Some(m.as_str()),
+        Value::Null => None,
+        _ => return Err(shape()),
+    };
+    let mut entry = Entry {
+        seq,
+        msg,
+        deleted: false,
+        edit: None,
+        edit_of: None,
+    };
+    if let Some(extra) = extra {
+        entry.deleted = match extra.get("deleted") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => return Err(format!("`deleted`: expected a bool, found {other}")),
+        };
+        entry.edit = match extra.get("edit") {
+            None | Some(Value::Null) => None,
+            Some(pair) => {
+                let parsed = match pair.as_array().map(Vec::as_slice) {
+                    Some([seq, msg]) => seq.as_u64().zip(msg.as_str()),
+                    _ => None,
+                };
+                Some(parsed.ok_or_else(|| {
+                    format!("`edit`: expected [seq, msg] with an integer seq, found {pair}")
+                })?)
+            }
+        };
+        entry.edit_of = opt_u64_field(extra, "edit_of")?;
+        // Read for validation only: the checker knows a delete's target from its op.
+        opt_u64_field(extra, "delete_of")?;
+    }
+    if entry.msg.is_none() && !entry.deleted {
+        return Err(format!(
+            "a null msg is allowed only with \"deleted\": true, found {item}"
+        ));
+    }
+    Ok(entry)
 }
 
 fn u64_field(v: &Map<String, Value>, key: &str, prefix: &str) -> Result<u64, String> {
@@ -477,8 +661,9 @@ fn opt_str_field(v: &Map<String, Value>, key: &str) -> Result<Option<String>, St
 
 /// A validated history, in file order.
 ///
-/// Invariants: every op's `value` has the shape its `f` needs (ok sends carry `seq`, ok reads
-/// carry `msgs`, ok final reads carry `node`); nemesis ops are `info`.
+/// Invariants: every op's `value` has the shape its `f` needs (ok sends, edits and deletes
+/// carry `seq`, edits and deletes carry `of`, ok reads carry `msgs`, ok final reads carry
+/// `node`); nemesis ops are `info`.
 #[derive(Debug, Clone, Default)]
 pub struct History {
     ops: Vec<Op>,
@@ -685,6 +870,46 @@ mod tests {
             .with_node("n2");
         let line = op.to_json().to_string();
         assert_eq!(Op::from_json_line(&line).expect("parses"), op);
+    }
+
+    #[test]
+    fn edit_delete_and_read_entries_round_trip() {
+        let edit = Op::edit(OpType::Ok, 1, "c", "c1-2", "p1-2-e1", 1)
+            .with_seq(5)
+            .with_token(9);
+        let line = edit.to_json().to_string();
+        assert_eq!(Op::from_json_line(&line).expect("parses"), edit);
+        let read = Op::read(OpType::Ok, 2, "c").with_entries([
+            ReadEntry {
+                edit: Some((5, "p1-2-e1".into())),
+                ..ReadEntry::plain(1, "p1-1")
+            },
+            ReadEntry::erased(2),
+            ReadEntry {
+                edit_of: Some(2),
+                ..ReadEntry::erased(3)
+            },
+        ]);
+        let line = read.to_json().to_string();
+        assert!(line.contains(r#"[2,null,{"deleted":true}]"#), "{line}");
+        let back = Op::from_json_line(&line).expect("parses");
+        let Ok(Call::Read {
+            msgs: Some(entries),
+            ..
+        }) = Call::parse(&back)
+        else {
+            panic!("a read with msgs")
+        };
+        assert_eq!(entries[0].edit, Some((5, "p1-2-e1")));
+        assert!(entries[1].deleted && entries[1].msg.is_none());
+        assert_eq!(entries[2].edit_of, Some(2));
+    }
+
+    #[test]
+    fn a_null_msg_needs_the_deleted_marker() {
+        let line = r#"{"index":0,"time":0,"type":"ok","process":1,"f":"read","value":{"channel":"c","msgs":[[1,null]]}}"#;
+        let err = Op::from_json_line(line).expect_err("null without deleted");
+        assert!(err.contains("value.msgs[0]"), "{err}");
     }
 
     #[test]

@@ -7,8 +7,9 @@
 //!   line with its line number.
 //! - [`check`] decides whether a history satisfies the guarantees of MISSION.md ("Guarantees")
 //!   as specified in notes/jepsen.md §1.6: no acknowledged send lost on any node, exactly-once
-//!   effect, one dense total order per channel, monotonic streams, read-your-writes, and sends
-//!   ordered consistently with real time. It runs in O(n log n) in the number of observations.
+//!   effect, one dense total order per channel, monotonic streams, read-your-writes, sends
+//!   ordered consistently with real time, acknowledged deletes that stay deleted and
+//!   acknowledged edits that stay visible. It runs in O(n log n) in the number of observations.
 //! - [`report::write`] writes `results.json` and `report.html` (inline SVG plots).
 //!
 //! - [`live::run_live`] (`jepsen run`) starts a real cluster of `server` processes, drives the
@@ -28,6 +29,6 @@ pub mod report;
 pub use checker::{check, Anomaly, AnomalySummary, FCounts, Report, Stats, EXAMPLES_MAX};
 pub use cli::{run, run_config, Cli, Command, RunArgs};
 pub use history::{
-    History, HistoryError, HistoryReader, HistoryWriter, Op, OpType, Process, F_FINAL_READ, F_READ,
-    F_RESUBSCRIBE, F_SEND,
+    History, HistoryError, HistoryReader, HistoryWriter, Op, OpType, Process, ReadEntry, F_DELETE,
+    F_EDIT, F_FINAL_READ, F_READ, F_RESUBSCRIBE, F_SEND,
 };

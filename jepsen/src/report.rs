@@ -533,9 +533,13 @@ fn escape(s: &str) -> String {
 pub(crate) fn print_summary(report: &Report) {
     let s = &report.stats;
     println!(
-        "ops={} acknowledged_sends={} msgs_read={} recovered={} final_reads={} nodes={}",
+        "ops={} acknowledged_sends={} acknowledged_edits={} acknowledged_deletes={} \
+         erased_read={} msgs_read={} recovered={} final_reads={} nodes={}",
         s.ops,
         s.acknowledged_sends,
+        s.acknowledged_edits,
+        s.acknowledged_deletes,
+        s.erased_read,
         s.msgs_read,
         s.recovered,
         s.final_reads,

@@ -5,7 +5,7 @@
 use std::io::Write as _;
 use std::process::Command;
 
-use jepsen::{check, Anomaly, History, HistoryError, Op, OpType, Report};
+use jepsen::{check, Anomaly, History, HistoryError, Op, OpType, ReadEntry, Report};
 use proptest::prelude::*;
 use serde_json::json;
 
@@ -506,6 +506,339 @@ fn realtime_order_and_every_name_is_listed() {
     }
 }
 
+// --- edits and deletes ---
+
+/// Builders for edit and delete histories: `E(seq, msg)` a plain entry, erased entries, an
+/// entry with its newest edit attached, and edit/delete entries naming their target.
+fn e(seq: u64, msg: &str) -> ReadEntry {
+    ReadEntry::plain(seq, msg)
+}
+
+fn edited(seq: u64, msg: &str, edit_seq: u64, edit: &str) -> ReadEntry {
+    ReadEntry {
+        edit: Some((edit_seq, edit.to_string())),
+        ..ReadEntry::plain(seq, msg)
+    }
+}
+
+fn edit_entry(seq: u64, msg: &str, of: u64) -> ReadEntry {
+    ReadEntry {
+        edit_of: Some(of),
+        ..ReadEntry::plain(seq, msg)
+    }
+}
+
+fn delete_entry(seq: u64, msg: &str, of: u64) -> ReadEntry {
+    ReadEntry {
+        delete_of: Some(of),
+        ..ReadEntry::plain(seq, msg)
+    }
+}
+
+fn erased_edit(seq: u64, of: u64) -> ReadEntry {
+    ReadEntry {
+        edit_of: Some(of),
+        ..ReadEntry::erased(seq)
+    }
+}
+
+impl B {
+    #[allow(clippy::too_many_arguments)]
+    fn relate_ok(
+        &mut self,
+        f: fn(OpType, u64, &str, &str, &str, u64) -> Op,
+        p: u64,
+        key: &str,
+        msg: &str,
+        of: u64,
+        seq: u64,
+        token: u64,
+    ) -> &mut B {
+        self.op(f(OpType::Invoke, p, "c", key, msg, of));
+        self.op(f(OpType::Ok, p, "c", key, msg, of)
+            .with_seq(seq)
+            .with_token(token))
+    }
+
+    fn relate_ended(
+        &mut self,
+        f: fn(OpType, u64, &str, &str, &str, u64) -> Op,
+        kind: OpType,
+        key: &str,
+        msg: &str,
+        of: u64,
+    ) -> &mut B {
+        self.op(f(OpType::Invoke, 1, "c", key, msg, of));
+        self.op(f(kind, 1, "c", key, msg, of).with_error("timeout"))
+    }
+
+    /// A history read of `c` from seq 1 by `p`, passing read token `token`.
+    fn read_token(&mut self, p: u64, token: u64, entries: &[ReadEntry]) -> &mut B {
+        let op = |kind| Op::read(kind, p, "c").with_from(1).with_token(token);
+        self.op(op(OpType::Invoke));
+        self.op(op(OpType::Ok).with_entries(entries.iter().cloned()))
+    }
+
+    fn final_entries(&mut self, node: &str, entries: &[ReadEntry]) -> &mut B {
+        self.op(Op::final_read(OpType::Invoke, 99, node, "c"));
+        self.op(Op::final_read(OpType::Ok, 99, node, "c").with_entries(entries.iter().cloned()))
+    }
+}
+
+/// Process 1 sends m1-m3 (seqs 1-3, tokens 11-13), edits m1 (seq 4, token 14) and m2 (seq 5,
+/// token 15), then deletes m2 (seq 6, token 16). Process 2 reads at token 14, between the
+/// first edit and the second.
+fn edits_and_deletes() -> B {
+    let mut b = B::default();
+    for n in 1..=3u64 {
+        b.op(Op::send(
+            OpType::Invoke,
+            1,
+            "c",
+            &format!("k{n}"),
+            &format!("m{n}"),
+        ));
+        let ok = Op::send(OpType::Ok, 1, "c", &format!("k{n}"), &format!("m{n}"));
+        b.op(ok.with_seq(n).with_token(10 + n));
+    }
+    b.relate_ok(Op::edit, 1, "k4", "m1-e", 1, 4, 14);
+    b.read_token(
+        2,
+        14,
+        &[
+            edited(1, "m1", 4, "m1-e"),
+            e(2, "m2"),
+            e(3, "m3"),
+            edit_entry(4, "m1-e", 1),
+        ],
+    );
+    b.relate_ok(Op::edit, 1, "k5", "m2-e", 2, 5, 15);
+    b.relate_ok(Op::delete, 1, "k6", "m2-d", 2, 6, 16);
+    b
+}
+
+/// Entries 1-6 of `edits_and_deletes` once everything applied.
+fn after_delete() -> Vec<ReadEntry> {
+    vec![
+        edited(1, "m1", 4, "m1-e"),
+        ReadEntry::erased(2),
+        e(3, "m3"),
+        edit_entry(4, "m1-e", 1),
+        erased_edit(5, 2),
+        delete_entry(6, "m2-d", 2),
+    ]
+}
+
+#[test]
+fn edits_and_deletes_valid_history() {
+    let mut b = edits_and_deletes();
+    // A read whose token predates the delete may still show m2, with its edit.
+    let before_delete = [
+        edited(1, "m1", 4, "m1-e"),
+        edited(2, "m2", 5, "m2-e"),
+        e(3, "m3"),
+        edit_entry(4, "m1-e", 1),
+        edit_entry(5, "m2-e", 2),
+    ];
+    b.read_token(3, 15, &before_delete);
+    let all = after_delete();
+    b.read_token(2, 16, &all);
+    b.stream(4, "c", &[]);
+    b.final_entries("n1", &all).final_entries("n2", &all);
+    let report = b.check();
+    assert_valid(&report);
+    let stats = &report.stats;
+    assert_eq!(
+        (
+            stats.acknowledged_sends,
+            stats.acknowledged_edits,
+            stats.acknowledged_deletes
+        ),
+        (3, 2, 1)
+    );
+    assert_eq!(stats.erased_read, 2, "m2 and its edit");
+    assert_eq!(report.stats.by_f["edit"].ok, 2);
+}
+
+#[test]
+fn an_info_delete_may_or_may_not_have_applied() {
+    // Applied: m3 erased, the delete's own entry read (recovered).
+    let mut b = edits_and_deletes();
+    b.relate_ended(Op::delete, OpType::Info, "k7", "m3-d", 3);
+    let mut applied = after_delete();
+    applied[2] = ReadEntry::erased(3);
+    applied.push(delete_entry(7, "m3-d", 3));
+    b.final_entries("n1", &applied)
+        .final_entries("n2", &applied);
+    let report = b.check();
+    assert_valid(&report);
+    assert_eq!(report.stats.recovered, 1);
+
+    // Not applied: m3 shown as sent.
+    let mut b = edits_and_deletes();
+    b.relate_ended(Op::delete, OpType::Info, "k7", "m3-d", 3);
+    let all = after_delete();
+    b.final_entries("n1", &all).final_entries("n2", &all);
+    assert_valid(&b.check());
+}
+
+#[test]
+fn resurrected_delete_in_a_final_read() {
+    let mut b = edits_and_deletes();
+    let mut resurrected = after_delete();
+    resurrected[1] = edited(2, "m2", 5, "m2-e");
+    resurrected[4] = edit_entry(5, "m2-e", 2);
+    b.final_entries("n1", &after_delete())
+        .final_entries("n2", &resurrected);
+    let report = b.check();
+    assert_found(&report, Anomaly::ResurrectedDelete);
+    let example = &report.anomalies["resurrected-delete"].examples[0];
+    assert_eq!(
+        (example["node"].clone(), example["target"].clone()),
+        (json!("n2"), json!(2))
+    );
+    assert_eq!(example["delete"], "m2-d");
+    // The target and its edit, both shown with their bodies on n2.
+    assert_eq!(report.count(Anomaly::ResurrectedDelete), 2);
+    assert_found(&report, Anomaly::Divergence);
+}
+
+#[test]
+fn resurrected_delete_in_a_read_whose_token_covers_the_delete() {
+    let mut b = edits_and_deletes();
+    let stale = [
+        edited(1, "m1", 4, "m1-e"),
+        edited(2, "m2", 5, "m2-e"),
+        e(3, "m3"),
+    ];
+    b.read_token(3, 16, &stale);
+    let all = after_delete();
+    b.final_entries("n1", &all);
+    let report = b.check();
+    assert_found(&report, Anomaly::ResurrectedDelete);
+    assert_eq!(
+        report.anomalies["resurrected-delete"].examples[0]["read_token"],
+        16
+    );
+    assert_eq!(report.found(), vec![Anomaly::ResurrectedDelete]);
+}
+
+#[test]
+fn resurrected_delete_when_the_erased_marker_keeps_the_body() {
+    let mut b = edits_and_deletes();
+    let mut kept = after_delete();
+    kept[1] = ReadEntry {
+        deleted: true,
+        ..e(2, "m2")
+    };
+    b.final_entries("n1", &kept);
+    assert_found(&b.check(), Anomaly::ResurrectedDelete);
+}
+
+#[test]
+fn lost_edit_in_a_final_read() {
+    let mut b = edits_and_deletes();
+    let mut lost = after_delete();
+    lost[0] = e(1, "m1");
+    b.final_entries("n1", &after_delete())
+        .final_entries("n2", &lost);
+    let report = b.check();
+    assert_found(&report, Anomaly::LostEdit);
+    let example = &report.anomalies["lost-edit"].examples[0];
+    assert_eq!(
+        (example["node"].clone(), example["edit_seq"].clone()),
+        (json!("n2"), json!(4))
+    );
+}
+
+#[test]
+fn lost_edit_when_an_older_edit_is_shown() {
+    let mut b = edits_and_deletes();
+    b.relate_ok(Op::edit, 1, "k7", "m1-e2", 1, 7, 17);
+    let mut all = after_delete();
+    all.push(edit_entry(7, "m1-e2", 1));
+    // n1 shows the newest edit; n2 still the first one.
+    let mut newest = all.clone();
+    newest[0] = edited(1, "m1", 7, "m1-e2");
+    b.final_entries("n1", &newest).final_entries("n2", &all);
+    let report = b.check();
+    assert_found(&report, Anomaly::LostEdit);
+    assert_eq!(
+        report.count(Anomaly::LostEdit),
+        1,
+        "{:#?}",
+        report.anomalies["lost-edit"]
+    );
+}
+
+#[test]
+fn lost_edit_in_a_read_whose_token_covers_the_edit() {
+    let mut b = edits_and_deletes();
+    // Token 13 predates the first edit (token 14): no edit yet is fine.
+    b.read_token(3, 13, &[e(1, "m1"), e(2, "m2"), e(3, "m3")]);
+    assert_valid(&b.check());
+    b.read_token(
+        3,
+        14,
+        &[e(1, "m1"), e(2, "m2"), e(3, "m3"), edit_entry(4, "m1-e", 1)],
+    );
+    let report = b.check();
+    assert_found(&report, Anomaly::LostEdit);
+    assert_eq!(report.found(), vec![Anomaly::LostEdit]);
+}
+
+#[test]
+fn an_erased_entry_needs_a_delete_that_may_have_applied() {
+    let mut b = edits_and_deletes();
+    let mut ghost = after_delete();
+    ghost[2] = ReadEntry::erased(3);
+    b.final_entries("n1", &ghost);
+    let report = b.check();
+    assert_found(&report, Anomaly::Unexpected);
+    assert_eq!(report.anomalies["unexpected"].examples[0]["seq"], 3);
+    assert_eq!(report.count(Anomaly::Lost), 0, "erased is not lost");
+
+    let mut b = edits_and_deletes();
+    b.relate_ended(Op::delete, OpType::Fail, "k7", "m3-d", 3);
+    b.final_entries("n1", &ghost);
+    assert_found(&b.check(), Anomaly::AbortedRead);
+}
+
+#[test]
+fn an_attached_edit_must_edit_that_message() {
+    let mut b = edits_and_deletes();
+    let mut wrong = after_delete();
+    wrong[2] = edited(3, "m3", 4, "m1-e");
+    b.final_entries("n1", &wrong);
+    assert_found(&b.check(), Anomaly::Unexpected);
+}
+
+#[test]
+fn final_reads_must_agree_on_deletion() {
+    let mut b = edits_and_deletes();
+    b.relate_ended(Op::delete, OpType::Info, "k7", "m3-d", 3);
+    let mut applied = after_delete();
+    applied[2] = ReadEntry::erased(3);
+    applied.push(delete_entry(7, "m3-d", 3));
+    let mut alive = after_delete();
+    alive.push(delete_entry(7, "m3-d", 3));
+    b.final_entries("n1", &applied).final_entries("n2", &alive);
+    let report = b.check();
+    assert_eq!(
+        report.anomalies["divergence"].examples[0]["nodes"],
+        json!({"n1": "(deleted)", "n2": "m3"})
+    );
+    // n2 holds the (unacknowledged) delete's entry, so the delete applied there too.
+    assert_eq!(
+        report.found(),
+        vec![Anomaly::Divergence, Anomaly::ResurrectedDelete]
+    );
+    assert_eq!(
+        report.anomalies["resurrected-delete"].examples[0]["node"],
+        "n2"
+    );
+}
+
 // --- malformed input ---
 
 fn parse(text: &str) -> Result<History, HistoryError> {
@@ -605,6 +938,15 @@ enum Action {
         ch: usize,
         outcome: u8,
     },
+    /// An edit or delete of a live, plain message of the channel picked by `pick`, with the
+    /// same outcomes as a send.
+    Relate {
+        p: u64,
+        ch: usize,
+        pick: usize,
+        delete: bool,
+        outcome: u8,
+    },
     Read {
         p: u64,
         ch: usize,
@@ -625,6 +967,9 @@ enum Action {
 fn action() -> impl Strategy<Value = Action> {
     prop_oneof![
         4 => (0..4u64, 0..3usize, 0..5u8).prop_map(|(p, ch, outcome)| Action::Send { p, ch, outcome }),
+        2 => (0..4u64, 0..3usize, any::<usize>(), any::<bool>(), 0..5u8).prop_map(
+            |(p, ch, pick, delete, outcome)| Action::Relate { p, ch, pick, delete, outcome }
+        ),
         2 => (0..4u64, 0..3usize, any::<u64>(), proptest::option::of(1..5u64))
             .prop_map(|(p, ch, from, limit)| Action::Read { p, ch, from, limit }),
         2 => (0..4u64, 0..3usize).prop_map(|(p, ch)| Action::Stream { p, ch }),
@@ -635,59 +980,155 @@ fn action() -> impl Strategy<Value = Action> {
 const CHANNELS: [&str; 3] = ["a", "b", "c"];
 const NODES: [&str; 3] = ["n1", "n2", "n3"];
 
-/// Simulates a correct log; returns the ops and the acknowledged (channel, msg) pairs.
-fn simulate(actions: &[Action]) -> (B, Vec<(usize, String)>) {
+/// One entry of a simulated channel, as a correct node keeps it.
+#[derive(Debug, Clone, Default)]
+struct SimEntry {
+    msg: String,
+    /// `(delete, target)` for edits and deletes.
+    relation: Option<(bool, u64)>,
+    deleted: bool,
+    /// Seq of the newest edit.
+    edit: Option<u64>,
+}
+
+/// A correct cluster: channels and the applied index, which every read passes as its token
+/// (reads here see everything applied, so they may pass the highest token).
+#[derive(Default)]
+struct Sim {
+    logs: Vec<Vec<SimEntry>>,
+    applied: u64,
+}
+
+impl Sim {
+    /// Appends `entry` to channel `ch`, applying its relation; returns its seq.
+    fn apply(&mut self, ch: usize, entry: SimEntry) -> u64 {
+        let log = &mut self.logs[ch];
+        log.push(entry.clone());
+        let seq = log.len() as u64;
+        match entry.relation {
+            Some((false, of)) => log[of as usize - 1].edit = Some(seq),
+            Some((true, of)) => {
+                for e in log.iter_mut() {
+                    if e.relation == Some((false, of)) {
+                        e.deleted = true;
+                    }
+                }
+                let target = &mut log[of as usize - 1];
+                (target.deleted, target.edit) = (true, None);
+            }
+            None => {}
+        }
+        self.applied += 1;
+        seq
+    }
+
+    /// Entries of channel `ch` from seq `from`, at most `take`, as a read shows them.
+    fn read(&self, ch: usize, from: usize, take: usize) -> Vec<ReadEntry> {
+        let log = &self.logs[ch];
+        log.iter()
+            .enumerate()
+            .skip(from - 1)
+            .take(take)
+            .map(|(i, e)| {
+                let seq = i as u64 + 1;
+                let (edit_of, delete_of) = match e.relation {
+                    Some((false, of)) => (Some(of), None),
+                    Some((true, of)) => (None, Some(of)),
+                    None => (None, None),
+                };
+                ReadEntry {
+                    seq,
+                    msg: (!e.deleted).then(|| e.msg.clone()),
+                    deleted: e.deleted,
+                    edit: e.edit.map(|s| (s, log[s as usize - 1].msg.clone())),
+                    edit_of,
+                    delete_of,
+                }
+            })
+            .collect()
+    }
+}
+
+/// What a simulation produced: the ops, the acknowledged (channel, msg) pairs whose bodies
+/// the final reads still show (a delete erased the others), and the (channel, target seq,
+/// delete) of every acknowledged edit or delete.
+struct Simulated {
+    b: B,
+    acked: Vec<(usize, String)>,
+    relations: Vec<(usize, u64, bool)>,
+}
+
+/// Simulates a correct log.
+fn simulate(actions: &[Action]) -> Simulated {
     let mut b = B::default();
-    let mut logs: Vec<Vec<String>> = vec![Vec::new(); CHANNELS.len()];
+    let mut sim = Sim {
+        logs: vec![Vec::new(); CHANNELS.len()],
+        applied: 0,
+    };
     let mut stream_last = std::collections::HashMap::new();
     let mut acked = Vec::new();
+    let mut relations = Vec::new();
     for (n, a) in actions.iter().enumerate() {
         match *a {
             Action::Send { p, ch, outcome } => {
                 let (c, key, msg) = (CHANNELS[ch], format!("k{n}"), format!("m{n}"));
-                let log = &mut logs[ch];
-                match outcome {
-                    0 => {
-                        log.push(msg.clone());
-                        b.send_ok(p, c, &key, &msg, log.len() as u64);
-                        acked.push((ch, msg));
-                    }
-                    1 => {
-                        b.send_ended(OpType::Fail, p, c, &key, &msg);
-                    }
-                    2 | 4 => {
-                        log.push(msg.clone());
-                        b.send_ended(OpType::Info, p, c, &key, &msg);
-                        if outcome == 4 {
-                            b.send_ok(p, c, &key, &msg, log.len() as u64);
-                            acked.push((ch, msg));
-                        }
-                    }
-                    _ => {
-                        b.send_ended(OpType::Info, p, c, &key, &msg);
-                    }
+                let entry = SimEntry {
+                    msg: msg.clone(),
+                    ..SimEntry::default()
+                };
+                let op = |kind| Op::send(kind, p, c, &key, &msg);
+                write(&mut b, &mut sim, ch, entry, outcome, op, &mut acked);
+            }
+            Action::Relate {
+                p,
+                ch,
+                pick,
+                delete,
+                outcome,
+            } => {
+                let targets: Vec<u64> = (sim.logs[ch].iter().enumerate())
+                    .filter(|(_, e)| e.relation.is_none() && !e.deleted)
+                    .map(|(i, _)| i as u64 + 1)
+                    .collect();
+                if targets.is_empty() {
+                    continue;
+                }
+                let of = targets[pick % targets.len()];
+                let (c, key) = (CHANNELS[ch], format!("k{n}"));
+                let msg = format!("m{n}-{}{of}", if delete { "d" } else { "e" });
+                let entry = SimEntry {
+                    msg: msg.clone(),
+                    relation: Some((delete, of)),
+                    ..SimEntry::default()
+                };
+                let f = if delete { Op::delete } else { Op::edit };
+                let op = |kind| f(kind, p, c, &key, &msg, of);
+                if write(&mut b, &mut sim, ch, entry, outcome, op, &mut acked) {
+                    relations.push((ch, of, delete));
                 }
             }
             Action::Read { p, ch, from, limit } => {
-                let log = &logs[ch];
-                let from = 1 + from % (log.len() as u64 + 1);
+                let len = sim.logs[ch].len() as u64;
+                let from = 1 + from % (len + 1);
                 let take = limit.unwrap_or(u64::MAX) as usize;
-                let msgs = numbered(log, from as usize, take);
+                let entries = sim.read(ch, from as usize, take);
+                let token = sim.applied;
                 let mut invoke = Op::read(OpType::Invoke, p, CHANNELS[ch]).with_from(from);
                 let mut ok = Op::read(OpType::Ok, p, CHANNELS[ch]).with_from(from);
                 if let Some(l) = limit {
                     (invoke, ok) = (invoke.with_limit(l), ok.with_limit(l));
                 }
-                b.op(invoke).op(ok.with_msgs(msgs));
+                let ok = ok.with_token(token).with_entries(entries);
+                b.op(invoke.with_token(token)).op(ok);
             }
             Action::Stream { p, ch } => {
                 let last: &mut u64 = stream_last.entry((p, ch)).or_default();
-                let msgs = numbered(&logs[ch], *last as usize + 1, usize::MAX);
-                if let Some((seq, _)) = msgs.last() {
-                    *last = *seq;
-                    let refs: Vec<(u64, &str)> =
-                        msgs.iter().map(|(s, m)| (*s, m.as_str())).collect();
-                    b.stream(p, CHANNELS[ch], &refs);
+                let entries = sim.read(ch, *last as usize + 1, usize::MAX);
+                if let Some(e) = entries.last() {
+                    *last = e.seq;
+                    let op = |kind| Op::stream_read(kind, p, CHANNELS[ch]).with_token(sim.applied);
+                    b.op(op(OpType::Invoke))
+                        .op(op(OpType::Ok).with_entries(entries));
                 }
             }
             Action::Resubscribe { p, ch, back } => {
@@ -700,24 +1141,57 @@ fn simulate(actions: &[Action]) -> (B, Vec<(usize, String)>) {
     for node in NODES {
         for (ch, c) in CHANNELS.iter().enumerate() {
             b.op(Op::final_read(OpType::Invoke, 100, node, c));
-            b.op(Op::final_read(OpType::Ok, 100, node, c).with_msgs(numbered(
-                &logs[ch],
-                1,
-                usize::MAX,
-            )));
+            let entries = sim.read(ch, 1, usize::MAX);
+            b.op(Op::final_read(OpType::Ok, 100, node, c).with_entries(entries));
         }
     }
-    (b, acked)
+    acked.retain(|(ch, msg)| sim.logs[*ch].iter().any(|e| e.msg == *msg && !e.deleted));
+    Simulated {
+        b,
+        acked,
+        relations,
+    }
 }
 
-/// `(seq, msg)` pairs of `log` from seq `from`, at most `take` of them.
-fn numbered(log: &[String], from: usize, take: usize) -> Vec<(u64, String)> {
-    log.iter()
-        .enumerate()
-        .skip(from - 1)
-        .take(take)
-        .map(|(i, m)| (i as u64 + 1, m.clone()))
-        .collect()
+/// Records one write (send, edit or delete) with `outcome` (as on [`Action::Send`]),
+/// applying `entry` when the outcome says it applied; true when it was acknowledged.
+fn write(
+    b: &mut B,
+    sim: &mut Sim,
+    ch: usize,
+    entry: SimEntry,
+    outcome: u8,
+    op: impl Fn(OpType) -> Op,
+    acked: &mut Vec<(usize, String)>,
+) -> bool {
+    let msg = entry.msg.clone();
+    b.op(op(OpType::Invoke));
+    match outcome {
+        0 => {
+            let seq = sim.apply(ch, entry);
+            b.op(op(OpType::Ok).with_seq(seq).with_token(sim.applied));
+            acked.push((ch, msg));
+            true
+        }
+        1 => {
+            b.op(op(OpType::Fail).with_error("refused"));
+            false
+        }
+        2 | 4 => {
+            let seq = sim.apply(ch, entry);
+            b.op(op(OpType::Info).with_error("timeout"));
+            if outcome == 4 {
+                b.op(op(OpType::Invoke));
+                b.op(op(OpType::Ok).with_seq(seq).with_token(sim.applied));
+                acked.push((ch, msg));
+            }
+            outcome == 4
+        }
+        _ => {
+            b.op(op(OpType::Info).with_error("timeout"));
+            false
+        }
+    }
 }
 
 proptest! {
@@ -725,8 +1199,7 @@ proptest! {
 
     #[test]
     fn simulated_correct_log_is_valid(actions in proptest::collection::vec(action(), 0..80)) {
-        let (b, _) = simulate(&actions);
-        let report = b.check();
+        let report = simulate(&actions).b.check();
         prop_assert!(report.valid, "{:#?}", report.anomalies);
     }
 
@@ -736,7 +1209,7 @@ proptest! {
         pick in any::<prop::sample::Index>(),
         node in 0..3usize,
     ) {
-        let (mut b, acked) = simulate(&actions);
+        let Simulated { mut b, acked, .. } = simulate(&actions);
         prop_assume!(!acked.is_empty());
         let (ch, msg) = &acked[pick.index(acked.len())];
         let target = b.ops.iter_mut().find(|op| {
@@ -748,6 +1221,38 @@ proptest! {
         let report = b.check();
         prop_assert_eq!(report.count(Anomaly::Lost), 1);
         prop_assert_eq!(&report.anomalies["lost"].examples[0]["node"], NODES[node]);
+        prop_assert!(!report.valid);
+    }
+
+    /// Undoing an acknowledged edit or delete in one node's final read (the target shown
+    /// without its edits; the erased target shown with a body) is found.
+    #[test]
+    fn undoing_an_acked_edit_or_delete_in_one_final_read_is_found(
+        actions in proptest::collection::vec(action(), 1..80),
+        pick in any::<prop::sample::Index>(),
+        node in 0..3usize,
+    ) {
+        let Simulated { mut b, relations, .. } = simulate(&actions);
+        prop_assume!(!relations.is_empty());
+        let (ch, of, delete) = relations[pick.index(relations.len())];
+        let target = b.ops.iter_mut().find(|op| {
+            op.kind == OpType::Ok && op.f == "final-read" && op.node.as_deref() == Some(NODES[node])
+                && op.value["channel"] == CHANNELS[ch]
+        }).expect("every node final-reads every channel");
+        let entry = &mut target.value["msgs"][of as usize - 1];
+        prop_assert_eq!(&entry[0], &json!(of));
+        let anomaly = if delete {
+            prop_assert_eq!(&entry[2]["deleted"], &json!(true));
+            *entry = json!([of, "revived"]);
+            Anomaly::ResurrectedDelete
+        } else {
+            // An edited target is undeleted, or a later delete erased it (and its edit).
+            prop_assume!(entry[2].get("edit").is_some());
+            entry[2].as_object_mut().expect("annotations").remove("edit");
+            Anomaly::LostEdit
+        };
+        let report = b.check();
+        prop_assert!(report.count(anomaly) >= 1, "{:?}", report.found());
         prop_assert!(!report.valid);
     }
 }

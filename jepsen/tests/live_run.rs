@@ -1,7 +1,9 @@
 //! The CI scenario of `jepsen run`: a real 3-node cluster on loopback, kill -9 and pause
-//! faults, about 15 s of workload. The run must be valid; the same live history, deliberately
+//! faults, about 15 s of workload with edits and deletes among the sends. The run must be
+//! valid and must have acknowledged edits and deletes; the same live history, deliberately
 //! corrupted (an acknowledged message dropped from one node's final read; a fabricated
-//! duplicate), must be reported invalid, so the harness is shown able to fail.
+//! duplicate; a deleted message shown again; an edit dropped), must be reported invalid, so
+//! the harness is shown able to fail.
 //!
 //! Needs the `server` binary next to the test binary (`cargo build -p server`).
 
@@ -9,7 +11,9 @@ use std::time::Duration;
 
 use jepsen::live::nemesis::{schedule, Fault};
 use jepsen::live::{run_live, RunConfig};
-use jepsen::{check, Anomaly, History, OpType, Process, F_FINAL_READ, F_SEND};
+use jepsen::{
+    check, Anomaly, History, Op, OpType, Process, F_DELETE, F_EDIT, F_FINAL_READ, F_SEND,
+};
 use serde_json::{json, Value};
 
 const TIME_LIMIT: Duration = Duration::from_secs(15);
@@ -60,6 +64,42 @@ fn ci_kill_and_pause_run_is_valid_and_corrupted_copies_are_not() {
 
     let history = History::read(&outcome.dir.join("history.jsonl")).expect("history");
     let ops = history.ops().to_vec();
+    // Edits and deletes ran under the faults, and reads showed their effect: the run did
+    // not pass by never exercising them.
+    let oks = |f: &str| {
+        ops.iter()
+            .filter(|o| o.f == f && o.kind == OpType::Ok)
+            .count()
+    };
+    assert!(
+        oks(F_EDIT) > 0 && oks(F_DELETE) > 0,
+        "{} ok edits, {} ok deletes",
+        oks(F_EDIT),
+        oks(F_DELETE)
+    );
+    assert!(
+        stats.acknowledged_edits > 0 && stats.acknowledged_deletes > 0 && stats.erased_read > 0,
+        "{stats:?}"
+    );
+    // Faults never overlap, so each kill or pause lasts until the next start or resume.
+    let mut windows = Vec::new();
+    let mut opened = None;
+    for o in ops.iter().filter(|o| o.process == Process::Nemesis) {
+        match o.f.as_str() {
+            "kill" | "pause" => opened = opened.or(Some(o.time)),
+            "start" | "resume" => windows.extend(opened.take().map(|t| (t, o.time))),
+            _ => {}
+        }
+    }
+    let under_fault = ops.iter().any(|o| {
+        [F_EDIT, F_DELETE].contains(&o.f.as_str())
+            && o.kind == OpType::Invoke
+            && windows.iter().any(|(a, b)| (*a..=*b).contains(&o.time))
+    });
+    assert!(
+        under_fault,
+        "no edit or delete invoked inside a fault window {windows:?}"
+    );
     for f in ["kill", "start", "pause", "resume"] {
         assert!(
             ops.iter()
@@ -97,6 +137,30 @@ fn ci_kill_and_pause_run_is_valid_and_corrupted_copies_are_not() {
     assert!(!report.valid);
     assert!(report.count(Anomaly::Lost) >= 1, "{:?}", report.found());
 
+    // Corruption 3: a deleted message shown again, with a body, in n3's final read.
+    let mut revived = ops.clone();
+    let entry = final_entry(&mut revived, "n3", |e| {
+        e[2]["deleted"] == json!(true) && e[2].get("edit_of").is_none()
+    });
+    let seq = entry[0].clone();
+    *entry = json!([seq, "revived"]);
+    let report = check(&History::new(revived).expect("still well-formed"));
+    assert!(
+        report.count(Anomaly::ResurrectedDelete) >= 1,
+        "{:?}",
+        report.found()
+    );
+
+    // Corruption 4: an edited message shown without its edit in n1's final read.
+    let mut unedited = ops.clone();
+    let entry = final_entry(&mut unedited, "n1", |e| e[2].get("edit").is_some());
+    entry[2]
+        .as_object_mut()
+        .expect("annotations")
+        .remove("edit");
+    let report = check(&History::new(unedited).expect("still well-formed"));
+    assert!(report.count(Anomaly::LostEdit) >= 1, "{:?}", report.found());
+
     // Corruption 2: a fabricated duplicate, one message read again at the next seq.
     let mut dup = ops;
     let target = dup
@@ -119,4 +183,13 @@ fn ci_kill_and_pause_run_is_valid_and_corrupted_copies_are_not() {
         "{:?}",
         report.found()
     );
+}
+
+/// The first entry of `node`'s final reads that satisfies `pick`.
+fn final_entry<'a>(ops: &'a mut [Op], node: &str, pick: impl Fn(&Value) -> bool) -> &'a mut Value {
+    ops.iter_mut()
+        .filter(|o| o.f == F_FINAL_READ && o.kind == OpType::Ok && o.node.as_deref() == Some(node))
+        .flat_map(|o| o.value["msgs"].as_array_mut().expect("msgs").iter_mut())
+        .find(|e| pick(e))
+        .unwrap_or_else(|| panic!("no such entry in {node}'s final reads"))
 }

@@ -1,6 +1,11 @@
-//! The client workload: writer processes send unique messages with idempotency keys (and now
-//! and then read their own channel back from another node), streamer processes long-poll a
-//! channel and move between nodes. Every call is recorded as invoke, then ok / fail / info.
+//! The client workload: writer processes send unique messages with idempotency keys, now and
+//! then edit or delete one of their own acknowledged messages, and read their own channel
+//! back from another node; streamer processes long-poll a channel and move between nodes.
+//! Every call is recorded as invoke, then ok / fail / info.
+//!
+//! An edit or delete is a message of its own (a send carrying a relation), so it follows the
+//! send's discipline below, with its own key and a unique body: `p{proc}-{n}-e{t}` replaces the
+//! text of the process's message `t`, `p{proc}-{n}-d{t}` deletes it.
 //!
 //! Classification of a send's outcome:
 //! - `ok`: the node answered with a seq;
@@ -12,6 +17,10 @@
 //!
 //! A message is retried with the same key and msg after any outcome but `ok` (at most
 //! [`SEND_ATTEMPTS`] times); the next message always gets a new key.
+//!
+//! Reads record what the node showed of each message ([`ReadEntry`]): an erased entry as a
+//! marker, an edited one with its newest edit; and the read token they passed, which the
+//! checker holds them to.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,14 +28,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use proto::{ApiError, ChatClient, HistoryRequest, SendRequest, StreamRequest};
+use proto::{
+    ApiError, ChatClient, HistoryRequest, Relation, SendRequest, StreamRequest, WireMessage,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 use testkit::{TestClient, TestUser};
 use tokio::time::{sleep, timeout, Instant};
 
-use crate::history::{HistoryWriter, Op, OpType};
+use crate::history::{HistoryWriter, Op, OpType, ReadEntry};
 
 /// Attempts per message (same key, same msg).
 pub const SEND_ATTEMPTS: u32 = 4;
@@ -40,6 +51,10 @@ const STREAM_WAIT: Duration = Duration::from_millis(500);
 const READ_TIMEOUT: Duration = Duration::from_secs(3);
 /// Messages per history read page.
 const PAGE: u32 = 50;
+/// A writer's op is an edit or delete of one of its own messages one time in this many.
+const RELATE_ONE_IN: u32 = 10;
+/// Of those, deletes are this many in five (the rest are edits).
+const DELETES_IN_FIVE: u32 = 2;
 
 /// Op counters for the progress line.
 #[derive(Default)]
@@ -172,19 +187,26 @@ impl Proc {
         false
     }
 
-    /// Sends message `n` to `channel`: at most [`SEND_ATTEMPTS`] attempts with one key and msg.
-    /// Returns the seq when acknowledged.
-    async fn send(&mut self, sh: &Shared, channel: &str, n: u64) -> Option<u64> {
+    /// Appends message `n` to `channel`: a send of `msg`, or an edit or delete whose body is
+    /// `msg`. At most [`SEND_ATTEMPTS`] attempts with one key and msg.
+    async fn write(
+        &mut self,
+        sh: &Shared,
+        channel: &str,
+        n: u64,
+        msg: &str,
+        change: Change,
+    ) -> Outcome {
         let key = format!("c{}-{n}", self.id);
-        let msg = format!("p{}-{n}", self.id);
+        let mut unknown = false;
         for _ in 0..SEND_ATTEMPTS {
             if Instant::now() >= sh.stop_at {
-                return None;
+                break;
             }
             let node = self.target;
             let nn = node_name(node);
             let id = self.id;
-            let op = |kind| Op::send(kind, id, channel, &key, &msg).with_node(&nn);
+            let op = |kind| change.op(kind, id, channel, &key, msg).with_node(&nn);
             sh.rec(op(OpType::Invoke));
             let client = match self.conn(sh, node).await {
                 Ok(c) => c,
@@ -200,14 +222,15 @@ impl Proc {
                 body: msg.as_bytes().to_vec(),
                 client_id: self.client_id,
                 client_seq: n,
-                relation: None,
+                relation: change.relation(),
             };
             let call = client.send(ctx(SEND_TIMEOUT), req);
             match timeout(SEND_TIMEOUT + Duration::from_millis(500), call).await {
                 Ok(Ok(Ok(reply))) => {
                     self.token = self.token.max(reply.read_token);
-                    sh.rec(op(OpType::Ok).with_seq(reply.seq));
-                    return Some(reply.seq);
+                    let done = op(OpType::Ok).with_seq(reply.seq);
+                    sh.rec(done.with_token(reply.read_token));
+                    return Outcome::Ok(reply.seq);
                 }
                 Ok(Ok(Err(ApiError::NotLeader { leader }))) => {
                     sh.rec(op(OpType::Fail).with_error("not leader"));
@@ -230,38 +253,47 @@ impl Proc {
                     | ApiError::UnsupportedProtocol { .. }),
                 ))) => {
                     sh.rec(op(OpType::Fail).with_error(&e.to_string()));
-                    return None;
+                    return Outcome::Refused;
                 }
                 Ok(Ok(Err(e))) => {
                     // Unavailable, Aborted, Timeout: may still be applied.
                     sh.rec(op(OpType::Info).with_error(&e.to_string()));
+                    unknown = true;
                     self.next_node(sh);
                     sleep(Duration::from_millis(150)).await;
                 }
                 Ok(Err(e)) => {
                     sh.rec(op(OpType::Info).with_error(&format!("rpc: {e}")));
+                    unknown = true;
                     self.conns.remove(&node);
                     self.next_node(sh);
                     sleep(Duration::from_millis(100)).await;
                 }
                 Err(_) => {
                     sh.rec(op(OpType::Info).with_error("client timeout"));
+                    unknown = true;
                     self.conns.remove(&node);
                     self.next_node(sh);
                 }
             }
         }
-        None
+        if unknown {
+            Outcome::Unknown
+        } else {
+            Outcome::Failed
+        }
     }
 
     /// One history page of `channel` from `node`, starting at `from`.
     async fn read(&mut self, sh: &Shared, node: usize, channel: &str, from: u64) {
         let nn = node_name(node);
         let id = self.id;
+        let token = self.token;
         let op = |kind| {
             Op::read(kind, id, channel)
                 .with_from(from)
                 .with_limit(u64::from(PAGE))
+                .with_token(token)
                 .with_node(&nn)
         };
         sh.rec(op(OpType::Invoke));
@@ -277,16 +309,15 @@ impl Proc {
             before_seq: None,
             from_seq: Some(from),
             limit: PAGE,
-            read_token: self.token,
+            read_token: token,
         };
         let call = client.history(ctx(READ_TIMEOUT), req);
         match timeout(READ_TIMEOUT + Duration::from_millis(500), call).await {
             Ok(Ok(Ok(batch))) => {
                 self.token = self.token.max(batch.applied);
-                let msgs = batch.messages.iter().map(|m| (m.seq, body(&m.body)));
                 sh.rec(
                     op(OpType::Ok)
-                        .with_msgs(msgs)
+                        .with_entries(batch.messages.iter().map(entry))
                         .with_head(batch.head)
                         .with_floor(batch.floor),
                 );
@@ -304,12 +335,85 @@ impl Proc {
     }
 }
 
+/// What a writer appends.
+#[derive(Debug, Clone, Copy)]
+enum Change {
+    /// A new message.
+    Send,
+    /// New text for the process's own message at this seq.
+    Edit { of: u64 },
+    /// Erases the process's own message at this seq.
+    Delete { of: u64 },
+}
+
+impl Change {
+    fn op(self, kind: OpType, process: u64, channel: &str, key: &str, msg: &str) -> Op {
+        match self {
+            Change::Send => Op::send(kind, process, channel, key, msg),
+            Change::Edit { of } => Op::edit(kind, process, channel, key, msg, of),
+            Change::Delete { of } => Op::delete(kind, process, channel, key, msg, of),
+        }
+    }
+
+    fn relation(self) -> Option<Relation> {
+        match self {
+            Change::Send => None,
+            Change::Edit { of } => Some(Relation::Edit { of }),
+            Change::Delete { of } => Some(Relation::Delete { of }),
+        }
+    }
+}
+
+/// How a [`Proc::write`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Acknowledged at this seq.
+    Ok(u64),
+    /// Some attempt may have been applied.
+    Unknown,
+    /// Refused by the node's rules (or the session): not applied, and retrying will not help.
+    Refused,
+    /// Every attempt definitely failed.
+    Failed,
+}
+
+/// One of a writer's acknowledged messages it may still edit or delete.
+struct Own {
+    channel: String,
+    seq: u64,
+    /// Its message number: `p{proc}-{n}`.
+    n: u64,
+}
+
 fn body(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// What a read showed of `m`. A deleted entry's body is empty on the wire, so it is recorded
+/// as a marker, not as a message with an empty body (which no process sent).
+fn entry(m: &WireMessage) -> ReadEntry {
+    let erased = m.deleted && m.body.is_empty();
+    let (edit_of, delete_of) = match m.relation {
+        Some(Relation::Edit { of }) => (Some(of), None),
+        Some(Relation::Delete { of }) => (None, Some(of)),
+        _ => (None, None),
+    };
+    ReadEntry {
+        seq: m.seq,
+        msg: (!erased).then(|| body(&m.body)),
+        deleted: m.deleted,
+        edit: m.edit.as_ref().map(|e| (e.seq, body(&e.body))),
+        edit_of,
+        delete_of,
+    }
+}
+
 /// A writer: sends to a rotating set of channels; one op in eight is a history read of the
-/// channel it last wrote, from its own last seq, on a random node (read-your-writes).
+/// channel it last wrote, from its own last seq, on a random node (read-your-writes); one in
+/// [`RELATE_ONE_IN`] of the others edits or deletes one of its own acknowledged messages.
+///
+/// A message whose delete ended with an unknown outcome, or was refused, is neither edited
+/// nor deleted again: it may be gone, and the node would refuse either.
 pub async fn writer(sh: Arc<Shared>, id: u64) {
     let mut p = Proc::new(&sh, id);
     if !p.register(&sh, Duration::from_secs(20)).await {
@@ -318,21 +422,55 @@ pub async fn writer(sh: Arc<Shared>, id: u64) {
     }
     let mut n = 0u64;
     let mut last: Option<(String, u64)> = None;
+    let mut own: Vec<Own> = Vec::new();
     for _ in 0..1_000_000 {
         if Instant::now() >= sh.stop_at {
             break;
         }
         let read_now = last.is_some() && p.rng.random_range(0..8) == 0;
+        let relate_now = !own.is_empty() && p.rng.random_range(0..RELATE_ONE_IN) == 0;
         if read_now {
             if let Some((channel, seq)) = last.clone() {
                 let node = p.rng.random_range(0..sh.addrs.len());
                 p.read(&sh, node, &channel, seq).await;
             }
+        } else if relate_now {
+            n += 1;
+            let i = p.rng.random_range(0..own.len());
+            let (channel, of, t) = (own[i].channel.clone(), own[i].seq, own[i].n);
+            let delete = p.rng.random_range(0..5) < DELETES_IN_FIVE;
+            let (change, msg) = if delete {
+                (Change::Delete { of }, format!("p{id}-{n}-d{t}"))
+            } else {
+                (Change::Edit { of }, format!("p{id}-{n}-e{t}"))
+            };
+            match p.write(&sh, &channel, n, &msg, change).await {
+                Outcome::Ok(_) => {
+                    if delete {
+                        own.swap_remove(i);
+                    }
+                    // The next read-your-writes read starts at the target, so it covers it.
+                    last = Some((channel, of));
+                }
+                Outcome::Unknown if delete => {
+                    own.swap_remove(i);
+                }
+                Outcome::Refused => {
+                    own.swap_remove(i);
+                }
+                Outcome::Unknown | Outcome::Failed => {}
+            }
         } else {
             n += 1;
             let k = sh.channels.len();
             let channel = sh.channels[usize::try_from(id + n).unwrap_or(0) % k].clone();
-            if let Some(seq) = p.send(&sh, &channel, n).await {
+            let msg = format!("p{id}-{n}");
+            if let Outcome::Ok(seq) = p.write(&sh, &channel, n, &msg, Change::Send).await {
+                own.push(Own {
+                    channel: channel.clone(),
+                    seq,
+                    n,
+                });
                 last = Some((channel, seq));
             }
         }
@@ -373,7 +511,12 @@ pub async fn streamer(sh: Arc<Shared>, id: u64) {
             sh.rec(op(OpType::Ok));
             resubscribe = false;
         }
-        let op = |kind| Op::stream_read(kind, id, &channel).with_node(&nn);
+        let token = p.token;
+        let op = |kind| {
+            Op::stream_read(kind, id, &channel)
+                .with_token(token)
+                .with_node(&nn)
+        };
         sh.rec(op(OpType::Invoke));
         let client = match p.conn(&sh, node).await {
             Ok(c) => c,
@@ -390,7 +533,7 @@ pub async fn streamer(sh: Arc<Shared>, id: u64) {
             after_seq: after,
             max: 200,
             wait_ms: u32::try_from(STREAM_WAIT.as_millis()).unwrap_or(500),
-            read_token: p.token,
+            read_token: token,
         };
         let call = client.stream(proto::deadline_for(STREAM_WAIT), req);
         let limit = STREAM_WAIT + proto::DEADLINE_MARGIN + Duration::from_millis(500);
@@ -401,8 +544,8 @@ pub async fn streamer(sh: Arc<Shared>, id: u64) {
                 if let Some(m) = batch.messages.last() {
                     last.insert(ci, m.seq);
                 }
-                let msgs = batch.messages.iter().map(|m| (m.seq, body(&m.body)));
-                sh.rec(op(OpType::Ok).with_msgs(msgs).with_floor(batch.floor));
+                let entries = batch.messages.iter().map(entry);
+                sh.rec(op(OpType::Ok).with_entries(entries).with_floor(batch.floor));
             }
             Ok(Ok(Err(e))) => {
                 sh.rec(op(OpType::Fail).with_error(&e.to_string()));
@@ -477,12 +620,12 @@ pub async fn final_reads(
             sh.rec(op(OpType::Fail).with_error("cannot connect"));
             continue;
         };
-        let mut msgs: Vec<(u64, String)> = Vec::new();
+        let mut msgs: Vec<ReadEntry> = Vec::new();
         let mut head = 0;
         let mut floor = 0;
         let mut error = None;
         for _ in 0..10_000 {
-            let from = msgs.last().map_or(1, |(s, _)| s + 1);
+            let from = msgs.last().map_or(1, |e| e.seq + 1);
             let req = HistoryRequest {
                 channel: channel.clone(),
                 before_seq: None,
@@ -496,8 +639,8 @@ pub async fn final_reads(
                     head = batch.head;
                     floor = batch.floor.max(floor);
                     let got = batch.messages.len();
-                    msgs.extend(batch.messages.iter().map(|m| (m.seq, body(&m.body))));
-                    if got == 0 || msgs.last().is_some_and(|(s, _)| *s >= head) {
+                    msgs.extend(batch.messages.iter().map(entry));
+                    if got == 0 || msgs.last().is_some_and(|e| e.seq >= head) {
                         break;
                     }
                 }
@@ -518,7 +661,7 @@ pub async fn final_reads(
         match error {
             None => {
                 ok += 1;
-                let done = op(OpType::Ok).with_from(1).with_msgs(msgs);
+                let done = op(OpType::Ok).with_from(1).with_entries(msgs);
                 sh.rec(done.with_head(head).with_floor(floor));
             }
             Some(e) => sh.rec(op(OpType::Fail).with_error(&e)),
