@@ -151,8 +151,9 @@ enum Command {
         #[arg(long)]
         snapshot_every: Option<u64>,
     },
-    /// Read markers: users marking an active channel read once a second, as the clients do
-    /// (cellchat only): the servers' CPU with and without them, mark latency.
+    /// Read markers and presence: users online as the interactive clients are, marking an
+    /// active channel read once a second (cellchat only): the servers' CPU without them,
+    /// with them online, and with them marking; mark latency.
     Markers {
         /// Users marking the channel read.
         #[arg(long, default_value_t = 1000)]
@@ -160,6 +161,13 @@ enum Command {
         /// Messages per second sent into the channel meanwhile.
         #[arg(long, default_value_t = 20.0)]
         rate: f64,
+    },
+    /// Typing indicators: from a writer's typing note to its reader's client, pair by pair
+    /// (cellchat only).
+    Typing {
+        /// Writer and reader pairs, each in a channel of its own.
+        #[arg(long, default_value_t = 20)]
+        pairs: usize,
     },
     /// Runs the standard matrix on every system and rewrites the generated part of
     /// benches/RESULTS.md.
@@ -286,6 +294,9 @@ pub enum Spec {
         users: usize,
         rate: f64,
     },
+    Typing {
+        pairs: usize,
+    },
 }
 
 fn command_spec(command: Command) -> Spec {
@@ -326,6 +337,7 @@ fn command_spec(command: Command) -> Spec {
             snapshot_every,
         },
         Command::Markers { users, rate } => Spec::Markers { users, rate },
+        Command::Typing { pairs } => Spec::Typing { pairs },
         Command::Report { .. } | Command::Idle { .. } => {
             unreachable!("handled before scenarios are dispatched")
         }

@@ -14,6 +14,7 @@ use crate::scenario::backup::{self, BackupOptions};
 use crate::scenario::failover::{self, FailoverOptions};
 use crate::scenario::fanout::{self, FanoutOptions};
 use crate::scenario::markers::{self, MarkersOptions};
+use crate::scenario::typing::{self, TypingOptions};
 use crate::scenario::scale::{self, ScaleOptions};
 use crate::scenario::write::{self, WriteOptions};
 use crate::stats::{now_rfc3339, RunResult};
@@ -273,7 +274,7 @@ pub async fn run_command(common: &Common, spec: &Spec, sink: &mut Sink) -> Resul
     for &kind in &common.system {
         let cellchat_only = matches!(
             spec,
-            Spec::Failover { .. } | Spec::Scale { .. } | Spec::Markers { .. }
+            Spec::Failover { .. } | Spec::Scale { .. } | Spec::Markers { .. } | Spec::Typing { .. }
         );
         if cellchat_only && !kind.is_cellchat() {
             eprintln!("skipping {kind}: this scenario kills or loads cellchat nodes only");
@@ -353,6 +354,15 @@ async fn run_on(
                 warmup,
             };
             sink.push(markers::run(&cellchat, &options).await?)?;
+        }
+        Spec::Typing { pairs } => {
+            let cellchat = start_cellchat(common).await?;
+            let options = TypingOptions {
+                pairs: *pairs,
+                duration,
+                warmup,
+            };
+            sink.push(typing::run(&cellchat, &options).await?)?;
         }
         Spec::Backup {
             messages,

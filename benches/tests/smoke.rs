@@ -79,12 +79,26 @@ fn markers_measure_the_cost_of_read_markers() {
     // Five users marking once a second for the 1 s window.
     assert!(r["ops"].as_u64().unwrap() >= 3, "{r}");
     assert!(r["latency_ms"]["p99"].as_f64().unwrap() > 0.0, "{r}");
-    assert!(
-        r["extra"]["server_cpu_percent_with_markers"]
-            .as_f64()
-            .is_some(),
-        "{r}"
-    );
+    for key in [
+        "server_cpu_percent_with_presence",
+        "server_cpu_percent_with_markers",
+        "presence_and_markers_cpu_percent_of_machine",
+    ] {
+        assert!(r["extra"][key].as_f64().is_some(), "{key}: {r}");
+    }
+}
+
+#[test]
+fn typing_times_notes_from_writer_to_reader() {
+    let out = tempfile::tempdir().unwrap();
+    let (ok, stdout, stderr) = bench(out.path(), &["typing", "--pairs", "2"]);
+    assert!(ok, "{stderr}");
+    let r = &runs(&stdout)[0];
+    assert_eq!(r["scenario"], "typing", "{r}");
+    assert_eq!(r["errors"], 0, "no note lost: {r}");
+    // Two pairs, a note each every half second, for the 1 s window.
+    assert!(r["ops"].as_u64().unwrap() >= 2, "{r}");
+    assert!(r["latency_ms"]["p99"].as_f64().unwrap() > 0.0, "{r}");
 }
 
 #[test]

@@ -1,8 +1,10 @@
-//! `markers`: what read markers cost the cluster. A publisher keeps one channel moving, and U
-//! connected users each mark it read once a second at its newest message, as the clients do
-//! while a user reads an active channel (they send a channel's marker at most once a second).
-//! The same window is measured twice, the publisher alone and then with the users marking:
-//! the difference in the servers' CPU is the markers' cost.
+//! `markers`: what read markers and presence cost the cluster. A publisher keeps one channel
+//! moving, and U users connect as the interactive clients do: each holds a push connection
+//! that watches presence (heartbeats, the nodes' gossip, the online list), then marks the
+//! channel read once a second at its newest message, as the clients do while a user reads an
+//! active channel. The same window is measured three times: the publisher alone, with the
+//! users online, and with them online and marking; the differences in the servers' CPU are
+//! what presence and markers cost.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -96,15 +98,20 @@ pub async fn run(cellchat: &Cellchat, options: &MarkersOptions) -> Result<RunRes
             let name = format!("b{tag}-u{i}");
             async move {
                 let identity = Identity::ephemeral(name, None);
-                let client = Client::connect(client_config(&target, Some(identity))).await;
+                let client = Client::connect(client_config(&target, Some(identity))).await?;
+                // Opens the user's push connection and watches presence, as a client does.
+                client.online().await?;
                 bar.inc(1);
-                client
+                anyhow::Ok(client)
             }
         })
         .buffered(super::CONNECT_PARALLELISM)
         .try_collect()
         .await?;
     bar.finish_and_clear();
+
+    // Online, not marking yet.
+    let with_presence = cpu_during(&pids, options.duration).await;
 
     // Each user marks once a second, at a phase of its own, and times each mark.
     let measuring = Arc::new(AtomicBool::new(false));
@@ -168,10 +175,18 @@ pub async fn run(cellchat: &Cellchat, options: &MarkersOptions) -> Result<RunRes
     result.throughput_per_s = marks as f64 / window;
     result.latency_ms = latencies.summary();
     result.set("server_cpu_percent_publisher_alone", percent(alone));
+    result.set("server_cpu_percent_with_presence", percent(with_presence));
     result.set("server_cpu_percent_with_markers", percent(with_marks));
-    let cost = with_marks.saturating_sub(alone);
-    result.set("markers_cpu_percent_of_one_core", percent(cost));
-    result.set("markers_cpu_percent_of_machine", percent(cost) / cores);
+    let presence = with_presence.saturating_sub(alone);
+    result.set("presence_cpu_percent_of_machine", percent(presence) / cores);
+    let markers = with_marks.saturating_sub(with_presence);
+    result.set("markers_cpu_percent_of_one_core", percent(markers));
+    result.set("markers_cpu_percent_of_machine", percent(markers) / cores);
+    let both = with_marks.saturating_sub(alone);
+    result.set(
+        "presence_and_markers_cpu_percent_of_machine",
+        percent(both) / cores,
+    );
     if let (Some(before), Some(after)) = (token_before, token_after) {
         // Entries of every kind: the publisher's batches and the markers' entries.
         result.set(

@@ -1,10 +1,11 @@
-//! The scenarios: `write`, `fanout`, `failover`, `scale`, `backup` and `markers`.
+//! The scenarios: `write`, `fanout`, `failover`, `scale`, `backup`, `markers` and `typing`.
 
 pub mod backup;
 pub mod failover;
 pub mod fanout;
 pub mod markers;
 pub mod scale;
+pub mod typing;
 pub mod write;
 
 use std::sync::LazyLock;

@@ -234,6 +234,11 @@ impl Out {
         false
     }
 
+    /// When the last frame was written (the connection's start before any).
+    fn last_write_at(&self) -> Instant {
+        self.started + Duration::from_millis(self.last_write_ms.load(Ordering::Relaxed))
+    }
+
     /// Writes `head` then `body` as one frame; false if the connection is closed by it.
     async fn write(&self, head: Bytes, body: Bytes) -> bool {
         let mut writer = self.writer.lock().await;
@@ -364,9 +369,13 @@ pub async fn serve_connection(
     let heartbeat = Duration::from_millis(HEARTBEAT_MS);
     let silence = Duration::from_millis(CLIENT_SILENCE_MS_MAX);
     let mut heard = Instant::now();
-    let mut tick = tokio::time::interval(heartbeat / 4);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The loop wakes on its own only when a heartbeat is due or the client's silence runs
+    // out: an idle connection costs one wake-up per heartbeat period.
+    let mut not_before = Instant::now();
     loop {
+        let due = (out.last_write_at() + heartbeat)
+            .min(heard + silence)
+            .max(not_before);
         tokio::select! {
             frame = frames.next() => {
                 heard = Instant::now();
@@ -466,7 +475,10 @@ pub async fn serve_connection(
                     }
                 }
             }
-            _ = tick.tick() => {
+            () = tokio::time::sleep_until(due.into()) => {
+                // A heartbeat skipped because a batch holds the writer is not retried at
+                // once: that write counts as one.
+                not_before = Instant::now() + heartbeat / 4;
                 if heard.elapsed() > silence {
                     tracing::debug!(%peer, "push connection: the client fell silent");
                     return;
