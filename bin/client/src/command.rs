@@ -130,7 +130,7 @@ commands:
   /invite NAME       invite someone to this private channel (you must own it)
   /accept #chan      accept an invitation and switch to that channel
   /remove NAME       remove a member or invitation; /remove yourself to quit a private channel
-  /members           who owns this channel, who is in it, who is invited
+  /members           who owns this channel, who is in it and online, who is invited
   /retention [24h|1000|7d,1000|forever|default]
                      show how long this channel keeps messages; its owner sets an age, a
                      count, both, forever, or the cluster default

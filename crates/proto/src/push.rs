@@ -25,7 +25,12 @@
 //! | 3 | `Login`, signed over the challenge and this TLS session's binding as on a chat connection | checks it like [`Chat::login`](crate::Chat::login); `Error { sub_id: None, .. }` and close if it fails |
 //! | 4 | `Subscribe { sub_id, channel, after_seq, read_token }` | waits for `read_token`, then `Batch`es from `after_seq + 1` on |
 //! | 5 | `Unsubscribe { sub_id }` | stops that subscription; no more frames for it |
+//! | 6 | `Typing { channel }` (v3) | passes `Typing { channel, user }` to the other users' connections subscribed to `channel`, on every node; drops it silently when the user may not read the channel or types faster than a few notes a second |
+//! | 7 | `WatchPresence` (v3) | `Presence { full: true, .. }` with everyone online, then a `Presence` per change |
+//! | 8 | `Heartbeat` (v3), when it wrote nothing for [`CLIENT_HEARTBEAT_MS`] | closes a connection silent for [`CLIENT_SILENCE_MS_MAX`] |
 //!
+//! Presence and typing are never stored: a user is online while one of their logged-in push
+//! connections is open on some node, and nodes tell each other their online users.
 //! A client may send its `Login` and `Subscribe` frames without waiting: the node reads them
 //! in order. A `Subscribe` before a good `Login` is refused with `Unauthenticated` and closes
 //! the connection.
