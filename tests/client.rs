@@ -1628,8 +1628,10 @@ async fn typing_and_presence_show_between_the_full_screen_client_and_the_line_mo
     })
     .await?;
     tmux.start_line_mode(&cluster, dir.path(), "Alice", "Alice")?;
-    tmux.wait_for("Alice", "the line mode's prompt", |s| s.contains("#general @"))
-        .await?;
+    tmux.wait_for("Alice", "the line mode's prompt", |s| {
+        s.contains("#general @")
+    })
+    .await?;
     tmux.wait_for("Bob", "Alice online", |s| {
         status_bar(s).contains("| 2 online")
     })
@@ -1643,8 +1645,7 @@ async fn typing_and_presence_show_between_the_full_screen_client_and_the_line_mo
     .await?;
     tmux.run(&["send-keys", "-t", "Alice", " done", "Enter"])?;
     tmux.wait_for("Bob", "Alice's message, and no more typing", |s| {
-        full_screen_row(s, "Alice", "almost done").is_some()
-            && !status_bar(s).contains("is typing")
+        full_screen_row(s, "Alice", "almost done").is_some() && !status_bar(s).contains("is typing")
     })
     .await?;
 
@@ -1655,8 +1656,10 @@ async fn typing_and_presence_show_between_the_full_screen_client_and_the_line_mo
     })
     .await?;
     let shown = Instant::now();
-    tmux.wait_for("Alice", "the note running out", |s| !s.contains("is typing"))
-        .await?;
+    tmux.wait_for("Alice", "the note running out", |s| {
+        !s.contains("is typing")
+    })
+    .await?;
     let lasted = shown.elapsed();
     ensure!(
         lasted >= Duration::from_secs(2),
@@ -1665,8 +1668,10 @@ async fn typing_and_presence_show_between_the_full_screen_client_and_the_line_mo
 
     // /members lists who is online; Alice leaves and Bob sees it.
     tmux.run(&["send-keys", "-t", "Alice", "/members", "Enter"])?;
-    tmux.wait_for("Alice", "online users", |s| s.contains("online: Alice, Bob"))
-        .await?;
+    tmux.wait_for("Alice", "online users", |s| {
+        s.contains("online: Alice, Bob")
+    })
+    .await?;
     tmux.run(&["send-keys", "-t", "Alice", "/quit", "Enter"])?;
     tmux.wait_for("Bob", "Alice offline", |s| {
         status_bar(s).contains("| 1 online")

@@ -1,7 +1,8 @@
 //! End-to-end tests of presence and typing on real `server` processes: typing crosses nodes
 //! to the users subscribed to the channel and nobody else; a user is online while a client of
 //! theirs is connected anywhere, and goes offline on their own when the client is killed,
-//! falls silent, or its node dies.
+//! falls silent, or its node dies; a read marker moved on one client is pushed to the user's
+//! others.
 //!
 //! Timeouts are generous bounds for a loaded 2-core machine, not performance claims.
 
@@ -120,7 +121,8 @@ async fn typing_and_presence_cross_nodes_and_expire_on_their_own() -> anyhow::Re
     for user in [&alice, &bob, &carol] {
         register(&cluster, &nodes, user).await?;
     }
-    let writer = TestClient::login(nodes[0], &cluster.cluster, &alice).await?;
+    let (_, leader) = testkit::leader_client_addr(&cluster, CONVERGE).await?;
+    let writer = TestClient::login(leader, &cluster.cluster, &alice).await?;
     writer.send("general", b"hello", [1; 16], 1).await??;
 
     // Bob on node 2 and Alice on node 1 follow #general and watch presence.
@@ -234,12 +236,13 @@ async fn typing_and_presence_cross_nodes_and_expire_on_their_own() -> anyhow::Re
 async fn library_clients_hear_each_others_typing_and_list_who_is_online() -> anyhow::Result<()> {
     let mut cluster = TestCluster::new("presence-lib", &[])?;
     testkit::start_nodes(&mut cluster, 3, READY, CONVERGE).await?;
-    let connect = |name: &str| ClientConfig {
-        identity: Some(Identity::ephemeral(name, None)),
+    let connect = |name: &str, seed: Option<[u8; 32]>| ClientConfig {
+        identity: Some(Identity::ephemeral(name, seed)),
         ..ClientConfig::new(cluster.cluster.clone(), cluster.discovery_port)
     };
-    let alice = Client::connect(connect("alice")).await?;
-    let bob = Client::connect(connect("bob")).await?;
+    let alice = Client::connect(connect("alice", None)).await?;
+    let bob_seed: [u8; 32] = rand::random();
+    let bob = Client::connect(connect("bob", Some(bob_seed))).await?;
     alice.send_text("general", "hello", None).await?;
     let _alice_sub = alice.subscribe("general", 0);
     let _bob_sub = bob.subscribe("general", 0);
@@ -275,6 +278,23 @@ async fn library_clients_hear_each_others_typing_and_list_who_is_online() -> any
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+    // Bob reads #general on his phone: his first client hears the marker move at once.
+    let phone = Client::connect(connect("bob", Some(bob_seed))).await?;
+    phone.mark_read("general", 1).await?;
+    let deadline = Instant::now() + HEAR;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, heard.recv()).await {
+            Ok(Ok(Ephemeral::Marker { channel, read_to })) => {
+                assert_eq!((channel.as_str(), read_to), ("general", 1));
+                break;
+            }
+            Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+            Ok(Err(e)) => bail!("events: {e}"),
+            Err(_) => bail!("bob's first client never heard his marker move"),
+        }
+    }
+
     // Dropping Alice's client closes her connection: Bob sees her go.
     drop(_alice_sub);
     drop(alice);

@@ -143,6 +143,9 @@ pub struct AppliedEvent {
     pub heads: Vec<(String, ChannelSeq)>,
     /// The join secret may have changed (a [`Command::SetJoinSecret`], or a snapshot).
     pub join_secret_changed: bool,
+    /// Every read marker that moved, as (user, channel, new marker), sorted. Empty after a
+    /// snapshot install, which may move any.
+    pub markers: Vec<(String, String, ChannelSeq)>,
 }
 
 type Listener = Box<dyn Fn(&AppliedEvent) + Send + Sync>;
@@ -1408,6 +1411,12 @@ impl ChatState {
             })?;
 
         let mut heads: Vec<(String, ChannelSeq)> = Vec::with_capacity(batch.touched.len());
+        let mut markers: Vec<(String, String, ChannelSeq)> = batch
+            .marks
+            .iter()
+            .map(|(&(user, channel), &seq)| (user.to_owned(), channel.to_owned(), ChannelSeq(seq)))
+            .collect();
+        markers.sort_unstable();
         let mut view = self.view.write();
         for (channel, (head, new)) in batch.touched {
             if !view.channels.contains_key(channel) {
@@ -1481,6 +1490,7 @@ impl ChatState {
             index: w.applied_index.expect("set by a non-empty batch"),
             heads,
             join_secret_changed,
+            markers,
         }))
     }
 
@@ -1899,6 +1909,7 @@ impl ChatState {
                 index,
                 heads,
                 join_secret_changed: true,
+                markers: Vec::new(),
             });
         }
         Ok(info)

@@ -120,6 +120,7 @@ pub async fn run(
                     let until = timefmt::now_ms() + proto::push::TYPING_SHOW_MS;
                     lock(&chat.typing).heard(&channel, &user, until);
                 }
+                Ok(Ephemeral::Marker { channel, read_to }) => chat.marks.known(&channel, read_to),
                 Ok(Ephemeral::Presence { offline, .. }) => {
                     for user in offline {
                         lock(&chat.typing).gone(&user);

@@ -49,7 +49,7 @@ type SubEvent = Result<MessageBatch, ApiError>;
 /// Presence and typing events buffered for a slow listener before it misses some.
 const EPHEMERAL_CAPACITY: usize = 1_024;
 
-/// Presence and typing, as the client's push connections hear them.
+/// Presence, typing and read markers, as the client's push connections hear them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ephemeral {
     /// `user` types in `channel`, a channel this client subscribes to; show it for
@@ -69,6 +69,13 @@ pub enum Ephemeral {
         offline: Vec<String>,
         /// `online` is the whole list.
         full: bool,
+    },
+    /// This user's read marker in `channel` moved to `read_to`, on any of their clients.
+    Marker {
+        /// The channel.
+        channel: String,
+        /// The new marker.
+        read_to: u64,
     },
 }
 
@@ -498,6 +505,9 @@ async fn run(
                     }
                     Ok(ServerFrame::Presence { online, offline, full }) => {
                         ephemeral.hear(Ephemeral::Presence { online, offline, full });
+                    }
+                    Ok(ServerFrame::Marker { channel, read_to }) => {
+                        ephemeral.hear(Ephemeral::Marker { channel, read_to });
                     }
                     Ok(ServerFrame::Welcome(_)) => break "second welcome".to_owned(),
                     Err(e) => break format!("bad frame: {e}"),

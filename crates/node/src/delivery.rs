@@ -189,6 +189,7 @@ mod tests {
                 .map(|(c, h)| ((*c).to_owned(), ChannelSeq(*h)))
                 .collect(),
             join_secret_changed: false,
+            markers: Vec::new(),
         }
     }
 

@@ -11,8 +11,10 @@
 //! replicated through Raft: a restart forgets it all, and clients rebuild it within a gossip
 //! period.
 //!
-//! Connections learn of both through [`Ephemeral::subscribe`]: typing notes as they come,
-//! presence as differences of the union.
+//! Presence changes go to every connection ([`Ephemeral::subscribe`], as differences of the
+//! union). Typing notes and read markers go only to the connections they concern, each on its
+//! own channel ([`Ephemeral::connected`]): a typing note to those subscribed to its channel,
+//! a marker to its user's. A broadcast would wake every connection for each of them.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -22,7 +24,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use proto::push::{self, ServerFrame};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, Notify};
+use tokio::sync::{broadcast, mpsc, Notify};
 
 use crate::types::NodeId;
 
@@ -42,6 +44,10 @@ const EVENTS_CAPACITY: usize = 1_024;
 
 /// Most names taken from one peer's news (a sanity bound; peers are authenticated nodes).
 const PEER_ONLINE_MAX: usize = 1 << 20;
+
+/// Frames waiting for one connection on its own channel (its user's markers); more are
+/// dropped, and the client's periodic read-back of its markers catches up.
+const DIRECT_CAPACITY: usize = 256;
 
 /// `user` types in `channel`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,17 +72,9 @@ pub struct EphemeralNews {
     pub typing: Vec<TypingNote>,
 }
 
-/// What a push connection hears, each with its push frame encoded once for every connection.
+/// What every push connection hears, with its frame encoded once for all of them.
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// Someone types somewhere (the connection passes it on if it subscribes to the channel
-    /// and is not that user's).
-    Typing {
-        /// Who types where.
-        note: Arc<TypingNote>,
-        /// `ServerFrame::Typing` of it.
-        frame: Bytes,
-    },
     /// Who came online and who went offline in the cluster: `ServerFrame::Presence` of the
     /// change (not `full`).
     Presence {
@@ -85,17 +83,28 @@ pub enum Event {
     },
 }
 
-impl Event {
-    fn typing(note: TypingNote) -> Event {
-        let frame = push::encode_frame(&ServerFrame::Typing {
-            channel: note.channel.clone(),
-            user: note.user.clone(),
-        });
-        Event::Typing {
-            note: Arc::new(note),
-            frame,
-        }
-    }
+/// What one push connection hears on its own channel: routed by user or by channel, so a
+/// note wakes only the connections it concerns.
+#[derive(Debug, Clone)]
+pub enum Direct {
+    /// This user's read marker moved: `ServerFrame::Marker`.
+    Marker(Bytes),
+    /// Someone else types in `channel`, which this connection listens to:
+    /// `ServerFrame::Typing`. The connection checks its subscription there still stands.
+    Typing {
+        /// The channel.
+        channel: Arc<str>,
+        /// The encoded frame.
+        frame: Bytes,
+    },
+}
+
+/// One logged-in push connection on this node.
+struct Conn {
+    user: String,
+    tx: mpsc::Sender<Direct>,
+    /// The channels it subscribes to, with how many subscriptions each.
+    channels: HashMap<String, usize>,
 }
 
 struct PeerView {
@@ -107,8 +116,14 @@ struct PeerView {
 
 #[derive(Default)]
 struct State {
-    /// Users with a connection here, and how many.
-    local: HashMap<String, usize>,
+    /// Users with a connection here, and their connections' ids.
+    local: HashMap<String, BTreeSet<u64>>,
+    /// Every logged-in connection here, by id.
+    conns: HashMap<u64, Conn>,
+    /// The connections subscribed to each channel.
+    listening: HashMap<String, BTreeSet<u64>>,
+    /// The next connection id.
+    next_conn: u64,
     /// Each peer's latest online list.
     peers: HashMap<NodeId, PeerView>,
     /// The union as last published in an [`Event::Presence`].
@@ -139,17 +154,88 @@ struct Inner {
 pub struct Online {
     hub: Ephemeral,
     user: String,
+    conn: u64,
+}
+
+/// Keeps a connection listening to a channel's typing while it lives (one per subscription).
+pub struct Listening {
+    hub: Ephemeral,
+    conn: u64,
+    channel: String,
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        unlisten(&self.hub, self.conn, &self.channel);
+    }
+}
+
+impl Online {
+    /// [`Online::listen`] to `channel` until the guard drops.
+    pub fn listening(&self, channel: &str) -> Listening {
+        self.listen(channel);
+        Listening {
+            hub: self.hub.clone(),
+            conn: self.conn,
+            channel: channel.to_owned(),
+        }
+    }
+
+    /// The connection subscribed to `channel`: typing there reaches it.
+    pub fn listen(&self, channel: &str) {
+        let mut state = self.hub.inner.state.lock();
+        let Some(conn) = state.conns.get_mut(&self.conn) else {
+            return;
+        };
+        *conn.channels.entry(channel.to_owned()).or_insert(0) += 1;
+        let listeners = state.listening.entry(channel.to_owned()).or_default();
+        listeners.insert(self.conn);
+    }
+
+    /// One subscription of the connection to `channel` ended.
+    pub fn unlisten(&self, channel: &str) {
+        unlisten(&self.hub, self.conn, channel);
+    }
+}
+
+fn unlisten(hub: &Ephemeral, id: u64, channel: &str) {
+    let mut state = hub.inner.state.lock();
+    let Some(conn) = state.conns.get_mut(&id) else {
+        return;
+    };
+    let Some(count) = conn.channels.get_mut(channel) else {
+        return;
+    };
+    *count -= 1;
+    if *count == 0 {
+        conn.channels.remove(channel);
+        if let Some(listeners) = state.listening.get_mut(channel) {
+            listeners.remove(&id);
+            if listeners.is_empty() {
+                state.listening.remove(channel);
+            }
+        }
+    }
 }
 
 impl Drop for Online {
     fn drop(&mut self) {
         let mut state = self.hub.inner.state.lock();
-        let gone = match state.local.get_mut(&self.user) {
-            Some(count) if *count > 1 => {
-                *count -= 1;
-                false
+        if let Some(conn) = state.conns.remove(&self.conn) {
+            for channel in conn.channels.keys() {
+                if let Some(listeners) = state.listening.get_mut(channel) {
+                    listeners.remove(&self.conn);
+                    if listeners.is_empty() {
+                        state.listening.remove(channel);
+                    }
+                }
             }
-            Some(_) => true,
+        }
+        let gone = match state.local.get_mut(&self.user) {
+            Some(conns) => {
+                conns.remove(&self.conn);
+                conns.is_empty()
+            }
             None => false,
         };
         if gone {
@@ -201,43 +287,77 @@ impl Ephemeral {
         })
     }
 
-    /// `user` has a new logged-in connection here; online until the guard drops.
-    pub fn connected(&self, user: &str) -> Online {
+    /// `user` has a new logged-in connection here; online until the guard drops. The
+    /// receiver gets what concerns this connection alone: its user's read markers, and
+    /// typing in the channels it listens to ([`Online::listen`]).
+    pub fn connected(&self, user: &str) -> (Online, mpsc::Receiver<Direct>) {
+        let (tx, rx) = mpsc::channel(DIRECT_CAPACITY);
         let mut state = self.inner.state.lock();
-        let count = state.local.entry(user.to_owned()).or_insert(0);
-        *count += 1;
-        if *count == 1 {
+        let conn = state.next_conn;
+        state.next_conn += 1;
+        let entry = Conn {
+            user: user.to_owned(),
+            tx,
+            channels: HashMap::new(),
+        };
+        state.conns.insert(conn, entry);
+        let conns = state.local.entry(user.to_owned()).or_default();
+        conns.insert(conn);
+        if conns.len() == 1 {
             state.local_changed = true;
             self.publish(&mut state);
             drop(state);
             self.inner.wake.notify_one();
         }
-        Online {
+        let online = Online {
             hub: self.clone(),
             user: user.to_owned(),
-        }
+            conn,
+        };
+        (online, rx)
     }
 
     /// A local client's typing note: to this node's connections now, to the peers next.
     pub fn typing(&self, note: TypingNote) {
-        {
-            let mut state = self.inner.state.lock();
-            if state.typing_out.len() >= TYPING_QUEUE_MAX {
-                return;
-            }
-            state.typing_out.push(note.clone());
+        let mut state = self.inner.state.lock();
+        if state.typing_out.len() >= TYPING_QUEUE_MAX {
+            return;
         }
-        // No receiver is not an error: nobody is connected here.
-        let _ = self.inner.events.send(Event::typing(note));
+        deliver_typing(&state, &note);
+        state.typing_out.push(note);
+        drop(state);
         self.inner.wake.notify_one();
+    }
+
+    /// Read markers this node applied, as (user, channel, marker): to those users'
+    /// connections here. Every node applies every marker, so this needs no news. Cheap
+    /// enough for the apply thread: a frame is encoded only for a user connected here, and a
+    /// full connection channel drops it rather than wait.
+    pub fn markers_moved(&self, markers: &[(String, String, chat_sm::ChannelSeq)]) {
+        if markers.is_empty() {
+            return;
+        }
+        let state = self.inner.state.lock();
+        for (user, channel, seq) in markers {
+            let Some(ids) = state.local.get(user) else {
+                continue;
+            };
+            let frame = push::encode_frame(&ServerFrame::Marker {
+                channel: channel.clone(),
+                read_to: seq.0,
+            });
+            for conn in ids.iter().filter_map(|id| state.conns.get(id)) {
+                let _ = conn.tx.try_send(Direct::Marker(frame.clone()));
+            }
+        }
     }
 
     /// News from peer `from` (authenticated by the caller).
     pub fn heard_from(&self, from: NodeId, news: EphemeralNews, now: Instant) {
-        for note in news.typing.into_iter().take(TYPING_QUEUE_MAX) {
-            let _ = self.inner.events.send(Event::typing(note));
-        }
         let mut state = self.inner.state.lock();
+        for note in news.typing.iter().take(TYPING_QUEUE_MAX) {
+            deliver_typing(&state, note);
+        }
         let newer = match state.peers.get(&from) {
             Some(view) => view.epoch != news.epoch || news.version > view.version,
             None => true,
@@ -313,6 +433,30 @@ impl Ephemeral {
     }
 }
 
+/// `note` to the connections here that listen to its channel, but not to its user's own. A
+/// connection that is not keeping up misses it.
+fn deliver_typing(state: &State, note: &TypingNote) {
+    let Some(listeners) = state.listening.get(&note.channel) else {
+        return;
+    };
+    let mut frame = None;
+    for conn in listeners.iter().filter_map(|id| state.conns.get(id)) {
+        if conn.user == note.user {
+            continue;
+        }
+        let frame = frame.get_or_insert_with(|| {
+            push::encode_frame(&ServerFrame::Typing {
+                channel: note.channel.clone(),
+                user: note.user.clone(),
+            })
+        });
+        let _ = conn.tx.try_send(Direct::Typing {
+            channel: Arc::from(note.channel.as_str()),
+            frame: frame.clone(),
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -327,9 +471,7 @@ mod tests {
     }
 
     fn presence(event: Event) -> (Vec<String>, Vec<String>) {
-        let Event::Presence { frame } = event else {
-            panic!("expected presence, got {event:?}");
-        };
+        let Event::Presence { frame } = event;
         match push::decode_server_frame(&frame[push::LENGTH_BYTES..]) {
             Ok(ServerFrame::Presence {
                 online,
@@ -344,8 +486,8 @@ mod tests {
     async fn a_user_is_online_while_any_of_their_connections_is_open() {
         let hub = Ephemeral::new();
         let mut events = hub.subscribe();
-        let first = hub.connected("alice");
-        let second = hub.connected("alice");
+        let (first, _) = hub.connected("alice");
+        let (second, _) = hub.connected("alice");
         assert_eq!(
             presence(events.try_recv().unwrap()),
             (vec!["alice".into()], vec![])
@@ -394,19 +536,32 @@ mod tests {
     #[tokio::test]
     async fn news_carries_the_local_list_and_the_typing_queued_since_the_last() {
         let hub = Ephemeral::new();
-        let mut events = hub.subscribe();
-        let _bob = hub.connected("bob");
+        let (bob, mut bob_rx) = hub.connected("bob");
+        bob.listen("general");
+        let (carol, mut carol_rx) = hub.connected("carol");
+        carol.listen("general");
+        let (dave, mut dave_rx) = hub.connected("dave");
+        dave.listen("ops");
         let note = TypingNote {
             channel: "general".into(),
             user: "bob".into(),
         };
         hub.typing(note.clone());
-        let _ = events.try_recv();
-        assert!(matches!(events.try_recv(), Ok(Event::Typing { note: n, .. }) if *n == note));
+        assert!(
+            matches!(carol_rx.try_recv(), Ok(Direct::Typing { channel, .. }) if &*channel == "general")
+        );
+        assert!(bob_rx.try_recv().is_err(), "not to the one who types");
+        assert!(dave_rx.try_recv().is_err(), "not to another channel");
+        carol.unlisten("general");
+        hub.typing(note.clone());
+        assert!(
+            carol_rx.try_recv().is_err(),
+            "not after the subscription ended"
+        );
         let soon = tokio::time::Instant::now() + Duration::from_secs(5);
         let first = hub.next_news(soon).await.expect("news");
-        assert_eq!(first.online, vec!["bob".to_string()]);
-        assert_eq!(first.typing, vec![note]);
+        assert_eq!(first.online, vec!["bob", "carol", "dave"]);
+        assert_eq!(first.typing, vec![note.clone(), note]);
         // Nothing new: the next news comes at the deadline, with the list and no typing.
         let now = tokio::time::Instant::now() + Duration::from_millis(20);
         let second = hub.next_news(now).await.expect("periodic news");
@@ -415,17 +570,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_moved_marker_goes_to_its_users_connections_only() {
+        let hub = Ephemeral::new();
+        let (_bob, mut bob) = hub.connected("bob");
+        let (_bob2, mut bob2) = hub.connected("bob");
+        let (_carol, mut carol) = hub.connected("carol");
+        let moved = [("bob".to_owned(), "ops".to_owned(), chat_sm::ChannelSeq(7))];
+        hub.markers_moved(&moved);
+        for rx in [&mut bob, &mut bob2] {
+            let Ok(Direct::Marker(frame)) = rx.try_recv() else {
+                panic!("a marker frame");
+            };
+            assert_eq!(
+                push::decode_server_frame(&frame[push::LENGTH_BYTES..]),
+                Ok(ServerFrame::Marker {
+                    channel: "ops".into(),
+                    read_to: 7
+                })
+            );
+        }
+        assert!(carol.try_recv().is_err(), "not carol's marker");
+    }
+
+    #[tokio::test]
     async fn typing_from_a_peer_reaches_local_connections() {
         let hub = Ephemeral::new();
-        let mut events = hub.subscribe();
+        let (bob, mut bob_rx) = hub.connected("bob");
+        bob.listen("ops");
         let mut from = news(1, 1, &[]);
         from.typing.push(TypingNote {
             channel: "ops".into(),
             user: "carol".into(),
         });
         hub.heard_from(3, from, Instant::now());
-        assert!(
-            matches!(events.try_recv(), Ok(Event::Typing { note, .. }) if note.user == "carol")
-        );
+        assert!(matches!(bob_rx.try_recv(), Ok(Direct::Typing { .. })));
     }
 }

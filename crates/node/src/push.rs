@@ -28,14 +28,14 @@ use tarpc::tokio_util::codec::FramedRead;
 use tokio::io::AsyncWriteExt;
 use tokio::io::WriteHalf;
 use tokio::sync::broadcast::error::RecvError;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::api::{
     self, check_admitted, check_channel, storage_error, to_wire, ApiShared, TokenBucket,
     BATCH_MESSAGES_MAX,
 };
-use crate::ephemeral::{Event, Online, TypingNote};
+use crate::ephemeral::{Direct, Event, Listening, Online, TypingNote};
 use crate::metrics::GaugeGuard;
 
 /// Most bytes of message bodies in one pushed batch (1 MiB); a batch holds at least one
@@ -265,10 +265,12 @@ impl Out {
     }
 }
 
-/// A subscription's task and channel; aborts the task when dropped.
+/// A subscription's task and channel; aborts the task when dropped, and stops the
+/// connection hearing the channel's typing (through `_listening`).
 struct SubTask {
     task: JoinHandle<()>,
     channel: String,
+    _listening: Option<Listening>,
 }
 
 impl Drop for SubTask {
@@ -277,14 +279,12 @@ impl Drop for SubTask {
     }
 }
 
-/// Whether a connection of `user` with `subs` passes on `note`: a user is not told of their own
-/// typing, and hears only of channels they subscribe to (each subscription checks that the
-/// user may read its channel).
-fn concerns(note: &TypingNote, user: Option<&str>, subs: &HashMap<u64, SubTask>) -> bool {
-    user.is_some_and(|user| user != note.user)
-        && subs
-            .values()
-            .any(|sub| sub.channel == note.channel && !sub.task.is_finished())
+/// Whether a connection with `subs` passes on typing in `channel`: only while a subscription
+/// there still runs (each checks that the user may still read the channel, and ends when
+/// they may not).
+fn still_reads(channel: &str, subs: &HashMap<u64, SubTask>) -> bool {
+    subs.values()
+        .any(|sub| sub.channel == channel && !sub.task.is_finished())
 }
 
 fn malformed(what: &str) -> ApiError {
@@ -361,8 +361,9 @@ pub async fn serve_connection(
     let mut bucket = TokenBucket::new(shared.conn_rate_per_s, shared.conn_burst);
     let mut typing_bucket = TokenBucket::new(TYPING_RATE_PER_S, TYPING_BURST);
     let mut user: Option<String> = None;
-    // Keeps the user online in the cluster while the connection lasts.
-    let mut _online: Option<Online> = None;
+    // Keeps the user online in the cluster while the connection lasts; its receiver gets
+    // the frames meant for this user alone.
+    let mut online: Option<(Online, mpsc::Receiver<Direct>)> = None;
     let mut watching = false;
     let mut events = shared.ephemeral.subscribe();
     let mut subs: HashMap<u64, SubTask> = HashMap::new();
@@ -393,7 +394,7 @@ pub async fn serve_connection(
                             out.send_error(None, error).await;
                             return;
                         }
-                        _online = Some(shared.ephemeral.connected(&login.name));
+                        online = Some(shared.ephemeral.connected(&login.name));
                         user = Some(login.name);
                         continue;
                     }
@@ -455,14 +456,31 @@ pub async fn serve_connection(
                     continue;
                 }
                 let channel = sub.channel.clone();
+                let listening = online.as_ref().map(|(online, _)| online.listening(&channel));
                 let task = run_subscription(shared.clone(), cache.clone(), out.clone(), sub, user);
-                subs.insert(sub_id, SubTask { task: tokio::spawn(task), channel });
+                let task = tokio::spawn(task);
+                subs.insert(sub_id, SubTask { task, channel, _listening: listening });
+            }
+            Some(direct) = async {
+                match &mut online {
+                    Some((_, direct)) => direct.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let frame = match direct {
+                    Direct::Marker(frame) => watching.then_some(frame),
+                    Direct::Typing { channel, frame } => {
+                        still_reads(&channel, &subs).then_some(frame)
+                    }
+                };
+                if let Some(frame) = frame {
+                    if !out.write(frame, Bytes::new()).await {
+                        return;
+                    }
+                }
             }
             event = events.recv() => {
                 let frame = match event {
-                    Ok(Event::Typing { note, frame }) => {
-                        concerns(&note, user.as_deref(), &subs).then_some(frame)
-                    }
                     Ok(Event::Presence { frame }) => watching.then_some(frame),
                     // Changes were missed: the whole list again.
                     Err(RecvError::Lagged(_)) => watching.then(|| shared.ephemeral.full_frame()),

@@ -389,10 +389,13 @@ impl Server {
         let chat = state_machine.chat().clone();
         let delivery = Delivery::new(chat.applied_index().map_or(0, |i| i.0));
         let secret_changed = Arc::new(tokio::sync::Notify::new());
+        let ephemeral = Ephemeral::new();
         chat.set_apply_listener({
             let (deliver, secret_changed) = (delivery.listener(), secret_changed.clone());
+            let markers = ephemeral.clone();
             Box::new(move |event| {
                 deliver(event);
+                markers.markers_moved(&event.markers);
                 if event.join_secret_changed {
                     secret_changed.notify_one();
                 }
@@ -401,7 +404,6 @@ impl Server {
         let network = Network::new(tls.peer_client.clone());
         let contacts = network.contacts();
         let gossip_network = network.clone();
-        let ephemeral = Ephemeral::new();
         let snapshots = SnapshotReceiver::new(state_machine.clone());
         let backup_state = state_machine.clone();
         let archive_log = log_store.clone();

@@ -26,7 +26,7 @@
 //! | 4 | `Subscribe { sub_id, channel, after_seq, read_token }` | waits for `read_token`, then `Batch`es from `after_seq + 1` on |
 //! | 5 | `Unsubscribe { sub_id }` | stops that subscription; no more frames for it |
 //! | 6 | `Typing { channel }` (v3) | passes `Typing { channel, user }` to the other users' connections subscribed to `channel`, on every node; drops it silently when the user may not read the channel or types faster than a few notes a second |
-//! | 7 | `WatchPresence` (v3) | `Presence { full: true, .. }` with everyone online, then a `Presence` per change |
+//! | 7 | `WatchPresence` (v3) | `Presence { full: true, .. }` with everyone online, then a `Presence` per change, and a `Marker { channel, read_to }` whenever this user's read marker moves |
 //! | 8 | `Heartbeat` (v3), when it wrote nothing for [`CLIENT_HEARTBEAT_MS`] | closes a connection silent for [`CLIENT_SILENCE_MS_MAX`] |
 //!
 //! Presence and typing are never stored: a user is online while one of their logged-in push
@@ -244,6 +244,14 @@ pub enum ServerFrame {
         offline: Vec<String>,
         /// `online` is the whole list.
         full: bool,
+    },
+    /// This user's read marker in `channel` moved to `read_to` (since version 3), on any of
+    /// their clients; sent to connections that watch presence.
+    Marker {
+        /// The channel.
+        channel: String,
+        /// The new marker.
+        read_to: u64,
     },
 }
 

@@ -53,9 +53,9 @@ const CHANNELS_MAX: usize = 10_000;
 /// History reads of newly opened channels in flight at once, so reopening thousands of
 /// channels at start does not send thousands of reads to a node at once.
 const OPENING_AT_ONCE: usize = 8;
-/// How often the read markers are read back, so what this user read on another client
-/// stops counting as unread here.
-const MARKERS_EVERY: Duration = Duration::from_secs(10);
+/// How often the read markers are read back. Nodes push a marker as it moves, so this only
+/// catches what a push connection missed (down during a failover, a snapshot installed).
+const MARKERS_EVERY: Duration = Duration::from_secs(60);
 
 /// What the tasks tell the screen.
 enum Event {
@@ -734,6 +734,9 @@ impl App {
             Event::Ephemeral(Ephemeral::Typing { channel, user }) => {
                 let until = timefmt::now_ms() + proto::push::TYPING_SHOW_MS;
                 self.model.on_typing(&channel, &user, until);
+            }
+            Event::Ephemeral(Ephemeral::Marker { channel, read_to }) => {
+                self.on_event(Event::Marker(channel, read_to));
             }
             Event::Ephemeral(Ephemeral::Presence {
                 online,

@@ -1275,6 +1275,10 @@ mod tests {
         assert_eq!(online, vec!["alice", "bob"]);
         assert!(m.typing_in("ops", 1_000).is_empty(), "carol left");
         m.on_presence(vec!["dave".into()], &[], true);
-        assert_eq!(m.online.as_ref().map(BTreeSet::len), Some(1), "a full list replaces");
+        assert_eq!(
+            m.online.as_ref().map(BTreeSet::len),
+            Some(1),
+            "a full list replaces"
+        );
     }
 }

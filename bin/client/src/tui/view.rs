@@ -477,7 +477,10 @@ mod tests {
             .iter()
             .map(|c| c.symbol())
             .collect();
-        assert!(s.contains("bob and carol are typing… | alice in #general"), "{s}");
+        assert!(
+            s.contains("bob and carol are typing… | alice in #general"),
+            "{s}"
+        );
         assert!(s.contains("| 3 online"), "{s}");
     }
 
