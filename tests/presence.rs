@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _};
 use cellchat_client::{Client, ClientConfig, Ephemeral, Identity};
+use node::{GOSSIP_EVERY, PEER_EXPIRY};
 use proto::push::{ClientFrame, ServerFrame, Subscribe, CLIENT_SILENCE_MS_MAX};
 use testkit::push::RawPush;
 use testkit::{TestClient, TestCluster, TestUser};
@@ -220,14 +221,22 @@ async fn typing_and_presence_cross_nodes_and_expire_on_their_own() -> anyhow::Re
         }
     }
 
-    // Alice's node dies: nobody tells the others she left, and her presence expires with the
-    // node's.
+    // Alice's first connection fell silent too (nobody read it since); she connects to node
+    // 1 again, and then that node dies: nobody tells the others she left, and her presence
+    // expires with the node's (after the peer expiry, not at once). Bob asks for the whole
+    // list again: her going offline may be among the frames read while waiting for Carol.
+    bob_push.send(&ClientFrame::WatchPresence).await?;
+    presence_of(&mut bob_push, "alice", false).await?;
+    let _alice_again = RawPush::login(nodes[0], &cluster.cluster, &alice).await?;
+    presence_of(&mut bob_push, "alice", true).await?;
     let killed = Instant::now();
     cluster.nodes[0].kill9();
     presence_of(&mut bob_push, "alice", false).await?;
-    println!(
-        "a dead node's users went offline after {:?}",
-        killed.elapsed()
+    let took = killed.elapsed();
+    println!("a dead node's users went offline after {took:?}");
+    ensure!(
+        took >= PEER_EXPIRY - GOSSIP_EVERY - Duration::from_millis(500),
+        "alice went offline {took:?} after her node died: sooner than its news could expire"
     );
     Ok(())
 }

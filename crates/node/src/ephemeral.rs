@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use proto::push::{self, ServerFrame};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, Notify};
@@ -44,6 +46,9 @@ const EVENTS_CAPACITY: usize = 1_024;
 
 /// Most names taken from one peer's news (a sanity bound; peers are authenticated nodes).
 const PEER_ONLINE_MAX: usize = 1 << 20;
+
+/// Presence changes within this long of the first one go out as one frame to each watcher.
+pub const PRESENCE_BATCH: Duration = Duration::from_millis(100);
 
 /// Frames waiting for one connection on its own channel (its user's markers); more are
 /// dropped, and the client's periodic read-back of its markers catches up.
@@ -148,6 +153,10 @@ struct Inner {
     events: broadcast::Sender<Event>,
     /// Wakes the gossip loop: news to send now.
     wake: Notify,
+    /// The metrics this hub keeps current, once the node has them.
+    counts: std::sync::OnceLock<(Gauge, Counter)>,
+    /// Wakes [`Ephemeral::run_presence`]: someone came or went.
+    presence_due: Notify,
 }
 
 /// Keeps a user online on this node while it lives (one per logged-in push connection).
@@ -241,7 +250,7 @@ impl Drop for Online {
         if gone {
             state.local.remove(&self.user);
             state.local_changed = true;
-            self.hub.publish(&mut state);
+            self.hub.presence_changed();
             drop(state);
             self.hub.inner.wake.notify_one();
         }
@@ -263,8 +272,17 @@ impl Ephemeral {
                 state: Mutex::default(),
                 events: broadcast::channel(EVENTS_CAPACITY).0,
                 wake: Notify::new(),
+                counts: std::sync::OnceLock::new(),
+                presence_due: Notify::new(),
             }),
         }
+    }
+
+    /// Keeps `online` at the number of users online and counts passed typing notes in
+    /// `typing` from now on (the first call wins).
+    pub fn count_into(&self, online: Gauge, typing: Counter) {
+        online.set(self.inner.state.lock().online.len() as i64);
+        let _ = self.inner.counts.set((online, typing));
     }
 
     /// Events from now on.
@@ -278,10 +296,13 @@ impl Ephemeral {
     }
 
     /// `ServerFrame::Presence` of everyone online, `full`: what a connection that starts
-    /// watching gets first.
+    /// watching gets first. Changes waiting for their batch are published first, so the list
+    /// is current (it holds the watcher itself) and the changes that follow it are newer.
     pub fn full_frame(&self) -> Bytes {
+        let mut state = self.inner.state.lock();
+        self.publish(&mut state);
         push::encode_frame(&ServerFrame::Presence {
-            online: self.online(),
+            online: state.online.iter().cloned().collect(),
             offline: Vec::new(),
             full: true,
         })
@@ -305,7 +326,7 @@ impl Ephemeral {
         conns.insert(conn);
         if conns.len() == 1 {
             state.local_changed = true;
-            self.publish(&mut state);
+            self.presence_changed();
             drop(state);
             self.inner.wake.notify_one();
         }
@@ -325,6 +346,9 @@ impl Ephemeral {
         }
         deliver_typing(&state, &note);
         state.typing_out.push(note);
+        if let Some((_, typing)) = self.inner.counts.get() {
+            typing.inc();
+        }
         drop(state);
         self.inner.wake.notify_one();
     }
@@ -373,7 +397,7 @@ impl Ephemeral {
             heard: now,
         };
         state.peers.insert(from, view);
-        self.publish(&mut state);
+        self.presence_changed();
     }
 
     /// Forgets the peers not heard from within [`PEER_EXPIRY`] before `now`.
@@ -384,7 +408,7 @@ impl Ephemeral {
             .peers
             .retain(|_, view| now.saturating_duration_since(view.heard) < PEER_EXPIRY);
         if state.peers.len() != before {
-            self.publish(&mut state);
+            self.presence_changed();
         }
     }
 
@@ -412,7 +436,28 @@ impl Ephemeral {
         })
     }
 
-    /// Recomputes the union and sends what changed as an [`Event::Presence`].
+    /// Someone came or went, here or on a peer: publish within [`PRESENCE_BATCH`].
+    fn presence_changed(&self) {
+        self.inner.presence_due.notify_one();
+    }
+
+    /// Publishes presence changes, each batch [`PRESENCE_BATCH`] after its first change, until
+    /// aborted. Batched because a thousand clients reconnecting after a failover would
+    /// otherwise each cost a frame to every watching connection and a recount of the union.
+    pub async fn run_presence(self) {
+        loop {
+            self.inner.presence_due.notified().await;
+            tokio::time::sleep(PRESENCE_BATCH).await;
+            self.flush_presence();
+        }
+    }
+
+    /// Recomputes the union now and sends what changed as an [`Event::Presence`].
+    pub fn flush_presence(&self) {
+        let mut state = self.inner.state.lock();
+        self.publish(&mut state);
+    }
+
     fn publish(&self, state: &mut State) {
         let mut union: BTreeSet<String> = state.local.keys().cloned().collect();
         for view in state.peers.values() {
@@ -424,6 +469,9 @@ impl Ephemeral {
             return;
         }
         state.online = union;
+        if let Some((online, _)) = self.inner.counts.get() {
+            online.set(state.online.len() as i64);
+        }
         let frame = push::encode_frame(&ServerFrame::Presence {
             online,
             offline,
@@ -488,14 +536,17 @@ mod tests {
         let mut events = hub.subscribe();
         let (first, _) = hub.connected("alice");
         let (second, _) = hub.connected("alice");
+        hub.flush_presence();
         assert_eq!(
             presence(events.try_recv().unwrap()),
             (vec!["alice".into()], vec![])
         );
         drop(first);
+        hub.flush_presence();
         assert!(events.try_recv().is_err(), "still one connection");
         assert_eq!(hub.online(), vec!["alice".to_string()]);
         drop(second);
+        hub.flush_presence();
         assert_eq!(
             presence(events.try_recv().unwrap()),
             (vec![], vec!["alice".into()])
@@ -507,25 +558,31 @@ mod tests {
     async fn peers_add_their_users_until_they_fall_silent() {
         let hub = Ephemeral::new();
         let _alice = hub.connected("alice");
+        hub.flush_presence();
         let mut events = hub.subscribe();
         let t0 = Instant::now();
         hub.heard_from(2, news(7, 1, &["alice", "bob"]), t0);
+        hub.flush_presence();
         assert_eq!(
             presence(events.try_recv().unwrap()),
             (vec!["bob".into()], vec![])
         );
         // An older list that arrives late changes nothing.
         hub.heard_from(2, news(7, 0, &[]), t0);
+        hub.flush_presence();
         assert_eq!(hub.online(), vec!["alice".to_string(), "bob".to_string()]);
         // A restarted peer (new epoch) starts its counter over.
         hub.heard_from(2, news(8, 0, &["carol"]), t0);
+        hub.flush_presence();
         assert_eq!(
             presence(events.try_recv().unwrap()),
             (vec!["carol".into()], vec!["bob".into()])
         );
         hub.expire(t0 + PEER_EXPIRY - Duration::from_millis(1));
+        hub.flush_presence();
         assert!(events.try_recv().is_err());
         hub.expire(t0 + PEER_EXPIRY);
+        hub.flush_presence();
         assert_eq!(
             presence(events.try_recv().unwrap()),
             (vec![], vec!["carol".into()])
@@ -567,6 +624,42 @@ mod tests {
         let second = hub.next_news(now).await.expect("periodic news");
         assert!(second.typing.is_empty());
         assert!(second.version > first.version);
+    }
+
+    #[tokio::test]
+    async fn the_metrics_follow_who_is_online_and_count_typing() {
+        let hub = Ephemeral::new();
+        let (online, typing) = (Gauge::default(), Counter::default());
+        let _alice = hub.connected("alice");
+        hub.flush_presence();
+        hub.count_into(online.clone(), typing.clone());
+        assert_eq!(online.get(), 1);
+        hub.heard_from(2, news(1, 1, &["bob", "carol"]), Instant::now());
+        hub.flush_presence();
+        assert_eq!(online.get(), 3);
+        hub.typing(TypingNote {
+            channel: "general".into(),
+            user: "alice".into(),
+        });
+        assert_eq!(typing.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn changes_close_together_go_out_as_one_frame() {
+        let hub = Ephemeral::new();
+        let mut events = hub.subscribe();
+        tokio::spawn(hub.clone().run_presence());
+        let guards: Vec<_> = ["a", "b", "c"].iter().map(|u| hub.connected(u)).collect();
+        tokio::time::sleep(PRESENCE_BATCH * 2).await;
+        assert_eq!(
+            presence(events.try_recv().unwrap()),
+            (vec!["a".into(), "b".into(), "c".into()], vec![])
+        );
+        assert!(events.try_recv().is_err(), "one frame for three changes");
+        drop(guards);
+        tokio::time::sleep(PRESENCE_BATCH * 2).await;
+        let (_, gone) = presence(events.try_recv().unwrap());
+        assert_eq!(gone.len(), 3);
     }
 
     #[tokio::test]

@@ -61,6 +61,7 @@ pub use conn_watch::HELLO_TIMEOUT;
 pub use data_dir::{create_private_files, DataDir, DataDirError};
 pub use delivery::Delivery;
 pub use enroll::EnrollFailed;
+pub use ephemeral::{GOSSIP_EVERY, PEER_EXPIRY};
 pub use handover::{hand_over, DiskWatchdog, WriteGate};
 pub use join_secret::RotateRequest;
 pub use log_store::{AckPolicy, LogStore, SyncWatch, APPEND_BYTES_MAX, WAL_DIR};

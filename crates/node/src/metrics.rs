@@ -253,6 +253,10 @@ pub struct Metrics {
     pub push_subscriptions: Gauge,
     /// Push batches encoded (each shared by every subscriber at the same position).
     pub push_batches_encoded: Counter,
+    /// Users online in the cluster as this node knows it (set by `Ephemeral`).
+    pub users_online: Gauge,
+    /// Typing notes this node passed on from its own clients (counted by `Ephemeral`).
+    pub typing_notes: Counter,
     /// Sends per proposed log entry.
     pub batch_sends: Histogram,
     rpc_seconds: Family<Labels, Histogram, fn() -> Histogram>,
@@ -284,6 +288,8 @@ impl Metrics {
             push_connections: Gauge::default(),
             push_subscriptions: Gauge::default(),
             push_batches_encoded: Counter::default(),
+            users_online: Gauge::default(),
+            typing_notes: Counter::default(),
             batch_sends: count_histogram(),
             rpc_seconds: Family::new_with_constructor(|| latency_histogram(16)),
             connections_refused: Family::default(),
@@ -309,6 +315,10 @@ impl Metrics {
             "push_batches_encoded",
                 "Push batches encoded, each shared by every subscriber at the same position"
                 => m.push_batches_encoded;
+            "users_online", "Users online in the cluster as this node knows it: with a push \
+                connection here, or on a peer whose news is fresh" => m.users_online;
+            "typing_notes", "Typing notes this node passed on from its own clients"
+                => m.typing_notes;
             "batch_sends", "Sends per proposed log entry" => m.batch_sends;
             "rpc_seconds", "Client RPC latency by method" => m.rpc_seconds;
             "raft_role", "1 for this node's current Raft role" => d.role;

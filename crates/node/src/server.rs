@@ -426,6 +426,7 @@ impl Server {
             node_info,
             disk_paths,
         ));
+        ephemeral.count_into(metrics.users_online.clone(), metrics.typing_notes.clone());
         let gate = WriteGate::default();
         let proposer = Proposer::spawn(
             raft.clone(),
@@ -522,6 +523,7 @@ impl Server {
                 ConnLimiter::observed(client_limits, metrics.refusal_observer("client")),
             ),
             tokio::spawn(follow_secret),
+            tokio::spawn(ephemeral.clone().run_presence()),
             tokio::spawn(raft_rpc::gossip_ephemeral(
                 id,
                 ephemeral,
