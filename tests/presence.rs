@@ -126,6 +126,34 @@ async fn typing_and_presence_cross_nodes_and_expire_on_their_own() -> anyhow::Re
     let writer = TestClient::login(leader, &cluster.cluster, &alice).await?;
     writer.send("general", b"hello", [1; 16], 1).await??;
 
+    // Before a login, presence and typing are refused and the connection closed.
+    for frame in [
+        ClientFrame::WatchPresence,
+        ClientFrame::Typing {
+            channel: "general".into(),
+        },
+    ] {
+        let mut stranger = RawPush::hello(nodes[1], &cluster.cluster).await?;
+        stranger.send(&frame).await?;
+        let refused = stranger
+            .until(HEAR, |f| match f {
+                ServerFrame::Error {
+                    sub_id: None,
+                    error,
+                } => Some(error.clone()),
+                _ => None,
+            })
+            .await?;
+        ensure!(
+            refused == proto::ApiError::Unauthenticated,
+            "{frame:?} before a login: {refused:?}"
+        );
+        ensure!(
+            stranger.next(HEAR).await?.is_none(),
+            "the connection stayed open after {frame:?}"
+        );
+    }
+
     // Bob on node 2 and Alice on node 1 follow #general and watch presence.
     let mut bob_push = RawPush::login(nodes[1], &cluster.cluster, &bob).await?;
     bob_push.send(&subscribe(1, "general")).await?;
