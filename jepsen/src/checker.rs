@@ -506,16 +506,13 @@ impl State {
                     index: op.index,
                     msg: m,
                 };
-                match kind {
-                    RelKind::Delete => {
-                        self.deletes_applied.entry((ch, target)).or_insert(ack);
-                    }
-                    RelKind::Edit => self
-                        .edits_applied
-                        .entry((ch, target))
-                        .or_default()
-                        .push(ack),
-                }
+                record_applied(
+                    &mut self.deletes_applied,
+                    &mut self.edits_applied,
+                    kind,
+                    (ch, target),
+                    ack,
+                );
             }
         }
         let info = &mut self.info[m as usize];
@@ -1037,16 +1034,13 @@ impl State {
                 index,
                 msg: u32::try_from(m).expect("ids fit u32"),
             };
-            match kind {
-                RelKind::Delete => {
-                    self.deletes_applied.entry((ch, target)).or_insert(ack);
-                }
-                RelKind::Edit => self
-                    .edits_applied
-                    .entry((ch, target))
-                    .or_default()
-                    .push(ack),
-            }
+            record_applied(
+                &mut self.deletes_applied,
+                &mut self.edits_applied,
+                kind,
+                (ch, target),
+                ack,
+            );
         }
     }
 
@@ -1273,5 +1267,22 @@ impl Page {
             ),
             (None, None) => (first.unwrap_or(1), self.head.unwrap_or(u64::MAX)),
         }
+    }
+}
+
+/// Records an edit or delete of `target` as applied in (deletes, edits): a delete's first
+/// acknowledgement counts, every edit is kept.
+fn record_applied(
+    deletes: &mut HashMap<(u32, u64), RelAck>,
+    edits: &mut HashMap<(u32, u64), Vec<RelAck>>,
+    kind: RelKind,
+    target: (u32, u64),
+    ack: RelAck,
+) {
+    match kind {
+        RelKind::Delete => {
+            deletes.entry(target).or_insert(ack);
+        }
+        RelKind::Edit => edits.entry(target).or_default().push(ack),
     }
 }
