@@ -455,25 +455,12 @@ async fn flooding_past_the_rate_limit_backs_off_and_every_message_lands_once() -
     Ok(())
 }
 
-/// The `client` binary next to the `server` binary testkit uses.
-fn client_binary() -> anyhow::Result<PathBuf> {
-    let server = testkit::server_binary()?;
-    let client = server.with_file_name("cellchat");
-    if !client.exists() {
-        bail!(
-            "{} not found: build it with `cargo build -p client`",
-            client.display()
-        );
-    }
-    Ok(client)
-}
-
 fn cli(
     cluster: &TestCluster,
     config_dir: &Path,
     args: &[&str],
 ) -> anyhow::Result<std::process::Output> {
-    Command::new(client_binary()?)
+    Command::new(testkit::client_binary()?)
         .args(["--cluster", &cluster.cluster])
         .args(["--discovery-port", &cluster.discovery_port.to_string()])
         .arg("--config-dir")
@@ -624,7 +611,7 @@ async fn scriptable_modes_send_history_and_servers_as_json() -> anyhow::Result<(
     let empty = cli(&cluster, dir.path(), &["alice", "--send", ""])?;
     assert!(!empty.status.success(), "an empty message must not be sent");
 
-    let nowhere = Command::new(client_binary()?)
+    let nowhere = Command::new(testkit::client_binary()?)
         .args([
             "--cluster",
             "nobody-here",
@@ -698,7 +685,7 @@ impl Tmux {
     ) -> anyhow::Result<()> {
         let command = format!(
             "{} --cluster {} --discovery-port {} --config-dir {} --log-file {} {name}",
-            client_binary()?.display(),
+            testkit::client_binary()?.display(),
             cluster.cluster,
             cluster.discovery_port,
             dir.display(),
@@ -730,7 +717,7 @@ impl Tmux {
     ) -> anyhow::Result<()> {
         let command = format!(
             "{} --plain --cluster {} --discovery-port {} --config-dir {} {name}",
-            client_binary()?.display(),
+            testkit::client_binary()?.display(),
             cluster.cluster,
             cluster.discovery_port,
             dir.display()
@@ -1502,7 +1489,7 @@ async fn the_scripting_contract_exit_codes_idempotency_key_tail_after_and_broken
         "--timeout",
         "20",
     ];
-    let mut command = Command::new(client_binary()?);
+    let mut command = Command::new(testkit::client_binary()?);
     command
         .args(["--cluster", &cluster.cluster])
         .args(["--discovery-port", &cluster.discovery_port.to_string()])
@@ -1575,7 +1562,7 @@ async fn the_scripting_contract_exit_codes_idempotency_key_tail_after_and_broken
     assert_eq!(tailed[0]["text"], "deploy 2");
 
     // A reader that went away (`| head -1`): exit 0 and nothing on stderr.
-    let mut piped = Command::new(client_binary()?)
+    let mut piped = Command::new(testkit::client_binary()?)
         .args(["--cluster", &cluster.cluster])
         .args(["--discovery-port", &cluster.discovery_port.to_string()])
         .arg("--config-dir")
@@ -1600,12 +1587,14 @@ async fn the_scripting_contract_exit_codes_idempotency_key_tail_after_and_broken
     assert!(err.contains("at most once"), "{err}");
 
     // Completions and a man page.
-    let completions = Command::new(client_binary()?)
+    let completions = Command::new(testkit::client_binary()?)
         .args(["--completions", "bash"])
         .output()?;
     assert!(completions.status.success());
     assert!(String::from_utf8_lossy(&completions.stdout).contains("--idempotency-key"));
-    let man = Command::new(client_binary()?).arg("--man").output()?;
+    let man = Command::new(testkit::client_binary()?)
+        .arg("--man")
+        .output()?;
     assert!(man.status.success());
     assert!(String::from_utf8_lossy(&man.stdout).contains(".TH cellchat"));
     Ok(())

@@ -7,7 +7,6 @@
 //! Timeouts are generous bounds for a loaded 2-core machine, not performance claims.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -78,18 +77,8 @@ async fn next_typing(conn: &mut RawPush) -> anyhow::Result<(String, String)> {
     .await
 }
 
-fn client_binary() -> anyhow::Result<PathBuf> {
-    let client = testkit::server_binary()?.with_file_name(testkit::CLIENT_BIN);
-    ensure!(
-        client.exists(),
-        "{} not found: build it with `cargo build -p client`",
-        client.display()
-    );
-    Ok(client)
-}
-
 fn cli(cluster: &TestCluster, dir: &std::path::Path) -> anyhow::Result<Command> {
-    let mut command = Command::new(client_binary()?);
+    let mut command = Command::new(testkit::client_binary()?);
     command
         .args(["--cluster", &cluster.cluster])
         .args(["--discovery-port", &cluster.discovery_port.to_string()])

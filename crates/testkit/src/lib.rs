@@ -50,6 +50,21 @@ pub fn server_binary() -> anyhow::Result<PathBuf> {
     Ok(server)
 }
 
+/// The command-line client next to the server binary (built with it by [`server_binary`]).
+///
+/// # Errors
+/// When it cannot be found or built.
+pub fn client_binary() -> anyhow::Result<PathBuf> {
+    let client = server_binary()?.with_file_name(CLIENT_BIN);
+    if !client.exists() {
+        bail!(
+            "{} not found: build it with `cargo build -p client`",
+            client.display()
+        );
+    }
+    Ok(client)
+}
+
 /// Like [`server_binary`], but a server built with the cargo feature `weaken` (the
 /// deliberately broken modes the fault-injection harness must catch). A binary without it,
 /// such as the one `cargo run -p server` builds, is rebuilt with it here, and the test says so
