@@ -21,6 +21,21 @@
 //! | `SetRetention` | the owner   | the retention is out of bounds (see `retention.rs`)            |
 //! | `SetTopic`  | the owner      | the topic is over [`MAX_TOPIC_BYTES`] or holds a control       |
 //! |             |                | character                                                      |
+//! | `CreateDirect` | a member    | the name is not [`direct_channel_name`] of the members; fewer  |
+//! |             |                | than 2 or more than [`MAX_DIRECT_MEMBERS`] members, or the     |
+//! |             |                | creator not among them; a member is not registered; a record   |
+//! |             |                | exists; the creator owns [`MAX_CHANNELS_PER_USER`] channels    |
+//!
+//! # Direct conversations
+//!
+//! A direct conversation is a private channel whose name is derived from its members
+//! ([`direct_channel_name`], `dm-` and 40 hex digits), so the same people always meet in the
+//! same channel and a client can check a listed member set against the name. It is created
+//! whole by [`ChannelOp::CreateDirect`], with its crypto record (up to
+//! [`MAX_DIRECT_CRYPTO_BYTES`], since it carries a key for each member), and its members never
+//! change: every other op on a `dm-` name, and a first message to a `dm-` name without a
+//! record, are refused with `DirectChannel`. The creator owns it, so direct conversations count
+//! towards [`MAX_CHANNELS_PER_USER`].
 //!
 //! Inviting a member and removing a user who is neither member nor invited change nothing and
 //! are accepted, so retries are harmless. Only members read or write a private channel.
@@ -37,6 +52,42 @@ pub const MAX_MEMBERS: usize = 1000;
 
 /// Largest public crypto record of a channel, in bytes. Its contents are the clients' business.
 pub const MAX_CRYPTO_RECORD_BYTES: usize = 128;
+
+/// Largest crypto record of a direct conversation: it holds the member names and a wrapped
+/// key for each.
+pub const MAX_DIRECT_CRYPTO_BYTES: usize = 2048;
+
+/// Most members of a direct conversation ("small groups"; larger groups are private channels).
+pub const MAX_DIRECT_MEMBERS: usize = 8;
+
+/// The name prefix reserved for direct conversations.
+pub const DIRECT_PREFIX: &str = "dm-";
+
+/// The channel name of the direct conversation between `members` (in any order, duplicates
+/// ignored): `dm-` and the first 20 bytes, in hex, of SHA-256 over a domain tag and each
+/// distinct name, sorted, length-prefixed. Clients compute the same to find and to check it.
+pub fn direct_channel_name<S: AsRef<str>>(members: &[S]) -> String {
+    use sha2::{Digest, Sha256};
+    let names: BTreeSet<&str> = members.iter().map(AsRef::as_ref).collect();
+    let mut hash = Sha256::new();
+    hash.update(b"cellchat direct channel v1");
+    for name in names {
+        hash.update((name.len() as u64).to_le_bytes());
+        hash.update(name.as_bytes());
+    }
+    let digest = hash.finalize();
+    let mut name = String::with_capacity(DIRECT_PREFIX.len() + 40);
+    name.push_str(DIRECT_PREFIX);
+    for byte in &digest[..20] {
+        name.push_str(&format!("{byte:02x}"));
+    }
+    name
+}
+
+/// Whether `channel` is named like a direct conversation.
+pub fn is_direct_channel(channel: &str) -> bool {
+    channel.starts_with(DIRECT_PREFIX)
+}
 
 /// Longest channel topic, in bytes.
 pub const MAX_TOPIC_BYTES: usize = 256;
@@ -71,6 +122,14 @@ pub enum ChannelOp {
     /// The owner sets the channel's topic, or (`None`) clears it. Kept apart from the record
     /// like the retention; appended last, so earlier entries keep their variant numbers.
     SetTopic(Option<String>),
+    /// Creates a direct conversation between `members` (the creator among them): private,
+    /// owned by the creator, with its crypto record. Appended last like `SetTopic`.
+    CreateDirect {
+        /// Every member, the creator included.
+        members: Vec<String>,
+        /// The conversation's crypto record (opaque to servers).
+        crypto: Vec<u8>,
+    },
 }
 
 /// The stored record of one channel.
@@ -124,5 +183,28 @@ mod tests {
         assert!(!record.visible_to("mallory"));
         record.private = false;
         assert!(record.admits("mallory"));
+    }
+
+    #[test]
+    fn a_direct_name_depends_on_the_member_set_only() {
+        let name = direct_channel_name(&["bob", "alice"]);
+        assert_eq!(name, direct_channel_name(&["alice", "bob", "alice"]));
+        assert_ne!(name, direct_channel_name(&["alice", "bob", "carol"]));
+        assert_ne!(
+            name,
+            direct_channel_name(&["Alice", "bob"]),
+            "names are case-sensitive"
+        );
+        assert!(is_direct_channel(&name));
+        assert_eq!(name.len(), DIRECT_PREFIX.len() + 40);
+        assert!(
+            crate::ChannelName::new(&name).is_ok(),
+            "{name} is a valid channel name"
+        );
+        // The length prefix keeps ("ab", "c") and ("a", "bc") apart.
+        assert_ne!(
+            direct_channel_name(&["ab", "c"]),
+            direct_channel_name(&["a", "bc"])
+        );
     }
 }

@@ -241,6 +241,7 @@ impl std::fmt::Display for Command {
                     ChannelOp::Remove(_) => "remove",
                     ChannelOp::SetRetention(_) => "set-retention",
                     ChannelOp::SetTopic(_) => "set-topic",
+                    ChannelOp::CreateDirect { .. } => "create-direct",
                 };
                 write!(f, "channel-{op}({channel})")
             }
@@ -392,6 +393,12 @@ pub enum RejectReason {
     TooManyReactions,
     /// A topic over [`crate::MAX_TOPIC_BYTES`] bytes or with a control character.
     InvalidTopic,
+    /// A direct conversation must be named [`crate::direct_channel_name`] of its 2..=
+    /// [`crate::MAX_DIRECT_MEMBERS`] members, the creator among them.
+    InvalidDirect,
+    /// Direct conversations are created whole and their members never change; `dm-` names
+    /// are theirs.
+    DirectChannel,
 }
 
 impl fmt::Display for RejectReason {
@@ -483,6 +490,15 @@ impl fmt::Display for RejectReason {
                 f,
                 "a topic is one line of at most {} bytes",
                 crate::MAX_TOPIC_BYTES
+            ),
+            RejectReason::InvalidDirect => write!(
+                f,
+                "a direct conversation is named after its 2 to {} members, you among them",
+                crate::MAX_DIRECT_MEMBERS
+            ),
+            RejectReason::DirectChannel => write!(
+                f,
+                "direct conversations are created with their members, which never change"
             ),
         }
     }

@@ -77,7 +77,8 @@ mod state;
 mod store;
 
 pub use channel::{
-    valid_topic, ChannelOp, ChannelRecord, MAX_CHANNELS_PER_USER, MAX_CRYPTO_RECORD_BYTES,
+    direct_channel_name, is_direct_channel, valid_topic, ChannelOp, ChannelRecord, DIRECT_PREFIX,
+    MAX_CHANNELS_PER_USER, MAX_CRYPTO_RECORD_BYTES, MAX_DIRECT_CRYPTO_BYTES, MAX_DIRECT_MEMBERS,
     MAX_MEMBERS, MAX_TOPIC_BYTES,
 };
 pub use command::{

@@ -146,6 +146,9 @@ pub struct AppliedEvent {
     /// Every read marker that moved, as (user, channel, new marker), sorted. Empty after a
     /// snapshot install, which may move any.
     pub markers: Vec<(String, String, ChannelSeq)>,
+    /// Users made members of a direct conversation, or invited to a private channel, by
+    /// someone else: (user, channel), in log order. Empty after a snapshot install.
+    pub added: Vec<(String, String)>,
 }
 
 type Listener = Box<dyn Fn(&AppliedEvent) + Send + Sync>;
@@ -544,6 +547,8 @@ struct Batch<'a> {
     topics: HashMap<&'a str, Option<&'a str>>,
     /// Read markers moved in this call: (user, channel) -> seq.
     marks: HashMap<(&'a str, &'a str), u64>,
+    /// Users added to a channel by someone else in this call: (user, channel).
+    added: Vec<(&'a str, &'a str)>,
     /// The default retention set last in this call.
     default_retention: Option<Retention>,
     /// What an `Expire` in this call removes.
@@ -683,6 +688,7 @@ impl ChatState {
             retention: HashMap::new(),
             topics: HashMap::new(),
             marks: HashMap::new(),
+            added: Vec::new(),
             default_retention: None,
             expiry: None,
         };
@@ -864,6 +870,10 @@ impl ChatState {
             // A channel from before records: public, unowned.
             return Ok(());
         }
+        if crate::is_direct_channel(channel) {
+            // Only `CreateDirect` makes a direct conversation, so nobody can squat its name.
+            return Err(RejectReason::DirectChannel);
+        }
         let owned = self.owned_by(&view, batch, sender);
         drop(view);
         if owned >= MAX_CHANNELS_PER_USER {
@@ -902,6 +912,18 @@ impl ChatState {
             Some(record) => Some(record.clone()),
             None => view.records.get(channel).cloned(),
         };
+        if let ChannelOp::CreateDirect { members, crypto } = op {
+            let record = self.create_direct(&view, batch, channel, by, members, crypto, current)?;
+            drop(view);
+            *batch.new_owned.entry(by).or_default() += 1;
+            let others = members.iter().filter(|m| m.as_str() != by);
+            batch.added.extend(others.map(|m| (m.as_str(), channel)));
+            batch.records.insert(channel, record);
+            return Ok(());
+        }
+        if crate::is_direct_channel(channel) {
+            return Err(RejectReason::DirectChannel);
+        }
         if let ChannelOp::SetTopic(topic) = op {
             if current.as_ref().and_then(|r| r.owner.as_deref()) != Some(by) {
                 return Err(RejectReason::NotOwner);
@@ -992,6 +1014,7 @@ impl ChatState {
                     return Err(RejectReason::TooManyMembers);
                 }
                 record.invited.insert(user.clone());
+                batch.added.push((user.as_str(), channel));
                 record
             }
             ChannelOp::Accept => {
@@ -1019,13 +1042,66 @@ impl ChatState {
                 }
                 record
             }
-            ChannelOp::SetRetention(_) | ChannelOp::SetTopic(_) => {
+            ChannelOp::SetRetention(_)
+            | ChannelOp::SetTopic(_)
+            | ChannelOp::CreateDirect { .. } => {
                 unreachable!("handled above")
             }
         };
         drop(view);
         batch.records.insert(channel, record);
         Ok(())
+    }
+
+    /// The record a [`ChannelOp::CreateDirect`] makes, by the rules in `channel.rs`.
+    #[allow(clippy::too_many_arguments)]
+    fn create_direct(
+        &self,
+        view: &View,
+        batch: &Batch<'_>,
+        channel: &str,
+        by: &str,
+        members: &[String],
+        crypto: &[u8],
+        current: Option<ChannelRecord>,
+    ) -> Result<ChannelRecord, RejectReason> {
+        let set: BTreeSet<String> = members.iter().cloned().collect();
+        let shaped = set.len() == members.len()
+            && (2..=crate::MAX_DIRECT_MEMBERS).contains(&set.len())
+            && set.contains(by)
+            && set.iter().all(|m| is_valid_sender(m))
+            && crate::direct_channel_name(members) == channel;
+        if !shaped {
+            return Err(RejectReason::InvalidDirect);
+        }
+        if crypto.len() > crate::MAX_DIRECT_CRYPTO_BYTES {
+            return Err(RejectReason::CryptoTooLarge {
+                len: crypto.len() as u64,
+            });
+        }
+        let registered = |m: &String| {
+            batch.users.contains_key(m.as_str()) || view.users.contains_key(m.as_str())
+        };
+        if !set.iter().all(registered) {
+            return Err(RejectReason::UnknownUser);
+        }
+        let has_messages = match batch.touched.get(channel) {
+            Some(&(head, _)) => head > 0,
+            None => view.channels.get(channel).is_some_and(|c| c.head > 0),
+        };
+        if current.is_some() || has_messages {
+            return Err(RejectReason::ChannelExists);
+        }
+        if self.owned_by(view, batch, by) >= MAX_CHANNELS_PER_USER {
+            return Err(RejectReason::TooManyChannels);
+        }
+        Ok(ChannelRecord {
+            owner: Some(by.to_owned()),
+            private: true,
+            members: set,
+            invited: BTreeSet::new(),
+            crypto: Some(crypto.to_vec()),
+        })
     }
 
     fn apply_send<'a>(
@@ -1491,6 +1567,9 @@ impl ChatState {
             heads,
             join_secret_changed,
             markers,
+            added: (batch.added.into_iter())
+                .map(|(user, channel)| (user.to_owned(), channel.to_owned()))
+                .collect(),
         }))
     }
 
@@ -1910,6 +1989,7 @@ impl ChatState {
                 heads,
                 join_secret_changed: true,
                 markers: Vec::new(),
+                added: Vec::new(),
             });
         }
         Ok(info)

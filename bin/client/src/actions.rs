@@ -2,7 +2,7 @@
 //! returns the lines to show instead of printing them, so both screens say the same thing.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 
 use cellchat_client::crypto::{self, ChannelHistory, ChannelKeyV2, CryptoError};
 use cellchat_client::{
@@ -72,6 +72,19 @@ pub async fn security_notice(
     encrypted: &Encrypted,
     channel: &str,
 ) -> Option<String> {
+    if proto::is_direct_channel(channel) && !lock(keys).contains_key(channel) {
+        return Some(match client.open_direct_channel(channel).await {
+            Ok(direct) => direct_opened(client, keys, encrypted, direct).1,
+            Err(e) => {
+                lock(encrypted).insert(channel.to_owned());
+                format!(
+                    "cannot open this direct conversation: {}; nothing is sent here in the clear \
+                     unless you use /plain",
+                    error_text(&e)
+                )
+            }
+        });
+    }
     match client.channel_security(channel).await {
         Ok(ChannelSecurity::Encrypted) => {
             lock(encrypted).insert(channel.to_owned());
@@ -155,6 +168,72 @@ pub async fn set_key(
     }
 }
 
+/// How this session shows the direct conversations it opened or listed: channel name to
+/// `@bob, carol`. Filled only with member lists checked against the channel name.
+static DIRECT_LABELS: LazyLock<Mutex<HashMap<String, String>>> = LazyLock::new(Default::default);
+
+/// How to show `channel` to a user: `@bob, carol` for a direct conversation whose members
+/// this session checked, `#name` otherwise.
+pub fn label(channel: &str) -> String {
+    lock(&DIRECT_LABELS)
+        .get(channel)
+        .cloned()
+        .unwrap_or_else(|| format!("#{channel}"))
+}
+
+/// Remembers the label of the direct conversation `channel` between `members` as `me` sees
+/// it, when the members give its name (a node cannot make one conversation look like
+/// another).
+pub fn learn_direct(me: &str, channel: &str, members: &[String]) {
+    if members.is_empty() || proto::direct_channel_name(members) != channel {
+        return;
+    }
+    let others: Vec<&str> = (members.iter())
+        .filter(|m| *m != me)
+        .map(String::as_str)
+        .collect();
+    let text = if others.is_empty() {
+        me.to_owned()
+    } else {
+        others.join(", ")
+    };
+    lock(&DIRECT_LABELS).insert(channel.to_owned(), format!("@{text}"));
+}
+
+/// `/dm NAME...`: opens (creating when new) the direct conversation with those users and
+/// sets its key. Answers the channel to show and a line to say, or why not.
+pub async fn open_direct(
+    client: &Client,
+    keys: &Keys,
+    encrypted: &Encrypted,
+    with: &[String],
+) -> Result<(String, String), String> {
+    let direct = client
+        .open_direct(with)
+        .await
+        .map_err(|e| format!("no direct conversation: {}", error_text(&e)))?;
+    Ok(direct_opened(client, keys, encrypted, direct))
+}
+
+fn direct_opened(
+    client: &Client,
+    keys: &Keys,
+    encrypted: &Encrypted,
+    direct: cellchat_client::Direct,
+) -> (String, String) {
+    let me = client.name().unwrap_or_default();
+    learn_direct(me, &direct.channel, &direct.members);
+    let others = direct.others(me).join(", ");
+    lock(keys).insert(direct.channel.clone(), direct.keys);
+    lock(encrypted).insert(direct.channel.clone());
+    let verb = if direct.created { "started" } else { "opened" };
+    let line = format!(
+        "{verb} your direct conversation with {others}: end-to-end encrypted to your \
+         registered keys"
+    );
+    (direct.channel, line)
+}
+
 /// `/channels`: every channel with its message count and what is special about it.
 pub async fn channels(client: &Client, current: &str) -> Vec<String> {
     match client.channels().await {
@@ -186,8 +265,13 @@ pub async fn channels(client: &Client, current: &str) -> Vec<String> {
                 } else {
                     format!(" ({})", notes.join(", "))
                 };
+                learn_direct(client.name().unwrap_or_default(), &c.name, &c.direct);
                 // A node chooses what it lists: its names are shown sanitized too.
-                format!("#{} {} messages{notes}", output::sanitize(&c.name), c.head)
+                format!(
+                    "{} {} messages{notes}",
+                    output::sanitize(&label(&c.name)),
+                    c.head
+                )
             })
             .collect(),
         Err(e) => vec![format!("cannot list channels: {}", error_text(&e))],

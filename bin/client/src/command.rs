@@ -26,6 +26,8 @@ pub enum Input {
     Thread(u64),
     /// `/join #chan`.
     Join(String),
+    /// `/dm NAME...` (or `/join @NAME`): the direct conversation with those users.
+    Direct(Vec<String>),
     /// `/leave`.
     Leave,
     /// `/channels`.
@@ -79,6 +81,7 @@ pub enum Input {
 /// Every command, for Tab completion.
 pub const NAMES: &[&str] = &[
     "/join",
+    "/dm",
     "/leave",
     "/channels",
     "/history",
@@ -110,6 +113,8 @@ pub const NAMES: &[&str] = &[
 pub const HELP: &str = "\
 commands:
   /join #chan        switch to a channel (created by its first message)
+  /dm NAME...        your direct conversation with one or more users (also /join @NAME),
+                     created on first use, end-to-end encrypted to everyone's registered key
   /leave             leave the current channel and go back to the previous one
   /channels          list channels with their message counts
   /history [n]       show the last n messages of this channel (default 20, at most 1000)
@@ -173,7 +178,9 @@ pub fn parse(line: &str) -> Result<Input, String> {
         }
     };
     match name {
+        "join" | "j" if rest.starts_with('@') => parse_users(rest, "join").map(Input::Direct),
         "join" | "j" => parse_channel(rest).map(Input::Join),
+        "dm" | "msg" => parse_users(rest, name).map(Input::Direct),
         "leave" | "part" => no_args(Input::Leave),
         "channels" | "list" => no_args(Input::Channels),
         "history" => parse_count(rest, "history").map(Input::History),
@@ -212,6 +219,33 @@ pub fn parse(line: &str) -> Result<Input, String> {
         "help" | "?" => Ok(Input::Help),
         "quit" | "exit" | "q" => no_args(Input::Quit),
         other => Err(format!("unknown command /{other}: type /help for the list")),
+    }
+}
+
+/// The users of `/dm bob carol` or `--channel @bob,@carol`: names split at spaces or commas,
+/// each with or without its `@`, checked against the user name rules.
+pub fn parse_users(text: &str, command: &str) -> Result<Vec<String>, String> {
+    let names: Vec<&str> = (text.split(|c: char| c == ',' || c.is_whitespace()))
+        .map(|n| n.trim_start_matches('@'))
+        .filter(|n| !n.is_empty())
+        .collect();
+    if names.is_empty() {
+        return Err(format!(
+            "/{command} whom? give one or more user names, e.g. @bob"
+        ));
+    }
+    if names.len() >= proto::DIRECT_MEMBERS_MAX {
+        return Err(format!(
+            "a direct conversation has at most {} members with you: use a private channel",
+            proto::DIRECT_MEMBERS_MAX
+        ));
+    }
+    match names.iter().find(|n| !proto::valid_user_name(n)) {
+        Some(bad) => Err(format!(
+            "invalid user name {:?}: use 1 to 32 characters from a-z, A-Z, 0-9, '-' and '_'",
+            crate::output::sanitize(bad)
+        )),
+        None => Ok(names.into_iter().map(str::to_owned).collect()),
     }
 }
 
@@ -294,11 +328,7 @@ fn parse_user(text: &str, command: &str) -> Result<String, String> {
     if name.is_empty() {
         return Err(format!("/{command} whom? give a user name"));
     }
-    let valid = name.len() <= 32
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if valid {
+    if proto::valid_user_name(name) {
         Ok(name.to_owned())
     } else {
         Err(format!(
@@ -340,6 +370,11 @@ mod tests {
             ),
             ("/join #random", Ok(Input::Join("random".into()))),
             ("/join Dev_Ops", Ok(Input::Join("dev_ops".into()))),
+            ("/join @Bob", Ok(Input::Direct(vec!["Bob".into()]))),
+            ("/dm bob, @carol", Ok(Input::Direct(vec!["bob".into(), "carol".into()]))),
+            ("/dm", Err("/dm whom? give one or more user names, e.g. @bob".into())),
+            ("/msg a b c d e f g h", Err("a direct conversation has at most 8 members with you: use a private channel".into())),
+            ("/dm bo b!", Err("invalid user name \"b!\": use 1 to 32 characters from a-z, A-Z, 0-9, '-' and '_'".into())),
             ("/leave", Ok(Input::Leave)),
             ("/channels", Ok(Input::Channels)),
             ("/history", Ok(Input::History(HISTORY_DEFAULT))),

@@ -28,6 +28,8 @@ struct Chat {
     client: Client,
     channel: String,
     previous: Vec<String>,
+    /// Channels whose "added" news was said already (a client may hear it from two nodes).
+    announced: HashSet<String>,
     keys: Keys,
     encrypted: Encrypted,
     /// The seq of the oldest message of this channel shown so far, where `/more` pages on.
@@ -78,6 +80,7 @@ pub async fn run(
         client,
         channel,
         previous: Vec::new(),
+        announced: HashSet::new(),
         keys,
         encrypted: Arc::new(Mutex::new(HashSet::new())),
         oldest_shown: None,
@@ -121,6 +124,7 @@ pub async fn run(
                     lock(&chat.typing).heard(&channel, &user, until);
                 }
                 Ok(Ephemeral::Marker { channel, read_to }) => chat.marks.known(&channel, read_to),
+                Ok(Ephemeral::Added { channel }) => chat.added(&channel).await,
                 Ok(Ephemeral::Presence { offline, .. }) => {
                     for user in offline {
                         lock(&chat.typing).gone(&user);
@@ -199,7 +203,8 @@ impl Chat {
         } else {
             ""
         };
-        format!("{typing}#{}{e2e} {reading} ({leader})> ", self.channel)
+        let here = actions::label(&self.channel);
+        format!("{typing}{here}{e2e} {reading} ({leader})> ")
     }
 
     fn out(&self, line: impl Into<String>) {
@@ -242,6 +247,18 @@ impl Chat {
                 if channel != self.channel {
                     self.previous.push(self.channel.clone());
                     self.enter(channel).await;
+                }
+            }
+            Input::Direct(with) => {
+                match actions::open_direct(&self.client, &self.keys, &self.encrypted, &with).await {
+                    Ok((channel, line)) => {
+                        self.out(line);
+                        if channel != self.channel {
+                            self.previous.push(self.channel.clone());
+                            self.enter(channel).await;
+                        }
+                    }
+                    Err(refusal) => self.out(refusal),
                 }
             }
             Input::Leave => match self.previous.pop() {
@@ -329,6 +346,33 @@ impl Chat {
             .is_err()
         {
             self.out("the sender stopped: restart the client");
+        }
+    }
+
+    /// Someone started a direct conversation with this user, or invited them: said once.
+    async fn added(&mut self, channel: &str) {
+        if !self.announced.insert(channel.to_owned()) || channel == self.channel {
+            return;
+        }
+        if !proto::is_direct_channel(channel) {
+            let name = output::sanitize(channel);
+            self.out(format!(
+                "you are invited to #{name}: /accept #{name} joins it"
+            ));
+            return;
+        }
+        let detail = self.client.channel_info(channel).await;
+        let members = detail.map(|d| d.info.direct).unwrap_or_default();
+        let me = self.client.name().unwrap_or_default().to_owned();
+        actions::learn_direct(&me, channel, &members);
+        let label = actions::label(channel);
+        if label.starts_with('@') {
+            let names = label.trim_start_matches('@').replace(", ", " ");
+            self.out(format!(
+                "{} started a direct conversation with you: /dm {} opens it",
+                output::sanitize(&label),
+                output::sanitize(&names)
+            ));
         }
     }
 

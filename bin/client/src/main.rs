@@ -1,7 +1,7 @@
 //! The cellchat command-line client: `cellchat NAME` for interactive chat, plus scriptable modes
 //! (`--send`, `--tail`, `--history`, `--servers`) that other tools depend on.
 
-use client::{command, interactive, output, timefmt, tui};
+use client::{actions, command, interactive, output, timefmt, tui};
 
 use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -456,7 +456,15 @@ fn log_file(args: &Args) -> anyhow::Result<(PathBuf, std::fs::File)> {
 
 /// `full_screen`: the log file when the chat is drawn full-screen.
 async fn run_modes(args: Args, full_screen: Option<PathBuf>) -> anyhow::Result<()> {
-    let channel = command::parse_channel(&args.channel).map_err(usage)?;
+    // `@bob` or `@bob,carol` names a direct conversation, opened once connected.
+    let direct_with = (args.channel.trim_start().starts_with('@'))
+        .then(|| command::parse_users(&args.channel, "channel"))
+        .transpose()
+        .map_err(usage)?;
+    let mut channel = match direct_with {
+        Some(_) => String::new(),
+        None => command::parse_channel(&args.channel).map_err(usage)?,
+    };
     let passphrase = args
         .passphrase_file
         .as_ref()
@@ -493,9 +501,20 @@ async fn run_modes(args: Args, full_screen: Option<PathBuf>) -> anyhow::Result<(
     if args.servers {
         return servers(&client, args.json).await;
     }
-    let keys = match passphrase {
-        Some(p) => Some(client.unlock_channel(&channel, &p).await?.keys),
+    let direct = match direct_with {
+        Some(with) => Some(client.open_direct(&with).await?),
+        None if proto::is_direct_channel(&channel) => {
+            Some(client.open_direct_channel(&channel).await?)
+        }
         None => None,
+    };
+    let keys = match (direct, passphrase) {
+        (Some(direct), _) => {
+            channel = direct.channel;
+            Some(direct.keys)
+        }
+        (None, Some(p)) => Some(client.unlock_channel(&channel, &p).await?.keys),
+        (None, None) => None,
     };
     // A channel whose pinned crypto record is gone or changed counts as encrypted.
     let history = match client.channel_security(&channel).await {
@@ -673,7 +692,11 @@ async fn print_message(
 
 /// `--channels`: one line (or JSON object) per channel this user may see.
 async fn list_channels(client: &Client, json: bool) -> anyhow::Result<()> {
+    let me = client.name().unwrap_or_default();
     for c in client.channels().await? {
+        // A node's member list counts only when it gives the conversation's name.
+        let direct = (!c.direct.is_empty() && proto::direct_channel_name(&c.direct) == c.name)
+            .then_some(&c.direct);
         if json {
             out(serde_json::json!({
                 "channel": c.name,
@@ -682,7 +705,17 @@ async fn list_channels(client: &Client, json: bool) -> anyhow::Result<()> {
                 "private": c.private,
                 "encrypted": c.encrypted,
                 "invited": c.invited,
+                "direct": direct,
             }));
+        } else if let Some(members) = direct {
+            actions::learn_direct(me, &c.name, members);
+            out(format_args!(
+                "{} {} messages, read to #{} (direct, encrypted; --channel {})",
+                output::sanitize(&actions::label(&c.name)),
+                c.head,
+                c.read_to,
+                output::sanitize(&actions::label(&c.name).replace(", ", ",")),
+            ));
         } else {
             let mut notes = Vec::new();
             for (on, note) in [

@@ -193,6 +193,7 @@ fn model_channel_op(
         }
         ChannelOp::SetRetention(_) => unreachable!("not generated here: see retention.rs"),
         ChannelOp::SetTopic(_) => unreachable!("not generated here: see relations.rs"),
+        ChannelOp::CreateDirect { .. } => unreachable!("not generated here: see scenarios.rs"),
         ChannelOp::Remove(user) => {
             let mut r = current.expect("private checked");
             if r.owner.as_deref() == Some(user.as_str()) {

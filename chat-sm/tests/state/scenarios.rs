@@ -640,6 +640,116 @@ fn private_channels_admit_members_only_and_lists_show_what_a_user_may_see() {
 }
 
 #[test]
+fn direct_conversations_are_made_whole_and_never_change_members() {
+    let mut r = Replica::new(1000);
+    let op = |channel: &str, by: &str, op: ChannelOp| {
+        TestEntry::Cmd(Command::Channel {
+            channel: channel.into(),
+            by: by.into(),
+            op,
+        })
+    };
+    let reg = |name: &str| {
+        TestEntry::Cmd(Command::RegisterUser {
+            name: name.into(),
+            public_key: [name.len() as u8; 32],
+        })
+    };
+    let msg = |channel: &str, sender: &str, seq: u64| {
+        TestEntry::Cmd(Command::Send(send(channel, sender, b"hi", 1, seq)))
+    };
+    let direct = |members: &[&str]| ChannelOp::CreateDirect {
+        members: members.iter().map(|m| m.to_string()).collect(),
+        crypto: vec![7; 300],
+    };
+    let dm = chat_sm::direct_channel_name(&["alice", "bob"]);
+    let trio = chat_sm::direct_channel_name(&["alice", "bob", "carol"]);
+    let nine: Vec<String> = (0..9).map(|i| format!("u{i}")).collect();
+    let nine_refs: Vec<&str> = nine.iter().map(String::as_str).collect();
+    let too_many = chat_sm::direct_channel_name(&nine_refs);
+    let log = [
+        reg("alice"),
+        reg("bob"),
+        // Refused: a member not registered, a name not of the members, the creator not a
+        // member, a duplicate, one member, nine members, an oversized record, a squatter.
+        op(&trio, "alice", direct(&["alice", "bob", "carol"])),
+        op(&dm, "alice", direct(&["alice", "carol"])),
+        op(&dm, "carol", direct(&["alice", "bob"])),
+        op(&dm, "alice", direct(&["alice", "bob", "bob"])),
+        op(
+            &chat_sm::direct_channel_name(&["alice"]),
+            "alice",
+            direct(&["alice"]),
+        ),
+        op(&too_many, "u0", direct(&nine_refs)),
+        op(
+            &dm,
+            "alice",
+            ChannelOp::CreateDirect {
+                members: vec!["alice".into(), "bob".into()],
+                crypto: vec![0; chat_sm::MAX_DIRECT_CRYPTO_BYTES + 1],
+            },
+        ),
+        msg(&dm, "mallory", 1),
+        op(
+            &dm,
+            "mallory",
+            ChannelOp::Create {
+                private: false,
+                crypto: None,
+            },
+        ),
+        // Made, then: once only; members write; others and every change are refused.
+        op(&dm, "bob", direct(&["bob", "alice"])),
+        op(&dm, "alice", direct(&["alice", "bob"])),
+        msg(&dm, "alice", 2),
+        msg(&dm, "mallory", 3),
+        op(&dm, "bob", ChannelOp::Invite("mallory".into())),
+        op(&dm, "alice", ChannelOp::Remove("alice".into())),
+        op(&dm, "bob", ChannelOp::SetTopic(Some("x".into()))),
+        op(&dm, "bob", ChannelOp::SetCrypto(vec![1])),
+    ];
+    let responses = apply_log(r.state(), &log, 1, &[5, 4]);
+    use ChatResponse::{ChannelUpdated as Ok_, Registered, Rejected as R};
+    let d = RejectReason::InvalidDirect;
+    assert_eq!(
+        responses,
+        vec![
+            Registered,
+            Registered,
+            R(RejectReason::UnknownUser),
+            R(d.clone()),
+            R(d.clone()),
+            R(d.clone()),
+            R(d.clone()),
+            R(d.clone()),
+            R(RejectReason::CryptoTooLarge {
+                len: chat_sm::MAX_DIRECT_CRYPTO_BYTES as u64 + 1
+            }),
+            R(RejectReason::DirectChannel),
+            R(RejectReason::DirectChannel),
+            Ok_,
+            R(RejectReason::ChannelExists),
+            ChatResponse::Sent(sent(&dm, 1, 1_002, false)),
+            R(RejectReason::NotMember),
+            R(RejectReason::DirectChannel),
+            R(RejectReason::DirectChannel),
+            R(RejectReason::DirectChannel),
+            R(RejectReason::DirectChannel),
+        ]
+    );
+    r.restart();
+    let s = r.state();
+    let record = s.channel_record(&dm).expect("made");
+    assert!(record.private && record.invited.is_empty());
+    assert_eq!(record.owner.as_deref(), Some("bob"));
+    assert_eq!(record.members.iter().collect::<Vec<_>>(), ["alice", "bob"]);
+    assert_eq!(record.crypto.as_deref(), Some(&[7u8; 300][..]));
+    assert!(s.admits(&dm, "alice") && !s.admits(&dm, "mallory"));
+    s.check_consistency().expect("consistent");
+}
+
+#[test]
 fn the_channel_list_pages_in_name_order() {
     let r = Replica::new(10);
     let log: Vec<TestEntry> = (0..25u64)

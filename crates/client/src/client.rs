@@ -411,6 +411,17 @@ impl Client {
         .await
     }
 
+    /// This client's identity, when it has a name.
+    pub(crate) fn identity(&self) -> Option<&crate::Identity> {
+        self.pool.identity()
+    }
+
+    /// `record` checked against the crypto record this client pinned for `channel` (pinned
+    /// now when there is none).
+    pub(crate) fn authors_channel_security(&self, channel: &str, record: &[u8]) -> ChannelSecurity {
+        self.authors.channel_security(channel, Some(record))
+    }
+
     /// Whether `channel` is end-to-end encrypted, checked against the crypto record this client
     /// pinned for it (on first sight): a node that drops or replaces a record is noticed
     /// ([`ChannelSecurity::RecordGone`], [`ChannelSecurity::RecordChanged`]).

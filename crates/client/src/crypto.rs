@@ -93,6 +93,7 @@ use aes_gcm::{Aes256Gcm, Nonce};
 use argon2::{Algorithm, Argon2, Params, Version};
 
 mod body;
+mod direct;
 mod kdf;
 mod record;
 mod replay;
@@ -104,6 +105,7 @@ pub use body::{
     PADDED_LEN_MAX, PAD_BUCKETS, SESSION_LEN, SIGNATURE_LEN, TAG_LEN, TEXT_BYTES_MAX_ENCRYPTED,
     TEXT_BYTES_MAX_SIGNED,
 };
+pub use direct::{create_direct, direct_members, open_direct, DirectError, DIRECT_RECORD_VERSION};
 pub use kdf::Argon2Params;
 pub(crate) use kdf::{argon2id, hkdf_sha256, put_field, Bounds};
 pub use record::{
@@ -154,6 +156,9 @@ pub enum CryptoError {
         /// The most this format holds.
         max: usize,
     },
+    /// A direct conversation's record could not be made or did not check.
+    #[error("{0}")]
+    Direct(DirectError),
     /// The key given belongs to another channel or cluster.
     #[error("the key given is for channel {channel:?} of cluster {cluster:?}")]
     KeyMismatch {

@@ -369,6 +369,14 @@ impl Identity {
     pub fn sign(&self, message: &[u8]) -> [u8; 64] {
         self.key.sign(message).to_bytes()
     }
+
+    /// X25519 of this identity's secret scalar (the clamped scalar Ed25519 signs with) and
+    /// `public` (a Montgomery point): how a direct conversation's key reaches its members.
+    pub(crate) fn x25519(&self, public: &[u8; 32]) -> [u8; 32] {
+        curve25519_dalek::montgomery::MontgomeryPoint(*public)
+            .mul_clamped(self.key.to_scalar_bytes())
+            .to_bytes()
+    }
 }
 
 /// The permission bits of `path`.

@@ -44,6 +44,7 @@ mod authors;
 mod client;
 mod config;
 pub mod crypto;
+mod direct;
 mod error;
 pub mod identity;
 pub mod pins;
@@ -59,6 +60,7 @@ pub mod trust;
 pub use authors::{ChannelSecurity, SenderKey, Shown};
 pub use client::{Client, Thread, Unlocked, THREAD_SCAN_MAX};
 pub use config::ClientConfig;
+pub use direct::{direct_members_of, Direct};
 pub use error::Error;
 pub use identity::Identity;
 pub use proto::{

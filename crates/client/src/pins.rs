@@ -45,7 +45,7 @@ struct Kind {
 const USERS: Kind = Kind {
     file: KNOWN_USERS_FILE,
     header: "# cellchat known users: name and Ed25519 public key, pinned on first sight\n",
-    valid: is_valid_sender,
+    valid: proto::valid_user_name,
 };
 
 const CHANNELS: Kind = Kind {
@@ -247,13 +247,6 @@ fn is_valid_channel(name: &str) -> bool {
         && bytes
             .iter()
             .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-}
-
-fn is_valid_sender(name: &str) -> bool {
-    (1..=32).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 #[cfg(test)]

@@ -77,6 +77,13 @@ pub enum Ephemeral {
         /// The new marker.
         read_to: u64,
     },
+    /// Someone started a direct conversation with this user (`channel` is `dm-...`), or
+    /// invited them to the private `channel`. Heard once per connection that heard it, so a
+    /// client connected to two nodes may hear it twice.
+    Added {
+        /// The channel.
+        channel: String,
+    },
 }
 
 /// What the client's push connections heard of presence and typing, shared with their tasks.
@@ -508,6 +515,9 @@ async fn run(
                     }
                     Ok(ServerFrame::Marker { channel, read_to }) => {
                         ephemeral.hear(Ephemeral::Marker { channel, read_to });
+                    }
+                    Ok(ServerFrame::Added { channel }) => {
+                        ephemeral.hear(Ephemeral::Added { channel });
                     }
                     Ok(ServerFrame::Welcome(_)) => break "second welcome".to_owned(),
                     Err(e) => break format!("bad frame: {e}"),

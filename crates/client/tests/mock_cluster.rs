@@ -275,6 +275,7 @@ impl proto::Chat for MockChat {
             invited: false,
             encrypted: false,
             read_to: 0,
+            direct: Vec::new(),
         };
         Ok(proto::ChannelPage {
             channels: vec![general],

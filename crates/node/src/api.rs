@@ -457,6 +457,8 @@ pub(crate) fn rejected(reason: chat_sm::RejectReason) -> ApiError {
         R::AlreadyReacted => RejectReason::AlreadyReacted,
         R::NotReacted => RejectReason::NotReacted,
         R::InvalidTopic => RejectReason::InvalidTopic,
+        R::InvalidDirect => RejectReason::InvalidDirect,
+        R::DirectChannel => RejectReason::DirectChannel,
         R::TooManyReactions => RejectReason::LimitReached {
             what: "reactions on a message".into(),
             max: chat_sm::MAX_REACTIONS as u64,
@@ -502,8 +504,9 @@ pub(crate) fn check_admitted(chat: &ChatState, channel: &str, user: &str) -> Res
     }
 }
 
-fn channel_info(listing: chat_sm::ChannelListing) -> ChannelInfo {
+fn channel_info(chat: &ChatState, listing: chat_sm::ChannelListing) -> ChannelInfo {
     ChannelInfo {
+        direct: direct_members(chat, &listing.name),
         name: listing.name,
         head: listing.head.0,
         owner: listing.owner,
@@ -512,6 +515,16 @@ fn channel_info(listing: chat_sm::ChannelListing) -> ChannelInfo {
         encrypted: listing.encrypted,
         read_to: listing.read_to.0,
     }
+}
+
+/// The members of `channel` when it is a direct conversation; empty otherwise.
+fn direct_members(chat: &ChatState, channel: &str) -> Vec<String> {
+    if !chat_sm::is_direct_channel(channel) {
+        return Vec::new();
+    }
+    (chat.channel_record(channel))
+        .map(|r| r.members.into_iter().collect())
+        .unwrap_or_default()
 }
 
 /// Refuses a channel name the state machine would reject, before any read or wait.
@@ -927,7 +940,9 @@ impl proto::Chat for ChatServer {
                 ApiError::unavailable("storage error")
             })?;
         Ok(ChannelPage {
-            channels: page.into_iter().map(channel_info).collect(),
+            channels: (page.into_iter())
+                .map(|listing| channel_info(&self.shared.chat, listing))
+                .collect(),
             more,
         })
     }
@@ -952,6 +967,7 @@ impl proto::Chat for ChatServer {
             .map_err(storage_error(&req.channel))?
             .0;
         let info = ChannelInfo {
+            direct: direct_members(chat, &req.channel),
             name: req.channel,
             head: head.0,
             owner: record.owner,
@@ -992,6 +1008,9 @@ impl proto::Chat for ChatServer {
             ChannelChange::Accept => chat_sm::ChannelOp::Accept,
             ChannelChange::Remove(name) => chat_sm::ChannelOp::Remove(name),
             ChannelChange::SetTopic(topic) => chat_sm::ChannelOp::SetTopic(topic),
+            ChannelChange::CreateDirect { members, crypto } => {
+                chat_sm::ChannelOp::CreateDirect { members, crypto }
+            }
             ChannelChange::SetRetention(retention) => {
                 chat_sm::ChannelOp::SetRetention(retention.map(|r| chat_sm::Retention {
                     max_age_ms: r.max_age_ms,
@@ -1113,6 +1132,22 @@ impl proto::Chat for ChatServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clients_and_the_state_machine_name_direct_conversations_alike() {
+        let sets: [&[&str]; 4] = [
+            &["alice", "bob"],
+            &["bob", "alice", "bob"],
+            &["Zed", "a-b", "c_d", "x"],
+            &["u0", "u1", "u2", "u3", "u4", "u5", "u6", "u7"],
+        ];
+        for set in sets {
+            assert_eq!(
+                proto::direct_channel_name(set),
+                chat_sm::direct_channel_name(set)
+            );
+        }
+    }
 
     #[test]
     fn a_bucket_allows_its_burst_then_says_when_to_retry() {

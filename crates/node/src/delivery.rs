@@ -190,6 +190,7 @@ mod tests {
                 .collect(),
             join_secret_changed: false,
             markers: Vec::new(),
+            added: Vec::new(),
         }
     }
 

@@ -92,7 +92,8 @@ pub enum Event {
 /// note wakes only the connections it concerns.
 #[derive(Debug, Clone)]
 pub enum Direct {
-    /// This user's read marker moved: `ServerFrame::Marker`.
+    /// For watchers of presence only: this user's read marker moved (`ServerFrame::Marker`),
+    /// or someone added them to a channel (`ServerFrame::Added`).
     Marker(Bytes),
     /// Someone else types in `channel`, which this connection listens to:
     /// `ServerFrame::Typing`. The connection checks its subscription there still stands.
@@ -369,6 +370,26 @@ impl Ephemeral {
             let frame = push::encode_frame(&ServerFrame::Marker {
                 channel: channel.clone(),
                 read_to: seq.0,
+            });
+            for conn in ids.iter().filter_map(|id| state.conns.get(id)) {
+                let _ = conn.tx.try_send(Direct::Marker(frame.clone()));
+            }
+        }
+    }
+
+    /// Users added to channels by someone else, as (user, channel): an `Added` frame to
+    /// those users' connections here, like [`markers_moved`](Self::markers_moved).
+    pub fn channels_added(&self, added: &[(String, String)]) {
+        if added.is_empty() {
+            return;
+        }
+        let state = self.inner.state.lock();
+        for (user, channel) in added {
+            let Some(ids) = state.local.get(user) else {
+                continue;
+            };
+            let frame = push::encode_frame(&ServerFrame::Added {
+                channel: channel.clone(),
             });
             for conn in ids.iter().filter_map(|id| state.conns.get(id)) {
                 let _ = conn.tx.try_send(Direct::Marker(frame.clone()));

@@ -396,6 +396,7 @@ impl Server {
             Box::new(move |event| {
                 deliver(event);
                 markers.markers_moved(&event.markers);
+                markers.channels_added(&event.added);
                 if event.join_secret_changed {
                     secret_changed.notify_one();
                 }

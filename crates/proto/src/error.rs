@@ -196,6 +196,13 @@ pub enum RejectReason {
     /// A topic too long or not one line.
     #[error("a topic is one line of at most 256 bytes")]
     InvalidTopic,
+    /// A direct conversation not named after its members, or with too few or too many, or
+    /// without the caller.
+    #[error("a direct conversation is named after its 2 to 8 members, you among them")]
+    InvalidDirect,
+    /// A change to a direct conversation, or a `dm-` name used for another channel.
+    #[error("direct conversations are created with their members, which never change")]
+    DirectChannel,
 }
 
 #[cfg(test)]

@@ -55,9 +55,9 @@ pub use transport::{
     HANDSHAKE_TIMEOUT,
 };
 pub use types::{
-    ChannelChange, ChannelDetail, ChannelInfo, ChannelInfoRequest, ChannelPage, ChannelRequest,
-    ChannelsRequest, ClusterInfo, Hello, HistoryRequest, LeaderHint, Login, MarkReadReply,
-    MarkReadRequest, MessageBatch, NodeInfo, Pong, Reaction, Relation, Role, SendReply,
-    SendRequest, Session, StreamRequest, UserKey, Welcome, WireMessage, CHANNEL_PAGE_MAX,
-    USER_KEYS_MAX,
+    direct_channel_name, is_direct_channel, valid_user_name, ChannelChange, ChannelDetail,
+    ChannelInfo, ChannelInfoRequest, ChannelPage, ChannelRequest, ChannelsRequest, ClusterInfo,
+    Hello, HistoryRequest, LeaderHint, Login, MarkReadReply, MarkReadRequest, MessageBatch,
+    NodeInfo, Pong, Reaction, Relation, Role, SendReply, SendRequest, Session, StreamRequest,
+    UserKey, Welcome, WireMessage, CHANNEL_PAGE_MAX, DIRECT_MEMBERS_MAX, USER_KEYS_MAX,
 };

@@ -26,7 +26,7 @@
 //! | 4 | `Subscribe { sub_id, channel, after_seq, read_token }` | waits for `read_token`, then `Batch`es from `after_seq + 1` on |
 //! | 5 | `Unsubscribe { sub_id }` | stops that subscription; no more frames for it |
 //! | 6 | `Typing { channel }` (v3) | passes `Typing { channel, user }` to the other users' connections subscribed to `channel`, on every node; drops it silently when the user may not read the channel or types faster than a few notes a second |
-//! | 7 | `WatchPresence` (v3) | `Presence { full: true, .. }` with everyone online, then a `Presence` per change, and a `Marker { channel, read_to }` whenever this user's read marker moves |
+//! | 7 | `WatchPresence` (v3) | `Presence { full: true, .. }` with everyone online, then a `Presence` per change, a `Marker { channel, read_to }` whenever this user's read marker moves, and an `Added { channel }` (v4) when someone starts a direct conversation with this user or invites them |
 //! | 8 | `Heartbeat` (v3), when it wrote nothing for [`CLIENT_HEARTBEAT_MS`] | closes a connection silent for [`CLIENT_SILENCE_MS_MAX`] |
 //!
 //! Presence and typing are never stored: a user is online while one of their logged-in push
@@ -68,8 +68,8 @@ const _: () = assert!(u32::from_be_bytes(PUSH_MAGIC) as usize > FRAME_BYTES_MAX)
 
 /// Version of the push protocol (frames after the magic). Version 2: batches carry the
 /// `WireMessage` of protocol version 3 (no client id), and reading needs a `Login`. Version 3:
-/// typing and presence frames, and client heartbeats.
-pub const PUSH_VERSION: u16 = 3;
+/// typing and presence frames, and client heartbeats. Version 4: `Added`.
+pub const PUSH_VERSION: u16 = 4;
 
 /// Largest client frame body a node accepts, in bytes (64 KiB). Client frames carry a channel
 /// name and a few integers; a node never allocates more than this for one.
@@ -252,6 +252,12 @@ pub enum ServerFrame {
         channel: String,
         /// The new marker.
         read_to: u64,
+    },
+    /// Someone started a direct conversation with this user, or invited them to a private
+    /// channel (since version 4); sent to connections that watch presence.
+    Added {
+        /// The channel: a direct conversation (`dm-`), or the private channel invited to.
+        channel: String,
     },
 }
 

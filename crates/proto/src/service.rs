@@ -27,8 +27,9 @@ use crate::{
 /// crypto records), a paged channel list, and users' registered keys. Version 5: retention
 /// (a channel change, the channel detail's retention and floor, and two rejections).
 /// Version 6: relations (replies, edits, deletes, reactions) in sends and messages.
-/// Version 7: read markers (`mark_read`, and each listed channel's `read_to`).
-pub const PROTOCOL_VERSION: u16 = 7;
+/// Version 7: read markers (`mark_read`, and each listed channel's `read_to`). Version 8:
+/// direct conversations (a channel change, two rejections, each listed channel's `direct`).
+pub const PROTOCOL_VERSION: u16 = 8;
 
 /// Largest request frame a node reads on the chat service, in bytes (64 KiB): a send carries
 /// at most a 16 KiB body, so anything larger is refused from its length prefix, logged in or

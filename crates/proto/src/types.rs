@@ -256,6 +256,9 @@ pub struct ChannelInfo {
     pub encrypted: bool,
     /// The highest seq the listing user marked read in it ([`Chat::mark_read`](crate::Chat::mark_read)); 0 when none.
     pub read_to: u64,
+    /// The members of a direct conversation (its name is [`direct_channel_name`] of them,
+    /// which a client checks); empty for any other channel.
+    pub direct: Vec<String>,
 }
 
 /// Asks to move the caller's read marker in `channel` up to `seq`.
@@ -323,6 +326,48 @@ pub enum ChannelChange {
     /// The owner sets the channel's topic (one line, at most 256 bytes), or (`None`) clears
     /// it.
     SetTopic(Option<String>),
+    /// Creates the direct conversation between `members` (the caller among them, 2 to
+    /// [`DIRECT_MEMBERS_MAX`]), named [`direct_channel_name`] of them, with its crypto record
+    /// (at most 2,048 bytes).
+    CreateDirect {
+        /// Every member, the caller included.
+        members: Vec<String>,
+        /// Its end-to-end encryption record: the member names and a key for each.
+        crypto: Vec<u8>,
+    },
+}
+
+/// Most members of a direct conversation.
+pub const DIRECT_MEMBERS_MAX: usize = 8;
+
+/// The channel name of the direct conversation between `members` (any order, duplicates
+/// ignored): `dm-` and the first 20 bytes, in hex, of SHA-256 over a domain tag and each
+/// distinct name, sorted and length-prefixed. The state machine computes the same name to
+/// refuse any other, so a client that finds its name finds its conversation.
+pub fn direct_channel_name<S: AsRef<str>>(members: &[S]) -> String {
+    use sha2::{Digest, Sha256};
+    let names: std::collections::BTreeSet<&str> = members.iter().map(AsRef::as_ref).collect();
+    let mut hash = Sha256::new();
+    hash.update(b"cellchat direct channel v1");
+    for name in names {
+        hash.update((name.len() as u64).to_le_bytes());
+        hash.update(name.as_bytes());
+    }
+    format!("dm-{}", hex::encode(&hash.finalize()[..20]))
+}
+
+/// Whether `channel` is named like a direct conversation (`dm-`, reserved for them).
+pub fn is_direct_channel(channel: &str) -> bool {
+    channel.starts_with("dm-")
+}
+
+/// Whether `name` is a valid user name: 1..=32 bytes of `A-Za-z0-9_-`, the rule the state
+/// machine applies to registrations and senders, for checks at the edge.
+pub fn valid_user_name(name: &str) -> bool {
+    (1..=32).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// A [`ChannelChange`] to apply to a channel.

@@ -43,6 +43,7 @@ fn general() -> ChannelInfo {
         invited: false,
         encrypted: false,
         read_to: 0,
+        direct: Vec::new(),
     }
 }
 

@@ -210,6 +210,7 @@ fn replies_round_trip() {
         invited: true,
         encrypted: true,
         read_to: 2,
+        direct: vec!["alice".into(), "bob".into()],
     };
     round_trip(proto::MarkReadRequest {
         channel: "vault".into(),
@@ -250,6 +251,10 @@ fn replies_round_trip() {
             max_age_ms: None,
             max_count: Some(1000),
         })),
+        ChannelChange::CreateDirect {
+            members: vec!["alice".into(), "bob".into()],
+            crypto: vec![3; 400],
+        },
     ] {
         round_trip(ChannelRequest {
             channel: "vault".into(),

@@ -448,6 +448,20 @@ impl App {
                 actions::thread(&client, &keys, &encrypted, &channel, seq).await
             }),
             Input::Join(name) => self.join(&name),
+            Input::Direct(with) => {
+                let events = self.events.clone();
+                tokio::spawn(async move {
+                    match actions::open_direct(&client, &keys, &encrypted, &with).await {
+                        Ok((channel, line)) => {
+                            let _ = events.send(Event::Accepted(channel.clone())).await;
+                            let _ = events.send(Event::Say(Some(channel), vec![line])).await;
+                        }
+                        Err(refusal) => {
+                            let _ = events.send(Event::Say(here, vec![refusal])).await;
+                        }
+                    }
+                });
+            }
             Input::Leave => {
                 if self.model.close(&channel) {
                     if let Some(follow) = self.follows.remove(&channel) {
@@ -743,6 +757,30 @@ impl App {
                 offline,
                 full,
             }) => self.model.on_presence(online, &offline, full),
+            Event::Ephemeral(Ephemeral::Added { channel }) => self.added(channel),
+        }
+    }
+
+    /// Someone started a direct conversation with this user (listed and followed at once, not
+    /// shown) or invited them to a private channel (said).
+    fn added(&mut self, channel: String) {
+        if self.model.channels.contains_key(&channel) {
+            return;
+        }
+        if !proto::is_direct_channel(&channel) {
+            let name = crate::output::sanitize(&channel);
+            self.say(&format!(
+                "you are invited to #{name}: /accept #{name} joins it"
+            ));
+        } else if self.model.order.len() < CHANNELS_MAX {
+            self.model.add(&channel);
+            self.follow(&channel);
+            self.save_channels();
+        } else {
+            self.say(&format!(
+                "someone started a direct conversation with you, but {CHANNELS_MAX} channels are \
+                 open: /leave one, then /channels lists it"
+            ));
         }
     }
 

@@ -475,6 +475,14 @@ impl Model {
     }
 
     /// Adds `channel` to the list if missing and shows it; its unread counts clear.
+    /// Puts `channel` in the list, after the others, without showing it.
+    pub fn add(&mut self, channel: &str) {
+        if !self.channels.contains_key(channel) {
+            self.order.push(channel.to_owned());
+            self.channels.insert(channel.to_owned(), Channel::default());
+        }
+    }
+
     pub fn open(&mut self, channel: &str) {
         if !self.channels.contains_key(channel) {
             self.order.push(channel.to_owned());
@@ -570,7 +578,9 @@ impl Model {
             }
             return false;
         }
-        Model::mentions(&self.me, &message.text)
+        // Every message of a direct conversation is addressed to its members.
+        proto::is_direct_channel(channel)
+            || Model::mentions(&self.me, &message.text)
             || replied_to.is_some_and(|to| self.threads.contains(&(channel.to_owned(), to)))
     }
 

@@ -172,7 +172,8 @@ fn draw_list(frame: &mut Frame<'_>, model: &Model, area: Rect) {
                 (m, n) => format!(" ({n}{more}, @{m})"),
             };
             let muted = if view.muted { " ~" } else { "" };
-            TextLine::from(Span::styled(format!("#{name}{count}{muted}"), style))
+            let name = crate::actions::label(name);
+            TextLine::from(Span::styled(format!("{name}{count}{muted}"), style))
         })
         .collect();
     if total > fits {
@@ -207,7 +208,10 @@ fn draw_messages(
     let mut out: Vec<TextLine<'_>> = Vec::new();
     if start == 0 && view.at_start {
         out.push(TextLine::from(Span::styled(
-            format!("-- the start of #{} --", model.current),
+            format!(
+                "-- the start of {} --",
+                crate::actions::label(&model.current)
+            ),
             dim(),
         )));
     } else if start == 0 && !view.lines.is_empty() {
@@ -339,8 +343,13 @@ fn draw_status(frame: &mut Frame<'_>, model: &Model, status: &Status, area: Rect
         .online
         .map_or_else(String::new, |n| format!(" | {n} online"));
     let text = format!(
-        "{typing} {} in #{} [{}] | read {} | leader {} | {}{online}{scrolled}",
-        model.me, model.current, status.security, status.reading, status.leader, status.connection
+        "{typing} {} in {} [{}] | read {} | leader {} | {}{online}{scrolled}",
+        model.me,
+        crate::actions::label(&model.current),
+        status.security,
+        status.reading,
+        status.leader,
+        status.connection
     );
     frame.render_widget(
         Paragraph::new(text).style(Style::default().add_modifier(Modifier::REVERSED)),

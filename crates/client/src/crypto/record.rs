@@ -238,7 +238,7 @@ impl ChannelKeyV2 {
         ))
     }
 
-    fn from_message_key(key: &[u8; 32], cluster: &str, channel: &str) -> ChannelKeyV2 {
+    pub(crate) fn from_message_key(key: &[u8; 32], cluster: &str, channel: &str) -> ChannelKeyV2 {
         ChannelKeyV2 {
             cipher: Aes256Gcm::new_from_slice(key).expect("an AES-256 key is 32 bytes"),
             cluster: cluster.to_owned(),
