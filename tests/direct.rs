@@ -88,6 +88,17 @@ async fn members_meet_by_name_and_nobody_else_reads_or_squats() -> anyhow::Resul
     // Bob listens for news the way the chat clients do: presence on his push connection.
     let _bob_sub = bob.subscribe("general", 0);
     let mut bob_heard = bob.ephemeral();
+    // His push connection is live once it gave him the first list of who is online.
+    let deadline = Instant::now() + HEAR;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, bob_heard.recv()).await {
+            Ok(Ok(Ephemeral::Presence { full: true, .. })) => break,
+            Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+            Ok(Err(e)) => bail!("events: {e}"),
+            Err(_) => bail!("bob's push connection never opened"),
+        }
+    }
 
     // A conversation with an unknown user is refused and creates nothing.
     let ghost = proto::direct_channel_name(&["alice", "nobody"]);

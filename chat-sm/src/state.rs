@@ -149,6 +149,8 @@ pub struct AppliedEvent {
     /// Users made members of a direct conversation, or invited to a private channel, by
     /// someone else: (user, channel), in log order. Empty after a snapshot install.
     pub added: Vec<(String, String)>,
+    /// A snapshot replaced the whole state: anything derived from earlier events is stale.
+    pub snapshot: bool,
 }
 
 type Listener = Box<dyn Fn(&AppliedEvent) + Send + Sync>;
@@ -1570,6 +1572,7 @@ impl ChatState {
             added: (batch.added.into_iter())
                 .map(|(user, channel)| (user.to_owned(), channel.to_owned()))
                 .collect(),
+            snapshot: false,
         }))
     }
 
@@ -1990,6 +1993,7 @@ impl ChatState {
                 join_secret_changed: true,
                 markers: Vec::new(),
                 added: Vec::new(),
+                snapshot: true,
             });
         }
         Ok(info)

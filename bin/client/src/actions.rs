@@ -356,6 +356,67 @@ pub async fn set_topic(client: &Client, channel: &str, topic: Option<String>) ->
 
 /// `/thread N`: message N of `channel` and its replies, one line each, as the line mode
 /// prints messages.
+/// Messages of an encrypted channel a search reads back and decrypts here.
+pub const SEARCH_SCAN: u32 = 10_000;
+
+/// Most matches a search shows.
+pub const SEARCH_SHOWN: u32 = 50;
+
+/// `/search QUERY`: in an encrypted channel whose key is set, its newest
+/// [`SEARCH_SCAN`] messages decrypted here (no node can read them); elsewhere every plaintext
+/// channel this user may read, on the nearest node's index. Newest first.
+pub async fn search(
+    client: &Client,
+    keys: &Keys,
+    encrypted: &Encrypted,
+    channel: &str,
+    query: &str,
+) -> Vec<String> {
+    let now = timefmt::now_ms();
+    let channel_keys = lock(keys).get(channel).cloned();
+    let local = channel_keys.filter(|k| k.v2.is_some() && lock(encrypted).contains(channel));
+    let (mut lines, where_) = match local {
+        Some(keys) => {
+            let found = client
+                .search_history(channel, &keys, query, SEARCH_SCAN, SEARCH_SHOWN as usize)
+                .await;
+            match found {
+                Ok(found) => (
+                    (found.iter())
+                        .map(|(message, shown)| output::line(shown, message, now))
+                        .collect::<Vec<_>>(),
+                    format!("the last {SEARCH_SCAN} messages of {}", label(channel)),
+                ),
+                Err(e) => return vec![format!("search failed: {}", error_text(&e))],
+            }
+        }
+        None => match client.search(query, SEARCH_SHOWN).await {
+            Ok(reply) => {
+                let mut lines = Vec::with_capacity(reply.messages.len());
+                for message in &reply.messages {
+                    let shown = open(client, keys, encrypted, message).await;
+                    let here = output::sanitize(&label(&message.channel));
+                    lines.push(format!("{here} {}", output::line(&shown, message, now)));
+                }
+                if reply.truncated {
+                    lines.push(
+                        "-- the search stopped early: narrow it to see older matches --".into(),
+                    );
+                }
+                (lines, "plaintext channels".to_owned())
+            }
+            Err(e) => return vec![format!("search failed: {}", error_text(&e))],
+        },
+    };
+    let count = lines.len();
+    let head = match count {
+        0 => format!("-- no match in {where_} --"),
+        n => format!("-- {n} matches in {where_}, newest first --"),
+    };
+    lines.insert(0, head);
+    lines
+}
+
 pub async fn thread(
     client: &Client,
     keys: &Keys,

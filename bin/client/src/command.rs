@@ -24,6 +24,8 @@ pub enum Input {
     },
     /// `/thread N`: message N of the current channel and its replies.
     Thread(u64),
+    /// `/search QUERY`.
+    Search(String),
     /// `/join #chan`.
     Join(String),
     /// `/dm NAME...` (or `/join @NAME`): the direct conversation with those users.
@@ -82,6 +84,7 @@ pub enum Input {
 pub const NAMES: &[&str] = &[
     "/join",
     "/dm",
+    "/search",
     "/leave",
     "/channels",
     "/history",
@@ -130,6 +133,9 @@ commands:
   /delete N          erase message #N on every node (yours, or any in a channel you own)
   /react N EMOJI     react to message #N (/unreact N EMOJI takes it back)
   /thread N          message #N and every reply to it
+  /search WORDS      messages with all these words, newest first: every plaintext channel
+                     (on the servers' index), or this encrypted channel's recent history
+                     (searched here); depl* is a prefix, from:NAME and in:#chan filter
   /create #chan [private]
                      create a channel you own; a private one only its members can read
   /invite NAME       invite someone to this private channel (you must own it)
@@ -199,6 +205,10 @@ pub fn parse(line: &str) -> Result<Input, String> {
             .filter(|&n: &u64| n > 0)
             .map(Input::Thread)
             .ok_or_else(|| "/thread N: which message (its #N)?".to_owned()),
+        "search" | "s" if rest.is_empty() => Err(
+            "/search WORDS: what to look for? (depl* for a prefix, from:NAME, in:#chan)".to_owned(),
+        ),
+        "search" | "s" => Ok(Input::Search(rest.to_owned())),
         "create" => parse_create(rest),
         "invite" => parse_user(rest, "invite").map(Input::Invite),
         "accept" => parse_channel(rest).map(Input::Accept),

@@ -239,6 +239,10 @@ impl Chat {
                     Err(refusal) => self.out(refusal),
                 }
             }
+            Input::Search(query) => {
+                let (client, keys, encrypted) = (&self.client, &self.keys, &self.encrypted);
+                self.say(actions::search(client, keys, encrypted, &self.channel, &query).await);
+            }
             Input::Thread(seq) => {
                 let (client, keys, encrypted) = (&self.client, &self.keys, &self.encrypted);
                 self.say(actions::thread(client, keys, encrypted, &self.channel, seq).await);

@@ -109,6 +109,12 @@ struct Args {
     /// Print message SEQ of the channel and every reply to it, and exit.
     #[arg(long, value_name = "SEQ", value_parser = clap::value_parser!(u64).range(1..), conflicts_with_all = ["send", "delete", "react", "unreact", "tail", "history", "servers", "protect_key", "plain", "mark_read", "channels"])]
     thread: Option<u64>,
+    /// Print the messages matching QUERY, newest first, and exit: every plaintext channel you
+    /// may read (from a node's index), or, with the key of --channel (@NAME, or
+    /// --passphrase-file), that encrypted channel's last 10,000 messages, searched here. All
+    /// words must match; `depl*` is a prefix; `from:NAME` and `in:CHANNEL` filter.
+    #[arg(long, value_name = "QUERY", conflicts_with_all = ["send", "delete", "react", "unreact", "tail", "history", "servers", "protect_key", "plain", "channels", "thread", "mark_read", "online"])]
+    search: Option<String>,
     /// Mark the channel read up to SEQ for this user on all their clients, and exit.
     #[arg(long, value_name = "SEQ", value_parser = clap::value_parser!(u64).range(1..), conflicts_with_all = ["send", "delete", "react", "unreact", "tail", "history", "servers", "protect_key", "plain", "channels"])]
     mark_read: Option<u64>,
@@ -510,6 +516,11 @@ async fn run_modes(args: Args, full_screen: Option<PathBuf>) -> anyhow::Result<(
     };
     let keys = match (direct, passphrase) {
         (Some(direct), _) => {
+            actions::learn_direct(
+                client.name().unwrap_or_default(),
+                &direct.channel,
+                &direct.members,
+            );
             channel = direct.channel;
             Some(direct.keys)
         }
@@ -576,6 +587,9 @@ async fn run_modes(args: Args, full_screen: Option<PathBuf>) -> anyhow::Result<(
         return Ok(());
     }
     let keys = keys.unwrap_or_default();
+    if let Some(query) = &args.search {
+        return search(&client, &channel, &keys, query, args.json).await;
+    }
     if let Some(seq) = args.thread {
         let thread = client.thread(&channel, seq).await?;
         let now = timefmt::now_ms();
@@ -688,6 +702,46 @@ async fn print_message(
     } else {
         out(output::line(&shown, message, now));
     }
+}
+
+/// `--search QUERY`: see the flag. Exits 1 (after printing nothing) when nothing matched.
+async fn search(
+    client: &Client,
+    channel: &str,
+    keys: &Keys,
+    query: &str,
+    json: bool,
+) -> anyhow::Result<()> {
+    let now = timefmt::now_ms();
+    let limit = actions::SEARCH_SHOWN;
+    let found: Vec<(cellchat_client::WireMessage, cellchat_client::Shown)> = if keys.v2.is_some() {
+        client
+            .search_history(channel, keys, query, actions::SEARCH_SCAN, limit as usize)
+            .await?
+    } else {
+        let reply = client.search(query, limit).await?;
+        if reply.truncated {
+            eprintln!("client: the search stopped early; narrow it to see older matches");
+        }
+        let mut found = Vec::with_capacity(reply.messages.len());
+        for message in reply.messages {
+            let shown = client.show(keys, ChannelHistory::Plain, &message).await;
+            found.push((message, shown));
+        }
+        found
+    };
+    for (message, shown) in &found {
+        if json {
+            out(output::json(shown, message));
+        } else {
+            let here = output::sanitize(&actions::label(&message.channel));
+            out(format_args!("{here} {}", output::line(shown, message, now)));
+        }
+    }
+    if found.is_empty() {
+        bail!("no message matches {query:?}");
+    }
+    Ok(())
 }
 
 /// `--channels`: one line (or JSON object) per channel this user may see.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use proto::{
     ApiError, ChannelChange, ChannelDetail, ChannelInfo, ChannelInfoRequest, ChannelPage,
     ChannelRequest, ChannelsRequest, ChatClient, ClusterInfo, HistoryRequest, MarkReadRequest,
-    MessageBatch, RejectReason, SendReply, SendRequest, UserKey, WireMessage,
+    MessageBatch, RejectReason, Relation, SendReply, SendRequest, UserKey, WireMessage,
 };
 use tarpc::client::RpcError;
 use tokio::sync::broadcast;
@@ -675,6 +675,76 @@ impl Client {
             batch.messages = older;
         }
         Ok(batch)
+    }
+
+    /// Full-text search (the language of [`proto::search`]) over the plaintext channels this
+    /// user may read, answered by the nearest node from its index once it covers this client's
+    /// read token: it finds what this client sent and read. Encrypted channels are searched
+    /// with [`search_history`](Self::search_history).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Api`] with `BadQuery` for a query the language refuses (over 1,024 bytes, no
+    /// term, ...); [`Error::RetriesExhausted`] when no node could answer.
+    pub async fn search(&self, query: &str, limit: u32) -> Result<proto::SearchReply, Error> {
+        proto::search::Query::parse(query)
+            .map_err(|e| Error::Api(ApiError::Rejected(RejectReason::BadQuery(e))))?;
+        let reply = self
+            .read(|conn| {
+                let request = proto::SearchRequest {
+                    query: query.to_owned(),
+                    limit,
+                    read_token: self.routes.token(),
+                };
+                async move { conn.search(self.pool.ctx(), request).await }
+            })
+            .await?;
+        self.routes.observe(reply.indexed);
+        Ok(reply)
+    }
+
+    /// Searches the newest `scan` messages of `channel` as this client reads them (decrypted
+    /// with `keys`, signatures checked): how an end-to-end encrypted channel is searched, since
+    /// no node can read it. Same language as [`search`](Self::search); only text whose author
+    /// verified counts. Answers at most `limit` matches, newest first.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Api`] with `BadQuery`, or as [`history`](Self::history).
+    pub async fn search_history(
+        &self,
+        channel: &str,
+        keys: &Keys,
+        query: &str,
+        scan: u32,
+        limit: usize,
+    ) -> Result<Vec<(WireMessage, Shown)>, Error> {
+        let query = proto::search::Query::parse(query)
+            .map_err(|e| Error::Api(ApiError::Rejected(RejectReason::BadQuery(e))))?;
+        let batch = self.recent_before(channel, None, scan).await?;
+        let history = match self.channel_security(channel).await {
+            Ok(ChannelSecurity::Plain) => ChannelHistory::Plain,
+            _ => ChannelHistory::Encrypted,
+        };
+        let mut index = proto::search::SearchIndex::new();
+        let mut shown = std::collections::HashMap::new();
+        for message in batch.messages {
+            let text_bearing = matches!(message.relation, None | Some(Relation::Reply { .. }));
+            if message.deleted || !text_bearing {
+                continue;
+            }
+            let seen = self.show(keys, history, &message).await;
+            if let Some(text) = seen.opened.verified_text() {
+                index.insert(channel, message.seq, &message.sender, text);
+                shown.insert(message.seq, (message, seen));
+            }
+        }
+        let page = index.query(&query, |_| true, limit);
+        Ok(page
+            .hits
+            .into_iter()
+            .filter_map(|hit| shown.remove(&hit.seq))
+            .collect())
     }
 
     async fn history_request(

@@ -303,6 +303,14 @@ impl proto::Chat for MockChat {
         Err(ApiError::unavailable("no read markers in the mock"))
     }
 
+    async fn search(
+        self,
+        _: Context,
+        _: proto::SearchRequest,
+    ) -> Result<proto::SearchReply, ApiError> {
+        Err(ApiError::unavailable("no search in the mock"))
+    }
+
     async fn user_keys(
         self,
         _: Context,

@@ -21,7 +21,8 @@ use proto::{
     wait_budget, ApiError, ChannelChange, ChannelDetail, ChannelInfo, ChannelInfoRequest,
     ChannelPage, ChannelRequest, ChannelsRequest, ClusterInfo, Hello, HistoryRequest, LeaderHint,
     Login, MarkReadReply, MarkReadRequest, MessageBatch, NodeInfo, Pong, RejectReason, Role,
-    SendReply, SendRequest, Session, StreamRequest, UserKey, Welcome, WireMessage,
+    SearchReply, SearchRequest, SendReply, SendRequest, Session, StreamRequest, UserKey, Welcome,
+    WireMessage,
 };
 use tarpc::context::Context;
 
@@ -109,6 +110,8 @@ pub struct ApiShared {
     pub raft: Raft,
     /// Applied chat state, for reads.
     pub chat: Arc<ChatState>,
+    /// The search index over this node's plaintext messages.
+    pub searcher: crate::search::Searcher,
     pub delivery: Delivery,
     pub proposer: Proposer,
     /// Coalesces read markers into entries.
@@ -1126,6 +1129,54 @@ impl proto::Chat for ChatServer {
             read_to: read_to.0,
             read_token: marked.log_index,
         })
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn search(self, ctx: Context, req: SearchRequest) -> Result<SearchReply, ApiError> {
+        let _busy = self.busy();
+        let started = Instant::now();
+        let user = self.require_login()?;
+        let query = proto::search::Query::parse(&req.query)
+            .map_err(|e| ApiError::Rejected(RejectReason::BadQuery(e)))?;
+        let budget = wait_budget(&ctx, proto::STREAM_WAIT_MS_MAX);
+        let mut covered = self.shared.searcher.covered();
+        let wait = covered.wait_for(|&covered| covered >= req.read_token);
+        let indexed = match tokio::time::timeout(budget, wait).await {
+            Ok(Ok(covered)) => *covered,
+            _ => {
+                return Err(ApiError::unavailable(
+                    "the search index is behind the read token",
+                ))
+            }
+        };
+        let limit = req.limit.clamp(1, proto::SEARCH_HITS_MAX) as usize;
+        let shared = self.shared.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            let chat = &shared.chat;
+            let page = shared
+                .searcher
+                .query(&query, |channel| chat.admits(channel, &user), limit);
+            let mut messages = Vec::with_capacity(page.hits.len());
+            for hit in page.hits {
+                // Read back, so what was deleted or expired since it was indexed is left out
+                // and an edited message shows its current text.
+                let read = chat.history(&hit.channel, ChannelSeq(hit.seq), 1);
+                let message = read.map_err(storage_error(&hit.channel))?.pop();
+                if let Some(m) = message.filter(|m| m.seq.0 == hit.seq && !m.meta.deleted) {
+                    messages.push(to_wire(m));
+                }
+            }
+            Ok::<_, ApiError>(SearchReply {
+                messages,
+                truncated: page.truncated,
+                indexed,
+            })
+        })
+        .await
+        .map_err(|_| ApiError::unavailable("search failed"))??;
+        self.shared.metrics.searches_total.inc();
+        self.shared.metrics.observe_rpc("search", started.elapsed());
+        Ok(found)
     }
 }
 

@@ -191,6 +191,7 @@ mod tests {
             join_secret_changed: false,
             markers: Vec::new(),
             added: Vec::new(),
+            snapshot: false,
         }
     }
 

@@ -42,6 +42,7 @@ mod raft_rpc;
 mod read_marks;
 mod reconcile;
 mod retention;
+mod search;
 mod server;
 mod snapshot_file;
 mod snapshot_transfer;

@@ -257,6 +257,12 @@ pub struct Metrics {
     pub users_online: Gauge,
     /// Typing notes this node passed on from its own clients (counted by `Ephemeral`).
     pub typing_notes: Counter,
+    /// Searches this node answered.
+    pub searches_total: Counter,
+    /// Messages in this node's search index (set by the indexer's owner).
+    pub search_messages: Gauge,
+    /// Rough size of this node's search index in bytes.
+    pub search_bytes: Gauge,
     /// Sends per proposed log entry.
     pub batch_sends: Histogram,
     rpc_seconds: Family<Labels, Histogram, fn() -> Histogram>,
@@ -290,6 +296,9 @@ impl Metrics {
             push_batches_encoded: Counter::default(),
             users_online: Gauge::default(),
             typing_notes: Counter::default(),
+            searches_total: Counter::default(),
+            search_messages: Gauge::default(),
+            search_bytes: Gauge::default(),
             batch_sends: count_histogram(),
             rpc_seconds: Family::new_with_constructor(|| latency_histogram(16)),
             connections_refused: Family::default(),
@@ -319,6 +328,11 @@ impl Metrics {
                 connection here, or on a peer whose news is fresh" => m.users_online;
             "typing_notes", "Typing notes this node passed on from its own clients"
                 => m.typing_notes;
+            "searches", "Searches this node answered" => m.searches_total;
+            "search_messages", "Messages in this node's search index (plaintext only)"
+                => m.search_messages;
+            "search_bytes", "Rough memory held by this node's search index, in bytes"
+                => m.search_bytes;
             "batch_sends", "Sends per proposed log entry" => m.batch_sends;
             "rpc_seconds", "Client RPC latency by method" => m.rpc_seconds;
             "raft_role", "1 for this node's current Raft role" => d.role;

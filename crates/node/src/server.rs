@@ -44,6 +44,7 @@ use crate::raft::{start_raft, Raft};
 use crate::raft_rpc::{self, Network, RaftRpcServer};
 use crate::read_marks::ReadMarks;
 use crate::reconcile;
+use crate::search::Searcher;
 use crate::snapshot_transfer::SnapshotReceiver;
 use crate::state_machine::StateMachine;
 use crate::types::NodeId;
@@ -390,11 +391,14 @@ impl Server {
         let delivery = Delivery::new(chat.applied_index().map_or(0, |i| i.0));
         let secret_changed = Arc::new(tokio::sync::Notify::new());
         let ephemeral = Ephemeral::new();
+        let searcher = Searcher::new();
         chat.set_apply_listener({
             let (deliver, secret_changed) = (delivery.listener(), secret_changed.clone());
             let markers = ephemeral.clone();
+            let index = searcher.clone();
             Box::new(move |event| {
                 deliver(event);
+                index.applied(event);
                 markers.markers_moved(&event.markers);
                 markers.channels_added(&event.added);
                 if event.join_secret_changed {
@@ -442,6 +446,7 @@ impl Server {
             cluster: config.cluster.clone(),
             raft: raft.clone(),
             chat,
+            searcher: searcher.clone(),
             delivery,
             proposer,
             read_marks,
@@ -525,6 +530,12 @@ impl Server {
             ),
             tokio::spawn(follow_secret),
             tokio::spawn(ephemeral.clone().run_presence()),
+            tokio::spawn(searcher.clone().run(shared.chat.clone())),
+            tokio::spawn(crate::search::count_into(
+                searcher,
+                metrics.search_messages.clone(),
+                metrics.search_bytes.clone(),
+            )),
             tokio::spawn(raft_rpc::gossip_ephemeral(
                 id,
                 ephemeral,

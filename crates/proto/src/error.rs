@@ -203,6 +203,9 @@ pub enum RejectReason {
     /// A change to a direct conversation, or a `dm-` name used for another channel.
     #[error("direct conversations are created with their members, which never change")]
     DirectChannel,
+    /// A search query the language refuses.
+    #[error("bad search query: {0}")]
+    BadQuery(crate::search::QueryError),
 }
 
 #[cfg(test)]

@@ -35,6 +35,7 @@ mod login;
 pub mod node_name;
 pub mod push;
 mod retention;
+pub mod search;
 mod service;
 pub mod tls;
 mod transport;
@@ -58,6 +59,7 @@ pub use types::{
     direct_channel_name, is_direct_channel, valid_user_name, ChannelChange, ChannelDetail,
     ChannelInfo, ChannelInfoRequest, ChannelPage, ChannelRequest, ChannelsRequest, ClusterInfo,
     Hello, HistoryRequest, LeaderHint, Login, MarkReadReply, MarkReadRequest, MessageBatch,
-    NodeInfo, Pong, Reaction, Relation, Role, SendReply, SendRequest, Session, StreamRequest,
-    UserKey, Welcome, WireMessage, CHANNEL_PAGE_MAX, DIRECT_MEMBERS_MAX, USER_KEYS_MAX,
+    NodeInfo, Pong, Reaction, Relation, Role, SearchReply, SearchRequest, SendReply, SendRequest,
+    Session, StreamRequest, UserKey, Welcome, WireMessage, CHANNEL_PAGE_MAX, DIRECT_MEMBERS_MAX,
+    SEARCH_HITS_MAX, USER_KEYS_MAX,
 };

@@ -15,7 +15,8 @@ use crate::{
     types::{
         ChannelDetail, ChannelInfoRequest, ChannelPage, ChannelRequest, ChannelsRequest,
         ClusterInfo, Hello, HistoryRequest, Login, MarkReadReply, MarkReadRequest, MessageBatch,
-        Pong, SendReply, SendRequest, Session, StreamRequest, UserKey, Welcome,
+        Pong, SearchReply, SearchRequest, SendReply, SendRequest, Session, StreamRequest, UserKey,
+        Welcome,
     },
 };
 
@@ -28,7 +29,8 @@ use crate::{
 /// (a channel change, the channel detail's retention and floor, and two rejections).
 /// Version 6: relations (replies, edits, deletes, reactions) in sends and messages.
 /// Version 7: read markers (`mark_read`, and each listed channel's `read_to`). Version 8:
-/// direct conversations (a channel change, two rejections, each listed channel's `direct`).
+/// direct conversations (a channel change, two rejections, each listed channel's `direct`)
+/// and `search`.
 pub const PROTOCOL_VERSION: u16 = 8;
 
 /// Largest request frame a node reads on the chat service, in bytes (64 KiB): a send carries
@@ -100,6 +102,9 @@ pub trait Chat {
     /// entry now and then, so this answers after that entry applied: with the marker (never
     /// lower than before) and the entry's read token.
     async fn mark_read(req: MarkReadRequest) -> Result<MarkReadReply, ApiError>;
+    /// Full-text search over the plaintext messages of the channels the caller may read, from
+    /// the answering node's index, after it covers `read_token` (see [`crate::search`]).
+    async fn search(req: SearchRequest) -> Result<SearchReply, ApiError>;
 }
 
 /// A client-side transport for [`Chat`].

@@ -356,6 +356,32 @@ pub fn direct_channel_name<S: AsRef<str>>(members: &[S]) -> String {
     format!("dm-{}", hex::encode(&hash.finalize()[..20]))
 }
 
+/// Asks for the messages matching a search query (the language of [`crate::search`]) in the
+/// plaintext channels the caller may read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SearchRequest {
+    /// The query, at most [`crate::search::MAX_QUERY_BYTES`] bytes.
+    pub query: String,
+    /// Most messages to return; the node caps it at [`SEARCH_HITS_MAX`].
+    pub limit: u32,
+    /// Wait until the node's index covers this log index (see [`SendReply::read_token`]).
+    pub read_token: u64,
+}
+
+/// Most messages in one [`SearchReply`].
+pub const SEARCH_HITS_MAX: u32 = crate::search::MAX_HITS as u32;
+
+/// The messages a search found, newest first (by when their current text was indexed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SearchReply {
+    /// The messages, as `history` returns them (an edited one with its newest edit).
+    pub messages: Vec<WireMessage>,
+    /// The node stopped looking before it found `limit` (narrow the query to see more).
+    pub truncated: bool,
+    /// The log index the node's index covered when it answered.
+    pub indexed: u64,
+}
+
 /// Whether `channel` is named like a direct conversation (`dm-`, reserved for them).
 pub fn is_direct_channel(channel: &str) -> bool {
     channel.starts_with("dm-")

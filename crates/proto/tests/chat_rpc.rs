@@ -86,6 +86,15 @@ impl Chat for TestServer {
         Err(ApiError::NotLeader { leader: None })
     }
 
+    async fn search(
+        self,
+        _: Context,
+        _: proto::SearchRequest,
+    ) -> Result<proto::SearchReply, ApiError> {
+        self.gate()?;
+        Err(ApiError::unavailable("no index"))
+    }
+
     async fn stream(self, ctx: Context, req: StreamRequest) -> Result<MessageBatch, ApiError> {
         self.gate()?;
         // No messages ever arrive here, so a poll always waits out its budget.

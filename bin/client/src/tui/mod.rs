@@ -444,6 +444,9 @@ impl App {
                     Err(refusal) => self.say(&refusal),
                 }
             }
+            Input::Search(query) => self.spawn_say(here, async move {
+                actions::search(&client, &keys, &encrypted, &channel, &query).await
+            }),
             Input::Thread(seq) => self.spawn_say(here, async move {
                 actions::thread(&client, &keys, &encrypted, &channel, seq).await
             }),
@@ -784,7 +787,9 @@ impl App {
         }
     }
 
-    /// Reads this user's markers back in the background (see [`MARKERS_EVERY`]).
+    /// Reads this user's markers back in the background (see [`MARKERS_EVERY`]), and lists
+    /// the direct conversations with something unread that are not in the list (started while
+    /// this client was away, or missed).
     fn read_markers(&self) {
         let (client, events) = (self.client.clone(), self.events.clone());
         tokio::spawn(async move {
@@ -792,6 +797,19 @@ impl App {
             let Ok(channels) = client.channels().await else {
                 return;
             };
+            let unread_direct = (channels.iter())
+                .filter(|c| !c.direct.is_empty() && c.head > c.read_to)
+                .map(|c| {
+                    Event::Ephemeral(Ephemeral::Added {
+                        channel: c.name.clone(),
+                    })
+                })
+                .collect::<Vec<_>>();
+            for event in unread_direct {
+                if events.send(event).await.is_err() {
+                    return;
+                }
+            }
             for channel in channels.into_iter().filter(|c| c.read_to > 0) {
                 if events
                     .send(Event::Marker(channel.name, channel.read_to))

@@ -1,0 +1,271 @@
+//! The node's search index: a [`proto::search::SearchIndex`] over the plaintext messages this
+//! node's state machine applied, kept current by a task fed from the apply listener, and
+//! built whole from the state at start and after a snapshot install.
+//!
+//! # Consistency
+//!
+//! The index *covers* a log index `i` when every entry up to `i` is reflected in it: its
+//! messages indexed, its edits replacing their target's text, its deletes removing their
+//! target. [`Searcher::covered`] only grows (a rebuild keeps the old index until the new one
+//! is whole). A search waits until the index covers the caller's read token, so a client
+//! finds what it sent and everything it has read; it may also see later messages. Hits are
+//! read back from the state when answered, so a message deleted or expired after it was
+//! indexed is never returned, and an edited one shows its current text.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chat_sm::{AppliedEvent, ChannelSeq, ChatState, Relation};
+use parking_lot::{Mutex, RwLock};
+use proto::search::{plaintext_of, Query, SearchIndex, SearchPage};
+use tokio::sync::{watch, Notify};
+
+/// Messages read from the state per history call while indexing.
+const READ_PAGE: usize = 1000;
+
+/// How often messages that retention expired are dropped from the index (searches skip them
+/// meanwhile, since hits are read back from the state).
+const TRIM_EVERY: Duration = Duration::from_secs(60);
+
+/// Channels with new messages since the indexer last looked, and how far the log went.
+#[derive(Default)]
+struct Pending {
+    /// Channel -> its newest head seen in an event.
+    heads: HashMap<String, u64>,
+    /// The newest applied index seen in an event.
+    index: u64,
+    /// A snapshot replaced the state: build the index again from it.
+    rebuild: bool,
+}
+
+struct Inner {
+    index: RwLock<SearchIndex>,
+    /// Per channel, the highest seq whose entry the index has taken in.
+    seen: Mutex<HashMap<String, u64>>,
+    pending: Mutex<Pending>,
+    wake: Notify,
+    covered: watch::Sender<u64>,
+}
+
+/// The node's search index and the task that keeps it current. Cheap to clone.
+#[derive(Clone)]
+pub struct Searcher {
+    inner: Arc<Inner>,
+}
+
+impl Default for Searcher {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Searcher {
+    /// An empty index covering nothing; [`run`](Self::run) builds it.
+    pub fn new() -> Searcher {
+        Searcher {
+            inner: Arc::new(Inner {
+                index: RwLock::new(SearchIndex::new()),
+                seen: Mutex::new(HashMap::new()),
+                pending: Mutex::new(Pending {
+                    rebuild: true,
+                    ..Pending::default()
+                }),
+                wake: Notify::new(),
+                covered: watch::channel(0).0,
+            }),
+        }
+    }
+
+    /// Notes an applied batch for the indexer. Cheap: called on the apply thread.
+    pub fn applied(&self, event: &AppliedEvent) {
+        let mut pending = self.inner.pending.lock();
+        for (channel, head) in &event.heads {
+            let at = pending.heads.entry(channel.clone()).or_default();
+            *at = (*at).max(head.0);
+        }
+        pending.index = pending.index.max(event.index.0);
+        pending.rebuild |= event.snapshot;
+        drop(pending);
+        self.inner.wake.notify_one();
+    }
+
+    /// The log index the index covers (see the module doc).
+    pub fn covered(&self) -> watch::Receiver<u64> {
+        self.inner.covered.subscribe()
+    }
+
+    /// Runs `query` for a user admitted by `admits`: at most `limit` hits, newest first.
+    pub fn query(
+        &self,
+        query: &Query,
+        admits: impl FnMut(&str) -> bool,
+        limit: usize,
+    ) -> SearchPage {
+        self.inner.index.read().query(query, admits, limit)
+    }
+
+    /// Live messages indexed and the index's rough size in bytes.
+    pub fn size(&self) -> (usize, usize) {
+        let index = self.inner.index.read();
+        (index.len(), index.heap_bytes())
+    }
+
+    /// Keeps the index current until the runtime stops. Reads from `chat` on a blocking
+    /// thread, so applies and RPCs go on while a large backlog is indexed.
+    pub async fn run(self, chat: Arc<ChatState>) {
+        let mut trim = tokio::time::interval(TRIM_EVERY);
+        trim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let (heads, index, rebuild) = {
+                let mut pending = self.inner.pending.lock();
+                let taken = std::mem::take(&mut *pending);
+                (taken.heads, taken.index, taken.rebuild)
+            };
+            let (this, state) = (self.clone(), chat.clone());
+            let done = tokio::task::spawn_blocking(move || {
+                if rebuild {
+                    this.rebuild(&state, index)
+                } else {
+                    this.catch_up(&state, heads, index)
+                }
+            })
+            .await;
+            match done {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    // The state could not be read: try again from scratch shortly.
+                    tracing::error!(error = %e, "search index update failed; rebuilding");
+                    self.inner.pending.lock().rebuild = true;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "search indexer stopped");
+                    return;
+                }
+            }
+            tokio::select! {
+                _ = self.inner.wake.notified() => {}
+                _ = trim.tick() => self.trim(&chat),
+            }
+        }
+    }
+
+    /// Builds a new index from the whole state, then swaps it in. `index` is the newest
+    /// applied index an event reported before the build began.
+    fn rebuild(&self, chat: &ChatState, index: u64) -> Result<(), chat_sm::Error> {
+        let covers = chat.applied_index().map_or(0, |i| i.0).max(index);
+        let fresh = RwLock::new(SearchIndex::new());
+        let mut seen = HashMap::new();
+        for (channel, _) in chat.channels() {
+            let last = take_in(chat, &fresh, &channel, chat.floor(&channel).0)?;
+            seen.insert(channel, last);
+        }
+        *self.inner.index.write() = fresh.into_inner();
+        *self.inner.seen.lock() = seen;
+        self.cover(covers);
+        tracing::info!(messages = self.size().0, "search index built");
+        Ok(())
+    }
+
+    /// Takes in the new entries of `heads`' channels, then covers `index`.
+    fn catch_up(
+        &self,
+        chat: &ChatState,
+        heads: HashMap<String, u64>,
+        index: u64,
+    ) -> Result<(), chat_sm::Error> {
+        for (channel, head) in heads {
+            let from = self.inner.seen.lock().get(&channel).map_or(0, |&s| s + 1);
+            if from > head {
+                continue;
+            }
+            let last = take_in(chat, &self.inner.index, &channel, from.max(1))?;
+            self.inner.seen.lock().insert(channel, last);
+        }
+        self.cover(index);
+        Ok(())
+    }
+
+    fn cover(&self, index: u64) {
+        self.inner.covered.send_if_modified(|covered| {
+            let grew = index > *covered;
+            *covered = (*covered).max(index);
+            grew
+        });
+    }
+
+    /// Drops what retention expired.
+    fn trim(&self, chat: &ChatState) {
+        let channels: Vec<String> = self.inner.seen.lock().keys().cloned().collect();
+        let mut index = self.inner.index.write();
+        for channel in channels {
+            index.trim(&channel, chat.floor(&channel).0);
+        }
+    }
+}
+
+/// Keeps the index's size in the metrics, every few seconds.
+pub async fn count_into(
+    searcher: Searcher,
+    messages: prometheus_client::metrics::gauge::Gauge,
+    bytes: prometheus_client::metrics::gauge::Gauge,
+) {
+    let mut every = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        every.tick().await;
+        let (count, size) = searcher.size();
+        messages.set(i64::try_from(count).unwrap_or(i64::MAX));
+        bytes.set(i64::try_from(size).unwrap_or(i64::MAX));
+    }
+}
+
+/// Takes the entries of `channel` from seq `from` to its head into `index`, a page at a time
+/// (read outside the lock, so searches wait for one page at most); answers the last seq taken
+/// in (`from - 1` when there was none).
+fn take_in(
+    chat: &ChatState,
+    index: &RwLock<SearchIndex>,
+    channel: &str,
+    from: u64,
+) -> Result<u64, chat_sm::Error> {
+    let mut next = from.max(1);
+    let mut last = next - 1;
+    loop {
+        let page = chat.history(channel, ChannelSeq(next), READ_PAGE)?;
+        let Some(end) = page.last().map(|m| m.seq.0) else {
+            return Ok(last);
+        };
+        let mut index = index.write();
+        for message in &page {
+            take_message(&mut index, channel, message);
+        }
+        last = end;
+        next = end + 1;
+    }
+}
+
+/// One entry's effect on the index: a message (or reply) is indexed when plaintext, an edit
+/// replaces its target's text, a delete removes its target, a reaction changes nothing.
+fn take_message(index: &mut SearchIndex, channel: &str, message: &chat_sm::Message) {
+    let seq = message.seq.0;
+    match &message.meta.relation {
+        Some(Relation::Delete { of }) => index.remove(channel, of.0),
+        Some(Relation::React { .. }) => {}
+        // An erased edit says nothing: its delete removes the target too.
+        Some(Relation::Edit { of }) if !message.meta.deleted => match plaintext_of(&message.body) {
+            Some(text) => index.insert(channel, of.0, &message.sender, text),
+            None => index.remove(channel, of.0),
+        },
+        Some(Relation::Edit { .. }) => {}
+        None | Some(Relation::Reply { .. }) if message.meta.deleted => index.remove(channel, seq),
+        None | Some(Relation::Reply { .. }) => {
+            // A message read late may carry its newest edit: that is its text now.
+            let current = message.edit.as_deref().unwrap_or(message);
+            if let Some(text) = plaintext_of(&current.body) {
+                index.insert(channel, seq, &message.sender, text);
+            }
+        }
+    }
+}
