@@ -600,6 +600,8 @@ pub struct ChatState {
     writer: Mutex<Writer>,
     view: RwLock<View>,
     listener: RwLock<Option<Listener>>,
+    /// A delete erased a body since the last [`ChatState::compact_if_erased`].
+    erased: std::sync::atomic::AtomicBool,
 }
 
 impl ChatState {
@@ -638,6 +640,7 @@ impl ChatState {
             writer: Mutex::new(writer),
             view: RwLock::new(view),
             listener: RwLock::new(None),
+            erased: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -1248,6 +1251,7 @@ impl ChatState {
                 target.body = Vec::new();
                 meta.deleted = true;
                 meta.reactions.clear();
+                self.erased.store(true, Ordering::Relaxed);
             }
             Relation::React { emoji, on, .. } => {
                 let users = meta.reactions.entry(emoji.clone()).or_default();
@@ -1876,6 +1880,21 @@ impl ChatState {
     pub fn compact(&self) -> Result<(), Error> {
         let store = self.view.read().store.clone();
         store.compact()
+    }
+
+    /// [`compact`](Self::compact)s when a delete erased a body since the last call, so an
+    /// erased body leaves the state's files soon after (the node calls it after each
+    /// snapshot). Answers whether it compacted.
+    ///
+    /// # Errors
+    /// As [`compact`](Self::compact); the next call tries again.
+    pub fn compact_if_erased(&self) -> Result<bool, Error> {
+        if !self.erased.swap(false, Ordering::Relaxed) {
+            return Ok(false);
+        }
+        self.compact()
+            .inspect_err(|_| self.erased.store(true, Ordering::Relaxed))?;
+        Ok(true)
     }
 
     /// Writes a snapshot file of the current state to `path` (through `path.tmp` and a
