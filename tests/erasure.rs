@@ -65,14 +65,8 @@ async fn a_deleted_body_is_in_no_file_of_any_node_after_the_next_snapshots() -> 
     };
     let alice = Client::connect(config).await?;
     let marker: [u8; 16] = rand::random();
-    let secret = format!(
-        "the launch code is {}",
-        format!("{:032x}", u128::from_le_bytes(marker))
-    );
-    let kept = format!(
-        "this one stays {}",
-        format!("{:032x}", rand::random::<u128>())
-    );
+    let secret = format!("the launch code is {:032x}", u128::from_le_bytes(marker));
+    let kept = format!("this one stays {:032x}", rand::random::<u128>());
     let sent = alice.send_text("general", &secret, None).await?;
     alice.send_text("general", &kept, None).await?;
 
