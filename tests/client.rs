@@ -1670,6 +1670,72 @@ async fn typing_and_presence_show_between_the_full_screen_client_and_the_line_mo
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_conversation_and_search_in_the_full_screen_client_and_the_line_mode(
+) -> anyhow::Result<()> {
+    let cluster = three_nodes("cl-direct", &[]).await?;
+    let dir = tempfile::tempdir()?;
+    let tmux = Tmux::new();
+    tmux.start_full_screen(&cluster, dir.path(), "Bob", (120, 30))?;
+    tmux.wait_for("Bob", "Bob online", |s| {
+        status_bar(s).contains("Bob in #general") && status_bar(s).contains("| 1 online")
+    })
+    .await?;
+    // A name registers with its first message.
+    tmux.run(&["send-keys", "-t", "Bob", "deploy is green", "Enter"])?;
+    tmux.start_line_mode(&cluster, dir.path(), "Alice", "Alice")?;
+    tmux.wait_for("Alice", "Bob's message", |s| {
+        s.contains("Bob: deploy is green")
+    })
+    .await?;
+
+    // Alice starts the conversation from the line mode; Bob's list shows it at once.
+    tmux.run(&["send-keys", "-t", "Alice", "/dm Bob", "Enter"])?;
+    tmux.wait_for("Alice", "the conversation opened", |s| {
+        s.contains("started your direct conversation with Bob") && s.contains("@Bob [e2e]")
+    })
+    .await?;
+    tmux.run(&[
+        "send-keys",
+        "-t",
+        "Alice",
+        "psst, the code is 4711",
+        "Enter",
+    ])?;
+    tmux.wait_for("Bob", "the conversation listed with a mention", |s| {
+        s.lines().any(|l| l.contains("@Alice (1, @1)"))
+    })
+    .await?;
+    tmux.run(&["send-keys", "-t", "Bob", "/dm Alice", "Enter"])?;
+    tmux.wait_for("Bob", "Alice's message, decrypted", |s| {
+        status_bar(s).contains("Bob in @Alice [e2e")
+            && full_screen_row(s, "Alice", "psst, the code is 4711").is_some()
+    })
+    .await?;
+
+    // Bob searches the conversation on his machine; Alice searches the plaintext channels.
+    tmux.run(&["send-keys", "-t", "Bob", "/search code", "Enter"])?;
+    tmux.wait_for("Bob", "the local search", |s| {
+        s.contains("-- 1 match in the last 10000 messages of @Alice --")
+    })
+    .await?;
+    tmux.run(&["send-keys", "-t", "Alice", "/leave", "Enter"])?;
+    tmux.run(&["send-keys", "-t", "Alice", "/search depl*", "Enter"])?;
+    tmux.wait_for("Alice", "the nodes' search", |s| {
+        s.contains("-- 1 match in plaintext channels --")
+            && s.contains("#general [")
+            && s.contains("Bob: deploy is green")
+    })
+    .await?;
+    tmux.run(&["send-keys", "-t", "Alice", "/dm @Bob", "Enter"])?;
+    tmux.run(&["send-keys", "-t", "Alice", "/search code", "Enter"])?;
+    tmux.wait_for("Alice", "her key searches her side too", |s| {
+        s.contains("-- 1 match in the last 10000 messages of @Bob --")
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_markers_follow_a_user_from_the_full_screen_client_to_the_line_mode_and_back(
 ) -> anyhow::Result<()> {
     let cluster = three_nodes("cl-marks", &[]).await?;

@@ -411,6 +411,7 @@ pub async fn search(
     let count = lines.len();
     let head = match count {
         0 => format!("-- no match in {where_} --"),
+        1 => format!("-- 1 match in {where_} --"),
         n => format!("-- {n} matches in {where_}, newest first --"),
     };
     lines.insert(0, head);

@@ -403,7 +403,11 @@ impl Chat {
         };
         let head = match self.client.history(&self.channel, None, JOIN_HISTORY).await {
             Ok(page) => {
-                self.out(format!("-- #{} ({} messages) --", self.channel, page.head));
+                self.out(format!(
+                    "-- {} ({} messages) --",
+                    actions::label(&self.channel),
+                    page.head
+                ));
                 self.oldest_shown = page.messages.first().map(|m| m.seq);
                 let now = timefmt::now_ms();
                 let mut divider = read_to > 0 && read_to < page.head;

@@ -69,9 +69,17 @@ impl Client {
         let me = self.name().ok_or(Error::NoIdentity)?.to_owned();
         let members = direct_members_of(&me, with)?;
         let channel = proto::direct_channel_name(&members);
+        let own_key = self.identity().ok_or(Error::NoIdentity)?.public_key();
         let mut keys = HashMap::new();
         for member in &members {
-            keys.insert(member.clone(), self.sender_key(member).await);
+            // This user's own key is known here, and a name not registered yet registers
+            // with the change that creates the conversation.
+            let key = if *member == me {
+                SenderKey::Pinned(own_key)
+            } else {
+                self.sender_key(member).await
+            };
+            keys.insert(member.clone(), key);
         }
         let mut created = false;
         let record = match self.channel_info(&channel).await?.crypto {
