@@ -1138,6 +1138,9 @@ impl proto::Chat for ChatServer {
         let user = self.require_login()?;
         let query = proto::search::Query::parse(&req.query)
             .map_err(|e| ApiError::Rejected(RejectReason::BadQuery(e)))?;
+        // A search costs up to milliseconds of CPU, unlike a read: it spends the user's
+        // write budget, so a flood of them is paced like a flood of sends.
+        self.take_user_token(&user)?;
         let budget = wait_budget(&ctx, proto::STREAM_WAIT_MS_MAX);
         let mut covered = self.shared.searcher.covered();
         let wait = covered.wait_for(|&covered| covered >= req.read_token);

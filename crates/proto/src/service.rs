@@ -103,7 +103,8 @@ pub trait Chat {
     /// lower than before) and the entry's read token.
     async fn mark_read(req: MarkReadRequest) -> Result<MarkReadReply, ApiError>;
     /// Full-text search over the plaintext messages of the channels the caller may read, from
-    /// the answering node's index, after it covers `read_token` (see [`crate::search`]).
+    /// the answering node's index, after it covers `read_token` (see [`crate::search`]). Each
+    /// search spends a token of the user's rate limit, as a send does.
     async fn search(req: SearchRequest) -> Result<SearchReply, ApiError>;
 }
 
