@@ -4,10 +4,12 @@
 //! Channel records (private channels, members, invitations) are part of every log.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::LazyLock;
 
 use chat_sm::{
     ChannelOp, ChannelRecord, ChannelSeq, ChatResponse, ClientId, Command, JoinSecret,
-    RejectReason, SendCmd, Sent, MAX_BODY_BYTES, MAX_CRYPTO_RECORD_BYTES,
+    RejectReason, SendCmd, Sent, MAX_BODY_BYTES, MAX_CRYPTO_RECORD_BYTES, MAX_DIRECT_CRYPTO_BYTES,
+    MAX_DIRECT_MEMBERS,
 };
 use proptest::prelude::*;
 
@@ -33,14 +35,53 @@ fn arb_channel_op() -> impl Strategy<Value = ChannelOp> {
     ]
 }
 
+/// The direct conversation of alice and bob_2, which logs write to, change and create.
+static DM: LazyLock<String> = LazyLock::new(|| chat_sm::direct_channel_name(&["alice", "bob_2"]));
+
+/// A channel name, sometimes the direct conversation's.
+fn arb_channel(names: &'static [&'static str]) -> impl Strategy<Value = String> {
+    prop_oneof![
+        4 => prop::sample::select(names).prop_map(str::to_owned),
+        1 => Just(DM.clone()),
+    ]
+}
+
+/// Creates of direct conversations: members drawn with repeats and bad names, named after
+/// them most of the time, by a member or not, with a record that fits or not.
+fn arb_direct_cmd() -> impl Strategy<Value = Command> {
+    let members = prop_oneof![
+        2 => Just(vec!["alice", "bob_2"]),
+        1 => Just(vec!["bob_2", "alice"]),
+        3 => prop::collection::vec(prop::sample::select(INVITEES), 0..4),
+    ];
+    (
+        members,
+        prop::sample::select(&["alice", "bob_2", "Alice"][..]),
+        prop_oneof![4 => Just(true), 1 => Just(false)],
+        prop_oneof![4 => 1usize..64, 1 => Just(MAX_DIRECT_CRYPTO_BYTES + 1)],
+    )
+        .prop_map(|(members, by, named, crypto_len)| Command::Channel {
+            channel: if named {
+                chat_sm::direct_channel_name(&members)
+            } else {
+                DM.clone()
+            },
+            by: by.into(),
+            op: ChannelOp::CreateDirect {
+                members: members.iter().map(|m| m.to_string()).collect(),
+                crypto: vec![5; crypto_len],
+            },
+        })
+}
+
 fn arb_channel_cmd() -> impl Strategy<Value = Command> {
     (
-        prop::sample::select(&["general", "x_1", "Bad"][..]),
+        arb_channel(&["general", "x_1", "Bad"]),
         prop::sample::select(&["Alice", "bob_2", "alice", "bad name"][..]),
         arb_channel_op(),
     )
         .prop_map(|(channel, by, op)| Command::Channel {
-            channel: channel.into(),
+            channel,
             by: by.into(),
             op,
         })
@@ -48,7 +89,7 @@ fn arb_channel_cmd() -> impl Strategy<Value = Command> {
 
 fn arb_send() -> impl Strategy<Value = SendCmd> {
     (
-        prop::sample::select(CHANNELS),
+        arb_channel(CHANNELS),
         prop::sample::select(SENDERS),
         prop_oneof![8 => 1usize..24, 1 => Just(0usize), 1 => Just(MAX_BODY_BYTES + 1)],
         0u8..3,
@@ -57,7 +98,7 @@ fn arb_send() -> impl Strategy<Value = SendCmd> {
     )
         .prop_map(
             |(channel, sender, body_len, client, client_seq, at_ms)| SendCmd {
-                channel: channel.into(),
+                channel,
                 sender: sender.into(),
                 body: vec![client ^ (client_seq as u8); body_len],
                 client_id: ClientId([client; 16]),
@@ -79,6 +120,7 @@ fn arb_entry() -> impl Strategy<Value = TestEntry> {
             TestEntry::Cmd(Command::SetJoinSecret(JoinSecret(vec![len as u8; len])))
         }),
         4 => arb_channel_cmd().prop_map(TestEntry::Cmd),
+        3 => arb_direct_cmd().prop_map(TestEntry::Cmd),
         1 => Just(TestEntry::Blank),
         1 => any::<u8>().prop_map(|b| TestEntry::Membership(vec![b])),
         1 => Just(TestEntry::Malformed),
@@ -116,6 +158,40 @@ fn model_channel_op(
     }
     if !name_ok(by, false) {
         return Err(RejectReason::InvalidSender);
+    }
+    if let ChannelOp::CreateDirect { members, crypto } = op {
+        let set: BTreeSet<String> = members.iter().cloned().collect();
+        if set.len() != members.len()
+            || !(2..=MAX_DIRECT_MEMBERS).contains(&set.len())
+            || !set.contains(by)
+            || !set.iter().all(|m| name_ok(m, false))
+            || chat_sm::direct_channel_name(members) != channel
+        {
+            return Err(RejectReason::InvalidDirect);
+        }
+        if crypto.len() > MAX_DIRECT_CRYPTO_BYTES {
+            return Err(RejectReason::CryptoTooLarge {
+                len: crypto.len() as u64,
+            });
+        }
+        if !set.iter().all(|m| users.contains_key(m)) {
+            return Err(RejectReason::UnknownUser);
+        }
+        if records.contains_key(channel) || heads.get(channel).is_some_and(|&h| h > 0) {
+            return Err(RejectReason::ChannelExists);
+        }
+        let record = ChannelRecord {
+            owner: Some(by.into()),
+            private: true,
+            members: set,
+            invited: BTreeSet::new(),
+            crypto: Some(crypto.clone()),
+        };
+        records.insert(channel.into(), record);
+        return Ok(());
+    }
+    if channel.starts_with("dm-") {
+        return Err(RejectReason::DirectChannel);
     }
     if let ChannelOp::Create {
         crypto: Some(c), ..
@@ -193,7 +269,7 @@ fn model_channel_op(
         }
         ChannelOp::SetRetention(_) => unreachable!("not generated here: see retention.rs"),
         ChannelOp::SetTopic(_) => unreachable!("not generated here: see relations.rs"),
-        ChannelOp::CreateDirect { .. } => unreachable!("not generated here: see scenarios.rs"),
+        ChannelOp::CreateDirect { .. } => unreachable!("handled above"),
         ChannelOp::Remove(user) => {
             let mut r = current.expect("private checked");
             if r.owner.as_deref() == Some(user.as_str()) {
@@ -250,6 +326,8 @@ fn model(log: &[TestEntry]) -> Vec<ChatResponse> {
                 return Err(RejectReason::NotMember)
             }
             Some(_) => {}
+            None if heads.get(&s.channel).is_some_and(|&h| h > 0) => {}
+            None if s.channel.starts_with("dm-") => return Err(RejectReason::DirectChannel),
             None => {
                 let record = ChannelRecord {
                     owner: Some(s.sender.clone()),
