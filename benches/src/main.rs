@@ -169,6 +169,25 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         pairs: usize,
     },
+    /// Full-text search: loads plaintext messages, then times searches of six kinds through
+    /// the client library, each answered by the searcher's nearest node (cellchat only).
+    Search {
+        /// Messages loaded first.
+        #[arg(long, default_value_t = 1_000_000)]
+        messages: u64,
+        /// Channels they are spread over.
+        #[arg(long, default_value_t = 100)]
+        channels: usize,
+        /// Loading clients, each its own user (and `from:` target).
+        #[arg(long, default_value_t = 64)]
+        loaders: usize,
+        /// Searches timed.
+        #[arg(long, default_value_t = 3000)]
+        queries: usize,
+        /// Concurrent searching clients.
+        #[arg(long, default_value_t = 4)]
+        searchers: usize,
+    },
     /// Runs the standard matrix on every system and rewrites the generated part of
     /// benches/RESULTS.md.
     Report {
@@ -297,6 +316,13 @@ pub enum Spec {
     Typing {
         pairs: usize,
     },
+    Search {
+        messages: u64,
+        channels: usize,
+        loaders: usize,
+        queries: usize,
+        searchers: usize,
+    },
 }
 
 fn command_spec(command: Command) -> Spec {
@@ -338,6 +364,19 @@ fn command_spec(command: Command) -> Spec {
         },
         Command::Markers { users, rate } => Spec::Markers { users, rate },
         Command::Typing { pairs } => Spec::Typing { pairs },
+        Command::Search {
+            messages,
+            channels,
+            loaders,
+            queries,
+            searchers,
+        } => Spec::Search {
+            messages,
+            channels,
+            loaders,
+            queries,
+            searchers,
+        },
         Command::Report { .. } | Command::Idle { .. } => {
             unreachable!("handled before scenarios are dispatched")
         }

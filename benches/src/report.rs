@@ -15,6 +15,7 @@ use crate::scenario::failover::{self, FailoverOptions};
 use crate::scenario::fanout::{self, FanoutOptions};
 use crate::scenario::markers::{self, MarkersOptions};
 use crate::scenario::scale::{self, ScaleOptions};
+use crate::scenario::search::{self, SearchOptions};
 use crate::scenario::typing::{self, TypingOptions};
 use crate::scenario::write::{self, WriteOptions};
 use crate::stats::{now_rfc3339, RunResult};
@@ -274,7 +275,11 @@ pub async fn run_command(common: &Common, spec: &Spec, sink: &mut Sink) -> Resul
     for &kind in &common.system {
         let cellchat_only = matches!(
             spec,
-            Spec::Failover { .. } | Spec::Scale { .. } | Spec::Markers { .. } | Spec::Typing { .. }
+            Spec::Failover { .. }
+                | Spec::Scale { .. }
+                | Spec::Markers { .. }
+                | Spec::Typing { .. }
+                | Spec::Search { .. }
         );
         if cellchat_only && !kind.is_cellchat() {
             eprintln!("skipping {kind}: this scenario kills or loads cellchat nodes only");
@@ -354,6 +359,23 @@ async fn run_on(
                 warmup,
             };
             sink.push(markers::run(&cellchat, &options).await?)?;
+        }
+        Spec::Search {
+            messages,
+            channels,
+            loaders,
+            queries,
+            searchers,
+        } => {
+            let cellchat = start_cellchat(common).await?;
+            let options = SearchOptions {
+                messages: *messages,
+                channels: (*channels).max(1),
+                loaders: (*loaders).max(1),
+                queries: (*queries).max(1),
+                searchers: (*searchers).max(1),
+            };
+            sink.push(search::run(&cellchat, &options).await?)?;
         }
         Spec::Typing { pairs } => {
             let cellchat = start_cellchat(common).await?;

@@ -102,6 +102,33 @@ fn typing_times_notes_from_writer_to_reader() {
 }
 
 #[test]
+fn search_loads_messages_and_times_queries() {
+    let out = tempfile::tempdir().unwrap();
+    let args = [
+        "search",
+        "--messages",
+        "600",
+        "--channels",
+        "3",
+        "--loaders",
+        "3",
+        "--queries",
+        "60",
+        "--searchers",
+        "2",
+    ];
+    let (ok, stdout, stderr) = bench(out.path(), &args);
+    assert!(ok, "{stderr}");
+    let r = &runs(&stdout)[0];
+    assert_eq!(r["scenario"], "search", "{r}");
+    assert_eq!(r["errors"], 0, "{r}");
+    assert_eq!(r["extra"]["messages_loaded"], 600, "{r}");
+    assert_eq!(r["ops"], 60, "{r}");
+    assert!(r["extra"]["hits"].as_u64().unwrap() > 0, "queries found messages: {r}");
+    assert!(r["latency_ms"]["p99"].as_f64().unwrap() > 0.0, "{r}");
+}
+
+#[test]
 fn failover_measures_a_leader_kill() {
     let out = tempfile::tempdir().unwrap();
     let (ok, stdout, stderr) = bench(out.path(), &["failover", "--rounds", "1", "--clients", "2"]);

@@ -1,10 +1,12 @@
-//! The scenarios: `write`, `fanout`, `failover`, `scale`, `backup`, `markers` and `typing`.
+//! The scenarios: `write`, `fanout`, `failover`, `scale`, `backup`, `markers`, `typing` and
+//! `search`.
 
 pub mod backup;
 pub mod failover;
 pub mod fanout;
 pub mod markers;
 pub mod scale;
+pub mod search;
 pub mod typing;
 pub mod write;
 
