@@ -124,7 +124,10 @@ fn search_loads_messages_and_times_queries() {
     assert_eq!(r["errors"], 0, "{r}");
     assert_eq!(r["extra"]["messages_loaded"], 600, "{r}");
     assert_eq!(r["ops"], 60, "{r}");
-    assert!(r["extra"]["hits"].as_u64().unwrap() > 0, "queries found messages: {r}");
+    assert!(
+        r["extra"]["hits"].as_u64().unwrap() > 0,
+        "queries found messages: {r}"
+    );
     assert!(r["latency_ms"]["p99"].as_f64().unwrap() > 0.0, "{r}");
 }
 
