@@ -169,24 +169,32 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         pairs: usize,
     },
-    /// Full-text search: loads plaintext messages, then times searches of six kinds through
-    /// the client library, each answered by the searcher's nearest node (cellchat only).
+    /// Full-text search (cellchat only): loads signed plaintext messages, then times searches
+    /// of six kinds through the client library, each answered by the searcher's nearest node;
+    /// the indexing lag after the load; each node's index size and RSS. Prints two results:
+    /// `part: quiet` and, unless --write-rate is 0, `part: while_writing` (the same searches
+    /// again while a writer sends).
     Search {
-        /// Messages loaded first.
+        /// Messages loaded first, 12 words each.
         #[arg(long, default_value_t = 1_000_000)]
         messages: u64,
         /// Channels they are spread over.
         #[arg(long, default_value_t = 100)]
         channels: usize,
-        /// Loading clients, each its own user (and `from:` target).
-        #[arg(long, default_value_t = 64)]
-        loaders: usize,
-        /// Searches timed.
-        #[arg(long, default_value_t = 3000)]
+        /// Users loading them, each with a client of its own and 8 sends in flight (and each
+        /// a `from:` target).
+        #[arg(long, alias = "loaders", default_value_t = 100)]
+        users: usize,
+        /// Searches timed in each pass.
+        #[arg(long, default_value_t = 2000)]
         queries: usize,
-        /// Concurrent searching clients.
+        /// Concurrent searching clients, each a user of its own.
         #[arg(long, default_value_t = 4)]
         searchers: usize,
+        /// Messages per second a writer sends during the second pass of the searches; 0 skips
+        /// that pass.
+        #[arg(long, default_value_t = 200.0)]
+        write_rate: f64,
     },
     /// Runs the standard matrix on every system and rewrites the generated part of
     /// benches/RESULTS.md.
@@ -319,9 +327,10 @@ pub enum Spec {
     Search {
         messages: u64,
         channels: usize,
-        loaders: usize,
+        users: usize,
         queries: usize,
         searchers: usize,
+        write_rate: f64,
     },
 }
 
@@ -367,15 +376,17 @@ fn command_spec(command: Command) -> Spec {
         Command::Search {
             messages,
             channels,
-            loaders,
+            users,
             queries,
             searchers,
+            write_rate,
         } => Spec::Search {
             messages,
             channels,
-            loaders,
+            users,
             queries,
             searchers,
+            write_rate,
         },
         Command::Report { .. } | Command::Idle { .. } => {
             unreachable!("handled before scenarios are dispatched")

@@ -66,10 +66,11 @@ impl Sink {
                 self.header_printed = true;
             }
             println!("{}", table_row(&result));
-            // Its figures are all in `extra`; the columns above show only the load.
-            if result.scenario == "backup" {
+            // Their figures are mostly in `extra`; the columns above show only the load (for
+            // search: all kinds of query together).
+            if result.scenario == "backup" || result.scenario == "search" {
                 for (key, value) in &result.extra {
-                    println!("    {key}: {value}");
+                    print_extra(key, value, 4);
                 }
             }
         }
@@ -103,6 +104,47 @@ impl Sink {
             }
         }
         draw_charts(&self.out, &self.results)
+    }
+}
+
+/// One figure of `extra` on a line of its own: an object of plain values (or each object of a
+/// list) as `key=value` pairs on one line, an object of objects as one such line per field.
+/// Fractions are shown to two decimals.
+fn print_extra(key: &str, value: &serde_json::Value, indent: usize) {
+    use serde_json::Value;
+    fn shown(value: &Value) -> String {
+        match value {
+            Value::Number(n) if n.is_f64() => format!("{:.2}", n.as_f64().unwrap_or(f64::NAN)),
+            Value::Array(items) => {
+                let items: Vec<String> = items.iter().map(shown).collect();
+                format!("[{}]", items.join(", "))
+            }
+            value => value.to_string(),
+        }
+    }
+    let pairs = |fields: &serde_json::Map<String, Value>| {
+        let pairs: Vec<String> = (fields.iter())
+            .map(|(k, v)| format!("{k}={}", shown(v)))
+            .collect();
+        pairs.join(" ")
+    };
+    match value {
+        Value::Object(fields) if fields.values().any(Value::is_object) => {
+            println!("{:indent$}{key}:", "");
+            for (key, value) in fields {
+                print_extra(key, value, indent + 4);
+            }
+        }
+        Value::Object(fields) => println!("{:indent$}{key}: {}", "", pairs(fields)),
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_object) => {
+            println!("{:indent$}{key}:", "");
+            for (i, item) in items.iter().enumerate() {
+                if let Value::Object(fields) = item {
+                    println!("{:indent$}    [{i}] {}", "", pairs(fields));
+                }
+            }
+        }
+        value => println!("{:indent$}{key}: {}", "", shown(value)),
     }
 }
 
@@ -363,19 +405,26 @@ async fn run_on(
         Spec::Search {
             messages,
             channels,
-            loaders,
+            users,
             queries,
             searchers,
+            write_rate,
         } => {
+            if !(write_rate.is_finite() && (0.0..=10_000.0).contains(write_rate)) {
+                bail!("--write-rate must be 0..=10000 messages/s, got {write_rate}");
+            }
             let cellchat = start_cellchat(common).await?;
             let options = SearchOptions {
                 messages: *messages,
                 channels: (*channels).max(1),
-                loaders: (*loaders).max(1),
+                users: (*users).max(1),
                 queries: (*queries).max(1),
                 searchers: (*searchers).max(1),
+                write_rate: *write_rate,
             };
-            sink.push(search::run(&cellchat, &options).await?)?;
+            for result in search::run(&cellchat, &options).await? {
+                sink.push(result)?;
+            }
         }
         Spec::Typing { pairs } => {
             let cellchat = start_cellchat(common).await?;

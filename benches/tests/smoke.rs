@@ -107,28 +107,61 @@ fn search_loads_messages_and_times_queries() {
     let args = [
         "search",
         "--messages",
-        "600",
+        "2000",
         "--channels",
-        "3",
-        "--loaders",
-        "3",
+        "5",
+        "--users",
+        "4",
         "--queries",
-        "60",
+        "50",
         "--searchers",
         "2",
+        "--write-rate",
+        "50",
     ];
     let (ok, stdout, stderr) = bench(out.path(), &args);
     assert!(ok, "{stderr}");
-    let r = &runs(&stdout)[0];
-    assert_eq!(r["scenario"], "search", "{r}");
-    assert_eq!(r["errors"], 0, "{r}");
-    assert_eq!(r["extra"]["messages_loaded"], 600, "{r}");
-    assert_eq!(r["ops"], 60, "{r}");
-    assert!(
-        r["extra"]["hits"].as_u64().unwrap() > 0,
-        "queries found messages: {r}"
+    let results = runs(&stdout);
+    assert_eq!(
+        results.len(),
+        2,
+        "a quiet pass and one while writing: {stdout}"
     );
-    assert!(r["latency_ms"]["p99"].as_f64().unwrap() > 0.0, "{r}");
+    for (r, part) in results.iter().zip(["quiet", "while_writing"]) {
+        assert_eq!(r["scenario"], "search", "{r}");
+        assert_eq!(r["extra"]["part"], part, "{r}");
+        assert_eq!(r["errors"], 0, "{r}");
+        assert_eq!(r["ops"], 50, "{r}");
+        assert!(r["extra"]["hits"].as_u64().unwrap() > 0, "{r}");
+        assert_eq!(
+            r["extra"]["wrong_hits"], 0,
+            "every hit matches its query: {r}"
+        );
+        assert!(r["latency_ms"]["p99"].as_f64().unwrap() > 0.0, "{r}");
+        let kinds = r["extra"]["kinds"].as_object().unwrap();
+        assert_eq!(kinds.len(), 6, "{r}");
+        let queries: u64 = kinds.values().map(|k| k["queries"].as_u64().unwrap()).sum();
+        assert_eq!(queries, 50, "{r}");
+        // A common word, a sender and a 3-letter prefix match in any load.
+        for kind in ["common word", "from:user", "prefix"] {
+            assert!(kinds[kind]["hits"].as_u64().unwrap() > 0, "{kind}: {r}");
+        }
+    }
+    let quiet = &results[0]["extra"];
+    assert_eq!(quiet["messages_loaded"], 2000, "{quiet}");
+    assert_eq!(quiet["load_errors"], 0, "{quiet}");
+    assert!(quiet["load_rate_per_s"].as_f64().unwrap() > 0.0, "{quiet}");
+    assert!(quiet["index_lag_ms"].as_f64().unwrap() > 0.0, "{quiet}");
+    let nodes = quiet["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3, "{quiet}");
+    for node in nodes {
+        // Every node indexes every plaintext message the cluster applied.
+        assert_eq!(node["search_messages"], 2000, "{quiet}");
+        assert!(node["search_mib"].as_f64().unwrap() > 0.0, "{quiet}");
+    }
+    let writing = &results[1]["extra"];
+    assert!(writing["written"].as_u64().unwrap() > 0, "{writing}");
+    assert_eq!(writing["write_errors"], 0, "{writing}");
 }
 
 #[test]

@@ -75,6 +75,10 @@ async fn run_pair(
     let (mut latencies, mut notes, mut lost) = (Latencies::new(), 0u64, 0u64);
     while !stop.load(Ordering::Relaxed) {
         let started = Instant::now();
+        // A note counts when it was sent inside the window: the first notes, sent while the
+        // reader's subscription may not be in place yet, never do, even when they are given
+        // up on inside it.
+        let counted = measuring.load(Ordering::Relaxed);
         // No push connection yet (the subscription is still opening): try again shortly.
         if !writer.typing(&channel) {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -92,7 +96,7 @@ async fn run_pair(
         .await
         .unwrap_or(false);
         let took = started.elapsed();
-        if measuring.load(Ordering::Relaxed) {
+        if counted && measuring.load(Ordering::Relaxed) {
             if arrived {
                 latencies.record(took);
                 notes += 1;

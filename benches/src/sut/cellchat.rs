@@ -168,6 +168,22 @@ impl Cellchat {
             )
     }
 
+    /// Each started node's pid and metrics address (`GET /metrics`), in start order; empty
+    /// when the cluster was joined (its processes are not known here).
+    pub fn node_procs(&self) -> Vec<(Option<u32>, Option<SocketAddr>)> {
+        self.cluster
+            .as_ref()
+            .map(|c| {
+                let cluster = c.lock().unwrap_or_else(PoisonError::into_inner);
+                cluster
+                    .nodes
+                    .iter()
+                    .map(|n| (n.pid(), n.ready().map(|r| r.metrics)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// The index in the local cluster of the node discovery reports as leader.
     ///
     /// # Errors
