@@ -175,6 +175,41 @@ struct RunArgs {
     /// HTTP metrics port, serving /metrics, /health and /ready (0: pick and keep).
     #[arg(long, env = "CELLCHAT_METRICS_PORT", default_value_t = 0)]
     metrics_port: u16,
+    /// The web client's address (port 0: pick and keep; default: --host on a port picked at
+    /// first start and kept). Open the URL the ready line prints as web=.
+    #[arg(long, env = "CELLCHAT_WEB", value_name = "HOST:PORT")]
+    web: Option<SocketAddr>,
+    /// Serve no web client.
+    #[arg(long, env = "CELLCHAT_NO_WEB", conflicts_with_all = ["web", "web_cert", "web_key"])]
+    no_web: bool,
+    /// PEM certificate chain for the web client that browsers trust (with --web-key).
+    /// Without one, a loopback address serves plain HTTP and any other the node's cluster
+    /// certificate, which browsers accept only once the cluster CA is imported.
+    #[arg(
+        long,
+        env = "CELLCHAT_WEB_CERT",
+        value_name = "FILE",
+        requires = "web_key"
+    )]
+    web_cert: Option<PathBuf>,
+    /// PEM private key of --web-cert.
+    #[arg(
+        long,
+        env = "CELLCHAT_WEB_KEY",
+        value_name = "FILE",
+        requires = "web_cert"
+    )]
+    web_key: Option<PathBuf>,
+    /// Most open web client connections.
+    #[arg(long, env = "CELLCHAT_WEB_MAX_CONNECTIONS", default_value_t = 4096)]
+    web_max_connections: usize,
+    /// Most open web client connections from one address (this machine is not counted).
+    #[arg(
+        long,
+        env = "CELLCHAT_WEB_MAX_CONNECTIONS_PER_IP",
+        default_value_t = 64
+    )]
+    web_max_connections_per_ip: usize,
     /// Address the metrics listener binds to (default: --host), e.g. 127.0.0.1 to keep
     /// metrics on this machine while the node serves the network.
     #[arg(long, env = "CELLCHAT_METRICS_BIND", value_name = "HOST")]
@@ -416,6 +451,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     config.client_port = args.client_port;
     config.metrics_port = args.metrics_port;
     config.metrics_host = args.metrics_bind;
+    config.web = (!args.no_web).then(|| node::WebConfig {
+        addr: args.web,
+        cert: args.web_cert.clone().zip(args.web_key.clone()),
+        connections_max: args.web_max_connections,
+        connections_per_ip_max: args.web_max_connections_per_ip,
+    });
     config.metrics_token = match args.metrics_token.clone() {
         Some(token) => Some(
             node::MetricsToken::new(token)
@@ -485,8 +526,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     tokio::select! {
         () = server.wait_ready() => {
+            let web = server.web_url().map(|url| format!(" web={url}")).unwrap_or_default();
             println!(
-                "ready node={} client={} raft={} metrics={} data={} name={}",
+                "ready node={} client={} raft={} metrics={} data={} name={}{web}",
                 server.id(), addrs.client, addrs.raft, addrs.metrics, path.display(),
                 server.name()
             );

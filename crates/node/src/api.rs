@@ -609,6 +609,58 @@ impl ChatServer {
         }
     }
 
+    /// A server value for a web client's socket (`web.rs`), its hello done: the login binding
+    /// is [`proto::web_binding`] of the challenge, since a browser cannot read its TLS
+    /// session's exporter. Answers the welcome the page gets.
+    pub(crate) fn for_web(
+        shared: Arc<ApiShared>,
+        source: Option<AddrKey>,
+    ) -> (ChatServer, Welcome) {
+        let server = ChatServer::new(shared, [0; 32], source);
+        let challenge: [u8; 32] = rand::random();
+        {
+            let mut conn = server.conn.lock();
+            conn.hello = true;
+            conn.challenge = Some(challenge);
+            conn.binding = proto::web_binding(&challenge);
+        }
+        server.activity.hello_done();
+        let welcome = Welcome {
+            node_id: server.shared.id,
+            cluster: server.shared.cluster.clone(),
+            protocol: proto::PROTOCOL_VERSION,
+            challenge,
+            server_time_ms: now_ms(),
+        };
+        (server, welcome)
+    }
+
+    /// A server value acting for `user`, who proved `public_key` to the member that forwarded
+    /// the call (`web.rs`): members are trusted to authenticate their users, as they are to
+    /// stamp senders. Rate limits and registration limits apply here as on a connection.
+    pub(crate) fn on_behalf(
+        shared: Arc<ApiShared>,
+        user: String,
+        public_key: [u8; 32],
+        source: Option<AddrKey>,
+    ) -> ChatServer {
+        let registered = shared.chat.user_key(&user) == Some(public_key);
+        let server = ChatServer::new(shared, [0; 32], source);
+        {
+            let mut conn = server.conn.lock();
+            conn.hello = true;
+            conn.user = Some((user, public_key));
+            conn.registered = registered;
+        }
+        server.activity.hello_done();
+        server
+    }
+
+    /// The logged-in user and the key it proved, if any.
+    pub(crate) fn logged_in(&self) -> Option<(String, [u8; 32])> {
+        self.conn.lock().user.clone()
+    }
+
     /// What the connection's watchdog needs (see [`crate::conn_watch::serve_watched`]).
     pub fn watch(&self) -> ConnWatch {
         ConnWatch {

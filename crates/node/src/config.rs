@@ -134,6 +134,35 @@ pub struct Config {
     /// The join token of the cluster to join from another machine (`--token`); `None` uses
     /// the node's own TLS identity or the cluster directory next to its data dir.
     pub token: Option<proto::tls::JoinToken>,
+    /// The web client (`web.rs`); `None` serves none.
+    pub web: Option<WebConfig>,
+}
+
+/// Where and how a node serves the web client.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WebConfig {
+    /// Address to bind; `None`: `bind_host` on a port picked at first start and then kept.
+    pub addr: Option<SocketAddr>,
+    /// A PEM certificate chain and key browsers trust (`--web-cert`, `--web-key`). Without
+    /// them a loopback address serves plain HTTP and any other the node's cluster
+    /// certificate, which browsers trust only once the cluster CA is imported.
+    pub cert: Option<(PathBuf, PathBuf)>,
+    /// Most open web connections in all; default 4096.
+    pub connections_max: usize,
+    /// Most open web connections from one address (this machine exempt); default 64.
+    pub connections_per_ip_max: usize,
+}
+
+impl WebConfig {
+    /// The defaults: a kept port on `bind_host`, no certificate of its own.
+    pub fn new() -> WebConfig {
+        WebConfig {
+            addr: None,
+            cert: None,
+            connections_max: 4096,
+            connections_per_ip_max: 64,
+        }
+    }
 }
 
 impl Config {
@@ -184,6 +213,7 @@ impl Config {
             name: None,
             rejoin: false,
             token: None,
+            web: Some(WebConfig::new()),
         }
     }
 

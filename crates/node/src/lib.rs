@@ -50,13 +50,14 @@ mod state_machine;
 mod storage_metrics;
 mod types;
 mod weaken;
+mod web;
 
 pub use admin::{LeaveReply, LeaveRequest, MemberInfo, MemberState, MembersRequest};
 pub use cluster::{
     handle_join, role_of, self_announce, JoinError, JoinReply, JoinRequest, LeaderContact,
     NodeAddrs, Peers, RemoveReply, RemoveRequest,
 };
-pub use config::Config;
+pub use config::{Config, WebConfig};
 pub use conn_limit::{ConnGuard, ConnLimiter, ConnLimits, Refusal};
 pub use conn_watch::HELLO_TIMEOUT;
 pub use data_dir::{create_private_files, DataDir, DataDirError};

@@ -254,6 +254,40 @@ impl NodeTls {
         &self.ca
     }
 
+    /// The web client's TLS: HTTP/1.1 under `chain` and `key` when given (a certificate
+    /// browsers trust, from `--web-cert` and `--web-key`), else under this node's cluster
+    /// certificate.
+    ///
+    /// # Errors
+    /// A sentence naming the file that cannot be read or the chain rustls refuses.
+    pub fn web_server(&self, pem: Option<(&Path, &Path)>) -> Result<rustls::ServerConfig, String> {
+        let (chain, key) = match pem {
+            Some((cert, key)) => {
+                let chain = (CertificateDer::pem_file_iter(cert))
+                    .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| format!("web certificate {}: {e}", cert.display()))?;
+                if chain.is_empty() {
+                    return Err(format!(
+                        "web certificate {}: no certificate",
+                        cert.display()
+                    ));
+                }
+                let key = PrivateKeyDer::from_pem_file(key)
+                    .map_err(|e| format!("web key {}: {e}", key.display()))?;
+                (chain, key)
+            }
+            None => (self.chain.clone(), self.key.clone_key()),
+        };
+        let mut config = rustls::ServerConfig::builder_with_provider(tls::provider())
+            .with_protocol_versions(tls::VERSIONS)
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(|e| format!("web certificate and key: {e}"))?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(config)
+    }
+
     /// A dialer that presents this node's certificate but trusts servers by `verifier`
     /// instead of this node's CA (for tools and tests that play a foreign node).
     ///

@@ -53,6 +53,7 @@ use crate::retention::{self, RetentionRequest};
 use crate::snapshot_file::SnapshotFile;
 use crate::snapshot_transfer::{self, SnapshotChunk, SnapshotReceiver, TransferError};
 use crate::types::{Member, NodeId, Snapshot, TypeConfig, Vote};
+use crate::web::{Forwarded, WebInbound, WebWritten};
 
 /// A request that reached a node other than the one it was addressed to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -227,6 +228,15 @@ pub trait RaftRpc {
     ) -> Result<Result<proto::Retention, JoinError>, WrongNode>;
     /// The sender's online users and typing notes (see `ephemeral.rs`); a member only.
     async fn ephemeral(to: NodeId, from: NodeId, news: EphemeralNews) -> Result<(), WrongNode>;
+    /// A web client's write, forwarded by the member it is connected to (see `web.rs`); a
+    /// member only.
+    async fn web_write(
+        to: NodeId,
+        from: NodeId,
+        req: Forwarded,
+    ) -> Result<Result<WebWritten, proto::ApiError>, WrongNode>;
+    /// The addressee's web client URL, if it serves one; a member only.
+    async fn web_url(to: NodeId, from: NodeId) -> Result<Option<String>, WrongNode>;
 }
 
 /// What the membership rule needs to know of the receiver.
@@ -252,6 +262,8 @@ pub enum Inbound {
     },
     /// Presence and typing news: only a member's is worth hearing.
     News,
+    /// A web client's forwarded write or a web URL: only members act for users.
+    Web,
 }
 
 /// Whether a vote or append from a sender is let through to openraft.
@@ -266,7 +278,7 @@ pub fn admit(view: MembershipView, inbound: Inbound) -> bool {
         return true;
     }
     match inbound {
-        Inbound::Vote | Inbound::News => false,
+        Inbound::Vote | Inbound::News | Inbound::Web => false,
         Inbound::Append { term } => term > view.our_term,
     }
 }
@@ -294,6 +306,8 @@ pub struct RaftRpcServer {
     refusals: Arc<WarnGate>,
     /// Presence and typing heard from peers go here.
     ephemeral: Ephemeral,
+    /// Runs the web clients' writes members forward; `None` until set (`with_web`).
+    web: Option<Arc<WebInbound>>,
 }
 
 /// How often a refused request may be logged: anyone can send refused requests, and a flood
@@ -353,7 +367,14 @@ impl RaftRpcServer {
             peer_id: Arc::default(),
             refusals: Arc::default(),
             ephemeral,
+            web: None,
         }
+    }
+
+    /// Serves members' forwarded web writes and this node's web URL through `web`.
+    pub(crate) fn with_web(mut self, web: Arc<WebInbound>) -> Self {
+        self.web = Some(web);
+        self
     }
 
     /// A clone that serves one newly accepted connection whose peer presented `peer`.
@@ -691,6 +712,30 @@ impl RaftRpc for RaftRpcServer {
         self.check_member(to, from, Inbound::News)?;
         self.ephemeral.heard_from(from, news, Instant::now());
         Ok(())
+    }
+
+    async fn web_write(
+        self,
+        _: context::Context,
+        to: NodeId,
+        from: NodeId,
+        req: Forwarded,
+    ) -> Result<Result<WebWritten, proto::ApiError>, WrongNode> {
+        self.check_member(to, from, Inbound::Web)?;
+        Ok(match &self.web {
+            Some(web) => web.run_forwarded(req).await,
+            None => Err(proto::ApiError::unavailable("node starting")),
+        })
+    }
+
+    async fn web_url(
+        self,
+        _: context::Context,
+        to: NodeId,
+        from: NodeId,
+    ) -> Result<Option<String>, WrongNode> {
+        self.check_member(to, from, Inbound::Web)?;
+        Ok(self.web.as_ref().and_then(|web| web.url.clone()))
     }
 }
 
@@ -1125,6 +1170,8 @@ enum Lane {
     /// Presence and typing news, kept off the log lane so it never waits behind a large
     /// AppendEntries.
     News,
+    /// Web clients' forwarded writes and web URLs.
+    Web,
 }
 
 type Pool = Arc<Mutex<HashMap<(NodeId, Lane), RaftRpcClient>>>;
@@ -1268,6 +1315,49 @@ impl PeerClient {
             }
             RpcError::DeadlineExceeded | RpcError::Server(_) => {
                 CallError::Network(NetworkError::new(&e))
+            }
+        }
+    }
+
+    /// Forwards a web client's write from node `from` to this peer (the leader), within
+    /// `timeout`. Transport failures become `Unavailable`: the page retries with the same
+    /// idempotency key.
+    pub async fn web_write(
+        &self,
+        from: NodeId,
+        req: Forwarded,
+        timeout: Duration,
+    ) -> Result<WebWritten, proto::ApiError> {
+        let unreachable = || proto::ApiError::unavailable("the leader is unreachable");
+        let client = self.client(Lane::Web).await.map_err(|_| unreachable())?;
+        match client
+            .web_write(ctx_within(timeout), self.target, from, req)
+            .await
+        {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(wrong)) => {
+                self.wrong_node(Lane::Web, wrong);
+                Err(unreachable())
+            }
+            Err(e) => {
+                self.transport_error(Lane::Web, e);
+                Err(unreachable())
+            }
+        }
+    }
+
+    /// This peer's web URL as it says, or `None` when it serves none or cannot be asked.
+    pub async fn web_url(&self, from: NodeId, timeout: Duration) -> Option<String> {
+        let client = self.client(Lane::Web).await.ok()?;
+        match client.web_url(ctx_within(timeout), self.target, from).await {
+            Ok(Ok(url)) => url,
+            Ok(Err(wrong)) => {
+                self.wrong_node(Lane::Web, wrong);
+                None
+            }
+            Err(e) => {
+                self.transport_error(Lane::Web, e);
+                None
             }
         }
     }

@@ -48,6 +48,7 @@ use crate::search::Searcher;
 use crate::snapshot_transfer::SnapshotReceiver;
 use crate::state_machine::StateMachine;
 use crate::types::NodeId;
+use crate::web::WebInbound;
 
 /// Most concurrent requests on one client connection (each open long-poll holds one).
 const CONN_REQUESTS_MAX: usize = 1024;
@@ -122,6 +123,8 @@ pub struct Server {
     id: NodeId,
     name: String,
     addrs: NodeAddrs,
+    /// The web client's URL, when the node serves it.
+    web_url: Option<String>,
     left: Arc<tokio::sync::Notify>,
     raft: Raft,
     committed: Arc<std::sync::atomic::AtomicU64>,
@@ -181,6 +184,8 @@ struct Ports {
     raft: u16,
     client: u16,
     metrics: u16,
+    /// 0 when the node has never served the web client.
+    web: u16,
 }
 
 const PORTS_FILE: &str = "ports";
@@ -191,6 +196,7 @@ fn load_ports(dir: &Path) -> Option<Ports> {
         raft: 0,
         client: 0,
         metrics: 0,
+        web: 0,
     };
     for part in text.split_whitespace() {
         let (key, value) = part.split_once('=')?;
@@ -199,6 +205,7 @@ fn load_ports(dir: &Path) -> Option<Ports> {
             "raft" => ports.raft = value,
             "client" => ports.client = value,
             "metrics" => ports.metrics = value,
+            "web" => ports.web = value,
             _ => return None,
         }
     }
@@ -207,10 +214,17 @@ fn load_ports(dir: &Path) -> Option<Ports> {
 
 fn save_ports(dir: &Path, ports: Ports) -> std::io::Result<()> {
     let text = format!(
-        "raft={} client={} metrics={}\n",
-        ports.raft, ports.client, ports.metrics
+        "raft={} client={} metrics={} web={}\n",
+        ports.raft, ports.client, ports.metrics, ports.web
     );
     crate::atomic_file::write_durably(&dir.join(PORTS_FILE), text.as_bytes())
+}
+
+/// Whether the web client on `ip` speaks TLS: always with a certificate of its own, and
+/// otherwise everywhere but loopback, where plain HTTP never leaves the machine.
+fn web_tls_wanted(config: &Config, ip: std::net::IpAddr) -> bool {
+    let own_cert = config.web.as_ref().is_some_and(|web| web.cert.is_some());
+    own_cert || !ip.is_loopback()
 }
 
 fn now_ms() -> u64 {
@@ -258,6 +272,8 @@ struct Listeners {
     raft: raft_rpc::RaftListener,
     client: TcpListener,
     metrics: TcpListener,
+    /// The web client's listener and its URL, unless the node serves none.
+    web: Option<(TcpListener, String)>,
     /// Where the client listener is bound (the ping socket shares its address).
     client_local: SocketAddr,
     /// The addresses peers and clients are told.
@@ -301,19 +317,44 @@ impl Listeners {
         }
         let (metrics, metrics_local) = tcp.pop().expect("two listeners");
         let (client, client_local) = tcp.pop().expect("two listeners");
+        let web = match &config.web {
+            Some(web) => {
+                let port = pick(web.addr.map_or(0, |a| a.port()), kept.map(|p| p.web));
+                let addr = SocketAddr::new(web.addr.map_or(config.bind_host, |a| a.ip()), port);
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(bind_error("web", addr))?;
+                let local = listener.local_addr().map_err(bind_error("web", addr))?;
+                Some((listener, local))
+            }
+            None => None,
+        };
         let ports = Ports {
             raft: raft_local.port(),
             client: client_local.port(),
             metrics: metrics_local.port(),
+            web: web
+                .as_ref()
+                .map_or(kept.map_or(0, |p| p.web), |(_, l)| l.port()),
         };
         if kept != Some(ports) {
             save_ports(dir, ports).map_err(storage_error("saving the ports"))?;
         }
         let host = config.advertised_host();
+        let web = web.map(|(listener, local)| {
+            let host = if local.ip().is_unspecified() {
+                host
+            } else {
+                local.ip()
+            };
+            let tls = web_tls_wanted(config, local.ip());
+            (listener, crate::web::url_of(host, local.port(), tls))
+        });
         Ok(Listeners {
             raft,
             client,
             metrics,
+            web,
             client_local,
             advertised: NodeAddrs {
                 raft: SocketAddr::new(host, ports.raft),
@@ -409,6 +450,7 @@ impl Server {
         let network = Network::new(tls.peer_client.clone());
         let contacts = network.contacts();
         let gossip_network = network.clone();
+        let web_network = network.clone();
         let snapshots = SnapshotReceiver::new(state_machine.clone());
         let backup_state = state_machine.clone();
         let archive_log = log_store.clone();
@@ -506,6 +548,7 @@ impl Server {
             backup_state.clone(),
             shared.delivery.clone(),
         );
+        let web_url = listeners.web.as_ref().map(|(_, url)| url.clone());
         let rpc_server = RaftRpcServer::new(
             id,
             &config.cluster,
@@ -514,7 +557,37 @@ impl Server {
             snapshots,
             contact.clone(),
             tls.clone(),
-        );
+        )
+        .with_web(Arc::new(WebInbound::new(shared.clone(), web_url.clone())));
+        let web_task = match (listeners.web, &config.web) {
+            (Some((listener, url)), Some(web_config)) => {
+                let ip = listener
+                    .local_addr()
+                    .map_err(storage_error("the web address"))?
+                    .ip();
+                let tls = web_tls_wanted(&config, ip)
+                    .then(|| {
+                        let pem =
+                            (web_config.cert.as_ref()).map(|(c, k)| (c.as_path(), k.as_path()));
+                        tls.web_server(pem).map(Arc::new)
+                    })
+                    .transpose()
+                    .map_err(ServerError::Config)?;
+                let limits = ConnLimits::new(
+                    web_config.connections_max,
+                    web_config.connections_per_ip_max,
+                )
+                .map_err(ServerError::Config)?;
+                let web = crate::web::Web::new(shared.clone(), web_network, url);
+                Some(crate::web::serve(
+                    listener,
+                    tls,
+                    web,
+                    ConnLimiter::observed(limits, metrics.refusal_observer("web")),
+                ))
+            }
+            _ => None,
+        };
         let mut tasks = vec![
             raft_rpc::serve(
                 listeners.raft,
@@ -567,6 +640,7 @@ impl Server {
                 .run(),
             ),
         ];
+        tasks.extend(web_task);
         if let Some(archive) = &config.archive {
             let archive = crate::archive::Archive::open(archive)
                 .map_err(|e| ServerError::Config(e.to_string()))?;
@@ -659,6 +733,7 @@ impl Server {
             id,
             name,
             addrs,
+            web_url,
             left,
             raft,
             committed,
@@ -677,6 +752,11 @@ impl Server {
     /// This node's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The web client's URL (`http://` only on loopback), when the node serves it.
+    pub fn web_url(&self) -> Option<&str> {
+        self.web_url.as_deref()
     }
 
     /// Resolves once this node has left the cluster (`server leave`); the caller then stops

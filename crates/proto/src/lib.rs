@@ -43,7 +43,7 @@ mod types;
 
 pub use codec::Postcard;
 pub use error::{ApiError, RejectReason};
-pub use login::login_message;
+pub use login::{login_message, web_binding};
 pub use retention::{Retention, RETENTION_AGE_MAX_MS, RETENTION_AGE_MIN_MS};
 pub use service::{
     check_hello, connect_chat, deadline_for, wait_budget, Chat, ChatClient, ChatClientTransport,

@@ -28,6 +28,21 @@ pub fn login_message(
     out
 }
 
+/// Domain prefix of a web login's binding.
+const WEB_BINDING_DOMAIN: &[u8] = b"cellchat-web-login-v1";
+
+/// The binding a web login signs in place of the TLS session's: SHA-256 of a domain prefix and
+/// the challenge. A browser cannot read its TLS session's exporter, so a web login is not bound
+/// to its session; being no exporter value of any session, this binding keeps a web login's
+/// signature from serving as a login on a chat or push connection.
+pub fn web_binding(challenge: &[u8; 32]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    hash.update(WEB_BINDING_DOMAIN);
+    hash.update(challenge);
+    hash.finalize().into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -45,5 +60,21 @@ mod tests {
             login_message(&c, &b, "ab", "c"),
             login_message(&c, &b, "a", "bc")
         );
+    }
+
+    #[test]
+    fn web_bindings_differ_by_challenge_and_from_the_challenge() {
+        let a = web_binding(&[1u8; 32]);
+        assert_ne!(a, web_binding(&[2u8; 32]));
+        assert_ne!(a, [1u8; 32]);
+        // The value crypto.js must also compute: SHA-256 of the prefix and 32 zero bytes.
+        assert_eq!(
+            hex_of(&web_binding(&[0u8; 32])),
+            "a47b39127f149ff1dea5c44f8052109878aafa0b59d10f172493173ad60e552c"
+        );
+    }
+
+    fn hex_of(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
 }

@@ -178,15 +178,18 @@ pub struct Ready {
     pub raft: SocketAddr,
     /// Metrics address.
     pub metrics: SocketAddr,
+    /// Web client address (`web=`); `None` from a node that serves no web client.
+    pub web: Option<SocketAddr>,
 }
 
-/// Parses a server's `ready node=.. client=.. raft=.. metrics=.. data=..` line.
+/// Parses a server's `ready node=.. client=.. raft=.. metrics=.. data=.. [web=URL]` line.
 pub fn parse_ready(line: &str) -> Option<Ready> {
     let rest = line.strip_prefix("ready ")?;
     let mut id = None;
     let mut client = None;
     let mut raft = None;
     let mut metrics = None;
+    let mut web = None;
     for part in rest.split_whitespace() {
         let (key, value) = part.split_once('=')?;
         match key {
@@ -194,6 +197,12 @@ pub fn parse_ready(line: &str) -> Option<Ready> {
             "client" => client = value.parse().ok(),
             "raft" => raft = value.parse().ok(),
             "metrics" => metrics = value.parse().ok(),
+            "web" => {
+                let addr = value
+                    .trim_start_matches("http://")
+                    .trim_start_matches("https://");
+                web = addr.parse().ok();
+            }
             _ => {}
         }
     }
@@ -202,6 +211,7 @@ pub fn parse_ready(line: &str) -> Option<Ready> {
         client: client?,
         raft: raft?,
         metrics: metrics?,
+        web,
     })
 }
 
