@@ -57,8 +57,8 @@ pub const SUBSCRIPTIONS_PER_CONNECTION_MAX: usize = 1024;
 
 /// Typing frames one connection may send per second (and in a burst); more are dropped. A
 /// client sends one per channel every few seconds while its user types.
-const TYPING_RATE_PER_S: u32 = 4;
-const TYPING_BURST: u32 = 8;
+pub(crate) const TYPING_RATE_PER_S: u32 = 4;
+pub(crate) const TYPING_BURST: u32 = 8;
 
 /// Time a new connection has to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);

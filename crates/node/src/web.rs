@@ -38,10 +38,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tarpc::context;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::api::{ApiShared, ChatServer};
+use crate::api::{check_admitted, check_channel, ApiShared, ChatServer, TokenBucket};
+use crate::ephemeral::{Direct, Event, Listening, Online, TypingNote};
+use crate::push::{TYPING_BURST, TYPING_RATE_PER_S};
 use crate::conn_limit::{self, AddrKey, ConnLimiter};
 use crate::raft_rpc::Network;
 use crate::types::NodeId;
@@ -406,7 +409,12 @@ async fn serve_socket(web: Arc<Web>, socket: WebSocket, peer: Peer) {
         calls: Arc::new(Semaphore::new(CALLS_MAX)),
         follows: HashMap::new(),
         logged_in: false,
+        online: None,
+        direct: None,
+        watching: false,
+        typing: TokenBucket::new(TYPING_RATE_PER_S, TYPING_BURST),
     };
+    let mut events = session.web.shared.ephemeral.subscribe();
     let login_deadline = tokio::time::Instant::now() + LOGIN_WITHIN;
     let mut ping = tokio::time::interval(PING_EVERY);
     let mut stalled_since: Option<Instant> = None;
@@ -440,13 +448,41 @@ async fn serve_socket(web: Arc<Web>, socket: WebSocket, peer: Peer) {
                     outbox.push_now(r#"{"ev":"ping"}"#.to_owned());
                 }
             }
+            Some(direct) = async {
+                match &mut session.direct {
+                    Some(direct) => direct.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let frame = match direct {
+                    Direct::Marker(frame) => session.watching.then_some(frame),
+                    Direct::Typing { channel, frame } => {
+                        session.follows.contains_key(&*channel).then_some(frame)
+                    }
+                };
+                if let Some(text) = frame.as_deref().and_then(ephemeral_json) {
+                    outbox.push_now(text);
+                }
+            }
+            event = events.recv() => {
+                let frame = match event {
+                    Ok(Event::Presence { frame }) => session.watching.then_some(frame),
+                    Err(RecvError::Lagged(_)) => {
+                        session.watching.then(|| session.web.shared.ephemeral.full_frame())
+                    }
+                    Err(RecvError::Closed) => break,
+                };
+                if let Some(text) = frame.as_deref().and_then(ephemeral_json) {
+                    outbox.push_now(text);
+                }
+            }
             () = tokio::time::sleep_until(login_deadline), if !session.logged_in => {
                 outbox.close(CLOSE_POLICY, "log in within 15 s");
                 break;
             }
         }
     }
-    for (_, task) in session.follows.drain() {
+    for (_, (task, _)) in session.follows.drain() {
         task.abort();
     }
     drop(session);
@@ -463,8 +499,40 @@ struct Session {
     /// machine).
     source: Option<IpAddr>,
     calls: Arc<Semaphore>,
-    follows: HashMap<String, JoinHandle<()>>,
+    /// Followed channels: the long-poll task, and the typing listener while it lasts.
+    follows: HashMap<String, (JoinHandle<()>, Option<Listening>)>,
     logged_in: bool,
+    /// Keeps the user online while the socket lasts, once logged in.
+    online: Option<Online>,
+    /// Typing notes and markers meant for this socket alone.
+    direct: Option<mpsc::Receiver<Direct>>,
+    /// Whether the page asked for presence, markers and additions (`watch_presence`).
+    watching: bool,
+    /// The socket's typing notes: over the rate they are dropped.
+    typing: TokenBucket,
+}
+
+/// A push frame of presence, typing, a marker or an addition as the page's JSON event; other
+/// frames (and any that does not decode) give `None`.
+fn ephemeral_json(frame: &[u8]) -> Option<String> {
+    use proto::push::ServerFrame;
+    let body = frame.get(4..)?;
+    let value = match proto::push::decode_server_frame(body).ok()? {
+        ServerFrame::Typing { channel, user } => {
+            json!({ "ev": "typing", "channel": channel, "user": user })
+        }
+        ServerFrame::Presence {
+            online,
+            offline,
+            full,
+        } => json!({ "ev": "presence", "online": online, "offline": offline, "full": full }),
+        ServerFrame::Marker { channel, read_to } => {
+            json!({ "ev": "marker", "channel": channel, "read_to": read_to })
+        }
+        ServerFrame::Added { channel } => json!({ "ev": "added", "channel": channel }),
+        _ => return None,
+    };
+    Some(value.to_string())
 }
 
 /// A bad argument of a known call.
@@ -523,8 +591,47 @@ impl Session {
                     }
                     Err(e) => Err(e),
                 };
-                self.logged_in |= result.is_ok();
+                if let (Ok(session), None) = (&result, &self.online) {
+                    let (online, direct) = self.web.shared.ephemeral.connected(&session.name);
+                    (self.online, self.direct) = (Some(online), Some(direct));
+                    self.logged_in = true;
+                }
                 self.outbox.push_now(answer(id, result.map(to_value)));
+            }
+            "typing" => {
+                // Dropped, not refused, when over the rate or not admitted, as on push
+                // connections: a typing note is worth too little to cost an error.
+                if let (Ok(channel), Some((user, _))) =
+                    (args::<UnfollowArgs>("typing", call.args), self.server.logged_in())
+                {
+                    let allowed = self.typing.take_now().is_ok()
+                        && check_channel(&channel.channel).is_ok()
+                        && check_admitted(&self.web.shared.chat, &channel.channel, &user).is_ok();
+                    if allowed {
+                        let note = TypingNote {
+                            channel: channel.channel,
+                            user,
+                        };
+                        self.web.shared.ephemeral.typing(note);
+                    }
+                }
+                self.outbox.push_now(answer(id, Ok(Value::Null)));
+            }
+            "watch_presence" => {
+                let result = match self.online {
+                    Some(_) => {
+                        self.watching = true;
+                        Ok(Value::Null)
+                    }
+                    None => Err(ApiError::Unauthenticated),
+                };
+                self.outbox.push_now(answer(id, result));
+                if self.watching {
+                    let full = self.web.shared.ephemeral.full_frame();
+                    if let Some(text) = ephemeral_json(&full) {
+                        self.outbox.push_now(text);
+                    }
+                }
             }
             "subscribe" => {
                 let result = self.follow(call.args);
@@ -533,7 +640,7 @@ impl Session {
             }
             "unsubscribe" => {
                 let result = args::<UnfollowArgs>("unsubscribe", call.args).map(|a| {
-                    if let Some(task) = self.follows.remove(&a.channel) {
+                    if let Some((task, _)) = self.follows.remove(&a.channel) {
                         task.abort();
                     }
                     Value::Null
@@ -565,8 +672,8 @@ impl Session {
     fn follow(&mut self, value: Value) -> Result<(), ApiError> {
         let follow: FollowArgs = args("subscribe", value)?;
         self.server.logged_in().ok_or(ApiError::Unauthenticated)?;
-        crate::api::check_channel(&follow.channel)?;
-        if let Some(task) = self.follows.remove(&follow.channel) {
+        check_channel(&follow.channel)?;
+        if let Some((task, _)) = self.follows.remove(&follow.channel) {
             task.abort();
         }
         if self.follows.len() >= SUBSCRIPTIONS_MAX {
@@ -581,7 +688,8 @@ impl Session {
             follow.after_seq,
             follow.read_token,
         ));
-        self.follows.insert(follow.channel, task);
+        let listening = (self.online.as_ref()).map(|online| online.listening(&follow.channel));
+        self.follows.insert(follow.channel, (task, listening));
         Ok(())
     }
 }
