@@ -728,7 +728,8 @@ impl Server {
             },
         };
         tasks.push(tokio::spawn(formation.run()));
-        tracing::info!(node = id, name = %name, raft = %addrs.raft, client = %addrs.client, metrics = %addrs.metrics, "node started");
+        let web = web_url.as_deref().unwrap_or("none");
+        tracing::info!(node = id, name = %name, raft = %addrs.raft, client = %addrs.client, metrics = %addrs.metrics, web, "node started");
         Ok(Server {
             id,
             name,

@@ -887,3 +887,72 @@ pub fn serve(
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::push::{encode_frame, ServerFrame};
+
+    #[test]
+    fn ephemeral_frames_become_the_pages_events() {
+        let typing = encode_frame(&ServerFrame::Typing {
+            channel: "general".into(),
+            user: "bob".into(),
+        });
+        let json: Value = serde_json::from_str(&ephemeral_json(&typing).unwrap()).unwrap();
+        assert_eq!(json, json!({"ev": "typing", "channel": "general", "user": "bob"}));
+        let presence = encode_frame(&ServerFrame::Presence {
+            online: vec!["alice".into()],
+            offline: vec!["carol".into()],
+            full: false,
+        });
+        let json: Value = serde_json::from_str(&ephemeral_json(&presence).unwrap()).unwrap();
+        assert_eq!(json["online"], json!(["alice"]));
+        assert_eq!(json["offline"], json!(["carol"]));
+        let marker = encode_frame(&ServerFrame::Marker {
+            channel: "general".into(),
+            read_to: 9,
+        });
+        let json: Value = serde_json::from_str(&ephemeral_json(&marker).unwrap()).unwrap();
+        assert_eq!(json["read_to"], json!(9));
+        // Frames the page has no event for, and bytes that are no frame, give nothing.
+        let heartbeat = encode_frame(&ServerFrame::Heartbeat { applied: 3 });
+        assert_eq!(ephemeral_json(&heartbeat), None);
+        assert_eq!(ephemeral_json(&[0, 0, 0, 2, 0xff, 0xff]), None);
+        assert_eq!(ephemeral_json(&[]), None);
+    }
+
+    #[test]
+    fn only_compiled_in_files_are_served() {
+        assert!(assets::find("js/crypto.js").is_some());
+        for path in ["../Cargo.toml", "/etc/passwd", "js/../../build.rs", "PROTOCOL.md", ""] {
+            assert_eq!(assets::find(path), None, "{path}");
+        }
+        let response = serve_asset("js/crypto.js");
+        let headers = response.headers();
+        assert_eq!(headers[header::CONTENT_TYPE], "text/javascript; charset=utf-8");
+        assert!(headers.contains_key(header::CONTENT_SECURITY_POLICY));
+        assert_eq!(serve_asset("nope.js").status(), StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn calls_are_json_objects_with_an_id_and_an_op() {
+        let call: Call = serde_json::from_str(r#"{"id": 3, "op": "nodes"}"#).unwrap();
+        assert_eq!((call.id, call.op.as_str(), call.args), (3, "nodes", Value::Null));
+        for text in ["", "[]", r#"{"op": "nodes"}"#, r#"{"id": -1, "op": "x"}"#, "\u{0}"] {
+            assert!(serde_json::from_str::<Call>(text).is_err(), "{text:?}");
+        }
+        let bad: Result<SendRequest, _> = args("send", json!({"channel": 1}));
+        assert!(matches!(
+            bad,
+            Err(ApiError::Rejected(RejectReason::Malformed { .. }))
+        ));
+    }
+
+    #[test]
+    fn long_ops_are_cut_on_a_character_boundary() {
+        let op = "é".repeat(100);
+        let cut = truncate(&op);
+        assert!(cut.len() <= 64 && cut.chars().all(|c| c == 'é'));
+    }
+}
