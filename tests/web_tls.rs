@@ -52,7 +52,14 @@ async fn get<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
 async fn own_certificate_serves_the_page_over_tls_only() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let (ca, cert, key) = certificate(dir.path())?;
-    let flags = ["--web", "127.0.0.1:0", "--web-cert", &cert, "--web-key", &key];
+    let flags = [
+        "--web",
+        "127.0.0.1:0",
+        "--web-cert",
+        &cert,
+        "--web-key",
+        &key,
+    ];
     let mut cluster = TestCluster::new("web-tls", &flags)?;
     let index = cluster.start_node(READY)?;
     let ready = *cluster.nodes[index].ready().context("ready")?;
@@ -78,7 +85,8 @@ async fn own_certificate_serves_the_page_over_tls_only() -> anyhow::Result<()> {
     ensure!(page.starts_with("HTTP/1.1 200"), "over TLS: {page:.200}");
     ensure!(page.contains("<html"), "the page: {page:.400}");
     ensure!(
-        page.to_ascii_lowercase().contains("content-security-policy"),
+        page.to_ascii_lowercase()
+            .contains("content-security-policy"),
         "the page carries its CSP: {page:.400}"
     );
 

@@ -43,9 +43,9 @@ use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::api::{check_admitted, check_channel, ApiShared, ChatServer, TokenBucket};
+use crate::conn_limit::{self, AddrKey, ConnLimiter};
 use crate::ephemeral::{Direct, Event, Listening, Online, TypingNote};
 use crate::push::{TYPING_BURST, TYPING_RATE_PER_S};
-use crate::conn_limit::{self, AddrKey, ConnLimiter};
 use crate::raft_rpc::Network;
 use crate::types::NodeId;
 
@@ -601,9 +601,10 @@ impl Session {
             "typing" => {
                 // Dropped, not refused, when over the rate or not admitted, as on push
                 // connections: a typing note is worth too little to cost an error.
-                if let (Ok(channel), Some((user, _))) =
-                    (args::<UnfollowArgs>("typing", call.args), self.server.logged_in())
-                {
+                if let (Ok(channel), Some((user, _))) = (
+                    args::<UnfollowArgs>("typing", call.args),
+                    self.server.logged_in(),
+                ) {
                     let allowed = self.typing.take_now().is_ok()
                         && check_channel(&channel.channel).is_ok()
                         && check_admitted(&self.web.shared.chat, &channel.channel, &user).is_ok();
@@ -900,7 +901,10 @@ mod tests {
             user: "bob".into(),
         });
         let json: Value = serde_json::from_str(&ephemeral_json(&typing).unwrap()).unwrap();
-        assert_eq!(json, json!({"ev": "typing", "channel": "general", "user": "bob"}));
+        assert_eq!(
+            json,
+            json!({"ev": "typing", "channel": "general", "user": "bob"})
+        );
         let presence = encode_frame(&ServerFrame::Presence {
             online: vec!["alice".into()],
             offline: vec!["carol".into()],
@@ -925,12 +929,21 @@ mod tests {
     #[test]
     fn only_compiled_in_files_are_served() {
         assert!(assets::find("js/crypto.js").is_some());
-        for path in ["../Cargo.toml", "/etc/passwd", "js/../../build.rs", "PROTOCOL.md", ""] {
+        for path in [
+            "../Cargo.toml",
+            "/etc/passwd",
+            "js/../../build.rs",
+            "PROTOCOL.md",
+            "",
+        ] {
             assert_eq!(assets::find(path), None, "{path}");
         }
         let response = serve_asset("js/crypto.js");
         let headers = response.headers();
-        assert_eq!(headers[header::CONTENT_TYPE], "text/javascript; charset=utf-8");
+        assert_eq!(
+            headers[header::CONTENT_TYPE],
+            "text/javascript; charset=utf-8"
+        );
         assert!(headers.contains_key(header::CONTENT_SECURITY_POLICY));
         assert_eq!(serve_asset("nope.js").status(), StatusCode::NOT_FOUND);
     }
@@ -938,8 +951,17 @@ mod tests {
     #[test]
     fn calls_are_json_objects_with_an_id_and_an_op() {
         let call: Call = serde_json::from_str(r#"{"id": 3, "op": "nodes"}"#).unwrap();
-        assert_eq!((call.id, call.op.as_str(), call.args), (3, "nodes", Value::Null));
-        for text in ["", "[]", r#"{"op": "nodes"}"#, r#"{"id": -1, "op": "x"}"#, "\u{0}"] {
+        assert_eq!(
+            (call.id, call.op.as_str(), call.args),
+            (3, "nodes", Value::Null)
+        );
+        for text in [
+            "",
+            "[]",
+            r#"{"op": "nodes"}"#,
+            r#"{"id": -1, "op": "x"}"#,
+            "\u{0}",
+        ] {
             assert!(serde_json::from_str::<Call>(text).is_err(), "{text:?}");
         }
         let bad: Result<SendRequest, _> = args("send", json!({"channel": 1}));
