@@ -949,6 +949,13 @@ mod tests {
         .unwrap();
         assert_eq!(ready.id, 42);
         assert_eq!(ready.metrics.port(), 3);
+        assert_eq!(ready.web, None);
+        let with_web = parse_ready(
+            "ready node=1 client=127.0.0.1:1 raft=127.0.0.1:2 metrics=127.0.0.1:3 data=/x \
+             name=n1 web=https://127.0.0.1:4",
+        )
+        .unwrap();
+        assert_eq!(with_web.web, Some("127.0.0.1:4".parse().unwrap()));
         assert_eq!(parse_ready("node 42 starting"), None);
         assert_eq!(parse_ready("ready node=x client=1"), None);
     }
