@@ -361,6 +361,8 @@ struct Call {
 /// Close codes (RFC 6455): a frame type we do not speak, and a policy violation.
 const CLOSE_UNSUPPORTED: u16 = 1003;
 const CLOSE_POLICY: u16 = 1008;
+/// Close code of a message too big to process.
+const CLOSE_TOO_BIG: u16 = 1009;
 
 async fn serve_socket(web: Arc<Web>, socket: WebSocket, peer: Peer) {
     let (server, welcome) = ChatServer::for_web(web.shared.clone(), peer.key);
@@ -421,7 +423,18 @@ async fn serve_socket(web: Arc<Web>, socket: WebSocket, peer: Peer) {
     loop {
         tokio::select! {
             frame = stream.next() => {
-                let Some(Ok(frame)) = frame else { break };
+                let frame = match frame {
+                    Some(Ok(frame)) => frame,
+                    Some(Err(e)) => {
+                        // The only error the page can cause by what it sends: a frame or
+                        // message over the limit (tungstenite's capacity error).
+                        if e.to_string().contains("too long") {
+                            outbox.close(CLOSE_TOO_BIG, "frames are at most 256 KiB");
+                        }
+                        break;
+                    }
+                    None => break,
+                };
                 match frame {
                     Message::Text(text) => {
                         if let Err(reason) = session.on_text(&text).await {
@@ -837,6 +850,9 @@ pub fn serve(
                     continue;
                 }
             };
+            // Answers go out at once: without it a small frame behind another waits for the
+            // browser's delayed ACK (40 ms).
+            let _ = stream.set_nodelay(true);
             let local = stream.local_addr().ok();
             let Some(guard) = limiter.admit(peer, local, "web") else {
                 continue;
