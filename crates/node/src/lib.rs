@@ -51,6 +51,7 @@ mod storage_metrics;
 mod types;
 mod weaken;
 mod web;
+mod web_forward;
 
 pub use admin::{LeaveReply, LeaveRequest, MemberInfo, MemberState, MembersRequest};
 pub use cluster::{

@@ -53,7 +53,7 @@ use crate::retention::{self, RetentionRequest};
 use crate::snapshot_file::SnapshotFile;
 use crate::snapshot_transfer::{self, SnapshotChunk, SnapshotReceiver, TransferError};
 use crate::types::{Member, NodeId, Snapshot, TypeConfig, Vote};
-use crate::web::{Forwarded, WebInbound, WebWritten};
+use crate::web_forward::{Forwarded, WebInbound, WebWritten};
 
 /// A request that reached a node other than the one it was addressed to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]

@@ -48,7 +48,7 @@ use crate::search::Searcher;
 use crate::snapshot_transfer::SnapshotReceiver;
 use crate::state_machine::StateMachine;
 use crate::types::NodeId;
-use crate::web::WebInbound;
+use crate::web_forward::WebInbound;
 
 /// Most concurrent requests on one client connection (each open long-poll holds one).
 const CONN_REQUESTS_MAX: usize = 1024;

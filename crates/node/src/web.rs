@@ -30,13 +30,11 @@ use futures::{SinkExt, StreamExt};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use parking_lot::Mutex;
 use proto::{
-    ApiError, ChannelInfoRequest, ChannelRequest, ChannelsRequest, Chat as _, HistoryRequest,
-    Login, MarkReadReply, MarkReadRequest, RejectReason, SearchRequest, SendReply, SendRequest,
-    StreamRequest,
+    ApiError, ChannelInfoRequest, ChannelsRequest, Chat as _, HistoryRequest, Login, RejectReason,
+    SearchRequest, StreamRequest,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tarpc::context;
 use tokio::net::TcpListener;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{mpsc, Notify, Semaphore};
@@ -48,6 +46,7 @@ use crate::ephemeral::{Direct, Event, Listening, Online, TypingNote};
 use crate::push::{TYPING_BURST, TYPING_RATE_PER_S};
 use crate::raft_rpc::Network;
 use crate::types::NodeId;
+use crate::web_forward::{ctx_within, run_write, Forwarded, WebWrite, WebWritten, FORWARD_TIMEOUT};
 
 /// Largest frame a page may send; the largest call (a send of a 16 KiB body as JSON numbers)
 /// fits well inside.
@@ -64,8 +63,6 @@ pub const LOGIN_WITHIN: Duration = Duration::from_secs(15);
 const PING_EVERY: Duration = Duration::from_secs(5);
 /// A page whose outbox stays full this long is not reading: its socket is closed.
 const STALLED_AFTER: Duration = Duration::from_secs(30);
-/// How long a forwarded write may take.
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a member may take to say its web URL, and how long an answer is kept.
 const URL_TIMEOUT: Duration = Duration::from_secs(1);
 const URL_KEPT: Duration = Duration::from_secs(30);
@@ -77,78 +74,6 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 mod assets {
     include!(concat!(env!("OUT_DIR"), "/web_assets.rs"));
-}
-
-/// A write the page asked for, forwarded to the leader when this node does not lead.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum WebWrite {
-    /// `Chat::send`.
-    Send(SendRequest),
-    /// `Chat::channel`.
-    Channel(ChannelRequest),
-    /// `Chat::mark_read`.
-    MarkRead(MarkReadRequest),
-}
-
-/// What a [`WebWrite`] answered.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum WebWritten {
-    /// A send's reply.
-    Sent(SendReply),
-    /// A channel change's read token.
-    Channel(u64),
-    /// A read mark's reply.
-    Marked(MarkReadReply),
-}
-
-/// A forwarded write: the user the forwarding member logged in, the key they proved, and the
-/// address they came from (for the registration limits; `None`: the member's own machine).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Forwarded {
-    /// The logged-in user.
-    pub user: String,
-    /// The key the login proved.
-    pub public_key: [u8; 32],
-    /// Where the page connects from.
-    pub source: Option<IpAddr>,
-    /// The write.
-    pub write: WebWrite,
-}
-
-/// What the Raft RPC server needs to serve members' web calls.
-pub(crate) struct WebInbound {
-    shared: Arc<ApiShared>,
-    /// This node's web URL, when it serves the web client.
-    pub url: Option<String>,
-}
-
-impl WebInbound {
-    /// Serves `shared`; `url` is this node's web URL.
-    pub(crate) fn new(shared: Arc<ApiShared>, url: Option<String>) -> WebInbound {
-        WebInbound { shared, url }
-    }
-
-    /// Runs a write a member forwarded, for its user.
-    pub async fn run_forwarded(&self, req: Forwarded) -> Result<WebWritten, ApiError> {
-        let source = req.source.and_then(|ip| conn_limit::addr_key(ip, None));
-        let server = ChatServer::on_behalf(self.shared.clone(), req.user, req.public_key, source);
-        run_write(server, req.write).await
-    }
-}
-
-fn ctx_within(ttl: Duration) -> context::Context {
-    let mut ctx = context::current();
-    ctx.deadline = Instant::now() + ttl;
-    ctx
-}
-
-async fn run_write(server: ChatServer, write: WebWrite) -> Result<WebWritten, ApiError> {
-    let ctx = ctx_within(FORWARD_TIMEOUT);
-    match write {
-        WebWrite::Send(req) => server.send(ctx, req).await.map(WebWritten::Sent),
-        WebWrite::Channel(req) => server.channel(ctx, req).await.map(WebWritten::Channel),
-        WebWrite::MarkRead(req) => server.mark_read(ctx, req).await.map(WebWritten::Marked),
-    }
 }
 
 /// One node's web service.
