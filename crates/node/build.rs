@@ -6,11 +6,19 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 fn main() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../web/static");
+    // Read at run time, not with env!: the compiled build script is shared by every clone
+    // that uses the same target directory, and a path baked in may name a deleted clone.
+    let manifest = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    let root = Path::new(&manifest).join("../../web/static");
     println!("cargo:rerun-if-changed={}", root.display());
     let mut files = Vec::new();
     walk(&root, &mut files);
     files.sort();
+    assert!(
+        files.iter().any(|f| f.ends_with("index.html")),
+        "no web/static/index.html under {}: the node would serve no page",
+        root.display()
+    );
     let mut out = String::from(
         "/// The compiled-in file at `path` (relative to web/static) and its content type.\n\
          pub fn find(path: &str) -> Option<(&'static str, &'static [u8])> {\n    match path {\n",

@@ -834,6 +834,7 @@ pub fn serve(
 mod tests {
     use super::*;
     use proto::push::{encode_frame, ServerFrame};
+    use proto::SendRequest;
 
     #[test]
     fn ephemeral_frames_become_the_pages_events() {
