@@ -408,6 +408,8 @@ pub struct TestCluster {
     test_timing: bool,
     /// The nodes, in start order.
     pub nodes: Vec<NodeProc>,
+    /// The server binary nodes and subcommands run; `None` for [`server_binary`].
+    server: Option<PathBuf>,
     _slot: ClusterSlot,
 }
 
@@ -447,8 +449,20 @@ impl TestCluster {
             extra_args: extra_args.iter().map(|s| (*s).to_owned()).collect(),
             test_timing,
             nodes: Vec::new(),
+            server: None,
             _slot: slot,
         })
+    }
+
+    /// Runs `server` instead of the workspace's server binary for nodes started from now on
+    /// and for subcommands (a benchmark's earlier build, for one).
+    pub fn use_server_binary(&mut self, server: PathBuf) {
+        self.server = Some(server);
+    }
+
+    /// The server binary this cluster runs.
+    fn server(&self) -> anyhow::Result<PathBuf> {
+        self.server.clone().map_or_else(server_binary, Ok)
     }
 
     /// The directory holding every node's data.
@@ -500,7 +514,7 @@ impl TestCluster {
             .append(true)
             .open(&log)
             .context("opening the node log")?;
-        let mut child = Command::new(server_binary()?)
+        let mut child = Command::new(self.server()?)
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--cluster", &self.cluster])
@@ -585,7 +599,7 @@ impl TestCluster {
     /// # Errors
     /// The server binary is missing or cannot run.
     pub fn admin(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
-        Command::new(server_binary()?)
+        Command::new(self.server()?)
             .args(args)
             .args(self.admin_flags())
             .stdin(Stdio::null())
