@@ -38,8 +38,9 @@ struct Cli {
 /// Options every scenario takes.
 #[derive(Args, Debug, Clone)]
 pub struct Common {
-    /// Systems under test, comma separated: cellchat, etcd, nats (JetStream default sync),
-    /// nats-sync (JetStream with sync_interval: always).
+    /// Systems under test, comma separated: cellchat, cellchat-signed, cellchat-base (with
+    /// --base-bin), etcd, nats (JetStream default sync), nats-sync (JetStream with
+    /// sync_interval: always).
     #[arg(long, global = true, value_delimiter = ',', default_value = "cellchat")]
     system: Vec<SystemKind>,
     /// Server nodes each system runs.
@@ -67,6 +68,10 @@ pub struct Common {
     /// The nats-server binary (default: on PATH, else python3's scripts dir).
     #[arg(long, global = true)]
     nats_bin: Option<PathBuf>,
+    /// The server binary of an earlier cellchat build, run as system `cellchat-base` (the
+    /// reference for performance changes; `bench report` includes it when this is given).
+    #[arg(long, global = true, env = "CELLCHAT_BASE_BIN")]
+    base_bin: Option<PathBuf>,
     /// Message body size in bytes.
     #[arg(long, global = true, default_value_t = 100)]
     body: usize,

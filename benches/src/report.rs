@@ -202,13 +202,20 @@ fn ratios(results: &[RunResult]) -> Vec<String> {
         }) {
             let throughput = ours.throughput_per_s / peer.throughput_per_s.max(f64::MIN_POSITIVE);
             let p99 = ours.latency_ms.p99 / peer.latency_ms.p99.max(f64::MIN_POSITIVE);
+            let cpu = |r: &RunResult| r.extra.get("server_cpu_us_per_msg")?.as_f64();
+            let cpu = match (cpu(ours), cpu(peer)) {
+                (Some(ours), Some(peer)) if peer > 0.0 => {
+                    format!(", server CPU per message x{:.2}", ours / peer)
+                }
+                _ => String::new(),
+            };
             let rate = if ours.rate_per_s > 0.0 {
                 format!(" rate={}", ours.rate_per_s)
             } else {
                 String::new()
             };
             lines.push(format!(
-                "{} clients={} subscribers={}{rate}: cellchat/{} throughput x{throughput:.2}, p99 x{p99:.2}",
+                "{} clients={} subscribers={}{rate}: cellchat/{} throughput x{throughput:.2}, p99 x{p99:.2}{cpu}",
                 ours.scenario, ours.clients, ours.subscribers, peer.system
             ));
         }
@@ -323,7 +330,7 @@ pub async fn run_command(common: &Common, spec: &Spec, sink: &mut Sink) -> Resul
                 | Spec::Typing { .. }
                 | Spec::Search { .. }
         );
-        if cellchat_only && !kind.is_cellchat() {
+        if cellchat_only && !matches!(kind, SystemKind::Cellchat | SystemKind::CellchatSigned) {
             eprintln!("skipping {kind}: this scenario kills or loads cellchat nodes only");
             continue;
         }
@@ -522,6 +529,14 @@ async fn start_system(
     kind: SystemKind,
     peers: &PeerPaths,
 ) -> Result<Box<dyn System>> {
+    if kind == SystemKind::CellchatBase {
+        let Some(base) = &common.base_bin else {
+            bail!("cellchat-base needs --base-bin (or CELLCHAT_BASE_BIN): an earlier server build");
+        };
+        return Ok(Box::new(
+            Cellchat::start_from(common.nodes, &[], Some(base)).await?,
+        ));
+    }
     if kind.is_cellchat() {
         let signed = kind == SystemKind::CellchatSigned;
         return Ok(Box::new(start_cellchat(common).await?.signing(signed)));
@@ -546,7 +561,10 @@ const END: &str = "<!-- bench report: end -->";
 /// rewritten.
 pub async fn run_all(common: &Common, quick: bool, results_md: &Path) -> Result<()> {
     let mut common = common.clone();
-    common.system = SystemKind::ALL.to_vec();
+    common.system = SystemKind::ALL
+        .into_iter()
+        .filter(|k| *k != SystemKind::CellchatBase || common.base_bin.is_some())
+        .collect();
     if quick {
         common.duration = common.duration.min(3.0);
         common.warmup = common.warmup.min(1.0);
@@ -628,16 +646,22 @@ fn write_results_md(
     let _ = writeln!(block, "#### write (closed-loop senders)\n");
     let _ = writeln!(
         block,
-        "| system | senders | msgs/s | p50 ms | p99 ms | p999 ms | max ms | errors |"
+        "| system | senders | msgs/s | p50 ms | p99 ms | p999 ms | max ms | errors | server CPU µs/msg | harness CPU µs/msg |"
     );
     let _ = writeln!(
         block,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
+    let extra = |r: &RunResult, key: &str, decimals: usize| {
+        r.extra
+            .get(key)
+            .and_then(serde_json::Value::as_f64)
+            .map_or_else(|| "-".to_owned(), |v| format!("{v:.decimals$}"))
+    };
     for r in results.iter().filter(|r| r.scenario == "write") {
         let _ = writeln!(
             block,
-            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} |",
             r.system,
             r.clients,
             r.throughput_per_s,
@@ -645,7 +669,9 @@ fn write_results_md(
             r.latency_ms.p99,
             r.latency_ms.p999,
             r.latency_ms.max,
-            r.errors
+            r.errors,
+            extra(r, "server_cpu_us_per_msg", 0),
+            extra(r, "harness_cpu_us_per_msg", 0),
         );
     }
     let _ = writeln!(
@@ -659,33 +685,28 @@ fn write_results_md(
     );
     let _ = writeln!(
         block,
-        "| system | subscribers | offered msg/s | sent/s | deliveries/s | ack p50 ms | p50 ms | p99 ms | max ms | missing | duplicates |"
+        "| system | subscribers | offered msg/s | sent/s | deliveries/s | ack p50 ms | p50 ms | p99 ms | max ms | missing | duplicates | server CPU µs/msg |"
     );
     let _ = writeln!(
         block,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
-    let extra = |r: &RunResult, key: &str| {
-        r.extra
-            .get(key)
-            .and_then(serde_json::Value::as_f64)
-            .map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"))
-    };
     for r in results.iter().filter(|r| r.scenario == "fanout") {
         let _ = writeln!(
             block,
-            "| {} | {} | {} | {} | {:.0} | {} | {:.2} | {:.2} | {:.2} | {} | {} |",
+            "| {} | {} | {} | {} | {:.0} | {} | {:.2} | {:.2} | {:.2} | {} | {} | {} |",
             r.system,
             r.subscribers,
             r.rate_per_s,
-            extra(r, "sent_per_s"),
+            extra(r, "sent_per_s", 2),
             r.throughput_per_s,
-            extra(r, "ack_p50_ms"),
+            extra(r, "ack_p50_ms", 2),
             r.latency_ms.p50,
             r.latency_ms.p99,
             r.latency_ms.max,
             r.missing.unwrap_or(0),
-            r.duplicates.unwrap_or(0)
+            r.duplicates.unwrap_or(0),
+            extra(r, "server_cpu_us_per_msg", 0),
         );
     }
     let ratios = ratios(results);

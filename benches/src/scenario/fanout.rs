@@ -9,7 +9,7 @@ use anyhow::Result;
 
 use super::{
     connect_subscribers, connect_writers, micros_at, now_micros, read_stamp, stamped_body,
-    timed_bar,
+    timed_bar, CpuMeter,
 };
 use crate::stats::{Latencies, RunResult};
 use crate::sut::System;
@@ -136,6 +136,7 @@ pub async fn run(system: &dyn System, options: &FanoutOptions) -> Result<RunResu
         &format!("{} fanout x{}", system.kind(), options.subscribers),
     );
     let started = Instant::now();
+    let cpu = CpuMeter::start(system);
     let mut publisher_tasks = Vec::new();
     for (index, mut writer) in publishers.into_iter().enumerate() {
         let sent_total = sent_total.clone();
@@ -220,6 +221,8 @@ pub async fn run(system: &dyn System, options: &FanoutOptions) -> Result<RunResu
     }
     let expected = sent * options.subscribers as u64;
     let mut result = RunResult::new("fanout", system.kind().name(), system.node_count());
+    // Per message sent, each with its deliveries to every subscriber.
+    cpu.finish(&mut result, sent);
     result.clients = publisher_count;
     result.subscribers = options.subscribers;
     result.rate_per_s = options.rate;

@@ -10,13 +10,16 @@ pub mod search;
 pub mod typing;
 pub mod write;
 
+use std::net::SocketAddr;
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use futures::{StreamExt, TryStreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::stats::RunResult;
+use crate::sut::procs::cpu_time;
 use crate::sut::{Subscriber, System, Writer};
 
 /// Clients connect this many at a time (each does discovery, and a login for writers).
@@ -133,6 +136,73 @@ pub fn read_stamp(body: &[u8]) -> Option<(u32, u64, u64)> {
     let counter = u64::from_le_bytes(body[12..20].try_into().ok()?);
     let sent = u64::from_le_bytes(body[20..28].try_into().ok()?);
     Some((publisher, counter, sent))
+}
+
+/// The value of the unlabelled series `name` in OpenMetrics `text`.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+/// A node's `/metrics` text.
+pub async fn scrape(addr: SocketAddr) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let read = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await?;
+        anyhow::Ok(text)
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .context("scraping a node's metrics timed out")?
+}
+
+/// CPU time the servers and this harness use over a measured window, for CPU per
+/// acknowledged message: a system that is faster only because it burns more of the shared
+/// cores shows it here.
+pub struct CpuMeter {
+    pids: Vec<u32>,
+    servers: Duration,
+    harness: Duration,
+}
+
+impl CpuMeter {
+    /// Starts metering the system's server processes (none when it was joined) and this one.
+    pub fn start(system: &dyn System) -> CpuMeter {
+        let pids = system.pids();
+        CpuMeter {
+            servers: servers_cpu(&pids),
+            harness: cpu_time(std::process::id()).unwrap_or_default(),
+            pids,
+        }
+    }
+
+    /// Ends the window and records, per message of `messages`: `server_cpu_us_per_msg`
+    /// (every node together) and `harness_cpu_us_per_msg` (the clients), with the totals
+    /// (`server_cpu_s`, `harness_cpu_s`).
+    pub fn finish(self, result: &mut RunResult, messages: u64) {
+        let servers = servers_cpu(&self.pids).saturating_sub(self.servers);
+        let harness = cpu_time(std::process::id())
+            .unwrap_or_default()
+            .saturating_sub(self.harness);
+        let per = |cpu: Duration| cpu.as_secs_f64() * 1e6 / messages.max(1) as f64;
+        if !self.pids.is_empty() {
+            result.set("server_cpu_s", servers.as_secs_f64());
+            result.set("server_cpu_us_per_msg", per(servers));
+        }
+        result.set("harness_cpu_s", harness.as_secs_f64());
+        result.set("harness_cpu_us_per_msg", per(harness));
+    }
+}
+
+/// CPU time used so far by the processes `pids` (those gone count nothing).
+fn servers_cpu(pids: &[u32]) -> Duration {
+    pids.iter().filter_map(|p| cpu_time(*p)).sum()
 }
 
 #[cfg(test)]

@@ -13,7 +13,6 @@
 //! Every hit is checked against its query (words, prefix, sender, channel) after it is timed,
 //! so a fast but wrong answer shows up as `wrong_hits`.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,6 +24,7 @@ use futures::{StreamExt, TryStreamExt};
 use proto::WireMessage;
 use serde_json::json;
 
+use super::{metric, scrape};
 use crate::stats::{Latencies, RunResult};
 use crate::sut::cellchat::{client_config, Cellchat};
 use crate::sut::procs::rss_bytes;
@@ -390,30 +390,6 @@ async fn write_steadily(
         }
     }
     (sent, failed, latencies)
-}
-
-/// The value of the unlabelled series `name` in OpenMetrics `text`.
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|value| value.trim().parse().ok())
-}
-
-/// A node's `/metrics` text.
-async fn scrape(addr: SocketAddr) -> Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let read = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await?;
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
-            .await?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text).await?;
-        anyhow::Ok(text)
-    };
-    tokio::time::timeout(Duration::from_secs(5), read)
-        .await
-        .context("scraping a node's metrics timed out")?
 }
 
 /// Per node: its index's size as its gauges report it, the searches it answered, its RSS.

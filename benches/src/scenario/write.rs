@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use tokio::task::JoinHandle;
 
-use super::{connect_writers, timed_bar};
+use super::{connect_writers, metric, scrape, timed_bar, CpuMeter};
 use crate::stats::{Latencies, RunResult};
 use crate::sut::{System, Writer};
 
@@ -50,6 +50,8 @@ pub struct SenderTally {
 pub async fn run(system: &dyn System, options: &WriteOptions) -> Result<RunResult> {
     let senders = Senders::start(system, options).await?;
     let label = format!("{} write x{}", system.kind(), options.clients);
+    let hops = Hops::start(system).await;
+    let cpu = CpuMeter::start(system);
     let (total, elapsed) = senders.measure(options.duration, &label).await?;
     let mut result = RunResult::new("write", system.kind().name(), system.node_count());
     result.clients = options.clients;
@@ -60,7 +62,70 @@ pub async fn run(system: &dyn System, options: &WriteOptions) -> Result<RunResul
     result.throughput_per_s = total.ops as f64 / elapsed.as_secs_f64();
     result.latency_ms = total.latencies.summary();
     result.set("topics", options.topics);
+    cpu.finish(&mut result, total.ops);
+    hops.finish(&mut result).await;
     Ok(result)
+}
+
+/// The nodes' own timings over a measured window, from their `/metrics` (cellchat only):
+/// means of the leader's send RPC (proposal to reply), each node's log fdatasync and
+/// apply, and the sends per log entry. Next to the senders' own latency they split one send
+/// into its hops.
+struct Hops {
+    addrs: Vec<std::net::SocketAddr>,
+    before: Vec<String>,
+}
+
+/// The `_sum` and `_count` series of `histogram` (with `labels`, e.g. `{method="send"}`).
+fn sum_count(text: &str, histogram: &str, labels: &str) -> (f64, f64) {
+    let get = |suffix: &str| metric(text, &format!("{histogram}_{suffix}{labels}")).unwrap_or(0.0);
+    (get("sum"), get("count"))
+}
+
+impl Hops {
+    async fn start(system: &dyn System) -> Hops {
+        let addrs = system.metrics_addrs();
+        let mut before = Vec::new();
+        for addr in &addrs {
+            before.push(scrape(*addr).await.unwrap_or_default());
+        }
+        Hops { addrs, before }
+    }
+
+    async fn finish(self, result: &mut RunResult) {
+        if self.addrs.is_empty() {
+            return;
+        }
+        let mut nodes = Vec::new();
+        for (addr, before) in self.addrs.iter().zip(&self.before) {
+            let after = scrape(*addr).await.unwrap_or_default();
+            // (sum, count) of the window: after minus before.
+            let delta = |histogram: &str, labels: &str| {
+                let (s1, c1) = sum_count(&after, histogram, labels);
+                let (s0, c0) = sum_count(before, histogram, labels);
+                (s1 - s0, c1 - c0)
+            };
+            let mean_ms = |(sum, count): (f64, f64)| (count > 0.0).then(|| 1e3 * sum / count);
+            let send = delta("cellchat_rpc_seconds", "{method=\"send\"}");
+            let batch = delta("cellchat_batch_sends", "");
+            nodes.push(serde_json::json!({
+                "sends": send.1,
+                "send_rpc_ms_mean": mean_ms(send),
+                "fsync_ms_mean": mean_ms(delta("cellchat_wal_fsync_seconds", "")),
+                "fsyncs": delta("cellchat_wal_fsync_seconds", "").1,
+                "apply_ms_mean": mean_ms(delta("cellchat_apply_seconds", "")),
+                "sends_per_entry_mean": (batch.1 > 0.0).then(|| batch.0 / batch.1),
+            }));
+        }
+        // The leader answered the sends; list it first.
+        nodes.sort_by(|a, b| {
+            b["sends"]
+                .as_f64()
+                .partial_cmp(&a["sends"].as_f64())
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
+        result.set("nodes_leader_first", serde_json::Value::Array(nodes));
+    }
 }
 
 /// Closed-loop senders, connected and warm, waiting for their one measured window. Dropped

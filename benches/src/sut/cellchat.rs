@@ -2,6 +2,7 @@
 //! a running cluster joined with `--join`), driven through the client library.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
@@ -75,6 +76,8 @@ pub struct Cellchat {
     reader: Identity,
     /// Writers sign each body and verify it once acknowledged (`cellchat-signed`).
     signed: bool,
+    /// The nodes run an earlier build (`cellchat-base`).
+    base: bool,
 }
 
 impl Cellchat {
@@ -91,11 +94,23 @@ impl Cellchat {
     /// # Errors
     /// As [`start`](Self::start).
     pub async fn start_with(nodes: usize, extra: &[&str]) -> Result<Self> {
+        Self::start_from(nodes, extra, None).await
+    }
+
+    /// As [`start_with`](Self::start_with), the nodes running `server` when given (an earlier
+    /// build, reported as `cellchat-base`) instead of this workspace's server binary.
+    ///
+    /// # Errors
+    /// As [`start`](Self::start).
+    pub async fn start_from(nodes: usize, extra: &[&str], server: Option<&Path>) -> Result<Self> {
         if nodes == 0 {
             bail!("--nodes must be at least 1");
         }
         let args: Vec<&str> = BENCH_SERVER_ARGS.iter().chain(extra).copied().collect();
         let mut cluster = TestCluster::with_production_timing("bench", &args)?;
+        if let Some(server) = server {
+            cluster.use_server_binary(server.to_path_buf());
+        }
         for _ in 0..nodes {
             cluster.spawn_node()?;
         }
@@ -119,6 +134,7 @@ impl Cellchat {
             writers_made: AtomicU64::new(0),
             reader: reader_identity(),
             signed: false,
+            base: server.is_some(),
         })
     }
 
@@ -142,6 +158,7 @@ impl Cellchat {
             writers_made: AtomicU64::new(0),
             reader: reader_identity(),
             signed: false,
+            base: false,
         })
     }
 
@@ -279,6 +296,8 @@ impl System for Cellchat {
     fn kind(&self) -> SystemKind {
         if self.signed {
             SystemKind::CellchatSigned
+        } else if self.base {
+            SystemKind::CellchatBase
         } else {
             SystemKind::Cellchat
         }
@@ -300,6 +319,13 @@ impl System for Cellchat {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    fn metrics_addrs(&self) -> Vec<SocketAddr> {
+        self.node_procs()
+            .into_iter()
+            .filter_map(|(_, metrics)| metrics)
+            .collect()
     }
 
     fn writer(&self, _index: usize) -> BoxFuture<'_, Result<Box<dyn Writer>>> {

@@ -27,6 +27,9 @@ pub enum SystemKind {
     /// signature verified once after its acknowledgement, as a reader would: the cost of
     /// authorship, next to `cellchat` in the same run.
     CellchatSigned,
+    /// cellchat as an earlier build (`--base-bin`): the reference a performance change is
+    /// measured against in the same run.
+    CellchatBase,
     /// etcd 3.4 with its durable defaults (fsync per commit).
     Etcd,
     /// NATS JetStream R3 with its default sync (the OS flushes; not durable per write).
@@ -37,9 +40,10 @@ pub enum SystemKind {
 
 impl SystemKind {
     /// Every system, in report order.
-    pub const ALL: [SystemKind; 5] = [
+    pub const ALL: [SystemKind; 6] = [
         SystemKind::Cellchat,
         SystemKind::CellchatSigned,
+        SystemKind::CellchatBase,
         SystemKind::Etcd,
         SystemKind::NatsSync,
         SystemKind::Nats,
@@ -47,7 +51,10 @@ impl SystemKind {
 
     /// Whether this is cellchat, whatever its body format.
     pub fn is_cellchat(self) -> bool {
-        matches!(self, SystemKind::Cellchat | SystemKind::CellchatSigned)
+        matches!(
+            self,
+            SystemKind::Cellchat | SystemKind::CellchatSigned | SystemKind::CellchatBase
+        )
     }
 
     /// The name used on the command line and in results.
@@ -55,6 +62,7 @@ impl SystemKind {
         match self {
             SystemKind::Cellchat => "cellchat",
             SystemKind::CellchatSigned => "cellchat-signed",
+            SystemKind::CellchatBase => "cellchat-base",
             SystemKind::Etcd => "etcd",
             SystemKind::Nats => "nats",
             SystemKind::NatsSync => "nats-sync",
@@ -75,11 +83,12 @@ impl FromStr for SystemKind {
         match s {
             "cellchat" => Ok(SystemKind::Cellchat),
             "cellchat-signed" => Ok(SystemKind::CellchatSigned),
+            "cellchat-base" => Ok(SystemKind::CellchatBase),
             "etcd" => Ok(SystemKind::Etcd),
             "nats" => Ok(SystemKind::Nats),
             "nats-sync" => Ok(SystemKind::NatsSync),
             other => Err(format!(
-                "unknown system {other:?}: expected cellchat, cellchat-signed, etcd, nats or nats-sync"
+                "unknown system {other:?}: expected cellchat, cellchat-signed, cellchat-base, etcd, nats or nats-sync"
             )),
         }
     }
@@ -119,6 +128,11 @@ pub trait System: Send + Sync {
     /// Pids of the server processes the harness started (empty when joined).
     fn pids(&self) -> Vec<u32>;
 
+    /// Where each started node answers `GET /metrics` (cellchat only; empty otherwise).
+    fn metrics_addrs(&self) -> Vec<std::net::SocketAddr> {
+        Vec::new()
+    }
+
     /// A new writer with its own connection (and, for cellchat, its own user).
     fn writer(&self, index: usize) -> BoxFuture<'_, Result<Box<dyn Writer>>>;
 
@@ -143,6 +157,9 @@ pub async fn start(kind: SystemKind, nodes: usize, peers: &PeerPaths) -> Result<
             Ok(Box::new(
                 cellchat::Cellchat::start(nodes).await?.signing(signed),
             ))
+        }
+        SystemKind::CellchatBase => {
+            anyhow::bail!("cellchat-base is started from --base-bin by the report's runner")
         }
         #[cfg(feature = "peers")]
         SystemKind::Etcd => Ok(Box::new(etcd::Etcd::start(nodes, peers).await?)),
