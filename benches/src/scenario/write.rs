@@ -73,7 +73,8 @@ pub async fn run(system: &dyn System, options: &WriteOptions) -> Result<RunResul
 /// into its hops.
 struct Hops {
     addrs: Vec<std::net::SocketAddr>,
-    before: Vec<String>,
+    /// Each node's text at the start; `None` where the scrape failed.
+    before: Vec<Option<String>>,
 }
 
 /// The `_sum` and `_count` series of `histogram` (with `labels`, e.g. `{method="send"}`).
@@ -87,7 +88,7 @@ impl Hops {
         let addrs = system.metrics_addrs();
         let mut before = Vec::new();
         for addr in &addrs {
-            before.push(scrape(*addr).await.unwrap_or_default());
+            before.push(scrape(*addr).await.ok());
         }
         Hops { addrs, before }
     }
@@ -98,7 +99,12 @@ impl Hops {
         }
         let mut nodes = Vec::new();
         for (addr, before) in self.addrs.iter().zip(&self.before) {
-            let after = scrape(*addr).await.unwrap_or_default();
+            // A node not scraped at both ends has no window to tell: figures from one end
+            // alone would count everything since it started.
+            let (Some(before), Ok(after)) = (before, scrape(*addr).await) else {
+                nodes.push(serde_json::json!({ "sends": 0.0, "scrape_failed": true }));
+                continue;
+            };
             // (sum, count) of the window: after minus before.
             let delta = |histogram: &str, labels: &str| {
                 let (s1, c1) = sum_count(&after, histogram, labels);
@@ -108,11 +114,12 @@ impl Hops {
             let mean_ms = |(sum, count): (f64, f64)| (count > 0.0).then(|| 1e3 * sum / count);
             let send = delta("cellchat_rpc_seconds", "{method=\"send\"}");
             let batch = delta("cellchat_batch_sends", "");
+            let fsync = delta("cellchat_wal_fsync_seconds", "");
             nodes.push(serde_json::json!({
                 "sends": send.1,
                 "send_rpc_ms_mean": mean_ms(send),
-                "fsync_ms_mean": mean_ms(delta("cellchat_wal_fsync_seconds", "")),
-                "fsyncs": delta("cellchat_wal_fsync_seconds", "").1,
+                "fsync_ms_mean": mean_ms(fsync),
+                "fsyncs": fsync.1,
                 "apply_ms_mean": mean_ms(delta("cellchat_apply_seconds", "")),
                 "sends_per_entry_mean": (batch.1 > 0.0).then(|| batch.0 / batch.1),
             }));
@@ -240,4 +247,30 @@ async fn send_loop(
         }
     }
     tally
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sum_count;
+
+    #[test]
+    fn histogram_sums_and_counts_are_read_by_name_and_labels() {
+        let text = "# TYPE cellchat_rpc_seconds histogram\n\
+            cellchat_rpc_seconds_sum{method=\"login\"} 9.0\n\
+            cellchat_rpc_seconds_count{method=\"login\"} 3\n\
+            cellchat_rpc_seconds_sum{method=\"send\"} 0.25\n\
+            cellchat_rpc_seconds_count{method=\"send\"} 100\n\
+            cellchat_wal_fsync_seconds_sum 0.5\n\
+            cellchat_wal_fsync_seconds_count 1000\n";
+        assert_eq!(
+            sum_count(text, "cellchat_rpc_seconds", "{method=\"send\"}"),
+            (0.25, 100.0)
+        );
+        assert_eq!(
+            sum_count(text, "cellchat_wal_fsync_seconds", ""),
+            (0.5, 1000.0)
+        );
+        // A series that is absent reads as nothing, not as another one's value.
+        assert_eq!(sum_count(text, "cellchat_apply_seconds", ""), (0.0, 0.0));
+    }
 }
