@@ -995,9 +995,11 @@ async fn route_client(
     let serving = BaseChannel::with_defaults(transport)
         .max_concurrent_requests(CONN_REQUESTS_MAX)
         .execute(proto::Chat::serve(server))
-        .for_each(|response| async move {
-            tokio::spawn(response);
-        });
+        // A connection's requests run inside its own task rather than one spawned task each:
+        // a spawn, its scheduling and its wake-ups cost more than most handlers, and the
+        // channel already bounds how many run at once. Each still runs concurrently, so an
+        // open long poll never holds up the connection's other calls.
+        .for_each_concurrent(None, |response| response);
     conn_watch::serve_watched(watch, peer, serving).await;
     drop(guard);
     Ok(())
