@@ -94,6 +94,14 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         topics: usize,
     },
+    /// What a send cannot cost less than here (cellchat only): closed-loop `ping`s to the
+    /// leader over a send's TLS and tarpc (no Raft), one-entry appends with fdatasync, and a
+    /// thread's wake-up. One result per part (`part`: ping, fsync, fsync_shared, wake).
+    Floor {
+        /// Ping connection counts to run, comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,128")]
+        clients: Vec<usize>,
+    },
     /// Fixed-rate publishers, many subscribers: send-to-delivery latency, missing, duplicates.
     Fanout {
         /// Subscriber counts to run, comma separated.
@@ -305,6 +313,9 @@ pub enum Spec {
         rate: f64,
         publishers: usize,
     },
+    Floor {
+        clients: Vec<usize>,
+    },
     Failover {
         clients: usize,
         rounds: usize,
@@ -342,6 +353,7 @@ pub enum Spec {
 fn command_spec(command: Command) -> Spec {
     match command {
         Command::Write { clients, topics } => Spec::Write { clients, topics },
+        Command::Floor { clients } => Spec::Floor { clients },
         Command::Fanout {
             subscribers,
             rate,

@@ -13,6 +13,7 @@ use crate::plot::{self, Series};
 use crate::scenario::backup::{self, BackupOptions};
 use crate::scenario::failover::{self, FailoverOptions};
 use crate::scenario::fanout::{self, FanoutOptions};
+use crate::scenario::floor::{self, FloorOptions};
 use crate::scenario::markers::{self, MarkersOptions};
 use crate::scenario::scale::{self, ScaleOptions};
 use crate::scenario::search::{self, SearchOptions};
@@ -325,6 +326,7 @@ pub async fn run_command(common: &Common, spec: &Spec, sink: &mut Sink) -> Resul
         let cellchat_only = matches!(
             spec,
             Spec::Failover { .. }
+                | Spec::Floor { .. }
                 | Spec::Scale { .. }
                 | Spec::Markers { .. }
                 | Spec::Typing { .. }
@@ -398,6 +400,18 @@ async fn run_on(
                 load: fanout_options(*subscribers, *rate, FANOUT_PUBLISHERS),
             };
             sink.push(scale::run(&cellchat, &options).await?)?;
+        }
+        Spec::Floor { clients } => {
+            let mut cellchat = start_cellchat(common).await?;
+            let options = FloorOptions {
+                clients: clients.clone(),
+                duration,
+                warmup,
+                body: common.body,
+            };
+            for result in floor::run(&mut cellchat, &options).await? {
+                sink.push(result)?;
+            }
         }
         Spec::Markers { users, rate } => {
             let cellchat = start_cellchat(common).await?;

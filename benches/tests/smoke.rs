@@ -69,6 +69,31 @@ fn write_and_fanout_measure_cellchat() {
 }
 
 #[test]
+fn floor_measures_pings_fsyncs_and_wake_ups() {
+    let out = tempfile::tempdir().unwrap();
+    let (ok, stdout, stderr) = bench(out.path(), &["floor", "--clients", "2"]);
+    assert!(ok, "{stderr}");
+    let results = runs(&stdout);
+    let parts: Vec<_> = results.iter().map(|r| r["extra"]["part"].clone()).collect();
+    assert_eq!(parts, ["ping", "fsync", "fsync_shared", "wake"], "{stdout}");
+    let ping = &results[0];
+    assert_eq!(ping["clients"], 2, "{ping}");
+    assert_eq!(ping["errors"], 0, "{ping}");
+    assert!(ping["ops"].as_u64().unwrap() > 0, "{ping}");
+    assert!(
+        ping["extra"]["server_cpu_us_per_msg"].as_f64().unwrap() > 0.0,
+        "{ping}"
+    );
+    // One writer, then one per node of the default three-node cluster, 5,000 appends each.
+    assert_eq!(results[1]["ops"], 5000, "{}", results[1]);
+    assert_eq!(results[2]["clients"], 3, "{}", results[2]);
+    assert_eq!(results[2]["ops"], 15000, "{}", results[2]);
+    for r in &results {
+        assert!(r["latency_ms"]["p50"].as_f64().unwrap() > 0.0, "{r}");
+    }
+}
+
+#[test]
 fn markers_measure_the_cost_of_read_markers() {
     let out = tempfile::tempdir().unwrap();
     let (ok, stdout, stderr) = bench(out.path(), &["markers", "--users", "5", "--rate", "10"]);

@@ -4,6 +4,7 @@
 pub mod backup;
 pub mod failover;
 pub mod fanout;
+pub mod floor;
 pub mod markers;
 pub mod scale;
 pub mod search;

@@ -1,0 +1,259 @@
+//! `floor`: what a send cannot cost less than on this machine, measured next to it (cellchat
+//! only). Each part is a result of its own (`part` in the JSON):
+//!
+//! - `ping`: C closed-loop connections to the leader, each calling `ping` over the same TLS
+//!   and tarpc transport a send uses. A ping touches no Raft, no log and no state machine, so
+//!   its server CPU per call is the floor of a send's connection path on the leader, and its
+//!   latency the floor of one client round trip.
+//! - `fsync`: appends the size of a one-send log entry, each followed by `fdatasync`, into a
+//!   file zero-filled and synced first, as the Raft log overwrites its prepared segments. Its
+//!   latency is the floor of one durable append, paid once by the leader and once by a
+//!   follower (in parallel with the leader's) before a send is committed.
+//! - `fsync_shared`: the same, from as many threads at once as the cluster has nodes, each
+//!   with a file of its own: the nodes of a cluster on one machine share its disk, and their
+//!   appends of the same entry reach it together.
+//! - `wake`: two threads handing a token back and forth over channels; half a round trip is
+//!   one wake-up of a sleeping thread, which every hop between the tasks and threads of a send
+//!   pays when the machine is otherwise idle.
+
+use std::io::Write as _;
+use std::os::unix::fs::FileExt as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+
+use super::CpuMeter;
+use crate::stats::{Latencies, RunResult};
+use crate::sut::cellchat::Cellchat;
+use crate::sut::System;
+
+/// What one `floor` run does.
+#[derive(Debug, Clone)]
+pub struct FloorOptions {
+    /// Closed-loop ping connections of each `ping` part.
+    pub clients: Vec<usize>,
+    /// Measured time of each `ping` part.
+    pub duration: Duration,
+    /// Time before measuring.
+    pub warmup: Duration,
+    /// Body size of the sends this stands for; the `fsync` part appends entries of about the
+    /// size a one-send entry of this body has.
+    pub body: usize,
+}
+
+/// Bytes a one-send log entry adds to its body: the sender and channel names, client id, seq
+/// and time, the Raft log id and the log's frame. An estimate from those fields (about 110-160
+/// bytes with the harness's names), rounded up; an fdatasync of one page costs the same.
+const ENTRY_OVERHEAD_BYTES: usize = 160;
+
+/// Appends timed by the `fsync` part (by each thread of `fsync_shared`).
+const FSYNC_APPENDS: usize = 5_000;
+
+/// Round trips timed by the `wake` part.
+const WAKE_ROUND_TRIPS: usize = 20_000;
+
+/// Deadline of one ping.
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs every part once per client count (`ping`) and once each (`fsync`, `wake`).
+///
+/// # Errors
+/// The leader cannot be found or reached, or the temp file cannot be written.
+pub async fn run(cellchat: &mut Cellchat, options: &FloorOptions) -> Result<Vec<RunResult>> {
+    let mut results = Vec::new();
+    for &clients in &options.clients {
+        results.push(ping(cellchat, clients, options).await?);
+    }
+    let (body, nodes) = (options.body, cellchat.node_count());
+    results.push(tokio::task::spawn_blocking(move || fsync(body, 1)).await??);
+    results.push(tokio::task::spawn_blocking(move || fsync(body, nodes)).await??);
+    results.push(tokio::task::spawn_blocking(wake).await??);
+    Ok(results)
+}
+
+async fn ping(
+    cellchat: &mut Cellchat,
+    clients: usize,
+    options: &FloorOptions,
+) -> Result<RunResult> {
+    let token =
+        cellchat.target().token.clone().context(
+            "the floor scenario needs the cluster's token (a cluster the harness started)",
+        )?;
+    let (_, leader) =
+        testkit::leader_client_addr(cellchat.local()?, Duration::from_secs(10)).await?;
+    let verifier = proto::tls::CaVerifier::new(proto::tls::Trust::Pinned(token.ca));
+    let tls = proto::tls::client_config(verifier, proto::tls::ALPN_CHAT);
+    let mut conns = Vec::with_capacity(clients);
+    for _ in 0..clients {
+        let (client, _) = proto::connect_chat(leader, tls.clone(), Duration::from_secs(5))
+            .await
+            .with_context(|| format!("connecting to the leader at {leader}"))?;
+        // The node closes a connection that has not said hello within a few seconds.
+        let hello = proto::Hello::new(cellchat.target().cluster.clone(), None);
+        client
+            .hello(tarpc::context::current(), hello)
+            .await
+            .context("hello")?
+            .map_err(|e| anyhow::anyhow!("hello refused: {e}"))?;
+        conns.push(client);
+    }
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let measured = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .map(|client| {
+            let (measuring, stop, measured) = (measuring.clone(), stop.clone(), measured.clone());
+            tokio::spawn(async move {
+                let (mut latencies, mut ops, mut errors) = (Latencies::new(), 0u64, 0u64);
+                while !stop.load(Ordering::Relaxed) {
+                    let mut ctx = tarpc::context::current();
+                    ctx.deadline = Instant::now() + PING_TIMEOUT;
+                    let started = Instant::now();
+                    let answered = client.ping(ctx, rand::random()).await.is_ok();
+                    if !answered {
+                        // A broken connection fails at once; looping on it would only spin.
+                        errors += 1;
+                        break;
+                    }
+                    if measuring.load(Ordering::Relaxed) {
+                        latencies.record(started.elapsed());
+                        ops += 1;
+                        measured.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                (latencies, ops, errors)
+            })
+        })
+        .collect();
+    tokio::time::sleep(options.warmup).await;
+    let cpu = CpuMeter::start(&*cellchat);
+    let started = Instant::now();
+    measuring.store(true, Ordering::Relaxed);
+    tokio::time::sleep(options.duration).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    let mut result = RunResult::new("floor", cellchat.kind().name(), cellchat.node_count());
+    // The CPU is read before the connections wind down, so their last calls are not in it.
+    cpu.finish(&mut result, measured.load(Ordering::Relaxed));
+    let (mut total, mut ops, mut errors) = (Latencies::new(), 0, 0);
+    stop.store(true, Ordering::Relaxed);
+    let mut tallies = Vec::new();
+    for task in tasks {
+        tallies.push(task.await?);
+    }
+    for (latencies, task_ops, task_errors) in tallies {
+        total.merge(&latencies);
+        ops += task_ops;
+        errors += task_errors;
+    }
+    result.clients = clients;
+    result.duration_s = elapsed.as_secs_f64();
+    result.ops = ops;
+    result.errors = errors;
+    result.throughput_per_s = ops as f64 / elapsed.as_secs_f64();
+    result.latency_ms = total.summary();
+    result.set("part", "ping");
+    Ok(result)
+}
+
+/// `fsync` with one writer, `fsync_shared` with `writers` at once (all starting together).
+fn fsync(body: usize, writers: usize) -> Result<RunResult> {
+    let entry = body + ENTRY_OVERHEAD_BYTES;
+    let mut files = Vec::new();
+    for _ in 0..writers.max(1) {
+        files.push(zeroed_file((entry * FSYNC_APPENDS) as u64)?);
+    }
+    let start = Arc::new(std::sync::Barrier::new(files.len()));
+    let started = Instant::now();
+    let threads: Vec<_> = files
+        .into_iter()
+        .map(|file| {
+            let start = start.clone();
+            std::thread::spawn(move || -> std::io::Result<Latencies> {
+                let bytes = vec![0x5a_u8; entry];
+                let mut latencies = Latencies::new();
+                start.wait();
+                for i in 0..FSYNC_APPENDS {
+                    let at = Instant::now();
+                    file.write_all_at(&bytes, (i * entry) as u64)?;
+                    file.sync_data()?;
+                    latencies.record(at.elapsed());
+                }
+                Ok(latencies)
+            })
+        })
+        .collect();
+    let mut latencies = Latencies::new();
+    let mut ops = 0;
+    for thread in threads {
+        let done = thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("an fsync floor thread panicked"))??;
+        latencies.merge(&done);
+        ops += FSYNC_APPENDS as u64;
+    }
+    let elapsed = started.elapsed();
+    let mut result = RunResult::new("floor", "machine", writers);
+    result.clients = writers;
+    result.body_bytes = entry;
+    result.duration_s = elapsed.as_secs_f64();
+    result.ops = ops;
+    result.throughput_per_s = ops as f64 / elapsed.as_secs_f64();
+    result.latency_ms = latencies.summary();
+    result.set("part", if writers > 1 { "fsync_shared" } else { "fsync" });
+    Ok(result)
+}
+
+/// A temp file of `len` zero bytes, synced: appends then overwrite zeros in place, as the Raft
+/// log's do in a prepared segment. It is in the system temp dir, where the harness's clusters
+/// keep their data.
+fn zeroed_file(len: u64) -> Result<std::fs::File> {
+    let mut file = tempfile::tempfile().context("creating the fsync floor's temp file")?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut written = 0;
+    while written < len {
+        let n = zeros.len().min((len - written) as usize);
+        file.write_all(&zeros[..n])?;
+        written += n as u64;
+    }
+    file.sync_all()?;
+    Ok(file)
+}
+
+fn wake() -> Result<RunResult> {
+    let (to_echo, echo_rx) = std::sync::mpsc::channel::<()>();
+    let (to_main, main_rx) = std::sync::mpsc::channel::<()>();
+    let echo = std::thread::spawn(move || {
+        while echo_rx.recv().is_ok() {
+            if to_main.send(()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut latencies = Latencies::new();
+    let started = Instant::now();
+    for _ in 0..WAKE_ROUND_TRIPS {
+        let at = Instant::now();
+        to_echo.send(())?;
+        main_rx.recv()?;
+        // One round trip is two wake-ups.
+        latencies.record(at.elapsed() / 2);
+        // Let the echo thread go back to sleep, as a task between sends does.
+        std::thread::sleep(Duration::from_micros(50));
+    }
+    let elapsed = started.elapsed();
+    drop(to_echo);
+    echo.join()
+        .map_err(|_| anyhow::anyhow!("the wake-up echo thread panicked"))?;
+    let mut result = RunResult::new("floor", "machine", 0);
+    result.clients = 1;
+    result.duration_s = elapsed.as_secs_f64();
+    result.ops = WAKE_ROUND_TRIPS as u64;
+    result.latency_ms = latencies.summary();
+    result.set("part", "wake");
+    Ok(result)
+}
