@@ -37,7 +37,9 @@ sleep 2
 mapfile -t servers < <(for pid in "${servers[@]}"; do
   echo "$(( $(ticks "$pid") - before[$pid] )) $pid"; done | sort -rn | awk '{ print $2 }')
 if [ "${CALLGRAPH:-0}" = 1 ]; then
-  perf record -F 499 --call-graph dwarf,16384 -p "${servers[0]},${servers[1]},$bench_pid" \
+  # The leader, one follower (if the cluster has one) and the harness.
+  pids=$(IFS=,; echo "${servers[*]:0:2},$bench_pid")
+  perf record -F 499 --call-graph dwarf,16384 -p "$pids" \
     -o "$out/perf.data" -- sleep 10 2> "$out/perf.err"
 else
   perf record -F 1999 -a -o "$out/perf.data" -- sleep 10 2> "$out/perf.err"
@@ -62,7 +64,7 @@ report() {
 }
 report "leader-${servers[0]}" --pid "${servers[0]}"
 if [ "${CALLGRAPH:-0}" = 1 ]; then
-  report "follower-${servers[1]}" --pid "${servers[1]}"
+  if [ "${#servers[@]}" -gt 1 ]; then report "follower-${servers[1]}" --pid "${servers[1]}"; fi
 else
   for pid in "${servers[@]:1}"; do report "follower-$pid" --pid "$pid"; done
 fi
