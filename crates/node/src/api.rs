@@ -1195,6 +1195,8 @@ impl proto::Chat for ChatServer {
         self.take_user_token(&user)?;
         let budget = wait_budget(&ctx, proto::STREAM_WAIT_MS_MAX);
         let mut covered = self.shared.searcher.covered();
+        let behind = *covered.borrow() < req.read_token;
+        let _waiting = behind.then(|| self.shared.searcher.waiting());
         let wait = covered.wait_for(|&covered| covered >= req.read_token);
         let indexed = match tokio::time::timeout(budget, wait).await {
             Ok(Ok(covered)) => *covered,
