@@ -48,6 +48,28 @@ fn write_and_fanout_measure_cellchat() {
     }
     assert!(out.path().join("write.jsonl").exists());
     assert!(out.path().join("write-throughput.svg").exists());
+    // The nodes' own hop timings: the leader answered the sends, proposed them and sent
+    // AppendEntries; the followers answered those.
+    let nodes = results[1]["extra"]["nodes_leader_first"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no hop timings: {}", results[1]));
+    assert_eq!(nodes.len(), 3, "{}", results[1]);
+    let positive = |node: &serde_json::Value, key: &str| {
+        assert!(node[key].as_f64().is_some_and(|v| v > 0.0), "{key}: {node}");
+    };
+    for key in [
+        "send_rpc_ms_mean",
+        "propose_ms_mean",
+        "append_round_trip_ms_mean",
+        "fsync_ms_mean",
+        "apply_ms_mean",
+    ] {
+        positive(&nodes[0], key);
+    }
+    for follower in &nodes[1..] {
+        positive(follower, "append_handling_ms_mean");
+        positive(follower, "fsync_ms_mean");
+    }
 
     let (ok, stdout, stderr) = bench(
         out.path(),

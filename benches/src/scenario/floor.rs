@@ -57,7 +57,7 @@ const WAKE_ROUND_TRIPS: usize = 20_000;
 /// Deadline of one ping.
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Runs every part once per client count (`ping`) and once each (`fsync`, `wake`).
+/// Runs `ping` once per client count, then `fsync`, `fsync_shared` and `wake` once each.
 ///
 /// # Errors
 /// The leader cannot be found or reached, or the temp file cannot be written.

@@ -68,8 +68,9 @@ pub async fn run(system: &dyn System, options: &WriteOptions) -> Result<RunResul
 }
 
 /// The nodes' own timings over a measured window, from their `/metrics` (cellchat only):
-/// means of the leader's send RPC (proposal to reply), each node's log fdatasync and
-/// apply, and the sends per log entry. Next to the senders' own latency they split one send
+/// means of the leader's send RPC (proposal to reply), its batches' proposal to applied answer
+/// and its AppendEntries round trips, each follower's time to answer an AppendEntries, each
+/// node's log fdatasync and apply, and the sends per log entry. Next to the senders' own latency they split one send
 /// into its hops.
 struct Hops {
     addrs: Vec<std::net::SocketAddr>,
@@ -118,6 +119,11 @@ impl Hops {
             nodes.push(serde_json::json!({
                 "sends": send.1,
                 "send_rpc_ms_mean": mean_ms(send),
+                "propose_ms_mean": mean_ms(delta("cellchat_propose_seconds", "")),
+                "append_round_trip_ms_mean":
+                    mean_ms(delta("cellchat_raft_append_round_trip_seconds", "")),
+                "append_handling_ms_mean":
+                    mean_ms(delta("cellchat_raft_append_handling_seconds", "")),
                 "fsync_ms_mean": mean_ms(fsync),
                 "fsyncs": fsync.1,
                 "apply_ms_mean": mean_ms(delta("cellchat_apply_seconds", "")),

@@ -265,6 +265,8 @@ pub struct Metrics {
     pub search_bytes: Gauge,
     /// Sends per proposed log entry.
     pub batch_sends: Histogram,
+    /// From proposing a batch to its applied answer.
+    pub propose_seconds: Histogram,
     rpc_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     /// Connections closed at accept because a cap was reached, by listener and cap.
     connections_refused: Family<Labels, Counter>,
@@ -300,6 +302,7 @@ impl Metrics {
             search_messages: Gauge::default(),
             search_bytes: Gauge::default(),
             batch_sends: count_histogram(),
+            propose_seconds: latency_histogram(18),
             rpc_seconds: Family::new_with_constructor(|| latency_histogram(16)),
             connections_refused: Family::default(),
             scraped: Scraped::default(),
@@ -355,6 +358,16 @@ impl Metrics {
             "apply_seconds", "Time the chat state machine took to apply one batch of \
                 committed entries" => s.apply_seconds;
             "apply_entries", "Committed entries per applied batch" => s.apply_entries;
+            "raft_append_round_trip_seconds", "Leader: round trip of each answered \
+                AppendEntries that carried entries, from sending it to its answer (the \
+                follower's append, fdatasync and both network legs)"
+                => s.append_round_trip_seconds;
+            "raft_append_handling_seconds", "Follower: time from receiving an AppendEntries that \
+                carried entries to answering it (its log append and fdatasync)"
+                => s.append_handling_seconds;
+            "propose_seconds", "Leader: time from proposing a batch of sends to Raft until it \
+                was applied or failed (commit and apply, not the wait for a proposal slot)"
+                => m.propose_seconds;
             "snapshot_age_seconds", "Seconds since the current snapshot was built or installed \
                 on this node (at startup: since its file was last written); absent before the \
                 node has one" => d.snapshot_age_seconds;

@@ -153,8 +153,11 @@ async fn run(
         let batch = drain_batch(first, &mut rx, &config);
         metrics.batch_sends.observe(batch.len() as f64);
         let raft = raft.clone();
+        let timing = metrics.propose_seconds.clone();
         tokio::spawn(async move {
+            let started = std::time::Instant::now();
             propose_batch(&raft, batch).await;
+            timing.observe(started.elapsed().as_secs_f64());
             drop(permit);
         });
     }

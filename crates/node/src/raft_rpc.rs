@@ -33,6 +33,7 @@ use openraft::raft::{
     TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use parking_lot::Mutex;
+use prometheus_client::metrics::histogram::Histogram;
 use rustls::pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 use tarpc::client::RpcError;
@@ -52,6 +53,7 @@ use crate::raft::Raft;
 use crate::retention::{self, RetentionRequest};
 use crate::snapshot_file::SnapshotFile;
 use crate::snapshot_transfer::{self, SnapshotChunk, SnapshotReceiver, TransferError};
+use crate::storage_metrics::latency_histogram;
 use crate::types::{Member, NodeId, Snapshot, TypeConfig, Vote};
 use crate::web_forward::{Forwarded, WebInbound, WebWritten};
 
@@ -308,6 +310,9 @@ pub struct RaftRpcServer {
     ephemeral: Ephemeral,
     /// Runs the web clients' writes members forward; `None` until set (`with_web`).
     web: Option<Arc<WebInbound>>,
+    /// How long this node took to answer each AppendEntries that carried entries: its log
+    /// append and fdatasync as a follower, and the hops around them.
+    append_handling: Histogram,
 }
 
 /// How often a refused request may be logged: anyone can send refused requests, and a flood
@@ -368,7 +373,14 @@ impl RaftRpcServer {
             refusals: Arc::default(),
             ephemeral,
             web: None,
+            append_handling: latency_histogram(18),
         }
+    }
+
+    /// Records into `histogram` how long each AppendEntries with entries took to answer.
+    pub fn timing_appends(mut self, histogram: Histogram) -> Self {
+        self.append_handling = histogram;
+        self
     }
 
     /// Serves members' forwarded web writes and this node's web URL through `web`.
@@ -541,7 +553,13 @@ impl RaftRpc for RaftRpcServer {
             self.conn.saw_leader(sender_of(&req.vote));
             self.contact.heard();
         }
-        Ok(self.raft.append_entries(req).await)
+        let started = (!req.entries.is_empty()).then(Instant::now);
+        let response = self.raft.append_entries(req).await;
+        if let Some(started) = started {
+            self.append_handling
+                .observe(started.elapsed().as_secs_f64());
+        }
+        Ok(response)
     }
 
     async fn vote(
@@ -1182,6 +1200,8 @@ pub struct Network {
     pool: Pool,
     contacts: Contacts,
     dialer: Dialer,
+    /// Round trips of the AppendEntries this node sent with entries, answered.
+    append_round_trip: Histogram,
 }
 
 impl Network {
@@ -1191,7 +1211,14 @@ impl Network {
             pool: Pool::default(),
             contacts: Contacts::default(),
             dialer,
+            append_round_trip: latency_histogram(18),
         }
+    }
+
+    /// Records into `histogram` the round trip of each answered AppendEntries with entries.
+    pub fn timing_appends(mut self, histogram: Histogram) -> Network {
+        self.append_round_trip = histogram;
+        self
     }
 
     /// When each peer last answered an AppendEntries (for `server members`).
@@ -1207,6 +1234,7 @@ impl Network {
             pool: self.pool.clone(),
             contacts: self.contacts.clone(),
             dialer: self.dialer.clone(),
+            append_round_trip: self.append_round_trip.clone(),
         }
     }
 }
@@ -1227,6 +1255,7 @@ pub struct PeerClient {
     pool: Pool,
     contacts: Contacts,
     dialer: Dialer,
+    append_round_trip: Histogram,
 }
 
 /// How long a connect and TLS handshake may take before the peer counts as unreachable.
@@ -1408,8 +1437,13 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         } else {
             option.hard_ttl().max(APPEND_DEADLINE_MIN)
         };
+        let started = (!rpc.entries.is_empty()).then(Instant::now);
         let answer = client.append(ctx_within(ttl), self.target, rpc).await;
         let response = self.settle(Lane::Log, answer)?;
+        if let Some(started) = started {
+            self.append_round_trip
+                .observe(started.elapsed().as_secs_f64());
+        }
         self.contacts.heard(self.target);
         Ok(response)
     }

@@ -447,7 +447,9 @@ impl Server {
                 }
             })
         });
-        let network = Network::new(tls.peer_client.clone());
+        let network = Network::new(tls.peer_client.clone())
+            .timing_appends(storage_metrics.append_round_trip_seconds.clone());
+        let append_handling = storage_metrics.append_handling_seconds.clone();
         let contacts = network.contacts();
         let gossip_network = network.clone();
         let web_network = network.clone();
@@ -558,7 +560,8 @@ impl Server {
             contact.clone(),
             tls.clone(),
         )
-        .with_web(Arc::new(WebInbound::new(shared.clone(), web_url.clone())));
+        .with_web(Arc::new(WebInbound::new(shared.clone(), web_url.clone())))
+        .timing_appends(append_handling);
         let web_task = match (listeners.web, &config.web) {
             (Some((listener, url)), Some(web_config)) => {
                 let ip = listener

@@ -1,5 +1,6 @@
-//! The metrics the storage layers record themselves (fsync and apply latency, snapshot time),
-//! apart from `metrics.rs` so the state machine and the log depend on nothing above them.
+//! The metrics the storage and replication layers record themselves (fsync, apply and
+//! AppendEntries latency, snapshot time), apart from `metrics.rs` so the state machine, the log
+//! and the Raft network depend on nothing above them.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -18,11 +19,16 @@ pub(crate) fn count_histogram() -> Histogram {
     Histogram::new(exponential_buckets(1.0, 2.0, 12))
 }
 
-/// The metrics storage records itself: made before the log and the state machine open, so each
-/// can hold its part, and registered with the rest by [`Metrics::new`]. Clones share the series.
+/// The metrics storage and replication record themselves: made before the log, the state
+/// machine and the Raft network open, so each can hold its part, and registered with the rest
+/// by [`Metrics::new`]. Clones share the series.
 #[derive(Clone)]
 pub struct StorageMetrics {
     pub(crate) wal_fsync_seconds: Histogram,
+    /// Leader: round trip of each answered AppendEntries that carried entries.
+    pub(crate) append_round_trip_seconds: Histogram,
+    /// Follower: time to answer each AppendEntries that carried entries.
+    pub(crate) append_handling_seconds: Histogram,
     pub(crate) apply_seconds: Histogram,
     pub(crate) apply_entries: Histogram,
     /// When the current snapshot was built or installed on this node; `None` before the first.
@@ -33,6 +39,8 @@ impl Default for StorageMetrics {
     fn default() -> Self {
         StorageMetrics {
             wal_fsync_seconds: latency_histogram(18),
+            append_round_trip_seconds: latency_histogram(18),
+            append_handling_seconds: latency_histogram(18),
             apply_seconds: latency_histogram(18),
             apply_entries: count_histogram(),
             snapshot_made_at: Arc::default(),
