@@ -10,8 +10,8 @@
 //! is whole). A search waits until the index covers the caller's read token, so a client
 //! finds what it sent and everything it has read; it may also see later messages. The indexer
 //! lets applied entries gather for a few milliseconds before each pass, and skips that wait
-//! while a search is waiting, so the gathering never delays a search for its own messages. Hits are
-//! read back from the state when answered, so a message deleted or expired after it was
+//! while a search is waiting, so the gathering never delays a search for its own messages.
+//! Hits are read back from the state when answered, so a message deleted or expired after it was
 //! indexed is never returned, and an edited one shows its current text.
 
 use std::collections::HashMap;
@@ -32,9 +32,9 @@ const READ_PAGE: usize = 1000;
 const TRIM_EVERY: Duration = Duration::from_secs(60);
 
 /// How long the indexer lets applied entries gather before it takes them in, unless a search
-/// is waiting for them. One pass per entry cost a task wake-up, a blocking thread and reads of
-/// the state for every entry, a tenth of the CPU of a loaded node; gathered, a pass serves
-/// many entries. A search that needs the newest entries ends the wait at once.
+/// is waiting for them: a pass costs a task wake-up, a blocking thread and reads of the state,
+/// and gathered, one pass serves many entries. A search that needs the newest entries ends
+/// the wait at once.
 const GATHER_FOR: Duration = Duration::from_millis(20);
 
 /// Channels with new messages since the indexer last looked, and how far the log went.
