@@ -58,6 +58,8 @@ struct Inner {
     waiting: AtomicUsize,
     /// Told when a search starts waiting, to end the indexer's gathering.
     hurry: Notify,
+    /// How long a pass waits for more entries unless a search is waiting ([`GATHER_FOR`]).
+    gather: Duration,
     covered: watch::Sender<u64>,
 }
 
@@ -85,6 +87,11 @@ impl Default for Searcher {
 impl Searcher {
     /// An empty index covering nothing; [`run`](Self::run) builds it.
     pub fn new() -> Searcher {
+        Self::gathering_for(GATHER_FOR)
+    }
+
+    /// An empty index whose indexer lets applied entries gather for `gather` before a pass.
+    fn gathering_for(gather: Duration) -> Searcher {
         Searcher {
             inner: Arc::new(Inner {
                 index: RwLock::new(SearchIndex::new()),
@@ -96,6 +103,7 @@ impl Searcher {
                 wake: Notify::new(),
                 waiting: AtomicUsize::new(0),
                 hurry: Notify::new(),
+                gather,
                 covered: watch::channel(0).0,
             }),
         }
@@ -181,7 +189,7 @@ impl Searcher {
                 _ = self.inner.wake.notified() => {
                     if self.inner.waiting.load(Ordering::Relaxed) == 0 {
                         tokio::select! {
-                            _ = tokio::time::sleep(GATHER_FOR) => {}
+                            _ = tokio::time::sleep(self.inner.gather) => {}
                             _ = self.inner.hurry.notified() => {}
                         }
                     }
@@ -306,5 +314,71 @@ fn take_message(index: &mut SearchIndex, channel: &str, message: &chat_sm::Messa
                 index.insert(channel, seq, &message.sender, text);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chat_sm::{ApplyEntry, ApplyPayload, ClientId, Command, LogIndex, RaftMeta, SendCmd};
+
+    use super::*;
+
+    fn apply_send(chat: &ChatState, index: u64, text: &str) {
+        let command = Command::Send(SendCmd {
+            channel: "general".into(),
+            sender: "alice".into(),
+            body: [&[0u8][..], text.as_bytes()].concat(),
+            client_id: ClientId([1; 16]),
+            client_seq: index,
+            at_ms: 1_000 + index,
+        });
+        let entry = ApplyEntry {
+            index: LogIndex(index),
+            payload: ApplyPayload::Command(&command),
+        };
+        let meta = RaftMeta {
+            last_applied: index.to_be_bytes().to_vec(),
+            membership: None,
+        };
+        chat.apply(&[entry], meta);
+    }
+
+    fn hits(searcher: &Searcher, text: &str) -> usize {
+        let query = Query::parse(text).expect("query");
+        searcher.query(&query, |_| true, 10).hits.len()
+    }
+
+    /// The gathering delays only other users' messages: a search waiting for its read token
+    /// ends it at once. The gathering here is far longer than the test's patience, so the
+    /// coverage can only come from the search's signal.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiting_search_ends_the_gathering() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let chat = Arc::new(ChatState::open(chat_sm::Config::new(dir.path())).expect("open"));
+        let searcher = Searcher::gathering_for(Duration::from_secs(600));
+        let listener = searcher.clone();
+        chat.set_apply_listener(Box::new(move |event| listener.applied(event)));
+        apply_send(&chat, 1, "first words");
+        let indexer = tokio::spawn(searcher.clone().run(chat.clone()));
+        let mut covered = searcher.covered();
+        tokio::time::timeout(Duration::from_secs(10), covered.wait_for(|&c| c >= 1))
+            .await
+            .expect("the first build covers the state")
+            .expect("indexer alive");
+        assert_eq!(hits(&searcher, "first"), 1);
+
+        apply_send(&chat, 2, "second words");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(*covered.borrow(), 1, "nobody waits: the entry gathers");
+        assert_eq!(hits(&searcher, "second"), 0);
+
+        let waiting = searcher.waiting();
+        tokio::time::timeout(Duration::from_secs(10), covered.wait_for(|&c| c >= 2))
+            .await
+            .expect("a waiting search ends the gathering")
+            .expect("indexer alive");
+        drop(waiting);
+        assert_eq!(hits(&searcher, "second"), 1);
+        indexer.abort();
     }
 }
