@@ -1,10 +1,10 @@
 //! `Proposer`: coalesces concurrent sends into one Raft entry.
 //!
-//! openraft 0.9 turns each `client_write` into one log entry and waits for its fsync before it
-//! takes the next, so a leader that proposed one entry per message would manage about one
-//! message per fsync. The proposer queues sends, and a single task drains whatever is queued
-//! into one `Command::SendBatch` (bounded in count and bytes), keeping up to
-//! `in_flight_max` batches in openraft at once. Under load batches grow by themselves; an idle
+//! openraft turns each `client_write` into one log entry, and every entry costs a log frame, an
+//! AppendEntries to each follower and an apply on every replica, so a leader that proposed one
+//! entry per message would pay all of that per message. The proposer queues sends, and a
+//! single task drains whatever is queued into one `Command::SendBatch` (bounded in count and
+//! bytes), keeping up to `in_flight_max` batches in openraft at once. Under load batches grow by themselves; an idle
 //! leader proposes a lone send at once, so a single sender pays no batching delay.
 //!
 //! Step 3 of "Life of a chat message" in ARCHITECTURE.md.
