@@ -427,9 +427,11 @@ fn validate(common: &Common) -> Result<()> {
             common.warmup
         );
     }
-    if common.body < 28 || common.body > 64 * 1024 {
+    if common.body < scenario::STAMP_LEN || common.body > 64 * 1024 {
         bail!(
-            "--body must be 28..=65536 bytes (the fan-out stamp takes 28), got {}",
+            "--body must be {}..=65536 bytes (the fan-out stamp takes {}), got {}",
+            scenario::STAMP_LEN,
+            scenario::STAMP_LEN,
             common.body
         );
     }

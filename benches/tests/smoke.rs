@@ -71,23 +71,36 @@ fn write_and_fanout_measure_cellchat() {
         positive(follower, "fsync_ms_mean");
     }
 
+    // The signed system's subscribers verify every body under its writer's key and read the
+    // stamp from the verified text.
     let (ok, stdout, stderr) = bench(
         out.path(),
-        &["fanout", "--subscribers", "5", "--rate", "50"],
+        &[
+            "fanout",
+            "--system",
+            "cellchat,cellchat-signed",
+            "--subscribers",
+            "5",
+            "--rate",
+            "50",
+        ],
     );
     assert!(ok, "{stderr}");
     let results = runs(&stdout);
-    assert_eq!(results.len(), 1, "{stdout}");
-    let r = &results[0];
-    assert_eq!(r["missing"], 0, "{r}");
-    assert_eq!(r["duplicates"], 0, "{r}");
-    // Nothing is sent after the 1 s window, so a stalled run sends fewer than 50; every
-    // acknowledged one reaches all 5 subscribers.
-    let sent = r["extra"]["sent"].as_u64().unwrap();
-    assert!(sent >= 25, "{r}");
-    assert_eq!(r["ops"].as_u64().unwrap(), 5 * sent, "{r}");
-    assert!(r["extra"]["ack_p50_ms"].as_f64().unwrap() > 0.0, "{r}");
-    assert!(r["extra"]["sent_per_s"].as_f64().unwrap() > 0.0, "{r}");
+    assert_eq!(results.len(), 2, "{stdout}");
+    for r in &results {
+        assert_eq!(r["missing"], 0, "{r}");
+        assert_eq!(r["duplicates"], 0, "{r}");
+        assert_eq!(r["errors"], 0, "{r}");
+        // Nothing is sent after the 1 s window, so a stalled run sends fewer than 50; every
+        // acknowledged one reaches all 5 subscribers.
+        let sent = r["extra"]["sent"].as_u64().unwrap();
+        assert!(sent >= 25, "{r}");
+        assert_eq!(r["ops"].as_u64().unwrap(), 5 * sent, "{r}");
+        assert!(r["extra"]["ack_p50_ms"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["extra"]["sent_per_s"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    assert_eq!(results[1]["system"], "cellchat-signed");
 }
 
 #[test]

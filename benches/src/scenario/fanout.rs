@@ -27,7 +27,7 @@ pub struct FanoutOptions {
     pub duration: Duration,
     /// Deliveries of messages sent in the first `warmup` are counted but not timed.
     pub warmup: Duration,
-    /// Body size in bytes (at least 28: the stamp).
+    /// Body size in bytes (at least the stamp's 48).
     pub body: usize,
     /// How long subscribers may take to catch up after the last send.
     pub drain: Duration,

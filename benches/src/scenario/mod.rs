@@ -113,30 +113,33 @@ pub fn micros_at(instant: Instant) -> u64 {
     u64::try_from(instant.saturating_duration_since(*EPOCH).as_micros()).unwrap_or(u64::MAX)
 }
 
-/// A message body of `size` bytes (at least 28) carrying who sent it, its number and its
-/// stamp (microseconds since [`EPOCH`], when it was sent).
+/// A message body of `size` bytes (at least [`STAMP_LEN`]) carrying who sent it, its number
+/// and its stamp (microseconds since [`EPOCH`], when it was sent). The fields are written in
+/// hex, so the body is ASCII text: a signed writer sends it as a message's text.
 pub fn stamped_body(size: usize, publisher: u32, counter: u64, stamp_micros: u64) -> Vec<u8> {
     let mut body = Vec::with_capacity(size.max(STAMP_LEN));
     body.extend_from_slice(STAMP_MAGIC);
-    body.extend_from_slice(&publisher.to_le_bytes());
-    body.extend_from_slice(&counter.to_le_bytes());
-    body.extend_from_slice(&stamp_micros.to_le_bytes());
+    body.extend_from_slice(format!("{publisher:08x}{counter:016x}{stamp_micros:016x}").as_bytes());
     body.resize(size.max(STAMP_LEN), b'.');
     body
 }
 
-const STAMP_MAGIC: &[u8; 8] = b"ccbench1";
-const STAMP_LEN: usize = 28;
+const STAMP_MAGIC: &[u8; 8] = b"ccbench2";
+
+/// The bytes a stamp takes at the start of a body: the magic and 40 hex digits.
+pub const STAMP_LEN: usize = 48;
 
 /// The stamp of a body made by [`stamped_body`]: (publisher, counter, stamp micros).
 pub fn read_stamp(body: &[u8]) -> Option<(u32, u64, u64)> {
     if body.len() < STAMP_LEN || &body[..8] != STAMP_MAGIC {
         return None;
     }
-    let publisher = u32::from_le_bytes(body[8..12].try_into().ok()?);
-    let counter = u64::from_le_bytes(body[12..20].try_into().ok()?);
-    let sent = u64::from_le_bytes(body[20..28].try_into().ok()?);
-    Some((publisher, counter, sent))
+    let field = |from: usize, to: usize| {
+        let digits = std::str::from_utf8(&body[from..to]).ok()?;
+        u64::from_str_radix(digits, 16).ok()
+    };
+    let publisher = u32::try_from(field(8, 16)?).ok()?;
+    Some((publisher, field(16, 32)?, field(32, 48)?))
 }
 
 /// The value of the unlabelled series `name` in OpenMetrics `text`.
@@ -220,7 +223,15 @@ mod tests {
             due > now_micros(),
             "a stamp is the time given, not the time of writing"
         );
+        assert!(body.is_ascii(), "a signed writer sends the body as text");
+        assert_eq!(
+            read_stamp(&stamped_body(10, u32::MAX, u64::MAX, u64::MAX)),
+            Some((u32::MAX, u64::MAX, u64::MAX))
+        );
         assert_eq!(read_stamp(b"hello"), None);
         assert_eq!(read_stamp(&[0u8; 100]), None);
+        let mut bad = stamped_body(100, 7, 42, due);
+        bad[20] = b'g';
+        assert_eq!(read_stamp(&bad), None, "a field that is not hex");
     }
 }

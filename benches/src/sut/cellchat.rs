@@ -1,10 +1,11 @@
 //! cellchat under test: a local cluster of `server` processes with production Raft timing (or
 //! a running cluster joined with `--join`), driven through the client library.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -76,6 +77,9 @@ pub struct Cellchat {
     reader: Identity,
     /// Writers sign each body and verify it once acknowledged (`cellchat-signed`).
     signed: bool,
+    /// With `signed`, each writer's public key by user name: subscribers verify every body
+    /// under its sender's key, as a reader that pinned the writers would.
+    writer_keys: WriterKeys,
     /// The nodes run an earlier build (`cellchat-base`).
     base: bool,
 }
@@ -134,6 +138,7 @@ impl Cellchat {
             writers_made: AtomicU64::new(0),
             reader: reader_identity(),
             signed: false,
+            writer_keys: Arc::default(),
             base: server.is_some(),
         })
     }
@@ -158,6 +163,7 @@ impl Cellchat {
             writers_made: AtomicU64::new(0),
             reader: reader_identity(),
             signed: false,
+            writer_keys: Arc::default(),
             base: false,
         })
     }
@@ -273,17 +279,49 @@ impl Writer for CellchatWriter {
     }
 }
 
+/// Each signing writer's public key by user name.
+type WriterKeys = Arc<Mutex<HashMap<String, [u8; 32]>>>;
+
 struct CellchatSubscriber {
     subscription: Subscription,
+    /// `Some` for `cellchat-signed`: the writers' keys. Each body is verified under its
+    /// sender's key, and its text, the stamped body, is what the scenario reads.
+    verify: Option<WriterKeys>,
     /// Keeps the client's session (connections, refresher) alive.
-    _client: Client,
+    client: Client,
 }
 
 impl Subscriber for CellchatSubscriber {
     fn next(&mut self) -> BoxFuture<'_, Result<Vec<u8>>> {
         async move {
             match self.subscription.recv().await {
-                Some(Ok(message)) => Ok(message.body),
+                Some(Ok(message)) => {
+                    let Some(keys) = &self.verify else {
+                        return Ok(message.body);
+                    };
+                    let key = keys
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .get(&message.sender)
+                        .copied();
+                    let opened = crypto::open_message(
+                        &crypto::Keys::default(),
+                        self.client.cluster_name(),
+                        &message.channel,
+                        &message.sender,
+                        message.client_seq,
+                        key,
+                        &message.body,
+                    );
+                    match opened.verified_text() {
+                        Some(text) => Ok(text.as_bytes().to_vec()),
+                        None => bail!(
+                            "message {} of {} did not verify",
+                            message.seq,
+                            message.channel
+                        ),
+                    }
+                }
                 Some(Err(e)) => Err(e.into()),
                 None => bail!("subscription ended"),
             }
@@ -335,6 +373,12 @@ impl System for Cellchat {
             let identity = Identity::ephemeral(name, None);
             let client =
                 Client::connect(client_config(&self.target, Some(identity.clone()))).await?;
+            if self.signed {
+                self.writer_keys
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(identity.name().to_owned(), identity.public_key());
+            }
             let signer = self.signed.then_some(identity);
             Ok(Box::new(CellchatWriter { client, signer }) as Box<dyn Writer>)
         }
@@ -359,9 +403,11 @@ impl System for Cellchat {
                 .find(|c| c.name == topic)
                 .map_or(0, |c| c.head);
             let subscription = client.subscribe(topic, head);
+            let verify = self.signed.then(|| self.writer_keys.clone());
             Ok(Box::new(CellchatSubscriber {
                 subscription,
-                _client: client,
+                verify,
+                client,
             }) as Box<dyn Subscriber>)
         }
         .boxed()
