@@ -40,8 +40,10 @@ const GATHER_FOR: Duration = Duration::from_millis(20);
 /// Channels with new messages since the indexer last looked, and how far the log went.
 #[derive(Default)]
 struct Pending {
-    /// Channel -> its newest head seen in an event.
-    heads: HashMap<String, u64>,
+    /// Each event's new channel heads, in log order (a run of one channel merged), so a pass
+    /// takes messages in across channels in the order they were applied: hits are newest
+    /// first by that order.
+    heads: Vec<(String, u64)>,
     /// The newest applied index seen in an event.
     index: u64,
     /// A snapshot replaced the state: build the index again from it.
@@ -113,8 +115,10 @@ impl Searcher {
     pub fn applied(&self, event: &AppliedEvent) {
         let mut pending = self.inner.pending.lock();
         for (channel, head) in &event.heads {
-            let at = pending.heads.entry(channel.clone()).or_default();
-            *at = (*at).max(head.0);
+            match pending.heads.last_mut() {
+                Some((last, at)) if last == channel => *at = (*at).max(head.0),
+                _ => pending.heads.push((channel.clone(), head.0)),
+            }
         }
         pending.index = pending.index.max(event.index.0);
         pending.rebuild |= event.snapshot;
@@ -206,7 +210,7 @@ impl Searcher {
         let fresh = RwLock::new(SearchIndex::new());
         let mut seen = HashMap::new();
         for (channel, _) in chat.channels() {
-            let last = take_in(chat, &fresh, &channel, chat.floor(&channel).0)?;
+            let last = take_in(chat, &fresh, &channel, chat.floor(&channel).0, u64::MAX)?;
             seen.insert(channel, last);
         }
         *self.inner.index.write() = fresh.into_inner();
@@ -216,11 +220,12 @@ impl Searcher {
         Ok(())
     }
 
-    /// Takes in the new entries of `heads`' channels, then covers `index`.
+    /// Takes in the new entries of `heads`' channels, each up to its head there, in that
+    /// order, then covers `index`.
     fn catch_up(
         &self,
         chat: &ChatState,
-        heads: HashMap<String, u64>,
+        heads: Vec<(String, u64)>,
         index: u64,
     ) -> Result<(), chat_sm::Error> {
         for (channel, head) in heads {
@@ -228,7 +233,7 @@ impl Searcher {
             if from > head {
                 continue;
             }
-            let last = take_in(chat, &self.inner.index, &channel, from.max(1))?;
+            let last = take_in(chat, &self.inner.index, &channel, from.max(1), head)?;
             self.inner.seen.lock().insert(channel, last);
         }
         self.cover(index);
@@ -268,29 +273,32 @@ pub async fn count_into(
     }
 }
 
-/// Takes the entries of `channel` from seq `from` to its head into `index`, a page at a time
-/// (read outside the lock, so searches wait for one page at most); answers the last seq taken
-/// in (`from - 1` when there was none).
+/// Takes the entries of `channel` from seq `from` through seq `through` (or its head, if
+/// lower) into `index`, a page at a time (read outside the lock, so searches wait for one
+/// page at most); answers the last seq taken in (`from - 1` when there was none).
 fn take_in(
     chat: &ChatState,
     index: &RwLock<SearchIndex>,
     channel: &str,
     from: u64,
+    through: u64,
 ) -> Result<u64, chat_sm::Error> {
     let mut next = from.max(1);
     let mut last = next - 1;
-    loop {
+    while next <= through {
         let page = chat.history(channel, ChannelSeq(next), READ_PAGE)?;
+        let page = &page[..page.partition_point(|m| m.seq.0 <= through)];
         let Some(end) = page.last().map(|m| m.seq.0) else {
             return Ok(last);
         };
         let mut index = index.write();
-        for message in &page {
+        for message in page {
             take_message(&mut index, channel, message);
         }
         last = end;
         next = end + 1;
     }
+    Ok(last)
 }
 
 /// One entry's effect on the index: a message (or reply) is indexed when plaintext, an edit
@@ -324,8 +332,12 @@ mod tests {
     use super::*;
 
     fn apply_send(chat: &ChatState, index: u64, text: &str) {
+        apply_send_to(chat, "general", index, text);
+    }
+
+    fn apply_send_to(chat: &ChatState, channel: &str, index: u64, text: &str) {
         let command = Command::Send(SendCmd {
-            channel: "general".into(),
+            channel: channel.into(),
             sender: "alice".into(),
             body: [&[0u8][..], text.as_bytes()].concat(),
             client_id: ClientId([1; 16]),
@@ -379,6 +391,58 @@ mod tests {
             .expect("indexer alive");
         drop(waiting);
         assert_eq!(hits(&searcher, "second"), 1);
+        indexer.abort();
+    }
+
+    /// Hits are newest first across channels, also when one pass takes in entries of many
+    /// channels at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_gathered_pass_keeps_the_log_order_across_channels() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let chat = Arc::new(ChatState::open(chat_sm::Config::new(dir.path())).expect("open"));
+        let searcher = Searcher::gathering_for(Duration::from_secs(600));
+        let listener = searcher.clone();
+        chat.set_apply_listener(Box::new(move |event| listener.applied(event)));
+        apply_send(&chat, 1, "first words");
+        let indexer = tokio::spawn(searcher.clone().run(chat.clone()));
+        let mut covered = searcher.covered();
+        tokio::time::timeout(Duration::from_secs(10), covered.wait_for(|&c| c >= 1))
+            .await
+            .expect("the first build covers the state")
+            .expect("indexer alive");
+
+        // Channel names against their log order, twice each, so that no map order matches it.
+        let order = [
+            "zulu", "alpha", "mike", "bravo", "yankee", "charlie", "alpha", "zulu",
+        ];
+        for (i, channel) in order.iter().enumerate() {
+            apply_send_to(&chat, channel, 2 + i as u64, "gathered word");
+        }
+        let last = 1 + order.len() as u64;
+        let waiting = searcher.waiting();
+        tokio::time::timeout(Duration::from_secs(10), covered.wait_for(|&c| c >= last))
+            .await
+            .expect("a waiting search ends the gathering")
+            .expect("indexer alive");
+        drop(waiting);
+        let query = Query::parse("gathered").expect("query");
+        let hits: Vec<(String, u64)> = searcher
+            .query(&query, |_| true, 20)
+            .hits
+            .into_iter()
+            .map(|hit| (hit.channel, hit.seq))
+            .collect();
+        let mut seqs = HashMap::new();
+        let mut expected: Vec<(String, u64)> = order
+            .iter()
+            .map(|channel| {
+                let seq = seqs.entry(*channel).or_insert(0);
+                *seq += 1;
+                ((*channel).to_owned(), *seq)
+            })
+            .collect();
+        expected.reverse();
+        assert_eq!(hits, expected);
         indexer.abort();
     }
 }
