@@ -49,10 +49,18 @@ async fn read_text(
     channel: &str,
     seq: u64,
 ) -> anyhow::Result<(String, String)> {
-    let page = client.history(channel, None, 100).await?;
-    let message = (page.messages.iter())
-        .find(|m| m.seq == seq)
-        .with_context(|| format!("no #{seq} in {channel}"))?;
+    // Another member's message reaches the node this client reads from once that node applied
+    // it (a read token covers only the client's own writes), so look again for a while.
+    let deadline = Instant::now() + HEAR;
+    let message = loop {
+        let page = client.history(channel, None, 100).await?;
+        if let Some(message) = page.messages.into_iter().find(|m| m.seq == seq) {
+            break message;
+        }
+        ensure!(Instant::now() < deadline, "no #{seq} in {channel}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let message = &message;
     let shown = client.show(keys, ChannelHistory::Encrypted, message).await;
     ensure!(
         shown.opened.is_encrypted(),
