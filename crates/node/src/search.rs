@@ -355,6 +355,31 @@ mod tests {
         chat.apply(&[entry], meta);
     }
 
+    /// A state holding one message ("first words" at index 1) and a running indexer over it
+    /// that gathers for ten minutes, once its first build covers that message.
+    async fn started() -> (
+        tempfile::TempDir,
+        Arc<ChatState>,
+        Searcher,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let chat = Arc::new(ChatState::open(chat_sm::Config::new(dir.path())).expect("open"));
+        let searcher = Searcher::gathering_for(Duration::from_secs(600));
+        let listener = searcher.clone();
+        chat.set_apply_listener(Box::new(move |event| listener.applied(event)));
+        apply_send(&chat, 1, "first words");
+        let indexer = tokio::spawn(searcher.clone().run(chat.clone()));
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            searcher.covered().wait_for(|&c| c >= 1),
+        )
+        .await
+        .expect("the first build covers the state")
+        .expect("indexer alive");
+        (dir, chat, searcher, indexer)
+    }
+
     fn hits(searcher: &Searcher, text: &str) -> usize {
         let query = Query::parse(text).expect("query");
         searcher.query(&query, |_| true, 10).hits.len()
@@ -365,18 +390,8 @@ mod tests {
     /// coverage can only come from the search's signal.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_waiting_search_ends_the_gathering() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let chat = Arc::new(ChatState::open(chat_sm::Config::new(dir.path())).expect("open"));
-        let searcher = Searcher::gathering_for(Duration::from_secs(600));
-        let listener = searcher.clone();
-        chat.set_apply_listener(Box::new(move |event| listener.applied(event)));
-        apply_send(&chat, 1, "first words");
-        let indexer = tokio::spawn(searcher.clone().run(chat.clone()));
+        let (_dir, chat, searcher, indexer) = started().await;
         let mut covered = searcher.covered();
-        tokio::time::timeout(Duration::from_secs(10), covered.wait_for(|&c| c >= 1))
-            .await
-            .expect("the first build covers the state")
-            .expect("indexer alive");
         assert_eq!(hits(&searcher, "first"), 1);
 
         apply_send(&chat, 2, "second words");
@@ -398,20 +413,11 @@ mod tests {
     /// channels at once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_gathered_pass_keeps_the_log_order_across_channels() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let chat = Arc::new(ChatState::open(chat_sm::Config::new(dir.path())).expect("open"));
-        let searcher = Searcher::gathering_for(Duration::from_secs(600));
-        let listener = searcher.clone();
-        chat.set_apply_listener(Box::new(move |event| listener.applied(event)));
-        apply_send(&chat, 1, "first words");
-        let indexer = tokio::spawn(searcher.clone().run(chat.clone()));
+        let (_dir, chat, searcher, indexer) = started().await;
         let mut covered = searcher.covered();
-        tokio::time::timeout(Duration::from_secs(10), covered.wait_for(|&c| c >= 1))
-            .await
-            .expect("the first build covers the state")
-            .expect("indexer alive");
 
-        // Channel names against their log order, twice each, so that no map order matches it.
+        // Channel names out of name order, two of them twice, so that neither a map's order
+        // nor the names' order matches the log's.
         let order = [
             "zulu", "alpha", "mike", "bravo", "yankee", "charlie", "alpha", "zulu",
         ];
