@@ -68,6 +68,7 @@ if [ "${CALLGRAPH:-0}" = 1 ]; then
 else
   for pid in "${servers[@]:1}"; do report "follower-$pid" --pid "$pid"; done
 fi
-report harness --comm bench
+# By pid: the harness's threads are named after tokio's workers, not after the process.
+report harness --pid "$bench_pid"
 cat "$out/bench.json"
 echo "profiles in $out"
