@@ -179,19 +179,10 @@ async fn kill9_of_the_subscribers_node_moves_it_without_gap_or_duplicate() -> an
 
 /// The node's `cellchat_connected_clients` gauge, read over its metrics HTTP endpoint.
 async fn connected_clients(metrics: std::net::SocketAddr) -> anyhow::Result<u64> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(metrics).await?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        .await?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await?;
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("cellchat_connected_clients "))
+    let text = testkit::scrape_metrics(metrics).await?;
+    let value = testkit::metric_value(&text, "cellchat_connected_clients")
         .with_context(|| format!("no connected_clients gauge in:\n{text}"))?;
-    let value = line.rsplit(' ').next().context("a value")?;
-    Ok(value.parse::<f64>()? as u64)
+    Ok(value as u64)
 }
 
 /// Client connections open on all nodes of `cluster`.
@@ -1128,19 +1119,8 @@ async fn the_full_screen_client_stays_responsive_through_a_resize_storm_a_16_kib
 
 /// The value of the unlabeled metric `name` in a node's Prometheus text.
 async fn metric(addr: std::net::SocketAddr, name: &str) -> anyhow::Result<f64> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await?;
-    text.lines()
-        .find_map(|line| {
-            let (key, value) = line.split_once(' ')?;
-            (key == name).then(|| value.trim().parse().ok()).flatten()
-        })
-        .with_context(|| format!("no metric {name} at {addr}"))
+    let text = testkit::scrape_metrics(addr).await?;
+    testkit::metric_value(&text, name).with_context(|| format!("no metric {name} at {addr}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,11 +11,10 @@ pub mod search;
 pub mod typing;
 pub mod write;
 
-use std::net::SocketAddr;
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use futures::{StreamExt, TryStreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -140,30 +139,6 @@ pub fn read_stamp(body: &[u8]) -> Option<(u32, u64, u64)> {
     };
     let publisher = u32::try_from(field(8, 16)?).ok()?;
     Some((publisher, field(16, 32)?, field(32, 48)?))
-}
-
-/// The value of the unlabelled series `name` in OpenMetrics `text`.
-pub fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|value| value.trim().parse().ok())
-}
-
-/// A node's `/metrics` text.
-pub async fn scrape(addr: SocketAddr) -> Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let read = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await?;
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
-            .await?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text).await?;
-        anyhow::Ok(text)
-    };
-    tokio::time::timeout(Duration::from_secs(5), read)
-        .await
-        .context("scraping a node's metrics timed out")?
 }
 
 /// CPU time the servers and this harness use over a measured window, for CPU per

@@ -23,8 +23,8 @@ use cellchat_client::Client;
 use futures::{StreamExt, TryStreamExt};
 use proto::WireMessage;
 use serde_json::json;
+use testkit::{metric_value, scrape_metrics};
 
-use super::{metric, scrape};
 use crate::stats::{Latencies, RunResult};
 use crate::sut::cellchat::{client_config, Cellchat};
 use crate::sut::procs::rss_bytes;
@@ -402,16 +402,16 @@ async fn node_figures(cellchat: &Cellchat, indexed: u64) -> Vec<serde_json::Valu
         let mut behind = false;
         for &(pid, metrics) in &procs {
             let text = match metrics {
-                Some(addr) => scrape(addr).await.unwrap_or_default(),
+                Some(addr) => scrape_metrics(addr).await.unwrap_or_default(),
                 None => String::new(),
             };
-            let messages = metric(&text, "cellchat_search_messages");
+            let messages = metric_value(&text, "cellchat_search_messages");
             behind |= messages.is_none_or(|m| m < indexed as f64);
             let mib = |bytes: f64| bytes / (1024.0 * 1024.0);
             figures.push(json!({
                 "search_messages": messages.map(|m| m as u64),
-                "search_mib": metric(&text, "cellchat_search_bytes").map(mib),
-                "searches": metric(&text, "cellchat_searches_total").map(|s| s as u64),
+                "search_mib": metric_value(&text, "cellchat_search_bytes").map(mib),
+                "searches": metric_value(&text, "cellchat_searches_total").map(|s| s as u64),
                 "rss_mib": pid.and_then(rss_bytes).map(|b| mib(b as f64)),
             }));
         }

@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use testkit::{metric_value, scrape_metrics};
 use tokio::task::JoinHandle;
 
-use super::{connect_writers, metric, scrape, timed_bar, CpuMeter};
+use super::{connect_writers, timed_bar, CpuMeter};
 use crate::stats::{Latencies, RunResult};
 use crate::sut::{System, Writer};
 
@@ -80,7 +81,8 @@ struct Hops {
 
 /// The `_sum` and `_count` series of `histogram` (with `labels`, e.g. `{method="send"}`).
 fn sum_count(text: &str, histogram: &str, labels: &str) -> (f64, f64) {
-    let get = |suffix: &str| metric(text, &format!("{histogram}_{suffix}{labels}")).unwrap_or(0.0);
+    let get =
+        |suffix: &str| metric_value(text, &format!("{histogram}_{suffix}{labels}")).unwrap_or(0.0);
     (get("sum"), get("count"))
 }
 
@@ -89,7 +91,7 @@ impl Hops {
         let addrs = system.metrics_addrs();
         let mut before = Vec::new();
         for addr in &addrs {
-            before.push(scrape(*addr).await.ok());
+            before.push(scrape_metrics(*addr).await.ok());
         }
         Hops { addrs, before }
     }
@@ -102,7 +104,7 @@ impl Hops {
         for (addr, before) in self.addrs.iter().zip(&self.before) {
             // A node not scraped at both ends has no window to tell: figures from one end
             // alone would count everything since it started.
-            let (Some(before), Ok(after)) = (before, scrape(*addr).await) else {
+            let (Some(before), Ok(after)) = (before, scrape_metrics(*addr).await) else {
                 nodes.push(serde_json::json!({ "sends": 0.0, "scrape_failed": true }));
                 continue;
             };

@@ -951,6 +951,35 @@ pub async fn leader_client_addr(
     }
 }
 
+/// A node's `/metrics` text (the HTTP answer, headers included), read over a plain
+/// connection to `addr`; gives up after 5 s.
+///
+/// # Errors
+/// The node cannot be reached, the read fails, or it takes longer than 5 s.
+pub async fn scrape_metrics(addr: SocketAddr) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let read = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: testkit\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await?;
+        anyhow::Ok(text)
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .with_context(|| format!("scraping the metrics at {addr} timed out"))?
+}
+
+/// The value of the series `name` (labels included, as the text writes them) in OpenMetrics
+/// `text`.
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
