@@ -162,10 +162,15 @@ pub async fn start(kind: SystemKind, nodes: usize, peers: &PeerPaths) -> Result<
             anyhow::bail!("cellchat-base is started from --base-bin by the report's runner")
         }
         #[cfg(feature = "peers")]
-        SystemKind::Etcd => Ok(Box::new(etcd::Etcd::start(nodes, peers).await?)),
+        SystemKind::Etcd => Ok(Box::new(
+            procs::retry_taken_port(|| etcd::Etcd::start(nodes, peers)).await?,
+        )),
         #[cfg(feature = "peers")]
         SystemKind::Nats | SystemKind::NatsSync => Ok(Box::new(
-            nats::Nats::start(nodes, kind == SystemKind::NatsSync, peers).await?,
+            procs::retry_taken_port(|| {
+                nats::Nats::start(nodes, kind == SystemKind::NatsSync, peers)
+            })
+            .await?,
         )),
         #[cfg(not(feature = "peers"))]
         other => {

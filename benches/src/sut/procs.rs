@@ -17,6 +17,30 @@ pub fn free_tcp_port() -> Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
+/// Runs a peer's `start` again, at most twice more, while it fails because a port from
+/// [`free_tcp_port`] was taken before the peer bound it: between the probe and the peer's own
+/// bind, any other process's listener or outgoing connection on this machine may get it.
+///
+/// # Errors
+/// The last attempt's error, or the first one that is not a taken port.
+#[cfg(feature = "peers")]
+pub async fn retry_taken_port<T, F, Fut>(mut start: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut attempt = 0;
+    loop {
+        match start().await {
+            Err(e) if attempt < 2 && format!("{e:#}").contains("address already in use") => {
+                attempt += 1;
+                eprintln!("a peer's port was taken before it bound it; starting again: {e:#}");
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Finds `name` on PATH, then in `extra` directories.
 pub fn find_binary(name: &str, explicit: Option<&Path>, extra: &[PathBuf]) -> Option<PathBuf> {
     if let Some(path) = explicit {
@@ -168,4 +192,41 @@ pub fn cpu_time(pid: u32) -> Option<Duration> {
     let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
     // Linux reports these in USER_HZ, which is 100 on every architecture we run on.
     Some(Duration::from_millis(ticks * 10))
+}
+
+#[cfg(all(test, feature = "peers"))]
+mod tests {
+    use super::*;
+
+    /// A taken port is tried again at most twice; any other failure ends at once.
+    #[tokio::test]
+    async fn only_a_taken_port_is_started_again_and_at_most_twice() {
+        let taken = || anyhow::anyhow!("peer process exited; log: bind: address already in use");
+        let mut calls = 0;
+        let started = retry_taken_port(|| {
+            calls += 1;
+            let outcome = if calls < 3 { Err(taken()) } else { Ok(calls) };
+            async move { outcome }
+        })
+        .await;
+        assert_eq!(started.unwrap(), 3);
+
+        let mut calls = 0;
+        let failed: Result<()> = retry_taken_port(|| {
+            calls += 1;
+            async { Err(taken()) }
+        })
+        .await;
+        assert!(failed.is_err());
+        assert_eq!(calls, 3, "the first try and two more");
+
+        let mut calls = 0;
+        let failed: Result<()> = retry_taken_port(|| {
+            calls += 1;
+            async { Err(anyhow::anyhow!("etcd not found: install it")) }
+        })
+        .await;
+        assert!(failed.is_err());
+        assert_eq!(calls, 1, "a missing binary is not tried again");
+    }
 }
