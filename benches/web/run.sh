@@ -72,7 +72,7 @@ fi
 for i in 1 2 3; do
   "${env_preload[@]}" "$server" --data-dir "$dir/node-$i" --data-root "$dir" \
     --cluster "$cluster" --discovery-port "$discovery_port" --formation-window-ms 700 \
-    --web 127.0.0.1:0 --log info,openraft=warn \
+    --web 127.0.0.1:0 --log info,openraft=warn,tarpc=warn \
     --user-rate 10000000 --user-burst 10000000 --conn-rate 10000000 --conn-burst 10000000 \
     </dev/null >"$dir/node-$i.out" 2>"$dir/node-$i.log" &
   pids+=($!)

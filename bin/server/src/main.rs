@@ -319,7 +319,12 @@ struct RunArgs {
     #[arg(long, env = "CELLCHAT_RING_MEMORY_MIB", default_value_t = 256)]
     ring_memory_mib: u64,
     /// Log filter (tracing EnvFilter syntax), e.g. "info" or "node=debug,openraft=info".
-    #[arg(long, env = "CELLCHAT_LOG", default_value = "info,openraft=warn")]
+    /// The default leaves out tarpc's span per RPC, which is formatted on every request.
+    #[arg(
+        long,
+        env = "CELLCHAT_LOG",
+        default_value = "info,openraft=warn,tarpc=warn"
+    )]
     log: String,
     /// Log line format on stderr: `text` for people, `json` (one object per line) for log
     /// collectors.

@@ -375,7 +375,7 @@ pub const KEEP_DIRS_ENV: &str = "CELLCHAT_KEEP_TEST_DIRS";
 pub const NODE_LOG_ENV: &str = "CELLCHAT_TEST_NODE_LOG";
 
 fn node_log_filter() -> String {
-    std::env::var(NODE_LOG_ENV).unwrap_or_else(|_| "info,openraft=warn".to_owned())
+    std::env::var(NODE_LOG_ENV).unwrap_or_else(|_| "info,openraft=warn,tarpc=warn".to_owned())
 }
 
 /// The server's default `--max-voters`: joiners beyond it stay learners.

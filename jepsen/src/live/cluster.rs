@@ -321,7 +321,7 @@ impl Cluster {
             .args(["--discovery-port", &spec.discovery_port.to_string()])
             .args(["--broadcast", &spec.broadcast.to_string()])
             .args(["--host", &node.host.to_string()])
-            .args(["--log", "info,openraft=warn"])
+            .args(["--log", "info,openraft=warn,tarpc=warn"])
             .args(&spec.extra_args)
             .args(
                 node.proxied
