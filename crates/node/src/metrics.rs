@@ -249,6 +249,9 @@ pub struct Metrics {
     pub connected_clients: Gauge,
     /// Open push connections (a subset of `connected_clients`).
     pub push_connections: Gauge,
+    /// Push connections opened since the node started: with `push_connections`, how often
+    /// clients come back (a dropped connection is opened again).
+    pub push_connections_opened: Counter,
     /// Open push subscriptions.
     pub push_subscriptions: Gauge,
     /// Push batches encoded (each shared by every subscriber at the same position).
@@ -294,6 +297,7 @@ impl Metrics {
             stream_waiters: Gauge::default(),
             connected_clients: Gauge::default(),
             push_connections: Gauge::default(),
+            push_connections_opened: Counter::default(),
             push_subscriptions: Gauge::default(),
             push_batches_encoded: Counter::default(),
             users_online: Gauge::default(),
@@ -323,6 +327,8 @@ impl Metrics {
                 "Connections closed at accept because a listener's cap was reached"
                 => m.connections_refused;
             "push_connections", "Open push connections" => m.push_connections;
+            "push_connections_opened", "Push connections opened since the node started"
+                => m.push_connections_opened;
             "push_subscriptions", "Open push subscriptions" => m.push_subscriptions;
             "push_batches_encoded",
                 "Push batches encoded, each shared by every subscriber at the same position"

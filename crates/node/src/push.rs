@@ -310,6 +310,7 @@ pub async fn serve_connection(
 ) {
     let _connected = GaugeGuard::new(&shared.metrics.connected_clients);
     let _push = GaugeGuard::new(&shared.metrics.push_connections);
+    shared.metrics.push_connections_opened.inc();
     let (read, write) = tokio::io::split(stream);
     let mut frames = FramedRead::new(read, push::frame_codec(CLIENT_FRAME_BYTES_MAX));
     let (closed, mut closed_rx) = watch::channel(false);
