@@ -1213,6 +1213,84 @@ async fn many_subscriptions_share_one_push_connection_and_resume_after_a_kill9(
     Ok(())
 }
 
+/// Sends `signal` to a test node, our own child, by its pid.
+fn signal(node: &testkit::NodeProc, signal: &str) -> anyhow::Result<()> {
+    let pid = node.pid().context("node running")?;
+    let sent = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()?;
+    ensure!(sent.success(), "kill {signal} {pid} failed");
+    Ok(())
+}
+
+/// A push connection's two clocks. The client's heartbeats keep a client that only listens
+/// connected past the node's silence limit, and the node's keep the client from leaving a
+/// healthy node; a node that stops answering (frozen with SIGSTOP: no FIN, no RST) is left
+/// for another within the client's silence limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listening_client_keeps_its_push_connection_and_leaves_a_frozen_node(
+) -> anyhow::Result<()> {
+    use proto::push::{CLIENT_SILENCE_MS_MAX, SILENCE_MS_MAX};
+    let cluster = three_nodes("cl-push-frozen", &[]).await?;
+    let alice = client_as(&cluster, "alice").await?;
+    // Bob probes the nodes once a minute, longer than the test, so only the push connection's own
+    // silence limit can tell him that his node froze.
+    let bob = Client::connect(ClientConfig {
+        probe_interval: Duration::from_secs(60),
+        ..config(&cluster, Some(Identity::ephemeral("bob", None)))
+    })
+    .await?;
+    let mut bobs = bob.subscribe("general", 0);
+    let first = alice.send_text("general", "before", None).await?;
+    assert_eq!(receive(&mut bobs, 1, RECEIVE).await?[0].seq, first.seq);
+
+    let reader = bob.status().reading.context("bob reads from some node")?;
+    let index = cluster
+        .nodes
+        .iter()
+        .position(|n| n.ready().is_some_and(|r| r.id == reader))
+        .context("the reader is one of ours")?;
+    let metrics = cluster.nodes[index].ready().context("ready")?.metrics;
+    let opened = metric(metrics, "cellchat_push_connections_opened_total").await?;
+    assert_eq!(metric(metrics, "cellchat_push_connections").await?, 1.0);
+
+    // Bob only listens, for longer than the node waits for a silent client.
+    tokio::time::sleep(Duration::from_millis(CLIENT_SILENCE_MS_MAX + 1_500)).await;
+    assert_eq!(
+        metric(metrics, "cellchat_push_connections_opened_total").await?,
+        opened,
+        "bob's push connection was dropped and opened again while he listened"
+    );
+    assert_eq!(metric(metrics, "cellchat_push_connections").await?, 1.0);
+    assert_eq!(bob.status().reading, Some(reader));
+
+    signal(&cluster.nodes[index], "-STOP")?;
+    let frozen = Instant::now();
+    let moved = async {
+        // The send waits for a new leader if the frozen node led.
+        let second = alice.send_text("general", "while frozen", None).await?;
+        let got = receive(&mut bobs, 1, RECEIVE).await?;
+        anyhow::Ok((second, got))
+    }
+    .await;
+    let waited = frozen.elapsed();
+    signal(&cluster.nodes[index], "-CONT")?;
+    let (second, got) = moved?;
+    assert_eq!(got[0].seq, second.seq);
+    assert_ne!(
+        bob.status().reading,
+        Some(reader),
+        "bob moved off the frozen node"
+    );
+    // The frozen node stops its heartbeats; the client gives up on it after its silence
+    // limit, then dials and subscribes elsewhere (generous: a loaded test machine).
+    assert!(
+        waited < Duration::from_millis(SILENCE_MS_MAX) + Duration::from_secs(10),
+        "bob took {waited:?} to leave the frozen node"
+    );
+    Ok(())
+}
+
 /// Raw push protocol against a real node: typed errors for bad input, and the node keeps
 /// serving afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -470,23 +470,40 @@ async fn run(
     ),
     silence: Duration,
 ) {
-    let mut heard = tokio::time::Instant::now();
     let beat = Duration::from_millis(push::CLIENT_HEARTBEAT_MS);
-    let mut wrote = tokio::time::Instant::now();
+    let (mut heard, mut wrote) = (tokio::time::Instant::now(), tokio::time::Instant::now());
+    // One timer for each deadline for the connection's whole life: a frame only moves `heard`
+    // or `wrote`, and a timer that fires early is set again to the moved deadline. A timer
+    // made per frame costs a registration in tokio's timer wheel and its removal for every
+    // message delivered.
+    let silent = tokio::time::sleep_until(heard + silence);
+    let beating = tokio::time::sleep_until(wrote + beat);
+    tokio::pin!(silent, beating);
     let reason = loop {
         let frame = tokio::select! {
             frame = outgoing.recv() => {
                 let Some(frame) = frame else { break "client gone".to_owned() };
                 frame
             }
-            () = tokio::time::sleep_until(wrote + beat) => ClientFrame::Heartbeat,
-            read = tokio::time::timeout_at(heard + silence, frames.next()) => {
-                heard = tokio::time::Instant::now();
+            () = &mut beating => {
+                if wrote + beat > tokio::time::Instant::now() {
+                    beating.as_mut().reset(wrote + beat);
+                    continue;
+                }
+                ClientFrame::Heartbeat
+            }
+            () = &mut silent => {
+                if heard + silence > tokio::time::Instant::now() {
+                    silent.as_mut().reset(heard + silence);
+                    continue;
+                }
+                break format!("no frame for {} ms", silence.as_millis());
+            }
+            read = frames.next() => {
                 let body = match read {
-                    Err(_) => break format!("no frame for {} ms", silence.as_millis()),
-                    Ok(None) => break "closed by the node".to_owned(),
-                    Ok(Some(Err(e))) => break format!("read: {e}"),
-                    Ok(Some(Ok(body))) => body,
+                    None => break "closed by the node".to_owned(),
+                    Some(Err(e)) => break format!("read: {e}"),
+                    Some(Ok(body)) => body,
                 };
                 match push::decode_server_frame(&body) {
                     Ok(ServerFrame::Batch { sub_id, batch }) => {
@@ -522,6 +539,8 @@ async fn run(
                     Ok(ServerFrame::Welcome(_)) => break "second welcome".to_owned(),
                     Err(e) => break format!("bad frame: {e}"),
                 }
+                // Time spent handing a batch to a slow subscriber is not the node's silence.
+                heard = tokio::time::Instant::now();
                 continue;
             }
         };
@@ -535,6 +554,7 @@ async fn run(
             break format!("write: {e}");
         }
         wrote = tokio::time::Instant::now();
+        beating.as_mut().reset(wrote + beat);
     };
     tracing::debug!(node, %reason, "push connection ended");
     let mut subs = shared.subs.lock();

@@ -218,21 +218,33 @@ impl Follower {
             self.s.push.forget(node);
             return Poll::NodeFailed("push connection closed".into());
         };
+        // The waits on the subscriber and on the routes live across batches, each made again
+        // only when it fires: made per batch, each registers and removes a waiter for every
+        // message delivered.
         let tx = self.tx.clone();
+        let closed = tx.closed();
+        tokio::pin!(closed);
         loop {
-            let outcome = tokio::select! {
-                event = sub.events.recv() => match event {
-                    Some(Ok(batch)) => self.deliver(node, batch).await,
-                    Some(Err(e)) => classify(e),
-                    None => {
-                        self.s.push.forget(node);
-                        Poll::NodeFailed("push connection lost".into())
+            let changed = reroutes.changed();
+            tokio::pin!(changed);
+            let outcome = loop {
+                let outcome = tokio::select! {
+                    event = sub.events.recv() => match event {
+                        Some(Ok(batch)) => self.deliver(node, batch).await,
+                        Some(Err(e)) => classify(e),
+                        None => {
+                            self.s.push.forget(node);
+                            Poll::NodeFailed("push connection lost".into())
+                        }
+                    },
+                    changed = &mut changed => {
+                        break self.route_change(node, changed.is_ok()).unwrap_or(Poll::Again);
                     }
-                },
-                changed = reroutes.changed() => {
-                    self.route_change(node, changed.is_ok()).unwrap_or(Poll::Again)
+                    () = &mut closed => Poll::Closed,
+                };
+                if !matches!(outcome, Poll::Again) {
+                    break outcome;
                 }
-                () = tx.closed() => Poll::Closed,
             };
             if !matches!(outcome, Poll::Again) {
                 return outcome;
