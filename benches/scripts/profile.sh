@@ -13,14 +13,15 @@
 # the leader, one follower and the harness, with DWARF call graphs (release builds have no frame
 # pointers), and also writes each one's inclusive time by function (`*-inclusive.txt`) and a
 # caller tree of its hottest symbols (`*-callers.txt`): where each part's time comes from.
-# Needs perf (linux-perf) and a release build of `bench` and the server
-# (`cargo build --release -p bench -p server -p client`).
+# Needs perf (linux-perf) and a build of `bench` and the server, release by default
+# (`cargo build --release -p bench -p server -p client`); PROFILE=dist profiles the build that
+# is installed and measured (`cargo build --profile dist ...`).
 set -euo pipefail
 clients=${1:?usage: profile.sh CLIENTS [OUT_DIR] [BENCH_ARGS...]}
 out=${2:-/tmp/cellchat-profile-$clients}
 shift $(($# >= 2 ? 2 : 1))
 target=${CARGO_TARGET_DIR:-$(dirname "$0")/../../target}
-bench=$target/release/bench
+bench=$target/${PROFILE:-release}/bench
 mkdir -p "$out"
 
 "$bench" write --clients "$clients" --duration 20 --warmup 2 --json --out "$out/res" "$@" \
