@@ -149,11 +149,7 @@ async fn kill9_of_the_subscribers_node_moves_it_without_gap_or_duplicate() -> an
 
     let mut got = receive(&mut sub, 15, RECEIVE).await?;
     let victim = bob.status().reading.context("bob reads from some node")?;
-    let index = cluster
-        .nodes
-        .iter()
-        .position(|n| n.ready().is_some_and(|r| r.id == victim))
-        .context("victim is one of ours")?;
+    let index = node_index(&cluster, victim)?;
     cluster.nodes[index].kill9();
     let killed_at = Instant::now();
 
@@ -998,11 +994,7 @@ async fn the_full_screen_client_in_tmux_pastes_counts_unread_pages_back_and_surv
         .find(|s| s.name == reading)
         .with_context(|| format!("no node named {reading} in {servers:?}"))?
         .id;
-    let index = cluster
-        .nodes
-        .iter()
-        .position(|n| n.ready().is_some_and(|r| r.id == id))
-        .context("the node's process")?;
+    let index = node_index(&cluster, id)?;
     cluster.nodes[index].kill9();
     tmux.run(&["send-keys", "-t", "Alice", "after the kill", "Enter"])?;
     let screen = tmux
@@ -1117,6 +1109,15 @@ async fn the_full_screen_client_stays_responsive_through_a_resize_storm_a_16_kib
     Ok(())
 }
 
+/// The index in `cluster.nodes` of the running node whose id is `id`.
+fn node_index(cluster: &TestCluster, id: u64) -> anyhow::Result<usize> {
+    cluster
+        .nodes
+        .iter()
+        .position(|n| n.ready().is_some_and(|r| r.id == id))
+        .with_context(|| format!("node {id} is not one of this cluster's"))
+}
+
 /// The value of the unlabeled metric `name` in a node's Prometheus text.
 async fn metric(addr: std::net::SocketAddr, name: &str) -> anyhow::Result<f64> {
     let text = testkit::scrape_metrics(addr).await?;
@@ -1176,11 +1177,7 @@ async fn many_subscriptions_share_one_push_connection_and_resume_after_a_kill9(
         got.push(first);
     }
     let victim = bob.status().reading.context("bob reads from some node")?;
-    let index = cluster
-        .nodes
-        .iter()
-        .position(|n| n.ready().is_some_and(|r| r.id == victim))
-        .context("victim is one of ours")?;
+    let index = node_index(&cluster, victim)?;
     let victim_metrics = cluster.nodes[index].ready().context("ready")?.metrics;
     // All of bob's subscriptions on one push connection (alice has none: she only sends).
     assert_eq!(
@@ -1245,11 +1242,7 @@ async fn a_listening_client_keeps_its_push_connection_and_leaves_a_frozen_node(
     assert_eq!(receive(&mut bobs, 1, RECEIVE).await?[0].seq, first.seq);
 
     let reader = bob.status().reading.context("bob reads from some node")?;
-    let index = cluster
-        .nodes
-        .iter()
-        .position(|n| n.ready().is_some_and(|r| r.id == reader))
-        .context("the reader is one of ours")?;
+    let index = node_index(&cluster, reader)?;
     let metrics = cluster.nodes[index].ready().context("ready")?.metrics;
     let opened = metric(metrics, "cellchat_push_connections_opened_total").await?;
     assert_eq!(metric(metrics, "cellchat_push_connections").await?, 1.0);
