@@ -127,7 +127,7 @@ pub async fn run(system: &dyn System, options: &FanoutOptions) -> Result<RunResu
                         .record(Duration::from_micros(arrived.saturating_sub(sent)));
                 }
             }
-            tally
+            (tally, subscriber)
         }));
     }
 
@@ -183,7 +183,7 @@ pub async fn run(system: &dyn System, options: &FanoutOptions) -> Result<RunResu
                     Err(_) => tally.errors += 1,
                 }
             }
-            tally
+            (tally, writer)
         }));
     }
     let mut publish_errors = 0;
@@ -198,8 +198,10 @@ pub async fn run(system: &dyn System, options: &FanoutOptions) -> Result<RunResu
             }
         })
     };
+    let mut publishers_done = Vec::with_capacity(publisher_tasks.len());
     for task in publisher_tasks {
-        let tally = task.await?;
+        let (tally, writer) = task.await?;
+        publishers_done.push(writer);
         publish_errors += tally.errors;
         acks.merge(&tally.acks);
         behind_max = behind_max.max(tally.behind_max);
@@ -212,8 +214,12 @@ pub async fn run(system: &dyn System, options: &FanoutOptions) -> Result<RunResu
     let sent = sent_total.load(Ordering::Acquire);
     let mut latencies = Latencies::new();
     let (mut delivered, mut duplicates, mut subscriber_errors) = (0u64, 0u64, 0u64);
+    // Subscribers and publishers are dropped only once all subscribers are done: one closing
+    // its connections would otherwise compete with the last deliveries to the others.
+    let mut finished = Vec::with_capacity(subscriber_tasks.len());
     for task in subscriber_tasks {
-        let tally = task.await?;
+        let (tally, subscriber) = task.await?;
+        finished.push(subscriber);
         latencies.merge(&tally.latencies);
         delivered += tally.seen.iter().flatten().filter(|s| **s).count() as u64;
         duplicates += tally.duplicates;
