@@ -381,18 +381,20 @@ async fn dial(
     .map_err(|e| fail("connect to", &e))?;
     trust.remember();
     let binding = proto::tls::stream_binding(&stream).map_err(|e| fail("connect to", &e))?;
-    let (read, mut write) = tokio::io::split(stream);
+    // One task reads and writes the connection, so it keeps the stream whole: a split stream
+    // takes a lock on every read and write.
+    let mut frames = FramedRead::new(stream, push::frame_codec(proto::FRAME_BYTES_MAX));
     let hello = push::encode_frame(&ClientFrame::Hello(PushHello::new(
         config.cluster.clone(),
         None,
     )));
     let opening = [&push::PUSH_MAGIC[..], &hello[..]].concat();
+    let write = frames.get_mut();
     write
         .write_all(&opening)
         .await
         .map_err(|e| fail("hello to", &e))?;
     write.flush().await.map_err(|e| fail("hello to", &e))?;
-    let mut frames = FramedRead::new(read, push::frame_codec(proto::FRAME_BYTES_MAX));
     let first = tokio::time::timeout(config.request_timeout, frames.next()).await;
     let welcome = match first.map_err(|_| fail("hello to", &"timed out"))? {
         // A node without push reads the magic as an oversized tarpc frame and hangs up.
@@ -435,6 +437,7 @@ async fn dial(
         public_key: identity.public_key(),
         signature: identity.sign(&message).to_vec(),
     }));
+    let write = frames.get_mut();
     let sent = async {
         write.write_all(&login).await?;
         write.flush().await
@@ -444,7 +447,7 @@ async fn dial(
         .max(Duration::from_millis(push::SILENCE_MS_MAX));
     let shared = Arc::new(ConnShared::default());
     let (frames_tx, frames_rx) = mpsc::unbounded_channel();
-    let io = (frames, write, frames_rx);
+    let io = (frames, frames_rx);
     let task = tokio::spawn(run(shared.clone(), heard, node, io, silence));
     Ok(PushConn {
         shared,
@@ -455,19 +458,14 @@ async fn dial(
     })
 }
 
-type Frames =
-    FramedRead<tokio::io::ReadHalf<TlsTcp>, tarpc::tokio_util::codec::LengthDelimitedCodec>;
+type Frames = FramedRead<TlsTcp, tarpc::tokio_util::codec::LengthDelimitedCodec>;
 
 /// The connection task: writes client frames, routes server frames, ends on any failure.
 async fn run(
     shared: Arc<ConnShared>,
     ephemeral: Arc<Heard>,
     node: u64,
-    (mut frames, mut write, mut outgoing): (
-        Frames,
-        tokio::io::WriteHalf<TlsTcp>,
-        mpsc::UnboundedReceiver<ClientFrame>,
-    ),
+    (mut frames, mut outgoing): (Frames, mpsc::UnboundedReceiver<ClientFrame>),
     silence: Duration,
 ) {
     let beat = Duration::from_millis(push::CLIENT_HEARTBEAT_MS);
@@ -545,6 +543,7 @@ async fn run(
             }
         };
         let frame = push::encode_frame(&frame);
+        let write = frames.get_mut();
         if let Err(e) = async {
             write.write_all(&frame).await?;
             write.flush().await
