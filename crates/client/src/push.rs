@@ -2,14 +2,16 @@
 //! client's subscriptions reading from the node (`proto::push` describes the protocol).
 //!
 //! A [`PushConn`] runs one task that writes the client's frames and reads the node's, and
-//! routes each batch to its subscription's channel. The connection ends (and every
-//! subscription on it sees its channel close) on EOF, a read error, a protocol violation by
-//! the node, or [`proto::push::SILENCE_MS_MAX`] without any frame; killing the node ends it at
-//! once, a vanished node within that silence limit.
+//! hands each batch out to its subscription's application channel itself (`stream.rs`'s
+//! `Handout`), or passes it to the subscription's poll loop when that channel is full. The
+//! connection ends (and every subscription on it sees its channel close) on EOF, a read error,
+//! a protocol violation by the node, or [`proto::push::SILENCE_MS_MAX`] without any frame;
+//! killing the node ends it at once, a vanished node within that silence limit.
 //!
-//! Backpressure: a subscription's channel holds [`SUB_EVENTS_CAPACITY`] batches; when the
-//! application does not keep up, the connection task waits, stops reading the socket, and TCP
-//! slows the node down. Subscriptions on one connection therefore share its pace.
+//! Backpressure: past the application's channel, a subscription's poll loop holds
+//! [`SUB_EVENTS_CAPACITY`] batches; when the application does not keep up, the connection task
+//! waits, stops reading the socket, and TCP slows the node down. Subscriptions on one
+//! connection therefore share its pace.
 //!
 //! Presence and typing ([`Ephemeral`]) from every connection go to one broadcast per client,
 //! which drops what a slow listener misses rather than slowing the connection. A connection
@@ -34,6 +36,7 @@ use crate::config::ClientConfig;
 use crate::identity::Identity;
 use crate::retry::Failure;
 use crate::routing::Routes;
+use crate::stream::Handout;
 use crate::trust::ClusterTrust;
 
 /// Batches buffered per subscription before the connection stops reading.
@@ -274,8 +277,18 @@ impl PushPool {
 /// State shared by a [`PushConn`] and its task.
 #[derive(Default)]
 struct ConnShared {
-    subs: Mutex<HashMap<u64, mpsc::Sender<SubEvent>>>,
+    subs: Mutex<HashMap<u64, SubEntry>>,
     closed: AtomicBool,
+}
+
+/// One open subscription, as its connection's task sees it.
+struct SubEntry {
+    /// Where its batches are handed out.
+    handout: Arc<Handout>,
+    /// The poll loop's attempt it was opened for.
+    attempt: u64,
+    /// Its poll loop: batches that wait for room, and the node's errors.
+    events: mpsc::Sender<SubEvent>,
 }
 
 /// One push connection to one node.
@@ -320,12 +333,15 @@ impl PushConn {
         }
     }
 
-    /// Subscribes to `channel` after `after_seq`; `None` if the connection has closed.
+    /// Subscribes to `channel` after `after_seq` for the poll loop's `attempt`, handing batches
+    /// out through `handout`; `None` if the connection has closed.
     pub(crate) fn subscribe(
         self: &Arc<Self>,
         channel: &str,
         after_seq: u64,
         read_token: u64,
+        handout: &Arc<Handout>,
+        attempt: u64,
     ) -> Option<PushSub> {
         let sub_id = self.next_sub_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(SUB_EVENTS_CAPACITY);
@@ -334,7 +350,12 @@ impl PushConn {
             if self.shared.closed.load(Ordering::Acquire) {
                 return None;
             }
-            subs.insert(sub_id, tx);
+            let entry = SubEntry {
+                handout: handout.clone(),
+                attempt,
+                events: tx,
+            };
+            subs.insert(sub_id, entry);
         }
         let frame = ClientFrame::Subscribe(Subscribe {
             sub_id,
@@ -505,17 +526,25 @@ async fn run(
                 };
                 match push::decode_server_frame(&body) {
                     Ok(ServerFrame::Batch { sub_id, batch }) => {
-                        let tx = shared.subs.lock().get(&sub_id).cloned();
-                        if let Some(tx) = tx {
+                        // Handed out under the map's lock, so a subscription that was dropped
+                        // (and maybe moved to another node) gets nothing more from here.
+                        let waiting = {
+                            let subs = shared.subs.lock();
+                            subs.get(&sub_id).and_then(|sub| {
+                                let rest = sub.handout.offer(node, sub.attempt, batch)?;
+                                Some((sub.events.clone(), rest))
+                            })
+                        };
+                        if let Some((tx, rest)) = waiting {
                             // A closed receiver is a subscription ending; its unsubscribe is
                             // on its way.
-                            let _ = tx.send(Ok(batch)).await;
+                            let _ = tx.send(Ok(rest)).await;
                         }
                     }
                     Ok(ServerFrame::Error { sub_id: Some(sub_id), error }) => {
-                        let tx = shared.subs.lock().remove(&sub_id);
-                        if let Some(tx) = tx {
-                            let _ = tx.send(Err(error)).await;
+                        let sub = shared.subs.lock().remove(&sub_id);
+                        if let Some(sub) = sub {
+                            let _ = sub.events.send(Err(error)).await;
                         }
                     }
                     Ok(ServerFrame::Error { sub_id: None, error }) => {

@@ -2,10 +2,17 @@
 //! a push connection (`push.rs`; long polls with `Chat::stream` on nodes without push), moving
 //! to the next nearest node when its node fails, and resuming right after the last seq it
 //! delivered.
+//!
+//! A subscription's poll loop ([`Follower`]) picks the node and moves; its [`Handout`] is where
+//! messages are checked and handed to the application. The push connection hands a batch out
+//! itself when it can, so a pushed message reaches the application without waking the poll
+//! loop; when the application's channel is full, or at a gap, the batch goes to the poll loop,
+//! which waits for room or moves.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use proto::{ApiError, MessageBatch, StreamRequest, WireMessage};
 use tokio::sync::mpsc;
 
@@ -19,6 +26,8 @@ use crate::routing::Routes;
 const POLL_MESSAGES_MAX: u32 = 500;
 /// Capacity of a subscription's channel; the poll loop waits while it is full.
 const SUBSCRIPTION_CAPACITY: usize = 1024;
+/// Most messages the poll loop reserves room for at once while it hands out a batch.
+const HANDOUT_CHUNK: usize = 64;
 
 /// The messages of one channel after a given seq, in seq order, each exactly once.
 ///
@@ -71,15 +80,165 @@ impl Streams {
         let follower = Follower {
             s: self.clone(),
             channel: channel.to_owned(),
-            last: after_seq,
             failures: 0,
-            tx,
+            handout: Arc::new(Handout::new(channel, after_seq, self.routes.clone(), tx)),
         };
         tokio::spawn(follower.run());
         Subscription {
             channel: channel.to_owned(),
             rx,
         }
+    }
+}
+
+/// Where one subscription's messages are checked and handed to the application, by its poll
+/// loop or by the push connection it reads from.
+///
+/// Invariants (every hand-out runs under `state`'s lock, whoever makes it):
+/// - seqs are dense: each message's seq is one more than `last`, or at most the batch's floor
+///   (the seqs between expired under the channel's retention);
+/// - no seq is handed out twice: one at or below `last` is skipped;
+/// - a push connection hands out only for the poll loop's current attempt, and only while no
+///   batch it passed to the poll loop waits there, so messages keep the node's order.
+pub(crate) struct Handout {
+    channel: String,
+    routes: Arc<Routes>,
+    tx: mpsc::Sender<Result<WireMessage, Error>>,
+    state: Mutex<HandoutState>,
+}
+
+struct HandoutState {
+    /// The last seq handed out.
+    last: u64,
+    /// The poll loop's current attempt on a node.
+    attempt: u64,
+    /// Batches of `attempt` passed to the poll loop and not yet handed out.
+    queued: usize,
+}
+
+/// How far handing out a batch got.
+enum Step {
+    /// Every message is handed out, or was before.
+    Done,
+    /// No room for the next message.
+    Full,
+    /// The next message is past a gap; nothing from it on was handed out.
+    Gap { expected: u64, found: u64 },
+    /// The subscriber went away.
+    Closed,
+}
+
+/// Room for one message in the subscriber's channel, or why there is none.
+enum Room<'a> {
+    Slot(mpsc::Permit<'a, Result<WireMessage, Error>>),
+    Full,
+    Closed,
+}
+
+impl Handout {
+    fn new(
+        channel: &str,
+        after_seq: u64,
+        routes: Arc<Routes>,
+        tx: mpsc::Sender<Result<WireMessage, Error>>,
+    ) -> Self {
+        Self {
+            channel: channel.to_owned(),
+            routes,
+            tx,
+            state: Mutex::new(HandoutState {
+                last: after_seq,
+                attempt: 0,
+                queued: 0,
+            }),
+        }
+    }
+
+    /// The last seq handed out.
+    fn last(&self) -> u64 {
+        self.state.lock().last
+    }
+
+    /// Starts the poll loop's next attempt on a node and returns its id: connections
+    /// subscribed for earlier attempts stop handing out.
+    fn begin(&self) -> u64 {
+        let mut state = self.state.lock();
+        state.attempt += 1;
+        state.queued = 0;
+        state.attempt
+    }
+
+    /// A batch a push connection received for `attempt`: handed out here if nothing waits
+    /// before it and the subscriber has room, else what is left of it goes to the poll loop
+    /// (returned, and counted there when it is the current attempt's).
+    pub(crate) fn offer(
+        &self,
+        node: u64,
+        attempt: u64,
+        mut batch: MessageBatch,
+    ) -> Option<MessageBatch> {
+        let mut state = self.state.lock();
+        if state.attempt != attempt {
+            return Some(batch);
+        }
+        if state.queued == 0 {
+            self.routes.observe(batch.applied);
+            let step = self.hand_out(&mut state, node, &mut batch, || {
+                match self.tx.try_reserve() {
+                    Ok(permit) => Room::Slot(permit),
+                    Err(mpsc::error::TrySendError::Full(())) => Room::Full,
+                    Err(mpsc::error::TrySendError::Closed(())) => Room::Closed,
+                }
+            });
+            // A closed subscriber's poll loop ends on its own.
+            if matches!(step, Step::Done | Step::Closed) {
+                return None;
+            }
+        }
+        state.queued += 1;
+        Some(batch)
+    }
+
+    /// Hands out the messages of `batch` in order, each through room from `room`, and removes
+    /// what it handled (handed out or skipped as handed out before) from the batch.
+    fn hand_out<'a>(
+        &self,
+        state: &mut HandoutState,
+        node: u64,
+        batch: &mut MessageBatch,
+        mut room: impl FnMut() -> Room<'a>,
+    ) -> Step {
+        let mut handled = 0;
+        let step = loop {
+            let Some(message) = batch.messages.get_mut(handled) else {
+                break Step::Done;
+            };
+            if message.seq <= state.last {
+                handled += 1;
+                continue;
+            }
+            let expected = state.last + 1;
+            if message.seq != expected && message.seq > batch.floor {
+                break Step::Gap {
+                    expected,
+                    found: message.seq,
+                };
+            }
+            let permit = match room() {
+                Room::Slot(permit) => permit,
+                Room::Full => break Step::Full,
+                Room::Closed => break Step::Closed,
+            };
+            if message.seq != expected {
+                let (channel, from, to) = (&self.channel, expected, message.seq - 1);
+                tracing::info!(node, %channel, from, to, "messages expired before delivery");
+            }
+            state.last = message.seq;
+            permit.send(Ok(std::mem::take(message)));
+            handled += 1;
+        };
+        batch.messages.drain(..handled);
+        step
     }
 }
 
@@ -97,19 +256,18 @@ enum Poll {
     Closed,
 }
 
-/// The poll loop of one subscription. `last` is the last seq handed out, so the next attempt
-/// (on this node or another) resumes right after it.
+/// The poll loop of one subscription. Each attempt (on this node or another) resumes right
+/// after the last seq handed out.
 struct Follower {
     s: Streams,
     channel: String,
-    last: u64,
     failures: u32,
-    tx: mpsc::Sender<Result<WireMessage, Error>>,
+    handout: Arc<Handout>,
 }
 
 impl Follower {
     async fn run(mut self) {
-        while !self.tx.is_closed() {
+        while !self.handout.tx.is_closed() {
             let Some(node) = self.s.routes.pick_reader() else {
                 self.failures += 1;
                 tokio::time::sleep(backoff(self.failures, BACKOFF_MAX, jitter())).await;
@@ -124,7 +282,8 @@ impl Follower {
                 Poll::Again => {}
                 Poll::NodeFailed(reason) => {
                     self.failures += 1;
-                    let (channel, after_seq) = (&self.channel, self.last);
+                    let after_seq = self.handout.last();
+                    let channel = &self.channel;
                     tracing::info!(node, %channel, after_seq, %reason, "stream node failed, moving");
                     self.s.pool.mark_down(node, &reason);
                     if self.failures > 1 {
@@ -134,7 +293,7 @@ impl Follower {
                 Poll::Wait(wait) => tokio::time::sleep(wait).await,
                 Poll::Fatal(e) => {
                     // The subscriber may be gone already; the loop ends either way.
-                    let _ = self.tx.send(Err(Error::Api(e))).await;
+                    let _ = self.handout.tx.send(Err(Error::Api(e))).await;
                     return;
                 }
                 Poll::Closed => return,
@@ -142,36 +301,51 @@ impl Follower {
         }
     }
 
-    /// Hands out the messages of `batch` after `last` in order, skipping any already handed
-    /// out, and stops at a gap without handing out anything past it. A jump to at most the
-    /// batch's floor is no gap: the seqs between expired under the channel's retention.
-    async fn deliver(&mut self, node: u64, batch: MessageBatch) -> Poll {
+    /// Hands out the messages of `batch` after the last one handed out, in order, waiting for
+    /// room, and stops at a gap without handing out anything past it. `pushed` is the attempt
+    /// a push connection passed the batch for, which no longer waits here once it returns.
+    async fn deliver(&mut self, node: u64, mut batch: MessageBatch, pushed: Option<u64>) -> Poll {
         self.failures = 0;
-        self.s.routes.observe(batch.applied);
-        for message in batch.messages {
-            if message.seq <= self.last {
-                continue;
+        let handout = &self.handout;
+        handout.routes.observe(batch.applied);
+        let outcome = loop {
+            let want = (batch.messages.len().min(HANDOUT_CHUNK)).min(handout.tx.max_capacity());
+            if want == 0 {
+                break Poll::Again;
             }
-            if message.seq != self.last + 1 && message.seq <= batch.floor {
-                let (channel, from, to) = (&self.channel, self.last + 1, message.seq - 1);
-                tracing::info!(node, %channel, from, to, "messages expired before delivery");
-            } else if message.seq != self.last + 1 {
-                let (expected, found, channel) = (self.last + 1, message.seq, &self.channel);
-                tracing::warn!(node, %channel, expected, found, "seq gap from node, moving");
-                return Poll::NodeFailed("seq gap".into());
+            let Ok(mut permits) = handout.tx.reserve_many(want).await else {
+                break Poll::Closed;
+            };
+            let step = {
+                let mut state = handout.state.lock();
+                handout.hand_out(&mut state, node, &mut batch, || {
+                    permits.next().map_or(Room::Full, Room::Slot)
+                })
+            };
+            match step {
+                Step::Done => break Poll::Again,
+                Step::Full => {}
+                Step::Gap { expected, found } => {
+                    let channel = &self.channel;
+                    tracing::warn!(node, %channel, expected, found, "seq gap from node, moving");
+                    break Poll::NodeFailed("seq gap".into());
+                }
+                Step::Closed => break Poll::Closed,
             }
-            let seq = message.seq;
-            if self.tx.send(Ok(message)).await.is_err() {
-                return Poll::Closed;
+        };
+        if let Some(attempt) = pushed {
+            let mut state = handout.state.lock();
+            if state.attempt == attempt {
+                state.queued = state.queued.saturating_sub(1);
             }
-            self.last = seq;
         }
-        Poll::Again
+        outcome
     }
 
     /// One long poll on `node`, abandoned early when the node is marked down or reads move
     /// (nothing of it was handed out then).
     async fn poll_once(&mut self, node: u64) -> Poll {
+        self.handout.begin();
         let pool = self.s.pool.clone();
         let _polling = pool.poll_guard();
         let conn = match pool.read_conn(node).await {
@@ -180,18 +354,18 @@ impl Follower {
         };
         let request = StreamRequest {
             channel: self.channel.clone(),
-            after_seq: self.last,
+            after_seq: self.handout.last(),
             max: POLL_MESSAGES_MAX,
             wait_ms: u32::try_from(self.s.wait.as_millis()).unwrap_or(proto::STREAM_WAIT_MS_MAX),
             read_token: self.s.routes.token(),
         };
-        let (mut reroutes, tx) = (self.s.routes.reroutes(), self.tx.clone());
+        let (mut reroutes, tx) = (self.s.routes.reroutes(), self.handout.tx.clone());
         let call = conn.stream(proto::deadline_for(self.s.wait), request);
         tokio::pin!(call);
         loop {
             tokio::select! {
                 outcome = &mut call => return match outcome {
-                    Ok(Ok(batch)) => self.deliver(node, batch).await,
+                    Ok(Ok(batch)) => self.deliver(node, batch, None).await,
                     Ok(Err(e)) => classify(e),
                     Err(e) => Poll::NodeFailed(format!("stream: {e}")),
                 },
@@ -205,23 +379,38 @@ impl Follower {
         }
     }
 
-    /// One push subscription on `node`, handing out batches as they come, until the node
-    /// fails, reads move, or the subscriber goes away (dropping the subscription unsubscribes).
+    /// One push subscription on `node`, until the node fails, reads move, or the subscriber
+    /// goes away (dropping the subscription unsubscribes). The connection hands batches out
+    /// itself; this loop gets the ones that must wait for room, and the node's errors.
     async fn push_once(&mut self, node: u64) -> Poll {
+        let attempt = self.handout.begin();
+        let started_after = self.handout.last();
+        let outcome = self.push_attempt(node, attempt, started_after).await;
+        if matches!(outcome, Poll::NodeFailed(_)) && self.handout.last() > started_after {
+            // Messages came in this attempt: the node worked, so the next failure starts the
+            // backoff afresh, as a delivered batch does on the long-poll path.
+            self.failures = 0;
+        }
+        outcome
+    }
+
+    async fn push_attempt(&mut self, node: u64, attempt: u64, after_seq: u64) -> Poll {
         let mut reroutes = self.s.routes.reroutes();
         let conn = match self.s.push.get(node).await {
             Ok(conn) => conn,
             Err(DialError::Unsupported) => return Poll::Again,
             Err(DialError::Failed(failure)) => return failed(failure),
         };
-        let Some(mut sub) = conn.subscribe(&self.channel, self.last, self.s.routes.token()) else {
+        let token = self.s.routes.token();
+        let subscribed = conn.subscribe(&self.channel, after_seq, token, &self.handout, attempt);
+        let Some(mut sub) = subscribed else {
             self.s.push.forget(node);
             return Poll::NodeFailed("push connection closed".into());
         };
         // The waits on the subscriber and on the routes live across batches, each made again
         // only when it fires: made per batch, each registers and removes a waiter for every
         // message delivered.
-        let tx = self.tx.clone();
+        let tx = self.handout.tx.clone();
         let closed = tx.closed();
         tokio::pin!(closed);
         loop {
@@ -230,7 +419,7 @@ impl Follower {
             let outcome = loop {
                 let outcome = tokio::select! {
                     event = sub.events.recv() => match event {
-                        Some(Ok(batch)) => self.deliver(node, batch).await,
+                        Some(Ok(batch)) => self.deliver(node, batch, Some(attempt)).await,
                         Some(Err(e)) => classify(e),
                         None => {
                             self.s.push.forget(node);
@@ -310,9 +499,11 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn deliver_skips_duplicates_and_stops_at_gaps() {
-        let (tx, mut rx) = mpsc::channel(16);
+    fn follower(
+        after_seq: u64,
+        capacity: usize,
+    ) -> (Follower, mpsc::Receiver<Result<WireMessage, Error>>) {
+        let (tx, rx) = mpsc::channel(capacity);
         let routes = Arc::new(Routes::new());
         let config = Arc::new(crate::ClientConfig {
             token: Some(proto::tls::JoinToken::generate(proto::tls::Fingerprint(
@@ -321,7 +512,7 @@ mod tests {
             ..crate::ClientConfig::default()
         });
         let trust = Arc::new(crate::trust::ClusterTrust::for_config(&config).unwrap());
-        let mut follower = Follower {
+        let follower = Follower {
             s: Streams {
                 pool: Arc::new(Pool::new(
                     config.clone(),
@@ -330,38 +521,128 @@ mod tests {
                     routes.clone(),
                 )),
                 push: Arc::new(PushPool::new(config, trust, routes.clone(), None)),
-                routes,
+                routes: routes.clone(),
                 wait: Duration::from_secs(1),
             },
             channel: "general".into(),
-            last: 2,
             failures: 0,
-            tx,
+            handout: Arc::new(Handout::new("general", after_seq, routes, tx)),
         };
-        let outcome = follower.deliver(1, batch(&[1, 2, 3, 4, 6])).await;
-        assert!(matches!(outcome, Poll::NodeFailed(reason) if reason == "seq gap"));
-        assert_eq!(follower.last, 4);
-        let seqs: Vec<u64> = [rx.recv().await, rx.recv().await]
-            .into_iter()
-            .map(|m| m.expect("message").expect("ok").seq)
-            .collect();
-        assert_eq!(seqs, vec![3, 4]);
-        assert!(rx.try_recv().is_err());
-        // Resuming after a move hands out the rest once.
-        let outcome = follower.deliver(2, batch(&[4, 5, 6])).await;
-        assert!(matches!(outcome, Poll::Again));
-        assert_eq!(follower.last, 6);
-        // Expired seqs are skipped up to the floor, and only up to it.
-        let outcome = follower.deliver(2, batch_above(&[9, 10], 9)).await;
-        assert!(matches!(outcome, Poll::Again));
-        assert_eq!(follower.last, 10);
-        let outcome = follower.deliver(2, batch_above(&[13], 12)).await;
-        assert!(matches!(outcome, Poll::NodeFailed(reason) if reason == "seq gap"));
-        assert_eq!(follower.last, 10);
+        (follower, rx)
+    }
+
+    fn drain(rx: &mut mpsc::Receiver<Result<WireMessage, Error>>) -> Vec<u64> {
         let mut seqs = Vec::new();
         while let Ok(message) = rx.try_recv() {
             seqs.push(message.expect("ok").seq);
         }
-        assert_eq!(seqs, vec![5, 6, 9, 10]);
+        seqs
+    }
+
+    fn seqs(batch: &MessageBatch) -> Vec<u64> {
+        batch.messages.iter().map(|m| m.seq).collect()
+    }
+
+    #[tokio::test]
+    async fn deliver_skips_duplicates_and_stops_at_gaps() {
+        let (mut follower, mut rx) = follower(2, 16);
+        let outcome = follower.deliver(1, batch(&[1, 2, 3, 4, 6]), None).await;
+        assert!(matches!(outcome, Poll::NodeFailed(reason) if reason == "seq gap"));
+        assert_eq!(follower.handout.last(), 4);
+        assert_eq!(drain(&mut rx), vec![3, 4]);
+        // Resuming after a move hands out the rest once.
+        let outcome = follower.deliver(2, batch(&[4, 5, 6]), None).await;
+        assert!(matches!(outcome, Poll::Again));
+        assert_eq!(follower.handout.last(), 6);
+        // Expired seqs are skipped up to the floor, and only up to it.
+        let outcome = follower.deliver(2, batch_above(&[9, 10], 9), None).await;
+        assert!(matches!(outcome, Poll::Again));
+        assert_eq!(follower.handout.last(), 10);
+        let outcome = follower.deliver(2, batch_above(&[13], 12), None).await;
+        assert!(matches!(outcome, Poll::NodeFailed(reason) if reason == "seq gap"));
+        assert_eq!(follower.handout.last(), 10);
+        assert_eq!(drain(&mut rx), vec![5, 6, 9, 10]);
+    }
+
+    #[tokio::test]
+    async fn deliver_waits_for_room_in_a_full_channel() {
+        let (mut follower, mut rx) = follower(0, 2);
+        let seqs: Vec<u64> = (1..=200).collect();
+        let delivering = tokio::spawn(async move {
+            let outcome = follower.deliver(1, batch(&seqs), None).await;
+            (matches!(outcome, Poll::Again), follower.handout.last())
+        });
+        let mut got = Vec::new();
+        while got.len() < 200 {
+            got.push(rx.recv().await.expect("open").expect("ok").seq);
+        }
+        assert_eq!(got, (1..=200).collect::<Vec<_>>());
+        assert_eq!(delivering.await.unwrap(), (true, 200));
+    }
+
+    #[tokio::test]
+    async fn a_connection_hands_out_itself_while_nothing_waits_and_there_is_room() {
+        let (follower, mut rx) = follower(0, 2);
+        let handout = follower.handout.clone();
+        let attempt = handout.begin();
+        // Room for all: handed out here, nothing for the poll loop.
+        assert!(handout.offer(1, attempt, batch(&[1, 2])).is_none());
+        assert_eq!(drain(&mut rx), vec![1, 2]);
+        // Duplicates are skipped here too.
+        assert!(handout.offer(1, attempt, batch(&[2, 3])).is_none());
+        assert_eq!(drain(&mut rx), vec![3]);
+        // Room for two of five: two go out, the rest waits for the poll loop...
+        let rest = handout
+            .offer(1, attempt, batch(&[4, 5, 6, 7, 8]))
+            .expect("rest");
+        assert_eq!(seqs(&rest), vec![6, 7, 8]);
+        assert_eq!(handout.last(), 5);
+        // ...and while it waits, later batches wait behind it, even with room.
+        assert_eq!(drain(&mut rx), vec![4, 5]);
+        let later = handout.offer(1, attempt, batch(&[9])).expect("queued");
+        assert_eq!(seqs(&later), vec![9]);
+        assert!(rx.try_recv().is_err());
+        // The poll loop hands both out in order, waiting for room; then the connection hands
+        // out again.
+        let mut follower = follower;
+        let reading = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while got.len() < 4 {
+                got.push(rx.recv().await.expect("open").expect("ok").seq);
+            }
+            (got, rx)
+        });
+        let outcome = follower.deliver(1, rest, Some(attempt)).await;
+        assert!(matches!(outcome, Poll::Again));
+        let outcome = follower.deliver(1, later, Some(attempt)).await;
+        assert!(matches!(outcome, Poll::Again));
+        let (got, mut rx) = reading.await.unwrap();
+        assert_eq!(got, vec![6, 7, 8, 9]);
+        assert!(handout.offer(1, attempt, batch(&[10])).is_none());
+        assert_eq!(drain(&mut rx), vec![10]);
+    }
+
+    #[tokio::test]
+    async fn a_connection_passes_gaps_on_and_is_silent_for_an_old_attempt() {
+        let (follower, mut rx) = follower(0, 16);
+        let handout = follower.handout.clone();
+        let old = handout.begin();
+        // At a gap, what is before it goes out and the rest goes to the poll loop, which moves.
+        let rest = handout.offer(1, old, batch(&[1, 2, 4, 5])).expect("gap");
+        assert_eq!(seqs(&rest), vec![4, 5]);
+        assert_eq!(drain(&mut rx), vec![1, 2]);
+        let mut follower = follower;
+        let outcome = follower.deliver(1, rest, Some(old)).await;
+        assert!(matches!(outcome, Poll::NodeFailed(reason) if reason == "seq gap"));
+        // After the move a connection of the old attempt hands out nothing.
+        let new = handout.begin();
+        let stale = handout.offer(1, old, batch(&[3])).expect("stale");
+        assert_eq!(seqs(&stale), vec![3]);
+        assert!(rx.try_recv().is_err());
+        assert!(handout.offer(2, new, batch(&[3, 4])).is_none());
+        assert_eq!(drain(&mut rx), vec![3, 4]);
+        // An expired range up to the floor is no gap.
+        assert!(handout.offer(2, new, batch_above(&[8], 8)).is_none());
+        assert_eq!(drain(&mut rx), vec![8]);
     }
 }
