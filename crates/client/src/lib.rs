@@ -46,6 +46,7 @@ mod config;
 pub mod crypto;
 mod direct;
 mod error;
+mod handout;
 pub mod identity;
 pub mod pins;
 mod pool;

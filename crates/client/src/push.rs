@@ -2,7 +2,7 @@
 //! client's subscriptions reading from the node (`proto::push` describes the protocol).
 //!
 //! A [`PushConn`] runs one task that writes the client's frames and reads the node's, and
-//! hands each batch out to its subscription's application channel itself (`stream.rs`'s
+//! hands each batch out to its subscription's application channel itself (`handout.rs`'s
 //! `Handout`), or passes it to the subscription's poll loop when that channel is full. The
 //! connection ends (and every subscription on it sees its channel close) on EOF, a read error,
 //! a protocol violation by the node, or [`proto::push::SILENCE_MS_MAX`] without any frame;
@@ -33,10 +33,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{broadcast, mpsc};
 
 use crate::config::ClientConfig;
+use crate::handout::Handout;
 use crate::identity::Identity;
 use crate::retry::Failure;
 use crate::routing::Routes;
-use crate::stream::Handout;
 use crate::trust::ClusterTrust;
 
 /// Batches buffered per subscription before the connection stops reading.
