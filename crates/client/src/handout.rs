@@ -24,10 +24,10 @@ pub(crate) struct Handout {
     channel: String,
     pub(crate) routes: Arc<Routes>,
     pub(crate) tx: mpsc::Sender<Result<WireMessage, Error>>,
-    pub(crate) state: Mutex<HandoutState>,
+    state: Mutex<HandoutState>,
 }
 
-pub(crate) struct HandoutState {
+struct HandoutState {
     /// The last seq handed out.
     last: u64,
     /// The poll loop's current attempt on a node.
@@ -111,7 +111,7 @@ impl Handout {
         }
         if state.queued == 0 {
             self.routes.observe(batch.applied);
-            let step = self.hand_out(&mut state, node, &mut batch, || {
+            let step = self.hand_out_locked(&mut state, node, &mut batch, || {
                 match self.tx.try_reserve() {
                     Ok(permit) => Room::Slot(permit),
                     Err(mpsc::error::TrySendError::Full(())) => Room::Full,
@@ -130,6 +130,15 @@ impl Handout {
     /// Hands out the messages of `batch` in order, each through room from `room`, and removes
     /// what it handled (handed out or skipped as handed out before) from the batch.
     pub(crate) fn hand_out<'a>(
+        &self,
+        node: u64,
+        batch: &mut MessageBatch,
+        room: impl FnMut() -> Room<'a>,
+    ) -> Step {
+        self.hand_out_locked(&mut self.state.lock(), node, batch, room)
+    }
+
+    fn hand_out_locked<'a>(
         &self,
         state: &mut HandoutState,
         node: u64,

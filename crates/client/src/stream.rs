@@ -165,12 +165,9 @@ impl Follower {
             let Ok(mut permits) = handout.tx.reserve_many(want).await else {
                 break Poll::Closed;
             };
-            let step = {
-                let mut state = handout.state.lock();
-                handout.hand_out(&mut state, node, &mut batch, || {
-                    permits.next().map_or(Room::Full, Room::Slot)
-                })
-            };
+            let step = handout.hand_out(node, &mut batch, || {
+                permits.next().map_or(Room::Full, Room::Slot)
+            });
             match step {
                 Step::Done => break Poll::Again,
                 Step::Full => {}
