@@ -805,7 +805,10 @@ async fn write_command(
     command: Command,
     what: &'static str,
 ) -> Result<(ChatResponse, u64), ApiError> {
-    match shared.raft.client_write(command).await {
+    // Boxed: openraft's write future is kilobytes, and held inline it would make every
+    // request future on the connection that large (the send handler awaits this on its rare
+    // paths), to be copied on each request.
+    match Box::pin(shared.raft.client_write(command)).await {
         Ok(response) => Ok((response.data, response.log_id.index)),
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
             Err(not_leader(f.leader_id.zip(f.leader_node)))
@@ -1240,6 +1243,32 @@ impl proto::Chat for ChatServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The size of what `f` returns, without calling it.
+    fn returned_size<A, F: FnOnce(A) -> Fut, Fut>(_: F) -> usize {
+        std::mem::size_of::<Fut>()
+    }
+
+    #[test]
+    fn a_send_request_future_holds_no_raft_write_inline() {
+        // Every request on a connection is as large as the largest method's future, and it is
+        // copied several times on its way into the connection's task. The rare raft writes
+        // (registration, relations, channel changes, marks) are boxed to keep it small; held
+        // inline, `send` alone was 3.9 KB.
+        let limit = 2_048;
+        let send = returned_size(|(s, c, r): (ChatServer, Context, SendRequest)| {
+            proto::Chat::send(s, c, r)
+        });
+        assert!(send <= limit, "send's future is {send} bytes");
+        let channel = returned_size(|(s, c, r): (ChatServer, Context, ChannelRequest)| {
+            proto::Chat::channel(s, c, r)
+        });
+        assert!(channel <= limit, "channel's future is {channel} bytes");
+        let mark = returned_size(|(s, c, r): (ChatServer, Context, MarkReadRequest)| {
+            proto::Chat::mark_read(s, c, r)
+        });
+        assert!(mark <= limit, "mark_read's future is {mark} bytes");
+    }
 
     #[test]
     fn clients_and_the_state_machine_name_direct_conversations_alike() {
