@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use proto::{ApiError, ChatClient, Hello, Login, Welcome};
 
@@ -115,7 +116,15 @@ impl Pool {
     }
 
     /// The open connection to `node`, or a new one that said hello.
-    async fn conn(&self, node: u64) -> Result<Conn, Failure> {
+    ///
+    /// Boxed, like [`Pool::login`]: a connect's state (TLS handshake, hello) is kilobytes, and
+    /// an async fn holds every future it may await inline, so every send and read would carry
+    /// and copy it through each layer above, though almost none of them connects.
+    fn conn(&self, node: u64) -> BoxFuture<'_, Result<Conn, Failure>> {
+        Box::pin(self.open_or_reuse(node))
+    }
+
+    async fn open_or_reuse(&self, node: u64) -> Result<Conn, Failure> {
         if let Some(conn) = self.conns.lock().get(&node) {
             return Ok(conn.clone());
         }
@@ -221,8 +230,17 @@ impl Pool {
     }
 
     /// Logs in on `conn` to `node`, with the challenge of its hello if still unused, else with
-    /// a fresh one.
-    async fn login(&self, node: u64, conn: &Conn, identity: &Identity) -> Result<(), Failure> {
+    /// a fresh one. Boxed for the reason [`Pool::conn`] gives.
+    fn login<'a>(
+        &'a self,
+        node: u64,
+        conn: &'a Conn,
+        identity: &'a Identity,
+    ) -> BoxFuture<'a, Result<(), Failure>> {
+        Box::pin(self.log_in(node, conn, identity))
+    }
+
+    async fn log_in(&self, node: u64, conn: &Conn, identity: &Identity) -> Result<(), Failure> {
         let _one_at_a_time = self.logins.lock().await;
         let done =
             (self.conns.lock().get(&node)).is_some_and(|c| c.serial == conn.serial && c.logged_in);
