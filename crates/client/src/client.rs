@@ -1107,7 +1107,7 @@ impl Client {
     /// One write `call` to `node`; learns leader hints, and stops writing to a node that failed
     /// or does not lead.
     ///
-    /// The call comes boxed: tarpc's call future is about 3 KB, and held inline it would be
+    /// The call comes boxed: tarpc's call future is kilobytes, and held inline it would be
     /// copied through every async layer between here and the application on each send.
     async fn write_on<T>(
         &self,
@@ -1228,7 +1228,6 @@ fn send_request(channel: &str, body: Vec<u8>, client_id: [u8; 16], client_seq: u
 
 #[cfg(test)]
 mod tests {
-    use super::idempotent_client_id;
     use super::*;
 
     /// The size of what `f` returns, without calling it.
@@ -1239,8 +1238,7 @@ mod tests {
     #[test]
     fn a_send_future_holds_no_connect_or_rpc_call_inline() {
         // An async fn holds every future it may await, and each layer copies it on the way
-        // up: the connect path and tarpc's call are boxed so a send stays small. Held inline,
-        // a send was 6.9 KB.
+        // up: the connect path and tarpc's call are boxed so a send stays small.
         let send = returned_size(|c: &'static Client| c.send_with_key("c", vec![], [0; 16], 0));
         assert!(send <= 2_048, "a send's future is {send} bytes");
         let writer = returned_size(|c: &'static Client| c.pool.writer_conn());

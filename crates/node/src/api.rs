@@ -1253,8 +1253,7 @@ mod tests {
     fn a_send_request_future_holds_no_raft_write_inline() {
         // Every request on a connection is as large as the largest method's future, and it is
         // copied several times on its way into the connection's task. The rare raft writes
-        // (registration, relations, channel changes, marks) are boxed to keep it small; held
-        // inline, `send` alone was 3.9 KB.
+        // (registration, relations, channel changes, marks) are boxed to keep it small.
         let limit = 2_048;
         let send = returned_size(|(s, c, r): (ChatServer, Context, SendRequest)| {
             proto::Chat::send(s, c, r)
