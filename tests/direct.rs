@@ -42,6 +42,23 @@ async fn registered(client: &Client, names: &[&str]) -> anyhow::Result<()> {
     }
 }
 
+/// Waits until `heard` tells that someone added its client to `channel`.
+async fn hears_added(
+    heard: &mut tokio::sync::broadcast::Receiver<Ephemeral>,
+    channel: &str,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + HEAR;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, heard.recv()).await {
+            Ok(Ok(Ephemeral::Added { channel: added })) if added == channel => return Ok(()),
+            Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+            Ok(Err(e)) => bail!("events: {e}"),
+            Err(_) => bail!("never heard of being added to {channel}"),
+        }
+    }
+}
+
 /// The text `client` reads at `seq` of `channel` with `keys`, checked as signed by `sender`.
 async fn read_text(
     client: &Client,
@@ -116,9 +133,14 @@ async fn members_meet_by_name_and_nobody_else_reads_or_squats() -> anyhow::Resul
     );
     let detail = alice.channel_info(&ghost).await?;
     assert!(detail.crypto.is_none() && detail.members.is_empty() && detail.info.head == 0);
+    assert_eq!(
+        rejected(alice.open_direct_channel(&ghost).await),
+        RejectReason::NotMember,
+        "no such conversation"
+    );
 
     // Alice starts it; the name is the one both compute.
-    let dm = alice.open_direct(&["bob".into()]).await?;
+    let dm = (alice.open_direct(&["bob".into()]).await).context("alice opens it")?;
     assert!(dm.created);
     assert_eq!(dm.channel, proto::direct_channel_name(&["bob", "alice"]));
     assert_eq!(dm.members, ["alice", "bob"]);
@@ -129,28 +151,17 @@ async fn members_meet_by_name_and_nobody_else_reads_or_squats() -> anyhow::Resul
         .context("a direct conversation has a key")?;
     let sent = alice.send_text(&dm.channel, "psst, bob", Some(key)).await?;
 
-    // Bob hears of it at once, opens it by its channel name, and reads her message.
-    let deadline = Instant::now() + HEAR;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, bob_heard.recv()).await {
-            Ok(Ok(Ephemeral::Added { channel })) => {
-                assert_eq!(channel, dm.channel);
-                break;
-            }
-            Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
-            Ok(Err(e)) => bail!("events: {e}"),
-            Err(_) => bail!("bob never heard that alice started a conversation"),
-        }
-    }
-    let bobs = bob.open_direct_channel(&dm.channel).await?;
+    // Bob hears of it at once, opens it by its channel name on whichever node he reads from,
+    // and reads her message.
+    hears_added(&mut bob_heard, &dm.channel).await?;
+    let bobs = (bob.open_direct_channel(&dm.channel).await).context("bob opens it by name")?;
     assert!(!bobs.created);
     assert_eq!(
         read_text(&bob, &bobs.keys, &dm.channel, sent.seq).await?,
         ("alice".to_owned(), "psst, bob".to_owned())
     );
     // His answer, through the same name from his side, reaches her.
-    let again = bob.open_direct(&["alice".into()]).await?;
+    let again = (bob.open_direct(&["alice".into()]).await).context("bob opens it")?;
     assert_eq!(again.channel, dm.channel);
     let answer = bob
         .send_text(&dm.channel, "got it", again.keys.v2.as_ref())
@@ -222,6 +233,11 @@ async fn members_meet_by_name_and_nobody_else_reads_or_squats() -> anyhow::Resul
     let hello = carol
         .send_text(&group.channel, "hello both", group.keys.v2.as_ref())
         .await?;
+    // Bob hears of it; alice, who does not watch, is handed carol's read token with the name,
+    // as a link from another session would carry it. Either way their next read may go to a
+    // node other than carol's.
+    hears_added(&mut bob_heard, &group.channel).await?;
+    alice.observe_read_token(carol.read_token());
     for client in [&alice, &bob] {
         let opened = client.open_direct_channel(&group.channel).await?;
         assert_eq!(

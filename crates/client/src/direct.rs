@@ -149,12 +149,16 @@ impl Client {
     ///
     /// # Errors
     ///
-    /// [`Error::Api`] with `NotMember` when this user is not a member, `InvalidDirect` when the
-    /// node's member list does not give the name (a node lies); as
-    /// [`open_direct`](Self::open_direct).
+    /// [`Error::Api`] with `NotMember` when this user is not a member or the conversation does
+    /// not exist as far as this client can know (its read token does not cover another user's
+    /// creation until it hears of it), `InvalidDirect` when the node's member list does not
+    /// give the name (a node lies); as [`open_direct`](Self::open_direct).
     pub async fn open_direct_channel(&self, channel: &str) -> Result<Direct, Error> {
         let me = self.name().ok_or(Error::NoIdentity)?.to_owned();
         let members = self.channel_info(channel).await?.info.direct;
+        if members.is_empty() {
+            return Err(Error::Api(ApiError::Rejected(RejectReason::NotMember)));
+        }
         if proto::direct_channel_name(&members) != channel {
             return Err(Error::Api(ApiError::Rejected(RejectReason::InvalidDirect)));
         }

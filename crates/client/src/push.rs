@@ -82,7 +82,8 @@ pub enum Ephemeral {
     },
     /// Someone started a direct conversation with this user (`channel` is `dm-...`), or
     /// invited them to the private `channel`. Heard once per connection that heard it, so a
-    /// client connected to two nodes may hear it twice.
+    /// client connected to two nodes may hear it twice. The client's read token covers it
+    /// before it is heard, so reading the channel next finds it on any node.
     Added {
         /// The channel.
         channel: String,
@@ -379,7 +380,7 @@ impl PushConn {
 async fn dial(
     config: &ClientConfig,
     trust: &ClusterTrust,
-    routes: &Routes,
+    routes: &Arc<Routes>,
     identity: &Identity,
     node: u64,
     heard: Arc<Heard>,
@@ -469,7 +470,14 @@ async fn dial(
     let shared = Arc::new(ConnShared::default());
     let (frames_tx, frames_rx) = mpsc::unbounded_channel();
     let io = (frames, frames_rx);
-    let task = tokio::spawn(run(shared.clone(), heard, node, io, silence));
+    let task = tokio::spawn(run(
+        shared.clone(),
+        heard,
+        routes.clone(),
+        node,
+        io,
+        silence,
+    ));
     Ok(PushConn {
         shared,
         frames: frames_tx,
@@ -485,6 +493,7 @@ type Frames = FramedRead<TlsTcp, tarpc::tokio_util::codec::LengthDelimitedCodec>
 async fn run(
     shared: Arc<ConnShared>,
     ephemeral: Arc<Heard>,
+    routes: Arc<Routes>,
     node: u64,
     (mut frames, mut outgoing): (Frames, mpsc::UnboundedReceiver<ClientFrame>),
     silence: Duration,
@@ -560,7 +569,9 @@ async fn run(
                     Ok(ServerFrame::Marker { channel, read_to }) => {
                         ephemeral.hear(Ephemeral::Marker { channel, read_to });
                     }
-                    Ok(ServerFrame::Added { channel }) => {
+                    Ok(ServerFrame::Added { channel, applied }) => {
+                        // The listener's next read may go to a node behind this one.
+                        routes.observe(applied);
                         ephemeral.hear(Ephemeral::Added { channel });
                     }
                     Ok(ServerFrame::Welcome(_)) => break "second welcome".to_owned(),

@@ -377,9 +377,10 @@ impl Ephemeral {
         }
     }
 
-    /// Users added to channels by someone else, as (user, channel): an `Added` frame to
-    /// those users' connections here, like [`markers_moved`](Self::markers_moved).
-    pub fn channels_added(&self, added: &[(String, String)]) {
+    /// Users added to channels by someone else, as (user, channel), by the entries applied up
+    /// to log index `applied`: an `Added` frame to those users' connections here, like
+    /// [`markers_moved`](Self::markers_moved).
+    pub fn channels_added(&self, added: &[(String, String)], applied: u64) {
         if added.is_empty() {
             return;
         }
@@ -390,6 +391,7 @@ impl Ephemeral {
             };
             let frame = push::encode_frame(&ServerFrame::Added {
                 channel: channel.clone(),
+                applied,
             });
             for conn in ids.iter().filter_map(|id| state.conns.get(id)) {
                 let _ = conn.tx.try_send(Direct::Marker(frame.clone()));
@@ -704,6 +706,25 @@ mod tests {
             );
         }
         assert!(carol.try_recv().is_err(), "not carol's marker");
+    }
+
+    #[tokio::test]
+    async fn an_added_channel_reaches_its_user_with_the_index_that_added_it() {
+        let hub = Ephemeral::new();
+        let (_bob, mut bob) = hub.connected("bob");
+        let (_carol, mut carol) = hub.connected("carol");
+        hub.channels_added(&[("bob".to_owned(), "dm-x".to_owned())], 41);
+        let Ok(Direct::Marker(frame)) = bob.try_recv() else {
+            panic!("an added frame");
+        };
+        assert_eq!(
+            push::decode_server_frame(&frame[push::LENGTH_BYTES..]),
+            Ok(ServerFrame::Added {
+                channel: "dm-x".into(),
+                applied: 41
+            })
+        );
+        assert!(carol.try_recv().is_err(), "not added to carol");
     }
 
     #[tokio::test]

@@ -441,7 +441,7 @@ impl Server {
                 deliver(event);
                 index.applied(event);
                 markers.markers_moved(&event.markers);
-                markers.channels_added(&event.added);
+                markers.channels_added(&event.added, event.index.0);
                 if event.join_secret_changed {
                     secret_changed.notify_one();
                 }

@@ -467,7 +467,7 @@ fn ephemeral_json(frame: &[u8]) -> Option<String> {
         ServerFrame::Marker { channel, read_to } => {
             json!({ "ev": "marker", "channel": channel, "read_to": read_to })
         }
-        ServerFrame::Added { channel } => json!({ "ev": "added", "channel": channel }),
+        ServerFrame::Added { channel, .. } => json!({ "ev": "added", "channel": channel }),
         _ => return None,
     };
     Some(value.to_string())

@@ -26,7 +26,7 @@
 //! | 4 | `Subscribe { sub_id, channel, after_seq, read_token }` | waits for `read_token`, then `Batch`es from `after_seq + 1` on |
 //! | 5 | `Unsubscribe { sub_id }` | stops that subscription; no more frames for it |
 //! | 6 | `Typing { channel }` (v3) | passes `Typing { channel, user }` to the other users' connections subscribed to `channel`, on every node; drops it silently when the user may not read the channel or types faster than a few notes a second |
-//! | 7 | `WatchPresence` (v3) | `Presence { full: true, .. }` with everyone online, then a `Presence` per change, a `Marker { channel, read_to }` whenever this user's read marker moves, and an `Added { channel }` (v4) when someone starts a direct conversation with this user or invites them |
+//! | 7 | `WatchPresence` (v3) | `Presence { full: true, .. }` with everyone online, then a `Presence` per change, a `Marker { channel, read_to }` whenever this user's read marker moves, and an `Added { channel, applied }` (v4; `applied` since v5) when someone starts a direct conversation with this user or invites them |
 //! | 8 | `Heartbeat` (v3), when it wrote nothing for [`CLIENT_HEARTBEAT_MS`] | closes a connection silent for [`CLIENT_SILENCE_MS_MAX`] |
 //!
 //! Presence and typing are never stored: a user is online while one of their logged-in push
@@ -68,8 +68,9 @@ const _: () = assert!(u32::from_be_bytes(PUSH_MAGIC) as usize > FRAME_BYTES_MAX)
 
 /// Version of the push protocol (frames after the magic). Version 2: batches carry the
 /// `WireMessage` of protocol version 3 (no client id), and reading needs a `Login`. Version 3:
-/// typing and presence frames, and client heartbeats. Version 4: `Added`.
-pub const PUSH_VERSION: u16 = 4;
+/// typing and presence frames, and client heartbeats. Version 4: `Added`. Version 5: `Added`
+/// carries the log index that made it.
+pub const PUSH_VERSION: u16 = 5;
 
 /// Largest client frame body a node accepts, in bytes (64 KiB). Client frames carry a channel
 /// name and a few integers; a node never allocates more than this for one.
@@ -258,6 +259,10 @@ pub enum ServerFrame {
     Added {
         /// The channel: a direct conversation (`dm-`), or the private channel invited to.
         channel: String,
+        /// The log index that added the user (since version 5): a read token under which any
+        /// node shows the channel, since the client's next read may go to another node than
+        /// the one that told it.
+        applied: u64,
     },
 }
 
