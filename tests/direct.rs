@@ -42,21 +42,36 @@ async fn registered(client: &Client, names: &[&str]) -> anyhow::Result<()> {
     }
 }
 
-/// Waits until `heard` tells that someone added its client to `channel`.
-async fn hears_added(
+/// Waits until `heard` gives an event `wanted` accepts; `what` names it in the error.
+async fn hears(
     heard: &mut tokio::sync::broadcast::Receiver<Ephemeral>,
-    channel: &str,
+    what: &str,
+    wanted: impl Fn(&Ephemeral) -> bool,
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + HEAR;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, heard.recv()).await {
-            Ok(Ok(Ephemeral::Added { channel: added })) if added == channel => return Ok(()),
+            Ok(Ok(event)) if wanted(&event) => return Ok(()),
             Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
             Ok(Err(e)) => bail!("events: {e}"),
-            Err(_) => bail!("never heard of being added to {channel}"),
+            Err(_) => bail!("never heard {what}"),
         }
     }
+}
+
+/// Waits until `heard` tells that someone added its client to `channel`.
+async fn hears_added(
+    heard: &mut tokio::sync::broadcast::Receiver<Ephemeral>,
+    channel: &str,
+) -> anyhow::Result<()> {
+    let what = format!("of being added to {channel}");
+    hears(
+        heard,
+        &what,
+        |e| matches!(e, Ephemeral::Added { channel: c } if c == channel),
+    )
+    .await
 }
 
 /// The text `client` reads at `seq` of `channel` with `keys`, checked as signed by `sender`.
@@ -114,16 +129,13 @@ async fn members_meet_by_name_and_nobody_else_reads_or_squats() -> anyhow::Resul
     let _bob_sub = bob.subscribe("general", 0);
     let mut bob_heard = bob.ephemeral();
     // His push connection is live once it gave him the first list of who is online.
-    let deadline = Instant::now() + HEAR;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, bob_heard.recv()).await {
-            Ok(Ok(Ephemeral::Presence { full: true, .. })) => break,
-            Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
-            Ok(Err(e)) => bail!("events: {e}"),
-            Err(_) => bail!("bob's push connection never opened"),
-        }
-    }
+    let presence = |e: &Ephemeral| matches!(e, Ephemeral::Presence { full: true, .. });
+    hears(
+        &mut bob_heard,
+        "bob's first list of who is online",
+        presence,
+    )
+    .await?;
 
     // A conversation with an unknown user is refused and creates nothing.
     let ghost = proto::direct_channel_name(&["alice", "nobody"]);

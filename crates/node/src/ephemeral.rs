@@ -685,6 +685,14 @@ mod tests {
         assert_eq!(gone.len(), 3);
     }
 
+    /// The frame a connection was sent for its user alone (a marker or an added channel).
+    fn user_frame(rx: &mut mpsc::Receiver<Direct>) -> ServerFrame {
+        let Ok(Direct::Marker(frame)) = rx.try_recv() else {
+            panic!("a frame for the user");
+        };
+        push::decode_server_frame(&frame[push::LENGTH_BYTES..]).expect("a frame that decodes")
+    }
+
     #[tokio::test]
     async fn a_moved_marker_goes_to_its_users_connections_only() {
         let hub = Ephemeral::new();
@@ -694,15 +702,12 @@ mod tests {
         let moved = [("bob".to_owned(), "ops".to_owned(), chat_sm::ChannelSeq(7))];
         hub.markers_moved(&moved);
         for rx in [&mut bob, &mut bob2] {
-            let Ok(Direct::Marker(frame)) = rx.try_recv() else {
-                panic!("a marker frame");
-            };
             assert_eq!(
-                push::decode_server_frame(&frame[push::LENGTH_BYTES..]),
-                Ok(ServerFrame::Marker {
+                user_frame(rx),
+                ServerFrame::Marker {
                     channel: "ops".into(),
                     read_to: 7
-                })
+                }
             );
         }
         assert!(carol.try_recv().is_err(), "not carol's marker");
@@ -714,15 +719,12 @@ mod tests {
         let (_bob, mut bob) = hub.connected("bob");
         let (_carol, mut carol) = hub.connected("carol");
         hub.channels_added(&[("bob".to_owned(), "dm-x".to_owned())], 41);
-        let Ok(Direct::Marker(frame)) = bob.try_recv() else {
-            panic!("an added frame");
-        };
         assert_eq!(
-            push::decode_server_frame(&frame[push::LENGTH_BYTES..]),
-            Ok(ServerFrame::Added {
+            user_frame(&mut bob),
+            ServerFrame::Added {
                 channel: "dm-x".into(),
                 applied: 41
-            })
+            }
         );
         assert!(carol.try_recv().is_err(), "not added to carol");
     }
