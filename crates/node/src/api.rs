@@ -808,7 +808,7 @@ async fn write_command(
     // Boxed: openraft's write future is kilobytes, and held inline it would make every
     // request future on the connection that large (the send handler awaits this on its rare
     // paths), to be copied on each request.
-    match Box::pin(shared.raft.client_write(command)).await {
+    match Box::pin(shared.raft.client_write(command.into())).await {
         Ok(response) => Ok((response.data, response.log_id.index)),
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
             Err(not_leader(f.leader_id.zip(f.leader_node)))

@@ -915,8 +915,10 @@ impl ArchivedEntry {
         let payload = match &entry.payload {
             EntryPayload::Blank => ArchivedPayload::Blank,
             EntryPayload::Membership(_) => ArchivedPayload::Membership,
-            EntryPayload::Normal(Command::SetJoinSecret(_)) => ArchivedPayload::Redacted,
-            EntryPayload::Normal(command) => ArchivedPayload::Command(command.clone()),
+            EntryPayload::Normal(command) => match &**command {
+                Command::SetJoinSecret(_) => ArchivedPayload::Redacted,
+                command => ArchivedPayload::Command(command.clone()),
+            },
         };
         ArchivedEntry {
             index: entry.log_id.index,
@@ -1831,10 +1833,9 @@ mod tests {
     fn the_join_secret_never_reaches_a_chunk() {
         let entry = Entry {
             log_id: crate::archive::tests::log_id(7),
-            payload: EntryPayload::Normal(Command::SetJoinSecret(chat_sm::JoinSecret(vec![
-                0xAB;
-                32
-            ]))),
+            payload: EntryPayload::Normal(
+                Command::SetJoinSecret(chat_sm::JoinSecret(vec![0xAB; 32])).into(),
+            ),
         };
         let archived = ArchivedEntry::of(&entry);
         assert_eq!(archived.payload, ArchivedPayload::Redacted);

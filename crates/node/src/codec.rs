@@ -151,7 +151,7 @@ pub mod v1 {
     openraft::declare_raft_types!(
         /// The type configuration of version 1: as `TypeConfig`, with [`MemberV1`] as node.
         pub TypeConfigV1:
-            D = chat_sm::Command,
+            D = std::sync::Arc<chat_sm::Command>,
             R = chat_sm::ChatResponse,
             NodeId = NodeId,
             Node = MemberV1,
@@ -301,12 +301,12 @@ mod tests {
         };
         let normal = EntryV1 {
             log_id: log_id(2),
-            payload: EntryPayload::Normal(chat_sm::Command::Send(send.clone())),
+            payload: EntryPayload::Normal(chat_sm::Command::Send(send.clone()).into()),
         };
         let entry = decode_entry(&v1_bytes(&normal)).unwrap();
         assert_eq!(entry.log_id, log_id(2));
         assert!(
-            matches!(&entry.payload, EntryPayload::Normal(chat_sm::Command::Send(s)) if *s == send),
+            matches!(&entry.payload, EntryPayload::Normal(c) if matches!(&**c, chat_sm::Command::Send(s) if *s == send)),
             "{entry:?}"
         );
     }
@@ -351,6 +351,42 @@ mod tests {
         assert_ne!(
             bytes,
             v1_bytes(&StoredMembershipV1::new(Some(log_id(3)), m))
+        );
+    }
+
+    openraft::declare_raft_types!(
+        /// `TypeConfig` with the command held by value, as entries were before they shared it.
+        Unshared:
+            D = chat_sm::Command,
+            R = chat_sm::ChatResponse,
+            NodeId = crate::types::NodeId,
+            Node = Member,
+    );
+
+    /// Sharing the command in memory changed nothing on disk: the bytes are those of the
+    /// command held by value, both ways.
+    #[test]
+    fn a_shared_command_is_written_as_the_command_itself() {
+        let command = chat_sm::Command::MarkRead(vec![chat_sm::ReadMark {
+            user: "alice".into(),
+            channel: "general".into(),
+            seq: chat_sm::ChannelSeq(7),
+        }]);
+        let unshared = openraft::alias::EntryOf::<Unshared> {
+            log_id: log_id(5),
+            payload: EntryPayload::Normal(command.clone()),
+        };
+        let shared = Entry {
+            log_id: log_id(5),
+            payload: EntryPayload::Normal(command.clone().into()),
+        };
+        let mut plain = vec![FORMAT_VERSION];
+        plain.extend(postcard::to_allocvec(&unshared).unwrap());
+        assert_eq!(encode_entry(&shared), plain);
+        let decoded = decode_entry(&plain).unwrap();
+        assert!(
+            matches!(&decoded.payload, EntryPayload::Normal(c) if **c == command),
+            "{decoded:?}"
         );
     }
 }

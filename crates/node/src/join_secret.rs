@@ -51,7 +51,7 @@ pub async fn handle_rotate(
     }
     let secret: [u8; proto::tls::SECRET_BYTES] = rand::random();
     let command = Command::SetJoinSecret(JoinSecret(secret.to_vec()));
-    match raft.client_write(command).await {
+    match raft.client_write(command.into()).await {
         Ok(response) => match response.data {
             ChatResponse::JoinSecretSet => {}
             other => {

@@ -32,6 +32,7 @@ mod handover;
 mod join_secret;
 mod leader_watch;
 mod log_store;
+mod log_tail;
 mod metrics;
 mod name;
 pub mod pki;

@@ -18,6 +18,8 @@
 //!   it deletes any segment; a crash in between is finished at the next `open`. raft-log holds
 //!   all of Raft's durable metadata (vote, committed, purge point) under one fsync policy.
 //! - *Truncation is durable*: `Wal::truncate_from` fsyncs the cut.
+//! - *Reads see exactly the log*: the decoded tail (`log_tail.rs`) that serves the newest
+//!   entries is cut before the log is cut and filled after the log is written, on the same task.
 //! - *One AppendEntries stays small*: `limited_get_log_entries` hands replication at most
 //!   [`APPEND_BYTES_MAX`] bytes of entries (at least one entry), so one request fits a frame.
 
@@ -40,6 +42,7 @@ use raft_log::{Durability, LogIndex, Wal};
 
 use crate::atomic_file;
 use crate::codec;
+use crate::log_tail::LogTail;
 use crate::types::{Entry, LogId, TypeConfig, Vote};
 
 /// File in the log directory where builds before the purge payload kept the last purged log
@@ -147,6 +150,8 @@ struct Inner {
     /// Last purged log id and last present log id, kept in memory so `get_log_state` reads no
     /// disk. Updated by `append`, `truncate` and `purge` (all on the RaftCore task).
     state: Mutex<LogState<TypeConfig>>,
+    /// The newest entries, decoded: what replication and apply read nearly always.
+    tail: Mutex<LogTail>,
     /// The flusher thread's queue; `None` with [`AckPolicy::Inline`].
     flusher: Option<mpsc::Sender<IOFlushed<TypeConfig>>>,
     /// Index of the last committed id openraft saved, for metrics and readiness.
@@ -237,6 +242,7 @@ impl LogStore {
                     last_purged_log_id: purged,
                     last_log_id: last,
                 }),
+                tail: Mutex::new(LogTail::default()),
                 flusher,
                 committed_index: Arc::new(AtomicU64::new(0)),
                 sync_watch,
@@ -254,7 +260,8 @@ impl LogStore {
         self.inner.sync_watch.clone()
     }
 
-    /// The underlying `Wal`, for metrics and tests.
+    /// The underlying `Wal`, for metrics and tests. Writing to it directly bypasses the
+    /// decoded tail: only a store that is dropped next may do it.
     pub fn wal(&self) -> &Wal {
         &self.inner.wal
     }
@@ -356,27 +363,57 @@ impl LogStore {
     }
 
     /// Entries in `[start, end)`, stopping once they hold `budget` bytes (at least one entry).
+    /// The decoded tail serves what it holds; the file serves the rest.
     fn read_within(&self, start: u64, end: u64, budget: usize) -> io::Result<Vec<Entry>> {
         let mut out = Vec::new();
         let mut bytes = 0usize;
+        // Whether one more entry of `size` bytes fits the budget (the first always does).
+        let mut fits = |size: usize, out: &Vec<Entry>| {
+            bytes = bytes.saturating_add(size);
+            bytes <= budget || out.is_empty()
+        };
         // Purged entries are gone; the range starts at the first one present.
         let mut at = start.max(self.inner.wal.first_index().map_or(start, |first| first.0));
         while at < end {
-            let step_end = end.min(at.saturating_add(READ_STEP));
+            let tail_first = {
+                let tail = self.inner.tail.lock();
+                while at < end {
+                    let Some((entry, size)) = tail.get(at) else {
+                        break;
+                    };
+                    if !fits(size, &out) {
+                        return Ok(out);
+                    }
+                    out.push(entry.clone());
+                    at += 1;
+                }
+                tail.first()
+            };
+            if at >= end {
+                break;
+            }
+            // The file, up to where the tail starts if it starts further on.
+            let mut step_end = end.min(at.saturating_add(READ_STEP));
+            if let Some(first) = tail_first.filter(|&first| first > at) {
+                step_end = step_end.min(first);
+            }
             let raw = self
                 .inner
                 .wal
                 .read(LogIndex(at), LogIndex(step_end))
                 .map_err(io_err)?;
-            if raw.is_empty() {
+            let Some(&(last, _)) = raw.last() else {
                 break;
-            }
+            };
             for (index, payload) in &raw {
-                bytes = bytes.saturating_add(payload.len());
-                if bytes > budget && !out.is_empty() {
+                if !fits(payload.len(), &out) {
                     return Ok(out);
                 }
                 out.push(decode_at(&self.inner.dir, *index, payload)?);
+            }
+            if last.0 + 1 < step_end {
+                // The log ends here.
+                break;
             }
             at = step_end;
         }
@@ -485,6 +522,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut first: Option<u64> = None;
         let mut last: Option<LogId> = None;
         let mut payloads = Vec::new();
+        let mut decoded = Vec::new();
         let purged = self.inner.wal.purged_through().map(|p| p.0);
         for entry in entries {
             let log_id = entry.log_id;
@@ -499,7 +537,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
             first.get_or_insert(log_id.index);
             last = Some(log_id);
-            payloads.push(codec::encode_entry(&entry));
+            let payload = codec::encode_entry(&entry);
+            decoded.push((entry, payload.len()));
+            payloads.push(payload);
         }
         if let (Some(first), Some(last)) = (first, last) {
             // openraft truncates a conflicting suffix before appending, but its contract (and
@@ -511,6 +551,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 .last_index()
                 .is_some_and(|present| present.0 >= first)
             {
+                self.inner.tail.lock().cut_from(first);
                 self.inner
                     .wal
                     .truncate_from(LogIndex(first))
@@ -520,6 +561,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 .wal
                 .append(LogIndex(first), &payloads, Durability::Buffered)
                 .map_err(io_err)?;
+            let mut tail = self.inner.tail.lock();
+            for (entry, size) in decoded {
+                tail.push(entry, size);
+            }
+            drop(tail);
             self.inner.state.lock().last_log_id = Some(last);
         }
         // Durability is the flusher's job; the entries are readable already.
@@ -544,6 +590,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_or(0, |id| id.index + 1)
             .max(wal.purged_through().map_or(0, |p| p.0 + 1));
         if wal.last_index().is_some_and(|last| last.0 >= from) {
+            self.inner.tail.lock().cut_from(from);
             wal.truncate_from(LogIndex(from)).map_err(io_err)?;
         }
         let last = match wal.last_index() {
@@ -557,6 +604,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId) -> io::Result<()> {
         // raft-log makes the id durable with the purge point before it deletes any entry
         // (openraft's rule); a crash in between is finished at the next open.
+        self.inner.tail.lock().purge_through(log_id.index);
         self.inner
             .wal
             .purge_through_with(LogIndex(log_id.index), &codec::encode_log_id(&Some(log_id)))
@@ -639,6 +687,162 @@ mod tests {
                 "kept by raft-log"
             );
         }
+    }
+
+    /// One step of [`reads_through_the_tail_are_reads_of_the_log`].
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// Append `count` entries from `back` entries before the end (writing over them).
+        Append {
+            back: u64,
+            count: u64,
+            name_len: usize,
+        },
+        /// Truncate after the entry `back` entries before the last.
+        Truncate { back: u64 },
+        /// Purge through the entry `ahead` entries after the first.
+        Purge { ahead: u64 },
+        /// Close and open the store: its tail starts empty.
+        Reopen,
+        /// Read `[first + from, first + from + len)` within `budget` bytes.
+        Read { from: u64, len: u64, budget: usize },
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (0u64..4, 1u64..40, 0usize..300)
+                .prop_map(|(back, count, name_len)| Step::Append { back, count, name_len }),
+            1 => (0u64..20).prop_map(|back| Step::Truncate { back }),
+            1 => (0u64..20).prop_map(|ahead| Step::Purge { ahead }),
+            1 => Just(Step::Reopen),
+            4 => (0u64..80, 0u64..80, 1usize..4000)
+                .prop_map(|(from, len, budget)| Step::Read { from, len, budget }),
+        ]
+    }
+
+    fn named(term: u64, index: u64, name_len: usize) -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(term, 2), index),
+            payload: openraft::EntryPayload::Normal(
+                chat_sm::Command::RegisterUser {
+                    name: "n".repeat(name_len),
+                    public_key: [0; 32],
+                }
+                .into(),
+            ),
+        }
+    }
+
+    /// The log as a model: what it holds from `first` on, encoded.
+    struct Model {
+        first: u64,
+        entries: Vec<Vec<u8>>,
+    }
+
+    impl Model {
+        fn end(&self) -> u64 {
+            self.first + self.entries.len() as u64
+        }
+
+        /// `[start, end)` as `read_within` must give it: from the first entry present, stopping
+        /// before the entry that would pass `budget` bytes (never before the first).
+        fn read(&self, start: u64, end: u64, budget: usize) -> Vec<Vec<u8>> {
+            let (mut out, mut bytes) = (Vec::new(), 0usize);
+            for index in start.max(self.first)..end.min(self.end()) {
+                let entry = &self.entries[(index - self.first) as usize];
+                bytes += entry.len();
+                if bytes > budget && !out.is_empty() {
+                    break;
+                }
+                out.push(entry.clone());
+            }
+            out
+        }
+    }
+
+    /// Whatever the store did (appends over present entries, truncations, purges, restarts
+    /// that empty the tail), every read returns exactly the entries the log holds, within its
+    /// budget, and the tail holds only entries the log holds.
+    #[test]
+    fn reads_through_the_tail_are_reads_of_the_log() {
+        use proptest::prelude::*;
+        let config = ProptestConfig {
+            cases: 48,
+            ..ProptestConfig::default()
+        };
+        proptest!(config, |(steps in proptest::collection::vec(step(), 1..40))| {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            runtime.block_on(async {
+                let dir = tempfile::tempdir().unwrap();
+                let mut store = LogStore::open(dir.path()).unwrap();
+                let mut model = Model { first: 0, entries: Vec::new() };
+                let mut term = 1;
+                for step in steps {
+                    match step {
+                        Step::Append { back, count, name_len } => {
+                            // A new term writes over what it replaces, as a new leader does.
+                            term += 1;
+                            let from = model.end().saturating_sub(back).max(model.first);
+                            let entries: Vec<Entry> =
+                                (from..from + count).map(|i| named(term, i, name_len)).collect();
+                            model.entries.truncate((from - model.first) as usize);
+                            model.entries.extend(entries.iter().map(codec::encode_entry));
+                            openraft::storage::RaftLogStorageExt::blocking_append(&mut store, entries)
+                                .await
+                                .unwrap();
+                        }
+                        Step::Truncate { back } => {
+                            if model.entries.is_empty() {
+                                continue;
+                            }
+                            let keep = model.end().saturating_sub(1 + back).max(model.first);
+                            let last = codec::decode_entry(&model.entries[(keep - model.first) as usize])
+                                .unwrap()
+                                .log_id;
+                            store.truncate_after(Some(last)).await.unwrap();
+                            model.entries.truncate((keep + 1 - model.first) as usize);
+                        }
+                        Step::Purge { ahead } => {
+                            if model.entries.is_empty() {
+                                continue;
+                            }
+                            let through = (model.first + ahead).min(model.end() - 1);
+                            let id = codec::decode_entry(&model.entries[(through - model.first) as usize])
+                                .unwrap()
+                                .log_id;
+                            store.purge(id).await.unwrap();
+                            model.entries.drain(..=((through - model.first) as usize));
+                            model.first = through + 1;
+                        }
+                        Step::Reopen => {
+                            drop(store);
+                            store = LogStore::open(dir.path()).unwrap();
+                        }
+                        Step::Read { from, len, budget } => {
+                            let start = model.first + from;
+                            let got: Vec<Vec<u8>> = store
+                                .read_within(start, start + len, budget)
+                                .unwrap()
+                                .iter()
+                                .map(codec::encode_entry)
+                                .collect();
+                            prop_assert_eq!(got, model.read(start, start + len, budget));
+                        }
+                    }
+                    let tail = store.inner.tail.lock();
+                    let mut index = tail.first().unwrap_or(0);
+                    while let Some((entry, size)) = tail.get(index) {
+                        let held = model.entries.get(index.wrapping_sub(model.first) as usize);
+                        let bytes = codec::encode_entry(entry);
+                        prop_assert_eq!(Some(&bytes), held, "tail entry {}", index);
+                        prop_assert_eq!(size, bytes.len());
+                        index += 1;
+                    }
+                }
+                Ok(())
+            })?;
+        });
     }
 
     #[tokio::test]

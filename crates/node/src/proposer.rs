@@ -188,7 +188,7 @@ async fn propose_batch(raft: &Raft, batch: Vec<Pending>) {
         batch.into_iter().map(|p| (p.send, p.reply)).unzip();
     let count = sends.len();
     tracing::debug!(count, "proposing batch");
-    match raft.client_write(Command::SendBatch(sends)).await {
+    match raft.client_write(Command::SendBatch(sends).into()).await {
         Ok(response) => {
             let log_index = response.log_id.index;
             let results = match response.data {

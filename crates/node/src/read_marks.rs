@@ -107,7 +107,7 @@ fn coalesce(window: Vec<Pending>) -> (Vec<ReadMark>, Vec<(usize, Pending)>) {
 async fn propose_window(raft: &Raft, window: Vec<Pending>) {
     let (marks, waiters) = coalesce(window);
     let count = marks.len();
-    match raft.client_write(Command::MarkRead(marks)).await {
+    match raft.client_write(Command::MarkRead(marks).into()).await {
         Ok(response) => {
             let log_index = response.log_id.index;
             let results = match response.data {

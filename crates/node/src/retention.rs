@@ -38,7 +38,10 @@ pub async fn expire_loop(raft: Raft, chat: Arc<ChatState>, interval: Duration) {
                 continue;
             }
         }
-        match raft.client_write(Command::Expire { at_ms: now }).await {
+        match raft
+            .client_write(Command::Expire { at_ms: now }.into())
+            .await
+        {
             Ok(response) => tracing::debug!(response = ?response.data, "expiry applied"),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {}
             Err(e) => tracing::warn!(error = %e, "expiry not committed; the next tick retries"),
@@ -86,7 +89,7 @@ pub async fn handle_default_retention(
         max_count: wanted.max_count,
     };
     match raft
-        .client_write(Command::SetDefaultRetention(retention))
+        .client_write(Command::SetDefaultRetention(retention).into())
         .await
     {
         Ok(response) => match response.data {

@@ -232,10 +232,7 @@ impl StateMachine {
 
 /// Whether `entry` is a [`chat_sm::Command::Expire`], which chat-sm applies alone.
 fn is_expire(entry: &Entry) -> bool {
-    matches!(
-        &entry.payload,
-        EntryPayload::Normal(chat_sm::Command::Expire { .. })
-    )
+    matches!(&entry.payload, EntryPayload::Normal(command) if matches!(**command, chat_sm::Command::Expire { .. }))
 }
 
 /// Turns openraft entries into chat-sm apply entries plus the raft meta for the batch.

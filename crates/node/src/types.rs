@@ -33,9 +33,10 @@ pub type Runtime = openraft::rt::deterministic_rng::DeterministicRng<openraft::i
 openraft::declare_raft_types!(
     /// cellchat's openraft configuration: entries carry chat commands, responses are chat
     /// responses; terms, leader ids (ordered by term, then node id) and entries are openraft's
-    /// defaults.
+    /// defaults. A command is shared (`Arc`) so the log's tail cache hands the same decoded
+    /// entry to replication and apply without copying it; it encodes exactly as the command.
     pub TypeConfig:
-        D = chat_sm::Command,
+        D = std::sync::Arc<chat_sm::Command>,
         R = chat_sm::ChatResponse,
         NodeId = NodeId,
         Node = Member,

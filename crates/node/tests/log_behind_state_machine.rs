@@ -106,7 +106,7 @@ async fn restart_after_log_tail_below_last_applied_was_cut() {
     let mut written = 0;
     for i in 0..5 {
         written = raft
-            .client_write(register(i))
+            .client_write(register(i).into())
             .await
             .expect("write")
             .log_id
@@ -128,7 +128,7 @@ async fn restart_after_log_tail_below_last_applied_was_cut() {
     let mut last = 0;
     for i in 5..8 {
         last = raft
-            .client_write(register(i))
+            .client_write(register(i).into())
             .await
             .expect("write")
             .log_id
@@ -159,7 +159,7 @@ async fn restart_after_log_tail_below_last_applied_was_cut() {
     }
     wait_leader(&raft).await;
     let next = raft
-        .client_write(register(8))
+        .client_write(register(8).into())
         .await
         .expect("a write after the restart commits");
     assert!(next.log_id.index > last, "{:?} after {last}", next.log_id);

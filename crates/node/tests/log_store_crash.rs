@@ -108,10 +108,13 @@ fn register(term: u64, index: u64, key_bytes: usize) -> Entry {
     // A registration carries no body, so a long name stands in for a large entry.
     Entry {
         log_id: log_id(term, index),
-        payload: openraft::EntryPayload::Normal(chat_sm::Command::RegisterUser {
-            name: "x".repeat(key_bytes),
-            public_key: [0; 32],
-        }),
+        payload: openraft::EntryPayload::Normal(
+            chat_sm::Command::RegisterUser {
+                name: "x".repeat(key_bytes),
+                public_key: [0; 32],
+            }
+            .into(),
+        ),
     }
 }
 

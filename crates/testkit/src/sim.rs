@@ -593,7 +593,7 @@ impl Sim {
         let raft = node.raft.clone();
         match tokio::time::timeout(
             Duration::from_secs(5),
-            raft.client_write(Command::Send(send)),
+            raft.client_write(Command::Send(send).into()),
         )
         .await
         {
