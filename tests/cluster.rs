@@ -503,3 +503,25 @@ async fn a_leader_stopped_with_sigterm_hands_leadership_over_first() -> anyhow::
     assert_ne!(new_leader, leader_id);
     Ok(())
 }
+
+/// A node's process runs without transparent huge pages (its allocator would otherwise ask for
+/// them, and the kernel's zeroing of each stalls the thread that grew the heap), as the kernel
+/// reports it in `/proc/PID/status`.
+#[test]
+fn a_node_runs_without_transparent_huge_pages() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::new("no-thp", &[])?;
+    cluster.spawn_node()?;
+    cluster.nodes[0].wait_ready(READY)?;
+    let pid = cluster.nodes[0].pid().expect("the node is running");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let thp = status
+        .lines()
+        .find_map(|line| line.strip_prefix("THP_enabled:"))
+        .map(str::trim);
+    assert_eq!(
+        thp,
+        Some("0"),
+        "THP_enabled in /proc/{pid}/status:\n{status}"
+    );
+    Ok(())
+}
