@@ -23,8 +23,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Turns transparent huge pages off for the whole process. mimalloc asks the kernel for them,
 /// and the kernel then zeroes 2 MiB at the first touch of each: whenever the heap grew, the
 /// thread that grew it (the Raft core appending to the log, say) stalled for milliseconds, and
-/// a commit with it. The throughput of a loaded node does not measurably depend on them. A
-/// refusal (an old kernel) is logged and costs only those stalls.
+/// every commit in flight with it. Huge pages save a saturated node a little CPU in TLB misses;
+/// steady commit latency is worth more. A refusal (an old kernel) is logged and costs only
+/// those stalls.
 fn no_transparent_huge_pages() {
     if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
         tracing::warn!(error = %e, "cannot turn transparent huge pages off; heap growth may stall commits");
