@@ -21,6 +21,7 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 
+use crate::scenario::floor::PushPoint;
 use crate::sut::SystemKind;
 
 #[derive(Parser, Debug)]
@@ -95,12 +96,17 @@ enum Command {
         topics: usize,
     },
     /// What a send cannot cost less than here (cellchat only): closed-loop `ping`s to the
-    /// leader over a send's TLS and tarpc (no Raft), one-entry appends with fdatasync, and a
-    /// thread's wake-up. One result per part (`part`: ping, fsync, fsync_shared, wake).
+    /// leader over a send's TLS and tarpc (no Raft), one-entry appends with fdatasync, a
+    /// thread's wake-up, and pushing messages to many subscribers with no node. One result per
+    /// part (`part`: ping, fsync, fsync_shared, wake, push, push_plain).
     Floor {
         /// Ping connection counts to run, comma separated.
         #[arg(long, value_delimiter = ',', default_value = "1,128")]
         clients: Vec<usize>,
+        /// Fan-out points of the push parts, comma separated SUBSCRIBERS@RATE (messages per
+        /// second to all of them).
+        #[arg(long, value_delimiter = ',', default_value = "100@200,1000@20")]
+        push: Vec<PushPoint>,
     },
     /// Fixed-rate publishers, many subscribers: send-to-delivery latency, missing, duplicates.
     Fanout {
@@ -315,6 +321,7 @@ pub enum Spec {
     },
     Floor {
         clients: Vec<usize>,
+        push: Vec<PushPoint>,
     },
     Failover {
         clients: usize,
@@ -353,7 +360,7 @@ pub enum Spec {
 fn command_spec(command: Command) -> Spec {
     match command {
         Command::Write { clients, topics } => Spec::Write { clients, topics },
-        Command::Floor { clients } => Spec::Floor { clients },
+        Command::Floor { clients, push } => Spec::Floor { clients, push },
         Command::Fanout {
             subscribers,
             rate,

@@ -401,13 +401,14 @@ async fn run_on(
             };
             sink.push(scale::run(&cellchat, &options).await?)?;
         }
-        Spec::Floor { clients } => {
+        Spec::Floor { clients, push } => {
             let mut cellchat = start_cellchat(common).await?;
             let options = FloorOptions {
                 clients: clients.clone(),
                 duration,
                 warmup,
                 body: common.body,
+                push: push.clone(),
             };
             for result in floor::run(&mut cellchat, &options).await? {
                 sink.push(result)?;

@@ -104,13 +104,24 @@ fn write_and_fanout_measure_cellchat() {
 }
 
 #[test]
-fn floor_measures_pings_fsyncs_and_wake_ups() {
+fn floor_measures_pings_fsyncs_wake_ups_and_pushes() {
     let out = tempfile::tempdir().unwrap();
-    let (ok, stdout, stderr) = bench(out.path(), &["floor", "--clients", "2"]);
+    let (ok, stdout, stderr) = bench(out.path(), &["floor", "--clients", "2", "--push", "5@100"]);
     assert!(ok, "{stderr}");
     let results = runs(&stdout);
     let parts: Vec<_> = results.iter().map(|r| r["extra"]["part"].clone()).collect();
-    assert_eq!(parts, ["ping", "fsync", "fsync_shared", "wake"], "{stdout}");
+    assert_eq!(
+        parts,
+        [
+            "ping",
+            "fsync",
+            "fsync_shared",
+            "wake",
+            "push",
+            "push_plain"
+        ],
+        "{stdout}"
+    );
     let ping = &results[0];
     assert_eq!(ping["clients"], 2, "{ping}");
     assert_eq!(ping["errors"], 0, "{ping}");
@@ -123,6 +134,14 @@ fn floor_measures_pings_fsyncs_and_wake_ups() {
     assert_eq!(results[1]["ops"], 5000, "{}", results[1]);
     assert_eq!(results[2]["clients"], 3, "{}", results[2]);
     assert_eq!(results[2]["ops"], 15000, "{}", results[2]);
+    // Every message of the measured window reaches all five subscribers, over TLS and not.
+    for push in &results[4..] {
+        let sent = push["extra"]["sent"].as_u64().unwrap();
+        assert!(sent > 0, "{push}");
+        assert_eq!(push["subscribers"], 5, "{push}");
+        assert_eq!(push["missing"], 0, "{push}");
+        assert_eq!(push["ops"].as_u64().unwrap(), 5 * sent, "{push}");
+    }
     for r in &results {
         assert!(r["latency_ms"]["p50"].as_f64().unwrap() > 0.0, "{r}");
     }

@@ -1,4 +1,4 @@
-//! `floor`: what a send cannot cost less than on this machine, measured next to it (cellchat
+//! `floor`: what a send and its deliveries cannot cost less than on this machine, measured next to it (cellchat
 //! only). Each part is a result of its own (`part` in the JSON):
 //!
 //! - `ping`: C closed-loop connections to the leader, each calling `ping` over the same TLS
@@ -15,6 +15,12 @@
 //! - `wake`: two threads handing a token back and forth over channels; half a round trip is
 //!   one wake-up of a sleeping thread, which every hop between the tasks and threads of a send
 //!   pays when the machine is otherwise idle.
+//! - `push` and `push_plain`, once per fan-out point: the floor of delivering each message to
+//!   many subscribers, over TLS and over bare TCP (see [`push`]).
+
+mod push;
+
+pub use push::PushPoint;
 
 use std::io::Write as _;
 use std::os::unix::fs::FileExt as _;
@@ -41,6 +47,8 @@ pub struct FloorOptions {
     /// Body size of the sends this stands for; the `fsync` part appends entries of about the
     /// size a one-send entry of this body has.
     pub body: usize,
+    /// Fan-out points of the `push` parts.
+    pub push: Vec<PushPoint>,
 }
 
 /// Bytes a one-send log entry adds to its body: the sender and channel names, client id, seq
@@ -57,7 +65,8 @@ const WAKE_ROUND_TRIPS: usize = 20_000;
 /// Deadline of one ping.
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Runs `ping` once per client count, then `fsync`, `fsync_shared` and `wake` once each.
+/// Runs `ping` once per client count, then `fsync`, `fsync_shared` and `wake` once each, then
+/// `push` and `push_plain` once per fan-out point.
 ///
 /// # Errors
 /// The leader cannot be found or reached, or the temp file cannot be written.
@@ -70,6 +79,11 @@ pub async fn run(cellchat: &mut Cellchat, options: &FloorOptions) -> Result<Vec<
     results.push(tokio::task::spawn_blocking(move || fsync(body, 1)).await??);
     results.push(tokio::task::spawn_blocking(move || fsync(body, nodes)).await??);
     results.push(tokio::task::spawn_blocking(wake).await??);
+    for &point in &options.push {
+        for tls in [true, false] {
+            results.push(push::run(point, tls, options.duration, options.warmup, body).await?);
+        }
+    }
     Ok(results)
 }
 
