@@ -185,13 +185,33 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
 /// CPU time (user + system) `pid` has used, from /proc/<pid>/stat.
 pub fn cpu_time(pid: u32) -> Option<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(')')?.1;
+    Some(parse_stat(&stat)?.1)
+}
+
+/// CPU time used so far by this process's threads whose name starts with `prefix`, from
+/// /proc/self/task/<tid>/stat.
+pub fn threads_cpu_time(prefix: &str) -> Duration {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Duration::ZERO;
+    };
+    tasks
+        .filter_map(|task| {
+            let stat = std::fs::read_to_string(task.ok()?.path().join("stat")).ok()?;
+            let (name, cpu) = parse_stat(&stat)?;
+            name.starts_with(prefix).then_some(cpu)
+        })
+        .sum()
+}
+
+/// The command name and the CPU time (user + system) of a process's or thread's stat line.
+fn parse_stat(stat: &str) -> Option<(&str, Duration)> {
+    // The command name is in parentheses and may hold spaces or parentheses.
+    let (name, rest) = stat.split_once(" (")?.1.rsplit_once(')')?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
     let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
     // Linux reports these in USER_HZ, which is 100 on every architecture we run on.
-    Some(Duration::from_millis(ticks * 10))
+    Some((name, Duration::from_millis(ticks * 10)))
 }
 
 #[cfg(all(test, feature = "peers"))]
@@ -228,5 +248,24 @@ mod tests {
         .await;
         assert!(failed.is_err());
         assert_eq!(calls, 1, "a missing binary is not tried again");
+    }
+}
+
+#[cfg(test)]
+mod stat_tests {
+    use super::*;
+
+    #[test]
+    fn a_stat_line_gives_its_name_and_user_plus_system_time() {
+        // A thread named with a parenthesis and a space, 150 user and 25 system ticks.
+        let line = "4242 (odd) name) S 1 4242 4242 0 -1 4194560 100 0 0 0 150 25 0 0 20 0 3 0";
+        assert_eq!(
+            parse_stat(line),
+            Some(("odd) name", Duration::from_millis(1750)))
+        );
+        assert_eq!(parse_stat("4242 (short) S 1"), None);
+        // This test's own process has a stat line, and its threads are summed by name.
+        assert!(cpu_time(std::process::id()).is_some());
+        assert_eq!(threads_cpu_time("no thread has this name"), Duration::ZERO);
     }
 }

@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 
 use crate::scenario::{now_micros, read_stamp, stamped_body};
 use crate::stats::{Latencies, RunResult};
-use crate::sut::procs::cpu_time;
+use crate::sut::procs::{cpu_time, threads_cpu_time};
 
 /// One fan-out point: this many subscribers, this many messages a second to all of them.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -280,7 +280,11 @@ where
         for counter in 0..total {
             tick.tick().await;
             if counter == warm {
-                cpu_start = Some((cpu_time(std::process::id()), pusher_cpu(), Instant::now()));
+                cpu_start = Some((
+                    cpu_time(std::process::id()),
+                    threads_cpu_time(PUSHER_THREAD),
+                    Instant::now(),
+                ));
             }
             let frame = message_frame(counter, body);
             for tx in &to_groups {
@@ -300,7 +304,10 @@ where
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, futures::future::join_all(subscribers))
         .await
         .context("the floor's subscribers did not finish")?;
-    let (cpu_total, cpu_pusher) = (cpu_time(std::process::id()), pusher_cpu());
+    let (cpu_total, cpu_pusher) = (
+        cpu_time(std::process::id()),
+        threads_cpu_time(PUSHER_THREAD),
+    );
     for tally in drained {
         let tally = tally?;
         latencies.merge(&tally.latencies);
@@ -387,27 +394,6 @@ fn message_frame(counter: u64, body: usize) -> Bytes {
         floor: 1,
     };
     push::encode_frame(&ServerFrame::Batch { sub_id: 1, batch })
-}
-
-/// CPU used so far by the pusher's threads.
-fn pusher_cpu() -> Duration {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return Duration::ZERO;
-    };
-    tasks
-        .filter_map(|task| {
-            let stat = std::fs::read_to_string(task.ok()?.path().join("stat")).ok()?;
-            let (name, rest) = stat.split_once(" (")?.1.rsplit_once(')')?;
-            if !name.starts_with(PUSHER_THREAD) {
-                return None;
-            }
-            let fields: Vec<&str> = rest.split_whitespace().collect();
-            // utime and stime, in USER_HZ (100 a second).
-            let ticks: u64 =
-                fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-            Some(Duration::from_millis(ticks * 10))
-        })
-        .sum()
 }
 
 #[cfg(test)]
