@@ -131,32 +131,43 @@ pub struct Server {
     /// Closed at shutdown, so no new send starts while leadership is handed over.
     gate: WriteGate,
     tasks: Vec<JoinHandle<()>>,
-    /// Runs every push connection; dropped (in the background) with the server.
-    _push: PushRuntime,
+    /// Runs every push connection.
+    _push: SideRuntime,
+    /// Answers RTT pings.
+    _pings: SideRuntime,
     _data_dir: Arc<DataDir>,
 }
 
-/// The runtime that serves push connections, apart from the one that runs Raft and the
-/// `Chat` RPCs.
+/// A runtime of its own, apart from the one that runs Raft and the `Chat` RPCs; shut down in the
+/// background when dropped with the server. Two exist, for work that would otherwise queue
+/// behind Raft's or hold it up:
 ///
-/// One applied message wakes every subscription of its channel at once. On a shared runtime
-/// those hundreds of socket writes queue ahead of the few task hops that carry the sender's
-/// own answer (state machine task, Raft core, proposer, RPC handler), so a send into a busy
-/// channel waited for the whole fan-out: 10.5 ms at the median with 1,000 subscribers against
-/// 2.1 ms with one, at 2 sends per second. With the fan-out on its own threads the kernel
-/// schedules the two side by side, and an idle woken RPC thread runs at once.
-struct PushRuntime(Option<tokio::runtime::Runtime>);
+/// - Push connections (half the CPUs). One applied message wakes every subscription of its
+///   channel at once. On a shared runtime those hundreds of socket writes queue ahead of the few
+///   task hops that carry the sender's own answer (state machine task, Raft core, proposer, RPC
+///   handler), so a send into a busy channel waited for the whole fan-out. With the fan-out on
+///   its own threads the kernel schedules the two side by side, and an idle woken RPC thread
+///   runs at once.
+/// - RTT pings (one thread). Every client pings every node each probe interval, so pings
+///   outnumber every other event on an idle node. On its own thread a ping wakes that thread
+///   alone, where on a multi-threaded runtime it often wakes two, and its answer waits for
+///   neither Raft's work nor a fan-out: an RTT measures the network, not a queue.
+struct SideRuntime(Option<tokio::runtime::Runtime>);
 
-impl PushRuntime {
-    /// Half the CPUs, at least one thread: the other half stays for Raft, the log and RPCs.
-    fn start() -> std::io::Result<PushRuntime> {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+impl SideRuntime {
+    fn start(name: &str, threads: usize) -> std::io::Result<SideRuntime> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads((cpus / 2).max(1))
-            .thread_name("cellchat-push")
+            .worker_threads(threads)
+            .thread_name(name)
             .enable_all()
             .build()?;
-        Ok(PushRuntime(Some(runtime)))
+        Ok(SideRuntime(Some(runtime)))
+    }
+
+    /// Half the CPUs, at least one thread: the other half stays for Raft, the log and RPCs.
+    fn for_push() -> std::io::Result<SideRuntime> {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        SideRuntime::start("cellchat-push", (cpus / 2).max(1))
     }
 
     fn handle(&self) -> tokio::runtime::Handle {
@@ -168,7 +179,7 @@ impl PushRuntime {
     }
 }
 
-impl Drop for PushRuntime {
+impl Drop for SideRuntime {
     fn drop(&mut self) {
         // A runtime dropped inside another one's task must not block on its workers.
         if let Some(runtime) = self.0.take() {
@@ -517,8 +528,14 @@ impl Server {
             config.cluster.clone(),
             secret_changed,
         );
-        let pings = ping_responder(listeners.client_local, &config.cluster);
-        let push_runtime = PushRuntime::start().map_err(ServerError::Threads)?;
+        let ping_runtime = SideRuntime::start("cellchat-ping", 1).map_err(ServerError::Threads)?;
+        let pings = {
+            // Bound inside the ping runtime, so its socket's readiness wakes that runtime.
+            let handle = ping_runtime.handle();
+            let _inside = handle.enter();
+            ping_responder(listeners.client_local, &config.cluster)
+        };
+        let push_runtime = SideRuntime::for_push().map_err(ServerError::Threads)?;
         let data_dir = Arc::new(data_dir);
         let admin = Arc::new(Admin {
             id,
@@ -668,9 +685,8 @@ impl Server {
         }
         if let Some(pings) = pings {
             let (raft, delivery) = (raft.clone(), shared.delivery.clone());
-            tasks.push(tokio::spawn(cluster::serve_pings(
-                pings, id, raft, delivery,
-            )));
+            let serving = cluster::serve_pings(pings, id, raft, delivery);
+            tasks.push(ping_runtime.handle().spawn(serving));
         }
         // Discovery listens on the node's own interface only (see `DiscoverySocket::bind_on`),
         // and believes only announcements sealed by a member.
@@ -744,6 +760,7 @@ impl Server {
             gate,
             tasks,
             _push: push_runtime,
+            _pings: ping_runtime,
             _data_dir: data_dir,
         })
     }
@@ -925,7 +942,7 @@ fn ping_responder(client_addr: SocketAddr, cluster: &str) -> Option<PingSocket> 
 
 /// Accepts client connections; each runs its TLS handshake in its own task and is routed by
 /// the ALPN protocol it agreed on: push connections to the push server (on `push`, the
-/// [`PushRuntime`]), chat connections to the tarpc `Chat` service. Connections beyond
+/// [`SideRuntime`]), chat connections to the tarpc `Chat` service. Connections beyond
 /// `limiter`'s caps are closed at once.
 fn serve_clients(
     listener: TcpListener,
@@ -987,6 +1004,10 @@ async fn route_client(
         }
         push.spawn(async move {
             let _guard = guard;
+            if let Err(e) = register_here(stream.get_mut().0) {
+                tracing::debug!(%peer, error = %e, "push connection: socket not moved");
+                return;
+            }
             push::serve_connection(shared, cache, stream, peer, binding).await;
         });
         return Ok(());
@@ -1008,6 +1029,20 @@ async fn route_client(
     Ok(())
 }
 
+/// Moves `socket` to the I/O driver of the runtime this runs on.
+///
+/// A connection accepted on the Raft runtime stays registered with that runtime's driver even
+/// when its task runs elsewhere, so each of a push connection's reads would wake a Raft thread
+/// just to wake the push thread. The socket is duplicated, the copy registered here and put in
+/// the original's place, and the original deregistered (by `into_std`) before it is closed.
+fn register_here(socket: &mut TcpStream) -> std::io::Result<()> {
+    use std::os::fd::AsFd;
+    let copy = std::net::TcpStream::from(socket.as_fd().try_clone_to_owned()?);
+    let original = std::mem::replace(socket, TcpStream::from_std(copy)?);
+    drop(original.into_std()?);
+    Ok(())
+}
+
 /// Settles the node's TLS identity: its own files, an enrollment with `--token`, or the
 /// cluster directory shared on this machine (see `pki.rs`). True when it enrolled now.
 async fn settle_tls(config: &Config, data_dir: &DataDir) -> Result<(NodeTls, bool), ServerError> {
@@ -1021,5 +1056,51 @@ async fn settle_tls(config: &Config, data_dir: &DataDir) -> Result<(NodeTls, boo
                 true,
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// Once moved, the socket no longer needs the runtime that accepted it: it still reads and
+    /// writes after that runtime (and its driver) is gone, which it cannot while registered
+    /// there.
+    #[test]
+    fn a_moved_socket_outlives_the_runtime_that_accepted_it() {
+        let (accepting, serving) = (runtime(), runtime());
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let mut socket = accepting.block_on(async {
+            listener.set_nonblocking(true).unwrap();
+            let listener = TcpListener::from_std(listener).unwrap();
+            listener.accept().await.unwrap().0
+        });
+        serving
+            .block_on(async { register_here(&mut socket) })
+            .unwrap();
+        drop(accepting);
+
+        serving.block_on(async {
+            socket.write_all(b"out").await.unwrap();
+            let mut heard = [0u8; 3];
+            peer.read_exact(&mut heard).unwrap();
+            assert_eq!(&heard, b"out");
+            peer.write_all(b"in!").unwrap();
+            socket.read_exact(&mut heard).await.unwrap();
+            assert_eq!(&heard, b"in!");
+        });
     }
 }
