@@ -24,8 +24,13 @@ use crate::log_store::SyncWatch;
 use crate::raft::{metrics_now, Metrics, Raft};
 use crate::types::{LogId, NodeId};
 
-/// How often the watchdog looks at the log's sync.
+/// How often a stalled watchdog looks at the log's sync (to repeat its transfer and to see the
+/// disk recover); a healthy one looks only as often as [`next_look`] needs.
 const TICK: Duration = Duration::from_millis(25);
+
+/// The shortest wait between two looks, so a sync about to cross the threshold is not polled in
+/// a spin.
+const LOOK_MIN: Duration = Duration::from_millis(1);
 
 /// How often a stalled leader repeats its transfer request while it still leads.
 const TRANSFER_EVERY: Duration = Duration::from_millis(200);
@@ -156,6 +161,21 @@ pub fn decide(state: &mut WatchState, tick: Tick, now: Instant) -> Vec<Action> {
     actions
 }
 
+/// How long the watchdog waits before its next look, given what it saw now: [`TICK`] while the
+/// disk counts as stalled; otherwise until the sync running now would reach the threshold (the
+/// whole threshold when none runs).
+///
+/// So a sync that hangs is seen at its threshold (within [`LOOK_MIN`]) however the syncs before
+/// it ran: it started after the last look, which was at most a threshold before the next, and
+/// that next look, if early, waits out the rest of its threshold. A healthy node looks about
+/// twice a second instead of every [`TICK`].
+pub fn next_look(stalled: bool, sync_running: Duration, threshold: Duration) -> Duration {
+    if stalled {
+        return TICK;
+    }
+    threshold.saturating_sub(sync_running).max(LOOK_MIN)
+}
+
 /// The task that applies [`decide`] to this node.
 pub struct DiskWatchdog {
     /// This node's Raft.
@@ -172,23 +192,30 @@ impl DiskWatchdog {
     /// Runs until Raft stops.
     pub async fn run(self) {
         let mut state = WatchState::default();
-        let mut ticks = tokio::time::interval(TICK);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            ticks.tick().await;
-            let metrics = metrics_now(&self.raft);
-            if metrics.state == ServerState::Shutdown {
+            let sync_running = self.sync.running_for();
+            let role = crate::raft::with_server_metrics(&self.raft, |m| m.state);
+            if role == ServerState::Shutdown {
                 return;
             }
+            let leading = role == ServerState::Leader;
+            // Only a stalled leader hands over; finding to whom copies the whole metrics.
+            let successor = if leading && (state.stalled || sync_running >= self.threshold) {
+                successor_of(&metrics_now(&self.raft))
+            } else {
+                None
+            };
             let tick = Tick {
-                sync_running: self.sync.running_for(),
+                sync_running,
                 threshold: self.threshold,
-                leading: metrics.state == ServerState::Leader,
-                successor: successor_of(&metrics),
+                leading,
+                successor,
             };
             for action in decide(&mut state, tick, Instant::now()) {
                 self.apply(action, tick).await;
             }
+            let wait = next_look(state.stalled, self.sync.running_for(), self.threshold);
+            tokio::time::sleep(wait).await;
         }
     }
 
@@ -259,6 +286,67 @@ mod tests {
 
     fn at(index: u64) -> Option<LogId> {
         Some(LogId::new(CommittedLeaderId::new(1, 1), index))
+    }
+
+    /// Simulates the watchdog's looks over syncs that each take `durations[i]` ms after a gap of
+    /// `gaps[i]` ms, the last one hanging: it is seen once it has run the threshold, and no
+    /// more than [`LOOK_MIN`] later.
+    fn first_look_at_the_hung_sync(gaps: &[u64], durations: &[u64], threshold: Duration) -> u64 {
+        let mut syncs = Vec::new();
+        let mut at = 0;
+        for (gap, took) in gaps.iter().zip(durations) {
+            at += gap;
+            syncs.push((at, at + took));
+            at += took;
+        }
+        let hung = at + gaps.last().copied().unwrap_or(0);
+        // Microseconds, so the 1 ms floor and sub-ms remainders are exact.
+        let running_at = |t: u64| {
+            if t >= hung * 1000 {
+                return Duration::from_micros(t - hung * 1000);
+            }
+            syncs
+                .iter()
+                .find(|&&(from, to)| from * 1000 <= t && t < to * 1000)
+                .map_or(Duration::ZERO, |&(from, _)| {
+                    Duration::from_micros(t - from * 1000)
+                })
+        };
+        let mut t = 0u64;
+        loop {
+            let running = running_at(t);
+            if t >= hung * 1000 && running >= threshold {
+                return t - hung * 1000;
+            }
+            t += next_look(false, running, threshold).as_micros() as u64;
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_hung_sync_is_seen_at_its_threshold(
+            syncs in proptest::collection::vec((0u64..700, 0u64..700), 0..40),
+            threshold_ms in 50u64..1000,
+        ) {
+            let (gaps, durations): (Vec<u64>, Vec<u64>) = syncs.into_iter().unzip();
+            let threshold = Duration::from_millis(threshold_ms);
+            let seen_after = first_look_at_the_hung_sync(&gaps, &durations, threshold);
+            let latest = (threshold + LOOK_MIN).as_micros() as u64;
+            proptest::prop_assert!(seen_after <= latest, "seen {seen_after} us after it hung");
+        }
+    }
+
+    #[test]
+    fn a_stalled_watchdog_ticks_and_a_healthy_one_waits_out_the_threshold() {
+        let threshold = Duration::from_millis(500);
+        assert_eq!(next_look(true, Duration::ZERO, threshold), TICK);
+        assert_eq!(next_look(false, Duration::ZERO, threshold), threshold);
+        let running = Duration::from_millis(480);
+        assert_eq!(
+            next_look(false, running, threshold),
+            Duration::from_millis(20)
+        );
+        assert_eq!(next_look(false, threshold * 2, threshold), LOOK_MIN);
     }
 
     #[test]
