@@ -150,7 +150,7 @@ pub struct Server {
 ///   runs at once.
 /// - RTT pings (one thread). Every client pings every node each probe interval, so pings
 ///   outnumber every other event on an idle node. On its own thread a ping wakes that thread
-///   alone, where on a multi-threaded runtime it often wakes two, and its answer waits for
+///   alone, where among the Raft runtime's workers it often woke two, and its answer waits for
 ///   neither Raft's work nor a fan-out: an RTT measures the network, not a queue.
 struct SideRuntime(Option<tokio::runtime::Runtime>);
 
@@ -168,6 +168,11 @@ impl SideRuntime {
     fn for_push() -> std::io::Result<SideRuntime> {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         SideRuntime::start("cellchat-push", (cpus / 2).max(1))
+    }
+
+    /// One thread: a pong is a few microseconds of work.
+    fn for_pings() -> std::io::Result<SideRuntime> {
+        SideRuntime::start("cellchat-ping", 1)
     }
 
     fn handle(&self) -> tokio::runtime::Handle {
@@ -528,7 +533,7 @@ impl Server {
             config.cluster.clone(),
             secret_changed,
         );
-        let ping_runtime = SideRuntime::start("cellchat-ping", 1).map_err(ServerError::Threads)?;
+        let ping_runtime = SideRuntime::for_pings().map_err(ServerError::Threads)?;
         let pings = {
             // Bound inside the ping runtime, so its socket's readiness wakes that runtime.
             let handle = ping_runtime.handle();
