@@ -158,7 +158,10 @@ impl Searcher {
     /// Keeps the index current until the runtime stops. Reads from `chat` on a blocking
     /// thread, so applies and RPCs go on while a large backlog is indexed.
     pub async fn run(self, chat: Arc<ChatState>) {
-        let mut trim = tokio::time::interval(TRIM_EVERY);
+        // The first trim is a period away: a fresh build holds nothing expired, and an
+        // interval's immediate first tick would end the first gathering early.
+        let mut trim =
+            tokio::time::interval_at(tokio::time::Instant::now() + TRIM_EVERY, TRIM_EVERY);
         trim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let (heads, index, rebuild) = {
@@ -189,16 +192,18 @@ impl Searcher {
                     return;
                 }
             }
-            tokio::select! {
-                _ = self.inner.wake.notified() => {
-                    if self.inner.waiting.load(Ordering::Relaxed) == 0 {
-                        tokio::select! {
-                            _ = tokio::time::sleep(self.inner.gather) => {}
-                            _ = self.inner.hurry.notified() => {}
-                        }
-                    }
+            // A trim is not a reason for a pass: only new entries are, after their gathering.
+            loop {
+                tokio::select! {
+                    _ = self.inner.wake.notified() => break,
+                    _ = trim.tick() => self.trim(&chat),
                 }
-                _ = trim.tick() => self.trim(&chat),
+            }
+            if self.inner.waiting.load(Ordering::Relaxed) == 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(self.inner.gather) => {}
+                    _ = self.inner.hurry.notified() => {}
+                }
             }
         }
     }
