@@ -661,11 +661,11 @@ fn write_results_md(
     let _ = writeln!(block, "#### write (closed-loop senders)\n");
     let _ = writeln!(
         block,
-        "| system | senders | msgs/s | p50 ms | p99 ms | p999 ms | max ms | errors | server CPU µs/msg | harness CPU µs/msg |"
+        "| system | senders | msgs/s | p50 ms | p99 ms | p999 ms | max ms | errors | server CPU µs/msg | harness CPU µs/msg | canary compute / memory µs |"
     );
     let _ = writeln!(
         block,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     let extra = |r: &RunResult, key: &str, decimals: usize| {
         r.extra
@@ -673,10 +673,17 @@ fn write_results_md(
             .and_then(serde_json::Value::as_f64)
             .map_or_else(|| "-".to_owned(), |v| format!("{v:.decimals$}"))
     };
+    let canary = |r: &RunResult| {
+        format!(
+            "{} / {}",
+            extra(r, "canary_unit_us", 0),
+            extra(r, "canary_memory_us", 0)
+        )
+    };
     for r in results.iter().filter(|r| r.scenario == "write") {
         let _ = writeln!(
             block,
-            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} |",
             r.system,
             r.clients,
             r.throughput_per_s,
@@ -687,6 +694,7 @@ fn write_results_md(
             r.errors,
             extra(r, "server_cpu_us_per_msg", 0),
             extra(r, "harness_cpu_us_per_msg", 0),
+            canary(r),
         );
     }
     let _ = writeln!(

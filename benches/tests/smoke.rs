@@ -45,6 +45,17 @@ fn write_and_fanout_measure_cellchat() {
         assert!(r["ops"].as_u64().unwrap() > 0, "{r}");
         assert!(r["throughput_per_s"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["latency_ms"]["p99"].as_f64().unwrap() > 0.0, "{r}");
+        // The machine's speed through the window, beside the CPU it is read with.
+        for key in [
+            "canary_unit_us",
+            "canary_memory_us",
+            "server_cpu_us_per_msg",
+        ] {
+            assert!(
+                r["extra"][key].as_f64().is_some_and(|v| v > 0.0),
+                "{key}: {r}"
+            );
+        }
     }
     assert!(out.path().join("write.jsonl").exists());
     assert!(out.path().join("write-throughput.svg").exists());

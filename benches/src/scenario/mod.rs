@@ -2,6 +2,7 @@
 //! `search`.
 
 pub mod backup;
+pub mod canary;
 pub mod failover;
 pub mod fanout;
 pub mod floor;
@@ -21,6 +22,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::stats::RunResult;
 use crate::sut::procs::cpu_time;
 use crate::sut::{Subscriber, System, Writer};
+use canary::Canary;
 
 /// Clients connect this many at a time (each does discovery, and a login for writers).
 const CONNECT_PARALLELISM: usize = 32;
@@ -143,11 +145,13 @@ pub fn read_stamp(body: &[u8]) -> Option<(u32, u64, u64)> {
 
 /// CPU time the servers and this harness use over a measured window, for CPU per
 /// acknowledged message: a system that is faster only because it burns more of the shared
-/// cores shows it here.
+/// cores shows it here. A [`Canary`] runs through the same window and records how fast the
+/// machine itself was, since on a shared VM that moves CPU per message by itself.
 pub struct CpuMeter {
     pids: Vec<u32>,
     servers: Duration,
     harness: Duration,
+    canary: Canary,
 }
 
 impl CpuMeter {
@@ -158,17 +162,21 @@ impl CpuMeter {
             servers: servers_cpu(&pids),
             harness: cpu_time(std::process::id()).unwrap_or_default(),
             pids,
+            canary: Canary::start(),
         }
     }
 
     /// Ends the window and records, per message of `messages`: `server_cpu_us_per_msg`
-    /// (every node together) and `harness_cpu_us_per_msg` (the clients), with the totals
-    /// (`server_cpu_s`, `harness_cpu_s`).
+    /// (every node together) and `harness_cpu_us_per_msg` (the clients, the canary's own
+    /// thread left out), with the totals (`server_cpu_s`, `harness_cpu_s`); and the canary's
+    /// medians, `canary_unit_us` and `canary_memory_us`.
     pub fn finish(self, result: &mut RunResult, messages: u64) {
         let servers = servers_cpu(&self.pids).saturating_sub(self.servers);
+        let canary = self.canary.stop();
         let harness = cpu_time(std::process::id())
             .unwrap_or_default()
-            .saturating_sub(self.harness);
+            .saturating_sub(self.harness)
+            .saturating_sub(canary.cpu);
         let per = |cpu: Duration| cpu.as_secs_f64() * 1e6 / messages.max(1) as f64;
         if !self.pids.is_empty() {
             result.set("server_cpu_s", servers.as_secs_f64());
@@ -176,6 +184,12 @@ impl CpuMeter {
         }
         result.set("harness_cpu_s", harness.as_secs_f64());
         result.set("harness_cpu_us_per_msg", per(harness));
+        if let Some(unit) = canary.unit_us {
+            result.set("canary_unit_us", unit);
+        }
+        if let Some(memory) = canary.memory_us {
+            result.set("canary_memory_us", memory);
+        }
     }
 }
 
