@@ -210,6 +210,15 @@ fn ratios(results: &[RunResult]) -> Vec<String> {
                 }
                 _ => String::new(),
             };
+            // Runs minutes apart can meet different phases of a shared machine; the
+            // canaries say whether these two did.
+            let canary = |r: &RunResult| r.extra.get("canary_unit_us")?.as_f64();
+            let cpu = match (canary(ours), canary(peer)) {
+                (Some(ours), Some(peer)) => {
+                    format!("{cpu}; canary {ours:.0} against {peer:.0} µs")
+                }
+                _ => cpu,
+            };
             let rate = if ours.rate_per_s > 0.0 {
                 format!(" rate={}", ours.rate_per_s)
             } else {
@@ -830,4 +839,40 @@ fn machine_line() -> String {
         version("etcd", "--version"),
         nats
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_run(system: &str, throughput: f64, cpu: f64, canary: Option<f64>) -> RunResult {
+        let mut run = RunResult::new("write", system, 3);
+        run.clients = 128;
+        run.throughput_per_s = throughput;
+        run.latency_ms.p99 = 10.0;
+        run.set("server_cpu_us_per_msg", cpu);
+        if let Some(canary) = canary {
+            run.set("canary_unit_us", canary);
+        }
+        run
+    }
+
+    #[test]
+    fn a_ratio_names_both_runs_canaries() {
+        let lines = ratios(&[
+            write_run("cellchat", 20_000.0, 60.0, Some(101.0)),
+            write_run("nats", 25_000.0, 50.0, Some(128.0)),
+        ]);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        let line = &lines[0];
+        assert!(line.contains("throughput x0.80"), "{line}");
+        assert!(line.contains("server CPU per message x1.20"), "{line}");
+        assert!(line.contains("canary 101 against 128 µs"), "{line}");
+
+        let lines = ratios(&[
+            write_run("cellchat", 20_000.0, 60.0, None),
+            write_run("nats", 25_000.0, 50.0, Some(128.0)),
+        ]);
+        assert!(!lines[0].contains("canary"), "a run without one: {lines:?}");
+    }
 }
