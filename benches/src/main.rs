@@ -82,6 +82,12 @@ pub struct Common {
     /// Warm-up seconds before measuring.
     #[arg(long, global = true, default_value_t = 2.0)]
     warmup: f64,
+    /// Runs the whole command this many times, the systems taking turns (in reverse order
+    /// every other round); each result carries its `round`, and the cellchat/peer ratios are
+    /// given per round and as medians over the rounds. On a shared VM whose speed drifts over
+    /// minutes, one round can meet or miss a ratio by the machine's phase alone.
+    #[arg(long, global = true, default_value_t = 1)]
+    repeat: usize,
 }
 
 #[derive(Subcommand, Debug)]
@@ -441,6 +447,9 @@ fn validate(common: &Common) -> Result<()> {
             scenario::STAMP_LEN,
             common.body
         );
+    }
+    if common.repeat == 0 || common.repeat > 100 {
+        bail!("--repeat must be 1..=100, got {}", common.repeat);
     }
     if !common.join.is_empty() && common.system.iter().any(|s| !s.is_cellchat()) {
         bail!(

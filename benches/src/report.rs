@@ -33,6 +33,8 @@ pub struct Sink {
     header_printed: bool,
     /// Scenario files already truncated by this process.
     started: Vec<String>,
+    /// The round being run, stamped on each result, when the systems run more than once.
+    round: Option<usize>,
 }
 
 impl Sink {
@@ -49,6 +51,7 @@ impl Sink {
             results: Vec::new(),
             header_printed: false,
             started: Vec::new(),
+            round: None,
         })
     }
 
@@ -57,7 +60,10 @@ impl Sink {
     ///
     /// # Errors
     /// The results file cannot be written.
-    pub fn push(&mut self, result: RunResult) -> Result<()> {
+    pub fn push(&mut self, mut result: RunResult) -> Result<()> {
+        if let Some(round) = self.round {
+            result.set("round", round);
+        }
         let line = serde_json::to_string(&result)?;
         if self.json {
             println!("{line}");
@@ -190,9 +196,13 @@ fn table_row(r: &RunResult) -> String {
     )
 }
 
-/// cellchat against each peer measured in the same process, per scenario and load point.
+/// cellchat against each peer measured in the same process, per scenario, load point and
+/// round; with several rounds, then the median of each ratio over them with its range.
 fn ratios(results: &[RunResult]) -> Vec<String> {
+    let round = |r: &RunResult| r.extra.get("round").and_then(serde_json::Value::as_u64);
     let mut lines = Vec::new();
+    // Per load point and peer: each round's throughput, p99 and CPU ratios.
+    let mut over_rounds: BTreeMap<String, [Vec<f64>; 3]> = BTreeMap::new();
     for ours in results.iter().filter(|r| r.system == "cellchat") {
         for peer in results.iter().filter(|r| {
             r.system != "cellchat"
@@ -200,37 +210,70 @@ fn ratios(results: &[RunResult]) -> Vec<String> {
                 && r.clients == ours.clients
                 && r.subscribers == ours.subscribers
                 && r.rate_per_s == ours.rate_per_s
+                && round(r) == round(ours)
         }) {
             let throughput = ours.throughput_per_s / peer.throughput_per_s.max(f64::MIN_POSITIVE);
             let p99 = ours.latency_ms.p99 / peer.latency_ms.p99.max(f64::MIN_POSITIVE);
             let cpu = |r: &RunResult| r.extra.get("server_cpu_us_per_msg")?.as_f64();
-            let cpu = match (cpu(ours), cpu(peer)) {
-                (Some(ours), Some(peer)) if peer > 0.0 => {
-                    format!(", server CPU per message x{:.2}", ours / peer)
-                }
-                _ => String::new(),
+            let cpu_ratio = match (cpu(ours), cpu(peer)) {
+                (Some(ours), Some(peer)) if peer > 0.0 => Some(ours / peer),
+                _ => None,
             };
-            // Runs minutes apart can meet different phases of a shared machine; the
-            // canaries say whether these two did.
+            let mut cpu = cpu_ratio.map_or_else(String::new, |ratio| {
+                format!(", server CPU per message x{ratio:.2}")
+            });
+            // Runs minutes apart can meet different phases of a shared machine. The canaries
+            // hint whether these two did; each system's own load moves its canary a little too.
             let canary = |r: &RunResult| r.extra.get("canary_unit_us")?.as_f64();
-            let cpu = match (canary(ours), canary(peer)) {
-                (Some(ours), Some(peer)) => {
-                    format!("{cpu}; canary {ours:.0} against {peer:.0} µs")
-                }
-                _ => cpu,
-            };
+            if let (Some(ours), Some(peer)) = (canary(ours), canary(peer)) {
+                let _ = write!(cpu, "; canary {ours:.0} against {peer:.0} µs");
+            }
             let rate = if ours.rate_per_s > 0.0 {
                 format!(" rate={}", ours.rate_per_s)
             } else {
                 String::new()
             };
-            lines.push(format!(
-                "{} clients={} subscribers={}{rate}: cellchat/{} throughput x{throughput:.2}, p99 x{p99:.2}{cpu}",
+            let point = format!(
+                "{} clients={} subscribers={}{rate}: cellchat/{}",
                 ours.scenario, ours.clients, ours.subscribers, peer.system
+            );
+            let in_round = round(ours).map_or_else(String::new, |r| format!("round {r}: "));
+            lines.push(format!(
+                "{in_round}{point} throughput x{throughput:.2}, p99 x{p99:.2}{cpu}"
             ));
+            if round(ours).is_some() {
+                let entry = over_rounds.entry(point).or_default();
+                entry[0].push(throughput);
+                entry[1].push(p99);
+                entry[2].extend(cpu_ratio);
+            }
         }
     }
+    for (point, [throughput, p99, cpu]) in &mut over_rounds {
+        let mut line = format!(
+            "over {} rounds: {point} throughput {}, p99 {}",
+            throughput.len(),
+            median_and_range(throughput),
+            median_and_range(p99)
+        );
+        if !cpu.is_empty() {
+            let _ = write!(line, ", server CPU per message {}", median_and_range(cpu));
+        }
+        lines.push(line);
+    }
     lines
+}
+
+/// "x<median> (x<min>-x<max>)" of some ratios (at least one).
+fn median_and_range(ratios: &mut [f64]) -> String {
+    ratios.sort_by(f64::total_cmp);
+    let n = ratios.len();
+    let median = if n % 2 == 1 {
+        ratios[n / 2]
+    } else {
+        (ratios[n / 2 - 1] + ratios[n / 2]) / 2.0
+    };
+    format!("x{median:.2} (x{:.2}-x{:.2})", ratios[0], ratios[n - 1])
 }
 
 /// One chart: scenario, file name, title, y label, x of a result, y of a result.
@@ -331,7 +374,38 @@ pub async fn run_command(common: &Common, spec: &Spec, sink: &mut Sink) -> Resul
         nats: common.nats_bin.clone(),
     };
     let mut failures = Vec::new();
-    for &kind in &common.system {
+    // With several rounds the systems take turns, in the reverse order every other round, so
+    // that each ratio compares runs minutes apart rather than a whole round apart, and a
+    // machine that drifts favours no system.
+    for round in 0..common.repeat {
+        sink.round = (common.repeat > 1).then_some(round);
+        let mut order = common.system.clone();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        run_round(common, spec, &order, &peers, sink, &mut failures).await;
+    }
+    if !failures.is_empty() {
+        bail!(
+            "{} run(s) failed (results measured before are in {}):\n{}",
+            failures.len(),
+            common.out.display(),
+            failures.join("\n")
+        );
+    }
+    Ok(())
+}
+
+/// Runs `spec` once on each system of `order`, noting failures and going on.
+async fn run_round(
+    common: &Common,
+    spec: &Spec,
+    order: &[SystemKind],
+    peers: &PeerPaths,
+    sink: &mut Sink,
+    failures: &mut Vec<String>,
+) {
+    for &kind in order {
         let cellchat_only = matches!(
             spec,
             Spec::Failover { .. }
@@ -350,20 +424,11 @@ pub async fn run_command(common: &Common, spec: &Spec, sink: &mut Sink) -> Resul
             eprintln!("skipping {kind}: this scenario runs cellchat's archive tools only");
             continue;
         }
-        if let Err(e) = run_on(common, spec, kind, &peers, sink).await {
+        if let Err(e) = run_on(common, spec, kind, peers, sink).await {
             eprintln!("error: {kind}: {e:#}");
             failures.push(format!("{kind}: {e:#}"));
         }
     }
-    if !failures.is_empty() {
-        bail!(
-            "{} system(s) failed (results measured before are in {}):\n{}",
-            failures.len(),
-            common.out.display(),
-            failures.join("\n")
-        );
-    }
-    Ok(())
 }
 
 async fn run_on(
@@ -874,5 +939,36 @@ mod tests {
             write_run("nats", 25_000.0, 50.0, Some(128.0)),
         ]);
         assert!(!lines[0].contains("canary"), "a run without one: {lines:?}");
+    }
+
+    #[test]
+    fn rounds_pair_runs_of_the_same_round_and_give_medians() {
+        let in_round = |mut run: RunResult, round: u64| {
+            run.set("round", round);
+            run
+        };
+        let lines = ratios(&[
+            in_round(write_run("cellchat", 10_000.0, 60.0, None), 0),
+            in_round(write_run("nats", 20_000.0, 60.0, None), 0),
+            in_round(write_run("nats", 10_000.0, 30.0, None), 1),
+            in_round(write_run("cellchat", 10_000.0, 60.0, None), 1),
+            in_round(write_run("cellchat", 12_000.0, 60.0, None), 2),
+            in_round(write_run("nats", 16_000.0, 60.0, None), 2),
+        ]);
+        assert_eq!(lines.len(), 4, "three rounds and their summary: {lines:?}");
+        assert!(lines[0].starts_with("round 0: "), "{lines:?}");
+        assert!(lines[0].contains("throughput x0.50"), "{lines:?}");
+        assert!(lines[1].contains("throughput x1.00"), "{lines:?}");
+        assert!(lines[2].contains("throughput x0.75"), "{lines:?}");
+        let summary = &lines[3];
+        assert!(summary.starts_with("over 3 rounds: "), "{summary}");
+        assert!(
+            summary.contains("throughput x0.75 (x0.50-x1.00)"),
+            "the median and the range: {summary}"
+        );
+        assert!(
+            summary.contains("server CPU per message x1.00 (x1.00-x2.00)"),
+            "{summary}"
+        );
     }
 }

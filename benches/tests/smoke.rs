@@ -352,6 +352,42 @@ fn peers_without_their_drivers_say_how_to_build_them() {
 }
 
 #[test]
+fn repeated_rounds_take_turns_and_carry_their_round() {
+    let out = tempfile::tempdir().unwrap();
+    let (ok, stdout, stderr) = bench(
+        out.path(),
+        &[
+            "write",
+            "--system",
+            "cellchat,cellchat-signed",
+            "--clients",
+            "1",
+            "--repeat",
+            "2",
+        ],
+    );
+    assert!(ok, "{stderr}");
+    let order: Vec<(String, u64)> = runs(&stdout)
+        .iter()
+        .map(|r| {
+            let round = r["extra"]["round"].as_u64();
+            (r["system"].as_str().unwrap().to_owned(), round.unwrap())
+        })
+        .collect();
+    let expected = [
+        ("cellchat", 0),
+        ("cellchat-signed", 0),
+        ("cellchat-signed", 1),
+        ("cellchat", 1),
+    ];
+    assert_eq!(
+        order,
+        expected.map(|(s, r)| (s.to_owned(), r)),
+        "the second round runs the systems in reverse"
+    );
+}
+
+#[test]
 fn bad_options_are_refused_clearly() {
     let out = tempfile::tempdir().unwrap();
     let (ok, _, stderr) = bench(out.path(), &["write", "--system", "redis"]);
@@ -360,6 +396,9 @@ fn bad_options_are_refused_clearly() {
     let (ok, _, stderr) = bench(out.path(), &["write", "--nodes", "0"]);
     assert!(!ok);
     assert!(stderr.contains("--nodes"), "{stderr}");
+    let (ok, _, stderr) = bench(out.path(), &["write", "--repeat", "0"]);
+    assert!(!ok);
+    assert!(stderr.contains("--repeat"), "{stderr}");
 }
 
 /// Temp dirs of bench clusters (`cellchat-bench-*`) under the temp dir now.
