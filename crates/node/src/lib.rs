@@ -14,6 +14,7 @@
 
 mod admin;
 mod api;
+mod append_pipe;
 pub mod archive;
 mod atomic_file;
 pub mod backup;

@@ -368,6 +368,9 @@ impl Metrics {
                 AppendEntries that carried entries, from sending it to its answer (the \
                 follower's append, fdatasync and both network legs)"
                 => s.append_round_trip_seconds;
+            "raft_append_in_flight", "Leader: AppendEntries that carried entries out to one \
+                follower when each was sent, itself included (more than one: pipelined)"
+                => s.append_in_flight;
             "raft_append_handling_seconds", "Follower: time from receiving an AppendEntries that \
                 carried entries to answering it (its log append and fdatasync)"
                 => s.append_handling_seconds;

@@ -16,6 +16,11 @@
 //! Each peer gets two connections: one for AppendEntries and votes, one for snapshot chunks,
 //! so multi-megabyte snapshot frames never queue ahead of heartbeats on one TCP stream.
 //!
+//! Replication is pipelined: the leader keeps several AppendEntries out to each follower
+//! ([`APPEND_PIPELINE_MAX`]), so a round trip carries the entries appended while the ones
+//! before were out instead of waiting for them; the follower hands each connection's
+//! AppendEntries to openraft in the order they came (`append_pipe.rs`).
+//!
 //! Step 5 of "Life of a chat message" in ARCHITECTURE.md.
 
 use std::collections::HashMap;
@@ -23,14 +28,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::stream::FuturesOrdered;
+use futures::{Stream, StreamExt};
+use openraft::base::{BoxFuture, BoxStream};
 use openraft::error::{
     NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
-    TransferLeaderResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult,
+    TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use parking_lot::Mutex;
 use prometheus_client::metrics::histogram::Histogram;
@@ -41,6 +48,7 @@ use tarpc::context;
 use tarpc::server::{BaseChannel, Channel};
 
 use crate::admin::{Admin, Contacts, LeaveReply, LeaveRequest, MemberInfo, MembersRequest};
+use crate::append_pipe::{AppendPipe, Turn};
 use crate::backup::{BackupIndex, BackupOpen, BackupOpened, BackupRead, Backups};
 use crate::cluster::{
     self, JoinError, JoinReply, JoinRequest, LeaderContact, RemoveReply, RemoveRequest,
@@ -53,8 +61,8 @@ use crate::raft::Raft;
 use crate::retention::{self, RetentionRequest};
 use crate::snapshot_file::SnapshotFile;
 use crate::snapshot_transfer::{self, SnapshotChunk, SnapshotReceiver, TransferError};
-use crate::storage_metrics::latency_histogram;
-use crate::types::{Member, NodeId, Snapshot, TypeConfig, Vote};
+use crate::storage_metrics::{count_histogram, latency_histogram};
+use crate::types::{LogId, Member, NodeId, Snapshot, TypeConfig, Vote};
 use crate::web_forward::{Forwarded, WebInbound, WebWritten};
 
 /// A request that reached a node other than the one it was addressed to.
@@ -313,6 +321,10 @@ pub struct RaftRpcServer {
     /// How long this node took to answer each AppendEntries that carried entries: its log
     /// append and fdatasync as a follower, and the hops around them.
     append_handling: Histogram,
+    /// The connection's AppendEntries, handed to openraft in the order they came.
+    appends: Arc<AppendPipe>,
+    /// This request's place in that order, when it is an `append` (taken by the handler).
+    append_turn: Option<Arc<Mutex<Option<Turn>>>>,
 }
 
 /// How often a refused request may be logged: anyone can send refused requests, and a flood
@@ -374,6 +386,8 @@ impl RaftRpcServer {
             ephemeral,
             web: None,
             append_handling: latency_histogram(18),
+            appends: Arc::default(),
+            append_turn: None,
         }
     }
 
@@ -395,6 +409,8 @@ impl RaftRpcServer {
             conn: InboundConn::default(),
             peer: peer.map(Arc::new),
             peer_id: Arc::default(),
+            appends: Arc::default(),
+            append_turn: None,
             ..self.clone()
         }
     }
@@ -547,6 +563,11 @@ impl RaftRpc for RaftRpcServer {
         to: NodeId,
         req: AppendEntriesRequest<TypeConfig>,
     ) -> RaftAnswer<AppendEntriesResponse<TypeConfig>> {
+        // Taken first: a request refused below gives up its turn as it returns.
+        let turn = self
+            .append_turn
+            .as_ref()
+            .and_then(|turn| turn.lock().take());
         let term = req.vote.leader_id().term;
         self.check_member(to, sender_of(&req.vote), Inbound::Append { term })?;
         if req.vote.is_committed() {
@@ -554,7 +575,10 @@ impl RaftRpc for RaftRpcServer {
             self.contact.heard();
         }
         let started = (!req.entries.is_empty()).then(Instant::now);
-        let response = self.raft.append_entries(req).await;
+        let response = match turn {
+            Some(turn) => self.appends.append(&self.raft, turn, req).await,
+            None => self.raft.append_entries(req).await,
+        };
         if let Some(started) = started {
             self.append_handling
                 .observe(started.elapsed().as_secs_f64());
@@ -1166,12 +1190,24 @@ pub fn serve(
                 let server = server.for_connection(cert);
                 let transport = proto::framed_reading_at_most(stream, read_max);
                 let (watch, conn) = (server.watch.clone(), server.conn.clone());
-                BaseChannel::with_defaults(transport)
-                    .execute(server.serve())
-                    .for_each(|response| async move {
-                        tokio::spawn(response);
-                    })
-                    .await;
+                // Each request runs on its own task; an `append` first takes a ticket here, in
+                // the order the connection read it, so openraft gets them in that order.
+                let mut requests = std::pin::pin!(BaseChannel::with_defaults(transport).requests());
+                while let Some(request) = requests.next().await {
+                    let request = match request {
+                        Ok(request) => request,
+                        Err(e) => {
+                            tracing::debug!(%peer, error = %e, "raft rpc connection failed");
+                            break;
+                        }
+                    };
+                    let mut server = server.clone();
+                    if matches!(request.get().message, RaftRpcRequest::Append { .. }) {
+                        let turn = server.appends.turn(server.appends.ticket());
+                        server.append_turn = Some(Arc::new(Mutex::new(Some(turn))));
+                    }
+                    tokio::spawn(request.execute(server.serve()));
+                }
                 watch.connection_closed(&conn).await;
             });
         }
@@ -1202,6 +1238,8 @@ pub struct Network {
     dialer: Dialer,
     /// Round trips of the AppendEntries this node sent with entries, answered.
     append_round_trip: Histogram,
+    /// How many AppendEntries with entries were out to the peer as each was sent.
+    append_in_flight: Histogram,
 }
 
 impl Network {
@@ -1212,12 +1250,15 @@ impl Network {
             contacts: Contacts::default(),
             dialer,
             append_round_trip: latency_histogram(18),
+            append_in_flight: count_histogram(),
         }
     }
 
-    /// Records into `histogram` the round trip of each answered AppendEntries with entries.
-    pub fn timing_appends(mut self, histogram: Histogram) -> Network {
-        self.append_round_trip = histogram;
+    /// Records into `round_trip` the round trip of each answered AppendEntries with entries,
+    /// and into `in_flight` how many such requests were out to the peer as each was sent.
+    pub fn timing_appends(mut self, round_trip: Histogram, in_flight: Histogram) -> Network {
+        self.append_round_trip = round_trip;
+        self.append_in_flight = in_flight;
         self
     }
 
@@ -1235,6 +1276,7 @@ impl Network {
             contacts: self.contacts.clone(),
             dialer: self.dialer.clone(),
             append_round_trip: self.append_round_trip.clone(),
+            append_in_flight: self.append_in_flight.clone(),
         }
     }
 }
@@ -1256,6 +1298,33 @@ pub struct PeerClient {
     contacts: Contacts,
     dialer: Dialer,
     append_round_trip: Histogram,
+    append_in_flight: Histogram,
+}
+
+/// Most AppendEntries a leader keeps out to one follower at once.
+const APPEND_PIPELINE_MAX: usize = 8;
+
+/// The log ids an AppendEntries covers: after its `prev_log_id`, up to the last it carries.
+type AppendRange = (Option<LogId>, Option<LogId>);
+
+type InFlightAppend = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = (
+                    AppendRange,
+                    Option<Instant>,
+                    Result<RaftAnswer<AppendEntriesResponse<TypeConfig>>, RpcError>,
+                ),
+            > + Send,
+    >,
+>;
+
+/// A pipelined `stream_append`: its requests still to come and those out, oldest first.
+struct Pipeline<S> {
+    input: Option<S>,
+    in_flight: FuturesOrdered<InFlightAppend>,
+    /// How many of `in_flight` carry entries.
+    with_entries: usize,
 }
 
 /// How long a connect and TLS handshake may take before the peer counts as unreachable.
@@ -1266,6 +1335,16 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// and an append cut off by its deadline is sent again whole, so the slow disk gets more work.
 /// Heartbeats (no entries) keep openraft's deadline.
 const APPEND_DEADLINE_MIN: Duration = Duration::from_secs(1);
+
+/// The deadline of one AppendEntries: openraft's, or [`APPEND_DEADLINE_MIN`] when it carries
+/// entries.
+fn append_ttl(option: &RPCOption, req: &AppendEntriesRequest<TypeConfig>) -> Duration {
+    if req.entries.is_empty() {
+        option.hard_ttl()
+    } else {
+        option.hard_ttl().max(APPEND_DEADLINE_MIN)
+    }
+}
 
 fn ctx_for(option: &RPCOption) -> context::Context {
     ctx_within(option.hard_ttl())
@@ -1415,6 +1494,54 @@ impl PeerClient {
         tracing::debug!(peer = self.target, %failed, "presence news not delivered");
     }
 
+    /// Sends one AppendEntries of a pipelined stream; the future answers with the range it
+    /// covers and, when it carried entries, when it was sent.
+    fn send_append(
+        &self,
+        client: &RaftRpcClient,
+        option: &RPCOption,
+        req: AppendEntriesRequest<TypeConfig>,
+    ) -> InFlightAppend {
+        let last = req.entries.last().map(|e| e.log_id).or(req.prev_log_id);
+        let range = (req.prev_log_id, last);
+        let ttl = append_ttl(option, &req);
+        let started = (!req.entries.is_empty()).then(Instant::now);
+        let (client, target) = (client.clone(), self.target);
+        Box::pin(async move {
+            let answer = client.append(ctx_within(ttl), target, req).await;
+            (range, started, answer)
+        })
+    }
+
+    /// openraft's reading of one pipelined AppendEntries answer, and whether the stream may go
+    /// on: not after a refusal, an error, or an answer that took only part of the entries.
+    fn finish_append(
+        &self,
+        (prev, last): AppendRange,
+        started: Option<Instant>,
+        answer: Result<RaftAnswer<AppendEntriesResponse<TypeConfig>>, RpcError>,
+    ) -> (
+        Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>,
+        bool,
+    ) {
+        let response = match self.settle(Lane::Log, answer) {
+            Ok(response) => response,
+            Err(e) => return (Err(e.into()), false),
+        };
+        if let Some(started) = started {
+            self.append_round_trip
+                .observe(started.elapsed().as_secs_f64());
+        }
+        self.contacts.heard(self.target);
+        let whole = match &response {
+            AppendEntriesResponse::PartialSuccess(got) => *got == last,
+            _ => true,
+        };
+        let result = response.into_stream_result(prev, last);
+        let go_on = result.is_ok() && whole;
+        (Ok(result), go_on)
+    }
+
     fn wrong_node(&self, lane: Lane, e: WrongNode) -> CallError {
         // The address now belongs to someone else, or the peer does not count us as a member:
         // forget the connection and back off.
@@ -1432,11 +1559,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         let client = self.client(Lane::Log).await?;
-        let ttl = if rpc.entries.is_empty() {
-            option.hard_ttl()
-        } else {
-            option.hard_ttl().max(APPEND_DEADLINE_MIN)
-        };
+        let ttl = append_ttl(&option, &rpc);
         let started = (!rpc.entries.is_empty()).then(Instant::now);
         let answer = client.append(ctx_within(ttl), self.target, rpc).await;
         let response = self.settle(Lane::Log, answer)?;
@@ -1446,6 +1569,80 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         }
         self.contacts.heard(self.target);
         Ok(response)
+    }
+
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<
+        's,
+        Result<
+            BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>,
+            RPCError<TypeConfig>,
+        >,
+    >
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+    {
+        Box::pin(async move {
+            let client = self.client(Lane::Log).await?;
+            let this: &'s PeerClient = self;
+            let state = Pipeline {
+                input: Some(input),
+                in_flight: FuturesOrdered::new(),
+                with_entries: 0,
+            };
+            // Each step sends requests while there is room, until the oldest one out is
+            // answered; the stream ends after an answer that stops it, or when the input has
+            // ended and every request is answered.
+            let answers = futures::stream::unfold(Some(state), move |state| {
+                let client = client.clone();
+                let option = option.clone();
+                async move {
+                    let mut state = state?;
+                    loop {
+                        let Pipeline {
+                            input,
+                            in_flight,
+                            with_entries,
+                        } = &mut state;
+                        let room = input.is_some() && in_flight.len() < APPEND_PIPELINE_MAX;
+                        if !room && in_flight.is_empty() {
+                            return None;
+                        }
+                        let next_request = async {
+                            match input.as_mut() {
+                                Some(input) => input.next().await,
+                                None => std::future::pending().await,
+                            }
+                        };
+                        tokio::select! {
+                            biased;
+                            Some((range, started, answer)) = in_flight.next(), if !in_flight.is_empty() => {
+                                if started.is_some() {
+                                    *with_entries -= 1;
+                                }
+                                let (answer, go_on) = this.finish_append(range, started, answer);
+                                return Some((answer, go_on.then_some(state)));
+                            }
+                            request = next_request, if room => match request {
+                                Some(req) => {
+                                    if !req.entries.is_empty() {
+                                        *with_entries += 1;
+                                        this.append_in_flight.observe(*with_entries as f64);
+                                    }
+                                    in_flight.push_back(this.send_append(&client, &option, req));
+                                }
+                                None => *input = None,
+                            },
+                        }
+                    }
+                }
+            });
+            let answers: BoxStream<'s, _> = Box::pin(answers);
+            Ok(answers)
+        })
     }
 
     async fn vote(

@@ -463,8 +463,10 @@ impl Server {
                 }
             })
         });
-        let network = Network::new(tls.peer_client.clone())
-            .timing_appends(storage_metrics.append_round_trip_seconds.clone());
+        let network = Network::new(tls.peer_client.clone()).timing_appends(
+            storage_metrics.append_round_trip_seconds.clone(),
+            storage_metrics.append_in_flight.clone(),
+        );
         let append_handling = storage_metrics.append_handling_seconds.clone();
         let contacts = network.contacts();
         let gossip_network = network.clone();

@@ -27,6 +27,9 @@ pub struct StorageMetrics {
     pub(crate) wal_fsync_seconds: Histogram,
     /// Leader: round trip of each answered AppendEntries that carried entries.
     pub(crate) append_round_trip_seconds: Histogram,
+    /// Leader: AppendEntries with entries out to the follower as each one is sent, itself
+    /// included.
+    pub(crate) append_in_flight: Histogram,
     /// Follower: time to answer each AppendEntries that carried entries.
     pub(crate) append_handling_seconds: Histogram,
     pub(crate) apply_seconds: Histogram,
@@ -40,6 +43,7 @@ impl Default for StorageMetrics {
         StorageMetrics {
             wal_fsync_seconds: latency_histogram(18),
             append_round_trip_seconds: latency_histogram(18),
+            append_in_flight: count_histogram(),
             append_handling_seconds: latency_histogram(18),
             apply_seconds: latency_histogram(18),
             apply_entries: count_histogram(),
