@@ -4,17 +4,22 @@
 //! AppendEntries to each follower and an apply on every replica, so a leader that proposed one
 //! entry per message would pay all of that per message. The proposer queues sends, and a
 //! single task drains whatever is queued into one `Command::SendBatch` (bounded in count and
-//! bytes), keeping up to `in_flight_max` batches in openraft at once. Under load batches grow by themselves; an idle
+//! bytes), keeping up to `in_flight_max` batches in openraft at once, a further one only once
+//! the newest has been out for `overlap_after`. Under load batches grow by themselves; an idle
 //! leader proposes a lone send at once, so a single sender pays no batching delay.
 //!
 //! Step 3 of "Life of a chat message" in ARCHITECTURE.md.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use chat_sm::{ChatResponse, Command, RejectReason, SendCmd, Sent};
 use openraft::error::{ClientWriteError, RaftError};
 
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use crate::handover::WriteGate;
 use crate::metrics::Metrics;
@@ -30,15 +35,20 @@ pub struct ProposerConfig {
     pub batch_bytes_max: usize,
     /// Most batches proposed but not yet applied. Default 2; at least 1.
     ///
-    /// Few on purpose: sends that arrive while the batches in flight commit wait and join the
-    /// next one, so under load each entry carries more sends, and the per-entry costs (log
-    /// frame, AppendEntries to every follower, their acks, one `apply` call and `WriteBatch`
-    /// per replica) are paid less often. Measured on the 2-core benchmark VM, 3 nodes,
-    /// 10 s runs (sends/s at 16 / 128 / 1024 closed-loop senders): 1 in flight 3,520 /
-    /// 10,230 / 14,160; 2: 4,089 / 9,633 / 14,044; 4: 3,119 / 8,335 / 12,994; 8: 2,652 /
-    /// 7,478 / 12,229. Two keeps one batch replicating while the previous one is applied
-    /// and answered, which steadied the 1,024-sender tail (p999 198 ms against 336 ms).
+    /// Few on purpose: sends that arrive while a batch commits wait and join the next one, so
+    /// under load each entry carries more sends, and the per-entry costs (log frame,
+    /// AppendEntries to every follower, their acks, one `apply` and `WriteBatch` per replica)
+    /// are paid less often. A second batch keeps proposing while a slow one is applied and
+    /// answered.
     pub in_flight_max: usize,
+    /// A batch is proposed while others are in flight only once the newest of them has been
+    /// in flight this long; with none in flight it goes at once. Default 1 ms, about one
+    /// commit of a lightly loaded cluster on a LAN.
+    ///
+    /// A commit that returns sooner takes the sends waiting for it into one entry rather than
+    /// two, so a busy cluster on fast links pays its per-entry costs less often; where commits
+    /// take longer (slow links, heavy load) batches still overlap.
+    pub overlap_after: Duration,
     /// Sends waiting for a batch; further sends wait for room. Default 65536.
     pub queue_len: usize,
 }
@@ -49,6 +59,7 @@ impl Default for ProposerConfig {
             batch_count_max: 1024,
             batch_bytes_max: 1 << 20,
             in_flight_max: 2,
+            overlap_after: Duration::from_millis(1),
             queue_len: 65536,
         }
     }
@@ -142,25 +153,54 @@ async fn run(
     mut rx: mpsc::Receiver<Pending>,
     metrics: Arc<Metrics>,
 ) {
-    let permits = Arc::new(Semaphore::new(config.in_flight_max));
-    while let Some(first) = rx.recv().await {
-        // Wait for room before draining, so everything that queued meanwhile joins this batch.
-        let permit = permits
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
-        let batch = drain_batch(first, &mut rx, &config);
+    schedule(&config, &mut rx, |batch| {
         metrics.batch_sends.observe(batch.len() as f64);
         let raft = raft.clone();
         let timing = metrics.propose_seconds.clone();
-        tokio::spawn(async move {
-            let started = std::time::Instant::now();
+        async move {
+            let started = Instant::now();
             propose_batch(&raft, batch).await;
             timing.observe(started.elapsed().as_secs_f64());
-            drop(permit);
-        });
+        }
+    })
+    .await;
+}
+
+/// Drains `rx` into batches and runs `propose` on each as its own task, keeping to
+/// `config`'s bounds on what is in flight; returns when every sender of `rx` is gone (the
+/// batches in flight still answer their sends).
+async fn schedule<F, Fut>(config: &ProposerConfig, rx: &mut mpsc::Receiver<Pending>, mut propose: F)
+where
+    F: FnMut(Vec<Pending>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut in_flight = JoinSet::new();
+    // When the newest batch in flight was proposed.
+    let mut newest = Instant::now();
+    while let Some(first) = rx.recv().await {
+        // Wait for room before draining, so everything that queued meanwhile joins this batch.
+        loop {
+            while in_flight.try_join_next().is_some() {}
+            if in_flight.is_empty() {
+                break;
+            }
+            let overlap_at = newest + config.overlap_after;
+            if in_flight.len() >= config.in_flight_max {
+                in_flight.join_next().await;
+            } else if Instant::now() >= overlap_at {
+                break;
+            } else {
+                tokio::select! {
+                    _ = in_flight.join_next() => {}
+                    () = tokio::time::sleep_until(overlap_at) => {}
+                }
+            }
+        }
+        let batch = drain_batch(first, rx, config);
+        newest = Instant::now();
+        in_flight.spawn(propose(batch));
     }
+    in_flight.detach_all();
 }
 
 /// Takes `first` plus whatever is queued now, up to the batch bounds.
@@ -267,5 +307,100 @@ mod tests {
             map_write_error(discarded),
             ProposeError::Unavailable(_)
         ));
+    }
+
+    fn pending(client_seq: u64) -> Pending {
+        let send = SendCmd {
+            channel: "general".into(),
+            sender: "alice".into(),
+            body: vec![1],
+            client_id: chat_sm::ClientId([7; 16]),
+            client_seq,
+            at_ms: 0,
+        };
+        // The reply is never awaited: the fake proposal below answers nothing.
+        Pending {
+            send,
+            reply: oneshot::channel().0,
+        }
+    }
+
+    /// A proposal the test ends: its sends' `client_seq`s, when it started, and the switch
+    /// that finishes it.
+    type Proposal = (Vec<u64>, Instant, oneshot::Sender<()>);
+
+    /// Runs `schedule` with a fake proposal per batch, reported on the returned receiver.
+    fn scheduler(
+        config: ProposerConfig,
+    ) -> (mpsc::Sender<Pending>, mpsc::UnboundedReceiver<Proposal>) {
+        let (tx, mut rx) = mpsc::channel(64);
+        let (proposed_tx, proposed) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            schedule(&config, &mut rx, |batch| {
+                let (done, finished) = oneshot::channel();
+                let seqs = batch.iter().map(|p| p.send.client_seq).collect();
+                proposed_tx.send((seqs, Instant::now(), done)).unwrap();
+                async move {
+                    let _ = finished.await;
+                }
+            })
+            .await;
+        });
+        (tx, proposed)
+    }
+
+    /// With none in flight a send goes at once; a second batch waits until the first has
+    /// been out `overlap_after` (or has finished), and a third waits for room.
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_overlaps_only_one_out_for_overlap_after() {
+        // Whole milliseconds: tokio's timers tick once a millisecond.
+        let overlap = Duration::from_millis(10);
+        let config = ProposerConfig {
+            in_flight_max: 2,
+            overlap_after: overlap,
+            ..ProposerConfig::default()
+        };
+        let (tx, mut proposed) = scheduler(config);
+        let start = Instant::now();
+        tx.send(pending(1)).await.unwrap();
+        let (seqs, at1, done1) = proposed.recv().await.unwrap();
+        assert_eq!(
+            (seqs, at1),
+            (vec![1], start),
+            "an idle proposer proposes at once"
+        );
+
+        // Both queue while the first is out, and go together once it has been out `overlap`.
+        tx.send(pending(2)).await.unwrap();
+        tx.send(pending(3)).await.unwrap();
+        let (seqs, at2, done2) = proposed.recv().await.unwrap();
+        assert_eq!((seqs, at2 - at1), (vec![2, 3], overlap));
+
+        // Two out: the next waits for one of them however long it takes.
+        tx.send(pending(4)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(proposed.try_recv().is_err(), "proposed past in_flight_max");
+        let freed = Instant::now();
+        drop(done1);
+        let (seqs, at3, done3) = proposed.recv().await.unwrap();
+        assert_eq!((seqs, at3), (vec![4], freed));
+
+        // A batch that finishes before `overlap_after` lets the next go when it finishes.
+        drop(done2);
+        drop(done3);
+        tx.send(pending(5)).await.unwrap();
+        let (seqs, at5, done5) = proposed.recv().await.unwrap();
+        assert_eq!((seqs, at5), (vec![5], at3), "nothing in flight: at once");
+        tx.send(pending(6)).await.unwrap();
+        tokio::time::sleep(overlap / 4).await;
+        assert!(
+            proposed.try_recv().is_err(),
+            "overlapped a batch out for too short a time"
+        );
+        let finished = Instant::now();
+        assert!(finished - at5 < overlap);
+        drop(done5);
+        let (seqs, at6, _done6) = proposed.recv().await.unwrap();
+        assert_eq!((seqs, at6), (vec![6], finished));
     }
 }
