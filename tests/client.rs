@@ -1210,16 +1210,6 @@ async fn many_subscriptions_share_one_push_connection_and_resume_after_a_kill9(
     Ok(())
 }
 
-/// Sends `signal` to a test node, our own child, by its pid.
-fn signal(node: &testkit::NodeProc, signal: &str) -> anyhow::Result<()> {
-    let pid = node.pid().context("node running")?;
-    let sent = Command::new("kill")
-        .args([signal, &pid.to_string()])
-        .status()?;
-    ensure!(sent.success(), "kill {signal} {pid} failed");
-    Ok(())
-}
-
 /// A push connection's two clocks. The client's heartbeats keep a client that only listens
 /// connected past the node's silence limit, and the node's keep the client from leaving a
 /// healthy node; a node that stops answering (frozen with SIGSTOP: no FIN, no RST) is left
@@ -1257,7 +1247,7 @@ async fn a_listening_client_keeps_its_push_connection_and_leaves_a_frozen_node(
     assert_eq!(metric(metrics, "cellchat_push_connections").await?, 1.0);
     assert_eq!(bob.status().reading, Some(reader));
 
-    signal(&cluster.nodes[index], "-STOP")?;
+    cluster.nodes[index].signal("-STOP")?;
     let frozen = Instant::now();
     let moved = async {
         // The send waits for a new leader if the frozen node led.
@@ -1267,7 +1257,7 @@ async fn a_listening_client_keeps_its_push_connection_and_leaves_a_frozen_node(
     }
     .await;
     let waited = frozen.elapsed();
-    signal(&cluster.nodes[index], "-CONT")?;
+    cluster.nodes[index].signal("-CONT")?;
     let (second, got) = moved?;
     assert_eq!(got[0].seq, second.seq);
     assert_ne!(

@@ -9,7 +9,6 @@
 //! Timeouts are generous bounds for a loaded 2-core machine, not performance claims.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,15 +26,6 @@ const CHANNEL: &str = "pipe";
 const SENDERS: usize = 24;
 /// Sends per sender at most, so the run stays bounded however fast the machine is.
 const SENDS_MAX: usize = 400;
-
-fn signal(node: &NodeProc, signal: &str) -> anyhow::Result<()> {
-    let pid = node.pid().context("node running")?;
-    let sent = Command::new("kill")
-        .args([signal, &pid.to_string()])
-        .status()?;
-    ensure!(sent.success(), "kill {signal} {pid} failed");
-    Ok(())
-}
 
 /// The leader's `raft_append_in_flight` histogram: (requests sent alone, requests sent in all),
 /// counting only AppendEntries that carried entries.
@@ -150,9 +140,9 @@ async fn pipelines_cut_by_a_freeze_a_restart_and_a_leader_kill_lose_nothing_ackn
     let followers: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
 
     // Frozen past the 1 s AppendEntries deadline, with requests out to it.
-    signal(&cluster.nodes[followers[0]], "-STOP")?;
+    cluster.nodes[followers[0]].signal("-STOP")?;
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    signal(&cluster.nodes[followers[0]], "-CONT")?;
+    cluster.nodes[followers[0]].signal("-CONT")?;
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // The leader pipelined: some AppendEntries went out while others were still out.

@@ -265,6 +265,17 @@ impl NodeProc {
         tail(&self.log, lines)
     }
 
+    /// Sends `signal` (as `kill` names it, e.g. `-STOP`) to the node: our own unreaped child,
+    /// so its pid cannot name another process.
+    pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let pid = self.pid().context("node not running")?;
+        let sent = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(sent.success(), "kill {signal} {pid} failed");
+        Ok(())
+    }
+
     /// kill -9, and reap.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
