@@ -6,7 +6,9 @@
 //! incoming line never lands in the middle of the input, and every key of a burst or a paste
 //! is handled as it arrives.
 
-use std::io::{BufRead as _, Write as _};
+use std::fs::File;
+use std::io::{BufRead as _, BufWriter, Write as _};
+use std::os::fd::AsFd as _;
 use std::time::Duration;
 
 use crossterm::cursor::MoveToColumn;
@@ -229,6 +231,17 @@ impl Editor {
     }
 }
 
+/// The terminal as the editor writes it: buffered whole, so each update (a message and the
+/// input row drawn again under it) reaches the terminal in one write. `Stdout` writes every
+/// line as it ends, and a terminal could show a message with an empty row under it.
+fn terminal() -> std::io::Result<BufWriter<File>> {
+    let fd = std::io::stdout().as_fd().try_clone_to_owned()?;
+    Ok(BufWriter::with_capacity(TERMINAL_BUFFER, File::from(fd)))
+}
+
+/// Bytes the editor's terminal buffers: more than any update but a very long message.
+const TERMINAL_BUFFER: usize = 64 * 1024;
+
 /// Redraws the input row.
 fn draw(out: &mut impl std::io::Write, editor: &Editor) -> std::io::Result<()> {
     let width = terminal::size().map_or(80, |(w, _)| usize::from(w));
@@ -269,7 +282,15 @@ async fn edit(mut rx: mpsc::UnboundedReceiver<ToEditor>, tx: mpsc::Sender<FromEd
         last_interrupt: None,
     };
     let mut keys = EventStream::new();
-    let mut out = std::io::stdout();
+    let mut out = match terminal() {
+        Ok(out) => out,
+        Err(e) => {
+            drop(raw);
+            println!("cannot use the terminal ({e}): reading plain lines");
+            let _ = plain(rx, tx).await;
+            return;
+        }
+    };
     loop {
         let drawn = tokio::select! {
             event = keys.next() => {
@@ -331,6 +352,7 @@ async fn edit(mut rx: mpsc::UnboundedReceiver<ToEditor>, tx: mpsc::Sender<FromEd
             break;
         }
     }
+    drop(out);
     drop(raw);
 }
 
@@ -505,6 +527,39 @@ mod tests {
         assert_eq!(e.row(80).0, "passphrase: *******");
         assert!(matches!(e.enter(), Step::Send(FromEditor::Secret(s)) if s == "hunter2"));
         assert!(e.input.history.is_empty());
+    }
+
+    /// Records each write that reaches it.
+    #[derive(Default)]
+    struct Writes(Vec<Vec<u8>>);
+
+    impl std::io::Write for Writes {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.push(buf.to_vec());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_message_and_the_input_under_it_reach_the_terminal_in_one_write() {
+        let e = editor("> ", "half-typed");
+        let mut out = BufWriter::with_capacity(TERMINAL_BUFFER, Writes::default());
+        print_above(&mut out, &e, "alice: one\ntwo").unwrap();
+        let writes = &out.get_ref().0;
+        assert_eq!(writes.len(), 1, "one update, one write: {writes:?}");
+        let shown = String::from_utf8_lossy(&writes[0]);
+        let (one, two) = (
+            shown.find("alice: one\r\n").unwrap(),
+            shown.find("two\r\n").unwrap(),
+        );
+        let row = shown.find("> half-typed").unwrap();
+        assert!(
+            one < two && two < row,
+            "the message above the input: {shown:?}"
+        );
     }
 
     #[test]
