@@ -698,12 +698,23 @@ pub async fn run_all(common: &Common, quick: bool, results_md: &Path) -> Result<
             rate: 200.0,
         },
     ];
+    // The build before a change is the reference for the write ratios only: a client speaks
+    // its own push protocol version, so an older build's fan-out needs a client of its time.
+    let mut fanout_common = common.clone();
+    fanout_common
+        .system
+        .retain(|k| *k != SystemKind::CellchatBase);
     let mut failures = Vec::new();
     for spec in &specs {
         if matches!(spec, Spec::Fanout { subscribers, .. } if subscribers.is_empty()) {
             continue;
         }
-        if let Err(e) = run_command(&common, spec, &mut sink).await {
+        let common = if matches!(spec, Spec::Fanout { .. }) {
+            &fanout_common
+        } else {
+            &common
+        };
+        if let Err(e) = run_command(common, spec, &mut sink).await {
             failures.push(format!("{e:#}"));
         }
     }
@@ -769,6 +780,16 @@ fn write_results_md(
             extra(r, "server_cpu_us_per_msg", 0),
             extra(r, "harness_cpu_us_per_msg", 0),
             canary(r),
+        );
+    }
+    if results
+        .iter()
+        .any(|r| r.system == SystemKind::CellchatBase.name())
+    {
+        let _ = writeln!(
+            block,
+            "\n`cellchat-base` is an earlier cellchat build (`--base-bin`), the reference for the \
+             write ratios; it runs no fan-out, whose client speaks only today's push protocol."
         );
     }
     let _ = writeln!(
