@@ -102,9 +102,10 @@ enum Command {
         topics: usize,
     },
     /// What a send cannot cost less than here (cellchat only): closed-loop `ping`s to the
-    /// leader over a send's TLS and tarpc (no Raft), one-entry appends with fdatasync, a
-    /// thread's wake-up, and pushing messages to many subscribers with no node. One result per
-    /// part (`part`: ping, fsync, fsync_shared, wake, push, push_plain).
+    /// leader over a send's TLS and tarpc (no Raft), one-entry appends with fdatasync (back to
+    /// back, and paced at each fan-out rate), a thread's wake-up, and pushing messages to many
+    /// subscribers with no node. One result per part (`part`: ping, fsync, fsync_shared,
+    /// fsync_paced, wake, push, push_plain).
     Floor {
         /// Ping connection counts to run, comma separated.
         #[arg(long, value_delimiter = ',', default_value = "1,128")]

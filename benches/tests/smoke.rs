@@ -127,6 +127,7 @@ fn floor_measures_pings_fsyncs_wake_ups_and_pushes() {
             "ping",
             "fsync",
             "fsync_shared",
+            "fsync_paced",
             "wake",
             "push",
             "push_plain"
@@ -145,8 +146,16 @@ fn floor_measures_pings_fsyncs_wake_ups_and_pushes() {
     assert_eq!(results[1]["ops"], 5000, "{}", results[1]);
     assert_eq!(results[2]["clients"], 3, "{}", results[2]);
     assert_eq!(results[2]["ops"], 15000, "{}", results[2]);
+    // The three nodes' appends, 500 rounds (5 s) at the fan-out's rate; a commit waits for two.
+    let paced = &results[3];
+    assert_eq!(paced["ops"], 1500, "{paced}");
+    assert_eq!(paced["rate_per_s"], 100.0, "{paced}");
+    assert!(
+        paced["extra"]["commit_p50_ms"].as_f64().unwrap() > 0.0,
+        "{paced}"
+    );
     // Every message of the measured window reaches all five subscribers, over TLS and not.
-    for push in &results[4..] {
+    for push in &results[5..] {
         let sent = push["extra"]["sent"].as_u64().unwrap();
         assert!(sent > 0, "{push}");
         assert_eq!(push["subscribers"], 5, "{push}");

@@ -12,6 +12,10 @@
 //! - `fsync_shared`: the same, from as many threads at once as the cluster has nodes, each
 //!   with a file of its own: the nodes of a cluster on one machine share its disk, and their
 //!   appends of the same entry reach it together.
+//! - `fsync_paced`, once per fan-out rate: `fsync_shared`'s appends made together at that rate,
+//!   as a fan-out's publishers make the nodes append, each after the disk has been idle. A
+//!   round's `commit` time is what a commit waits for on the disk: the leader's append and the
+//!   faster follower's.
 //! - `wake`: two threads handing a token back and forth over channels; half a round trip is
 //!   one wake-up of a sleeping thread, which every hop between the tasks and threads of a send
 //!   pays when the machine is otherwise idle.
@@ -59,14 +63,20 @@ const ENTRY_OVERHEAD_BYTES: usize = 160;
 /// Appends timed by the `fsync` part (by each thread of `fsync_shared`).
 const FSYNC_APPENDS: usize = 5_000;
 
+/// Rounds of an `fsync_paced` part at `rate`: about 5 s of them, at least 300 so that a p99 is
+/// not one round, and at most 1,000.
+fn fsync_paced_rounds(rate: f64) -> usize {
+    ((rate * 5.0) as usize).clamp(300, 1_000)
+}
+
 /// Round trips timed by the `wake` part.
 const WAKE_ROUND_TRIPS: usize = 20_000;
 
 /// Deadline of one ping.
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Runs `ping` once per client count, then `fsync`, `fsync_shared` and `wake` once each, then
-/// `push` and `push_plain` once per fan-out point.
+/// Runs `ping` once per client count, then `fsync` and `fsync_shared`, `fsync_paced` once per
+/// fan-out rate, `wake`, then `push` and `push_plain` once per fan-out point.
 ///
 /// # Errors
 /// The leader cannot be found or reached, or the temp file cannot be written.
@@ -78,6 +88,12 @@ pub async fn run(cellchat: &mut Cellchat, options: &FloorOptions) -> Result<Vec<
     let (body, nodes) = (options.body, cellchat.node_count());
     results.push(tokio::task::spawn_blocking(move || fsync(body, 1)).await??);
     results.push(tokio::task::spawn_blocking(move || fsync(body, nodes)).await??);
+    let mut rates: Vec<f64> = options.push.iter().map(|p| p.rate).collect();
+    rates.sort_by(f64::total_cmp);
+    rates.dedup();
+    for rate in rates {
+        results.push(tokio::task::spawn_blocking(move || fsync_paced(body, nodes, rate)).await??);
+    }
     results.push(tokio::task::spawn_blocking(wake).await??);
     for &point in &options.push {
         for tls in [true, false] {
@@ -222,6 +238,74 @@ fn fsync(body: usize, writers: usize) -> Result<RunResult> {
     Ok(result)
 }
 
+/// `fsync_paced`: `writers` threads (the nodes; the first is the leader) append one entry each
+/// and `fdatasync` it at the same instants, `rate` times a second.
+fn fsync_paced(body: usize, writers: usize, rate: f64) -> Result<RunResult> {
+    let entry = body + ENTRY_OVERHEAD_BYTES;
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let rounds = fsync_paced_rounds(rate);
+    let mut files = Vec::new();
+    for _ in 0..writers.max(1) {
+        files.push(zeroed_file((entry * rounds) as u64)?);
+    }
+    let first = Instant::now() + Duration::from_millis(50);
+    let threads: Vec<_> = files
+        .into_iter()
+        .map(|file| {
+            std::thread::spawn(move || -> std::io::Result<Vec<Duration>> {
+                let bytes = vec![0x5a_u8; entry];
+                let mut times = Vec::with_capacity(rounds);
+                for i in 0..rounds {
+                    let due = first + interval * i as u32;
+                    std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                    let at = Instant::now();
+                    file.write_all_at(&bytes, (i * entry) as u64)?;
+                    file.sync_data()?;
+                    times.push(at.elapsed());
+                }
+                Ok(times)
+            })
+        })
+        .collect();
+    let mut per_writer = Vec::new();
+    for thread in threads {
+        per_writer.push(
+            thread
+                .join()
+                .map_err(|_| anyhow::anyhow!("an fsync floor thread panicked"))??,
+        );
+    }
+    let elapsed = first.elapsed();
+    let (mut latencies, mut commits) = (Latencies::new(), Latencies::new());
+    for round in 0..rounds {
+        per_writer
+            .iter()
+            .for_each(|times| latencies.record(times[round]));
+        commits.record(commit_wait(&per_writer, round));
+    }
+    let commit = commits.summary();
+    let mut result = RunResult::new("floor", "machine", writers);
+    result.clients = writers;
+    result.body_bytes = entry;
+    result.rate_per_s = rate;
+    result.duration_s = elapsed.as_secs_f64();
+    result.ops = (rounds * per_writer.len()) as u64;
+    result.throughput_per_s = result.ops as f64 / elapsed.as_secs_f64();
+    result.latency_ms = latencies.summary();
+    result.set("part", "fsync_paced");
+    result.set("commit_p50_ms", commit.p50);
+    result.set("commit_p99_ms", commit.p99);
+    Ok(result)
+}
+
+/// What a commit of `round` waits for on the disk: the leader's (writer 0) append and, when
+/// there are followers, the faster follower's, which completes the majority of three.
+fn commit_wait(per_writer: &[Vec<Duration>], round: usize) -> Duration {
+    let leader = per_writer[0][round];
+    let follower = per_writer[1..].iter().map(|rounds| rounds[round]).min();
+    follower.map_or(leader, |f| leader.max(f))
+}
+
 /// A temp file of `len` zero bytes, synced: appends then overwrite zeros in place, as the Raft
 /// log's do in a prepared segment. It is in the system temp dir, where the harness's clusters
 /// keep their data.
@@ -270,4 +354,23 @@ fn wake() -> Result<RunResult> {
     result.latency_ms = latencies.summary();
     result.set("part", "wake");
     Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_commit_waits_for_the_leader_and_the_faster_follower() {
+        let ms = Duration::from_millis;
+        let rounds = [vec![ms(1), ms(4)], vec![ms(5), ms(2)], vec![ms(3), ms(9)]];
+        // Round 0: the leader's 1 ms and the faster follower's 3 ms; round 1: the leader's 4.
+        assert_eq!(commit_wait(&rounds, 0), ms(3));
+        assert_eq!(commit_wait(&rounds, 1), ms(4));
+        assert_eq!(
+            commit_wait(&rounds[..1], 1),
+            ms(4),
+            "a lone node waits for itself"
+        );
+    }
 }
