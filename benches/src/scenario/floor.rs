@@ -193,46 +193,18 @@ async fn ping(
 /// `fsync` with one writer, `fsync_shared` with `writers` at once (all starting together).
 fn fsync(body: usize, writers: usize) -> Result<RunResult> {
     let entry = body + ENTRY_OVERHEAD_BYTES;
-    let mut files = Vec::new();
-    for _ in 0..writers.max(1) {
-        files.push(zeroed_file((entry * FSYNC_APPENDS) as u64)?);
-    }
-    let start = Arc::new(std::sync::Barrier::new(files.len()));
-    let started = Instant::now();
-    let threads: Vec<_> = files
-        .into_iter()
-        .map(|file| {
-            let start = start.clone();
-            std::thread::spawn(move || -> std::io::Result<Latencies> {
-                let bytes = vec![0x5a_u8; entry];
-                let mut latencies = Latencies::new();
-                start.wait();
-                for i in 0..FSYNC_APPENDS {
-                    let at = Instant::now();
-                    file.write_all_at(&bytes, (i * entry) as u64)?;
-                    file.sync_data()?;
-                    latencies.record(at.elapsed());
-                }
-                Ok(latencies)
-            })
-        })
-        .collect();
+    let (per_writer, elapsed) = appends(entry, writers, FSYNC_APPENDS, Duration::ZERO)?;
     let mut latencies = Latencies::new();
-    let mut ops = 0;
-    for thread in threads {
-        let done = thread
-            .join()
-            .map_err(|_| anyhow::anyhow!("an fsync floor thread panicked"))??;
-        latencies.merge(&done);
-        ops += FSYNC_APPENDS as u64;
-    }
-    let elapsed = started.elapsed();
+    per_writer
+        .iter()
+        .flatten()
+        .for_each(|&time| latencies.record(time));
     let mut result = RunResult::new("floor", "machine", writers);
     result.clients = writers;
     result.body_bytes = entry;
     result.duration_s = elapsed.as_secs_f64();
-    result.ops = ops;
-    result.throughput_per_s = ops as f64 / elapsed.as_secs_f64();
+    result.ops = (FSYNC_APPENDS * per_writer.len()) as u64;
+    result.throughput_per_s = result.ops as f64 / elapsed.as_secs_f64();
     result.latency_ms = latencies.summary();
     result.set("part", if writers > 1 { "fsync_shared" } else { "fsync" });
     Ok(result)
@@ -242,12 +214,46 @@ fn fsync(body: usize, writers: usize) -> Result<RunResult> {
 /// and `fdatasync` it at the same instants, `rate` times a second.
 fn fsync_paced(body: usize, writers: usize, rate: f64) -> Result<RunResult> {
     let entry = body + ENTRY_OVERHEAD_BYTES;
-    let interval = Duration::from_secs_f64(1.0 / rate);
     let rounds = fsync_paced_rounds(rate);
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let (per_writer, elapsed) = appends(entry, writers, rounds, interval)?;
+    let (mut latencies, mut commits) = (Latencies::new(), Latencies::new());
+    for round in 0..rounds {
+        per_writer
+            .iter()
+            .for_each(|times| latencies.record(times[round]));
+        commits.record(commit_wait(&per_writer, round));
+    }
+    let commit = commits.summary();
+    let mut result = RunResult::new("floor", "machine", writers);
+    result.clients = writers;
+    result.body_bytes = entry;
+    result.rate_per_s = rate;
+    result.duration_s = elapsed.as_secs_f64();
+    result.ops = (rounds * per_writer.len()) as u64;
+    result.throughput_per_s = result.ops as f64 / elapsed.as_secs_f64();
+    result.latency_ms = latencies.summary();
+    result.set("part", "fsync_paced");
+    result.set("commit_p50_ms", commit.p50);
+    result.set("commit_p99_ms", commit.p99);
+    Ok(result)
+}
+
+/// `writers` threads, each with a zeroed file of its own, append `rounds` entries of `entry`
+/// bytes with `fdatasync` after each, all starting at one instant; append `i` of every thread
+/// is due `interval * i` after it (zero: back to back). Returns each thread's append times, in
+/// order, and the time from the start to the last append.
+fn appends(
+    entry: usize,
+    writers: usize,
+    rounds: usize,
+    interval: Duration,
+) -> Result<(Vec<Vec<Duration>>, Duration)> {
     let mut files = Vec::new();
     for _ in 0..writers.max(1) {
         files.push(zeroed_file((entry * rounds) as u64)?);
     }
+    // Far enough ahead for every thread to be waiting when it comes.
     let first = Instant::now() + Duration::from_millis(50);
     let threads: Vec<_> = files
         .into_iter()
@@ -275,27 +281,7 @@ fn fsync_paced(body: usize, writers: usize, rate: f64) -> Result<RunResult> {
                 .map_err(|_| anyhow::anyhow!("an fsync floor thread panicked"))??,
         );
     }
-    let elapsed = first.elapsed();
-    let (mut latencies, mut commits) = (Latencies::new(), Latencies::new());
-    for round in 0..rounds {
-        per_writer
-            .iter()
-            .for_each(|times| latencies.record(times[round]));
-        commits.record(commit_wait(&per_writer, round));
-    }
-    let commit = commits.summary();
-    let mut result = RunResult::new("floor", "machine", writers);
-    result.clients = writers;
-    result.body_bytes = entry;
-    result.rate_per_s = rate;
-    result.duration_s = elapsed.as_secs_f64();
-    result.ops = (rounds * per_writer.len()) as u64;
-    result.throughput_per_s = result.ops as f64 / elapsed.as_secs_f64();
-    result.latency_ms = latencies.summary();
-    result.set("part", "fsync_paced");
-    result.set("commit_p50_ms", commit.p50);
-    result.set("commit_p99_ms", commit.p99);
-    Ok(result)
+    Ok((per_writer, first.elapsed()))
 }
 
 /// What a commit of `round` waits for on the disk: the leader's (writer 0) append and, when
