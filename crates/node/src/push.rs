@@ -26,7 +26,7 @@ use proto::TlsTcp;
 use proto::{ApiError, MessageBatch, RejectReason};
 use tarpc::tokio_util::codec::FramedRead;
 use tokio::io::AsyncWriteExt;
-use tokio::io::WriteHalf;
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
@@ -35,6 +35,7 @@ use crate::api::{
     self, check_admitted, check_channel, storage_error, to_wire, ApiShared, TokenBucket,
     BATCH_MESSAGES_MAX,
 };
+use crate::conn_limit::ConnGuard;
 use crate::ephemeral::{Direct, Event, Listening, Online, TypingNote};
 use crate::metrics::GaugeGuard;
 
@@ -300,18 +301,23 @@ fn undecodable(e: &FrameError) -> ApiError {
 
 /// Serves one push connection whose [`PUSH_MAGIC`](proto::push::PUSH_MAGIC) was already read,
 /// until the client closes it, a write fails, or the client breaks the protocol (then with a
-/// debug log, and an error frame where one can still be understood).
+/// debug log, and an error frame where one can still be understood). `guard` holds the
+/// connection's place under the listener's caps until then.
+///
+/// It takes the stream already split: an async fn keeps its arguments beside everything it
+/// moves them into, and an idle connection's task is most of what it costs a node.
 pub async fn serve_connection(
     shared: Arc<ApiShared>,
     cache: Arc<BatchCache>,
-    stream: TlsTcp,
+    (read, write): (ReadHalf<TlsTcp>, WriteHalf<TlsTcp>),
     peer: SocketAddr,
     binding: [u8; 32],
+    guard: ConnGuard,
 ) {
+    let _guard = guard;
     let _connected = GaugeGuard::new(&shared.metrics.connected_clients);
     let _push = GaugeGuard::new(&shared.metrics.push_connections);
     shared.metrics.push_connections_opened.inc();
-    let (read, write) = tokio::io::split(stream);
     let mut frames = FramedRead::new(read, push::frame_codec(CLIENT_FRAME_BYTES_MAX));
     let (closed, mut closed_rx) = watch::channel(false);
     let out = Arc::new(Out {

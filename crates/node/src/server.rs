@@ -983,8 +983,9 @@ fn serve_clients(
     })
 }
 
-/// Runs the TLS handshake on a new client connection and serves it as push or as tarpc.
-/// `guard` counts the connection against the listener's caps until it ends.
+/// Runs the TLS handshake on a new client connection and starts the task that serves it, as
+/// push (on `push`) or as tarpc. `guard` counts the connection against the listener's caps
+/// until it ends.
 async fn route_client(
     stream: TcpStream,
     peer: SocketAddr,
@@ -1009,34 +1010,57 @@ async fn route_client(
                 "a push connection must start with the push magic",
             ));
         }
-        push.spawn(async move {
-            let _guard = guard;
-            if let Err(e) = register_here(stream.get_mut().0) {
-                tracing::debug!(%peer, error = %e, "push connection: socket not moved");
-                return;
-            }
-            push::serve_connection(shared, cache, stream, peer, binding).await;
-        });
+        let halves = {
+            let _on_push = push.enter();
+            register_here(stream.get_mut().0)?;
+            tokio::io::split(stream)
+        };
+        push.spawn(push::serve_connection(
+            shared, cache, halves, peer, binding, guard,
+        ));
         return Ok(());
     }
+    tokio::spawn(chat_connection(
+        stream, shared, binding, source, peer, guard,
+    ));
+    Ok(())
+}
+
+/// The task that serves one chat connection after its handshake: tarpc's `Chat` service under
+/// the connection's watchdog (see [`conn_watch`]), holding `guard` until the connection ends.
+///
+/// The serving state is boxed and the task starts here, apart from the handshake's: an async
+/// block keeps what it captures beside what it moves it into, so an idle connection would
+/// otherwise hold its serving state two or three times over for as long as it is open.
+fn chat_connection(
+    stream: proto::TlsTcp,
+    shared: Arc<ApiShared>,
+    binding: [u8; 32],
+    source: Option<conn_limit::AddrKey>,
+    peer: SocketAddr,
+    guard: ConnGuard,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     let transport: ChatServerTransport =
         proto::framed_reading_at_most(stream, proto::CHAT_REQUEST_BYTES_MAX);
     let server = ChatServer::new(shared, binding, source);
     let watch = server.watch();
-    let serving = BaseChannel::with_defaults(transport)
-        .max_concurrent_requests(CONN_REQUESTS_MAX)
-        .execute(proto::Chat::serve(server))
-        // A connection's requests run inside its own task rather than one spawned task each:
-        // a spawn, its scheduling and its wake-ups cost more than most handlers, and the
-        // channel already bounds how many run at once. Each still runs concurrently, so an
-        // open long poll never holds up the connection's other calls.
-        .for_each_concurrent(None, |response| response);
-    conn_watch::serve_watched(watch, peer, serving).await;
-    drop(guard);
-    Ok(())
+    let serving = Box::pin(
+        BaseChannel::with_defaults(transport)
+            .max_concurrent_requests(CONN_REQUESTS_MAX)
+            .execute(proto::Chat::serve(server))
+            // A connection's requests run inside its own task rather than one spawned task
+            // each: a spawn, its scheduling and its wake-ups cost more than most handlers, and
+            // the channel already bounds how many run at once. Each still runs concurrently,
+            // so an open long poll never holds up the connection's other calls.
+            .for_each_concurrent(None, |response| response),
+    );
+    async move {
+        conn_watch::serve_watched(watch, peer, serving).await;
+        drop(guard);
+    }
 }
 
-/// Moves `socket` to the I/O driver of the runtime this runs on.
+/// Moves `socket` to the I/O driver of the runtime this runs on (or has entered).
 ///
 /// A connection accepted on the Raft runtime stays registered with that runtime's driver even
 /// when its task runs elsewhere, so each of a push connection's reads would wake a Raft thread
@@ -1070,7 +1094,7 @@ async fn settle_tls(config: &Config, data_dir: &DataDir) -> Result<(NodeTls, boo
 mod tests {
     use std::io::{Read, Write};
 
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 
     use super::*;
 
@@ -1080,6 +1104,39 @@ mod tests {
             .enable_all()
             .build()
             .unwrap()
+    }
+
+    /// The size of what `f` returns, without calling it.
+    fn returned_size<A, F: FnOnce(A) -> Fut, Fut>(_: F) -> usize {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// An idle client's connections are most of what it costs a node, and each lives in a task
+    /// as large as its future for as long as it is open: a chat connection's task holds its
+    /// boxed serving state once, a push connection's its stream's halves, not whole copies.
+    #[test]
+    fn an_open_connection_task_holds_its_state_once() {
+        let chat = returned_size(
+            |(stream, shared, source, peer, guard): (
+                proto::TlsTcp,
+                Arc<ApiShared>,
+                Option<conn_limit::AddrKey>,
+                SocketAddr,
+                ConnGuard,
+            )| chat_connection(stream, shared, [0; 32], source, peer, guard),
+        );
+        assert!(chat <= 1_024, "a chat connection's task is {chat} bytes");
+        type Halves = (ReadHalf<proto::TlsTcp>, WriteHalf<proto::TlsTcp>);
+        let push = returned_size(
+            |(shared, cache, halves, peer, guard): (
+                Arc<ApiShared>,
+                Arc<BatchCache>,
+                Halves,
+                SocketAddr,
+                ConnGuard,
+            )| push::serve_connection(shared, cache, halves, peer, [0; 32], guard),
+        );
+        assert!(push <= 2_048, "a push connection's task is {push} bytes");
     }
 
     /// Once moved, the socket no longer needs the runtime that accepted it: it still reads and
