@@ -318,7 +318,11 @@ pub async fn serve_connection(
     let _connected = GaugeGuard::new(&shared.metrics.connected_clients);
     let _push = GaugeGuard::new(&shared.metrics.push_connections);
     shared.metrics.push_connections_opened.inc();
-    let mut frames = FramedRead::new(read, push::frame_codec(CLIENT_FRAME_BYTES_MAX));
+    let mut frames = FramedRead::with_capacity(
+        read,
+        push::frame_codec(CLIENT_FRAME_BYTES_MAX),
+        proto::READ_BUFFER_BYTES,
+    );
     let (closed, mut closed_rx) = watch::channel(false);
     let out = Arc::new(Out {
         writer: tokio::sync::Mutex::new(write),

@@ -53,7 +53,7 @@ pub use service::{
 pub use transport::{
     accept_tls, alpn, connect, connect_tls, framed, framed_reading_at_most, handshake, listen,
     peer_certificates, set_socket_options, ReadLimited, TlsTcp, Transport, FRAME_BYTES_MAX,
-    HANDSHAKE_TIMEOUT,
+    HANDSHAKE_TIMEOUT, READ_BUFFER_BYTES,
 };
 pub use types::{
     direct_channel_name, is_direct_channel, valid_user_name, ChannelChange, ChannelDetail,

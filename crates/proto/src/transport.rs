@@ -9,7 +9,7 @@ use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde::{de::DeserializeOwned, Serialize};
 use socket2::{SockRef, TcpKeepalive};
-use tarpc::tokio_util::codec::LengthDelimitedCodec;
+use tarpc::tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::codec::Postcard;
@@ -149,6 +149,11 @@ where
     framed_reading_at_most(stream, FRAME_BYTES_MAX)
 }
 
+/// Bytes a connection's read buffer starts with. It grows to the largest frame read (the codec
+/// reserves a frame's length from its prefix), so this only sets what an idle connection holds:
+/// most of a node's connections are idle clients, and the codec's default is 8 KiB.
+pub const READ_BUFFER_BYTES: usize = 1 << 10;
+
 /// Frames a TLS `stream` as a tarpc transport that sends frames up to [`FRAME_BYTES_MAX`] but
 /// reads only frames up to `read_max` bytes: a server whose requests are small (the chat
 /// service) refuses a large one from its 4-byte prefix, before it buffers any of the body.
@@ -160,9 +165,11 @@ where
     Item: DeserializeOwned,
     SinkItem: Serialize,
 {
-    let framed = LengthDelimitedCodec::builder()
+    let codec = LengthDelimitedCodec::builder()
         .max_frame_length(FRAME_BYTES_MAX)
-        .new_framed(ReadLimited::new(stream, read_max));
+        .new_codec();
+    let framed =
+        Framed::with_capacity(ReadLimited::new(stream, read_max), codec, READ_BUFFER_BYTES);
     tarpc::serde_transport::new(framed, Postcard::default())
 }
 

@@ -9,7 +9,9 @@ use std::{
 };
 
 use futures::{SinkExt, StreamExt};
-use proto::{accept_tls, connect_tls, framed, listen, TlsTcp, Transport, FRAME_BYTES_MAX};
+use proto::{
+    accept_tls, connect_tls, framed, listen, TlsTcp, Transport, FRAME_BYTES_MAX, READ_BUFFER_BYTES,
+};
 use socket2::SockRef;
 use tokio::io::AsyncWriteExt;
 
@@ -65,6 +67,42 @@ async fn frame_above_tokio_default_limit_passes() {
         client.next().await.expect("a frame").expect("decoded"),
         "ok"
     );
+}
+
+#[tokio::test]
+async fn frames_around_the_start_buffer_arrive_whole_and_in_order() {
+    let (mut client, mut server) = pair().await;
+    // Sizes below, at and above the read buffer's starting size, sent back to back so that
+    // several share one read and some straddle the buffer's end.
+    let sizes = [
+        1,
+        READ_BUFFER_BYTES - 5,
+        READ_BUFFER_BYTES,
+        3 * READ_BUFFER_BYTES + 7,
+        40,
+    ];
+    let sent: Vec<String> = (0..40)
+        .map(|i| {
+            char::from(b'a' + (i % 26) as u8)
+                .to_string()
+                .repeat(sizes[i % sizes.len()])
+        })
+        .collect();
+    let sending = async {
+        for frame in &sent {
+            client.feed(frame.clone()).await.expect("feed");
+        }
+        client.flush().await.expect("flush");
+    };
+    let receiving = async {
+        let mut got = Vec::new();
+        while got.len() < sent.len() {
+            got.push(server.next().await.expect("a frame").expect("decoded"));
+        }
+        got
+    };
+    let ((), got) = tokio::join!(sending, receiving);
+    assert_eq!(got, sent);
 }
 
 #[tokio::test]
