@@ -405,7 +405,14 @@ async fn dial(
     let binding = proto::tls::stream_binding(&stream).map_err(|e| fail("connect to", &e))?;
     // One task reads and writes the connection, so it keeps the stream whole: a split stream
     // takes a lock on every read and write.
-    let mut frames = FramedRead::new(stream, push::frame_codec(proto::FRAME_BYTES_MAX));
+    // The read buffer starts small and grows to the largest batch: a frame is split off
+    // where the last one ended, so the buffer is walked end to end before it is reused, and
+    // with many connections in one process a large one keeps evicting the others' state.
+    let mut frames = FramedRead::with_capacity(
+        stream,
+        push::frame_codec(proto::FRAME_BYTES_MAX),
+        proto::READ_BUFFER_BYTES,
+    );
     let hello = push::encode_frame(&ClientFrame::Hello(PushHello::new(
         config.cluster.clone(),
         None,
