@@ -405,9 +405,9 @@ async fn dial(
     let binding = proto::tls::stream_binding(&stream).map_err(|e| fail("connect to", &e))?;
     // One task reads and writes the connection, so it keeps the stream whole: a split stream
     // takes a lock on every read and write.
-    // The read buffer starts small and grows to the largest batch: a frame is split off
-    // where the last one ended, so the buffer is walked end to end before it is reused, and
-    // with many connections in one process a large one keeps evicting the others' state.
+    // The read buffer starts small and grows to the largest batch: a process may hold many
+    // clients, each connection keeps its buffer while open, and a frame is split off where
+    // the last one ended, so the whole buffer is walked before it is reused.
     let mut frames = FramedRead::with_capacity(
         stream,
         push::frame_codec(proto::FRAME_BYTES_MAX),

@@ -305,7 +305,7 @@ fn undecodable(e: &FrameError) -> ApiError {
 /// connection's place under the listener's caps until then.
 ///
 /// It takes the stream already split: an async fn keeps its arguments beside everything it
-/// moves them into, and an idle connection's task is most of what it costs a node.
+/// moves them into, and this task lives as long as the client stays connected.
 pub async fn serve_connection(
     shared: Arc<ApiShared>,
     cache: Arc<BatchCache>,
