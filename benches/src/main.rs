@@ -41,7 +41,7 @@ struct Cli {
 pub struct Common {
     /// Systems under test, comma separated: cellchat, cellchat-signed, cellchat-base (with
     /// --base-bin), etcd, nats (JetStream default sync), nats-sync (JetStream with
-    /// sync_interval: always).
+    /// sync_interval: always), nats-tls (default sync, TLS on clients and routes).
     #[arg(long, global = true, value_delimiter = ',', default_value = "cellchat")]
     system: Vec<SystemKind>,
     /// Server nodes each system runs.

@@ -69,7 +69,7 @@ pub struct LatencySummary {
 pub struct RunResult {
     /// `write`, `fanout`, `failover` or `scale`.
     pub scenario: String,
-    /// `cellchat`, `etcd`, `nats` or `nats-sync`.
+    /// `cellchat`, `cellchat-signed`, `cellchat-base`, `etcd`, `nats`, `nats-sync` or `nats-tls`.
     pub system: String,
     /// Server nodes.
     pub nodes: usize,

@@ -323,7 +323,12 @@ fn backup_verifies_restores_and_measures_writes_beside_it() {
 #[test]
 fn peers_run_or_say_what_to_install() {
     let out = tempfile::tempdir().unwrap();
-    for (system, install) in [("etcd", "apt-get install"), ("nats-sync", "pip install")] {
+    // nats-tls also proves, when it starts, that its servers refuse a plain-text client.
+    for (system, install) in [
+        ("etcd", "apt-get install"),
+        ("nats-sync", "pip install"),
+        ("nats-tls", "pip install"),
+    ] {
         let (ok, stdout, stderr) =
             bench(out.path(), &["write", "--system", system, "--clients", "2"]);
         if ok {

@@ -36,17 +36,22 @@ pub enum SystemKind {
     Nats,
     /// NATS JetStream R3 with `sync_interval: always` (fsync per write).
     NatsSync,
+    /// NATS JetStream R3 with its default sync and TLS on every client connection and route:
+    /// the peer under the encryption cellchat always runs with, so the report can show what
+    /// TLS costs apart from everything else.
+    NatsTls,
 }
 
 impl SystemKind {
     /// Every system, in report order.
-    pub const ALL: [SystemKind; 6] = [
+    pub const ALL: [SystemKind; 7] = [
         SystemKind::Cellchat,
         SystemKind::CellchatSigned,
         SystemKind::CellchatBase,
         SystemKind::Etcd,
         SystemKind::NatsSync,
         SystemKind::Nats,
+        SystemKind::NatsTls,
     ];
 
     /// Whether this is cellchat, whatever its body format.
@@ -66,6 +71,7 @@ impl SystemKind {
             SystemKind::Etcd => "etcd",
             SystemKind::Nats => "nats",
             SystemKind::NatsSync => "nats-sync",
+            SystemKind::NatsTls => "nats-tls",
         }
     }
 }
@@ -87,8 +93,9 @@ impl FromStr for SystemKind {
             "etcd" => Ok(SystemKind::Etcd),
             "nats" => Ok(SystemKind::Nats),
             "nats-sync" => Ok(SystemKind::NatsSync),
+            "nats-tls" => Ok(SystemKind::NatsTls),
             other => Err(format!(
-                "unknown system {other:?}: expected cellchat, cellchat-signed, cellchat-base, etcd, nats or nats-sync"
+                "unknown system {other:?}: expected cellchat, cellchat-signed, cellchat-base, etcd, nats, nats-sync or nats-tls"
             )),
         }
     }
@@ -166,11 +173,8 @@ pub async fn start(kind: SystemKind, nodes: usize, peers: &PeerPaths) -> Result<
             procs::retry_taken_port(|| etcd::Etcd::start(nodes, peers)).await?,
         )),
         #[cfg(feature = "peers")]
-        SystemKind::Nats | SystemKind::NatsSync => Ok(Box::new(
-            procs::retry_taken_port(|| {
-                nats::Nats::start(nodes, kind == SystemKind::NatsSync, peers)
-            })
-            .await?,
+        SystemKind::Nats | SystemKind::NatsSync | SystemKind::NatsTls => Ok(Box::new(
+            procs::retry_taken_port(|| nats::Nats::start(nodes, kind, peers)).await?,
         )),
         #[cfg(not(feature = "peers"))]
         other => {

