@@ -8,6 +8,7 @@
 //! cargo run --release -p bench -- report        # everything, and benches/RESULTS.md
 //! ```
 
+mod pki;
 mod plot;
 mod report;
 mod scenario;

@@ -45,32 +45,18 @@ struct TlsFiles {
 }
 
 impl TlsFiles {
-    /// Generates the files in `dir`. P-256 ECDSA, as cellchat's nodes use, so both systems'
-    /// handshakes and TLS 1.3 records cost the same kind of work.
+    /// Generates the files in `dir`.
     fn generate(dir: &Path) -> Result<TlsFiles> {
-        use rcgen::{
-            BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair,
-            PKCS_ECDSA_P256_SHA256,
-        };
-        let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let mut ca_params = CertificateParams::default();
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "bench NATS CA");
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        let ca = ca_params.self_signed(&ca_key)?;
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         // Routes dial 127.0.0.1 and clients name it in their URL: the IP must be in the SANs.
-        let params = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])?;
-        let cert = params.signed_by(&key, &Issuer::new(ca_params, &ca_key))?;
+        let pki = crate::pki::ca_and_leaf(&["127.0.0.1", "localhost"])?;
         let files = TlsFiles {
             ca: dir.join("ca.pem"),
             cert: dir.join("server.pem"),
             key: dir.join("server-key.pem"),
         };
-        std::fs::write(&files.ca, ca.pem()).context("writing the NATS CA")?;
-        std::fs::write(&files.cert, cert.pem()).context("writing the NATS certificate")?;
-        std::fs::write(&files.key, key.serialize_pem()).context("writing the NATS key")?;
+        std::fs::write(&files.ca, pki.ca.pem()).context("writing the NATS CA")?;
+        std::fs::write(&files.cert, pki.leaf.pem()).context("writing the NATS certificate")?;
+        std::fs::write(&files.key, pki.leaf_key.serialize_pem()).context("writing the NATS key")?;
         Ok(files)
     }
 }
@@ -206,8 +192,10 @@ impl Nats {
             bail!("the TLS-on NATS cluster does not announce TLS as required");
         }
         // Whether the server answers the plain-text PING (false: it closed the connection).
+        let mut socket = tokio::net::TcpStream::connect(self.clients[0])
+            .await
+            .context("connecting to a TLS-on NATS server in plain text")?;
         let talk = async {
-            let mut socket = tokio::net::TcpStream::connect(self.clients[0]).await?;
             socket
                 .write_all(b"CONNECT {\"verbose\":false}\r\nPING\r\n")
                 .await?;
@@ -225,7 +213,7 @@ impl Nats {
             }
         };
         // The server answers a plain CONNECT by closing the connection (its TLS handshake reads
-        // it as a bad record), or resets it.
+        // it as a bad record), or by resetting it.
         let answered: Result<bool, std::io::Error> =
             match tokio::time::timeout(Duration::from_secs(10), talk).await {
                 Ok(outcome) => outcome,

@@ -130,17 +130,10 @@ async fn plain(stream: TcpStream) -> std::io::Result<TcpStream> {
 /// A server config with a CA-signed certificate for [`tls::NODE_NAME`] (P-256, as a node's),
 /// and a client config that trusts exactly that CA, both for push connections.
 fn tls_configs() -> Result<(Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>)> {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut ca_params = CertificateParams::default();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    let ca = ca_params.self_signed(&ca_key)?.der().clone();
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let leaf = CertificateParams::new(vec![tls::NODE_NAME.to_owned()])?
-        .signed_by(&key, &Issuer::new(ca_params, &ca_key))?
-        .der()
-        .clone();
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let pki = crate::pki::ca_and_leaf(&[tls::NODE_NAME])?;
+    let ca = pki.ca.der().clone();
+    let leaf = pki.leaf.der().clone();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pki.leaf_key.serialize_der()));
     let chain: Vec<CertificateDer<'static>> = vec![leaf, ca.clone()];
     let mut server = rustls::ServerConfig::builder_with_provider(tls::provider())
         .with_protocol_versions(tls::VERSIONS)?
