@@ -113,16 +113,12 @@ pub(crate) fn write_pairs(
     let db = store.db();
     let snap = db.snapshot();
     // The raft log up to the snapshot's index may be purged as soon as this returns, so all
-    // of it must be durable in RocksDB, whose batches were written with sync=false. Flushing
-    // the WAL *after* taking the snapshot covers every write the snapshot can see; flushing
-    // before would leave a window of visible but unsynced batches. A crash before this
-    // returns leaves no snapshot, and the raft log still holds every entry.
-    if durable {
-        db.flush_wal(true).map_err(|source| Error::Rocks {
-            op: "flush_wal",
-            source,
-        })?;
-    }
+    // of it must be durable in RocksDB, whose applied batches skip the WAL. Flushing *after*
+    // taking the snapshot covers every write the snapshot can see; flushing before would leave
+    // a window of visible but unflushed batches. A crash before this returns leaves no
+    // snapshot, and the raft log still holds every entry. Every purpose flushes: the scans
+    // below then read table files, not the dedup memtable, which is costly to scan in order.
+    store.persist()?;
     let tmp = tmp_path(path);
     let file = File::create(&tmp).map_err(|e| io_err("create", &tmp, e))?;
     let mut out = HashingWriter::new(BufWriter::with_capacity(1 << 20, file), &tmp);

@@ -647,11 +647,11 @@ impl ChatState {
     /// Applies committed entries in order and returns exactly one response per entry.
     ///
     /// Everything the call changes, plus `meta`, goes to RocksDB in one `WriteBatch` written
-    /// with the WAL on and `sync=false`: the raft log is the durable record, and a replica
-    /// that loses unsynced batches (power loss only; kill -9 keeps the page cache) restarts
-    /// from an older `last_applied` and re-applies the rest from the raft log. RocksDB's
-    /// point-in-time WAL recovery never splits a batch. [`ChatState::build_snapshot`] syncs
-    /// the WAL before the raft log can be purged.
+    /// without RocksDB's WAL: the raft log is the durable record, and a replica that loses the
+    /// batches no flush has written yet (any crash, kill -9 included) restarts from an older
+    /// `last_applied` and re-applies the rest from the raft log. Flushes write both column
+    /// families atomically and never split a batch. [`ChatState::build_snapshot`] flushes
+    /// before the raft log can be purged.
     ///
     /// The apply listener, if set, is called before this returns.
     ///
@@ -1482,8 +1482,8 @@ impl ChatState {
         }
         let wb = w.puts.take_sorted_batch(w.store.dedup_cf(), wb);
         let mut opts = WriteOptions::default();
-        // WAL on, no fsync per batch: see `apply` for why that is enough.
-        opts.set_sync(false);
+        // No WAL: see `apply` for why that is enough.
+        opts.disable_wal(true);
         w.store
             .db()
             .write_opt(wb, &opts)

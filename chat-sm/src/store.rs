@@ -22,7 +22,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use rocksdb::{
     BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, DBRawIterator,
-    MemtableFactory, Options, ReadOptions, SliceTransform, Snapshot, WriteBatch, WriteOptions, DB,
+    FlushOptions, MemtableFactory, Options, ReadOptions, SliceTransform, Snapshot, WriteBatch,
+    WriteOptions, DB,
 };
 use tracing::{info, warn};
 
@@ -65,6 +66,23 @@ impl Store {
 
     pub(crate) fn db(&self) -> &DB {
         self.db.as_ref().expect("db is only taken in Drop")
+    }
+
+    /// Writes both column families' memtables to table files in one atomic flush and waits
+    /// for it. Applied batches skip RocksDB's WAL, so until this returns they live only in
+    /// memory; afterwards everything applied so far survives any crash.
+    pub(crate) fn persist(&self) -> Result<(), Error> {
+        let db = self.db();
+        let default = db
+            .cf_handle(rocksdb::DEFAULT_COLUMN_FAMILY_NAME)
+            .expect("the default column family always exists");
+        let mut opts = FlushOptions::default();
+        opts.set_wait(true);
+        db.flush_cfs_opt(&[default, self.dedup_cf()], &opts)
+            .map_err(|source| Error::Rocks {
+                op: "flush",
+                source,
+            })
     }
 
     /// The column family of the dedup records.
@@ -115,16 +133,12 @@ impl Store {
     }
 
     /// Flushes the memtables and rewrites every table file, so values that were overwritten
-    /// or deleted (an erased message body) leave the files; RocksDB then removes the WAL
-    /// files the flush made obsolete.
+    /// or deleted (an erased message body) leave the files.
     pub(crate) fn compact(&self) -> Result<(), Error> {
         let db = self.db();
-        let rocks = |op| move |source| Error::Rocks { op, source };
         let mut opts = rocksdb::CompactOptions::default();
         opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
-        db.flush_wal(true).map_err(rocks("sync the wal"))?;
-        db.flush().map_err(rocks("flush"))?;
-        db.flush_cf(self.dedup_cf()).map_err(rocks("flush dedup"))?;
+        self.persist()?;
         db.compact_range_opt::<&[u8], &[u8]>(None, None, &opts);
         db.compact_range_cf_opt::<&[u8], &[u8]>(self.dedup_cf(), None, None, &opts);
         Ok(())
@@ -224,10 +238,12 @@ fn move_dedup_records(db: &DB) -> Result<(), Error> {
 /// How many bytes RocksDB writes to a WAL or table file before it starts their write-back.
 const SYNC_EVERY_BYTES: u64 = 1024 * 1024;
 
-/// Write buffer of [`DEDUP_CF`]. Smaller than `default`'s 64 MiB: a scan of the column
-/// family (at open, and in every snapshot) first copies its hash-bucketed memtable into one
-/// sorted list, so the memtable is kept to some 100,000 records.
-const DEDUP_WRITE_BUFFER_BYTES: usize = 8 << 20;
+/// Write buffer of [`DEDUP_CF`], sized to fill about when `default`'s 64 MiB does (a send adds
+/// some 2.5 times more bytes there): with atomic flush, whichever fills first flushes both, and
+/// a smaller one would cut `default` into many small tables to compact. Its hash-bucketed
+/// memtable is costly to scan in order, but scans rarely meet a full one: after a restart it
+/// is empty (there is no WAL to replay), and snapshots and dumps flush before they scan.
+const DEDUP_WRITE_BUFFER_BYTES: usize = 24 << 20;
 
 /// Hash buckets of a [`DEDUP_CF`] memtable: one per client id, shared past this many.
 const DEDUP_MEMTABLE_BUCKETS: usize = 1 << 16;
@@ -254,12 +270,16 @@ fn db_options() -> Options {
     opts.set_memtable_prefix_bloom_ratio(0.02);
     opts.set_max_background_jobs(2);
     opts.set_keep_log_file_num(4);
-    // Batches are written with sync=false, so without these the WAL and every flushed or
-    // compacted table file pile up as dirty pages until the kernel's 30 s write-back or a
-    // `flush_wal(true)` at snapshot time writes them in one burst: on the benchmark VM some
-    // 35 MB of WAL per node, flushed on all three nodes at once when they reach the same
-    // snapshot index, held every raft-log fdatasync (and so every commit) for 200-300 ms.
-    // RocksDB's answer is to start write-back (sync_file_range, not waiting) every MiB.
+    // Applied batches skip the WAL (the raft log is what they are re-applied from), so a crash
+    // keeps only what flushes wrote. Flushing both column families together keeps that a
+    // state after some whole batch: never dedup records without their messages, or the reverse.
+    opts.set_atomic_flush(true);
+    // Without these, every flushed or compacted table file (and the WAL of the few writes
+    // that use it) piles up as dirty pages until the kernel's 30 s write-back or a sync writes
+    // them in one burst: on the benchmark VM such bursts, on all three nodes at once when they
+    // reach the same snapshot index, held every raft-log fdatasync (and so every commit) for
+    // 200-300 ms. RocksDB's answer is to start write-back (sync_file_range, not waiting) every
+    // MiB.
     opts.set_bytes_per_sync(SYNC_EVERY_BYTES);
     opts.set_wal_bytes_per_sync(SYNC_EVERY_BYTES);
     opts

@@ -3,6 +3,7 @@
 //! eviction under the memory budget; `retention.rs`: expiry of messages and dedup records).
 
 mod common;
+mod crash;
 mod markers;
 mod properties;
 mod relations;

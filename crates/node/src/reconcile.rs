@@ -21,7 +21,7 @@
 //! therefore loses nothing this node needs, as long as a snapshot at last applied exists so that
 //! a lagging peer can still be brought up to date. So [`reconcile`] logs a loud warning naming
 //! both positions, builds a snapshot at last applied if the current one is older (building one
-//! syncs RocksDB's WAL first, so the state it describes is durable before the log says it is
+//! flushes RocksDB first, so the state it describes is durable before the log says it is
 //! purged), then purges the log through last applied. openraft starts on a consistent state and
 //! the node fetches everything after last applied from the leader.
 //!

@@ -7,7 +7,7 @@
 //! - *Last applied and membership persist with the state*: they ride in the same RocksDB
 //!   `WriteBatch` as the messages (`RaftMeta`), so a restart never sees one without the other.
 //! - *A snapshot is a consistent view*: `ChatState::build_snapshot` streams from a RocksDB
-//!   snapshot while applies continue, and syncs RocksDB's WAL first, so everything at or below
+//!   snapshot while applies continue, and flushes RocksDB first, so everything at or below
 //!   the snapshot's index is durable before openraft purges the log below it.
 //! - *Install replaces state atomically, then saves the snapshot, then drops older ones*: the
 //!   received file is verified and swapped in by `ChatState::install_snapshot`, then renamed to

@@ -18,9 +18,9 @@
 //! - `faulty-fs`: not a weakness but the power-failure switch: the WAL runs on raft-log's
 //!   `FaultyFs` (which models what an fsync made durable), and SIGUSR1 makes the node drop
 //!   every un-fsynced WAL byte, tear the last write, mark the data dir and abort. At the next
-//!   start the chat state is rolled back to its last snapshot (RocksDB's WAL is not fsync'd
-//!   per write either, so after a real power failure it may be behind the log; rolling back to
-//!   the snapshot, whose build synced it, is the most it can lose), and openraft re-applies
+//!   start the chat state is rolled back to its last snapshot (applied batches reach RocksDB's
+//!   files only in its flushes, so after a real crash it may be behind the log; rolling back
+//!   to the snapshot, whose build flushed it, is the most it can lose), and openraft re-applies
 //!   the log from there.
 //! - `stall-fsync`: not a weakness either but a disk fault: SIGUSR2 makes every Raft log fsync
 //!   of the next 3 seconds wait until they are over, as a hung disk would, to exercise the
@@ -164,8 +164,8 @@ pub(crate) mod power {
 
     /// If the previous run ended in a simulated power failure, rolls the chat state back to its
     /// snapshot (or to empty when there is none) before anything reads it, then removes the
-    /// marker. RocksDB's WAL is only synced when a snapshot is built, so this is the oldest
-    /// state a real power failure could leave; the log (whose un-fsynced bytes the failure
+    /// marker. Applied batches are only certain to be on disk once a snapshot is built, so
+    /// this is the oldest state a real power failure could leave; the log (whose un-fsynced bytes the failure
     /// dropped) is re-applied on top by openraft.
     ///
     /// # Errors
