@@ -124,3 +124,27 @@ pub fn apply_log(
     }
     out
 }
+
+/// A log of `count` entries mixing sends to three channels (every other one a retry of an
+/// earlier send), user registrations and membership changes.
+pub fn sample_log(count: u64) -> Vec<TestEntry> {
+    (1..=count)
+        .map(|i| match i % 5 {
+            0 => TestEntry::Cmd(Command::RegisterUser {
+                name: format!("user{i}"),
+                public_key: [i as u8; 32],
+            }),
+            1 => TestEntry::Membership(vec![i as u8]),
+            _ => TestEntry::Cmd(Command::SendBatch(vec![
+                send(
+                    ["a", "b", "c"][(i % 3) as usize],
+                    "Al",
+                    &i.to_be_bytes(),
+                    1,
+                    i,
+                ),
+                send("a", "Bo", b"x", 2, i / 2), // every other one repeats
+            ])),
+        })
+        .collect()
+}

@@ -9,9 +9,9 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::Command as Process;
 
-use chat_sm::{ChatState, Command, Config, LogIndex};
+use chat_sm::{ChatState, Config, LogIndex};
 
-use crate::common::{apply_log, send, Replica, TestEntry};
+use crate::common::{apply_log, sample_log, Replica};
 
 /// Set in the child: the directory it applies into.
 const CHILD_DIR_ENV: &str = "CHAT_SM_CRASH_CHILD_DIR";
@@ -22,35 +22,13 @@ const SIGABRT: i32 = 6;
 const LOG_LEN: u64 = 1_200;
 const SNAPSHOT_AT: u64 = 500;
 
-fn crash_log() -> Vec<TestEntry> {
-    (1..=LOG_LEN)
-        .map(|i| match i % 7 {
-            0 => TestEntry::Cmd(Command::RegisterUser {
-                name: format!("user{i}"),
-                public_key: [(i % 251) as u8; 32],
-            }),
-            1 => TestEntry::Membership(vec![(i % 251) as u8]),
-            _ => TestEntry::Cmd(Command::SendBatch(vec![
-                send(
-                    ["a", "b", "c"][(i % 3) as usize],
-                    "Al",
-                    &i.to_be_bytes(),
-                    1,
-                    i,
-                ),
-                send("a", "Bo", b"x", 2, i / 2), // every other one repeats
-            ])),
-        })
-        .collect()
-}
-
 fn open(dir: &Path) -> ChatState {
     ChatState::open(Config::new(dir)).expect("open")
 }
 
 /// In the child: applies the log with a snapshot on the way, then aborts.
 fn child(dir: &Path) -> ! {
-    let log = crash_log();
+    let log = sample_log(LOG_LEN);
     let state = open(&dir.join("sm"));
     let split = SNAPSHOT_AT as usize;
     apply_log(&state, &log[..split], 1, &[3, 1, 5]);
@@ -88,7 +66,7 @@ fn a_crash_keeps_a_whole_prefix_no_older_than_the_snapshot() {
         "the child built its snapshot"
     );
 
-    let log = crash_log();
+    let log = sample_log(LOG_LEN);
     let state = open(&dir.path().join("sm"));
     state
         .check_consistency()

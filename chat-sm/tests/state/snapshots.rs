@@ -4,29 +4,7 @@ use std::thread;
 
 use chat_sm::{read_snapshot_info, ChannelSeq, Command, Error, JoinSecret, LogIndex};
 
-use crate::common::{apply_log, send, Replica, TestEntry};
-
-fn sample_log(count: u64) -> Vec<TestEntry> {
-    (1..=count)
-        .map(|i| match i % 5 {
-            0 => TestEntry::Cmd(Command::RegisterUser {
-                name: format!("user{i}"),
-                public_key: [i as u8; 32],
-            }),
-            1 => TestEntry::Membership(vec![i as u8]),
-            _ => TestEntry::Cmd(Command::SendBatch(vec![
-                send(
-                    ["a", "b", "c"][(i % 3) as usize],
-                    "Al",
-                    &i.to_be_bytes(),
-                    1,
-                    i,
-                ),
-                send("a", "Bo", b"x", 2, i / 2), // every other one repeats
-            ])),
-        })
-        .collect()
-}
+use crate::common::{apply_log, sample_log, Replica, TestEntry};
 
 #[test]
 fn snapshot_install_equals_source_and_survives_restart() {
